@@ -1,0 +1,60 @@
+"""nox sessions. The CPU build of torch is pinned and installed first: any looser torch requirement
+installed first would pull a multi-GB CUDA build."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "typecheck", "lint", "proofs"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = False
+
+TORCH_PIN = "torch==2.13.0"
+
+
+def _install(session: nox.Session, extras: str = "all") -> None:
+    session.install(TORCH_PIN)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The default test suite: fast examples and properties (pytest -n auto)."""
+    _install(session)
+    session.run("pytest", "-n", "auto", "-m", "not slow", *session.posargs)
+
+
+@nox.session
+def thorough(session: nox.Session) -> None:
+    """Everything, with many more Hypothesis examples, including the slow full-model checks."""
+    _install(session)
+    session.run("pytest", "-n", "auto", "--hypothesis-profile", "thorough", *session.posargs)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the library."""
+    _install(session)
+    session.run("mypy", "--strict", "scx_ref")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def proofs(session: nox.Session) -> None:
+    """Run every sympy proof and negative control."""
+    session.install("sympy>=1.12")
+    session.run("python", "-m", "proofs")
+
+
+@nox.session
+def models(session: nox.Session) -> None:
+    """Full-model runs: SmolLM2, Mixtral and Qwen2 equivalence and the ΔPPL-vs-β table."""
+    _install(session)
+    session.run("pytest", "-n", "2", "-m", "slow", "tests/test_full_models.py", *session.posargs)

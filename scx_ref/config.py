@@ -1,0 +1,75 @@
+"""Model shapes (DESIGN §2): LLaMA, Mixtral (MoE) and Qwen2 (QKV bias) decoder-only transformers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["ModelConfig"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and hyper-parameters of a pre-norm decoder-only transformer.
+
+    ``n_experts == 0`` means a dense SwiGLU MLP; otherwise each block's MLP is a Mixtral-style
+    mixture of ``n_experts`` SwiGLU experts with top-``top_k`` softmax routing. ``qkv_bias`` adds
+    the Qwen2 bias on the Q/K/V projections.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    n_experts: int = 0
+    top_k: int = 0
+    qkv_bias: bool = False
+    max_positions: int = 4096
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for field in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                      "intermediate_size", "max_positions"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.n_experts < 0 or (self.n_experts and not 1 <= self.top_k <= self.n_experts):
+            raise ConfigError(f"need 1 <= top_k <= n_experts for MoE, got top_k={self.top_k}, "
+                              f"n_experts={self.n_experts}")
+        if not self.rms_eps >= 0 or not self.rope_theta > 0:
+            raise ConfigError("rms_eps must be >= 0 and rope_theta > 0")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (the GQA ratio)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return cls(**data)

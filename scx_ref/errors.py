@@ -1,0 +1,60 @@
+"""The single exception family of scx_ref.
+
+Every error the library raises on bad input is an :class:`SCXError`, so callers can catch one type.
+Subclasses say which kind of input was wrong.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DTypeError",
+    "KeyScheduleError",
+    "NonFiniteError",
+    "PermutationError",
+    "ProtocolError",
+    "SCXError",
+    "SessionError",
+    "ShapeError",
+    "VocabularyError",
+]
+
+
+class SCXError(ValueError):
+    """Base class of every error scx_ref raises for bad input or a protocol violation."""
+
+
+class ShapeError(SCXError):
+    """An array has the wrong number of dimensions or the wrong size along one."""
+
+
+class DTypeError(SCXError):
+    """An array has a dtype the operation does not accept."""
+
+
+class NonFiniteError(SCXError):
+    """An array holds NaN or ±Inf where only finite values are allowed."""
+
+
+class PermutationError(SCXError):
+    """An index array that must be a permutation of 0..n-1 is not one."""
+
+
+class KeyScheduleError(SCXError):
+    """A master secret, nonce or label is malformed."""
+
+
+class ConfigError(SCXError):
+    """A model or protocol configuration is inconsistent."""
+
+
+class VocabularyError(SCXError):
+    """A token id lies outside the model's vocabulary."""
+
+
+class ProtocolError(SCXError):
+    """A message violates the protocol: wrong stage, order, layer, step or length."""
+
+
+class SessionError(ProtocolError):
+    """A message or key belongs to another session, or a nonce is reused."""

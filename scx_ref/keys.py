@@ -1,0 +1,206 @@
+"""The key schedule (DESIGN §3): every key is derived from (master secret, public nonce, label).
+
+``KDF(master, nonce, label)`` is HKDF-SHA256 (RFC 5869): extract with the nonce as salt, expand with
+the canonical encoding of the label as info, giving a 32-byte label key. The label key seeds a
+SHAKE-256 stream (counter blocks), from which
+
+* permutations are drawn by Fisher–Yates with unbiased rejection sampling, and
+* uniform floats (53 random bits each) feed the noise samplers.
+
+Nothing here touches ``random`` or numpy's global state, and no non-cryptographic generator is
+ever used for a key. Because every key is a pure function of (master, nonce, label), the client is
+*stateless*: it can re-derive any key of any layer at any step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import KeyScheduleError
+
+__all__ = [
+    "MASTER_SECRET_BYTES",
+    "NONCE_BYTES",
+    "KeySchedule",
+    "KeyStream",
+    "Label",
+    "encode_label",
+    "fisher_yates",
+    "hkdf_sha256",
+]
+
+MASTER_SECRET_BYTES = 32
+NONCE_BYTES = 16
+_DOMAIN = b"scx_ref/v1"
+
+LabelPart = Union[str, int]
+Label = tuple[LabelPart, ...]
+
+
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 (RFC 5869): ``Expand(Extract(salt, ikm), info, length)``; length ≤ 255·32."""
+    if not 0 < length <= 255 * 32:
+        raise KeyScheduleError(f"HKDF output length must be in 1..8160, got {length}")
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def encode_label(label: Sequence[LabelPart]) -> bytes:
+    """Canonical, injective byte encoding of a label: type tag + length prefix for every part."""
+    if not isinstance(label, tuple) or not label:
+        raise KeyScheduleError(f"a label must be a non-empty tuple of str/int, got {label!r}")
+    parts = [_DOMAIN]
+    for part in label:
+        if isinstance(part, bool) or not isinstance(part, (str, int)):
+            raise KeyScheduleError(f"label parts must be str or int, got {part!r} in {label!r}")
+        if isinstance(part, str):
+            raw = part.encode("utf-8")
+            parts.append(b"s" + len(raw).to_bytes(4, "big") + raw)
+        else:
+            if part < 0:
+                raise KeyScheduleError(f"integer label parts must be >= 0, got {part}")
+            raw = part.to_bytes(max(1, (part.bit_length() + 7) // 8), "big")
+            parts.append(b"i" + len(raw).to_bytes(4, "big") + raw)
+    return b"".join(parts)
+
+
+class KeyStream:
+    """A deterministic stream of pseudo-random bytes: SHAKE-256(label key ‖ block counter).
+
+    It also offers ``random(size)`` (uniform floats in [0, 1) with 53 random bits), so it can be
+    passed wherever a noise generator is expected.
+    """
+
+    _BLOCK = 1 << 16
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != 32:
+            raise KeyScheduleError("a stream key must be 32 bytes")
+        self._key = key
+        self._buffer = b""
+        self._block = 0
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` bytes of the stream."""
+        while len(self._buffer) < n:
+            size = max(self._BLOCK, n - len(self._buffer))
+            self._buffer += hashlib.shake_256(self._key + self._block.to_bytes(8, "big")).digest(size)
+            self._block += 1
+        out, self._buffer = self._buffer[:n], self._buffer[n:]
+        return out
+
+    def uint64(self, count: int) -> npt.NDArray[np.uint64]:
+        """``count`` independent uniform 64-bit words."""
+        return np.frombuffer(self.read(8 * count), dtype="<u8").astype(np.uint64)
+
+    def random(self, size: int | tuple[int, ...] | None = None) -> Any:
+        """Uniform floats in [0, 1): the top 53 bits of each word, divided by 2**53."""
+        shape: tuple[int, ...] = () if size is None else ((size,) if isinstance(size, int) else tuple(size))
+        count = int(np.prod(shape)) if shape else 1
+        words = self.uint64(count) >> np.uint64(11)
+        out = words.astype(np.float64) * (1.0 / (1 << 53))
+        return out.reshape(shape) if shape else float(out[0])
+
+    def randbelow(self, bounds: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """For each bound m ≥ 1 an unbiased uniform integer in [0, m), by rejection sampling.
+
+        A 64-bit word u is accepted when u < m·⌊2⁶⁴/m⌋ (so every residue is equally likely) and
+        mapped to u mod m; rejected positions are redrawn from fresh stream bytes.
+        """
+        m = np.asarray(bounds, dtype=np.uint64)
+        if m.size and int(m.min()) < 1:
+            raise KeyScheduleError("randbelow bounds must be >= 1")
+        # reject u ≥ m·⌊2⁶⁴/m⌋, i.e. u > (2⁶⁴ − 1) − (2⁶⁴ mod m); computed in uint64 without overflow
+        top = np.uint64(0xFFFFFFFFFFFFFFFF)
+        rem = (top % m + np.uint64(1)) % m
+        max_ok = top - rem
+        out = np.zeros(m.shape, dtype=np.int64)
+        todo = np.arange(m.size)
+        while todo.size:
+            words = self.uint64(todo.size)
+            ok = words <= max_ok[todo]
+            idx = todo[ok]
+            out[idx] = (words[ok] % m[idx]).astype(np.int64)
+            todo = todo[~ok]
+        return out
+
+
+def fisher_yates(n: int, stream: KeyStream) -> npt.NDArray[np.int64]:
+    """A uniformly random permutation of 0..n-1 (Durstenfeld's Fisher–Yates, unbiased draws).
+
+    For i = n-1 … 1, swap position i with j ~ Uniform{0..i}; every one of the n! permutations has
+    probability exactly 1/n! when the draws are uniform, which ``randbelow`` guarantees.
+    """
+    if n < 0:
+        raise KeyScheduleError(f"permutation size must be >= 0, got {n}")
+    perm = list(range(n))
+    if n > 1:
+        draws = stream.randbelow(np.arange(n, 1, -1, dtype=np.int64)).tolist()
+        for i, j in zip(range(n - 1, 0, -1), draws):
+            perm[i], perm[j] = perm[j], perm[i]
+    return np.asarray(perm, dtype=np.int64)
+
+
+class KeySchedule:
+    """All keys of one request, derived on demand from ``(master, nonce, label)``.
+
+    Identity: the same (master, nonce, label) always gives the same key; different labels or nonces
+    give independent keys (HKDF is a PRF in its info and salt). The master secret is never exposed
+    by any method; ``session_id`` is the public nonce in hex.
+    """
+
+    def __init__(self, master: bytes, nonce: bytes) -> None:
+        if not isinstance(master, (bytes, bytearray)) or len(master) != MASTER_SECRET_BYTES:
+            raise KeyScheduleError(f"the master secret must be exactly {MASTER_SECRET_BYTES} bytes")
+        if not isinstance(nonce, (bytes, bytearray)) or len(nonce) != NONCE_BYTES:
+            raise KeyScheduleError(f"the nonce must be exactly {NONCE_BYTES} bytes")
+        self._master = bytes(master)
+        self.nonce = bytes(nonce)
+
+    @classmethod
+    def generate(cls) -> KeySchedule:
+        """A schedule with a fresh random master secret and nonce (from the OS CSPRNG)."""
+        return cls(secrets.token_bytes(MASTER_SECRET_BYTES), secrets.token_bytes(NONCE_BYTES))
+
+    def for_nonce(self, nonce: bytes) -> KeySchedule:
+        """The schedule of another request under the same master secret."""
+        return KeySchedule(self._master, nonce)
+
+    @staticmethod
+    def new_nonce() -> bytes:
+        return secrets.token_bytes(NONCE_BYTES)
+
+    @property
+    def session_id(self) -> str:
+        return self.nonce.hex()
+
+    def key(self, label: Label, length: int = 32) -> bytes:
+        """``length`` key bytes for ``label``: HKDF-SHA256(master, salt=nonce, info=label)."""
+        return hkdf_sha256(self._master, self.nonce, encode_label(label), length)
+
+    def stream(self, label: Label) -> KeyStream:
+        """An independent byte/float stream for ``label``."""
+        return KeyStream(self.key(label))
+
+    def permutation(self, label: Label, n: int) -> npt.NDArray[np.int64]:
+        """The permutation of 0..n-1 named by ``label`` (uniform over S_n)."""
+        return fisher_yates(n, self.stream((*label, "perm", n)))
+
+    def generator(self, label: Label) -> KeyStream:
+        """A noise source for ``label`` (has ``random(size)``), for :func:`scx_ref.transforms.laplace_noise`."""
+        return self.stream((*label, "noise"))
+
+    def __repr__(self) -> str:  # never print the master secret
+        return f"KeySchedule(session={self.session_id})"

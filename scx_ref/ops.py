@@ -1,0 +1,154 @@
+"""numpy reference of the model operations, with Hugging Face ``transformers`` semantics.
+
+Shapes: x is rows × d; q is rows × H × d_h; k, v are rows × H_kv × d_h. Weights follow
+``y = x @ W`` (see :mod:`scx_ref.weights`). Every op is row-wise except attention.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._checks import FloatArray, IntArray
+from .errors import ShapeError, VocabularyError
+from .weights import DenseMLP, LayerWeights, MoEMLP
+
+__all__ = [
+    "apply_rope",
+    "attention",
+    "causal_mask",
+    "embed",
+    "linear",
+    "mlp",
+    "moe",
+    "qkv",
+    "rms_norm",
+    "rope_cos_sin",
+    "silu",
+    "softmax",
+    "swiglu",
+]
+
+
+def embed(ids: Any, table: FloatArray) -> FloatArray:
+    """Embedding lookup: row i is ``table[ids[i]]``; ids outside the vocabulary raise VocabularyError."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise VocabularyError(f"token ids must be a 1-D integer array, got shape {arr.shape}, dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= table.shape[0]):
+        raise VocabularyError(f"token ids must lie in [0, {table.shape[0]}), got range "
+                              f"[{arr.min()}, {arr.max()}]")
+    return table[arr]
+
+
+def rms_norm(x: FloatArray, gamma: FloatArray, eps: float) -> FloatArray:
+    """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε), row-wise (LlamaRMSNorm)."""
+    var = np.mean(np.square(x), axis=-1, keepdims=True)
+    return gamma * (x / np.sqrt(var + eps))
+
+
+def linear(x: FloatArray, w: FloatArray, b: FloatArray | None = None) -> FloatArray:
+    """xW + b (row-wise)."""
+    y = x @ w
+    return y if b is None else y + b
+
+
+def silu(x: FloatArray) -> FloatArray:
+    """SiLU(x) = x·sigmoid(x), computed without overflow for large |x|."""
+    return x * (0.5 * (1.0 + np.tanh(0.5 * x)))
+
+
+def softmax(x: FloatArray, axis: int = -1) -> FloatArray:
+    """Numerically stable softmax; rows that are all −∞ give zeros instead of NaN."""
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(x - m)
+    s = np.sum(e, axis=axis, keepdims=True)
+    return e / np.where(s == 0, 1.0, s)
+
+
+def swiglu(x: FloatArray, w: DenseMLP) -> FloatArray:
+    """SwiGLU MLP: (silu(x W_gate) ⊙ x W_up) W_down."""
+    return (silu(x @ w.w_gate) * (x @ w.w_up)) @ w.w_down
+
+
+def moe(x: FloatArray, w: MoEMLP, top_k: int) -> FloatArray:
+    """Mixtral sparse MoE, row-wise: p = softmax(x W_r); keep the top-k experts of each row,
+    renormalise their weights to sum to 1, and return Σ_e p_e·SwiGLU_e(x)."""
+    probs = softmax(x @ w.router)
+    top = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+    weights = np.take_along_axis(probs, top, axis=-1)
+    weights = weights / np.sum(weights, axis=-1, keepdims=True)
+    out = np.zeros_like(x)
+    for e, expert in enumerate(w.experts):
+        rows, slot = np.nonzero(top == e)
+        if rows.size:
+            out[rows] += weights[rows, slot][:, None] * swiglu(x[rows], expert)
+    return out
+
+
+def mlp(x: FloatArray, w: DenseMLP | MoEMLP, top_k: int) -> FloatArray:
+    """The block's MLP: dense SwiGLU or MoE."""
+    return moe(x, w, top_k) if isinstance(w, MoEMLP) else swiglu(x, w)
+
+
+def qkv(x: FloatArray, lw: LayerWeights, n_heads: int, n_kv_heads: int,
+        head_dim: int) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Q, K, V projections (with the Qwen2 bias when present), split into heads."""
+    n = x.shape[0]
+    q = linear(x, lw.wq, lw.bq).reshape(n, n_heads, head_dim)
+    k = linear(x, lw.wk, lw.bk).reshape(n, n_kv_heads, head_dim)
+    v = linear(x, lw.wv, lw.bv).reshape(n, n_kv_heads, head_dim)
+    return q, k, v
+
+
+def rope_cos_sin(positions: IntArray, head_dim: int, theta: float,
+                 dtype: npt.DTypeLike = np.float64) -> tuple[FloatArray, FloatArray]:
+    """cos, sin tables (rows × d_h) of HF's default RoPE: inv_freq_i = θ^(−2i/d_h), duplicated halves."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    freqs = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    angles = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+def apply_rope(x: FloatArray, positions: IntArray, theta: float) -> FloatArray:
+    """RoPE with HF's ``rotate_half`` convention: x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁].
+
+    x is rows × heads × d_h; ``positions`` gives each row's absolute position.
+    """
+    if x.ndim != 3:
+        raise ShapeError(f"RoPE input must be rows × heads × head_dim, got {x.shape}")
+    cos, sin = rope_cos_sin(positions, x.shape[-1], theta, x.dtype)
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def causal_mask(n_q: int, n_k: int, offset: int | None = None) -> npt.NDArray[np.bool_]:
+    """Boolean n_q × n_k mask: query i sees key j iff j ≤ i + offset (default offset n_k − n_q)."""
+    off = n_k - n_q if offset is None else offset
+    return np.arange(n_k)[None, :] <= np.arange(n_q)[:, None] + off
+
+
+def attention(q: FloatArray, k: FloatArray, v: FloatArray, *, mask: npt.NDArray[np.bool_] | None = None,
+              scale: float | None = None) -> FloatArray:
+    """softmax(q kᵀ·s + M) v per head, with GQA (query head h uses KV head h // (H / H_kv)).
+
+    ``mask`` is a boolean n_q × n_k array (True = may attend; None = attend to all). Returns
+    n_q × H × d_h. Default scale s = 1/√d_h.
+    """
+    n_q, n_heads, d_h = q.shape
+    n_k, n_kv, _ = k.shape
+    if n_heads % n_kv or v.shape[:2] != k.shape[:2]:
+        raise ShapeError(f"incompatible attention shapes q {q.shape}, k {k.shape}, v {v.shape}")
+    g = n_heads // n_kv
+    s = 1.0 / np.sqrt(d_h) if scale is None else scale
+    qg = q.reshape(n_q, n_kv, g, d_h)
+    scores = np.einsum("qhgd,khd->hgqk", qg, k) * s
+    if mask is not None:
+        scores = np.where(mask[None, None], scores, -np.inf)
+    probs = softmax(scores, axis=-1)
+    out = np.einsum("hgqk,khd->qhgd", probs, v)
+    return out.reshape(n_q, n_heads, v.shape[-1])

@@ -1,0 +1,201 @@
+"""Model weights as plain numpy arrays, in the ``y = x @ W`` convention (W has shape in × out).
+
+Hugging Face stores ``nn.Linear.weight`` as out × in; the HF adapter transposes on load. A flat
+``dict[str, ndarray]`` view (``to_dict`` / ``from_dict``) uses the names documented on each field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .config import ModelConfig
+from .errors import ConfigError, ShapeError
+
+__all__ = ["DenseMLP", "LayerWeights", "MoEMLP", "ModelWeights", "random_weights"]
+
+Array = npt.NDArray[np.floating[Any]]
+
+
+@dataclass
+class DenseMLP:
+    """SwiGLU MLP: down(silu(x @ w_gate) * (x @ w_up))."""
+
+    w_gate: Array  # d × f
+    w_up: Array  # d × f
+    w_down: Array  # f × d
+
+
+@dataclass
+class MoEMLP:
+    """Mixtral sparse MoE: softmax router over experts, top-k, renormalised weights."""
+
+    router: Array  # d × E
+    experts: list[DenseMLP]
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: Array  # d
+    wq: Array  # d × H·d_h
+    wk: Array  # d × H_kv·d_h
+    wv: Array  # d × H_kv·d_h
+    wo: Array  # H·d_h × d
+    mlp_norm: Array  # d
+    mlp: DenseMLP | MoEMLP
+    bq: Array | None = None  # H·d_h (Qwen2)
+    bk: Array | None = None
+    bv: Array | None = None
+
+    @property
+    def wqkv(self) -> Array:
+        """The fused projection [W_q W_k W_v] (d × (H + 2·H_kv)·d_h)."""
+        return np.concatenate([self.wq, self.wk, self.wv], axis=1)
+
+    @property
+    def bqkv(self) -> Array | None:
+        if self.bq is None or self.bk is None or self.bv is None:
+            return None
+        return np.concatenate([self.bq, self.bk, self.bv])
+
+
+@dataclass
+class ModelWeights:
+    config: ModelConfig
+    embed: Array  # V × d
+    layers: list[LayerWeights]
+    final_norm: Array  # d
+    lm_head: Array  # d × V
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self.embed.dtype
+
+    def validate(self) -> None:
+        """Check every array's shape against ``config``; raise ShapeError/ConfigError on mismatch."""
+        c = self.config
+        d, f = c.hidden_size, c.intermediate_size
+
+        def need(arr: Array | None, shape: tuple[int, ...], name: str) -> None:
+            if arr is None or tuple(arr.shape) != shape:
+                got = None if arr is None else tuple(arr.shape)
+                raise ShapeError(f"weight {name} must have shape {shape}, got {got}")
+
+        need(self.embed, (c.vocab_size, d), "embed")
+        need(self.final_norm, (d,), "final_norm")
+        need(self.lm_head, (d, c.vocab_size), "lm_head")
+        if len(self.layers) != c.n_layers:
+            raise ConfigError(f"config has {c.n_layers} layers, weights have {len(self.layers)}")
+        for i, lw in enumerate(self.layers):
+            p = f"layers.{i}."
+            need(lw.attn_norm, (d,), p + "attn_norm")
+            need(lw.mlp_norm, (d,), p + "mlp_norm")
+            need(lw.wq, (d, c.q_dim), p + "wq")
+            need(lw.wk, (d, c.kv_dim), p + "wk")
+            need(lw.wv, (d, c.kv_dim), p + "wv")
+            need(lw.wo, (c.q_dim, d), p + "wo")
+            if c.qkv_bias:
+                need(lw.bq, (c.q_dim,), p + "bq")
+                need(lw.bk, (c.kv_dim,), p + "bk")
+                need(lw.bv, (c.kv_dim,), p + "bv")
+            elif lw.bq is not None or lw.bk is not None or lw.bv is not None:
+                raise ConfigError(f"{p}: QKV bias given but config.qkv_bias is False")
+            experts: list[DenseMLP]
+            if c.is_moe:
+                if not isinstance(lw.mlp, MoEMLP) or len(lw.mlp.experts) != c.n_experts:
+                    raise ConfigError(f"{p}mlp must be a MoEMLP with {c.n_experts} experts")
+                need(lw.mlp.router, (d, c.n_experts), p + "mlp.router")
+                experts = lw.mlp.experts
+            else:
+                if not isinstance(lw.mlp, DenseMLP):
+                    raise ConfigError(f"{p}mlp must be a DenseMLP for a dense config")
+                experts = [lw.mlp]
+            for e, ex in enumerate(experts):
+                q = p + (f"mlp.experts.{e}." if c.is_moe else "mlp.")
+                need(ex.w_gate, (d, f), q + "w_gate")
+                need(ex.w_up, (d, f), q + "w_up")
+                need(ex.w_down, (f, d), q + "w_down")
+
+    def astype(self, dtype: Any) -> ModelWeights:
+        """A copy with every array cast to ``dtype``."""
+        return ModelWeights.from_dict(self.config, {k: v.astype(dtype) for k, v in self.to_dict().items()})
+
+    def to_dict(self) -> dict[str, Array]:
+        """Flat name → array view (names: embed, final_norm, lm_head, layers.{i}.wq, …)."""
+        out: dict[str, Array] = {"embed": self.embed, "final_norm": self.final_norm, "lm_head": self.lm_head}
+        for i, lw in enumerate(self.layers):
+            p = f"layers.{i}."
+            for name in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "bq", "bk", "bv"):
+                arr = getattr(lw, name)
+                if arr is not None:
+                    out[p + name] = arr
+            if isinstance(lw.mlp, MoEMLP):
+                out[p + "mlp.router"] = lw.mlp.router
+                for e, ex in enumerate(lw.mlp.experts):
+                    for name in ("w_gate", "w_up", "w_down"):
+                        out[p + f"mlp.experts.{e}.{name}"] = getattr(ex, name)
+            else:
+                for name in ("w_gate", "w_up", "w_down"):
+                    out[p + f"mlp.{name}"] = getattr(lw.mlp, name)
+        return out
+
+    @classmethod
+    def from_dict(cls, config: ModelConfig, d: dict[str, Array]) -> ModelWeights:
+        """Inverse of :meth:`to_dict`; raises ShapeError/ConfigError on a missing or misshapen array."""
+        def get(name: str) -> Array:
+            if name not in d:
+                raise ConfigError(f"weight {name!r} missing")
+            return np.asarray(d[name])
+
+        layers = []
+        for i in range(config.n_layers):
+            p = f"layers.{i}."
+            mlp: DenseMLP | MoEMLP
+            if config.is_moe:
+                mlp = MoEMLP(get(p + "mlp.router"), [
+                    DenseMLP(*(get(p + f"mlp.experts.{e}.{n}") for n in ("w_gate", "w_up", "w_down")))
+                    for e in range(config.n_experts)])
+            else:
+                mlp = DenseMLP(*(get(p + f"mlp.{n}") for n in ("w_gate", "w_up", "w_down")))
+            bias = [d.get(p + n) for n in ("bq", "bk", "bv")]
+            layers.append(LayerWeights(get(p + "attn_norm"), get(p + "wq"), get(p + "wk"), get(p + "wv"),
+                                       get(p + "wo"), get(p + "mlp_norm"), mlp, *bias))
+        return cls(config, get("embed"), layers, get("final_norm"), get("lm_head"))
+
+
+def random_weights(config: ModelConfig, rng: np.random.Generator, dtype: Any = np.float64,
+                   scale: float = 1.0) -> ModelWeights:
+    """Random weights for tests: N(0, scale²/fan_in) matrices, norm gains near 1, embeddings N(0, 1).
+
+    ``rng`` is the caller's generator: the library never touches global random state.
+    """
+    d, f = config.hidden_size, config.intermediate_size
+
+    def mat(n_in: int, n_out: int) -> Array:
+        return (rng.standard_normal((n_in, n_out)) * (scale / np.sqrt(n_in))).astype(dtype)
+
+    def gain() -> Array:
+        return (1.0 + 0.1 * rng.standard_normal(d)).astype(dtype)
+
+    def dense() -> DenseMLP:
+        return DenseMLP(mat(d, f), mat(d, f), mat(f, d))
+
+    layers = []
+    for _ in range(config.n_layers):
+        mlp: DenseMLP | MoEMLP = (MoEMLP(mat(d, config.n_experts), [dense() for _ in range(config.n_experts)])
+                                  if config.is_moe else dense())
+        bias: list[Array | None] = [None, None, None]
+        if config.qkv_bias:
+            bias = [(0.1 * rng.standard_normal(n)).astype(dtype)
+                    for n in (config.q_dim, config.kv_dim, config.kv_dim)]
+        layers.append(LayerWeights(gain(), mat(d, config.q_dim), mat(d, config.kv_dim), mat(d, config.kv_dim),
+                                   mat(config.q_dim, d), gain(), mlp, *bias))
+    embed = rng.standard_normal((config.vocab_size, d)).astype(dtype)
+    return ModelWeights(config, embed, layers, gain(), mat(d, config.vocab_size))
