@@ -121,6 +121,15 @@ class Backend(Protocol, Generic[A]):
     def sub(self, x: A, y: A) -> A:
         ...
 
+    def take_last(self, x: A, index: IndexArray) -> A:
+        """x[..., index]: a gather along the last axis (unpermuting score columns)."""
+        ...
+
     def argmax_last(self, logits: A) -> int:
         """Argmax of the last row of logits."""
+        ...
+
+    def check(self, x: Any, name: str, shape: tuple[int, ...]) -> A:
+        """Validate an incoming array — floating dtype (else DTypeError), exactly ``shape`` (else
+        ShapeError), finite (else NonFiniteError) — and return it in the backend's dtype."""
         ...

@@ -10,7 +10,7 @@ import numpy.typing as npt
 
 from .. import ops
 from .._checks import FloatArray, as_float_array
-from ..errors import ConfigError
+from ..errors import ConfigError, DTypeError, ShapeError
 from ..transforms import HeadPermutation
 from ..weights import DenseMLP, ModelWeights, MoEMLP
 from .base import IndexArray, WeightName
@@ -163,6 +163,12 @@ class NumpyBackend:
     def argmax_last(self, logits: FloatArray) -> int:
         return int(np.argmax(logits[-1]))
 
-    def check_input(self, x: Any, name: str) -> FloatArray:
-        """Validate an incoming array (floating, finite) and cast it to the backend dtype."""
+    def take_last(self, x: FloatArray, index: IndexArray) -> FloatArray:
+        return x[..., index]
+
+    def check(self, x: Any, name: str, shape: tuple[int, ...]) -> FloatArray:
+        if not isinstance(x, np.ndarray):
+            raise DTypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+        if tuple(x.shape) != tuple(shape):
+            raise ShapeError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
         return as_float_array(x, name).astype(self.dtype, copy=False)

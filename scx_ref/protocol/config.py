@@ -1,0 +1,96 @@
+"""SCX protocol configuration: privacy level, decoys, guard blocks, noise scale, limits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from ..errors import ConfigError
+
+__all__ = ["Level", "SCXConfig"]
+
+Level = Literal["permute", "paper", "blind"]
+_LEVELS = ("permute", "paper", "blind")
+
+
+@dataclass(frozen=True)
+class SCXConfig:
+    """How one SCX request is encoded (DESIGN §5).
+
+    level      ``permute``: permutations and decoys, no noise anywhere. ``paper`` (default): noise in
+               block 1's QKV stage at prefill and one-time noise on every client-blinded generation
+               stage — the paper's choice. ``blind``: noise on every linear stage, with the norms that
+               precede them moved to the client.
+    r1, r2     decoy rows at the QKV/FFN stages (π_i) and at the O stage (π′_i); ``r_lock`` decoy key
+               rows in each locked cache (default r1).
+    l_s, l_e   first and last guard blocks (≥ 1). Blocks between them are *middle* blocks whose
+               prompt caches the server decodes after key sharing.
+    beta       Laplace scale β of every noised stage (DESIGN §6: float32 stays within |ΔPPL|/PPL ≤ 1e-5
+               up to β ≈ 10; larger β wants float64).
+    guard_ffn  first guard blocks' FFN during generation: ``clear`` (the paper: the server sees the
+               activation) or ``blinded`` (client norm + additive blinding of the MLP's linear maps).
+    last_ffn   last guard blocks' FFN during generation: ``exact`` (client norm + blinded linear maps)
+               or ``paper`` (the paper's constant-offset form, which relies on T7 and is NOT exact).
+    decoys     decoy policy: ``calibration`` (real-looking rows from a public calibration pool) or
+               ``gaussian`` (moment-matched Gaussian, for comparison).
+    max_length the most positions (prompt + generated) a session may reach.
+    """
+
+    level: Level = "paper"
+    r1: int = 2
+    r2: int = 2
+    r_lock: int | None = None
+    l_s: int = 1
+    l_e: int = 1
+    beta: float = 5.0
+    guard_ffn: Literal["clear", "blinded"] = "blinded"
+    last_ffn: Literal["exact", "paper"] = "exact"
+    decoys: Literal["calibration", "gaussian"] = "calibration"
+    max_length: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.level not in _LEVELS:
+            raise ConfigError(f"level must be one of {_LEVELS}, got {self.level!r}")
+        for name in ("r1", "r2"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.r_lock is not None and (not isinstance(self.r_lock, int) or self.r_lock < 0):
+            raise ConfigError(f"r_lock must be an integer >= 0, got {self.r_lock!r}")
+        for name in ("l_s", "l_e", "max_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (np.isfinite(self.beta) and self.beta >= 0):
+            raise ConfigError(f"beta must be finite and >= 0, got {self.beta}")
+        if self.guard_ffn not in ("clear", "blinded"):
+            raise ConfigError(f"guard_ffn must be 'clear' or 'blinded', got {self.guard_ffn!r}")
+        if self.last_ffn not in ("exact", "paper"):
+            raise ConfigError(f"last_ffn must be 'exact' or 'paper', got {self.last_ffn!r}")
+        if self.decoys not in ("calibration", "gaussian"):
+            raise ConfigError(f"decoys must be 'calibration' or 'gaussian', got {self.decoys!r}")
+
+    @property
+    def lock_decoys(self) -> int:
+        return self.r1 if self.r_lock is None else self.r_lock
+
+    def prefill_beta(self, stage: str, layer: int) -> float:
+        """β of a prefill stage ('qkv', 'o', 'ffn', 'head'): 0 where the level adds no noise."""
+        if self.level == "blind":
+            return self.beta
+        if self.level == "paper" and stage == "qkv" and layer == 0:
+            return self.beta
+        return 0.0
+
+    def generation_beta(self) -> float:
+        """β of the one-time noise on client-blinded generation stages (0 at level ``permute``)."""
+        return 0.0 if self.level == "permute" else self.beta
+
+    def blocks(self, n_layers: int) -> tuple[range, range, range]:
+        """(first guard, middle, last guard) block ranges, 0-based. First guards take precedence."""
+        first = range(0, min(self.l_s, n_layers))
+        last_start = max(first.stop, n_layers - self.l_e)
+        return first, range(first.stop, last_start), range(last_start, n_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,96 @@
+"""Cost accounting: flops on each side, bytes each way, round trips — per stage and in total.
+
+Flop convention (stated once, used everywhere): a matrix product (m×k)(k×n) costs 2mkn; attention
+costs 4·H·n_q·n_k·d_h (scores and the weighted sum of values); elementwise work (norms, RoPE,
+residual adds, noise, activations, gathers) is O(rows·d) and counted separately as ``elementwise``
+(one per element produced).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CostMeter", "CostReport", "StageCost"]
+
+
+@dataclass
+class StageCost:
+    client_flops: int = 0
+    server_flops: int = 0
+    client_elementwise: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    round_trips: int = 0
+
+    def add(self, other: StageCost) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class CostMeter:
+    """Accumulates costs per stage name."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, StageCost] = defaultdict(StageCost)
+
+    def matmul(self, stage: str, m: int, k: int, n: int, side: str) -> None:
+        self._flops(stage, 2 * m * k * n, side)
+
+    def attention(self, stage: str, heads: int, n_q: int, n_k: int, d_h: int, side: str) -> None:
+        self._flops(stage, 4 * heads * n_q * n_k * d_h, side)
+
+    def elementwise(self, stage: str, count: int) -> None:
+        self.stages[stage].client_elementwise += int(count)
+
+    def message(self, stage: str, up: int, down: int) -> None:
+        s = self.stages[stage]
+        s.bytes_up += up
+        s.bytes_down += down
+        s.round_trips += 1
+
+    def _flops(self, stage: str, flops: int, side: str) -> None:
+        if side == "client":
+            self.stages[stage].client_flops += int(flops)
+        else:
+            self.stages[stage].server_flops += int(flops)
+
+
+@dataclass
+class CostReport:
+    """Costs of one session, per stage and in total."""
+
+    stages: dict[str, StageCost] = field(default_factory=dict)
+
+    @classmethod
+    def merge(cls, *meters: CostMeter) -> CostReport:
+        out: dict[str, StageCost] = {}
+        for meter in meters:
+            for name, cost in meter.stages.items():
+                out.setdefault(name, StageCost()).add(cost)
+        return cls(dict(sorted(out.items())))
+
+    @property
+    def total(self) -> StageCost:
+        t = StageCost()
+        for cost in self.stages.values():
+            t.add(cost)
+        return t
+
+    @property
+    def client_flop_share(self) -> float:
+        t = self.total
+        all_flops = t.client_flops + t.server_flops
+        return t.client_flops / all_flops if all_flops else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stages": {k: vars(v) for k, v in self.stages.items()},
+            "total": vars(self.total),
+            "client_flop_share": self.client_flop_share,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

@@ -1,0 +1,93 @@
+"""Decoy policies (DESIGN §5.1, T2): rows appended to a permuted stage so the server cannot tell
+how many rows are real, or which.
+
+* :class:`CalibrationPool` (default) draws real-looking rows: hidden states of *public* text at the
+  same block and stage (block 1: embeddings of public tokens). Such rows pass the structural checks an
+  attacker can run (rms(x̂/γ) = 1 after the norm; vocabulary-table membership in block 1).
+* :class:`GaussianDecoys` draws a Gaussian matched to the real rows' per-coordinate moments — for
+  comparison: the invariant checks above flag its rows at once.
+
+Which pool rows (or Gaussian draws) are used is decided by the key stream passed in, never by global
+random state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ..backends.base import Backend
+from ..errors import ConfigError
+from ..keys import KeyStream
+from .plain import PlainRunner
+
+__all__ = ["CalibrationPool", "DecoyPolicy", "GaussianDecoys", "default_public_tokens"]
+
+Array = npt.NDArray[Any]
+
+
+class DecoyPolicy(Protocol):
+    """Draws ``count`` decoy rows for (stage, layer); ``real`` holds the real rows (numpy)."""
+
+    def draw(self, stage: str, layer: int, count: int, real: Array, stream: KeyStream) -> Array: ...
+
+
+def default_public_tokens(vocab_size: int, length: int = 256) -> npt.NDArray[np.int64]:
+    """A fixed, public pseudo-text (seed 0) for models that come without public text. Not a secret:
+    calibration only needs rows that look like the model's own hidden states."""
+    return np.random.default_rng(0).integers(0, vocab_size, size=length, dtype=np.int64)
+
+
+class CalibrationPool:
+    """Stage inputs recorded while running public text: pool[(stage, layer)] is rows × width.
+
+    stages: ``qkv`` (block input), ``o`` (attention output), ``ffn`` (residual before the MLP),
+    ``k`` (post-RoPE keys, flattened), ``head`` (final residual).
+    """
+
+    def __init__(self, rows: dict[tuple[str, int], Array]) -> None:
+        self.rows = rows
+
+    @classmethod
+    def from_tokens(cls, backend: Backend[Any], token_ids: npt.NDArray[np.int64],
+                    window: int = 256) -> CalibrationPool:
+        """Run plaintext inference on public ``token_ids`` (in windows) and keep every stage's input."""
+        rows: dict[tuple[str, int], list[Array]] = {}
+
+        def trace(stage: str, layer: int, x: Any) -> None:
+            rows.setdefault((stage, layer), []).append(np.asarray(backend.to_numpy(x), dtype=np.float64))
+
+        runner = PlainRunner(backend, trace)
+        ids = np.asarray(token_ids, dtype=np.int64)
+        for start in range(0, len(ids), window):
+            runner.reset()
+            runner.forward(ids[start : start + window])
+        return cls({key: np.concatenate(parts) for key, parts in rows.items()})
+
+    def draw(self, stage: str, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
+        """``count`` rows of the pool at (stage, layer), chosen uniformly by ``stream``."""
+        if count == 0:
+            return np.zeros((0, real.shape[1]))
+        pool = self.rows.get((stage, layer))
+        if pool is None or pool.shape[0] == 0:
+            raise ConfigError(f"calibration pool has no rows for stage {stage!r}, layer {layer}")
+        idx = stream.randbelow(np.full(count, pool.shape[0], dtype=np.int64))
+        return pool[idx]
+
+
+class GaussianDecoys:
+    """Decoys ~ N(μ, diag(s²)) with μ, s the real rows' per-coordinate mean and std."""
+
+    def draw(self, stage: str, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
+        """Moment-matched Gaussian rows (Box–Muller on the stream's uniforms)."""
+        width = real.shape[1]
+        if count == 0:
+            return np.zeros((0, width))
+        mu = real.mean(axis=0)
+        sd = real.std(axis=0) if real.shape[0] > 1 else np.abs(real[0]) + 1e-3
+        u1 = 1.0 - np.asarray(stream.random((count, width)))
+        u2 = np.asarray(stream.random((count, width)))
+        z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2 * np.pi * u2)
+        return np.asarray(mu + sd * z)

@@ -1,0 +1,417 @@
+"""The untrusted server (DESIGN §5): holds the plaintext weights, computes every heavy stage on
+encoded data, and stores the encoded KV cache.
+
+Each message is validated completely — session, sequence number, stage order, layer role, array
+shapes, dtypes and finiteness — *before* any state changes, and the state changes of a message are
+applied together at the end, so a rejected message leaves the server's caches exactly as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic
+
+import numpy as np
+
+from .._checks import check_permutation
+from ..backends.base import A, Backend
+from ..errors import ProtocolError, SCXError, SessionError
+from .cost import CostMeter
+from .messages import Reply, Request
+
+__all__ = ["Server", "commitment"]
+
+_PREFILL_LAYER_STAGES = {"qkv", "attn", "o", "ffn", "ffn_down", "router"}
+_GEN_STAGES = {"gen_qkv", "gen_attn", "gen_ffn", "gen_ffn_up", "gen_ffn_down", "gen_router", "gen_mid",
+               "gen_last"}
+
+
+def commitment(salt: bytes, layer: int, perm: np.ndarray) -> str:
+    """SHA-256(salt ‖ layer ‖ π): binds a key-sharing message to its layer without revealing π
+    (the 32-byte salt, revealed only with π, defeats enumeration of small permutations)."""
+    data = salt + int(layer).to_bytes(4, "big") + np.ascontiguousarray(perm, dtype="<i8").tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class _Session(Generic[A]):
+    n: int
+    r1: int
+    r2: int
+    r_lock: int
+    first: range
+    middle: range
+    last: range
+    max_length: int
+    seq: int = 1
+    layer: int = -1  # prefill: the block whose stages are running
+    ffn_done: int = -1  # prefill: last block whose FFN stage ran
+    head_done: bool = False
+    step: int = -1  # generation step in progress
+    raw: dict[int, tuple[A, A]] = field(default_factory=dict)
+    commits: dict[int, str] = field(default_factory=dict)
+    valid: dict[int, tuple[A, A]] = field(default_factory=dict)
+    locked: dict[int, A] = field(default_factory=dict)
+    meter: CostMeter = field(default_factory=CostMeter)
+
+
+class Server(Generic[A]):
+    """The cloud side of SCX. ``handle`` is its only entry point."""
+
+    def __init__(self, backend: Backend[A]) -> None:
+        self.b = backend
+        self.c = backend.config
+        self.sessions: dict[str, _Session[A]] = {}
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def handle(self, req: Request) -> Reply:
+        """Validate ``req``, compute the stage, commit the session's state changes, reply."""
+        if req.stage == "open":
+            return self._open(req)
+        s = self.sessions.get(req.session)
+        if s is None:
+            raise SessionError(f"unknown session {req.session[:12]}…: open it first")
+        if req.seq != s.seq:
+            raise ProtocolError(f"message out of order: expected seq {s.seq}, got {req.seq}")
+        handler = self._handlers().get(req.stage)
+        if handler is None:
+            raise ProtocolError(f"unknown stage {req.stage!r}")
+        self._check_order(s, req)
+        arrays, commit = handler(s, req)
+        commit()
+        s.seq += 1
+        return Reply(req.session, req.stage, req.layer, req.step, req.seq, arrays)
+
+    def cost(self, session: str) -> CostMeter:
+        """The server-side flop meter of ``session``."""
+        return self.sessions[session].meter
+
+    def _handlers(self) -> dict[str, Callable[[_Session[A], Request], tuple[dict[str, A], Callable[[], None]]]]:
+        return {
+            "qkv": self._qkv, "attn": self._attn, "o": self._o, "ffn": self._ffn,
+            "ffn_down": self._ffn_down, "router": self._router, "head": self._head, "lock": self._lock,
+            "share": self._share, "gen_qkv": self._gen_qkv, "gen_attn": self._gen_attn,
+            "gen_ffn": self._gen_ffn, "gen_ffn_up": self._gen_ffn_up, "gen_ffn_down": self._gen_ffn_down,
+            "gen_router": self._gen_router, "gen_mid": self._gen_mid, "gen_last": self._gen_last,
+        }
+
+    def _open(self, req: Request) -> Reply:
+        if req.session in self.sessions:
+            raise SessionError("this nonce already opened a session: a nonce must never be reused")
+        if req.seq != 0:
+            raise ProtocolError(f"open must be message 0, got seq {req.seq}")
+        m = req.meta
+        try:
+            n, r1, r2, r_lock = int(m["n"]), int(m["r1"]), int(m["r2"]), int(m["r_lock"])
+            l_s, l_e, max_length = int(m["l_s"]), int(m["l_e"]), int(m["max_length"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"open message lacks a valid field: {exc}") from exc
+        if n < 1 or min(r1, r2, r_lock) < 0 or min(l_s, l_e) < 1 or not n <= max_length <= self.c.max_positions:
+            raise ProtocolError(f"invalid session parameters {m}")
+        L = self.c.n_layers
+        first = range(0, min(l_s, L))
+        last_start = max(first.stop, L - l_e)
+        self.sessions[req.session] = _Session(n, r1, r2, r_lock, first, range(first.stop, last_start),
+                                              range(last_start, L), max_length)
+        return Reply(req.session, "open", -1, -1, 0, {})
+
+    def _check_order(self, s: _Session[A], req: Request) -> None:
+        L, stage, layer = self.c.n_layers, req.stage, req.layer
+        if stage in _PREFILL_LAYER_STAGES or stage == "head":
+            if s.head_done:
+                raise ProtocolError(f"prefill stage {stage!r} after the prefill finished")
+            if stage == "head":
+                if s.ffn_done != L - 1:
+                    raise ProtocolError("head stage before every block's FFN stage")
+                return
+            if not 0 <= layer < L:
+                raise ProtocolError(f"layer {layer} out of range 0..{L - 1}")
+            if stage == "qkv":
+                if layer != s.layer + 1 or s.ffn_done != layer - 1:
+                    raise ProtocolError(f"qkv stage of block {layer} out of order")
+            elif layer != s.layer:
+                raise ProtocolError(f"{stage} stage for block {layer} while block {s.layer} is running")
+            return
+        if not s.head_done:
+            raise ProtocolError(f"stage {stage!r} before the prefill finished")
+        if stage == "lock" and layer not in s.last:
+            raise ProtocolError(f"block {layer} is not a last guard block; it has no locked cache")
+        if stage == "share" and layer not in s.middle:
+            raise ProtocolError(f"key for block {layer} refused: only middle blocks {list(s.middle)} are shared")
+        if stage in _GEN_STAGES:
+            if req.step not in (s.step, s.step + 1) or req.step < 0:
+                raise ProtocolError(f"generation step {req.step} out of order (at step {s.step})")
+            if s.n + req.step >= s.max_length:
+                raise ProtocolError(f"position {s.n + req.step} is past the session's max length {s.max_length}")
+            if stage in ("gen_qkv", "gen_attn") and layer not in s.first:
+                raise ProtocolError(f"{stage} for block {layer}, which is not a first guard block")
+            if stage == "gen_last" and layer not in s.last:
+                raise ProtocolError(f"gen_last for block {layer}, which is not a last guard block")
+            if stage == "gen_mid" and set(s.middle) - set(s.valid):
+                raise ProtocolError("gen_mid before every middle block's key was shared")
+            if stage == "gen_last" and layer not in s.locked:
+                raise ProtocolError(f"gen_last for block {layer} before its locked cache was stored")
+
+    def _arr(self, req: Request, name: str, shape: tuple[int, ...]) -> A:
+        if name not in req.arrays:
+            raise ProtocolError(f"{req.stage} message lacks array {name!r}")
+        return self.b.check(req.arrays[name], f"{req.stage}.{name}", shape)
+
+    def _experts(self, req: Request) -> np.ndarray | None:
+        if not self.c.is_moe:
+            return None
+        try:
+            e = np.asarray(req.meta["experts"], dtype=np.int64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"{req.stage} on an MoE layer needs meta['experts']") from exc
+        if e.ndim != 1 or e.size == 0 or e.min() < 0 or e.max() >= self.c.n_experts:
+            raise ProtocolError(f"invalid experts {e.tolist()}")
+        return e
+
+    @staticmethod
+    def _nothing() -> None:
+        return None
+
+    # -- prefill stages ------------------------------------------------------------------------
+    def _qkv(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c, rows, layer = self.c, s.n + s.r1, req.layer
+        x = self._arr(req, "x", (rows, c.hidden_size))
+        commit_hex = req.meta.get("commit")
+        if not isinstance(commit_hex, str) or len(commit_hex) != 64:
+            raise ProtocolError("qkv message lacks the key commitment")
+        if not req.meta.get("normalized", False):
+            x = self.b.norm(x, "attn", layer)
+        z = self.b.project(x, "wqkv", layer)
+        s.meter.matmul("qkv", rows, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
+        zk = z[:, c.q_dim : c.q_dim + c.kv_dim]
+        zv = z[:, c.q_dim + c.kv_dim :]
+
+        def commit() -> None:
+            s.layer = layer
+            s.raw[layer] = (zk, zv)
+            s.commits[layer] = commit_hex
+
+        return {"z": z}, commit
+
+    def _attn(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c, n = self.c, s.n
+        q = self._arr(req, "q", (n, c.n_heads, c.head_dim))
+        k = self._arr(req, "k", (n, c.n_kv_heads, c.head_dim))
+        v = self._arr(req, "v", (n, c.n_kv_heads, c.head_dim))
+        pos = np.arange(n)
+        s.meter.attention("attn", c.n_heads, n, n, c.head_dim, "server")
+        return {"o": self.b.attention(q, k, v, pos, pos)}, self._nothing
+
+    def _o(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c, rows = self.c, s.n + s.r2
+        x = self._arr(req, "x", (rows, c.q_dim))
+        s.meter.matmul("o", rows, c.q_dim, c.hidden_size, "server")
+        return {"y": self.b.project(x, "wo", req.layer)}, self._nothing
+
+    def _mlp_flops(self, meter: CostMeter, stage: str, rows: int, experts: int) -> None:
+        c = self.c
+        meter.matmul(stage, rows * experts, c.hidden_size, 3 * c.intermediate_size, "server")
+
+    def _ffn(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c, rows, layer = self.c, s.n + s.r1, req.layer
+        if req.meta.get("normalized", False):  # level blind: blinded gate/up input
+            experts = self._experts(req)
+            x = self._arr(req, "x", (rows, c.hidden_size))
+            width = 2 * c.intermediate_size * (1 if experts is None else len(experts))
+            s.meter.matmul("ffn", rows, c.hidden_size, width, "server")
+            return {"y": self.b.project(x, "w_gate_up", layer, experts)}, self._nothing
+        x = self._arr(req, "x", (rows, c.hidden_size))
+        self._mlp_flops(s.meter, "ffn", rows, c.top_k if c.is_moe else 1)
+        y = self.b.mlp(self.b.norm(x, "mlp", layer), layer)
+
+        def commit() -> None:
+            s.ffn_done = layer
+
+        return {"y": y}, commit
+
+    def _ffn_down(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c, rows, layer = self.c, s.n + s.r1, req.layer
+        experts = self._experts(req)
+        width = c.intermediate_size * (1 if experts is None else len(experts))
+        m = self._arr(req, "m", (rows, width))
+        s.meter.matmul("ffn", rows, width, c.hidden_size, "server")
+        y = self.b.project(m, "w_down", layer, experts)
+
+        def commit() -> None:
+            if req.meta.get("last", True):
+                s.ffn_done = layer
+
+        return {"y": y}, commit
+
+    def _router(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c, rows = self.c, s.n + s.r1
+        x = self._arr(req, "x", (rows, c.hidden_size))
+        s.meter.matmul("router", rows, c.hidden_size, c.n_experts, "server")
+        return {"y": self.b.project(x, "router", req.layer)}, self._nothing
+
+    def _head(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c, rows = self.c, s.n + s.r1
+        x = self._arr(req, "x", (rows, c.hidden_size))
+        if not req.meta.get("normalized", False):
+            x = self.b.norm(x, "final")
+        s.meter.matmul("head", rows, c.hidden_size, c.vocab_size, "server")
+
+        def commit() -> None:
+            s.head_done = True
+
+        return {"logits": self.b.project(x, "lm_head")}, commit
+
+    def _lock(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        k = self._arr(req, "k", (s.n + s.r_lock, self.c.kv_dim))
+        if req.layer in s.locked:
+            raise ProtocolError(f"block {req.layer} already has a locked cache")
+
+        def commit() -> None:
+            s.locked[req.layer] = k
+
+        return {}, commit
+
+    def _share(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c, n, layer = self.c, s.n, req.layer
+        if layer in s.valid:
+            raise ProtocolError(f"block {layer}'s key was already shared")
+        try:
+            perm = check_permutation(req.arrays.get("perm"), n + s.r1, "shared permutation")
+            salt = bytes.fromhex(str(req.meta["salt"]))
+        except (KeyError, ValueError) as exc:
+            raise ProtocolError(f"share message for block {layer} is malformed: {exc}") from exc
+        except SCXError as exc:
+            raise ProtocolError(f"share message for block {layer}: {exc}") from exc
+        if commitment(salt, layer, perm) != s.commits.get(layer):
+            raise SessionError(f"the key offered for block {layer} does not match that block's commitment "
+                               "(a key for the wrong layer, or from another session)")
+        zk, zv = s.raw[layer]
+        if "alpha" in req.arrays:  # level blind: remove α W from the raw cache
+            alpha = self._arr(req, "alpha", (n + s.r1, c.hidden_size))
+            corr = self.b.correction(alpha, "wqkv", layer)
+            s.meter.matmul("share", n + s.r1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
+            zk = self.b.sub(zk, corr[:, c.q_dim : c.q_dim + c.kv_dim])
+            zv = self.b.sub(zv, corr[:, c.q_dim + c.kv_dim :])
+        k = self.b.put_rows(zk, perm)[:n].reshape(n, c.n_kv_heads, c.head_dim)
+        v = self.b.put_rows(zv, perm)[:n].reshape(n, c.n_kv_heads, c.head_dim)
+        k = self.b.rope(k, np.arange(n))
+
+        def commit() -> None:
+            s.valid[layer] = (k, v)
+
+        return {}, commit
+
+    # -- generation stages -----------------------------------------------------------------------
+    def _gen_commit(self, s: _Session[A], step: int, extra: Callable[[], None] | None = None) -> Callable[[], None]:
+        def commit() -> None:
+            s.step = step
+            if extra:
+                extra()
+
+        return commit
+
+    def _gen_qkv(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c = self.c
+        x = self._arr(req, "x", (1, c.hidden_size))
+        s.meter.matmul("gen_qkv", 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
+        return {"z": self.b.project(x, "wqkv", req.layer)}, self._gen_commit(s, req.step)
+
+    def _gen_attn(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c, m = self.c, s.n + req.step + 1
+        q = self._arr(req, "q", (1, c.n_heads, c.head_dim))
+        k = self._arr(req, "k", (m, c.n_kv_heads, c.head_dim))
+        v = self._arr(req, "v", (m, c.n_kv_heads, c.head_dim))
+        s.meter.attention("gen_attn", c.n_heads, 1, m, c.head_dim, "server")
+        o = self.b.attention(q, k, v, np.array([m - 1]), None)
+        return {"o": o}, self._gen_commit(s, req.step)
+
+    def _gen_ffn(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c = self.c
+        x = self._arr(req, "x", (1, c.hidden_size))
+        self._mlp_flops(s.meter, "gen_ffn", 1, c.top_k if c.is_moe else 1)
+        return {"y": self.b.mlp(self.b.norm(x, "mlp", req.layer), req.layer)}, self._gen_commit(s, req.step)
+
+    def _gen_ffn_up(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c = self.c
+        experts = self._experts(req)
+        x = self._arr(req, "x", (1, c.hidden_size))
+        width = 2 * c.intermediate_size * (1 if experts is None else len(experts))
+        s.meter.matmul("gen_ffn", 1, c.hidden_size, width, "server")
+        return {"y": self.b.project(x, "w_gate_up", req.layer, experts)}, self._gen_commit(s, req.step)
+
+    def _gen_ffn_down(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c = self.c
+        experts = self._experts(req)
+        width = c.intermediate_size * (1 if experts is None else len(experts))
+        m = self._arr(req, "m", (1, width))
+        s.meter.matmul("gen_ffn", 1, width, c.hidden_size, "server")
+        return {"y": self.b.project(m, "w_down", req.layer, experts)}, self._gen_commit(s, req.step)
+
+    def _gen_router(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        c = self.c
+        x = self._arr(req, "x", (1, c.hidden_size))
+        s.meter.matmul("gen_router", 1, c.hidden_size, c.n_experts, "server")
+        return {"y": self.b.project(x, "router", req.layer)}, self._gen_commit(s, req.step)
+
+    def _gen_mid(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        """Run every middle block alone on the server's valid caches (DESIGN §5.3)."""
+        b, c = self.b, self.c
+        x = self._arr(req, "x", (1, c.hidden_size))
+        p = s.n + req.step
+        pos = np.array([p])
+        new: dict[int, tuple[A, A]] = {}
+        for layer in s.middle:
+            z = b.project(b.norm(x, "attn", layer), "wqkv", layer)
+            q = b.rope(z[:, : c.q_dim].reshape(1, c.n_heads, c.head_dim), pos)
+            k = b.rope(z[:, c.q_dim : c.q_dim + c.kv_dim].reshape(1, c.n_kv_heads, c.head_dim), pos)
+            v = z[:, c.q_dim + c.kv_dim :].reshape(1, c.n_kv_heads, c.head_dim)
+            keys = b.concat_rows([s.valid[layer][0], k])
+            values = b.concat_rows([s.valid[layer][1], v])
+            new[layer] = (keys, values)
+            o = b.attention(q, keys, values, pos, None).reshape(1, c.q_dim)
+            x = b.add(x, b.project(o, "wo", layer))
+            x = b.add(x, b.mlp(b.norm(x, "mlp", layer), layer))
+            m = int(keys.shape[0])
+            s.meter.matmul("gen_mid", 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
+            s.meter.attention("gen_mid", c.n_heads, 1, m, c.head_dim, "server")
+            s.meter.matmul("gen_mid", 1, c.q_dim, c.hidden_size, "server")
+            self._mlp_flops(s.meter, "gen_mid", 1, c.top_k if c.is_moe else 1)
+
+        def extra() -> None:
+            s.valid.update(new)
+
+        return {"x": x}, self._gen_commit(s, req.step, extra)
+
+    def _gen_last(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        """Scores of the new query against the locked cache (plus the new key) and the new value."""
+        b, c, layer = self.b, self.c, req.layer
+        x = self._arr(req, "x", (1, c.hidden_size))
+        pos = np.array([s.n + req.step])
+        z = b.project(b.norm(x, "attn", layer), "wqkv", layer)
+        q = b.rope(z[:, : c.q_dim].reshape(1, c.n_heads, c.head_dim), pos)
+        k = b.rope(z[:, c.q_dim : c.q_dim + c.kv_dim].reshape(1, c.n_kv_heads, c.head_dim), pos)
+        v = z[:, c.q_dim + c.kv_dim :]
+        locked = b.concat_rows([s.locked[layer], k.reshape(1, c.kv_dim)])
+        m = int(locked.shape[0])
+        scores = b.scores(q, locked.reshape(m, c.n_kv_heads, c.head_dim))
+        s.meter.matmul("gen_last", 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
+        s.meter.matmul("gen_last", c.n_heads, c.head_dim, m, "server")
+
+        def extra() -> None:
+            s.locked[layer] = locked
+
+        return {"scores": scores, "v": v}, self._gen_commit(s, req.step, extra)
+
+    def sessions_snapshot(self, session: str) -> dict[str, Any]:
+        """A deep numpy copy of a session's caches (for tests that check nothing changed)."""
+        s = self.sessions[session]
+        to = self.b.to_numpy
+        return {
+            "seq": s.seq, "layer": s.layer, "ffn_done": s.ffn_done, "head_done": s.head_done, "step": s.step,
+            "raw": {k: (to(a), to(v)) for k, (a, v) in s.raw.items()},
+            "valid": {k: (to(a), to(v)) for k, (a, v) in s.valid.items()},
+            "locked": {k: to(a) for k, a in s.locked.items()},
+            "commits": dict(s.commits),
+        }

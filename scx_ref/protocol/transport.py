@@ -1,0 +1,97 @@
+"""Transports carry messages between client and server; the in-process one can record the server's
+view (DESIGN §5.4) and meters bytes and round trips."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from .cost import CostMeter
+from .messages import Reply, Request
+
+__all__ = ["LocalTransport", "ServerView", "Transport", "ViewedMessage"]
+
+
+class _Handler(Protocol):
+    def handle(self, request: Request) -> Reply: ...
+
+
+class Transport(Protocol):
+    meter: CostMeter
+
+    def send(self, request: Request) -> Reply: ...
+
+
+@dataclass(frozen=True)
+class ViewedMessage:
+    """One message as the server received it: arrays copied to numpy."""
+
+    session: str
+    stage: str
+    layer: int
+    step: int
+    arrays: dict[str, npt.NDArray[Any]]
+    meta: dict[str, Any]
+
+
+@dataclass
+class ServerView:
+    """Everything the server received, in order (and what it sent back, for completeness)."""
+
+    messages: list[ViewedMessage] = field(default_factory=list)
+    replies: list[ViewedMessage] = field(default_factory=list)
+
+    def select(self, stage: str | None = None, layer: int | None = None,
+               step: int | None = None) -> list[ViewedMessage]:
+        """The received messages matching every given field."""
+        return [m for m in self.messages if (stage is None or m.stage == stage)
+                and (layer is None or m.layer == layer) and (step is None or m.step == step)]
+
+    def all_arrays(self) -> list[npt.NDArray[Any]]:
+        return [a for m in self.messages for a in m.arrays.values()]
+
+
+def _numpy(x: Any) -> npt.NDArray[Any]:
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    if hasattr(x, "detach"):  # a torch tensor
+        return np.asarray(x.detach().to("cpu").float().numpy() if str(x.dtype) in
+                          ("torch.bfloat16", "torch.float16") else x.detach().to("cpu").numpy()).copy()
+    return np.array(x)
+
+
+class LocalTransport:
+    """Calls the server in-process. ``record_view=True`` keeps a :class:`ServerView` (off by default
+    in production use; tests and the attack harness turn it on)."""
+
+    def __init__(self, server: _Handler, record_view: bool = False) -> None:
+        self.server = server
+        self.record_view = record_view
+        self.view = ServerView()
+        self.meter = CostMeter()
+
+    def send(self, request: Request) -> Reply:
+        if self.record_view:
+            self.view.messages.append(ViewedMessage(request.session, request.stage, request.layer,
+                                                    request.step,
+                                                    {k: _numpy(v) for k, v in request.arrays.items()},
+                                                    dict(request.meta)))
+        reply = self.server.handle(request)
+        if self.record_view:
+            self.view.replies.append(ViewedMessage(reply.session, reply.stage, reply.layer, reply.step,
+                                                   {k: _numpy(v) for k, v in reply.arrays.items()}, {}))
+        self.meter.message(request.stage, _nbytes(request.arrays), _nbytes(reply.arrays))
+        return reply
+
+
+def _nbytes(arrays: dict[str, Any]) -> int:
+    total = 0
+    for a in arrays.values():
+        if hasattr(a, "nbytes"):
+            total += int(a.nbytes)
+        elif hasattr(a, "element_size"):
+            total += int(a.element_size() * a.nelement())
+    return total
