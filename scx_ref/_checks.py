@@ -13,7 +13,9 @@ FloatArray = npt.NDArray[np.floating[Any]]
 IntArray = npt.NDArray[np.integer[Any]]
 
 
-def as_float_array(x: Any, name: str, *, ndim: int | None = None, allow_nonfinite: bool = False) -> FloatArray:
+def as_float_array(
+    x: Any, name: str, *, ndim: int | None = None, allow_nonfinite: bool = False
+) -> FloatArray:
     """Return ``x`` as a floating numpy array, checking dtype, rank and finiteness."""
     arr = np.asarray(x)
     if not np.issubdtype(arr.dtype, np.floating):

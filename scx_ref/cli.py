@@ -28,7 +28,7 @@ _SUBCOMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scx",
-        description="scx_ref: run, verify and measure SCX (stateless KV-cache encoding) on transformer models.",
+        description="scx_ref: run, verify and measure SCX (stateless KV-cache encoding) on transformers.",
         epilog="Run `scx <command> --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")

@@ -35,18 +35,29 @@ class ModelConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        for field in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                      "intermediate_size", "max_positions"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_positions",
+        ):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{field} must be a positive integer, got {value!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.n_experts < 0 or (self.n_experts and not 1 <= self.top_k <= self.n_experts):
-            raise ConfigError(f"need 1 <= top_k <= n_experts for MoE, got top_k={self.top_k}, "
-                              f"n_experts={self.n_experts}")
+            raise ConfigError(
+                f"need 1 <= top_k <= n_experts for MoE, got top_k={self.top_k}, n_experts={self.n_experts}"
+            )
         if not self.rms_eps >= 0 or not self.rope_theta > 0:
             raise ConfigError("rms_eps must be >= 0 and rope_theta > 0")
 

@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -40,7 +40,7 @@ MASTER_SECRET_BYTES = 32
 NONCE_BYTES = 16
 _DOMAIN = b"scx_ref/v1"
 
-LabelPart = Union[str, int]
+LabelPart = str | int
 Label = tuple[LabelPart, ...]
 
 
@@ -94,9 +94,9 @@ class KeyStream:
 
     def read(self, n: int) -> bytes:
         """The next ``n`` bytes of the stream."""
+        # fixed-size blocks, so byte i of the stream does not depend on how the reads were split
         while len(self._buffer) < n:
-            size = max(self._BLOCK, n - len(self._buffer))
-            self._buffer += hashlib.shake_256(self._key + self._block.to_bytes(8, "big")).digest(size)
+            self._buffer += hashlib.shake_256(self._key + self._block.to_bytes(8, "big")).digest(self._BLOCK)
             self._block += 1
         out, self._buffer = self._buffer[:n], self._buffer[n:]
         return out
@@ -148,7 +148,7 @@ def fisher_yates(n: int, stream: KeyStream) -> npt.NDArray[np.int64]:
     perm = list(range(n))
     if n > 1:
         draws = stream.randbelow(np.arange(n, 1, -1, dtype=np.int64)).tolist()
-        for i, j in zip(range(n - 1, 0, -1), draws):
+        for i, j in zip(range(n - 1, 0, -1), draws, strict=True):
             perm[i], perm[j] = perm[j], perm[i]
     return np.asarray(perm, dtype=np.int64)
 
@@ -199,7 +199,7 @@ class KeySchedule:
         return fisher_yates(n, self.stream((*label, "perm", n)))
 
     def generator(self, label: Label) -> KeyStream:
-        """A noise source for ``label`` (has ``random(size)``), for :func:`scx_ref.transforms.laplace_noise`."""
+        """A noise source for ``label``: a stream with ``random(size)``, for ``laplace_noise``."""
         return self.stream((*label, "noise"))
 
     def __repr__(self) -> str:  # never print the master secret

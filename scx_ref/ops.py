@@ -36,17 +36,22 @@ def embed(ids: Any, table: FloatArray) -> FloatArray:
     """Embedding lookup: row i is ``table[ids[i]]``; ids outside the vocabulary raise VocabularyError."""
     arr = np.asarray(ids)
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise VocabularyError(f"token ids must be a 1-D integer array, got shape {arr.shape}, dtype {arr.dtype}")
+        raise VocabularyError(
+            f"token ids must be a 1-D integer array, got shape {arr.shape}, dtype {arr.dtype}"
+        )
     if arr.size and (arr.min() < 0 or arr.max() >= table.shape[0]):
-        raise VocabularyError(f"token ids must lie in [0, {table.shape[0]}), got range "
-                              f"[{arr.min()}, {arr.max()}]")
-    return table[arr]
+        raise VocabularyError(
+            f"token ids must lie in [0, {table.shape[0]}), got range [{arr.min()}, {arr.max()}]"
+        )
+    rows: FloatArray = table[arr]
+    return rows
 
 
 def rms_norm(x: FloatArray, gamma: FloatArray, eps: float) -> FloatArray:
     """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε), row-wise (LlamaRMSNorm)."""
     var = np.mean(np.square(x), axis=-1, keepdims=True)
-    return gamma * (x / np.sqrt(var + eps))
+    out: FloatArray = gamma * (x / np.sqrt(var + eps))
+    return out
 
 
 def linear(x: FloatArray, w: FloatArray, b: FloatArray | None = None) -> FloatArray:
@@ -56,8 +61,13 @@ def linear(x: FloatArray, w: FloatArray, b: FloatArray | None = None) -> FloatAr
 
 
 def silu(x: FloatArray) -> FloatArray:
-    """SiLU(x) = x·sigmoid(x), computed without overflow for large |x|."""
-    return x * (0.5 * (1.0 + np.tanh(0.5 * x)))
+    """SiLU(x) = x·sigmoid(x), without overflow and to a few ulps relative accuracy for every x.
+
+    sigmoid is evaluated from e = exp(−|x|) ∈ (0, 1]: 1/(1+e) for x ≥ 0 and e/(1+e) for x < 0
+    (the tanh form 0.5·(1 + tanh(x/2)) loses relative accuracy like eps·e^|x| for negative x).
+    """
+    e = np.exp(-np.abs(x))
+    return x * np.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
 def softmax(x: FloatArray, axis: int = -1) -> FloatArray:
@@ -94,8 +104,9 @@ def mlp(x: FloatArray, w: DenseMLP | MoEMLP, top_k: int) -> FloatArray:
     return moe(x, w, top_k) if isinstance(w, MoEMLP) else swiglu(x, w)
 
 
-def qkv(x: FloatArray, lw: LayerWeights, n_heads: int, n_kv_heads: int,
-        head_dim: int) -> tuple[FloatArray, FloatArray, FloatArray]:
+def qkv(
+    x: FloatArray, lw: LayerWeights, n_heads: int, n_kv_heads: int, head_dim: int
+) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Q, K, V projections (with the Qwen2 bias when present), split into heads."""
     n = x.shape[0]
     q = linear(x, lw.wq, lw.bq).reshape(n, n_heads, head_dim)
@@ -104,8 +115,9 @@ def qkv(x: FloatArray, lw: LayerWeights, n_heads: int, n_kv_heads: int,
     return q, k, v
 
 
-def rope_cos_sin(positions: IntArray, head_dim: int, theta: float,
-                 dtype: npt.DTypeLike = np.float64) -> tuple[FloatArray, FloatArray]:
+def rope_cos_sin(
+    positions: IntArray, head_dim: int, theta: float, dtype: npt.DTypeLike = np.float64
+) -> tuple[FloatArray, FloatArray]:
     """cos, sin tables (rows × d_h) of HF's default RoPE: inv_freq_i = θ^(−2i/d_h), duplicated halves."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     freqs = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
@@ -132,15 +144,21 @@ def causal_mask(n_q: int, n_k: int, offset: int | None = None) -> npt.NDArray[np
     return np.arange(n_k)[None, :] <= np.arange(n_q)[:, None] + off
 
 
-def attention(q: FloatArray, k: FloatArray, v: FloatArray, *, mask: npt.NDArray[np.bool_] | None = None,
-              scale: float | None = None) -> FloatArray:
+def attention(
+    q: FloatArray,
+    k: FloatArray,
+    v: FloatArray,
+    *,
+    mask: npt.NDArray[np.bool_] | None = None,
+    scale: float | None = None,
+) -> FloatArray:
     """softmax(q kᵀ·s + M) v per head, with GQA (query head h uses KV head h // (H / H_kv)).
 
     ``mask`` is a boolean n_q × n_k array (True = may attend; None = attend to all). Returns
     n_q × H × d_h. Default scale s = 1/√d_h.
     """
     n_q, n_heads, d_h = q.shape
-    n_k, n_kv, _ = k.shape
+    n_kv = k.shape[1]
     if n_heads % n_kv or v.shape[:2] != k.shape[:2]:
         raise ShapeError(f"incompatible attention shapes q {q.shape}, k {k.shape}, v {v.shape}")
     g = n_heads // n_kv
@@ -151,4 +169,5 @@ def attention(q: FloatArray, k: FloatArray, v: FloatArray, *, mask: npt.NDArray[
         scores = np.where(mask[None, None], scores, -np.inf)
     probs = softmax(scores, axis=-1)
     out = np.einsum("hgqk,khd->qhgd", probs, v)
-    return out.reshape(n_q, n_heads, v.shape[-1])
+    result: FloatArray = out.reshape(n_q, n_heads, v.shape[-1])
+    return result

@@ -41,8 +41,9 @@ class ReferenceModel:
         self.weights = weights
         self.config = weights.config
 
-    def block(self, x: FloatArray, lw: LayerWeights, positions: np.ndarray, layer: int,
-              cache: KVCache) -> FloatArray:
+    def block(
+        self, x: FloatArray, lw: LayerWeights, positions: np.ndarray, layer: int, cache: KVCache
+    ) -> FloatArray:
         """One pre-norm block; appends this call's keys/values to ``cache`` at ``layer``."""
         c = self.config
         h = ops.rms_norm(x, lw.attn_norm, c.rms_eps)
@@ -67,8 +68,9 @@ class ReferenceModel:
         cache = KVCache() if cache is None else cache
         start = cache.length
         if start + len(ids) > self.config.max_positions:
-            raise ProtocolError(f"sequence length {start + len(ids)} exceeds max_positions "
-                                f"{self.config.max_positions}")
+            raise ProtocolError(
+                f"sequence length {start + len(ids)} exceeds max_positions {self.config.max_positions}"
+            )
         positions = np.arange(start, start + len(ids))
         x = ops.embed(ids, self.weights.embed)
         for i, lw in enumerate(self.weights.layers):
@@ -83,7 +85,8 @@ class ReferenceModel:
     def decode(self, token: int, cache: KVCache) -> FloatArray:
         """Logits (V,) of one new token at position ``cache.length``; extends ``cache`` in place."""
         logits, _ = self.forward(np.asarray([token]), cache)
-        return logits[0]
+        row: FloatArray = logits[0]
+        return row
 
     def generate(self, ids: np.ndarray, n_new: int) -> list[int]:
         """Greedy continuation: ``n_new`` argmax tokens after the prompt."""

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._checks import FloatArray, IntArray, as_float_array, check_permutation
-from .errors import ShapeError, SCXError
+from .errors import SCXError, ShapeError
 
 __all__ = [
     "HeadPermutation",
@@ -35,6 +35,7 @@ __all__ = [
 
 
 # --- T1: token permutation -------------------------------------------------------------------
+
 
 def inverse_permutation(perm: Any) -> IntArray:
     """π⁻¹ with π⁻¹[π[i]] = i."""
@@ -65,6 +66,7 @@ def unpermute_rows(y: Any, perm: Any) -> FloatArray:
 
 
 # --- T2: decoy rows --------------------------------------------------------------------------
+
 
 def with_decoys(x: Any, decoys: Any) -> FloatArray:
     """[X; R]: append r decoy rows (r may be 0) below the n real rows."""
@@ -98,6 +100,7 @@ def decode_rows(y: Any, perm: Any, n: int) -> FloatArray:
 
 
 # --- T3: head-structured feature permutation -----------------------------------------------------
+
 
 @dataclass(frozen=True)
 class HeadPermutation:
@@ -137,8 +140,10 @@ class HeadPermutation:
     def _heads(self, x: Any, group_size: int, name: str) -> FloatArray:
         arr = as_float_array(x, name, allow_nonfinite=True)
         if arr.ndim != 3 or arr.shape[1] != self.n_kv_heads * group_size or arr.shape[2] != self.head_dim:
-            raise ShapeError(f"{name} must have shape (rows, {self.n_kv_heads * group_size}, "
-                             f"{self.head_dim}), got {arr.shape}")
+            raise ShapeError(
+                f"{name} must have shape (rows, {self.n_kv_heads * group_size}, "
+                f"{self.head_dim}), got {arr.shape}"
+            )
         return arr
 
     def _index(self, group_size: int) -> tuple[IntArray, IntArray]:
@@ -167,6 +172,7 @@ class HeadPermutation:
 
 # --- T4: cache row order ---------------------------------------------------------------------
 
+
 def reorder_cache(k: Any, v: Any, rho: Any) -> tuple[FloatArray, FloatArray]:
     """T4: (K, V) ↦ (K[ρ], V[ρ]) with one ρ for both.
 
@@ -182,6 +188,7 @@ def reorder_cache(k: Any, v: Any, rho: Any) -> tuple[FloatArray, FloatArray]:
 
 
 # --- T5: additive blinding -------------------------------------------------------------------
+
 
 def blind(x: Any, eta: Any) -> FloatArray:
     """T5 encode: x ↦ x + η."""
@@ -212,6 +219,7 @@ def unblind(y: Any, correction: Any) -> FloatArray:
 
 # --- noise -----------------------------------------------------------------------------------
 
+
 class NoiseSource(Protocol):
     """Anything with ``random(size)`` giving uniform floats in [0, 1): a ``KeyStream`` or
     ``numpy.random.Generator``. The library never uses global random state."""
@@ -219,8 +227,9 @@ class NoiseSource(Protocol):
     def random(self, size: Any = ...) -> Any: ...
 
 
-def laplace_noise(shape: tuple[int, ...], beta: float, gen: NoiseSource,
-                  dtype: npt.DTypeLike = np.float64) -> FloatArray:
+def laplace_noise(
+    shape: tuple[int, ...], beta: float, gen: NoiseSource, dtype: npt.DTypeLike = np.float64
+) -> FloatArray:
     """η ~ Laplace(0, β)^shape by inverse CDF from ``gen``'s uniforms.
 
     With u uniform on [0, 1) and s = u − ½: η = −β·sign(s)·ln(1 − 2|s|), which has density

@@ -149,6 +149,7 @@ class ModelWeights:
     @classmethod
     def from_dict(cls, config: ModelConfig, d: dict[str, Array]) -> ModelWeights:
         """Inverse of :meth:`to_dict`; raises ShapeError/ConfigError on a missing or misshapen array."""
+
         def get(name: str) -> Array:
             if name not in d:
                 raise ConfigError(f"weight {name!r} missing")
@@ -159,19 +160,34 @@ class ModelWeights:
             p = f"layers.{i}."
             mlp: DenseMLP | MoEMLP
             if config.is_moe:
-                mlp = MoEMLP(get(p + "mlp.router"), [
-                    DenseMLP(*(get(p + f"mlp.experts.{e}.{n}") for n in ("w_gate", "w_up", "w_down")))
-                    for e in range(config.n_experts)])
+                mlp = MoEMLP(
+                    get(p + "mlp.router"),
+                    [
+                        DenseMLP(*(get(p + f"mlp.experts.{e}.{n}") for n in ("w_gate", "w_up", "w_down")))
+                        for e in range(config.n_experts)
+                    ],
+                )
             else:
                 mlp = DenseMLP(*(get(p + f"mlp.{n}") for n in ("w_gate", "w_up", "w_down")))
             bias = [d.get(p + n) for n in ("bq", "bk", "bv")]
-            layers.append(LayerWeights(get(p + "attn_norm"), get(p + "wq"), get(p + "wk"), get(p + "wv"),
-                                       get(p + "wo"), get(p + "mlp_norm"), mlp, *bias))
+            layers.append(
+                LayerWeights(
+                    get(p + "attn_norm"),
+                    get(p + "wq"),
+                    get(p + "wk"),
+                    get(p + "wv"),
+                    get(p + "wo"),
+                    get(p + "mlp_norm"),
+                    mlp,
+                    *bias,
+                )
+            )
         return cls(config, get("embed"), layers, get("final_norm"), get("lm_head"))
 
 
-def random_weights(config: ModelConfig, rng: np.random.Generator, dtype: Any = np.float64,
-                   scale: float = 1.0) -> ModelWeights:
+def random_weights(
+    config: ModelConfig, rng: np.random.Generator, dtype: Any = np.float64, scale: float = 1.0
+) -> ModelWeights:
     """Random weights for tests: N(0, scale²/fan_in) matrices, norm gains near 1, embeddings N(0, 1).
 
     ``rng`` is the caller's generator: the library never touches global random state.
@@ -179,7 +195,8 @@ def random_weights(config: ModelConfig, rng: np.random.Generator, dtype: Any = n
     d, f = config.hidden_size, config.intermediate_size
 
     def mat(n_in: int, n_out: int) -> Array:
-        return (rng.standard_normal((n_in, n_out)) * (scale / np.sqrt(n_in))).astype(dtype)
+        out: Array = (rng.standard_normal((n_in, n_out)) * (scale / np.sqrt(n_in))).astype(dtype)
+        return out
 
     def gain() -> Array:
         return (1.0 + 0.1 * rng.standard_normal(d)).astype(dtype)
@@ -189,13 +206,28 @@ def random_weights(config: ModelConfig, rng: np.random.Generator, dtype: Any = n
 
     layers = []
     for _ in range(config.n_layers):
-        mlp: DenseMLP | MoEMLP = (MoEMLP(mat(d, config.n_experts), [dense() for _ in range(config.n_experts)])
-                                  if config.is_moe else dense())
+        mlp: DenseMLP | MoEMLP = (
+            MoEMLP(mat(d, config.n_experts), [dense() for _ in range(config.n_experts)])
+            if config.is_moe
+            else dense()
+        )
         bias: list[Array | None] = [None, None, None]
         if config.qkv_bias:
-            bias = [(0.1 * rng.standard_normal(n)).astype(dtype)
-                    for n in (config.q_dim, config.kv_dim, config.kv_dim)]
-        layers.append(LayerWeights(gain(), mat(d, config.q_dim), mat(d, config.kv_dim), mat(d, config.kv_dim),
-                                   mat(config.q_dim, d), gain(), mlp, *bias))
+            bias = [
+                (0.1 * rng.standard_normal(n)).astype(dtype)
+                for n in (config.q_dim, config.kv_dim, config.kv_dim)
+            ]
+        layers.append(
+            LayerWeights(
+                gain(),
+                mat(d, config.q_dim),
+                mat(d, config.kv_dim),
+                mat(d, config.kv_dim),
+                mat(config.q_dim, d),
+                gain(),
+                mlp,
+                *bias,
+            )
+        )
     embed = rng.standard_normal((config.vocab_size, d)).astype(dtype)
     return ModelWeights(config, embed, layers, gain(), mat(d, config.vocab_size))

@@ -23,7 +23,7 @@ import numpy.typing as npt
 from ..config import ModelConfig
 from ..transforms import HeadPermutation
 
-__all__ = ["A", "Backend", "WeightName"]
+__all__ = ["A", "Backend", "WeightName", "split_qkv"]
 
 A = TypeVar("A")
 
@@ -87,7 +87,20 @@ class Backend(Protocol, Generic[A]):
         """The inverse of ``take_rows`` for a permutation: out[perm] = y (T1 decode)."""
         ...
 
-    def concat_rows(self, xs: list[A]) -> A:
+    def concat_rows(self, xs: list[A]) -> A: ...
+
+    def narrow(self, x: A, axis: int, start: int, stop: int) -> A:
+        """x[start:stop] along ``axis`` (0 = rows, 1 = columns)."""
+        ...
+
+    def reshape(self, x: A, shape: tuple[int, ...]) -> A: ...
+
+    def nrows(self, x: A) -> int: ...
+
+    def shape(self, x: A) -> tuple[int, ...]: ...
+
+    def scale_rows(self, x: A, weights: npt.NDArray[Any]) -> A:
+        """x ⊙ w[:, None]: row i scaled by ``weights[i]`` (MoE routing weights)."""
         ...
 
     def head_permute(self, x: A, perm: HeadPermutation, group_size: int) -> A:
@@ -115,11 +128,9 @@ class Backend(Protocol, Generic[A]):
         """softmax(scores)·v per head, scores (H, rows_q, rows_k) → rows_q × H × d_h."""
         ...
 
-    def add(self, x: A, y: A) -> A:
-        ...
+    def add(self, x: A, y: A) -> A: ...
 
-    def sub(self, x: A, y: A) -> A:
-        ...
+    def sub(self, x: A, y: A) -> A: ...
 
     def take_last(self, x: A, index: IndexArray) -> A:
         """x[..., index]: a gather along the last axis (unpermuting score columns)."""
@@ -133,3 +144,15 @@ class Backend(Protocol, Generic[A]):
         """Validate an incoming array — floating dtype (else DTypeError), exactly ``shape`` (else
         ShapeError), finite (else NonFiniteError) — and return it in the backend's dtype."""
         ...
+
+
+def split_qkv(b: Backend[A], z: A) -> tuple[A, A, A]:
+    """Split fused projections z = [Q K V] (rows × (H + 2·H_kv)·d_h) into rows × heads × d_h arrays."""
+    c = b.config
+    rows = b.nrows(z)
+    q = b.reshape(b.narrow(z, 1, 0, c.q_dim), (rows, c.n_heads, c.head_dim))
+    k = b.reshape(b.narrow(z, 1, c.q_dim, c.q_dim + c.kv_dim), (rows, c.n_kv_heads, c.head_dim))
+    v = b.reshape(
+        b.narrow(z, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim), (rows, c.n_kv_heads, c.head_dim)
+    )
+    return q, k, v

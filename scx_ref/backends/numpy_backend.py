@@ -51,8 +51,10 @@ class NumpyBackend:
             return self._fused[key]
         if experts is None:
             raise ConfigError("w_gate_up of an MoE layer needs the selected experts")
-        return np.concatenate([np.concatenate([mlp.experts[e].w_gate, mlp.experts[e].w_up], axis=1)
-                               for e in experts.tolist()], axis=1)
+        return np.concatenate(
+            [np.concatenate([mlp.experts[e].w_gate, mlp.experts[e].w_up], axis=1) for e in experts.tolist()],
+            axis=1,
+        )
 
     def _down(self, layer: int, experts: IndexArray | None) -> FloatArray:
         mlp = self.weights.layers[layer].mlp
@@ -94,12 +96,14 @@ class NumpyBackend:
             gamma = lw.attn_norm if which == "attn" else lw.mlp_norm
         return ops.rms_norm(x, gamma, self.config.rms_eps)
 
-    def correction(self, eta: FloatArray, which: WeightName, layer: int = -1,
-                   experts: IndexArray | None = None) -> FloatArray:
+    def correction(
+        self, eta: FloatArray, which: WeightName, layer: int = -1, experts: IndexArray | None = None
+    ) -> FloatArray:
         return eta @ self._matrix(which, layer, experts)
 
-    def project(self, x: FloatArray, which: WeightName, layer: int = -1,
-                experts: IndexArray | None = None) -> FloatArray:
+    def project(
+        self, x: FloatArray, which: WeightName, layer: int = -1, experts: IndexArray | None = None
+    ) -> FloatArray:
         bias = self.weights.layers[layer].bqkv if which == "wqkv" else None
         if bias is not None and which == "wqkv":
             key = ("bqkv", layer)
@@ -127,6 +131,22 @@ class NumpyBackend:
     def concat_rows(self, xs: list[FloatArray]) -> FloatArray:
         return np.concatenate(xs, axis=0)
 
+    def narrow(self, x: FloatArray, axis: int, start: int, stop: int) -> FloatArray:
+        return x[start:stop] if axis == 0 else x[:, start:stop]
+
+    def reshape(self, x: FloatArray, shape: tuple[int, ...]) -> FloatArray:
+        return x.reshape(shape)
+
+    def nrows(self, x: FloatArray) -> int:
+        return int(x.shape[0])
+
+    def shape(self, x: FloatArray) -> tuple[int, ...]:
+        return tuple(int(s) for s in x.shape)
+
+    def scale_rows(self, x: FloatArray, weights: npt.NDArray[Any]) -> FloatArray:
+        out: FloatArray = x * np.asarray(weights, dtype=self.dtype)[:, None]
+        return out
+
     def head_permute(self, x: FloatArray, perm: HeadPermutation, group_size: int) -> FloatArray:
         return perm.apply(x, group_size)
 
@@ -136,8 +156,14 @@ class NumpyBackend:
     def rope(self, x: FloatArray, positions: IndexArray) -> FloatArray:
         return ops.apply_rope(x, positions, self.config.rope_theta)
 
-    def attention(self, q: FloatArray, k: FloatArray, v: FloatArray, q_positions: IndexArray,
-                  k_positions: IndexArray | None) -> FloatArray:
+    def attention(
+        self,
+        q: FloatArray,
+        k: FloatArray,
+        v: FloatArray,
+        q_positions: IndexArray,
+        k_positions: IndexArray | None,
+    ) -> FloatArray:
         mask = None if k_positions is None else k_positions[None, :] <= q_positions[:, None]
         return ops.attention(q, k, v, mask=mask)
 
@@ -146,13 +172,15 @@ class NumpyBackend:
         n_kv = k.shape[1]
         g = n_heads // n_kv
         s = np.einsum("qhgd,khd->hgqk", q.reshape(n_q, n_kv, g, d_h), k) / np.sqrt(d_h)
-        return s.reshape(n_heads, n_q, k.shape[0])
+        out: FloatArray = s.reshape(n_heads, n_q, k.shape[0])
+        return out
 
     def softmax_values(self, scores: FloatArray, v: FloatArray) -> FloatArray:
         n_heads, n_q, n_k = scores.shape
         n_kv = v.shape[1]
         probs = ops.softmax(scores, axis=-1).reshape(n_kv, n_heads // n_kv, n_q, n_k)
-        return np.einsum("hgqk,khd->qhgd", probs, v).reshape(n_q, n_heads, v.shape[-1])
+        out: FloatArray = np.einsum("hgqk,khd->qhgd", probs, v).reshape(n_q, n_heads, v.shape[-1])
+        return out
 
     def add(self, x: FloatArray, y: FloatArray) -> FloatArray:
         return x + y
@@ -164,7 +192,8 @@ class NumpyBackend:
         return int(np.argmax(logits[-1]))
 
     def take_last(self, x: FloatArray, index: IndexArray) -> FloatArray:
-        return x[..., index]
+        out: FloatArray = x[..., index]
+        return out
 
     def check(self, x: Any, name: str, shape: tuple[int, ...]) -> FloatArray:
         if not isinstance(x, np.ndarray):

@@ -21,7 +21,7 @@ from typing import Any, Generic
 import numpy as np
 import numpy.typing as npt
 
-from ..backends.base import A, Backend
+from ..backends.base import A, Backend, split_qkv
 from ..errors import ProtocolError, SessionError
 from ..keys import KeySchedule, Label
 from ..transforms import HeadPermutation, laplace_noise
@@ -54,14 +54,21 @@ class _State(Generic[A]):
 class Client(Generic[A]):
     """The SCX client. One prefill opens a session (one nonce); decode/generate continue it."""
 
-    def __init__(self, backend: Backend[A], keys: KeySchedule, config: SCXConfig | None = None,
-                 decoys: DecoyPolicy | None = None, public_tokens: IntArray | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend[A],
+        keys: KeySchedule,
+        config: SCXConfig | None = None,
+        decoys: DecoyPolicy | None = None,
+        public_tokens: IntArray | None = None,
+    ) -> None:
         self.b = backend
         self.c = backend.config
         self.cfg = config or SCXConfig()
         if self.cfg.max_length > self.c.max_positions:
-            raise ProtocolError(f"max_length {self.cfg.max_length} exceeds the model's max_positions "
-                                f"{self.c.max_positions}")
+            raise ProtocolError(
+                f"max_length {self.cfg.max_length} exceeds the model's max_positions {self.c.max_positions}"
+            )
         self._master_keys = keys
         self._next_nonce: bytes | None = keys.nonce
         self._used: dict[bytes, str] = {}
@@ -83,8 +90,9 @@ class Client(Generic[A]):
             raise ProtocolError("no session: call prefill first")
         return self.state.keys.session_id
 
-    def _send(self, link: Transport, stage: str, layer: int, step: int, arrays: dict[str, Any],
-              **meta: Any) -> Reply:
+    def _send(
+        self, link: Transport, stage: str, layer: int, step: int, arrays: dict[str, Any], **meta: Any
+    ) -> Reply:
         st = self.state
         assert st is not None
         req = Request(st.keys.session_id, stage, layer, step, st.seq, arrays, meta)
@@ -111,8 +119,9 @@ class Client(Generic[A]):
     def _head_perm(self, label: Label) -> HeadPermutation:
         keys = self._keys()
         order = keys.permutation((*label, "groups"), self.c.n_kv_heads)
-        sigmas = np.stack([keys.permutation((*label, "sigma", g), self.c.head_dim)
-                           for g in range(self.c.n_kv_heads)])
+        sigmas = np.stack(
+            [keys.permutation((*label, "sigma", g), self.c.head_dim) for g in range(self.c.n_kv_heads)]
+        )
         return HeadPermutation(order, sigmas)
 
     def _keys(self) -> KeySchedule:
@@ -125,25 +134,31 @@ class Client(Generic[A]):
         rows = self.decoys.draw(stage, layer, count, real_np, self._keys().stream(("decoy", layer, stage)))
         return self.b.from_numpy(np.asarray(rows, dtype=np.float64).reshape(count, -1))
 
-    def _split_qkv(self, z: A, rows: int) -> tuple[A, A, A]:
-        c = self.c
-        q = z[:, : c.q_dim].reshape(rows, c.n_heads, c.head_dim)
-        k = z[:, c.q_dim : c.q_dim + c.kv_dim].reshape(rows, c.n_kv_heads, c.head_dim)
-        v = z[:, c.q_dim + c.kv_dim :].reshape(rows, c.n_kv_heads, c.head_dim)
-        return q, k, v
-
-    def _blinded_linear(self, link: Transport, stage: str, layer: int, step: int, x: A, which: str,
-                        label: Label, beta: float, reply_key: str = "y", arr_key: str = "x",
-                        experts: IntArray | None = None, **meta: Any) -> A:
+    def _blinded_linear(
+        self,
+        link: Transport,
+        stage: str,
+        layer: int,
+        step: int,
+        x: A,
+        which: str,
+        label: Label,
+        beta: float,
+        reply_key: str = "y",
+        arr_key: str = "x",
+        experts: IntArray | None = None,
+        **meta: Any,
+    ) -> A:
         """Send x + η for the server to apply W (+ b); return xW (+ b) = server reply − ηW (T5)."""
-        eta = self._noise(label, int(x.shape[0]), int(x.shape[1]), beta)
+        rows, width = self.b.shape(x)
+        eta = self._noise(label, rows, width, beta)
         sent = x if eta is None else self.b.add(x, eta)
         extra = {} if experts is None else {"experts": experts.tolist()}
-        y = self._send(link, stage, layer, step, {arr_key: sent}, **meta, **extra).arrays[reply_key]
+        y: A = self._send(link, stage, layer, step, {arr_key: sent}, **meta, **extra).arrays[reply_key]
         if eta is None:
             return y
         corr = self.b.correction(eta, which, layer, experts)  # type: ignore[arg-type]
-        self.meter.matmul(stage, int(x.shape[0]), int(x.shape[1]), int(y.shape[1]), "client")
+        self.meter.matmul(stage, rows, width, self.b.shape(y)[1], "client")
         return self.b.sub(y, corr)
 
     # -- prefill (§5.1) --------------------------------------------------------------------------
@@ -172,8 +187,21 @@ class Client(Generic[A]):
         st: _State[A] = _State(self._master_keys.for_nonce(nonce), n, seq=0)
         self.state = st
         r1, r2, L = cfg.r1, cfg.r2, c.n_layers
-        self._send(link, "open", -1, -1, {}, n=n, r1=r1, r2=r2, r_lock=cfg.lock_decoys, l_s=cfg.l_s,
-                   l_e=cfg.l_e, max_length=cfg.max_length, level=cfg.level)
+        self._send(
+            link,
+            "open",
+            -1,
+            -1,
+            {},
+            n=n,
+            r1=r1,
+            r2=r2,
+            r_lock=cfg.lock_decoys,
+            l_s=cfg.l_s,
+            l_e=cfg.l_e,
+            max_length=cfg.max_length,
+            level=cfg.level,
+        )
         pos = np.arange(n)
         h = x0
         dec = self._decoys("qkv", 0, r1, h)  # carried decoy rows of the π_i stages
@@ -188,7 +216,7 @@ class Client(Generic[A]):
         logits = self._prefill_head(link, h, dec)
         for i, k_rope in keys_kept.items():  # locked key caches of the last guard blocks
             rho = self._keys().permutation(("lock", i), n + cfg.lock_decoys)
-            k_flat = k_rope.reshape(n, c.kv_dim)
+            k_flat = b.reshape(k_rope, (n, c.kv_dim))
             kc = b.take_rows(b.concat_rows([k_flat, self._decoys("k", i, cfg.lock_decoys, k_flat)]), rho)
             self._send(link, "lock", i, -1, {"k": kc})
         return np.asarray(b.to_numpy(logits))
@@ -204,22 +232,38 @@ class Client(Generic[A]):
             rows = b.norm(rows, "attn", i)
             self.meter.elementwise("qkv", (n + r1) * c.hidden_size)
         salt = keys.key(("commit", i))
-        z = self._blinded_linear(link, "qkv", i, -1, b.take_rows(rows, pi), "wqkv", ("alpha", i, "qkv"),
-                                 beta, reply_key="z", normalized=beta > 0, commit=commitment(salt, i, pi))
-        q, k, v = self._split_qkv(b.put_rows(z, pi)[:n], n)
+        z = self._blinded_linear(
+            link,
+            "qkv",
+            i,
+            -1,
+            b.take_rows(rows, pi),
+            "wqkv",
+            ("alpha", i, "qkv"),
+            beta,
+            reply_key="z",
+            normalized=beta > 0,
+            commit=commitment(salt, i, pi),
+        )
+        q, k, v = split_qkv(b, b.narrow(b.put_rows(z, pi), 0, 0, n))
         q, k = b.rope(q, pos), b.rope(k, pos)
         self.meter.elementwise("qkv", 3 * n * (c.q_dim + c.kv_dim))
         # 2. attention stage: Q P_i, K P_i, V P_i in true row order
         hp = self._head_perm(("head", i))
         g = c.group_size
-        o = self._send(link, "attn", i, -1, {"q": b.head_permute(q, hp, g), "k": b.head_permute(k, hp, 1),
-                                             "v": b.head_permute(v, hp, 1)}).arrays["o"]
-        o = b.head_unpermute(o, hp, g).reshape(n, c.q_dim)
+        o = self._send(
+            link,
+            "attn",
+            i,
+            -1,
+            {"q": b.head_permute(q, hp, g), "k": b.head_permute(k, hp, 1), "v": b.head_permute(v, hp, 1)},
+        ).arrays["o"]
+        o = b.reshape(b.head_unpermute(o, hp, g), (n, c.q_dim))
         # 3. O stage: π′_i(O ⊕ R′)
         pi_o = keys.permutation(("tok", i, "o"), n + r2)
         rows = b.take_rows(b.concat_rows([o, self._decoys("o", i, r2, o)]), pi_o)
         y = self._blinded_linear(link, "o", i, -1, rows, "wo", ("alpha", i, "o"), cfg.prefill_beta("o", i))
-        h = b.add(h, b.put_rows(y, pi_o)[:n])
+        h = b.add(h, b.narrow(b.put_rows(y, pi_o), 0, 0, n))
         # 4. FFN stage under π_{i+1}; its decoys ride on into block i+1's QKV stage
         pi_next = keys.permutation(("tok", i + 1, "qkv"), n + r1)
         dec_mid = self._decoys("ffn", i, r1, h)
@@ -233,24 +277,44 @@ class Client(Generic[A]):
         y = b.put_rows(y, pi_next)
         self.meter.elementwise("ffn", 2 * (n + r1) * c.hidden_size)
         out = b.add(rows, y)
-        return out[:n], out[n:], k, v
+        return b.narrow(out, 0, 0, n), b.narrow(out, 0, n, n + r1), k, v
 
     def _prefill_head(self, link: Transport, h: A, dec: A) -> A:
-        b, c, cfg, n = self.b, self.c, self.cfg, int(h.shape[0])
+        b, c, cfg, n = self.b, self.c, self.cfg, self.b.nrows(h)
         L = c.n_layers
         pi = self._keys().permutation(("tok", L, "qkv"), n + cfg.r1)
         rows = b.concat_rows([h, dec])
         beta = cfg.prefill_beta("head", L)
         if beta > 0:
             rows = b.norm(rows, "final")
-        logits = self._blinded_linear(link, "head", L, -1, b.take_rows(rows, pi), "lm_head",
-                                      ("alpha", L, "head"), beta, reply_key="logits", normalized=beta > 0)
+        logits = self._blinded_linear(
+            link,
+            "head",
+            L,
+            -1,
+            b.take_rows(rows, pi),
+            "lm_head",
+            ("alpha", L, "head"),
+            beta,
+            reply_key="logits",
+            normalized=beta > 0,
+        )
         st = self.state
         assert st is not None
-        return b.put_rows(logits, pi)[:n]
+        return b.narrow(b.put_rows(logits, pi), 0, 0, n)
 
-    def _blinded_mlp(self, link: Transport, i: int, step: int, xn: A, beta: float, label: Label,
-                     up_stage: str, down_stage: str, router_stage: str) -> A:
+    def _blinded_mlp(
+        self,
+        link: Transport,
+        i: int,
+        step: int,
+        xn: A,
+        beta: float,
+        label: Label,
+        up_stage: str,
+        down_stage: str,
+        router_stage: str,
+    ) -> A:
         """The MLP of normalized rows ``xn`` with every linear map blinded (T5); exact.
 
         Dense: gate/up (blinded) → client SwiGLU → down (blinded). MoE: the router (blinded) → client
@@ -258,16 +322,22 @@ class Client(Generic[A]):
         routing; rows not routed to an expert get weight 0.
         """
         b, c = self.b, self.c
-        rows, f = int(xn.shape[0]), c.intermediate_size
+        rows, f = b.nrows(xn), c.intermediate_size
         if not c.is_moe:
-            gu = self._blinded_linear(link, up_stage, i, step, xn, "w_gate_up", (*label, "up"), beta,
-                                      normalized=True)
+            gu = self._blinded_linear(
+                link, up_stage, i, step, xn, "w_gate_up", (*label, "up"), beta, normalized=True
+            )
             m = b.swiglu_act(gu)
             self.meter.elementwise(up_stage, rows * f)
-            return self._blinded_linear(link, down_stage, i, step, m, "w_down", (*label, "down"), beta,
-                                        arr_key="m", last=True)
-        logits = np.asarray(b.to_numpy(self._blinded_linear(link, router_stage, i, step, xn, "router",
-                                                            (*label, "router"), beta)), dtype=np.float64)
+            return self._blinded_linear(
+                link, down_stage, i, step, m, "w_down", (*label, "down"), beta, arr_key="m", last=True
+            )
+        logits = np.asarray(
+            b.to_numpy(
+                self._blinded_linear(link, router_stage, i, step, xn, "router", (*label, "router"), beta)
+            ),
+            dtype=np.float64,
+        )
         probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
         top = np.argsort(-probs, axis=-1, kind="stable")[:, : c.top_k]
@@ -277,11 +347,23 @@ class Client(Generic[A]):
         for e in range(c.n_experts):
             weight = np.where(top == e, w_top, 0.0).sum(axis=-1, keepdims=True)
             ex = np.array([e], dtype=np.int64)
-            gu = self._blinded_linear(link, up_stage, i, step, xn, "w_gate_up", (*label, "up", e), beta,
-                                      experts=ex, normalized=True)
-            m = b.swiglu_act(gu) * b.from_numpy(weight)
-            y = self._blinded_linear(link, down_stage, i, step, m, "w_down", (*label, "down", e), beta,
-                                     arr_key="m", experts=ex, last=e == c.n_experts - 1)
+            gu = self._blinded_linear(
+                link, up_stage, i, step, xn, "w_gate_up", (*label, "up", e), beta, experts=ex, normalized=True
+            )
+            m = b.scale_rows(b.swiglu_act(gu), weight[:, 0])
+            y = self._blinded_linear(
+                link,
+                down_stage,
+                i,
+                step,
+                m,
+                "w_down",
+                (*label, "down", e),
+                beta,
+                arr_key="m",
+                experts=ex,
+                last=e == c.n_experts - 1,
+            )
             out = y if out is None else b.add(out, y)
         assert out is not None
         return out
@@ -299,8 +381,9 @@ class Client(Generic[A]):
             arrays: dict[str, Any] = {"perm": pi}
             beta = self.cfg.prefill_beta("qkv", i)
             if beta > 0:
-                arrays["alpha"] = laplace_noise((n + r1, self.c.hidden_size), beta,
-                                                st.keys.generator(("alpha", i, "qkv")))
+                arrays["alpha"] = laplace_noise(
+                    (n + r1, self.c.hidden_size), beta, st.keys.generator(("alpha", i, "qkv"))
+                )
             self._send(link, "share", i, -1, arrays, salt=st.keys.key(("commit", i)).hex())
         st.shared = True
 
@@ -342,23 +425,34 @@ class Client(Generic[A]):
         st.step += 1
         logits = b.project(b.norm(h, "final"), "lm_head")
         self.meter.matmul("gen_head", 1, c.hidden_size, c.vocab_size, "client")
-        return np.asarray(b.to_numpy(logits))[0]
+        out: npt.NDArray[Any] = np.asarray(b.to_numpy(logits))[0]
+        return out
 
     def _gen_first(self, link: Transport, i: int, t: int, p: int, h: A, beta: float) -> tuple[A, A, A]:
         b, c, st = self.b, self.c, self._require()
         xn = b.norm(h, "attn", i)
-        z = self._blinded_linear(link, "gen_qkv", i, t, xn, "wqkv", ("alpha", i, "qkv", "gen", t), beta,
-                                 reply_key="z")
-        q, k, v = self._split_qkv(z, 1)
+        z = self._blinded_linear(
+            link, "gen_qkv", i, t, xn, "wqkv", ("alpha", i, "qkv", "gen", t), beta, reply_key="z"
+        )
+        q, k, v = split_qkv(b, z)
         pos = np.array([p])
         q, k = b.rope(q, pos), b.rope(k, pos)
         keys = b.concat_rows([st.guard_k[i], k])
         values = b.concat_rows([st.guard_v[i], v])
         hp = self._head_perm(("head", i, "gen", t))
         g = c.group_size
-        o = self._send(link, "gen_attn", i, t, {"q": b.head_permute(q, hp, g), "k": b.head_permute(keys, hp, 1),
-                                                "v": b.head_permute(values, hp, 1)}).arrays["o"]
-        o = b.head_unpermute(o, hp, g).reshape(1, c.q_dim)
+        o = self._send(
+            link,
+            "gen_attn",
+            i,
+            t,
+            {
+                "q": b.head_permute(q, hp, g),
+                "k": b.head_permute(keys, hp, 1),
+                "v": b.head_permute(values, hp, 1),
+            },
+        ).arrays["o"]
+        o = b.reshape(b.head_unpermute(o, hp, g), (1, c.q_dim))
         h = b.add(h, b.project(o, "wo", i))
         self.meter.matmul("gen_attn", 1, c.q_dim, c.hidden_size, "client")
         h = b.add(h, self._gen_ffn(link, i, t, h, beta, self.cfg.guard_ffn == "clear"))
@@ -366,15 +460,17 @@ class Client(Generic[A]):
 
     def _gen_ffn(self, link: Transport, i: int, t: int, h: A, beta: float, clear: bool) -> A:
         if clear:
-            return self._send(link, "gen_ffn", i, t, {"x": h}).arrays["y"]
+            y: A = self._send(link, "gen_ffn", i, t, {"x": h}).arrays["y"]
+            return y
         xn = self.b.norm(h, "mlp", i)
-        return self._blinded_mlp(link, i, t, xn, beta, ("alpha", i, "ffn", "gen", t), "gen_ffn_up",
-                                 "gen_ffn_down", "gen_router")
+        return self._blinded_mlp(
+            link, i, t, xn, beta, ("alpha", i, "ffn", "gen", t), "gen_ffn_up", "gen_ffn_down", "gen_router"
+        )
 
     def _gen_last(self, link: Transport, i: int, t: int, h: A, beta: float) -> tuple[A, A]:
         b, c, cfg, st = self.b, self.c, self.cfg, self._require()
         reply = self._send(link, "gen_last", i, t, {"x": h}).arrays
-        scores, v_new = reply["scores"], reply["v"].reshape(1, c.n_kv_heads, c.head_dim)
+        scores, v_new = reply["scores"], b.reshape(reply["v"], (1, c.n_kv_heads, c.head_dim))
         n, r = st.n, cfg.lock_decoys
         rho = st.keys.permutation(("lock", i), n + r)
         inv = np.empty_like(rho)
@@ -382,14 +478,16 @@ class Client(Generic[A]):
         # locked columns: column j holds row ρ[j]; the true row m sits at column inv[m]
         cols = np.concatenate([inv[:n], np.arange(n + r, n + r + t + 1)])
         values = b.concat_rows([st.guard_v[i], v_new])
-        o = b.softmax_values(b.take_last(scores, cols), values).reshape(1, c.q_dim)
+        o = b.reshape(b.softmax_values(b.take_last(scores, cols), values), (1, c.q_dim))
         self.meter.attention("gen_last", c.n_heads, 1, n + t + 1, c.head_dim // 2, "client")
         h = b.add(h, b.project(o, "wo", i))
         self.meter.matmul("gen_last", 1, c.q_dim, c.hidden_size, "client")
         if cfg.last_ffn == "paper":
             # the paper's form: send h + a constant offset and let the server normalize — relies on
             # RMSNorm(x + α) = RMSNorm(x), which is false (T7), so this is NOT exact
-            offset = laplace_noise((1, 1), max(beta, 1.0), st.keys.generator(("alpha", i, "offset", "gen", t)))
+            offset = laplace_noise(
+                (1, 1), max(beta, 1.0), st.keys.generator(("alpha", i, "offset", "gen", t))
+            )
             shifted = b.add(h, b.from_numpy(np.full((1, c.hidden_size), float(offset[0, 0]))))
             return b.add(h, self._send(link, "gen_ffn", i, t, {"x": shifted}).arrays["y"]), values
         return b.add(h, self._gen_ffn(link, i, t, h, beta, clear=False)), values

@@ -51,8 +51,9 @@ class CalibrationPool:
         self.rows = rows
 
     @classmethod
-    def from_tokens(cls, backend: Backend[Any], token_ids: npt.NDArray[np.int64],
-                    window: int = 256) -> CalibrationPool:
+    def from_tokens(
+        cls, backend: Backend[Any], token_ids: npt.NDArray[np.int64], window: int = 256
+    ) -> CalibrationPool:
         """Run plaintext inference on public ``token_ids`` (in windows) and keep every stage's input."""
         rows: dict[tuple[str, int], list[Array]] = {}
 

@@ -34,11 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 __all__ = ["Reply", "Request"]
 
-Arrays = dict[str, npt.NDArray[Any]]
+Arrays = dict[str, Any]  # numpy arrays on the wire; backend-native arrays in-process
 
 
 @dataclass(frozen=True)

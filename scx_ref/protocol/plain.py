@@ -12,7 +12,7 @@ from typing import Any, Generic
 
 import numpy as np
 
-from ..backends.base import A, Backend
+from ..backends.base import A, Backend, split_qkv
 
 __all__ = ["PlainRunner"]
 
@@ -42,11 +42,10 @@ class PlainRunner(Generic[A]):
             if self.trace:
                 self.trace("qkv", i, x)
             z = b.project(b.norm(x, "attn", i), "wqkv", i)
-            q = b.rope(z[:, : c.q_dim].reshape(n, c.n_heads, c.head_dim), pos)
-            k = b.rope(z[:, c.q_dim : c.q_dim + c.kv_dim].reshape(n, c.n_kv_heads, c.head_dim), pos)
-            v = z[:, c.q_dim + c.kv_dim :].reshape(n, c.n_kv_heads, c.head_dim)
+            q, k, v = split_qkv(b, z)
+            q, k = b.rope(q, pos), b.rope(k, pos)
             if self.trace:
-                self.trace("k", i, k.reshape(n, c.kv_dim))
+                self.trace("k", i, b.reshape(k, (n, c.kv_dim)))
             if i < len(self.keys):
                 self.keys[i] = b.concat_rows([self.keys[i], k])
                 self.values[i] = b.concat_rows([self.values[i], v])
@@ -54,7 +53,7 @@ class PlainRunner(Generic[A]):
                 self.keys.append(k)
                 self.values.append(v)
             k_pos = np.arange(self.length + n)
-            o = b.attention(q, self.keys[i], self.values[i], pos, k_pos).reshape(n, c.q_dim)
+            o = b.reshape(b.attention(q, self.keys[i], self.values[i], pos, k_pos), (n, c.q_dim))
             if self.trace:
                 self.trace("o", i, o)
             x = b.add(x, b.project(o, "wo", i))

@@ -16,7 +16,7 @@ from typing import Any, Generic
 import numpy as np
 
 from .._checks import check_permutation
-from ..backends.base import A, Backend
+from ..backends.base import A, Backend, split_qkv
 from ..errors import ProtocolError, SCXError, SessionError
 from .cost import CostMeter
 from .messages import Reply, Request
@@ -24,8 +24,16 @@ from .messages import Reply, Request
 __all__ = ["Server", "commitment"]
 
 _PREFILL_LAYER_STAGES = {"qkv", "attn", "o", "ffn", "ffn_down", "router"}
-_GEN_STAGES = {"gen_qkv", "gen_attn", "gen_ffn", "gen_ffn_up", "gen_ffn_down", "gen_router", "gen_mid",
-               "gen_last"}
+_GEN_STAGES = {
+    "gen_qkv",
+    "gen_attn",
+    "gen_ffn",
+    "gen_ffn_up",
+    "gen_ffn_down",
+    "gen_router",
+    "gen_mid",
+    "gen_last",
+}
 
 
 def commitment(salt: bytes, layer: int, perm: np.ndarray) -> str:
@@ -88,13 +96,27 @@ class Server(Generic[A]):
         """The server-side flop meter of ``session``."""
         return self.sessions[session].meter
 
-    def _handlers(self) -> dict[str, Callable[[_Session[A], Request], tuple[dict[str, A], Callable[[], None]]]]:
+    def _handlers(
+        self,
+    ) -> dict[str, Callable[[_Session[A], Request], tuple[dict[str, A], Callable[[], None]]]]:
         return {
-            "qkv": self._qkv, "attn": self._attn, "o": self._o, "ffn": self._ffn,
-            "ffn_down": self._ffn_down, "router": self._router, "head": self._head, "lock": self._lock,
-            "share": self._share, "gen_qkv": self._gen_qkv, "gen_attn": self._gen_attn,
-            "gen_ffn": self._gen_ffn, "gen_ffn_up": self._gen_ffn_up, "gen_ffn_down": self._gen_ffn_down,
-            "gen_router": self._gen_router, "gen_mid": self._gen_mid, "gen_last": self._gen_last,
+            "qkv": self._qkv,
+            "attn": self._attn,
+            "o": self._o,
+            "ffn": self._ffn,
+            "ffn_down": self._ffn_down,
+            "router": self._router,
+            "head": self._head,
+            "lock": self._lock,
+            "share": self._share,
+            "gen_qkv": self._gen_qkv,
+            "gen_attn": self._gen_attn,
+            "gen_ffn": self._gen_ffn,
+            "gen_ffn_up": self._gen_ffn_up,
+            "gen_ffn_down": self._gen_ffn_down,
+            "gen_router": self._gen_router,
+            "gen_mid": self._gen_mid,
+            "gen_last": self._gen_last,
         }
 
     def _open(self, req: Request) -> Reply:
@@ -108,13 +130,19 @@ class Server(Generic[A]):
             l_s, l_e, max_length = int(m["l_s"]), int(m["l_e"]), int(m["max_length"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"open message lacks a valid field: {exc}") from exc
-        if n < 1 or min(r1, r2, r_lock) < 0 or min(l_s, l_e) < 1 or not n <= max_length <= self.c.max_positions:
+        if (
+            n < 1
+            or min(r1, r2, r_lock) < 0
+            or min(l_s, l_e) < 1
+            or not n <= max_length <= self.c.max_positions
+        ):
             raise ProtocolError(f"invalid session parameters {m}")
         L = self.c.n_layers
         first = range(0, min(l_s, L))
         last_start = max(first.stop, L - l_e)
-        self.sessions[req.session] = _Session(n, r1, r2, r_lock, first, range(first.stop, last_start),
-                                              range(last_start, L), max_length)
+        self.sessions[req.session] = _Session(
+            n, r1, r2, r_lock, first, range(first.stop, last_start), range(last_start, L), max_length
+        )
         return Reply(req.session, "open", -1, -1, 0, {})
 
     def _check_order(self, s: _Session[A], req: Request) -> None:
@@ -139,12 +167,16 @@ class Server(Generic[A]):
         if stage == "lock" and layer not in s.last:
             raise ProtocolError(f"block {layer} is not a last guard block; it has no locked cache")
         if stage == "share" and layer not in s.middle:
-            raise ProtocolError(f"key for block {layer} refused: only middle blocks {list(s.middle)} are shared")
+            raise ProtocolError(
+                f"key for block {layer} refused: only middle blocks {list(s.middle)} are shared"
+            )
         if stage in _GEN_STAGES:
             if req.step not in (s.step, s.step + 1) or req.step < 0:
                 raise ProtocolError(f"generation step {req.step} out of order (at step {s.step})")
             if s.n + req.step >= s.max_length:
-                raise ProtocolError(f"position {s.n + req.step} is past the session's max length {s.max_length}")
+                raise ProtocolError(
+                    f"position {s.n + req.step} is past the session's max length {s.max_length}"
+                )
             if stage in ("gen_qkv", "gen_attn") and layer not in s.first:
                 raise ProtocolError(f"{stage} for block {layer}, which is not a first guard block")
             if stage == "gen_last" and layer not in s.last:
@@ -185,8 +217,8 @@ class Server(Generic[A]):
             x = self.b.norm(x, "attn", layer)
         z = self.b.project(x, "wqkv", layer)
         s.meter.matmul("qkv", rows, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
-        zk = z[:, c.q_dim : c.q_dim + c.kv_dim]
-        zv = z[:, c.q_dim + c.kv_dim :]
+        zk = self.b.narrow(z, 1, c.q_dim, c.q_dim + c.kv_dim)
+        zv = self.b.narrow(z, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim)
 
         def commit() -> None:
             s.layer = layer
@@ -278,24 +310,29 @@ class Server(Generic[A]):
         if layer in s.valid:
             raise ProtocolError(f"block {layer}'s key was already shared")
         try:
-            perm = check_permutation(req.arrays.get("perm"), n + s.r1, "shared permutation")
+            perm: np.ndarray[Any, np.dtype[np.int64]] = check_permutation(
+                req.arrays.get("perm"), n + s.r1, "shared permutation"
+            ).astype(np.int64)
             salt = bytes.fromhex(str(req.meta["salt"]))
         except (KeyError, ValueError) as exc:
             raise ProtocolError(f"share message for block {layer} is malformed: {exc}") from exc
         except SCXError as exc:
             raise ProtocolError(f"share message for block {layer}: {exc}") from exc
         if commitment(salt, layer, perm) != s.commits.get(layer):
-            raise SessionError(f"the key offered for block {layer} does not match that block's commitment "
-                               "(a key for the wrong layer, or from another session)")
+            raise SessionError(
+                f"the key offered for block {layer} does not match that block's commitment "
+                "(a key for the wrong layer, or from another session)"
+            )
         zk, zv = s.raw[layer]
         if "alpha" in req.arrays:  # level blind: remove α W from the raw cache
             alpha = self._arr(req, "alpha", (n + s.r1, c.hidden_size))
             corr = self.b.correction(alpha, "wqkv", layer)
             s.meter.matmul("share", n + s.r1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
-            zk = self.b.sub(zk, corr[:, c.q_dim : c.q_dim + c.kv_dim])
-            zv = self.b.sub(zv, corr[:, c.q_dim + c.kv_dim :])
-        k = self.b.put_rows(zk, perm)[:n].reshape(n, c.n_kv_heads, c.head_dim)
-        v = self.b.put_rows(zv, perm)[:n].reshape(n, c.n_kv_heads, c.head_dim)
+            zk = self.b.sub(zk, self.b.narrow(corr, 1, c.q_dim, c.q_dim + c.kv_dim))
+            zv = self.b.sub(zv, self.b.narrow(corr, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim))
+        shape = (n, c.n_kv_heads, c.head_dim)
+        k = self.b.reshape(self.b.narrow(self.b.put_rows(zk, perm), 0, 0, n), shape)
+        v = self.b.reshape(self.b.narrow(self.b.put_rows(zv, perm), 0, 0, n), shape)
         k = self.b.rope(k, np.arange(n))
 
         def commit() -> None:
@@ -304,7 +341,9 @@ class Server(Generic[A]):
         return {}, commit
 
     # -- generation stages -----------------------------------------------------------------------
-    def _gen_commit(self, s: _Session[A], step: int, extra: Callable[[], None] | None = None) -> Callable[[], None]:
+    def _gen_commit(
+        self, s: _Session[A], step: int, extra: Callable[[], None] | None = None
+    ) -> Callable[[], None]:
         def commit() -> None:
             s.step = step
             if extra:
@@ -364,16 +403,15 @@ class Server(Generic[A]):
         new: dict[int, tuple[A, A]] = {}
         for layer in s.middle:
             z = b.project(b.norm(x, "attn", layer), "wqkv", layer)
-            q = b.rope(z[:, : c.q_dim].reshape(1, c.n_heads, c.head_dim), pos)
-            k = b.rope(z[:, c.q_dim : c.q_dim + c.kv_dim].reshape(1, c.n_kv_heads, c.head_dim), pos)
-            v = z[:, c.q_dim + c.kv_dim :].reshape(1, c.n_kv_heads, c.head_dim)
+            q, k, v = split_qkv(b, z)
+            q, k = b.rope(q, pos), b.rope(k, pos)
             keys = b.concat_rows([s.valid[layer][0], k])
             values = b.concat_rows([s.valid[layer][1], v])
             new[layer] = (keys, values)
-            o = b.attention(q, keys, values, pos, None).reshape(1, c.q_dim)
+            o = b.reshape(b.attention(q, keys, values, pos, None), (1, c.q_dim))
             x = b.add(x, b.project(o, "wo", layer))
             x = b.add(x, b.mlp(b.norm(x, "mlp", layer), layer))
-            m = int(keys.shape[0])
+            m = b.nrows(keys)
             s.meter.matmul("gen_mid", 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
             s.meter.attention("gen_mid", c.n_heads, 1, m, c.head_dim, "server")
             s.meter.matmul("gen_mid", 1, c.q_dim, c.hidden_size, "server")
@@ -390,12 +428,11 @@ class Server(Generic[A]):
         x = self._arr(req, "x", (1, c.hidden_size))
         pos = np.array([s.n + req.step])
         z = b.project(b.norm(x, "attn", layer), "wqkv", layer)
-        q = b.rope(z[:, : c.q_dim].reshape(1, c.n_heads, c.head_dim), pos)
-        k = b.rope(z[:, c.q_dim : c.q_dim + c.kv_dim].reshape(1, c.n_kv_heads, c.head_dim), pos)
-        v = z[:, c.q_dim + c.kv_dim :]
-        locked = b.concat_rows([s.locked[layer], k.reshape(1, c.kv_dim)])
-        m = int(locked.shape[0])
-        scores = b.scores(q, locked.reshape(m, c.n_kv_heads, c.head_dim))
+        q, k, v = split_qkv(b, z)
+        q, k = b.rope(q, pos), b.rope(k, pos)
+        locked = b.concat_rows([s.locked[layer], b.reshape(k, (1, c.kv_dim))])
+        m = b.nrows(locked)
+        scores = b.scores(q, b.reshape(locked, (m, c.n_kv_heads, c.head_dim)))
         s.meter.matmul("gen_last", 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
         s.meter.matmul("gen_last", c.n_heads, c.head_dim, m, "server")
 
@@ -409,7 +446,11 @@ class Server(Generic[A]):
         s = self.sessions[session]
         to = self.b.to_numpy
         return {
-            "seq": s.seq, "layer": s.layer, "ffn_done": s.ffn_done, "head_done": s.head_done, "step": s.step,
+            "seq": s.seq,
+            "layer": s.layer,
+            "ffn_done": s.ffn_done,
+            "head_done": s.head_done,
+            "step": s.step,
             "raw": {k: (to(a), to(v)) for k, (a, v) in s.raw.items()},
             "valid": {k: (to(a), to(v)) for k, (a, v) in s.valid.items()},
             "locked": {k: to(a) for k, a in s.locked.items()},

@@ -44,23 +44,30 @@ class ServerView:
     messages: list[ViewedMessage] = field(default_factory=list)
     replies: list[ViewedMessage] = field(default_factory=list)
 
-    def select(self, stage: str | None = None, layer: int | None = None,
-               step: int | None = None) -> list[ViewedMessage]:
+    def select(
+        self, stage: str | None = None, layer: int | None = None, step: int | None = None
+    ) -> list[ViewedMessage]:
         """The received messages matching every given field."""
-        return [m for m in self.messages if (stage is None or m.stage == stage)
-                and (layer is None or m.layer == layer) and (step is None or m.step == step)]
+        return [
+            m
+            for m in self.messages
+            if (stage is None or m.stage == stage)
+            and (layer is None or m.layer == layer)
+            and (step is None or m.step == step)
+        ]
 
     def all_arrays(self) -> list[npt.NDArray[Any]]:
         return [a for m in self.messages for a in m.arrays.values()]
 
 
 def _numpy(x: Any) -> npt.NDArray[Any]:
-    if isinstance(x, np.ndarray):
-        return x.copy()
-    if hasattr(x, "detach"):  # a torch tensor
-        return np.asarray(x.detach().to("cpu").float().numpy() if str(x.dtype) in
-                          ("torch.bfloat16", "torch.float16") else x.detach().to("cpu").numpy()).copy()
-    return np.array(x)
+    if hasattr(x, "detach"):  # a torch tensor: bf16/fp16 widen to float32 (numpy has no bf16)
+        t = x.detach().to("cpu")
+        if str(t.dtype) in ("torch.bfloat16", "torch.float16"):
+            t = t.float()
+        x = t.numpy()
+    out: npt.NDArray[Any] = np.array(x, copy=True)
+    return out
 
 
 class LocalTransport:
@@ -75,14 +82,28 @@ class LocalTransport:
 
     def send(self, request: Request) -> Reply:
         if self.record_view:
-            self.view.messages.append(ViewedMessage(request.session, request.stage, request.layer,
-                                                    request.step,
-                                                    {k: _numpy(v) for k, v in request.arrays.items()},
-                                                    dict(request.meta)))
+            self.view.messages.append(
+                ViewedMessage(
+                    request.session,
+                    request.stage,
+                    request.layer,
+                    request.step,
+                    {k: _numpy(v) for k, v in request.arrays.items()},
+                    dict(request.meta),
+                )
+            )
         reply = self.server.handle(request)
         if self.record_view:
-            self.view.replies.append(ViewedMessage(reply.session, reply.stage, reply.layer, reply.step,
-                                                   {k: _numpy(v) for k, v in reply.arrays.items()}, {}))
+            self.view.replies.append(
+                ViewedMessage(
+                    reply.session,
+                    reply.stage,
+                    reply.layer,
+                    reply.step,
+                    {k: _numpy(v) for k, v in reply.arrays.items()},
+                    {},
+                )
+            )
         self.meter.message(request.stage, _nbytes(request.arrays), _nbytes(reply.arrays))
         return reply
 
