@@ -1,0 +1,105 @@
+"""Run the SCX proofs: ``python -m proofs [--list] [FILTER ...]``.
+
+Prints one line per identity (name, what it covers, result, seconds) and one per negative control, and
+exits 1 if any identity fails (or raises) or any negative control is wrongly accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+from proofs._registry import Check, Identity, all_identities
+
+
+def _run(check: Check) -> tuple[bool | None, float, str]:
+    """Run one check; returns (result, seconds, error text). ``None`` means it raised."""
+    start = time.perf_counter()
+    try:
+        result: bool | None = bool(check())
+        error = ""
+    except Exception as exc:  # a crashing proof is a failing proof; report it and go on
+        result, error = None, f"{type(exc).__name__}: {exc}"
+    return result, time.perf_counter() - start, error
+
+
+def _selected(identities: list[Identity], filters: Sequence[str]) -> list[Identity]:
+    if not filters:
+        return identities
+    return [entry for entry in identities if any(f.lower() in entry.name.lower() for f in filters)]
+
+
+def run(filters: Sequence[str] = (), *, controls: bool = True, out: TextIO | None = None) -> int:
+    """Run the selected identities (and their negative controls); return the number of failures."""
+    stream = out if out is not None else sys.stdout
+    selected = _selected(all_identities(), filters)
+    failures = 0
+    total_start = time.perf_counter()
+    width = max((len(entry.name) for entry in selected), default=10)
+    for entry in selected:
+        result, seconds, error = _run(entry.check)
+        if result:
+            verdict = entry.proved_label
+        else:
+            failures += 1
+            verdict = f"FAILED ({error})" if error else "FAILED (did not simplify to 0)"
+        print(f"{entry.name:<{width}}  {verdict}  ({seconds:.2f}s)  covers: {entry.covers}", file=stream)
+        if not controls:
+            continue
+        for control_name, control in entry.negative_controls:
+            result, seconds, error = _run(control)
+            if result is False:
+                verdict = "negative control: correctly rejected"
+            elif result is None:
+                failures += 1
+                verdict = f"negative control: ERROR ({error})"
+            else:
+                failures += 1
+                verdict = "negative control: WRONGLY ACCEPTED (checker cannot fail)"
+            print(f"    {verdict}  ({seconds:.2f}s)  {control_name}", file=stream)
+    n_controls = sum(len(entry.negative_controls) for entry in selected) if controls else 0
+    elapsed = time.perf_counter() - total_start
+    summary = "all proved" if failures == 0 else f"{failures} FAILURE(S)"
+    print(
+        f"{len(selected)} identities, {n_controls} negative controls: {summary} in {elapsed:.1f}s",
+        file=stream,
+    )
+    return failures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the process exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m proofs",
+        description=(
+            "Machine-checked sympy identities for the SCX transforms (T1-T7, RoPE order, sensitivity, "
+            "Laplace, head structure), each with negative controls that the same checker must reject. "
+            "Exits 1 if an identity fails or a negative control is accepted."
+        ),
+    )
+    parser.add_argument(
+        "filters", nargs="*", metavar="FILTER", help="run only identities whose name contains FILTER"
+    )
+    parser.add_argument(
+        "--list", action="store_true", help="list the identities and their controls, run nothing"
+    )
+    parser.add_argument("--no-controls", action="store_true", help="skip the negative controls")
+    args = parser.parse_args(argv)
+    if args.list:
+        for entry in _selected(all_identities(), args.filters):
+            print(f"{entry.name}  [{entry.covers}]")
+            for control_name, _ in entry.negative_controls:
+                print(f"    - negative control: {control_name}")
+        return 0
+    selected = _selected(all_identities(), args.filters)
+    if not selected:
+        print(f"no identity matches {args.filters}", file=sys.stderr)
+        return 2
+    return 1 if run(args.filters, controls=not args.no_controls) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Head structure of the feature permutation P (DESIGN.md §4, T3).
+
+GQA with H_kv = 2 KV heads, G = 2 query heads per KV head, d_h = 2, n = 2 tokens, causal mask, symbolic
+Q, K, V and scale. A permutation p of the H_kv·d_h KV coordinates acts on K and V; it is lifted to the
+H·d_h query coordinates by moving query head (g, j) coordinate c wherever p moves KV coordinate (g, c)
+(so a reordering of KV groups moves each group's query heads along). The output O is decoded with the
+inverse of the lifted permutation.
+
+Proved: every *head-structured* p — a reordering τ of the KV groups composed with a per-group coordinate
+permutation σ_g (2!·2!·2! = 8 of them) — is exact; and every one of the other 16 permutations in S_4,
+which mix coordinates across heads, is *not* exact (an exact nonzero witness for each).
+
+Negative controls, through the same checker: a permutation swapping one coordinate of head 0 with one of
+head 1; and a group reordering whose query heads are *not* moved along.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import sympy as sp
+
+from proofs._registry import identity
+from proofs._sym import (
+    Perm,
+    attention,
+    causal_mask,
+    inverse,
+    nonzero_at_random_point,
+    perms,
+    permute_cols,
+    sym_matrix,
+)
+
+_HKV, _G, _DH, _N = 2, 2, 2, 2
+_SCALE = sp.Symbol("s", positive=True)
+
+
+def head_structured() -> list[Perm]:
+    """Every p = (reorder the KV groups by τ) ∘ (σ_g inside group g), as an index array ``K[:, p]``."""
+    out: list[Perm] = []
+    for tau in perms(_HKV):
+        for sigmas in itertools.product(list(perms(_DH)), repeat=_HKV):
+            # encoded KV head g' holds true head tau[g'] with its coordinates permuted by that head's σ
+            out.append(tuple(tau[g] * _DH + sigmas[tau[g]][c] for g in range(_HKV) for c in range(_DH)))
+    return out
+
+
+def lift_to_queries(p: Perm, *, move_query_heads: bool = True) -> Perm:
+    """The query-coordinate permutation induced by the KV-coordinate permutation ``p``.
+
+    Encoded query head (g', j) coordinate c' takes true query head (g, j) coordinate c, where (g, c) is the
+    KV coordinate that ``p`` puts at (g', c'). With ``move_query_heads=False`` (wrong) the query head stays
+    at (g', j) and only the coordinate is taken from there: ``Q[(g', j), c]``.
+    """
+    lifted: list[int] = []
+    for g_new in range(_HKV):
+        for j in range(_G):
+            for c_new in range(_DH):
+                g, c = divmod(p[g_new * _DH + c_new], _DH)
+                source_group = g if move_query_heads else g_new
+                lifted.append((source_group * _G + j) * _DH + c)
+    return tuple(lifted)
+
+
+def gqa_attention(q: sp.Matrix, k: sp.Matrix, v: sp.Matrix) -> sp.Matrix:
+    """Causal GQA attention: query head h attends to KV head h // G; heads laid out side by side."""
+    mask = causal_mask(_N, _N)
+    blocks = []
+    for h in range(_HKV * _G):
+        g = h // _G
+        qh = q[:, h * _DH : (h + 1) * _DH]
+        kh, vh = k[:, g * _DH : (g + 1) * _DH], v[:, g * _DH : (g + 1) * _DH]
+        blocks.append(attention(qh, kh, vh, _SCALE, mask))
+    return sp.Matrix.hstack(*blocks)
+
+
+def _difference(p: Perm, *, move_query_heads: bool) -> sp.Matrix:
+    q = sym_matrix("q", _N, _HKV * _G * _DH, real=True)
+    k = sym_matrix("k", _N, _HKV * _DH, real=True)
+    v = sym_matrix("v", _N, _HKV * _DH, real=True)
+    pq = lift_to_queries(p, move_query_heads=move_query_heads)
+    encoded = gqa_attention(permute_cols(q, pq), permute_cols(k, p), permute_cols(v, p))
+    return (permute_cols(encoded, inverse(pq)) - gqa_attention(q, k, v)).applyfunc(sp.expand)
+
+
+def is_exact(p: Perm, *, move_query_heads: bool = True) -> bool:
+    """Whether encoding with ``p`` and decoding with its inverse reproduces GQA attention symbolically."""
+    return all(entry == 0 for entry in _difference(p, move_query_heads=move_query_heads))
+
+
+def check_head_perms(candidates: list[Perm], *, move_query_heads: bool = True) -> bool:
+    """True iff every candidate permutation is exact."""
+    return all(is_exact(p, move_query_heads=move_query_heads) for p in candidates)
+
+
+def check_characterization() -> bool:
+    """Exactly the head-structured permutations of S_4 are exact; each other one has a nonzero witness."""
+    structured = set(head_structured())
+    for p in perms(_HKV * _DH):
+        if p in structured:
+            if not is_exact(p):
+                return False
+        elif not any(
+            nonzero_at_random_point(e, seed=i) for i, e in enumerate(_difference(p, move_query_heads=True))
+        ):
+            return False
+    return True
+
+
+_CROSS_HEAD: Perm = (0, 2, 1, 3)  # swaps coordinate 1 of head 0 with coordinate 0 of head 1
+_GROUP_SWAP: Perm = (2, 3, 0, 1)  # reorders the two KV groups
+
+
+@identity(
+    "head_structure.head_structured_exact",
+    "GQA 4 query / 2 KV heads, d_h=2, n=2, causal; all 8 head-structured P",
+    negative_controls=[
+        ("P mixing coordinates across heads", lambda: check_head_perms([_CROSS_HEAD])),
+        (
+            "KV groups reordered, query heads not moved",
+            lambda: check_head_perms([_GROUP_SWAP], move_query_heads=False),
+        ),
+    ],
+)
+def head_structured_exact() -> bool:
+    """Every head-structured P (group reorder + per-group σ) is exact."""
+    return check_head_perms(head_structured())
+
+
+@identity(
+    "head_structure.only_head_structured_exact",
+    "all 24 P in S_4 of KV coordinates: 8 exact, 16 cross-head ones refuted by exact witnesses",
+    negative_controls=[
+        ("every P in S_4 claimed exact", lambda: check_head_perms(list(perms(_HKV * _DH)))),
+    ],
+)
+def only_head_structured_exact() -> bool:
+    """A P that mixes coordinates across heads is not exact."""
+    return check_characterization()

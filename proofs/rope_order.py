@@ -1,0 +1,113 @@
+"""RoPE versus the head-dim permutation σ (DESIGN.md §4, T3): why the client applies RoPE before σ.
+
+RoPE in the Hugging Face rotate_half convention, head dim d_h = 4, symbolic base θ > 0 and position m:
+rope(x, m) = x ⊙ cos(m·f) + rotate_half(x) ⊙ sin(m·f), rotate_half(x) = concat(−x₂, x₁), and
+f = (θ^(−2i/d_h))_{i < d_h/2} duplicated over both halves.
+
+1. Counterexample: RoPE does not commute with a generic σ. For every σ ≠ id in S_4,
+   rope(x[σ], m) − rope(x, m)[σ] is not identically zero; each is certified by its exact value at a point
+   (m = 1, θ = 10000, rational x), evaluated with error-controlled evalf. Negative control: at m = 0 RoPE
+   is the identity, so the same checker must find no witness.
+2. Protocol order is exact: with symbolic q, k and positions m, n, for every σ in S_4,
+   rope(q, m)[σ] · rope(k, n)[σ] = rope(q, m) · rope(k, n) (the server's scores are the true RoPE'd
+   scores). Negative controls: σ before RoPE (the server applying RoPE after σ), and σ on q with σ′ on k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sympy as sp
+
+from proofs._registry import identity
+from proofs._sym import Perm, compose, nonzero_at_random_point, perms, quick_is_zero
+
+_DH = 4
+_THETA = sp.Symbol("theta", positive=True)
+_M, _N = sp.symbols("m n", positive=True)
+
+
+def rope(x: Sequence[sp.Expr], position: sp.Expr, theta: sp.Expr = _THETA) -> list[sp.Expr]:
+    """HF RoPE of one head vector: x·cos(m f) + rotate_half(x)·sin(m f)."""
+    dh = len(x)
+    half = dh // 2
+    inv_freq = [theta ** (sp.Integer(-2 * i) / dh) for i in range(half)]
+    freq = inv_freq + inv_freq
+    rotated = [-x[c + half] for c in range(half)] + [x[c] for c in range(half)]
+    return [x[c] * sp.cos(position * freq[c]) + rotated[c] * sp.sin(position * freq[c]) for c in range(dh)]
+
+
+def _apply(x: Sequence[sp.Expr], sigma: Perm) -> list[sp.Expr]:
+    """x[σ]: coordinate c of the result is coordinate σ(c) of x."""
+    return [x[i] for i in sigma]
+
+
+def _dot(a: Sequence[sp.Expr], b: Sequence[sp.Expr]) -> sp.Expr:
+    return sp.Add(*[u * v for u, v in zip(a, b, strict=True)])
+
+
+def check_rope_noncommuting(position: sp.Expr) -> bool:
+    """True iff for every σ ≠ id in S_{d_h} some coordinate of rope(x[σ]) − rope(x)[σ] has an exact
+    nonzero witness (at θ = 10000 and the given position)."""
+    x = list(sp.symbols(f"x0:{_DH}", real=True))
+    identity_perm = tuple(range(_DH))
+    for sigma in perms(_DH):
+        if sigma == identity_perm:
+            continue
+        lhs = rope(_apply(x, sigma), position, sp.Integer(10000))
+        rhs = _apply(rope(x, position, sp.Integer(10000)), sigma)
+        if not any(
+            nonzero_at_random_point(a - b, seed=c) for c, (a, b) in enumerate(zip(lhs, rhs, strict=True))
+        ):
+            return False
+    return True
+
+
+def check_score_order(order: str) -> bool:
+    """For every σ in S_{d_h}: the encoded score equals rope(q, m)·rope(k, n) symbolically.
+
+    ``order`` is ``"rope-then-sigma"`` (the protocol), ``"sigma-then-rope"`` (wrong: RoPE after σ) or
+    ``"different-sigma-on-k"`` (wrong: RoPE then σ on q, σ′ on k).
+    """
+    q = list(sp.symbols(f"q0:{_DH}", real=True))
+    k = list(sp.symbols(f"k0:{_DH}", real=True))
+    plain = _dot(rope(q, _M), rope(k, _N))
+    shift = tuple((i + 1) % _DH for i in range(_DH))
+    for sigma in perms(_DH):
+        if order == "rope-then-sigma":
+            score = _dot(_apply(rope(q, _M), sigma), _apply(rope(k, _N), sigma))
+        elif order == "sigma-then-rope":
+            score = _dot(rope(_apply(q, sigma), _M), rope(_apply(k, sigma), _N))
+        elif order == "different-sigma-on-k":
+            score = _dot(_apply(rope(q, _M), sigma), _apply(rope(k, _N), compose(sigma, shift)))
+        else:
+            raise ValueError(order)
+        if not quick_is_zero(score - plain):
+            return False
+    return True
+
+
+@identity(
+    "rope.does_not_commute_with_sigma",
+    f"d_h={_DH}, every σ ≠ id in S_{_DH}; exact witnesses at m=1, θ=10000",
+    negative_controls=[
+        ("same checker at position m = 0 (RoPE = identity)", lambda: check_rope_noncommuting(sp.Integer(0))),
+    ],
+    proved_label="COUNTEREXAMPLE PROVED (RoPE∘σ ≠ σ∘RoPE)",
+)
+def rope_does_not_commute() -> bool:
+    """RoPE does not commute with any non-identity head-dim permutation."""
+    return check_rope_noncommuting(sp.Integer(1))
+
+
+@identity(
+    "rope.rope_then_sigma_exact",
+    f"symbolic q, k, positions m, n, base θ; d_h={_DH}; every σ in S_{_DH}",
+    negative_controls=[
+        ("σ before RoPE (RoPE after σ)", lambda: check_score_order("sigma-then-rope")),
+        ("RoPE then σ on q, σ′ on k", lambda: check_score_order("different-sigma-on-k")),
+    ],
+)
+def rope_then_sigma() -> bool:
+    """rope(q)[σ] · rope(k)[σ] = rope(q) · rope(k) for every σ."""
+    return check_score_order("rope-then-sigma")

@@ -1,0 +1,87 @@
+"""T2, redundant (decoy) rows (DESIGN.md §4): append r decoy rows, permute, compute, unpermute, strip.
+
+For a row-wise f, symbolic real rows X (n×d) and symbolic decoys R (r×d), and every π in S_{n+r}:
+(f([X; R][π]))[π⁻¹][:n] = f(X) — every decoy is dropped and no decoy leaks into a real row.
+
+Negative controls, through the same checker: keep the first n rows without unpermuting, decode with π
+instead of π⁻¹, and a map that mixes rows (bidirectional attention pooling) so decoys leak into real rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import sympy as sp
+
+from proofs._registry import identity
+from proofs._sym import inverse, matrices_equal, perms, permute_rows, rmsnorm_row, softmax_rows, sym_matrix
+
+MatrixMap = Callable[[sp.Matrix], sp.Matrix]
+
+_D = 2
+_W = sym_matrix("w", _D, _D)
+_B = sym_matrix("b", 1, _D)
+_GAMMA = list(sp.symbols(f"gamma0:{_D}", positive=True))
+_F = sp.Function("f")
+_SIZES = [(1, 1), (2, 1), (1, 2), (2, 2), (3, 1)]
+
+
+def rowwise(row_map: Callable[[list[sp.Expr]], list[sp.Expr]]) -> MatrixMap:
+    """Lift a map of one row to a map of a matrix, row by row."""
+    return lambda x: sp.Matrix([row_map(list(x.row(i))) for i in range(x.rows)])
+
+
+def _affine_then_norm(row: list[sp.Expr]) -> list[sp.Expr]:
+    """x ↦ (RMSNorm(x) W + b, f(x)): a linear stage after a norm, plus a generic row function."""
+    normed = rmsnorm_row(row, _GAMMA)
+    return [*list(sp.Matrix([normed]) * _W + _B), _F(*row)]
+
+
+AFFINE_NORM = rowwise(_affine_then_norm)
+
+
+def attention_pool(x: sp.Matrix) -> sp.Matrix:
+    """NOT row-wise: bidirectional self-attention softmax(XXᵀ)X, every row sees every other row."""
+    return softmax_rows((x * x.T).applyfunc(sp.expand)) * x
+
+
+def check_decoys(
+    f: MatrixMap, sizes: Sequence[tuple[int, int]], *, decode: str = "unpermute-then-strip"
+) -> bool:
+    """For every (n, r) in ``sizes`` and every π in S_{n+r}: decoding f([X; R][π]) gives f(X).
+
+    ``decode`` is ``"unpermute-then-strip"`` (the protocol), ``"strip-only"`` (keep the first n rows of
+    the permuted output without unpermuting) or ``"permute-again"`` (apply π instead of π⁻¹).
+    """
+    for n, r in sizes:
+        x = sym_matrix("x", n, _D, real=True)
+        decoys = sym_matrix("r", r, _D, real=True)
+        stacked = x.col_join(decoys)
+        plain = f(x)
+        for pi in perms(n + r):
+            y = f(permute_rows(stacked, pi))
+            if decode == "unpermute-then-strip":
+                out = permute_rows(y, inverse(pi))[:n, :]
+            elif decode == "strip-only":
+                out = y[:n, :]
+            elif decode == "permute-again":
+                out = permute_rows(y, pi)[:n, :]
+            else:
+                raise ValueError(decode)
+            if not matrices_equal(out, plain, quick=True):
+                return False
+    return True
+
+
+@identity(
+    "t2.decoys",
+    "RMSNorm·W + b and f(row); d=2, (n, r) in {(1,1),(2,1),(1,2),(2,2),(3,1)}, every π in S_{n+r}",
+    negative_controls=[
+        ("strip without unpermuting", lambda: check_decoys(AFFINE_NORM, _SIZES, decode="strip-only")),
+        ("decode with π instead of π⁻¹", lambda: check_decoys(AFFINE_NORM, _SIZES, decode="permute-again")),
+        ("row-mixing map (attention pooling): decoys leak", lambda: check_decoys(attention_pool, [(1, 1)])),
+    ],
+)
+def decoys() -> bool:
+    """Append-permute-compute-unpermute-strip equals compute on X."""
+    return check_decoys(AFFINE_NORM, _SIZES)

@@ -1,0 +1,137 @@
+"""T3, head-dim permutation (DESIGN.md §4): attention commutes with a permutation σ of head coordinates.
+
+With fully symbolic real Q, K, V (n×d_h), a symbolic scale s > 0 and every σ in S_{d_h}:
+
+    softmax(Q_σ K_σᵀ·s + M) V_σ · σ⁻¹ − softmax(QKᵀ·s + M) V = 0
+
+for M = no mask, the causal mask (−∞ above the diagonal) and a fully symbolic additive mask; and with
+GQA, two query heads Q₁, Q₂ sharing one KV head under the group's σ. The proof is structural: the score
+polynomials Q_σK_σᵀ and QKᵀ expand to the same polynomial (Σ_c q_{i,σ(c)} k_{j,σ(c)} = Σ_c q_{ic}k_{jc}), so
+the softmax weights agree symbolically, and V_σ·σ⁻¹ = V.
+
+Negative controls, through the same checker: permute Q but not K; σ on Q and a different σ′ on K; decode
+with σ instead of σ⁻¹; leave V unpermuted; in GQA, give the second query head its own σ′ ≠ σ of its group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sympy as sp
+
+from proofs._registry import identity
+from proofs._sym import (
+    Perm,
+    attention,
+    causal_mask,
+    compose,
+    inverse,
+    matrices_equal,
+    perms,
+    permute_cols,
+    sym_matrix,
+)
+
+#: σ ↦ (σ for query head 1, σ for query head 2, σ for K, σ for V, permutation applied to decode O).
+Scheme = Callable[[Perm], tuple[Perm, Perm, Perm, Perm, Perm]]
+
+_SCALE = sp.Symbol("s", positive=True)
+_SIZES = [(n, dh) for n in (1, 2, 3) for dh in (1, 2, 3)]
+_MASKS = ("none", "causal", "symbolic")
+
+
+def _shift(p: Perm) -> Perm:
+    """σ followed by a fixed cyclic shift of the coordinates: differs from σ whenever d_h ≥ 2."""
+    return compose(p, tuple((i + 1) % len(p) for i in range(len(p))))
+
+
+def protocol(s: Perm) -> tuple[Perm, Perm, Perm, Perm, Perm]:
+    """The protocol: σ on every query head of the group, on K and on V; decode with σ⁻¹."""
+    return s, s, s, s, inverse(s)
+
+
+def q_not_k(s: Perm) -> tuple[Perm, Perm, Perm, Perm, Perm]:
+    """Wrong: permute Q but not K."""
+    ident = tuple(range(len(s)))
+    return s, s, ident, s, inverse(s)
+
+
+def different_sigma_on_k(s: Perm) -> tuple[Perm, Perm, Perm, Perm, Perm]:
+    """Wrong: σ on Q and a different σ′ on K."""
+    return s, s, _shift(s), s, inverse(s)
+
+
+def decode_with_sigma(s: Perm) -> tuple[Perm, Perm, Perm, Perm, Perm]:
+    """Wrong: decode with σ instead of σ⁻¹."""
+    return s, s, s, s, s
+
+
+def v_unpermuted(s: Perm) -> tuple[Perm, Perm, Perm, Perm, Perm]:
+    """Wrong: V is sent unpermuted but O is still decoded with σ⁻¹."""
+    return s, s, s, tuple(range(len(s))), inverse(s)
+
+
+def second_head_own_sigma(s: Perm) -> tuple[Perm, Perm, Perm, Perm, Perm]:
+    """Wrong (GQA): the second query head of the group uses σ′ ≠ σ while K, V use σ."""
+    return s, _shift(s), s, s, inverse(s)
+
+
+def _mask(kind: str, n: int) -> sp.Matrix | None:
+    if kind == "none":
+        return None
+    if kind == "causal":
+        return causal_mask(n, n)
+    return sym_matrix("m", n, n, real=True)
+
+
+def check_attention(scheme: Scheme, *, gqa: bool, min_dh: int = 1) -> bool:
+    """For every (n, d_h) in the sizes, every mask kind and every σ in S_{d_h}: decoded encoded attention
+    equals plaintext attention, entry by entry (for each of the one or two query heads)."""
+    for n, dh in _SIZES:
+        if dh < min_dh:
+            continue
+        heads = [sym_matrix(f"q{h}", n, dh, real=True) for h in range(2 if gqa else 1)]
+        k = sym_matrix("k", n, dh, real=True)
+        v = sym_matrix("v", n, dh, real=True)
+        for kind in _MASKS:
+            mask = _mask(kind, n)
+            plain = [attention(q, k, v, _SCALE, mask) for q in heads]
+            for sigma in perms(dh):
+                q1, q2, ks, vs, dec = scheme(sigma)
+                k_enc, v_enc = permute_cols(k, ks), permute_cols(v, vs)
+                for q, q_perm, expected in zip(heads, (q1, q2), plain, strict=False):
+                    out = permute_cols(attention(permute_cols(q, q_perm), k_enc, v_enc, _SCALE, mask), dec)
+                    if not matrices_equal(out, expected, quick=True):
+                        return False
+    return True
+
+
+@identity(
+    "t3.attention_mha",
+    "symbolic Q, K, V, scale; n, d_h in 1..3; masks none/causal(−∞)/symbolic; every σ in S_{d_h}",
+    negative_controls=[
+        ("permute Q but not K", lambda: check_attention(q_not_k, gqa=False)),
+        ("σ on Q, a different σ′ on K", lambda: check_attention(different_sigma_on_k, gqa=False)),
+        ("decode with σ instead of σ⁻¹", lambda: check_attention(decode_with_sigma, gqa=False)),
+        ("V left unpermuted", lambda: check_attention(v_unpermuted, gqa=False)),
+    ],
+)
+def attention_mha() -> bool:
+    """Attn(Qσ, Kσ, Vσ)σ⁻¹ = Attn(Q, K, V) for one head, every σ, with and without masks."""
+    return check_attention(protocol, gqa=False)
+
+
+@identity(
+    "t3.attention_gqa",
+    "GQA: 2 query heads on 1 KV head; n, d_h in 1..3; masks none/causal/symbolic; every σ in S_{d_h}",
+    negative_controls=[
+        (
+            "second query head with its own σ′ ≠ group σ",
+            lambda: check_attention(second_head_own_sigma, gqa=True),
+        ),
+        ("permute Q but not K", lambda: check_attention(q_not_k, gqa=True)),
+    ],
+)
+def attention_gqa() -> bool:
+    """Both query heads of a KV group under the group's σ: exact for every σ and mask."""
+    return check_attention(protocol, gqa=True)
