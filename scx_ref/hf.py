@@ -1,0 +1,347 @@
+"""Hugging Face ``transformers`` integration: SCX on a loaded ``LlamaForCausalLM``,
+``MixtralForCausalLM`` or ``Qwen2ForCausalLM``.
+
+Supported: **transformers 5.x** (checked with 5.24; ``transformers>=5.0,<6`` as in the ``hf`` extra).
+What is read, and where (5.x layout): ``model.model.embed_tokens``, ``model.model.layers[i]``
+(``input_layernorm``, ``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``;
+Mixtral: ``mlp.gate.weight`` (router, E × d) and ``mlp.experts.gate_up_proj`` (E × 2f × d, gate rows then
+up rows) / ``mlp.experts.down_proj`` (E × d × f)), ``model.model.norm`` and ``model.lm_head``; the RoPE
+base from ``config.rope_parameters["rope_theta"]`` (default RoPE only). Anything SCX cannot reproduce
+exactly — another model class, scaled RoPE, an O-projection or MLP bias, an activation other than SiLU —
+raises :class:`~scx_ref.errors.ConfigError` instead of running a different model. A sliding attention
+window caps ``max_positions`` at the window (below it, sliding and full attention coincide).
+
+Three entry points:
+
+* :func:`config_from_hf` — the :class:`~scx_ref.config.ModelConfig` of an HF config;
+* :func:`weights_from_hf` — the model's weights as numpy :class:`~scx_ref.weights.ModelWeights`
+  (for the numpy reference and backend); :func:`hf_tensors` gives the torch tensors in place, used by
+  :meth:`TorchBackend.from_hf <scx_ref.backends.torch_backend.TorchBackend.from_hf>`;
+* :class:`SCXModel` — the user-facing wrapper::
+
+      scx = SCXModel.from_hf(model, level="paper")      # keys: a fresh KeySchedule by default
+      logits = scx.logits(input_ids)                      # batch × n × V, = model(input_ids).logits
+      out = scx.generate(input_ids, max_new_tokens=32)    # = model.generate(do_sample=False)
+
+  Every request (each row of a batch, each call) runs its own SCX session under a fresh nonce of the
+  same master secret; the model's attention implementation (``eager``/``sdpa``) only affects the HF
+  plaintext side, SCX runs on the :class:`~scx_ref.backends.torch_backend.TorchBackend`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .keys import KeySchedule
+from .weights import DenseMLP, LayerWeights, ModelWeights, MoEMLP
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "SCXModel", "config_from_hf", "hf_tensors", "weights_from_hf"]
+
+SUPPORTED_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    return getattr(cfg, name, default)
+
+
+def _rope_theta(cfg: Any) -> float:
+    params = _get(cfg, "rope_parameters")
+    if isinstance(params, dict) and params:
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(
+                f"RoPE type {rope_type!r} is not supported (only the default RoPE is exact here)"
+            )
+        if "rope_theta" not in params:
+            raise ConfigError("config.rope_parameters has no rope_theta")
+        return float(params["rope_theta"])
+    theta = _get(cfg, "rope_theta")
+    if theta is None:
+        raise ConfigError("the HF config names no RoPE base (rope_parameters['rope_theta'] or rope_theta)")
+    if _get(cfg, "rope_scaling"):
+        raise ConfigError("scaled RoPE (config.rope_scaling) is not supported")
+    return float(theta)
+
+
+def config_from_hf(hf_config: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of a LLaMA / Mixtral / Qwen2 HF config.
+
+    Guarantee: a config is returned only when the SCX forward on it is the HF forward (same shapes,
+    RMSNorm ε, default RoPE base, SiLU, biases only on Qwen2's Q/K/V); otherwise ConfigError.
+    """
+    model_type = _get(hf_config, "model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"unsupported model type {model_type!r}; scx_ref supports "
+            f"{sorted(SUPPORTED_MODEL_TYPES)} (transformers 5.x)"
+        )
+    act = _get(hf_config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConfigError(f"unsupported MLP activation {act!r} (SwiGLU with SiLU only)")
+    if model_type == "llama" and (_get(hf_config, "attention_bias") or _get(hf_config, "mlp_bias")):
+        raise ConfigError("LLaMA with attention_bias/mlp_bias is not supported (O-projection/MLP bias)")
+    if (_get(hf_config, "pretraining_tp") or 1) != 1:
+        raise ConfigError("pretraining_tp != 1 is not supported")
+    n_heads = int(hf_config.num_attention_heads)
+    head_dim = _get(hf_config, "head_dim") or hf_config.hidden_size // n_heads
+    max_pos = int(_get(hf_config, "max_position_embeddings", 4096) or 4096)
+    window = _get(hf_config, "sliding_window")
+    layer_types = _get(hf_config, "layer_types") or []
+    sliding = window is not None and (model_type == "mixtral" or "sliding_attention" in layer_types)
+    if sliding:
+        max_pos = min(max_pos, int(window))
+    n_experts = int(_get(hf_config, "num_local_experts", 0) or 0) if model_type == "mixtral" else 0
+    return ModelConfig(
+        vocab_size=int(hf_config.vocab_size),
+        hidden_size=int(hf_config.hidden_size),
+        n_layers=int(hf_config.num_hidden_layers),
+        n_heads=n_heads,
+        n_kv_heads=int(_get(hf_config, "num_key_value_heads") or n_heads),
+        head_dim=int(head_dim),
+        intermediate_size=int(hf_config.intermediate_size),
+        rms_eps=float(hf_config.rms_norm_eps),
+        rope_theta=_rope_theta(hf_config),
+        n_experts=n_experts,
+        top_k=int(hf_config.num_experts_per_tok) if n_experts else 0,
+        qkv_bias=model_type == "qwen2",
+        max_positions=max_pos,
+        name=str(_get(hf_config, "_name_or_path", "") or model_type),
+    )
+
+
+def _check_model(model: Any) -> None:
+    cls = type(model).__name__
+    model_type = _get(_get(model, "config"), "model_type")
+    expected = SUPPORTED_MODEL_TYPES.get(str(model_type))
+    if expected is None or not any(c.__name__ == expected for c in type(model).__mro__):
+        raise ConfigError(
+            f"unsupported model class {cls} (model_type {model_type!r}); scx_ref supports "
+            f"{', '.join(SUPPORTED_MODEL_TYPES.values())} from transformers 5.x"
+        )
+
+
+def hf_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The model's weights as torch tensors in the F.linear (out × in) layout, keyed ``embed``,
+    ``final_norm``, ``lm_head`` (V × d), ``layers.{i}.{attn_norm, mlp_norm, wqkv, bqkv, wo, gate_up,
+    down, router, experts_gate_up, experts_down}``. Tensors that exist in the model are returned as
+    they are (no copy); only the fused QKV (and dense gate/up) are concatenated."""
+    _check_model(model)
+    config = config_from_hf(model.config)
+    inner = model.model
+    out: dict[str, torch.Tensor] = {
+        "embed": inner.embed_tokens.weight.detach(),
+        "final_norm": inner.norm.weight.detach(),
+        "lm_head": model.lm_head.weight.detach(),
+    }
+    if getattr(model.lm_head, "bias", None) is not None:
+        raise ConfigError("an LM head bias is not supported")
+    for i, layer in enumerate(inner.layers):
+        p = f"layers.{i}."
+        att = layer.self_attn
+        out[p + "attn_norm"] = layer.input_layernorm.weight.detach()
+        out[p + "mlp_norm"] = layer.post_attention_layernorm.weight.detach()
+        out[p + "wqkv"] = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).detach()
+        if att.q_proj.bias is not None:
+            out[p + "bqkv"] = torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]).detach()
+        if att.o_proj.bias is not None:
+            raise ConfigError("an O-projection bias is not supported")
+        out[p + "wo"] = att.o_proj.weight.detach()
+        mlp = layer.mlp
+        if config.is_moe:
+            out[p + "router"] = mlp.gate.weight.detach()
+            experts = mlp.experts
+            if hasattr(experts, "gate_up_proj"):
+                gu, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+                f = config.intermediate_size
+                if tuple(gu.shape) != (config.n_experts, 2 * f, config.hidden_size):
+                    raise ConfigError(
+                        f"unexpected Mixtral expert layout gate_up_proj {tuple(gu.shape)} "
+                        "(transformers 5.x stores E × 2f × d)"
+                    )
+                if (
+                    getattr(experts, "has_bias", False)
+                    or getattr(experts, "gate_up_proj_bias", None) is not None
+                ):
+                    raise ConfigError("expert biases are not supported")
+                out[p + "experts_gate_up"], out[p + "experts_down"] = gu, down
+            else:  # per-expert modules (w1 = gate, w3 = up, w2 = down), as transformers 4.x stored them
+                out[p + "experts_gate_up"] = torch.stack(
+                    [torch.cat([e.w1.weight, e.w3.weight]) for e in experts]
+                ).detach()
+                out[p + "experts_down"] = torch.stack([e.w2.weight for e in experts]).detach()
+        else:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                if getattr(mlp, name).bias is not None:
+                    raise ConfigError("an MLP bias is not supported")
+            out[p + "gate_up"] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+            out[p + "down"] = mlp.down_proj.weight.detach()
+    return out
+
+
+def _np(t: torch.Tensor, dtype: Any) -> Any:
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy().astype(dtype)
+
+
+def weights_from_hf(model: Any, dtype: Any = None) -> ModelWeights:
+    """The HF model's weights as numpy :class:`ModelWeights` (``y = x @ W``: Linear weights transposed).
+
+    Default dtype: float64 for a float64 model, float32 otherwise. Guarantee: the reference forward on
+    these weights is the HF forward's mathematics (tested to rtol 1e-10 in float64 in ``tests/test_hf.py``).
+    """
+    config = config_from_hf(model.config)
+    t = hf_tensors(model)
+    if dtype is None:
+        dtype = np.float64 if t["embed"].dtype == torch.float64 else np.float32
+    f = config.intermediate_size
+    layers = []
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        wqkv = _np(t[p + "wqkv"], dtype).T
+        q, kv = config.q_dim, config.kv_dim
+        bias: list[Any] = [None, None, None]
+        if p + "bqkv" in t:
+            b = _np(t[p + "bqkv"], dtype)
+            bias = [b[:q], b[q : q + kv], b[q + kv :]]
+        mlp: DenseMLP | MoEMLP
+        if config.is_moe:
+            gu = _np(t[p + "experts_gate_up"], dtype)
+            dn = _np(t[p + "experts_down"], dtype)
+            mlp = MoEMLP(
+                _np(t[p + "router"], dtype).T,
+                [
+                    DenseMLP(gu[e, :f].T.copy(), gu[e, f:].T.copy(), dn[e].T.copy())
+                    for e in range(config.n_experts)
+                ],
+            )
+        else:
+            gu = _np(t[p + "gate_up"], dtype)
+            mlp = DenseMLP(gu[:f].T.copy(), gu[f:].T.copy(), _np(t[p + "down"], dtype).T.copy())
+        layers.append(
+            LayerWeights(
+                _np(t[p + "attn_norm"], dtype),
+                wqkv[:, :q].copy(),
+                wqkv[:, q : q + kv].copy(),
+                wqkv[:, q + kv :].copy(),
+                _np(t[p + "wo"], dtype).T.copy(),
+                _np(t[p + "mlp_norm"], dtype),
+                mlp,
+                *bias,
+            )
+        )
+    return ModelWeights(
+        config, _np(t["embed"], dtype), layers, _np(t["final_norm"], dtype), _np(t["lm_head"], dtype).T.copy()
+    )
+
+
+def _as_batch(input_ids: Any) -> list[np.ndarray]:
+    """Token ids (list, 1-D or 2-D array/tensor) as a list of 1-D int64 sequences (one per session)."""
+    arr = input_ids.detach().cpu().numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        from .errors import VocabularyError
+
+        raise VocabularyError(f"input_ids must be a non-empty 1-D or 2-D id array, got shape {arr.shape}")
+    return [row.astype(np.int64) for row in arr]
+
+
+class SCXModel:
+    """SCX inference on a Hugging Face causal LM: same logits, same greedy tokens, with the heavy work
+    on an SCX :class:`~scx_ref.protocol.Server` that sees only encoded data.
+
+    Each request (each call, each batch row) is one SCX session with its own keys: a fresh nonce under
+    this model's master secret (``keys``; a random one by default). ``last_view`` is the server's
+    recorded view of the last session (for audits).
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        scx_config: Any,
+        keys: KeySchedule | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> None:
+        self.backend = backend
+        self.scx_config = scx_config
+        self.keys = keys if keys is not None else KeySchedule.generate()
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.last_view: Any = None
+
+    @classmethod
+    def from_hf(
+        cls,
+        model: Any,
+        level: str = "paper",
+        keys: KeySchedule | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        **scx_options: Any,
+    ) -> SCXModel:
+        """Wrap a loaded LLaMA/Mixtral/Qwen2 model; ``scx_options`` go to :class:`SCXConfig`
+        (``r1``, ``r2``, ``l_s``, ``l_e``, ``beta``, …). The backend shares the model's tensors."""
+        from .backends.torch_backend import TorchBackend
+        from .protocol import SCXConfig
+
+        backend = TorchBackend.from_hf(model, dtype=dtype, device=device)
+        cfg = SCXConfig(level=level, **scx_options)  # type: ignore[arg-type]
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+        return cls(backend, cfg, keys, eos, pad)
+
+    def _session(self) -> tuple[Any, Any]:
+        from .protocol import Client, LocalTransport, Server
+
+        server = Server(self.backend)
+        link = LocalTransport(server, record_view=True)
+        client = Client(self.backend, self.keys.for_nonce(KeySchedule.new_nonce()), self.scx_config)
+        self.last_view = link.view
+        return client, link
+
+    def logits(self, input_ids: Any) -> torch.Tensor:
+        """SCX prefill logits, batch × n × V (float32, or float64 for a float64 backend): equal to
+        ``model(input_ids).logits`` up to the dtype's rounding."""
+        rows = []
+        for ids in _as_batch(input_ids):
+            client, link = self._session()
+            rows.append(torch.from_numpy(np.asarray(client.prefill(ids, link))))
+        return torch.stack(rows)
+
+    def generate(
+        self, input_ids: Any, max_new_tokens: int, eos_token_id: int | list[int] | str | None = "model"
+    ) -> torch.Tensor:
+        """Greedy SCX generation: prompt + up to ``max_new_tokens`` tokens per row, stopping a row at an
+        EOS token (the model's ``generation_config`` by default; None never stops) and padding finished
+        rows as ``model.generate(do_sample=False)`` does. Returns batch × length int64."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        eos_raw = self.eos_token_id if isinstance(eos_token_id, str) else eos_token_id
+        eos = set([eos_raw] if isinstance(eos_raw, int) else (eos_raw or []))
+        outs = []
+        for ids in _as_batch(input_ids):
+            new: list[int] = []
+            if max_new_tokens:
+                client, link = self._session()
+                logits = client.prefill(ids, link)
+                tok = int(np.argmax(np.asarray(logits)[-1]))
+                new.append(tok)
+                if len(new) < max_new_tokens and tok not in eos:
+                    client.share_keys(link)
+                    while len(new) < max_new_tokens and tok not in eos:
+                        tok = int(np.argmax(np.asarray(client.decode(tok, link))))
+                        new.append(tok)
+            outs.append(list(ids.tolist()) + new)
+        width = max(len(o) for o in outs)
+        pad = self.pad_token_id if self.pad_token_id is not None else (min(eos) if eos else 0)
+        return torch.tensor([o + [pad] * (width - len(o)) for o in outs], dtype=torch.long)
