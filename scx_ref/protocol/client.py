@@ -130,9 +130,13 @@ class Client(Generic[A]):
 
     def _decoys(self, stage: str, layer: int, count: int, real: A) -> A:
         """``count`` decoy rows for (stage, layer), in the backend."""
-        real_np = np.asarray(self.b.to_numpy(real), dtype=np.float64) if count else np.zeros((0, 1))
+        width = self.b.shape(real)[1]
+        if self.decoys.needs_real and count:
+            real_np = np.asarray(self.b.to_numpy(real), dtype=np.float64)
+        else:
+            real_np = np.zeros((0, width))
         rows = self.decoys.draw(stage, layer, count, real_np, self._keys().stream(("decoy", layer, stage)))
-        return self.b.from_numpy(np.asarray(rows, dtype=np.float64).reshape(count, -1))
+        return self.b.from_numpy(np.asarray(rows, dtype=np.float64).reshape(count, width))
 
     def _blinded_linear(
         self,

@@ -29,7 +29,10 @@ Array = npt.NDArray[Any]
 
 
 class DecoyPolicy(Protocol):
-    """Draws ``count`` decoy rows for (stage, layer); ``real`` holds the real rows (numpy)."""
+    """Draws ``count`` decoy rows for (stage, layer); ``real`` holds the real rows (numpy) when
+    ``needs_real`` is true, else an empty placeholder (so the client skips a device→host copy)."""
+
+    needs_real: bool
 
     def draw(self, stage: str, layer: int, count: int, real: Array, stream: KeyStream) -> Array: ...
 
@@ -46,6 +49,8 @@ class CalibrationPool:
     stages: ``qkv`` (block input), ``o`` (attention output), ``ffn`` (residual before the MLP),
     ``k`` (post-RoPE keys, flattened), ``head`` (final residual).
     """
+
+    needs_real = False
 
     def __init__(self, rows: dict[tuple[str, int], Array]) -> None:
         self.rows = rows
@@ -69,17 +74,19 @@ class CalibrationPool:
 
     def draw(self, stage: str, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
         """``count`` rows of the pool at (stage, layer), chosen uniformly by ``stream``."""
-        if count == 0:
-            return np.zeros((0, real.shape[1]))
         pool = self.rows.get((stage, layer))
         if pool is None or pool.shape[0] == 0:
             raise ConfigError(f"calibration pool has no rows for stage {stage!r}, layer {layer}")
+        if count == 0:
+            return pool[:0]
         idx = stream.randbelow(np.full(count, pool.shape[0], dtype=np.int64))
         return pool[idx]
 
 
 class GaussianDecoys:
     """Decoys ~ N(μ, diag(s²)) with μ, s the real rows' per-coordinate mean and std."""
+
+    needs_real = True
 
     def draw(self, stage: str, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
         """Moment-matched Gaussian rows (Box–Muller on the stream's uniforms)."""
