@@ -1,0 +1,75 @@
+"""Reading a :class:`ServerView`: the arrays of one stage, the session parameters, and the caches the
+server itself holds (raw QKV caches, decoded middle caches after key sharing, locked caches)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import ops
+from ..errors import ProtocolError
+from ..protocol.transport import ServerView, ViewedMessage
+from ..weights import ModelWeights
+
+__all__ = ["message", "open_meta", "raw_qkv", "shared_caches", "stage_array"]
+
+Array = npt.NDArray[Any]
+
+
+def open_meta(view: ServerView) -> dict[str, Any]:
+    """The ``open`` message's metadata (n, r1, r2, …): public to the server."""
+    msgs = view.select(stage="open")
+    if not msgs:
+        raise ProtocolError("the view has no open message")
+    return dict(msgs[0].meta)
+
+
+def message(view: ServerView, stage: str, layer: int | None = None, step: int | None = None) -> ViewedMessage:
+    """The first received message of ``stage`` (and layer / step when given)."""
+    msgs = view.select(stage=stage, layer=layer, step=step)
+    if not msgs:
+        raise ProtocolError(f"the view has no {stage!r} message for layer {layer}, step {step}")
+    return msgs[0]
+
+
+def stage_array(view: ServerView, stage: str, layer: int | None = None, name: str = "x",
+                step: int | None = None) -> Array:
+    """Array ``name`` of the first matching message, as float64."""
+    return np.asarray(message(view, stage, layer, step).arrays[name], dtype=np.float64)
+
+
+def raw_qkv(view: ServerView, weights: ModelWeights, layer: int) -> tuple[Array, Array, Array]:
+    """(Z_q, Z_k, Z_v) the server computed at block ``layer``'s QKV stage (encoded row order, decoys,
+    noise included): Z = norm(x)·W (+ b) unless the message says the rows were already normalized."""
+    c, lw = weights.config, weights.layers[layer]
+    msg = message(view, "qkv", layer)
+    x = np.asarray(msg.arrays["x"], dtype=np.float64)
+    if not msg.meta.get("normalized", False):
+        x = ops.rms_norm(x, lw.attn_norm, c.rms_eps)
+    z = x @ lw.wqkv
+    if lw.bqkv is not None:
+        z = z + lw.bqkv
+    return z[:, : c.q_dim], z[:, c.q_dim : c.q_dim + c.kv_dim], z[:, c.q_dim + c.kv_dim :]
+
+
+def shared_caches(view: ServerView, weights: ModelWeights) -> dict[int, tuple[Array, Array]]:
+    """The valid caches the server decodes after key sharing (DESIGN §5.2): for each shared block,
+    K = RoPE(π_iᵀ Z_k[:n]) and V = π_iᵀ Z_v[:n] (rows × H_kv × d_h), with α_i W removed at level blind."""
+    c = weights.config
+    n = int(open_meta(view)["n"])
+    out: dict[int, tuple[Array, Array]] = {}
+    for msg in view.select(stage="share"):
+        layer = msg.layer
+        _, zk, zv = raw_qkv(view, weights, layer)
+        if "alpha" in msg.arrays:
+            corr = np.asarray(msg.arrays["alpha"], dtype=np.float64) @ weights.layers[layer].wqkv
+            zk = zk - corr[:, c.q_dim : c.q_dim + c.kv_dim]
+            zv = zv - corr[:, c.q_dim + c.kv_dim :]
+        perm = np.asarray(msg.arrays["perm"], dtype=np.int64)
+        k, v = np.empty_like(zk), np.empty_like(zv)
+        k[perm], v[perm] = zk, zv
+        kk = ops.apply_rope(k[:n].reshape(n, c.n_kv_heads, c.head_dim), np.arange(n), c.rope_theta)
+        out[layer] = (kk, v[:n].reshape(n, c.n_kv_heads, c.head_dim))
+    return out

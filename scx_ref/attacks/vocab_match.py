@@ -1,0 +1,164 @@
+"""Permutation-invariant vocabulary matching (Thomas et al., "Hidden No More", ICML 2025; DESIGN §8).
+
+The server holds the plaintext weights, so it can compute, for every vocabulary token, what a row of a
+given stage would be, and look the observed row up:
+
+* **block-1 QKV rows** (:func:`match_block1_qkv`): a row is a (normalized) embedding row, maybe plus
+  Laplace noise; the nearest vocabulary row in L1 (the maximum-likelihood match under Laplace noise) is
+  the token. Token permutation and decoys do not change a row's content, only the bag's order.
+* **block-1 attention rows** (:func:`match_block1_attn`): Q, K, V arrive in true row order under a
+  head-structured feature permutation P. The *sorted values* of a row are invariant to every such P, and
+  in block 1 a row depends only on its token (V) and its token and position (K), so sorted-value
+  fingerprints of all V candidates identify the token at each position.
+* **sequential matching** (:func:`match_sequential`): the middle blocks' prompt caches after key sharing,
+  and the generated tokens' rows entering the middle blocks, depend on the prefix; with the prefix already
+  recovered, the server runs every candidate next token through the public weights and keeps the one
+  whose row matches (exactly, up to rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import ops
+from ..errors import ShapeError
+from ..reference import KVCache
+from ..weights import ModelWeights
+from ._model import candidate_states, forward_trace
+
+__all__ = ["match_block1_attn", "match_block1_qkv", "match_sequential", "nearest_rows", "normalized_table"]
+
+Array = npt.NDArray[Any]
+Ranker = Callable[[Array], Array]
+
+
+def normalized_table(weights: ModelWeights) -> Array:
+    """RMSNorm(E) with block 1's attention-norm gain: every possible normalized block-1 input row."""
+    c = weights.config
+    return np.asarray(ops.rms_norm(np.asarray(weights.embed, dtype=np.float64), weights.layers[0].attn_norm,
+                                   c.rms_eps))
+
+
+def nearest_rows(rows: Array, table: Array, metric: str = "l1", chunk: int = 4096) -> tuple[Array, Array]:
+    """For each row, the index of the nearest table row and the distance (``l1`` or ``l2``)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    table = np.asarray(table, dtype=np.float64)
+    if rows.ndim != 2 or table.ndim != 2 or rows.shape[1] != table.shape[1]:
+        raise ShapeError(f"rows {rows.shape} and table {table.shape} must be 2-D with equal widths")
+    best = np.full(len(rows), np.inf)
+    arg = np.zeros(len(rows), dtype=np.int64)
+    t_sq = np.einsum("ij,ij->i", table, table)
+    for start in range(0, len(table), chunk):
+        t = table[start : start + chunk]
+        if metric == "l1":
+            d = np.stack([np.abs(r[None, :] - t).sum(axis=1) for r in rows])
+        else:
+            d = np.sqrt(np.maximum(t_sq[start : start + chunk][None, :] - 2 * rows @ t.T
+                                   + np.einsum("ij,ij->i", rows, rows)[:, None], 0.0))
+        j = np.argmin(d, axis=1)
+        dj = d[np.arange(len(rows)), j]
+        better = dj < best
+        best[better], arg[better] = dj[better], j[better] + start
+    return arg, best
+
+
+def match_block1_qkv(rows: Array, weights: ModelWeights, normalized: bool | None = None,
+                     metric: str = "l1") -> tuple[Array, Array]:
+    """Token id and distance for each block-1 QKV-stage row (permuted bag, decoys included).
+
+    ``normalized``: the message's flag (rows are RMSNorm(E[t]) + noise) — None tries raw and normalized
+    tables and keeps the closer match per row. With no noise a real row matches at distance 0."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if normalized is None:
+        a, da = match_block1_qkv(rows, weights, False, metric)
+        b, db = match_block1_qkv(rows, weights, True, metric)
+        return np.where(db < da, b, a), np.minimum(da, db)
+    table = normalized_table(weights) if normalized else np.asarray(weights.embed, dtype=np.float64)
+    return nearest_rows(rows, table, metric)
+
+
+def _sorted_candidates(weights: ModelWeights, which: str, position: int | None) -> Array:
+    c, lw = weights.config, weights.layers[0]
+    xh = normalized_table(weights)
+    w, b = (lw.wv, lw.bv) if which == "v" else (lw.wk, lw.bk)
+    z = xh @ w if b is None else xh @ w + b
+    if which == "k":
+        z = ops.apply_rope(z.reshape(len(z), c.n_kv_heads, c.head_dim), np.full(len(z), position),
+                           c.rope_theta).reshape(len(z), c.kv_dim)
+    return np.sort(z, axis=1)
+
+
+def match_block1_attn(k: Array, v: Array, weights: ModelWeights, use_k: bool = True) -> tuple[Array, Array]:
+    """Token id and fingerprint distance at each position from block-1 attention-stage K, V (rows ×
+    H_kv × d_h, true order, any head-structured permutation).
+
+    Identity used: sort(P(z)) = sort(z) for every coordinate permutation P, and block-1 v_p = N(E[t_p])W_v,
+    k_p = RoPE_p(N(E[t_p])W_k) depend only on (t_p, p)."""
+    k = np.asarray(k, dtype=np.float64).reshape(len(k), -1)
+    v = np.asarray(v, dtype=np.float64).reshape(len(v), -1)
+    sv = np.sort(v, axis=1)
+    cand_v = _sorted_candidates(weights, "v", None)
+    d = ((sv[:, None, :] - cand_v[None, :, :]) ** 2).sum(-1) if len(cand_v) * len(sv) < 4_000_000 else None
+    ids = np.zeros(len(v), dtype=np.int64)
+    dist = np.zeros(len(v))
+    for p in range(len(v)):
+        dp = d[p] if d is not None else ((cand_v - sv[p]) ** 2).sum(-1)
+        if use_k:
+            cand_k = _sorted_candidates(weights, "k", p)
+            dp = dp + ((cand_k - np.sort(k[p])) ** 2).sum(-1)
+        ids[p] = int(np.argmin(dp))
+        dist[p] = float(np.sqrt(dp[ids[p]]))
+    return ids, dist
+
+
+def match_sequential(targets: Array, weights: ModelWeights, layer: int, kind: str,
+                     prefix: npt.ArrayLike = (), ranker: Ranker | None = None, first: int = 256,
+                     tol: float = 1e-4, chunk: int = 2048, max_candidates: int | None = None
+                     ) -> tuple[Array, Array]:
+    """Token-by-token recovery of a sequence from per-position rows of block ``layer``.
+
+    ``kind`` = ``kv``: targets are [K_rope | V] cache rows (rows × 2·kv_dim, true order: the middle
+    caches after key sharing); ``x``: targets are the block-``layer`` input rows (the generated tokens'
+    rows entering the middle blocks). ``prefix``: tokens known (recovered) before the first target.
+    For each position the candidates are tried in the order given by ``ranker(target)`` (default: the
+    vocabulary order), ``first`` of them, then chunk by chunk until one matches to relative distance
+    ``tol`` (or ``max_candidates`` are spent; then the closest is kept). Returns (ids, relative distance).
+    """
+    c = weights.config
+    targets = np.asarray(targets, dtype=np.float64)
+    cache = KVCache()
+    pre = np.asarray(prefix, dtype=np.int64)
+    if len(pre) and layer > 0:
+        forward_trace(weights, pre, cache=cache, upto=layer - 1)
+    limit = c.vocab_size if max_candidates is None else min(max_candidates, c.vocab_size)
+    ids = np.zeros(len(targets), dtype=np.int64)
+    dist = np.zeros(len(targets))
+    for p, target in enumerate(targets):
+        order = np.arange(c.vocab_size) if ranker is None else np.asarray(ranker(target), dtype=np.int64)
+        best_d, best_t, tried = np.inf, 0, 0
+        scale = float(np.linalg.norm(target)) + 1e-12
+        while tried < limit:
+            size = first if tried == 0 else chunk
+            cand = order[tried : min(tried + size, limit)]
+            if not len(cand):
+                break
+            tried += len(cand)
+            x, kk, vv = candidate_states(weights, cache, cand, layer)
+            feats = np.concatenate([kk, vv], axis=1) if kind == "kv" else x
+            d = np.linalg.norm(feats - target[None, :], axis=1) / scale
+            j = int(np.argmin(d))
+            if d[j] < best_d:
+                best_d, best_t = float(d[j]), int(cand[j])
+            if best_d < tol:
+                break
+        ids[p], dist[p] = best_t, best_d
+        if layer > 0:
+            forward_trace(weights, [best_t], cache=cache, upto=layer - 1)
+        else:
+            cache.keys, cache.values = [], []  # block 1 has no prefix dependence beyond position
+            forward_trace(weights, np.concatenate([pre, ids[: p + 1]]), cache=cache, upto=0)
+    return ids, dist
