@@ -65,9 +65,10 @@ class Client(Generic[A]):
         self.b = backend
         self.c = backend.config
         self.cfg = config or SCXConfig()
-        if self.cfg.max_length > self.c.max_positions:
+        self.max_length = self.c.max_positions if self.cfg.max_length is None else self.cfg.max_length
+        if self.max_length > self.c.max_positions:
             raise ProtocolError(
-                f"max_length {self.cfg.max_length} exceeds the model's max_positions {self.c.max_positions}"
+                f"max_length {self.max_length} exceeds the model's max_positions {self.c.max_positions}"
             )
         self._master_keys = keys
         self._next_nonce: bytes | None = keys.nonce
@@ -178,8 +179,8 @@ class Client(Generic[A]):
         n = int(ids_arr.shape[0])
         if n < 1:
             raise ProtocolError("the prompt must have at least one token")
-        if n >= cfg.max_length:
-            raise ProtocolError(f"prompt of {n} tokens leaves no room under max_length {cfg.max_length}")
+        if n > self.max_length:
+            raise ProtocolError(f"prompt of {n} tokens is longer than max_length {self.max_length}")
         if nonce is None:
             nonce = self._next_nonce or KeySchedule.new_nonce()
         self._next_nonce = None
@@ -203,7 +204,7 @@ class Client(Generic[A]):
             r_lock=cfg.lock_decoys,
             l_s=cfg.l_s,
             l_e=cfg.l_e,
-            max_length=cfg.max_length,
+            max_length=self.max_length,
             level=cfg.level,
         )
         pos = np.arange(n)
@@ -408,8 +409,8 @@ class Client(Generic[A]):
         st = self._require()
         b, c, cfg = self.b, self.c, self.cfg
         t, p = st.step, st.n + st.step
-        if p >= cfg.max_length:
-            raise ProtocolError(f"generation past the configured maximum length {cfg.max_length}")
+        if p >= self.max_length:
+            raise ProtocolError(f"generation past the configured maximum length {self.max_length}")
         if self.middle and not st.shared:
             self.share_keys(link)
         h = b.embed(np.asarray([token]))

@@ -35,7 +35,8 @@ class SCXConfig:
                or ``paper`` (the paper's constant-offset form, which relies on T7 and is NOT exact).
     decoys     decoy policy: ``calibration`` (real-looking rows from a public calibration pool) or
                ``gaussian`` (moment-matched Gaussian, for comparison).
-    max_length the most positions (prompt + generated) a session may reach.
+    max_length the most positions (prompt + generated) a session may reach (None: the model's
+               ``max_positions``).
     """
 
     level: Level = "paper"
@@ -48,7 +49,7 @@ class SCXConfig:
     guard_ffn: Literal["clear", "blinded"] = "blinded"
     last_ffn: Literal["exact", "paper"] = "exact"
     decoys: Literal["calibration", "gaussian"] = "calibration"
-    max_length: int = 4096
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         if self.level not in _LEVELS:
@@ -58,7 +59,9 @@ class SCXConfig:
                 raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.r_lock is not None and (not isinstance(self.r_lock, int) or self.r_lock < 0):
             raise ConfigError(f"r_lock must be an integer >= 0, got {self.r_lock!r}")
-        for name in ("l_s", "l_e", "max_length"):
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+            raise ConfigError(f"max_length must be an integer >= 1 or None, got {self.max_length!r}")
+        for name in ("l_s", "l_e"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not (np.isfinite(self.beta) and self.beta >= 0):
