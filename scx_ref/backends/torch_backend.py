@@ -365,6 +365,49 @@ class TorchBackend:
     def concat_rows(self, xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(xs, dim=0)
 
+    def narrow(self, x: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
+        """x[start:stop] along ``axis`` (a view, no copy)."""
+        return x.narrow(axis, start, stop - start)
+
+    def reshape(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return x.reshape(shape)
+
+    def nrows(self, x: torch.Tensor) -> int:
+        return int(x.shape[0])
+
+    def shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        return tuple(int(s) for s in x.shape)
+
+    def scale_rows(self, x: torch.Tensor, weights: npt.NDArray[Any]) -> torch.Tensor:
+        """x ⊙ w[:, None] (w cast to the backend dtype, as NumpyBackend)."""
+        w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device, self.dtype)
+        return x * w[:, None]
+
+    def take_last(self, x: torch.Tensor, index: IndexArray) -> torch.Tensor:
+        """x[..., index]: a gather along the last axis."""
+        return x.index_select(x.ndim - 1, self._idx(index))
+
+    def check(self, x: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Validate an incoming array — floating dtype (else DTypeError), exactly ``shape`` (else
+        ShapeError), finite (else NonFiniteError) — and return it as a backend tensor. Accepts a
+        tensor (in-process transport) or a numpy array (the wire)."""
+        if isinstance(x, np.ndarray):
+            if not np.issubdtype(x.dtype, np.floating):
+                raise DTypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+            t = torch.from_numpy(np.ascontiguousarray(x))
+        elif isinstance(x, torch.Tensor):
+            t = x
+        else:
+            raise DTypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+        if not t.is_floating_point():
+            raise DTypeError(f"{name} must be a floating-point array, got dtype {t.dtype}")
+        if tuple(t.shape) != tuple(shape):
+            raise ShapeError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        t = t.to(device=self.device, dtype=self.dtype)
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{name} holds NaN or Inf")
+        return t
+
     def head_permute(self, x: torch.Tensor, perm: HeadPermutation, group_size: int) -> torch.Tensor:
         """T3 encode on rows × heads × d_h (one gather over flattened features)."""
         rows, h, dh = x.shape
