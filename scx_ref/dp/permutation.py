@@ -1,0 +1,89 @@
+"""Guessing bounds for permutations and for the paper's statelessness argument (DESIGN §7).
+
+All factorials go through ``math.lgamma`` so n in the thousands costs nothing and never overflows.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ._validate import check_count, check_nonnegative
+
+__all__ = [
+    "bayes_guess_bound",
+    "expected_bruteforce_trials",
+    "log2_expected_bruteforce_trials",
+    "log2_factorial",
+    "permutation_bits",
+    "permutation_guess_probability",
+    "statelessness_bound_paper",
+]
+
+_LN2 = math.log(2.0)
+
+
+def log2_factorial(m: int) -> float:
+    """``log₂(m!)`` via ``lgamma(m + 1) / ln 2`` (exact to float rounding)."""
+    return math.lgamma(check_count(m, "m", minimum=0) + 1) / _LN2
+
+
+def permutation_bits(n: int, r: int = 0) -> float:
+    """Key entropy of one permuted stage: ``log₂((n + r)!)`` bits for n real rows and r decoys.
+
+    Guarantee: a uniformly random permutation of n + r rows is guessed with probability 2^(−bits)
+    (it hides the order; it hides nothing about the rows' contents).
+    """
+    total = check_count(n, "n (rows)", minimum=1) + check_count(r, "r (decoys)", minimum=0)
+    return log2_factorial(total)
+
+
+def permutation_guess_probability(n: int, r: int = 0) -> float:
+    """Probability that one guess of a uniform permutation of n + r rows is right: ``1 / (n + r)!``.
+
+    Underflows to 0.0 past (n + r) ≈ 170; use :func:`permutation_bits` for the exact exponent.
+    """
+    return math.pow(2.0, -permutation_bits(n, r))
+
+
+def log2_expected_bruteforce_trials(n: int, r: int = 0) -> float:
+    """``log₂(((n + r)! + 1) / 2)``: expected trials of an exhaustive search without repetition."""
+    bits = permutation_bits(n, r)
+    # log2((2^b + 1) / 2) = b - 1 + log2(1 + 2^-b)
+    return bits - 1.0 + math.log2(1.0 + math.pow(2.0, -bits))
+
+
+def expected_bruteforce_trials(n: int, r: int = 0) -> float:
+    """Expected trials to find a uniform permutation by exhaustive search: ``((n + r)! + 1) / 2``.
+
+    Returns +inf when the number exceeds the float range; the exact log is
+    :func:`log2_expected_bruteforce_trials`.
+    """
+    total = check_count(n, "n (rows)", minimum=1) + check_count(r, "r (decoys)", minimum=0)
+    if total <= 170:
+        return (math.factorial(total) + 1) / 2
+    return math.inf
+
+
+def statelessness_bound_paper(epsilon: float, d: int, vocab_size: int) -> float:
+    """The paper's Lemma 2 bound on guessing a token: ``max(1/d!, e^ε / V)``, clipped to 1.
+
+    It is the paper's formula, reported as the paper states it; :func:`bayes_guess_bound` is the tighter
+    Bayes-optimal bound for a uniform prior over the vocabulary.
+    """
+    eps = check_nonnegative(epsilon, "epsilon")
+    dd = check_count(d, "d", minimum=1)
+    v = check_count(vocab_size, "vocab_size", minimum=1)
+    log_perm = -math.lgamma(dd + 1)
+    log_dp = eps - math.log(v)
+    return min(1.0, math.exp(max(log_perm, log_dp)))
+
+
+def bayes_guess_bound(epsilon: float, vocab_size: int) -> float:
+    """Best success probability of guessing a uniformly drawn token from an ε-DP release of it.
+
+    ``e^ε / (e^ε + V − 1)``: the posterior of any token is at most e^ε times that of each of the other
+    V − 1, so it is at most ``e^ε / (e^ε + V − 1)``; evaluated as ``1 / (1 + (V − 1) e^{−ε})``.
+    """
+    eps = check_nonnegative(epsilon, "epsilon")
+    v = check_count(vocab_size, "vocab_size", minimum=1)
+    return 1.0 / (1.0 + (v - 1) * math.exp(-eps))
