@@ -411,9 +411,9 @@ class Client(Generic[A]):
         t, p = st.step, st.n + st.step
         if p >= self.max_length:
             raise ProtocolError(f"generation past the configured maximum length {self.max_length}")
+        h = b.embed(np.asarray([token]))  # validate the token before anything is sent
         if self.middle and not st.shared:
             self.share_keys(link)
-        h = b.embed(np.asarray([token]))
         beta = cfg.generation_beta()
         new_k: dict[int, A] = {}
         new_v: dict[int, A] = {}
