@@ -245,6 +245,8 @@ class Server(Generic[A]):
     def _mlp_flops(self, meter: CostMeter, stage: str, rows: int, experts: int) -> None:
         c = self.c
         meter.matmul(stage, rows * experts, c.hidden_size, 3 * c.intermediate_size, "server")
+        if c.is_moe:  # the router is a matrix product too
+            meter.matmul(stage, rows, c.hidden_size, c.n_experts, "server")
 
     def _ffn(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c, rows, layer = self.c, s.n + s.r1, req.layer
@@ -268,7 +270,7 @@ class Server(Generic[A]):
         experts = self._experts(req)
         width = c.intermediate_size * (1 if experts is None else len(experts))
         m = self._arr(req, "m", (rows, width))
-        s.meter.matmul("ffn", rows, width, c.hidden_size, "server")
+        s.meter.matmul(req.stage, rows, width, c.hidden_size, "server")
         y = self.b.project(m, "w_down", layer, experts)
 
         def commit() -> None:
@@ -377,7 +379,7 @@ class Server(Generic[A]):
         experts = self._experts(req)
         x = self._arr(req, "x", (1, c.hidden_size))
         width = 2 * c.intermediate_size * (1 if experts is None else len(experts))
-        s.meter.matmul("gen_ffn", 1, c.hidden_size, width, "server")
+        s.meter.matmul(req.stage, 1, c.hidden_size, width, "server")
         return {"y": self.b.project(x, "w_gate_up", req.layer, experts)}, self._gen_commit(s, req.step)
 
     def _gen_ffn_down(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
@@ -385,7 +387,7 @@ class Server(Generic[A]):
         experts = self._experts(req)
         width = c.intermediate_size * (1 if experts is None else len(experts))
         m = self._arr(req, "m", (1, width))
-        s.meter.matmul("gen_ffn", 1, width, c.hidden_size, "server")
+        s.meter.matmul(req.stage, 1, width, c.hidden_size, "server")
         return {"y": self.b.project(m, "w_down", req.layer, experts)}, self._gen_commit(s, req.step)
 
     def _gen_router(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
