@@ -1,0 +1,328 @@
+"""Hypothesis properties of the numpy transforms T1–T5 (DESIGN §4), in float64 with tight tolerances.
+
+T1/T2 commute row-wise maps with row gathers; a gather is exact, but the row-wise map may run through
+BLAS, whose blocking can differ with the row count, so those identities are checked to rtol 1e-12.
+Pure gathers (permute ∘ unpermute, decoy stripping of a gather) are checked for exact equality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from properties.strategies import (
+    attention_shapes,
+    decoy_counts,
+    float_matrices,
+    gaussian_arrays,
+    head_permutations,
+    perms,
+    row_counts,
+    seeds,
+    sized_perms,
+)
+from scx_ref import ops
+from scx_ref.transforms import (
+    HeadPermutation,
+    blind,
+    blinding_correction,
+    decode_rows,
+    encode_rows,
+    inverse_permutation,
+    laplace_noise,
+    permute_rows,
+    reorder_cache,
+    unblind,
+    unpermute_rows,
+)
+from scx_ref.weights import DenseMLP, MoEMLP
+
+RTOL = 1e-12
+ATOL = 1e-12
+
+RowFn = Callable[[np.ndarray], np.ndarray]
+
+
+def _row_functions(d: int, seed: int) -> dict[str, RowFn]:
+    """The row-wise maps of T1 on width d, with weights from ``default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    f = 5
+    w, b = rng.standard_normal((d, 7)), rng.standard_normal(7)
+    gamma = 1.0 + 0.1 * rng.standard_normal(d)
+    dense = DenseMLP(rng.standard_normal((d, f)), rng.standard_normal((d, f)), rng.standard_normal((f, d)))
+    experts = [
+        DenseMLP(rng.standard_normal((d, f)), rng.standard_normal((d, f)), rng.standard_normal((f, d)))
+        for _ in range(4)
+    ]
+    router = rng.standard_normal((d, 4))
+    lm_head = rng.standard_normal((d, 11))
+    return {
+        "linear_bias": lambda x: ops.linear(x, w, b),
+        "rms_norm": lambda x: ops.rms_norm(x, gamma, 1e-5),
+        "swiglu": lambda x: ops.swiglu(x, dense),
+        "moe_top1": lambda x: ops.moe(x, MoEMLP(router, experts), 1),
+        "moe_top2": lambda x: ops.moe(x, MoEMLP(router, experts), 2),
+        "lm_head": lambda x: ops.rms_norm(x, gamma, 1e-6) @ lm_head,
+    }
+
+
+ROW_FNS = sorted(_row_functions(2, 0))
+
+
+# --- T1 ----------------------------------------------------------------------------------------
+
+
+@given(data=st.data(), n=row_counts(1, 10), d=st.sampled_from([1, 2, 4, 8]), seed=seeds())
+@pytest.mark.parametrize("name", ROW_FNS)
+def test_t1_rowwise_maps_commute_with_token_permutation(
+    name: str, data: st.DataObject, n: int, d: int, seed: int
+) -> None:
+    """T1: f(X[π]) = f(X)[π] for linear+bias, RMSNorm, SwiGLU, MoE (top-1, top-2) and the LM head."""
+    fn = _row_functions(d, seed)[name]
+    x = data.draw(float_matrices(n, d))
+    pi = data.draw(perms(n))
+    np.testing.assert_allclose(fn(permute_rows(x, pi)), fn(x)[pi], rtol=RTOL, atol=ATOL)
+
+
+@given(data=st.data(), n_perm=sized_perms(0, 16), d=st.integers(1, 5))
+def test_t1_unpermute_inverts_permute_exactly(
+    data: st.DataObject, n_perm: tuple[int, np.ndarray], d: int
+) -> None:
+    """unpermute ∘ permute = id and permute ∘ unpermute = id, bit for bit (pure gathers), n = 0 included."""
+    n, pi = n_perm
+    x = data.draw(float_matrices(n, d))
+    assert np.array_equal(unpermute_rows(permute_rows(x, pi), pi), x)
+    assert np.array_equal(permute_rows(unpermute_rows(x, pi), pi), x)
+    inv = inverse_permutation(pi)
+    assert np.array_equal(inv[pi], np.arange(n))
+    assert np.array_equal(permute_rows(x, pi)[inv], x)
+
+
+# --- T2 ----------------------------------------------------------------------------------------
+
+
+@given(data=st.data(), n=row_counts(1, 8), r=decoy_counts(), d=st.sampled_from([1, 4, 8]), seed=seeds())
+@pytest.mark.parametrize("name", ROW_FNS)
+def test_t2_decode_of_encoded_rowwise_map_is_plain_map(
+    name: str, data: st.DataObject, n: int, r: int, d: int, seed: int
+) -> None:
+    """T2: decode_rows(f(encode_rows(X, R, π)), π, n) == f(X); decoys never leak into the result."""
+    fn = _row_functions(d, seed)[name]
+    x = data.draw(float_matrices(n, d))
+    decoys = data.draw(float_matrices(r, d, bound=50.0))
+    pi = data.draw(perms(n + r))
+    enc = encode_rows(x, decoys, pi)
+    assert enc.shape == (n + r, d)
+    np.testing.assert_allclose(decode_rows(fn(enc), pi, n), fn(x), rtol=RTOL, atol=ATOL)
+
+
+@given(data=st.data(), n=row_counts(1, 8), r=decoy_counts(), d=st.integers(1, 4))
+def test_t2_identity_map_round_trips_exactly(data: st.DataObject, n: int, r: int, d: int) -> None:
+    """With f = id the encode/decode pair is a pure gather: exact equality."""
+    x = data.draw(float_matrices(n, d))
+    decoys = data.draw(float_matrices(r, d))
+    pi = data.draw(perms(n + r))
+    assert np.array_equal(decode_rows(encode_rows(x, decoys, pi), pi, n), x)
+
+
+# --- T3 ----------------------------------------------------------------------------------------
+
+
+def _qkv(data: st.DataObject, n_q: int, n_k: int, h_kv: int, g: int, d_h: int) -> tuple[np.ndarray, ...]:
+    q = data.draw(gaussian_arrays((n_q, h_kv * g, d_h)))
+    k = data.draw(gaussian_arrays((n_k, h_kv, d_h)))
+    v = data.draw(gaussian_arrays((n_k, h_kv, d_h)))
+    return q, k, v
+
+
+@given(
+    data=st.data(),
+    shape=attention_shapes(),
+    n=row_counts(1, 8),
+    causal=st.booleans(),
+    scale=st.one_of(st.none(), st.floats(0.01, 10.0)),
+)
+def test_t3_attention_commutes_with_head_permutation(
+    data: st.DataObject, shape: tuple[int, int, int], n: int, causal: bool, scale: float | None
+) -> None:
+    """T3: Attn(Q·P, K·P, V·P) = Attn(Q, K, V)·P for head-structured P, GQA ratios 1/2/4, with and
+    without the causal mask, any scale."""
+    h_kv, g, d_h = shape
+    p = data.draw(head_permutations(h_kv, d_h))
+    q, k, v = _qkv(data, n, n, h_kv, g, d_h)
+    mask = ops.causal_mask(n, n) if causal else None
+    plain = ops.attention(q, k, v, mask=mask, scale=scale)
+    enc = ops.attention(p.apply(q, g), p.apply(k), p.apply(v), mask=mask, scale=scale)
+    np.testing.assert_allclose(enc, p.apply(plain, g), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(p.invert(enc, g), plain, rtol=RTOL, atol=ATOL)
+
+
+@given(data=st.data(), shape=attention_shapes(), n=row_counts(1, 6))
+def test_t3_head_permutation_invert_is_exact(
+    data: st.DataObject, shape: tuple[int, int, int], n: int
+) -> None:
+    """P⁻¹(P(X)) = X bit for bit, for queries (group size G) and keys (group size 1)."""
+    h_kv, g, d_h = shape
+    p = data.draw(head_permutations(h_kv, d_h))
+    x = data.draw(float_matrices(n, h_kv * g, extra_dims=(d_h,)))
+    assert np.array_equal(p.invert(p.apply(x, g), g), x)
+    assert np.array_equal(HeadPermutation.identity(h_kv, d_h).apply(x, g), x)
+
+
+def _mixes_heads(perm: np.ndarray, d_h: int) -> bool:
+    """True when some head's coordinates land in more than one head (not head-structured)."""
+    heads = perm.reshape(-1, d_h) // d_h
+    return bool(np.any(heads.min(axis=1) != heads.max(axis=1)))
+
+
+@given(data=st.data(), d_h=st.sampled_from([2, 4]), n=row_counts(2, 6), causal=st.booleans())
+def test_t3_negative_control_cross_head_permutation_is_not_exact(
+    data: st.DataObject, d_h: int, n: int, causal: bool
+) -> None:
+    """Negative control: a d×d coordinate permutation that mixes coordinates across heads does NOT
+    commute with attention (two heads, generic Gaussian data, n ≥ 2 keys)."""
+    h = 2
+    perm = data.draw(perms(h * d_h))
+    assume(_mixes_heads(perm, d_h))
+    q, k, v = _qkv(data, n, n, h, 1, d_h)
+
+    def flat_perm(x: np.ndarray) -> np.ndarray:
+        return x.reshape(x.shape[0], h * d_h)[:, perm].reshape(x.shape)
+
+    mask = ops.causal_mask(n, n) if causal else None
+    plain = ops.attention(q, k, v, mask=mask)
+    enc = ops.attention(flat_perm(q), flat_perm(k), flat_perm(v), mask=mask)
+    # row 0 under the causal mask sees one key (output = v row, exact for any perm): compare the rest
+    rows = slice(1, None) if causal else slice(None)
+    assert np.max(np.abs(enc[rows] - flat_perm(plain)[rows])) > 1e-6
+
+
+def test_t3_negative_control_fixed_example() -> None:
+    """The same negative control on one fixed generic example (swap coordinate 0 of heads 0 and 1)."""
+    rng = np.random.default_rng(1234)
+    q, k, v = (rng.standard_normal((5, 2, 4)) for _ in range(3))
+    perm = np.arange(8)
+    perm[[0, 4]] = perm[[4, 0]]
+
+    def flat_perm(x: np.ndarray) -> np.ndarray:
+        return x.reshape(5, 8)[:, perm].reshape(5, 2, 4)
+
+    plain = ops.attention(q, k, v)
+    assert np.max(np.abs(ops.attention(flat_perm(q), flat_perm(k), flat_perm(v)) - flat_perm(plain))) > 1e-3
+    # …while the head-structured P built from the same within-head coordinates is exact
+    p = HeadPermutation(np.array([1, 0]), np.array([[1, 0, 3, 2], [3, 2, 1, 0]]))
+    np.testing.assert_allclose(
+        ops.attention(p.apply(q), p.apply(k), p.apply(v)), p.apply(plain), rtol=RTOL, atol=ATOL
+    )
+
+
+@given(
+    data=st.data(),
+    h_kv=st.integers(1, 2),
+    d_h=st.sampled_from([2, 4, 8]),
+    n=row_counts(1, 6),
+    start=st.integers(1, 16),
+)
+def test_t3_rope_does_not_commute_with_sigma(
+    data: st.DataObject, h_kv: int, d_h: int, n: int, start: int
+) -> None:
+    """RoPE after σ differs from RoPE before σ (σ ≠ id, positions ≥ 1): so the client applies RoPE
+    before T3."""
+    p = data.draw(head_permutations(h_kv, d_h))
+    assume(not np.array_equal(p.sigmas, np.tile(np.arange(d_h), (h_kv, 1))))
+    k = data.draw(gaussian_arrays((n, h_kv, d_h)))
+    pos = np.arange(start, start + n)
+    after = ops.apply_rope(p.apply(k), pos, 10000.0)
+    before = p.apply(ops.apply_rope(k, pos, 10000.0))
+    assert np.max(np.abs(after - before)) > 1e-6
+
+
+# --- T4 ----------------------------------------------------------------------------------------
+
+
+@given(
+    data=st.data(),
+    shape=attention_shapes(),
+    n_q=row_counts(1, 4),
+    n_k=row_counts(1, 10),
+    scale=st.one_of(st.none(), st.floats(0.01, 10.0)),
+)
+def test_t4_full_attention_is_invariant_to_cache_order(
+    data: st.DataObject, shape: tuple[int, int, int], n_q: int, n_k: int, scale: float | None
+) -> None:
+    """T4: Attn(q, K[ρ], V[ρ]) = Attn(q, K, V) when every query attends to every cached row."""
+    h_kv, g, d_h = shape
+    q, k, v = _qkv(data, n_q, n_k, h_kv, g, d_h)
+    rho = data.draw(perms(n_k))
+    k2, v2 = reorder_cache(k, v, rho)
+    assert np.array_equal(k2, k[rho]) and np.array_equal(v2, v[rho])
+    np.testing.assert_allclose(
+        ops.attention(q, k2, v2, scale=scale), ops.attention(q, k, v, scale=scale), rtol=RTOL, atol=ATOL
+    )
+
+
+# --- T5 ----------------------------------------------------------------------------------------
+
+
+@given(
+    data=st.data(),
+    n=row_counts(1, 6),
+    d=st.integers(1, 16),
+    m=st.integers(1, 8),
+    beta=st.one_of(st.just(0.0), st.floats(1e-3, 1e6)),
+    seed=seeds(),
+    with_bias=st.booleans(),
+)
+def test_t5_unblind_of_blinded_projection(
+    data: st.DataObject, n: int, d: int, m: int, beta: float, seed: int, with_bias: bool
+) -> None:
+    """T5: unblind(project(blind(x, η)), ηW) == xW + b in float64, within the rounding bound
+    (d + 3)·eps·((|x| + |η|)|W| + |b|) of the server's dot products and the client's subtraction."""
+    x = data.draw(float_matrices(n, d))
+    w = data.draw(float_matrices(d, m))
+    b = data.draw(float_matrices(m)) if with_bias else np.zeros(m)
+    eta = laplace_noise((n, d), beta, np.random.default_rng(seed))
+    y = unblind(ops.linear(blind(x, eta), w, b), blinding_correction(eta, w))
+    eps = np.finfo(np.float64).eps
+    tol = 2.0 * (d + 3) * eps * ((np.abs(x) + np.abs(eta)) @ np.abs(w) + np.abs(b))
+    assert np.all(np.abs(y - ops.linear(x, w, b)) <= tol)
+
+
+def _noise_sources() -> dict[str, Any]:
+    from scx_ref.keys import KeySchedule
+
+    ks = KeySchedule(bytes(range(32)), bytes(range(16)))
+    return {"keystream": ks.generator(("mask", 0, 0)), "numpy": np.random.default_rng(2025)}
+
+
+@pytest.mark.parametrize("source", ["keystream", "numpy"])
+@pytest.mark.parametrize("beta", [0.5, 5.0])
+def test_laplace_noise_moments(source: str, beta: float) -> None:
+    """laplace_noise: E|η| = β and Var η = 2β² (within 5 standard errors over N = 200 000 draws,
+    fixed generators), mean ≈ 0, and a KS test against Laplace(0, β) does not reject at α = 0.001."""
+    from scipy import stats
+
+    n = 200_000
+    eta = laplace_noise((n,), beta, _noise_sources()[source])
+    assert eta.dtype == np.float64 and np.all(np.isfinite(eta))
+    # |η| ~ Exp(β): sd β; η² has variance 20β⁴; η has sd √2·β
+    assert abs(np.mean(np.abs(eta)) - beta) <= 5 * beta / np.sqrt(n)
+    assert abs(np.mean(eta**2) - 2 * beta**2) <= 5 * np.sqrt(20) * beta**2 / np.sqrt(n)
+    assert abs(np.mean(eta)) <= 5 * np.sqrt(2) * beta / np.sqrt(n)
+    assert stats.kstest(eta, stats.laplace(scale=beta).cdf).pvalue > 1e-3
+
+
+def test_laplace_noise_has_teeth_and_edge_cases() -> None:
+    """The moment test rejects the wrong scale; β = 0 gives exact zeros; dtype and shape are honoured."""
+    from scipy import stats
+
+    eta = laplace_noise((50_000,), 1.0, np.random.default_rng(7))
+    assert stats.kstest(eta, stats.laplace(scale=1.1).cdf).pvalue < 1e-3
+    zeros = laplace_noise((3, 4), 0.0, np.random.default_rng(0))
+    assert zeros.shape == (3, 4) and not np.any(zeros)
+    assert laplace_noise((2, 3), 2.0, np.random.default_rng(0), dtype=np.float32).dtype == np.float32

@@ -1,0 +1,174 @@
+"""Key schedule: HKDF test vector, uniformity of derived permutations and of ``randbelow`` (chi-square
+tests that are shown to reject deliberately biased samplers), and errors on malformed inputs."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from scx_ref.errors import KeyScheduleError, SCXError
+from scx_ref.keys import KeySchedule, KeyStream, encode_label, fisher_yates, hkdf_sha256
+
+ALPHA = 1e-3
+MASTER = bytes(range(32))
+NONCE = bytes(range(100, 116))
+
+PermSampler = Callable[[int, int], np.ndarray]  # (n, draw index) -> permutation
+
+
+def permutation_chi_square(sampler: PermSampler, n: int, draws_per_cell: int = 200) -> float:
+    """p-value of a chi-square test that ``sampler`` is uniform over the n! permutations of 0..n-1."""
+    index = {p: i for i, p in enumerate(itertools.permutations(range(n)))}
+    counts = np.zeros(len(index), dtype=np.int64)
+    for t in range(draws_per_cell * len(index)):
+        counts[index[tuple(int(v) for v in sampler(n, t))]] += 1
+    return float(stats.chisquare(counts).pvalue)
+
+
+def residue_chi_square(draw: Callable[[int, int], np.ndarray], m: int, count: int = 30_000) -> float:
+    """p-value of a chi-square test that ``draw(m, count)`` is uniform over 0..m-1."""
+    values = draw(m, count)
+    assert values.min() >= 0 and values.max() < m
+    return float(stats.chisquare(np.bincount(values, minlength=m)).pvalue)
+
+
+def _schedule_sampler(n: int, t: int) -> np.ndarray:
+    return KeySchedule(MASTER, NONCE).permutation(("chi2", t), n)
+
+
+def _biased_mod_sampler(seed: int) -> PermSampler:
+    """Fisher–Yates with j = word % (i + 1) on 3-bit words: modulo bias (for i + 1 = 3, residues 0 and 1
+    get 3/8 each, 2 only 2/8)."""
+    rng = np.random.default_rng(seed)
+
+    def sample(n: int, _t: int) -> np.ndarray:
+        perm = list(range(n))
+        for i in range(n - 1, 0, -1):
+            j = int(rng.integers(0, 8)) % (i + 1)
+            perm[i], perm[j] = perm[j], perm[i]
+        return np.asarray(perm)
+
+    return sample
+
+
+def _naive_swap_sampler(seed: int) -> PermSampler:
+    """The naive shuffle that swaps every position with *any* index: n^n equally likely paths, which n!
+    does not divide, so it cannot be uniform."""
+    rng = np.random.default_rng(seed)
+
+    def sample(n: int, _t: int) -> np.ndarray:
+        perm = list(range(n))
+        for i in range(n):
+            j = int(rng.integers(0, n))
+            perm[i], perm[j] = perm[j], perm[i]
+        return np.asarray(perm)
+
+    return sample
+
+
+def test_hkdf_matches_rfc5869_test_case_1() -> None:
+    """hkdf_sha256 reproduces RFC 5869 Appendix A.1."""
+    okm = hkdf_sha256(bytes([0x0B] * 22), bytes(range(13)), bytes(range(0xF0, 0xFA)), 42)
+    assert okm.hex() == (
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+    )
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_derived_permutations_are_uniform(n: int) -> None:
+    """Permutations from distinct labels pass a chi-square uniformity test over S_n at α = 0.001
+    (n! · 200 draws; fixed master and nonce, so the p-value is reproducible)."""
+    p = permutation_chi_square(_schedule_sampler, n)
+    assert p > ALPHA, f"uniformity rejected for n={n}: p={p:.3g}"
+
+
+@pytest.mark.parametrize("make", [_biased_mod_sampler, _naive_swap_sampler])
+def test_permutation_chi_square_rejects_biased_samplers(make: Callable[[int], PermSampler]) -> None:
+    """The same test function rejects biased shuffles at α = 0.001: the uniformity test has teeth."""
+    p = permutation_chi_square(make(11), 4)
+    assert p < ALPHA, f"biased sampler not detected: p={p:.3g}"
+
+
+def test_fisher_yates_is_uniform_with_a_plain_stream() -> None:
+    """fisher_yates itself, fed one continuing stream, is uniform over S_4."""
+    stream = KeyStream(bytes(32))
+    assert permutation_chi_square(lambda n, _t: fisher_yates(n, stream), 4) > ALPHA
+
+
+@pytest.mark.parametrize("m", [3, 5, 7])
+def test_randbelow_is_unbiased(m: int) -> None:
+    """KeyStream.randbelow gives each residue 0..m-1 equally often (chi-square, α = 0.001)."""
+    stream = KeySchedule(MASTER, NONCE).stream(("randbelow", m))
+    p = residue_chi_square(lambda mm, c: stream.randbelow(np.full(c, mm, dtype=np.int64)), m)
+    assert p > ALPHA, f"randbelow({m}) rejected: p={p:.3g}"
+
+
+@pytest.mark.parametrize("m", [3, 5, 7])
+def test_residue_chi_square_rejects_modulo_bias(m: int) -> None:
+    """word % m on 3-bit words is biased, and the same residue test rejects it."""
+    rng = np.random.default_rng(m)
+    p = residue_chi_square(lambda mm, c: rng.integers(0, 8, size=c) % mm, m)
+    assert p < ALPHA
+
+
+def test_randbelow_edge_cases() -> None:
+    """Bound 1 always gives 0; a mixture of bounds keeps each draw below its own bound."""
+    stream = KeyStream(bytes(range(32)))
+    assert not np.any(stream.randbelow(np.ones(50, dtype=np.int64)))
+    bounds = np.arange(1, 200, dtype=np.int64)
+    out = stream.randbelow(bounds)
+    assert np.all((out >= 0) & (out < bounds))
+    with pytest.raises(KeyScheduleError):
+        stream.randbelow(np.array([3, 0]))
+
+
+def test_stream_is_deterministic_and_read_sizes_do_not_matter() -> None:
+    """Reading a stream in pieces gives the same bytes as one read (across the 64 KiB block boundary)."""
+    a, b = KeyStream(bytes(32)), KeyStream(bytes(32))
+    whole = a.read(70_000)
+    pieces = b.read(1) + b.read(65_535) + b.read(4_464)
+    assert whole == pieces
+
+
+@pytest.mark.parametrize(
+    ("master", "nonce"),
+    [
+        (bytes(31), bytes(16)),
+        (bytes(33), bytes(16)),
+        (bytes(32), bytes(15)),
+        (bytes(32), bytes(17)),
+        ("x" * 32, bytes(16)),
+        (bytes(32), None),
+    ],
+)
+def test_malformed_secret_or_nonce_is_rejected(master: object, nonce: object) -> None:
+    with pytest.raises(KeyScheduleError, match="exactly"):
+        KeySchedule(master, nonce)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("label", [(), ["a", 1], ("a", -1), ("a", 1.5), ("a", True), ("a", None), "a"])
+def test_malformed_label_is_rejected(label: object) -> None:
+    with pytest.raises(KeyScheduleError):
+        encode_label(label)  # type: ignore[arg-type]
+    with pytest.raises(SCXError):
+        KeySchedule(MASTER, NONCE).key(label)  # type: ignore[arg-type]
+
+
+def test_negative_permutation_size_and_bad_stream_key() -> None:
+    with pytest.raises(KeyScheduleError):
+        KeySchedule(MASTER, NONCE).permutation(("x",), -1)
+    with pytest.raises(KeyScheduleError):
+        KeyStream(bytes(16))
+    with pytest.raises(KeyScheduleError):
+        hkdf_sha256(b"k", b"s", b"i", 0)
+
+
+def test_repr_and_session_id_never_show_the_master_secret() -> None:
+    ks = KeySchedule(MASTER, NONCE)
+    assert MASTER.hex() not in repr(ks) and ks.session_id == NONCE.hex()
+    fresh = KeySchedule.generate()
+    assert fresh.key(("a",)) != KeySchedule.generate().key(("a",))
