@@ -1,0 +1,401 @@
+"""torch = numpy: every torch transform (T1–T5) and every TorchBackend method equals the numpy reference.
+
+Tolerances
+----------
+* Gathers (T1–T4, take/put rows, head permutations, narrow, concat) are exact in every dtype: they
+  move values, never round them. Checked with ``array_equal``.
+* float64 arithmetic: rtol 1e-12 (plus atol 1e-12·scale, scale = the magnitude of the terms summed, so
+  an entry that cancels to ~0 is judged against the size of what cancelled). Summation order differs
+  between BLAS/einsum and torch kernels; with unit roundoff u = 2⁻⁵³ ≈ 1.1e-16 and the short reductions
+  here (k ≤ 64) the worst-case bound k·u·scale ≈ 7e-15·scale is far inside 1e-12·scale, so a real
+  mistake (a wrong index, a missing bias, a transposed weight) cannot hide in it.
+* float32 / bfloat16 / float16 projections: the classical bound for a length-k dot product of inputs
+  rounded to the dtype is |fl(x·w) − x·w| ≤ (k + 2)·u·(|x|·|w|) (k roundings in the sum, one per input
+  rounding, one for the output); u = 2⁻²⁴ (float32), 2⁻⁸ (bfloat16), 2⁻¹¹ (float16). The check uses
+  twice that bound, elementwise, against the float64 numpy result of the *unrounded* inputs.
+* float32 norms / attention: RMSNorm is a length-d reduction then a scale: tolerance (d + 4)·u·|γ|·|x̂|;
+  attention (scores of length d_h, softmax, values of length n_k): (d_h + n_k + 8)·u·max|v|, since the
+  output is a convex combination of value rows and each weight carries (d_h + n_k + c)·u relative error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from properties.strategies import (
+    attention_shapes,
+    decoy_counts,
+    head_permutations,
+    model_weights,
+    perms,
+    row_counts,
+    seeds,
+    sized_perms,
+    token_ids,
+)
+from scx_ref import transforms as T
+from scx_ref import transforms_torch as TT
+from scx_ref.backends.numpy_backend import NumpyBackend
+from scx_ref.backends.torch_backend import TorchBackend
+from scx_ref.errors import SCXError
+from scx_ref.keys import KeySchedule
+from scx_ref.weights import ModelWeights
+
+RTOL = 1e-12
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
+dtypes = st.sampled_from(DTYPES)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).cpu().numpy()
+
+
+def _rounded(x: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """x in ``dtype`` as a tensor, and the same (rounded) values in float64 numpy."""
+    t = torch.from_numpy(x).to(dtype)
+    return t, _np(t)
+
+
+def _close64(got: np.ndarray, want: np.ndarray, scale: np.ndarray | float | None = None) -> None:
+    s = np.max(np.abs(want)) if scale is None else np.max(scale)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * max(float(s), 1e-300))
+
+
+def _gauss(seed: int, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
+    return scale * np.random.default_rng(seed).standard_normal(shape)
+
+
+# --- transforms ---------------------------------------------------------------------------------
+
+
+@given(sized_perms(min_n=1), st.integers(1, 6), seeds(), dtypes)
+def test_permute_unpermute_match_numpy_exactly(
+    np_perm: tuple[int, np.ndarray], d: int, seed: int, dtype: torch.dtype
+) -> None:
+    n, perm = np_perm
+    x, x64 = _rounded(_gauss(seed, (n, d)), dtype)
+    got = TT.permute_rows(x, perm)
+    assert got.dtype == dtype
+    assert np.array_equal(_np(got), T.permute_rows(x64, perm))
+    assert np.array_equal(_np(TT.unpermute_rows(x, perm)), T.unpermute_rows(x64, perm))
+    assert np.array_equal(_np(TT.unpermute_rows(got, perm)), x64)
+    assert np.array_equal(TT.inverse_permutation(perm).numpy(), T.inverse_permutation(perm))
+
+
+@given(row_counts(), decoy_counts(), st.integers(1, 6), seeds(), dtypes, st.data())
+def test_decoy_encode_decode_match_numpy_exactly(
+    n: int, r: int, d: int, seed: int, dtype: torch.dtype, data: st.DataObject
+) -> None:
+    perm = data.draw(perms(n + r))
+    x, x64 = _rounded(_gauss(seed, (n, d)), dtype)
+    dec, dec64 = _rounded(_gauss(seed + 1, (r, d)), dtype)
+    enc = TT.encode_rows(x, dec, perm)
+    assert np.array_equal(_np(enc), T.encode_rows(x64, dec64, perm))
+    assert np.array_equal(_np(TT.with_decoys(x, dec)), T.with_decoys(x64, dec64))
+    assert np.array_equal(_np(TT.strip_decoys(enc, n)), T.strip_decoys(T.encode_rows(x64, dec64, perm), n))
+    assert np.array_equal(
+        _np(TT.decode_rows(enc, perm, n)), T.decode_rows(T.encode_rows(x64, dec64, perm), perm, n)
+    )
+    assert np.array_equal(_np(TT.decode_rows(enc, perm, n)), x64)
+
+
+@given(attention_shapes(), row_counts(), seeds(), dtypes, st.data())
+def test_head_permutation_matches_numpy_exactly(
+    shape: tuple[int, int, int], n: int, seed: int, dtype: torch.dtype, data: st.DataObject
+) -> None:
+    h_kv, g, d_h = shape
+    hp = data.draw(head_permutations(h_kv, d_h))
+    for group in (g, 1):
+        x, x64 = _rounded(_gauss(seed, (n, h_kv * group, d_h)), dtype)
+        enc = TT.head_permute(x, hp, group)
+        assert np.array_equal(_np(enc), hp.apply(x64, group))
+        assert np.array_equal(_np(TT.head_unpermute(enc, hp, group)), x64)
+        assert np.array_equal(_np(TT.head_unpermute(x, hp, group)), hp.invert(x64, group))
+
+
+@given(sized_perms(min_n=1), st.integers(1, 3), st.integers(1, 4), seeds(), dtypes)
+def test_reorder_cache_matches_numpy_exactly(
+    np_perm: tuple[int, np.ndarray], h: int, d_h: int, seed: int, dtype: torch.dtype
+) -> None:
+    n, rho = np_perm
+    k, k64 = _rounded(_gauss(seed, (n, h, d_h)), dtype)
+    v, v64 = _rounded(_gauss(seed + 7, (n, h, d_h)), dtype)
+    kt, vt = TT.reorder_cache(k, v, rho)
+    kn, vn = T.reorder_cache(k64, v64, rho)
+    assert np.array_equal(_np(kt), kn) and np.array_equal(_np(vt), vn)
+
+
+@given(row_counts(), st.integers(1, 16), st.integers(1, 16), seeds(), dtypes, st.floats(0.0, 50.0))
+def test_blinding_matches_numpy(n: int, d: int, m: int, seed: int, dtype: torch.dtype, beta: float) -> None:
+    x, x64 = _rounded(_gauss(seed, (n, d)), dtype)
+    eta, eta64 = _rounded(T.laplace_noise((n, d), beta, np.random.default_rng(seed + 1)), dtype)
+    w, w64 = _rounded(_gauss(seed + 2, (d, m), 1 / np.sqrt(d)), dtype)
+    u = UNIT_ROUNDOFF[dtype]
+    # blind/unblind: one rounding of an exact sum → within u·(|x| + |η|) of the float64 sum
+    sum_scale = np.abs(x64) + np.abs(eta64)
+    blinded = TT.blind(x, eta)
+    assert np.all(np.abs(_np(blinded) - T.blind(x64, eta64)) <= u * sum_scale)
+    corr = TT.blinding_correction(eta, w)
+    corr_scale = np.abs(eta64) @ np.abs(w64)
+    want = T.blinding_correction(eta64, w64)
+    if dtype == torch.float64:
+        _close64(_np(corr), want, corr_scale)
+    else:  # length-d reduction in the dtype (see module doc)
+        assert np.all(np.abs(_np(corr) - want) <= 2 * (d + 2) * u * corr_scale)
+    y = TT.blinding_correction(blinded, w)
+    un = TT.unblind(y, corr)
+    un_scale = (np.abs(x64) + 2 * np.abs(eta64)) @ np.abs(w64)
+    if dtype == torch.float64:
+        _close64(_np(un), T.unblind(T.blinding_correction(T.blind(x64, eta64), w64), want), un_scale)
+    else:
+        assert np.all(np.abs(_np(un) - x64 @ w64) <= 4 * (d + 3) * u * un_scale)
+
+
+@given(st.tuples(st.integers(0, 5), st.integers(0, 5)), st.floats(0.0, 1e3), seeds(), dtypes, st.booleans())
+def test_laplace_noise_bit_for_bit(
+    shape: tuple[int, int], beta: float, seed: int, dtype: torch.dtype, keystream: bool
+) -> None:
+    def gen() -> Any:
+        if keystream:
+            return KeySchedule(seed.to_bytes(32, "big"), b"\x01" * 16).generator(("alpha", 0, "qkv"))
+        return np.random.default_rng(seed)
+
+    got = TT.laplace_noise(shape, beta, gen(), dtype=dtype)
+    want = T.laplace_noise(shape, beta, gen(), np.float64)
+    assert got.dtype == dtype and tuple(got.shape) == shape
+    if dtype == torch.float64:
+        assert np.array_equal(got.numpy(), want)  # bit for bit
+    else:
+        assert torch.equal(got, torch.from_numpy(want).to(dtype))  # correctly rounded once
+
+
+@given(sized_perms(min_n=2), seeds())
+def test_torch_transforms_reject_bad_input_like_numpy(np_perm: tuple[int, np.ndarray], seed: int) -> None:
+    n, perm = np_perm
+    x = _gauss(seed, (n, 3))
+    bad_perm = perm.copy()
+    bad_perm[0] = bad_perm[1]
+    cases = [
+        (lambda m: m.permute_rows(x, bad_perm)),
+        (lambda m: m.permute_rows(x, perm[:-1])),
+        (lambda m: m.permute_rows(np.where(np.arange(n)[:, None] == 0, np.nan, x), perm)),
+        (lambda m: m.permute_rows(x.astype(np.int64), perm)),
+        (lambda m: m.with_decoys(x, np.zeros((1, 4)))),
+        (lambda m: m.strip_decoys(x, n + 1)),
+        (lambda m: m.blind(x, x[:, :2])),
+        (lambda m: m.blinding_correction(x, np.ones((4, 2)))),
+        (lambda m: m.unblind(x, x[:1])),
+        (lambda m: m.laplace_noise((2,), -1.0, np.random.default_rng(0))),
+        (lambda m: m.reorder_cache(x, x[:-1], perm)),
+    ]
+    for case in cases:
+        with pytest.raises(SCXError) as np_err:
+            case(T)
+        with pytest.raises(SCXError) as torch_err:
+            case(TT)
+        assert type(np_err.value) is type(torch_err.value)
+
+
+# --- backend methods (float64) ----------------------------------------------------------------------
+
+
+def _pair(w: ModelWeights) -> tuple[NumpyBackend, TorchBackend]:
+    return NumpyBackend(w), TorchBackend(w, torch.float64)
+
+
+@given(model_weights(), seeds(), row_counts(max_n=9))
+def test_backend_weight_ops_match_numpy(w: ModelWeights, seed: int, n: int) -> None:
+    nb, tb = _pair(w)
+    c = w.config
+    x = _gauss(seed, (n, c.hidden_size))
+    xt = tb.from_numpy(x)
+    assert np.array_equal(tb.to_numpy(xt), x) and tb.numpy_dtype() == np.float64
+    ids = np.random.default_rng(seed).integers(0, c.vocab_size, size=n)
+    assert np.array_equal(tb.to_numpy(tb.embed(ids)), nb.embed(ids))
+    for which in ("attn", "mlp", "final"):
+        for layer in range(c.n_layers):
+            _close64(tb.to_numpy(tb.norm(xt, which, layer)), nb.norm(x, which, layer))  # type: ignore[arg-type]
+    for layer in range(c.n_layers):
+        _close64(tb.to_numpy(tb.mlp(xt, layer)), nb.mlp(x, layer))
+        names: list[tuple[str, np.ndarray | None, int]] = [
+            ("wqkv", None, c.hidden_size),
+            ("wo", None, c.q_dim),
+        ]
+        if c.is_moe:
+            experts = np.random.default_rng(seed).permutation(c.n_experts)[: c.top_k]
+            names += [
+                ("router", None, c.hidden_size),
+                ("w_gate_up", experts, c.hidden_size),
+                ("w_down", experts, c.intermediate_size * len(experts)),
+            ]
+        else:
+            names += [("w_gate_up", None, c.hidden_size), ("w_down", None, c.intermediate_size)]
+        for which, experts, width in names:
+            a = _gauss(seed + 3, (n, width))
+            at = tb.from_numpy(a)
+            want = nb.project(a, which, layer, experts)  # type: ignore[arg-type]
+            _close64(tb.to_numpy(tb.project(at, which, layer, experts)), want)  # type: ignore[arg-type]
+            _close64(
+                tb.to_numpy(tb.correction(at, which, layer, experts)),  # type: ignore[arg-type]
+                nb.correction(a, which, layer, experts),
+            )  # type: ignore[arg-type]
+    _close64(tb.to_numpy(tb.project(xt, "lm_head")), nb.project(x, "lm_head"))
+    gu = _gauss(seed + 5, (n, 2 * c.intermediate_size), 3.0)
+    _close64(tb.to_numpy(tb.swiglu_act(tb.from_numpy(gu))), nb.swiglu_act(gu))
+
+
+@given(model_weights(), seeds(), row_counts(max_n=9), st.data())
+def test_backend_array_ops_match_numpy(w: ModelWeights, seed: int, n: int, data: st.DataObject) -> None:
+    nb, tb = _pair(w)
+    c = w.config
+    x = _gauss(seed, (n, c.hidden_size))
+    xt = tb.from_numpy(x)
+    perm = data.draw(perms(n))
+    index = np.random.default_rng(seed).integers(0, n, size=data.draw(st.integers(0, 2 * n)))
+    assert np.array_equal(tb.to_numpy(tb.take_rows(xt, perm)), nb.take_rows(x, perm))
+    assert np.array_equal(tb.to_numpy(tb.take_rows(xt, index)), nb.take_rows(x, index))
+    assert np.array_equal(tb.to_numpy(tb.put_rows(xt, perm)), nb.put_rows(x, perm))
+    assert np.array_equal(tb.to_numpy(tb.concat_rows([xt, xt[:1]])), nb.concat_rows([x, x[:1]]))
+    lo = data.draw(st.integers(0, c.hidden_size))
+    hi = data.draw(st.integers(lo, c.hidden_size))
+    assert np.array_equal(tb.to_numpy(tb.narrow(xt, 1, lo, hi)), nb.narrow(x, 1, lo, hi))
+    assert np.array_equal(tb.to_numpy(tb.narrow(xt, 0, 0, n - 1)), nb.narrow(x, 0, 0, n - 1))
+    assert tb.nrows(xt) == nb.nrows(x) and tb.shape(xt) == nb.shape(x)
+    assert np.array_equal(tb.to_numpy(tb.reshape(xt, (-1,))), nb.reshape(x, (-1,)))
+    sw = _gauss(seed + 1, (n,))
+    assert np.array_equal(tb.to_numpy(tb.scale_rows(xt, sw)), nb.scale_rows(x, sw))
+    cols = data.draw(perms(c.hidden_size))
+    assert np.array_equal(tb.to_numpy(tb.take_last(xt, cols)), nb.take_last(x, cols))
+    y = _gauss(seed + 2, (n, c.hidden_size))
+    assert np.array_equal(tb.to_numpy(tb.add(xt, tb.from_numpy(y))), nb.add(x, y))
+    assert np.array_equal(tb.to_numpy(tb.sub(xt, tb.from_numpy(y))), nb.sub(x, y))
+    assert tb.argmax_last(xt) == nb.argmax_last(x)
+    ties = np.zeros((2, 5))
+    assert tb.argmax_last(tb.from_numpy(ties)) == nb.argmax_last(ties) == 0
+    hp = data.draw(head_permutations(c.n_kv_heads, c.head_dim))
+    for g in (c.group_size, 1):
+        h = _gauss(seed + 3, (n, c.n_kv_heads * g, c.head_dim))
+        ht = tb.from_numpy(h)
+        assert np.array_equal(tb.to_numpy(tb.head_permute(ht, hp, g)), nb.head_permute(h, hp, g))
+        assert np.array_equal(tb.to_numpy(tb.head_unpermute(ht, hp, g)), nb.head_unpermute(h, hp, g))
+
+
+@given(model_weights(), seeds(), row_counts(max_n=9), st.data())
+def test_backend_attention_ops_match_numpy(w: ModelWeights, seed: int, n: int, data: st.DataObject) -> None:
+    nb, tb = _pair(w)
+    c = w.config
+    m = data.draw(st.integers(1, 10))
+    q = _gauss(seed, (n, c.n_heads, c.head_dim), 2.0)
+    k = _gauss(seed + 1, (m, c.n_kv_heads, c.head_dim), 2.0)
+    v = _gauss(seed + 2, (m, c.n_kv_heads, c.head_dim))
+    qt, kt, vt = (tb.from_numpy(a) for a in (q, k, v))
+    pos = np.array(data.draw(st.lists(st.integers(0, 40), min_size=n, max_size=n)), dtype=np.int64)
+    _close64(tb.to_numpy(tb.rope(qt, pos)), nb.rope(q, pos), np.abs(q).max())
+    kpos_choices = [
+        None,
+        np.array(data.draw(st.lists(st.integers(0, 40), min_size=m, max_size=m)), dtype=np.int64),
+    ]
+    if n == m:
+        kpos_choices.append(np.arange(n))  # the causal fast path
+        pos_sorted = np.arange(n)
+        _close64(
+            tb.to_numpy(tb.attention(qt, kt, vt, pos_sorted, pos_sorted)),
+            nb.attention(q, k, v, pos_sorted, pos_sorted),
+            np.abs(v).max(),
+        )
+    for kpos in kpos_choices:  # includes queries that see no key (reference: zeros)
+        _close64(
+            tb.to_numpy(tb.attention(qt, kt, vt, pos, kpos)),
+            nb.attention(q, k, v, pos, kpos),
+            np.abs(v).max(),
+        )
+    s = nb.scores(q, k)
+    _close64(tb.to_numpy(tb.scores(qt, kt)), s, np.abs(q).max() * np.abs(k).max() * c.head_dim)
+    s[:, 0, :] = -np.inf  # a row with no finite score
+    _close64(tb.to_numpy(tb.softmax_values(tb.from_numpy(s), vt)), nb.softmax_values(s, v), np.abs(v).max())
+
+
+@given(model_weights(), seeds())
+def test_backend_check_matches_numpy(w: ModelWeights, seed: int) -> None:
+    nb, tb = _pair(w)
+    x = _gauss(seed, (3, 4))
+    assert np.array_equal(tb.to_numpy(tb.check(x, "x", (3, 4))), nb.check(x, "x", (3, 4)))
+    bad = [x.astype(np.int64), x[:2], np.where(x > 0, np.inf, x) if (x > 0).any() else x * np.nan]
+    for arr in bad:
+        with pytest.raises(SCXError) as e_np:
+            nb.check(arr, "x", (3, 4))
+        with pytest.raises(SCXError) as e_t:
+            tb.check(arr, "x", (3, 4))
+        assert type(e_np.value) is type(e_t.value)
+    for ids in (np.array([w.config.vocab_size]), np.array([-1]), np.array([[0]]), np.array([0.5])):
+        with pytest.raises(SCXError) as e_np:
+            nb.embed(ids)
+        with pytest.raises(SCXError) as e_t:
+            tb.embed(ids)
+        assert type(e_np.value) is type(e_t.value)
+
+
+# --- backend methods in reduced precision ------------------------------------------------------------
+
+
+@given(model_weights(), seeds(), row_counts(max_n=9), st.sampled_from(DTYPES[1:]))
+def test_low_precision_backend_within_rounding_bounds(
+    w: ModelWeights, seed: int, n: int, dtype: torch.dtype
+) -> None:
+    nb = NumpyBackend(w)
+    tb = TorchBackend(w, dtype)
+    c, u = w.config, UNIT_ROUNDOFF[dtype]
+    assert tb.numpy_dtype() == np.float32
+    x = _gauss(seed, (n, c.hidden_size))
+    xt = tb.from_numpy(x)
+    for layer in range(c.n_layers):
+        a = _gauss(seed + 3, (n, c.hidden_size))
+        lw = w.layers[layer]
+        bias = np.zeros(c.q_dim + 2 * c.kv_dim) if lw.bqkv is None else np.abs(lw.bqkv)
+        bound = 2 * (c.hidden_size + 2) * u * (np.abs(a) @ np.abs(lw.wqkv) + bias)
+        got = tb.to_numpy(tb.project(tb.from_numpy(a), "wqkv", layer))
+        assert np.all(np.abs(got - nb.project(a, "wqkv", layer)) <= bound)
+        want = nb.norm(x, "attn", layer)
+        # norms run in float32 internally, input and output rounded to the dtype
+        bound_n = (c.hidden_size + 4) * max(u, 2.0**-24) * np.abs(want) + 2 * u * np.abs(want)
+        assert np.all(np.abs(tb.to_numpy(tb.norm(xt, "attn", layer)) - want) <= 2 * bound_n + 1e-30)
+    if dtype == torch.float32:
+        q = _gauss(seed, (n, c.n_heads, c.head_dim))
+        k = _gauss(seed + 1, (n, c.n_kv_heads, c.head_dim))
+        v = _gauss(seed + 2, (n, c.n_kv_heads, c.head_dim))
+        pos = np.arange(n)
+        got = tb.to_numpy(tb.attention(*(tb.from_numpy(t) for t in (q, k, v)), pos, pos))
+        tol = (
+            (c.head_dim + n + 8) * u * np.abs(v).max() * (1 + np.abs(q).max() * np.abs(k).max() * c.head_dim)
+        )
+        assert np.max(np.abs(got - nb.attention(q, k, v, pos, pos))) <= tol
+
+
+@given(model_weights(), token_ids(8))
+def test_plain_torch_forward_matches_reference(w: ModelWeights, ids: np.ndarray) -> None:
+    from scx_ref.backends.torch_backend import TorchPlainModel
+    from scx_ref.reference import ReferenceModel
+
+    ids = ids % w.config.vocab_size
+    ref = ReferenceModel(w)
+    want, cache = ref.prefill(ids)
+    plain = TorchPlainModel(TorchBackend(w, torch.float64))
+    got = plain.prefill(ids).numpy()
+    _close64(got, want, np.abs(want).max() + 1)
+    _close64(
+        plain.decode(3 % w.config.vocab_size).numpy(),
+        ref.decode(3 % w.config.vocab_size, cache),
+        np.abs(want).max() + 1,
+    )
