@@ -175,6 +175,8 @@ def test_guess_bounds() -> None:
     assert statelessness_bound_paper(0.0, 3, 10) == pytest.approx(1 / 6)  # max(1/3!, 1/10)
     assert statelessness_bound_paper(math.log(5.0), 3, 10) == pytest.approx(0.5)  # max(1/6, 5/10)
     assert statelessness_bound_paper(100.0, 3, 10) == 1.0  # clipped
+    assert statelessness_bound_paper(1e6, 3, 10) == 1.0  # no overflow for huge ε
+    assert bayes_guess_bound(1e6, 10) == 1.0
     assert bayes_guess_bound(2.0, 50) <= min(1.0, math.exp(2.0) / 50)
 
 
@@ -424,6 +426,9 @@ def test_cli_model_random_preset_and_errors(tmp_path: Path) -> None:
     assert main(["dp", "--sensitivity", "1", "--delta", "2"]) == 2
     assert main(["dp", "--sensitivity", "1", "-k", "0"]) == 2
     assert main(["dp"]) == 2
+    big = tmp_path / "big.json"
+    assert main(["dp", "--sensitivity", "1000", "--scale", "1", "--no-pld", "--json", str(big)]) == 0
+    assert json.loads(big.read_text())["epsilon_advanced"] == "inf"
     assert main(["dp", "--per-coordinate", "0.25"]) == 2
 
 

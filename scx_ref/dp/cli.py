@@ -296,13 +296,26 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return out, _budget_text(budget, sd)
 
 
+def _json_ready(v: Any) -> Any:
+    """Infinities (e.g. an overflowing advanced composition) become the string "inf" for strict JSON."""
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if isinstance(v, dict):
+        return {k: _json_ready(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_ready(x) for x in v]
+    return v
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``scx dp``: prints the table, writes ``--json`` if asked; returns the exit code."""
     out, text = _model(args) if args.model is not None else _raw(args)
     out["pld_installed"] = pld_available()
     print(text)
     if args.json is not None:
-        Path(args.json).write_text(json.dumps(out, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        Path(args.json).write_text(
+            json.dumps(_json_ready(out), indent=2, sort_keys=True, allow_nan=False) + "\n"
+        )
         print(f"\nwrote {args.json}")
     return 0
 

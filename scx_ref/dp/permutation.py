@@ -75,7 +75,8 @@ def statelessness_bound_paper(epsilon: float, d: int, vocab_size: int) -> float:
     v = check_count(vocab_size, "vocab_size", minimum=1)
     log_perm = -math.lgamma(dd + 1)
     log_dp = eps - math.log(v)
-    return min(1.0, math.exp(max(log_perm, log_dp)))
+    exponent = max(log_perm, log_dp)
+    return 1.0 if exponent >= 0.0 else math.exp(exponent)
 
 
 def bayes_guess_bound(epsilon: float, vocab_size: int) -> float:
