@@ -175,6 +175,8 @@ class Client(Generic[A]):
         """
         b, c, cfg = self.b, self.c, self.cfg
         ids_arr = np.asarray(ids)
+        if ids_arr.size == 0:
+            raise ProtocolError("the prompt must have at least one token")
         x0 = b.embed(ids_arr)  # validates the ids against the vocabulary
         n = int(ids_arr.shape[0])
         if n < 1:

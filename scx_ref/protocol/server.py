@@ -58,6 +58,7 @@ class _Session(Generic[A]):
     ffn_done: int = -1  # prefill: last block whose FFN stage ran
     head_done: bool = False
     step: int = -1  # generation step in progress
+    gen_done: set[tuple[str, int]] = field(default_factory=set)  # cache-extending stages run this step
     raw: dict[int, tuple[A, A]] = field(default_factory=dict)
     commits: dict[int, str] = field(default_factory=dict)
     valid: dict[int, tuple[A, A]] = field(default_factory=dict)
@@ -185,6 +186,9 @@ class Server(Generic[A]):
                 raise ProtocolError("gen_mid before every middle block's key was shared")
             if stage == "gen_last" and layer not in s.locked:
                 raise ProtocolError(f"gen_last for block {layer} before its locked cache was stored")
+            done = (stage, -1 if stage == "gen_mid" else layer)  # gen_mid runs every middle block
+            if stage in ("gen_mid", "gen_last") and req.step == s.step and done in s.gen_done:
+                raise ProtocolError(f"{stage} for block {layer} already ran at step {req.step} (a replay)")
 
     def _arr(self, req: Request, name: str, shape: tuple[int, ...]) -> A:
         if name not in req.arrays:
@@ -347,6 +351,8 @@ class Server(Generic[A]):
         self, s: _Session[A], step: int, extra: Callable[[], None] | None = None
     ) -> Callable[[], None]:
         def commit() -> None:
+            if step != s.step:
+                s.gen_done = set()
             s.step = step
             if extra:
                 extra()
@@ -421,6 +427,7 @@ class Server(Generic[A]):
 
         def extra() -> None:
             s.valid.update(new)
+            s.gen_done.add(("gen_mid", -1))
 
         return {"x": x}, self._gen_commit(s, req.step, extra)
 
@@ -440,6 +447,7 @@ class Server(Generic[A]):
 
         def extra() -> None:
             s.locked[layer] = locked
+            s.gen_done.add(("gen_last", layer))
 
         return {"scores": scores, "v": v}, self._gen_commit(s, req.step, extra)
 
@@ -453,6 +461,7 @@ class Server(Generic[A]):
             "ffn_done": s.ffn_done,
             "head_done": s.head_done,
             "step": s.step,
+            "gen_done": sorted(s.gen_done),
             "raw": {k: (to(a), to(v)) for k, (a, v) in s.raw.items()},
             "valid": {k: (to(a), to(v)) for k, (a, v) in s.valid.items()},
             "locked": {k: to(a) for k, a in s.locked.items()},
