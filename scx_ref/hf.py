@@ -294,7 +294,8 @@ class SCXModel:
         from .protocol import SCXConfig
 
         backend = TorchBackend.from_hf(model, dtype=dtype, device=device)
-        cfg = SCXConfig(level=level, **scx_options)  # type: ignore[arg-type]
+        scx_options.setdefault("max_length", backend.config.max_positions)
+        cfg = SCXConfig(level=level, **scx_options)  # type: ignore[arg-type]  # SCXConfig validates level
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         pad = getattr(gen, "pad_token_id", None) if gen is not None else None
