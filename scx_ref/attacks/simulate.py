@@ -128,12 +128,12 @@ def simulate_view(weights: ModelWeights, ids: npt.ArrayLike, settings: SimSettin
     sim.send("open", -1, -1, {"n": n, "r1": s.r1, "r2": s.r2, "r_lock": s.r_lock, "l_s": s.l_s, "l_e": s.l_e})
     tr = forward_trace(w, ids)
     perms = [sim.perm(n + s.r1) for _ in range(L + 1)]  # π_i, and π_{L} for the head stage
-    dec1 = [sim.decoys("qkv", i, s.r1, tr.x[i]) for i in range(L)]
+    dec1 = sim.decoys("qkv", 0, s.r1, tr.x[0])  # block-1 decoys: embeddings of public tokens
     for i, lw in enumerate(w.layers):
         beta = s.beta_at("qkv", i)
         normalized = beta > 0
         real = tr.xhat[i] if normalized else tr.x[i]
-        dec = ops.rms_norm(dec1[i], lw.attn_norm, c.rms_eps) if normalized else dec1[i]
+        dec = ops.rms_norm(dec1, lw.attn_norm, c.rms_eps) if normalized else dec1
         e = np.concatenate([real, dec])[perms[i]]
         if beta > 0:
             e = e + laplace_noise(e.shape, beta, rng)
@@ -142,10 +142,12 @@ def simulate_view(weights: ModelWeights, ids: npt.ArrayLike, settings: SimSettin
         sim.send("attn", i, -1, q=hp.apply(tr.q[i], c.group_size), k=hp.apply(tr.k[i], 1), v=hp.apply(tr.v[i], 1))
         po = sim.perm(n + s.r2)
         sim.send("o", i, -1, x=np.concatenate([tr.o[i], sim.decoys("o", i, s.r2, tr.o[i])])[po])
-        nxt = dec1[i + 1] if i + 1 < L else sim.decoys("head", L, s.r1, tr.h[i])
-        sim.send("ffn", i, -1, x=np.concatenate([tr.h[i], nxt])[perms[i + 1]])
+        # as in the engine: the FFN stage's decoys ride on (through the MLP) into block i+1's QKV stage
+        dec_mid = sim.decoys("ffn", i, s.r1, tr.h[i])
+        sim.send("ffn", i, -1, x=np.concatenate([tr.h[i], dec_mid])[perms[i + 1]])
+        dec1 = dec_mid + ops.mlp(ops.rms_norm(dec_mid, lw.mlp_norm, c.rms_eps), lw.mlp, c.top_k)
     assert tr.final is not None
-    sim.send("head", L, -1, x=np.concatenate([tr.final, sim.decoys("head", L, s.r1, tr.final)])[perms[L]])
+    sim.send("head", L, -1, x=np.concatenate([tr.final, dec1])[perms[L]])
     for i in last:
         kk = tr.k[i].reshape(n, c.kv_dim)
         sim.send("lock", i, -1, k=np.concatenate([kk, sim.decoys("k", i, s.r_lock, kk)])[sim.perm(n + s.r_lock)])

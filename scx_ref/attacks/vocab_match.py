@@ -30,7 +30,7 @@ from ..reference import KVCache
 from ..weights import ModelWeights
 from ._model import candidate_states, forward_trace
 
-__all__ = ["match_block1_attn", "match_block1_qkv", "match_sequential", "nearest_rows", "normalized_table"]
+__all__ = ["match_block1_attn", "match_block1_qkv", "match_block1_residual", "match_sequential", "nearest_rows", "normalized_table"]
 
 Array = npt.NDArray[Any]
 Ranker = Callable[[Array], Array]
@@ -162,3 +162,19 @@ def match_sequential(targets: Array, weights: ModelWeights, layer: int, kind: st
             cache.keys, cache.values = [], []  # block 1 has no prefix dependence beyond position
             forward_trace(weights, np.concatenate([pre, ids[: p + 1]]), cache=cache, upto=0)
     return ids, dist
+
+
+def match_block1_residual(x_o: Array, x_ffn: Array, weights: ModelWeights, chunk: int = 4096
+                          ) -> tuple[Array, Array]:
+    """Block-1 tokens from the *un-noised* O and FFN stages, whatever noise the QKV stage had.
+
+    Identity: a real block-1 FFN-stage row is H = E[t] + O·W_o with O one of the O-stage rows, so for the
+    right O row, H − O·W_o is exactly a vocabulary row. For each FFN row this tries every O row and keeps
+    the (token, distance) of the closest vocabulary row (relative L2); decoys find no exact match."""
+    y = np.asarray(x_o, dtype=np.float64) @ weights.layers[0].wo
+    f = np.asarray(x_ffn, dtype=np.float64)
+    diffs = (f[:, None, :] - y[None, :, :]).reshape(-1, f.shape[1])
+    ids, d = nearest_rows(diffs, np.asarray(weights.embed, dtype=np.float64), "l2", chunk)
+    rel = (d / (np.linalg.norm(diffs, axis=1) + 1e-12)).reshape(len(f), len(y))
+    best = np.argmin(rel, axis=1)
+    return ids.reshape(len(f), len(y))[np.arange(len(f)), best], rel[np.arange(len(f)), best]

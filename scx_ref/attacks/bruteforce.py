@@ -1,0 +1,67 @@
+"""Brute force (DESIGN §7, §8): the size of every permuted stage's search space, and an empirical
+order-recovery run for tiny n where enumerating every order is possible.
+
+Search space of a token-permuted stage with n real and r decoy rows: (n + r)! orders, log₂((n + r)!)
+bits; of a head-structured feature permutation: H_kv! · (d_h!)^{H_kv}. The size says nothing about what
+the rows' *content* reveals (see :mod:`.vocab_match`): these numbers bound only order guessing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..protocol.transport import ServerView
+from ._view import open_meta
+from .llm_reorder import LanguageModel
+
+__all__ = ["enumerate_orders", "head_perm_bits", "search_space_bits", "stage_search_spaces"]
+
+
+def search_space_bits(rows: int) -> float:
+    """log₂(rows!) — the bits an order guess must get right."""
+    if rows < 0:
+        raise ConfigError(f"rows must be >= 0, got {rows}")
+    return math.lgamma(rows + 1) / math.log(2)
+
+
+def head_perm_bits(config: ModelConfig) -> float:
+    """log₂(H_kv! · (d_h!)^{H_kv}): the head-structured permutations of one attention stage."""
+    return search_space_bits(config.n_kv_heads) + config.n_kv_heads * search_space_bits(config.head_dim)
+
+
+def stage_search_spaces(view: ServerView, config: ModelConfig) -> list[dict[str, Any]]:
+    """One row per permuted message of the view: stage, layer, rows, log₂ search space."""
+    meta = open_meta(view)
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, int]] = set()
+    for m in view.messages:
+        if (m.stage, m.layer) in seen or m.step >= 0:
+            continue
+        seen.add((m.stage, m.layer))
+        if m.stage in ("qkv", "o", "ffn", "head", "lock"):
+            rows = int(next(iter(m.arrays.values())).shape[0])
+            out.append({"stage": m.stage, "layer": m.layer, "rows": rows, "n": int(meta["n"]),
+                        "bits": search_space_bits(rows)})
+        elif m.stage == "attn":
+            out.append({"stage": "attn", "layer": m.layer, "rows": int(meta["n"]), "n": int(meta["n"]),
+                        "bits": head_perm_bits(config)})
+    return out
+
+
+def enumerate_orders(bag: npt.ArrayLike, n: int, lm: LanguageModel, max_rows: int = 7) -> list[int]:
+    """The maximum-likelihood sequence of n distinct bag elements, by enumerating all (n+r)!/r! choices
+    and orders (exact; refuses bags larger than ``max_rows``)."""
+    items = [int(t) for t in np.asarray(bag).ravel()]
+    if len(items) > max_rows:
+        raise ConfigError(f"enumeration over {len(items)} rows refused (max_rows={max_rows})")
+    seqs = np.array(sorted({tuple(items[i] for i in p) for p in itertools.permutations(range(len(items)), n)}),
+                    dtype=np.int64)
+    scores = lm.token_logprobs(seqs).sum(axis=1)
+    return [int(t) for t in seqs[int(np.argmax(scores))]]

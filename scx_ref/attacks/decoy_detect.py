@@ -1,0 +1,68 @@
+"""Invariant checks that separate decoy rows from real rows (DESIGN §5.1, §8).
+
+* :func:`norm_residual` — a row the client normalized satisfies rms(y/γ) = 1 (up to ε); a moment-matched
+  Gaussian decoy does not.
+* :func:`vocab_distance` — a block-1 row (raw or normalized) is a vocabulary-table row.
+* :func:`residual_links` — the protocol's own bookkeeping: block i's FFN-stage rows are
+  H = X + O·W_o, a *sum* of one QKV-stage row and one O-stage output row the server itself computed
+  (the client keeps the residual stream in true order, so every real row obeys this identity). A row
+  that is no such sum is a decoy; a QKV/O row used by no sum is a decoy. Calibration decoys pass the first
+  two checks by construction; this one does not care how decoys look.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..weights import ModelWeights
+from .vocab_match import nearest_rows, normalized_table
+
+__all__ = ["norm_residual", "residual_links", "vocab_distance"]
+
+Array = npt.NDArray[Any]
+
+
+def norm_residual(rows: Array, gamma: Array, eps: float = 0.0) -> Array:
+    """|rms(y/γ) − 1| per row: 0 (up to ε) for every RMSNorm output y = γ ⊙ x / rms_ε(x)."""
+    y = np.asarray(rows, dtype=np.float64) / np.asarray(gamma, dtype=np.float64)
+    return np.asarray(np.abs(np.sqrt(np.mean(y**2, axis=1)) - 1.0))
+
+
+def vocab_distance(rows: Array, weights: ModelWeights, normalized: bool) -> Array:
+    """Relative L2 distance of each row to the nearest (normalized) embedding row: 0 for a real
+    un-noised block-1 row."""
+    table = normalized_table(weights) if normalized else np.asarray(weights.embed, dtype=np.float64)
+    rows = np.asarray(rows, dtype=np.float64)
+    _, d = nearest_rows(rows, table, "l2")
+    return np.asarray(d / (np.linalg.norm(rows, axis=1) + 1e-12))
+
+
+def residual_links(x_qkv: Array, x_o: Array, x_ffn: Array, weights: ModelWeights, layer: int,
+                   qkv_normalized: bool = False, tol: float = 1e-4) -> tuple[Array, Array, Array]:
+    """Which rows are real, by the identity FFN row = QKV row + O-stage output row (block ``layer``).
+
+    Returns boolean masks (qkv_real, o_real, ffn_real) over each message's rows: a FFN row is real
+    when some pair (x, o·W_o) sums to it within relative ``tol``; the rows of such pairs are real.
+    With ``qkv_normalized`` (noised block) the QKV rows are not the residual, and block 1 uses the
+    vocabulary instead: FFN row − O output ∈ embedding table (see :func:`vocab_match.match_block1_residual`).
+    """
+    lw = weights.layers[layer]
+    xq = np.asarray(x_qkv, dtype=np.float64)
+    y = np.asarray(x_o, dtype=np.float64) @ lw.wo
+    f = np.asarray(x_ffn, dtype=np.float64)
+    q_real = np.zeros(len(xq), dtype=bool)
+    o_real = np.zeros(len(y), dtype=bool)
+    f_real = np.zeros(len(f), dtype=bool)
+    if qkv_normalized:
+        return q_real, o_real, f_real
+    for j, row in enumerate(f):
+        # f − y_b must equal some x_a: nearest x for each candidate difference
+        diff = row[None, :] - y  # (n_o, d)
+        d = np.linalg.norm(diff[:, None, :] - xq[None, :, :], axis=2) / (np.linalg.norm(row) + 1e-12)
+        a, b = np.unravel_index(int(np.argmin(d.T)), (len(xq), len(y)))
+        if d[b, a] < tol:
+            f_real[j], q_real[a], o_real[b] = True, True, True
+    return q_real, o_real, f_real

@@ -1,0 +1,128 @@
+"""Fitting-based inversion (paper §7.3 "Fitting-based attacks"; DESIGN §8).
+
+An inverter maps what the server sees for one row at one stage to the row's token. It is fitted on
+*public* text run through the public weights (plus the noise process the attacker knows), as a map to
+the token's unit-norm embedding; the prediction is the vocabulary row of highest cosine similarity.
+Two inverters: ridge regression (closed form) and a small MLP (torch, one hidden layer).
+
+At attention stages the features sit under a secret head-structured permutation σ; before inverting,
+:func:`recover_column_permutation` tries to undo it by matching per-coordinate statistics of the observed
+rows to those of public rows (Hungarian assignment), and :func:`sorted_rows` gives σ-invariant features
+(each row's values sorted), the inversion-side twin of the vocabulary fingerprints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy.optimize import linear_sum_assignment
+
+from ..errors import ConfigError, ShapeError
+from ..weights import ModelWeights
+
+__all__ = ["Inverter", "column_stats", "fit_inverter", "recover_column_permutation", "sorted_rows"]
+
+Array = npt.NDArray[Any]
+
+
+def _unit(x: Array) -> Array:
+    return np.asarray(x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-12))
+
+
+@dataclass
+class Inverter:
+    """A fitted map features → unit embedding, decoded by cosine nearest neighbour over the vocabulary."""
+
+    kind: str
+    mean: Array
+    std: Array
+    table: Array  # unit-norm embedding rows
+    w: Array | None = None
+    mlp: Any = None
+
+    def embed(self, feats: Array) -> Array:
+        """The predicted unit embedding of each row."""
+        z = (np.asarray(feats, dtype=np.float64) - self.mean) / self.std
+        if self.kind == "ridge":
+            assert self.w is not None
+            return _unit(np.concatenate([z, np.ones((len(z), 1))], axis=1) @ self.w)
+        import torch
+
+        with torch.no_grad():
+            out = self.mlp(torch.from_numpy(z.astype(np.float32))).double().numpy()
+        return _unit(out)
+
+    def predict(self, feats: Array, top: int = 1) -> Array:
+        """Token ids (rows × top) ranked by cosine similarity of the predicted embedding."""
+        sims = self.embed(feats) @ self.table.T
+        if top == 1:
+            return np.asarray(np.argmax(sims, axis=1)[:, None])
+        return np.asarray(np.argsort(-sims, axis=1)[:, :top])
+
+
+def fit_inverter(feats: Array, tokens: npt.ArrayLike, weights: ModelWeights, kind: str = "ridge",
+                 lam: float = 1.0, seed: int = 0, epochs: int = 300, hidden: int = 512) -> Inverter:
+    """Fit an inverter on public (features, token) pairs. Ridge: W = (ZᵀZ + λI)⁻¹ZᵀY on standardized
+    features Z with an intercept column; MLP: Z → ReLU(hidden) → d, trained by Adam on the cosine loss."""
+    x = np.asarray(feats, dtype=np.float64)
+    t = np.asarray(tokens, dtype=np.int64)
+    if x.ndim != 2 or len(x) != len(t):
+        raise ShapeError(f"features {x.shape} and tokens {t.shape} do not match")
+    table = _unit(np.asarray(weights.embed, dtype=np.float64))
+    y = table[t]
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-8
+    z = (x - mean) / std
+    if kind == "ridge":
+        za = np.concatenate([z, np.ones((len(z), 1))], axis=1)
+        reg = lam * np.eye(za.shape[1])
+        reg[-1, -1] = 0.0
+        w = np.linalg.solve(za.T @ za + reg, za.T @ y)
+        return Inverter("ridge", mean, std, table, w=w)
+    if kind != "mlp":
+        raise ConfigError(f"inverter kind must be 'ridge' or 'mlp', got {kind!r}")
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(z.shape[1], hidden), torch.nn.ReLU(),
+                              torch.nn.Linear(hidden, y.shape[1]))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / np.sqrt(max(p.shape[-1], 1))))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    zt, yt = torch.from_numpy(z.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
+    batch = min(512, len(zt))
+    for _ in range(epochs):
+        idx = torch.randperm(len(zt), generator=gen)[:batch]
+        loss = 1.0 - torch.nn.functional.cosine_similarity(net(zt[idx]), yt[idx]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    return Inverter("mlp", mean, std, table, mlp=net)
+
+
+def sorted_rows(x: Array) -> Array:
+    """Each row's values sorted: invariant to every permutation of its coordinates."""
+    return np.sort(np.asarray(x, dtype=np.float64).reshape(len(x), -1), axis=1)
+
+
+def column_stats(x: Array) -> Array:
+    """Per-column statistics (mean, std, mean |x|, 10/50/90 % quantiles): columns × 6."""
+    x = np.asarray(x, dtype=np.float64)
+    q = np.quantile(x, [0.1, 0.5, 0.9], axis=0)
+    return np.stack([x.mean(0), x.std(0), np.abs(x).mean(0), q[0], q[1], q[2]], axis=1)
+
+
+def recover_column_permutation(observed: Array, public: Array) -> Array:
+    """An index array ``idx`` with observed[:, idx] ≈ the unpermuted columns: the assignment of observed
+    columns to public columns minimizing the distance between their standardized statistics."""
+    so, sp = column_stats(observed), column_stats(public)
+    scale = sp.std(axis=0) + 1e-12
+    cost = np.abs((sp[:, None, :] - so[None, :, :]) / scale).sum(-1)  # public col × observed col
+    rows, cols = linear_sum_assignment(cost)
+    idx = np.empty(len(rows), dtype=np.int64)
+    idx[rows] = cols
+    return idx

@@ -1,0 +1,121 @@
+"""Statelessness (paper §5.4 and Table 5; DESIGN §8): can the server continue the generation alone?
+
+The server holds valid caches of the middle blocks (after key sharing), raw encoded QKV caches of every
+block (permuted, with decoys, noised in block 1), and the locked key caches of the last guard blocks. It
+tries to decode the true continuation with the guard blocks' caches replaced by zeros (``zeros``), by the
+encoded caches it holds (``encoded``), or by the nearest middle block's valid cache (``neighbour``); the
+``normal`` row (every cache valid) is the reference, ``no-prompt`` ignores the prompt, and ``recovered``
+rebuilds every cache from a prompt recovered by another attack (vocabulary matching): if that prompt is
+right, the server is no longer stateless. Metric: token perplexity of the true continuation (teacher
+forced), greedy top-1 agreement, and cosine similarity of the final hidden rows to the normal decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import ops
+from ..protocol.transport import ServerView
+from ..weights import ModelWeights
+from ._model import forward_trace
+from ._view import message, open_meta, raw_qkv, shared_caches
+
+__all__ = ["decode_with_caches", "server_caches", "statelessness_table"]
+
+Array = npt.NDArray[Any]
+Cache = list[tuple[Array, Array]]
+
+
+def decode_with_caches(weights: ModelWeights, caches: Cache, tokens: npt.ArrayLike, start: int
+                       ) -> tuple[Array, Array]:
+    """Logits (T × V) and final hidden rows after feeding ``tokens`` at positions start, start+1, …, each
+    attending to every row of its block's given cache (any length) and to the tokens before it."""
+    c = weights.config
+    ids = np.asarray(tokens, dtype=np.int64)
+    t = len(ids)
+    pos = np.arange(start, start + t)
+    x = ops.embed(ids, weights.embed).astype(np.float64)
+    for i, lw in enumerate(weights.layers):
+        xh = ops.rms_norm(x, lw.attn_norm, c.rms_eps)
+        q, k, v = ops.qkv(xh, lw, c.n_heads, c.n_kv_heads, c.head_dim)
+        q, k = ops.apply_rope(q, pos, c.rope_theta), ops.apply_rope(k, pos, c.rope_theta)
+        ck, cv = caches[i]
+        m = len(ck)
+        keys, values = np.concatenate([ck, k]), np.concatenate([cv, v])
+        mask = np.concatenate([np.ones((t, m), dtype=bool), ops.causal_mask(t, t)], axis=1)
+        o = ops.attention(q, keys, values, mask=mask).reshape(t, c.q_dim)
+        x = x + o @ lw.wo
+        x = x + ops.mlp(ops.rms_norm(x, lw.mlp_norm, c.rms_eps), lw.mlp, c.top_k)
+    h = ops.rms_norm(x, weights.final_norm, c.rms_eps)
+    return np.asarray(h @ weights.lm_head), np.asarray(h)
+
+
+def server_caches(view: ServerView, weights: ModelWeights, policy: str) -> Cache:
+    """Per-block caches the server can assemble from its view under ``policy``
+    (``zeros`` | ``encoded`` | ``neighbour``): middle blocks always get their shared valid caches."""
+    c = weights.config
+    n = int(open_meta(view)["n"])
+    shared = shared_caches(view, weights)
+    shape = (n, c.n_kv_heads, c.head_dim)
+    out: Cache = []
+    for i in range(c.n_layers):
+        if i in shared:
+            out.append(shared[i])
+            continue
+        if policy == "zeros":
+            out.append((np.zeros(shape), np.zeros(shape)))
+        elif policy == "neighbour" and shared:
+            near = min(shared, key=lambda j: (abs(j - i), j))
+            out.append(shared[near])
+        elif policy in ("encoded", "neighbour"):
+            _, zk, zv = raw_qkv(view, weights, i)
+            rows = len(zk)
+            k = ops.apply_rope(zk.reshape(rows, c.n_kv_heads, c.head_dim), np.arange(rows), c.rope_theta)
+            locked = view.select(stage="lock", layer=i)
+            if locked:
+                k = np.asarray(locked[0].arrays["k"], dtype=np.float64).reshape(-1, c.n_kv_heads, c.head_dim)
+            m = min(len(k), rows)
+            out.append((k[:m], zv.reshape(rows, c.n_kv_heads, c.head_dim)[:m]))
+        else:
+            raise ValueError(f"unknown policy {policy!r}")
+    return out
+
+
+def _metrics(logits: Array, hidden: Array, tokens: Array, ref_hidden: Array) -> dict[str, float]:
+    lp = logits - logits.max(axis=1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(axis=1, keepdims=True))
+    nll = -lp[np.arange(len(tokens) - 1), tokens[1:]]
+    agree = float(np.mean(np.argmax(logits[:-1], axis=1) == tokens[1:]))
+    cos = np.sum(hidden * ref_hidden, axis=1) / (np.linalg.norm(hidden, axis=1) * np.linalg.norm(ref_hidden, axis=1))
+    return {"ppl": float(np.exp(nll.mean())), "top1": agree, "emb_sim": float(cos.mean())}
+
+
+def statelessness_table(view: ServerView, weights: ModelWeights, prompt: npt.ArrayLike,
+                        continuation: npt.ArrayLike, recovered: npt.ArrayLike | None = None
+                        ) -> dict[str, dict[str, float]]:
+    """Table 5 for one request: policy → {ppl, top1, emb_sim} of the true ``continuation`` (≥ 2 tokens,
+    the first of which the server is given). ``prompt`` builds only the ``normal`` reference row."""
+    c = weights.config
+    cont = np.asarray(continuation, dtype=np.int64)
+    n = int(open_meta(view)["n"])
+    message(view, "open")
+
+    def plain(ids: npt.ArrayLike) -> Cache:
+        tr = forward_trace(weights, ids, logits=False)
+        return list(zip(tr.k, tr.v))
+
+    empty = (np.zeros((0, c.n_kv_heads, c.head_dim)), np.zeros((0, c.n_kv_heads, c.head_dim)))
+    normal_logits, normal_h = decode_with_caches(weights, plain(prompt), cont, n)
+    rows = {"normal": _metrics(normal_logits, normal_h, cont, normal_h)}
+    for policy in ("zeros", "encoded", "neighbour"):
+        lg, h = decode_with_caches(weights, server_caches(view, weights, policy), cont, n)
+        rows[policy] = _metrics(lg, h, cont, normal_h)
+    lg, h = decode_with_caches(weights, [empty] * c.n_layers, cont, 0)
+    rows["no-prompt"] = _metrics(lg, h, cont, normal_h)
+    if recovered is not None:
+        lg, h = decode_with_caches(weights, plain(recovered), cont, n)
+        rows["recovered"] = _metrics(lg, h, cont, normal_h)
+    return rows
