@@ -1,0 +1,149 @@
+"""Whole-protocol parity: SCX on the TorchBackend gives the numpy backend's logits and tokens on the
+same keys (float64: rtol 1e-10, DESIGN §6), and runs on CUDA when a GPU is present.
+
+float32 tolerance: the torch float32 run against the float64 numpy run differs by float32 rounding
+only: a few u = 2⁻²⁴ per stage, times (1 + β) on blinded stages (DESIGN §6), over L blocks, relative
+to the logits' scale — bound 64·L·u·(1 + β)·(1 + max|logit|).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scx_ref.backends.numpy_backend import NumpyBackend
+from scx_ref.backends.torch_backend import TorchBackend, TorchPlainModel, parse_dtype
+from scx_ref.config import ModelConfig
+from scx_ref.errors import ConfigError, DTypeError
+from scx_ref.keys import KeySchedule
+from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server
+from scx_ref.reference import ReferenceModel
+from scx_ref.weights import ModelWeights, random_weights
+
+U32 = 2.0**-24
+IDS = np.array([3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7])
+VARIANTS = {"dense": (0, False), "moe": (4, False), "qkv_bias": (0, True)}
+
+
+def weights(variant: str, n_layers: int = 4) -> ModelWeights:
+    n_experts, bias = VARIANTS[variant]
+    cfg = ModelConfig(
+        vocab_size=40,
+        hidden_size=16,
+        n_layers=n_layers,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=4,
+        intermediate_size=24,
+        n_experts=n_experts,
+        top_k=2 if n_experts else 0,
+        qkv_bias=bias,
+        max_positions=64,
+    )
+    return random_weights(cfg, np.random.default_rng(11))
+
+
+def run(backend: object, level: str, n_new: int = 4) -> tuple[np.ndarray, list[int], np.ndarray]:
+    keys = KeySchedule(b"\x05" * 32, b"\x09" * 16)
+    cfg = SCXConfig(level=level, max_length=64)  # type: ignore[arg-type]
+    client = Client(backend, keys, cfg)  # type: ignore[arg-type]
+    link = LocalTransport(Server(backend), record_view=True)  # type: ignore[arg-type]
+    logits = client.prefill(IDS, link)
+    client.share_keys(link)
+    tokens = [int(np.argmax(logits[-1]))]
+    last = logits[-1]
+    for _ in range(n_new - 1):
+        last = client.decode(tokens[-1], link)
+        tokens.append(int(np.argmax(last)))
+    return logits, tokens, last
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("level", ["permute", "paper", "blind"])
+def test_numpy_and_torch_scx_agree_on_the_same_keys(variant: str, level: str) -> None:
+    w = weights(variant)
+    np_logits, np_tokens, np_last = run(NumpyBackend(w), level)
+    t_logits, t_tokens, t_last = run(TorchBackend(w, torch.float64), level)
+    scale = np.abs(np_logits).max()
+    np.testing.assert_allclose(t_logits, np_logits, rtol=1e-10, atol=1e-10 * scale)
+    np.testing.assert_allclose(t_last, np_last, rtol=1e-10, atol=1e-10 * scale)
+    assert t_tokens == np_tokens == ReferenceModel(w).generate(IDS, 4)
+    f_logits, f_tokens, _ = run(TorchBackend(w, torch.float32), level)
+    beta = 0.0 if level == "permute" else SCXConfig().beta
+    assert np.abs(f_logits - np_logits).max() <= 64 * w.config.n_layers * U32 * (1 + beta) * (1 + scale)
+    assert f_tokens == np_tokens
+
+
+def test_server_view_is_the_same_for_both_backends() -> None:
+    """Same keys → the same messages (the encodings do not depend on the backend)."""
+    w = weights("dense")
+    keys = KeySchedule(b"\x05" * 32, b"\x09" * 16)
+    views = []
+    for backend in (NumpyBackend(w), TorchBackend(w, torch.float64)):
+        link = LocalTransport(Server(backend), record_view=True)  # type: ignore[arg-type]
+        Client(backend, keys, SCXConfig(level="paper", max_length=64)).prefill(IDS, link)  # type: ignore[arg-type]
+        views.append(link.view.messages)
+    assert [(m.stage, m.layer) for m in views[0]] == [(m.stage, m.layer) for m in views[1]]
+    for a, b in zip(views[0], views[1], strict=True):
+        for key in a.arrays:
+            np.testing.assert_allclose(b.arrays[key], a.arrays[key], rtol=1e-10, atol=1e-10)
+
+
+def test_plain_torch_model_matches_reference() -> None:
+    w = weights("moe")
+    ref_logits, _ = ReferenceModel(w).prefill(IDS)
+    plain = TorchPlainModel(TorchBackend(w, torch.float64))
+    np.testing.assert_allclose(plain.prefill(IDS).numpy(), ref_logits, rtol=1e-10, atol=1e-12)
+    assert plain.generate(IDS, 5) == ReferenceModel(w).generate(IDS, 5)
+
+
+def test_dtype_parsing_and_wire_format() -> None:
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float64") is torch.float64
+    with pytest.raises(DTypeError):
+        parse_dtype("int8")
+    w = weights("dense", 2)
+    for dt, want in [
+        (torch.float64, np.float64),
+        (torch.float32, np.float32),
+        (torch.bfloat16, np.float32),
+        (torch.float16, np.float32),
+    ]:
+        b = TorchBackend(w, dt)
+        assert b.numpy_dtype() == want
+        x = b.from_numpy(np.ones((2, 16)))
+        assert x.dtype == dt and b.to_numpy(x).dtype == want
+    with pytest.raises(ConfigError):
+        TorchBackend(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_scx_runs_and_stays_close(dtype: torch.dtype) -> None:
+    """bf16/fp16 SCX at level permute: within the dtype's rounding of the float64 logits.
+    Bound: 64·L·u·(1 + max|logit|) with u = 2⁻⁸ (bf16) / 2⁻¹¹ (fp16), as for float32 above."""
+    w = weights("dense")
+    want, _, _ = run(NumpyBackend(w), "permute", 1)
+    got, _, _ = run(TorchBackend(w, dtype), "permute", 1)
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    assert np.abs(got - want).max() <= 64 * w.config.n_layers * u * (1 + np.abs(want).max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cuda_backend_matches_cpu(variant: str) -> None:
+    w = weights(variant)
+    cpu_logits, cpu_tokens, _ = run(TorchBackend(w, torch.float64, "cpu"), "paper")
+    gpu = TorchBackend(w, torch.float64, "cuda")
+    assert gpu._w.embed.is_cuda and gpu._w.layers[0].wqkv.is_cuda
+    gpu_logits, gpu_tokens, _ = run(gpu, "paper")
+    np.testing.assert_allclose(gpu_logits, cpu_logits, rtol=1e-10, atol=1e-10 * np.abs(cpu_logits).max())
+    assert gpu_tokens == cpu_tokens
+    f_logits, f_tokens, _ = run(TorchBackend(w, torch.float32, "cuda"), "paper")
+    # TF32 may be on for CUDA matmuls: u = 2⁻¹¹ instead of 2⁻²⁴
+    u = 2.0**-11 if torch.backends.cuda.matmul.allow_tf32 else U32
+    assert np.abs(f_logits - cpu_logits).max() <= 64 * w.config.n_layers * u * 6 * (
+        1 + np.abs(cpu_logits).max()
+    )
+    assert f_tokens == cpu_tokens
+    for dt in (torch.bfloat16, torch.float16):
+        run(TorchBackend(w, dt, "cuda"), "permute", 2)
