@@ -1,6 +1,7 @@
 """Privacy attacks on the server's view of SCX (DESIGN §5.4, §8).
 
-Every attack consumes only what the server sees — its recorded :class:`~scx_ref.protocol.transport.ServerView`,
+Every attack consumes only what the server sees — its recorded
+:class:`~scx_ref.protocol.transport.ServerView`,
 its plaintext weights, the keys the protocol shares — plus public text disjoint from the victim prompts.
 Ground truth (the victim's tokens) is used only to *score* an attack, never by it.
 

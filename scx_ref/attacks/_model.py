@@ -39,8 +39,13 @@ class Trace:
     logits: Array | None = None
 
 
-def forward_trace(weights: ModelWeights, ids: npt.ArrayLike, cache: KVCache | None = None,
-                  upto: int | None = None, logits: bool = True) -> Trace:
+def forward_trace(
+    weights: ModelWeights,
+    ids: npt.ArrayLike,
+    cache: KVCache | None = None,
+    upto: int | None = None,
+    logits: bool = True,
+) -> Trace:
     """The reference forward (identical arithmetic to :class:`~scx_ref.reference.ReferenceModel`) with
     every stage recorded; continues ``cache`` (extended in place) and stops after block ``upto`` if given."""
     c = weights.config
@@ -80,8 +85,9 @@ def forward_trace(weights: ModelWeights, ids: npt.ArrayLike, cache: KVCache | No
     return tr
 
 
-def candidate_states(weights: ModelWeights, prefix: KVCache, candidates: npt.ArrayLike,
-                     layer: int) -> tuple[Array, Array, Array]:
+def candidate_states(
+    weights: ModelWeights, prefix: KVCache, candidates: npt.ArrayLike, layer: int
+) -> tuple[Array, Array, Array]:
     """For each candidate token at position ``prefix.length`` (after the prefix whose cache is given),
     the block-``layer`` input row x, and that block's post-RoPE key and value rows (kv_dim each).
 

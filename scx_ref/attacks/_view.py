@@ -34,8 +34,9 @@ def message(view: ServerView, stage: str, layer: int | None = None, step: int | 
     return msgs[0]
 
 
-def stage_array(view: ServerView, stage: str, layer: int | None = None, name: str = "x",
-                step: int | None = None) -> Array:
+def stage_array(
+    view: ServerView, stage: str, layer: int | None = None, name: str = "x", step: int | None = None
+) -> Array:
     """Array ``name`` of the first matching message, as float64."""
     return np.asarray(message(view, stage, layer, step).arrays[name], dtype=np.float64)
 
@@ -45,7 +46,7 @@ def raw_qkv(view: ServerView, weights: ModelWeights, layer: int) -> tuple[Array,
     noise included): Z = norm(x)·W (+ b) unless the message says the rows were already normalized."""
     c, lw = weights.config, weights.layers[layer]
     msg = message(view, "qkv", layer)
-    x = np.asarray(msg.arrays["x"], dtype=np.float64)
+    x: Array = np.asarray(msg.arrays["x"], dtype=np.float64)
     if not msg.meta.get("normalized", False):
         x = ops.rms_norm(x, lw.attn_norm, c.rms_eps)
     z = x @ lw.wqkv

@@ -47,11 +47,25 @@ def stage_search_spaces(view: ServerView, config: ModelConfig) -> list[dict[str,
         seen.add((m.stage, m.layer))
         if m.stage in ("qkv", "o", "ffn", "head", "lock"):
             rows = int(next(iter(m.arrays.values())).shape[0])
-            out.append({"stage": m.stage, "layer": m.layer, "rows": rows, "n": int(meta["n"]),
-                        "bits": search_space_bits(rows)})
+            out.append(
+                {
+                    "stage": m.stage,
+                    "layer": m.layer,
+                    "rows": rows,
+                    "n": int(meta["n"]),
+                    "bits": search_space_bits(rows),
+                }
+            )
         elif m.stage == "attn":
-            out.append({"stage": "attn", "layer": m.layer, "rows": int(meta["n"]), "n": int(meta["n"]),
-                        "bits": head_perm_bits(config)})
+            out.append(
+                {
+                    "stage": "attn",
+                    "layer": m.layer,
+                    "rows": int(meta["n"]),
+                    "n": int(meta["n"]),
+                    "bits": head_perm_bits(config),
+                }
+            )
     return out
 
 
@@ -61,7 +75,9 @@ def enumerate_orders(bag: npt.ArrayLike, n: int, lm: LanguageModel, max_rows: in
     items = [int(t) for t in np.asarray(bag).ravel()]
     if len(items) > max_rows:
         raise ConfigError(f"enumeration over {len(items)} rows refused (max_rows={max_rows})")
-    seqs = np.array(sorted({tuple(items[i] for i in p) for p in itertools.permutations(range(len(items)), n)}),
-                    dtype=np.int64)
+    seqs = np.array(
+        sorted({tuple(items[i] for i in p) for p in itertools.permutations(range(len(items)), n)}),
+        dtype=np.int64,
+    )
     scores = lm.token_logprobs(seqs).sum(axis=1)
     return [int(t) for t in seqs[int(np.argmax(scores))]]

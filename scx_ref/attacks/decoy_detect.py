@@ -40,8 +40,15 @@ def vocab_distance(rows: Array, weights: ModelWeights, normalized: bool) -> Arra
     return np.asarray(d / (np.linalg.norm(rows, axis=1) + 1e-12))
 
 
-def residual_links(x_qkv: Array, x_o: Array, x_ffn: Array, weights: ModelWeights, layer: int,
-                   qkv_normalized: bool = False, tol: float = 1e-4) -> tuple[Array, Array, Array]:
+def residual_links(
+    x_qkv: Array,
+    x_o: Array,
+    x_ffn: Array,
+    weights: ModelWeights,
+    layer: int,
+    qkv_normalized: bool = False,
+    tol: float = 1e-4,
+) -> tuple[Array, Array, Array]:
     """Which rows are real, by the identity FFN row = QKV row + O-stage output row (block ``layer``).
 
     Returns boolean masks (qkv_real, o_real, ffn_real) over each message's rows: a FFN row is real

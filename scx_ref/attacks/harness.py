@@ -68,8 +68,12 @@ def default_settings(quick: bool = False) -> list[Setting]:
     """Plaintext control, then one mechanism added at a time, a β sweep and guard sizes."""
     s = [
         Setting("plaintext", "none (control)", SCXConfig(level="permute", r1=0, r2=0, r_lock=0), _ALL),
-        Setting("tok-perm", "token permutation", SCXConfig(level="permute", r1=0, r2=0, r_lock=0),
-                frozenset({"head"})),
+        Setting(
+            "tok-perm",
+            "token permutation",
+            SCXConfig(level="permute", r1=0, r2=0, r_lock=0),
+            frozenset({"head"}),
+        ),
         Setting("+decoys", "+ decoys r=4", SCXConfig(level="permute", r1=4, r2=4), frozenset({"head"})),
         Setting("+head-perm", "+ head-dim permutation", SCXConfig(level="permute", r1=4, r2=4)),
         Setting("paper b=5", "+ Laplace β=5 (block 1)", SCXConfig(level="paper", r1=4, r2=4, beta=5.0)),
@@ -83,8 +87,9 @@ def default_settings(quick: bool = False) -> list[Setting]:
     return s
 
 
-def _engine_view(weights: ModelWeights, ids: Array, setting: Setting, n_new: int, seed: int,
-                 public: Array) -> tuple[ServerView, list[int]]:
+def _engine_view(
+    weights: ModelWeights, ids: Array, setting: Setting, n_new: int, seed: int, public: Array
+) -> tuple[ServerView, list[int]]:
     backend = NumpyBackend(weights, np.float64)
     master = hashlib.sha256(f"scx-attack-{seed}".encode()).digest()
     nonce = hashlib.sha256(f"nonce-{seed}".encode()).digest()[:16]
@@ -95,7 +100,7 @@ def _engine_view(weights: ModelWeights, ids: Array, setting: Setting, n_new: int
     return link.view, gen
 
 
-def _bag_scores(pred: Sequence[int], truth: Sequence[int]) -> dict[str, float]:
+def _bag_scores(pred: Any, truth: Any) -> dict[str, float]:
     hit = sum((Counter(int(t) for t in pred) & Counter(int(t) for t in truth)).values())
     return {"recall": hit / max(len(truth), 1), "precision": hit / max(len(pred), 1)}
 
@@ -112,34 +117,55 @@ class Context:
 
 
 def _public_trace(ctx: Context, window: int = 64) -> list[Any]:
-    return [forward_trace(ctx.weights, ctx.public[s : s + window], logits=False)
-            for s in range(0, len(ctx.public) - window + 1, window)]
+    return [
+        forward_trace(ctx.weights, ctx.public[s : s + window], logits=False)
+        for s in range(0, len(ctx.public) - window + 1, window)
+    ]
 
 
 def fit_tools(ctx: Context, layers: Sequence[int], mlp: bool = True, epochs: int = 300) -> None:
     """Fit the inverters on public text: per middle block, on [K|V] cache rows (after key sharing), on
-    plain V rows, on sorted V rows (σ-invariant) and on FFN-stage rows; store public V columns for σ recovery."""
+    plain V rows, on sorted V rows (σ-invariant) and on FFN-stage rows; keep public V columns for
+    σ recovery."""
     traces = _public_trace(ctx)
     toks = np.concatenate([ctx.public[s * 64 : s * 64 + 64] for s in range(len(traces))])
     for layer in layers:
-        kv = np.concatenate([np.concatenate([t.k[layer].reshape(len(t.k[layer]), -1),
-                                             t.v[layer].reshape(len(t.v[layer]), -1)], 1) for t in traces])
+        kv = np.concatenate(
+            [
+                np.concatenate(
+                    [t.k[layer].reshape(len(t.k[layer]), -1), t.v[layer].reshape(len(t.v[layer]), -1)], 1
+                )
+                for t in traces
+            ]
+        )
         v = np.concatenate([t.v[layer].reshape(len(t.v[layer]), -1) for t in traces])
         h = np.concatenate([t.h[layer] for t in traces])
         ctx.middle_ref[layer] = v
         ctx.inverters[f"kv{layer}/ridge"] = inversion.fit_inverter(kv, toks, ctx.weights, "ridge", lam=10.0)
         ctx.inverters[f"v{layer}/ridge"] = inversion.fit_inverter(v, toks, ctx.weights, "ridge", lam=10.0)
-        ctx.inverters[f"vsorted{layer}/ridge"] = inversion.fit_inverter(inversion.sorted_rows(v), toks, ctx.weights,
-                                                                        "ridge", lam=10.0)
+        ctx.inverters[f"vsorted{layer}/ridge"] = inversion.fit_inverter(
+            inversion.sorted_rows(v), toks, ctx.weights, "ridge", lam=10.0
+        )
         ctx.inverters[f"ffn{layer}/ridge"] = inversion.fit_inverter(h, toks, ctx.weights, "ridge", lam=10.0)
         if mlp:
-            ctx.inverters[f"kv{layer}/mlp"] = inversion.fit_inverter(kv, toks, ctx.weights, "mlp", epochs=epochs)
-            ctx.inverters[f"ffn{layer}/mlp"] = inversion.fit_inverter(h, toks, ctx.weights, "mlp", epochs=epochs)
+            ctx.inverters[f"kv{layer}/mlp"] = inversion.fit_inverter(
+                kv, toks, ctx.weights, "mlp", epochs=epochs
+            )
+            ctx.inverters[f"ffn{layer}/mlp"] = inversion.fit_inverter(
+                h, toks, ctx.weights, "mlp", epochs=epochs
+            )
 
 
-def run_setting(ctx: Context, setting: Setting, prompts: Sequence[Array], n_new: int, seed: int = 0,
-                sequential: bool = True, reorder: bool = True, progress: Progress | None = None
-                ) -> dict[str, Any]:
+def run_setting(
+    ctx: Context,
+    setting: Setting,
+    prompts: Sequence[Array],
+    n_new: int,
+    seed: int = 0,
+    sequential: bool = True,
+    reorder: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Every attack on the views of ``prompts`` under ``setting``; metrics averaged over prompts."""
     w = ctx.weights
     acc: dict[str, list[float]] = {}
@@ -153,14 +179,18 @@ def run_setting(ctx: Context, setting: Setting, prompts: Sequence[Array], n_new:
         view, gen = _engine_view(w, ids, setting, n_new, seed + pi, ctx.public)
         meta = open_meta(view)
         n, L = int(meta["n"]), w.config.n_layers
-        first, middle, _ = setting.config.blocks(L)
+        _, middle, _ = setting.config.blocks(L)
         # vocabulary matching, block 1 QKV (bag) and attention (fingerprints)
         m0 = view.select(stage="qkv", layer=0)[0]
         t_qkv, _ = vocab_match.match_block1_qkv(m0.arrays["x"], w, bool(m0.meta.get("normalized", False)))
         put("vm_qkv1_bag_recall", _bag_scores(t_qkv, ids)["recall"])
-        t_att, _ = vocab_match.match_block1_attn(stage_array(view, "attn", 0, "k"), stage_array(view, "attn", 0, "v"), w)
+        t_att, _ = vocab_match.match_block1_attn(
+            stage_array(view, "attn", 0, "k"), stage_array(view, "attn", 0, "v"), w
+        )
         put("vm_attn1_pos_acc", float(np.mean(t_att == ids)))
-        t_res, d_res = vocab_match.match_block1_residual(stage_array(view, "o", 0), stage_array(view, "ffn", 0), w)
+        t_res, d_res = vocab_match.match_block1_residual(
+            stage_array(view, "o", 0), stage_array(view, "ffn", 0), w
+        )
         put("vm_resid1_bag_recall", _bag_scores(t_res[d_res < 1e-6], ids)["recall"])
         if middle:
             ell = middle.start
@@ -174,6 +204,7 @@ def run_setting(ctx: Context, setting: Setting, prompts: Sequence[Array], n_new:
                     pred = ctx.inverters[key].predict(target)[:, 0]
                     put(f"inv_cache_{kind}_pos_acc", float(np.mean(pred == ids)))
             if sequential:
+
                 def ranker(t: Array, inv: Any = inv) -> Array:
                     sims = inv.embed(t[None, :]) @ inv.table.T
                     return np.argsort(-sims[0])
@@ -189,10 +220,15 @@ def run_setting(ctx: Context, setting: Setting, prompts: Sequence[Array], n_new:
             # attention stage of the first middle block: naive / σ-recovered / sorted inversion
             v_obs = stage_array(view, "attn", ell, "v").reshape(n, -1)
             if f"v{ell}/ridge" in ctx.inverters:
-                put("inv_attn_naive_pos_acc", float(np.mean(ctx.inverters[f"v{ell}/ridge"].predict(v_obs)[:, 0] == ids)))
+                put(
+                    "inv_attn_naive_pos_acc",
+                    float(np.mean(ctx.inverters[f"v{ell}/ridge"].predict(v_obs)[:, 0] == ids)),
+                )
                 idx = inversion.recover_column_permutation(v_obs, ctx.middle_ref[ell])
-                put("inv_attn_sigma_rec_pos_acc",
-                    float(np.mean(ctx.inverters[f"v{ell}/ridge"].predict(v_obs[:, idx])[:, 0] == ids)))
+                put(
+                    "inv_attn_sigma_rec_pos_acc",
+                    float(np.mean(ctx.inverters[f"v{ell}/ridge"].predict(v_obs[:, idx])[:, 0] == ids)),
+                )
                 srt = ctx.inverters[f"vsorted{ell}/ridge"].predict(inversion.sorted_rows(v_obs))[:, 0]
                 put("inv_attn_sorted_pos_acc", float(np.mean(srt == ids)))
                 f_rows = stage_array(view, "ffn", ell)
@@ -201,9 +237,14 @@ def run_setting(ctx: Context, setting: Setting, prompts: Sequence[Array], n_new:
                         pred = ctx.inverters[f"ffn{ell}/{kind}"].predict(f_rows)[:, 0]
                         put(f"inv_ffn_{kind}_bag_recall", _bag_scores(pred, ids)["recall"])
             # decoy detection by residual linking, at the first middle block
-            qr, orr, fr = decoy_detect.residual_links(stage_array(view, "qkv", ell), stage_array(view, "o", ell),
-                                                      stage_array(view, "ffn", ell), w, ell,
-                                                      bool(view.select(stage="qkv", layer=ell)[0].meta.get("normalized")))
+            _, _, fr = decoy_detect.residual_links(
+                stage_array(view, "qkv", ell),
+                stage_array(view, "o", ell),
+                stage_array(view, "ffn", ell),
+                w,
+                ell,
+                bool(view.select(stage="qkv", layer=ell)[0].meta.get("normalized")),
+            )
             rows = len(fr)
             put("decoy_link_real_found", fr.sum() / n)
             put("decoy_link_decoys_rejected", 1.0 if rows == n else (rows - fr.sum()) / (rows - n))
@@ -218,17 +259,23 @@ def run_setting(ctx: Context, setting: Setting, prompts: Sequence[Array], n_new:
             tables.append(statelessness.statelessness_table(view, w, ids, gen, recovered=t_att))
         if progress:
             progress(f"{setting.name} prompt {pi}")
-    out: dict[str, Any] = {"setting": setting.name, "mechanism": setting.mechanism,
-                           "config": setting.config.to_dict(), "identity_roles": sorted(setting.identity),
-                           "metrics": {k: float(np.mean(v)) for k, v in acc.items()}}
+    out: dict[str, Any] = {
+        "setting": setting.name,
+        "mechanism": setting.mechanism,
+        "config": setting.config.to_dict(),
+        "identity_roles": sorted(setting.identity),
+        "metrics": {k: float(np.mean(v)) for k, v in acc.items()},
+    }
     if tables:
-        out["statelessness"] = {pol: {m: float(np.mean([t[pol][m] for t in tables])) for m in tables[0][pol]}
-                                for pol in tables[0]}
+        out["statelessness"] = {
+            pol: {m: float(np.mean([t[pol][m] for t in tables])) for m in tables[0][pol]} for pol in tables[0]
+        }
     return out
 
 
-def noise_fitting(weights: ModelWeights, public: Array, victim: Array, beta: float, seed: int = 0,
-                  mlp_epochs: int = 300) -> dict[str, float]:
+def noise_fitting(
+    weights: ModelWeights, public: Array, victim: Array, beta: float, seed: int = 0, mlp_epochs: int = 300
+) -> dict[str, float]:
     """The paper's fixed- vs one-time-noise fitting attack on block-1 rows N(E[t]) + α: inverters fitted
     on public rows under the same noise process, and the Laplace maximum-likelihood vocabulary match.
     ``fixed``: one noise row reused for every row (train and victim); ``one-time``: fresh noise per row."""
@@ -240,6 +287,7 @@ def noise_fitting(weights: ModelWeights, public: Array, victim: Array, beta: flo
     fixed = laplace_noise((1, d), beta, rng)
     out: dict[str, float] = {}
     for mode in ("fixed", "one-time"):
+
         def enc(ids: Array, mode: str = mode) -> Array:
             noise = fixed if mode == "fixed" else laplace_noise((len(ids), d), beta, rng)
             return np.asarray(tab[ids] + noise)
@@ -252,15 +300,26 @@ def noise_fitting(weights: ModelWeights, public: Array, victim: Array, beta: flo
     return out
 
 
-def run_all(ctx: Context, prompts: Sequence[Array], settings: Sequence[Setting], n_new: int = 4,
-            enum_prompts: Sequence[Array] = (), progress: Progress | None = None, mlp_epochs: int = 300,
-            sequential: bool = True) -> dict[str, Any]:
+def run_all(
+    ctx: Context,
+    prompts: Sequence[Array],
+    settings: Sequence[Setting],
+    n_new: int = 4,
+    enum_prompts: Sequence[Array] = (),
+    progress: Progress | None = None,
+    mlp_epochs: int = 300,
+    sequential: bool = True,
+) -> dict[str, Any]:
     """Every setting, the noise-fitting experiment (β sweep), order enumeration for tiny n, and the
     search-space table. Returns a JSON-ready dict."""
     w = ctx.weights
-    results = [run_setting(ctx, s, prompts, n_new, sequential=sequential, progress=progress) for s in settings]
+    results = [
+        run_setting(ctx, s, prompts, n_new, sequential=sequential, progress=progress) for s in settings
+    ]
     victim = np.concatenate([np.asarray(p) for p in prompts])
-    fitting = {str(b): noise_fitting(w, ctx.public, victim, b, mlp_epochs=mlp_epochs) for b in (1.0, 5.0, 10.0)}
+    fitting = {
+        str(b): noise_fitting(w, ctx.public, victim, b, mlp_epochs=mlp_epochs) for b in (1.0, 5.0, 10.0)
+    }
     if progress:
         progress("noise fitting")
     enum: dict[str, float] = {}
@@ -276,7 +335,14 @@ def run_all(ctx: Context, prompts: Sequence[Array], settings: Sequence[Setting],
             progress("enumeration")
     n0 = len(prompts[0])
     view, _ = _engine_view(w, np.asarray(prompts[0]), settings[-1], 0, 99, ctx.public)
-    return {"model": w.config.name, "n_prompts": len(prompts), "prompt_len": n0, "n_new": n_new,
-            "settings": results, "noise_fitting": fitting, "enumeration": enum,
-            "enumeration_n": len(enum_prompts[0]) if len(enum_prompts) else 0,
-            "search_space": bruteforce.stage_search_spaces(view, w.config)[:8]}
+    return {
+        "model": w.config.name,
+        "n_prompts": len(prompts),
+        "prompt_len": n0,
+        "n_new": n_new,
+        "settings": results,
+        "noise_fitting": fitting,
+        "enumeration": enum,
+        "enumeration_n": len(enum_prompts[0]) if len(enum_prompts) else 0,
+        "search_space": bruteforce.stage_search_spaces(view, w.config)[:8],
+    }

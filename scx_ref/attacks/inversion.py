@@ -63,8 +63,16 @@ class Inverter:
         return np.asarray(np.argsort(-sims, axis=1)[:, :top])
 
 
-def fit_inverter(feats: Array, tokens: npt.ArrayLike, weights: ModelWeights, kind: str = "ridge",
-                 lam: float = 1.0, seed: int = 0, epochs: int = 300, hidden: int = 512) -> Inverter:
+def fit_inverter(
+    feats: Array,
+    tokens: npt.ArrayLike,
+    weights: ModelWeights,
+    kind: str = "ridge",
+    lam: float = 1.0,
+    seed: int = 0,
+    epochs: int = 300,
+    hidden: int = 512,
+) -> Inverter:
     """Fit an inverter on public (features, token) pairs. Ridge: W = (ZᵀZ + λI)⁻¹ZᵀY on standardized
     features Z with an intercept column; MLP: Z → ReLU(hidden) → d, trained by Adam on the cosine loss."""
     x = np.asarray(feats, dtype=np.float64)
@@ -86,8 +94,9 @@ def fit_inverter(feats: Array, tokens: npt.ArrayLike, weights: ModelWeights, kin
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(z.shape[1], hidden), torch.nn.ReLU(),
-                              torch.nn.Linear(hidden, y.shape[1]))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(z.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, y.shape[1])
+    )
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / np.sqrt(max(p.shape[-1], 1))))
@@ -98,7 +107,7 @@ def fit_inverter(feats: Array, tokens: npt.ArrayLike, weights: ModelWeights, kin
         idx = torch.randperm(len(zt), generator=gen)[:batch]
         loss = 1.0 - torch.nn.functional.cosine_similarity(net(zt[idx]), yt[idx]).mean()
         opt.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
     net.eval()
     return Inverter("mlp", mean, std, table, mlp=net)

@@ -70,7 +70,7 @@ class NumpyLM:
             lp = _log_softmax(self._logits(s))
             prev = lp[:-1] if self.bos is None else lp[: len(s)]
             first = np.array([-np.log(V)]) if self.bos is None else np.zeros(0)
-            out.append(np.concatenate([first, prev[np.arange(len(prev)), s[len(s) - len(prev):]]]))
+            out.append(np.concatenate([first, prev[np.arange(len(prev)), s[len(s) - len(prev) :]]]))
         return np.stack(out)
 
 
@@ -120,7 +120,7 @@ def beam_reorder(bag: npt.ArrayLike, n: int, lm: LanguageModel, beam: int = 8) -
         seqs = np.array([b[1] for b in beams], dtype=np.int64).reshape(len(beams), -1)
         lp = lm.next_logprobs(seqs)
         cand: list[tuple[float, list[int]]] = []
-        for (score, seq), row in zip(beams, lp):
+        for (score, seq), row in zip(beams, lp, strict=True):
             left = Counter(items) - Counter(seq)
             cand.extend((score + float(row[t]), [*seq, t]) for t in left)
         cand.sort(key=lambda c: -c[0])

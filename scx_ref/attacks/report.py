@@ -33,8 +33,7 @@ def _fmt(x: Any) -> str:
 def markdown_table(result: dict[str, Any]) -> str:
     """Attack × setting table, the statelessness table, the noise-fitting table and search spaces."""
     sets = result["settings"]
-    lines = ["| attack | " + " | ".join(s["setting"] for s in sets) + " |",
-             "|---|" + "---|" * len(sets)]
+    lines = ["| attack | " + " | ".join(s["setting"] for s in sets) + " |", "|---|" + "---|" * len(sets)]
     for key, title in METRICS:
         vals = [s["metrics"].get(key) for s in sets]
         if all(v is None for v in vals):
@@ -44,24 +43,44 @@ def markdown_table(result: dict[str, Any]) -> str:
     st = [s for s in sets if "statelessness" in s]
     if st:
         pols = list(st[0]["statelessness"])
-        rows = ["| server decodes with | " + " | ".join(s["setting"] for s in st) + " |", "|---|" + "---|" * len(st)]
+        rows = [
+            "| server decodes with | " + " | ".join(s["setting"] for s in st) + " |",
+            "|---|" + "---|" * len(st),
+        ]
         for p in pols:
-            rows.append(f"| {p} | " + " | ".join(
-                f"{s['statelessness'][p]['ppl']:.1f} / {s['statelessness'][p]['top1']:.2f}" for s in st) + " |")
-        out.append("Statelessness (token PPL of the true continuation / greedy top-1 agreement):\n\n" + "\n".join(rows))
+            rows.append(
+                f"| {p} | "
+                + " | ".join(
+                    f"{s['statelessness'][p]['ppl']:.1f} / {s['statelessness'][p]['top1']:.2f}" for s in st
+                )
+                + " |"
+            )
+        out.append(
+            "Statelessness (token PPL of the true continuation / greedy top-1 agreement):\n\n"
+            + "\n".join(rows)
+        )
     nf = result.get("noise_fitting") or {}
     if nf:
         modes = list(next(iter(nf.values())))
         rows = ["| β | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
         rows += [f"| {b} | " + " | ".join(_fmt(v[m]) for m in modes) + " |" for b, v in nf.items()]
-        out.append("Block-1 rows N(E[t]) + Laplace(β): top-1 token recovery (fixed vs one-time noise):\n\n"
-                   + "\n".join(rows))
+        out.append(
+            "Block-1 rows N(E[t]) + Laplace(β): top-1 token recovery (fixed vs one-time noise):\n\n"
+            + "\n".join(rows)
+        )
     if result.get("enumeration"):
-        out.append(f"Order enumeration (n = {result.get('enumeration_n')}, model likelihood), exact-order rate: "
-                   + ", ".join(f"{k}: {v:.2f}" for k, v in result["enumeration"].items()))
+        out.append(
+            f"Order enumeration (n = {result.get('enumeration_n')}, model likelihood), exact-order rate: "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in result["enumeration"].items())
+        )
     if result.get("search_space"):
-        out.append("Search spaces: " + "; ".join(f"{r['stage']}[{r['layer']}] {r['rows']} rows → {r['bits']:.0f} bits"
-                                                  for r in result["search_space"]))
+        out.append(
+            "Search spaces: "
+            + "; ".join(
+                f"{r['stage']}[{r['layer']}] {r['rows']} rows → {r['bits']:.0f} bits"
+                for r in result["search_space"]
+            )
+        )
     return "\n\n".join(out) + "\n"
 
 
@@ -79,8 +98,12 @@ def plot(result: dict[str, Any], outdir: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(keys)), 4.5))
     width = 0.8 / max(len(sets), 1)
     for j, s in enumerate(sets):
-        ax.bar([i + j * width for i in range(len(keys))], [s["metrics"].get(k, 0.0) for k, _ in keys], width,
-               label=s["setting"])
+        ax.bar(
+            [i + j * width for i in range(len(keys))],
+            [s["metrics"].get(k, 0.0) for k, _ in keys],
+            width,
+            label=s["setting"],
+        )
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
     ax.set_xticklabels([t for _, t in keys], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("fraction recovered")

@@ -54,8 +54,17 @@ class SimSettings:
     @classmethod
     def plaintext(cls, l_s: int = 1, l_e: int = 1) -> SimSettings:
         """No permutation, no decoys, no noise: the attack's sanity control."""
-        return cls(token_perm=False, head_perm=False, r1=0, r2=0, r_lock=0, level="permute", beta=0.0,
-                   l_s=l_s, l_e=l_e)
+        return cls(
+            token_perm=False,
+            head_perm=False,
+            r1=0,
+            r2=0,
+            r_lock=0,
+            level="permute",
+            beta=0.0,
+            l_s=l_s,
+            l_e=l_e,
+        )
 
     def beta_at(self, stage: str, layer: int) -> float:
         if self.level == "blind" or (self.level == "paper" and stage == "qkv" and layer == 0):
@@ -72,9 +81,14 @@ class _Sim:
     view: ServerView = field(default_factory=ServerView)
     session: str = "sim"
 
-    def send(self, stage: str, layer: int, step: int, meta: dict[str, Any] | None = None, **arrays: Array) -> None:
-        self.view.messages.append(ViewedMessage(self.session, stage, layer, step,
-                                                {k: np.array(v) for k, v in arrays.items()}, meta or {}))
+    def send(
+        self, stage: str, layer: int, step: int, meta: dict[str, Any] | None = None, **arrays: Array
+    ) -> None:
+        self.view.messages.append(
+            ViewedMessage(
+                self.session, stage, layer, step, {k: np.array(v) for k, v in arrays.items()}, meta or {}
+            )
+        )
 
     def perm(self, n: int) -> Array:
         return self.rng.permutation(n) if self.s.token_perm else np.arange(n)
@@ -96,7 +110,9 @@ class _Sim:
         return HeadPermutation(self.rng.permutation(c.n_kv_heads), sig)
 
 
-def calibration_pool(weights: ModelWeights, public_ids: npt.ArrayLike, window: int = 64) -> dict[tuple[str, int], Array]:
+def calibration_pool(
+    weights: ModelWeights, public_ids: npt.ArrayLike, window: int = 64
+) -> dict[tuple[str, int], Array]:
     """Stage rows of public text (DESIGN §5.1 calibration pool): ``qkv`` block inputs, ``o`` attention
     outputs, ``ffn`` residuals before the MLP, ``k`` post-RoPE keys (flattened), ``head`` final residuals."""
     ids = np.asarray(public_ids, dtype=np.int64)
@@ -113,9 +129,14 @@ def calibration_pool(weights: ModelWeights, public_ids: npt.ArrayLike, window: i
     return {key: np.concatenate(parts) for key, parts in rows.items()}
 
 
-def simulate_view(weights: ModelWeights, ids: npt.ArrayLike, settings: SimSettings,
-                  pool: dict[tuple[str, int], Array], rng: np.random.Generator,
-                  n_new: int = 0) -> tuple[ServerView, list[int]]:
+def simulate_view(
+    weights: ModelWeights,
+    ids: npt.ArrayLike,
+    settings: SimSettings,
+    pool: dict[tuple[str, int], Array],
+    rng: np.random.Generator,
+    n_new: int = 0,
+) -> tuple[ServerView, list[int]]:
     """The server's view of one SCX request (prefill of ``ids``, key sharing, ``n_new`` greedy tokens),
     and the generated tokens (ground truth for scoring). ``rng`` stands in for the client's keys."""
     w, c, s = weights, weights.config, settings
@@ -139,7 +160,9 @@ def simulate_view(weights: ModelWeights, ids: npt.ArrayLike, settings: SimSettin
             e = e + laplace_noise(e.shape, beta, rng)
         sim.send("qkv", i, -1, {"normalized": normalized}, x=e)
         hp = sim.head_perm()
-        sim.send("attn", i, -1, q=hp.apply(tr.q[i], c.group_size), k=hp.apply(tr.k[i], 1), v=hp.apply(tr.v[i], 1))
+        sim.send(
+            "attn", i, -1, q=hp.apply(tr.q[i], c.group_size), k=hp.apply(tr.k[i], 1), v=hp.apply(tr.v[i], 1)
+        )
         po = sim.perm(n + s.r2)
         sim.send("o", i, -1, x=np.concatenate([tr.o[i], sim.decoys("o", i, s.r2, tr.o[i])])[po])
         # as in the engine: the FFN stage's decoys ride on (through the MLP) into block i+1's QKV stage
@@ -150,7 +173,9 @@ def simulate_view(weights: ModelWeights, ids: npt.ArrayLike, settings: SimSettin
     sim.send("head", L, -1, x=np.concatenate([tr.final, dec1])[perms[L]])
     for i in last:
         kk = tr.k[i].reshape(n, c.kv_dim)
-        sim.send("lock", i, -1, k=np.concatenate([kk, sim.decoys("k", i, s.r_lock, kk)])[sim.perm(n + s.r_lock)])
+        sim.send(
+            "lock", i, -1, k=np.concatenate([kk, sim.decoys("k", i, s.r_lock, kk)])[sim.perm(n + s.r_lock)]
+        )
     for i in middle:
         sim.send("share", i, -1, {"salt": "00" * 32}, perm=perms[i])
     assert tr.logits is not None

@@ -29,8 +29,9 @@ Array = npt.NDArray[Any]
 Cache = list[tuple[Array, Array]]
 
 
-def decode_with_caches(weights: ModelWeights, caches: Cache, tokens: npt.ArrayLike, start: int
-                       ) -> tuple[Array, Array]:
+def decode_with_caches(
+    weights: ModelWeights, caches: Cache, tokens: npt.ArrayLike, start: int
+) -> tuple[Array, Array]:
     """Logits (T × V) and final hidden rows after feeding ``tokens`` at positions start, start+1, …, each
     attending to every row of its block's given cache (any length) and to the tokens before it."""
     c = weights.config
@@ -89,13 +90,19 @@ def _metrics(logits: Array, hidden: Array, tokens: Array, ref_hidden: Array) -> 
     lp = lp - np.log(np.exp(lp).sum(axis=1, keepdims=True))
     nll = -lp[np.arange(len(tokens) - 1), tokens[1:]]
     agree = float(np.mean(np.argmax(logits[:-1], axis=1) == tokens[1:]))
-    cos = np.sum(hidden * ref_hidden, axis=1) / (np.linalg.norm(hidden, axis=1) * np.linalg.norm(ref_hidden, axis=1))
+    cos = np.sum(hidden * ref_hidden, axis=1) / (
+        np.linalg.norm(hidden, axis=1) * np.linalg.norm(ref_hidden, axis=1)
+    )
     return {"ppl": float(np.exp(nll.mean())), "top1": agree, "emb_sim": float(cos.mean())}
 
 
-def statelessness_table(view: ServerView, weights: ModelWeights, prompt: npt.ArrayLike,
-                        continuation: npt.ArrayLike, recovered: npt.ArrayLike | None = None
-                        ) -> dict[str, dict[str, float]]:
+def statelessness_table(
+    view: ServerView,
+    weights: ModelWeights,
+    prompt: npt.ArrayLike,
+    continuation: npt.ArrayLike,
+    recovered: npt.ArrayLike | None = None,
+) -> dict[str, dict[str, float]]:
     """Table 5 for one request: policy → {ppl, top1, emb_sim} of the true ``continuation`` (≥ 2 tokens,
     the first of which the server is given). ``prompt`` builds only the ``normal`` reference row."""
     c = weights.config
@@ -105,7 +112,7 @@ def statelessness_table(view: ServerView, weights: ModelWeights, prompt: npt.Arr
 
     def plain(ids: npt.ArrayLike) -> Cache:
         tr = forward_trace(weights, ids, logits=False)
-        return list(zip(tr.k, tr.v))
+        return list(zip(tr.k, tr.v, strict=True))
 
     empty = (np.zeros((0, c.n_kv_heads, c.head_dim)), np.zeros((0, c.n_kv_heads, c.head_dim)))
     normal_logits, normal_h = decode_with_caches(weights, plain(prompt), cont, n)

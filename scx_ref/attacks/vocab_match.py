@@ -30,7 +30,14 @@ from ..reference import KVCache
 from ..weights import ModelWeights
 from ._model import candidate_states, forward_trace
 
-__all__ = ["match_block1_attn", "match_block1_qkv", "match_block1_residual", "match_sequential", "nearest_rows", "normalized_table"]
+__all__ = [
+    "match_block1_attn",
+    "match_block1_qkv",
+    "match_block1_residual",
+    "match_sequential",
+    "nearest_rows",
+    "normalized_table",
+]
 
 Array = npt.NDArray[Any]
 Ranker = Callable[[Array], Array]
@@ -39,8 +46,9 @@ Ranker = Callable[[Array], Array]
 def normalized_table(weights: ModelWeights) -> Array:
     """RMSNorm(E) with block 1's attention-norm gain: every possible normalized block-1 input row."""
     c = weights.config
-    return np.asarray(ops.rms_norm(np.asarray(weights.embed, dtype=np.float64), weights.layers[0].attn_norm,
-                                   c.rms_eps))
+    return np.asarray(
+        ops.rms_norm(np.asarray(weights.embed, dtype=np.float64), weights.layers[0].attn_norm, c.rms_eps)
+    )
 
 
 def nearest_rows(rows: Array, table: Array, metric: str = "l1", chunk: int = 4096) -> tuple[Array, Array]:
@@ -57,8 +65,14 @@ def nearest_rows(rows: Array, table: Array, metric: str = "l1", chunk: int = 409
         if metric == "l1":
             d = np.stack([np.abs(r[None, :] - t).sum(axis=1) for r in rows])
         else:
-            d = np.sqrt(np.maximum(t_sq[start : start + chunk][None, :] - 2 * rows @ t.T
-                                   + np.einsum("ij,ij->i", rows, rows)[:, None], 0.0))
+            d = np.sqrt(
+                np.maximum(
+                    t_sq[start : start + chunk][None, :]
+                    - 2 * rows @ t.T
+                    + np.einsum("ij,ij->i", rows, rows)[:, None],
+                    0.0,
+                )
+            )
         j = np.argmin(d, axis=1)
         dj = d[np.arange(len(rows)), j]
         better = dj < best
@@ -66,8 +80,9 @@ def nearest_rows(rows: Array, table: Array, metric: str = "l1", chunk: int = 409
     return arg, best
 
 
-def match_block1_qkv(rows: Array, weights: ModelWeights, normalized: bool | None = None,
-                     metric: str = "l1") -> tuple[Array, Array]:
+def match_block1_qkv(
+    rows: Array, weights: ModelWeights, normalized: bool | None = None, metric: str = "l1"
+) -> tuple[Array, Array]:
     """Token id and distance for each block-1 QKV-stage row (permuted bag, decoys included).
 
     ``normalized``: the message's flag (rows are RMSNorm(E[t]) + noise) — None tries raw and normalized
@@ -87,8 +102,9 @@ def _sorted_candidates(weights: ModelWeights, which: str, position: int | None) 
     w, b = (lw.wv, lw.bv) if which == "v" else (lw.wk, lw.bk)
     z = xh @ w if b is None else xh @ w + b
     if which == "k":
-        z = ops.apply_rope(z.reshape(len(z), c.n_kv_heads, c.head_dim), np.full(len(z), position),
-                           c.rope_theta).reshape(len(z), c.kv_dim)
+        z = ops.apply_rope(
+            z.reshape(len(z), c.n_kv_heads, c.head_dim), np.full(len(z), position), c.rope_theta
+        ).reshape(len(z), c.kv_dim)
     return np.sort(z, axis=1)
 
 
@@ -115,10 +131,18 @@ def match_block1_attn(k: Array, v: Array, weights: ModelWeights, use_k: bool = T
     return ids, dist
 
 
-def match_sequential(targets: Array, weights: ModelWeights, layer: int, kind: str,
-                     prefix: npt.ArrayLike = (), ranker: Ranker | None = None, first: int = 256,
-                     tol: float = 1e-4, chunk: int = 2048, max_candidates: int | None = None
-                     ) -> tuple[Array, Array]:
+def match_sequential(
+    targets: Array,
+    weights: ModelWeights,
+    layer: int,
+    kind: str,
+    prefix: npt.ArrayLike = (),
+    ranker: Ranker | None = None,
+    first: int = 256,
+    tol: float = 1e-4,
+    chunk: int = 2048,
+    max_candidates: int | None = None,
+) -> tuple[Array, Array]:
     """Token-by-token recovery of a sequence from per-position rows of block ``layer``.
 
     ``kind`` = ``kv``: targets are [K_rope | V] cache rows (rows × 2·kv_dim, true order: the middle
@@ -164,8 +188,9 @@ def match_sequential(targets: Array, weights: ModelWeights, layer: int, kind: st
     return ids, dist
 
 
-def match_block1_residual(x_o: Array, x_ffn: Array, weights: ModelWeights, chunk: int = 4096
-                          ) -> tuple[Array, Array]:
+def match_block1_residual(
+    x_o: Array, x_ffn: Array, weights: ModelWeights, chunk: int = 4096
+) -> tuple[Array, Array]:
     """Block-1 tokens from the *un-noised* O and FFN stages, whatever noise the QKV stage had.
 
     Identity: a real block-1 FFN-stage row is H = E[t] + O·W_o with O one of the O-stage rows, so for the
