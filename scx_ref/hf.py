@@ -191,13 +191,16 @@ def _np(t: torch.Tensor, dtype: Any) -> Any:
     return t.detach().to(device="cpu", dtype=torch.float64).numpy().astype(dtype)
 
 
-def weights_from_hf(model: Any, dtype: Any = None) -> ModelWeights:
+def weights_from_hf(model: Any, dtype: Any = None, name: str | None = None) -> ModelWeights:
     """The HF model's weights as numpy :class:`ModelWeights` (``y = x @ W``: Linear weights transposed).
 
-    Default dtype: float64 for a float64 model, float32 otherwise. Guarantee: the reference forward on
+    Default dtype: float64 for a float64 model, float32 otherwise; ``name`` overrides the config's
+    name. Guarantee: the reference forward on
     these weights is the HF forward's mathematics (tested to rtol 1e-10 in float64 in ``tests/test_hf.py``).
     """
     config = config_from_hf(model.config)
+    if name is not None:
+        config = ModelConfig(**{**config.to_dict(), "name": name})
     t = hf_tensors(model)
     if dtype is None:
         dtype = np.float64 if t["embed"].dtype == torch.float64 else np.float32

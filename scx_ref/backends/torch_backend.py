@@ -134,6 +134,17 @@ def _from_model_weights(w: ModelWeights, dtype: torch.dtype, device: torch.devic
     )
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite, in one reduction pass: a sum is finite only if every term is
+    (NaN and ±Inf propagate; +Inf + −Inf is NaN), so a finite sum proves it; a non-finite sum (or an
+    overflow of finite terms) falls back to the elementwise test."""
+    if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 class TorchBackend:
     """Backend[torch.Tensor] over a model's weights, in ``dtype`` on ``device`` (see the module doc)."""
 
@@ -230,7 +241,7 @@ class TorchBackend:
         if not t.is_floating_point():
             raise DTypeError(f"{name} must be a floating-point array, got dtype {t.dtype}")
         t = t.to(device=self.device, dtype=self.dtype)
-        if t.numel() and not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             raise NonFiniteError(f"{name} holds NaN or Inf")
         return t
 
@@ -404,7 +415,7 @@ class TorchBackend:
         if tuple(t.shape) != tuple(shape):
             raise ShapeError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
         t = t.to(device=self.device, dtype=self.dtype)
-        if t.numel() and not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             raise NonFiniteError(f"{name} holds NaN or Inf")
         return t
 
