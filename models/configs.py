@@ -1,0 +1,117 @@
+"""Random-weight model configurations built in code: ``tiny-llama``, ``mixtral-random``, ``qwen2-random``.
+
+Each is a transformers config with realistic shape ratios (GQA, head_dim 64; Mixtral top-2 of 8 experts
+and Qwen2 QKV bias) and parameters drawn from a ``torch.Generator`` with a fixed seed — no global random
+state is read or written (the HF init is skipped; every parameter is filled from the generator).
+
+Initialisation: embeddings N(0, 1); norm gains 1 + 0.1·N(0, 1); projections N(0, 1/fan_in); Qwen2 biases
+0.1·N(0, 1); the LM head N(0, (4²)/d), so logits have a standard deviation near 4, like a trained model's,
+and perplexity responds to small logit errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["RANDOM_MODELS", "RandomModelSpec", "build_random_model", "hf_config"]
+
+
+@dataclass(frozen=True)
+class RandomModelSpec:
+    """Shapes of one random model and the seed of its parameters."""
+
+    family: str  # llama | mixtral | qwen2
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    seed: int
+    head_dim: int = 64
+    rope_theta: float = 10000.0
+    n_experts: int = 0
+    top_k: int = 0
+    max_positions: int = 4096
+    rms_eps: float = 1e-5
+    logit_scale: float = 4.0
+
+
+RANDOM_MODELS: dict[str, RandomModelSpec] = {
+    # a small LLaMA for fast tests: 2 blocks, GQA 2:1
+    "tiny-llama": RandomModelSpec("llama", 512, 128, 2, 2, 1, 384, seed=1),
+    # Mixtral 8x7B ratios scaled down: d/H = 64, GQA 4:1, f = 3.5·d, top-2 of 8 experts, RoPE base 1e6
+    "mixtral-random": RandomModelSpec(
+        "mixtral", 4096, 512, 4, 8, 2, 1792, seed=2, rope_theta=1e6, n_experts=8, top_k=2
+    ),
+    # Qwen2-0.5B ratios halved: d = 448, GQA 7:1, f ≈ 5.4·d, QKV bias, RoPE base 1e6
+    "qwen2-random": RandomModelSpec("qwen2", 8192, 448, 4, 7, 1, 2432, seed=3, rope_theta=1e6, rms_eps=1e-6),
+}
+
+
+def hf_config(spec: RandomModelSpec) -> Any:
+    """The transformers config of ``spec`` (LlamaConfig, MixtralConfig or Qwen2Config)."""
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config
+
+    common: dict[str, Any] = dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.n_layers,
+        num_attention_heads=spec.n_heads,
+        num_key_value_heads=spec.n_kv_heads,
+        intermediate_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_positions,
+        rms_norm_eps=spec.rms_eps,
+        rope_parameters={"rope_theta": spec.rope_theta, "rope_type": "default"},
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        attention_dropout=0.0,
+    )
+    if spec.family == "llama":
+        return LlamaConfig(head_dim=spec.head_dim, attention_bias=False, mlp_bias=False, **common)
+    if spec.family == "mixtral":
+        return MixtralConfig(
+            head_dim=spec.head_dim,
+            num_local_experts=spec.n_experts,
+            num_experts_per_tok=spec.top_k,
+            router_jitter_noise=0.0,
+            sliding_window=None,
+            **common,
+        )
+    if spec.family == "qwen2":
+        assert spec.hidden_size == spec.n_heads * spec.head_dim  # Qwen2 derives head_dim from these
+        return Qwen2Config(use_sliding_window=False, **common)
+    raise ValueError(f"unknown family {spec.family!r}")
+
+
+def build_random_model(spec: RandomModelSpec) -> Any:
+    """The HF causal-LM of ``spec`` in float32 with parameters drawn from ``torch.Generator(spec.seed)``.
+
+    Guarantee: the same spec gives bit-identical parameters on every call and every platform's CPU
+    generator; global torch random state is neither read nor changed.
+    """
+    import torch
+    from transformers import LlamaForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM
+    from transformers.initialization import no_init_weights
+
+    cls = {"llama": LlamaForCausalLM, "mixtral": MixtralForCausalLM, "qwen2": Qwen2ForCausalLM}[spec.family]
+    with no_init_weights():
+        model = cls(hf_config(spec))
+    gen = torch.Generator().manual_seed(spec.seed)
+    d = spec.hidden_size
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("embed_tokens.weight"):
+                value = noise
+            elif "norm" in name:
+                value = 1.0 + 0.1 * noise
+            elif name.endswith(".bias"):
+                value = 0.1 * noise
+            elif name == "lm_head.weight":
+                value = noise * (spec.logit_scale / d**0.5)
+            else:  # out × in (or E × out × in): fan-in is the last axis
+                value = noise / param.shape[-1] ** 0.5
+            param.copy_(value)
+    return model.to(torch.float32).eval()

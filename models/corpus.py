@@ -1,0 +1,75 @@
+"""The evaluation corpus: CPython's ``pydoc_data.topics`` (the text of the ``help()`` topics).
+
+Fixed order: the topics joined by a blank line in sorted key order, so every run sees the same text.
+Models with a tokenizer use it (no special tokens); the random models (no tokenizer) use a
+deterministic byte-level mapping: UTF-8 byte b → token id b mod V.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from scx_ref.errors import ConfigError
+
+__all__ = ["byte_tokenize", "corpus_text", "corpus_tokens", "prompts", "tokenize"]
+
+IdArray = npt.NDArray[np.int64]
+
+
+def corpus_text() -> str:
+    """The corpus: ``pydoc_data.topics.topics`` values in sorted key order, joined by blank lines."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def byte_tokenize(text: str, vocab_size: int) -> IdArray:
+    """Token ids of ``text`` under the byte mapping b → b mod vocab_size (identity when V ≥ 256)."""
+    if vocab_size < 2:
+        raise ConfigError(f"vocab_size must be >= 2, got {vocab_size}")
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) % vocab_size
+
+
+def tokenize(text: str, tokenizer: Any | None, vocab_size: int) -> IdArray:
+    """Token ids of ``text`` with the model's tokenizer (no special tokens), else the byte mapping."""
+    if tokenizer is None:
+        return byte_tokenize(text, vocab_size)
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ConfigError(f"tokenizer produced ids outside the vocabulary of {vocab_size}")
+    return ids
+
+
+def corpus_tokens(n_tokens: int, tokenizer: Any | None, vocab_size: int) -> IdArray:
+    """The first ``n_tokens`` tokens of the corpus (ConfigError if the corpus is shorter)."""
+    if n_tokens < 2:
+        raise ConfigError(f"need at least 2 tokens, got {n_tokens}")
+    text = corpus_text()
+    # tokenize only a prefix long enough (≥ 1 byte per token; a generous factor for safety)
+    chars = min(len(text), 8 * n_tokens + 1024)
+    ids = tokenize(text[:chars], tokenizer, vocab_size)
+    if len(ids) < n_tokens and chars < len(text):
+        ids = tokenize(text, tokenizer, vocab_size)
+    if len(ids) < n_tokens:
+        raise ConfigError(f"the corpus has only {len(ids)} tokens, {n_tokens} asked")
+    return ids[:n_tokens]
+
+
+def prompts(count: int, length: int, tokenizer: Any | None, vocab_size: int) -> list[IdArray]:
+    """``count`` prompts of ``length`` tokens: the start of topics spread evenly over the sorted keys."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    if count < 1 or count > len(keys):
+        raise ConfigError(f"count must be in 1..{len(keys)}, got {count}")
+    out = []
+    for i in range(count):
+        key = keys[(i * len(keys)) // count]
+        ids = tokenize(topics[key].strip()[: 16 * length + 64], tokenizer, vocab_size)
+        if len(ids) < length:
+            raise ConfigError(f"topic {key!r} is shorter than {length} tokens")
+        out.append(ids[:length])
+    return out

@@ -1,0 +1,119 @@
+"""Perplexity over non-overlapping windows, plaintext against SCX.
+
+The first ``tokens`` corpus tokens are cut into consecutive windows of ``window`` tokens (the last one
+may be shorter); each window is one independent forward pass (one SCX request) and predicts its tokens
+2..len from the preceding ones. PPL = exp(mean NLL) over all predicted tokens; the NLL is computed in
+float64 from each side's logits (log-softmax in float64), so the two sides differ only by their logits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from scx_ref.errors import ConfigError
+
+from .engines import LogitsFn
+
+__all__ = ["PPLComparison", "compare_ppl", "token_nll", "windows"]
+
+IdArray = npt.NDArray[np.int64]
+
+
+def windows(n_tokens: int, window: int) -> list[slice]:
+    """Consecutive non-overlapping slices of ``window`` tokens covering 0..n_tokens (last one ≥ 2 tokens;
+    a 1-token tail predicts nothing and is dropped)."""
+    if window < 2:
+        raise ConfigError(f"window must be >= 2, got {window}")
+    if n_tokens < 2:
+        raise ConfigError(f"need at least 2 tokens, got {n_tokens}")
+    out = [slice(s, min(s + window, n_tokens)) for s in range(0, n_tokens, window)]
+    return [s for s in out if s.stop - s.start >= 2]
+
+
+def token_nll(logits: npt.NDArray[Any], ids: IdArray) -> npt.NDArray[np.float64]:
+    """−log p(ids[t+1] | ids[..t]) for t = 0..n−2, from rows × V logits, in float64."""
+    z = np.asarray(logits[:-1], dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=-1))
+    target = z[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+    return np.asarray(lse - target, dtype=np.float64)
+
+
+@dataclass
+class PPLComparison:
+    """Plaintext vs SCX perplexity over the same windows."""
+
+    tokens: int
+    window: int
+    predicted: int
+    ppl_plain: float
+    ppl_scx: float
+    delta_ppl: float
+    rel_delta_ppl: float
+    max_abs_dlogit: float
+    max_abs_logit: float
+    max_abs_dnll: float
+    seconds_plain: float
+    seconds_scx: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare_ppl(
+    ids: IdArray,
+    window: int,
+    plain: LogitsFn,
+    scx: LogitsFn,
+    progress: Callable[[Iterable[slice]], Iterable[slice]] | None = None,
+) -> PPLComparison:
+    """Run both sides on every window and compare.
+
+    Reports ΔPPL = PPL_scx − PPL_plain, its relative size |ΔPPL|/PPL_plain, the largest |Δlogit| over every
+    row and vocabulary entry, and the largest per-token |ΔNLL|.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    spans = windows(len(ids), window)
+    nll_p: list[npt.NDArray[np.float64]] = []
+    nll_s: list[npt.NDArray[np.float64]] = []
+    max_dlogit = max_logit = 0.0
+    t_plain = t_scx = 0.0
+    for span in progress(spans) if progress else spans:
+        w = ids[span]
+        t0 = time.perf_counter()
+        lp = plain(w)
+        t1 = time.perf_counter()
+        ls = scx(w)
+        t2 = time.perf_counter()
+        t_plain += t1 - t0
+        t_scx += t2 - t1
+        if lp.shape != ls.shape:
+            raise ConfigError(f"logit shapes differ: plaintext {lp.shape}, SCX {ls.shape}")
+        diff = np.asarray(ls, np.float64) - np.asarray(lp, np.float64)
+        max_dlogit = max(max_dlogit, float(np.max(np.abs(diff))))
+        max_logit = max(max_logit, float(np.max(np.abs(lp))))
+        nll_p.append(token_nll(lp, w))
+        nll_s.append(token_nll(ls, w))
+    p, s = np.concatenate(nll_p), np.concatenate(nll_s)
+    ppl_p, ppl_s = math.exp(float(p.mean())), math.exp(float(s.mean()))
+    return PPLComparison(
+        tokens=len(ids),
+        window=window,
+        predicted=len(p),
+        ppl_plain=ppl_p,
+        ppl_scx=ppl_s,
+        delta_ppl=ppl_s - ppl_p,
+        rel_delta_ppl=abs(ppl_s - ppl_p) / ppl_p,
+        max_abs_dlogit=max_dlogit,
+        max_abs_logit=max_logit,
+        max_abs_dnll=float(np.max(np.abs(s - p))),
+        seconds_plain=t_plain,
+        seconds_scx=t_scx,
+    )

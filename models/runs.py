@@ -1,0 +1,218 @@
+"""The full-model checks (DESIGN §6), each writing one results JSON with the command that produced it.
+
+* ``ppl``      — plaintext vs SCX perplexity over the corpus (criterion: |ΔPPL|/PPL ≤ 1e-5 in float32,
+  ≤ 1e-9 in float64);
+* ``generate`` — greedy continuations of prompts drawn from the corpus (criterion: identical tokens);
+* ``sweep``    — level ``blind``: ΔPPL against β, plaintext computed once and reused for every β.
+
+Run ``python -m scx_models.runs {ppl,generate,sweep} --model M ... --out models/results/NAME.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import MODEL_NAMES, load_model
+from .corpus import corpus_tokens, prompts
+from .engines import plain_generate, plain_logits, scx_config, scx_generate, scx_logits
+from .perplexity import compare_ppl, windows
+
+__all__ = ["PPL_CRITERION", "generate_run", "main", "ppl_run", "sweep_run"]
+
+# |ΔPPL| / PPL bound per dtype (DESIGN §6)
+PPL_CRITERION = {"float32": 1e-5, "float64": 1e-9}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _progress(desc: str, enabled: bool) -> Callable[[Iterable[Any]], Iterable[Any]] | None:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return lambda it: tqdm(list(it), desc=desc, unit="window", file=sys.stderr)
+
+
+def _env() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+    }
+
+
+def ppl_run(
+    model: str,
+    dtype: str = "float32",
+    level: str = "permute",
+    beta: float = 5.0,
+    tokens: int = 4096,
+    window: int = 1024,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Plaintext vs SCX perplexity record; ``pass`` is |ΔPPL|/PPL ≤ PPL_CRITERION[dtype]."""
+    hf, tok, w = load_model(model, dtype)
+    ids = corpus_tokens(tokens, tok, w.config.vocab_size)
+    cfg = scx_config(level, beta, max_length=min(w.config.max_positions, max(window, 16)))
+    res = compare_ppl(
+        ids,
+        window,
+        plain_logits(hf, w, dtype),
+        scx_logits(w, dtype, cfg),
+        _progress(f"{model} {dtype} {level}", progress),
+    )
+    out: dict[str, Any] = {"kind": "ppl", "model": model, "dtype": dtype, "level": level, "beta": beta}
+    out.update(res.to_dict())
+    out["criterion_rel_delta_ppl"] = PPL_CRITERION[dtype]
+    out["pass"] = bool(res.rel_delta_ppl <= PPL_CRITERION[dtype])
+    return out
+
+
+def generate_run(
+    model: str,
+    dtype: str = "float32",
+    level: str = "permute",
+    beta: float = 5.0,
+    n_prompts: int = 8,
+    prompt_len: int = 32,
+    n_new: int = 64,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Greedy continuations, plaintext vs SCX; ``pass`` is every token identical."""
+    hf, tok, w = load_model(model, dtype)
+    cfg = scx_config(level, beta, max_length=prompt_len + n_new)
+    plain, scx = plain_generate(hf, w, dtype), scx_generate(w, dtype, cfg)
+    items = prompts(n_prompts, prompt_len, tok, w.config.vocab_size)
+    rows = []
+    it: Iterable[Any] = items
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(items, desc=f"{model} {dtype} generate", unit="prompt", file=sys.stderr)
+    t0 = time.perf_counter()
+    for ids in it:
+        a, b = plain(ids, n_new), scx(ids, n_new)
+        first = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        rows.append(
+            {"prompt": ids.tolist(), "plain": a, "scx": b, "identical": a == b, "first_mismatch": first}
+        )
+    ok = all(r["identical"] for r in rows)
+    return {
+        "kind": "generate",
+        "model": model,
+        "dtype": dtype,
+        "level": level,
+        "beta": beta,
+        "prompts": n_prompts,
+        "prompt_len": prompt_len,
+        "new_tokens": n_new,
+        "identical": sum(r["identical"] for r in rows),
+        "pass": ok,
+        "seconds": time.perf_counter() - t0,
+        "continuations": rows,
+    }
+
+
+def sweep_run(
+    model: str,
+    dtypes: Sequence[str],
+    betas: Sequence[float],
+    tokens: int = 1024,
+    window: int = 512,
+    level: str = "blind",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """ΔPPL against β at ``level`` (plaintext once per dtype); each row says if it meets PPL_CRITERION."""
+    rows = []
+    for dtype in dtypes:
+        hf, tok, w = load_model(model, dtype)
+        ids = corpus_tokens(tokens, tok, w.config.vocab_size)
+        spans = windows(len(ids), window)
+        plain = plain_logits(hf, w, dtype)
+        cached = [plain(ids[s]) for s in spans]
+        for beta in betas:
+            cfg = scx_config(level, beta, max_length=min(w.config.max_positions, max(window, 16)))
+            scx = scx_logits(w, dtype, cfg)
+            it = iter(cached)
+            res = compare_ppl(
+                ids,
+                window,
+                lambda _w, it=it: next(it),
+                scx,
+                _progress(f"{model} {dtype} β={beta:g}", progress),
+            )
+            crit = PPL_CRITERION[dtype]
+            row = {"dtype": dtype, "beta": beta, **res.to_dict(), "criterion_rel_delta_ppl": crit}
+            rows.append({**row, "within": bool(res.rel_delta_ppl <= crit)})
+    return {"kind": "sweep", "model": model, "level": level, "tokens": tokens, "window": window, "rows": rows}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m scx_models.runs {ppl,generate,sweep} ...``: run one check and write its JSON."""
+    p = argparse.ArgumentParser(prog="python -m scx_models.runs", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="kind", required=True)
+    for kind in ("ppl", "generate", "sweep"):
+        s = sub.add_parser(kind)
+        s.add_argument("--model", choices=MODEL_NAMES, default="smollm2")
+        s.add_argument("--out", type=Path, help="results JSON (default models/results/<auto>.json)")
+        if kind == "sweep":
+            s.add_argument("--dtypes", default="float32,float64")
+            s.add_argument("--betas", default="0.01,0.1,1,10,100,1000,1e4,1e5,1e6,1e7,1e8")
+            s.add_argument("--tokens", type=int, default=1024)
+            s.add_argument("--window", type=int, default=512)
+        else:
+            s.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+            s.add_argument("--level", choices=("permute", "paper", "blind"), default="permute")
+            s.add_argument("--beta", type=float, default=5.0)
+        if kind == "ppl":
+            s.add_argument("--tokens", type=int, default=4096)
+            s.add_argument("--window", type=int, default=1024)
+        if kind == "generate":
+            s.add_argument("--prompts", type=int, default=8)
+            s.add_argument("--prompt-len", type=int, default=32)
+            s.add_argument("--new", type=int, default=64)
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    if a.kind == "ppl":
+        rec = ppl_run(a.model, a.dtype, a.level, a.beta, a.tokens, a.window, progress=True)
+        name = f"ppl-{a.model}-{a.dtype}-{a.level}"
+    elif a.kind == "generate":
+        rec = generate_run(a.model, a.dtype, a.level, a.beta, a.prompts, a.prompt_len, a.new, progress=True)
+        name = f"generate-{a.model}-{a.dtype}-{a.level}"
+    else:
+        betas = [float(b) for b in a.betas.split(",")]
+        rec = sweep_run(a.model, a.dtypes.split(","), betas, a.tokens, a.window, progress=True)
+        name = f"sweep-{a.model}-blind"
+    rec["command"] = "python -m scx_models.runs " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    rec["wall_seconds"] = time.perf_counter() - t0
+    rec["env"] = _env()
+    out = a.out or RESULTS_DIR / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec, indent=1) + "\n")
+    summary = {k: v for k, v in rec.items() if k not in ("continuations", "rows", "env")}
+    print(json.dumps(summary, indent=1))
+    if rec["kind"] == "sweep":
+        for r in rec["rows"]:
+            print(
+                f"{r['dtype']} beta={r['beta']:g} rel={r['rel_delta_ppl']:.3e} "
+                f"dlogit={r['max_abs_dlogit']:.3e}"
+            )
+    return 0 if rec.get("pass", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
