@@ -35,7 +35,7 @@ __all__ = [
 def embed(ids: Any, table: FloatArray) -> FloatArray:
     """Embedding lookup: row i is ``table[ids[i]]``; ids outside the vocabulary raise VocabularyError."""
     arr = np.asarray(ids)
-    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise VocabularyError(
             f"token ids must be a 1-D integer array, got shape {arr.shape}, dtype {arr.dtype}"
         )
@@ -162,7 +162,7 @@ def attention(
     if n_heads % n_kv or v.shape[:2] != k.shape[:2]:
         raise ShapeError(f"incompatible attention shapes q {q.shape}, k {k.shape}, v {v.shape}")
     g = n_heads // n_kv
-    s = 1.0 / np.sqrt(d_h) if scale is None else scale
+    s = float(1.0 / np.sqrt(d_h)) if scale is None else float(scale)  # a Python float keeps float32
     qg = q.reshape(n_q, n_kv, g, d_h)
     scores = np.einsum("qhgd,khd->hgqk", qg, k) * s
     if mask is not None:

@@ -212,12 +212,6 @@ def test_cost_report_matches_closed_form(name: str, mkw: dict[str, Any], skw: di
     check_report(run_costs(w, scx, ids, 3), expected_costs(w.config, scx, len(ids), 3, 8))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NumpyBackend float32: ops.attention / scores multiply by an np.float64 "
-    "scale (1/sqrt(d_h)), which promotes the attention output and scores to float64 under NumPy 2, "
-    "so those replies (and the client rows computed from them) travel as float64 — reported",
-)
 def test_float32_backend_halves_the_array_bytes() -> None:
     w, scx = model(4, False, False), SCXConfig(level="paper", r1=2, r2=2)
     ids = np.array([4, 8, 15, 16, 23], dtype=np.int64)

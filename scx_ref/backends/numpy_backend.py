@@ -171,7 +171,7 @@ class NumpyBackend:
         n_q, n_heads, d_h = q.shape
         n_kv = k.shape[1]
         g = n_heads // n_kv
-        s = np.einsum("qhgd,khd->hgqk", q.reshape(n_q, n_kv, g, d_h), k) / np.sqrt(d_h)
+        s = np.einsum("qhgd,khd->hgqk", q.reshape(n_q, n_kv, g, d_h), k) * float(1.0 / np.sqrt(d_h))
         out: FloatArray = s.reshape(n_heads, n_q, k.shape[0])
         return out
 

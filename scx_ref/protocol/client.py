@@ -390,7 +390,7 @@ class Client(Generic[A]):
             if beta > 0:
                 arrays["alpha"] = laplace_noise(
                     (n + r1, self.c.hidden_size), beta, st.keys.generator(("alpha", i, "qkv"))
-                )
+                ).astype(self.b.numpy_dtype())  # the wire dtype of the backend
             self._send(link, "share", i, -1, arrays, salt=st.keys.key(("commit", i)).hex())
         st.shared = True
 
