@@ -71,7 +71,7 @@ def plain_generate(hf_model: Any, weights: ModelWeights, dtype: str) -> Generate
                 nxt = int(torch.argmax(res.logits[0, -1]))
                 out.append(nxt)
                 if step + 1 < n_new:
-                    res = hf_model(torch.tensor([[nxt]]), past_key_values=res.past_key_values, use_cache=True)
+                    res = hf_model(torch.tensor([[nxt]]), cache=res.cache, use_cache=True)
         return out
 
     return run
