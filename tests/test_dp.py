@@ -267,7 +267,7 @@ def test_l1_diameter_exact(backend: Literal["numpy", "torch"]) -> None:
 
 
 def test_model_sensitivities_tiny() -> None:
-    w = load_model_weights("tiny-llama")
+    w = load_model_weights("random:tiny-llama")
     s = model_sensitivities(w)
     assert s.embed_normalized_diameter is not None and s.embed_raw_diameter is not None
     assert 0 < s.embed_normalized_diameter <= rmsnorm_sensitivity(w.layers[0].attn_norm)
@@ -321,7 +321,7 @@ def test_budget_permute_is_infinite() -> None:
 
 
 def test_budget_from_weights_equals_from_sensitivities() -> None:
-    w = load_model_weights("tiny-llama")
+    w = load_model_weights("random:tiny-llama")
     a = request_budget(w, level="paper", guard=2, tokens=3, use_pld=False)
     b = request_budget(model_sensitivities(w), level="paper", guard=2, tokens=3, use_pld=False)
     assert a.epsilon_basic == b.epsilon_basic

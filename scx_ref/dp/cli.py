@@ -16,6 +16,7 @@ Models come from :data:`MODEL_LOADERS` (name → zero-argument loader returning 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 from collections.abc import Callable
@@ -82,11 +83,22 @@ RANDOM_PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def _tiny_llama() -> ModelWeights:
-    return random_weights(RANDOM_PRESETS["tiny-llama"], np.random.default_rng(0))
+def _registered(name: str) -> Callable[[], ModelWeights]:
+    """A loader for one of the project's registered models (``scx_models``: SmolLM2 and the seeded
+    random configs), in float64 so sensitivities are computed from the exact weights."""
+
+    def load() -> ModelWeights:
+        # scx_models ships in this distribution but outside the typed library (mypy cannot see
+        # setuptools' editable-install finder), so it is imported by name
+        weights: ModelWeights = importlib.import_module("scx_models").load_model(name, np.float64)[2]
+        return weights
+
+    return load
 
 
-MODEL_LOADERS: dict[str, Callable[[], ModelWeights]] = {"tiny-llama": _tiny_llama}
+MODEL_LOADERS: dict[str, Callable[[], ModelWeights]] = {
+    name: _registered(name) for name in ("smollm2", "tiny-llama", "mixtral-random", "qwen2-random")
+}
 
 
 def register_loader(name: str, loader: Callable[[], ModelWeights]) -> None:
