@@ -1,0 +1,51 @@
+"""Full-model checks (DESIGN §6), run by ``nox -s models`` (``pytest -m slow tests/test_full_models.py``).
+
+SmolLM2-135M-Instruct (real LLaMA weights) and the random Mixtral and Qwen2 models, over ≥ 4096 corpus
+tokens: |ΔPPL|/PPL ≤ 1e-5 in float32 and ≤ 1e-9 in float64 at level ``permute``, and greedy 64-token
+continuations of 8 corpus prompts identical to plaintext; level ``blind`` at the β where the committed
+sweep (models/results/sweep-*.json) measured the bound to hold.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from scx_models.runs import PPL_CRITERION, generate_run, ppl_run
+
+pytestmark = pytest.mark.slow
+
+MODELS = ["smollm2", "mixtral-random", "qwen2-random"]
+DTYPES = ["float32", "float64"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", MODELS)
+def test_ppl_4096_tokens_permute(model: str, dtype: str) -> None:
+    rec = ppl_run(model, dtype, "permute", 0.0, tokens=4096, window=1024)
+    assert rec["tokens"] == 4096 and rec["predicted"] == 4092
+    assert rec["rel_delta_ppl"] <= PPL_CRITERION[dtype], rec
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", MODELS)
+def test_greedy_8_prompts_64_tokens(model: str, dtype: str) -> None:
+    rec = generate_run(model, dtype, "permute", 0.0, n_prompts=8, prompt_len=32, n_new=64)
+    bad = [r["first_mismatch"] for r in rec["continuations"] if not r["identical"]]
+    assert rec["identical"] == 8, f"first mismatching positions: {bad}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_smollm2_paper_level(dtype: str) -> None:
+    """The default level (β = 5 noise in block 1) keeps the same bounds."""
+    rec = ppl_run("smollm2", dtype, "paper", 5.0, tokens=1024, window=512)
+    assert rec["rel_delta_ppl"] <= PPL_CRITERION[dtype], rec
+
+
+@pytest.mark.parametrize(("dtype", "beta"), [("float32", 1.0), ("float64", 1e4)])
+def test_smollm2_blind_level_within_bound(dtype: str, beta: float) -> None:
+    """Level ``blind`` (every linear stage noised) at a β inside the range the sweep measured."""
+    rec = ppl_run("smollm2", dtype, "blind", beta, tokens=512, window=512)
+    assert rec["rel_delta_ppl"] <= PPL_CRITERION[dtype], rec
