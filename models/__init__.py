@@ -41,19 +41,10 @@ def load_hf(name: str) -> tuple[Any, Any | None]:
 
 @functools.lru_cache(maxsize=8)
 def _weights(name: str, dtype: str) -> ModelWeights:
+    from scx_ref.hf import weights_from_hf
+
     model, _ = load_hf(name)
-    try:
-        from scx_ref.hf import weights_from_hf  # the library's converter, once it lands
-    except ImportError:
-        from ._convert import weights_from_hf
-    w = weights_from_hf(model, name=name) if _takes_name(weights_from_hf) else weights_from_hf(model)
-    return w if w.dtype == np.dtype(dtype) else w.astype(np.dtype(dtype))
-
-
-def _takes_name(fn: Any) -> bool:
-    import inspect
-
-    return "name" in inspect.signature(fn).parameters
+    return weights_from_hf(model, np.dtype(dtype), name=name)
 
 
 def load_model(name: str, dtype: Any = np.float32) -> tuple[Any, Any | None, ModelWeights]:
