@@ -45,6 +45,7 @@ def test_bench_quick_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     }
     for r in rows:
         assert r["ratio_median"] > 0 and r["plain_median_s"] > 0 and 0 <= r["client_flop_share"] < 1
+        assert r["state_ratio"] >= 1
     blind = [r for r in rows if r["level"] == "blind"]
     permute = [r for r in rows if r["level"] == "permute" and r["phase"] == "prefill"]
     assert all(r["client_flop_share"] > 0 for r in blind) and permute[0]["client_flop_share"] == 0

@@ -14,8 +14,9 @@ timing (it is public data, as in DESIGN §5.1). A fresh :class:`~scx_ref.protoco
 request. Generation time includes key sharing, amortised over the generated tokens.
 
 Also reported per level: the peak-memory ratio (CUDA: ``max_memory_allocated``; CPU: peak resident
-set growth during the run, sampled every 2 ms) and the client's share of the flops (from the protocol's
-cost meters).
+set growth during the run, sampled every 2 ms — none when it is below 1 MiB, where allocator reuse makes
+it noise), the KV-state ratio (bytes of the distinct storages the server and client hold after the run,
+over the plaintext KV cache's) and the client's share of the flops (from the protocol's cost meters).
 
 Models: ``smollm2`` (real SmolLM2-135M via ``scx_models.smollm2.load_smollm2``; falls back to
 ``random:smollm2-shape`` with a notice when the weights are unavailable), ``random:smollm2-shape``
@@ -51,6 +52,7 @@ TINY_LLAMA = ModelConfig(
     intermediate_size=128, rms_eps=1e-5, rope_theta=10000.0, max_positions=4096, name="tiny-llama",
 )  # fmt: skip
 MODELS = ("smollm2", "random:smollm2-shape", "tiny-llama")
+_MIN_MEM = float(1 << 20)  # below 1 MiB of growth the RSS reading is allocator noise: no ratio
 
 
 def register(subparsers: Any) -> None:
@@ -101,6 +103,7 @@ class BenchResult:
     plain_median_s: float
     scx_median_s: float
     mem_ratio: float | None
+    state_ratio: float
     client_flop_share: float
     repeats: int
     tokens: int = 0
@@ -158,6 +161,23 @@ class _PeakMemory:
             self._thread.join()
             self._max = max(self._max, float(self._rss()))
             self.peak = self._max - self._base
+
+
+def _state_bytes(tensors: list[Any]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a narrow view keeps its whole base alive)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = int(st.nbytes())
+    return sum(seen.values())
+
+
+def _scx_state(server: Any, client: Any) -> int:
+    s = server.sessions[client.session]
+    tensors = [t for pair in (*s.raw.values(), *s.valid.values()) for t in pair] + list(s.locked.values())
+    st = client.state
+    tensors += list(st.guard_k.values()) + list(st.guard_v.values())
+    return _state_bytes(tensors)
 
 
 def _timed(fn: Callable[[], Any], device: Any) -> tuple[float, float, float, Any]:
@@ -241,6 +261,8 @@ def run_bench(
         plain_t = _Timing()
         scx_t = {lv: _Timing() for lv in levels}
         share: dict[str, float] = {}
+        state: dict[str, int] = {}
+        plain_state = 0
         for _ in range(repeats):
             with torch.inference_mode():
                 if phase == "prefill":
@@ -251,6 +273,7 @@ def run_bench(
                 else:
                     w, cpu, mem = _plain_decode(plain, ids, gen_tokens, backend.device)
                 plain_t.add(w, cpu, mem)
+                plain_state = _state_bytes(plain.keys + plain.values)
                 bar(f"{phase} n={n} plaintext")
                 for lv in levels:
                     client = clients[lv]
@@ -267,6 +290,7 @@ def run_bench(
                         w, cpu, mem = _scx_decode(client, link, ids, gen_tokens, backend.device)
                     scx_t[lv].add(w, cpu, mem)
                     share[lv] = client.cost_report(link, server.cost(client.session)).client_flop_share
+                    state[lv] = _scx_state(server, client)
                     bar(f"{phase} n={n} {lv}")
         div = gen_tokens if phase == "decode" else 1
         for lv in levels:
@@ -281,7 +305,8 @@ def run_bench(
                     cpu_ratio_median=statistics.median(scx_t[lv].cpu) / statistics.median(plain_t.cpu),
                     plain_median_s=pm / div,
                     scx_median_s=sm / div,
-                    mem_ratio=smem / pmem if pmem > 0 else None,
+                    mem_ratio=smem / pmem if min(pmem, smem) >= _MIN_MEM else None,
+                    state_ratio=state[lv] / plain_state,
                     client_flop_share=share[lv],
                     repeats=repeats,
                     tokens=gen_tokens if phase == "decode" else 0,
@@ -349,7 +374,7 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str) -
     lines = [
         f"scx bench — model {model}, {device}, {dtype}; ratio = median(SCX) / median(plaintext)",
         f"{'phase':8} {'n':>5} {'level':8} {'ratio':>7} {'cpu':>7} {'plain':>10} {'scx':>10} "
-        f"{'mem':>6} {'client':>7}",
+        f"{'mem':>6} {'state':>6} {'client':>7}",
     ]
     for r in rows:
         unit = "s/tok" if r.phase == "decode" else "s"
@@ -357,9 +382,14 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str) -
         lines.append(
             f"{r.phase:8} {r.n:5d} {r.level:8} {r.ratio_median:7.3f} {r.cpu_ratio_median:7.3f} "
             f"{r.plain_median_s:8.4f}{unit[0]:>2} {r.scx_median_s:8.4f}{unit[0]:>2} {mem} "
+            f"{r.state_ratio:6.2f} "
             f"{100 * r.client_flop_share:6.2f}%"
         )
-    lines.append("plain/scx: median seconds (decode: per token); mem: peak-memory ratio; client: flop share")
+    lines.append(
+        "plain/scx: median seconds (decode: per token); mem: peak-memory ratio (- when the run's growth is "
+        "below 1 MiB); state: KV-state bytes held after the run (server + client) / plaintext KV cache; "
+        "client: flop share"
+    )
     return "\n".join(lines)
 
 
