@@ -91,12 +91,13 @@ def _sweep(rec: dict[str, Any]) -> list[str]:
 def render(records: list[dict[str, Any]]) -> str:
     """The markdown: the equivalence table, one ΔPPL-vs-β table per sweep, and the commands."""
     parts = ["### Exactness on full models", "", *_equivalence(records), ""]
-    sweeps: dict[tuple[str, str, int, int], dict[str, Any]] = {}
-    for rec in records:  # sweeps of one model/level/length (one file per dtype) make one table
+    sweeps: dict[tuple[str, str], dict[str, Any]] = {}
+    for rec in records:  # sweeps of one model and level (one file per dtype) make one table
         if rec.get("kind") == "sweep":
-            key = (rec["model"], rec["level"], rec["tokens"], rec["window"])
-            merged = sweeps.setdefault(key, {**rec, "rows": []})
-            merged["rows"] = merged["rows"] + list(rec["rows"])
+            merged = sweeps.setdefault((rec["model"], rec["level"]), {**rec, "rows": []})
+            merged["rows"] = merged["rows"] + [
+                {**r, "tokens": rec["tokens"], "window": rec["window"]} for r in rec["rows"]
+            ]
     for rec in sweeps.values():
         parts += [f"### ΔPPL against β ({rec['model']})", "", *_sweep(rec), ""]
     parts += ["Produced by:", "", "```bash"]
