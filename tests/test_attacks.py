@@ -202,3 +202,63 @@ def test_smollm2_attacks_recover_prompt() -> None:
         stage_array(view, "attn", 0, "k"), stage_array(view, "attn", 0, "v"), w
     )
     assert np.mean(ids == victims[0]) >= 0.75
+
+
+def test_context_pool_equals_engine_calibration_pool(weights) -> None:  # type: ignore[no-untyped-def]
+    from scx_ref.attacks.harness import Context
+    from scx_ref.backends.numpy_backend import NumpyBackend
+    from scx_ref.protocol.decoys import CalibrationPool
+
+    pub = np.random.default_rng(5).integers(0, 128, 130)
+    ctx = Context(weights, pub, None, window=64)
+    ref = CalibrationPool.from_tokens(NumpyBackend(weights, np.float64), pub[:128], window=64)
+    got = ctx.decoys()
+    assert ctx.decoys() is got  # built once
+    assert set(got.rows) == set(ref.rows)
+    for key, rows in ref.rows.items():
+        np.testing.assert_allclose(got.rows[key], rows, rtol=1e-10, atol=1e-12)
+
+
+def test_block1_tables_shortlist_equals_full_search(weights, pool) -> None:  # type: ignore[no-untyped-def]
+    view, _ = _view(weights, pool, SimSettings(beta=5.0))
+    k, v = stage_array(view, "attn", 0, "k"), stage_array(view, "attn", 0, "v")
+    tabs = vocab_match.Block1Tables(weights)
+    a, da = vocab_match.match_block1_attn(k, v, weights, tables=tabs, shortlist=4)
+    b, db = vocab_match.match_block1_attn(k, v, weights, tables=tabs, shortlist=128)
+    assert np.array_equal(a, IDS) and np.array_equal(b, IDS)
+    np.testing.assert_allclose(da, db, atol=1e-9)
+    assert da.max() < 1e-6
+
+
+def test_harness_run_all_controls_and_report(weights, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Plaintext control: every attack recovers the prompt; level paper leaves the FFN − O·W_o attack
+    at 100 %; level blind stops it; the report and the four plots are written."""
+    from scx_ref.attacks import harness, report
+
+    pub = np.random.default_rng(6).integers(0, 128, 512)
+    ctx = harness.Context(weights, pub, llm_reorder.NumpyLM(weights))
+    harness.fit_tools(ctx, [1], mlp=False, per_layer=[1, 2])
+    sets = {s.name: s for s in harness.default_settings(quick=True)}
+    chosen = [sets[n] for n in ("plaintext", "tok-perm", "+decoys", "paper b=5", "paper b=20", "blind b=5")]
+    res = harness.run_all(
+        ctx, [IDS[:6]], chosen, n_new=2, mlp_epochs=5, per_layer=[1, 2], fitting_betas=(1.0, 5.0)
+    )
+    m = {s["setting"]: s["metrics"] for s in res["settings"]}
+    for key in ("vm_qkv1_bag_recall", "vm_attn1_pos_acc", "vm_resid1_bag_recall", "vm_cache_seq_pos_acc"):
+        assert m["plaintext"][key] == 1.0, key
+    assert m["plaintext"]["vm_gen_seq_acc"] == 1.0
+    assert m["paper b=20"]["vm_resid1_bag_recall"] == 1.0 and m["paper b=20"]["vm_attn1_pos_acc"] == 1.0
+    assert m["blind b=5"]["vm_resid1_bag_recall"] < 0.5
+    assert m["+decoys"]["decoy_link_decoys_rejected"] == 1.0 and m["+decoys"]["decoy_link_real_found"] == 1.0
+    assert m["+decoys"]["vm_qkv1_bag_precision"] < 1.0 == m["tok-perm"]["vm_qkv1_bag_precision"]
+    assert "statelessness" in res["settings"][0] and "per_layer" in res["settings"][0]
+    paths = report.plot(res, tmp_path)
+    assert {p.name for p in paths} == {
+        "attacks_by_setting.png",
+        "recovery_vs_beta.png",
+        "recovery_vs_decoys.png",
+        "recovery_per_layer.png",
+    }
+    res["command"] = "scx attack --model x"
+    md = report.markdown_report(res, "plots", "- a finding")
+    assert "scx attack --model x" in md and "| VM FFN−O-1 bag |" in md and "- a finding" in md

@@ -10,9 +10,10 @@ succeed there. Scoring uses the victim's true tokens; the attacks never see them
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import numpy.typing as npt
 from ..backends.numpy_backend import NumpyBackend
 from ..keys import KeySchedule, Label
 from ..protocol import Client, LocalTransport, SCXConfig, Server, ServerView
+from ..protocol.decoys import CalibrationPool, DecoyPolicy
 from ..transforms import laplace_noise
 from ..weights import ModelWeights
 from . import bruteforce, decoy_detect, inversion, llm_reorder, statelessness, vocab_match
@@ -53,49 +55,71 @@ class AblatedKeys(KeySchedule):
 
 @dataclass(frozen=True)
 class Setting:
-    """One configuration: the engine's SCXConfig and the permutation roles switched off."""
+    """One configuration: the engine's SCXConfig and the permutation roles switched off. ``stateless``
+    and ``reorder``: also run the statelessness table and the LLM reordering (the slow attacks) here."""
 
     name: str
     mechanism: str
     config: SCXConfig
     identity: frozenset[str] = frozenset()
+    stateless: bool = False
+    reorder: bool = False
 
 
 _ALL = frozenset({"tok", "head", "lock"})
 
 
 def default_settings(quick: bool = False) -> list[Setting]:
-    """Plaintext control, then one mechanism added at a time, a β sweep and guard sizes."""
+    """Plaintext control, then one mechanism added at a time, a β sweep, a decoy-count sweep, level
+    ``blind`` and guard sizes (``quick``: the same mechanisms, fewer sweep points)."""
+    paper = SCXConfig(level="paper", r1=4, r2=4, beta=5.0)
+    perm0 = SCXConfig(level="permute", r1=0, r2=0, r_lock=0)
+    head = frozenset({"head"})
     s = [
-        Setting("plaintext", "none (control)", SCXConfig(level="permute", r1=0, r2=0, r_lock=0), _ALL),
+        Setting("plaintext", "none (control)", perm0, _ALL, stateless=True, reorder=True),
+        Setting("tok-perm", "token permutation", perm0, head, reorder=True),
+        Setting("+decoys", "+ decoys r=4", replace(perm0, r1=4, r2=4, r_lock=None), head, reorder=True),
         Setting(
-            "tok-perm",
-            "token permutation",
-            SCXConfig(level="permute", r1=0, r2=0, r_lock=0),
-            frozenset({"head"}),
+            "perm r=16", "permute, decoys r=16", replace(perm0, r1=16, r2=16, r_lock=None), head, reorder=True
         ),
-        Setting("+decoys", "+ decoys r=4", SCXConfig(level="permute", r1=4, r2=4), frozenset({"head"})),
-        Setting("+head-perm", "+ head-dim permutation", SCXConfig(level="permute", r1=4, r2=4)),
-        Setting("paper b=5", "+ Laplace β=5 (block 1)", SCXConfig(level="paper", r1=4, r2=4, beta=5.0)),
+        Setting("+head-perm", "+ head-dim permutation", replace(perm0, r1=4, r2=4, r_lock=None)),
+        Setting("paper b=5", "+ Laplace β=5 (block-1 QKV)", paper, stateless=True, reorder=True),
+        Setting("paper b=1", "Laplace β=1", replace(paper, beta=1.0)),
+        Setting("paper b=20", "Laplace β=20", replace(paper, beta=20.0)),
+        Setting(
+            "blind b=5", "level blind β=5 (every linear stage)", replace(paper, level="blind"), stateless=True
+        ),
+        Setting("guards 2", "guards l_s=l_e=2 (β=5)", replace(paper, l_s=2, l_e=2), stateless=True),
     ]
     if not quick:
         s += [
-            Setting("paper b=1", "Laplace β=1", SCXConfig(level="paper", r1=4, r2=4, beta=1.0)),
-            Setting("paper b=20", "Laplace β=20", SCXConfig(level="paper", r1=4, r2=4, beta=20.0)),
-            Setting("guards 2", "guards l_s=l_e=2 (β=5)", SCXConfig(level="paper", r1=4, r2=4, l_s=2, l_e=2)),
+            Setting("paper b=100", "Laplace β=100", replace(paper, beta=100.0)),
+            Setting("perm r=64", "permute, decoys r=64", replace(perm0, r1=64, r2=64, r_lock=None), head),
+            Setting(
+                "blind b=20", "level blind β=20", replace(paper, level="blind", beta=20.0), stateless=True
+            ),
         ]
     return s
 
 
 def _engine_view(
-    weights: ModelWeights, ids: Array, setting: Setting, n_new: int, seed: int, public: Array
+    weights: ModelWeights,
+    ids: Array,
+    setting: Setting,
+    n_new: int,
+    seed: int,
+    public: Array,
+    decoys: DecoyPolicy | None = None,
 ) -> tuple[ServerView, list[int]]:
+    """The server's recorded view of one real SCX request (prefill, key sharing, ``n_new`` greedy tokens)
+    and the generated tokens. ``decoys``: a calibration pool built once (else the client builds one from
+    ``public``, a plaintext forward over it — the slow part of a run)."""
     backend = NumpyBackend(weights, np.float64)
     master = hashlib.sha256(f"scx-attack-{seed}".encode()).digest()
     nonce = hashlib.sha256(f"nonce-{seed}".encode()).digest()[:16]
     keys = AblatedKeys(master, nonce, setting.identity)
     link = LocalTransport(Server(backend), record_view=True)
-    client = Client(backend, keys, setting.config, public_tokens=public)
+    client = Client(backend, keys, setting.config, decoys=decoys, public_tokens=public)
     gen = client.generate(ids, n_new, link)
     return link.view, gen
 
@@ -107,53 +131,109 @@ def _bag_scores(pred: Any, truth: Any) -> dict[str, float]:
 
 @dataclass
 class Context:
-    """Model, public text, and the attacker's fitted tools (shared by every setting)."""
+    """Model, public text, and the attacker's fitted tools (shared by every setting).
+
+    ``traces``: plaintext forwards of the public text in windows of ``window`` tokens, run once; they
+    feed both the client's calibration pool (:meth:`decoys`) and the attacker's inverters."""
 
     weights: ModelWeights
     public: Array
     lm: llm_reorder.LanguageModel | None
+    window: int = 64
     inverters: dict[str, Any] = field(default_factory=dict)
     middle_ref: dict[int, Array] = field(default_factory=dict)
+    tables: vocab_match.Block1Tables | None = None
+    _traces: list[Any] | None = None
+    _pool: CalibrationPool | None = None
 
-
-def _public_trace(ctx: Context, window: int = 64) -> list[Any]:
-    return [
-        forward_trace(ctx.weights, ctx.public[s : s + window], logits=False)
-        for s in range(0, len(ctx.public) - window + 1, window)
-    ]
-
-
-def fit_tools(ctx: Context, layers: Sequence[int], mlp: bool = True, epochs: int = 300) -> None:
-    """Fit the inverters on public text: per middle block, on [K|V] cache rows (after key sharing), on
-    plain V rows, on sorted V rows (σ-invariant) and on FFN-stage rows; keep public V columns for
-    σ recovery."""
-    traces = _public_trace(ctx)
-    toks = np.concatenate([ctx.public[s * 64 : s * 64 + 64] for s in range(len(traces))])
-    for layer in layers:
-        kv = np.concatenate(
-            [
-                np.concatenate(
-                    [t.k[layer].reshape(len(t.k[layer]), -1), t.v[layer].reshape(len(t.v[layer]), -1)], 1
-                )
-                for t in traces
+    @property
+    def traces(self) -> list[Any]:
+        """Per-window plaintext traces of the public text (computed once)."""
+        if self._traces is None:
+            w = self.window
+            self._traces = [
+                forward_trace(self.weights, self.public[s : s + w], logits=False)
+                for s in range(0, len(self.public) - w + 1, w)
             ]
-        )
+        return self._traces
+
+    @property
+    def public_tokens(self) -> Array:
+        """The public tokens the traces cover, in order."""
+        return np.asarray(self.public[: len(self.traces) * self.window])
+
+    def decoys(self) -> CalibrationPool:
+        """The client's calibration pool (DESIGN §5.1) from the public traces: block inputs (``qkv``),
+        post-RoPE keys (``k``), attention outputs (``o``), residuals before the MLP (``ffn``) and final
+        residuals (``head``) — the rows :meth:`CalibrationPool.from_tokens` records, built once per model
+        instead of once per request."""
+        if self._pool is None:
+            rows: dict[tuple[str, int], list[Array]] = {}
+            for t in self.traces:
+                for i in range(self.weights.config.n_layers):
+                    rows.setdefault(("qkv", i), []).append(t.x[i])
+                    rows.setdefault(("k", i), []).append(t.k[i].reshape(len(t.k[i]), -1))
+                    rows.setdefault(("o", i), []).append(t.o[i])
+                    rows.setdefault(("ffn", i), []).append(t.h[i])
+                rows.setdefault(("head", self.weights.config.n_layers), []).append(t.final)
+            self._pool = CalibrationPool({k: np.concatenate(v) for k, v in rows.items()})
+        return self._pool
+
+    def block1(self) -> vocab_match.Block1Tables:
+        """The precomputed block-1 vocabulary tables."""
+        if self.tables is None:
+            self.tables = vocab_match.Block1Tables(self.weights)
+        return self.tables
+
+
+def _kv_rows(t: Any, layer: int) -> Array:
+    return np.concatenate(
+        [t.k[layer].reshape(len(t.k[layer]), -1), t.v[layer].reshape(len(t.v[layer]), -1)], 1
+    )
+
+
+def fit_tools(
+    ctx: Context, layers: Sequence[int], mlp: bool = True, epochs: int = 300, per_layer: Sequence[int] = ()
+) -> None:
+    """Fit the inverters on public text: per block in ``layers``, on [K|V] cache rows (after key
+    sharing), on plain V rows, on sorted V rows (σ-invariant), on FFN-stage rows and on block inputs
+    (the generated tokens' rows entering the middle blocks); keep public V columns for σ recovery.
+    ``per_layer``: blocks that get the two ridge inverters of the per-layer curve (cache, sorted V)."""
+    traces = ctx.traces
+    toks = ctx.public_tokens
+    w = ctx.weights
+    for layer in layers:
+        kv = np.concatenate([_kv_rows(t, layer) for t in traces])
         v = np.concatenate([t.v[layer].reshape(len(t.v[layer]), -1) for t in traces])
         h = np.concatenate([t.h[layer] for t in traces])
+        x = np.concatenate([t.x[layer] for t in traces])
         ctx.middle_ref[layer] = v
-        ctx.inverters[f"kv{layer}/ridge"] = inversion.fit_inverter(kv, toks, ctx.weights, "ridge", lam=10.0)
-        ctx.inverters[f"v{layer}/ridge"] = inversion.fit_inverter(v, toks, ctx.weights, "ridge", lam=10.0)
+        ctx.inverters[f"kv{layer}/ridge"] = inversion.fit_inverter(kv, toks, w, "ridge", lam=10.0)
+        ctx.inverters[f"v{layer}/ridge"] = inversion.fit_inverter(v, toks, w, "ridge", lam=10.0)
         ctx.inverters[f"vsorted{layer}/ridge"] = inversion.fit_inverter(
-            inversion.sorted_rows(v), toks, ctx.weights, "ridge", lam=10.0
+            inversion.sorted_rows(v), toks, w, "ridge", lam=10.0
         )
-        ctx.inverters[f"ffn{layer}/ridge"] = inversion.fit_inverter(h, toks, ctx.weights, "ridge", lam=10.0)
+        ctx.inverters[f"ffn{layer}/ridge"] = inversion.fit_inverter(h, toks, w, "ridge", lam=10.0)
+        ctx.inverters[f"x{layer}/ridge"] = inversion.fit_inverter(x, toks, w, "ridge", lam=10.0)
         if mlp:
-            ctx.inverters[f"kv{layer}/mlp"] = inversion.fit_inverter(
-                kv, toks, ctx.weights, "mlp", epochs=epochs
+            ctx.inverters[f"kv{layer}/mlp"] = inversion.fit_inverter(kv, toks, w, "mlp", epochs=epochs)
+            ctx.inverters[f"ffn{layer}/mlp"] = inversion.fit_inverter(h, toks, w, "mlp", epochs=epochs)
+    for layer in per_layer:
+        if f"kv{layer}/ridge" not in ctx.inverters:
+            kv = np.concatenate([_kv_rows(t, layer) for t in traces])
+            ctx.inverters[f"kv{layer}/ridge"] = inversion.fit_inverter(kv, toks, w, "ridge", lam=10.0)
+        if f"vsorted{layer}/ridge" not in ctx.inverters:
+            v = np.concatenate([t.v[layer].reshape(len(t.v[layer]), -1) for t in traces])
+            ctx.inverters[f"vsorted{layer}/ridge"] = inversion.fit_inverter(
+                inversion.sorted_rows(v), toks, w, "ridge", lam=10.0
             )
-            ctx.inverters[f"ffn{layer}/mlp"] = inversion.fit_inverter(
-                h, toks, ctx.weights, "mlp", epochs=epochs
-            )
+
+
+def _real_rows(rows: Array, truth: Array) -> Array:
+    """Which message rows equal (relative 1e-8) one of the true plaintext rows: ground truth for
+    scoring decoy detection (the attack never sees it)."""
+    d = np.linalg.norm(rows[:, None, :] - truth[None, :, :], axis=2).min(axis=1)
+    return np.asarray(d <= 1e-8 * (np.linalg.norm(rows, axis=1) + 1e-12))
 
 
 def run_setting(
@@ -165,27 +245,36 @@ def run_setting(
     sequential: bool = True,
     reorder: bool = True,
     progress: Progress | None = None,
+    per_layer: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Every attack on the views of ``prompts`` under ``setting``; metrics averaged over prompts."""
+    """Every attack on the views of ``prompts`` under ``setting``; metrics averaged over prompts.
+    ``per_layer``: blocks where the shared-cache and sorted-attention inverters are also scored."""
     w = ctx.weights
+    tabs = ctx.block1()
     acc: dict[str, list[float]] = {}
+    layer_acc: dict[str, dict[int, list[float]]] = {}
     tables: list[dict[str, dict[str, float]]] = []
 
     def put(key: str, value: float) -> None:
         acc.setdefault(key, []).append(float(value))
 
+    t0 = time.perf_counter()
     for pi, ids in enumerate(prompts):
         ids = np.asarray(ids, dtype=np.int64)
-        view, gen = _engine_view(w, ids, setting, n_new, seed + pi, ctx.public)
+        view, gen = _engine_view(w, ids, setting, n_new, seed + pi, ctx.public, ctx.decoys())
         meta = open_meta(view)
-        n, L = int(meta["n"]), w.config.n_layers
+        n = int(meta["n"])
+        L = w.config.n_layers
         _, middle, _ = setting.config.blocks(L)
         # vocabulary matching, block 1 QKV (bag) and attention (fingerprints)
         m0 = view.select(stage="qkv", layer=0)[0]
-        t_qkv, _ = vocab_match.match_block1_qkv(m0.arrays["x"], w, bool(m0.meta.get("normalized", False)))
+        t_qkv, _ = vocab_match.match_block1_qkv(
+            m0.arrays["x"], w, bool(m0.meta.get("normalized", False)), tables=tabs
+        )
         put("vm_qkv1_bag_recall", _bag_scores(t_qkv, ids)["recall"])
+        put("vm_qkv1_bag_precision", _bag_scores(t_qkv, ids)["precision"])
         t_att, _ = vocab_match.match_block1_attn(
-            stage_array(view, "attn", 0, "k"), stage_array(view, "attn", 0, "v"), w
+            stage_array(view, "attn", 0, "k"), stage_array(view, "attn", 0, "v"), w, tables=tabs
         )
         put("vm_attn1_pos_acc", float(np.mean(t_att == ids)))
         t_res, d_res = vocab_match.match_block1_residual(
@@ -204,18 +293,13 @@ def run_setting(
                     pred = ctx.inverters[key].predict(target)[:, 0]
                     put(f"inv_cache_{kind}_pos_acc", float(np.mean(pred == ids)))
             if sequential:
-
-                def ranker(t: Array, inv: Any = inv) -> Array:
-                    sims = inv.embed(t[None, :]) @ inv.table.T
-                    return np.argsort(-sims[0])
-
-                rec, _ = vocab_match.match_sequential(target, w, ell, "kv", ranker=ranker if inv else None)
+                rec, _ = vocab_match.match_sequential(target, w, ell, "kv", ranker=_ranker(inv))
                 put("vm_cache_seq_pos_acc", float(np.mean(rec == ids)))
                 steps = len(view.select(stage="gen_mid"))
                 if steps:
                     gx = np.concatenate([stage_array(view, "gen_mid", ell, step=s) for s in range(steps)])
-                    xinv = None
-                    g_rec, _ = vocab_match.match_sequential(gx, w, ell, "x", prefix=rec, ranker=xinv)
+                    xinv = ctx.inverters.get(f"x{ell}/ridge")
+                    g_rec, _ = vocab_match.match_sequential(gx, w, ell, "x", prefix=rec, ranker=_ranker(xinv))
                     put("vm_gen_seq_acc", float(np.mean(g_rec == np.asarray(gen[:steps]))))
             # attention stage of the first middle block: naive / σ-recovered / sorted inversion
             v_obs = stage_array(view, "attn", ell, "v").reshape(n, -1)
@@ -236,26 +320,44 @@ def run_setting(
                     if f"ffn{ell}/{kind}" in ctx.inverters:
                         pred = ctx.inverters[f"ffn{ell}/{kind}"].predict(f_rows)[:, 0]
                         put(f"inv_ffn_{kind}_bag_recall", _bag_scores(pred, ids)["recall"])
-            # decoy detection by residual linking, at the first middle block
+            # decoy detection by residual linking, at the first middle block (scored against the truth)
+            x_ffn = stage_array(view, "ffn", ell)
             _, _, fr = decoy_detect.residual_links(
                 stage_array(view, "qkv", ell),
                 stage_array(view, "o", ell),
-                stage_array(view, "ffn", ell),
+                x_ffn,
                 w,
                 ell,
                 bool(view.select(stage="qkv", layer=ell)[0].meta.get("normalized")),
             )
-            rows = len(fr)
-            put("decoy_link_real_found", fr.sum() / n)
-            put("decoy_link_decoys_rejected", 1.0 if rows == n else (rows - fr.sum()) / (rows - n))
+            real = _real_rows(x_ffn, forward_trace(w, ids, upto=ell, logits=False).h[ell])
+            if real.any():
+                put("decoy_link_real_found", float(fr[real].mean()))
+                if (~real).any():
+                    put("decoy_link_decoys_rejected", float((~fr[~real]).mean()))
+            else:  # the rows are noised (level blind): no row links, the attack finds nothing
+                put("decoy_link_real_found", 0.0)
+        # per-layer inversion (the per-layer curve): shared caches and σ-invariant attention rows
+        shared = shared_caches(view, w) if per_layer else {}
+        for layer in per_layer:
+            v_obs = stage_array(view, "attn", layer, "v").reshape(n, -1)
+            key = f"vsorted{layer}/ridge"
+            if key in ctx.inverters:
+                pred = ctx.inverters[key].predict(inversion.sorted_rows(v_obs))[:, 0]
+                layer_acc.setdefault("inv_attn_sorted", {}).setdefault(layer, []).append(np.mean(pred == ids))
+            if layer in shared and f"kv{layer}/ridge" in ctx.inverters:
+                k_l, v_l = shared[layer]
+                feats = np.concatenate([k_l.reshape(n, -1), v_l.reshape(n, -1)], axis=1)
+                pred = ctx.inverters[f"kv{layer}/ridge"].predict(feats)[:, 0]
+                layer_acc.setdefault("inv_cache_ridge", {}).setdefault(layer, []).append(np.mean(pred == ids))
         # LLM-assisted reordering of the block-1 bag (decoys included; n is public)
-        if reorder and ctx.lm is not None:
+        if reorder and setting.reorder and ctx.lm is not None:
             order = llm_reorder.beam_reorder(t_qkv, n, ctx.lm, beam=4)
             sc = llm_reorder.order_scores(order, ids)
             put("llm_reorder_exact", sc["exact"])
             put("llm_reorder_kendall_tau", sc["kendall_tau"])
             put("llm_reorder_recall", sc["recall"])
-        if len(gen) >= 2 and middle:
+        if setting.stateless and len(gen) >= 2 and middle:
             tables.append(statelessness.statelessness_table(view, w, ids, gen, recovered=t_att))
         if progress:
             progress(f"{setting.name} prompt {pi}")
@@ -265,12 +367,29 @@ def run_setting(
         "config": setting.config.to_dict(),
         "identity_roles": sorted(setting.identity),
         "metrics": {k: float(np.mean(v)) for k, v in acc.items()},
+        "seconds": round(time.perf_counter() - t0, 1),
     }
+    if layer_acc:
+        out["per_layer"] = {
+            m: {str(layer): float(np.mean(v)) for layer, v in sorted(d.items())} for m, d in layer_acc.items()
+        }
     if tables:
         out["statelessness"] = {
             pol: {m: float(np.mean([t[pol][m] for t in tables])) for m in tables[0][pol]} for pol in tables[0]
         }
     return out
+
+
+def _ranker(inv: Any) -> Callable[[Array], Array] | None:
+    """Candidate order for sequential matching: tokens by the inverter's cosine score (None: vocab order)."""
+    if inv is None:
+        return None
+
+    def rank(t: Array) -> Array:
+        sims = inv.embed(t[None, :]) @ inv.table.T
+        return np.asarray(np.argsort(-sims[0]))
+
+    return rank
 
 
 def noise_fitting(
@@ -309,17 +428,18 @@ def run_all(
     progress: Progress | None = None,
     mlp_epochs: int = 300,
     sequential: bool = True,
+    per_layer: Sequence[int] = (),
+    fitting_betas: Sequence[float] = (1.0, 5.0, 10.0),
 ) -> dict[str, Any]:
     """Every setting, the noise-fitting experiment (β sweep), order enumeration for tiny n, and the
     search-space table. Returns a JSON-ready dict."""
     w = ctx.weights
     results = [
-        run_setting(ctx, s, prompts, n_new, sequential=sequential, progress=progress) for s in settings
+        run_setting(ctx, s, prompts, n_new, sequential=sequential, progress=progress, per_layer=per_layer)
+        for s in settings
     ]
     victim = np.concatenate([np.asarray(p) for p in prompts])
-    fitting = {
-        str(b): noise_fitting(w, ctx.public, victim, b, mlp_epochs=mlp_epochs) for b in (1.0, 5.0, 10.0)
-    }
+    fitting = {str(b): noise_fitting(w, ctx.public, victim, b, mlp_epochs=mlp_epochs) for b in fitting_betas}
     if progress:
         progress("noise fitting")
     enum: dict[str, float] = {}
@@ -334,7 +454,7 @@ def run_all(
         if progress:
             progress("enumeration")
     n0 = len(prompts[0])
-    view, _ = _engine_view(w, np.asarray(prompts[0]), settings[-1], 0, 99, ctx.public)
+    view, _ = _engine_view(w, np.asarray(prompts[0]), settings[-1], 0, 99, ctx.public, ctx.decoys())
     return {
         "model": w.config.name,
         "n_prompts": len(prompts),

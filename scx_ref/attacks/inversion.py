@@ -103,12 +103,17 @@ def fit_inverter(
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     zt, yt = torch.from_numpy(z.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
     batch = min(512, len(zt))
-    for _ in range(epochs):
-        idx = torch.randperm(len(zt), generator=gen)[:batch]
-        loss = 1.0 - torch.nn.functional.cosine_similarity(net(zt[idx]), yt[idx]).mean()
-        opt.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small MLP trains fastest on one thread (and spares a busy machine)
+    try:
+        for _ in range(epochs):
+            idx = torch.randperm(len(zt), generator=gen)[:batch]
+            loss = 1.0 - torch.nn.functional.cosine_similarity(net(zt[idx]), yt[idx]).mean()
+            opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     net.eval()
     return Inverter("mlp", mean, std, table, mlp=net)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS", "markdown_table", "plot"]
+__all__ = ["METRICS", "main", "markdown_report", "markdown_table", "plot"]
 
 # (metric key, column title): what each attack recovers; 1.0 = every token
 METRICS = (
     ("vm_qkv1_bag_recall", "VM QKV-1 bag"),
+    ("vm_qkv1_bag_precision", "VM QKV-1 bag precision"),
     ("vm_resid1_bag_recall", "VM FFN−O-1 bag"),
     ("vm_attn1_pos_acc", "VM attn-1 fingerprint"),
     ("vm_cache_seq_pos_acc", "VM mid-cache seq."),
@@ -20,7 +21,8 @@ METRICS = (
     ("inv_attn_naive_pos_acc", "inv attn naive"),
     ("inv_attn_sigma_rec_pos_acc", "inv attn σ-rec"),
     ("inv_attn_sorted_pos_acc", "inv attn sorted"),
-    ("decoy_link_decoys_rejected", "decoys rejected"),
+    ("decoy_link_real_found", "resid. link: real rows found"),
+    ("decoy_link_decoys_rejected", "resid. link: decoys rejected"),
     ("llm_reorder_exact", "LLM order exact"),
     ("llm_reorder_kendall_tau", "LLM Kendall τ"),
 )
@@ -84,15 +86,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n\n".join(out) + "\n"
 
 
-def plot(result: dict[str, Any], outdir: str | Path) -> list[Path]:
-    """Two PNGs: attack success per setting (grouped bars) and recovery vs β (noise fitting)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _bar_plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
     sets = result["settings"]
     keys = [(k, t) for k, t in METRICS if any(k in s["metrics"] for s in sets)]
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(keys)), 4.5))
@@ -110,23 +106,169 @@ def plot(result: dict[str, Any], outdir: str | Path) -> list[Path]:
     ax.set_title(f"Attacks on the SCX server view ({result['model']})")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    p1 = out / "attacks_by_setting.png"
-    fig.savefig(p1, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    paths = [p1]
+
+
+def _sweep(result: dict[str, Any], level: str, param: str, extra: dict[str, Any]) -> list[tuple[float, Any]]:
+    """(parameter value, setting) for the settings of ``level`` whose other knobs equal ``extra``."""
+    pts = []
+    for s in result["settings"]:
+        cfg = s["config"]
+        if cfg["level"] != level or any(cfg.get(k) != v for k, v in extra.items()):
+            continue
+        pts.append((float(cfg[param]), s))
+    return sorted(pts, key=lambda p: p[0])
+
+
+_BETA_KEYS = ("vm_qkv1_bag_recall", "vm_resid1_bag_recall", "vm_attn1_pos_acc", "vm_cache_seq_pos_acc")
+_R_KEYS = (
+    "vm_qkv1_bag_precision",
+    "llm_reorder_exact",
+    "llm_reorder_kendall_tau",
+    "decoy_link_decoys_rejected",
+)
+
+
+def _line_plot(
+    path: Path, title: str, xlabel: str, series: dict[str, tuple[list[float], list[float]]]
+) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction recovered")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot(result: dict[str, Any], outdir: str | Path) -> list[Path]:
+    """PNGs: attack success per setting (grouped bars); recovery vs Laplace β (engine settings at level
+    paper, and the noise-fitting experiment); recovery vs decoy count r; recovery per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    titles = dict(METRICS)
+    paths = [out / "attacks_by_setting.png"]
+    _bar_plot(result, paths[0])
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    beta_pts = _sweep(result, "paper", "beta", {"r1": 4, "l_s": 1})
+    for k in _BETA_KEYS:
+        pts = [(b, s["metrics"][k]) for b, s in beta_pts if k in s["metrics"]]
+        if pts:
+            series[f"SCX paper: {titles[k]}"] = ([p[0] for p in pts], [p[1] for p in pts])
     nf = result.get("noise_fitting") or {}
-    if nf:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        betas = [float(b) for b in nf]
-        for m in next(iter(nf.values())):
-            ax.plot(betas, [nf[b][m] for b in nf], marker="o", label=m)
-        ax.set_xlabel("Laplace β")
-        ax.set_ylabel("top-1 token recovery")
-        ax.set_title("Block-1 rows under noise: fixed vs one-time")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p2 = out / "noise_fitting.png"
-        fig.savefig(p2, dpi=120)
-        plt.close(fig)
-        paths.append(p2)
+    for m in next(iter(nf.values()), {}):
+        series[f"fitting {m}"] = ([float(b) for b in nf], [nf[b][m] for b in nf])
+    if series:
+        paths.append(out / "recovery_vs_beta.png")
+        _line_plot(paths[-1], f"Recovery vs Laplace β ({result['model']})", "Laplace β", series)
+    r_pts = _sweep(result, "permute", "r1", {})
+    r_pts = [(r, s) for r, s in r_pts if s.get("identity_roles") == ["head"]]
+    series = {}
+    for k in _R_KEYS:
+        pts = [(r, s["metrics"][k]) for r, s in r_pts if k in s["metrics"]]
+        if len(pts) >= 2:
+            series[titles[k]] = ([p[0] for p in pts], [p[1] for p in pts])
+    if series:
+        paths.append(out / "recovery_vs_decoys.png")
+        _line_plot(paths[-1], f"Recovery vs decoys r (level permute, {result['model']})", "decoys r", series)
+    series = {}
+    for s in result["settings"]:
+        for m, d in (s.get("per_layer") or {}).items():
+            if s["setting"] in ("plaintext", "paper b=5", "+head-perm", "blind b=5"):
+                series[f"{s['setting']}: {m}"] = ([float(k) for k in d], list(d.values()))
+    if series:
+        paths.append(out / "recovery_per_layer.png")
+        _line_plot(paths[-1], f"Inversion per block ({result['model']})", "block (0-based)", series)
     return paths
+
+
+def markdown_report(result: dict[str, Any], plots: str | None = None, findings: str = "") -> str:
+    """ATTACKS.md: the command, the tables, the per-layer numbers, links to the plots and findings."""
+    lines = [
+        f"# Privacy attacks on SCX, measured ({result['model']})",
+        "",
+        "Generated by `python -m scx_ref.attacks.report` from the JSON of:",
+        "",
+        f"    {result.get('command', '?')}",
+        "",
+        f"{result['n_prompts']} victim prompts × {result['prompt_len']} tokens, {result['n_new']} generated "
+        f"tokens each; victims: {result.get('victims', '?')}; {result.get('public_tokens', '?')} public "
+        f"tokens; run time {result.get('seconds', '?')} s. Each cell: fraction of the victim's tokens "
+        "recovered (positions for *pos* attacks, multiset for *bag* attacks), averaged over prompts; "
+        "– = not run / not applicable. Columns add one SCX mechanism at a time after the plaintext control.",
+        "",
+        "| setting | mechanism | config |",
+        "|---|---|---|",
+    ]
+    for s in result["settings"]:
+        c = s["config"]
+        off = ",".join(s.get("identity_roles", [])) or "–"
+        lines.append(
+            f"| {s['setting']} | {s['mechanism']} | level={c['level']} r1={c['r1']} r2={c['r2']} "
+            f"β={c['beta']} l_s={c['l_s']} l_e={c['l_e']}; identity perms: {off} |"
+        )
+    lines += ["", markdown_table(result)]
+    pl = [s for s in result["settings"] if s.get("per_layer")]
+    if pl:
+        lines += ["Per block (0-based), ridge inversion: shared cache / sorted attention V:", ""]
+        blocks = sorted({int(b) for s in pl for d in s["per_layer"].values() for b in d})
+        lines.append("| setting | " + " | ".join(str(b) for b in blocks) + " |")
+        lines.append("|---|" + "---|" * len(blocks))
+        for s in pl:
+            cache = s["per_layer"].get("inv_cache_ridge", {})
+            srt = s["per_layer"].get("inv_attn_sorted", {})
+            cells = [f"{_fmt(cache.get(str(b)))} / {_fmt(srt.get(str(b)))}" for b in blocks]
+            lines.append(f"| {s['setting']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if plots:
+        lines += [
+            "Plots: "
+            + ", ".join(
+                f"[{n}]({plots}/{n}.png)"
+                for n in (
+                    "attacks_by_setting",
+                    "recovery_vs_beta",
+                    "recovery_vs_decoys",
+                    "recovery_per_layer",
+                )
+            ),
+            "",
+        ]
+    if findings:
+        lines += ["## Findings", "", findings.strip(), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m scx_ref.attacks.report RESULT.json [--plots DIR] [--findings FILE] [--out FILE]``."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="Render ATTACKS.md from an `scx attack --json` result.")
+    p.add_argument("json", type=Path)
+    p.add_argument("--plots", default=None, help="plot directory, relative to the output file")
+    p.add_argument("--findings", type=Path, default=None, help="markdown file of findings to append")
+    p.add_argument("--out", type=Path, default=None, help="write here (default: stdout)")
+    a = p.parse_args(argv)
+    result = json.loads(a.json.read_text())
+    text = markdown_report(result, a.plots, a.findings.read_text() if a.findings else "")
+    if a.out:
+        a.out.write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -31,6 +31,7 @@ from ..weights import ModelWeights
 from ._model import candidate_states, forward_trace
 
 __all__ = [
+    "Block1Tables",
     "match_block1_attn",
     "match_block1_qkv",
     "match_block1_residual",
@@ -81,7 +82,11 @@ def nearest_rows(rows: Array, table: Array, metric: str = "l1", chunk: int = 409
 
 
 def match_block1_qkv(
-    rows: Array, weights: ModelWeights, normalized: bool | None = None, metric: str = "l1"
+    rows: Array,
+    weights: ModelWeights,
+    normalized: bool | None = None,
+    metric: str = "l1",
+    tables: Block1Tables | None = None,
 ) -> tuple[Array, Array]:
     """Token id and distance for each block-1 QKV-stage row (permuted bag, decoys included).
 
@@ -89,45 +94,102 @@ def match_block1_qkv(
     tables and keeps the closer match per row. With no noise a real row matches at distance 0."""
     rows = np.asarray(rows, dtype=np.float64)
     if normalized is None:
-        a, da = match_block1_qkv(rows, weights, False, metric)
-        b, db = match_block1_qkv(rows, weights, True, metric)
+        a, da = match_block1_qkv(rows, weights, False, metric, tables)
+        b, db = match_block1_qkv(rows, weights, True, metric, tables)
         return np.where(db < da, b, a), np.minimum(da, db)
-    table = normalized_table(weights) if normalized else np.asarray(weights.embed, dtype=np.float64)
+    if normalized:
+        table = normalized_table(weights) if tables is None else tables.normalized
+    else:
+        table = np.asarray(weights.embed, dtype=np.float64)
     return nearest_rows(rows, table, metric)
 
 
-def _sorted_candidates(weights: ModelWeights, which: str, position: int | None) -> Array:
-    c, lw = weights.config, weights.layers[0]
-    xh = normalized_table(weights)
-    w, b = (lw.wv, lw.bv) if which == "v" else (lw.wk, lw.bk)
-    z = xh @ w if b is None else xh @ w + b
-    if which == "k":
+class Block1Tables:
+    """The attacker's precomputed block-1 tables for one model (computed lazily, once): the normalized
+    vocabulary N(E), every token's sorted V fingerprint and every token's un-rotated key N(E[t])W_k."""
+
+    def __init__(self, weights: ModelWeights) -> None:
+        self.weights = weights
+        self._norm: Array | None = None
+        self._sorted_v: Array | None = None
+        self._sq_v: Array | None = None
+        self._k: Array | None = None
+
+    @property
+    def normalized(self) -> Array:
+        """N(E) (see :func:`normalized_table`)."""
+        if self._norm is None:
+            self._norm = normalized_table(self.weights)
+        return self._norm
+
+    def _proj(self, w: Array, b: Array | None) -> Array:
+        z = self.normalized @ np.asarray(w, dtype=np.float64)
+        return np.asarray(z if b is None else z + b)
+
+    @property
+    def sorted_v(self) -> Array:
+        """sort(N(E[t])W_v (+ b_v)) for every token t (V × kv_dim)."""
+        if self._sorted_v is None:
+            lw = self.weights.layers[0]
+            self._sorted_v = np.sort(self._proj(lw.wv, lw.bv), axis=1)
+            self._sq_v = np.einsum("ij,ij->i", self._sorted_v, self._sorted_v)
+        return self._sorted_v
+
+    @property
+    def keys(self) -> Array:
+        """N(E[t])W_k (+ b_k) before RoPE, for every token t (V × kv_dim)."""
+        if self._k is None:
+            lw = self.weights.layers[0]
+            self._k = self._proj(lw.wk, lw.bk)
+        return self._k
+
+    def v_distances(self, sv: Array) -> Array:
+        """Squared L2 distance of each sorted row in ``sv`` to every token's sorted V (rows × V)."""
+        tab = self.sorted_v
+        assert self._sq_v is not None
+        d = self._sq_v[None, :] - 2.0 * (sv @ tab.T) + np.einsum("ij,ij->i", sv, sv)[:, None]
+        return np.asarray(np.maximum(d, 0.0))
+
+    def sorted_k(self, tokens: Array, position: int) -> Array:
+        """sort(RoPE_position(N(E[t])W_k)) for the given tokens (tokens × kv_dim)."""
+        c = self.weights.config
+        z = self.keys[np.asarray(tokens, dtype=np.int64)]
         z = ops.apply_rope(
             z.reshape(len(z), c.n_kv_heads, c.head_dim), np.full(len(z), position), c.rope_theta
         ).reshape(len(z), c.kv_dim)
-    return np.sort(z, axis=1)
+        return np.sort(np.asarray(z), axis=1)
 
 
-def match_block1_attn(k: Array, v: Array, weights: ModelWeights, use_k: bool = True) -> tuple[Array, Array]:
+def match_block1_attn(
+    k: Array,
+    v: Array,
+    weights: ModelWeights,
+    use_k: bool = True,
+    tables: Block1Tables | None = None,
+    shortlist: int = 256,
+) -> tuple[Array, Array]:
     """Token id and fingerprint distance at each position from block-1 attention-stage K, V (rows ×
     H_kv × d_h, true order, any head-structured permutation).
 
     Identity used: sort(P(z)) = sort(z) for every coordinate permutation P, and block-1 v_p = N(E[t_p])W_v,
-    k_p = RoPE_p(N(E[t_p])W_k) depend only on (t_p, p)."""
+    k_p = RoPE_p(N(E[t_p])W_k) depend only on (t_p, p). The ``shortlist`` tokens with the closest V
+    fingerprints are re-ranked by V + K distance (``use_k``); ``tables`` reuses precomputed tables."""
+    tab = Block1Tables(weights) if tables is None else tables
     k = np.asarray(k, dtype=np.float64).reshape(len(k), -1)
     v = np.asarray(v, dtype=np.float64).reshape(len(v), -1)
-    sv = np.sort(v, axis=1)
-    cand_v = _sorted_candidates(weights, "v", None)
-    d = ((sv[:, None, :] - cand_v[None, :, :]) ** 2).sum(-1) if len(cand_v) * len(sv) < 4_000_000 else None
+    dv = tab.v_distances(np.sort(v, axis=1))
     ids = np.zeros(len(v), dtype=np.int64)
     dist = np.zeros(len(v))
     for p in range(len(v)):
-        dp = d[p] if d is not None else ((cand_v - sv[p]) ** 2).sum(-1)
         if use_k:
-            cand_k = _sorted_candidates(weights, "k", p)
-            dp = dp + ((cand_k - np.sort(k[p])) ** 2).sum(-1)
-        ids[p] = int(np.argmin(dp))
-        dist[p] = float(np.sqrt(dp[ids[p]]))
+            m = min(shortlist, dv.shape[1])
+            cand = np.argpartition(dv[p], m - 1)[:m]
+            dp = dv[p, cand] + ((tab.sorted_k(cand, p) - np.sort(k[p])) ** 2).sum(-1)
+            j = int(np.argmin(dp))
+            ids[p], dist[p] = int(cand[j]), float(np.sqrt(max(dp[j], 0.0)))
+        else:
+            ids[p] = int(np.argmin(dv[p]))
+            dist[p] = float(np.sqrt(dv[p, ids[p]]))
     return ids, dist
 
 
