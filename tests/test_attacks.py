@@ -188,7 +188,8 @@ def test_engine_view_plaintext_control_and_ablation(weights) -> None:  # type: i
 
 @pytest.mark.slow
 def test_smollm2_attacks_recover_prompt() -> None:
-    """On SmolLM2, block-1 fingerprints and residual matching recover the prompt under level paper."""
+    """On SmolLM2 (real weights), block-1 fingerprints and FFN − O·W_o residual matching recover the
+    prompt under level paper (noise on block 1's QKV stage), decoys included."""
     from scx_models import load_model
 
     from scx_ref.attacks.cli import public_and_victims
@@ -202,6 +203,10 @@ def test_smollm2_attacks_recover_prompt() -> None:
         stage_array(view, "attn", 0, "k"), stage_array(view, "attn", 0, "v"), w
     )
     assert np.mean(ids == victims[0]) >= 0.75
+    t_res, d_res = vocab_match.match_block1_residual(
+        stage_array(view, "o", 0), stage_array(view, "ffn", 0), w
+    )
+    assert sorted(t_res[d_res < 1e-6].tolist()) == sorted(victims[0].tolist())  # the 4 decoys match nothing
 
 
 def test_context_pool_equals_engine_calibration_pool(weights) -> None:  # type: ignore[no-untyped-def]

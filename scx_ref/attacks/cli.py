@@ -67,7 +67,8 @@ def public_and_victims(
     tokenizer: Any, vocab: int, n_public: int, count: int, length: int
 ) -> tuple[npt.NDArray[np.int64], list[npt.NDArray[np.int64]]]:
     """Disjoint splits of CPython's ``pydoc_data.topics``: public text from the even-indexed topics
-    (sorted keys), victim prompts (the start of ``count`` odd-indexed topics, spread evenly)."""
+    (sorted keys), victim prompts (the start of the body — after the title and its underline — of
+    ``count`` odd-indexed topics, spread evenly)."""
     from pydoc_data.topics import topics
 
     from scx_models.corpus import tokenize  # type: ignore[import-not-found,unused-ignore]
@@ -75,9 +76,14 @@ def public_and_victims(
     keys = sorted(topics)
     pub_text = "\n\n".join(topics[k].strip() for k in keys[0::2])
     public = tokenize(pub_text[: 8 * n_public + 1024], tokenizer, vocab)[:n_public]
-    odd = [k for k in keys[1::2] if len(topics[k]) > 16 * length]
+
+    def body(text: str) -> str:
+        parts = text.strip().split("\n\n", 1)
+        return (parts[1] if len(parts) == 2 else parts[0]).strip()
+
+    odd = [k for k in keys[1::2] if len(body(topics[k])) > 16 * length]
     victims = [
-        tokenize(topics[odd[(i * len(odd)) // count]].strip()[: 16 * length + 64], tokenizer, vocab)[:length]
+        tokenize(body(topics[odd[(i * len(odd)) // count]])[: 16 * length + 64], tokenizer, vocab)[:length]
         for i in range(count)
     ]
     return np.asarray(public, dtype=np.int64), [np.asarray(v, dtype=np.int64) for v in victims]

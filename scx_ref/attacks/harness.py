@@ -84,6 +84,7 @@ def default_settings(quick: bool = False) -> list[Setting]:
         ),
         Setting("+head-perm", "+ head-dim permutation", replace(perm0, r1=4, r2=4, r_lock=None)),
         Setting("paper b=5", "+ Laplace β=5 (block-1 QKV)", paper, stateless=True, reorder=True),
+        Setting("paper b=0.1", "Laplace β=0.1", replace(paper, beta=0.1)),
         Setting("paper b=1", "Laplace β=1", replace(paper, beta=1.0)),
         Setting("paper b=20", "Laplace β=20", replace(paper, beta=20.0)),
         Setting(
@@ -227,6 +228,7 @@ def fit_tools(
             ctx.inverters[f"vsorted{layer}/ridge"] = inversion.fit_inverter(
                 inversion.sorted_rows(v), toks, w, "ridge", lam=10.0
             )
+            ctx.inverters[f"v{layer}/ridge"] = inversion.fit_inverter(v, toks, w, "ridge", lam=10.0)
 
 
 def _real_rows(rows: Array, truth: Array) -> Array:
@@ -345,6 +347,9 @@ def run_setting(
             if key in ctx.inverters:
                 pred = ctx.inverters[key].predict(inversion.sorted_rows(v_obs))[:, 0]
                 layer_acc.setdefault("inv_attn_sorted", {}).setdefault(layer, []).append(np.mean(pred == ids))
+            if f"v{layer}/ridge" in ctx.inverters:
+                pred = ctx.inverters[f"v{layer}/ridge"].predict(v_obs)[:, 0]
+                layer_acc.setdefault("inv_attn_naive", {}).setdefault(layer, []).append(np.mean(pred == ids))
             if layer in shared and f"kv{layer}/ridge" in ctx.inverters:
                 k_l, v_l = shared[layer]
                 feats = np.concatenate([k_l.reshape(n, -1), v_l.reshape(n, -1)], axis=1)
@@ -352,7 +357,7 @@ def run_setting(
                 layer_acc.setdefault("inv_cache_ridge", {}).setdefault(layer, []).append(np.mean(pred == ids))
         # LLM-assisted reordering of the block-1 bag (decoys included; n is public)
         if reorder and setting.reorder and ctx.lm is not None:
-            order = llm_reorder.beam_reorder(t_qkv, n, ctx.lm, beam=4)
+            order = llm_reorder.beam_reorder(t_qkv, n, ctx.lm, beam=16)
             sc = llm_reorder.order_scores(order, ids)
             put("llm_reorder_exact", sc["exact"])
             put("llm_reorder_kendall_tau", sc["kendall_tau"])
@@ -429,10 +434,10 @@ def run_all(
     mlp_epochs: int = 300,
     sequential: bool = True,
     per_layer: Sequence[int] = (),
-    fitting_betas: Sequence[float] = (1.0, 5.0, 10.0),
+    fitting_betas: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0, 5.0),
 ) -> dict[str, Any]:
-    """Every setting, the noise-fitting experiment (β sweep), order enumeration for tiny n, and the
-    search-space table. Returns a JSON-ready dict."""
+    """Every setting, the noise-fitting experiment (β sweep ``fitting_betas``), order enumeration for
+    tiny n, and the search-space table. Returns a JSON-ready dict."""
     w = ctx.weights
     results = [
         run_setting(ctx, s, prompts, n_new, sequential=sequential, progress=progress, per_layer=per_layer)

@@ -185,7 +185,7 @@ def plot(result: dict[str, Any], outdir: str | Path) -> list[Path]:
     series = {}
     for s in result["settings"]:
         for m, d in (s.get("per_layer") or {}).items():
-            if s["setting"] in ("plaintext", "paper b=5", "+head-perm", "blind b=5"):
+            if s["setting"] in ("plaintext", "paper b=5"):
                 series[f"{s['setting']}: {m}"] = ([float(k) for k in d], list(d.values()))
     if series:
         paths.append(out / "recovery_per_layer.png")
@@ -221,14 +221,22 @@ def markdown_report(result: dict[str, Any], plots: str | None = None, findings: 
     lines += ["", markdown_table(result)]
     pl = [s for s in result["settings"] if s.get("per_layer")]
     if pl:
-        lines += ["Per block (0-based), ridge inversion: shared cache / sorted attention V:", ""]
+        lines += [
+            "Per block (0-based), ridge inversion of the first prompt-token rows: shared cache (after key "
+            "sharing) / attention V as seen / attention V sorted (σ-invariant):",
+            "",
+        ]
         blocks = sorted({int(b) for s in pl for d in s["per_layer"].values() for b in d})
         lines.append("| setting | " + " | ".join(str(b) for b in blocks) + " |")
         lines.append("|---|" + "---|" * len(blocks))
         for s in pl:
             cache = s["per_layer"].get("inv_cache_ridge", {})
             srt = s["per_layer"].get("inv_attn_sorted", {})
-            cells = [f"{_fmt(cache.get(str(b)))} / {_fmt(srt.get(str(b)))}" for b in blocks]
+            nai = s["per_layer"].get("inv_attn_naive", {})
+            cells = [
+                f"{_fmt(cache.get(str(b)))} / {_fmt(nai.get(str(b)))} / {_fmt(srt.get(str(b)))}"
+                for b in blocks
+            ]
             lines.append(f"| {s['setting']} | " + " | ".join(cells) + " |")
         lines.append("")
     if plots:
