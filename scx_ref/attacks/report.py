@@ -131,11 +131,17 @@ _R_KEYS = (
 
 
 def _line_plot(
-    path: Path, title: str, xlabel: str, series: dict[str, tuple[list[float], list[float]]]
+    path: Path,
+    title: str,
+    xlabel: str,
+    series: dict[str, tuple[list[float], list[float]]],
+    logx: bool = False,
 ) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    if logx:
+        ax.set_xscale("log")
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_xlabel(xlabel)
@@ -171,7 +177,13 @@ def plot(result: dict[str, Any], outdir: str | Path) -> list[Path]:
         series[f"fitting {m}"] = ([float(b) for b in nf], [nf[b][m] for b in nf])
     if series:
         paths.append(out / "recovery_vs_beta.png")
-        _line_plot(paths[-1], f"Recovery vs Laplace β ({result['model']})", "Laplace β", series)
+        _line_plot(
+            paths[-1],
+            f"Recovery vs Laplace β ({result['model']})",
+            "Laplace β (log scale)",
+            series,
+            logx=True,
+        )
     r_pts = _sweep(result, "permute", "r1", {})
     r_pts = [(r, s) for r, s in r_pts if s.get("identity_roles") == ["head"]]
     series = {}
@@ -222,7 +234,7 @@ def markdown_report(result: dict[str, Any], plots: str | None = None, findings: 
     pl = [s for s in result["settings"] if s.get("per_layer")]
     if pl:
         lines += [
-            "Per block (0-based), ridge inversion of the first prompt-token rows: shared cache (after key "
+            "Per block (0-based), ridge inversion of the prompt rows: shared cache (after key "
             "sharing) / attention V as seen / attention V sorted (σ-invariant):",
             "",
         ]
@@ -268,8 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", default=None, help="plot directory, relative to the output file")
     p.add_argument("--findings", type=Path, default=None, help="markdown file of findings to append")
     p.add_argument("--out", type=Path, default=None, help="write here (default: stdout)")
+    p.add_argument(
+        "--write-plots", type=Path, default=None, help="also (re)draw the PNG plots into this directory"
+    )
     a = p.parse_args(argv)
     result = json.loads(a.json.read_text())
+    if a.write_plots:
+        plot(result, a.write_plots)
     text = markdown_report(result, a.plots, a.findings.read_text() if a.findings else "")
     if a.out:
         a.out.write_text(text)
