@@ -16,16 +16,19 @@ from typing import Any
 __all__ = ["load_results", "main", "render"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+KINDS = ("ppl", "generate", "sweep")
 _MODEL_ORDER = {"smollm2": 0, "mixtral-random": 1, "qwen2-random": 2, "tiny-llama": 3}
 
 
 def load_results(directory: Path = RESULTS_DIR) -> list[dict[str, Any]]:
-    """Every results record in ``directory`` (sorted by file name), with its file name under ``_file``."""
+    """Every full-model results record in ``directory`` (kinds ppl, generate, sweep; sorted by file name;
+    other JSON files there are skipped), with its file name under ``_file``."""
     out = []
     for path in sorted(directory.glob("*.json")):
         rec = json.loads(path.read_text())
-        rec["_file"] = path.name
-        out.append(rec)
+        if isinstance(rec, dict) and rec.get("kind") in KINDS:
+            rec["_file"] = path.name
+            out.append(rec)
     return out
 
 
@@ -90,7 +93,15 @@ def _sweep(rec: dict[str, Any]) -> list[str]:
 
 def render(records: list[dict[str, Any]]) -> str:
     """The markdown: the equivalence table, one ΔPPL-vs-β table per sweep, and the commands."""
-    parts = ["### Exactness on full models", "", *_equivalence(records), ""]
+    parts = [
+        "### Exactness on full models",
+        "",
+        *_equivalence(records),
+        "",
+        "Random models (`*-random`) score byte tokens with random weights, so their perplexity is far above "
+        "V; only ΔPPL is meaningful there. Level `permute`: permutations and decoys, no noise.",
+        "",
+    ]
     sweeps: dict[tuple[str, str], dict[str, Any]] = {}
     for rec in records:  # sweeps of one model and level (one file per dtype) make one table
         if rec.get("kind") == "sweep":
