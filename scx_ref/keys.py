@@ -83,7 +83,7 @@ class KeyStream:
     passed wherever a noise generator is expected.
     """
 
-    _BLOCK = 1 << 16
+    _BLOCK = 1 << 12  # most labels need a few KB; a block is the unit of hashing
 
     def __init__(self, key: bytes) -> None:
         if len(key) != 32:

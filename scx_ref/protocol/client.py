@@ -48,6 +48,7 @@ class _State(Generic[A]):
     shared: bool = False
     guard_k: dict[int, A] = field(default_factory=dict)  # first guard blocks: rows × H_kv × d_h (RoPE'd)
     guard_v: dict[int, A] = field(default_factory=dict)  # first and last guard blocks
+    lock_cols: dict[int, IntArray] = field(default_factory=dict)  # derived from ρ_i, memoised
     failed: bool = False
 
 
@@ -306,8 +307,6 @@ class Client(Generic[A]):
             reply_key="logits",
             normalized=beta > 0,
         )
-        st = self.state
-        assert st is not None
         return b.narrow(b.put_rows(logits, pi), 0, 0, n)
 
     def _blinded_mlp(
@@ -479,11 +478,12 @@ class Client(Generic[A]):
         reply = self._send(link, "gen_last", i, t, {"x": h}).arrays
         scores, v_new = reply["scores"], b.reshape(reply["v"], (1, c.n_kv_heads, c.head_dim))
         n, r = st.n, cfg.lock_decoys
-        rho = st.keys.permutation(("lock", i), n + r)
-        inv = np.empty_like(rho)
-        inv[rho] = np.arange(n + r)
-        # locked columns: column j holds row ρ[j]; the true row m sits at column inv[m]
-        cols = np.concatenate([inv[:n], np.arange(n + r, n + r + t + 1)])
+        if i not in st.lock_cols:  # locked column j holds row ρ[j]: true row m sits at column ρ⁻¹[m]
+            rho = st.keys.permutation(("lock", i), n + r)
+            inv = np.empty_like(rho)
+            inv[rho] = np.arange(n + r)
+            st.lock_cols[i] = inv[:n]
+        cols = np.concatenate([st.lock_cols[i], np.arange(n + r, n + r + t + 1)])
         values = b.concat_rows([st.guard_v[i], v_new])
         o = b.reshape(b.softmax_values(b.take_last(scores, cols), values), (1, c.q_dim))
         self.meter.attention("gen_last", c.n_heads, 1, n + t + 1, c.head_dim // 2, "client")

@@ -343,6 +343,7 @@ class Server(Generic[A]):
 
         def commit() -> None:
             s.valid[layer] = (k, v)
+            del s.raw[layer]  # the valid cache replaces the encoded one
 
         return {}, commit
 
