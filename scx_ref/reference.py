@@ -7,6 +7,7 @@ each with a residual add) → final norm → LM head. ``prefill`` runs a prompt 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,9 @@ from ._checks import FloatArray
 from .errors import ProtocolError
 from .weights import LayerWeights, ModelWeights
 
-__all__ = ["KVCache", "ReferenceModel"]
+__all__ = ["KVCache", "ReferenceModel", "Trace"]
+
+Trace = Callable[[str, int, FloatArray], None]
 
 
 @dataclass
@@ -37,19 +40,33 @@ class KVCache:
 class ReferenceModel:
     """Plaintext inference on :class:`ModelWeights` (numpy, in the weights' dtype)."""
 
-    def __init__(self, weights: ModelWeights) -> None:
+    def __init__(self, weights: ModelWeights, trace: Trace | None = None) -> None:
         self.weights = weights
         self.config = weights.config
+        self.trace = trace
+
+    def _record(self, stage: str, layer: int, x: FloatArray) -> None:
+        if self.trace is not None:
+            self.trace(stage, layer, x)
 
     def block(
         self, x: FloatArray, lw: LayerWeights, positions: np.ndarray, layer: int, cache: KVCache
     ) -> FloatArray:
-        """One pre-norm block; appends this call's keys/values to ``cache`` at ``layer``."""
+        """One pre-norm block; appends this call's keys/values to ``cache`` at ``layer``.
+
+        With a ``trace``, it receives the block input ``x``, the normalized input ``xhat``, post-RoPE
+        ``q``/``k`` and ``v``, the attention output ``o`` and the residual before the MLP ``h``.
+        """
         c = self.config
+        self._record("x", layer, x)
         h = ops.rms_norm(x, lw.attn_norm, c.rms_eps)
+        self._record("xhat", layer, h)
         q, k, v = ops.qkv(h, lw, c.n_heads, c.n_kv_heads, c.head_dim)
         q = ops.apply_rope(q, positions, c.rope_theta)
         k = ops.apply_rope(k, positions, c.rope_theta)
+        self._record("q", layer, q)
+        self._record("k", layer, k)
+        self._record("v", layer, v)
         if layer < len(cache.keys):
             cache.keys[layer] = np.concatenate([cache.keys[layer], k])
             cache.values[layer] = np.concatenate([cache.values[layer], v])
@@ -59,12 +76,19 @@ class ReferenceModel:
         keys, values = cache.keys[layer], cache.values[layer]
         mask = ops.causal_mask(x.shape[0], keys.shape[0])
         att = ops.attention(q, keys, values, mask=mask).reshape(x.shape[0], c.q_dim)
+        self._record("o", layer, att)
         x = x + att @ lw.wo
+        self._record("h", layer, x)
         h = ops.rms_norm(x, lw.mlp_norm, c.rms_eps)
         return x + ops.mlp(h, lw.mlp, c.top_k)
 
-    def forward(self, ids: np.ndarray, cache: KVCache | None = None) -> tuple[FloatArray, KVCache]:
-        """Logits (rows × V) of ``ids`` continuing ``cache`` (a new cache when None)."""
+    def forward(
+        self, ids: np.ndarray, cache: KVCache | None = None, upto: int | None = None
+    ) -> tuple[FloatArray, KVCache]:
+        """Logits (rows × V) of ``ids`` continuing ``cache`` (a new cache when None).
+
+        With ``upto``, stop after block ``upto`` and return that block's output rows instead of logits.
+        """
         cache = KVCache() if cache is None else cache
         start = cache.length
         if start + len(ids) > self.config.max_positions:
@@ -75,6 +99,9 @@ class ReferenceModel:
         x = ops.embed(ids, self.weights.embed)
         for i, lw in enumerate(self.weights.layers):
             x = self.block(x, lw, positions, i, cache)
+            if i == upto:
+                return x, cache
+        self._record("final", self.config.n_layers, x)
         x = ops.rms_norm(x, self.weights.final_norm, self.config.rms_eps)
         return x @ self.weights.lm_head, cache
 

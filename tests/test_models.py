@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -300,3 +301,13 @@ def test_smollm2_float32_permute_1024_tokens(smollm2: tuple[object, object]) -> 
     assert rec["tokens"] == 1024 and rec["predicted"] == 1022
     assert 2.0 < rec["ppl_plain"] < 100.0  # real weights: a language model, not noise
     assert rec["rel_delta_ppl"] <= 1e-5, rec
+
+
+def test_readme_results_section_is_generated_from_the_results_files() -> None:
+    """The README's results tables are exactly what ``python -m scx_models.report`` renders from
+    ``models/results/*.json`` — no number in them is typed by hand."""
+    from scx_models.report import README_BEGIN, load_results, render, update_readme
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert README_BEGIN in readme
+    assert update_readme(readme, render(load_results())) == readme

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import ops
-from ..reference import KVCache
+from ..reference import KVCache, ReferenceModel
 from ..weights import ModelWeights
 
 __all__ = ["Trace", "candidate_states", "forward_trace"]
@@ -48,40 +48,17 @@ def forward_trace(
 ) -> Trace:
     """The reference forward (identical arithmetic to :class:`~scx_ref.reference.ReferenceModel`) with
     every stage recorded; continues ``cache`` (extended in place) and stops after block ``upto`` if given."""
-    c = weights.config
-    cache = KVCache() if cache is None else cache
-    ids = np.asarray(ids, dtype=np.int64)
-    start = cache.length
-    pos = np.arange(start, start + len(ids))
-    x = ops.embed(ids, weights.embed)
     tr = Trace()
-    last = c.n_layers - 1 if upto is None else upto
-    for i, lw in enumerate(weights.layers[: last + 1]):
-        tr.x.append(x)
-        xh = ops.rms_norm(x, lw.attn_norm, c.rms_eps)
-        tr.xhat.append(xh)
-        q, k, v = ops.qkv(xh, lw, c.n_heads, c.n_kv_heads, c.head_dim)
-        q = ops.apply_rope(q, pos, c.rope_theta)
-        k = ops.apply_rope(k, pos, c.rope_theta)
-        if i < len(cache.keys):
-            cache.keys[i] = np.concatenate([cache.keys[i], k])
-            cache.values[i] = np.concatenate([cache.values[i], v])
+
+    def record(stage: str, layer: int, rows: Array) -> None:
+        if stage == "final":
+            tr.final = rows
         else:
-            cache.keys.append(k)
-            cache.values.append(v)
-        tr.q.append(q)
-        tr.k.append(k)
-        tr.v.append(v)
-        mask = ops.causal_mask(len(ids), cache.keys[i].shape[0])
-        o = ops.attention(q, cache.keys[i], cache.values[i], mask=mask).reshape(len(ids), c.q_dim)
-        tr.o.append(o)
-        x = x + o @ lw.wo
-        tr.h.append(x)
-        x = x + ops.mlp(ops.rms_norm(x, lw.mlp_norm, c.rms_eps), lw.mlp, c.top_k)
-    if upto is None:
-        tr.final = x
-        if logits:
-            tr.logits = ops.rms_norm(x, weights.final_norm, c.rms_eps) @ weights.lm_head
+            getattr(tr, stage).append(rows)
+
+    out, _ = ReferenceModel(weights, trace=record).forward(np.asarray(ids, dtype=np.int64), cache, upto)
+    if upto is None and logits:
+        tr.logits = out
     return tr
 
 
