@@ -143,7 +143,9 @@ def test_budget_pld_matches_independent_dp_accounting() -> None:
         embed_normalized_diameter=2.0,
     )
     tokens, beta, delta = 40, 5.0, 1e-6
-    b = request_budget(sens, level="paper", beta=beta, guard=1, prompt_len=8, tokens=tokens, delta=delta)
+    b = request_budget(
+        sens, level="paper", beta=beta, guard=1, prompt_len=8, tokens=tokens, delta=delta, guard_ffn="clear"
+    )
     assert b.composition is not None and b.epsilon_pld is not None
     interval = b.composition.pld_interval
     assert interval is not None
@@ -288,7 +290,9 @@ def test_model_sensitivities_moe_and_bias(preset: str) -> None:
 
 
 def test_budget_counts_paper_level() -> None:
-    b = request_budget(_sens(), level="paper", beta=2.0, guard=2, prompt_len=10, tokens=5, use_pld=False)
+    b = request_budget(
+        _sens(), level="paper", beta=2.0, guard=2, prompt_len=10, tokens=5, use_pld=False, guard_ffn="clear"
+    )
     counts = [(s.phase, s.stage, s.block, s.count, s.sensitivity) for s in b.stages]
     assert counts == [
         ("prefill", "qkv", 1, 1, 2.0),
@@ -297,6 +301,22 @@ def test_budget_counts_paper_level() -> None:
     ]
     assert b.epsilon_basic == pytest.approx((1 * 2.0 + 5 * 2.0 + 5 * 3.0) / 2.0)
     assert b.permutation_bits_per_stage == pytest.approx(permutation_bits(10))
+
+
+def test_budget_counts_blinded_guard_ffn() -> None:
+    """The protocol's default ``guard_ffn="blinded"`` adds the guard blocks' MLP releases per token."""
+    sens = _sens()
+    clear = request_budget(sens, level="paper", beta=2.0, guard=1, tokens=5, use_pld=False, guard_ffn="clear")
+    blinded = request_budget(sens, level="paper", beta=2.0, guard=1, tokens=5, use_pld=False)
+    extra = [(s.stage, s.block, s.count) for s in blinded.stages if s.stage in ("gate_up", "down")]
+    last = sens.n_layers
+    assert extra == [("gate_up", 1, 5), ("down", 1, 5), ("gate_up", last, 5), ("down", last, 5)]
+    added = 5 * (
+        sens.layers[0].gate_up + sens.layers[0].down + sens.layers[-1].gate_up + sens.layers[-1].down
+    )
+    assert blinded.epsilon_basic == pytest.approx(clear.epsilon_basic + added / 2.0)
+    assert not any("guard-block FFN" in u for u in blinded.uncovered)
+    assert any("guard-block FFN" in u for u in clear.uncovered)
 
 
 def test_budget_counts_blind_level_and_rows() -> None:
@@ -387,6 +407,8 @@ def test_cli_model_mode_json(tmp_path: Path) -> None:
             "8",
             "--tokens",
             "4",
+            "--guard-ffn",
+            "clear",
             "--json",
             str(out),
         ]

@@ -192,13 +192,16 @@ def request_budget(
     rows: Literal["own", "all"] = "own",
     use_pld: bool = True,
     pld_interval: float | None = None,
+    guard_ffn: Literal["blinded", "clear"] = "blinded",
 ) -> RequestBudget:
     """Per-request (ε, δ) for one prompt token under an SCX configuration (see the module docstring).
 
     ``model``: ModelWeights (sensitivities computed, block-1 diameter exactly) or precomputed
     :class:`ModelSensitivities`. ``beta``: one Laplace scale for every stage or a mapping stage → β
     (stages: qkv, o, gate_up, down, lm_head, or 'default'). ``guard`` = g = l_s = l_e. ``prompt_len`` = n,
-    ``tokens`` = T generated, ``decoys`` = r decoy rows per permuted stage.
+    ``tokens`` = T generated, ``decoys`` = r decoy rows per permuted stage. ``guard_ffn`` as in
+    :class:`~scx_ref.protocol.SCXConfig`: ``blinded`` (the protocol's default) noises the guard blocks'
+    MLP maps during generation, and those releases are counted; ``clear`` sends their input un-noised.
 
     Guarantee: under replace-one-token neighbours, the noised releases together are
     (epsilon_basic, 0)-, (epsilon_advanced, delta_prime)- and (epsilon_pld, delta)-DP for each prompt token,
@@ -209,6 +212,8 @@ def request_budget(
         raise ConfigError(f"model must be ModelWeights or ModelSensitivities, got {type(model).__name__}")
     if level not in LEVELS:
         raise ConfigError(f"level must be one of {LEVELS}, got {level!r}")
+    if guard_ffn not in ("blinded", "clear"):
+        raise ConfigError(f"guard_ffn must be 'blinded' or 'clear', got {guard_ffn!r}")
     if rows not in ("own", "all"):
         raise ConfigError(f"rows must be 'own' or 'all', got {rows!r}")
     betas = _betas(beta)
@@ -237,6 +242,10 @@ def request_budget(
         if t:
             for blk in range(1, g + 1):
                 add("generate", "qkv", blk, t, qkv_sens(blk))
+            if guard_ffn == "blinded":  # first and last guard blocks' MLP maps, one-time noise
+                for blk in sorted({*range(1, g + 1), *range(max(g, n_layers - g) + 1, n_layers + 1)}):
+                    add("generate", "gate_up", blk, t, sens.layers[blk - 1].gate_up)
+                    add("generate", "down", blk, t, sens.layers[blk - 1].down)
     elif level == "blind":
         for phase, count_first, count_rest in (("prefill", 1, cross), ("generate", t, t)):
             if count_first == 0:
@@ -256,9 +265,10 @@ def request_budget(
     elif level == "paper":
         uncovered += [
             "prefill QKV of blocks 2..L, O, FFN and LM-head stages (un-noised, permuted only)",
-            "guard-block FFN input during generation (sent in the clear by the paper)",
             "middle blocks' caches after key sharing and generated tokens' middle-block states",
         ]
+        if guard_ffn == "clear":
+            uncovered.append("guard-block FFN input during generation (sent in the clear, as in the paper)")
     else:
         uncovered.append("middle blocks computed by the server alone during generation (protocol §5.3)")
     if sens.notes:

@@ -294,6 +294,7 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         delta=args.delta,
         delta_prime=args.delta_prime,
         rows=args.rows,
+        guard_ffn=args.guard_ffn,
         use_pld=not args.no_pld,
         pld_interval=args.pld_interval,
     )
@@ -395,6 +396,12 @@ def register(subparsers: Any) -> None:
         choices=("own", "all"),
         default="own",
         help="count a token's own rows only (default) or every prefill row downstream of attention",
+    )
+    model.add_argument(
+        "--guard-ffn",
+        choices=("blinded", "clear"),
+        default="blinded",
+        help="guard blocks' FFN during generation: blinded (the protocol default; counted) or clear",
     )
     model.add_argument(
         "--embedding",
