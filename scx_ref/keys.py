@@ -168,6 +168,7 @@ class KeySchedule:
             raise KeyScheduleError(f"the nonce must be exactly {NONCE_BYTES} bytes")
         self._master = bytes(master)
         self.nonce = bytes(nonce)
+        self._perms: dict[tuple[Label, int], npt.NDArray[np.int64]] = {}
 
     @classmethod
     def generate(cls) -> KeySchedule:
@@ -195,8 +196,18 @@ class KeySchedule:
         return KeyStream(self.key(label))
 
     def permutation(self, label: Label, n: int) -> npt.NDArray[np.int64]:
-        """The permutation of 0..n-1 named by ``label`` (uniform over S_n)."""
-        return fisher_yates(n, self.stream((*label, "perm", n)))
+        """The permutation of 0..n-1 named by ``label`` (uniform over S_n).
+
+        Derived once per (label, n) and memoised for this request (a request asks for each block's
+        next-stage permutation twice); the returned array is read-only.
+        """
+        memo_key = (tuple(label), n)
+        perm = self._perms.get(memo_key)
+        if perm is None:
+            perm = fisher_yates(n, self.stream((*label, "perm", n)))
+            perm.setflags(write=False)
+            self._perms[memo_key] = perm
+        return perm
 
     def generator(self, label: Label) -> KeyStream:
         """A noise source for ``label``: a stream with ``random(size)``, for ``laplace_noise``."""

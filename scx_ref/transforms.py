@@ -124,6 +124,7 @@ class HeadPermutation:
             check_permutation(sig[g], name=f"sigmas[{g}]")
         object.__setattr__(self, "group_order", order)
         object.__setattr__(self, "sigmas", sig.astype(np.int64))
+        object.__setattr__(self, "_flat", {})
 
     @property
     def n_kv_heads(self) -> int:
@@ -151,6 +152,21 @@ class HeadPermutation:
         heads = (self.group_order[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1)
         coords = np.repeat(self.sigmas[self.group_order], group_size, axis=0)
         return heads, coords
+
+    def flat_index(self, group_size: int, inverse: bool = False) -> npt.NDArray[np.int64]:
+        """The flat feature index f (length H·d_h) with
+        ``apply(x, G).reshape(rows, -1) == x.reshape(rows, -1)[:, f]``, or its inverse permutation
+        (``invert`` as one gather). Computed once per group size; the arrays are read-only."""
+        memo: dict[tuple[int, bool], npt.NDArray[np.int64]] = self._flat  # type: ignore[attr-defined]
+        key = (group_size, inverse)
+        if key not in memo:
+            heads, coords = self._index(group_size)
+            f = (heads[:, None] * self.head_dim + coords).reshape(-1).astype(np.int64)
+            if inverse:
+                f = inverse_permutation(f).astype(np.int64)
+            f.setflags(write=False)
+            memo[key] = f
+        return memo[key]
 
     def apply(self, x: Any, group_size: int = 1) -> FloatArray:
         """Encode rows × heads × d_h features: slot j·G+t holds head order[j]·G+t, coordinates σ_order[j].

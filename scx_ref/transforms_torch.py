@@ -79,8 +79,11 @@ def _host_perm(perm: Any, n: int | None, name: str) -> npt.NDArray[np.int64]:
 
 
 def as_index(index: npt.NDArray[np.int64], device: torch.device) -> torch.Tensor:
-    """An int64 index tensor on ``device`` (no copy on CPU)."""
-    return torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)).to(device)
+    """An int64 index tensor on ``device`` (no copy on CPU unless ``index`` is read-only)."""
+    arr = np.ascontiguousarray(index, dtype=np.int64)
+    if not arr.flags.writeable:  # memoised keys are read-only; torch cannot share them
+        arr = arr.copy()
+    return torch.from_numpy(arr).to(device)
 
 
 def _inverse(p: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -167,8 +170,7 @@ def decode_rows(y: Any, perm: Any, n: int) -> torch.Tensor:
 def head_index(perm: HeadPermutation, group_size: int) -> npt.NDArray[np.int64]:
     """The flat feature index f (length H·d_h) with
     ``perm.apply(x, G).reshape(rows, -1) == x.reshape(rows, -1)[:, f]``."""
-    heads, coords = perm._index(group_size)
-    return (heads[:, None] * perm.head_dim + coords).reshape(-1).astype(np.int64)
+    return perm.flat_index(group_size)
 
 
 def _check_heads(x: Any, perm: HeadPermutation, group_size: int, name: str) -> torch.Tensor:

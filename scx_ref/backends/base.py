@@ -47,6 +47,14 @@ class Backend(Protocol, Generic[A]):
         """A numpy copy of ``x``."""
         ...
 
+    def rows_to_numpy(self, x: A, index: IndexArray) -> npt.NDArray[Any]:
+        """A numpy copy of ``x[index]`` (rows), equal to ``to_numpy(take_rows(x, index))``.
+
+        One gather instead of a gather and a copy: the client's T1 decode + decoy strip of the
+        logits, the largest array of a prefill.
+        """
+        ...
+
     def numpy_dtype(self) -> np.dtype[Any]:
         """The numpy dtype matching the backend's compute dtype (float32 for bf16/fp16 wire format)."""
         ...

@@ -38,6 +38,10 @@ class NumpyBackend:
     def to_numpy(self, x: FloatArray) -> npt.NDArray[Any]:
         return np.array(x)
 
+    def rows_to_numpy(self, x: FloatArray, index: IndexArray) -> npt.NDArray[Any]:
+        """``x[index]``: fancy indexing already copies."""
+        return np.asarray(x[np.asarray(index, dtype=np.int64)])
+
     def numpy_dtype(self) -> np.dtype[Any]:
         return self.dtype
 

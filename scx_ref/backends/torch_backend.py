@@ -225,6 +225,22 @@ class TorchBackend:
             x = x.to(torch.float64 if self.dtype == torch.float64 else torch.float32)
         return np.array(x.detach().cpu().numpy())
 
+    def rows_to_numpy(self, x: torch.Tensor, index: IndexArray) -> npt.NDArray[Any]:
+        """A numpy copy of ``x[index]`` in the wire dtype, with one gather.
+
+        On CPU in the wire dtype the gather is numpy's (it reads the tensor's memory once); otherwise
+        the rows are gathered on the device and only they are transferred.
+        """
+        idx = np.asarray(index, dtype=np.int64)
+        wire = torch.float64 if self.dtype == torch.float64 else torch.float32
+        x = x.detach()
+        if x.device.type == "cpu" and (x.dtype == wire or not x.is_floating_point()):
+            return np.asarray(x.numpy()[idx])
+        y = x.index_select(0, self._idx(idx))
+        if y.is_floating_point():
+            y = y.to(wire)
+        return np.asarray(y.cpu().numpy())  # a fresh tensor: its memory is not shared
+
     def numpy_dtype(self) -> np.dtype[Any]:
         """float64 for a float64 backend, float32 otherwise (the wire format of bf16/fp16)."""
         return np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
@@ -428,9 +444,7 @@ class TorchBackend:
     def head_unpermute(self, y: torch.Tensor, perm: HeadPermutation, group_size: int) -> torch.Tensor:
         """T3 decode on rows × heads × d_h (gather with the inverse flat index)."""
         rows, h, dh = y.shape
-        f = head_index(perm, group_size)
-        inv = np.empty_like(f)
-        inv[f] = np.arange(f.shape[0])
+        inv = perm.flat_index(group_size, inverse=True)
         return y.reshape(rows, h * dh).index_select(1, self._idx(inv)).reshape(rows, h, dh)
 
     def _cos_sin(self, positions: IndexArray) -> tuple[torch.Tensor, torch.Tensor]:

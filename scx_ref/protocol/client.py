@@ -24,7 +24,7 @@ import numpy.typing as npt
 from ..backends.base import A, Backend, split_qkv
 from ..errors import ProtocolError, SessionError
 from ..keys import KeySchedule, Label
-from ..transforms import HeadPermutation, laplace_noise
+from ..transforms import HeadPermutation, inverse_permutation, laplace_noise
 from .config import SCXConfig
 from .cost import CostMeter, CostReport
 from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys, default_public_tokens
@@ -221,13 +221,13 @@ class Client(Generic[A]):
             elif i in self.last:
                 st.guard_v[i] = v
                 keys_kept[i] = k_rope
-        logits = self._prefill_head(link, h, dec)
+        logits_np = self._prefill_head(link, h, dec)
         for i, k_rope in keys_kept.items():  # locked key caches of the last guard blocks
             rho = self._keys().permutation(("lock", i), n + cfg.lock_decoys)
             k_flat = b.reshape(k_rope, (n, c.kv_dim))
             kc = b.take_rows(b.concat_rows([k_flat, self._decoys("k", i, cfg.lock_decoys, k_flat)]), rho)
             self._send(link, "lock", i, -1, {"k": kc})
-        return np.asarray(b.to_numpy(logits))
+        return logits_np
 
     def _prefill_block(self, link: Transport, i: int, h: A, dec: A, pos: IntArray) -> tuple[A, A, A, A]:
         b, c, cfg, keys = self.b, self.c, self.cfg, self._keys()
@@ -287,7 +287,7 @@ class Client(Generic[A]):
         out = b.add(rows, y)
         return b.narrow(out, 0, 0, n), b.narrow(out, 0, n, n + r1), k, v
 
-    def _prefill_head(self, link: Transport, h: A, dec: A) -> A:
+    def _prefill_head(self, link: Transport, h: A, dec: A) -> npt.NDArray[Any]:
         b, c, cfg, n = self.b, self.c, self.cfg, self.b.nrows(h)
         L = c.n_layers
         pi = self._keys().permutation(("tok", L, "qkv"), n + cfg.r1)
@@ -307,7 +307,9 @@ class Client(Generic[A]):
             reply_key="logits",
             normalized=beta > 0,
         )
-        return b.narrow(b.put_rows(logits, pi), 0, 0, n)
+        return b.rows_to_numpy(
+            logits, inverse_permutation(pi)[:n].astype(np.int64)
+        )  # T1 decode, decoys stripped
 
     def _blinded_mlp(
         self,
