@@ -273,6 +273,8 @@ def test_backend_array_ops_match_numpy(w: ModelWeights, seed: int, n: int, data:
     assert np.array_equal(tb.to_numpy(tb.take_rows(xt, perm)), nb.take_rows(x, perm))
     assert np.array_equal(tb.to_numpy(tb.take_rows(xt, index)), nb.take_rows(x, index))
     assert np.array_equal(tb.to_numpy(tb.put_rows(xt, perm)), nb.put_rows(x, perm))
+    assert np.array_equal(tb.rows_to_numpy(xt, index), nb.rows_to_numpy(x, index))
+    assert np.array_equal(nb.rows_to_numpy(x, index), nb.to_numpy(nb.take_rows(x, index)))
     assert np.array_equal(tb.to_numpy(tb.concat_rows([xt, xt[:1]])), nb.concat_rows([x, x[:1]]))
     lo = data.draw(st.integers(0, c.hidden_size))
     hi = data.draw(st.integers(lo, c.hidden_size))

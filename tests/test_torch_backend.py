@@ -113,6 +113,11 @@ def test_dtype_parsing_and_wire_format() -> None:
         assert b.numpy_dtype() == want
         x = b.from_numpy(np.ones((2, 16)))
         assert x.dtype == dt and b.to_numpy(x).dtype == want
+        rows = b.from_numpy(np.arange(32.0).reshape(4, 8))
+        got = b.rows_to_numpy(rows, np.array([3, 0, 2]))
+        assert got.dtype == want and np.array_equal(got, b.to_numpy(b.take_rows(rows, np.array([3, 0, 2]))))
+        got[:] = -1  # a copy: the backend tensor is untouched
+        assert b.to_numpy(rows)[0, 1] == 1.0
     with pytest.raises(ConfigError):
         TorchBackend(None)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -393,6 +394,22 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str) -
     return "\n".join(lines)
 
 
+def _machine() -> str:
+    """The CPU model and logical CPU count (Linux /proc/cpuinfo when readable)."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical CPUs"
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark and print (and optionally save) the ratios."""
     try:
@@ -419,6 +436,8 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(rows, used, args.device, args.dtype))
     if args.json:
         meta = {
+            "command": " ".join(["scx", *sys.argv[1:]]),
+            "machine": _machine(),
             "model": used,
             "device": args.device,
             "dtype": args.dtype,
