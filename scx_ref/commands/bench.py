@@ -235,7 +235,11 @@ def run_bench(
     repeats: int,
     progress: bool = True,
 ) -> list[BenchResult]:
-    """Interleaved plaintext/SCX timings on ``backend``; one row per (phase, n, level)."""
+    """Interleaved plaintext/SCX timings on ``backend``; one row per (phase, n, level).
+
+    Rounds alternate the order (plaintext first, then SCX first), so a drift of the machine's speed
+    within a round does not favour either side.
+    """
     import torch
 
     from ..backends.torch_backend import TorchPlainModel
@@ -264,20 +268,24 @@ def run_bench(
         share: dict[str, float] = {}
         state: dict[str, int] = {}
         plain_state = 0
-        for _ in range(repeats):
-            with torch.inference_mode():
-                if phase == "prefill":
-                    w, cpu, mem, _ = _timed(
-                        lambda ids=ids: backend.to_numpy(plain.prefill(ids)),  # type: ignore[misc]
-                        backend.device,
-                    )
-                else:
-                    w, cpu, mem = _plain_decode(plain, ids, gen_tokens, backend.device)
-                plain_t.add(w, cpu, mem)
-                plain_state = _state_bytes(plain.keys + plain.values)
-                bar(f"{phase} n={n} plaintext")
-                for lv in levels:
-                    client = clients[lv]
+
+        sides: list[str | None] = [None, *levels]  # None: plaintext
+        for rnd in range(repeats):
+            for side in sides if rnd % 2 == 0 else sides[::-1]:
+                with torch.inference_mode():
+                    if side is None:
+                        if phase == "prefill":
+                            w, cpu, mem, _ = _timed(
+                                lambda ids=ids: backend.to_numpy(plain.prefill(ids)),  # type: ignore[misc]
+                                backend.device,
+                            )
+                        else:
+                            w, cpu, mem = _plain_decode(plain, ids, gen_tokens, backend.device)
+                        plain_t.add(w, cpu, mem)
+                        plain_state = _state_bytes(plain.keys + plain.values)
+                        bar(f"{phase} n={n} plaintext")
+                        continue
+                    client = clients[side]
                     server = Server(backend)
                     link = LocalTransport(server)
                     if phase == "prefill":
@@ -289,10 +297,10 @@ def run_bench(
                         )
                     else:
                         w, cpu, mem = _scx_decode(client, link, ids, gen_tokens, backend.device)
-                    scx_t[lv].add(w, cpu, mem)
-                    share[lv] = client.cost_report(link, server.cost(client.session)).client_flop_share
-                    state[lv] = _scx_state(server, client)
-                    bar(f"{phase} n={n} {lv}")
+                    scx_t[side].add(w, cpu, mem)
+                    share[side] = client.cost_report(link, server.cost(client.session)).client_flop_share
+                    state[side] = _scx_state(server, client)
+                    bar(f"{phase} n={n} {side}")
         div = gen_tokens if phase == "decode" else 1
         for lv in levels:
             pm, sm = statistics.median(plain_t.wall), statistics.median(scx_t[lv].wall)
