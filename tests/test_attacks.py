@@ -12,7 +12,7 @@ from scx_ref.attacks._view import shared_caches, stage_array
 from scx_ref.attacks.harness import AblatedKeys, Setting, _engine_view
 from scx_ref.attacks.simulate import SimSettings, calibration_pool, simulate_view
 from scx_ref.config import ModelConfig
-from scx_ref.errors import ConfigError
+from scx_ref.errors import ConfigError, ShapeError
 from scx_ref.protocol import SCXConfig
 from scx_ref.reference import KVCache, ReferenceModel
 from scx_ref.weights import random_weights
@@ -125,6 +125,11 @@ def test_inversion_works_unpermuted_and_sigma_hides_naive(weights) -> None:  # t
     assert acc > 0.5 and acc_perm < acc
     idx = inversion.recover_column_permutation(v[:900, perm], v[:900])
     assert np.mean(idx == np.argsort(perm)) > 0.5  # statistics of 900 rows recover most of σ
+    table = inversion.unit_vocabulary(weights)  # a shared table gives the same inverter, without a copy
+    shared = inversion.fit_inverter(v[:900], pub[:900], weights, "ridge", lam=1.0, table=table)
+    assert shared.table is table and np.array_equal(shared.predict(v[900:]), inv.predict(v[900:]))
+    with pytest.raises(ShapeError):
+        inversion.fit_inverter(v[:900], pub[:900], weights, "ridge", table=table[:, :-1])
 
 
 def test_mlp_inverter_fits(weights) -> None:  # type: ignore[no-untyped-def]

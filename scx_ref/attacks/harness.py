@@ -203,32 +203,33 @@ def fit_tools(
     traces = ctx.traces
     toks = ctx.public_tokens
     w = ctx.weights
+    table = inversion.unit_vocabulary(w)  # one copy shared by every inverter
+
+    def fit(feats: Array, kind: str = "ridge", **kw: Any) -> inversion.Inverter:
+        return inversion.fit_inverter(feats, toks, w, kind, table=table, **kw)
+
     for layer in layers:
         kv = np.concatenate([_kv_rows(t, layer) for t in traces])
         v = np.concatenate([t.v[layer].reshape(len(t.v[layer]), -1) for t in traces])
         h = np.concatenate([t.h[layer] for t in traces])
         x = np.concatenate([t.x[layer] for t in traces])
         ctx.middle_ref[layer] = v
-        ctx.inverters[f"kv{layer}/ridge"] = inversion.fit_inverter(kv, toks, w, "ridge", lam=10.0)
-        ctx.inverters[f"v{layer}/ridge"] = inversion.fit_inverter(v, toks, w, "ridge", lam=10.0)
-        ctx.inverters[f"vsorted{layer}/ridge"] = inversion.fit_inverter(
-            inversion.sorted_rows(v), toks, w, "ridge", lam=10.0
-        )
-        ctx.inverters[f"ffn{layer}/ridge"] = inversion.fit_inverter(h, toks, w, "ridge", lam=10.0)
-        ctx.inverters[f"x{layer}/ridge"] = inversion.fit_inverter(x, toks, w, "ridge", lam=10.0)
+        ctx.inverters[f"kv{layer}/ridge"] = fit(kv, lam=10.0)
+        ctx.inverters[f"v{layer}/ridge"] = fit(v, lam=10.0)
+        ctx.inverters[f"vsorted{layer}/ridge"] = fit(inversion.sorted_rows(v), lam=10.0)
+        ctx.inverters[f"ffn{layer}/ridge"] = fit(h, lam=10.0)
+        ctx.inverters[f"x{layer}/ridge"] = fit(x, lam=10.0)
         if mlp:
-            ctx.inverters[f"kv{layer}/mlp"] = inversion.fit_inverter(kv, toks, w, "mlp", epochs=epochs)
-            ctx.inverters[f"ffn{layer}/mlp"] = inversion.fit_inverter(h, toks, w, "mlp", epochs=epochs)
+            ctx.inverters[f"kv{layer}/mlp"] = fit(kv, "mlp", epochs=epochs)
+            ctx.inverters[f"ffn{layer}/mlp"] = fit(h, "mlp", epochs=epochs)
     for layer in per_layer:
         if f"kv{layer}/ridge" not in ctx.inverters:
             kv = np.concatenate([_kv_rows(t, layer) for t in traces])
-            ctx.inverters[f"kv{layer}/ridge"] = inversion.fit_inverter(kv, toks, w, "ridge", lam=10.0)
+            ctx.inverters[f"kv{layer}/ridge"] = fit(kv, lam=10.0)
         if f"vsorted{layer}/ridge" not in ctx.inverters:
             v = np.concatenate([t.v[layer].reshape(len(t.v[layer]), -1) for t in traces])
-            ctx.inverters[f"vsorted{layer}/ridge"] = inversion.fit_inverter(
-                inversion.sorted_rows(v), toks, w, "ridge", lam=10.0
-            )
-            ctx.inverters[f"v{layer}/ridge"] = inversion.fit_inverter(v, toks, w, "ridge", lam=10.0)
+            ctx.inverters[f"vsorted{layer}/ridge"] = fit(inversion.sorted_rows(v), lam=10.0)
+            ctx.inverters[f"v{layer}/ridge"] = fit(v, lam=10.0)
 
 
 def _real_rows(rows: Array, truth: Array) -> Array:

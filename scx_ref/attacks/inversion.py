@@ -23,7 +23,14 @@ from scipy.optimize import linear_sum_assignment
 from ..errors import ConfigError, ShapeError
 from ..weights import ModelWeights
 
-__all__ = ["Inverter", "column_stats", "fit_inverter", "recover_column_permutation", "sorted_rows"]
+__all__ = [
+    "Inverter",
+    "column_stats",
+    "fit_inverter",
+    "recover_column_permutation",
+    "sorted_rows",
+    "unit_vocabulary",
+]
 
 Array = npt.NDArray[Any]
 
@@ -63,6 +70,11 @@ class Inverter:
         return np.asarray(np.argsort(-sims, axis=1)[:, :top])
 
 
+def unit_vocabulary(weights: ModelWeights) -> Array:
+    """The embedding rows scaled to unit norm: the targets and the decoding table of every inverter."""
+    return _unit(np.asarray(weights.embed, dtype=np.float64))
+
+
 def fit_inverter(
     feats: Array,
     tokens: npt.ArrayLike,
@@ -72,14 +84,21 @@ def fit_inverter(
     seed: int = 0,
     epochs: int = 300,
     hidden: int = 512,
+    table: Array | None = None,
 ) -> Inverter:
     """Fit an inverter on public (features, token) pairs. Ridge: W = (ZᵀZ + λI)⁻¹ZᵀY on standardized
-    features Z with an intercept column; MLP: Z → ReLU(hidden) → d, trained by Adam on the cosine loss."""
+    features Z with an intercept column; MLP: Z → ReLU(hidden) → d, trained by Adam on the cosine loss.
+
+    ``table``: :func:`unit_vocabulary` of ``weights``, when the caller fits many inverters and shares one
+    copy (V × d floats each otherwise; SmolLM2's is 226 MB)."""
     x = np.asarray(feats, dtype=np.float64)
     t = np.asarray(tokens, dtype=np.int64)
     if x.ndim != 2 or len(x) != len(t):
         raise ShapeError(f"features {x.shape} and tokens {t.shape} do not match")
-    table = _unit(np.asarray(weights.embed, dtype=np.float64))
+    if table is None:
+        table = unit_vocabulary(weights)
+    elif table.shape != weights.embed.shape:
+        raise ShapeError(f"table of shape {table.shape} is not the vocabulary's {weights.embed.shape}")
     y = table[t]
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-8
     z = (x - mean) / std
