@@ -32,7 +32,8 @@ def register(subparsers: Any) -> None:
         ),
         epilog=(
             "example: scx attack --model smollm2 --quick --json models/results/attacks_smollm2.json "
-            "--plots models/results/plots   (SmolLM2 --quick --threads 1: ~7 min on 2 busy cores; "
+            "--plots models/results/plots   (SmolLM2 --quick --threads 1: ~7 min on 2 busy cores; without "
+            "--quick: ~10 min and ~9 GB on 2 cores; "
             "render the markdown report with python -m scx_ref.attacks.report FILE.json)"
         ),
     )
