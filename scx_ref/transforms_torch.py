@@ -198,7 +198,7 @@ def head_unpermute(y: Any, perm: HeadPermutation, group_size: int = 1) -> torch.
     """T3 decode (gather with the inverse flat index); equals ``perm.invert(y, group_size)``."""
     t = _check_heads(y, perm, group_size, "y")
     rows, h, dh = t.shape
-    idx = as_index(_inverse(head_index(perm, group_size)), t.device)
+    idx = as_index(perm.flat_index(group_size, inverse=True), t.device)
     return t.reshape(rows, h * dh).index_select(1, idx).reshape(rows, h, dh)
 
 

@@ -222,7 +222,7 @@ class TorchBackend:
     def to_numpy(self, x: torch.Tensor) -> npt.NDArray[Any]:
         """A numpy copy of ``x`` in the wire dtype (float64 for float64, float32 otherwise)."""
         if x.is_floating_point():
-            x = x.to(torch.float64 if self.dtype == torch.float64 else torch.float32)
+            x = x.to(self._wire)
         return np.array(x.detach().cpu().numpy())
 
     def rows_to_numpy(self, x: torch.Tensor, index: IndexArray) -> npt.NDArray[Any]:
@@ -232,14 +232,18 @@ class TorchBackend:
         the rows are gathered on the device and only they are transferred.
         """
         idx = np.asarray(index, dtype=np.int64)
-        wire = torch.float64 if self.dtype == torch.float64 else torch.float32
         x = x.detach()
-        if x.device.type == "cpu" and (x.dtype == wire or not x.is_floating_point()):
+        if x.device.type == "cpu" and (x.dtype == self._wire or not x.is_floating_point()):
             return np.asarray(x.numpy()[idx])
         y = x.index_select(0, self._idx(idx))
         if y.is_floating_point():
-            y = y.to(wire)
+            y = y.to(self._wire)
         return np.asarray(y.cpu().numpy())  # a fresh tensor: its memory is not shared
+
+    @property
+    def _wire(self) -> torch.dtype:
+        """The dtype arrays leave the backend in: float64 for float64, float32 otherwise."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     def numpy_dtype(self) -> np.dtype[Any]:
         """float64 for a float64 backend, float32 otherwise (the wire format of bf16/fp16)."""

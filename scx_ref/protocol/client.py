@@ -307,9 +307,8 @@ class Client(Generic[A]):
             reply_key="logits",
             normalized=beta > 0,
         )
-        return b.rows_to_numpy(
-            logits, inverse_permutation(pi)[:n].astype(np.int64)
-        )  # T1 decode, decoys stripped
+        keep = inverse_permutation(pi)[:n].astype(np.int64)  # T1 decode with the decoy rows stripped
+        return b.rows_to_numpy(logits, keep)
 
     def _blinded_mlp(
         self,
