@@ -11,6 +11,7 @@ from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys
 from .messages import Reply, Request
 from .plain import PlainRunner
 from .server import Server
+from .stages import Phase, Stage
 from .transport import LocalTransport, ServerView, Transport, ViewedMessage
 
 __all__ = [
@@ -22,12 +23,14 @@ __all__ = [
     "GaussianDecoys",
     "Level",
     "LocalTransport",
+    "Phase",
     "PlainRunner",
     "Reply",
     "Request",
     "SCXConfig",
     "Server",
     "ServerView",
+    "Stage",
     "StageCost",
     "Transport",
     "ViewedMessage",
