@@ -196,6 +196,7 @@ def _timed(fn: Callable[[], Any], device: Any) -> tuple[float, float, float, Any
 def build_backend(model: str, dtype: str, device: str) -> tuple[Any, str]:
     """(TorchBackend, the model actually used) for a ``--model`` choice."""
     from ..backends.torch_backend import TorchBackend, parse_dtype
+    from ..hf import backend_from_hf
     from ..weights import random_weights
 
     if model not in MODELS:
@@ -203,7 +204,7 @@ def build_backend(model: str, dtype: str, device: str) -> tuple[Any, str]:
     if model == "smollm2":
         try:
             hf_model = _load_smollm2()
-            return TorchBackend.from_hf(hf_model, dtype=dtype, device=device), "smollm2"
+            return backend_from_hf(hf_model, dtype=dtype, device=device), "smollm2"
         except (SCXError, ImportError, OSError) as exc:
             print(
                 f"scx bench: SmolLM2 weights unavailable ({exc}); using random:smollm2-shape", file=sys.stderr
@@ -242,7 +243,7 @@ def run_bench(
     """
     import torch
 
-    from ..backends.torch_backend import TorchPlainModel
+    from ..forward import PlainRunner
     from ..keys import KeySchedule
     from ..protocol import Client, LocalTransport, SCXConfig, Server
 
@@ -251,7 +252,7 @@ def run_bench(
     if longest > c.max_positions:
         raise ConfigError(f"bench length {longest} exceeds the model's max_positions {c.max_positions}")
     rng = np.random.default_rng(1234)  # public benchmark prompts
-    plain = TorchPlainModel(backend)
+    plain = PlainRunner(backend)
     master = KeySchedule.generate()
     clients = {
         lv: Client(backend, master, SCXConfig(level=lv, max_length=min(c.max_positions, 4096)))  # type: ignore[arg-type]
@@ -282,7 +283,7 @@ def run_bench(
                         else:
                             w, cpu, mem = _plain_decode(plain, ids, gen_tokens, backend.device)
                         plain_t.add(w, cpu, mem)
-                        plain_state = _state_bytes(plain.keys + plain.values)
+                        plain_state = _state_bytes([t for kv in plain.cache for t in kv])
                         bar(f"{phase} n={n} plaintext")
                         continue
                     client = clients[side]
@@ -450,7 +451,7 @@ def main(args: argparse.Namespace) -> int:
             "device": args.device,
             "dtype": args.dtype,
             "threads": torch.get_num_threads(),
-            "baseline": "TorchPlainModel: plain torch forward with a KV cache on the same TorchBackend",
+            "baseline": "PlainRunner: plain torch forward with a KV cache on the same TorchBackend",
             "torch": torch.__version__,
         }
         with open(args.json, "w") as f:

@@ -27,9 +27,10 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..protocol.config import BETA_KINDS, LEVELS
 from ..weights import ModelWeights, random_weights
 from .accountants import compose, pld_available
-from .budget import LEVELS, STAGES, RequestBudget, request_budget
+from .budget import RequestBudget, request_budget
 from .mechanisms import LaplaceMechanism, metric_dp_epsilon_per_unit, per_coordinate_reading
 from .permutation import bayes_guess_bound
 from .sensitivity import model_sensitivities
@@ -385,7 +386,7 @@ def register(subparsers: Any) -> None:
         "--beta",
         default="5",
         help=f"Laplace scale: one number, or stage=value pairs over "
-        f"{', '.join(STAGES)}, default (e.g. qkv=5,default=20). Default 5",
+        f"{', '.join(BETA_KINDS)}, default (e.g. qkv=5,default=20). Default 5",
     )
     model.add_argument("--guard", type=int, default=1, help="guard blocks g = l_s = l_e (default 1)")
     model.add_argument("--prompt-len", type=int, default=1, help="prompt length n (default 1)")
