@@ -220,10 +220,17 @@ def test_mlp_inverter_fits(weights) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_beam_reorder_and_scores(weights) -> None:  # type: ignore[no-untyped-def]
-    lm = llm_reorder.NumpyLM(weights)
+    """The model's own greedy continuation of token 3, reversed and with a decoy added, is put back in
+    order by the beam search, which (beam 64 ≥ the 60 partial sequences of 3 tokens from a bag of 5)
+    returns the exact maximum-likelihood sequence (the enumeration's)."""
+    lm = llm_reorder.NumpyLM(weights, bos=3)
     truth = [int(t) for t in ReferenceModel(weights).generate(np.array([3]), 4)]
-    out = llm_reorder.beam_reorder([*truth[::-1], 7], 4, lm, beam=64)
-    assert sorted(out) in (sorted(truth), sorted([*truth[:3], 7]), sorted([*truth[1:], 7])) or len(out) == 4
+    decoy = next(t for t in range(CFG.vocab_size) if t not in truth)
+    bag = [*truth[::-1], decoy]
+    out = llm_reorder.beam_reorder(bag, 4, lm, beam=64)
+    assert out == truth
+    assert out == bruteforce.enumerate_orders(bag, 4, lm)
+    assert llm_reorder.order_scores(out, truth) == {"exact": 1.0, "recall": 1.0, "kendall_tau": 1.0}
     s = llm_reorder.order_scores([1, 2, 3], [1, 2, 3])
     assert s == {"exact": 1.0, "recall": 1.0, "kendall_tau": 1.0}
     assert llm_reorder.order_scores([3, 2, 1], [1, 2, 3])["kendall_tau"] == -1.0
