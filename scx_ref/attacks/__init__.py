@@ -11,7 +11,7 @@ inverters, σ recovery), :mod:`.llm_reorder` (likelihood beam search), :mod:`.vo
 Table 5), :mod:`.decoy_detect` (invariant checks), :mod:`.harness` (builds every view through the real
 protocol engine — :func:`~.harness.server_view`, the plaintext control and the ablations included — and
 runs everything), :mod:`.report` (table and plots), :mod:`.cli` (``scx attack``). Messages and pool rows
-are selected by :class:`~scx_ref.protocol.stages.Stage` members.
+are selected by :class:`~scx_ref.stages.Stage` members.
 """
 
 from __future__ import annotations

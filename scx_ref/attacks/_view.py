@@ -10,8 +10,8 @@ import numpy.typing as npt
 
 from .. import ops
 from ..errors import ProtocolError
-from ..protocol.stages import Stage
 from ..protocol.transport import ServerView, ViewedMessage
+from ..stages import Stage
 from ..weights import ModelWeights
 
 __all__ = ["message", "open_meta", "raw_qkv", "shared_caches", "stage_array"]

@@ -17,8 +17,8 @@ import numpy.typing as npt
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from ..protocol.stages import Stage
 from ..protocol.transport import ServerView
+from ..stages import Stage
 from ._view import open_meta
 from .llm_reorder import LanguageModel
 

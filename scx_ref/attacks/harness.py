@@ -206,16 +206,16 @@ class Context:
 
     def decoys(self) -> CalibrationPool:
         """The client's calibration pool (DESIGN §5.1) from the public traces: block inputs
-        (:attr:`Stage.QKV`), post-RoPE keys (``k``: the locked caches' decoys), attention outputs
+        (:attr:`Stage.QKV`), post-RoPE keys (:attr:`Stage.LOCK`: the locked caches' decoys), attention outputs
         (:attr:`Stage.O`), residuals before the MLP (:attr:`Stage.FFN`) and final residuals
         (:attr:`Stage.HEAD`) — the rows :meth:`CalibrationPool.from_tokens` records, built once per model
         instead of once per request."""
         if self._pool is None:
-            rows: dict[tuple[str, int], list[Array]] = {}
+            rows: dict[tuple[Stage, int], list[Array]] = {}
             for t in self.traces:
                 for i in range(self.weights.config.n_layers):
                     rows.setdefault((Stage.QKV, i), []).append(t.x[i])
-                    rows.setdefault(("k", i), []).append(t.k[i].reshape(len(t.k[i]), -1))
+                    rows.setdefault((Stage.LOCK, i), []).append(t.k[i].reshape(len(t.k[i]), -1))
                     rows.setdefault((Stage.O, i), []).append(t.o[i])
                     rows.setdefault((Stage.FFN, i), []).append(t.h[i])
                 rows.setdefault((Stage.HEAD, self.weights.config.n_layers), []).append(t.final)

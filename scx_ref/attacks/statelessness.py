@@ -18,8 +18,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import ops
-from ..protocol.stages import Stage
 from ..protocol.transport import ServerView
+from ..stages import Stage
 from ..weights import ModelWeights
 from ._model import forward_trace
 from ._view import open_meta, raw_qkv, shared_caches
