@@ -50,7 +50,6 @@ class Request:
     step: int
     seq: int
     arrays: Arrays = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)  # e.g. the session token in ``open``'s reply
     meta: dict[str, Any] = field(default_factory=dict)
     token: str = ""  # the session capability returned by ``open`` (empty on ``open`` itself)
 
@@ -65,3 +64,4 @@ class Reply:
     step: int
     seq: int
     arrays: Arrays = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. the session token in ``open``'s reply
