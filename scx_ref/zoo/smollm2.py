@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from scx_ref.errors import SCXError
+from ..errors import SCXError
 
 __all__ = ["GGUF_MEMBER", "WHEEL", "cache_dir", "load_smollm2"]
 
