@@ -280,9 +280,8 @@ def test_server_view_from_public_tokens_is_seeded(weights) -> None:  # type: ign
 def test_smollm2_attacks_recover_prompt() -> None:
     """On SmolLM2 (real weights), block-1 fingerprints and FFN − O·W_o residual matching recover the
     prompt under level paper (noise on block 1's QKV stage), decoys included."""
-    from scx_models import load_model
-
     from scx_ref.attacks.cli import public_and_victims
+    from scx_ref.zoo import load_model
 
     _, tok, w = load_model("smollm2", np.float64)
     public, victims = public_and_victims(tok, w.config.vocab_size, 256, 1, 8)

@@ -41,9 +41,9 @@ from scx_ref.dp import (
     rmsnorm_sensitivity,
     statelessness_bound_paper,
 )
-from scx_ref.dp.cli import RANDOM_PRESETS, load_model_weights
 from scx_ref.errors import ConfigError, NonFiniteError, SCXError
 from scx_ref.weights import random_weights
+from scx_ref.zoo import RANDOM_PRESETS, load_weights
 
 needs_pld = pytest.mark.skipif(not pld_available(), reason="dp-accounting not installed")
 
@@ -278,7 +278,7 @@ def test_l1_diameter_exact(backend: Literal["numpy", "torch"]) -> None:
 
 
 def test_model_sensitivities_tiny() -> None:
-    w = load_model_weights("random:tiny-llama")
+    w = load_weights("random:tiny-dense")
     s = model_sensitivities(w)
     assert s.embed_normalized_diameter is not None and s.embed_raw_diameter is not None
     assert 0 < s.embed_normalized_diameter <= rmsnorm_sensitivity(w.layers[0].attn_norm)
@@ -357,7 +357,7 @@ def test_budget_permute_is_infinite() -> None:
 
 
 def test_budget_from_weights_equals_from_sensitivities() -> None:
-    w = load_model_weights("random:tiny-llama")
+    w = load_weights("random:tiny-dense")
     a = request_budget(w, level="paper", guard=2, tokens=3, use_pld=False)
     b = request_budget(model_sensitivities(w), level="paper", guard=2, tokens=3, use_pld=False)
     assert a.epsilon_basic == b.epsilon_basic
@@ -471,9 +471,7 @@ def test_cli_model_random_preset_and_errors(tmp_path: Path) -> None:
     assert main(["dp", "--per-coordinate", "0.25"]) == 2
 
 
-def test_model_loader_accepts_any_weights() -> None:
-    from scx_ref.dp import cli
-
+def test_model_mode_accepts_any_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = ModelConfig(
         vocab_size=16,
         hidden_size=8,
@@ -484,11 +482,8 @@ def test_model_loader_accepts_any_weights() -> None:
         intermediate_size=8,
         name="custom-test",
     )
-    cli.register_loader("custom-test", lambda: random_weights(cfg, np.random.default_rng(5)))
-    try:
-        assert main(["dp", "--model", "custom-test", "--tokens", "2", "--no-pld"]) == 0
-    finally:
-        del cli.MODEL_LOADERS["custom-test"]
+    monkeypatch.setitem(RANDOM_PRESETS, "custom-test", cfg)
+    assert main(["dp", "--model", "random:custom-test:5", "--tokens", "2", "--no-pld"]) == 0
 
 
 def test_closed_forms_work_without_dp_accounting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
