@@ -5,7 +5,8 @@ Conventions (scx_ref.protocol.cost): a matrix product (m×k)(k×n) costs 2mkn fl
 2·H·n_k·d_h; bytes are the arrays' nbytes each way (the backend's itemsize; shared permutations are
 int64, the blind level's uploaded α float64; a verifying client's un-blinded MLP replies carry the MLP's
 intermediates); a round trip is one message. Verification flops are metered apart (``verify_flops``).
-Every stage's client flops, server flops, bytes up, bytes down and round trips must match exactly, and so must the totals.
+Every stage's client flops, server flops, bytes up, bytes down and round trips must match exactly, and
+so must the totals.
 """
 
 from __future__ import annotations

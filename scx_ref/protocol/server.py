@@ -383,7 +383,11 @@ class Server(Generic[A]):
         if missing:
             raise ProtocolError(f"open message lacks field(s) {missing}")
         n = field_int(m["n"], "n", 1, c.max_positions)
-        r1, r2, r_lock = (field_int(m[k], k, 0, lim.max_decoys) for k in ("r1", "r2", "r_lock"))
+        r1, r2, r_lock = (field_int(m[k], k, 0, 1 << 62) for k in ("r1", "r2", "r_lock"))
+        if max(r1, r2, r_lock) > lim.max_decoys:
+            raise LimitError(
+                f"{max(r1, r2, r_lock)} decoy rows at one stage exceed the server's limit of {lim.max_decoys}"
+            )
         l_s = field_int(m["l_s"], "l_s", 1, 1 << 16)  # guards beyond the model are clamped to it
         l_e = field_int(m["l_e"], "l_e", 1, 1 << 16)
         max_length = field_int(m["max_length"], "max_length", n, c.max_positions)

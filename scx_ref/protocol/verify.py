@@ -98,8 +98,8 @@ LAMBDA = 8.0
 BASIS = 8
 #: Secret check vectors per matrix and session (independent chances to catch a change).
 VECTORS = 2
-#: Attention rows the client recomputes per prefill attention stage.
-ATTENTION_ROWS = 4
+#: Attention rows the client recomputes per prefill attention stage (all of a shorter prompt).
+ATTENTION_ROWS = 16
 _U64 = 2.0**-53
 _UNIT = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 _CHUNK = 1 << 22  # elements of a reply converted to float64 at a time
@@ -449,30 +449,32 @@ class SessionVerifier(Generic[A]):
             stage, layer, np.array([over]), np.array([slack]), "an attention row outside its values' range"
         )
         self.flops += 4 * o64.size
+        if rows.size == 0:
+            return
         scale = 1.0 / math.sqrt(dh)
-        kn = np.linalg.norm(k64, axis=-1)  # n_k × H_kv
-        vn = np.linalg.norm(v64, axis=-1)
-        for i in rows.tolist():
-            m = first + i + 1
-            qi = q64[i].reshape(c.n_kv_heads, g, dh)
-            s = np.einsum("hgd,khd->hgk", qi, k64[:m]) * scale
-            p = np.exp(s - s.max(axis=-1, keepdims=True))
-            p /= p.sum(axis=-1, keepdims=True)
-            want = np.einsum("hgk,khd->hgd", p, v64[:m])
-            diff = np.linalg.norm(og[i] - want, axis=-1)  # H_kv × g
-            qn = np.linalg.norm(qi, axis=-1)  # H_kv × g
-            smax = qn * (kn[:m].max(axis=0) * scale)[:, None]
-            vmx = vn[:m].max(axis=0)[:, None]
-            tau = LAMBDA * (
-                u
-                * (
-                    (2.1 * (math.sqrt(dh) + 2.0) * smax + 2.0 * (math.sqrt(m) + 4.0)) * vmx
-                    + np.linalg.norm(og[i], axis=-1)
-                )
-                + _U64 * (math.sqrt(m) + math.sqrt(dh)) * (smax + 1.0) * vmx
+        kcum = np.maximum.accumulate(np.linalg.norm(k64, axis=-1), axis=0)  # max ‖k_j‖, j ≤ p (× H_kv)
+        vcum = np.maximum.accumulate(np.linalg.norm(v64, axis=-1), axis=0)
+        pos = first + rows  # the recomputed rows' positions
+        qi = q64[rows].reshape(rows.size, c.n_kv_heads, g, dh)
+        s = np.einsum("rhgd,khd->rhgk", qi, k64) * scale
+        s = np.where(np.arange(n_k)[None, None, None, :] <= pos[:, None, None, None], s, -np.inf)
+        p = np.exp(s - s.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        want = np.einsum("rhgk,khd->rhgd", p, v64)
+        diff = np.linalg.norm(og[rows] - want, axis=-1)  # rows × H_kv × g
+        smax = np.linalg.norm(qi, axis=-1) * (kcum[pos] * scale)[:, :, None]  # the largest |score| bound
+        vmx = vcum[pos][:, :, None]
+        m = np.sqrt(pos + 1.0)[:, None, None]
+        tau = LAMBDA * (
+            u
+            * (
+                (2.1 * (math.sqrt(dh) + 2.0) * smax + 2.0 * (m + 4.0)) * vmx
+                + np.linalg.norm(og[rows], axis=-1)
             )
-            self.flops += 4 * c.n_heads * m * dh
-            self._judge(stage, layer, diff.reshape(-1), tau.reshape(-1), f"attention row {i}")
+            + _U64 * (m + math.sqrt(dh)) * (smax + 1.0) * vmx
+        )
+        self.flops += 4 * c.n_heads * dh * int((pos + 1).sum())
+        self._judge(stage, layer, diff.reshape(-1), tau.reshape(-1), "a recomputed attention row")
 
     # -- last guard blocks -------------------------------------------------------------------------------
     def lock(self, layer: int, locked: A) -> None:
