@@ -44,10 +44,7 @@ class TamperingTransport:
         self.inner = inner
         self.tamper = tamper
         self.sent = 0
-
-    @property
-    def meter(self) -> CostMeter:
-        return self.inner.meter
+        self.meter: CostMeter = inner.meter
 
     def send(self, request: Request) -> Reply:
         """Forward ``request``; return the (possibly tampered) reply."""

@@ -155,6 +155,7 @@ class Server(Generic[A]):
         self._table_lock = threading.Lock()  # the session table, nonce/commitment memories, cache-byte total
         self._nonces: OrderedDict[str, None] = OrderedDict()
         self._commits: OrderedDict[str, None] = OrderedDict()
+        self._pending: set[str] = set()  # commitments of QKV messages being handled
         self._cache_bytes = 0
         self._itemsize = int(backend.numpy_dtype().itemsize)
 
@@ -187,6 +188,7 @@ class Server(Generic[A]):
             except BaseException:
                 self._unreserve(grow, req)
                 raise
+            self._settle(req)
             s.cache_bytes += grow
             s.seq += 1
             s.last_used = self.clock()
@@ -227,8 +229,8 @@ class Server(Generic[A]):
         layer = field_int(req.layer, "layer", -1, self.c.n_layers)
         step = field_int(req.step, "step", -1, self.c.max_positions)
         seq = field_int(req.seq, "seq", 0, 1 << 62)
-        if not isinstance(req.token, str):
-            raise ProtocolError(f"token must be a string, got {type(req.token).__name__}")
+        if not isinstance(req.token, str) or len(req.token) > 256:
+            raise ProtocolError("token must be a string of at most 256 characters")
         for what, value in (("arrays", req.arrays), ("meta", req.meta)):
             if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
                 raise ProtocolError(f"{what} must be a mapping with string keys")
@@ -300,6 +302,8 @@ class Server(Generic[A]):
         return 0
 
     def _reserve(self, grow: int, req: Request) -> None:
+        """Reserve the cache bytes of ``req`` and, for a QKV message, claim its key commitment (refused
+        when seen before or in flight); :meth:`_unreserve` undoes both, :meth:`_settle` keeps them."""
         with self._table_lock:
             if grow > 0 and self._cache_bytes + grow > self.limits.max_cache_bytes:
                 raise LimitError(
@@ -308,9 +312,9 @@ class Server(Generic[A]):
                 )
             if req.stage is Stage.QKV:
                 commit_hex = str(req.meta["commit"])
-                if commit_hex in self._commits:
+                if commit_hex in self._commits or commit_hex in self._pending:
                     raise SessionError("key commitment seen before: a replayed message is refused")
-                _remember(self._commits, commit_hex, self.limits.commit_memory)
+                self._pending.add(commit_hex)
             self._cache_bytes += grow
 
     def _unreserve(self, grow: int, req: Request) -> None:
@@ -318,7 +322,15 @@ class Server(Generic[A]):
         with self._table_lock:
             self._cache_bytes -= grow
             if req.stage is Stage.QKV:
-                self._commits.pop(str(req.meta["commit"]), None)
+                self._pending.discard(str(req.meta["commit"]))
+
+    def _settle(self, req: Request) -> None:
+        """Remember the key commitment of an accepted QKV message."""
+        if req.stage is Stage.QKV:
+            with self._table_lock:
+                commit_hex = str(req.meta["commit"])
+                self._pending.discard(commit_hex)
+                _remember(self._commits, commit_hex, self.limits.commit_memory)
 
     # -- session table ------------------------------------------------------------------------------
     def _expired(self, s: _Session[A]) -> bool:

@@ -62,6 +62,7 @@ hold (only its shape, dtype and finiteness are checked); see the README.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Mapping
@@ -107,7 +108,12 @@ _CHUNK = 1 << 22  # elements of a reply converted to float64 at a time
 
 def unit_roundoff(dtype: Any) -> float:
     """The unit roundoff of a numpy or torch floating dtype (IntegrityError for any other)."""
-    name = str(dtype).replace("torch.", "")
+    name = str(dtype)
+    if name.startswith("torch."):
+        name = name[len("torch.") :]
+    else:
+        with contextlib.suppress(TypeError):  # not a numpy dtype either: refused below
+            name = np.dtype(dtype).name
     if name not in _UNIT:
         raise IntegrityError(f"unsupported floating dtype {dtype}")
     return _UNIT[name]
