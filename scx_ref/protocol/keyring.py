@@ -6,11 +6,11 @@ head-structured P (its KV-group order ``(…, "groups")`` and per-group σ ``(�
 ``("decoy", i, stage)`` the decoy choice, ``("lock", i)`` ρ_i of a locked cache, ``("commit", i)`` the
 key-sharing commitment salt; the Laplace noise labels come from the release plan
 (:meth:`scx_ref.protocol.plan.Release.label`). Reply verification (:mod:`scx_ref.protocol.verify`, DESIGN
-§5.5) draws its secrets under ``"verify"``: ``("verify", "basis", epoch, weight, i[, e])`` a client's
+§5.5) draws its secrets under ``"verify"``: ``("verify", "basis", epoch, weight, i + 1)`` a client's
 Freivalds basis of one weight matrix (from the client's root schedule, :func:`basis_label`),
-``("verify", "mix", weight, i[, e])`` this session's combination of that basis (the session's check
-vectors r), ``("verify", "rows", i[, "gen", t])`` the attention rows recomputed, ``("verify", "lock", i[,
-"gen", t])`` the coefficients of the locked-score check.
+``("verify", "mix")`` this session's combinations of those bases (its check vectors r),
+``("verify", "rows", i[, "gen", t])`` the attention rows recomputed, ``("verify", "lock", i[, "gen", t])``
+the coefficients of the locked-score check.
 """
 
 from __future__ import annotations
@@ -125,10 +125,10 @@ class RequestKeys:
         return self.schedule.key(("commit", block))
 
     # -- reply verification (DESIGN §5.5) ------------------------------------------------------------
-    def verify_mix(self, weight: str, layer: int, expert: int | None, shape: tuple[int, ...]) -> Any:
-        """This session's secret Gaussian combination (``shape``) of the Freivalds basis of one weight."""
-        label: Label = ("verify", "mix", weight, layer + 1)
-        return gaussian(self.schedule.stream(label if expert is None else (*label, expert)), shape)
+    def verify_mix(self, shape: tuple[int, ...]) -> npt.NDArray[np.float64]:
+        """This session's secret Gaussian combinations (``shape``: matrices × basis × vectors) of the
+        client's Freivalds bases: the session's check vectors r = B·c of every weight matrix."""
+        return gaussian(self.schedule.stream(("verify", "mix")), shape)
 
     def verify_rows(self, block: int, rows: int, count: int, step: int | None = None) -> IntArray:
         """``min(count, rows)`` distinct secret rows of ``rows`` (sorted): the attention rows of block

@@ -24,20 +24,23 @@ standard probabilistic model of rounding (each rounding a relative error |δ| �
 Higham & Mary 2019), a length-d dot product computed in any order has error ≤ λ·u·√d·max_k|S_k| with
 probability ≥ 1 − 2·exp(−λ²/2), and every partial sum satisfies |S_k| ≤ ‖x‖₂‖w‖₂ (Cauchy–Schwarz). So
 
-* the server's product: |Ŷ_ij − X̃_i·W_j| ≤ λu√in·‖X̂_i‖‖W_j‖ per entry; weighed by r_j and summed over
-  independent columns: λu√in·‖X̂_i‖·ρ with ρ = (Σ_j ‖W_j‖² r_j²)^½ (column norms precomputed);
-* the server's input X̃_i differs from the client's X̂_i by its cast and, when it normalizes, its own
-  RMSNorm (a common factor (1 + ε), |ε| ≤ λu(√in + 4)): |(X̃_i − X̂_i)·W r| ≤ λu(√in + 4)‖X̂_i‖‖W r‖;
-* rounding the output (and adding the bias): λu‖Y_i ⊙ r‖ ≤ λu‖Y_i‖·max|r|;
+* the server's product (and its bias add): |Ŷ_ij − X̃_i·W_j| ≤ λu(√in + 2)·‖X̂_i‖‖W_j‖ per entry; weighed
+  by r_j and summed over independent columns: λu(√in + 2)·‖X̂_i‖·ρ, ρ = (Σ_j ‖W_j‖² r_j²)^½ (the column
+  norms are precomputed);
+* the server's input X̃_i differs from the client's X̂_i by s roundings: s = 1 for what was sent (the
+  server's cast), 4 for a SwiGLU the client redoes from the server's gate/up, √in + 4 when the server
+  applies the RMSNorm itself (a common factor (1 + ε) of the row): |(X̃_i − X̂_i)·W r| ≤ λ·s·u‖X̂_i‖‖W r‖;
+* rounding the output: λu‖Y_i ⊙ r‖ ≤ λu‖Y_i‖·max|r|;
 * the client's own float64 arithmetic (Y·r, X̂·(W r), W·B): λu₆₄(√out‖Y_i‖‖r‖ + √in‖X̂_i‖‖W r‖ +
   √out‖X̂_i‖‖W‖_F‖r‖).
 
-τ_i is their sum: λ·u·[(√in + 4)·‖X̂_i‖·(ρ + ‖W r‖) + ‖Y_i‖·max|r|] + the float64 terms. With λ = 8 the
-model's failure probability is ~1e-15 per entry, and the √in and Cauchy–Schwarz factors over-estimate
+τ_i is their sum: λ·u·[(√in + 2)·‖X̂_i‖·ρ + s·‖X̂_i‖·‖W r‖ + ‖Y_i‖·max|r|] + the float64 terms. With λ = 8
+the model's failure probability is ~1e-15 per entry, and the √in and Cauchy–Schwarz factors over-estimate
 typical errors many times over: honest runs use a small fraction of τ (:attr:`SessionVerifier.worst`
-records the largest |residual|/τ seen). A change of a float32 reply by a relative 1e-3 is far above τ; in
-float64 τ is ~1e-13 relative. Blinded stages are checked on what was sent (x + η) before unblinding, so τ
-grows with β exactly as the honest rounding error does (DESIGN §6).
+records the largest |residual|/τ seen; < 0.01 on SmolLM2). τ is ~3e-4 of a row's size in float32 on
+SmolLM2 (d = 576), so a relative change of 1e-3 of one row passes one vector with probability ≈ 0.25 and
+all :data:`VECTORS` with ≈ 1e-5; in float64 τ is ~1e-12 relative. Blinded stages are checked on what was
+sent (x + η) before unblinding, so τ grows with β exactly as the honest rounding error does (DESIGN §6).
 
 **MLP stages** (the server's norm + MLP in one message) come with the intermediates the client asks for
 (:func:`scx_ref.protocol.mlp.traced_mlp`): gate/up products and the router logits are Freivalds-checked,
@@ -83,8 +86,10 @@ from .mlp import route
 __all__ = [
     "ATTENTION_ROWS",
     "BASIS",
+    "FEW_ROWS",
     "LAMBDA",
     "VECTORS",
+    "VECTORS_MANY",
     "SessionVerifier",
     "SketchCache",
     "check_reply",
@@ -96,14 +101,17 @@ F64 = npt.NDArray[np.float64]
 #: Safety factor of every tolerance (a Gaussian tail of λ = 8 is ~1e-15).
 LAMBDA = 8.0
 #: Columns of a client's Freivalds basis per weight matrix.
-BASIS = 8
-#: Secret check vectors per matrix and session (independent chances to catch a change).
-VECTORS = 2
+BASIS = 16
+#: Secret check vectors per matrix and session (independent chances to catch a change) for a reply of at
+#: most :data:`FEW_ROWS` rows (a generation step); a reply of more rows checks :data:`VECTORS_MANY` per row.
+VECTORS = 8
+FEW_ROWS = 4
+VECTORS_MANY = 2
 #: Attention rows the client recomputes per prefill attention stage (all of a shorter prompt).
 ATTENTION_ROWS = 16
 _U64 = 2.0**-53
+_SWIGLU = 4.0  # roundings by which the client's SwiGLU of the server's gate/up may differ from the server's
 _UNIT = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-_CHUNK = 1 << 22  # elements of a reply converted to float64 at a time
 
 
 def unit_roundoff(dtype: Any) -> float:
@@ -174,6 +182,7 @@ class SketchCache:
         self.epoch = 0
         self._sketches: dict[tuple[str, int, int | None], _Sketch] = {}
         self._lock = threading.Lock()
+        self.index = {key: i for i, key in enumerate(self.matrices())}  # a matrix's row of a session's mix
 
     def matrices(self) -> list[tuple[WeightName, int, int | None]]:
         """Every (weight, layer, expert) the protocol's linear stages use."""
@@ -247,6 +256,21 @@ class _Check:
     w_fro: float
     bias_r: F64
 
+    def first(self, k: int) -> _Check:
+        """The same check with its first ``k`` vectors only."""
+        if k >= self.r.shape[1]:
+            return self
+        return _Check(
+            self.r[:, :k],
+            self.wr[:, :k],
+            self.rho[:k],
+            self.wr_norm[:k],
+            self.r_inf[:k],
+            self.r_norm[:k],
+            self.w_fro,
+            self.bias_r[:k],
+        )
+
 
 @dataclass
 class _LockSketch:
@@ -273,6 +297,11 @@ class SessionVerifier(Generic[A]):
     flops: int = 0
     _checks: dict[tuple[str, int, int | None], _Check] = field(default_factory=dict)
     _locks: dict[int, _LockSketch] = field(default_factory=dict)
+    _mix: F64 | None = None
+
+    def vectors_for(self, rows: int) -> int:
+        """Check vectors for a reply of ``rows`` rows."""
+        return self.vectors if rows <= FEW_ROWS else min(self.vectors, VECTORS_MANY)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _check(self, which: WeightName, layer: int, expert: int | None) -> _Check:
@@ -280,7 +309,10 @@ class SessionVerifier(Generic[A]):
         ch = self._checks.get(key)
         if ch is None:
             sk = self.cache.get(which, layer, expert)
-            mix = self.keys.verify_mix(which, layer, None, (self.cache.m, self.vectors))
+            if self._mix is None:  # one draw for every matrix of the session
+                self._mix = self.keys.verify_mix((len(self.cache.index), self.cache.m, self.vectors))
+            shared = which == "w_down" and expert is not None  # one r for all of a layer's down maps
+            mix = self._mix[self.cache.index[(which, layer, 0 if shared else expert)]]
             r = sk.basis @ mix
             wr = sk.wb @ mix
             ch = _Check(
@@ -303,18 +335,11 @@ class SessionVerifier(Generic[A]):
         return np.asarray(self.b.to_numpy(x), dtype=np.float64)
 
     def _project_rows(self, x: A, right: F64) -> tuple[F64, F64]:
-        """(x·right, ‖x_i‖) for a backend array x (rows × width), in float64, in row slices."""
+        """(x·right, ‖x_i‖) for a backend array x (rows × width), in float64 (the backend's project64)."""
         rows, width = self.b.shape(x)
-        step = max(1, _CHUNK // max(1, width))
-        prod = np.empty((rows, right.shape[1]))
-        norms = np.empty(rows)
-        for start in range(0, rows, step):
-            stop = min(rows, start + step)
-            part = self._host(x if (start, stop) == (0, rows) else self.b.narrow(x, 0, start, stop))
-            prod[start:stop] = part @ right
-            norms[start:stop] = np.sqrt(np.einsum("ij,ij->i", part, part))
+        prod, norms = self.b.project64(x, right)
         self.flops += 2 * rows * width * (right.shape[1] + 1)
-        return prod, norms
+        return np.asarray(prod, dtype=np.float64), np.asarray(norms, dtype=np.float64)
 
     def _judge(self, stage: Stage, layer: int, residual: F64, tau: F64, what: str) -> None:
         """Accept iff every |residual| ≤ τ (both finite); record the worst ratio."""
@@ -341,24 +366,40 @@ class SessionVerifier(Generic[A]):
         expert: int | None = None,
         norm: NormName | None = None,
         norm_layer: int = -1,
+        input_slack: float | None = None,
     ) -> None:
-        """Check y = x̂·W (+ b), x̂ = ``x`` or the client's RMSNorm ``norm`` of it (Freivalds)."""
+        """Check y = x̂·W (+ b), x̂ = ``x`` or the client's RMSNorm ``norm`` of it (Freivalds).
+        ``input_slack``: how many roundings (relative u) the server's input may differ from x̂ by — 1 for
+        what was sent (its cast), √in + 4 for a norm the server recomputes (the default then)."""
         xh = x if norm is None else self.b.norm(x, norm, norm_layer)
-        ch = self._check(which, layer, expert)
+        ch = self._check(which, layer, expert).first(self.vectors_for(self.b.nrows(y)))
         yr, ynorm = self._project_rows(y, ch.r)
         xr, xnorm = self._project_rows(xh, ch.wr)
         n_in, n_out = ch.wr.shape[0], ch.r.shape[0]
+        slack = input_slack if input_slack is not None else (1.0 if norm is None else math.sqrt(n_in) + 4.0)
         residual = yr - xr - ch.bias_r[None, :]
-        tau = self._linear_tau(u, n_in, n_out, xnorm, ynorm, ch, 0.0)
+        tau = self._linear_tau(u, n_in, n_out, xnorm, ynorm, ch, 0.0, slack)
         self._judge(stage, layer, residual, tau, f"the {which} product")
 
     def _linear_tau(
-        self, u: float, n_in: int, n_out: int, xnorm: F64, ynorm: F64, ch: _Check, extra_out: float
+        self,
+        u: float,
+        n_in: int,
+        n_out: int,
+        xnorm: F64,
+        ynorm: F64,
+        ch: _Check,
+        extra_out: float,
+        input_slack: float,
     ) -> F64:
         """τ per row and vector (the module docstring's derivation); ``extra_out``: more output roundings
-        per entry (an MoE's weighted sum over slots)."""
+        per entry (an MoE's weighted sum over slots); ``input_slack``: see :meth:`linear`."""
         x, y = xnorm[:, None], ynorm[:, None]
-        server = u * ((math.sqrt(n_in) + 4.0) * x * (ch.rho + ch.wr_norm) + (1.0 + extra_out) * y * ch.r_inf)
+        server = u * (
+            (math.sqrt(n_in) + 2.0) * x * ch.rho
+            + input_slack * x * ch.wr_norm
+            + (1.0 + extra_out) * y * ch.r_inf
+        )
         client = _U64 * (
             math.sqrt(n_out) * y * ch.r_norm
             + math.sqrt(n_in) * x * ch.wr_norm
@@ -385,19 +426,21 @@ class SessionVerifier(Generic[A]):
         b, c = self.b, self.b.config
         xh = b.norm(x, "mlp", layer)
         y, gu = reply["y"], reply["gu"]
+        normed = math.sqrt(c.hidden_size) + 4.0  # the server normalized x itself
         if not c.is_moe:
-            self.linear(stage, layer, xh, gu, "w_gate_up", u)
-            self.linear(stage, layer, b.swiglu_act(gu), y, "w_down", u)
+            self.linear(stage, layer, xh, gu, "w_gate_up", u, input_slack=normed)
+            self.linear(stage, layer, b.swiglu_act(gu), y, "w_down", u, input_slack=_SWIGLU)
             return
         rows, k, f, d = b.nrows(xh), c.top_k, c.intermediate_size, c.hidden_size
-        self.linear(stage, layer, xh, reply["router"], "router", u)
+        self.linear(stage, layer, xh, reply["router"], "router", u, input_slack=normed)
         top, weights = route(b.to_numpy(reply["router"]), k)
         gu_flat = b.reshape(gu, (rows * k, 2 * f))
         m_flat = b.swiglu_act(gu_flat)
-        down = self._check("w_down", layer, 0)  # r of W_down is shared by the layer's experts
-        pred = np.zeros((rows, self.vectors))
+        kv = self.vectors_for(rows)
+        down = self._check("w_down", layer, 0).first(kv)  # r of W_down is shared by the layer's experts
+        pred = np.zeros((rows, kv))
         mnorm_w = np.zeros(rows)
-        rho_w = np.zeros((rows, self.vectors))
+        rho_w = np.zeros((rows, kv))
         for e in np.unique(top).tolist():
             hit_rows, slots = np.nonzero(top == e)
             flat = (hit_rows * k + slots).astype(np.int64)
@@ -409,17 +452,19 @@ class SessionVerifier(Generic[A]):
                 "w_gate_up",
                 u,
                 e,
+                input_slack=normed,
             )
-            ch = self._check("w_down", layer, e)
+            ch = self._check("w_down", layer, e).first(kv)
             mr, mnorm = self._project_rows(b.take_rows(m_flat, flat), ch.wr)
             w = weights[hit_rows, slots]
             np.add.at(pred, hit_rows, w[:, None] * mr)
             np.add.at(mnorm_w, hit_rows, np.abs(w) * mnorm)
-            np.add.at(rho_w, hit_rows, np.abs(w)[:, None] * mnorm[:, None] * (ch.rho + ch.wr_norm)[None, :])
+            term = (math.sqrt(f) + 2.0) * ch.rho + (_SWIGLU + 1.0) * ch.wr_norm  # + the weight's rounding
+            np.add.at(rho_w, hit_rows, np.abs(w)[:, None] * mnorm[:, None] * term[None, :])
         yr, ynorm = self._project_rows(y, down.r)
         residual = yr - pred
-        tau = self._linear_tau(u, f, d, np.zeros(rows), ynorm, down, float(k))
-        tau = tau + LAMBDA * u * (math.sqrt(f) + 4.0) * rho_w  # Σ_slots |w|·‖m‖·(ρ_e + ‖W_e r‖)
+        tau = self._linear_tau(u, f, d, np.zeros(rows), ynorm, down, float(k), 0.0)
+        tau = tau + LAMBDA * u * rho_w  # Σ_slots |w|·‖m‖·((√f + 2)ρ_e + 5‖W_e r‖)
         tau = tau + LAMBDA * _U64 * math.sqrt(f) * mnorm_w[:, None] * down.wr_norm[None, :]
         self._judge(stage, layer, residual, tau, "the experts' down products")
 
@@ -440,43 +485,45 @@ class SessionVerifier(Generic[A]):
         ``k``, ``v`` (positions 0, 1, …; causal): every row in its values' range, ``rows`` recomputed."""
         c = self.b.config
         n_q, g, dh = self.b.shape(q)[0], c.group_size, c.head_dim
-        q64, k64, v64, o64 = (self._host(t) for t in (q, k, v, o))
-        n_k = k64.shape[0]
-        vmax = float(np.abs(v64).max()) if v64.size else 0.0
+        # the range check needs no float64: max and min are exact in any dtype
+        v_w = np.asarray(self.b.to_numpy(v))
+        og_w = np.asarray(self.b.to_numpy(o)).reshape(n_q, c.n_kv_heads, g, dh)
+        n_k = v_w.shape[0]
+        vmax = float(np.abs(v_w).max()) if v_w.size else 0.0
         # range: o_i (head h) is a convex combination of v_j (its KV group) for j ≤ first + i
-        hi = np.maximum.accumulate(v64, axis=0)[first : first + n_q]
-        lo = np.minimum.accumulate(v64, axis=0)[first : first + n_q]
-        og = o64.reshape(n_q, c.n_kv_heads, g, dh)
+        hi = np.maximum.accumulate(v_w, axis=0)[first : first + n_q]
+        lo = np.minimum.accumulate(v_w, axis=0)[first : first + n_q]
+        over = np.maximum(og_w - hi[:, :, None, :], lo[:, :, None, :] - og_w).max() if n_q else 0.0
         slack = LAMBDA * u * (math.sqrt(n_k) + 4.0) * vmax
-        over = (
-            max(0.0, float(np.maximum(og - hi[:, :, None, :], lo[:, :, None, :] - og).max())) if n_q else 0.0
-        )
         self._judge(
-            stage, layer, np.array([over]), np.array([slack]), "an attention row outside its values' range"
+            stage,
+            layer,
+            np.array([max(0.0, float(over))]),
+            np.array([slack]),
+            "an attention row outside its values' range",
         )
-        self.flops += 4 * o64.size
+        self.flops += 4 * og_w.size
+        q64 = np.asarray(self.b.rows_to_numpy(q, rows), dtype=np.float64)
+        k64, v64 = self._host(k), v_w.astype(np.float64)
+        og = og_w[rows].astype(np.float64)
         if rows.size == 0:
             return
         scale = 1.0 / math.sqrt(dh)
         kcum = np.maximum.accumulate(np.linalg.norm(k64, axis=-1), axis=0)  # max ‖k_j‖, j ≤ p (× H_kv)
         vcum = np.maximum.accumulate(np.linalg.norm(v64, axis=-1), axis=0)
         pos = first + rows  # the recomputed rows' positions
-        qi = q64[rows].reshape(rows.size, c.n_kv_heads, g, dh)
+        qi = q64.reshape(rows.size, c.n_kv_heads, g, dh)
         s = np.einsum("rhgd,khd->rhgk", qi, k64) * scale
         s = np.where(np.arange(n_k)[None, None, None, :] <= pos[:, None, None, None], s, -np.inf)
         p = np.exp(s - s.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
         want = np.einsum("rhgk,khd->rhgd", p, v64)
-        diff = np.linalg.norm(og[rows] - want, axis=-1)  # rows × H_kv × g
+        diff = np.linalg.norm(og - want, axis=-1)  # rows × H_kv × g
         smax = np.linalg.norm(qi, axis=-1) * (kcum[pos] * scale)[:, :, None]  # the largest |score| bound
         vmx = vcum[pos][:, :, None]
         m = np.sqrt(pos + 1.0)[:, None, None]
         tau = LAMBDA * (
-            u
-            * (
-                (2.1 * (math.sqrt(dh) + 2.0) * smax + 2.0 * (m + 4.0)) * vmx
-                + np.linalg.norm(og[rows], axis=-1)
-            )
+            u * ((2.1 * (math.sqrt(dh) + 2.0) * smax + 2.0 * (m + 4.0)) * vmx + np.linalg.norm(og, axis=-1))
             + _U64 * (m + math.sqrt(dh)) * (smax + 1.0) * vmx
         )
         self.flops += 4 * c.n_heads * dh * int((pos + 1).sum())
