@@ -94,6 +94,12 @@ class ArrayOps(Protocol[A]):
         """Argmax of the last row of ``logits`` (the first index among ties)."""
         ...
 
+    def project64(self, x: A, right: npt.NDArray[np.float64]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """``(x·right, ‖x_i‖₂)`` computed in float64 for rows ``x`` (rows × width) and a host float64
+        ``right`` (width × k), returned as host float64 arrays (rows × k, rows): the reply verifier's
+        products (:mod:`scx_ref.protocol.verify`), whose own rounding must stay at float64's."""
+        ...
+
 
 class NumpyOps:
     """``ArrayOps[numpy.ndarray]`` in ``dtype`` (None: every array keeps its own floating dtype, and a
@@ -176,3 +182,10 @@ class NumpyOps:
 
     def argmax_last(self, logits: FloatArray) -> int:
         return int(np.argmax(logits[-1]))
+
+    def project64(
+        self, x: FloatArray, right: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """``(x·right, ‖x_i‖₂)`` in float64 (no copy of a float64 ``x``)."""
+        x64 = np.asarray(x, dtype=np.float64)
+        return x64 @ right, np.sqrt(np.einsum("ij,ij->i", x64, x64))

@@ -9,7 +9,9 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DTypeError",
+    "IntegrityError",
     "KeyScheduleError",
+    "LimitError",
     "NonFiniteError",
     "PermutationError",
     "ProtocolError",
@@ -21,7 +23,13 @@ __all__ = [
 
 
 class SCXError(ValueError):
-    """Base class of every error scx_ref raises for bad input or a protocol violation."""
+    """Base class of every error scx_ref raises for bad input or a protocol violation.
+
+    ``tokens``: for an error raised while generating, the tokens already generated (in order, before
+    the failure); None otherwise.
+    """
+
+    tokens: list[int] | None = None
 
 
 class ShapeError(SCXError):
@@ -58,3 +66,14 @@ class ProtocolError(SCXError):
 
 class SessionError(ProtocolError):
     """A message or key belongs to another session, or a nonce is reused."""
+
+
+class LimitError(ProtocolError):
+    """A request exceeds one of the server's configured limits (sessions, rows, decoys, bytes, cache
+    memory); it was refused and changed nothing."""
+
+
+class IntegrityError(SCXError):
+    """A reply failed the client's verification (shape, dtype, finiteness, or a randomized check of its
+    values): the server did not compute what it was asked to. The session is aborted; nothing derived
+    from the reply was used or sent."""

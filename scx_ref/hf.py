@@ -24,12 +24,17 @@ Three entry points:
       out = scx.generate(input_ids, max_new_tokens=32)    # = model.generate(do_sample=False)
 
   Every request (each row of a batch, each call) runs its own SCX session under a fresh nonce of the
-  same master secret; the model's attention implementation (``eager``/``sdpa``) only affects the HF
-  plaintext side, SCX runs on the :class:`~scx_ref.backends.torch_backend.TorchBackend`.
+  same master secret, closed when the request ends; the model's attention implementation
+  (``eager``/``sdpa``) only affects the HF plaintext side, SCX runs on the
+  :class:`~scx_ref.backends.torch_backend.TorchBackend`. ``generate`` takes ``attention_mask`` with left
+  padding (each row runs on its unpadded ids, as ``model.generate`` does) and refuses every option it
+  cannot honour with a ConfigError naming what is supported (:data:`GENERATE_OPTIONS`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -37,12 +42,14 @@ import torch
 
 from .backends.torch_backend import TorchBackend, TorchLayer, TorchWeights, parse_dtype
 from .config import ModelConfig
-from .errors import ConfigError, VocabularyError
+from .errors import ConfigError, SCXError, VocabularyError
 from .keys import KeySchedule
 from .protocol import Client, Level, LocalTransport, SCXConfig, Server, ServerView
+from .protocol.verify import SketchCache
 from .weights import DenseMLP, LayerWeights, ModelWeights, MoEMLP
 
 __all__ = [
+    "GENERATE_OPTIONS",
     "SUPPORTED_MODEL_TYPES",
     "SCXModel",
     "backend_from_hf",
@@ -287,14 +294,107 @@ def weights_from_hf(model: Any, dtype: Any = None, name: str | None = None) -> M
     )
 
 
-def _as_batch(input_ids: Any) -> list[np.ndarray]:
-    """Token ids (list, 1-D or 2-D array/tensor) as a list of 1-D int64 sequences (one per session)."""
-    arr = input_ids.detach().cpu().numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
+def _as_batch(input_ids: Any) -> np.ndarray:
+    """Token ids (list, 1-D or 2-D array/tensor) as a 2-D int64 array (one row per session).
+    VocabularyError for anything else: a ragged list, non-integer ids (never truncated), no rows."""
+    try:
+        arr = (
+            input_ids.detach().cpu().numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
+        )
+    except (TypeError, ValueError) as exc:
+        raise VocabularyError(f"input_ids must be a rectangular array of token ids: {exc}") from exc
     if arr.ndim == 1:
         arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[1] == 0:
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise VocabularyError(f"input_ids must be a non-empty 1-D or 2-D id array, got shape {arr.shape}")
-    return [row.astype(np.int64) for row in arr]
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise VocabularyError(f"input_ids must hold integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _left_padded(ids: np.ndarray, mask: Any, what: str) -> list[np.ndarray]:
+    """Each row's unpadded ids under a left-padding ``mask`` (batch × n of 0/1: zeros, then ones)."""
+    try:
+        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{what} must be an array of 0/1: {exc}") from exc
+    if m.ndim == 1:
+        m = m[None, :]
+    if m.shape != ids.shape:
+        raise ConfigError(f"{what} has shape {m.shape}; input_ids has {ids.shape}")
+    if m.dtype == np.bool_:
+        m = m.astype(np.int64)
+    if not np.issubdtype(m.dtype, np.integer) or not np.isin(m, (0, 1)).all():
+        raise ConfigError(f"{what} must hold only 0 and 1")
+    rows = []
+    for i, row in enumerate(m):
+        start = int(np.argmax(row)) if row.any() else row.shape[0]
+        if start == row.shape[0] or not row[start:].all():
+            raise ConfigError(
+                f"{what} row {i} is not left padding (zeros, then at least one 1); SCXModel supports "
+                "left padding only, as decoder-only generation needs"
+            )
+        rows.append(ids[i, start:])
+    return rows
+
+
+#: What :meth:`SCXModel.generate` accepts besides ``input_ids``: greedy decoding only.
+GENERATE_OPTIONS: dict[str, str] = {
+    "max_new_tokens": "new tokens per row (an integer >= 0)",
+    "max_length": "prompt width + new tokens (instead of max_new_tokens)",
+    "attention_mask": "left padding (0s then 1s per row)",
+    "eos_token_id": "an id, a list of ids, or None (never stop)",
+    "pad_token_id": "the id that pads finished rows",
+    "do_sample": "False only (greedy)",
+    "num_beams": "1 only (greedy)",
+}
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """A validated :meth:`SCXModel.generate` request (the one place its options are parsed: a later
+    sampling option is added here)."""
+
+    max_new_tokens: int
+    attention_mask: Any
+    eos: frozenset[int]
+    pad: int | None
+
+
+def _generation(options: Mapping[str, Any], width: int, model: SCXModel) -> _Generation:
+    """Parse ``generate``'s options; ConfigError naming the supported ones for anything else."""
+    unknown = sorted(set(options) - set(GENERATE_OPTIONS))
+    if unknown:
+        supported = "; ".join(f"{k}: {v}" for k, v in GENERATE_OPTIONS.items())
+        raise ConfigError(f"SCXModel.generate does not support {unknown}. Supported: {supported}")
+    if options.get("do_sample", False) is not False:
+        raise ConfigError("SCXModel.generate decodes greedily: do_sample must be False")
+    if options.get("num_beams", 1) != 1 or isinstance(options.get("num_beams", 1), bool):
+        raise ConfigError("SCXModel.generate decodes greedily: num_beams must be 1")
+    has_new, has_len = options.get("max_new_tokens") is not None, options.get("max_length") is not None
+    if has_new == has_len:
+        raise ConfigError("give exactly one of max_new_tokens and max_length")
+    if has_new:
+        n_new = options["max_new_tokens"]
+        if isinstance(n_new, bool) or not isinstance(n_new, (int, np.integer)) or n_new < 0:
+            raise ConfigError(f"max_new_tokens must be an integer >= 0, got {n_new!r}")
+    else:
+        total = options["max_length"]
+        if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < width:
+            raise ConfigError(f"max_length must be an integer >= the prompt width {width}, got {total!r}")
+        n_new = int(total) - width
+    eos_raw = options.get("eos_token_id", "model")
+    eos_raw = model.eos_token_id if isinstance(eos_raw, str) and eos_raw == "model" else eos_raw
+    eos_list = [eos_raw] if isinstance(eos_raw, (int, np.integer)) else (eos_raw or [])
+    if isinstance(eos_raw, bool) or not all(
+        isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in eos_list
+    ):
+        raise ConfigError(f"eos_token_id must be an id, a list of ids or None, got {eos_raw!r}")
+    pad = options.get("pad_token_id", model.pad_token_id)
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, (int, np.integer))):
+        raise ConfigError(f"pad_token_id must be an id or None, got {pad!r}")
+    eos = frozenset(int(e) for e in eos_list)
+    return _Generation(int(n_new), options.get("attention_mask"), eos, None if pad is None else int(pad))
 
 
 class SCXModel:
@@ -320,6 +420,7 @@ class SCXModel:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.last_view: ServerView | None = None
+        self._sketches = SketchCache(backend, self.keys) if scx_config.verify else None
 
     @classmethod
     def from_hf(
@@ -334,6 +435,10 @@ class SCXModel:
         """Wrap a loaded LLaMA/Mixtral/Qwen2 model; ``scx_options`` go to :class:`SCXConfig`
         (``r1``, ``r2``, ``l_s``, ``l_e``, ``beta``, …). The backend shares the model's tensors."""
         backend = backend_from_hf(model, dtype=dtype, device=device)
+        known = {f.name for f in fields(SCXConfig)} - {"level"}
+        unknown = sorted(set(scx_options) - known)
+        if unknown:
+            raise ConfigError(f"unknown SCX option(s) {unknown}; SCXConfig takes {sorted(known)}")
         scx_options.setdefault("max_length", backend.config.max_positions)
         cfg = SCXConfig(level=level, **scx_options)
         gen = getattr(model, "generation_config", None)
@@ -344,43 +449,76 @@ class SCXModel:
     def _session(self) -> tuple[Client[torch.Tensor], LocalTransport]:
         server = Server(self.backend)
         link = LocalTransport(server, record_view=True)
-        client = Client(self.backend, self.keys.for_nonce(KeySchedule.new_nonce()), self.scx_config)
+        keys = self.keys.for_nonce(KeySchedule.new_nonce())
+        client = Client(self.backend, keys, self.scx_config, sketches=self._sketches)
         self.last_view = link.view
         return client, link
 
-    def logits(self, input_ids: Any) -> torch.Tensor:
+    def logits(self, input_ids: Any, **options: Any) -> torch.Tensor:
         """SCX prefill logits, batch × n × V (float32, or float64 for a float64 backend): equal to
-        ``model(input_ids).logits`` up to the dtype's rounding."""
+        ``model(input_ids).logits`` up to the dtype's rounding. Takes no options (ConfigError): every row
+        is scored as given."""
+        if options:
+            raise ConfigError(
+                f"SCXModel.logits takes input_ids only, got {sorted(options)}; for left-padded batches "
+                "use generate(attention_mask=…)"
+            )
         rows = []
         for ids in _as_batch(input_ids):
             client, link = self._session()
             rows.append(torch.from_numpy(np.asarray(client.prefill(ids, link))))
+            client.close()
         return torch.stack(rows)
 
-    def generate(
-        self, input_ids: Any, max_new_tokens: int, eos_token_id: int | list[int] | str | None = "model"
-    ) -> torch.Tensor:
-        """Greedy SCX generation: prompt + up to ``max_new_tokens`` tokens per row, stopping a row at an
-        EOS token (the model's ``generation_config`` by default; None never stops) and padding finished
-        rows as ``model.generate(do_sample=False)`` does. Returns batch × length int64."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        eos_raw = self.eos_token_id if isinstance(eos_token_id, str) else eos_token_id
-        eos = set([eos_raw] if isinstance(eos_raw, int) else (eos_raw or []))
-        outs = []
-        for ids in _as_batch(input_ids):
-            new: list[int] = []
-            if max_new_tokens:
-                client, link = self._session()
-                logits = client.prefill(ids, link)
-                tok = int(np.argmax(np.asarray(logits)[-1]))
+    def generate(self, input_ids: Any, max_new_tokens: int | None = None, **options: Any) -> torch.Tensor:
+        """Greedy SCX generation, as ``model.generate(do_sample=False)``: prompt + up to
+        ``max_new_tokens`` tokens per row, a row stopping at an EOS token (the model's
+        ``generation_config`` by default; ``eos_token_id=None`` never stops), finished rows padded.
+        Returns batch × length int64.
+
+        ``attention_mask`` (left padding) runs each row on its unpadded ids; without one, a batch
+        holding the pad id is masked as Hugging Face infers it (pad ≠ EOS). Options beyond
+        :data:`GENERATE_OPTIONS` raise ConfigError. A row that fails midway raises its SCXError with the
+        tokens that row already made in ``tokens``.
+        """
+        ids = _as_batch(input_ids)
+        plan = _generation({**options, "max_new_tokens": max_new_tokens}, ids.shape[1], self)
+        mask = plan.attention_mask
+        if mask is None and plan.pad is not None and (ids == plan.pad).any() and plan.pad not in plan.eos:
+            mask = ids != plan.pad  # as transformers infers it
+        rows = (
+            [ids[i] for i in range(ids.shape[0])]
+            if mask is None
+            else _left_padded(ids, mask, "attention_mask")
+        )
+        news: list[list[int]] = []
+        for row in rows:
+            news.append(self._generate_row(row, plan))
+        width = max(len(n) for n in news)
+        fill = plan.pad if plan.pad is not None else (min(plan.eos) if plan.eos else 0)
+        out = [list(ids[i].tolist()) + n + [fill] * (width - len(n)) for i, n in enumerate(news)]
+        return torch.tensor(out, dtype=torch.long)
+
+    def _generate_row(self, ids: np.ndarray, plan: _Generation) -> list[int]:
+        """One row's new tokens (one session), stopping at EOS; its SCXError carries the tokens made."""
+        new: list[int] = []
+        if not plan.max_new_tokens:
+            return new
+        client, link = self._session()
+        if len(ids) + plan.max_new_tokens - 1 > client.max_length:
+            raise ConfigError(
+                f"{len(ids)} prompt tokens + {plan.max_new_tokens} new exceed the session's max_length "
+                f"{client.max_length}"
+            )
+        try:
+            logits = client.prefill(ids, link)
+            tok = int(np.argmax(np.asarray(logits)[-1]))
+            new.append(tok)
+            while len(new) < plan.max_new_tokens and tok not in plan.eos:
+                tok = int(np.argmax(np.asarray(client.decode(tok, link))))
                 new.append(tok)
-                if len(new) < max_new_tokens and tok not in eos:
-                    client.share_keys(link)
-                    while len(new) < max_new_tokens and tok not in eos:
-                        tok = int(np.argmax(np.asarray(client.decode(tok, link))))
-                        new.append(tok)
-            outs.append(list(ids.tolist()) + new)
-        width = max(len(o) for o in outs)
-        pad = self.pad_token_id if self.pad_token_id is not None else (min(eos) if eos else 0)
-        return torch.tensor([o + [pad] * (width - len(o)) for o in outs], dtype=torch.long)
+            client.close()
+        except SCXError as exc:
+            exc.tokens = list(new)
+            raise
+        return new

@@ -464,9 +464,13 @@ def test_cli_model_random_preset_and_errors(tmp_path: Path) -> None:
     )
     assert json.loads(out.read_text())["beta"]["down"] == 50.0
     assert main(["dp", "--model", "random:nope"]) == 2
-    assert main(["dp", "--sensitivity", "1", "--scale", "0"]) == 2
+    with pytest.raises(SystemExit) as usage:  # refused by the argument's type (argparse: exit 2)
+        main(["dp", "--sensitivity", "1", "--scale", "0"])
+    assert usage.value.code == 2
     assert main(["dp", "--sensitivity", "1", "--delta", "2"]) == 2
-    assert main(["dp", "--sensitivity", "1", "-k", "0"]) == 2
+    with pytest.raises(SystemExit) as usage:
+        main(["dp", "--sensitivity", "1", "-k", "0"])
+    assert usage.value.code == 2
     assert main(["dp"]) == 2
     big = tmp_path / "big.json"
     assert main(["dp", "--sensitivity", "1000", "--scale", "1", "--no-pld", "--json", str(big)]) == 0

@@ -1,0 +1,71 @@
+"""Bad command-line input (issue 12): every subcommand rejects it with an error message and exit status 2
+— never a traceback, never a silently changed or ignored value — before any long work starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from scx_ref.cli import main
+
+CASES: list[tuple[str, str]] = [
+    # scx dp
+    ("dp --sensitivity 1 --scale 2 --compositions 1e12", "compositions"),
+    ("dp --sensitivity 1 --scale 2 --compositions 1000000000000", "compositions"),
+    ("dp --sensitivity 1 --scale 2 --compositions 0", "compositions"),
+    ("dp --sensitivity 1 --scale 5 --pld-interval 1e-9", "interval"),
+    ("dp --sensitivity 1 --scale 5 --pld-interval 0", "pld-interval"),
+    ("dp --sensitivity 1 --scale 2 --json /nonexistent/x.json", "json"),
+    ("dp --model tiny-llama --device tpu", "device"),
+    ("dp --sensitivity nan --scale 2", "sensitivity"),
+    ("dp --sensitivity 1 --scale inf", "scale"),
+    ("dp --per-coordinate 1 --dim -3", "dim"),
+    ("dp --model tiny-llama --guard 0", "guard"),
+    ("dp --model tiny-llama --tokens -1", "tokens"),
+    ("dp --model tiny-llama --prompt-len 2.5", "prompt-len"),
+    # scx bench
+    ("bench --n -1", "--n"),
+    ("bench --n abc", "--n"),
+    ("bench --n 128,,512", "--n"),
+    ("bench --threads -2", "threads"),
+    ("bench --threads 0", "threads"),
+    ("bench --gen-prompt 0", "gen-prompt"),
+    ("bench --gen-tokens -1", "gen-tokens"),
+    ("bench --repeats 0", "repeats"),
+    ("bench --device tpu", "device"),
+    ("bench --levels permute,bogus", "bogus"),
+    ("bench --json /nonexistent/b.json", "json"),
+    # scx attack
+    ("attack --prompts 0", "prompts"),
+    ("attack --length -1", "length"),
+    ("attack --new -1", "new"),
+    ("attack --threads 0", "threads"),
+    ("attack --json /nonexistent/a.json", "json"),
+    ("attack --plots /etc/hostname/plots", "plots"),  # under a file (root may write anywhere else)
+    # scx verify, scx ppl
+    ("verify --beta -1", "beta"),
+    ("verify --tokens 0", "tokens"),
+    ("verify --json /", "json"),
+    ("ppl --beta nan", "beta"),
+    ("ppl --window 1", "window"),
+    ("ppl --tokens abc", "tokens"),
+]
+
+
+@pytest.mark.parametrize(("argv", "names"), CASES, ids=[c[0] for c in CASES])
+def test_bad_arguments_exit_2_with_a_message(
+    argv: str, names: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(argv.split())
+    except SystemExit as exc:  # argparse's own usage error
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert code == 2, f"{argv}: exit {code}"
+    assert "error:" in err and "Traceback" not in err, err
+    assert names.lstrip("-").split("-")[0] in err or "interval" in err, err
+
+
+def test_a_good_quick_command_still_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """Control: the parsers accept valid values (so the refusals above are about the values)."""
+    assert main(["dp", "--sensitivity", "1", "--scale", "2", "--compositions", "3", "--no-pld"]) == 0
+    assert "basic (k=3)" in capsys.readouterr().out
