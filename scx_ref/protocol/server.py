@@ -8,7 +8,7 @@ applied together at the end, so a rejected message leaves the server's caches ex
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic
 
@@ -17,7 +17,7 @@ import numpy as np
 from .._checks import check_permutation
 from ..backends.base import A, Backend, split_qkv
 from ..errors import ProtocolError, SCXError, SessionError
-from ..forward import block
+from ..forward import block_rows
 from ..stages import PREFILL_BLOCK_STAGES, Phase, Stage
 from ..transforms import decode_rows, unblind
 from .config import guard_blocks
@@ -52,34 +52,84 @@ class _Session(Generic[A]):
 
 
 class Server(Generic[A]):
-    """The cloud side of SCX. ``handle`` is its only entry point."""
+    """The cloud side of SCX. ``handle`` (one message) and ``handle_batch`` (several sessions' messages,
+    middle blocks computed together) are its entry points.
 
-    def __init__(self, backend: Backend[A]) -> None:
+    ``batch_rows``: the middle blocks of generation steps run on tiles of exactly this many rows
+    (:func:`~scx_ref.forward.block_rows`), so a session's results are bit-for-bit the same whether its
+    rows are batched with other sessions' or run alone. 1 (the default) runs each row as
+    :func:`~scx_ref.forward.block` does.
+    """
+
+    def __init__(self, backend: Backend[A], batch_rows: int = 1) -> None:
+        if not isinstance(batch_rows, int) or batch_rows < 1:
+            raise ProtocolError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
         self.b = backend
         self.c = backend.config
+        self.batch_rows = batch_rows
         self.sessions: dict[str, _Session[A]] = {}
 
     # -- dispatch ------------------------------------------------------------------------------
     def handle(self, req: Request) -> Reply:
         """Validate ``req``, compute the stage, commit the session's state changes, reply."""
+        req = self._parse_stage(req)
+        if req.stage is Stage.OPEN:
+            return self._open(req)
+        s = self._admit(req)
+        arrays, commit = self._handlers()[req.stage](s, req)
+        return self._finish(s, req, arrays, commit)
+
+    def handle_batch(self, reqs: Sequence[Request]) -> list[Reply | SCXError]:
+        """Handle messages of *distinct* sessions at once; the ``gen_mid`` ones (of sessions with the same
+        middle blocks) run their middle blocks together, on tiles of ``batch_rows`` rows.
+
+        Returns, per request, its reply or the SCXError :meth:`handle` would have raised for it (a bad
+        request never affects another). Guarantee: each reply equals, bit for bit, the reply
+        :meth:`handle` gives the same request on the same session state. ProtocolError when two requests
+        name the same session (their order would matter)."""
+        if len({r.session for r in reqs}) != len(reqs):
+            raise ProtocolError("handle_batch takes at most one message per session")
+        out: list[Reply | SCXError | None] = [None] * len(reqs)
+        groups: dict[tuple[int, int], list[tuple[int, _Session[A], Request, A]]] = {}
+        for i, raw in enumerate(reqs):
+            try:
+                req = self._parse_stage(raw)
+                if req.stage is not Stage.GEN_MID:
+                    out[i] = self.handle(req)
+                    continue
+                s = self._admit(req)
+                x = self._arr(req, "x", (1, self.c.hidden_size))
+            except SCXError as exc:
+                out[i] = exc
+                continue
+            groups.setdefault((s.middle.start, s.middle.stop), []).append((i, s, req, x))
+        for items in groups.values():
+            results = self._mid_compute([(s, req, x) for _, s, req, x in items])
+            for (i, s, req, _), (arrays, commit) in zip(items, results, strict=True):
+                out[i] = self._finish(s, req, arrays, commit)
+        return [r for r in out if r is not None]
+
+    def _parse_stage(self, req: Request) -> Request:
         try:
             stage = Stage(req.stage)
         except ValueError:
             raise ProtocolError(f"unknown stage {req.stage!r}") from None
-        if stage is not req.stage:
-            req = replace(req, stage=stage)
-        if req.stage is Stage.OPEN:
-            return self._open(req)
+        return req if stage is req.stage else replace(req, stage=stage)
+
+    def _admit(self, req: Request) -> _Session[A]:
+        """The session of ``req`` after checking sequence number, stage and order (no state changes)."""
         s = self.sessions.get(req.session)
         if s is None:
             raise SessionError(f"unknown session {req.session[:12]}…: open it first")
         if req.seq != s.seq:
             raise ProtocolError(f"message out of order: expected seq {s.seq}, got {req.seq}")
-        handler = self._handlers().get(req.stage)
-        if handler is None:
+        if req.stage not in self._handlers():
             raise ProtocolError(f"unknown stage {req.stage!r}")
         self._check_order(s, req)
-        arrays, commit = handler(s, req)
+        return s
+
+    @staticmethod
+    def _finish(s: _Session[A], req: Request, arrays: dict[str, A], commit: Callable[[], None]) -> Reply:
         commit()
         s.seq += 1
         return Reply(req.session, req.stage, req.layer, req.step, req.seq, arrays)
@@ -395,24 +445,38 @@ class Server(Generic[A]):
 
     def _gen_mid(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         """Run every middle block alone on the server's valid caches (DESIGN §5.3): plaintext blocks
-        (:func:`scx_ref.forward.block`) on the row entering them."""
-        c = self.c
-        x = self._arr(req, "x", (1, c.hidden_size))
-        pos = np.array([s.n + req.step])
-        new: dict[int, tuple[A, A]] = {}
-        for layer in s.middle:
-            x, new[layer] = block(self.b, x, layer, pos, s.valid[layer])
-            m = self.b.nrows(new[layer][0])
-            s.meter.matmul(Stage.GEN_MID, 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
-            s.meter.attention(Stage.GEN_MID, c.n_heads, 1, m, c.head_dim, "server")
-            s.meter.matmul(Stage.GEN_MID, 1, c.q_dim, c.hidden_size, "server")
-            self._mlp_flops(s.meter, Stage.GEN_MID, 1, c.top_k if c.is_moe else 1)
+        on the row entering them."""
+        return self._mid_compute([(s, req, self._arr(req, "x", (1, self.c.hidden_size)))])[0]
 
-        def extra() -> None:
-            s.valid.update(new)
-            s.gen_done.add((Stage.GEN_MID, -1))
+    def _mid_compute(
+        self, items: list[tuple[_Session[A], Request, A]]
+    ) -> list[tuple[dict[str, A], Callable[[], None]]]:
+        """The middle blocks of several sessions' rows (same middle range, validated), together:
+        :func:`~scx_ref.forward.block_rows` on tiles of ``batch_rows``; per session its reply arrays and
+        the commit of its extended caches."""
+        b, c = self.b, self.c
+        x = b.concat_rows([x for _, _, x in items]) if len(items) > 1 else items[0][2]
+        pos = np.array([s.n + req.step for s, req, _ in items], dtype=np.int64)
+        new: list[dict[int, tuple[A, A]]] = [{} for _ in items]
+        for layer in items[0][0].middle:
+            x, caches = block_rows(b, x, layer, pos, [s.valid[layer] for s, _, _ in items], self.batch_rows)
+            for j, (s, _, _) in enumerate(items):
+                new[j][layer] = caches[j]
+                m = b.nrows(caches[j][0])
+                s.meter.matmul(Stage.GEN_MID, 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
+                s.meter.attention(Stage.GEN_MID, c.n_heads, 1, m, c.head_dim, "server")
+                s.meter.matmul(Stage.GEN_MID, 1, c.q_dim, c.hidden_size, "server")
+                self._mlp_flops(s.meter, Stage.GEN_MID, 1, c.top_k if c.is_moe else 1)
+        out: list[tuple[dict[str, A], Callable[[], None]]] = []
+        for j, (s, req, _) in enumerate(items):
 
-        return {"x": x}, self._gen_commit(s, req.step, extra)
+            def extra(s: _Session[A] = s, kv: dict[int, tuple[A, A]] = new[j]) -> None:
+                s.valid.update(kv)
+                s.gen_done.add((Stage.GEN_MID, -1))
+
+            row = b.narrow(x, 0, j, j + 1) if len(items) > 1 else x
+            out.append(({"x": row}, self._gen_commit(s, req.step, extra)))
+        return out
 
     def _gen_last(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         """Scores of the new query against the locked cache (plus the new key) and the new value."""
