@@ -14,9 +14,11 @@ __all__ = [
     "PermutationError",
     "ProtocolError",
     "SCXError",
+    "ServiceError",
     "SessionError",
     "ShapeError",
     "VocabularyError",
+    "WireError",
 ]
 
 
@@ -58,3 +60,11 @@ class ProtocolError(SCXError):
 
 class SessionError(ProtocolError):
     """A message or key belongs to another session, or a nonce is reused."""
+
+
+class WireError(ProtocolError):
+    """A frame on the network is malformed: truncated, a wrong header, a size it does not hold."""
+
+
+class ServiceError(SCXError):
+    """The SCX server could not be reached, did not answer in time, went away, or failed internally."""
