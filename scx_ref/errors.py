@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DTypeError",
+    "GenerationInterrupted",
     "KeyScheduleError",
     "NonFiniteError",
     "PermutationError",
@@ -68,3 +69,12 @@ class WireError(ProtocolError):
 
 class ServiceError(SCXError):
     """The SCX server could not be reached, did not answer in time, went away, or failed internally."""
+
+
+class GenerationInterrupted(SCXError):
+    """Generation stopped on an error after some tokens were made: ``tokens`` holds the new tokens made so
+    far, ``__cause__`` the error (often a :class:`ServiceError`: the server went away or timed out)."""
+
+    def __init__(self, message: str, tokens: list[int]) -> None:
+        super().__init__(message)
+        self.tokens = list(tokens)

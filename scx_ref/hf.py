@@ -22,6 +22,8 @@ Three entry points:
       scx = SCXModel.from_hf(model, level="paper")      # keys: a fresh KeySchedule by default
       logits = scx.logits(input_ids)                      # batch × n × V, = model(input_ids).logits
       out = scx.generate(input_ids, max_new_tokens=32)    # = model.generate(do_sample=False)
+      out = scx.generate(ids, max_new_tokens=32, do_sample=True, top_p=0.9, seed=0)  # scx_ref.sampling
+      remote = SCXModel.from_hf(model, server="scx://host:8470")  # the server role on an `scx serve`
 
   Every request (each row of a batch, each call) runs its own SCX session under a fresh nonce of the
   same master secret; the model's attention implementation (``eager``/``sdpa``) only affects the HF
@@ -30,6 +32,7 @@ Three entry points:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -39,7 +42,8 @@ from .backends.torch_backend import TorchBackend, TorchLayer, TorchWeights, pars
 from .config import ModelConfig
 from .errors import ConfigError, VocabularyError
 from .keys import KeySchedule
-from .protocol import Client, Level, LocalTransport, SCXConfig, Server, ServerView
+from .protocol import Client, Level, LocalTransport, SCXConfig, Server, ServerView, Transport
+from .sampling import generate_tokens, generation_settings
 from .weights import DenseMLP, LayerWeights, ModelWeights, MoEMLP
 
 __all__ = [
@@ -303,7 +307,8 @@ class SCXModel:
 
     Each request (each call, each batch row) is one SCX session with its own keys: a fresh nonce under
     this model's master secret (``keys``; a random one by default). ``last_view`` is the server's
-    recorded view of the last session (for audits).
+    recorded view of the last session (for audits; in-process server only). With ``link`` (e.g. a
+    :class:`~scx_ref.service.RemoteTransport` to an ``scx serve``) every session goes through it instead.
     """
 
     def __init__(
@@ -313,12 +318,16 @@ class SCXModel:
         keys: KeySchedule | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        generation_config: Any = None,
+        link: Transport | None = None,
     ) -> None:
         self.backend = backend
         self.scx_config = scx_config
         self.keys = keys if keys is not None else KeySchedule.generate()
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
+        self.generation_config = generation_config
+        self.link = link
         self.last_view: ServerView | None = None
 
     @classmethod
@@ -329,22 +338,37 @@ class SCXModel:
         keys: KeySchedule | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
+        server: str | None = None,
+        server_options: dict[str, Any] | None = None,
         **scx_options: Any,
     ) -> SCXModel:
         """Wrap a loaded LLaMA/Mixtral/Qwen2 model; ``scx_options`` go to :class:`SCXConfig`
-        (``r1``, ``r2``, ``l_s``, ``l_e``, ``beta``, …). The backend shares the model's tensors."""
+        (``r1``, ``r2``, ``l_s``, ``l_e``, ``beta``, …). The backend shares the model's tensors.
+
+        ``server``: the URL of an ``scx serve`` of the same model (``scx://HOST:PORT``, ``scxs://`` for
+        TLS) to run the server role on; ``server_options`` go to
+        :class:`~scx_ref.service.RemoteTransport` (``timeout``, ``connect_timeout``, ``tls_ca``). Default:
+        an in-process server."""
         backend = backend_from_hf(model, dtype=dtype, device=device)
         scx_options.setdefault("max_length", backend.config.max_positions)
         cfg = SCXConfig(level=level, **scx_options)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         pad = getattr(gen, "pad_token_id", None) if gen is not None else None
-        return cls(backend, cfg, keys, eos, pad)
+        link: Transport | None = None
+        if server is not None:
+            from .service.remote import RemoteTransport
 
-    def _session(self) -> tuple[Client[torch.Tensor], LocalTransport]:
-        server = Server(self.backend)
-        link = LocalTransport(server, record_view=True)
+            link = RemoteTransport(server, backend, **(server_options or {}))
+        elif server_options:
+            raise ConfigError("server_options given without a server URL")
+        return cls(backend, cfg, keys, eos, pad, gen, link)
+
+    def _session(self) -> tuple[Client[torch.Tensor], Transport]:
         client = Client(self.backend, self.keys.for_nonce(KeySchedule.new_nonce()), self.scx_config)
+        if self.link is not None:
+            return client, self.link
+        link = LocalTransport(Server(self.backend), record_view=True)
         self.last_view = link.view
         return client, link
 
@@ -357,30 +381,42 @@ class SCXModel:
             rows.append(torch.from_numpy(np.asarray(client.prefill(ids, link))))
         return torch.stack(rows)
 
-    def generate(
-        self, input_ids: Any, max_new_tokens: int, eos_token_id: int | list[int] | str | None = "model"
-    ) -> torch.Tensor:
-        """Greedy SCX generation: prompt + up to ``max_new_tokens`` tokens per row, stopping a row at an
-        EOS token (the model's ``generation_config`` by default; None never stops) and padding finished
-        rows as ``model.generate(do_sample=False)`` does. Returns batch × length int64."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        eos_raw = self.eos_token_id if isinstance(eos_token_id, str) else eos_token_id
-        eos = set([eos_raw] if isinstance(eos_raw, int) else (eos_raw or []))
+    def generate(self, input_ids: Any, max_new_tokens: int = 20, **options: Any) -> torch.Tensor:
+        """SCX generation: prompt + up to ``max_new_tokens`` tokens per row, greedy by default or sampled
+        (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``) with
+        transformers' own logits processors on the client's logits, stopping a row at an EOS token (the
+        model's ``generation_config`` by default; ``eos_token_id=None`` never stops) or a stop string
+        (``stop_strings`` with ``tokenizer``), ``streamer`` fed as HF's. Finished rows are padded as
+        ``model.generate`` does. Returns batch × length int64.
+
+        Guarantee: for one row, the tokens of ``model.generate`` with the same options (and, sampling,
+        ``torch.manual_seed(seed)``) — tested in float64. Any option not in
+        :data:`scx_ref.sampling.SUPPORTED` raises ConfigError naming it. An error after some tokens raises
+        :class:`~scx_ref.errors.GenerationInterrupted` holding them.
+        """
+        settings = generation_settings(self.generation_config, {"max_new_tokens": max_new_tokens, **options})
+        rows = _as_batch(input_ids)
+        mask = options.get("attention_mask")
+        if mask is not None and not bool(np.all(np.asarray(torch.as_tensor(mask).cpu()) == 1)):
+            raise ConfigError("attention_mask with padding is not supported: pass rows without padding")
+        streamer = options.get("streamer")
+        if streamer is not None and len(rows) > 1:
+            raise ConfigError("a streamer takes one row at a time (batch size 1)")
+        gen = settings.generator()
         outs = []
-        for ids in _as_batch(input_ids):
-            new: list[int] = []
-            if max_new_tokens:
-                client, link = self._session()
-                logits = client.prefill(ids, link)
-                tok = int(np.argmax(np.asarray(logits)[-1]))
-                new.append(tok)
-                if len(new) < max_new_tokens and tok not in eos:
-                    client.share_keys(link)
-                    while len(new) < max_new_tokens and tok not in eos:
-                        tok = int(np.argmax(np.asarray(client.decode(tok, link))))
-                        new.append(tok)
+        for ids in rows:
+            client, link = self._session()
+            new = generate_tokens(
+                ids,
+                settings,
+                functools.partial(client.prefill, link=link),
+                functools.partial(client.decode, link=link),
+                generator=gen,
+                tokenizer=options.get("tokenizer"),
+                streamer=streamer,
+            )
             outs.append(list(ids.tolist()) + new)
         width = max(len(o) for o in outs)
-        pad = self.pad_token_id if self.pad_token_id is not None else (min(eos) if eos else 0)
+        eos = settings.eos_token_ids
+        pad = settings.pad_token_id if settings.pad_token_id is not None else (min(eos) if eos else 0)
         return torch.tensor([o + [pad] * (width - len(o)) for o in outs], dtype=torch.long)
