@@ -42,7 +42,7 @@ from .backends.torch_backend import TorchBackend, TorchLayer, TorchWeights, pars
 from .config import ModelConfig
 from .errors import ConfigError, VocabularyError
 from .keys import KeySchedule
-from .protocol import Client, Level, LocalTransport, SCXConfig, Server, ServerView, Transport
+from .protocol import Client, DecoyPolicy, Level, LocalTransport, SCXConfig, Server, ServerView, Transport
 from .sampling import generate_tokens, generation_settings
 from .weights import DenseMLP, LayerWeights, ModelWeights, MoEMLP
 
@@ -329,6 +329,7 @@ class SCXModel:
         self.generation_config = generation_config
         self.link = link
         self.last_view: ServerView | None = None
+        self._decoys: DecoyPolicy | None = None  # the public calibration pool, built by the first session
 
     @classmethod
     def from_hf(
@@ -365,7 +366,9 @@ class SCXModel:
         return cls(backend, cfg, keys, eos, pad, gen, link)
 
     def _session(self) -> tuple[Client[torch.Tensor], Transport]:
-        client = Client(self.backend, self.keys.for_nonce(KeySchedule.new_nonce()), self.scx_config)
+        keys = self.keys.for_nonce(KeySchedule.new_nonce())
+        client = Client(self.backend, keys, self.scx_config, decoys=self._decoys)
+        self._decoys = client.decoys  # public data: every later session draws from the same pool
         if self.link is not None:
             return client, self.link
         link = LocalTransport(Server(self.backend), record_view=True)
