@@ -344,8 +344,11 @@ def test_budget_counts_blind_level_and_rows() -> None:
         _sens(), level="blind", beta={"default": 1.0, "down": 3.0}, prompt_len=4, tokens=2, use_pld=False
     )
     # 2 tokens = 1 decode step: first guard QKV + MLP (3) and last guard MLP (2); the middle block runs
-    # on the server un-noised and the client applies W_o itself, so no O-stage release
-    assert sum(s.count for s in gen.stages) == 13 + 5
+    # on the server un-noised and the client applies W_o itself, so no O-stage release. Key sharing
+    # uploads the middle block's prefill QKV noise, so that release is revealed, not counted.
+    assert sum(s.count for s in gen.stages) == 13 - 1 + 5
+    assert not any(s.stage == "qkv" and s.block == 2 for s in gen.stages)
+    assert any("uploaded at key sharing" in u for u in gen.uncovered)
     assert {s.scale for s in gen.stages if s.kind == "down"} == {3.0}
 
 

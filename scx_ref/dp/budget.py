@@ -19,7 +19,9 @@ depends on the prompt, so each step's releases count once per step under either 
 take T − 1 decode steps (the first token comes from the prefill's logits and the last is never sent back).
 
 **Not covered** (reported in ``uncovered``): the attention stage's Q, K, V (sent un-noised under a feature
-permutation), every un-noised stage of the level, the middle blocks after key sharing, MoE routing choices,
+permutation), every un-noised stage of the level, the middle blocks after key sharing (at level ``blind``
+their prefill QKV noise is uploaded with the keys, so those releases are revealed, not counted), MoE
+routing choices,
 and the paper's last-block offset (``last_ffn="paper"``: a scalar, not a Laplace mechanism on the row).
 Those are exposures to measure (DESIGN §5.4), with ε = ∞ in the DP sense.
 """
@@ -257,10 +259,11 @@ def request_budget(
     dp = dl if delta_prime is None else check_delta(delta_prime, "delta_prime")
     plan = ReleasePlan.of(cfg, sens)
     steps = max(t - 1, 0)
+    revealed = plan.shared if steps else ()  # their noise is uploaded at key sharing: x is revealed
 
     grouped: dict[tuple[Phase, Stage, InputKind, int, float], int] = {}
     for r in plan.prefill:
-        if r.is_laplace_mechanism:
+        if r.is_laplace_mechanism and r not in revealed:
             cross = 1 if (r.block == 0 and r.stage is Stage.QKV) or rows == "own" else n
             key = (r.phase, r.stage, r.kind, r.block, r.beta)
             grouped[key] = grouped.get(key, 0) + cross
@@ -290,6 +293,12 @@ def request_budget(
         uncovered.append("middle blocks computed by the server alone during generation (protocol §5.3)")
     if level_ != "permute":
         uncovered.append("last guard blocks: the row entering them during generation (gen_last, un-noised)")
+    if revealed:
+        blocks = ", ".join(str(r.block + 1) for r in revealed)
+        uncovered.append(
+            f"prefill QKV rows of middle blocks {blocks}: their noise is uploaded at key sharing "
+            "(DESIGN §5.2), so the server holds those rows exactly"
+        )
     if cfg.last_ffn == "paper":
         uncovered.append("last guard blocks' FFN input during generation (the paper's scalar offset only)")
     if sens.notes:

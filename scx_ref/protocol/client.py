@@ -352,7 +352,7 @@ class Client(Generic[A]):
         for i in self.middle:
             arrays: dict[str, Any] = {"perm": st.keys.token_perm(i, rows)}
             release = self.plan.find(Stage.QKV, i)
-            if release is not None:  # the server removes α_i W from the raw cache
+            if release is not None:  # the server removes α_i W from the raw cache (plan.shared)
                 alpha = st.keys.noise(release, None, rows, self.c.hidden_size)
                 arrays["alpha"] = alpha.astype(self.b.numpy_dtype())  # the wire dtype of the backend
             self._send(link, Stage.SHARE, i, -1, arrays, salt=st.keys.commit_salt(i).hex())
@@ -447,10 +447,9 @@ class Client(Generic[A]):
         return b.add(h, self._gen_ffn(link, i, t, h, clear=False)), values
 
     def generate(self, ids: Any, n_new: int, link: Transport) -> list[int]:
-        """Greedy SCX generation: prefill, share keys, then ``n_new`` argmax tokens (the same tokens as
-        plaintext greedy decoding; ``n_new`` − 1 decode steps)."""
+        """Greedy SCX generation: prefill, then ``n_new`` argmax tokens (the same tokens as plaintext
+        greedy decoding): ``n_new`` − 1 decode steps, the first of which shares the middle blocks' keys."""
         logits = self.prefill(ids, link)
-        self.share_keys(link)
         out: list[int] = []
         nxt = int(np.argmax(logits[-1]))
         for step in range(n_new):

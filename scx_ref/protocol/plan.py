@@ -165,6 +165,14 @@ class ReleasePlan:
             return self.generation
         return ()
 
+    @property
+    def shared(self) -> tuple[Release, ...]:
+        """The prefill releases whose noise the client uploads at key sharing (DESIGN §5.2: a noised QKV
+        stage of a middle block, so the server can remove α_i W from that block's raw cache). Once keys
+        are shared — before the first decode step — the server holds x of these messages exactly."""
+        _, middle, _ = self.config.blocks(self.model.n_layers)
+        return tuple(r for r in self.prefill if r.stage is Stage.QKV and r.block in middle)
+
     def find(self, stage: Stage, block: int, expert: int | None = None) -> Release | None:
         """The release sent by ``stage`` of ``block`` (and ``expert``), or None when that message is not
         noised."""
