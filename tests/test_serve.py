@@ -495,3 +495,59 @@ def test_tls_with_a_certificate_made_on_the_fly(tmp_path: Any, backend: TorchBac
             RemoteTransport(srv.url, backend, connect_timeout=3.0, tls_ca=str(other_ca)) as link,
         ):
             run_session(backend, link)  # a certificate from an unknown CA is refused
+
+
+# -- slow: SmolLM2 over the network, and the 64-client load run ---------------------------------------------
+@pytest.mark.slow
+def test_smollm2_over_the_network_generates_hf_greedy_tokens() -> None:
+    """`SCXModel.from_hf(model, server=…)` on SmolLM2 (float32): HF generate's greedy tokens, every level."""
+    from scx_ref.hf import SCXModel
+    from scx_ref.zoo import load_hf
+
+    model, tok = load_hf("smollm2")
+    ids = np.asarray(tok("The capital of France is", add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        t = torch.from_numpy(ids)[None]
+        want = model.generate(t, attention_mask=torch.ones_like(t), do_sample=False, max_new_tokens=12)
+    with ServerProcess("smollm2", ["--dtype", "float32"]) as srv:
+        for level in ("permute", "paper", "blind"):
+            scx = SCXModel.from_hf(model, level=level, server=srv.url, server_options={"timeout": 600.0})
+            try:
+                assert scx.generate(ids, max_new_tokens=12).tolist() == want.tolist()
+            finally:
+                assert scx.link is not None
+                scx.link.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_load_64_concurrent_clients_all_exact(backend: TorchBackend, plain: Any) -> None:
+    """64 concurrent clients (4 processes × 16 threads) against one server: no error, every output exact,
+    and the server's sessions all evicted afterwards (its memory bounded by --max-sessions)."""
+    code = (
+        "import sys, threading, numpy as np, torch\n"
+        "from scx_ref.zoo import load_weights\n"
+        "from scx_ref.backends.torch_backend import TorchBackend\n"
+        "from scx_ref.keys import KeySchedule\n"
+        "from scx_ref.protocol import Client, SCXConfig\n"
+        "from scx_ref.service import RemoteTransport\n"
+        "torch.set_num_threads(1)\n"
+        f"b = TorchBackend(load_weights({MODEL!r}, np.float64), torch.float64)\n"
+        "out = {}\n"
+        "def one(i):\n"
+        "    with RemoteTransport(sys.argv[1], b, timeout=600) as link:\n"
+        "        c = Client(b, KeySchedule.generate(), SCXConfig(decoys='gaussian'))\n"
+        f"        out[i] = c.generate(np.array({PROMPT.tolist()}), {N_NEW}, link)\n"
+        "ts = [threading.Thread(target=one, args=(i,)) for i in range(16)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "print(sorted(set(map(str, out.values()))), len(out))\n"
+    )
+    with ServerProcess(MODEL, ["--dtype", "float64", "--max-sessions", "64", "--threads", "1"]) as srv:
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code, srv.url], stdout=subprocess.PIPE, text=True)
+            for _ in range(4)
+        ]
+        outs = [p.communicate(timeout=1200)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs)
+        assert all(o.strip() == f"{[str(plain[1])]} 16" for o in outs), outs
+        wait_for(lambda: srv.health()[1]["sessions"] == 0, "every session evicted")
+        assert "scx_batch_rows_bucket" in srv.metrics()
