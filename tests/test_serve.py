@@ -462,6 +462,49 @@ def test_graceful_shutdown_finishes_open_sessions_and_refuses_new(backend: Torch
     assert "scx serve: stopped" in srv.stdout()
 
 
+def test_idle_session_is_evicted_after_the_idle_timeout(backend: TorchBackend) -> None:
+    with ServerProcess(MODEL, ["--dtype", "float64", "--idle-timeout", "1"]) as srv:
+        link = RemoteTransport(srv.url, backend, timeout=TIMEOUT)
+        client = Client(backend, KeySchedule.generate(), SCXConfig(decoys="gaussian"))
+        client.prefill(PROMPT, link)
+        wait_for(lambda: srv.health()[1]["sessions"] == 0, "the idle session evicted")
+        with pytest.raises(ServiceError, match="DEADLINE_EXCEEDED"):
+            client.share_keys(link)
+        link.close()
+
+
+def test_scx_generate_command_against_scx_serve() -> None:
+    """`scx generate --server` prints HF's greedy tokens; an unreachable server is a clear error (exit 2)."""
+    from scx_ref.zoo import load_hf
+
+    model, _ = load_hf("tiny-llama")
+    ids = [5, 17, 3, 88, 41]
+    with torch.no_grad():
+        t = torch.tensor([ids])
+        want = model.generate(t, attention_mask=torch.ones_like(t), do_sample=False, max_new_tokens=6)[0]
+    cmd = [sys.executable, "-m", "scx_ref.cli", "generate", "--model", "tiny-llama", "--no-eos"]
+    cmd += ["--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", "6"]
+    with ServerProcess("tiny-llama", []) as srv:
+        out = subprocess.run([*cmd, "--server", srv.url], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == [str(int(x)) for x in want[len(ids) :]]
+        port = srv.port
+    out = subprocess.run(
+        [*cmd, "--server", f"scx://127.0.0.1:{port}", "--connect-timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "scx: error: " in out.stderr and "cannot reach the SCX" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "scx_ref.cli", "serve", "--model", MODEL, "--tls-cert", "x.pem"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "TLS needs both" in out.stderr
+
+
 # -- TLS ------------------------------------------------------------------------------------------------
 def test_tls_with_a_certificate_made_on_the_fly(tmp_path: Any, backend: TorchBackend, plain: Any) -> None:
     trustme = pytest.importorskip("trustme")
