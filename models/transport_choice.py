@@ -54,10 +54,15 @@ def _serve_uvicorn(port: int) -> None:
     from starlette.applications import Starlette
     from starlette.routing import WebSocketRoute
 
+    from starlette.websockets import WebSocketDisconnect
+
     async def echo(ws: Any) -> None:
         await ws.accept()
-        while True:
-            await ws.send_bytes(await ws.receive_bytes())
+        try:
+            while True:
+                await ws.send_bytes(await ws.receive_bytes())
+        except WebSocketDisconnect:  # the client closed: the end of a measurement
+            return
 
     app = Starlette(routes=[WebSocketRoute("/", echo)])
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", ws_max_size=1 << 30)

@@ -12,6 +12,9 @@ Two measurements:
   decoding, request latency (p50, p99), per-token latency (p50, p99) and aggregate tokens/s; the same run
   over the in-process transport (one in-process server shared by the C threads) beside it.
 
+* **tiles** — the cost of batch invariance: the middle blocks of one generation step (cache of ``--n``
+  rows) for 1 and for 8 sessions' rows, on tiles of each ``--tiles`` height (in-process, interleaved).
+
 Without ``--server`` the command starts ``scx serve`` itself on a free port (``--serve-args`` passed on)
 and reports the server's peak memory. The machine's load average is recorded with the results: on a
 shared machine the numbers move with it.
@@ -60,6 +63,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of each load session")
     p.add_argument("--tokens", type=int, default=16, help="generated tokens of each load session")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a client waits for a reply")
+    p.add_argument("--tiles", default="1,2,4,8", help="tile heights of the tile measurement ('' skips it)")
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-load", action="store_true")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -183,6 +187,13 @@ def run(args: argparse.Namespace) -> int:
                 f"({lr['messages']:g} messages, {lr['overhead_per_message_ms']:+.3f} ms each)"
             )
 
+    tiles = [int(t) for t in args.tiles.split(",") if t]
+    if tiles:
+        result["tiles"] = _tile_costs(backend, tiles, args.n, args.repeats)
+        print(f"middle blocks of one generation step (cache {args.n}), ms:")
+        for t in result["tiles"]:
+            print(f"  tile {t['tile']:>2}: 1 row {t['rows_1_ms']:8.1f}   8 rows {t['rows_8_ms']:8.1f}")
+
     if not args.skip_load:
         texts = prompts(4, args.prompt_len, tokenizer, vocab)
         runner = PlainRunner(backend)
@@ -215,6 +226,32 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     bad = any(r["errors"] or r["wrong_outputs"] for r in result.get("load", {}).get("rows", []))
     return 1 if bad else 0
+
+
+def _tile_costs(backend: Any, tiles: list[int], cache_len: int, repeats: int) -> list[dict[str, Any]]:
+    """Median ms of the middle blocks (all but the first and last block) on 1 and 8 rows per tile height."""
+    from ..forward import block_rows
+
+    c = backend.config
+    g = np.random.default_rng(0)
+    kv = tuple(backend.from_numpy(g.normal(size=(cache_len, c.n_kv_heads, c.head_dim))) for _ in range(2))
+    times: dict[tuple[int, int], list[float]] = {}
+    for r in range(max(3, repeats)):
+        for tile in tiles if r % 2 == 0 else tiles[::-1]:
+            for rows in (1, 8):
+                x = backend.from_numpy(g.normal(size=(rows, c.hidden_size)))
+                t = time.perf_counter()
+                for layer in range(1, c.n_layers - 1):
+                    block_rows(backend, x, layer, np.full(rows, cache_len), [kv] * rows, tile)
+                times.setdefault((tile, rows), []).append(time.perf_counter() - t)
+    return [
+        {
+            "tile": t,
+            "rows_1_ms": 1e3 * statistics.median(times[(t, 1)]),
+            "rows_8_ms": 1e3 * statistics.median(times[(t, 8)]),
+        }
+        for t in tiles
+    ]
 
 
 def _link(url: str, backend: Any, timeout: float, shared: Any) -> Any:

@@ -77,7 +77,7 @@ class ServeOptions:
     port: int = 8470
     ops_port: int | None = 8471
     workers: int = 2
-    batch_rows: int = 8
+    batch_rows: int = 2
     max_batch: int = 64
     max_sessions: int = 256
     max_message_bytes: int = 512 << 20
