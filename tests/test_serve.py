@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -51,6 +52,7 @@ from scx_ref.zoo import load_weights  # noqa: E402
 MODEL = "random:tiny-dense"  # 4 blocks: first guard, two middle blocks, last guard
 PROMPT = np.array([5, 17, 3, 88, 41, 9, 60, 2, 77, 31, 12])
 N_NEW = 6
+ARRAY_LIKE = re.compile(r"(-?\d+\.\d+(e-?\d+)?[,\s]+){4}")  # four numbers in a row: array contents
 TIMEOUT = 60.0  # seconds a client waits for any reply: a bound against hangs, never an assertion
 
 
@@ -81,6 +83,11 @@ def server() -> Iterator[ServerProcess]:
     yield srv
     assert srv.stop() == 0
     assert "scx serve: stopped" in srv.stdout()
+    assert len(srv.log) > 10  # events were logged: sessions opened and closed, frames refused
+    for line in srv.log:  # structured: one JSON object per line, never an array's contents
+        event = json.loads(line)
+        assert {"ts", "level"} <= set(event), line
+        assert not ARRAY_LIKE.search(line), line
 
 
 def run_session(
@@ -503,6 +510,18 @@ def test_scx_generate_command_against_scx_serve() -> None:
         timeout=300,
     )
     assert out.returncode == 2 and "TLS needs both" in out.stderr
+
+
+def test_scx_verify_runs_against_a_server() -> None:
+    """`scx verify --server` (the numpy float64 client against a torch float64 server): every check passes."""
+    from scx_ref.commands.verify import verify
+
+    with ServerProcess("tiny-llama", ["--dtype", "float64"]) as srv:
+        rec = verify("tiny-llama", "float64", "paper", n_prompts=1, n_new=4, ppl_tokens=48, window=24,
+                     progress=False, server=srv.url)  # fmt: skip
+        assert rec["pass"], rec["checks"]
+        assert srv.health()[1]["sessions"] <= 3  # one live session per stream: a new open ends the last
+        assert 'scx_messages_total{stage="head"}' in srv.metrics()
 
 
 # -- TLS ------------------------------------------------------------------------------------------------

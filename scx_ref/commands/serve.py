@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -101,6 +102,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, serve until SIGTERM/SIGINT, shut down gracefully."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's own info lines are not JSON; errors still show
     from ..protocol.server import Server
     from ..service.service import SCXService, ServeOptions
 
