@@ -2,9 +2,10 @@
 
 Transport: gRPC (``grpcio``) bidirectional streaming, one stream per connection, carrying the binary
 frames of :mod:`scx_ref.service.codec` (arrays as raw little-endian buffers; no protobuf, no float as
-text). Chosen by measurement over loopback (README "Serve it"): the same frames over gRPC cost about a
-third of a WebSocket's (``websockets``, ``uvicorn``+``starlette``) round-trip time for the megabyte-size
-messages of a prefill, and a tenth of a millisecond more for the kilobyte messages of a generation step.
+text). Chosen by measurement over loopback (``models/transport_choice.py``, README "Serve it"): against
+WebSocket libraries (``websockets``, ``uvicorn`` + ``starlette``) it moves the 2 MB messages of a prefill in
+about two thirds of the time and the 2 KB messages of a generation step ~0.1 ms slower; it also brings HTTP/2
+keepalive, flow control, size limits enforced before allocation and TLS.
 
 Concurrency. The event loop does only I/O and frame parsing; every stage runs in a bounded pool of
 ``workers`` threads. A stream handles its messages one at a time, in order, so a session's order is kept;
