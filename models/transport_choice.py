@@ -53,7 +53,6 @@ def _serve_uvicorn(port: int) -> None:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.routing import WebSocketRoute
-
     from starlette.websockets import WebSocketDisconnect
 
     async def echo(ws: Any) -> None:
