@@ -79,7 +79,9 @@ def plain(weights: Any) -> tuple[np.ndarray, list[int]]:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    srv = ServerProcess(MODEL, ["--dtype", "float64", "--batch-rows", "4", "--workers", "2"])
+    srv = ServerProcess(
+        MODEL, ["--dtype", "float64", "--batch-rows", "4", "--workers", "2", "--log-level", "debug"]
+    )
     yield srv
     assert srv.stop() == 0
     assert "scx serve: stopped" in srv.stdout()

@@ -150,10 +150,10 @@ class _Metrics:
         return out
 
 
-def _event(event: str, **fields: Any) -> None:
+def _event(event: str, level: int = logging.INFO, **fields: Any) -> None:
     """One structured log line (JSON): an event name and scalar fields, never array contents."""
-    if log.isEnabledFor(logging.INFO):
-        log.info(json.dumps({"event": event, **fields}, default=str))
+    if log.isEnabledFor(level):
+        log.log(level, json.dumps({"event": event, **fields}, default=str))
 
 
 class _Stream:
@@ -343,9 +343,19 @@ class SCXService:
             out = self._error(ServiceError(f"internal server error ({type(exc).__name__})"), stage, seq)
         finally:
             self.inflight -= 1
+        seconds = time.perf_counter() - t0
         self.metrics.messages.labels(stage).inc()
-        self.metrics.latency.labels(stage).observe(time.perf_counter() - t0)
+        self.metrics.latency.labels(stage).observe(seconds)
         self.metrics.bytes_out.inc(len(out))
+        _event(
+            "message",
+            logging.DEBUG,
+            stage=stage,
+            seq=seq,
+            ms=round(1e3 * seconds, 3),
+            up=len(data),
+            down=len(out),
+        )
         return out
 
     def _error(self, exc: SCXError, stage: str, seq: int) -> bytes:
