@@ -154,6 +154,7 @@ def test_concurrent_clients_are_exact_and_health_metrics_report_them(
     text = server.metrics()
     assert 'scx_messages_total{stage="gen_mid"}' in text
     assert "scx_stage_seconds_bucket" in text and "scx_batch_rows_count" in text
+    assert "process_resident_memory_bytes" in text
 
 
 def test_python_subprocess_client_is_exact(server: ServerProcess, plain: Any) -> None:

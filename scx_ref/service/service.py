@@ -121,9 +121,10 @@ class _Metrics:
     """The service's Prometheus metrics, in their own registry."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
         self.sessions = Gauge("scx_sessions_open", "SCX sessions open", registry=r)
         self.streams = Gauge("scx_streams_open", "client streams open", registry=r)
         self.messages = Counter("scx_messages", "messages handled", ["stage"], registry=r)
