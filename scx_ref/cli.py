@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``scx`` on ``argv`` (default ``sys.argv[1:]``); the exit code (2 with a message on SCXError)."""
+    """Run ``scx`` on ``argv`` (default ``sys.argv[1:]``); the exit code: 2 with ``scx: error: …`` on bad
+    input (SCXError) or a file it cannot read or write (OSError), never a traceback for either."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except SCXError as exc:
+    except (SCXError, OSError) as exc:  # bad input, or a file the command could not read or write
         print(f"scx: error: {exc}", file=sys.stderr)
         return 2
 

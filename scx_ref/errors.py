@@ -9,8 +9,9 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DTypeError",
-    "GenerationInterrupted",
+    "IntegrityError",
     "KeyScheduleError",
+    "LimitError",
     "NonFiniteError",
     "PermutationError",
     "ProtocolError",
@@ -24,7 +25,13 @@ __all__ = [
 
 
 class SCXError(ValueError):
-    """Base class of every error scx_ref raises for bad input or a protocol violation."""
+    """Base class of every error scx_ref raises for bad input or a protocol violation.
+
+    ``tokens``: for an error raised while generating, the tokens already generated (in order, before
+    the failure); None otherwise.
+    """
+
+    tokens: list[int] | None = None
 
 
 class ShapeError(SCXError):
@@ -63,18 +70,20 @@ class SessionError(ProtocolError):
     """A message or key belongs to another session, or a nonce is reused."""
 
 
+class LimitError(ProtocolError):
+    """A request exceeds one of the server's configured limits (sessions, rows, decoys, bytes, cache
+    memory); it was refused and changed nothing."""
+
+
+class IntegrityError(SCXError):
+    """A reply failed the client's verification (shape, dtype, finiteness, or a randomized check of its
+    values): the server did not compute what it was asked to. The session is aborted; nothing derived
+    from the reply was used or sent."""
+
+
 class WireError(ProtocolError):
     """A frame on the network is malformed: truncated, a wrong header, a size it does not hold."""
 
 
 class ServiceError(SCXError):
     """The SCX server could not be reached, did not answer in time, went away, or failed internally."""
-
-
-class GenerationInterrupted(SCXError):
-    """Generation stopped on an error after some tokens were made: ``tokens`` holds the new tokens made so
-    far, ``__cause__`` the error (often a :class:`ServiceError`: the server went away or timed out)."""
-
-    def __init__(self, message: str, tokens: list[int]) -> None:
-        super().__init__(message)
-        self.tokens = list(tokens)

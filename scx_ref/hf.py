@@ -26,13 +26,18 @@ Three entry points:
       remote = SCXModel.from_hf(model, server="scx://host:8470")  # the server role on an `scx serve`
 
   Every request (each row of a batch, each call) runs its own SCX session under a fresh nonce of the
-  same master secret; the model's attention implementation (``eager``/``sdpa``) only affects the HF
-  plaintext side, SCX runs on the :class:`~scx_ref.backends.torch_backend.TorchBackend`.
+  same master secret, closed when the request ends; the model's attention implementation
+  (``eager``/``sdpa``) only affects the HF plaintext side, SCX runs on the
+  :class:`~scx_ref.backends.torch_backend.TorchBackend`. ``generate`` takes ``attention_mask`` with left
+  padding (each row runs on its unpadded ids, as ``model.generate`` does), samples as HF does
+  (:mod:`scx_ref.sampling`) and refuses every option it cannot honour with a ConfigError naming what is
+  supported (:data:`GENERATE_OPTIONS`).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -43,10 +48,12 @@ from .config import ModelConfig
 from .errors import ConfigError, VocabularyError
 from .keys import KeySchedule
 from .protocol import Client, DecoyPolicy, Level, LocalTransport, SCXConfig, Server, ServerView, Transport
-from .sampling import generate_tokens, generation_settings
+from .protocol.verify import SketchCache
+from .sampling import GENERATE_OPTIONS, generate_tokens, generation_settings
 from .weights import DenseMLP, LayerWeights, ModelWeights, MoEMLP
 
 __all__ = [
+    "GENERATE_OPTIONS",
     "SUPPORTED_MODEL_TYPES",
     "SCXModel",
     "backend_from_hf",
@@ -291,14 +298,48 @@ def weights_from_hf(model: Any, dtype: Any = None, name: str | None = None) -> M
     )
 
 
-def _as_batch(input_ids: Any) -> list[np.ndarray]:
-    """Token ids (list, 1-D or 2-D array/tensor) as a list of 1-D int64 sequences (one per session)."""
-    arr = input_ids.detach().cpu().numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
+def _as_batch(input_ids: Any) -> np.ndarray:
+    """Token ids (list, 1-D or 2-D array/tensor) as a 2-D int64 array (one row per session).
+    VocabularyError for anything else: a ragged list, non-integer ids (never truncated), no rows."""
+    try:
+        arr = (
+            input_ids.detach().cpu().numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
+        )
+    except (TypeError, ValueError) as exc:
+        raise VocabularyError(f"input_ids must be a rectangular array of token ids: {exc}") from exc
     if arr.ndim == 1:
         arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[1] == 0:
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise VocabularyError(f"input_ids must be a non-empty 1-D or 2-D id array, got shape {arr.shape}")
-    return [row.astype(np.int64) for row in arr]
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise VocabularyError(f"input_ids must hold integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _left_padded(ids: np.ndarray, mask: Any, what: str) -> list[np.ndarray]:
+    """Each row's unpadded ids under a left-padding ``mask`` (batch × n of 0/1: zeros, then ones)."""
+    try:
+        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{what} must be an array of 0/1: {exc}") from exc
+    if m.ndim == 1:
+        m = m[None, :]
+    if m.shape != ids.shape:
+        raise ConfigError(f"{what} has shape {m.shape}; input_ids has {ids.shape}")
+    if m.dtype == np.bool_:
+        m = m.astype(np.int64)
+    if not np.issubdtype(m.dtype, np.integer) or not np.isin(m, (0, 1)).all():
+        raise ConfigError(f"{what} must hold only 0 and 1")
+    rows = []
+    for i, row in enumerate(m):
+        start = int(np.argmax(row)) if row.any() else row.shape[0]
+        if start == row.shape[0] or not row[start:].all():
+            raise ConfigError(
+                f"{what} row {i} is not left padding (zeros, then at least one 1); SCXModel supports "
+                "left padding only, as decoder-only generation needs"
+            )
+        rows.append(ids[i, start:])
+    return rows
 
 
 class SCXModel:
@@ -329,6 +370,7 @@ class SCXModel:
         self.generation_config = generation_config
         self.link = link
         self.last_view: ServerView | None = None
+        self._sketches = SketchCache(backend, self.keys) if scx_config.verify else None
         self._decoys: DecoyPolicy | None = None  # the public calibration pool, built by the first session
 
     @classmethod
@@ -351,6 +393,10 @@ class SCXModel:
         :class:`~scx_ref.service.RemoteTransport` (``timeout``, ``connect_timeout``, ``tls_ca``). Default:
         an in-process server."""
         backend = backend_from_hf(model, dtype=dtype, device=device)
+        known = {f.name for f in fields(SCXConfig)} - {"level"}
+        unknown = sorted(set(scx_options) - known)
+        if unknown:
+            raise ConfigError(f"unknown SCX option(s) {unknown}; SCXConfig takes {sorted(known)}")
         scx_options.setdefault("max_length", backend.config.max_positions)
         cfg = SCXConfig(level=level, **scx_options)
         gen = getattr(model, "generation_config", None)
@@ -367,7 +413,7 @@ class SCXModel:
 
     def _session(self) -> tuple[Client[torch.Tensor], Transport]:
         keys = self.keys.for_nonce(KeySchedule.new_nonce())
-        client = Client(self.backend, keys, self.scx_config, decoys=self._decoys)
+        client = Client(self.backend, keys, self.scx_config, decoys=self._decoys, sketches=self._sketches)
         self._decoys = client.decoys  # public data: every later session draws from the same pool
         if self.link is not None:
             return client, self.link
@@ -375,51 +421,81 @@ class SCXModel:
         self.last_view = link.view
         return client, link
 
-    def logits(self, input_ids: Any) -> torch.Tensor:
+    def logits(self, input_ids: Any, **options: Any) -> torch.Tensor:
         """SCX prefill logits, batch × n × V (float32, or float64 for a float64 backend): equal to
-        ``model(input_ids).logits`` up to the dtype's rounding."""
+        ``model(input_ids).logits`` up to the dtype's rounding. Takes no options (ConfigError): every row
+        is scored as given."""
+        if options:
+            raise ConfigError(
+                f"SCXModel.logits takes input_ids only, got {sorted(options)}; for left-padded batches "
+                "use generate(attention_mask=…)"
+            )
         rows = []
         for ids in _as_batch(input_ids):
             client, link = self._session()
             rows.append(torch.from_numpy(np.asarray(client.prefill(ids, link))))
+            client.close()
         return torch.stack(rows)
 
-    def generate(self, input_ids: Any, max_new_tokens: int = 20, **options: Any) -> torch.Tensor:
-        """SCX generation: prompt + up to ``max_new_tokens`` tokens per row, greedy by default or sampled
-        (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``) with
-        transformers' own logits processors on the client's logits, stopping a row at an EOS token (the
-        model's ``generation_config`` by default; ``eos_token_id=None`` never stops) or a stop string
-        (``stop_strings`` with ``tokenizer``), ``streamer`` fed as HF's. Finished rows are padded as
-        ``model.generate`` does. Returns batch × length int64.
+    def generate(self, input_ids: Any, max_new_tokens: int | None = None, **options: Any) -> torch.Tensor:
+        """SCX generation, as ``model.generate``: prompt + up to ``max_new_tokens`` tokens per row, greedy
+        by default or sampled (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``seed``) with transformers' own logits processors on the client's logits;
+        a row stops at an EOS token (the model's ``generation_config`` by default; ``eos_token_id=None``
+        never stops) or a stop string (``stop_strings`` with ``tokenizer``); finished rows padded;
+        ``streamer`` fed as HF's. Returns batch × length int64.
 
-        Guarantee: for one row, the tokens of ``model.generate`` with the same options (and, sampling,
-        ``torch.manual_seed(seed)``) — tested in float64. Any option not in
-        :data:`scx_ref.sampling.SUPPORTED` raises ConfigError naming it. An error after some tokens raises
-        :class:`~scx_ref.errors.GenerationInterrupted` holding them.
+        ``attention_mask`` (left padding) runs each row on its unpadded ids; without one, a batch
+        holding the pad id is masked as Hugging Face infers it (pad ≠ EOS). Options beyond
+        :data:`GENERATE_OPTIONS` raise ConfigError naming them. Guarantee: for one row, the tokens of
+        ``model.generate`` with the same options (sampling: after ``torch.manual_seed(seed)``) — tested in
+        float64. A row that fails midway raises its SCXError with the tokens that row already made in
+        ``tokens``.
         """
-        settings = generation_settings(self.generation_config, {"max_new_tokens": max_new_tokens, **options})
-        rows = _as_batch(input_ids)
+        ids = _as_batch(input_ids)
+        plan = generation_settings(
+            self.generation_config, {**options, "max_new_tokens": max_new_tokens}, ids.shape[1]
+        )
         mask = options.get("attention_mask")
-        if mask is not None and not bool(np.all(np.asarray(torch.as_tensor(mask).cpu()) == 1)):
-            raise ConfigError("attention_mask with padding is not supported: pass rows without padding")
+        eos = set(plan.eos_token_ids)
+        pad = plan.pad_token_id
+        if mask is None and pad is not None and pad not in eos and (ids == pad).any():
+            mask = ids != pad  # as transformers infers it
+        rows = (
+            [ids[i] for i in range(ids.shape[0])]
+            if mask is None
+            else _left_padded(ids, mask, "attention_mask")
+        )
         streamer = options.get("streamer")
         if streamer is not None and len(rows) > 1:
             raise ConfigError("a streamer takes one row at a time (batch size 1)")
-        gen = settings.generator()
-        outs = []
-        for ids in rows:
-            client, link = self._session()
-            new = generate_tokens(
-                ids,
-                settings,
-                functools.partial(client.prefill, link=link),
-                functools.partial(client.decode, link=link),
-                generator=gen,
-                tokenizer=options.get("tokenizer"),
-                streamer=streamer,
+        gen = plan.generator()
+        news: list[list[int]] = []
+        for row in rows:
+            news.append(self._generate_row(row, plan, gen, options.get("tokenizer"), streamer))
+        width = max(len(n) for n in news)
+        fill = plan.pad_token_id if plan.pad_token_id is not None else (min(eos) if eos else 0)
+        out = [list(ids[i].tolist()) + n + [fill] * (width - len(n)) for i, n in enumerate(news)]
+        return torch.tensor(out, dtype=torch.long)
+
+    def _generate_row(self, ids: np.ndarray, plan: Any, gen: Any, tokenizer: Any, streamer: Any) -> list[int]:
+        """One row's new tokens (one session, closed at the end); its SCXError carries the tokens made."""
+        if not plan.max_new_tokens:
+            return []
+        client, link = self._session()
+        if len(ids) + plan.max_new_tokens - 1 > client.max_length:
+            raise ConfigError(
+                f"{len(ids)} prompt tokens + {plan.max_new_tokens} new exceed the session's max_length "
+                f"{client.max_length}"
             )
-            outs.append(list(ids.tolist()) + new)
-        width = max(len(o) for o in outs)
-        eos = settings.eos_token_ids
-        pad = settings.pad_token_id if settings.pad_token_id is not None else (min(eos) if eos else 0)
-        return torch.tensor([o + [pad] * (width - len(o)) for o in outs], dtype=torch.long)
+        new = generate_tokens(
+            ids,
+            plan,
+            functools.partial(client.prefill, link=link),
+            functools.partial(client.decode, link=link),
+            generator=gen,
+            tokenizer=tokenizer,
+            streamer=streamer,
+        )
+        client.close()
+        return new

@@ -17,20 +17,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import KeyScheduleError
+from .errors import KeyScheduleError, SessionError
 
 __all__ = [
+    "CLAIM_MEMORY",
     "MASTER_SECRET_BYTES",
     "NONCE_BYTES",
     "KeySchedule",
     "KeyStream",
     "Label",
+    "NonceClaims",
     "encode_label",
     "fisher_yates",
     "hkdf_sha256",
@@ -38,10 +42,13 @@ __all__ = [
 
 MASTER_SECRET_BYTES = 32
 NONCE_BYTES = 16
+#: How many claimed nonces a master secret's schedules remember (the most recent ones; 16 bytes each).
+CLAIM_MEMORY = 1 << 16
 _DOMAIN = b"scx_ref/v1"
 
 LabelPart = str | int
 Label = tuple[LabelPart, ...]
+KS = TypeVar("KS", bound="KeySchedule")
 
 
 def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
@@ -153,12 +160,46 @@ def fisher_yates(n: int, stream: KeyStream) -> npt.NDArray[np.int64]:
     return np.asarray(perm, dtype=np.int64)
 
 
+class NonceClaims:
+    """The nonces that have driven a session under one master secret, shared by a schedule and every
+    schedule :meth:`KeySchedule.for_nonce` derives from it (thread-safe).
+
+    Guarantee: :meth:`claim` succeeds at most once per nonce among the ``memory`` most recent claims, so
+    one (master, nonce) pair — one set of keys — drives one session only. Two sessions under the same
+    keys would let the server difference their messages and cancel the noise exactly.
+    """
+
+    def __init__(self, memory: int = CLAIM_MEMORY) -> None:
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._memory = memory
+
+    def claim(self, nonce: bytes) -> None:
+        """Record that ``nonce`` drives a session; SessionError if it already did."""
+        with self._lock:
+            if nonce in self._seen:
+                raise SessionError(
+                    "nonce reused: a (master secret, nonce) pair drives one session only; "
+                    "every prompt needs a fresh nonce"
+                )
+            self._seen[nonce] = None
+            while len(self._seen) > self._memory:
+                self._seen.popitem(last=False)
+
+    def claimed(self, nonce: bytes) -> bool:
+        """Whether ``nonce`` already drove a session (within the memory)."""
+        with self._lock:
+            return nonce in self._seen
+
+
 class KeySchedule:
     """All keys of one request, derived on demand from ``(master, nonce, label)``.
 
     Identity: the same (master, nonce, label) always gives the same key; different labels or nonces
     give independent keys (HKDF is a PRF in its info and salt). The master secret is never exposed
-    by any method; ``session_id`` is the public nonce in hex.
+    by any method; ``session_id`` is the public nonce in hex. The all-zero master secret is refused
+    (it is what an uninitialised buffer holds, not a secret). ``claims`` records which nonces of this
+    master secret already drove a session (:class:`NonceClaims`, shared with :meth:`for_nonce`).
     """
 
     def __init__(self, master: bytes, nonce: bytes) -> None:
@@ -166,9 +207,12 @@ class KeySchedule:
             raise KeyScheduleError(f"the master secret must be exactly {MASTER_SECRET_BYTES} bytes")
         if not isinstance(nonce, (bytes, bytearray)) or len(nonce) != NONCE_BYTES:
             raise KeyScheduleError(f"the nonce must be exactly {NONCE_BYTES} bytes")
+        if not any(master):
+            raise KeyScheduleError("the all-zero master secret is refused: use KeySchedule.generate()")
         self._master = bytes(master)
         self.nonce = bytes(nonce)
         self._perms: dict[tuple[Label, int], npt.NDArray[np.int64]] = {}
+        self.claims = NonceClaims()
 
     @classmethod
     def generate(cls) -> KeySchedule:
@@ -176,8 +220,13 @@ class KeySchedule:
         return cls(secrets.token_bytes(MASTER_SECRET_BYTES), secrets.token_bytes(NONCE_BYTES))
 
     def for_nonce(self, nonce: bytes) -> KeySchedule:
-        """The schedule of another request under the same master secret."""
-        return KeySchedule(self._master, nonce)
+        """The schedule of another request under the same master secret (sharing :attr:`claims`)."""
+        return self._adopt(KeySchedule(self._master, nonce))
+
+    def _adopt(self, child: KS) -> KS:
+        """``child`` (a schedule of this master secret) made to share this schedule's claims."""
+        child.claims = self.claims
+        return child
 
     @staticmethod
     def new_nonce() -> bytes:

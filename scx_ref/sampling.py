@@ -8,7 +8,8 @@ top-p), then ``argmax`` or ``softmax`` + ``torch.multinomial`` — drawn from a 
 ``seed`` (never the global random state). So with the same model, seed and settings a single sequence
 gets HF ``generate``'s tokens, token for token (tested in float64).
 
-Options not listed in :data:`SUPPORTED` are refused by name (:func:`generation_settings`), never ignored.
+Options not listed in :data:`GENERATE_OPTIONS` are refused by name (:func:`generation_settings`), never
+ignored.
 """
 
 from __future__ import annotations
@@ -20,26 +21,30 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ConfigError, GenerationInterrupted, SCXError
+from .errors import ConfigError, SCXError
 
-__all__ = ["SUPPORTED", "GenerationSettings", "generate_tokens", "generation_settings"]
+__all__ = ["GENERATE_OPTIONS", "SUPPORTED", "GenerationSettings", "generate_tokens", "generation_settings"]
 
-#: Generation options SCX supports (as keyword arguments of ``SCXModel.generate``).
-SUPPORTED: tuple[str, ...] = (
-    "max_new_tokens",
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "repetition_penalty",
-    "seed",
-    "eos_token_id",
-    "pad_token_id",
-    "stop_strings",
-    "tokenizer",
-    "streamer",
-    "attention_mask",
-)
+#: What ``SCXModel.generate`` accepts besides ``input_ids`` (the one place generation options are named).
+GENERATE_OPTIONS: dict[str, str] = {
+    "max_new_tokens": "new tokens per row (an integer >= 0)",
+    "max_length": "prompt width + new tokens (instead of max_new_tokens)",
+    "attention_mask": "left padding (0s then 1s per row)",
+    "eos_token_id": "an id, a list of ids, or None (never stop)",
+    "pad_token_id": "the id that pads finished rows",
+    "do_sample": "True samples, False (default) decodes greedily",
+    "num_beams": "1 only (no beam search)",
+    "temperature": "a number > 0 (sampling)",
+    "top_k": "an integer >= 0 (sampling; 0 keeps every token)",
+    "top_p": "a number in [0, 1] (sampling)",
+    "repetition_penalty": "a number > 0",
+    "seed": "an integer >= 0 seeding the sampler (default: fresh entropy)",
+    "stop_strings": "a string or a list of strings (needs tokenizer)",
+    "tokenizer": "the model's tokenizer (for stop_strings)",
+    "streamer": "an object with put(ids) and end(), as HF's streamers",
+}
+#: The option names (:data:`GENERATE_OPTIONS`' keys).
+SUPPORTED: tuple[str, ...] = tuple(GENERATE_OPTIONS)
 
 #: transformers' defaults for the sampling options (``GenerationConfig``), used when neither the call
 #: nor the model's ``generation_config`` sets one.
@@ -110,18 +115,20 @@ def _int(v: Any, name: str, lo: int) -> int:
     return int(v)
 
 
-def generation_settings(defaults: Any, options: Mapping[str, Any]) -> GenerationSettings:
-    """Validated settings from ``options`` (the call's keyword arguments) over ``defaults`` (a model's
-    ``generation_config``, or None) over transformers' defaults.
+def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 0) -> GenerationSettings:
+    """Validated settings from ``options`` (the call's keyword arguments; None counts as absent for
+    ``max_new_tokens``/``max_length``) over ``defaults`` (a model's ``generation_config``, or None) over
+    transformers' defaults; ``width`` is the prompt width (for ``max_length``).
 
-    ConfigError naming every option not in :data:`SUPPORTED` (e.g. ``num_beams``), and for a value out of
-    range. ``eos_token_id=None`` never stops at EOS; when absent, the model's EOS is used.
+    ConfigError naming every option not in :data:`GENERATE_OPTIONS` (e.g. ``min_p``) with what is
+    supported, and for a value out of range: exactly one of ``max_new_tokens`` and ``max_length``,
+    ``num_beams`` 1 only. ``eos_token_id=None`` never stops at EOS; when absent, the model's EOS is used.
     """
-    unknown = sorted(set(options) - set(SUPPORTED))
+    unknown = sorted(set(options) - set(GENERATE_OPTIONS))
     if unknown:
+        supported = "; ".join(f"{k}: {v}" for k, v in GENERATE_OPTIONS.items())
         raise ConfigError(
-            f"unsupported generation option(s) {', '.join(map(repr, unknown))}: SCX generation supports "
-            f"{', '.join(SUPPORTED)}"
+            f"unsupported generation option(s) {', '.join(map(repr, unknown))}. Supported: {supported}"
         )
 
     def pick(name: str) -> Any:
@@ -133,9 +140,22 @@ def generation_settings(defaults: Any, options: Mapping[str, Any]) -> Generation
     do_sample = options.get("do_sample", getattr(defaults, "do_sample", False) or False)
     if not isinstance(do_sample, bool):
         raise ConfigError(f"do_sample must be True or False, got {do_sample!r}")
+    beams = options.get("num_beams", 1)
+    if isinstance(beams, bool) or beams != 1:
+        raise ConfigError(f"num_beams must be 1 (SCX has no beam search), got {beams!r}")
+    has_new = options.get("max_new_tokens") is not None
+    has_len = options.get("max_length") is not None
+    if has_new == has_len:
+        raise ConfigError("give exactly one of max_new_tokens and max_length")
+    if has_new:
+        n_new = _int(options["max_new_tokens"], "max_new_tokens", 0)
+    else:
+        n_new = _int(options["max_length"], "max_length", width) - width
     has_eos = "eos_token_id" in options
     eos_raw = options["eos_token_id"] if has_eos else getattr(defaults, "eos_token_id", None)
-    eos = [eos_raw] if isinstance(eos_raw, (int, np.integer)) else list(eos_raw or [])
+    eos = [eos_raw] if isinstance(eos_raw, (int, np.integer)) and not isinstance(eos_raw, bool) else eos_raw
+    if isinstance(eos, bool) or not isinstance(eos, (list, tuple, type(None))):
+        raise ConfigError(f"eos_token_id must be an id, a list of ids or None, got {eos_raw!r}")
     stops = options.get("stop_strings") or ()
     stops = (stops,) if isinstance(stops, str) else tuple(stops)
     if not all(isinstance(s, str) and s for s in stops):
@@ -144,14 +164,14 @@ def generation_settings(defaults: Any, options: Mapping[str, Any]) -> Generation
     seed = options.get("seed")
     top_k = pick("top_k")
     return GenerationSettings(
-        max_new_tokens=_int(options.get("max_new_tokens", 20), "max_new_tokens", 0),
+        max_new_tokens=n_new,
         do_sample=do_sample,
         temperature=_number(pick("temperature"), "temperature", 0.0, lo_open=True),
         top_k=0 if top_k is None else _int(top_k, "top_k", 0),
         top_p=_number(pick("top_p"), "top_p", 0.0, 1.0),
         repetition_penalty=_number(pick("repetition_penalty"), "repetition_penalty", 0.0, lo_open=True),
         seed=None if seed is None else _int(seed, "seed", 0),
-        eos_token_ids=tuple(_int(e, "eos_token_id", 0) for e in eos),
+        eos_token_ids=tuple(_int(e, "eos_token_id", 0) for e in (eos or [])),
         pad_token_id=None if pad is None else _int(pad, "pad_token_id", 0),
         stop_strings=stops,
     )
@@ -172,8 +192,8 @@ def generate_tokens(
 
     Stops after an EOS token (kept) or when the text ends a stop string (transformers'
     ``StopStringCriteria``; needs ``tokenizer``). ``streamer`` gets ``put(prompt)``, ``put`` of each new
-    token and ``end()``, as HF's. An SCXError after k ≥ 0 tokens raises :class:`GenerationInterrupted`
-    holding those k tokens (the streamer has already shown them)."""
+    token and ``end()``, as HF's. An SCXError after k ≥ 0 tokens is raised again, its class kept, with
+    those k tokens in its ``tokens`` (the streamer has already shown them)."""
     import torch
 
     processors = settings.processors()
@@ -211,7 +231,8 @@ def generate_tokens(
                     break
                 logits = decode(tok)
     except SCXError as exc:
-        raise GenerationInterrupted(f"generation stopped after {len(new)} new token(s): {exc}", new) from exc
+        exc.tokens = list(new)
+        raise
     finally:
         if streamer is not None:
             streamer.end()

@@ -109,14 +109,16 @@ def test_each_ablated_role_switches_its_own_mechanism_off(weights, pool) -> None
     view, _ = _view(weights, pool, cfg, frozenset({"tok"}), n_new=0)
     locked = stage_array(view, Stage.LOCK, last, "k")
     assert not np.allclose(locked, k_last) and _rows_of(locked, k_last).all()
-    keys = AblatedKeys(bytes(32), bytes(16), frozenset({"tok"}))
+    keys = AblatedKeys(b"\x01" * 32, bytes(16), frozenset({"tok"}))
     assert np.array_equal(
         keys.for_nonce(bytes(range(16))).permutation(("tok", 0, Stage.QKV), 5), np.arange(5)
     )
     assert not np.array_equal(keys.permutation(("head", 0, "groups"), 8), np.arange(8))
     assert plaintext_control().identity == KEY_ROLES
     with pytest.raises(ConfigError):
-        AblatedKeys(bytes(32), bytes(16), frozenset({"tok", "alpha"}))  # alpha keys noise, not a permutation
+        AblatedKeys(
+            b"\x01" * 32, bytes(16), frozenset({"tok", "alpha"})
+        )  # alpha keys noise, not a permutation
 
 
 def test_block1_qkv_match_plaintext_then_noise(weights, pool) -> None:  # type: ignore[no-untyped-def]

@@ -93,7 +93,9 @@ def _prompts(vocab: int) -> list[np.ndarray]:
 def test_batched_middle_blocks_equal_unbatched_bit_for_bit(preset: str, tile: int) -> None:
     b = _backend(preset)
     cfg = SCXConfig(level="paper", decoys="gaussian")
-    master = KeySchedule.generate()
+    master = bytes(
+        range(1, 33)
+    )  # fresh KeySchedule objects per run: one (master, nonce) drives one session each
     nonces = [bytes([i + 1]) * 16 for i in range(N_SESSIONS)]
     prompts = _prompts(b.config.vocab_size)
 
@@ -101,7 +103,7 @@ def test_batched_middle_blocks_equal_unbatched_bit_for_bit(preset: str, tile: in
     alone_tokens, alone_mid = [], []
     for ids, nonce in zip(prompts, nonces, strict=True):
         rec = _Recorder(Server(b, batch_rows=tile))
-        client = Client(b, master.for_nonce(nonce), cfg)
+        client = Client(b, KeySchedule(master, nonce), cfg)
         alone_tokens.append(client.generate(ids, N_NEW, rec))  # type: ignore[arg-type]
         alone_mid.append(rec.mid)
 
@@ -112,7 +114,7 @@ def test_batched_middle_blocks_equal_unbatched_bit_for_bit(preset: str, tile: in
     mids: dict[str, list[Any]] = {}
 
     def run(i: int) -> None:
-        client = Client(b, master.for_nonce(nonces[i]), cfg)
+        client = Client(b, KeySchedule(master, nonces[i]), cfg)
         rec_mid: list[Any] = []
 
         class Tap:
@@ -146,7 +148,7 @@ def test_batched_middle_blocks_equal_unbatched_bit_for_bit(preset: str, tile: in
     # against the row-at-a-time server (tile 1, a different kernel): float64 rounding only, same tokens
     for ids, nonce, want_tokens, want_mid in zip(prompts, nonces, alone_tokens, alone_mid, strict=True):
         rec = _Recorder(Server(b, batch_rows=1))
-        client = Client(b, master.for_nonce(nonce), cfg)
+        client = Client(b, KeySchedule(master, nonce), cfg)
         assert client.generate(ids, N_NEW, rec) == want_tokens  # type: ignore[arg-type]
         for got, want in zip(rec.mid, want_mid, strict=True):
             np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-10)
@@ -186,8 +188,8 @@ def test_handle_batch_isolates_bad_requests() -> None:
     st = [c.state for c in clients]
     assert st[0] is not None and st[1] is not None
     x = b.from_numpy(np.ones((1, b.config.hidden_size)))
-    good = Request(st[0].keys.session_id, Stage.GEN_MID, 1, 0, st[0].seq, {"x": x})
-    bad = Request(st[1].keys.session_id, Stage.GEN_MID, 1, 0, st[1].seq + 5, {"x": x})
+    good = Request(st[0].keys.session_id, Stage.GEN_MID, 1, 0, st[0].seq, {"x": x}, {}, st[0].token)
+    bad = Request(st[1].keys.session_id, Stage.GEN_MID, 1, 0, st[1].seq + 5, {"x": x}, {}, st[1].token)
     out = server.handle_batch([good, bad])
     assert isinstance(out[0], Reply) and isinstance(out[1], ProtocolError)
     with pytest.raises(ProtocolError, match="one message per session"):

@@ -3,8 +3,9 @@
 Conventions (scx_ref.protocol.cost): a matrix product (m×k)(k×n) costs 2mkn flops; attention costs
 4·H·n_q·n_k·d_h (scores and weighted sum); the client's softmax·V of a last guard block costs
 2·H·n_k·d_h; bytes are the arrays' nbytes each way (the backend's itemsize; shared permutations are
-int64, the blind level's uploaded α float64); a round trip is one message. Every stage's client flops,
-server flops, bytes up, bytes down and round trips must match exactly, and so must the totals.
+int64, the blind level's uploaded α float64; a verifying client's un-blinded MLP replies carry the MLP's
+intermediates); a round trip is one message. Verification flops are metered apart (``verify_flops``).
+Every stage's client flops, server flops, bytes up, bytes down and round trips must match exactly, and so must the totals.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def expected_costs(c: ModelConfig, scx: SCXConfig, n: int, steps: int, itemsize:
     it = itemsize
     t = Tally()
 
+    def traced(rows: int) -> int:  # the MLP's intermediates a verifying client asks for (elements)
+        if not scx.verify:
+            return 0
+        return rows * (c.top_k * 2 * f + E) if moe else rows * 2 * f
+
     def server_mlp(rows: int) -> int:  # the server's plain MLP / MoE on ``rows`` rows
         experts_per_row = c.top_k if moe else 1
         return 2 * rows * experts_per_row * d * 3 * f + (2 * rows * d * E if moe else 0)
@@ -94,7 +100,7 @@ def expected_costs(c: ModelConfig, scx: SCXConfig, n: int, steps: int, itemsize:
         if blind:
             blinded_mlp(R1, "ffn", "ffn_down", "router", True)
         else:
-            t.msg("ffn", R1 * d * it, R1 * d * it, server_mlp(R1))
+            t.msg("ffn", R1 * d * it, (R1 * d + traced(R1)) * it, server_mlp(R1))
     t.msg("head", R1 * d * it, R1 * V * it, 2 * R1 * d * V, 2 * R1 * d * V if blind else 0)
     for _ in last:
         t.msg("lock", (n + rl) * kv * it, 0)
@@ -108,7 +114,7 @@ def expected_costs(c: ModelConfig, scx: SCXConfig, n: int, steps: int, itemsize:
             t.msg("gen_qkv", d * it, qkv_w * it, 2 * d * qkv_w, 2 * d * qkv_w if noised_gen else 0)
             t.msg("gen_attn", (q + 2 * m * kv) * it, q * it, 4 * H * m * dh, 2 * q * d)
             if scx.guard_ffn == "clear":
-                t.msg("gen_ffn", d * it, d * it, server_mlp(1))
+                t.msg("gen_ffn", d * it, (d + traced(1)) * it, server_mlp(1))
             else:
                 blinded_mlp(1, "gen_ffn_up", "gen_ffn_down", "gen_router", noised_gen)
         if middle:

@@ -31,6 +31,7 @@ from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, Request, SCXConfig, Server
 from scx_ref.protocol.server import commitment
 from scx_ref.reference import KVCache, ReferenceModel
+from scx_ref.stages import Stage
 from scx_ref.weights import ModelWeights, random_weights
 
 Array = npt.NDArray[Any]
@@ -86,8 +87,17 @@ class Live:
         session: str | None = None,
         **meta: Any,
     ) -> Request:
+        """A request on the live session, with its token (the capability ``open`` returned)."""
+        token = self.client.state.token if self.client.state is not None else ""
         return Request(
-            session or self.sid, stage, layer, step, self.seq if seq is None else seq, arrays or {}, meta
+            session or self.sid,
+            Stage(stage) if stage in Stage._value2member_map_ else stage,  # type: ignore[arg-type]
+            layer,
+            step,
+            self.seq if seq is None else seq,
+            arrays or {},
+            meta,
+            token,
         )
 
     def keys(self) -> KeySchedule:
@@ -182,11 +192,12 @@ def test_bad_attention_arrays(live: Live) -> None:
 
 
 def test_missing_array_and_unknown_stage(live: Live) -> None:
+    rejected(live, lambda: live.server.handle(live.req("gen_qkv", 0, 0, {})), ProtocolError, "lacks array")
     rejected(
         live,
-        lambda: live.server.handle(live.req("gen_qkv", 0, 0, {"y": np.zeros((1, 16))})),
+        lambda: live.server.handle(live.req("gen_qkv", 0, 0, {"x": np.zeros((1, 16)), "y": np.zeros(1)})),
         ProtocolError,
-        "lacks array",
+        "unknown array",
     )
     rejected(live, lambda: live.server.handle(live.req("teleport", 0, 0)), ProtocolError, "unknown stage")
     live.still_exact()
@@ -229,7 +240,7 @@ def test_second_open_of_a_session(live: Live) -> None:
     meta = dict(n=N, r1=R1, r2=1, r_lock=R_LOCK, l_s=1, l_e=1, max_length=MAX_LEN, level="paper")
     rejected(live, lambda: live.server.handle(live.req("open", seq=0, **meta)), SessionError, "already")
     # another client (another master secret, no memory of this nonce) reusing the nonce: refused too
-    other: Client[Any] = Client(live.client.b, KeySchedule(bytes(32), NONCE), live.client.cfg)
+    other: Client[Any] = Client(live.client.b, KeySchedule(b"\x01" * 32, NONCE), live.client.cfg)
     rejected(live, lambda: other.prefill(IDS, live.link), SessionError)
     live.still_exact()
 
@@ -258,40 +269,44 @@ def test_wrong_sequence_number(live: Live, delta: int) -> None:
 
 
 # -- stage order -----------------------------------------------------------------------------------
-def _open_fresh(live: Live) -> str:
-    """Open a second session on the same server by hand (prefill not run)."""
+def _open_fresh(live: Live) -> tuple[str, str]:
+    """Open a second session on the same server by hand (prefill not run): (its id, its token)."""
     sid = "cd" * 16
     meta = dict(n=N, r1=R1, r2=1, r_lock=R_LOCK, l_s=1, l_e=1, max_length=MAX_LEN, level="paper")
-    live.server.handle(Request(sid, "open", -1, -1, 0, {}, meta))
-    return sid
+    reply = live.server.handle(Request(sid, Stage.OPEN, -1, -1, 0, {}, meta))
+    return sid, str(reply.meta["token"])
 
 
 def test_stages_out_of_order_in_a_fresh_session(live: Live) -> None:
-    sid = _open_fresh(live)
+    sid, token = _open_fresh(live)
     s = live.server.sessions[sid]
     qkv = np.zeros((N, 4, 4)), np.zeros((N, 2, 4))
     x_rows = np.zeros((N + R1, 16))
     commit = "0" * 64
+
+    def req(
+        stage: str, layer: int, step: int, arrays: dict[str, Any], meta: dict[str, Any] | None = None
+    ) -> Request:
+        return Request(sid, Stage(stage), layer, step, 1, arrays, meta or {}, token)
+
     bad = [
-        Request(sid, "attn", 0, -1, 1, {"q": qkv[0], "k": qkv[1], "v": qkv[1]}),  # attn before qkv
-        Request(sid, "qkv", 1, -1, 1, {"x": x_rows}, {"commit": commit}),  # block 1 before block 0
-        Request(sid, "head", 4, -1, 1, {"x": x_rows}),  # head before every FFN stage
-        Request(sid, "ffn", 0, -1, 1, {"x": x_rows}),  # ffn before qkv
-        Request(sid, "gen_qkv", 0, 0, 1, {"x": np.zeros((1, 16))}),  # generation before the head stage
-        Request(
-            sid, "share", 1, -1, 1, {"perm": np.arange(N + R1)}, {"salt": "00" * 32}
-        ),  # share before head
-        Request(sid, "lock", 3, -1, 1, {"k": np.zeros((N + R_LOCK, 8))}),  # lock before head
-        Request(sid, "qkv", 0, -1, 1, {"x": x_rows}),  # qkv without its key commitment
-        Request(sid, "qkv", 7, -1, 1, {"x": x_rows}, {"commit": commit}),  # no such layer
+        req("attn", 0, -1, {"q": qkv[0], "k": qkv[1], "v": qkv[1]}),  # attn before qkv
+        req("qkv", 1, -1, {"x": x_rows}, {"commit": commit}),  # block 1 before block 0
+        req("head", 4, -1, {"x": x_rows}),  # head before every FFN stage
+        req("ffn", 0, -1, {"x": x_rows}),  # ffn before qkv
+        req("gen_qkv", 0, 0, {"x": np.zeros((1, 16))}),  # generation before the head stage
+        req("share", 1, -1, {"perm": np.arange(N + R1)}, {"salt": "00" * 32}),  # share before head
+        req("lock", 3, -1, {"k": np.zeros((N + R_LOCK, 8))}),  # lock before head
+        req("qkv", 0, -1, {"x": x_rows}),  # qkv without its key commitment
+        req("qkv", 7, -1, {"x": x_rows}, {"commit": commit}),  # no such layer
     ]
-    for req in bad:
+    for bad_req in bad:
         before = live.server.sessions_snapshot(sid)
         with pytest.raises(ProtocolError):
-            live.server.handle(req)
-        assert same(live.server.sessions_snapshot(sid), before), f"{req.stage} changed the fresh session"
+            live.server.handle(bad_req)
+        assert same(live.server.sessions_snapshot(sid), before), f"{bad_req.stage} changed the fresh session"
     # the first message in order is accepted (so the rejections above were about order, not format)
-    live.server.handle(Request(sid, "qkv", 0, -1, 1, {"x": x_rows}, {"commit": commit}))
+    live.server.handle(req("qkv", 0, -1, {"x": x_rows}, {"commit": commit}))
     assert s.seq == 2 and 0 in s.raw
 
 
@@ -329,7 +344,7 @@ def test_generation_layer_roles_and_steps(live: Live) -> None:
     live.still_exact()  # step 0
     # replaying a cache-extending stage of the step just run would add a second row at its position
     rejected(live, lambda: h(live.req("gen_mid", 1, 0, x)), ProtocolError, "replay")
-    rejected(live, lambda: h(live.req("gen_mid", 2, 0, x)), ProtocolError, "replay")
+    rejected(live, lambda: h(live.req("gen_mid", 2, 0, x)), ProtocolError, "first middle block")
     rejected(live, lambda: h(live.req("gen_last", 3, 0, x)), ProtocolError, "replay")
     live.still_exact()  # step 1
     rejected(live, lambda: h(live.req("gen_qkv", 0, 0, x)), ProtocolError, "out of order")  # a past step
@@ -349,7 +364,7 @@ def test_share_key_of_another_layer(live: Live) -> None:
     )
     # layer 1's own permutation with layer 2's salt, and the right salt with another permutation
     perm1, salt1 = keys.permutation(("tok", 1, "qkv"), N + R1), keys.key(("commit", 1)).hex()
-    assert commitment(bytes.fromhex(salt1), 1, perm1) == live.server.sessions[live.sid].commits[1]
+    assert commitment(bytes.fromhex(salt1), live.sid, 1, perm1) == live.server.sessions[live.sid].commits[1]
     rejected(
         live,
         lambda: live.server.handle(live.req("share", 1, arrays={"perm": perm1}, salt=salt2)),
@@ -361,7 +376,7 @@ def test_share_key_of_another_layer(live: Live) -> None:
         SessionError,
     )
     # a key from another session (another master secret) for the right layer
-    other = KeySchedule(bytes(32), NONCE)
+    other = KeySchedule(b"\x01" * 32, NONCE)
     rejected(
         live,
         lambda: live.server.handle(

@@ -351,7 +351,7 @@ def test_server_alone_cannot_produce_the_next_logits(level: str) -> None:
 # -- negative controls: break one client step, exactness must fail ------------------------------
 # Each control replaces one transform the client calls (its single implementation, imported into
 # scx_ref.protocol.client) or one backend weight op, then checks that exactness is lost.
-_OTHER = KeySchedule(bytes(32), bytes(16))
+_OTHER = KeySchedule(b"\x01" * 32, bytes(16))
 
 
 def _wrong_key(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:

@@ -83,10 +83,12 @@ def test_numpy_and_torch_scx_agree_on_the_same_keys(variant: str, level: Level) 
 def test_server_view_is_the_same_for_both_backends() -> None:
     """Same keys → the same messages (the encodings do not depend on the backend)."""
     w = weights("dense")
-    keys = KeySchedule(b"\x05" * 32, b"\x09" * 16)
     views = []
     for backend in (NumpyBackend(w), TorchBackend(w, torch.float64)):
         link = LocalTransport(Server(backend), record_view=True)
+        keys = KeySchedule(
+            b"\x05" * 32, b"\x09" * 16
+        )  # the same keys, rebuilt (one object drives one session)
         Client(backend, keys, SCXConfig(level="paper", max_length=64)).prefill(IDS, link)
         views.append(link.view.messages)
     assert [(m.stage, m.layer) for m in views[0]] == [(m.stage, m.layer) for m in views[1]]

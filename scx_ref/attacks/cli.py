@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from ..commands._args import int_at_least, output_dir, output_file
 from ..zoo import MODEL_NAMES, load_model
 from ..zoo.corpus import tokenize, topic_texts
 
@@ -46,10 +46,12 @@ def register(subparsers: Any) -> None:
         default="smollm2",
         help="a registered model (default smollm2; tiny-llama needs no download)",
     )
-    p.add_argument("--json", type=Path, default=None, help="write the results (and the command) as JSON here")
+    p.add_argument(
+        "--json", type=output_file, default=None, help="write the results (and the command) as JSON here"
+    )
     p.add_argument(
         "--plots",
-        type=Path,
+        type=output_dir,
         default=None,
         help="write PNG plots here: attacks by setting, recovery vs β, vs decoys r, per layer",
     )
@@ -58,12 +60,16 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="fewer sweep points, public tokens (1024) and MLP epochs (100); per-layer curve on 5 blocks",
     )
-    p.add_argument("--prompts", type=int, default=None, help="victim prompts (default 3, quick 2)")
-    p.add_argument("--length", type=int, default=None, help="tokens per victim prompt (default 16, quick 8)")
-    p.add_argument("--new", type=int, default=4, help="generated tokens per prompt (default 4)")
+    p.add_argument(
+        "--prompts", type=int_at_least(1), default=None, help="victim prompts (default 3, quick 2)"
+    )
+    p.add_argument(
+        "--length", type=int_at_least(1), default=None, help="tokens per victim prompt (default 16, quick 8)"
+    )
+    p.add_argument("--new", type=int_at_least(0), default=4, help="generated tokens per prompt (default 4)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="torch CPU threads (default: torch's choice; 1 on a busy box)",
     )
@@ -123,8 +129,8 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tok, weights = load_model(args.model, np.float64)
     quick = bool(args.quick)
-    count = args.prompts or (2 if quick else 3)
-    length = args.length or (8 if quick else 16)
+    count = args.prompts if args.prompts is not None else (2 if quick else 3)
+    length = args.length if args.length is not None else (8 if quick else 16)
     public, victims = public_and_victims(
         tok, weights.config.vocab_size, 1024 if quick else 4096, count, length
     )

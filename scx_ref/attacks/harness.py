@@ -72,7 +72,7 @@ class AblatedKeys(KeySchedule):
 
     def for_nonce(self, nonce: bytes) -> AblatedKeys:
         """The same ablated schedule under another nonce (the client derives each session's keys so)."""
-        return AblatedKeys(self._m, nonce, self.identity)
+        return self._adopt(AblatedKeys(self._m, nonce, self.identity))
 
     def permutation(self, label: Label, n: int) -> npt.NDArray[np.int64]:
         """The identity of size n when the label's role is ablated, else the schedule's permutation."""
@@ -162,7 +162,13 @@ def server_view(
     link = LocalTransport(Server(backend), record_view=True)
     tokens = None if public is None else np.asarray(public, dtype=np.int64)
     client = Client(backend, keys, config, decoys=decoys, public_tokens=tokens)
-    gen = client.generate(np.asarray(ids, dtype=np.int64), n_new, link)
+    prompt = np.asarray(ids, dtype=np.int64)
+    if n_new:
+        gen = client.generate(prompt, n_new, link)
+    else:  # the prefill alone (generate with no new token sends nothing)
+        client.prefill(prompt, link)
+        client.close()
+        gen = []
     return link.view, gen
 
 

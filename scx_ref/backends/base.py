@@ -19,6 +19,9 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from ..arrays import A, ArrayOps, IndexArray
 from ..config import ModelConfig
 
@@ -49,6 +52,15 @@ class Backend(ArrayOps[A], Protocol[A]):
         """ηW for the named weight (no bias): the exact T5 correction
         (:func:`scx_ref.transforms.blinding_correction` on that matrix). For ``w_gate_up``/``w_down`` of an
         MoE layer, ``experts`` selects the experts whose maps are stacked (same order as ``project``)."""
+        ...
+
+    def weight_sketch(
+        self, which: WeightName, layer: int, expert: int | None, basis: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """For the named matrix W (in × out; ``expert`` selects one expert's map of an MoE layer) and a
+        host ``basis`` (out × m): ``(W·basis, Σ_i W_ij²)`` in float64 on the host — ``in × m`` and
+        ``(out,)`` — computed in float64 from the stored weights (the client's Freivalds precomputation,
+        :mod:`scx_ref.protocol.verify`). Reads W once, in slices (no full float64 copy)."""
         ...
 
     # -- server-side weight ops ----------------------------------------------------------------

@@ -105,6 +105,20 @@ class NumpyBackend(NumpyOps):
         """ηW: :func:`~scx_ref.transforms.blinding_correction` with the named matrix."""
         return blinding_correction(eta, self._matrix(which, layer, experts), self)
 
+    def weight_sketch(
+        self, which: WeightName, layer: int, expert: int | None, basis: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """``(W·basis, column sums of W²)`` in float64 (W in × out), read in slices of input rows."""
+        w = self._matrix(which, layer, None if expert is None else np.array([expert], dtype=np.int64))
+        wb = np.empty((w.shape[0], basis.shape[1]), dtype=np.float64)
+        col_sq = np.zeros(w.shape[1], dtype=np.float64)
+        step = max(1, (1 << 22) // max(1, w.shape[1]))
+        for start in range(0, w.shape[0], step):
+            part = np.asarray(w[start : start + step], dtype=np.float64)
+            wb[start : start + step] = part @ basis
+            col_sq += np.einsum("ij,ij->j", part, part)
+        return wb, col_sq
+
     def project(
         self, x: FloatArray, which: WeightName, layer: int = -1, experts: IndexArray | None = None
     ) -> FloatArray:

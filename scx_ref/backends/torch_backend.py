@@ -208,7 +208,9 @@ class TorchOps:
     def floating(self, x: Any, name: str, *, finite: bool = True) -> torch.Tensor:
         """``x`` (tensor or numpy array) as a floating tensor in the dtype on the device."""
         if isinstance(x, torch.Tensor):
-            t = x
+            if x.device.type == "meta" or x.layout != torch.strided:
+                raise DTypeError(f"{name} must be a dense tensor with data, got {x.layout} on {x.device}")
+            t = x.detach()
         else:
             arr = np.asarray(x)
             if not np.issubdtype(arr.dtype, np.floating):
@@ -400,6 +402,23 @@ class TorchBackend(TorchOps):
     ) -> torch.Tensor:
         """ηW: :func:`~scx_ref.transforms.blinding_correction` with the named matrix."""
         return blinding_correction(eta, self._matrix(which, layer, experts), self)
+
+    def weight_sketch(
+        self, which: WeightName, layer: int, expert: int | None, basis: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """``(W·basis, column sums of W²)`` in float64 on the host (W in × out; stored out × in here),
+        read in slices of output rows on the device."""
+        sel = None if expert is None else np.array([expert], dtype=np.int64)
+        w = self._matrix(which, layer, sel)  # out × in
+        right = torch.from_numpy(np.ascontiguousarray(basis, dtype=np.float64)).to(self.device)
+        wb = torch.zeros(w.shape[1], right.shape[1], dtype=torch.float64, device=self.device)
+        col_sq = torch.empty(w.shape[0], dtype=torch.float64, device=self.device)
+        step = max(1, (1 << 22) // max(1, w.shape[1]))
+        for start in range(0, w.shape[0], step):
+            part = w[start : start + step].to(torch.float64)
+            wb += part.T @ right[start : start + step]
+            col_sq[start : start + step] = part.square().sum(dim=1)
+        return wb.cpu().numpy(), col_sq.cpu().numpy()
 
     def project(
         self, x: torch.Tensor, which: WeightName, layer: int = -1, experts: IndexArray | None = None

@@ -34,13 +34,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, SCXError
+from ..protocol.config import LEVELS
 from ..zoo import MODEL_NAMES, load_hf, load_weights, parse_random, weights_names_help
+from ._args import device, int_at_least, int_list, output_file, require_device
 
 __all__ = ["BenchResult", "build_backend", "register", "run_bench"]
 
@@ -56,19 +58,37 @@ def register(subparsers: Any) -> None:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     p.add_argument("--model", default="smollm2", help=f"model (default smollm2): {weights_names_help()}")
-    p.add_argument("--json", metavar="PATH", help="write the result rows as JSON")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", metavar="PATH", type=output_file, help="write the result rows as JSON")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per measurement (default 5)")
+    p.add_argument(
+        "--repeats", type=int_at_least(1), default=5, help="interleaved rounds per measurement (default 5)"
+    )
     p.add_argument("--quick", action="store_true", help="short prompts and few tokens (smoke test)")
     p.add_argument(
         "--levels", default="permute,blind", help="comma-separated SCX levels (default permute,blind)"
     )
-    p.add_argument("--n", default=None, help="comma-separated prefill lengths (default 128,512,2048)")
-    p.add_argument("--gen-prompt", type=int, default=None, help="prompt length before generation (512)")
-    p.add_argument("--gen-tokens", type=int, default=None, help="generated tokens timed (64)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--n", type=int_list(1), default=None, help="comma-separated prefill lengths (default 128,512,2048)"
+    )
+    p.add_argument(
+        "--gen-prompt", type=int_at_least(1), default=None, help="prompt length before generation (512)"
+    )
+    p.add_argument(
+        "--gen-tokens",
+        type=int_at_least(0),
+        default=None,
+        help="generated tokens timed (64; 0: no decode phase)",
+    )
+    p.add_argument(
+        "--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--verify-cost",
+        action="store_true",
+        help="also time each level with reply verification off and report the ratio (verify column)",
+    )
     p.set_defaults(func=main)
 
 
@@ -100,6 +120,7 @@ class BenchResult:
     client_flop_share: float
     repeats: int
     tokens: int = 0
+    verify_ratio: float | None = None  # median(SCX) / median(SCX without reply verification)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -221,11 +242,13 @@ def run_bench(
     gen_tokens: int,
     repeats: int,
     progress: bool = True,
+    verify_cost: bool = False,
 ) -> list[BenchResult]:
     """Interleaved plaintext/SCX timings on ``backend``; one row per (phase, n, level).
 
     Rounds alternate the order (plaintext first, then SCX first), so a drift of the machine's speed
-    within a round does not favour either side.
+    within a round does not favour either side. ``verify_cost``: each level also runs with reply
+    verification off (rows ``<level>:noverify``), and the verified rows carry the ratio.
     """
     import torch
 
@@ -240,10 +263,13 @@ def run_bench(
     rng = np.random.default_rng(1234)  # public benchmark prompts
     plain = PlainRunner(backend)
     master = KeySchedule.generate()
-    clients = {
-        lv: Client(backend, master, SCXConfig(level=lv, max_length=min(c.max_positions, 4096)))  # type: ignore[arg-type]
-        for lv in levels
-    }
+    sides_cfg = {lv: SCXConfig(level=lv, max_length=min(c.max_positions, 4096)) for lv in levels}  # type: ignore[arg-type]
+    if verify_cost:
+        sides_cfg.update(
+            {f"{lv}:noverify": replace(cfg, verify=False) for lv, cfg in list(sides_cfg.items())}
+        )
+    levels = list(sides_cfg)
+    clients = {lv: Client(backend, master, cfg) for lv, cfg in sides_cfg.items()}
     jobs = [("prefill", n) for n in lengths] + ([("decode", gen_prompt)] if gen_tokens > 0 else [])
     total = len(jobs) * repeats * (1 + len(levels))
     bar = _progress(total, progress)
@@ -306,6 +332,11 @@ def run_bench(
                     client_flop_share=share[lv],
                     repeats=repeats,
                     tokens=gen_tokens if phase == "decode" else 0,
+                    verify_ratio=(
+                        sm / statistics.median(scx_t[f"{lv}:noverify"].wall)
+                        if f"{lv}:noverify" in scx_t
+                        else None
+                    ),
                 )
             )
     bar(None)
@@ -370,7 +401,7 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str) -
     lines = [
         f"scx bench — model {model}, {device}, {dtype}; ratio = median(SCX) / median(plaintext)",
         f"{'phase':8} {'n':>5} {'level':8} {'ratio':>7} {'cpu':>7} {'plain':>10} {'scx':>10} "
-        f"{'mem':>6} {'state':>6} {'client':>7}",
+        f"{'mem':>6} {'state':>6} {'client':>7} {'verify':>7}",
     ]
     for r in rows:
         unit = "s/tok" if r.phase == "decode" else "s"
@@ -379,12 +410,13 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str) -
             f"{r.phase:8} {r.n:5d} {r.level:8} {r.ratio_median:7.3f} {r.cpu_ratio_median:7.3f} "
             f"{r.plain_median_s:8.4f}{unit[0]:>2} {r.scx_median_s:8.4f}{unit[0]:>2} {mem} "
             f"{r.state_ratio:6.2f} "
-            f"{100 * r.client_flop_share:6.2f}%"
+            f"{100 * r.client_flop_share:6.2f}% "
+            + (f"{r.verify_ratio:7.3f}" if r.verify_ratio is not None else "      -")
         )
     lines.append(
         "plain/scx: median seconds (decode: per token); mem: peak-memory ratio (- when the run's growth is "
         "below 1 MiB); state: KV-state bytes held after the run (server + client) / plaintext KV cache; "
-        "client: flop share"
+        "client: flop share; verify: median(SCX) / median(SCX without reply verification) (--verify-cost)"
     )
     return "\n".join(lines)
 
@@ -411,23 +443,25 @@ def main(args: argparse.Namespace) -> int:
         import torch
     except ImportError as exc:
         raise ConfigError(f"scx bench needs torch (pip install 'scx-ref[torch]'): {exc}") from exc
-    if args.threads:
+    require_device(args.device)
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.repeats < 1:
-        raise ConfigError("--repeats must be >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but torch sees no CUDA device")
-    levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+    levels = [lv.strip() for lv in args.levels.split(",")]
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if bad or not levels:
+        raise ConfigError(f"--levels: unknown level(s) {bad}; choose from {list(LEVELS)}")
     if args.quick:
         lengths, gen_prompt, gen_tokens = [32, 128], 64, 8
     else:
         lengths, gen_prompt, gen_tokens = [128, 512, 2048], 512, 64
-    if args.n:
-        lengths = [int(v) for v in args.n.split(",") if v.strip()]
+    if args.n is not None:
+        lengths = args.n
     gen_prompt = args.gen_prompt if args.gen_prompt is not None else gen_prompt
     gen_tokens = args.gen_tokens if args.gen_tokens is not None else gen_tokens
     backend, used = build_backend(args.model, args.dtype, args.device)
-    rows = run_bench(backend, levels, lengths, gen_prompt, gen_tokens, args.repeats, not args.no_progress)
+    rows = run_bench(
+        backend, levels, lengths, gen_prompt, gen_tokens, args.repeats, not args.no_progress, args.verify_cost
+    )
     print(format_table(rows, used, args.device, args.dtype))
     if args.json:
         meta = {

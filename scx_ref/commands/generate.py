@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SCXError
 from ..zoo import MODEL_NAMES
 
 __all__ = ["register", "run"]
@@ -118,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
         options["eos_token_id"] = None
     try:
         scx.generate(ids, max_new_tokens=args.max_new_tokens, **options)
+    except SCXError as exc:  # the tokens made so far are printed already; say how many
+        made = len(exc.tokens or [])
+        raise type(exc)(f"generation stopped after {made} new token(s): {exc}") from exc
     finally:
         if scx.link is not None and hasattr(scx.link, "close"):
             scx.link.close()

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..zoo import MODEL_NAMES
 from ..zoo.perplexity import ppl_run
+from ._args import float_at_least, int_at_least, output_file
 
 __all__ = ["format_table", "register", "run"]
 
@@ -49,10 +50,16 @@ def register(subparsers: Any) -> None:
         "ppl", help="perplexity on the corpus: plaintext vs SCX (ΔPPL)", description=__doc__.splitlines()[0]
     )
     p.add_argument("--model", choices=MODEL_NAMES, default="smollm2")
-    p.add_argument("--tokens", type=int, default=1024, help="corpus tokens to score (default 1024)")
+    p.add_argument(
+        "--tokens", type=int_at_least(2), default=1024, help="corpus tokens to score (default 1024)"
+    )
     p.add_argument("--level", choices=("permute", "paper", "blind"), default="paper")
-    p.add_argument("--beta", type=float, default=5.0, help="Laplace scale of the noised stages (default 5)")
+    p.add_argument(
+        "--beta", type=float_at_least(0.0), default=5.0, help="Laplace scale of the noised stages (default 5)"
+    )
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--window", type=int, default=512, help="tokens per independent window (default 512)")
-    p.add_argument("--json", metavar="PATH", help="write the record as JSON")
+    p.add_argument(
+        "--window", type=int_at_least(2), default=512, help="tokens per independent window (default 512)"
+    )
+    p.add_argument("--json", metavar="PATH", type=output_file, help="write the record as JSON")
     p.set_defaults(func=run)

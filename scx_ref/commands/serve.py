@@ -90,6 +90,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="most gen_mid rows in one batch")
     p.add_argument("--max-sessions", type=int, default=d.max_sessions, help="most sessions at once")
     p.add_argument("--max-message-mb", type=int, default=d.max_message_bytes >> 20, help="largest frame, MiB")
+    p.add_argument("--max-rows", type=int, default=d.max_rows, help="most rows one session may reach")
+    p.add_argument("--max-decoys", type=int, default=d.max_decoys, help="most decoy rows at one stage")
+    p.add_argument(
+        "--max-cache-mb", type=int, default=d.max_cache_bytes >> 20, help="all sessions' caches together, MiB"
+    )
     p.add_argument(
         "--idle-timeout", type=float, default=d.idle_timeout, help="seconds before an idle session is evicted"
     )
@@ -115,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_sessions=args.max_sessions,
         max_message_bytes=args.max_message_mb << 20,
+        max_rows=args.max_rows,
+        max_decoys=args.max_decoys,
+        max_cache_bytes=args.max_cache_mb << 20,
         idle_timeout=args.idle_timeout,
         grace=args.grace,
         tls_cert=args.tls_cert,
@@ -131,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     backend = build_backend(args.model, args.dtype, args.device)
-    service = SCXService(Server(backend, batch_rows=opts.batch_rows), opts, args.model)
+    server = Server(backend, limits=opts.server_limits(), batch_rows=opts.batch_rows)
+    service = SCXService(server, opts, args.model)
 
     async def main() -> None:
         await service.start()

@@ -29,6 +29,7 @@ from ..zoo import MODEL_NAMES, load_model
 from ..zoo.corpus import prompts
 from ..zoo.engines import plain_generate, plain_logits, scx_config, scx_generate, scx_logits
 from ..zoo.perplexity import ppl_run
+from ._args import float_at_least, int_at_least, output_file
 
 __all__ = ["LOGIT_RTOL", "dp_summary", "format_verdict", "register", "run", "verify"]
 
@@ -203,9 +204,13 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--level", choices=("permute", "paper", "blind"), default="paper")
-    p.add_argument("--beta", type=float, default=5.0, help="Laplace scale of the noised stages (default 5)")
-    p.add_argument("--tokens", type=int, default=512, help="corpus tokens of the ΔPPL check (default 512)")
+    p.add_argument(
+        "--beta", type=float_at_least(0.0), default=5.0, help="Laplace scale of the noised stages (default 5)"
+    )
+    p.add_argument(
+        "--tokens", type=int_at_least(2), default=512, help="corpus tokens of the ΔPPL check (default 512)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--server", default=None, help="run SCX on this `scx serve` (scx://HOST:PORT)")
-    p.add_argument("--json", metavar="PATH", help="write the record as JSON")
+    p.add_argument("--json", metavar="PATH", type=output_file, help="write the record as JSON")
     p.set_defaults(func=run)

@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 DEFAULT_PLD_INTERVAL = 1e-4
+#: The most values one release's privacy-loss distribution may be discretized into (~130 MB of float64).
+MAX_PLD_POINTS = 1 << 24
 
 
 def basic_composition(epsilon: float, k: int) -> float:
@@ -150,6 +152,13 @@ def pld_epsilon(
         if value_discretization_interval is None
         else check_positive(value_discretization_interval, "value_discretization_interval")
     )
+    largest = max((m.epsilon for m in mechs if m.sensitivity > 0), default=0.0)
+    if 2.0 * largest / interval > MAX_PLD_POINTS:
+        raise ConfigError(
+            f"a PLD interval of {interval:g} would discretize a release of ε = {largest:g} into "
+            f"~{2.0 * largest / interval:.3g} values (limit {MAX_PLD_POINTS}); use an interval >= "
+            f"{2.0 * largest / MAX_PLD_POINTS:.3g}"
+        )
     if not pld_available():
         return None
     from dp_accounting.pld import privacy_loss_distribution as pld
@@ -162,13 +171,16 @@ def pld_epsilon(
     if not groups:
         return 0.0
     total: Any = None
-    for (sens, beta), count in sorted(groups.items()):
-        one = pld.from_laplace_mechanism(
-            beta, sensitivity=sens, pessimistic_estimate=True, value_discretization_interval=interval
-        )
-        part = one.self_compose(count) if count > 1 else one
-        total = part if total is None else total.compose(part)
-    return float(total.get_epsilon_for_delta(dl))
+    try:
+        for (sens, beta), count in sorted(groups.items()):
+            one = pld.from_laplace_mechanism(
+                beta, sensitivity=sens, pessimistic_estimate=True, value_discretization_interval=interval
+            )
+            part = one.self_compose(count) if count > 1 else one
+            total = part if total is None else total.compose(part)
+        return float(total.get_epsilon_for_delta(dl))
+    except OverflowError:  # the accountant's interval overflows exp(): ε is astronomically large
+        return math.inf
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..commands._args import device, float_at_least, int_at_least, output_file, require_device
 from ..errors import ConfigError
 from ..protocol.config import BETA_KINDS, LEVELS
 from ..zoo import load_weights, weights_names_help
@@ -194,6 +195,8 @@ def _budget_text(b: RequestBudget, sens_dict: dict[str, Any]) -> str:
 
 
 def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    if args.device is not None:
+        require_device(args.device)
     weights = load_weights(args.model, np.float64)
     sens = model_sensitivities(weights, embedding=args.embedding, device=args.device)
     budget = request_budget(
@@ -246,11 +249,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+_positive_float = float_at_least(0.0, strict=True)
+#: Releases composed at most (the PLD accountant takes ~15 s at 10⁷ on a CPU, minutes beyond).
+MAX_COMPOSITIONS = 10**7
 
 
 def register(subparsers: Any) -> None:
@@ -282,11 +283,17 @@ def register(subparsers: Any) -> None:
         metavar="DF",
         help="the paper's per-coordinate sensitivity Δf (needs --dim); L1 sensitivity = d·Δf",
     )
-    raw.add_argument("--dim", type=int, help="row dimension d for --per-coordinate")
+    raw.add_argument("--dim", type=int_at_least(1), help="row dimension d for --per-coordinate")
     raw.add_argument(
         "--scale", type=_positive_float, default=5.0, help="Laplace scale β (the paper's s; default 5)"
     )
-    raw.add_argument("--compositions", "-k", type=int, default=1, help="number of releases k (default 1)")
+    raw.add_argument(
+        "--compositions",
+        "-k",
+        type=int_at_least(1, MAX_COMPOSITIONS),
+        default=1,
+        help=f"number of releases k, 1..{MAX_COMPOSITIONS} (default 1)",
+    )
     model = p.add_argument_group("model mode")
     model.add_argument(
         "--model",
@@ -299,10 +306,14 @@ def register(subparsers: Any) -> None:
         help=f"Laplace scale: one number, or stage=value pairs over "
         f"{', '.join(BETA_KINDS)}, default (e.g. qkv=5,default=20). Default 5",
     )
-    model.add_argument("--guard", type=int, default=1, help="guard blocks g = l_s = l_e (default 1)")
-    model.add_argument("--prompt-len", type=int, default=1, help="prompt length n (default 1)")
-    model.add_argument("--tokens", type=int, default=0, help="generated tokens T (default 0)")
-    model.add_argument("--decoys", type=int, default=0, help="decoy rows r per permuted stage (default 0)")
+    model.add_argument(
+        "--guard", type=int_at_least(1), default=1, help="guard blocks g = l_s = l_e (default 1)"
+    )
+    model.add_argument("--prompt-len", type=int_at_least(1), default=1, help="prompt length n (default 1)")
+    model.add_argument("--tokens", type=int_at_least(0), default=0, help="generated tokens T (default 0)")
+    model.add_argument(
+        "--decoys", type=int_at_least(0), default=0, help="decoy rows r per permuted stage (default 0)"
+    )
     model.add_argument(
         "--rows",
         choices=("own", "all"),
@@ -321,7 +332,9 @@ def register(subparsers: Any) -> None:
         default="exact",
         help="block-1 Δ₁: exact normalized-vocabulary L1 diameter (default) or the 2√d‖γ‖₂ bound",
     )
-    model.add_argument("--device", default=None, help="torch device for the exact diameter (e.g. cuda)")
+    model.add_argument(
+        "--device", type=device, default=None, help="torch device for the exact diameter (cpu, cuda, cuda:N)"
+    )
     acc = p.add_argument_group("accounting")
     acc.add_argument("--delta", type=_positive_float, default=1e-6, help="target δ for PLD (default 1e-6)")
     acc.add_argument(
@@ -337,5 +350,5 @@ def register(subparsers: Any) -> None:
         default=None,
         help="PLD value discretization interval (default: 1e-4, coarser for large eps)",
     )
-    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.add_argument("--json", metavar="PATH", type=output_file, help="also write the result as JSON")
     p.set_defaults(func=run)

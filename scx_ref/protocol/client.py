@@ -14,19 +14,26 @@ Prefill (§5.1), key sharing (§5.2) and generation (§5.3) are methods; each me
 :class:`~scx_ref.protocol.transport.Transport`. The client keeps only what the protocol says it keeps:
 the first guard blocks' valid caches and the last guard blocks' values. Every key is re-derived from
 the schedule when needed (:mod:`~scx_ref.protocol.keyring`), which is what makes it stateless.
+
+Against an active server and other clients (DESIGN §5.5): every message after ``open`` carries the
+session token the server returned; every reply is verified (:mod:`~scx_ref.protocol.verify`) before
+anything derived from it is used or sent — a failed check raises IntegrityError, marks the session
+failed and nothing more is sent on it; a (master, nonce) pair drives one session only; a session is
+closed when its request ends (:meth:`Client.generate` closes it; a new :meth:`Client.prefill` closes the
+previous one; :meth:`Client.close` does it explicitly).
 """
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic
 
 import numpy as np
 import numpy.typing as npt
 
-from ..backends.base import A, Backend, IndexArray, WeightName, split_qkv
-from ..errors import ProtocolError, SessionError
+from ..backends.base import A, Backend, IndexArray, NormName, WeightName, split_qkv
+from ..errors import IntegrityError, ProtocolError, SCXError, SessionError
 from ..keys import KeySchedule
 from ..stages import Stage
 from ..transforms import (
@@ -46,11 +53,24 @@ from .config import SCXConfig
 from .cost import CostMeter, CostReport
 from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys, default_public_tokens
 from .keyring import RequestKeys, commitment
-from .messages import Reply, Request
+from .messages import Request
+from .mlp import route
 from .plan import ReleasePlan
 from .transport import Transport
+from .verify import ATTENTION_ROWS, SessionVerifier, SketchCache, check_reply
 
 __all__ = ["Client"]
+
+
+def _prompt(ids: Any) -> npt.NDArray[Any]:
+    """``ids`` as a non-empty 1-D array (its dtype and range are checked by the backend's embed)."""
+    try:
+        arr = np.asarray(ids.detach().cpu().numpy() if hasattr(ids, "detach") else ids)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"the prompt must be a 1-D array of token ids: {exc}") from exc
+    if arr.ndim != 1 or arr.size == 0:
+        raise ProtocolError(f"the prompt must be a non-empty 1-D array of token ids, got shape {arr.shape}")
+    return arr
 
 
 @dataclass
@@ -65,10 +85,20 @@ class _State(Generic[A]):
     guard_k: dict[int, A] = field(default_factory=dict)  # first guard blocks: rows × H_kv × d_h (RoPE'd)
     guard_v: dict[int, A] = field(default_factory=dict)  # first and last guard blocks
     failed: bool = False
+    closed: bool = False
+    token: str = ""  # the session capability from open's reply
+    link: Transport | None = None
+    verifier: SessionVerifier[A] | None = None
 
 
 class Client(Generic[A]):
-    """The SCX client. One prefill opens a session (one nonce); decode/generate continue it."""
+    """The SCX client. One prefill opens a session (one nonce); decode/generate continue it.
+
+    ``keys``: the master secret and the first session's nonce (refused when that pair already drove a
+    session). ``sketches``: the reply verifier's precomputation (:class:`~scx_ref.protocol.verify.
+    SketchCache`) to share among clients of one backend and master secret; built here when None and
+    ``config.verify`` is on.
+    """
 
     def __init__(
         self,
@@ -77,7 +107,17 @@ class Client(Generic[A]):
         config: SCXConfig | None = None,
         decoys: DecoyPolicy | None = None,
         public_tokens: IndexArray | None = None,
+        sketches: SketchCache | None = None,
     ) -> None:
+        if not isinstance(keys, KeySchedule):
+            raise ProtocolError(f"keys must be a KeySchedule, got {type(keys).__name__}")
+        if config is not None and not isinstance(config, SCXConfig):
+            raise ProtocolError(f"config must be an SCXConfig, got {type(config).__name__}")
+        if keys.claims.claimed(keys.nonce):
+            raise SessionError(
+                "this KeySchedule's (master secret, nonce) pair already drove a session: a pair drives "
+                "one session only (use KeySchedule.generate() or a fresh nonce)"
+            )
         self.b = backend
         self.c = backend.config
         self.cfg = config or SCXConfig()
@@ -89,8 +129,16 @@ class Client(Generic[A]):
             )
         self._master_keys = keys
         self._next_nonce: bytes | None = keys.nonce
-        self._used: dict[bytes, str] = {}
         self.meter = CostMeter()
+        self.sketches: SketchCache | None = None
+        if self.cfg.verify:
+            if sketches is None:
+                sketches = SketchCache(backend, keys)
+                sketches.build()  # offline, before any request
+            elif sketches.b is not backend:
+                raise ProtocolError("the sketch cache belongs to another backend")
+            self.sketches = sketches
+        self.verify_worst = 0.0  # the largest |residual|/tolerance of any check (the honest margin)
         self.state: _State[A] | None = None
         self.first, self.middle, self.last = self.cfg.blocks(self.c.n_layers)
         if decoys is not None:
@@ -113,21 +161,62 @@ class Client(Generic[A]):
         return self.state.keys
 
     def _send(
-        self, link: Transport, stage: Stage, layer: int, step: int, arrays: dict[str, Any], **meta: Any
-    ) -> Reply:
-        st = self.state
-        assert st is not None
-        req = Request(st.keys.session_id, stage, layer, step, st.seq, arrays, meta)
+        self,
+        link: Transport,
+        stage: Stage,
+        layer: int,
+        step: int,
+        arrays: dict[str, Any],
+        expect: Mapping[str, tuple[int, ...]],
+        **meta: Any,
+    ) -> tuple[dict[str, A], float]:
+        """Send one message of the open session and return the reply's arrays once their structure
+        passed (:func:`~scx_ref.protocol.verify.check_reply`) with the unit roundoff their value checks
+        assume. Any failure marks the session failed; nothing is sent on a failed or closed session."""
+        st = self._require()
+        req = Request(st.keys.session_id, stage, layer, step, st.seq, arrays, meta, st.token)
         try:
             reply = link.send(req)
         except Exception:
             st.failed = True
             raise
-        if reply.session != req.session or reply.seq != req.seq or reply.stage != stage:
-            st.failed = True
-            raise SessionError("reply does not match the request (another session, or out of order)")
+        got, u = self._guard(lambda: check_reply(self.b, req, reply, expect))
+        if stage is Stage.OPEN:
+            token = reply.meta.get("token") if isinstance(reply.meta, dict) else None
+            if not isinstance(token, str) or not 16 <= len(token) <= 256:
+                self._guard(self._raise(IntegrityError("open: the reply carries no valid session token")))
+            st.token = str(token)
         st.seq += 1
-        return reply
+        return got, u
+
+    @staticmethod
+    def _raise(exc: Exception) -> Callable[[], Any]:
+        def fail() -> Any:
+            raise exc
+
+        return fail
+
+    def _guard(self, check: Callable[[], Any]) -> Any:
+        """Run a reply check: on IntegrityError the session is failed, the verifier's basis rotated and
+        the error raised — nothing derived from the reply is used or sent."""
+        try:
+            return check()
+        except IntegrityError:
+            if self.state is not None:
+                self.state.failed = True
+            if self.sketches is not None:
+                self.sketches.rotate()
+            raise
+
+    def _verify(self, stage: Stage, check: Callable[[SessionVerifier[A]], None]) -> None:
+        """Run a value check with this session's verifier (none when verification is off); meter it."""
+        v = self._require().verifier
+        if v is None:
+            return
+        before = v.flops
+        self._guard(lambda: check(v))
+        self.meter.verification(stage, v.flops - before)
+        self.verify_worst = max(self.verify_worst, v.worst)
 
     def _decoys(self, stage: Stage, layer: int, count: int, real: A) -> A:
         """``count`` decoy rows for (stage, layer), in the backend."""
@@ -151,25 +240,58 @@ class Client(Generic[A]):
         reply_key: str = "y",
         arr_key: str = "x",
         expert: int | None = None,
+        norm: NormName | None = None,
         **meta: Any,
     ) -> A:
         """A linear stage of the server on rows ``x``: blinded (T5) when the release plan noises this
-        message — send x + η, return the reply − ηW = xW (+ b) — else x itself."""
+        message — send x + η, return the reply − ηW = xW (+ b) — else x itself. ``norm``: the server
+        applies that RMSNorm first (un-blinded QKV and head stages). The reply is verified (Freivalds, on
+        what was sent) before it is unblinded or used."""
         b = self.b
         experts = None if expert is None else np.array([expert], dtype=np.int64)
         if experts is not None:
             meta["experts"] = experts.tolist()
-        release = self.plan.find(stage, layer, expert)
-        if release is None:
-            y: A = self._send(link, stage, layer, step, {arr_key: x}, **meta).arrays[reply_key]
-            return y
         rows, width = b.shape(x)
-        eta = b.from_numpy(self._keys().noise(release, None if step < 0 else step, rows, width))
-        self.meter.elementwise(stage, rows * width)
-        sent = blind(x, eta, b)
-        y = self._send(link, stage, layer, step, {arr_key: sent}, **meta).arrays[reply_key]
+        expect = {reply_key: (rows, self._out_width(which))}
+        release = self.plan.find(stage, layer, expert)
+        eta: A | None = None
+        sent = x
+        if release is not None:
+            eta = b.from_numpy(self._keys().noise(release, None if step < 0 else step, rows, width))
+            self.meter.elementwise(stage, rows * width)
+            sent = blind(x, eta, b)
+        got, u = self._send(link, stage, layer, step, {arr_key: sent}, expect, **meta)
+        y = got[reply_key]
+        wl = -1 if which == "lm_head" else layer
+        norm_layer = -1 if norm == "final" else layer
+        self._verify(stage, lambda v: v.linear(stage, wl, sent, y, which, u, expert, norm, norm_layer))
+        if eta is None:
+            return y
         self.meter.matmul(stage, rows, width, b.shape(y)[1], "client")
         return unblind(y, b.correction(eta, which, layer, experts), b)
+
+    def _out_width(self, which: WeightName) -> int:
+        c = self.c
+        return {
+            "wqkv": c.q_dim + 2 * c.kv_dim,
+            "wo": c.hidden_size,
+            "w_gate_up": 2 * c.intermediate_size,
+            "w_down": c.hidden_size,
+            "router": c.n_experts,
+            "lm_head": c.vocab_size,
+        }[which]
+
+    def _mlp_stage(self, link: Transport, stage: Stage, layer: int, step: int, x: A) -> A:
+        """The server's norm + MLP on rows ``x`` in one message (un-blinded FFN stages): with verification
+        on, the reply carries the MLP's intermediates and is checked before use."""
+        rows, d = self.b.nrows(x), self.c.hidden_size
+        v = self._require().verifier
+        if v is None:
+            got, _ = self._send(link, stage, layer, step, {"x": x}, {"y": (rows, d)})
+            return got["y"]
+        got, u = self._send(link, stage, layer, step, {"x": x}, v.mlp_expect(rows), trace=True)
+        self._verify(stage, lambda ver: ver.mlp(stage, layer, x, got, u))
+        return got["y"]
 
     def _blinded(self, stage: Stage, layer: int) -> bool:
         """Whether the plan noises ``stage`` of ``layer`` (then the client applies the norm before it).
@@ -182,32 +304,36 @@ class Client(Generic[A]):
     def prefill(self, ids: Any, link: Transport, nonce: bytes | None = None) -> npt.NDArray[Any]:
         """Encoded prefill of prompt ``ids``; returns its logits (n × V, numpy), equal to plaintext.
 
-        Opens a new session under a fresh nonce (or ``nonce``). Reusing a nonce for a different prompt
-        raises SessionError: the same keys would encode two prompts.
+        Opens a new session under a fresh nonce (or ``nonce``), after closing this client's previous
+        session if it is still open. A nonce that already drove a session under this master secret is
+        refused (SessionError): the same keys would encode two prompts. Every reply is verified first
+        (IntegrityError on a failed check; the session is then failed and nothing more is sent).
         """
         b, c, cfg = self.b, self.c, self.cfg
-        ids_arr = np.asarray(ids)
-        if ids_arr.size == 0:
-            raise ProtocolError("the prompt must have at least one token")
+        ids_arr = _prompt(ids)
         x0 = b.embed(ids_arr)  # validates the ids against the vocabulary
         n = int(ids_arr.shape[0])
         if n > self.max_length:
             raise ProtocolError(f"prompt of {n} tokens is longer than max_length {self.max_length}")
         if nonce is None:
             nonce = self._next_nonce or KeySchedule.new_nonce()
+        keys = self._master_keys.for_nonce(nonce)  # validates the nonce
+        self._master_keys.claims.claim(keys.nonce)  # SessionError when this pair drove a session
         self._next_nonce = None
-        digest = hashlib.sha256(np.ascontiguousarray(ids_arr, dtype="<i8").tobytes()).hexdigest()
-        if self._used.get(nonce, digest) != digest:
-            raise SessionError("nonce reused for a different prompt: every prompt needs a fresh nonce")
-        self._used[nonce] = digest
+        old = self.state
+        if old is not None and not (old.failed or old.closed) and old.link is not None:
+            self.close()
         self.meter = CostMeter()
-        st: _State[A] = _State(RequestKeys(self._master_keys.for_nonce(nonce), c), n, seq=0)
+        st: _State[A] = _State(RequestKeys(keys, c), n, seq=0, link=link)
+        if self.sketches is not None:
+            st.verifier = SessionVerifier(b, st.keys, self.sketches)
         self.state = st
         self._send(
             link,
             Stage.OPEN,
             -1,
             -1,
+            {},
             {},
             n=n,
             r1=cfg.r1,
@@ -234,8 +360,22 @@ class Client(Generic[A]):
             rho = st.keys.lock_perm(i, n + cfg.lock_decoys)
             k_flat = b.reshape(k_rope, (n, c.kv_dim))
             locked = encode_rows(k_flat, self._decoys(Stage.LOCK, i, cfg.lock_decoys, k_flat), rho, b)
-            self._send(link, Stage.LOCK, i, -1, {"k": locked})
+            self._send(link, Stage.LOCK, i, -1, {"k": locked}, {})
+            if st.verifier is not None:
+                st.verifier.lock(i, locked)
         return logits
+
+    def close(self, link: Transport | None = None) -> None:
+        """End this client's session on the server (its caches are freed). Nothing is sent for a session
+        that failed or is already closed; ``link`` defaults to the session's own transport."""
+        st = self.state
+        if st is None or st.failed or st.closed:
+            return
+        target = link if link is not None else st.link
+        if target is None:
+            raise ProtocolError("no transport to close the session on")
+        self._send(target, Stage.CLOSE, -1, -1, {}, {})
+        st.closed = True
 
     def _prefill_block(self, link: Transport, i: int, h: A, dec: A, pos: IndexArray) -> tuple[A, A, A, A]:
         b, c, cfg, keys = self.b, self.c, self.cfg, self._keys()
@@ -255,8 +395,9 @@ class Client(Generic[A]):
             permute_rows(rows, pi, b),
             "wqkv",
             reply_key="z",
+            norm=None if normalized else "attn",
             normalized=normalized,
-            commit=commitment(keys.commit_salt(i), i, pi),
+            commit=commitment(keys.commit_salt(i), keys.session_id, i, pi),
         )
         q, k, v = split_qkv(b, decode_rows(z, pi, n, b))
         q, k = b.rope(q, pos), b.rope(k, pos)
@@ -268,7 +409,13 @@ class Client(Generic[A]):
             "k": head_permute(k, hp, 1, b),
             "v": head_permute(v, hp, 1, b),
         }
-        o = self._send(link, Stage.ATTN, i, -1, sent).arrays["o"]
+        got, u = self._send(link, Stage.ATTN, i, -1, sent, {"o": (n, c.n_heads, c.head_dim)})
+        o = got["o"]
+        rows_checked = keys.verify_rows(i, n, ATTENTION_ROWS)
+        self._verify(
+            Stage.ATTN,
+            lambda ver: ver.attention(Stage.ATTN, i, sent["q"], sent["k"], sent["v"], o, u, rows_checked, 0),
+        )
         o = b.reshape(head_unpermute(o, hp, g, b), (n, c.q_dim))
         # 3. O stage: π′_i(O ⊕ R′)
         pi_o = keys.o_perm(i, n + cfg.r2)
@@ -282,7 +429,7 @@ class Client(Generic[A]):
             xn = permute_rows(b.norm(rows, "mlp", i), pi_next, b)
             y = self._blinded_mlp(link, i, -1, xn, Stage.FFN, Stage.FFN_DOWN, Stage.ROUTER)
         else:
-            y = self._send(link, Stage.FFN, i, -1, {"x": permute_rows(rows, pi_next, b)}).arrays["y"]
+            y = self._mlp_stage(link, Stage.FFN, i, -1, permute_rows(rows, pi_next, b))
         self.meter.elementwise(Stage.FFN, 2 * (n + cfg.r1) * c.hidden_size)
         out = b.add(rows, unpermute_rows(y, pi_next, b))
         return b.narrow(out, 0, 0, n), b.narrow(out, 0, n, n + cfg.r1), k, v
@@ -302,6 +449,7 @@ class Client(Generic[A]):
             permute_rows(rows, pi, b),
             "lm_head",
             reply_key="logits",
+            norm=None if normalized else "final",
             normalized=normalized,
         )
         return decode_rows_numpy(logits, pi, n, b)  # T1 + T2 decode straight to numpy
@@ -323,12 +471,7 @@ class Client(Generic[A]):
             m = b.swiglu_act(gu)
             self.meter.elementwise(up, rows * f)
             return self._linear(link, down, i, step, m, "w_down", arr_key="m", last=True)
-        logits = np.asarray(b.to_numpy(self._linear(link, router, i, step, xn, "router")), dtype=np.float64)
-        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)
-        top = np.argsort(-probs, axis=-1, kind="stable")[:, : c.top_k]
-        w_top = np.take_along_axis(probs, top, axis=-1)
-        w_top /= w_top.sum(axis=-1, keepdims=True)
+        top, w_top = route(b.to_numpy(self._linear(link, router, i, step, xn, "router")), c.top_k)
         out: A | None = None
         for e in range(c.n_experts):
             weight = np.where(top == e, w_top, 0.0).sum(axis=-1)
@@ -355,7 +498,7 @@ class Client(Generic[A]):
             if release is not None:  # the server removes α_i W from the raw cache (plan.shared)
                 alpha = st.keys.noise(release, None, rows, self.c.hidden_size)
                 arrays["alpha"] = alpha.astype(self.b.numpy_dtype())  # the wire dtype of the backend
-            self._send(link, Stage.SHARE, i, -1, arrays, salt=st.keys.commit_salt(i).hex())
+            self._send(link, Stage.SHARE, i, -1, arrays, {}, salt=st.keys.commit_salt(i).hex())
         st.shared = True
 
     def _require(self) -> _State[A]:
@@ -364,6 +507,8 @@ class Client(Generic[A]):
             raise ProtocolError("no session: call prefill first")
         if st.failed:
             raise ProtocolError("this session failed on an earlier error; start a new prefill")
+        if st.closed:
+            raise ProtocolError("this session is closed; start a new prefill")
         return st
 
     # -- generation (§5.3) -------------------------------------------------------------------------
@@ -385,7 +530,10 @@ class Client(Generic[A]):
         for i in self.first:
             h, new_k[i], new_v[i] = self._gen_first(link, i, t, p, h)
         if self.middle:
-            h = self._send(link, Stage.GEN_MID, self.middle.start, t, {"x": h}).arrays["x"]
+            # the middle blocks run on the server alone: only the reply's structure can be checked
+            h = self._send(link, Stage.GEN_MID, self.middle.start, t, {"x": h}, {"x": (1, c.hidden_size)})[0][
+                "x"
+            ]
         for i in self.last:
             h, new_v[i] = self._gen_last(link, i, t, h)
         for i, k in new_k.items():  # commit the new rows only once the whole step succeeded
@@ -412,7 +560,15 @@ class Client(Generic[A]):
             "k": head_permute(keys, hp, 1, b),
             "v": head_permute(values, hp, 1, b),
         }
-        o = self._send(link, Stage.GEN_ATTN, i, t, sent).arrays["o"]
+        got, u = self._send(link, Stage.GEN_ATTN, i, t, sent, {"o": (1, c.n_heads, c.head_dim)})
+        o = got["o"]
+        m = b.nrows(keys)
+        self._verify(
+            Stage.GEN_ATTN,
+            lambda ver: ver.attention(
+                Stage.GEN_ATTN, i, sent["q"], sent["k"], sent["v"], o, u, np.zeros(1, np.int64), m - 1
+            ),
+        )
         o = b.reshape(head_unpermute(o, hp, g, b), (1, c.q_dim))
         h = b.add(h, b.project(o, "wo", i))
         self.meter.matmul(Stage.GEN_ATTN, 1, c.q_dim, c.hidden_size, "client")
@@ -421,15 +577,17 @@ class Client(Generic[A]):
 
     def _gen_ffn(self, link: Transport, i: int, t: int, h: A, clear: bool) -> A:
         if clear:
-            y: A = self._send(link, Stage.GEN_FFN, i, t, {"x": h}).arrays["y"]
-            return y
+            return self._mlp_stage(link, Stage.GEN_FFN, i, t, h)
         xn = self.b.norm(h, "mlp", i)
         return self._blinded_mlp(link, i, t, xn, Stage.GEN_FFN_UP, Stage.GEN_FFN_DOWN, Stage.GEN_ROUTER)
 
     def _gen_last(self, link: Transport, i: int, t: int, h: A) -> tuple[A, A]:
         b, c, cfg, st = self.b, self.c, self.cfg, self._require()
-        reply = self._send(link, Stage.GEN_LAST, i, t, {"x": h}).arrays
-        scores, v_new = reply["scores"], b.reshape(reply["v"], (1, c.n_kv_heads, c.head_dim))
+        m = st.n + cfg.lock_decoys + t + 1
+        expect = {"scores": (c.n_heads, 1, m), "v": (1, c.n_kv_heads, c.head_dim)}
+        reply, u = self._send(link, Stage.GEN_LAST, i, t, {"x": h}, expect)
+        scores, v_new = reply["scores"], reply["v"]
+        self._verify(Stage.GEN_LAST, lambda ver: ver.gen_last(i, t, h, st.n + t, scores, v_new, u))
         rho = st.keys.lock_perm(i, st.n + cfg.lock_decoys)
         values = b.concat_rows([st.guard_v[i], v_new])
         o = b.reshape(b.softmax_values(unlock_scores(scores, rho, st.n, b), values), (1, c.q_dim))
@@ -442,20 +600,43 @@ class Client(Generic[A]):
             release = self.plan.find(Stage.GEN_FFN, i)
             assert release is not None  # the plan lists the offset of every last guard block
             offset = b.from_numpy(st.keys.noise(release, t, 1, c.hidden_size))
-            y = self._send(link, Stage.GEN_FFN, i, t, {"x": b.add(h, offset)}).arrays["y"]
+            y = self._mlp_stage(link, Stage.GEN_FFN, i, t, b.add(h, offset))
             return b.add(h, y), values
         return b.add(h, self._gen_ffn(link, i, t, h, clear=False)), values
 
     def generate(self, ids: Any, n_new: int, link: Transport) -> list[int]:
         """Greedy SCX generation: prefill, then ``n_new`` argmax tokens (the same tokens as plaintext
-        greedy decoding): ``n_new`` − 1 decode steps, the first of which shares the middle blocks' keys."""
-        logits = self.prefill(ids, link)
+        greedy decoding): ``n_new`` − 1 decode steps, the first of which shares the middle blocks' keys.
+        The session is closed at the end.
+
+        ``n_new`` is checked before anything is sent (an integer ≥ 0 whose positions fit in
+        ``max_length``; 0 sends nothing). An SCXError raised midway carries the tokens already made in
+        its ``tokens`` attribute.
+        """
+        if isinstance(n_new, bool) or not isinstance(n_new, (int, np.integer)) or n_new < 0:
+            raise ProtocolError(f"n_new must be an integer >= 0, got {n_new!r}")
+        n_new = int(n_new)
+        ids_arr = _prompt(ids)
+        if n_new == 0:
+            self.b.embed(ids_arr)  # a bad prompt is still an error
+            return []
+        if ids_arr.shape[0] + n_new - 1 > self.max_length:
+            raise ProtocolError(
+                f"{ids_arr.shape[0]} prompt tokens + {n_new} new need {ids_arr.shape[0] + n_new - 1} "
+                f"positions; max_length is {self.max_length}"
+            )
         out: list[int] = []
-        nxt = int(np.argmax(logits[-1]))
-        for step in range(n_new):
-            out.append(nxt)
-            if step + 1 < n_new:
-                nxt = int(np.argmax(self.decode(nxt, link)))
+        try:
+            logits = self.prefill(ids_arr, link)
+            nxt = int(np.argmax(logits[-1]))
+            for step in range(n_new):
+                out.append(nxt)
+                if step + 1 < n_new:
+                    nxt = int(np.argmax(self.decode(nxt, link)))
+            self.close()
+        except SCXError as exc:
+            exc.tokens = list(out)
+            raise
         return out
 
     def cost_report(self, link: Transport, server_meter: CostMeter | None = None) -> CostReport:

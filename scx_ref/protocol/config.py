@@ -52,6 +52,9 @@ class SCXConfig:
                ``gaussian`` (moment-matched Gaussian, for comparison).
     max_length the most positions (prompt + generated) a session may reach (None: the model's
                ``max_positions``).
+    verify     whether the client verifies every reply before using it (DESIGN §5.5,
+               :mod:`scx_ref.protocol.verify`; default on). Off only to measure its cost or, in tests,
+               to show an attack it stops.
     """
 
     level: Level = "paper"
@@ -66,19 +69,20 @@ class SCXConfig:
     last_ffn: Literal["exact", "paper"] = "exact"
     decoys: Literal["calibration", "gaussian"] = "calibration"
     max_length: int | None = None
+    verify: bool = True
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ConfigError(f"level must be one of {LEVELS}, got {self.level!r}")
         for name in ("r1", "r2"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+            if _not_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if self.r_lock is not None and (not isinstance(self.r_lock, int) or self.r_lock < 0):
+        if self.r_lock is not None and (_not_int(self.r_lock) or self.r_lock < 0):
             raise ConfigError(f"r_lock must be an integer >= 0, got {self.r_lock!r}")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+        if self.max_length is not None and (_not_int(self.max_length) or self.max_length < 1):
             raise ConfigError(f"max_length must be an integer >= 1 or None, got {self.max_length!r}")
         for name in ("l_s", "l_e"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if _not_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         _check_beta(self.beta, "beta")
         if self.stage_beta is not None:
@@ -93,6 +97,8 @@ class SCXConfig:
             raise ConfigError(f"last_ffn must be 'exact' or 'paper', got {self.last_ffn!r}")
         if self.decoys not in ("calibration", "gaussian"):
             raise ConfigError(f"decoys must be 'calibration' or 'gaussian', got {self.decoys!r}")
+        if not isinstance(self.verify, bool):
+            raise ConfigError(f"verify must be True or False, got {self.verify!r}")
 
     @property
     def lock_decoys(self) -> int:
@@ -112,6 +118,11 @@ class SCXConfig:
         out = asdict(self)
         out["stage_beta"] = None if self.stage_beta is None else dict(self.stage_beta)
         return out
+
+
+def _not_int(value: Any) -> bool:
+    """Whether ``value`` is not a plain integer (a bool is not one)."""
+    return isinstance(value, bool) or not isinstance(value, int)
 
 
 def _check_beta(value: Any, name: str) -> None:

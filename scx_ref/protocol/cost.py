@@ -3,7 +3,8 @@
 Flop convention (stated once, used everywhere): a matrix product (m×k)(k×n) costs 2mkn; attention
 costs 4·H·n_q·n_k·d_h (scores and the weighted sum of values); elementwise work (norms, RoPE,
 residual adds, noise, activations, gathers) is O(rows·d) and counted separately as ``elementwise``
-(one per element produced).
+(one per element produced). The client's reply verification (:mod:`scx_ref.protocol.verify`) is
+counted apart, as ``verify_flops``, so the protocol's own costs read the same with it on or off.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class StageCost:
     bytes_up: int = 0
     bytes_down: int = 0
     round_trips: int = 0
+    verify_flops: int = 0
 
     def add(self, other: StageCost) -> None:
         for name in self.__dataclass_fields__:
@@ -48,6 +50,10 @@ class CostMeter:
 
     def elementwise(self, stage: Stage, count: int) -> None:
         self.stages[stage].client_elementwise += int(count)
+
+    def verification(self, stage: Stage, flops: int) -> None:
+        """The client's flops verifying a reply of ``stage``."""
+        self.stages[stage].verify_flops += int(flops)
 
     def message(self, stage: Stage, up: int, down: int) -> None:
         s = self.stages[stage]
@@ -89,11 +95,19 @@ class CostReport:
         all_flops = t.client_flops + t.server_flops
         return t.client_flops / all_flops if all_flops else 0.0
 
+    @property
+    def verify_flop_share(self) -> float:
+        """The client's verification flops over the protocol's flops (client + server)."""
+        t = self.total
+        all_flops = t.client_flops + t.server_flops
+        return t.verify_flops / all_flops if all_flops else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "stages": {k.value: vars(v) for k, v in self.stages.items()},
             "total": vars(self.total),
             "client_flop_share": self.client_flop_share,
+            "verify_flop_share": self.verify_flop_share,
         }
 
     def to_json(self) -> str:

@@ -5,7 +5,12 @@ is the LM-head stage), ``("tok", i, "o")`` π′_i over n + r₂ rows, ``("head"
 head-structured P (its KV-group order ``(…, "groups")`` and per-group σ ``(…, "sigma", g)``),
 ``("decoy", i, stage)`` the decoy choice, ``("lock", i)`` ρ_i of a locked cache, ``("commit", i)`` the
 key-sharing commitment salt; the Laplace noise labels come from the release plan
-(:meth:`scx_ref.protocol.plan.Release.label`).
+(:meth:`scx_ref.protocol.plan.Release.label`). Reply verification (:mod:`scx_ref.protocol.verify`, DESIGN
+§5.5) draws its secrets under ``"verify"``: ``("verify", "basis", epoch, weight, i[, e])`` a client's
+Freivalds basis of one weight matrix (from the client's root schedule, :func:`basis_label`),
+``("verify", "mix", weight, i[, e])`` this session's combination of that basis (the session's check
+vectors r), ``("verify", "rows", i[, "gen", t])`` the attention rows recomputed, ``("verify", "lock", i[,
+"gen", t])`` the coefficients of the locked-score check.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from ..stages import Stage
 from ..transforms import HeadPermutation, laplace_noise
 from .plan import Release
 
-__all__ = ["KeySource", "RequestKeys", "commitment"]
+__all__ = ["KeySource", "RequestKeys", "basis_label", "commitment", "gaussian"]
 
 IntArray = npt.NDArray[np.int64]
 
@@ -44,11 +49,36 @@ class KeySource(Protocol):
     def generator(self, label: Label) -> KeyStream: ...
 
 
-def commitment(salt: bytes, layer: int, perm: npt.NDArray[Any]) -> str:
-    """SHA-256(salt ‖ layer ‖ π): binds a key-sharing message to its layer without revealing π
-    (the 32-byte salt, revealed only with π, defeats enumeration of small permutations)."""
-    data = salt + int(layer).to_bytes(4, "big") + np.ascontiguousarray(perm, dtype="<i8").tobytes()
+def commitment(salt: bytes, session: str, layer: int, perm: npt.NDArray[Any]) -> str:
+    """SHA-256(salt ‖ session ‖ layer ‖ π): binds a key-sharing message to its session and layer without
+    revealing π (the 32-byte salt, revealed only with π, defeats enumeration of small permutations).
+    Because the session id is inside, a transcript replayed under another session id fails at key
+    sharing."""
+    sid = session.encode("utf-8")
+    data = (
+        salt
+        + len(sid).to_bytes(4, "big")
+        + sid
+        + int(layer).to_bytes(4, "big")
+        + np.ascontiguousarray(perm, dtype="<i8").tobytes()
+    )
     return hashlib.sha256(data).hexdigest()
+
+
+def basis_label(epoch: int, weight: str, layer: int, expert: int | None) -> Label:
+    """The label of a client's Freivalds basis of one weight matrix (``epoch`` counts the rotations)."""
+    label: Label = ("verify", "basis", epoch, weight, layer + 1)  # layer −1 (LM head) → 0
+    return label if expert is None else (*label, expert)
+
+
+def gaussian(stream: KeyStream, shape: tuple[int, ...]) -> npt.NDArray[np.float64]:
+    """Standard normal float64 values from a key stream (Box–Muller on its 53-bit uniforms)."""
+    count = int(np.prod(shape)) if shape else 1
+    u = stream.random((2, (count + 1) // 2))
+    radius = np.sqrt(-2.0 * np.log1p(-u[0]))  # u < 1, so 1 − u > 0
+    angle = 2.0 * np.pi * u[1]
+    z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
+    return z.reshape(shape)
 
 
 class RequestKeys:
@@ -93,6 +123,25 @@ class RequestKeys:
     def commit_salt(self, block: int) -> bytes:
         """The 32-byte salt of block ``block``'s key-sharing commitment."""
         return self.schedule.key(("commit", block))
+
+    # -- reply verification (DESIGN §5.5) ------------------------------------------------------------
+    def verify_mix(self, weight: str, layer: int, expert: int | None, shape: tuple[int, ...]) -> Any:
+        """This session's secret Gaussian combination (``shape``) of the Freivalds basis of one weight."""
+        label: Label = ("verify", "mix", weight, layer + 1)
+        return gaussian(self.schedule.stream(label if expert is None else (*label, expert)), shape)
+
+    def verify_rows(self, block: int, rows: int, count: int, step: int | None = None) -> IntArray:
+        """``min(count, rows)`` distinct secret rows of ``rows`` (sorted): the attention rows of block
+        ``block`` (at generation ``step``) the client recomputes."""
+        label: Label = ("verify", "rows", block) if step is None else ("verify", "rows", block, "gen", step)
+        return np.sort(self.schedule.permutation(label, rows)[: min(count, rows)])
+
+    def verify_lock(self, block: int, rows: int, k: int, step: int | None = None) -> npt.NDArray[np.float64]:
+        """The secret Gaussian coefficients (``rows`` × ``k``) of the locked-score check of block
+        ``block``: row j weighs column j of the locked cache as stored at prefill, or (at generation
+        ``step``) the one column that step appends."""
+        label: Label = ("verify", "lock", block) if step is None else ("verify", "lock", block, "gen", step)
+        return gaussian(self.schedule.stream(label), (rows, k))
 
     def noise(self, release: Release, step: int | None, rows: int, width: int) -> npt.NDArray[np.float64]:
         """η ~ Laplace(0, β)^(rows × width) of ``release`` (at generation ``step``), float64 on the host.

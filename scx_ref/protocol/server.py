@@ -1,14 +1,32 @@
 """The untrusted server (DESIGN §5): holds the plaintext weights, computes every heavy stage on
 encoded data, and stores the encoded KV cache.
 
-Each message is validated completely — session, sequence number, stage order, layer role, array
-shapes, dtypes and finiteness — *before* any state changes, and the state changes of a message are
-applied together at the end, so a rejected message leaves the server's caches exactly as they were.
+Each message is validated completely — its fields' types, the session capability, sequence number,
+stage order, layer role, every ``meta`` field, array names, shapes, dtypes, finiteness and the server's
+limits — *before* any state changes, and the state changes of a message are applied together at the end,
+so a rejected message leaves the server's caches exactly as they were.
+
+Sessions are capabilities (DESIGN §5.5): ``open`` returns an unguessable token (256 bits from the OS
+CSPRNG, in the reply's ``meta["token"]``) that every later message must carry; it is compared in constant
+time, and a wrong or missing token, an unknown session, a closed one and an evicted one all get the same
+error, which says nothing about the session. ``close`` ends a session and frees its caches. The server
+enforces :class:`~scx_ref.protocol.limits.ServerLimits`, refuses a nonce it has seen and a key commitment
+it has seen (a replayed transcript), and evicts sessions idle past the TTL.
+
+Concurrency: one lock per session makes check-then-commit atomic (messages of one session are handled one
+at a time, in order); a server-wide lock guards the session table, the nonce and commitment memories and
+the cache-byte total. Sessions run in parallel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import hmac
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic
 
@@ -16,16 +34,75 @@ import numpy as np
 
 from .._checks import check_permutation
 from ..backends.base import A, Backend, split_qkv
-from ..errors import ProtocolError, SCXError, SessionError
+from ..errors import LimitError, ProtocolError, SCXError, SessionError
 from ..forward import block_rows
 from ..stages import PREFILL_BLOCK_STAGES, Phase, Stage
 from ..transforms import decode_rows, unblind
-from .config import guard_blocks
+from .config import LEVELS, guard_blocks
 from .cost import CostMeter
 from .keyring import commitment
+from .limits import (
+    ServerLimits,
+    field_bool,
+    field_experts,
+    field_hex,
+    field_int,
+    field_str,
+    known_fields,
+)
 from .messages import Reply, Request
+from .mlp import traced_mlp
 
 __all__ = ["Server"]
+
+
+#: The error for a message whose session cannot be used: unknown, closed, evicted, or a wrong token.
+_NO_SESSION = "unknown session or invalid session token"
+#: The ``meta`` fields each stage may carry (anything else is refused).
+_META: dict[Stage, frozenset[str]] = {
+    Stage.OPEN: frozenset({"n", "r1", "r2", "r_lock", "l_s", "l_e", "max_length", "level"}),
+    Stage.CLOSE: frozenset(),
+    Stage.QKV: frozenset({"commit", "normalized"}),
+    Stage.ATTN: frozenset(),
+    Stage.O: frozenset(),
+    Stage.FFN: frozenset({"normalized", "experts", "trace"}),
+    Stage.FFN_DOWN: frozenset({"experts", "last"}),
+    Stage.ROUTER: frozenset(),
+    Stage.HEAD: frozenset({"normalized"}),
+    Stage.LOCK: frozenset(),
+    Stage.SHARE: frozenset({"salt"}),
+    Stage.GEN_QKV: frozenset(),
+    Stage.GEN_ATTN: frozenset(),
+    Stage.GEN_FFN: frozenset({"trace"}),
+    Stage.GEN_FFN_UP: frozenset({"normalized", "experts"}),
+    Stage.GEN_FFN_DOWN: frozenset({"experts", "last"}),
+    Stage.GEN_ROUTER: frozenset(),
+    Stage.GEN_MID: frozenset(),
+    Stage.GEN_LAST: frozenset(),
+}
+#: The arrays each stage may carry (``share`` may add ``alpha``).
+_ARRAYS: dict[Stage, frozenset[str]] = {
+    Stage.OPEN: frozenset(),
+    Stage.CLOSE: frozenset(),
+    Stage.QKV: frozenset({"x"}),
+    Stage.ATTN: frozenset({"q", "k", "v"}),
+    Stage.O: frozenset({"x"}),
+    Stage.FFN: frozenset({"x"}),
+    Stage.FFN_DOWN: frozenset({"m"}),
+    Stage.ROUTER: frozenset({"x"}),
+    Stage.HEAD: frozenset({"x"}),
+    Stage.LOCK: frozenset({"k"}),
+    Stage.SHARE: frozenset({"perm", "alpha"}),
+    Stage.GEN_QKV: frozenset({"x"}),
+    Stage.GEN_ATTN: frozenset({"q", "k", "v"}),
+    Stage.GEN_FFN: frozenset({"x"}),
+    Stage.GEN_FFN_UP: frozenset({"x"}),
+    Stage.GEN_FFN_DOWN: frozenset({"m"}),
+    Stage.GEN_ROUTER: frozenset({"x"}),
+    Stage.GEN_MID: frozenset({"x"}),
+    Stage.GEN_LAST: frozenset({"x"}),
+}
+_SESSION_HEX = 32  # a session id is the 16-byte nonce in hex
 
 
 @dataclass
@@ -49,35 +126,71 @@ class _Session(Generic[A]):
     valid: dict[int, tuple[A, A]] = field(default_factory=dict)
     locked: dict[int, A] = field(default_factory=dict)
     meter: CostMeter = field(default_factory=CostMeter)
+    token: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_used: float = 0.0
+    cache_bytes: int = 0  # bytes of raw + valid + locked caches held
+    closed: bool = False
 
 
 class Server(Generic[A]):
-    """The cloud side of SCX. ``handle`` (one message) and ``handle_batch`` (several sessions' messages,
-    middle blocks computed together) are its entry points.
+    """The cloud side of SCX. ``handle`` is its only entry point; it is safe to call from many threads.
 
+    ``limits``: the server's :class:`~scx_ref.protocol.limits.ServerLimits` (safe defaults when None).
+    ``clock``: seconds for the idle TTL (``time.monotonic``; tests pass their own).
     ``batch_rows``: the middle blocks of generation steps run on tiles of exactly this many rows
-    (:func:`~scx_ref.forward.block_rows`), so a session's results are bit-for-bit the same whether its
-    rows are batched with other sessions' or run alone. 1 (the default) runs each row as
-    :func:`~scx_ref.forward.block` does.
+    (:func:`~scx_ref.forward.block_rows`), so a session's results are bit-for-bit the same whether
+    :meth:`handle_batch` runs its rows with other sessions' or :meth:`handle` runs them alone; 1 (the
+    default) runs each row as :func:`~scx_ref.forward.block` does.
     """
 
-    def __init__(self, backend: Backend[A], batch_rows: int = 1) -> None:
-        if not isinstance(batch_rows, int) or batch_rows < 1:
+    def __init__(
+        self,
+        backend: Backend[A],
+        limits: ServerLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        batch_rows: int = 1,
+    ) -> None:
+        if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
             raise ProtocolError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
         self.b = backend
         self.c = backend.config
         self.batch_rows = batch_rows
+        self.limits = limits if limits is not None else ServerLimits()
+        if not isinstance(self.limits, ServerLimits):
+            raise ProtocolError(f"limits must be a ServerLimits, got {type(limits).__name__}")
+        self.clock = clock
         self.sessions: dict[str, _Session[A]] = {}
+        self._table_lock = threading.Lock()  # the session table, nonce/commitment memories, cache-byte total
+        self._nonces: OrderedDict[str, None] = OrderedDict()
+        self._commits: OrderedDict[str, None] = OrderedDict()
+        self._cache_bytes = 0
+        self._itemsize = int(backend.numpy_dtype().itemsize)
 
     # -- dispatch ------------------------------------------------------------------------------
     def handle(self, req: Request) -> Reply:
-        """Validate ``req``, compute the stage, commit the session's state changes, reply."""
-        req = self._parse_stage(req)
+        """Validate ``req``, compute the stage, commit the session's state changes, reply.
+
+        Guarantee: a request refused with an SCXError changed nothing on the server (no session, cache,
+        counter or memory of it); a message is accepted only with its session's token, in order.
+        """
+        req = self._parse(req)
         if req.stage is Stage.OPEN:
             return self._open(req)
-        s = self._admit(req)
-        arrays, commit = self._handlers()[req.stage](s, req)
-        return self._finish(s, req, arrays, commit)
+        s = self._session_for(req)
+        with s.lock:
+            self._admit(s, req)
+            if req.stage is Stage.CLOSE:
+                self._close(req.session, s)
+                return Reply(req.session, Stage.CLOSE, req.layer, req.step, req.seq, {})
+            grow = self._growth(s, req)
+            self._reserve(grow, req)
+            try:
+                arrays, commit = self._handlers()[req.stage](s, req)
+                return self._finish(s, req, arrays, commit, grow)
+            except BaseException:
+                self._unreserve(grow, req)
+                raise
 
     def handle_batch(self, reqs: Sequence[Request]) -> list[Reply | SCXError]:
         """Handle messages of *distinct* sessions at once; the ``gen_mid`` ones (of sessions with the same
@@ -87,56 +200,234 @@ class Server(Generic[A]):
         request never affects another). Guarantee: each reply equals, bit for bit, the reply
         :meth:`handle` gives the same request on the same session state. ProtocolError when two requests
         name the same session (their order would matter)."""
-        if len({r.session for r in reqs}) != len(reqs):
+        if len({getattr(r, "session", None) for r in reqs}) != len(reqs):
             raise ProtocolError("handle_batch takes at most one message per session")
         out: list[Reply | SCXError | None] = [None] * len(reqs)
-        groups: dict[tuple[int, int], list[tuple[int, _Session[A], Request, A]]] = {}
+        mids: list[tuple[int, _Session[A], Request]] = []
         for i, raw in enumerate(reqs):
             try:
-                req = self._parse_stage(raw)
+                req = self._parse(raw)
                 if req.stage is not Stage.GEN_MID:
                     out[i] = self.handle(req)
                     continue
-                s = self._admit(req)
-                x = self._arr(req, "x", (1, self.c.hidden_size))
+                mids.append((i, self._session_for(req), req))
             except SCXError as exc:
                 out[i] = exc
-                continue
-            groups.setdefault((s.middle.start, s.middle.stop), []).append((i, s, req, x))
-        for items in groups.values():
-            results = self._mid_compute([(s, req, x) for _, s, req, x in items])
-            for (i, s, req, _), (arrays, commit) in zip(items, results, strict=True):
-                out[i] = self._finish(s, req, arrays, commit)
+        mids.sort(key=lambda t: t[2].session)  # locks taken in one global order: no deadlock
+        admitted: list[tuple[int, _Session[A], Request, A, int]] = []
+        with contextlib.ExitStack() as held:
+            for i, s, req in mids:
+                held.enter_context(s.lock)  # sessions are distinct: no lock is taken twice
+                try:
+                    self._admit(s, req)
+                    x = self._arr(req, "x", (1, self.c.hidden_size))
+                    grow = self._growth(s, req)
+                    self._reserve(grow, req)
+                except SCXError as exc:
+                    out[i] = exc
+                    continue
+                admitted.append((i, s, req, x, grow))
+            groups: dict[tuple[int, int], list[tuple[int, _Session[A], Request, A, int]]] = {}
+            for item in admitted:
+                groups.setdefault((item[1].middle.start, item[1].middle.stop), []).append(item)
+            for items in groups.values():
+                try:
+                    results = self._mid_compute([(s, req, x) for _, s, req, x, _ in items])
+                except BaseException:
+                    for _, _, req, _, grow in items:
+                        self._unreserve(grow, req)
+                    raise
+                for (i, s, req, _, grow), (arrays, commit) in zip(items, results, strict=True):
+                    out[i] = self._finish(s, req, arrays, commit, grow)
         return [r for r in out if r is not None]
 
-    def _parse_stage(self, req: Request) -> Request:
-        try:
-            stage = Stage(req.stage)
-        except ValueError:
-            raise ProtocolError(f"unknown stage {req.stage!r}") from None
-        return req if stage is req.stage else replace(req, stage=stage)
-
-    def _admit(self, req: Request) -> _Session[A]:
-        """The session of ``req`` after checking sequence number, stage and order (no state changes)."""
-        s = self.sessions.get(req.session)
+    def drop(self, session: str) -> bool:
+        """End ``session`` now, without its token (its connection ended: the service that holds the
+        connection calls this); frees its caches. False when there was no such session."""
+        with self._table_lock:
+            s = self.sessions.get(session)
         if s is None:
-            raise SessionError(f"unknown session {req.session[:12]}…: open it first")
+            return False
+        with s.lock, self._table_lock:
+            if s.closed:
+                return False
+            self._evict(session, s)
+        return True
+
+    def _admit(self, s: _Session[A], req: Request) -> None:
+        """Check ``req`` against its session (held under its lock): open, in order, fields (no changes)."""
+        if s.closed:  # closed or evicted while this message waited for the lock
+            raise SessionError(_NO_SESSION)
         if req.seq != s.seq:
             raise ProtocolError(f"message out of order: expected seq {s.seq}, got {req.seq}")
-        if req.stage not in self._handlers():
-            raise ProtocolError(f"unknown stage {req.stage!r}")
         self._check_order(s, req)
-        return s
+        self._check_fields(s, req)
 
-    @staticmethod
-    def _finish(s: _Session[A], req: Request, arrays: dict[str, A], commit: Callable[[], None]) -> Reply:
+    def _finish(
+        self, s: _Session[A], req: Request, arrays: dict[str, A], commit: Callable[[], None], grow: int
+    ) -> Reply:
         commit()
+        s.cache_bytes += grow
         s.seq += 1
+        s.last_used = self.clock()
         return Reply(req.session, req.stage, req.layer, req.step, req.seq, arrays)
 
     def cost(self, session: str) -> CostMeter:
-        """The server-side flop meter of ``session``."""
-        return self.sessions[session].meter
+        """The server-side flop meter of ``session`` (an open session; SessionError otherwise)."""
+        s = self.sessions.get(session)
+        if s is None:
+            raise SessionError(_NO_SESSION)
+        return s.meter
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of every open session's caches together (what ``max_cache_bytes`` bounds)."""
+        return self._cache_bytes
+
+    def evict_idle(self) -> int:
+        """Evict every session idle for longer than the TTL (and not busy); returns how many."""
+        with self._table_lock:
+            return self._evict_idle_locked()
+
+    # -- request checks (no state) ---------------------------------------------------------------
+    def _parse(self, req: object) -> Request:
+        """``req`` with every field type-checked and its stage parsed (ProtocolError otherwise). Says
+        nothing about any session."""
+        if not isinstance(req, Request):
+            raise ProtocolError(f"a request must be a Request, got {type(req).__name__}")
+        if not isinstance(req.session, str) or len(req.session) != _SESSION_HEX:
+            raise ProtocolError(f"a session id is {_SESSION_HEX} lowercase hex digits (the nonce)")
+        field_hex(req.session, "session id", _SESSION_HEX)
+        try:
+            stage = Stage(req.stage)
+        except ValueError:
+            raise ProtocolError(f"unknown stage {req.stage!r:.40}") from None
+        if not stage.is_message:
+            raise ProtocolError(f"stage {stage.value!r} is never sent to the server")
+        layer = field_int(req.layer, "layer", -1, self.c.n_layers)
+        step = field_int(req.step, "step", -1, self.c.max_positions)
+        seq = field_int(req.seq, "seq", 0, 1 << 62)
+        if not isinstance(req.token, str):
+            raise ProtocolError(f"token must be a string, got {type(req.token).__name__}")
+        for what, value in (("arrays", req.arrays), ("meta", req.meta)):
+            if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+                raise ProtocolError(f"{what} must be a mapping with string keys")
+        unknown = sorted(set(req.arrays) - _ARRAYS[stage])
+        if unknown:
+            raise ProtocolError(
+                f"{stage.value} message carries unknown array(s) {unknown}; allowed: {sorted(_ARRAYS[stage])}"
+            )
+        known_fields(req.meta, _META[stage], f"{stage.value} message")
+        size = _nbytes(req.arrays)
+        if size > self.limits.max_message_bytes:
+            raise LimitError(
+                f"message of {size} bytes exceeds the server's limit of {self.limits.max_message_bytes}"
+            )
+        return replace(req, stage=stage, layer=layer, step=step, seq=seq)
+
+    def _session_for(self, req: Request) -> _Session[A]:
+        """The session of ``req`` if its token is right; one SessionError for every other case."""
+        with self._table_lock:
+            s = self.sessions.get(req.session)
+            if s is not None and self._expired(s) and s.lock.acquire(blocking=False):
+                try:
+                    self._evict(req.session, s)
+                finally:
+                    s.lock.release()
+                s = None
+        expected = s.token if s is not None else _DUMMY_TOKEN
+        ok = hmac.compare_digest(req.token.encode("utf-8"), expected.encode("utf-8"))
+        if s is None or not ok:
+            raise SessionError(_NO_SESSION)
+        return s
+
+    def _check_fields(self, s: _Session[A], req: Request) -> None:
+        """Every ``meta`` field of ``req`` typed and range-checked for its stage."""
+        m, stage, c = req.meta, req.stage, self.c
+        for key in ("normalized", "trace", "last"):
+            if key in m:
+                field_bool(m[key], key)
+        if stage is Stage.QKV:
+            if "commit" not in m:
+                raise ProtocolError("qkv message lacks the key commitment")
+            field_hex(m["commit"], "commit", 64)
+        if stage is Stage.SHARE and "salt" not in m:
+            raise ProtocolError(f"share message for block {req.layer} lacks its salt")
+        if stage is Stage.GEN_FFN_UP and m.get("normalized", True) is not True:
+            raise ProtocolError("gen_ffn_up takes normalized rows (normalized must be true)")
+        takes_experts = stage in (Stage.FFN_DOWN, Stage.GEN_FFN_UP, Stage.GEN_FFN_DOWN) or (
+            stage is Stage.FFN and m.get("normalized", False)
+        )
+        if "experts" in m and not (c.is_moe and takes_experts):
+            raise ProtocolError(f"{stage.value} message carries experts it cannot use")
+        if "trace" in m and stage is Stage.FFN and m.get("normalized", False):
+            raise ProtocolError("ffn: trace is for the un-normalized (whole-MLP) stage only")
+
+    def _growth(self, s: _Session[A], req: Request) -> int:
+        """Bytes the session's caches grow by if ``req`` is accepted (negative: they shrink)."""
+        c, stage, item = self.c, req.stage, self._itemsize
+        kv = 2 * c.kv_dim
+        if stage is Stage.QKV:  # Z (all of it: Z_k, Z_v are views of it)
+            return (s.n + s.r1) * (c.q_dim + kv) * item
+        if stage is Stage.LOCK:
+            return (s.n + s.r_lock) * c.kv_dim * item
+        if stage is Stage.SHARE:  # the valid cache replaces the raw one
+            return (s.n * kv - (s.n + s.r1) * (c.q_dim + kv)) * item
+        if stage is Stage.GEN_MID:
+            return len(s.middle) * kv * item
+        if stage is Stage.GEN_LAST:
+            return c.kv_dim * item
+        return 0
+
+    def _reserve(self, grow: int, req: Request) -> None:
+        with self._table_lock:
+            if grow > 0 and self._cache_bytes + grow > self.limits.max_cache_bytes:
+                raise LimitError(
+                    f"{req.stage.value}: the server's caches would exceed their limit of "
+                    f"{self.limits.max_cache_bytes} bytes; retry later"
+                )
+            if req.stage is Stage.QKV:
+                commit_hex = str(req.meta["commit"])
+                if commit_hex in self._commits:
+                    raise SessionError("key commitment seen before: a replayed message is refused")
+                _remember(self._commits, commit_hex, self.limits.commit_memory)
+            self._cache_bytes += grow
+
+    def _unreserve(self, grow: int, req: Request) -> None:
+        """Undo :meth:`_reserve` for a message that failed after it."""
+        with self._table_lock:
+            self._cache_bytes -= grow
+            if req.stage is Stage.QKV:
+                self._commits.pop(str(req.meta["commit"]), None)
+
+    # -- session table ------------------------------------------------------------------------------
+    def _expired(self, s: _Session[A]) -> bool:
+        return self.clock() - s.last_used > self.limits.idle_ttl
+
+    def _evict(self, sid: str, s: _Session[A]) -> None:
+        """Drop session ``sid`` and its caches (the server-wide lock is held)."""
+        s.closed = True
+        self._cache_bytes -= s.cache_bytes
+        s.cache_bytes = 0
+        s.raw.clear()
+        s.valid.clear()
+        s.locked.clear()
+        self.sessions.pop(sid, None)
+
+    def _evict_idle_locked(self) -> int:
+        count = 0
+        for sid, s in list(self.sessions.items()):
+            if self._expired(s) and s.lock.acquire(blocking=False):
+                try:
+                    self._evict(sid, s)
+                    count += 1
+                finally:
+                    s.lock.release()
+        return count
+
+    def _close(self, sid: str, s: _Session[A]) -> None:
+        with self._table_lock:
+            self._evict(sid, s)
 
     def _handlers(
         self,
@@ -162,34 +453,54 @@ class Server(Generic[A]):
         }
 
     def _open(self, req: Request) -> Reply:
-        if req.session in self.sessions:
-            raise SessionError("this nonce already opened a session: a nonce must never be reused")
-        if req.seq != 0:
-            raise ProtocolError(f"open must be message 0, got seq {req.seq}")
-        m = req.meta
-        try:
-            n, r1, r2, r_lock = int(m["n"]), int(m["r1"]), int(m["r2"]), int(m["r_lock"])
-            l_s, l_e, max_length = int(m["l_s"]), int(m["l_e"]), int(m["max_length"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"open message lacks a valid field: {exc}") from exc
-        if (
-            n < 1
-            or min(r1, r2, r_lock) < 0
-            or min(l_s, l_e) < 1
-            or not n <= max_length <= self.c.max_positions
-        ):
-            raise ProtocolError(f"invalid session parameters {m}")
-        self.sessions[req.session] = _Session(
-            n, r1, r2, r_lock, *guard_blocks(self.c.n_layers, l_s, l_e), max_length
-        )
-        return Reply(req.session, Stage.OPEN, -1, -1, 0, {})
+        """Open a session: every field checked, the limits applied, a fresh token in the reply's meta."""
+        if req.seq != 0 or req.layer != -1 or req.step != -1:
+            raise ProtocolError("open must be message 0 with layer −1 and step −1")
+        if req.arrays:
+            raise ProtocolError("open carries no arrays")
+        m, lim, c = req.meta, self.limits, self.c
+        missing = sorted(_META[Stage.OPEN] - set(m))
+        if missing:
+            raise ProtocolError(f"open message lacks field(s) {missing}")
+        n = field_int(m["n"], "n", 1, c.max_positions)
+        r1, r2, r_lock = (field_int(m[k], k, 0, lim.max_decoys) for k in ("r1", "r2", "r_lock"))
+        l_s = field_int(m["l_s"], "l_s", 1, 1 << 16)  # guards beyond the model are clamped to it
+        l_e = field_int(m["l_e"], "l_e", 1, 1 << 16)
+        max_length = field_int(m["max_length"], "max_length", n, c.max_positions)
+        field_str(m["level"], "level", LEVELS)
+        rows = max_length + max(r1, r2, r_lock)
+        if rows > lim.max_rows:
+            raise LimitError(f"a session of {rows} rows exceeds the server's limit of {lim.max_rows} rows")
+        token = secrets.token_urlsafe(32)  # 256 bits from the OS CSPRNG
+        with self._table_lock:
+            if req.session in self.sessions or req.session in self._nonces:
+                raise SessionError("this nonce already opened a session: a nonce must never be reused")
+            if len(self.sessions) >= lim.max_sessions:
+                self._evict_idle_locked()
+            if len(self.sessions) >= lim.max_sessions:
+                raise LimitError(f"the server holds its limit of {lim.max_sessions} sessions; retry later")
+            s: _Session[A] = _Session(
+                n, r1, r2, r_lock, *guard_blocks(c.n_layers, l_s, l_e), max_length, token=token
+            )
+            s.last_used = self.clock()
+            self.sessions[req.session] = s
+            _remember(self._nonces, req.session, lim.nonce_memory)
+        return Reply(req.session, Stage.OPEN, -1, -1, 0, {}, {"token": token})
 
     def _check_order(self, s: _Session[A], req: Request) -> None:
         L, stage, layer = self.c.n_layers, req.stage, req.layer
+        if stage.phase is not Phase.GENERATE and req.step != -1:
+            raise ProtocolError(f"{stage.value} is not a generation stage: its step must be −1")
+        if stage is Stage.CLOSE:
+            if layer != -1:
+                raise ProtocolError("close takes layer −1")
+            return
         if stage in PREFILL_BLOCK_STAGES or stage is Stage.HEAD:
             if s.head_done:
                 raise ProtocolError(f"prefill stage {stage.value!r} after the prefill finished")
             if stage is Stage.HEAD:
+                if layer != L:
+                    raise ProtocolError(f"the head stage has layer {L}, got {layer}")
                 if s.ffn_done != L - 1:
                     raise ProtocolError("head stage before every block's FFN stage")
                 return
@@ -220,6 +531,11 @@ class Server(Generic[A]):
                 raise ProtocolError(f"{stage.value} for block {layer}, which is not a first guard block")
             if stage is Stage.GEN_LAST and layer not in s.last:
                 raise ProtocolError(f"gen_last for block {layer}, which is not a last guard block")
+            if stage is Stage.GEN_MID and (not s.middle or layer != s.middle.start):
+                raise ProtocolError(f"gen_mid names the first middle block; block {layer} is not it")
+            guard_ffn = (Stage.GEN_FFN, Stage.GEN_FFN_UP, Stage.GEN_FFN_DOWN, Stage.GEN_ROUTER)
+            if stage in guard_ffn and layer not in s.first and layer not in s.last:
+                raise ProtocolError(f"{stage.value} for block {layer}, which is not a guard block")
             if stage is Stage.GEN_MID and set(s.middle) - set(s.valid):
                 raise ProtocolError("gen_mid before every middle block's key was shared")
             if stage is Stage.GEN_LAST and layer not in s.locked:
@@ -236,15 +552,13 @@ class Server(Generic[A]):
         return self.b.check(req.arrays[name], f"{req.stage.value}.{name}", shape)
 
     def _experts(self, req: Request) -> np.ndarray | None:
+        """The experts a blinded MoE message names (None for a dense model): 1 to top_k sorted, distinct
+        expert ids (the client sends one per message)."""
         if not self.c.is_moe:
             return None
-        try:
-            e = np.asarray(req.meta["experts"], dtype=np.int64)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"{req.stage.value} on an MoE layer needs meta['experts']") from exc
-        if e.ndim != 1 or e.size == 0 or e.min() < 0 or e.max() >= self.c.n_experts:
-            raise ProtocolError(f"invalid experts {e.tolist()}")
-        return e
+        if "experts" not in req.meta:
+            raise ProtocolError(f"{req.stage.value} on an MoE layer needs meta['experts']")
+        return np.asarray(field_experts(req.meta["experts"], self.c.n_experts, self.c.top_k), dtype=np.int64)
 
     @staticmethod
     def _nothing() -> None:
@@ -254,9 +568,7 @@ class Server(Generic[A]):
     def _qkv(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c, rows, layer = self.c, s.n + s.r1, req.layer
         x = self._arr(req, "x", (rows, c.hidden_size))
-        commit_hex = req.meta.get("commit")
-        if not isinstance(commit_hex, str) or len(commit_hex) != 64:
-            raise ProtocolError("qkv message lacks the key commitment")
+        commit_hex = str(req.meta["commit"])  # checked by _check_fields
         if not req.meta.get("normalized", False):
             x = self.b.norm(x, "attn", layer)
         z = self.b.project(x, "wqkv", layer)
@@ -302,12 +614,17 @@ class Server(Generic[A]):
             return {"y": self.b.project(x, "w_gate_up", layer, experts)}, self._nothing
         x = self._arr(req, "x", (rows, c.hidden_size))
         self._mlp_flops(s.meter, Stage.FFN, rows, c.top_k if c.is_moe else 1)
-        y = self.b.mlp(self.b.norm(x, "mlp", layer), layer)
 
         def commit() -> None:
             s.ffn_done = layer
 
-        return {"y": y}, commit
+        return self._mlp_reply(req, x), commit
+
+    def _mlp_reply(self, req: Request, x: A) -> dict[str, A]:
+        """The block's MLP on the server's own norm of ``x`` (:func:`~scx_ref.protocol.mlp.traced_mlp`):
+        ``{"y": …}``, plus its intermediates when the client asks for them (``trace``) to verify it."""
+        y, parts = traced_mlp(self.b, self.b.norm(x, "mlp", req.layer), req.layer)
+        return {"y": y, **parts} if req.meta.get("trace", False) else {"y": y}
 
     def _ffn_down(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c, rows, layer = self.c, s.n + s.r1, req.layer
@@ -359,12 +676,12 @@ class Server(Generic[A]):
             perm: np.ndarray[Any, np.dtype[np.int64]] = check_permutation(
                 req.arrays.get("perm"), n + s.r1, "shared permutation"
             ).astype(np.int64)
-            salt = bytes.fromhex(str(req.meta["salt"]))
+            salt = bytes.fromhex(field_hex(req.meta.get("salt"), "salt", 64))
         except (KeyError, ValueError) as exc:
             raise ProtocolError(f"share message for block {layer} is malformed: {exc}") from exc
         except SCXError as exc:
             raise ProtocolError(f"share message for block {layer}: {exc}") from exc
-        if commitment(salt, layer, perm) != s.commits.get(layer):
+        if not hmac.compare_digest(commitment(salt, req.session, layer, perm), s.commits.get(layer, "")):
             raise SessionError(
                 f"the key offered for block {layer} does not match that block's commitment "
                 "(a key for the wrong layer, or from another session)"
@@ -419,7 +736,7 @@ class Server(Generic[A]):
         c = self.c
         x = self._arr(req, "x", (1, c.hidden_size))
         self._mlp_flops(s.meter, Stage.GEN_FFN, 1, c.top_k if c.is_moe else 1)
-        return {"y": self.b.mlp(self.b.norm(x, "mlp", req.layer), req.layer)}, self._gen_commit(s, req.step)
+        return self._mlp_reply(req, x), self._gen_commit(s, req.step)
 
     def _gen_ffn_up(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c = self.c
@@ -500,7 +817,9 @@ class Server(Generic[A]):
 
     def sessions_snapshot(self, session: str) -> dict[str, Any]:
         """A deep numpy copy of a session's caches (for tests that check nothing changed)."""
-        s = self.sessions[session]
+        s = self.sessions.get(session)
+        if s is None:
+            raise SessionError(_NO_SESSION)
         to = self.b.to_numpy
         return {
             "seq": s.seq,
@@ -513,4 +832,27 @@ class Server(Generic[A]):
             "valid": {k: (to(a), to(v)) for k, (a, v) in s.valid.items()},
             "locked": {k: to(a) for k, a in s.locked.items()},
             "commits": dict(s.commits),
+            "cache_bytes": s.cache_bytes,
         }
+
+
+#: Compared against when a session is unknown, so both failures take the same time.
+_DUMMY_TOKEN = secrets.token_urlsafe(32)
+
+
+def _remember(memory: OrderedDict[str, None], key: str, size: int) -> None:
+    """Add ``key`` to a bounded memory (the oldest entries leave first)."""
+    memory[key] = None
+    while len(memory) > size:
+        memory.popitem(last=False)
+
+
+def _nbytes(arrays: Mapping[str, Any]) -> int:
+    """Bytes of the arrays of a message, from their metadata (no conversion)."""
+    total = 0
+    for a in arrays.values():
+        if hasattr(a, "nbytes") and isinstance(getattr(a, "nbytes", None), int):
+            total += int(a.nbytes)
+        elif hasattr(a, "element_size") and hasattr(a, "nelement"):
+            total += int(a.element_size() * a.nelement())
+    return total

@@ -38,6 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from ..errors import ConfigError, SCXError, ServiceError, SessionError
+from ..protocol.limits import ServerLimits
 from ..protocol.messages import Reply, Request
 from ..protocol.server import Server
 from ..stages import Stage
@@ -68,8 +69,12 @@ class ServeOptions:
     batch_rows         tile height of the middle blocks' cross-session batches (1: no batching)
     max_batch          most ``gen_mid`` rows computed together
     max_sessions       most sessions (streams) at once; more are refused
-    max_message_bytes  largest frame accepted or sent
-    idle_timeout       seconds a stream may wait between messages before its sessions are evicted
+    max_message_bytes  largest frame accepted or sent (and the server's limit on a request's arrays)
+    max_rows           rows one session may reach (its max_length plus its most decoys)
+    max_decoys         decoy rows at any one stage
+    max_cache_bytes    bytes of every session's caches together
+    idle_timeout       seconds a stream may wait between messages, and a session may stay idle, before
+                       its session is evicted
     grace              seconds open sessions may go on after a shutdown signal
     tls_cert, tls_key  PEM files; both or neither (then plaintext: loopback or a trusted network only)
     """
@@ -82,13 +87,16 @@ class ServeOptions:
     max_batch: int = 64
     max_sessions: int = 256
     max_message_bytes: int = 512 << 20
+    max_rows: int = 1 << 15
+    max_decoys: int = 256
+    max_cache_bytes: int = 8 << 30
     idle_timeout: float = 300.0
     grace: float = 10.0
     tls_cert: str | None = None
     tls_key: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("workers", "batch_rows", "max_batch", "max_sessions", "max_message_bytes"):
+        for name in ("workers", "batch_rows", "max_batch", "max_sessions", "max_message_bytes", "max_rows"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
@@ -98,6 +106,18 @@ class ServeOptions:
                 raise ConfigError(f"{name} must be a number > 0, got {v!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
+        self.server_limits()  # the server's own checks of the limits it shares
+
+    def server_limits(self) -> ServerLimits:
+        """The :class:`~scx_ref.protocol.limits.ServerLimits` these options give the protocol server."""
+        return ServerLimits(
+            max_sessions=self.max_sessions,
+            max_rows=self.max_rows,
+            max_decoys=self.max_decoys,
+            max_message_bytes=self.max_message_bytes,
+            max_cache_bytes=self.max_cache_bytes,
+            idle_ttl=float(self.idle_timeout),
+        )
 
 
 def model_fingerprint(backend: Any) -> str:
@@ -194,6 +214,7 @@ class SCXService:
         self._mid: list[tuple[Request, asyncio.Future[bytes]]] = []
         self._mid_wake: asyncio.Event | None = None
         self._mid_task: asyncio.Task[None] | None = None
+        self._idle_task: asyncio.Task[None] | None = None
         self._stopped: asyncio.Event | None = None
         self.port = 0
         self.ops_port: int | None = None
@@ -230,6 +251,7 @@ class SCXService:
         self._mid_wake = asyncio.Event()
         self._stopped = asyncio.Event()
         self._mid_task = asyncio.get_running_loop().create_task(self._mid_loop())
+        self._idle_task = asyncio.get_running_loop().create_task(self._idle_loop())
         await self._grpc.start()
         if opts.ops_port is not None:
             self._start_http(opts.ops_port)
@@ -254,6 +276,8 @@ class SCXService:
         await self._grpc.stop(0)
         if self._mid_task is not None:
             self._mid_task.cancel()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -303,7 +327,7 @@ class SCXService:
 
     def _evict(self, stream: _Stream, why: str) -> None:
         for sid in list(stream.sessions):
-            if self.server.sessions.pop(sid, None) is not None:
+            if self.server.drop(sid):
                 self.metrics.evicted.inc()
                 _event("session_closed", session=sid[:12], why=why)
             stream.sessions.discard(sid)
@@ -335,8 +359,11 @@ class SCXService:
                     out = await asyncio.get_running_loop().run_in_executor(self.pool, self._compute, req)
                 if req.stage is Stage.OPEN and out[4] == FrameKind.REPLY:
                     stream.sessions.add(req.session)
-                    self.metrics.sessions.set(len(self.server.sessions))
                     _event("session_open", session=req.session[:12], peer=stream.peer)
+                elif req.stage is Stage.CLOSE and out[4] == FrameKind.REPLY:
+                    stream.sessions.discard(req.session)
+                    _event("session_closed", session=req.session[:12], why="closed by its client")
+                self.metrics.sessions.set(len(self.server.sessions))
         except SCXError as exc:
             out = self._error(exc, stage, seq)
         except Exception as exc:  # a bug: log it (no arrays), answer a generic error
@@ -381,6 +408,17 @@ class SCXService:
         except SCXError as exc:
             reply = exc
         return self._encode(reply, req)
+
+    async def _idle_loop(self) -> None:
+        """Evicts the server's sessions idle past the TTL, a few times per TTL."""
+        period = min(30.0, max(0.5, self.opts.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            n = self.server.evict_idle()
+            if n:
+                self.metrics.evicted.inc(n)
+                self.metrics.sessions.set(len(self.server.sessions))
+                _event("idle_evicted", sessions=n)
 
     # -- cross-session batching of the middle blocks ---------------------------------------------
     async def _submit_mid(self, req: Request) -> bytes:

@@ -21,6 +21,7 @@ from ..errors import ConfigError, SCXError
 from ..keys import KeySchedule
 from ..protocol import CalibrationPool, Client, Level, LocalTransport, SCXConfig, Server, Transport
 from ..protocol.decoys import default_public_tokens
+from ..protocol.verify import SketchCache
 from ..reference import ReferenceModel
 from ..weights import ModelWeights
 
@@ -119,10 +120,16 @@ class _SCX:
             self.pool = CalibrationPool.from_tokens(
                 self.backend, default_public_tokens(weights.config.vocab_size)
             )
+        self.keys = KeySchedule.generate()
+        self.sketches: SketchCache | None = None
+        if cfg.verify:  # the reply verifier's precomputation, once per run
+            self.sketches = SketchCache(self.backend, self.keys)
+            self.sketches.build()
 
     def session(self) -> tuple[Client[Any], Transport]:
         link = self.remote if self.remote is not None else LocalTransport(self.server)
-        return Client(self.backend, KeySchedule.generate(), self.cfg, decoys=self.pool), link
+        keys = self.keys.for_nonce(KeySchedule.new_nonce())
+        return Client(self.backend, keys, self.cfg, decoys=self.pool, sketches=self.sketches), link
 
 
 def scx_logits(
@@ -134,7 +141,9 @@ def scx_logits(
 
     def run(ids: IdArray) -> npt.NDArray[Any]:
         client, link = scx.session()
-        return np.asarray(client.prefill(np.asarray(ids, dtype=np.int64), link))
+        logits = np.asarray(client.prefill(np.asarray(ids, dtype=np.int64), link))
+        client.close()
+        return logits
 
     return run
 

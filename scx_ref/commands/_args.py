@@ -1,0 +1,129 @@
+"""Argument types for the ``scx`` subcommands: each parses one option's text or rejects it with a message
+argparse prints (``scx <command>: error: argument …``, exit status 2) — before any work starts, and
+never by truncating, wrapping or silently ignoring a value."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = [
+    "device",
+    "float_at_least",
+    "int_at_least",
+    "int_list",
+    "output_dir",
+    "output_file",
+    "require_device",
+]
+
+
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """A type for an integer option in [minimum, maximum] (a decimal integer: ``2.5``, ``1e3`` and
+    ``abc`` are refused)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def int_list(minimum: int, maximum: int | None = None) -> Callable[[str], list[int]]:
+    """A type for a comma-separated list of integers, each in [minimum, maximum]; at least one."""
+    one = int_at_least(minimum, maximum)
+
+    def parse(text: str) -> list[int]:
+        items = [t.strip() for t in text.split(",")]
+        if not any(items) or not all(items):
+            raise argparse.ArgumentTypeError(f"a comma-separated list of integers, got {text!r}")
+        return [one(t) for t in items]
+
+    parse.__name__ = "integer list"
+    return parse
+
+
+def float_at_least(minimum: float, *, strict: bool = False) -> Callable[[str], float]:
+    """A type for a finite number >= ``minimum`` (> with ``strict``); ``nan`` and ``inf`` are refused."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _writable_dir(path: Path) -> bool:
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def output_file(text: str) -> Path:
+    """A file the command will write: its directory must exist and be writable, and it must not be a
+    directory itself."""
+    path = Path(text)
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file to write")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not _writable_dir(parent):
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text!r}: {str(parent)!r} is not a writable directory"
+        )
+    return path
+
+
+def output_dir(text: str) -> Path:
+    """A directory the command will write into (created if missing): it, or its nearest existing
+    ancestor, must be a writable directory."""
+    path = Path(text)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not _writable_dir(probe):
+        raise argparse.ArgumentTypeError(
+            f"cannot write into {text!r}: {str(probe)!r} is not a writable directory"
+        )
+    return path
+
+
+def device(text: str) -> str:
+    """A torch device for the command: ``cpu``, ``cuda`` or ``cuda:N`` (checked available when run)."""
+    name, _, index = text.partition(":")
+    if name not in ("cpu", "cuda") or (index and not index.isdigit()) or (name == "cpu" and index):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: choose cpu, cuda or cuda:N")
+    return text
+
+
+def require_device(text: str) -> None:
+    """ConfigError unless torch can use device ``text`` here (CUDA present, the index in range)."""
+    from ..errors import ConfigError
+
+    if text == "cpu":
+        return
+    try:
+        import torch
+    except ImportError as exc:
+        raise ConfigError(f"device {text!r} needs torch: {exc}") from exc
+    index = int(text.partition(":")[2] or 0)
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise ConfigError(f"device {text!r} asked for, but torch sees no such CUDA device here")

@@ -1,0 +1,547 @@
+"""The client's verification of the server's replies (DESIGN §5.5): nothing derived from a reply is used or
+sent before the reply passed.
+
+**Structure.** :func:`check_reply` — the reply belongs to the request (session, stage, layer, step, seq)
+and carries exactly the arrays expected, each floating-point, of the expected shape and finite.
+
+**Linear stages (Freivalds).** The server claims Y = X̂·W + b for rows X̂ the client knows (what it sent,
+or its RMSNorm when the server normalizes). For a secret Gaussian vector r (out) the client accepts Y
+iff, for every row i, |Y_i·r − (X̂_i·(W r) + b·r)| ≤ τ_i. W r is precomputed, so the check costs
+O(rows·(in + out)) against the server's O(rows·in·out). A wrong row Y_i + δ passes only if |δ·r| ≤ τ_i;
+δ·r ~ N(0, ‖δ‖²) for an r the server does not know, so a change much larger than τ_i is caught with
+probability ≈ 1 − τ_i/‖δ‖ per vector; :data:`VECTORS` independent vectors are checked.
+
+*Where r comes from.* Each client draws, once, a secret Gaussian basis B (out × :data:`BASIS`) per weight
+matrix from its key schedule and precomputes W·B in float64 (:class:`SketchCache`; one pass over the
+weights, like the offline mask pool). Every session draws its own secret combinations c (BASIS ×
+VECTORS) from the session's keys, so its vectors are r = B·c and W·r = (W·B)·c — O(in·BASIS) per matrix
+and session instead of another pass over the weights. A detected tampering rotates the basis (the next
+session uses a fresh one), so the server never learns more than one failed probe about a basis.
+
+*Tolerance τ (derivation).* Let u be the unit roundoff of the coarser of the client's compute dtype and
+the reply's dtype (2⁻⁵³ float64, 2⁻²⁴ float32, 2⁻¹¹ float16, 2⁻⁸ bfloat16), λ = :data:`LAMBDA`. Under the
+standard probabilistic model of rounding (each rounding a relative error |δ| ≤ u, independent, mean zero;
+Higham & Mary 2019), a length-d dot product computed in any order has error ≤ λ·u·√d·max_k|S_k| with
+probability ≥ 1 − 2·exp(−λ²/2), and every partial sum satisfies |S_k| ≤ ‖x‖₂‖w‖₂ (Cauchy–Schwarz). So
+
+* the server's product: |Ŷ_ij − X̃_i·W_j| ≤ λu√in·‖X̂_i‖‖W_j‖ per entry; weighed by r_j and summed over
+  independent columns: λu√in·‖X̂_i‖·ρ with ρ = (Σ_j ‖W_j‖² r_j²)^½ (column norms precomputed);
+* the server's input X̃_i differs from the client's X̂_i by its cast and, when it normalizes, its own
+  RMSNorm (a common factor (1 + ε), |ε| ≤ λu(√in + 4)): |(X̃_i − X̂_i)·W r| ≤ λu(√in + 4)‖X̂_i‖‖W r‖;
+* rounding the output (and adding the bias): λu‖Y_i ⊙ r‖ ≤ λu‖Y_i‖·max|r|;
+* the client's own float64 arithmetic (Y·r, X̂·(W r), W·B): λu₆₄(√out‖Y_i‖‖r‖ + √in‖X̂_i‖‖W r‖ +
+  √out‖X̂_i‖‖W‖_F‖r‖).
+
+τ_i is their sum: λ·u·[(√in + 4)·‖X̂_i‖·(ρ + ‖W r‖) + ‖Y_i‖·max|r|] + the float64 terms. With λ = 8 the
+model's failure probability is ~1e-15 per entry, and the √in and Cauchy–Schwarz factors over-estimate
+typical errors many times over: honest runs use a small fraction of τ (:attr:`SessionVerifier.worst`
+records the largest |residual|/τ seen). A change of a float32 reply by a relative 1e-3 is far above τ; in
+float64 τ is ~1e-13 relative. Blinded stages are checked on what was sent (x + η) before unblinding, so τ
+grows with β exactly as the honest rounding error does (DESIGN §6).
+
+**MLP stages** (the server's norm + MLP in one message) come with the intermediates the client asks for
+(:func:`scx_ref.protocol.mlp.traced_mlp`): gate/up products and the router logits are Freivalds-checked,
+the client redoes the SwiGLU and the routing (O(rows·f)), and the down projection is checked against
+them (for an MoE, Σ_slots w·(m·W_down,e r)).
+
+**Attention** (where the client holds Q, K, V: the prefill attention stages and the first guard blocks
+during generation). Every output row must lie in the per-coordinate range of the values it may attend to
+(a convex combination, O(n·d)), and :data:`ATTENTION_ROWS` secret random rows are recomputed in float64
+(a generation step has one row: it is recomputed). τ for a recomputed row: the score errors
+(λu(√d_h + 2)‖q‖‖k_j‖/√d_h) move the softmax by at most 2.1× their maximum in total variation, softmax and
+P·V rounding add λu(√m + 4)·max‖v_j‖, the output rounding λu‖o‖.
+
+**Last guard blocks during generation.** The client computes q, k, v of the row itself (one GEMV; it
+knows the row), checks the server's v, and checks the scores against the locked cache with a Freivalds
+sketch of the cache: at prefill it keeps κ = Σ_j c_j K_j (secret Gaussian c_j, O(kv_dim) memory per
+block), extended by each appended key, and accepts the scores s iff Σ_j c_j s_hj ≈ q_h·κ_g/√d_h per head.
+
+**Not verifiable**: ``gen_mid``, the middle blocks the server runs alone on caches the client does not
+hold (only its shape, dtype and finiteness are checked); see the README.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic
+
+import numpy as np
+import numpy.typing as npt
+
+from ..backends.base import A, Backend, NormName, WeightName
+from ..errors import IntegrityError, SCXError
+from ..keys import KeySchedule
+from ..stages import Stage
+from .keyring import RequestKeys, basis_label, gaussian
+from .messages import Reply, Request
+from .mlp import route
+
+__all__ = [
+    "ATTENTION_ROWS",
+    "BASIS",
+    "LAMBDA",
+    "VECTORS",
+    "SessionVerifier",
+    "SketchCache",
+    "check_reply",
+    "unit_roundoff",
+]
+
+F64 = npt.NDArray[np.float64]
+
+#: Safety factor of every tolerance (a Gaussian tail of λ = 8 is ~1e-15).
+LAMBDA = 8.0
+#: Columns of a client's Freivalds basis per weight matrix.
+BASIS = 8
+#: Secret check vectors per matrix and session (independent chances to catch a change).
+VECTORS = 2
+#: Attention rows the client recomputes per prefill attention stage.
+ATTENTION_ROWS = 4
+_U64 = 2.0**-53
+_UNIT = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+_CHUNK = 1 << 22  # elements of a reply converted to float64 at a time
+
+
+def unit_roundoff(dtype: Any) -> float:
+    """The unit roundoff of a numpy or torch floating dtype (IntegrityError for any other)."""
+    name = str(dtype).replace("torch.", "")
+    if name not in _UNIT:
+        raise IntegrityError(f"unsupported floating dtype {dtype}")
+    return _UNIT[name]
+
+
+def _dtype_name(x: Any) -> str:
+    return str(getattr(x, "dtype", type(x).__name__)).replace("torch.", "")
+
+
+def check_reply(
+    b: Backend[A], req: Request, reply: Any, expect: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, A], float]:
+    """The reply's arrays as the client's backend arrays, after checking that ``reply`` answers ``req``
+    (session, stage, layer, step, seq) and carries exactly the arrays ``expect`` names, each floating,
+    of its shape and finite; and the unit roundoff the value checks must assume (the coarser of the
+    client's dtype and the replies'). IntegrityError otherwise."""
+    if not isinstance(reply, Reply):
+        raise IntegrityError(f"{req.stage.value}: the reply is a {type(reply).__name__}, not a Reply")
+    got = (reply.session, reply.stage, reply.layer, reply.step, reply.seq)
+    if got != (req.session, req.stage, req.layer, req.step, req.seq):
+        raise IntegrityError(f"{req.stage.value}: the reply does not answer the request (got {got!r:.120})")
+    if not isinstance(reply.arrays, Mapping) or set(reply.arrays) != set(expect):
+        names = sorted(map(str, reply.arrays)) if isinstance(reply.arrays, Mapping) else reply.arrays
+        raise IntegrityError(
+            f"{req.stage.value}: the reply carries arrays {names!r:.120}, expected {sorted(expect)}"
+        )
+    u = unit_roundoff(getattr(b, "dtype", None) or b.numpy_dtype())
+    out: dict[str, A] = {}
+    for name, shape in expect.items():
+        raw = reply.arrays[name]
+        try:
+            u = max(u, unit_roundoff(_dtype_name(raw)))
+            out[name] = b.check(raw, f"reply {req.stage.value}.{name}", shape)
+        except SCXError as exc:
+            raise IntegrityError(f"{req.stage.value}: {exc}") from exc
+    return out, u
+
+
+# -- the client's precomputation -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Sketch:
+    """One weight matrix: the basis B (out × m), W·B (in × m), the squared column norms and the bias."""
+
+    basis: F64
+    wb: F64
+    col_sq: F64
+    bias: F64 | None
+
+
+class SketchCache:
+    """A client's secret Freivalds bases and W·B for every weight matrix of a model (thread-safe; shareable
+    by every client of one backend and master secret). ``rotate`` switches to a fresh basis."""
+
+    def __init__(self, backend: Backend[Any], keys: KeySchedule, basis: int = BASIS) -> None:
+        self.b = backend
+        self.keys = keys
+        self.m = basis
+        self.epoch = 0
+        self._sketches: dict[tuple[str, int, int | None], _Sketch] = {}
+        self._lock = threading.Lock()
+
+    def matrices(self) -> list[tuple[WeightName, int, int | None]]:
+        """Every (weight, layer, expert) the protocol's linear stages use."""
+        c = self.b.config
+        out: list[tuple[WeightName, int, int | None]] = [("lm_head", -1, None)]
+        for i in range(c.n_layers):
+            out += [("wqkv", i, None), ("wo", i, None)]
+            if c.is_moe:
+                out.append(("router", i, None))
+                for e in range(c.n_experts):
+                    out += [("w_gate_up", i, e), ("w_down", i, e)]
+            else:
+                out += [("w_gate_up", i, None), ("w_down", i, None)]
+        return out
+
+    def build(self) -> None:
+        """Precompute every matrix's sketch now (offline, before any request)."""
+        for which, layer, expert in self.matrices():
+            self.get(which, layer, expert)
+
+    def rotate(self) -> None:
+        """Discard every sketch; the next ones come from a fresh basis (after a detected tampering)."""
+        with self._lock:
+            self.epoch += 1
+            self._sketches.clear()
+
+    def get(self, which: WeightName, layer: int, expert: int | None) -> _Sketch:
+        """The sketch of one matrix (computed on first use)."""
+        key = (which, layer, expert)
+        with self._lock:
+            sk = self._sketches.get(key)
+            epoch = self.epoch
+        if sk is not None:
+            return sk
+        out_dim = self._out_dim(which)
+        # the basis is shared by an MoE layer's experts (the down check sums over experts with one r)
+        basis = gaussian(self.keys.stream(basis_label(epoch, which, layer, None)), (out_dim, self.m))
+        wb, col_sq = self.b.weight_sketch(which, layer, expert, basis)
+        bias = None
+        if which == "wqkv" and self.b.config.qkv_bias:
+            zero = self.b.from_numpy(np.zeros((1, self.b.config.hidden_size)))
+            bias = np.asarray(self.b.to_numpy(self.b.project(zero, "wqkv", layer)), dtype=np.float64)[0]
+        sk = _Sketch(basis, np.asarray(wb, np.float64), np.asarray(col_sq, np.float64), bias)
+        with self._lock:
+            if self.epoch == epoch:
+                self._sketches.setdefault(key, sk)
+        return sk
+
+    def _out_dim(self, which: WeightName) -> int:
+        c = self.b.config
+        return {
+            "wqkv": c.q_dim + 2 * c.kv_dim,
+            "wo": c.hidden_size,
+            "w_gate_up": 2 * c.intermediate_size,
+            "w_down": c.hidden_size,
+            "router": c.n_experts,
+            "lm_head": c.vocab_size,
+        }[which]
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One matrix's check vectors in one session: r (out × k), W r (in × k) and the norms τ needs."""
+
+    r: F64
+    wr: F64
+    rho: F64  # (Σ_j ‖W_j‖² r_j²)^½ per vector
+    wr_norm: F64
+    r_inf: F64
+    r_norm: F64
+    w_fro: float
+    bias_r: F64
+
+
+@dataclass
+class _LockSketch:
+    """A last guard block's locked cache as the client knows it: the coefficients c (columns × k), κ =
+    Σ_j c_j K_j (k × H_kv × d_h) and Σ_j c_j²‖K_j‖² (k × H_kv)."""
+
+    coef: F64
+    kappa: F64
+    sq: F64
+    slack: F64  # Σ over appended columns of |c_j|·(bound on ‖server's key − client's key‖), k × H_kv
+
+
+@dataclass
+class SessionVerifier(Generic[A]):
+    """The checks of one session's replies (raises IntegrityError). ``worst`` is the largest
+    |residual|/τ over every check so far; ``checks`` how many row checks ran."""
+
+    b: Backend[A]
+    keys: RequestKeys
+    cache: SketchCache
+    vectors: int = VECTORS
+    worst: float = 0.0
+    checks: int = 0
+    flops: int = 0
+    _checks: dict[tuple[str, int, int | None], _Check] = field(default_factory=dict)
+    _locks: dict[int, _LockSketch] = field(default_factory=dict)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _check(self, which: WeightName, layer: int, expert: int | None) -> _Check:
+        key = (which, layer, expert)
+        ch = self._checks.get(key)
+        if ch is None:
+            sk = self.cache.get(which, layer, expert)
+            mix = self.keys.verify_mix(which, layer, None, (self.cache.m, self.vectors))
+            r = sk.basis @ mix
+            wr = sk.wb @ mix
+            ch = _Check(
+                r=r,
+                wr=wr,
+                rho=np.sqrt(sk.col_sq @ (r * r)),
+                wr_norm=np.linalg.norm(wr, axis=0),
+                r_inf=np.abs(r).max(axis=0),
+                r_norm=np.linalg.norm(r, axis=0),
+                w_fro=float(np.sqrt(sk.col_sq.sum())),
+                bias_r=np.zeros(self.vectors) if sk.bias is None else sk.bias @ r,
+            )
+            self._checks[key] = ch
+        return ch
+
+    def _host(self, x: A) -> F64:
+        """``x`` as a float64 host array (no copy for a float64 numpy array)."""
+        if isinstance(x, np.ndarray) and x.dtype == np.float64:
+            return x
+        return np.asarray(self.b.to_numpy(x), dtype=np.float64)
+
+    def _project_rows(self, x: A, right: F64) -> tuple[F64, F64]:
+        """(x·right, ‖x_i‖) for a backend array x (rows × width), in float64, in row slices."""
+        rows, width = self.b.shape(x)
+        step = max(1, _CHUNK // max(1, width))
+        prod = np.empty((rows, right.shape[1]))
+        norms = np.empty(rows)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            part = self._host(x if (start, stop) == (0, rows) else self.b.narrow(x, 0, start, stop))
+            prod[start:stop] = part @ right
+            norms[start:stop] = np.sqrt(np.einsum("ij,ij->i", part, part))
+        self.flops += 2 * rows * width * (right.shape[1] + 1)
+        return prod, norms
+
+    def _judge(self, stage: Stage, layer: int, residual: F64, tau: F64, what: str) -> None:
+        """Accept iff every |residual| ≤ τ (both finite); record the worst ratio."""
+        self.checks += int(residual.size)
+        if not (np.all(np.isfinite(residual)) and np.all(np.isfinite(tau))):
+            raise IntegrityError(f"{stage.value} of block {layer}: {what} is not finite")
+        ratio = float(np.max(np.abs(residual) / np.maximum(tau, np.finfo(np.float64).tiny)))
+        if ratio > 1.0:
+            raise IntegrityError(
+                f"{stage.value} of block {layer}: {what} failed verification "
+                f"(|residual| = {ratio:.3g} × the rounding bound): the server did not compute this stage"
+            )
+        self.worst = max(self.worst, ratio)
+
+    # -- linear stages --------------------------------------------------------------------------------
+    def linear(
+        self,
+        stage: Stage,
+        layer: int,
+        x: A,
+        y: A,
+        which: WeightName,
+        u: float,
+        expert: int | None = None,
+        norm: NormName | None = None,
+        norm_layer: int = -1,
+    ) -> None:
+        """Check y = x̂·W (+ b), x̂ = ``x`` or the client's RMSNorm ``norm`` of it (Freivalds)."""
+        xh = x if norm is None else self.b.norm(x, norm, norm_layer)
+        ch = self._check(which, layer, expert)
+        yr, ynorm = self._project_rows(y, ch.r)
+        xr, xnorm = self._project_rows(xh, ch.wr)
+        n_in, n_out = ch.wr.shape[0], ch.r.shape[0]
+        residual = yr - xr - ch.bias_r[None, :]
+        tau = self._linear_tau(u, n_in, n_out, xnorm, ynorm, ch, 0.0)
+        self._judge(stage, layer, residual, tau, f"the {which} product")
+
+    def _linear_tau(
+        self, u: float, n_in: int, n_out: int, xnorm: F64, ynorm: F64, ch: _Check, extra_out: float
+    ) -> F64:
+        """τ per row and vector (the module docstring's derivation); ``extra_out``: more output roundings
+        per entry (an MoE's weighted sum over slots)."""
+        x, y = xnorm[:, None], ynorm[:, None]
+        server = u * ((math.sqrt(n_in) + 4.0) * x * (ch.rho + ch.wr_norm) + (1.0 + extra_out) * y * ch.r_inf)
+        client = _U64 * (
+            math.sqrt(n_out) * y * ch.r_norm
+            + math.sqrt(n_in) * x * ch.wr_norm
+            + math.sqrt(n_out) * x * ch.w_fro * ch.r_norm
+        )
+        out: F64 = LAMBDA * (server + client)
+        return out
+
+    # -- MLP stages -------------------------------------------------------------------------------------
+    def mlp_expect(self, rows: int) -> dict[str, tuple[int, ...]]:
+        """The arrays of a traced MLP reply for ``rows`` rows."""
+        c = self.b.config
+        if not c.is_moe:
+            return {"y": (rows, c.hidden_size), "gu": (rows, 2 * c.intermediate_size)}
+        return {
+            "y": (rows, c.hidden_size),
+            "router": (rows, c.n_experts),
+            "gu": (rows, c.top_k, 2 * c.intermediate_size),
+        }
+
+    def mlp(self, stage: Stage, layer: int, x: A, reply: Mapping[str, A], u: float) -> None:
+        """Check a traced MLP reply for the un-normalized rows ``x`` the server was sent: its norm, gate/up
+        (and router) products Freivalds-checked, the SwiGLU redone, the down projection checked."""
+        b, c = self.b, self.b.config
+        xh = b.norm(x, "mlp", layer)
+        y, gu = reply["y"], reply["gu"]
+        if not c.is_moe:
+            self.linear(stage, layer, xh, gu, "w_gate_up", u)
+            self.linear(stage, layer, b.swiglu_act(gu), y, "w_down", u)
+            return
+        rows, k, f, d = b.nrows(xh), c.top_k, c.intermediate_size, c.hidden_size
+        self.linear(stage, layer, xh, reply["router"], "router", u)
+        top, weights = route(b.to_numpy(reply["router"]), k)
+        gu_flat = b.reshape(gu, (rows * k, 2 * f))
+        m_flat = b.swiglu_act(gu_flat)
+        down = self._check("w_down", layer, 0)  # r of W_down is shared by the layer's experts
+        pred = np.zeros((rows, self.vectors))
+        mnorm_w = np.zeros(rows)
+        rho_w = np.zeros((rows, self.vectors))
+        for e in np.unique(top).tolist():
+            hit_rows, slots = np.nonzero(top == e)
+            flat = (hit_rows * k + slots).astype(np.int64)
+            self.linear(
+                stage,
+                layer,
+                b.take_rows(xh, hit_rows.astype(np.int64)),
+                b.take_rows(gu_flat, flat),
+                "w_gate_up",
+                u,
+                e,
+            )
+            ch = self._check("w_down", layer, e)
+            mr, mnorm = self._project_rows(b.take_rows(m_flat, flat), ch.wr)
+            w = weights[hit_rows, slots]
+            np.add.at(pred, hit_rows, w[:, None] * mr)
+            np.add.at(mnorm_w, hit_rows, np.abs(w) * mnorm)
+            np.add.at(rho_w, hit_rows, np.abs(w)[:, None] * mnorm[:, None] * (ch.rho + ch.wr_norm)[None, :])
+        yr, ynorm = self._project_rows(y, down.r)
+        residual = yr - pred
+        tau = self._linear_tau(u, f, d, np.zeros(rows), ynorm, down, float(k))
+        tau = tau + LAMBDA * u * (math.sqrt(f) + 4.0) * rho_w  # Σ_slots |w|·‖m‖·(ρ_e + ‖W_e r‖)
+        tau = tau + LAMBDA * _U64 * math.sqrt(f) * mnorm_w[:, None] * down.wr_norm[None, :]
+        self._judge(stage, layer, residual, tau, "the experts' down products")
+
+    # -- attention ------------------------------------------------------------------------------------
+    def attention(
+        self,
+        stage: Stage,
+        layer: int,
+        q: A,
+        k: A,
+        v: A,
+        o: A,
+        u: float,
+        rows: npt.NDArray[np.int64],
+        first: int,
+    ) -> None:
+        """Check attention output ``o`` of queries ``q`` (at positions first, first + 1, …) over keys/values
+        ``k``, ``v`` (positions 0, 1, …; causal): every row in its values' range, ``rows`` recomputed."""
+        c = self.b.config
+        n_q, g, dh = self.b.shape(q)[0], c.group_size, c.head_dim
+        q64, k64, v64, o64 = (self._host(t) for t in (q, k, v, o))
+        n_k = k64.shape[0]
+        vmax = float(np.abs(v64).max()) if v64.size else 0.0
+        # range: o_i (head h) is a convex combination of v_j (its KV group) for j ≤ first + i
+        hi = np.maximum.accumulate(v64, axis=0)[first : first + n_q]
+        lo = np.minimum.accumulate(v64, axis=0)[first : first + n_q]
+        og = o64.reshape(n_q, c.n_kv_heads, g, dh)
+        slack = LAMBDA * u * (math.sqrt(n_k) + 4.0) * vmax
+        over = (
+            max(0.0, float(np.maximum(og - hi[:, :, None, :], lo[:, :, None, :] - og).max())) if n_q else 0.0
+        )
+        self._judge(
+            stage, layer, np.array([over]), np.array([slack]), "an attention row outside its values' range"
+        )
+        self.flops += 4 * o64.size
+        scale = 1.0 / math.sqrt(dh)
+        kn = np.linalg.norm(k64, axis=-1)  # n_k × H_kv
+        vn = np.linalg.norm(v64, axis=-1)
+        for i in rows.tolist():
+            m = first + i + 1
+            qi = q64[i].reshape(c.n_kv_heads, g, dh)
+            s = np.einsum("hgd,khd->hgk", qi, k64[:m]) * scale
+            p = np.exp(s - s.max(axis=-1, keepdims=True))
+            p /= p.sum(axis=-1, keepdims=True)
+            want = np.einsum("hgk,khd->hgd", p, v64[:m])
+            diff = np.linalg.norm(og[i] - want, axis=-1)  # H_kv × g
+            qn = np.linalg.norm(qi, axis=-1)  # H_kv × g
+            smax = qn * (kn[:m].max(axis=0) * scale)[:, None]
+            vmx = vn[:m].max(axis=0)[:, None]
+            tau = LAMBDA * (
+                u
+                * (
+                    (2.1 * (math.sqrt(dh) + 2.0) * smax + 2.0 * (math.sqrt(m) + 4.0)) * vmx
+                    + np.linalg.norm(og[i], axis=-1)
+                )
+                + _U64 * (math.sqrt(m) + math.sqrt(dh)) * (smax + 1.0) * vmx
+            )
+            self.flops += 4 * c.n_heads * m * dh
+            self._judge(stage, layer, diff.reshape(-1), tau.reshape(-1), f"attention row {i}")
+
+    # -- last guard blocks -------------------------------------------------------------------------------
+    def lock(self, layer: int, locked: A) -> None:
+        """Start the locked-score sketch of block ``layer`` from the locked cache the client stores."""
+        c = self.b.config
+        kc = self._host(locked).reshape(-1, c.n_kv_heads, c.head_dim)
+        coef = self.keys.verify_lock(layer, kc.shape[0], self.vectors)
+        self._locks[layer] = _LockSketch(
+            coef=coef,
+            kappa=np.einsum("jv,jhd->vhd", coef, kc),
+            sq=np.einsum("jv,jh->vh", coef**2, np.einsum("jhd,jhd->jh", kc, kc)),
+            slack=np.zeros((self.vectors, c.n_kv_heads)),
+        )
+        self.flops += 4 * kc.size * self.vectors
+
+    def gen_last(self, layer: int, step: int, h: A, pos: int, scores: A, v: A, u: float) -> None:
+        """Check a last guard block's reply for the row ``h`` it was sent (at position ``pos``): ``v``
+        against the client's own projection of ``h``, ``scores`` (H × 1 × m) against the locked-cache
+        sketch extended by the new key (Freivalds over the m columns, per head)."""
+        b, c = self.b, self.b.config
+        lk = self._locks.get(layer)
+        if lk is None:
+            raise IntegrityError(f"gen_last of block {layer} before its locked cache was stored")
+        H, Hkv, dh, grp = c.n_heads, c.n_kv_heads, c.head_dim, np.arange(c.n_heads) // c.group_size
+        xh = b.norm(h, "attn", layer)
+        z = self._host(b.project(xh, "wqkv", layer))[0]
+        self.flops += 2 * c.hidden_size * (c.q_dim + 2 * c.kv_dim)
+        p = np.array([pos])
+        q_own = self._host(b.rope(b.from_numpy(z[: c.q_dim].reshape(1, H, dh)), p))[0]  # H × d_h
+        k_own = self._host(b.rope(b.from_numpy(z[c.q_dim : c.q_dim + c.kv_dim].reshape(1, Hkv, dh)), p))[0]
+        v_own = z[c.q_dim + c.kv_dim :].reshape(Hkv, dh)
+        # a recomputed projection differs from the server's by both sides' GEMV, norm, RoPE and bias
+        # rounding: per head ≤ 2λu(√d + 6)(‖x̂‖‖W_head‖_F + ‖b‖∞ + ‖result‖)
+        sk = self.cache.get("wqkv", layer, None)
+        col = np.sqrt(sk.col_sq)
+        w_fro = [
+            np.linalg.norm(part.reshape(-1, dh), axis=-1)
+            for part in (col[: c.q_dim], col[c.q_dim : c.q_dim + c.kv_dim], col[c.q_dim + c.kv_dim :])
+        ]
+        xnorm = float(np.linalg.norm(self._host(xh)))
+        bias = 0.0 if sk.bias is None else float(np.abs(sk.bias).max())
+        proj = 2.0 * LAMBDA * u * (math.sqrt(c.hidden_size) + 6.0)
+        dq = proj * (xnorm * w_fro[0] + bias + np.linalg.norm(q_own, axis=-1))  # H
+        dk = proj * (xnorm * w_fro[1] + bias + np.linalg.norm(k_own, axis=-1))  # H_kv
+        dv = proj * (xnorm * w_fro[2] + bias + np.linalg.norm(v_own, axis=-1))  # H_kv
+        v_diff = np.linalg.norm(self._host(v).reshape(Hkv, dh) - v_own, axis=-1)
+        self._judge(Stage.GEN_LAST, layer, v_diff, dv, "the new value row")
+        # the scores: Σ_j c_j s_hj = q_h·κ_g/√d_h, κ extended by this step's key with a fresh c
+        new = self.keys.verify_lock(layer, 1, self.vectors, step)  # 1 × k
+        coef = np.concatenate([lk.coef, new])  # m × k
+        kappa = lk.kappa + new[0][:, None, None] * k_own[None]
+        sq = lk.sq + (new[0] ** 2)[:, None] * np.einsum("hd,hd->h", k_own, k_own)[None, :]
+        slack = lk.slack + np.abs(new[0])[:, None] * dk[None, :]  # the server keeps its own keys
+        s64 = self._host(scores).reshape(H, -1)  # H × m
+        if s64.shape[1] != coef.shape[0]:
+            raise IntegrityError(f"gen_last of block {layer}: {s64.shape[1]} scores for {coef.shape[0]} keys")
+        scale = 1.0 / math.sqrt(dh)
+        qn = np.linalg.norm(q_own, axis=-1)[:, None]  # H × 1
+        snorm = np.linalg.norm(s64, axis=-1)[:, None]
+        got = s64 @ coef  # H × k
+        want = np.einsum("hd,vhd->hv", q_own, kappa[:, grp, :]) * scale
+        kap = np.linalg.norm(kappa[:, grp, :], axis=-1).T  # H × k
+        tau = (
+            LAMBDA * u * (math.sqrt(dh) + 3.0) * qn * np.sqrt(sq[:, grp].T) * scale  # server's scores
+            + LAMBDA * u * snorm * np.abs(coef).max(axis=0)[None, :]  # their output rounding
+            + dq[:, None] * kap * scale  # the server's q is not exactly the client's
+            + qn * slack[:, grp].T * scale  # nor its appended keys
+            + LAMBDA * _U64 * math.sqrt(coef.shape[0]) * snorm * np.linalg.norm(coef, axis=0)[None, :]
+        )
+        self.flops += 2 * H * coef.shape[0] * self.vectors
+        self._judge(Stage.GEN_LAST, layer, got - want, tau, "the scores against the locked cache")
+        self._locks[layer] = _LockSketch(coef, kappa, sq, slack)
