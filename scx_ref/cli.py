@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 from . import __version__
 from .attacks import cli as attack_cli
-from .commands import bench, ppl, verify
+from .commands import bench, bench_serve, generate, ppl, serve, verify
 from .dp import cli as dp_cli
 from .errors import SCXError
 
-_SUBCOMMANDS = (verify, ppl, bench, dp_cli, attack_cli)
+_SUBCOMMANDS = (verify, ppl, bench, bench_serve, serve, generate, dp_cli, attack_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

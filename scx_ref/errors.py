@@ -16,9 +16,11 @@ __all__ = [
     "PermutationError",
     "ProtocolError",
     "SCXError",
+    "ServiceError",
     "SessionError",
     "ShapeError",
     "VocabularyError",
+    "WireError",
 ]
 
 
@@ -77,3 +79,11 @@ class IntegrityError(SCXError):
     """A reply failed the client's verification (shape, dtype, finiteness, or a randomized check of its
     values): the server did not compute what it was asked to. The session is aborted; nothing derived
     from the reply was used or sent."""
+
+
+class WireError(ProtocolError):
+    """A frame on the network is malformed: truncated, a wrong header, a size it does not hold."""
+
+
+class ServiceError(SCXError):
+    """The SCX server could not be reached, did not answer in time, went away, or failed internally."""

@@ -18,7 +18,7 @@ from .backends.base import A, Backend, IndexArray, split_qkv
 from .errors import ProtocolError
 from .stages import Stage
 
-__all__ = ["PlainRunner", "Trace", "block"]
+__all__ = ["PlainRunner", "Trace", "block", "block_rows"]
 
 #: ``trace(stage, layer, rows)`` receives the input rows of each stage: QKV (block input), LOCK
 #: (post-RoPE keys, flattened), O (attention output), FFN (residual before the MLP), HEAD (final rows).
@@ -40,8 +40,7 @@ def block(
     n = b.nrows(x)
     if trace:
         trace(Stage.QKV, layer, x)
-    q, k, v = split_qkv(b, b.project(b.norm(x, "attn", layer), "wqkv", layer))
-    q, k = b.rope(q, positions), b.rope(k, positions)
+    q, k, v = _qkv(b, x, layer, positions)
     if trace:
         trace(Stage.LOCK, layer, b.reshape(k, (n, c.kv_dim)))
     if cache is not None:
@@ -55,7 +54,72 @@ def block(
     x = b.add(x, b.project(o, "wo", layer))
     if trace:
         trace(Stage.FFN, layer, x)
-    return b.add(x, b.mlp(b.norm(x, "mlp", layer), layer)), (k, v)
+    return _mlp_residual(b, x, layer), (k, v)
+
+
+def _qkv(b: Backend[A], x: A, layer: int, positions: IndexArray) -> tuple[A, A, A]:
+    """Q, K, V of rows ``x`` (K and Q after RoPE at ``positions``)."""
+    q, k, v = split_qkv(b, b.project(b.norm(x, "attn", layer), "wqkv", layer))
+    return b.rope(q, positions), b.rope(k, positions), v
+
+
+def _mlp_residual(b: Backend[A], x: A, layer: int) -> A:
+    return b.add(x, b.mlp(b.norm(x, "mlp", layer), layer))
+
+
+def block_rows(
+    b: Backend[A],
+    x: A,
+    layer: int,
+    positions: IndexArray,
+    caches: list[tuple[A, A]],
+    tile: int = 1,
+) -> tuple[A, list[tuple[A, A]]]:
+    """One block on r *independent* rows: row j is the next token of its own sequence, at
+    ``positions[j]``, attending to ``caches[j]`` (post-RoPE keys and values) and itself — the middle
+    blocks of several sessions' generation steps at once (DESIGN §5.6). Returns the r output rows and
+    the r extended caches.
+
+    Batch invariance: every row-wise stage (norms, projections, RoPE, dense MLP) runs on tiles of
+    exactly ``tile`` rows (zero rows pad the last tile) and attention runs per row on its own cache, so a
+    row's result is bit-for-bit the same whichever rows share its tiles and wherever it sits in them
+    (a matrix product's rounding depends on its shape, never on the other rows of a fixed shape). An
+    MoE MLP, whose expert products take as many rows as are routed to each expert, runs per row. With
+    ``tile = 1`` each row runs exactly the operations :func:`block` runs on one row.
+    """
+    c = b.config
+    r = b.nrows(x)
+    if len(caches) != r or len(positions) != r:
+        raise ProtocolError(f"block_rows: {r} rows, {len(positions)} positions, {len(caches)} caches")
+    if tile < 1:
+        raise ProtocolError(f"tile must be >= 1, got {tile}")
+    outs: list[A] = []
+    new: list[tuple[A, A]] = []
+    pos = np.asarray(positions, dtype=np.int64)
+    for start in range(0, r, tile):
+        m = min(tile, r - start)
+        xt = b.narrow(x, 0, start, start + m)
+        pt = pos[start : start + m]
+        if m < tile:  # pad with zero rows at position 0: their results are dropped
+            xt = b.concat_rows([xt, b.from_numpy(np.zeros((tile - m, c.hidden_size)))])
+            pt = np.concatenate([pt, np.zeros(tile - m, dtype=np.int64)])
+        q, k, v = _qkv(b, xt, layer, pt)
+        rows_o = []
+        for j in range(m):
+            kc = b.concat_rows([caches[start + j][0], b.narrow(k, 0, j, j + 1)])
+            vc = b.concat_rows([caches[start + j][1], b.narrow(v, 0, j, j + 1)])
+            new.append((kc, vc))
+            o = b.attention(b.narrow(q, 0, j, j + 1), kc, vc, pt[j : j + 1], None)
+            rows_o.append(b.reshape(o, (1, c.q_dim)))
+        if m < tile:
+            rows_o.append(b.from_numpy(np.zeros((tile - m, c.q_dim))))
+        xt = b.add(xt, b.project(b.concat_rows(rows_o) if tile > 1 else rows_o[0], "wo", layer))
+        if c.is_moe and tile > 1:
+            xt = b.concat_rows([_mlp_residual(b, b.narrow(xt, 0, j, j + 1), layer) for j in range(m)])
+        else:
+            xt = b.narrow(_mlp_residual(b, xt, layer), 0, 0, m)
+        outs.append(xt)
+    return (b.concat_rows(outs) if len(outs) > 1 else outs[0]), new
 
 
 class PlainRunner(Generic[A]):

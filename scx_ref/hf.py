@@ -22,19 +22,22 @@ Three entry points:
       scx = SCXModel.from_hf(model, level="paper")      # keys: a fresh KeySchedule by default
       logits = scx.logits(input_ids)                      # batch × n × V, = model(input_ids).logits
       out = scx.generate(input_ids, max_new_tokens=32)    # = model.generate(do_sample=False)
+      out = scx.generate(ids, max_new_tokens=32, do_sample=True, top_p=0.9, seed=0)  # scx_ref.sampling
+      remote = SCXModel.from_hf(model, server="scx://host:8470")  # the server role on an `scx serve`
 
   Every request (each row of a batch, each call) runs its own SCX session under a fresh nonce of the
   same master secret, closed when the request ends; the model's attention implementation
   (``eager``/``sdpa``) only affects the HF plaintext side, SCX runs on the
   :class:`~scx_ref.backends.torch_backend.TorchBackend`. ``generate`` takes ``attention_mask`` with left
-  padding (each row runs on its unpadded ids, as ``model.generate`` does) and refuses every option it
-  cannot honour with a ConfigError naming what is supported (:data:`GENERATE_OPTIONS`).
+  padding (each row runs on its unpadded ids, as ``model.generate`` does), samples as HF does
+  (:mod:`scx_ref.sampling`) and refuses every option it cannot honour with a ConfigError naming what is
+  supported (:data:`GENERATE_OPTIONS`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+import functools
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -42,10 +45,11 @@ import torch
 
 from .backends.torch_backend import TorchBackend, TorchLayer, TorchWeights, parse_dtype
 from .config import ModelConfig
-from .errors import ConfigError, SCXError, VocabularyError
+from .errors import ConfigError, VocabularyError
 from .keys import KeySchedule
-from .protocol import Client, Level, LocalTransport, SCXConfig, Server, ServerView
+from .protocol import Client, DecoyPolicy, Level, LocalTransport, SCXConfig, Server, ServerView, Transport
 from .protocol.verify import SketchCache
+from .sampling import GENERATE_OPTIONS, generate_tokens, generation_settings
 from .weights import DenseMLP, LayerWeights, ModelWeights, MoEMLP
 
 __all__ = [
@@ -338,72 +342,14 @@ def _left_padded(ids: np.ndarray, mask: Any, what: str) -> list[np.ndarray]:
     return rows
 
 
-#: What :meth:`SCXModel.generate` accepts besides ``input_ids``: greedy decoding only.
-GENERATE_OPTIONS: dict[str, str] = {
-    "max_new_tokens": "new tokens per row (an integer >= 0)",
-    "max_length": "prompt width + new tokens (instead of max_new_tokens)",
-    "attention_mask": "left padding (0s then 1s per row)",
-    "eos_token_id": "an id, a list of ids, or None (never stop)",
-    "pad_token_id": "the id that pads finished rows",
-    "do_sample": "False only (greedy)",
-    "num_beams": "1 only (greedy)",
-}
-
-
-@dataclass(frozen=True)
-class _Generation:
-    """A validated :meth:`SCXModel.generate` request (the one place its options are parsed: a later
-    sampling option is added here)."""
-
-    max_new_tokens: int
-    attention_mask: Any
-    eos: frozenset[int]
-    pad: int | None
-
-
-def _generation(options: Mapping[str, Any], width: int, model: SCXModel) -> _Generation:
-    """Parse ``generate``'s options; ConfigError naming the supported ones for anything else."""
-    unknown = sorted(set(options) - set(GENERATE_OPTIONS))
-    if unknown:
-        supported = "; ".join(f"{k}: {v}" for k, v in GENERATE_OPTIONS.items())
-        raise ConfigError(f"SCXModel.generate does not support {unknown}. Supported: {supported}")
-    if options.get("do_sample", False) is not False:
-        raise ConfigError("SCXModel.generate decodes greedily: do_sample must be False")
-    if options.get("num_beams", 1) != 1 or isinstance(options.get("num_beams", 1), bool):
-        raise ConfigError("SCXModel.generate decodes greedily: num_beams must be 1")
-    has_new, has_len = options.get("max_new_tokens") is not None, options.get("max_length") is not None
-    if has_new == has_len:
-        raise ConfigError("give exactly one of max_new_tokens and max_length")
-    if has_new:
-        n_new = options["max_new_tokens"]
-        if isinstance(n_new, bool) or not isinstance(n_new, (int, np.integer)) or n_new < 0:
-            raise ConfigError(f"max_new_tokens must be an integer >= 0, got {n_new!r}")
-    else:
-        total = options["max_length"]
-        if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < width:
-            raise ConfigError(f"max_length must be an integer >= the prompt width {width}, got {total!r}")
-        n_new = int(total) - width
-    eos_raw = options.get("eos_token_id", "model")
-    eos_raw = model.eos_token_id if isinstance(eos_raw, str) and eos_raw == "model" else eos_raw
-    eos_list = [eos_raw] if isinstance(eos_raw, (int, np.integer)) else (eos_raw or [])
-    if isinstance(eos_raw, bool) or not all(
-        isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in eos_list
-    ):
-        raise ConfigError(f"eos_token_id must be an id, a list of ids or None, got {eos_raw!r}")
-    pad = options.get("pad_token_id", model.pad_token_id)
-    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, (int, np.integer))):
-        raise ConfigError(f"pad_token_id must be an id or None, got {pad!r}")
-    eos = frozenset(int(e) for e in eos_list)
-    return _Generation(int(n_new), options.get("attention_mask"), eos, None if pad is None else int(pad))
-
-
 class SCXModel:
     """SCX inference on a Hugging Face causal LM: same logits, same greedy tokens, with the heavy work
     on an SCX :class:`~scx_ref.protocol.Server` that sees only encoded data.
 
     Each request (each call, each batch row) is one SCX session with its own keys: a fresh nonce under
     this model's master secret (``keys``; a random one by default). ``last_view`` is the server's
-    recorded view of the last session (for audits).
+    recorded view of the last session (for audits; in-process server only). With ``link`` (e.g. a
+    :class:`~scx_ref.service.RemoteTransport` to an ``scx serve``) every session goes through it instead.
     """
 
     def __init__(
@@ -413,14 +359,19 @@ class SCXModel:
         keys: KeySchedule | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        generation_config: Any = None,
+        link: Transport | None = None,
     ) -> None:
         self.backend = backend
         self.scx_config = scx_config
         self.keys = keys if keys is not None else KeySchedule.generate()
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
+        self.generation_config = generation_config
+        self.link = link
         self.last_view: ServerView | None = None
         self._sketches = SketchCache(backend, self.keys) if scx_config.verify else None
+        self._decoys: DecoyPolicy | None = None  # the public calibration pool, built by the first session
 
     @classmethod
     def from_hf(
@@ -430,10 +381,17 @@ class SCXModel:
         keys: KeySchedule | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
+        server: str | None = None,
+        server_options: dict[str, Any] | None = None,
         **scx_options: Any,
     ) -> SCXModel:
         """Wrap a loaded LLaMA/Mixtral/Qwen2 model; ``scx_options`` go to :class:`SCXConfig`
-        (``r1``, ``r2``, ``l_s``, ``l_e``, ``beta``, …). The backend shares the model's tensors."""
+        (``r1``, ``r2``, ``l_s``, ``l_e``, ``beta``, …). The backend shares the model's tensors.
+
+        ``server``: the URL of an ``scx serve`` of the same model (``scx://HOST:PORT``, ``scxs://`` for
+        TLS) to run the server role on; ``server_options`` go to
+        :class:`~scx_ref.service.RemoteTransport` (``timeout``, ``connect_timeout``, ``tls_ca``). Default:
+        an in-process server."""
         backend = backend_from_hf(model, dtype=dtype, device=device)
         known = {f.name for f in fields(SCXConfig)} - {"level"}
         unknown = sorted(set(scx_options) - known)
@@ -444,13 +402,22 @@ class SCXModel:
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         pad = getattr(gen, "pad_token_id", None) if gen is not None else None
-        return cls(backend, cfg, keys, eos, pad)
+        link: Transport | None = None
+        if server is not None:
+            from .service.remote import RemoteTransport
 
-    def _session(self) -> tuple[Client[torch.Tensor], LocalTransport]:
-        server = Server(self.backend)
-        link = LocalTransport(server, record_view=True)
+            link = RemoteTransport(server, backend, **(server_options or {}))
+        elif server_options:
+            raise ConfigError("server_options given without a server URL")
+        return cls(backend, cfg, keys, eos, pad, gen, link)
+
+    def _session(self) -> tuple[Client[torch.Tensor], Transport]:
         keys = self.keys.for_nonce(KeySchedule.new_nonce())
-        client = Client(self.backend, keys, self.scx_config, sketches=self._sketches)
+        client = Client(self.backend, keys, self.scx_config, decoys=self._decoys, sketches=self._sketches)
+        self._decoys = client.decoys  # public data: every later session draws from the same pool
+        if self.link is not None:
+            return client, self.link
+        link = LocalTransport(Server(self.backend), record_view=True)
         self.last_view = link.view
         return client, link
 
@@ -471,54 +438,64 @@ class SCXModel:
         return torch.stack(rows)
 
     def generate(self, input_ids: Any, max_new_tokens: int | None = None, **options: Any) -> torch.Tensor:
-        """Greedy SCX generation, as ``model.generate(do_sample=False)``: prompt + up to
-        ``max_new_tokens`` tokens per row, a row stopping at an EOS token (the model's
-        ``generation_config`` by default; ``eos_token_id=None`` never stops), finished rows padded.
-        Returns batch × length int64.
+        """SCX generation, as ``model.generate``: prompt + up to ``max_new_tokens`` tokens per row, greedy
+        by default or sampled (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``seed``) with transformers' own logits processors on the client's logits;
+        a row stops at an EOS token (the model's ``generation_config`` by default; ``eos_token_id=None``
+        never stops) or a stop string (``stop_strings`` with ``tokenizer``); finished rows padded;
+        ``streamer`` fed as HF's. Returns batch × length int64.
 
         ``attention_mask`` (left padding) runs each row on its unpadded ids; without one, a batch
         holding the pad id is masked as Hugging Face infers it (pad ≠ EOS). Options beyond
-        :data:`GENERATE_OPTIONS` raise ConfigError. A row that fails midway raises its SCXError with the
-        tokens that row already made in ``tokens``.
+        :data:`GENERATE_OPTIONS` raise ConfigError naming them. Guarantee: for one row, the tokens of
+        ``model.generate`` with the same options (sampling: after ``torch.manual_seed(seed)``) — tested in
+        float64. A row that fails midway raises its SCXError with the tokens that row already made in
+        ``tokens``.
         """
         ids = _as_batch(input_ids)
-        plan = _generation({**options, "max_new_tokens": max_new_tokens}, ids.shape[1], self)
-        mask = plan.attention_mask
-        if mask is None and plan.pad is not None and (ids == plan.pad).any() and plan.pad not in plan.eos:
-            mask = ids != plan.pad  # as transformers infers it
+        plan = generation_settings(
+            self.generation_config, {**options, "max_new_tokens": max_new_tokens}, ids.shape[1]
+        )
+        mask = options.get("attention_mask")
+        eos = set(plan.eos_token_ids)
+        pad = plan.pad_token_id
+        if mask is None and pad is not None and pad not in eos and (ids == pad).any():
+            mask = ids != pad  # as transformers infers it
         rows = (
             [ids[i] for i in range(ids.shape[0])]
             if mask is None
             else _left_padded(ids, mask, "attention_mask")
         )
+        streamer = options.get("streamer")
+        if streamer is not None and len(rows) > 1:
+            raise ConfigError("a streamer takes one row at a time (batch size 1)")
+        gen = plan.generator()
         news: list[list[int]] = []
         for row in rows:
-            news.append(self._generate_row(row, plan))
+            news.append(self._generate_row(row, plan, gen, options.get("tokenizer"), streamer))
         width = max(len(n) for n in news)
-        fill = plan.pad if plan.pad is not None else (min(plan.eos) if plan.eos else 0)
+        fill = plan.pad_token_id if plan.pad_token_id is not None else (min(eos) if eos else 0)
         out = [list(ids[i].tolist()) + n + [fill] * (width - len(n)) for i, n in enumerate(news)]
         return torch.tensor(out, dtype=torch.long)
 
-    def _generate_row(self, ids: np.ndarray, plan: _Generation) -> list[int]:
-        """One row's new tokens (one session), stopping at EOS; its SCXError carries the tokens made."""
-        new: list[int] = []
+    def _generate_row(self, ids: np.ndarray, plan: Any, gen: Any, tokenizer: Any, streamer: Any) -> list[int]:
+        """One row's new tokens (one session, closed at the end); its SCXError carries the tokens made."""
         if not plan.max_new_tokens:
-            return new
+            return []
         client, link = self._session()
         if len(ids) + plan.max_new_tokens - 1 > client.max_length:
             raise ConfigError(
                 f"{len(ids)} prompt tokens + {plan.max_new_tokens} new exceed the session's max_length "
                 f"{client.max_length}"
             )
-        try:
-            logits = client.prefill(ids, link)
-            tok = int(np.argmax(np.asarray(logits)[-1]))
-            new.append(tok)
-            while len(new) < plan.max_new_tokens and tok not in plan.eos:
-                tok = int(np.argmax(np.asarray(client.decode(tok, link))))
-                new.append(tok)
-            client.close()
-        except SCXError as exc:
-            exc.tokens = list(new)
-            raise
+        new = generate_tokens(
+            ids,
+            plan,
+            functools.partial(client.prefill, link=link),
+            functools.partial(client.decode, link=link),
+            generator=gen,
+            tokenizer=tokenizer,
+            streamer=streamer,
+        )
+        client.close()
         return new

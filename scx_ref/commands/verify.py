@@ -75,16 +75,18 @@ def verify(
     ppl_tokens: int = 512,
     window: int = 256,
     progress: bool = True,
+    server: str | None = None,
 ) -> dict[str, Any]:
     """Run the checks on a registered model; ``checks`` is a list of {check, status (PASS/FAIL/INFO),
-    value, criterion}, ``pass`` is no check FAILed."""
+    value, criterion}, ``pass`` is no check FAILed. With ``server`` (an ``scx serve`` URL) every SCX
+    session runs on that server."""
     t0 = time.perf_counter()
     hf, tok, w = load_model(model, dtype)
     cfg = scx_config(level, beta, max_length=max(prompt_len + n_new, window))
     items = prompts(n_prompts, prompt_len, tok, w.config.vocab_size)
     checks: list[dict[str, Any]] = []
 
-    plain, scx = plain_logits(hf, w, dtype), scx_logits(w, dtype, cfg)
+    plain, scx = plain_logits(hf, w, dtype), scx_logits(w, dtype, cfg, server=server)
     dmax = lmax = 0.0
     for ids in items:
         lp, ls = np.asarray(plain(ids), np.float64), np.asarray(scx(ids), np.float64)
@@ -101,7 +103,7 @@ def verify(
         }
     )
 
-    gp, gs = plain_generate(hf, w, dtype), scx_generate(w, dtype, cfg)
+    gp, gs = plain_generate(hf, w, dtype), scx_generate(w, dtype, cfg, server=server)
     same = 0
     for ids in items:
         same += int(gp(ids, n_new) == gs(ids, n_new))
@@ -115,7 +117,7 @@ def verify(
         }
     )
 
-    rec = ppl_run(model, dtype, level, beta, ppl_tokens, window, progress=progress)
+    rec = ppl_run(model, dtype, level, beta, ppl_tokens, window, progress=progress, server=server)
     checks.append(
         {
             "check": "ΔPPL",
@@ -177,7 +179,13 @@ def format_verdict(rec: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run the checks, print the verdict table, write JSON when asked; 1 on any FAIL."""
     rec = verify(
-        args.model, args.dtype, args.level, args.beta, ppl_tokens=args.tokens, progress=not args.quiet
+        args.model,
+        args.dtype,
+        args.level,
+        args.beta,
+        ppl_tokens=args.tokens,
+        progress=not args.quiet,
+        server=args.server,
     )
     print(format_verdict(rec))
     if args.json:
@@ -203,5 +211,6 @@ def register(subparsers: Any) -> None:
         "--tokens", type=int_at_least(2), default=512, help="corpus tokens of the ΔPPL check (default 512)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--server", default=None, help="run SCX on this `scx serve` (scx://HOST:PORT)")
     p.add_argument("--json", metavar="PATH", type=output_file, help="write the record as JSON")
     p.set_defaults(func=run)

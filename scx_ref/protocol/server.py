@@ -20,12 +20,13 @@ the cache-byte total. Sessions run in parallel.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic
 
@@ -34,7 +35,7 @@ import numpy as np
 from .._checks import check_permutation
 from ..backends.base import A, Backend, split_qkv
 from ..errors import LimitError, ProtocolError, SCXError, SessionError
-from ..forward import block
+from ..forward import block_rows
 from ..stages import PREFILL_BLOCK_STAGES, Phase, Stage
 from ..transforms import decode_rows, unblind
 from .config import LEVELS, guard_blocks
@@ -137,6 +138,10 @@ class Server(Generic[A]):
 
     ``limits``: the server's :class:`~scx_ref.protocol.limits.ServerLimits` (safe defaults when None).
     ``clock``: seconds for the idle TTL (``time.monotonic``; tests pass their own).
+    ``batch_rows``: the middle blocks of generation steps run on tiles of exactly this many rows
+    (:func:`~scx_ref.forward.block_rows`), so a session's results are bit-for-bit the same whether
+    :meth:`handle_batch` runs its rows with other sessions' or :meth:`handle` runs them alone; 1 (the
+    default) runs each row as :func:`~scx_ref.forward.block` does.
     """
 
     def __init__(
@@ -144,9 +149,13 @@ class Server(Generic[A]):
         backend: Backend[A],
         limits: ServerLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        batch_rows: int = 1,
     ) -> None:
+        if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
+            raise ProtocolError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
         self.b = backend
         self.c = backend.config
+        self.batch_rows = batch_rows
         self.limits = limits if limits is not None else ServerLimits()
         if not isinstance(self.limits, ServerLimits):
             raise ProtocolError(f"limits must be a ServerLimits, got {type(limits).__name__}")
@@ -171,12 +180,7 @@ class Server(Generic[A]):
             return self._open(req)
         s = self._session_for(req)
         with s.lock:
-            if s.closed:  # closed or evicted while this message waited for the lock
-                raise SessionError(_NO_SESSION)
-            if req.seq != s.seq:
-                raise ProtocolError(f"message out of order: expected seq {s.seq}, got {req.seq}")
-            self._check_order(s, req)
-            self._check_fields(s, req)
+            self._admit(s, req)
             if req.stage is Stage.CLOSE:
                 self._close(req.session, s)
                 return Reply(req.session, Stage.CLOSE, req.layer, req.step, req.seq, {})
@@ -184,14 +188,90 @@ class Server(Generic[A]):
             self._reserve(grow, req)
             try:
                 arrays, commit = self._handlers()[req.stage](s, req)
-                commit()
+                return self._finish(s, req, arrays, commit, grow)
             except BaseException:
                 self._unreserve(grow, req)
                 raise
-            self._settle(req)
-            s.cache_bytes += grow
-            s.seq += 1
-            s.last_used = self.clock()
+
+    def handle_batch(self, reqs: Sequence[Request]) -> list[Reply | SCXError]:
+        """Handle messages of *distinct* sessions at once; the ``gen_mid`` ones (of sessions with the same
+        middle blocks) run their middle blocks together, on tiles of ``batch_rows`` rows.
+
+        Returns, per request, its reply or the SCXError :meth:`handle` would have raised for it (a bad
+        request never affects another). Guarantee: each reply equals, bit for bit, the reply
+        :meth:`handle` gives the same request on the same session state. ProtocolError when two requests
+        name the same session (their order would matter)."""
+        if len({getattr(r, "session", None) for r in reqs}) != len(reqs):
+            raise ProtocolError("handle_batch takes at most one message per session")
+        out: list[Reply | SCXError | None] = [None] * len(reqs)
+        mids: list[tuple[int, _Session[A], Request]] = []
+        for i, raw in enumerate(reqs):
+            try:
+                req = self._parse(raw)
+                if req.stage is not Stage.GEN_MID:
+                    out[i] = self.handle(req)
+                    continue
+                mids.append((i, self._session_for(req), req))
+            except SCXError as exc:
+                out[i] = exc
+        mids.sort(key=lambda t: t[2].session)  # locks taken in one global order: no deadlock
+        admitted: list[tuple[int, _Session[A], Request, A, int]] = []
+        with contextlib.ExitStack() as held:
+            for i, s, req in mids:
+                held.enter_context(s.lock)  # sessions are distinct: no lock is taken twice
+                try:
+                    self._admit(s, req)
+                    x = self._arr(req, "x", (1, self.c.hidden_size))
+                    grow = self._growth(s, req)
+                    self._reserve(grow, req)
+                except SCXError as exc:
+                    out[i] = exc
+                    continue
+                admitted.append((i, s, req, x, grow))
+            groups: dict[tuple[int, int], list[tuple[int, _Session[A], Request, A, int]]] = {}
+            for item in admitted:
+                groups.setdefault((item[1].middle.start, item[1].middle.stop), []).append(item)
+            for items in groups.values():
+                try:
+                    results = self._mid_compute([(s, req, x) for _, s, req, x, _ in items])
+                except BaseException:
+                    for _, _, req, _, grow in items:
+                        self._unreserve(grow, req)
+                    raise
+                for (i, s, req, _, grow), (arrays, commit) in zip(items, results, strict=True):
+                    out[i] = self._finish(s, req, arrays, commit, grow)
+        return [r for r in out if r is not None]
+
+    def drop(self, session: str) -> bool:
+        """End ``session`` now, without its token (its connection ended: the service that holds the
+        connection calls this); frees its caches. False when there was no such session."""
+        with self._table_lock:
+            s = self.sessions.get(session)
+        if s is None:
+            return False
+        with s.lock, self._table_lock:
+            if s.closed:
+                return False
+            self._evict(session, s)
+        return True
+
+    def _admit(self, s: _Session[A], req: Request) -> None:
+        """Check ``req`` against its session (held under its lock): open, in order, fields (no changes)."""
+        if s.closed:  # closed or evicted while this message waited for the lock
+            raise SessionError(_NO_SESSION)
+        if req.seq != s.seq:
+            raise ProtocolError(f"message out of order: expected seq {s.seq}, got {req.seq}")
+        self._check_order(s, req)
+        self._check_fields(s, req)
+
+    def _finish(
+        self, s: _Session[A], req: Request, arrays: dict[str, A], commit: Callable[[], None], grow: int
+    ) -> Reply:
+        commit()
+        self._settle(req)
+        s.cache_bytes += grow
+        s.seq += 1
+        s.last_used = self.clock()
         return Reply(req.session, req.stage, req.layer, req.step, req.seq, arrays)
 
     def cost(self, session: str) -> CostMeter:
@@ -698,24 +778,38 @@ class Server(Generic[A]):
 
     def _gen_mid(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         """Run every middle block alone on the server's valid caches (DESIGN §5.3): plaintext blocks
-        (:func:`scx_ref.forward.block`) on the row entering them."""
-        c = self.c
-        x = self._arr(req, "x", (1, c.hidden_size))
-        pos = np.array([s.n + req.step])
-        new: dict[int, tuple[A, A]] = {}
-        for layer in s.middle:
-            x, new[layer] = block(self.b, x, layer, pos, s.valid[layer])
-            m = self.b.nrows(new[layer][0])
-            s.meter.matmul(Stage.GEN_MID, 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
-            s.meter.attention(Stage.GEN_MID, c.n_heads, 1, m, c.head_dim, "server")
-            s.meter.matmul(Stage.GEN_MID, 1, c.q_dim, c.hidden_size, "server")
-            self._mlp_flops(s.meter, Stage.GEN_MID, 1, c.top_k if c.is_moe else 1)
+        on the row entering them."""
+        return self._mid_compute([(s, req, self._arr(req, "x", (1, self.c.hidden_size)))])[0]
 
-        def extra() -> None:
-            s.valid.update(new)
-            s.gen_done.add((Stage.GEN_MID, -1))
+    def _mid_compute(
+        self, items: list[tuple[_Session[A], Request, A]]
+    ) -> list[tuple[dict[str, A], Callable[[], None]]]:
+        """The middle blocks of several sessions' rows (same middle range, validated), together:
+        :func:`~scx_ref.forward.block_rows` on tiles of ``batch_rows``; per session its reply arrays and
+        the commit of its extended caches."""
+        b, c = self.b, self.c
+        x = b.concat_rows([x for _, _, x in items]) if len(items) > 1 else items[0][2]
+        pos = np.array([s.n + req.step for s, req, _ in items], dtype=np.int64)
+        new: list[dict[int, tuple[A, A]]] = [{} for _ in items]
+        for layer in items[0][0].middle:
+            x, caches = block_rows(b, x, layer, pos, [s.valid[layer] for s, _, _ in items], self.batch_rows)
+            for j, (s, _, _) in enumerate(items):
+                new[j][layer] = caches[j]
+                m = b.nrows(caches[j][0])
+                s.meter.matmul(Stage.GEN_MID, 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
+                s.meter.attention(Stage.GEN_MID, c.n_heads, 1, m, c.head_dim, "server")
+                s.meter.matmul(Stage.GEN_MID, 1, c.q_dim, c.hidden_size, "server")
+                self._mlp_flops(s.meter, Stage.GEN_MID, 1, c.top_k if c.is_moe else 1)
+        out: list[tuple[dict[str, A], Callable[[], None]]] = []
+        for j, (s, req, _) in enumerate(items):
 
-        return {"x": x}, self._gen_commit(s, req.step, extra)
+            def extra(s: _Session[A] = s, kv: dict[int, tuple[A, A]] = new[j]) -> None:
+                s.valid.update(kv)
+                s.gen_done.add((Stage.GEN_MID, -1))
+
+            row = b.narrow(x, 0, j, j + 1) if len(items) > 1 else x
+            out.append(({"x": row}, self._gen_commit(s, req.step, extra)))
+        return out
 
     def _gen_last(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         """Scores of the new query against the locked cache (plus the new key) and the new value."""

@@ -19,7 +19,7 @@ from ..backends.base import Backend
 from ..backends.numpy_backend import NumpyBackend
 from ..errors import ConfigError, SCXError
 from ..keys import KeySchedule
-from ..protocol import CalibrationPool, Client, Level, LocalTransport, SCXConfig, Server
+from ..protocol import CalibrationPool, Client, Level, LocalTransport, SCXConfig, Server, Transport
 from ..protocol.decoys import default_public_tokens
 from ..protocol.verify import SketchCache
 from ..reference import ReferenceModel
@@ -101,11 +101,19 @@ def _backend(weights: ModelWeights, dtype: str, device: str) -> Backend[Any]:
 
 
 class _SCX:
-    """One server (backend over the model's weights) that serves a fresh client per request."""
+    """One server (backend over the model's weights) that serves a fresh client per request: in-process,
+    or the ``scx serve`` at ``server`` (a URL) through one :class:`~scx_ref.service.RemoteTransport`."""
 
-    def __init__(self, weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str) -> None:
+    def __init__(
+        self, weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str, server: str | None = None
+    ) -> None:
         self.backend = _backend(weights, dtype, device)
         self.server = Server(self.backend)
+        self.remote: Transport | None = None
+        if server is not None:
+            from ..service.remote import RemoteTransport
+
+            self.remote = RemoteTransport(server, self.backend)
         self.cfg = cfg
         self.pool: CalibrationPool | None = None
         if cfg.decoys == "calibration":  # built once per run, not once per request
@@ -118,15 +126,18 @@ class _SCX:
             self.sketches = SketchCache(self.backend, self.keys)
             self.sketches.build()
 
-    def session(self) -> tuple[Client[Any], LocalTransport]:
-        link = LocalTransport(self.server)
+    def session(self) -> tuple[Client[Any], Transport]:
+        link = self.remote if self.remote is not None else LocalTransport(self.server)
         keys = self.keys.for_nonce(KeySchedule.new_nonce())
         return Client(self.backend, keys, self.cfg, decoys=self.pool, sketches=self.sketches), link
 
 
-def scx_logits(weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str = "cpu") -> LogitsFn:
-    """SCX prefill logits (rows × V, numpy) of one sequence, one request with fresh keys per call."""
-    scx = _SCX(weights, dtype, cfg, device)
+def scx_logits(
+    weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str = "cpu", server: str | None = None
+) -> LogitsFn:
+    """SCX prefill logits (rows × V, numpy) of one sequence, one request with fresh keys per call (on the
+    ``scx serve`` at ``server`` when given)."""
+    scx = _SCX(weights, dtype, cfg, device, server)
 
     def run(ids: IdArray) -> npt.NDArray[Any]:
         client, link = scx.session()
@@ -137,9 +148,12 @@ def scx_logits(weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str = 
     return run
 
 
-def scx_generate(weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str = "cpu") -> GenerateFn:
-    """SCX greedy continuation (prefill, key sharing, one-time-key decode steps) of one prompt."""
-    scx = _SCX(weights, dtype, cfg, device)
+def scx_generate(
+    weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str = "cpu", server: str | None = None
+) -> GenerateFn:
+    """SCX greedy continuation (prefill, key sharing, one-time-key decode steps) of one prompt (on the
+    ``scx serve`` at ``server`` when given)."""
+    scx = _SCX(weights, dtype, cfg, device, server)
 
     def run(ids: IdArray, n_new: int) -> list[int]:
         client, link = scx.session()

@@ -146,9 +146,10 @@ def ppl_run(
     tokens: int = 4096,
     window: int = 1024,
     progress: bool = False,
+    server: str | None = None,
 ) -> dict[str, Any]:
     """Plaintext vs SCX perplexity record of a registered model on the first ``tokens`` corpus tokens;
-    ``pass`` is |ΔPPL|/PPL ≤ PPL_CRITERION[dtype]."""
+    ``pass`` is |ΔPPL|/PPL ≤ PPL_CRITERION[dtype]. SCX runs on the ``scx serve`` at ``server`` if given."""
     hf, tok, w = load_model(model, dtype)
     ids = corpus_tokens(tokens, tok, w.config.vocab_size)
     cfg = scx_config(level, beta, max_length=min(w.config.max_positions, max(window, 16)))
@@ -156,7 +157,7 @@ def ppl_run(
         ids,
         window,
         plain_logits(hf, w, dtype),
-        scx_logits(w, dtype, cfg),
+        scx_logits(w, dtype, cfg, server=server),
         progress_bar(f"{model} {dtype} {level}", progress),
     )
     out: dict[str, Any] = {"kind": "ppl", "model": model, "dtype": dtype, "level": level, "beta": beta}

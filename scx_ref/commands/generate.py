@@ -1,0 +1,127 @@
+"""``scx generate``: SCX text generation from a prompt, against an ``scx serve`` (``--server URL``) or an
+in-process server, printing the decoded tokens as they come.
+
+The client (this command) holds the keys and the model's client-side weights and tokenizer (SmolLM2's
+comes with its GGUF); the server sees only encoded rows. Greedy by default; ``--do-sample`` with
+``--temperature``, ``--top-k``, ``--top-p``, ``--repetition-penalty`` and ``--seed`` samples with
+transformers' logits processors on the client's logits. If the server fails mid-generation the tokens
+made so far stay printed and the error says how many there were (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, SCXError
+from ..zoo import MODEL_NAMES
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: Any) -> None:
+    """Add ``scx generate`` to the CLI."""
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text with SCX (against `scx serve --model …` with --server, or in-process)",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    p.add_argument("--model", choices=MODEL_NAMES, default="smollm2", help="model (the server's)")
+    p.add_argument("--server", default=None, help="scx://HOST:PORT or scxs://HOST:PORT (default: in-process)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text (needs the model's tokenizer)")
+    src.add_argument("--prompt-ids", help="comma-separated token ids (models without a tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh entropy)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--no-eos", action="store_true", help="do not stop at the model's EOS token")
+    p.add_argument("--level", choices=("permute", "paper", "blind"), default="paper")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or float64: the server's dtype")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the server")
+    p.add_argument("--tls-ca", default=None, help="PEM of the CA that signed the server's certificate")
+    p.set_defaults(func=run)
+
+
+class _Printer:
+    """A streamer printing new tokens as they come: decoded text (with a tokenizer) or ids."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0
+        self.prompt = True
+
+    def put(self, value: Any) -> None:
+        if self.prompt:  # the first call carries the prompt
+            self.prompt = False
+            return
+        self.ids.extend(int(v) for v in np.asarray(value).reshape(-1))
+        if self.tokenizer is None:
+            sys.stdout.write(" ".join(str(t) for t in self.ids[self.shown :]) + " ")
+            self.shown = len(self.ids)
+        else:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for a multi-byte character to complete
+                sys.stdout.write(text[self.shown :])
+                self.shown = len(text)
+        sys.stdout.flush()
+
+    def end(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the client side of the model, generate, print as tokens come."""
+    from ..hf import SCXModel
+    from ..zoo import load_hf
+
+    model, tokenizer = load_hf(args.model)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise ConfigError(f"model {args.model!r} has no tokenizer: pass --prompt-ids")
+        ids = np.asarray(tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    else:
+        try:
+            ids = np.array([int(t) for t in args.prompt_ids.split(",")], dtype=np.int64)
+        except ValueError:
+            raise ConfigError(
+                f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}"
+            ) from None
+    server_options = None
+    if args.server is not None:
+        server_options = {
+            "timeout": args.timeout,
+            "connect_timeout": args.connect_timeout,
+            "tls_ca": args.tls_ca,
+        }
+    scx = SCXModel.from_hf(
+        model, level=args.level, dtype=args.dtype, server=args.server, server_options=server_options
+    )
+    options: dict[str, Any] = {"do_sample": args.do_sample, "streamer": _Printer(tokenizer)}
+    for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.stop:
+        options["stop_strings"] = args.stop
+        options["tokenizer"] = tokenizer
+    if args.no_eos:
+        options["eos_token_id"] = None
+    try:
+        scx.generate(ids, max_new_tokens=args.max_new_tokens, **options)
+    except SCXError as exc:  # the tokens made so far are printed already; say how many
+        made = len(exc.tokens or [])
+        raise type(exc)(f"generation stopped after {made} new token(s): {exc}") from exc
+    finally:
+        if scx.link is not None and hasattr(scx.link, "close"):
+            scx.link.close()
+    return 0

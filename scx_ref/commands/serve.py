@@ -1,0 +1,162 @@
+"""``scx serve``: load a model once and serve the untrusted SCX server role to many clients over gRPC
+(DESIGN §5.6; :mod:`scx_ref.service.service`). Clients connect with ``scx generate --server
+scx://HOST:PORT`` or :class:`scx_ref.service.RemoteTransport`.
+
+Prints one line when it listens (``scx serve: MODEL on scx://HOST:PORT …``), then one JSON log line per
+event on stderr. SIGTERM or Ctrl-C shuts it down gracefully: new sessions are refused, open ones get
+``--grace`` seconds, in-flight messages finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from ..errors import ConfigError
+from ..zoo import MODEL_NAMES, parse_random, weights_names_help
+
+__all__ = ["build_backend", "register", "run"]
+
+
+def build_backend(model: str, dtype: str, device: str) -> Any:
+    """The TorchBackend of a ``--model`` name: a registered model on its HF weights, or
+    ``random:<preset>[:seed]`` on :func:`scx_ref.zoo.load_weights` — never a stand-in (client and server
+    must hold the same weights). ConfigError for any other name."""
+    import numpy as np
+
+    from ..backends.torch_backend import TorchBackend, parse_dtype
+    from ..hf import backend_from_hf
+    from ..zoo import load_hf, load_weights
+
+    if parse_random(model) is None:
+        if model not in MODEL_NAMES:
+            raise ConfigError(f"unknown model {model!r}; choose {weights_names_help()}")
+        return backend_from_hf(load_hf(model)[0], dtype=dtype, device=device)
+    np_dtype = np.float64 if parse_dtype(dtype).itemsize == 8 else np.float32
+    return TorchBackend(load_weights(model, np_dtype), dtype=dtype, device=device)
+
+
+class _JsonLines(logging.Formatter):
+    """One JSON object per line: time, level, and the event's fields (or its message)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": self.formatTime(record), "level": record.levelname}
+        msg = record.getMessage()
+        try:
+            fields = json.loads(msg) if msg.startswith("{") else None
+        except ValueError:
+            fields = None
+        out.update(fields if isinstance(fields, dict) else {"message": msg})
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``scx serve`` to the CLI."""
+    from ..service.service import ServeOptions
+
+    d = ServeOptions()
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the SCX server role over the network (gRPC, binary frames, optional TLS)",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    p.add_argument("--model", required=True, help=f"model to serve: {weights_names_help()}")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"gRPC port (default {d.port}; 0: any free port)")
+    p.add_argument(
+        "--ops-port",
+        type=int,
+        default=d.ops_port,
+        help=f"HTTP port of /health and /metrics (default {d.ops_port}; 0: any free port; -1: none)",
+    )
+    p.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--workers", type=int, default=d.workers, help=f"compute threads (default {d.workers})")
+    p.add_argument(
+        "--batch-rows",
+        type=int,
+        default=d.batch_rows,
+        help=f"tile of the middle blocks' cross-session batches (default {d.batch_rows}; 1: no batching)",
+    )
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="most gen_mid rows in one batch")
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions, help="most sessions at once")
+    p.add_argument("--max-message-mb", type=int, default=d.max_message_bytes >> 20, help="largest frame, MiB")
+    p.add_argument("--max-rows", type=int, default=d.max_rows, help="most rows one session may reach")
+    p.add_argument("--max-decoys", type=int, default=d.max_decoys, help="most decoy rows at one stage")
+    p.add_argument(
+        "--max-cache-mb", type=int, default=d.max_cache_bytes >> 20, help="all sessions' caches together, MiB"
+    )
+    p.add_argument(
+        "--idle-timeout", type=float, default=d.idle_timeout, help="seconds before an idle session is evicted"
+    )
+    p.add_argument("--grace", type=float, default=d.grace, help="seconds open sessions get at shutdown")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate (with --tls-key: serve scxs://)")
+    p.add_argument("--tls-key", default=None, help="PEM private key")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, serve until SIGTERM/SIGINT, shut down gracefully."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's own info lines are not JSON; errors still show
+    from ..protocol.server import Server
+    from ..service.service import SCXService, ServeOptions
+
+    opts = ServeOptions(
+        host=args.host,
+        port=args.port,
+        ops_port=None if args.ops_port < 0 else args.ops_port,
+        workers=args.workers,
+        batch_rows=args.batch_rows,
+        max_batch=args.max_batch,
+        max_sessions=args.max_sessions,
+        max_message_bytes=args.max_message_mb << 20,
+        max_rows=args.max_rows,
+        max_decoys=args.max_decoys,
+        max_cache_bytes=args.max_cache_mb << 20,
+        idle_timeout=args.idle_timeout,
+        grace=args.grace,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLines())
+    logger = logging.getLogger("scx.serve")
+    logger.addHandler(handler)
+    logger.setLevel(args.log_level.upper())
+    logger.propagate = False
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    backend = build_backend(args.model, args.dtype, args.device)
+    server = Server(backend, limits=opts.server_limits(), batch_rows=opts.batch_rows)
+    service = SCXService(server, opts, args.model)
+
+    async def main() -> None:
+        await service.start()
+        scheme = "scxs" if opts.tls_cert else "scx"
+        ops = (
+            "" if service.ops_port is None else f"; ops http://{opts.host}:{service.ops_port}/health /metrics"
+        )
+        print(
+            f"scx serve: {args.model} ({args.dtype}) on {scheme}://{opts.host}:{service.port}{ops}",
+            flush=True,
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: loop.create_task(service.stop()))
+        await service.wait_stopped()
+
+    asyncio.run(main())
+    print("scx serve: stopped", flush=True)
+    return 0

@@ -1,0 +1,239 @@
+"""Generation as production uses it, on the client's logits (the server never sees a logit or a token):
+greedy or sampled tokens chosen by transformers' own logits processors and stopping criteria, EOS and
+stop strings, and a streamer.
+
+The step is Hugging Face ``generate``'s, operation for operation: the last row's logits copied to float32,
+the processors in ``generate``'s order (repetition penalty; then, when sampling, temperature, top-k,
+top-p), then ``argmax`` or ``softmax`` + ``torch.multinomial`` — drawn from a ``torch.Generator`` seeded by
+``seed`` (never the global random state). So with the same model, seed and settings a single sequence
+gets HF ``generate``'s tokens, token for token (tested in float64).
+
+Options not listed in :data:`GENERATE_OPTIONS` are refused by name (:func:`generation_settings`), never
+ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import ConfigError, SCXError
+
+__all__ = ["GENERATE_OPTIONS", "SUPPORTED", "GenerationSettings", "generate_tokens", "generation_settings"]
+
+#: What ``SCXModel.generate`` accepts besides ``input_ids`` (the one place generation options are named).
+GENERATE_OPTIONS: dict[str, str] = {
+    "max_new_tokens": "new tokens per row (an integer >= 0)",
+    "max_length": "prompt width + new tokens (instead of max_new_tokens)",
+    "attention_mask": "left padding (0s then 1s per row)",
+    "eos_token_id": "an id, a list of ids, or None (never stop)",
+    "pad_token_id": "the id that pads finished rows",
+    "do_sample": "True samples, False (default) decodes greedily",
+    "num_beams": "1 only (no beam search)",
+    "temperature": "a number > 0 (sampling)",
+    "top_k": "an integer >= 0 (sampling; 0 keeps every token)",
+    "top_p": "a number in [0, 1] (sampling)",
+    "repetition_penalty": "a number > 0",
+    "seed": "an integer >= 0 seeding the sampler (default: fresh entropy)",
+    "stop_strings": "a string or a list of strings (needs tokenizer)",
+    "tokenizer": "the model's tokenizer (for stop_strings)",
+    "streamer": "an object with put(ids) and end(), as HF's streamers",
+}
+#: The option names (:data:`GENERATE_OPTIONS`' keys).
+SUPPORTED: tuple[str, ...] = tuple(GENERATE_OPTIONS)
+
+#: transformers' defaults for the sampling options (``GenerationConfig``), used when neither the call
+#: nor the model's ``generation_config`` sets one.
+_HF_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Validated generation options (see :func:`generation_settings`)."""
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    stop_strings: tuple[str, ...] = ()
+
+    def processors(self) -> Any:
+        """transformers' ``LogitsProcessorList`` for these settings, in ``generate``'s order."""
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        out = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            out.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.do_sample:
+            if self.temperature != 1.0:
+                out.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k != 0:
+                out.append(TopKLogitsWarper(top_k=self.top_k, min_tokens_to_keep=1))
+            if self.top_p < 1.0:
+                out.append(TopPLogitsWarper(top_p=self.top_p, min_tokens_to_keep=1))
+        return out
+
+    def generator(self) -> Any:
+        """A ``torch.Generator`` seeded with ``seed`` (from the OS's entropy when None)."""
+        import torch
+
+        g = torch.Generator()
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+
+def _number(v: Any, name: str, lo: float, hi: float | None = None, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        raise ConfigError(f"{name} must be a finite number, got {v!r}")
+    if v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+        rng = f"{'(' if lo_open else '['}{lo:g}, {'∞)' if hi is None else f'{hi:g}]'}"
+        raise ConfigError(f"{name} must lie in {rng}, got {v!r}")
+    return float(v)
+
+
+def _int(v: Any, name: str, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 0) -> GenerationSettings:
+    """Validated settings from ``options`` (the call's keyword arguments; None counts as absent for
+    ``max_new_tokens``/``max_length``) over ``defaults`` (a model's ``generation_config``, or None) over
+    transformers' defaults; ``width`` is the prompt width (for ``max_length``).
+
+    ConfigError naming every option not in :data:`GENERATE_OPTIONS` (e.g. ``min_p``) with what is
+    supported, and for a value out of range: exactly one of ``max_new_tokens`` and ``max_length``,
+    ``num_beams`` 1 only. ``eos_token_id=None`` never stops at EOS; when absent, the model's EOS is used.
+    """
+    unknown = sorted(set(options) - set(GENERATE_OPTIONS))
+    if unknown:
+        supported = "; ".join(f"{k}: {v}" for k, v in GENERATE_OPTIONS.items())
+        raise ConfigError(
+            f"unsupported generation option(s) {', '.join(map(repr, unknown))}. Supported: {supported}"
+        )
+
+    def pick(name: str) -> Any:
+        if name in options:
+            return options[name]
+        v = getattr(defaults, name, None) if defaults is not None else None
+        return _HF_DEFAULTS.get(name) if v is None else v
+
+    do_sample = options.get("do_sample", getattr(defaults, "do_sample", False) or False)
+    if not isinstance(do_sample, bool):
+        raise ConfigError(f"do_sample must be True or False, got {do_sample!r}")
+    beams = options.get("num_beams", 1)
+    if isinstance(beams, bool) or beams != 1:
+        raise ConfigError(f"num_beams must be 1 (SCX has no beam search), got {beams!r}")
+    has_new = options.get("max_new_tokens") is not None
+    has_len = options.get("max_length") is not None
+    if has_new == has_len:
+        raise ConfigError("give exactly one of max_new_tokens and max_length")
+    if has_new:
+        n_new = _int(options["max_new_tokens"], "max_new_tokens", 0)
+    else:
+        n_new = _int(options["max_length"], "max_length", width) - width
+    has_eos = "eos_token_id" in options
+    eos_raw = options["eos_token_id"] if has_eos else getattr(defaults, "eos_token_id", None)
+    eos = [eos_raw] if isinstance(eos_raw, (int, np.integer)) and not isinstance(eos_raw, bool) else eos_raw
+    if isinstance(eos, bool) or not isinstance(eos, (list, tuple, type(None))):
+        raise ConfigError(f"eos_token_id must be an id, a list of ids or None, got {eos_raw!r}")
+    stops = options.get("stop_strings") or ()
+    stops = (stops,) if isinstance(stops, str) else tuple(stops)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ConfigError("stop_strings must be a non-empty string or a list of them")
+    pad = options["pad_token_id"] if "pad_token_id" in options else getattr(defaults, "pad_token_id", None)
+    seed = options.get("seed")
+    top_k = pick("top_k")
+    return GenerationSettings(
+        max_new_tokens=n_new,
+        do_sample=do_sample,
+        temperature=_number(pick("temperature"), "temperature", 0.0, lo_open=True),
+        top_k=0 if top_k is None else _int(top_k, "top_k", 0),
+        top_p=_number(pick("top_p"), "top_p", 0.0, 1.0),
+        repetition_penalty=_number(pick("repetition_penalty"), "repetition_penalty", 0.0, lo_open=True),
+        seed=None if seed is None else _int(seed, "seed", 0),
+        eos_token_ids=tuple(_int(e, "eos_token_id", 0) for e in (eos or [])),
+        pad_token_id=None if pad is None else _int(pad, "pad_token_id", 0),
+        stop_strings=stops,
+    )
+
+
+def generate_tokens(
+    prompt: npt.NDArray[np.int64],
+    settings: GenerationSettings,
+    prefill: Callable[[npt.NDArray[np.int64]], npt.NDArray[Any]],
+    decode: Callable[[int], npt.NDArray[Any]],
+    *,
+    generator: Any = None,
+    tokenizer: Any = None,
+    streamer: Any = None,
+) -> list[int]:
+    """Up to ``settings.max_new_tokens`` new tokens after ``prompt``: ``prefill(ids)`` gives the prompt's
+    logits (n × V), ``decode(token)`` the next logits (V,) — an SCX client's, for instance.
+
+    Stops after an EOS token (kept) or when the text ends a stop string (transformers'
+    ``StopStringCriteria``; needs ``tokenizer``). ``streamer`` gets ``put(prompt)``, ``put`` of each new
+    token and ``end()``, as HF's. An SCXError after k ≥ 0 tokens is raised again, its class kept, with
+    those k tokens in its ``tokens`` (the streamer has already shown them)."""
+    import torch
+
+    processors = settings.processors()
+    stopping = None
+    if settings.stop_strings:
+        if tokenizer is None:
+            raise ConfigError("stop_strings needs the model's tokenizer (tokenizer=...)")
+        from transformers import StopStringCriteria
+
+        stopping = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(settings.stop_strings))
+    gen = generator if generator is not None else settings.generator()
+    ids = torch.as_tensor(np.asarray(prompt, dtype=np.int64))[None, :]
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    new: list[int] = []
+    try:
+        if settings.max_new_tokens:
+            logits = prefill(np.asarray(prompt, dtype=np.int64))[-1]
+            while True:
+                scores = processors(ids, torch.from_numpy(np.asarray(logits)).to(torch.float32)[None, :])
+                if settings.do_sample:
+                    probs = torch.nn.functional.softmax(scores, dim=-1)
+                    tok = int(torch.multinomial(probs, num_samples=1, generator=gen)[0, 0])
+                else:
+                    tok = int(torch.argmax(scores, dim=-1)[0])
+                new.append(tok)
+                ids = torch.cat([ids, torch.tensor([[tok]])], dim=-1)
+                if streamer is not None:
+                    streamer.put(torch.tensor([tok]))
+                if (
+                    len(new) >= settings.max_new_tokens
+                    or tok in settings.eos_token_ids
+                    or (stopping is not None and bool(stopping(ids, scores)[0]))
+                ):
+                    break
+                logits = decode(tok)
+    except SCXError as exc:
+        exc.tokens = list(new)
+        raise
+    finally:
+        if streamer is not None:
+            streamer.end()
+    return new

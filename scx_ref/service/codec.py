@@ -1,0 +1,323 @@
+"""The wire format of ``scx serve``: one binary frame per protocol message, arrays as raw little-endian
+buffers behind a small typed header — never a float as text.
+
+Frame layout (every integer little-endian)::
+
+    0   4  magic   b"SCX" + version byte (1)
+    4   1  kind    1 request, 2 reply, 3 error, 4 hello
+    5   3  zero
+    8   4  H       header length in bytes
+    12  H  header  UTF-8 JSON object (no floats, no NaN/Infinity: numbers in it are integers)
+    ... arrays, each starting at the next multiple of 64 bytes from the frame start, in header order;
+        the frame ends exactly where the last array ends
+
+The header of a request or reply holds ``session``, ``stage`` (the :class:`~scx_ref.stages.Stage` wire
+value), ``layer``, ``step``, ``seq``, ``meta`` (JSON values: strings, integers, booleans, null, lists and
+objects of them), ``arrays`` (a list of ``[name, dtype, shape]`` with dtype one of ``<f4``, ``<f8``,
+``<i8``) and, in a request, ``token``. An error frame's header is ``{"error": class name, "message": text,
+"seq": int}``; a hello frame's header is free-form metadata (no arrays).
+
+:func:`decode` validates everything before it allocates anything proportional to a declared size: the
+magic, the kind, the header length against :class:`WireLimits`, the JSON, every field's type and range,
+every array's dtype and shape, and that the declared sizes add up to exactly the bytes received. Any
+violation raises :class:`~scx_ref.errors.WireError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import WireError
+from ..protocol.messages import Reply, Request
+from ..stages import Stage
+
+__all__ = [
+    "DTYPES",
+    "Frame",
+    "FrameKind",
+    "WireLimits",
+    "decode",
+    "encode_error",
+    "encode_hello",
+    "encode_reply",
+    "encode_request",
+    "reply_from",
+    "request_from",
+    "to_wire_array",
+]
+
+MAGIC = b"SCX\x01"
+_PREFIX = struct.Struct("<4sB3xI")
+ALIGN = 64
+#: The dtypes arrays may travel in (float32, float64, int64 — the permutations of key sharing).
+DTYPES: dict[str, np.dtype[Any]] = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8"), "<i8": np.dtype("<i8")}
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_HEX = re.compile(r"^[0-9a-f]{1,128}$")
+_INT_MAX = 2**31 - 1
+
+
+class FrameKind(IntEnum):
+    """What a frame carries."""
+
+    REQUEST = 1
+    REPLY = 2
+    ERROR = 3
+    HELLO = 4
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """Bounds :func:`decode` enforces before allocating: header bytes, frame bytes, arrays per frame,
+    dimensions per array."""
+
+    max_header: int = 64 * 1024
+    max_frame: int = 1 << 30
+    max_arrays: int = 8
+    max_ndim: int = 4
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A decoded frame: its kind, its header (validated JSON) and its arrays (writable numpy)."""
+
+    kind: FrameKind
+    header: dict[str, Any]
+    arrays: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
+
+
+def _pad(n: int) -> int:
+    return -n % ALIGN
+
+
+def to_wire_array(x: Any) -> npt.NDArray[Any]:
+    """``x`` (numpy array or torch tensor) as a C-contiguous little-endian numpy array in a wire dtype:
+    floating arrays as float32 or float64 (bf16/fp16 widen exactly to float32), integer ones as int64.
+    WireError for any other kind of array."""
+    if hasattr(x, "detach"):  # a torch tensor
+        t = x.detach().to("cpu")
+        if t.is_floating_point() and t.dtype.itemsize < 4:
+            t = t.float()
+        x = t.numpy()
+    arr = np.asarray(x)
+    target: np.dtype[Any]
+    if np.issubdtype(arr.dtype, np.floating):
+        target = np.dtype("<f8") if arr.dtype.itemsize == 8 else np.dtype("<f4")
+        if arr.dtype.itemsize > 8:
+            raise WireError(f"array dtype {arr.dtype} has no wire form (float32 or float64)")
+    elif np.issubdtype(arr.dtype, np.integer):
+        target = np.dtype("<i8")
+    else:
+        raise WireError(f"array dtype {arr.dtype} has no wire form")
+    return np.ascontiguousarray(arr, dtype=target)
+
+
+def _plain(value: Any, where: str, depth: int = 0) -> Any:
+    """``value`` as JSON data with no float anywhere (numpy integers and booleans become Python ones)."""
+    if depth > 4:
+        raise WireError(f"{where} is nested too deeply")
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where, depth + 1) for v in value]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise WireError(f"{where} has a non-string key {k!r}")
+            out[k] = _plain(v, where, depth + 1)
+        return out
+    raise WireError(
+        f"{where} holds a {type(value).__name__}; only strings, integers, booleans, null, lists and "
+        "objects travel in a header (numbers that are not integers travel as arrays)"
+    )
+
+
+def _frame(kind: FrameKind, header: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> bytes:
+    header = dict(header)
+    header["arrays"] = [[name, a.dtype.str, list(a.shape)] for name, a in arrays.items()]
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    parts: list[bytes | memoryview] = [_PREFIX.pack(MAGIC, int(kind), len(head)), head]
+    pos = _PREFIX.size + len(head)
+    for a in arrays.values():
+        pad = _pad(pos)
+        parts.append(b"\0" * pad)
+        buf = a.reshape(-1).view(np.uint8).data if a.size else memoryview(b"")
+        parts.append(buf)
+        pos += pad + a.nbytes
+    return b"".join(parts)
+
+
+def _arrays(arrays: dict[str, Any], convert: Callable[[Any], npt.NDArray[Any]]) -> dict[str, Any]:
+    out = {}
+    for name, a in arrays.items():
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise WireError(f"array name {name!r} is not a short lower-case identifier")
+        out[name] = to_wire_array(convert(a))
+    return out
+
+
+def encode_request(req: Request, convert: Callable[[Any], Any] = lambda a: a) -> bytes:
+    """The frame of ``req``; ``convert`` maps each array to numpy first (e.g. a backend's ``to_numpy``)."""
+    header = {
+        "session": req.session,
+        "stage": Stage(req.stage).value,
+        "layer": int(req.layer),
+        "step": int(req.step),
+        "seq": int(req.seq),
+        "token": req.token,
+        "meta": _plain(req.meta, "request meta"),
+    }
+    return _frame(FrameKind.REQUEST, header, _arrays(req.arrays, convert))
+
+
+def encode_reply(reply: Reply, convert: Callable[[Any], Any] = lambda a: a) -> bytes:
+    """The frame of ``reply``; ``convert`` maps each array to numpy first."""
+    header = {
+        "session": reply.session,
+        "stage": Stage(reply.stage).value,
+        "layer": int(reply.layer),
+        "step": int(reply.step),
+        "seq": int(reply.seq),
+        "meta": _plain(reply.meta, "reply meta"),
+    }
+    return _frame(FrameKind.REPLY, header, _arrays(reply.arrays, convert))
+
+
+def encode_error(error: str, message: str, seq: int = -1) -> bytes:
+    """An error frame: the exception's class name, its message (no array contents) and the request's seq."""
+    return _frame(FrameKind.ERROR, {"error": error, "message": message[:2000], "seq": int(seq)}, {})
+
+
+def encode_hello(info: dict[str, Any]) -> bytes:
+    """A hello frame carrying ``info`` (strings, integers, booleans, lists, objects)."""
+    return _frame(FrameKind.HELLO, _plain(info, "hello"), {})
+
+
+# -- decoding ---------------------------------------------------------------------------------------
+def _no_float(text: str) -> Any:
+    raise WireError(f"a header holds the non-integer number {text[:20]!r}")
+
+
+def _int(h: dict[str, Any], key: str, lo: int) -> int:
+    v = h.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= _INT_MAX:
+        raise WireError(f"header field {key!r} must be an integer in [{lo}, {_INT_MAX}], got {v!r}")
+    return v
+
+
+def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = None) -> Frame:
+    """Parse and validate one frame (see the module doc); WireError on anything malformed.
+
+    Guarantee: nothing is allocated in proportion to a declared size until the declared sizes are shown
+    to add up to exactly ``len(data)``; the arrays returned are writable copies in their wire dtype."""
+    lim = limits or WireLimits()
+    view = memoryview(data).cast("B")
+    total = len(view)
+    if total > lim.max_frame:
+        raise WireError(f"frame of {total} bytes exceeds the limit of {lim.max_frame}")
+    if total < _PREFIX.size:
+        raise WireError(f"truncated frame: {total} bytes, a frame needs at least {_PREFIX.size}")
+    magic, kind_raw, hlen = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise WireError("not an SCX frame (bad magic or version)")
+    if bytes(view[5:8]) != b"\0\0\0":
+        raise WireError("reserved header bytes are not zero")
+    try:
+        kind = FrameKind(kind_raw)
+    except ValueError:
+        raise WireError(f"unknown frame kind {kind_raw}") from None
+    if hlen > lim.max_header:
+        raise WireError(f"header of {hlen} bytes exceeds the limit of {lim.max_header}")
+    if _PREFIX.size + hlen > total:
+        raise WireError(f"truncated frame: header declares {hlen} bytes, {total - _PREFIX.size} present")
+    try:
+        header = json.loads(
+            bytes(view[_PREFIX.size : _PREFIX.size + hlen]).decode("utf-8"),
+            parse_float=_no_float,
+            parse_constant=_no_float,
+        )
+    except WireError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise WireError(f"frame header is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(header, dict):
+        raise WireError("frame header must be a JSON object")
+    specs = header.pop("arrays", [])
+    if not isinstance(specs, list) or len(specs) > lim.max_arrays:
+        raise WireError(f"'arrays' must be a list of at most {lim.max_arrays} entries")
+    layout: list[tuple[str, str, tuple[int, ...], int, int]] = []
+    pos = _PREFIX.size + hlen
+    for spec in specs:
+        if not (isinstance(spec, list) and len(spec) == 3):
+            raise WireError("each array must be declared as [name, dtype, shape]")
+        name, dt, shape = spec
+        if not isinstance(name, str) or not _NAME.match(name) or any(name == n for n, *_ in layout):
+            raise WireError(f"array name {name!r} is invalid or repeated")
+        if not isinstance(dt, str) or dt not in DTYPES:
+            raise WireError(f"array {name!r}: dtype {dt!r} is not one of {sorted(DTYPES)}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > lim.max_ndim
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= _INT_MAX for s in shape)
+        ):
+            raise WireError(f"array {name!r}: shape {shape!r} is not a list of at most {lim.max_ndim} sizes")
+        nbytes = DTYPES[dt].itemsize * int(np.prod(shape, dtype=object))  # exact: Python integers
+        pos += _pad(pos)
+        layout.append((name, dt, tuple(shape), pos, nbytes))
+        pos += nbytes
+        if pos > total:
+            raise WireError(f"truncated frame: array {name!r} declares bytes past the frame's {total}")
+    if pos != total:
+        raise WireError(f"frame has {total - pos} bytes after its last array")
+    arrays = {}
+    for name, dt, shape, start, nbytes in layout:
+        arrays[name] = np.frombuffer(bytearray(view[start : start + nbytes]), dtype=DTYPES[dt]).reshape(shape)
+    return Frame(kind, header, arrays)
+
+
+def _common(frame: Frame) -> tuple[str, Stage, int, int, int, dict[str, Any]]:
+    h = frame.header
+    session = h.get("session")
+    if not isinstance(session, str) or not _HEX.match(session):
+        raise WireError("header field 'session' must be a lower-case hex string of at most 128 digits")
+    stage_raw = h.get("stage")
+    try:
+        stage = Stage(stage_raw)
+    except ValueError:
+        raise WireError(f"header field 'stage' names no stage: {str(stage_raw)[:40]!r}") from None
+    meta = h.get("meta", {})
+    if not isinstance(meta, dict):
+        raise WireError("header field 'meta' must be an object")
+    return session, stage, _int(h, "layer", -1), _int(h, "step", -1), _int(h, "seq", 0), meta
+
+
+def request_from(frame: Frame) -> Request:
+    """The :class:`Request` a request frame carries (WireError for another kind or a bad field)."""
+    if frame.kind is not FrameKind.REQUEST:
+        raise WireError(f"expected a request frame, got {frame.kind.name.lower()}")
+    session, stage, layer, step, seq, meta = _common(frame)
+    token = frame.header.get("token", "")
+    if not isinstance(token, str) or len(token) > 512:
+        raise WireError("header field 'token' must be a string of at most 512 characters")
+    return Request(session, stage, layer, step, seq, dict(frame.arrays), meta, token)
+
+
+def reply_from(frame: Frame) -> Reply:
+    """The :class:`Reply` a reply frame carries (WireError for another kind or a bad field)."""
+    if frame.kind is not FrameKind.REPLY:
+        raise WireError(f"expected a reply frame, got {frame.kind.name.lower()}")
+    session, stage, layer, step, seq, meta = _common(frame)
+    return Reply(session, stage, layer, step, seq, dict(frame.arrays), meta)

@@ -1,0 +1,274 @@
+"""The client's side of ``scx serve``: :class:`RemoteTransport`, the same
+:class:`~scx_ref.protocol.transport.Transport` interface as the in-process one, over the network.
+
+``RemoteTransport("scx://host:port", backend)`` (``scxs://`` for TLS) opens one gRPC stream, greets the
+server — whose model fingerprint and wire dtype must match the client's, else ConfigError — and then
+carries each :class:`~scx_ref.protocol.messages.Request` as one frame and returns the
+:class:`~scx_ref.protocol.messages.Reply`, its arrays converted to the client backend's arrays. An error
+the server reports comes back as the same SCXError class, with the server's message.
+
+Timeouts: ``connect_timeout`` to reach the server, ``timeout`` for each reply. A server that does not
+answer in time, goes away or cannot be reached raises :class:`~scx_ref.errors.ServiceError` — never a
+hang; the stream is then dropped (the server evicts its session) and the next message opens a new one,
+on which only a new session (``open``) can start.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import ConfigError, SCXError, ServiceError
+from ..protocol.cost import CostMeter
+from ..protocol.messages import Reply, Request
+from .codec import FrameKind, WireLimits, decode, encode_hello, encode_request, reply_from
+from .service import METHOD, model_fingerprint
+
+__all__ = ["RemoteTransport", "parse_url"]
+
+_SCHEMES = {"scx": False, "scxs": True}
+
+
+def parse_url(url: str) -> tuple[str, int, bool]:
+    """(host, port, tls) of ``scx://host:port`` or ``scxs://host:port`` (ConfigError otherwise)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid server URL {url!r}: {exc}") from None
+    if parts.scheme not in _SCHEMES or not parts.hostname or port is None:
+        raise ConfigError(f"server URL must be scx://HOST:PORT or scxs://HOST:PORT (TLS), got {url!r}")
+    if parts.path not in ("", "/") or parts.query:
+        raise ConfigError(f"server URL takes no path or query: {url!r}")
+    return parts.hostname, port, _SCHEMES[parts.scheme]
+
+
+def _error_class(name: str) -> type[SCXError]:
+    """The SCXError subclass called ``name`` (ServiceError when there is none)."""
+    todo: list[type[SCXError]] = [SCXError]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == name:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return ServiceError
+
+
+class _Watchdog:
+    """Cancels the current gRPC call when a reply is overdue (one thread per transport)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._deadline: float | None = None
+        self._call: Any = None
+        self.fired = False
+        self._thread = threading.Thread(target=self._run, name="scx-remote-watchdog", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def arm(self, call: Any, seconds: float) -> None:
+        with self._cv:
+            self._call, self._deadline, self.fired = call, time.monotonic() + seconds, False
+            self._cv.notify()
+
+    def disarm(self) -> None:
+        with self._cv:
+            self._deadline = None
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+
+    def _run(self) -> None:
+        with self._cv:
+            while not self._closed:
+                if self._deadline is None:
+                    self._cv.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._cv.wait(left)
+                    continue
+                self.fired = True
+                self._deadline = None
+                self._call.cancel()
+
+
+class RemoteTransport:
+    """A :class:`~scx_ref.protocol.transport.Transport` to an ``scx serve`` server (see the module doc).
+
+    ``ops``: the client backend (its ``from_numpy`` converts reply arrays, and its config and dtype are
+    checked against the server's); None keeps numpy arrays and checks nothing. The meter counts frame
+    bytes (headers included) each way.
+    ``tls_ca``: a PEM file of the CA that signed the server's certificate (``scxs://``; None: the system's
+    roots). The transport is not thread-safe: one client thread at a time, as a session is sequential.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        ops: Any = None,
+        *,
+        timeout: float = 120.0,
+        connect_timeout: float = 10.0,
+        tls_ca: str | None = None,
+        max_message_bytes: int = 512 << 20,
+    ) -> None:
+        self.url = url
+        self.host, self.port, self.tls = parse_url(url)
+        if timeout <= 0 or connect_timeout <= 0:
+            raise ConfigError("timeouts must be > 0 seconds")
+        self.ops = ops
+        self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.tls_ca = tls_ca
+        self.max_message_bytes = max_message_bytes
+        self.limits = WireLimits(max_frame=max_message_bytes + 1024)
+        self.meter = CostMeter()
+        self.info: dict[str, Any] | None = None
+        self._channel: Any = None
+        self._call: Any = None
+        self._replies: Iterator[bytes] | None = None
+        self._queue: queue.Queue[bytes | None] | None = None
+        self._watchdog: _Watchdog | None = None
+
+    # -- connection -------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        import grpc
+
+        size = self.max_message_bytes + 1024
+        options = [
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.enable_retries", 0),
+        ]
+        target = f"{self.host}:{self.port}"
+        if self.tls:
+            root = None
+            if self.tls_ca is not None:
+                try:
+                    with open(self.tls_ca, "rb") as f:
+                        root = f.read()
+                except OSError as exc:
+                    raise ConfigError(f"cannot read the TLS CA file {self.tls_ca}: {exc}") from None
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), options)
+        else:
+            self._channel = grpc.insecure_channel(target, options)
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
+        except grpc.FutureTimeoutError:
+            self._drop()
+            raise ServiceError(
+                f"cannot reach the SCX server at {self.url} within {self.connect_timeout:g} s"
+            ) from None
+        if self._watchdog is None:
+            self._watchdog = _Watchdog()
+        q: queue.Queue[bytes | None] = queue.Queue()
+        self._queue = q
+        self._call = self._channel.stream_stream(METHOD)(iter(q.get, None))
+        self._replies = iter(self._call)
+        frame = decode(self._roundtrip(encode_hello({"client": "scx_ref"})), self.limits)
+        if frame.kind is not FrameKind.HELLO or frame.header.get("service") != "scx":
+            self._drop()
+            raise ServiceError(f"{self.url} is not an SCX server")
+        self.info = frame.header
+        self._check_model()
+
+    def _check_model(self) -> None:
+        assert self.info is not None
+        if self.ops is None or not hasattr(self.ops, "embed"):
+            return
+        mine, theirs = model_fingerprint(self.ops), self.info.get("fingerprint")
+        if mine != theirs:
+            self._drop()
+            raise ConfigError(
+                f"the server at {self.url} serves model {self.info.get('model')!r} (fingerprint {theirs}); "
+                f"this client holds {self.ops.config.name!r} (fingerprint {mine}): not the same model"
+            )
+        dt = self.ops.numpy_dtype().str
+        if dt != self.info.get("wire_dtype"):
+            self._drop()
+            raise ConfigError(
+                f"the server computes in {self.info.get('wire_dtype')} and this client in {dt}: SCX is exact "
+                "only when both use the same dtype (start the server with the client's --dtype)"
+            )
+
+    def _drop(self) -> None:
+        """Forget the stream (the server evicts its sessions) and the channel."""
+        if self._queue is not None:
+            self._queue.put(None)
+        if self._call is not None:
+            self._call.cancel()
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = self._call = self._replies = self._queue = None
+
+    def close(self) -> None:
+        """Close the stream and channel (the server frees this stream's sessions)."""
+        self._drop()
+        if self._watchdog is not None:
+            self._watchdog.close()
+            self._watchdog = None
+
+    def __enter__(self) -> RemoteTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- messages ---------------------------------------------------------------------------------
+    def _roundtrip(self, data: bytes) -> bytes:
+        import grpc
+
+        assert self._queue is not None and self._replies is not None and self._watchdog is not None
+        if len(data) > self.max_message_bytes:
+            raise ServiceError(f"message of {len(data)} bytes exceeds max_message_bytes")
+        self._watchdog.arm(self._call, self.timeout)
+        try:
+            self._queue.put(data)
+            out: bytes = next(self._replies)
+            return out
+        except grpc.RpcError as exc:
+            fired = self._watchdog.fired
+            self._drop()
+            if fired:
+                raise ServiceError(
+                    f"no reply from the SCX server at {self.url} within {self.timeout:g} s"
+                ) from None
+            code = exc.code() if hasattr(exc, "code") else None
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            raise ServiceError(
+                f"the SCX server at {self.url} ended the connection ({getattr(code, 'name', code)}: {detail})"
+            ) from None
+        except StopIteration:
+            self._drop()
+            raise ServiceError(f"the SCX server at {self.url} closed the connection") from None
+        finally:
+            self._watchdog.disarm()
+
+    def send(self, request: Request) -> Reply:
+        """Send ``request``, return the server's reply (arrays as the backend's); the server's SCXError
+        re-raised as the same class; ServiceError on a timeout or a lost connection."""
+        if self._call is None:
+            self._connect()
+        data = encode_request(request)
+        back = self._roundtrip(data)
+        frame = decode(back, self.limits)
+        if frame.kind is FrameKind.ERROR:
+            name = str(frame.header.get("error", "ServiceError"))
+            message = str(frame.header.get("message", ""))
+            raise _error_class(name)(f"server: {message}")
+        reply = reply_from(frame)
+        self.meter.message(request.stage, len(data), len(back))  # frame bytes, headers included
+        if self.ops is not None:
+            arrays = {k: self.ops.from_numpy(v) for k, v in reply.arrays.items()}
+            reply = Reply(reply.session, reply.stage, reply.layer, reply.step, reply.seq, arrays, reply.meta)
+        return reply

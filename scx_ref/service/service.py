@@ -1,0 +1,491 @@
+"""``scx serve``: the untrusted :class:`~scx_ref.protocol.Server` as a network service (DESIGN §5.6).
+
+Transport: gRPC (``grpcio``) bidirectional streaming, one stream per connection, carrying the binary
+frames of :mod:`scx_ref.service.codec` (arrays as raw little-endian buffers; no protobuf, no float as
+text). Chosen by measurement over loopback (``models/transport_choice.py``, README "Serve it"): against
+WebSocket libraries (``websockets``, ``uvicorn`` + ``starlette``) it moves the 2 MB messages of a prefill in
+about two thirds of the time and the 2 KB messages of a generation step ~0.1 ms slower; it also brings HTTP/2
+keepalive, flow control, size limits enforced before allocation and TLS.
+
+Concurrency. The event loop does only I/O and frame parsing; every stage runs in a bounded pool of
+``workers`` threads. A stream handles its messages one at a time, in order, so a session's order is kept;
+streams run concurrently. The ``gen_mid`` messages of different sessions that arrive while a batch is
+computing wait for the next batch, which runs them together (:meth:`Server.handle_batch`, tiles of
+``batch_rows`` rows: bit-for-bit the result each session would get alone).
+
+Sessions belong to the stream that opened them: a message for a session opened elsewhere is refused, a
+new ``open`` on a stream ends that stream's previous session, and a stream that ends — the client
+closed it, vanished (keepalive pings time out) or stayed idle past ``idle_timeout`` — takes its sessions
+with it, so their caches are freed.
+
+Operations: ``/health`` (200 serving, 503 draining) and ``/metrics`` (Prometheus text) on the ops port;
+one JSON log line per event, never an array's contents; graceful shutdown — new sessions refused at
+once, open sessions given ``grace`` seconds, in-flight messages finished, then the port closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from ..errors import ConfigError, SCXError, ServiceError, SessionError
+from ..protocol.limits import ServerLimits
+from ..protocol.messages import Reply, Request
+from ..protocol.server import Server
+from ..stages import Stage
+from .codec import (
+    FrameKind,
+    WireLimits,
+    decode,
+    encode_error,
+    encode_hello,
+    encode_reply,
+    request_from,
+)
+
+__all__ = ["METHOD", "SCXService", "ServeOptions", "model_fingerprint"]
+
+#: The gRPC method of a session stream (bytes in, bytes out).
+METHOD = "/scx.v1.SCX/Session"
+log = logging.getLogger("scx.serve")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Where and how ``scx serve`` listens, and its limits.
+
+    host, port         the gRPC listener (port 0: any free port)
+    ops_port           HTTP ``/health`` and ``/metrics`` (0: any free port; None: no ops listener)
+    workers            compute threads (each stage runs on one)
+    batch_rows         tile height of the middle blocks' cross-session batches (1: no batching)
+    max_batch          most ``gen_mid`` rows computed together
+    max_sessions       most sessions (streams) at once; more are refused
+    max_message_bytes  largest frame accepted or sent (and the server's limit on a request's arrays)
+    max_rows           rows one session may reach (its max_length plus its most decoys)
+    max_decoys         decoy rows at any one stage
+    max_cache_bytes    bytes of every session's caches together
+    idle_timeout       seconds a stream may wait between messages, and a session may stay idle, before
+                       its session is evicted
+    grace              seconds open sessions may go on after a shutdown signal
+    tls_cert, tls_key  PEM files; both or neither (then plaintext: loopback or a trusted network only)
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8470
+    ops_port: int | None = 8471
+    workers: int = 2
+    batch_rows: int = 2
+    max_batch: int = 64
+    max_sessions: int = 256
+    max_message_bytes: int = 512 << 20
+    max_rows: int = 1 << 15
+    max_decoys: int = 256
+    max_cache_bytes: int = 8 << 30
+    idle_timeout: float = 300.0
+    grace: float = 10.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "batch_rows", "max_batch", "max_sessions", "max_message_bytes", "max_rows"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("idle_timeout", "grace"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"{name} must be a number > 0, got {v!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
+        self.server_limits()  # the server's own checks of the limits it shares
+
+    def server_limits(self) -> ServerLimits:
+        """The :class:`~scx_ref.protocol.limits.ServerLimits` these options give the protocol server."""
+        return ServerLimits(
+            max_sessions=self.max_sessions,
+            max_rows=self.max_rows,
+            max_decoys=self.max_decoys,
+            max_message_bytes=self.max_message_bytes,
+            max_cache_bytes=self.max_cache_bytes,
+            idle_ttl=float(self.idle_timeout),
+        )
+
+
+def model_fingerprint(backend: Any) -> str:
+    """A short hash of a backend's model — shape, hyper-parameters (not the name) and a sample of its
+    weights (16 embedding rows and block 1's QKV map of 4 unit vectors, rounded to float32, so the same
+    weights in float32 and float64 agree): client and server must agree on it before a session starts."""
+    import numpy as np
+
+    c = backend.config
+    h = hashlib.sha256(
+        json.dumps({k: v for k, v in c.to_dict().items() if k != "name"}, sort_keys=True).encode()
+    )
+    rows = backend.embed(np.arange(min(16, c.vocab_size), dtype=np.int64))
+    unit = backend.from_numpy(np.eye(min(4, c.hidden_size), c.hidden_size))
+    for a in (rows, backend.project(unit, "wqkv", 0)):
+        h.update(np.ascontiguousarray(backend.to_numpy(a), dtype="<f4").tobytes())
+    return h.hexdigest()[:16]
+
+
+class _Metrics:
+    """The service's Prometheus metrics, in their own registry."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
+        self.sessions = Gauge("scx_sessions_open", "SCX sessions open", registry=r)
+        self.streams = Gauge("scx_streams_open", "client streams open", registry=r)
+        self.messages = Counter("scx_messages", "messages handled", ["stage"], registry=r)
+        self.bytes_in = Counter("scx_bytes_received", "frame bytes received", registry=r)
+        self.bytes_out = Counter("scx_bytes_sent", "frame bytes sent", registry=r)
+        self.errors = Counter("scx_errors", "messages refused or failed, by error class", ["cls"], registry=r)
+        self.latency = Histogram(
+            "scx_stage_seconds",
+            "time from a message's arrival to its reply, by stage",
+            ["stage"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.batch = Histogram(
+            "scx_batch_rows", "gen_mid rows per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
+        )
+        self.evicted = Counter("scx_sessions_evicted", "sessions ended by a stream's end", registry=r)
+        self.draining = Gauge("scx_draining", "1 while shutting down", registry=r)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        out: bytes = generate_latest(self.registry)
+        return out
+
+
+def _event(event: str, level: int = logging.INFO, **fields: Any) -> None:
+    """One structured log line (JSON): an event name and scalar fields, never array contents."""
+    if log.isEnabledFor(level):
+        log.log(level, json.dumps({"event": event, **fields}, default=str))
+
+
+class _Stream:
+    """One client stream: the sessions it opened."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.sessions: set[str] = set()
+
+
+class SCXService:
+    """Serves one :class:`~scx_ref.protocol.Server` over gRPC (see the module doc)."""
+
+    def __init__(self, server: Server[Any], options: ServeOptions, model_name: str = "") -> None:
+        self.server = server
+        self.opts = options
+        self.limits = WireLimits(max_frame=options.max_message_bytes)
+        self.metrics = _Metrics()
+        b = server.b
+        self.info = {
+            "service": "scx",
+            "version": 1,
+            "model": model_name or server.c.name,
+            "fingerprint": model_fingerprint(server.b),
+            "wire_dtype": b.numpy_dtype().str,
+            "batch_rows": server.batch_rows,
+            "max_sessions": options.max_sessions,
+            "max_message_bytes": options.max_message_bytes,
+        }
+        self.pool = ThreadPoolExecutor(options.workers, thread_name_prefix="scx-compute")
+        self.draining = False
+        self.closing = False
+        self.inflight = 0
+        self.streams: set[_Stream] = set()
+        self._grpc: Any = None
+        self._http: ThreadingHTTPServer | None = None
+        self._mid: list[tuple[Request, asyncio.Future[bytes]]] = []
+        self._mid_wake: asyncio.Event | None = None
+        self._mid_task: asyncio.Task[None] | None = None
+        self._idle_task: asyncio.Task[None] | None = None
+        self._stopped: asyncio.Event | None = None
+        self.port = 0
+        self.ops_port: int | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind the gRPC (and ops) listeners and start serving; ``port``/``ops_port`` hold the ports."""
+        import grpc
+
+        opts = self.opts
+        size = opts.max_message_bytes + 1024
+        options = [
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.so_reuseport", 0),
+        ]
+        handler = grpc.method_handlers_generic_handler(
+            "scx.v1.SCX", {"Session": grpc.stream_stream_rpc_method_handler(self._session)}
+        )
+        self._grpc = grpc.aio.server(handlers=[handler], options=options)
+        address = f"{opts.host}:{opts.port}"
+        if opts.tls_cert is not None and opts.tls_key is not None:
+            with open(opts.tls_key, "rb") as fk, open(opts.tls_cert, "rb") as fc:
+                creds = grpc.ssl_server_credentials([(fk.read(), fc.read())])
+            self.port = self._grpc.add_secure_port(address, creds)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
+        if not self.port:
+            raise ServiceError(f"cannot listen on {address}")
+        self._mid_wake = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._mid_task = asyncio.get_running_loop().create_task(self._mid_loop())
+        self._idle_task = asyncio.get_running_loop().create_task(self._idle_loop())
+        await self._grpc.start()
+        if opts.ops_port is not None:
+            self._start_http(opts.ops_port)
+        _event("listening", port=self.port, ops_port=self.ops_port, **self.info)
+
+    async def stop(self) -> None:
+        """Graceful shutdown: refuse new sessions, give open ones ``grace`` seconds, let in-flight
+        messages finish, then close the listeners."""
+        if self._stopped is None or self._stopped.is_set():
+            return
+        self.draining = True
+        self.metrics.draining.set(1)
+        _event("draining", sessions=len(self.server.sessions), grace=self.opts.grace)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.opts.grace
+        while self.streams and any(s.sessions for s in self.streams) and loop.time() < end:
+            await asyncio.sleep(0.05)
+        self.closing = True
+        end = loop.time() + max(5.0, self.opts.grace)
+        while self.inflight and loop.time() < end:
+            await asyncio.sleep(0.01)
+        await self._grpc.stop(0)
+        if self._mid_task is not None:
+            self._mid_task.cancel()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        self.pool.shutdown(wait=True)
+        _event("stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`stop` has finished."""
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+    # -- the session stream ---------------------------------------------------------------------
+    async def _session(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        import grpc
+
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        if len(self.streams) >= self.opts.max_sessions:
+            self.metrics.errors.labels("ServerFull").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"server full: {self.opts.max_sessions} sessions open"
+            )
+        stream = _Stream(str(context.peer()))
+        self.streams.add(stream)
+        self.metrics.streams.inc()
+        it = requests.__aiter__()
+        try:
+            while not self.closing:
+                try:
+                    data = await asyncio.wait_for(it.__anext__(), timeout=self.opts.idle_timeout)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    _event("idle_timeout", peer=stream.peer, seconds=self.opts.idle_timeout)
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"no message for {self.opts.idle_timeout:g} s: session closed",
+                    )
+                yield await self._message(stream, data)
+            if self.closing:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        finally:
+            self._evict(stream, "stream ended")
+            self.streams.discard(stream)
+            self.metrics.streams.dec()
+
+    def _evict(self, stream: _Stream, why: str) -> None:
+        for sid in list(stream.sessions):
+            if self.server.drop(sid):
+                self.metrics.evicted.inc()
+                _event("session_closed", session=sid[:12], why=why)
+            stream.sessions.discard(sid)
+        self.metrics.sessions.set(len(self.server.sessions))
+
+    async def _message(self, stream: _Stream, data: bytes) -> bytes:
+        t0 = time.perf_counter()
+        self.metrics.bytes_in.inc(len(data))
+        stage = "invalid"
+        seq = -1
+        self.inflight += 1
+        try:
+            frame = decode(data, self.limits)
+            if frame.kind is FrameKind.HELLO:
+                out = encode_hello(self.info)
+                stage = "hello"
+            else:
+                req = request_from(frame)
+                stage, seq = req.stage.value, req.seq
+                if req.stage is Stage.OPEN:
+                    if self.draining:
+                        raise ServiceError("server is shutting down: new sessions are refused")
+                    self._evict(stream, "a new session opened on its stream")
+                elif req.session not in stream.sessions:
+                    raise SessionError(f"session {req.session[:12]}… is not open on this connection")
+                if req.stage is Stage.GEN_MID and self.server.batch_rows > 1:
+                    out = await self._submit_mid(req)
+                else:
+                    out = await asyncio.get_running_loop().run_in_executor(self.pool, self._compute, req)
+                if req.stage is Stage.OPEN and out[4] == FrameKind.REPLY:
+                    stream.sessions.add(req.session)
+                    _event("session_open", session=req.session[:12], peer=stream.peer)
+                elif req.stage is Stage.CLOSE and out[4] == FrameKind.REPLY:
+                    stream.sessions.discard(req.session)
+                    _event("session_closed", session=req.session[:12], why="closed by its client")
+                self.metrics.sessions.set(len(self.server.sessions))
+        except SCXError as exc:
+            out = self._error(exc, stage, seq)
+        except Exception as exc:  # a bug: log it (no arrays), answer a generic error
+            log.exception("internal error in stage %s", stage)
+            out = self._error(ServiceError(f"internal server error ({type(exc).__name__})"), stage, seq)
+        finally:
+            self.inflight -= 1
+        seconds = time.perf_counter() - t0
+        self.metrics.messages.labels(stage).inc()
+        self.metrics.latency.labels(stage).observe(seconds)
+        self.metrics.bytes_out.inc(len(out))
+        _event(
+            "message",
+            logging.DEBUG,
+            stage=stage,
+            seq=seq,
+            ms=round(1e3 * seconds, 3),
+            up=len(data),
+            down=len(out),
+        )
+        return out
+
+    def _error(self, exc: SCXError, stage: str, seq: int) -> bytes:
+        name = type(exc).__name__
+        self.metrics.errors.labels(name).inc()
+        _event("refused", stage=stage, seq=seq, error=name, message=str(exc)[:300])
+        return encode_error(name, str(exc), seq)
+
+    def _encode(self, reply: Reply | SCXError, req: Request) -> bytes:
+        if isinstance(reply, SCXError):
+            return self._error(reply, req.stage.value, req.seq)
+        data = encode_reply(reply)
+        if len(data) > self.opts.max_message_bytes:
+            too_big = ServiceError(f"reply of {len(data)} bytes exceeds max_message_bytes")
+            return self._error(too_big, req.stage.value, req.seq)
+        return data
+
+    def _compute(self, req: Request) -> bytes:
+        """Runs on a worker thread: the stage, then its reply frame (or error frame)."""
+        try:
+            reply: Reply | SCXError = self.server.handle(req)
+        except SCXError as exc:
+            reply = exc
+        return self._encode(reply, req)
+
+    async def _idle_loop(self) -> None:
+        """Evicts the server's sessions idle past the TTL, a few times per TTL."""
+        period = min(30.0, max(0.5, self.opts.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            n = self.server.evict_idle()
+            if n:
+                self.metrics.evicted.inc(n)
+                self.metrics.sessions.set(len(self.server.sessions))
+                _event("idle_evicted", sessions=n)
+
+    # -- cross-session batching of the middle blocks ---------------------------------------------
+    async def _submit_mid(self, req: Request) -> bytes:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._mid.append((req, fut))
+        assert self._mid_wake is not None
+        self._mid_wake.set()
+        return await fut
+
+    async def _mid_loop(self) -> None:
+        """Runs the queued ``gen_mid`` messages, as many as wait (up to ``max_batch``), one batch at a
+        time: the rows that arrive while a batch computes form the next one."""
+        assert self._mid_wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._mid_wake.wait()
+            self._mid_wake.clear()
+            while self._mid:
+                batch = self._mid[: self.opts.max_batch]
+                del self._mid[: len(batch)]
+                self.metrics.batch.observe(len(batch))
+                try:
+                    results = await loop.run_in_executor(self.pool, self._compute_mid, [r for r, _ in batch])
+                except Exception as exc:  # a bug: every waiting message gets the error
+                    log.exception("internal error in a gen_mid batch")
+                    results = [encode_error("ServiceError", f"internal server error ({type(exc).__name__})")]
+                    results *= len(batch)
+                for (_, fut), res in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(res)
+
+    def _compute_mid(self, reqs: list[Request]) -> list[bytes]:
+        replies = self.server.handle_batch(reqs)
+        return [self._encode(rep, req) for rep, req in zip(replies, reqs, strict=True)]
+
+    # -- ops endpoint -----------------------------------------------------------------------------
+    def _start_http(self, port: int) -> None:
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/health":
+                    body = json.dumps(
+                        {
+                            "status": "draining" if service.draining else "serving",
+                            "sessions": len(service.server.sessions),
+                            "streams": len(service.streams),
+                            **service.info,
+                        }
+                    ).encode()
+                    self._send(503 if service.draining else 200, "application/json", body)
+                elif self.path == "/metrics":
+                    self._send(200, "text/plain; version=0.0.4", service.metrics.text())
+                else:
+                    self._send(404, "text/plain", b"not found: /health, /metrics\n")
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self._http = ThreadingHTTPServer((self.opts.host, port), Handler)
+        self._http.daemon_threads = True
+        self.ops_port = int(self._http.server_address[1])
+        threading.Thread(target=self._http.serve_forever, name="scx-ops", daemon=True).start()
