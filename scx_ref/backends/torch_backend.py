@@ -151,7 +151,7 @@ def _all_finite(t: torch.Tensor) -> bool:
     overflow of finite terms) falls back to the elementwise test."""
     if t.numel() == 0:
         return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+    if math.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).item()):
         return True
     return bool(torch.isfinite(t).all())
 
@@ -216,7 +216,8 @@ class TorchOps:
             t = torch.from_numpy(np.ascontiguousarray(arr))
         if not t.is_floating_point():
             raise DTypeError(f"{name} must be a floating-point array, got dtype {t.dtype}")
-        t = t.to(device=self.device, dtype=self.dtype)
+        if t.dtype != self.dtype or t.device != self.device:
+            t = t.to(device=self.device, dtype=self.dtype)
         if finite and not _all_finite(t):
             raise NonFiniteError(f"{name} holds NaN or Inf")
         return t
@@ -439,6 +440,8 @@ class TorchBackend(TorchOps):
 
     # -- position and attention ----------------------------------------------------------------
     def _cos_sin(self, positions: IndexArray) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (rows × d_h) at ``positions``: a view of the cached tables for consecutive positions
+        (a prompt, a decode step), one gather otherwise."""
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         if pos.size and pos.min() < 0:
             raise ShapeError("RoPE positions must be >= 0")
@@ -452,18 +455,33 @@ class TorchBackend(TorchOps):
                     c, s = ops.rope_cos_sin(np.arange(size), self.config.head_dim, self.config.rope_theta)
                     cos, sin = _t(c, self._compute, self.device), _t(s, self._compute, self.device)
                     self._rope = (cos, sin)
+        start = int(pos[0]) if pos.size else 0
+        if pos.size == 0 or (need - start == pos.size and bool(np.all(np.diff(pos) == 1))):
+            return cos.narrow(0, start, pos.size), sin.narrow(0, start, pos.size)
         idx = self._idx(pos)
         return cos.index_select(0, idx), sin.index_select(0, idx)
 
     def rope(self, x: torch.Tensor, positions: IndexArray) -> torch.Tensor:
-        """RoPE (HF rotate_half) on rows × heads × d_h: x·cos + rotate_half(x)·sin at each row's position."""
+        """RoPE (HF rotate_half) on rows × heads × d_h at each row's position: x·cos + rotate_half(x)·sin
+        with rotate_half(x) = [−x₂, x₁]. HF's tables repeat their halves (cos = [c, c], sin = [s, s]), so
+        the result is [x₁c − x₂s, x₂c + x₁s]: four elementwise passes written into one output, no
+        intermediate. ``x`` may be a strided view (e.g. the Q and K heads of a fused QKV row)."""
         if x.ndim != 3:
             raise ShapeError(f"RoPE input must be rows × heads × head_dim, got {tuple(x.shape)}")
         cos, sin = self._cos_sin(positions)
+        if cos.shape[0] != x.shape[0]:
+            raise ShapeError(f"{cos.shape[0]} positions for {x.shape[0]} rows")
         xc = x.to(self._compute)
         half = x.shape[-1] // 2
-        rotated = torch.cat([-xc[..., half:], xc[..., :half]], dim=-1)
-        return (xc * cos[:, None, :] + rotated * sin[:, None, :]).to(self.dtype)
+        c, s = cos[:, None, :half], sin[:, None, :half]
+        x1, x2 = xc[..., :half], xc[..., half:]
+        out = torch.empty(xc.shape, dtype=self._compute, device=x.device)
+        o1, o2 = out[..., :half], out[..., half:]
+        torch.mul(x1, c, out=o1)
+        o1.addcmul_(x2, s, value=-1)
+        torch.mul(x2, c, out=o2)
+        o2.addcmul_(x1, s)
+        return out if out.dtype == self.dtype else out.to(self.dtype)
 
     def attention(
         self,
@@ -474,7 +492,13 @@ class TorchBackend(TorchOps):
         k_positions: IndexArray | None,
     ) -> torch.Tensor:
         """Causal GQA attention (query at position p sees keys at positions ≤ p; all keys when
-        ``k_positions`` is None). Returns rows × H × d_h."""
+        ``k_positions`` is None). Returns rows × H × d_h.
+
+        Runs as one batched (1 × heads × rows × d_h) ``scaled_dot_product_attention`` with ``enable_gqa``
+        — on CPU the fused flash kernel, which a 3-D call without the batch axis misses — with
+        ``is_causal`` when the keys are the queries' own rows in true order, no mask when every query
+        sees every key, and a boolean mask otherwise. Inputs may be strided views (rows × heads × d_h
+        of a wider array); the output is contiguous rows × H × d_h."""
         n_q, n_heads, _ = q.shape
         n_k, n_kv, _ = k.shape
         if n_heads % n_kv or v.shape[:2] != k.shape[:2]:
@@ -496,11 +520,11 @@ class TorchBackend(TorchOps):
                 mask = torch.from_numpy(kp[None, :] <= qp[:, None]).to(self.device)
         if n_k == 0:
             return q.new_zeros(n_q, n_heads, v.shape[-1])
-        qt, kt, vt = (t.transpose(0, 1).to(self._compute) for t in (q, k, v))
+        qt, kt, vt = (t.to(self._compute).transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         out = F.scaled_dot_product_attention(
             qt, kt, vt, attn_mask=mask, is_causal=causal, enable_gqa=n_heads != n_kv
-        )
-        return out.transpose(0, 1).to(self.dtype).contiguous()
+        )[0].transpose(0, 1)  # the CPU kernel writes rows × heads × d_h: this view is contiguous
+        return out.to(self.dtype).contiguous()
 
     def _masked_scores(
         self, q: torch.Tensor, k: torch.Tensor, qp: npt.NDArray[np.int64], kp: npt.NDArray[np.int64]
