@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..arrays import permute_rows_in_place
 from ..config import ModelConfig
 from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError, VocabularyError
 from ..transforms import blinding_correction
@@ -201,6 +202,13 @@ class TorchOps:
             y = y.to(self._wire)
         return np.asarray(y.cpu().numpy())  # a fresh tensor: its memory is not shared
 
+    def head_to_numpy(self, x: torch.Tensor, n: int) -> npt.NDArray[Any]:
+        """``x[:n]`` as numpy: a view of a CPU tensor already in the wire dtype, a copy otherwise."""
+        x = x.detach()
+        if x.device.type == "cpu" and x.dtype == self._wire:
+            return np.asarray(x.numpy()[:n])
+        return self.to_numpy(x.narrow(0, 0, n))
+
     def numpy_dtype(self) -> np.dtype[Any]:
         """float64 for a float64 backend, float32 otherwise (the wire format of bf16/fp16)."""
         return np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
@@ -246,6 +254,27 @@ class TorchOps:
 
     def concat_rows(self, xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(xs, dim=0)
+
+    def scatter_rows(self, parts: list[tuple[torch.Tensor, IndexArray]], rows: int) -> torch.Tensor:
+        """``out[index] = x`` for every part: one empty output and one ``index_copy_`` per part."""
+        first = parts[0][0]
+        out = torch.empty((rows, *first.shape[1:]), dtype=self.dtype, device=self.device)
+        for x, index in parts:
+            if len(index):
+                out.index_copy_(0, self._idx(index), x.to(self.dtype))
+        return out
+
+    def take_rows_in_place(self, x: torch.Tensor, index: IndexArray) -> torch.Tensor:
+        """``x[index]`` over x's memory: on CPU, cycle by cycle through numpy's view of the tensor; on
+        another device (or a dtype numpy lacks) one gather copied back."""
+        if x.device.type == "cpu" and x.is_contiguous() and x.dtype not in _LOW:
+            permute_rows_in_place(x.detach().numpy(), index)
+            return x
+        return x.copy_(x.index_select(0, self._idx(index)))
+
+    def compact(self, x: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of ``x`` (its own storage)."""
+        return x.clone(memory_format=torch.contiguous_format)
 
     def narrow(self, x: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
         """x[start:stop] along ``axis`` (a view, no copy)."""
