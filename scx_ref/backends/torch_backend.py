@@ -109,7 +109,8 @@ def as_index(index: npt.NDArray[np.int64], device: torch.device) -> torch.Tensor
     arr = np.ascontiguousarray(index, dtype=np.int64)
     if not arr.flags.writeable:  # memoised keys are read-only; torch cannot share them
         arr = arr.copy()
-    return torch.from_numpy(arr).to(device)
+    t = torch.from_numpy(arr)
+    return t if device.type == "cpu" else t.to(device)
 
 
 def _t(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -410,9 +411,12 @@ class TorchBackend(TorchOps):
         return self._w.embed.index_select(0, self._idx(arr.astype(np.int64)))
 
     def _rms(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        xc = x.to(self._compute)
-        var = xc.square().mean(dim=-1, keepdim=True)
-        return (gamma.to(self._compute) * (xc * torch.rsqrt(var + self.config.rms_eps))).to(self.dtype)
+        if self.dtype in _LOW:  # norms run in float32 for bf16/fp16, as Hugging Face does
+            xc = x.to(self._compute)
+            var = xc.square().mean(dim=-1, keepdim=True)
+            return (gamma.to(self._compute) * (xc * torch.rsqrt(var + self.config.rms_eps))).to(self.dtype)
+        var = x.square().mean(dim=-1, keepdim=True)
+        return gamma * (x * var.add_(self.config.rms_eps).rsqrt_())
 
     def norm(self, x: torch.Tensor, which: NormName, layer: int = -1) -> torch.Tensor:
         """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε) with the named gain."""
@@ -472,9 +476,13 @@ class TorchBackend(TorchOps):
         """cos, sin (rows × d_h) at ``positions``: a view of the cached tables for consecutive positions
         (a prompt, a decode step), one gather otherwise."""
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
-        if pos.size and pos.min() < 0:
+        if pos.size > 1:
+            lo, hi = int(pos.min()), int(pos.max())
+        else:  # a decode step (one position) or nothing: no numpy reductions
+            lo = hi = int(pos[0]) if pos.size else 0
+        if lo < 0:
             raise ShapeError("RoPE positions must be >= 0")
-        need = int(pos.max()) + 1 if pos.size else 0
+        need = hi + 1 if pos.size else 0
         cos, sin = self._rope  # one read of the pair: a concurrent grow replaces it whole
         if need > cos.shape[0]:
             with self._rope_lock:
@@ -485,7 +493,7 @@ class TorchBackend(TorchOps):
                     cos, sin = _t(c, self._compute, self.device), _t(s, self._compute, self.device)
                     self._rope = (cos, sin)
         start = int(pos[0]) if pos.size else 0
-        if pos.size == 0 or (need - start == pos.size and bool(np.all(np.diff(pos) == 1))):
+        if pos.size <= 1 or (need - start == pos.size and bool(np.all(np.diff(pos) == 1))):
             return cos.narrow(0, start, pos.size), sin.narrow(0, start, pos.size)
         idx = self._idx(pos)
         return cos.index_select(0, idx), sin.index_select(0, idx)
