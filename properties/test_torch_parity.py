@@ -234,6 +234,8 @@ def test_torch_transforms_reject_bad_input_like_numpy(np_perm: tuple[int, np.nda
         (lambda o: T.permute_rows(np.where(np.arange(n)[:, None] == 0, np.nan, x), perm, o)),
         (lambda o: T.permute_rows(x.astype(np.int64), perm, o)),
         (lambda o: T.with_decoys(x, np.zeros((1, 4)), o)),
+        (lambda o: T.encode_rows(x, np.full((1, 3), np.inf), np.arange(n + 1), o)),
+        (lambda o: T.encode_rows(np.where(np.arange(n)[:, None] == 0, np.nan, x), x[:0], perm, o)),
         (lambda o: T.strip_decoys(x, n + 1, o)),
         (lambda o: T.blind(x, x[:, :2], o)),
         (lambda o: T.blinding_correction(x, np.ones((4, 2)), o)),

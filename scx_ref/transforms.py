@@ -116,16 +116,17 @@ def encode_rows(x: Any, decoys: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
 
     Identity: ``encode_rows(X, R, π) == permute_rows(with_decoys(X, R), π)``. Row j of the result is row
     π[j] of [X; R], so X's row i lands at π⁻¹[i] and R's row k at π⁻¹[n + k]: the rows of X and R are
-    scattered straight to those positions (``ops.scatter_rows``), every row written once.
+    scattered straight to those positions (``ops.scatter_rows``), every row written once. The result
+    holds every row of X and R, so one finiteness check of it checks both (NonFiniteError otherwise).
     """
-    t = ops.floating(x, "x")
-    d = ops.floating(decoys, "decoys")
+    t = ops.floating(x, "x", finite=False)
+    d = ops.floating(decoys, "decoys", finite=False)
     xs, ds = ops.shape(t), ops.shape(d)
     if len(xs) != 2 or len(ds) != 2 or ds[1] != xs[1]:
         raise ShapeError(f"x ({xs}) and decoys ({ds}) must be 2-D with the same width")
     n, rows = xs[0], xs[0] + ds[0]
     inv = inverse_permutation(_perm(perm, rows, "perm"))
-    return ops.scatter_rows([(t, inv[:n]), (d, inv[n:])], rows)
+    return ops.floating(ops.scatter_rows([(t, inv[:n]), (d, inv[n:])], rows), "x and decoys")
 
 
 def decode_rows(y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
