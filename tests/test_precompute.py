@@ -96,8 +96,9 @@ def test_precompute_reserves_the_next_nonce_and_rejects_an_empty_prompt() -> Non
     backend = NumpyBackend(weights)
     pool = CalibrationPool.from_tokens(backend, default_public_tokens(weights.config.vocab_size))
     client: Client[Any] = Client(backend, KeySchedule(MASTER, NONCE), SCXConfig(level="permute"), decoys=pool)
-    with pytest.raises(ProtocolError):
-        client.precompute(0)
+    for bad in (0, client.max_length + 1):
+        with pytest.raises(ProtocolError):
+            client.precompute(bad)
     prep = client.precompute(4)
     ids = np.arange(4)
     client.prefill(ids, LocalTransport(Server(backend)))  # no nonce given: the reserved one

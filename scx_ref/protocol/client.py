@@ -197,8 +197,8 @@ class Client(Generic[A]):
         it. The keys are exactly the ones the prefill would derive itself: what the server sees does not
         change, only when the client's work happens.
         """
-        if n < 1:
-            raise ProtocolError("the prompt must have at least one token")
+        if not 1 <= n <= self.max_length:
+            raise ProtocolError(f"a prompt has 1 to max_length = {self.max_length} tokens, not {n}")
         if nonce is None:
             nonce = self._next_nonce or KeySchedule.new_nonce()
         self._next_nonce = nonce
