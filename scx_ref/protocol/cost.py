@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..stages import Stage
+from ..stages import Phase, Stage
 
 __all__ = ["CostMeter", "CostReport", "Side", "StageCost"]
 
@@ -81,6 +81,14 @@ class CostReport:
         t = StageCost()
         for cost in self.stages.values():
             t.add(cost)
+        return t
+
+    def phase_total(self, phase: Phase) -> StageCost:
+        """The summed costs of the stages of ``phase`` (:attr:`Stage.phase`)."""
+        t = StageCost()
+        for stage, cost in self.stages.items():
+            if stage.phase is phase:
+                t.add(cost)
         return t
 
     @property
