@@ -146,12 +146,17 @@ def ppl_run(
     tokens: int = 4096,
     window: int = 1024,
     progress: bool = False,
-    config: SCXConfig | None = None,
+    config: SCXConfig | str | None = None,
 ) -> dict[str, Any]:
     """Plaintext vs SCX perplexity record of a registered model on the first ``tokens`` corpus tokens;
-    ``pass`` is |ΔPPL|/PPL ≤ PPL_CRITERION[dtype]. ``config``: a whole SCX configuration (e.g. a preset
-    of :mod:`scx_ref.protocol.presets`) instead of ``level`` and ``beta``."""
+    ``pass`` is |ΔPPL|/PPL ≤ PPL_CRITERION[dtype]. ``config``: a whole SCX configuration, or the name of
+    a preset of :mod:`scx_ref.protocol.presets`, instead of ``level`` and ``beta``."""
     hf, tok, w = load_model(model, dtype)
+    config_name = config if isinstance(config, str) else None
+    if isinstance(config, str):
+        from ..protocol.presets import preset
+
+        config = preset(config).config(w.config.n_layers)
     ids = corpus_tokens(tokens, tok, w.config.vocab_size)
     max_length = min(w.config.max_positions, max(window, 16))
     if config is None:
@@ -169,6 +174,7 @@ def ppl_run(
     out: dict[str, Any] = {"kind": "ppl", "model": model, "dtype": dtype, "level": level, "beta": beta}
     if config is not None:
         out["config"] = cfg.to_dict()
+        out["preset"] = config_name
     out.update(res.to_dict())
     out["criterion_rel_delta_ppl"] = PPL_CRITERION[dtype]
     out["pass"] = bool(res.rel_delta_ppl <= PPL_CRITERION[dtype])
