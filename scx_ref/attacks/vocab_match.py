@@ -32,6 +32,8 @@ from ._model import candidate_states, forward_trace
 
 __all__ = [
     "Block1Tables",
+    "l1_distances",
+    "map_tokens",
     "match_block1_attn",
     "match_block1_map",
     "match_block1_qkv",
@@ -105,6 +107,32 @@ def match_block1_qkv(
     return nearest_rows(rows, table, metric)
 
 
+def l1_distances(rows: Array, table: Array, chunk: int = 4096) -> Array:
+    """‖row − table[t]‖₁ for every row and every table row (rows × len(table), float64)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    table = np.asarray(table, dtype=np.float64)
+    if rows.ndim != 2 or table.ndim != 2 or rows.shape[1] != table.shape[1]:
+        raise ShapeError(f"rows {rows.shape} and table {table.shape} must be 2-D with equal widths")
+    out = np.empty((len(rows), len(table)))
+    for start in range(0, len(table), chunk):
+        t = table[start : start + chunk]
+        for j, r in enumerate(rows):
+            out[j, start : start + chunk] = np.abs(t - r[None, :]).sum(axis=1)
+    return out
+
+
+def map_tokens(dist: Array, beta: float, log_prior: Array) -> Array:
+    """The maximum a-posteriori token of each row from its L1 distances to every vocabulary row, under
+    Laplace(β) noise and the token prior: argmax_t log p(t) − d_t / β (β = 0: the nearest row)."""
+    d = np.asarray(dist, dtype=np.float64)
+    prior = np.asarray(log_prior, dtype=np.float64)
+    if prior.shape != (d.shape[1],):
+        raise ShapeError(f"log_prior must have one entry per token ({d.shape[1]}), got {prior.shape}")
+    if beta <= 0:
+        return np.asarray(np.argmin(d, axis=1))
+    return np.asarray(np.argmax(prior[None, :] - d / beta, axis=1))
+
+
 def match_block1_map(
     rows: Array,
     weights: ModelWeights,
@@ -119,23 +147,13 @@ def match_block1_map(
     This is the Bayes-optimal single-row guess for an attacker who knows the noise scale and the prior:
     at small β it is the L1 nearest row, at large β it tends to the prior's mode. Returns (ids, L1
     distance of the chosen row)."""
-    rows = np.asarray(rows, dtype=np.float64)
     if normalized:
         table = normalized_table(weights) if tables is None else tables.normalized
     else:
         table = np.asarray(weights.embed, dtype=np.float64)
-    if beta <= 0:
-        return nearest_rows(rows, table, "l1")
-    prior = np.asarray(log_prior, dtype=np.float64)
-    if prior.shape != (len(table),):
-        raise ShapeError(f"log_prior must have one entry per token ({len(table)}), got {prior.shape}")
-    ids = np.zeros(len(rows), dtype=np.int64)
-    dist = np.zeros(len(rows))
-    for j, r in enumerate(rows):
-        d = np.abs(table - r[None, :]).sum(axis=1)
-        t = int(np.argmax(prior - d / beta))
-        ids[j], dist[j] = t, float(d[t])
-    return ids, dist
+    d = l1_distances(rows, table)
+    ids = map_tokens(d, beta, log_prior)
+    return ids, d[np.arange(len(ids)), ids]
 
 
 class Block1Tables:
