@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from scx_ref.attacks import catalog, frontier, harness, llm_reorder, report
+from scx_ref.attacks.inversion import unit_vocabulary
 from scx_ref.attacks.stats import FrequencyPrior, Rate, at_baseline, bag_hits, wilson
 from scx_ref.config import ModelConfig
 from scx_ref.dp.sensitivity import model_sensitivities
@@ -19,6 +20,7 @@ from scx_ref.protocol import SCXConfig, Stage
 from scx_ref.protocol.plan import ReleasePlan
 from scx_ref.protocol.presets import PRESETS, preset, preset_names
 from scx_ref.stages import Phase
+from scx_ref.transforms import laplace_noise
 from scx_ref.weights import random_weights
 
 CFG = ModelConfig(
@@ -172,6 +174,8 @@ def test_plaintext_control_breaks_every_exact_attack(tiny_run: dict[str, Any]) -
         "gen_attn1_fp_acc",
         "vm_gen_seq_acc",
         "gen_predict_acc",
+        "inv_joint_bag_recall",
+        "gen_joint_acc",
     ):
         assert ctl["metrics"][key] == 1.0, key
         assert not ctl["at_baseline"][key]
@@ -194,6 +198,9 @@ def test_run_records_cost_exactness_and_dp(tiny_run: dict[str, Any]) -> None:
     assert math.isinf(by["permute"]["dp"]["epsilon_request"])
     assert by["blind"]["dp"]["epsilon_prefill"] < by["blind"]["dp"]["epsilon_request"]
     assert by["blind"]["metrics"]["vm_resid1_bag_recall"] < by["paper"]["metrics"]["vm_resid1_bag_recall"]
+    # the π₁ group is clear at level paper (joint inversion recovers it) and blinded at level blind
+    assert by["paper"]["metrics"]["inv_joint_bag_recall"] == 1.0
+    assert by["blind"]["metrics"]["inv_joint_bag_recall"] < 0.5
 
 
 def test_frontier_table_plot_and_verdict(tiny_run: dict[str, Any], tmp_path: Any) -> None:
@@ -216,3 +223,38 @@ def test_frontier_table_plot_and_verdict(tiny_run: dict[str, Any], tmp_path: Any
     assert path.exists() and path.stat().st_size > 0
     table = report.markdown_table(tiny_run, intervals=True)
     assert "*baseline: prior, per position*" in table and " ✓" in table and "[" in table
+
+
+def test_joint_inversion_averages_independent_noise() -> None:
+    """Many noisy views of one token beat one: at a β where a single blinded view of the block input
+    recovers little, the joint inverter over several blocks' views recovers more (on public text held
+    out from the fit); with no noise a single view is already exact-ish."""
+    from scx_ref.attacks import multiview
+
+    w = random_weights(CFG, np.random.default_rng(0))
+    pub = np.random.default_rng(6).integers(0, 128, 1280)
+    ctx = harness.Context(w, pub[:1024], None)
+    table = unit_vocabulary(w)
+    toks = ctx.public_tokens
+    forms = [("xhat", b) for b in range(CFG.n_layers)] + [("hn", b) for b in range(CFG.n_layers)]
+    public = [multiview.public_rows(w, ctx.traces, f, b) for f, b in forms]  # type: ignore[arg-type]
+    test = harness.Context(w, pub[1024:], None)
+    rng = np.random.default_rng(1)
+    beta = 2.0
+
+    def observed(idx: list[int]) -> list[Any]:
+        out = []
+        for j in idx:
+            f, b = forms[j]
+            rows = multiview.public_rows(w, test.traces, f, b)  # type: ignore[arg-type]
+            out.append(rows + laplace_noise(rows.shape, beta, rng))
+        return out
+
+    truth = test.public_tokens
+    one = multiview.JointInverter.fit(public[:1], [beta], toks, w, table)
+    every = multiview.JointInverter.fit(public, [beta] * len(public), toks, w, table)
+    acc_one = float(np.mean(one.predict(observed([0])) == truth))
+    acc_all = float(np.mean(every.predict(observed(list(range(len(forms))))) == truth))
+    assert acc_all > acc_one + 0.05 and every.heldout_weight > one.heldout_weight
+    clean = multiview.JointInverter.fit(public[:1], [0.0], toks, w, table)
+    assert float(np.mean(clean.predict([multiview.public_rows(w, test.traces, "xhat", 0)]) == truth)) > 0.9

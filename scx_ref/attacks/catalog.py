@@ -40,6 +40,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("inv_ffn_ridge_bag_recall", "inv FFN-probe ridge", "prompt", "bag"),
     Metric("inv_ffn_mlp_bag_recall", "inv FFN-probe MLP", "prompt", "bag"),
     Metric("inv_ffn_noisy_bag_recall", "inv FFN-probe ridge, noise-aware", "prompt", "bag"),
+    Metric("inv_joint_bag_recall", "inv π₁ group (FFN-1, down-1, QKV-2), joint", "prompt", "bag"),
     Metric("inv_attn_naive_pos_acc", "inv attn naive", "prompt", "pos"),
     Metric("inv_attn_sigma_rec_pos_acc", "inv attn σ-rec", "prompt", "pos"),
     Metric("inv_attn_sorted_pos_acc", "inv attn sorted", "prompt", "pos"),
@@ -52,6 +53,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("gen_qkv1_map_acc", "gen: QKV-1 row, MAP", "generated", "pos"),
     Metric("gen_attn1_fp_acc", "gen: attn-1 fingerprint", "generated", "pos"),
     Metric("gen_head_acc", "gen: LM-head row argmax", "generated", "pos"),
+    Metric("gen_joint_acc", "gen: every row of the step, joint", "generated", "pos"),
     Metric("gen_predict_acc", "gen: continue best prompt guess", "generated", "pos"),
     Metric("stateless_top1", "statelessness: server's best top-1", "generated", "stateless"),
 )

@@ -34,7 +34,16 @@ from ..reference import ReferenceModel
 from ..stages import Phase
 from ..transforms import laplace_noise
 from ..weights import ModelWeights
-from . import bruteforce, catalog, decoy_detect, inversion, llm_reorder, statelessness, vocab_match
+from . import (
+    bruteforce,
+    catalog,
+    decoy_detect,
+    inversion,
+    llm_reorder,
+    multiview,
+    statelessness,
+    vocab_match,
+)
 from ._model import forward_trace
 from ._view import message, open_meta, shared_caches, stage_array
 from .stats import FrequencyPrior, Rate, at_baseline, bag_hits
@@ -535,6 +544,8 @@ def run_setting(
         if beta_ffn > 0 or f_norm:
             pred = _noisy_inverter(ctx, probe, beta_ffn, f_norm).predict(f_rows)[:, 0]
             tally.bag("inv_ffn_noisy_bag_recall", pred, ids)
+        if not w.config.is_moe:
+            _prompt_joint(ctx, setting, view, ids, tally)
         _, _, fr = decoy_detect.residual_links(
             stage_array(view, Stage.QKV, probe),
             stage_array(view, Stage.O, probe),
@@ -575,6 +586,8 @@ def run_setting(
             if view.select(stage=Stage.GEN_HEAD):
                 lg = np.concatenate([stage_array(view, Stage.GEN_HEAD, L, step=s) for s in range(steps)])
                 tally.pos("gen_head_acc", np.argmax(lg @ w.lm_head, axis=1), gen[1 : steps + 1])
+            if not w.config.is_moe:
+                _generation_joint(ctx, setting, view, steps, fed, tally)
             if len(middle) and sequential:
                 ell = middle.start
                 gx = np.concatenate([stage_array(view, Stage.GEN_MID, ell, step=s) for s in range(steps)])
@@ -652,6 +665,87 @@ def run_setting(
             pol: {m: float(np.mean([t[pol][m] for t in tables])) for m in tables[0][pol]} for pol in tables[0]
         }
     return out
+
+
+#: The message stages a joint inversion reads, with the form of their row (:data:`multiview.Form`);
+#: an un-normalized message (level permute/paper) has the raw form.
+_FORMS: dict[Stage, tuple[multiview.Form, multiview.Form]] = {
+    Stage.QKV: ("xhat", "x"),
+    Stage.FFN: ("hn", "h"),
+    Stage.FFN_DOWN: ("m", "m"),
+    Stage.GEN_QKV: ("xhat", "xhat"),
+    Stage.GEN_O: ("o", "o"),
+    Stage.GEN_FFN_UP: ("hn", "hn"),
+    Stage.GEN_FFN_DOWN: ("m", "m"),
+    Stage.GEN_FFN: ("h", "h"),
+    Stage.GEN_LAST: ("x", "x"),
+    Stage.GEN_MID: ("x", "x"),
+}
+
+
+def _joint(ctx: Context, views: list[tuple[multiview.Form, int, float]]) -> multiview.JointInverter:
+    """The joint inverter of ``views`` (form, block, β), fitted once per context."""
+    key = "joint/" + ";".join(f"{f},{b},{beta}" for f, b, beta in views)
+    if key not in ctx.inverters:
+        w = ctx.weights
+        public = [multiview.public_rows(w, ctx.traces, f, b) for f, b, _ in views]
+        ctx.inverters[key] = multiview.JointInverter.fit(
+            public, [beta for _, _, beta in views], ctx.public_tokens, w, inversion.unit_vocabulary(w)
+        )
+    inv: multiview.JointInverter = ctx.inverters[key]
+    return inv
+
+
+def _form(msg: Any) -> multiview.Form:
+    normalized, raw = _FORMS[msg.stage]
+    return normalized if msg.meta.get("normalized", msg.stage is Stage.FFN_DOWN) else raw
+
+
+def _prompt_joint(ctx: Context, setting: Setting, view: ServerView, ids: Array, tally: _Tally) -> None:
+    """Joint inversion of the rows sent under π_1: block 1's FFN stage, its down-projection input (level
+    blind) and block 2's QKV stage — three views of each token, row-aligned (:mod:`.multiview`)."""
+    L = ctx.weights.config.n_layers
+    if L < 2:
+        return
+    msgs = [message(view, Stage.FFN, 0)]
+    msgs += view.select(stage=Stage.FFN_DOWN, layer=0)[:1]
+    msgs.append(message(view, Stage.QKV, 1))
+    views = [
+        (_form(m), 1 if m.stage is Stage.QKV else 0, _release_beta(setting, m.stage, m.layer, L))
+        for m in msgs
+    ]
+    inv = _joint(ctx, views)
+    rows = [np.asarray(m.arrays["m" if m.stage is Stage.FFN_DOWN else "x"], dtype=np.float64) for m in msgs]
+    tally.bag("inv_joint_bag_recall", inv.predict(rows), ids)
+
+
+def _generation_joint(
+    ctx: Context, setting: Setting, view: ServerView, steps: int, fed: Array, tally: _Tally
+) -> None:
+    """Joint inversion of every linear-stage row of a decode step (every block's QKV input, attention
+    output, MLP input and SwiGLU product the configuration sends, blinded or not): all about the step's
+    token (:mod:`.multiview`). The paper's offset row is left out (its form is the residual + a scalar)."""
+    L = ctx.weights.config.n_layers
+    per_step: list[list[Any]] = []
+    for s in range(steps):
+        msgs = [
+            m
+            for m in view.select(step=s)
+            if m.stage in _FORMS
+            and m.meta.get("experts") is None
+            and not (m.stage is Stage.GEN_FFN and _release_beta(setting, m.stage, m.layer, L) > 0)
+        ]
+        per_step.append(msgs)
+    if not per_step or not per_step[0]:
+        return
+    first = per_step[0]
+    views = [(_form(m), m.layer, _release_beta(setting, m.stage, m.layer, L)) for m in first]
+    inv = _joint(ctx, views)
+    rows = []
+    for j, m in enumerate(first):
+        name = "m" if m.stage in (Stage.GEN_FFN_DOWN,) else "x"
+        rows.append(np.concatenate([np.asarray(ps[j].arrays[name], dtype=np.float64) for ps in per_step]))
+    tally.pos("gen_joint_acc", inv.predict(rows), fed)
 
 
 def _baseline_of(key: str) -> str:
