@@ -258,3 +258,18 @@ def test_joint_inversion_averages_independent_noise() -> None:
     assert acc_all > acc_one + 0.05 and every.heldout_weight > one.heldout_weight
     clean = multiview.JointInverter.fit(public[:1], [0.0], toks, w, table)
     assert float(np.mean(clean.predict([multiview.public_rows(w, test.traces, "xhat", 0)]) == truth)) > 0.9
+
+
+def test_frontier_report_renders(tiny_run: dict[str, Any], tmp_path: Any) -> None:
+    import json
+
+    res = dict(tiny_run, kind="frontier", command="scx attack --frontier", public_tokens=512, seconds=1.0)
+    text = frontier.frontier_report(res, findings="- a finding")
+    assert "No configuration reaches the baseline" in text and "- a finding" in text
+    assert "scx attack --frontier" in text and "| configuration |" in text
+    src, out = tmp_path / "f.json", tmp_path / "F.md"
+    src.write_text(json.dumps(res, default=float))
+    assert (
+        report.main([str(src), "--out", str(out), "--write-plots", str(tmp_path / "p"), "--plots", "p"]) == 0
+    )
+    assert "recovery vs cost" in out.read_text() and (tmp_path / "p" / "frontier.png").exists()

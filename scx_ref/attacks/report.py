@@ -302,11 +302,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--write-plots", type=Path, default=None, help="also (re)draw the PNG plots into this directory"
     )
+    p.add_argument(
+        "--bench",
+        type=Path,
+        default=None,
+        help="a frontier's `scx bench --configs ... --json` latency result",
+    )
     a = p.parse_args(argv)
     result = json.loads(a.json.read_text())
-    if a.write_plots:
-        plot(result, a.write_plots)
-    text = markdown_report(result, a.plots, a.findings.read_text() if a.findings else "")
+    findings = a.findings.read_text() if a.findings else ""
+    if result.get("kind") == "frontier":
+        from . import frontier
+
+        bench = json.loads(a.bench.read_text()) if a.bench else None
+        if a.write_plots:
+            rows = frontier.frontier_rows(result, bench)
+            frontier.plot_frontier(rows, Path(a.write_plots) / "frontier.png", result["model"])
+        text = frontier.frontier_report(result, bench, a.plots, findings)
+    else:
+        if a.write_plots:
+            plot(result, a.write_plots)
+        text = markdown_report(result, a.plots, findings)
     if a.out:
         a.out.write_text(text)
     else:
