@@ -74,11 +74,24 @@ def head_unpermute(y: sp.Matrix, perm: HeadPerm, group_size: int) -> sp.Matrix:
     return permute_cols(y, inverse(flat_index(perm, group_size)))
 
 
+def head_permute_stacked(x: sp.Matrix, perm: HeadPerm, group_sizes: tuple[int, ...]) -> sp.Matrix:
+    """T3 encode of head blocks stacked side by side (block b: H_kv·g_b heads), each block encoded as
+    :func:`head_permute` with its own group size (``scx_ref.transforms.head_permute_stacked``)."""
+    tau, sigmas = perm
+    width = len(tau) * len(sigmas[0])
+    blocks, offset = [], 0
+    for g in group_sizes:
+        blocks.append(head_permute(x[:, offset : offset + width * g], perm, g))
+        offset += width * g
+    return sp.Matrix.hstack(*blocks)
+
+
 #: The library functions the head-structure identities are about, with the expressions the checker uses.
 IMPLEMENTS = (
     Implementation("scx_ref.transforms.HeadPermutation.flat_index", flat_index),
     Implementation("scx_ref.transforms.head_permute", head_permute),
     Implementation("scx_ref.transforms.head_unpermute", head_unpermute),
+    Implementation("scx_ref.transforms.head_permute_stacked", head_permute_stacked),
 )
 
 

@@ -119,6 +119,27 @@ def test_decoy_encode_decode_match_numpy_exactly(
     )
     assert np.array_equal(_np(T.decode_rows(enc, perm, n, ops)), x64)
     assert np.array_equal(T.decode_rows_numpy(enc, perm, n, ops), _np(T.decode_rows(enc, perm, n, ops)))
+    assert np.array_equal(_np(enc), _np(T.permute_rows(T.with_decoys(x, dec, ops), perm, ops)))
+    decoded = T.decode_rows_numpy(enc.clone(), perm, n, ops, in_place=True)  # consumes its input
+    assert np.array_equal(decoded, x64) and decoded.dtype == ops.numpy_dtype()
+
+
+@given(
+    attention_shapes(),
+    row_counts(),
+    st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    seeds(),
+    dtypes,
+    st.data(),
+)
+def test_stacked_head_permutation_matches_numpy_exactly(
+    shape: tuple[int, int, int], n: int, sizes: list[int], seed: int, dtype: torch.dtype, data: st.DataObject
+) -> None:
+    h_kv, _, d_h = shape
+    hp = data.draw(head_permutations(h_kv, d_h))
+    x, x64 = _rounded(_gauss(seed, (n, h_kv * sum(sizes), d_h)), dtype)
+    got = T.head_permute_stacked(x, hp, tuple(sizes), TorchOps(dtype))
+    assert np.array_equal(_np(got), T.head_permute_stacked(x64, hp, tuple(sizes)))
 
 
 @given(attention_shapes(), row_counts(), seeds(), dtypes, st.data())
@@ -213,6 +234,8 @@ def test_torch_transforms_reject_bad_input_like_numpy(np_perm: tuple[int, np.nda
         (lambda o: T.permute_rows(np.where(np.arange(n)[:, None] == 0, np.nan, x), perm, o)),
         (lambda o: T.permute_rows(x.astype(np.int64), perm, o)),
         (lambda o: T.with_decoys(x, np.zeros((1, 4)), o)),
+        (lambda o: T.encode_rows(x, np.full((1, 3), np.inf), np.arange(n + 1), o)),
+        (lambda o: T.encode_rows(np.where(np.arange(n)[:, None] == 0, np.nan, x), x[:0], perm, o)),
         (lambda o: T.strip_decoys(x, n + 1, o)),
         (lambda o: T.blind(x, x[:, :2], o)),
         (lambda o: T.blinding_correction(x, np.ones((4, 2)), o)),
@@ -289,6 +312,18 @@ def test_backend_array_ops_match_numpy(w: ModelWeights, seed: int, n: int, data:
     assert np.array_equal(tb.rows_to_numpy(xt, index), nb.rows_to_numpy(x, index))
     assert np.array_equal(nb.rows_to_numpy(x, index), nb.to_numpy(nb.take_rows(x, index)))
     assert np.array_equal(tb.to_numpy(tb.concat_rows([xt, xt[:1]])), nb.concat_rows([x, x[:1]]))
+    split = data.draw(st.integers(0, n))
+    parts_t = [(xt[:split], perm[:split]), (xt[split:], perm[split:])]
+    parts_n = [(x[:split], perm[:split]), (x[split:], perm[split:])]
+    assert np.array_equal(tb.to_numpy(tb.scatter_rows(parts_t, n)), nb.scatter_rows(parts_n, n))
+    assert np.array_equal(nb.scatter_rows(parts_n, n)[perm], x)
+    assert np.array_equal(tb.to_numpy(tb.take_rows_in_place(xt.clone(), perm)), x[perm])
+    assert np.array_equal(nb.take_rows_in_place(x.copy(), perm), x[perm])
+    view = tb.narrow(xt, 1, 0, 1)
+    packed = tb.compact(view)
+    assert np.array_equal(tb.to_numpy(packed), nb.compact(x[:, :1])) and packed.is_contiguous()
+    assert packed.untyped_storage().nbytes() == packed.numel() * packed.element_size()
+    assert np.array_equal(tb.head_to_numpy(xt, n - 1), nb.head_to_numpy(x, n - 1))
     lo = data.draw(st.integers(0, c.hidden_size))
     hi = data.draw(st.integers(lo, c.hidden_size))
     assert np.array_equal(tb.to_numpy(tb.narrow(xt, 1, lo, hi)), nb.narrow(x, 1, lo, hi))

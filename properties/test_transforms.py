@@ -27,18 +27,24 @@ from properties.strategies import (
     sized_perms,
 )
 from scx_ref import ops
+from scx_ref.arrays import permute_rows_in_place
+from scx_ref.errors import ShapeError
 from scx_ref.transforms import (
     HeadPermutation,
     blind,
     blinding_correction,
     decode_rows,
+    decode_rows_numpy,
     encode_rows,
+    head_permute,
+    head_permute_stacked,
     inverse_permutation,
     laplace_noise,
     permute_rows,
     reorder_cache,
     unblind,
     unpermute_rows,
+    with_decoys,
 )
 from scx_ref.weights import DenseMLP, MoEMLP
 
@@ -130,6 +136,50 @@ def test_t2_identity_map_round_trips_exactly(data: st.DataObject, n: int, r: int
     assert np.array_equal(decode_rows(encode_rows(x, decoys, pi), pi, n), x)
 
 
+@given(data=st.data(), n=row_counts(0, 8), r=decoy_counts(), d=st.integers(1, 4))
+def test_t2_fused_encode_is_the_composition_exactly(data: st.DataObject, n: int, r: int, d: int) -> None:
+    """encode_rows (one scatter pass) == permute_rows(with_decoys(X, R), π), bit for bit, in the inputs'
+    dtype (float64 and float32)."""
+    assume(n + r > 0)
+    pi = data.draw(perms(n + r))
+    for dtype in (np.float64, np.float32):
+        x = data.draw(float_matrices(n, d)).astype(dtype)
+        decoys = data.draw(float_matrices(r, d, bound=50.0)).astype(dtype)
+        fused = encode_rows(x, decoys, pi)
+        assert fused.dtype == dtype
+        assert np.array_equal(fused, permute_rows(with_decoys(x, decoys), pi))
+
+
+@given(data=st.data(), n=row_counts(1, 8), r=decoy_counts(), d=st.integers(1, 4))
+def test_t2_in_place_decode_equals_the_gather(data: st.DataObject, n: int, r: int, d: int) -> None:
+    """decode_rows_numpy(…, in_place=True) returns exactly decode_rows(Y, π, n), inside Y's memory."""
+    y = data.draw(float_matrices(n + r, d))
+    pi = data.draw(perms(n + r))
+    want = decode_rows(y, pi, n)
+    buf = y.copy()
+    got = decode_rows_numpy(buf, pi, n, in_place=True)
+    assert np.array_equal(got, want)
+    assert np.shares_memory(got, buf)
+    assert np.array_equal(decode_rows_numpy(y, pi, n), want)
+
+
+@given(data=st.data(), n_perm=sized_perms(0, 20), d=st.integers(1, 3))
+def test_permute_rows_in_place_is_the_gather(
+    data: st.DataObject, n_perm: tuple[int, np.ndarray], d: int
+) -> None:
+    """Following the cycles in place gives x[index] exactly; an index that is not a permutation is
+    refused instead of looping."""
+    n, idx = n_perm
+    x = data.draw(float_matrices(n, d))
+    buf = x.copy()
+    assert np.array_equal(permute_rows_in_place(buf, idx), x[idx])
+    if n >= 2:
+        bad = idx.copy()
+        bad[0] = bad[1]
+        with pytest.raises(ShapeError):
+            permute_rows_in_place(x.copy(), bad)
+
+
 # --- T3 ----------------------------------------------------------------------------------------
 
 
@@ -172,6 +222,31 @@ def test_t3_head_permutation_invert_is_exact(
     x = data.draw(float_matrices(n, h_kv * g, extra_dims=(d_h,)))
     assert np.array_equal(p.invert(p.apply(x, g), g), x)
     assert np.array_equal(HeadPermutation.identity(h_kv, d_h).apply(x, g), x)
+
+
+@given(
+    data=st.data(),
+    shape=attention_shapes(),
+    n=row_counts(1, 6),
+    sizes=st.lists(st.integers(1, 4), max_size=3),
+)
+def test_t3_stacked_head_permutation_is_blockwise(
+    data: st.DataObject, shape: tuple[int, int, int], n: int, sizes: list[int]
+) -> None:
+    """head_permute_stacked(X, P, (g_1, …)) is head_permute of each block with its own group size, bit for
+    bit (one gather for, e.g., the Q and K heads of a fused projection)."""
+    h_kv, _, d_h = shape
+    p = data.draw(head_permutations(h_kv, d_h))
+    x = data.draw(float_matrices(n, h_kv * sum(sizes), extra_dims=(d_h,)))
+    got = head_permute_stacked(x, p, tuple(sizes))
+    blocks, start = [], 0
+    for g in sizes:
+        blocks.append(head_permute(x[:, start : start + h_kv * g], p, g))
+        start += h_kv * g
+    want = np.concatenate(blocks, axis=1) if blocks else x
+    assert np.array_equal(got, want)
+    with pytest.raises(ShapeError):
+        head_permute_stacked(x, p, (*sizes, 1))
 
 
 def _mixes_heads(perm: np.ndarray, d_h: int) -> bool:

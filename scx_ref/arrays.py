@@ -17,7 +17,7 @@ import numpy.typing as npt
 from ._checks import FloatArray, as_float_array
 from .errors import DTypeError, ShapeError
 
-__all__ = ["A", "ArrayOps", "IndexArray", "NumpyOps"]
+__all__ = ["A", "ArrayOps", "IndexArray", "NumpyOps", "permute_rows_in_place"]
 
 A = TypeVar("A")
 IndexArray = npt.NDArray[np.int64]
@@ -37,6 +37,11 @@ class ArrayOps(Protocol[A]):
 
     def rows_to_numpy(self, x: A, index: IndexArray) -> npt.NDArray[Any]:
         """A numpy copy of ``x[index]`` (rows), equal to ``to_numpy(take_rows(x, index))`` with one gather."""
+        ...
+
+    def head_to_numpy(self, x: A, n: int) -> npt.NDArray[Any]:
+        """``x[:n]`` (rows) as a numpy array in the wire dtype: a view of x's memory where the
+        implementation shares memory with numpy, a copy otherwise."""
         ...
 
     def numpy_dtype(self) -> np.dtype[Any]:
@@ -64,6 +69,23 @@ class ArrayOps(Protocol[A]):
 
     def concat_rows(self, xs: list[A]) -> A:
         """The arrays stacked along the row axis."""
+        ...
+
+    def scatter_rows(self, parts: list[tuple[A, IndexArray]], rows: int) -> A:
+        """The array ``out`` of ``rows`` rows with ``out[index] = x`` for every ``(x, index)`` of
+        ``parts``, written in one pass with no intermediate. The indices together must name every row
+        exactly once (the caller checks: :func:`scx_ref.transforms.encode_rows`)."""
+        ...
+
+    def take_rows_in_place(self, x: A, index: IndexArray) -> A:
+        """``x[index]`` for a permutation ``index`` of x's rows, written over x's own memory where the
+        implementation can (no second buffer of x's size); returns the result and leaves ``x`` holding it
+        or undefined, so ``x`` must not be read afterwards."""
+        ...
+
+    def compact(self, x: A) -> A:
+        """``x``'s values in fresh contiguous memory: a copy of a view that keeps only its own elements
+        alive (a narrow view keeps its whole base)."""
         ...
 
     def narrow(self, x: A, axis: int, start: int, stop: int) -> A:
@@ -117,6 +139,10 @@ class NumpyOps:
         """``x[index]``: fancy indexing already copies."""
         return np.asarray(x[np.asarray(index, dtype=np.int64)])
 
+    def head_to_numpy(self, x: FloatArray, n: int) -> npt.NDArray[Any]:
+        """A view of ``x[:n]``."""
+        return np.asarray(x[:n])
+
     def numpy_dtype(self) -> np.dtype[Any]:
         return self.dtype if self.dtype is not None else np.dtype(np.float64)
 
@@ -141,6 +167,23 @@ class NumpyOps:
 
     def concat_rows(self, xs: list[FloatArray]) -> FloatArray:
         return np.concatenate(xs, axis=0, dtype=self.dtype if self.dtype is not None else xs[0].dtype)
+
+    def scatter_rows(self, parts: list[tuple[FloatArray, IndexArray]], rows: int) -> FloatArray:
+        """``out[index] = x`` for every part, into one fresh array (dtype: this ops' or the first part's)."""
+        first = parts[0][0]
+        out: FloatArray = np.empty(
+            (rows, *first.shape[1:]), dtype=self.dtype if self.dtype is not None else first.dtype
+        )
+        for x, index in parts:
+            out[np.asarray(index, dtype=np.int64)] = x
+        return out
+
+    def take_rows_in_place(self, x: FloatArray, index: IndexArray) -> FloatArray:
+        """``x[index]`` by following the permutation's cycles row by row (one row of scratch memory)."""
+        return permute_rows_in_place(x, index)
+
+    def compact(self, x: FloatArray) -> FloatArray:
+        return np.array(x, copy=True, order="C")
 
     def narrow(self, x: FloatArray, axis: int, start: int, stop: int) -> FloatArray:
         return x[start:stop] if axis == 0 else x[:, start:stop]
@@ -176,3 +219,35 @@ class NumpyOps:
 
     def argmax_last(self, logits: FloatArray) -> int:
         return int(np.argmax(logits[-1]))
+
+
+def permute_rows_in_place(x: npt.NDArray[Any], index: IndexArray) -> npt.NDArray[Any]:
+    """Overwrite ``x`` with ``x[index]`` (``index`` a permutation of x's rows) and return ``x``.
+
+    Follows each cycle of the permutation: row j takes row index[j] until the cycle closes, with one
+    saved row per cycle, so the extra memory is one row rather than a copy of ``x``. Every row is read
+    and written once, as in a gather.
+    """
+    idx = np.asarray(index, dtype=np.int64).tolist()
+    if len(idx) != x.shape[0]:
+        raise ShapeError(f"a permutation of {len(idx)} rows cannot reorder an array of {x.shape[0]}")
+    done = bytearray(len(idx))
+    for start, src in enumerate(idx):
+        if done[start]:
+            continue
+        done[start] = 1
+        if src == start:
+            continue
+        saved = x[start].copy()
+        j = start
+        while True:
+            k = idx[j]
+            if k == start:
+                x[j] = saved
+                break
+            if done[k]:
+                raise ShapeError("the index is not a permutation of the rows")
+            x[j] = x[k]
+            done[k] = 1
+            j = k
+    return x

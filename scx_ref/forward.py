@@ -14,7 +14,7 @@ from typing import Any, Generic
 
 import numpy as np
 
-from .backends.base import A, Backend, IndexArray, split_qkv
+from .backends.base import A, Backend, IndexArray
 from .errors import ProtocolError
 from .stages import Stage
 
@@ -40,12 +40,17 @@ def block(
     n = b.nrows(x)
     if trace:
         trace(Stage.QKV, layer, x)
-    q, k, v = split_qkv(b, b.project(b.norm(x, "attn", layer), "wqkv", layer))
-    q, k = b.rope(q, positions), b.rope(k, positions)
+    z = b.project(b.norm(x, "attn", layer), "wqkv", layer)
+    heads = c.n_heads + c.n_kv_heads  # RoPE on the Q and K heads of z at once
+    qk = b.rope(b.reshape(b.narrow(z, 1, 0, c.q_dim + c.kv_dim), (n, heads, c.head_dim)), positions)
+    q, k = b.narrow(qk, 1, 0, c.n_heads), b.narrow(qk, 1, c.n_heads, heads)
+    v = b.reshape(b.narrow(z, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim), (n, c.n_kv_heads, c.head_dim))
     if trace:
         trace(Stage.LOCK, layer, b.reshape(k, (n, c.kv_dim)))
     if cache is not None:
         k, v = b.concat_rows([cache[0], k]), b.concat_rows([cache[1], v])
+    else:  # the cache keeps K and V alone, not the Q heads and projections they are views of
+        k, v = b.compact(k), b.compact(v)
     start = b.nrows(k) - n
     # one new row sees the whole cache: no mask; several rows are causal among themselves
     k_pos = None if n == 1 else np.arange(start + n)

@@ -46,12 +46,21 @@ Label = tuple[LabelPart, ...]
 
 def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
     """HKDF-SHA256 (RFC 5869): ``Expand(Extract(salt, ikm), info, length)``; length ≤ 255·32."""
+    return _hkdf_expand(_hkdf_extract(salt, ikm), info, length)
+
+
+def _hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
+    """HKDF-Extract: PRK = HMAC-SHA256(salt, ikm)."""
+    return hmac.digest(salt, ikm, "sha256")
+
+
+def _hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-Expand: T(1) ‖ T(2) ‖ … with T(i) = HMAC-SHA256(PRK, T(i−1) ‖ info ‖ i), cut to ``length``."""
     if not 0 < length <= 255 * 32:
         raise KeyScheduleError(f"HKDF output length must be in 1..8160, got {length}")
-    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
     out, block, counter = b"", b"", 1
     while len(out) < length:
-        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
         out += block
         counter += 1
     return out[:length]
@@ -84,22 +93,40 @@ class KeyStream:
     """
 
     _BLOCK = 1 << 12  # most labels need a few KB; a block is the unit of hashing
+    _FIRST = 1 << 6  # the first squeeze of a block: most labels read far less than a block
 
     def __init__(self, key: bytes) -> None:
         if len(key) != 32:
             raise KeyScheduleError("a stream key must be 32 bytes")
         self._key = key
-        self._buffer = b""
-        self._block = 0
+        self._xof: Any = None  # the SHAKE-256 state of the current block
+        self._squeezed = b""  # the current block's first bytes (a prefix of its _BLOCK bytes)
+        self._pos = 0  # bytes of the current block already read
+        self._block = 0  # index of the next block
 
     def read(self, n: int) -> bytes:
-        """The next ``n`` bytes of the stream."""
-        # fixed-size blocks, so byte i of the stream does not depend on how the reads were split
-        while len(self._buffer) < n:
-            self._buffer += hashlib.shake_256(self._key + self._block.to_bytes(8, "big")).digest(self._BLOCK)
-            self._block += 1
-        out, self._buffer = self._buffer[:n], self._buffer[n:]
-        return out
+        """The next ``n`` bytes of the stream.
+
+        Byte i of the stream is byte i mod 4096 of SHAKE-256(key ‖ ⌊i / 4096⌋) — fixed-size blocks, so it
+        does not depend on how the reads were split. A block is squeezed only as far as the reads go
+        (SHAKE's output of a shorter length is a prefix of the longer one), which makes short reads cheap.
+        """
+        parts: list[bytes] = []
+        while n > 0:
+            if self._xof is None or self._pos == self._BLOCK:
+                self._xof = hashlib.shake_256(self._key + self._block.to_bytes(8, "big"))
+                self._block += 1
+                self._squeezed, self._pos = b"", 0
+            take = min(n, self._BLOCK - self._pos)
+            end = self._pos + take
+            if end > len(self._squeezed):  # squeeze further: at least double, at most the block
+                self._squeezed = self._xof.digest(
+                    min(self._BLOCK, max(end, 2 * len(self._squeezed), self._FIRST))
+                )
+            parts.append(self._squeezed[self._pos : end])
+            self._pos = end
+            n -= take
+        return b"".join(parts)
 
     def uint64(self, count: int) -> npt.NDArray[np.uint64]:
         """``count`` independent uniform 64-bit words."""
@@ -168,6 +195,7 @@ class KeySchedule:
             raise KeyScheduleError(f"the nonce must be exactly {NONCE_BYTES} bytes")
         self._master = bytes(master)
         self.nonce = bytes(nonce)
+        self._prk = _hkdf_extract(self.nonce, self._master)  # HKDF-Extract is the same for every label
         self._perms: dict[tuple[Label, int], npt.NDArray[np.int64]] = {}
 
     @classmethod
@@ -188,8 +216,9 @@ class KeySchedule:
         return self.nonce.hex()
 
     def key(self, label: Label, length: int = 32) -> bytes:
-        """``length`` key bytes for ``label``: HKDF-SHA256(master, salt=nonce, info=label)."""
-        return hkdf_sha256(self._master, self.nonce, encode_label(label), length)
+        """``length`` key bytes for ``label``: HKDF-SHA256(master, salt=nonce, info=label) (its Extract step,
+        which does not depend on the label, is computed once per schedule)."""
+        return _hkdf_expand(self._prk, encode_label(label), length)
 
     def stream(self, label: Label) -> KeyStream:
         """An independent byte/float stream for ``label``."""

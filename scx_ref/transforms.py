@@ -33,6 +33,7 @@ __all__ = [
     "decode_rows",
     "encode_rows",
     "head_permute",
+    "head_permute_stacked",
     "head_unpermute",
     "inverse_permutation",
     "laplace_noise",
@@ -111,8 +112,21 @@ def strip_decoys(y: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
 
 
 def encode_rows(x: Any, decoys: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
-    """T1+T2 encode: X ↦ [X; R][π] over n + r rows."""
-    return permute_rows(with_decoys(x, decoys, ops), perm, ops)
+    """T1+T2 encode: X ↦ [X; R][π] over n + r rows, in one pass with no concatenated intermediate.
+
+    Identity: ``encode_rows(X, R, π) == permute_rows(with_decoys(X, R), π)``. Row j of the result is row
+    π[j] of [X; R], so X's row i lands at π⁻¹[i] and R's row k at π⁻¹[n + k]: the rows of X and R are
+    scattered straight to those positions (``ops.scatter_rows``), every row written once. The result
+    holds every row of X and R, so one finiteness check of it checks both (NonFiniteError otherwise).
+    """
+    t = ops.floating(x, "x", finite=False)
+    d = ops.floating(decoys, "decoys", finite=False)
+    xs, ds = ops.shape(t), ops.shape(d)
+    if len(xs) != 2 or len(ds) != 2 or ds[1] != xs[1]:
+        raise ShapeError(f"x ({xs}) and decoys ({ds}) must be 2-D with the same width")
+    n, rows = xs[0], xs[0] + ds[0]
+    inv = inverse_permutation(_perm(perm, rows, "perm"))
+    return ops.floating(ops.scatter_rows([(t, inv[:n]), (d, inv[n:])], rows), "x and decoys")
 
 
 def decode_rows(y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
@@ -124,10 +138,22 @@ def decode_rows(y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
     return ops.take_rows(*_decode_index(ops, y, perm, n))
 
 
-def decode_rows_numpy(y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY) -> npt.NDArray[Any]:
+def decode_rows_numpy(
+    y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY, *, in_place: bool = False
+) -> npt.NDArray[Any]:
     """:func:`decode_rows` straight to a numpy array (``ops.to_numpy(decode_rows(y, π, n))`` with one
-    gather and no intermediate copy: the client's decode of the logits, the largest array of a prefill)."""
-    return ops.rows_to_numpy(*_decode_index(ops, y, perm, n))
+    gather and no intermediate copy: the client's decode of the logits, the largest array of a prefill).
+
+    With ``in_place`` the rows are put in true order inside ``y``'s own memory (y ↦ y[π⁻¹], cycle by
+    cycle) and its first n rows are returned as a view where the implementation can share memory with
+    numpy: the same values, without a second array of y's size. ``y`` is consumed (it must not be used
+    afterwards).
+    """
+    t, inv = _decode_index(ops, y, perm, n)
+    if not in_place:
+        return ops.rows_to_numpy(t, inv)
+    full = inverse_permutation(perm)
+    return ops.head_to_numpy(ops.take_rows_in_place(t, full), n)
 
 
 def _decode_index(ops: ArrayOps[A], y: Any, perm: Any, n: int) -> tuple[A, IntArray]:
@@ -155,6 +181,9 @@ class HeadPermutation:
     group_order: IntArray  # (H_kv,)
     sigmas: IntArray  # (H_kv, d_h)
     _flat: dict[tuple[int, bool], IntArray] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _stacked: dict[tuple[tuple[int, ...], bool], IntArray] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -197,6 +226,23 @@ class HeadPermutation:
             self._flat[key] = f
         return self._flat[key]
 
+    def stacked_index(self, group_sizes: tuple[int, ...], inverse: bool = False) -> IntArray:
+        """The flat feature index of head blocks stacked along the head axis — block b holds
+        H_kv·``group_sizes[b]`` heads (e.g. (G, 1, 1) for the fused [Q K V] heads) — each block gathered
+        by its own :meth:`flat_index` at its offset. Computed once per (group sizes, direction);
+        read-only."""
+        key = (tuple(int(g) for g in group_sizes), inverse)
+        stacked = self._stacked.get(key)
+        if stacked is None:
+            parts, offset = [], 0
+            for g in key[0]:
+                parts.append(self.flat_index(g, inverse) + offset)
+                offset += self.n_kv_heads * g * self.head_dim
+            stacked = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            stacked.setflags(write=False)
+            self._stacked[key] = stacked
+        return stacked
+
     def apply(self, x: Any, group_size: int = 1) -> Any:
         """:func:`head_permute` of numpy ``x``."""
         return head_permute(x, self, group_size)
@@ -233,6 +279,32 @@ def head_permute(x: Any, perm: HeadPermutation, group_size: int = 1, ops: ArrayO
 def head_unpermute(y: Any, perm: HeadPermutation, group_size: int = 1, ops: ArrayOps[A] = NUMPY) -> A:
     """T3 decode: ``head_unpermute(head_permute(X, P, G), P, G) == X``."""
     return _head_gather(ops, y, perm, group_size, inverse=True)
+
+
+def head_permute_stacked(
+    x: Any, perm: HeadPermutation, group_sizes: tuple[int, ...], ops: ArrayOps[A] = NUMPY
+) -> A:
+    """T3 encode of several head blocks stacked along the head axis, in one gather.
+
+    ``x`` is rows × Σ_b H_kv·g_b × d_h: block b (H_kv·g_b heads, g_b = ``group_sizes[b]``) follows
+    block b − 1, e.g. the Q and K heads of a fused projection with ``group_sizes = (G, 1)``.
+    Identity: the result's block b equals ``head_permute(x_b, P, g_b)`` — each block is permuted exactly
+    as :func:`head_permute` would, so Attn(QP, KP, VP) = Attn(Q, K, V)P holds for the blocks sent.
+    """
+    if not isinstance(perm, HeadPermutation):
+        raise SCXError(f"perm must be a HeadPermutation, got {type(perm).__name__}")
+    t = ops.floating(x, "x", finite=False)
+    shape = ops.shape(t)
+    heads = perm.n_kv_heads * sum(int(g) for g in group_sizes)
+    if len(shape) != 3 or shape[1] != heads or shape[2] != perm.head_dim or min(group_sizes, default=1) < 1:
+        raise ShapeError(
+            f"x must have shape (rows, {heads}, {perm.head_dim}) for group sizes {tuple(group_sizes)}, "
+            f"got {shape}"
+        )
+    rows = shape[0]
+    flat = ops.reshape(t, (rows, heads * perm.head_dim))
+    out = ops.take_last(flat, perm.stacked_index(tuple(group_sizes)))
+    return ops.reshape(out, (rows, heads, perm.head_dim))
 
 
 # --- T4: cache row order ---------------------------------------------------------------------

@@ -3,6 +3,7 @@ tests that are shown to reject deliberately biased samplers), and errors on malf
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Callable
 
@@ -132,6 +133,32 @@ def test_stream_is_deterministic_and_read_sizes_do_not_matter() -> None:
     whole = a.read(70_000)
     pieces = b.read(1) + b.read(65_535) + b.read(4_464)
     assert whole == pieces
+
+
+def test_stream_bytes_are_shake_blocks_whatever_the_reads() -> None:
+    """Byte i of a stream is byte i mod 4096 of SHAKE-256(key ‖ block index), for reads of any sizes
+    (short reads squeeze a block only partly; the bytes must not change)."""
+    key = bytes(range(32))
+    want = b"".join(hashlib.shake_256(key + i.to_bytes(8, "big")).digest(4096) for i in range(3))
+    for sizes in ([1] * 70 + [12_218], [63, 1, 64, 4000, 8160], [4096, 4096, 4096], [12_288]):
+        stream = KeyStream(key)
+        assert b"".join(stream.read(k) for k in sizes) == want[: sum(sizes)]
+
+
+def test_derived_keys_are_pinned() -> None:
+    """The schedule's outputs (permutations of many sizes, stream bytes, uniforms, unbiased integers,
+    label keys) are fixed: a change of the derivation — not only of its speed — fails here."""
+    ks = KeySchedule(bytes(range(32)), bytes(range(100, 116)))
+    h = hashlib.sha256()
+    for n in (0, 1, 2, 3, 7, 64, 130, 515, 2050):
+        h.update(ks.permutation(("tok", 3, "qkv"), n).astype("<i8").tobytes())
+    stream = ks.stream(("decoy", 1, "o"))
+    for size in (1, 7, 100, 4096, 5000, 3):
+        h.update(stream.read(size))
+    h.update(np.asarray(ks.generator(("alpha", 0, "qkv")).random((3, 5))).tobytes())
+    h.update(ks.stream(("x",)).randbelow(np.array([1, 2, 3, 1000, 2**40])).astype("<i8").tobytes())
+    h.update(ks.key(("commit", 4)) + ks.key(("long",), 100))
+    assert h.hexdigest() == "3d3c07eea9744f9a2c5322ad052efe2ac5ca0cb8ae1262b2a931c904a242fa29"
 
 
 @pytest.mark.parametrize(

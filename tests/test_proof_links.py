@@ -103,6 +103,12 @@ def case(function: str, family: str, rng: np.random.Generator) -> Case:
             return (hp, g), (sym_hp, g), lambda s: np.array(s)
         h = rng.standard_normal((n, n_kv * g, d_h))
         return (h, hp, g), (_m(h.reshape(n, -1)), sym_hp, g), lambda s: _np(s).reshape(h.shape)
+    if name == "head_permute_stacked":
+        n_kv, d_h = int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        sizes = tuple(int(g) for g in rng.integers(1, 4, size=int(rng.integers(1, 4))))
+        hp, sym_hp = _head_perm(rng, n_kv, d_h)
+        h = rng.standard_normal((n, n_kv * sum(sizes), d_h))
+        return (h, hp, sizes), (_m(h.reshape(n, -1)), sym_hp, sizes), lambda s: _np(s).reshape(h.shape)
     if name == "reorder_cache":
         k, v, rho = rng.standard_normal((n, 2, d)), rng.standard_normal((n, 2, d)), _perm(rng, n)
         sym = (_m(k.reshape(n, -1)), _m(v.reshape(n, -1)), tuple(rho.tolist()))
@@ -173,6 +179,7 @@ _GATHERS = {
     "decode_rows_numpy",
     "head_permute",
     "head_unpermute",
+    "head_permute_stacked",
     "flat_index",
     "reorder_cache",
     "unlock_scores",

@@ -384,6 +384,7 @@ def _rope_after_sigma(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
     """Apply RoPE *after* the head permutation σ (RoPE does not commute with σ, DESIGN T3)."""
     pending: dict[int, Array] = {}
     real_rope, real_permute = b.rope, client_mod.head_permute
+    real_stacked = client_mod.head_permute_stacked
 
     def rope(x: Array, positions: Array) -> Array:
         out = np.array(x, copy=True)
@@ -395,8 +396,14 @@ def _rope_after_sigma(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
         positions = pending.pop(id(x), None)
         return y if positions is None else real_rope(y, positions)
 
+    def head_permute_stacked(x: Array, perm: HeadPermutation, group_sizes: Any, ops: Any = None) -> Array:
+        y = real_stacked(x, perm, group_sizes, ops)
+        positions = pending.pop(id(x), None)
+        return y if positions is None else real_rope(y, positions)
+
     mp.setattr(b, "rope", rope)
     mp.setattr(client_mod, "head_permute", head_permute)
+    mp.setattr(client_mod, "head_permute_stacked", head_permute_stacked)
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,8 @@ def test_bench_quick_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         "16",
         "--gen-tokens",
         "2",
+        "--levels",
+        "permute,blind",
         "--json",
         str(out),
         "--no-progress",
@@ -44,13 +46,27 @@ def test_bench_quick_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         ("decode", 16, "blind"),
     }
     for r in rows:
-        assert r["ratio_median"] > 0 and r["plain_median_s"] > 0 and 0 <= r["client_flop_share"] < 1
+        assert r["ratio_median"] > 0 and r["baseline_median_s"] > 0 and 0 <= r["client_flop_share"] < 1
+        assert r["plain_runner_median_s"] > 0 and r["plain_runner_ratio"] > 0
+        assert r["total_ratio_median"] >= r["ratio_median"] and r["keys_median_s"] > 0
         assert r["state_ratio"] >= 1
     blind = [r for r in rows if r["level"] == "blind"]
     permute = [r for r in rows if r["level"] == "permute" and r["phase"] == "prefill"]
     assert all(r["client_flop_share"] > 0 for r in blind) and permute[0]["client_flop_share"] == 0
-    assert data["meta"]["model"] == "tiny-llama" and "PlainRunner" in data["meta"]["baseline"]
+    assert data["meta"]["model"] == "tiny-llama" and "Hugging Face" in data["meta"]["baseline"]
+    assert "PlainRunner" in data["meta"]["second_column"]
     assert "ratio" in capsys.readouterr().out
+
+
+def test_bench_without_a_hugging_face_model_names_plainrunner_its_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", "random:tiny-dense", "--repeats", "1", "--n", "8", "--gen-prompt", "8"]
+    argv += ["--gen-tokens", "1", "--json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert "PlainRunner" in data["meta"]["baseline"] and data["meta"]["second_column"] is None
+    assert {(r["phase"], r["level"]) for r in data["rows"]} == {("prefill", "permute"), ("decode", "permute")}
+    assert all(r["plain_runner_ratio"] is None and r["baseline_median_s"] > 0 for r in data["rows"])
 
 
 def test_bench_rejects_unknown_model_and_lengths() -> None:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..arrays import permute_rows_in_place
 from ..config import ModelConfig
 from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError, VocabularyError
 from ..transforms import blinding_correction
@@ -108,7 +109,8 @@ def as_index(index: npt.NDArray[np.int64], device: torch.device) -> torch.Tensor
     arr = np.ascontiguousarray(index, dtype=np.int64)
     if not arr.flags.writeable:  # memoised keys are read-only; torch cannot share them
         arr = arr.copy()
-    return torch.from_numpy(arr).to(device)
+    t = torch.from_numpy(arr)
+    return t if device.type == "cpu" else t.to(device)
 
 
 def _t(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -151,7 +153,7 @@ def _all_finite(t: torch.Tensor) -> bool:
     overflow of finite terms) falls back to the elementwise test."""
     if t.numel() == 0:
         return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+    if math.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).item()):
         return True
     return bool(torch.isfinite(t).all())
 
@@ -201,6 +203,13 @@ class TorchOps:
             y = y.to(self._wire)
         return np.asarray(y.cpu().numpy())  # a fresh tensor: its memory is not shared
 
+    def head_to_numpy(self, x: torch.Tensor, n: int) -> npt.NDArray[Any]:
+        """``x[:n]`` as numpy: a view of a CPU tensor already in the wire dtype, a copy otherwise."""
+        x = x.detach()
+        if x.device.type == "cpu" and x.dtype == self._wire:
+            return np.asarray(x.numpy()[:n])
+        return self.to_numpy(x.narrow(0, 0, n))
+
     def numpy_dtype(self) -> np.dtype[Any]:
         """float64 for a float64 backend, float32 otherwise (the wire format of bf16/fp16)."""
         return np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
@@ -216,7 +225,8 @@ class TorchOps:
             t = torch.from_numpy(np.ascontiguousarray(arr))
         if not t.is_floating_point():
             raise DTypeError(f"{name} must be a floating-point array, got dtype {t.dtype}")
-        t = t.to(device=self.device, dtype=self.dtype)
+        if t.dtype != self.dtype or t.device != self.device:
+            t = t.to(device=self.device, dtype=self.dtype)
         if finite and not _all_finite(t):
             raise NonFiniteError(f"{name} holds NaN or Inf")
         return t
@@ -245,6 +255,27 @@ class TorchOps:
 
     def concat_rows(self, xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(xs, dim=0)
+
+    def scatter_rows(self, parts: list[tuple[torch.Tensor, IndexArray]], rows: int) -> torch.Tensor:
+        """``out[index] = x`` for every part: one empty output and one ``index_copy_`` per part."""
+        first = parts[0][0]
+        out = torch.empty((rows, *first.shape[1:]), dtype=self.dtype, device=self.device)
+        for x, index in parts:
+            if len(index):
+                out.index_copy_(0, self._idx(index), x.to(self.dtype))
+        return out
+
+    def take_rows_in_place(self, x: torch.Tensor, index: IndexArray) -> torch.Tensor:
+        """``x[index]`` over x's memory: on CPU, cycle by cycle through numpy's view of the tensor; on
+        another device (or a dtype numpy lacks) one gather copied back."""
+        if x.device.type == "cpu" and x.is_contiguous() and x.dtype not in _LOW:
+            permute_rows_in_place(x.detach().numpy(), index)
+            return x
+        return x.copy_(x.index_select(0, self._idx(index)))
+
+    def compact(self, x: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of ``x`` (its own storage)."""
+        return x.clone(memory_format=torch.contiguous_format)
 
     def narrow(self, x: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
         """x[start:stop] along ``axis`` (a view, no copy)."""
@@ -380,9 +411,12 @@ class TorchBackend(TorchOps):
         return self._w.embed.index_select(0, self._idx(arr.astype(np.int64)))
 
     def _rms(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        xc = x.to(self._compute)
-        var = xc.square().mean(dim=-1, keepdim=True)
-        return (gamma.to(self._compute) * (xc * torch.rsqrt(var + self.config.rms_eps))).to(self.dtype)
+        if self.dtype in _LOW:  # norms run in float32 for bf16/fp16, as Hugging Face does
+            xc = x.to(self._compute)
+            var = xc.square().mean(dim=-1, keepdim=True)
+            return (gamma.to(self._compute) * (xc * torch.rsqrt(var + self.config.rms_eps))).to(self.dtype)
+        var = x.square().mean(dim=-1, keepdim=True)
+        return gamma * (x * var.add_(self.config.rms_eps).rsqrt_())
 
     def norm(self, x: torch.Tensor, which: NormName, layer: int = -1) -> torch.Tensor:
         """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε) with the named gain."""
@@ -439,10 +473,16 @@ class TorchBackend(TorchOps):
 
     # -- position and attention ----------------------------------------------------------------
     def _cos_sin(self, positions: IndexArray) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (rows × d_h) at ``positions``: a view of the cached tables for consecutive positions
+        (a prompt, a decode step), one gather otherwise."""
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
-        if pos.size and pos.min() < 0:
+        if pos.size > 1:
+            lo, hi = int(pos.min()), int(pos.max())
+        else:  # a decode step (one position) or nothing: no numpy reductions
+            lo = hi = int(pos[0]) if pos.size else 0
+        if lo < 0:
             raise ShapeError("RoPE positions must be >= 0")
-        need = int(pos.max()) + 1 if pos.size else 0
+        need = hi + 1 if pos.size else 0
         cos, sin = self._rope  # one read of the pair: a concurrent grow replaces it whole
         if need > cos.shape[0]:
             with self._rope_lock:
@@ -452,18 +492,33 @@ class TorchBackend(TorchOps):
                     c, s = ops.rope_cos_sin(np.arange(size), self.config.head_dim, self.config.rope_theta)
                     cos, sin = _t(c, self._compute, self.device), _t(s, self._compute, self.device)
                     self._rope = (cos, sin)
+        start = int(pos[0]) if pos.size else 0
+        if pos.size <= 1 or (need - start == pos.size and bool(np.all(np.diff(pos) == 1))):
+            return cos.narrow(0, start, pos.size), sin.narrow(0, start, pos.size)
         idx = self._idx(pos)
         return cos.index_select(0, idx), sin.index_select(0, idx)
 
     def rope(self, x: torch.Tensor, positions: IndexArray) -> torch.Tensor:
-        """RoPE (HF rotate_half) on rows × heads × d_h: x·cos + rotate_half(x)·sin at each row's position."""
+        """RoPE (HF rotate_half) on rows × heads × d_h at each row's position: x·cos + rotate_half(x)·sin
+        with rotate_half(x) = [−x₂, x₁]. HF's tables repeat their halves (cos = [c, c], sin = [s, s]), so
+        the result is [x₁c − x₂s, x₂c + x₁s]: four elementwise passes written into one output, no
+        intermediate. ``x`` may be a strided view (e.g. the Q and K heads of a fused QKV row)."""
         if x.ndim != 3:
             raise ShapeError(f"RoPE input must be rows × heads × head_dim, got {tuple(x.shape)}")
         cos, sin = self._cos_sin(positions)
+        if cos.shape[0] != x.shape[0]:
+            raise ShapeError(f"{cos.shape[0]} positions for {x.shape[0]} rows")
         xc = x.to(self._compute)
         half = x.shape[-1] // 2
-        rotated = torch.cat([-xc[..., half:], xc[..., :half]], dim=-1)
-        return (xc * cos[:, None, :] + rotated * sin[:, None, :]).to(self.dtype)
+        c, s = cos[:, None, :half], sin[:, None, :half]
+        x1, x2 = xc[..., :half], xc[..., half:]
+        out = torch.empty(xc.shape, dtype=self._compute, device=x.device)
+        o1, o2 = out[..., :half], out[..., half:]
+        torch.mul(x1, c, out=o1)
+        o1.addcmul_(x2, s, value=-1)
+        torch.mul(x2, c, out=o2)
+        o2.addcmul_(x1, s)
+        return out if out.dtype == self.dtype else out.to(self.dtype)
 
     def attention(
         self,
@@ -474,7 +529,13 @@ class TorchBackend(TorchOps):
         k_positions: IndexArray | None,
     ) -> torch.Tensor:
         """Causal GQA attention (query at position p sees keys at positions ≤ p; all keys when
-        ``k_positions`` is None). Returns rows × H × d_h."""
+        ``k_positions`` is None). Returns rows × H × d_h.
+
+        Runs as one batched (1 × heads × rows × d_h) ``scaled_dot_product_attention`` with ``enable_gqa``
+        — on CPU the fused flash kernel, which a 3-D call without the batch axis misses — with
+        ``is_causal`` when the keys are the queries' own rows in true order, no mask when every query
+        sees every key, and a boolean mask otherwise. Inputs may be strided views (rows × heads × d_h
+        of a wider array); the output is contiguous rows × H × d_h."""
         n_q, n_heads, _ = q.shape
         n_k, n_kv, _ = k.shape
         if n_heads % n_kv or v.shape[:2] != k.shape[:2]:
@@ -496,11 +557,11 @@ class TorchBackend(TorchOps):
                 mask = torch.from_numpy(kp[None, :] <= qp[:, None]).to(self.device)
         if n_k == 0:
             return q.new_zeros(n_q, n_heads, v.shape[-1])
-        qt, kt, vt = (t.transpose(0, 1).to(self._compute) for t in (q, k, v))
+        qt, kt, vt = (t.to(self._compute).transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         out = F.scaled_dot_product_attention(
             qt, kt, vt, attn_mask=mask, is_causal=causal, enable_gqa=n_heads != n_kv
-        )
-        return out.transpose(0, 1).to(self.dtype).contiguous()
+        )[0].transpose(0, 1)  # the CPU kernel writes rows × heads × d_h: this view is contiguous
+        return out.to(self.dtype).contiguous()
 
     def _masked_scores(
         self, q: torch.Tensor, k: torch.Tensor, qp: npt.NDArray[np.int64], kp: npt.NDArray[np.int64]

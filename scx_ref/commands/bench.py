@@ -1,22 +1,30 @@
-"""``scx bench``: SCX latency against plaintext on the same model, in the same process.
+"""``scx bench``: SCX latency against Hugging Face's own plaintext inference, same weights, same process.
 
 For each phase — prefill at n ∈ {128, 512, 2048}, and per-token generation (64 tokens after a
-512-token prompt) — the runs are **interleaved**: plaintext, SCX at each level, plaintext, … for
-``--repeats`` rounds, and the reported ratio is median(SCX) / median(plaintext) of wall-clock time
-(process CPU time ratios are reported beside it: on a loaded machine they are the steadier reading).
+512-token prompt) — the runs are **interleaved**: baseline, the project's plaintext runner, SCX at each
+level, then the next round in the reverse order, for ``--repeats`` rounds (default 9); the reported ratio
+is median(SCX) / median(baseline) of wall-clock time (process CPU time ratios beside it: on a loaded
+machine they are the steadier reading).
 
-Baseline: :class:`~scx_ref.backends.torch_backend.TorchPlainModel`, a plain torch forward with a KV
-cache over the *same* :class:`TorchBackend` (same weights, dtype, device and kernels), returning numpy
-logits as the SCX client does. Each SCX request derives its keys inside the timed run: a new nonce
-(``KeySchedule`` under the client's master secret) per request, every permutation, head permutation,
-noise and decoy draw computed from it; the calibration decoy pool is built once, offline, before
-timing (it is public data, as in DESIGN §5.1). A fresh :class:`~scx_ref.protocol.Server` serves each
+Baseline: the model's own Hugging Face ``transformers`` forward (prefill: ``model(ids)``, all n rows of
+logits, KV cache built) and ``generate`` (greedy, KV cache; the time from the first generated token to
+the last, per token) with the model's attention implementation (``sdpa``), on the very tensors the SCX
+backend computes with (:func:`scx_ref.hf.backend_from_hf` shares them). The project's own plaintext path
+(:class:`~scx_ref.forward.PlainRunner` on the same :class:`TorchBackend`) is timed as a second column. A
+``random:<preset>`` model has no Hugging Face model; its baseline is PlainRunner, and the JSON says so.
+
+Keys: every SCX request has a fresh nonce, and its keys — permutations, head permutations, decoy rows,
+noise and its corrections — are derived by :meth:`~scx_ref.protocol.Client.precompute` *before* the
+request, as the paper's prototype does (they depend only on the key schedule and the lengths). The
+ratio counts the **critical path** (the request with its keys ready); ``total`` adds the key derivation
+time (the client's whole work) and is reported beside it. The calibration decoy pool is built once,
+offline, before timing (public data, DESIGN §5.1). A fresh :class:`~scx_ref.protocol.Server` serves each
 request. Generation time includes key sharing, amortised over the generated tokens.
 
-Also reported per level: the peak-memory ratio (CUDA: ``max_memory_allocated``; CPU: peak resident
-set growth during the run, sampled every 2 ms — none when it is below 1 MiB, where allocator reuse makes
-it noise), the KV-state ratio (bytes of the distinct storages the server and client hold after the run,
-over the plaintext KV cache's) and the client's share of the flops (from the protocol's cost meters).
+Also reported per level: the peak-memory ratio (CUDA: ``max_memory_allocated``; CPU: peak resident set
+growth during the run — SCX: its key derivation and the request — sampled every 2 ms; none when below
+1 MiB, where allocator reuse makes it noise), the KV-state ratio (bytes of the distinct storages the
+server and client hold after the run, over the baseline's KV cache) and the client's share of the flops.
 
 Models: any name of the registry :mod:`scx_ref.zoo` — a registered model (``smollm2``, real
 SmolLM2-135M, falls back to ``random:smollm2-shape`` with a notice when its weights are unavailable;
@@ -42,32 +50,43 @@ import numpy as np
 from ..errors import ConfigError, SCXError
 from ..zoo import MODEL_NAMES, load_hf, load_weights, parse_random, weights_names_help
 
-__all__ = ["BenchResult", "build_backend", "register", "run_bench"]
+__all__ = ["BenchResult", "build_backend", "build_models", "register", "run_bench"]
 
 SMOLLM2_FALLBACK = "random:smollm2-shape"
 _MIN_MEM = float(1 << 20)  # below 1 MiB of growth the RSS reading is allocator noise: no ratio
+HF_BASELINE = (
+    "Hugging Face transformers: model(ids) for prefill (all rows of logits, KV cache built) and "
+    "generate(do_sample=False, KV cache) for decode, attention {attn}, on the same tensors"
+)
+PLAIN_BASELINE = "PlainRunner: the project's plain torch forward with a KV cache on the same TorchBackend"
 
 
 def register(subparsers: Any) -> None:
     """Add ``scx bench`` to the CLI."""
     p = subparsers.add_parser(
         "bench",
-        help="SCX vs plaintext latency ratios (prefill and per-token generation), interleaved",
+        help="SCX vs Hugging Face plaintext latency ratios (prefill and per-token generation), interleaved",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     p.add_argument("--model", default="smollm2", help=f"model (default smollm2): {weights_names_help()}")
     p.add_argument("--json", metavar="PATH", help="write the result rows as JSON")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per measurement (default 5)")
+    p.add_argument("--repeats", type=int, default=9, help="interleaved rounds per measurement (default 9)")
     p.add_argument("--quick", action="store_true", help="short prompts and few tokens (smoke test)")
     p.add_argument(
-        "--levels", default="permute,blind", help="comma-separated SCX levels (default permute,blind)"
+        "--levels",
+        default="permute",
+        help="comma-separated SCX levels (default permute; 'permute,blind' is a long run: blind computes "
+        "every correction η·W)",
     )
     p.add_argument("--n", default=None, help="comma-separated prefill lengths (default 128,512,2048)")
     p.add_argument("--gen-prompt", type=int, default=None, help="prompt length before generation (512)")
     p.add_argument("--gen-tokens", type=int, default=None, help="generated tokens timed (64)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--no-plain-runner", action="store_true", help="skip the PlainRunner column (a shorter run)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
 
@@ -77,24 +96,43 @@ class _Timing:
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     mem: list[float] = field(default_factory=list)
+    keys: list[float] = field(default_factory=list)
 
-    def add(self, wall: float, cpu: float, mem: float) -> None:
+    def add(self, wall: float, cpu: float, mem: float, keys: float = 0.0) -> None:
         self.wall.append(wall)
         self.cpu.append(cpu)
         self.mem.append(mem)
+        self.keys.append(keys)
+
+    def median(self) -> float:
+        return statistics.median(self.wall)
+
+    def total_median(self) -> float:
+        """Median of request + key derivation (the client's whole work)."""
+        return statistics.median(w + k for w, k in zip(self.wall, self.keys, strict=True))
 
 
 @dataclass
 class BenchResult:
-    """One row: a phase, a length, a level, and the SCX/plaintext ratios."""
+    """One row: a phase, a length, a level, and the SCX / baseline ratios.
+
+    ``ratio_median`` counts the critical path (keys derived before the request); ``total_ratio_median``
+    adds the key derivation. ``*_median_s`` are median seconds (decode: per token): ``baseline`` (Hugging
+    Face, or PlainRunner when the model has none — see the JSON's meta), ``plain_runner`` (the project's
+    own plaintext path, or None when skipped), ``scx`` (critical path), ``keys`` (key derivation).
+    """
 
     phase: str
     n: int
     level: str
     ratio_median: float
+    total_ratio_median: float
     cpu_ratio_median: float
-    plain_median_s: float
+    plain_runner_ratio: float | None
+    baseline_median_s: float
+    plain_runner_median_s: float | None
     scx_median_s: float
+    keys_median_s: float
     mem_ratio: float | None
     state_ratio: float
     client_flop_share: float
@@ -116,8 +154,6 @@ class _PeakMemory:
     def _rss() -> int:
         try:
             with open("/proc/self/statm") as f:
-                import os
-
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except OSError:  # not Linux: no RSS sampling
             return 0
@@ -173,25 +209,44 @@ def _scx_state(server: Any, client: Any) -> int:
     return _state_bytes(tensors)
 
 
-def _timed(fn: Callable[[], Any], device: Any) -> tuple[float, float, float, Any]:
+def _hf_cache_tensors(cache: Any) -> list[Any]:
+    """The key/value tensors of a Hugging Face cache (transformers 5: ``cache.layers[i].keys/values``)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [t for layer in layers for t in (layer.keys, layer.values) if t is not None]
+    return [*getattr(cache, "key_cache", []), *getattr(cache, "value_cache", [])]
+
+
+def _hf_cache(out: Any) -> Any:
+    """The cache of a Hugging Face output (``cache`` in transformers 5, ``past_key_values`` before)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def _sync(device: Any) -> None:
     import torch
 
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: Any) -> tuple[float, float, float, Any]:
     with _PeakMemory(device) as mem:
         w0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     return wall, cpu, mem.peak, out
 
 
-def build_backend(model: str, dtype: str, device: str) -> tuple[Any, str]:
-    """(TorchBackend, the model actually used) for a ``--model`` name of the registry.
+def build_models(model: str, dtype: str, device: str) -> tuple[Any, Any | None, str]:
+    """(TorchBackend, the Hugging Face model it shares its tensors with or None, the model actually used)
+    for a ``--model`` name of the registry.
 
-    A registered model runs on its HF model's weights (:func:`scx_ref.hf.backend_from_hf`); ``smollm2``
-    falls back to ``random:smollm2-shape`` with a notice on stderr when its weights are unavailable. A
-    ``random:<preset>[:seed]`` name runs on :func:`scx_ref.zoo.load_weights`. ConfigError for any other
-    name.
+    A registered model runs on its HF model's weights (cast to ``dtype`` on ``device`` first, so the
+    baseline and SCX compute with the same tensors; :func:`scx_ref.hf.backend_from_hf`); ``smollm2`` falls
+    back to ``random:smollm2-shape`` with a notice on stderr when its weights are unavailable. A
+    ``random:<preset>[:seed]`` name runs on :func:`scx_ref.zoo.load_weights` and has no HF model.
+    ConfigError for any other name.
     """
     from ..backends.torch_backend import TorchBackend, parse_dtype
     from ..hf import backend_from_hf
@@ -201,7 +256,8 @@ def build_backend(model: str, dtype: str, device: str) -> tuple[Any, str]:
             raise ConfigError(f"unknown bench model {model!r}; choose {weights_names_help()}")
         try:
             hf_model, _tokenizer = load_hf(model)
-            return backend_from_hf(hf_model, dtype=dtype, device=device), model
+            hf_model = hf_model.to(device=device, dtype=parse_dtype(dtype)).eval()
+            return backend_from_hf(hf_model, dtype=dtype, device=device), hf_model, model
         except (SCXError, OSError) as exc:
             if model != "smollm2":
                 raise
@@ -210,7 +266,146 @@ def build_backend(model: str, dtype: str, device: str) -> tuple[Any, str]:
             )
             model = SMOLLM2_FALLBACK
     np_dtype = np.float64 if parse_dtype(dtype).itemsize == 8 else np.float32
-    return TorchBackend(load_weights(model, np_dtype), dtype=dtype, device=device), model
+    return TorchBackend(load_weights(model, np_dtype), dtype=dtype, device=device), None, model
+
+
+def build_backend(model: str, dtype: str, device: str) -> tuple[Any, str]:
+    """(TorchBackend, the model actually used) for a ``--model`` name (:func:`build_models`)."""
+    backend, _hf, used = build_models(model, dtype, device)
+    return backend, used
+
+
+class _FirstToken:
+    """A ``generate`` streamer that notes when the first generated token arrives (after the prefill)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.t_first = 0.0
+        self.c_first = 0.0
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:  # call 1 is the prompt, call 2 the token the prefill produced
+            self.t_first, self.c_first = time.perf_counter(), time.process_time()
+
+    def end(self) -> None:
+        pass
+
+
+class _Sides:
+    """The three kinds of runs of one measurement, each returning (wall, cpu, mem, keys) and leaving its
+    state for the state ratio."""
+
+    def __init__(self, backend: Any, hf_model: Any | None, clients: dict[str, Any], device: Any) -> None:
+        from ..forward import PlainRunner
+
+        self.b = backend
+        self.hf = hf_model
+        self.clients = clients
+        self.device = device
+        self.plain = PlainRunner(backend)
+        self.state: dict[str, int] = {}
+        self.share: dict[str, float] = {}
+
+    # -- Hugging Face ---------------------------------------------------------------------------------
+    def hf_prefill(self, ids: np.ndarray) -> tuple[float, float, float, float]:
+        import torch
+
+        tid = torch.from_numpy(ids)[None].to(self.device)
+        w, cpu, mem, out = _timed(lambda: self._hf_logits(tid), self.device)
+        self.state["baseline"] = _state_bytes(_hf_cache_tensors(_hf_cache(out)))
+        return w, cpu, mem, 0.0
+
+    def _hf_logits(self, tid: Any) -> Any:
+        assert self.hf is not None
+        out = self.hf(tid, use_cache=True)
+        out.logits[0].float().cpu().numpy()  # the caller gets numpy logits, as from SCX
+        return out
+
+    def hf_decode(self, ids: np.ndarray, n_new: int) -> tuple[float, float, float, float]:
+        import torch
+
+        assert self.hf is not None
+        tid = torch.from_numpy(ids)[None].to(self.device)
+        streamer = _FirstToken()
+        with _PeakMemory(self.device) as mem:
+            out = self.hf.generate(
+                tid,
+                attention_mask=torch.ones_like(tid),
+                max_new_tokens=n_new + 1,
+                min_new_tokens=n_new + 1,
+                do_sample=False,
+                use_cache=True,
+                streamer=streamer,
+                pad_token_id=0,
+                return_dict_in_generate=True,
+            )
+            _sync(self.device)
+            wall, cpu = time.perf_counter() - streamer.t_first, time.process_time() - streamer.c_first
+        self.state["baseline"] = _state_bytes(_hf_cache_tensors(_hf_cache(out)))
+        return wall, cpu, mem.peak, 0.0
+
+    # -- PlainRunner ----------------------------------------------------------------------------------
+    def plain_prefill(self, ids: np.ndarray) -> tuple[float, float, float, float]:
+        w, cpu, mem, _ = _timed(lambda: self.b.to_numpy(self.plain.prefill(ids)), self.device)
+        self.state["plain"] = _state_bytes([t for kv in self.plain.cache for t in kv])
+        return w, cpu, mem, 0.0
+
+    def plain_decode(self, ids: np.ndarray, n_new: int) -> tuple[float, float, float, float]:
+        plain = self.plain
+        tok = plain.b.argmax_last(plain.prefill(ids, last_only=True))
+
+        def steps() -> None:
+            t = tok
+            for _ in range(n_new):
+                t = int(np.argmax(plain.b.to_numpy(plain.decode(t))))
+
+        w, cpu, mem, _ = _timed(steps, self.device)
+        self.state["plain"] = _state_bytes([t for kv in plain.cache for t in kv])
+        return w, cpu, mem, 0.0
+
+    # -- SCX ------------------------------------------------------------------------------------------
+    def scx_prefill(self, level: str, ids: np.ndarray) -> tuple[float, float, float, float]:
+        from ..keys import KeySchedule
+        from ..protocol import LocalTransport, Server
+
+        client = self.clients[level]
+        server = Server(self.b)
+        link = LocalTransport(server)
+        nonce = KeySchedule.new_nonce()
+        with _PeakMemory(self.device) as mem:  # memory: the keys and the request together
+            k0 = time.perf_counter()
+            client.precompute(len(ids), nonce=nonce)
+            keys = time.perf_counter() - k0
+            w0, c0 = time.perf_counter(), time.process_time()
+            client.prefill(ids, link, nonce=nonce)
+            _sync(self.device)
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        self.share[level] = client.cost_report(link, server.cost(client.session)).client_flop_share
+        self.state[level] = _scx_state(server, client)
+        return wall, cpu, mem.peak, keys
+
+    def scx_decode(self, level: str, ids: np.ndarray, n_new: int) -> tuple[float, float, float, float]:
+        from ..keys import KeySchedule
+        from ..protocol import LocalTransport, Server
+
+        client = self.clients[level]
+        server = Server(self.b)
+        link = LocalTransport(server)
+        nonce = KeySchedule.new_nonce()
+        prep = client.precompute(len(ids), steps=n_new, nonce=nonce)
+        tok = int(np.argmax(client.prefill(ids, link, nonce=nonce)[-1]))
+
+        def steps() -> None:
+            t = tok
+            client.share_keys(link)  # part of generation's cost, amortised over the tokens
+            for _ in range(n_new):
+                t = int(np.argmax(client.decode(t, link)))
+
+        w, cpu, mem, _ = _timed(steps, self.device)
+        self.share[level] = client.cost_report(link, server.cost(client.session)).client_flop_share
+        self.state[level] = _scx_state(server, client)
+        return w, cpu, mem, prep.seconds_generation
 
 
 def run_bench(
@@ -221,89 +416,70 @@ def run_bench(
     gen_tokens: int,
     repeats: int,
     progress: bool = True,
+    hf_model: Any | None = None,
+    plain_runner: bool = True,
 ) -> list[BenchResult]:
-    """Interleaved plaintext/SCX timings on ``backend``; one row per (phase, n, level).
+    """Interleaved baseline / PlainRunner / SCX timings on ``backend``; one row per (phase, n, level).
 
-    Rounds alternate the order (plaintext first, then SCX first), so a drift of the machine's speed
-    within a round does not favour either side.
+    The baseline is ``hf_model`` (Hugging Face forward and generate on the backend's tensors) when given,
+    else PlainRunner. Rounds alternate the order (baseline first, then SCX first), so a drift of the
+    machine's speed within a round does not favour either side. SCX keys are derived before each request
+    (timed separately: ``keys``); see the module doc.
     """
     import torch
 
-    from ..forward import PlainRunner
     from ..keys import KeySchedule
-    from ..protocol import Client, LocalTransport, SCXConfig, Server
+    from ..protocol import Client, SCXConfig
 
     c = backend.config
-    longest = max([*lengths, gen_prompt + gen_tokens])
+    longest = max([*lengths, gen_prompt + gen_tokens + 1])
     if longest > c.max_positions:
         raise ConfigError(f"bench length {longest} exceeds the model's max_positions {c.max_positions}")
     rng = np.random.default_rng(1234)  # public benchmark prompts
-    plain = PlainRunner(backend)
     master = KeySchedule.generate()
     clients = {
         lv: Client(backend, master, SCXConfig(level=lv, max_length=min(c.max_positions, 4096)))  # type: ignore[arg-type]
         for lv in levels
     }
+    sides_obj = _Sides(backend, hf_model, clients, backend.device)
+    has_hf = hf_model is not None
+    plain_col = plain_runner and has_hf  # without HF, PlainRunner *is* the baseline
     jobs = [("prefill", n) for n in lengths] + ([("decode", gen_prompt)] if gen_tokens > 0 else [])
-    total = len(jobs) * repeats * (1 + len(levels))
+    base_sides = ["baseline", *(["plain"] if plain_col else [])]
+    total = len(jobs) * repeats * (len(base_sides) + len(levels))
     bar = _progress(total, progress)
     rows: list[BenchResult] = []
     for phase, n in jobs:
         ids = rng.integers(0, c.vocab_size, size=n, dtype=np.int64)
-        plain_t = _Timing()
-        scx_t = {lv: _Timing() for lv in levels}
-        share: dict[str, float] = {}
-        state: dict[str, int] = {}
-        plain_state = 0
-
-        sides: list[str | None] = [None, *levels]  # None: plaintext
+        timings = {side: _Timing() for side in (*base_sides, *levels)}
+        order = [*base_sides, *levels]
         for rnd in range(repeats):
-            for side in sides if rnd % 2 == 0 else sides[::-1]:
+            for side in order if rnd % 2 == 0 else order[::-1]:
                 with torch.inference_mode():
-                    if side is None:
-                        if phase == "prefill":
-                            w, cpu, mem, _ = _timed(
-                                lambda ids=ids: backend.to_numpy(plain.prefill(ids)),  # type: ignore[misc]
-                                backend.device,
-                            )
-                        else:
-                            w, cpu, mem = _plain_decode(plain, ids, gen_tokens, backend.device)
-                        plain_t.add(w, cpu, mem)
-                        plain_state = _state_bytes([t for kv in plain.cache for t in kv])
-                        bar(f"{phase} n={n} plaintext")
-                        continue
-                    client = clients[side]
-                    server = Server(backend)
-                    link = LocalTransport(server)
-                    if phase == "prefill":
-                        w, cpu, mem, _ = _timed(
-                            lambda cl=client, ids=ids, link=link: cl.prefill(  # type: ignore[misc]
-                                ids, link, nonce=KeySchedule.new_nonce()
-                            ),
-                            backend.device,
-                        )
-                    else:
-                        w, cpu, mem = _scx_decode(client, link, ids, gen_tokens, backend.device)
-                    scx_t[side].add(w, cpu, mem)
-                    share[side] = client.cost_report(link, server.cost(client.session)).client_flop_share
-                    state[side] = _scx_state(server, client)
-                    bar(f"{phase} n={n} {side}")
+                    timings[side].add(*_run_side(sides_obj, side, phase, ids, gen_tokens, has_hf))
+                bar(f"{phase} n={n} {side}")
         div = gen_tokens if phase == "decode" else 1
+        base = timings["baseline"]
+        plain_t = timings.get("plain")
         for lv in levels:
-            pm, sm = statistics.median(plain_t.wall), statistics.median(scx_t[lv].wall)
-            pmem, smem = statistics.median(plain_t.mem), statistics.median(scx_t[lv].mem)
+            t = timings[lv]
+            pmem, smem = statistics.median(base.mem), statistics.median(t.mem)
             rows.append(
                 BenchResult(
                     phase=phase,
                     n=n,
                     level=lv,
-                    ratio_median=sm / pm,
-                    cpu_ratio_median=statistics.median(scx_t[lv].cpu) / statistics.median(plain_t.cpu),
-                    plain_median_s=pm / div,
-                    scx_median_s=sm / div,
+                    ratio_median=t.median() / base.median(),
+                    total_ratio_median=t.total_median() / base.median(),
+                    cpu_ratio_median=statistics.median(t.cpu) / statistics.median(base.cpu),
+                    plain_runner_ratio=None if plain_t is None else t.median() / plain_t.median(),
+                    baseline_median_s=base.median() / div,
+                    plain_runner_median_s=None if plain_t is None else plain_t.median() / div,
+                    scx_median_s=t.median() / div,
+                    keys_median_s=statistics.median(t.keys) / div,
                     mem_ratio=smem / pmem if min(pmem, smem) >= _MIN_MEM else None,
-                    state_ratio=state[lv] / plain_state,
-                    client_flop_share=share[lv],
+                    state_ratio=sides_obj.state[lv] / sides_obj.state["baseline"],
+                    client_flop_share=sides_obj.share[lv],
                     repeats=repeats,
                     tokens=gen_tokens if phase == "decode" else 0,
                 )
@@ -312,35 +488,17 @@ def run_bench(
     return rows
 
 
-def _plain_decode(plain: Any, ids: np.ndarray, n_new: int, device: Any) -> tuple[float, float, float]:
-    import torch
-
-    tok = int(torch.argmax(plain.prefill(ids, last_only=True)[-1]).item())
-
-    def steps() -> None:
-        t = tok
-        for _ in range(n_new):
-            t = int(np.argmax(plain.b.to_numpy(plain.decode(t))))
-
-    w, cpu, mem, _ = _timed(steps, device)
-    return w, cpu, mem
-
-
-def _scx_decode(
-    client: Any, link: Any, ids: np.ndarray, n_new: int, device: Any
-) -> tuple[float, float, float]:
-    from ..keys import KeySchedule
-
-    tok = int(np.argmax(client.prefill(ids, link, nonce=KeySchedule.new_nonce())[-1]))
-
-    def steps() -> None:
-        t = tok
-        client.share_keys(link)  # part of generation's cost, amortised over the tokens
-        for _ in range(n_new):
-            t = int(np.argmax(client.decode(t, link)))
-
-    w, cpu, mem, _ = _timed(steps, device)
-    return w, cpu, mem
+def _run_side(
+    sides: _Sides, side: str, phase: str, ids: np.ndarray, n_new: int, has_hf: bool
+) -> tuple[float, float, float, float]:
+    if side == "baseline" and has_hf:
+        return sides.hf_prefill(ids) if phase == "prefill" else sides.hf_decode(ids, n_new)
+    if side in ("baseline", "plain"):
+        out = sides.plain_prefill(ids) if phase == "prefill" else sides.plain_decode(ids, n_new)
+        if side == "baseline":
+            sides.state["baseline"] = sides.state["plain"]
+        return out
+    return sides.scx_prefill(side, ids) if phase == "prefill" else sides.scx_decode(side, ids, n_new)
 
 
 def _progress(total: int, enabled: bool) -> Callable[[str | None], None]:
@@ -365,26 +523,29 @@ def _progress(total: int, enabled: bool) -> Callable[[str | None], None]:
     return step
 
 
-def format_table(rows: list[BenchResult], model: str, device: str, dtype: str) -> str:
+def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, baseline: str) -> str:
     """The human-readable report."""
     lines = [
-        f"scx bench — model {model}, {device}, {dtype}; ratio = median(SCX) / median(plaintext)",
-        f"{'phase':8} {'n':>5} {'level':8} {'ratio':>7} {'cpu':>7} {'plain':>10} {'scx':>10} "
-        f"{'mem':>6} {'state':>6} {'client':>7}",
+        f"scx bench — model {model}, {device}, {dtype}; baseline: {baseline}",
+        "ratio = median(SCX, keys derived ahead) / median(baseline); total = with the key derivation",
+        f"{'phase':8} {'n':>5} {'level':8} {'ratio':>7} {'total':>7} {'cpu':>7} {'vsPR':>6} {'base':>9} "
+        f"{'plainR':>9} {'scx':>9} {'keys':>8} {'mem':>6} {'state':>6} {'client':>7}",
     ]
     for r in rows:
         unit = "s/tok" if r.phase == "decode" else "s"
         mem = f"{r.mem_ratio:6.2f}" if r.mem_ratio is not None else "     -"
+        vs_pr = f"{r.plain_runner_ratio:6.3f}" if r.plain_runner_ratio is not None else "     -"
+        pr = f"{r.plain_runner_median_s:7.4f}{unit[0]:>2}" if r.plain_runner_median_s is not None else " " * 9
         lines.append(
-            f"{r.phase:8} {r.n:5d} {r.level:8} {r.ratio_median:7.3f} {r.cpu_ratio_median:7.3f} "
-            f"{r.plain_median_s:8.4f}{unit[0]:>2} {r.scx_median_s:8.4f}{unit[0]:>2} {mem} "
-            f"{r.state_ratio:6.2f} "
-            f"{100 * r.client_flop_share:6.2f}%"
+            f"{r.phase:8} {r.n:5d} {r.level:8} {r.ratio_median:7.3f} {r.total_ratio_median:7.3f} "
+            f"{r.cpu_ratio_median:7.3f} {vs_pr} {r.baseline_median_s:7.4f}{unit[0]:>2} {pr} "
+            f"{r.scx_median_s:7.4f}{unit[0]:>2} {r.keys_median_s:6.4f}{unit[0]:>2} {mem} "
+            f"{r.state_ratio:6.2f} {100 * r.client_flop_share:6.2f}%"
         )
     lines.append(
-        "plain/scx: median seconds (decode: per token); mem: peak-memory ratio (- when the run's growth is "
-        "below 1 MiB); state: KV-state bytes held after the run (server + client) / plaintext KV cache; "
-        "client: flop share"
+        "base/plainR/scx/keys: median seconds (decode: per token); vsPR: SCX / PlainRunner; cpu: process CPU "
+        "time ratio; mem: peak-memory ratio (- when the run's growth is below 1 MiB); state: KV-state bytes "
+        "held after the run (server + client) / baseline KV cache; client: flop share"
     )
     return "\n".join(lines)
 
@@ -403,6 +564,13 @@ def _machine() -> str:
     except OSError:
         pass
     return f"{name}, {os.cpu_count()} logical CPUs"
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -426,18 +594,40 @@ def main(args: argparse.Namespace) -> int:
         lengths = [int(v) for v in args.n.split(",") if v.strip()]
     gen_prompt = args.gen_prompt if args.gen_prompt is not None else gen_prompt
     gen_tokens = args.gen_tokens if args.gen_tokens is not None else gen_tokens
-    backend, used = build_backend(args.model, args.dtype, args.device)
-    rows = run_bench(backend, levels, lengths, gen_prompt, gen_tokens, args.repeats, not args.no_progress)
-    print(format_table(rows, used, args.device, args.dtype))
+    backend, hf_model, used = build_models(args.model, args.dtype, args.device)
+    if hf_model is not None:
+        baseline = HF_BASELINE.format(attn=getattr(hf_model.config, "_attn_implementation", "?"))
+    else:
+        baseline = PLAIN_BASELINE
+    load_before = _load()
+    t0 = time.perf_counter()
+    rows = run_bench(
+        backend,
+        levels,
+        lengths,
+        gen_prompt,
+        gen_tokens,
+        args.repeats,
+        not args.no_progress,
+        hf_model=hf_model,
+        plain_runner=not args.no_plain_runner,
+    )
+    print(format_table(rows, used, args.device, args.dtype, "Hugging Face" if hf_model else "PlainRunner"))
     if args.json:
         meta = {
             "command": " ".join(["scx", *sys.argv[1:]]),
             "machine": _machine(),
+            "load_average_before": load_before,
+            "load_average_after": _load(),
+            "seconds": round(time.perf_counter() - t0, 1),
             "model": used,
             "device": args.device,
             "dtype": args.dtype,
             "threads": torch.get_num_threads(),
-            "baseline": "PlainRunner: plain torch forward with a KV cache on the same TorchBackend",
+            "baseline": baseline,
+            "second_column": None if hf_model is None or args.no_plain_runner else PLAIN_BASELINE,
+            "ratio": "median SCX critical path (keys derived before the request) / median baseline",
+            "total_ratio": "median SCX request + its key derivation (the client's whole work) / baseline",
             "torch": torch.__version__,
         }
         with open(args.json, "w") as f:

@@ -2,18 +2,25 @@
 every message and decodes every reply, so that the decoded result is exactly plaintext inference.
 
 Every encoding step is a transform of :mod:`scx_ref.transforms` run on the client's backend — T1+T2
-(:func:`~scx_ref.transforms.with_decoys`, :func:`~scx_ref.transforms.permute_rows`,
-:func:`~scx_ref.transforms.decode_rows`, :func:`~scx_ref.transforms.unpermute_rows`), T3
-(:func:`~scx_ref.transforms.head_permute` / :func:`~scx_ref.transforms.head_unpermute`), T4
+(:func:`~scx_ref.transforms.encode_rows`: decoys appended and rows permuted in one pass,
+:func:`~scx_ref.transforms.decode_rows`, :func:`~scx_ref.transforms.decode_rows_numpy`), T3
+(:func:`~scx_ref.transforms.head_permute_stacked` for the RoPE'd Q and K heads in one gather,
+:func:`~scx_ref.transforms.head_permute` / :func:`~scx_ref.transforms.head_unpermute`), T4
 (:func:`~scx_ref.transforms.encode_rows` of the locked cache, :func:`~scx_ref.transforms.unlock_scores`),
 T5 (:func:`~scx_ref.transforms.blind` / :func:`~scx_ref.transforms.unblind`) and T6 (Laplace noise drawn
 by :class:`~scx_ref.protocol.keyring.RequestKeys`). Which messages are noised, and with which β and key,
 is the :class:`~scx_ref.protocol.plan.ReleasePlan`'s decision, never the client's own.
 
+Between blocks the residual stream stays *encoded*: the FFN stage of block i sends π_{i+1}(H ⊕ R) and
+adds the server's reply in that order, which is exactly what block i+1's QKV stage sends (T1 for the
+row-wise map x ↦ x + MLP(norm(x))), so no decode/re-encode happens between them.
+
 Prefill (§5.1), key sharing (§5.2) and generation (§5.3) are methods; each message goes through a
 :class:`~scx_ref.protocol.transport.Transport`. The client keeps only what the protocol says it keeps:
 the first guard blocks' valid caches and the last guard blocks' values. Every key is re-derived from
-the schedule when needed (:mod:`~scx_ref.protocol.keyring`), which is what makes it stateless.
+the schedule when needed (:mod:`~scx_ref.protocol.keyring`), which is what makes it stateless; a request's
+keys may also be derived before its prompt exists (:meth:`Client.precompute`,
+:mod:`~scx_ref.protocol.prepare`), which takes them off the critical path without changing them.
 """
 
 from __future__ import annotations
@@ -35,19 +42,18 @@ from ..transforms import (
     decode_rows_numpy,
     encode_rows,
     head_permute,
+    head_permute_stacked,
     head_unpermute,
-    permute_rows,
     unblind,
     unlock_scores,
-    unpermute_rows,
-    with_decoys,
 )
 from .config import SCXConfig
 from .cost import CostMeter, CostReport
 from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys, default_public_tokens
-from .keyring import RequestKeys, commitment
+from .keyring import RequestKeys
 from .messages import Reply, Request
 from .plan import ReleasePlan
+from .prepare import PreparedKeys
 from .transport import Transport
 
 __all__ = ["Client"]
@@ -58,6 +64,7 @@ class _State(Generic[A]):
     """What the client keeps between calls for one session."""
 
     keys: RequestKeys
+    prep: PreparedKeys[A]
     n: int
     seq: int
     step: int = 0
@@ -92,6 +99,7 @@ class Client(Generic[A]):
         self._used: dict[bytes, str] = {}
         self.meter = CostMeter()
         self.state: _State[A] | None = None
+        self._prepared: PreparedKeys[A] | None = None
         self.first, self.middle, self.last = self.cfg.blocks(self.c.n_layers)
         if decoys is not None:
             self.decoys: DecoyPolicy = decoys
@@ -130,14 +138,9 @@ class Client(Generic[A]):
         return reply
 
     def _decoys(self, stage: Stage, layer: int, count: int, real: A) -> A:
-        """``count`` decoy rows for (stage, layer), in the backend."""
-        width = self.b.shape(real)[1]
-        if self.decoys.needs_real and count:
-            real_np = np.asarray(self.b.to_numpy(real), dtype=np.float64)
-        else:
-            real_np = np.zeros((0, width))
-        rows = self.decoys.draw(stage, layer, count, real_np, self._keys().decoy_stream(stage, layer))
-        return self.b.from_numpy(np.asarray(rows, dtype=np.float64).reshape(count, width))
+        """``count`` decoy rows for (stage, layer), in the backend (derived ahead when they could be)."""
+        assert self.state is not None
+        return self.state.prep.decoys(stage, layer, count, real)
 
     def _linear(
         self,
@@ -164,12 +167,15 @@ class Client(Generic[A]):
             y: A = self._send(link, stage, layer, step, {arr_key: x}, **meta).arrays[reply_key]
             return y
         rows, width = b.shape(x)
-        eta = b.from_numpy(self._keys().noise(release, None if step < 0 else step, rows, width))
+        assert self.state is not None
+        eta, correction = self.state.prep.blinding(
+            release, None if step < 0 else step, rows, width, which, layer, experts
+        )
         self.meter.elementwise(stage, rows * width)
         sent = blind(x, eta, b)
         y = self._send(link, stage, layer, step, {arr_key: sent}, **meta).arrays[reply_key]
         self.meter.matmul(stage, rows, width, b.shape(y)[1], "client")
-        return unblind(y, b.correction(eta, which, layer, experts), b)
+        return unblind(y, correction, b)
 
     def _blinded(self, stage: Stage, layer: int) -> bool:
         """Whether the plan noises ``stage`` of ``layer`` (then the client applies the norm before it).
@@ -178,12 +184,51 @@ class Client(Generic[A]):
             stage = Stage.ROUTER if stage is Stage.FFN else Stage.GEN_ROUTER
         return self.plan.find(stage, layer) is not None
 
+    # -- key material ahead of the prompt (DESIGN §3) ------------------------------------------------
+    def precompute(
+        self, n: int, *, steps: int = 0, nonce: bytes | None = None, background: bool = False
+    ) -> PreparedKeys[A]:
+        """Derive the keys of the next request — a prompt of ``n`` tokens, and ``steps`` generation steps —
+        before the prompt exists, so the prefill only reads them (:mod:`~scx_ref.protocol.prepare`).
+
+        The request's nonce is ``nonce``, else the one already reserved for the next prefill, else a fresh
+        one reserved now; a later :meth:`prefill` of n tokens under that nonce uses these keys (another
+        length or nonce derives its own). ``background`` derives them in a thread; the prefill waits for
+        it. The keys are exactly the ones the prefill would derive itself: what the server sees does not
+        change, only when the client's work happens.
+        """
+        if not 1 <= n <= self.max_length:
+            raise ProtocolError(f"a prompt has 1 to max_length = {self.max_length} tokens, not {n}")
+        if nonce is None:
+            nonce = self._next_nonce or KeySchedule.new_nonce()
+        self._next_nonce = nonce
+        prep = self._new_prepared(nonce, n)
+        if background:
+            prep.start(steps)
+        else:
+            prep.fill(steps)
+        self._prepared = prep
+        return prep
+
+    def _new_prepared(self, nonce: bytes, n: int) -> PreparedKeys[A]:
+        keys = RequestKeys(self._master_keys.for_nonce(nonce), self.c)
+        return PreparedKeys(keys, self.b, self.cfg, self.plan, self.decoys, n)
+
+    def _take_prepared(self, nonce: bytes, n: int) -> PreparedKeys[A]:
+        """The keys precomputed for (nonce, n), or a fresh set that derives each key on first use."""
+        prep, self._prepared = self._prepared, None
+        if prep is not None and prep.nonce == nonce and prep.n == n:
+            prep.wait()
+            return prep
+        return self._new_prepared(nonce, n)
+
     # -- prefill (§5.1) --------------------------------------------------------------------------
     def prefill(self, ids: Any, link: Transport, nonce: bytes | None = None) -> npt.NDArray[Any]:
         """Encoded prefill of prompt ``ids``; returns its logits (n × V, numpy), equal to plaintext.
 
-        Opens a new session under a fresh nonce (or ``nonce``). Reusing a nonce for a different prompt
-        raises SessionError: the same keys would encode two prompts.
+        Opens a new session under a fresh nonce (or ``nonce``; or the one :meth:`precompute` reserved,
+        whose keys are then already derived). Reusing a nonce for a different prompt raises SessionError:
+        the same keys would encode two prompts.
         """
         b, c, cfg = self.b, self.c, self.cfg
         ids_arr = np.asarray(ids)
@@ -201,7 +246,8 @@ class Client(Generic[A]):
             raise SessionError("nonce reused for a different prompt: every prompt needs a fresh nonce")
         self._used[nonce] = digest
         self.meter = CostMeter()
-        st: _State[A] = _State(RequestKeys(self._master_keys.for_nonce(nonce), c), n, seq=0)
+        prep = self._take_prepared(nonce, n)
+        st: _State[A] = _State(prep.keys, prep, n, seq=0)
         self.state = st
         self._send(
             link,
@@ -219,92 +265,87 @@ class Client(Generic[A]):
             level=cfg.level,
         )
         pos = np.arange(n)
-        h = x0
-        dec = self._decoys(Stage.QKV, 0, cfg.r1, h)  # carried decoy rows of the π_i stages
+        # the rows block 0's QKV stage sends: π_0(X ⊕ R) (T1 + T2, one pass)
+        s = encode_rows(x0, self._decoys(Stage.QKV, 0, cfg.r1, x0), prep.token_perm(0), b)
         keys_kept: dict[int, A] = {}
         for i in range(c.n_layers):
-            h, dec, k_rope, v = self._prefill_block(link, i, h, dec, pos)
+            s, k_rope, v = self._prefill_block(link, i, s, pos)
             if i in self.first:
-                st.guard_k[i], st.guard_v[i] = k_rope, v
+                st.guard_k[i], st.guard_v[i] = b.compact(k_rope), b.compact(v)
             elif i in self.last:
-                st.guard_v[i] = v
+                st.guard_v[i] = b.compact(v)
                 keys_kept[i] = k_rope
-        logits = self._prefill_head(link, h, dec)
+        logits = self._prefill_head(link, s)
         for i, k_rope in keys_kept.items():  # locked key caches of the last guard blocks (T4 + T2)
-            rho = st.keys.lock_perm(i, n + cfg.lock_decoys)
             k_flat = b.reshape(k_rope, (n, c.kv_dim))
-            locked = encode_rows(k_flat, self._decoys(Stage.LOCK, i, cfg.lock_decoys, k_flat), rho, b)
+            locked = encode_rows(
+                k_flat, self._decoys(Stage.LOCK, i, cfg.lock_decoys, k_flat), prep.lock_perm(i), b
+            )
             self._send(link, Stage.LOCK, i, -1, {"k": locked})
         return logits
 
-    def _prefill_block(self, link: Transport, i: int, h: A, dec: A, pos: IndexArray) -> tuple[A, A, A, A]:
-        b, c, cfg, keys = self.b, self.c, self.cfg, self._keys()
+    def _prefill_block(self, link: Transport, i: int, s: A, pos: IndexArray) -> tuple[A, A, A]:
+        """Block i on ``s`` = π_i(H ⊕ R), the rows its QKV stage sends (H the residual stream, R the decoy
+        rows carried from the previous FFN stage). Returns π_{i+1}(H′ ⊕ R′) — block i+1's QKV rows — and
+        the block's RoPE'd keys and values in true order (n × H_kv × d_h)."""
+        b, c, cfg = self.b, self.c, self.cfg
+        assert self.state is not None
+        prep = self.state.prep
+        keys = prep.block(i)
         n = len(pos)
-        # 1. QKV stage: E = π_i(X ⊕ R) (+ α_i, with the client's norm)
-        pi = keys.token_perm(i, n + cfg.r1)
-        rows = with_decoys(h, dec, b)
+        h = decode_rows(s, keys.pi, n, b)  # the residual stream in true order
+        # 1. QKV stage: E = π_i(X ⊕ R) (+ α_i, with the client's norm: row-wise, so it commutes with π_i)
         normalized = self._blinded(Stage.QKV, i)
+        rows = s
         if normalized:
-            rows = b.norm(rows, "attn", i)
+            rows = b.norm(s, "attn", i)
             self.meter.elementwise(Stage.QKV, (n + cfg.r1) * c.hidden_size)
         z = self._linear(
-            link,
-            Stage.QKV,
-            i,
-            -1,
-            permute_rows(rows, pi, b),
-            "wqkv",
-            reply_key="z",
-            normalized=normalized,
-            commit=commitment(keys.commit_salt(i), i, pi),
+            link, Stage.QKV, i, -1, rows, "wqkv", reply_key="z", normalized=normalized, commit=keys.commit
         )
-        q, k, v = split_qkv(b, decode_rows(z, pi, n, b))
-        q, k = b.rope(q, pos), b.rope(k, pos)
+        zt = decode_rows(z, keys.pi, n, b)  # [Q K V] of the n real rows, true order
+        heads, kv_heads, d_h, g = c.n_heads, c.n_kv_heads, c.head_dim, c.group_size
+        qk = b.rope(b.reshape(b.narrow(zt, 1, 0, c.q_dim + c.kv_dim), (n, heads + kv_heads, d_h)), pos)
+        v = b.reshape(b.narrow(zt, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim), (n, kv_heads, d_h))
         self.meter.elementwise(Stage.QKV, 3 * n * (c.q_dim + c.kv_dim))
-        # 2. attention stage: Q P_i, K P_i, V P_i in true row order
-        hp, g = keys.head_perm(i), c.group_size
+        # 2. attention stage: Q P_i, K P_i (one gather of the RoPE'd heads), V P_i, in true row order
+        qk_p = head_permute_stacked(qk, keys.head, (g, 1), b)
         sent = {
-            "q": head_permute(q, hp, g, b),
-            "k": head_permute(k, hp, 1, b),
-            "v": head_permute(v, hp, 1, b),
+            "q": b.narrow(qk_p, 1, 0, heads),
+            "k": b.narrow(qk_p, 1, heads, heads + kv_heads),
+            "v": head_permute(v, keys.head, 1, b),
         }
         o = self._send(link, Stage.ATTN, i, -1, sent).arrays["o"]
-        o = b.reshape(head_unpermute(o, hp, g, b), (n, c.q_dim))
+        o = b.reshape(head_unpermute(o, keys.head, g, b), (n, c.q_dim))
         # 3. O stage: π′_i(O ⊕ R′)
-        pi_o = keys.o_perm(i, n + cfg.r2)
-        rows = encode_rows(o, self._decoys(Stage.O, i, cfg.r2, o), pi_o, b)
+        rows = encode_rows(o, self._decoys(Stage.O, i, cfg.r2, o), keys.pi_o, b)
         y = self._linear(link, Stage.O, i, -1, rows, "wo")
-        h = b.add(h, decode_rows(y, pi_o, n, b))
+        h = b.add(h, decode_rows(y, keys.pi_o, n, b))
         # 4. FFN stage under π_{i+1}; its decoys ride on into block i+1's QKV stage
-        pi_next = keys.token_perm(i + 1, n + cfg.r1)
-        rows = with_decoys(h, self._decoys(Stage.FFN, i, cfg.r1, h), b)
+        rows = encode_rows(h, self._decoys(Stage.FFN, i, cfg.r1, h), prep.token_perm(i + 1), b)
         if self._blinded(Stage.FFN, i):
-            xn = permute_rows(b.norm(rows, "mlp", i), pi_next, b)
+            xn = b.norm(rows, "mlp", i)  # row-wise: commutes with π_{i+1}
             y = self._blinded_mlp(link, i, -1, xn, Stage.FFN, Stage.FFN_DOWN, Stage.ROUTER)
         else:
-            y = self._send(link, Stage.FFN, i, -1, {"x": permute_rows(rows, pi_next, b)}).arrays["y"]
+            y = self._send(link, Stage.FFN, i, -1, {"x": rows}).arrays["y"]
         self.meter.elementwise(Stage.FFN, 2 * (n + cfg.r1) * c.hidden_size)
-        out = b.add(rows, unpermute_rows(y, pi_next, b))
-        return b.narrow(out, 0, 0, n), b.narrow(out, 0, n, n + cfg.r1), k, v
+        # the residual add in encoded order: π(H ⊕ R) + π(MLP rows) = π(H′ ⊕ R′), block i+1's QKV rows (T1)
+        return b.add(rows, y), b.narrow(qk, 1, heads, heads + kv_heads), v
 
-    def _prefill_head(self, link: Transport, h: A, dec: A) -> npt.NDArray[Any]:
-        b, cfg, n, L = self.b, self.cfg, self.b.nrows(h), self.c.n_layers
-        pi = self._keys().token_perm(L, n + cfg.r1)
-        rows = with_decoys(h, dec, b)
+    def _prefill_head(self, link: Transport, s: A) -> npt.NDArray[Any]:
+        """The LM-head stage on ``s`` = π_L(H ⊕ R); returns the n real rows' logits in true order."""
+        b, L = self.b, self.c.n_layers
+        assert self.state is not None
+        prep = self.state.prep
+        rows = s
         normalized = self._blinded(Stage.HEAD, L)
         if normalized:
-            rows = b.norm(rows, "final")
+            rows = b.norm(s, "final")
         logits = self._linear(
-            link,
-            Stage.HEAD,
-            L,
-            -1,
-            permute_rows(rows, pi, b),
-            "lm_head",
-            reply_key="logits",
-            normalized=normalized,
+            link, Stage.HEAD, L, -1, rows, "lm_head", reply_key="logits", normalized=normalized
         )
-        return decode_rows_numpy(logits, pi, n, b)  # T1 + T2 decode straight to numpy
+        # T1 + T2 decode straight to numpy, in the reply's own memory (no second n × V array)
+        return decode_rows_numpy(logits, prep.token_perm(L), prep.n, b, in_place=True)
 
     def _blinded_mlp(
         self, link: Transport, i: int, step: int, xn: A, up: Stage, down: Stage, router: Stage
@@ -406,7 +447,7 @@ class Client(Generic[A]):
         q, k = b.rope(q, pos), b.rope(k, pos)
         keys = b.concat_rows([st.guard_k[i], k])
         values = b.concat_rows([st.guard_v[i], v])
-        hp, g = st.keys.head_perm(i, t), c.group_size
+        hp, g = st.prep.gen_head(i, t), c.group_size
         sent = {
             "q": head_permute(q, hp, g, b),
             "k": head_permute(keys, hp, 1, b),

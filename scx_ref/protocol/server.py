@@ -211,8 +211,9 @@ class Server(Generic[A]):
             x = self.b.norm(x, "attn", layer)
         z = self.b.project(x, "wqkv", layer)
         s.meter.matmul(Stage.QKV, rows, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
-        zk = self.b.narrow(z, 1, c.q_dim, c.q_dim + c.kv_dim)
-        zv = self.b.narrow(z, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim)
+        kv = self.b.compact(self.b.narrow(z, 1, c.q_dim, c.q_dim + 2 * c.kv_dim))  # not Q's memory too
+        zk = self.b.narrow(kv, 1, 0, c.kv_dim)
+        zv = self.b.narrow(kv, 1, c.kv_dim, 2 * c.kv_dim)
 
         def commit() -> None:
             s.layer = layer

@@ -1,0 +1,264 @@
+"""A request's key material, derived ahead of the prompt (DESIGN §3, §5.7): off the client's critical path.
+
+Every key of an SCX request — the token permutations π_i, π′_i, ρ_i, the head-structured P_i (and the
+one-time P of each generation step), the decoy rows the policy picks from public data, the Laplace noise
+η of every release and its correction η·W — is a function of the key schedule (master secret, nonce) and
+the lengths alone: none depends on the prompt's content. :class:`PreparedKeys` derives them on demand
+and keeps each one until it is used, so the client may derive them *before* the prompt exists —
+:meth:`PreparedKeys.fill`, called by :meth:`~scx_ref.protocol.client.Client.precompute` (at once or in a
+background thread) — and the prefill then only reads them. Derived ahead or on demand, the keys are the
+same bytes (the same :class:`~scx_ref.protocol.keyring.RequestKeys` calls): precomputation changes when
+the work happens, never what the server sees.
+
+Decoys of a policy that looks at the real rows (``needs_real``: the Gaussian comparison policy) cannot be
+drawn ahead; they are drawn when the rows exist, as before. One-time material (noise, corrections) is
+dropped once used; it is re-derived from the schedule if asked for again (key sharing uploads a middle
+block's η again).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Generic
+
+import numpy as np
+import numpy.typing as npt
+
+from ..backends.base import A, Backend, WeightName
+from ..stages import Stage
+from ..transforms import HeadPermutation
+from .config import SCXConfig
+from .decoys import DecoyPolicy
+from .keyring import RequestKeys, commitment
+from .plan import Release, ReleasePlan
+
+__all__ = ["BlockKeys", "PreparedKeys"]
+
+IntArray = npt.NDArray[np.int64]
+
+#: The matrix a release's correction η·W is taken with, by stage.
+_WEIGHT: dict[Stage, WeightName] = {
+    Stage.QKV: "wqkv",
+    Stage.O: "wo",
+    Stage.FFN: "w_gate_up",
+    Stage.FFN_DOWN: "w_down",
+    Stage.ROUTER: "router",
+    Stage.HEAD: "lm_head",
+    Stage.GEN_QKV: "wqkv",
+    Stage.GEN_FFN_UP: "w_gate_up",
+    Stage.GEN_FFN_DOWN: "w_down",
+    Stage.GEN_ROUTER: "router",
+}
+
+
+@dataclass(frozen=True)
+class BlockKeys:
+    """The prefill keys of block i: π_i (QKV stage, and block i−1's FFN stage), π′_i (O stage), P_i, and
+    the key-sharing commitment to π_i. Permutations are read-only host arrays."""
+
+    pi: IntArray
+    pi_o: IntArray
+    head: HeadPermutation
+    commit: str
+
+
+class PreparedKeys(Generic[A]):
+    """The key material of one request of ``n`` prompt tokens under ``keys``, derived on demand and kept
+    until used (see the module doc). ``seconds`` is the wall time :meth:`fill` took (0 if never run):
+    ``seconds_prefill`` for the prefill's keys, ``seconds_generation`` for the generation steps'."""
+
+    def __init__(
+        self,
+        keys: RequestKeys,
+        backend: Backend[A],
+        config: SCXConfig,
+        plan: ReleasePlan,
+        decoys: DecoyPolicy,
+        n: int,
+    ) -> None:
+        self.keys = keys
+        self.b = backend
+        self.cfg = config
+        self.plan = plan
+        self.decoy_policy = decoys
+        self.n = n
+        self.seconds = self.seconds_prefill = self.seconds_generation = 0.0
+        self._blocks: dict[int, BlockKeys] = {}
+        self._tok: dict[int, IntArray] = {}
+        self._heads: dict[tuple[int, int], HeadPermutation] = {}
+        self._decoys: dict[tuple[Stage, int], A] = {}
+        self._blinding: dict[tuple[Stage, int, int | None, int | None], tuple[A, A]] = {}
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def nonce(self) -> bytes:
+        return self.keys.schedule.nonce
+
+    # -- keys by role --------------------------------------------------------------------------------
+    def token_perm(self, block: int) -> IntArray:
+        """π_block over n + r₁ rows (block = L: the LM-head stage)."""
+        perm = self._tok.get(block)
+        if perm is None:
+            perm = self.keys.token_perm(block, self.n + self.cfg.r1)
+            self._tok[block] = perm
+        return perm
+
+    def block(self, i: int) -> BlockKeys:
+        """The prefill keys of block ``i`` (see :class:`BlockKeys`)."""
+        bk = self._blocks.get(i)
+        if bk is None:
+            pi = self.token_perm(i)
+            bk = BlockKeys(
+                pi,
+                self.keys.o_perm(i, self.n + self.cfg.r2),
+                _warm(self.keys.head_perm(i), self.b.config.group_size),
+                commitment(self.keys.commit_salt(i), i, pi),
+            )
+            self._blocks[i] = bk
+        return bk
+
+    def gen_head(self, block: int, step: int) -> HeadPermutation:
+        """The one-time P of generation ``step`` in first guard block ``block`` (dropped once read)."""
+        hp = self._heads.pop((block, step), None)
+        return hp if hp is not None else _warm(self.keys.head_perm(block, step), self.b.config.group_size)
+
+    def lock_perm(self, block: int) -> IntArray:
+        """ρ_block over n + r_lock rows."""
+        return self.keys.lock_perm(block, self.n + self.cfg.lock_decoys)
+
+    def decoys(self, stage: Stage, layer: int, count: int, real: A | None) -> A:
+        """``count`` decoy rows of (stage, layer) in the backend, drawn by the decoy policy from the
+        schedule's stream: the precomputed rows when there are any (dropped once read), else drawn now.
+        ``real`` (the real rows) is needed only by a policy that looks at them; ``width`` comes from it or
+        from the stage."""
+        kept = self._decoys.pop((stage, layer), None)
+        if kept is not None and self.b.nrows(kept) == count:
+            return kept
+        width = self._width(stage) if real is None else self.b.shape(real)[1]
+        policy = self.decoy_policy
+        if policy.needs_real and count:
+            if real is None:
+                raise ValueError("this decoy policy needs the real rows")
+            real_np = np.asarray(self.b.to_numpy(real), dtype=np.float64)
+        else:
+            real_np = np.zeros((0, width))
+        rows = policy.draw(stage, layer, count, real_np, self.keys.decoy_stream(stage, layer))
+        return self.b.from_numpy(np.asarray(rows, dtype=np.float64).reshape(count, width))
+
+    def blinding(
+        self,
+        release: Release,
+        step: int | None,
+        rows: int,
+        width: int,
+        which: WeightName,
+        layer: int,
+        experts: IntArray | None,
+    ) -> tuple[A, A]:
+        """(η, η·W) of ``release`` (at generation ``step``) for a ``rows`` × ``width`` message: the
+        precomputed pair when there is one of that shape (dropped once read: one-time keys), else derived
+        now. η·W is the exact T5 correction (:meth:`~scx_ref.backends.base.Backend.correction`)."""
+        key = (release.stage, release.block, release.expert, step)
+        kept = self._blinding.pop(key, None)
+        if kept is not None and self.b.shape(kept[0]) == (rows, width):
+            return kept
+        eta = self.b.from_numpy(self.keys.noise(release, step, rows, width))
+        return eta, self.b.correction(eta, which, layer, experts)
+
+    # -- derive ahead ------------------------------------------------------------------------------
+    def fill(self, steps: int = 0) -> PreparedKeys[A]:
+        """Derive every key of the prefill — and of the first ``steps`` generation steps — now.
+
+        Prefill: π_0..π_L, every block's π′_i, P_i and commitment, the last guard blocks' ρ_i, the decoy
+        rows of every stage (unless the policy needs the real rows) and (η, η·W) of every prefill
+        release. Generation: the one-time P of each first guard block and (η, η·W) of every generation
+        release, per step. Returns self.
+        """
+        t0 = time.perf_counter()
+        cfg, L = self.cfg, self.b.config.n_layers
+        first, _, last = cfg.blocks(L)
+        for i in range(L):
+            self.block(i)
+        self.token_perm(L)
+        for i in last:
+            self.lock_perm(i)
+        if not self.decoy_policy.needs_real:
+            wanted = [(Stage.QKV, 0, cfg.r1)]
+            for i in range(L):
+                wanted += [(Stage.O, i, cfg.r2), (Stage.FFN, i, cfg.r1)]
+            wanted += [(Stage.LOCK, i, cfg.lock_decoys) for i in last]
+            for stage, layer, count in wanted:
+                if (stage, layer) not in self._decoys:
+                    self._decoys[(stage, layer)] = self.decoys(stage, layer, count, None)
+        for release in self.plan.prefill:
+            self._prepare_blinding(release, None)
+        t1 = time.perf_counter()
+        for t in range(steps):
+            for i in first:
+                self._heads[(i, t)] = self.gen_head(i, t)
+            for release in self.plan.generation:
+                self._prepare_blinding(release, t)
+        t2 = time.perf_counter()
+        self.seconds_prefill, self.seconds_generation = t1 - t0, t2 - t1
+        self.seconds = t2 - t0
+        return self
+
+    def start(self, steps: int = 0) -> None:
+        """:meth:`fill` in a background thread (its work runs while the caller does other things; the
+        prefill waits for it in :meth:`wait`)."""
+
+        def run() -> None:
+            try:
+                self.fill(steps)
+            except BaseException as exc:  # re-raised in wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="scx-precompute", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Wait for a background :meth:`start` to finish (re-raising its error)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _width(self, stage: Stage) -> int:
+        c = self.b.config
+        if stage is Stage.O:
+            return c.q_dim
+        if stage is Stage.LOCK:
+            return c.kv_dim
+        if stage in (Stage.FFN_DOWN, Stage.GEN_FFN_DOWN):
+            return c.intermediate_size
+        return c.hidden_size
+
+    def _prepare_blinding(self, release: Release, step: int | None) -> None:
+        """Derive (η, η·W) of one release for its message shape (the paper's offset form is derived
+        when used: its message is not a linear stage)."""
+        which = _WEIGHT.get(release.stage)
+        if which is None or release.kind == "offset":
+            return
+        # a prefill message has n + r rows (r₂ at the O stage), a generation message one row
+        rows = 1 if step is not None else self.n + (self.cfg.r2 if release.stage is Stage.O else self.cfg.r1)
+        experts = None if release.expert is None else np.array([release.expert], dtype=np.int64)
+        layer = release.block
+        key = (release.stage, release.block, release.expert, step)
+        if key not in self._blinding:
+            self._blinding[key] = self.blinding(
+                release, step, rows, self._width(release.stage), which, layer, experts
+            )
+
+
+def _warm(hp: HeadPermutation, group_size: int) -> HeadPermutation:
+    """``hp`` with the flat indices the client gathers with computed (they are cached on it)."""
+    hp.flat_index(group_size, inverse=True)
+    hp.flat_index(1)
+    hp.stacked_index((group_size, 1))
+    return hp

@@ -1,0 +1,105 @@
+"""Keys derived ahead of the prompt (``Client.precompute``, :mod:`scx_ref.protocol.prepare`) are the keys
+the client would derive itself: the server receives byte-identical messages and the client returns
+identical logits, at every level, for the prefill and the generation steps, derived at once or in a
+background thread; a precomputation for another length or nonce is not used; one-time material is
+dropped once used."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from scx_ref.backends import NumpyBackend
+from scx_ref.config import ModelConfig
+from scx_ref.errors import ProtocolError
+from scx_ref.keys import KeySchedule
+from scx_ref.protocol import CalibrationPool, Client, LocalTransport, SCXConfig, Server, ServerView
+from scx_ref.protocol.decoys import default_public_tokens
+from scx_ref.weights import random_weights
+
+MASTER = bytes(range(50, 82))
+NONCE = bytes(range(16, 32))
+N, STEPS = 9, 3
+
+
+def _weights(moe: bool) -> Any:
+    cfg = ModelConfig(
+        vocab_size=48, hidden_size=16, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=4, intermediate_size=24,
+        n_experts=3 if moe else 0, top_k=2 if moe else 0, max_positions=32,
+    )  # fmt: skip
+    return random_weights(cfg, np.random.default_rng(11))
+
+
+def _session(
+    weights: Any, cfg: SCXConfig, pool: CalibrationPool, prepare: str | None, n: int = N
+) -> tuple[list[np.ndarray], ServerView, Client[Any]]:
+    """Prefill + key sharing + STEPS decode steps; ``prepare``: None (keys on demand), "now", "thread"."""
+    backend = NumpyBackend(weights)
+    link = LocalTransport(Server(backend), record_view=True)
+    client: Client[Any] = Client(backend, KeySchedule(MASTER, NONCE), cfg, decoys=pool)
+    if prepare is not None:
+        client.precompute(n, steps=STEPS, nonce=NONCE, background=prepare == "thread")
+    ids = np.random.default_rng(5).integers(0, weights.config.vocab_size, size=N)
+    logits = [client.prefill(ids, link, nonce=NONCE)]
+    client.share_keys(link)
+    token = int(np.argmax(logits[-1][-1]))
+    for _ in range(STEPS):
+        logits.append(client.decode(token, link))
+        token = int(np.argmax(logits[-1]))
+    return logits, link.view, client
+
+
+def _same_view(a: ServerView, b: ServerView) -> None:
+    assert len(a.messages) == len(b.messages)
+    for ma, mb in zip(a.messages, b.messages, strict=True):
+        assert (ma.stage, ma.layer, ma.step, ma.meta) == (mb.stage, mb.layer, mb.step, mb.meta)
+        assert ma.arrays.keys() == mb.arrays.keys()
+        for key in ma.arrays:
+            assert np.array_equal(ma.arrays[key], mb.arrays[key]), (ma.stage, ma.layer, key)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("level", ["permute", "paper", "blind"])
+def test_keys_derived_ahead_change_nothing_the_server_sees(level: str, moe: bool) -> None:
+    weights = _weights(moe)
+    pool = CalibrationPool.from_tokens(
+        NumpyBackend(weights), default_public_tokens(weights.config.vocab_size)
+    )
+    cfg = SCXConfig(level=level, r1=3, r2=2, r_lock=2, l_s=1, l_e=1)  # type: ignore[arg-type]
+    want, view, _ = _session(weights, cfg, pool, None)
+    for prepare in ("now", "thread"):
+        got, got_view, client = _session(weights, cfg, pool, prepare)
+        _same_view(view, got_view)
+        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+        assert client.state is not None
+        prep = client.state.prep
+        assert prep.seconds > 0 and not prep._blinding and not prep._heads and not prep._decoys  # all used
+
+
+def test_a_precomputation_for_another_length_is_not_used() -> None:
+    weights = _weights(False)
+    pool = CalibrationPool.from_tokens(
+        NumpyBackend(weights), default_public_tokens(weights.config.vocab_size)
+    )
+    cfg = SCXConfig(level="paper", r1=2, r2=2)
+    want, view, _ = _session(weights, cfg, pool, None)
+    got, got_view, client = _session(weights, cfg, pool, "now", n=N + 1)  # keys for 10 tokens, prompt of 9
+    _same_view(view, got_view)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    assert client.state is not None and client.state.prep.seconds == 0  # derived on demand instead
+
+
+def test_precompute_reserves_the_next_nonce_and_rejects_an_empty_prompt() -> None:
+    weights = _weights(False)
+    backend = NumpyBackend(weights)
+    pool = CalibrationPool.from_tokens(backend, default_public_tokens(weights.config.vocab_size))
+    client: Client[Any] = Client(backend, KeySchedule(MASTER, NONCE), SCXConfig(level="permute"), decoys=pool)
+    for bad in (0, client.max_length + 1):
+        with pytest.raises(ProtocolError):
+            client.precompute(bad)
+    prep = client.precompute(4)
+    ids = np.arange(4)
+    client.prefill(ids, LocalTransport(Server(backend)))  # no nonce given: the reserved one
+    assert client.state is not None and client.state.prep is prep and client.session == prep.nonce.hex()
