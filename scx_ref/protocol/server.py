@@ -38,6 +38,9 @@ class _Session(Generic[A]):
     middle: range
     last: range
     max_length: int
+    attention: str = "server"  # where the guard blocks' attention runs (SCXConfig.attention)
+    gen_linear: str = "client"  # where a step's W_o of the guard blocks and LM head run
+    wide: bool = False  # blinded messages may arrive in float64 (SCXConfig.blind_dtype)
     seq: int = 1
     layer: int = -1  # prefill: the block whose stages are running
     ffn_done: int = -1  # prefill: last block whose FFN stage ran
@@ -79,6 +82,8 @@ class Server(Generic[A]):
         if handler is None:
             raise ProtocolError(f"unknown stage {req.stage!r}")
         self._check_order(s, req)
+        if req.meta.get("wide", False) is not False and not (req.meta["wide"] is True and s.wide):
+            raise ProtocolError(f"{req.stage.value}: a float64 blinded message in a session not opened wide")
         arrays, commit = handler(s, req)
         commit()
         s.seq += 1
@@ -103,6 +108,8 @@ class Server(Generic[A]):
             Stage.SHARE: self._share,
             Stage.GEN_QKV: self._gen_qkv,
             Stage.GEN_ATTN: self._gen_attn,
+            Stage.GEN_O: self._gen_o,
+            Stage.GEN_HEAD: self._gen_head,
             Stage.GEN_FFN: self._gen_ffn,
             Stage.GEN_FFN_UP: self._gen_ffn_up,
             Stage.GEN_FFN_DOWN: self._gen_ffn_down,
@@ -129,8 +136,22 @@ class Server(Generic[A]):
             or not n <= max_length <= self.c.max_positions
         ):
             raise ProtocolError(f"invalid session parameters {m}")
+        attention, gen_linear = m.get("attention", "server"), m.get("gen_linear", "client")
+        wide = m.get("wide", False)
+        if attention not in ("server", "client") or gen_linear not in ("client", "server"):
+            raise ProtocolError(f"invalid session parameters {m}")
+        if not isinstance(wide, bool):
+            raise ProtocolError(f"open: 'wide' must be true or false, got {wide!r}")
         self.sessions[req.session] = _Session(
-            n, r1, r2, r_lock, *guard_blocks(self.c.n_layers, l_s, l_e), max_length
+            n,
+            r1,
+            r2,
+            r_lock,
+            *guard_blocks(self.c.n_layers, l_s, l_e),
+            max_length,
+            attention,
+            gen_linear,
+            wide,
         )
         return Reply(req.session, Stage.OPEN, -1, -1, 0, {})
 
@@ -145,6 +166,8 @@ class Server(Generic[A]):
                 return
             if not 0 <= layer < L:
                 raise ProtocolError(f"layer {layer} out of range 0..{L - 1}")
+            if stage is Stage.ATTN and s.attention == "client" and layer not in s.middle:
+                raise ProtocolError(f"attention of guard block {layer} is the client's (attention='client')")
             if stage is Stage.QKV:
                 if layer != s.layer + 1 or s.ffn_done != layer - 1:
                     raise ProtocolError(f"qkv stage of block {layer} out of order")
@@ -153,8 +176,10 @@ class Server(Generic[A]):
             return
         if not s.head_done:
             raise ProtocolError(f"stage {stage.value!r} before the prefill finished")
-        if stage is Stage.LOCK and layer not in s.last:
-            raise ProtocolError(f"block {layer} is not a last guard block; it has no locked cache")
+        if stage is Stage.LOCK and (layer not in s.last or s.attention == "client"):
+            raise ProtocolError(
+                f"block {layer} has no locked cache (not a last guard block, or client attention)"
+            )
         if stage is Stage.SHARE and layer not in s.middle:
             raise ProtocolError(
                 f"key for block {layer} refused: only middle blocks {list(s.middle)} are shared"
@@ -166,10 +191,22 @@ class Server(Generic[A]):
                 raise ProtocolError(
                     f"position {s.n + req.step} is past the session's max length {s.max_length}"
                 )
-            if stage in (Stage.GEN_QKV, Stage.GEN_ATTN) and layer not in s.first:
-                raise ProtocolError(f"{stage.value} for block {layer}, which is not a first guard block")
-            if stage is Stage.GEN_LAST and layer not in s.last:
-                raise ProtocolError(f"gen_last for block {layer}, which is not a last guard block")
+            client_attn = s.attention == "client"
+            guards = set(s.first) | set(s.last)
+            if stage is Stage.GEN_QKV and layer not in (guards if client_attn else set(s.first)):
+                raise ProtocolError(f"gen_qkv for block {layer}, whose attention the client does not compute")
+            if stage is Stage.GEN_ATTN and (layer not in s.first or client_attn):
+                raise ProtocolError(
+                    f"gen_attn for block {layer}: not a first guard block, or client attention"
+                )
+            if stage is Stage.GEN_LAST and (layer not in s.last or client_attn):
+                raise ProtocolError(
+                    f"gen_last for block {layer}: not a last guard block, or client attention"
+                )
+            if stage is Stage.GEN_O and (layer not in guards or s.gen_linear != "server"):
+                raise ProtocolError(f"gen_o for block {layer}: not a guard block, or W_o is the client's")
+            if stage is Stage.GEN_HEAD and (layer != L or s.gen_linear != "server"):
+                raise ProtocolError("gen_head: the LM head of a generation step is the client's here")
             if stage is Stage.GEN_MID and set(s.middle) - set(s.valid):
                 raise ProtocolError("gen_mid before every middle block's key was shared")
             if stage is Stage.GEN_LAST and layer not in s.locked:
@@ -183,7 +220,12 @@ class Server(Generic[A]):
     def _arr(self, req: Request, name: str, shape: tuple[int, ...]) -> A:
         if name not in req.arrays:
             raise ProtocolError(f"{req.stage.value} message lacks array {name!r}")
-        return self.b.check(req.arrays[name], f"{req.stage.value}.{name}", shape)
+        return self._be(req).check(req.arrays[name], f"{req.stage.value}.{name}", shape)
+
+    def _be(self, req: Request) -> Backend[A]:
+        """The backend a message is computed on: the float64 twin for a blinded message sent wide
+        (``SCXConfig.blind_dtype``: β above the float32 limit), else the server's own."""
+        return self.b.widened() if req.meta.get("wide", False) is True else self.b
 
     def _experts(self, req: Request) -> np.ndarray | None:
         if not self.c.is_moe:
@@ -209,7 +251,7 @@ class Server(Generic[A]):
             raise ProtocolError("qkv message lacks the key commitment")
         if not req.meta.get("normalized", False):
             x = self.b.norm(x, "attn", layer)
-        z = self.b.project(x, "wqkv", layer)
+        z = self._be(req).project(x, "wqkv", layer)
         s.meter.matmul(Stage.QKV, rows, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
         kv = self.b.compact(self.b.narrow(z, 1, c.q_dim, c.q_dim + 2 * c.kv_dim))  # not Q's memory too
         zk = self.b.narrow(kv, 1, 0, c.kv_dim)
@@ -235,7 +277,7 @@ class Server(Generic[A]):
         c, rows = self.c, s.n + s.r2
         x = self._arr(req, "x", (rows, c.q_dim))
         s.meter.matmul(Stage.O, rows, c.q_dim, c.hidden_size, "server")
-        return {"y": self.b.project(x, "wo", req.layer)}, self._nothing
+        return {"y": self._be(req).project(x, "wo", req.layer)}, self._nothing
 
     def _mlp_flops(self, meter: CostMeter, stage: Stage, rows: int, experts: int) -> None:
         c = self.c
@@ -250,7 +292,7 @@ class Server(Generic[A]):
             x = self._arr(req, "x", (rows, c.hidden_size))
             width = 2 * c.intermediate_size * (1 if experts is None else len(experts))
             s.meter.matmul(Stage.FFN, rows, c.hidden_size, width, "server")
-            return {"y": self.b.project(x, "w_gate_up", layer, experts)}, self._nothing
+            return {"y": self._be(req).project(x, "w_gate_up", layer, experts)}, self._nothing
         x = self._arr(req, "x", (rows, c.hidden_size))
         self._mlp_flops(s.meter, Stage.FFN, rows, c.top_k if c.is_moe else 1)
         y = self.b.mlp(self.b.norm(x, "mlp", layer), layer)
@@ -266,7 +308,7 @@ class Server(Generic[A]):
         width = c.intermediate_size * (1 if experts is None else len(experts))
         m = self._arr(req, "m", (rows, width))
         s.meter.matmul(req.stage, rows, width, c.hidden_size, "server")
-        y = self.b.project(m, "w_down", layer, experts)
+        y = self._be(req).project(m, "w_down", layer, experts)
 
         def commit() -> None:
             if req.meta.get("last", True):
@@ -278,7 +320,7 @@ class Server(Generic[A]):
         c, rows = self.c, s.n + s.r1
         x = self._arr(req, "x", (rows, c.hidden_size))
         s.meter.matmul(Stage.ROUTER, rows, c.hidden_size, c.n_experts, "server")
-        return {"y": self.b.project(x, "router", req.layer)}, self._nothing
+        return {"y": self._be(req).project(x, "router", req.layer)}, self._nothing
 
     def _head(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c, rows = self.c, s.n + s.r1
@@ -290,7 +332,7 @@ class Server(Generic[A]):
         def commit() -> None:
             s.head_done = True
 
-        return {"logits": self.b.project(x, "lm_head")}, commit
+        return {"logits": self._be(req).project(x, "lm_head")}, commit
 
     def _lock(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         k = self._arr(req, "k", (s.n + s.r_lock, self.c.kv_dim))
@@ -320,14 +362,24 @@ class Server(Generic[A]):
                 f"the key offered for block {layer} does not match that block's commitment "
                 "(a key for the wrong layer, or from another session)"
             )
-        b = self.b
+        b, wb = self.b, self._be(req)
         zk, zv = s.raw[layer]
         if "alpha" in req.arrays:  # a noised QKV stage: remove α W from the raw cache (T5 decode)
             alpha = self._arr(req, "alpha", (n + s.r1, c.hidden_size))
-            corr = b.correction(alpha, "wqkv", layer)
+            corr = wb.correction(alpha, "wqkv", layer)
             s.meter.matmul(Stage.SHARE, n + s.r1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
-            zk = unblind(zk, b.narrow(corr, 1, c.q_dim, c.q_dim + c.kv_dim), b)
-            zv = unblind(zv, b.narrow(corr, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim), b)
+            zk = unblind(
+                wb.floating(zk, "raw k", finite=False), wb.narrow(corr, 1, c.q_dim, c.q_dim + c.kv_dim), wb
+            )
+            zv = unblind(
+                wb.floating(zv, "raw v", finite=False),
+                wb.narrow(corr, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim),
+                wb,
+            )
+        zk, zv = (
+            b.floating(zk, "raw k", finite=False),
+            b.floating(zv, "raw v", finite=False),
+        )  # the cache's dtype
         shape = (n, c.n_kv_heads, c.head_dim)
         k = b.rope(b.reshape(decode_rows(zk, perm, n, b), shape), np.arange(n))  # T1 + T2 decode
         v = b.reshape(decode_rows(zv, perm, n, b), shape)
@@ -355,7 +407,7 @@ class Server(Generic[A]):
         c = self.c
         x = self._arr(req, "x", (1, c.hidden_size))
         s.meter.matmul(Stage.GEN_QKV, 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
-        return {"z": self.b.project(x, "wqkv", req.layer)}, self._gen_commit(s, req.step)
+        return {"z": self._be(req).project(x, "wqkv", req.layer)}, self._gen_commit(s, req.step)
 
     def _gen_attn(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c, m = self.c, s.n + req.step + 1
@@ -365,6 +417,20 @@ class Server(Generic[A]):
         s.meter.attention(Stage.GEN_ATTN, c.n_heads, 1, m, c.head_dim, "server")
         o = self.b.attention(q, k, v, np.array([m - 1]), None)
         return {"o": o}, self._gen_commit(s, req.step)
+
+    def _gen_o(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        """W_o of a guard block on the step's (blinded) attention output (``gen_linear="server"``)."""
+        c = self.c
+        x = self._arr(req, "x", (1, c.q_dim))
+        s.meter.matmul(Stage.GEN_O, 1, c.q_dim, c.hidden_size, "server")
+        return {"y": self._be(req).project(x, "wo", req.layer)}, self._gen_commit(s, req.step)
+
+    def _gen_head(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        """The LM head on the step's (blinded) normalized final row (``gen_linear="server"``)."""
+        c = self.c
+        x = self._arr(req, "x", (1, c.hidden_size))
+        s.meter.matmul(Stage.GEN_HEAD, 1, c.hidden_size, c.vocab_size, "server")
+        return {"logits": self._be(req).project(x, "lm_head")}, self._gen_commit(s, req.step)
 
     def _gen_ffn(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c = self.c
@@ -378,7 +444,7 @@ class Server(Generic[A]):
         x = self._arr(req, "x", (1, c.hidden_size))
         width = 2 * c.intermediate_size * (1 if experts is None else len(experts))
         s.meter.matmul(req.stage, 1, c.hidden_size, width, "server")
-        return {"y": self.b.project(x, "w_gate_up", req.layer, experts)}, self._gen_commit(s, req.step)
+        return {"y": self._be(req).project(x, "w_gate_up", req.layer, experts)}, self._gen_commit(s, req.step)
 
     def _gen_ffn_down(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c = self.c
@@ -386,13 +452,13 @@ class Server(Generic[A]):
         width = c.intermediate_size * (1 if experts is None else len(experts))
         m = self._arr(req, "m", (1, width))
         s.meter.matmul(req.stage, 1, width, c.hidden_size, "server")
-        return {"y": self.b.project(m, "w_down", req.layer, experts)}, self._gen_commit(s, req.step)
+        return {"y": self._be(req).project(m, "w_down", req.layer, experts)}, self._gen_commit(s, req.step)
 
     def _gen_router(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c = self.c
         x = self._arr(req, "x", (1, c.hidden_size))
         s.meter.matmul(Stage.GEN_ROUTER, 1, c.hidden_size, c.n_experts, "server")
-        return {"y": self.b.project(x, "router", req.layer)}, self._gen_commit(s, req.step)
+        return {"y": self._be(req).project(x, "router", req.layer)}, self._gen_commit(s, req.step)
 
     def _gen_mid(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         """Run every middle block alone on the server's valid caches (DESIGN §5.3): plaintext blocks
