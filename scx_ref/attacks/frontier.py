@@ -146,13 +146,15 @@ def frontier_rows(result: dict[str, Any], bench: dict[str, Any] | None = None) -
 
 
 def _cost_key(row: dict[str, Any]) -> float:
-    """What "cheapest" orders by: the online prefill latency ratio at the longest benchmarked n, else the
-    client's flop share of the request."""
+    """What "cheapest" orders by: the prefill latency ratio at the longest benchmarked n with the offline
+    work counted (``total_ratio_median``: a pool entry per request), else the client's share of the
+    request's flops, online and offline together."""
     prefills = [v for k, v in row["bench"].items() if k.startswith("prefill")]
     if prefills:
         longest = max(prefills, key=lambda r: r["n"])
-        return float(longest["ratio_median"])
-    return float(row["cost"].get("client_flop_share", math.inf))
+        return float(longest.get("total_ratio_median", longest["ratio_median"]))
+    c = row["cost"]
+    return float(c.get("client_flop_share", math.inf)) + float(c.get("offline_flop_share", 0.0))
 
 
 def cheapest_at_baseline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -176,8 +178,8 @@ def frontier_markdown(rows: list[dict[str, Any]]) -> str:
     """The frontier table (markdown): recovery, cost, exactness and DP per configuration."""
     head = (
         "| configuration | best prompt attack | best generated-token attack | statelessness: server top-1 "
-        "(no prompt) | every attack at baseline | client flops (prefill / decode) | bytes per prompt · per "
-        "token | round trips per prompt · per token | client state / token | latency prefill · decode | "
+        "(no prompt) | every attack at baseline | client flops online (offline): prefill / decode | "
+        "bytes per prompt · per token | round trips per prompt · per token | client state / token | latency prefill · decode | "
         "exactness f64 · f32 | ε per token (prefill · request) | exposures |"
     )
     lines = [head, "|" + "---|" * 13]
@@ -199,7 +201,8 @@ def frontier_markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['name']} | {_rate(r['prompt'])} {_short(r['prompt_attack'])} | "
             f"{_rate(r['generated'])} {_short(r['generated_attack'])} | {state} | {verdict} | "
-            f"{_pct(c.get('client_flop_share_prefill'))} / {_pct(c.get('client_flop_share_decode'))} | "
+            f"{_pct(c.get('client_flop_share_prefill'))} ({_pct(c.get('offline_flop_share_prefill'))}) / "
+            f"{_pct(c.get('client_flop_share_decode'))} ({_pct(c.get('offline_flop_share_decode'))}) | "
             f"{_bytes(c.get('bytes_per_prompt'))} · {_bytes(c.get('bytes_per_token'))} | "
             f"{c.get('round_trips_per_prompt', 0):.0f} · {c.get('round_trips_per_token', 0):.0f} | "
             f"{_bytes(c.get('client_state_bytes_per_token'))} | {lat} | {ex} | "
@@ -271,7 +274,11 @@ def plot_frontier(rows: list[dict[str, Any]], path: str | Path, model: str = "")
         ax.axhspan(
             0, max(b["hi"] for b in base), color="grey", alpha=0.2, label="frequency-prior baseline (95 %)"
         )
-    ax.set_xlabel("prefill latency ratio, online (SCX / plaintext)" if use_bench else "client flop share")
+    ax.set_xlabel(
+        "prefill latency ratio with the offline mask derivation (SCX / plaintext)"
+        if use_bench
+        else "client flop share, online + offline"
+    )
     ax.set_ylabel("fraction of tokens recovered")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(f"Recovery vs cost, {model}".rstrip(", "))
@@ -295,8 +302,10 @@ def _verdict_text(rows: list[dict[str, Any]]) -> str:
     return (
         f"**Cheapest configuration with every attack at its baseline: `{best['name']}`** "
         f"({best['summary']}) — "
-        f"client flop share {_pct(c.get('client_flop_share_prefill'))} at prefill and "
-        f"{_pct(c.get('client_flop_share_decode'))} per decode step, "
+        f"client flop share {_pct(c.get('client_flop_share_prefill'))} online + "
+        f"{_pct(c.get('offline_flop_share_prefill'))} offline at prefill, "
+        f"{_pct(c.get('client_flop_share_decode'))} + {_pct(c.get('offline_flop_share_decode'))} "
+        "per decode step, "
         f"{_bytes(c.get('bytes_per_prompt'))} and {c.get('round_trips_per_prompt', 0):.0f} round trips per "
         f"prompt, {_bytes(c.get('bytes_per_token'))} and {c.get('round_trips_per_token', 0):.0f} round trips "
         f"per generated token; latency {_latency(best['bench'])}."

@@ -195,7 +195,14 @@ def run_request(
     link = LocalTransport(server, record_view=True)
     tokens = None if public is None else np.asarray(public, dtype=np.int64)
     client = Client(backend, keys, config, decoys=decoys, public_tokens=tokens)
-    logits = np.asarray(client.prefill(np.asarray(ids, dtype=np.int64), link))
+    prompt = np.asarray(ids, dtype=np.int64)
+    # the one-time masks come from an offline pool entry (the view is the same as without one: its nonce
+    # is the schedule's, and tests/test_hardened.py checks the messages are byte-identical); the cost
+    # report then separates the client's online work from the corrections η·W derived ahead
+    entry = client._new_prepared(keys.nonce, len(prompt))
+    entry.fill(max(n_new - 1, 0))
+    client._prepared = entry
+    logits = np.asarray(client.prefill(prompt, link, nonce=keys.nonce))
     gen: list[int] = []
     nxt = int(np.argmax(logits[-1]))
     for step in range(n_new):  # greedy, as Client.generate
@@ -778,8 +785,11 @@ def _request_cost(run: RequestRun, n: int, steps: int) -> dict[str, float]:
     per = max(steps, 1)
     return {
         "client_flop_share": run.cost.client_flop_share,
+        "offline_flop_share": run.cost.offline_flop_share,
         "client_flop_share_prefill": _share(pre),
         "client_flop_share_decode": _share(gen),
+        "offline_flop_share_prefill": _share(pre, offline=True),
+        "offline_flop_share_decode": _share(gen, offline=True),
         "bytes_per_prompt": float(pre.bytes_up + pre.bytes_down),
         "round_trips_per_prompt": float(pre.round_trips),
         "bytes_per_token": float(gen.bytes_up + gen.bytes_down) / per if steps else 0.0,
@@ -788,9 +798,11 @@ def _request_cost(run: RequestRun, n: int, steps: int) -> dict[str, float]:
     }
 
 
-def _share(cost: StageCost) -> float:
-    total = cost.client_flops + cost.server_flops
-    return cost.client_flops / total if total else 0.0
+def _share(cost: StageCost, offline: bool = False) -> float:
+    """The client's online (or, ``offline``, ahead-of-time) flops over all flops of ``cost``."""
+    total = cost.client_flops + cost.server_flops + cost.offline_flops
+    part = cost.offline_flops if offline else cost.client_flops
+    return part / total if total else 0.0
 
 
 def _ranker(inv: Any) -> Callable[[Array], Array] | None:

@@ -42,12 +42,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, SCXError
+from ..protocol.presets import preset
 from ..zoo import MODEL_NAMES, load_hf, load_weights, parse_random, weights_names_help
 
 __all__ = ["BenchResult", "build_backend", "build_models", "register", "run_bench"]
@@ -79,6 +80,17 @@ def register(subparsers: Any) -> None:
         default="permute",
         help="comma-separated SCX levels (default permute; 'permute,blind' is a long run: blind computes "
         "every correction η·W)",
+    )
+    p.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated named configurations (scx_ref.protocol.presets), timed beside --levels",
+    )
+    p.add_argument(
+        "--pool",
+        action="store_true",
+        help="derive each request's one-time masks in an offline mask pool (scx_ref.protocol.pool) instead "
+        "of Client.precompute: the prompt's length is then unknown ahead and its permutations are online",
     )
     p.add_argument("--n", default=None, help="comma-separated prefill lengths (default 128,512,2048)")
     p.add_argument("--gen-prompt", type=int, default=None, help="prompt length before generation (512)")
@@ -296,12 +308,15 @@ class _Sides:
     """The three kinds of runs of one measurement, each returning (wall, cpu, mem, keys) and leaving its
     state for the state ratio."""
 
-    def __init__(self, backend: Any, hf_model: Any | None, clients: dict[str, Any], device: Any) -> None:
+    def __init__(
+        self, backend: Any, hf_model: Any | None, clients: dict[str, Any], device: Any, pool: bool = False
+    ) -> None:
         from ..forward import PlainRunner
 
         self.b = backend
         self.hf = hf_model
         self.clients = clients
+        self.pool = pool
         self.device = device
         self.plain = PlainRunner(backend)
         self.state: dict[str, int] = {}
@@ -365,6 +380,17 @@ class _Sides:
         return w, cpu, mem, 0.0
 
     # -- SCX ------------------------------------------------------------------------------------------
+    def _prepare(self, client: Any, n: int, steps: int, nonce: bytes | None) -> bytes | None:
+        """Derive the request's keys ahead: ``Client.precompute`` under ``nonce``, or (``--pool``) one
+        mask-pool entry of capacity n, which the prefill takes (its nonce: None here)."""
+        if not self.pool:
+            client.precompute(n, steps=steps, nonce=nonce)
+            return nonce
+        from ..protocol.pool import MaskPool
+
+        MaskPool(client, capacity=n, steps=steps).fill(1)
+        return None
+
     def scx_prefill(self, level: str, ids: np.ndarray) -> tuple[float, float, float, float]:
         from ..keys import KeySchedule
         from ..protocol import LocalTransport, Server
@@ -372,10 +398,10 @@ class _Sides:
         client = self.clients[level]
         server = Server(self.b)
         link = LocalTransport(server)
-        nonce = KeySchedule.new_nonce()
+        nonce: bytes | None = KeySchedule.new_nonce()
         with _PeakMemory(self.device) as mem:  # memory: the keys and the request together
             k0 = time.perf_counter()
-            client.precompute(len(ids), nonce=nonce)
+            nonce = self._prepare(client, len(ids), 0, nonce)
             keys = time.perf_counter() - k0
             w0, c0 = time.perf_counter(), time.process_time()
             client.prefill(ids, link, nonce=nonce)
@@ -392,9 +418,10 @@ class _Sides:
         client = self.clients[level]
         server = Server(self.b)
         link = LocalTransport(server)
-        nonce = KeySchedule.new_nonce()
-        prep = client.precompute(len(ids), steps=n_new, nonce=nonce)
+        nonce: bytes | None = KeySchedule.new_nonce()
+        nonce = self._prepare(client, len(ids), n_new, nonce)
         tok = int(np.argmax(client.prefill(ids, link, nonce=nonce)[-1]))
+        prep = client.state.prep
 
         def steps() -> None:
             t = tok
@@ -418,6 +445,8 @@ def run_bench(
     progress: bool = True,
     hf_model: Any | None = None,
     plain_runner: bool = True,
+    configs: dict[str, Any] | None = None,
+    pool: bool = False,
 ) -> list[BenchResult]:
     """Interleaved baseline / PlainRunner / SCX timings on ``backend``; one row per (phase, n, level).
 
@@ -437,11 +466,13 @@ def run_bench(
         raise ConfigError(f"bench length {longest} exceeds the model's max_positions {c.max_positions}")
     rng = np.random.default_rng(1234)  # public benchmark prompts
     master = KeySchedule.generate()
-    clients = {
-        lv: Client(backend, master, SCXConfig(level=lv, max_length=min(c.max_positions, 4096)))  # type: ignore[arg-type]
-        for lv in levels
-    }
-    sides_obj = _Sides(backend, hf_model, clients, backend.device)
+    max_length = min(c.max_positions, 4096)
+    named = {lv: SCXConfig(level=lv, max_length=max_length) for lv in levels}  # type: ignore[arg-type]
+    for name, cfg in (configs or {}).items():
+        named[name] = replace(cfg, max_length=max_length)
+    levels = list(named)
+    clients = {name: Client(backend, master, cfg) for name, cfg in named.items()}
+    sides_obj = _Sides(backend, hf_model, clients, backend.device, pool)
     has_hf = hf_model is not None
     plain_col = plain_runner and has_hf  # without HF, PlainRunner *is* the baseline
     jobs = [("prefill", n) for n in lengths] + ([("decode", gen_prompt)] if gen_tokens > 0 else [])
@@ -528,7 +559,7 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
     lines = [
         f"scx bench — model {model}, {device}, {dtype}; baseline: {baseline}",
         "ratio = median(SCX, keys derived ahead) / median(baseline); total = with the key derivation",
-        f"{'phase':8} {'n':>5} {'level':8} {'ratio':>7} {'total':>7} {'cpu':>7} {'vsPR':>6} {'base':>9} "
+        f"{'phase':8} {'n':>5} {'level':14} {'ratio':>7} {'total':>7} {'cpu':>7} {'vsPR':>6} {'base':>9} "
         f"{'plainR':>9} {'scx':>9} {'keys':>8} {'mem':>6} {'state':>6} {'client':>7}",
     ]
     for r in rows:
@@ -537,7 +568,7 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
         vs_pr = f"{r.plain_runner_ratio:6.3f}" if r.plain_runner_ratio is not None else "     -"
         pr = f"{r.plain_runner_median_s:7.4f}{unit[0]:>2}" if r.plain_runner_median_s is not None else " " * 9
         lines.append(
-            f"{r.phase:8} {r.n:5d} {r.level:8} {r.ratio_median:7.3f} {r.total_ratio_median:7.3f} "
+            f"{r.phase:8} {r.n:5d} {r.level:14} {r.ratio_median:7.3f} {r.total_ratio_median:7.3f} "
             f"{r.cpu_ratio_median:7.3f} {vs_pr} {r.baseline_median_s:7.4f}{unit[0]:>2} {pr} "
             f"{r.scx_median_s:7.4f}{unit[0]:>2} {r.keys_median_s:6.4f}{unit[0]:>2} {mem} "
             f"{r.state_ratio:6.2f} {100 * r.client_flop_share:6.2f}%"
@@ -586,6 +617,9 @@ def main(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but torch sees no CUDA device")
     levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+    names = [c.strip() for c in (args.configs or "").split(",") if c.strip()]
+    for name in names:
+        preset(name)  # ConfigError for an unknown name, before any work
     if args.quick:
         lengths, gen_prompt, gen_tokens = [32, 128], 64, 8
     else:
@@ -595,6 +629,7 @@ def main(args: argparse.Namespace) -> int:
     gen_prompt = args.gen_prompt if args.gen_prompt is not None else gen_prompt
     gen_tokens = args.gen_tokens if args.gen_tokens is not None else gen_tokens
     backend, hf_model, used = build_models(args.model, args.dtype, args.device)
+    configs = {name: preset(name).config(backend.config.n_layers) for name in names}
     if hf_model is not None:
         baseline = HF_BASELINE.format(attn=getattr(hf_model.config, "_attn_implementation", "?"))
     else:
@@ -611,6 +646,8 @@ def main(args: argparse.Namespace) -> int:
         not args.no_progress,
         hf_model=hf_model,
         plain_runner=not args.no_plain_runner,
+        configs=configs,
+        pool=bool(args.pool),
     )
     print(format_table(rows, used, args.device, args.dtype, "Hugging Face" if hf_model else "PlainRunner"))
     if args.json:
@@ -627,6 +664,8 @@ def main(args: argparse.Namespace) -> int:
             "baseline": baseline,
             "second_column": None if hf_model is None or args.no_plain_runner else PLAIN_BASELINE,
             "ratio": "median SCX critical path (keys derived before the request) / median baseline",
+            "keys": "offline mask pool (one entry per request)" if args.pool else "Client.precompute",
+            "configs": {name: cfg.to_dict() for name, cfg in configs.items()},
             "total_ratio": "median SCX request + its key derivation (the client's whole work) / baseline",
             "torch": torch.__version__,
         }

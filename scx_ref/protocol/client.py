@@ -179,9 +179,9 @@ class Client(Generic[A]):
             return y
         rows, width = b.shape(x)
         assert self.state is not None
-        eta, correction = self.state.prep.blinding(
-            release, None if step < 0 else step, rows, width, which, layer, experts
-        )
+        prep, t = self.state.prep, None if step < 0 else step
+        ahead = prep.ahead(release, t)  # derived ahead (a mask pool, precompute): off the critical path
+        eta, correction = prep.blinding(release, t, rows, width, which, layer, experts)
         self.meter.elementwise(stage, rows * width)
         bb = self.bb  # the backend itself, or its float64 twin when β is above the float32 limit
         if self.wide:
@@ -189,7 +189,7 @@ class Client(Generic[A]):
             x = bb.floating(x, "blinded input", finite=False)
         sent = blind(x, eta, bb)
         y = self._send(link, stage, layer, step, {arr_key: sent}, **meta).arrays[reply_key]
-        self.meter.matmul(stage, rows, width, bb.shape(y)[1], "client")
+        self.meter.matmul(stage, rows, width, bb.shape(y)[1], "offline" if ahead else "client")
         out = unblind(bb.floating(y, "reply", finite=False), correction, bb)
         return b.floating(out, "unblinded", finite=False) if self.wide else out
 

@@ -186,6 +186,10 @@ class PreparedKeys(Generic[A]):
         rows = policy.draw(stage, layer, count, real_np, self.keys.decoy_stream(stage, layer))
         return self.b.from_numpy(np.asarray(rows, dtype=np.float64).reshape(count, width))
 
+    def ahead(self, release: Release, step: int | None) -> bool:
+        """Whether (η, η·W) of ``release`` (at generation ``step``) was derived ahead and is still held."""
+        return (release.stage, release.block, release.expert, step) in self._blinding
+
     def blinding(
         self,
         release: Release,
