@@ -179,7 +179,8 @@ def frontier_markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| configuration | best prompt attack | best generated-token attack | statelessness: server top-1 "
         "(no prompt) | every attack at baseline | client flops online (offline): prefill / decode | "
-        "bytes per prompt · per token | round trips per prompt · per token | client state / token | latency prefill · decode | "
+        "bytes per prompt · per token | round trips per prompt · per token | client state / token | "
+        "latency prefill · decode | "
         "exactness f64 · f32 | ε per token (prefill · request) | exposures |"
     )
     lines = [head, "|" + "---|" * 13]
