@@ -128,10 +128,12 @@ class _Timing:
 class BenchResult:
     """One row: a phase, a length, a level, and the SCX / baseline ratios.
 
-    ``ratio_median`` counts the critical path (keys derived before the request); ``total_ratio_median``
-    adds the key derivation. ``*_median_s`` are median seconds (decode: per token): ``baseline`` (Hugging
-    Face, or PlainRunner when the model has none — see the JSON's meta), ``plain_runner`` (the project's
-    own plaintext path, or None when skipped), ``scx`` (critical path), ``keys`` (key derivation).
+    ``ratio_median`` counts the critical path (keys derived before the request: the online cost);
+    ``total_ratio_median`` adds the key derivation (``keys_median_s``: the offline cost). ``*_median_s``
+    are median seconds (decode: per token): ``baseline`` (Hugging Face, or PlainRunner when the model has
+    none — see the JSON's meta), ``plain_runner`` (the project's own plaintext path, or None when
+    skipped), ``scx`` (critical path), ``keys`` (key derivation). ``client_flop_share`` is the client's
+    online share of the request's flops, ``offline_flop_share`` its corrections η·W derived ahead.
     """
 
     phase: str
@@ -148,8 +150,10 @@ class BenchResult:
     mem_ratio: float | None
     state_ratio: float
     client_flop_share: float
+    offline_flop_share: float
     repeats: int
     tokens: int = 0
+    pool: dict[str, float] | None = None  # --pool: the entry's memory per token / step, fill throughput
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -317,10 +321,12 @@ class _Sides:
         self.hf = hf_model
         self.clients = clients
         self.pool = pool
+        self.pool_stats: dict[str, dict[str, float]] = {}
         self.device = device
         self.plain = PlainRunner(backend)
         self.state: dict[str, int] = {}
         self.share: dict[str, float] = {}
+        self.offline: dict[str, float] = {}
 
     # -- Hugging Face ---------------------------------------------------------------------------------
     def hf_prefill(self, ids: np.ndarray) -> tuple[float, float, float, float]:
@@ -388,8 +394,17 @@ class _Sides:
             return nonce
         from ..protocol.pool import MaskPool
 
-        MaskPool(client, capacity=n, steps=steps).fill(1)
+        pool = MaskPool(client, capacity=n, steps=steps)
+        pool.fill(1)
+        self.pool_stats[self._label(client)] = {
+            "bytes_per_prompt_token": pool.bytes_per_prompt_token,
+            "bytes_per_step": pool.bytes_per_step,
+            "prompt_tokens_per_s": pool.tokens_per_second,
+        }
         return None
+
+    def _label(self, client: Any) -> str:
+        return next(name for name, c in self.clients.items() if c is client)
 
     def scx_prefill(self, level: str, ids: np.ndarray) -> tuple[float, float, float, float]:
         from ..keys import KeySchedule
@@ -407,7 +422,8 @@ class _Sides:
             client.prefill(ids, link, nonce=nonce)
             _sync(self.device)
             wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        self.share[level] = client.cost_report(link, server.cost(client.session)).client_flop_share
+        report = client.cost_report(link, server.cost(client.session))
+        self.share[level], self.offline[level] = report.client_flop_share, report.offline_flop_share
         self.state[level] = _scx_state(server, client)
         return wall, cpu, mem.peak, keys
 
@@ -430,7 +446,8 @@ class _Sides:
                 t = int(np.argmax(client.decode(t, link)))
 
         w, cpu, mem, _ = _timed(steps, self.device)
-        self.share[level] = client.cost_report(link, server.cost(client.session)).client_flop_share
+        report = client.cost_report(link, server.cost(client.session))
+        self.share[level], self.offline[level] = report.client_flop_share, report.offline_flop_share
         self.state[level] = _scx_state(server, client)
         return w, cpu, mem, prep.seconds_generation
 
@@ -511,8 +528,10 @@ def run_bench(
                     mem_ratio=smem / pmem if min(pmem, smem) >= _MIN_MEM else None,
                     state_ratio=sides_obj.state[lv] / sides_obj.state["baseline"],
                     client_flop_share=sides_obj.share[lv],
+                    offline_flop_share=sides_obj.offline[lv],
                     repeats=repeats,
                     tokens=gen_tokens if phase == "decode" else 0,
+                    pool=sides_obj.pool_stats.get(lv),
                 )
             )
     bar(None)
