@@ -194,7 +194,9 @@ class Server(Generic[A]):
             client_attn = s.attention == "client"
             guards = set(s.first) | set(s.last)
             if stage is Stage.GEN_QKV and layer not in (guards if client_attn else set(s.first)):
-                raise ProtocolError(f"gen_qkv for block {layer}, whose attention the client does not compute")
+                raise ProtocolError(
+                    f"gen_qkv for block {layer}: not a first guard block (nor a client-attention guard block)"
+                )
             if stage is Stage.GEN_ATTN and (layer not in s.first or client_attn):
                 raise ProtocolError(
                     f"gen_attn for block {layer}: not a first guard block, or client attention"
