@@ -265,15 +265,19 @@ def protocol_model_configs(
 @st.composite
 def scx_configs(draw: st.DrawFn, max_length: int = 128, max_r: int = 8) -> SCXConfig:
     """An :class:`~scx_ref.protocol.SCXConfig` over every level, r1/r2/r_lock in 0..max_r (r_lock may
-    default to r1), guard sizes l_s, l_e ∈ {1, 2}, guard FFN clear or blinded, calibration or Gaussian
+    default to r1), guard sizes l_s ∈ {1, 2, 4} (4: every block of a ≤ 4-block model is a guard, no key
+    sharing) and l_e ∈ {1, 2}, guard FFN clear or blinded, the guard blocks' attention on the server or the
+    client, a step's W_o and LM head on the client or (blinded) on the server, calibration or Gaussian
     decoys, and a Laplace scale β ∈ {0.5, 5} (the paper's s = 5)."""
     return SCXConfig(
         level=draw(st.sampled_from(["permute", "paper", "blind"])),
         r1=draw(decoy_counts(max_r)),
         r2=draw(decoy_counts(max_r)),
         r_lock=draw(st.none() | decoy_counts(max_r)),
-        l_s=draw(st.integers(1, 2)),
+        l_s=draw(st.sampled_from([1, 2, 4])),
         l_e=draw(st.integers(1, 2)),
+        attention=draw(st.sampled_from(["server", "client"])),
+        gen_linear=draw(st.sampled_from(["client", "server"])),
         beta=draw(st.sampled_from([0.5, 5.0])),
         guard_ffn=draw(st.sampled_from(["clear", "blinded"])),
         decoys=draw(st.sampled_from(["calibration", "gaussian"])),

@@ -40,13 +40,15 @@ class Stage(str, Enum):
     # generation (step t ≥ 0)
     GEN_QKV = "gen_qkv"  # first guard block: the normalized, one-time-blinded row
     GEN_ATTN = "gen_attn"  # first guard block: q and the whole cache under a one-time P_t
+    GEN_O = "gen_o"  # guard block (gen_linear="server"): the one-time-blinded attention output for W_o
     GEN_FFN = "gen_ffn"  # guard block FFN input in the clear (paper form)
     GEN_FFN_UP = "gen_ffn_up"  # guard block FFN: blinded gate/up input
     GEN_FFN_DOWN = "gen_ffn_down"  # guard block FFN: blinded SwiGLU product
     GEN_ROUTER = "gen_router"  # guard block FFN, MoE: blinded router input
     GEN_MID = "gen_mid"  # the row entering the middle blocks, which the server runs alone
     GEN_LAST = "gen_last"  # the row entering a last guard block; the server returns scores and v
-    GEN_HEAD = "gen_head"  # client only (no message): final norm and LM head of a generated token
+    GEN_HEAD = "gen_head"  # final norm and LM head of a generated token: client work, or (gen_linear=
+    # "server") the one-time-blinded normalized row the server multiplies by the LM head
 
     def __str__(self) -> str:
         return self.value
@@ -57,11 +59,6 @@ class Stage(str, Enum):
         if self in (Stage.OPEN, Stage.CLOSE):
             return Phase.CONTROL
         return Phase.GENERATE if self.value.startswith("gen_") else Phase.PREFILL
-
-    @property
-    def is_message(self) -> bool:
-        """Whether the stage is ever sent to the server (``GEN_HEAD`` is client-side work only)."""
-        return self is not Stage.GEN_HEAD
 
 
 #: The per-block prefill stages, in the order they run inside a block (blinded MoE adds ROUTER).

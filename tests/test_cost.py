@@ -91,47 +91,67 @@ def expected_costs(c: ModelConfig, scx: SCXConfig, n: int, steps: int, itemsize:
     # prefill (§5.1)
     R1, R2 = n + r1, n + r2
     t.msg("open", 0, 0)
+    client_attn = (first | last) if scx.attention == "client" else set()
+    wo_server = scx.gen_linear == "server"
     for i in range(L):
         noised_qkv = blind or (scx.level == "paper" and i == 0)
         t.msg(
             "qkv", R1 * d * it, R1 * qkv_w * it, 2 * R1 * d * qkv_w, 2 * R1 * d * qkv_w if noised_qkv else 0
         )
-        t.msg("attn", n * qkv_w * it, n * q * it, 4 * H * n * n * dh)
+        if i in client_attn:  # the client's own causal attention
+            t.client("attn", 4 * H * n * n * dh)
+        else:
+            t.msg("attn", n * qkv_w * it, n * q * it, 4 * H * n * n * dh)
         t.msg("o", R2 * q * it, R2 * d * it, 2 * R2 * q * d, 2 * R2 * q * d if blind else 0)
         if blind:
             blinded_mlp(R1, "ffn", "ffn_down", "router", True)
         else:
             t.msg("ffn", R1 * d * it, (R1 * d + traced(R1)) * it, server_mlp(R1))
     t.msg("head", R1 * d * it, R1 * V * it, 2 * R1 * d * V, 2 * R1 * d * V if blind else 0)
-    for _ in last:
+    for _ in last - client_attn:
         t.msg("lock", (n + rl) * kv * it, 0)
     # key sharing (§5.2): int64 permutation (+ float64 α and the server's α·W_qkv at level blind)
     for _ in middle:
         t.msg("share", R1 * 8 + (R1 * d * 8 if blind else 0), 0, 2 * R1 * d * qkv_w if blind else 0)
+
     # generation (§5.3)
+    def wo(stage: str) -> int:  # W_o of a guard block: a blinded gen_o message, or the client's own
+        if wo_server:
+            t.msg("gen_o", q * it, d * it, 2 * q * d, 2 * q * d if noised_gen else 0)
+            return 0
+        return 2 * q * d
+
     for step in range(steps):
         m = n + step + 1  # cache rows after this step's token
-        for _ in first:
+        for i in sorted(first | client_attn):
             t.msg("gen_qkv", d * it, qkv_w * it, 2 * d * qkv_w, 2 * d * qkv_w if noised_gen else 0)
-            t.msg("gen_attn", (q + 2 * m * kv) * it, q * it, 4 * H * m * dh, 2 * q * d)
-            if scx.guard_ffn == "clear":
+            if i in client_attn:
+                t.client("gen_attn", 4 * H * m * dh + wo("gen_attn"))
+            else:
+                t.msg("gen_attn", (q + 2 * m * kv) * it, q * it, 4 * H * m * dh, wo("gen_attn"))
+            if i in last:
+                blinded_mlp(1, "gen_ffn_up", "gen_ffn_down", "gen_router", noised_gen)
+            elif scx.guard_ffn == "clear":
                 t.msg("gen_ffn", d * it, (d + traced(1)) * it, server_mlp(1))
             else:
                 blinded_mlp(1, "gen_ffn_up", "gen_ffn_down", "gen_router", noised_gen)
         if middle:
             per_block = 2 * d * qkv_w + 4 * H * m * dh + 2 * q * d + server_mlp(1)
             t.msg("gen_mid", d * it, d * it, len(middle) * per_block)
-        for _ in last:
+        for _ in last - client_attn:
             locked = n + rl + step + 1
             t.msg(
                 "gen_last",
                 d * it,
                 (H * locked + kv) * it,
                 2 * d * qkv_w + 2 * H * dh * locked,
-                2 * H * m * dh + 2 * q * d,
+                2 * H * m * dh + wo("gen_last"),
             )
             blinded_mlp(1, "gen_ffn_up", "gen_ffn_down", "gen_router", noised_gen)
-        t.client("gen_head", 2 * d * V)
+        if wo_server:
+            t.msg("gen_head", d * it, V * it, 2 * d * V, 2 * d * V if noised_gen else 0)
+        else:
+            t.client("gen_head", 2 * d * V)
     return dict(t.s)
 
 

@@ -506,3 +506,19 @@ def test_closed_forms_work_without_dp_accounting(monkeypatch: pytest.MonkeyPatch
     assert main(["dp", "--sensitivity", "1", "--scale", "2", "-k", "10", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert "epsilon_pld" not in data and data["epsilon_basic"] == 5.0 and data["pld_installed"] is False
+
+
+def test_cli_named_configuration(tmp_path: Path) -> None:
+    """``--config`` reads the preset (its level, β, guards and options): the hardened configuration's
+    budget lists nothing as uncovered, and costs more ε than level paper's (every stage is released)."""
+    out = tmp_path / "h.json"
+    args = ["dp", "--model", "random:tiny-dense:3", "--embedding", "bound", "--no-pld", "--prompt-len", "4"]
+    assert main([*args, "--tokens", "3", "--config", "hardened", "--json", str(out)]) == 0
+    hard = json.loads(out.read_text())
+    assert hard["uncovered"] == [] and hard["level"] == "blind"
+    assert any(s["stage"] == "gen_head" for s in hard["stages"])
+    assert main([*args, "--tokens", "3", "--config", "paper", "--json", str(out)]) == 0
+    paper = json.loads(out.read_text())
+    assert paper["uncovered"] and paper["epsilon_basic"] < hard["epsilon_basic"]
+    with pytest.raises(SystemExit):
+        main([*args, "--config", "nope"])

@@ -78,17 +78,25 @@ def test_keys_derived_ahead_change_nothing_the_server_sees(level: str, moe: bool
         assert prep.seconds > 0 and not prep._blinding and not prep._heads and not prep._decoys  # all used
 
 
-def test_a_precomputation_for_another_length_is_not_used() -> None:
+def test_a_precomputation_for_a_shorter_length_is_not_used_a_longer_one_is() -> None:
+    """Keys derived for fewer tokens than the prompt are not used (derived on demand instead); keys for
+    more tokens serve it — the noise stream is read row by row, so their first rows are the prompt's own
+    masks (the mask pool relies on this) and the server sees the same messages."""
     weights = _weights(False)
     pool = CalibrationPool.from_tokens(
         NumpyBackend(weights), default_public_tokens(weights.config.vocab_size)
     )
-    cfg = SCXConfig(level="paper", r1=2, r2=2)
+    cfg = SCXConfig(level="blind", r1=2, r2=2)
     want, view, _ = _session(weights, cfg, pool, None)
-    got, got_view, client = _session(weights, cfg, pool, "now", n=N + 1)  # keys for 10 tokens, prompt of 9
+    got, got_view, client = _session(weights, cfg, pool, "now", n=N - 1)  # keys for 8 tokens, prompt of 9
     _same_view(view, got_view)
     assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
     assert client.state is not None and client.state.prep.seconds == 0  # derived on demand instead
+    got, got_view, client = _session(weights, cfg, pool, "now", n=N + 3)  # keys for 12 tokens
+    _same_view(view, got_view)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)  # η·W of a longer η: rounding may differ
+    assert client.state is not None and client.state.prep.seconds > 0 and client.state.prep.remaining == 0
 
 
 def test_precompute_reserves_the_next_nonce_and_rejects_an_empty_prompt() -> None:

@@ -65,8 +65,20 @@ def _expert(meta: dict[str, Any]) -> int | None:
     return None if experts is None else int(experts[0])
 
 
-def _observed(weights: ModelWeights, cfg: SCXConfig) -> tuple[dict[Key, Release], ServerView]:
-    """The noised messages of a run at ``cfg``, each checked against the plan's noise, by key."""
+#: The exposure a clear message belongs to (a blinded MLP is several messages; the plan names its first).
+_EXPOSED_AS = {
+    Stage.FFN_DOWN: Stage.FFN,
+    Stage.ROUTER: Stage.FFN,
+    Stage.GEN_FFN_DOWN: Stage.GEN_FFN_UP,
+    Stage.GEN_ROUTER: Stage.GEN_FFN_UP,
+}
+
+
+def _observed(
+    weights: ModelWeights, cfg: SCXConfig, clear: set[tuple[Stage, int]] | None = None
+) -> tuple[dict[Key, Release], ServerView]:
+    """The noised messages of a run at ``cfg``, each checked against the plan's noise, by key; ``clear``
+    collects (stage, block) of every message that is not noised (control and key messages aside)."""
     half = dataclasses.replace(cfg, beta=cfg.beta / 2)
     view_a, tokens_a = _view(weights, cfg)
     view_b, tokens_b = _view(weights, half)
@@ -78,11 +90,17 @@ def _observed(weights: ModelWeights, cfg: SCXConfig) -> tuple[dict[Key, Release]
     for a, b in zip(view_a.messages, view_b.messages, strict=True):
         assert (a.stage, a.layer, a.step) == (b.stage, b.layer, b.step)
         if a.stage is Stage.SHARE:
+            if clear is not None:  # the keys reveal the block's prompt cache: an exposure
+                clear.add((Stage.SHARE, a.layer))
             continue  # its perm and alpha are keys, checked against the plan separately
         for name in sorted(a.arrays):  # every array of every other message: q, k, v included
             xa, xb = a.arrays[name], b.arrays[name]
             scale = 1.0 + float(np.abs(xa).max(initial=0.0))
             if np.abs(xa - xb).max(initial=0.0) <= 1e-9 * scale:
+                if clear is not None and a.stage is Stage.GEN_MID:  # one message runs every middle block
+                    clear |= {(Stage.GEN_MID, b) for b in cfg.blocks(weights.config.n_layers)[1]}
+                elif clear is not None and a.stage not in (Stage.OPEN, Stage.CLOSE):
+                    clear.add((_EXPOSED_AS.get(a.stage, a.stage), a.layer))
                 continue  # not noised: the runs agree to rounding
             expert = _expert(a.meta)
             ra, rb = plan_a.find(a.stage, a.layer, expert), plan_b.find(b.stage, b.layer, expert)
@@ -111,13 +129,55 @@ CASES = [
 ]
 
 
+#: The hardened options (DESIGN §5.7): client attention, no key sharing (l_s = 3 of 4 blocks) and W_o / LM
+#: head on the server, one-time blinded — alone and together.
+HARDENED = [
+    pytest.param(level, moe, options, id=f"{level}-{'moe' if moe else 'dense'}-{name}")
+    for level in LEVELS
+    for moe in (False, True)
+    for name, options in (
+        ("client-attn", {"attention": "client"}),
+        ("gen-linear", {"gen_linear": "server"}),
+        ("no-share", {"l_s": 3}),
+        ("hardened", {"attention": "client", "gen_linear": "server", "l_s": 3}),
+    )
+]
+
+
+def _check_plan(weights: ModelWeights, cfg: SCXConfig) -> tuple[ReleasePlan, dict[Key, Release], ServerView]:
+    """The noised messages are exactly the plan's releases, and the clear ones exactly its exposures."""
+    plan = ReleasePlan.of(cfg, weights.config)
+    clear: set[tuple[Stage, int]] = set()
+    seen, view = _observed(weights, cfg, clear)
+    assert set(seen) == _expected(plan, N_NEW - 1)
+    exposed = {(e.stage, b) for e in plan.exposures for b in e.blocks}
+    if cfg.last_ffn == "paper":  # the offset row is noised (by a scalar), yet not a Laplace mechanism
+        exposed -= {(Stage.GEN_FFN, b) for b in cfg.blocks(weights.config.n_layers)[2]}
+    assert clear == exposed
+    return plan, seen, view
+
+
+@pytest.mark.parametrize(("level", "moe", "options"), HARDENED)
+def test_hardened_options_send_exactly_the_plan(level: Any, moe: bool, options: dict[str, Any]) -> None:
+    weights = _model(moe)
+    cfg = SCXConfig(level=level, beta=BETA, r1=2, r2=3, max_length=64, **options)
+    plan, seen, _ = _check_plan(weights, cfg)
+    if level != "permute" and options.get("gen_linear") == "server":
+        assert any(k[1] is Stage.GEN_HEAD for k in seen) and any(k[1] is Stage.GEN_O for k in seen)
+    if level == "blind" and len(options) == 3:  # the hardened configuration: nothing in the clear
+        assert plan.exposures == ()
+    budget = request_budget(
+        model_sensitivities(weights, embedding="bound"), cfg, prompt_len=len(IDS), tokens=N_NEW, use_pld=False
+    )
+    counted = [r for r in seen.values() if r.is_laplace_mechanism and r not in plan.shared]
+    assert sum(s.count for s in budget.stages) == len(counted)
+
+
 @pytest.mark.parametrize(("level", "moe", "g", "guard_ffn"), CASES)
 def test_noised_messages_are_exactly_the_plan(level: Any, moe: bool, g: int, guard_ffn: Any) -> None:
     weights = _model(moe)
     cfg = SCXConfig(level=level, beta=BETA, r1=2, r2=3, l_s=g, l_e=g, guard_ffn=guard_ffn, max_length=64)
-    plan = ReleasePlan.of(cfg, weights.config)
-    seen, view = _observed(weights, cfg)
-    assert set(seen) == _expected(plan, N_NEW - 1)
+    plan, seen, view = _check_plan(weights, cfg)
     # the noise uploaded at key sharing is exactly the plan's shared releases' noise
     keys = RequestKeys(KeySchedule(MASTER, NONCE), weights.config)
     shares = {m.layer: m for m in view.select(stage=Stage.SHARE)}
@@ -143,9 +203,7 @@ def test_paper_offset_form_is_in_the_plan() -> None:
     shows it noised at every step, and the plan lists it (not as a Laplace mechanism on the row)."""
     weights = _model(False)
     cfg = SCXConfig(level="paper", beta=BETA, last_ffn="paper", max_length=64)
-    plan = ReleasePlan.of(cfg, weights.config)
-    seen, _ = _observed(weights, cfg)
-    assert set(seen) == _expected(plan, N_NEW - 1)
+    plan, _, _ = _check_plan(weights, cfg)
     offsets = [r for r in plan.generation if r.kind == "offset"]
     assert offsets and not any(r.is_laplace_mechanism for r in offsets)
 

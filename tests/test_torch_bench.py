@@ -52,7 +52,9 @@ def test_bench_quick_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         assert r["state_ratio"] >= 1
     blind = [r for r in rows if r["level"] == "blind"]
     permute = [r for r in rows if r["level"] == "permute" and r["phase"] == "prefill"]
-    assert all(r["client_flop_share"] > 0 for r in blind) and permute[0]["client_flop_share"] == 0
+    # the corrections η·W are derived ahead of each request: offline work, not the request's
+    assert all(r["offline_flop_share"] > 0 for r in blind) and permute[0]["client_flop_share"] == 0
+    assert permute[0]["offline_flop_share"] == 0
     assert data["meta"]["model"] == "tiny-llama" and "Hugging Face" in data["meta"]["baseline"]
     assert "PlainRunner" in data["meta"]["second_column"]
     assert "ratio" in capsys.readouterr().out
@@ -67,6 +69,24 @@ def test_bench_without_a_hugging_face_model_names_plainrunner_its_baseline(tmp_p
     assert "PlainRunner" in data["meta"]["baseline"] and data["meta"]["second_column"] is None
     assert {(r["phase"], r["level"]) for r in data["rows"]} == {("prefill", "permute"), ("decode", "permute")}
     assert all(r["plain_runner_ratio"] is None and r["baseline_median_s"] > 0 for r in data["rows"])
+
+
+def test_bench_named_configurations_with_a_mask_pool(tmp_path: Path) -> None:
+    """``--configs`` times presets beside the levels; ``--pool`` derives each request's masks in a pool
+    entry and reports its memory per token and fill throughput."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", "random:tiny-dense", "--repeats", "1", "--n", "8", "--gen-prompt", "8"]
+    argv += ["--gen-tokens", "2", "--levels", "permute", "--configs", "hardened", "--pool"]
+    assert main([*argv, "--json", str(out), "--no-progress"]) == 0
+    data = json.loads(out.read_text())
+    hard = [r for r in data["rows"] if r["level"] == "hardened"]
+    assert len(hard) == 2 and data["meta"]["configs"]["hardened"]["attention"] == "client"
+    pre = next(r for r in hard if r["phase"] == "prefill")
+    assert pre["pool"]["bytes_per_prompt_token"] > 0 and pre["pool"]["prompt_tokens_per_s"] > 0
+    assert pre["offline_flop_share"] > 0.2 and pre["keys_median_s"] > 0
+    dec = next(r for r in hard if r["phase"] == "decode")
+    assert dec["pool"]["bytes_per_step"] > 0
+    assert main(["bench", "--configs", "nope", "--no-progress"]) == 2
 
 
 def test_bench_rejects_unknown_model_and_lengths() -> None:

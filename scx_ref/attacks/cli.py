@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ..commands._args import int_at_least, output_dir, output_file
+from ..commands._args import input_file, int_at_least, output_dir, output_file
 from ..zoo import MODEL_NAMES, load_model
 from ..zoo.corpus import tokenize, topic_texts
 
@@ -61,12 +62,48 @@ def register(subparsers: Any) -> None:
         help="fewer sweep points, public tokens (1024) and MLP epochs (100); per-layer curve on 5 blocks",
     )
     p.add_argument(
-        "--prompts", type=int_at_least(1), default=None, help="victim prompts (default 3, quick 2)"
+        "--frontier",
+        action="store_true",
+        help=(
+            "run the named configurations (scx_ref.protocol.presets) instead of the mechanism ablation, "
+            "each with its cost, float64 exactness and DP budget (and, with --exactness, float32 "
+            "exactness); default 5 prompts x 48 tokens, 8 generated"
+        ),
     )
     p.add_argument(
-        "--length", type=int_at_least(1), default=None, help="tokens per victim prompt (default 16, quick 8)"
+        "--configs",
+        default=None,
+        help="with --frontier: comma-separated preset names (default: every preset)",
     )
-    p.add_argument("--new", type=int_at_least(0), default=4, help="generated tokens per prompt (default 4)")
+    p.add_argument(
+        "--exactness",
+        action="store_true",
+        help="with --frontier: also measure float32 |ΔPPL|/PPL (256 tokens) and greedy agreement per preset",
+    )
+    p.add_argument(
+        "--bench",
+        type=input_file,
+        default=None,
+        help="with --frontier: an `scx bench --configs ... --json` result to merge into the frontier table",
+    )
+    p.add_argument(
+        "--prompts",
+        type=int_at_least(1),
+        default=None,
+        help="victim prompts (default 3, quick 2, frontier 5)",
+    )
+    p.add_argument(
+        "--length",
+        type=int_at_least(1),
+        default=None,
+        help="tokens per victim prompt (default 16, quick 8, frontier 48)",
+    )
+    p.add_argument(
+        "--new",
+        type=int_at_least(0),
+        default=None,
+        help="generated tokens per prompt (default 4, frontier 8)",
+    )
     p.add_argument(
         "--threads",
         type=int_at_least(1),
@@ -129,6 +166,8 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tok, weights = load_model(args.model, np.float64)
     quick = bool(args.quick)
+    if args.frontier:
+        return _run_frontier(args, model, tok, weights, t0)
     count = args.prompts if args.prompts is not None else (2 if quick else 3)
     length = args.length if args.length is not None else (8 if quick else 16)
     public, victims = public_and_victims(
@@ -158,7 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         ctx,
         victims,
         settings,
-        n_new=args.new,
+        n_new=4 if args.new is None else args.new,
         enum_prompts=enum,
         progress=step,
         mlp_epochs=100 if quick else 300,
@@ -179,15 +218,89 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_frontier(args: argparse.Namespace, model: Any, tok: Any, weights: Any, t0: float) -> int:
+    """``scx attack --frontier``: every preset (or ``--configs``) against the plaintext control, with
+    cost, exactness and DP columns; prints the frontier table and the attack table."""
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    from ..dp.sensitivity import model_sensitivities
+    from . import frontier, harness, llm_reorder, report
+
+    count, length = args.prompts or 5, args.length or 48
+    n_new = 8 if args.new is None else args.new
+    public, victims = public_and_victims(
+        tok, weights.config.vocab_size, 1024 if args.quick else 4096, count, length
+    )
+    L = weights.config.n_layers
+    settings = harness.frontier_settings(L)
+    if args.configs:
+        wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
+        from ..protocol.presets import preset
+
+        for name in wanted:
+            preset(name)  # ConfigError for an unknown name
+        settings = [s for s in settings if s.preset is None or s.preset in wanted]
+    lm: llm_reorder.LanguageModel
+    if tok is not None:
+        bos = tok.bos_token_id if tok.bos_token_id is not None else 0
+        lm = llm_reorder.TorchLM(model, int(bos))
+    else:
+        lm = llm_reorder.NumpyLM(weights)
+    ctx = harness.Context(weights, public, lm)
+    probes = sorted({harness.probe_block(s.config, L) for s in settings})
+    bar = tqdm(total=len(settings) * count + 1, desc="scx attack --frontier")
+    harness.fit_tools(ctx, probes, epochs=100 if args.quick else 300)
+    bar.update(1)
+
+    def step(msg: str) -> None:
+        bar.set_postfix_str(msg)
+        bar.update(1)
+
+    sens = model_sensitivities(weights, embedding="bound")
+    results = []
+    for s in settings:
+        res = harness.run_setting(ctx, s, victims, n_new, progress=step)
+        res["dp"] = frontier.dp_summary(sens, s.config, length, n_new)
+        if args.exactness and s.preset is not None:
+            res["exactness32"] = frontier.exactness32(args.model, s.config)
+        results.append(res)
+    bar.close()
+    result: dict[str, Any] = {
+        "kind": "frontier",
+        "model": weights.config.name,
+        "n_prompts": count,
+        "prompt_len": length,
+        "n_new": n_new,
+        "settings": results,
+        "command": command_line(sys.argv[1:] if sys.argv[0].endswith("scx") else _argv(args)),
+        "victims": "pydoc_data.topics odd-indexed topics (public text: even-indexed)",
+        "public_tokens": len(public),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    bench = json.loads(args.bench.read_text()) if args.bench else None
+    rows = frontier.frontier_rows(result, bench)
+    print(frontier.frontier_markdown(rows))
+    print(report.markdown_table(result, intervals=True))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=float))
+    if args.plots:
+        path = frontier.plot_frontier(rows, Path(args.plots) / "frontier.png", result["model"])
+        print(f"wrote {path}")
+    return 0
+
+
 def _argv(args: argparse.Namespace) -> list[str]:
     """The arguments of ``args`` as a command line (when not run as the ``scx`` script)."""
     out = ["attack", "--model", str(args.model)]
-    if args.quick:
-        out.append("--quick")
-    for flag in ("json", "plots", "prompts", "length", "threads"):
-        val = getattr(args, flag)
+    for flag in ("quick", "frontier", "exactness"):
+        if getattr(args, flag, False):
+            out.append(f"--{flag}")
+    for flag in ("configs", "bench", "json", "plots", "prompts", "length", "new", "threads"):
+        val = getattr(args, flag, None)
         if val is not None:
             out += [f"--{flag}", str(val)]
-    if args.new != 4:
-        out += ["--new", str(args.new)]
     return out

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,27 +21,47 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .. import ops
 from ..backends.numpy_backend import NumpyBackend
 from ..errors import ConfigError
 from ..keys import KeySchedule, Label
 from ..protocol import Client, LocalTransport, SCXConfig, Server, ServerView, Stage
+from ..protocol.cost import CostReport, StageCost
 from ..protocol.decoys import CalibrationPool, DecoyPolicy
+from ..protocol.plan import ReleasePlan
+from ..protocol.presets import PRESETS
+from ..reference import ReferenceModel
+from ..stages import Phase
 from ..transforms import laplace_noise
 from ..weights import ModelWeights
-from . import bruteforce, decoy_detect, inversion, llm_reorder, statelessness, vocab_match
+from . import (
+    bruteforce,
+    catalog,
+    decoy_detect,
+    inversion,
+    llm_reorder,
+    multiview,
+    statelessness,
+    vocab_match,
+)
 from ._model import forward_trace
-from ._view import open_meta, shared_caches, stage_array
+from ._view import message, open_meta, shared_caches, stage_array
+from .stats import FrequencyPrior, Rate, at_baseline, bag_hits
 
 __all__ = [
     "KEY_ROLES",
     "AblatedKeys",
     "Context",
+    "RequestRun",
     "Setting",
     "default_settings",
     "fit_tools",
+    "frontier_settings",
     "noise_fitting",
     "plaintext_control",
+    "probe_block",
     "run_all",
+    "run_request",
     "run_setting",
     "server_view",
 ]
@@ -92,6 +111,7 @@ class Setting:
     identity: frozenset[str] = frozenset()
     stateless: bool = False
     reorder: bool = False
+    preset: str | None = None
 
 
 def plaintext_control() -> Setting:
@@ -137,6 +157,75 @@ def default_settings(quick: bool = False) -> list[Setting]:
     return s
 
 
+@dataclass
+class RequestRun:
+    """One real SCX request as the harness records it: the server's ``view``, the ``generated`` tokens,
+    the prefill ``logits`` the client decoded, the session's cost report (client and server meters and
+    the link's bytes) and the bytes of the client's own per-request state (its guard caches)."""
+
+    view: ServerView
+    generated: list[int]
+    logits: Array
+    cost: CostReport
+    client_state_bytes: int
+
+
+def run_request(
+    weights: ModelWeights,
+    ids: npt.ArrayLike,
+    config: SCXConfig,
+    identity: frozenset[str] = frozenset(),
+    *,
+    n_new: int = 0,
+    seed: int = 0,
+    public: Array | None = None,
+    decoys: DecoyPolicy | None = None,
+) -> RequestRun:
+    """One real SCX request under ``config`` — prefill of ``ids``, key sharing when the configuration
+    has middle blocks, ``n_new`` greedy tokens (the same as plaintext greedy decoding) — run by
+    :class:`~scx_ref.protocol.Client` and :class:`~scx_ref.protocol.Server` (numpy, float64) over a
+    recording :class:`~scx_ref.protocol.LocalTransport`. Keys derive from ``seed`` only; the permutation
+    roles in ``identity`` are the identity (:class:`AblatedKeys`). ``decoys``: a calibration pool built
+    once (else the client builds one from ``public``, a plaintext forward over it — the slow part)."""
+    backend = NumpyBackend(weights, np.float64)
+    master = hashlib.sha256(f"scx-attack-{seed}".encode()).digest()
+    nonce = hashlib.sha256(f"nonce-{seed}".encode()).digest()[:16]
+    keys = AblatedKeys(master, nonce, identity)
+    server = Server(backend)
+    link = LocalTransport(server, record_view=True)
+    tokens = None if public is None else np.asarray(public, dtype=np.int64)
+    client = Client(backend, keys, config, decoys=decoys, public_tokens=tokens)
+    prompt = np.asarray(ids, dtype=np.int64)
+    # the one-time masks come from an offline pool entry (the view is the same as without one: its nonce
+    # is the schedule's, and tests/test_hardened.py checks the messages are byte-identical); the cost
+    # report then separates the client's online work from the corrections η·W derived ahead
+    entry = client._new_prepared(keys.nonce, len(prompt))
+    entry.fill(max(n_new - 1, 0))
+    client._prepared = entry
+    logits = np.asarray(client.prefill(prompt, link, nonce=keys.nonce))
+    gen: list[int] = []
+    nxt = int(np.argmax(logits[-1]))
+    for step in range(n_new):  # greedy, as Client.generate
+        gen.append(nxt)
+        if step + 1 < n_new:
+            nxt = int(np.argmax(client.decode(nxt, link)))
+    st = client.state
+    held = 0 if st is None else sum(int(a.nbytes) for a in (*st.guard_k.values(), *st.guard_v.values()))
+    cost = client.cost_report(link, server.cost(client.session))
+    return RequestRun(link.view, gen, logits, cost, held)
+
+
+def frontier_settings(n_layers: int) -> list[Setting]:
+    """The plaintext control, then every named configuration of
+    :data:`~scx_ref.protocol.presets.PRESETS` on a model of ``n_layers`` blocks (the frontier: each
+    with the statelessness test). LLM reordering — a weak attack here, whose beam search costs minutes per
+    48-token prompt — runs in the mechanism ablation (:func:`default_settings`), not on the frontier."""
+    out = [replace(plaintext_control(), reorder=False)]
+    for p in PRESETS:
+        out.append(Setting(p.name, p.summary, p.config(n_layers), stateless=True, preset=p.name))
+    return out
+
+
 def server_view(
     weights: ModelWeights,
     ids: npt.ArrayLike,
@@ -148,33 +237,10 @@ def server_view(
     public: Array | None = None,
     decoys: DecoyPolicy | None = None,
 ) -> tuple[ServerView, list[int]]:
-    """The server's recorded view of one real SCX request under ``config`` — prefill of ``ids``, key
-    sharing, ``n_new`` greedy tokens, run by :class:`~scx_ref.protocol.Client` and
-    :class:`~scx_ref.protocol.Server` (numpy, float64) over a recording
-    :class:`~scx_ref.protocol.LocalTransport` — and the generated tokens (equal to plaintext greedy
-    decoding). Keys derive from ``seed`` only; the permutation roles in ``identity`` are the identity
-    (:class:`AblatedKeys`). ``decoys``: a calibration pool built once (else the client builds one from
-    ``public``, a plaintext forward over it — the slow part of a run)."""
-    backend = NumpyBackend(weights, np.float64)
-    master = hashlib.sha256(f"scx-attack-{seed}".encode()).digest()
-    nonce = hashlib.sha256(f"nonce-{seed}".encode()).digest()[:16]
-    keys = AblatedKeys(master, nonce, identity)
-    link = LocalTransport(Server(backend), record_view=True)
-    tokens = None if public is None else np.asarray(public, dtype=np.int64)
-    client = Client(backend, keys, config, decoys=decoys, public_tokens=tokens)
-    prompt = np.asarray(ids, dtype=np.int64)
-    if n_new:
-        gen = client.generate(prompt, n_new, link)
-    else:  # the prefill alone (generate with no new token sends nothing)
-        client.prefill(prompt, link)
-        client.close()
-        gen = []
-    return link.view, gen
-
-
-def _bag_scores(pred: Any, truth: Any) -> dict[str, float]:
-    hit = sum((Counter(int(t) for t in pred) & Counter(int(t) for t in truth)).values())
-    return {"recall": hit / max(len(truth), 1), "precision": hit / max(len(pred), 1)}
+    """The server's recorded view of one real SCX request and the generated tokens
+    (:func:`run_request`, whose arguments these are)."""
+    run = run_request(weights, ids, config, identity, n_new=n_new, seed=seed, public=public, decoys=decoys)
+    return run.view, run.generated
 
 
 @dataclass
@@ -193,6 +259,14 @@ class Context:
     tables: vocab_match.Block1Tables | None = None
     _traces: list[Any] | None = None
     _pool: CalibrationPool | None = None
+    _prior: FrequencyPrior | None = None
+
+    @property
+    def prior(self) -> FrequencyPrior:
+        """The unigram prior of the public text (the attacker's knowledge without a view)."""
+        if self._prior is None:
+            self._prior = FrequencyPrior(self.public, self.weights.config.vocab_size)
+        return self._prior
 
     @property
     def traces(self) -> list[Any]:
@@ -287,6 +361,70 @@ def _real_rows(rows: Array, truth: Array) -> Array:
     return np.asarray(d <= 1e-8 * (np.linalg.norm(rows, axis=1) + 1e-12))
 
 
+def probe_block(config: SCXConfig, n_layers: int) -> int:
+    """The block whose stages the inversion and linking attacks read: the first middle block (the first
+    block the server holds a valid cache of), else block 2 (0-based 1) when every block is a guard."""
+    _, middle, _ = config.blocks(n_layers)
+    return middle.start if len(middle) else min(1, n_layers - 1)
+
+
+def _noisy_inverter(ctx: Context, layer: int, beta: float, normalized: bool) -> inversion.Inverter:
+    """A ridge inverter of FFN-stage rows fitted on public rows processed exactly as the message is —
+    normalized by the block's MLP norm when the message says so, plus Laplace(β) noise drawn by the
+    attacker (β is part of the public configuration): the noise-aware fitting attack (paper §7.3)."""
+    key = f"ffn{layer}/noisy/{beta}/{int(normalized)}"
+    if key not in ctx.inverters:
+        w = ctx.weights
+        h = np.concatenate([t.h[layer] for t in ctx.traces])
+        if normalized:
+            h = ops.rms_norm(h, w.layers[layer].mlp_norm, w.config.rms_eps)
+        rng = np.random.default_rng(20_000 + layer)
+        feats = np.concatenate([h + laplace_noise(h.shape, beta, rng) for _ in range(2)])
+        toks = np.concatenate([ctx.public_tokens] * 2)
+        ctx.inverters[key] = inversion.fit_inverter(
+            feats, toks, w, "ridge", lam=10.0, table=inversion.unit_vocabulary(w)
+        )
+    inv: inversion.Inverter = ctx.inverters[key]
+    return inv
+
+
+def _release_beta(setting: Setting, stage: Stage, layer: int, n_layers: int) -> float:
+    """β of a message in the configuration's release plan (0 when that message is not noised): public."""
+    release = ReleasePlan.of(setting.config, _PlanShape(n_layers)).find(stage, layer)
+    return 0.0 if release is None else release.beta
+
+
+@dataclass(frozen=True)
+class _PlanShape:
+    """A dense model of ``n_layers`` blocks, for reading a plan's β (the harness runs dense models)."""
+
+    n_layers: int
+    n_experts: int = 0
+    is_moe: bool = False
+
+
+class _Tally:
+    """Per-prompt (hits, scored) of count metrics and plain values of diagnostics."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[tuple[float, float]]] = {}
+        self.values: dict[str, list[float]] = {}
+
+    def hit(self, key: str, hits: float, total: float) -> None:
+        if total > 0:
+            self.counts.setdefault(key, []).append((float(hits), float(total)))
+
+    def pos(self, key: str, pred: npt.ArrayLike, truth: npt.ArrayLike) -> None:
+        t = np.asarray(truth)
+        self.hit(key, float(np.sum(np.asarray(pred)[: len(t)] == t)), len(t))
+
+    def bag(self, key: str, pred: npt.ArrayLike, truth: npt.ArrayLike) -> None:
+        self.hit(key, bag_hits(pred, truth), np.asarray(truth).size)
+
+    def value(self, key: str, v: float) -> None:
+        self.values.setdefault(key, []).append(float(v))
+
+
 def run_setting(
     ctx: Context,
     setting: Setting,
@@ -298,21 +436,33 @@ def run_setting(
     progress: Progress | None = None,
     per_layer: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Every attack on the views of ``prompts`` under ``setting``; metrics averaged over prompts.
-    ``per_layer``: blocks where the shared-cache and sorted-attention inverters are also scored."""
+    """Every attack on the views of ``prompts`` under ``setting``, with 95 % intervals, the frequency-prior
+    baselines, the statelessness table, and the request's cost and exactness.
+
+    An attack whose message the configuration never sends is not run (and scores nothing: the attacker
+    then knows only the prior). ``per_layer``: blocks where the shared-cache and sorted-attention
+    inverters are also scored. Returns a JSON-ready dict; ``metrics`` holds the pooled rates."""
     w = ctx.weights
+    L = w.config.n_layers
     tabs = ctx.block1()
-    acc: dict[str, list[float]] = {}
+    prior = ctx.prior
+    tally = _Tally()
+    base = _Tally()
     layer_acc: dict[str, dict[int, list[float]]] = {}
     tables: list[dict[str, dict[str, float]]] = []
-
-    def put(key: str, value: float) -> None:
-        acc.setdefault(key, []).append(float(value))
+    costs: list[dict[str, float]] = []
+    exact: list[dict[str, float]] = []
+    _, middle, _ = setting.config.blocks(L)
+    probe = probe_block(setting.config, L)
+    beta_qkv0 = _release_beta(setting, Stage.QKV, 0, L)
+    beta_gen0 = _release_beta(setting, Stage.GEN_QKV, 0, L)
+    beta_ffn = _release_beta(setting, Stage.FFN, probe, L)
+    reference = ReferenceModel(w)
 
     t0 = time.perf_counter()
     for pi, ids in enumerate(prompts):
         ids = np.asarray(ids, dtype=np.int64)
-        view, gen = server_view(
+        run = run_request(
             w,
             ids,
             setting.config,
@@ -322,84 +472,144 @@ def run_setting(
             public=ctx.public,
             decoys=ctx.decoys(),
         )
-        meta = open_meta(view)
-        n = int(meta["n"])
-        L = w.config.n_layers
-        _, middle, _ = setting.config.blocks(L)
-        # vocabulary matching, block 1 QKV (bag) and attention (fingerprints)
-        m0 = view.select(stage=Stage.QKV, layer=0)[0]
-        t_qkv, _ = vocab_match.match_block1_qkv(
-            m0.arrays["x"], w, bool(m0.meta.get("normalized", False)), tables=tabs
+        view, gen = run.view, run.generated
+        n = int(open_meta(view)["n"])
+        steps = max(n_new - 1, 0)
+        fed = np.asarray(gen[:steps], dtype=np.int64)  # the generated tokens the decode steps carried
+        # -- exactness and cost of this request --
+        ref_logits, _ = reference.prefill(ids)
+        scale = float(np.abs(ref_logits).max())
+        exact.append(
+            {
+                "max_rel_logit_err": float(np.abs(run.logits - ref_logits).max() / scale),
+                "greedy_identical": float(gen == [int(t) for t in reference.generate(ids, n_new)]),
+            }
         )
-        put("vm_qkv1_bag_recall", _bag_scores(t_qkv, ids)["recall"])
-        put("vm_qkv1_bag_precision", _bag_scores(t_qkv, ids)["precision"])
-        t_att, _ = vocab_match.match_block1_attn(
-            stage_array(view, Stage.ATTN, 0, "k"), stage_array(view, Stage.ATTN, 0, "v"), w, tables=tabs
-        )
-        put("vm_attn1_pos_acc", float(np.mean(t_att == ids)))
+        costs.append(_request_cost(run, n, max(n_new - 1, 0)))
+        # -- baselines: the frequency prior, no view --
+        base.hit("prompt_pos", prior.positional_hits(ids), n)
+        base.hit("prompt_bag", prior.bag_hits(ids), n)
+        base.hit("generated", prior.positional_hits(gen), len(gen))
+        # -- prompt: block 1 --
+        m0 = message(view, Stage.QKV, 0)
+        x0 = np.asarray(m0.arrays["x"], dtype=np.float64)
+        norm0 = bool(m0.meta.get("normalized", False))
+        table0 = tabs.normalized if norm0 else np.asarray(w.embed, dtype=np.float64)
+        d0 = vocab_match.l1_distances(x0, table0)  # one pass serves the ML and the MAP match
+        t_qkv = np.argmin(d0, axis=1)  # Laplace maximum likelihood = L1 nearest (match_block1_qkv)
+        tally.bag("vm_qkv1_bag_recall", t_qkv, ids)
+        tally.value("vm_qkv1_bag_precision", bag_hits(t_qkv, ids) / max(len(t_qkv), 1))
+        t_map = vocab_match.map_tokens(d0, beta_qkv0, prior.log_probs)
+        tally.bag("vm_qkv1_map_bag_recall", t_map, ids)
         t_res, d_res = vocab_match.match_block1_residual(
             stage_array(view, Stage.O, 0), stage_array(view, Stage.FFN, 0), w
         )
-        put("vm_resid1_bag_recall", _bag_scores(t_res[d_res < 1e-6], ids)["recall"])
-        if middle:
+        tally.bag("vm_resid1_bag_recall", t_res[d_res < 1e-6], ids)
+        exact_guess: list[tuple[Array, Array]] = []  # (ids, exact-match flags), strongest first
+        if view.select(stage=Stage.ATTN, layer=0):
+            t_att, d_att = vocab_match.match_block1_attn(
+                stage_array(view, Stage.ATTN, 0, "k"), stage_array(view, Stage.ATTN, 0, "v"), w, tables=tabs
+            )
+            tally.pos("vm_attn1_pos_acc", t_att, ids)
+            exact_guess.append((t_att, d_att < 1e-6))
+        head = message(view, Stage.HEAD, L)
+        xh: Array = np.asarray(head.arrays["x"], dtype=np.float64)
+        if not head.meta.get("normalized", False):
+            xh = ops.rms_norm(xh, w.final_norm, w.config.rms_eps)
+        nxt_truth = np.concatenate([ids[1:], np.asarray(gen[:1], dtype=np.int64)])
+        tally.bag("head_next_bag_recall", np.argmax(xh @ w.lm_head, axis=1), nxt_truth)
+        # -- prompt: the probe block (shared cache, attention stage, FFN rows, residual links) --
+        rec: Array | None = None
+        if len(middle):
             ell = middle.start
-            caches = shared_caches(view, w)
-            kk, vv = caches[ell]
+            kk, vv = shared_caches(view, w)[ell]
             target = np.concatenate([kk.reshape(n, -1), vv.reshape(n, -1)], axis=1)
-            inv = ctx.inverters.get(f"kv{ell}/ridge")
             for kind in ("ridge", "mlp"):
                 key = f"kv{ell}/{kind}"
                 if key in ctx.inverters:
-                    pred = ctx.inverters[key].predict(target)[:, 0]
-                    put(f"inv_cache_{kind}_pos_acc", float(np.mean(pred == ids)))
+                    tally.pos(f"inv_cache_{kind}_pos_acc", ctx.inverters[key].predict(target)[:, 0], ids)
             if sequential:
-                rec, _ = vocab_match.match_sequential(target, w, ell, "kv", ranker=_ranker(inv))
-                put("vm_cache_seq_pos_acc", float(np.mean(rec == ids)))
-                steps = len(view.select(stage=Stage.GEN_MID))
-                if steps:
-                    gx = np.concatenate([stage_array(view, Stage.GEN_MID, ell, step=s) for s in range(steps)])
-                    xinv = ctx.inverters.get(f"x{ell}/ridge")
-                    g_rec, _ = vocab_match.match_sequential(gx, w, ell, "x", prefix=rec, ranker=_ranker(xinv))
-                    put("vm_gen_seq_acc", float(np.mean(g_rec == np.asarray(gen[:steps]))))
-            # attention stage of the first middle block: naive / σ-recovered / sorted inversion
-            v_obs = stage_array(view, Stage.ATTN, ell, "v").reshape(n, -1)
-            if f"v{ell}/ridge" in ctx.inverters:
-                put(
-                    "inv_attn_naive_pos_acc",
-                    float(np.mean(ctx.inverters[f"v{ell}/ridge"].predict(v_obs)[:, 0] == ids)),
+                inv = ctx.inverters.get(f"kv{ell}/ridge")
+                rec, d_rec = vocab_match.match_sequential(target, w, ell, "kv", ranker=_ranker(inv))
+                tally.pos("vm_cache_seq_pos_acc", rec, ids)
+                exact_guess.insert(0, (rec, d_rec < 1e-4))
+        if view.select(stage=Stage.ATTN, layer=probe) and f"v{probe}/ridge" in ctx.inverters:
+            v_obs = stage_array(view, Stage.ATTN, probe, "v").reshape(n, -1)
+            v_inv = ctx.inverters[f"v{probe}/ridge"]
+            tally.pos("inv_attn_naive_pos_acc", v_inv.predict(v_obs)[:, 0], ids)
+            idx = inversion.recover_column_permutation(v_obs, ctx.middle_ref[probe])
+            tally.pos("inv_attn_sigma_rec_pos_acc", v_inv.predict(v_obs[:, idx])[:, 0], ids)
+            srt = ctx.inverters[f"vsorted{probe}/ridge"].predict(inversion.sorted_rows(v_obs))[:, 0]
+            tally.pos("inv_attn_sorted_pos_acc", srt, ids)
+        f_msg = message(view, Stage.FFN, probe)
+        f_rows = np.asarray(f_msg.arrays["x"], dtype=np.float64)
+        f_norm = bool(f_msg.meta.get("normalized", False))
+        for kind in ("ridge", "mlp"):
+            if f"ffn{probe}/{kind}" in ctx.inverters:
+                pred = ctx.inverters[f"ffn{probe}/{kind}"].predict(f_rows)[:, 0]
+                tally.bag(f"inv_ffn_{kind}_bag_recall", pred, ids)
+        if beta_ffn > 0 or f_norm:
+            pred = _noisy_inverter(ctx, probe, beta_ffn, f_norm).predict(f_rows)[:, 0]
+            tally.bag("inv_ffn_noisy_bag_recall", pred, ids)
+        if not w.config.is_moe:
+            _prompt_joint(ctx, setting, view, ids, tally)
+        _, _, fr = decoy_detect.residual_links(
+            stage_array(view, Stage.QKV, probe),
+            stage_array(view, Stage.O, probe),
+            f_rows,
+            w,
+            probe,
+            bool(message(view, Stage.QKV, probe).meta.get("normalized")),
+        )
+        real = _real_rows(f_rows, forward_trace(w, ids, upto=probe, logits=False).h[probe])
+        if real.any():
+            tally.value("decoy_link_real_found", float(fr[real].mean()))
+            if (~real).any():
+                tally.value("decoy_link_decoys_rejected", float((~fr[~real]).mean()))
+        else:  # the rows are noised: no row links, the attack finds nothing
+            tally.value("decoy_link_real_found", 0.0)
+        # -- the attacker's best prompt: exact matches where it has them, else the prior's mode --
+        recovered = np.full(n, prior.mode, dtype=np.int64)
+        settled = np.zeros(n, dtype=bool)
+        for guess, ok in exact_guess:
+            take = ok & ~settled
+            recovered[take] = guess[take]
+            settled |= take
+        tally.pos("recovered_pos_acc", recovered, ids)
+        # -- generated tokens --
+        if steps:
+            rows = np.concatenate([stage_array(view, Stage.GEN_QKV, 0, step=s) for s in range(steps)])
+            g_map, _ = vocab_match.match_block1_map(rows, w, beta_gen0, prior.log_probs, True, tables=tabs)
+            tally.pos("gen_qkv1_map_acc", g_map, fed)
+            if view.select(stage=Stage.GEN_ATTN, layer=0):
+                ks, vs = [], []
+                for s in range(steps):
+                    ks.append(stage_array(view, Stage.GEN_ATTN, 0, "k", step=s)[-1:])
+                    vs.append(stage_array(view, Stage.GEN_ATTN, 0, "v", step=s)[-1:])
+                g_fp, _ = vocab_match.match_block1_attn(
+                    np.concatenate(ks), np.concatenate(vs), w, tables=tabs, positions=n + np.arange(steps)
                 )
-                idx = inversion.recover_column_permutation(v_obs, ctx.middle_ref[ell])
-                put(
-                    "inv_attn_sigma_rec_pos_acc",
-                    float(np.mean(ctx.inverters[f"v{ell}/ridge"].predict(v_obs[:, idx])[:, 0] == ids)),
+                tally.pos("gen_attn1_fp_acc", g_fp, fed)
+            if view.select(stage=Stage.GEN_HEAD):
+                lg = np.concatenate([stage_array(view, Stage.GEN_HEAD, L, step=s) for s in range(steps)])
+                tally.pos("gen_head_acc", np.argmax(lg @ w.lm_head, axis=1), gen[1 : steps + 1])
+            if not w.config.is_moe:
+                _generation_joint(ctx, setting, view, steps, fed, tally)
+            if len(middle) and sequential:
+                ell = middle.start
+                gx = np.concatenate([stage_array(view, Stage.GEN_MID, ell, step=s) for s in range(steps)])
+                xinv = ctx.inverters.get(f"x{ell}/ridge")
+                g_rec, _ = vocab_match.match_sequential(
+                    gx, w, ell, "x", prefix=recovered, ranker=_ranker(xinv)
                 )
-                srt = ctx.inverters[f"vsorted{ell}/ridge"].predict(inversion.sorted_rows(v_obs))[:, 0]
-                put("inv_attn_sorted_pos_acc", float(np.mean(srt == ids)))
-                f_rows = stage_array(view, Stage.FFN, ell)
-                for kind in ("ridge", "mlp"):
-                    if f"ffn{ell}/{kind}" in ctx.inverters:
-                        pred = ctx.inverters[f"ffn{ell}/{kind}"].predict(f_rows)[:, 0]
-                        put(f"inv_ffn_{kind}_bag_recall", _bag_scores(pred, ids)["recall"])
-            # decoy detection by residual linking, at the first middle block (scored against the truth)
-            x_ffn = stage_array(view, Stage.FFN, ell)
-            _, _, fr = decoy_detect.residual_links(
-                stage_array(view, Stage.QKV, ell),
-                stage_array(view, Stage.O, ell),
-                x_ffn,
-                w,
-                ell,
-                bool(view.select(stage=Stage.QKV, layer=ell)[0].meta.get("normalized")),
-            )
-            real = _real_rows(x_ffn, forward_trace(w, ids, upto=ell, logits=False).h[ell])
-            if real.any():
-                put("decoy_link_real_found", float(fr[real].mean()))
-                if (~real).any():
-                    put("decoy_link_decoys_rejected", float((~fr[~real]).mean()))
-            else:  # the rows are noised (level blind): no row links, the attack finds nothing
-                put("decoy_link_real_found", 0.0)
-        # per-layer inversion (the per-layer curve): shared caches and σ-invariant attention rows
+                tally.pos("vm_gen_seq_acc", g_rec, fed)
+        if n_new:
+            tally.pos("gen_predict_acc", reference.generate(recovered, n_new), gen)
+        # -- per-layer inversion curve --
         shared = shared_caches(view, w) if per_layer else {}
         for layer in per_layer:
+            if not view.select(stage=Stage.ATTN, layer=layer):
+                continue
             v_obs = stage_array(view, Stage.ATTN, layer, "v").reshape(n, -1)
             key = f"vsorted{layer}/ridge"
             if key in ctx.inverters:
@@ -413,23 +623,44 @@ def run_setting(
                 feats = np.concatenate([k_l.reshape(n, -1), v_l.reshape(n, -1)], axis=1)
                 pred = ctx.inverters[f"kv{layer}/ridge"].predict(feats)[:, 0]
                 layer_acc.setdefault("inv_cache_ridge", {}).setdefault(layer, []).append(np.mean(pred == ids))
-        # LLM-assisted reordering of the block-1 bag (decoys included; n is public)
+        # -- LLM-assisted reordering of the block-1 bag (decoys included; n is public) --
         if reorder and setting.reorder and ctx.lm is not None:
             order = llm_reorder.beam_reorder(t_qkv, n, ctx.lm, beam=16)
             sc = llm_reorder.order_scores(order, ids)
-            put("llm_reorder_exact", sc["exact"])
-            put("llm_reorder_kendall_tau", sc["kendall_tau"])
-            put("llm_reorder_recall", sc["recall"])
-        if setting.stateless and len(gen) >= 2 and middle:
-            tables.append(statelessness.statelessness_table(view, w, ids, gen, recovered=t_att))
+            tally.value("llm_reorder_exact", sc["exact"])
+            tally.value("llm_reorder_kendall_tau", sc["kendall_tau"])
+            tally.value("llm_reorder_recall", sc["recall"])
+        # -- statelessness (paper Table 5): can the server continue alone? --
+        if setting.stateless and len(gen) >= 2:
+            tab = statelessness.statelessness_table(view, w, ids, gen, recovered=recovered)
+            tables.append(tab)
+            m = len(gen) - 1
+            best = max(tab[pol]["top1"] for pol in statelessness.SERVER_POLICIES if pol in tab)
+            tally.hit("stateless_top1", round(best * m), m)
+            base.hit("no_prompt_top1", round(tab["no-prompt"]["top1"] * m), m)
         if progress:
             progress(f"{setting.name} prompt {pi}")
+    rates = {k: Rate.pool(v) for k, v in tally.counts.items()}
+    baselines = {k: Rate.pool(v) for k, v in base.counts.items()}
     out: dict[str, Any] = {
         "setting": setting.name,
         "mechanism": setting.mechanism,
+        "preset": setting.preset,
         "config": setting.config.to_dict(),
         "identity_roles": sorted(setting.identity),
-        "metrics": {k: float(np.mean(v)) for k, v in acc.items()},
+        "probe_block": probe,
+        "metrics": {
+            **{k: r.rate for k, r in rates.items()},
+            **{k: float(np.mean(v)) for k, v in tally.values.items()},
+        },
+        "rates": {k: r.to_dict() for k, r in rates.items()},
+        "baselines": {k: r.to_dict() for k, r in baselines.items()},
+        "at_baseline": _verdicts(rates, baselines),
+        "cost": {k: float(np.mean([c[k] for c in costs])) for k in costs[0]} if costs else {},
+        "exactness": {
+            "max_rel_logit_err": max(e["max_rel_logit_err"] for e in exact) if exact else 0.0,
+            "greedy_identical": float(np.mean([e["greedy_identical"] for e in exact])) if exact else 1.0,
+        },
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if layer_acc:
@@ -441,6 +672,137 @@ def run_setting(
             pol: {m: float(np.mean([t[pol][m] for t in tables])) for m in tables[0][pol]} for pol in tables[0]
         }
     return out
+
+
+#: The message stages a joint inversion reads, with the form of their row (:data:`multiview.Form`);
+#: an un-normalized message (level permute/paper) has the raw form.
+_FORMS: dict[Stage, tuple[multiview.Form, multiview.Form]] = {
+    Stage.QKV: ("xhat", "x"),
+    Stage.FFN: ("hn", "h"),
+    Stage.FFN_DOWN: ("m", "m"),
+    Stage.GEN_QKV: ("xhat", "xhat"),
+    Stage.GEN_O: ("o", "o"),
+    Stage.GEN_FFN_UP: ("hn", "hn"),
+    Stage.GEN_FFN_DOWN: ("m", "m"),
+    Stage.GEN_FFN: ("h", "h"),
+    Stage.GEN_LAST: ("x", "x"),
+    Stage.GEN_MID: ("x", "x"),
+}
+
+
+def _joint(ctx: Context, views: list[tuple[multiview.Form, int, float]]) -> multiview.JointInverter:
+    """The joint inverter of ``views`` (form, block, β), fitted once per context."""
+    key = "joint/" + ";".join(f"{f},{b},{beta}" for f, b, beta in views)
+    if key not in ctx.inverters:
+        w = ctx.weights
+        public = [multiview.public_rows(w, ctx.traces, f, b) for f, b, _ in views]
+        ctx.inverters[key] = multiview.JointInverter.fit(
+            public, [beta for _, _, beta in views], ctx.public_tokens, w, inversion.unit_vocabulary(w)
+        )
+    inv: multiview.JointInverter = ctx.inverters[key]
+    return inv
+
+
+def _form(msg: Any) -> multiview.Form:
+    normalized, raw = _FORMS[msg.stage]
+    return normalized if msg.meta.get("normalized", msg.stage is Stage.FFN_DOWN) else raw
+
+
+def _prompt_joint(ctx: Context, setting: Setting, view: ServerView, ids: Array, tally: _Tally) -> None:
+    """Joint inversion of the rows sent under π_1: block 1's FFN stage, its down-projection input (level
+    blind) and block 2's QKV stage — three views of each token, row-aligned (:mod:`.multiview`)."""
+    L = ctx.weights.config.n_layers
+    if L < 2:
+        return
+    msgs = [message(view, Stage.FFN, 0)]
+    msgs += view.select(stage=Stage.FFN_DOWN, layer=0)[:1]
+    msgs.append(message(view, Stage.QKV, 1))
+    views = [
+        (_form(m), 1 if m.stage is Stage.QKV else 0, _release_beta(setting, m.stage, m.layer, L))
+        for m in msgs
+    ]
+    inv = _joint(ctx, views)
+    rows = [np.asarray(m.arrays["m" if m.stage is Stage.FFN_DOWN else "x"], dtype=np.float64) for m in msgs]
+    tally.bag("inv_joint_bag_recall", inv.predict(rows), ids)
+
+
+def _generation_joint(
+    ctx: Context, setting: Setting, view: ServerView, steps: int, fed: Array, tally: _Tally
+) -> None:
+    """Joint inversion of every linear-stage row of a decode step (every block's QKV input, attention
+    output, MLP input and SwiGLU product the configuration sends, blinded or not): all about the step's
+    token (:mod:`.multiview`). The paper's offset row is left out (its form is the residual + a scalar)."""
+    L = ctx.weights.config.n_layers
+    per_step: list[list[Any]] = []
+    for s in range(steps):
+        msgs = [
+            m
+            for m in view.select(step=s)
+            if m.stage in _FORMS
+            and m.meta.get("experts") is None
+            and not (m.stage is Stage.GEN_FFN and _release_beta(setting, m.stage, m.layer, L) > 0)
+        ]
+        per_step.append(msgs)
+    if not per_step or not per_step[0]:
+        return
+    first = per_step[0]
+    views = [(_form(m), m.layer, _release_beta(setting, m.stage, m.layer, L)) for m in first]
+    inv = _joint(ctx, views)
+    rows = []
+    for j, m in enumerate(first):
+        name = "m" if m.stage in (Stage.GEN_FFN_DOWN,) else "x"
+        rows.append(np.concatenate([np.asarray(ps[j].arrays[name], dtype=np.float64) for ps in per_step]))
+    tally.pos("gen_joint_acc", inv.predict(rows), fed)
+
+
+def _baseline_of(key: str) -> str:
+    """Which baseline a count metric is judged against (catalog: its target and scoring)."""
+    m = catalog.metric(key)
+    if m.scoring == "stateless":
+        return "no_prompt_top1"
+    if m.target == "generated":
+        return "generated"
+    return "prompt_bag" if m.scoring == "bag" else "prompt_pos"
+
+
+def _verdicts(rates: dict[str, Rate], baselines: dict[str, Rate]) -> dict[str, bool]:
+    """For every attack metric scored: is it at its baseline (:func:`~scx_ref.attacks.stats.at_baseline`)?"""
+    out: dict[str, bool] = {}
+    for key, r in rates.items():
+        m = catalog.metric(key)
+        b = baselines.get(_baseline_of(key))
+        if m.attack and b is not None:
+            out[key] = at_baseline(r, b)
+    return out
+
+
+def _request_cost(run: RequestRun, n: int, steps: int) -> dict[str, float]:
+    """Client flop share, bytes and round trips per prompt (control + prefill stages, key sharing
+    included) and per decode step (generation stages), and the client's per-request state per token."""
+    pre = run.cost.phase_total(Phase.PREFILL)
+    pre.add(run.cost.phase_total(Phase.CONTROL))
+    gen = run.cost.phase_total(Phase.GENERATE)
+    per = max(steps, 1)
+    return {
+        "client_flop_share": run.cost.client_flop_share,
+        "offline_flop_share": run.cost.offline_flop_share,
+        "client_flop_share_prefill": _share(pre),
+        "client_flop_share_decode": _share(gen),
+        "offline_flop_share_prefill": _share(pre, offline=True),
+        "offline_flop_share_decode": _share(gen, offline=True),
+        "bytes_per_prompt": float(pre.bytes_up + pre.bytes_down),
+        "round_trips_per_prompt": float(pre.round_trips),
+        "bytes_per_token": float(gen.bytes_up + gen.bytes_down) / per if steps else 0.0,
+        "round_trips_per_token": float(gen.round_trips) / per if steps else 0.0,
+        "client_state_bytes_per_token": run.client_state_bytes / max(n + steps, 1),
+    }
+
+
+def _share(cost: StageCost, offline: bool = False) -> float:
+    """The client's online (or, ``offline``, ahead-of-time) flops over all flops of ``cost``."""
+    total = cost.client_flops + cost.server_flops + cost.offline_flops
+    part = cost.offline_flops if offline else cost.client_flops
+    return part / total if total else 0.0
 
 
 def _ranker(inv: Any) -> Callable[[Array], Array] | None:

@@ -5,42 +5,53 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import catalog
+
 __all__ = ["METRICS", "main", "markdown_report", "markdown_table", "plot"]
 
-# (metric key, column title): what each attack recovers; 1.0 = every token
-METRICS = (
-    ("vm_qkv1_bag_recall", "VM QKV-1 bag"),
-    ("vm_qkv1_bag_precision", "VM QKV-1 bag precision"),
-    ("vm_resid1_bag_recall", "VM FFN−O-1 bag"),
-    ("vm_attn1_pos_acc", "VM attn-1 fingerprint"),
-    ("vm_cache_seq_pos_acc", "VM mid-cache seq."),
-    ("vm_gen_seq_acc", "VM gen-mid seq."),
-    ("inv_cache_ridge_pos_acc", "inv cache ridge"),
-    ("inv_cache_mlp_pos_acc", "inv cache MLP"),
-    ("inv_ffn_ridge_bag_recall", "inv FFN-mid ridge"),
-    ("inv_attn_naive_pos_acc", "inv attn naive"),
-    ("inv_attn_sigma_rec_pos_acc", "inv attn σ-rec"),
-    ("inv_attn_sorted_pos_acc", "inv attn sorted"),
-    ("decoy_link_real_found", "resid. link: real rows found"),
-    ("decoy_link_decoys_rejected", "resid. link: decoys rejected"),
-    ("llm_reorder_exact", "LLM order exact"),
-    ("llm_reorder_kendall_tau", "LLM Kendall τ"),
-)
+#: (metric key, title) of every measured quantity, in table order (from :mod:`.catalog`).
+METRICS: tuple[tuple[str, str], ...] = tuple((m.key, m.title) for m in catalog.METRICS)
 
 
 def _fmt(x: Any) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
-def markdown_table(result: dict[str, Any]) -> str:
-    """Attack × setting table, the statelessness table, the noise-fitting table and search spaces."""
+def _cell(setting: dict[str, Any], key: str, intervals: bool) -> str:
+    """A metric's cell: the pooled rate, its 95 % interval when asked (and known), and a ✓ when the
+    attack is at its baseline; – when not run."""
+    v = setting["metrics"].get(key)
+    if v is None:
+        return "–"
+    r = (setting.get("rates") or {}).get(key)
+    text = _fmt(v)
+    if intervals and r is not None:
+        text += f" [{r['lo']:.2f}, {r['hi']:.2f}]"
+    if (setting.get("at_baseline") or {}).get(key):
+        text += " ✓"
+    return text
+
+
+def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
+    """Attack × setting table (✓: at the frequency-prior baseline; with ``intervals`` each cell's 95 %
+    Wilson interval), the baselines, the statelessness table, the noise-fitting table and search spaces."""
     sets = result["settings"]
     lines = ["| attack | " + " | ".join(s["setting"] for s in sets) + " |", "|---|" + "---|" * len(sets)]
     for key, title in METRICS:
         vals = [s["metrics"].get(key) for s in sets]
         if all(v is None for v in vals):
             continue
-        lines.append(f"| {title} | " + " | ".join(_fmt(v) for v in vals) + " |")
+        lines.append(f"| {title} | " + " | ".join(_cell(s, key, intervals) for s in sets) + " |")
+    for key, title in _BASELINES:
+        cells = [(s.get("baselines") or {}).get(key) for s in sets]
+        if any(c is not None for c in cells):
+            shown = [
+                "–"
+                if c is None
+                else f"{c['rate']:.2f}" + (f" [{c['lo']:.2f}, {c['hi']:.2f}]" if intervals else "")
+                for c in cells
+            ]
+            lines.append(f"| *baseline: {title}* | " + " | ".join(shown) + " |")
     out = ["\n".join(lines)]
     st = [s for s in sets if "statelessness" in s]
     if st:
@@ -84,6 +95,14 @@ def markdown_table(result: dict[str, Any]) -> str:
             )
         )
     return "\n\n".join(out) + "\n"
+
+
+_BASELINES = (
+    ("prompt_pos", "prior, per position"),
+    ("prompt_bag", "prior, bag"),
+    ("generated", "prior, generated"),
+    ("no_prompt_top1", "server without the prompt, top-1"),
+)
 
 
 def _bar_plot(result: dict[str, Any], path: Path) -> None:
@@ -283,11 +302,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--write-plots", type=Path, default=None, help="also (re)draw the PNG plots into this directory"
     )
+    p.add_argument(
+        "--bench",
+        type=Path,
+        default=None,
+        help="a frontier's `scx bench --configs ... --json` latency result",
+    )
     a = p.parse_args(argv)
     result = json.loads(a.json.read_text())
-    if a.write_plots:
-        plot(result, a.write_plots)
-    text = markdown_report(result, a.plots, a.findings.read_text() if a.findings else "")
+    findings = a.findings.read_text() if a.findings else ""
+    if result.get("kind") == "frontier":
+        from . import frontier
+
+        bench = json.loads(a.bench.read_text()) if a.bench else None
+        if a.write_plots:
+            rows = frontier.frontier_rows(result, bench)
+            frontier.plot_frontier(rows, Path(a.write_plots) / "frontier.png", result["model"])
+        text = frontier.frontier_report(result, bench, a.plots, findings)
+    else:
+        if a.write_plots:
+            plot(result, a.write_plots)
+        text = markdown_report(result, a.plots, findings)
     if a.out:
         a.out.write_text(text)
     else:

@@ -24,10 +24,13 @@ from ..weights import ModelWeights
 from ._model import forward_trace
 from ._view import open_meta, raw_qkv, shared_caches
 
-__all__ = ["decode_with_caches", "server_caches", "statelessness_table"]
+__all__ = ["SERVER_POLICIES", "decode_with_caches", "server_caches", "statelessness_table"]
 
 Array = npt.NDArray[Any]
 Cache = list[tuple[Array, Array]]
+#: The rows of the table that are the server's own attempts (``normal`` is the client's reference and
+#: ``no-prompt`` the server that ignores the prompt: the baseline they are judged against).
+SERVER_POLICIES: tuple[str, ...] = ("zeros", "encoded", "neighbour", "recovered")
 
 
 def decode_with_caches(

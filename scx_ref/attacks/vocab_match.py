@@ -32,7 +32,10 @@ from ._model import candidate_states, forward_trace
 
 __all__ = [
     "Block1Tables",
+    "l1_distances",
+    "map_tokens",
     "match_block1_attn",
+    "match_block1_map",
     "match_block1_qkv",
     "match_block1_residual",
     "match_sequential",
@@ -104,6 +107,55 @@ def match_block1_qkv(
     return nearest_rows(rows, table, metric)
 
 
+def l1_distances(rows: Array, table: Array, chunk: int = 4096) -> Array:
+    """‖row − table[t]‖₁ for every row and every table row (rows × len(table), float64)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    table = np.asarray(table, dtype=np.float64)
+    if rows.ndim != 2 or table.ndim != 2 or rows.shape[1] != table.shape[1]:
+        raise ShapeError(f"rows {rows.shape} and table {table.shape} must be 2-D with equal widths")
+    out = np.empty((len(rows), len(table)))
+    for start in range(0, len(table), chunk):
+        t = table[start : start + chunk]
+        for j, r in enumerate(rows):
+            out[j, start : start + chunk] = np.abs(t - r[None, :]).sum(axis=1)
+    return out
+
+
+def map_tokens(dist: Array, beta: float, log_prior: Array) -> Array:
+    """The maximum a-posteriori token of each row from its L1 distances to every vocabulary row, under
+    Laplace(β) noise and the token prior: argmax_t log p(t) − d_t / β (β = 0: the nearest row)."""
+    d = np.asarray(dist, dtype=np.float64)
+    prior = np.asarray(log_prior, dtype=np.float64)
+    if prior.shape != (d.shape[1],):
+        raise ShapeError(f"log_prior must have one entry per token ({d.shape[1]}), got {prior.shape}")
+    if beta <= 0:
+        return np.asarray(np.argmin(d, axis=1))
+    return np.asarray(np.argmax(prior[None, :] - d / beta, axis=1))
+
+
+def match_block1_map(
+    rows: Array,
+    weights: ModelWeights,
+    beta: float,
+    log_prior: Array,
+    normalized: bool = True,
+    tables: Block1Tables | None = None,
+) -> tuple[Array, Array]:
+    """Maximum a-posteriori token of each block-1 QKV-stage row under Laplace(β) noise and a token prior:
+    argmax_t log p(t) − ‖x − N(E[t])‖₁ / β (β = 0: the exact nearest row, the prior breaking no tie).
+
+    This is the Bayes-optimal single-row guess for an attacker who knows the noise scale and the prior:
+    at small β it is the L1 nearest row, at large β it tends to the prior's mode. Returns (ids, L1
+    distance of the chosen row)."""
+    if normalized:
+        table = normalized_table(weights) if tables is None else tables.normalized
+    else:
+        table = np.asarray(weights.embed, dtype=np.float64)
+    d = l1_distances(rows, table)
+    ids = map_tokens(d, beta, log_prior)
+    return ids, d[np.arange(len(ids)), ids]
+
+
 class Block1Tables:
     """The attacker's precomputed block-1 tables for one model (computed lazily, once): the normalized
     vocabulary N(E), every token's sorted V fingerprint and every token's un-rotated key N(E[t])W_k."""
@@ -167,9 +219,11 @@ def match_block1_attn(
     use_k: bool = True,
     tables: Block1Tables | None = None,
     shortlist: int = 256,
+    positions: npt.ArrayLike | None = None,
 ) -> tuple[Array, Array]:
     """Token id and fingerprint distance at each position from block-1 attention-stage K, V (rows ×
-    H_kv × d_h, true order, any head-structured permutation).
+    H_kv × d_h, true order, any head-structured permutation); ``positions`` are the rows' absolute
+    positions (default 0, 1, …; a generation step's new row sits at n + t).
 
     Identity used: sort(P(z)) = sort(z) for every coordinate permutation P, and block-1 v_p = N(E[t_p])W_v,
     k_p = RoPE_p(N(E[t_p])W_k) depend only on (t_p, p). The ``shortlist`` tokens with the closest V
@@ -180,11 +234,14 @@ def match_block1_attn(
     dv = tab.v_distances(np.sort(v, axis=1))
     ids = np.zeros(len(v), dtype=np.int64)
     dist = np.zeros(len(v))
+    pos = np.arange(len(v)) if positions is None else np.asarray(positions, dtype=np.int64)
+    if pos.shape != (len(v),):
+        raise ShapeError(f"positions must have one entry per row ({len(v)}), got shape {pos.shape}")
     for p in range(len(v)):
         if use_k:
             m = min(shortlist, dv.shape[1])
             cand = np.argpartition(dv[p], m - 1)[:m]
-            dp = dv[p, cand] + ((tab.sorted_k(cand, p) - np.sort(k[p])) ** 2).sum(-1)
+            dp = dv[p, cand] + ((tab.sorted_k(cand, int(pos[p])) - np.sort(k[p])) ** 2).sum(-1)
             j = int(np.argmin(dp))
             ids[p], dist[p] = int(cand[j]), float(np.sqrt(max(dp[j], 0.0)))
         else:

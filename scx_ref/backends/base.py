@@ -63,6 +63,12 @@ class Backend(ArrayOps[A], Protocol[A]):
         :mod:`scx_ref.protocol.verify`). Reads W once, in slices (no full float64 copy)."""
         ...
 
+    def widened(self) -> Backend[A]:
+        """The same weights in float64 on the same device (this backend itself when it is float64): where
+        blinded stages run when β is above the float32 limit (``SCXConfig.blind_dtype``, DESIGN §6). Built
+        once, on first use; it holds a float64 copy of the weights."""
+        ...
+
     # -- server-side weight ops ----------------------------------------------------------------
     def project(self, x: A, which: WeightName, layer: int = -1, experts: IndexArray | None = None) -> A:
         """xW + b for the named weight (the bias only for ``wqkv`` of a Qwen2 model)."""

@@ -31,6 +31,15 @@ class NumpyBackend(NumpyOps):
         self.weights = weights if weights.dtype == self.dtype else weights.astype(self.dtype)
         self.config = weights.config
         self._fused: dict[tuple[str, int], FloatArray] = {}
+        self._wide: NumpyBackend | None = None
+
+    def widened(self) -> NumpyBackend:
+        """This backend's weights in float64 (itself when already float64), built once."""
+        if self.dtype == np.float64:
+            return self
+        if self._wide is None:
+            self._wide = NumpyBackend(self.weights, np.float64)
+        return self._wide
 
     def _fuse(self, name: str, layer: int, build: Callable[[], FloatArray]) -> FloatArray:
         """A fused matrix (QKV, its bias, dense gate/up) built once per layer and kept."""

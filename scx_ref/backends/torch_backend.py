@@ -373,9 +373,19 @@ class TorchBackend(TorchOps):
     def _setup(self, config: ModelConfig, tensors: TorchWeights) -> None:
         self.config: ModelConfig = config
         self._w = tensors
+        self._wide: TorchBackend | None = None
         self._rope_lock = threading.Lock()
         empty = torch.empty(0, config.head_dim, dtype=self._compute, device=self.device)
         self._rope: tuple[torch.Tensor, torch.Tensor] = (empty, empty)
+
+    def widened(self) -> TorchBackend:
+        """This backend's tensors in float64 on the same device (itself when already float64), built once
+        (a float64 copy of every weight: twice a float32 model's memory)."""
+        if self.dtype == torch.float64:
+            return self
+        if self._wide is None:
+            self._wide = TorchBackend.from_tensors(self.config, self._w, torch.float64, self.device)
+        return self._wide
 
     # -- weights -----------------------------------------------------------------------------
     def _layer(self, layer: int) -> TorchLayer:

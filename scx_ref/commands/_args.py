@@ -13,6 +13,7 @@ from pathlib import Path
 __all__ = [
     "device",
     "float_at_least",
+    "input_file",
     "int_at_least",
     "int_list",
     "output_dir",
@@ -87,6 +88,14 @@ def output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(
             f"cannot write {text!r}: {str(parent)!r} is not a writable directory"
         )
+    return path
+
+
+def input_file(text: str) -> Path:
+    """A file the command will read: it must exist, be a file and be readable."""
+    path = Path(text)
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: not a readable file")
     return path
 
 

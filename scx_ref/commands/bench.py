@@ -49,6 +49,7 @@ import numpy as np
 
 from ..errors import ConfigError, SCXError
 from ..protocol.config import LEVELS
+from ..protocol.presets import preset
 from ..zoo import MODEL_NAMES, load_hf, load_weights, parse_random, weights_names_help
 from ._args import device, int_at_least, int_list, output_file, require_device
 
@@ -83,6 +84,17 @@ def register(subparsers: Any) -> None:
         default="permute",
         help="comma-separated SCX levels (default permute; 'permute,blind' is a long run: blind computes "
         "every correction η·W)",
+    )
+    p.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated named configurations (scx_ref.protocol.presets), timed beside --levels",
+    )
+    p.add_argument(
+        "--pool",
+        action="store_true",
+        help="derive each request's one-time masks in an offline mask pool (scx_ref.protocol.pool) instead "
+        "of Client.precompute: the prompt's length is then unknown ahead and its permutations are online",
     )
     p.add_argument(
         "--n", type=int_list(1), default=None, help="comma-separated prefill lengths (default 128,512,2048)"
@@ -136,10 +148,12 @@ class _Timing:
 class BenchResult:
     """One row: a phase, a length, a level, and the SCX / baseline ratios.
 
-    ``ratio_median`` counts the critical path (keys derived before the request); ``total_ratio_median``
-    adds the key derivation. ``*_median_s`` are median seconds (decode: per token): ``baseline`` (Hugging
-    Face, or PlainRunner when the model has none — see the JSON's meta), ``plain_runner`` (the project's
-    own plaintext path, or None when skipped), ``scx`` (critical path), ``keys`` (key derivation).
+    ``ratio_median`` counts the critical path (keys derived before the request: the online cost);
+    ``total_ratio_median`` adds the key derivation (``keys_median_s``: the offline cost). ``*_median_s``
+    are median seconds (decode: per token): ``baseline`` (Hugging Face, or PlainRunner when the model has
+    none — see the JSON's meta), ``plain_runner`` (the project's own plaintext path, or None when
+    skipped), ``scx`` (critical path), ``keys`` (key derivation). ``client_flop_share`` is the client's
+    online share of the request's flops, ``offline_flop_share`` its corrections η·W derived ahead.
     """
 
     phase: str
@@ -156,9 +170,11 @@ class BenchResult:
     mem_ratio: float | None
     state_ratio: float
     client_flop_share: float
+    offline_flop_share: float
     repeats: int
     tokens: int = 0
     verify_ratio: float | None = None  # median(SCX) / median(SCX without reply verification)
+    pool: dict[str, float] | None = None  # --pool: the entry's memory per token / step, fill throughput
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -317,16 +333,21 @@ class _Sides:
     """The three kinds of runs of one measurement, each returning (wall, cpu, mem, keys) and leaving its
     state for the state ratio."""
 
-    def __init__(self, backend: Any, hf_model: Any | None, clients: dict[str, Any], device: Any) -> None:
+    def __init__(
+        self, backend: Any, hf_model: Any | None, clients: dict[str, Any], device: Any, pool: bool = False
+    ) -> None:
         from ..forward import PlainRunner
 
         self.b = backend
         self.hf = hf_model
         self.clients = clients
+        self.pool = pool
+        self.pool_stats: dict[str, dict[str, float]] = {}
         self.device = device
         self.plain = PlainRunner(backend)
         self.state: dict[str, int] = {}
         self.share: dict[str, float] = {}
+        self.offline: dict[str, float] = {}
 
     # -- Hugging Face ---------------------------------------------------------------------------------
     def hf_prefill(self, ids: np.ndarray) -> tuple[float, float, float, float]:
@@ -386,6 +407,26 @@ class _Sides:
         return w, cpu, mem, 0.0
 
     # -- SCX ------------------------------------------------------------------------------------------
+    def _prepare(self, client: Any, n: int, steps: int, nonce: bytes | None) -> bytes | None:
+        """Derive the request's keys ahead: ``Client.precompute`` under ``nonce``, or (``--pool``) one
+        mask-pool entry of capacity n, which the prefill takes (its nonce: None here)."""
+        if not self.pool:
+            client.precompute(n, steps=steps, nonce=nonce)
+            return nonce
+        from ..protocol.pool import MaskPool
+
+        pool = MaskPool(client, capacity=n, steps=steps)
+        pool.fill(1)
+        self.pool_stats[self._label(client)] = {
+            "bytes_per_prompt_token": pool.bytes_per_prompt_token,
+            "bytes_per_step": pool.bytes_per_step,
+            "prompt_tokens_per_s": pool.tokens_per_second,
+        }
+        return None
+
+    def _label(self, client: Any) -> str:
+        return next(name for name, c in self.clients.items() if c is client)
+
     def scx_prefill(self, level: str, ids: np.ndarray) -> tuple[float, float, float, float]:
         from ..keys import KeySchedule
         from ..protocol import LocalTransport, Server
@@ -393,16 +434,17 @@ class _Sides:
         client = self.clients[level]
         server = Server(self.b)
         link = LocalTransport(server)
-        nonce = KeySchedule.new_nonce()
+        nonce: bytes | None = KeySchedule.new_nonce()
         with _PeakMemory(self.device) as mem:  # memory: the keys and the request together
             k0 = time.perf_counter()
-            client.precompute(len(ids), nonce=nonce)
+            nonce = self._prepare(client, len(ids), 0, nonce)
             keys = time.perf_counter() - k0
             w0, c0 = time.perf_counter(), time.process_time()
             client.prefill(ids, link, nonce=nonce)
             _sync(self.device)
             wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        self.share[level] = client.cost_report(link, server.cost(client.session)).client_flop_share
+        report = client.cost_report(link, server.cost(client.session))
+        self.share[level], self.offline[level] = report.client_flop_share, report.offline_flop_share
         self.state[level] = _scx_state(server, client)
         return wall, cpu, mem.peak, keys
 
@@ -413,9 +455,10 @@ class _Sides:
         client = self.clients[level]
         server = Server(self.b)
         link = LocalTransport(server)
-        nonce = KeySchedule.new_nonce()
-        prep = client.precompute(len(ids), steps=n_new, nonce=nonce)
+        nonce: bytes | None = KeySchedule.new_nonce()
+        nonce = self._prepare(client, len(ids), n_new, nonce)
         tok = int(np.argmax(client.prefill(ids, link, nonce=nonce)[-1]))
+        prep = client.state.prep
 
         def steps() -> None:
             t = tok
@@ -424,7 +467,8 @@ class _Sides:
                 t = int(np.argmax(client.decode(t, link)))
 
         w, cpu, mem, _ = _timed(steps, self.device)
-        self.share[level] = client.cost_report(link, server.cost(client.session)).client_flop_share
+        report = client.cost_report(link, server.cost(client.session))
+        self.share[level], self.offline[level] = report.client_flop_share, report.offline_flop_share
         self.state[level] = _scx_state(server, client)
         return w, cpu, mem, prep.seconds_generation
 
@@ -440,6 +484,8 @@ def run_bench(
     hf_model: Any | None = None,
     plain_runner: bool = True,
     verify_cost: bool = False,
+    configs: dict[str, Any] | None = None,
+    pool: bool = False,
 ) -> list[BenchResult]:
     """Interleaved baseline / PlainRunner / SCX timings on ``backend``; one row per (phase, n, level).
 
@@ -460,14 +506,15 @@ def run_bench(
         raise ConfigError(f"bench length {longest} exceeds the model's max_positions {c.max_positions}")
     rng = np.random.default_rng(1234)  # public benchmark prompts
     master = KeySchedule.generate()
-    sides_cfg = {lv: SCXConfig(level=lv, max_length=min(c.max_positions, 4096)) for lv in levels}  # type: ignore[arg-type]
+    max_length = min(c.max_positions, 4096)
+    named = {lv: SCXConfig(level=lv, max_length=max_length) for lv in levels}  # type: ignore[arg-type]
+    for name, cfg in (configs or {}).items():
+        named[name] = replace(cfg, max_length=max_length)
     if verify_cost:
-        sides_cfg.update(
-            {f"{lv}:noverify": replace(cfg, verify=False) for lv, cfg in list(sides_cfg.items())}
-        )
-    levels = list(sides_cfg)
-    clients = {lv: Client(backend, master, cfg) for lv, cfg in sides_cfg.items()}
-    sides_obj = _Sides(backend, hf_model, clients, backend.device)
+        named.update({f"{lv}:noverify": replace(cfg, verify=False) for lv, cfg in list(named.items())})
+    levels = list(named)
+    clients = {name: Client(backend, master, cfg) for name, cfg in named.items()}
+    sides_obj = _Sides(backend, hf_model, clients, backend.device, pool)
     has_hf = hf_model is not None
     plain_col = plain_runner and has_hf  # without HF, PlainRunner *is* the baseline
     jobs = [("prefill", n) for n in lengths] + ([("decode", gen_prompt)] if gen_tokens > 0 else [])
@@ -506,6 +553,7 @@ def run_bench(
                     mem_ratio=smem / pmem if min(pmem, smem) >= _MIN_MEM else None,
                     state_ratio=sides_obj.state[lv] / sides_obj.state["baseline"],
                     client_flop_share=sides_obj.share[lv],
+                    offline_flop_share=sides_obj.offline[lv],
                     repeats=repeats,
                     tokens=gen_tokens if phase == "decode" else 0,
                     verify_ratio=(
@@ -513,6 +561,7 @@ def run_bench(
                         if f"{lv}:noverify" in timings
                         else None
                     ),
+                    pool=sides_obj.pool_stats.get(lv),
                 )
             )
     bar(None)
@@ -559,7 +608,7 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
     lines = [
         f"scx bench — model {model}, {device}, {dtype}; baseline: {baseline}",
         "ratio = median(SCX, keys derived ahead) / median(baseline); total = with the key derivation",
-        f"{'phase':8} {'n':>5} {'level':8} {'ratio':>7} {'total':>7} {'cpu':>7} {'vsPR':>6} {'base':>9} "
+        f"{'phase':8} {'n':>5} {'level':14} {'ratio':>7} {'total':>7} {'cpu':>7} {'vsPR':>6} {'base':>9} "
         f"{'plainR':>9} {'scx':>9} {'keys':>8} {'mem':>6} {'state':>6} {'client':>7} {'verify':>7}",
     ]
     for r in rows:
@@ -568,7 +617,7 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
         vs_pr = f"{r.plain_runner_ratio:6.3f}" if r.plain_runner_ratio is not None else "     -"
         pr = f"{r.plain_runner_median_s:7.4f}{unit[0]:>2}" if r.plain_runner_median_s is not None else " " * 9
         lines.append(
-            f"{r.phase:8} {r.n:5d} {r.level:8} {r.ratio_median:7.3f} {r.total_ratio_median:7.3f} "
+            f"{r.phase:8} {r.n:5d} {r.level:14} {r.ratio_median:7.3f} {r.total_ratio_median:7.3f} "
             f"{r.cpu_ratio_median:7.3f} {vs_pr} {r.baseline_median_s:7.4f}{unit[0]:>2} {pr} "
             f"{r.scx_median_s:7.4f}{unit[0]:>2} {r.keys_median_s:6.4f}{unit[0]:>2} {mem} "
             f"{r.state_ratio:6.2f} {100 * r.client_flop_share:6.2f}% "
@@ -619,6 +668,9 @@ def main(args: argparse.Namespace) -> int:
     bad = [lv for lv in levels if lv not in LEVELS]
     if bad or not levels:
         raise ConfigError(f"--levels: unknown level(s) {bad}; choose from {list(LEVELS)}")
+    names = [c.strip() for c in (args.configs or "").split(",") if c.strip()]
+    for name in names:
+        preset(name)  # ConfigError for an unknown name, before any work
     if args.quick:
         lengths, gen_prompt, gen_tokens = [32, 128], 64, 8
     else:
@@ -628,6 +680,7 @@ def main(args: argparse.Namespace) -> int:
     gen_prompt = args.gen_prompt if args.gen_prompt is not None else gen_prompt
     gen_tokens = args.gen_tokens if args.gen_tokens is not None else gen_tokens
     backend, hf_model, used = build_models(args.model, args.dtype, args.device)
+    configs = {name: preset(name).config(backend.config.n_layers) for name in names}
     if hf_model is not None:
         baseline = HF_BASELINE.format(attn=getattr(hf_model.config, "_attn_implementation", "?"))
     else:
@@ -645,6 +698,8 @@ def main(args: argparse.Namespace) -> int:
         hf_model=hf_model,
         plain_runner=not args.no_plain_runner,
         verify_cost=args.verify_cost,
+        configs=configs,
+        pool=bool(args.pool),
     )
     print(format_table(rows, used, args.device, args.dtype, "Hugging Face" if hf_model else "PlainRunner"))
     if args.json:
@@ -661,6 +716,8 @@ def main(args: argparse.Namespace) -> int:
             "baseline": baseline,
             "second_column": None if hf_model is None or args.no_plain_runner else PLAIN_BASELINE,
             "ratio": "median SCX critical path (keys derived before the request) / median baseline",
+            "keys": "offline mask pool (one entry per request)" if args.pool else "Client.precompute",
+            "configs": {name: cfg.to_dict() for name, cfg in configs.items()},
             "total_ratio": "median SCX request + its key derivation (the client's whole work) / baseline",
             "torch": torch.__version__,
         }

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..protocol.presets import preset_names
 from ..zoo import MODEL_NAMES
 from ..zoo.perplexity import ppl_run
 from ._args import float_at_least, int_at_least, output_file
@@ -37,7 +38,16 @@ def format_table(rec: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the comparison, print the table, write JSON when asked; exit 1 if the bound is exceeded."""
-    rec = ppl_run(args.model, args.dtype, args.level, args.beta, args.tokens, args.window, progress=True)
+    rec = ppl_run(
+        args.model,
+        args.dtype,
+        args.level,
+        args.beta,
+        args.tokens,
+        args.window,
+        progress=True,
+        config=args.config,
+    )
     print(format_table(rec))
     if args.json:
         Path(args.json).write_text(json.dumps(rec, indent=1) + "\n")
@@ -54,6 +64,12 @@ def register(subparsers: Any) -> None:
         "--tokens", type=int_at_least(2), default=1024, help="corpus tokens to score (default 1024)"
     )
     p.add_argument("--level", choices=("permute", "paper", "blind"), default="paper")
+    p.add_argument(
+        "--config",
+        choices=preset_names(),
+        default=None,
+        help="a named configuration (scx_ref.protocol.presets) instead of --level/--beta",
+    )
     p.add_argument(
         "--beta", type=float_at_least(0.0), default=5.0, help="Laplace scale of the noised stages (default 5)"
     )

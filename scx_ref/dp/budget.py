@@ -18,12 +18,12 @@ alternative: every prefill release downstream of block 1's attention is counted 
 depends on the prompt, so each step's releases count once per step under either choice; T generated tokens
 take T − 1 decode steps (the first token comes from the prefill's logits and the last is never sent back).
 
-**Not covered** (reported in ``uncovered``): the attention stage's Q, K, V (sent un-noised under a feature
-permutation), every un-noised stage of the level, the middle blocks after key sharing (at level ``blind``
-their prefill QKV noise is uploaded with the keys, so those releases are revealed, not counted), MoE
-routing choices,
-and the paper's last-block offset (``last_ffn="paper"``: a scalar, not a Laplace mechanism on the row).
-Those are exposures to measure (DESIGN §5.4), with ε = ∞ in the DP sense.
+**Not covered** (reported in ``uncovered``): every un-noised message of the configuration
+(:attr:`~scx_ref.protocol.plan.ReleasePlan.exposures`: e.g. the attention stage's Q, K, V under a feature
+permutation when the server computes attention, un-noised stages of the level, the middle blocks after
+key sharing, the paper's last-block offset — a scalar, not a Laplace mechanism on the row), the middle
+blocks' prefill QKV releases whose noise key sharing uploads (revealed, not counted), and MoE routing
+choices. Those are exposures to measure (DESIGN §5.4), with ε = ∞ in the DP sense.
 """
 
 from __future__ import annotations
@@ -279,28 +279,14 @@ def request_budget(
         releases.append(StageRelease(phase.value, stage.value, kind, shown, count, d1, b, d1 / b))
 
     level_ = cfg.level
-    uncovered = ["attention stage Q, K, V (un-noised, feature-permuted) in every block"]
-    if level_ == "permute":
-        uncovered.insert(0, "every stage: no noise anywhere (content released un-noised, permuted only)")
-    elif level_ == "paper":
-        uncovered += [
-            "prefill QKV of blocks 2..L, O, FFN and LM-head stages (un-noised, permuted only)",
-            "middle blocks' caches after key sharing and generated tokens' middle-block states",
-        ]
-        if cfg.guard_ffn == "clear":
-            uncovered.append("guard-block FFN input during generation (sent in the clear, as in the paper)")
-    else:
-        uncovered.append("middle blocks computed by the server alone during generation (protocol §5.3)")
-    if level_ != "permute":
-        uncovered.append("last guard blocks: the row entering them during generation (gen_last, un-noised)")
+    # every un-noised message of the plan (DESIGN §5.4), then the releases key sharing reveals
+    uncovered = [str(e) for e in plan.exposures]
     if revealed:
         blocks = ", ".join(str(r.block + 1) for r in revealed)
         uncovered.append(
             f"prefill QKV rows of middle blocks {blocks}: their noise is uploaded at key sharing "
             "(DESIGN §5.2), so the server holds those rows exactly"
         )
-    if cfg.last_ffn == "paper":
-        uncovered.append("last guard blocks' FFN input during generation (the paper's scalar offset only)")
     if sens.notes:
         uncovered += [n_ for n_ in sens.notes if "not covered" in n_]
 

@@ -27,6 +27,7 @@ import numpy as np
 from ..commands._args import device, float_at_least, int_at_least, output_file, require_device
 from ..errors import ConfigError
 from ..protocol.config import BETA_KINDS, LEVELS
+from ..protocol.presets import preset, preset_names
 from ..zoo import load_weights, weights_names_help
 from .accountants import compose, pld_available
 from .budget import RequestBudget, request_budget
@@ -189,7 +190,12 @@ def _budget_text(b: RequestBudget, sens_dict: dict[str, Any]) -> str:
         f"token guess bound (pure eps = {_fmt(b.epsilon_basic)}): Bayes {_fmt(b.token_guess_bayes)}, "
         f"paper Lemma 2 {_fmt(b.token_guess_paper_lemma2)}"
     )
-    parts.append("not covered by the DP guarantee:\n" + "\n".join(f"  - {u}" for u in b.uncovered))
+    if b.uncovered:
+        parts.append("not covered by the DP guarantee:\n" + "\n".join(f"  - {u}" for u in b.uncovered))
+    else:
+        parts.append(
+            "not covered by the DP guarantee: nothing (every message the server receives is a release)"
+        )
     parts.append("\n".join(f"note: {n}" for n in b.notes))
     return "\n\n".join(parts)
 
@@ -199,8 +205,12 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         require_device(args.device)
     weights = load_weights(args.model, np.float64)
     sens = model_sensitivities(weights, embedding=args.embedding, device=args.device)
+    config = None
+    if args.config is not None:  # a named configuration: its level, β, guards and options
+        config = preset(args.config).config(weights.config.n_layers)
     budget = request_budget(
         sens,
+        config,
         level=args.level,
         beta=_parse_beta(args.beta),
         guard=args.guard,
@@ -298,6 +308,12 @@ def register(subparsers: Any) -> None:
     model.add_argument(
         "--model",
         help=f"model name: {weights_names_help()}",
+    )
+    model.add_argument(
+        "--config",
+        choices=preset_names(),
+        default=None,
+        help="a named configuration (scx_ref.protocol.presets); replaces --level/--beta/--guard/--decoys",
     )
     model.add_argument("--level", choices=LEVELS, default="paper", help="SCX privacy level (default paper)")
     model.add_argument(

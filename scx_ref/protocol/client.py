@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic
+from typing import TYPE_CHECKING, Any, Generic
 
 import numpy as np
 import numpy.typing as npt
@@ -64,6 +64,9 @@ from .plan import ReleasePlan
 from .prepare import PreparedKeys
 from .transport import Transport
 from .verify import ATTENTION_ROWS, SessionVerifier, SketchCache, check_reply
+
+if TYPE_CHECKING:
+    from .pool import MaskPool
 
 __all__ = ["Client"]
 
@@ -149,6 +152,14 @@ class Client(Generic[A]):
         self.state: _State[A] | None = None
         self._prepared: PreparedKeys[A] | None = None
         self.first, self.middle, self.last = self.cfg.blocks(self.c.n_layers)
+        # blocks whose attention the client computes itself (DESIGN §5.7: attention="client")
+        self.client_attention = frozenset((*self.first, *self.last) if self.cfg.attention == "client" else ())
+        # blinded messages travel and are multiplied in float64 above the float32 β limit (DESIGN §6)
+        self.wide = self.cfg.wide_blinding(backend.numpy_dtype().itemsize) and bool(
+            self.plan.prefill or self.plan.generation
+        )
+        self.bb: Backend[A] = backend.widened() if self.wide else backend
+        self.pool: MaskPool[A] | None = None  # offline masks for the next requests (protocol.pool)
         if decoys is not None:
             self.decoys: DecoyPolicy = decoys
         elif self.cfg.decoys == "gaussian":
@@ -184,7 +195,8 @@ class Client(Generic[A]):
         except Exception:
             st.failed = True
             raise
-        got, u = self._guard(lambda: check_reply(self.b, req, reply, expect))
+        wire = self.bb if meta.get("wide", False) is True else self.b  # a wide reply stays float64
+        got, u = self._guard(lambda: check_reply(wire, req, reply, expect))
         if stage is Stage.OPEN:
             token = reply.meta.get("token") if isinstance(reply.meta, dict) else None
             if not isinstance(token, str) or not 16 <= len(token) <= 256:
@@ -252,26 +264,30 @@ class Client(Generic[A]):
             meta["experts"] = experts.tolist()
         rows, width = b.shape(x)
         expect = {reply_key: (rows, self._out_width(which))}
-        release = self.plan.find(stage, layer, expert)
-        eta: A | None = None
-        correction: A | None = None
-        sent = x
-        if release is not None:
-            assert self.state is not None
-            eta, correction = self.state.prep.blinding(
-                release, None if step < 0 else step, rows, width, which, layer, experts
-            )
-            self.meter.elementwise(stage, rows * width)
-            sent = blind(x, eta, b)
-        got, u = self._send(link, stage, layer, step, {arr_key: sent}, expect, **meta)
-        y = got[reply_key]
         wl = -1 if which == "lm_head" else layer
         norm_layer = -1 if norm == "final" else layer
-        self._verify(stage, lambda v: v.linear(stage, wl, sent, y, which, u, expert, norm, norm_layer))
-        if correction is None:
+        release = self.plan.find(stage, layer, expert)
+        if release is None:
+            got, u = self._send(link, stage, layer, step, {arr_key: x}, expect, **meta)
+            y = got[reply_key]
+            self._verify(stage, lambda v: v.linear(stage, wl, x, y, which, u, expert, norm, norm_layer))
             return y
-        self.meter.matmul(stage, rows, width, b.shape(y)[1], "client")
-        return unblind(y, correction, b)
+        assert self.state is not None
+        prep, t = self.state.prep, None if step < 0 else step
+        ahead = prep.ahead(release, t)  # derived ahead (a mask pool, precompute): off the critical path
+        eta, correction = prep.blinding(release, t, rows, width, which, layer, experts)
+        self.meter.elementwise(stage, rows * width)
+        bb = self.bb  # the backend itself, or its float64 twin when β is above the float32 limit
+        if self.wide:
+            meta["wide"] = True
+            x = bb.floating(x, "blinded input", finite=False)
+        sent = blind(x, eta, bb)
+        got, u = self._send(link, stage, layer, step, {arr_key: sent}, expect, **meta)
+        y = got[reply_key]
+        self._verify(stage, lambda v: v.linear(stage, wl, sent, y, which, u, expert, norm, norm_layer))
+        self.meter.matmul(stage, rows, width, bb.shape(y)[1], "offline" if ahead else "client")
+        out = unblind(bb.floating(y, "reply", finite=False), correction, bb)
+        return b.floating(out, "unblinded", finite=False) if self.wide else out
 
     def _out_width(self, which: WeightName) -> int:
         c = self.c
@@ -333,13 +349,17 @@ class Client(Generic[A]):
 
     def _new_prepared(self, nonce: bytes, n: int) -> PreparedKeys[A]:
         keys = RequestKeys(self._master_keys.for_nonce(nonce), self.c)
-        return PreparedKeys(keys, self.b, self.cfg, self.plan, self.decoys, n)
+        return PreparedKeys(keys, self.b, self.cfg, self.plan, self.decoys, n, self.bb)
 
     def _take_prepared(self, nonce: bytes, n: int) -> PreparedKeys[A]:
         """The keys precomputed for (nonce, n), or a fresh set that derives each key on first use."""
         prep, self._prepared = self._prepared, None
         if prep is not None and prep.nonce == nonce and prep.n == n:
             prep.wait()
+            return prep
+        if prep is not None and prep.nonce == nonce and prep.n > n:  # a pool entry: its first rows serve
+            prep.wait()
+            prep.bind(n)
             return prep
         return self._new_prepared(nonce, n)
 
@@ -359,6 +379,9 @@ class Client(Generic[A]):
         n = int(ids_arr.shape[0])
         if n > self.max_length:
             raise ProtocolError(f"prompt of {n} tokens is longer than max_length {self.max_length}")
+        if nonce is None and self._prepared is None and self.pool is not None and len(self.pool):
+            entry = self.pool.take(n)  # one-time masks derived offline: used by this request only
+            self._prepared, nonce = entry, entry.nonce
         if nonce is None:
             nonce = self._next_nonce or KeySchedule.new_nonce()
         keys = self._master_keys.for_nonce(nonce)  # validates the nonce
@@ -388,6 +411,9 @@ class Client(Generic[A]):
             l_e=cfg.l_e,
             max_length=self.max_length,
             level=cfg.level,
+            attention=cfg.attention,
+            gen_linear=cfg.gen_linear,
+            wide=self.wide,
         )
         pos = np.arange(n)
         # the rows block 0's QKV stage sends: π_0(X ⊕ R) (T1 + T2, one pass)
@@ -395,7 +421,7 @@ class Client(Generic[A]):
         keys_kept: dict[int, A] = {}
         for i in range(c.n_layers):
             s, k_rope, v = self._prefill_block(link, i, s, pos)
-            if i in self.first:
+            if i in self.first or i in self.client_attention:
                 st.guard_k[i], st.guard_v[i] = b.compact(k_rope), b.compact(v)
             elif i in self.last:
                 st.guard_v[i] = b.compact(v)
@@ -456,21 +482,29 @@ class Client(Generic[A]):
         qk = b.rope(b.reshape(b.narrow(zt, 1, 0, c.q_dim + c.kv_dim), (n, heads + kv_heads, d_h)), pos)
         v = b.reshape(b.narrow(zt, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim), (n, kv_heads, d_h))
         self.meter.elementwise(Stage.QKV, 3 * n * (c.q_dim + c.kv_dim))
-        # 2. attention stage: Q P_i, K P_i (one gather of the RoPE'd heads), V P_i, in true row order
-        qk_p = head_permute_stacked(qk, keys.head, (g, 1), b)
-        sent = {
-            "q": b.narrow(qk_p, 1, 0, heads),
-            "k": b.narrow(qk_p, 1, heads, heads + kv_heads),
-            "v": head_permute(v, keys.head, 1, b),
-        }
-        got, u = self._send(link, Stage.ATTN, i, -1, sent, {"o": (n, c.n_heads, c.head_dim)})
-        o = got["o"]
-        rows_checked = prep.keys.verify_rows(i, n, ATTENTION_ROWS)
-        self._verify(
-            Stage.ATTN,
-            lambda ver: ver.attention(Stage.ATTN, i, sent["q"], sent["k"], sent["v"], o, u, rows_checked, 0),
-        )
-        o = b.reshape(head_unpermute(o, keys.head, g, b), (n, c.q_dim))
+        # 2. attention stage: Q P_i, K P_i (one gather of the RoPE'd heads), V P_i, in true row order —
+        #    or, in a guard block with attention="client", the client's own causal attention
+        if i in self.client_attention:
+            q = b.narrow(qk, 1, 0, heads)
+            o = b.reshape(b.attention(q, b.narrow(qk, 1, heads, heads + kv_heads), v, pos, pos), (n, c.q_dim))
+            self.meter.attention(Stage.ATTN, heads, n, n, d_h, "client")
+        else:
+            qk_p = head_permute_stacked(qk, keys.head, (g, 1), b)
+            sent = {
+                "q": b.narrow(qk_p, 1, 0, heads),
+                "k": b.narrow(qk_p, 1, heads, heads + kv_heads),
+                "v": head_permute(v, keys.head, 1, b),
+            }
+            got, u = self._send(link, Stage.ATTN, i, -1, sent, {"o": (n, c.n_heads, c.head_dim)})
+            o = got["o"]
+            rows_checked = prep.keys.verify_rows(i, n, ATTENTION_ROWS)
+            self._verify(
+                Stage.ATTN,
+                lambda ver: ver.attention(
+                    Stage.ATTN, i, sent["q"], sent["k"], sent["v"], o, u, rows_checked, 0
+                ),
+            )
+            o = b.reshape(head_unpermute(o, keys.head, g, b), (n, c.q_dim))
         # 3. O stage: π′_i(O ⊕ R′)
         rows = encode_rows(o, self._decoys(Stage.O, i, cfg.r2, o), keys.pi_o, b)
         y = self._linear(link, Stage.O, i, -1, rows, "wo")
@@ -550,10 +584,13 @@ class Client(Generic[A]):
         for i in self.middle:
             arrays: dict[str, Any] = {"perm": st.keys.token_perm(i, rows)}
             release = self.plan.find(Stage.QKV, i)
+            meta: dict[str, Any] = {}
             if release is not None:  # the server removes α_i W from the raw cache (plan.shared)
                 alpha = st.keys.noise(release, None, rows, self.c.hidden_size)
-                arrays["alpha"] = alpha.astype(self.b.numpy_dtype())  # the wire dtype of the backend
-            self._send(link, Stage.SHARE, i, -1, arrays, {}, salt=st.keys.commit_salt(i).hex())
+                arrays["alpha"] = alpha.astype(self.bb.numpy_dtype())  # the wire dtype of the blinded stages
+                if self.wide:
+                    meta["wide"] = True
+            self._send(link, Stage.SHARE, i, -1, arrays, {}, salt=st.keys.commit_salt(i).hex(), **meta)
         st.shared = True
 
     def _require(self) -> _State[A]:
@@ -583,25 +620,45 @@ class Client(Generic[A]):
         new_k: dict[int, A] = {}
         new_v: dict[int, A] = {}
         for i in self.first:
-            h, new_k[i], new_v[i] = self._gen_first(link, i, t, p, h)
+            h, new_k[i], new_v[i] = self._gen_guard(link, i, t, p, h)
         if self.middle:
             # the middle blocks run on the server alone: only the reply's structure can be checked
             h = self._send(link, Stage.GEN_MID, self.middle.start, t, {"x": h}, {"x": (1, c.hidden_size)})[0][
                 "x"
             ]
         for i in self.last:
-            h, new_v[i] = self._gen_last(link, i, t, h)
+            if i in self.client_attention:
+                h, new_k[i], new_v[i] = self._gen_guard(link, i, t, p, h)
+            else:
+                h, new_v[i] = self._gen_last(link, i, t, h)
+        hn = b.norm(h, "final")
+        if self.cfg.gen_linear == "server":  # the LM head on the server, one-time blinded (gen_head)
+            logits = self._linear(link, Stage.GEN_HEAD, c.n_layers, t, hn, "lm_head", reply_key="logits")
+        else:
+            logits = b.project(hn, "lm_head")
+            self.meter.matmul(Stage.GEN_HEAD, 1, c.hidden_size, c.vocab_size, "client")
         for i, k in new_k.items():  # commit the new rows only once the whole step succeeded
             st.guard_k[i] = k
         for i, v in new_v.items():
             st.guard_v[i] = v
         st.step += 1
-        logits = b.project(b.norm(h, "final"), "lm_head")
-        self.meter.matmul(Stage.GEN_HEAD, 1, c.hidden_size, c.vocab_size, "client")
         out: npt.NDArray[Any] = np.asarray(b.to_numpy(logits))[0]
         return out
 
-    def _gen_first(self, link: Transport, i: int, t: int, p: int, h: A) -> tuple[A, A, A]:
+    def _gen_wo(self, link: Transport, i: int, t: int, o: A, stage: Stage) -> A:
+        """W_o of guard block ``i`` on the attention output ``o`` of step ``t``: on the server, one-time
+        blinded (``gen_linear="server"``: the ``gen_o`` message), or by the client itself (metered as
+        ``stage``)."""
+        if self.cfg.gen_linear == "server":
+            return self._linear(link, Stage.GEN_O, i, t, o, "wo")
+        self.meter.matmul(stage, 1, self.c.q_dim, self.c.hidden_size, "client")
+        return self.b.project(o, "wo", i)
+
+    def _gen_guard(self, link: Transport, i: int, t: int, p: int, h: A) -> tuple[A, A, A]:
+        """Guard block ``i`` at step ``t`` (position ``p``) on the client's valid cache of the block: the
+        blinded QKV stage, attention (by the server under a one-time P, or with ``attention="client"`` by
+        the client), W_o and the FFN (a first guard block's as ``guard_ffn`` says; a last guard block's as
+        ``last_ffn`` says). Returns the new residual row and the block's extended keys and values."""
         b, c, st = self.b, self.c, self._require()
         z = self._linear(link, Stage.GEN_QKV, i, t, b.norm(h, "attn", i), "wqkv", reply_key="z")
         q, k, v = split_qkv(b, z)
@@ -609,24 +666,29 @@ class Client(Generic[A]):
         q, k = b.rope(q, pos), b.rope(k, pos)
         keys = b.concat_rows([st.guard_k[i], k])
         values = b.concat_rows([st.guard_v[i], v])
-        hp, g = st.prep.gen_head(i, t), c.group_size
-        sent = {
-            "q": head_permute(q, hp, g, b),
-            "k": head_permute(keys, hp, 1, b),
-            "v": head_permute(values, hp, 1, b),
-        }
-        got, u = self._send(link, Stage.GEN_ATTN, i, t, sent, {"o": (1, c.n_heads, c.head_dim)})
-        o = got["o"]
-        m = b.nrows(keys)
-        self._verify(
-            Stage.GEN_ATTN,
-            lambda ver: ver.attention(
-                Stage.GEN_ATTN, i, sent["q"], sent["k"], sent["v"], o, u, np.zeros(1, np.int64), m - 1
-            ),
-        )
-        o = b.reshape(head_unpermute(o, hp, g, b), (1, c.q_dim))
-        h = b.add(h, b.project(o, "wo", i))
-        self.meter.matmul(Stage.GEN_ATTN, 1, c.q_dim, c.hidden_size, "client")
+        if i in self.client_attention:
+            o = b.reshape(b.attention(q, keys, values, pos, None), (1, c.q_dim))
+            self.meter.attention(Stage.GEN_ATTN, c.n_heads, 1, b.nrows(keys), c.head_dim, "client")
+        else:
+            hp, g = st.prep.gen_head(i, t), c.group_size
+            sent = {
+                "q": head_permute(q, hp, g, b),
+                "k": head_permute(keys, hp, 1, b),
+                "v": head_permute(values, hp, 1, b),
+            }
+            got, u = self._send(link, Stage.GEN_ATTN, i, t, sent, {"o": (1, c.n_heads, c.head_dim)})
+            o = got["o"]
+            m = b.nrows(keys)
+            self._verify(
+                Stage.GEN_ATTN,
+                lambda ver: ver.attention(
+                    Stage.GEN_ATTN, i, sent["q"], sent["k"], sent["v"], o, u, np.zeros(1, np.int64), m - 1
+                ),
+            )
+            o = b.reshape(head_unpermute(o, hp, g, b), (1, c.q_dim))
+        h = b.add(h, self._gen_wo(link, i, t, o, Stage.GEN_ATTN))
+        if i in self.last:
+            return self._last_ffn(link, i, t, h), keys, values
         h = b.add(h, self._gen_ffn(link, i, t, h, clear=self.cfg.guard_ffn == "clear"))
         return h, keys, values
 
@@ -647,8 +709,13 @@ class Client(Generic[A]):
         values = b.concat_rows([st.guard_v[i], v_new])
         o = b.reshape(b.softmax_values(unlock_scores(scores, rho, st.n, b), values), (1, c.q_dim))
         self.meter.attention(Stage.GEN_LAST, c.n_heads, 1, st.n + t + 1, c.head_dim // 2, "client")
-        h = b.add(h, b.project(o, "wo", i))
-        self.meter.matmul(Stage.GEN_LAST, 1, c.q_dim, c.hidden_size, "client")
+        h = b.add(h, self._gen_wo(link, i, t, o, Stage.GEN_LAST))
+        return self._last_ffn(link, i, t, h), values
+
+    def _last_ffn(self, link: Transport, i: int, t: int, h: A) -> A:
+        """A last guard block's FFN at step ``t`` on the residual row ``h`` (attention and W_o added):
+        exact (client norm + blinded maps), or the paper's offset form (``last_ffn="paper"``)."""
+        b, c, cfg, st = self.b, self.c, self.cfg, self._require()
         if cfg.last_ffn == "paper":
             # the paper's form: send h + a constant offset and let the server normalize — relies on
             # RMSNorm(x + α) = RMSNorm(x), which is false (T7), so this is NOT exact
@@ -656,8 +723,8 @@ class Client(Generic[A]):
             assert release is not None  # the plan lists the offset of every last guard block
             offset = b.from_numpy(st.keys.noise(release, t, 1, c.hidden_size))
             y = self._mlp_stage(link, Stage.GEN_FFN, i, t, b.add(h, offset))
-            return b.add(h, y), values
-        return b.add(h, self._gen_ffn(link, i, t, h, clear=False)), values
+            return b.add(h, y)
+        return b.add(h, self._gen_ffn(link, i, t, h, clear=False))
 
     def generate(self, ids: Any, n_new: int, link: Transport) -> list[int]:
         """Greedy SCX generation: prefill, then ``n_new`` argmax tokens (the same tokens as plaintext

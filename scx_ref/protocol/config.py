@@ -10,13 +10,30 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["BETA_KINDS", "LEVELS", "Level", "SCXConfig", "guard_blocks"]
+__all__ = [
+    "ATTENTION_SITES",
+    "BETA_KINDS",
+    "F32_BETA_LIMIT",
+    "GEN_LINEAR_SITES",
+    "LEVELS",
+    "Level",
+    "SCXConfig",
+    "guard_blocks",
+]
 
 Level = Literal["permute", "paper", "blind"]
 #: The privacy levels, weakest first.
 LEVELS: tuple[Level, ...] = ("permute", "paper", "blind")
 #: The kinds of blinded input a per-kind β may be set for (see :mod:`scx_ref.protocol.plan`).
 BETA_KINDS: tuple[str, ...] = ("qkv", "o", "gate_up", "down", "router", "lm_head")
+#: Where the guard blocks' attention runs (``SCXConfig.attention``).
+ATTENTION_SITES: tuple[str, ...] = ("server", "client")
+#: Where a generation step's W_o of the guard blocks and its LM head run (``SCXConfig.gen_linear``).
+GEN_LINEAR_SITES: tuple[str, ...] = ("client", "server")
+#: The largest β at which float32 blinded stages were measured within |ΔPPL|/PPL ≤ 1e-5 on SmolLM2 with
+#: every linear stage blinded (DESIGN §6; 3.2e-5 at β = 10). ``blind_dtype="auto"`` runs the blinded
+#: stages in float64 above it.
+F32_BETA_LIMIT = 5.0
 
 
 def guard_blocks(n_layers: int, l_s: int, l_e: int) -> tuple[range, range, range]:
@@ -48,6 +65,19 @@ class SCXConfig:
                activation) or ``blinded`` (client norm + additive blinding of the MLP's linear maps).
     last_ffn   last guard blocks' FFN during generation: ``exact`` (client norm + blinded linear maps)
                or ``paper`` (the paper's constant-offset form, which relies on T7 and is NOT exact).
+    attention  where the guard blocks' attention runs (DESIGN §5.7): ``server`` (the paper: the server
+               gets Q, K, V under a head-structured permutation at prefill, the first guard blocks' whole
+               cache under a one-time P at each step, and keeps the last guard blocks' locked key cache)
+               or ``client`` (the client keeps every guard block's K and V and computes its attention;
+               the server sees only the guard blocks' linear stages). Every block is a guard block when
+               ``l_s + l_e`` ≥ the model's blocks: then nothing is key-shared.
+    gen_linear where a generation step's W_o of the guard blocks and its LM head run: ``client`` (the
+               paper) or ``server`` (sent one-time-blinded as ``gen_o`` / ``gen_head`` messages at levels
+               paper and blind — with the corrections from a mask pool the client's online work is an
+               add and a subtract).
+    blind_dtype the dtype of blinded messages and of the server's products on them: ``backend`` (the
+               backend's own), ``float64``, or ``auto`` (float64 when a β of the plan exceeds
+               :data:`F32_BETA_LIMIT` and the backend computes in a narrower dtype; else the backend's).
     decoys     decoy policy: ``calibration`` (real-looking rows from a public calibration pool) or
                ``gaussian`` (moment-matched Gaussian, for comparison).
     max_length the most positions (prompt + generated) a session may reach (None: the model's
@@ -67,6 +97,9 @@ class SCXConfig:
     stage_beta: Mapping[str, float] | None = None
     guard_ffn: Literal["clear", "blinded"] = "blinded"
     last_ffn: Literal["exact", "paper"] = "exact"
+    attention: Literal["server", "client"] = "server"
+    gen_linear: Literal["client", "server"] = "client"
+    blind_dtype: Literal["auto", "backend", "float64"] = "auto"
     decoys: Literal["calibration", "gaussian"] = "calibration"
     max_length: int | None = None
     verify: bool = True
@@ -95,6 +128,12 @@ class SCXConfig:
             raise ConfigError(f"guard_ffn must be 'clear' or 'blinded', got {self.guard_ffn!r}")
         if self.last_ffn not in ("exact", "paper"):
             raise ConfigError(f"last_ffn must be 'exact' or 'paper', got {self.last_ffn!r}")
+        if self.attention not in ("server", "client"):
+            raise ConfigError(f"attention must be 'server' or 'client', got {self.attention!r}")
+        if self.gen_linear not in ("client", "server"):
+            raise ConfigError(f"gen_linear must be 'client' or 'server', got {self.gen_linear!r}")
+        if self.blind_dtype not in ("auto", "backend", "float64"):
+            raise ConfigError(f"blind_dtype must be 'auto', 'backend' or 'float64', got {self.blind_dtype!r}")
         if self.decoys not in ("calibration", "gaussian"):
             raise ConfigError(f"decoys must be 'calibration' or 'gaussian', got {self.decoys!r}")
         if not isinstance(self.verify, bool):
@@ -113,6 +152,19 @@ class SCXConfig:
     def blocks(self, n_layers: int) -> tuple[range, range, range]:
         """(first guard, middle, last guard) block ranges of an ``n_layers`` model (:func:`guard_blocks`)."""
         return guard_blocks(n_layers, self.l_s, self.l_e)
+
+    @property
+    def max_beta(self) -> float:
+        """The largest β any blinded input kind may get (``beta`` and every ``stage_beta`` value)."""
+        return max([float(self.beta), *(float(v) for v in (self.stage_beta or {}).values())])
+
+    def wide_blinding(self, backend_itemsize: int) -> bool:
+        """Whether blinded messages travel and are multiplied in float64 on a backend whose dtype has
+        ``backend_itemsize`` bytes: ``blind_dtype="float64"``, or ``auto`` with a β above
+        :data:`F32_BETA_LIMIT` on a backend narrower than float64 (DESIGN §5.7, §6)."""
+        if backend_itemsize >= 8 or self.blind_dtype == "backend":
+            return False
+        return self.blind_dtype == "float64" or self.max_beta > F32_BETA_LIMIT
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -14,17 +14,20 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..stages import Stage
+from ..stages import Phase, Stage
 
 __all__ = ["CostMeter", "CostReport", "Side", "StageCost"]
 
-Side = Literal["client", "server"]
+#: Who computes: the server, the client during the request, or the client ahead of it (``offline``: the
+#: blinding corrections η·W of a mask pool or of ``Client.precompute``, off the critical path).
+Side = Literal["client", "server", "offline"]
 
 
 @dataclass
 class StageCost:
     client_flops: int = 0
     server_flops: int = 0
+    offline_flops: int = 0
     client_elementwise: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -64,6 +67,8 @@ class CostMeter:
     def _flops(self, stage: Stage, flops: int, side: Side) -> None:
         if side == "client":
             self.stages[stage].client_flops += int(flops)
+        elif side == "offline":
+            self.stages[stage].offline_flops += int(flops)
         else:
             self.stages[stage].server_flops += int(flops)
 
@@ -89,10 +94,20 @@ class CostReport:
             t.add(cost)
         return t
 
+    def phase_total(self, phase: Phase) -> StageCost:
+        """The summed costs of the stages of ``phase`` (:attr:`Stage.phase`)."""
+        t = StageCost()
+        for stage, cost in self.stages.items():
+            if stage.phase is phase:
+                t.add(cost)
+        return t
+
     @property
     def client_flop_share(self) -> float:
+        """The client's flops during the request over all of the request's flops (client, offline,
+        server): with every correction derived ahead, the online share."""
         t = self.total
-        all_flops = t.client_flops + t.server_flops
+        all_flops = t.client_flops + t.server_flops + t.offline_flops
         return t.client_flops / all_flops if all_flops else 0.0
 
     @property
@@ -102,12 +117,20 @@ class CostReport:
         all_flops = t.client_flops + t.server_flops
         return t.verify_flops / all_flops if all_flops else 0.0
 
+    @property
+    def offline_flop_share(self) -> float:
+        """The client's flops derived ahead of the request (η·W of a mask pool) over all its flops."""
+        t = self.total
+        all_flops = t.client_flops + t.server_flops + t.offline_flops
+        return t.offline_flops / all_flops if all_flops else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "stages": {k.value: vars(v) for k, v in self.stages.items()},
             "total": vars(self.total),
             "client_flop_share": self.client_flop_share,
             "verify_flop_share": self.verify_flop_share,
+            "offline_flop_share": self.offline_flop_share,
         }
 
     def to_json(self) -> str:

@@ -11,6 +11,7 @@ test runs real sessions and checks that the noised messages the server saw are e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -18,7 +19,7 @@ from ..keys import Label
 from ..stages import Phase, Stage
 from .config import SCXConfig
 
-__all__ = ["INPUT_KINDS", "InputKind", "PlanModel", "Release", "ReleasePlan"]
+__all__ = ["INPUT_KINDS", "Exposure", "InputKind", "PlanModel", "Release", "ReleasePlan"]
 
 
 class PlanModel(Protocol):
@@ -86,6 +87,22 @@ class Release:
         return self.kind != "offset"
 
 
+@dataclass(frozen=True)
+class Exposure:
+    """Messages the server receives whose prompt-dependent content carries **no** Laplace noise (DESIGN
+    §5.4): stage ``stage`` of ``blocks`` (0-based; ``n_layers`` is the LM-head stage) in ``phase``, with
+    ``what`` the server gets. They are outside any DP guarantee; the attacks measure them."""
+
+    phase: Phase
+    stage: Stage
+    blocks: tuple[int, ...]
+    what: str
+
+    def __str__(self) -> str:
+        shown = ", ".join(str(b + 1) for b in self.blocks)
+        return f"{self.phase.value} {self.stage.value} (blocks {shown}): {self.what}"
+
+
 def _mlp_releases(
     phase: Phase, block: int, config: SCXConfig, model: PlanModel, up: Stage, down: Stage, router: Stage
 ) -> list[Release]:
@@ -119,15 +136,16 @@ class ReleasePlan:
 
     @classmethod
     def of(cls, config: SCXConfig, model: PlanModel) -> ReleasePlan:
-        """The plan of ``config`` (DESIGN §5.1 levels, §5.3 generation) on ``model``.
+        """The plan of ``config`` (DESIGN §5.1 levels, §5.3 generation, §5.7 hardened options) on ``model``.
 
         Prefill: level ``paper`` blinds block 1's QKV stage; level ``blind`` every linear stage of every
         block (QKV, O, the MLP's maps) and the LM-head stage. Generation (levels ``paper`` and ``blind``,
-        one-time noise per step): the first guard blocks' QKV stage and — with ``guard_ffn="blinded"`` —
-        their MLP maps; the last guard blocks' MLP maps (``last_ffn="exact"``). With
-        ``last_ffn="paper"`` the last guard blocks send the paper's offset at every level.
-        The middle blocks run on the server alone, un-noised, and the client applies W_o of the guard
-        blocks itself, so neither appears.
+        one-time noise per step): the QKV stage of the guard blocks whose attention the client computes
+        (the first guard blocks; every guard block with ``attention="client"``) and — with
+        ``guard_ffn="blinded"`` — the first guard blocks' MLP maps; the last guard blocks' MLP maps
+        (``last_ffn="exact"``); with ``gen_linear="server"`` every guard block's W_o (``gen_o``) and the
+        LM head (``gen_head``). With ``last_ffn="paper"`` the last guard blocks send the paper's offset
+        at every level. The middle blocks run on the server alone, un-noised, so they never appear.
         """
         L = model.n_layers
         first, _, last = config.blocks(L)
@@ -144,16 +162,26 @@ class ReleasePlan:
         gen: list[Release] = []
         up, down, router = Stage.GEN_FFN_UP, Stage.GEN_FFN_DOWN, Stage.GEN_ROUTER
         noised = config.level != "permute"
+        client_attn = config.attention == "client"
+        offload = noised and config.gen_linear == "server"
         for i in first:
             if noised:
                 gen.append(Release(g, Stage.GEN_QKV, i, "qkv", config.beta_for("qkv")))
+                if offload:
+                    gen.append(Release(g, Stage.GEN_O, i, "o", config.beta_for("o")))
                 if config.guard_ffn == "blinded":
                     gen += _mlp_releases(g, i, config, model, up, down, router)
         for i in last:
+            if noised and client_attn:
+                gen.append(Release(g, Stage.GEN_QKV, i, "qkv", config.beta_for("qkv")))
+            if offload:
+                gen.append(Release(g, Stage.GEN_O, i, "o", config.beta_for("o")))
             if config.last_ffn == "paper":  # the paper's offset (β ≥ 1 even at level permute)
                 gen.append(Release(g, Stage.GEN_FFN, i, "offset", max(config.beta if noised else 0.0, 1.0)))
             elif noised:
                 gen += _mlp_releases(g, i, config, model, up, down, router)
+        if offload:
+            gen.append(Release(g, Stage.GEN_HEAD, L, "lm_head", config.beta_for("lm_head")))
         # a release with β = 0 sends x itself: it is not noised, so it is not a release
         return cls(config, model, tuple(r for r in pre if r.beta > 0), tuple(r for r in gen if r.beta > 0))
 
@@ -172,6 +200,67 @@ class ReleasePlan:
         are shared — before the first decode step — the server holds x of these messages exactly."""
         _, middle, _ = self.config.blocks(self.model.n_layers)
         return tuple(r for r in self.prefill if r.stage is Stage.QKV and r.block in middle)
+
+    @property
+    def exposures(self) -> tuple[Exposure, ...]:
+        """Every un-noised, prompt-dependent message of the configuration (blocks 1-based in ``str``):
+        the complement of the releases among the messages the client sends. Empty exactly when every
+        message that depends on the prompt or the generated tokens is a release (or a key upload)."""
+        cfg, L = self.config, self.model.n_layers
+        first, middle, last = cfg.blocks(L)
+        guards = (*first, *last)
+        p, g = Phase.PREFILL, Phase.GENERATE
+        out: list[Exposure] = []
+
+        def clear(phase: Phase, stage: Stage, blocks: Sequence[int], what: str) -> None:
+            # a message is exposed in the blocks where the plan has no release for it (MoE: the router's)
+            left = tuple(b for b in blocks if self.find_any(stage, b) is None)
+            if left:
+                out.append(Exposure(phase, stage, left, what))
+
+        every = range(L)
+        clear(p, Stage.QKV, every, "block input rows, permuted with decoys")
+        attn_blocks = every if cfg.attention == "server" else middle
+        if attn_blocks:
+            out.append(
+                Exposure(p, Stage.ATTN, tuple(attn_blocks), "Q, K, V in true row order, head-permuted")
+            )
+        clear(p, Stage.O, every, "attention output rows, permuted with decoys")
+        clear(p, Stage.FFN, every, "residual rows before the MLP, permuted with decoys")
+        clear(p, Stage.HEAD, (L,), "final rows, permuted with decoys")
+        if cfg.attention == "server" and last:
+            out.append(Exposure(p, Stage.LOCK, tuple(last), "locked key cache, row order ρ with decoys"))
+        if middle:
+            out.append(Exposure(p, Stage.SHARE, tuple(middle), "the prompt's valid caches (key sharing)"))
+        client_attn = first if cfg.attention == "server" else guards
+        clear(g, Stage.GEN_QKV, client_attn, "the normalized row of the token")
+        if cfg.attention == "server" and first:
+            out.append(Exposure(g, Stage.GEN_ATTN, tuple(first), "q and the whole cache under a one-time P"))
+        if cfg.gen_linear == "server":
+            clear(g, Stage.GEN_O, guards, "the attention output of the token")
+            clear(g, Stage.GEN_HEAD, (L,), "the final normalized row of the token")
+        if cfg.guard_ffn == "clear":
+            clear(g, Stage.GEN_FFN, first, "guard-block FFN input in the clear (the paper's form)")
+        else:
+            clear(g, Stage.GEN_FFN_UP, first, "the normalized row before the MLP")
+        if cfg.last_ffn == "paper":
+            out.append(Exposure(g, Stage.GEN_FFN, tuple(last), "the residual row plus one scalar offset"))
+        else:
+            clear(g, Stage.GEN_FFN_UP, last, "the normalized row before the MLP")
+        if middle:
+            out.append(
+                Exposure(g, Stage.GEN_MID, tuple(middle), "the token's row; the server runs them alone")
+            )
+        if cfg.attention == "server" and last:
+            out.append(Exposure(g, Stage.GEN_LAST, tuple(last), "the row entering the block"))
+        return tuple(out)
+
+    def find_any(self, stage: Stage, block: int) -> Release | None:
+        """A release of ``stage`` in ``block`` for any expert (an MoE layer's blinded MLP is one message
+        per expert; its first stage counts as noised when the router's input is)."""
+        if stage in (Stage.FFN, Stage.GEN_FFN_UP) and self.model.is_moe:
+            stage = Stage.ROUTER if stage is Stage.FFN else Stage.GEN_ROUTER
+        return self._index.get((stage, block, None))
 
     def find(self, stage: Stage, block: int, expert: int | None = None) -> Release | None:
         """The release sent by ``stage`` of ``block`` (and ``expert``), or None when that message is not

@@ -40,6 +40,8 @@ IntArray = npt.NDArray[np.int64]
 
 #: The matrix a release's correction η·W is taken with, by stage.
 _WEIGHT: dict[Stage, WeightName] = {
+    Stage.GEN_O: "wo",
+    Stage.GEN_HEAD: "lm_head",
     Stage.QKV: "wqkv",
     Stage.O: "wo",
     Stage.FFN: "w_gate_up",
@@ -77,9 +79,11 @@ class PreparedKeys(Generic[A]):
         plan: ReleasePlan,
         decoys: DecoyPolicy,
         n: int,
+        blind_backend: Backend[A] | None = None,
     ) -> None:
         self.keys = keys
         self.b = backend
+        self.bb = backend if blind_backend is None else blind_backend  # where (η, η·W) live (§6: wide)
         self.cfg = config
         self.plan = plan
         self.decoy_policy = decoys
@@ -97,6 +101,39 @@ class PreparedKeys(Generic[A]):
     def nonce(self) -> bytes:
         return self.keys.schedule.nonce
 
+    def bind(self, n: int) -> None:
+        """Serve a prompt of ``n`` tokens, n at most the length the keys were derived for: its token
+        permutations are derived for n (any derived for another length are dropped); the masks derived for
+        the longer length serve their first rows (:meth:`blinding`)."""
+        if not 1 <= n <= self.n:
+            raise ValueError(f"these keys serve prompts of 1 to {self.n} tokens, not {n}")
+        if n != self.n:
+            for i, bk in self._blocks.items():  # P_i does not depend on n: keep it
+                self._heads.setdefault((i, -1), bk.head)
+            self._blocks.clear()
+            self._tok.clear()
+            self.n = n
+
+    @property
+    def remaining(self) -> int:
+        """How many one-time (η, η·W) pairs are still held (0 once a request consumed them all)."""
+        return len(self._blinding)
+
+    @property
+    def mask_bytes(self) -> int:
+        """Bytes of the (η, η·W) pairs still held."""
+        return self.mask_bytes_of()
+
+    def mask_bytes_of(self, step: bool | None = None) -> int:
+        """Bytes of the (η, η·W) pairs still held: the prefill's (``step=False``), the decode steps'
+        (``step=True``) or all of them (None)."""
+        size = self.bb.numpy_dtype().itemsize
+        return sum(
+            size * (int(np.prod(self.bb.shape(e))) + int(np.prod(self.bb.shape(c))))
+            for key, (e, c) in self._blinding.items()
+            if step is None or (key[3] is not None) == step
+        )
+
     # -- keys by role --------------------------------------------------------------------------------
     def token_perm(self, block: int) -> IntArray:
         """π_block over n + r₁ rows (block = L: the LM-head stage)."""
@@ -111,10 +148,11 @@ class PreparedKeys(Generic[A]):
         bk = self._blocks.get(i)
         if bk is None:
             pi = self.token_perm(i)
+            head = self._heads.pop((i, -1), None)
             bk = BlockKeys(
                 pi,
                 self.keys.o_perm(i, self.n + self.cfg.r2),
-                _warm(self.keys.head_perm(i), self.b.config.group_size),
+                head if head is not None else _warm(self.keys.head_perm(i), self.b.config.group_size),
                 commitment(self.keys.commit_salt(i), self.keys.session_id, i, pi),
             )
             self._blocks[i] = bk
@@ -148,6 +186,10 @@ class PreparedKeys(Generic[A]):
         rows = policy.draw(stage, layer, count, real_np, self.keys.decoy_stream(stage, layer))
         return self.b.from_numpy(np.asarray(rows, dtype=np.float64).reshape(count, width))
 
+    def ahead(self, release: Release, step: int | None) -> bool:
+        """Whether (η, η·W) of ``release`` (at generation ``step``) was derived ahead and is still held."""
+        return (release.stage, release.block, release.expert, step) in self._blinding
+
     def blinding(
         self,
         release: Release,
@@ -163,41 +205,56 @@ class PreparedKeys(Generic[A]):
         now. η·W is the exact T5 correction (:meth:`~scx_ref.backends.base.Backend.correction`)."""
         key = (release.stage, release.block, release.expert, step)
         kept = self._blinding.pop(key, None)
-        if kept is not None and self.b.shape(kept[0]) == (rows, width):
-            return kept
-        eta = self.b.from_numpy(self.keys.noise(release, step, rows, width))
-        return eta, self.b.correction(eta, which, layer, experts)
+        bb = self.bb
+        if kept is not None:
+            have, w = bb.shape(kept[0])
+            if w == width and have == rows:
+                return kept
+            if w == width and have > rows:
+                # a mask pool's entry is derived for its longest prompt; the noise stream is read row by
+                # row, so the first rows are exactly this message's η (and η·W is row-wise)
+                return bb.narrow(kept[0], 0, 0, rows), bb.narrow(kept[1], 0, 0, rows)
+        eta = bb.from_numpy(self.keys.noise(release, step, rows, width))
+        return eta, bb.correction(eta, which, layer, experts)
 
     # -- derive ahead ------------------------------------------------------------------------------
-    def fill(self, steps: int = 0) -> PreparedKeys[A]:
+    def fill(self, steps: int = 0, perms: bool = True) -> PreparedKeys[A]:
         """Derive every key of the prefill — and of the first ``steps`` generation steps — now.
 
         Prefill: π_0..π_L, every block's π′_i, P_i and commitment, the last guard blocks' ρ_i, the decoy
         rows of every stage (unless the policy needs the real rows) and (η, η·W) of every prefill
-        release. Generation: the one-time P of each first guard block and (η, η·W) of every generation
-        release, per step. Returns self.
+        release. Generation: the one-time P of each first guard block whose attention the server computes
+        and (η, η·W) of every generation release, per step. ``perms=False`` skips what depends on the
+        prompt's length n (the token permutations and commitments): a mask pool's entry
+        (:mod:`~scx_ref.protocol.pool`), whose n is known only when its prompt arrives. Returns self.
         """
         t0 = time.perf_counter()
         cfg, L = self.cfg, self.b.config.n_layers
         first, _, last = cfg.blocks(L)
-        for i in range(L):
-            self.block(i)
-        self.token_perm(L)
-        for i in last:
-            self.lock_perm(i)
+        locked = last if cfg.attention == "server" else range(0)  # client attention: no locked cache
+        if perms:
+            for i in range(L):
+                self.block(i)
+            self.token_perm(L)
+            for i in locked:
+                self.lock_perm(i)
+        else:  # the head permutations do not depend on n
+            for i in range(L):
+                self._heads.setdefault((i, -1), _warm(self.keys.head_perm(i), self.b.config.group_size))
         if not self.decoy_policy.needs_real:
             wanted = [(Stage.QKV, 0, cfg.r1)]
             for i in range(L):
                 wanted += [(Stage.O, i, cfg.r2), (Stage.FFN, i, cfg.r1)]
-            wanted += [(Stage.LOCK, i, cfg.lock_decoys) for i in last]
+            wanted += [(Stage.LOCK, i, cfg.lock_decoys) for i in locked]
             for stage, layer, count in wanted:
                 if (stage, layer) not in self._decoys:
                     self._decoys[(stage, layer)] = self.decoys(stage, layer, count, None)
         for release in self.plan.prefill:
             self._prepare_blinding(release, None)
         t1 = time.perf_counter()
+        server_attn = first if cfg.attention == "server" else range(0)  # the one-time P of gen_attn
         for t in range(steps):
-            for i in first:
+            for i in server_attn:
                 self._heads[(i, t)] = self.gen_head(i, t)
             for release in self.plan.generation:
                 self._prepare_blinding(release, t)
@@ -231,7 +288,7 @@ class PreparedKeys(Generic[A]):
     # -- helpers -----------------------------------------------------------------------------------
     def _width(self, stage: Stage) -> int:
         c = self.b.config
-        if stage is Stage.O:
+        if stage in (Stage.O, Stage.GEN_O):
             return c.q_dim
         if stage is Stage.LOCK:
             return c.kv_dim

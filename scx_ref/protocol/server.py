@@ -38,7 +38,7 @@ from ..errors import LimitError, ProtocolError, SCXError, SessionError
 from ..forward import block_rows
 from ..stages import PREFILL_BLOCK_STAGES, Phase, Stage
 from ..transforms import decode_rows, unblind
-from .config import LEVELS, guard_blocks
+from .config import ATTENTION_SITES, GEN_LINEAR_SITES, LEVELS, guard_blocks
 from .cost import CostMeter
 from .keyring import commitment
 from .limits import (
@@ -60,26 +60,32 @@ __all__ = ["Server"]
 _NO_SESSION = "unknown session or invalid session token"
 #: The ``meta`` fields each stage may carry (anything else is refused).
 _META: dict[Stage, frozenset[str]] = {
-    Stage.OPEN: frozenset({"n", "r1", "r2", "r_lock", "l_s", "l_e", "max_length", "level"}),
+    Stage.OPEN: frozenset(
+        {"n", "r1", "r2", "r_lock", "l_s", "l_e", "max_length", "level", "attention", "gen_linear", "wide"}
+    ),
     Stage.CLOSE: frozenset(),
-    Stage.QKV: frozenset({"commit", "normalized"}),
+    Stage.QKV: frozenset({"commit", "normalized", "wide"}),
     Stage.ATTN: frozenset(),
-    Stage.O: frozenset(),
-    Stage.FFN: frozenset({"normalized", "experts", "trace"}),
-    Stage.FFN_DOWN: frozenset({"experts", "last"}),
-    Stage.ROUTER: frozenset(),
-    Stage.HEAD: frozenset({"normalized"}),
+    Stage.O: frozenset({"wide"}),
+    Stage.FFN: frozenset({"normalized", "experts", "trace", "wide"}),
+    Stage.FFN_DOWN: frozenset({"experts", "last", "wide"}),
+    Stage.ROUTER: frozenset({"wide"}),
+    Stage.HEAD: frozenset({"normalized", "wide"}),
     Stage.LOCK: frozenset(),
-    Stage.SHARE: frozenset({"salt"}),
-    Stage.GEN_QKV: frozenset(),
+    Stage.SHARE: frozenset({"salt", "wide"}),
+    Stage.GEN_QKV: frozenset({"wide"}),
     Stage.GEN_ATTN: frozenset(),
     Stage.GEN_FFN: frozenset({"trace"}),
-    Stage.GEN_FFN_UP: frozenset({"normalized", "experts"}),
-    Stage.GEN_FFN_DOWN: frozenset({"experts", "last"}),
-    Stage.GEN_ROUTER: frozenset(),
+    Stage.GEN_FFN_UP: frozenset({"normalized", "experts", "wide"}),
+    Stage.GEN_FFN_DOWN: frozenset({"experts", "last", "wide"}),
+    Stage.GEN_ROUTER: frozenset({"wide"}),
     Stage.GEN_MID: frozenset(),
     Stage.GEN_LAST: frozenset(),
+    Stage.GEN_O: frozenset({"wide"}),
+    Stage.GEN_HEAD: frozenset({"wide"}),
 }
+#: Open's fields that may be absent (their defaults: attention "server", gen_linear "client", wide false).
+_OPEN_OPTIONAL = frozenset({"attention", "gen_linear", "wide"})
 #: The arrays each stage may carry (``share`` may add ``alpha``).
 _ARRAYS: dict[Stage, frozenset[str]] = {
     Stage.OPEN: frozenset(),
@@ -101,6 +107,8 @@ _ARRAYS: dict[Stage, frozenset[str]] = {
     Stage.GEN_ROUTER: frozenset({"x"}),
     Stage.GEN_MID: frozenset({"x"}),
     Stage.GEN_LAST: frozenset({"x"}),
+    Stage.GEN_O: frozenset({"x"}),
+    Stage.GEN_HEAD: frozenset({"x"}),
 }
 _SESSION_HEX = 32  # a session id is the 16-byte nonce in hex
 
@@ -115,6 +123,9 @@ class _Session(Generic[A]):
     middle: range
     last: range
     max_length: int
+    attention: str = "server"  # where the guard blocks' attention runs (SCXConfig.attention)
+    gen_linear: str = "client"  # where a step's W_o of the guard blocks and LM head run
+    wide: bool = False  # blinded messages may arrive in float64 (SCXConfig.blind_dtype)
     seq: int = 1
     layer: int = -1  # prefill: the block whose stages are running
     ffn_done: int = -1  # prefill: last block whose FFN stage ran
@@ -263,6 +274,8 @@ class Server(Generic[A]):
             raise ProtocolError(f"message out of order: expected seq {s.seq}, got {req.seq}")
         self._check_order(s, req)
         self._check_fields(s, req)
+        if req.meta.get("wide", False) is True and not s.wide:
+            raise ProtocolError(f"{req.stage.value}: a float64 blinded message in a session not opened wide")
 
     def _finish(
         self, s: _Session[A], req: Request, arrays: dict[str, A], commit: Callable[[], None], grow: int
@@ -304,8 +317,6 @@ class Server(Generic[A]):
             stage = Stage(req.stage)
         except ValueError:
             raise ProtocolError(f"unknown stage {req.stage!r:.40}") from None
-        if not stage.is_message:
-            raise ProtocolError(f"stage {stage.value!r} is never sent to the server")
         layer = field_int(req.layer, "layer", -1, self.c.n_layers)
         step = field_int(req.step, "step", -1, self.c.max_positions)
         seq = field_int(req.seq, "seq", 0, 1 << 62)
@@ -346,7 +357,7 @@ class Server(Generic[A]):
     def _check_fields(self, s: _Session[A], req: Request) -> None:
         """Every ``meta`` field of ``req`` typed and range-checked for its stage."""
         m, stage, c = req.meta, req.stage, self.c
-        for key in ("normalized", "trace", "last"):
+        for key in ("normalized", "trace", "last", "wide"):
             if key in m:
                 field_bool(m[key], key)
         if stage is Stage.QKV:
@@ -456,6 +467,8 @@ class Server(Generic[A]):
             Stage.SHARE: self._share,
             Stage.GEN_QKV: self._gen_qkv,
             Stage.GEN_ATTN: self._gen_attn,
+            Stage.GEN_O: self._gen_o,
+            Stage.GEN_HEAD: self._gen_head,
             Stage.GEN_FFN: self._gen_ffn,
             Stage.GEN_FFN_UP: self._gen_ffn_up,
             Stage.GEN_FFN_DOWN: self._gen_ffn_down,
@@ -471,7 +484,7 @@ class Server(Generic[A]):
         if req.arrays:
             raise ProtocolError("open carries no arrays")
         m, lim, c = req.meta, self.limits, self.c
-        missing = sorted(_META[Stage.OPEN] - set(m))
+        missing = sorted(_META[Stage.OPEN] - _OPEN_OPTIONAL - set(m))
         if missing:
             raise ProtocolError(f"open message lacks field(s) {missing}")
         n = field_int(m["n"], "n", 1, c.max_positions)
@@ -484,6 +497,9 @@ class Server(Generic[A]):
         l_e = field_int(m["l_e"], "l_e", 1, 1 << 16)
         max_length = field_int(m["max_length"], "max_length", n, c.max_positions)
         field_str(m["level"], "level", LEVELS)
+        attention = field_str(m.get("attention", "server"), "attention", ATTENTION_SITES)
+        gen_linear = field_str(m.get("gen_linear", "client"), "gen_linear", GEN_LINEAR_SITES)
+        wide = field_bool(m.get("wide", False), "wide")
         rows = max_length + max(r1, r2, r_lock)
         if rows > lim.max_rows:
             raise LimitError(f"a session of {rows} rows exceeds the server's limit of {lim.max_rows} rows")
@@ -496,7 +512,16 @@ class Server(Generic[A]):
             if len(self.sessions) >= lim.max_sessions:
                 raise LimitError(f"the server holds its limit of {lim.max_sessions} sessions; retry later")
             s: _Session[A] = _Session(
-                n, r1, r2, r_lock, *guard_blocks(c.n_layers, l_s, l_e), max_length, token=token
+                n,
+                r1,
+                r2,
+                r_lock,
+                *guard_blocks(c.n_layers, l_s, l_e),
+                max_length,
+                attention,
+                gen_linear,
+                wide,
+                token=token,
             )
             s.last_used = self.clock()
             self.sessions[req.session] = s
@@ -522,6 +547,8 @@ class Server(Generic[A]):
                 return
             if not 0 <= layer < L:
                 raise ProtocolError(f"layer {layer} out of range 0..{L - 1}")
+            if stage is Stage.ATTN and s.attention == "client" and layer not in s.middle:
+                raise ProtocolError(f"attention of guard block {layer} is the client's (attention='client')")
             if stage is Stage.QKV:
                 if layer != s.layer + 1 or s.ffn_done != layer - 1:
                     raise ProtocolError(f"qkv stage of block {layer} out of order")
@@ -530,8 +557,10 @@ class Server(Generic[A]):
             return
         if not s.head_done:
             raise ProtocolError(f"stage {stage.value!r} before the prefill finished")
-        if stage is Stage.LOCK and layer not in s.last:
-            raise ProtocolError(f"block {layer} is not a last guard block; it has no locked cache")
+        if stage is Stage.LOCK and (layer not in s.last or s.attention == "client"):
+            raise ProtocolError(
+                f"block {layer} has no locked cache (not a last guard block, or client attention)"
+            )
         if stage is Stage.SHARE and layer not in s.middle:
             raise ProtocolError(
                 f"key for block {layer} refused: only middle blocks {list(s.middle)} are shared"
@@ -543,14 +572,28 @@ class Server(Generic[A]):
                 raise ProtocolError(
                     f"position {s.n + req.step} is past the session's max length {s.max_length}"
                 )
-            if stage in (Stage.GEN_QKV, Stage.GEN_ATTN) and layer not in s.first:
-                raise ProtocolError(f"{stage.value} for block {layer}, which is not a first guard block")
-            if stage is Stage.GEN_LAST and layer not in s.last:
-                raise ProtocolError(f"gen_last for block {layer}, which is not a last guard block")
+            client_attn = s.attention == "client"
+            guards = set(s.first) | set(s.last)
+            if stage is Stage.GEN_QKV and layer not in (guards if client_attn else set(s.first)):
+                raise ProtocolError(
+                    f"gen_qkv for block {layer}: not a first guard block (nor a client-attention guard block)"
+                )
+            if stage is Stage.GEN_ATTN and (layer not in s.first or client_attn):
+                raise ProtocolError(
+                    f"gen_attn for block {layer}: not a first guard block, or client attention"
+                )
+            if stage is Stage.GEN_LAST and (layer not in s.last or client_attn):
+                raise ProtocolError(
+                    f"gen_last for block {layer}: not a last guard block, or client attention"
+                )
+            if stage is Stage.GEN_O and (layer not in guards or s.gen_linear != "server"):
+                raise ProtocolError(f"gen_o for block {layer}: not a guard block, or W_o is the client's")
+            if stage is Stage.GEN_HEAD and (layer != L or s.gen_linear != "server"):
+                raise ProtocolError("gen_head: the LM head of a generation step is the client's here")
             if stage is Stage.GEN_MID and (not s.middle or layer != s.middle.start):
                 raise ProtocolError(f"gen_mid names the first middle block; block {layer} is not it")
             guard_ffn = (Stage.GEN_FFN, Stage.GEN_FFN_UP, Stage.GEN_FFN_DOWN, Stage.GEN_ROUTER)
-            if stage in guard_ffn and layer not in s.first and layer not in s.last:
+            if stage in guard_ffn and layer not in guards:
                 raise ProtocolError(f"{stage.value} for block {layer}, which is not a guard block")
             if stage is Stage.GEN_MID and set(s.middle) - set(s.valid):
                 raise ProtocolError("gen_mid before every middle block's key was shared")
@@ -565,7 +608,12 @@ class Server(Generic[A]):
     def _arr(self, req: Request, name: str, shape: tuple[int, ...]) -> A:
         if name not in req.arrays:
             raise ProtocolError(f"{req.stage.value} message lacks array {name!r}")
-        return self.b.check(req.arrays[name], f"{req.stage.value}.{name}", shape)
+        return self._be(req).check(req.arrays[name], f"{req.stage.value}.{name}", shape)
+
+    def _be(self, req: Request) -> Backend[A]:
+        """The backend a message is computed on: the float64 twin for a blinded message sent wide
+        (``SCXConfig.blind_dtype``: β above the float32 limit), else the server's own."""
+        return self.b.widened() if req.meta.get("wide", False) is True else self.b
 
     def _experts(self, req: Request) -> np.ndarray | None:
         """The experts a blinded MoE message names (None for a dense model): 1 to top_k sorted, distinct
@@ -587,7 +635,7 @@ class Server(Generic[A]):
         commit_hex = str(req.meta["commit"])  # checked by _check_fields
         if not req.meta.get("normalized", False):
             x = self.b.norm(x, "attn", layer)
-        z = self.b.project(x, "wqkv", layer)
+        z = self._be(req).project(x, "wqkv", layer)
         s.meter.matmul(Stage.QKV, rows, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
         kv = self.b.compact(self.b.narrow(z, 1, c.q_dim, c.q_dim + 2 * c.kv_dim))  # not Q's memory too
         zk = self.b.narrow(kv, 1, 0, c.kv_dim)
@@ -613,7 +661,7 @@ class Server(Generic[A]):
         c, rows = self.c, s.n + s.r2
         x = self._arr(req, "x", (rows, c.q_dim))
         s.meter.matmul(Stage.O, rows, c.q_dim, c.hidden_size, "server")
-        return {"y": self.b.project(x, "wo", req.layer)}, self._nothing
+        return {"y": self._be(req).project(x, "wo", req.layer)}, self._nothing
 
     def _mlp_flops(self, meter: CostMeter, stage: Stage, rows: int, experts: int) -> None:
         c = self.c
@@ -628,7 +676,7 @@ class Server(Generic[A]):
             x = self._arr(req, "x", (rows, c.hidden_size))
             width = 2 * c.intermediate_size * (1 if experts is None else len(experts))
             s.meter.matmul(Stage.FFN, rows, c.hidden_size, width, "server")
-            return {"y": self.b.project(x, "w_gate_up", layer, experts)}, self._nothing
+            return {"y": self._be(req).project(x, "w_gate_up", layer, experts)}, self._nothing
         x = self._arr(req, "x", (rows, c.hidden_size))
         self._mlp_flops(s.meter, Stage.FFN, rows, c.top_k if c.is_moe else 1)
 
@@ -649,7 +697,7 @@ class Server(Generic[A]):
         width = c.intermediate_size * (1 if experts is None else len(experts))
         m = self._arr(req, "m", (rows, width))
         s.meter.matmul(req.stage, rows, width, c.hidden_size, "server")
-        y = self.b.project(m, "w_down", layer, experts)
+        y = self._be(req).project(m, "w_down", layer, experts)
 
         def commit() -> None:
             if req.meta.get("last", True):
@@ -661,7 +709,7 @@ class Server(Generic[A]):
         c, rows = self.c, s.n + s.r1
         x = self._arr(req, "x", (rows, c.hidden_size))
         s.meter.matmul(Stage.ROUTER, rows, c.hidden_size, c.n_experts, "server")
-        return {"y": self.b.project(x, "router", req.layer)}, self._nothing
+        return {"y": self._be(req).project(x, "router", req.layer)}, self._nothing
 
     def _head(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c, rows = self.c, s.n + s.r1
@@ -673,7 +721,7 @@ class Server(Generic[A]):
         def commit() -> None:
             s.head_done = True
 
-        return {"logits": self.b.project(x, "lm_head")}, commit
+        return {"logits": self._be(req).project(x, "lm_head")}, commit
 
     def _lock(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         k = self._arr(req, "k", (s.n + s.r_lock, self.c.kv_dim))
@@ -703,14 +751,24 @@ class Server(Generic[A]):
                 f"the key offered for block {layer} does not match that block's commitment "
                 "(a key for the wrong layer, or from another session)"
             )
-        b = self.b
+        b, wb = self.b, self._be(req)
         zk, zv = s.raw[layer]
         if "alpha" in req.arrays:  # a noised QKV stage: remove α W from the raw cache (T5 decode)
             alpha = self._arr(req, "alpha", (n + s.r1, c.hidden_size))
-            corr = b.correction(alpha, "wqkv", layer)
+            corr = wb.correction(alpha, "wqkv", layer)
             s.meter.matmul(Stage.SHARE, n + s.r1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
-            zk = unblind(zk, b.narrow(corr, 1, c.q_dim, c.q_dim + c.kv_dim), b)
-            zv = unblind(zv, b.narrow(corr, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim), b)
+            zk = unblind(
+                wb.floating(zk, "raw k", finite=False), wb.narrow(corr, 1, c.q_dim, c.q_dim + c.kv_dim), wb
+            )
+            zv = unblind(
+                wb.floating(zv, "raw v", finite=False),
+                wb.narrow(corr, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim),
+                wb,
+            )
+        zk, zv = (
+            b.floating(zk, "raw k", finite=False),
+            b.floating(zv, "raw v", finite=False),
+        )  # the cache's dtype
         shape = (n, c.n_kv_heads, c.head_dim)
         k = b.rope(b.reshape(decode_rows(zk, perm, n, b), shape), np.arange(n))  # T1 + T2 decode
         v = b.reshape(decode_rows(zv, perm, n, b), shape)
@@ -738,7 +796,7 @@ class Server(Generic[A]):
         c = self.c
         x = self._arr(req, "x", (1, c.hidden_size))
         s.meter.matmul(Stage.GEN_QKV, 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
-        return {"z": self.b.project(x, "wqkv", req.layer)}, self._gen_commit(s, req.step)
+        return {"z": self._be(req).project(x, "wqkv", req.layer)}, self._gen_commit(s, req.step)
 
     def _gen_attn(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c, m = self.c, s.n + req.step + 1
@@ -748,6 +806,20 @@ class Server(Generic[A]):
         s.meter.attention(Stage.GEN_ATTN, c.n_heads, 1, m, c.head_dim, "server")
         o = self.b.attention(q, k, v, np.array([m - 1]), None)
         return {"o": o}, self._gen_commit(s, req.step)
+
+    def _gen_o(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        """W_o of a guard block on the step's (blinded) attention output (``gen_linear="server"``)."""
+        c = self.c
+        x = self._arr(req, "x", (1, c.q_dim))
+        s.meter.matmul(Stage.GEN_O, 1, c.q_dim, c.hidden_size, "server")
+        return {"y": self._be(req).project(x, "wo", req.layer)}, self._gen_commit(s, req.step)
+
+    def _gen_head(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
+        """The LM head on the step's (blinded) normalized final row (``gen_linear="server"``)."""
+        c = self.c
+        x = self._arr(req, "x", (1, c.hidden_size))
+        s.meter.matmul(Stage.GEN_HEAD, 1, c.hidden_size, c.vocab_size, "server")
+        return {"logits": self._be(req).project(x, "lm_head")}, self._gen_commit(s, req.step)
 
     def _gen_ffn(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c = self.c
@@ -761,7 +833,7 @@ class Server(Generic[A]):
         x = self._arr(req, "x", (1, c.hidden_size))
         width = 2 * c.intermediate_size * (1 if experts is None else len(experts))
         s.meter.matmul(req.stage, 1, c.hidden_size, width, "server")
-        return {"y": self.b.project(x, "w_gate_up", req.layer, experts)}, self._gen_commit(s, req.step)
+        return {"y": self._be(req).project(x, "w_gate_up", req.layer, experts)}, self._gen_commit(s, req.step)
 
     def _gen_ffn_down(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c = self.c
@@ -769,13 +841,13 @@ class Server(Generic[A]):
         width = c.intermediate_size * (1 if experts is None else len(experts))
         m = self._arr(req, "m", (1, width))
         s.meter.matmul(req.stage, 1, width, c.hidden_size, "server")
-        return {"y": self.b.project(m, "w_down", req.layer, experts)}, self._gen_commit(s, req.step)
+        return {"y": self._be(req).project(m, "w_down", req.layer, experts)}, self._gen_commit(s, req.step)
 
     def _gen_router(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c = self.c
         x = self._arr(req, "x", (1, c.hidden_size))
         s.meter.matmul(Stage.GEN_ROUTER, 1, c.hidden_size, c.n_experts, "server")
-        return {"y": self.b.project(x, "router", req.layer)}, self._gen_commit(s, req.step)
+        return {"y": self._be(req).project(x, "router", req.layer)}, self._gen_commit(s, req.step)
 
     def _gen_mid(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         """Run every middle block alone on the server's valid caches (DESIGN §5.3): plaintext blocks

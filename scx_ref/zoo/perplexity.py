@@ -15,14 +15,14 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import ConfigError
-from ..protocol import Level
+from ..protocol import Level, SCXConfig
 from . import load_model
 from .corpus import corpus_tokens
 from .engines import LogitsFn, plain_logits, scx_config, scx_logits
@@ -147,12 +147,25 @@ def ppl_run(
     window: int = 1024,
     progress: bool = False,
     server: str | None = None,
+    config: SCXConfig | str | None = None,
 ) -> dict[str, Any]:
     """Plaintext vs SCX perplexity record of a registered model on the first ``tokens`` corpus tokens;
-    ``pass`` is |ΔPPL|/PPL ≤ PPL_CRITERION[dtype]. SCX runs on the ``scx serve`` at ``server`` if given."""
+    ``pass`` is |ΔPPL|/PPL ≤ PPL_CRITERION[dtype]. SCX runs on the ``scx serve`` at ``server`` if given.
+    ``config``: a whole SCX configuration, or the name of a preset of :mod:`scx_ref.protocol.presets`,
+    instead of ``level`` and ``beta``."""
     hf, tok, w = load_model(model, dtype)
+    config_name = config if isinstance(config, str) else None
+    if isinstance(config, str):
+        from ..protocol.presets import preset
+
+        config = preset(config).config(w.config.n_layers)
     ids = corpus_tokens(tokens, tok, w.config.vocab_size)
-    cfg = scx_config(level, beta, max_length=min(w.config.max_positions, max(window, 16)))
+    max_length = min(w.config.max_positions, max(window, 16))
+    if config is None:
+        cfg = scx_config(level, beta, max_length=max_length)
+    else:
+        cfg = replace(config, max_length=max_length)
+        level, beta = cfg.level, cfg.beta
     res = compare_ppl(
         ids,
         window,
@@ -161,6 +174,9 @@ def ppl_run(
         progress_bar(f"{model} {dtype} {level}", progress),
     )
     out: dict[str, Any] = {"kind": "ppl", "model": model, "dtype": dtype, "level": level, "beta": beta}
+    if config is not None:
+        out["config"] = cfg.to_dict()
+        out["preset"] = config_name
     out.update(res.to_dict())
     out["criterion_rel_delta_ppl"] = PPL_CRITERION[dtype]
     out["pass"] = bool(res.rel_delta_ppl <= PPL_CRITERION[dtype])

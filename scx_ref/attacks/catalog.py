@@ -1,0 +1,72 @@
+"""The one list of what the harness measures (DESIGN §8): each metric's key, its title in the tables, what
+it recovers and against which baseline it is judged.
+
+``target``: ``prompt`` (the victim's prompt tokens) or ``generated`` (the tokens SCX generated for it).
+``scoring``: ``pos`` (a token per position, right or wrong), ``bag`` (the multiset of tokens, order
+ignored) — or, for the statelessness row, ``stateless`` (greedy top-1 agreement of the server's own
+continuation, judged against a server that ignores the prompt). ``attack``: whether the metric is a
+recovery rate an attacker achieves (False: a diagnostic such as bag precision, decoys rejected, Kendall τ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["METRICS", "Metric", "attack_metrics", "metric"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One measured quantity of the attack harness (see the module doc)."""
+
+    key: str
+    title: str
+    target: Literal["prompt", "generated"]
+    scoring: Literal["pos", "bag", "stateless", "other"]
+    attack: bool = True
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("vm_qkv1_bag_recall", "VM QKV-1 bag", "prompt", "bag"),
+    Metric("vm_qkv1_map_bag_recall", "VM QKV-1 bag, MAP", "prompt", "bag"),
+    Metric("vm_qkv1_bag_precision", "VM QKV-1 bag precision", "prompt", "other", attack=False),
+    Metric("vm_resid1_bag_recall", "VM FFN−O-1 bag", "prompt", "bag"),
+    Metric("vm_attn1_pos_acc", "VM attn-1 fingerprint", "prompt", "pos"),
+    Metric("vm_cache_seq_pos_acc", "VM mid-cache seq.", "prompt", "pos"),
+    Metric("head_next_bag_recall", "LM-head rows → next tokens", "prompt", "bag"),
+    Metric("inv_cache_ridge_pos_acc", "inv cache ridge", "prompt", "pos"),
+    Metric("inv_cache_mlp_pos_acc", "inv cache MLP", "prompt", "pos"),
+    Metric("inv_ffn_ridge_bag_recall", "inv FFN-probe ridge", "prompt", "bag"),
+    Metric("inv_ffn_mlp_bag_recall", "inv FFN-probe MLP", "prompt", "bag"),
+    Metric("inv_ffn_noisy_bag_recall", "inv FFN-probe ridge, noise-aware", "prompt", "bag"),
+    Metric("inv_joint_bag_recall", "inv π₁ group (FFN-1, down-1, QKV-2), joint", "prompt", "bag"),
+    Metric("inv_attn_naive_pos_acc", "inv attn naive", "prompt", "pos"),
+    Metric("inv_attn_sigma_rec_pos_acc", "inv attn σ-rec", "prompt", "pos"),
+    Metric("inv_attn_sorted_pos_acc", "inv attn sorted", "prompt", "pos"),
+    Metric("recovered_pos_acc", "best prompt guess", "prompt", "pos"),
+    Metric("decoy_link_real_found", "resid. link: real rows found", "prompt", "other", attack=False),
+    Metric("decoy_link_decoys_rejected", "resid. link: decoys rejected", "prompt", "other", attack=False),
+    Metric("llm_reorder_exact", "LLM order exact", "prompt", "other", attack=False),
+    Metric("llm_reorder_kendall_tau", "LLM Kendall τ", "prompt", "other", attack=False),
+    Metric("vm_gen_seq_acc", "gen: VM gen-mid seq.", "generated", "pos"),
+    Metric("gen_qkv1_map_acc", "gen: QKV-1 row, MAP", "generated", "pos"),
+    Metric("gen_attn1_fp_acc", "gen: attn-1 fingerprint", "generated", "pos"),
+    Metric("gen_head_acc", "gen: LM-head row argmax", "generated", "pos"),
+    Metric("gen_joint_acc", "gen: every row of the step, joint", "generated", "pos"),
+    Metric("gen_predict_acc", "gen: continue best prompt guess", "generated", "pos"),
+    Metric("stateless_top1", "statelessness: server's best top-1", "generated", "stateless"),
+)
+
+
+def metric(key: str) -> Metric:
+    """The metric called ``key`` (KeyError if none)."""
+    for m in METRICS:
+        if m.key == key:
+            return m
+    raise KeyError(key)
+
+
+def attack_metrics() -> tuple[Metric, ...]:
+    """The metrics that are an attacker's recovery rate (judged against a baseline)."""
+    return tuple(m for m in METRICS if m.attack)

@@ -1,0 +1,353 @@
+"""The privacy/cost frontier of the named configurations (DESIGN §5.7): for each preset of
+:mod:`scx_ref.protocol.presets`, the strongest attack's recovery against what the configuration costs,
+whether it is exact, and its DP budget.
+
+Columns and where they come from (nothing is assumed; every number is a measurement or a computation
+from the model's weights):
+
+* recovery — ``scx attack --frontier`` (:func:`scx_ref.attacks.harness.run_setting`): the largest pooled
+  recovery over every prompt attack and over every generated-token attack, with its 95 % interval, the
+  statelessness test, and whether *every* attack is at its frequency-prior baseline;
+* cost per request — the protocol's own meters in that run: client flop share (prefill and decode), bytes
+  and round trips per prompt and per generated token, the client's per-request state per token;
+* latency — ``scx bench --configs …`` (median SCX / plaintext, online and with the offline work);
+* exactness — the float64 run's max relative logit error and greedy agreement (harness), and float32
+  |ΔPPL|/PPL and greedy agreement (:func:`exactness32`);
+* DP — :func:`scx_ref.dp.budget.request_budget` of the configuration's release plan (ε per prompt token,
+  basic composition) and the number of un-noised message kinds the plan exposes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..dp.budget import request_budget
+from ..dp.sensitivity import ModelSensitivities
+from ..protocol.config import SCXConfig
+from ..protocol.plan import ReleasePlan
+from . import catalog
+
+__all__ = [
+    "cheapest_at_baseline",
+    "dp_summary",
+    "exactness32",
+    "frontier_markdown",
+    "frontier_report",
+    "frontier_rows",
+    "plot_frontier",
+]
+
+
+def dp_summary(sens: ModelSensitivities, config: SCXConfig, prompt_len: int, tokens: int) -> dict[str, Any]:
+    """The configuration's DP budget for one prompt token (basic composition, pure ε) over a request of
+    ``prompt_len`` tokens and ``tokens`` generated ones, the prefill's alone, and the plan's exposures
+    (un-noised message kinds: outside any DP guarantee)."""
+    full = request_budget(sens, config, prompt_len=prompt_len, tokens=tokens, use_pld=False)
+    pre = request_budget(sens, config, prompt_len=prompt_len, tokens=0, use_pld=False)
+    plan = ReleasePlan.of(config, sens)
+    return {
+        "epsilon_request": full.epsilon_basic,
+        "epsilon_prefill": pre.epsilon_basic,
+        "releases_per_token": sum(s.count for s in full.stages),
+        "exposures": [str(e) for e in plan.exposures],
+    }
+
+
+def exactness32(
+    model: str, config: SCXConfig, tokens: int = 256, prompts: int = 2, new: int = 16
+) -> dict[str, Any]:
+    """float32 exactness of ``config`` on a registered model: |ΔPPL|/PPL over the first ``tokens`` corpus
+    tokens (one window) against the plaintext forward, and greedy agreement of ``prompts`` corpus prompts
+    × ``new`` tokens (DESIGN §6: bound 1e-5, greedy identical)."""
+    from ..zoo import load_model
+    from ..zoo.corpus import corpus_tokens
+    from ..zoo.engines import plain_generate, scx_generate
+    from ..zoo.perplexity import PPL_CRITERION, ppl_run
+
+    rec = ppl_run(model, "float32", tokens=tokens, window=tokens, config=config)
+    hf, tok, w = load_model(model, "float32")
+    ids = corpus_tokens(tokens + prompts * 64, tok, w.config.vocab_size)
+    cfg = replace(config, max_length=min(w.config.max_positions, 64))
+    plain, scx = plain_generate(hf, w, "float32"), scx_generate(w, "float32", cfg)
+    same = 0
+    for i in range(prompts):
+        prompt = ids[tokens + 64 * i : tokens + 64 * i + 32]
+        same += int(plain(prompt, new) == scx(prompt, new))
+    return {
+        "rel_delta_ppl": rec["rel_delta_ppl"],
+        "max_abs_dlogit": rec["max_abs_dlogit"],
+        "bound": PPL_CRITERION["float32"],
+        "pass": rec["pass"],
+        "greedy_identical": f"{same}/{prompts}",
+        "tokens": tokens,
+    }
+
+
+def _worst(setting: dict[str, Any], target: str) -> tuple[str | None, dict[str, Any] | None]:
+    """The attack of ``target`` with the highest pooled recovery (its key and rate record)."""
+    best: tuple[str | None, dict[str, Any] | None] = (None, None)
+    for m in catalog.attack_metrics():
+        r = (setting.get("rates") or {}).get(m.key)
+        if m.target != target or m.scoring == "stateless" or r is None:
+            continue
+        if best[1] is None or r["rate"] > best[1]["rate"]:
+            best = (m.key, r)
+    return best
+
+
+def _bench_for(bench: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    """Latency ratios of configuration ``name`` from an ``scx bench --json`` result (empty if absent)."""
+    out: dict[str, Any] = {}
+    for row in (bench or {}).get("rows", []):
+        if row.get("config", row.get("level")) != name:
+            continue
+        phase = row["phase"]
+        key = f"{phase}_n{row['n']}" if phase == "prefill" else phase
+        out[key] = row
+    return out
+
+
+def frontier_rows(result: dict[str, Any], bench: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per configuration of an ``scx attack --frontier`` result (the plaintext control first),
+    with the latency ratios of ``bench`` (an ``scx bench --json`` result) merged in by name."""
+    rows = []
+    for s in result["settings"]:
+        p_key, p_rate = _worst(s, "prompt")
+        g_key, g_rate = _worst(s, "generated")
+        verdicts = s.get("at_baseline") or {}
+        rows.append(
+            {
+                "name": s["setting"],
+                "summary": s["mechanism"],
+                "control": s.get("preset") is None,
+                "prompt_attack": p_key,
+                "prompt": p_rate,
+                "generated_attack": g_key,
+                "generated": g_rate,
+                "stateless": (s.get("rates") or {}).get("stateless_top1"),
+                "stateless_baseline": (s.get("baselines") or {}).get("no_prompt_top1"),
+                "baseline_prompt": (s.get("baselines") or {}).get("prompt_bag"),
+                "baseline_generated": (s.get("baselines") or {}).get("generated"),
+                "all_at_baseline": bool(verdicts) and all(verdicts.values()),
+                "above_baseline": sorted(k for k, v in verdicts.items() if not v),
+                "cost": s.get("cost", {}),
+                "exactness": s.get("exactness", {}),
+                "exactness32": s.get("exactness32"),
+                "dp": s.get("dp"),
+                "bench": _bench_for(bench, s["setting"]),
+            }
+        )
+    return rows
+
+
+def _cost_key(row: dict[str, Any]) -> float:
+    """What "cheapest" orders by: the prefill latency ratio at the longest benchmarked n with the offline
+    work counted (``total_ratio_median``: a pool entry per request), else the client's share of the
+    request's flops, online and offline together."""
+    prefills = [v for k, v in row["bench"].items() if k.startswith("prefill")]
+    if prefills:
+        longest = max(prefills, key=lambda r: r["n"])
+        return float(longest.get("total_ratio_median", longest["ratio_median"]))
+    c = row["cost"]
+    return float(c.get("client_flop_share", math.inf)) + float(c.get("offline_flop_share", 0.0))
+
+
+def cheapest_at_baseline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The cheapest configuration (not the control) at which every attack is at its baseline, or None."""
+    ok = [r for r in rows if not r["control"] and r["all_at_baseline"]]
+    return min(ok, key=_cost_key) if ok else None
+
+
+def _rate(r: dict[str, Any] | None) -> str:
+    return "–" if r is None else f"{r['rate']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]"
+
+
+def _eps(v: Any) -> str:
+    if v is None:
+        return "–"
+    v = float(v)
+    return "∞" if math.isinf(v) else f"{v:.3g}"
+
+
+def frontier_markdown(rows: list[dict[str, Any]]) -> str:
+    """The frontier table (markdown): recovery, cost, exactness and DP per configuration."""
+    head = (
+        "| configuration | best prompt attack | best generated-token attack | statelessness: server top-1 "
+        "(no prompt) | every attack at baseline | client flops online (offline): prefill / decode | "
+        "bytes per prompt · per token | round trips per prompt · per token | client state / token | "
+        "latency prefill · decode | "
+        "exactness f64 · f32 | ε per token (prefill · request) | exposures |"
+    )
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        c, e, dp, b = r["cost"], r["exactness"], r["dp"] or {}, r["bench"]
+        st = r["stateless"]
+        stb = r["stateless_baseline"]
+        state = "–" if st is None else f"{st['rate']:.2f} ({stb['rate']:.2f})" if stb else f"{st['rate']:.2f}"
+        verdict = (
+            "–"
+            if r["control"]
+            else ("**yes**" if r["all_at_baseline"] else f"no ({len(r['above_baseline'])})")
+        )
+        lat = _latency(b)
+        e32 = r["exactness32"]
+        ex = f"{e.get('max_rel_logit_err', float('nan')):.0e}"
+        if e32:
+            ex += f" · {e32['rel_delta_ppl']:.0e} ({e32['greedy_identical']})"
+        lines.append(
+            f"| {r['name']} | {_rate(r['prompt'])} {_short(r['prompt_attack'])} | "
+            f"{_rate(r['generated'])} {_short(r['generated_attack'])} | {state} | {verdict} | "
+            f"{_pct(c.get('client_flop_share_prefill'))} ({_pct(c.get('offline_flop_share_prefill'))}) / "
+            f"{_pct(c.get('client_flop_share_decode'))} ({_pct(c.get('offline_flop_share_decode'))}) | "
+            f"{_bytes(c.get('bytes_per_prompt'))} · {_bytes(c.get('bytes_per_token'))} | "
+            f"{c.get('round_trips_per_prompt', 0):.0f} · {c.get('round_trips_per_token', 0):.0f} | "
+            f"{_bytes(c.get('client_state_bytes_per_token'))} | {lat} | {ex} | "
+            f"{_eps(dp.get('epsilon_prefill'))} · {_eps(dp.get('epsilon_request'))} | "
+            f"{len(dp.get('exposures', [])) if dp else '–'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None else f"{100 * float(v):.0f} %"
+
+
+def _short(key: str | None) -> str:
+    return "" if key is None else f"({catalog.metric(key).title})"
+
+
+def _bytes(v: Any) -> str:
+    if v is None:
+        return "–"
+    v = float(v)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(v) < 1024 or unit == "GB":
+            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1024
+    return f"{v:.1f} GB"
+
+
+def _latency(bench: dict[str, Any]) -> str:
+    if not bench:
+        return "–"
+    pre = [v for k, v in bench.items() if k.startswith("prefill")]
+    parts = []
+    if pre:
+        longest = max(pre, key=lambda r: r["n"])
+        parts.append(f"{longest['ratio_median']:.2f}× (n={longest['n']})")
+    if "decode" in bench:
+        parts.append(f"{bench['decode']['ratio_median']:.2f}×")
+    return " · ".join(parts)
+
+
+def plot_frontier(rows: list[dict[str, Any]], path: str | Path, model: str = "") -> Path:
+    """Recovery (the strongest prompt and generated-token attack, 95 % intervals) against cost (the
+    ordering cost of :func:`cheapest_at_baseline`), with the frequency-prior baseline band; PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pts = [r for r in rows if not r["control"] and r["prompt"] is not None]
+    use_bench = all(r["bench"] for r in pts) and bool(pts)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for target, marker, color in (("prompt", "o", "tab:red"), ("generated", "s", "tab:blue")):
+        sel = [r for r in pts if r[target] is not None]
+        xs = np.array([_cost_key(r) for r in sel])
+        ys = np.array([r[target]["rate"] for r in sel])
+        lo = ys - np.array([r[target]["lo"] for r in sel])
+        hi = np.array([r[target]["hi"] for r in sel]) - ys
+        ax.errorbar(
+            xs, ys, yerr=[lo, hi], fmt=marker, color=color, capsize=3, label=f"strongest {target} attack"
+        )
+        for x, y, r in zip(xs, ys, sel, strict=True):
+            if target == "prompt":
+                ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    base = [r["baseline_prompt"] for r in pts if r["baseline_prompt"]]
+    if base:
+        ax.axhspan(
+            0, max(b["hi"] for b in base), color="grey", alpha=0.2, label="frequency-prior baseline (95 %)"
+        )
+    ax.set_xlabel(
+        "prefill latency ratio with the offline mask derivation (SCX / plaintext)"
+        if use_bench
+        else "client flop share, online + offline"
+    )
+    ax.set_ylabel("fraction of tokens recovered")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(f"Recovery vs cost, {model}".rstrip(", "))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _verdict_text(rows: list[dict[str, Any]]) -> str:
+    best = cheapest_at_baseline(rows)
+    if best is None:
+        lines = ["**No configuration reaches the baseline on every attack.** What stays above it:", ""]
+        for r in rows:
+            if not r["control"]:
+                above = ", ".join(catalog.metric(k).title for k in r["above_baseline"]) or "–"
+                lines.append(f"- {r['name']}: {above}")
+        return "\n".join(lines)
+    c = best["cost"]
+    return (
+        f"**Cheapest configuration with every attack at its baseline: `{best['name']}`** "
+        f"({best['summary']}) — "
+        f"client flop share {_pct(c.get('client_flop_share_prefill'))} online + "
+        f"{_pct(c.get('offline_flop_share_prefill'))} offline at prefill, "
+        f"{_pct(c.get('client_flop_share_decode'))} + {_pct(c.get('offline_flop_share_decode'))} "
+        "per decode step, "
+        f"{_bytes(c.get('bytes_per_prompt'))} and {c.get('round_trips_per_prompt', 0):.0f} round trips per "
+        f"prompt, {_bytes(c.get('bytes_per_token'))} and {c.get('round_trips_per_token', 0):.0f} round trips "
+        f"per generated token; latency {_latency(best['bench'])}."
+    )
+
+
+def frontier_report(
+    result: dict[str, Any], bench: dict[str, Any] | None = None, plots: str | None = None, findings: str = ""
+) -> str:
+    """FRONTIER.md: the command, the verdict, the frontier table, the attack table with 95 % intervals and
+    the statelessness table, links to the plot and the findings."""
+    from .report import markdown_table
+
+    rows = frontier_rows(result, bench)
+    lines = [
+        f"# The privacy/cost frontier of SCX, measured ({result['model']})",
+        "",
+        "Generated by `python -m scx_ref.attacks.report` from the JSON of:",
+        "",
+        f"    {result.get('command', '?')}",
+        "",
+    ]
+    if bench is not None:
+        lines += ["and the latency ratios of:", "", f"    {bench.get('meta', {}).get('command', '?')}", ""]
+    lines += [
+        f"{result['n_prompts']} victim prompts × {result['prompt_len']} tokens, {result['n_new']} generated "
+        f"tokens each ({result['n_new'] - 1} decode steps); victims: {result.get('victims', '?')}; "
+        f"{result.get('public_tokens', '?')} public tokens for the attacker; "
+        f"run time {result.get('seconds', '?')} s. "
+        "Recovery: the fraction of tokens recovered, pooled over prompts, with its 95 % Wilson interval; "
+        "✓ = at the frequency-prior baseline (no higher than the baseline's upper bound).",
+        "",
+        _verdict_text(rows),
+        "",
+        frontier_markdown(rows),
+        "Every attack (✓: at its baseline; – not run: the configuration never sends that message):",
+        "",
+        markdown_table(result, intervals=True),
+    ]
+    if plots:
+        lines += [f"Plot: [recovery vs cost]({plots}/frontier.png)", ""]
+    if findings:
+        lines += ["## Findings", "", findings.strip(), ""]
+    return "\n".join(lines)

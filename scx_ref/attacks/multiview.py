@@ -1,0 +1,113 @@
+"""Joint noise-aware inversion of many views of one token (DESIGN §8: the strongest fitting attack on
+blinded stages that this project knows).
+
+One-time Laplace noise hides each message on its own, but the server often receives *several* noised
+messages about the same token whose rows it can align:
+
+* **a generation step** sends one row per stage and block — at level ``blind`` with every block guarded,
+  the QKV input, the attention output, the MLP input and the SwiGLU product of every block, each with its
+  own noise (:data:`~scx_ref.stages.Stage.GEN_QKV`, ``GEN_O``, ``GEN_FFN_UP``, ``GEN_FFN_DOWN``): one row
+  each, all about the step's token;
+* **a prefill permutation group**: block i's FFN stage, its down-projection input and block i+1's QKV
+  stage are sent under the same π_{i+1}, so row j of each is the same token.
+
+For every view the attacker fits a ridge inverter on public rows in the message's own form (normalized or
+raw, plus Laplace noise of the view's β, which the public configuration fixes), weighs it by its mean
+cosine on held-out public rows, and sums the views' predicted unit embeddings: independent noise averages
+out across views. A view with no noise (β = 0) is simply a very good view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import ops
+from ..transforms import laplace_noise
+from ..weights import DenseMLP, ModelWeights
+from .inversion import Inverter, fit_inverter
+
+__all__ = ["Form", "JointInverter", "public_rows"]
+
+Array = npt.NDArray[Any]
+#: What a message row is, as a function of the plaintext forward at its block: ``x`` the block input,
+#: ``xhat`` its attention RMSNorm, ``o`` the attention output, ``h`` the residual before the MLP, ``hn`` its
+#: MLP RMSNorm, ``m`` the SwiGLU product silu(hn W_gate) ⊙ hn W_up (a dense block's down-projection input).
+Form = Literal["x", "xhat", "o", "h", "hn", "m"]
+
+
+def public_rows(weights: ModelWeights, traces: Sequence[Any], form: Form, block: int) -> Array:
+    """The rows of ``form`` at ``block`` for every public token (the traces' windows, in order)."""
+    c = weights.config
+    lw = weights.layers[block]
+    if form == "x":
+        return np.concatenate([t.x[block] for t in traces])
+    if form == "xhat":
+        return np.concatenate([t.xhat[block] for t in traces])
+    if form == "o":
+        return np.concatenate([t.o[block] for t in traces])
+    h = np.concatenate([t.h[block] for t in traces])
+    if form == "h":
+        return h
+    hn = ops.rms_norm(h, lw.mlp_norm, c.rms_eps)
+    if form == "hn":
+        return hn
+    if not isinstance(lw.mlp, DenseMLP):
+        raise ValueError("the SwiGLU-product form is per expert in an MoE block")
+    return np.asarray(ops.silu(hn @ lw.mlp.w_gate) * (hn @ lw.mlp.w_up))
+
+
+@dataclass
+class JointInverter:
+    """Per-view ridge inverters and their held-out weights (see the module doc)."""
+
+    views: list[tuple[Inverter, float]]
+
+    @classmethod
+    def fit(
+        cls,
+        public: Sequence[Array],
+        betas: Sequence[float],
+        tokens: Array,
+        weights: ModelWeights,
+        table: Array,
+        seed: int = 0,
+        holdout: float = 0.2,
+    ) -> JointInverter:
+        """Fit one ridge inverter per view on the public rows ``public[v]`` plus Laplace(``betas[v]``)
+        noise (the attacker's own draw), on the first 1 − ``holdout`` of the tokens; weigh each by its mean
+        cosine to the true unit embedding on the rest (clipped at 0: a useless view gets no weight)."""
+        rng = np.random.default_rng(seed)
+        cut = int(len(tokens) * (1 - holdout))
+        views: list[tuple[Inverter, float]] = []
+        for rows, beta in zip(public, betas, strict=True):
+            noisy = rows + laplace_noise(rows.shape, beta, rng) if beta > 0 else rows
+            inv = fit_inverter(noisy[:cut], tokens[:cut], weights, "ridge", lam=10.0, table=table)
+            cos = float(np.mean(np.sum(inv.embed(noisy[cut:]) * table[tokens[cut:]], axis=1)))
+            views.append((inv, max(cos, 0.0)))
+        return cls(views)
+
+    def embed(self, observed: Sequence[Array]) -> Array:
+        """The weighted sum of the views' predicted unit embeddings (rows × d) of aligned observed rows."""
+        if len(observed) != len(self.views):
+            raise ValueError(f"{len(observed)} observed views for {len(self.views)} fitted ones")
+        out: Array | None = None
+        for (inv, weight), rows in zip(self.views, observed, strict=True):
+            part = weight * inv.embed(rows)
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+
+    def predict(self, observed: Sequence[Array]) -> Array:
+        """The token of each aligned row: the vocabulary row most similar to the combined embedding."""
+        table = self.views[0][0].table
+        return np.asarray(np.argmax(self.embed(observed) @ table.T, axis=1))
+
+    @property
+    def heldout_weight(self) -> float:
+        """The sum of the views' held-out cosines (how much the attacker expects to learn)."""
+        return float(sum(w for _, w in self.views))

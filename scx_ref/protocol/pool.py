@@ -1,0 +1,134 @@
+"""The offline mask pool (DESIGN §4 T5, §5.7): one-time blinding masks η and their corrections η·W for
+future requests, derived before any prompt exists.
+
+Every mask is a function of the key schedule alone — the master secret, a request's nonce and the
+release's key label (:meth:`~scx_ref.protocol.plan.Release.label`) — so the client can draw a fresh nonce
+per future request and compute, ahead of time, η and η·W of every release of the configuration's
+:class:`~scx_ref.protocol.plan.ReleasePlan`: the prefill's for a prompt of up to ``capacity`` tokens,
+and those of the first ``steps`` decode steps. A request then only adds η and subtracts η·W: the
+O(rows·d²) corrections leave the critical path.
+
+**Exactly once.** An entry is a :class:`~scx_ref.protocol.prepare.PreparedKeys` under its own fresh nonce.
+:meth:`MaskPool.take` removes it from the pool; the request that uses it drops each (η, η·W) as it reads it;
+the client refuses a second request under a nonce it already used (SessionError) — so no mask is ever
+sent twice, and the server never sees two messages blinded by the same η.
+
+**Any length up to capacity.** The noise stream is read row by row, so the η of a prompt of n ≤ capacity
+tokens is exactly the first n + r rows of the capacity's η (η·W likewise, row by row); the token
+permutations, which do depend on n, are derived when the prompt arrives (O(n) per block).
+
+**Cost.** :attr:`MaskPool.bytes_per_prompt_token` and :attr:`MaskPool.bytes_per_step` are the memory an
+entry takes per prompt token and per decode step (η and η·W of every release, in the blinded stages'
+dtype); :attr:`MaskPool.tokens_per_second` is the fill throughput measured so far.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Generic
+
+from ..backends.base import A
+from ..errors import ProtocolError
+from ..keys import KeySchedule
+from .prepare import PreparedKeys
+
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["MaskPool"]
+
+
+class MaskPool(Generic[A]):
+    """One-time masks for ``client``'s next requests: each entry serves one prompt of at most
+    ``capacity`` tokens and ``steps`` decode steps. Creating the pool attaches it to the client, whose
+    :meth:`~scx_ref.protocol.client.Client.prefill` then takes an entry per request (while any is left;
+    afterwards it derives its masks itself, as without a pool)."""
+
+    def __init__(self, client: Client[A], capacity: int, steps: int = 0) -> None:
+        if not 1 <= capacity <= client.max_length:
+            raise ProtocolError(
+                f"a pool entry serves 1 to max_length = {client.max_length} tokens, not {capacity}"
+            )
+        if steps < 0 or capacity + steps > client.max_length:
+            raise ProtocolError(f"{steps} decode steps after {capacity} tokens exceed max_length")
+        self.client = client
+        self.capacity = capacity
+        self.steps = steps
+        self._entries: deque[PreparedKeys[A]] = deque()
+        self._nonces: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.seconds = 0.0  # wall time spent filling
+        self.filled = 0  # entries filled so far
+        self.bytes_per_prompt_token = 0.0
+        self.bytes_per_step = 0.0
+        client.pool = self
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def fill(self, count: int = 1, background: bool = False) -> None:
+        """Derive ``count`` more entries, each under a fresh nonce (in a background thread when asked:
+        :meth:`wait` joins it)."""
+        if count < 0:
+            raise ProtocolError(f"count must be >= 0, got {count}")
+        if background:
+            self.wait()
+
+            def run() -> None:
+                try:
+                    self._fill(count)
+                except BaseException as exc:  # re-raised by wait()
+                    self._error = exc
+
+            self._thread = threading.Thread(target=run, name="scx-mask-pool", daemon=True)
+            self._thread.start()
+        else:
+            self._fill(count)
+
+    def _fill(self, count: int) -> None:
+        for _ in range(count):
+            nonce = KeySchedule.new_nonce()
+            t0 = time.perf_counter()
+            entry = self.client._new_prepared(nonce, self.capacity)
+            entry.fill(self.steps, perms=False)
+            self.seconds += time.perf_counter() - t0
+            prefill = entry.mask_bytes_of(step=False)
+            self.bytes_per_prompt_token = prefill / self.capacity
+            self.bytes_per_step = (entry.mask_bytes - prefill) / self.steps if self.steps else 0.0
+            with self._lock:
+                if nonce in self._nonces:  # 128-bit nonces: never, but a repeat must not be served
+                    continue
+                self._nonces.add(nonce)
+                self._entries.append(entry)
+                self.filled += 1
+
+    def wait(self) -> None:
+        """Wait for a background :meth:`fill` (re-raising its error)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def take(self, n: int) -> PreparedKeys[A]:
+        """Remove and return the oldest entry, bound to a prompt of ``n`` tokens (ProtocolError when the
+        pool is empty or n exceeds its capacity). The entry is never handed out again."""
+        if not 1 <= n <= self.capacity:
+            raise ProtocolError(f"this pool's entries serve prompts of 1 to {self.capacity} tokens, not {n}")
+        with self._lock:
+            if not self._entries:
+                raise ProtocolError("the mask pool is empty: fill it first")
+            entry = self._entries.popleft()
+        entry.bind(n)
+        return entry
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Fill throughput: prompt tokens of masks derived per second of filling."""
+        return self.filled * self.capacity / self.seconds if self.seconds else 0.0
