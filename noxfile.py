@@ -61,7 +61,8 @@ def mutation(session: nox.Session) -> None:
     _install(session)
     # pinned: mutant names (which mutation/annotations.toml refers to) may change between mutmut releases
     session.install("mutmut==3.8.1")
-    session.run("python", "-m", "mutation.run", *session.posargs)
+    invoked = " ".join(["nox -s mutation", *(["--", *session.posargs] if session.posargs else [])])
+    session.run("python", "-m", "mutation.run", *session.posargs, env={"MUTATION_INVOKED_AS": invoked})
 
 
 @nox.session
