@@ -33,9 +33,9 @@ def thorough(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the library."""
+    """mypy --strict on the library, the full-model runs (models/) and the proofs."""
     _install(session)
-    session.run("mypy", "--strict", "scx_ref")
+    session.run("mypy", "--strict", "scx_ref", "models", "proofs")
 
 
 @nox.session

@@ -16,30 +16,22 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from . import MODEL_NAMES, load_model
-from .corpus import corpus_tokens, prompts
-from .engines import plain_generate, plain_logits, scx_config, scx_generate, scx_logits
-from .perplexity import compare_ppl, windows
+from scx_ref.protocol import Level
+from scx_ref.zoo import MODEL_NAMES, load_model
+from scx_ref.zoo.corpus import corpus_tokens, prompts
+from scx_ref.zoo.engines import LogitsFn, plain_generate, plain_logits, scx_config, scx_generate, scx_logits
+from scx_ref.zoo.perplexity import PPL_CRITERION, compare_ppl, ppl_run, progress_bar, windows
 
-__all__ = ["PPL_CRITERION", "generate_run", "main", "ppl_run", "sweep_run"]
+__all__ = ["generate_run", "main", "sweep_run"]
 
-# |ΔPPL| / PPL bound per dtype (DESIGN §6)
-PPL_CRITERION = {"float32": 1e-5, "float64": 1e-9}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def _progress(desc: str, enabled: bool) -> Callable[[Iterable[Any]], Iterable[Any]] | None:
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return lambda it: tqdm(list(it), desc=desc, unit="window", file=sys.stderr)
 
 
 def _env() -> dict[str, Any]:
@@ -55,37 +47,10 @@ def _env() -> dict[str, Any]:
     }
 
 
-def ppl_run(
-    model: str,
-    dtype: str = "float32",
-    level: str = "permute",
-    beta: float = 5.0,
-    tokens: int = 4096,
-    window: int = 1024,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Plaintext vs SCX perplexity record; ``pass`` is |ΔPPL|/PPL ≤ PPL_CRITERION[dtype]."""
-    hf, tok, w = load_model(model, dtype)
-    ids = corpus_tokens(tokens, tok, w.config.vocab_size)
-    cfg = scx_config(level, beta, max_length=min(w.config.max_positions, max(window, 16)))
-    res = compare_ppl(
-        ids,
-        window,
-        plain_logits(hf, w, dtype),
-        scx_logits(w, dtype, cfg),
-        _progress(f"{model} {dtype} {level}", progress),
-    )
-    out: dict[str, Any] = {"kind": "ppl", "model": model, "dtype": dtype, "level": level, "beta": beta}
-    out.update(res.to_dict())
-    out["criterion_rel_delta_ppl"] = PPL_CRITERION[dtype]
-    out["pass"] = bool(res.rel_delta_ppl <= PPL_CRITERION[dtype])
-    return out
-
-
 def generate_run(
     model: str,
     dtype: str = "float32",
-    level: str = "permute",
+    level: Level = "permute",
     beta: float = 5.0,
     n_prompts: int = 8,
     prompt_len: int = 32,
@@ -127,13 +92,19 @@ def generate_run(
     }
 
 
+def _replay(cached: Sequence[npt.NDArray[Any]]) -> LogitsFn:
+    """The precomputed logits of the windows, one per call, in order (the plaintext side of a sweep)."""
+    it = iter(cached)
+    return lambda _ids: next(it)
+
+
 def sweep_run(
     model: str,
     dtypes: Sequence[str],
     betas: Sequence[float],
     tokens: int = 1024,
     window: int = 512,
-    level: str = "blind",
+    level: Level = "blind",
     progress: bool = False,
 ) -> dict[str, Any]:
     """ΔPPL against β at ``level`` (plaintext once per dtype); each row says if it meets PPL_CRITERION."""
@@ -147,13 +118,12 @@ def sweep_run(
         for beta in betas:
             cfg = scx_config(level, beta, max_length=min(w.config.max_positions, max(window, 16)))
             scx = scx_logits(w, dtype, cfg)
-            it = iter(cached)
             res = compare_ppl(
                 ids,
                 window,
-                lambda _w, it=it: next(it),
+                _replay(cached),
                 scx,
-                _progress(f"{model} {dtype} β={beta:g}", progress),
+                progress_bar(f"{model} {dtype} β={beta:g}", progress),
             )
             crit = PPL_CRITERION[dtype]
             row = {"dtype": dtype, "beta": beta, **res.to_dict(), "criterion_rel_delta_ppl": crit}

@@ -7,6 +7,6 @@ do not import ``scx_ref``.
 
 from __future__ import annotations
 
-from proofs._registry import REGISTRY, Identity, all_identities, identity
+from proofs._registry import REGISTRY, Identity, Implementation, all_identities, identity
 
-__all__ = ["REGISTRY", "Identity", "all_identities", "identity"]
+__all__ = ["REGISTRY", "Identity", "Implementation", "all_identities", "identity"]

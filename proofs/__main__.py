@@ -47,6 +47,8 @@ def run(filters: Sequence[str] = (), *, controls: bool = True, out: TextIO | Non
             failures += 1
             verdict = f"FAILED ({error})" if error else "FAILED (did not simplify to 0)"
         print(f"{entry.name:<{width}}  {verdict}  ({seconds:.2f}s)  covers: {entry.covers}", file=stream)
+        for impl in entry.implements:
+            print(f"    implements: {impl.function}", file=stream)
         if not controls:
             continue
         for control_name, control in entry.negative_controls:
@@ -91,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         for entry in _selected(all_identities(), args.filters):
             print(f"{entry.name}  [{entry.covers}]")
+            for impl in entry.implements:
+                print(f"    - implements: {impl.function}")
             for control_name, _ in entry.negative_controls:
                 print(f"    - negative control: {control_name}")
         return 0

@@ -1,9 +1,16 @@
-"""The registry of identities: each entry is a symbolic check plus its negative controls.
+"""The registry of identities: each entry is a symbolic check plus its negative controls, and the
+scx_ref functions it is about.
 
 An :class:`Identity` is proved when ``check()`` returns ``True``. Each negative control is a deliberately
 wrong variant run through the *same* checker function; it is correctly rejected when it returns ``False``.
 A checker that accepted its negative control would be a checker that cannot fail, so the runner treats an
 accepted control as a failure.
+
+``implements`` names the library functions whose identity the entry proves (:class:`Implementation`),
+each with the proof's own symbolic statement of that function — the very expression the checker uses.
+``tests/test_proof_links.py`` evaluates each named function on random instances against its symbolic
+statement, so a proof cannot silently drift from the code the protocol runs. The proofs themselves
+never import scx_ref.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 Check = Callable[[], bool]
 
@@ -30,6 +38,16 @@ FAMILIES: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class Implementation:
+    """A library function (dotted path, e.g. ``scx_ref.transforms.permute_rows``) and the proof's symbolic
+    statement of it: ``symbolic`` takes the function's arguments in sympy form (matrices as
+    ``sympy.Matrix``, permutations as tuples) and returns what the function must return."""
+
+    function: str
+    symbolic: Callable[..., Any]
+
+
+@dataclass(frozen=True)
 class Identity:
     """One machine-checked identity.
 
@@ -44,6 +62,7 @@ class Identity:
     check: Check
     negative_controls: list[tuple[str, Check]] = field(default_factory=list)
     proved_label: str = "PROVED"
+    implements: tuple[Implementation, ...] = ()
 
 
 REGISTRY: list[Identity] = []
@@ -54,13 +73,16 @@ def identity(
     covers: str,
     negative_controls: Sequence[tuple[str, Check]] = (),
     proved_label: str = "PROVED",
+    implements: Sequence[Implementation] = (),
 ) -> Callable[[Check], Check]:
     """Register the decorated zero-argument function as the check of a new :class:`Identity`."""
 
     def register(check: Check) -> Check:
         if any(entry.name == name for entry in REGISTRY):
             raise ValueError(f"identity {name!r} registered twice")
-        REGISTRY.append(Identity(name, covers, check, list(negative_controls), proved_label))
+        REGISTRY.append(
+            Identity(name, covers, check, list(negative_controls), proved_label, tuple(implements))
+        )
         return check
 
     return register

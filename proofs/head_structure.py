@@ -20,7 +20,7 @@ import itertools
 
 import sympy as sp
 
-from proofs._registry import identity
+from proofs._registry import Implementation, identity
 from proofs._sym import (
     Perm,
     attention,
@@ -36,17 +36,55 @@ _HKV, _G, _DH, _N = 2, 2, 2, 2
 _SCALE = sp.Symbol("s", positive=True)
 
 
+#: A head permutation in sympy form: (KV-group order τ, per-group coordinate permutations σ_g).
+HeadPerm = tuple[Perm, tuple[Perm, ...]]
+
+
+def kv_permutation(tau: Perm, sigmas: tuple[Perm, ...]) -> Perm:
+    """The head-structured p of (τ, σ) as an index array ``K[:, p]``: encoded KV head g' holds true head
+    τ[g'] with its coordinates permuted by that head's σ."""
+    dh = len(sigmas[0])
+    return tuple(tau[g] * dh + sigmas[tau[g]][c] for g in range(len(tau)) for c in range(dh))
+
+
 def head_structured() -> list[Perm]:
     """Every p = (reorder the KV groups by τ) ∘ (σ_g inside group g), as an index array ``K[:, p]``."""
-    out: list[Perm] = []
-    for tau in perms(_HKV):
-        for sigmas in itertools.product(list(perms(_DH)), repeat=_HKV):
-            # encoded KV head g' holds true head tau[g'] with its coordinates permuted by that head's σ
-            out.append(tuple(tau[g] * _DH + sigmas[tau[g]][c] for g in range(_HKV) for c in range(_DH)))
-    return out
+    return [
+        kv_permutation(tau, sigmas)
+        for tau in perms(_HKV)
+        for sigmas in itertools.product(list(perms(_DH)), repeat=_HKV)
+    ]
 
 
-def lift_to_queries(p: Perm, *, move_query_heads: bool = True) -> Perm:
+def flat_index(perm: HeadPerm, group_size: int) -> Perm:
+    """The feature index of the head-structured P on rows of H = H_kv·G heads: the lift of its KV
+    permutation to the query heads (``scx_ref.transforms.HeadPermutation.flat_index``)."""
+    tau, sigmas = perm
+    return lift_to_queries(kv_permutation(tau, sigmas), n_kv=len(tau), group=group_size, dh=len(sigmas[0]))
+
+
+def head_permute(x: sp.Matrix, perm: HeadPerm, group_size: int) -> sp.Matrix:
+    """T3 encode of rows × (H·d_h) features as the proof writes it: ``X[:, lift(p)]``
+    (``scx_ref.transforms.head_permute``)."""
+    return permute_cols(x, flat_index(perm, group_size))
+
+
+def head_unpermute(y: sp.Matrix, perm: HeadPerm, group_size: int) -> sp.Matrix:
+    """T3 decode: ``Y[:, lift(p)⁻¹]`` (``scx_ref.transforms.head_unpermute``)."""
+    return permute_cols(y, inverse(flat_index(perm, group_size)))
+
+
+#: The library functions the head-structure identities are about, with the expressions the checker uses.
+IMPLEMENTS = (
+    Implementation("scx_ref.transforms.HeadPermutation.flat_index", flat_index),
+    Implementation("scx_ref.transforms.head_permute", head_permute),
+    Implementation("scx_ref.transforms.head_unpermute", head_unpermute),
+)
+
+
+def lift_to_queries(
+    p: Perm, *, move_query_heads: bool = True, n_kv: int = _HKV, group: int = _G, dh: int = _DH
+) -> Perm:
     """The query-coordinate permutation induced by the KV-coordinate permutation ``p``.
 
     Encoded query head (g', j) coordinate c' takes true query head (g, j) coordinate c, where (g, c) is the
@@ -54,12 +92,12 @@ def lift_to_queries(p: Perm, *, move_query_heads: bool = True) -> Perm:
     at (g', j) and only the coordinate is taken from there: ``Q[(g', j), c]``.
     """
     lifted: list[int] = []
-    for g_new in range(_HKV):
-        for j in range(_G):
-            for c_new in range(_DH):
-                g, c = divmod(p[g_new * _DH + c_new], _DH)
+    for g_new in range(n_kv):
+        for j in range(group):
+            for c_new in range(dh):
+                g, c = divmod(p[g_new * dh + c_new], dh)
                 source_group = g if move_query_heads else g_new
-                lifted.append((source_group * _G + j) * _DH + c)
+                lifted.append((source_group * group + j) * dh + c)
     return tuple(lifted)
 
 
@@ -115,6 +153,7 @@ _GROUP_SWAP: Perm = (2, 3, 0, 1)  # reorders the two KV groups
 @identity(
     "head_structure.head_structured_exact",
     "GQA 4 query / 2 KV heads, d_h=2, n=2, causal; all 8 head-structured P",
+    implements=IMPLEMENTS,
     negative_controls=[
         ("P mixing coordinates across heads", lambda: check_head_perms([_CROSS_HEAD])),
         (

@@ -12,6 +12,11 @@ With p(z | a) = Π_i exp(−|z_i − a_i| / β) / (2β):
 
 Negative controls, through the same checker: the per-coordinate reading ε = ‖a − a′‖∞ / β (the paper's
 Δf, not a DP guarantee for d ≥ 2), and a bound of half the ℓ1 distance.
+
+Sampling (``laplace.inverse_cdf``): the sampler's map from a uniform u ∈ (0, 1) to η,
+Q(u) = −β·sign(u − ½)·ln(1 − 2|u − ½|), is the inverse of the CDF F(z) = ∫_{−∞}^{z} p(t | 0) dt of the same
+density: F(Q(u)) = u on (0, ½) and on [½, 1). Negative controls: Q without the factor 2 inside the
+logarithm, and Q with the sign flipped.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import sympy as sp
 
-from proofs._registry import identity
+from proofs._registry import Implementation, identity
 from proofs._sym import is_zero, nonnegative_on_every_ordering
 
 Bound = Callable[[Sequence[sp.Expr], Sequence[sp.Expr]], sp.Expr]
@@ -89,3 +94,73 @@ def linf_distance(a: Sequence[sp.Expr], a2: Sequence[sp.Expr]) -> sp.Expr:
 def density_ratio() -> bool:
     """p(z | a) / p(z | a′) ≤ exp(‖a − a′‖₁ / β)."""
     return check_laplace(l1_distance)
+
+
+_U = sp.Symbol("u", positive=True)
+
+
+def laplace_quantile(u: sp.Expr, beta: sp.Expr) -> sp.Expr:
+    """The sampler's inverse CDF: Q(u) = −β·sign(u − ½)·ln(1 − 2|u − ½|)."""
+    s = u - sp.Rational(1, 2)
+    return -beta * sp.sign(s) * sp.log(1 - 2 * sp.Abs(s))
+
+
+def laplace_noise(shape: tuple[int, ...], beta: sp.Expr, uniforms: Sequence[sp.Expr]) -> list[sp.Expr]:
+    """η for the generator's uniforms, entry by entry (``scx_ref.transforms.laplace_noise``; β = 0 gives
+    zeros)."""
+    if beta == 0:
+        return [sp.Integer(0) for _ in uniforms]
+    return [laplace_quantile(u, beta) for u in uniforms]
+
+
+#: The library function the sampling identity is about, with the expression the checker uses.
+IMPLEMENTS = (Implementation("scx_ref.transforms.laplace_noise", laplace_noise),)
+
+
+def _cdf(z: sp.Expr) -> sp.Expr:
+    """F(z) = ∫_{−∞}^{z} exp(−|t|/β)/(2β) dt for a symbol z of known sign, integrated by sympy on each
+    half-line (where |t| resolves): z < 0 gives ∫_{−∞}^{z}; z ≥ 0 gives ∫_{−∞}^{0} + ∫_{0}^{z}."""
+    t_neg, t_pos = sp.Symbol("t", negative=True), sp.Symbol("t", positive=True)
+    left = _density([t_neg], [sp.Integer(0)])
+    if z.is_negative:
+        return sp.integrate(left, (t_neg, -sp.oo, z))
+    right = _density([t_pos], [sp.Integer(0)])
+    return sp.integrate(left, (t_neg, -sp.oo, 0)) + sp.integrate(right, (t_pos, 0, z))
+
+
+def check_inverse_cdf(quantile: Callable[[sp.Expr, sp.Expr], sp.Expr]) -> bool:
+    """F(Q(u)) = u on (0, ½), at ½, and on (½, 1).
+
+    The open halves are u = ½ ∓ w/2 with w = k/(1 + k), k > 0 (so 0 < w < 1 exactly); the sign of Q(u)
+    must be provably that of the half-line whose CDF is used (Q < 0 below ½, Q ≥ 0 above), so a wrong
+    quantile cannot borrow the other half's formula.
+    """
+    k = sp.Symbol("k", positive=True)
+    w = k / (1 + k)
+    half = sp.Rational(1, 2)
+    z_neg, z_pos = sp.Symbol("z", negative=True), sp.Symbol("z", nonnegative=True)
+    for u, z, sign_ok in ((half - w / 2, z_neg, "is_negative"), (half + w / 2, z_pos, "is_nonnegative")):
+        q = sp.simplify(quantile(u, _BETA))
+        if getattr(q, sign_ok) is not True or not is_zero(sp.simplify(_cdf(z).subs(z, q) - u)):
+            return False
+    q_mid = sp.simplify(quantile(half, _BETA))
+    return bool(q_mid.is_nonnegative is True and is_zero(_cdf(z_pos).subs(z_pos, q_mid) - half))
+
+
+@identity(
+    "laplace.inverse_cdf",
+    "F(Q(u)) = u for u in (0, ½) and [½, 1), F integrated from the density, symbolic β",
+    implements=IMPLEMENTS,
+    negative_controls=[
+        (
+            "Q(u) without the factor 2: −β·sign·ln(1 − |u − ½|)",
+            lambda: check_inverse_cdf(
+                lambda u, b: -b * sp.sign(u - sp.S.Half) * sp.log(1 - sp.Abs(u - sp.S.Half))
+            ),
+        ),
+        ("Q(u) with the sign flipped", lambda: check_inverse_cdf(lambda u, b: -laplace_quantile(u, b))),
+    ],
+)
+def inverse_cdf() -> bool:
+    """The inverse-CDF sampler draws from the Laplace density the mechanism is proved for."""
+    return check_inverse_cdf(laplace_quantile)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import sympy as sp
 
-from proofs._registry import identity
+from proofs._registry import Implementation, identity
 from proofs._sym import Perm, compose, nonzero_at_random_point, perms, quick_is_zero
 
 _DH = 4
@@ -35,6 +35,18 @@ def rope(x: Sequence[sp.Expr], position: sp.Expr, theta: sp.Expr = _THETA) -> li
     freq = inv_freq + inv_freq
     rotated = [-x[c + half] for c in range(half)] + [x[c] for c in range(half)]
     return [x[c] * sp.cos(position * freq[c]) + rotated[c] * sp.sin(position * freq[c]) for c in range(dh)]
+
+
+def apply_rope(
+    x: Sequence[Sequence[Sequence[sp.Expr]]], positions: Sequence[sp.Expr], theta: sp.Expr
+) -> list[list[list[sp.Expr]]]:
+    """RoPE of rows × heads × d_h, row r at ``positions[r]``: :func:`rope` on every head vector
+    (``scx_ref.ops.apply_rope``)."""
+    return [[rope(head, m, theta) for head in row] for row, m in zip(x, positions, strict=True)]
+
+
+#: The library function the RoPE identities are about, with the expression the checkers use.
+IMPLEMENTS = (Implementation("scx_ref.ops.apply_rope", apply_rope),)
 
 
 def _apply(x: Sequence[sp.Expr], sigma: Perm) -> list[sp.Expr]:
@@ -90,6 +102,7 @@ def check_score_order(order: str) -> bool:
 @identity(
     "rope.does_not_commute_with_sigma",
     f"d_h={_DH}, every σ ≠ id in S_{_DH}; exact witnesses at m=1, θ=10000",
+    implements=IMPLEMENTS,
     negative_controls=[
         ("same checker at position m = 0 (RoPE = identity)", lambda: check_rope_noncommuting(sp.Integer(0))),
     ],
@@ -103,6 +116,7 @@ def rope_does_not_commute() -> bool:
 @identity(
     "rope.rope_then_sigma_exact",
     f"symbolic q, k, positions m, n, base θ; d_h={_DH}; every σ in S_{_DH}",
+    implements=IMPLEMENTS,
     negative_controls=[
         ("σ before RoPE (RoPE after σ)", lambda: check_score_order("sigma-then-rope")),
         ("RoPE then σ on q, σ′ on k", lambda: check_score_order("different-sigma-on-k")),

@@ -20,11 +20,11 @@ of the triangle inequality dropped).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import sympy as sp
 
-from proofs._registry import identity
+from proofs._registry import Implementation, identity
 from proofs._sym import is_zero, nonnegative_on_every_ordering
 
 Constant = Callable[[sp.Expr], sp.Expr]
@@ -115,9 +115,19 @@ def two_sqrt_d(d: sp.Expr) -> sp.Expr:
     return 2 * sp.sqrt(d)
 
 
+def rmsnorm_sensitivity(gamma: Sequence[sp.Expr]) -> sp.Expr:
+    """Δ₁ of a normalized row, as proved: 2√d‖γ‖₂ (``scx_ref.dp.sensitivity.rmsnorm_sensitivity``)."""
+    return two_sqrt_d(sp.Integer(len(gamma))) * sp.sqrt(sp.Add(*[g**2 for g in gamma]))
+
+
+#: The library function this identity is about, with the constant the checker proves.
+IMPLEMENTS = (Implementation("scx_ref.dp.sensitivity.rmsnorm_sensitivity", rmsnorm_sensitivity),)
+
+
 @identity(
     "sensitivity.rmsnorm_l1",
     "steps 1, 2, 6 for d = 1..6; steps 3-5 for symbolic d; eps = 0",
+    implements=IMPLEMENTS,
     negative_controls=[
         ("wrong constant √d/2 for ‖y‖₁", lambda: check_sensitivity(lambda d: sp.sqrt(d) / 2, two_sqrt_d)),
         ("Δ₁ ≤ √d‖γ‖₂ (factor 2 dropped)", lambda: check_sensitivity(sqrt_d, sqrt_d)),

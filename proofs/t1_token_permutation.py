@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import sympy as sp
 
-from proofs._registry import identity
-from proofs._sym import inverse, matrices_equal, perms, permute_rows, rmsnorm_row, sym_matrix
+from proofs._registry import Implementation, identity
+from proofs._sym import Perm, inverse, matrices_equal, perms, permute_rows, rmsnorm_row, sym_matrix
 
 RowMap = Callable[[sp.Matrix], sp.Matrix]
 
@@ -42,6 +42,24 @@ def check_matrix_symbol(*, use_row_sums: bool = True, encode_transpose: bool = F
     return bool(difference == sp.ZeroMatrix(_N, _M))
 
 
+def encode(x: sp.Matrix, pi: Perm) -> sp.Matrix:
+    """T1 encode as the proof writes it: X ↦ X[π] (``scx_ref.transforms.permute_rows``)."""
+    return permute_rows(x, pi)
+
+
+def decode(y: sp.Matrix, pi: Perm) -> sp.Matrix:
+    """T1 decode as the proof writes it: Y ↦ Y[π⁻¹] (``scx_ref.transforms.unpermute_rows``)."""
+    return permute_rows(y, inverse(pi))
+
+
+#: The library functions T1's identities are about, with the expressions the checkers use.
+IMPLEMENTS = (
+    Implementation("scx_ref.transforms.permute_rows", encode),
+    Implementation("scx_ref.transforms.unpermute_rows", decode),
+    Implementation("scx_ref.transforms.inverse_permutation", inverse),
+)
+
+
 def apply_rows(f: Callable[[list[sp.Expr], int], list[sp.Expr]], x: sp.Matrix) -> sp.Matrix:
     """Apply ``f(row, index)`` to every row of ``x``; a row-wise map ignores ``index``."""
     return sp.Matrix([f(list(x.row(i)), i) for i in range(x.rows)])
@@ -58,8 +76,8 @@ def check_rowwise(
         x = sym_matrix("x", n, d, real=True)
         plain = apply_rows(f, x)
         for pi in perms(n):
-            encoded = apply_rows(f, permute_rows(x, pi))
-            decoded = permute_rows(encoded, inverse(pi) if decode_with_inverse else pi)
+            encoded = apply_rows(f, encode(x, pi))
+            decoded = decode(encoded, pi) if decode_with_inverse else permute_rows(encoded, pi)
             if not matrices_equal(decoded, plain, quick=True):
                 return False
     return True
@@ -115,6 +133,7 @@ def matrix_symbol() -> bool:
 @identity(
     "t1.affine",
     "XW + 1bᵀ, d=3, m=2, every π in S_n for n = 1..4",
+    implements=IMPLEMENTS,
     negative_controls=[
         (
             "decode with π instead of π⁻¹",
@@ -130,6 +149,7 @@ def affine_identity() -> bool:
 @identity(
     "t1.rmsnorm",
     "RMSNorm with symbolic γ, ε; d=3, every π in S_n for n = 1..4",
+    implements=IMPLEMENTS,
     negative_controls=[
         ("position-dependent map (not row-wise)", lambda: check_rowwise(position_dependent, _SIZES_AFFINE)),
     ],
@@ -142,6 +162,7 @@ def rmsnorm_identity() -> bool:
 @identity(
     "t1.swiglu_and_generic_row_function",
     "SwiGLU and undefined f(row) (sympy Function), d=3, every π in S_n for n = 1..4",
+    implements=IMPLEMENTS,
     negative_controls=[
         (
             "decode with π instead of π⁻¹",

@@ -13,8 +13,17 @@ from collections.abc import Callable, Sequence
 
 import sympy as sp
 
-from proofs._registry import identity
-from proofs._sym import inverse, matrices_equal, perms, permute_rows, rmsnorm_row, softmax_rows, sym_matrix
+from proofs._registry import Implementation, identity
+from proofs._sym import (
+    Perm,
+    inverse,
+    matrices_equal,
+    perms,
+    permute_rows,
+    rmsnorm_row,
+    softmax_rows,
+    sym_matrix,
+)
 
 MatrixMap = Callable[[sp.Matrix], sp.Matrix]
 
@@ -24,6 +33,36 @@ _B = sym_matrix("b", 1, _D)
 _GAMMA = list(sp.symbols(f"gamma0:{_D}", positive=True))
 _F = sp.Function("f")
 _SIZES = [(1, 1), (2, 1), (1, 2), (2, 2), (3, 1)]
+
+
+def with_decoys(x: sp.Matrix, decoys: sp.Matrix) -> sp.Matrix:
+    """[X; R]: the decoy rows below the real rows (``scx_ref.transforms.with_decoys``)."""
+    return x.col_join(decoys)
+
+
+def strip_decoys(y: sp.Matrix, n: int) -> sp.Matrix:
+    """The first n rows (``scx_ref.transforms.strip_decoys``)."""
+    return y[:n, :]
+
+
+def encode(x: sp.Matrix, decoys: sp.Matrix, pi: Perm) -> sp.Matrix:
+    """T1 + T2 encode as the proof writes it: [X; R][π] (``scx_ref.transforms.encode_rows``)."""
+    return permute_rows(with_decoys(x, decoys), pi)
+
+
+def decode(y: sp.Matrix, pi: Perm, n: int) -> sp.Matrix:
+    """T1 + T2 decode as the proof writes it: (Y[π⁻¹])[:n] (``scx_ref.transforms.decode_rows``)."""
+    return strip_decoys(permute_rows(y, inverse(pi)), n)
+
+
+#: The library functions T2's identity is about, with the expressions the checker uses.
+IMPLEMENTS = (
+    Implementation("scx_ref.transforms.with_decoys", with_decoys),
+    Implementation("scx_ref.transforms.strip_decoys", strip_decoys),
+    Implementation("scx_ref.transforms.encode_rows", encode),
+    Implementation("scx_ref.transforms.decode_rows", decode),
+    Implementation("scx_ref.transforms.decode_rows_numpy", decode),
+)
 
 
 def rowwise(row_map: Callable[[list[sp.Expr]], list[sp.Expr]]) -> MatrixMap:
@@ -46,28 +85,27 @@ def attention_pool(x: sp.Matrix) -> sp.Matrix:
 
 
 def check_decoys(
-    f: MatrixMap, sizes: Sequence[tuple[int, int]], *, decode: str = "unpermute-then-strip"
+    f: MatrixMap, sizes: Sequence[tuple[int, int]], *, mode: str = "unpermute-then-strip"
 ) -> bool:
     """For every (n, r) in ``sizes`` and every π in S_{n+r}: decoding f([X; R][π]) gives f(X).
 
-    ``decode`` is ``"unpermute-then-strip"`` (the protocol), ``"strip-only"`` (keep the first n rows of
+    ``mode`` is ``"unpermute-then-strip"`` (the protocol), ``"strip-only"`` (keep the first n rows of
     the permuted output without unpermuting) or ``"permute-again"`` (apply π instead of π⁻¹).
     """
     for n, r in sizes:
         x = sym_matrix("x", n, _D, real=True)
         decoys = sym_matrix("r", r, _D, real=True)
-        stacked = x.col_join(decoys)
         plain = f(x)
         for pi in perms(n + r):
-            y = f(permute_rows(stacked, pi))
-            if decode == "unpermute-then-strip":
-                out = permute_rows(y, inverse(pi))[:n, :]
-            elif decode == "strip-only":
-                out = y[:n, :]
-            elif decode == "permute-again":
-                out = permute_rows(y, pi)[:n, :]
+            y = f(encode(x, decoys, pi))
+            if mode == "unpermute-then-strip":
+                out = decode(y, pi, n)
+            elif mode == "strip-only":
+                out = strip_decoys(y, n)
+            elif mode == "permute-again":
+                out = strip_decoys(permute_rows(y, pi), n)
             else:
-                raise ValueError(decode)
+                raise ValueError(mode)
             if not matrices_equal(out, plain, quick=True):
                 return False
     return True
@@ -76,9 +114,10 @@ def check_decoys(
 @identity(
     "t2.decoys",
     "RMSNorm·W + b and f(row); d=2, (n, r) in {(1,1),(2,1),(1,2),(2,2),(3,1)}, every π in S_{n+r}",
+    implements=IMPLEMENTS,
     negative_controls=[
-        ("strip without unpermuting", lambda: check_decoys(AFFINE_NORM, _SIZES, decode="strip-only")),
-        ("decode with π instead of π⁻¹", lambda: check_decoys(AFFINE_NORM, _SIZES, decode="permute-again")),
+        ("strip without unpermuting", lambda: check_decoys(AFFINE_NORM, _SIZES, mode="strip-only")),
+        ("decode with π instead of π⁻¹", lambda: check_decoys(AFFINE_NORM, _SIZES, mode="permute-again")),
         ("row-mixing map (attention pooling): decoys leak", lambda: check_decoys(attention_pool, [(1, 1)])),
     ],
 )

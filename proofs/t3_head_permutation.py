@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import sympy as sp
 
-from proofs._registry import identity
+from proofs._registry import Implementation, identity
 from proofs._sym import (
     Perm,
     attention,
@@ -38,6 +38,35 @@ Scheme = Callable[[Perm], tuple[Perm, Perm, Perm, Perm, Perm]]
 _SCALE = sp.Symbol("s", positive=True)
 _SIZES = [(n, dh) for n in (1, 2, 3) for dh in (1, 2, 3)]
 _MASKS = ("none", "causal", "symbolic")
+
+
+#: A head permutation in sympy form: (KV-group order, per-group coordinate permutations σ_g).
+HeadPerm = tuple[Perm, tuple[Perm, ...]]
+
+
+def encode_group(x: sp.Matrix, perm: HeadPerm, group_size: int) -> sp.Matrix:
+    """T3 encode of one KV group as the proof writes it: every one of the group's ``group_size`` head
+    blocks of ``x`` (rows × group_size·d_h) gets the group's σ (``scx_ref.transforms.head_permute`` with one
+    KV head)."""
+    order, sigmas = perm
+    if tuple(order) != (0,):
+        raise ValueError("T3 is stated for one KV group; head_structure covers group reordering")
+    sigma = sigmas[0]
+    dh = len(sigma)
+    return sp.Matrix.hstack(*[permute_cols(x[:, h * dh : (h + 1) * dh], sigma) for h in range(group_size)])
+
+
+def decode_group(y: sp.Matrix, perm: HeadPerm, group_size: int) -> sp.Matrix:
+    """T3 decode of one KV group: σ⁻¹ on every head block (``scx_ref.transforms.head_unpermute``)."""
+    order, sigmas = perm
+    return encode_group(y, (order, (inverse(sigmas[0]),)), group_size)
+
+
+#: The library functions T3's identities are about (one KV group), with the expressions the checker uses.
+IMPLEMENTS = (
+    Implementation("scx_ref.transforms.head_permute", encode_group),
+    Implementation("scx_ref.transforms.head_unpermute", decode_group),
+)
 
 
 def _shift(p: Perm) -> Perm:
@@ -98,9 +127,10 @@ def check_attention(scheme: Scheme, *, gqa: bool, min_dh: int = 1) -> bool:
             plain = [attention(q, k, v, _SCALE, mask) for q in heads]
             for sigma in perms(dh):
                 q1, q2, ks, vs, dec = scheme(sigma)
-                k_enc, v_enc = permute_cols(k, ks), permute_cols(v, vs)
+                k_enc, v_enc = encode_group(k, ((0,), (ks,)), 1), encode_group(v, ((0,), (vs,)), 1)
                 for q, q_perm, expected in zip(heads, (q1, q2), plain, strict=False):
-                    out = permute_cols(attention(permute_cols(q, q_perm), k_enc, v_enc, _SCALE, mask), dec)
+                    q_enc = encode_group(q, ((0,), (q_perm,)), 1)
+                    out = permute_cols(attention(q_enc, k_enc, v_enc, _SCALE, mask), dec)
                     if not matrices_equal(out, expected, quick=True):
                         return False
     return True
@@ -109,6 +139,7 @@ def check_attention(scheme: Scheme, *, gqa: bool, min_dh: int = 1) -> bool:
 @identity(
     "t3.attention_mha",
     "symbolic Q, K, V, scale; n, d_h in 1..3; masks none/causal(−∞)/symbolic; every σ in S_{d_h}",
+    implements=IMPLEMENTS,
     negative_controls=[
         ("permute Q but not K", lambda: check_attention(q_not_k, gqa=False)),
         ("σ on Q, a different σ′ on K", lambda: check_attention(different_sigma_on_k, gqa=False)),
@@ -124,6 +155,7 @@ def attention_mha() -> bool:
 @identity(
     "t3.attention_gqa",
     "GQA: 2 query heads on 1 KV head; n, d_h in 1..3; masks none/causal/symbolic; every σ in S_{d_h}",
+    implements=IMPLEMENTS,
     negative_controls=[
         (
             "second query head with its own σ′ ≠ group σ",

@@ -14,13 +14,36 @@ from collections.abc import Callable
 
 import sympy as sp
 
-from proofs._registry import identity
+from proofs._registry import Implementation, identity
 from proofs._sym import matrices_equal, sym_matrix
 
 Stage = Callable[[sp.MatrixBase, sp.MatrixBase, sp.MatrixBase], sp.MatrixBase]
 Correction = Callable[[sp.MatrixBase, sp.MatrixBase, sp.MatrixBase], sp.MatrixBase]
 
 _N, _D, _M = sp.symbols("n d m", integer=True, positive=True)
+
+
+def blind(x: sp.MatrixBase, eta: sp.MatrixBase) -> sp.MatrixBase:
+    """T5 encode as the proof writes it: x + η (``scx_ref.transforms.blind``)."""
+    return x + eta
+
+
+def unblind(y: sp.MatrixBase, correction: sp.MatrixBase) -> sp.MatrixBase:
+    """T5 decode: y − ηW (``scx_ref.transforms.unblind``)."""
+    return y - correction
+
+
+def blinding_correction(eta: sp.MatrixBase, w: sp.MatrixBase) -> sp.MatrixBase:
+    """The correction ηW (``scx_ref.transforms.blinding_correction``, in × out W)."""
+    return eta * w
+
+
+#: The library functions T5's identity is about, with the expressions the checker uses.
+IMPLEMENTS = (
+    Implementation("scx_ref.transforms.blind", blind),
+    Implementation("scx_ref.transforms.unblind", unblind),
+    Implementation("scx_ref.transforms.blinding_correction", blinding_correction),
+)
 
 
 def affine(x: sp.MatrixBase, w: sp.MatrixBase, bias: sp.MatrixBase) -> sp.MatrixBase:
@@ -36,7 +59,7 @@ def silu_affine(x: sp.MatrixBase, w: sp.MatrixBase, bias: sp.MatrixBase) -> sp.M
 
 def eta_w(eta: sp.MatrixBase, w: sp.MatrixBase, _bias: sp.MatrixBase) -> sp.MatrixBase:
     """The protocol's correction ηW."""
-    return eta * w
+    return blinding_correction(eta, w)
 
 
 def nothing(eta: sp.MatrixBase, w: sp.MatrixBase, _bias: sp.MatrixBase) -> sp.MatrixBase:
@@ -59,17 +82,19 @@ def check_blinding(stage: Stage, correction: Correction, *, symbolic_sizes: bool
         x, eta = sp.MatrixSymbol("x", _N, _D), sp.MatrixSymbol("eta", _N, _D)
         w, b = sp.MatrixSymbol("W", _D, _M), sp.MatrixSymbol("b", _M, 1)
         bias = sp.OneMatrix(_N, 1) * b.T
-        difference = (stage(x + eta, w, bias) - correction(eta, w, bias) - stage(x, w, bias)).expand().doit()
+        decoded = unblind(stage(blind(x, eta), w, bias), correction(eta, w, bias))
+        difference = (decoded - stage(x, w, bias)).expand().doit()
         return bool(sp.simplify(difference) == sp.ZeroMatrix(_N, _M))
     x, eta = sym_matrix("x", 2, 3), sym_matrix("eta", 2, 3)
     w, b = sym_matrix("w", 3, 2), sym_matrix("b", 1, 2)
     bias = sp.ones(2, 1) * b
-    return matrices_equal(stage(x + eta, w, bias) - correction(eta, w, bias), stage(x, w, bias))
+    return matrices_equal(unblind(stage(blind(x, eta), w, bias), correction(eta, w, bias)), stage(x, w, bias))
 
 
 @identity(
     "t5.blinding",
     "symbolic n, d, m (MatrixSymbol) and explicit 2×3·3×2 entries",
+    implements=IMPLEMENTS,
     negative_controls=[
         ("correction dropped", lambda: check_blinding(affine, nothing, symbolic_sizes=True)),
         (

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import sympy as sp
 
-from proofs._registry import identity
+from proofs._registry import Implementation, identity
 from proofs._sym import is_zero, nonzero_at_random_point, rmsnorm_row
 
 EpsMap = Callable[[sp.Expr, sp.Expr], sp.Expr]
@@ -29,6 +29,16 @@ _C = sp.Symbol("c", positive=True)
 _EPS = sp.Symbol("epsilon", positive=True)
 _DIMS = range(1, 5)
 _TWO = sp.Integer(2)
+
+
+def rms_norm(x: sp.Matrix, gamma: sp.Matrix, eps: sp.Expr) -> sp.Matrix:
+    """RMSNorm_ε of every row: γ ⊙ x / sqrt(mean(x²) + ε) (``scx_ref.ops.rms_norm``)."""
+    g = list(gamma)
+    return sp.Matrix([rmsnorm_row(list(x.row(i)), g, eps) for i in range(x.rows)])
+
+
+#: The library function T7's statements are about, with the row map the checkers use.
+IMPLEMENTS = (Implementation("scx_ref.ops.rms_norm", rms_norm),)
 
 
 def check_scaling_rule(eps_map: EpsMap, eps: sp.Expr = _EPS) -> bool:
@@ -92,6 +102,7 @@ def eps_unchanged(eps: sp.Expr, _c: sp.Expr) -> sp.Expr:
 @identity(
     "t7.scaling_rule",
     "symbolic x, γ, ε, c > 0; d = 1..4; and invariance at ε = 0",
+    implements=IMPLEMENTS,
     negative_controls=[
         ("rule with ε/c instead of ε/c²", lambda: check_scaling_rule(lambda e, c: e / c)),
         ("paper's invariance at symbolic ε > 0", lambda: check_scaling_rule(eps_unchanged)),
@@ -105,6 +116,7 @@ def scaling_rule() -> bool:
 @identity(
     "t7.paper_claim",
     "exact witnesses: ε = 1/100, c = 2 and α = 1 at x = (1, 2, 3), symbolic γ",
+    implements=IMPLEMENTS,
     negative_controls=[
         ("scaling counterexample search at ε = 0", lambda: find_scaling_counterexample(sp.Integer(0))),
         ("shift counterexample search at α = 0", lambda: find_shift_counterexample(sp.Integer(0))),

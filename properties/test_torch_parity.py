@@ -1,4 +1,5 @@
-"""torch = numpy: every torch transform (T1–T5) and every TorchBackend method equals the numpy reference.
+"""torch = numpy: the transforms (T1–T6, one implementation over ArrayOps) run on TorchOps equal the same
+functions run on numpy, and every TorchBackend method equals the numpy reference.
 
 Tolerances
 ----------
@@ -42,10 +43,10 @@ from properties.strategies import (
     token_ids,
 )
 from scx_ref import transforms as T
-from scx_ref import transforms_torch as TT
 from scx_ref.backends.numpy_backend import NumpyBackend
-from scx_ref.backends.torch_backend import TorchBackend
+from scx_ref.backends.torch_backend import TorchBackend, TorchOps
 from scx_ref.errors import SCXError
+from scx_ref.forward import PlainRunner
 from scx_ref.keys import KeySchedule
 from scx_ref.weights import ModelWeights
 
@@ -90,13 +91,13 @@ def test_permute_unpermute_match_numpy_exactly(
     np_perm: tuple[int, np.ndarray], d: int, seed: int, dtype: torch.dtype
 ) -> None:
     n, perm = np_perm
+    ops = TorchOps(dtype)
     x, x64 = _rounded(_gauss(seed, (n, d)), dtype)
-    got = TT.permute_rows(x, perm)
+    got = T.permute_rows(x, perm, ops)
     assert got.dtype == dtype
     assert np.array_equal(_np(got), T.permute_rows(x64, perm))
-    assert np.array_equal(_np(TT.unpermute_rows(x, perm)), T.unpermute_rows(x64, perm))
-    assert np.array_equal(_np(TT.unpermute_rows(got, perm)), x64)
-    assert np.array_equal(TT.inverse_permutation(perm).numpy(), T.inverse_permutation(perm))
+    assert np.array_equal(_np(T.unpermute_rows(x, perm, ops)), T.unpermute_rows(x64, perm))
+    assert np.array_equal(_np(T.unpermute_rows(got, perm, ops)), x64)
 
 
 @given(row_counts(), decoy_counts(), st.integers(1, 6), seeds(), dtypes, st.data())
@@ -104,16 +105,20 @@ def test_decoy_encode_decode_match_numpy_exactly(
     n: int, r: int, d: int, seed: int, dtype: torch.dtype, data: st.DataObject
 ) -> None:
     perm = data.draw(perms(n + r))
+    ops = TorchOps(dtype)
     x, x64 = _rounded(_gauss(seed, (n, d)), dtype)
     dec, dec64 = _rounded(_gauss(seed + 1, (r, d)), dtype)
-    enc = TT.encode_rows(x, dec, perm)
+    enc = T.encode_rows(x, dec, perm, ops)
     assert np.array_equal(_np(enc), T.encode_rows(x64, dec64, perm))
-    assert np.array_equal(_np(TT.with_decoys(x, dec)), T.with_decoys(x64, dec64))
-    assert np.array_equal(_np(TT.strip_decoys(enc, n)), T.strip_decoys(T.encode_rows(x64, dec64, perm), n))
+    assert np.array_equal(_np(T.with_decoys(x, dec, ops)), T.with_decoys(x64, dec64))
     assert np.array_equal(
-        _np(TT.decode_rows(enc, perm, n)), T.decode_rows(T.encode_rows(x64, dec64, perm), perm, n)
+        _np(T.strip_decoys(enc, n, ops)), T.strip_decoys(T.encode_rows(x64, dec64, perm), n)
     )
-    assert np.array_equal(_np(TT.decode_rows(enc, perm, n)), x64)
+    assert np.array_equal(
+        _np(T.decode_rows(enc, perm, n, ops)), T.decode_rows(T.encode_rows(x64, dec64, perm), perm, n)
+    )
+    assert np.array_equal(_np(T.decode_rows(enc, perm, n, ops)), x64)
+    assert np.array_equal(T.decode_rows_numpy(enc, perm, n, ops), _np(T.decode_rows(enc, perm, n, ops)))
 
 
 @given(attention_shapes(), row_counts(), seeds(), dtypes, st.data())
@@ -121,13 +126,14 @@ def test_head_permutation_matches_numpy_exactly(
     shape: tuple[int, int, int], n: int, seed: int, dtype: torch.dtype, data: st.DataObject
 ) -> None:
     h_kv, g, d_h = shape
+    ops = TorchOps(dtype)
     hp = data.draw(head_permutations(h_kv, d_h))
     for group in (g, 1):
         x, x64 = _rounded(_gauss(seed, (n, h_kv * group, d_h)), dtype)
-        enc = TT.head_permute(x, hp, group)
-        assert np.array_equal(_np(enc), hp.apply(x64, group))
-        assert np.array_equal(_np(TT.head_unpermute(enc, hp, group)), x64)
-        assert np.array_equal(_np(TT.head_unpermute(x, hp, group)), hp.invert(x64, group))
+        enc = T.head_permute(x, hp, group, ops)
+        assert np.array_equal(_np(enc), T.head_permute(x64, hp, group))
+        assert np.array_equal(_np(T.head_unpermute(enc, hp, group, ops)), x64)
+        assert np.array_equal(_np(T.head_unpermute(x, hp, group, ops)), T.head_unpermute(x64, hp, group))
 
 
 @given(sized_perms(min_n=1), st.integers(1, 3), st.integers(1, 4), seeds(), dtypes)
@@ -137,22 +143,27 @@ def test_reorder_cache_matches_numpy_exactly(
     n, rho = np_perm
     k, k64 = _rounded(_gauss(seed, (n, h, d_h)), dtype)
     v, v64 = _rounded(_gauss(seed + 7, (n, h, d_h)), dtype)
-    kt, vt = TT.reorder_cache(k, v, rho)
+    kt, vt = T.reorder_cache(k, v, rho, TorchOps(dtype))
     kn, vn = T.reorder_cache(k64, v64, rho)
     assert np.array_equal(_np(kt), kn) and np.array_equal(_np(vt), vn)
+    scores, s64 = _rounded(_gauss(seed + 9, (h, 2, n + 3)), dtype)  # n locked rows, 3 appended
+    got = T.unlock_scores(scores, rho, n - n // 2, TorchOps(dtype))
+    assert np.array_equal(_np(got), T.unlock_scores(s64, rho, n - n // 2))
 
 
 @given(row_counts(), st.integers(1, 16), st.integers(1, 16), seeds(), dtypes, st.floats(0.0, 50.0))
 def test_blinding_matches_numpy(n: int, d: int, m: int, seed: int, dtype: torch.dtype, beta: float) -> None:
+    ops = TorchOps(dtype)
     x, x64 = _rounded(_gauss(seed, (n, d)), dtype)
     eta, eta64 = _rounded(T.laplace_noise((n, d), beta, np.random.default_rng(seed + 1)), dtype)
     w, w64 = _rounded(_gauss(seed + 2, (d, m), 1 / np.sqrt(d)), dtype)
+    wt = w.T.contiguous()  # TorchOps.linear takes the out × in layout
     u = UNIT_ROUNDOFF[dtype]
     # blind/unblind: one rounding of an exact sum → within u·(|x| + |η|) of the float64 sum
     sum_scale = np.abs(x64) + np.abs(eta64)
-    blinded = TT.blind(x, eta)
+    blinded = T.blind(x, eta, ops)
     assert np.all(np.abs(_np(blinded) - T.blind(x64, eta64)) <= u * sum_scale)
-    corr = TT.blinding_correction(eta, w)
+    corr = T.blinding_correction(eta, wt, ops)
     corr_scale = np.abs(eta64) @ np.abs(w64)
     want = T.blinding_correction(eta64, w64)
     if dtype == torch.float64:
@@ -160,8 +171,8 @@ def test_blinding_matches_numpy(n: int, d: int, m: int, seed: int, dtype: torch.
     else:  # length-d reduction in the dtype (see module doc)
         lam = SUBNORMAL_SPACING[dtype]
         assert np.all(np.abs(_np(corr) - want) <= 2 * (d + 2) * (u * corr_scale + lam))
-    y = TT.blinding_correction(blinded, w)
-    un = TT.unblind(y, corr)
+    y = T.blinding_correction(blinded, wt, ops)
+    un = T.unblind(y, corr, ops)
     un_scale = (np.abs(x64) + 2 * np.abs(eta64)) @ np.abs(w64)
     if dtype == torch.float64:
         _close64(_np(un), T.unblind(T.blinding_correction(T.blind(x64, eta64), w64), want), un_scale)
@@ -173,12 +184,15 @@ def test_blinding_matches_numpy(n: int, d: int, m: int, seed: int, dtype: torch.
 def test_laplace_noise_bit_for_bit(
     shape: tuple[int, int], beta: float, seed: int, dtype: torch.dtype, keystream: bool
 ) -> None:
+    """The noise is drawn once on the host (float64) and moved as the client moves it (``from_numpy``):
+    bit for bit in float64, correctly rounded once in a narrower dtype, for either kind of generator."""
+
     def gen() -> Any:
         if keystream:
             return KeySchedule(seed.to_bytes(32, "big"), b"\x01" * 16).generator(("alpha", 0, "qkv"))
         return np.random.default_rng(seed)
 
-    got = TT.laplace_noise(shape, beta, gen(), dtype=dtype)
+    got = TorchOps(dtype).from_numpy(T.laplace_noise(shape, beta, gen(), np.float64))
     want = T.laplace_noise(shape, beta, gen(), np.float64)
     assert got.dtype == dtype and tuple(got.shape) == shape
     if dtype == torch.float64:
@@ -194,23 +208,23 @@ def test_torch_transforms_reject_bad_input_like_numpy(np_perm: tuple[int, np.nda
     bad_perm = perm.copy()
     bad_perm[0] = bad_perm[1]
     cases = [
-        (lambda m: m.permute_rows(x, bad_perm)),
-        (lambda m: m.permute_rows(x, perm[:-1])),
-        (lambda m: m.permute_rows(np.where(np.arange(n)[:, None] == 0, np.nan, x), perm)),
-        (lambda m: m.permute_rows(x.astype(np.int64), perm)),
-        (lambda m: m.with_decoys(x, np.zeros((1, 4)))),
-        (lambda m: m.strip_decoys(x, n + 1)),
-        (lambda m: m.blind(x, x[:, :2])),
-        (lambda m: m.blinding_correction(x, np.ones((4, 2)))),
-        (lambda m: m.unblind(x, x[:1])),
-        (lambda m: m.laplace_noise((2,), -1.0, np.random.default_rng(0))),
-        (lambda m: m.reorder_cache(x, x[:-1], perm)),
+        (lambda o: T.permute_rows(x, bad_perm, o)),
+        (lambda o: T.permute_rows(x, perm[:-1], o)),
+        (lambda o: T.permute_rows(np.where(np.arange(n)[:, None] == 0, np.nan, x), perm, o)),
+        (lambda o: T.permute_rows(x.astype(np.int64), perm, o)),
+        (lambda o: T.with_decoys(x, np.zeros((1, 4)), o)),
+        (lambda o: T.strip_decoys(x, n + 1, o)),
+        (lambda o: T.blind(x, x[:, :2], o)),
+        (lambda o: T.blinding_correction(x, np.ones((4, 2)), o)),
+        (lambda o: T.unblind(x, x[:1], o)),
+        (lambda o: T.reorder_cache(x, x[:-1], perm, o)),
+        (lambda o: T.unlock_scores(x[:, :1], perm, n, o)),  # n locked rows need ≥ n score columns
     ]
     for case in cases:
         with pytest.raises(SCXError) as np_err:
-            case(T)
+            case(T.NUMPY)
         with pytest.raises(SCXError) as torch_err:
-            case(TT)
+            case(TorchOps(torch.float64))
         assert type(np_err.value) is type(torch_err.value)
 
 
@@ -272,7 +286,6 @@ def test_backend_array_ops_match_numpy(w: ModelWeights, seed: int, n: int, data:
     index = np.random.default_rng(seed).integers(0, n, size=data.draw(st.integers(0, 2 * n)))
     assert np.array_equal(tb.to_numpy(tb.take_rows(xt, perm)), nb.take_rows(x, perm))
     assert np.array_equal(tb.to_numpy(tb.take_rows(xt, index)), nb.take_rows(x, index))
-    assert np.array_equal(tb.to_numpy(tb.put_rows(xt, perm)), nb.put_rows(x, perm))
     assert np.array_equal(tb.rows_to_numpy(xt, index), nb.rows_to_numpy(x, index))
     assert np.array_equal(nb.rows_to_numpy(x, index), nb.to_numpy(nb.take_rows(x, index)))
     assert np.array_equal(tb.to_numpy(tb.concat_rows([xt, xt[:1]])), nb.concat_rows([x, x[:1]]))
@@ -292,12 +305,8 @@ def test_backend_array_ops_match_numpy(w: ModelWeights, seed: int, n: int, data:
     assert tb.argmax_last(xt) == nb.argmax_last(x)
     ties = np.zeros((2, 5))
     assert tb.argmax_last(tb.from_numpy(ties)) == nb.argmax_last(ties) == 0
-    hp = data.draw(head_permutations(c.n_kv_heads, c.head_dim))
-    for g in (c.group_size, 1):
-        h = _gauss(seed + 3, (n, c.n_kv_heads * g, c.head_dim))
-        ht = tb.from_numpy(h)
-        assert np.array_equal(tb.to_numpy(tb.head_permute(ht, hp, g)), nb.head_permute(h, hp, g))
-        assert np.array_equal(tb.to_numpy(tb.head_unpermute(ht, hp, g)), nb.head_unpermute(h, hp, g))
+    wm = _gauss(seed + 4, (c.hidden_size, 3))
+    _close64(tb.to_numpy(tb.linear(xt, tb.from_numpy(wm.T.copy()))), nb.linear(x, wm))
 
 
 @given(model_weights(), seeds(), row_counts(max_n=9), st.data())
@@ -393,17 +402,16 @@ def test_low_precision_backend_within_rounding_bounds(
 
 @given(model_weights(), token_ids(8))
 def test_plain_torch_forward_matches_reference(w: ModelWeights, ids: np.ndarray) -> None:
-    from scx_ref.backends.torch_backend import TorchPlainModel
     from scx_ref.reference import ReferenceModel
 
     ids = ids % w.config.vocab_size
     ref = ReferenceModel(w)
     want, cache = ref.prefill(ids)
-    plain = TorchPlainModel(TorchBackend(w, torch.float64))
+    plain = PlainRunner(TorchBackend(w, torch.float64))
     got = plain.prefill(ids).numpy()
     _close64(got, want, np.abs(want).max() + 1)
     _close64(
-        plain.decode(3 % w.config.vocab_size).numpy(),
+        plain.decode(3 % w.config.vocab_size).numpy()[0],
         ref.decode(3 % w.config.vocab_size, cache),
         np.abs(want).max() + 1,
     )

@@ -40,9 +40,3 @@ def check_permutation(perm: Any, n: int | None = None, name: str = "permutation"
     if arr.size and not np.array_equal(np.sort(arr), np.arange(arr.shape[0])):
         raise PermutationError(f"{name} is not a permutation of 0..{arr.shape[0] - 1}")
     return arr
-
-
-def check_last_dim(x: FloatArray, size: int, name: str) -> None:
-    """Raise ShapeError unless the last axis of ``x`` has ``size`` entries."""
-    if x.shape[-1] != size:
-        raise ShapeError(f"{name} must have last dimension {size}, got shape {x.shape}")

@@ -1,31 +1,28 @@
 """The ``scx`` command line. Each subcommand lives in its own module and registers itself here.
 
 A subcommand module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to a
-callable taking the parsed namespace and returning an exit code.
+callable taking the parsed namespace and returning an exit code. The modules import only numpy and
+scx_ref at load time; a subcommand whose optional dependencies (torch, transformers, …) are missing
+still registers, and reports them as an error when run.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .attacks import cli as attack_cli
+from .commands import bench, ppl, verify
+from .dp import cli as dp_cli
 from .errors import SCXError
 
-# (module, subcommand) pairs; a module whose optional dependencies are missing still registers,
-# and its ``func`` reports the missing dependency when run.
-_SUBCOMMANDS = (
-    "scx_ref.commands.verify",
-    "scx_ref.commands.ppl",
-    "scx_ref.commands.bench",
-    "scx_ref.dp.cli",
-    "scx_ref.attacks.cli",
-)
+_SUBCOMMANDS = (verify, ppl, bench, dp_cli, attack_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``scx`` parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="scx",
         description="scx_ref: run, verify and measure SCX (stateless KV-cache encoding) on transformers.",
@@ -34,18 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     version = sub.add_parser("version", help="print the scx_ref version")
     version.set_defaults(func=lambda _args: print(f"scx_ref {__version__}") or 0)
-    for name in _SUBCOMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a subcommand not built yet, or an optional dep missing
-            if exc.name and (exc.name == name or name.startswith(exc.name + ".")):
-                continue
-            raise
+    for module in _SUBCOMMANDS:
         module.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``scx`` on ``argv`` (default ``sys.argv[1:]``); the exit code (2 with a message on SCXError)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

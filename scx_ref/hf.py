@@ -16,7 +16,7 @@ Three entry points:
 * :func:`config_from_hf` — the :class:`~scx_ref.config.ModelConfig` of an HF config;
 * :func:`weights_from_hf` — the model's weights as numpy :class:`~scx_ref.weights.ModelWeights`
   (for the numpy reference and backend); :func:`hf_tensors` gives the torch tensors in place, used by
-  :meth:`TorchBackend.from_hf <scx_ref.backends.torch_backend.TorchBackend.from_hf>`;
+  :func:`backend_from_hf` (a :class:`~scx_ref.backends.torch_backend.TorchBackend` sharing them);
 * :class:`SCXModel` — the user-facing wrapper::
 
       scx = SCXModel.from_hf(model, level="paper")      # keys: a fresh KeySchedule by default
@@ -35,12 +35,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backends.torch_backend import TorchBackend, TorchLayer, TorchWeights, parse_dtype
 from .config import ModelConfig
-from .errors import ConfigError
+from .errors import ConfigError, VocabularyError
 from .keys import KeySchedule
+from .protocol import Client, Level, LocalTransport, SCXConfig, Server, ServerView
 from .weights import DenseMLP, LayerWeights, ModelWeights, MoEMLP
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "SCXModel", "config_from_hf", "hf_tensors", "weights_from_hf"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "SCXModel",
+    "backend_from_hf",
+    "config_from_hf",
+    "hf_tensors",
+    "weights_from_hf",
+]
 
 SUPPORTED_MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -187,6 +196,39 @@ def hf_tensors(model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def backend_from_hf(
+    model: Any, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+) -> TorchBackend:
+    """A :class:`TorchBackend` reading the weights straight from a loaded ``LlamaForCausalLM``,
+    ``MixtralForCausalLM`` or ``Qwen2ForCausalLM``: tensors are shared, not copied, wherever the layout,
+    dtype and device already match (QKV and gate/up are fused once). Defaults: the model's own dtype
+    and device."""
+    param = next(model.parameters())
+    dt = parse_dtype(dtype) if dtype is not None else parse_dtype(param.dtype)
+    dev = torch.device(device) if device is not None else param.device
+    config = config_from_hf(model.config)
+    t = hf_tensors(model)
+    layers = []
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        layers.append(
+            TorchLayer(
+                attn_norm=t[p + "attn_norm"],
+                mlp_norm=t[p + "mlp_norm"],
+                wqkv=t[p + "wqkv"],
+                bqkv=t.get(p + "bqkv"),
+                wo=t[p + "wo"],
+                gate_up=t.get(p + "gate_up"),
+                down=t.get(p + "down"),
+                router=t.get(p + "router"),
+                experts_gate_up=t.get(p + "experts_gate_up"),
+                experts_down=t.get(p + "experts_down"),
+            )
+        )
+    tensors = TorchWeights(t["embed"], layers, t["final_norm"], t["lm_head"])
+    return TorchBackend.from_tensors(config, tensors, dt, dev)
+
+
 def _np(t: torch.Tensor, dtype: Any) -> Any:
     return t.detach().to(device="cpu", dtype=torch.float64).numpy().astype(dtype)
 
@@ -251,8 +293,6 @@ def _as_batch(input_ids: Any) -> list[np.ndarray]:
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] == 0:
-        from .errors import VocabularyError
-
         raise VocabularyError(f"input_ids must be a non-empty 1-D or 2-D id array, got shape {arr.shape}")
     return [row.astype(np.int64) for row in arr]
 
@@ -268,8 +308,8 @@ class SCXModel:
 
     def __init__(
         self,
-        backend: Any,
-        scx_config: Any,
+        backend: TorchBackend,
+        scx_config: SCXConfig,
         keys: KeySchedule | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
@@ -279,13 +319,13 @@ class SCXModel:
         self.keys = keys if keys is not None else KeySchedule.generate()
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
-        self.last_view: Any = None
+        self.last_view: ServerView | None = None
 
     @classmethod
     def from_hf(
         cls,
         model: Any,
-        level: str = "paper",
+        level: Level = "paper",
         keys: KeySchedule | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
@@ -293,20 +333,15 @@ class SCXModel:
     ) -> SCXModel:
         """Wrap a loaded LLaMA/Mixtral/Qwen2 model; ``scx_options`` go to :class:`SCXConfig`
         (``r1``, ``r2``, ``l_s``, ``l_e``, ``beta``, …). The backend shares the model's tensors."""
-        from .backends.torch_backend import TorchBackend
-        from .protocol import SCXConfig
-
-        backend = TorchBackend.from_hf(model, dtype=dtype, device=device)
+        backend = backend_from_hf(model, dtype=dtype, device=device)
         scx_options.setdefault("max_length", backend.config.max_positions)
-        cfg = SCXConfig(level=level, **scx_options)  # type: ignore[arg-type]  # SCXConfig validates level
+        cfg = SCXConfig(level=level, **scx_options)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         pad = getattr(gen, "pad_token_id", None) if gen is not None else None
         return cls(backend, cfg, keys, eos, pad)
 
-    def _session(self) -> tuple[Any, Any]:
-        from .protocol import Client, LocalTransport, Server
-
+    def _session(self) -> tuple[Client[torch.Tensor], LocalTransport]:
         server = Server(self.backend)
         link = LocalTransport(server, record_view=True)
         client = Client(self.backend, self.keys.for_nonce(KeySchedule.new_nonce()), self.scx_config)

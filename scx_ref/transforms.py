@@ -1,102 +1,142 @@
-"""numpy reference of the SCX transforms T1–T5 (DESIGN §4).
+"""The SCX transforms T1–T6 (DESIGN §4), written once over :class:`~scx_ref.arrays.ArrayOps`.
 
-Rows are tokens. ``perm`` is a permutation of rows (π), ``HeadPermutation`` a head-structured
-permutation of attention features (P, built from per-KV-group coordinate permutations σ).
-Every function is pure: it returns new arrays and never modifies its inputs.
+Rows are tokens. ``perm`` is a permutation of rows (π), :class:`HeadPermutation` a head-structured
+permutation of attention features (P, built from per-KV-group coordinate permutations σ). Every function
+takes the array operations it runs on as ``ops``; the default :data:`NUMPY` keeps numpy arrays in their
+own dtype, so ``encode_rows(x, r, π)`` on numpy arrays reads like the math. The protocol's client and
+server call these same functions with their backend (numpy or torch) as ``ops``: what the sympy proofs
+(``proofs/``) and the Hypothesis properties check is the code that runs.
+
+Keys (permutations) live on the host as numpy int64 arrays and are validated there; arrays are validated
+by ``ops.floating`` (floating dtype, finite where the input must be). Every function is pure: it
+returns new arrays (or views) and never modifies its inputs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import FloatArray, IntArray, as_float_array, check_permutation
+from ._checks import check_permutation
+from .arrays import A, ArrayOps, NumpyOps
 from .errors import SCXError, ShapeError
 
 __all__ = [
+    "NUMPY",
     "HeadPermutation",
     "NoiseSource",
     "blind",
     "blinding_correction",
     "decode_rows",
     "encode_rows",
+    "head_permute",
+    "head_unpermute",
     "inverse_permutation",
     "laplace_noise",
     "permute_rows",
     "reorder_cache",
     "strip_decoys",
     "unblind",
+    "unlock_scores",
     "unpermute_rows",
     "with_decoys",
 ]
+
+IntArray = npt.NDArray[np.int64]
+
+#: numpy array operations that keep every input's own floating dtype: the transforms' default ``ops``.
+NUMPY: ArrayOps[Any] = NumpyOps(None)
+
+
+def _perm(perm: Any, n: int | None, name: str) -> IntArray:
+    return check_permutation(perm, n, name).astype(np.int64, copy=False)
+
+
+def _rows(ops: ArrayOps[A], x: A) -> int:
+    if len(ops.shape(x)) == 0:
+        raise ShapeError("the array must have at least one dimension (rows)")
+    return ops.nrows(x)
 
 
 # --- T1: token permutation -------------------------------------------------------------------
 
 
 def inverse_permutation(perm: Any) -> IntArray:
-    """π⁻¹ with π⁻¹[π[i]] = i."""
-    p = check_permutation(perm)
+    """π⁻¹ with π⁻¹[π[i]] = i (a host int64 array)."""
+    p = _perm(perm, None, "permutation")
     inv = np.empty_like(p)
-    inv[p] = np.arange(p.shape[0])
+    inv[p] = np.arange(p.shape[0], dtype=np.int64)
     return inv
 
 
-def permute_rows(x: Any, perm: Any) -> FloatArray:
-    """T1 encode: X ↦ X[π] (row i of the result is row π[i] of X).
+def permute_rows(x: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
+    """T1 encode: X ↦ X[π] (row i of the result is row π[i] of X), one gather.
 
     Identity: f(X[π]) = f(X)[π] for every row-wise f (linear maps with bias, RMSNorm, SwiGLU,
     MoE routing and experts, LM head).
     """
-    arr = as_float_array(x, "x")
-    p = check_permutation(perm, arr.shape[0] if arr.ndim else None, "perm")
-    return arr[p]
+    t = ops.floating(x, "x")
+    return ops.take_rows(t, _perm(perm, _rows(ops, t), "perm"))
 
 
-def unpermute_rows(y: Any, perm: Any) -> FloatArray:
-    """T1 decode: Y[π] ↦ Y, i.e. ``unpermute_rows(permute_rows(Y, π), π) == Y``."""
-    arr = as_float_array(y, "y", allow_nonfinite=True)
-    p = check_permutation(perm, arr.shape[0] if arr.ndim else None, "perm")
-    out = np.empty_like(arr)
-    out[p] = arr
-    return out
+def unpermute_rows(y: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
+    """T1 decode: Y[π] ↦ Y as the gather Y[π⁻¹], so ``unpermute_rows(permute_rows(Y, π), π) == Y``."""
+    t = ops.floating(y, "y", finite=False)
+    return ops.take_rows(t, inverse_permutation(_perm(perm, _rows(ops, t), "perm")))
 
 
 # --- T2: decoy rows --------------------------------------------------------------------------
 
 
-def with_decoys(x: Any, decoys: Any) -> FloatArray:
+def with_decoys(x: Any, decoys: Any, ops: ArrayOps[A] = NUMPY) -> A:
     """[X; R]: append r decoy rows (r may be 0) below the n real rows."""
-    arr = as_float_array(x, "x")
-    dec = as_float_array(decoys, "decoys")
-    if arr.ndim != 2 or dec.ndim != 2 or dec.shape[1] != arr.shape[1]:
-        raise ShapeError(f"x ({arr.shape}) and decoys ({dec.shape}) must be 2-D with the same width")
-    return np.concatenate([arr, dec.astype(arr.dtype, copy=False)], axis=0)
+    t = ops.floating(x, "x")
+    d = ops.floating(decoys, "decoys")
+    xs, ds = ops.shape(t), ops.shape(d)
+    if len(xs) != 2 or len(ds) != 2 or ds[1] != xs[1]:
+        raise ShapeError(f"x ({xs}) and decoys ({ds}) must be 2-D with the same width")
+    return ops.concat_rows([t, d])
 
 
-def strip_decoys(y: Any, n: int) -> FloatArray:
+def strip_decoys(y: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
     """Keep the first n (real) rows of [f(X); f(R)]."""
-    arr = np.asarray(y)
-    if not 0 <= n <= arr.shape[0]:
-        raise ShapeError(f"cannot keep {n} rows of an array with {arr.shape[0]}")
-    return arr[:n]
+    t = ops.floating(y, "y", finite=False)
+    rows = _rows(ops, t)
+    if not 0 <= n <= rows:
+        raise ShapeError(f"cannot keep {n} rows of an array with {rows}")
+    return ops.narrow(t, 0, 0, n)
 
 
-def encode_rows(x: Any, decoys: Any, perm: Any) -> FloatArray:
+def encode_rows(x: Any, decoys: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
     """T1+T2 encode: X ↦ [X; R][π] over n + r rows."""
-    return permute_rows(with_decoys(x, decoys), perm)
+    return permute_rows(with_decoys(x, decoys, ops), perm, ops)
 
 
-def decode_rows(y: Any, perm: Any, n: int) -> FloatArray:
-    """T1+T2 decode: Y ↦ (Y[π⁻¹])[:n].
+def decode_rows(y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
+    """T1+T2 decode: Y ↦ (Y[π⁻¹])[:n], one gather of the n real rows.
 
     Identity: ``decode_rows(f(encode_rows(X, R, π)), π, n) == f(X)`` for every row-wise f — every
     decoy is dropped and the real rows return to their order.
     """
-    return strip_decoys(unpermute_rows(y, perm), n)
+    return ops.take_rows(*_decode_index(ops, y, perm, n))
+
+
+def decode_rows_numpy(y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY) -> npt.NDArray[Any]:
+    """:func:`decode_rows` straight to a numpy array (``ops.to_numpy(decode_rows(y, π, n))`` with one
+    gather and no intermediate copy: the client's decode of the logits, the largest array of a prefill)."""
+    return ops.rows_to_numpy(*_decode_index(ops, y, perm, n))
+
+
+def _decode_index(ops: ArrayOps[A], y: Any, perm: Any, n: int) -> tuple[A, IntArray]:
+    t = ops.floating(y, "y", finite=False)
+    rows = _rows(ops, t)
+    p = _perm(perm, rows, "perm")
+    if not 0 <= n <= rows:
+        raise ShapeError(f"cannot keep {n} rows of an array with {rows}")
+    return t, inverse_permutation(p)[:n]
 
 
 # --- T3: head-structured feature permutation -----------------------------------------------------
@@ -114,9 +154,12 @@ class HeadPermutation:
 
     group_order: IntArray  # (H_kv,)
     sigmas: IntArray  # (H_kv, d_h)
+    _flat: dict[tuple[int, bool], IntArray] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
-        order = check_permutation(self.group_order, name="group_order")
+        order = _perm(self.group_order, None, "group_order")
         sig = np.asarray(self.sigmas)
         if sig.ndim != 2 or sig.shape[0] != order.shape[0]:
             raise ShapeError(f"sigmas must have shape (H_kv={order.shape[0]}, d_h), got {sig.shape}")
@@ -124,7 +167,6 @@ class HeadPermutation:
             check_permutation(sig[g], name=f"sigmas[{g}]")
         object.__setattr__(self, "group_order", order)
         object.__setattr__(self, "sigmas", sig.astype(np.int64))
-        object.__setattr__(self, "_flat", {})
 
     @property
     def n_kv_heads(self) -> int:
@@ -136,104 +178,128 @@ class HeadPermutation:
 
     @classmethod
     def identity(cls, n_kv_heads: int, head_dim: int) -> HeadPermutation:
+        """P = I (no feature permutation)."""
         return cls(np.arange(n_kv_heads), np.tile(np.arange(head_dim), (n_kv_heads, 1)))
 
-    def _heads(self, x: Any, group_size: int, name: str) -> FloatArray:
-        arr = as_float_array(x, name, allow_nonfinite=True)
-        if arr.ndim != 3 or arr.shape[1] != self.n_kv_heads * group_size or arr.shape[2] != self.head_dim:
-            raise ShapeError(
-                f"{name} must have shape (rows, {self.n_kv_heads * group_size}, "
-                f"{self.head_dim}), got {arr.shape}"
-            )
-        return arr
-
-    def _index(self, group_size: int) -> tuple[IntArray, IntArray]:
-        """(head index, coordinate index) arrays such that encoded = x[:, heads, coords]."""
-        heads = (self.group_order[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1)
-        coords = np.repeat(self.sigmas[self.group_order], group_size, axis=0)
-        return heads, coords
-
-    def flat_index(self, group_size: int, inverse: bool = False) -> npt.NDArray[np.int64]:
-        """The flat feature index f (length H·d_h) with
-        ``apply(x, G).reshape(rows, -1) == x.reshape(rows, -1)[:, f]``, or its inverse permutation
-        (``invert`` as one gather). Computed once per group size; the arrays are read-only."""
-        memo: dict[tuple[int, bool], npt.NDArray[np.int64]] = self._flat  # type: ignore[attr-defined]
+    def flat_index(self, group_size: int, inverse: bool = False) -> IntArray:
+        """The flat feature index f (length H·d_h, H = H_kv·G) with
+        ``head_permute(x, P, G).reshape(rows, -1) == x.reshape(rows, -1)[:, f]``: slot j·G + t holds head
+        ``order[j]·G + t`` with coordinates σ_order[j]. With ``inverse`` the inverse permutation of f
+        (the decode gather). Computed once per (group size, direction); the arrays are read-only."""
         key = (group_size, inverse)
-        if key not in memo:
-            heads, coords = self._index(group_size)
+        if key not in self._flat:
+            heads = (self.group_order[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1)
+            coords = np.repeat(self.sigmas[self.group_order], group_size, axis=0)
             f = (heads[:, None] * self.head_dim + coords).reshape(-1).astype(np.int64)
             if inverse:
-                f = inverse_permutation(f).astype(np.int64)
+                f = inverse_permutation(f)
             f.setflags(write=False)
-            memo[key] = f
-        return memo[key]
+            self._flat[key] = f
+        return self._flat[key]
 
-    def apply(self, x: Any, group_size: int = 1) -> FloatArray:
-        """Encode rows × heads × d_h features: slot j·G+t holds head order[j]·G+t, coordinates σ_order[j].
+    def apply(self, x: Any, group_size: int = 1) -> Any:
+        """:func:`head_permute` of numpy ``x``."""
+        return head_permute(x, self, group_size)
 
-        Use ``group_size = H / H_kv`` for queries (and attention outputs), 1 for keys and values.
-        """
-        arr = self._heads(x, group_size, "x")
-        heads, coords = self._index(group_size)
-        return arr[:, heads[:, None], coords]
+    def invert(self, y: Any, group_size: int = 1) -> Any:
+        """:func:`head_unpermute` of numpy ``y``."""
+        return head_unpermute(y, self, group_size)
 
-    def invert(self, y: Any, group_size: int = 1) -> FloatArray:
-        """Decode: ``invert(apply(X, G), G) == X``."""
-        arr = self._heads(y, group_size, "y")
-        heads, coords = self._index(group_size)
-        out = np.empty_like(arr)
-        out[:, heads[:, None], coords] = arr
-        return out
+
+def _head_gather(ops: ArrayOps[A], x: Any, perm: HeadPermutation, group_size: int, inverse: bool) -> A:
+    if not isinstance(perm, HeadPermutation):
+        raise SCXError(f"perm must be a HeadPermutation, got {type(perm).__name__}")
+    name = "y" if inverse else "x"
+    t = ops.floating(x, name, finite=False)
+    shape = ops.shape(t)
+    if len(shape) != 3 or shape[1] != perm.n_kv_heads * group_size or shape[2] != perm.head_dim:
+        raise ShapeError(
+            f"{name} must have shape (rows, {perm.n_kv_heads * group_size}, {perm.head_dim}), got {shape}"
+        )
+    rows, h, dh = shape
+    flat = ops.reshape(t, (rows, h * dh))
+    return ops.reshape(ops.take_last(flat, perm.flat_index(group_size, inverse)), (rows, h, dh))
+
+
+def head_permute(x: Any, perm: HeadPermutation, group_size: int = 1, ops: ArrayOps[A] = NUMPY) -> A:
+    """T3 encode on rows × heads × d_h, one gather over the flattened features.
+
+    Use ``group_size = H / H_kv`` for queries (and attention outputs), 1 for keys and values.
+    Identity: Attn(QP, KP, VP) = Attn(Q, K, V)P (any mask, scale, GQA ratio).
+    """
+    return _head_gather(ops, x, perm, group_size, inverse=False)
+
+
+def head_unpermute(y: Any, perm: HeadPermutation, group_size: int = 1, ops: ArrayOps[A] = NUMPY) -> A:
+    """T3 decode: ``head_unpermute(head_permute(X, P, G), P, G) == X``."""
+    return _head_gather(ops, y, perm, group_size, inverse=True)
 
 
 # --- T4: cache row order ---------------------------------------------------------------------
 
 
-def reorder_cache(k: Any, v: Any, rho: Any) -> tuple[FloatArray, FloatArray]:
+def reorder_cache(k: Any, v: Any, rho: Any, ops: ArrayOps[A] = NUMPY) -> tuple[A, A]:
     """T4: (K, V) ↦ (K[ρ], V[ρ]) with one ρ for both.
 
     Identity: a query that attends to every cached row gets Attn(q, K[ρ], V[ρ]) = Attn(q, K, V),
     because softmax-weighted sums over the cache rows do not depend on their order.
     """
-    ka = as_float_array(k, "k")
-    va = as_float_array(v, "v")
-    if ka.shape[0] != va.shape[0]:
-        raise ShapeError(f"k and v must have the same number of rows, got {ka.shape[0]} and {va.shape[0]}")
-    p = check_permutation(rho, ka.shape[0], "rho")
-    return ka[p], va[p]
+    kt = ops.floating(k, "k")
+    vt = ops.floating(v, "v")
+    if _rows(ops, kt) != _rows(ops, vt):
+        raise ShapeError(
+            f"k and v must have the same number of rows, got {ops.shape(kt)} and {ops.shape(vt)}"
+        )
+    p = _perm(rho, ops.nrows(kt), "rho")
+    return ops.take_rows(kt, p), ops.take_rows(vt, p)
+
+
+def unlock_scores(scores: Any, rho: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
+    """T4 + T2 decode of attention scores against a locked cache.
+
+    ``scores`` (…, m) are a query's scores against the rows of ρ(K ⊕ R) (n real + r decoy rows, in the
+    order ρ) followed by m − (n + r) rows appended in true order. Returns the scores of the n real rows in
+    true order followed by the appended ones, decoys dropped: column j of the locked part holds row ρ[j],
+    so true row i sits at column ρ⁻¹[i].
+    """
+    t = ops.floating(scores, "scores", finite=False)
+    m = ops.shape(t)[-1]
+    p = _perm(rho, None, "rho")
+    if not 0 <= n <= p.shape[0] <= m:
+        raise ShapeError(f"{m} score columns cannot hold a locked cache of {p.shape[0]} rows with {n} real")
+    cols = np.concatenate([inverse_permutation(p)[:n], np.arange(p.shape[0], m, dtype=np.int64)])
+    return ops.take_last(t, cols)
 
 
 # --- T5: additive blinding -------------------------------------------------------------------
 
 
-def blind(x: Any, eta: Any) -> FloatArray:
+def blind(x: Any, eta: Any, ops: ArrayOps[A] = NUMPY) -> A:
     """T5 encode: x ↦ x + η."""
-    xa = as_float_array(x, "x")
-    ea = as_float_array(eta, "eta")
-    if xa.shape != ea.shape:
-        raise ShapeError(f"x {xa.shape} and eta {ea.shape} must have the same shape")
-    return xa + ea
+    xt = ops.floating(x, "x")
+    et = ops.floating(eta, "eta")
+    if ops.shape(xt) != ops.shape(et):
+        raise ShapeError(f"x {ops.shape(xt)} and eta {ops.shape(et)} must have the same shape")
+    return ops.add(xt, et)
 
 
-def blinding_correction(eta: Any, w: Any) -> FloatArray:
-    """ηW, the client's correction term (precomputable offline, before the request)."""
-    ea = as_float_array(eta, "eta")
-    wa = as_float_array(w, "w", ndim=2)
-    if ea.shape[-1] != wa.shape[0]:
-        raise ShapeError(f"eta width {ea.shape[-1]} does not match w rows {wa.shape[0]}")
-    return ea @ wa
+def blinding_correction(eta: Any, w: Any, ops: ArrayOps[A] = NUMPY) -> A:
+    """ηW, the client's correction term (precomputable before the request: η derives from the key
+    schedule). ``w`` is in the layout of ``ops`` (numpy: in × out)."""
+    et = ops.floating(eta, "eta")
+    return ops.linear(et, ops.floating(w, "w"))
 
 
-def unblind(y: Any, correction: Any) -> FloatArray:
+def unblind(y: Any, correction: Any, ops: ArrayOps[A] = NUMPY) -> A:
     """T5 decode: y ↦ y − ηW. Identity: (x + η)W + b − ηW = xW + b."""
-    ya = as_float_array(y, "y")
-    ca = as_float_array(correction, "correction")
-    if ya.shape != ca.shape:
-        raise ShapeError(f"y {ya.shape} and correction {ca.shape} must have the same shape")
-    return ya - ca
+    yt = ops.floating(y, "y")
+    ct = ops.floating(correction, "correction")
+    if ops.shape(yt) != ops.shape(ct):
+        raise ShapeError(f"y {ops.shape(yt)} and correction {ops.shape(ct)} must have the same shape")
+    return ops.sub(yt, ct)
 
 
-# --- noise -----------------------------------------------------------------------------------
+# --- T6: Laplace noise -----------------------------------------------------------------------
 
 
 class NoiseSource(Protocol):
@@ -245,11 +311,12 @@ class NoiseSource(Protocol):
 
 def laplace_noise(
     shape: tuple[int, ...], beta: float, gen: NoiseSource, dtype: npt.DTypeLike = np.float64
-) -> FloatArray:
-    """η ~ Laplace(0, β)^shape by inverse CDF from ``gen``'s uniforms.
+) -> npt.NDArray[Any]:
+    """η ~ Laplace(0, β)^shape by inverse CDF from ``gen``'s uniforms (host numpy, float64 math).
 
     With u uniform on [0, 1) and s = u − ½: η = −β·sign(s)·ln(1 − 2|s|), which has density
-    exp(−|η|/β) / (2β). β = 0 gives zeros (no blinding).
+    exp(−|η|/β) / (2β). β = 0 gives zeros (no blinding). Released through the Laplace mechanism this is
+    ε = Δ₁/β differentially private (T6, DESIGN §7).
     """
     if not np.isfinite(beta) or beta < 0:
         raise SCXError(f"Laplace scale beta must be finite and >= 0, got {beta}")

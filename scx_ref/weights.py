@@ -6,7 +6,7 @@ Hugging Face stores ``nn.Linear.weight`` as out × in; the HF adapter transposes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -69,7 +69,6 @@ class ModelWeights:
     layers: list[LayerWeights]
     final_norm: Array  # d
     lm_head: Array  # d × V
-    _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()

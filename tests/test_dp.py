@@ -41,9 +41,9 @@ from scx_ref.dp import (
     rmsnorm_sensitivity,
     statelessness_bound_paper,
 )
-from scx_ref.dp.cli import RANDOM_PRESETS, load_model_weights
 from scx_ref.errors import ConfigError, NonFiniteError, SCXError
 from scx_ref.weights import random_weights
+from scx_ref.zoo import RANDOM_PRESETS, load_weights
 
 needs_pld = pytest.mark.skipif(not pld_available(), reason="dp-accounting not installed")
 
@@ -143,19 +143,28 @@ def test_budget_pld_matches_independent_dp_accounting() -> None:
         embed_normalized_diameter=2.0,
     )
     tokens, beta, delta = 40, 5.0, 1e-6
+    steps = tokens - 1  # the first token comes from the prefill's logits
     b = request_budget(
         sens, level="paper", beta=beta, guard=1, prompt_len=8, tokens=tokens, delta=delta, guard_ffn="clear"
     )
     assert b.composition is not None and b.epsilon_pld is not None
     interval = b.composition.pld_interval
     assert interval is not None
+    # the plan: block-1 QKV at prefill (Δ 2), then per step block-1 QKV (Δ 2) and the last guard block's
+    # blinded FFN (exact last_ffn: gate/up Δ 3, down Δ 9)
     acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
     acc.compose(
-        dp_event.SelfComposedDpEvent(dp_event.LaplaceDpEvent(noise_multiplier=beta / 2.0), tokens + 1)
+        dp_event.ComposedDpEvent(
+            [
+                dp_event.SelfComposedDpEvent(dp_event.LaplaceDpEvent(noise_multiplier=beta / 2.0), 1 + steps),
+                dp_event.SelfComposedDpEvent(dp_event.LaplaceDpEvent(noise_multiplier=beta / 3.0), steps),
+                dp_event.SelfComposedDpEvent(dp_event.LaplaceDpEvent(noise_multiplier=beta / 9.0), steps),
+            ]
+        )
     )
     direct = acc.get_epsilon(delta)
     assert b.epsilon_pld == pytest.approx(direct, rel=1e-6)
-    assert b.epsilon_basic == pytest.approx((tokens + 1) * 2.0 / beta)
+    assert b.epsilon_basic == pytest.approx(((1 + steps) * 2.0 + steps * (3.0 + 9.0)) / beta)
 
 
 # ----------------------------------------------------------------------------- permutation
@@ -269,7 +278,7 @@ def test_l1_diameter_exact(backend: Literal["numpy", "torch"]) -> None:
 
 
 def test_model_sensitivities_tiny() -> None:
-    w = load_model_weights("random:tiny-llama")
+    w = load_weights("random:tiny-dense")
     s = model_sensitivities(w)
     assert s.embed_normalized_diameter is not None and s.embed_raw_diameter is not None
     assert 0 < s.embed_normalized_diameter <= rmsnorm_sensitivity(w.layers[0].attn_norm)
@@ -294,26 +303,31 @@ def test_budget_counts_paper_level() -> None:
         _sens(), level="paper", beta=2.0, guard=2, prompt_len=10, tokens=5, use_pld=False, guard_ffn="clear"
     )
     counts = [(s.phase, s.stage, s.block, s.count, s.sensitivity) for s in b.stages]
+    # 5 tokens = 4 decode steps; guard 2 of 3 blocks: first guards 1-2 (QKV blinded, FFN clear), last
+    # guard 3 (its FFN blinded: last_ffn="exact")
     assert counts == [
         ("prefill", "qkv", 1, 1, 2.0),
-        ("generate", "qkv", 1, 5, 2.0),
-        ("generate", "qkv", 2, 5, 3.0),
+        ("generate", "gen_qkv", 1, 4, 2.0),
+        ("generate", "gen_qkv", 2, 4, 3.0),
+        ("generate", "gen_ffn_up", 3, 4, 4.0),
+        ("generate", "gen_ffn_down", 3, 4, 9.0),
     ]
-    assert b.epsilon_basic == pytest.approx((1 * 2.0 + 5 * 2.0 + 5 * 3.0) / 2.0)
+    assert b.epsilon_basic == pytest.approx((1 * 2.0 + 4 * 2.0 + 4 * 3.0 + 4 * 4.0 + 4 * 9.0) / 2.0)
     assert b.permutation_bits_per_stage == pytest.approx(permutation_bits(10))
 
 
 def test_budget_counts_blinded_guard_ffn() -> None:
-    """The protocol's default ``guard_ffn="blinded"`` adds the guard blocks' MLP releases per token."""
+    """The protocol's default ``guard_ffn="blinded"`` adds the first guard blocks' MLP releases per step
+    (the last guard blocks' MLP is blinded either way: ``last_ffn="exact"``)."""
     sens = _sens()
     clear = request_budget(sens, level="paper", beta=2.0, guard=1, tokens=5, use_pld=False, guard_ffn="clear")
     blinded = request_budget(sens, level="paper", beta=2.0, guard=1, tokens=5, use_pld=False)
-    extra = [(s.stage, s.block, s.count) for s in blinded.stages if s.stage in ("gate_up", "down")]
     last = sens.n_layers
-    assert extra == [("gate_up", 1, 5), ("down", 1, 5), ("gate_up", last, 5), ("down", last, 5)]
-    added = 5 * (
-        sens.layers[0].gate_up + sens.layers[0].down + sens.layers[-1].gate_up + sens.layers[-1].down
-    )
+    mlp = [(s.kind, s.block, s.count) for s in blinded.stages if s.kind in ("gate_up", "down")]
+    assert mlp == [("gate_up", 1, 4), ("down", 1, 4), ("gate_up", last, 4), ("down", last, 4)]
+    mlp_clear = [(s.kind, s.block, s.count) for s in clear.stages if s.kind in ("gate_up", "down")]
+    assert mlp_clear == [("gate_up", last, 4), ("down", last, 4)]
+    added = 4 * (sens.layers[0].gate_up + sens.layers[0].down)
     assert blinded.epsilon_basic == pytest.approx(clear.epsilon_basic + added / 2.0)
     assert not any("guard-block FFN" in u for u in blinded.uncovered)
     assert any("guard-block FFN" in u for u in clear.uncovered)
@@ -329,8 +343,13 @@ def test_budget_counts_blind_level_and_rows() -> None:
     gen = request_budget(
         _sens(), level="blind", beta={"default": 1.0, "down": 3.0}, prompt_len=4, tokens=2, use_pld=False
     )
-    assert sum(s.count for s in gen.stages) == 13 + 2 * 12
-    assert {s.scale for s in gen.stages if s.stage == "down"} == {3.0}
+    # 2 tokens = 1 decode step: first guard QKV + MLP (3) and last guard MLP (2); the middle block runs
+    # on the server un-noised and the client applies W_o itself, so no O-stage release. Key sharing
+    # uploads the middle block's prefill QKV noise, so that release is revealed, not counted.
+    assert sum(s.count for s in gen.stages) == 13 - 1 + 5
+    assert not any(s.stage == "qkv" and s.block == 2 for s in gen.stages)
+    assert any("uploaded at key sharing" in u for u in gen.uncovered)
+    assert {s.scale for s in gen.stages if s.kind == "down"} == {3.0}
 
 
 def test_budget_permute_is_infinite() -> None:
@@ -341,7 +360,7 @@ def test_budget_permute_is_infinite() -> None:
 
 
 def test_budget_from_weights_equals_from_sensitivities() -> None:
-    w = load_model_weights("random:tiny-llama")
+    w = load_weights("random:tiny-dense")
     a = request_budget(w, level="paper", guard=2, tokens=3, use_pld=False)
     b = request_budget(model_sensitivities(w), level="paper", guard=2, tokens=3, use_pld=False)
     assert a.epsilon_basic == b.epsilon_basic
@@ -417,7 +436,8 @@ def test_cli_model_mode_json(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     for key in ("epsilon_basic", "epsilon_advanced", "stages", "sensitivities", "permutation_bits_per_stage"):
         assert key in data
-    assert data["releases"] == 5 and ("epsilon_pld" in data) == pld_available()
+    # 1 prefill release + 3 decode steps × (block-1 QKV + the last guard block's gate/up and down)
+    assert data["releases"] == 1 + 3 * 3 and ("epsilon_pld" in data) == pld_available()
     assert {"stage", "block", "count", "sensitivity", "scale", "epsilon_each"} <= set(data["stages"][0])
 
 
@@ -454,9 +474,7 @@ def test_cli_model_random_preset_and_errors(tmp_path: Path) -> None:
     assert main(["dp", "--per-coordinate", "0.25"]) == 2
 
 
-def test_model_loader_accepts_any_weights() -> None:
-    from scx_ref.dp import cli
-
+def test_model_mode_accepts_any_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = ModelConfig(
         vocab_size=16,
         hidden_size=8,
@@ -467,11 +485,8 @@ def test_model_loader_accepts_any_weights() -> None:
         intermediate_size=8,
         name="custom-test",
     )
-    cli.register_loader("custom-test", lambda: random_weights(cfg, np.random.default_rng(5)))
-    try:
-        assert main(["dp", "--model", "custom-test", "--tokens", "2", "--no-pld"]) == 0
-    finally:
-        del cli.MODEL_LOADERS["custom-test"]
+    monkeypatch.setitem(RANDOM_PRESETS, "custom-test", cfg)
+    assert main(["dp", "--model", "random:custom-test:5", "--tokens", "2", "--no-pld"]) == 0
 
 
 def test_closed_forms_work_without_dp_accounting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

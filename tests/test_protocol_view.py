@@ -25,10 +25,12 @@ from scx_ref import ops
 from scx_ref.backends import NumpyBackend
 from scx_ref.config import ModelConfig
 from scx_ref.keys import KeySchedule
-from scx_ref.protocol import CalibrationPool, Client, LocalTransport, SCXConfig, Server
+from scx_ref.protocol import CalibrationPool, Client, LocalTransport, SCXConfig, Server, Stage
+from scx_ref.protocol import client as client_mod
 from scx_ref.protocol.decoys import default_public_tokens
+from scx_ref.protocol.plan import ReleasePlan
 from scx_ref.reference import KVCache, ReferenceModel
-from scx_ref.transforms import HeadPermutation, laplace_noise
+from scx_ref.transforms import HeadPermutation, laplace_noise, strip_decoys
 from scx_ref.weights import ModelWeights, random_weights
 
 Array = npt.NDArray[Any]
@@ -169,9 +171,10 @@ def secret_noise(cfg: SCXConfig, weights: ModelWeights, gen: int) -> dict[str, A
     """Guard-block prefill noise α_i and one-time generation noise α_t (the rows the client adds)."""
     c, keys = weights.config, KeySchedule(MASTER, NONCE)
     first, _, last = cfg.blocks(c.n_layers)
+    plan = ReleasePlan.of(cfg, c)
     out: dict[str, Array] = {}
     for i in first:
-        if cfg.prefill_beta("qkv", i) > 0:
+        if plan.find(Stage.QKV, i) is not None:
             out[f"alpha_{i}"] = laplace_noise(
                 (N + R1, c.hidden_size), cfg.beta, keys.generator(("alpha", i, "qkv"))
             )
@@ -346,77 +349,73 @@ def test_server_alone_cannot_produce_the_next_logits(level: str) -> None:
 
 
 # -- negative controls: break one client step, exactness must fail ------------------------------
-class _Wrapped:
-    """A backend that forwards everything to ``inner`` except the methods a subclass overrides."""
-
-    def __init__(self, inner: NumpyBackend) -> None:
-        self.inner = inner
-        self.config = inner.config
-        self.name = inner.name
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+# Each control replaces one transform the client calls (its single implementation, imported into
+# scx_ref.protocol.client) or one backend weight op, then checks that exactness is lost.
+_OTHER = KeySchedule(bytes(32), bytes(16))
 
 
-class WrongKeyBackend(_Wrapped):
-    """Decodes every token permutation with another KeySchedule's permutation of the same size."""
-
-    other = KeySchedule(bytes(32), bytes(16))
-
-    def put_rows(self, y: Array, perm: Array) -> Array:
-        return self.inner.put_rows(y, self.other.permutation(("tok", 0, "qkv"), len(perm)))
-
-
-class NoCorrectionBackend(_Wrapped):
-    """Skips the unblinding correction ηW (T5)."""
-
-    def correction(self, eta: Array, which: Any, layer: int = -1, experts: Any = None) -> Array:
-        return np.zeros_like(self.inner.correction(eta, which, layer, experts))
+def _wrong_key(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
+    """T1 decode with another KeySchedule's permutation of the same size."""
+    real = client_mod.decode_rows
+    mp.setattr(
+        client_mod,
+        "decode_rows",
+        lambda y, perm, n, ops: real(y, _OTHER.permutation(("tok", 0, "qkv"), len(perm)), n, ops),
+    )
 
 
-class NoUnpermuteBackend(_Wrapped):
-    """Skips the token unpermutation (T1 decode): keeps the server's row order."""
-
-    def put_rows(self, y: Array, perm: Array) -> Array:
-        return y
-
-
-class NoHeadUnpermuteBackend(_Wrapped):
-    """Skips the T3 decode of the attention output."""
-
-    def head_unpermute(self, y: Array, perm: HeadPermutation, group_size: int) -> Array:
-        return y
+def _no_correction(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
+    """Skip the unblinding correction ηW (T5): the client backend's correction returns zeros."""
+    real = b.correction
+    mp.setattr(b, "correction", lambda eta, *a, **k: np.zeros_like(real(eta, *a, **k)))
 
 
-class RopeAfterSigmaBackend(_Wrapped):
-    """Applies RoPE *after* the head permutation σ (RoPE does not commute with σ, DESIGN T3)."""
+def _no_unpermute(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
+    """Skip the token unpermutation (T1 decode): keep the server's row order, only drop the tail."""
+    mp.setattr(client_mod, "decode_rows", lambda y, perm, n, ops: strip_decoys(y, n, ops))
 
-    def __init__(self, inner: NumpyBackend) -> None:
-        super().__init__(inner)
-        self.pending: dict[int, tuple[Array, Array]] = {}
 
-    def rope(self, x: Array, positions: Array) -> Array:
+def _no_head_unpermute(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
+    """Skip the T3 decode of the attention output."""
+    mp.setattr(client_mod, "head_unpermute", lambda y, perm, group_size=1, ops=None: y)
+
+
+def _rope_after_sigma(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
+    """Apply RoPE *after* the head permutation σ (RoPE does not commute with σ, DESIGN T3)."""
+    pending: dict[int, Array] = {}
+    real_rope, real_permute = b.rope, client_mod.head_permute
+
+    def rope(x: Array, positions: Array) -> Array:
         out = np.array(x, copy=True)
-        self.pending[id(out)] = (out, np.asarray(positions))  # RoPE deferred until head_permute
+        pending[id(out)] = np.asarray(positions)  # RoPE deferred until head_permute
         return out
 
-    def head_permute(self, x: Array, perm: HeadPermutation, group_size: int) -> Array:
-        y = self.inner.head_permute(x, perm, group_size)
-        held = self.pending.pop(id(x), None)
-        return self.inner.rope(y, held[1]) if held is not None and held[0] is x else y
+    def head_permute(x: Array, perm: HeadPermutation, group_size: int = 1, ops: Any = None) -> Array:
+        y = real_permute(x, perm, group_size, ops)
+        positions = pending.pop(id(x), None)
+        return y if positions is None else real_rope(y, positions)
+
+    mp.setattr(b, "rope", rope)
+    mp.setattr(client_mod, "head_permute", head_permute)
 
 
 @pytest.mark.parametrize(
-    "broken",
-    [WrongKeyBackend, NoCorrectionBackend, NoUnpermuteBackend, NoHeadUnpermuteBackend, RopeAfterSigmaBackend],
+    "broken", [_wrong_key, _no_correction, _no_unpermute, _no_head_unpermute, _rope_after_sigma]
 )
-def test_a_broken_client_step_breaks_exactness(broken: type[_Wrapped]) -> None:
+def test_a_broken_client_step_breaks_exactness(broken: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     weights = model(layers=3)
     cfg = scx_config("paper")
     _, _, _, got, want = run(weights, cfg, gen=1)
     assert max_err(got, want) <= RTOL  # the unbroken client is exact on this very setup
-    _, _, _, got_b, want_b = run(weights, cfg, backend=broken(NumpyBackend(weights)), gen=0)
-    err = rel_err(got_b[0], want_b[0])
+    true_backend = NumpyBackend(weights)  # the server's backend is built before the break
+    server: Server[Any] = Server(true_backend)
+    pool = CalibrationPool.from_tokens(true_backend, default_public_tokens(weights.config.vocab_size))
+    client_backend = NumpyBackend(weights)
+    with monkeypatch.context() as mp:
+        broken(mp, client_backend)
+        client: Client[Any] = Client(client_backend, KeySchedule(MASTER, NONCE), cfg, decoys=pool)
+        got_b = client.prefill(prompt(weights.config.vocab_size), LocalTransport(server))
+    err = rel_err(got_b, want[0])
     assert err > 1e-6, f"{broken.__name__}: prefill logits still match plaintext (rel err {err:.1e})"
 
 

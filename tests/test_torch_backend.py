@@ -8,16 +8,21 @@ to the logits' scale — bound 64·L·u·(1 + β)·(1 + max|logit|).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
+from scx_ref.backends.base import Backend
 from scx_ref.backends.numpy_backend import NumpyBackend
-from scx_ref.backends.torch_backend import TorchBackend, TorchPlainModel, parse_dtype
+from scx_ref.backends.torch_backend import TorchBackend, parse_dtype
 from scx_ref.config import ModelConfig
 from scx_ref.errors import ConfigError, DTypeError
+from scx_ref.forward import PlainRunner
 from scx_ref.keys import KeySchedule
-from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server
+from scx_ref.protocol import Client, Level, LocalTransport, SCXConfig, Server
+from scx_ref.protocol.config import LEVELS
 from scx_ref.reference import ReferenceModel
 from scx_ref.weights import ModelWeights, random_weights
 
@@ -44,11 +49,11 @@ def weights(variant: str, n_layers: int = 4) -> ModelWeights:
     return random_weights(cfg, np.random.default_rng(11))
 
 
-def run(backend: object, level: str, n_new: int = 4) -> tuple[np.ndarray, list[int], np.ndarray]:
+def run(backend: Backend[Any], level: Level, n_new: int = 4) -> tuple[np.ndarray, list[int], np.ndarray]:
     keys = KeySchedule(b"\x05" * 32, b"\x09" * 16)
-    cfg = SCXConfig(level=level, max_length=64)  # type: ignore[arg-type]
-    client = Client(backend, keys, cfg)  # type: ignore[arg-type]
-    link = LocalTransport(Server(backend), record_view=True)  # type: ignore[arg-type]
+    cfg = SCXConfig(level=level, max_length=64)
+    client = Client(backend, keys, cfg)
+    link = LocalTransport(Server(backend), record_view=True)
     logits = client.prefill(IDS, link)
     client.share_keys(link)
     tokens = [int(np.argmax(logits[-1]))]
@@ -60,8 +65,8 @@ def run(backend: object, level: str, n_new: int = 4) -> tuple[np.ndarray, list[i
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("level", ["permute", "paper", "blind"])
-def test_numpy_and_torch_scx_agree_on_the_same_keys(variant: str, level: str) -> None:
+@pytest.mark.parametrize("level", LEVELS)
+def test_numpy_and_torch_scx_agree_on_the_same_keys(variant: str, level: Level) -> None:
     w = weights(variant)
     np_logits, np_tokens, np_last = run(NumpyBackend(w), level)
     t_logits, t_tokens, t_last = run(TorchBackend(w, torch.float64), level)
@@ -81,8 +86,8 @@ def test_server_view_is_the_same_for_both_backends() -> None:
     keys = KeySchedule(b"\x05" * 32, b"\x09" * 16)
     views = []
     for backend in (NumpyBackend(w), TorchBackend(w, torch.float64)):
-        link = LocalTransport(Server(backend), record_view=True)  # type: ignore[arg-type]
-        Client(backend, keys, SCXConfig(level="paper", max_length=64)).prefill(IDS, link)  # type: ignore[arg-type]
+        link = LocalTransport(Server(backend), record_view=True)
+        Client(backend, keys, SCXConfig(level="paper", max_length=64)).prefill(IDS, link)
         views.append(link.view.messages)
     assert [(m.stage, m.layer) for m in views[0]] == [(m.stage, m.layer) for m in views[1]]
     for a, b in zip(views[0], views[1], strict=True):
@@ -90,10 +95,10 @@ def test_server_view_is_the_same_for_both_backends() -> None:
             np.testing.assert_allclose(b.arrays[key], a.arrays[key], rtol=1e-10, atol=1e-10)
 
 
-def test_plain_torch_model_matches_reference() -> None:
+def test_plain_torch_runner_matches_reference() -> None:
     w = weights("moe")
     ref_logits, _ = ReferenceModel(w).prefill(IDS)
-    plain = TorchPlainModel(TorchBackend(w, torch.float64))
+    plain = PlainRunner(TorchBackend(w, torch.float64))
     np.testing.assert_allclose(plain.prefill(IDS).numpy(), ref_logits, rtol=1e-10, atol=1e-12)
     assert plain.generate(IDS, 5) == ReferenceModel(w).generate(IDS, 5)
 
@@ -119,7 +124,7 @@ def test_dtype_parsing_and_wire_format() -> None:
         got[:] = -1  # a copy: the backend tensor is untouched
         assert b.to_numpy(rows)[0, 1] == 1.0
     with pytest.raises(ConfigError):
-        TorchBackend(None)
+        TorchBackend(None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

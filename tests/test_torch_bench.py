@@ -49,7 +49,7 @@ def test_bench_quick_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     blind = [r for r in rows if r["level"] == "blind"]
     permute = [r for r in rows if r["level"] == "permute" and r["phase"] == "prefill"]
     assert all(r["client_flop_share"] > 0 for r in blind) and permute[0]["client_flop_share"] == 0
-    assert data["meta"]["model"] == "tiny-llama" and "TorchPlainModel" in data["meta"]["baseline"]
+    assert data["meta"]["model"] == "tiny-llama" and "PlainRunner" in data["meta"]["baseline"]
     assert "ratio" in capsys.readouterr().out
 
 

@@ -11,6 +11,7 @@ import numpy.typing as npt
 from .. import ops
 from ..errors import ProtocolError
 from ..protocol.transport import ServerView, ViewedMessage
+from ..stages import Stage
 from ..weights import ModelWeights
 
 __all__ = ["message", "open_meta", "raw_qkv", "shared_caches", "stage_array"]
@@ -20,22 +21,24 @@ Array = npt.NDArray[Any]
 
 def open_meta(view: ServerView) -> dict[str, Any]:
     """The ``open`` message's metadata (n, r1, r2, …): public to the server."""
-    msgs = view.select(stage="open")
+    msgs = view.select(stage=Stage.OPEN)
     if not msgs:
         raise ProtocolError("the view has no open message")
     return dict(msgs[0].meta)
 
 
-def message(view: ServerView, stage: str, layer: int | None = None, step: int | None = None) -> ViewedMessage:
-    """The first received message of ``stage`` (and layer / step when given)."""
+def message(
+    view: ServerView, stage: Stage, layer: int | None = None, step: int | None = None
+) -> ViewedMessage:
+    """The first received message of ``stage`` (and layer / step when given); ProtocolError if none."""
     msgs = view.select(stage=stage, layer=layer, step=step)
     if not msgs:
-        raise ProtocolError(f"the view has no {stage!r} message for layer {layer}, step {step}")
+        raise ProtocolError(f"the view has no {stage.value!r} message for layer {layer}, step {step}")
     return msgs[0]
 
 
 def stage_array(
-    view: ServerView, stage: str, layer: int | None = None, name: str = "x", step: int | None = None
+    view: ServerView, stage: Stage, layer: int | None = None, name: str = "x", step: int | None = None
 ) -> Array:
     """Array ``name`` of the first matching message, as float64."""
     return np.asarray(message(view, stage, layer, step).arrays[name], dtype=np.float64)
@@ -45,7 +48,7 @@ def raw_qkv(view: ServerView, weights: ModelWeights, layer: int) -> tuple[Array,
     """(Z_q, Z_k, Z_v) the server computed at block ``layer``'s QKV stage (encoded row order, decoys,
     noise included): Z = norm(x)·W (+ b) unless the message says the rows were already normalized."""
     c, lw = weights.config, weights.layers[layer]
-    msg = message(view, "qkv", layer)
+    msg = message(view, Stage.QKV, layer)
     x: Array = np.asarray(msg.arrays["x"], dtype=np.float64)
     if not msg.meta.get("normalized", False):
         x = ops.rms_norm(x, lw.attn_norm, c.rms_eps)
@@ -61,7 +64,7 @@ def shared_caches(view: ServerView, weights: ModelWeights) -> dict[int, tuple[Ar
     c = weights.config
     n = int(open_meta(view)["n"])
     out: dict[int, tuple[Array, Array]] = {}
-    for msg in view.select(stage="share"):
+    for msg in view.select(stage=Stage.SHARE):
         layer = msg.layer
         _, zk, zv = raw_qkv(view, weights, layer)
         if "alpha" in msg.arrays:

@@ -18,10 +18,14 @@ import numpy.typing as npt
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..protocol.transport import ServerView
+from ..stages import Stage
 from ._view import open_meta
 from .llm_reorder import LanguageModel
 
 __all__ = ["enumerate_orders", "head_perm_bits", "search_space_bits", "stage_search_spaces"]
+
+#: Prefill stages whose rows arrive under a token permutation (with decoys).
+_ROW_PERMUTED = (Stage.QKV, Stage.O, Stage.FFN, Stage.HEAD, Stage.LOCK)
 
 
 def search_space_bits(rows: int) -> float:
@@ -45,7 +49,7 @@ def stage_search_spaces(view: ServerView, config: ModelConfig) -> list[dict[str,
         if (m.stage, m.layer) in seen or m.step >= 0:
             continue
         seen.add((m.stage, m.layer))
-        if m.stage in ("qkv", "o", "ffn", "head", "lock"):
+        if m.stage in _ROW_PERMUTED:
             rows = int(next(iter(m.arrays.values())).shape[0])
             out.append(
                 {
@@ -56,10 +60,10 @@ def stage_search_spaces(view: ServerView, config: ModelConfig) -> list[dict[str,
                     "bits": search_space_bits(rows),
                 }
             )
-        elif m.stage == "attn":
+        elif m.stage == Stage.ATTN:
             out.append(
                 {
-                    "stage": "attn",
+                    "stage": m.stage,
                     "layer": m.layer,
                     "rows": int(meta["n"]),
                     "n": int(meta["n"]),

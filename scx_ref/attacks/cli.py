@@ -11,6 +11,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..zoo import MODEL_NAMES, load_model
+from ..zoo.corpus import tokenize, topic_texts
+
 __all__ = ["public_and_victims", "register"]
 
 
@@ -38,7 +41,10 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument(
-        "--model", default="smollm2", help="scx_models name (default smollm2; tiny-llama needs no download)"
+        "--model",
+        choices=MODEL_NAMES,
+        default="smollm2",
+        help="a registered model (default smollm2; tiny-llama needs no download)",
     )
     p.add_argument("--json", type=Path, default=None, help="write the results (and the command) as JSON here")
     p.add_argument(
@@ -70,21 +76,17 @@ def public_and_victims(
     """Disjoint splits of CPython's ``pydoc_data.topics``: public text from the even-indexed topics
     (sorted keys), victim prompts (the start of the body — after the title and its underline — of
     ``count`` odd-indexed topics, spread evenly)."""
-    from pydoc_data.topics import topics
-
-    from scx_models.corpus import tokenize  # type: ignore[import-not-found,unused-ignore]
-
-    keys = sorted(topics)
-    pub_text = "\n\n".join(topics[k].strip() for k in keys[0::2])
+    texts = topic_texts()
+    pub_text = "\n\n".join(texts[0::2])
     public = tokenize(pub_text[: 8 * n_public + 1024], tokenizer, vocab)[:n_public]
 
     def body(text: str) -> str:
-        parts = text.strip().split("\n\n", 1)
+        parts = text.split("\n\n", 1)
         return (parts[1] if len(parts) == 2 else parts[0]).strip()
 
-    odd = [k for k in keys[1::2] if len(body(topics[k])) > 16 * length]
+    odd = [body(t) for t in texts[1::2] if len(body(t)) > 16 * length]
     victims = [
-        tokenize(body(topics[odd[(i * len(odd)) // count]])[: 16 * length + 64], tokenizer, vocab)[:length]
+        tokenize(odd[(i * len(odd)) // count][: 16 * length + 64], tokenizer, vocab)[:length]
         for i in range(count)
     ]
     return np.asarray(public, dtype=np.int64), [np.asarray(v, dtype=np.int64) for v in victims]
@@ -110,7 +112,6 @@ def _run(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from scx_models import load_model  # type: ignore[import-not-found,unused-ignore]
     from tqdm import tqdm
 
     from . import harness, llm_reorder, report

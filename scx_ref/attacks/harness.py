@@ -1,10 +1,13 @@
 """Run every attack on SCX server views, one mechanism varied at a time, against a plaintext control.
 
-Views come from the real protocol engine (:class:`~scx_ref.protocol.Client` → :class:`LocalTransport` with
-``record_view=True``). A mechanism is switched off by a key schedule whose permutations of that role are
-the identity (:class:`AblatedKeys`); the *plaintext control* switches every permutation off, with no
-decoys and no noise (level ``permute``, r = 0): the server sees the plaintext rows, so each attack must
-succeed there. Scoring uses the victim's true tokens; the attacks never see them.
+:func:`server_view` is the one way a view is built (here and in the tests): a real SCX request through the
+protocol engine (:class:`~scx_ref.protocol.Client` → :class:`~scx_ref.protocol.LocalTransport` with
+``record_view=True`` → :class:`~scx_ref.protocol.Server`). A mechanism is switched off by a key schedule
+whose permutations of that key role are the identity (:class:`AblatedKeys`) — so the engine also runs
+ablations such as "token permutation on, head permutation off". The *plaintext control*
+(:func:`plaintext_control`) switches every permutation off, with no decoys and no noise (level
+``permute``, r = 0): the server sees the plaintext rows, so each attack must succeed there. Scoring uses
+the victim's true tokens; the attacks never see them.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ..backends.numpy_backend import NumpyBackend
+from ..errors import ConfigError
 from ..keys import KeySchedule, Label
-from ..protocol import Client, LocalTransport, SCXConfig, Server, ServerView
+from ..protocol import Client, LocalTransport, SCXConfig, Server, ServerView, Stage
 from ..protocol.decoys import CalibrationPool, DecoyPolicy
 from ..transforms import laplace_noise
 from ..weights import ModelWeights
@@ -29,25 +33,49 @@ from . import bruteforce, decoy_detect, inversion, llm_reorder, statelessness, v
 from ._model import forward_trace
 from ._view import open_meta, shared_caches, stage_array
 
-__all__ = ["AblatedKeys", "Setting", "default_settings", "noise_fitting", "run_all", "run_setting"]
+__all__ = [
+    "KEY_ROLES",
+    "AblatedKeys",
+    "Context",
+    "Setting",
+    "default_settings",
+    "fit_tools",
+    "noise_fitting",
+    "plaintext_control",
+    "run_all",
+    "run_setting",
+    "server_view",
+]
 
 Array = npt.NDArray[Any]
 Progress = Callable[[str], None]
 
 
+#: The permutation roles of the client's key labels (label[0], DESIGN §3): ``tok`` the token
+#: permutations π_i, π′_i (with decoys), ``head`` the head-structured P_i, ``lock`` the locked caches' ρ_i.
+#: These are key-schedule roles, not protocol stages.
+KEY_ROLES: frozenset[str] = frozenset({"tok", "head", "lock"})
+
+
 class AblatedKeys(KeySchedule):
-    """A key schedule whose permutations of the roles in ``identity`` (label[0]: ``tok``, ``head``,
-    ``lock``) are the identity — to switch one SCX mechanism off in the real engine."""
+    """A key schedule whose permutations of the roles in ``identity`` (a subset of :data:`KEY_ROLES`)
+    are the identity — to switch one SCX mechanism off in the real engine. Every other key (noise,
+    decoy choice, the other roles' permutations) is the plain :class:`KeySchedule`'s."""
 
     def __init__(self, master: bytes, nonce: bytes, identity: frozenset[str]) -> None:
+        unknown = identity - KEY_ROLES
+        if unknown:
+            raise ConfigError(f"unknown permutation roles {sorted(unknown)}; known: {sorted(KEY_ROLES)}")
         super().__init__(master, nonce)
         self.identity = identity
         self._m = master
 
     def for_nonce(self, nonce: bytes) -> AblatedKeys:
+        """The same ablated schedule under another nonce (the client derives each session's keys so)."""
         return AblatedKeys(self._m, nonce, self.identity)
 
     def permutation(self, label: Label, n: int) -> npt.NDArray[np.int64]:
+        """The identity of size n when the label's role is ablated, else the schedule's permutation."""
         if str(label[0]) in self.identity:
             return np.arange(n, dtype=np.int64)
         return super().permutation(label, n)
@@ -66,17 +94,23 @@ class Setting:
     reorder: bool = False
 
 
-_ALL = frozenset({"tok", "head", "lock"})
+def plaintext_control() -> Setting:
+    """The setting under which the server sees plaintext: level ``permute`` (no noise), no decoys
+    (r1 = r2 = r_lock = 0) and every permutation role the identity. Every stage's rows then equal the
+    plaintext forward's, so an attack that fails here is broken, not defeated by SCX."""
+    config = SCXConfig(level="permute", r1=0, r2=0, r_lock=0)
+    return Setting("plaintext", "none (control)", config, KEY_ROLES, stateless=True, reorder=True)
 
 
 def default_settings(quick: bool = False) -> list[Setting]:
     """Plaintext control, then one mechanism added at a time, a β sweep, a decoy-count sweep, level
     ``blind`` and guard sizes (``quick``: the same mechanisms, fewer sweep points)."""
     paper = SCXConfig(level="paper", r1=4, r2=4, beta=5.0)
-    perm0 = SCXConfig(level="permute", r1=0, r2=0, r_lock=0)
+    control = plaintext_control()
+    perm0 = control.config
     head = frozenset({"head"})
     s = [
-        Setting("plaintext", "none (control)", perm0, _ALL, stateless=True, reorder=True),
+        control,
         Setting("tok-perm", "token permutation", perm0, head, reorder=True),
         Setting("+decoys", "+ decoys r=4", replace(perm0, r1=4, r2=4, r_lock=None), head, reorder=True),
         Setting(
@@ -103,25 +137,32 @@ def default_settings(quick: bool = False) -> list[Setting]:
     return s
 
 
-def _engine_view(
+def server_view(
     weights: ModelWeights,
-    ids: Array,
-    setting: Setting,
-    n_new: int,
-    seed: int,
-    public: Array,
+    ids: npt.ArrayLike,
+    config: SCXConfig,
+    identity: frozenset[str] = frozenset(),
+    *,
+    n_new: int = 0,
+    seed: int = 0,
+    public: Array | None = None,
     decoys: DecoyPolicy | None = None,
 ) -> tuple[ServerView, list[int]]:
-    """The server's recorded view of one real SCX request (prefill, key sharing, ``n_new`` greedy tokens)
-    and the generated tokens. ``decoys``: a calibration pool built once (else the client builds one from
+    """The server's recorded view of one real SCX request under ``config`` — prefill of ``ids``, key
+    sharing, ``n_new`` greedy tokens, run by :class:`~scx_ref.protocol.Client` and
+    :class:`~scx_ref.protocol.Server` (numpy, float64) over a recording
+    :class:`~scx_ref.protocol.LocalTransport` — and the generated tokens (equal to plaintext greedy
+    decoding). Keys derive from ``seed`` only; the permutation roles in ``identity`` are the identity
+    (:class:`AblatedKeys`). ``decoys``: a calibration pool built once (else the client builds one from
     ``public``, a plaintext forward over it — the slow part of a run)."""
     backend = NumpyBackend(weights, np.float64)
     master = hashlib.sha256(f"scx-attack-{seed}".encode()).digest()
     nonce = hashlib.sha256(f"nonce-{seed}".encode()).digest()[:16]
-    keys = AblatedKeys(master, nonce, setting.identity)
+    keys = AblatedKeys(master, nonce, identity)
     link = LocalTransport(Server(backend), record_view=True)
-    client = Client(backend, keys, setting.config, decoys=decoys, public_tokens=public)
-    gen = client.generate(ids, n_new, link)
+    tokens = None if public is None else np.asarray(public, dtype=np.int64)
+    client = Client(backend, keys, config, decoys=decoys, public_tokens=tokens)
+    gen = client.generate(np.asarray(ids, dtype=np.int64), n_new, link)
     return link.view, gen
 
 
@@ -164,19 +205,20 @@ class Context:
         return np.asarray(self.public[: len(self.traces) * self.window])
 
     def decoys(self) -> CalibrationPool:
-        """The client's calibration pool (DESIGN §5.1) from the public traces: block inputs (``qkv``),
-        post-RoPE keys (``k``), attention outputs (``o``), residuals before the MLP (``ffn``) and final
-        residuals (``head``) — the rows :meth:`CalibrationPool.from_tokens` records, built once per model
+        """The client's calibration pool (DESIGN §5.1) from the public traces: block inputs
+        (:attr:`Stage.QKV`), post-RoPE keys (:attr:`Stage.LOCK`: the locked caches' decoys), attention outputs
+        (:attr:`Stage.O`), residuals before the MLP (:attr:`Stage.FFN`) and final residuals
+        (:attr:`Stage.HEAD`) — the rows :meth:`CalibrationPool.from_tokens` records, built once per model
         instead of once per request."""
         if self._pool is None:
-            rows: dict[tuple[str, int], list[Array]] = {}
+            rows: dict[tuple[Stage, int], list[Array]] = {}
             for t in self.traces:
                 for i in range(self.weights.config.n_layers):
-                    rows.setdefault(("qkv", i), []).append(t.x[i])
-                    rows.setdefault(("k", i), []).append(t.k[i].reshape(len(t.k[i]), -1))
-                    rows.setdefault(("o", i), []).append(t.o[i])
-                    rows.setdefault(("ffn", i), []).append(t.h[i])
-                rows.setdefault(("head", self.weights.config.n_layers), []).append(t.final)
+                    rows.setdefault((Stage.QKV, i), []).append(t.x[i])
+                    rows.setdefault((Stage.LOCK, i), []).append(t.k[i].reshape(len(t.k[i]), -1))
+                    rows.setdefault((Stage.O, i), []).append(t.o[i])
+                    rows.setdefault((Stage.FFN, i), []).append(t.h[i])
+                rows.setdefault((Stage.HEAD, self.weights.config.n_layers), []).append(t.final)
             self._pool = CalibrationPool({k: np.concatenate(v) for k, v in rows.items()})
         return self._pool
 
@@ -264,24 +306,33 @@ def run_setting(
     t0 = time.perf_counter()
     for pi, ids in enumerate(prompts):
         ids = np.asarray(ids, dtype=np.int64)
-        view, gen = _engine_view(w, ids, setting, n_new, seed + pi, ctx.public, ctx.decoys())
+        view, gen = server_view(
+            w,
+            ids,
+            setting.config,
+            setting.identity,
+            n_new=n_new,
+            seed=seed + pi,
+            public=ctx.public,
+            decoys=ctx.decoys(),
+        )
         meta = open_meta(view)
         n = int(meta["n"])
         L = w.config.n_layers
         _, middle, _ = setting.config.blocks(L)
         # vocabulary matching, block 1 QKV (bag) and attention (fingerprints)
-        m0 = view.select(stage="qkv", layer=0)[0]
+        m0 = view.select(stage=Stage.QKV, layer=0)[0]
         t_qkv, _ = vocab_match.match_block1_qkv(
             m0.arrays["x"], w, bool(m0.meta.get("normalized", False)), tables=tabs
         )
         put("vm_qkv1_bag_recall", _bag_scores(t_qkv, ids)["recall"])
         put("vm_qkv1_bag_precision", _bag_scores(t_qkv, ids)["precision"])
         t_att, _ = vocab_match.match_block1_attn(
-            stage_array(view, "attn", 0, "k"), stage_array(view, "attn", 0, "v"), w, tables=tabs
+            stage_array(view, Stage.ATTN, 0, "k"), stage_array(view, Stage.ATTN, 0, "v"), w, tables=tabs
         )
         put("vm_attn1_pos_acc", float(np.mean(t_att == ids)))
         t_res, d_res = vocab_match.match_block1_residual(
-            stage_array(view, "o", 0), stage_array(view, "ffn", 0), w
+            stage_array(view, Stage.O, 0), stage_array(view, Stage.FFN, 0), w
         )
         put("vm_resid1_bag_recall", _bag_scores(t_res[d_res < 1e-6], ids)["recall"])
         if middle:
@@ -298,14 +349,14 @@ def run_setting(
             if sequential:
                 rec, _ = vocab_match.match_sequential(target, w, ell, "kv", ranker=_ranker(inv))
                 put("vm_cache_seq_pos_acc", float(np.mean(rec == ids)))
-                steps = len(view.select(stage="gen_mid"))
+                steps = len(view.select(stage=Stage.GEN_MID))
                 if steps:
-                    gx = np.concatenate([stage_array(view, "gen_mid", ell, step=s) for s in range(steps)])
+                    gx = np.concatenate([stage_array(view, Stage.GEN_MID, ell, step=s) for s in range(steps)])
                     xinv = ctx.inverters.get(f"x{ell}/ridge")
                     g_rec, _ = vocab_match.match_sequential(gx, w, ell, "x", prefix=rec, ranker=_ranker(xinv))
                     put("vm_gen_seq_acc", float(np.mean(g_rec == np.asarray(gen[:steps]))))
             # attention stage of the first middle block: naive / σ-recovered / sorted inversion
-            v_obs = stage_array(view, "attn", ell, "v").reshape(n, -1)
+            v_obs = stage_array(view, Stage.ATTN, ell, "v").reshape(n, -1)
             if f"v{ell}/ridge" in ctx.inverters:
                 put(
                     "inv_attn_naive_pos_acc",
@@ -318,20 +369,20 @@ def run_setting(
                 )
                 srt = ctx.inverters[f"vsorted{ell}/ridge"].predict(inversion.sorted_rows(v_obs))[:, 0]
                 put("inv_attn_sorted_pos_acc", float(np.mean(srt == ids)))
-                f_rows = stage_array(view, "ffn", ell)
+                f_rows = stage_array(view, Stage.FFN, ell)
                 for kind in ("ridge", "mlp"):
                     if f"ffn{ell}/{kind}" in ctx.inverters:
                         pred = ctx.inverters[f"ffn{ell}/{kind}"].predict(f_rows)[:, 0]
                         put(f"inv_ffn_{kind}_bag_recall", _bag_scores(pred, ids)["recall"])
             # decoy detection by residual linking, at the first middle block (scored against the truth)
-            x_ffn = stage_array(view, "ffn", ell)
+            x_ffn = stage_array(view, Stage.FFN, ell)
             _, _, fr = decoy_detect.residual_links(
-                stage_array(view, "qkv", ell),
-                stage_array(view, "o", ell),
+                stage_array(view, Stage.QKV, ell),
+                stage_array(view, Stage.O, ell),
                 x_ffn,
                 w,
                 ell,
-                bool(view.select(stage="qkv", layer=ell)[0].meta.get("normalized")),
+                bool(view.select(stage=Stage.QKV, layer=ell)[0].meta.get("normalized")),
             )
             real = _real_rows(x_ffn, forward_trace(w, ids, upto=ell, logits=False).h[ell])
             if real.any():
@@ -343,7 +394,7 @@ def run_setting(
         # per-layer inversion (the per-layer curve): shared caches and σ-invariant attention rows
         shared = shared_caches(view, w) if per_layer else {}
         for layer in per_layer:
-            v_obs = stage_array(view, "attn", layer, "v").reshape(n, -1)
+            v_obs = stage_array(view, Stage.ATTN, layer, "v").reshape(n, -1)
             key = f"vsorted{layer}/ridge"
             if key in ctx.inverters:
                 pred = ctx.inverters[key].predict(inversion.sorted_rows(v_obs))[:, 0]
@@ -460,7 +511,10 @@ def run_all(
         if progress:
             progress("enumeration")
     n0 = len(prompts[0])
-    view, _ = _engine_view(w, np.asarray(prompts[0]), settings[-1], 0, 99, ctx.public, ctx.decoys())
+    last = settings[-1]
+    view, _ = server_view(
+        w, prompts[0], last.config, last.identity, seed=99, public=ctx.public, decoys=ctx.decoys()
+    )
     return {
         "model": w.config.name,
         "n_prompts": len(prompts),

@@ -19,9 +19,10 @@ import numpy.typing as npt
 
 from .. import ops
 from ..protocol.transport import ServerView
+from ..stages import Stage
 from ..weights import ModelWeights
 from ._model import forward_trace
-from ._view import message, open_meta, raw_qkv, shared_caches
+from ._view import open_meta, raw_qkv, shared_caches
 
 __all__ = ["decode_with_caches", "server_caches", "statelessness_table"]
 
@@ -75,7 +76,7 @@ def server_caches(view: ServerView, weights: ModelWeights, policy: str) -> Cache
             _, zk, zv = raw_qkv(view, weights, i)
             rows = len(zk)
             k = ops.apply_rope(zk.reshape(rows, c.n_kv_heads, c.head_dim), np.arange(rows), c.rope_theta)
-            locked = view.select(stage="lock", layer=i)
+            locked = view.select(stage=Stage.LOCK, layer=i)
             if locked:
                 k = np.asarray(locked[0].arrays["k"], dtype=np.float64).reshape(-1, c.n_kv_heads, c.head_dim)
             m = min(len(k), rows)
@@ -108,7 +109,6 @@ def statelessness_table(
     c = weights.config
     cont = np.asarray(continuation, dtype=np.int64)
     n = int(open_meta(view)["n"])
-    message(view, "open")
 
     def plain(ids: npt.ArrayLike) -> Cache:
         tr = forward_trace(weights, ids, logits=False)

@@ -12,7 +12,8 @@ semantics as :class:`~scx_ref.backends.numpy_backend.NumpyBackend` (property-tes
 * attention is ``scaled_dot_product_attention`` with ``enable_gqa`` (no K/V head expansion), with
   ``is_causal`` when query and key positions coincide and an explicit boolean mask otherwise; rows
   with no visible key fall back to the reference's safe softmax (zeros, as the numpy reference);
-* RoPE cos/sin tables are computed once in float64 (the reference's formula) and cached per position;
+* RoPE cos/sin tables are computed once in float64 (the reference's formula) and cached per position
+  (grown under a lock, so concurrent sessions may share a backend);
 * norms, softmaxes and MoE routing run in float32 for bfloat16/float16 (as Hugging Face does).
 
 Batching is **by session**: a batch of requests is several SCX sessions, each with its own keys, so
@@ -20,15 +21,17 @@ every op here works on one session's rows (dim 0 is the row/token axis the permu
 Row-wise ops (``norm``, ``project``, ``correction``, ``swiglu_act``, dense ``mlp``, ``add``, ``sub``)
 accept extra leading dims; the row-gathers, RoPE and attention take exactly one session.
 
-:class:`TorchPlainModel` is the plaintext forward over the same backend ops with a KV cache: the fair
-baseline of ``scx bench`` (same weights, same kernels, no encoding).
+:class:`TorchOps` is the weight-free part (the :class:`~scx_ref.arrays.ArrayOps` the transforms run on);
+:class:`TorchBackend` adds a model's weights. A backend for a loaded Hugging Face model is built by
+:func:`scx_ref.hf.backend_from_hf`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import threading
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -37,13 +40,12 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import ModelConfig
-from ..errors import ConfigError, DTypeError, NonFiniteError, ProtocolError, ShapeError, VocabularyError
-from ..transforms import HeadPermutation
-from ..transforms_torch import as_index, head_index
+from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError, VocabularyError
+from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights
-from .base import IndexArray, WeightName
+from .base import IndexArray, NormName, WeightName
 
-__all__ = ["TorchBackend", "TorchPlainModel", "parse_dtype"]
+__all__ = ["TorchBackend", "TorchLayer", "TorchOps", "TorchWeights", "as_index", "parse_dtype"]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -76,7 +78,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 @dataclass
-class _Layer:
+class TorchLayer:
     """One block's weights, out × in (F.linear layout)."""
 
     attn_norm: torch.Tensor  # d
@@ -92,12 +94,21 @@ class _Layer:
 
 
 @dataclass
-class _Weights:
+class TorchWeights:
+    """A model's weights as tensors in the F.linear layout (what :class:`TorchBackend` computes with)."""
+
     embed: torch.Tensor  # V × d
-    layers: list[_Layer]
+    layers: list[TorchLayer]
     final_norm: torch.Tensor  # d
     lm_head: torch.Tensor  # V × d
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def as_index(index: npt.NDArray[np.int64], device: torch.device) -> torch.Tensor:
+    """An int64 index tensor on ``device`` (no copy on CPU unless ``index`` is read-only)."""
+    arr = np.ascontiguousarray(index, dtype=np.int64)
+    if not arr.flags.writeable:  # memoised keys are read-only; torch cannot share them
+        arr = arr.copy()
+    return torch.from_numpy(arr).to(device)
 
 
 def _t(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -106,11 +117,11 @@ def _t(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t.detach().to(device=device, dtype=dtype).contiguous()
 
 
-def _from_model_weights(w: ModelWeights, dtype: torch.dtype, device: torch.device) -> _Weights:
+def _from_model_weights(w: ModelWeights, dtype: torch.dtype, device: torch.device) -> TorchWeights:
     layers = []
     for lw in w.layers:
         bqkv = lw.bqkv
-        layer = _Layer(
+        layer = TorchLayer(
             attn_norm=_t(lw.attn_norm, dtype, device),
             mlp_norm=_t(lw.mlp_norm, dtype, device),
             wqkv=_t(np.concatenate([lw.wq, lw.wk, lw.wv], axis=1).T, dtype, device),
@@ -129,7 +140,7 @@ def _from_model_weights(w: ModelWeights, dtype: torch.dtype, device: torch.devic
             )
             layer.experts_down = _t(np.stack([e.w_down.T for e in lw.mlp.experts]), dtype, device)
         layers.append(layer)
-    return _Weights(
+    return TorchWeights(
         _t(w.embed, dtype, device), layers, _t(w.final_norm, dtype, device), _t(w.lm_head.T, dtype, device)
     )
 
@@ -145,82 +156,32 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-class TorchBackend:
-    """Backend[torch.Tensor] over a model's weights, in ``dtype`` on ``device`` (see the module doc)."""
+class TorchOps:
+    """``ArrayOps[torch.Tensor]`` in ``dtype`` on ``device``: the weight-free operations the transforms run
+    on. Arrays leave as numpy in the *wire* dtype (float64 for float64, float32 otherwise)."""
 
     name = "torch"
 
-    def __init__(
-        self,
-        weights: ModelWeights | None,
-        dtype: str | torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        *,
-        _config: ModelConfig | None = None,
-        _tensors: _Weights | None = None,
-    ) -> None:
+    def __init__(self, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
         self.dtype = parse_dtype(dtype)
         self.device = torch.device(device)
-        if weights is not None:
-            self.config: ModelConfig = weights.config
-            self._w = _from_model_weights(weights, self.dtype, self.device)
-        elif _config is not None and _tensors is not None:
-            self.config = _config
-            self._w = _tensors
-        else:
-            raise ConfigError("TorchBackend needs ModelWeights (or use TorchBackend.from_hf)")
         self._compute = torch.float32 if self.dtype in _LOW else self.dtype
-        self._rope_cos = torch.empty(0, self.config.head_dim, dtype=self._compute, device=self.device)
-        self._rope_sin = self._rope_cos
 
-    @classmethod
-    def from_hf(
-        cls, model: Any, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
-    ) -> TorchBackend:
-        """A backend reading the weights straight from a loaded Hugging Face ``LlamaForCausalLM``,
-        ``MixtralForCausalLM`` or ``Qwen2ForCausalLM`` (tensors are shared, not copied, wherever the
-        layout, dtype and device already match; QKV and gate/up are fused once). Defaults: the
-        model's own dtype and device."""
-        from ..hf import config_from_hf, hf_tensors
+    @property
+    def _wire(self) -> torch.dtype:
+        """The dtype arrays leave in: float64 for float64, float32 otherwise."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
 
-        param = next(model.parameters())
-        dt = parse_dtype(dtype) if dtype is not None else parse_dtype(param.dtype)
-        dev = torch.device(device) if device is not None else param.device
-        config = config_from_hf(model.config)
-        t = hf_tensors(model)
+    def _idx(self, index: IndexArray) -> torch.Tensor:
+        return as_index(np.asarray(index), self.device)
 
-        def c(x: torch.Tensor) -> torch.Tensor:
-            return _t(x, dt, dev)
-
-        layers = []
-        for i in range(config.n_layers):
-            p = f"layers.{i}."
-            bias = t.get(p + "bqkv")
-            layer = _Layer(
-                attn_norm=c(t[p + "attn_norm"]),
-                mlp_norm=c(t[p + "mlp_norm"]),
-                wqkv=c(t[p + "wqkv"]),
-                bqkv=None if bias is None else c(bias),
-                wo=c(t[p + "wo"]),
-            )
-            if config.is_moe:
-                layer.router = c(t[p + "router"])
-                layer.experts_gate_up = c(t[p + "experts_gate_up"])
-                layer.experts_down = c(t[p + "experts_down"])
-            else:
-                layer.gate_up = c(t[p + "gate_up"])
-                layer.down = c(t[p + "down"])
-            layers.append(layer)
-        tensors = _Weights(c(t["embed"]), layers, c(t["final_norm"]), c(t["lm_head"]))
-        return cls(None, dt, dev, _config=config, _tensors=tensors)
-
-    # -- conversion --------------------------------------------------------------------------
+    # -- conversion and validation -----------------------------------------------------------
     def from_numpy(self, x: npt.NDArray[Any]) -> torch.Tensor:
-        """The tensor holding ``x`` cast to the backend dtype, on the backend device."""
+        """The tensor holding ``x`` cast to the dtype, on the device."""
         return torch.from_numpy(np.ascontiguousarray(x)).to(device=self.device, dtype=self.dtype)
 
     def to_numpy(self, x: torch.Tensor) -> npt.NDArray[Any]:
-        """A numpy copy of ``x`` in the wire dtype (float64 for float64, float32 otherwise)."""
+        """A numpy copy of ``x`` in the wire dtype."""
         if x.is_floating_point():
             x = x.to(self._wire)
         return np.array(x.detach().cpu().numpy())
@@ -240,17 +201,12 @@ class TorchBackend:
             y = y.to(self._wire)
         return np.asarray(y.cpu().numpy())  # a fresh tensor: its memory is not shared
 
-    @property
-    def _wire(self) -> torch.dtype:
-        """The dtype arrays leave the backend in: float64 for float64, float32 otherwise."""
-        return torch.float64 if self.dtype == torch.float64 else torch.float32
-
     def numpy_dtype(self) -> np.dtype[Any]:
         """float64 for a float64 backend, float32 otherwise (the wire format of bf16/fp16)."""
         return np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
 
-    def check_input(self, x: Any, name: str) -> torch.Tensor:
-        """Validate an incoming array (floating, finite) and return it as a backend tensor."""
+    def floating(self, x: Any, name: str, *, finite: bool = True) -> torch.Tensor:
+        """``x`` (tensor or numpy array) as a floating tensor in the dtype on the device."""
         if isinstance(x, torch.Tensor):
             t = x
         else:
@@ -261,16 +217,118 @@ class TorchBackend:
         if not t.is_floating_point():
             raise DTypeError(f"{name} must be a floating-point array, got dtype {t.dtype}")
         t = t.to(device=self.device, dtype=self.dtype)
-        if not _all_finite(t):
+        if finite and not _all_finite(t):
             raise NonFiniteError(f"{name} holds NaN or Inf")
         return t
 
-    def _idx(self, index: IndexArray) -> torch.Tensor:
-        return as_index(np.asarray(index), self.device)
+    def check(self, x: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Validate an incoming array — floating dtype (else DTypeError), exactly ``shape`` (else
+        ShapeError), finite (else NonFiniteError) — and return it as a tensor. Accepts a tensor
+        (in-process transport) or a numpy array (the wire)."""
+        if isinstance(x, np.ndarray):
+            if not np.issubdtype(x.dtype, np.floating):
+                raise DTypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+        elif not isinstance(x, torch.Tensor):
+            raise DTypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+        if tuple(x.shape) != tuple(shape):
+            raise ShapeError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+        return self.floating(x, name)
+
+    # -- gathers, slices, shapes ---------------------------------------------------------------
+    def take_rows(self, x: torch.Tensor, index: IndexArray) -> torch.Tensor:
+        """x[index] as one gather."""
+        return x.index_select(0, self._idx(index))
+
+    def take_last(self, x: torch.Tensor, index: IndexArray) -> torch.Tensor:
+        """x[..., index]: a gather along the last axis."""
+        return x.index_select(x.ndim - 1, self._idx(index))
+
+    def concat_rows(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(xs, dim=0)
+
+    def narrow(self, x: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
+        """x[start:stop] along ``axis`` (a view, no copy)."""
+        return x.narrow(axis, start, stop - start)
+
+    def reshape(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return x.reshape(shape)
+
+    def nrows(self, x: torch.Tensor) -> int:
+        return int(x.shape[0])
+
+    def shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        return tuple(int(s) for s in x.shape)
+
+    # -- arithmetic ------------------------------------------------------------------------------
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + y
+
+    def sub(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x - y
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x·W (+ b)`` with ``w`` stored out × in (``F.linear``); ShapeError when the widths differ."""
+        if w.ndim != 2 or x.ndim == 0 or x.shape[-1] != w.shape[1]:
+            raise ShapeError(
+                f"cannot multiply rows of shape {tuple(x.shape)} by a matrix of shape "
+                f"{tuple(w.shape)} (out × in)"
+            )
+        return F.linear(x, w, bias)
+
+    def scale_rows(self, x: torch.Tensor, weights: npt.NDArray[Any]) -> torch.Tensor:
+        """x ⊙ w[:, None] (w cast to the dtype, as NumpyBackend)."""
+        w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device, self.dtype)
+        return x * w[:, None]
+
+    def argmax_last(self, logits: torch.Tensor) -> int:
+        """Argmax of the last row (first index among ties, as numpy)."""
+        return int(torch.argmax(logits[-1]).item())
+
+
+class TorchBackend(TorchOps):
+    """Backend[torch.Tensor] over a model's weights, in ``dtype`` on ``device`` (see the module doc).
+
+    Built from numpy :class:`ModelWeights` (converted once), or from tensors already in the F.linear
+    layout (``TorchBackend.from_tensors``; :func:`scx_ref.hf.backend_from_hf` shares a loaded Hugging Face
+    model's tensors this way).
+    """
+
+    def __init__(
+        self,
+        weights: ModelWeights,
+        dtype: str | torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__(dtype, device)
+        if not isinstance(weights, ModelWeights):
+            raise ConfigError(f"TorchBackend needs ModelWeights, got {type(weights).__name__}")
+        self._setup(weights.config, _from_model_weights(weights, self.dtype, self.device))
+
+    @classmethod
+    def from_tensors(
+        cls, config: ModelConfig, tensors: TorchWeights, dtype: str | torch.dtype, device: str | torch.device
+    ) -> TorchBackend:
+        """A backend over ``tensors`` (converted to dtype/device only where they differ)."""
+        self = cls.__new__(cls)
+        TorchOps.__init__(self, dtype, device)
+
+        def c(x: torch.Tensor | None) -> Any:
+            return None if x is None else _t(x, self.dtype, self.device)
+
+        layers = [TorchLayer(**{k: c(v) for k, v in vars(layer).items()}) for layer in tensors.layers]
+        self._setup(config, TorchWeights(c(tensors.embed), layers, c(tensors.final_norm), c(tensors.lm_head)))
+        return self
+
+    def _setup(self, config: ModelConfig, tensors: TorchWeights) -> None:
+        self.config: ModelConfig = config
+        self._w = tensors
+        self._rope_lock = threading.Lock()
+        empty = torch.empty(0, config.head_dim, dtype=self._compute, device=self.device)
+        self._rope: tuple[torch.Tensor, torch.Tensor] = (empty, empty)
 
     # -- weights -----------------------------------------------------------------------------
-    def _layer(self, layer: int) -> _Layer:
-        if not -self.config.n_layers <= layer < self.config.n_layers:
+    def _layer(self, layer: int) -> TorchLayer:
+        if not 0 <= layer < self.config.n_layers:
             raise ConfigError(f"layer {layer} out of range for a {self.config.n_layers}-layer model")
         return self._w.layers[layer]
 
@@ -326,7 +384,7 @@ class TorchBackend:
         var = xc.square().mean(dim=-1, keepdim=True)
         return (gamma.to(self._compute) * (xc * torch.rsqrt(var + self.config.rms_eps))).to(self.dtype)
 
-    def norm(self, x: torch.Tensor, which: Literal["attn", "mlp", "final"], layer: int = -1) -> torch.Tensor:
+    def norm(self, x: torch.Tensor, which: NormName, layer: int = -1) -> torch.Tensor:
         """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε) with the named gain."""
         if which == "final":
             gamma = self._w.final_norm
@@ -340,8 +398,8 @@ class TorchBackend:
     def correction(
         self, eta: torch.Tensor, which: WeightName, layer: int = -1, experts: IndexArray | None = None
     ) -> torch.Tensor:
-        """ηW for the named weight (no bias): the exact T5 correction."""
-        return F.linear(eta, self._matrix(which, layer, experts))
+        """ηW: :func:`~scx_ref.transforms.blinding_correction` with the named matrix."""
+        return blinding_correction(eta, self._matrix(which, layer, experts), self)
 
     def project(
         self, x: torch.Tensor, which: WeightName, layer: int = -1, experts: IndexArray | None = None
@@ -379,91 +437,23 @@ class TorchBackend:
         f = gate_up.shape[-1] // 2
         return F.silu(gate_up[..., :f]) * gate_up[..., f:]
 
-    # -- array ops -----------------------------------------------------------------------------
-    def take_rows(self, x: torch.Tensor, index: IndexArray) -> torch.Tensor:
-        """x[index] as one gather (T1 encode when index is π)."""
-        return x.index_select(0, self._idx(index))
-
-    def put_rows(self, y: torch.Tensor, perm: IndexArray) -> torch.Tensor:
-        """out[perm] = y, computed as the gather y[π⁻¹] (T1 decode)."""
-        p = np.asarray(perm, dtype=np.int64)
-        if p.shape != (y.shape[0],):
-            raise ShapeError(f"perm of shape {p.shape} cannot scatter {y.shape[0]} rows")
-        inv = np.empty_like(p)
-        inv[p] = np.arange(p.shape[0])
-        return y.index_select(0, self._idx(inv))
-
-    def concat_rows(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(xs, dim=0)
-
-    def narrow(self, x: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
-        """x[start:stop] along ``axis`` (a view, no copy)."""
-        return x.narrow(axis, start, stop - start)
-
-    def reshape(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        return x.reshape(shape)
-
-    def nrows(self, x: torch.Tensor) -> int:
-        return int(x.shape[0])
-
-    def shape(self, x: torch.Tensor) -> tuple[int, ...]:
-        return tuple(int(s) for s in x.shape)
-
-    def scale_rows(self, x: torch.Tensor, weights: npt.NDArray[Any]) -> torch.Tensor:
-        """x ⊙ w[:, None] (w cast to the backend dtype, as NumpyBackend)."""
-        w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device, self.dtype)
-        return x * w[:, None]
-
-    def take_last(self, x: torch.Tensor, index: IndexArray) -> torch.Tensor:
-        """x[..., index]: a gather along the last axis."""
-        return x.index_select(x.ndim - 1, self._idx(index))
-
-    def check(self, x: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """Validate an incoming array — floating dtype (else DTypeError), exactly ``shape`` (else
-        ShapeError), finite (else NonFiniteError) — and return it as a backend tensor. Accepts a
-        tensor (in-process transport) or a numpy array (the wire)."""
-        if isinstance(x, np.ndarray):
-            if not np.issubdtype(x.dtype, np.floating):
-                raise DTypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-            t = torch.from_numpy(np.ascontiguousarray(x))
-        elif isinstance(x, torch.Tensor):
-            t = x
-        else:
-            raise DTypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
-        if not t.is_floating_point():
-            raise DTypeError(f"{name} must be a floating-point array, got dtype {t.dtype}")
-        if tuple(t.shape) != tuple(shape):
-            raise ShapeError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-        t = t.to(device=self.device, dtype=self.dtype)
-        if not _all_finite(t):
-            raise NonFiniteError(f"{name} holds NaN or Inf")
-        return t
-
-    def head_permute(self, x: torch.Tensor, perm: HeadPermutation, group_size: int) -> torch.Tensor:
-        """T3 encode on rows × heads × d_h (one gather over flattened features)."""
-        rows, h, dh = x.shape
-        idx = self._idx(head_index(perm, group_size))
-        return x.reshape(rows, h * dh).index_select(1, idx).reshape(rows, h, dh)
-
-    def head_unpermute(self, y: torch.Tensor, perm: HeadPermutation, group_size: int) -> torch.Tensor:
-        """T3 decode on rows × heads × d_h (gather with the inverse flat index)."""
-        rows, h, dh = y.shape
-        inv = perm.flat_index(group_size, inverse=True)
-        return y.reshape(rows, h * dh).index_select(1, self._idx(inv)).reshape(rows, h, dh)
-
+    # -- position and attention ----------------------------------------------------------------
     def _cos_sin(self, positions: IndexArray) -> tuple[torch.Tensor, torch.Tensor]:
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         if pos.size and pos.min() < 0:
             raise ShapeError("RoPE positions must be >= 0")
         need = int(pos.max()) + 1 if pos.size else 0
-        have = self._rope_cos.shape[0]
-        if need > have:
-            size = max(need, 2 * have, 256)
-            cos, sin = ops.rope_cos_sin(np.arange(size), self.config.head_dim, self.config.rope_theta)
-            self._rope_cos = _t(cos, self._compute, self.device)
-            self._rope_sin = _t(sin, self._compute, self.device)
+        cos, sin = self._rope  # one read of the pair: a concurrent grow replaces it whole
+        if need > cos.shape[0]:
+            with self._rope_lock:
+                cos, sin = self._rope
+                if need > cos.shape[0]:
+                    size = max(need, 2 * cos.shape[0], 256)
+                    c, s = ops.rope_cos_sin(np.arange(size), self.config.head_dim, self.config.rope_theta)
+                    cos, sin = _t(c, self._compute, self.device), _t(s, self._compute, self.device)
+                    self._rope = (cos, sin)
         idx = self._idx(pos)
-        return self._rope_cos.index_select(0, idx), self._rope_sin.index_select(0, idx)
+        return cos.index_select(0, idx), sin.index_select(0, idx)
 
     def rope(self, x: torch.Tensor, positions: IndexArray) -> torch.Tensor:
         """RoPE (HF rotate_half) on rows × heads × d_h: x·cos + rotate_half(x)·sin at each row's position."""
@@ -546,84 +536,3 @@ class TorchBackend:
         vt = v.to(self._compute).permute(1, 0, 2).unsqueeze(1)  # H_kv × 1 × k × d
         out = torch.matmul(probs, vt)  # H_kv × g × q × d
         return out.permute(2, 0, 1, 3).reshape(n_q, n_heads, v.shape[-1]).to(self.dtype)
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return x + y
-
-    def sub(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return x - y
-
-    def argmax_last(self, logits: torch.Tensor) -> int:
-        """Argmax of the last row (first index among ties, as numpy)."""
-        return int(torch.argmax(logits[-1]).item())
-
-
-class TorchPlainModel:
-    """Plaintext inference over a :class:`TorchBackend`'s own ops, with a KV cache.
-
-    The same weights and kernels SCX uses, with no encoding: the fair baseline for ``scx bench``
-    (and a float64 cross-check of the backend against :class:`~scx_ref.reference.ReferenceModel`).
-    """
-
-    def __init__(self, backend: TorchBackend) -> None:
-        self.b = backend
-        self.config = backend.config
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-
-    @property
-    def length(self) -> int:
-        return 0 if not self.keys else int(self.keys[0].shape[0])
-
-    def reset(self) -> None:
-        self.keys, self.values = [], []
-
-    @torch.inference_mode()
-    def forward(self, ids: IndexArray, last_only: bool = False) -> torch.Tensor:
-        """Logits of ``ids`` continuing the cache (all rows, or the last one), extending the cache."""
-        b, c = self.b, self.config
-        n = len(ids)
-        start = self.length
-        if start + n > c.max_positions:
-            raise ProtocolError(f"sequence length {start + n} exceeds max_positions {c.max_positions}")
-        pos = np.arange(start, start + n)
-        x = b.embed(np.asarray(ids, dtype=np.int64))
-        q_dim, kv_dim = c.q_dim, c.kv_dim
-        for i in range(c.n_layers):
-            h = b.norm(x, "attn", i)
-            qkv = b.project(h, "wqkv", i)
-            q = b.rope(qkv[:, :q_dim].reshape(n, c.n_heads, c.head_dim), pos)
-            k = b.rope(qkv[:, q_dim : q_dim + kv_dim].reshape(n, c.n_kv_heads, c.head_dim), pos)
-            v = qkv[:, q_dim + kv_dim :].reshape(n, c.n_kv_heads, c.head_dim)
-            if i < len(self.keys):
-                self.keys[i] = torch.cat([self.keys[i], k])
-                self.values[i] = torch.cat([self.values[i], v])
-            else:
-                self.keys.append(k)
-                self.values.append(v)
-            kpos = np.arange(start + n) if n > 1 else None  # one new row sees the whole cache
-            att = b.attention(q, self.keys[i], self.values[i], pos, kpos)
-            x = x + b.project(att.reshape(n, q_dim), "wo", i)
-            x = x + b.mlp(b.norm(x, "mlp", i), i)
-        if last_only:
-            x = x[-1:]
-        return b.project(b.norm(x, "final"), "lm_head")
-
-    def prefill(self, ids: IndexArray, last_only: bool = False) -> torch.Tensor:
-        """Logits of a prompt (a fresh cache)."""
-        self.reset()
-        return self.forward(ids, last_only)
-
-    def decode(self, token: int) -> torch.Tensor:
-        """Logits (V,) of one new token."""
-        return self.forward(np.asarray([token], dtype=np.int64))[0]
-
-    def generate(self, ids: IndexArray, n_new: int) -> list[int]:
-        """Greedy continuation (``n_new`` tokens)."""
-        nxt = self.b.argmax_last(self.prefill(ids, last_only=True))
-        out: list[int] = []
-        for step in range(n_new):
-            out.append(nxt)
-            if step + 1 < n_new:
-                nxt = int(torch.argmax(self.decode(nxt)).item())
-        return out

@@ -18,9 +18,10 @@ set growth during the run, sampled every 2 ms — none when it is below 1 MiB, w
 it noise), the KV-state ratio (bytes of the distinct storages the server and client hold after the run,
 over the plaintext KV cache's) and the client's share of the flops (from the protocol's cost meters).
 
-Models: ``smollm2`` (real SmolLM2-135M via ``scx_models.smollm2.load_smollm2``; falls back to
-``random:smollm2-shape`` with a notice when the weights are unavailable), ``random:smollm2-shape``
-(seeded random weights of SmolLM2-135M's shape) and ``tiny-llama`` (a small random LLaMA).
+Models: any name of the registry :mod:`scx_ref.zoo` — a registered model (``smollm2``, real
+SmolLM2-135M, falls back to ``random:smollm2-shape`` with a notice when its weights are unavailable;
+``tiny-llama`` and the other seeded random HF models) or ``random:<preset>[:seed]`` (seeded numpy random
+weights of a preset shape, e.g. ``random:smollm2-shape``).
 """
 
 from __future__ import annotations
@@ -38,21 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ModelConfig
 from ..errors import ConfigError, SCXError
+from ..zoo import MODEL_NAMES, load_hf, load_weights, parse_random, weights_names_help
 
 __all__ = ["BenchResult", "build_backend", "register", "run_bench"]
 
-SMOLLM2_SHAPE = ModelConfig(
-    vocab_size=49152, hidden_size=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
-    intermediate_size=1536, rms_eps=1e-5, rope_theta=100000.0, max_positions=8192,
-    name="random:smollm2-shape",
-)  # fmt: skip
-TINY_LLAMA = ModelConfig(
-    vocab_size=512, hidden_size=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16,
-    intermediate_size=128, rms_eps=1e-5, rope_theta=10000.0, max_positions=4096, name="tiny-llama",
-)  # fmt: skip
-MODELS = ("smollm2", "random:smollm2-shape", "tiny-llama")
+SMOLLM2_FALLBACK = "random:smollm2-shape"
 _MIN_MEM = float(1 << 20)  # below 1 MiB of growth the RSS reading is allocator noise: no ratio
 
 
@@ -63,7 +55,7 @@ def register(subparsers: Any) -> None:
         help="SCX vs plaintext latency ratios (prefill and per-token generation), interleaved",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    p.add_argument("--model", default="smollm2", choices=MODELS)
+    p.add_argument("--model", default="smollm2", help=f"model (default smollm2): {weights_names_help()}")
     p.add_argument("--json", metavar="PATH", help="write the result rows as JSON")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
@@ -194,36 +186,31 @@ def _timed(fn: Callable[[], Any], device: Any) -> tuple[float, float, float, Any
 
 
 def build_backend(model: str, dtype: str, device: str) -> tuple[Any, str]:
-    """(TorchBackend, the model actually used) for a ``--model`` choice."""
+    """(TorchBackend, the model actually used) for a ``--model`` name of the registry.
+
+    A registered model runs on its HF model's weights (:func:`scx_ref.hf.backend_from_hf`); ``smollm2``
+    falls back to ``random:smollm2-shape`` with a notice on stderr when its weights are unavailable. A
+    ``random:<preset>[:seed]`` name runs on :func:`scx_ref.zoo.load_weights`. ConfigError for any other
+    name.
+    """
     from ..backends.torch_backend import TorchBackend, parse_dtype
-    from ..weights import random_weights
+    from ..hf import backend_from_hf
 
-    if model not in MODELS:
-        raise ConfigError(f"unknown bench model {model!r}; choose one of {MODELS}")
-    if model == "smollm2":
+    if parse_random(model) is None:
+        if model not in MODEL_NAMES:
+            raise ConfigError(f"unknown bench model {model!r}; choose {weights_names_help()}")
         try:
-            hf_model = _load_smollm2()
-            return TorchBackend.from_hf(hf_model, dtype=dtype, device=device), "smollm2"
-        except (SCXError, ImportError, OSError) as exc:
+            hf_model, _tokenizer = load_hf(model)
+            return backend_from_hf(hf_model, dtype=dtype, device=device), model
+        except (SCXError, OSError) as exc:
+            if model != "smollm2":
+                raise
             print(
-                f"scx bench: SmolLM2 weights unavailable ({exc}); using random:smollm2-shape", file=sys.stderr
+                f"scx bench: SmolLM2 weights unavailable ({exc}); using {SMOLLM2_FALLBACK}", file=sys.stderr
             )
-            model = "random:smollm2-shape"
-    cfg = SMOLLM2_SHAPE if model == "random:smollm2-shape" else TINY_LLAMA
+            model = SMOLLM2_FALLBACK
     np_dtype = np.float64 if parse_dtype(dtype).itemsize == 8 else np.float32
-    weights = random_weights(cfg, np.random.default_rng(0), dtype=np_dtype)
-    return TorchBackend(weights, dtype=dtype, device=device), model
-
-
-def _load_smollm2() -> Any:
-    import importlib
-
-    try:
-        module = importlib.import_module("scx_models.smollm2")
-    except ImportError:  # running from a source checkout: models/ is the scx_models package
-        module = importlib.import_module("models.smollm2")
-    model, _tokenizer = module.load_smollm2()
-    return model
+    return TorchBackend(load_weights(model, np_dtype), dtype=dtype, device=device), model
 
 
 def run_bench(
@@ -242,7 +229,7 @@ def run_bench(
     """
     import torch
 
-    from ..backends.torch_backend import TorchPlainModel
+    from ..forward import PlainRunner
     from ..keys import KeySchedule
     from ..protocol import Client, LocalTransport, SCXConfig, Server
 
@@ -251,7 +238,7 @@ def run_bench(
     if longest > c.max_positions:
         raise ConfigError(f"bench length {longest} exceeds the model's max_positions {c.max_positions}")
     rng = np.random.default_rng(1234)  # public benchmark prompts
-    plain = TorchPlainModel(backend)
+    plain = PlainRunner(backend)
     master = KeySchedule.generate()
     clients = {
         lv: Client(backend, master, SCXConfig(level=lv, max_length=min(c.max_positions, 4096)))  # type: ignore[arg-type]
@@ -282,7 +269,7 @@ def run_bench(
                         else:
                             w, cpu, mem = _plain_decode(plain, ids, gen_tokens, backend.device)
                         plain_t.add(w, cpu, mem)
-                        plain_state = _state_bytes(plain.keys + plain.values)
+                        plain_state = _state_bytes([t for kv in plain.cache for t in kv])
                         bar(f"{phase} n={n} plaintext")
                         continue
                     client = clients[side]
@@ -450,7 +437,7 @@ def main(args: argparse.Namespace) -> int:
             "device": args.device,
             "dtype": args.dtype,
             "threads": torch.get_num_threads(),
-            "baseline": "TorchPlainModel: plain torch forward with a KV cache on the same TorchBackend",
+            "baseline": "PlainRunner: plain torch forward with a KV cache on the same TorchBackend",
             "torch": torch.__version__,
         }
         with open(args.json, "w") as f:

@@ -1,36 +1,26 @@
 """``scx ppl``: perplexity of a model on the corpus, plaintext against SCX (DESIGN §6).
 
-The models, corpus and runs live in the ``scx_models`` package (imported lazily: it needs torch and
-transformers). Plaintext: the HF forward (float32) or the numpy reference (float64); SCX: the protocol
-engine on the torch backend (float32) or the numpy backend (float64).
+A registered model (:mod:`scx_ref.zoo`) on the corpus (:func:`scx_ref.zoo.perplexity.ppl_run`).
+Plaintext: the HF forward (float32) or the numpy reference (float64); SCX: the protocol engine on the
+torch backend (float32) or the numpy backend (float64).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import SCXError
+from ..zoo import MODEL_NAMES
+from ..zoo.perplexity import ppl_run
 
 __all__ = ["format_table", "register", "run"]
 
-MODELS = ("smollm2", "tiny-llama", "mixtral-random", "qwen2-random")
-
-
-def _import(name: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise SCXError(
-            f"this command needs torch and transformers (pip install 'scx-ref[hf]'): {exc}"
-        ) from exc
-
 
 def format_table(rec: dict[str, Any]) -> str:
-    """A plain-text table of one perplexity record (keys as written by ``scx_models.runs.ppl_run``)."""
+    """A plain-text table of one perplexity record (keys as written by
+    :func:`~scx_ref.zoo.perplexity.ppl_run`)."""
     rows = [
         ("model", f"{rec['model']} ({rec['dtype']}, level {rec['level']}, beta {rec['beta']:g})"),
         ("plaintext PPL", f"{rec['ppl_plain']:.10g}"),
@@ -46,10 +36,7 @@ def format_table(rec: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the comparison, print the table, write JSON when asked; exit 1 if the bound is exceeded."""
-    runs = _import("scx_models.runs")
-    rec: dict[str, Any] = runs.ppl_run(
-        args.model, args.dtype, args.level, args.beta, args.tokens, args.window, progress=True
-    )
+    rec = ppl_run(args.model, args.dtype, args.level, args.beta, args.tokens, args.window, progress=True)
     print(format_table(rec))
     if args.json:
         Path(args.json).write_text(json.dumps(rec, indent=1) + "\n")
@@ -61,7 +48,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "ppl", help="perplexity on the corpus: plaintext vs SCX (ΔPPL)", description=__doc__.splitlines()[0]
     )
-    p.add_argument("--model", choices=MODELS, default="smollm2")
+    p.add_argument("--model", choices=MODEL_NAMES, default="smollm2")
     p.add_argument("--tokens", type=int, default=1024, help="corpus tokens to score (default 1024)")
     p.add_argument("--level", choices=("permute", "paper", "blind"), default="paper")
     p.add_argument("--beta", type=float, default=5.0, help="Laplace scale of the noised stages (default 5)")

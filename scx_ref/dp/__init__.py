@@ -8,6 +8,7 @@ gives guessing bounds, :mod:`.budget` the per-request budget, :mod:`.cli` the ``
 
 from __future__ import annotations
 
+from ..protocol.config import BETA_KINDS, LEVELS
 from .accountants import (
     CompositionResult,
     advanced_composition,
@@ -20,7 +21,7 @@ from .accountants import (
     pld_epsilon,
     pld_interval_for,
 )
-from .budget import LEVELS, STAGES, RequestBudget, StageRelease, request_budget
+from .budget import RequestBudget, StageRelease, config_for_budget, request_budget
 from .mechanisms import (
     LaplaceMechanism,
     PerCoordinateReading,
@@ -53,8 +54,8 @@ from .sensitivity import (
 )
 
 __all__ = [
+    "BETA_KINDS",
     "LEVELS",
-    "STAGES",
     "CompositionResult",
     "LaplaceMechanism",
     "LayerSensitivities",
@@ -69,6 +70,7 @@ __all__ = [
     "basic_composition_heterogeneous",
     "bayes_guess_bound",
     "compose",
+    "config_for_budget",
     "embedding_l1_diameter",
     "expected_bruteforce_trials",
     "l1_diameter",

@@ -1,32 +1,29 @@
 """Per-request privacy budget of an SCX configuration (DESIGN §5.1, §5.3, §7).
 
+**What is composed.** Exactly the noised releases of the protocol's
+:class:`~scx_ref.protocol.plan.ReleasePlan` for the configuration: the plan is the list the client
+executes (a test checks that the server sees exactly those noised messages), so the budget cannot drift
+from the protocol. Each release is a Laplace mechanism with the data-independent L1 sensitivity of its
+input kind (:mod:`.sensitivity`) and the plan's β.
+
 **Neighbouring relation.** Two requests are neighbours when their prompts differ in one token (replace-one).
 The budget is the (ε, δ) that one token of the prompt gets from every Laplace release that depends on it.
 
-**What is counted (the choice, stated).** In the prefill every row (token) of the n rows is noised; each
-token's row is a separate release about *that* token, so a token's ε composes over the stages, blocks and
-generation steps that touch its row, **not** over the n rows. This is exact for block 1 (a block-1 row depends
-only on its own token). Past the first attention, a row also depends on the earlier tokens; the default
-``rows="own"`` does not count those cross-token releases (the choice this project made). ``rows="all"`` is the
-conservative alternative: every prefill release downstream of block 1's attention is counted n times (a
-change to the first token can move all n rows). Every generated token depends on the prompt, so each
-generation step's noised releases count once per generated token under either choice.
+**Counting (the choice, stated).** In the prefill every row (token) of the n rows is noised; each token's
+row is a separate release about *that* token, so a token's ε composes over the stages and blocks that touch
+its row, **not** over the n rows. This is exact for block 1 (a block-1 row depends only on its own token).
+Past the first attention, a row also depends on the earlier tokens; the default ``rows="own"`` does not
+count those cross-token releases (the choice this project made). ``rows="all"`` is the conservative
+alternative: every prefill release downstream of block 1's attention is counted n times. Every decode step
+depends on the prompt, so each step's releases count once per step under either choice; T generated tokens
+take T − 1 decode steps (the first token comes from the prefill's logits and the last is never sent back).
 
-**Levels.**
-
-- ``permute``: no noise anywhere. ε = ∞ for the content (permutations hide order, not content); the report
-  gives the permutation bits instead.
-- ``paper``: prefill noises block 1's QKV stage only (Δ₁ = exact diameter of the normalized vocabulary rows
-  when computed); each generated token gets one-time noise in the QKV stage of the first g guard blocks
-  (l_s = l_e = g); block 1's Δ₁ there is the vocabulary diameter, blocks 2..g use 2√d‖γ_attn‖₂.
-- ``blind``: every linear stage is noised: QKV, O, FFN gate/up, down in every block, plus the
-  final-norm/LM-head stage in the prefill (the client applies the final norm and LM head itself during
-  generation, §5.3); generated tokens go through the same four stages in every block.
-
-**Not covered by any level** (reported in ``uncovered``): the attention stage's Q, K, V (sent un-noised under
-a feature permutation), every un-noised stage (paper: blocks 2..L of the prefill, the guard FFN, the middle
-blocks after key sharing), and MoE routing choices. Those are exposures to measure (DESIGN §5.4), with
-ε = ∞ in the DP sense.
+**Not covered** (reported in ``uncovered``): the attention stage's Q, K, V (sent un-noised under a feature
+permutation), every un-noised stage of the level, the middle blocks after key sharing (at level ``blind``
+their prefill QKV noise is uploaded with the keys, so those releases are revealed, not counted), MoE
+routing choices,
+and the paper's last-block offset (``last_ffn="paper"``: a scalar, not a Laplace mechanism on the row).
+Those are exposures to measure (DESIGN §5.4), with ε = ∞ in the DP sense.
 """
 
 from __future__ import annotations
@@ -37,6 +34,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from ..errors import ConfigError
+from ..protocol.config import BETA_KINDS, LEVELS, SCXConfig
+from ..protocol.plan import InputKind, Release, ReleasePlan
+from ..stages import Phase, Stage
 from ..weights import ModelWeights
 from ._validate import check_count, check_delta, check_positive
 from .accountants import CompositionResult, compose
@@ -44,20 +44,20 @@ from .mechanisms import LaplaceMechanism
 from .permutation import bayes_guess_bound, permutation_bits, statelessness_bound_paper
 from .sensitivity import ModelSensitivities, model_sensitivities
 
-__all__ = ["LEVELS", "STAGES", "RequestBudget", "StageRelease", "request_budget"]
+__all__ = ["RequestBudget", "StageRelease", "config_for_budget", "request_budget"]
 
 Level = Literal["permute", "paper", "blind"]
-LEVELS: tuple[str, ...] = ("permute", "paper", "blind")
-STAGES: tuple[str, ...] = ("qkv", "o", "gate_up", "down", "lm_head")
 DEFAULT_BETA = 5.0  # the paper's s
 
 
 @dataclass(frozen=True)
 class StageRelease:
-    """``count`` Laplace releases of one stage in one block (1-based ``block``; 0 for the LM-head stage)."""
+    """``count`` Laplace releases of one stage in one block, per prompt token (1-based ``block``; 0 for
+    the LM-head stage); ``kind`` is the input kind that fixes the sensitivity."""
 
     phase: str
     stage: str
+    kind: str
     block: int
     count: int
     sensitivity: float
@@ -159,27 +159,60 @@ class RequestBudget:
         return fix(out)  # type: ignore[no-any-return]
 
 
-def _betas(beta: float | Mapping[str, float]) -> dict[str, float]:
+def _sensitivity(sens: ModelSensitivities, r: Release) -> float:
+    """Δ₁ of a release's input kind in its block (block 1's QKV input: the embedding diameter)."""
+    if r.kind == "lm_head":
+        return sens.lm_head
+    ls = sens.layers[r.block]
+    if r.kind == "qkv":
+        return sens.block1_qkv if r.block == 0 else ls.qkv
+    if r.kind == "o":
+        return ls.o
+    if r.kind in ("gate_up", "router"):
+        return ls.gate_up
+    if r.kind == "down":
+        return ls.down
+    raise ConfigError(f"release kind {r.kind!r} is not a Laplace mechanism on its input")
+
+
+def config_for_budget(
+    level: Level = "paper",
+    beta: float | Mapping[str, float] = DEFAULT_BETA,
+    guard: int = 1,
+    decoys: int = 0,
+    guard_ffn: Literal["blinded", "clear"] = "blinded",
+) -> SCXConfig:
+    """The :class:`SCXConfig` of the budget calculator's options: ``guard`` = l_s = l_e, ``decoys`` =
+    r₁ = r₂ = r_lock, ``beta`` one β or a mapping kind → β (kinds :data:`BETA_KINDS`, or ``default``)."""
+    if level not in LEVELS:
+        raise ConfigError(f"level must be one of {LEVELS}, got {level!r}")
+    g = check_count(guard, "guard")
+    r = check_count(decoys, "decoys", minimum=0)
     if isinstance(beta, Mapping):
-        unknown = set(beta) - set(STAGES) - {"default"}
+        unknown = set(beta) - set(BETA_KINDS) - {"default"}
         if unknown:
             raise ConfigError(
-                f"unknown stage(s) in beta: {sorted(unknown)}; stages are {STAGES} (+ 'default')"
+                f"unknown stage(s) in beta: {sorted(unknown)}; kinds are {BETA_KINDS} (+ 'default')"
             )
+        stage_beta = {k: check_positive(v, f"beta[{k}]") for k, v in beta.items() if k != "default"}
         default = beta.get("default")
-        out = {}
-        for s in STAGES:
-            value = beta.get(s, default)
-            if value is None:
-                raise ConfigError(f"beta gives no scale for stage {s!r} (add it or a 'default')")
-            out[s] = check_positive(value, f"beta[{s}]")
-        return out
-    b = check_positive(beta, "beta")
-    return dict.fromkeys(STAGES, b)
+        base = check_positive(default, "beta[default]") if default is not None else None
+        if base is None:
+            missing = [k for k in BETA_KINDS if k not in stage_beta]
+            if missing:
+                raise ConfigError(f"beta gives no scale for {missing} (add them or a 'default')")
+            base = stage_beta["qkv"]
+        return SCXConfig(
+            level=level, beta=base, stage_beta=stage_beta, l_s=g, l_e=g, r1=r, r2=r, guard_ffn=guard_ffn
+        )
+    return SCXConfig(
+        level=level, beta=check_positive(beta, "beta"), l_s=g, l_e=g, r1=r, r2=r, guard_ffn=guard_ffn
+    )
 
 
 def request_budget(
     model: ModelWeights | ModelSensitivities,
+    config: SCXConfig | None = None,
     *,
     level: Level = "paper",
     beta: float | Mapping[str, float] = DEFAULT_BETA,
@@ -197,80 +230,77 @@ def request_budget(
     """Per-request (ε, δ) for one prompt token under an SCX configuration (see the module docstring).
 
     ``model``: ModelWeights (sensitivities computed, block-1 diameter exactly) or precomputed
-    :class:`ModelSensitivities`. ``beta``: one Laplace scale for every stage or a mapping stage → β
-    (stages: qkv, o, gate_up, down, lm_head, or 'default'). ``guard`` = g = l_s = l_e. ``prompt_len`` = n,
-    ``tokens`` = T generated, ``decoys`` = r decoy rows per permuted stage. ``guard_ffn`` as in
-    :class:`~scx_ref.protocol.SCXConfig`: ``blinded`` (the protocol's default) noises the guard blocks'
-    MLP maps during generation, and those releases are counted; ``clear`` sends their input un-noised.
+    :class:`ModelSensitivities`. ``config``: the protocol configuration; without it, one is built from
+    ``level``, ``beta`` (one β, or a mapping kind → β with kinds qkv, o, gate_up, down, router, lm_head or
+    'default'), ``guard`` = l_s = l_e, ``decoys`` = r and ``guard_ffn`` (:func:`config_for_budget`).
+    ``prompt_len`` = n, ``tokens`` = T generated tokens (T − 1 decode steps).
 
-    Guarantee: under replace-one-token neighbours, the noised releases together are
-    (epsilon_basic, 0)-, (epsilon_advanced, delta_prime)- and (epsilon_pld, delta)-DP for each prompt token,
-    with the counting of the module docstring; the ``uncovered`` releases are outside the guarantee.
+    Guarantee: under replace-one-token neighbours, the noised releases of the configuration's
+    :class:`~scx_ref.protocol.plan.ReleasePlan` together are (epsilon_basic, 0)-, (epsilon_advanced,
+    delta_prime)- and (epsilon_pld, delta)-DP for each prompt token, with the counting of the module
+    docstring; the ``uncovered`` releases are outside the guarantee.
     """
     sens = model_sensitivities(model) if isinstance(model, ModelWeights) else model
     if not isinstance(sens, ModelSensitivities):
         raise ConfigError(f"model must be ModelWeights or ModelSensitivities, got {type(model).__name__}")
-    if level not in LEVELS:
-        raise ConfigError(f"level must be one of {LEVELS}, got {level!r}")
     if guard_ffn not in ("blinded", "clear"):
         raise ConfigError(f"guard_ffn must be 'blinded' or 'clear', got {guard_ffn!r}")
     if rows not in ("own", "all"):
         raise ConfigError(f"rows must be 'own' or 'all', got {rows!r}")
-    betas = _betas(beta)
+    cfg = config if config is not None else config_for_budget(level, beta, guard, decoys, guard_ffn)
+    if not isinstance(cfg, SCXConfig):
+        raise ConfigError(f"config must be an SCXConfig, got {type(cfg).__name__}")
     n_layers = sens.n_layers
-    g = check_count(guard, "guard")
-    if g > n_layers:
-        raise ConfigError(f"guard ({g}) exceeds the number of blocks ({n_layers})")
+    if max(cfg.l_s, cfg.l_e) > n_layers:
+        raise ConfigError(f"guard ({max(cfg.l_s, cfg.l_e)}) exceeds the number of blocks ({n_layers})")
     n = check_count(prompt_len, "prompt_len")
     t = check_count(tokens, "tokens", minimum=0)
-    r = check_count(decoys, "decoys", minimum=0)
     dl = check_delta(delta)
     dp = dl if delta_prime is None else check_delta(delta_prime, "delta_prime")
+    plan = ReleasePlan.of(cfg, sens)
+    steps = max(t - 1, 0)
+    revealed = plan.shared if steps else ()  # their noise is uploaded at key sharing: x is revealed
 
-    def qkv_sens(block: int) -> float:
-        return sens.block1_qkv if block == 1 else sens.layers[block - 1].qkv
-
+    grouped: dict[tuple[Phase, Stage, InputKind, int, float], int] = {}
+    for r in plan.prefill:
+        if r.is_laplace_mechanism and r not in revealed:
+            cross = 1 if (r.block == 0 and r.stage is Stage.QKV) or rows == "own" else n
+            key = (r.phase, r.stage, r.kind, r.block, r.beta)
+            grouped[key] = grouped.get(key, 0) + cross
+    if steps:
+        for r in plan.generation:
+            if r.is_laplace_mechanism:
+                key = (r.phase, r.stage, r.kind, r.block, r.beta)
+                grouped[key] = grouped.get(key, 0) + steps
     releases: list[StageRelease] = []
+    for (phase, stage, kind, block, b), count in grouped.items():
+        d1 = _sensitivity(sens, Release(phase, stage, block, kind, b))
+        shown = 0 if kind == "lm_head" else block + 1
+        releases.append(StageRelease(phase.value, stage.value, kind, shown, count, d1, b, d1 / b))
 
-    def add(phase: str, stage: str, block: int, count: int, d1: float) -> None:
-        b = betas[stage]
-        releases.append(StageRelease(phase, stage, block, count, d1, b, d1 / b))
-
-    cross = n if rows == "all" else 1  # prefill releases downstream of block 1's attention
-    if level == "paper":
-        add("prefill", "qkv", 1, 1, qkv_sens(1))
-        if t:
-            for blk in range(1, g + 1):
-                add("generate", "qkv", blk, t, qkv_sens(blk))
-            if guard_ffn == "blinded":  # first and last guard blocks' MLP maps, one-time noise
-                for blk in sorted({*range(1, g + 1), *range(max(g, n_layers - g) + 1, n_layers + 1)}):
-                    add("generate", "gate_up", blk, t, sens.layers[blk - 1].gate_up)
-                    add("generate", "down", blk, t, sens.layers[blk - 1].down)
-    elif level == "blind":
-        for phase, count_first, count_rest in (("prefill", 1, cross), ("generate", t, t)):
-            if count_first == 0:
-                continue
-            for blk in range(1, n_layers + 1):
-                ls = sens.layers[blk - 1]
-                add(phase, "qkv", blk, count_first if blk == 1 else count_rest, qkv_sens(blk))
-                add(phase, "o", blk, count_rest, ls.o)
-                add(phase, "gate_up", blk, count_rest, ls.gate_up)
-                add(phase, "down", blk, count_rest, ls.down)
-            if phase == "prefill":
-                add(phase, "lm_head", 0, count_rest, sens.lm_head)
-
+    level_ = cfg.level
     uncovered = ["attention stage Q, K, V (un-noised, feature-permuted) in every block"]
-    if level == "permute":
+    if level_ == "permute":
         uncovered.insert(0, "every stage: no noise anywhere (content released un-noised, permuted only)")
-    elif level == "paper":
+    elif level_ == "paper":
         uncovered += [
             "prefill QKV of blocks 2..L, O, FFN and LM-head stages (un-noised, permuted only)",
             "middle blocks' caches after key sharing and generated tokens' middle-block states",
         ]
-        if guard_ffn == "clear":
+        if cfg.guard_ffn == "clear":
             uncovered.append("guard-block FFN input during generation (sent in the clear, as in the paper)")
     else:
         uncovered.append("middle blocks computed by the server alone during generation (protocol §5.3)")
+    if level_ != "permute":
+        uncovered.append("last guard blocks: the row entering them during generation (gen_last, un-noised)")
+    if revealed:
+        blocks = ", ".join(str(r.block + 1) for r in revealed)
+        uncovered.append(
+            f"prefill QKV rows of middle blocks {blocks}: their noise is uploaded at key sharing "
+            "(DESIGN §5.2), so the server holds those rows exactly"
+        )
+    if cfg.last_ffn == "paper":
+        uncovered.append("last guard blocks' FFN input during generation (the paper's scalar offset only)")
     if sens.notes:
         uncovered += [n_ for n_ in sens.notes if "not covered" in n_]
 
@@ -295,22 +325,23 @@ def request_budget(
 
     token_eps = eps_basic  # pure ε about the token (δ = 0), what the guessing bounds need
     notes = [
+        "the releases are the protocol's release plan (scx_ref.protocol.plan) for this configuration",
         "neighbouring prompts differ in one token; per-token composition over the stages, blocks and "
-        f"generation steps that touch that token (rows={rows!r})",
+        f"decode steps that touch that token (rows={rows!r}); T generated tokens = T - 1 decode steps",
         "epsilon_basic is pure (delta = 0); epsilon_advanced at delta_prime; epsilon_pld at delta",
     ]
-    if sens.embed_normalized_diameter is None and level != "permute":
+    if sens.embed_normalized_diameter is None and level_ != "permute":
         notes.append(
             "block-1 QKV uses the bound 2*sqrt(d)*||gamma||_2 (exact embedding diameter not computed)"
         )
     return RequestBudget(
         model=sens.name,
-        level=level,
-        beta=betas,
-        guard=g,
+        level=level_,
+        beta={k: cfg.beta_for(k) for k in BETA_KINDS},
+        guard=cfg.l_s,
         prompt_len=n,
         tokens=t,
-        decoys=r,
+        decoys=cfg.r1,
         rows=rows,
         delta=dl,
         delta_prime=dp,
@@ -321,7 +352,7 @@ def request_budget(
         epsilon_best_closed_form=eps_cf,
         epsilon_pld=eps_pld,
         epsilon_best=eps_best,
-        permutation_bits_per_stage=permutation_bits(n, r),
+        permutation_bits_per_stage=permutation_bits(n, cfg.r1),
         permuted_stages_prefill=3 * n_layers + 1,
         token_guess_bayes=bayes_guess_bound(token_eps, sens.vocab_size) if math.isfinite(token_eps) else 1.0,
         token_guess_paper_lemma2=(

@@ -9,118 +9,31 @@ Model mode (a per-request budget from a model's own weights)::
 
     scx dp --model tiny-llama --level paper --beta 5 --guard 1 --prompt-len 32 --tokens 16
 
-Models come from :data:`MODEL_LOADERS` (name → zero-argument loader returning ModelWeights); add one with
-:func:`register_loader`. ``random:<preset>[:seed]`` builds a seeded random model of a preset shape.
+Models come from the registry :mod:`scx_ref.zoo` (:func:`~scx_ref.zoo.load_weights`, in float64 so
+sensitivities are computed from the exact weights): a registered model, or ``random:<preset>[:seed]``
+for seeded random weights of a preset shape.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..config import ModelConfig
 from ..errors import ConfigError
-from ..weights import ModelWeights, random_weights
+from ..protocol.config import BETA_KINDS, LEVELS
+from ..zoo import load_weights, weights_names_help
 from .accountants import compose, pld_available
-from .budget import LEVELS, STAGES, RequestBudget, request_budget
+from .budget import RequestBudget, request_budget
 from .mechanisms import LaplaceMechanism, metric_dp_epsilon_per_unit, per_coordinate_reading
 from .permutation import bayes_guess_bound
 from .sensitivity import model_sensitivities
 
-__all__ = ["MODEL_LOADERS", "RANDOM_PRESETS", "load_model_weights", "register", "register_loader", "run"]
-
-RANDOM_PRESETS: dict[str, ModelConfig] = {
-    "tiny-llama": ModelConfig(
-        vocab_size=256,
-        hidden_size=64,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        name="tiny-llama",
-    ),
-    "tiny-moe": ModelConfig(
-        vocab_size=256,
-        hidden_size=64,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=16,
-        intermediate_size=96,
-        n_experts=4,
-        top_k=2,
-        name="tiny-moe",
-    ),
-    "tiny-qwen": ModelConfig(
-        vocab_size=256,
-        hidden_size=64,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        qkv_bias=True,
-        name="tiny-qwen",
-    ),
-    "smollm2-135m-shape": ModelConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        n_layers=30,
-        n_heads=9,
-        n_kv_heads=3,
-        head_dim=64,
-        intermediate_size=1536,
-        name="smollm2-135m-shape",
-    ),
-}
-
-
-def _registered(name: str) -> Callable[[], ModelWeights]:
-    """A loader for one of the project's registered models (``scx_models``: SmolLM2 and the seeded
-    random configs), in float64 so sensitivities are computed from the exact weights."""
-
-    def load() -> ModelWeights:
-        # scx_models ships in this distribution but outside the typed library (mypy cannot see
-        # setuptools' editable-install finder), so it is imported by name
-        weights: ModelWeights = importlib.import_module("scx_models").load_model(name, np.float64)[2]
-        return weights
-
-    return load
-
-
-MODEL_LOADERS: dict[str, Callable[[], ModelWeights]] = {
-    name: _registered(name) for name in ("smollm2", "tiny-llama", "mixtral-random", "qwen2-random")
-}
-
-
-def register_loader(name: str, loader: Callable[[], ModelWeights]) -> None:
-    """Make ``scx dp --model NAME`` load weights with ``loader()`` (e.g. the SmolLM2 loader)."""
-    MODEL_LOADERS[name] = loader
-
-
-def load_model_weights(name: str) -> ModelWeights:
-    """Weights for ``--model``: a registered loader, or ``random:<preset>[:seed]`` (seed default 0)."""
-    if name in MODEL_LOADERS:
-        return MODEL_LOADERS[name]()
-    if name.startswith("random:"):
-        parts = name.split(":")
-        preset = parts[1] if len(parts) > 1 else ""
-        if preset not in RANDOM_PRESETS or len(parts) > 3:
-            raise ConfigError(f"unknown random preset {preset!r}; presets: {sorted(RANDOM_PRESETS)}")
-        try:
-            seed = int(parts[2]) if len(parts) == 3 else 0
-        except ValueError as exc:
-            raise ConfigError(f"random model seed must be an integer, got {parts[2]!r}") from exc
-        return random_weights(RANDOM_PRESETS[preset], np.random.default_rng(seed))
-    raise ConfigError(f"unknown model {name!r}; known: {sorted(MODEL_LOADERS)} or random:<preset>[:seed]")
+__all__ = ["register", "run"]
 
 
 def _parse_beta(text: str) -> float | dict[str, float]:
@@ -281,7 +194,7 @@ def _budget_text(b: RequestBudget, sens_dict: dict[str, Any]) -> str:
 
 
 def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    weights = load_model_weights(args.model)
+    weights = load_weights(args.model, np.float64)
     sens = model_sensitivities(weights, embedding=args.embedding, device=args.device)
     budget = request_budget(
         sens,
@@ -377,15 +290,14 @@ def register(subparsers: Any) -> None:
     model = p.add_argument_group("model mode")
     model.add_argument(
         "--model",
-        help=f"model name: {', '.join(sorted(MODEL_LOADERS))} or random:<preset>[:seed] "
-        f"(presets: {', '.join(sorted(RANDOM_PRESETS))})",
+        help=f"model name: {weights_names_help()}",
     )
     model.add_argument("--level", choices=LEVELS, default="paper", help="SCX privacy level (default paper)")
     model.add_argument(
         "--beta",
         default="5",
         help=f"Laplace scale: one number, or stage=value pairs over "
-        f"{', '.join(STAGES)}, default (e.g. qkv=5,default=20). Default 5",
+        f"{', '.join(BETA_KINDS)}, default (e.g. qkv=5,default=20). Default 5",
     )
     model.add_argument("--guard", type=int, default=1, help="guard blocks g = l_s = l_e (default 1)")
     model.add_argument("--prompt-len", type=int, default=1, help="prompt length n (default 1)")

@@ -289,6 +289,12 @@ class ModelSensitivities:
     embed_normalized_diameter: float | None = None
     embed_raw_diameter: float | None = None
     notes: tuple[str, ...] = field(default=())
+    n_experts: int = 0
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the blocks' MLPs are mixtures of experts (their blinded pieces are per expert)."""
+        return self.n_experts > 0
 
     @property
     def block1_qkv(self) -> float:
@@ -353,4 +359,5 @@ def model_sensitivities(
         embed_normalized_diameter=norm_d,
         embed_raw_diameter=raw_d,
         notes=tuple(notes),
+        n_experts=c.n_experts,
     )

@@ -4,14 +4,13 @@ record the server's view."""
 
 from __future__ import annotations
 
+from ..stages import Phase, Stage
 from .client import Client
 from .config import Level, SCXConfig
 from .cost import CostMeter, CostReport, StageCost
 from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys
 from .messages import Reply, Request
-from .plain import PlainRunner
 from .server import Server
-from .stages import Phase, Stage
 from .transport import LocalTransport, ServerView, Transport, ViewedMessage
 
 __all__ = [
@@ -24,7 +23,6 @@ __all__ = [
     "Level",
     "LocalTransport",
     "Phase",
-    "PlainRunner",
     "Reply",
     "Request",
     "SCXConfig",

@@ -1,15 +1,19 @@
 """The trusted client (DESIGN §5): holds the key schedule, the embeddings, norms and RoPE, encodes
 every message and decodes every reply, so that the decoded result is exactly plaintext inference.
 
+Every encoding step is a transform of :mod:`scx_ref.transforms` run on the client's backend — T1+T2
+(:func:`~scx_ref.transforms.with_decoys`, :func:`~scx_ref.transforms.permute_rows`,
+:func:`~scx_ref.transforms.decode_rows`, :func:`~scx_ref.transforms.unpermute_rows`), T3
+(:func:`~scx_ref.transforms.head_permute` / :func:`~scx_ref.transforms.head_unpermute`), T4
+(:func:`~scx_ref.transforms.encode_rows` of the locked cache, :func:`~scx_ref.transforms.unlock_scores`),
+T5 (:func:`~scx_ref.transforms.blind` / :func:`~scx_ref.transforms.unblind`) and T6 (Laplace noise drawn
+by :class:`~scx_ref.protocol.keyring.RequestKeys`). Which messages are noised, and with which β and key,
+is the :class:`~scx_ref.protocol.plan.ReleasePlan`'s decision, never the client's own.
+
 Prefill (§5.1), key sharing (§5.2) and generation (§5.3) are methods; each message goes through a
 :class:`~scx_ref.protocol.transport.Transport`. The client keeps only what the protocol says it keeps:
 the first guard blocks' valid caches and the last guard blocks' values. Every key is re-derived from
-the schedule when needed (labels below), which is what makes it stateless.
-
-Key labels: ``("tok", i, "qkv")`` π_i over n+r₁ rows (block i's QKV stage and block i−1's FFN stage;
-i = L is the LM-head stage), ``("tok", i, "o")`` π′_i over n+r₂, ``("head", i[, "gen", t])`` the
-head-structured P, ``("alpha", i, stage[, "gen", t])`` Laplace noise, ``("decoy", i, stage)`` decoy
-choice, ``("lock", i)`` ρ_i of a locked cache, ``("commit", i)`` the commitment salt.
+the schedule when needed (:mod:`~scx_ref.protocol.keyring`), which is what makes it stateless.
 """
 
 from __future__ import annotations
@@ -21,34 +25,45 @@ from typing import Any, Generic
 import numpy as np
 import numpy.typing as npt
 
-from ..backends.base import A, Backend, split_qkv
+from ..backends.base import A, Backend, IndexArray, WeightName, split_qkv
 from ..errors import ProtocolError, SessionError
-from ..keys import KeySchedule, Label
-from ..transforms import HeadPermutation, inverse_permutation, laplace_noise
+from ..keys import KeySchedule
+from ..stages import Stage
+from ..transforms import (
+    blind,
+    decode_rows,
+    decode_rows_numpy,
+    encode_rows,
+    head_permute,
+    head_unpermute,
+    permute_rows,
+    unblind,
+    unlock_scores,
+    unpermute_rows,
+    with_decoys,
+)
 from .config import SCXConfig
 from .cost import CostMeter, CostReport
 from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys, default_public_tokens
+from .keyring import RequestKeys, commitment
 from .messages import Reply, Request
-from .server import commitment
+from .plan import ReleasePlan
 from .transport import Transport
 
 __all__ = ["Client"]
-
-IntArray = npt.NDArray[np.int64]
 
 
 @dataclass
 class _State(Generic[A]):
     """What the client keeps between calls for one session."""
 
-    keys: KeySchedule
+    keys: RequestKeys
     n: int
     seq: int
     step: int = 0
     shared: bool = False
     guard_k: dict[int, A] = field(default_factory=dict)  # first guard blocks: rows × H_kv × d_h (RoPE'd)
     guard_v: dict[int, A] = field(default_factory=dict)  # first and last guard blocks
-    lock_cols: dict[int, IntArray] = field(default_factory=dict)  # derived from ρ_i, memoised
     failed: bool = False
 
 
@@ -61,11 +76,12 @@ class Client(Generic[A]):
         keys: KeySchedule,
         config: SCXConfig | None = None,
         decoys: DecoyPolicy | None = None,
-        public_tokens: IntArray | None = None,
+        public_tokens: IndexArray | None = None,
     ) -> None:
         self.b = backend
         self.c = backend.config
         self.cfg = config or SCXConfig()
+        self.plan = ReleasePlan.of(self.cfg, self.c)
         self.max_length = self.c.max_positions if self.cfg.max_length is None else self.cfg.max_length
         if self.max_length > self.c.max_positions:
             raise ProtocolError(
@@ -92,8 +108,12 @@ class Client(Generic[A]):
             raise ProtocolError("no session: call prefill first")
         return self.state.keys.session_id
 
+    def _keys(self) -> RequestKeys:
+        assert self.state is not None
+        return self.state.keys
+
     def _send(
-        self, link: Transport, stage: str, layer: int, step: int, arrays: dict[str, Any], **meta: Any
+        self, link: Transport, stage: Stage, layer: int, step: int, arrays: dict[str, Any], **meta: Any
     ) -> Reply:
         st = self.state
         assert st is not None
@@ -109,63 +129,54 @@ class Client(Generic[A]):
         st.seq += 1
         return reply
 
-    def _noise(self, label: Label, rows: int, width: int, beta: float) -> A | None:
-        if beta == 0:
-            return None
-        st = self.state
-        assert st is not None
-        eta = laplace_noise((rows, width), beta, st.keys.generator(label), dtype=np.float64)
-        self.meter.elementwise("noise", rows * width)
-        return self.b.from_numpy(eta)
-
-    def _head_perm(self, label: Label) -> HeadPermutation:
-        keys = self._keys()
-        order = keys.permutation((*label, "groups"), self.c.n_kv_heads)
-        sigmas = np.stack(
-            [keys.permutation((*label, "sigma", g), self.c.head_dim) for g in range(self.c.n_kv_heads)]
-        )
-        return HeadPermutation(order, sigmas)
-
-    def _keys(self) -> KeySchedule:
-        assert self.state is not None
-        return self.state.keys
-
-    def _decoys(self, stage: str, layer: int, count: int, real: A) -> A:
+    def _decoys(self, stage: Stage, layer: int, count: int, real: A) -> A:
         """``count`` decoy rows for (stage, layer), in the backend."""
         width = self.b.shape(real)[1]
         if self.decoys.needs_real and count:
             real_np = np.asarray(self.b.to_numpy(real), dtype=np.float64)
         else:
             real_np = np.zeros((0, width))
-        rows = self.decoys.draw(stage, layer, count, real_np, self._keys().stream(("decoy", layer, stage)))
+        rows = self.decoys.draw(stage, layer, count, real_np, self._keys().decoy_stream(stage, layer))
         return self.b.from_numpy(np.asarray(rows, dtype=np.float64).reshape(count, width))
 
-    def _blinded_linear(
+    def _linear(
         self,
         link: Transport,
-        stage: str,
+        stage: Stage,
         layer: int,
         step: int,
         x: A,
-        which: str,
-        label: Label,
-        beta: float,
+        which: WeightName,
+        *,
         reply_key: str = "y",
         arr_key: str = "x",
-        experts: IntArray | None = None,
+        expert: int | None = None,
         **meta: Any,
     ) -> A:
-        """Send x + η for the server to apply W (+ b); return xW (+ b) = server reply − ηW (T5)."""
-        rows, width = self.b.shape(x)
-        eta = self._noise(label, rows, width, beta)
-        sent = x if eta is None else self.b.add(x, eta)
-        extra = {} if experts is None else {"experts": experts.tolist()}
-        y: A = self._send(link, stage, layer, step, {arr_key: sent}, **meta, **extra).arrays[reply_key]
-        if eta is None:
+        """A linear stage of the server on rows ``x``: blinded (T5) when the release plan noises this
+        message — send x + η, return the reply − ηW = xW (+ b) — else x itself."""
+        b = self.b
+        experts = None if expert is None else np.array([expert], dtype=np.int64)
+        if experts is not None:
+            meta["experts"] = experts.tolist()
+        release = self.plan.find(stage, layer, expert)
+        if release is None:
+            y: A = self._send(link, stage, layer, step, {arr_key: x}, **meta).arrays[reply_key]
             return y
-        corr = self.b.correction(eta, which, layer, experts)  # type: ignore[arg-type]
-        self.meter.matmul(stage, rows, width, self.b.shape(y)[1], "client")
-        return self.b.sub(y, corr)
+        rows, width = b.shape(x)
+        eta = b.from_numpy(self._keys().noise(release, None if step < 0 else step, rows, width))
+        self.meter.elementwise(stage, rows * width)
+        sent = blind(x, eta, b)
+        y = self._send(link, stage, layer, step, {arr_key: sent}, **meta).arrays[reply_key]
+        self.meter.matmul(stage, rows, width, b.shape(y)[1], "client")
+        return unblind(y, b.correction(eta, which, layer, experts), b)
+
+    def _blinded(self, stage: Stage, layer: int) -> bool:
+        """Whether the plan noises ``stage`` of ``layer`` (then the client applies the norm before it).
+        For the MLP's first stage of an MoE layer the router's release decides (experts are per message)."""
+        if self.c.is_moe and stage in (Stage.FFN, Stage.GEN_FFN_UP):
+            stage = Stage.ROUTER if stage is Stage.FFN else Stage.GEN_ROUTER
+        return self.plan.find(stage, layer) is not None
 
     # -- prefill (§5.1) --------------------------------------------------------------------------
     def prefill(self, ids: Any, link: Transport, nonce: bytes | None = None) -> npt.NDArray[Any]:
@@ -180,8 +191,6 @@ class Client(Generic[A]):
             raise ProtocolError("the prompt must have at least one token")
         x0 = b.embed(ids_arr)  # validates the ids against the vocabulary
         n = int(ids_arr.shape[0])
-        if n < 1:
-            raise ProtocolError("the prompt must have at least one token")
         if n > self.max_length:
             raise ProtocolError(f"prompt of {n} tokens is longer than max_length {self.max_length}")
         if nonce is None:
@@ -192,18 +201,17 @@ class Client(Generic[A]):
             raise SessionError("nonce reused for a different prompt: every prompt needs a fresh nonce")
         self._used[nonce] = digest
         self.meter = CostMeter()
-        st: _State[A] = _State(self._master_keys.for_nonce(nonce), n, seq=0)
+        st: _State[A] = _State(RequestKeys(self._master_keys.for_nonce(nonce), c), n, seq=0)
         self.state = st
-        r1, r2, L = cfg.r1, cfg.r2, c.n_layers
         self._send(
             link,
-            "open",
+            Stage.OPEN,
             -1,
             -1,
             {},
             n=n,
-            r1=r1,
-            r2=r2,
+            r1=cfg.r1,
+            r2=cfg.r2,
             r_lock=cfg.lock_decoys,
             l_s=cfg.l_s,
             l_e=cfg.l_e,
@@ -212,139 +220,110 @@ class Client(Generic[A]):
         )
         pos = np.arange(n)
         h = x0
-        dec = self._decoys("qkv", 0, r1, h)  # carried decoy rows of the π_i stages
+        dec = self._decoys(Stage.QKV, 0, cfg.r1, h)  # carried decoy rows of the π_i stages
         keys_kept: dict[int, A] = {}
-        for i in range(L):
+        for i in range(c.n_layers):
             h, dec, k_rope, v = self._prefill_block(link, i, h, dec, pos)
             if i in self.first:
                 st.guard_k[i], st.guard_v[i] = k_rope, v
             elif i in self.last:
                 st.guard_v[i] = v
                 keys_kept[i] = k_rope
-        logits_np = self._prefill_head(link, h, dec)
-        for i, k_rope in keys_kept.items():  # locked key caches of the last guard blocks
-            rho = self._keys().permutation(("lock", i), n + cfg.lock_decoys)
+        logits = self._prefill_head(link, h, dec)
+        for i, k_rope in keys_kept.items():  # locked key caches of the last guard blocks (T4 + T2)
+            rho = st.keys.lock_perm(i, n + cfg.lock_decoys)
             k_flat = b.reshape(k_rope, (n, c.kv_dim))
-            kc = b.take_rows(b.concat_rows([k_flat, self._decoys("k", i, cfg.lock_decoys, k_flat)]), rho)
-            self._send(link, "lock", i, -1, {"k": kc})
-        return logits_np
+            locked = encode_rows(k_flat, self._decoys(Stage.LOCK, i, cfg.lock_decoys, k_flat), rho, b)
+            self._send(link, Stage.LOCK, i, -1, {"k": locked})
+        return logits
 
-    def _prefill_block(self, link: Transport, i: int, h: A, dec: A, pos: IntArray) -> tuple[A, A, A, A]:
+    def _prefill_block(self, link: Transport, i: int, h: A, dec: A, pos: IndexArray) -> tuple[A, A, A, A]:
         b, c, cfg, keys = self.b, self.c, self.cfg, self._keys()
-        n, r1, r2 = len(pos), cfg.r1, cfg.r2
+        n = len(pos)
         # 1. QKV stage: E = π_i(X ⊕ R) (+ α_i, with the client's norm)
-        pi = keys.permutation(("tok", i, "qkv"), n + r1)
-        beta = cfg.prefill_beta("qkv", i)
-        rows = b.concat_rows([h, dec])
-        if beta > 0:
+        pi = keys.token_perm(i, n + cfg.r1)
+        rows = with_decoys(h, dec, b)
+        normalized = self._blinded(Stage.QKV, i)
+        if normalized:
             rows = b.norm(rows, "attn", i)
-            self.meter.elementwise("qkv", (n + r1) * c.hidden_size)
-        salt = keys.key(("commit", i))
-        z = self._blinded_linear(
+            self.meter.elementwise(Stage.QKV, (n + cfg.r1) * c.hidden_size)
+        z = self._linear(
             link,
-            "qkv",
+            Stage.QKV,
             i,
             -1,
-            b.take_rows(rows, pi),
+            permute_rows(rows, pi, b),
             "wqkv",
-            ("alpha", i, "qkv"),
-            beta,
             reply_key="z",
-            normalized=beta > 0,
-            commit=commitment(salt, i, pi),
+            normalized=normalized,
+            commit=commitment(keys.commit_salt(i), i, pi),
         )
-        q, k, v = split_qkv(b, b.narrow(b.put_rows(z, pi), 0, 0, n))
+        q, k, v = split_qkv(b, decode_rows(z, pi, n, b))
         q, k = b.rope(q, pos), b.rope(k, pos)
-        self.meter.elementwise("qkv", 3 * n * (c.q_dim + c.kv_dim))
+        self.meter.elementwise(Stage.QKV, 3 * n * (c.q_dim + c.kv_dim))
         # 2. attention stage: Q P_i, K P_i, V P_i in true row order
-        hp = self._head_perm(("head", i))
-        g = c.group_size
-        o = self._send(
-            link,
-            "attn",
-            i,
-            -1,
-            {"q": b.head_permute(q, hp, g), "k": b.head_permute(k, hp, 1), "v": b.head_permute(v, hp, 1)},
-        ).arrays["o"]
-        o = b.reshape(b.head_unpermute(o, hp, g), (n, c.q_dim))
+        hp, g = keys.head_perm(i), c.group_size
+        sent = {
+            "q": head_permute(q, hp, g, b),
+            "k": head_permute(k, hp, 1, b),
+            "v": head_permute(v, hp, 1, b),
+        }
+        o = self._send(link, Stage.ATTN, i, -1, sent).arrays["o"]
+        o = b.reshape(head_unpermute(o, hp, g, b), (n, c.q_dim))
         # 3. O stage: π′_i(O ⊕ R′)
-        pi_o = keys.permutation(("tok", i, "o"), n + r2)
-        rows = b.take_rows(b.concat_rows([o, self._decoys("o", i, r2, o)]), pi_o)
-        y = self._blinded_linear(link, "o", i, -1, rows, "wo", ("alpha", i, "o"), cfg.prefill_beta("o", i))
-        h = b.add(h, b.narrow(b.put_rows(y, pi_o), 0, 0, n))
+        pi_o = keys.o_perm(i, n + cfg.r2)
+        rows = encode_rows(o, self._decoys(Stage.O, i, cfg.r2, o), pi_o, b)
+        y = self._linear(link, Stage.O, i, -1, rows, "wo")
+        h = b.add(h, decode_rows(y, pi_o, n, b))
         # 4. FFN stage under π_{i+1}; its decoys ride on into block i+1's QKV stage
-        pi_next = keys.permutation(("tok", i + 1, "qkv"), n + r1)
-        dec_mid = self._decoys("ffn", i, r1, h)
-        rows = b.concat_rows([h, dec_mid])
-        beta = cfg.prefill_beta("ffn", i)
-        if beta > 0:
-            xn = b.take_rows(b.norm(rows, "mlp", i), pi_next)
-            y = self._blinded_mlp(link, i, -1, xn, beta, ("alpha", i, "ffn"), "ffn", "ffn_down", "router")
+        pi_next = keys.token_perm(i + 1, n + cfg.r1)
+        rows = with_decoys(h, self._decoys(Stage.FFN, i, cfg.r1, h), b)
+        if self._blinded(Stage.FFN, i):
+            xn = permute_rows(b.norm(rows, "mlp", i), pi_next, b)
+            y = self._blinded_mlp(link, i, -1, xn, Stage.FFN, Stage.FFN_DOWN, Stage.ROUTER)
         else:
-            y = self._send(link, "ffn", i, -1, {"x": b.take_rows(rows, pi_next)}).arrays["y"]
-        y = b.put_rows(y, pi_next)
-        self.meter.elementwise("ffn", 2 * (n + r1) * c.hidden_size)
-        out = b.add(rows, y)
-        return b.narrow(out, 0, 0, n), b.narrow(out, 0, n, n + r1), k, v
+            y = self._send(link, Stage.FFN, i, -1, {"x": permute_rows(rows, pi_next, b)}).arrays["y"]
+        self.meter.elementwise(Stage.FFN, 2 * (n + cfg.r1) * c.hidden_size)
+        out = b.add(rows, unpermute_rows(y, pi_next, b))
+        return b.narrow(out, 0, 0, n), b.narrow(out, 0, n, n + cfg.r1), k, v
 
     def _prefill_head(self, link: Transport, h: A, dec: A) -> npt.NDArray[Any]:
-        b, c, cfg, n = self.b, self.c, self.cfg, self.b.nrows(h)
-        L = c.n_layers
-        pi = self._keys().permutation(("tok", L, "qkv"), n + cfg.r1)
-        rows = b.concat_rows([h, dec])
-        beta = cfg.prefill_beta("head", L)
-        if beta > 0:
+        b, cfg, n, L = self.b, self.cfg, self.b.nrows(h), self.c.n_layers
+        pi = self._keys().token_perm(L, n + cfg.r1)
+        rows = with_decoys(h, dec, b)
+        normalized = self._blinded(Stage.HEAD, L)
+        if normalized:
             rows = b.norm(rows, "final")
-        logits = self._blinded_linear(
+        logits = self._linear(
             link,
-            "head",
+            Stage.HEAD,
             L,
             -1,
-            b.take_rows(rows, pi),
+            permute_rows(rows, pi, b),
             "lm_head",
-            ("alpha", L, "head"),
-            beta,
             reply_key="logits",
-            normalized=beta > 0,
+            normalized=normalized,
         )
-        keep = inverse_permutation(pi)[:n].astype(np.int64)  # T1 decode with the decoy rows stripped
-        return b.rows_to_numpy(logits, keep)
+        return decode_rows_numpy(logits, pi, n, b)  # T1 + T2 decode straight to numpy
 
     def _blinded_mlp(
-        self,
-        link: Transport,
-        i: int,
-        step: int,
-        xn: A,
-        beta: float,
-        label: Label,
-        up_stage: str,
-        down_stage: str,
-        router_stage: str,
+        self, link: Transport, i: int, step: int, xn: A, up: Stage, down: Stage, router: Stage
     ) -> A:
-        """The MLP of normalized rows ``xn`` with every linear map blinded (T5); exact.
+        """The MLP of normalized rows ``xn`` as the server's linear maps with the client's SwiGLU between
+        them (every map blinded as the plan says: T5); exact.
 
-        Dense: gate/up (blinded) → client SwiGLU → down (blinded). MoE: the router (blinded) → client
-        softmax/top-k → every expert's gate/up and down (blinded), so the server does not learn the
-        routing; rows not routed to an expert get weight 0.
+        Dense: gate/up → client SwiGLU → down. MoE: the router → client softmax/top-k → every expert's
+        gate/up and down, so the server does not learn the routing; rows not routed to an expert get
+        weight 0.
         """
         b, c = self.b, self.c
         rows, f = b.nrows(xn), c.intermediate_size
         if not c.is_moe:
-            gu = self._blinded_linear(
-                link, up_stage, i, step, xn, "w_gate_up", (*label, "up"), beta, normalized=True
-            )
+            gu = self._linear(link, up, i, step, xn, "w_gate_up", normalized=True)
             m = b.swiglu_act(gu)
-            self.meter.elementwise(up_stage, rows * f)
-            return self._blinded_linear(
-                link, down_stage, i, step, m, "w_down", (*label, "down"), beta, arr_key="m", last=True
-            )
-        logits = np.asarray(
-            b.to_numpy(
-                self._blinded_linear(link, router_stage, i, step, xn, "router", (*label, "router"), beta)
-            ),
-            dtype=np.float64,
-        )
+            self.meter.elementwise(up, rows * f)
+            return self._linear(link, down, i, step, m, "w_down", arr_key="m", last=True)
+        logits = np.asarray(b.to_numpy(self._linear(link, router, i, step, xn, "router")), dtype=np.float64)
         probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
         top = np.argsort(-probs, axis=-1, kind="stable")[:, : c.top_k]
@@ -352,24 +331,11 @@ class Client(Generic[A]):
         w_top /= w_top.sum(axis=-1, keepdims=True)
         out: A | None = None
         for e in range(c.n_experts):
-            weight = np.where(top == e, w_top, 0.0).sum(axis=-1, keepdims=True)
-            ex = np.array([e], dtype=np.int64)
-            gu = self._blinded_linear(
-                link, up_stage, i, step, xn, "w_gate_up", (*label, "up", e), beta, experts=ex, normalized=True
-            )
-            m = b.scale_rows(b.swiglu_act(gu), weight[:, 0])
-            y = self._blinded_linear(
-                link,
-                down_stage,
-                i,
-                step,
-                m,
-                "w_down",
-                (*label, "down", e),
-                beta,
-                arr_key="m",
-                experts=ex,
-                last=e == c.n_experts - 1,
+            weight = np.where(top == e, w_top, 0.0).sum(axis=-1)
+            gu = self._linear(link, up, i, step, xn, "w_gate_up", expert=e, normalized=True)
+            m = b.scale_rows(b.swiglu_act(gu), weight)
+            y = self._linear(
+                link, down, i, step, m, "w_down", arr_key="m", expert=e, last=e == c.n_experts - 1
             )
             out = y if out is None else b.add(out, y)
         assert out is not None
@@ -377,21 +343,19 @@ class Client(Generic[A]):
 
     # -- key sharing (§5.2) ----------------------------------------------------------------------
     def share_keys(self, link: Transport) -> None:
-        """Upload π_i (and, at level ``blind``, α_i) of every middle block, so the server can decode
-        those blocks' prompt caches. Guard blocks stay locked."""
+        """Upload π_i (and the noise α_i of a noised QKV stage) of every middle block, so the server can
+        decode those blocks' prompt caches. Guard blocks stay locked."""
         st = self._require()
         if st.shared:
             return
-        n, r1 = st.n, self.cfg.r1
+        rows = st.n + self.cfg.r1
         for i in self.middle:
-            pi = st.keys.permutation(("tok", i, "qkv"), n + r1)
-            arrays: dict[str, Any] = {"perm": pi}
-            beta = self.cfg.prefill_beta("qkv", i)
-            if beta > 0:
-                arrays["alpha"] = laplace_noise(
-                    (n + r1, self.c.hidden_size), beta, st.keys.generator(("alpha", i, "qkv"))
-                ).astype(self.b.numpy_dtype())  # the wire dtype of the backend
-            self._send(link, "share", i, -1, arrays, salt=st.keys.key(("commit", i)).hex())
+            arrays: dict[str, Any] = {"perm": st.keys.token_perm(i, rows)}
+            release = self.plan.find(Stage.QKV, i)
+            if release is not None:  # the server removes α_i W from the raw cache (plan.shared)
+                alpha = st.keys.noise(release, None, rows, self.c.hidden_size)
+                arrays["alpha"] = alpha.astype(self.b.numpy_dtype())  # the wire dtype of the backend
+            self._send(link, Stage.SHARE, i, -1, arrays, salt=st.keys.commit_salt(i).hex())
         st.shared = True
 
     def _require(self) -> _State[A]:
@@ -409,102 +373,83 @@ class Client(Generic[A]):
         Equal to plaintext decoding. Raises ProtocolError past ``max_length`` (nothing is sent then).
         """
         st = self._require()
-        b, c, cfg = self.b, self.c, self.cfg
+        b, c = self.b, self.c
         t, p = st.step, st.n + st.step
         if p >= self.max_length:
             raise ProtocolError(f"generation past the configured maximum length {self.max_length}")
         h = b.embed(np.asarray([token]))  # validate the token before anything is sent
         if self.middle and not st.shared:
             self.share_keys(link)
-        beta = cfg.generation_beta()
         new_k: dict[int, A] = {}
         new_v: dict[int, A] = {}
         for i in self.first:
-            h, new_k[i], new_v[i] = self._gen_first(link, i, t, p, h, beta)
+            h, new_k[i], new_v[i] = self._gen_first(link, i, t, p, h)
         if self.middle:
-            h = self._send(link, "gen_mid", self.middle.start, t, {"x": h}).arrays["x"]
+            h = self._send(link, Stage.GEN_MID, self.middle.start, t, {"x": h}).arrays["x"]
         for i in self.last:
-            h, new_v[i] = self._gen_last(link, i, t, h, beta)
+            h, new_v[i] = self._gen_last(link, i, t, h)
         for i, k in new_k.items():  # commit the new rows only once the whole step succeeded
             st.guard_k[i] = k
         for i, v in new_v.items():
             st.guard_v[i] = v
         st.step += 1
         logits = b.project(b.norm(h, "final"), "lm_head")
-        self.meter.matmul("gen_head", 1, c.hidden_size, c.vocab_size, "client")
+        self.meter.matmul(Stage.GEN_HEAD, 1, c.hidden_size, c.vocab_size, "client")
         out: npt.NDArray[Any] = np.asarray(b.to_numpy(logits))[0]
         return out
 
-    def _gen_first(self, link: Transport, i: int, t: int, p: int, h: A, beta: float) -> tuple[A, A, A]:
+    def _gen_first(self, link: Transport, i: int, t: int, p: int, h: A) -> tuple[A, A, A]:
         b, c, st = self.b, self.c, self._require()
-        xn = b.norm(h, "attn", i)
-        z = self._blinded_linear(
-            link, "gen_qkv", i, t, xn, "wqkv", ("alpha", i, "qkv", "gen", t), beta, reply_key="z"
-        )
+        z = self._linear(link, Stage.GEN_QKV, i, t, b.norm(h, "attn", i), "wqkv", reply_key="z")
         q, k, v = split_qkv(b, z)
         pos = np.array([p])
         q, k = b.rope(q, pos), b.rope(k, pos)
         keys = b.concat_rows([st.guard_k[i], k])
         values = b.concat_rows([st.guard_v[i], v])
-        hp = self._head_perm(("head", i, "gen", t))
-        g = c.group_size
-        o = self._send(
-            link,
-            "gen_attn",
-            i,
-            t,
-            {
-                "q": b.head_permute(q, hp, g),
-                "k": b.head_permute(keys, hp, 1),
-                "v": b.head_permute(values, hp, 1),
-            },
-        ).arrays["o"]
-        o = b.reshape(b.head_unpermute(o, hp, g), (1, c.q_dim))
+        hp, g = st.keys.head_perm(i, t), c.group_size
+        sent = {
+            "q": head_permute(q, hp, g, b),
+            "k": head_permute(keys, hp, 1, b),
+            "v": head_permute(values, hp, 1, b),
+        }
+        o = self._send(link, Stage.GEN_ATTN, i, t, sent).arrays["o"]
+        o = b.reshape(head_unpermute(o, hp, g, b), (1, c.q_dim))
         h = b.add(h, b.project(o, "wo", i))
-        self.meter.matmul("gen_attn", 1, c.q_dim, c.hidden_size, "client")
-        h = b.add(h, self._gen_ffn(link, i, t, h, beta, self.cfg.guard_ffn == "clear"))
+        self.meter.matmul(Stage.GEN_ATTN, 1, c.q_dim, c.hidden_size, "client")
+        h = b.add(h, self._gen_ffn(link, i, t, h, clear=self.cfg.guard_ffn == "clear"))
         return h, keys, values
 
-    def _gen_ffn(self, link: Transport, i: int, t: int, h: A, beta: float, clear: bool) -> A:
+    def _gen_ffn(self, link: Transport, i: int, t: int, h: A, clear: bool) -> A:
         if clear:
-            y: A = self._send(link, "gen_ffn", i, t, {"x": h}).arrays["y"]
+            y: A = self._send(link, Stage.GEN_FFN, i, t, {"x": h}).arrays["y"]
             return y
         xn = self.b.norm(h, "mlp", i)
-        return self._blinded_mlp(
-            link, i, t, xn, beta, ("alpha", i, "ffn", "gen", t), "gen_ffn_up", "gen_ffn_down", "gen_router"
-        )
+        return self._blinded_mlp(link, i, t, xn, Stage.GEN_FFN_UP, Stage.GEN_FFN_DOWN, Stage.GEN_ROUTER)
 
-    def _gen_last(self, link: Transport, i: int, t: int, h: A, beta: float) -> tuple[A, A]:
+    def _gen_last(self, link: Transport, i: int, t: int, h: A) -> tuple[A, A]:
         b, c, cfg, st = self.b, self.c, self.cfg, self._require()
-        reply = self._send(link, "gen_last", i, t, {"x": h}).arrays
+        reply = self._send(link, Stage.GEN_LAST, i, t, {"x": h}).arrays
         scores, v_new = reply["scores"], b.reshape(reply["v"], (1, c.n_kv_heads, c.head_dim))
-        n, r = st.n, cfg.lock_decoys
-        if i not in st.lock_cols:  # locked column j holds row ρ[j]: true row m sits at column ρ⁻¹[m]
-            rho = st.keys.permutation(("lock", i), n + r)
-            inv = np.empty_like(rho)
-            inv[rho] = np.arange(n + r)
-            st.lock_cols[i] = inv[:n]
-        cols = np.concatenate([st.lock_cols[i], np.arange(n + r, n + r + t + 1)])
+        rho = st.keys.lock_perm(i, st.n + cfg.lock_decoys)
         values = b.concat_rows([st.guard_v[i], v_new])
-        o = b.reshape(b.softmax_values(b.take_last(scores, cols), values), (1, c.q_dim))
-        self.meter.attention("gen_last", c.n_heads, 1, n + t + 1, c.head_dim // 2, "client")
+        o = b.reshape(b.softmax_values(unlock_scores(scores, rho, st.n, b), values), (1, c.q_dim))
+        self.meter.attention(Stage.GEN_LAST, c.n_heads, 1, st.n + t + 1, c.head_dim // 2, "client")
         h = b.add(h, b.project(o, "wo", i))
-        self.meter.matmul("gen_last", 1, c.q_dim, c.hidden_size, "client")
+        self.meter.matmul(Stage.GEN_LAST, 1, c.q_dim, c.hidden_size, "client")
         if cfg.last_ffn == "paper":
             # the paper's form: send h + a constant offset and let the server normalize — relies on
             # RMSNorm(x + α) = RMSNorm(x), which is false (T7), so this is NOT exact
-            offset = laplace_noise(
-                (1, 1), max(beta, 1.0), st.keys.generator(("alpha", i, "offset", "gen", t))
-            )
-            shifted = b.add(h, b.from_numpy(np.full((1, c.hidden_size), float(offset[0, 0]))))
-            return b.add(h, self._send(link, "gen_ffn", i, t, {"x": shifted}).arrays["y"]), values
-        return b.add(h, self._gen_ffn(link, i, t, h, beta, clear=False)), values
+            release = self.plan.find(Stage.GEN_FFN, i)
+            assert release is not None  # the plan lists the offset of every last guard block
+            offset = b.from_numpy(st.keys.noise(release, t, 1, c.hidden_size))
+            y = self._send(link, Stage.GEN_FFN, i, t, {"x": b.add(h, offset)}).arrays["y"]
+            return b.add(h, y), values
+        return b.add(h, self._gen_ffn(link, i, t, h, clear=False)), values
 
     def generate(self, ids: Any, n_new: int, link: Transport) -> list[int]:
-        """Greedy SCX generation: prefill, share keys, then ``n_new`` argmax tokens (the same tokens as
-        plaintext greedy decoding)."""
+        """Greedy SCX generation: prefill, then ``n_new`` argmax tokens (the same tokens as plaintext
+        greedy decoding): ``n_new`` − 1 decode steps, the first of which shares the middle blocks' keys."""
         logits = self.prefill(ids, link)
-        self.share_keys(link)
         out: list[int] = []
         nxt = int(np.argmax(logits[-1]))
         for step in range(n_new):

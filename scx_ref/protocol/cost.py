@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["CostMeter", "CostReport", "StageCost"]
+from ..stages import Stage
+
+__all__ = ["CostMeter", "CostReport", "Side", "StageCost"]
+
+Side = Literal["client", "server"]
 
 
 @dataclass
@@ -31,27 +35,27 @@ class StageCost:
 
 
 class CostMeter:
-    """Accumulates costs per stage name."""
+    """Accumulates costs per :class:`~scx_ref.stages.Stage`."""
 
     def __init__(self) -> None:
-        self.stages: dict[str, StageCost] = defaultdict(StageCost)
+        self.stages: dict[Stage, StageCost] = defaultdict(StageCost)
 
-    def matmul(self, stage: str, m: int, k: int, n: int, side: str) -> None:
+    def matmul(self, stage: Stage, m: int, k: int, n: int, side: Side) -> None:
         self._flops(stage, 2 * m * k * n, side)
 
-    def attention(self, stage: str, heads: int, n_q: int, n_k: int, d_h: int, side: str) -> None:
+    def attention(self, stage: Stage, heads: int, n_q: int, n_k: int, d_h: int, side: Side) -> None:
         self._flops(stage, 4 * heads * n_q * n_k * d_h, side)
 
-    def elementwise(self, stage: str, count: int) -> None:
+    def elementwise(self, stage: Stage, count: int) -> None:
         self.stages[stage].client_elementwise += int(count)
 
-    def message(self, stage: str, up: int, down: int) -> None:
+    def message(self, stage: Stage, up: int, down: int) -> None:
         s = self.stages[stage]
         s.bytes_up += up
         s.bytes_down += down
         s.round_trips += 1
 
-    def _flops(self, stage: str, flops: int, side: str) -> None:
+    def _flops(self, stage: Stage, flops: int, side: Side) -> None:
         if side == "client":
             self.stages[stage].client_flops += int(flops)
         else:
@@ -62,11 +66,11 @@ class CostMeter:
 class CostReport:
     """Costs of one session, per stage and in total."""
 
-    stages: dict[str, StageCost] = field(default_factory=dict)
+    stages: dict[Stage, StageCost] = field(default_factory=dict)
 
     @classmethod
     def merge(cls, *meters: CostMeter) -> CostReport:
-        out: dict[str, StageCost] = {}
+        out: dict[Stage, StageCost] = {}
         for meter in meters:
             for name, cost in meter.stages.items():
                 out.setdefault(name, StageCost()).add(cost)
@@ -87,7 +91,7 @@ class CostReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "stages": {k: vars(v) for k, v in self.stages.items()},
+            "stages": {k.value: vars(v) for k, v in self.stages.items()},
             "total": vars(self.total),
             "client_flop_share": self.client_flop_share,
         }

@@ -20,8 +20,9 @@ import numpy.typing as npt
 
 from ..backends.base import Backend
 from ..errors import ConfigError
+from ..forward import PlainRunner
 from ..keys import KeyStream
-from .plain import PlainRunner
+from ..stages import Stage
 
 __all__ = ["CalibrationPool", "DecoyPolicy", "GaussianDecoys", "default_public_tokens"]
 
@@ -34,7 +35,7 @@ class DecoyPolicy(Protocol):
 
     needs_real: bool
 
-    def draw(self, stage: str, layer: int, count: int, real: Array, stream: KeyStream) -> Array: ...
+    def draw(self, stage: Stage, layer: int, count: int, real: Array, stream: KeyStream) -> Array: ...
 
 
 def default_public_tokens(vocab_size: int, length: int = 256) -> npt.NDArray[np.int64]:
@@ -46,23 +47,25 @@ def default_public_tokens(vocab_size: int, length: int = 256) -> npt.NDArray[np.
 class CalibrationPool:
     """Stage inputs recorded while running public text: pool[(stage, layer)] is rows × width.
 
-    stages: ``qkv`` (block input), ``o`` (attention output), ``ffn`` (residual before the MLP),
-    ``k`` (post-RoPE keys, flattened), ``head`` (final residual).
+    Stages (:data:`scx_ref.forward.Trace`): QKV (block input), O (attention output), FFN (residual
+    before the MLP), LOCK (post-RoPE keys, flattened), HEAD (final residual).
     """
 
     needs_real = False
 
-    def __init__(self, rows: dict[tuple[str, int], Array]) -> None:
+    def __init__(self, rows: dict[tuple[Stage, int], Array]) -> None:
         self.rows = rows
 
     @classmethod
     def from_tokens(
         cls, backend: Backend[Any], token_ids: npt.NDArray[np.int64], window: int = 256
     ) -> CalibrationPool:
-        """Run plaintext inference on public ``token_ids`` (in windows) and keep every stage's input."""
-        rows: dict[tuple[str, int], list[Array]] = {}
+        """Run plaintext inference on public ``token_ids`` (in windows of at most ``window`` tokens and
+        the model's ``max_positions``) and keep every stage's input."""
+        window = min(window, backend.config.max_positions)
+        rows: dict[tuple[Stage, int], list[Array]] = {}
 
-        def trace(stage: str, layer: int, x: Any) -> None:
+        def trace(stage: Stage, layer: int, x: Any) -> None:
             rows.setdefault((stage, layer), []).append(np.asarray(backend.to_numpy(x), dtype=np.float64))
 
         runner = PlainRunner(backend, trace)
@@ -72,11 +75,11 @@ class CalibrationPool:
             runner.forward(ids[start : start + window])
         return cls({key: np.concatenate(parts) for key, parts in rows.items()})
 
-    def draw(self, stage: str, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
+    def draw(self, stage: Stage, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
         """``count`` rows of the pool at (stage, layer), chosen uniformly by ``stream``."""
         pool = self.rows.get((stage, layer))
         if pool is None or pool.shape[0] == 0:
-            raise ConfigError(f"calibration pool has no rows for stage {stage!r}, layer {layer}")
+            raise ConfigError(f"calibration pool has no rows for stage {stage.value!r}, layer {layer}")
         if count == 0:
             return pool[:0]
         idx = stream.randbelow(np.full(count, pool.shape[0], dtype=np.int64))
@@ -88,7 +91,7 @@ class GaussianDecoys:
 
     needs_real = True
 
-    def draw(self, stage: str, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
+    def draw(self, stage: Stage, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
         """Moment-matched Gaussian rows (Box–Muller on the stream's uniforms)."""
         width = real.shape[1]
         if count == 0:

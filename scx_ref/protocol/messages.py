@@ -6,7 +6,7 @@ A :class:`Request` goes client → server, a :class:`Reply` server → client. B
 an out-of-order one, or one for the wrong layer, before it changes any state. Because they are
 plain data, a network transport can replace the in-process one without touching either side.
 
-Stages (what the server receives, ``arrays`` keys in brackets):
+Stages (:class:`~scx_ref.stages.Stage`; what the server receives, ``arrays`` keys in brackets):
 
 prefill (step −1)
   ``open``        start a session [] — ``meta``: n (prompt rows), r1, r2, level
@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from ..stages import Stage
 
 __all__ = ["Reply", "Request"]
 
@@ -45,16 +45,13 @@ class Request:
     """Client → server."""
 
     session: str
-    stage: str
+    stage: Stage
     layer: int
     step: int
     seq: int
     arrays: Arrays = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(np.asarray(a).nbytes for a in self.arrays.values()))
+    token: str = ""  # the session capability returned by ``open`` (empty on ``open`` itself)
 
 
 @dataclass(frozen=True)
@@ -62,12 +59,9 @@ class Reply:
     """Server → client."""
 
     session: str
-    stage: str
+    stage: Stage
     layer: int
     step: int
     seq: int
     arrays: Arrays = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(np.asarray(a).nbytes for a in self.arrays.values()))
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. the session token in ``open``'s reply

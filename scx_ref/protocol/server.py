@@ -8,9 +8,8 @@ applied together at the end, so a rejected message leaves the server's caches ex
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic
 
 import numpy as np
@@ -18,29 +17,15 @@ import numpy as np
 from .._checks import check_permutation
 from ..backends.base import A, Backend, split_qkv
 from ..errors import ProtocolError, SCXError, SessionError
+from ..forward import block
+from ..stages import PREFILL_BLOCK_STAGES, Phase, Stage
+from ..transforms import decode_rows, unblind
+from .config import guard_blocks
 from .cost import CostMeter
+from .keyring import commitment
 from .messages import Reply, Request
 
-__all__ = ["Server", "commitment"]
-
-_PREFILL_LAYER_STAGES = {"qkv", "attn", "o", "ffn", "ffn_down", "router"}
-_GEN_STAGES = {
-    "gen_qkv",
-    "gen_attn",
-    "gen_ffn",
-    "gen_ffn_up",
-    "gen_ffn_down",
-    "gen_router",
-    "gen_mid",
-    "gen_last",
-}
-
-
-def commitment(salt: bytes, layer: int, perm: np.ndarray) -> str:
-    """SHA-256(salt ‖ layer ‖ π): binds a key-sharing message to its layer without revealing π
-    (the 32-byte salt, revealed only with π, defeats enumeration of small permutations)."""
-    data = salt + int(layer).to_bytes(4, "big") + np.ascontiguousarray(perm, dtype="<i8").tobytes()
-    return hashlib.sha256(data).hexdigest()
+__all__ = ["Server"]
 
 
 @dataclass
@@ -58,7 +43,7 @@ class _Session(Generic[A]):
     ffn_done: int = -1  # prefill: last block whose FFN stage ran
     head_done: bool = False
     step: int = -1  # generation step in progress
-    gen_done: set[tuple[str, int]] = field(default_factory=set)  # cache-extending stages run this step
+    gen_done: set[tuple[Stage, int]] = field(default_factory=set)  # cache-extending stages run this step
     raw: dict[int, tuple[A, A]] = field(default_factory=dict)
     commits: dict[int, str] = field(default_factory=dict)
     valid: dict[int, tuple[A, A]] = field(default_factory=dict)
@@ -77,7 +62,13 @@ class Server(Generic[A]):
     # -- dispatch ------------------------------------------------------------------------------
     def handle(self, req: Request) -> Reply:
         """Validate ``req``, compute the stage, commit the session's state changes, reply."""
-        if req.stage == "open":
+        try:
+            stage = Stage(req.stage)
+        except ValueError:
+            raise ProtocolError(f"unknown stage {req.stage!r}") from None
+        if stage is not req.stage:
+            req = replace(req, stage=stage)
+        if req.stage is Stage.OPEN:
             return self._open(req)
         s = self.sessions.get(req.session)
         if s is None:
@@ -99,25 +90,25 @@ class Server(Generic[A]):
 
     def _handlers(
         self,
-    ) -> dict[str, Callable[[_Session[A], Request], tuple[dict[str, A], Callable[[], None]]]]:
+    ) -> dict[Stage, Callable[[_Session[A], Request], tuple[dict[str, A], Callable[[], None]]]]:
         return {
-            "qkv": self._qkv,
-            "attn": self._attn,
-            "o": self._o,
-            "ffn": self._ffn,
-            "ffn_down": self._ffn_down,
-            "router": self._router,
-            "head": self._head,
-            "lock": self._lock,
-            "share": self._share,
-            "gen_qkv": self._gen_qkv,
-            "gen_attn": self._gen_attn,
-            "gen_ffn": self._gen_ffn,
-            "gen_ffn_up": self._gen_ffn_up,
-            "gen_ffn_down": self._gen_ffn_down,
-            "gen_router": self._gen_router,
-            "gen_mid": self._gen_mid,
-            "gen_last": self._gen_last,
+            Stage.QKV: self._qkv,
+            Stage.ATTN: self._attn,
+            Stage.O: self._o,
+            Stage.FFN: self._ffn,
+            Stage.FFN_DOWN: self._ffn_down,
+            Stage.ROUTER: self._router,
+            Stage.HEAD: self._head,
+            Stage.LOCK: self._lock,
+            Stage.SHARE: self._share,
+            Stage.GEN_QKV: self._gen_qkv,
+            Stage.GEN_ATTN: self._gen_attn,
+            Stage.GEN_FFN: self._gen_ffn,
+            Stage.GEN_FFN_UP: self._gen_ffn_up,
+            Stage.GEN_FFN_DOWN: self._gen_ffn_down,
+            Stage.GEN_ROUTER: self._gen_router,
+            Stage.GEN_MID: self._gen_mid,
+            Stage.GEN_LAST: self._gen_last,
         }
 
     def _open(self, req: Request) -> Reply:
@@ -138,62 +129,61 @@ class Server(Generic[A]):
             or not n <= max_length <= self.c.max_positions
         ):
             raise ProtocolError(f"invalid session parameters {m}")
-        L = self.c.n_layers
-        first = range(0, min(l_s, L))
-        last_start = max(first.stop, L - l_e)
         self.sessions[req.session] = _Session(
-            n, r1, r2, r_lock, first, range(first.stop, last_start), range(last_start, L), max_length
+            n, r1, r2, r_lock, *guard_blocks(self.c.n_layers, l_s, l_e), max_length
         )
-        return Reply(req.session, "open", -1, -1, 0, {})
+        return Reply(req.session, Stage.OPEN, -1, -1, 0, {})
 
     def _check_order(self, s: _Session[A], req: Request) -> None:
         L, stage, layer = self.c.n_layers, req.stage, req.layer
-        if stage in _PREFILL_LAYER_STAGES or stage == "head":
+        if stage in PREFILL_BLOCK_STAGES or stage is Stage.HEAD:
             if s.head_done:
-                raise ProtocolError(f"prefill stage {stage!r} after the prefill finished")
-            if stage == "head":
+                raise ProtocolError(f"prefill stage {stage.value!r} after the prefill finished")
+            if stage is Stage.HEAD:
                 if s.ffn_done != L - 1:
                     raise ProtocolError("head stage before every block's FFN stage")
                 return
             if not 0 <= layer < L:
                 raise ProtocolError(f"layer {layer} out of range 0..{L - 1}")
-            if stage == "qkv":
+            if stage is Stage.QKV:
                 if layer != s.layer + 1 or s.ffn_done != layer - 1:
                     raise ProtocolError(f"qkv stage of block {layer} out of order")
             elif layer != s.layer:
-                raise ProtocolError(f"{stage} stage for block {layer} while block {s.layer} is running")
+                raise ProtocolError(f"{stage.value} stage for block {layer} while block {s.layer} is running")
             return
         if not s.head_done:
-            raise ProtocolError(f"stage {stage!r} before the prefill finished")
-        if stage == "lock" and layer not in s.last:
+            raise ProtocolError(f"stage {stage.value!r} before the prefill finished")
+        if stage is Stage.LOCK and layer not in s.last:
             raise ProtocolError(f"block {layer} is not a last guard block; it has no locked cache")
-        if stage == "share" and layer not in s.middle:
+        if stage is Stage.SHARE and layer not in s.middle:
             raise ProtocolError(
                 f"key for block {layer} refused: only middle blocks {list(s.middle)} are shared"
             )
-        if stage in _GEN_STAGES:
+        if stage.phase is Phase.GENERATE:
             if req.step not in (s.step, s.step + 1) or req.step < 0:
                 raise ProtocolError(f"generation step {req.step} out of order (at step {s.step})")
             if s.n + req.step >= s.max_length:
                 raise ProtocolError(
                     f"position {s.n + req.step} is past the session's max length {s.max_length}"
                 )
-            if stage in ("gen_qkv", "gen_attn") and layer not in s.first:
-                raise ProtocolError(f"{stage} for block {layer}, which is not a first guard block")
-            if stage == "gen_last" and layer not in s.last:
+            if stage in (Stage.GEN_QKV, Stage.GEN_ATTN) and layer not in s.first:
+                raise ProtocolError(f"{stage.value} for block {layer}, which is not a first guard block")
+            if stage is Stage.GEN_LAST and layer not in s.last:
                 raise ProtocolError(f"gen_last for block {layer}, which is not a last guard block")
-            if stage == "gen_mid" and set(s.middle) - set(s.valid):
+            if stage is Stage.GEN_MID and set(s.middle) - set(s.valid):
                 raise ProtocolError("gen_mid before every middle block's key was shared")
-            if stage == "gen_last" and layer not in s.locked:
+            if stage is Stage.GEN_LAST and layer not in s.locked:
                 raise ProtocolError(f"gen_last for block {layer} before its locked cache was stored")
-            done = (stage, -1 if stage == "gen_mid" else layer)  # gen_mid runs every middle block
-            if stage in ("gen_mid", "gen_last") and req.step == s.step and done in s.gen_done:
-                raise ProtocolError(f"{stage} for block {layer} already ran at step {req.step} (a replay)")
+            done = (stage, -1 if stage is Stage.GEN_MID else layer)  # gen_mid runs every middle block
+            if stage in (Stage.GEN_MID, Stage.GEN_LAST) and req.step == s.step and done in s.gen_done:
+                raise ProtocolError(
+                    f"{stage.value} for block {layer} already ran at step {req.step} (a replay)"
+                )
 
     def _arr(self, req: Request, name: str, shape: tuple[int, ...]) -> A:
         if name not in req.arrays:
-            raise ProtocolError(f"{req.stage} message lacks array {name!r}")
-        return self.b.check(req.arrays[name], f"{req.stage}.{name}", shape)
+            raise ProtocolError(f"{req.stage.value} message lacks array {name!r}")
+        return self.b.check(req.arrays[name], f"{req.stage.value}.{name}", shape)
 
     def _experts(self, req: Request) -> np.ndarray | None:
         if not self.c.is_moe:
@@ -201,7 +191,7 @@ class Server(Generic[A]):
         try:
             e = np.asarray(req.meta["experts"], dtype=np.int64)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"{req.stage} on an MoE layer needs meta['experts']") from exc
+            raise ProtocolError(f"{req.stage.value} on an MoE layer needs meta['experts']") from exc
         if e.ndim != 1 or e.size == 0 or e.min() < 0 or e.max() >= self.c.n_experts:
             raise ProtocolError(f"invalid experts {e.tolist()}")
         return e
@@ -220,7 +210,7 @@ class Server(Generic[A]):
         if not req.meta.get("normalized", False):
             x = self.b.norm(x, "attn", layer)
         z = self.b.project(x, "wqkv", layer)
-        s.meter.matmul("qkv", rows, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
+        s.meter.matmul(Stage.QKV, rows, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
         zk = self.b.narrow(z, 1, c.q_dim, c.q_dim + c.kv_dim)
         zv = self.b.narrow(z, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim)
 
@@ -237,16 +227,16 @@ class Server(Generic[A]):
         k = self._arr(req, "k", (n, c.n_kv_heads, c.head_dim))
         v = self._arr(req, "v", (n, c.n_kv_heads, c.head_dim))
         pos = np.arange(n)
-        s.meter.attention("attn", c.n_heads, n, n, c.head_dim, "server")
+        s.meter.attention(Stage.ATTN, c.n_heads, n, n, c.head_dim, "server")
         return {"o": self.b.attention(q, k, v, pos, pos)}, self._nothing
 
     def _o(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c, rows = self.c, s.n + s.r2
         x = self._arr(req, "x", (rows, c.q_dim))
-        s.meter.matmul("o", rows, c.q_dim, c.hidden_size, "server")
+        s.meter.matmul(Stage.O, rows, c.q_dim, c.hidden_size, "server")
         return {"y": self.b.project(x, "wo", req.layer)}, self._nothing
 
-    def _mlp_flops(self, meter: CostMeter, stage: str, rows: int, experts: int) -> None:
+    def _mlp_flops(self, meter: CostMeter, stage: Stage, rows: int, experts: int) -> None:
         c = self.c
         meter.matmul(stage, rows * experts, c.hidden_size, 3 * c.intermediate_size, "server")
         if c.is_moe:  # the router is a matrix product too
@@ -258,10 +248,10 @@ class Server(Generic[A]):
             experts = self._experts(req)
             x = self._arr(req, "x", (rows, c.hidden_size))
             width = 2 * c.intermediate_size * (1 if experts is None else len(experts))
-            s.meter.matmul("ffn", rows, c.hidden_size, width, "server")
+            s.meter.matmul(Stage.FFN, rows, c.hidden_size, width, "server")
             return {"y": self.b.project(x, "w_gate_up", layer, experts)}, self._nothing
         x = self._arr(req, "x", (rows, c.hidden_size))
-        self._mlp_flops(s.meter, "ffn", rows, c.top_k if c.is_moe else 1)
+        self._mlp_flops(s.meter, Stage.FFN, rows, c.top_k if c.is_moe else 1)
         y = self.b.mlp(self.b.norm(x, "mlp", layer), layer)
 
         def commit() -> None:
@@ -286,7 +276,7 @@ class Server(Generic[A]):
     def _router(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c, rows = self.c, s.n + s.r1
         x = self._arr(req, "x", (rows, c.hidden_size))
-        s.meter.matmul("router", rows, c.hidden_size, c.n_experts, "server")
+        s.meter.matmul(Stage.ROUTER, rows, c.hidden_size, c.n_experts, "server")
         return {"y": self.b.project(x, "router", req.layer)}, self._nothing
 
     def _head(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
@@ -294,7 +284,7 @@ class Server(Generic[A]):
         x = self._arr(req, "x", (rows, c.hidden_size))
         if not req.meta.get("normalized", False):
             x = self.b.norm(x, "final")
-        s.meter.matmul("head", rows, c.hidden_size, c.vocab_size, "server")
+        s.meter.matmul(Stage.HEAD, rows, c.hidden_size, c.vocab_size, "server")
 
         def commit() -> None:
             s.head_done = True
@@ -329,17 +319,17 @@ class Server(Generic[A]):
                 f"the key offered for block {layer} does not match that block's commitment "
                 "(a key for the wrong layer, or from another session)"
             )
+        b = self.b
         zk, zv = s.raw[layer]
-        if "alpha" in req.arrays:  # level blind: remove α W from the raw cache
+        if "alpha" in req.arrays:  # a noised QKV stage: remove α W from the raw cache (T5 decode)
             alpha = self._arr(req, "alpha", (n + s.r1, c.hidden_size))
-            corr = self.b.correction(alpha, "wqkv", layer)
-            s.meter.matmul("share", n + s.r1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
-            zk = self.b.sub(zk, self.b.narrow(corr, 1, c.q_dim, c.q_dim + c.kv_dim))
-            zv = self.b.sub(zv, self.b.narrow(corr, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim))
+            corr = b.correction(alpha, "wqkv", layer)
+            s.meter.matmul(Stage.SHARE, n + s.r1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
+            zk = unblind(zk, b.narrow(corr, 1, c.q_dim, c.q_dim + c.kv_dim), b)
+            zv = unblind(zv, b.narrow(corr, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim), b)
         shape = (n, c.n_kv_heads, c.head_dim)
-        k = self.b.reshape(self.b.narrow(self.b.put_rows(zk, perm), 0, 0, n), shape)
-        v = self.b.reshape(self.b.narrow(self.b.put_rows(zv, perm), 0, 0, n), shape)
-        k = self.b.rope(k, np.arange(n))
+        k = b.rope(b.reshape(decode_rows(zk, perm, n, b), shape), np.arange(n))  # T1 + T2 decode
+        v = b.reshape(decode_rows(zv, perm, n, b), shape)
 
         def commit() -> None:
             s.valid[layer] = (k, v)
@@ -363,7 +353,7 @@ class Server(Generic[A]):
     def _gen_qkv(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c = self.c
         x = self._arr(req, "x", (1, c.hidden_size))
-        s.meter.matmul("gen_qkv", 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
+        s.meter.matmul(Stage.GEN_QKV, 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
         return {"z": self.b.project(x, "wqkv", req.layer)}, self._gen_commit(s, req.step)
 
     def _gen_attn(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
@@ -371,14 +361,14 @@ class Server(Generic[A]):
         q = self._arr(req, "q", (1, c.n_heads, c.head_dim))
         k = self._arr(req, "k", (m, c.n_kv_heads, c.head_dim))
         v = self._arr(req, "v", (m, c.n_kv_heads, c.head_dim))
-        s.meter.attention("gen_attn", c.n_heads, 1, m, c.head_dim, "server")
+        s.meter.attention(Stage.GEN_ATTN, c.n_heads, 1, m, c.head_dim, "server")
         o = self.b.attention(q, k, v, np.array([m - 1]), None)
         return {"o": o}, self._gen_commit(s, req.step)
 
     def _gen_ffn(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c = self.c
         x = self._arr(req, "x", (1, c.hidden_size))
-        self._mlp_flops(s.meter, "gen_ffn", 1, c.top_k if c.is_moe else 1)
+        self._mlp_flops(s.meter, Stage.GEN_FFN, 1, c.top_k if c.is_moe else 1)
         return {"y": self.b.mlp(self.b.norm(x, "mlp", req.layer), req.layer)}, self._gen_commit(s, req.step)
 
     def _gen_ffn_up(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
@@ -400,35 +390,27 @@ class Server(Generic[A]):
     def _gen_router(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c = self.c
         x = self._arr(req, "x", (1, c.hidden_size))
-        s.meter.matmul("gen_router", 1, c.hidden_size, c.n_experts, "server")
+        s.meter.matmul(Stage.GEN_ROUTER, 1, c.hidden_size, c.n_experts, "server")
         return {"y": self.b.project(x, "router", req.layer)}, self._gen_commit(s, req.step)
 
     def _gen_mid(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
-        """Run every middle block alone on the server's valid caches (DESIGN §5.3)."""
-        b, c = self.b, self.c
+        """Run every middle block alone on the server's valid caches (DESIGN §5.3): plaintext blocks
+        (:func:`scx_ref.forward.block`) on the row entering them."""
+        c = self.c
         x = self._arr(req, "x", (1, c.hidden_size))
-        p = s.n + req.step
-        pos = np.array([p])
+        pos = np.array([s.n + req.step])
         new: dict[int, tuple[A, A]] = {}
         for layer in s.middle:
-            z = b.project(b.norm(x, "attn", layer), "wqkv", layer)
-            q, k, v = split_qkv(b, z)
-            q, k = b.rope(q, pos), b.rope(k, pos)
-            keys = b.concat_rows([s.valid[layer][0], k])
-            values = b.concat_rows([s.valid[layer][1], v])
-            new[layer] = (keys, values)
-            o = b.reshape(b.attention(q, keys, values, pos, None), (1, c.q_dim))
-            x = b.add(x, b.project(o, "wo", layer))
-            x = b.add(x, b.mlp(b.norm(x, "mlp", layer), layer))
-            m = b.nrows(keys)
-            s.meter.matmul("gen_mid", 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
-            s.meter.attention("gen_mid", c.n_heads, 1, m, c.head_dim, "server")
-            s.meter.matmul("gen_mid", 1, c.q_dim, c.hidden_size, "server")
-            self._mlp_flops(s.meter, "gen_mid", 1, c.top_k if c.is_moe else 1)
+            x, new[layer] = block(self.b, x, layer, pos, s.valid[layer])
+            m = self.b.nrows(new[layer][0])
+            s.meter.matmul(Stage.GEN_MID, 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
+            s.meter.attention(Stage.GEN_MID, c.n_heads, 1, m, c.head_dim, "server")
+            s.meter.matmul(Stage.GEN_MID, 1, c.q_dim, c.hidden_size, "server")
+            self._mlp_flops(s.meter, Stage.GEN_MID, 1, c.top_k if c.is_moe else 1)
 
         def extra() -> None:
             s.valid.update(new)
-            s.gen_done.add(("gen_mid", -1))
+            s.gen_done.add((Stage.GEN_MID, -1))
 
         return {"x": x}, self._gen_commit(s, req.step, extra)
 
@@ -443,12 +425,12 @@ class Server(Generic[A]):
         locked = b.concat_rows([s.locked[layer], b.reshape(k, (1, c.kv_dim))])
         m = b.nrows(locked)
         scores = b.scores(q, b.reshape(locked, (m, c.n_kv_heads, c.head_dim)))
-        s.meter.matmul("gen_last", 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
-        s.meter.matmul("gen_last", c.n_heads, c.head_dim, m, "server")
+        s.meter.matmul(Stage.GEN_LAST, 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
+        s.meter.matmul(Stage.GEN_LAST, c.n_heads, c.head_dim, m, "server")
 
         def extra() -> None:
             s.locked[layer] = locked
-            s.gen_done.add(("gen_last", layer))
+            s.gen_done.add((Stage.GEN_LAST, layer))
 
         return {"scores": scores, "v": v}, self._gen_commit(s, req.step, extra)
 

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from ..stages import Stage
 from .cost import CostMeter
 from .messages import Reply, Request
 
@@ -30,7 +31,7 @@ class ViewedMessage:
     """One message as the server received it: arrays copied to numpy."""
 
     session: str
-    stage: str
+    stage: Stage
     layer: int
     step: int
     arrays: dict[str, npt.NDArray[Any]]
@@ -45,7 +46,7 @@ class ServerView:
     replies: list[ViewedMessage] = field(default_factory=list)
 
     def select(
-        self, stage: str | None = None, layer: int | None = None, step: int | None = None
+        self, stage: Stage | None = None, layer: int | None = None, step: int | None = None
     ) -> list[ViewedMessage]:
         """The received messages matching every given field."""
         return [
@@ -55,9 +56,6 @@ class ServerView:
             and (layer is None or m.layer == layer)
             and (step is None or m.step == step)
         ]
-
-    def all_arrays(self) -> list[npt.NDArray[Any]]:
-        return [a for m in self.messages for a in m.arrays.values()]
 
 
 def _numpy(x: Any) -> npt.NDArray[Any]:

@@ -15,9 +15,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from scx_ref.errors import ConfigError, SCXError
-from scx_ref.reference import ReferenceModel
-from scx_ref.weights import ModelWeights
+from ..backends.base import Backend
+from ..backends.numpy_backend import NumpyBackend
+from ..errors import ConfigError, SCXError
+from ..keys import KeySchedule
+from ..protocol import CalibrationPool, Client, Level, LocalTransport, SCXConfig, Server
+from ..protocol.decoys import default_public_tokens
+from ..reference import ReferenceModel
+from ..weights import ModelWeights
 
 __all__ = [
     "GenerateFn",
@@ -77,55 +82,42 @@ def plain_generate(hf_model: Any, weights: ModelWeights, dtype: str) -> Generate
     return run
 
 
-def scx_config(level: str, beta: float, max_length: int = 4096, **kw: Any) -> Any:
+def scx_config(level: Level, beta: float, max_length: int = 4096, **kw: Any) -> SCXConfig:
     """The protocol's SCXConfig for a run (level, β; other fields at their defaults unless given)."""
-    from scx_ref.protocol import SCXConfig
-
-    return SCXConfig(level=level, beta=beta, max_length=max_length, **kw)  # type: ignore[arg-type]
+    return SCXConfig(level=level, beta=beta, max_length=max_length, **kw)
 
 
-def _backend(weights: ModelWeights, dtype: str, device: str) -> Any:
+def _backend(weights: ModelWeights, dtype: str, device: str) -> Backend[Any]:
     if _check_dtype(dtype) == "float64":
-        from scx_ref.backends.numpy_backend import NumpyBackend
-
         return NumpyBackend(weights, np.float64)
     try:
-        from scx_ref.backends.torch_backend import TorchBackend
+        import torch
+
+        from ..backends.torch_backend import TorchBackend
     except ImportError as exc:
         raise SCXError(f"the float32 SCX path needs the torch backend: {exc}") from exc
-    import torch
-
     return TorchBackend(weights, torch.float32, device)
 
 
 class _SCX:
     """One server (backend over the model's weights) that serves a fresh client per request."""
 
-    def __init__(self, weights: ModelWeights, dtype: str, cfg: Any, device: str) -> None:
-        try:
-            from scx_ref.protocol import Server
-        except ImportError as exc:
-            raise SCXError(f"the SCX protocol engine is not available: {exc}") from exc
+    def __init__(self, weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str) -> None:
         self.backend = _backend(weights, dtype, device)
         self.server = Server(self.backend)
         self.cfg = cfg
-        self.pool: Any = None
+        self.pool: CalibrationPool | None = None
         if cfg.decoys == "calibration":  # built once per run, not once per request
-            from scx_ref.protocol.decoys import CalibrationPool, default_public_tokens
-
             self.pool = CalibrationPool.from_tokens(
                 self.backend, default_public_tokens(weights.config.vocab_size)
             )
 
-    def session(self) -> tuple[Any, Any]:
-        from scx_ref.keys import KeySchedule
-        from scx_ref.protocol import Client, LocalTransport
-
+    def session(self) -> tuple[Client[Any], LocalTransport]:
         link = LocalTransport(self.server)
         return Client(self.backend, KeySchedule.generate(), self.cfg, decoys=self.pool), link
 
 
-def scx_logits(weights: ModelWeights, dtype: str, cfg: Any, device: str = "cpu") -> LogitsFn:
+def scx_logits(weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str = "cpu") -> LogitsFn:
     """SCX prefill logits (rows × V, numpy) of one sequence, one request with fresh keys per call."""
     scx = _SCX(weights, dtype, cfg, device)
 
@@ -136,7 +128,7 @@ def scx_logits(weights: ModelWeights, dtype: str, cfg: Any, device: str = "cpu")
     return run
 
 
-def scx_generate(weights: ModelWeights, dtype: str, cfg: Any, device: str = "cpu") -> GenerateFn:
+def scx_generate(weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str = "cpu") -> GenerateFn:
     """SCX greedy continuation (prefill, key sharing, one-time-key decode steps) of one prompt."""
     scx = _SCX(weights, dtype, cfg, device)
 

@@ -4,11 +4,15 @@ The first ``tokens`` corpus tokens are cut into consecutive windows of ``window`
 may be shorter); each window is one independent forward pass (one SCX request) and predicts its tokens
 2..len from the preceding ones. PPL = exp(mean NLL) over all predicted tokens; the NLL is computed in
 float64 from each side's logits (log-softmax in float64), so the two sides differ only by their logits.
+
+:func:`ppl_run` is the check of ``scx ppl`` and ``scx verify`` (and of the full-model runs in
+``models/``): a registered model on the corpus, with the pass criterion of DESIGN §6.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -17,11 +21,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from scx_ref.errors import ConfigError
+from ..errors import ConfigError
+from ..protocol import Level
+from . import load_model
+from .corpus import corpus_tokens
+from .engines import LogitsFn, plain_logits, scx_config, scx_logits
 
-from .engines import LogitsFn
+__all__ = ["PPL_CRITERION", "PPLComparison", "compare_ppl", "ppl_run", "progress_bar", "token_nll", "windows"]
 
-__all__ = ["PPLComparison", "compare_ppl", "token_nll", "windows"]
+# |ΔPPL| / PPL bound per dtype (DESIGN §6)
+PPL_CRITERION = {"float32": 1e-5, "float64": 1e-9}
 
 IdArray = npt.NDArray[np.int64]
 
@@ -64,6 +73,7 @@ class PPLComparison:
     seconds_scx: float
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (the keys of a ``ppl`` results record)."""
         return asdict(self)
 
 
@@ -117,3 +127,40 @@ def compare_ppl(
         seconds_plain=t_plain,
         seconds_scx=t_scx,
     )
+
+
+def progress_bar(desc: str, enabled: bool) -> Callable[[Iterable[Any]], Iterable[Any]] | None:
+    """A tqdm wrapper over windows (on stderr) when ``enabled``, else None (no progress output)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return lambda it: tqdm(list(it), desc=desc, unit="window", file=sys.stderr)
+
+
+def ppl_run(
+    model: str,
+    dtype: str = "float32",
+    level: Level = "permute",
+    beta: float = 5.0,
+    tokens: int = 4096,
+    window: int = 1024,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Plaintext vs SCX perplexity record of a registered model on the first ``tokens`` corpus tokens;
+    ``pass`` is |ΔPPL|/PPL ≤ PPL_CRITERION[dtype]."""
+    hf, tok, w = load_model(model, dtype)
+    ids = corpus_tokens(tokens, tok, w.config.vocab_size)
+    cfg = scx_config(level, beta, max_length=min(w.config.max_positions, max(window, 16)))
+    res = compare_ppl(
+        ids,
+        window,
+        plain_logits(hf, w, dtype),
+        scx_logits(w, dtype, cfg),
+        progress_bar(f"{model} {dtype} {level}", progress),
+    )
+    out: dict[str, Any] = {"kind": "ppl", "model": model, "dtype": dtype, "level": level, "beta": beta}
+    out.update(res.to_dict())
+    out["criterion_rel_delta_ppl"] = PPL_CRITERION[dtype]
+    out["pass"] = bool(res.rel_delta_ppl <= PPL_CRITERION[dtype])
+    return out

@@ -1,4 +1,4 @@
-"""Random-weight model configurations built in code: ``tiny-llama``, ``mixtral-random``, ``qwen2-random``.
+"""The registered random-weight models, built in code: ``tiny-llama``, ``mixtral-random``, ``qwen2-random``.
 
 Each is a transformers config with realistic shape ratios (GQA, head_dim 64; Mixtral top-2 of 8 experts
 and Qwen2 QKV bias) and parameters drawn from a ``torch.Generator`` with a fixed seed — no global random
@@ -12,7 +12,9 @@ and perplexity responds to small logit errors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from ..errors import ConfigError
 
 __all__ = ["RANDOM_MODELS", "RandomModelSpec", "build_random_model", "hf_config"]
 
@@ -21,7 +23,7 @@ __all__ = ["RANDOM_MODELS", "RandomModelSpec", "build_random_model", "hf_config"
 class RandomModelSpec:
     """Shapes of one random model and the seed of its parameters."""
 
-    family: str  # llama | mixtral | qwen2
+    family: Literal["llama", "mixtral", "qwen2"]
     vocab_size: int
     hidden_size: int
     n_layers: int
@@ -38,6 +40,7 @@ class RandomModelSpec:
     logit_scale: float = 4.0
 
 
+# name → spec; with ``smollm2`` these are the registry's model names (``scx_ref.zoo.MODEL_NAMES``)
 RANDOM_MODELS: dict[str, RandomModelSpec] = {
     # a small LLaMA for fast tests: 2 blocks, GQA 2:1
     "tiny-llama": RandomModelSpec("llama", 512, 128, 2, 2, 1, 384, seed=1),
@@ -51,7 +54,8 @@ RANDOM_MODELS: dict[str, RandomModelSpec] = {
 
 
 def hf_config(spec: RandomModelSpec) -> Any:
-    """The transformers config of ``spec`` (LlamaConfig, MixtralConfig or Qwen2Config)."""
+    """The transformers config of ``spec`` (LlamaConfig, MixtralConfig or Qwen2Config); ConfigError for a
+    spec transformers cannot express."""
     from transformers import LlamaConfig, MixtralConfig, Qwen2Config
 
     common: dict[str, Any] = dict(
@@ -80,9 +84,10 @@ def hf_config(spec: RandomModelSpec) -> Any:
             **common,
         )
     if spec.family == "qwen2":
-        assert spec.hidden_size == spec.n_heads * spec.head_dim  # Qwen2 derives head_dim from these
+        if spec.hidden_size != spec.n_heads * spec.head_dim:  # Qwen2 derives head_dim from these
+            raise ConfigError(f"a Qwen2 spec needs hidden_size == n_heads * head_dim, got {spec}")
         return Qwen2Config(use_sliding_window=False, **common)
-    raise ValueError(f"unknown family {spec.family!r}")
+    raise ConfigError(f"unknown family {spec.family!r}")
 
 
 def build_random_model(spec: RandomModelSpec) -> Any:

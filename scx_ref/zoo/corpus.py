@@ -12,18 +12,23 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from scx_ref.errors import ConfigError
+from ..errors import ConfigError
 
-__all__ = ["byte_tokenize", "corpus_text", "corpus_tokens", "prompts", "tokenize"]
+__all__ = ["byte_tokenize", "corpus_text", "corpus_tokens", "prompts", "tokenize", "topic_texts"]
 
 IdArray = npt.NDArray[np.int64]
 
 
-def corpus_text() -> str:
-    """The corpus: ``pydoc_data.topics.topics`` values in sorted key order, joined by blank lines."""
+def topic_texts() -> list[str]:
+    """The corpus's documents: the ``pydoc_data.topics.topics`` values (stripped) in sorted key order."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+    return [topics[k].strip() for k in sorted(topics)]
+
+
+def corpus_text() -> str:
+    """The corpus: :func:`topic_texts` joined by blank lines."""
+    return "\n\n".join(topic_texts())
 
 
 def byte_tokenize(text: str, vocab_size: int) -> IdArray:
@@ -60,16 +65,14 @@ def corpus_tokens(n_tokens: int, tokenizer: Any | None, vocab_size: int) -> IdAr
 
 def prompts(count: int, length: int, tokenizer: Any | None, vocab_size: int) -> list[IdArray]:
     """``count`` prompts of ``length`` tokens: the start of topics spread evenly over the sorted keys."""
-    from pydoc_data.topics import topics
-
-    keys = sorted(topics)
-    if count < 1 or count > len(keys):
-        raise ConfigError(f"count must be in 1..{len(keys)}, got {count}")
+    texts = topic_texts()
+    if count < 1 or count > len(texts):
+        raise ConfigError(f"count must be in 1..{len(texts)}, got {count}")
     out = []
     for i in range(count):
-        key = keys[(i * len(keys)) // count]
-        ids = tokenize(topics[key].strip()[: 16 * length + 64], tokenizer, vocab_size)
+        index = (i * len(texts)) // count
+        ids = tokenize(texts[index][: 16 * length + 64], tokenizer, vocab_size)
         if len(ids) < length:
-            raise ConfigError(f"topic {key!r} is shorter than {length} tokens")
+            raise ConfigError(f"topic {index} (sorted keys) is shorter than {length} tokens")
         out.append(ids[:length])
     return out

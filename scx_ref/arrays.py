@@ -1,0 +1,178 @@
+"""Array operations: the :class:`ArrayOps` interface the transforms (T1–T6) are written against, and
+:class:`NumpyOps`, its numpy implementation.
+
+An ``ArrayOps`` holds no model weights: gathers of rows and of the last axis, concatenation, slicing,
+reshapes, elementwise add/sub, a product with a matrix in the implementation's own layout, validation of
+incoming arrays and conversion to and from numpy. :class:`~scx_ref.backends.base.Backend` extends it with
+one model's weights; the torch implementation lives in :mod:`scx_ref.backends.torch_backend`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from ._checks import FloatArray, as_float_array
+from .errors import DTypeError, ShapeError
+
+__all__ = ["A", "ArrayOps", "IndexArray", "NumpyOps"]
+
+A = TypeVar("A")
+IndexArray = npt.NDArray[np.int64]
+
+
+class ArrayOps(Protocol[A]):
+    """Array operations in one dtype on one device (no model weights)."""
+
+    # -- conversion and validation -----------------------------------------------------------
+    def from_numpy(self, x: npt.NDArray[Any]) -> A:
+        """The array holding ``x`` (cast to the implementation's dtype, if it has one)."""
+        ...
+
+    def to_numpy(self, x: A) -> npt.NDArray[Any]:
+        """A numpy copy of ``x``."""
+        ...
+
+    def rows_to_numpy(self, x: A, index: IndexArray) -> npt.NDArray[Any]:
+        """A numpy copy of ``x[index]`` (rows), equal to ``to_numpy(take_rows(x, index))`` with one gather."""
+        ...
+
+    def numpy_dtype(self) -> np.dtype[Any]:
+        """The numpy dtype arrays leave in (float32 for a bf16/fp16 compute dtype)."""
+        ...
+
+    def floating(self, x: Any, name: str, *, finite: bool = True) -> A:
+        """``x`` as a floating array of this implementation (DTypeError otherwise), finite unless
+        ``finite`` is False (NonFiniteError otherwise). The transforms' input check."""
+        ...
+
+    def check(self, x: Any, name: str, shape: tuple[int, ...]) -> A:
+        """Validate an incoming array — floating dtype (else DTypeError), exactly ``shape`` (else
+        ShapeError), finite (else NonFiniteError) — and return it in the implementation's dtype."""
+        ...
+
+    # -- gathers, slices, shapes ---------------------------------------------------------------
+    def take_rows(self, x: A, index: IndexArray) -> A:
+        """``x[index]``: a gather along the first (row) axis."""
+        ...
+
+    def take_last(self, x: A, index: IndexArray) -> A:
+        """``x[..., index]``: a gather along the last axis."""
+        ...
+
+    def concat_rows(self, xs: list[A]) -> A:
+        """The arrays stacked along the row axis."""
+        ...
+
+    def narrow(self, x: A, axis: int, start: int, stop: int) -> A:
+        """``x[start:stop]`` along ``axis`` (0 = rows, 1 = columns)."""
+        ...
+
+    def reshape(self, x: A, shape: tuple[int, ...]) -> A: ...
+
+    def nrows(self, x: A) -> int: ...
+
+    def shape(self, x: A) -> tuple[int, ...]: ...
+
+    # -- arithmetic ------------------------------------------------------------------------------
+    def add(self, x: A, y: A) -> A: ...
+
+    def sub(self, x: A, y: A) -> A: ...
+
+    def linear(self, x: A, w: A, bias: A | None = None) -> A:
+        """``x·W (+ b)`` for a matrix ``w`` stored in this implementation's layout (numpy: in × out;
+        torch: out × in, as ``torch.nn.functional.linear``)."""
+        ...
+
+    def scale_rows(self, x: A, weights: npt.NDArray[Any]) -> A:
+        """``x ⊙ w[:, None]``: row i scaled by ``weights[i]`` (MoE routing weights)."""
+        ...
+
+    def argmax_last(self, logits: A) -> int:
+        """Argmax of the last row of ``logits`` (the first index among ties)."""
+        ...
+
+
+class NumpyOps:
+    """``ArrayOps[numpy.ndarray]`` in ``dtype`` (None: every array keeps its own floating dtype, and a
+    concatenation takes the first array's)."""
+
+    name = "numpy"
+
+    def __init__(self, dtype: npt.DTypeLike | None = None) -> None:
+        self.dtype: np.dtype[Any] | None = None if dtype is None else np.dtype(dtype)
+        if self.dtype is not None and not np.issubdtype(self.dtype, np.floating):
+            raise DTypeError(f"array dtype must be floating, got {self.dtype}")
+
+    # -- conversion and validation -----------------------------------------------------------
+    def from_numpy(self, x: npt.NDArray[Any]) -> FloatArray:
+        return np.asarray(x, dtype=self.dtype)
+
+    def to_numpy(self, x: FloatArray) -> npt.NDArray[Any]:
+        return np.array(x)
+
+    def rows_to_numpy(self, x: FloatArray, index: IndexArray) -> npt.NDArray[Any]:
+        """``x[index]``: fancy indexing already copies."""
+        return np.asarray(x[np.asarray(index, dtype=np.int64)])
+
+    def numpy_dtype(self) -> np.dtype[Any]:
+        return self.dtype if self.dtype is not None else np.dtype(np.float64)
+
+    def floating(self, x: Any, name: str, *, finite: bool = True) -> FloatArray:
+        arr = as_float_array(x, name, allow_nonfinite=not finite)
+        return arr if self.dtype is None else arr.astype(self.dtype, copy=False)
+
+    def check(self, x: Any, name: str, shape: tuple[int, ...]) -> FloatArray:
+        if not isinstance(x, np.ndarray):
+            raise DTypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+        if tuple(x.shape) != tuple(shape):
+            raise ShapeError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+        return self.floating(x, name)
+
+    # -- gathers, slices, shapes ---------------------------------------------------------------
+    def take_rows(self, x: FloatArray, index: IndexArray) -> FloatArray:
+        return x[index]
+
+    def take_last(self, x: FloatArray, index: IndexArray) -> FloatArray:
+        out: FloatArray = x[..., index]
+        return out
+
+    def concat_rows(self, xs: list[FloatArray]) -> FloatArray:
+        return np.concatenate(xs, axis=0, dtype=self.dtype if self.dtype is not None else xs[0].dtype)
+
+    def narrow(self, x: FloatArray, axis: int, start: int, stop: int) -> FloatArray:
+        return x[start:stop] if axis == 0 else x[:, start:stop]
+
+    def reshape(self, x: FloatArray, shape: tuple[int, ...]) -> FloatArray:
+        return x.reshape(shape)
+
+    def nrows(self, x: FloatArray) -> int:
+        return int(x.shape[0])
+
+    def shape(self, x: FloatArray) -> tuple[int, ...]:
+        return tuple(int(s) for s in x.shape)
+
+    # -- arithmetic ------------------------------------------------------------------------------
+    def add(self, x: FloatArray, y: FloatArray) -> FloatArray:
+        return x + y
+
+    def sub(self, x: FloatArray, y: FloatArray) -> FloatArray:
+        return x - y
+
+    def linear(self, x: FloatArray, w: FloatArray, bias: FloatArray | None = None) -> FloatArray:
+        """``x @ w (+ b)`` (``w`` is in × out); ShapeError when the widths do not match."""
+        if w.ndim != 2 or x.ndim == 0 or x.shape[-1] != w.shape[0]:
+            raise ShapeError(
+                f"cannot multiply rows of shape {x.shape} by a matrix of shape {w.shape} (in × out)"
+            )
+        y: FloatArray = x @ w
+        return y if bias is None else y + bias
+
+    def scale_rows(self, x: FloatArray, weights: npt.NDArray[Any]) -> FloatArray:
+        out: FloatArray = x * np.asarray(weights, dtype=x.dtype)[:, None]
+        return out
+
+    def argmax_last(self, logits: FloatArray) -> int:
+        return int(np.argmax(logits[-1]))

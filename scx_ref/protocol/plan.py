@@ -1,0 +1,179 @@
+"""The release plan: every noised message of an SCX request, enumerated once (DESIGN §5.1, §5.3, §7).
+
+A *release* is a message whose array is ``x + η`` with η ~ Laplace(0, β) drawn from the key schedule. The
+:class:`ReleasePlan` of an :class:`~scx_ref.protocol.config.SCXConfig` and a model lists them per phase:
+the prefill's releases happen once per request, the generation releases once per decode step. The
+client asks the plan for the β of every message it may blind (:meth:`ReleasePlan.beta`) and draws the
+noise under the plan's key label (:meth:`Release.label`), so the plan is what the client executes; the
+per-request DP budget (:func:`scx_ref.dp.budget.request_budget`) composes exactly these releases; and a
+test runs real sessions and checks that the noised messages the server saw are exactly the plan's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from ..keys import Label
+from ..stages import Phase, Stage
+from .config import SCXConfig
+
+__all__ = ["INPUT_KINDS", "InputKind", "PlanModel", "Release", "ReleasePlan"]
+
+
+class PlanModel(Protocol):
+    """What a plan needs of a model: its block count and experts (a ModelConfig or ModelSensitivities)."""
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def n_experts(self) -> int: ...
+
+    @property
+    def is_moe(self) -> bool: ...
+
+
+#: What a release's x is, which fixes its sensitivity (dp.sensitivity) and its key label:
+#: ``qkv`` the normalized attention input, ``o`` the attention output, ``gate_up`` / ``router`` the
+#: normalized MLP input, ``down`` the SwiGLU product, ``lm_head`` the normalized final row, ``offset`` the
+#: paper's constant last-block offset (``last_ffn="paper"``; a scalar added to every coordinate, not a
+#: Laplace mechanism on x).
+InputKind = Literal["qkv", "o", "gate_up", "down", "router", "lm_head", "offset"]
+INPUT_KINDS: tuple[InputKind, ...] = ("qkv", "o", "gate_up", "down", "router", "lm_head", "offset")
+
+_LABEL_ROOT: dict[InputKind, str] = {
+    "qkv": "qkv",
+    "o": "o",
+    "lm_head": "head",
+    "gate_up": "ffn",
+    "down": "ffn",
+    "router": "ffn",
+    "offset": "offset",
+}
+_FFN_PART: dict[InputKind, str] = {"gate_up": "up", "down": "down", "router": "router"}
+
+
+@dataclass(frozen=True)
+class Release:
+    """One noised message of a phase: stage ``stage`` of block ``block`` (0-based; ``n_layers`` for the
+    LM-head stage) sends ``x + η``, η ~ Laplace(0, ``beta``), x of kind ``kind`` (for an MoE layer's
+    blinded experts, ``expert`` names the expert the message is for)."""
+
+    phase: Phase
+    stage: Stage
+    block: int
+    kind: InputKind
+    beta: float
+    expert: int | None = None
+
+    def label(self, step: int | None = None) -> Label:
+        """The key label η is drawn from: ``("alpha", block, root[, "gen", step][, part][, expert])``."""
+        out: Label = ("alpha", self.block, _LABEL_ROOT[self.kind])
+        if self.phase is Phase.GENERATE:
+            if step is None or step < 0:
+                raise ValueError("a generation release needs its step")
+            out = (*out, "gen", step)
+        if self.kind in _FFN_PART:
+            out = (*out, _FFN_PART[self.kind])
+        if self.expert is not None:
+            out = (*out, self.expert)
+        return out
+
+    @property
+    def is_laplace_mechanism(self) -> bool:
+        """Whether η is a Laplace vector on x (a DP mechanism); the paper's scalar offset is not."""
+        return self.kind != "offset"
+
+
+def _mlp_releases(
+    phase: Phase, block: int, config: SCXConfig, model: PlanModel, up: Stage, down: Stage, router: Stage
+) -> list[Release]:
+    """The blinded MLP of one block (client norm, T5 on every linear map): dense gate/up then down; MoE
+    the router, then every expert's gate/up and down (the server does not learn the routing)."""
+    b_up, b_down = config.beta_for("gate_up"), config.beta_for("down")
+    if not model.is_moe:
+        return [Release(phase, up, block, "gate_up", b_up), Release(phase, down, block, "down", b_down)]
+    out = [Release(phase, router, block, "router", config.beta_for("router"))]
+    for e in range(model.n_experts):
+        out += [Release(phase, up, block, "gate_up", b_up, e), Release(phase, down, block, "down", b_down, e)]
+    return out
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    """Every noised release of one request under ``config`` on ``model``: ``prefill`` (once per request)
+    and ``generation`` (once per decode step)."""
+
+    config: SCXConfig
+    model: PlanModel
+    prefill: tuple[Release, ...]
+    generation: tuple[Release, ...]
+    _index: dict[tuple[Stage, int, int | None], Release] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        for r in (*self.prefill, *self.generation):
+            self._index[(r.stage, r.block, r.expert)] = r
+
+    @classmethod
+    def of(cls, config: SCXConfig, model: PlanModel) -> ReleasePlan:
+        """The plan of ``config`` (DESIGN §5.1 levels, §5.3 generation) on ``model``.
+
+        Prefill: level ``paper`` blinds block 1's QKV stage; level ``blind`` every linear stage of every
+        block (QKV, O, the MLP's maps) and the LM-head stage. Generation (levels ``paper`` and ``blind``,
+        one-time noise per step): the first guard blocks' QKV stage and — with ``guard_ffn="blinded"`` —
+        their MLP maps; the last guard blocks' MLP maps (``last_ffn="exact"``). With
+        ``last_ffn="paper"`` the last guard blocks send the paper's offset at every level.
+        The middle blocks run on the server alone, un-noised, and the client applies W_o of the guard
+        blocks itself, so neither appears.
+        """
+        L = model.n_layers
+        first, _, last = config.blocks(L)
+        p, g = Phase.PREFILL, Phase.GENERATE
+        pre: list[Release] = []
+        if config.level == "paper":
+            pre.append(Release(p, Stage.QKV, 0, "qkv", config.beta_for("qkv")))
+        elif config.level == "blind":
+            for i in range(L):
+                pre.append(Release(p, Stage.QKV, i, "qkv", config.beta_for("qkv")))
+                pre.append(Release(p, Stage.O, i, "o", config.beta_for("o")))
+                pre += _mlp_releases(p, i, config, model, Stage.FFN, Stage.FFN_DOWN, Stage.ROUTER)
+            pre.append(Release(p, Stage.HEAD, L, "lm_head", config.beta_for("lm_head")))
+        gen: list[Release] = []
+        up, down, router = Stage.GEN_FFN_UP, Stage.GEN_FFN_DOWN, Stage.GEN_ROUTER
+        noised = config.level != "permute"
+        for i in first:
+            if noised:
+                gen.append(Release(g, Stage.GEN_QKV, i, "qkv", config.beta_for("qkv")))
+                if config.guard_ffn == "blinded":
+                    gen += _mlp_releases(g, i, config, model, up, down, router)
+        for i in last:
+            if config.last_ffn == "paper":  # the paper's offset (β ≥ 1 even at level permute)
+                gen.append(Release(g, Stage.GEN_FFN, i, "offset", max(config.beta if noised else 0.0, 1.0)))
+            elif noised:
+                gen += _mlp_releases(g, i, config, model, up, down, router)
+        # a release with β = 0 sends x itself: it is not noised, so it is not a release
+        return cls(config, model, tuple(r for r in pre if r.beta > 0), tuple(r for r in gen if r.beta > 0))
+
+    def releases(self, phase: Phase) -> tuple[Release, ...]:
+        """The releases of ``phase`` (PREFILL: once per request; GENERATE: once per decode step)."""
+        if phase is Phase.PREFILL:
+            return self.prefill
+        if phase is Phase.GENERATE:
+            return self.generation
+        return ()
+
+    @property
+    def shared(self) -> tuple[Release, ...]:
+        """The prefill releases whose noise the client uploads at key sharing (DESIGN §5.2: a noised QKV
+        stage of a middle block, so the server can remove α_i W from that block's raw cache). Once keys
+        are shared — before the first decode step — the server holds x of these messages exactly."""
+        _, middle, _ = self.config.blocks(self.model.n_layers)
+        return tuple(r for r in self.prefill if r.stage is Stage.QKV and r.block in middle)
+
+    def find(self, stage: Stage, block: int, expert: int | None = None) -> Release | None:
+        """The release sent by ``stage`` of ``block`` (and ``expert``), or None when that message is not
+        noised."""
+        return self._index.get((stage, block, expert))

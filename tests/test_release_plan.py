@@ -1,0 +1,166 @@
+"""The release plan is what the protocol does: the noised messages the server sees are exactly the plan's
+releases — no more, no fewer — and the DP budget composes exactly those releases.
+
+How a noised message is recognised without trusting the client's own bookkeeping: the same request is run
+twice with the same keys and prompt, at β and at β/2. Laplace noise is drawn by inverse CDF from the key
+stream, so η(β/2) = η(β)/2 exactly, while everything else the client sends is the same up to rounding
+(every blinded stage is unblinded exactly). A message array that differs between the two runs by more than
+rounding is noised; its difference must equal η(β) − η(β/2) drawn under the plan's key label, which also
+pins the label and the β of each release.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+
+from scx_ref.backends import NumpyBackend
+from scx_ref.config import ModelConfig
+from scx_ref.dp import model_sensitivities, request_budget
+from scx_ref.keys import KeySchedule
+from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server, ServerView, Stage
+from scx_ref.protocol.config import LEVELS
+from scx_ref.protocol.keyring import RequestKeys
+from scx_ref.protocol.plan import Release, ReleasePlan
+from scx_ref.stages import Phase
+from scx_ref.weights import ModelWeights, random_weights
+
+MASTER, NONCE = bytes(range(1, 33)), bytes(range(16))
+IDS = np.array([5, 17, 42, 8, 33, 2, 9])
+N_NEW = 3  # 2 decode steps
+BETA = 4.0
+
+Key = tuple[Phase, Stage, int, int, int | None]  # phase, stage, block, step, expert
+
+
+def _model(moe: bool) -> ModelWeights:
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        n_experts=4 if moe else 0,
+        top_k=2 if moe else 0,
+        qkv_bias=not moe,
+        max_positions=64,
+    )
+    return random_weights(cfg, np.random.default_rng(3))
+
+
+def _view(weights: ModelWeights, cfg: SCXConfig) -> tuple[ServerView, list[int]]:
+    backend = NumpyBackend(weights)
+    link = LocalTransport(Server(backend), record_view=True)
+    tokens = Client(backend, KeySchedule(MASTER, NONCE), cfg).generate(IDS, N_NEW, link)
+    return link.view, tokens
+
+
+def _expert(meta: dict[str, Any]) -> int | None:
+    experts = meta.get("experts")
+    return None if experts is None else int(experts[0])
+
+
+def _observed(weights: ModelWeights, cfg: SCXConfig) -> tuple[dict[Key, Release], ServerView]:
+    """The noised messages of a run at ``cfg``, each checked against the plan's noise, by key."""
+    half = dataclasses.replace(cfg, beta=cfg.beta / 2)
+    view_a, tokens_a = _view(weights, cfg)
+    view_b, tokens_b = _view(weights, half)
+    assert tokens_a == tokens_b  # both runs are exact, so they generate the same tokens
+    plan_a, plan_b = ReleasePlan.of(cfg, weights.config), ReleasePlan.of(half, weights.config)
+    keys = RequestKeys(KeySchedule(MASTER, NONCE), weights.config)
+    seen: dict[Key, Release] = {}
+    assert len(view_a.messages) == len(view_b.messages)
+    for a, b in zip(view_a.messages, view_b.messages, strict=True):
+        assert (a.stage, a.layer, a.step) == (b.stage, b.layer, b.step)
+        if a.stage is Stage.SHARE:
+            continue  # its perm and alpha are keys, checked against the plan separately
+        for name in sorted(a.arrays):  # every array of every other message: q, k, v included
+            xa, xb = a.arrays[name], b.arrays[name]
+            scale = 1.0 + float(np.abs(xa).max(initial=0.0))
+            if np.abs(xa - xb).max(initial=0.0) <= 1e-9 * scale:
+                continue  # not noised: the runs agree to rounding
+            expert = _expert(a.meta)
+            ra, rb = plan_a.find(a.stage, a.layer, expert), plan_b.find(b.stage, b.layer, expert)
+            assert ra is not None and rb is not None, f"noised message not in the plan: {a.stage} {a.layer}"
+            step = None if a.step < 0 else a.step
+            rows, width = xa.shape
+            want = keys.noise(ra, step, rows, width) - keys.noise(rb, step, rows, width)
+            np.testing.assert_allclose(xa - xb, want, rtol=1e-9, atol=1e-9 * scale)
+            seen[(a.stage.phase, a.stage, a.layer, a.step, expert)] = ra
+    return seen, view_a
+
+
+def _expected(plan: ReleasePlan, steps: int) -> set[Key]:
+    out: set[Key] = {(Phase.PREFILL, r.stage, r.block, -1, r.expert) for r in plan.prefill}
+    for t in range(steps):
+        out |= {(Phase.GENERATE, r.stage, r.block, t, r.expert) for r in plan.generation}
+    return out
+
+
+CASES = [
+    pytest.param(level, moe, g, guard_ffn, id=f"{level}-{'moe' if moe else 'dense'}-g{g}-{guard_ffn}")
+    for level in LEVELS
+    for moe in (False, True)
+    for g in (1, 2)
+    for guard_ffn in ("blinded", "clear")
+]
+
+
+@pytest.mark.parametrize(("level", "moe", "g", "guard_ffn"), CASES)
+def test_noised_messages_are_exactly_the_plan(level: Any, moe: bool, g: int, guard_ffn: Any) -> None:
+    weights = _model(moe)
+    cfg = SCXConfig(level=level, beta=BETA, r1=2, r2=3, l_s=g, l_e=g, guard_ffn=guard_ffn, max_length=64)
+    plan = ReleasePlan.of(cfg, weights.config)
+    seen, view = _observed(weights, cfg)
+    assert set(seen) == _expected(plan, N_NEW - 1)
+    # the noise uploaded at key sharing is exactly the plan's shared releases' noise
+    keys = RequestKeys(KeySchedule(MASTER, NONCE), weights.config)
+    shares = {m.layer: m for m in view.select(stage=Stage.SHARE)}
+    assert {r.block for r in plan.shared} == {i for i, m in shares.items() if "alpha" in m.arrays}
+    for r in plan.shared:
+        alpha = shares[r.block].arrays["alpha"]
+        np.testing.assert_array_equal(alpha, keys.noise(r, None, *alpha.shape))
+    # the DP budget composes the same releases (rows="own": one per prefill release and decode step),
+    # less those whose noise key sharing reveals
+    budget = request_budget(
+        model_sensitivities(weights, embedding="bound"),
+        cfg,
+        prompt_len=len(IDS),
+        tokens=N_NEW,
+        use_pld=False,
+    )
+    counted = [r for r in seen.values() if r.is_laplace_mechanism and r not in plan.shared]
+    assert sum(s.count for s in budget.stages) == len(counted)
+
+
+def test_paper_offset_form_is_in_the_plan() -> None:
+    """``last_ffn="paper"`` sends the last guard blocks' FFN input with the paper's scalar offset: the view
+    shows it noised at every step, and the plan lists it (not as a Laplace mechanism on the row)."""
+    weights = _model(False)
+    cfg = SCXConfig(level="paper", beta=BETA, last_ffn="paper", max_length=64)
+    plan = ReleasePlan.of(cfg, weights.config)
+    seen, _ = _observed(weights, cfg)
+    assert set(seen) == _expected(plan, N_NEW - 1)
+    offsets = [r for r in plan.generation if r.kind == "offset"]
+    assert offsets and not any(r.is_laplace_mechanism for r in offsets)
+
+
+def test_detection_has_teeth() -> None:
+    """Control: a plan that forgets a release the client still noises is caught, and so is a plan that
+    lists a release the client never sends."""
+    weights = _model(False)
+    cfg = SCXConfig(level="blind", beta=BETA, max_length=64)
+    plan = ReleasePlan.of(cfg, weights.config)
+    seen, _ = _observed(weights, cfg)
+    want = _expected(plan, N_NEW - 1)
+    assert set(seen) == want
+    dropped = dataclasses.replace(plan, generation=plan.generation[1:])
+    assert set(seen) != _expected(dropped, N_NEW - 1)
+    ghost = Release(Phase.GENERATE, Stage.GEN_MID, 1, "qkv", BETA)  # the middle blocks are never noised
+    extra = dataclasses.replace(plan, generation=(*plan.generation, ghost))
+    assert set(seen) != _expected(extra, N_NEW - 1)
