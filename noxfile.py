@@ -54,6 +54,18 @@ def proofs(session: nox.Session) -> None:
 
 
 @nox.session
+def mutation(session: nox.Session) -> None:
+    """Mutation testing (mutmut) of the key schedule, DP mechanisms and accountants, transforms and server
+    validation; writes mutation/REPORT.md. Not a default session (timings in the report).
+    ``nox -s mutation -- keys dp_accountants`` runs only those targets (names in mutation/targets.py)."""
+    _install(session)
+    # pinned: mutant names (which mutation/annotations.toml refers to) may change between mutmut releases
+    session.install("mutmut==3.8.1")
+    invoked = " ".join(["nox -s mutation", *(["--", *session.posargs] if session.posargs else [])])
+    session.run("python", "-m", "mutation.run", *session.posargs, env={"MUTATION_INVOKED_AS": invoked})
+
+
+@nox.session
 def models(session: nox.Session) -> None:
     """Full-model runs: SmolLM2, Mixtral and Qwen2 equivalence and the ΔPPL-vs-β table."""
     _install(session)

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from scx_ref.errors import KeyScheduleError, SCXError
-from scx_ref.keys import KeySchedule, KeyStream, encode_label, fisher_yates, hkdf_sha256
+from scx_ref.keys import NONCE_BYTES, KeySchedule, KeyStream, encode_label, fisher_yates, hkdf_sha256
 
 ALPHA = 1e-3
 MASTER = bytes(range(32))
@@ -199,3 +199,97 @@ def test_repr_and_session_id_never_show_the_master_secret() -> None:
     assert MASTER.hex() not in repr(ks) and ks.session_id == NONCE.hex()
     fresh = KeySchedule.generate()
     assert fresh.key(("a",)) != KeySchedule.generate().key(("a",))
+
+
+class _ScriptedStream(KeyStream):
+    """A KeyStream whose 64-bit words are given, to drive randbelow's acceptance test word by word."""
+
+    def __init__(self, words: list[int]) -> None:
+        super().__init__(bytes(32))
+        self._words = list(words)
+
+    def uint64(self, count: int) -> np.ndarray:
+        out, self._words = self._words[:count], self._words[count:]
+        assert len(out) == count, "the script ran out of words"
+        return np.asarray(out, dtype=np.uint64)
+
+
+def test_randbelow_rejection_boundary() -> None:
+    """The acceptance test at its edge, word by word. m = 3: 2⁶⁴ = 3·⌊2⁶⁴/3⌋ + 1, so 2⁶⁴ − 2 is the largest
+    accepted word and 2⁶⁴ − 1 alone is rejected. m = 2⁶³ − 1: ⌊2⁶⁴/m⌋ = 2, so 2⁶⁴ − 3 is accepted and
+    2⁶⁴ − 2, 2⁶⁴ − 1 are rejected. Rejected positions are redrawn, in order, from the following words."""
+    top = 2**64 - 1
+    stream = _ScriptedStream([top - 1, top, 7, top, 10])
+    assert stream.randbelow(np.array([3, 3, 5], dtype=np.int64)).tolist() == [(top - 1) % 3, 10 % 3, 7 % 5]
+    m = 2**63 - 1
+    stream = _ScriptedStream([top - 1, top - 2, top, 5])
+    assert stream.randbelow(np.array([m, m], dtype=np.int64)).tolist() == [5, (top - 2) % m]
+    assert stream.uint64(0).size == 0 and not stream._words  # every scripted word was used, no more
+
+
+def test_permutations_are_memoised_per_label_and_size_and_read_only() -> None:
+    """One schedule answers several (label, n) without mixing them up, returns the memoised (read-only)
+    array on a repeat call, and agrees with a fresh schedule."""
+    ks = KeySchedule(MASTER, NONCE)
+    a, b, c = (
+        ks.permutation(("tok", 0, "qkv"), 12),
+        ks.permutation(("tok", 1, "qkv"), 12),
+        ks.permutation(("tok", 0, "qkv"), 13),
+    )
+    assert ks.permutation(("tok", 0, "qkv"), 12) is a
+    for label, n, perm in (
+        (("tok", 0, "qkv"), 12, a),
+        (("tok", 1, "qkv"), 12, b),
+        (("tok", 0, "qkv"), 13, c),
+    ):
+        assert np.array_equal(KeySchedule(MASTER, NONCE).permutation(label, n), perm)
+    assert not np.array_equal(a, b) and c.shape == (13,)
+    assert not a.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        a[0] = 0
+
+
+def test_fresh_nonces_and_schedules() -> None:
+    """new_nonce() is NONCE_BYTES long and fresh each time; generate() makes a valid, fresh schedule."""
+    n1, n2 = KeySchedule.new_nonce(), KeySchedule.new_nonce()
+    assert len(n1) == len(n2) == NONCE_BYTES and n1 != n2
+    ks = KeySchedule.generate()
+    assert len(ks.nonce) == NONCE_BYTES and ks.for_nonce(n1).nonce == n1
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: hkdf_sha256(b"k", b"s", b"i", 0), r"^HKDF output length must be in 1\.\.8160, got 0$"),
+        (
+            lambda: hkdf_sha256(b"k", b"s", b"i", 255 * 32 + 1),
+            r"^HKDF output length must be in 1\.\.8160, got 8161$",
+        ),
+        (lambda: encode_label(()), r"^a label must be a non-empty tuple of str/int, got \(\)$"),
+        (lambda: encode_label(("a", 1.5)), r"^label parts must be str or int, got 1\.5 in \('a', 1\.5\)$"),
+        (lambda: encode_label(("a", -2)), r"^integer label parts must be >= 0, got -2$"),
+        (lambda: KeyStream(bytes(31)), r"^a stream key must be 32 bytes$"),
+        (lambda: KeyStream(bytes(32)).randbelow(np.array([0])), r"^randbelow bounds must be >= 1$"),
+        (lambda: fisher_yates(-3, KeyStream(bytes(32))), r"^permutation size must be >= 0, got -3$"),
+    ],
+    ids=[
+        "hkdf-length-0",
+        "hkdf-length-8161",
+        "label-empty",
+        "label-part-float",
+        "label-part-negative",
+        "stream-key-31-bytes",
+        "randbelow-bound-0",
+        "fisher-yates-negative-n",
+    ],
+)
+def test_key_schedule_error_messages(call: Callable[[], object], message: str) -> None:
+    """Each malformed input is named in its error (the messages are what a user sees)."""
+    with pytest.raises(KeyScheduleError, match=message):
+        call()
+
+
+def test_hkdf_accepts_lengths_1_and_8160() -> None:
+    """The two ends of RFC 5869's range 1..255·HashLen are accepted (and give prefixes of each other)."""
+    longest = hkdf_sha256(MASTER, NONCE, b"info", 255 * 32)
+    assert len(longest) == 8160 and hkdf_sha256(MASTER, NONCE, b"info", 1) == longest[:1]

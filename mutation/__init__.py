@@ -1,0 +1,1 @@
+"""Mutation testing of scx_ref's security-critical modules (``nox -s mutation``; see ``mutation/run.py``)."""

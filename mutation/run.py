@@ -1,0 +1,437 @@
+"""Run mutmut on each target of :mod:`mutation.targets` and write ``mutation/REPORT.md``.
+
+Usage (``nox -s mutation`` runs the first form on every target)::
+
+    python -m mutation.run [TARGET ...] [--max-children N] [--report PATH] [--no-verify]
+    python -m mutation.run --which-test TARGET MUTANT [MUTANT ...] [--tests TEST ...]
+
+For every target it copies the repository into ``build/mutation/<target>`` (mutmut's own ``mutants/``
+directory lives there), writes a ``[tool.mutmut]`` section that mutates that one file and selects that
+target's tests, and runs ``mutmut run`` with the Hypothesis profile ``mutation`` (derandomized, fewer
+examples, no shrinking, no example database). The report counts, per module, killed / timed out /
+equivalent / surviving mutants and lists every survivor of an earlier run with either the test added to
+kill it — re-checked here by running that test against the mutant (``MUTANT_UNDER_TEST``), which must fail —
+or the reason it is equivalent (:mod:`mutation.annotations`). The exit status is non-zero when a module
+marked ``explained`` has a survivor that is neither, when an annotation no longer matches its mutant, or
+when a "killed by" test does not fail on its mutant.
+
+``--which-test`` (after a run) runs the target's selected tests (or ``--tests``) against the given mutants
+and prints the first test that fails on each: the test to name in ``mutation/annotations.toml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+from mutation.annotations import EQUIVALENT, KILLED_BY
+from mutation.targets import TARGETS, Target
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKDIR = ROOT / "build" / "mutation"
+REPORT = ROOT / "mutation" / "REPORT.md"
+COPY = ("scx_ref", "tests", "properties", "models", "proofs", "conftest.py", "pyproject.toml", "README.md")
+ALSO_COPY = ("properties", "models", "proofs", "conftest.py", "README.md")
+PYTEST_ARGS = ("-p", "no:cacheprovider", "-q", "-m", "not slow")
+HYPOTHESIS_PROFILE = "mutation"
+
+DETECTED = ("killed", "timeout")
+
+
+@dataclass
+class Mutant:
+    name: str
+    status: str
+    removed: str = ""
+    added: str = ""
+
+
+@dataclass
+class Outcome:
+    target: Target
+    seconds: float
+    mutants: list[Mutant]
+    problems: list[str] = field(default_factory=list)
+    verified: dict[str, bool] = field(default_factory=dict)
+    load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at the start and end of the mutmut run
+    cpu_seconds: float = 0.0  # user + system CPU time of mutmut and its workers
+
+    def count(self, *statuses: str) -> int:
+        return sum(m.status in statuses for m in self.mutants)
+
+    def equivalent(self) -> list[Mutant]:
+        return [m for m in self.mutants if m.status not in DETECTED and m.name in EQUIVALENT]
+
+    def unexplained(self) -> list[Mutant]:
+        return [m for m in self.mutants if m.status not in DETECTED and m.name not in EQUIVALENT]
+
+    def killed_by_new_tests(self) -> list[Mutant]:
+        return [m for m in self.mutants if m.name in KILLED_BY]
+
+
+def _scratch(target: Target) -> Path:
+    return WORKDIR / target.name
+
+
+def _toml_list(items: Sequence[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def prepare(target: Target) -> Path:
+    """A fresh copy of the repository with a ``[tool.mutmut]`` section for this target."""
+    scratch = _scratch(target)
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, scratch / name, ignore=ignore)
+        elif src.exists():
+            shutil.copy2(src, scratch / name)
+    pytest_args = [*PYTEST_ARGS]
+    for node in target.deselect:
+        pytest_args += ["--deselect", node]
+    section = "\n".join(
+        [
+            "",
+            "[tool.mutmut]",
+            'source_paths = ["scx_ref"]',
+            f"only_mutate = {_toml_list([target.path])}",
+            f"also_copy = {_toml_list(ALSO_COPY)}",
+            f"pytest_add_cli_args = {_toml_list(pytest_args)}",
+            f"pytest_add_cli_args_test_selection = {_toml_list(target.tests)}",
+            "use_git_change_detection = false",
+            "",
+        ]
+    )
+    with (scratch / "pyproject.toml").open("a", encoding="utf-8") as fh:
+        fh.write(section)
+    return scratch
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["HYPOTHESIS_PROFILE"] = HYPOTHESIS_PROFILE
+    # mutmut forks its workers from a process that has already run the tests: a BLAS/OpenMP thread pool
+    # started before the fork spins forever in the child (mutants then "time out"), so one thread each;
+    # the parallelism is mutmut's --max-children
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = "1"
+    env.pop("MUTANT_UNDER_TEST", None)
+    return env
+
+
+def _mutmut() -> str:
+    exe = Path(sys.executable).parent / "mutmut"
+    return str(exe) if exe.exists() else "mutmut"
+
+
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_mutmut(target: Target, max_children: int) -> tuple[float, tuple[float, float], float]:
+    """Run mutmut on one target: (wall seconds, load average at start and end, CPU seconds)."""
+    scratch = prepare(target)
+    load_start = _load()
+    cpu_start = _children_cpu()
+    start = time.monotonic()
+    with (scratch / "mutmut.log").open("w", encoding="utf-8") as log:
+        proc = subprocess.run(
+            [_mutmut(), "run", "--max-children", str(max_children)],
+            cwd=scratch,
+            env=_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    seconds = time.monotonic() - start
+    load = (load_start, _load())
+    cpu = _children_cpu() - cpu_start
+    if proc.returncode != 0:
+        tail = (scratch / "mutmut.log").read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise SystemExit(f"mutmut run failed for {target.name} (exit {proc.returncode}):\n{tail}")
+    return seconds, load, cpu
+
+
+def _diff_lines(scratch: Path, target: Target, name: str) -> tuple[str, str]:
+    """The original and mutated lines of one mutant (mutmut's diff, '-' and '+' lines joined)."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    cwd = Path.cwd()
+    os.chdir(scratch)
+    try:
+        diff = get_diff_for_mutant(name, path=Path(target.path))
+    finally:
+        os.chdir(cwd)
+    removed = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    added = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return " / ".join(removed), " / ".join(added)
+
+
+def collect(target: Target, seconds: float) -> Outcome:
+    from mutmut.stats import status_by_exit_code
+
+    scratch = _scratch(target)
+    meta = json.loads((scratch / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
+    module = target.path.removesuffix(".py").replace("/", ".")
+    mutants = [Mutant(name, status_by_exit_code[code]) for name, code in meta["exit_code_by_key"].items()]
+    outcome = Outcome(target, seconds, mutants)
+    for m in mutants:
+        if m.status not in DETECTED or m.name in EQUIVALENT or m.name in KILLED_BY:
+            m.removed, m.added = _diff_lines(scratch, target, m.name)
+    known = {m.name for m in mutants}
+    for name in [*EQUIVALENT, *KILLED_BY]:
+        if name.startswith(module + ".") and name not in known:
+            outcome.problems.append(f"annotation for {name}: no such mutant (the code changed; re-triage)")
+    for m in mutants:
+        note = EQUIVALENT.get(m.name) or KILLED_BY.get(m.name)
+        if note is not None and note.mutation != m.added:
+            outcome.problems.append(
+                f"annotation for {m.name} describes `{note.mutation}`, the mutant is `{m.added}` (re-triage)"
+            )
+        if m.name in EQUIVALENT and m.status in DETECTED:
+            outcome.problems.append(
+                f"{m.name} is annotated equivalent but was {m.status}: drop the annotation"
+            )
+        if m.name in KILLED_BY and m.status not in DETECTED:
+            outcome.problems.append(f"{m.name} should be killed by {KILLED_BY[m.name].test} but {m.status}")
+    unexplained = outcome.unexplained()
+    if target.explained and unexplained:
+        outcome.problems.append(
+            f"{len(unexplained)} surviving mutant(s) neither killed nor listed as equivalent: "
+            + ", ".join(m.name for m in unexplained)
+        )
+    return outcome
+
+
+def fails_on(target: Target, mutant: str, tests: Sequence[str]) -> tuple[bool, str]:
+    """Run ``tests`` against one mutant; (whether a test failed, the first failing test id)."""
+    env = _env()
+    env["MUTANT_UNDER_TEST"] = mutant
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-rf", "-p", "no:randomly", *PYTEST_ARGS, *tests],
+        cwd=_scratch(target) / "mutants",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    failed = re.findall(r"^FAILED (\S+)", proc.stdout, flags=re.MULTILINE)
+    return proc.returncode == 1 and bool(failed), failed[0] if failed else ""
+
+
+def verify(outcome: Outcome) -> None:
+    """Each "killed by" test must fail when run against its mutant (all pairs in one warm worker)."""
+    pairs = [[m.name, KILLED_BY[m.name].test] for m in outcome.killed_by_new_tests()]
+    if not pairs:
+        return
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "mutation" / "verify_worker.py"),
+            "--",
+            *PYTEST_ARGS,
+            "-p",
+            "no:randomly",
+        ],
+        cwd=_scratch(outcome.target) / "mutants",
+        env=_env(),
+        input=json.dumps(pairs),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"verify_worker failed for {outcome.target.name}:\n{proc.stderr[-3000:]}")
+    codes: list[int] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (name, test), code in zip(pairs, codes, strict=True):
+        # 1: the test failed; 124: it ran into the time limit (an endless loop counts as caught, as in mutmut)
+        ok = code in (1, 124)
+        outcome.verified[name] = ok
+        if not ok:
+            outcome.problems.append(f"{test} does not fail on {name} (pytest exit {code})")
+
+
+def _commit() -> str:
+    """The checked-out commit, with "+ local changes" when tracked files (other than the report) differ."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown"
+    status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!mutation/REPORT.md"]
+    dirty = subprocess.run(status, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + (" + local changes" if dirty else "")
+
+
+def _pct(num: int, den: int) -> str:
+    return f"{100.0 * num / den:.1f} %" if den else "n/a"
+
+
+def _cell(text: str) -> str:
+    return "`" + text.replace("|", "\\|").replace("`", "'") + "`" if text else ""
+
+
+def write_report(
+    outcomes: Sequence[Outcome], path: Path, command: str, max_children: int, wall_s: float, commit: str
+) -> None:
+    total_s = sum(o.seconds for o in outcomes)
+    lines = [
+        "# Mutation testing report",
+        "",
+        "Generated by `python -m mutation.run` (the `nox -s mutation` session); do not edit by hand —",
+        "triage lives in `mutation/annotations.toml`, the module/test selection in `mutation/targets.py`.",
+        "",
+        f"- command: `{command}`, at commit {commit}",
+        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- mutmut {version('mutmut')}, hypothesis {version('hypothesis')},"
+        f" Python {platform.python_version()}, Hypothesis profile `{HYPOTHESIS_PROFILE}`",
+        f"- machine: {os.cpu_count()} CPUs, mutmut `--max-children {max_children}`",
+        f"- wall time: {wall_s / 60:.1f} min; mutmut runs {total_s / 60:.1f} min (per module below),"
+        " the rest re-checks the 'killed by' tests",
+        f"- CPU time of the mutmut runs: {sum(o.cpu_seconds for o in outcomes) / 60:.1f} min",
+        "",
+        "killed % = (killed + timed out) / all mutants; score = the same over the mutants that are not",
+        "equivalent. *survived* counts only survivors that are neither killed nor listed as equivalent.",
+        "",
+        "The machine may be shared: *load* is the 1-minute load average when the module's run started",
+        "and ended (on 2 CPUs, a load of 4 means about half the CPU time went to mutmut); *CPU* is the CPU",
+        "time of mutmut and its workers, so CPU / number of CPUs estimates the wall time on an idle machine.",
+        "",
+        "| module | mutants | killed | timed out | equivalent | survived | no tests | killed % | score | wall"
+        " | load | CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for o in outcomes:
+        n, det, eq = len(o.mutants), o.count(*DETECTED), len(o.equivalent())
+        survived = sum(m.status == "survived" for m in o.unexplained())
+        no_tests = sum(m.status != "survived" for m in o.unexplained())
+        lines.append(
+            f"| `{o.target.path}` | {n} | {o.count('killed')} | {o.count('timeout')} | {eq} | {survived} |"
+            f" {no_tests} | {_pct(det, n)} | {_pct(det, n - eq)} | {o.seconds / 60:.1f} min |"
+            f" {o.load[0]:.1f} → {o.load[1]:.1f} | {o.cpu_seconds / 60:.1f} min |"
+        )
+    for o in outcomes:
+        lines += ["", f"## `{o.target.path}`", ""]
+        lines.append("tests: " + ", ".join(f"`{t}`" for t in o.target.tests))
+        if o.target.deselect:
+            lines.append("; deselected: " + ", ".join(f"`{t}`" for t in o.target.deselect))
+        if not o.target.explained:
+            lines += ["", "Being rewritten (issue 11, phase 2): survivors are listed but not triaged yet."]
+        killed = o.killed_by_new_tests()
+        if killed:
+            lines += [
+                "",
+                f"### Killed by tests added for them ({len(killed)})",
+                "",
+                "Each survived an earlier run. *checked*: this run ran the test on the mutant and it failed.",
+                "",
+                "| mutant | mutation | killed by | checked |",
+                "| --- | --- | --- | --- |",
+            ]
+            for m in killed:
+                check = {True: "yes", False: "**NO**"}.get(o.verified.get(m.name, False), "not run")
+                if m.name not in o.verified:
+                    check = "not run"
+                lines.append(f"| {m.name} | {_cell(m.added)} | `{KILLED_BY[m.name].test}` | {check} |")
+        equivalent = o.equivalent()
+        if equivalent:
+            lines += ["", f"### Equivalent ({len(equivalent)})", "", "| mutant | mutation | why |"]
+            lines.append("| --- | --- | --- |")
+            for m in equivalent:
+                lines.append(f"| {m.name} | {_cell(m.added)} | {EQUIVALENT[m.name].reason} |")
+        unexplained = o.unexplained()
+        if unexplained:
+            lines += ["", f"### Surviving, not explained ({len(unexplained)})", ""]
+            lines += ["| mutant | status | original | mutation |", "| --- | --- | --- | --- |"]
+            for m in unexplained:
+                lines.append(f"| {m.name} | {m.status} | {_cell(m.removed)} | {_cell(m.added)} |")
+        if o.problems:
+            lines += ["", "### Problems", ""] + [f"- {p}" for p in o.problems]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def which_test(target: Target, mutants: Sequence[str], tests: Sequence[str]) -> None:
+    mutants_dir = _scratch(target) / "mutants"
+    if not mutants_dir.exists():
+        raise SystemExit(f"run `python -m mutation.run {target.name}` first")
+    for name in ("tests", "properties", "conftest.py"):  # the tests as they are now, the mutants as they were
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, mutants_dir / name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, mutants_dir / name)
+    for name in mutants:
+        failed, test = fails_on(target, name, tests or target.tests)
+        print(f"{name}: {test if failed else 'no selected test fails'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    names = [t.name for t in TARGETS]
+    parser = argparse.ArgumentParser(prog="python -m mutation.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("targets", nargs="*", help=f"targets to run (default: all of {', '.join(names)})")
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--report", type=Path, default=REPORT)
+    parser.add_argument("--no-verify", action="store_true", help="do not re-run the 'killed by' tests")
+    parser.add_argument("--which-test", nargs="+", metavar="TARGET MUTANT", help="see the module docstring")
+    parser.add_argument("--tests", nargs="+", default=[], help="with --which-test: the tests to try")
+    args = parser.parse_args(argv)
+    by_name = {t.name: t for t in TARGETS}
+    if args.which_test:
+        target_name, *mutants = args.which_test
+        which_test(by_name[target_name], mutants, args.tests)
+        return 0
+    unknown = [n for n in args.targets if n not in by_name]
+    if unknown:
+        parser.error(f"unknown target(s) {unknown}; known: {names}")
+    selected = [by_name[n] for n in args.targets] if args.targets else list(TARGETS)
+    command = os.environ.get("MUTATION_INVOKED_AS") or "python -m mutation.run " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    started = time.monotonic()
+    commit = _commit()
+    outcomes = []
+    for target in selected:
+        print(f"mutation: {target.path} ...", flush=True)
+        seconds, load, cpu = run_mutmut(target, args.max_children)
+        outcome = collect(target, seconds)
+        outcome.load, outcome.cpu_seconds = load, cpu
+        if not args.no_verify:
+            verify(outcome)
+        det, n = outcome.count(*DETECTED), len(outcome.mutants)
+        print(
+            f"  {n} mutants, {det} killed ({_pct(det, n)}), {len(outcome.equivalent())} equivalent, "
+            f"{len(outcome.unexplained())} unexplained, {seconds / 60:.1f} min",
+            flush=True,
+        )
+        outcomes.append(outcome)
+        wall = time.monotonic() - started
+        write_report(outcomes, args.report, command.strip(), args.max_children, wall, commit)
+    problems = [p for o in outcomes for p in o.problems]
+    for p in problems:
+        print("problem:", p)
+    print(f"report: {args.report}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
