@@ -48,6 +48,42 @@ CASES: list[tuple[str, str]] = [
     ("ppl --beta nan", "beta"),
     ("ppl --window 1", "window"),
     ("ppl --tokens abc", "tokens"),
+    # scx serve: refused before any model is loaded or port bound (never a silently changed port)
+    ("serve --model random:tiny-dense --threads -2", "threads"),
+    ("serve --model random:tiny-dense --port 99999", "port"),
+    ("serve --model random:tiny-dense --port -5", "port"),
+    ("serve --model random:tiny-dense --ops-port -5", "ops-port"),
+    ("serve --model random:tiny-dense --grace nan", "grace"),
+    ("serve --model random:tiny-dense --idle-timeout 0", "idle-timeout"),
+    ("serve --model random:tiny-dense --device tpu", "device"),
+    ("serve --model random:tiny-dense --dtype bogus", "dtype"),
+    ("serve --model random:tiny-dense --workers 0", "workers"),
+    ("serve --model random:tiny-dense --max-cache-mb 0", "max-cache-mb"),
+    ("serve --model random:tiny-dense --tls-cert /nonexistent/c.pem --tls-key /nonexistent/k.pem", "tls"),
+    # scx generate: before the model is loaded; options greedy decoding or no server would ignore
+    ("generate --model tiny-llama --prompt-ids 1,2 --max-new-tokens -1", "max-new-tokens"),
+    ("generate --model tiny-llama --prompt-ids 1,x", "prompt-ids"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --do-sample --temperature nan", "temperature"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --do-sample --top-p 2", "top-p"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --do-sample --top-k -1", "top-k"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --do-sample --seed -1", "seed"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --temperature 0.5", "temperature"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --timeout 5", "timeout"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --dtype bogus", "dtype"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --server scx://127.0.0.1:1 --timeout -1", "timeout"),
+    (
+        "generate --model tiny-llama --prompt-ids 1,2 --server scxs://127.0.0.1:1 --tls-ca /nonexistent/ca",
+        "tls",
+    ),
+    # scx bench-serve
+    ("bench-serve --threads -2", "threads"),
+    ("bench-serve --n -1", "--n"),
+    ("bench-serve --clients 0", "clients"),
+    ("bench-serve --clients 1,,4", "clients"),
+    ("bench-serve --tiles 0", "tiles"),
+    ("bench-serve --timeout -1", "timeout"),
+    ("bench-serve --json /nonexistent/x.json", "json"),
+    ("bench-serve --dtype bogus", "dtype"),
 ]
 
 
