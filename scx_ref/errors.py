@@ -28,10 +28,13 @@ class SCXError(ValueError):
     """Base class of every error scx_ref raises for bad input or a protocol violation.
 
     ``tokens``: for an error raised while generating, the tokens already generated (in order, before
-    the failure); None otherwise.
+    the failure); None otherwise. ``rows``: for an error raised while generating a batch
+    (:meth:`scx_ref.hf.SCXModel.generate`), the new tokens of every row up to the failing one, that row's
+    partial tokens last; None otherwise.
     """
 
     tokens: list[int] | None = None
+    rows: list[list[int]] | None = None
 
 
 class ShapeError(SCXError):

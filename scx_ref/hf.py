@@ -45,7 +45,7 @@ import torch
 
 from .backends.torch_backend import TorchBackend, TorchLayer, TorchWeights, parse_dtype
 from .config import ModelConfig
-from .errors import ConfigError, VocabularyError
+from .errors import ConfigError, SCXError, VocabularyError
 from .keys import KeySchedule
 from .protocol import Client, DecoyPolicy, Level, LocalTransport, SCXConfig, Server, ServerView, Transport
 from .protocol.verify import SketchCache
@@ -451,7 +451,7 @@ class SCXModel:
         :data:`GENERATE_OPTIONS` raise ConfigError naming them. Guarantee: for one row, the tokens of
         ``model.generate`` with the same options (sampling: after ``torch.manual_seed(seed)``) — tested in
         float64. A row that fails midway raises its SCXError with the tokens that row already made in
-        ``tokens``.
+        ``tokens``, and every row's new tokens so far (the rows before it complete) in ``rows``.
         """
         ids = _as_batch(input_ids)
         plan = generation_settings(
@@ -479,7 +479,11 @@ class SCXModel:
         gen = plan.generator()
         news: list[list[int]] = []
         for row in rows:
-            news.append(self._generate_row(row, plan, gen, options.get("tokenizer"), streamer))
+            try:
+                news.append(self._generate_row(row, plan, gen, options.get("tokenizer"), streamer))
+            except SCXError as exc:  # the rows already done, and this row's tokens, are reported
+                exc.rows = [*news, list(exc.tokens or [])]
+                raise
         width = max(len(n) for n in news)
         fill = plan.pad_token_id if plan.pad_token_id is not None else (min(eos) if eos else 0)
         out = [list(ids[i].tolist()) + n + [fill] * (width - len(n)) for i, n in enumerate(news)]
