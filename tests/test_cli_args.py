@@ -34,6 +34,7 @@ CASES: list[tuple[str, str]] = [
     ("bench --device tpu", "device"),
     ("bench --levels permute,bogus", "bogus"),
     ("bench --json /nonexistent/b.json", "json"),
+    ("bench --dtype bogus", "dtype"),  # was: SmolLM2 loaded, then a misleading "weights unavailable" notice
     # scx attack
     ("attack --prompts 0", "prompts"),
     ("attack --length -1", "length"),
