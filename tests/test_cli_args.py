@@ -106,3 +106,25 @@ def test_a_good_quick_command_still_runs(capsys: pytest.CaptureFixture[str]) -> 
     """Control: the parsers accept valid values (so the refusals above are about the values)."""
     assert main(["dp", "--sensitivity", "1", "--scale", "2", "--compositions", "3", "--no-pld"]) == 0
     assert "basic (k=3)" in capsys.readouterr().out
+
+
+def test_serve_options_refuse_what_the_cli_refuses() -> None:
+    """ServeOptions (the Python face of `scx serve`) checks the same values: a port outside [0, 65535], a
+    non-finite or non-positive time. Control: the defaults and port 0 (any free port) are accepted."""
+    pytest.importorskip("grpc")
+    from scx_ref.errors import ConfigError
+    from scx_ref.service.service import ServeOptions
+
+    ServeOptions()
+    ServeOptions(port=0, ops_port=None)
+    for bad in (
+        dict(port=99999),
+        dict(port=-5),
+        dict(ops_port=-1),
+        dict(port=True),
+        dict(grace=float("nan")),
+        dict(idle_timeout=float("inf")),
+        dict(grace=0),
+    ):
+        with pytest.raises(ConfigError):
+            ServeOptions(**bad)
