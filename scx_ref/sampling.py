@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ConfigError, SCXError
+from .errors import ConfigError, SCXError, note_tokens
 
 __all__ = ["GENERATE_OPTIONS", "SUPPORTED", "GenerationSettings", "generate_tokens", "generation_settings"]
 
@@ -232,6 +232,9 @@ def generate_tokens(
                 logits = decode(tok)
     except SCXError as exc:
         exc.tokens = list(new)
+        raise
+    except Exception as exc:  # not ours (e.g. a custom transport's): its class kept, the tokens in a note
+        note_tokens(exc, new)
         raise
     finally:
         if streamer is not None:

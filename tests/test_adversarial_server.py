@@ -307,3 +307,15 @@ def test_a_generation_failing_midway_reports_the_tokens_made() -> None:
     with pytest.raises(IntegrityError) as info:
         Client(b, keys(5), SCXConfig(level="paper", r1=2, r2=2)).generate(IDS, 6, link)
     assert info.value.tokens == want[:3]
+
+    # a transport's own exception (not a project error) keeps its class and notes the tokens made
+
+    def drop(req: Request, reply: Reply) -> Reply:
+        if req.stage is Stage.GEN_QKV and req.step == 3:
+            raise ConnectionError("link dropped")
+        return reply
+
+    link = TamperingTransport(LocalTransport(Server(b)), drop)
+    with pytest.raises(ConnectionError) as dropped:
+        Client(b, keys(6), SCXConfig(level="paper", r1=2, r2=2)).generate(IDS, 6, link)
+    assert f"4 token(s) made before the failure: {want[:4]}" in "\n".join(dropped.value.__notes__)

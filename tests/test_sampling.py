@@ -181,3 +181,15 @@ def test_an_error_mid_generation_reports_the_tokens_made() -> None:
     with pytest.raises(ServiceError, match="went away") as info:  # the same error, its class kept
         generate_tokens(np.array([0, 1, 2]), settings, lambda ids: logits, decode)
     assert info.value.tokens == [2, 3, 4]
+    # an exception that is not a project error (a custom transport's): its class kept, the tokens noted
+    steps = iter([np.eye(5)[3]])
+
+    def broken(tok: int) -> np.ndarray:
+        nxt = next(steps, None)
+        if nxt is None:
+            raise ConnectionResetError("peer reset")
+        return nxt
+
+    with pytest.raises(ConnectionResetError) as reset:
+        generate_tokens(np.array([0, 1, 2]), settings, lambda ids: logits, broken)
+    assert reset.value.__notes__ == ["scx_ref: 2 token(s) made before the failure: [2, 3]"]
