@@ -21,6 +21,7 @@ __all__ = [
     "ShapeError",
     "VocabularyError",
     "WireError",
+    "note_tokens",
 ]
 
 
@@ -28,10 +29,13 @@ class SCXError(ValueError):
     """Base class of every error scx_ref raises for bad input or a protocol violation.
 
     ``tokens``: for an error raised while generating, the tokens already generated (in order, before
-    the failure); None otherwise.
+    the failure); None otherwise. ``rows``: for an error raised while generating a batch
+    (:meth:`scx_ref.hf.SCXModel.generate`), the new tokens of every row up to the failing one, that row's
+    partial tokens last; None otherwise.
     """
 
     tokens: list[int] | None = None
+    rows: list[list[int]] | None = None
 
 
 class ShapeError(SCXError):
@@ -87,3 +91,15 @@ class WireError(ProtocolError):
 
 class ServiceError(SCXError):
     """The SCX server could not be reached, did not answer in time, went away, or failed internally."""
+
+
+def note_tokens(exc: BaseException, tokens: list[int]) -> None:
+    """Note on ``exc`` (an exception that is not an :class:`SCXError`, e.g. a custom transport's) the
+    tokens a generation made before it: ``exc.__notes__`` (shown in its traceback from Python 3.11)."""
+    text = f"scx_ref: {len(tokens)} token(s) made before the failure: {list(tokens)}"
+    add = getattr(exc, "add_note", None)
+    if callable(add):
+        add(text)
+    else:  # Python 3.10: the same attribute, not printed
+        notes = getattr(exc, "__notes__", None)
+        exc.__notes__ = [*(notes or []), text]  # type: ignore[attr-defined]

@@ -45,7 +45,7 @@ import torch
 
 from .backends.torch_backend import TorchBackend, TorchLayer, TorchWeights, parse_dtype
 from .config import ModelConfig
-from .errors import ConfigError, VocabularyError
+from .errors import ConfigError, SCXError, VocabularyError
 from .keys import KeySchedule
 from .protocol import Client, DecoyPolicy, Level, LocalTransport, SCXConfig, Server, ServerView, Transport
 from .protocol.verify import SketchCache
@@ -446,11 +446,12 @@ class SCXModel:
         ``streamer`` fed as HF's. Returns batch × length int64.
 
         ``attention_mask`` (left padding) runs each row on its unpadded ids; without one, a batch
-        holding the pad id is masked as Hugging Face infers it (pad ≠ EOS). Options beyond
+        holding the pad id is masked as Hugging Face infers it (pad ≠ EOS), and a batch whose rows may
+        be padded with a pad id that is also EOS is refused (ConfigError: pass the mask). Options beyond
         :data:`GENERATE_OPTIONS` raise ConfigError naming them. Guarantee: for one row, the tokens of
         ``model.generate`` with the same options (sampling: after ``torch.manual_seed(seed)``) — tested in
         float64. A row that fails midway raises its SCXError with the tokens that row already made in
-        ``tokens``.
+        ``tokens``, and every row's new tokens so far (the rows before it complete) in ``rows``.
         """
         ids = _as_batch(input_ids)
         plan = generation_settings(
@@ -461,6 +462,12 @@ class SCXModel:
         pad = plan.pad_token_id
         if mask is None and pad is not None and pad not in eos and (ids == pad).any():
             mask = ids != pad  # as transformers infers it
+        elif mask is None and pad is not None and ids.shape[0] > 1 and (ids[:, 0] == pad).any():
+            # pad == EOS: transformers cannot infer the mask either (it warns and uses the pads as tokens)
+            raise ConfigError(
+                f"input_ids rows begin with the pad id {pad}, which is also an EOS id, so padding cannot be "
+                "told from tokens: pass attention_mask (left padding; all ones to use the ids as given)"
+            )
         rows = (
             [ids[i] for i in range(ids.shape[0])]
             if mask is None
@@ -472,7 +479,11 @@ class SCXModel:
         gen = plan.generator()
         news: list[list[int]] = []
         for row in rows:
-            news.append(self._generate_row(row, plan, gen, options.get("tokenizer"), streamer))
+            try:
+                news.append(self._generate_row(row, plan, gen, options.get("tokenizer"), streamer))
+            except SCXError as exc:  # the rows already done, and this row's tokens, are reported
+                exc.rows = [*news, list(exc.tokens or [])]
+                raise
         width = max(len(n) for n in news)
         fill = plan.pad_token_id if plan.pad_token_id is not None else (min(eos) if eos else 0)
         out = [list(ids[i].tolist()) + n + [fill] * (width - len(n)) for i, n in enumerate(news)]

@@ -14,6 +14,7 @@ ignored.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ConfigError, SCXError
+from .errors import ConfigError, SCXError, note_tokens
 
 __all__ = ["GENERATE_OPTIONS", "SUPPORTED", "GenerationSettings", "generate_tokens", "generation_settings"]
 
@@ -43,6 +44,8 @@ GENERATE_OPTIONS: dict[str, str] = {
     "tokenizer": "the model's tokenizer (for stop_strings)",
     "streamer": "an object with put(ids) and end(), as HF's streamers",
 }
+#: The options only sampling uses (greedy decoding with one of them set warns, as transformers does).
+_SAMPLING_ONLY: tuple[str, ...] = ("temperature", "top_k", "top_p", "seed")
 #: The option names (:data:`GENERATE_OPTIONS`' keys).
 SUPPORTED: tuple[str, ...] = tuple(GENERATE_OPTIONS)
 
@@ -163,7 +166,7 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
     pad = options["pad_token_id"] if "pad_token_id" in options else getattr(defaults, "pad_token_id", None)
     seed = options.get("seed")
     top_k = pick("top_k")
-    return GenerationSettings(
+    settings = GenerationSettings(
         max_new_tokens=n_new,
         do_sample=do_sample,
         temperature=_number(pick("temperature"), "temperature", 0.0, lo_open=True),
@@ -175,6 +178,15 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
         pad_token_id=None if pad is None else _int(pad, "pad_token_id", 0),
         stop_strings=stops,
     )
+    unused = [k for k in _SAMPLING_ONLY if options.get(k) is not None]
+    if unused and not do_sample:  # as transformers does: greedy decoding ignores them, said out loud
+        warnings.warn(
+            f"{', '.join(unused)} given with do_sample=False: greedy decoding does not use them "
+            "(pass do_sample=True to sample)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return settings
 
 
 def generate_tokens(
@@ -232,6 +244,9 @@ def generate_tokens(
                 logits = decode(tok)
     except SCXError as exc:
         exc.tokens = list(new)
+        raise
+    except Exception as exc:  # not ours (e.g. a custom transport's): its class kept, the tokens in a note
+        note_tokens(exc, new)
         raise
     finally:
         if streamer is not None:

@@ -295,3 +295,27 @@ def test_marker_attack_recovers_the_prompt_only_from_a_client_that_does_not_veri
     assert server.recovered is None
     assert not link.view.select(stage=Stage.ATTN)
     assert [m.stage for m in link.view.messages] == [Stage.OPEN, Stage.QKV]
+
+
+def test_a_generation_failing_midway_reports_the_tokens_made() -> None:
+    """Client.generate: a forged reply at the third decode step raises IntegrityError carrying the tokens
+    made before it (the prefill's and two decode steps'), equal to plaintext's; nothing is lost."""
+    w = weights()
+    want = ReferenceModel(w).generate(IDS, 6)
+    b = NumpyBackend(w)
+    link = TamperingTransport(LocalTransport(Server(b)), on(Stage.GEN_QKV, scaled(1.01), nth=2))
+    with pytest.raises(IntegrityError) as info:
+        Client(b, keys(5), SCXConfig(level="paper", r1=2, r2=2)).generate(IDS, 6, link)
+    assert info.value.tokens == want[:3]
+
+    # a transport's own exception (not a project error) keeps its class and notes the tokens made
+
+    def drop(req: Request, reply: Reply) -> Reply:
+        if req.stage is Stage.GEN_QKV and req.step == 3:
+            raise ConnectionError("link dropped")
+        return reply
+
+    link = TamperingTransport(LocalTransport(Server(b)), drop)
+    with pytest.raises(ConnectionError) as dropped:
+        Client(b, keys(6), SCXConfig(level="paper", r1=2, r2=2)).generate(IDS, 6, link)
+    assert f"4 token(s) made before the failure: {want[:4]}" in "\n".join(dropped.value.__notes__)

@@ -34,6 +34,7 @@ CASES: list[tuple[str, str]] = [
     ("bench --device tpu", "device"),
     ("bench --levels permute,bogus", "bogus"),
     ("bench --json /nonexistent/b.json", "json"),
+    ("bench --dtype bogus", "dtype"),  # was: SmolLM2 loaded, then a misleading "weights unavailable" notice
     # scx attack
     ("attack --prompts 0", "prompts"),
     ("attack --length -1", "length"),
@@ -48,6 +49,42 @@ CASES: list[tuple[str, str]] = [
     ("ppl --beta nan", "beta"),
     ("ppl --window 1", "window"),
     ("ppl --tokens abc", "tokens"),
+    # scx serve: refused before any model is loaded or port bound (never a silently changed port)
+    ("serve --model random:tiny-dense --threads -2", "threads"),
+    ("serve --model random:tiny-dense --port 99999", "port"),
+    ("serve --model random:tiny-dense --port -5", "port"),
+    ("serve --model random:tiny-dense --ops-port -5", "ops-port"),
+    ("serve --model random:tiny-dense --grace nan", "grace"),
+    ("serve --model random:tiny-dense --idle-timeout 0", "idle-timeout"),
+    ("serve --model random:tiny-dense --device tpu", "device"),
+    ("serve --model random:tiny-dense --dtype bogus", "dtype"),
+    ("serve --model random:tiny-dense --workers 0", "workers"),
+    ("serve --model random:tiny-dense --max-cache-mb 0", "max-cache-mb"),
+    ("serve --model random:tiny-dense --tls-cert /nonexistent/c.pem --tls-key /nonexistent/k.pem", "tls"),
+    # scx generate: before the model is loaded; options greedy decoding or no server would ignore
+    ("generate --model tiny-llama --prompt-ids 1,2 --max-new-tokens -1", "max-new-tokens"),
+    ("generate --model tiny-llama --prompt-ids 1,x", "prompt-ids"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --do-sample --temperature nan", "temperature"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --do-sample --top-p 2", "top-p"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --do-sample --top-k -1", "top-k"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --do-sample --seed -1", "seed"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --temperature 0.5", "temperature"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --timeout 5", "timeout"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --dtype bogus", "dtype"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --server scx://127.0.0.1:1 --timeout -1", "timeout"),
+    (
+        "generate --model tiny-llama --prompt-ids 1,2 --server scxs://127.0.0.1:1 --tls-ca /nonexistent/ca",
+        "tls",
+    ),
+    # scx bench-serve
+    ("bench-serve --threads -2", "threads"),
+    ("bench-serve --n -1", "--n"),
+    ("bench-serve --clients 0", "clients"),
+    ("bench-serve --clients 1,,4", "clients"),
+    ("bench-serve --tiles 0", "tiles"),
+    ("bench-serve --timeout -1", "timeout"),
+    ("bench-serve --json /nonexistent/x.json", "json"),
+    ("bench-serve --dtype bogus", "dtype"),
 ]
 
 
@@ -69,3 +106,25 @@ def test_a_good_quick_command_still_runs(capsys: pytest.CaptureFixture[str]) -> 
     """Control: the parsers accept valid values (so the refusals above are about the values)."""
     assert main(["dp", "--sensitivity", "1", "--scale", "2", "--compositions", "3", "--no-pld"]) == 0
     assert "basic (k=3)" in capsys.readouterr().out
+
+
+def test_serve_options_refuse_what_the_cli_refuses() -> None:
+    """ServeOptions (the Python face of `scx serve`) checks the same values: a port outside [0, 65535], a
+    non-finite or non-positive time. Control: the defaults and port 0 (any free port) are accepted."""
+    pytest.importorskip("grpc")
+    from scx_ref.errors import ConfigError
+    from scx_ref.service.service import ServeOptions
+
+    ServeOptions()
+    ServeOptions(port=0, ops_port=None)
+    for bad in (
+        dict(port=99999),
+        dict(port=-5),
+        dict(ops_port=-1),
+        dict(port=True),
+        dict(grace=float("nan")),
+        dict(idle_timeout=float("inf")),
+        dict(grace=0),
+    ):
+        with pytest.raises(ConfigError):
+            ServeOptions(**bad)

@@ -120,6 +120,26 @@ def test_bad_masks_and_ids() -> None:
         SCXModel.from_hf(tiny_model("llama", "eager"), level="paper", decoy_rows=3)
 
 
+def test_padding_that_equals_eos_needs_the_mask() -> None:
+    """A pad id that is also EOS cannot be told from tokens: without a mask the batch is refused (HF only
+    warns and runs the pads as tokens — the issue's silently wrong case); with the mask it matches
+    ``model.generate``. Control: a single row starting with that id is a prompt, used as given."""
+    model = tiny_model("llama", "eager", seed=2)
+    scx = SCXModel.from_hf(model, level="paper", keys=_keys(2))
+    eos = 1
+    width = max(map(len, ROWS))
+    ids = torch.tensor([[eos] * (width - len(r)) + r for r in ROWS])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(r) for r in ROWS])[:, None]).long()
+    options: dict[str, Any] = dict(max_new_tokens=3, eos_token_id=eos, pad_token_id=eos)
+    with pytest.raises(ConfigError, match="attention_mask"):
+        scx.generate(ids, **options)
+    got = scx.generate(ids, attention_mask=mask, **options)
+    want = model.generate(ids, attention_mask=mask, do_sample=False, **options)
+    assert got.tolist() == want.tolist()
+    one = torch.tensor([[eos, *ROWS[1]]])
+    assert scx.generate(one, **options).tolist() == model.generate(one, do_sample=False, **options).tolist()
+
+
 def test_a_failure_midway_reports_the_tokens_made(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model("llama", "eager", seed=1)
     scx = SCXModel.from_hf(model, level="paper", keys=_keys(1))
@@ -143,3 +163,36 @@ def test_a_failure_midway_reports_the_tokens_made(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(IntegrityError) as info:
         scx.generate(prompt, max_new_tokens=6, eos_token_id=None)
     assert info.value.tokens == want[:3]  # the prefill's token and two decode steps
+
+
+def test_a_batch_failing_midway_reports_every_row_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 0 completes; row 1's session is forged at its second decode step: the error carries row 0's
+    tokens and row 1's first two (nothing made is lost)."""
+    model = tiny_model("llama", "eager", seed=1)
+    scx = SCXModel.from_hf(model, level="paper", keys=_keys(4))
+    ids, mask = left_padded(ROWS[:2])
+    want = scx.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None)[:, ids.shape[1] :]
+    real = scx._session
+    made = {"sessions": 0}
+
+    def session() -> Any:
+        client, link = real()
+        made["sessions"] += 1
+        if made["sessions"] < 2:
+            return client, link
+        seen = {"n": 0}
+
+        def tamper(req: Request, reply: Reply) -> Reply:
+            if req.stage is Stage.GEN_QKV:
+                seen["n"] += 1
+                if seen["n"] == 2:
+                    return replace(reply, arrays={"z": reply.arrays["z"] * 1.01})
+            return reply
+
+        return client, TamperingTransport(link, tamper)
+
+    monkeypatch.setattr(scx, "_session", session)
+    with pytest.raises(IntegrityError) as info:
+        scx.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None)
+    assert info.value.rows == [want[0].tolist(), want[1].tolist()[:2]]
+    assert info.value.tokens == want[1].tolist()[:2]

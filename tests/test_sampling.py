@@ -71,7 +71,8 @@ def test_sampling_equals_hf_generate_token_for_token(kind: str, settings: dict[s
     runs = []
     for seed in (0, 1):
         want = hf_generate(model, PROMPT, seed, max_new_tokens=16, eos_token_id=None, **settings)
-        got = scx.generate(PROMPT, max_new_tokens=16, eos_token_id=None, seed=seed, **settings)
+        sampler = {"seed": seed} if settings["do_sample"] else {}  # greedy takes no seed (it would warn)
+        got = scx.generate(PROMPT, max_new_tokens=16, eos_token_id=None, **sampler, **settings)
         assert got[0].tolist() == want, f"seed {seed}"
         runs.append(want)
     if settings["do_sample"]:  # the seed matters: the two seeds give two continuations
@@ -181,3 +182,28 @@ def test_an_error_mid_generation_reports_the_tokens_made() -> None:
     with pytest.raises(ServiceError, match="went away") as info:  # the same error, its class kept
         generate_tokens(np.array([0, 1, 2]), settings, lambda ids: logits, decode)
     assert info.value.tokens == [2, 3, 4]
+    # an exception that is not a project error (a custom transport's): its class kept, the tokens noted
+    steps = iter([np.eye(5)[3]])
+
+    def broken(tok: int) -> np.ndarray:
+        nxt = next(steps, None)
+        if nxt is None:
+            raise ConnectionResetError("peer reset")
+        return nxt
+
+    with pytest.raises(ConnectionResetError) as reset:
+        generate_tokens(np.array([0, 1, 2]), settings, lambda ids: logits, broken)
+    assert reset.value.__notes__ == ["scx_ref: 2 token(s) made before the failure: [2, 3]"]
+
+
+def test_sampling_options_without_do_sample_warn() -> None:
+    """Greedy decoding ignores temperature/top_k/top_p/seed: said with a UserWarning (as transformers
+    does), never silently. Control: with do_sample=True, or without them, nothing is said."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="temperature, top_p given with do_sample=False"):
+        generation_settings(None, {"max_new_tokens": 2, "temperature": 0.7, "top_p": 0.9})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generation_settings(None, {"max_new_tokens": 2, "temperature": 0.7, "do_sample": True})
+        generation_settings(None, {"max_new_tokens": 2, "repetition_penalty": 1.2})

@@ -513,12 +513,19 @@ def test_scx_generate_command_against_scx_serve() -> None:
     )
     assert out.returncode == 2 and "scx: error: " in out.stderr and "cannot reach the SCX" in out.stderr
     out = subprocess.run(
-        [sys.executable, "-m", "scx_ref.cli", "serve", "--model", MODEL, "--tls-cert", "x.pem"],
+        [sys.executable, "-m", "scx_ref.cli", "serve", "--model", MODEL, "--tls-cert", __file__],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 2 and "TLS needs both" in out.stderr
+    out = subprocess.run(  # a certificate file that is not there: refused before the model is loaded
+        [sys.executable, "-m", "scx_ref.cli", "serve", "--model", MODEL, "--tls-cert", "x.pem"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "cannot read 'x.pem'" in out.stderr
 
 
 def test_scx_verify_runs_against_a_server() -> None:

@@ -41,11 +41,16 @@ def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], in
     return parse
 
 
-def int_list(minimum: int, maximum: int | None = None) -> Callable[[str], list[int]]:
-    """A type for a comma-separated list of integers, each in [minimum, maximum]; at least one."""
+def int_list(
+    minimum: int, maximum: int | None = None, *, allow_empty: bool = False
+) -> Callable[[str], list[int]]:
+    """A type for a comma-separated list of integers, each in [minimum, maximum]; at least one (or, with
+    ``allow_empty``, the empty text for an empty list)."""
     one = int_at_least(minimum, maximum)
 
     def parse(text: str) -> list[int]:
+        if allow_empty and not text.strip():
+            return []
         items = [t.strip() for t in text.split(",")]
         if not any(items) or not all(items):
             raise argparse.ArgumentTypeError(f"a comma-separated list of integers, got {text!r}")
@@ -55,8 +60,11 @@ def int_list(minimum: int, maximum: int | None = None) -> Callable[[str], list[i
     return parse
 
 
-def float_at_least(minimum: float, *, strict: bool = False) -> Callable[[str], float]:
-    """A type for a finite number >= ``minimum`` (> with ``strict``); ``nan`` and ``inf`` are refused."""
+def float_at_least(
+    minimum: float, *, strict: bool = False, maximum: float | None = None
+) -> Callable[[str], float]:
+    """A type for a finite number >= ``minimum`` (> with ``strict``) and, given ``maximum``, <= it;
+    ``nan`` and ``inf`` are refused."""
 
     def parse(text: str) -> float:
         try:
@@ -67,6 +75,8 @@ def float_at_least(minimum: float, *, strict: bool = False) -> Callable[[str], f
             raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
         if value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum:g}, got {value:g}")
         return value
 
     parse.__name__ = "number"

@@ -74,7 +74,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", default="smollm2", help=f"model (default smollm2): {weights_names_help()}")
     p.add_argument("--json", metavar="PATH", type=output_file, help="write the result rows as JSON")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float64", "bfloat16", "float16"),
+        help="float32 (default), float64, bfloat16, float16",
+    )
     p.add_argument(
         "--repeats", type=int_at_least(1), default=9, help="interleaved rounds per measurement (default 9)"
     )

@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
 from ..zoo import MODEL_NAMES
+from ._args import float_at_least, int_at_least, int_list, output_file
 
 __all__ = ["register", "run"]
 
@@ -51,22 +51,40 @@ def register(subparsers: Any) -> None:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     p.add_argument("--model", choices=MODEL_NAMES, default="smollm2")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
     p.add_argument("--level", choices=("permute", "paper", "blind"), default="paper")
     p.add_argument("--server", default=None, help="an running scx serve (default: start one)")
     p.add_argument("--serve-args", default="--workers 2 --threads 1", help="extra scx serve options")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of this (client) process")
-    p.add_argument("--n", type=int, default=512, help="prefill length of the latency run (default 512)")
-    p.add_argument("--gen-tokens", type=int, default=16, help="tokens timed in the latency run")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the latency run")
-    p.add_argument("--clients", default="1,4,16,64", help="concurrent clients of the load runs")
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of each load session")
-    p.add_argument("--tokens", type=int, default=16, help="generated tokens of each load session")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds a client waits for a reply")
-    p.add_argument("--tiles", default="1,2,4,8", help="tile heights of the tile measurement ('' skips it)")
+    p.add_argument(
+        "--threads", type=int_at_least(1), default=1, help="torch threads of this (client) process"
+    )
+    p.add_argument(
+        "--n", type=int_at_least(2), default=512, help="prefill length of the latency run (default 512)"
+    )
+    p.add_argument("--gen-tokens", type=int_at_least(1), default=16, help="tokens timed in the latency run")
+    p.add_argument("--repeats", type=int_at_least(1), default=3, help="interleaved rounds of the latency run")
+    p.add_argument(
+        "--clients", type=int_list(1), default=[1, 4, 16, 64], help="concurrent clients of the load runs"
+    )
+    p.add_argument(
+        "--prompt-len", type=int_at_least(2), default=32, help="prompt tokens of each load session"
+    )
+    p.add_argument("--tokens", type=int_at_least(1), default=16, help="generated tokens of each load session")
+    p.add_argument(
+        "--timeout",
+        type=float_at_least(0, strict=True),
+        default=600.0,
+        help="seconds a client waits for a reply",
+    )
+    p.add_argument(
+        "--tiles",
+        type=int_list(1, allow_empty=True),
+        default=[1, 2, 4, 8],
+        help="tile heights of the tile measurement ('' skips it)",
+    )
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-load", action="store_true")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--json", type=output_file, metavar="PATH", help="write the results as JSON")
     p.set_defaults(func=run)
 
 
@@ -104,9 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from ..zoo.corpus import corpus_tokens, prompts
 
     torch.set_num_threads(args.threads)
-    clients = [int(c) for c in args.clients.split(",") if c]
-    if not clients or min(clients) < 1:
-        raise ConfigError(f"--clients must be positive integers, got {args.clients!r}")
+    clients: list[int] = args.clients
     backend = build_backend(args.model, args.dtype, "cpu")
     spawned = None
     url = args.server
@@ -187,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
                 f"({lr['messages']:g} messages, {lr['overhead_per_message_ms']:+.3f} ms each)"
             )
 
-    tiles = [int(t) for t in args.tiles.split(",") if t]
+    tiles: list[int] = args.tiles
     if tiles:
         result["tiles"] = _tile_costs(backend, tiles, args.n, args.repeats)
         print(f"middle blocks of one generation step (cache {args.n}), ms:")

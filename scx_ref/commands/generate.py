@@ -18,8 +18,14 @@ import numpy as np
 
 from ..errors import ConfigError, SCXError
 from ..zoo import MODEL_NAMES
+from ._args import float_at_least, input_file, int_at_least, int_list
 
 __all__ = ["register", "run"]
+
+
+_SAMPLING = "sampling only (needs --do-sample)"
+_SAMPLING_ONLY = ("temperature", "top_k", "top_p", "seed")
+_REMOTE_ONLY = ("timeout", "connect_timeout", "tls_ca")
 
 
 def register(subparsers: Any) -> None:
@@ -33,22 +39,49 @@ def register(subparsers: Any) -> None:
     p.add_argument("--server", default=None, help="scx://HOST:PORT or scxs://HOST:PORT (default: in-process)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text (needs the model's tokenizer)")
-    src.add_argument("--prompt-ids", help="comma-separated token ids (models without a tokenizer)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    src.add_argument(
+        "--prompt-ids", type=int_list(0), help="comma-separated token ids (models without a tokenizer)"
+    )
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=32, help="new tokens (default 32)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh entropy)")
+    p.add_argument("--temperature", type=float_at_least(0, strict=True), default=None, help=_SAMPLING)
+    p.add_argument("--top-k", type=int_at_least(0), default=None, help=_SAMPLING + "; 0 keeps every token")
+    p.add_argument("--top-p", type=float_at_least(0, maximum=1), default=None, help=_SAMPLING)
+    p.add_argument("--repetition-penalty", type=float_at_least(0, strict=True), default=None)
+    p.add_argument(
+        "--seed",
+        type=int_at_least(0),
+        default=None,
+        help="sampling seed (default: fresh entropy); " + _SAMPLING,
+    )
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the model's EOS token")
     p.add_argument("--level", choices=("permute", "paper", "blind"), default="paper")
-    p.add_argument("--dtype", default="float32", help="float32 (default) or float64: the server's dtype")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
-    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the server")
-    p.add_argument("--tls-ca", default=None, help="PEM of the CA that signed the server's certificate")
-    p.set_defaults(func=run)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float64"),
+        help="float32 (default) or float64: the server's dtype",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float_at_least(0, strict=True),
+        default=None,
+        help="seconds to wait for each reply (default 120; with --server)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float_at_least(0, strict=True),
+        default=None,
+        help="seconds to reach the server (default 10; with --server)",
+    )
+    p.add_argument(
+        "--tls-ca",
+        type=input_file,
+        default=None,
+        help="PEM of the CA that signed the server's certificate (with --server)",
+    )
+    p.set_defaults(func=run, parser=p)
 
 
 class _Printer:
@@ -85,24 +118,25 @@ def run(args: argparse.Namespace) -> int:
     from ..hf import SCXModel
     from ..zoo import load_hf
 
+    sampling = [f"--{n.replace('_', '-')}" for n in _SAMPLING_ONLY if getattr(args, n) is not None]
+    if sampling and not args.do_sample:  # greedy decoding would ignore them: refused, never ignored
+        args.parser.error(f"{', '.join(sampling)}: sampling options, given without --do-sample")
+    remote = [f"--{n.replace('_', '-')}" for n in _REMOTE_ONLY if getattr(args, n) is not None]
+    if remote and args.server is None:  # the in-process server would ignore them
+        args.parser.error(f"{', '.join(remote)}: options of a remote server, given without --server")
     model, tokenizer = load_hf(args.model)
     if args.prompt is not None:
         if tokenizer is None:
             raise ConfigError(f"model {args.model!r} has no tokenizer: pass --prompt-ids")
         ids = np.asarray(tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
     else:
-        try:
-            ids = np.array([int(t) for t in args.prompt_ids.split(",")], dtype=np.int64)
-        except ValueError:
-            raise ConfigError(
-                f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}"
-            ) from None
+        ids = np.array(args.prompt_ids, dtype=np.int64)
     server_options = None
     if args.server is not None:
         server_options = {
-            "timeout": args.timeout,
-            "connect_timeout": args.connect_timeout,
-            "tls_ca": args.tls_ca,
+            "timeout": 120.0 if args.timeout is None else args.timeout,
+            "connect_timeout": 10.0 if args.connect_timeout is None else args.connect_timeout,
+            "tls_ca": None if args.tls_ca is None else str(args.tls_ca),
         }
     scx = SCXModel.from_hf(
         model, level=args.level, dtype=args.dtype, server=args.server, server_options=server_options

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..zoo import MODEL_NAMES, parse_random, weights_names_help
+from ._args import device, float_at_least, input_file, int_at_least, require_device
 
 __all__ = ["build_backend", "register", "run"]
 
@@ -70,37 +71,74 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--model", required=True, help=f"model to serve: {weights_names_help()}")
     p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
-    p.add_argument("--port", type=int, default=d.port, help=f"gRPC port (default {d.port}; 0: any free port)")
+    p.add_argument(
+        "--port",
+        type=int_at_least(0, 65535),
+        default=d.port,
+        help=f"gRPC port (default {d.port}; 0: any free port)",
+    )
     p.add_argument(
         "--ops-port",
-        type=int,
+        type=int_at_least(-1, 65535),
         default=d.ops_port,
         help=f"HTTP port of /health and /metrics (default {d.ops_port}; 0: any free port; -1: none)",
     )
-    p.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--workers", type=int, default=d.workers, help=f"compute threads (default {d.workers})")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float64", "bfloat16", "float16"),
+        help="float32 (default), float64, bfloat16, float16",
+    )
+    p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument(
+        "--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)"
+    )
+    p.add_argument(
+        "--workers", type=int_at_least(1), default=d.workers, help=f"compute threads (default {d.workers})"
+    )
     p.add_argument(
         "--batch-rows",
-        type=int,
+        type=int_at_least(1),
         default=d.batch_rows,
         help=f"tile of the middle blocks' cross-session batches (default {d.batch_rows}; 1: no batching)",
     )
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="most gen_mid rows in one batch")
-    p.add_argument("--max-sessions", type=int, default=d.max_sessions, help="most sessions at once")
-    p.add_argument("--max-message-mb", type=int, default=d.max_message_bytes >> 20, help="largest frame, MiB")
-    p.add_argument("--max-rows", type=int, default=d.max_rows, help="most rows one session may reach")
-    p.add_argument("--max-decoys", type=int, default=d.max_decoys, help="most decoy rows at one stage")
     p.add_argument(
-        "--max-cache-mb", type=int, default=d.max_cache_bytes >> 20, help="all sessions' caches together, MiB"
+        "--max-batch", type=int_at_least(1), default=d.max_batch, help="most gen_mid rows in one batch"
     )
     p.add_argument(
-        "--idle-timeout", type=float, default=d.idle_timeout, help="seconds before an idle session is evicted"
+        "--max-sessions", type=int_at_least(1), default=d.max_sessions, help="most sessions at once"
     )
-    p.add_argument("--grace", type=float, default=d.grace, help="seconds open sessions get at shutdown")
-    p.add_argument("--tls-cert", default=None, help="PEM certificate (with --tls-key: serve scxs://)")
-    p.add_argument("--tls-key", default=None, help="PEM private key")
+    p.add_argument(
+        "--max-message-mb", type=int_at_least(1), default=d.max_message_bytes >> 20, help="largest frame, MiB"
+    )
+    p.add_argument(
+        "--max-rows", type=int_at_least(1), default=d.max_rows, help="most rows one session may reach"
+    )
+    p.add_argument(
+        "--max-decoys", type=int_at_least(1), default=d.max_decoys, help="most decoy rows at one stage"
+    )
+    p.add_argument(
+        "--max-cache-mb",
+        type=int_at_least(1),
+        default=d.max_cache_bytes >> 20,
+        help="all sessions' caches together, MiB",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float_at_least(0, strict=True),
+        default=d.idle_timeout,
+        help="seconds before an idle session is evicted",
+    )
+    p.add_argument(
+        "--grace",
+        type=float_at_least(0, strict=True),
+        default=d.grace,
+        help="seconds open sessions get at shutdown",
+    )
+    p.add_argument(
+        "--tls-cert", type=input_file, default=None, help="PEM certificate (with --tls-key: serve scxs://)"
+    )
+    p.add_argument("--tls-key", type=input_file, default=None, help="PEM private key")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run)
 
@@ -111,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     from ..protocol.server import Server
     from ..service.service import SCXService, ServeOptions
 
+    require_device(args.device)  # before any model is loaded
     opts = ServeOptions(
         host=args.host,
         port=args.port,
@@ -125,8 +164,8 @@ def run(args: argparse.Namespace) -> int:
         max_cache_bytes=args.max_cache_mb << 20,
         idle_timeout=args.idle_timeout,
         grace=args.grace,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
+        tls_cert=None if args.tls_cert is None else str(args.tls_cert),
+        tls_key=None if args.tls_key is None else str(args.tls_key),
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonLines())

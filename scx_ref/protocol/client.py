@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..backends.base import A, Backend, IndexArray, NormName, WeightName, split_qkv
-from ..errors import IntegrityError, ProtocolError, SCXError, SessionError
+from ..errors import IntegrityError, ProtocolError, SCXError, SessionError, note_tokens
 from ..keys import KeySchedule
 from ..stages import Stage
 from ..transforms import (
@@ -733,7 +733,7 @@ class Client(Generic[A]):
 
         ``n_new`` is checked before anything is sent (an integer ≥ 0 whose positions fit in
         ``max_length``; 0 sends nothing). An SCXError raised midway carries the tokens already made in
-        its ``tokens`` attribute.
+        its ``tokens`` attribute; any other exception (a custom transport's) lists them in a note.
         """
         if isinstance(n_new, bool) or not isinstance(n_new, (int, np.integer)) or n_new < 0:
             raise ProtocolError(f"n_new must be an integer >= 0, got {n_new!r}")
@@ -758,6 +758,9 @@ class Client(Generic[A]):
             self.close()
         except SCXError as exc:
             exc.tokens = list(out)
+            raise
+        except Exception as exc:  # not ours (e.g. a custom transport's): its class kept, the tokens noted
+            note_tokens(exc, out)
             raise
         return out
 

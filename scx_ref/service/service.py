@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -102,8 +103,14 @@ class ServeOptions:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
         for name in ("idle_timeout", "grace"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v <= 0:
-                raise ConfigError(f"{name} must be a number > 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+        for name in ("port", "ops_port"):
+            v = getattr(self, name)
+            if v is None and name == "ops_port":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
+                raise ConfigError(f"{name} must be a port number in [0, 65535], got {v!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
         self.server_limits()  # the server's own checks of the limits it shares
