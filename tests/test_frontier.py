@@ -272,3 +272,25 @@ def test_frontier_report_renders(tiny_run: dict[str, Any], tmp_path: Any) -> Non
         report.main([str(src), "--out", str(out), "--write-plots", str(tmp_path / "p"), "--plots", "p"]) == 0
     )
     assert "recovery vs cost" in out.read_text() and (tmp_path / "p" / "frontier.png").exists()
+
+
+@pytest.mark.slow
+def test_scx_attack_frontier_cli_writes_after_every_configuration(tmp_path: Any) -> None:
+    """``scx attack --frontier`` end to end on tiny-llama: the configurations run in the order asked (the
+    control first) and the JSON — rewritten after each one, so a run cut short keeps what it measured —
+    lists them in preset order, complete, with the command; the report renders it with the plot."""
+    import json
+
+    from scx_ref.cli import main
+
+    out, plots = tmp_path / "f.json", tmp_path / "plots"
+    argv = ["attack", "--model", "tiny-llama", "--frontier", "--quick", "--prompts", "2", "--length", "8"]
+    argv += ["--new", "3", "--configs", "blind,paper", "--json", str(out), "--plots", str(plots)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert [s["setting"] for s in res["settings"]] == ["plaintext", "paper", "blind"]
+    assert res["complete"] and res["missing"] == [] and "--frontier" in res["command"]
+    assert (plots / "frontier.png").exists() and not out.with_name("f.json.part").exists()
+    partial = dict(res, settings=res["settings"][:2], missing=["blind"], complete=False)
+    text = frontier.frontier_report(partial)
+    assert "Incomplete run" in text and "blind" in text.split("Incomplete run")[1].split("\n")[0]

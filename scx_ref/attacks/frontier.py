@@ -339,6 +339,14 @@ def frontier_report(
         "Recovery: the fraction of tokens recovered, pooled over prompts, with its 95 % Wilson interval; "
         "✓ = at the frequency-prior baseline (no higher than the baseline's upper bound).",
         "",
+    ]
+    if result.get("missing"):
+        lines += [
+            f"**Incomplete run:** not measured: {', '.join(result['missing'])} (the verdict covers only the "
+            "configurations below).",
+            "",
+        ]
+    lines += [
         _verdict_text(rows),
         "",
         frontier_markdown(rows),
