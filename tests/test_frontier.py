@@ -218,6 +218,11 @@ def test_frontier_table_plot_and_verdict(tiny_run: dict[str, Any], tmp_path: Any
     }
     merged = frontier.frontier_rows(tiny_run, bench)
     assert merged[3]["bench"]["prefill_n512"]["ratio_median"] == 1.2 and not merged[2]["bench"]
+    # a bench that names its presets: its level rows (here "paper", a level's default) are not the preset's
+    rows2 = [*bench["rows"], {"phase": "prefill", "n": 512, "ratio_median": 1.1, "level": "paper"}]
+    named = frontier.frontier_rows(tiny_run, {"meta": {"configs": {"blind": {}}}, "rows": rows2})
+    assert named[3]["bench"] and not named[2]["bench"]
+    assert frontier.frontier_rows(tiny_run, {"rows": rows2})[2]["bench"]  # without the list: by name
     path = frontier.plot_frontier(rows, tmp_path / "f.png", "tiny")
     assert path.exists() and path.stat().st_size > 0
     table = report.markdown_table(tiny_run, intervals=True)

@@ -101,8 +101,13 @@ def _worst(setting: dict[str, Any], target: str) -> tuple[str | None, dict[str, 
 
 
 def _bench_for(bench: dict[str, Any] | None, name: str) -> dict[str, Any]:
-    """Latency ratios of configuration ``name`` from an ``scx bench --json`` result (empty if absent)."""
+    """Latency ratios of configuration ``name`` from an ``scx bench --json`` result (empty if absent). A
+    result that lists its named configurations (``meta.configs``) matches only those: its plain
+    ``--levels`` rows are a level's default configuration, not the preset of the same name."""
     out: dict[str, Any] = {}
+    named = ((bench or {}).get("meta") or {}).get("configs")
+    if named is not None and name not in named:
+        return out
     for row in (bench or {}).get("rows", []):
         if row.get("config", row.get("level")) != name:
             continue
