@@ -39,6 +39,8 @@ def test_wilson_interval() -> None:
     # textbook value: 0.3 [0.108, 0.603] for 3 of 10
     assert wilson(3, 10) == pytest.approx((0.1078, 0.6032), abs=1e-3)
     assert wilson(0, 0) == (0.0, 1.0)
+    for n in range(1, 200):  # at k = 0 and k = n the interval still holds k/n exactly (no rounding past it)
+        assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0
     with pytest.raises(ValueError):
         wilson(5, 4)
 
@@ -213,6 +215,15 @@ def test_frontier_table_plot_and_verdict(tiny_run: dict[str, Any], tmp_path: Any
     fake = [dict(r) for r in rows]
     fake[2]["all_at_baseline"] = fake[3]["all_at_baseline"] = True
     assert frontier.cheapest_at_baseline(fake) is fake[2]  # paper's flop share is below blind's
+    # a latency for blind alone does not make it comparable with paper's flop share: still by flop share
+    fake[3] = dict(
+        fake[3], bench={"prefill_n512": {"n": 512, "ratio_median": 0.01, "total_ratio_median": 0.01}}
+    )
+    assert frontier.cheapest_at_baseline(fake) is fake[2]
+    fake[2] = dict(
+        fake[2], bench={"prefill_n512": {"n": 512, "ratio_median": 2.0, "total_ratio_median": 2.0}}
+    )
+    assert frontier.cheapest_at_baseline(fake) is fake[3]  # both benchmarked: by latency
     bench = {
         "rows": [{"config": "blind", "phase": "prefill", "n": 512, "ratio_median": 1.2, "level": "blind"}]
     }

@@ -150,12 +150,18 @@ def frontier_rows(result: dict[str, Any], bench: dict[str, Any] | None = None) -
     return rows
 
 
-def _cost_key(row: dict[str, Any]) -> float:
-    """What "cheapest" orders by: the prefill latency ratio at the longest benchmarked n with the offline
-    work counted (``total_ratio_median``: a pool entry per request), else the client's share of the
-    request's flops, online and offline together."""
-    prefills = [v for k, v in row["bench"].items() if k.startswith("prefill")]
-    if prefills:
+def _use_bench(rows: list[dict[str, Any]]) -> bool:
+    """Whether every row of ``rows`` has a benchmarked prefill (then latency orders them; one measure for
+    all rows, never latency for some and flop shares for others)."""
+    return bool(rows) and all(any(k.startswith("prefill") for k in r["bench"]) for r in rows)
+
+
+def _cost_key(row: dict[str, Any], use_bench: bool) -> float:
+    """What "cheapest" orders by: with ``use_bench``, the prefill latency ratio at the longest benchmarked n
+    with the offline work counted (``total_ratio_median``: a pool entry per request); else the client's
+    share of the request's flops, online and offline together."""
+    if use_bench:
+        prefills = [v for k, v in row["bench"].items() if k.startswith("prefill")]
         longest = max(prefills, key=lambda r: r["n"])
         return float(longest.get("total_ratio_median", longest["ratio_median"]))
     c = row["cost"]
@@ -163,9 +169,12 @@ def _cost_key(row: dict[str, Any]) -> float:
 
 
 def cheapest_at_baseline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The cheapest configuration (not the control) at which every attack is at its baseline, or None."""
+    """The cheapest configuration (not the control) at which every attack is at its baseline, or None.
+    Cheapest: by the benchmarked latency when every such configuration was benchmarked, else by the
+    client's flop share; ties go to the earlier row (the presets' order: cheaper options first)."""
     ok = [r for r in rows if not r["control"] and r["all_at_baseline"]]
-    return min(ok, key=_cost_key) if ok else None
+    use_bench = _use_bench(ok)
+    return min(ok, key=lambda r: _cost_key(r, use_bench)) if ok else None
 
 
 def _rate(r: dict[str, Any] | None) -> str:
@@ -203,7 +212,8 @@ def frontier_markdown(rows: list[dict[str, Any]]) -> str:
         e32 = r["exactness32"]
         ex = f"{e.get('max_rel_logit_err', float('nan')):.0e}"
         if e32:
-            ex += f" · {e32['rel_delta_ppl']:.0e} ({e32['greedy_identical']})"
+            fail = "" if e32.get("pass", True) else " ✗"
+            ex += f" · {e32['rel_delta_ppl']:.1e}{fail} ({e32['greedy_identical']})"
         lines.append(
             f"| {r['name']} | {_rate(r['prompt'])} {_short(r['prompt_attack'])} | "
             f"{_rate(r['generated'])} {_short(r['generated_attack'])} | {state} | {verdict} | "
@@ -261,14 +271,15 @@ def plot_frontier(rows: list[dict[str, Any]], path: str | Path, model: str = "")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     pts = [r for r in rows if not r["control"] and r["prompt"] is not None]
-    use_bench = all(r["bench"] for r in pts) and bool(pts)
+    use_bench = _use_bench(pts)
     fig, ax = plt.subplots(figsize=(8, 5))
     for target, marker, color in (("prompt", "o", "tab:red"), ("generated", "s", "tab:blue")):
         sel = [r for r in pts if r[target] is not None]
-        xs = np.array([_cost_key(r) for r in sel])
+        xs = np.array([_cost_key(r, use_bench) for r in sel])
         ys = np.array([r[target]["rate"] for r in sel])
-        lo = ys - np.array([r[target]["lo"] for r in sel])
-        hi = np.array([r[target]["hi"] for r in sel]) - ys
+        # clipped at 0: intervals stored before wilson() clamped its rounding may miss p by 1e-17
+        lo = np.clip(ys - np.array([r[target]["lo"] for r in sel]), 0.0, None)
+        hi = np.clip(np.array([r[target]["hi"] for r in sel]) - ys, 0.0, None)
         ax.errorbar(
             xs, ys, yerr=[lo, hi], fmt=marker, color=color, capsize=3, label=f"strongest {target} attack"
         )
@@ -305,8 +316,10 @@ def _verdict_text(rows: list[dict[str, Any]]) -> str:
                 lines.append(f"- {r['name']}: {above}")
         return "\n".join(lines)
     c = best["cost"]
+    ok = [r for r in rows if not r["control"] and r["all_at_baseline"]]
+    measure = "prefill latency with the offline work" if _use_bench(ok) else "the client's flop share"
     return (
-        f"**Cheapest configuration with every attack at its baseline: `{best['name']}`** "
+        f"**Cheapest configuration with every attack at its baseline (by {measure}): `{best['name']}`** "
         f"({best['summary']}) — "
         f"client flop share {_pct(c.get('client_flop_share_prefill'))} online + "
         f"{_pct(c.get('offline_flop_share_prefill'))} offline at prefill, "
