@@ -261,8 +261,10 @@ def _latency(bench: dict[str, Any]) -> str:
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: str | Path, model: str = "") -> Path:
-    """Recovery (the strongest prompt and generated-token attack, 95 % intervals) against cost (the
-    ordering cost of :func:`cheapest_at_baseline`), with the frequency-prior baseline band; PNG."""
+    """Recovery (the strongest prompt and generated-token attack, 95 % intervals) against cost, with the
+    frequency-prior baseline band; PNG. Two panels: the ordering cost of :func:`cheapest_at_baseline`
+    (latency or client flop share), and the bytes per generated token (log scale), where the guard blocks'
+    round trips show."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,34 +274,45 @@ def plot_frontier(rows: list[dict[str, Any]], path: str | Path, model: str = "")
     out.parent.mkdir(parents=True, exist_ok=True)
     pts = [r for r in rows if not r["control"] and r["prompt"] is not None]
     use_bench = _use_bench(pts)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for target, marker, color in (("prompt", "o", "tab:red"), ("generated", "s", "tab:blue")):
-        sel = [r for r in pts if r[target] is not None]
-        xs = np.array([_cost_key(r, use_bench) for r in sel])
-        ys = np.array([r[target]["rate"] for r in sel])
-        # clipped at 0: intervals stored before wilson() clamped its rounding may miss p by 1e-17
-        lo = np.clip(ys - np.array([r[target]["lo"] for r in sel]), 0.0, None)
-        hi = np.clip(np.array([r[target]["hi"] for r in sel]) - ys, 0.0, None)
-        ax.errorbar(
-            xs, ys, yerr=[lo, hi], fmt=marker, color=color, capsize=3, label=f"strongest {target} attack"
-        )
-        for x, y, r in zip(xs, ys, sel, strict=True):
-            if target == "prompt":
-                ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    base = [r["baseline_prompt"] for r in pts if r["baseline_prompt"]]
-    if base:
-        ax.axhspan(
-            0, max(b["hi"] for b in base), color="grey", alpha=0.2, label="frequency-prior baseline (95 %)"
-        )
-    ax.set_xlabel(
-        "prefill latency ratio with the offline mask derivation (SCX / plaintext)"
-        if use_bench
-        else "client flop share, online + offline"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    panels = (
+        (
+            lambda r: _cost_key(r, use_bench),
+            "prefill latency ratio with the offline mask derivation (SCX / plaintext)"
+            if use_bench
+            else "client flop share, online + offline",
+        ),
+        (lambda r: max(float(r["cost"].get("bytes_per_token", 0.0)), 1.0), "bytes per generated token (log)"),
     )
-    ax.set_ylabel("fraction of tokens recovered")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title(f"Recovery vs cost, {model}".rstrip(", "))
-    ax.legend(fontsize=8)
+    base = [r["baseline_prompt"] for r in pts if r["baseline_prompt"]]
+    for ax, (cost, label) in zip(axes, panels, strict=True):
+        for target, marker, color in (("prompt", "o", "tab:red"), ("generated", "s", "tab:blue")):
+            sel = [r for r in pts if r[target] is not None]
+            xs = np.array([cost(r) for r in sel])
+            ys = np.array([r[target]["rate"] for r in sel])
+            # clipped at 0: intervals stored before wilson() clamped its rounding may miss p by 1e-17
+            lo = np.clip(ys - np.array([r[target]["lo"] for r in sel]), 0.0, None)
+            hi = np.clip(np.array([r[target]["hi"] for r in sel]) - ys, 0.0, None)
+            ax.errorbar(
+                xs, ys, yerr=[lo, hi], fmt=marker, color=color, capsize=3, label=f"strongest {target} attack"
+            )
+            for x, y, r in zip(xs, ys, sel, strict=True):
+                if target == "prompt":
+                    ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if base:
+            ax.axhspan(
+                0,
+                max(b["hi"] for b in base),
+                color="grey",
+                alpha=0.2,
+                label="frequency-prior baseline (95 %)",
+            )
+        ax.set_xlabel(label)
+    axes[1].set_xscale("log")
+    axes[0].set_ylabel("fraction of tokens recovered")
+    axes[0].set_ylim(-0.05, 1.05)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Recovery vs cost, {model}".rstrip(", "))
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
