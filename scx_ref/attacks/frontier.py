@@ -20,6 +20,7 @@ from the model's weights):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -275,14 +276,21 @@ def plot_frontier(rows: list[dict[str, Any]], path: str | Path, model: str = "")
     pts = [r for r in rows if not r["control"] and r["prompt"] is not None]
     use_bench = _use_bench(pts)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
-    panels = (
-        (
-            lambda r: _cost_key(r, use_bench),
-            "prefill latency ratio with the offline mask derivation (SCX / plaintext)"
-            if use_bench
-            else "client flop share, online + offline",
-        ),
-        (lambda r: max(float(r["cost"].get("bytes_per_token", 0.0)), 1.0), "bytes per generated token (log)"),
+
+    def ordering(r: dict[str, Any]) -> float:
+        return _cost_key(r, use_bench)
+
+    def per_token(r: dict[str, Any]) -> float:
+        return max(float(r["cost"].get("bytes_per_token", 0.0)), 1.0)
+
+    first = (
+        "prefill latency ratio with the offline mask derivation (SCX / plaintext)"
+        if use_bench
+        else "client flop share, online + offline"
+    )
+    panels: tuple[tuple[Callable[[dict[str, Any]], float], str], ...] = (
+        (ordering, first),
+        (per_token, "bytes per generated token (log)"),
     )
     base = [r["baseline_prompt"] for r in pts if r["baseline_prompt"]]
     for ax, (cost, label) in zip(axes, panels, strict=True):
