@@ -310,3 +310,28 @@ def test_scx_attack_frontier_cli_writes_after_every_configuration(tmp_path: Any)
     partial = dict(res, settings=res["settings"][:2], missing=["blind"], complete=False)
     text = frontier.frontier_report(partial)
     assert "Incomplete run" in text and "blind" in text.split("Incomplete run")[1].split("\n")[0]
+
+
+def test_frontier_parts_merge(tiny_run: dict[str, Any], tmp_path: Any) -> None:
+    """A frontier run in parts: one result, the control once, every configuration in preset order, the
+    commands of both parts, nothing missing; parts of different samples are refused."""
+    import json
+
+    ctl, permute, paper, blind = tiny_run["settings"]
+    one = dict(
+        tiny_run, settings=[ctl, blind], command="scx attack A", missing=["paper", "permute"], seconds=2
+    )
+    two = dict(tiny_run, settings=[ctl, paper, permute], command="scx attack B", missing=[], seconds=3)
+    merged = frontier.merge_results([one, two])
+    assert [s["setting"] for s in merged["settings"]] == ["plaintext", "permute", "paper", "blind"]
+    assert merged["complete"] and merged["missing"] == [] and merged["seconds"] == 5.0
+    assert "scx attack A" in merged["command"] and "scx attack B" in merged["command"]
+    assert not frontier.merge_results([one])["complete"]
+    with pytest.raises(ConfigError):
+        frontier.merge_results([one, dict(two, prompt_len=11)])
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
+    a.write_text(json.dumps(dict(one, kind="frontier"), default=float))
+    b.write_text(json.dumps(dict(two, kind="frontier"), default=float))
+    md = tmp_path / "F.md"
+    assert report.main([str(a), "--with", str(b), "--merged", str(out), "--out", str(md)]) == 0
+    assert len(json.loads(out.read_text())["settings"]) == 4 and "Incomplete" not in md.read_text()

@@ -40,6 +40,7 @@ __all__ = [
     "frontier_markdown",
     "frontier_report",
     "frontier_rows",
+    "merge_results",
     "plot_frontier",
 ]
 
@@ -86,6 +87,40 @@ def exactness32(
         "pass": rec["pass"],
         "greedy_identical": f"{same}/{prompts}",
         "tokens": tokens,
+    }
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One frontier result from several ``scx attack --frontier`` runs of the same model and sample (a
+    long frontier run in parts): the control of the first, every configuration once (the first part that
+    measured it), in preset order; the commands of every part; ``missing`` what no part measured.
+    ConfigError when the parts differ in model, prompts, prompt length or generated tokens."""
+    from ..errors import ConfigError
+    from ..protocol.presets import preset_names
+
+    if not parts:
+        raise ConfigError("nothing to merge")
+    keys = ("model", "n_prompts", "prompt_len", "n_new", "public_tokens")
+    first = parts[0]
+    for other in parts[1:]:
+        diff = [k for k in keys if other.get(k) != first.get(k)]
+        if diff:
+            raise ConfigError(f"frontier parts differ in {', '.join(diff)}: not one sample")
+    order: dict[str | None, int] = {None: -1, **{n: i for i, n in enumerate(preset_names())}}
+    seen: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for setting in part["settings"]:
+            seen.setdefault(setting["setting"], setting)
+    settings = sorted(seen.values(), key=lambda r: order.get(r["preset"], len(order)))
+    missing = sorted({m for part in parts for m in part.get("missing", [])} - set(seen))
+    return {
+        **first,
+        "settings": settings,
+        "command": "\n    ".join(str(part.get("command", "?")) for part in parts),
+        "seconds": round(sum(float(part.get("seconds", 0.0)) for part in parts), 1),
+        "missing": missing,
+        "complete": not missing,
+        "parts": len(parts),
     }
 
 
