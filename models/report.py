@@ -72,14 +72,28 @@ def _equivalence(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _column(row: dict[str, Any]) -> str:
+    """A sweep row's column: its dtype, and where the blinded stages ran in float64 on a narrower run
+    (``wide``; rows from before the option have none), that too."""
+    return f"{row['dtype']}, blinded f64" if row.get("wide", False) else str(row["dtype"])
+
+
 def _sweep(rec: dict[str, Any]) -> list[str]:
-    dtypes = sorted({r["dtype"] for r in rec["rows"]})
+    dtypes = sorted({_column(r) for r in rec["rows"]})
     betas = sorted({r["beta"] for r in rec["rows"]})
-    by = {(r["dtype"], r["beta"]): r for r in rec["rows"]}
+    by = {(_column(r), r["beta"]): r for r in rec["rows"]}
     head = "| β | " + " | ".join(f"{d}: \\|ΔPPL\\|/PPL | {d}: max \\|Δlogit\\|" for d in dtypes) + " |"
+    wide = any(r.get("wide", False) for r in rec["rows"])
     lines = [
         f"Level `blind` on {rec['model']} ({rec['tokens']} tokens, windows of {rec['window']}); "
-        "✗ marks a run beyond the dtype's bound (float32 1e-5, float64 1e-9).",
+        "✗ marks a run beyond the dtype's bound (float32 1e-5, float64 1e-9)."
+        + (
+            " *blinded f64*: a float32 run whose blinded stages (the messages, the server's products on "
+            "them and the corrections) run in float64 (`blind_dtype`, chosen automatically above "
+            "β = 5); the bound is float32's."
+            if wide
+            else ""
+        ),
         "",
         head,
         "|---:|" + "---:|---:|" * len(dtypes),

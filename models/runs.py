@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from scx_ref.protocol import Level
+from scx_ref.protocol.config import BLIND_DTYPES, BlindDtype
 from scx_ref.zoo import MODEL_NAMES, load_model
 from scx_ref.zoo.corpus import corpus_tokens, prompts
 from scx_ref.zoo.engines import LogitsFn, plain_generate, plain_logits, scx_config, scx_generate, scx_logits
@@ -106,8 +107,14 @@ def sweep_run(
     window: int = 512,
     level: Level = "blind",
     progress: bool = False,
+    blind_dtype: BlindDtype = "backend",
 ) -> dict[str, Any]:
-    """ΔPPL against β at ``level`` (plaintext once per dtype); each row says if it meets PPL_CRITERION."""
+    """ΔPPL against β at ``level`` (plaintext once per dtype); each row says if it meets PPL_CRITERION.
+
+    ``blind_dtype`` (:class:`~scx_ref.protocol.SCXConfig`): ``backend`` blinds in the run's own dtype (the
+    rounding this sweep measures); ``auto`` runs the blinded stages in float64 where β exceeds
+    :data:`~scx_ref.protocol.config.F32_BETA_LIMIT` on a float32 run, ``float64`` always. Each row
+    records ``blind_dtype`` and ``wide`` (whether the blinded stages ran in float64)."""
     rows = []
     for dtype in dtypes:
         hf, tok, w = load_model(model, dtype)
@@ -116,7 +123,10 @@ def sweep_run(
         plain = plain_logits(hf, w, dtype)
         cached = [plain(ids[s]) for s in spans]
         for beta in betas:
-            cfg = scx_config(level, beta, max_length=min(w.config.max_positions, max(window, 16)))
+            cfg = scx_config(
+                level, beta, max_length=min(w.config.max_positions, max(window, 16)), blind_dtype=blind_dtype
+            )
+            wide = cfg.wide_blinding(np.dtype(dtype).itemsize)
             scx = scx_logits(w, dtype, cfg)
             res = compare_ppl(
                 ids,
@@ -126,7 +136,8 @@ def sweep_run(
                 progress_bar(f"{model} {dtype} β={beta:g}", progress),
             )
             crit = PPL_CRITERION[dtype]
-            row = {"dtype": dtype, "beta": beta, **res.to_dict(), "criterion_rel_delta_ppl": crit}
+            row = {"dtype": dtype, "beta": beta, "blind_dtype": blind_dtype, "wide": wide}
+            row.update({**res.to_dict(), "criterion_rel_delta_ppl": crit})
             rows.append({**row, "within": bool(res.rel_delta_ppl <= crit)})
     return {"kind": "sweep", "model": model, "level": level, "tokens": tokens, "window": window, "rows": rows}
 
@@ -144,6 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             s.add_argument("--betas", default="0.01,0.1,1,10,100,1000,1e4,1e5,1e6,1e7,1e8")
             s.add_argument("--tokens", type=int, default=1024)
             s.add_argument("--window", type=int, default=512)
+            s.add_argument(
+                "--blind-dtype",
+                choices=BLIND_DTYPES,
+                default="backend",
+                help="dtype of the blinded stages: the run's own (default, the rounding measured), float64 "
+                "above the float32 β limit (auto), or always float64",
+            )
         else:
             s.add_argument("--dtype", choices=("float32", "float64"), default="float32")
             s.add_argument("--level", choices=("permute", "paper", "blind"), default="permute")
@@ -165,7 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = f"generate-{a.model}-{a.dtype}-{a.level}"
     else:
         betas = [float(b) for b in a.betas.split(",")]
-        rec = sweep_run(a.model, a.dtypes.split(","), betas, a.tokens, a.window, progress=True)
+        rec = sweep_run(
+            a.model, a.dtypes.split(","), betas, a.tokens, a.window, progress=True, blind_dtype=a.blind_dtype
+        )
         name = f"sweep-{a.model}-blind"
     rec["command"] = "python -m scx_models.runs " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     rec["wall_seconds"] = time.perf_counter() - t0
@@ -178,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rec["kind"] == "sweep":
         for r in rec["rows"]:
             print(
-                f"{r['dtype']} beta={r['beta']:g} rel={r['rel_delta_ppl']:.3e} "
+                f"{r['dtype']}{' (blinded stages float64)' if r['wide'] else ''} beta={r['beta']:g} "
+                f"rel={r['rel_delta_ppl']:.3e} "
                 f"dlogit={r['max_abs_dlogit']:.3e}"
             )
     return 0 if rec.get("pass", True) else 1

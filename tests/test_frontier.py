@@ -39,6 +39,8 @@ def test_wilson_interval() -> None:
     # textbook value: 0.3 [0.108, 0.603] for 3 of 10
     assert wilson(3, 10) == pytest.approx((0.1078, 0.6032), abs=1e-3)
     assert wilson(0, 0) == (0.0, 1.0)
+    for n in range(1, 200):  # at k = 0 and k = n the interval still holds k/n exactly (no rounding past it)
+        assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0
     with pytest.raises(ValueError):
         wilson(5, 4)
 
@@ -213,11 +215,25 @@ def test_frontier_table_plot_and_verdict(tiny_run: dict[str, Any], tmp_path: Any
     fake = [dict(r) for r in rows]
     fake[2]["all_at_baseline"] = fake[3]["all_at_baseline"] = True
     assert frontier.cheapest_at_baseline(fake) is fake[2]  # paper's flop share is below blind's
+    # a latency for blind alone does not make it comparable with paper's flop share: still by flop share
+    fake[3] = dict(
+        fake[3], bench={"prefill_n512": {"n": 512, "ratio_median": 0.01, "total_ratio_median": 0.01}}
+    )
+    assert frontier.cheapest_at_baseline(fake) is fake[2]
+    fake[2] = dict(
+        fake[2], bench={"prefill_n512": {"n": 512, "ratio_median": 2.0, "total_ratio_median": 2.0}}
+    )
+    assert frontier.cheapest_at_baseline(fake) is fake[3]  # both benchmarked: by latency
     bench = {
         "rows": [{"config": "blind", "phase": "prefill", "n": 512, "ratio_median": 1.2, "level": "blind"}]
     }
     merged = frontier.frontier_rows(tiny_run, bench)
     assert merged[3]["bench"]["prefill_n512"]["ratio_median"] == 1.2 and not merged[2]["bench"]
+    # a bench that names its presets: its level rows (here "paper", a level's default) are not the preset's
+    rows2 = [*bench["rows"], {"phase": "prefill", "n": 512, "ratio_median": 1.1, "level": "paper"}]
+    named = frontier.frontier_rows(tiny_run, {"meta": {"configs": {"blind": {}}}, "rows": rows2})
+    assert named[3]["bench"] and not named[2]["bench"]
+    assert frontier.frontier_rows(tiny_run, {"rows": rows2})[2]["bench"]  # without the list: by name
     path = frontier.plot_frontier(rows, tmp_path / "f.png", "tiny")
     assert path.exists() and path.stat().st_size > 0
     table = report.markdown_table(tiny_run, intervals=True)
@@ -272,3 +288,50 @@ def test_frontier_report_renders(tiny_run: dict[str, Any], tmp_path: Any) -> Non
         report.main([str(src), "--out", str(out), "--write-plots", str(tmp_path / "p"), "--plots", "p"]) == 0
     )
     assert "recovery vs cost" in out.read_text() and (tmp_path / "p" / "frontier.png").exists()
+
+
+@pytest.mark.slow
+def test_scx_attack_frontier_cli_writes_after_every_configuration(tmp_path: Any) -> None:
+    """``scx attack --frontier`` end to end on tiny-llama: the configurations run in the order asked (the
+    control first) and the JSON — rewritten after each one, so a run cut short keeps what it measured —
+    lists them in preset order, complete, with the command; the report renders it with the plot."""
+    import json
+
+    from scx_ref.cli import main
+
+    out, plots = tmp_path / "f.json", tmp_path / "plots"
+    argv = ["attack", "--model", "tiny-llama", "--frontier", "--quick", "--prompts", "2", "--length", "8"]
+    argv += ["--new", "3", "--configs", "blind,paper", "--json", str(out), "--plots", str(plots)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert [s["setting"] for s in res["settings"]] == ["plaintext", "paper", "blind"]
+    assert res["complete"] and res["missing"] == [] and "--frontier" in res["command"]
+    assert (plots / "frontier.png").exists() and not out.with_name("f.json.part").exists()
+    partial = dict(res, settings=res["settings"][:2], missing=["blind"], complete=False)
+    text = frontier.frontier_report(partial)
+    assert "Incomplete run" in text and "blind" in text.split("Incomplete run")[1].split("\n")[0]
+
+
+def test_frontier_parts_merge(tiny_run: dict[str, Any], tmp_path: Any) -> None:
+    """A frontier run in parts: one result, the control once, every configuration in preset order, the
+    commands of both parts, nothing missing; parts of different samples are refused."""
+    import json
+
+    ctl, permute, paper, blind = tiny_run["settings"]
+    one = dict(
+        tiny_run, settings=[ctl, blind], command="scx attack A", missing=["paper", "permute"], seconds=2
+    )
+    two = dict(tiny_run, settings=[ctl, paper, permute], command="scx attack B", missing=[], seconds=3)
+    merged = frontier.merge_results([one, two])
+    assert [s["setting"] for s in merged["settings"]] == ["plaintext", "permute", "paper", "blind"]
+    assert merged["complete"] and merged["missing"] == [] and merged["seconds"] == 5.0
+    assert "scx attack A" in merged["command"] and "scx attack B" in merged["command"]
+    assert not frontier.merge_results([one])["complete"]
+    with pytest.raises(ConfigError):
+        frontier.merge_results([one, dict(two, prompt_len=11)])
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
+    a.write_text(json.dumps(dict(one, kind="frontier"), default=float))
+    b.write_text(json.dumps(dict(two, kind="frontier"), default=float))
+    md = tmp_path / "F.md"
+    assert report.main([str(a), "--with", str(b), "--merged", str(out), "--out", str(md)]) == 0
+    assert len(json.loads(out.read_text())["settings"]) == 4 and "Incomplete" not in md.read_text()

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,7 @@ def _run(client: Client[Any], weights: ModelWeights, link: Any) -> float:
     ref = ReferenceModel(weights)
     want, cache = ref.prefill(IDS)
     got = client.prefill(IDS, link)
+    assert client.cfg.verify and client.state is not None and client.state.verifier is not None
     err = float(np.abs(got - want).max() / np.abs(want).max())
     token = int(np.argmax(want[-1]))
     assert int(np.argmax(got[-1])) == token
@@ -63,6 +65,7 @@ def _run(client: Client[Any], weights: ModelWeights, link: Any) -> float:
         err = max(err, float(np.abs(g - w).max() / np.abs(w).max()))
         assert int(np.argmax(g)) == int(np.argmax(w)), f"greedy token differs at step {step}"
         token = int(np.argmax(w))
+    assert client.verify_worst > 0  # every reply was checked (Freivalds) before it was used
     return err
 
 
@@ -107,7 +110,7 @@ def test_hardened_preset_is_exact_and_its_view_has_no_clear_stage(model: str) ->
 torch = pytest.importorskip("torch")
 
 
-@pytest.mark.parametrize("model", ["dense", "moe"])
+@pytest.mark.parametrize("model", list(MODELS))
 def test_float32_and_wide_blinding(model: str) -> None:
     """float32: within the bound at β = 5; at β = 1000 float32 blinding is far off (its rounding grows
     with β), and ``blind_dtype="auto"`` runs the blinded stages in float64 and is back within float32's
@@ -127,6 +130,34 @@ def test_float32_and_wide_blinding(model: str) -> None:
     assert errors[(5.0, "auto")] < 1e-4
     assert errors[(1000.0, "backend")] > 10 * errors[(1000.0, "auto")]
     assert errors[(1000.0, "auto")] < 1e-5
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["float64", "float32-wide"])
+def test_hardened_replies_are_verified(wide: bool) -> None:
+    """Every reply of the hardened configuration is checked before use: W_o and the LM head sent blinded
+    at each step (gen_o, gen_head), a client-attention guard block's QKV stage, a last guard block's
+    generation QKV — ×1.001 on any of them is an IntegrityError, also when the blinded stages travel in
+    float64 from a float32 client (β above the float32 limit); without verification the same tampering
+    silently changes the logits (the control)."""
+    from scx_ref.backends.torch_backend import TorchBackend
+    from tests.test_adversarial_server import detected, on, scaled, undetected_and_wrong
+    from tests.test_adversarial_server import weights as adv_weights
+
+    w = adv_weights(bias=True)
+    cfg = replace(preset("hardened").config(w.config.n_layers), r1=2, r2=2)
+    backend = None
+    if wide:
+        cfg = replace(cfg, beta=20.0)
+        backend = TorchBackend(w.astype(np.float32), torch.float32)
+        assert Client(backend, KeySchedule(MASTER, bytes(16)), cfg).wide
+    for stage, nth in ((Stage.GEN_O, 0), (Stage.GEN_O, 5), (Stage.GEN_HEAD, 1), (Stage.QKV, 2)):
+        detected(w, cfg, on(stage, scaled(1.001), nth=nth), backend=backend)
+    L = w.config.n_layers
+    last_qkv = on(Stage.GEN_QKV, scaled(1.001), nth=L - 1)  # step 0's message of the last block
+    detected(w, cfg, last_qkv, backend=backend)
+    if not wide:
+        undetected_and_wrong(w, cfg, on(Stage.GEN_O, scaled(1.001)))
+        undetected_and_wrong(w, cfg, on(Stage.GEN_HEAD, scaled(1.001)))
 
 
 def _raw(server: Server[Any], client: Client[Any], stage: Stage, layer: int, step: int, **arrays: Any) -> Any:

@@ -280,12 +280,24 @@ def test_report_renders_tables() -> None:
                     "max_abs_dlogit": 1e-1,
                     "within": False,
                 },
+                {  # the same β with the blinded stages in float64: a column of its own
+                    "dtype": "float32",
+                    "beta": 100.0,
+                    "blind_dtype": "auto",
+                    "wide": True,
+                    "rel_delta_ppl": 2e-8,
+                    "max_abs_dlogit": 3e-4,
+                    "within": True,
+                },
             ],
         },
     ]
     md = render(recs)
     assert "| smollm2 | float32 | permute | 4096 | 10 | 10 | 1.0e-06 (≤ 1e-05) | 2.0e-04 | 7/8" in md
     assert "**FAIL**" in md and "1.0e-04 ✗" in md and "python -m scx_models.runs sweep" in md
+    assert "float32, blinded f64: \\|ΔPPL\\|/PPL" in md
+    assert "| 100 | 1.0e-04 ✗ | 1.0e-01 | 2.0e-08 | 3.0e-04 |" in md
+    assert "| 1 | 1.0e-07 | 1.0e-03 | — | — |" in md
 
 
 # -- SmolLM2: the headline claim, guarded in CI -----------------------------------------------------

@@ -227,6 +227,7 @@ def _run_frontier(args: argparse.Namespace, model: Any, tok: Any, weights: Any, 
     from tqdm import tqdm
 
     from ..dp.sensitivity import model_sensitivities
+    from ..protocol.presets import preset_names
     from . import frontier, harness, llm_reorder, report
 
     count, length = args.prompts or 5, args.length or 48
@@ -242,7 +243,10 @@ def _run_frontier(args: argparse.Namespace, model: Any, tok: Any, weights: Any, 
 
         for name in wanted:
             preset(name)  # ConfigError for an unknown name
-        settings = [s for s in settings if s.preset is None or s.preset in wanted]
+        by_name = {s.preset: s for s in settings}
+        # the control first, then the presets in the order asked (a long run does the ones wanted most
+        # first; the JSON lists them in preset order)
+        settings = [by_name[None], *(by_name[name] for name in dict.fromkeys(wanted))]
     lm: llm_reorder.LanguageModel
     if tok is not None:
         bos = tok.bos_token_id if tok.bos_token_id is not None else 0
@@ -260,14 +264,8 @@ def _run_frontier(args: argparse.Namespace, model: Any, tok: Any, weights: Any, 
         bar.update(1)
 
     sens = model_sensitivities(weights, embedding="bound")
-    results = []
-    for s in settings:
-        res = harness.run_setting(ctx, s, victims, n_new, progress=step)
-        res["dp"] = frontier.dp_summary(sens, s.config, length, n_new)
-        if args.exactness and s.preset is not None:
-            res["exactness32"] = frontier.exactness32(args.model, s.config)
-        results.append(res)
-    bar.close()
+    order: dict[str | None, int] = {None: -1, **{name: i for i, name in enumerate(preset_names())}}
+    results: list[dict[str, Any]] = []
     result: dict[str, Any] = {
         "kind": "frontier",
         "model": weights.config.name,
@@ -278,15 +276,29 @@ def _run_frontier(args: argparse.Namespace, model: Any, tok: Any, weights: Any, 
         "command": command_line(sys.argv[1:] if sys.argv[0].endswith("scx") else _argv(args)),
         "victims": "pydoc_data.topics odd-indexed topics (public text: even-indexed)",
         "public_tokens": len(public),
-        "seconds": round(time.perf_counter() - t0, 1),
+        "complete": False,
+        "missing": [s.name for s in settings],
     }
+    for s in settings:
+        res = harness.run_setting(ctx, s, victims, n_new, progress=step)
+        res["dp"] = frontier.dp_summary(sens, s.config, length, n_new)
+        if args.exactness and s.preset is not None:
+            res["exactness32"] = frontier.exactness32(args.model, s.config)
+        results.append(res)
+        results.sort(key=lambda r: order[r["preset"]])
+        result["missing"] = [m for m in result["missing"] if m != s.name]
+        result["complete"] = not result["missing"]
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        if args.json:  # after every configuration: a run cut short keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            part = args.json.with_name(args.json.name + ".part")
+            part.write_text(json.dumps(result, indent=1, default=float))
+            part.replace(args.json)  # never a half-written file
+    bar.close()
     bench = json.loads(args.bench.read_text()) if args.bench else None
     rows = frontier.frontier_rows(result, bench)
     print(frontier.frontier_markdown(rows))
     print(report.markdown_table(result, intervals=True))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=float))
     if args.plots:
         path = frontier.plot_frontier(rows, Path(args.plots) / "frontier.png", result["model"])
         print(f"wrote {path}")

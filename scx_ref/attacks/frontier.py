@@ -20,6 +20,7 @@ from the model's weights):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ __all__ = [
     "frontier_markdown",
     "frontier_report",
     "frontier_rows",
+    "merge_results",
     "plot_frontier",
 ]
 
@@ -88,6 +90,40 @@ def exactness32(
     }
 
 
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One frontier result from several ``scx attack --frontier`` runs of the same model and sample (a
+    long frontier run in parts): the control of the first, every configuration once (the first part that
+    measured it), in preset order; the commands of every part; ``missing`` what no part measured.
+    ConfigError when the parts differ in model, prompts, prompt length or generated tokens."""
+    from ..errors import ConfigError
+    from ..protocol.presets import preset_names
+
+    if not parts:
+        raise ConfigError("nothing to merge")
+    keys = ("model", "n_prompts", "prompt_len", "n_new", "public_tokens")
+    first = parts[0]
+    for other in parts[1:]:
+        diff = [k for k in keys if other.get(k) != first.get(k)]
+        if diff:
+            raise ConfigError(f"frontier parts differ in {', '.join(diff)}: not one sample")
+    order: dict[str | None, int] = {None: -1, **{n: i for i, n in enumerate(preset_names())}}
+    seen: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for setting in part["settings"]:
+            seen.setdefault(setting["setting"], setting)
+    settings = sorted(seen.values(), key=lambda r: order.get(r["preset"], len(order)))
+    missing = sorted({m for part in parts for m in part.get("missing", [])} - set(seen))
+    return {
+        **first,
+        "settings": settings,
+        "command": "\n    ".join(str(part.get("command", "?")) for part in parts),
+        "seconds": round(sum(float(part.get("seconds", 0.0)) for part in parts), 1),
+        "missing": missing,
+        "complete": not missing,
+        "parts": len(parts),
+    }
+
+
 def _worst(setting: dict[str, Any], target: str) -> tuple[str | None, dict[str, Any] | None]:
     """The attack of ``target`` with the highest pooled recovery (its key and rate record)."""
     best: tuple[str | None, dict[str, Any] | None] = (None, None)
@@ -101,8 +137,13 @@ def _worst(setting: dict[str, Any], target: str) -> tuple[str | None, dict[str, 
 
 
 def _bench_for(bench: dict[str, Any] | None, name: str) -> dict[str, Any]:
-    """Latency ratios of configuration ``name`` from an ``scx bench --json`` result (empty if absent)."""
+    """Latency ratios of configuration ``name`` from an ``scx bench --json`` result (empty if absent). A
+    result that lists its named configurations (``meta.configs``) matches only those: its plain
+    ``--levels`` rows are a level's default configuration, not the preset of the same name."""
     out: dict[str, Any] = {}
+    named = ((bench or {}).get("meta") or {}).get("configs")
+    if named is not None and name not in named:
+        return out
     for row in (bench or {}).get("rows", []):
         if row.get("config", row.get("level")) != name:
             continue
@@ -145,12 +186,18 @@ def frontier_rows(result: dict[str, Any], bench: dict[str, Any] | None = None) -
     return rows
 
 
-def _cost_key(row: dict[str, Any]) -> float:
-    """What "cheapest" orders by: the prefill latency ratio at the longest benchmarked n with the offline
-    work counted (``total_ratio_median``: a pool entry per request), else the client's share of the
-    request's flops, online and offline together."""
-    prefills = [v for k, v in row["bench"].items() if k.startswith("prefill")]
-    if prefills:
+def _use_bench(rows: list[dict[str, Any]]) -> bool:
+    """Whether every row of ``rows`` has a benchmarked prefill (then latency orders them; one measure for
+    all rows, never latency for some and flop shares for others)."""
+    return bool(rows) and all(any(k.startswith("prefill") for k in r["bench"]) for r in rows)
+
+
+def _cost_key(row: dict[str, Any], use_bench: bool) -> float:
+    """What "cheapest" orders by: with ``use_bench``, the prefill latency ratio at the longest benchmarked n
+    with the offline work counted (``total_ratio_median``: a pool entry per request); else the client's
+    share of the request's flops, online and offline together."""
+    if use_bench:
+        prefills = [v for k, v in row["bench"].items() if k.startswith("prefill")]
         longest = max(prefills, key=lambda r: r["n"])
         return float(longest.get("total_ratio_median", longest["ratio_median"]))
     c = row["cost"]
@@ -158,9 +205,12 @@ def _cost_key(row: dict[str, Any]) -> float:
 
 
 def cheapest_at_baseline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The cheapest configuration (not the control) at which every attack is at its baseline, or None."""
+    """The cheapest configuration (not the control) at which every attack is at its baseline, or None.
+    Cheapest: by the benchmarked latency when every such configuration was benchmarked, else by the
+    client's flop share; ties go to the earlier row (the presets' order: cheaper options first)."""
     ok = [r for r in rows if not r["control"] and r["all_at_baseline"]]
-    return min(ok, key=_cost_key) if ok else None
+    use_bench = _use_bench(ok)
+    return min(ok, key=lambda r: _cost_key(r, use_bench)) if ok else None
 
 
 def _rate(r: dict[str, Any] | None) -> str:
@@ -198,7 +248,8 @@ def frontier_markdown(rows: list[dict[str, Any]]) -> str:
         e32 = r["exactness32"]
         ex = f"{e.get('max_rel_logit_err', float('nan')):.0e}"
         if e32:
-            ex += f" · {e32['rel_delta_ppl']:.0e} ({e32['greedy_identical']})"
+            fail = "" if e32.get("pass", True) else " ✗"
+            ex += f" · {e32['rel_delta_ppl']:.1e}{fail} ({e32['greedy_identical']})"
         lines.append(
             f"| {r['name']} | {_rate(r['prompt'])} {_short(r['prompt_attack'])} | "
             f"{_rate(r['generated'])} {_short(r['generated_attack'])} | {state} | {verdict} | "
@@ -246,8 +297,10 @@ def _latency(bench: dict[str, Any]) -> str:
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: str | Path, model: str = "") -> Path:
-    """Recovery (the strongest prompt and generated-token attack, 95 % intervals) against cost (the
-    ordering cost of :func:`cheapest_at_baseline`), with the frequency-prior baseline band; PNG."""
+    """Recovery (the strongest prompt and generated-token attack, 95 % intervals) against cost, with the
+    frequency-prior baseline band; PNG. Two panels: the ordering cost of :func:`cheapest_at_baseline`
+    (latency or client flop share), and the bytes per generated token (log scale), where the guard blocks'
+    round trips show."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,34 +309,53 @@ def plot_frontier(rows: list[dict[str, Any]], path: str | Path, model: str = "")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     pts = [r for r in rows if not r["control"] and r["prompt"] is not None]
-    use_bench = all(r["bench"] for r in pts) and bool(pts)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for target, marker, color in (("prompt", "o", "tab:red"), ("generated", "s", "tab:blue")):
-        sel = [r for r in pts if r[target] is not None]
-        xs = np.array([_cost_key(r) for r in sel])
-        ys = np.array([r[target]["rate"] for r in sel])
-        lo = ys - np.array([r[target]["lo"] for r in sel])
-        hi = np.array([r[target]["hi"] for r in sel]) - ys
-        ax.errorbar(
-            xs, ys, yerr=[lo, hi], fmt=marker, color=color, capsize=3, label=f"strongest {target} attack"
-        )
-        for x, y, r in zip(xs, ys, sel, strict=True):
-            if target == "prompt":
-                ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    base = [r["baseline_prompt"] for r in pts if r["baseline_prompt"]]
-    if base:
-        ax.axhspan(
-            0, max(b["hi"] for b in base), color="grey", alpha=0.2, label="frequency-prior baseline (95 %)"
-        )
-    ax.set_xlabel(
+    use_bench = _use_bench(pts)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+
+    def ordering(r: dict[str, Any]) -> float:
+        return _cost_key(r, use_bench)
+
+    def per_token(r: dict[str, Any]) -> float:
+        return max(float(r["cost"].get("bytes_per_token", 0.0)), 1.0)
+
+    first = (
         "prefill latency ratio with the offline mask derivation (SCX / plaintext)"
         if use_bench
         else "client flop share, online + offline"
     )
-    ax.set_ylabel("fraction of tokens recovered")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title(f"Recovery vs cost, {model}".rstrip(", "))
-    ax.legend(fontsize=8)
+    panels: tuple[tuple[Callable[[dict[str, Any]], float], str], ...] = (
+        (ordering, first),
+        (per_token, "bytes per generated token (log)"),
+    )
+    base = [r["baseline_prompt"] for r in pts if r["baseline_prompt"]]
+    for ax, (cost, label) in zip(axes, panels, strict=True):
+        for target, marker, color in (("prompt", "o", "tab:red"), ("generated", "s", "tab:blue")):
+            sel = [r for r in pts if r[target] is not None]
+            xs = np.array([cost(r) for r in sel])
+            ys = np.array([r[target]["rate"] for r in sel])
+            # clipped at 0: intervals stored before wilson() clamped its rounding may miss p by 1e-17
+            lo = np.clip(ys - np.array([r[target]["lo"] for r in sel]), 0.0, None)
+            hi = np.clip(np.array([r[target]["hi"] for r in sel]) - ys, 0.0, None)
+            ax.errorbar(
+                xs, ys, yerr=[lo, hi], fmt=marker, color=color, capsize=3, label=f"strongest {target} attack"
+            )
+            for x, y, r in zip(xs, ys, sel, strict=True):
+                if target == "prompt":
+                    ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if base:
+            ax.axhspan(
+                0,
+                max(b["hi"] for b in base),
+                color="grey",
+                alpha=0.2,
+                label="frequency-prior baseline (95 %)",
+            )
+        ax.set_xlabel(label)
+    axes[1].set_xscale("log")
+    axes[0].set_ylabel("fraction of tokens recovered")
+    axes[0].set_ylim(-0.05, 1.05)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Recovery vs cost, {model}".rstrip(", "))
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -300,8 +372,10 @@ def _verdict_text(rows: list[dict[str, Any]]) -> str:
                 lines.append(f"- {r['name']}: {above}")
         return "\n".join(lines)
     c = best["cost"]
+    ok = [r for r in rows if not r["control"] and r["all_at_baseline"]]
+    measure = "prefill latency with the offline work" if _use_bench(ok) else "the client's flop share"
     return (
-        f"**Cheapest configuration with every attack at its baseline: `{best['name']}`** "
+        f"**Cheapest configuration with every attack at its baseline (by {measure}): `{best['name']}`** "
         f"({best['summary']}) — "
         f"client flop share {_pct(c.get('client_flop_share_prefill'))} online + "
         f"{_pct(c.get('offline_flop_share_prefill'))} offline at prefill, "
@@ -339,6 +413,14 @@ def frontier_report(
         "Recovery: the fraction of tokens recovered, pooled over prompts, with its 95 % Wilson interval; "
         "✓ = at the frequency-prior baseline (no higher than the baseline's upper bound).",
         "",
+    ]
+    if result.get("missing"):
+        lines += [
+            f"**Incomplete run:** not measured: {', '.join(result['missing'])} (the verdict covers only the "
+            "configurations below).",
+            "",
+        ]
+    lines += [
         _verdict_text(rows),
         "",
         frontier_markdown(rows),

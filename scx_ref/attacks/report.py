@@ -308,8 +308,25 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a frontier's `scx bench --configs ... --json` latency result",
     )
+    p.add_argument(
+        "--with",
+        dest="more",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="more parts of the same frontier run (scx attack --frontier --configs ...): merged with JSON",
+    )
+    p.add_argument(
+        "--merged", type=Path, default=None, help="with --with: write the merged frontier JSON here"
+    )
     a = p.parse_args(argv)
     result = json.loads(a.json.read_text())
+    if a.more:
+        from .frontier import merge_results
+
+        result = merge_results([result, *(json.loads(m.read_text()) for m in a.more)])
+        if a.merged:
+            a.merged.write_text(json.dumps(result, indent=1, default=float))
     findings = a.findings.read_text() if a.findings else ""
     if result.get("kind") == "frontier":
         from . import frontier

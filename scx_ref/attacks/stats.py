@@ -41,7 +41,7 @@ def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float]:
     den = 1.0 + z * z / n
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
+    return min(max(0.0, mid - half), p), max(min(1.0, mid + half), p)  # rounding must not exclude p
 
 
 @dataclass(frozen=True)

@@ -612,7 +612,8 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
     """The human-readable report."""
     lines = [
         f"scx bench — model {model}, {device}, {dtype}; baseline: {baseline}",
-        "ratio = median(SCX, keys derived ahead) / median(baseline); total = with the key derivation",
+        "ratio (online) = median(SCX, keys and masks derived ahead) / median(baseline); total (online + "
+        "offline) = with that derivation",
         f"{'phase':8} {'n':>5} {'level':14} {'ratio':>7} {'total':>7} {'cpu':>7} {'vsPR':>6} {'base':>9} "
         f"{'plainR':>9} {'scx':>9} {'keys':>8} {'mem':>6} {'state':>6} {'client':>7} {'verify':>7}",
     ]
@@ -628,6 +629,15 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
             f"{r.state_ratio:6.2f} {100 * r.client_flop_share:6.2f}% "
             + (f"{r.verify_ratio:7.3f}" if r.verify_ratio is not None else "      -")
         )
+    for r in rows:
+        if r.pool:
+            per_token, per_step = r.pool["bytes_per_prompt_token"] / 1024, r.pool["bytes_per_step"] / 1024
+            lines.append(
+                f"pool {r.phase} {r.level}: an entry holds {per_token:.1f} KiB per prompt token and "
+                f"{per_step:.1f} KiB per decode step; filled at "
+                f"{r.pool['prompt_tokens_per_s']:.0f} prompt tokens/s; offline flop share "
+                f"{100 * r.offline_flop_share:.1f}%"
+            )
     lines.append(
         "base/plainR/scx/keys: median seconds (decode: per token); vsPR: SCX / PlainRunner; cpu: process CPU "
         "time ratio; mem: peak-memory ratio (- when the run's growth is below 1 MiB); state: KV-state bytes "

@@ -10,10 +10,13 @@ from .config import Level, SCXConfig
 from .cost import CostMeter, CostReport, StageCost
 from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys
 from .messages import Reply, Request
+from .pool import MaskPool
+from .presets import PRESETS, Preset, preset
 from .server import Server
 from .transport import LocalTransport, ServerView, Transport, ViewedMessage
 
 __all__ = [
+    "PRESETS",
     "CalibrationPool",
     "Client",
     "CostMeter",
@@ -22,7 +25,9 @@ __all__ = [
     "GaussianDecoys",
     "Level",
     "LocalTransport",
+    "MaskPool",
     "Phase",
+    "Preset",
     "Reply",
     "Request",
     "SCXConfig",
@@ -32,4 +37,5 @@ __all__ = [
     "StageCost",
     "Transport",
     "ViewedMessage",
+    "preset",
 ]

@@ -13,15 +13,21 @@ from ..errors import ConfigError
 __all__ = [
     "ATTENTION_SITES",
     "BETA_KINDS",
+    "BLIND_DTYPES",
     "F32_BETA_LIMIT",
     "GEN_LINEAR_SITES",
     "LEVELS",
+    "BlindDtype",
     "Level",
     "SCXConfig",
     "guard_blocks",
 ]
 
 Level = Literal["permute", "paper", "blind"]
+#: The dtype of blinded messages (``SCXConfig.blind_dtype``).
+BlindDtype = Literal["auto", "backend", "float64"]
+#: Its values.
+BLIND_DTYPES: tuple[BlindDtype, ...] = ("auto", "backend", "float64")
 #: The privacy levels, weakest first.
 LEVELS: tuple[Level, ...] = ("permute", "paper", "blind")
 #: The kinds of blinded input a per-kind β may be set for (see :mod:`scx_ref.protocol.plan`).
@@ -99,7 +105,7 @@ class SCXConfig:
     last_ffn: Literal["exact", "paper"] = "exact"
     attention: Literal["server", "client"] = "server"
     gen_linear: Literal["client", "server"] = "client"
-    blind_dtype: Literal["auto", "backend", "float64"] = "auto"
+    blind_dtype: BlindDtype = "auto"
     decoys: Literal["calibration", "gaussian"] = "calibration"
     max_length: int | None = None
     verify: bool = True
@@ -132,7 +138,7 @@ class SCXConfig:
             raise ConfigError(f"attention must be 'server' or 'client', got {self.attention!r}")
         if self.gen_linear not in ("client", "server"):
             raise ConfigError(f"gen_linear must be 'client' or 'server', got {self.gen_linear!r}")
-        if self.blind_dtype not in ("auto", "backend", "float64"):
+        if self.blind_dtype not in BLIND_DTYPES:
             raise ConfigError(f"blind_dtype must be 'auto', 'backend' or 'float64', got {self.blind_dtype!r}")
         if self.decoys not in ("calibration", "gaussian"):
             raise ConfigError(f"decoys must be 'calibration' or 'gaussian', got {self.decoys!r}")
