@@ -25,7 +25,7 @@ import numpy.typing as npt
 from ..arrays import A, ArrayOps, IndexArray
 from ..config import ModelConfig
 
-__all__ = ["A", "ArrayOps", "Backend", "IndexArray", "NormName", "WeightName", "split_qkv"]
+__all__ = ["A", "ArrayOps", "Backend", "IndexArray", "NormName", "WeightName", "out_width", "split_qkv"]
 
 #: The per-layer linear maps the protocol applies (and a client may blind with T5, so needs ηW for).
 WeightName = Literal["wqkv", "wo", "w_gate_up", "w_down", "router", "lm_head"]
@@ -99,6 +99,19 @@ class Backend(ArrayOps[A], Protocol[A]):
     def softmax_values(self, scores: A, v: A) -> A:
         """softmax(scores)·v per head, scores (H, rows_q, rows_k) → rows_q × H × d_h."""
         ...
+
+
+def out_width(c: ModelConfig, which: WeightName) -> int:
+    """The output width of the named weight matrix W (in × out; one expert's map of an MoE layer): the
+    width of a linear stage's reply per row."""
+    return {
+        "wqkv": c.q_dim + 2 * c.kv_dim,
+        "wo": c.hidden_size,
+        "w_gate_up": 2 * c.intermediate_size,
+        "w_down": c.hidden_size,
+        "router": c.n_experts,
+        "lm_head": c.vocab_size,
+    }[which]
 
 
 def split_qkv(b: Backend[A], z: A) -> tuple[A, A, A]:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Generic
 import numpy as np
 import numpy.typing as npt
 
-from ..backends.base import A, Backend, IndexArray, NormName, WeightName, split_qkv
+from ..backends.base import A, Backend, IndexArray, NormName, WeightName, out_width, split_qkv
 from ..errors import IntegrityError, ProtocolError, SCXError, SessionError, note_tokens
 from ..keys import KeySchedule
 from ..stages import Stage
@@ -263,7 +263,7 @@ class Client(Generic[A]):
         if experts is not None:
             meta["experts"] = experts.tolist()
         rows, width = b.shape(x)
-        expect = {reply_key: (rows, self._out_width(which))}
+        expect = {reply_key: (rows, out_width(self.c, which))}
         wl = -1 if which == "lm_head" else layer
         norm_layer = -1 if norm == "final" else layer
         release = self.plan.find(stage, layer, expert)
@@ -288,17 +288,6 @@ class Client(Generic[A]):
         self.meter.matmul(stage, rows, width, bb.shape(y)[1], "offline" if ahead else "client")
         out = unblind(bb.floating(y, "reply", finite=False), correction, bb)
         return b.floating(out, "unblinded", finite=False) if self.wide else out
-
-    def _out_width(self, which: WeightName) -> int:
-        c = self.c
-        return {
-            "wqkv": c.q_dim + 2 * c.kv_dim,
-            "wo": c.hidden_size,
-            "w_gate_up": 2 * c.intermediate_size,
-            "w_down": c.hidden_size,
-            "router": c.n_experts,
-            "lm_head": c.vocab_size,
-        }[which]
 
     def _mlp_stage(self, link: Transport, stage: Stage, layer: int, step: int, x: A) -> A:
         """The server's norm + MLP on rows ``x`` in one message (un-blinded FFN stages): with verification

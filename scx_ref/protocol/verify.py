@@ -75,7 +75,7 @@ from typing import Any, Generic
 import numpy as np
 import numpy.typing as npt
 
-from ..backends.base import A, Backend, NormName, WeightName
+from ..backends.base import A, Backend, NormName, WeightName, out_width
 from ..errors import IntegrityError, SCXError
 from ..keys import KeySchedule
 from ..stages import Stage
@@ -217,7 +217,7 @@ class SketchCache:
             epoch = self.epoch
         if sk is not None:
             return sk
-        out_dim = self._out_dim(which)
+        out_dim = out_width(self.b.config, which)
         # the basis is shared by an MoE layer's experts (the down check sums over experts with one r)
         basis = gaussian(self.keys.stream(basis_label(epoch, which, layer, None)), (out_dim, self.m))
         wb, col_sq = self.b.weight_sketch(which, layer, expert, basis)
@@ -230,17 +230,6 @@ class SketchCache:
             if self.epoch == epoch:
                 self._sketches.setdefault(key, sk)
         return sk
-
-    def _out_dim(self, which: WeightName) -> int:
-        c = self.b.config
-        return {
-            "wqkv": c.q_dim + 2 * c.kv_dim,
-            "wo": c.hidden_size,
-            "w_gate_up": 2 * c.intermediate_size,
-            "w_down": c.hidden_size,
-            "router": c.n_experts,
-            "lm_head": c.vocab_size,
-        }[which]
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ __all__ = [
     "encode_hello",
     "encode_reply",
     "encode_request",
+    "grpc_options",
     "reply_from",
     "request_from",
     "to_wire_array",
@@ -321,3 +322,16 @@ def reply_from(frame: Frame) -> Reply:
         raise WireError(f"expected a reply frame, got {frame.kind.name.lower()}")
     session, stage, layer, step, seq, meta = _common(frame)
     return Reply(session, stage, layer, step, seq, dict(frame.arrays), meta)
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """The gRPC channel options both ends use: frames up to ``max_message_bytes`` (plus a header's
+    slack) each way, HTTP/2 keepalive every 20 s (a vanished peer is noticed within 30 s), no retries."""
+    size = max_message_bytes + 1024
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]

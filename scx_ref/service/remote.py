@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from ..errors import ConfigError, SCXError, ServiceError
 from ..protocol.cost import CostMeter
 from ..protocol.messages import Reply, Request
-from .codec import FrameKind, WireLimits, decode, encode_hello, encode_request, reply_from
+from .codec import FrameKind, WireLimits, decode, encode_hello, encode_request, grpc_options, reply_from
 from .service import METHOD, model_fingerprint
 
 __all__ = ["RemoteTransport", "parse_url"]
@@ -141,15 +141,7 @@ class RemoteTransport:
     def _connect(self) -> None:
         import grpc
 
-        size = self.max_message_bytes + 1024
-        options = [
-            ("grpc.max_receive_message_length", size),
-            ("grpc.max_send_message_length", size),
-            ("grpc.keepalive_time_ms", 20_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.enable_retries", 0),
-        ]
+        options = [*grpc_options(self.max_message_bytes), ("grpc.enable_retries", 0)]
         target = f"{self.host}:{self.port}"
         if self.tls:
             root = None

@@ -50,6 +50,7 @@ from .codec import (
     encode_error,
     encode_hello,
     encode_reply,
+    grpc_options,
     request_from,
 )
 
@@ -232,13 +233,8 @@ class SCXService:
         import grpc
 
         opts = self.opts
-        size = opts.max_message_bytes + 1024
         options = [
-            ("grpc.max_receive_message_length", size),
-            ("grpc.max_send_message_length", size),
-            ("grpc.keepalive_time_ms", 20_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
+            *grpc_options(opts.max_message_bytes),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.so_reuseport", 0),
         ]
