@@ -477,7 +477,7 @@ def test_head_permutation_is_normalised_and_its_indices_memoised_read_only() -> 
 
 def test_laplace_noise_clamps_u_zero_and_keeps_dtype_and_shape() -> None:
     """u = 0 is the one uniform where 1 − 2|s| = 0: the clamp turns it into the finite extreme
-    −β·53·ln 2 instead of −inf; β = 0 gives zeros of the requested dtype; a source that returns a flat
+    −β·53·ln 2 instead of −inf; u = ½ (s = 0) gives exactly 0; β = 0 gives zeros of the requested dtype; a source that returns a flat
     array or float32 uniforms gives the same noise as float64 uniforms of the right shape."""
 
     class Fixed:
@@ -487,9 +487,9 @@ def test_laplace_noise_clamps_u_zero_and_keeps_dtype_and_shape() -> None:
         def random(self, size: Any = None) -> Any:
             return self.u
 
-    eta = laplace_noise((3,), 2.0, Fixed(np.array([0.0, 0.25, 0.75])))
+    eta = laplace_noise((4,), 2.0, Fixed(np.array([0.0, 0.25, 0.5, 0.75])))
     np.testing.assert_allclose(
-        eta, [-2.0 * 53 * np.log(2.0), 2.0 * np.log(0.5), -2.0 * np.log(0.5)], rtol=1e-12
+        eta, [-2.0 * 53 * np.log(2.0), 2.0 * np.log(0.5), 0.0, -2.0 * np.log(0.5)], rtol=1e-12
     )
     zeros = laplace_noise((2, 2), 0.0, Fixed(None), dtype=np.float32)
     assert zeros.dtype == np.float32 and zeros.shape == (2, 2) and not zeros.any()
