@@ -138,6 +138,14 @@ def _gen_mid(client: Client[Any], l_s: int, x: np.ndarray) -> Any:
     return Request(st.keys.session_id, Stage.GEN_MID, l_s, 0, st.seq, {"x": x}, {}, st.token)
 
 
+def _gen_qkv(client: Client[Any]) -> Any:
+    """The gen_qkv message of step 0 for block 0 (a first guard block)."""
+    st = client.state
+    assert st is not None
+    x = np.linspace(-1.0, 1.0, CFG.hidden_size)[None, :]
+    return Request(st.keys.session_id, Stage.GEN_QKV, 0, 0, st.seq, {"x": x}, {}, st.token)
+
+
 def test_handle_batch_equals_handle_for_several_sessions() -> None:
     """Three sessions' gen_mid rows in one handle_batch call — two share their middle blocks (one tile of
     two rows), the third has other middle blocks (its own group) — get bit for bit the replies, caches and
@@ -145,14 +153,21 @@ def test_handle_batch_equals_handle_for_several_sessions() -> None:
     are answered in their own slots."""
     guards = [1, 1, 2]
     xs = [np.random.default_rng(i).normal(size=(1, CFG.hidden_size)) for i in range(3)]
-    batched, bclients = _sessions(2, guards)
-    alone, aclients = _sessions(2, guards)
+    batched, bclients = _sessions(2, [*guards, 1])
+    alone, aclients = _sessions(2, [*guards, 1])
+    bclients, (bfourth,) = bclients[:3], bclients[3:]
+    aclients, (afourth,) = aclients[:3], aclients[3:]
     seqs = [batched.sessions[c.session].seq for c in bclients]
     want = [alone.handle(_gen_mid(c, g, x)) for c, g, x in zip(aclients, guards, xs, strict=True)]
+    want_qkv = alone.handle(_gen_qkv(afourth))
     reqs = [_gen_mid(c, g, x) for c, g, x in zip(bclients, guards, xs, strict=True)]
-    out = batched.handle_batch([*reqs, "junk"])  # type: ignore[list-item]
-    assert len(out) == 4
-    assert isinstance(out[3], SCXError) and "must be a Request" in str(out[3])
+    out = batched.handle_batch([_gen_qkv(bfourth), *reqs, "junk"])  # type: ignore[list-item]
+    assert len(out) == 5
+    assert isinstance(out[4], SCXError) and "must be a Request" in str(out[4])
+    qkv = out[0]  # not a gen_mid message: handled on its own, in its own slot
+    assert not isinstance(qkv, SCXError) and qkv.stage is Stage.GEN_QKV and qkv.session == bfourth.session
+    np.testing.assert_array_equal(qkv.arrays["z"], want_qkv.arrays["z"])
+    out = out[1:]
     for got, exp, client, seq in zip(out[:3], want, bclients, seqs, strict=True):
         assert not isinstance(got, SCXError), got
         assert (got.session, got.stage, got.layer, got.step, got.seq) == (
@@ -178,6 +193,9 @@ def test_handle_batch_equals_handle_for_several_sessions() -> None:
             == alone.cost(client.session).stages[Stage.GEN_MID].server_flops
         )
     assert batched.cache_bytes == alone.cache_bytes
+    with pytest.raises(ProtocolError) as info:
+        batched.handle_batch([reqs[0], reqs[0]])
+    assert str(info.value) == "handle_batch takes at most one message per session"
     # the rows really differ (the batch did not answer every session with one row)
     assert not np.array_equal(out[0].arrays["x"], out[1].arrays["x"])  # type: ignore[union-attr]
 
@@ -543,3 +561,142 @@ def test_refusals_say_exactly_what_was_wrong(build: Any, error: type[Exception],
     with pytest.raises(error) as info:
         lv.server.handle(request)
     assert str(info.value) == message.format(seq=seq, seq1=seq + 1)
+
+
+# --- rollback, eviction and lock order ------------------------------------------------------------------
+
+
+def test_a_message_that_fails_after_its_reservation_releases_it() -> None:
+    """A QKV message whose array is refused inside the stage (after its cache bytes and key commitment were
+    reserved) gives both back: the byte total is as before, and the same commitment is then accepted."""
+    lv = Live()
+    sid_token = lv.fresh()
+    before = lv.server.cache_bytes
+    bad = lv.on(sid_token, Stage.QKV, 0, arrays={"x": x(N + R1 + 1)}, commit=COMMIT)
+    with pytest.raises(ShapeError):
+        lv.server.handle(bad)
+    assert lv.server.cache_bytes == before
+    assert COMMIT not in lv.server._pending and COMMIT not in lv.server._commits
+    lv.server.handle(lv.on(sid_token, Stage.QKV, 0, arrays={"x": x(N + R1)}, commit=COMMIT))
+    grown = (N + R1) * (Q + 2 * KV) * 8
+    assert lv.server.cache_bytes == before + grown and COMMIT in lv.server._commits
+
+
+def test_a_failed_batch_releases_every_reservation() -> None:
+    """When computing a batch's middle blocks fails, every gen_mid message of it gives its cache bytes back
+    and the error reaches the caller; the sessions take the same messages afterwards."""
+    server, clients = _sessions(2, [1, 1])
+    before = server.cache_bytes
+    seqs = [server.sessions[c.session].seq for c in clients]
+    reqs = [_gen_mid(c, 1, x(1)) for c in clients]
+    real = server._mid_compute
+
+    def broken(items: Any) -> Any:
+        raise RuntimeError("device lost")
+
+    server._mid_compute = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match=r"^device lost$"):
+        server.handle_batch(reqs)
+    assert server.cache_bytes == before
+    assert [server.sessions[c.session].seq for c in clients] == seqs
+    server._mid_compute = real  # type: ignore[method-assign]
+    out = server.handle_batch(reqs)
+    assert all(not isinstance(r, SCXError) for r in out)
+    assert server.cache_bytes == before + 2 * 2 * (2 * KV) * 8  # two sessions, two middle blocks each
+
+
+def test_handle_batch_takes_the_session_locks_in_session_order() -> None:
+    """Locks are taken in one global order (by session id), whatever the order of the batch: with the
+    smaller id's lock held elsewhere, a batch listing the larger id first has not taken the larger one's
+    lock yet (the order that keeps two batches from deadlocking)."""
+    import threading
+    import time
+
+    server, clients = _sessions(2, [1, 1])
+    first, second = sorted(clients, key=lambda c: c.session)
+    reqs = [_gen_mid(second, 1, x(1)), _gen_mid(first, 1, x(1))]
+    lock_first, lock_second = server.sessions[first.session].lock, server.sessions[second.session].lock
+    out: list[Any] = []
+    with lock_first:
+        worker = threading.Thread(target=lambda: out.extend(server.handle_batch(reqs)))
+        worker.start()
+        time.sleep(0.5)  # the batch is now waiting for the first lock
+        assert not lock_second.locked(), "the batch took the larger session id's lock first"
+    worker.join(30)
+    assert not worker.is_alive() and len(out) == 2 and all(not isinstance(r, SCXError) for r in out)
+
+
+def test_drop_ends_a_session_without_its_token() -> None:
+    lv = Live()
+    sid = lv.client.session
+    assert lv.server.cache_bytes > 0
+    assert lv.server.drop("ee" * 16) is False  # no such session
+    s = lv.server.sessions[sid]
+    assert s.raw and s.locked and s.cache_bytes > 0
+    assert lv.server.drop(sid) is True
+    assert sid not in lv.server.sessions and lv.server.cache_bytes == 0
+    # the session object a message may still hold is marked closed and emptied
+    assert s.closed is True and s.cache_bytes == 0 and not s.raw and not s.valid and not s.locked
+    with pytest.raises(SessionError, match=r"^unknown session or invalid session token$"):
+        lv.server.cost(sid)
+    assert lv.server.drop(sid) is False  # already gone
+    with pytest.raises(SessionError, match=r"^unknown session or invalid session token$"):
+        lv.server.handle(lv.req(Stage.GEN_QKV, 0, 0, {"x": x(1)}))
+
+
+def test_evict_idle_counts_every_idle_session_and_skips_a_busy_one() -> None:
+    import threading
+
+    from scx_ref.protocol.limits import ServerLimits
+
+    now = [100.0]
+    w = random_weights(CFG, np.random.default_rng(11))
+    server: Server[Any] = Server(NumpyBackend(w), ServerLimits(idle_ttl=10.0), clock=lambda: now[0])
+    sids = []
+    for _ in range(3):
+        sid = KeySchedule.new_nonce().hex()
+        server.handle(Request(sid, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
+        sids.append(sid)
+    now[0] += 11.0
+    busy = server.sessions[sids[0]].lock
+    counted: list[int] = []
+    with busy:  # a session handling a message is not evicted (and eviction does not wait for it)
+        worker = threading.Thread(target=lambda: counted.append(server.evict_idle()))
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive(), "evict_idle waited for a busy session"
+    assert counted == [2] and set(server.sessions) == {sids[0]}
+    assert server.evict_idle() == 1 and server.sessions == {}
+
+
+def test_a_session_closed_while_a_message_waits_for_it_takes_nothing() -> None:
+    """A message (or a drop) that found its session and then waited for its lock while the session was
+    closed gets the no-session answer: the closed flag is checked again under the lock."""
+    import threading
+    import time
+
+    lv = Live()
+    sid = lv.client.session
+    s = lv.server.sessions[sid]
+    results: list[Any] = []
+
+    def send() -> None:
+        try:
+            results.append(lv.server.handle(lv.req(Stage.GEN_QKV, 0, 0, {"x": x(1)})))
+        except SCXError as exc:
+            results.append(exc)
+
+    with s.lock:  # as while the session handles a close message
+        waiters = [
+            threading.Thread(target=send),
+            threading.Thread(target=lambda: results.append(lv.server.drop(sid))),
+        ]
+        for t in waiters:
+            t.start()
+        time.sleep(0.5)  # both have looked the session up and wait for its lock
+        lv.server._close(sid, s)
+    for t in waiters:
+        t.join(30)
+    assert len(results) == 2 and False in results
+    (refusal,) = [r for r in results if r is not False]
+    assert isinstance(refusal, SessionError) and str(refusal) == "unknown session or invalid session token"

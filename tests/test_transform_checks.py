@@ -477,8 +477,9 @@ def test_head_permutation_is_normalised_and_its_indices_memoised_read_only() -> 
 
 def test_laplace_noise_clamps_u_zero_and_keeps_dtype_and_shape() -> None:
     """u = 0 is the one uniform where 1 − 2|s| = 0: the clamp turns it into the finite extreme
-    −β·53·ln 2 instead of −inf; u = ½ (s = 0) gives exactly 0; β = 0 gives zeros of the requested dtype; a source that returns a flat
-    array or float32 uniforms gives the same noise as float64 uniforms of the right shape."""
+    −β·53·ln 2 instead of −inf; u = ½ (s = 0) gives exactly 0; β = 0 gives zeros of the requested dtype;
+    a source that returns a flat array or float32 uniforms gives the same noise as float64 uniforms of the
+    right shape."""
 
     class Fixed:
         def __init__(self, u: Any) -> None:
