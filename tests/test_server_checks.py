@@ -700,3 +700,77 @@ def test_a_session_closed_while_a_message_waits_for_it_takes_nothing() -> None:
     assert len(results) == 2 and False in results
     (refusal,) = [r for r in results if r is not False]
     assert isinstance(refusal, SessionError) and str(refusal) == "unknown session or invalid session token"
+
+
+# --- MoE stages naming several experts in one message -------------------------------------------------
+
+MOE = ModelConfig(
+    vocab_size=32,
+    hidden_size=16,
+    n_layers=3,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=4,
+    intermediate_size=12,
+    n_experts=4,
+    top_k=2,
+    max_positions=32,
+)
+
+
+def test_moe_stages_size_their_arrays_and_flops_by_the_experts_named() -> None:
+    """A blinded MoE message may name up to top_k experts: the server expects and returns arrays as wide as
+    the experts named (their gate/up or down matrices stacked), counts the flops of that width, and only
+    the message marked last (or not marked) finishes the block's FFN."""
+    w = random_weights(MOE, np.random.default_rng(3))
+    b = NumpyBackend(w)
+    server: Server[Any] = Server(b)
+    d, f, rows = MOE.hidden_size, MOE.intermediate_size, N + R1
+    sid = KeySchedule.new_nonce().hex()
+    token = str(
+        server.handle(Request(sid, Stage.OPEN, -1, -1, 0, {}, dict(OPEN_META, level="blind"))).meta["token"]
+    )
+
+    def send(stage: Stage, layer: int, arrays: dict[str, Any], step: int = -1, **meta: Any) -> Any:
+        return server.handle(Request(sid, stage, layer, step, server.sessions[sid].seq, arrays, meta, token))
+
+    gen = np.random.default_rng(0)
+    send(Stage.QKV, 0, {"x": gen.normal(size=(rows, d))}, commit=COMMIT)
+    two = np.array([0, 2])
+    xs = gen.normal(size=(rows, d))
+    up = send(Stage.FFN, 0, {"x": xs}, normalized=True, experts=[0, 2])
+    assert up.arrays["y"].shape == (rows, 2 * 2 * f)
+    np.testing.assert_array_equal(up.arrays["y"], b.project(xs, "w_gate_up", 0, two))
+    assert server.cost(sid).stages[Stage.FFN].server_flops == 2 * rows * d * (2 * 2 * f)
+    m = gen.normal(size=(rows, 2 * f))
+    down = send(Stage.FFN_DOWN, 0, {"m": m}, experts=[0, 2], last=False)
+    np.testing.assert_array_equal(down.arrays["y"], b.project(m, "w_down", 0, two))
+    assert server.cost(sid).stages[Stage.FFN_DOWN].server_flops == 2 * rows * (2 * f) * d
+    assert server.sessions_snapshot(sid)["ffn_done"] == -1  # not the block's last expert message
+    send(Stage.FFN_DOWN, 0, {"m": m[:, :f]}, experts=[3])  # "last" absent: the last one
+    assert server.sessions_snapshot(sid)["ffn_done"] == 0
+    send(Stage.QKV, 1, {"x": gen.normal(size=(rows, d))}, commit="cd" * 32)
+    send(Stage.FFN_DOWN, 1, {"m": m}, experts=[1, 3], last=True)
+    assert server.sessions_snapshot(sid)["ffn_done"] == 1
+
+    # generation: a guard block's blinded MoE stages, two experts in one message
+    client: Client[Any] = Client(b, KeySchedule(bytes(range(32)), bytes(range(40, 56))), LIVE_SCX)
+    link = LocalTransport(server)
+    client.prefill(IDS, link)
+    st = client.state
+    assert st is not None
+
+    def gen_send(stage: Stage, arrays: dict[str, Any], **meta: Any) -> Any:
+        seq = server.sessions[client.session].seq
+        return server.handle(Request(client.session, stage, 0, 0, seq, arrays, meta, st.token))
+
+    meter = server.cost(client.session).stages
+    before_up, before_down = meter[Stage.GEN_FFN_UP].server_flops, meter[Stage.GEN_FFN_DOWN].server_flops
+    x1 = gen.normal(size=(1, d))
+    up1 = gen_send(Stage.GEN_FFN_UP, {"x": x1}, normalized=True, experts=[1, 2])
+    np.testing.assert_array_equal(up1.arrays["y"], b.project(x1, "w_gate_up", 0, np.array([1, 2])))
+    m1 = gen.normal(size=(1, 2 * f))
+    down1 = gen_send(Stage.GEN_FFN_DOWN, {"m": m1}, experts=[1, 2])
+    np.testing.assert_array_equal(down1.arrays["y"], b.project(m1, "w_down", 0, np.array([1, 2])))
+    assert meter[Stage.GEN_FFN_UP].server_flops - before_up == 2 * d * (2 * 2 * f)
+    assert meter[Stage.GEN_FFN_DOWN].server_flops - before_down == 2 * (2 * f) * d
