@@ -774,3 +774,23 @@ def test_moe_stages_size_their_arrays_and_flops_by_the_experts_named() -> None:
     np.testing.assert_array_equal(down1.arrays["y"], b.project(m1, "w_down", 0, np.array([1, 2])))
     assert meter[Stage.GEN_FFN_UP].server_flops - before_up == 2 * d * (2 * 2 * f)
     assert meter[Stage.GEN_FFN_DOWN].server_flops - before_down == 2 * (2 * f) * d
+
+
+def test_the_middle_blocks_run_on_tiles_of_batch_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``batch_rows`` is the tile the server's middle blocks run on (what makes a session's rows the same
+    alone or batched): every block_rows call of a gen_mid message gets it, with the sessions' positions."""
+    import scx_ref.protocol.server as server_module
+    from scx_ref.forward import block_rows
+
+    tiles: list[tuple[int, list[int]]] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        tile = args[5] if len(args) > 5 else kwargs.get("tile", 1)  # block_rows' default tile is 1
+        tiles.append((tile, [int(p) for p in args[3]]))
+        return block_rows(*args, **kwargs)
+
+    monkeypatch.setattr(server_module, "block_rows", recording)
+    server, clients = _sessions(3, [1, 1])
+    server.handle_batch([_gen_mid(c, 1, x(1)) for c in clients])
+    # two middle blocks, both sessions in one call each; prompts of 4 and 5 tokens, step 0
+    assert tiles == [(3, [4, 5]), (3, [4, 5])]
