@@ -15,6 +15,9 @@ or the reason it is equivalent (:mod:`mutation.annotations`). The exit status is
 marked ``explained`` has a survivor that is neither, when an annotation no longer matches its mutant, or
 when a "killed by" test does not fail on its mutant.
 
+``--report-only`` runs no mutmut: it reports the results the last runs left in the scratch copies (for a run
+that had to be stopped, its unreached mutants are counted as *not run*).
+
 ``--which-test`` (after a run) runs the target's selected tests (or ``--tests``) against the given mutants
 and prints the first test that fails on each: the test to name in ``mutation/annotations.toml``.
 
@@ -182,13 +185,17 @@ def _sync_tests(target: Target) -> None:
 
 
 def run_mutmut(
-    target: Target, max_children: int, resume: bool = False
+    target: Target, max_children: int, resume: bool = False, report_only: bool = False
 ) -> tuple[float, tuple[float, float], float]:
     """Run mutmut on one target: (wall seconds, load average at start and end, CPU seconds).
 
     With ``resume`` only the mutants the previous run left undetected are run again (on the current tests);
     the times returned are the previous run's plus this one's."""
     before: dict[str, Any] = {}
+    if report_only:  # no mutmut: the results and times the earlier runs left
+        runs = json.loads(_timing_file(target).read_text(encoding="utf-8"))["runs"]
+        load0 = (runs[0]["load"][0], runs[-1]["load"][1])
+        return sum(r["seconds"] for r in runs), load0, sum(r["cpu"] for r in runs)
     if resume:
         if not (_scratch(target) / "mutants").exists() or not _timing_file(target).exists():
             raise SystemExit(
@@ -381,23 +388,25 @@ def write_report(
         f"- CPU time of the mutmut runs: {sum(o.cpu_seconds for o in outcomes) / 60:.1f} min",
         "",
         "killed % = (killed + timed out) / all mutants; score = the same over the mutants that are not",
-        "equivalent. *survived* counts only survivors that are neither killed nor listed as equivalent.",
+        "equivalent. *survived* counts only survivors that are neither killed nor listed as equivalent;",
+        "*not run*: mutants a stopped run never reached (`--report-only` after stopping it).",
         "",
         "The machine may be shared: *load* is the 1-minute load average when the module's run started",
         "and ended (on 2 CPUs, a load of 4 means about half the CPU time went to mutmut); *CPU* is the CPU",
         "time of mutmut and its workers, so CPU / number of CPUs estimates the wall time on an idle machine.",
         "",
-        "| module | mutants | killed | timed out | equivalent | survived | no tests | killed % | score | wall"
-        " | load | CPU |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| module | mutants | killed | timed out | equivalent | survived | no tests | not run | killed %"
+        " | score | wall | load | CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for o in outcomes:
         n, det, eq = len(o.mutants), o.count(*DETECTED), len(o.equivalent())
         survived = sum(m.status == "survived" for m in o.unexplained())
-        no_tests = sum(m.status != "survived" for m in o.unexplained())
+        not_run = sum(m.status == "not checked" for m in o.unexplained())
+        no_tests = sum(m.status not in ("survived", "not checked") for m in o.unexplained())
         lines.append(
             f"| `{o.target.path}` | {n} | {o.count('killed')} | {o.count('timeout')} | {eq} | {survived} |"
-            f" {no_tests} | {_pct(det, n)} | {_pct(det, n - eq)} | {o.seconds / 60:.1f} min |"
+            f" {no_tests} | {not_run} | {_pct(det, n)} | {_pct(det, n - eq)} | {o.seconds / 60:.1f} min |"
             f" {o.load[0]:.1f} → {o.load[1]:.1f} | {o.cpu_seconds / 60:.1f} min |"
         )
     for o in outcomes:
@@ -480,6 +489,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="re-run only the mutants the last run left undetected (docstring)",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run no mutmut: report what the last runs left (a stopped run's unreached mutants: 'not run')",
+    )
     parser.add_argument("--which-test", nargs="+", metavar="TARGET MUTANT", help="see the module docstring")
     parser.add_argument("--tests", nargs="+", default=[], help="with --which-test: the tests to try")
     args = parser.parse_args(argv)
@@ -500,7 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes = []
     for target in selected:
         print(f"mutation: {target.path} ...", flush=True)
-        seconds, load, cpu = run_mutmut(target, args.max_children, resume=args.resume)
+        seconds, load, cpu = run_mutmut(
+            target, args.max_children, resume=args.resume, report_only=args.report_only
+        )
         outcome = collect(target, seconds)
         outcome.load, outcome.cpu_seconds = load, cpu
         outcome.runs = json.loads(_timing_file(target).read_text(encoding="utf-8"))["runs"]
