@@ -26,7 +26,7 @@ results, copies the current tests into it and re-runs only the mutants the earli
 those annotated as equivalent — mutmut's own incremental mode: tests were only added, so a mutant killed
 before stays killed. New tests must go into files the target already selects (a changed selection makes
 mutmut discard every result). The report counts the earlier run and the resumed ones together (times
-added; each run is listed).
+added; each run is listed). Mutants a stopped run never reached are not run by ``--resume`` either.
 """
 
 from __future__ import annotations
@@ -176,6 +176,12 @@ def _undetected(target: Target) -> list[str]:
     ]
 
 
+def _not_run(target: Target) -> set[str]:
+    """The mutants the target's last run never reached (it was stopped)."""
+    meta = json.loads((_scratch(target) / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
+    return {name for name, code in meta["exit_code_by_key"].items() if code is None}
+
+
 def _sync_tests(target: Target) -> None:
     """Copy the current tests (and test helpers) over the scratch copy's, for a resumed run."""
     scratch = _scratch(target)
@@ -204,7 +210,8 @@ def run_mutmut(
         scratch = _scratch(target)
         before = json.loads(_timing_file(target).read_text(encoding="utf-8"))
         _sync_tests(target)
-        names = [n for n in _undetected(target) if n not in EQUIVALENT]  # equivalent ones stay as they were
+        # equivalent ones stay as they were; so do the mutants a stopped run never reached (still "not run")
+        names = [n for n in _undetected(target) if n not in EQUIVALENT and n not in _not_run(target)]
     else:
         scratch = prepare(target)
         names = []
@@ -229,20 +236,18 @@ def run_mutmut(
         log_name = "mutmut-resume.log" if resume else "mutmut.log"
         tail = (scratch / log_name).read_text(encoding="utf-8", errors="replace")[-3000:]
         raise SystemExit(f"mutmut run failed for {target.name} (exit {proc.returncode}):\n{tail}")
-    runs = [
-        *before.get("runs", []),
-        {
-            "seconds": seconds,
-            "load": list(load),
-            "cpu": cpu,
-            "rerun": len(names) if resume else None,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        },
-    ]
+    this = {
+        "seconds": seconds,
+        "load": list(load),
+        "cpu": cpu,
+        "rerun": len(names) if resume else None,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    runs = [*before.get("runs", []), *([this] if proc is not None else [])]  # a resume with nothing to re-run
     _timing_file(target).write_text(json.dumps({"runs": runs}, indent=1), encoding="utf-8")
     total = sum(r["seconds"] for r in runs)
     total_cpu = sum(r["cpu"] for r in runs)
-    return total, (runs[0]["load"][0], load[1]), total_cpu
+    return total, (runs[0]["load"][0], runs[-1]["load"][1]), total_cpu
 
 
 def _diff_lines(scratch: Path, target: Target, name: str) -> tuple[str, str]:
