@@ -794,3 +794,33 @@ def test_the_middle_blocks_run_on_tiles_of_batch_rows(monkeypatch: pytest.Monkey
     server.handle_batch([_gen_mid(c, 1, x(1)) for c in clients])
     # two middle blocks, both sessions in one call each; prompts of 4 and 5 tokens, step 0
     assert tiles == [(3, [4, 5]), (3, [4, 5])]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("level", ["blind", "paper"])
+def test_shared_keys_decode_the_middle_caches_exactly(level: str, backend: str) -> None:
+    """At level blind the QKV stage is noised, so the server must also remove α·W from the raw keys and
+    values when a key is shared: the valid caches then equal the plaintext model's, row for row."""
+    w = random_weights(CFG, np.random.default_rng(5))
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        from scx_ref.backends.torch_backend import TorchBackend
+
+        b: Any = TorchBackend(w, torch.float64)
+    else:
+        b = NumpyBackend(w)
+    server: Server[Any] = Server(b)
+    link = LocalTransport(server)
+    scx = SCXConfig(level=level, r1=R1, r2=1, r_lock=R_LOCK, l_s=1, l_e=1, max_length=9)
+    client: Client[Any] = Client(b, KeySchedule(bytes(range(1, 33)), bytes(range(16))), scx)
+    _, cache = ReferenceModel(w).prefill(IDS)
+    client.prefill(IDS, link)
+    client.share_keys(link)
+    snap = server.sessions_snapshot(client.session)
+    assert sorted(snap["valid"]) == [1, 2]
+    for layer in (1, 2):
+        _close(snap["valid"][layer][0], cache.keys[layer])
+        _close(snap["valid"][layer][1], cache.values[layer])
+    flops = server.cost(client.session).stages[Stage.SHARE].server_flops
+    d, rows = CFG.hidden_size, N + R1
+    assert flops == (2 * 2 * rows * d * (Q + 2 * KV) if level == "blind" else 0)  # α·W_qkv per middle block
