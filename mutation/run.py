@@ -201,7 +201,8 @@ def run_mutmut(
     if report_only:  # no mutmut: the results and times the earlier runs left
         runs = json.loads(_timing_file(target).read_text(encoding="utf-8"))["runs"]
         load0 = (runs[0]["load"][0], runs[-1]["load"][1])
-        return sum(r["seconds"] for r in runs), load0, sum(r["cpu"] for r in runs)
+        cpu = sum(float("nan") if r["cpu"] is None else r["cpu"] for r in runs)
+        return sum(r["seconds"] for r in runs), load0, cpu
     if resume:
         if not (_scratch(target) / "mutants").exists() or not _timing_file(target).exists():
             raise SystemExit(
@@ -246,7 +247,7 @@ def run_mutmut(
     runs = [*before.get("runs", []), *([this] if proc is not None else [])]  # a resume with nothing to re-run
     _timing_file(target).write_text(json.dumps({"runs": runs}, indent=1), encoding="utf-8")
     total = sum(r["seconds"] for r in runs)
-    total_cpu = sum(r["cpu"] for r in runs)
+    total_cpu = sum(float("nan") if r["cpu"] is None else r["cpu"] for r in runs)  # None: not measured
     return total, (runs[0]["load"][0], runs[-1]["load"][1]), total_cpu
 
 
@@ -359,6 +360,11 @@ def _commit() -> str:
     return head.stdout.strip() + (" + local changes" if dirty else "")
 
 
+def _minutes(seconds: float | None) -> str:
+    """Seconds as minutes; "n/a" for a time that was not measured (a run stopped from outside)."""
+    return "n/a" if seconds is None or seconds != seconds else f"{seconds / 60:.1f} min"
+
+
 def _pct(num: int, den: int) -> str:
     return f"{100.0 * num / den:.1f} %" if den else "n/a"
 
@@ -390,7 +396,12 @@ def write_report(
             else f"- wall time of this `--resume` invocation: {wall_s / 60:.1f} min; mutmut runs in all, the"
             f" earlier full runs included: {total_s / 60:.1f} min (per module below, each run listed)"
         ),
-        f"- CPU time of the mutmut runs: {sum(o.cpu_seconds for o in outcomes) / 60:.1f} min",
+        f"- CPU time of the mutmut runs: {_minutes(sum(o.cpu_seconds for o in outcomes))}"
+        + (
+            " (a run stopped from outside has no CPU time: n/a)"
+            if any(o.cpu_seconds != o.cpu_seconds for o in outcomes)
+            else ""
+        ),
         "",
         "killed % = (killed + timed out) / all mutants; score = the same over the mutants that are not",
         "equivalent. *survived* counts only survivors that are neither killed nor listed as equivalent;",
@@ -412,7 +423,7 @@ def write_report(
         lines.append(
             f"| `{o.target.path}` | {n} | {o.count('killed')} | {o.count('timeout')} | {eq} | {survived} |"
             f" {no_tests} | {not_run} | {_pct(det, n)} | {_pct(det, n - eq)} | {o.seconds / 60:.1f} min |"
-            f" {o.load[0]:.1f} → {o.load[1]:.1f} | {o.cpu_seconds / 60:.1f} min |"
+            f" {o.load[0]:.1f} → {o.load[1]:.1f} | {_minutes(o.cpu_seconds)} |"
         )
     for o in outcomes:
         lines += ["", f"## `{o.target.path}`", ""]
@@ -426,7 +437,7 @@ def write_report(
             for r in o.runs:
                 what = "every mutant" if r.get("rerun") is None else f"the {r['rerun']} undetected mutants"
                 lines.append(
-                    f"- {r['date']}: {what}, {r['seconds'] / 60:.1f} min wall, {r['cpu'] / 60:.1f} min CPU,"
+                    f"- {r['date']}: {what}, {r['seconds'] / 60:.1f} min wall, {_minutes(r['cpu'])} CPU,"
                     f" load {r['load'][0]:.1f} → {r['load'][1]:.1f}"
                 )
             lines.append("")
