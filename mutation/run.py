@@ -428,7 +428,7 @@ def write_report(
     for o in outcomes:
         lines += ["", f"## `{o.target.path}`", ""]
         lines.append("tests: " + ", ".join(f"`{t}`" for t in o.target.tests))
-        if len(o.runs) > 1:
+        if len(o.runs) > 1 or any(r.get("stopped") for r in o.runs):
             lines += [
                 "",
                 "mutmut runs counted here (the first over every mutant, then `--resume` passes):",
@@ -436,9 +436,19 @@ def write_report(
             ]
             for r in o.runs:
                 what = "every mutant" if r.get("rerun") is None else f"the {r['rerun']} undetected mutants"
+                if r.get("stopped"):
+                    what += " (stopped before the end: the mutants it never reached are counted as *not run*)"
                 lines.append(
                     f"- {r['date']}: {what}, {r['seconds'] / 60:.1f} min wall, {_minutes(r['cpu'])} CPU,"
                     f" load {r['load'][0]:.1f} → {r['load'][1]:.1f}"
+                )
+            ran = [m for m in o.mutants if m.status != "not checked"]
+            if len(ran) < len(o.mutants):
+                det_ran = sum(m.status in DETECTED for m in ran)
+                eq_ran = sum(m.name in EQUIVALENT and m.status not in DETECTED for m in ran)
+                lines.append(
+                    f"- of the {len(ran)} mutants run: killed % {_pct(det_ran, len(ran))},"
+                    f" score {_pct(det_ran, len(ran) - eq_ran)}"
                 )
             lines.append("")
         if o.target.deselect:
