@@ -275,6 +275,8 @@ def collect(target: Target, seconds: float) -> Outcome:
     mutants = [Mutant(name, status_by_exit_code[code]) for name, code in meta["exit_code_by_key"].items()]
     outcome = Outcome(target, seconds, mutants)
     for m in mutants:
+        if m.status == "not checked" and m.name not in EQUIVALENT and m.name not in KILLED_BY:
+            continue  # never run (a stopped run): counted, not listed
         if m.status not in DETECTED or m.name in EQUIVALENT or m.name in KILLED_BY:
             m.removed, m.added = _diff_lines(scratch, target, m.name)
     known = {m.name for m in mutants}
@@ -293,7 +295,10 @@ def collect(target: Target, seconds: float) -> Outcome:
             )
         if m.name in KILLED_BY and m.status not in DETECTED:
             outcome.problems.append(f"{m.name} should be killed by {KILLED_BY[m.name].test} but {m.status}")
-    unexplained = outcome.unexplained()
+    unexplained = [m for m in outcome.unexplained() if m.status != "not checked"]
+    not_run = len(outcome.unexplained()) - len(unexplained)
+    if not_run:
+        outcome.problems.append(f"{not_run} mutant(s) not run: the run was stopped before it reached them")
     if target.explained and unexplained:
         outcome.problems.append(
             f"{len(unexplained)} surviving mutant(s) neither killed nor listed as equivalent: "
@@ -477,7 +482,7 @@ def write_report(
             lines.append("| --- | --- | --- |")
             for m in equivalent:
                 lines.append(f"| {m.name} | {_cell(m.added)} | {EQUIVALENT[m.name].reason} |")
-        unexplained = o.unexplained()
+        unexplained = [m for m in o.unexplained() if m.status != "not checked"]
         if unexplained:
             lines += ["", f"### Surviving, not explained ({len(unexplained)})", ""]
             lines += ["| mutant | status | original | mutation |", "| --- | --- | --- | --- |"]

@@ -737,6 +737,9 @@ def test_moe_stages_size_their_arrays_and_flops_by_the_experts_named() -> None:
     gen = np.random.default_rng(0)
     send(Stage.QKV, 0, {"x": gen.normal(size=(rows, d))}, commit=COMMIT)
     two = np.array([0, 2])
+    with pytest.raises(ProtocolError) as info:  # an MoE stage must name its experts
+        send(Stage.FFN_DOWN, 0, {"m": np.zeros((rows, f))})
+    assert str(info.value) == "ffn_down on an MoE layer needs meta['experts']"
     xs = gen.normal(size=(rows, d))
     up = send(Stage.FFN, 0, {"x": xs}, normalized=True, experts=[0, 2])
     assert up.arrays["y"].shape == (rows, 2 * 2 * f)
