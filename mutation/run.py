@@ -433,6 +433,8 @@ def write_report(
     for o in outcomes:
         lines += ["", f"## `{o.target.path}`", ""]
         lines.append("tests: " + ", ".join(f"`{t}`" for t in o.target.tests))
+        if o.target.deselect:
+            lines.append("; deselected: " + ", ".join(f"`{t}`" for t in o.target.deselect))
         if len(o.runs) > 1 or any(r.get("stopped") for r in o.runs):
             lines += [
                 "",
@@ -456,8 +458,6 @@ def write_report(
                     f" score {_pct(det_ran, len(ran) - eq_ran)}"
                 )
             lines.append("")
-        if o.target.deselect:
-            lines.append("; deselected: " + ", ".join(f"`{t}`" for t in o.target.deselect))
         if not o.target.explained:
             lines += ["", "Being rewritten (issue 11, phase 2): survivors are listed but not triaged yet."]
         killed = o.killed_by_new_tests()
