@@ -827,3 +827,16 @@ def test_shared_keys_decode_the_middle_caches_exactly(level: str, backend: str) 
     flops = server.cost(client.session).stages[Stage.SHARE].server_flops
     d, rows = CFG.hidden_size, N + R1
     assert flops == (2 * 2 * rows * d * (Q + 2 * KV) if level == "blind" else 0)  # α·W_qkv per middle block
+
+
+def test_an_mlp_reply_carries_its_intermediates_only_when_asked() -> None:
+    """The whole-MLP stage returns only y unless the message asks for the trace (the verifier's input):
+    the intermediates are not sent to a client that did not ask for them."""
+    lv = Live()
+    plain = lv.server.handle(lv.req(Stage.GEN_FFN, 0, 0, {"x": x(1)}))
+    assert set(plain.arrays) == {"y"}
+    traced = lv.server.handle(lv.req(Stage.GEN_FFN, 0, 0, {"x": x(1)}, trace=True))
+    assert "y" in traced.arrays and len(traced.arrays) > 1
+    np.testing.assert_array_equal(traced.arrays["y"], plain.arrays["y"])
+    untraced = lv.server.handle(lv.req(Stage.GEN_FFN, 0, 0, {"x": x(1)}, trace=False))
+    assert set(untraced.arrays) == {"y"}
