@@ -359,7 +359,11 @@ def test_pld_refuses_an_interval_with_too_many_points(monkeypatch: pytest.Monkey
         f" (limit {acc.MAX_PLD_POINTS}); use an interval >= 1.19e-07"
     )
     half = LaplaceMechanism(sensitivity=0.5, scale=1.0)  # ε = 0.5: counted although Δ₁ < 1
-    with pytest.raises(ConfigError, match=r"ε = 0\.5 into"):
+    with pytest.raises(ConfigError) as info:
         acc.pld_epsilon([half], 1e-6, value_discretization_interval=edge / 4)
+    assert str(info.value) == (
+        f"a PLD interval of {edge / 4:g} would discretize a release of ε = 0.5 into ~3.36e+07 values"
+        f" (limit {acc.MAX_PLD_POINTS}); use an interval >= 5.96e-08"
+    )
     zero = LaplaceMechanism(sensitivity=0.0, scale=1.0)  # Δ₁ = 0: no ε, no discretization
     assert acc.pld_epsilon([zero], 1e-6, value_discretization_interval=1e-12) is None
