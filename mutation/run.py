@@ -2,7 +2,7 @@
 
 Usage (``nox -s mutation`` runs the first form on every target)::
 
-    python -m mutation.run [TARGET ...] [--max-children N] [--report PATH] [--no-verify]
+    python -m mutation.run [TARGET ...] [--max-children N] [--report PATH] [--no-verify] [--resume]
     python -m mutation.run --which-test TARGET MUTANT [MUTANT ...] [--tests TEST ...]
 
 For every target it copies the repository into ``build/mutation/<target>`` (mutmut's own ``mutants/``
@@ -15,8 +15,18 @@ or the reason it is equivalent (:mod:`mutation.annotations`). The exit status is
 marked ``explained`` has a survivor that is neither, when an annotation no longer matches its mutant, or
 when a "killed by" test does not fail on its mutant.
 
+``--report-only`` runs no mutmut: it reports the results the last runs left in the scratch copies (for a run
+that had to be stopped, its unreached mutants are counted as *not run*).
+
 ``--which-test`` (after a run) runs the target's selected tests (or ``--tests``) against the given mutants
 and prints the first test that fails on each: the test to name in ``mutation/annotations.toml``.
+
+``--resume`` (after a run, with the module sources unchanged) keeps each target's scratch copy and mutmut's
+results, copies the current tests into it and re-runs only the mutants the earlier run did not detect, less
+those annotated as equivalent — mutmut's own incremental mode: tests were only added, so a mutant killed
+before stays killed. New tests must go into files the target already selects (a changed selection makes
+mutmut discard every result). The report counts the earlier run and the resumed ones together (times
+added; each run is listed). Mutants a stopped run never reached are not run by ``--resume`` either.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from mutation.annotations import EQUIVALENT, KILLED_BY
 from mutation.targets import TARGETS, Target
@@ -68,6 +79,7 @@ class Outcome:
     verified: dict[str, bool] = field(default_factory=dict)
     load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at the start and end of the mutmut run
     cpu_seconds: float = 0.0  # user + system CPU time of mutmut and its workers
+    runs: list[dict[str, Any]] = field(default_factory=list)  # the mutmut runs counted (a full one, resumes)
 
     def count(self, *statuses: str) -> int:
         return sum(m.status in statuses for m in self.mutants)
@@ -150,28 +162,93 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_mutmut(target: Target, max_children: int) -> tuple[float, tuple[float, float], float]:
-    """Run mutmut on one target: (wall seconds, load average at start and end, CPU seconds)."""
-    scratch = prepare(target)
+def _timing_file(target: Target) -> Path:
+    return _scratch(target) / "timing.json"
+
+
+def _undetected(target: Target) -> list[str]:
+    """The mutants of the target's last run that no test detected (survived, no tests, ...)."""
+    from mutmut.stats import status_by_exit_code
+
+    meta = json.loads((_scratch(target) / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
+    return [
+        name for name, code in meta["exit_code_by_key"].items() if status_by_exit_code[code] not in DETECTED
+    ]
+
+
+def _not_run(target: Target) -> set[str]:
+    """The mutants the target's last run never reached (it was stopped)."""
+    meta = json.loads((_scratch(target) / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
+    return {name for name, code in meta["exit_code_by_key"].items() if code is None}
+
+
+def _sync_tests(target: Target) -> None:
+    """Copy the current tests (and test helpers) over the scratch copy's, for a resumed run."""
+    scratch = _scratch(target)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
+    for name in ("tests", "properties"):
+        shutil.copytree(ROOT / name, scratch / name, ignore=ignore, dirs_exist_ok=True)
+
+
+def run_mutmut(
+    target: Target, max_children: int, resume: bool = False, report_only: bool = False
+) -> tuple[float, tuple[float, float], float]:
+    """Run mutmut on one target: (wall seconds, load average at start and end, CPU seconds).
+
+    With ``resume`` only the mutants the previous run left undetected are run again (on the current tests);
+    the times returned are the previous run's plus this one's."""
+    before: dict[str, Any] = {}
+    if report_only:  # no mutmut: the results and times the earlier runs left
+        runs = json.loads(_timing_file(target).read_text(encoding="utf-8"))["runs"]
+        load0 = (runs[0]["load"][0], runs[-1]["load"][1])
+        cpu = sum(float("nan") if r["cpu"] is None else r["cpu"] for r in runs)
+        return sum(r["seconds"] for r in runs), load0, cpu
+    if resume:
+        if not (_scratch(target) / "mutants").exists() or not _timing_file(target).exists():
+            raise SystemExit(
+                f"--resume: no earlier run of {target.name} (run `python -m mutation.run {target.name}`)"
+            )
+        scratch = _scratch(target)
+        before = json.loads(_timing_file(target).read_text(encoding="utf-8"))
+        _sync_tests(target)
+        # equivalent ones stay as they were; so do the mutants a stopped run never reached (still "not run")
+        names = [n for n in _undetected(target) if n not in EQUIVALENT and n not in _not_run(target)]
+    else:
+        scratch = prepare(target)
+        names = []
     load_start = _load()
     cpu_start = _children_cpu()
     start = time.monotonic()
-    with (scratch / "mutmut.log").open("w", encoding="utf-8") as log:
-        proc = subprocess.run(
-            [_mutmut(), "run", "--max-children", str(max_children)],
-            cwd=scratch,
-            env=_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
+    proc = None
+    if not resume or names:
+        with (scratch / ("mutmut-resume.log" if resume else "mutmut.log")).open("w", encoding="utf-8") as log:
+            proc = subprocess.run(
+                [_mutmut(), "run", "--max-children", str(max_children), *names],
+                cwd=scratch,
+                env=_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
     seconds = time.monotonic() - start
     load = (load_start, _load())
     cpu = _children_cpu() - cpu_start
-    if proc.returncode != 0:
-        tail = (scratch / "mutmut.log").read_text(encoding="utf-8", errors="replace")[-3000:]
+    if proc is not None and proc.returncode != 0:
+        log_name = "mutmut-resume.log" if resume else "mutmut.log"
+        tail = (scratch / log_name).read_text(encoding="utf-8", errors="replace")[-3000:]
         raise SystemExit(f"mutmut run failed for {target.name} (exit {proc.returncode}):\n{tail}")
-    return seconds, load, cpu
+    this = {
+        "seconds": seconds,
+        "load": list(load),
+        "cpu": cpu,
+        "rerun": len(names) if resume else None,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    runs = [*before.get("runs", []), *([this] if proc is not None else [])]  # a resume with nothing to re-run
+    _timing_file(target).write_text(json.dumps({"runs": runs}, indent=1), encoding="utf-8")
+    total = sum(r["seconds"] for r in runs)
+    total_cpu = sum(float("nan") if r["cpu"] is None else r["cpu"] for r in runs)  # None: not measured
+    return total, (runs[0]["load"][0], runs[-1]["load"][1]), total_cpu
 
 
 def _diff_lines(scratch: Path, target: Target, name: str) -> tuple[str, str]:
@@ -198,6 +275,8 @@ def collect(target: Target, seconds: float) -> Outcome:
     mutants = [Mutant(name, status_by_exit_code[code]) for name, code in meta["exit_code_by_key"].items()]
     outcome = Outcome(target, seconds, mutants)
     for m in mutants:
+        if m.status == "not checked" and m.name not in EQUIVALENT and m.name not in KILLED_BY:
+            continue  # never run (a stopped run): counted, not listed
         if m.status not in DETECTED or m.name in EQUIVALENT or m.name in KILLED_BY:
             m.removed, m.added = _diff_lines(scratch, target, m.name)
     known = {m.name for m in mutants}
@@ -216,7 +295,10 @@ def collect(target: Target, seconds: float) -> Outcome:
             )
         if m.name in KILLED_BY and m.status not in DETECTED:
             outcome.problems.append(f"{m.name} should be killed by {KILLED_BY[m.name].test} but {m.status}")
-    unexplained = outcome.unexplained()
+    unexplained = [m for m in outcome.unexplained() if m.status != "not checked"]
+    not_run = len(outcome.unexplained()) - len(unexplained)
+    if not_run:
+        outcome.problems.append(f"{not_run} mutant(s) not run: the run was stopped before it reached them")
     if target.explained and unexplained:
         outcome.problems.append(
             f"{len(unexplained)} surviving mutant(s) neither killed nor listed as equivalent: "
@@ -283,6 +365,11 @@ def _commit() -> str:
     return head.stdout.strip() + (" + local changes" if dirty else "")
 
 
+def _minutes(seconds: float | None) -> str:
+    """Seconds as minutes; "n/a" for a time that was not measured (a run stopped from outside)."""
+    return "n/a" if seconds is None or seconds != seconds else f"{seconds / 60:.1f} min"
+
+
 def _pct(num: int, den: int) -> str:
     return f"{100.0 * num / den:.1f} %" if den else "n/a"
 
@@ -295,6 +382,7 @@ def write_report(
     outcomes: Sequence[Outcome], path: Path, command: str, max_children: int, wall_s: float, commit: str
 ) -> None:
     total_s = sum(o.seconds for o in outcomes)
+    resumed = any(len(o.runs) > 1 for o in outcomes)
     lines = [
         "# Mutation testing report",
         "",
@@ -306,35 +394,70 @@ def write_report(
         f"- mutmut {version('mutmut')}, hypothesis {version('hypothesis')},"
         f" Python {platform.python_version()}, Hypothesis profile `{HYPOTHESIS_PROFILE}`",
         f"- machine: {os.cpu_count()} CPUs, mutmut `--max-children {max_children}`",
-        f"- wall time: {wall_s / 60:.1f} min; mutmut runs {total_s / 60:.1f} min (per module below),"
-        " the rest re-checks the 'killed by' tests",
-        f"- CPU time of the mutmut runs: {sum(o.cpu_seconds for o in outcomes) / 60:.1f} min",
+        (
+            f"- wall time: {wall_s / 60:.1f} min; mutmut runs {total_s / 60:.1f} min (per module below),"
+            " the rest re-checks the 'killed by' tests"
+            if not resumed
+            else f"- wall time of this `--resume` invocation: {wall_s / 60:.1f} min; mutmut runs in all, the"
+            f" earlier full runs included: {total_s / 60:.1f} min (per module below, each run listed)"
+        ),
+        f"- CPU time of the mutmut runs: {_minutes(sum(o.cpu_seconds for o in outcomes))}"
+        + (
+            " (a run stopped from outside has no CPU time: n/a)"
+            if any(o.cpu_seconds != o.cpu_seconds for o in outcomes)
+            else ""
+        ),
         "",
         "killed % = (killed + timed out) / all mutants; score = the same over the mutants that are not",
-        "equivalent. *survived* counts only survivors that are neither killed nor listed as equivalent.",
+        "equivalent. *survived* counts only survivors that are neither killed nor listed as equivalent;",
+        "*not run*: mutants a stopped run never reached (`--report-only` after stopping it).",
         "",
         "The machine may be shared: *load* is the 1-minute load average when the module's run started",
         "and ended (on 2 CPUs, a load of 4 means about half the CPU time went to mutmut); *CPU* is the CPU",
         "time of mutmut and its workers, so CPU / number of CPUs estimates the wall time on an idle machine.",
         "",
-        "| module | mutants | killed | timed out | equivalent | survived | no tests | killed % | score | wall"
-        " | load | CPU |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| module | mutants | killed | timed out | equivalent | survived | no tests | not run | killed %"
+        " | score | wall | load | CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for o in outcomes:
         n, det, eq = len(o.mutants), o.count(*DETECTED), len(o.equivalent())
         survived = sum(m.status == "survived" for m in o.unexplained())
-        no_tests = sum(m.status != "survived" for m in o.unexplained())
+        not_run = sum(m.status == "not checked" for m in o.unexplained())
+        no_tests = sum(m.status not in ("survived", "not checked") for m in o.unexplained())
         lines.append(
             f"| `{o.target.path}` | {n} | {o.count('killed')} | {o.count('timeout')} | {eq} | {survived} |"
-            f" {no_tests} | {_pct(det, n)} | {_pct(det, n - eq)} | {o.seconds / 60:.1f} min |"
-            f" {o.load[0]:.1f} → {o.load[1]:.1f} | {o.cpu_seconds / 60:.1f} min |"
+            f" {no_tests} | {not_run} | {_pct(det, n)} | {_pct(det, n - eq)} | {o.seconds / 60:.1f} min |"
+            f" {o.load[0]:.1f} → {o.load[1]:.1f} | {_minutes(o.cpu_seconds)} |"
         )
     for o in outcomes:
         lines += ["", f"## `{o.target.path}`", ""]
         lines.append("tests: " + ", ".join(f"`{t}`" for t in o.target.tests))
         if o.target.deselect:
             lines.append("; deselected: " + ", ".join(f"`{t}`" for t in o.target.deselect))
+        if len(o.runs) > 1 or any(r.get("stopped") for r in o.runs):
+            lines += [
+                "",
+                "mutmut runs counted here (the first over every mutant, then `--resume` passes):",
+                "",
+            ]
+            for r in o.runs:
+                what = "every mutant" if r.get("rerun") is None else f"the {r['rerun']} undetected mutants"
+                if r.get("stopped"):
+                    what += " (stopped before the end: the mutants it never reached are counted as *not run*)"
+                lines.append(
+                    f"- {r['date']}: {what}, {r['seconds'] / 60:.1f} min wall, {_minutes(r['cpu'])} CPU,"
+                    f" load {r['load'][0]:.1f} → {r['load'][1]:.1f}"
+                )
+            ran = [m for m in o.mutants if m.status != "not checked"]
+            if len(ran) < len(o.mutants):
+                det_ran = sum(m.status in DETECTED for m in ran)
+                eq_ran = sum(m.name in EQUIVALENT and m.status not in DETECTED for m in ran)
+                lines.append(
+                    f"- of the {len(ran)} mutants run: killed % {_pct(det_ran, len(ran))},"
+                    f" score {_pct(det_ran, len(ran) - eq_ran)}"
+                )
+            lines.append("")
         if not o.target.explained:
             lines += ["", "Being rewritten (issue 11, phase 2): survivors are listed but not triaged yet."]
         killed = o.killed_by_new_tests()
@@ -359,7 +482,7 @@ def write_report(
             lines.append("| --- | --- | --- |")
             for m in equivalent:
                 lines.append(f"| {m.name} | {_cell(m.added)} | {EQUIVALENT[m.name].reason} |")
-        unexplained = o.unexplained()
+        unexplained = [m for m in o.unexplained() if m.status != "not checked"]
         if unexplained:
             lines += ["", f"### Surviving, not explained ({len(unexplained)})", ""]
             lines += ["| mutant | status | original | mutation |", "| --- | --- | --- | --- |"]
@@ -392,6 +515,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--report", type=Path, default=REPORT)
     parser.add_argument("--no-verify", action="store_true", help="do not re-run the 'killed by' tests")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="re-run only the mutants the last run left undetected (docstring)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run no mutmut: report what the last runs left (a stopped run's unreached mutants: 'not run')",
+    )
     parser.add_argument("--which-test", nargs="+", metavar="TARGET MUTANT", help="see the module docstring")
     parser.add_argument("--tests", nargs="+", default=[], help="with --which-test: the tests to try")
     args = parser.parse_args(argv)
@@ -412,9 +545,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes = []
     for target in selected:
         print(f"mutation: {target.path} ...", flush=True)
-        seconds, load, cpu = run_mutmut(target, args.max_children)
+        seconds, load, cpu = run_mutmut(
+            target, args.max_children, resume=args.resume, report_only=args.report_only
+        )
         outcome = collect(target, seconds)
         outcome.load, outcome.cpu_seconds = load, cpu
+        outcome.runs = json.loads(_timing_file(target).read_text(encoding="utf-8"))["runs"]
         if not args.no_verify:
             verify(outcome)
         det, n = outcome.count(*DETECTED), len(outcome.mutants)

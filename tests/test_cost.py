@@ -262,3 +262,20 @@ def test_closed_form_is_not_vacuous() -> None:
 def test_cost_report_matches_closed_form_on_random_configs(case: ProtocolCase) -> None:
     report = run_costs(case.weights, case.scx, case.ids, case.n_new, keys=case.keys())
     check_report(report, expected_costs(case.model, case.scx, len(case.ids), case.n_new, 8))
+
+
+def test_meter_refuses_an_unknown_side() -> None:
+    """Flops go to exactly the side named; a misspelt side is an error, not silently server work."""
+    from scx_ref.protocol import CostMeter
+    from scx_ref.stages import Stage
+
+    meter = CostMeter()
+    meter.matmul(Stage.QKV, 2, 3, 4, "server")
+    meter.matmul(Stage.QKV, 1, 1, 1, "client")
+    meter.attention(Stage.QKV, 1, 1, 1, 1, "offline")
+    cost = meter.stages[Stage.QKV]
+    assert (cost.server_flops, cost.client_flops, cost.offline_flops) == (48, 2, 4)
+    for side in ("Server", "cloud", None):
+        with pytest.raises(ValueError, match="side must be"):
+            meter.matmul(Stage.QKV, 1, 1, 1, side)  # type: ignore[arg-type]
+    assert (cost.server_flops, cost.client_flops, cost.offline_flops) == (48, 2, 4)

@@ -339,3 +339,31 @@ def test_dp_error_messages(call: Call, error: type[Exception], message: str) -> 
     """Each bad input raises the documented error naming the parameter (what the `scx dp` user sees)."""
     with pytest.raises(error, match=message):
         call()
+
+
+def test_pld_refuses_an_interval_with_too_many_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pld_epsilon refuses an interval that would discretize the largest ε (of a release with Δ₁ > 0) into
+    more than MAX_PLD_POINTS values, before any PLD is built, and says which interval would do; exactly
+    MAX_PLD_POINTS values is allowed. Releases with Δ₁ = 0 are left out of the largest ε."""
+    import scx_ref.dp.accountants as acc
+    from scx_ref.dp import LaplaceMechanism
+
+    monkeypatch.setattr(acc, "pld_available", lambda: False)  # stop after the check: no PLD is built
+    one = LaplaceMechanism(sensitivity=1.0, scale=1.0)  # ε = 1
+    edge = 2.0 / acc.MAX_PLD_POINTS  # 2ε / interval == MAX_PLD_POINTS exactly
+    assert acc.pld_epsilon([one], 1e-6, value_discretization_interval=edge) is None
+    with pytest.raises(ConfigError) as info:
+        acc.pld_epsilon([one], 1e-6, value_discretization_interval=edge / 2)
+    assert str(info.value) == (
+        f"a PLD interval of {edge / 2:g} would discretize a release of ε = 1 into ~3.36e+07 values"
+        f" (limit {acc.MAX_PLD_POINTS}); use an interval >= 1.19e-07"
+    )
+    half = LaplaceMechanism(sensitivity=0.5, scale=1.0)  # ε = 0.5: counted although Δ₁ < 1
+    with pytest.raises(ConfigError) as info:
+        acc.pld_epsilon([half], 1e-6, value_discretization_interval=edge / 4)
+    assert str(info.value) == (
+        f"a PLD interval of {edge / 4:g} would discretize a release of ε = 0.5 into ~3.36e+07 values"
+        f" (limit {acc.MAX_PLD_POINTS}); use an interval >= 5.96e-08"
+    )
+    zero = LaplaceMechanism(sensitivity=0.0, scale=1.0)  # Δ₁ = 0: no ε, no discretization
+    assert acc.pld_epsilon([zero], 1e-6, value_discretization_interval=1e-12) is None

@@ -293,3 +293,37 @@ def test_hkdf_accepts_lengths_1_and_8160() -> None:
     """The two ends of RFC 5869's range 1..255·HashLen are accepted (and give prefixes of each other)."""
     longest = hkdf_sha256(MASTER, NONCE, b"info", 255 * 32)
     assert len(longest) == 8160 and hkdf_sha256(MASTER, NONCE, b"info", 1) == longest[:1]
+
+
+def test_nonce_claims_once_per_nonce_within_a_bounded_memory() -> None:
+    """NonceClaims: a nonce is claimed once (the refusal says why), the oldest claims are forgotten first
+    when more than ``memory`` are held, and a schedule's claims are shared by every for_nonce schedule."""
+    from scx_ref.errors import SessionError
+    from scx_ref.keys import CLAIM_MEMORY, NonceClaims
+
+    claims = NonceClaims(memory=2)
+    a, b, c = (bytes([i]) * NONCE_BYTES for i in range(3))
+    assert not claims.claimed(a)
+    claims.claim(a)
+    assert claims.claimed(a) and not claims.claimed(b)
+    with pytest.raises(SessionError) as info:
+        claims.claim(a)
+    assert str(info.value) == (
+        "nonce reused: a (master secret, nonce) pair drives one session only; "
+        "every prompt needs a fresh nonce"
+    )
+    claims.claim(b)
+    assert claims.claimed(a) and claims.claimed(b)  # exactly `memory` claims are held
+    claims.claim(c)
+    assert not claims.claimed(a) and claims.claimed(b) and claims.claimed(c)  # the oldest one left
+    claims.claim(a)  # forgotten, so claimable again
+    assert NonceClaims()._memory == CLAIM_MEMORY
+
+    ks = KeySchedule(bytes(range(1, 33)), a)
+    other = ks.for_nonce(b)
+    assert isinstance(ks.claims, NonceClaims) and other.claims is ks.claims
+    other.claims.claim(c)
+    assert ks.claims.claimed(c) and not KeySchedule(bytes(range(1, 33)), a).claims.claimed(c)
+    with pytest.raises(KeyScheduleError) as zero:
+        KeySchedule(bytes(32), a)
+    assert str(zero.value) == "the all-zero master secret is refused: use KeySchedule.generate()"

@@ -69,8 +69,10 @@ class CostMeter:
             self.stages[stage].client_flops += int(flops)
         elif side == "offline":
             self.stages[stage].offline_flops += int(flops)
-        else:
+        elif side == "server":
             self.stages[stage].server_flops += int(flops)
+        else:  # a typo must not pass as server work
+            raise ValueError(f"side must be 'client', 'server' or 'offline', got {side!r}")
 
 
 @dataclass

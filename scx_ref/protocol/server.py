@@ -742,10 +742,8 @@ class Server(Generic[A]):
                 req.arrays.get("perm"), n + s.r1, "shared permutation"
             ).astype(np.int64)
             salt = bytes.fromhex(field_hex(req.meta.get("salt"), "salt", 64))
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError) as exc:  # every SCXError (PermutationError here) is a ValueError
             raise ProtocolError(f"share message for block {layer} is malformed: {exc}") from exc
-        except SCXError as exc:
-            raise ProtocolError(f"share message for block {layer}: {exc}") from exc
         if not hmac.compare_digest(commitment(salt, req.session, layer, perm), s.commits.get(layer, "")):
             raise SessionError(
                 f"the key offered for block {layer} does not match that block's commitment "
