@@ -32,6 +32,7 @@ from ..dp.sensitivity import ModelSensitivities
 from ..protocol.config import SCXConfig
 from ..protocol.plan import ReleasePlan
 from . import catalog
+from .tables import markdown_table
 
 __all__ = [
     "cheapest_at_baseline",
@@ -392,7 +393,6 @@ def frontier_report(
 ) -> str:
     """FRONTIER.md: the command, the verdict, the frontier table, the attack table with 95 % intervals and
     the statelessness table, links to the plot and the findings."""
-    from .report import markdown_table
 
     rows = frontier_rows(result, bench)
     lines = [

@@ -5,104 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import catalog
+from .tables import METRICS, fmt, markdown_table
 
 __all__ = ["METRICS", "main", "markdown_report", "markdown_table", "plot"]
-
-#: (metric key, title) of every measured quantity, in table order (from :mod:`.catalog`).
-METRICS: tuple[tuple[str, str], ...] = tuple((m.key, m.title) for m in catalog.METRICS)
-
-
-def _fmt(x: Any) -> str:
-    return "–" if x is None else f"{x:.2f}"
-
-
-def _cell(setting: dict[str, Any], key: str, intervals: bool) -> str:
-    """A metric's cell: the pooled rate, its 95 % interval when asked (and known), and a ✓ when the
-    attack is at its baseline; – when not run."""
-    v = setting["metrics"].get(key)
-    if v is None:
-        return "–"
-    r = (setting.get("rates") or {}).get(key)
-    text = _fmt(v)
-    if intervals and r is not None:
-        text += f" [{r['lo']:.2f}, {r['hi']:.2f}]"
-    if (setting.get("at_baseline") or {}).get(key):
-        text += " ✓"
-    return text
-
-
-def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
-    """Attack × setting table (✓: at the frequency-prior baseline; with ``intervals`` each cell's 95 %
-    Wilson interval), the baselines, the statelessness table, the noise-fitting table and search spaces."""
-    sets = result["settings"]
-    lines = ["| attack | " + " | ".join(s["setting"] for s in sets) + " |", "|---|" + "---|" * len(sets)]
-    for key, title in METRICS:
-        vals = [s["metrics"].get(key) for s in sets]
-        if all(v is None for v in vals):
-            continue
-        lines.append(f"| {title} | " + " | ".join(_cell(s, key, intervals) for s in sets) + " |")
-    for key, title in _BASELINES:
-        cells = [(s.get("baselines") or {}).get(key) for s in sets]
-        if any(c is not None for c in cells):
-            shown = [
-                "–"
-                if c is None
-                else f"{c['rate']:.2f}" + (f" [{c['lo']:.2f}, {c['hi']:.2f}]" if intervals else "")
-                for c in cells
-            ]
-            lines.append(f"| *baseline: {title}* | " + " | ".join(shown) + " |")
-    out = ["\n".join(lines)]
-    st = [s for s in sets if "statelessness" in s]
-    if st:
-        pols = list(st[0]["statelessness"])
-        rows = [
-            "| server decodes with | " + " | ".join(s["setting"] for s in st) + " |",
-            "|---|" + "---|" * len(st),
-        ]
-        for p in pols:
-            rows.append(
-                f"| {p} | "
-                + " | ".join(
-                    f"{s['statelessness'][p]['ppl']:.1f} / {s['statelessness'][p]['top1']:.2f}" for s in st
-                )
-                + " |"
-            )
-        out.append(
-            "Statelessness (token PPL of the true continuation / greedy top-1 agreement):\n\n"
-            + "\n".join(rows)
-        )
-    nf = result.get("noise_fitting") or {}
-    if nf:
-        modes = list(next(iter(nf.values())))
-        rows = ["| β | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
-        rows += [f"| {b} | " + " | ".join(_fmt(v[m]) for m in modes) + " |" for b, v in nf.items()]
-        out.append(
-            "Block-1 rows N(E[t]) + Laplace(β): top-1 token recovery (fixed vs one-time noise):\n\n"
-            + "\n".join(rows)
-        )
-    if result.get("enumeration"):
-        out.append(
-            f"Order enumeration (n = {result.get('enumeration_n')}, model likelihood), exact-order rate: "
-            + ", ".join(f"{k}: {v:.2f}" for k, v in result["enumeration"].items())
-        )
-    if result.get("search_space"):
-        out.append(
-            "Search spaces: "
-            + "; ".join(
-                f"{r['stage']}[{r['layer']}] {r['rows']} rows → {r['bits']:.0f} bits"
-                for r in result["search_space"]
-            )
-        )
-    return "\n\n".join(out) + "\n"
-
-
-_BASELINES = (
-    ("prompt_pos", "prior, per position"),
-    ("prompt_bag", "prior, bag"),
-    ("generated", "prior, generated"),
-    ("no_prompt_top1", "server without the prompt, top-1"),
-)
 
 
 def _bar_plot(result: dict[str, Any], path: Path) -> None:
@@ -265,8 +170,7 @@ def markdown_report(result: dict[str, Any], plots: str | None = None, findings: 
             srt = s["per_layer"].get("inv_attn_sorted", {})
             nai = s["per_layer"].get("inv_attn_naive", {})
             cells = [
-                f"{_fmt(cache.get(str(b)))} / {_fmt(nai.get(str(b)))} / {_fmt(srt.get(str(b)))}"
-                for b in blocks
+                f"{fmt(cache.get(str(b)))} / {fmt(nai.get(str(b)))} / {fmt(srt.get(str(b)))}" for b in blocks
             ]
             lines.append(f"| {s['setting']} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -27,17 +27,25 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Generic
+from typing import Generic, Protocol
 
 from ..backends.base import A
 from ..errors import ProtocolError
 from ..keys import KeySchedule
 from .prepare import PreparedKeys
 
-if TYPE_CHECKING:
-    from .client import Client
 
-__all__ = ["MaskPool"]
+class PoolOwner(Protocol[A]):
+    """What a mask pool needs of its client (:class:`~scx_ref.protocol.client.Client`): its maximum
+    length, the slot the pool attaches itself to, and the derivation of one request's keys."""
+
+    max_length: int
+    pool: MaskPool[A] | None
+
+    def _new_prepared(self, nonce: bytes, n: int) -> PreparedKeys[A]: ...
+
+
+__all__ = ["MaskPool", "PoolOwner"]
 
 
 class MaskPool(Generic[A]):
@@ -46,7 +54,7 @@ class MaskPool(Generic[A]):
     :meth:`~scx_ref.protocol.client.Client.prefill` then takes an entry per request (while any is left;
     afterwards it derives its masks itself, as without a pool)."""
 
-    def __init__(self, client: Client[A], capacity: int, steps: int = 0) -> None:
+    def __init__(self, client: PoolOwner[A], capacity: int, steps: int = 0) -> None:
         if not 1 <= capacity <= client.max_length:
             raise ProtocolError(
                 f"a pool entry serves 1 to max_length = {client.max_length} tokens, not {capacity}"
