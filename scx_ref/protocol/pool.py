@@ -32,7 +32,7 @@ from typing import Generic, Protocol
 from ..backends.base import A
 from ..errors import ProtocolError
 from ..keys import KeySchedule
-from .prepare import PreparedKeys
+from .prepare import BackgroundJob, PreparedKeys
 
 
 class PoolOwner(Protocol[A]):
@@ -67,8 +67,7 @@ class MaskPool(Generic[A]):
         self._entries: deque[PreparedKeys[A]] = deque()
         self._nonces: set[bytes] = set()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._job = BackgroundJob()
         self.seconds = 0.0  # wall time spent filling
         self.filled = 0  # entries filled so far
         self.bytes_per_prompt_token = 0.0
@@ -86,15 +85,7 @@ class MaskPool(Generic[A]):
             raise ProtocolError(f"count must be >= 0, got {count}")
         if background:
             self.wait()
-
-            def run() -> None:
-                try:
-                    self._fill(count)
-                except BaseException as exc:  # re-raised by wait()
-                    self._error = exc
-
-            self._thread = threading.Thread(target=run, name="scx-mask-pool", daemon=True)
-            self._thread.start()
+            self._job.start(lambda: self._fill(count), "scx-mask-pool")
         else:
             self._fill(count)
 
@@ -117,12 +108,7 @@ class MaskPool(Generic[A]):
 
     def wait(self) -> None:
         """Wait for a background :meth:`fill` (re-raising its error)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+        self._job.wait()
 
     def take(self, n: int) -> PreparedKeys[A]:
         """Remove and return the oldest entry, bound to a prompt of ``n`` tokens (ProtocolError when the

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic
 
@@ -34,7 +35,7 @@ from .decoys import DecoyPolicy
 from .keyring import RequestKeys, commitment
 from .plan import Release, ReleasePlan
 
-__all__ = ["BlockKeys", "PreparedKeys"]
+__all__ = ["BackgroundJob", "BlockKeys", "PreparedKeys"]
 
 IntArray = npt.NDArray[np.int64]
 
@@ -66,6 +67,36 @@ class BlockKeys:
     commit: str
 
 
+class BackgroundJob:
+    """A function run in a daemon thread; :meth:`wait` joins it and re-raises what it raised (the
+    background derivation of :class:`PreparedKeys` and of a mask pool's entries)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, work: Callable[[], object], name: str) -> None:
+        """Run ``work()`` in a new daemon thread named ``name``."""
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:  # re-raised by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Wait for the thread (if any) to finish, then re-raise its error (once)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+
 class PreparedKeys(Generic[A]):
     """The key material of one request of ``n`` prompt tokens under ``keys``, derived on demand and kept
     until used (see the module doc). ``seconds`` is the wall time :meth:`fill` took (0 if never run):
@@ -94,8 +125,7 @@ class PreparedKeys(Generic[A]):
         self._heads: dict[tuple[int, int], HeadPermutation] = {}
         self._decoys: dict[tuple[Stage, int], A] = {}
         self._blinding: dict[tuple[Stage, int, int | None, int | None], tuple[A, A]] = {}
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._job = BackgroundJob()
 
     @property
     def nonce(self) -> bytes:
@@ -266,24 +296,11 @@ class PreparedKeys(Generic[A]):
     def start(self, steps: int = 0) -> None:
         """:meth:`fill` in a background thread (its work runs while the caller does other things; the
         prefill waits for it in :meth:`wait`)."""
-
-        def run() -> None:
-            try:
-                self.fill(steps)
-            except BaseException as exc:  # re-raised in wait()
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name="scx-precompute", daemon=True)
-        self._thread.start()
+        self._job.start(lambda: self.fill(steps), "scx-precompute")
 
     def wait(self) -> None:
         """Wait for a background :meth:`start` to finish (re-raising its error)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+        self._job.wait()
 
     # -- helpers -----------------------------------------------------------------------------------
     def _width(self, stage: Stage) -> int:
