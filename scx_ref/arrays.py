@@ -122,6 +122,12 @@ class ArrayOps(Protocol[A]):
         products (:mod:`scx_ref.protocol.verify`), whose own rounding must stay at float64's."""
         ...
 
+    def matmul64(self, a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """``a @ b`` (numpy's matmul semantics, batched over leading axes) for host float64 arrays, run
+        on this backend's own threads (the torch backend's intra-op pool, not a second BLAS pool that
+        would compete with it): the reply verifier's recomputed attention rows."""
+        ...
+
 
 class NumpyOps:
     """``ArrayOps[numpy.ndarray]`` in ``dtype`` (None: every array keeps its own floating dtype, and a
@@ -232,6 +238,11 @@ class NumpyOps:
         """``(x·right, ‖x_i‖₂)`` in float64 (no copy of a float64 ``x``)."""
         x64 = np.asarray(x, dtype=np.float64)
         return x64 @ right, np.sqrt(np.einsum("ij,ij->i", x64, x64))
+
+    def matmul64(self, a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """``a @ b`` in float64."""
+        out: npt.NDArray[np.float64] = np.matmul(a, b)
+        return out
 
 
 def permute_rows_in_place(x: npt.NDArray[Any], index: IndexArray) -> npt.NDArray[Any]:

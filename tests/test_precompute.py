@@ -17,6 +17,7 @@ from scx_ref.errors import ProtocolError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import CalibrationPool, Client, LocalTransport, SCXConfig, Server, ServerView
 from scx_ref.protocol.decoys import default_public_tokens
+from scx_ref.protocol.verify import SessionVerifier
 from scx_ref.weights import random_weights
 
 MASTER = bytes(range(50, 82))
@@ -111,3 +112,32 @@ def test_precompute_reserves_the_next_nonce_and_rejects_an_empty_prompt() -> Non
     ids = np.arange(4)
     client.prefill(ids, LocalTransport(Server(backend)))  # no nonce given: the reserved one
     assert client.state is not None and client.state.prep is prep and client.session == prep.nonce.hex()
+
+
+def test_reply_checks_derived_ahead_are_the_sessions_own_and_dropped_after_a_rotation() -> None:
+    """precompute derives the session's Freivalds check vectors (r, W r) with its keys: the prefill
+    verifies with exactly those (the vectors an on-demand verifier draws for the same keys); when the
+    client's basis was rotated in between (a detected tampering), they are not used: the session draws
+    fresh ones from the new basis."""
+    weights = _weights(False)
+    backend = NumpyBackend(weights)
+    pool = CalibrationPool.from_tokens(backend, default_public_tokens(weights.config.vocab_size))
+    client: Client[Any] = Client(backend, KeySchedule.generate(), SCXConfig(level="permute"), decoys=pool)
+    assert client.sketches is not None
+    ids = np.arange(5)
+    prep = client.precompute(5)
+    ahead = prep.verifier
+    assert ahead is not None and len(ahead._checks) == len(client.sketches.matrices())
+    client.prefill(ids, LocalTransport(Server(backend)))
+    assert client.state is not None and client.state.verifier is ahead and ahead.checks > 0
+    fresh = SessionVerifier(backend, prep.keys, client.sketches)
+    for which, layer, expert in client.sketches.matrices():
+        a, b = ahead._check(which, layer, expert), fresh._check(which, layer, expert)
+        assert np.array_equal(a.r, b.r) and np.array_equal(a.wr, b.wr), (which, layer)
+    prep = client.precompute(5)
+    stale = prep.verifier
+    client.sketches.rotate()
+    client.prefill(ids, LocalTransport(Server(backend)))
+    assert client.state is not None and client.state.verifier is not None
+    assert client.state.verifier is not stale and client.state.verifier.epoch == client.sketches.epoch
+    assert stale is not None and not stale.current(client.sketches)

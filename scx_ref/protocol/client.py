@@ -63,7 +63,7 @@ from .mlp import route
 from .plan import ReleasePlan
 from .prepare import PreparedKeys
 from .transport import Transport
-from .verify import ATTENTION_ROWS, SessionVerifier, SketchCache, check_reply
+from .verify import SessionVerifier, SketchCache, check_reply
 
 if TYPE_CHECKING:
     from .pool import MaskPool
@@ -338,7 +338,7 @@ class Client(Generic[A]):
 
     def _new_prepared(self, nonce: bytes, n: int) -> PreparedKeys[A]:
         keys = RequestKeys(self._master_keys.for_nonce(nonce), self.c)
-        return PreparedKeys(keys, self.b, self.cfg, self.plan, self.decoys, n, self.bb)
+        return PreparedKeys(keys, self.b, self.cfg, self.plan, self.decoys, n, self.bb, self.sketches)
 
     def _take_prepared(self, nonce: bytes, n: int) -> PreparedKeys[A]:
         """The keys precomputed for (nonce, n), or a fresh set that derives each key on first use."""
@@ -382,8 +382,12 @@ class Client(Generic[A]):
         self.meter = CostMeter()
         prep = self._take_prepared(keys.nonce, n)
         st: _State[A] = _State(prep.keys, prep, n, seq=0, link=link)
-        if self.sketches is not None:
-            st.verifier = SessionVerifier(b, st.keys, self.sketches)
+        if self.sketches is not None:  # the checks derived ahead, unless the basis rotated since
+            ahead = prep.verifier
+            if ahead is not None and ahead.current(self.sketches):
+                st.verifier = ahead
+            else:
+                st.verifier = SessionVerifier(b, st.keys, self.sketches)
         self.state = st
         self._send(
             link,
@@ -486,11 +490,10 @@ class Client(Generic[A]):
             }
             got, u = self._send(link, Stage.ATTN, i, -1, sent, {"o": (n, c.n_heads, c.head_dim)})
             o = got["o"]
-            rows_checked = prep.keys.verify_rows(i, n, ATTENTION_ROWS)
             self._verify(
                 Stage.ATTN,
                 lambda ver: ver.attention(
-                    Stage.ATTN, i, sent["q"], sent["k"], sent["v"], o, u, rows_checked, 0
+                    Stage.ATTN, i, sent["q"], sent["k"], sent["v"], o, u, ver.attention_rows(i, n), 0
                 ),
             )
             o = b.reshape(head_unpermute(o, keys.head, g, b), (n, c.q_dim))

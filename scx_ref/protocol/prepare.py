@@ -34,6 +34,7 @@ from .config import SCXConfig
 from .decoys import DecoyPolicy
 from .keyring import RequestKeys, commitment
 from .plan import Release, ReleasePlan
+from .verify import SessionVerifier, SketchCache
 
 __all__ = ["BackgroundJob", "BlockKeys", "PreparedKeys"]
 
@@ -111,8 +112,11 @@ class PreparedKeys(Generic[A]):
         decoys: DecoyPolicy,
         n: int,
         blind_backend: Backend[A] | None = None,
+        sketches: SketchCache | None = None,
     ) -> None:
         self.keys = keys
+        self.sketches = sketches  # the client's Freivalds sketches (None: replies are not verified)
+        self.verifier: SessionVerifier[A] | None = None  # the session's checks, derived by fill
         self.b = backend
         self.bb = backend if blind_backend is None else blind_backend  # where (η, η·W) live (§6: wide)
         self.cfg = config
@@ -252,10 +256,11 @@ class PreparedKeys(Generic[A]):
         """Derive every key of the prefill — and of the first ``steps`` generation steps — now.
 
         Prefill: π_0..π_L, every block's π′_i, P_i and commitment, the last guard blocks' ρ_i, the decoy
-        rows of every stage (unless the policy needs the real rows) and (η, η·W) of every prefill
-        release. Generation: the one-time P of each first guard block whose attention the server computes
-        and (η, η·W) of every generation release, per step. ``perms=False`` skips what depends on the
-        prompt's length n (the token permutations and commitments): a mask pool's entry
+        rows of every stage (unless the policy needs the real rows), (η, η·W) of every prefill
+        release and, when replies are verified, the session's check vectors and attention rows.
+        Generation: the one-time P of each first guard block whose attention the server computes and
+        (η, η·W) of every generation release, per step. ``perms=False`` skips what depends on the
+        prompt's length n (the token permutations, commitments and reply checks): a mask pool's entry
         (:mod:`~scx_ref.protocol.pool`), whose n is known only when its prompt arrives. Returns self.
         """
         t0 = time.perf_counter()
@@ -281,6 +286,10 @@ class PreparedKeys(Generic[A]):
                     self._decoys[(stage, layer)] = self.decoys(stage, layer, count, None)
         for release in self.plan.prefill:
             self._prepare_blinding(release, None)
+        if perms and self.sketches is not None and self.verifier is None:
+            # the session's reply checks (r, W r per matrix): keys and sketches only. A mask pool's
+            # entry (perms=False) leaves them to its request: they hold ~0.6 MB per block
+            self.verifier = SessionVerifier(self.b, self.keys, self.sketches).prepare(self.n)
         t1 = time.perf_counter()
         server_attn = first if cfg.attention == "server" else range(0)  # the one-time P of gen_attn
         for t in range(steps):

@@ -117,6 +117,8 @@ _UNIT = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat1
 def unit_roundoff(dtype: Any) -> float:
     """The unit roundoff of a numpy or torch floating dtype (IntegrityError for any other)."""
     name = str(dtype)
+    if name in _UNIT:  # a numpy dtype, or its name
+        return _UNIT[name]
     if name.startswith("torch."):
         name = name[len("torch.") :]
     else:
@@ -287,6 +289,35 @@ class SessionVerifier(Generic[A]):
     _checks: dict[tuple[str, int, int | None], _Check] = field(default_factory=dict)
     _locks: dict[int, _LockSketch] = field(default_factory=dict)
     _mix: F64 | None = None
+    _rows: dict[tuple[int, int], npt.NDArray[np.int64]] = field(default_factory=dict)
+    epoch: int = field(init=False)  # the sketch cache's basis epoch these checks were drawn under
+
+    def __post_init__(self) -> None:
+        self.epoch = self.cache.epoch
+
+    def prepare(self, n: int | None = None) -> SessionVerifier[A]:
+        """Derive this session's check vectors (r, W r and the norms τ needs) for every matrix now — and,
+        for a prompt of ``n`` tokens, the attention rows each block recomputes — so that verifying a reply
+        costs only its own products: all of it depends on the session's keys, the client's sketches and
+        the length only, never on the prompt. Returns self."""
+        for which, layer, expert in self.cache.matrices():
+            self._check(which, layer, expert)
+        if n is not None:
+            for block in range(self.b.config.n_layers):
+                self.attention_rows(block, n)
+        return self
+
+    def attention_rows(self, block: int, n: int) -> npt.NDArray[np.int64]:
+        """The :data:`ATTENTION_ROWS` secret rows (of ``n``) block ``block``'s prefill attention check
+        recomputes (:meth:`~scx_ref.protocol.keyring.RequestKeys.verify_rows`)."""
+        rows = self._rows.get((block, n))
+        if rows is None:
+            rows = self._rows[(block, n)] = self.keys.verify_rows(block, n, ATTENTION_ROWS)
+        return rows
+
+    def current(self, cache: SketchCache) -> bool:
+        """Whether these checks were drawn from ``cache``'s current basis (not one rotated away since)."""
+        return self.cache is cache and self.epoch == cache.epoch
 
     def vectors_for(self, rows: int) -> int:
         """Check vectors for a reply of ``rows`` rows."""
@@ -492,22 +523,29 @@ class SessionVerifier(Generic[A]):
             "an attention row outside its values' range",
         )
         self.flops += 4 * og_w.size
-        q64 = np.asarray(self.b.rows_to_numpy(q, rows), dtype=np.float64)
-        k64, v64 = self._host(k), v_w.astype(np.float64)
-        og = og_w[rows].astype(np.float64)
         if rows.size == 0:
             return
+        pos = first + rows  # the recomputed rows' positions
+        seen = int(pos.max()) + 1  # keys 0 .. seen − 1 are all any recomputed row may attend to
+        q64 = np.asarray(self.b.rows_to_numpy(q, rows), dtype=np.float64)
+        k64 = np.asarray(self.b.to_numpy(self.b.narrow(k, 0, 0, seen)), dtype=np.float64)
+        v64 = v_w[:seen].astype(np.float64)
+        og = og_w[rows].astype(np.float64)
         scale = 1.0 / math.sqrt(dh)
         kcum = np.maximum.accumulate(np.linalg.norm(k64, axis=-1), axis=0)  # max ‖k_j‖, j ≤ p (× H_kv)
         vcum = np.maximum.accumulate(np.linalg.norm(v64, axis=-1), axis=0)
-        pos = first + rows  # the recomputed rows' positions
-        qi = q64.reshape(rows.size, c.n_kv_heads, g, dh)
-        s = np.einsum("rhgd,khd->rhgk", qi, k64) * scale
-        s = np.where(np.arange(n_k)[None, None, None, :] <= pos[:, None, None, None], s, -np.inf)
+        n_r, h_kv = rows.size, c.n_kv_heads
+        qi = q64.reshape(n_r, h_kv, g, dh)
+        # per KV head: (rows·g × d_h) @ (d_h × keys), as batched products on the backend's threads
+        qh = qi.transpose(1, 0, 2, 3).reshape(h_kv, n_r * g, dh)
+        s = self.b.matmul64(qh, k64.transpose(1, 2, 0)).reshape(h_kv, n_r, g, seen) * scale
+        visible = np.arange(seen)[None, :] <= pos[:, None]  # rows × keys (causal)
+        s = np.where(visible[None, :, None, :], s, -np.inf)
         p = np.exp(s - s.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
-        want = np.einsum("rhgk,khd->rhgd", p, v64)
-        diff = np.linalg.norm(og - want, axis=-1)  # rows × H_kv × g
+        want = self.b.matmul64(p.reshape(h_kv, n_r * g, seen), v64.transpose(1, 0, 2))
+        want = want.reshape(h_kv, n_r, g, dh)
+        diff = np.linalg.norm(og - want.transpose(1, 0, 2, 3), axis=-1)  # rows × H_kv × g
         smax = np.linalg.norm(qi, axis=-1) * (kcum[pos] * scale)[:, :, None]  # the largest |score| bound
         vmx = vcum[pos][:, :, None]
         m = np.sqrt(pos + 1.0)[:, None, None]
