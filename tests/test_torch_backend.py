@@ -16,7 +16,7 @@ import torch
 
 from scx_ref.backends.base import Backend
 from scx_ref.backends.numpy_backend import NumpyBackend
-from scx_ref.backends.torch_backend import TorchBackend, parse_dtype
+from scx_ref.backends.torch_backend import TorchBackend, TorchOps, parse_dtype
 from scx_ref.config import ModelConfig
 from scx_ref.errors import ConfigError, DTypeError
 from scx_ref.forward import PlainRunner
@@ -159,3 +159,21 @@ def test_cuda_backend_matches_cpu(variant: str) -> None:
     assert f_tokens == cpu_tokens
     for dt in (torch.bfloat16, torch.float16):
         run(TorchBackend(w, dt, "cuda"), "permute", 2)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40, 2000])  # the host path (a few rows) and the sliced torch path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_verifier_products_are_float64_accurate_and_norms_upper_bounds(rows: int, dtype: torch.dtype) -> None:
+    """project64 (the reply verifier's x·r and ‖x_i‖) agrees with an exact float64 product to float64
+    rounding on every path, and its norms are never below the true ones; matmul64 is numpy's matmul."""
+    rng = np.random.default_rng(rows)
+    ops = TorchOps(dtype)
+    x = torch.from_numpy(rng.standard_normal((rows, 24))).to(dtype)
+    right = rng.standard_normal((24, 3))
+    prod, norms = ops.project64(x, right)
+    x64 = x.double().numpy()
+    np.testing.assert_allclose(prod, x64 @ right, rtol=1e-13, atol=1e-13)
+    true = np.linalg.norm(x64, axis=1)
+    assert np.all(norms >= true) and np.all(norms <= true * (1 + 1e-5))
+    a, b = rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 4, 6))
+    np.testing.assert_allclose(ops.matmul64(a, b), a @ b, rtol=1e-14, atol=1e-14)

@@ -147,6 +147,11 @@ def _from_model_weights(w: ModelWeights, dtype: torch.dtype, device: torch.devic
     )
 
 
+#: Elements up to which project64 multiplies on the host in numpy (a few rows: torch's per-call overhead
+#: is then most of the cost).
+_SMALL = 1 << 14
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     """Whether every entry is finite, in one reduction pass: a sum is finite only if every term is
     (NaN and ±Inf propagate; +Inf + −Inf is NaN), so a finite sum proves it; a non-finite sum (or an
@@ -331,9 +336,13 @@ class TorchOps:
         """``(x·right, ‖x_i‖₂)``: the product in float64 (in row slices of at most 2²² elements); the norms
         summed in float32 or wider and rounded *up* by their worst-case relative error (width·2⁻²³), so
         they are upper bounds (a float32 overflow gives +inf)."""
+        rows, width = x.shape
+        if rows * width <= _SMALL and x.device.type == "cpu":  # a generation step's row: on the host
+            x64 = x.detach().to(torch.float64).numpy()
+            norm = np.sqrt(np.einsum("ij,ij->i", x64, x64)) * (1.0 + (width + 2) * 2.0**-52)
+            return x64 @ np.asarray(right, dtype=np.float64), norm
         # rᵀ (k × width) times the rows' transpose: BLAS runs this orientation of a thin product faster
         rt = torch.from_numpy(np.ascontiguousarray(np.transpose(right), dtype=np.float64)).to(self.device)
-        rows, width = x.shape
         step = max(1, (1 << 22) // max(1, width))
         wide = torch.float64 if x.dtype == torch.float64 else torch.float32
         prods, norms = [], []

@@ -510,9 +510,13 @@ class SessionVerifier(Generic[A]):
         og_w = np.asarray(self.b.to_numpy(o)).reshape(n_q, c.n_kv_heads, g, dh)
         n_k = v_w.shape[0]
         vmax = float(np.abs(v_w).max()) if v_w.size else 0.0
-        # range: o_i (head h) is a convex combination of v_j (its KV group) for j ≤ first + i
-        hi = np.maximum.accumulate(v_w, axis=0)[first : first + n_q]
-        lo = np.minimum.accumulate(v_w, axis=0)[first : first + n_q]
+        # range: o_i (head h) is a convex combination of v_j (its KV group) for j ≤ first + i — the
+        # running max/min from row `first` on, after one reduction of the rows before it
+        hi, lo = v_w[first : first + n_q], v_w[first : first + n_q]
+        if first > 0 and n_q:
+            hi = np.concatenate([np.maximum(v_w[:first].max(axis=0), hi[:1]), hi[1:]])
+            lo = np.concatenate([np.minimum(v_w[:first].min(axis=0), lo[:1]), lo[1:]])
+        hi, lo = np.maximum.accumulate(hi, axis=0), np.minimum.accumulate(lo, axis=0)
         over = np.maximum(og_w - hi[:, :, None, :], lo[:, :, None, :] - og_w).max() if n_q else 0.0
         slack = LAMBDA * u * (math.sqrt(n_k) + 4.0) * vmax
         self._judge(
