@@ -20,33 +20,23 @@ import torch
 from scx_ref.attacks.active import MarkerServer, TamperingTransport
 from scx_ref.backends import NumpyBackend
 from scx_ref.backends.torch_backend import TorchBackend
-from scx_ref.config import ModelConfig
 from scx_ref.errors import IntegrityError, ProtocolError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, Reply, Request, SCXConfig, Server
 from scx_ref.reference import ReferenceModel
 from scx_ref.stages import Stage
-from scx_ref.weights import ModelWeights, random_weights
+from scx_ref.weights import ModelWeights
+from tests.tiny import tiny_weights
 
 IDS = np.array([7, 3, 21, 9, 14, 2, 30, 11], dtype=np.int64)
 N_NEW = 3
 
 
 def weights(moe: bool = False, bias: bool = False, layers: int = 4) -> ModelWeights:
-    cfg = ModelConfig(
-        vocab_size=40,
-        hidden_size=32,
-        n_layers=layers,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        intermediate_size=48,
-        n_experts=4 if moe else 0,
-        top_k=2 if moe else 0,
-        qkv_bias=bias,
-        max_positions=64,
-    )
-    return random_weights(cfg, np.random.default_rng(3))
+    return tiny_weights(
+        3, moe=moe, vocab_size=40, hidden_size=32, n_layers=layers, head_dim=8, intermediate_size=48,
+        qkv_bias=bias, max_positions=64,
+    )  # fmt: skip
 
 
 def keys(seed: int = 1) -> KeySchedule:

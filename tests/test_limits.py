@@ -16,13 +16,13 @@ import torch
 
 from scx_ref.backends import NumpyBackend
 from scx_ref.backends.torch_backend import TorchBackend
-from scx_ref.config import ModelConfig
 from scx_ref.errors import ConfigError, DTypeError, LimitError, ProtocolError, SCXError, SessionError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, Request, SCXConfig, Server
 from scx_ref.protocol.limits import ServerLimits
 from scx_ref.stages import Stage
-from scx_ref.weights import ModelWeights, random_weights
+from scx_ref.weights import ModelWeights
+from tests.tiny import tiny_weights
 
 IDS = np.array([3, 1, 4, 1, 5, 9], dtype=np.int64)
 N = len(IDS)
@@ -30,19 +30,7 @@ OPEN_META: dict[str, Any] = dict(n=N, r1=2, r2=1, r_lock=2, l_s=1, l_e=1, max_le
 
 
 def weights(moe: bool = False) -> ModelWeights:
-    cfg = ModelConfig(
-        vocab_size=32,
-        hidden_size=16,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=4,
-        intermediate_size=24,
-        n_experts=4 if moe else 0,
-        top_k=2 if moe else 0,
-        max_positions=32,
-    )
-    return random_weights(cfg, np.random.default_rng(2))
+    return tiny_weights(2, moe=moe)
 
 
 class Clock:

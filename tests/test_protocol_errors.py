@@ -17,7 +17,6 @@ import numpy.typing as npt
 import pytest
 
 from scx_ref.backends import NumpyBackend
-from scx_ref.config import ModelConfig
 from scx_ref.errors import (
     DTypeError,
     NonFiniteError,
@@ -32,7 +31,8 @@ from scx_ref.protocol import Client, LocalTransport, Request, SCXConfig, Server
 from scx_ref.protocol.server import commitment
 from scx_ref.reference import KVCache, ReferenceModel
 from scx_ref.stages import Stage
-from scx_ref.weights import ModelWeights, random_weights
+from scx_ref.weights import ModelWeights
+from tests.tiny import tiny_weights
 
 Array = npt.NDArray[Any]
 N, R1, R_LOCK, MAX_LEN = 6, 2, 3, 9
@@ -40,18 +40,7 @@ MASTER, NONCE = bytes(range(32)), bytes(range(40, 56))
 
 
 def weights() -> ModelWeights:
-    cfg = ModelConfig(
-        vocab_size=32,
-        hidden_size=16,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=4,
-        intermediate_size=24,
-        qkv_bias=True,
-        max_positions=32,
-    )
-    return random_weights(cfg, np.random.default_rng(11))
+    return tiny_weights(11, qkv_bias=True)
 
 
 IDS = np.array([3, 1, 4, 1, 5, 9], dtype=np.int64)

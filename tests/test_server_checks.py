@@ -22,6 +22,7 @@ from scx_ref.protocol import Client, LocalTransport, Request, SCXConfig, Server
 from scx_ref.reference import ReferenceModel
 from scx_ref.stages import Stage
 from scx_ref.weights import random_weights
+from tests.tiny import tiny_config
 
 IDS = np.array([3, 1, 4, 1, 5, 9], dtype=np.int64)
 N, R1, R_LOCK = len(IDS), 2, 3
@@ -38,17 +39,7 @@ SNAPSHOT_KEYS = {
     "commits",
     "cache_bytes",
 }
-CFG = ModelConfig(
-    vocab_size=32,
-    hidden_size=16,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=4,
-    intermediate_size=24,
-    qkv_bias=True,
-    max_positions=32,
-)
+CFG = tiny_config(qkv_bias=True)
 
 
 def _close(got: Any, want: Any) -> None:
