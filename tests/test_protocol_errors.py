@@ -8,6 +8,8 @@ so a rejection can neither corrupt nor desynchronise the session.
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ import pytest
 from scx_ref.backends import NumpyBackend
 from scx_ref.errors import (
     DTypeError,
+    LimitError,
     NonFiniteError,
     ProtocolError,
     SCXError,
@@ -28,6 +31,7 @@ from scx_ref.errors import (
 )
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, Request, SCXConfig, Server
+from scx_ref.protocol.limits import ServerLimits
 from scx_ref.protocol.server import commitment
 from scx_ref.reference import KVCache, ReferenceModel
 from scx_ref.stages import Stage
@@ -449,3 +453,101 @@ def test_prompt_longer_than_max_length() -> None:
     assert server.sessions == {}
     with pytest.raises(ProtocolError):
         Client(backend, KeySchedule.generate(), SCXConfig(max_length=w.config.max_positions + 1))
+
+
+# -- open: each refusal names its field and bound; the limits hold at their exact boundaries --------
+OPEN_META: dict[str, Any] = dict(
+    n=N, r1=R1, r2=1, r_lock=R_LOCK, l_s=1, l_e=1, max_length=MAX_LEN, level="paper"
+)
+OTHER_SID = "ef" * 16
+BIG = 1 << 62  # the largest decoy count a field may state (the server's limit then applies)
+BAD_OPEN_FIELDS: list[tuple[dict[str, Any], str]] = [
+    (dict(n=0), "n must lie in [1, 32], got 0"),
+    (dict(n=33), "n must lie in [1, 32], got 33"),
+    (dict(n=1.5), "n must be an integer, got float 1.5"),
+    (dict(r1=-1), f"r1 must lie in [0, {BIG}], got -1"),
+    (dict(r2=BIG + 1), f"r2 must lie in [0, {BIG}], got {BIG + 1}"),
+    (dict(r_lock="3"), "r_lock must be an integer, got str '3'"),
+    (dict(l_s=0), "l_s must lie in [1, 65536], got 0"),
+    (dict(l_s=65537), "l_s must lie in [1, 65536], got 65537"),
+    (dict(l_e=0), "l_e must lie in [1, 65536], got 0"),
+    (dict(l_e=65537), "l_e must lie in [1, 65536], got 65537"),
+    (dict(max_length=N - 1), f"max_length must lie in [{N}, 32], got {N - 1}"),
+    (dict(level="secret"), "level must be one of ['permute', 'paper', 'blind'], got 'secret'"),
+    (dict(attention="cloud"), "attention must be one of ['server', 'client'], got 'cloud'"),
+    (dict(gen_linear="gpu"), "gen_linear must be one of ['client', 'server'], got 'gpu'"),
+    (dict(wide=1), "wide must be true or false, got int 1"),
+]
+
+
+def _open_request(sid: str = OTHER_SID, **fields: Any) -> Request:
+    """An ``open`` of session ``sid`` with :data:`OPEN_META` changed by ``fields``."""
+    return Request(sid, Stage.OPEN, -1, -1, 0, {}, {**OPEN_META, **fields})
+
+
+def _limited_server(**limits: Any) -> Server[Any]:
+    return Server(NumpyBackend(weights()), ServerLimits(**limits))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"), BAD_OPEN_FIELDS, ids=[f"{k}={v}" for f, _ in BAD_OPEN_FIELDS for k, v in f.items()]
+)
+def test_open_refusal_names_field_and_bounds(live: Live, fields: dict[str, Any], message: str) -> None:
+    pattern = f"^{re.escape(message)}$"
+    rejected(live, lambda: live.server.handle(_open_request(**fields)), ProtocolError, pattern)
+    assert OTHER_SID not in live.server.sessions
+    # the refusal left no memory of the nonce: the same session opens with valid fields
+    assert live.server.handle(_open_request()).meta["token"]
+
+
+def test_open_accepts_every_field_at_its_bound(live: Live) -> None:
+    sizes = dict(n=32, max_length=32, l_s=1 << 16, l_e=1 << 16)
+    sites = dict(attention="client", gen_linear="server", wide=True)
+    reply = live.server.handle(_open_request(**sizes, **sites))
+    s = live.server.sessions[OTHER_SID]
+    assert reply.stage is Stage.OPEN and reply.seq == 0 and reply.arrays == {}
+    assert (s.n, s.max_length, s.first, s.middle, s.last) == (32, 32, range(4), range(4, 4), range(4, 4))
+    assert (s.attention, s.gen_linear, s.wide) == ("client", "server", True)
+
+
+@pytest.mark.parametrize("decoys", ["r1", "r2", "r_lock"])
+def test_open_decoy_limit_counts_each_stage(decoys: str) -> None:
+    server = _limited_server(max_decoys=8)
+    small = dict(r1=1, r2=1, r_lock=1)
+    with pytest.raises(LimitError, match=r"^9 decoy rows at one stage exceed the server's limit of 8$"):
+        server.handle(_open_request(**{**small, decoys: 9}))
+    assert server.sessions == {}
+    server.handle(_open_request(**{**small, decoys: 8}))  # at the limit: accepted
+    s = server.sessions[OTHER_SID]
+    assert {"r1": s.r1, "r2": s.r2, "r_lock": s.r_lock} == {**small, decoys: 8}
+
+
+@pytest.mark.parametrize("decoys", ["r1", "r2", "r_lock"])
+def test_open_row_limit_counts_the_most_decoys_of_any_stage(decoys: str) -> None:
+    server = _limited_server(max_rows=MAX_LEN + 5)
+    small = dict(r1=1, r2=1, r_lock=1)
+    message = f"a session of {MAX_LEN + 6} rows exceeds the server's limit of {MAX_LEN + 5} rows"
+    with pytest.raises(LimitError, match=f"^{re.escape(message)}$"):
+        server.handle(_open_request(**{**small, decoys: 6}))
+    assert server.sessions == {}
+    server.handle(_open_request(**{**small, decoys: 5}))  # max_length + 5 rows: at the limit, accepted
+    assert OTHER_SID in server.sessions
+
+
+def test_open_without_wide_refuses_float64_messages(live: Live) -> None:
+    sid, token = _open_fresh(live)  # its open does not mention wide: the session is not wide
+    x_rows = {"x": np.zeros((N + R1, 16))}
+    wide = Request(sid, Stage.QKV, 0, -1, 1, x_rows, {"commit": "1" * 64, "wide": True}, token)
+    before = live.server.sessions_snapshot(sid)
+    with pytest.raises(ProtocolError, match=r"^qkv: a float64 blinded message in a session not opened wide$"):
+        live.server.handle(wide)
+    assert same(live.server.sessions_snapshot(sid), before)
+    live.server.handle(Request(sid, Stage.QKV, 0, -1, 1, x_rows, {"commit": "1" * 64}, token))
+    assert live.server.sessions[sid].seq == 2
+
+
+def test_open_token_is_256_random_bits(live: Live) -> None:
+    _, token = _open_fresh(live)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token), token  # URL-safe base64 of 32 bytes, unpadded
+    assert len(base64.urlsafe_b64decode(token + "=")) == 32
+    assert live.client.state is not None and token != live.client.state.token

@@ -831,3 +831,246 @@ def test_an_mlp_reply_carries_its_intermediates_only_when_asked() -> None:
     np.testing.assert_array_equal(traced.arrays["y"], plain.arrays["y"])
     untraced = lv.server.handle(lv.req(Stage.GEN_FFN, 0, 0, {"x": x(1)}, trace=False))
     assert set(untraced.arrays) == {"y"}
+
+
+# --- the header fields, flags and meta checks of _parse and _check_fields ---------------------------------
+
+SEQ_HI = 1 << 62  # the largest sequence number a message may carry
+
+
+def _with_meta(req: Request, meta: Any) -> Request:
+    """``req`` carrying ``meta`` as it is (a malformed one included)."""
+    from dataclasses import replace
+
+    return replace(req, meta=meta)
+
+
+# (id, builds the request from a Live, error type, the whole message; {seq}: the session's next seq)
+HEADER_REFUSALS: list[tuple[str, Any, type[Exception], str]] = [
+    (
+        "layer-above",
+        lambda lv: lv.req(Stage.GEN_MID, 5, 0),
+        ProtocolError,
+        "layer must lie in [-1, 4], got 5",
+    ),
+    (
+        "layer-below",
+        lambda lv: lv.req(Stage.GEN_MID, -2, 0),
+        ProtocolError,
+        "layer must lie in [-1, 4], got -2",
+    ),
+    (
+        "layer-str",
+        lambda lv: lv.req(Stage.GEN_MID, "1", 0),
+        ProtocolError,
+        "layer must be an integer, got str '1'",
+    ),
+    (  # -1 is a valid layer for _parse: the refusal is the stage's own
+        "layer-lowest",
+        lambda lv: lv.req(Stage.GEN_MID, -1, 0, {"x": x(1)}),
+        ProtocolError,
+        "gen_mid names the first middle block; block -1 is not it",
+    ),
+    (
+        "step-above",
+        lambda lv: lv.req(Stage.GEN_MID, 1, 33),
+        ProtocolError,
+        "step must lie in [-1, 32], got 33",
+    ),
+    (
+        "step-below",
+        lambda lv: lv.req(Stage.GEN_MID, 1, -2),
+        ProtocolError,
+        "step must lie in [-1, 32], got -2",
+    ),
+    (
+        "step-float",
+        lambda lv: lv.req(Stage.GEN_MID, 1, 0.0),
+        ProtocolError,
+        "step must be an integer, got float 0.0",
+    ),
+    (  # max_positions is a valid step for _parse: the refusal is the session's order
+        "step-highest",
+        lambda lv: lv.req(Stage.GEN_MID, 1, 32, {"x": x(1)}),
+        ProtocolError,
+        "generation step 32 out of order (at step -1)",
+    ),
+    (
+        "seq-negative",
+        lambda lv: lv.req(Stage.GEN_MID, 1, 0, seq=-1),
+        ProtocolError,
+        f"seq must lie in [0, {SEQ_HI}], got -1",
+    ),
+    (
+        "seq-above",
+        lambda lv: lv.req(Stage.GEN_MID, 1, 0, seq=SEQ_HI + 1),
+        ProtocolError,
+        f"seq must lie in [0, {SEQ_HI}], got {SEQ_HI + 1}",
+    ),
+    (  # 1 << 62 is a valid seq for _parse: the refusal is the session's order
+        "seq-highest",
+        lambda lv: lv.req(Stage.GEN_MID, 1, 0, seq=SEQ_HI),
+        ProtocolError,
+        "message out of order: expected seq {seq}, got " + str(SEQ_HI),
+    ),
+    (
+        "seq-bool",
+        lambda lv: lv.req(Stage.GEN_MID, 1, 0, seq=True),
+        ProtocolError,
+        "seq must be an integer, got bool True",
+    ),
+    (  # 256 characters is a well-formed token: the refusal is the session's (a wrong token)
+        "token-256",
+        lambda lv: lv.req(Stage.GEN_MID, 1, 0, token="t" * 256),
+        SessionError,
+        "unknown session or invalid session token",
+    ),
+    (
+        "arrays-not-mapping",
+        lambda lv: lv.req(Stage.GEN_MID, 1, 0, [("x", x(1))]),
+        ProtocolError,
+        "arrays must be a mapping with string keys",
+    ),
+    (
+        "arrays-int-key",
+        lambda lv: lv.req(Stage.GEN_MID, 1, 0, {0: x(1)}),
+        ProtocolError,
+        "arrays must be a mapping with string keys",
+    ),
+    (
+        "meta-not-mapping",
+        lambda lv: _with_meta(lv.req(Stage.GEN_MID, 1, 0, {"x": x(1)}), ["trace"]),
+        ProtocolError,
+        "meta must be a mapping with string keys",
+    ),
+    (
+        "meta-int-key",
+        lambda lv: _with_meta(lv.req(Stage.GEN_MID, 1, 0, {"x": x(1)}), {1: True}),
+        ProtocolError,
+        "meta must be a mapping with string keys",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"), [r[1:] for r in HEADER_REFUSALS], ids=[r[0] for r in HEADER_REFUSALS]
+)
+def test_header_fields_are_refused_by_name_at_their_bounds(
+    build: Any, error: type[Exception], message: str
+) -> None:
+    """Each of layer, step, seq, token, arrays and meta is refused with a message that names the field and
+    its allowed range; the value at each bound passes _parse (the refusal is then a later, other one). The
+    session is left as it was."""
+    lv = Live()
+    sid = lv.client.session
+    before = lv.server.sessions_snapshot(sid)
+    with pytest.raises(error) as info:
+        lv.server.handle(build(lv))
+    assert type(info.value) is error and str(info.value) == message.format(seq=before["seq"])
+    after = lv.server.sessions_snapshot(sid)
+    assert (after["seq"], after["step"], after["gen_done"], after["cache_bytes"]) == (
+        before["seq"],
+        before["step"],
+        before["gen_done"],
+        before["cache_bytes"],
+    )
+
+
+# (id, stage, layer, arrays, the flag, a non-bool value, its refusal)
+FLAG_CASES: list[tuple[str, Stage, int, dict[str, Any], str, Any, str]] = [
+    ("trace", Stage.GEN_FFN, 0, {"x": x(1)}, "trace", "yes", "trace must be true or false, got str 'yes'"),
+    ("last", Stage.GEN_FFN_DOWN, 0, {"m": x(1, 24)}, "last", 1, "last must be true or false, got int 1"),
+    ("wide", Stage.GEN_QKV, 0, {"x": x(1)}, "wide", "true", "wide must be true or false, got str 'true'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("stage", "layer", "arrays", "flag", "value", "message"),
+    [c[1:] for c in FLAG_CASES],
+    ids=[c[0] for c in FLAG_CASES],
+)
+def test_meta_flags_must_be_booleans(
+    stage: Stage, layer: int, arrays: dict[str, Any], flag: str, value: Any, message: str
+) -> None:
+    """trace, last and wide are refused unless true or false (a truthy 1 or "yes" is not silently read as
+    a flag), naming the flag and the value; the session is unchanged and then takes the same message
+    with a real boolean."""
+    lv = Live()
+    sid = lv.client.session
+    seq = lv.server.sessions[sid].seq
+    with pytest.raises(ProtocolError) as info:
+        lv.server.handle(lv.req(stage, layer, 0, arrays, **{flag: value}))
+    assert str(info.value) == message
+    snap = lv.server.sessions_snapshot(sid)
+    assert (snap["seq"], snap["step"]) == (seq, -1)
+    reply = lv.server.handle(lv.req(stage, layer, 0, arrays, **{flag: False}))
+    assert (reply.stage, reply.layer, reply.step, reply.seq) == (stage, layer, 0, seq)
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_a_normalized_ffn_message_may_not_carry_trace(trace: bool) -> None:
+    """trace belongs to the whole-MLP ffn stage: a normalized (blinded gate/up) ffn message carrying it at
+    all is refused, and changes nothing; without it, or un-normalized with it, the message is accepted."""
+    lv = Live()
+    sid_token = lv.fresh()
+    sid = sid_token[0]
+    rows = N + R1
+    lv.server.handle(lv.on(sid_token, Stage.QKV, 0, arrays={"x": x(rows)}, commit=COMMIT))
+    before = lv.server.sessions_snapshot(sid)
+    with pytest.raises(ProtocolError) as info:
+        lv.server.handle(lv.on(sid_token, Stage.FFN, 0, arrays={"x": x(rows)}, normalized=True, trace=trace))
+    assert str(info.value) == "ffn: trace is for the un-normalized (whole-MLP) stage only"
+    after = lv.server.sessions_snapshot(sid)
+    assert (after["seq"], after["layer"], after["ffn_done"]) == (before["seq"], 0, -1)
+    up = lv.server.handle(lv.on(sid_token, Stage.FFN, 0, arrays={"x": x(rows)}, normalized=True))
+    assert set(up.arrays) == {"y"} and up.arrays["y"].shape == (rows, 2 * CFG.intermediate_size)
+    whole = lv.server.handle(lv.on(sid_token, Stage.FFN, 0, arrays={"x": x(rows)}, trace=True))
+    assert "y" in whole.arrays and len(whole.arrays) > 1
+    assert lv.server.sessions_snapshot(sid)["ffn_done"] == 0
+
+
+@pytest.mark.parametrize("normalized", [None, False])
+def test_an_unnormalized_moe_ffn_message_may_not_name_experts(normalized: bool | None) -> None:
+    """On an MoE model the whole-MLP ffn stage (normalized absent or false) routes on the server, so a
+    message naming experts is refused, naming the stage, and changes nothing; the normalized (blinded
+    gate/up) ffn message naming the same experts is accepted."""
+    w = random_weights(MOE, np.random.default_rng(3))
+    server: Server[Any] = Server(NumpyBackend(w))
+    sid = KeySchedule.new_nonce().hex()
+    opened = server.handle(Request(sid, Stage.OPEN, -1, -1, 0, {}, dict(OPEN_META, level="blind")))
+    token = str(opened.meta["token"])
+    rows = N + R1
+
+    def ffn(**meta: Any) -> Request:
+        seq = server.sessions[sid].seq
+        return Request(sid, Stage.FFN, 0, -1, seq, {"x": x(rows)}, meta, token)
+
+    server.handle(Request(sid, Stage.QKV, 0, -1, 1, {"x": x(rows)}, {"commit": COMMIT}, token))
+    before = server.sessions_snapshot(sid)
+    meta: dict[str, Any] = {"experts": [0]} if normalized is None else {"experts": [0], "normalized": False}
+    with pytest.raises(ProtocolError) as info:
+        server.handle(ffn(**meta))
+    assert str(info.value) == "ffn message carries experts it cannot use"
+    after = server.sessions_snapshot(sid)
+    assert (after["seq"], after["ffn_done"]) == (before["seq"], -1)
+    assert server.cost(sid).stages[Stage.FFN].server_flops == 0
+    up = server.handle(ffn(normalized=True, experts=[0]))
+    assert up.arrays["y"].shape == (rows, 2 * MOE.intermediate_size)
+
+
+def test_numpy_integer_header_fields_come_back_as_python_ints() -> None:
+    """A message whose layer, step and seq are numpy integers is accepted, and the reply and the session
+    hold them as plain Python ints (what a wire encoder such as json can write), not the request's type."""
+    import json
+
+    lv = Live()
+    sid = lv.client.session
+    seq = lv.server.sessions[sid].seq
+    layer: Any = np.int64(0)
+    step: Any = np.int64(0)
+    reply = lv.server.handle(lv.req(Stage.GEN_QKV, layer, step, {"x": x(1)}, seq=np.int64(seq)))
+    assert (reply.layer, reply.step, reply.seq) == (0, 0, seq)
+    assert [type(v) for v in (reply.layer, reply.step, reply.seq)] == [int, int, int]
+    assert json.dumps([reply.layer, reply.step, reply.seq]) == f"[0, 0, {seq}]"
+    snap = lv.server.sessions_snapshot(sid)
+    assert snap["seq"] == seq + 1 and snap["step"] == 0 and type(snap["step"]) is int
