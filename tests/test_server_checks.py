@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from scx_ref.backends import NumpyBackend
-from scx_ref.config import ModelConfig
 from scx_ref.errors import ProtocolError, SCXError, SessionError, ShapeError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, Request, SCXConfig, Server
@@ -695,18 +694,7 @@ def test_a_session_closed_while_a_message_waits_for_it_takes_nothing() -> None:
 
 # --- MoE stages naming several experts in one message -------------------------------------------------
 
-MOE = ModelConfig(
-    vocab_size=32,
-    hidden_size=16,
-    n_layers=3,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=4,
-    intermediate_size=12,
-    n_experts=4,
-    top_k=2,
-    max_positions=32,
-)
+MOE = tiny_config(moe=True, n_layers=3, intermediate_size=12)
 
 
 def test_moe_stages_size_their_arrays_and_flops_by_the_experts_named() -> None:
