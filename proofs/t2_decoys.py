@@ -124,3 +124,73 @@ def check_decoys(
 def decoys() -> bool:
     """Append-permute-compute-unpermute-strip equals compute on X."""
     return check_decoys(AFFINE_NORM, _SIZES)
+
+
+def reencode_sum(
+    s: sp.Matrix, pi_s: Perm, y: sp.Matrix, pi_y: Perm, decoys: sp.Matrix, pi: Perm
+) -> sp.Matrix:
+    """The residual add across encodings as the proof writes it: decode S and Y, add, encode with fresh
+    decoys under π (``scx_ref.transforms.reencode_sum``, which fuses the gathers)."""
+    n = len(pi) - decoys.rows
+    return encode(decode(s, pi_s, n) + decode(y, pi_y, n), decoys, pi)
+
+
+#: (n, r_s, r_y, r): real rows, decoys of S (the QKV stage's), of Y (the O stage's), and fresh decoys.
+_RESIDUAL_SIZES = [(1, 1, 0, 1), (2, 1, 1, 0), (1, 0, 1, 2), (2, 0, 0, 1)]
+
+
+def check_residual(sizes: Sequence[tuple[int, int, int, int]], *, mode: str = "protocol") -> bool:
+    """For every size and every π_s, π_y, π: S = [H; R_s][π_s] and Y = [O; R_y][π_y] re-encode to a
+    Z with Z[π⁻¹][:n] = H + O (the residual in true order) and Z[π⁻¹][n:] = R (the fresh decoys, with
+    nothing of R_s, R_y, H or O in them).
+
+    ``mode``: ``"protocol"``, ``"same-key"`` (decode Y with π_s) or ``"old-decoys"`` (carry S's decoy
+    rows on instead of fresh ones).
+    """
+    for n, r_s, r_y, r in sizes:
+        h, o = sym_matrix("h", n, _D), sym_matrix("o", n, _D)
+        r_old, r_new = sym_matrix("q", r_s, _D), sym_matrix("r", r, _D)
+        r_o = sym_matrix("p", r_y, _D)
+        for pi_s in perms(n + r_s):
+            s = encode(h, r_old, pi_s)
+            for pi_y in perms(n + r_y):
+                y = encode(o, r_o, pi_y)
+                for pi in perms(n + r):
+                    if mode == "protocol":
+                        z = reencode_sum(s, pi_s, y, pi_y, r_new, pi)
+                    elif mode == "same-key":
+                        if len(pi_s) != len(pi_y):
+                            continue
+                        z = reencode_sum(s, pi_s, y, pi_s, r_new, pi)
+                    elif mode == "old-decoys":
+                        if r_s != r:
+                            continue
+                        z = encode(
+                            decode(s, pi_s, n) + decode(y, pi_y, n), decode(s, pi_s, n + r_s)[n:, :], pi
+                        )
+                    else:
+                        raise ValueError(mode)
+                    back = permute_rows(z, inverse(pi))
+                    if not matrices_equal(back[:n, :], h + o, quick=True):
+                        return False
+                    if not matrices_equal(back[n:, :], r_new, quick=True):
+                        return False
+    return True
+
+
+@identity(
+    "t2.residual_reencode",
+    "S = [H; R_s][π_s], Y = [O; R_y][π_y] re-encoded under π with fresh R: decode = H + O, decoy rows = R; "
+    "d=2, (n, r_s, r_y, r) in {(1,1,0,1),(2,1,1,0),(1,0,1,2),(2,0,0,1)}, every π_s, π_y, π",
+    implements=(Implementation("scx_ref.transforms.reencode_sum", reencode_sum),),
+    negative_controls=[
+        ("decode Y with π_s instead of π_y", lambda: check_residual([(2, 0, 0, 0)], mode="same-key")),
+        (
+            "carry S's decoy rows on instead of fresh ones",
+            lambda: check_residual([(1, 1, 0, 1)], mode="old-decoys"),
+        ),
+    ],
+)
+def residual_reencode() -> bool:
+    """The client's residual add in encoded order: the real rows add, the decoys are replaced."""
+    return check_residual(_RESIDUAL_SIZES)

@@ -124,6 +124,24 @@ def test_decoy_encode_decode_match_numpy_exactly(
     assert np.array_equal(decoded, x64) and decoded.dtype == ops.numpy_dtype()
 
 
+@given(row_counts(), decoy_counts(), decoy_counts(), st.integers(1, 6), seeds(), dtypes, st.data())
+def test_reencode_sum_matches_numpy_exactly(
+    n: int, r: int, r_o: int, d: int, seed: int, dtype: torch.dtype, data: st.DataObject
+) -> None:
+    """The client's residual re-encoding (torch, Permutation keys) equals numpy's decode–add–encode."""
+    pi, pi_s, pi_y = data.draw(perms(n + r)), data.draw(perms(n + r)), data.draw(perms(n + r_o))
+    ops = TorchOps(dtype)
+    s, s64 = _rounded(_gauss(seed, (n + r, d)), dtype)
+    y, y64 = _rounded(_gauss(seed + 1, (n + r_o, d)), dtype)
+    dec, dec64 = _rounded(_gauss(seed + 2, (r, d)), dtype)
+    got = T.reencode_sum(s, T.Permutation(pi_s), y, T.Permutation(pi_y), dec, T.Permutation(pi), ops)
+    assert got.dtype == dtype
+    want = ops.add(T.decode_rows(s, pi_s, n, ops), T.decode_rows(y, pi_y, n, ops))
+    assert np.array_equal(_np(got), _np(T.encode_rows(want, dec, pi, ops)))
+    if dtype == torch.float64:
+        assert np.array_equal(_np(got), T.reencode_sum(s64, pi_s, y64, pi_y, dec64, pi))
+
+
 @given(
     attention_shapes(),
     row_counts(),
@@ -313,10 +331,12 @@ def test_backend_array_ops_match_numpy(w: ModelWeights, seed: int, n: int, data:
     assert np.array_equal(nb.rows_to_numpy(x, index), nb.to_numpy(nb.take_rows(x, index)))
     assert np.array_equal(tb.to_numpy(tb.concat_rows([xt, xt[:1]])), nb.concat_rows([x, x[:1]]))
     split = data.draw(st.integers(0, n))
-    parts_t = [(xt[:split], perm[:split]), (xt[split:], perm[split:])]
-    parts_n = [(x[:split], perm[:split]), (x[split:], perm[split:])]
-    assert np.array_equal(tb.to_numpy(tb.scatter_rows(parts_t, n)), nb.scatter_rows(parts_n, n))
-    assert np.array_equal(nb.scatter_rows(parts_n, n)[perm], x)
+    cut = data.draw(st.integers(split, n))
+    parts_t, parts_n = [xt[:split], xt[split:cut], xt[cut:]], [x[:split], x[split:cut], x[cut:]]
+    for idx in (perm, index):  # a permutation, and any index with repeats
+        got = tb.to_numpy(tb.take_rows_concat(parts_t, idx))
+        assert np.array_equal(got, x[idx]) and np.array_equal(nb.take_rows_concat(parts_n, idx), x[idx])
+        assert np.array_equal(tb.to_numpy(tb.take_rows_concat([xt[:split], xt[split:]], idx)), x[idx])
     assert np.array_equal(tb.to_numpy(tb.take_rows_in_place(xt.clone(), perm)), x[perm])
     assert np.array_equal(nb.take_rows_in_place(x.copy(), perm), x[perm])
     view = tb.narrow(xt, 1, 0, 1)

@@ -28,9 +28,10 @@ from properties.strategies import (
 )
 from scx_ref import ops
 from scx_ref.arrays import permute_rows_in_place
-from scx_ref.errors import ShapeError
+from scx_ref.errors import PermutationError, ShapeError
 from scx_ref.transforms import (
     HeadPermutation,
+    Permutation,
     blind,
     blinding_correction,
     decode_rows,
@@ -41,6 +42,7 @@ from scx_ref.transforms import (
     inverse_permutation,
     laplace_noise,
     permute_rows,
+    reencode_sum,
     reorder_cache,
     unblind,
     unpermute_rows,
@@ -148,6 +150,70 @@ def test_t2_fused_encode_is_the_composition_exactly(data: st.DataObject, n: int,
         fused = encode_rows(x, decoys, pi)
         assert fused.dtype == dtype
         assert np.array_equal(fused, permute_rows(with_decoys(x, decoys), pi))
+
+
+@given(
+    data=st.data(),
+    n=row_counts(0, 8),
+    r=decoy_counts(),
+    rs=decoy_counts(),
+    ry=decoy_counts(),
+    d=st.integers(1, 4),
+)
+def test_t2_reencode_sum_is_decode_add_encode_exactly(
+    data: st.DataObject, n: int, r: int, rs: int, ry: int, d: int
+) -> None:
+    """reencode_sum(S, π_s, Y, π_y, R, π) == encode_rows(decode(S) + decode(Y), R, π), bit for bit, for
+    inputs with their own decoy counts (the client's QKV and O encodings), in float64 and float32; and
+    with :class:`Permutation` keys in place of raw arrays."""
+    assume(n + r > 0)
+    pi, pi_s, pi_y = data.draw(perms(n + r)), data.draw(perms(n + rs)), data.draw(perms(n + ry))
+    for dtype in (np.float64, np.float32):
+        s = data.draw(float_matrices(n + rs, d)).astype(dtype)
+        y = data.draw(float_matrices(n + ry, d)).astype(dtype)
+        decoys = data.draw(float_matrices(r, d, bound=50.0)).astype(dtype)
+        want = encode_rows(decode_rows(s, pi_s, n) + decode_rows(y, pi_y, n), decoys, pi)
+        got = reencode_sum(s, pi_s, y, pi_y, decoys, pi)
+        assert got.dtype == dtype and np.array_equal(got, want)
+        keyed = reencode_sum(s, Permutation(pi_s), y, Permutation(pi_y), decoys, Permutation(pi))
+        assert np.array_equal(keyed, want)
+
+
+def test_reencode_sum_rejects_mismatched_shapes() -> None:
+    x = np.ones((3, 2))
+    with pytest.raises(ShapeError):  # 5 decoys in a π of 3 rows
+        reencode_sum(x, np.arange(3), x, np.arange(3), np.ones((5, 2)), np.arange(3))
+    with pytest.raises(ShapeError):  # y of another width
+        reencode_sum(x, np.arange(3), np.ones((3, 3)), np.arange(3), np.ones((0, 2)), np.arange(3))
+    with pytest.raises(ShapeError):  # 4 real rows, but s holds 3
+        reencode_sum(x, np.arange(3), x, np.arange(3), np.ones((0, 2)), np.arange(4))
+
+
+@given(n_perm=sized_perms(0, 16), d=st.integers(1, 3), r=decoy_counts(), data=st.data())
+def test_permutation_key_is_the_raw_array(
+    n_perm: tuple[int, np.ndarray], d: int, r: int, data: st.DataObject
+) -> None:
+    """A :class:`Permutation` gives every row transform exactly the raw array's result; it holds π and
+    π⁻¹ read-only, and a non-permutation or a wrong length is refused like the raw array."""
+    n, pi = n_perm
+    key = Permutation(pi)
+    assert np.array_equal(key.forward, pi) and np.array_equal(key.inverse, inverse_permutation(pi))
+    assert np.array_equal(inverse_permutation(key), inverse_permutation(pi)) and len(key) == n
+    assert not key.forward.flags.writeable and not key.inverse.flags.writeable
+    assert np.array_equal(np.asarray(key), pi)
+    x = data.draw(float_matrices(n, d))
+    assert np.array_equal(permute_rows(x, key), permute_rows(x, pi))
+    assert np.array_equal(unpermute_rows(x, key), unpermute_rows(x, pi))
+    keep = data.draw(st.integers(0, n))
+    assert np.array_equal(decode_rows(x, key, keep), decode_rows(x, pi, keep))
+    if n >= r:
+        m = n - r
+        dec = data.draw(float_matrices(r, d))
+        assert np.array_equal(encode_rows(x[:m], dec, key), encode_rows(x[:m], dec, pi))
+    with pytest.raises(PermutationError):
+        decode_rows(np.ones((n + 1, d)), key, 0)
+    with pytest.raises(PermutationError):
+        Permutation(np.zeros(2, dtype=np.int64))
 
 
 @given(data=st.data(), n=row_counts(1, 8), r=decoy_counts(), d=st.integers(1, 4))

@@ -71,10 +71,10 @@ class ArrayOps(Protocol[A]):
         """The arrays stacked along the row axis."""
         ...
 
-    def scatter_rows(self, parts: list[tuple[A, IndexArray]], rows: int) -> A:
-        """The array ``out`` of ``rows`` rows with ``out[index] = x`` for every ``(x, index)`` of
-        ``parts``, written in one pass with no intermediate. The indices together must name every row
-        exactly once (the caller checks: :func:`scx_ref.transforms.encode_rows`)."""
+    def take_rows_concat(self, xs: list[A], index: IndexArray) -> A:
+        """``concat_rows(xs)[index]`` (rows; ``xs`` of one width and dtype, the first non-empty) without
+        the concatenation: every output row is written once. The caller checks ``index``'s range
+        (:func:`scx_ref.transforms.encode_rows`)."""
         ...
 
     def take_rows_in_place(self, x: A, index: IndexArray) -> A:
@@ -180,14 +180,9 @@ class NumpyOps:
     def concat_rows(self, xs: list[FloatArray]) -> FloatArray:
         return np.concatenate(xs, axis=0, dtype=self.dtype if self.dtype is not None else xs[0].dtype)
 
-    def scatter_rows(self, parts: list[tuple[FloatArray, IndexArray]], rows: int) -> FloatArray:
-        """``out[index] = x`` for every part, into one fresh array (dtype: this ops' or the first part's)."""
-        first = parts[0][0]
-        out: FloatArray = np.empty(
-            (rows, *first.shape[1:]), dtype=self.dtype if self.dtype is not None else first.dtype
-        )
-        for x, index in parts:
-            out[np.asarray(index, dtype=np.int64)] = x
+    def take_rows_concat(self, xs: list[FloatArray], index: IndexArray) -> FloatArray:
+        """``concatenate(xs)[index]`` (dtype: this ops' or the first array's)."""
+        out: FloatArray = self.concat_rows(xs)[np.asarray(index, dtype=np.int64)]
         return out
 
     def take_rows_in_place(self, x: FloatArray, index: IndexArray) -> FloatArray:

@@ -22,12 +22,13 @@ import numpy.typing as npt
 
 from ._checks import check_permutation
 from .arrays import A, ArrayOps, NumpyOps
-from .errors import SCXError, ShapeError
+from .errors import PermutationError, SCXError, ShapeError
 
 __all__ = [
     "NUMPY",
     "HeadPermutation",
     "NoiseSource",
+    "Permutation",
     "blind",
     "blinding_correction",
     "decode_rows",
@@ -38,6 +39,7 @@ __all__ = [
     "inverse_permutation",
     "laplace_noise",
     "permute_rows",
+    "reencode_sum",
     "reorder_cache",
     "strip_decoys",
     "unblind",
@@ -52,8 +54,50 @@ IntArray = npt.NDArray[np.int64]
 NUMPY: ArrayOps[Any] = NumpyOps(None)
 
 
+class Permutation:
+    """A row permutation π of 0..n−1, checked once, with its inverse π⁻¹ (π⁻¹[π[i]] = i): what the row
+    transforms take in place of a raw index array when one π serves many calls (the client's keys of a
+    request). Both arrays are read-only int64; every transform that accepts an index array accepts this,
+    with the same result, and skips re-checking and re-inverting it."""
+
+    __slots__ = ("forward", "inverse")
+
+    def __init__(self, perm: Any, name: str = "permutation") -> None:
+        forward = check_permutation(perm, None, name).astype(np.int64, copy=True)
+        inverse = np.empty_like(forward)
+        inverse[forward] = np.arange(forward.shape[0], dtype=np.int64)
+        forward.setflags(write=False)
+        inverse.setflags(write=False)
+        self.forward: IntArray = forward
+        self.inverse: IntArray = inverse
+
+    def __len__(self) -> int:
+        return int(self.forward.shape[0])
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> IntArray:
+        return np.array(self.forward, dtype=dtype, copy=True)
+
+    def __repr__(self) -> str:
+        return f"Permutation({self.forward.tolist()!r:.60})"
+
+
 def _perm(perm: Any, n: int | None, name: str) -> IntArray:
+    if isinstance(perm, Permutation):
+        if n is not None and len(perm) != n:
+            raise PermutationError(f"{name} must have length {n}, got {len(perm)}")
+        return perm.forward
     return check_permutation(perm, n, name).astype(np.int64, copy=False)
+
+
+def _inverse(perm: Any, n: int | None, name: str) -> IntArray:
+    """π⁻¹ of a checked π of length n (any length when n is None)."""
+    if isinstance(perm, Permutation):
+        _perm(perm, n, name)
+        return perm.inverse
+    p = _perm(perm, n, name)
+    inv = np.empty_like(p)
+    inv[p] = np.arange(p.shape[0], dtype=np.int64)
+    return inv
 
 
 def _rows(ops: ArrayOps[A], x: A) -> int:
@@ -66,11 +110,8 @@ def _rows(ops: ArrayOps[A], x: A) -> int:
 
 
 def inverse_permutation(perm: Any) -> IntArray:
-    """π⁻¹ with π⁻¹[π[i]] = i (a host int64 array)."""
-    p = _perm(perm, None, "permutation")
-    inv = np.empty_like(p)
-    inv[p] = np.arange(p.shape[0], dtype=np.int64)
-    return inv
+    """π⁻¹ with π⁻¹[π[i]] = i (a host int64 array; read-only for a :class:`Permutation`)."""
+    return _inverse(perm, None, "permutation")
 
 
 def permute_rows(x: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
@@ -86,7 +127,7 @@ def permute_rows(x: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
 def unpermute_rows(y: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
     """T1 decode: Y[π] ↦ Y as the gather Y[π⁻¹], so ``unpermute_rows(permute_rows(Y, π), π) == Y``."""
     t = ops.floating(y, "y", finite=False)
-    return ops.take_rows(t, inverse_permutation(_perm(perm, _rows(ops, t), "perm")))
+    return ops.take_rows(t, _inverse(perm, _rows(ops, t), "perm"))
 
 
 # --- T2: decoy rows --------------------------------------------------------------------------
@@ -115,18 +156,53 @@ def encode_rows(x: Any, decoys: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
     """T1+T2 encode: X ↦ [X; R][π] over n + r rows, in one pass with no concatenated intermediate.
 
     Identity: ``encode_rows(X, R, π) == permute_rows(with_decoys(X, R), π)``. Row j of the result is row
-    π[j] of [X; R], so X's row i lands at π⁻¹[i] and R's row k at π⁻¹[n + k]: the rows of X and R are
-    scattered straight to those positions (``ops.scatter_rows``), every row written once. The result
-    holds every row of X and R, so one finiteness check of it checks both (NonFiniteError otherwise).
+    π[j] of [X; R]: one gather from the two arrays as if stacked (``ops.take_rows_concat``), every row
+    written once. The result holds every row of X and R, so one finiteness check of it checks both
+    (NonFiniteError otherwise).
     """
     t = ops.floating(x, "x", finite=False)
     d = ops.floating(decoys, "decoys", finite=False)
     xs, ds = ops.shape(t), ops.shape(d)
     if len(xs) != 2 or len(ds) != 2 or ds[1] != xs[1]:
         raise ShapeError(f"x ({xs}) and decoys ({ds}) must be 2-D with the same width")
-    n, rows = xs[0], xs[0] + ds[0]
-    inv = inverse_permutation(_perm(perm, rows, "perm"))
-    return ops.floating(ops.scatter_rows([(t, inv[:n]), (d, inv[n:])], rows), "x and decoys")
+    p = _perm(perm, xs[0] + ds[0], "perm")
+    return ops.floating(ops.take_rows_concat([t, d], p), "x and decoys")
+
+
+def reencode_sum(
+    s: Any, perm_s: Any, y: Any, perm_y: Any, decoys: Any, perm: Any, ops: ArrayOps[A] = NUMPY
+) -> A:
+    """T1+T2 across a residual add: two encoded arrays of the same n real rows, summed and re-encoded
+    under a fresh π with fresh decoys, without decoding to true order in between.
+
+    Identity: ``reencode_sum(S, π_s, Y, π_y, R, π) == encode_rows(decode_rows(S, π_s, n) +
+    decode_rows(Y, π_y, n), R, π)`` with n = len(π) − rows(R): row j of the result is S's and Y's rows
+    of token π[j] added (row π[j] − n of R when π[j] ≥ n). Two gathers and one add — the same additions,
+    so the same bits, as the decode–add–encode it replaces, with one pass over the rows fewer. The
+    decoy rows of S and Y are dropped. NonFiniteError if the result is not finite.
+    """
+    ts = ops.floating(s, "s", finite=False)
+    ty = ops.floating(y, "y", finite=False)
+    d = ops.floating(decoys, "decoys", finite=False)
+    ss, ys, ds = ops.shape(ts), ops.shape(ty), ops.shape(d)
+    if len(ss) != 2 or len(ys) != 2 or len(ds) != 2 or not ss[1] == ys[1] == ds[1]:
+        raise ShapeError(f"s ({ss}), y ({ys}) and decoys ({ds}) must be 2-D with the same width")
+    p = _perm(perm, None, "perm")
+    n = p.shape[0] - ds[0]
+    if n < 0 or n > min(ss[0], ys[0]):
+        raise ShapeError(f"{p.shape[0]} rows with {ds[0]} decoys: s and y need at least {n} rows")
+    inv_s = _inverse(perm_s, ss[0], "perm_s")
+    inv_y = _inverse(perm_y, ys[0], "perm_y")
+    real = p < n
+    # row j: token π[j]'s rows of S and Y, or (π[j] ≥ n) row π[j] − n of R plus a row of zeros — the
+    # gathers read [S; R] and [Y; 0]
+    from_s = ss[0] + p - n
+    from_s[real] = inv_s[p[real]]
+    from_y = np.full(p.shape[0], ys[0], dtype=np.int64)
+    from_y[real] = inv_y[p[real]]
+    zero = ops.from_numpy(np.zeros((1, ds[1]), dtype=ops.numpy_dtype()))
+    out = ops.add(ops.take_rows_concat([ts, d], from_s), ops.take_rows_concat([ty, zero], from_y))
+    return ops.floating(out, "reencoded sum")
 
 
 def decode_rows(y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
@@ -159,10 +235,10 @@ def decode_rows_numpy(
 def _decode_index(ops: ArrayOps[A], y: Any, perm: Any, n: int) -> tuple[A, IntArray]:
     t = ops.floating(y, "y", finite=False)
     rows = _rows(ops, t)
-    p = _perm(perm, rows, "perm")
+    inv = _inverse(perm, rows, "perm")
     if not 0 <= n <= rows:
         raise ShapeError(f"cannot keep {n} rows of an array with {rows}")
-    return t, inverse_permutation(p)[:n]
+    return t, inv[:n]
 
 
 # --- T3: head-structured feature permutation -----------------------------------------------------

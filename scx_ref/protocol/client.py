@@ -51,6 +51,7 @@ from ..transforms import (
     head_permute,
     head_permute_stacked,
     head_unpermute,
+    reencode_sum,
     unblind,
     unlock_scores,
 )
@@ -234,7 +235,7 @@ class Client(Generic[A]):
         self.meter.verification(stage, v.flops - before)
         self.verify_worst = max(self.verify_worst, v.worst)
 
-    def _decoys(self, stage: Stage, layer: int, count: int, real: A) -> A:
+    def _decoys(self, stage: Stage, layer: int, count: int, real: A | None) -> A:
         """``count`` decoy rows for (stage, layer), in the backend (derived ahead when they could be)."""
         assert self.state is not None
         return self.state.prep.decoys(stage, layer, count, real)
@@ -451,7 +452,6 @@ class Client(Generic[A]):
         prep = self.state.prep
         keys = prep.block(i)
         n = len(pos)
-        h = decode_rows(s, keys.pi, n, b)  # the residual stream in true order
         # 1. QKV stage: E = π_i(X ⊕ R) (+ α_i, with the client's norm: row-wise, so it commutes with π_i)
         normalized = self._blinded(Stage.QKV, i)
         rows = s
@@ -500,9 +500,13 @@ class Client(Generic[A]):
         # 3. O stage: π′_i(O ⊕ R′)
         rows = encode_rows(o, self._decoys(Stage.O, i, cfg.r2, o), keys.pi_o, b)
         y = self._linear(link, Stage.O, i, -1, rows, "wo")
-        h = b.add(h, decode_rows(y, keys.pi_o, n, b))
-        # 4. FFN stage under π_{i+1}; its decoys ride on into block i+1's QKV stage
-        rows = encode_rows(h, self._decoys(Stage.FFN, i, cfg.r1, h), prep.token_perm(i + 1), b)
+        # 4. FFN stage under π_{i+1} on H′ = H + O·W_o: the residual add carried from π_i (s) and π′_i
+        #    (y) straight to π_{i+1} with fresh decoys, which ride on into block i+1's QKV stage
+        real = None
+        if prep.decoy_policy.needs_real:  # a policy that looks at the real rows: H′ in true order
+            real = b.add(decode_rows(s, keys.pi, n, b), decode_rows(y, keys.pi_o, n, b))
+        decoys = self._decoys(Stage.FFN, i, cfg.r1, real)
+        rows = reencode_sum(s, keys.pi, y, keys.pi_o, decoys, prep.token_perm(i + 1), b)
         if self._blinded(Stage.FFN, i):
             xn = b.norm(rows, "mlp", i)  # row-wise: commutes with π_{i+1}
             y = self._blinded_mlp(link, i, -1, xn, Stage.FFN, Stage.FFN_DOWN, Stage.ROUTER)

@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from ..backends.base import A, Backend, WeightName
 from ..stages import Stage
-from ..transforms import HeadPermutation
+from ..transforms import HeadPermutation, Permutation
 from .config import SCXConfig
 from .decoys import DecoyPolicy
 from .keyring import RequestKeys, commitment
@@ -60,10 +60,10 @@ _WEIGHT: dict[Stage, WeightName] = {
 @dataclass(frozen=True)
 class BlockKeys:
     """The prefill keys of block i: π_i (QKV stage, and block i−1's FFN stage), π′_i (O stage), P_i, and
-    the key-sharing commitment to π_i. Permutations are read-only host arrays."""
+    the key-sharing commitment to π_i. Permutations are checked once and carry their inverses."""
 
-    pi: IntArray
-    pi_o: IntArray
+    pi: Permutation
+    pi_o: Permutation
     head: HeadPermutation
     commit: str
 
@@ -125,7 +125,7 @@ class PreparedKeys(Generic[A]):
         self.n = n
         self.seconds = self.seconds_prefill = self.seconds_generation = 0.0
         self._blocks: dict[int, BlockKeys] = {}
-        self._tok: dict[int, IntArray] = {}
+        self._tok: dict[int, Permutation] = {}
         self._heads: dict[tuple[int, int], HeadPermutation] = {}
         self._decoys: dict[tuple[Stage, int], A] = {}
         self._blinding: dict[tuple[Stage, int, int | None, int | None], tuple[A, A]] = {}
@@ -169,11 +169,11 @@ class PreparedKeys(Generic[A]):
         )
 
     # -- keys by role --------------------------------------------------------------------------------
-    def token_perm(self, block: int) -> IntArray:
+    def token_perm(self, block: int) -> Permutation:
         """π_block over n + r₁ rows (block = L: the LM-head stage)."""
         perm = self._tok.get(block)
         if perm is None:
-            perm = self.keys.token_perm(block, self.n + self.cfg.r1)
+            perm = Permutation(self.keys.token_perm(block, self.n + self.cfg.r1), "π")
             self._tok[block] = perm
         return perm
 
@@ -185,9 +185,9 @@ class PreparedKeys(Generic[A]):
             head = self._heads.pop((i, -1), None)
             bk = BlockKeys(
                 pi,
-                self.keys.o_perm(i, self.n + self.cfg.r2),
+                Permutation(self.keys.o_perm(i, self.n + self.cfg.r2), "π′"),
                 head if head is not None else _warm(self.keys.head_perm(i), self.b.config.group_size),
-                commitment(self.keys.commit_salt(i), self.keys.session_id, i, pi),
+                commitment(self.keys.commit_salt(i), self.keys.session_id, i, pi.forward),
             )
             self._blocks[i] = bk
         return bk
@@ -197,9 +197,9 @@ class PreparedKeys(Generic[A]):
         hp = self._heads.pop((block, step), None)
         return hp if hp is not None else _warm(self.keys.head_perm(block, step), self.b.config.group_size)
 
-    def lock_perm(self, block: int) -> IntArray:
+    def lock_perm(self, block: int) -> Permutation:
         """ρ_block over n + r_lock rows."""
-        return self.keys.lock_perm(block, self.n + self.cfg.lock_decoys)
+        return Permutation(self.keys.lock_perm(block, self.n + self.cfg.lock_decoys), "ρ")
 
     def decoys(self, stage: Stage, layer: int, count: int, real: A | None) -> A:
         """``count`` decoy rows of (stage, layer) in the backend, drawn by the decoy policy from the

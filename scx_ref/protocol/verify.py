@@ -517,7 +517,7 @@ class SessionVerifier(Generic[A]):
             hi = np.concatenate([np.maximum(v_w[:first].max(axis=0), hi[:1]), hi[1:]])
             lo = np.concatenate([np.minimum(v_w[:first].min(axis=0), lo[:1]), lo[1:]])
         hi, lo = np.maximum.accumulate(hi, axis=0), np.minimum.accumulate(lo, axis=0)
-        over = np.maximum(og_w - hi[:, :, None, :], lo[:, :, None, :] - og_w).max() if n_q else 0.0
+        over = max((og_w - hi[:, :, None, :]).max(), (lo[:, :, None, :] - og_w).max()) if n_q else 0.0
         slack = LAMBDA * u * (math.sqrt(n_k) + 4.0) * vmax
         self._judge(
             stage,
