@@ -177,3 +177,23 @@ def test_verifier_products_are_float64_accurate_and_norms_upper_bounds(rows: int
     assert np.all(norms >= true) and np.all(norms <= true * (1 + 1e-5))
     a, b = rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 4, 6))
     np.testing.assert_allclose(ops.matmul64(a, b), a @ b, rtol=1e-14, atol=1e-14)
+
+
+def test_verifier_products_over_many_slices_in_and_out_of_inference_mode() -> None:
+    """project64 converts its row slices into one reused float64 buffer: a product over many slices (the
+    last one short) equals the float64 product, called inside torch.inference_mode and outside it, in
+    either order, and after a narrower call."""
+    rng = np.random.default_rng(7)
+    ops = TorchOps(torch.float32)
+    x = torch.from_numpy(rng.standard_normal((301, 3000))).float()  # ≥ 3 slices of 2¹⁷ elements per thread
+    right = rng.standard_normal((3000, 2))
+    want = x.double().numpy() @ right
+    with torch.inference_mode():
+        inside, _ = ops.project64(x, right)
+    outside, _ = ops.project64(x, right)
+    small, _ = ops.project64(x[:5, :40].contiguous(), right[:40])
+    with torch.inference_mode():
+        again, _ = ops.project64(x, right)
+    for got in (inside, outside, again):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(small, x[:5, :40].double().numpy() @ right[:40], rtol=1e-12, atol=1e-12)

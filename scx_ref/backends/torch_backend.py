@@ -152,6 +152,20 @@ def _from_model_weights(w: ModelWeights, dtype: torch.dtype, device: torch.devic
 _SMALL = 1 << 14
 
 
+_LOCAL = threading.local()
+
+
+def _scratch64(numel: int, device: torch.device) -> torch.Tensor:
+    """A float64 buffer of at least ``numel`` elements on ``device``, this thread's own (reused by every
+    call of this thread: project64 converts its slices into it)."""
+    buf: torch.Tensor | None = getattr(_LOCAL, "scratch64", None)
+    if buf is None or buf.numel() < numel or buf.device != device:
+        with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode
+            buf = torch.empty(numel, dtype=torch.float64, device=device)
+        _LOCAL.scratch64 = buf
+    return buf
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     """Whether every entry is finite, in one reduction pass: a sum is finite only if every term is
     (NaN and ±Inf propagate; +Inf + −Inf is NaN), so a finite sum proves it; a non-finite sum (or an
@@ -357,9 +371,15 @@ class TorchOps:
         step = max(1, ((1 << 17) * torch.get_num_threads()) // max(1, width))
         wide = torch.float64 if x.dtype == torch.float64 else torch.float32
         prods, norms = [], []
+        scratch = None if x.dtype == torch.float64 else _scratch64(min(rows, step) * width, x.device)
         for start in range(0, rows, step):
             part = x[start : start + step].detach()
-            prods.append((rt @ part.to(torch.float64).T).T)
+            if scratch is None:
+                part64 = part
+            else:  # converted into memory already mapped: no fresh pages per slice
+                part64 = scratch[: part.numel()].view(part.shape)
+                part64.copy_(part)
+            prods.append((rt @ part64.T).T)
             norms.append(torch.linalg.vector_norm(part, dim=-1, dtype=wide))
         slack = 1.0 + (width + 2) * (2.0**-52 if wide == torch.float64 else 2.0**-23)
         return torch.cat(prods).cpu().numpy(), torch.cat(norms).double().cpu().numpy() * slack
