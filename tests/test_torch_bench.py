@@ -50,6 +50,8 @@ def test_bench_quick_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         assert r["plain_runner_median_s"] > 0 and r["plain_runner_ratio"] > 0
         assert r["total_ratio_median"] >= r["ratio_median"] and r["keys_median_s"] > 0
         assert r["state_ratio"] >= 1
+        assert len(r["round_ratios"]) == r["repeats"] and all(x > 0 for x in r["round_ratios"])
+        assert min(r["round_ratios"]) <= r["round_ratio_q1"] <= r["round_ratio_q3"] <= max(r["round_ratios"])
     blind = [r for r in rows if r["level"] == "blind"]
     permute = [r for r in rows if r["level"] == "permute" and r["phase"] == "prefill"]
     # the corrections η·W are derived ahead of each request: offline work, not the request's
@@ -93,3 +95,13 @@ def test_bench_rejects_unknown_model_and_lengths() -> None:
     with pytest.raises(ConfigError):
         build_backend("gpt-5", "float32", "cpu")
     assert main(["bench", "--model", "tiny-llama", "--n", "5000", "--gen-tokens", "0", "--no-progress"]) == 2
+
+
+def test_round_quartiles() -> None:
+    """The per-round spread: both quartiles of one round are its value; of 1..5 they are 2 and 4."""
+    from scx_ref.commands.bench import _quartiles
+
+    assert _quartiles([1.25]) == (1.25, 1.25)
+    assert _quartiles([5.0, 1.0, 3.0, 2.0, 4.0]) == (2.0, 4.0)
+    q1, q3 = _quartiles([1.0, 2.0])
+    assert 1.0 <= q1 <= q3 <= 2.0

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -179,6 +180,11 @@ class BenchResult:
     repeats: int
     tokens: int = 0
     verify_ratio: float | None = None  # median(SCX) / median(SCX without reply verification)
+    #: SCX / baseline of each round (the two timed back to back): their median and quartiles show the run's
+    #: noise, which the ratio of medians hides
+    round_ratios: list[float] = field(default_factory=list)
+    round_ratio_q1: float = 0.0
+    round_ratio_q3: float = 0.0
     pool: dict[str, float] | None = None  # --pool: the entry's memory per token / step, fill throughput
 
     def to_dict(self) -> dict[str, Any]:
@@ -542,6 +548,8 @@ def run_bench(
         for lv in levels:
             t = timings[lv]
             pmem, smem = statistics.median(base.mem), statistics.median(t.mem)
+            paired = [x / y for x, y in zip(t.wall, base.wall, strict=True)]  # round by round
+            q1, q3 = _quartiles(paired)
             rows.append(
                 BenchResult(
                     phase=phase,
@@ -567,10 +575,21 @@ def run_bench(
                         else None
                     ),
                     pool=sides_obj.pool_stats.get(lv),
+                    round_ratios=paired,
+                    round_ratio_q1=q1,
+                    round_ratio_q3=q3,
                 )
             )
     bar(None)
     return rows
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartiles (both the value itself for a single round)."""
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (math.nan, math.nan)
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def _run_side(
@@ -615,7 +634,8 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
         "ratio (online) = median(SCX, keys and masks derived ahead) / median(baseline); total (online + "
         "offline) = with that derivation",
         f"{'phase':8} {'n':>5} {'level':14} {'ratio':>7} {'total':>7} {'cpu':>7} {'vsPR':>6} {'base':>9} "
-        f"{'plainR':>9} {'scx':>9} {'keys':>8} {'mem':>6} {'state':>6} {'client':>7} {'verify':>7}",
+        f"{'plainR':>9} {'scx':>9} {'keys':>8} {'mem':>6} {'state':>6} {'client':>7} {'verify':>7} "
+        f"{'rounds q1-q3':>13}",
     ]
     for r in rows:
         unit = "s/tok" if r.phase == "decode" else "s"
@@ -628,6 +648,7 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
             f"{r.scx_median_s:7.4f}{unit[0]:>2} {r.keys_median_s:6.4f}{unit[0]:>2} {mem} "
             f"{r.state_ratio:6.2f} {100 * r.client_flop_share:6.2f}% "
             + (f"{r.verify_ratio:7.3f}" if r.verify_ratio is not None else "      -")
+            + f" {r.round_ratio_q1:6.3f}-{r.round_ratio_q3:6.3f}"
         )
     for r in rows:
         if r.pool:
@@ -642,7 +663,8 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
         "base/plainR/scx/keys: median seconds (decode: per token); vsPR: SCX / PlainRunner; cpu: process CPU "
         "time ratio; mem: peak-memory ratio (- when the run's growth is below 1 MiB); state: KV-state bytes "
         "held after the run (server + client) / baseline KV cache; client: flop share; verify: median(SCX) / "
-        "median(SCX without reply verification) (--verify-cost)"
+        "median(SCX without reply verification) (--verify-cost); rounds q1-q3: quartiles of SCX / baseline "
+        "per round (each pair timed back to back): the spread is this run's noise"
     )
     return "\n".join(lines)
 
