@@ -126,6 +126,7 @@ class PreparedKeys(Generic[A]):
         self.seconds = self.seconds_prefill = self.seconds_generation = 0.0
         self._blocks: dict[int, BlockKeys] = {}
         self._tok: dict[int, Permutation] = {}
+        self._lock: dict[int, Permutation] = {}
         self._heads: dict[tuple[int, int], HeadPermutation] = {}
         self._decoys: dict[tuple[Stage, int], A] = {}
         self._blinding: dict[tuple[Stage, int, int | None, int | None], tuple[A, A]] = {}
@@ -146,6 +147,7 @@ class PreparedKeys(Generic[A]):
                 self._heads.setdefault((i, -1), bk.head)
             self._blocks.clear()
             self._tok.clear()
+            self._lock.clear()
             self.n = n
 
     @property
@@ -199,7 +201,11 @@ class PreparedKeys(Generic[A]):
 
     def lock_perm(self, block: int) -> Permutation:
         """ρ_block over n + r_lock rows."""
-        return Permutation(self.keys.lock_perm(block, self.n + self.cfg.lock_decoys), "ρ")
+        perm = self._lock.get(block)
+        if perm is None:
+            perm = Permutation(self.keys.lock_perm(block, self.n + self.cfg.lock_decoys), "ρ")
+            self._lock[block] = perm
+        return perm
 
     def decoys(self, stage: Stage, layer: int, count: int, real: A | None) -> A:
         """``count`` decoy rows of (stage, layer) in the backend, drawn by the decoy policy from the
