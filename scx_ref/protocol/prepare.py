@@ -173,11 +173,7 @@ class PreparedKeys(Generic[A]):
     # -- keys by role --------------------------------------------------------------------------------
     def token_perm(self, block: int) -> Permutation:
         """π_block over n + r₁ rows (block = L: the LM-head stage)."""
-        perm = self._tok.get(block)
-        if perm is None:
-            perm = Permutation(self.keys.token_perm(block, self.n + self.cfg.r1), "π")
-            self._tok[block] = perm
-        return perm
+        return self._kept(self._tok, block, lambda: self.keys.token_perm(block, self.n + self.cfg.r1), "π")
 
     def block(self, i: int) -> BlockKeys:
         """The prefill keys of block ``i`` (see :class:`BlockKeys`)."""
@@ -201,10 +197,18 @@ class PreparedKeys(Generic[A]):
 
     def lock_perm(self, block: int) -> Permutation:
         """ρ_block over n + r_lock rows."""
-        perm = self._lock.get(block)
+        return self._kept(
+            self._lock, block, lambda: self.keys.lock_perm(block, self.n + self.cfg.lock_decoys), "ρ"
+        )
+
+    @staticmethod
+    def _kept(
+        kept: dict[int, Permutation], block: int, derive: Callable[[], IntArray], name: str
+    ) -> Permutation:
+        """Block ``block``'s permutation from ``kept``, derived and checked on first use (for this n)."""
+        perm = kept.get(block)
         if perm is None:
-            perm = Permutation(self.keys.lock_perm(block, self.n + self.cfg.lock_decoys), "ρ")
-            self._lock[block] = perm
+            perm = kept[block] = Permutation(derive(), name)
         return perm
 
     def decoys(self, stage: Stage, layer: int, count: int, real: A | None) -> A:
