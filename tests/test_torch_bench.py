@@ -105,3 +105,14 @@ def test_round_quartiles() -> None:
     assert _quartiles([5.0, 1.0, 3.0, 2.0, 4.0]) == (2.0, 4.0)
     q1, q3 = _quartiles([1.0, 2.0])
     assert 1.0 <= q1 <= q3 <= 2.0
+
+
+def test_split_time_parts_are_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    """models.split_time splits an SCX prefill into the server's handle and the client's rest, both timed,
+    beside Hugging Face's forward (a tiny registered model, two rounds)."""
+    from models.split_time import main, split_prefill
+
+    t = split_prefill("tiny-llama", 8, 1, True, 2)
+    assert set(t) == {"hf", "server", "client"} and all(v > 0 for v in t.values())
+    assert main(["--model", "tiny-llama", "--n", "6", "--rounds", "1", "--no-verify"]) == 0
+    assert "server/hf" in capsys.readouterr().out

@@ -1,0 +1,105 @@
+"""Where an SCX prefill's time goes: the server's ``handle`` against the client's own work, and each against
+Hugging Face's forward on the same tensors, in alternating rounds of one process.
+
+``scx bench`` gives SCX / Hugging Face; on a shared machine that ratio moves by ±0.2 from run to run, more
+than a change to the client does. Timing ``Server.handle`` inside the prefill splits each SCX request into the
+server's part and the client's (the rest), so a change to either side shows in its own number. For an A/B of
+two checkouts, run this module once per checkout with ``PYTHONPATH=<checkout>`` (its ``scx_ref`` is then
+imported first), alternating the two.
+
+Run: ``python -m models.split_time --n 512 --threads 2 [--no-verify] [--rounds 7]``. It prints the medians
+(seconds) and the ratios; a benchmark, it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+
+def split_prefill(
+    model: str, n: int, threads: int, verify: bool, rounds: int, level: str = "permute"
+) -> dict[str, float]:
+    """Median seconds of Hugging Face's forward (``hf``), of the server's ``handle`` calls within one SCX
+    prefill (``server``) and of the rest of that prefill (``client``), over ``rounds`` alternating rounds
+    after one warm-up; keys are derived ahead (``Client.precompute``) and not timed."""
+    import torch
+
+    from scx_ref.commands.bench import build_models
+    from scx_ref.keys import KeySchedule
+    from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server
+
+    torch.set_num_threads(threads)
+    backend, hf_model, _used = build_models(model, "float32", "cpu")
+    if hf_model is None:
+        raise SystemExit(f"{model}: no Hugging Face model to compare with")
+    cfg = SCXConfig(level=level, max_length=min(backend.config.max_positions, 4096), verify=verify)  # type: ignore[arg-type]
+    client = Client(backend, KeySchedule.generate(), cfg)
+    ids = np.random.default_rng(0).integers(0, backend.config.vocab_size, size=n)
+    tid = torch.from_numpy(ids)[None]
+    in_server = [0.0]
+
+    class TimedServer(Server):  # type: ignore[type-arg]
+        def handle(self, req: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return super().handle(req)
+            finally:
+                in_server[0] += time.perf_counter() - t0
+
+    def scx() -> tuple[float, float]:
+        nonce = KeySchedule.new_nonce()
+        client.precompute(n, nonce=nonce)
+        in_server[0] = 0.0
+        t0 = time.perf_counter()
+        client.prefill(ids, LocalTransport(TimedServer(backend)), nonce=nonce)
+        wall = time.perf_counter() - t0
+        return in_server[0], wall - in_server[0]
+
+    def hf() -> float:
+        t0 = time.perf_counter()
+        hf_model(tid, use_cache=True).logits[0].float().numpy()
+        return time.perf_counter() - t0
+
+    server, own, base = [], [], []
+    with torch.inference_mode():
+        scx()
+        hf()
+        for r in range(rounds):
+            if r % 2:
+                base.append(hf())
+            s, c = scx()
+            server.append(s)
+            own.append(c)
+            if not r % 2:
+                base.append(hf())
+    med = statistics.median
+    return {"hf": med(base), "server": med(server), "client": med(own)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m models.split_time", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    p.add_argument("--model", default="smollm2", help="a registered model with Hugging Face weights")
+    p.add_argument("--n", type=int, default=512, help="prompt length (512)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
+    p.add_argument("--rounds", type=int, default=7, help="alternating rounds (7)")
+    p.add_argument("--no-verify", action="store_true", help="reply verification off")
+    a = p.parse_args(argv)
+    t = split_prefill(a.model, a.n, a.threads, not a.no_verify, a.rounds)
+    hf, server, client = t["hf"], t["server"], t["client"]
+    print(
+        f"n={a.n} threads={a.threads} verify={not a.no_verify}: hf {hf:.3f} s, server {server:.3f} s, "
+        f"client {client:.3f} s; server/hf {server / hf:.3f}, client/hf {client / hf:.3f}, "
+        f"(server + client)/hf {(server + client) / hf:.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
