@@ -64,8 +64,7 @@ class Permutation:
 
     def __init__(self, perm: Any, name: str = "permutation") -> None:
         forward = check_permutation(perm, None, name).astype(np.int64, copy=True)
-        inverse = np.empty_like(forward)
-        inverse[forward] = np.arange(forward.shape[0], dtype=np.int64)
+        inverse = _invert(forward)
         forward.setflags(write=False)
         inverse.setflags(write=False)
         self.forward: IntArray = forward
@@ -94,7 +93,11 @@ def _inverse(perm: Any, n: int | None, name: str) -> IntArray:
     if isinstance(perm, Permutation):
         _perm(perm, n, name)
         return perm.inverse
-    p = _perm(perm, n, name)
+    return _invert(_perm(perm, n, name))
+
+
+def _invert(p: IntArray) -> IntArray:
+    """π⁻¹ of a checked int64 π (a fresh array)."""
     inv = np.empty_like(p)
     inv[p] = np.arange(p.shape[0], dtype=np.int64)
     return inv
