@@ -337,6 +337,12 @@ def test_backend_array_ops_match_numpy(w: ModelWeights, seed: int, n: int, data:
         got = tb.to_numpy(tb.take_rows_concat(parts_t, idx))
         assert np.array_equal(got, x[idx]) and np.array_equal(nb.take_rows_concat(parts_n, idx), x[idx])
         assert np.array_equal(tb.to_numpy(tb.take_rows_concat([xt[:split], xt[split:]], idx)), x[idx])
+        # the gather is fresh memory: adding into it leaves the sources as they were
+        y, x0 = _gauss(seed + 1, (len(idx), c.hidden_size)), x.copy()
+        yt = tb.from_numpy(y)
+        assert np.array_equal(tb.to_numpy(tb.add_into(tb.take_rows_concat(parts_t, idx), yt)), x[idx] + y)
+        assert np.array_equal(nb.add_into(nb.take_rows_concat(parts_n, idx), y), x[idx] + y)
+        assert np.array_equal(tb.to_numpy(xt), x0) and np.array_equal(x, x0)
     assert np.array_equal(tb.to_numpy(tb.take_rows_in_place(xt.clone(), perm)), x[perm])
     assert np.array_equal(nb.take_rows_in_place(x.copy(), perm), x[perm])
     view = tb.narrow(xt, 1, 0, 1)

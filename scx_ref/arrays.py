@@ -73,8 +73,8 @@ class ArrayOps(Protocol[A]):
 
     def take_rows_concat(self, xs: list[A], index: IndexArray) -> A:
         """``concat_rows(xs)[index]`` (rows; ``xs`` of one width and dtype, the first non-empty) without
-        the concatenation: every output row is written once. The caller checks ``index``'s range
-        (:func:`scx_ref.transforms.encode_rows`)."""
+        the concatenation: every output row is written once, into a new array that shares memory with
+        none of ``xs``. The caller checks ``index``'s range (:func:`scx_ref.transforms.encode_rows`)."""
         ...
 
     def take_rows_in_place(self, x: A, index: IndexArray) -> A:
@@ -100,6 +100,12 @@ class ArrayOps(Protocol[A]):
 
     # -- arithmetic ------------------------------------------------------------------------------
     def add(self, x: A, y: A) -> A: ...
+
+    def add_into(self, x: A, y: A) -> A:
+        """``add(x, y)`` written over ``x``'s memory where the result keeps x's dtype and shape (else a new
+        array): the same values, without allocating. ``x`` must be the caller's own array, used nowhere
+        else (e.g. fresh from a gather)."""
+        ...
 
     def sub(self, x: A, y: A) -> A: ...
 
@@ -207,6 +213,13 @@ class NumpyOps:
     # -- arithmetic ------------------------------------------------------------------------------
     def add(self, x: FloatArray, y: FloatArray) -> FloatArray:
         return x + y
+
+    def add_into(self, x: FloatArray, y: FloatArray) -> FloatArray:
+        """x + y in x's memory when numpy's result type of the two is x's dtype and y broadcasts to x."""
+        if np.result_type(x, y) != x.dtype or np.broadcast_shapes(x.shape, y.shape) != x.shape:
+            return x + y
+        np.add(x, y, out=x)
+        return x
 
     def sub(self, x: FloatArray, y: FloatArray) -> FloatArray:
         return x - y

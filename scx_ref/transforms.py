@@ -204,7 +204,8 @@ def reencode_sum(
     from_y = np.full(p.shape[0], ys[0], dtype=np.int64)
     from_y[real] = inv_y[p[real]]
     zero = ops.from_numpy(np.zeros((1, ds[1]), dtype=ops.numpy_dtype()))
-    out = ops.add(ops.take_rows_concat([ts, d], from_s), ops.take_rows_concat([ty, zero], from_y))
+    # the first gather is a fresh array: the add goes into its memory
+    out = ops.add_into(ops.take_rows_concat([ts, d], from_s), ops.take_rows_concat([ty, zero], from_y))
     return ops.floating(out, "reencoded sum")
 
 

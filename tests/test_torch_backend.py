@@ -129,6 +129,43 @@ def test_dtype_parsing_and_wire_format() -> None:
         TorchBackend(None)  # type: ignore[arg-type]
 
 
+def test_add_into_writes_in_place_only_when_the_result_keeps_the_array() -> None:
+    from scx_ref.arrays import NumpyOps
+
+    t = TorchOps(torch.float32)
+    x = torch.ones(3, 2)
+    assert t.add_into(x, torch.full((3, 2), 2.0)) is x and bool((x == 3).all())
+    wide = t.add_into(x, torch.ones(3, 2, dtype=torch.float64))  # would narrow: a new array instead
+    assert wide.dtype == torch.float64 and bool((x == 3).all())
+    grown = t.add_into(torch.ones(1, 2), torch.ones(3, 2))  # would not fit: a new array
+    assert grown.shape == (3, 2)
+    n = NumpyOps(None)
+    a = np.ones((3, 2), dtype=np.float32)
+    assert n.add_into(a, np.ones((3, 2), dtype=np.float32)) is a and (a == 2).all()
+    b = n.add_into(a, np.ones((3, 2)))
+    assert b.dtype == np.float64 and (a == 2).all() and (b == 3).all()
+
+
+def test_rope_equals_the_rotate_half_form_bit_for_bit() -> None:
+    """The three-kernel RoPE gives exactly what the four-kernel form gives (each half: x·c, then the sine
+    term added with the same ``addcmul``), on a strided view (the Q and K heads of a fused QKV row), and
+    x·cos + rotate_half(x)·sin to within rounding."""
+    w = weights("dense", 1)
+    b = TorchBackend(w, torch.float32)
+    d_h, pos = w.config.head_dim, np.arange(5) * 7
+    z = torch.randn(5, 3 * 4 * d_h, generator=torch.Generator().manual_seed(0))
+    x = z[:, : 2 * 4 * d_h].reshape(5, 8, d_h)
+    cos, sin = b._cos_sin(pos)
+    h = d_h // 2
+    c, s = cos[:, None, :h], sin[:, None, :h]
+    x1, x2 = x[..., :h], x[..., h:]
+    four = torch.cat([(x1 * c).addcmul_(x2, s, value=-1), (x2 * c).addcmul_(x1, s)], dim=-1)
+    got = b.rope(x, pos)
+    assert torch.equal(got, four)
+    rotate_half = torch.cat([-x2, x1], dim=-1)
+    torch.testing.assert_close(got, x * cos[:, None] + rotate_half * sin[:, None], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_scx_runs_and_stays_close(dtype: torch.dtype) -> None:
     """bf16/fp16 SCX at level permute: within the dtype's rounding of the float64 logits.
