@@ -238,7 +238,7 @@ class TorchOps:
         if isinstance(x, torch.Tensor):
             if x.device.type == "meta" or x.layout != torch.strided:
                 raise DTypeError(f"{name} must be a dense tensor with data, got {x.layout} on {x.device}")
-            t = x.detach()
+            t = x.detach() if x.requires_grad else x  # only a tensor that requires grad has history
         else:
             arr = np.asarray(x)
             if not np.issubdtype(arr.dtype, np.floating):

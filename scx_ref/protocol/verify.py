@@ -114,8 +114,22 @@ _SWIGLU = 4.0  # roundings by which the client's SwiGLU of the server's gate/up 
 _UNIT = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
+_UNIT_OF: dict[Any, float] = {}  # dtype object → its unit roundoff, filled as dtypes are met
+
+
 def unit_roundoff(dtype: Any) -> float:
     """The unit roundoff of a numpy or torch floating dtype (IntegrityError for any other)."""
+    try:
+        return _UNIT_OF[dtype]
+    except (KeyError, TypeError):  # not met yet, or not hashable
+        pass
+    u = _unit_roundoff(dtype)
+    with contextlib.suppress(TypeError):
+        _UNIT_OF[dtype] = u
+    return u
+
+
+def _unit_roundoff(dtype: Any) -> float:
     name = str(dtype)
     if name in _UNIT:  # a numpy dtype, or its name
         return _UNIT[name]
@@ -127,10 +141,6 @@ def unit_roundoff(dtype: Any) -> float:
     if name not in _UNIT:
         raise IntegrityError(f"unsupported floating dtype {dtype}")
     return _UNIT[name]
-
-
-def _dtype_name(x: Any) -> str:
-    return str(getattr(x, "dtype", type(x).__name__)).replace("torch.", "")
 
 
 def check_reply(
@@ -155,7 +165,8 @@ def check_reply(
     for name, shape in expect.items():
         raw = reply.arrays[name]
         try:
-            u = max(u, unit_roundoff(_dtype_name(raw)))
+            dt = getattr(raw, "dtype", None)
+            u = max(u, unit_roundoff(dt if dt is not None else type(raw).__name__))
             out[name] = b.check(raw, f"reply {req.stage.value}.{name}", shape)
         except SCXError as exc:
             raise IntegrityError(f"{req.stage.value}: {exc}") from exc

