@@ -4,11 +4,13 @@ Hugging Face's forward on the same tensors, in alternating rounds of one process
 ``scx bench`` gives SCX / Hugging Face; on a shared machine that ratio moves by ±0.2 from run to run, more
 than a change to the client does. Timing ``Server.handle`` inside the prefill splits each SCX request into the
 server's part and the client's (the rest), so a change to either side shows in its own number. For an A/B of
-two checkouts, run this module once per checkout with ``PYTHONPATH=<checkout>`` (its ``scx_ref`` is then
-imported first), alternating the two.
+two checkouts, run this module from each checkout's own directory (``cd <checkout> && python -m
+models.split_time …``: ``python -m`` puts the working directory first on ``sys.path``, so its ``scx_ref`` is
+the one imported — ``PYTHONPATH`` alone does not override it), alternating the two; the first line printed
+names the ``scx_ref`` that ran.
 
-Run: ``python -m models.split_time --n 512 --threads 2 [--no-verify] [--rounds 7]``. It prints the medians
-(seconds) and the ratios; a benchmark, it asserts nothing.
+Run: ``python -m models.split_time --n 512 --threads 2 [--no-verify] [--rounds 7] [--model llama1b-random]``.
+It prints the medians (seconds) and the ratios; a benchmark, it asserts nothing.
 """
 
 from __future__ import annotations
@@ -91,11 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="alternating rounds (7)")
     p.add_argument("--no-verify", action="store_true", help="reply verification off")
     a = p.parse_args(argv)
+    import scx_ref
+
+    print(f"scx_ref from {scx_ref.__file__}")
     t = split_prefill(a.model, a.n, a.threads, not a.no_verify, a.rounds)
     hf, server, client = t["hf"], t["server"], t["client"]
     print(
-        f"n={a.n} threads={a.threads} verify={not a.no_verify}: hf {hf:.3f} s, server {server:.3f} s, "
-        f"client {client:.3f} s; server/hf {server / hf:.3f}, client/hf {client / hf:.3f}, "
+        f"{a.model} n={a.n} threads={a.threads} verify={not a.no_verify}: "
+        f"hf {hf:.3f} s, server {server:.3f} s, client {client:.3f} s; "
+        f"server/hf {server / hf:.3f}, client/hf {client / hf:.3f}, "
         f"(server + client)/hf {(server + client) / hf:.3f}"
     )
     return 0

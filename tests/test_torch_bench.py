@@ -115,4 +115,8 @@ def test_split_time_parts_are_positive(capsys: pytest.CaptureFixture[str]) -> No
     t = split_prefill("tiny-llama", 8, 1, True, 2)
     assert set(t) == {"hf", "server", "client"} and all(v > 0 for v in t.values())
     assert main(["--model", "tiny-llama", "--n", "6", "--rounds", "1", "--no-verify"]) == 0
-    assert "server/hf" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "server/hf" in out and "tiny-llama n=6" in out
+    import scx_ref
+
+    assert f"scx_ref from {scx_ref.__file__}" in out  # names the checkout that ran (an A/B's provenance)
