@@ -93,6 +93,7 @@ __all__ = [
     "SessionVerifier",
     "SketchCache",
     "check_reply",
+    "prefix_extreme",
     "unit_roundoff",
 ]
 
