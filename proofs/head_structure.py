@@ -86,12 +86,21 @@ def head_permute_stacked(x: sp.Matrix, perm: HeadPerm, group_sizes: tuple[int, .
     return sp.Matrix.hstack(*blocks)
 
 
+def encode_head_rows(o: sp.Matrix, perm: HeadPerm, group_size: int, decoys: sp.Matrix, pi: Perm) -> sp.Matrix:
+    """T3 decode then T1 + T2 encode as the proof writes them: ``encode(head_unpermute(O, P, G), R, π)``
+    (``scx_ref.transforms.encode_head_rows``, which fuses the two gathers)."""
+    from proofs.t2_decoys import encode
+
+    return encode(head_unpermute(o, perm, group_size), decoys, pi)
+
+
 #: The library functions the head-structure identities are about, with the expressions the checker uses.
 IMPLEMENTS = (
     Implementation("scx_ref.transforms.HeadPermutation.flat_index", flat_index),
     Implementation("scx_ref.transforms.head_permute", head_permute),
     Implementation("scx_ref.transforms.head_unpermute", head_unpermute),
     Implementation("scx_ref.transforms.head_permute_stacked", head_permute_stacked),
+    Implementation("scx_ref.transforms.encode_head_rows", encode_head_rows),
 )
 
 

@@ -45,8 +45,37 @@ def apply_rope(
     return [[rope(head, m, theta) for head in row] for row, m in zip(x, positions, strict=True)]
 
 
-#: The library function the RoPE identities are about, with the expression the checkers use.
-IMPLEMENTS = (Implementation("scx_ref.ops.apply_rope", apply_rope),)
+def decode_qkv_heads(
+    z: sp.Matrix,
+    pi: Perm,
+    n: int,
+    positions: Sequence[sp.Expr],
+    theta: sp.Expr,
+    perm: tuple[Perm, tuple[Perm, ...]],
+    group_size: int,
+) -> tuple[sp.Matrix, sp.Matrix]:
+    """The client's QKV decode in the protocol order this module proves exact — decode the rows, RoPE
+    Q and K, *then* apply P — as the proof writes it: ``(head_permute_stacked(rope([Q K]), P, (G, 1)),
+    head_permute(V, P, 1))`` (``scx_ref.transforms.decode_qkv_heads``, which fuses the passes)."""
+    from proofs.head_structure import head_permute, head_permute_stacked
+    from proofs.t2_decoys import decode
+
+    tau, sigmas = perm
+    dh, kv = len(sigmas[0]), len(tau)
+    t = decode(z, pi, n)
+    qk_width = kv * (group_size + 1) * dh
+    heads = [[[t[r, h * dh + c] for c in range(dh)] for h in range(qk_width // dh)] for r in range(n)]
+    roped = apply_rope(heads, positions, theta)
+    qk = sp.Matrix([[v for head in row for v in head] for row in roped]) if n else sp.zeros(0, qk_width)
+    v = t[:, qk_width:]
+    return head_permute_stacked(qk, perm, (group_size, 1)), head_permute(v, perm, 1)
+
+
+#: The library functions the RoPE identities are about, with the expressions the checkers use.
+IMPLEMENTS = (
+    Implementation("scx_ref.ops.apply_rope", apply_rope),
+    Implementation("scx_ref.transforms.decode_qkv_heads", decode_qkv_heads),
+)
 
 
 def _apply(x: Sequence[sp.Expr], sigma: Perm) -> list[sp.Expr]:

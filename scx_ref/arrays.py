@@ -77,6 +77,19 @@ class ArrayOps(Protocol[A]):
         none of ``xs``. The caller checks ``index``'s range (:func:`scx_ref.transforms.encode_rows`)."""
         ...
 
+    def take_rows_cols_concat(self, x: A, cols: IndexArray, extra: A, index: IndexArray) -> A:
+        """``concat_rows([x[:, cols], extra])[index]`` in one pass: row j is x's row ``index[j]`` gathered
+        along its columns by ``cols``, or row ``index[j] − rows(x)`` of ``extra`` as it is (x 2-D, ``cols``
+        a permutation of its columns, ``extra`` of the same width). A new array; the caller checks the
+        indices (:func:`scx_ref.transforms.encode_head_rows`)."""
+        ...
+
+    def gather_sum(self, s: A, from_s: IndexArray, y: A, from_y: IndexArray, extra: A) -> A:
+        """Row j is ``s[from_s[j]] + y[from_y[j]]`` where ``from_y[j] ≥ 0``, else row ``from_s[j]`` of
+        ``extra`` as it is: two row gathers and one add per element, in one pass into a new array. The
+        caller checks the indices (:func:`scx_ref.transforms.reencode_sum`)."""
+        ...
+
     def take_rows_in_place(self, x: A, index: IndexArray) -> A:
         """``x[index]`` for a permutation ``index`` of x's rows, written over x's own memory where the
         implementation can (no second buffer of x's size); returns the result and leaves ``x`` holding it
@@ -189,6 +202,24 @@ class NumpyOps:
     def take_rows_concat(self, xs: list[FloatArray], index: IndexArray) -> FloatArray:
         """``concatenate(xs)[index]`` (dtype: this ops' or the first array's)."""
         out: FloatArray = self.concat_rows(xs)[np.asarray(index, dtype=np.int64)]
+        return out
+
+    def take_rows_cols_concat(
+        self, x: FloatArray, cols: IndexArray, extra: FloatArray, index: IndexArray
+    ) -> FloatArray:
+        """``concatenate([x[:, cols], extra])[index]``, written as the definition reads."""
+        return self.take_rows_concat([x[:, np.asarray(cols, dtype=np.int64)], extra], index)
+
+    def gather_sum(
+        self, s: FloatArray, from_s: IndexArray, y: FloatArray, from_y: IndexArray, extra: FloatArray
+    ) -> FloatArray:
+        """Rows ``s[from_s] + y[from_y]``, decoy rows (``from_y < 0``) copied from ``extra[from_s]``."""
+        fs, fy = np.asarray(from_s, dtype=np.int64), np.asarray(from_y, dtype=np.int64)
+        real = fy >= 0
+        dtype = self.dtype if self.dtype is not None else np.result_type(s, y)
+        out: FloatArray = np.empty((fs.shape[0], s.shape[1]), dtype=dtype)
+        out[real] = s[fs[real]] + y[fy[real]]
+        out[~real] = extra[fs[~real]]
         return out
 
     def take_rows_in_place(self, x: FloatArray, index: IndexArray) -> FloatArray:

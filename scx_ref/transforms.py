@@ -29,9 +29,12 @@ __all__ = [
     "HeadPermutation",
     "NoiseSource",
     "Permutation",
+    "RopeOps",
     "blind",
     "blinding_correction",
+    "decode_qkv_heads",
     "decode_rows",
+    "encode_head_rows",
     "encode_rows",
     "head_permute",
     "head_permute_stacked",
@@ -180,9 +183,9 @@ def reencode_sum(
 
     Identity: ``reencode_sum(S, π_s, Y, π_y, R, π) == encode_rows(decode_rows(S, π_s, n) +
     decode_rows(Y, π_y, n), R, π)`` with n = len(π) − rows(R): row j of the result is S's and Y's rows
-    of token π[j] added (row π[j] − n of R when π[j] ≥ n). Two gathers and one add — the same additions,
-    so the same bits, as the decode–add–encode it replaces, with one pass over the rows fewer. The
-    decoy rows of S and Y are dropped. NonFiniteError if the result is not finite.
+    of token π[j] added (row π[j] − n of R when π[j] ≥ n). One pass (``ops.gather_sum``: two row gathers
+    and one add per element) — the same additions, so the same bits, as the decode–add–encode it
+    replaces. The decoy rows of S and Y are dropped. NonFiniteError if the result is not finite.
     """
     ts = ops.floating(s, "s", finite=False)
     ty = ops.floating(y, "y", finite=False)
@@ -197,16 +200,80 @@ def reencode_sum(
     inv_s = _inverse(perm_s, ss[0], "perm_s")
     inv_y = _inverse(perm_y, ys[0], "perm_y")
     real = p < n
-    # row j: token π[j]'s rows of S and Y, or (π[j] ≥ n) row π[j] − n of R plus a row of zeros — the
-    # gathers read [S; R] and [Y; 0]
-    from_s = ss[0] + p - n
+    # row j: token π[j]'s rows of S and Y added, or (π[j] ≥ n) row π[j] − n of R
+    from_s = p - n
     from_s[real] = inv_s[p[real]]
-    from_y = np.full(p.shape[0], ys[0], dtype=np.int64)
+    from_y = np.full(p.shape[0], -1, dtype=np.int64)
     from_y[real] = inv_y[p[real]]
-    zero = ops.from_numpy(np.zeros((1, ds[1]), dtype=ops.numpy_dtype()))
-    # the first gather is a fresh array: the add goes into its memory
-    out = ops.add_into(ops.take_rows_concat([ts, d], from_s), ops.take_rows_concat([ty, zero], from_y))
-    return ops.floating(out, "reencoded sum")
+    return ops.floating(ops.gather_sum(ts, from_s, ty, from_y, d), "reencoded sum")
+
+
+def encode_head_rows(
+    o: Any, head: HeadPermutation, group_size: int, decoys: Any, perm: Any, ops: ArrayOps[A] = NUMPY
+) -> A:
+    """T3 decode then T1+T2 encode, in one pass: O·P (rows × H × d_h) ↦ [O; R][π] (rows flattened).
+
+    Identity: ``encode_head_rows(Y, P, G, R, π) == encode_rows(head_unpermute(Y, P, G).reshape(n, H·d_h),
+    R, π)``: row j of the result is row π[j] of Y with its features put back in true order by P's
+    inverse (``ops.take_rows_cols_concat``), or row π[j] − n of R. The client's attention output on its
+    way to the O stage. NonFiniteError if the result is not finite.
+    """
+    if not isinstance(head, HeadPermutation):
+        raise SCXError(f"head must be a HeadPermutation, got {type(head).__name__}")
+    t = ops.floating(o, "o", finite=False)
+    d = ops.floating(decoys, "decoys", finite=False)
+    shape, ds = ops.shape(t), ops.shape(d)
+    heads = head.n_kv_heads * group_size
+    if len(shape) != 3 or shape[1] != heads or shape[2] != head.head_dim:
+        raise ShapeError(f"o must have shape (rows, {heads}, {head.head_dim}), got {shape}")
+    width = heads * head.head_dim
+    if len(ds) != 2 or ds[1] != width:
+        raise ShapeError(f"decoys ({ds}) must be 2-D with {width} columns")
+    p = _perm(perm, shape[0] + ds[0], "perm")
+    flat = ops.reshape(t, (shape[0], width))
+    out = ops.take_rows_cols_concat(flat, head.flat_index(group_size, inverse=True), d, p)
+    return ops.floating(out, "o and decoys")
+
+
+class RopeOps(ArrayOps[A], Protocol[A]):
+    """Array operations with the model's RoPE (a :class:`~scx_ref.backends.base.Backend`)."""
+
+    def rope_take(
+        self, x: A, rows: Any, positions: Any, rope_index: Any, plain_index: Any
+    ) -> tuple[A, A]: ...
+
+
+def decode_qkv_heads(
+    z: Any,
+    perm: Any,
+    n: int,
+    positions: Any,
+    head: HeadPermutation,
+    group_size: int,
+    ops: RopeOps[A],
+) -> tuple[A, A]:
+    """T1+T2 decode, RoPE and T3 encode of a fused QKV reply in one pass: Z ↦ (RoPE([Q K])·P, V·P).
+
+    Identity: with [Q K V] = ``decode_rows(Z, π, n)`` (H = H_kv·G query heads, H_kv key and value heads
+    of d_h), ``decode_qkv_heads(Z, π, n, pos, P, G) == (head_permute_stacked(rope([Q K], pos), P, (G, 1)),
+    head_permute(V, P, 1))``: the attention stage's inputs, what the client sends, from the QKV stage's
+    reply (``ops.rope_take``: each real row read once, the decoys never). Both rows × heads × d_h.
+    """
+    if not isinstance(head, HeadPermutation):
+        raise SCXError(f"head must be a HeadPermutation, got {type(head).__name__}")
+    t = ops.floating(z, "z", finite=False)
+    shape = ops.shape(t)
+    kv, dh = head.n_kv_heads, head.head_dim
+    width = (kv * group_size + 2 * kv) * dh
+    if len(shape) != 2 or shape[1] != width:
+        raise ShapeError(f"z must be 2-D with {width} columns ([Q K V] heads), got {shape}")
+    inv = _inverse(perm, shape[0], "perm")
+    if not 0 <= n <= shape[0]:
+        raise ShapeError(f"cannot keep {n} rows of an array with {shape[0]}")
+    pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+    if pos.shape[0] != n:
+        raise ShapeError(f"{pos.shape[0]} positions for {n} rows")
+    return ops.rope_take(t, inv[:n], pos, head.stacked_index((group_size, 1)), head.flat_index(1))
 
 
 def decode_rows(y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:

@@ -18,7 +18,10 @@ import sympy as sp
 
 from proofs import Implementation, all_identities
 from scx_ref import transforms
+from scx_ref.backends.numpy_backend import NumpyBackend
+from scx_ref.config import ModelConfig
 from scx_ref.transforms import HeadPermutation
+from scx_ref.weights import random_weights
 
 IDENTITIES = all_identities()
 LINKS = [
@@ -117,6 +120,39 @@ def case(function: str, family: str, rng: np.random.Generator) -> Case:
         hp, sym_hp = _head_perm(rng, n_kv, d_h)
         h = rng.standard_normal((n, n_kv * sum(sizes), d_h))
         return (h, hp, sizes), (_m(h.reshape(n, -1)), sym_hp, sizes), lambda s: _np(s).reshape(h.shape)
+    if name == "encode_head_rows":
+        n_kv, g, d_h = int(rng.integers(1, 3)), int(rng.integers(1, 3)), int(rng.integers(1, 4))
+        hp, sym_hp = _head_perm(rng, n_kv, d_h)
+        o = rng.standard_normal((n, n_kv * g, d_h))
+        dec, p = rng.standard_normal((r, n_kv * g * d_h)), _perm(rng, n + r)
+        sym_dec = sp.zeros(0, n_kv * g * d_h) if r == 0 else _m(dec)
+        return (o, hp, g, dec, p), (_m(o.reshape(n, -1)), sym_hp, g, sym_dec, tuple(p.tolist())), _np
+    if name == "decode_qkv_heads":
+        n_kv, g, d_h = int(rng.integers(1, 3)), int(rng.integers(1, 3)), 2 * int(rng.integers(1, 3))
+        theta = float(rng.choice([1e4, 5e5]))
+        config = ModelConfig(
+            vocab_size=4,
+            hidden_size=4,
+            n_layers=1,
+            n_heads=n_kv * g,
+            n_kv_heads=n_kv,
+            head_dim=d_h,
+            intermediate_size=4,
+            rms_eps=1e-6,
+            rope_theta=theta,
+        )
+        backend = NumpyBackend(random_weights(config, rng))
+        hp, sym_hp = _head_perm(rng, n_kv, d_h)
+        z, p = rng.standard_normal((n + r, n_kv * (g + 2) * d_h)), _perm(rng, n + r)
+        pos = rng.integers(0, 4096, size=n)
+        code = (z, p, n, pos, hp, g, backend)
+        sym = (_m(z), tuple(p.tolist()), n, pos.tolist(), sp.Float(theta), sym_hp, g)
+
+        def back(s: Any) -> tuple[Any, Any]:
+            qk, v = (np.array(m.evalf(30).tolist(), dtype=np.float64) for m in s)
+            return qk.reshape(n, -1, d_h), v.reshape(n, -1, d_h)
+
+        return code, sym, back
     if name == "reorder_cache":
         k, v, rho = rng.standard_normal((n, 2, d)), rng.standard_normal((n, 2, d)), _perm(rng, n)
         sym = (_m(k.reshape(n, -1)), _m(v.reshape(n, -1)), tuple(rho.tolist()))
@@ -188,6 +224,7 @@ _GATHERS = {
     "head_permute",
     "head_unpermute",
     "head_permute_stacked",
+    "encode_head_rows",
     "flat_index",
     "reorder_cache",
     "unlock_scores",
@@ -217,7 +254,7 @@ def test_every_transform_is_named_by_a_proof() -> None:
         f"scx_ref.transforms.{name}"
         for name in transforms.__all__
         if callable(getattr(transforms, name))
-        and name not in ("HeadPermutation", "NoiseSource", "Permutation")  # carriers, not transforms
+        and name not in ("HeadPermutation", "NoiseSource", "Permutation", "RopeOps")  # carriers and types
     ]
     assert public, "no transforms found"
     assert sorted(set(public) - named) == []

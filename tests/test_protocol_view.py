@@ -356,11 +356,16 @@ _OTHER = KeySchedule(b"\x01" * 32, bytes(16))
 
 def _wrong_key(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
     """T1 decode with another KeySchedule's permutation of the same size."""
-    real = client_mod.decode_rows
+    real, real_qkv = client_mod.decode_rows, client_mod.decode_qkv_heads
+
+    def other(perm: Any) -> Any:
+        return _OTHER.permutation(("tok", 0, "qkv"), len(perm))
+
+    mp.setattr(client_mod, "decode_rows", lambda y, perm, n, ops: real(y, other(perm), n, ops))
     mp.setattr(
         client_mod,
-        "decode_rows",
-        lambda y, perm, n, ops: real(y, _OTHER.permutation(("tok", 0, "qkv"), len(perm)), n, ops),
+        "decode_qkv_heads",
+        lambda z, perm, n, pos, head, g, ops: real_qkv(z, other(perm), n, pos, head, g, ops),
     )
 
 
@@ -372,38 +377,39 @@ def _no_correction(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
 
 def _no_unpermute(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
     """Skip the token unpermutation (T1 decode): keep the server's row order, only drop the tail."""
+    real_qkv = client_mod.decode_qkv_heads
     mp.setattr(client_mod, "decode_rows", lambda y, perm, n, ops: strip_decoys(y, n, ops))
+    mp.setattr(
+        client_mod,
+        "decode_qkv_heads",
+        lambda z, perm, n, pos, head, g, ops: real_qkv(z, np.arange(len(perm)), n, pos, head, g, ops),
+    )
 
 
 def _no_head_unpermute(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
     """Skip the T3 decode of the attention output."""
+    real = client_mod.encode_head_rows
+
+    def encode_head_rows(o: Array, head: HeadPermutation, g: int, dec: Array, pi: Any, ops: Any) -> Array:
+        return real(o, HeadPermutation.identity(head.n_kv_heads, head.head_dim), g, dec, pi, ops)
+
     mp.setattr(client_mod, "head_unpermute", lambda y, perm, group_size=1, ops=None: y)
+    mp.setattr(client_mod, "encode_head_rows", encode_head_rows)
 
 
 def _rope_after_sigma(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
-    """Apply RoPE *after* the head permutation σ (RoPE does not commute with σ, DESIGN T3)."""
-    pending: dict[int, Array] = {}
-    real_rope, real_permute = b.rope, client_mod.head_permute
-    real_stacked = client_mod.head_permute_stacked
+    """Apply RoPE *after* the head permutation σ (RoPE does not commute with σ, DESIGN T3): the client
+    backend's fused decode gathers the columns first and rotates the permuted heads."""
+    real_rope, dh = b.rope, b.config.head_dim
 
-    def rope(x: Array, positions: Array) -> Array:
-        out = np.array(x, copy=True)
-        pending[id(out)] = np.asarray(positions)  # RoPE deferred until head_permute
-        return out
+    def rope_take(x: Array, rows: Any, positions: Any, rope_index: Any, plain_index: Any) -> Any:
+        t = np.asarray(x)[np.asarray(rows)]
+        n, w = t.shape[0], len(rope_index)
+        permuted = t[:, :w][:, np.asarray(rope_index)].reshape(n, -1, dh)
+        plain = t[:, w:][:, np.asarray(plain_index)].reshape(n, -1, dh)
+        return real_rope(permuted, positions), plain
 
-    def head_permute(x: Array, perm: HeadPermutation, group_size: int = 1, ops: Any = None) -> Array:
-        y = real_permute(x, perm, group_size, ops)
-        positions = pending.pop(id(x), None)
-        return y if positions is None else real_rope(y, positions)
-
-    def head_permute_stacked(x: Array, perm: HeadPermutation, group_sizes: Any, ops: Any = None) -> Array:
-        y = real_stacked(x, perm, group_sizes, ops)
-        positions = pending.pop(id(x), None)
-        return y if positions is None else real_rope(y, positions)
-
-    mp.setattr(b, "rope", rope)
-    mp.setattr(client_mod, "head_permute", head_permute)
-    mp.setattr(client_mod, "head_permute_stacked", head_permute_stacked)
+    mp.setattr(b, "rope_take", rope_take)
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,16 @@ class Backend(ArrayOps[A], Protocol[A]):
         """RoPE (HF rotate_half convention) on rows × heads × d_h at the given absolute positions."""
         ...
 
+    def rope_take(
+        self, x: A, rows: IndexArray, positions: IndexArray, rope_index: IndexArray, plain_index: IndexArray
+    ) -> tuple[A, A]:
+        """Rows ``x[rows]`` (2-D) split at w = len(``rope_index``) columns: the first w as heads of d_h,
+        RoPE'd at ``positions`` (one per row) and gathered along their flat columns by ``rope_index``; the
+        rest gathered by ``plain_index``. Both as rows × heads × d_h, in new arrays. The same values as
+        ``rope(take_rows(x, rows)[:, :w] as heads, positions)[flat][:, rope_index]`` — one pass where the
+        backend can fuse it. The caller checks the indices (:func:`scx_ref.transforms.decode_qkv_heads`)."""
+        ...
+
     def attention(self, q: A, k: A, v: A, q_positions: IndexArray, k_positions: IndexArray | None) -> A:
         """Causal GQA attention: query at position p sees keys at positions ≤ p. ``k_positions`` None
         means 'attend to every key' (a locked or reordered cache; T4). Returns rows × H × d_h."""

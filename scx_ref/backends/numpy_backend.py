@@ -145,6 +145,22 @@ class NumpyBackend(NumpyOps):
     def rope(self, x: FloatArray, positions: IndexArray) -> FloatArray:
         return ops.apply_rope(x, positions, self.config.rope_theta)
 
+    def rope_take(
+        self,
+        x: FloatArray,
+        rows: IndexArray,
+        positions: IndexArray,
+        rope_index: IndexArray,
+        plain_index: IndexArray,
+    ) -> tuple[FloatArray, FloatArray]:
+        """The definition as written: gather the rows, RoPE the first w columns, gather the columns."""
+        dh, w = self.config.head_dim, len(rope_index)
+        t = self.take_rows(x, rows)
+        n = t.shape[0]
+        roped = self.rope(t[:, :w].reshape(n, w // dh, dh), np.asarray(positions)).reshape(n, w)
+        plain = t[:, w:][:, np.asarray(plain_index, dtype=np.int64)]
+        return roped[:, np.asarray(rope_index, dtype=np.int64)].reshape(n, -1, dh), plain.reshape(n, -1, dh)
+
     def attention(
         self,
         q: FloatArray,

@@ -45,6 +45,7 @@ from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError, Vocabu
 from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights
 from .base import IndexArray, NormName, WeightName
+from .cpu_kernels import Kernels, kernels
 
 __all__ = ["TorchBackend", "TorchLayer", "TorchOps", "TorchWeights", "as_index", "parse_dtype"]
 
@@ -164,6 +165,11 @@ def _scratch64(numel: int, device: torch.device) -> torch.Tensor:
             buf = torch.empty(numel, dtype=torch.float64, device=device)
         _LOCAL.scratch64 = buf
     return buf
+
+
+def _np(t: torch.Tensor) -> npt.NDArray[Any]:
+    """A C-contiguous numpy view of a CPU tensor (a copy only when the tensor is not contiguous)."""
+    return t.detach().contiguous().numpy()
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -293,6 +299,50 @@ class TorchOps:
         at = np.flatnonzero(later)
         rest = xs[1].to(self.dtype) if len(xs) == 2 else self.concat_rows([x.to(self.dtype) for x in xs[1:]])
         out.index_copy_(0, self._idx(at), rest.index_select(0, self._idx(idx[at] - n0)))
+        return out
+
+    def _fused(self, *xs: torch.Tensor) -> Kernels | None:
+        """The fused CPU kernels when they apply to ``xs`` (CPU, float32/float64, numba installed)."""
+        if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.float64):
+            return None
+        if any(x.dtype != self.dtype or x.device.type != "cpu" or x.requires_grad for x in xs):
+            return None
+        return kernels()
+
+    def take_rows_cols_concat(
+        self, x: torch.Tensor, cols: IndexArray, extra: torch.Tensor, index: IndexArray
+    ) -> torch.Tensor:
+        """``cat([x[:, cols], extra])[index]``: one fused pass on CPU (:mod:`.cpu_kernels`), else a column
+        gather of x and :meth:`take_rows_concat`."""
+        k = self._fused(x, extra)
+        if k is None:
+            return self.take_rows_concat([self.take_last(x, cols), extra], index)
+        idx = np.ascontiguousarray(index, dtype=np.int64)
+        out = torch.empty((idx.shape[0], len(cols)), dtype=self.dtype)
+        k.take_rows_cols_concat(
+            _np(x),
+            np.ascontiguousarray(cols, dtype=np.int64),
+            _np(extra).reshape(-1, len(cols)),
+            idx,
+            out.numpy(),
+        )
+        return out
+
+    def gather_sum(
+        self, s: torch.Tensor, from_s: IndexArray, y: torch.Tensor, from_y: IndexArray, extra: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows ``s[from_s] + y[from_y]``, decoy rows (``from_y < 0``) copied from ``extra[from_s]``: one
+        fused pass on CPU (:mod:`.cpu_kernels`), else two gathers and an add in the first one's memory."""
+        fs, fy = np.ascontiguousarray(from_s, dtype=np.int64), np.ascontiguousarray(from_y, dtype=np.int64)
+        k = self._fused(s, y, extra)
+        if k is None:
+            real = fy >= 0
+            first = self.take_rows_concat([s, extra], np.where(real, fs, fs + s.shape[0]))
+            zero = torch.zeros((1, y.shape[1]), dtype=self.dtype, device=self.device)
+            # decoy rows add a row of zeros: the same value (−0 turns +0, equal under ==)
+            return self.add_into(first, self.take_rows_concat([y, zero], np.where(real, fy, y.shape[0])))
+        out = torch.empty((fs.shape[0], s.shape[1]), dtype=self.dtype)
+        k.gather_sum(_np(s), fs, _np(y), fy, _np(extra).reshape(-1, s.shape[1]), out.numpy())
         return out
 
     def take_rows_in_place(self, x: torch.Tensor, index: IndexArray) -> torch.Tensor:
@@ -608,10 +658,11 @@ class TorchBackend(TorchOps):
     def rope(self, x: torch.Tensor, positions: IndexArray) -> torch.Tensor:
         """RoPE (HF rotate_half) on rows × heads × d_h at each row's position: x·cos + rotate_half(x)·sin
         with rotate_half(x) = [−x₂, x₁]. HF's tables repeat their halves (cos = [c, c], sin = [s, s]), so
-        the result is [x₁c − x₂s, x₂c + x₁s]: x·cos over the whole head in one pass, then each half's sine
-        term added in place — three elementwise kernels into one output, no intermediate, the same
-        operations per element (so the same bits) as the four-pass form. ``x`` may be a strided view (e.g.
-        the Q and K heads of a fused QKV row)."""
+        the result is [x₁c − x₂s, x₂c + x₁s]: x·cos and x·sin over the whole head, then each half's sine
+        term added in place. Every product is rounded before its add, exactly as HF's and the numpy
+        reference's form (no fused multiply-add: torch's ``addcmul`` contracts to one on FMA CPUs, which
+        changes about a quarter of the results by an ulp). ``x`` may be a strided view (e.g. the Q and K
+        heads of a fused QKV row)."""
         if x.ndim != 3:
             raise ShapeError(f"RoPE input must be rows × heads × head_dim, got {tuple(x.shape)}")
         cos, sin = self._cos_sin(positions)
@@ -619,12 +670,50 @@ class TorchBackend(TorchOps):
             raise ShapeError(f"{cos.shape[0]} positions for {x.shape[0]} rows")
         xc = x.to(self._compute)
         half = x.shape[-1] // 2
-        s = sin[:, None, :half]
-        x1, x2 = xc[..., :half], xc[..., half:]
         out = torch.mul(xc, cos[:, None, :])  # [x₁c, x₂c]: the table's halves are equal
-        out[..., :half].addcmul_(x2, s, value=-1)
-        out[..., half:].addcmul_(x1, s)
+        prod = torch.mul(xc, sin[:, None, :])  # [x₁s, x₂s]
+        out[..., :half].sub_(prod[..., half:])
+        out[..., half:].add_(prod[..., :half])
         return out if out.dtype == self.dtype else out.to(self.dtype)
+
+    def rope_take(
+        self,
+        x: torch.Tensor,
+        rows: IndexArray,
+        positions: IndexArray,
+        rope_index: IndexArray,
+        plain_index: IndexArray,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``x[rows]`` split at w = len(``rope_index``) columns: the first w RoPE'd head by head and
+        gathered by ``rope_index``, the rest gathered by ``plain_index`` (Backend.rope_take). On CPU one
+        fused pass (:mod:`.cpu_kernels`: each row read once, the rotation in a row-sized buffer, the same
+        per-element operations as :meth:`rope`), else a row gather, :meth:`rope` and two column gathers."""
+        dh, w = self.config.head_dim, len(rope_index)
+        rows_a = np.ascontiguousarray(rows, dtype=np.int64)
+        n = rows_a.shape[0]
+        k = self._fused(x)
+        if k is None:
+            t = self.take_rows(x, rows_a)
+            roped = self.rope(t.narrow(1, 0, w).reshape(n, w // dh, dh), positions).reshape(n, w)
+            plain = self.take_last(t.narrow(1, w, t.shape[1] - w), plain_index)
+            return self.take_last(roped, rope_index).reshape(n, -1, dh), plain.reshape(n, -1, dh)
+        cos, sin = self._cos_sin(positions)
+        if cos.shape[0] != n:
+            raise ShapeError(f"{cos.shape[0]} positions for {n} rows")
+        out_rope = torch.empty((n, w // dh, dh), dtype=self.dtype)
+        out_plain = torch.empty((n, len(plain_index) // dh, dh), dtype=self.dtype)
+        k.rope_take(
+            _np(x),
+            rows_a,
+            _np(cos),
+            _np(sin),
+            np.ascontiguousarray(rope_index, dtype=np.int64),
+            np.ascontiguousarray(plain_index, dtype=np.int64),
+            dh,
+            out_rope.numpy().reshape(n, w),
+            out_plain.numpy().reshape(n, -1),
+        )
+        return out_rope, out_plain
 
     def attention(
         self,

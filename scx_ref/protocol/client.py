@@ -45,11 +45,12 @@ from ..keys import KeySchedule
 from ..stages import Stage
 from ..transforms import (
     blind,
+    decode_qkv_heads,
     decode_rows,
     decode_rows_numpy,
+    encode_head_rows,
     encode_rows,
     head_permute,
-    head_permute_stacked,
     head_unpermute,
     reencode_sum,
     unblind,
@@ -470,23 +471,24 @@ class Client(Generic[A]):
             normalized=normalized,
             commit=keys.commit,
         )
-        zt = decode_rows(z, keys.pi, n, b)  # [Q K V] of the n real rows, true order
         heads, kv_heads, d_h, g = c.n_heads, c.n_kv_heads, c.head_dim, c.group_size
-        qk = b.rope(b.reshape(b.narrow(zt, 1, 0, c.q_dim + c.kv_dim), (n, heads + kv_heads, d_h)), pos)
-        v = b.reshape(b.narrow(zt, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim), (n, kv_heads, d_h))
-        self.meter.elementwise(Stage.QKV, 3 * n * (c.q_dim + c.kv_dim))
-        # 2. attention stage: Q P_i, K P_i (one gather of the RoPE'd heads), V P_i, in true row order —
-        #    or, in a guard block with attention="client", the client's own causal attention
+        # 2. attention stage: Q P_i, K P_i, V P_i in true row order, RoPE'd — or, in a guard block with
+        #    attention="client", the client's own causal attention
         if i in self.client_attention:
-            q = b.narrow(qk, 1, 0, heads)
-            o = b.reshape(b.attention(q, b.narrow(qk, 1, heads, heads + kv_heads), v, pos, pos), (n, c.q_dim))
+            zt = decode_rows(z, keys.pi, n, b)  # [Q K V] of the n real rows, true order
+            qk = b.rope(b.reshape(b.narrow(zt, 1, 0, c.q_dim + c.kv_dim), (n, heads + kv_heads, d_h)), pos)
+            v = b.reshape(b.narrow(zt, 1, c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim), (n, kv_heads, d_h))
+            k_rope = b.narrow(qk, 1, heads, heads + kv_heads)
+            o = b.reshape(b.attention(b.narrow(qk, 1, 0, heads), k_rope, v, pos, pos), (n, c.q_dim))
             self.meter.attention(Stage.ATTN, heads, n, n, d_h, "client")
+            o_rows = encode_rows(o, self._decoys(Stage.O, i, cfg.r2, o), keys.pi_o, b)
         else:
-            qk_p = head_permute_stacked(qk, keys.head, (g, 1), b)
+            # T1 + T2 decode, RoPE and T3 encode in one pass over the reply's real rows
+            qk_p, v_p = decode_qkv_heads(z, keys.pi, n, pos, keys.head, g, b)
             sent = {
                 "q": b.narrow(qk_p, 1, 0, heads),
                 "k": b.narrow(qk_p, 1, heads, heads + kv_heads),
-                "v": head_permute(v, keys.head, 1, b),
+                "v": v_p,
             }
             got, u = self._send(link, Stage.ATTN, i, -1, sent, {"o": (n, c.n_heads, c.head_dim)})
             o = got["o"]
@@ -496,10 +498,18 @@ class Client(Generic[A]):
                     Stage.ATTN, i, sent["q"], sent["k"], sent["v"], o, u, ver.attention_rows(i, n), 0
                 ),
             )
-            o = b.reshape(head_unpermute(o, keys.head, g, b), (n, c.q_dim))
-        # 3. O stage: π′_i(O ⊕ R′)
-        rows = encode_rows(o, self._decoys(Stage.O, i, cfg.r2, o), keys.pi_o, b)
-        y = self._linear(link, Stage.O, i, -1, rows, "wo")
+            if i in self.first or i in self.last:  # the guard blocks keep K and V in true order
+                k_rope = head_unpermute(sent["k"], keys.head, 1, b)
+                v = head_unpermute(v_p, keys.head, 1, b)
+            else:
+                k_rope = v = v_p  # not kept
+            # 3. O stage: π′_i(O ⊕ R′) — T3 decode and T1 + T2 encode in one pass
+            real = None
+            if prep.decoy_policy.needs_real:  # a policy that looks at the real rows: O in true order
+                real = b.reshape(head_unpermute(o, keys.head, g, b), (n, c.q_dim))
+            o_rows = encode_head_rows(o, keys.head, g, self._decoys(Stage.O, i, cfg.r2, real), keys.pi_o, b)
+        self.meter.elementwise(Stage.QKV, 3 * n * (c.q_dim + c.kv_dim))
+        y = self._linear(link, Stage.O, i, -1, o_rows, "wo")
         # 4. FFN stage under π_{i+1} on H′ = H + O·W_o: the residual add carried from π_i (s) and π′_i
         #    (y) straight to π_{i+1} with fresh decoys, which ride on into block i+1's QKV stage
         real = None
@@ -514,7 +524,7 @@ class Client(Generic[A]):
             y = self._mlp_stage(link, Stage.FFN, i, -1, rows)
         self.meter.elementwise(Stage.FFN, 2 * (n + cfg.r1) * c.hidden_size)
         # the residual add in encoded order: π(H ⊕ R) + π(MLP rows) = π(H′ ⊕ R′), block i+1's QKV rows (T1)
-        return b.add(rows, y), b.narrow(qk, 1, heads, heads + kv_heads), v
+        return b.add(rows, y), k_rope, v
 
     def _prefill_head(self, link: Transport, s: A) -> npt.NDArray[Any]:
         """The LM-head stage on ``s`` = π_L(H ⊕ R); returns the n real rows' logits in true order."""

@@ -1,0 +1,152 @@
+"""The fused client passes equal the compositions they replace.
+
+``decode_qkv_heads``, ``encode_head_rows`` and ``reencode_sum`` each do in one pass what the protocol
+states as several transforms. Gathers and adds move or add the same values, and the fused RoPE rounds
+each product before its add as the eager form does, so on the torch backend the fused CPU kernels
+(:mod:`scx_ref.backends.cpu_kernels`, numba) and the eager torch ops must agree *bit for bit*, and both
+must equal the composition of the separate transforms run on the same backend. Against the numpy
+reference (float64) RoPE's products agree to rtol 1e-12 (the cos/sin tables may round differently).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from properties.strategies import (
+    decoy_counts,
+    head_permutations,
+    model_configs,
+    model_weights,
+    perms,
+    row_counts,
+    seeds,
+)
+from scx_ref import transforms as T
+from scx_ref.backends.cpu_kernels import kernels
+from scx_ref.backends.numpy_backend import NumpyBackend
+from scx_ref.backends.torch_backend import TorchBackend, TorchOps
+
+DTYPES = [torch.float32, torch.float64]
+needs_numba = pytest.mark.skipif(
+    kernels() is None, reason="numba is not installed (the eager path is tested)"
+)
+
+
+def _paths(monkeypatch: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:
+    """``fn()`` with the fused kernels, then with them switched off (SCX_NUMBA=0)."""
+    fused = fn()
+    monkeypatch.setenv("SCX_NUMBA", "0")
+    eager = fn()
+    monkeypatch.delenv("SCX_NUMBA")
+    return fused, eager
+
+
+def _rows(rng: np.random.Generator, shape: tuple[int, ...], strided: bool) -> np.ndarray:
+    """Random rows; with ``strided`` a column slice of a wider array (a non-contiguous input)."""
+    if not strided:
+        return rng.standard_normal(shape)
+    return rng.standard_normal((*shape[:-1], shape[-1] + 3))[..., 1 : shape[-1] + 1]
+
+
+@st.composite
+def _qkv_cases(draw: st.DrawFn) -> tuple[Any, ...]:
+    weights = draw(model_weights(model_configs(max_layers=1, moe=False, max_kv_heads=3)))
+    c = weights.config
+    n, r = draw(row_counts(1, 10)), draw(decoy_counts(4))
+    head = draw(head_permutations(c.n_kv_heads, c.head_dim))
+    pi = draw(perms(n + r))
+    start = draw(st.integers(0, 40))
+    return weights, n, r, head, pi, np.arange(start, start + n), draw(seeds()), draw(st.booleans())
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=_qkv_cases())
+def test_decode_qkv_heads_is_decode_rope_then_head_permute(dtype: torch.dtype, case: tuple[Any, ...]) -> None:
+    """RoPE([Q K])·P and V·P from the QKV reply: fused = eager = the separate transforms, bit for bit."""
+    weights, n, r, head, pi, pos, seed, strided = case
+    c, g = weights.config, weights.config.group_size
+    b = TorchBackend(weights, dtype)
+    z_np = _rows(np.random.default_rng(seed), (n + r, c.q_dim + 2 * c.kv_dim), strided)
+    z = torch.from_numpy(z_np).to(dtype)  # a strided view stays strided in float64
+    with pytest.MonkeyPatch.context() as mp:
+        (qk_f, v_f), (qk_e, v_e) = _paths(mp, lambda: T.decode_qkv_heads(z, pi, n, pos, head, g, b))
+    t = T.decode_rows(z, pi, n, b)
+    qk = b.rope(t[:, : c.q_dim + c.kv_dim].reshape(n, c.n_heads + c.n_kv_heads, c.head_dim), pos)
+    want_qk = T.head_permute_stacked(qk, head, (g, 1), b)
+    want_v = T.head_permute(t[:, c.q_dim + c.kv_dim :].reshape(n, c.n_kv_heads, c.head_dim), head, 1, b)
+    for got, want in ((qk_f, want_qk), (qk_e, want_qk), (v_f, want_v), (v_e, want_v)):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+    # and the numpy reference (float64) reads the same definition
+    ref_qk, ref_v = T.decode_qkv_heads(z_np, pi, n, pos, head, g, NumpyBackend(weights))
+    np.testing.assert_array_equal(v_f.numpy(), ref_v.astype(v_f.numpy().dtype))  # a gather: exact
+    if dtype == torch.float64:
+        np.testing.assert_allclose(qk_f.numpy(), ref_qk, rtol=1e-12, atol=1e-12 * (1 + np.abs(ref_qk).max()))
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(
+    shape=st.tuples(st.integers(1, 3), st.sampled_from([1, 2, 4]), st.sampled_from([1, 2, 3, 8])),
+    n=row_counts(1, 10),
+    r=decoy_counts(4),
+    seed=seeds(),
+    strided=st.booleans(),
+    data=st.data(),
+)
+def test_encode_head_rows_is_head_unpermute_then_encode(
+    dtype: torch.dtype, shape: tuple[int, int, int], n: int, r: int, seed: int, strided: bool, data: Any
+) -> None:
+    """π′(O ⊕ R) from the attention reply O·P: fused = eager = the separate transforms, exactly."""
+    n_kv, g, d_h = shape
+    head = data.draw(head_permutations(n_kv, d_h))
+    pi = data.draw(perms(n + r))
+    rng = np.random.default_rng(seed)
+    o_np, dec_np = _rows(rng, (n, n_kv * g, d_h), strided), rng.standard_normal((r, n_kv * g * d_h))
+    o, dec = torch.from_numpy(o_np).to(dtype), torch.from_numpy(dec_np).to(dtype)
+    T_ops = TorchOps(dtype)  # the gathers need no weights
+    with pytest.MonkeyPatch.context() as mp:
+        fused, eager = _paths(mp, lambda: T.encode_head_rows(o, head, g, dec, pi, T_ops))
+    want = T.encode_rows(T.head_unpermute(o, head, g, T_ops).reshape(n, -1), dec, pi, T_ops)
+    assert torch.equal(fused, want) and torch.equal(eager, want)
+    ref = T.encode_rows(T.head_unpermute(o_np, head, g).reshape(n, -1), dec_np, pi)
+    np.testing.assert_array_equal(T.encode_head_rows(o_np, head, g, dec_np, pi), ref)
+    np.testing.assert_array_equal(fused.numpy(), ref.astype(fused.numpy().dtype))
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(
+    n=row_counts(1, 10),
+    r_s=decoy_counts(3),
+    r_y=decoy_counts(3),
+    r=decoy_counts(3),
+    d=st.integers(1, 9),
+    seed=seeds(),
+    data=st.data(),
+)
+def test_reencode_sum_is_decode_add_encode(
+    dtype: torch.dtype, n: int, r_s: int, r_y: int, r: int, d: int, seed: int, data: Any
+) -> None:
+    """The residual add across encodings: fused = eager = decode, add, encode, bit for bit."""
+    p_s, p_y, p = data.draw(perms(n + r_s)), data.draw(perms(n + r_y)), data.draw(perms(n + r))
+    rng = np.random.default_rng(seed)
+    s_np, y_np, dec_np = (rng.standard_normal((k, d)) for k in (n + r_s, n + r_y, r))
+    ops = TorchOps(dtype)
+    s, y, dec = (torch.from_numpy(a).to(dtype) for a in (s_np, y_np, dec_np))
+    with pytest.MonkeyPatch.context() as mp:
+        fused, eager = _paths(mp, lambda: T.reencode_sum(s, p_s, y, p_y, dec, p, ops))
+    want = T.encode_rows(ops.add(T.decode_rows(s, p_s, n, ops), T.decode_rows(y, p_y, n, ops)), dec, p, ops)
+    assert torch.equal(fused, want) and torch.equal(eager, want)
+    ref = T.reencode_sum(s_np, p_s, y_np, p_y, dec_np, p)
+    plain = T.decode_rows(s_np, p_s, n) + T.decode_rows(y_np, p_y, n)
+    np.testing.assert_array_equal(ref, T.encode_rows(plain, dec_np, p))
+    if dtype == torch.float64:
+        np.testing.assert_array_equal(fused.numpy(), ref)
