@@ -22,12 +22,19 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Kernels", "kernels"]
+__all__ = ["Kernels", "column_index", "kernels"]
+
+
+def column_index(index: Any) -> np.ndarray[Any, np.dtype[np.uint64]]:
+    """A column index as the kernels take it: C-contiguous uint64 (numba then skips the negative-index
+    wraparound in the inner loops). The values are checked non-negative by the transforms beforehand."""
+    return np.ascontiguousarray(index, dtype=np.uint64)
 
 
 @dataclass(frozen=True)
 class Kernels:
-    """The compiled kernels (numba dispatchers; each compiles per dtype on first call, cached on disk)."""
+    """The compiled kernels (numba dispatchers; each compiles per dtype on first call, cached on disk).
+    Column indices are uint64 arrays (:func:`column_index`), row indices int64."""
 
     rope_take: Any
     take_rows_cols_concat: Any
@@ -70,27 +77,31 @@ def _build() -> Kernels | None:
         out_plain: Any,
     ) -> None:
         # row j: RoPE the first len(rope_index) columns of x[rows[j]] head by head (HF rotate_half), then
-        # gather them by rope_index; gather the columns after them by plain_index
+        # gather them by rope_index; gather the columns after them by plain_index. The rotation runs on
+        # slices indexed from 0 (no negative-index wraparound), so LLVM vectorizes it; the column indices
+        # are unsigned for the same reason.
         width = rope_index.shape[0]
         half = d_h // 2
         buf = np.empty(width, dtype=x.dtype)
         for j in range(rows.shape[0]):
             src = x[rows[j]]
-            cj = cos[j]
-            sj = sin[j]
+            c1, c2 = cos[j, :half], cos[j, half:d_h]
+            s1, s2 = sin[j, :half], sin[j, half:d_h]
             for h in range(width // d_h):
                 b = h * d_h
+                x1, x2 = src[b : b + half], src[b + half : b + d_h]
+                o1, o2 = buf[b : b + half], buf[b + half : b + d_h]
                 for t in range(half):
-                    x1 = src[b + t]
-                    x2 = src[b + half + t]
-                    buf[b + t] = x1 * cj[t] - x2 * sj[t]
-                    buf[b + half + t] = x2 * cj[half + t] + x1 * sj[half + t]
+                    o1[t] = x1[t] * c1[t] - x2[t] * s1[t]
+                for t in range(half):
+                    o2[t] = x2[t] * c2[t] + x1[t] * s2[t]
             dst = out_rope[j]
             for f in range(width):
                 dst[f] = buf[rope_index[f]]
             dst = out_plain[j]
+            rest = src[width:]
             for f in range(plain_index.shape[0]):
-                dst[f] = src[width + plain_index[f]]
+                dst[f] = rest[plain_index[f]]
 
     @jit
     def take_rows_cols_concat(x: Any, cols: Any, extra: Any, index: Any, out: Any) -> None:

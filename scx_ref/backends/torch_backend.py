@@ -45,7 +45,7 @@ from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError, Vocabu
 from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights
 from .base import IndexArray, NormName, WeightName
-from .cpu_kernels import Kernels, kernels
+from .cpu_kernels import Kernels, column_index, kernels
 
 __all__ = ["TorchBackend", "TorchLayer", "TorchOps", "TorchWeights", "as_index", "parse_dtype"]
 
@@ -319,13 +319,8 @@ class TorchOps:
             return self.take_rows_concat([self.take_last(x, cols), extra], index)
         idx = np.ascontiguousarray(index, dtype=np.int64)
         out = torch.empty((idx.shape[0], len(cols)), dtype=self.dtype)
-        k.take_rows_cols_concat(
-            _np(x),
-            np.ascontiguousarray(cols, dtype=np.int64),
-            _np(extra).reshape(-1, len(cols)),
-            idx,
-            out.numpy(),
-        )
+        cols_u = column_index(cols)
+        k.take_rows_cols_concat(_np(x), cols_u, _np(extra).reshape(-1, len(cols)), idx, out.numpy())
         return out
 
     def gather_sum(
@@ -707,8 +702,8 @@ class TorchBackend(TorchOps):
             rows_a,
             _np(cos),
             _np(sin),
-            np.ascontiguousarray(rope_index, dtype=np.int64),
-            np.ascontiguousarray(plain_index, dtype=np.int64),
+            column_index(rope_index),
+            column_index(plain_index),
             dh,
             out_rope.numpy().reshape(n, w),
             out_plain.numpy().reshape(n, -1),
