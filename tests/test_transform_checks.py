@@ -503,3 +503,42 @@ def test_laplace_noise_clamps_u_zero_and_keeps_dtype_and_shape() -> None:
         got, laplace_noise((2, 3), 1.5, Fixed(u32.astype(np.float64).reshape(2, 3)))
     )
     assert got.dtype == np.float64
+
+
+def test_fused_client_passes_name_what_was_wrong() -> None:
+    """``decode_qkv_heads`` and ``encode_head_rows`` check their inputs as the transforms they fuse do: the
+    reply's width against the heads, the positions against the rows kept, the decoys' width, and a
+    non-finite result of the encode."""
+    from scx_ref.backends.numpy_backend import NumpyBackend
+    from scx_ref.config import ModelConfig
+    from scx_ref.transforms import decode_qkv_heads, encode_head_rows
+    from scx_ref.weights import random_weights
+
+    c = ModelConfig(
+        vocab_size=4, hidden_size=8, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=2, intermediate_size=4
+    )
+    b = NumpyBackend(random_weights(c, np.random.default_rng(0)))
+    head = HeadPermutation(np.array([1, 0]), np.array([[1, 0], [0, 1]]))
+    z = np.zeros((5, (4 + 2 * 2) * 2))
+    qk, v = decode_qkv_heads(z, np.arange(5), 3, np.arange(3), head, 2, b)
+    assert qk.shape == (3, 6, 2) and v.shape == (3, 2, 2)
+    with pytest.raises(
+        ShapeError, match=re.escape("z must be 2-D with 16 columns ([Q K V] heads), got (5, 15)")
+    ):
+        decode_qkv_heads(z[:, :15], np.arange(5), 3, np.arange(3), head, 2, b)
+    with pytest.raises(ShapeError, match=re.escape("2 positions for 3 rows")):
+        decode_qkv_heads(z, np.arange(5), 3, np.arange(2), head, 2, b)
+    with pytest.raises(ShapeError, match=re.escape("cannot keep 6 rows of an array with 5")):
+        decode_qkv_heads(z, np.arange(5), 6, np.arange(6), head, 2, b)
+    with pytest.raises(PermutationError):
+        decode_qkv_heads(z, np.arange(4), 3, np.arange(3), head, 2, b)
+    o = np.ones((3, 4, 2))
+    assert encode_head_rows(o, head, 2, np.zeros((2, 8)), np.arange(5)).shape == (5, 8)
+    with pytest.raises(ShapeError, match=re.escape("decoys ((2, 7)) must be 2-D with 8 columns")):
+        encode_head_rows(o, head, 2, np.zeros((2, 7)), np.arange(5))
+    with pytest.raises(ShapeError, match=re.escape("o must have shape (rows, 4, 2), got (3, 2, 2)")):
+        encode_head_rows(o[:, :2], head, 2, np.zeros((2, 8)), np.arange(5))
+    with pytest.raises(NonFiniteError, match="o and decoys"):
+        encode_head_rows(o, head, 2, np.full((2, 8), np.nan), np.arange(5))
+    with pytest.raises(SCXError, match="head must be a HeadPermutation"):
+        encode_head_rows(o, "P", 2, np.zeros((2, 8)), np.arange(5))  # type: ignore[arg-type]
