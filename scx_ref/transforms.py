@@ -15,7 +15,7 @@ returns new arrays (or views) and never modifies its inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -24,12 +24,14 @@ from ._checks import check_permutation
 from .arrays import A, ArrayOps, NumpyOps
 from .errors import PermutationError, SCXError, ShapeError
 
+if TYPE_CHECKING:  # the backends import this module; the type is all that is needed here
+    from .backends.base import Backend
+
 __all__ = [
     "NUMPY",
     "HeadPermutation",
     "NoiseSource",
     "Permutation",
-    "RopeOps",
     "blind",
     "blinding_correction",
     "decode_qkv_heads",
@@ -235,14 +237,6 @@ def encode_head_rows(
     return ops.floating(out, "o and decoys")
 
 
-class RopeOps(ArrayOps[A], Protocol[A]):
-    """Array operations with the model's RoPE (a :class:`~scx_ref.backends.base.Backend`)."""
-
-    def rope_take(
-        self, x: A, rows: Any, positions: Any, rope_index: Any, plain_index: Any
-    ) -> tuple[A, A]: ...
-
-
 def decode_qkv_heads(
     z: Any,
     perm: Any,
@@ -250,7 +244,7 @@ def decode_qkv_heads(
     positions: Any,
     head: HeadPermutation,
     group_size: int,
-    ops: RopeOps[A],
+    ops: Backend[A],
 ) -> tuple[A, A]:
     """T1+T2 decode, RoPE and T3 encode of a fused QKV reply in one pass: Z ↦ (RoPE([Q K])·P, V·P).
 

@@ -416,6 +416,8 @@ class Client(Generic[A]):
         keys_kept: dict[int, A] = {}
         for i in range(c.n_layers):
             s, k_rope, v = self._prefill_block(link, i, s, pos)
+            if k_rope is None or v is None:  # a middle block: the client keeps none of its K and V
+                continue
             if i in self.first or i in self.client_attention:
                 st.guard_k[i], st.guard_v[i] = b.compact(k_rope), b.compact(v)
             elif i in self.last:
@@ -444,10 +446,10 @@ class Client(Generic[A]):
         self._send(target, Stage.CLOSE, -1, -1, {}, {})
         st.closed = True
 
-    def _prefill_block(self, link: Transport, i: int, s: A, pos: IndexArray) -> tuple[A, A, A]:
+    def _prefill_block(self, link: Transport, i: int, s: A, pos: IndexArray) -> tuple[A, A | None, A | None]:
         """Block i on ``s`` = π_i(H ⊕ R), the rows its QKV stage sends (H the residual stream, R the decoy
-        rows carried from the previous FFN stage). Returns π_{i+1}(H′ ⊕ R′) — block i+1's QKV rows — and
-        the block's RoPE'd keys and values in true order (n × H_kv × d_h)."""
+        rows carried from the previous FFN stage). Returns π_{i+1}(H′ ⊕ R′) — block i+1's QKV rows — and,
+        for a guard block, its RoPE'd keys and values in true order (n × H_kv × d_h); None for the others."""
         b, c, cfg = self.b, self.c, self.cfg
         assert self.state is not None
         prep = self.state.prep
@@ -474,6 +476,8 @@ class Client(Generic[A]):
         heads, kv_heads, d_h, g = c.n_heads, c.n_kv_heads, c.head_dim, c.group_size
         # 2. attention stage: Q P_i, K P_i, V P_i in true row order, RoPE'd — or, in a guard block with
         #    attention="client", the client's own causal attention
+        k_rope: A | None = None  # kept (in true order) by the guard blocks only
+        v: A | None = None
         if i in self.client_attention:
             zt = decode_rows(z, keys.pi, n, b)  # [Q K V] of the n real rows, true order
             qk = b.rope(b.reshape(b.narrow(zt, 1, 0, c.q_dim + c.kv_dim), (n, heads + kv_heads, d_h)), pos)
@@ -501,8 +505,6 @@ class Client(Generic[A]):
             if i in self.first or i in self.last:  # the guard blocks keep K and V in true order
                 k_rope = head_unpermute(sent["k"], keys.head, 1, b)
                 v = head_unpermute(v_p, keys.head, 1, b)
-            else:
-                k_rope = v = v_p  # not kept
             # 3. O stage: π′_i(O ⊕ R′) — T3 decode and T1 + T2 encode in one pass
             real = None
             if prep.decoy_policy.needs_real:  # a policy that looks at the real rows: O in true order
