@@ -17,7 +17,7 @@ boundaries.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -80,6 +80,22 @@ class Backend(ArrayOps[A], Protocol[A]):
 
     def swiglu_act(self, gate_up: A) -> A:
         """silu(gate) ⊙ up for gate_up = [gate up] rows (the client's share of a blinded MLP)."""
+        ...
+
+    def project64_norm(
+        self, x: A, which: NormName, layer: int, right: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """:meth:`project64` of ``norm(x, which, layer)``: ``(x̂·right, ‖x̂_i‖)``. Where the backend fuses
+        it, x̂ is not formed: x̂_i·r = s_i·Σ_t x_it·(γ_t r_t), s_i = (mean_t x_it² + ε)^-½, all in float64 — a
+        more exact x̂ than the backend's own norm (the verifier's tolerance allows the server's norm to
+        differ from the client's by its roundings)."""
+        ...
+
+    def project64_swiglu(
+        self, gate_up: A, right: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """:meth:`project64` of ``swiglu_act(gate_up)`` (rows × 2f): the same products m = silu(gate) ⊙ up
+        in the backend's dtype, then their float64 product and norms, without storing m where fused."""
         ...
 
     # -- position and attention ----------------------------------------------------------------

@@ -39,6 +39,11 @@ class Kernels:
     rope_take: Any
     take_rows_cols_concat: Any
     gather_sum: Any
+    project64: Any
+    project64_rms: Any
+    project64_mul: Any
+    range_excess: Any
+    attention_rows64: Any
 
 
 _lock = threading.Lock()
@@ -134,4 +139,201 @@ def _build() -> Kernels | None:
                 for f in range(dst.shape[0]):
                     dst[f] = a[f]
 
-    return Kernels(rope_take, take_rows_cols_concat, gather_sum)
+    # The verifier's float64 products. Their error bound (scx_ref.protocol.verify) holds for a sum in any
+    # order, with or without fused multiply-adds, so these may be reassociated and contracted (LLVM then
+    # vectorizes the reductions); no other fast-math flag: a NaN or an infinity must propagate.
+    fast = numba.njit(boundscheck=False, nogil=True, cache=True, fastmath={"reassoc", "contract"})
+
+    @fast
+    def project64(x: Any, rt: Any, out: Any, sq: Any) -> None:
+        # row i: out[i, c] = Σ_t x[i, t]·rt[c, t] and sq[i] = Σ_t x[i, t]², in float64
+        k, w = rt.shape
+        buf = np.empty(w, dtype=np.float64)
+        for i in range(x.shape[0]):
+            row = x[i]
+            if k == 2:  # the usual case (a prompt's rows): one pass, three sums
+                r0, r1 = rt[0], rt[1]
+                s, a0, a1 = 0.0, 0.0, 0.0
+                for t in range(w):
+                    v = np.float64(row[t])
+                    s += v * v
+                    a0 += v * r0[t]
+                    a1 += v * r1[t]
+                out[i, 0], out[i, 1] = a0, a1
+            else:
+                s = 0.0
+                for t in range(w):
+                    buf[t] = row[t]
+                    s += buf[t] * buf[t]
+                for c in range(k):
+                    r = rt[c]
+                    a = 0.0
+                    for t in range(w):
+                        a += buf[t] * r[t]
+                    out[i, c] = a
+            sq[i] = s
+
+    @fast
+    def project64_rms(x: Any, gain: Any, eps: float, rt: Any, out: Any, sq: Any) -> None:
+        # row i of x̂ = RMSNorm(x) = γ ⊙ x · s_i, s_i = (Σ_t x_t² / w + ε)^-½, without forming it:
+        # out[i, c] = s_i·Σ_t x_t·(γ_t rt[c, t]) and sq[i] = s_i²·Σ_t (γ_t x_t)², in float64
+        k, w = rt.shape
+        rg = np.empty((k, w), dtype=np.float64)
+        for c in range(k):
+            for t in range(w):
+                rg[c, t] = rt[c, t] * np.float64(gain[t])
+        acc = np.empty(k, dtype=np.float64)
+        for i in range(x.shape[0]):
+            row = x[i]
+            s, g2 = 0.0, 0.0
+            for t in range(w):
+                v = np.float64(row[t])
+                s += v * v
+                gv = v * np.float64(gain[t])
+                g2 += gv * gv
+            for c in range(k):
+                r = rg[c]
+                a = 0.0
+                for t in range(w):
+                    a += np.float64(row[t]) * r[t]
+                acc[c] = a
+            scale = 1.0 / np.sqrt(s / w + eps)
+            for c in range(k):
+                out[i, c] = scale * acc[c]
+            sq[i] = scale * scale * g2
+
+    @fast
+    def project64_mul(a: Any, b: Any, off: int, rt: Any, out: Any, sq: Any) -> None:
+        # row i of m = a ⊙ b[:, off : off + w], each product rounded in a's dtype (the eager a * b), then as
+        # project64: out[i, c] = Σ_t m_t·rt[c, t] and sq[i] = Σ_t m_t², in float64
+        k, w = rt.shape
+        buf = np.empty(w, dtype=np.float64)
+        for i in range(a.shape[0]):
+            ra, rb = a[i], b[i, off : off + w]
+            s = 0.0
+            for t in range(w):
+                m = ra[t] * rb[t]
+                buf[t] = m
+                s += buf[t] * buf[t]
+            for c in range(k):
+                r = rt[c]
+                acc = 0.0
+                for t in range(w):
+                    acc += buf[t] * r[t]
+                out[i, c] = acc
+            sq[i] = s
+
+    @jit
+    def range_excess(v: Any, o: Any, first: int, group: int, d_h: int, acc: Any) -> tuple[float, float]:
+        # v: keys × (H_kv·d_h), o: queries × (H_kv·g·d_h), query i at position first + i (both C-contiguous).
+        # Returns the largest excess of any o[i, (h, e, t)] over the running max of v[:first + i + 1, (h, t)]
+        # or below its running min (differences rounded in the dtype), and max |v|; NaN when any input is
+        # not finite. Every update is elementwise on row-length arrays (LLVM vectorizes them); the only
+        # reductions are over those arrays at the end. acc: 5 × (H_kv·d_h) scratch in v's dtype.
+        n_k, width = v.shape
+        hi, lo, big, over, bad = acc[0], acc[1], acc[2], acc[3], acc[4]
+        for t in range(width):
+            hi[t] = -np.inf
+            lo[t] = np.inf
+            big[t] = 0.0
+            over[t] = -np.inf
+            bad[t] = 0.0
+        blocks = o.shape[1] // d_h
+        for j in range(n_k):
+            row = v[j]
+            for t in range(width):
+                x = row[t]
+                hi[t] = x if x > hi[t] else hi[t]
+                lo[t] = x if x < lo[t] else lo[t]
+                a = abs(x)
+                big[t] = a if a > big[t] else big[t]
+                bad[t] += x * 0.0  # 0, or NaN for ±inf and NaN
+            i = j - first
+            if 0 <= i < o.shape[0]:
+                orow = o[i]
+                for blk in range(blocks):
+                    ob, vb = blk * d_h, (blk // group) * d_h
+                    ys, hs, ls = orow[ob : ob + d_h], hi[vb : vb + d_h], lo[vb : vb + d_h]
+                    ov, bd = over[vb : vb + d_h], bad[vb : vb + d_h]
+                    for t in range(d_h):
+                        y = ys[t]
+                        d1 = y - hs[t]
+                        d2 = ls[t] - y
+                        e = d1 if d1 > d2 else d2
+                        ov[t] = e if e > ov[t] else ov[t]
+                        bd[t] += y * 0.0
+        worst, vmax, nan = -np.inf, 0.0, 0.0
+        for t in range(width):
+            worst = max(worst, np.float64(over[t]))
+            vmax = max(vmax, np.float64(big[t]))
+            nan += bad[t]
+        if nan != 0.0:
+            return np.nan, np.nan
+        return worst, vmax
+
+    @fast
+    def attention_rows64(
+        q: Any, k: Any, v: Any, pos: Any, group: int, scale: float, out: Any, kmax: Any, vmax: Any
+    ) -> None:
+        # causal attention of a few query rows in float64: q rows × H × d_h at positions pos, k and v
+        # keys × H_kv × d_h (head h reads KV head h // group). out[r, h] = Σ_{j ≤ pos_r} e_j v_j / Σ e_j,
+        # e_j = exp(s_j − max s), s_j = scale·(q_rh·k_j); kmax[r, g] = max_{j ≤ pos_r} ‖k_jg‖ (vmax: of v).
+        n_r, n_h, d_h = q.shape
+        h_kv = k.shape[1]
+        seen = 0
+        for r in range(n_r):
+            seen = max(seen, pos[r] + 1)
+        kc = np.empty((seen, h_kv))
+        vc = np.empty((seen, h_kv))
+        for j in range(seen):
+            for g in range(h_kv):
+                a, b = 0.0, 0.0
+                for t in range(d_h):
+                    a += np.float64(k[j, g, t]) ** 2
+                    b += np.float64(v[j, g, t]) ** 2
+                a, b = np.sqrt(a), np.sqrt(b)
+                kc[j, g] = a if j == 0 or a > kc[j - 1, g] else kc[j - 1, g]
+                vc[j, g] = b if j == 0 or b > vc[j - 1, g] else vc[j - 1, g]
+        qv = np.empty(d_h)
+        acc = np.empty(d_h)
+        sc = np.empty(seen)
+        for r in range(n_r):
+            p = pos[r]
+            for g in range(h_kv):
+                kmax[r, g] = kc[p, g]
+                vmax[r, g] = vc[p, g]
+            for h in range(n_h):
+                g = h // group
+                for t in range(d_h):
+                    qv[t] = q[r, h, t]
+                top = -np.inf
+                for j in range(p + 1):
+                    kj = k[j, g]
+                    a = 0.0
+                    for t in range(d_h):
+                        a += qv[t] * np.float64(kj[t])
+                    a *= scale
+                    sc[j] = a
+                    top = max(top, a)
+                z = 0.0
+                for t in range(d_h):
+                    acc[t] = 0.0
+                for j in range(p + 1):
+                    e = np.exp(sc[j] - top)
+                    z += e
+                    vj = v[j, g]
+                    for t in range(d_h):
+                        acc[t] += e * np.float64(vj[t])
+                for t in range(d_h):
+                    out[r, h, t] = acc[t] / z
+
+    return Kernels(
+        rope_take,
+        take_rows_cols_concat,
+        gather_sum,
+        project64,
+        project64_rms,
+        project64_mul,
+        range_excess,
+        attention_rows64,
+    )

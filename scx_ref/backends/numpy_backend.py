@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -140,6 +141,18 @@ class NumpyBackend(NumpyOps):
     def swiglu_act(self, gate_up: FloatArray) -> FloatArray:
         f = gate_up.shape[-1] // 2
         return ops.silu(gate_up[..., :f]) * gate_up[..., f:]
+
+    def project64_norm(
+        self, x: FloatArray, which: NormName, layer: int, right: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """``project64(norm(x, which, layer), right)``, as it reads."""
+        return self.project64(self.norm(x, which, layer), right)
+
+    def project64_swiglu(
+        self, gate_up: FloatArray, right: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """``project64(swiglu_act(gate_up), right)``, as it reads."""
+        return self.project64(self.swiglu_act(gate_up), right)
 
     # -- position and attention ----------------------------------------------------------------
     def rope(self, x: FloatArray, positions: IndexArray) -> FloatArray:

@@ -167,6 +167,23 @@ def _scratch64(numel: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
+def _outputs64(rows: int, right: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], ...]:
+    """The product (rows × k) and squared-norm (rows) arrays a project64 kernel writes."""
+    return np.empty((rows, right.shape[1]), dtype=np.float64), np.empty(rows, dtype=np.float64)
+
+
+def _transposed(right: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """``rightᵀ`` (k × width) C-contiguous in float64: each check vector's entries next to each other."""
+    return np.ascontiguousarray(np.transpose(right), dtype=np.float64)
+
+
+def _norm_bound(sq: npt.NDArray[np.float64], roundings: int) -> npt.NDArray[np.float64]:
+    """√sq rounded *up* by the relative error of a float64 sum of that many roundings (an upper bound of
+    the norm, as the verifier's tolerance needs; +inf or NaN stay)."""
+    out: npt.NDArray[np.float64] = np.sqrt(sq) * (1.0 + roundings * 2.0**-52)
+    return out
+
+
 def _np(t: torch.Tensor) -> npt.NDArray[Any]:
     """A C-contiguous numpy view of a CPU tensor (a copy only when the tensor is not contiguous)."""
     return t.detach().contiguous().numpy()
@@ -412,12 +429,19 @@ class TorchOps:
     def project64(
         self, x: torch.Tensor, right: npt.NDArray[np.float64]
     ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-        """``(x·right, ‖x_i‖₂)``: the product in float64, in row slices of about 2¹⁷ elements per thread
+        """``(x·right, ‖x_i‖₂)``: on CPU in float32/float64 one fused pass per row (each element widened to
+        float64 and summed into the k products and the squared norm; :mod:`.cpu_kernels`). Otherwise the
+        product in float64, in row slices of about 2¹⁷ elements per thread
         (1 MiB of float64 each: the converted slice stays in cache, and a large slice's fresh pages cost
         more than the product — 2–4× on the LM head and the MLP's gate/up on one thread); the norms
         summed in float32 or wider and rounded *up* by their worst-case relative error (width·2⁻²³), so
         they are upper bounds (a float32 overflow gives +inf)."""
         rows, width = x.shape
+        k = self._fused(x)
+        if k is not None:  # one pass per row (cpu_kernels.project64)
+            out, sq = _outputs64(rows, right)
+            k.project64(_np(x), _transposed(right), out, sq)
+            return out, _norm_bound(sq, width + 2)
         if rows * width <= _SMALL and x.device.type == "cpu":  # a generation step's row: on the host
             x64 = x.detach().to(torch.float64).numpy()
             norm = np.sqrt(np.einsum("ij,ij->i", x64, x64)) * (1.0 + (width + 2) * 2.0**-52)
@@ -553,16 +577,49 @@ class TorchBackend(TorchOps):
         var = x.square().mean(dim=-1, keepdim=True)
         return gamma * (x * var.add_(self.config.rms_eps).rsqrt_())
 
+    def _gain(self, which: NormName, layer: int) -> torch.Tensor:
+        """The named RMSNorm gain γ."""
+        if which == "final":
+            return self._w.final_norm
+        if which in ("attn", "mlp"):
+            lw = self._layer(layer)
+            return lw.attn_norm if which == "attn" else lw.mlp_norm
+        raise ConfigError(f"unknown norm {which!r}")
+
     def norm(self, x: torch.Tensor, which: NormName, layer: int = -1) -> torch.Tensor:
         """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε) with the named gain."""
-        if which == "final":
-            gamma = self._w.final_norm
-        elif which in ("attn", "mlp"):
-            lw = self._layer(layer)
-            gamma = lw.attn_norm if which == "attn" else lw.mlp_norm
-        else:
-            raise ConfigError(f"unknown norm {which!r}")
-        return self._rms(x, gamma)
+        return self._rms(x, self._gain(which, layer))
+
+    def project64_norm(
+        self, x: torch.Tensor, which: NormName, layer: int, right: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """``(x̂·right, ‖x̂_i‖)`` for x̂ = RMSNorm(x): on CPU in float32/float64 one fused pass per row that
+        never forms x̂ (x̂_i·r = s_i·Σ_t x_it γ_t r_t, all in float64; :mod:`.cpu_kernels`), otherwise
+        ``project64(norm(x))``."""
+        gamma = self._gain(which, layer)
+        k = self._fused(x, gamma)
+        if k is None:
+            return self.project64(self._rms(x, gamma), right)
+        rows, width = x.shape
+        out, sq = _outputs64(rows, right)
+        k.project64_rms(_np(x), _np(gamma), float(self.config.rms_eps), _transposed(right), out, sq)
+        return out, _norm_bound(sq, width + 8)
+
+    def project64_swiglu(
+        self, gate_up: torch.Tensor, right: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """``project64(swiglu_act(gate_up), right)``: on CPU in float32/float64, silu(gate) by torch and
+        then one fused pass per row that multiplies by up (rounded in the dtype, as ``*``) and sums in
+        float64 without storing the product (:mod:`.cpu_kernels`)."""
+        k = self._fused(gate_up)
+        if k is None or gate_up.dim() != 2:
+            return self.project64(self.swiglu_act(gate_up), right)
+        rows, f = gate_up.shape[0], gate_up.shape[1] // 2
+        gu = _np(gate_up)
+        act = F.silu(gate_up[:, :f])
+        out, sq = _outputs64(rows, right)
+        k.project64_mul(_np(act), gu, f, _transposed(right), out, sq)
+        return out, _norm_bound(sq, f + 2)
 
     def correction(
         self, eta: torch.Tensor, which: WeightName, layer: int = -1, experts: IndexArray | None = None

@@ -29,10 +29,12 @@ probability ≥ 1 − 2·exp(−λ²/2), and every partial sum satisfies |S_k| �
   norms are precomputed);
 * the server's input X̃_i differs from the client's X̂_i by s roundings: s = 1 for what was sent (the
   server's cast), 4 for a SwiGLU the client redoes from the server's gate/up, √in + 4 when the server
-  applies the RMSNorm itself (a common factor (1 + ε) of the row): |(X̃_i − X̂_i)·W r| ≤ λ·s·u‖X̂_i‖‖W r‖;
+  applies the RMSNorm itself (a common factor (1 + ε) of the row): |(X̃_i − X̂_i)·W r| ≤ λ·s·u‖X̂_i‖‖W r‖.
+  Where the backend fuses the norm into the check (``project64_norm``) the client's X̂ is the float64 one,
+  nearer the exact norm than either side's dtype: the distance is then the server's roundings alone;
 * rounding the output: λu‖Y_i ⊙ r‖ ≤ λu‖Y_i‖·max|r|;
-* the client's own float64 arithmetic (Y·r, X̂·(W r), W·B): λu₆₄(√out‖Y_i‖‖r‖ + √in‖X̂_i‖‖W r‖ +
-  √out‖X̂_i‖‖W‖_F‖r‖).
+* the client's own float64 arithmetic (Y·r, X̂·(W r), W·B): λu₆₄(√out‖Y_i‖‖r‖ + (√in + 6)‖X̂_i‖‖W r‖ +
+  √out‖X̂_i‖‖W‖_F‖r‖) (the 6: a fused norm's scale s_i and γ·r, a few roundings each).
 
 τ_i is their sum: λ·u·[(√in + 2)·‖X̂_i‖·ρ + s·‖X̂_i‖·‖W r‖ + ‖Y_i‖·max|r|] + the float64 terms. With λ = 8
 the model's failure probability is ~1e-15 per entry, and the √in and Cauchy–Schwarz factors over-estimate
@@ -76,6 +78,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..backends.base import A, Backend, NormName, WeightName, out_width
+from ..backends.cpu_kernels import kernels
 from ..errors import IntegrityError, SCXError
 from ..keys import KeySchedule
 from ..stages import Stage
@@ -92,8 +95,10 @@ __all__ = [
     "VECTORS_MANY",
     "SessionVerifier",
     "SketchCache",
+    "attention_rows64",
     "check_reply",
     "prefix_extreme",
+    "range_excess",
     "unit_roundoff",
 ]
 
@@ -111,6 +116,7 @@ VECTORS_MANY = 2
 #: Attention rows the client recomputes per prefill attention stage (all of a shorter prompt).
 ATTENTION_ROWS = 16
 _U64 = 2.0**-53
+_TINY = float(np.finfo(np.float64).tiny)
 _SWIGLU = 4.0  # roundings by which the client's SwiGLU of the server's gate/up may differ from the server's
 _UNIT = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
@@ -161,6 +167,94 @@ def prefix_extreme(x: npt.NDArray[Any], largest: bool) -> npt.NDArray[Any]:
         y, buf = buf, y
         step *= 2
     return y
+
+
+def range_excess(v: npt.NDArray[Any], o: npt.NDArray[Any], first: int) -> tuple[float, float]:
+    """How far attention outputs leave their values' range, and max |v|: ``o`` (queries × H_kv × g × d_h,
+    query i at position first + i, causal) must be convex combinations of the rows of ``v`` (keys × H_kv
+    × d_h) up to its position, so each o[i, h, e, t] lies in [min, max] of v[:first + i + 1, h, t]. Returns
+    the largest amount by which any entry is above that max or below that min (differences rounded in
+    the dtype; ≤ 0 when every entry is in range, −inf with no queries), and
+    max |v| (0 with no keys); an input that is not finite makes one of the two not finite. One pass over
+    the rows where the CPU kernels are installed
+    (:mod:`scx_ref.backends.cpu_kernels`), else running extremes by :func:`prefix_extreme`."""
+    n_q, n_k = o.shape[0], v.shape[0]
+    if n_q > 0 and first + n_q > n_k:
+        raise SCXError(f"{n_q} queries from position {first} attend past the {n_k} keys")
+    k = kernels()
+    if k is not None and v.dtype == o.dtype and v.dtype in (np.float32, np.float64) and v.ndim == 3:
+        h_kv, d_h = v.shape[1], v.shape[2]
+        acc = np.empty((5, h_kv * d_h), dtype=v.dtype)
+        v2 = np.ascontiguousarray(v).reshape(n_k, h_kv * d_h)
+        o2 = np.ascontiguousarray(o).reshape(n_q, o.shape[1] * o.shape[2] * o.shape[3])
+        over, vmax = k.range_excess(v2, o2, first, o.shape[2], d_h, acc)
+        return float(over), float(vmax)
+    vmax = float(np.abs(v).max()) if v.size else 0.0
+    if n_q == 0:
+        return -math.inf, vmax
+    # the running max/min from row `first` on, after one reduction of the rows before it
+    hi, lo = v[first : first + n_q], v[first : first + n_q]
+    if first > 0:
+        hi = np.concatenate([np.maximum(v[:first].max(axis=0), hi[:1]), hi[1:]])
+        lo = np.concatenate([np.minimum(v[:first].min(axis=0), lo[:1]), lo[1:]])
+    hi, lo = prefix_extreme(hi, largest=True), prefix_extreme(lo, largest=False)
+    over = np.max([(o - hi[:, :, None, :]).max(), (lo[:, :, None, :] - o).max()])  # NaN propagates
+    return float(over), vmax
+
+
+def attention_rows64(
+    q: npt.NDArray[Any],
+    k: npt.NDArray[Any],
+    v: npt.NDArray[Any],
+    pos: npt.NDArray[np.int64],
+    group: int,
+    scale: float,
+    matmul64: Any = np.matmul,
+) -> tuple[F64, F64, F64]:
+    """Causal attention of a few query rows recomputed in float64: ``q`` (rows × H × d_h) at positions
+    ``pos`` over keys/values ``k``, ``v`` (keys × H_kv × d_h; head h reads KV head h // ``group``):
+    softmax(scale·q·k_jᵀ over j ≤ pos) · v, as rows × H × d_h; and, per row and KV head, the largest ‖k_j‖
+    and ‖v_j‖ over j ≤ pos (rows × H_kv), which bound the rounding of the server's scores and outputs.
+    One float64 pass per row where the CPU kernels are installed (:mod:`scx_ref.backends.cpu_kernels`),
+    else batched products by ``matmul64``; the two agree to float64 rounding."""
+    n_r, n_h, d_h = q.shape
+    h_kv = k.shape[1]
+    if n_r == 0:
+        return np.zeros((0, n_h, d_h)), np.zeros((0, h_kv)), np.zeros((0, h_kv))
+    seen = int(pos.max()) + 1
+    if int(pos.min()) < 0 or seen > min(k.shape[0], v.shape[0]):
+        raise SCXError(f"recomputed rows at positions up to {seen - 1} for {k.shape[0]} keys")
+    kern = kernels()
+    if kern is not None and {q.dtype, k.dtype, v.dtype} <= {np.dtype(np.float32), np.dtype(np.float64)}:
+        out = np.empty((n_r, n_h, d_h))
+        kmax, vmax = np.empty((n_r, h_kv)), np.empty((n_r, h_kv))
+        kern.attention_rows64(
+            np.ascontiguousarray(q),
+            np.ascontiguousarray(k[:seen]),
+            np.ascontiguousarray(v[:seen]),
+            np.ascontiguousarray(pos, dtype=np.int64),
+            group,
+            scale,
+            out,
+            kmax,
+            vmax,
+        )
+        return out, kmax, vmax
+    q64 = np.asarray(q, dtype=np.float64)
+    k64 = np.asarray(k[:seen], dtype=np.float64)
+    v64 = np.asarray(v[:seen], dtype=np.float64)
+    kcum = np.maximum.accumulate(np.linalg.norm(k64, axis=-1), axis=0)  # max ‖k_j‖, j ≤ p (× H_kv)
+    vcum = np.maximum.accumulate(np.linalg.norm(v64, axis=-1), axis=0)
+    # per KV head: (rows·g × d_h) @ (d_h × keys), as batched products on the backend's threads
+    qh = q64.reshape(n_r, h_kv, group, d_h).transpose(1, 0, 2, 3).reshape(h_kv, n_r * group, d_h)
+    s = matmul64(qh, k64.transpose(1, 2, 0)).reshape(h_kv, n_r, group, seen) * scale
+    visible = np.arange(seen)[None, :] <= pos[:, None]  # rows × keys (causal)
+    s = np.where(visible[None, :, None, :], s, -np.inf)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    want = matmul64(p.reshape(h_kv, n_r * group, seen), v64.transpose(1, 0, 2))
+    want = want.reshape(h_kv, n_r, group, d_h).transpose(1, 0, 2, 3).reshape(n_r, n_h, d_h)
+    return np.ascontiguousarray(want), kcum[pos], vcum[pos]
 
 
 def check_reply(
@@ -389,19 +483,30 @@ class SessionVerifier(Generic[A]):
             return x
         return np.asarray(self.b.to_numpy(x), dtype=np.float64)
 
-    def _project_rows(self, x: A, right: F64) -> tuple[F64, F64]:
-        """(x·right, ‖x_i‖) for a backend array x (rows × width), in float64 (the backend's project64)."""
+    def _project_rows(
+        self, x: A, right: F64, norm: NormName | None = None, norm_layer: int = -1, act: bool = False
+    ) -> tuple[F64, F64]:
+        """(x̂·right, ‖x̂_i‖) in float64 for x̂ = a backend array x (rows × width), its RMSNorm ``norm``, or
+        (``act``) the SwiGLU of its [gate up] rows — the backend's project64, project64_norm,
+        project64_swiglu."""
         rows, width = self.b.shape(x)
-        prod, norms = self.b.project64(x, right)
+        if norm is not None:
+            prod, norms = self.b.project64_norm(x, norm, norm_layer, right)
+        elif act:
+            prod, norms = self.b.project64_swiglu(x, right)
+            width //= 2
+        else:
+            prod, norms = self.b.project64(x, right)
         self.flops += 2 * rows * width * (right.shape[1] + 1)
         return np.asarray(prod, dtype=np.float64), np.asarray(norms, dtype=np.float64)
 
     def _judge(self, stage: Stage, layer: int, residual: F64, tau: F64, what: str) -> None:
         """Accept iff every |residual| ≤ τ (both finite); record the worst ratio."""
         self.checks += int(residual.size)
-        if not (np.all(np.isfinite(residual)) and np.all(np.isfinite(tau))):
+        # a NaN or ±inf residual, or a NaN τ, makes the ratio NaN or inf; an infinite τ shows in its max
+        ratio = float(np.max(np.abs(residual) / np.maximum(tau, _TINY))) if residual.size else 0.0
+        if not (math.isfinite(ratio) and (tau.size == 0 or math.isfinite(float(tau.max())))):
             raise IntegrityError(f"{stage.value} of block {layer}: {what} is not finite")
-        ratio = float(np.max(np.abs(residual) / np.maximum(tau, np.finfo(np.float64).tiny)))
         if ratio > 1.0:
             raise IntegrityError(
                 f"{stage.value} of block {layer}: {what} failed verification "
@@ -422,14 +527,15 @@ class SessionVerifier(Generic[A]):
         norm: NormName | None = None,
         norm_layer: int = -1,
         input_slack: float | None = None,
+        act: bool = False,
     ) -> None:
-        """Check y = x̂·W (+ b), x̂ = ``x`` or the client's RMSNorm ``norm`` of it (Freivalds).
-        ``input_slack``: how many roundings (relative u) the server's input may differ from x̂ by — 1 for
-        what was sent (its cast), √in + 4 for a norm the server recomputes (the default then)."""
-        xh = x if norm is None else self.b.norm(x, norm, norm_layer)
+        """Check y = x̂·W (+ b), x̂ = ``x``, the client's RMSNorm ``norm`` of it, or (``act``) the SwiGLU of
+        its [gate up] rows (Freivalds). ``input_slack``: how many roundings (relative u) the server's input
+        may differ from x̂ by — 1 for what was sent (its cast), √in + 4 for a norm the server recomputes
+        (the default then)."""
         ch = self._check(which, layer, expert).first(self.vectors_for(self.b.nrows(y)))
         yr, ynorm = self._project_rows(y, ch.r)
-        xr, xnorm = self._project_rows(xh, ch.wr)
+        xr, xnorm = self._project_rows(x, ch.wr, norm, norm_layer, act)
         n_in, n_out = ch.wr.shape[0], ch.r.shape[0]
         slack = input_slack if input_slack is not None else (1.0 if norm is None else math.sqrt(n_in) + 4.0)
         residual = yr - xr - ch.bias_r[None, :]
@@ -457,7 +563,7 @@ class SessionVerifier(Generic[A]):
         )
         client = _U64 * (
             math.sqrt(n_out) * y * ch.r_norm
-            + math.sqrt(n_in) * x * ch.wr_norm
+            + (math.sqrt(n_in) + 6.0) * x * ch.wr_norm
             + math.sqrt(n_out) * x * ch.w_fro * ch.r_norm
         )
         out: F64 = LAMBDA * (server + client)
@@ -479,13 +585,13 @@ class SessionVerifier(Generic[A]):
         """Check a traced MLP reply for the un-normalized rows ``x`` the server was sent: its norm, gate/up
         (and router) products Freivalds-checked, the SwiGLU redone, the down projection checked."""
         b, c = self.b, self.b.config
-        xh = b.norm(x, "mlp", layer)
         y, gu = reply["y"], reply["gu"]
         normed = math.sqrt(c.hidden_size) + 4.0  # the server normalized x itself
         if not c.is_moe:
-            self.linear(stage, layer, xh, gu, "w_gate_up", u, input_slack=normed)
-            self.linear(stage, layer, b.swiglu_act(gu), y, "w_down", u, input_slack=_SWIGLU)
+            self.linear(stage, layer, x, gu, "w_gate_up", u, norm="mlp", norm_layer=layer, input_slack=normed)
+            self.linear(stage, layer, gu, y, "w_down", u, input_slack=_SWIGLU, act=True)
             return
+        xh = b.norm(x, "mlp", layer)
         rows, k, f, d = b.nrows(xh), c.top_k, c.intermediate_size, c.hidden_size
         self.linear(stage, layer, xh, reply["router"], "router", u, input_slack=normed)
         top, weights = route(b.to_numpy(reply["router"]), k)
@@ -545,20 +651,12 @@ class SessionVerifier(Generic[A]):
         v_w = np.asarray(self.b.head_to_numpy(v, self.b.nrows(v)))
         og_w = np.asarray(self.b.head_to_numpy(o, n_q)).reshape(n_q, c.n_kv_heads, g, dh)
         n_k = v_w.shape[0]
-        vmax = float(np.abs(v_w).max()) if v_w.size else 0.0
-        # range: o_i (head h) is a convex combination of v_j (its KV group) for j ≤ first + i — the
-        # running max/min from row `first` on, after one reduction of the rows before it
-        hi, lo = v_w[first : first + n_q], v_w[first : first + n_q]
-        if first > 0 and n_q:
-            hi = np.concatenate([np.maximum(v_w[:first].max(axis=0), hi[:1]), hi[1:]])
-            lo = np.concatenate([np.minimum(v_w[:first].min(axis=0), lo[:1]), lo[1:]])
-        hi, lo = prefix_extreme(hi, largest=True), prefix_extreme(lo, largest=False)
-        over = max((og_w - hi[:, :, None, :]).max(), (lo[:, :, None, :] - og_w).max()) if n_q else 0.0
+        over, vmax = range_excess(v_w, og_w, first)
         slack = LAMBDA * u * (math.sqrt(n_k) + 4.0) * vmax
         self._judge(
             stage,
             layer,
-            np.array([max(0.0, float(over))]),
+            np.maximum(np.array([over]), 0.0),  # NaN stays NaN (refused as not finite)
             np.array([slack]),
             "an attention row outside its values' range",
         )
@@ -567,27 +665,16 @@ class SessionVerifier(Generic[A]):
             return
         pos = first + rows  # the recomputed rows' positions
         seen = int(pos.max()) + 1  # keys 0 .. seen − 1 are all any recomputed row may attend to
-        q64 = np.asarray(self.b.rows_to_numpy(q, rows), dtype=np.float64)
-        k64 = np.asarray(self.b.to_numpy(self.b.narrow(k, 0, 0, seen)), dtype=np.float64)
-        v64 = v_w[:seen].astype(np.float64)
-        og = og_w[rows].astype(np.float64)
+        q_rows = np.asarray(self.b.rows_to_numpy(q, rows))
+        k_w = np.asarray(self.b.head_to_numpy(k, seen))
         scale = 1.0 / math.sqrt(dh)
-        kcum = np.maximum.accumulate(np.linalg.norm(k64, axis=-1), axis=0)  # max ‖k_j‖, j ≤ p (× H_kv)
-        vcum = np.maximum.accumulate(np.linalg.norm(v64, axis=-1), axis=0)
+        want, kcum, vcum = attention_rows64(q_rows, k_w, v_w[:seen], pos, g, scale, self.b.matmul64)
         n_r, h_kv = rows.size, c.n_kv_heads
-        qi = q64.reshape(n_r, h_kv, g, dh)
-        # per KV head: (rows·g × d_h) @ (d_h × keys), as batched products on the backend's threads
-        qh = qi.transpose(1, 0, 2, 3).reshape(h_kv, n_r * g, dh)
-        s = self.b.matmul64(qh, k64.transpose(1, 2, 0)).reshape(h_kv, n_r, g, seen) * scale
-        visible = np.arange(seen)[None, :] <= pos[:, None]  # rows × keys (causal)
-        s = np.where(visible[None, :, None, :], s, -np.inf)
-        p = np.exp(s - s.max(axis=-1, keepdims=True))
-        p /= p.sum(axis=-1, keepdims=True)
-        want = self.b.matmul64(p.reshape(h_kv, n_r * g, seen), v64.transpose(1, 0, 2))
-        want = want.reshape(h_kv, n_r, g, dh)
-        diff = np.linalg.norm(og - want.transpose(1, 0, 2, 3), axis=-1)  # rows × H_kv × g
-        smax = np.linalg.norm(qi, axis=-1) * (kcum[pos] * scale)[:, :, None]  # the largest |score| bound
-        vmx = vcum[pos][:, :, None]
+        og = og_w[rows].astype(np.float64)
+        qi = q_rows.astype(np.float64).reshape(n_r, h_kv, g, dh)
+        diff = np.linalg.norm(og - want.reshape(n_r, h_kv, g, dh), axis=-1)  # rows × H_kv × g
+        smax = np.linalg.norm(qi, axis=-1) * (kcum * scale)[:, :, None]  # the largest |score| bound
+        vmx = vcum[:, :, None]
         m = np.sqrt(pos + 1.0)[:, None, None]
         tau = LAMBDA * (
             u * ((2.1 * (math.sqrt(dh) + 2.0) * smax + 2.0 * (m + 4.0)) * vmx + np.linalg.norm(og, axis=-1))

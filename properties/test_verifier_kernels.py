@@ -1,0 +1,219 @@
+"""The reply verifier's fused passes equal what they replace.
+
+The verifier's products (``project64``, ``project64_norm``, ``project64_swiglu``), its attention range
+check (``range_excess``) and its recomputed attention rows (``attention_rows64``) run as numba kernels on
+CPU (:mod:`scx_ref.backends.cpu_kernels`) and otherwise as eager torch / numpy code. Max and min round
+nothing, so the range check must agree *exactly*; the float64 products may sum in another order, so they
+must agree to float64 rounding (a bound of the form c·u₆₄·Σ|terms|, 10⁻¹³ relative here), far below the
+float32 roundings a wrong kernel would show. ``project64_norm``'s fused form computes the norm in float64
+and must equal the float64 formula; the eager form (the backend's norm in float32, then the product) must
+be within float32 rounding of it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from properties.strategies import attention_shapes, model_configs, model_weights, row_counts, seeds
+from scx_ref.backends.cpu_kernels import kernels
+from scx_ref.backends.torch_backend import TorchBackend, TorchOps
+from scx_ref.protocol.verify import attention_rows64, range_excess
+
+DTYPES = [torch.float32, torch.float64]
+U64 = 2.0**-53
+needs_numba = pytest.mark.skipif(
+    kernels() is None, reason="numba is not installed (the eager path is tested)"
+)
+
+
+def _both(mp: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:
+    """``fn()`` with the kernels, then with them switched off (SCX_NUMBA=0)."""
+    fused = fn()
+    mp.setenv("SCX_NUMBA", "0")
+    eager = fn()
+    mp.delenv("SCX_NUMBA")
+    return fused, eager
+
+
+def _close64(got: np.ndarray, want: np.ndarray, scale: np.ndarray, terms: int) -> None:
+    """|got − want| ≤ 4·(terms + 8)·u₆₄·scale elementwise (float64 sums of ``terms`` terms, any order)."""
+    assert got.shape == want.shape
+    assert np.all(np.abs(got - want) <= 4.0 * (terms + 8) * U64 * scale + 1e-300)
+
+
+@st.composite
+def _rows_and_vectors(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, bool]:
+    rng = np.random.default_rng(draw(seeds()))
+    rows, width, k = draw(row_counts(1, 20)), draw(st.integers(1, 70)), draw(st.sampled_from([1, 2, 3, 8]))
+    strided = draw(st.booleans())
+    x = rng.standard_normal((rows, width + (3 if strided else 0))) * draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    return (x[:, 1 : width + 1] if strided else x), rng.standard_normal((width, k)), strided
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=_rows_and_vectors())
+def test_project64_kernel_is_the_float64_product(dtype: torch.dtype, case: tuple[Any, ...]) -> None:
+    """(x·r, ‖x_i‖): the kernel and the eager torch path both equal the float64 product of the rows as
+    stored (strided inputs, k = 1, 2, 3, 8 vectors); the norms are upper bounds within float64 rounding."""
+    x_np, right, _ = case
+    ops = TorchOps(dtype)
+    x = torch.from_numpy(x_np).to(dtype)
+    x64 = x.double().numpy()
+    want, want_norm = x64 @ right, np.sqrt(np.einsum("ij,ij->i", x64, x64))
+    scale = np.abs(x64) @ np.abs(right)
+    with pytest.MonkeyPatch.context() as mp:
+        (p_f, n_f), (p_e, n_e) = _both(mp, lambda: ops.project64(x, right))
+    _close64(p_f, want, scale, x64.shape[1])
+    _close64(p_e, want, scale, x64.shape[1])
+    for norms, slack in ((n_f, 2.0**-52), (n_e, 2.0**-23 if dtype == torch.float32 else 2.0**-52)):
+        assert np.all(norms >= want_norm * (1 - 4 * U64))
+        assert np.all(norms <= want_norm * (1 + (x64.shape[1] + 4) * slack))
+
+
+@st.composite
+def _norm_cases(draw: st.DrawFn) -> tuple[Any, ...]:
+    weights = draw(model_weights(model_configs(max_layers=1, moe=False)))
+    rng = np.random.default_rng(draw(seeds()))
+    rows, k = draw(row_counts(1, 12)), draw(st.sampled_from([1, 2, 5]))
+    x = rng.standard_normal((rows, weights.config.hidden_size)) * draw(st.sampled_from([1e-2, 1.0, 30.0]))
+    which = draw(st.sampled_from(["attn", "mlp", "final"]))
+    return weights, x, rng.standard_normal((weights.config.hidden_size, k)), which
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=_norm_cases())
+def test_project64_norm_is_the_product_of_the_norm(dtype: torch.dtype, case: tuple[Any, ...]) -> None:
+    """project64_norm(x) = (x̂·r, ‖x̂_i‖) for x̂ = γ ⊙ x / √(mean x² + ε): the fused kernel to float64
+    rounding of that formula (on the stored x and γ), the eager path (the backend's norm, then project64)
+    to its dtype's rounding; the fused norms are upper bounds."""
+    weights, x_np, right, which = case
+    b = TorchBackend(weights, dtype)
+    x = torch.from_numpy(x_np).to(dtype)
+    x64 = x.double().numpy()
+    gamma = b._gain(which, 0).double().numpy()
+    s = 1.0 / np.sqrt(np.mean(x64 * x64, axis=1) + weights.config.rms_eps)
+    xh = gamma * x64 * s[:, None]
+    want, want_norm = xh @ right, np.linalg.norm(xh, axis=1)
+    scale = np.abs(xh) @ np.abs(right)
+    with pytest.MonkeyPatch.context() as mp:
+        (p_f, n_f), (p_e, _) = _both(mp, lambda: b.project64_norm(x, which, 0, right))
+    d = x64.shape[1]
+    _close64(p_f, want, scale, 2 * d)
+    assert np.all(n_f >= want_norm * (1 - 8 * d * U64)) and np.all(n_f <= want_norm * (1 + 8 * d * U64))
+    u = 2.0**-24 if dtype == torch.float32 else U64
+    assert np.all(np.abs(p_e - want) <= 4 * (math.sqrt(d) + 8) * u * scale + 1e-300)
+
+
+@st.composite
+def _gate_up_cases(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, bool]:
+    rng = np.random.default_rng(draw(seeds()))
+    rows, f, k = draw(row_counts(1, 12)), draw(st.integers(1, 40)), draw(st.sampled_from([1, 2, 4]))
+    gu = rng.standard_normal((rows, 2 * f)) * draw(st.sampled_from([0.1, 1.0, 8.0]))
+    return gu, rng.standard_normal((f, k)), draw(st.booleans())
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=_gate_up_cases())
+def test_project64_swiglu_is_the_product_of_the_swiglu(dtype: torch.dtype, case: tuple[Any, ...]) -> None:
+    """project64_swiglu(gu) = project64(swiglu_act(gu)): the fused pass forms the same products
+    m = silu(gate)·up in the dtype (one float32 rounding off would show at 10⁻⁸), so both paths equal the
+    float64 product of the backend's own m to float64 rounding. A non-contiguous [gate up] is accepted."""
+    gu_np, right, strided = case
+    ops = TorchBackend.__new__(TorchBackend)
+    TorchOps.__init__(ops, dtype)
+    gu = torch.from_numpy(gu_np).to(dtype)
+    if strided:
+        gu = torch.cat([gu, gu[:, :1]], dim=1)[:, : gu_np.shape[1]]
+    m64 = ops.swiglu_act(gu).double().numpy()
+    want, want_norm = m64 @ right, np.linalg.norm(m64, axis=1)
+    scale = np.abs(m64) @ np.abs(right)
+    with pytest.MonkeyPatch.context() as mp:
+        (p_f, n_f), (p_e, _) = _both(mp, lambda: ops.project64_swiglu(gu, right))
+    _close64(p_f, want, scale, m64.shape[1])
+    _close64(p_e, want, scale, m64.shape[1])
+    assert np.all(n_f >= want_norm * (1 - 4 * U64)) and np.all(n_f <= want_norm * (1 + 2.0**-40))
+
+
+@st.composite
+def _attention_cases(draw: st.DrawFn) -> tuple[Any, ...]:
+    h_kv, g, d_h = draw(attention_shapes())
+    rng = np.random.default_rng(draw(seeds()))
+    first, n_q = draw(st.integers(0, 6)), draw(st.integers(0, 12))
+    extra = draw(st.integers(0, 3))  # keys after the last query (only max |v| reads them)
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    v = (rng.standard_normal((first + n_q + extra, h_kv, d_h)) * 2).astype(dtype)
+    o = np.empty((n_q, h_kv, g, d_h), dtype=dtype)
+    for i in range(n_q):  # convex combinations of the visible values, then some pushed out of range
+        p = rng.dirichlet(np.ones(first + i + 1), size=g)
+        o[i] = np.einsum("ej,jhd->hed", p, v[: first + i + 1].astype(np.float64)).astype(dtype)
+    if n_q and draw(st.booleans()):
+        o[rng.integers(n_q), rng.integers(h_kv), rng.integers(g), rng.integers(d_h)] += draw(
+            st.sampled_from([-3.0, 1e-3, 5.0])
+        )
+    return v, o, first
+
+
+@needs_numba
+@given(case=_attention_cases())
+def test_range_excess_kernel_equals_the_running_extremes(case: tuple[Any, ...]) -> None:
+    """The range check's one-pass kernel returns exactly the numpy running max/min form's excess and
+    max |v| (GQA 1/2/4, one head, no queries, keys past the last query, float32 and float64)."""
+    v, o, first = case
+    with pytest.MonkeyPatch.context() as mp:
+        fused, eager = _both(mp, lambda: range_excess(v, o, first))
+    assert fused == eager
+
+
+@needs_numba
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["v", "o"])
+def test_range_excess_refuses_what_is_not_finite(bad: float, where: str) -> None:
+    """A NaN or an infinity in the values or the outputs leaves a result that is not finite on both
+    paths (the verifier then refuses the reply)."""
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((6, 2, 4)).astype(np.float32)
+    o = np.zeros((6, 2, 2, 4), dtype=np.float32)
+    if where == "v":
+        v[3, 1, 2] = bad
+    else:
+        o[3, 1, 0, 0] = bad
+    with pytest.MonkeyPatch.context() as mp:
+        for over, vmax in _both(mp, lambda: range_excess(v, o, 0)):
+            assert not (math.isfinite(over) and math.isfinite(vmax))
+
+
+@st.composite
+def _rows64_cases(draw: st.DrawFn) -> tuple[Any, ...]:
+    h_kv, g, d_h = draw(attention_shapes())
+    rng = np.random.default_rng(draw(seeds()))
+    keys, rows = draw(st.integers(1, 30)), draw(st.integers(1, 6))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    spread = draw(st.sampled_from([0.1, 1.0, 6.0]))  # 6: peaked softmax rows
+    q = (rng.standard_normal((rows, h_kv * g, d_h)) * spread).astype(dtype)
+    k = (rng.standard_normal((keys, h_kv, d_h)) * spread).astype(dtype)
+    v = rng.standard_normal((keys, h_kv, d_h)).astype(dtype)
+    pos = rng.integers(0, keys, size=rows).astype(np.int64)
+    return q, k, v, pos, g, 1.0 / math.sqrt(d_h)
+
+
+@needs_numba
+@given(case=_rows64_cases())
+def test_attention_rows64_kernel_equals_the_batched_products(case: tuple[Any, ...]) -> None:
+    """The recomputed attention rows: the kernel's float64 pass equals the batched numpy products (and
+    the running key/value norms) to float64 rounding, for any positions (repeated ones included)."""
+    q, k, v, pos, g, scale = case
+    with pytest.MonkeyPatch.context() as mp:
+        (o_f, k_f, v_f), (o_e, k_e, v_e) = _both(mp, lambda: attention_rows64(q, k, v, pos, g, scale))
+    vmax = np.abs(v.astype(np.float64)).max()
+    assert np.allclose(o_f, o_e, rtol=0, atol=1e-12 * (vmax + 1.0))
+    assert np.allclose(k_f, k_e, rtol=1e-14) and np.allclose(v_f, v_e, rtol=1e-14)
