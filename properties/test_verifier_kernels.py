@@ -1,6 +1,6 @@
 """The reply verifier's fused passes equal what they replace.
 
-The verifier's products (``project64``, ``project64_norm``, ``project64_swiglu``), its attention range
+The verifier's products (``project64``, ``project64_norm``, ``project64_gate_up``), its attention range
 check (``range_excess``) and its recomputed attention rows (``attention_rows64``) run as numba kernels on
 CPU (:mod:`scx_ref.backends.cpu_kernels`) and otherwise as eager torch / numpy code. Max and min round
 nothing, so the range check must agree *exactly*; the float64 products may sum in another order, so they
@@ -114,34 +114,39 @@ def test_project64_norm_is_the_product_of_the_norm(dtype: torch.dtype, case: tup
 
 
 @st.composite
-def _gate_up_cases(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, bool]:
+def _gate_up_cases(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     rng = np.random.default_rng(draw(seeds()))
-    rows, f, k = draw(row_counts(1, 12)), draw(st.integers(1, 40)), draw(st.sampled_from([1, 2, 4]))
+    rows, f = draw(row_counts(1, 12)), draw(st.integers(1, 40))
+    kg, kd = draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([1, 2, 4]))
     gu = rng.standard_normal((rows, 2 * f)) * draw(st.sampled_from([0.1, 1.0, 8.0]))
-    return gu, rng.standard_normal((f, k)), draw(st.booleans())
+    return gu, rng.standard_normal((2 * f, kg)), rng.standard_normal((f, kd)), draw(st.booleans())
 
 
 @needs_numba
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(case=_gate_up_cases())
-def test_project64_swiglu_is_the_product_of_the_swiglu(dtype: torch.dtype, case: tuple[Any, ...]) -> None:
-    """project64_swiglu(gu) = project64(swiglu_act(gu)): the fused pass forms the same products
-    m = silu(gate)·up in the dtype (one float32 rounding off would show at 10⁻⁸), so both paths equal the
-    float64 product of the backend's own m to float64 rounding. A non-contiguous [gate up] is accepted."""
-    gu_np, right, strided = case
+def test_project64_gate_up_is_both_products(dtype: torch.dtype, case: tuple[Any, ...]) -> None:
+    """project64_gate_up(gu) = project64(gu, r_gu) + project64(swiglu_act(gu), r_down): the fused pass
+    forms the same products m = silu(gate)·up in the dtype (one float32 rounding off would show at
+    10⁻⁸), so both paths equal the float64 products of gu and of the backend's own m to float64 rounding.
+    A non-contiguous [gate up] is accepted; the norms are upper bounds."""
+    gu_np, r_gu, r_down, strided = case
     ops = TorchBackend.__new__(TorchBackend)
     TorchOps.__init__(ops, dtype)
     gu = torch.from_numpy(gu_np).to(dtype)
     if strided:
         gu = torch.cat([gu, gu[:, :1]], dim=1)[:, : gu_np.shape[1]]
-    m64 = ops.swiglu_act(gu).double().numpy()
-    want, want_norm = m64 @ right, np.linalg.norm(m64, axis=1)
-    scale = np.abs(m64) @ np.abs(right)
     with pytest.MonkeyPatch.context() as mp:
-        (p_f, n_f), (p_e, _) = _both(mp, lambda: ops.project64_swiglu(gu, right))
-    _close64(p_f, want, scale, m64.shape[1])
-    _close64(p_e, want, scale, m64.shape[1])
-    assert np.all(n_f >= want_norm * (1 - 4 * U64)) and np.all(n_f <= want_norm * (1 + 2.0**-40))
+        fused, eager = _both(mp, lambda: ops.project64_gate_up(gu, r_gu, r_down))
+    for arr, right in ((gu.double().numpy(), r_gu), (ops.swiglu_act(gu).double().numpy(), r_down)):
+        want, want_norm = arr @ right, np.linalg.norm(arr, axis=1)
+        scale = np.abs(arr) @ np.abs(right)
+        for got in (fused, eager):
+            _close64(got[0], want, scale, arr.shape[1])
+        assert np.all(fused[1] >= want_norm * (1 - 4 * U64)) and np.all(
+            fused[1] <= want_norm * (1 + 2.0**-40)
+        )
+        fused, eager = fused[2:], eager[2:]
 
 
 @st.composite

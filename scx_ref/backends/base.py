@@ -91,11 +91,13 @@ class Backend(ArrayOps[A], Protocol[A]):
         differ from the client's by its roundings)."""
         ...
 
-    def project64_swiglu(
-        self, gate_up: A, right: npt.NDArray[np.float64]
-    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-        """:meth:`project64` of ``swiglu_act(gate_up)`` (rows × 2f): the same products m = silu(gate) ⊙ up
-        in the backend's dtype, then their float64 product and norms, without storing m where fused."""
+    def project64_gate_up(
+        self, gate_up: A, right_gate_up: npt.NDArray[np.float64], right_down: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
+        """The two checks' products on an MLP's [gate up] rows (rows × 2f): ``project64(gate_up,
+        right_gate_up) + project64(swiglu_act(gate_up), right_down)`` — the gate/up reply against its
+        check vectors, and m = silu(gate) ⊙ up (in the backend's dtype) against the down projection's W r.
+        One pass over the rows where fused, without storing m."""
         ...
 
     # -- position and attention ----------------------------------------------------------------

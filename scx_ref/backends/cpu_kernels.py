@@ -41,7 +41,7 @@ class Kernels:
     gather_sum: Any
     project64: Any
     project64_rms: Any
-    project64_mul: Any
+    project64_gate_up: Any
     range_excess: Any
     attention_rows64: Any
 
@@ -203,25 +203,42 @@ def _build() -> Kernels | None:
             sq[i] = scale * scale * g2
 
     @fast
-    def project64_mul(a: Any, b: Any, off: int, rt: Any, out: Any, sq: Any) -> None:
-        # row i of m = a ⊙ b[:, off : off + w], each product rounded in a's dtype (the eager a * b), then as
-        # project64: out[i, c] = Σ_t m_t·rt[c, t] and sq[i] = Σ_t m_t², in float64
-        k, w = rt.shape
-        buf = np.empty(w, dtype=np.float64)
-        for i in range(a.shape[0]):
-            ra, rb = a[i], b[i, off : off + w]
+    def project64_gate_up(
+        gu: Any, act: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any
+    ) -> None:
+        # row i of gu = [gate up] (2f wide), act = silu(gate) (f wide), read once:
+        # out_g[i, c] = Σ_t gu_t·rg[c, t] and sq_g[i] = Σ_t gu_t²; m = act ⊙ up, each product rounded
+        # in the dtype (the eager act * up), out_d[i, c] = Σ_t m_t·rd[c, t] and sq_d[i] = Σ_t m_t²;
+        # all sums in float64
+        k, f = rd.shape
+        kg = rg.shape[0]
+        buf = np.empty(2 * f, dtype=np.float64)
+        for i in range(gu.shape[0]):
+            row, ra = gu[i], act[i]
             s = 0.0
-            for t in range(w):
-                m = ra[t] * rb[t]
+            for t in range(2 * f):
+                buf[t] = row[t]
+                s += buf[t] * buf[t]
+            sq_g[i] = s
+            for c in range(kg):
+                r = rg[c]
+                a = 0.0
+                for t in range(2 * f):
+                    a += buf[t] * r[t]
+                out_g[i, c] = a
+            up = row[f : 2 * f]
+            s = 0.0
+            for t in range(f):
+                m = ra[t] * up[t]
                 buf[t] = m
                 s += buf[t] * buf[t]
+            sq_d[i] = s
             for c in range(k):
-                r = rt[c]
-                acc = 0.0
-                for t in range(w):
-                    acc += buf[t] * r[t]
-                out[i, c] = acc
-            sq[i] = s
+                r = rd[c]
+                a = 0.0
+                for t in range(f):
+                    a += buf[t] * r[t]
+                out_d[i, c] = a
 
     @jit
     def range_excess(v: Any, o: Any, first: int, group: int, d_h: int, acc: Any) -> tuple[float, float]:
@@ -333,7 +350,7 @@ def _build() -> Kernels | None:
         gather_sum,
         project64,
         project64_rms,
-        project64_mul,
+        project64_gate_up,
         range_excess,
         attention_rows64,
     )

@@ -148,11 +148,11 @@ class NumpyBackend(NumpyOps):
         """``project64(norm(x, which, layer), right)``, as it reads."""
         return self.project64(self.norm(x, which, layer), right)
 
-    def project64_swiglu(
-        self, gate_up: FloatArray, right: npt.NDArray[np.float64]
-    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-        """``project64(swiglu_act(gate_up), right)``, as it reads."""
-        return self.project64(self.swiglu_act(gate_up), right)
+    def project64_gate_up(
+        self, gate_up: FloatArray, right_gate_up: npt.NDArray[np.float64], right_down: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
+        """``project64(gate_up, right_gate_up) + project64(swiglu_act(gate_up), right_down)``, as it reads."""
+        return self.project64(gate_up, right_gate_up) + self.project64(self.swiglu_act(gate_up), right_down)
 
     # -- position and attention ----------------------------------------------------------------
     def rope(self, x: FloatArray, positions: IndexArray) -> FloatArray:

@@ -605,21 +605,29 @@ class TorchBackend(TorchOps):
         k.project64_rms(_np(x), _np(gamma), float(self.config.rms_eps), _transposed(right), out, sq)
         return out, _norm_bound(sq, width + 8)
 
-    def project64_swiglu(
-        self, gate_up: torch.Tensor, right: npt.NDArray[np.float64]
-    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-        """``project64(swiglu_act(gate_up), right)``: on CPU in float32/float64, silu(gate) by torch and
-        then one fused pass per row that multiplies by up (rounded in the dtype, as ``*``) and sums in
-        float64 without storing the product (:mod:`.cpu_kernels`)."""
+    def project64_gate_up(
+        self,
+        gate_up: torch.Tensor,
+        right_gate_up: npt.NDArray[np.float64],
+        right_down: npt.NDArray[np.float64],
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
+        """``project64(gate_up, right_gate_up) + project64(swiglu_act(gate_up), right_down)``: on CPU in
+        float32/float64, silu(gate) by torch, then one fused pass per row that reads [gate up] once, sums
+        its products and norms in float64, and multiplies silu(gate) by up (rounded in the dtype, as ``*``)
+        into the second products without storing them (:mod:`.cpu_kernels`)."""
         k = self._fused(gate_up)
         if k is None or gate_up.dim() != 2:
-            return self.project64(self.swiglu_act(gate_up), right)
+            return self.project64(gate_up, right_gate_up) + self.project64(
+                self.swiglu_act(gate_up), right_down
+            )
         rows, f = gate_up.shape[0], gate_up.shape[1] // 2
         gu = _np(gate_up)
         act = F.silu(gate_up[:, :f])
-        out, sq = _outputs64(rows, right)
-        k.project64_mul(_np(act), gu, f, _transposed(right), out, sq)
-        return out, _norm_bound(sq, f + 2)
+        out_g, sq_g = _outputs64(rows, right_gate_up)
+        out_d, sq_d = _outputs64(rows, right_down)
+        rg, rd = _transposed(right_gate_up), _transposed(right_down)
+        k.project64_gate_up(gu, _np(act), rg, rd, out_g, sq_g, out_d, sq_d)
+        return out_g, _norm_bound(sq_g, 2 * f + 2), out_d, _norm_bound(sq_d, f + 2)
 
     def correction(
         self, eta: torch.Tensor, which: WeightName, layer: int = -1, experts: IndexArray | None = None

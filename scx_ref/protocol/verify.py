@@ -484,17 +484,13 @@ class SessionVerifier(Generic[A]):
         return np.asarray(self.b.to_numpy(x), dtype=np.float64)
 
     def _project_rows(
-        self, x: A, right: F64, norm: NormName | None = None, norm_layer: int = -1, act: bool = False
+        self, x: A, right: F64, norm: NormName | None = None, norm_layer: int = -1
     ) -> tuple[F64, F64]:
-        """(x̂·right, ‖x̂_i‖) in float64 for x̂ = a backend array x (rows × width), its RMSNorm ``norm``, or
-        (``act``) the SwiGLU of its [gate up] rows — the backend's project64, project64_norm,
-        project64_swiglu."""
+        """(x̂·right, ‖x̂_i‖) in float64 for x̂ = a backend array x (rows × width) or its RMSNorm ``norm``
+        (the backend's project64, project64_norm)."""
         rows, width = self.b.shape(x)
         if norm is not None:
             prod, norms = self.b.project64_norm(x, norm, norm_layer, right)
-        elif act:
-            prod, norms = self.b.project64_swiglu(x, right)
-            width //= 2
         else:
             prod, norms = self.b.project64(x, right)
         self.flops += 2 * rows * width * (right.shape[1] + 1)
@@ -527,19 +523,32 @@ class SessionVerifier(Generic[A]):
         norm: NormName | None = None,
         norm_layer: int = -1,
         input_slack: float | None = None,
-        act: bool = False,
     ) -> None:
-        """Check y = x̂·W (+ b), x̂ = ``x``, the client's RMSNorm ``norm`` of it, or (``act``) the SwiGLU of
-        its [gate up] rows (Freivalds). ``input_slack``: how many roundings (relative u) the server's input
-        may differ from x̂ by — 1 for what was sent (its cast), √in + 4 for a norm the server recomputes
-        (the default then)."""
+        """Check y = x̂·W (+ b), x̂ = ``x`` or the client's RMSNorm ``norm`` of it (Freivalds).
+        ``input_slack``: how many roundings (relative u) the server's input may differ from x̂ by — 1 for
+        what was sent (its cast), √in + 4 for a norm the server recomputes (the default then)."""
         ch = self._check(which, layer, expert).first(self.vectors_for(self.b.nrows(y)))
         yr, ynorm = self._project_rows(y, ch.r)
-        xr, xnorm = self._project_rows(x, ch.wr, norm, norm_layer, act)
-        n_in, n_out = ch.wr.shape[0], ch.r.shape[0]
+        xr, xnorm = self._project_rows(x, ch.wr, norm, norm_layer)
+        n_in = ch.wr.shape[0]
         slack = input_slack if input_slack is not None else (1.0 if norm is None else math.sqrt(n_in) + 4.0)
+        self._linear_judge(stage, layer, which, u, ch, (yr, ynorm), (xr, xnorm), slack)
+
+    def _linear_judge(
+        self,
+        stage: Stage,
+        layer: int,
+        which: WeightName,
+        u: float,
+        ch: _Check,
+        y: tuple[F64, F64],
+        x: tuple[F64, F64],
+        input_slack: float,
+    ) -> None:
+        """Accept y = x̂·W (+ b) from the products (y·r, ‖y_i‖) and (x̂·W r, ‖x̂_i‖) of the check ``ch``."""
+        (yr, ynorm), (xr, xnorm) = y, x
         residual = yr - xr - ch.bias_r[None, :]
-        tau = self._linear_tau(u, n_in, n_out, xnorm, ynorm, ch, 0.0, slack)
+        tau = self._linear_tau(u, ch.wr.shape[0], ch.r.shape[0], xnorm, ynorm, ch, 0.0, input_slack)
         self._judge(stage, layer, residual, tau, f"the {which} product")
 
     def _linear_tau(
@@ -555,18 +564,15 @@ class SessionVerifier(Generic[A]):
     ) -> F64:
         """τ per row and vector (the module docstring's derivation); ``extra_out``: more output roundings
         per entry (an MoE's weighted sum over slots); ``input_slack``: see :meth:`linear`."""
-        x, y = xnorm[:, None], ynorm[:, None]
-        server = u * (
-            (math.sqrt(n_in) + 2.0) * x * ch.rho
-            + input_slack * x * ch.wr_norm
-            + (1.0 + extra_out) * y * ch.r_inf
+        # τ = ‖x̂_i‖·a + ‖y_i‖·b per vector, the terms grouped by the row norm they scale
+        a = LAMBDA * (
+            u * ((math.sqrt(n_in) + 2.0) * ch.rho + input_slack * ch.wr_norm)  # the server's product, input
+            + _U64
+            * ((math.sqrt(n_in) + 6.0) * ch.wr_norm + math.sqrt(n_out) * ch.w_fro * ch.r_norm)  # client
         )
-        client = _U64 * (
-            math.sqrt(n_out) * y * ch.r_norm
-            + (math.sqrt(n_in) + 6.0) * x * ch.wr_norm
-            + math.sqrt(n_out) * x * ch.w_fro * ch.r_norm
-        )
-        out: F64 = LAMBDA * (server + client)
+        b = LAMBDA * (u * (1.0 + extra_out) * ch.r_inf + _U64 * math.sqrt(n_out) * ch.r_norm)
+        out: F64 = np.multiply.outer(xnorm, a)
+        out += np.multiply.outer(ynorm, b)
         return out
 
     # -- MLP stages -------------------------------------------------------------------------------------
@@ -588,8 +594,28 @@ class SessionVerifier(Generic[A]):
         y, gu = reply["y"], reply["gu"]
         normed = math.sqrt(c.hidden_size) + 4.0  # the server normalized x itself
         if not c.is_moe:
-            self.linear(stage, layer, x, gu, "w_gate_up", u, norm="mlp", norm_layer=layer, input_slack=normed)
-            self.linear(stage, layer, gu, y, "w_down", u, input_slack=_SWIGLU, act=True)
+            kv = self.vectors_for(b.nrows(y))
+            up, down = (
+                self._check("w_gate_up", layer, None).first(kv),
+                self._check("w_down", layer, None).first(kv),
+            )
+            # the reply's gate/up read once: its own products, and its SwiGLU's against the down map's W r
+            gr, gnorm, mr, mnorm = (np.asarray(a, np.float64) for a in b.project64_gate_up(gu, up.r, down.wr))
+            rows, f = b.nrows(gu), c.intermediate_size
+            self.flops += 2 * rows * 2 * f * (kv + 1) + 2 * rows * f * (kv + 1)
+            self._linear_judge(
+                stage,
+                layer,
+                "w_gate_up",
+                u,
+                up,
+                (gr, gnorm),
+                self._project_rows(x, up.wr, "mlp", layer),
+                normed,
+            )
+            self._linear_judge(
+                stage, layer, "w_down", u, down, self._project_rows(y, down.r), (mr, mnorm), _SWIGLU
+            )
             return
         xh = b.norm(x, "mlp", layer)
         rows, k, f, d = b.nrows(xh), c.top_k, c.intermediate_size, c.hidden_size
