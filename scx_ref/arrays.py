@@ -53,9 +53,11 @@ class ArrayOps(Protocol[A]):
         ``finite`` is False (NonFiniteError otherwise). The transforms' input check."""
         ...
 
-    def check(self, x: Any, name: str, shape: tuple[int, ...]) -> A:
+    def check(self, x: Any, name: str, shape: tuple[int, ...], *, finite: bool = True) -> A:
         """Validate an incoming array — floating dtype (else DTypeError), exactly ``shape`` (else
-        ShapeError), finite (else NonFiniteError) — and return it in the implementation's dtype."""
+        ShapeError), finite (else NonFiniteError; ``finite=False``: not checked here, for a caller whose
+        next check reads every entry and refuses what is not finite) — and return it in the
+        implementation's dtype."""
         ...
 
     # -- gathers, slices, shapes ---------------------------------------------------------------
@@ -181,12 +183,12 @@ class NumpyOps:
         arr = as_float_array(x, name, allow_nonfinite=not finite)
         return arr if self.dtype is None else arr.astype(self.dtype, copy=False)
 
-    def check(self, x: Any, name: str, shape: tuple[int, ...]) -> FloatArray:
+    def check(self, x: Any, name: str, shape: tuple[int, ...], *, finite: bool = True) -> FloatArray:
         if not isinstance(x, np.ndarray):
             raise DTypeError(f"{name} must be a numpy array, got {type(x).__name__}")
         if tuple(x.shape) != tuple(shape):
             raise ShapeError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-        return self.floating(x, name)
+        return self.floating(x, name, finite=finite)
 
     # -- gathers, slices, shapes ---------------------------------------------------------------
     def take_rows(self, x: FloatArray, index: IndexArray) -> FloatArray:

@@ -171,6 +171,37 @@ def test_logits_plus_1e3_and_nan_and_integer_dtype_are_detected() -> None:
     undetected_and_wrong(w, cfg, on(Stage.HEAD, lambda a: {"logits": a["logits"] + 1e3}))
 
 
+def _one_entry(key: str, value: float) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Set one entry (the last row's middle column) of reply array ``key`` to ``value``."""
+
+    def change(a: dict[str, Any]) -> dict[str, Any]:
+        x = a[key].clone() if isinstance(a[key], torch.Tensor) else np.array(a[key], copy=True)
+        flat = x.reshape(x.shape[0], -1)  # a view of the copy
+        flat[-1, flat.shape[1] // 2] = value
+        return {**a, key: x}
+
+    return change
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(
+    ("stage", "key"),
+    [(Stage.QKV, "z"), (Stage.O, "y"), (Stage.FFN, "gu"), (Stage.FFN, "y"), (Stage.HEAD, "logits")],
+)
+@pytest.mark.parametrize("backend", ["numpy", "torch", "torch-eager"])
+def test_one_non_finite_entry_of_a_value_checked_reply_is_refused(
+    value: float, stage: Stage, key: str, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The structure check does not scan the arrays a Freivalds check reads next (check_reply's
+    ``value_checked``); a single NaN or ±inf anywhere in them still fails that check — on the numpy
+    reference, the torch backend's fused kernels and its eager ops — and the session ends there."""
+    w = weights()
+    if backend == "torch-eager":
+        monkeypatch.setenv("SCX_NUMBA", "0")
+    b = NumpyBackend(w) if backend == "numpy" else TorchBackend(w, torch.float64)
+    detected(w, SCXConfig(level="permute", r1=2, r2=2), on(stage, _one_entry(key, value)), b)
+
+
 SHAPES: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = [
     ("an extra row", lambda a: {k: np.concatenate([v, v[:1]]) for k, v in a.items()}),
     ("a missing array", lambda a: {}),

@@ -275,10 +275,10 @@ class TorchOps:
             raise NonFiniteError(f"{name} holds NaN or Inf")
         return t
 
-    def check(self, x: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def check(self, x: Any, name: str, shape: tuple[int, ...], *, finite: bool = True) -> torch.Tensor:
         """Validate an incoming array — floating dtype (else DTypeError), exactly ``shape`` (else
-        ShapeError), finite (else NonFiniteError) — and return it as a tensor. Accepts a tensor
-        (in-process transport) or a numpy array (the wire)."""
+        ShapeError), finite (else NonFiniteError; not with ``finite=False``) — and return it as a
+        tensor. Accepts a tensor (in-process transport) or a numpy array (the wire)."""
         if isinstance(x, np.ndarray):
             if not np.issubdtype(x.dtype, np.floating):
                 raise DTypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
@@ -286,7 +286,7 @@ class TorchOps:
             raise DTypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
         if tuple(x.shape) != tuple(shape):
             raise ShapeError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-        return self.floating(x, name)
+        return self.floating(x, name, finite=finite)
 
     # -- gathers, slices, shapes ---------------------------------------------------------------
     def take_rows(self, x: torch.Tensor, index: IndexArray) -> torch.Tensor:

@@ -32,7 +32,7 @@ previous one; :meth:`Client.close` does it explicitly).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic
 
@@ -185,11 +185,14 @@ class Client(Generic[A]):
         step: int,
         arrays: dict[str, Any],
         expect: Mapping[str, tuple[int, ...]],
+        *,
+        value_checked: Collection[str] = (),
         **meta: Any,
     ) -> tuple[dict[str, A], float]:
         """Send one message of the open session and return the reply's arrays once their structure
         passed (:func:`~scx_ref.protocol.verify.check_reply`) with the unit roundoff their value checks
-        assume. Any failure marks the session failed; nothing is sent on a failed or closed session."""
+        assume. Any failure marks the session failed; nothing is sent on a failed or closed session.
+        ``value_checked``: reply arrays whose Freivalds check follows (it refuses what is not finite)."""
         st = self._require()
         req = Request(st.keys.session_id, stage, layer, step, st.seq, arrays, meta, st.token)
         try:
@@ -198,7 +201,7 @@ class Client(Generic[A]):
             st.failed = True
             raise
         wire = self.bb if meta.get("wide", False) is True else self.b  # a wide reply stays float64
-        got, u = self._guard(lambda: check_reply(wire, req, reply, expect))
+        got, u = self._guard(lambda: check_reply(wire, req, reply, expect, value_checked))
         if stage is Stage.OPEN:
             token = reply.meta.get("token") if isinstance(reply.meta, dict) else None
             if not isinstance(token, str) or not 16 <= len(token) <= 256:
@@ -269,8 +272,9 @@ class Client(Generic[A]):
         wl = -1 if which == "lm_head" else layer
         norm_layer = -1 if norm == "final" else layer
         release = self.plan.find(stage, layer, expert)
+        checked = (reply_key,) if self._require().verifier is not None else ()
         if release is None:
-            got, u = self._send(link, stage, layer, step, {arr_key: x}, expect, **meta)
+            got, u = self._send(link, stage, layer, step, {arr_key: x}, expect, value_checked=checked, **meta)
             y = got[reply_key]
             self._verify(stage, lambda v: v.linear(stage, wl, x, y, which, u, expert, norm, norm_layer))
             return y
@@ -284,7 +288,7 @@ class Client(Generic[A]):
             meta["wide"] = True
             x = bb.floating(x, "blinded input", finite=False)
         sent = blind(x, eta, bb)
-        got, u = self._send(link, stage, layer, step, {arr_key: sent}, expect, **meta)
+        got, u = self._send(link, stage, layer, step, {arr_key: sent}, expect, value_checked=checked, **meta)
         y = got[reply_key]
         self._verify(stage, lambda v: v.linear(stage, wl, sent, y, which, u, expert, norm, norm_layer))
         self.meter.matmul(stage, rows, width, bb.shape(y)[1], "offline" if ahead else "client")
@@ -299,7 +303,10 @@ class Client(Generic[A]):
         if v is None:
             got, _ = self._send(link, stage, layer, step, {"x": x}, {"y": (rows, d)})
             return got["y"]
-        got, u = self._send(link, stage, layer, step, {"x": x}, v.mlp_expect(rows), trace=True)
+        expect = v.mlp_expect(rows)
+        got, u = self._send(
+            link, stage, layer, step, {"x": x}, expect, value_checked=tuple(expect), trace=True
+        )
         self._verify(stage, lambda ver: ver.mlp(stage, layer, x, got, u))
         return got["y"]
 

@@ -70,7 +70,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic
 
@@ -258,12 +258,22 @@ def attention_rows64(
 
 
 def check_reply(
-    b: Backend[A], req: Request, reply: Any, expect: Mapping[str, tuple[int, ...]]
+    b: Backend[A],
+    req: Request,
+    reply: Any,
+    expect: Mapping[str, tuple[int, ...]],
+    value_checked: Collection[str] = (),
 ) -> tuple[dict[str, A], float]:
     """The reply's arrays as the client's backend arrays, after checking that ``reply`` answers ``req``
     (session, stage, layer, step, seq) and carries exactly the arrays ``expect`` names, each floating,
     of its shape and finite; and the unit roundoff the value checks must assume (the coarser of the
-    client's dtype and the replies'). IntegrityError otherwise."""
+    client's dtype and the replies'). IntegrityError otherwise.
+
+    Arrays named in ``value_checked`` are not scanned for finiteness here: the caller's Freivalds check
+    of them (:meth:`SessionVerifier.linear`, :meth:`SessionVerifier.mlp`) follows before anything uses
+    them, and it sums every entry's square into the row norms of its tolerance τ — an entry that is
+    NaN or ±inf makes τ not finite, which the check refuses (IntegrityError) — so the scan would read
+    the reply a second time for nothing."""
     if not isinstance(reply, Reply):
         raise IntegrityError(f"{req.stage.value}: the reply is a {type(reply).__name__}, not a Reply")
     got = (reply.session, reply.stage, reply.layer, reply.step, reply.seq)
@@ -281,7 +291,9 @@ def check_reply(
         try:
             dt = getattr(raw, "dtype", None)
             u = max(u, unit_roundoff(dt if dt is not None else type(raw).__name__))
-            out[name] = b.check(raw, f"reply {req.stage.value}.{name}", shape)
+            out[name] = b.check(
+                raw, f"reply {req.stage.value}.{name}", shape, finite=name not in value_checked
+            )
         except SCXError as exc:
             raise IntegrityError(f"{req.stage.value}: {exc}") from exc
     return out, u
@@ -500,7 +512,8 @@ class SessionVerifier(Generic[A]):
         """Accept iff every |residual| ≤ τ (both finite); record the worst ratio."""
         self.checks += int(residual.size)
         # a NaN or ±inf residual, or a NaN τ, makes the ratio NaN or inf; an infinite τ shows in its max
-        ratio = float(np.max(np.abs(residual) / np.maximum(tau, _TINY))) if residual.size else 0.0
+        with np.errstate(invalid="ignore", over="ignore"):  # inf / inf is NaN: refused below
+            ratio = float(np.max(np.abs(residual) / np.maximum(tau, _TINY))) if residual.size else 0.0
         if not (math.isfinite(ratio) and (tau.size == 0 or math.isfinite(float(tau.max())))):
             raise IntegrityError(f"{stage.value} of block {layer}: {what} is not finite")
         if ratio > 1.0:
