@@ -215,6 +215,24 @@ def _build() -> Kernels | None:
         buf = np.empty(2 * f, dtype=np.float64)
         for i in range(gu.shape[0]):
             row, ra = gu[i], act[i]
+            up = row[f : 2 * f]
+            if k == 2 and kg == 2:  # the usual case (a prompt's rows): one loop per product, three sums
+                g0, g1, d0, d1 = rg[0], rg[1], rd[0], rd[1]
+                s, a0, a1 = 0.0, 0.0, 0.0
+                for t in range(2 * f):
+                    v = np.float64(row[t])
+                    s += v * v
+                    a0 += v * g0[t]
+                    a1 += v * g1[t]
+                sq_g[i], out_g[i, 0], out_g[i, 1] = s, a0, a1
+                s, a0, a1 = 0.0, 0.0, 0.0
+                for t in range(f):
+                    m = np.float64(ra[t] * up[t])
+                    s += m * m
+                    a0 += m * d0[t]
+                    a1 += m * d1[t]
+                sq_d[i], out_d[i, 0], out_d[i, 1] = s, a0, a1
+                continue
             s = 0.0
             for t in range(2 * f):
                 buf[t] = row[t]
@@ -226,11 +244,9 @@ def _build() -> Kernels | None:
                 for t in range(2 * f):
                     a += buf[t] * r[t]
                 out_g[i, c] = a
-            up = row[f : 2 * f]
             s = 0.0
             for t in range(f):
-                m = ra[t] * up[t]
-                buf[t] = m
+                buf[t] = ra[t] * up[t]
                 s += buf[t] * buf[t]
             sq_d[i] = s
             for c in range(k):
