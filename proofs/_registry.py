@@ -34,6 +34,7 @@ FAMILIES: tuple[str, ...] = (
     "laplace",
     "t7_norm_scaling",
     "head_structure",
+    "verify_products",
 )
 
 

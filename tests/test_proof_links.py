@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 import sympy as sp
+import torch
 
 from proofs import Implementation, all_identities
 from scx_ref import transforms
 from scx_ref.backends.numpy_backend import NumpyBackend
+from scx_ref.backends.torch_backend import TorchBackend
 from scx_ref.config import ModelConfig
 from scx_ref.transforms import HeadPermutation
 from scx_ref.weights import random_weights
@@ -193,6 +195,26 @@ def case(function: str, family: str, rng: np.random.Generator) -> Case:
     if name == "rmsnorm_sensitivity":
         gamma = rng.standard_normal(d)
         return (gamma,), ([sp.Float(g) for g in gamma.tolist()],), lambda s: float(sp.N(s, 30))
+    if name == "project64_norm":
+        config = ModelConfig(
+            vocab_size=4,
+            hidden_size=d,
+            n_layers=1,
+            n_heads=1,
+            n_kv_heads=1,
+            head_dim=2,
+            intermediate_size=4,
+            rms_eps=float(rng.choice([0.0, 1e-6, 1e-5])),
+            max_positions=8,
+            name="proof-link",
+        )
+        b = TorchBackend(random_weights(config, rng), torch.float64)
+        which = str(rng.choice(["attn", "mlp", "final"]))
+        gamma = b._gain(which, 0).numpy()  # type: ignore[arg-type]
+        right = rng.standard_normal((d, int(rng.integers(1, 4))))
+        code = (b, torch.from_numpy(x), which, 0, right)
+        sym = (_m(x), [sp.Float(g, 30) for g in gamma.tolist()], sp.Float(config.rms_eps, 30), _m(right))
+        return code, sym, lambda s: (_np(s[0]), _np(s[1]).reshape(-1))
     raise KeyError(f"no instance builder for {function}")
 
 

@@ -1,16 +1,26 @@
 """Fused CPU kernels for the client's O(n·d) passes, compiled by numba when it is installed.
 
-Each kernel does in one pass over the rows what the torch backend otherwise does in several eager ops
-(a row gather, a column gather, RoPE, an add), so each row is read once and written once. They compute
-*the same operations per element* as the eager form — gathers copy, RoPE is x₁c − x₂s and x₂c + x₁s with
-each product rounded before the add (numba contracts no multiply-add unless asked), a sum is one add — so
-the results are the same bits, which ``properties/test_fused.py`` checks against the eager form and the
-numpy reference.
+Each kernel does in one pass over the rows what the torch backend otherwise does in several eager ops,
+so each row is read once.
+
+* The encoding passes (``rope_take``, ``take_rows_cols_concat``, ``gather_sum``: a row gather, a column
+  gather, RoPE, an add) compute *the same operations per element* as the eager form — gathers copy, RoPE
+  is x₁c − x₂s and x₂c + x₁s with each product rounded before the add (numba contracts no multiply-add
+  unless asked), a sum is one add — so the results are the same bits, which ``properties/test_fused.py``
+  checks against the eager form and the numpy reference.
+* The reply verifier's passes (``project64``, ``project64_rms``, ``project64_gate_up``, ``range_excess``,
+  ``attention_rows64``; :mod:`scx_ref.protocol.verify`) sum in float64. The verifier's tolerance holds
+  for a float64 sum in any order, with or without fused multiply-adds, so these may be reassociated and
+  contracted (LLVM then vectorizes the reductions); no other fast-math flag, so a NaN or an infinity
+  propagates. Products that the eager form rounds in the dtype (SwiGLU's silu(gate)·up) are rounded the
+  same way. ``properties/test_verifier_kernels.py`` checks them against the eager forms: equal for max
+  and min, to float64 rounding for sums.
 
 The kernels take numpy arrays (C-contiguous views of CPU tensors) and write into ``out`` arrays the caller
-allocates. They are serial: the client's passes are memory-bound, and a second thread pool would compete
-with torch's. :func:`kernels` returns ``None`` when numba is missing or ``SCX_NUMBA=0`` is set; callers
-then use the eager form.
+allocates. They are serial: the passes are memory-bound or short, and a second thread pool (numba's
+``parallel``) competes with torch's — measured on two threads, a parallel ``project64`` made a verified
+prefill at n = 512 no faster. :func:`kernels` returns ``None`` when numba is missing or ``SCX_NUMBA=0``
+is set; callers then use the eager form.
 """
 
 from __future__ import annotations
@@ -139,9 +149,7 @@ def _build() -> Kernels | None:
                 for f in range(dst.shape[0]):
                     dst[f] = a[f]
 
-    # The verifier's float64 products. Their error bound (scx_ref.protocol.verify) holds for a sum in any
-    # order, with or without fused multiply-adds, so these may be reassociated and contracted (LLVM then
-    # vectorizes the reductions); no other fast-math flag: a NaN or an infinity must propagate.
+    # The verifier's float64 sums: reassociated and contracted (see the module docstring), nothing else.
     fast = numba.njit(boundscheck=False, nogil=True, cache=True, fastmath={"reassoc", "contract"})
 
     @fast

@@ -174,10 +174,10 @@ def range_excess(v: npt.NDArray[Any], o: npt.NDArray[Any], first: int) -> tuple[
     query i at position first + i, causal) must be convex combinations of the rows of ``v`` (keys × H_kv
     × d_h) up to its position, so each o[i, h, e, t] lies in [min, max] of v[:first + i + 1, h, t]. Returns
     the largest amount by which any entry is above that max or below that min (differences rounded in
-    the dtype; ≤ 0 when every entry is in range, −inf with no queries), and
-    max |v| (0 with no keys); an input that is not finite makes one of the two not finite. One pass over
-    the rows where the CPU kernels are installed
-    (:mod:`scx_ref.backends.cpu_kernels`), else running extremes by :func:`prefix_extreme`."""
+    the dtype; ≤ 0 when every entry is in range, −inf with no queries), and max |v| (0 with no keys); an
+    input that is not finite makes one of the two not finite. One pass over the rows where the CPU
+    kernels are installed (:mod:`scx_ref.backends.cpu_kernels`), else running extremes by
+    :func:`prefix_extreme`; both give the same values (max and min round nothing)."""
     n_q, n_k = o.shape[0], v.shape[0]
     if n_q > 0 and first + n_q > n_k:
         raise SCXError(f"{n_q} queries from position {first} attend past the {n_k} keys")
