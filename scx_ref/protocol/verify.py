@@ -477,8 +477,10 @@ class SessionVerifier(Generic[A]):
             r = mm(sk.basis, mix)
             wr = mm(sk.wb, mix)
             ch = _Check(
-                r=r,
-                wr=wr,
+                # column-major: a check's first k vectors, transposed (k × width), are contiguous memory,
+                # the layout the fused products read without a copy
+                r=np.asfortranarray(r),
+                wr=np.asfortranarray(wr),
                 rho=np.sqrt(mm(sk.col_sq[None, :], r * r)[0]),
                 wr_norm=np.linalg.norm(wr, axis=0),
                 r_inf=np.abs(r).max(axis=0),
