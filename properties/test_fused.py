@@ -18,6 +18,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from properties.kernel_paths import fused_and_eager, needs_numba
 from properties.strategies import (
     decoy_counts,
     head_permutations,
@@ -28,23 +29,10 @@ from properties.strategies import (
     seeds,
 )
 from scx_ref import transforms as T
-from scx_ref.backends.cpu_kernels import kernels
 from scx_ref.backends.numpy_backend import NumpyBackend
 from scx_ref.backends.torch_backend import TorchBackend, TorchOps
 
 DTYPES = [torch.float32, torch.float64]
-needs_numba = pytest.mark.skipif(
-    kernels() is None, reason="numba is not installed (the eager path is tested)"
-)
-
-
-def _paths(monkeypatch: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:
-    """``fn()`` with the fused kernels, then with them switched off (SCX_NUMBA=0)."""
-    fused = fn()
-    monkeypatch.setenv("SCX_NUMBA", "0")
-    eager = fn()
-    monkeypatch.delenv("SCX_NUMBA")
-    return fused, eager
 
 
 def _rows(rng: np.random.Generator, shape: tuple[int, ...], strided: bool) -> np.ndarray:
@@ -76,7 +64,7 @@ def test_decode_qkv_heads_is_decode_rope_then_head_permute(dtype: torch.dtype, c
     z_np = _rows(np.random.default_rng(seed), (n + r, c.q_dim + 2 * c.kv_dim), strided)
     z = torch.from_numpy(z_np).to(dtype)  # a strided view stays strided in float64
     with pytest.MonkeyPatch.context() as mp:
-        (qk_f, v_f), (qk_e, v_e) = _paths(mp, lambda: T.decode_qkv_heads(z, pi, n, pos, head, g, b))
+        (qk_f, v_f), (qk_e, v_e) = fused_and_eager(mp, lambda: T.decode_qkv_heads(z, pi, n, pos, head, g, b))
     t = T.decode_rows(z, pi, n, b)
     qk = b.rope(t[:, : c.q_dim + c.kv_dim].reshape(n, c.n_heads + c.n_kv_heads, c.head_dim), pos)
     want_qk = T.head_permute_stacked(qk, head, (g, 1), b)
@@ -113,7 +101,7 @@ def test_encode_head_rows_is_head_unpermute_then_encode(
     o, dec = torch.from_numpy(o_np).to(dtype), torch.from_numpy(dec_np).to(dtype)
     T_ops = TorchOps(dtype)  # the gathers need no weights
     with pytest.MonkeyPatch.context() as mp:
-        fused, eager = _paths(mp, lambda: T.encode_head_rows(o, head, g, dec, pi, T_ops))
+        fused, eager = fused_and_eager(mp, lambda: T.encode_head_rows(o, head, g, dec, pi, T_ops))
     want = T.encode_rows(T.head_unpermute(o, head, g, T_ops).reshape(n, -1), dec, pi, T_ops)
     assert torch.equal(fused, want) and torch.equal(eager, want)
     ref = T.encode_rows(T.head_unpermute(o_np, head, g).reshape(n, -1), dec_np, pi)
@@ -142,7 +130,7 @@ def test_reencode_sum_is_decode_add_encode(
     ops = TorchOps(dtype)
     s, y, dec = (torch.from_numpy(a).to(dtype) for a in (s_np, y_np, dec_np))
     with pytest.MonkeyPatch.context() as mp:
-        fused, eager = _paths(mp, lambda: T.reencode_sum(s, p_s, y, p_y, dec, p, ops))
+        fused, eager = fused_and_eager(mp, lambda: T.reencode_sum(s, p_s, y, p_y, dec, p, ops))
     want = T.encode_rows(ops.add(T.decode_rows(s, p_s, n, ops), T.decode_rows(y, p_y, n, ops)), dec, p, ops)
     assert torch.equal(fused, want) and torch.equal(eager, want)
     ref = T.reencode_sum(s_np, p_s, y_np, p_y, dec_np, p)

@@ -21,25 +21,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from properties.kernel_paths import fused_and_eager, needs_numba
 from properties.strategies import attention_shapes, model_configs, model_weights, row_counts, seeds
-from scx_ref.backends.cpu_kernels import kernels
 from scx_ref.backends.torch_backend import TorchBackend, TorchOps
 from scx_ref.protocol.verify import attention_rows64, range_excess
 
 DTYPES = [torch.float32, torch.float64]
 U64 = 2.0**-53
-needs_numba = pytest.mark.skipif(
-    kernels() is None, reason="numba is not installed (the eager path is tested)"
-)
-
-
-def _both(mp: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:
-    """``fn()`` with the kernels, then with them switched off (SCX_NUMBA=0)."""
-    fused = fn()
-    mp.setenv("SCX_NUMBA", "0")
-    eager = fn()
-    mp.delenv("SCX_NUMBA")
-    return fused, eager
 
 
 def _close64(got: np.ndarray, want: np.ndarray, scale: np.ndarray, terms: int) -> None:
@@ -70,7 +58,7 @@ def test_project64_kernel_is_the_float64_product(dtype: torch.dtype, case: tuple
     want, want_norm = x64 @ right, np.sqrt(np.einsum("ij,ij->i", x64, x64))
     scale = np.abs(x64) @ np.abs(right)
     with pytest.MonkeyPatch.context() as mp:
-        (p_f, n_f), (p_e, n_e) = _both(mp, lambda: ops.project64(x, right))
+        (p_f, n_f), (p_e, n_e) = fused_and_eager(mp, lambda: ops.project64(x, right))
     _close64(p_f, want, scale, x64.shape[1])
     _close64(p_e, want, scale, x64.shape[1])
     for norms, slack in ((n_f, 2.0**-52), (n_e, 2.0**-23 if dtype == torch.float32 else 2.0**-52)):
@@ -105,7 +93,7 @@ def test_project64_norm_is_the_product_of_the_norm(dtype: torch.dtype, case: tup
     want, want_norm = xh @ right, np.linalg.norm(xh, axis=1)
     scale = np.abs(xh) @ np.abs(right)
     with pytest.MonkeyPatch.context() as mp:
-        (p_f, n_f), (p_e, _) = _both(mp, lambda: b.project64_norm(x, which, 0, right))
+        (p_f, n_f), (p_e, _) = fused_and_eager(mp, lambda: b.project64_norm(x, which, 0, right))
     d = x64.shape[1]
     _close64(p_f, want, scale, 2 * d)
     assert np.all(n_f >= want_norm * (1 - 8 * d * U64)) and np.all(n_f <= want_norm * (1 + 8 * d * U64))
@@ -137,7 +125,7 @@ def test_project64_gate_up_is_both_products(dtype: torch.dtype, case: tuple[Any,
     if strided:
         gu = torch.cat([gu, gu[:, :1]], dim=1)[:, : gu_np.shape[1]]
     with pytest.MonkeyPatch.context() as mp:
-        fused, eager = _both(mp, lambda: ops.project64_gate_up(gu, r_gu, r_down))
+        fused, eager = fused_and_eager(mp, lambda: ops.project64_gate_up(gu, r_gu, r_down))
     for arr, right in ((gu.double().numpy(), r_gu), (ops.swiglu_act(gu).double().numpy(), r_down)):
         want, want_norm = arr @ right, np.linalg.norm(arr, axis=1)
         scale = np.abs(arr) @ np.abs(right)
@@ -175,7 +163,7 @@ def test_range_excess_kernel_equals_the_running_extremes(case: tuple[Any, ...]) 
     max |v| (GQA 1/2/4, one head, no queries, keys past the last query, float32 and float64)."""
     v, o, first = case
     with pytest.MonkeyPatch.context() as mp:
-        fused, eager = _both(mp, lambda: range_excess(v, o, first))
+        fused, eager = fused_and_eager(mp, lambda: range_excess(v, o, first))
     assert fused == eager
 
 
@@ -193,7 +181,7 @@ def test_range_excess_refuses_what_is_not_finite(bad: float, where: str) -> None
     else:
         o[3, 1, 0, 0] = bad
     with pytest.MonkeyPatch.context() as mp:
-        for over, vmax in _both(mp, lambda: range_excess(v, o, 0)):
+        for over, vmax in fused_and_eager(mp, lambda: range_excess(v, o, 0)):
             assert not (math.isfinite(over) and math.isfinite(vmax))
 
 
@@ -218,7 +206,9 @@ def test_attention_rows64_kernel_equals_the_batched_products(case: tuple[Any, ..
     the running key/value norms) to float64 rounding, for any positions (repeated ones included)."""
     q, k, v, pos, g, scale = case
     with pytest.MonkeyPatch.context() as mp:
-        (o_f, k_f, v_f), (o_e, k_e, v_e) = _both(mp, lambda: attention_rows64(q, k, v, pos, g, scale))
+        (o_f, k_f, v_f), (o_e, k_e, v_e) = fused_and_eager(
+            mp, lambda: attention_rows64(q, k, v, pos, g, scale)
+        )
     vmax = np.abs(v.astype(np.float64)).max()
     assert np.allclose(o_f, o_e, rtol=0, atol=1e-12 * (vmax + 1.0))
     assert np.allclose(k_f, k_e, rtol=1e-14) and np.allclose(v_f, v_e, rtol=1e-14)

@@ -153,33 +153,38 @@ def _build() -> Kernels | None:
     fast = numba.njit(boundscheck=False, nogil=True, cache=True, fastmath={"reassoc", "contract"})
 
     @fast
+    def widen_sums(vals: Any, rt: Any, buf: Any, out_row: Any) -> float:
+        # v = vals widened to float64: out_row[c] = Σ_t v_t·rt[c, t] for each check vector, and Σ_t v_t²
+        # returned; one loop with three sums for the usual k = 2 (a prompt's rows), else v kept in buf
+        k, w = rt.shape
+        if k == 2:
+            r0, r1 = rt[0], rt[1]
+            s, a0, a1 = 0.0, 0.0, 0.0
+            for t in range(w):
+                v = np.float64(vals[t])
+                s += v * v
+                a0 += v * r0[t]
+                a1 += v * r1[t]
+            out_row[0], out_row[1] = a0, a1
+            return s
+        s = 0.0
+        for t in range(w):
+            buf[t] = vals[t]
+            s += buf[t] * buf[t]
+        for c in range(k):
+            r = rt[c]
+            a = 0.0
+            for t in range(w):
+                a += buf[t] * r[t]
+            out_row[c] = a
+        return s
+
+    @fast
     def project64(x: Any, rt: Any, out: Any, sq: Any) -> None:
         # row i: out[i, c] = Σ_t x[i, t]·rt[c, t] and sq[i] = Σ_t x[i, t]², in float64
-        k, w = rt.shape
-        buf = np.empty(w, dtype=np.float64)
+        buf = np.empty(rt.shape[1], dtype=np.float64)
         for i in range(x.shape[0]):
-            row = x[i]
-            if k == 2:  # the usual case (a prompt's rows): one pass, three sums
-                r0, r1 = rt[0], rt[1]
-                s, a0, a1 = 0.0, 0.0, 0.0
-                for t in range(w):
-                    v = np.float64(row[t])
-                    s += v * v
-                    a0 += v * r0[t]
-                    a1 += v * r1[t]
-                out[i, 0], out[i, 1] = a0, a1
-            else:
-                s = 0.0
-                for t in range(w):
-                    buf[t] = row[t]
-                    s += buf[t] * buf[t]
-                for c in range(k):
-                    r = rt[c]
-                    a = 0.0
-                    for t in range(w):
-                        a += buf[t] * r[t]
-                    out[i, c] = a
-            sq[i] = s
+            sq[i] = widen_sums(x[i], rt, buf, out[i])
 
     @fast
     def project64_rms(x: Any, gain: Any, eps: float, rt: Any, out: Any, sq: Any) -> None:
@@ -214,55 +219,19 @@ def _build() -> Kernels | None:
     def project64_gate_up(
         gu: Any, act: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any
     ) -> None:
-        # row i of gu = [gate up] (2f wide), act = silu(gate) (f wide), read once:
-        # out_g[i, c] = Σ_t gu_t·rg[c, t] and sq_g[i] = Σ_t gu_t²; m = act ⊙ up, each product rounded
-        # in the dtype (the eager act * up), out_d[i, c] = Σ_t m_t·rd[c, t] and sq_d[i] = Σ_t m_t²;
-        # all sums in float64
-        k, f = rd.shape
-        kg = rg.shape[0]
+        # row i of gu = [gate up] (2f wide), act = silu(gate) (f wide): out_g[i] and sq_g[i] are project64
+        # of the row; m = act ⊙ up, each product rounded in act's dtype (the eager act * up, kept in m), and
+        # out_d[i], sq_d[i] are project64 of m — the row read from memory once
+        f = rd.shape[1]
         buf = np.empty(2 * f, dtype=np.float64)
+        m = np.empty(f, dtype=act.dtype)
         for i in range(gu.shape[0]):
             row, ra = gu[i], act[i]
+            sq_g[i] = widen_sums(row, rg, buf, out_g[i])
             up = row[f : 2 * f]
-            if k == 2 and kg == 2:  # the usual case (a prompt's rows): one loop per product, three sums
-                g0, g1, d0, d1 = rg[0], rg[1], rd[0], rd[1]
-                s, a0, a1 = 0.0, 0.0, 0.0
-                for t in range(2 * f):
-                    v = np.float64(row[t])
-                    s += v * v
-                    a0 += v * g0[t]
-                    a1 += v * g1[t]
-                sq_g[i], out_g[i, 0], out_g[i, 1] = s, a0, a1
-                s, a0, a1 = 0.0, 0.0, 0.0
-                for t in range(f):
-                    m = np.float64(ra[t] * up[t])
-                    s += m * m
-                    a0 += m * d0[t]
-                    a1 += m * d1[t]
-                sq_d[i], out_d[i, 0], out_d[i, 1] = s, a0, a1
-                continue
-            s = 0.0
-            for t in range(2 * f):
-                buf[t] = row[t]
-                s += buf[t] * buf[t]
-            sq_g[i] = s
-            for c in range(kg):
-                r = rg[c]
-                a = 0.0
-                for t in range(2 * f):
-                    a += buf[t] * r[t]
-                out_g[i, c] = a
-            s = 0.0
             for t in range(f):
-                buf[t] = ra[t] * up[t]
-                s += buf[t] * buf[t]
-            sq_d[i] = s
-            for c in range(k):
-                r = rd[c]
-                a = 0.0
-                for t in range(f):
-                    a += buf[t] * r[t]
-                out_d[i, c] = a
+                m[t] = ra[t] * up[t]
+            sq_d[i] = widen_sums(m, rd, buf, out_d[i])
 
     @jit
     def range_excess(v: Any, o: Any, first: int, group: int, d_h: int, acc: Any) -> tuple[float, float]:
