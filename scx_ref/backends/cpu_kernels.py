@@ -196,20 +196,14 @@ def _build() -> Kernels | None:
             for t in range(w):
                 rg[c, t] = rt[c, t] * np.float64(gain[t])
         acc = np.empty(k, dtype=np.float64)
+        buf = np.empty(w, dtype=np.float64)
         for i in range(x.shape[0]):
             row = x[i]
-            s, g2 = 0.0, 0.0
+            s = widen_sums(row, rg, buf, acc)  # Σ_t x_t², and acc[c] = Σ_t x_t·(γ_t rt[c, t])
+            g2 = 0.0
             for t in range(w):
-                v = np.float64(row[t])
-                s += v * v
-                gv = v * np.float64(gain[t])
+                gv = np.float64(row[t]) * np.float64(gain[t])
                 g2 += gv * gv
-            for c in range(k):
-                r = rg[c]
-                a = 0.0
-                for t in range(w):
-                    a += np.float64(row[t]) * r[t]
-                acc[c] = a
             scale = 1.0 / np.sqrt(s / w + eps)
             for c in range(k):
                 out[i, c] = scale * acc[c]
