@@ -31,6 +31,7 @@ from properties.strategies import (
 from scx_ref import transforms as T
 from scx_ref.backends.numpy_backend import NumpyBackend
 from scx_ref.backends.torch_backend import TorchBackend, TorchOps
+from scx_ref.errors import NonFiniteError
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -138,3 +139,62 @@ def test_reencode_sum_is_decode_add_encode(
     np.testing.assert_array_equal(ref, T.encode_rows(plain, dec_np, p))
     if dtype == torch.float64:
         np.testing.assert_array_equal(fused.numpy(), ref)
+
+
+@st.composite
+def _poisoned(draw: st.DrawFn) -> tuple[Any, ...]:
+    """Float32 s (one decoy row), y and decoys of a residual re-encoding, with one entry of one of them
+    NaN or ±inf, or one sum of finite entries overflowing float32, or none."""
+    n, r, d = draw(row_counts(1, 8)), draw(decoy_counts(3)), draw(st.integers(1, 9))
+    p_s, p_y, p = draw(perms(n + 1)), draw(perms(n)), draw(perms(n + r))
+    rng = np.random.default_rng(draw(seeds()))
+    arrays = [rng.standard_normal((k, d)).astype(np.float32) for k in (n + 1, n, r)]
+    bad = draw(st.sampled_from(["none", "nan", "inf", "-inf", "overflow"]))
+    target = draw(st.sampled_from([0, 1, 2] if r else [0, 1]))
+    row, col = draw(st.integers(0, arrays[target].shape[0] - 1)), draw(st.integers(0, d - 1))
+    if bad == "overflow":  # token t's entries of s and y finite, their float32 sum not
+        t = draw(st.integers(0, n - 1))
+        arrays[0][int(np.argsort(p_s)[t]), col] = arrays[1][int(np.argsort(p_y)[t]), col] = 3e38
+    elif bad != "none":
+        arrays[target][row, col] = float(bad)
+    return (*arrays, p_s, p_y, p, bad, target, row)
+
+
+def _refused(fn: Any) -> bool:
+    """Whether ``fn()`` raises NonFiniteError (it returns otherwise)."""
+    try:
+        fn()
+    except NonFiniteError:
+        return True
+    return False
+
+
+@needs_numba
+@given(case=_poisoned())
+def test_a_message_that_is_not_finite_is_refused_on_every_path(case: tuple[Any, ...]) -> None:
+    """``reencode_sum`` and ``encode_head_rows`` raise NonFiniteError when the message they build holds
+    NaN or ±inf — an input's entry, or a float32 overflow of a sum of finite entries — on the numpy
+    reference, the fused kernels (which test it in the pass that writes the message) and the eager
+    torch ops alike; and only then (an entry of s's decoy row, which the sum drops, is not refused)."""
+    s, y, dec, p_s, p_y, p, bad, target, row = case
+    n, d = y.shape
+    ops = TorchOps(torch.float32)
+    ts, ty, td = (torch.from_numpy(a) for a in (s, y, dec))
+    dropped = target == 0 and int(p_s[row]) == n  # s's decoy row
+    nonfinite = bad in ("nan", "inf", "-inf")
+    head = T.HeadPermutation(np.arange(1), np.arange(d)[None, :])
+    for fn, ref, refused in (
+        (
+            lambda: T.reencode_sum(ts, p_s, ty, p_y, td, p, ops),
+            lambda: T.reencode_sum(s, p_s, y, p_y, dec, p),
+            bad == "overflow" or (nonfinite and not dropped),
+        ),
+        (
+            lambda: T.encode_head_rows(ty.reshape(n, 1, d), head, 1, td, p, ops),
+            lambda: T.encode_head_rows(y.reshape(n, 1, d), head, 1, dec, p),
+            nonfinite and target in (1, 2),
+        ),
+    ):
+        with pytest.MonkeyPatch.context() as mp:
+            fused, eager = fused_and_eager(mp, lambda fn=fn: _refused(fn))
+        assert (fused, eager, _refused(ref)) == (refused, refused, refused)

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from properties.kernel_paths import fused_and_eager, needs_numba
 from properties.strategies import attention_shapes, model_configs, model_weights, row_counts, seeds
 from scx_ref.backends.torch_backend import TorchBackend, TorchOps
-from scx_ref.protocol.verify import attention_rows64, range_excess
+from scx_ref.protocol.verify import attention_rows64, linear_excess, range_excess
 
 DTYPES = [torch.float32, torch.float64]
 U64 = 2.0**-53
@@ -212,3 +212,38 @@ def test_attention_rows64_kernel_equals_the_batched_products(case: tuple[Any, ..
     vmax = np.abs(v.astype(np.float64)).max()
     assert np.allclose(o_f, o_e, rtol=0, atol=1e-12 * (vmax + 1.0))
     assert np.allclose(k_f, k_e, rtol=1e-14) and np.allclose(v_f, v_e, rtol=1e-14)
+
+
+@st.composite
+def _verdict_cases(draw: st.DrawFn) -> tuple[Any, ...]:
+    rows, k = draw(row_counts(1, 20)), draw(st.sampled_from([1, 2, 3]))
+    rng = np.random.default_rng(draw(seeds()))
+    xnorm, ynorm = np.abs(rng.standard_normal(rows)) * 10, np.abs(rng.standard_normal(rows)) * 10
+    a, b = np.abs(rng.standard_normal(k)) * 1e-6, np.abs(rng.standard_normal(k)) * 1e-6
+    xr, bias_r = (
+        rng.standard_normal((rows, k)) * 10,
+        rng.standard_normal(k) * draw(st.sampled_from([0.0, 1.0])),
+    )
+    tau = np.multiply.outer(xnorm, a) + np.multiply.outer(ynorm, b)
+    # y·r within τ of x·(W r) + b·r, or pushed out by a multiple of it
+    yr = xr + bias_r + tau * rng.uniform(-1, 1, size=tau.shape) * draw(st.sampled_from([0.5, 0.999, 3.0]))
+    bad = draw(st.sampled_from([None, np.nan, np.inf, -np.inf]))
+    if bad is not None:
+        target = draw(st.sampled_from([yr, xr, xnorm, ynorm]))
+        target.reshape(-1)[rng.integers(target.size)] = bad
+    return yr, xr, bias_r, xnorm, ynorm, a, b
+
+
+@needs_numba
+@given(case=_verdict_cases())
+def test_linear_excess_kernel_is_the_numpy_verdict(case: tuple[Any, ...]) -> None:
+    """A Freivalds check's verdict: the one-pass kernel returns exactly the numpy expressions' max
+    |residual|/τ, and NaN on both paths when a residual, a row norm or τ is NaN or ±inf (refused)."""
+    with pytest.MonkeyPatch.context() as mp:
+        fused, eager = fused_and_eager(mp, lambda: linear_excess(*case))
+    if math.isfinite(eager):
+        assert fused == eager
+    else:
+        assert math.isnan(fused) and math.isnan(eager)
+    if all(np.all(np.isfinite(x)) for x in case):
+        assert math.isfinite(fused)

@@ -79,23 +79,30 @@ class ArrayOps(Protocol[A]):
         none of ``xs``. The caller checks ``index``'s range (:func:`scx_ref.transforms.encode_rows`)."""
         ...
 
-    def take_rows_cols_concat(self, x: A, cols: IndexArray, extra: A, index: IndexArray) -> A:
+    def take_rows_cols_concat(
+        self, x: A, cols: IndexArray, extra: A, index: IndexArray, *, name: str | None = None
+    ) -> A:
         """``concat_rows([x[:, cols], extra])[index]`` in one pass: row j is x's row ``index[j]`` gathered
         along its columns by ``cols``, or row ``index[j] − rows(x)`` of ``extra`` as it is (x 2-D, ``cols``
         a permutation of its columns, ``extra`` of the same width). A new array; the caller checks the
-        indices (:func:`scx_ref.transforms.encode_head_rows`)."""
+        indices (:func:`scx_ref.transforms.encode_head_rows`). With ``name``: NonFiniteError (naming it)
+        when an entry of the result is not finite, tested in the same pass where the implementation can."""
         ...
 
-    def gather_sum(self, s: A, from_s: IndexArray, y: A, from_y: IndexArray, extra: A) -> A:
+    def gather_sum(
+        self, s: A, from_s: IndexArray, y: A, from_y: IndexArray, extra: A, *, name: str | None = None
+    ) -> A:
         """Row j is ``s[from_s[j]] + y[from_y[j]]`` where ``from_y[j] ≥ 0``, else row ``from_s[j]`` of
         ``extra`` as it is: two row gathers and one add per element, in one pass into a new array. The
-        caller checks the indices (:func:`scx_ref.transforms.reencode_sum`)."""
+        caller checks the indices (:func:`scx_ref.transforms.reencode_sum`). ``name``: as for
+        :meth:`take_rows_cols_concat` (a sum of finite entries may overflow)."""
         ...
 
-    def take_rows_in_place(self, x: A, index: IndexArray) -> A:
+    def take_rows_in_place(self, x: A, index: IndexArray, *, name: str | None = None) -> A:
         """``x[index]`` for a permutation ``index`` of x's rows, written over x's own memory where the
         implementation can (no second buffer of x's size); returns the result and leaves ``x`` holding it
-        or undefined, so ``x`` must not be read afterwards."""
+        or undefined, so ``x`` must not be read afterwards. With ``name``: NonFiniteError (naming it) when
+        an entry is not finite, tested in the same pass where the implementation can."""
         ...
 
     def compact(self, x: A) -> A:
@@ -114,7 +121,10 @@ class ArrayOps(Protocol[A]):
     def shape(self, x: A) -> tuple[int, ...]: ...
 
     # -- arithmetic ------------------------------------------------------------------------------
-    def add(self, x: A, y: A) -> A: ...
+    def add(self, x: A, y: A, *, name: str | None = None) -> A:
+        """x + y; with ``name``: NonFiniteError (naming it) when an entry of the sum is not finite, tested
+        in the same pass where the implementation can."""
+        ...
 
     def add_into(self, x: A, y: A) -> A:
         """``add(x, y)`` written over ``x``'s memory where the result keeps x's dtype and shape (else a new
@@ -207,26 +217,45 @@ class NumpyOps:
         return out
 
     def take_rows_cols_concat(
-        self, x: FloatArray, cols: IndexArray, extra: FloatArray, index: IndexArray
+        self,
+        x: FloatArray,
+        cols: IndexArray,
+        extra: FloatArray,
+        index: IndexArray,
+        *,
+        name: str | None = None,
     ) -> FloatArray:
-        """``concatenate([x[:, cols], extra])[index]``, written as the definition reads."""
-        return self.take_rows_concat([x[:, np.asarray(cols, dtype=np.int64)], extra], index)
+        """``concatenate([x[:, cols], extra])[index]``, written as the definition reads (then scanned
+        when ``name`` is given)."""
+        out = self.take_rows_concat([x[:, np.asarray(cols, dtype=np.int64)], extra], index)
+        return out if name is None else self.floating(out, name)
 
     def gather_sum(
-        self, s: FloatArray, from_s: IndexArray, y: FloatArray, from_y: IndexArray, extra: FloatArray
+        self,
+        s: FloatArray,
+        from_s: IndexArray,
+        y: FloatArray,
+        from_y: IndexArray,
+        extra: FloatArray,
+        *,
+        name: str | None = None,
     ) -> FloatArray:
-        """Rows ``s[from_s] + y[from_y]``, decoy rows (``from_y < 0``) copied from ``extra[from_s]``."""
+        """Rows ``s[from_s] + y[from_y]``, decoy rows (``from_y < 0``) copied from ``extra[from_s]`` (then
+        scanned when ``name`` is given)."""
         fs, fy = np.asarray(from_s, dtype=np.int64), np.asarray(from_y, dtype=np.int64)
         real = fy >= 0
         dtype = self.dtype if self.dtype is not None else np.result_type(s, y)
         out: FloatArray = np.empty((fs.shape[0], s.shape[1]), dtype=dtype)
-        out[real] = s[fs[real]] + y[fy[real]]
+        with np.errstate(over="ignore"):  # an overflow is inf: refused below with a name, else the caller's
+            out[real] = s[fs[real]] + y[fy[real]]
         out[~real] = extra[fs[~real]]
-        return out
+        return out if name is None else self.floating(out, name)
 
-    def take_rows_in_place(self, x: FloatArray, index: IndexArray) -> FloatArray:
-        """``x[index]`` by following the permutation's cycles row by row (one row of scratch memory)."""
-        return permute_rows_in_place(x, index)
+    def take_rows_in_place(self, x: FloatArray, index: IndexArray, *, name: str | None = None) -> FloatArray:
+        """``x[index]`` by following the permutation's cycles row by row (one row of scratch memory), then
+        scanned when ``name`` is given."""
+        out = permute_rows_in_place(x, index)
+        return out if name is None else self.floating(out, name)
 
     def compact(self, x: FloatArray) -> FloatArray:
         return np.array(x, copy=True, order="C")
@@ -244,8 +273,12 @@ class NumpyOps:
         return tuple(int(s) for s in x.shape)
 
     # -- arithmetic ------------------------------------------------------------------------------
-    def add(self, x: FloatArray, y: FloatArray) -> FloatArray:
-        return x + y
+    def add(self, x: FloatArray, y: FloatArray, *, name: str | None = None) -> FloatArray:
+        """x + y, then scanned when ``name`` is given."""
+        if name is None:
+            return x + y
+        with np.errstate(over="ignore"):  # an overflow is inf: refused by the scan
+            return self.floating(x + y, name)
 
     def add_into(self, x: FloatArray, y: FloatArray) -> FloatArray:
         """x + y in x's memory when numpy's result type of the two is x's dtype and y broadcasts to x."""

@@ -207,7 +207,7 @@ def reencode_sum(
     from_s[real] = inv_s[p[real]]
     from_y = np.full(p.shape[0], -1, dtype=np.int64)
     from_y[real] = inv_y[p[real]]
-    return ops.floating(ops.gather_sum(ts, from_s, ty, from_y, d), "reencoded sum")
+    return ops.gather_sum(ts, from_s, ty, from_y, d, name="reencoded sum")
 
 
 def encode_head_rows(
@@ -233,8 +233,9 @@ def encode_head_rows(
         raise ShapeError(f"decoys ({ds}) must be 2-D with {width} columns")
     p = _perm(perm, shape[0] + ds[0], "perm")
     flat = ops.reshape(t, (shape[0], width))
-    out = ops.take_rows_cols_concat(flat, head.flat_index(group_size, inverse=True), d, p)
-    return ops.floating(out, "o and decoys")
+    return ops.take_rows_cols_concat(
+        flat, head.flat_index(group_size, inverse=True), d, p, name="o and decoys"
+    )
 
 
 def decode_qkv_heads(
@@ -245,6 +246,8 @@ def decode_qkv_heads(
     head: HeadPermutation,
     group_size: int,
     ops: Backend[A],
+    *,
+    name: str | None = None,
 ) -> tuple[A, A]:
     """T1+T2 decode, RoPE and T3 encode of a fused QKV reply in one pass: Z ↦ (RoPE([Q K])·P, V·P).
 
@@ -252,6 +255,7 @@ def decode_qkv_heads(
     of d_h), ``decode_qkv_heads(Z, π, n, pos, P, G) == (head_permute_stacked(rope([Q K], pos), P, (G, 1)),
     head_permute(V, P, 1))``: the attention stage's inputs, what the client sends, from the QKV stage's
     reply (``ops.rope_take``: each real row read once, the decoys never). Both rows × heads × d_h.
+    With ``name``: NonFiniteError when an entry of a real row is not finite (tested as it is read).
     """
     if not isinstance(head, HeadPermutation):
         raise SCXError(f"head must be a HeadPermutation, got {type(head).__name__}")
@@ -267,7 +271,7 @@ def decode_qkv_heads(
     pos = np.asarray(positions, dtype=np.int64).reshape(-1)
     if pos.shape[0] != n:
         raise ShapeError(f"{pos.shape[0]} positions for {n} rows")
-    return ops.rope_take(t, inv[:n], pos, head.stacked_index((group_size, 1)), head.flat_index(1))
+    return ops.rope_take(t, inv[:n], pos, head.stacked_index((group_size, 1)), head.flat_index(1), name=name)
 
 
 def decode_rows(y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
@@ -280,7 +284,7 @@ def decode_rows(y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
 
 
 def decode_rows_numpy(
-    y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY, *, in_place: bool = False
+    y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY, *, in_place: bool = False, name: str | None = None
 ) -> npt.NDArray[Any]:
     """:func:`decode_rows` straight to a numpy array (``ops.to_numpy(decode_rows(y, π, n))`` with one
     gather and no intermediate copy: the client's decode of the logits, the largest array of a prefill).
@@ -288,13 +292,14 @@ def decode_rows_numpy(
     With ``in_place`` the rows are put in true order inside ``y``'s own memory (y ↦ y[π⁻¹], cycle by
     cycle) and its first n rows are returned as a view where the implementation can share memory with
     numpy: the same values, without a second array of y's size. ``y`` is consumed (it must not be used
-    afterwards).
+    afterwards). With ``name``: NonFiniteError when an entry of ``y`` (decoy rows too) is not finite —
+    in place, tested as the rows move.
     """
     t, inv = _decode_index(ops, y, perm, n)
     if not in_place:
-        return ops.rows_to_numpy(t, inv)
+        return ops.rows_to_numpy(t if name is None else ops.floating(t, name), inv)
     full = inverse_permutation(perm)
-    return ops.head_to_numpy(ops.take_rows_in_place(t, full), n)
+    return ops.head_to_numpy(ops.take_rows_in_place(t, full, name=name), n)
 
 
 def _decode_index(ops: ArrayOps[A], y: Any, perm: Any, n: int) -> tuple[A, IntArray]:

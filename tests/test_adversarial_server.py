@@ -175,9 +175,12 @@ def _one_entry(key: str, value: float) -> Callable[[dict[str, Any]], dict[str, A
     """Set one entry (the last row's middle column) of reply array ``key`` to ``value``."""
 
     def change(a: dict[str, Any]) -> dict[str, Any]:
-        x = a[key].clone() if isinstance(a[key], torch.Tensor) else np.array(a[key], copy=True)
-        flat = x.reshape(x.shape[0], -1)  # a view of the copy
-        flat[-1, flat.shape[1] // 2] = value
+        # a C-ordered copy: set through a flat view of it (a strided reply's own reshape would be a copy,
+        # and the entry would never reach the client)
+        x = a[key].contiguous().clone() if isinstance(a[key], torch.Tensor) else np.array(a[key], order="C")
+        cols = int(np.prod(x.shape[1:]))
+        x.reshape(-1)[cols * (x.shape[0] - 1) + cols // 2] = value
+        assert not bool((x == x).all() and (abs(x) < float("inf")).all()), "the entry was not set"
         return {**a, key: x}
 
     return change
@@ -186,20 +189,93 @@ def _one_entry(key: str, value: float) -> Callable[[dict[str, Any]], dict[str, A
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize(
     ("stage", "key"),
-    [(Stage.QKV, "z"), (Stage.O, "y"), (Stage.FFN, "gu"), (Stage.FFN, "y"), (Stage.HEAD, "logits")],
+    [
+        (Stage.QKV, "z"),
+        (Stage.ATTN, "o"),
+        (Stage.O, "y"),
+        (Stage.FFN, "gu"),
+        (Stage.FFN, "y"),
+        (Stage.HEAD, "logits"),
+        (Stage.GEN_ATTN, "o"),
+    ],
 )
 @pytest.mark.parametrize("backend", ["numpy", "torch", "torch-eager"])
 def test_one_non_finite_entry_of_a_value_checked_reply_is_refused(
     value: float, stage: Stage, key: str, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The structure check does not scan the arrays a Freivalds check reads next (check_reply's
-    ``value_checked``); a single NaN or ±inf anywhere in them still fails that check — on the numpy
-    reference, the torch backend's fused kernels and its eager ops — and the session ends there."""
+    """The structure check does not scan the arrays a value check reads next (check_reply's
+    ``value_checked``: Freivalds, the attention range check); a single NaN or ±inf anywhere in them
+    still fails that check — on the numpy reference, the torch backend's fused kernels and its eager
+    ops — and the session ends there."""
+    detected(
+        weights(),
+        SCXConfig(level="permute", r1=2, r2=2),
+        on(stage, _one_entry(key, value)),
+        _backend(backend, monkeypatch),
+    )
+
+
+def _backend(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     w = weights()
-    if backend == "torch-eager":
+    if name == "torch-eager":
         monkeypatch.setenv("SCX_NUMBA", "0")
-    b = NumpyBackend(w) if backend == "numpy" else TorchBackend(w, torch.float64)
-    detected(w, SCXConfig(level="permute", r1=2, r2=2), on(stage, _one_entry(key, value)), b)
+    return NumpyBackend(w) if name == "numpy" else TorchBackend(w, torch.float64)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(
+    ("stage", "key"),
+    [
+        (Stage.QKV, "z"),
+        (Stage.ATTN, "o"),
+        (Stage.O, "y"),
+        (Stage.FFN, "y"),
+        (Stage.HEAD, "logits"),
+        (Stage.GEN_ATTN, "o"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["numpy", "torch", "torch-eager"])
+def test_one_non_finite_entry_is_refused_without_verification(
+    value: float, stage: Stage, key: str, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without verification the prompt's replies are not scanned on arrival either: the pass that
+    consumes each one (the QKV decode, the O and FFN stages' encodings, the residual add, the logits'
+    decode) tests what it reads; one NaN or ±inf still ends the session with IntegrityError, nothing
+    sent after it."""
+    cfg = SCXConfig(level="permute", r1=2, r2=2, verify=False)
+    detected(weights(), cfg, on(stage, _one_entry(key, value)), _backend(backend, monkeypatch))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("value", [np.nan, -np.inf])
+@pytest.mark.parametrize(("stage", "key"), [(Stage.QKV, "z"), (Stage.O, "y")])
+@pytest.mark.parametrize("backend", ["numpy", "torch", "torch-eager"])
+def test_a_non_finite_entry_in_a_dropped_decoy_row_is_refused(
+    verify: bool, value: float, stage: Stage, key: str, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoy rows of the QKV and O replies are dropped unread by the pass that consumes the reply;
+    a NaN or ±inf there is refused all the same (a server cannot learn which rows are decoys from
+    whether its NaN is refused)."""
+    holder: dict[str, Any] = {}
+
+    def tamper(req: Request, reply: Reply) -> Reply:
+        if req.stage is not stage or "row" in holder:
+            return reply
+        keys = holder["client"].state.prep.block(req.layer)
+        perm = np.asarray(keys.pi if stage is Stage.QKV else keys.pi_o)
+        holder["row"] = row = int(np.flatnonzero(perm >= len(IDS))[0])
+        raw = reply.arrays[key]
+        x = raw.contiguous().clone() if isinstance(raw, torch.Tensor) else np.array(raw, order="C")
+        x[row, x.shape[1] // 2] = value
+        return replace(reply, arrays={**reply.arrays, key: x})
+
+    b = _backend(backend, monkeypatch)
+    link = TamperingTransport(LocalTransport(Server(b)), tamper)
+    client: Client[Any] = Client(b, keys(), SCXConfig(level="permute", r1=2, r2=2, verify=verify))
+    holder["client"] = client
+    with pytest.raises(IntegrityError):
+        client.generate(IDS, N_NEW, link)
+    assert "row" in holder and client.state is not None and client.state.failed
 
 
 SHAPES: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = [

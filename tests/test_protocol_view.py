@@ -365,7 +365,7 @@ def _wrong_key(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
     mp.setattr(
         client_mod,
         "decode_qkv_heads",
-        lambda z, perm, n, pos, head, g, ops: real_qkv(z, other(perm), n, pos, head, g, ops),
+        lambda z, perm, n, pos, head, g, ops, **kw: real_qkv(z, other(perm), n, pos, head, g, ops, **kw),
     )
 
 
@@ -382,7 +382,9 @@ def _no_unpermute(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
     mp.setattr(
         client_mod,
         "decode_qkv_heads",
-        lambda z, perm, n, pos, head, g, ops: real_qkv(z, np.arange(len(perm)), n, pos, head, g, ops),
+        lambda z, perm, n, pos, head, g, ops, **kw: real_qkv(
+            z, np.arange(len(perm)), n, pos, head, g, ops, **kw
+        ),
     )
 
 
@@ -402,7 +404,7 @@ def _rope_after_sigma(mp: pytest.MonkeyPatch, b: NumpyBackend) -> None:
     backend's fused decode gathers the columns first and rotates the permuted heads."""
     real_rope, dh = b.rope, b.config.head_dim
 
-    def rope_take(x: Array, rows: Any, positions: Any, rope_index: Any, plain_index: Any) -> Any:
+    def rope_take(x: Array, rows: Any, positions: Any, rope_index: Any, plain_index: Any, **kw: Any) -> Any:
         t = np.asarray(x)[np.asarray(rows)]
         n, w = t.shape[0], len(rope_index)
         permuted = t[:, :w][:, np.asarray(rope_index)].reshape(n, -1, dh)

@@ -106,13 +106,21 @@ class Backend(ArrayOps[A], Protocol[A]):
         ...
 
     def rope_take(
-        self, x: A, rows: IndexArray, positions: IndexArray, rope_index: IndexArray, plain_index: IndexArray
+        self,
+        x: A,
+        rows: IndexArray,
+        positions: IndexArray,
+        rope_index: IndexArray,
+        plain_index: IndexArray,
+        *,
+        name: str | None = None,
     ) -> tuple[A, A]:
         """Rows ``x[rows]`` (2-D) split at w = len(``rope_index``) columns: the first w as heads of d_h,
         RoPE'd at ``positions`` (one per row) and gathered along their flat columns by ``rope_index``; the
         rest gathered by ``plain_index``. Both as rows × heads × d_h, in new arrays. The same values as
         ``rope(take_rows(x, rows)[:, :w] as heads, positions)[flat][:, rope_index]`` — one pass where the
-        backend can fuse it. The caller checks the indices (:func:`scx_ref.transforms.decode_qkv_heads`)."""
+        backend can fuse it. The caller checks the indices (:func:`scx_ref.transforms.decode_qkv_heads`).
+        With ``name``: NonFiniteError (naming it) when an entry of the rows read is not finite."""
         ...
 
     def attention(self, q: A, k: A, v: A, q_positions: IndexArray, k_positions: IndexArray | None) -> A:

@@ -7,14 +7,19 @@ so each row is read once.
   gather, RoPE, an add) compute *the same operations per element* as the eager form — gathers copy, RoPE
   is x₁c − x₂s and x₂c + x₁s with each product rounded before the add (numba contracts no multiply-add
   unless asked), a sum is one add — so the results are the same bits, which ``properties/test_fused.py``
-  checks against the eager form and the numpy reference.
+  checks against the eager form and the numpy reference. The two that build an encoded message
+  (``take_rows_cols_concat``, ``gather_sum``, ``add_rows``) and the two that read a reply the protocol
+  consumes (``rope_take``, ``permute_rows``) also tell whether every entry they wrote or read is finite,
+  so the caller need not scan the array in a pass of its own.
 * The reply verifier's passes (``project64``, ``project64_rms``, ``project64_gate_up``, ``range_excess``,
   ``attention_rows64``; :mod:`scx_ref.protocol.verify`) sum in float64. The verifier's tolerance holds
   for a float64 sum in any order, with or without fused multiply-adds, so these may be reassociated and
   contracted (LLVM then vectorizes the reductions); no other fast-math flag, so a NaN or an infinity
   propagates. Products that the eager form rounds in the dtype (SwiGLU's silu(gate)·up) are rounded the
-  same way. ``properties/test_verifier_kernels.py`` checks them against the eager forms: equal for max
-  and min, to float64 rounding for sums.
+  same way. The products read four rows per loop where there are two check vectors (a prompt's rows), so
+  each check-vector entry is loaded once for four rows. ``linear_excess`` (a check's verdict) rounds the
+  same float64 operations as its numpy form, with no flag. ``properties/test_verifier_kernels.py`` checks
+  them against the eager forms: equal for max, min and the verdict, to float64 rounding for sums.
 
 The kernels take numpy arrays (C-contiguous views of CPU tensors) and write into ``out`` arrays the caller
 allocates. They are serial: the passes are memory-bound or short, and a second thread pool (numba's
@@ -49,11 +54,14 @@ class Kernels:
     rope_take: Any
     take_rows_cols_concat: Any
     gather_sum: Any
+    add_rows: Any
+    permute_rows: Any
     project64: Any
     project64_rms: Any
     project64_gate_up: Any
     range_excess: Any
     attention_rows64: Any
+    linear_excess: Any
 
 
 _lock = threading.Lock()
@@ -80,6 +88,14 @@ def _build() -> Kernels | None:
     jit = numba.njit(boundscheck=False, nogil=True, cache=True)
 
     @jit
+    def all_zero(bad: Any) -> bool:
+        # whether a finiteness accumulator (entries v − v summed: 0, or NaN) is all zero
+        total = 0.0
+        for f in range(bad.shape[0]):
+            total += bad[f]
+        return total == 0.0
+
+    @jit
     def rope_take(
         x: Any,
         rows: Any,
@@ -90,16 +106,22 @@ def _build() -> Kernels | None:
         d_h: int,
         out_rope: Any,
         out_plain: Any,
-    ) -> None:
+        bad: Any,
+    ) -> bool:
         # row j: RoPE the first len(rope_index) columns of x[rows[j]] head by head (HF rotate_half), then
         # gather them by rope_index; gather the columns after them by plain_index. The rotation runs on
         # slices indexed from 0 (no negative-index wraparound), so LLVM vectorizes it; the column indices
-        # are unsigned for the same reason.
+        # are unsigned for the same reason. Returns whether every entry of the rows read is finite (bad:
+        # a row of x's width, bad[f] += v − v: 0, or NaN for NaN and ±inf).
         width = rope_index.shape[0]
         half = d_h // 2
         buf = np.empty(width, dtype=x.dtype)
+        for f in range(bad.shape[0]):
+            bad[f] = 0.0
         for j in range(rows.shape[0]):
             src = x[rows[j]]
+            for f in range(bad.shape[0]):
+                bad[f] += src[f] - src[f]
             c1, c2 = cos[j, :half], cos[j, half:d_h]
             s1, s2 = sin[j, :half], sin[j, half:d_h]
             for h in range(width // d_h):
@@ -117,11 +139,15 @@ def _build() -> Kernels | None:
             rest = src[width:]
             for f in range(plain_index.shape[0]):
                 dst[f] = rest[plain_index[f]]
+        return all_zero(bad)
 
     @jit
-    def take_rows_cols_concat(x: Any, cols: Any, extra: Any, index: Any, out: Any) -> None:
-        # row j: x[index[j], cols] when index[j] < rows(x), else extra[index[j] − rows(x)]
+    def take_rows_cols_concat(x: Any, cols: Any, extra: Any, index: Any, out: Any, bad: Any) -> bool:
+        # row j: x[index[j], cols] when index[j] < rows(x), else extra[index[j] − rows(x)]; returns whether
+        # every entry written is finite (bad: a row of scratch, bad[f] += v − v: 0, or NaN for NaN and ±inf)
         n = x.shape[0]
+        for f in range(bad.shape[0]):
+            bad[f] = 0.0
         for j in range(index.shape[0]):
             p = index[j]
             dst = out[j]
@@ -133,10 +159,16 @@ def _build() -> Kernels | None:
                 src = extra[p - n]
                 for f in range(dst.shape[0]):
                     dst[f] = src[f]
+            for f in range(dst.shape[0]):
+                bad[f] += dst[f] - dst[f]
+        return all_zero(bad)
 
     @jit
-    def gather_sum(s: Any, from_s: Any, y: Any, from_y: Any, extra: Any, out: Any) -> None:
-        # row j: s[from_s[j]] + y[from_y[j]] when from_y[j] ≥ 0, else extra[from_s[j]]
+    def gather_sum(s: Any, from_s: Any, y: Any, from_y: Any, extra: Any, out: Any, bad: Any) -> bool:
+        # row j: s[from_s[j]] + y[from_y[j]] when from_y[j] ≥ 0, else extra[from_s[j]]; returns whether
+        # every entry written is finite (bad as in take_rows_cols_concat)
+        for f in range(bad.shape[0]):
+            bad[f] = 0.0
         for j in range(from_s.shape[0]):
             dst = out[j]
             if from_y[j] >= 0:
@@ -148,6 +180,58 @@ def _build() -> Kernels | None:
                 a = extra[from_s[j]]
                 for f in range(dst.shape[0]):
                     dst[f] = a[f]
+            for f in range(dst.shape[0]):
+                bad[f] += dst[f] - dst[f]
+        return all_zero(bad)
+
+    @jit
+    def add_rows(a: Any, b: Any, out: Any, bad: Any) -> bool:
+        # out = a + b row by row (2-D, one shape); returns whether every entry of out is finite
+        for f in range(bad.shape[0]):
+            bad[f] = 0.0
+        for j in range(a.shape[0]):
+            x, y, dst = a[j], b[j], out[j]
+            for f in range(dst.shape[0]):
+                dst[f] = x[f] + y[f]
+                bad[f] += dst[f] - dst[f]
+        return all_zero(bad)
+
+    @jit
+    def permute_rows(x: Any, index: Any, saved: Any, bad: Any) -> int:
+        # x ← x[index] in x's own memory, cycle by cycle (one saved row per cycle), every row read and
+        # written once; returns 1 when every entry is finite, 0 when one is not, −1 when ``index`` is not a
+        # permutation of the rows (x then partly permuted)
+        n = x.shape[0]
+        done = np.zeros(n, dtype=np.uint8)
+        for f in range(bad.shape[0]):
+            bad[f] = 0.0
+        for start in range(n):
+            if done[start]:
+                continue
+            done[start] = 1
+            src = x[start]
+            for f in range(bad.shape[0]):
+                saved[f] = src[f]
+                bad[f] += src[f] - src[f]
+            j = start
+            while True:
+                k = index[j]
+                if k < 0 or k >= n:
+                    return -1
+                dst = x[j]
+                if k == start:
+                    for f in range(bad.shape[0]):
+                        dst[f] = saved[f]
+                    break
+                if done[k]:
+                    return -1
+                src = x[k]
+                for f in range(bad.shape[0]):
+                    dst[f] = src[f]
+                    bad[f] += src[f] - src[f]
+                done[k] = 1
+                j = k
+        return 1 if all_zero(bad) else 0
 
     # The verifier's float64 sums: reassociated and contracted (see the module docstring), nothing else.
     fast = numba.njit(boundscheck=False, nogil=True, cache=True, fastmath={"reassoc", "contract"})
@@ -180,11 +264,69 @@ def _build() -> Kernels | None:
         return s
 
     @fast
+    def widen_sums4(x: Any, i: int, rt: Any, gain: Any, out: Any, sq: Any, g2: Any) -> None:
+        # widen_sums of x's rows i … i + 3 for k = 2 in one loop: each check-vector entry is loaded once for
+        # the four rows (the products were bound by those loads, two float64 per float32 read); with
+        # ``gain`` (a row-length array, or an empty one) also g2[j] = Σ_t (x_jt·γ_t)², in float64
+        r0, r1 = rt[0], rt[1]
+        xa, xb, xc, xd = x[i], x[i + 1], x[i + 2], x[i + 3]
+        sa, sb, sc, sd = 0.0, 0.0, 0.0, 0.0
+        a0, a1, b0, b1, c0, c1, d0, d1 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        for t in range(rt.shape[1]):
+            p, q = r0[t], r1[t]
+            va, vb, vc, vd = np.float64(xa[t]), np.float64(xb[t]), np.float64(xc[t]), np.float64(xd[t])
+            sa += va * va
+            sb += vb * vb
+            sc += vc * vc
+            sd += vd * vd
+            a0 += va * p
+            a1 += va * q
+            b0 += vb * p
+            b1 += vb * q
+            c0 += vc * p
+            c1 += vc * q
+            d0 += vd * p
+            d1 += vd * q
+        out[i, 0], out[i, 1], out[i + 1, 0], out[i + 1, 1] = a0, a1, b0, b1
+        out[i + 2, 0], out[i + 2, 1], out[i + 3, 0], out[i + 3, 1] = c0, c1, d0, d1
+        sq[i], sq[i + 1], sq[i + 2], sq[i + 3] = sa, sb, sc, sd
+        if gain.shape[0] == 0:
+            return
+        ga, gb, gc, gd = 0.0, 0.0, 0.0, 0.0
+        for t in range(rt.shape[1]):
+            gt = np.float64(gain[t])
+            ua, ub = np.float64(xa[t]) * gt, np.float64(xb[t]) * gt
+            uc, ud = np.float64(xc[t]) * gt, np.float64(xd[t]) * gt
+            ga += ua * ua
+            gb += ub * ub
+            gc += uc * uc
+            gd += ud * ud
+        g2[i], g2[i + 1], g2[i + 2], g2[i + 3] = ga, gb, gc, gd
+
+    @fast
+    def project_rows(x: Any, rt: Any, gain: Any, out: Any, sq: Any, g2: Any) -> None:
+        # rows of x: out[i, c] = Σ_t x_it·rt[c, t] and sq[i] = Σ_t x_it², in float64; four rows a loop
+        # for k = 2 (widen_sums4), one row a loop otherwise; with ``gain`` also g2 as in widen_sums4
+        n, w = x.shape
+        blocked = n - n % 4 if rt.shape[0] == 2 else 0
+        for i in range(0, blocked, 4):
+            widen_sums4(x, i, rt, gain, out, sq, g2)
+        buf = np.empty(w, dtype=np.float64)
+        for i in range(blocked, n):
+            row = x[i]
+            sq[i] = widen_sums(row, rt, buf, out[i])
+            if gain.shape[0] != 0:
+                g = 0.0
+                for t in range(w):
+                    gv = np.float64(row[t]) * np.float64(gain[t])
+                    g += gv * gv
+                g2[i] = g
+
+    @fast
     def project64(x: Any, rt: Any, out: Any, sq: Any) -> None:
         # row i: out[i, c] = Σ_t x[i, t]·rt[c, t] and sq[i] = Σ_t x[i, t]², in float64
-        buf = np.empty(rt.shape[1], dtype=np.float64)
-        for i in range(x.shape[0]):
-            sq[i] = widen_sums(x[i], rt, buf, out[i])
+        none = np.empty(0, dtype=np.float64)
+        project_rows(x, rt, none, out, sq, none)
 
     @fast
     def project64_rms(x: Any, gain: Any, eps: float, rt: Any, out: Any, sq: Any) -> None:
@@ -195,19 +337,13 @@ def _build() -> Kernels | None:
         for c in range(k):
             for t in range(w):
                 rg[c, t] = rt[c, t] * np.float64(gain[t])
-        acc = np.empty(k, dtype=np.float64)
-        buf = np.empty(w, dtype=np.float64)
+        s = np.empty(x.shape[0], dtype=np.float64)
+        project_rows(x, rg, gain, out, s, sq)  # out[i] = Σ_t x_t·(γ_t rt[c, t]), s = Σ x², sq = Σ (γx)²
         for i in range(x.shape[0]):
-            row = x[i]
-            s = widen_sums(row, rg, buf, acc)  # Σ_t x_t², and acc[c] = Σ_t x_t·(γ_t rt[c, t])
-            g2 = 0.0
-            for t in range(w):
-                gv = np.float64(row[t]) * np.float64(gain[t])
-                g2 += gv * gv
-            scale = 1.0 / np.sqrt(s / w + eps)
+            scale = 1.0 / np.sqrt(s[i] / w + eps)
             for c in range(k):
-                out[i, c] = scale * acc[c]
-            sq[i] = scale * scale * g2
+                out[i, c] = scale * out[i, c]
+            sq[i] = scale * scale * sq[i]
 
     @fast
     def project64_gate_up(
@@ -215,17 +351,18 @@ def _build() -> Kernels | None:
     ) -> None:
         # row i of gu = [gate up] (2f wide), act = silu(gate) (f wide): out_g[i] and sq_g[i] are project64
         # of the row; m = act ⊙ up, each product rounded in act's dtype (the eager act * up, kept in m), and
-        # out_d[i], sq_d[i] are project64 of m — the row read from memory once
-        f = rd.shape[1]
-        buf = np.empty(2 * f, dtype=np.float64)
-        m = np.empty(f, dtype=act.dtype)
-        for i in range(gu.shape[0]):
-            row, ra = gu[i], act[i]
-            sq_g[i] = widen_sums(row, rg, buf, out_g[i])
-            up = row[f : 2 * f]
-            for t in range(f):
-                m[t] = ra[t] * up[t]
-            sq_d[i] = widen_sums(m, rd, buf, out_d[i])
+        # out_d[i], sq_d[i] are project64 of m — four rows at a time, each read from memory once
+        n, f = gu.shape[0], rd.shape[1]
+        none = np.empty(0, dtype=np.float64)
+        m = np.empty((4, f), dtype=act.dtype)
+        for i in range(0, n, 4):
+            j = min(i + 4, n)
+            project_rows(gu[i:j], rg, none, out_g[i:j], sq_g[i:j], none)
+            for r in range(j - i):
+                ra, up, mr = act[i + r], gu[i + r, f : 2 * f], m[r]
+                for t in range(f):
+                    mr[t] = ra[t] * up[t]
+            project_rows(m[: j - i], rd, none, out_d[i:j], sq_d[i:j], none)
 
     @jit
     def range_excess(v: Any, o: Any, first: int, group: int, d_h: int, acc: Any) -> tuple[float, float]:
@@ -274,6 +411,24 @@ def _build() -> Kernels | None:
         if nan != 0.0:
             return np.nan, np.nan
         return worst, vmax
+
+    @jit
+    def linear_excess(
+        yr: Any, xr: Any, bias_r: Any, xnorm: Any, ynorm: Any, a: Any, b: Any, tiny: float
+    ) -> float:
+        # a Freivalds check's verdict in one pass: residual e_ic = (yr_ic − xr_ic) − bias_r_c against
+        # τ_ic = xnorm_i·a_c + ynorm_i·b_c, each rounded as the eager numpy expressions (no contraction).
+        # Returns max |e_ic| / max(τ_ic, tiny) (0 with no rows), or NaN when a ratio or a τ is not finite
+        worst, bad = 0.0, False
+        for i in range(yr.shape[0]):
+            for c in range(yr.shape[1]):
+                e = (yr[i, c] - xr[i, c]) - bias_r[c]
+                tau = xnorm[i] * a[c] + ynorm[i] * b[c]
+                ratio = abs(e) / max(tau, tiny)
+                if not (np.isfinite(ratio) and np.isfinite(tau)):
+                    bad = True
+                worst = ratio if ratio > worst else worst
+        return np.nan if bad else worst
 
     @fast
     def attention_rows64(
@@ -335,9 +490,12 @@ def _build() -> Kernels | None:
         rope_take,
         take_rows_cols_concat,
         gather_sum,
+        add_rows,
+        permute_rows,
         project64,
         project64_rms,
         project64_gate_up,
         range_excess,
         attention_rows64,
+        linear_excess,
     )

@@ -165,10 +165,15 @@ class NumpyBackend(NumpyOps):
         positions: IndexArray,
         rope_index: IndexArray,
         plain_index: IndexArray,
+        *,
+        name: str | None = None,
     ) -> tuple[FloatArray, FloatArray]:
-        """The definition as written: gather the rows, RoPE the first w columns, gather the columns."""
+        """The definition as written: gather the rows (scanned with ``name``), RoPE the first w columns,
+        gather the columns."""
         dh, w = self.config.head_dim, len(rope_index)
         t = self.take_rows(x, rows)
+        if name is not None:
+            t = self.floating(t, name)
         n = t.shape[0]
         roped = self.rope(t[:, :w].reshape(n, w // dh, dh), np.asarray(positions)).reshape(n, w)
         plain = t[:, w:][:, np.asarray(plain_index, dtype=np.int64)]

@@ -327,24 +327,43 @@ class TorchOps:
         return kernels()
 
     def take_rows_cols_concat(
-        self, x: torch.Tensor, cols: IndexArray, extra: torch.Tensor, index: IndexArray
+        self,
+        x: torch.Tensor,
+        cols: IndexArray,
+        extra: torch.Tensor,
+        index: IndexArray,
+        *,
+        name: str | None = None,
     ) -> torch.Tensor:
-        """``cat([x[:, cols], extra])[index]``: one fused pass on CPU (:mod:`.cpu_kernels`), else a column
-        gather of x and :meth:`take_rows_concat`."""
+        """``cat([x[:, cols], extra])[index]``: one fused pass on CPU (:mod:`.cpu_kernels`; with ``name``
+        it also tells whether every entry is finite), else a column gather of x and
+        :meth:`take_rows_concat` (then a scan with ``name``)."""
         k = self._fused(x, extra)
         if k is None:
-            return self.take_rows_concat([self.take_last(x, cols), extra], index)
+            out = self.take_rows_concat([self.take_last(x, cols), extra], index)
+            return out if name is None else self.floating(out, name)
         idx = np.ascontiguousarray(index, dtype=np.int64)
         out = torch.empty((idx.shape[0], len(cols)), dtype=self.dtype)
         cols_u = column_index(cols)
-        k.take_rows_cols_concat(_np(x), cols_u, _np(extra).reshape(-1, len(cols)), idx, out.numpy())
-        return out
+        o = out.numpy()
+        finite = k.take_rows_cols_concat(
+            _np(x), cols_u, _np(extra).reshape(-1, len(cols)), idx, o, np.empty(len(cols), o.dtype)
+        )
+        return self._finite_or_raise(out, name, bool(finite))
 
     def gather_sum(
-        self, s: torch.Tensor, from_s: IndexArray, y: torch.Tensor, from_y: IndexArray, extra: torch.Tensor
+        self,
+        s: torch.Tensor,
+        from_s: IndexArray,
+        y: torch.Tensor,
+        from_y: IndexArray,
+        extra: torch.Tensor,
+        *,
+        name: str | None = None,
     ) -> torch.Tensor:
         """Rows ``s[from_s] + y[from_y]``, decoy rows (``from_y < 0``) copied from ``extra[from_s]``: one
-        fused pass on CPU (:mod:`.cpu_kernels`), else two gathers and an add in the first one's memory."""
+        fused pass on CPU (:mod:`.cpu_kernels`; with ``name`` it also tells whether every entry is
+        finite), else two gathers and an add in the first one's memory (then a scan with ``name``)."""
         fs, fy = np.ascontiguousarray(from_s, dtype=np.int64), np.ascontiguousarray(from_y, dtype=np.int64)
         k = self._fused(s, y, extra)
         if k is None:
@@ -352,18 +371,45 @@ class TorchOps:
             first = self.take_rows_concat([s, extra], np.where(real, fs, fs + s.shape[0]))
             zero = torch.zeros((1, y.shape[1]), dtype=self.dtype, device=self.device)
             # decoy rows add a row of zeros: the same value (−0 turns +0, equal under ==)
-            return self.add_into(first, self.take_rows_concat([y, zero], np.where(real, fy, y.shape[0])))
+            out = self.add_into(first, self.take_rows_concat([y, zero], np.where(real, fy, y.shape[0])))
+            return out if name is None else self.floating(out, name)
         out = torch.empty((fs.shape[0], s.shape[1]), dtype=self.dtype)
-        k.gather_sum(_np(s), fs, _np(y), fy, _np(extra).reshape(-1, s.shape[1]), out.numpy())
+        o = out.numpy()
+        finite = k.gather_sum(
+            _np(s), fs, _np(y), fy, _np(extra).reshape(-1, s.shape[1]), o, np.empty(s.shape[1], o.dtype)
+        )
+        return self._finite_or_raise(out, name, bool(finite))
+
+    @staticmethod
+    def _finite_or_raise(out: torch.Tensor, name: str | None, finite: bool) -> torch.Tensor:
+        """``out``, or NonFiniteError when a name is given and a fused kernel found an entry not finite."""
+        if name is not None and not finite:
+            raise NonFiniteError(f"{name} holds NaN or Inf")
         return out
 
-    def take_rows_in_place(self, x: torch.Tensor, index: IndexArray) -> torch.Tensor:
-        """``x[index]`` over x's memory: on CPU, cycle by cycle through numpy's view of the tensor; on
-        another device (or a dtype numpy lacks) one gather copied back."""
+    def take_rows_in_place(
+        self, x: torch.Tensor, index: IndexArray, *, name: str | None = None
+    ) -> torch.Tensor:
+        """``x[index]`` over x's memory: on CPU, cycle by cycle through numpy's view of the tensor (with
+        ``name`` testing every entry for finiteness as it moves: :mod:`.cpu_kernels`); on another device
+        (or a dtype numpy lacks) one gather copied back (then a scan with ``name``)."""
         if x.device.type == "cpu" and x.is_contiguous() and x.dtype not in _LOW:
-            permute_rows_in_place(x.detach().numpy(), index)
-            return x
-        return x.copy_(x.index_select(0, self._idx(index)))
+            k = self._fused(x) if name is not None and x.dim() == 2 else None
+            if k is None:
+                permute_rows_in_place(x.detach().numpy(), index)
+                return x if name is None else self.floating(x, name)
+            a = x.detach().numpy()
+            idx = np.ascontiguousarray(index, dtype=np.int64)
+            if idx.shape != (a.shape[0],):
+                raise ShapeError(
+                    f"a permutation of {idx.shape[0]} rows cannot reorder an array of {a.shape[0]}"
+                )
+            got = k.permute_rows(a, idx, np.empty(a.shape[1], a.dtype), np.empty(a.shape[1], a.dtype))
+            if got < 0:
+                raise ShapeError("the index is not a permutation of the rows")
+            return self._finite_or_raise(x, name, got == 1)
+        out = x.copy_(x.index_select(0, self._idx(index)))
+        return out if name is None else self.floating(out, name)
 
     def compact(self, x: torch.Tensor) -> torch.Tensor:
         """A contiguous copy of ``x`` (its own storage)."""
@@ -383,8 +429,19 @@ class TorchOps:
         return tuple(int(s) for s in x.shape)
 
     # -- arithmetic ------------------------------------------------------------------------------
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return x + y
+    def add(self, x: torch.Tensor, y: torch.Tensor, *, name: str | None = None) -> torch.Tensor:
+        """x + y; with ``name`` on CPU one fused pass that also tests every entry for finiteness
+        (:mod:`.cpu_kernels`, 2-D arrays of one shape), else the sum then a scan."""
+        if name is None:
+            return x + y
+        k = self._fused(x, y)
+        if k is None or x.dim() != 2 or x.shape != y.shape:
+            return self.floating(x + y, name)
+        out = torch.empty(x.shape, dtype=self.dtype)
+        o = out.numpy()
+        return self._finite_or_raise(
+            out, name, bool(k.add_rows(_np(x), _np(y), o, np.empty(o.shape[1], o.dtype)))
+        )
 
     def add_into(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x + y in x's memory when the result keeps x's dtype and shape (no fresh multi-MB tensor: on
@@ -743,17 +800,22 @@ class TorchBackend(TorchOps):
         positions: IndexArray,
         rope_index: IndexArray,
         plain_index: IndexArray,
+        *,
+        name: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``x[rows]`` split at w = len(``rope_index``) columns: the first w RoPE'd head by head and
         gathered by ``rope_index``, the rest gathered by ``plain_index`` (Backend.rope_take). On CPU one
         fused pass (:mod:`.cpu_kernels`: each row read once, the rotation in a row-sized buffer, the same
-        per-element operations as :meth:`rope`), else a row gather, :meth:`rope` and two column gathers."""
+        per-element operations as :meth:`rope`; with ``name`` each row read is tested for finiteness in
+        it), else a row gather (then scanned with ``name``), :meth:`rope` and two column gathers."""
         dh, w = self.config.head_dim, len(rope_index)
         rows_a = np.ascontiguousarray(rows, dtype=np.int64)
         n = rows_a.shape[0]
         k = self._fused(x)
         if k is None:
             t = self.take_rows(x, rows_a)
+            if name is not None:
+                t = self.floating(t, name)
             roped = self.rope(t.narrow(1, 0, w).reshape(n, w // dh, dh), positions).reshape(n, w)
             plain = self.take_last(t.narrow(1, w, t.shape[1] - w), plain_index)
             return self.take_last(roped, rope_index).reshape(n, -1, dh), plain.reshape(n, -1, dh)
@@ -762,8 +824,9 @@ class TorchBackend(TorchOps):
             raise ShapeError(f"{cos.shape[0]} positions for {n} rows")
         out_rope = torch.empty((n, w // dh, dh), dtype=self.dtype)
         out_plain = torch.empty((n, len(plain_index) // dh, dh), dtype=self.dtype)
-        k.rope_take(
-            _np(x),
+        xa = _np(x)
+        finite = k.rope_take(
+            xa,
             rows_a,
             _np(cos),
             _np(sin),
@@ -772,7 +835,9 @@ class TorchBackend(TorchOps):
             dh,
             out_rope.numpy().reshape(n, w),
             out_plain.numpy().reshape(n, -1),
+            np.empty(xa.shape[1], xa.dtype),
         )
+        self._finite_or_raise(out_rope, name, bool(finite))
         return out_rope, out_plain
 
     def attention(

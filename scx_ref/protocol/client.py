@@ -34,16 +34,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from ..backends.base import A, Backend, IndexArray, NormName, WeightName, out_width, split_qkv
-from ..errors import IntegrityError, ProtocolError, SCXError, SessionError, note_tokens
+from ..errors import IntegrityError, NonFiniteError, ProtocolError, SCXError, SessionError, note_tokens
 from ..keys import KeySchedule
 from ..stages import Stage
 from ..transforms import (
+    Permutation,
     blind,
     decode_qkv_heads,
     decode_rows,
@@ -71,6 +72,8 @@ if TYPE_CHECKING:
     from .pool import MaskPool
 
 __all__ = ["Client"]
+
+T = TypeVar("T")
 
 
 def _prompt(ids: Any) -> npt.NDArray[Any]:
@@ -192,7 +195,7 @@ class Client(Generic[A]):
         """Send one message of the open session and return the reply's arrays once their structure
         passed (:func:`~scx_ref.protocol.verify.check_reply`) with the unit roundoff their value checks
         assume. Any failure marks the session failed; nothing is sent on a failed or closed session.
-        ``value_checked``: reply arrays whose Freivalds check follows (it refuses what is not finite)."""
+        ``value_checked``: reply arrays whose value check follows (it refuses what is not finite)."""
         st = self._require()
         req = Request(st.keys.session_id, stage, layer, step, st.seq, arrays, meta, st.token)
         try:
@@ -229,6 +232,28 @@ class Client(Generic[A]):
                 self.sketches.rotate()
             raise
 
+    def _consume(self, stage: Stage, build: Callable[[], T]) -> T:
+        """Build the next message (or the output) from a reply whose finiteness ``build`` tests in the
+        pass that reads it (a reply named in :meth:`_send`'s ``value_checked``): a NonFiniteError there is
+        the reply's fault — IntegrityError, the session failed, nothing sent."""
+
+        def run() -> T:
+            try:
+                return build()
+            except NonFiniteError as exc:
+                raise IntegrityError(f"{stage.value}: {exc}") from exc
+
+        result: T = self._guard(run)
+        return result
+
+    def _dropped_finite(self, stage: Stage, y: A, perm: Permutation, n: int, name: str) -> None:
+        """The decoy rows of an encoded reply ``y`` (those holding tokens n, n + 1, … under ``perm``),
+        which its consumer drops unread, tested finite: a reply is refused whole, whichever of its rows
+        holds a NaN or ±inf (IntegrityError, the session failed)."""
+        rows = perm.inverse[n:]
+        if rows.size and not np.isfinite(self.b.rows_to_numpy(y, rows)).all():
+            self._guard(self._raise(IntegrityError(f"{stage.value}: {name} holds NaN or Inf")))
+
     def _verify(self, stage: Stage, check: Callable[[SessionVerifier[A]], None]) -> None:
         """Run a value check with this session's verifier (none when verification is off); meter it."""
         v = self._require().verifier
@@ -257,12 +282,14 @@ class Client(Generic[A]):
         arr_key: str = "x",
         expert: int | None = None,
         norm: NormName | None = None,
+        consumed: bool = False,
         **meta: Any,
     ) -> A:
         """A linear stage of the server on rows ``x``: blinded (T5) when the release plan noises this
         message — send x + η, return the reply − ηW = xW (+ b) — else x itself. ``norm``: the server
         applies that RMSNorm first (un-blinded QKV and head stages). The reply is verified (Freivalds, on
-        what was sent) before it is unblinded or used."""
+        what was sent) before it is unblinded or used. ``consumed``: the caller tests the reply's
+        finiteness in the pass that reads it (see :meth:`_consume`), so it is not scanned on arrival."""
         b = self.b
         experts = None if expert is None else np.array([expert], dtype=np.int64)
         if experts is not None:
@@ -272,7 +299,7 @@ class Client(Generic[A]):
         wl = -1 if which == "lm_head" else layer
         norm_layer = -1 if norm == "final" else layer
         release = self.plan.find(stage, layer, expert)
-        checked = (reply_key,) if self._require().verifier is not None else ()
+        checked = (reply_key,) if self._require().verifier is not None or consumed else ()
         if release is None:
             got, u = self._send(link, stage, layer, step, {arr_key: x}, expect, value_checked=checked, **meta)
             y = got[reply_key]
@@ -295,13 +322,17 @@ class Client(Generic[A]):
         out = unblind(bb.floating(y, "reply", finite=False), correction, bb)
         return b.floating(out, "unblinded", finite=False) if self.wide else out
 
-    def _mlp_stage(self, link: Transport, stage: Stage, layer: int, step: int, x: A) -> A:
+    def _mlp_stage(
+        self, link: Transport, stage: Stage, layer: int, step: int, x: A, *, consumed: bool = False
+    ) -> A:
         """The server's norm + MLP on rows ``x`` in one message (un-blinded FFN stages): with verification
-        on, the reply carries the MLP's intermediates and is checked before use."""
+        on, the reply carries the MLP's intermediates and is checked before use. ``consumed``: the caller
+        tests the reply's finiteness in the pass that reads it (see :meth:`_consume`)."""
         rows, d = self.b.nrows(x), self.c.hidden_size
         v = self._require().verifier
         if v is None:
-            got, _ = self._send(link, stage, layer, step, {"x": x}, {"y": (rows, d)})
+            checked = ("y",) if consumed else ()
+            got, _ = self._send(link, stage, layer, step, {"x": x}, {"y": (rows, d)}, value_checked=checked)
             return got["y"]
         expect = v.mlp_expect(rows)
         got, u = self._send(
@@ -459,9 +490,12 @@ class Client(Generic[A]):
         for a guard block, its RoPE'd keys and values in true order (n × H_kv × d_h); None for the others."""
         b, c, cfg = self.b, self.c, self.cfg
         assert self.state is not None
-        prep = self.state.prep
+        prep, verifier = self.state.prep, self.state.verifier
         keys = prep.block(i)
         n = len(pos)
+        # a decoy policy that draws from the real rows reads a reply before the pass that tests it: the
+        # replies it reads are scanned on arrival instead
+        needs_real = prep.decoy_policy.needs_real
         # 1. QKV stage: E = π_i(X ⊕ R) (+ α_i, with the client's norm: row-wise, so it commutes with π_i)
         normalized = self._blinded(Stage.QKV, i)
         rows = s
@@ -479,6 +513,7 @@ class Client(Generic[A]):
             norm=None if normalized else "attn",
             normalized=normalized,
             commit=keys.commit,
+            consumed=i not in self.client_attention,  # decode_qkv_heads tests the rows it reads
         )
         heads, kv_heads, d_h, g = c.n_heads, c.n_kv_heads, c.head_dim, c.group_size
         # 2. attention stage: Q P_i, K P_i, V P_i in true row order, RoPE'd — or, in a guard block with
@@ -495,13 +530,25 @@ class Client(Generic[A]):
             o_rows = encode_rows(o, self._decoys(Stage.O, i, cfg.r2, o), keys.pi_o, b)
         else:
             # T1 + T2 decode, RoPE and T3 encode in one pass over the reply's real rows
-            qk_p, v_p = decode_qkv_heads(z, keys.pi, n, pos, keys.head, g, b)
+            self._dropped_finite(Stage.QKV, z, keys.pi, n, "reply qkv.z")
+            qk_p, v_p = self._consume(
+                Stage.QKV, lambda: decode_qkv_heads(z, keys.pi, n, pos, keys.head, g, b, name="reply qkv.z")
+            )
             sent = {
                 "q": b.narrow(qk_p, 1, 0, heads),
                 "k": b.narrow(qk_p, 1, heads, heads + kv_heads),
                 "v": v_p,
             }
-            got, u = self._send(link, Stage.ATTN, i, -1, sent, {"o": (n, c.n_heads, c.head_dim)})
+            got, u = self._send(
+                link,
+                Stage.ATTN,
+                i,
+                -1,
+                sent,
+                {"o": (n, c.n_heads, c.head_dim)},
+                # the range check (verified) or the O stage's encoding (below) reads every entry next
+                value_checked=("o",) if verifier is not None or not needs_real else (),
+            )
             o = got["o"]
             self._verify(
                 Stage.ATTN,
@@ -514,26 +561,34 @@ class Client(Generic[A]):
                 v = head_unpermute(v_p, keys.head, 1, b)
             # 3. O stage: π′_i(O ⊕ R′) — T3 decode and T1 + T2 encode in one pass
             real = None
-            if prep.decoy_policy.needs_real:  # a policy that looks at the real rows: O in true order
+            if needs_real:  # a policy that looks at the real rows: O in true order
                 real = b.reshape(head_unpermute(o, keys.head, g, b), (n, c.q_dim))
-            o_rows = encode_head_rows(o, keys.head, g, self._decoys(Stage.O, i, cfg.r2, real), keys.pi_o, b)
+            o_dec = self._decoys(Stage.O, i, cfg.r2, real)
+            # the message tests every entry of o as it is written
+            o_rows = self._consume(Stage.ATTN, lambda: encode_head_rows(o, keys.head, g, o_dec, keys.pi_o, b))
         self.meter.elementwise(Stage.QKV, 3 * n * (c.q_dim + c.kv_dim))
-        y = self._linear(link, Stage.O, i, -1, o_rows, "wo")
+        y = self._linear(link, Stage.O, i, -1, o_rows, "wo", consumed=not needs_real)
         # 4. FFN stage under π_{i+1} on H′ = H + O·W_o: the residual add carried from π_i (s) and π′_i
         #    (y) straight to π_{i+1} with fresh decoys, which ride on into block i+1's QKV stage
         real = None
-        if prep.decoy_policy.needs_real:  # a policy that looks at the real rows: H′ in true order
+        if needs_real:  # a policy that looks at the real rows: H′ in true order
             real = b.add(decode_rows(s, keys.pi, n, b), decode_rows(y, keys.pi_o, n, b))
         decoys = self._decoys(Stage.FFN, i, cfg.r1, real)
-        rows = reencode_sum(s, keys.pi, y, keys.pi_o, decoys, prep.token_perm(i + 1), b)
+        if not needs_real:  # the sum below tests y's real rows as it writes them
+            self._dropped_finite(Stage.O, y, keys.pi_o, n, "reply o.y")
+        perm = prep.token_perm(i + 1)
+        rows = self._consume(Stage.O, lambda: reencode_sum(s, keys.pi, y, keys.pi_o, decoys, perm, b))
         if self._blinded(Stage.FFN, i):
             xn = b.norm(rows, "mlp", i)  # row-wise: commutes with π_{i+1}
             y = self._blinded_mlp(link, i, -1, xn, Stage.FFN, Stage.FFN_DOWN, Stage.ROUTER)
+            nxt = b.add(rows, y)
         else:
-            y = self._mlp_stage(link, Stage.FFN, i, -1, rows)
+            y = self._mlp_stage(link, Stage.FFN, i, -1, rows, consumed=True)
+            # the residual add tests every entry of the sum (so of y) as it writes it
+            nxt = self._consume(Stage.FFN, lambda: b.add(rows, y, name="reply ffn.y (in the residual sum)"))
         self.meter.elementwise(Stage.FFN, 2 * (n + cfg.r1) * c.hidden_size)
         # the residual add in encoded order: π(H ⊕ R) + π(MLP rows) = π(H′ ⊕ R′), block i+1's QKV rows (T1)
-        return b.add(rows, y), k_rope, v
+        return nxt, k_rope, v
 
     def _prefill_head(self, link: Transport, s: A) -> npt.NDArray[Any]:
         """The LM-head stage on ``s`` = π_L(H ⊕ R); returns the n real rows' logits in true order."""
@@ -554,9 +609,15 @@ class Client(Generic[A]):
             reply_key="logits",
             norm=None if normalized else "final",
             normalized=normalized,
+            consumed=True,
         )
-        # T1 + T2 decode straight to numpy, in the reply's own memory (no second n × V array)
-        return decode_rows_numpy(logits, prep.token_perm(L), prep.n, b, in_place=True)
+        # T1 + T2 decode straight to numpy, in the reply's own memory (no second n × V array), testing
+        # every entry as it moves
+        perm = prep.token_perm(L)
+        return self._consume(
+            Stage.HEAD,
+            lambda: decode_rows_numpy(logits, perm, prep.n, b, in_place=True, name="reply head.logits"),
+        )
 
     def _blinded_mlp(
         self, link: Transport, i: int, step: int, xn: A, up: Stage, down: Stage, router: Stage
@@ -691,7 +752,16 @@ class Client(Generic[A]):
                 "k": head_permute(keys, hp, 1, b),
                 "v": head_permute(values, hp, 1, b),
             }
-            got, u = self._send(link, Stage.GEN_ATTN, i, t, sent, {"o": (1, c.n_heads, c.head_dim)})
+            got, u = self._send(
+                link,
+                Stage.GEN_ATTN,
+                i,
+                t,
+                sent,
+                {"o": (1, c.n_heads, c.head_dim)},
+                # the range check reads every entry next
+                value_checked=("o",) if self._require().verifier is not None else (),
+            )
             o = got["o"]
             m = b.nrows(keys)
             self._verify(

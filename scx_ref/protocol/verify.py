@@ -257,6 +257,32 @@ def attention_rows64(
     return np.ascontiguousarray(want), kcum[pos], vcum[pos]
 
 
+def excess_ratio(residual: F64, tau: F64) -> float:
+    """A check's verdict: max |residual| / max(τ, tiny) over its entries (0.0 with none), or NaN when any
+    ratio or any τ is not finite (a NaN or ±inf residual, an infinite τ that would accept anything)."""
+    if residual.size == 0:
+        return 0.0
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # inf / inf is NaN: refused
+        ratio = float(np.max(np.abs(residual) / np.maximum(tau, _TINY)))
+    if not (math.isfinite(ratio) and math.isfinite(float(tau.max())) and math.isfinite(float(tau.min()))):
+        return math.nan
+    return ratio
+
+
+def linear_excess(yr: F64, xr: F64, bias_r: F64, xnorm: F64, ynorm: F64, a: F64, b: F64) -> float:
+    """A Freivalds check's verdict (rows × k): :func:`excess_ratio` of the residual (yr − xr) − bias_r
+    against τ = ‖x̂_i‖·a + ‖y_i‖·b. One pass where the CPU kernels are installed
+    (:mod:`scx_ref.backends.cpu_kernels`), else numpy expressions; both round the same operations in the
+    same order (float64, no fused multiply-add), so they return the same value."""
+    k = kernels()
+    arrays = (yr, xr, bias_r, xnorm, ynorm, a, b)
+    if k is not None and yr.size and all(x.dtype == np.float64 for x in arrays):
+        return float(k.linear_excess(yr, xr, bias_r, xnorm, ynorm, a, b, _TINY))
+    tau: F64 = np.multiply.outer(xnorm, a)
+    tau += np.multiply.outer(ynorm, b)
+    return excess_ratio(yr - xr - bias_r[None, :], tau)
+
+
 def check_reply(
     b: Backend[A],
     req: Request,
@@ -269,11 +295,12 @@ def check_reply(
     of its shape and finite; and the unit roundoff the value checks must assume (the coarser of the
     client's dtype and the replies'). IntegrityError otherwise.
 
-    Arrays named in ``value_checked`` are not scanned for finiteness here: the caller's Freivalds check
-    of them (:meth:`SessionVerifier.linear`, :meth:`SessionVerifier.mlp`) follows before anything uses
-    them, and it sums every entry's square into the row norms of its tolerance τ — an entry that is
-    NaN or ±inf makes τ not finite, which the check refuses (IntegrityError) — so the scan would read
-    the reply a second time for nothing."""
+    Arrays named in ``value_checked`` are not scanned for finiteness here: the caller's value check of
+    them follows before anything uses them and reads every entry — a Freivalds check
+    (:meth:`SessionVerifier.linear`, :meth:`SessionVerifier.mlp`) sums each entry's square into the row
+    norms of its tolerance τ, the attention range check (:meth:`SessionVerifier.attention`) compares
+    each entry with its values' range — and an entry that is NaN or ±inf makes that check's result not
+    finite, which it refuses (IntegrityError); the scan would read the reply a second time for nothing."""
     if not isinstance(reply, Reply):
         raise IntegrityError(f"{req.stage.value}: the reply is a {type(reply).__name__}, not a Reply")
     got = (reply.session, reply.stage, reply.layer, reply.step, reply.seq)
@@ -384,20 +411,50 @@ class _Check:
     w_fro: float
     bias_r: F64
 
+    memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, compare=False, repr=False)
+
     def first(self, k: int) -> _Check:
-        """The same check with its first ``k`` vectors only."""
+        """The same check with its first ``k`` vectors only (made once per k)."""
         if k >= self.r.shape[1]:
             return self
-        return _Check(
-            self.r[:, :k],
-            self.wr[:, :k],
-            self.rho[:k],
-            self.wr_norm[:k],
-            self.r_inf[:k],
-            self.r_norm[:k],
-            self.w_fro,
-            self.bias_r[:k],
-        )
+        got: _Check | None = self.memo.get(("first", k))
+        if got is None:
+            got = _Check(
+                self.r[:, :k],
+                self.wr[:, :k],
+                self.rho[:k],
+                self.wr_norm[:k],
+                self.r_inf[:k],
+                self.r_norm[:k],
+                self.w_fro,
+                self.bias_r[:k],
+            )
+            self.memo[("first", k)] = got
+        return got
+
+    def tau_terms(self, u: float, extra_out: float, input_slack: float) -> tuple[F64, F64]:
+        """τ's terms per vector, grouped by the row norm they scale: τ_i = ‖x̂_i‖·a + ‖y_i‖·b (the module
+        docstring's derivation; in = rows of W r, out = rows of r); ``extra_out``: more output roundings
+        per entry (an MoE's weighted sum over slots); ``input_slack``: see :meth:`SessionVerifier.linear`.
+        Computed once per check and arguments."""
+        key = ("tau", u, extra_out, input_slack)
+        got: tuple[F64, F64] | None = self.memo.get(key)
+        if got is None:
+            # per vector in Python floats (the same float64 operations as the array expressions, without
+            # a dozen array calls on k-element arrays)
+            n_in, n_out = self.wr.shape[0], self.r.shape[0]
+            s_in, s_out, wf = math.sqrt(n_in), math.sqrt(n_out), self.w_fro
+            a_c, b_c = [], []
+            norms = (self.rho.tolist(), self.wr_norm.tolist(), self.r_inf.tolist(), self.r_norm.tolist())
+            for rho, wrn, rinf, rn in zip(*norms, strict=True):
+                # the server's product and input, then the client's float64 arithmetic
+                server = u * ((s_in + 2.0) * rho + input_slack * wrn)
+                a_c.append(LAMBDA * (server + _U64 * ((s_in + 6.0) * wrn + s_out * wf * rn)))
+                b_c.append(LAMBDA * (u * (1.0 + extra_out) * rinf + _U64 * s_out * rn))
+            a, b = np.array(a_c), np.array(b_c)
+            got = (a, b)
+            self.memo[key] = got
+        return got
 
 
 @dataclass
@@ -512,11 +569,13 @@ class SessionVerifier(Generic[A]):
 
     def _judge(self, stage: Stage, layer: int, residual: F64, tau: F64, what: str) -> None:
         """Accept iff every |residual| ≤ τ (both finite); record the worst ratio."""
-        self.checks += int(residual.size)
-        # a NaN or ±inf residual, or a NaN τ, makes the ratio NaN or inf; an infinite τ shows in its max
-        with np.errstate(invalid="ignore", over="ignore"):  # inf / inf is NaN: refused below
-            ratio = float(np.max(np.abs(residual) / np.maximum(tau, _TINY))) if residual.size else 0.0
-        if not (math.isfinite(ratio) and (tau.size == 0 or math.isfinite(float(tau.max())))):
+        self._accept(stage, layer, excess_ratio(residual, tau), int(residual.size), what)
+
+    def _accept(self, stage: Stage, layer: int, ratio: float, checks: int, what: str) -> None:
+        """Accept a check whose largest |residual|/τ is ``ratio`` (:func:`excess_ratio`; NaN when not finite)
+        over ``checks`` entries iff ratio ≤ 1; record it."""
+        self.checks += checks
+        if not math.isfinite(ratio):
             raise IntegrityError(f"{stage.value} of block {layer}: {what} is not finite")
         if ratio > 1.0:
             raise IntegrityError(
@@ -562,30 +621,16 @@ class SessionVerifier(Generic[A]):
     ) -> None:
         """Accept y = x̂·W (+ b) from the products (y·r, ‖y_i‖) and (x̂·W r, ‖x̂_i‖) of the check ``ch``."""
         (yr, ynorm), (xr, xnorm) = y, x
-        residual = yr - xr - ch.bias_r[None, :]
-        tau = self._linear_tau(u, ch.wr.shape[0], ch.r.shape[0], xnorm, ynorm, ch, 0.0, input_slack)
-        self._judge(stage, layer, residual, tau, f"the {which} product")
+        a, b = ch.tau_terms(u, 0.0, input_slack)
+        ratio = linear_excess(yr, xr, ch.bias_r, xnorm, ynorm, a, b)
+        self._accept(stage, layer, ratio, int(yr.size), f"the {which} product")
 
+    @staticmethod
     def _linear_tau(
-        self,
-        u: float,
-        n_in: int,
-        n_out: int,
-        xnorm: F64,
-        ynorm: F64,
-        ch: _Check,
-        extra_out: float,
-        input_slack: float,
+        xnorm: F64, ynorm: F64, ch: _Check, u: float, extra_out: float, input_slack: float
     ) -> F64:
-        """τ per row and vector (the module docstring's derivation); ``extra_out``: more output roundings
-        per entry (an MoE's weighted sum over slots); ``input_slack``: see :meth:`linear`."""
-        # τ = ‖x̂_i‖·a + ‖y_i‖·b per vector, the terms grouped by the row norm they scale
-        a = LAMBDA * (
-            u * ((math.sqrt(n_in) + 2.0) * ch.rho + input_slack * ch.wr_norm)  # the server's product, input
-            + _U64
-            * ((math.sqrt(n_in) + 6.0) * ch.wr_norm + math.sqrt(n_out) * ch.w_fro * ch.r_norm)  # client
-        )
-        b = LAMBDA * (u * (1.0 + extra_out) * ch.r_inf + _U64 * math.sqrt(n_out) * ch.r_norm)
+        """τ per row and vector, ‖x̂_i‖·a + ‖y_i‖·b with (a, b) of :meth:`_Check.tau_terms`."""
+        a, b = ch.tau_terms(u, extra_out, input_slack)
         out: F64 = np.multiply.outer(xnorm, a)
         out += np.multiply.outer(ynorm, b)
         return out
@@ -633,7 +678,7 @@ class SessionVerifier(Generic[A]):
             )
             return
         xh = b.norm(x, "mlp", layer)
-        rows, k, f, d = b.nrows(xh), c.top_k, c.intermediate_size, c.hidden_size
+        rows, k, f = b.nrows(xh), c.top_k, c.intermediate_size
         self.linear(stage, layer, xh, reply["router"], "router", u, input_slack=normed)
         top, weights = route(b.to_numpy(reply["router"]), k)
         gu_flat = b.reshape(gu, (rows * k, 2 * f))
@@ -665,7 +710,7 @@ class SessionVerifier(Generic[A]):
             np.add.at(rho_w, hit_rows, np.abs(w)[:, None] * mnorm[:, None] * term[None, :])
         yr, ynorm = self._project_rows(y, down.r)
         residual = yr - pred
-        tau = self._linear_tau(u, f, d, np.zeros(rows), ynorm, down, float(k), 0.0)
+        tau = self._linear_tau(np.zeros(rows), ynorm, down, u, float(k), 0.0)
         tau = tau + LAMBDA * u * rho_w  # Σ_slots |w|·‖m‖·((√f + 2)ρ_e + 5‖W_e r‖)
         tau = tau + LAMBDA * _U64 * math.sqrt(f) * mnorm_w[:, None] * down.wr_norm[None, :]
         self._judge(stage, layer, residual, tau, "the experts' down products")
