@@ -120,3 +120,30 @@ def test_split_time_parts_are_positive(capsys: pytest.CaptureFixture[str]) -> No
     import scx_ref
 
     assert f"scx_ref from {scx_ref.__file__}" in out  # names the checkout that ran (an A/B's provenance)
+
+
+def test_client_ab_times_both_checkouts(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """models.client_ab times this checkout's client against another checkout's — here this very one, copied
+    and imported as ``scx_ref_other`` — in one process (a tiny registered model, four rounds), and refuses a
+    directory without a scx_ref package."""
+    import sys
+    from pathlib import Path
+
+    from models.client_ab import OTHER, main
+
+    monkeypatch.setenv("SCX_NUMBA", "0")  # the copy's kernels would compile afresh: eager ops here
+    root = Path(__file__).resolve().parents[1]
+    assert main(["--other", str(root), "--model", "tiny-llama", "--n", "6", "--rounds", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == [
+        "tiny-llama n=6 threads=1 verify=True",
+        "tiny-llama n=6 threads=1 verify=False",
+    ]
+    assert all("this − other per round" in line for line in out)
+    assert (
+        sys.modules[OTHER].__file__ is not None and "scx_ref" not in Path(sys.modules[OTHER].__file__).parts
+    )
+    with pytest.raises(SystemExit, match="no scx_ref package"):
+        main(["--other", str(root / "tests"), "--model", "tiny-llama", "--n", "6", "--rounds", "4"])

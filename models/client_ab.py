@@ -1,0 +1,157 @@
+"""The client's time per SCX prefill, this checkout's ``scx_ref`` against another checkout's, in one process.
+
+``scx bench`` and :mod:`models.split_time` compare SCX with Hugging Face; across two checkouts they must run
+in two processes, minutes apart, on a machine whose speed drifts by more than a change to the client. This
+module loads the other checkout's ``scx_ref`` too — copied to a temporary directory as the package
+``scx_ref_other`` (the package imports itself only by relative imports, so the copy is self-contained) — and
+times both clients on the same weights in alternating rounds, each round's order reversed from the last.
+The client's time is a prefill's wall time minus the server's ``handle`` calls within it (the servers are
+the same code path on both sides; their time is printed too). Keys are derived ahead and not timed. For
+each verification setting it prints both medians and the median of the per-round differences (this
+checkout − the other) with its quartiles: a paired difference, steadier than either median. The copy's numba
+kernels compile afresh in each run (its disk cache lives in the copy), inside the untimed warm-up round.
+
+Run: ``python -m models.client_ab --other ../old-checkout [--n 512] [--threads 1] [--rounds 9] [--verify
+both|on|off] [--model smollm2]``. A benchmark: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+OTHER = "scx_ref_other"
+
+
+def load_other(checkout: Path, into: Path) -> ModuleType:
+    """The ``scx_ref`` package of ``checkout`` imported as :data:`OTHER` (copied under ``into``)."""
+    src = checkout / "scx_ref"
+    if not (src / "__init__.py").is_file():
+        raise SystemExit(f"{checkout} has no scx_ref package")
+    shutil.copytree(src, into / OTHER, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in [m for m in sys.modules if m == OTHER or m.startswith(OTHER + ".")]:
+        del sys.modules[name]  # a copy loaded by an earlier call (its directory is gone)
+    sys.path.insert(0, str(into))
+    importlib.invalidate_caches()
+    return importlib.import_module(OTHER)
+
+
+@dataclass
+class _Side:
+    """One package's client on the shared weights, with its server class timed into ``in_server``."""
+
+    proto: Any
+    keys: Any
+    backend: Any
+    client: Any
+    server_cls: Any
+    in_server: list[float]
+
+
+def _side(pkg: str, hf_model: Any, verify: bool, max_length: int) -> _Side:
+    """A client of package ``pkg`` (``scx_ref`` or :data:`OTHER`) at level ``permute``."""
+    hf = importlib.import_module(f"{pkg}.hf")
+    keys = importlib.import_module(f"{pkg}.keys")
+    proto = importlib.import_module(f"{pkg}.protocol")
+    backend = hf.backend_from_hf(hf_model, dtype="float32")
+    in_server = [0.0]
+
+    class TimedServer(proto.Server):  # type: ignore[name-defined,misc]
+        def handle(self, req: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return super().handle(req)
+            finally:
+                in_server[0] += time.perf_counter() - t0
+
+    cfg = proto.SCXConfig(level="permute", max_length=max_length, verify=verify)
+    client = proto.Client(backend, keys.KeySchedule.generate(), cfg)
+    return _Side(proto, keys, backend, client, TimedServer, in_server)
+
+
+def client_times(
+    other: Path, model: str, n: int, threads: int, rounds: int, verify: list[bool]
+) -> dict[tuple[str, bool], list[tuple[float, float]]]:
+    """Per round, (client seconds, server seconds) of one prefill of ``n`` tokens, for each side
+    ("this", "other") and verification setting, after one warm-up round."""
+    import torch
+
+    from scx_ref.commands.bench import build_models
+
+    torch.set_num_threads(threads)
+    first, hf_model, _used = build_models(model, "float32", "cpu")
+    if hf_model is None:
+        raise SystemExit(f"{model}: no Hugging Face model to build both backends from")
+    max_length = min(first.config.max_positions, 4096)
+    ids = np.random.default_rng(0).integers(0, first.config.vocab_size, size=n)
+    del first
+    with tempfile.TemporaryDirectory() as tmp:
+        load_other(other, Path(tmp))
+        sides: dict[tuple[str, bool], _Side] = {}
+        for label, pkg in (("this", "scx_ref"), ("other", OTHER)):
+            for v in verify:
+                sides[(label, v)] = _side(pkg, hf_model, v, max_length)
+        out: dict[tuple[str, bool], list[tuple[float, float]]] = {k: [] for k in sides}
+        order = list(sides)
+        with torch.inference_mode():
+            for r in range(rounds + 1):
+                for key in order if r % 2 else reversed(order):
+                    side = sides[key]
+                    nonce = side.keys.KeySchedule.new_nonce()
+                    side.client.precompute(n, nonce=nonce)
+                    side.in_server[0] = 0.0
+                    t0 = time.perf_counter()
+                    side.client.prefill(
+                        ids, side.proto.LocalTransport(side.server_cls(side.backend)), nonce=nonce
+                    )
+                    wall = time.perf_counter() - t0
+                    if r:
+                        out[key].append((wall - side.in_server[0], side.in_server[0]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m models.client_ab", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    p.add_argument("--other", type=Path, required=True, help="the other checkout's root (holds scx_ref/)")
+    p.add_argument("--model", default="smollm2", help="a registered model with Hugging Face weights")
+    p.add_argument("--n", type=int, default=512, help="prompt length (512)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
+    p.add_argument("--rounds", type=int, default=9, help="alternating rounds after one warm-up (9)")
+    p.add_argument(
+        "--verify", choices=["both", "on", "off"], default="both", help="reply verification (both)"
+    )
+    a = p.parse_args(argv)
+    if a.rounds < 4:
+        p.error("--rounds must be at least 4 (the quartiles of the paired differences)")
+    verify = {"both": [True, False], "on": [True], "off": [False]}[a.verify]
+    times = client_times(a.other.resolve(), a.model, a.n, a.threads, a.rounds, verify)
+    med = statistics.median
+    for v in verify:
+        this, other = times[("this", v)], times[("other", v)]
+        diff = [1e3 * (t[0] - o[0]) for t, o in zip(this, other, strict=True)]
+        q1, _, q3 = statistics.quantiles(diff, n=4)
+        head = f"{a.model} n={a.n} threads={a.threads} verify={v}"
+        print(
+            f"{head}: client ms this {1e3 * med(c for c, _ in this):.1f}, "
+            f"other {1e3 * med(c for c, _ in other):.1f}; this − other per round {med(diff):+.1f} "
+            f"(q1 {q1:+.1f}, q3 {q3:+.1f}); server ms {1e3 * med(s for _, s in this):.1f} / "
+            f"{1e3 * med(s for _, s in other):.1f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
