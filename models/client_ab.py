@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from models.split_time import timed_server
+
 OTHER = "scx_ref_other"
 
 
@@ -65,19 +67,10 @@ def _side(pkg: str, hf_model: Any, verify: bool, max_length: int) -> _Side:
     keys = importlib.import_module(f"{pkg}.keys")
     proto = importlib.import_module(f"{pkg}.protocol")
     backend = hf.backend_from_hf(hf_model, dtype="float32")
-    in_server = [0.0]
-
-    class TimedServer(proto.Server):  # type: ignore[name-defined,misc]
-        def handle(self, req: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return super().handle(req)
-            finally:
-                in_server[0] += time.perf_counter() - t0
-
+    timed, in_server = timed_server(proto.Server)
     cfg = proto.SCXConfig(level="permute", max_length=max_length, verify=verify)
     client = proto.Client(backend, keys.KeySchedule.generate(), cfg)
-    return _Side(proto, keys, backend, client, TimedServer, in_server)
+    return _Side(proto, keys, backend, client, timed, in_server)
 
 
 def client_times(

@@ -23,6 +23,22 @@ from typing import Any
 import numpy as np
 
 
+def timed_server(server_cls: Any) -> tuple[Any, list[float]]:
+    """A subclass of ``server_cls`` whose ``handle`` adds the seconds it takes to the returned one-element
+    list (the caller resets it per request)."""
+    in_server = [0.0]
+
+    class TimedServer(server_cls):  # type: ignore[misc]
+        def handle(self, req: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return super().handle(req)
+            finally:
+                in_server[0] += time.perf_counter() - t0
+
+    return TimedServer, in_server
+
+
 def split_prefill(
     model: str, n: int, threads: int, verify: bool, rounds: int, level: str = "permute"
 ) -> dict[str, float]:
@@ -43,15 +59,7 @@ def split_prefill(
     client = Client(backend, KeySchedule.generate(), cfg)
     ids = np.random.default_rng(0).integers(0, backend.config.vocab_size, size=n)
     tid = torch.from_numpy(ids)[None]
-    in_server = [0.0]
-
-    class TimedServer(Server):  # type: ignore[type-arg]
-        def handle(self, req: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return super().handle(req)
-            finally:
-                in_server[0] += time.perf_counter() - t0
+    TimedServer, in_server = timed_server(Server)
 
     def scx() -> tuple[float, float]:
         nonce = KeySchedule.new_nonce()
