@@ -198,3 +198,22 @@ def test_a_message_that_is_not_finite_is_refused_on_every_path(case: tuple[Any, 
         with pytest.MonkeyPatch.context() as mp:
             fused, eager = fused_and_eager(mp, lambda fn=fn: _refused(fn))
         assert (fused, eager, _refused(ref)) == (refused, refused, refused)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(rows=row_counts(1, 12), d=st.integers(1, 40), seed=seeds(), data=st.data())
+def test_the_checked_add_and_row_permutation_are_the_plain_ones(
+    dtype: torch.dtype, rows: int, d: int, seed: int, data: Any
+) -> None:
+    """With a name (the finiteness test in the same pass) the residual add and the logits' in-place
+    row permutation give exactly ``x + y`` and ``x[index]``, fused and eager alike."""
+    rng = np.random.default_rng(seed)
+    x, y = (torch.from_numpy(rng.standard_normal((rows, d))).to(dtype) for _ in range(2))
+    index = data.draw(perms(rows))
+    ops = TorchOps(dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        added = fused_and_eager(mp, lambda: ops.add(x, y, name="sum"))
+        moved = fused_and_eager(mp, lambda: ops.take_rows_in_place(x.clone(), index, name="rows"))
+    assert all(torch.equal(a, x + y) for a in added)
+    assert all(torch.equal(m, x[torch.from_numpy(np.asarray(index))]) for m in moved)
