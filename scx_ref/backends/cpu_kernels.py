@@ -311,6 +311,8 @@ def _build() -> Kernels | None:
         blocked = n - n % 4 if rt.shape[0] == 2 else 0
         for i in range(0, blocked, 4):
             widen_sums4(x, i, rt, gain, out, sq, g2)
+        if blocked == n:  # no row left (no scratch to allocate: the gate/up check calls this per four rows)
+            return
         buf = np.empty(w, dtype=np.float64)
         for i in range(blocked, n):
             row = x[i]

@@ -530,7 +530,8 @@ class Client(Generic[A]):
             o_rows = encode_rows(o, self._decoys(Stage.O, i, cfg.r2, o), keys.pi_o, b)
         else:
             # T1 + T2 decode, RoPE and T3 encode in one pass over the reply's real rows
-            self._dropped_finite(Stage.QKV, z, keys.pi, n, "reply qkv.z")
+            if verifier is None:  # verified, the Freivalds check read the decoy rows too
+                self._dropped_finite(Stage.QKV, z, keys.pi, n, "reply qkv.z")
             qk_p, v_p = self._consume(
                 Stage.QKV, lambda: decode_qkv_heads(z, keys.pi, n, pos, keys.head, g, b, name="reply qkv.z")
             )
@@ -574,7 +575,7 @@ class Client(Generic[A]):
         if needs_real:  # a policy that looks at the real rows: H′ in true order
             real = b.add(decode_rows(s, keys.pi, n, b), decode_rows(y, keys.pi_o, n, b))
         decoys = self._decoys(Stage.FFN, i, cfg.r1, real)
-        if not needs_real:  # the sum below tests y's real rows as it writes them
+        if verifier is None and not needs_real:  # the sum below tests y's real rows as it writes them
             self._dropped_finite(Stage.O, y, keys.pi_o, n, "reply o.y")
         perm = prep.token_perm(i + 1)
         rows = self._consume(Stage.O, lambda: reencode_sum(s, keys.pi, y, keys.pi_o, decoys, perm, b))

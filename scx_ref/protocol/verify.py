@@ -440,8 +440,8 @@ class _Check:
         key = ("tau", u, extra_out, input_slack)
         got: tuple[F64, F64] | None = self.memo.get(key)
         if got is None:
-            # per vector in Python floats (the same float64 operations as the array expressions, without
-            # a dozen array calls on k-element arrays)
+            # per vector in Python floats: k is 1–8, and a dozen array calls on k-element arrays cost more
+            # than the arithmetic
             n_in, n_out = self.wr.shape[0], self.r.shape[0]
             s_in, s_out, wf = math.sqrt(n_in), math.sqrt(n_out), self.w_fro
             a_c, b_c = [], []
