@@ -46,7 +46,7 @@ class Stage(str, Enum):
     GEN_FFN_DOWN = "gen_ffn_down"  # guard block FFN: blinded SwiGLU product
     GEN_ROUTER = "gen_router"  # guard block FFN, MoE: blinded router input
     GEN_MID = "gen_mid"  # the row entering the middle blocks, which the server runs alone
-    GEN_LAST = "gen_last"  # the row entering a last guard block; the server returns scores and v
+    GEN_LAST = "gen_last"  # the row entering a last guard block; the server returns scores and z
     GEN_HEAD = "gen_head"  # final norm and LM head of a generated token: client work, or (gen_linear=
     # "server") the one-time-blinded normalized row the server multiplies by the LM head
 

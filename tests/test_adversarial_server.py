@@ -324,10 +324,25 @@ def test_attention_tampering_is_detected() -> None:
     undetected_and_wrong(w, cfg, on(Stage.ATTN, swapped))
 
 
+def columns_scaled(z: Any, lo: int, hi: int, by: float) -> Any:
+    """``z`` with columns lo:hi multiplied by ``by`` (a copy)."""
+    out = z.copy()
+    out[:, lo:hi] *= by
+    return out
+
+
 def test_last_guard_scores_and_values_are_checked() -> None:
+    """A last guard block's reply: its projection z = [q k v] (each part changed by 0.1 %: Freivalds) and
+    its scores against the locked cache (the sketch, at the first and a later step)."""
     w = weights(bias=True)
     cfg = SCXConfig(level="paper", r1=2, r2=2, r_lock=3)
-    detected(w, cfg, on(Stage.GEN_LAST, lambda a: {**a, "v": a["v"] * 1.001}))
+    c = ReferenceModel(w).config
+    for lo, hi in ((0, c.q_dim), (c.q_dim, c.q_dim + c.kv_dim), (c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim)):
+        detected(
+            w,
+            cfg,
+            on(Stage.GEN_LAST, lambda a, lo=lo, hi=hi: {**a, "z": columns_scaled(a["z"], lo, hi, 1.001)}),
+        )
     bump = lambda a: {**a, "scores": a["scores"] + 1e-2 * np.arange(a["scores"].shape[-1])}  # noqa: E731
     detected(w, cfg, on(Stage.GEN_LAST, bump))
     detected(w, cfg, on(Stage.GEN_LAST, bump, nth=1))  # a later step: the sketch follows the cache

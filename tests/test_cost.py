@@ -143,7 +143,7 @@ def expected_costs(c: ModelConfig, scx: SCXConfig, n: int, steps: int, itemsize:
             t.msg(
                 "gen_last",
                 d * it,
-                (H * locked + kv) * it,
+                (H * locked + qkv_w) * it,  # the scores and z = [q k v]
                 2 * d * qkv_w + 2 * H * dh * locked,
                 2 * H * m * dh + wo("gen_last"),
             )

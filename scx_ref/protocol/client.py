@@ -787,10 +787,11 @@ class Client(Generic[A]):
     def _gen_last(self, link: Transport, i: int, t: int, h: A) -> tuple[A, A]:
         b, c, cfg, st = self.b, self.c, self.cfg, self._require()
         m = st.n + cfg.lock_decoys + t + 1
-        expect = {"scores": (c.n_heads, 1, m), "v": (1, c.n_kv_heads, c.head_dim)}
+        expect = {"scores": (c.n_heads, 1, m), "z": (1, c.q_dim + 2 * c.kv_dim)}
         reply, u = self._send(link, Stage.GEN_LAST, i, t, {"x": h}, expect)
-        scores, v_new = reply["scores"], reply["v"]
-        self._verify(Stage.GEN_LAST, lambda ver: ver.gen_last(i, t, h, st.n + t, scores, v_new, u))
+        scores, z = reply["scores"], reply["z"]
+        self._verify(Stage.GEN_LAST, lambda ver: ver.gen_last(i, t, h, st.n + t, scores, z, u))
+        v_new = split_qkv(b, z)[2]
         rho = st.keys.lock_perm(i, st.n + cfg.lock_decoys)
         values = b.concat_rows([st.guard_v[i], v_new])
         o = b.reshape(b.softmax_values(unlock_scores(scores, rho, st.n, b), values), (1, c.q_dim))

@@ -25,7 +25,7 @@ generation (step t ≥ 0)
   ``gen_ffn``     guard block FFN: the clear residual row [x] (paper form), or blinded pieces
   ``gen_ffn_up`` / ``gen_ffn_down`` / ``gen_router``  blinded guard FFN pieces [x]
   ``gen_mid``     the hidden row entering the middle blocks [x]; server runs them on its valid caches
-  ``gen_last``    the hidden row entering a last guard block [x]; server returns scores and v
+  ``gen_last``    the hidden row entering a last guard block [x]; server returns scores and z = [q k v]
 """
 
 from __future__ import annotations

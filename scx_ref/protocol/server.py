@@ -883,12 +883,13 @@ class Server(Generic[A]):
         return out
 
     def _gen_last(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
-        """Scores of the new query against the locked cache (plus the new key) and the new value."""
+        """Scores of the new query against the locked cache (plus the new key), and the row's projection
+        z = [q k v] before RoPE (the client takes v from it and checks it — DESIGN §5.5)."""
         b, c, layer = self.b, self.c, req.layer
         x = self._arr(req, "x", (1, c.hidden_size))
         pos = np.array([s.n + req.step])
         z = b.project(b.norm(x, "attn", layer), "wqkv", layer)
-        q, k, v = split_qkv(b, z)
+        q, k, _v = split_qkv(b, z)
         q, k = b.rope(q, pos), b.rope(k, pos)
         locked = b.concat_rows([s.locked[layer], b.reshape(k, (1, c.kv_dim))])
         m = b.nrows(locked)
@@ -900,7 +901,7 @@ class Server(Generic[A]):
             s.locked[layer] = locked
             s.gen_done.add((Stage.GEN_LAST, layer))
 
-        return {"scores": scores, "v": v}, self._gen_commit(s, req.step, extra)
+        return {"scores": scores, "z": z}, self._gen_commit(s, req.step, extra)
 
     def sessions_snapshot(self, session: str) -> dict[str, Any]:
         """A deep numpy copy of a session's caches (for tests that check nothing changed)."""

@@ -56,10 +56,13 @@ during generation). Every output row must lie in the per-coordinate range of the
 (λu(√d_h + 2)‖q‖‖k_j‖/√d_h) move the softmax by at most 2.1× their maximum in total variation, softmax and
 P·V rounding add λu(√m + 4)·max‖v_j‖, the output rounding λu‖o‖.
 
-**Last guard blocks during generation.** The client computes q, k, v of the row itself (one GEMV; it
-knows the row), checks the server's v, and checks the scores against the locked cache with a Freivalds
-sketch of the cache: at prefill it keeps κ = Σ_j c_j K_j (secret Gaussian c_j, O(kv_dim) memory per
-block), extended by each appended key, and accepts the scores s iff Σ_j c_j s_hj ≈ q_h·κ_g/√d_h per head.
+**Last guard blocks during generation.** The server returns the row's projection z = [q k v] (before
+RoPE) with the scores. z is Freivalds-checked against the row the client sent, as every linear stage
+(O(d) with W_qkv r precomputed, where recomputing z would be a GEMV over W_qkv per token); the client RoPEs
+z's q and k itself and checks the scores against the locked cache with a Freivalds sketch of the cache: at
+prefill it keeps κ = Σ_j c_j K_j (secret Gaussian c_j, O(kv_dim) memory per block), extended by each
+appended key, and accepts the scores s iff Σ_j c_j s_hj ≈ q_h·κ_g/√d_h per head. τ there adds the two
+sides' RoPE of the same z (≤ 2λ·5u‖row‖ per head) to the scores' own rounding.
 
 **Not verifiable**: ``gen_mid``, the middle blocks the server runs alone on caches the client does not
 hold (only its shape, dtype and finiteness are checked); see the README.
@@ -77,7 +80,7 @@ from typing import Any, Generic
 import numpy as np
 import numpy.typing as npt
 
-from ..backends.base import A, Backend, NormName, WeightName, out_width
+from ..backends.base import A, Backend, NormName, WeightName, out_width, split_qkv
 from ..backends.cpu_kernels import kernels
 from ..errors import IntegrityError, SCXError
 from ..keys import KeySchedule
@@ -783,38 +786,36 @@ class SessionVerifier(Generic[A]):
         )
         self.flops += 4 * kc.size * self.vectors
 
-    def gen_last(self, layer: int, step: int, h: A, pos: int, scores: A, v: A, u: float) -> None:
-        """Check a last guard block's reply for the row ``h`` it was sent (at position ``pos``): ``v``
-        against the client's own projection of ``h``, ``scores`` (H × 1 × m) against the locked-cache
-        sketch extended by the new key (Freivalds over the m columns, per head)."""
+    def gen_last(self, layer: int, step: int, h: A, pos: int, scores: A, z: A, u: float) -> None:
+        """Check a last guard block's reply for the row ``h`` it was sent (at position ``pos``): its
+        projection ``z`` = x̂·W_qkv (+ b), x̂ = RMSNorm(h) computed by the server (Freivalds, as every linear
+        stage), then ``scores`` (H × 1 × m) against the locked-cache sketch extended by the new key — the
+        query and key RoPE'd from the checked z (Freivalds over the m columns, per head)."""
         b, c = self.b, self.b.config
         lk = self._locks.get(layer)
         if lk is None:
             raise IntegrityError(f"gen_last of block {layer} before its locked cache was stored")
-        H, Hkv, dh, grp = c.n_heads, c.n_kv_heads, c.head_dim, np.arange(c.n_heads) // c.group_size
-        xh = b.norm(h, "attn", layer)
-        z = self._host(b.project(xh, "wqkv", layer))[0]
-        self.flops += 2 * c.hidden_size * (c.q_dim + 2 * c.kv_dim)
+        H, dh, grp = c.n_heads, c.head_dim, np.arange(c.n_heads) // c.group_size
+        ch = self._check("wqkv", layer, None).first(self.vectors_for(1))
+        self._linear_judge(
+            Stage.GEN_LAST,
+            layer,
+            "wqkv",
+            u,
+            ch,
+            self._project_rows(z, ch.r),
+            self._project_rows(h, ch.wr, "attn", layer),
+            math.sqrt(c.hidden_size) + 4.0,  # the server normalized h itself
+        )
+        q, k, _v = split_qkv(b, z)
         p = np.array([pos])
-        q_own = self._host(b.rope(b.from_numpy(z[: c.q_dim].reshape(1, H, dh)), p))[0]  # H × d_h
-        k_own = self._host(b.rope(b.from_numpy(z[c.q_dim : c.q_dim + c.kv_dim].reshape(1, Hkv, dh)), p))[0]
-        v_own = z[c.q_dim + c.kv_dim :].reshape(Hkv, dh)
-        # a recomputed projection differs from the server's by both sides' GEMV, norm, RoPE and bias
-        # rounding: per head ≤ 2λu(√d + 6)(‖x̂‖‖W_head‖_F + ‖b‖∞ + ‖result‖)
-        sk = self.cache.get("wqkv", layer, None)
-        col = np.sqrt(sk.col_sq)
-        w_fro = [
-            np.linalg.norm(part.reshape(-1, dh), axis=-1)
-            for part in (col[: c.q_dim], col[c.q_dim : c.q_dim + c.kv_dim], col[c.q_dim + c.kv_dim :])
-        ]
-        xnorm = float(np.linalg.norm(self._host(xh)))
-        bias = 0.0 if sk.bias is None else float(np.abs(sk.bias).max())
-        proj = 2.0 * LAMBDA * u * (math.sqrt(c.hidden_size) + 6.0)
-        dq = proj * (xnorm * w_fro[0] + bias + np.linalg.norm(q_own, axis=-1))  # H
-        dk = proj * (xnorm * w_fro[1] + bias + np.linalg.norm(k_own, axis=-1))  # H_kv
-        dv = proj * (xnorm * w_fro[2] + bias + np.linalg.norm(v_own, axis=-1))  # H_kv
-        v_diff = np.linalg.norm(self._host(v).reshape(Hkv, dh) - v_own, axis=-1)
-        self._judge(Stage.GEN_LAST, layer, v_diff, dv, "the new value row")
+        q_own = self._host(b.rope(q, p))[0]  # H × d_h
+        k_own = self._host(b.rope(k, p))[0]  # H_kv × d_h
+        # the server RoPE'd the same z: per head each side's rotation (two products and an add per entry)
+        # is within 3√2·u‖row‖ of the exact one, so the two differ by at most 2λ·5u‖row‖
+        rope = 2.0 * LAMBDA * u * 5.0
+        dq = rope * np.linalg.norm(q_own, axis=-1)  # H
+        dk = rope * np.linalg.norm(k_own, axis=-1)  # H_kv
         # the scores: Σ_j c_j s_hj = q_h·κ_g/√d_h, κ extended by this step's key with a fresh c
         new = self.keys.verify_lock(layer, 1, self.vectors, step)  # 1 × k
         coef = np.concatenate([lk.coef, new])  # m × k
