@@ -1,4 +1,5 @@
-"""The client's time per SCX prefill, this checkout's ``scx_ref`` against another checkout's, in one process.
+"""The client's time per SCX prefill (or per generated token), this checkout's ``scx_ref`` against another
+checkout's, in one process.
 
 ``scx bench`` and :mod:`models.split_time` compare SCX with Hugging Face; across two checkouts they must run
 in two processes, minutes apart, on a machine whose speed drifts by more than a change to the client. This
@@ -6,13 +7,17 @@ module loads the other checkout's ``scx_ref`` too — copied to a temporary dire
 ``scx_ref_other`` (the package imports itself only by relative imports, so the copy is self-contained) — and
 times both clients on the same weights in alternating rounds, each round's order reversed from the last.
 The client's time is a prefill's wall time minus the server's ``handle`` calls within it (the servers are
-the same code path on both sides; their time is printed too). Keys are derived ahead and not timed. For
+the same code path on both sides; their time is printed too). With ``--tokens T`` each round times T greedy
+generation steps after an untimed prefill instead, per token (key sharing included, as ``scx bench``
+counts it). Keys are derived ahead and not timed. For
 each verification setting it prints both medians and the median of the per-round differences (this
-checkout − the other) with its quartiles: a paired difference, steadier than either median. The copy's numba
-kernels compile afresh in each run (its disk cache lives in the copy), inside the untimed warm-up round.
+checkout − the other) with its quartiles: a paired difference, steadier than either median — for the
+client's whole time and, verified, for the time inside its value checks (``Client._verify``) alone. The
+copy's numba kernels compile afresh in each run (its disk cache lives in the copy), inside the untimed
+warm-up round.
 
-Run: ``python -m models.client_ab --other ../old-checkout [--n 512] [--threads 1] [--rounds 9] [--verify
-both|on|off] [--model smollm2]``. A benchmark: it asserts nothing.
+Run: ``python -m models.client_ab --other ../old-checkout [--n 512] [--tokens 0] [--threads 1] [--rounds 9]
+[--verify both|on|off] [--model smollm2]``. A benchmark: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ def load_other(checkout: Path, into: Path) -> ModuleType:
 
 @dataclass
 class _Side:
-    """One package's client on the shared weights, with its server class timed into ``in_server``."""
+    """One package's client on the shared weights, with its server class timed into ``in_server`` and its
+    reply checks (``Client._verify``, the value checks of a verified session) into ``in_verify``."""
 
     proto: Any
     keys: Any
@@ -59,6 +65,7 @@ class _Side:
     client: Any
     server_cls: Any
     in_server: list[float]
+    in_verify: list[float]
 
 
 def _side(pkg: str, hf_model: Any, verify: bool, max_length: int) -> _Side:
@@ -69,15 +76,26 @@ def _side(pkg: str, hf_model: Any, verify: bool, max_length: int) -> _Side:
     backend = hf.backend_from_hf(hf_model, dtype="float32")
     timed, in_server = timed_server(proto.Server)
     cfg = proto.SCXConfig(level="permute", max_length=max_length, verify=verify)
-    client = proto.Client(backend, keys.KeySchedule.generate(), cfg)
-    return _Side(proto, keys, backend, client, timed, in_server)
+    in_verify = [0.0]
+
+    class TimedClient(proto.Client):  # type: ignore[misc,name-defined]
+        def _verify(self, *args: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return super()._verify(*args, **kw)
+            finally:
+                in_verify[0] += time.perf_counter() - t0
+
+    client = TimedClient(backend, keys.KeySchedule.generate(), cfg)
+    return _Side(proto, keys, backend, client, timed, in_server, in_verify)
 
 
 def client_times(
-    other: Path, model: str, n: int, threads: int, rounds: int, verify: list[bool]
-) -> dict[tuple[str, bool], list[tuple[float, float]]]:
-    """Per round, (client seconds, server seconds) of one prefill of ``n`` tokens, for each side
-    ("this", "other") and verification setting, after one warm-up round."""
+    other: Path, model: str, n: int, threads: int, rounds: int, verify: list[bool], tokens: int = 0
+) -> dict[tuple[str, bool], list[tuple[float, float, float]]]:
+    """Per round, (client seconds, server seconds, seconds in the client's value checks) of one
+    prefill of ``n`` tokens — or, with ``tokens``, per generated token over that many steps after it — for
+    each side ("this", "other") and verification setting, after one warm-up round."""
     import torch
 
     from scx_ref.commands.bench import build_models
@@ -87,6 +105,8 @@ def client_times(
     if hf_model is None:
         raise SystemExit(f"{model}: no Hugging Face model to build both backends from")
     max_length = min(first.config.max_positions, 4096)
+    if n + tokens > max_length:
+        raise SystemExit(f"{n} + {tokens} positions exceed the model's {max_length}")
     ids = np.random.default_rng(0).integers(0, first.config.vocab_size, size=n)
     del first
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,22 +115,30 @@ def client_times(
         for label, pkg in (("this", "scx_ref"), ("other", OTHER)):
             for v in verify:
                 sides[(label, v)] = _side(pkg, hf_model, v, max_length)
-        out: dict[tuple[str, bool], list[tuple[float, float]]] = {k: [] for k in sides}
+        out: dict[tuple[str, bool], list[tuple[float, float, float]]] = {k: [] for k in sides}
         order = list(sides)
         with torch.inference_mode():
             for r in range(rounds + 1):
                 for key in order if r % 2 else reversed(order):
                     side = sides[key]
                     nonce = side.keys.KeySchedule.new_nonce()
-                    side.client.precompute(n, nonce=nonce)
-                    side.in_server[0] = 0.0
+                    side.client.precompute(n, steps=tokens, nonce=nonce)
+                    link = side.proto.LocalTransport(side.server_cls(side.backend))
+                    side.in_server[0] = side.in_verify[0] = 0.0
                     t0 = time.perf_counter()
-                    side.client.prefill(
-                        ids, side.proto.LocalTransport(side.server_cls(side.backend)), nonce=nonce
-                    )
+                    logits = side.client.prefill(ids, link, nonce=nonce)
                     wall = time.perf_counter() - t0
+                    if tokens:
+                        tok = int(np.argmax(logits[-1]))
+                        side.in_server[0] = side.in_verify[0] = 0.0
+                        t0 = time.perf_counter()
+                        for _ in range(tokens):
+                            tok = int(np.argmax(side.client.decode(tok, link)))
+                        wall = (time.perf_counter() - t0) / tokens
+                        side.in_server[0] /= tokens
+                        side.in_verify[0] /= tokens
                     if r:
-                        out[key].append((wall - side.in_server[0], side.in_server[0]))
+                        out[key].append((wall - side.in_server[0], side.in_server[0], side.in_verify[0]))
     return out
 
 
@@ -121,28 +149,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--other", type=Path, required=True, help="the other checkout's root (holds scx_ref/)")
     p.add_argument("--model", default="smollm2", help="a registered model with Hugging Face weights")
     p.add_argument("--n", type=int, default=512, help="prompt length (512)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=0,
+        help="time this many generation steps per round, per token (0: the prefill)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     p.add_argument("--rounds", type=int, default=9, help="alternating rounds after one warm-up (9)")
     p.add_argument(
         "--verify", choices=["both", "on", "off"], default="both", help="reply verification (both)"
     )
     a = p.parse_args(argv)
+    if a.tokens < 0:
+        p.error("--tokens must be at least 0")
     if a.rounds < 4:
         p.error("--rounds must be at least 4 (the quartiles of the paired differences)")
     verify = {"both": [True, False], "on": [True], "off": [False]}[a.verify]
-    times = client_times(a.other.resolve(), a.model, a.n, a.threads, a.rounds, verify)
+    times = client_times(a.other.resolve(), a.model, a.n, a.threads, a.rounds, verify, a.tokens)
     med = statistics.median
+    unit = "ms per token" if a.tokens else "ms"
     for v in verify:
         this, other = times[("this", v)], times[("other", v)]
-        diff = [1e3 * (t[0] - o[0]) for t, o in zip(this, other, strict=True)]
-        q1, _, q3 = statistics.quantiles(diff, n=4)
-        head = f"{a.model} n={a.n} threads={a.threads} verify={v}"
-        print(
-            f"{head}: client ms this {1e3 * med(c for c, _ in this):.1f}, "
-            f"other {1e3 * med(c for c, _ in other):.1f}; this − other per round {med(diff):+.1f} "
-            f"(q1 {q1:+.1f}, q3 {q3:+.1f}); server ms {1e3 * med(s for _, s in this):.1f} / "
-            f"{1e3 * med(s for _, s in other):.1f}"
+        head = f"{a.model} n={a.n}{f' tokens={a.tokens}' if a.tokens else ''} threads={a.threads} verify={v}"
+        parts = []
+        for what, i in (("client", 0), ("checks", 2)) if v else (("client", 0),):
+            diff = [1e3 * (t[i] - o[i]) for t, o in zip(this, other, strict=True)]
+            q1, _, q3 = statistics.quantiles(diff, n=4)
+            parts.append(
+                f"{what} {unit} this {1e3 * med(t[i] for t in this):.2f}, other "
+                f"{1e3 * med(o[i] for o in other):.2f}, this − other per round {med(diff):+.2f} "
+                f"(q1 {q1:+.2f}, q3 {q3:+.2f})"
+            )
+        parts.append(
+            f"server {unit} {1e3 * med(t[1] for t in this):.2f} / {1e3 * med(o[1] for o in other):.2f}"
         )
+        print(f"{head}: " + "; ".join(parts))
     return 0
 
 

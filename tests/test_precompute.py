@@ -77,6 +77,23 @@ def test_keys_derived_ahead_change_nothing_the_server_sees(level: str, moe: bool
         assert client.state is not None
         prep = client.state.prep
         assert prep.seconds > 0 and not prep._blinding and not prep._heads and not prep._decoys  # all used
+        assert prep.verifier is not None and not prep.verifier._lock_steps  # each step's sketch draw too
+
+
+def test_locked_score_draws_of_the_steps_are_derived_ahead() -> None:
+    """With verification, precompute(steps) derives each step's coefficient of the locked-score sketch for
+    every last guard block — the draw the check would make itself (``RequestKeys.verify_lock``)."""
+    weights = _weights(False)
+    backend = NumpyBackend(weights)
+    pool = CalibrationPool.from_tokens(backend, default_public_tokens(weights.config.vocab_size))
+    cfg = SCXConfig(level="permute", l_s=1, l_e=2)
+    client: Client[Any] = Client(backend, KeySchedule(MASTER, NONCE), cfg, decoys=pool)
+    prep = client.precompute(N, steps=STEPS, nonce=NONCE)
+    ver = prep.verifier
+    assert ver is not None
+    assert sorted(ver._lock_steps) == [(i, t) for i in (2, 3) for t in range(STEPS)]
+    for (i, t), coef in ver._lock_steps.items():
+        assert np.array_equal(coef, prep.keys.verify_lock(i, 1, ver.vectors, t))
 
 
 def test_a_precomputation_for_a_shorter_length_is_not_used_a_longer_one_is() -> None:

@@ -143,6 +143,17 @@ def test_client_ab_times_both_checkouts(
     ]
     assert all("this − other per round" in line for line in out)
     assert (
+        main(["--other", str(root), "--model", "tiny-llama", "--n", "6", "--tokens", "3", "--rounds", "4"])
+        == 0
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == [
+        "tiny-llama n=6 tokens=3 threads=1 verify=True",
+        "tiny-llama n=6 tokens=3 threads=1 verify=False",
+    ]
+    assert all("client ms per token this" in line for line in out)
+    assert "checks ms per token this" in out[0]
+    assert (
         sys.modules[OTHER].__file__ is not None and "scx_ref" not in Path(sys.modules[OTHER].__file__).parts
     )
     with pytest.raises(SystemExit, match="no scx_ref package"):

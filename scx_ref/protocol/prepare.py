@@ -268,8 +268,9 @@ class PreparedKeys(Generic[A]):
         Prefill: π_0..π_L, every block's π′_i, P_i and commitment, the last guard blocks' ρ_i, the decoy
         rows of every stage (unless the policy needs the real rows), (η, η·W) of every prefill
         release and, when replies are verified, the session's check vectors and attention rows.
-        Generation: the one-time P of each first guard block whose attention the server computes and
-        (η, η·W) of every generation release, per step. ``perms=False`` skips what depends on the
+        Generation: the one-time P of each first guard block whose attention the server computes,
+        (η, η·W) of every generation release and, when replies are verified, the locked-score check's
+        coefficients of the new key, per step. ``perms=False`` skips what depends on the
         prompt's length n (the token permutations, commitments and reply checks): a mask pool's entry
         (:mod:`~scx_ref.protocol.pool`), whose n is known only when its prompt arrives. Returns self.
         """
@@ -305,6 +306,9 @@ class PreparedKeys(Generic[A]):
         for t in range(steps):
             for i in server_attn:
                 self._heads[(i, t)] = self.gen_head(i, t)
+            if self.verifier is not None:  # the locked-score sketch's coefficient of the step's new key
+                for i in locked:
+                    self.verifier.lock_step(i, t)
             for release in self.plan.generation:
                 self._prepare_blinding(release, t)
         t2 = time.perf_counter()

@@ -80,7 +80,7 @@ from typing import Any, Generic
 import numpy as np
 import numpy.typing as npt
 
-from ..backends.base import A, Backend, NormName, WeightName, out_width, split_qkv
+from ..backends.base import A, Backend, NormName, WeightName, out_width
 from ..backends.cpu_kernels import kernels
 from ..errors import IntegrityError, SCXError
 from ..keys import KeySchedule
@@ -487,6 +487,7 @@ class SessionVerifier(Generic[A]):
     _locks: dict[int, _LockSketch] = field(default_factory=dict)
     _mix: F64 | None = None
     _rows: dict[tuple[int, int], npt.NDArray[np.int64]] = field(default_factory=dict)
+    _lock_steps: dict[tuple[int, int], F64] = field(default_factory=dict)
     epoch: int = field(init=False)  # the sketch cache's basis epoch these checks were drawn under
 
     def __post_init__(self) -> None:
@@ -511,6 +512,15 @@ class SessionVerifier(Generic[A]):
         if rows is None:
             rows = self._rows[(block, n)] = self.keys.verify_rows(block, n, ATTENTION_ROWS)
         return rows
+
+    def lock_step(self, block: int, step: int) -> F64:
+        """The secret coefficients (1 × :attr:`vectors`) with which generation step ``step`` extends block
+        ``block``'s locked-score sketch by the key it appends (kept once derived: they depend on the
+        session's keys only, so they may be derived ahead)."""
+        got = self._lock_steps.get((block, step))
+        if got is None:
+            got = self._lock_steps[(block, step)] = self.keys.verify_lock(block, 1, self.vectors, step)
+        return got
 
     def current(self, cache: SketchCache) -> bool:
         """Whether these checks were drawn from ``cache``'s current basis (not one rotated away since)."""
@@ -807,17 +817,18 @@ class SessionVerifier(Generic[A]):
             self._project_rows(h, ch.wr, "attn", layer),
             math.sqrt(c.hidden_size) + 4.0,  # the server normalized h itself
         )
-        q, k, _v = split_qkv(b, z)
-        p = np.array([pos])
-        q_own = self._host(b.rope(q, p))[0]  # H × d_h
-        k_own = self._host(b.rope(k, p))[0]  # H_kv × d_h
+        # q's and k's heads RoPE'd in one call (the rotation is per head, at the row's position)
+        qk = b.reshape(b.narrow(z, 1, 0, c.q_dim + c.kv_dim), (1, H + c.n_kv_heads, dh))
+        qk_own = self._host(b.rope(qk, np.array([pos])))[0]
+        q_own, k_own = qk_own[:H], qk_own[H:]  # H × d_h, H_kv × d_h
         # the server RoPE'd the same z: per head each side's rotation (two products and an add per entry)
         # is within 3√2·u‖row‖ of the exact one, so the two differ by at most 2λ·5u‖row‖
         rope = 2.0 * LAMBDA * u * 5.0
         dq = rope * np.linalg.norm(q_own, axis=-1)  # H
         dk = rope * np.linalg.norm(k_own, axis=-1)  # H_kv
         # the scores: Σ_j c_j s_hj = q_h·κ_g/√d_h, κ extended by this step's key with a fresh c
-        new = self.keys.verify_lock(layer, 1, self.vectors, step)  # 1 × k
+        new = self.lock_step(layer, step)  # 1 × k, derived ahead or now
+        del self._lock_steps[(layer, step)]  # used once
         coef = np.concatenate([lk.coef, new])  # m × k
         kappa = lk.kappa + new[0][:, None, None] * k_own[None]
         sq = lk.sq + (new[0] ** 2)[:, None] * np.einsum("hd,hd->h", k_own, k_own)[None, :]
