@@ -897,9 +897,11 @@ class TorchBackend(TorchOps):
         if n_heads % n_kv:
             raise ShapeError(f"incompatible score shapes q {tuple(q.shape)}, k {tuple(k.shape)}")
         g = n_heads // n_kv
-        qg = q.to(self._compute).reshape(n_q, n_kv, g, d_h).permute(1, 2, 0, 3)  # H_kv × g × q × d
-        kt = k.to(self._compute).permute(1, 2, 0).unsqueeze(1)  # H_kv × 1 × d × k
-        s = torch.matmul(qg, kt) / math.sqrt(d_h)
+        # one (g·q × d)·(d × k) product per KV head, K read in place (a strided view): a 4-D matmul that
+        # broadcasts K over the g query heads copies it g times first (12× slower for one decode row)
+        qg = q.to(self._compute).reshape(n_q, n_kv, g, d_h).permute(1, 2, 0, 3).reshape(n_kv, g * n_q, d_h)
+        kt = k.to(self._compute).permute(1, 2, 0)  # H_kv × d × k
+        s = torch.bmm(qg, kt) / math.sqrt(d_h)
         return s.reshape(n_heads, n_q, n_k).to(self.dtype)
 
     def softmax_values(self, scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -911,9 +913,8 @@ class TorchBackend(TorchOps):
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         e = torch.exp(s - m)
         tot = e.sum(dim=-1, keepdim=True)
-        probs = (e / torch.where(tot == 0, torch.ones_like(tot), tot)).reshape(
-            n_kv, n_heads // n_kv, n_q, n_k
-        )
-        vt = v.to(self._compute).permute(1, 0, 2).unsqueeze(1)  # H_kv × 1 × k × d
-        out = torch.matmul(probs, vt)  # H_kv × g × q × d
-        return out.permute(2, 0, 1, 3).reshape(n_q, n_heads, v.shape[-1]).to(self.dtype)
+        g, d_v = n_heads // n_kv, v.shape[-1]
+        probs = (e / torch.where(tot == 0, torch.ones_like(tot), tot)).reshape(n_kv, g * n_q, n_k)
+        vt = v.to(self._compute).permute(1, 0, 2)  # H_kv × k × d, V read in place (as K in scores)
+        out = torch.bmm(probs, vt).reshape(n_kv, g, n_q, d_v)
+        return out.permute(2, 0, 1, 3).reshape(n_q, n_heads, d_v).to(self.dtype)
