@@ -5,16 +5,15 @@ checkout's, in one process.
 in two processes, minutes apart, on a machine whose speed drifts by more than a change to the client. This
 module loads the other checkout's ``scx_ref`` too — copied to a temporary directory as the package
 ``scx_ref_other`` (the package imports itself only by relative imports, so the copy is self-contained) — and
-times both clients on the same weights in alternating rounds, each round's order reversed from the last.
-The client's time is a prefill's wall time minus the server's ``handle`` calls within it (the servers are
-the same code path on both sides; their time is printed too). With ``--tokens T`` each round times T greedy
-generation steps after an untimed prefill instead, per token (key sharing included, as ``scx bench``
-counts it). Keys are derived ahead and not timed. For
-each verification setting it prints both medians and the median of the per-round differences (this
-checkout − the other) with its quartiles: a paired difference, steadier than either median — for the
-client's whole time and, verified, for the time inside its value checks (``Client._verify``) alone. The
-copy's numba kernels compile afresh in each run (its disk cache lives in the copy), inside the untimed
-warm-up round.
+times both on the same weights in alternating rounds, each round's order reversed from the last, each side
+with its own checkout's server. The client's time is a prefill's wall time minus the server's ``handle``
+calls within it. With ``--tokens T`` each round times T greedy generation steps after an untimed prefill
+instead, per token (key sharing included, as ``scx bench`` counts it). Keys are derived ahead and not timed.
+For each verification setting it prints both medians and the median of the per-round differences (this
+checkout − the other) with its quartiles — a paired difference, steadier than either median — for the
+client's time, (verified) the time inside its value checks (``Client._verify``) alone, the server's
+``handle`` calls, and their sum (the request's wall time). The copy's numba kernels compile afresh in each
+run (its disk cache lives in the copy), inside the untimed warm-up round.
 
 Run: ``python -m models.client_ab --other ../old-checkout [--n 512] [--tokens 0] [--threads 1] [--rounds 9]
 [--verify both|on|off] [--model smollm2]``. A benchmark: it asserts nothing.
@@ -173,17 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         this, other = times[("this", v)], times[("other", v)]
         head = f"{a.model} n={a.n}{f' tokens={a.tokens}' if a.tokens else ''} threads={a.threads} verify={v}"
         parts = []
-        for what, i in (("client", 0), ("checks", 2)) if v else (("client", 0),):
-            diff = [1e3 * (t[i] - o[i]) for t, o in zip(this, other, strict=True)]
+        names = [("client", 0), ("checks", 2), ("server", 1), ("total", 3)]
+        for what, i in names if v else [nm for nm in names if nm[0] != "checks"]:
+            mine = [t[i] if i < 3 else t[0] + t[1] for t in this]
+            theirs = [o[i] if i < 3 else o[0] + o[1] for o in other]
+            diff = [1e3 * (t - o) for t, o in zip(mine, theirs, strict=True)]
             q1, _, q3 = statistics.quantiles(diff, n=4)
             parts.append(
-                f"{what} {unit} this {1e3 * med(t[i] for t in this):.2f}, other "
-                f"{1e3 * med(o[i] for o in other):.2f}, this − other per round {med(diff):+.2f} "
-                f"(q1 {q1:+.2f}, q3 {q3:+.2f})"
+                f"{what} {unit} this {1e3 * med(mine):.2f}, other {1e3 * med(theirs):.2f}, "
+                f"this − other per round {med(diff):+.2f} (q1 {q1:+.2f}, q3 {q3:+.2f})"
             )
-        parts.append(
-            f"server {unit} {1e3 * med(t[1] for t in this):.2f} / {1e3 * med(o[1] for o in other):.2f}"
-        )
         print(f"{head}: " + "; ".join(parts))
     return 0
 
