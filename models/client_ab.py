@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from models.split_time import timed_server
+from models.split_time import timed, timed_server
 
 OTHER = "scx_ref_other"
 
@@ -73,20 +73,11 @@ def _side(pkg: str, hf_model: Any, verify: bool, max_length: int) -> _Side:
     keys = importlib.import_module(f"{pkg}.keys")
     proto = importlib.import_module(f"{pkg}.protocol")
     backend = hf.backend_from_hf(hf_model, dtype="float32")
-    timed, in_server = timed_server(proto.Server)
+    server_cls, in_server = timed_server(proto.Server)
     cfg = proto.SCXConfig(level="permute", max_length=max_length, verify=verify)
-    in_verify = [0.0]
-
-    class TimedClient(proto.Client):  # type: ignore[misc,name-defined]
-        def _verify(self, *args: Any, **kw: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return super()._verify(*args, **kw)
-            finally:
-                in_verify[0] += time.perf_counter() - t0
-
-    client = TimedClient(backend, keys.KeySchedule.generate(), cfg)
-    return _Side(proto, keys, backend, client, timed, in_server, in_verify)
+    client_cls, in_verify = timed(proto.Client, "_verify")  # the value checks of a verified session
+    client = client_cls(backend, keys.KeySchedule.generate(), cfg)
+    return _Side(proto, keys, backend, client, server_cls, in_server, in_verify)
 
 
 def client_times(

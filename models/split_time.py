@@ -23,20 +23,25 @@ from typing import Any
 import numpy as np
 
 
-def timed_server(server_cls: Any) -> tuple[Any, list[float]]:
-    """A subclass of ``server_cls`` whose ``handle`` adds the seconds it takes to the returned one-element
+def timed(cls: Any, method: str) -> tuple[Any, list[float]]:
+    """A subclass of ``cls`` whose ``method`` adds the seconds each call takes to the returned one-element
     list (the caller resets it per request)."""
-    in_server = [0.0]
+    spent = [0.0]
 
-    class TimedServer(server_cls):  # type: ignore[misc]
-        def handle(self, req: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return super().handle(req)
-            finally:
-                in_server[0] += time.perf_counter() - t0
+    def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return getattr(super(sub, self), method)(*args, **kw)
+        finally:
+            spent[0] += time.perf_counter() - t0
 
-    return TimedServer, in_server
+    sub = type(f"Timed{cls.__name__}", (cls,), {method: wrapper})
+    return sub, spent
+
+
+def timed_server(server_cls: Any) -> tuple[Any, list[float]]:
+    """:func:`timed` on the server's ``handle``."""
+    return timed(server_cls, "handle")
 
 
 def split_prefill(
