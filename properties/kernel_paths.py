@@ -1,26 +1,64 @@
-"""What the fused-kernel property suites share: run a computation with the CPU kernels and again with
-them switched off (``SCX_NUMBA=0``: the same code on eager torch / numpy ops), and skip where numba is
-not installed (then only the eager path exists, and the other suites test it)."""
+"""What the fused-kernel property suites share: run a computation with the CPU kernels — in one chunk
+and split across threads — and again with them switched off (``SCX_NUMBA=0``: the same code on eager
+torch / numpy ops), and skip where numba is not installed (then only the eager path exists, and the
+other suites test it)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
+from scx_ref.backends import cpu_kernels
 from scx_ref.backends.cpu_kernels import kernels
 
-__all__ = ["fused_and_eager", "needs_numba"]
+__all__ = ["fused_and_eager", "needs_numba", "same"]
 
 needs_numba = pytest.mark.skipif(
     kernels() is None, reason="numba is not installed (the eager path is tested)"
 )
 
+#: The thread count the split run asks for (the kernels use at most numba's, the machine's cores).
+SPLIT_THREADS = 3
+
+
+def same(a: Any, b: Any) -> bool:
+    """Whether two results are the same values bit for bit (tensors, arrays, tuples of them, scalars);
+    NaN is the same as NaN."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        if not a.is_floating_point():
+            return torch.equal(a, b)
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(type(a) is type(b) and a == b)
+
 
 def fused_and_eager(mp: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:
-    """``fn()`` with the fused kernels, then with them switched off (SCX_NUMBA=0)."""
-    fused = fn()
+    """``fn()`` with the fused kernels, then with them switched off (SCX_NUMBA=0). The fused run is done
+    twice — each pass in one chunk, then every pass split across threads however small
+    (``MIN_PARALLEL`` 0, torch's threads :data:`SPLIT_THREADS`) — and the two must agree bit for bit;
+    the split run's result is returned."""
+    one = fn()
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as split_mp:
+        split_mp.setattr(cpu_kernels, "MIN_PARALLEL", 0)
+        torch.set_num_threads(SPLIT_THREADS)
+        try:
+            split = fn()
+        finally:
+            torch.set_num_threads(threads)
+    assert same(split, one), "the fused passes split across threads differ from one chunk"
     mp.setenv("SCX_NUMBA", "0")
     eager = fn()
     mp.delenv("SCX_NUMBA")
-    return fused, eager
+    return split, eager

@@ -207,7 +207,7 @@ def test_attention_rows64_kernel_equals_the_batched_products(case: tuple[Any, ..
     q, k, v, pos, g, scale = case
     with pytest.MonkeyPatch.context() as mp:
         (o_f, k_f, v_f), (o_e, k_e, v_e) = fused_and_eager(
-            mp, lambda: attention_rows64(q, k, v, pos, g, scale)
+            mp, lambda: attention_rows64(q, k, v, pos, g, scale, threads=torch.get_num_threads())
         )
     vmax = np.abs(v.astype(np.float64)).max()
     assert np.allclose(o_f, o_e, rtol=0, atol=1e-12 * (vmax + 1.0))

@@ -159,6 +159,11 @@ class ArrayOps(Protocol[A]):
         would compete with it): the reply verifier's recomputed attention rows."""
         ...
 
+    def threads(self) -> int:
+        """How many threads this backend's own operations run on (the torch backend's intra-op threads;
+        1 for numpy): the client's fused CPU passes split their rows across as many."""
+        ...
+
 
 class NumpyOps:
     """``ArrayOps[numpy.ndarray]`` in ``dtype`` (None: every array keeps its own floating dtype, and a
@@ -317,6 +322,10 @@ class NumpyOps:
         """``a @ b`` in float64."""
         out: npt.NDArray[np.float64] = np.matmul(a, b)
         return out
+
+    def threads(self) -> int:
+        """1: the reference runs its passes on one thread."""
+        return 1
 
 
 def permute_rows_in_place(x: npt.NDArray[Any], index: IndexArray) -> npt.NDArray[Any]:

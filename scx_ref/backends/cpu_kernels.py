@@ -22,10 +22,15 @@ so each row is read once.
   them against the eager forms: equal for max, min and the verdict, to float64 rounding for sums.
 
 The kernels take numpy arrays (C-contiguous views of CPU tensors) and write into ``out`` arrays the caller
-allocates. They are serial: the passes are memory-bound or short, and a second thread pool (numba's
-``parallel``) competes with torch's — measured on two threads, a parallel ``project64`` made a verified
-prefill at n = 512 no faster. :func:`kernels` returns ``None`` when numba is missing or ``SCX_NUMBA=0``
-is set; callers then use the eager form.
+allocates. The passes over a prompt's rows split them across threads (numba's ``prange``; the encoding
+passes, the products and the recomputed attention rows): as many chunks as the backend's own threads
+(:meth:`Kernels.parts`; torch's intra-op count, so a one-thread run stays on one), one chunk below
+:data:`MIN_PARALLEL` entries (a generation step's row). Each row is computed as in one chunk — the
+products' chunks start at multiples of four rows — so the results are the same bits however the rows are
+split, which ``properties/kernel_paths.py`` checks on every fused-kernel property. Measured on two threads
+(SmolLM2, a 512-token prefill, paired against the serial kernels): the client's time 230 → 175 ms
+verified, the value checks 139 → 107 ms. :func:`kernels` returns ``None`` when numba is missing or
+``SCX_NUMBA=0`` is set; callers then use the eager form.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Kernels", "column_index", "kernels"]
+__all__ = ["MIN_PARALLEL", "Kernels", "Parts", "column_index", "kernels"]
 
 
 def column_index(index: Any) -> np.ndarray[Any, np.dtype[np.uint64]]:
@@ -62,6 +67,43 @@ class Kernels:
     range_excess: Any
     attention_rows64: Any
     linear_excess: Any
+    set_num_threads: Any
+    max_threads: int
+
+    def parts(self, entries: int, threads: int) -> Parts:
+        """How many chunks an encoding pass over ``entries`` entries runs in, as a context to run it in:
+        ``threads`` (the caller's thread count: the torch backend's) for a pass of at least
+        :data:`MIN_PARALLEL` entries, else 1. One pass at a time runs parallel: another thread's pass
+        runs meanwhile in one chunk (numba's default threading layer does not take concurrent parallel
+        regions)."""
+        return Parts(self, entries, threads)
+
+
+#: The fewest entries an encoding pass splits across threads (a parallel region costs microseconds).
+MIN_PARALLEL = 1 << 16
+_pool = threading.Lock()
+
+
+class Parts:
+    """``with kernels.parts(entries, threads) as parts:`` the chunk count of one encoding pass (see
+    :meth:`Kernels.parts`); the parallel pool is held until the block ends."""
+
+    __slots__ = ("_held", "parts")
+
+    def __init__(self, k: Kernels, entries: int, threads: int) -> None:
+        self.parts, self._held = 1, False
+        if threads > 1 and entries >= MIN_PARALLEL and _pool.acquire(blocking=False):
+            self._held = True
+            self.parts = min(threads, k.max_threads)
+            k.set_num_threads(self.parts)
+
+    def __enter__(self) -> int:
+        return self.parts
+
+    def __exit__(self, *exc: object) -> None:
+        if self._held:
+            self._held = False
+            _pool.release()
 
 
 _lock = threading.Lock()
@@ -86,6 +128,8 @@ def _build() -> Kernels | None:
     except ImportError:
         return None
     jit = numba.njit(boundscheck=False, nogil=True, cache=True)
+    pjit = numba.njit(boundscheck=False, nogil=True, cache=True, parallel=True)
+    prange = numba.prange
 
     @jit
     def all_zero(bad: Any) -> bool:
@@ -96,7 +140,20 @@ def _build() -> Kernels | None:
         return total == 0.0
 
     @jit
-    def rope_take(
+    def all_zero_parts(bad: Any) -> bool:
+        # all_zero of every chunk's row of a parts × width accumulator
+        total = 0.0
+        for p in range(bad.shape[0]):
+            row = bad[p]
+            for f in range(row.shape[0]):
+                total += row[f]
+        return total == 0.0
+
+    # The encoding passes split a pass's rows into ``bad.shape[0]`` contiguous chunks, one per thread
+    # (prange; ``chunks`` picks how many); each chunk sums its own finiteness row of ``bad``. One chunk
+    # runs inline, with no parallel region.
+    @jit
+    def rope_rows(
         x: Any,
         rows: Any,
         cos: Any,
@@ -106,19 +163,21 @@ def _build() -> Kernels | None:
         d_h: int,
         out_rope: Any,
         out_plain: Any,
+        lo: int,
+        hi: int,
         bad: Any,
-    ) -> bool:
+    ) -> None:
         # row j: RoPE the first len(rope_index) columns of x[rows[j]] head by head (HF rotate_half), then
         # gather them by rope_index; gather the columns after them by plain_index. The rotation runs on
         # slices indexed from 0 (no negative-index wraparound), so LLVM vectorizes it; the column indices
-        # are unsigned for the same reason. Returns whether every entry of the rows read is finite (bad:
-        # a row of x's width, bad[f] += v − v: 0, or NaN for NaN and ±inf).
+        # are unsigned for the same reason. bad: a row of x's width, bad[f] += v − v over the rows read (0,
+        # or NaN for NaN and ±inf).
         width = rope_index.shape[0]
         half = d_h // 2
         buf = np.empty(width, dtype=x.dtype)
         for f in range(bad.shape[0]):
             bad[f] = 0.0
-        for j in range(rows.shape[0]):
+        for j in range(lo, hi):
             src = x[rows[j]]
             for f in range(bad.shape[0]):
                 bad[f] += src[f] - src[f]
@@ -139,16 +198,42 @@ def _build() -> Kernels | None:
             rest = src[width:]
             for f in range(plain_index.shape[0]):
                 dst[f] = rest[plain_index[f]]
-        return all_zero(bad)
+
+    @pjit
+    def rope_take(
+        x: Any,
+        rows: Any,
+        cos: Any,
+        sin: Any,
+        rope_index: Any,
+        plain_index: Any,
+        d_h: int,
+        out_rope: Any,
+        out_plain: Any,
+        bad: Any,
+    ) -> bool:
+        # rope_rows over every row, in bad.shape[0] chunks; whether every entry read is finite
+        n, parts = rows.shape[0], bad.shape[0]
+        if parts == 1:
+            rope_rows(x, rows, cos, sin, rope_index, plain_index, d_h, out_rope, out_plain, 0, n, bad[0])
+        else:
+            for p in prange(parts):
+                lo, hi = n * p // parts, n * (p + 1) // parts
+                rope_rows(
+                    x, rows, cos, sin, rope_index, plain_index, d_h, out_rope, out_plain, lo, hi, bad[p]
+                )
+        return all_zero_parts(bad)
 
     @jit
-    def take_rows_cols_concat(x: Any, cols: Any, extra: Any, index: Any, out: Any, bad: Any) -> bool:
-        # row j: x[index[j], cols] when index[j] < rows(x), else extra[index[j] − rows(x)]; returns whether
-        # every entry written is finite (bad: a row of scratch, bad[f] += v − v: 0, or NaN for NaN and ±inf)
+    def take_rows_cols_concat_rows(
+        x: Any, cols: Any, extra: Any, index: Any, out: Any, lo: int, hi: int, bad: Any
+    ) -> None:
+        # row j: x[index[j], cols] when index[j] < rows(x), else extra[index[j] − rows(x)]; bad: a row of
+        # scratch, bad[f] += v − v over the entries written
         n = x.shape[0]
         for f in range(bad.shape[0]):
             bad[f] = 0.0
-        for j in range(index.shape[0]):
+        for j in range(lo, hi):
             p = index[j]
             dst = out[j]
             if p < n:
@@ -161,15 +246,29 @@ def _build() -> Kernels | None:
                     dst[f] = src[f]
             for f in range(dst.shape[0]):
                 bad[f] += dst[f] - dst[f]
-        return all_zero(bad)
+
+    @pjit
+    def take_rows_cols_concat(x: Any, cols: Any, extra: Any, index: Any, out: Any, bad: Any) -> bool:
+        # take_rows_cols_concat_rows over every row, in bad.shape[0] chunks; whether every entry written
+        # is finite
+        n, parts = index.shape[0], bad.shape[0]
+        if parts == 1:
+            take_rows_cols_concat_rows(x, cols, extra, index, out, 0, n, bad[0])
+        else:
+            for p in prange(parts):
+                lo, hi = n * p // parts, n * (p + 1) // parts
+                take_rows_cols_concat_rows(x, cols, extra, index, out, lo, hi, bad[p])
+        return all_zero_parts(bad)
 
     @jit
-    def gather_sum(s: Any, from_s: Any, y: Any, from_y: Any, extra: Any, out: Any, bad: Any) -> bool:
-        # row j: s[from_s[j]] + y[from_y[j]] when from_y[j] ≥ 0, else extra[from_s[j]]; returns whether
-        # every entry written is finite (bad as in take_rows_cols_concat)
+    def gather_sum_rows(
+        s: Any, from_s: Any, y: Any, from_y: Any, extra: Any, out: Any, lo: int, hi: int, bad: Any
+    ) -> None:
+        # row j: s[from_s[j]] + y[from_y[j]] when from_y[j] ≥ 0, else extra[from_s[j]] (bad as in
+        # take_rows_cols_concat_rows)
         for f in range(bad.shape[0]):
             bad[f] = 0.0
-        for j in range(from_s.shape[0]):
+        for j in range(lo, hi):
             dst = out[j]
             if from_y[j] >= 0:
                 a = s[from_s[j]]
@@ -182,59 +281,110 @@ def _build() -> Kernels | None:
                     dst[f] = a[f]
             for f in range(dst.shape[0]):
                 bad[f] += dst[f] - dst[f]
-        return all_zero(bad)
+
+    @pjit
+    def gather_sum(s: Any, from_s: Any, y: Any, from_y: Any, extra: Any, out: Any, bad: Any) -> bool:
+        # gather_sum_rows over every row, in bad.shape[0] chunks; whether every entry written is finite
+        n, parts = from_s.shape[0], bad.shape[0]
+        if parts == 1:
+            gather_sum_rows(s, from_s, y, from_y, extra, out, 0, n, bad[0])
+        else:
+            for p in prange(parts):
+                lo, hi = n * p // parts, n * (p + 1) // parts
+                gather_sum_rows(s, from_s, y, from_y, extra, out, lo, hi, bad[p])
+        return all_zero_parts(bad)
 
     @jit
-    def add_rows(a: Any, b: Any, out: Any, bad: Any) -> bool:
-        # out = a + b row by row (2-D, one shape); returns whether every entry of out is finite
+    def add_rows_part(a: Any, b: Any, out: Any, lo: int, hi: int, bad: Any) -> None:
+        # out = a + b for rows lo … hi − 1 (bad as in take_rows_cols_concat_rows)
         for f in range(bad.shape[0]):
             bad[f] = 0.0
-        for j in range(a.shape[0]):
+        for j in range(lo, hi):
             x, y, dst = a[j], b[j], out[j]
             for f in range(dst.shape[0]):
                 dst[f] = x[f] + y[f]
                 bad[f] += dst[f] - dst[f]
-        return all_zero(bad)
+
+    @pjit
+    def add_rows(a: Any, b: Any, out: Any, bad: Any) -> bool:
+        # out = a + b row by row (2-D, one shape), in bad.shape[0] chunks; whether every entry of out is
+        # finite
+        n, parts = a.shape[0], bad.shape[0]
+        if parts == 1:
+            add_rows_part(a, b, out, 0, n, bad[0])
+        else:
+            for p in prange(parts):
+                add_rows_part(a, b, out, n * p // parts, n * (p + 1) // parts, bad[p])
+        return all_zero_parts(bad)
 
     @jit
-    def permute_rows(x: Any, index: Any, saved: Any, bad: Any) -> int:
-        # x ← x[index] in x's own memory, cycle by cycle (one saved row per cycle), every row read and
-        # written once; returns 1 when every entry is finite, 0 when one is not, −1 when ``index`` is not a
-        # permutation of the rows (x then partly permuted)
+    def is_permutation(index: Any, n: int) -> bool:
+        # whether index holds each of 0 … n − 1 exactly once
+        if index.shape[0] != n:
+            return False
+        seen = np.zeros(n, dtype=np.uint8)
+        for j in range(n):
+            k = index[j]
+            if k < 0 or k >= n or seen[k]:
+                return False
+            seen[k] = 1
+        return True
+
+    @jit
+    def permute_cols(x: Any, index: Any, c0: int, c1: int, bad: Any) -> None:
+        # columns c0 … c1 − 1 of x ← x[index] in x's own memory, cycle by cycle (one saved row slice per
+        # cycle), every entry read and written once; index is a permutation (is_permutation). bad: a row
+        # of x's width whose entries c0 … c1 − 1 sum v − v over the entries moved
         n = x.shape[0]
         done = np.zeros(n, dtype=np.uint8)
-        for f in range(bad.shape[0]):
-            bad[f] = 0.0
+        saved = np.empty(c1 - c0, dtype=x.dtype)
+        acc = bad[c0:c1]
+        for f in range(acc.shape[0]):
+            acc[f] = 0.0
         for start in range(n):
             if done[start]:
                 continue
             done[start] = 1
-            src = x[start]
-            for f in range(bad.shape[0]):
+            src = x[start, c0:c1]
+            for f in range(acc.shape[0]):
                 saved[f] = src[f]
-                bad[f] += src[f] - src[f]
+                acc[f] += src[f] - src[f]
             j = start
             while True:
                 k = index[j]
-                if k < 0 or k >= n:
-                    return -1
-                dst = x[j]
+                dst = x[j, c0:c1]
                 if k == start:
-                    for f in range(bad.shape[0]):
+                    for f in range(acc.shape[0]):
                         dst[f] = saved[f]
                     break
-                if done[k]:
-                    return -1
-                src = x[k]
-                for f in range(bad.shape[0]):
+                src = x[k, c0:c1]
+                for f in range(acc.shape[0]):
                     dst[f] = src[f]
-                    bad[f] += src[f] - src[f]
+                    acc[f] += src[f] - src[f]
                 done[k] = 1
                 j = k
+
+    @pjit
+    def permute_rows(x: Any, index: Any, parts: int, bad: Any) -> int:
+        # x ← x[index] in x's own memory, its columns in ``parts`` chunks (each follows the same cycles over
+        # its columns; bad: a row of x's width, each chunk summing its own columns); returns 1 when every
+        # entry is finite, 0 when one is not, −1 (x untouched) when ``index`` is not a permutation of the
+        # rows
+        if not is_permutation(index, x.shape[0]):
+            return -1
+        w = x.shape[1]
+        if parts == 1:
+            permute_cols(x, index, 0, w, bad)
+        else:
+            for p in prange(parts):
+                permute_cols(x, index, w * p // parts, w * (p + 1) // parts, bad)
         return 1 if all_zero(bad) else 0
 
     # The verifier's float64 sums: reassociated and contracted (see the module docstring), nothing else.
     fast = numba.njit(boundscheck=False, nogil=True, cache=True, fastmath={"reassoc", "contract"})
+    pfast = numba.njit(
+        boundscheck=False, nogil=True, cache=True, fastmath={"reassoc", "contract"}, parallel=True
+    )
 
     @fast
     def widen_sums(vals: Any, rt: Any, buf: Any, out_row: Any) -> float:
@@ -324,47 +474,82 @@ def _build() -> Kernels | None:
                     g += gv * gv
                 g2[i] = g
 
-    @fast
-    def project64(x: Any, rt: Any, out: Any, sq: Any) -> None:
-        # row i: out[i, c] = Σ_t x[i, t]·rt[c, t] and sq[i] = Σ_t x[i, t]², in float64
-        none = np.empty(0, dtype=np.float64)
-        project_rows(x, rt, none, out, sq, none)
+    @jit
+    def bound4(n: int, p: int, parts: int) -> int:
+        # where chunk p of ``parts`` starts over n rows: a multiple of four (the last chunk ends at n), so
+        # every row is summed as in one chunk (four-row blocks, the same tail rows)
+        return n if p == parts else ((n // 4) * p // parts) * 4
 
-    @fast
-    def project64_rms(x: Any, gain: Any, eps: float, rt: Any, out: Any, sq: Any) -> None:
+    @pfast
+    def project64(x: Any, rt: Any, out: Any, sq: Any, parts: int) -> None:
+        # row i: out[i, c] = Σ_t x[i, t]·rt[c, t] and sq[i] = Σ_t x[i, t]², in float64; rows in ``parts``
+        # chunks
+        none = np.empty(0, dtype=np.float64)
+        if parts == 1:
+            project_rows(x, rt, none, out, sq, none)
+            return
+        n = x.shape[0]
+        for p in prange(parts):
+            lo, hi = bound4(n, p, parts), bound4(n, p + 1, parts)
+            project_rows(x[lo:hi], rt, none, out[lo:hi], sq[lo:hi], none)
+
+    @pfast
+    def project64_rms(x: Any, gain: Any, eps: float, rt: Any, out: Any, sq: Any, parts: int) -> None:
         # row i of x̂ = RMSNorm(x) = γ ⊙ x · s_i, s_i = (Σ_t x_t² / w + ε)^-½, without forming it:
-        # out[i, c] = s_i·Σ_t x_t·(γ_t rt[c, t]) and sq[i] = s_i²·Σ_t (γ_t x_t)², in float64
+        # out[i, c] = s_i·Σ_t x_t·(γ_t rt[c, t]) and sq[i] = s_i²·Σ_t (γ_t x_t)², in float64; rows in
+        # ``parts`` chunks
         k, w = rt.shape
         rg = np.empty((k, w), dtype=np.float64)
         for c in range(k):
             for t in range(w):
                 rg[c, t] = rt[c, t] * np.float64(gain[t])
-        s = np.empty(x.shape[0], dtype=np.float64)
-        project_rows(x, rg, gain, out, s, sq)  # out[i] = Σ_t x_t·(γ_t rt[c, t]), s = Σ x², sq = Σ (γx)²
-        for i in range(x.shape[0]):
+        n = x.shape[0]
+        s = np.empty(n, dtype=np.float64)
+        # out[i] = Σ_t x_t·(γ_t rt[c, t]), s = Σ x², sq = Σ (γx)²
+        if parts == 1:
+            project_rows(x, rg, gain, out, s, sq)
+        else:
+            for p in prange(parts):
+                lo, hi = bound4(n, p, parts), bound4(n, p + 1, parts)
+                project_rows(x[lo:hi], rg, gain, out[lo:hi], s[lo:hi], sq[lo:hi])
+        for i in range(n):
             scale = 1.0 / np.sqrt(s[i] / w + eps)
             for c in range(k):
                 out[i, c] = scale * out[i, c]
             sq[i] = scale * scale * sq[i]
 
     @fast
-    def project64_gate_up(
-        gu: Any, act: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any
+    def gate_up_rows(
+        gu: Any, act: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any, lo: int, hi: int
     ) -> None:
-        # row i of gu = [gate up] (2f wide), act = silu(gate) (f wide): out_g[i] and sq_g[i] are project64
-        # of the row; m = act ⊙ up, each product rounded in act's dtype (the eager act * up, kept in m), and
-        # out_d[i], sq_d[i] are project64 of m — four rows at a time, each read from memory once
-        n, f = gu.shape[0], rd.shape[1]
+        # rows lo … hi − 1 (lo a multiple of four) of project64_gate_up
+        f = rd.shape[1]
         none = np.empty(0, dtype=np.float64)
         m = np.empty((4, f), dtype=act.dtype)
-        for i in range(0, n, 4):
-            j = min(i + 4, n)
+        for i in range(lo, hi, 4):
+            j = min(i + 4, hi)
             project_rows(gu[i:j], rg, none, out_g[i:j], sq_g[i:j], none)
             for r in range(j - i):
                 ra, up, mr = act[i + r], gu[i + r, f : 2 * f], m[r]
                 for t in range(f):
                     mr[t] = ra[t] * up[t]
             project_rows(m[: j - i], rd, none, out_d[i:j], sq_d[i:j], none)
+
+    @pfast
+    def project64_gate_up(
+        gu: Any, act: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any, parts: int
+    ) -> None:
+        # row i of gu = [gate up] (2f wide), act = silu(gate) (f wide): out_g[i] and sq_g[i] are project64
+        # of the row; m = act ⊙ up, each product rounded in act's dtype (the eager act * up, kept in m), and
+        # out_d[i], sq_d[i] are project64 of m — four rows at a time, each read from memory once; rows in
+        # ``parts`` chunks
+        n = gu.shape[0]
+        if parts == 1:
+            gate_up_rows(gu, act, rg, rd, out_g, sq_g, out_d, sq_d, 0, n)
+            return
+        for p in prange(parts):
+            lo, hi = bound4(n, p, parts), bound4(n, p + 1, parts)
+            gate_up_rows(gu, act, rg, rd, out_g, sq_g, out_d, sq_d, lo, hi)
 
     @jit
     def range_excess(v: Any, o: Any, first: int, group: int, d_h: int, acc: Any) -> tuple[float, float]:
@@ -433,13 +618,54 @@ def _build() -> Kernels | None:
         return np.nan if bad else worst
 
     @fast
+    def attention_pairs(
+        q: Any, k: Any, v: Any, pos: Any, group: int, scale: float, out: Any, part: int, parts: int
+    ) -> None:
+        # out[r, h] of attention_rows64 for the (row, head) pairs part, part + parts, … (interleaved: a
+        # later row attends to more keys, so every chunk gets early and late rows alike)
+        n_r, n_h, d_h = q.shape
+        seen = 0
+        for r in range(n_r):
+            seen = max(seen, pos[r] + 1)
+        qv = np.empty(d_h)
+        acc = np.empty(d_h)
+        sc = np.empty(seen)
+        for item in range(part, n_r * n_h, parts):
+            r, h = item // n_h, item % n_h
+            p = pos[r]
+            g = h // group
+            for t in range(d_h):
+                qv[t] = q[r, h, t]
+            top = -np.inf
+            for j in range(p + 1):
+                kj = k[j, g]
+                a = 0.0
+                for t in range(d_h):
+                    a += qv[t] * np.float64(kj[t])
+                a *= scale
+                sc[j] = a
+                top = max(top, a)
+            z = 0.0
+            for t in range(d_h):
+                acc[t] = 0.0
+            for j in range(p + 1):
+                e = np.exp(sc[j] - top)
+                z += e
+                vj = v[j, g]
+                for t in range(d_h):
+                    acc[t] += e * np.float64(vj[t])
+            for t in range(d_h):
+                out[r, h, t] = acc[t] / z
+
+    @pfast
     def attention_rows64(
-        q: Any, k: Any, v: Any, pos: Any, group: int, scale: float, out: Any, kmax: Any, vmax: Any
+        q: Any, k: Any, v: Any, pos: Any, group: int, scale: float, out: Any, kmax: Any, vmax: Any, parts: int
     ) -> None:
         # causal attention of a few query rows in float64: q rows × H × d_h at positions pos, k and v
         # keys × H_kv × d_h (head h reads KV head h // group). out[r, h] = Σ_{j ≤ pos_r} e_j v_j / Σ e_j,
         # e_j = exp(s_j − max s), s_j = scale·(q_rh·k_j); kmax[r, g] = max_{j ≤ pos_r} ‖k_jg‖ (vmax: of v).
-        n_r, n_h, d_h = q.shape
+        # The (row, head) pairs in ``parts`` chunks.
+        n_r, d_h = q.shape[0], q.shape[2]
         h_kv = k.shape[1]
         seen = 0
         for r in range(n_r):
@@ -455,38 +681,15 @@ def _build() -> Kernels | None:
                 a, b = np.sqrt(a), np.sqrt(b)
                 kc[j, g] = a if j == 0 or a > kc[j - 1, g] else kc[j - 1, g]
                 vc[j, g] = b if j == 0 or b > vc[j - 1, g] else vc[j - 1, g]
-        qv = np.empty(d_h)
-        acc = np.empty(d_h)
-        sc = np.empty(seen)
         for r in range(n_r):
-            p = pos[r]
             for g in range(h_kv):
-                kmax[r, g] = kc[p, g]
-                vmax[r, g] = vc[p, g]
-            for h in range(n_h):
-                g = h // group
-                for t in range(d_h):
-                    qv[t] = q[r, h, t]
-                top = -np.inf
-                for j in range(p + 1):
-                    kj = k[j, g]
-                    a = 0.0
-                    for t in range(d_h):
-                        a += qv[t] * np.float64(kj[t])
-                    a *= scale
-                    sc[j] = a
-                    top = max(top, a)
-                z = 0.0
-                for t in range(d_h):
-                    acc[t] = 0.0
-                for j in range(p + 1):
-                    e = np.exp(sc[j] - top)
-                    z += e
-                    vj = v[j, g]
-                    for t in range(d_h):
-                        acc[t] += e * np.float64(vj[t])
-                for t in range(d_h):
-                    out[r, h, t] = acc[t] / z
+                kmax[r, g] = kc[pos[r], g]
+                vmax[r, g] = vc[pos[r], g]
+        if parts == 1:
+            attention_pairs(q, k, v, pos, group, scale, out, 0, 1)
+        else:
+            for part in prange(parts):
+                attention_pairs(q, k, v, pos, group, scale, out, part, parts)
 
     return Kernels(
         rope_take,
@@ -500,4 +703,6 @@ def _build() -> Kernels | None:
         range_excess,
         attention_rows64,
         linear_excess,
+        numba.set_num_threads,
+        int(numba.get_num_threads()),  # the pool numba starts (NUMBA_NUM_THREADS: the cores) or fewer if set
     )

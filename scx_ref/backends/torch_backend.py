@@ -346,9 +346,15 @@ class TorchOps:
         out = torch.empty((idx.shape[0], len(cols)), dtype=self.dtype)
         cols_u = column_index(cols)
         o = out.numpy()
-        finite = k.take_rows_cols_concat(
-            _np(x), cols_u, _np(extra).reshape(-1, len(cols)), idx, o, np.empty(len(cols), o.dtype)
-        )
+        with k.parts(o.size, self.threads()) as parts:
+            finite = k.take_rows_cols_concat(
+                _np(x),
+                cols_u,
+                _np(extra).reshape(-1, len(cols)),
+                idx,
+                o,
+                np.empty((parts, len(cols)), o.dtype),
+            )
         return self._finite_or_raise(out, name, bool(finite))
 
     def gather_sum(
@@ -375,9 +381,16 @@ class TorchOps:
             return out if name is None else self.floating(out, name)
         out = torch.empty((fs.shape[0], s.shape[1]), dtype=self.dtype)
         o = out.numpy()
-        finite = k.gather_sum(
-            _np(s), fs, _np(y), fy, _np(extra).reshape(-1, s.shape[1]), o, np.empty(s.shape[1], o.dtype)
-        )
+        with k.parts(o.size, self.threads()) as parts:
+            finite = k.gather_sum(
+                _np(s),
+                fs,
+                _np(y),
+                fy,
+                _np(extra).reshape(-1, s.shape[1]),
+                o,
+                np.empty((parts, s.shape[1]), o.dtype),
+            )
         return self._finite_or_raise(out, name, bool(finite))
 
     @staticmethod
@@ -404,7 +417,8 @@ class TorchOps:
                 raise ShapeError(
                     f"a permutation of {idx.shape[0]} rows cannot reorder an array of {a.shape[0]}"
                 )
-            got = k.permute_rows(a, idx, np.empty(a.shape[1], a.dtype), np.empty(a.shape[1], a.dtype))
+            with k.parts(a.size, self.threads()) as parts:
+                got = k.permute_rows(a, idx, parts, np.empty(a.shape[1], a.dtype))
             if got < 0:
                 raise ShapeError("the index is not a permutation of the rows")
             return self._finite_or_raise(x, name, got == 1)
@@ -439,9 +453,9 @@ class TorchOps:
             return self.floating(x + y, name)
         out = torch.empty(x.shape, dtype=self.dtype)
         o = out.numpy()
-        return self._finite_or_raise(
-            out, name, bool(k.add_rows(_np(x), _np(y), o, np.empty(o.shape[1], o.dtype)))
-        )
+        with k.parts(o.size, self.threads()) as parts:
+            finite = k.add_rows(_np(x), _np(y), o, np.empty((parts, o.shape[1]), o.dtype))
+        return self._finite_or_raise(out, name, bool(finite))
 
     def add_into(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x + y in x's memory when the result keeps x's dtype and shape (no fresh multi-MB tensor: on
@@ -475,6 +489,10 @@ class TorchOps:
         """Argmax of the last row (first index among ties, as numpy)."""
         return int(torch.argmax(logits[-1]).item())
 
+    def threads(self) -> int:
+        """torch's intra-op thread count (the fused CPU passes split their rows across as many)."""
+        return int(torch.get_num_threads())
+
     def matmul64(self, a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """``a @ b`` in float64 by torch on the host (its intra-op threads: numpy's BLAS would start a
         second thread pool that competes with torch's)."""
@@ -497,7 +515,8 @@ class TorchOps:
         k = self._fused(x)
         if k is not None:  # one pass per row (cpu_kernels.project64)
             out, sq = _outputs64(rows, right)
-            k.project64(_np(x), _transposed(right), out, sq)
+            with k.parts(rows * width, self.threads()) as parts:
+                k.project64(_np(x), _transposed(right), out, sq, parts)
             return out, _norm_bound(sq, width + 2)
         if rows * width <= _SMALL and x.device.type == "cpu":  # a generation step's row: on the host
             x64 = x.detach().to(torch.float64).numpy()
@@ -659,7 +678,9 @@ class TorchBackend(TorchOps):
             return self.project64(self._rms(x, gamma), right)
         rows, width = x.shape
         out, sq = _outputs64(rows, right)
-        k.project64_rms(_np(x), _np(gamma), float(self.config.rms_eps), _transposed(right), out, sq)
+        with k.parts(rows * width, self.threads()) as parts:
+            eps = float(self.config.rms_eps)
+            k.project64_rms(_np(x), _np(gamma), eps, _transposed(right), out, sq, parts)
         return out, _norm_bound(sq, width + 8)
 
     def project64_gate_up(
@@ -683,7 +704,8 @@ class TorchBackend(TorchOps):
         out_g, sq_g = _outputs64(rows, right_gate_up)
         out_d, sq_d = _outputs64(rows, right_down)
         rg, rd = _transposed(right_gate_up), _transposed(right_down)
-        k.project64_gate_up(gu, _np(act), rg, rd, out_g, sq_g, out_d, sq_d)
+        with k.parts(gu.size, self.threads()) as parts:
+            k.project64_gate_up(gu, _np(act), rg, rd, out_g, sq_g, out_d, sq_d, parts)
         return out_g, _norm_bound(sq_g, 2 * f + 2), out_d, _norm_bound(sq_d, f + 2)
 
     def correction(
@@ -825,18 +847,19 @@ class TorchBackend(TorchOps):
         out_rope = torch.empty((n, w // dh, dh), dtype=self.dtype)
         out_plain = torch.empty((n, len(plain_index) // dh, dh), dtype=self.dtype)
         xa = _np(x)
-        finite = k.rope_take(
-            xa,
-            rows_a,
-            _np(cos),
-            _np(sin),
-            column_index(rope_index),
-            column_index(plain_index),
-            dh,
-            out_rope.numpy().reshape(n, w),
-            out_plain.numpy().reshape(n, -1),
-            np.empty(xa.shape[1], xa.dtype),
-        )
+        with k.parts(n * xa.shape[1], self.threads()) as parts:
+            finite = k.rope_take(
+                xa,
+                rows_a,
+                _np(cos),
+                _np(sin),
+                column_index(rope_index),
+                column_index(plain_index),
+                dh,
+                out_rope.numpy().reshape(n, w),
+                out_plain.numpy().reshape(n, -1),
+                np.empty((parts, xa.shape[1]), xa.dtype),
+            )
         self._finite_or_raise(out_rope, name, bool(finite))
         return out_rope, out_plain
 

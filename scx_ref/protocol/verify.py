@@ -213,13 +213,15 @@ def attention_rows64(
     group: int,
     scale: float,
     matmul64: Any = np.matmul,
+    threads: int = 1,
 ) -> tuple[F64, F64, F64]:
     """Causal attention of a few query rows recomputed in float64: ``q`` (rows × H × d_h) at positions
     ``pos`` over keys/values ``k``, ``v`` (keys × H_kv × d_h; head h reads KV head h // ``group``):
     softmax(scale·q·k_jᵀ over j ≤ pos) · v, as rows × H × d_h; and, per row and KV head, the largest ‖k_j‖
     and ‖v_j‖ over j ≤ pos (rows × H_kv), which bound the rounding of the server's scores and outputs.
-    One float64 pass per row where the CPU kernels are installed (:mod:`scx_ref.backends.cpu_kernels`),
-    else batched products by ``matmul64``; the two agree to float64 rounding."""
+    One float64 pass per row and head where the CPU kernels are installed
+    (:mod:`scx_ref.backends.cpu_kernels`; the pairs split across ``threads``), else batched products by
+    ``matmul64``; the two agree to float64 rounding."""
     n_r, n_h, d_h = q.shape
     h_kv = k.shape[1]
     if n_r == 0:
@@ -231,17 +233,21 @@ def attention_rows64(
     if kern is not None and {q.dtype, k.dtype, v.dtype} <= {np.dtype(np.float32), np.dtype(np.float64)}:
         out = np.empty((n_r, n_h, d_h))
         kmax, vmax = np.empty((n_r, h_kv)), np.empty((n_r, h_kv))
-        kern.attention_rows64(
-            np.ascontiguousarray(q),
-            np.ascontiguousarray(k[:seen]),
-            np.ascontiguousarray(v[:seen]),
-            np.ascontiguousarray(pos, dtype=np.int64),
-            group,
-            scale,
-            out,
-            kmax,
-            vmax,
-        )
+        # a generation step's one row stays on one thread: its heads are too short a task to split
+        # (measured: splitting them cost ~0.1 ms a token on SmolLM2, two threads)
+        with kern.parts(n_r * n_h * seen * d_h if n_r > 1 else 0, threads) as parts:
+            kern.attention_rows64(
+                np.ascontiguousarray(q),
+                np.ascontiguousarray(k[:seen]),
+                np.ascontiguousarray(v[:seen]),
+                np.ascontiguousarray(pos, dtype=np.int64),
+                group,
+                scale,
+                out,
+                kmax,
+                vmax,
+                parts,
+            )
         return out, kmax, vmax
     q64 = np.asarray(q, dtype=np.float64)
     k64 = np.asarray(k[:seen], dtype=np.float64)
@@ -767,7 +773,9 @@ class SessionVerifier(Generic[A]):
         q_rows = np.asarray(self.b.rows_to_numpy(q, rows))
         k_w = np.asarray(self.b.head_to_numpy(k, seen))
         scale = 1.0 / math.sqrt(dh)
-        want, kcum, vcum = attention_rows64(q_rows, k_w, v_w[:seen], pos, g, scale, self.b.matmul64)
+        want, kcum, vcum = attention_rows64(
+            q_rows, k_w, v_w[:seen], pos, g, scale, self.b.matmul64, self.b.threads()
+        )
         n_r, h_kv = rows.size, c.n_kv_heads
         og = og_w[rows].astype(np.float64)
         qi = q_rows.astype(np.float64).reshape(n_r, h_kv, g, dh)
