@@ -10,6 +10,8 @@ reference (float64) RoPE's products agree to rtol 1e-12 (the cos/sin tables may 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -29,9 +31,10 @@ from properties.strategies import (
     seeds,
 )
 from scx_ref import transforms as T
+from scx_ref.backends import cpu_kernels
 from scx_ref.backends.numpy_backend import NumpyBackend
 from scx_ref.backends.torch_backend import TorchBackend, TorchOps
-from scx_ref.errors import NonFiniteError
+from scx_ref.errors import NonFiniteError, ShapeError
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -217,3 +220,59 @@ def test_the_checked_add_and_row_permutation_are_the_plain_ones(
         moved = fused_and_eager(mp, lambda: ops.take_rows_in_place(x.clone(), index, name="rows"))
     assert all(torch.equal(a, x + y) for a in added)
     assert all(torch.equal(m, x[torch.from_numpy(np.asarray(index))]) for m in moved)
+
+
+@needs_numba
+@pytest.mark.parametrize("split", [False, True])
+def test_a_row_permutation_that_is_not_one_is_refused_before_anything_moves(split: bool) -> None:
+    """An index that is not a permutation of the rows (a repeated row) is refused with nothing of the
+    array moved, in one chunk and split across threads."""
+    x = torch.arange(40, dtype=torch.float32).reshape(8, 5)
+    before = x.clone()
+    with pytest.MonkeyPatch.context() as mp:
+        if split:
+            mp.setattr(cpu_kernels, "MIN_PARALLEL", 0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2 if split else 1)
+        try:
+            with pytest.raises(ShapeError, match="not a permutation"):
+                TorchOps(torch.float32).take_rows_in_place(x, np.array([1, 0, 3, 2, 5, 4, 7, 1]), name="rows")
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(x, before)
+
+
+@needs_numba
+def test_one_pass_at_a_time_splits_across_threads() -> None:
+    """While one pass holds the threads, a pass another thread starts runs in one chunk (numba's default
+    threading layer takes no concurrent parallel regions); short passes never split; the threads are free
+    again once the pass ends, also when it raised."""
+    k = cpu_kernels.kernels()
+    assert k is not None
+    big = cpu_kernels.MIN_PARALLEL
+    assert k.parts(big - 1, 8).parts == 1 and k.parts(big, 1).parts == 1
+    with k.parts(big, 2) as outer:
+        assert outer == min(2, k.max_threads)
+        with k.parts(big, 2) as inner:
+            assert inner == 1
+    with pytest.raises(RuntimeError), k.parts(big, 2):
+        raise RuntimeError("a pass that fails")
+    with k.parts(big, 2) as again:
+        assert again == min(2, k.max_threads)
+
+
+@needs_numba
+def test_starting_the_kernels_leaves_torchs_thread_count_alone() -> None:
+    """Starting numba's threading layer (its OpenMP layer shares torch's libgomp) does not change the
+    thread count torch was given: a one-thread run stays on one thread. In a fresh process, where the
+    layer starts."""
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from scx_ref.backends.cpu_kernels import kernels\n"
+        "assert kernels() is not None\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "1"

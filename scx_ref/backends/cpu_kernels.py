@@ -36,6 +36,7 @@ verified, the value checks 139 → 107 ms. :func:`kernels` returns ``None`` when
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -704,5 +705,17 @@ def _build() -> Kernels | None:
         attention_rows64,
         linear_excess,
         numba.set_num_threads,
-        int(numba.get_num_threads()),  # the pool numba starts (NUMBA_NUM_THREADS: the cores) or fewer if set
+        _start_threads(numba),
     )
+
+
+def _start_threads(numba: Any) -> int:
+    """Start numba's threading layer and return its thread count (NUMBA_NUM_THREADS: the cores, or fewer
+    if set). Its OpenMP layer shares torch's libgomp where torch is loaded, and starting it sets that
+    pool's thread count to numba's: torch's own count is put back, so a one-thread run stays one."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    count = int(numba.get_num_threads())
+    if torch is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+    return count
