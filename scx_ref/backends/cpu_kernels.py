@@ -150,8 +150,14 @@ def _build() -> Kernels | None:
                 total += row[f]
         return total == 0.0
 
+    @jit
+    def chunk_start(n: int, p: int, parts: int, unit: int) -> int:
+        # where chunk p of ``parts`` starts over n rows (chunk ``parts`` starts at n): a multiple of ``unit``
+        # rows, the last chunk taking the rest
+        return n if p == parts else ((n // unit) * p // parts) * unit
+
     # The encoding passes split a pass's rows into ``bad.shape[0]`` contiguous chunks, one per thread
-    # (prange; ``chunks`` picks how many); each chunk sums its own finiteness row of ``bad``. One chunk
+    # (prange; Kernels.parts picks how many); each chunk sums its own finiteness row of ``bad``. One chunk
     # runs inline, with no parallel region.
     @jit
     def rope_rows(
@@ -219,7 +225,7 @@ def _build() -> Kernels | None:
             rope_rows(x, rows, cos, sin, rope_index, plain_index, d_h, out_rope, out_plain, 0, n, bad[0])
         else:
             for p in prange(parts):
-                lo, hi = n * p // parts, n * (p + 1) // parts
+                lo, hi = chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1)
                 rope_rows(
                     x, rows, cos, sin, rope_index, plain_index, d_h, out_rope, out_plain, lo, hi, bad[p]
                 )
@@ -257,7 +263,7 @@ def _build() -> Kernels | None:
             take_rows_cols_concat_rows(x, cols, extra, index, out, 0, n, bad[0])
         else:
             for p in prange(parts):
-                lo, hi = n * p // parts, n * (p + 1) // parts
+                lo, hi = chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1)
                 take_rows_cols_concat_rows(x, cols, extra, index, out, lo, hi, bad[p])
         return all_zero_parts(bad)
 
@@ -291,7 +297,7 @@ def _build() -> Kernels | None:
             gather_sum_rows(s, from_s, y, from_y, extra, out, 0, n, bad[0])
         else:
             for p in prange(parts):
-                lo, hi = n * p // parts, n * (p + 1) // parts
+                lo, hi = chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1)
                 gather_sum_rows(s, from_s, y, from_y, extra, out, lo, hi, bad[p])
         return all_zero_parts(bad)
 
@@ -315,7 +321,7 @@ def _build() -> Kernels | None:
             add_rows_part(a, b, out, 0, n, bad[0])
         else:
             for p in prange(parts):
-                add_rows_part(a, b, out, n * p // parts, n * (p + 1) // parts, bad[p])
+                add_rows_part(a, b, out, chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1), bad[p])
         return all_zero_parts(bad)
 
     @jit
@@ -378,7 +384,7 @@ def _build() -> Kernels | None:
             permute_cols(x, index, 0, w, bad)
         else:
             for p in prange(parts):
-                permute_cols(x, index, w * p // parts, w * (p + 1) // parts, bad)
+                permute_cols(x, index, chunk_start(w, p, parts, 1), chunk_start(w, p + 1, parts, 1), bad)
         return 1 if all_zero(bad) else 0
 
     # The verifier's float64 sums: reassociated and contracted (see the module docstring), nothing else.
@@ -475,12 +481,6 @@ def _build() -> Kernels | None:
                     g += gv * gv
                 g2[i] = g
 
-    @jit
-    def bound4(n: int, p: int, parts: int) -> int:
-        # where chunk p of ``parts`` starts over n rows: a multiple of four (the last chunk ends at n), so
-        # every row is summed as in one chunk (four-row blocks, the same tail rows)
-        return n if p == parts else ((n // 4) * p // parts) * 4
-
     @pfast
     def project64(x: Any, rt: Any, out: Any, sq: Any, parts: int) -> None:
         # row i: out[i, c] = Σ_t x[i, t]·rt[c, t] and sq[i] = Σ_t x[i, t]², in float64; rows in ``parts``
@@ -491,7 +491,7 @@ def _build() -> Kernels | None:
             return
         n = x.shape[0]
         for p in prange(parts):
-            lo, hi = bound4(n, p, parts), bound4(n, p + 1, parts)
+            lo, hi = chunk_start(n, p, parts, 4), chunk_start(n, p + 1, parts, 4)
             project_rows(x[lo:hi], rt, none, out[lo:hi], sq[lo:hi], none)
 
     @pfast
@@ -511,7 +511,7 @@ def _build() -> Kernels | None:
             project_rows(x, rg, gain, out, s, sq)
         else:
             for p in prange(parts):
-                lo, hi = bound4(n, p, parts), bound4(n, p + 1, parts)
+                lo, hi = chunk_start(n, p, parts, 4), chunk_start(n, p + 1, parts, 4)
                 project_rows(x[lo:hi], rg, gain, out[lo:hi], s[lo:hi], sq[lo:hi])
         for i in range(n):
             scale = 1.0 / np.sqrt(s[i] / w + eps)
@@ -549,7 +549,7 @@ def _build() -> Kernels | None:
             gate_up_rows(gu, act, rg, rd, out_g, sq_g, out_d, sq_d, 0, n)
             return
         for p in prange(parts):
-            lo, hi = bound4(n, p, parts), bound4(n, p + 1, parts)
+            lo, hi = chunk_start(n, p, parts, 4), chunk_start(n, p + 1, parts, 4)
             gate_up_rows(gu, act, rg, rd, out_g, sq_g, out_d, sq_d, lo, hi)
 
     @jit
