@@ -23,6 +23,8 @@ Tolerances
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -43,8 +45,9 @@ from properties.strategies import (
     token_ids,
 )
 from scx_ref import transforms as T
+from scx_ref.backends import torch_backend
 from scx_ref.backends.numpy_backend import NumpyBackend
-from scx_ref.backends.torch_backend import TorchBackend, TorchOps
+from scx_ref.backends.torch_backend import TorchBackend, TorchOps, dense
 from scx_ref.errors import SCXError
 from scx_ref.forward import PlainRunner
 from scx_ref.keys import KeySchedule
@@ -276,8 +279,63 @@ def _pair(w: ModelWeights) -> tuple[NumpyBackend, TorchBackend]:
     return NumpyBackend(w), TorchBackend(w, torch.float64)
 
 
-@given(model_weights(), seeds(), row_counts(max_n=9))
-def test_backend_weight_ops_match_numpy(w: ModelWeights, seed: int, n: int) -> None:
+@contextlib.contextmanager
+def gemm_blocks(block: int, rows: int) -> Iterator[None]:
+    """:func:`dense` splitting every product of ≥ ``rows`` rows and ≥ 2·``block`` outputs into column
+    blocks of ``block`` (the test models are far narrower than the default threshold)."""
+    saved = torch_backend.GEMM_BLOCK, torch_backend.GEMM_BLOCK_ROWS
+    torch_backend.GEMM_BLOCK, torch_backend.GEMM_BLOCK_ROWS = block, rows
+    try:
+        yield
+    finally:
+        torch_backend.GEMM_BLOCK, torch_backend.GEMM_BLOCK_ROWS = saved
+
+
+@given(
+    row_counts(max_n=40),
+    st.integers(1, 40),
+    st.integers(1, 70),
+    st.integers(1, 9),
+    st.booleans(),
+    seeds(),
+    dtypes,
+)
+def test_dense_is_one_gemm_up_to_rounding(
+    n: int, d_in: int, d_out: int, block: int, with_bias: bool, seed: int, dtype: torch.dtype
+) -> None:
+    """``dense`` in column blocks (forced small) and one ``F.linear`` are each the length-``in`` dot
+    products of x·Wᵀ + b up to the dot-product bound γ·(|x|·|W|ᵀ + |b|), γ = (in + 1)·u/(1 − (in + 1)·u),
+    of their (common) rounded inputs: so within twice it of each other, and of the float64 product of
+    those inputs within once it. Every output column is written (none left as ``empty``'s garbage)."""
+    rng = np.random.default_rng(seed)
+    x, x64 = _rounded(rng.standard_normal((n, d_in)), dtype)
+    w, w64 = _rounded(rng.standard_normal((d_out, d_in)), dtype)
+    b, b64 = _rounded(rng.standard_normal(d_out), dtype) if with_bias else (None, np.zeros(d_out))
+    with gemm_blocks(block, 1):
+        got = _np(dense(x, w, b))
+    one = _np(torch.nn.functional.linear(x, w, b))
+    u = UNIT_ROUNDOFF[dtype]
+    k = (d_in + 1) * u
+    # low precision: the product may be accumulated in float32 and rounded once more at the end
+    gamma = k / (1 - k) + (u if dtype in (torch.bfloat16, torch.float16) else 0.0)
+    bound = gamma * (np.abs(x64) @ np.abs(w64).T + np.abs(b64)) + SUBNORMAL_SPACING[dtype] * (d_in + 2)
+    exact = x64 @ w64.T + b64
+    assert got.shape == (n, d_out) and np.all(np.isfinite(got))
+    assert np.all(np.abs(got - exact) <= bound)
+    assert np.all(np.abs(got - one) <= 2 * bound)
+
+
+@given(model_weights(), seeds(), row_counts(max_n=9), st.sampled_from([None, (1, 1), (3, 2)]))
+def test_backend_weight_ops_match_numpy(
+    w: ModelWeights, seed: int, n: int, blocks: tuple[int, int] | None
+) -> None:
+    """Every weight op of the torch backend agrees with numpy's in float64, with :func:`dense` as one
+    GEMM (``None``) or split into column blocks (forced on the small models: block, fewest rows)."""
+    with gemm_blocks(*blocks) if blocks else contextlib.nullcontext():
+        _weight_ops_match_numpy(w, seed, n)
+
+
+def _weight_ops_match_numpy(w: ModelWeights, seed: int, n: int) -> None:
     nb, tb = _pair(w)
     c = w.config
     x = _gauss(seed, (n, c.hidden_size))

@@ -5,9 +5,10 @@ semantics as :class:`~scx_ref.backends.numpy_backend.NumpyBackend` (property-tes
 ``properties/test_torch_parity.py``: float64 agrees to rtol 1e-12). Design:
 
 * weights are converted **once**, at construction, to the compute dtype on the device, and stored in
-  the ``out × in`` layout of ``torch.nn.functional.linear`` (so every projection is one GEMM with no
-  transpose at call time): the fused ``[W_q W_k W_v]`` (and Qwen2 bias), ``W_o``, the fused dense
-  ``[W_gate W_up]``, ``W_down``; MoE experts as stacked ``E × 2f × d`` / ``E × d × f`` tensors;
+  the ``out × in`` layout of ``torch.nn.functional.linear`` (no transpose at call time): the fused
+  ``[W_q W_k W_v]`` (and Qwen2 bias), ``W_o``, the fused dense ``[W_gate W_up]``, ``W_down``; MoE experts
+  as stacked ``E × 2f × d`` / ``E × d × f`` tensors. Every projection is :func:`dense`: one GEMM, or on
+  the CPU one per block of output columns when the output is wide;
 * row permutations and the head-structured feature permutation are gathers (``index_select``);
 * attention is ``scaled_dot_product_attention`` with ``enable_gqa`` (no K/V head expansion), with
   ``is_causal`` when query and key positions coincide and an explicit boolean mask otherwise; rows
@@ -47,7 +48,17 @@ from ..weights import DenseMLP, ModelWeights
 from .base import IndexArray, NormName, WeightName
 from .cpu_kernels import Kernels, column_index, kernels
 
-__all__ = ["TorchBackend", "TorchLayer", "TorchOps", "TorchWeights", "as_index", "parse_dtype"]
+__all__ = [
+    "GEMM_BLOCK",
+    "GEMM_BLOCK_ROWS",
+    "TorchBackend",
+    "TorchLayer",
+    "TorchOps",
+    "TorchWeights",
+    "as_index",
+    "dense",
+    "parse_dtype",
+]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -56,6 +67,39 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 _LOW = (torch.bfloat16, torch.float16)
+#: Output columns per GEMM of :func:`dense` on the CPU when an output is wide.
+GEMM_BLOCK = 1024
+#: The fewest rows for which :func:`dense` splits a wide product into column blocks.
+GEMM_BLOCK_ROWS = 16
+
+
+def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x·Wᵀ + b`` for ``w`` stored out × in (``F.linear``'s semantics and layout): every projection of
+    the torch backend. On the CPU, a 2-D ``x`` of at least :data:`GEMM_BLOCK_ROWS` rows times a ``w`` of at
+    least 2·:data:`GEMM_BLOCK` outputs is one GEMM per block of :data:`GEMM_BLOCK` output columns, written
+    into one result: each entry is the same length-``in`` dot product, while a block's weights and outputs
+    stay in the cache across the rows. Measured (``models/results/dense_blocks.txt``) 5–20 % faster than
+    one ``F.linear`` for the LM heads and fused gate/up maps of SmolLM2 and a 1B-wide LLaMA on this project's
+    CPUs; narrower products, fewer rows (a generation step) and other devices are one ``F.linear``."""
+    out_dim = w.shape[0]
+    if (
+        x.ndim != 2
+        or w.ndim != 2
+        or out_dim < 2 * GEMM_BLOCK
+        or x.shape[0] < GEMM_BLOCK_ROWS
+        or x.device.type != "cpu"
+        or x.shape[1] != w.shape[1]
+        or x.dtype != w.dtype
+    ):
+        return F.linear(x, w, bias)
+    out = torch.empty((x.shape[0], out_dim), dtype=x.dtype, device=x.device)
+    for lo in range(0, out_dim, GEMM_BLOCK):
+        hi = min(lo + GEMM_BLOCK, out_dim)
+        if bias is None:
+            torch.matmul(x, w[lo:hi].t(), out=out[:, lo:hi])
+        else:
+            torch.addmm(bias[lo:hi], x, w[lo:hi].t(), out=out[:, lo:hi])
+    return out
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -478,7 +522,7 @@ class TorchOps:
                 f"cannot multiply rows of shape {tuple(x.shape)} by a matrix of shape "
                 f"{tuple(w.shape)} (out × in)"
             )
-        return F.linear(x, w, bias)
+        return dense(x, w, bias)
 
     def scale_rows(self, x: torch.Tensor, weights: npt.NDArray[Any]) -> torch.Tensor:
         """x ⊙ w[:, None] (w cast to the dtype, as NumpyBackend)."""
@@ -736,18 +780,18 @@ class TorchBackend(TorchOps):
     ) -> torch.Tensor:
         """xW + b (the bias only for ``wqkv`` of a Qwen2 model)."""
         bias = self._layer(layer).bqkv if which == "wqkv" else None
-        return F.linear(x, self._matrix(which, layer, experts), bias)
+        return dense(x, self._matrix(which, layer, experts), bias)
 
     def mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """The block's MLP on normalized rows: SwiGLU, or Mixtral MoE (softmax router, top-k with ties
         to the lower expert id as the reference's stable sort, renormalised weights)."""
         lw = self._layer(layer)
         if lw.gate_up is not None and lw.down is not None:
-            return F.linear(self.swiglu_act(F.linear(x, lw.gate_up)), lw.down)
+            return dense(self.swiglu_act(dense(x, lw.gate_up)), lw.down)
         assert lw.router is not None and lw.experts_gate_up is not None and lw.experts_down is not None
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        probs = torch.softmax(F.linear(x2, lw.router).to(self._compute), dim=-1)
+        probs = torch.softmax(dense(x2, lw.router).to(self._compute), dim=-1)
         top_p, top = torch.sort(probs, dim=-1, descending=True, stable=True)
         k = self.config.top_k
         top, weights = top[:, :k], top_p[:, :k]
@@ -757,8 +801,8 @@ class TorchBackend(TorchOps):
         hit[top.reshape(-1)] = True
         for e in torch.nonzero(hit).reshape(-1).tolist():
             rows, slot = torch.nonzero(top == e, as_tuple=True)
-            h = self.swiglu_act(F.linear(x2.index_select(0, rows), lw.experts_gate_up[e]))
-            y = F.linear(h, lw.experts_down[e])
+            h = self.swiglu_act(dense(x2.index_select(0, rows), lw.experts_gate_up[e]))
+            y = dense(h, lw.experts_down[e])
             out.index_add_(0, rows, (weights[rows, slot][:, None] * y.to(self._compute)).to(self.dtype))
         return out.reshape(shape)
 
