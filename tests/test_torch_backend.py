@@ -16,7 +16,14 @@ import torch
 
 from scx_ref.backends.base import Backend
 from scx_ref.backends.numpy_backend import NumpyBackend
-from scx_ref.backends.torch_backend import TorchBackend, TorchOps, parse_dtype
+from scx_ref.backends.torch_backend import (
+    GEMM_BLOCK,
+    GEMM_BLOCK_ROWS,
+    TorchBackend,
+    TorchOps,
+    dense,
+    parse_dtype,
+)
 from scx_ref.config import ModelConfig
 from scx_ref.errors import ConfigError, DTypeError
 from scx_ref.forward import PlainRunner
@@ -230,3 +237,25 @@ def test_verifier_products_over_many_slices_in_and_out_of_inference_mode() -> No
     for got in (inside, outside, again):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(small, x[:5, :40].double().numpy() @ right[:40], rtol=1e-12, atol=1e-12)
+
+
+def test_dense_splits_wide_cpu_products_and_keeps_autograd() -> None:
+    """At the real threshold (a wide output, enough rows) ``dense`` matches one F.linear to float32 rounding,
+    and a product that needs gradients runs as one F.linear (``out=`` writes take no autograd) with the
+    same gradients."""
+    rng = np.random.default_rng(0)
+    rows, width, out = GEMM_BLOCK_ROWS, 64, 2 * GEMM_BLOCK + 5  # a last block narrower than the others
+    x = torch.from_numpy(rng.standard_normal((rows, width)).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((out, width)).astype(np.float32))
+    b = torch.from_numpy(rng.standard_normal(out).astype(np.float32))
+    one = torch.nn.functional.linear(x, w, b)
+    torch.testing.assert_close(dense(x, w, b), one, rtol=1e-5, atol=1e-5)
+    grads = []
+    for f in (dense, torch.nn.functional.linear):
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        f(xg, wg, b).sum().backward()
+        grads.append((xg.grad, wg.grad))
+    (dx, dw), (want_dx, want_dw) = grads
+    assert dx is not None and dw is not None and want_dx is not None and want_dw is not None
+    torch.testing.assert_close(dx, want_dx, rtol=0, atol=0)
+    torch.testing.assert_close(dw, want_dw, rtol=0, atol=0)

@@ -80,7 +80,8 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) ->
     into one result: each entry is the same length-``in`` dot product, while a block's weights and outputs
     stay in the cache across the rows. Measured (``models/results/dense_blocks.txt``) 5–20 % faster than
     one ``F.linear`` for the LM heads and fused gate/up maps of SmolLM2 and a 1B-wide LLaMA on this project's
-    CPUs; narrower products, fewer rows (a generation step) and other devices are one ``F.linear``."""
+    CPUs; narrower products, fewer rows (a generation step), other devices and products that need
+    gradients are one ``F.linear``."""
     out_dim = w.shape[0]
     if (
         x.ndim != 2
@@ -90,7 +91,9 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) ->
         or x.device.type != "cpu"
         or x.shape[1] != w.shape[1]
         or x.dtype != w.dtype
-    ):
+        or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        or (bias is not None and torch.is_grad_enabled() and bias.requires_grad)
+    ):  # (``out=`` writes take no autograd: a product that needs gradients is one F.linear)
         return F.linear(x, w, bias)
     out = torch.empty((x.shape[0], out_dim), dtype=x.dtype, device=x.device)
     for lo in range(0, out_dim, GEMM_BLOCK):
