@@ -91,8 +91,7 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) ->
         or x.device.type != "cpu"
         or x.shape[1] != w.shape[1]
         or x.dtype != w.dtype
-        or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-        or (bias is not None and torch.is_grad_enabled() and bias.requires_grad)
+        or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)))
     ):  # (``out=`` writes take no autograd: a product that needs gradients is one F.linear)
         return F.linear(x, w, bias)
     out = torch.empty((x.shape[0], out_dim), dtype=x.dtype, device=x.device)
