@@ -14,6 +14,7 @@ import torch
 
 from scx_ref.backends import cpu_kernels
 from scx_ref.backends.cpu_kernels import kernels
+from scx_ref.protocol import verify
 
 __all__ = ["fused_and_eager", "needs_numba", "same"]
 
@@ -46,12 +47,13 @@ def same(a: Any, b: Any) -> bool:
 def fused_and_eager(mp: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:
     """``fn()`` with the fused kernels, then with them switched off (SCX_NUMBA=0). The fused run is done
     twice — each pass in one chunk, then every pass split across threads however small
-    (``MIN_PARALLEL`` 0, torch's threads :data:`SPLIT_THREADS`) — and the two must agree bit for bit;
-    the split run's result is returned."""
+    (``MIN_PARALLEL`` and the verifier's ``SPLIT_ROWS64`` 0, torch's threads :data:`SPLIT_THREADS`) —
+    and the two must agree bit for bit; the split run's result is returned."""
     one = fn()
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as split_mp:
         split_mp.setattr(cpu_kernels, "MIN_PARALLEL", 0)
+        split_mp.setattr(verify, "SPLIT_ROWS64", 0)
         torch.set_num_threads(SPLIT_THREADS)
         try:
             split = fn()

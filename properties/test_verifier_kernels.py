@@ -195,23 +195,33 @@ def _rows64_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     q = (rng.standard_normal((rows, h_kv * g, d_h)) * spread).astype(dtype)
     k = (rng.standard_normal((keys, h_kv, d_h)) * spread).astype(dtype)
     v = rng.standard_normal((keys, h_kv, d_h)).astype(dtype)
+    o = rng.standard_normal((rows, h_kv * g, d_h)).astype(draw(st.sampled_from([np.float32, np.float64])))
     pos = rng.integers(0, keys, size=rows).astype(np.int64)
-    return q, k, v, pos, g, 1.0 / math.sqrt(d_h)
+    return q, k, v, o, pos, g, 1.0 / math.sqrt(d_h)
 
 
 @needs_numba
 @given(case=_rows64_cases())
 def test_attention_rows64_kernel_equals_the_batched_products(case: tuple[Any, ...]) -> None:
-    """The recomputed attention rows: the kernel's float64 pass equals the batched numpy products (and
-    the running key/value norms) to float64 rounding, for any positions (repeated ones included)."""
-    q, k, v, pos, g, scale = case
+    """The recomputed attention rows: the kernel's float64 pass equals the batched numpy products, the
+    running key/value norms and the norms the verdict reads (‖o − want‖, ‖o‖, ‖q‖) to float64 rounding,
+    for any positions (repeated ones included)."""
+    q, k, v, o, pos, g, scale = case
     with pytest.MonkeyPatch.context() as mp:
-        (o_f, k_f, v_f), (o_e, k_e, v_e) = fused_and_eager(
-            mp, lambda: attention_rows64(q, k, v, pos, g, scale, threads=torch.get_num_threads())
+        fused, eager = fused_and_eager(
+            mp, lambda: attention_rows64(q, k, v, o, pos, g, scale, threads=torch.get_num_threads())
         )
     vmax = np.abs(v.astype(np.float64)).max()
-    assert np.allclose(o_f, o_e, rtol=0, atol=1e-12 * (vmax + 1.0))
-    assert np.allclose(k_f, k_e, rtol=1e-14) and np.allclose(v_f, v_e, rtol=1e-14)
+    assert np.allclose(fused.want, eager.want, rtol=0, atol=1e-12 * (vmax + 1.0))
+    assert np.allclose(fused.kmax, eager.kmax, rtol=1e-14) and np.allclose(fused.vmax, eager.vmax, rtol=1e-14)
+    assert np.allclose(fused.onorm, eager.onorm, rtol=1e-14) and np.allclose(
+        fused.qnorm, eager.qnorm, rtol=1e-14
+    )
+    onorm = np.linalg.norm(o.astype(np.float64), axis=-1)
+    assert np.allclose(fused.dist, eager.dist, rtol=1e-13, atol=1e-12 * (vmax + onorm + 1.0))
+    # dist is the distance to the recomputed rows themselves
+    want_dist = np.linalg.norm(o.astype(np.float64) - fused.want, axis=-1)
+    assert np.allclose(fused.dist, want_dist, rtol=1e-13, atol=1e-300)
 
 
 @st.composite

@@ -23,6 +23,7 @@ from scx_ref.backends.torch_backend import TorchBackend
 from scx_ref.errors import IntegrityError, ProtocolError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, Reply, Request, SCXConfig, Server
+from scx_ref.protocol.verify import ATTENTION_ROWS
 from scx_ref.reference import ReferenceModel
 from scx_ref.stages import Stage
 from scx_ref.weights import ModelWeights
@@ -302,9 +303,8 @@ def test_reply_for_another_request_is_detected() -> None:
 
 
 def test_attention_tampering_is_detected() -> None:
-    """Prefill attention: a row moved outside its values' range is caught by the range check, a row
-    swapped with another by the recomputed rows (every row of a short prompt here); generation: the
-    single row is recomputed."""
+    """Prefill attention: a row moved outside its values' range, or swapped with another, is caught by
+    the recomputed rows (every row of a prompt this short); generation: the single row is recomputed."""
     w = weights()
     cfg = SCXConfig(level="paper", r1=2, r2=2)
 
@@ -322,6 +322,31 @@ def test_attention_tampering_is_detected() -> None:
     detected(w, cfg, on(Stage.ATTN, swapped, nth=2))
     detected(w, cfg, on(Stage.GEN_ATTN, lambda a: {"o": a["o"] * 1.001}))
     undetected_and_wrong(w, cfg, on(Stage.ATTN, swapped))
+
+
+def test_attention_range_check_covers_the_rows_not_recomputed() -> None:
+    """A prompt longer than ATTENTION_ROWS: the client recomputes only some rows of each attention stage,
+    and every row is held to its values' range — a reply moved outside it fails that check (before any
+    row is recomputed), and the same reply passes unnoticed without verification."""
+    w = weights()
+    cfg = SCXConfig(level="paper", r1=2, r2=2)
+    ids = (np.arange(ATTENTION_ROWS + 9) * 7 + 3) % 40
+
+    def outside(a: dict[str, Any]) -> dict[str, Any]:
+        o = a["o"].copy()
+        o[:, 1, :] += 10.0 * np.abs(o).max()
+        return {"o": o}
+
+    for verify in (True, False):
+        b = NumpyBackend(w)
+        link = TamperingTransport(LocalTransport(Server(b)), on(Stage.ATTN, outside))
+        client: Client[Any] = Client(b, keys(), replace(cfg, verify=verify))
+        if verify:
+            with pytest.raises(IntegrityError, match="outside its values' range"):
+                client.prefill(ids, link)
+        else:
+            want, _ = ReferenceModel(w).prefill(ids)
+            assert np.abs(client.prefill(ids, link) - want).max() > 1e-6 * np.abs(want).max()
 
 
 def columns_scaled(z: Any, lo: int, hi: int, by: float) -> Any:

@@ -620,10 +620,21 @@ def _build() -> Kernels | None:
 
     @fast
     def attention_pairs(
-        q: Any, k: Any, v: Any, pos: Any, group: int, scale: float, out: Any, part: int, parts: int
+        q: Any,
+        k: Any,
+        v: Any,
+        o: Any,
+        pos: Any,
+        group: int,
+        scale: float,
+        out: Any,
+        norms: Any,
+        part: int,
+        parts: int,
     ) -> None:
-        # out[r, h] of attention_rows64 for the (row, head) pairs part, part + parts, … (interleaved: a
-        # later row attends to more keys, so every chunk gets early and late rows alike)
+        # out[r, h] of attention_rows64 and norms[:, r, h] = (‖o_rh − out_rh‖, ‖o_rh‖, ‖q_rh‖) for the (row,
+        # head) pairs part, part + parts, … (interleaved: a later row attends to more keys, so every chunk
+        # gets early and late rows alike)
         n_r, n_h, d_h = q.shape
         seen = 0
         for r in range(n_r):
@@ -635,8 +646,10 @@ def _build() -> Kernels | None:
             r, h = item // n_h, item % n_h
             p = pos[r]
             g = h // group
+            qq = 0.0
             for t in range(d_h):
                 qv[t] = q[r, h, t]
+                qq += qv[t] * qv[t]
             top = -np.inf
             for j in range(p + 1):
                 kj = k[j, g]
@@ -655,17 +668,37 @@ def _build() -> Kernels | None:
                 vj = v[j, g]
                 for t in range(d_h):
                     acc[t] += e * np.float64(vj[t])
+            dd, oo = 0.0, 0.0
             for t in range(d_h):
-                out[r, h, t] = acc[t] / z
+                w = acc[t] / z
+                out[r, h, t] = w
+                y = np.float64(o[r, h, t])
+                dd += (y - w) * (y - w)
+                oo += y * y
+            norms[0, r, h] = np.sqrt(dd)
+            norms[1, r, h] = np.sqrt(oo)
+            norms[2, r, h] = np.sqrt(qq)
 
     @pfast
     def attention_rows64(
-        q: Any, k: Any, v: Any, pos: Any, group: int, scale: float, out: Any, kmax: Any, vmax: Any, parts: int
+        q: Any,
+        k: Any,
+        v: Any,
+        o: Any,
+        pos: Any,
+        group: int,
+        scale: float,
+        out: Any,
+        norms: Any,
+        kmax: Any,
+        vmax: Any,
+        parts: int,
     ) -> None:
         # causal attention of a few query rows in float64: q rows × H × d_h at positions pos, k and v
         # keys × H_kv × d_h (head h reads KV head h // group). out[r, h] = Σ_{j ≤ pos_r} e_j v_j / Σ e_j,
-        # e_j = exp(s_j − max s), s_j = scale·(q_rh·k_j); kmax[r, g] = max_{j ≤ pos_r} ‖k_jg‖ (vmax: of v).
-        # The (row, head) pairs in ``parts`` chunks.
+        # e_j = exp(s_j − max s), s_j = scale·(q_rh·k_j); norms[:, r, h] = (‖o_rh − out_rh‖, ‖o_rh‖,
+        # ‖q_rh‖) for the server's rows o (rows × H × d_h); kmax[r, g] = max_{j ≤ pos_r} ‖k_jg‖ (vmax: of
+        # v). The (row, head) pairs in ``parts`` chunks.
         n_r, d_h = q.shape[0], q.shape[2]
         h_kv = k.shape[1]
         seen = 0
@@ -687,10 +720,10 @@ def _build() -> Kernels | None:
                 kmax[r, g] = kc[pos[r], g]
                 vmax[r, g] = vc[pos[r], g]
         if parts == 1:
-            attention_pairs(q, k, v, pos, group, scale, out, 0, 1)
+            attention_pairs(q, k, v, o, pos, group, scale, out, norms, 0, 1)
         else:
             for part in prange(parts):
-                attention_pairs(q, k, v, pos, group, scale, out, part, parts)
+                attention_pairs(q, k, v, o, pos, group, scale, out, norms, part, parts)
 
     return Kernels(
         rope_take,

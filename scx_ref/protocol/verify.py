@@ -52,7 +52,8 @@ them (for an MoE, Σ_slots w·(m·W_down,e r)).
 **Attention** (where the client holds Q, K, V: the prefill attention stages and the first guard blocks
 during generation). Every output row must lie in the per-coordinate range of the values it may attend to
 (a convex combination, O(n·d)), and :data:`ATTENTION_ROWS` secret random rows are recomputed in float64
-(a generation step has one row: it is recomputed). τ for a recomputed row: the score errors
+(a generation step has one row: it is recomputed; where every row is recomputed, the range check, a far
+weaker test of the same entries, is not run). τ for a recomputed row: the score errors
 (λu(√d_h + 2)‖q‖‖k_j‖/√d_h) move the softmax by at most 2.1× their maximum in total variation, softmax and
 P·V rounding add λu(√m + 4)·max‖v_j‖, the output rounding λu‖o‖.
 
@@ -75,7 +76,7 @@ import math
 import threading
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic
+from typing import Any, Generic, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -96,9 +97,11 @@ __all__ = [
     "LAMBDA",
     "VECTORS",
     "VECTORS_MANY",
+    "RecomputedRows",
     "SessionVerifier",
     "SketchCache",
     "attention_rows64",
+    "attention_tau",
     "check_reply",
     "prefix_extreme",
     "range_excess",
@@ -118,6 +121,9 @@ FEW_ROWS = 4
 VECTORS_MANY = 2
 #: Attention rows the client recomputes per prefill attention stage (all of a shorter prompt).
 ATTENTION_ROWS = 16
+#: Multiply-adds from which the recomputed attention rows split across threads (a generation step's row
+#: on SmolLM2, 9 heads × 64 × 512 keys, stays on one: splitting it cost ~0.1 ms a token, two threads).
+SPLIT_ROWS64 = 1 << 19
 _U64 = 2.0**-53
 _TINY = float(np.finfo(np.float64).tiny)
 _SWIGLU = 4.0  # roundings by which the client's SwiGLU of the server's gate/up may differ from the server's
@@ -205,53 +211,79 @@ def range_excess(v: npt.NDArray[Any], o: npt.NDArray[Any], first: int) -> tuple[
     return float(over), vmax
 
 
+class RecomputedRows(NamedTuple):
+    """Attention rows recomputed in float64 (:func:`attention_rows64`) beside the server's rows ``o``:
+    ``want`` (rows × H × d_h); per row and head ``dist`` = ‖o − want‖₂, ``onorm`` = ‖o‖₂, ``qnorm`` = ‖q‖₂
+    (rows × H); per row and KV head the largest ‖k_j‖ and ‖v_j‖ over j ≤ pos (rows × H_kv), which bound
+    the rounding of the server's scores and outputs."""
+
+    want: F64
+    dist: F64
+    onorm: F64
+    qnorm: F64
+    kmax: F64
+    vmax: F64
+
+
 def attention_rows64(
     q: npt.NDArray[Any],
     k: npt.NDArray[Any],
     v: npt.NDArray[Any],
+    o: npt.NDArray[Any],
     pos: npt.NDArray[np.int64],
     group: int,
     scale: float,
     matmul64: Any = np.matmul,
     threads: int = 1,
-) -> tuple[F64, F64, F64]:
-    """Causal attention of a few query rows recomputed in float64: ``q`` (rows × H × d_h) at positions
-    ``pos`` over keys/values ``k``, ``v`` (keys × H_kv × d_h; head h reads KV head h // ``group``):
-    softmax(scale·q·k_jᵀ over j ≤ pos) · v, as rows × H × d_h; and, per row and KV head, the largest ‖k_j‖
-    and ‖v_j‖ over j ≤ pos (rows × H_kv), which bound the rounding of the server's scores and outputs.
-    One float64 pass per row and head where the CPU kernels are installed
-    (:mod:`scx_ref.backends.cpu_kernels`; the pairs split across ``threads``), else batched products by
+) -> RecomputedRows:
+    """Causal attention of a few query rows recomputed in float64 and compared with the server's: ``q``
+    (rows × H × d_h) at positions ``pos`` over keys/values ``k``, ``v`` (keys × H_kv × d_h; head h reads
+    KV head h // ``group``): want = softmax(scale·q·k_jᵀ over j ≤ pos) · v, with the norms of
+    :class:`RecomputedRows` for the server's rows ``o`` (rows × H × d_h). One float64 pass per row and
+    head where the CPU kernels are installed (:mod:`scx_ref.backends.cpu_kernels`; the pairs split across
+    ``threads`` when there are at least :data:`SPLIT_ROWS64` multiply-adds), else batched products by
     ``matmul64``; the two agree to float64 rounding."""
     n_r, n_h, d_h = q.shape
     h_kv = k.shape[1]
+    if o.shape != q.shape:
+        raise SCXError(f"{o.shape} server rows for {q.shape} recomputed ones")
     if n_r == 0:
-        return np.zeros((0, n_h, d_h)), np.zeros((0, h_kv)), np.zeros((0, h_kv))
+        empty = np.zeros((0, n_h))
+        return RecomputedRows(
+            np.zeros((0, n_h, d_h)), empty, empty, empty, np.zeros((0, h_kv)), np.zeros((0, h_kv))
+        )
     seen = int(pos.max()) + 1
     if int(pos.min()) < 0 or seen > min(k.shape[0], v.shape[0]):
         raise SCXError(f"recomputed rows at positions up to {seen - 1} for {k.shape[0]} keys")
     kern = kernels()
-    if kern is not None and {q.dtype, k.dtype, v.dtype} <= {np.dtype(np.float32), np.dtype(np.float64)}:
+    if kern is not None and {q.dtype, k.dtype, v.dtype, o.dtype} <= {
+        np.dtype(np.float32),
+        np.dtype(np.float64),
+    }:
         out = np.empty((n_r, n_h, d_h))
+        norms = np.empty((3, n_r, n_h))
         kmax, vmax = np.empty((n_r, h_kv)), np.empty((n_r, h_kv))
-        # a generation step's one row stays on one thread: its heads are too short a task to split
-        # (measured: splitting them cost ~0.1 ms a token on SmolLM2, two threads)
-        with kern.parts(n_r * n_h * seen * d_h if n_r > 1 else 0, threads) as parts:
+        work = n_h * d_h * int((pos + 1).sum())
+        with kern.parts(work if work >= SPLIT_ROWS64 else 0, threads) as parts:
             kern.attention_rows64(
                 np.ascontiguousarray(q),
                 np.ascontiguousarray(k[:seen]),
                 np.ascontiguousarray(v[:seen]),
+                np.ascontiguousarray(o),
                 np.ascontiguousarray(pos, dtype=np.int64),
                 group,
                 scale,
                 out,
+                norms,
                 kmax,
                 vmax,
                 parts,
             )
-        return out, kmax, vmax
+        return RecomputedRows(out, norms[0], norms[1], norms[2], kmax, vmax)
     q64 = np.asarray(q, dtype=np.float64)
     k64 = np.asarray(k[:seen], dtype=np.float64)
     v64 = np.asarray(v[:seen], dtype=np.float64)
+    o64 = np.asarray(o, dtype=np.float64)
     kcum = np.maximum.accumulate(np.linalg.norm(k64, axis=-1), axis=0)  # max ‖k_j‖, j ≤ p (× H_kv)
     vcum = np.maximum.accumulate(np.linalg.norm(v64, axis=-1), axis=0)
     # per KV head: (rows·g × d_h) @ (d_h × keys), as batched products on the backend's threads
@@ -262,13 +294,43 @@ def attention_rows64(
     p = np.exp(s - s.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
     want = matmul64(p.reshape(h_kv, n_r * group, seen), v64.transpose(1, 0, 2))
-    want = want.reshape(h_kv, n_r, group, d_h).transpose(1, 0, 2, 3).reshape(n_r, n_h, d_h)
-    return np.ascontiguousarray(want), kcum[pos], vcum[pos]
+    want = np.ascontiguousarray(
+        want.reshape(h_kv, n_r, group, d_h).transpose(1, 0, 2, 3).reshape(n_r, n_h, d_h)
+    )
+    return RecomputedRows(
+        want,
+        np.linalg.norm(o64 - want, axis=-1),
+        np.linalg.norm(o64, axis=-1),
+        np.linalg.norm(q64, axis=-1),
+        kcum[pos],
+        vcum[pos],
+    )
 
 
-def excess_ratio(residual: F64, tau: F64) -> float:
+def attention_tau(rec: RecomputedRows, pos: npt.NDArray[np.int64], group: int, scale: float, u: float) -> F64:
+    """τ of each recomputed attention row and head (rows × H), the module docstring's bound: the score
+    errors λu(√d_h + 2)‖q‖‖k_j‖·scale move the softmax by at most 2.1× their maximum in total variation,
+    softmax and P·V rounding add λu(√m + 4)·max‖v_j‖ (m = pos + 1 keys), the output rounding λu‖o‖; the
+    client's float64 recomputation λu₆₄(√m + √d_h)(max|score| + 1)·max‖v_j‖."""
+    d_h = rec.want.shape[-1]
+    smax = rec.qnorm * np.repeat(rec.kmax * scale, group, axis=1)  # the largest |score| bound
+    vmx = np.repeat(rec.vmax, group, axis=1)
+    m = np.sqrt(pos + 1.0)[:, None]
+    tau: F64 = LAMBDA * (
+        u * ((2.1 * (math.sqrt(d_h) + 2.0) * smax + 2.0 * (m + 4.0)) * vmx + rec.onorm)
+        + _U64 * (m + math.sqrt(d_h)) * (smax + 1.0) * vmx
+    )
+    return tau
+
+
+def excess_ratio(residual: F64 | float, tau: F64 | float) -> float:
     """A check's verdict: max |residual| / max(τ, tiny) over its entries (0.0 with none), or NaN when any
-    ratio or any τ is not finite (a NaN or ±inf residual, an infinite τ that would accept anything)."""
+    ratio or any τ is not finite (a NaN or ±inf residual, an infinite τ that would accept anything).
+    ``residual`` and ``tau`` are arrays of one shape, or two floats (one entry)."""
+    if isinstance(residual, float) and isinstance(tau, float):
+        ratio = abs(residual) / max(tau, _TINY) if math.isfinite(tau) else math.nan  # max(NaN, tiny) is NaN
+        return ratio if math.isfinite(ratio) else math.nan
+    residual, tau = np.asarray(residual), np.asarray(tau)
     if residual.size == 0:
         return 0.0
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # inf / inf is NaN: refused
@@ -469,12 +531,38 @@ class _Check:
 @dataclass
 class _LockSketch:
     """A last guard block's locked cache as the client knows it: the coefficients c (columns × k), κ =
-    Σ_j c_j K_j (k × H_kv × d_h) and Σ_j c_j²‖K_j‖² (k × H_kv)."""
+    Σ_j c_j K_j (k × H_kv × d_h) and Σ_j c_j²‖K_j‖² (k × H_kv), with max_j |c_j| and Σ_j c_j² (k each)."""
 
     coef: F64
     kappa: F64
     sq: F64
     slack: F64  # Σ over appended columns of |c_j|·(bound on ‖server's key − client's key‖), k × H_kv
+    cmax: F64
+    csq: F64
+
+    @staticmethod
+    def start(coef: F64, keys: F64) -> _LockSketch:
+        """The sketch of the locked keys ``keys`` (columns × H_kv × d_h) with coefficients ``coef``."""
+        return _LockSketch(
+            coef=coef,
+            kappa=np.einsum("jv,jhd->vhd", coef, keys),
+            sq=np.einsum("jv,jh->vh", coef**2, np.einsum("jhd,jhd->jh", keys, keys)),
+            slack=np.zeros((coef.shape[1], keys.shape[1])),
+            cmax=np.abs(coef).max(axis=0) if coef.shape[0] else np.zeros(coef.shape[1]),
+            csq=np.einsum("jv,jv->v", coef, coef),
+        )
+
+    def extend(self, new: F64, key: F64, key_slack: F64) -> _LockSketch:
+        """The sketch with one more column: the appended key ``key`` (H_kv × d_h) with coefficients ``new``
+        (k), the server's copy of it within ``key_slack`` (H_kv) of the client's."""
+        return _LockSketch(
+            coef=np.concatenate([self.coef, new[None, :]]),
+            kappa=self.kappa + new[:, None, None] * key[None],
+            sq=self.sq + (new**2)[:, None] * np.einsum("hd,hd->h", key, key)[None, :],
+            slack=self.slack + np.abs(new)[:, None] * key_slack[None, :],
+            cmax=np.maximum(self.cmax, np.abs(new)),
+            csq=self.csq + new * new,
+        )
 
 
 @dataclass
@@ -748,60 +836,48 @@ class SessionVerifier(Generic[A]):
         first: int,
     ) -> None:
         """Check attention output ``o`` of queries ``q`` (at positions first, first + 1, …) over keys/values
-        ``k``, ``v`` (positions 0, 1, …; causal): every row in its values' range, ``rows`` recomputed."""
+        ``k``, ``v`` (positions 0, 1, …; causal): every row in its values' range, ``rows`` recomputed.
+        When ``rows`` are all the queries (a generation step's one row, a prompt of at most
+        :data:`ATTENTION_ROWS` tokens) every entry is recomputed, a far stronger test than the range check
+        (within rounding of the exact row, not merely of its values' range) that reads every entry of ``o``
+        (a NaN or an infinity fails it): the range check is then not run."""
         c = self.b.config
         n_q, g, dh = self.b.shape(q)[0], c.group_size, c.head_dim
+        every = rows.size == n_q
         # the range check needs no float64: max and min are exact in any dtype; read-only here, so views of
         # the tensors where the backend can give them (no copies)
         v_w = np.asarray(self.b.head_to_numpy(v, self.b.nrows(v)))
-        og_w = np.asarray(self.b.head_to_numpy(o, n_q)).reshape(n_q, c.n_kv_heads, g, dh)
-        n_k = v_w.shape[0]
-        over, vmax = range_excess(v_w, og_w, first)
-        slack = LAMBDA * u * (math.sqrt(n_k) + 4.0) * vmax
-        self._judge(
-            stage,
-            layer,
-            np.maximum(np.array([over]), 0.0),  # NaN stays NaN (refused as not finite)
-            np.array([slack]),
-            "an attention row outside its values' range",
-        )
-        self.flops += 4 * og_w.size
+        if not every:
+            og_w = np.asarray(self.b.head_to_numpy(o, n_q)).reshape(n_q, c.n_kv_heads, g, dh)
+            n_k = v_w.shape[0]
+            over, vmax = range_excess(v_w, og_w, first)
+            slack = LAMBDA * u * (math.sqrt(n_k) + 4.0) * vmax
+            # over ≤ 0 when every entry is in range; NaN stays NaN (refused as not finite)
+            residual = over if over > 0.0 or math.isnan(over) else 0.0
+            ratio = excess_ratio(residual, slack)
+            self._accept(stage, layer, ratio, 1, "an attention row outside its values' range")
+            self.flops += 4 * og_w.size
         if rows.size == 0:
             return
         pos = first + rows  # the recomputed rows' positions
         seen = int(pos.max()) + 1  # keys 0 .. seen − 1 are all any recomputed row may attend to
         q_rows = np.asarray(self.b.rows_to_numpy(q, rows))
+        o_rows = np.asarray(self.b.rows_to_numpy(o, rows)).reshape(q_rows.shape)
         k_w = np.asarray(self.b.head_to_numpy(k, seen))
         scale = 1.0 / math.sqrt(dh)
-        want, kcum, vcum = attention_rows64(
-            q_rows, k_w, v_w[:seen], pos, g, scale, self.b.matmul64, self.b.threads()
-        )
-        n_r, h_kv = rows.size, c.n_kv_heads
-        og = og_w[rows].astype(np.float64)
-        qi = q_rows.astype(np.float64).reshape(n_r, h_kv, g, dh)
-        diff = np.linalg.norm(og - want.reshape(n_r, h_kv, g, dh), axis=-1)  # rows × H_kv × g
-        smax = np.linalg.norm(qi, axis=-1) * (kcum * scale)[:, :, None]  # the largest |score| bound
-        vmx = vcum[:, :, None]
-        m = np.sqrt(pos + 1.0)[:, None, None]
-        tau = LAMBDA * (
-            u * ((2.1 * (math.sqrt(dh) + 2.0) * smax + 2.0 * (m + 4.0)) * vmx + np.linalg.norm(og, axis=-1))
-            + _U64 * (m + math.sqrt(dh)) * (smax + 1.0) * vmx
+        rec = attention_rows64(
+            q_rows, k_w, v_w[:seen], o_rows, pos, g, scale, self.b.matmul64, self.b.threads()
         )
         self.flops += 4 * c.n_heads * dh * int((pos + 1).sum())
-        self._judge(stage, layer, diff.reshape(-1), tau.reshape(-1), "a recomputed attention row")
+        tau = attention_tau(rec, pos, g, scale, u)
+        self._judge(stage, layer, rec.dist, tau, "a recomputed attention row")
 
     # -- last guard blocks -------------------------------------------------------------------------------
     def lock(self, layer: int, locked: A) -> None:
         """Start the locked-score sketch of block ``layer`` from the locked cache the client stores."""
         c = self.b.config
         kc = self._host(locked).reshape(-1, c.n_kv_heads, c.head_dim)
-        coef = self.keys.verify_lock(layer, kc.shape[0], self.vectors)
-        self._locks[layer] = _LockSketch(
-            coef=coef,
-            kappa=np.einsum("jv,jhd->vhd", coef, kc),
-            sq=np.einsum("jv,jh->vh", coef**2, np.einsum("jhd,jhd->jh", kc, kc)),
-            slack=np.zeros((self.vectors, c.n_kv_heads)),
-        )
+        self._locks[layer] = _LockSketch.start(self.keys.verify_lock(layer, kc.shape[0], self.vectors), kc)
         self.flops += 4 * kc.size * self.vectors
 
     def gen_last(self, layer: int, step: int, h: A, pos: int, scores: A, z: A, u: float) -> None:
@@ -813,7 +889,7 @@ class SessionVerifier(Generic[A]):
         lk = self._locks.get(layer)
         if lk is None:
             raise IntegrityError(f"gen_last of block {layer} before its locked cache was stored")
-        H, dh, grp = c.n_heads, c.head_dim, np.arange(c.n_heads) // c.group_size
+        H, H_kv, dh, g = c.n_heads, c.n_kv_heads, c.head_dim, c.group_size
         ch = self._check("wqkv", layer, None).first(self.vectors_for(1))
         self._linear_judge(
             Stage.GEN_LAST,
@@ -826,37 +902,41 @@ class SessionVerifier(Generic[A]):
             math.sqrt(c.hidden_size) + 4.0,  # the server normalized h itself
         )
         # q's and k's heads RoPE'd in one call (the rotation is per head, at the row's position)
-        qk = b.reshape(b.narrow(z, 1, 0, c.q_dim + c.kv_dim), (1, H + c.n_kv_heads, dh))
+        qk = b.reshape(b.narrow(z, 1, 0, c.q_dim + c.kv_dim), (1, H + H_kv, dh))
         qk_own = self._host(b.rope(qk, np.array([pos])))[0]
         q_own, k_own = qk_own[:H], qk_own[H:]  # H × d_h, H_kv × d_h
         # the server RoPE'd the same z: per head each side's rotation (two products and an add per entry)
         # is within 3√2·u‖row‖ of the exact one, so the two differ by at most 2λ·5u‖row‖
         rope = 2.0 * LAMBDA * u * 5.0
-        dq = rope * np.linalg.norm(q_own, axis=-1)  # H
-        dk = rope * np.linalg.norm(k_own, axis=-1)  # H_kv
-        # the scores: Σ_j c_j s_hj = q_h·κ_g/√d_h, κ extended by this step's key with a fresh c
-        new = self.lock_step(layer, step)  # 1 × k, derived ahead or now
+        qn = np.linalg.norm(q_own, axis=-1)  # H
+        # the scores: Σ_j c_j s_hj = q_h·κ_g/√d_h, κ extended by this step's key with a fresh c (the server
+        # keeps its own copy of the key: within rope·‖k‖ of the client's)
+        new = self.lock_step(layer, step)[0]  # k, derived ahead or now
         del self._lock_steps[(layer, step)]  # used once
-        coef = np.concatenate([lk.coef, new])  # m × k
-        kappa = lk.kappa + new[0][:, None, None] * k_own[None]
-        sq = lk.sq + (new[0] ** 2)[:, None] * np.einsum("hd,hd->h", k_own, k_own)[None, :]
-        slack = lk.slack + np.abs(new[0])[:, None] * dk[None, :]  # the server keeps its own keys
+        lk = lk.extend(new, k_own, rope * np.linalg.norm(k_own, axis=-1))
         s64 = self._host(scores).reshape(H, -1)  # H × m
-        if s64.shape[1] != coef.shape[0]:
-            raise IntegrityError(f"gen_last of block {layer}: {s64.shape[1]} scores for {coef.shape[0]} keys")
+        if s64.shape[1] != lk.coef.shape[0]:
+            raise IntegrityError(
+                f"gen_last of block {layer}: {s64.shape[1]} scores for {lk.coef.shape[0]} keys"
+            )
         scale = 1.0 / math.sqrt(dh)
-        qn = np.linalg.norm(q_own, axis=-1)[:, None]  # H × 1
-        snorm = np.linalg.norm(s64, axis=-1)[:, None]
-        got = s64 @ coef  # H × k
-        want = np.einsum("hd,vhd->hv", q_own, kappa[:, grp, :]) * scale
-        kap = np.linalg.norm(kappa[:, grp, :], axis=-1).T  # H × k
-        tau = (
-            LAMBDA * u * (math.sqrt(dh) + 3.0) * qn * np.sqrt(sq[:, grp].T) * scale  # server's scores
-            + LAMBDA * u * snorm * np.abs(coef).max(axis=0)[None, :]  # their output rounding
-            + dq[:, None] * kap * scale  # the server's q is not exactly the client's
-            + qn * slack[:, grp].T * scale  # nor its appended keys
-            + LAMBDA * _U64 * math.sqrt(coef.shape[0]) * snorm * np.linalg.norm(coef, axis=0)[None, :]
+        snorm = np.linalg.norm(s64, axis=-1)[:, None]  # H × 1
+        got = s64 @ lk.coef  # H × k
+        # head h reads KV head h // g: q as H_kv × g × d_h against κ (k × H_kv × d_h)
+        want = np.einsum("hed,vhd->hev", q_own.reshape(H_kv, g, dh), lk.kappa).reshape(H, -1) * scale
+        # the per-KV-head terms (k × H_kv) as H × k: head h reads KV head h // g
+        sq, kap, slack = (
+            np.repeat(t.T, g, axis=0) for t in (lk.sq, np.linalg.norm(lk.kappa, axis=-1), lk.slack)
         )
-        self.flops += 2 * H * coef.shape[0] * self.vectors
+        qs = qn[:, None] * scale
+        m = lk.coef.shape[0]
+        tau = (
+            LAMBDA * u * (math.sqrt(dh) + 3.0) * qs * np.sqrt(sq)  # the server's scores
+            + LAMBDA * u * snorm * lk.cmax[None, :]  # their output rounding
+            + rope * qs * kap  # the server's q is not exactly the client's
+            + qs * slack  # nor its appended keys
+            + LAMBDA * _U64 * math.sqrt(m) * snorm * np.sqrt(lk.csq)[None, :]  # the client's float64 sums
+        )
+        self.flops += 2 * H * lk.coef.shape[0] * self.vectors
         self._judge(Stage.GEN_LAST, layer, got - want, tau, "the scores against the locked cache")
-        self._locks[layer] = _LockSketch(coef, kappa, sq, slack)
+        self._locks[layer] = lk
