@@ -843,7 +843,7 @@ class SessionVerifier(Generic[A]):
         (a NaN or an infinity fails it): the range check is then not run."""
         c = self.b.config
         n_q, g, dh = self.b.shape(q)[0], c.group_size, c.head_dim
-        every = rows.size == n_q
+        every = rows.size == n_q and bool(np.array_equal(np.sort(rows), np.arange(n_q)))  # each row once
         # the range check needs no float64: max and min are exact in any dtype; read-only here, so views of
         # the tensors where the backend can give them (no copies)
         v_w = np.asarray(self.b.head_to_numpy(v, self.b.nrows(v)))
