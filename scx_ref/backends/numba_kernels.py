@@ -1,0 +1,634 @@
+"""The numba-compiled bodies of :mod:`.cpu_kernels` (what each computes, how it rounds and how it splits
+across threads: that module's docstring). Imported only when numba is installed.
+
+They are module-level functions so that numba's on-disk cache finds them again in a new process: a kernel
+defined inside a function closes over the dispatchers it calls, and a parallel kernel keyed that way missed
+the cache in every process (about 6 s of compiling on a process's first request, and a new cache entry
+each time).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+jit = numba.njit(boundscheck=False, nogil=True, cache=True)
+pjit = numba.njit(boundscheck=False, nogil=True, cache=True, parallel=True)
+prange = numba.prange
+
+
+@jit
+def all_zero(bad: Any) -> bool:
+    # whether a finiteness accumulator (entries v − v summed: 0, or NaN) is all zero
+    total = 0.0
+    for f in range(bad.shape[0]):
+        total += bad[f]
+    return total == 0.0
+
+
+@jit
+def all_zero_parts(bad: Any) -> bool:
+    # all_zero of every chunk's row of a parts × width accumulator
+    total = 0.0
+    for p in range(bad.shape[0]):
+        row = bad[p]
+        for f in range(row.shape[0]):
+            total += row[f]
+    return total == 0.0
+
+
+@jit
+def chunk_start(n: int, p: int, parts: int, unit: int) -> int:
+    # where chunk p of ``parts`` starts over n rows (chunk ``parts`` starts at n): a multiple of ``unit``
+    # rows, the last chunk taking the rest
+    return n if p == parts else ((n // unit) * p // parts) * unit
+
+
+# The encoding passes split a pass's rows into ``bad.shape[0]`` contiguous chunks, one per thread
+# (prange; Kernels.parts picks how many); each chunk sums its own finiteness row of ``bad``. One chunk
+# runs inline, with no parallel region.
+@jit
+def rope_rows(
+    x: Any,
+    rows: Any,
+    cos: Any,
+    sin: Any,
+    rope_index: Any,
+    plain_index: Any,
+    d_h: int,
+    out_rope: Any,
+    out_plain: Any,
+    lo: int,
+    hi: int,
+    bad: Any,
+) -> None:
+    # row j: RoPE the first len(rope_index) columns of x[rows[j]] head by head (HF rotate_half), then
+    # gather them by rope_index; gather the columns after them by plain_index. The rotation runs on
+    # slices indexed from 0 (no negative-index wraparound), so LLVM vectorizes it; the column indices
+    # are unsigned for the same reason. bad: a row of x's width, bad[f] += v − v over the rows read (0,
+    # or NaN for NaN and ±inf).
+    width = rope_index.shape[0]
+    half = d_h // 2
+    buf = np.empty(width, dtype=x.dtype)
+    for f in range(bad.shape[0]):
+        bad[f] = 0.0
+    for j in range(lo, hi):
+        src = x[rows[j]]
+        for f in range(bad.shape[0]):
+            bad[f] += src[f] - src[f]
+        c1, c2 = cos[j, :half], cos[j, half:d_h]
+        s1, s2 = sin[j, :half], sin[j, half:d_h]
+        for h in range(width // d_h):
+            b = h * d_h
+            x1, x2 = src[b : b + half], src[b + half : b + d_h]
+            o1, o2 = buf[b : b + half], buf[b + half : b + d_h]
+            for t in range(half):
+                o1[t] = x1[t] * c1[t] - x2[t] * s1[t]
+            for t in range(half):
+                o2[t] = x2[t] * c2[t] + x1[t] * s2[t]
+        dst = out_rope[j]
+        for f in range(width):
+            dst[f] = buf[rope_index[f]]
+        dst = out_plain[j]
+        rest = src[width:]
+        for f in range(plain_index.shape[0]):
+            dst[f] = rest[plain_index[f]]
+
+
+@pjit
+def rope_take(
+    x: Any,
+    rows: Any,
+    cos: Any,
+    sin: Any,
+    rope_index: Any,
+    plain_index: Any,
+    d_h: int,
+    out_rope: Any,
+    out_plain: Any,
+    bad: Any,
+) -> bool:
+    # rope_rows over every row, in bad.shape[0] chunks; whether every entry read is finite
+    n, parts = rows.shape[0], bad.shape[0]
+    if parts == 1:
+        rope_rows(x, rows, cos, sin, rope_index, plain_index, d_h, out_rope, out_plain, 0, n, bad[0])
+    else:
+        for p in prange(parts):
+            lo, hi = chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1)
+            rope_rows(x, rows, cos, sin, rope_index, plain_index, d_h, out_rope, out_plain, lo, hi, bad[p])
+    return all_zero_parts(bad)
+
+
+@jit
+def take_rows_cols_concat_rows(
+    x: Any, cols: Any, extra: Any, index: Any, out: Any, lo: int, hi: int, bad: Any
+) -> None:
+    # row j: x[index[j], cols] when index[j] < rows(x), else extra[index[j] − rows(x)]; bad: a row of
+    # scratch, bad[f] += v − v over the entries written
+    n = x.shape[0]
+    for f in range(bad.shape[0]):
+        bad[f] = 0.0
+    for j in range(lo, hi):
+        p = index[j]
+        dst = out[j]
+        if p < n:
+            src = x[p]
+            for f in range(cols.shape[0]):
+                dst[f] = src[cols[f]]
+        else:
+            src = extra[p - n]
+            for f in range(dst.shape[0]):
+                dst[f] = src[f]
+        for f in range(dst.shape[0]):
+            bad[f] += dst[f] - dst[f]
+
+
+@pjit
+def take_rows_cols_concat(x: Any, cols: Any, extra: Any, index: Any, out: Any, bad: Any) -> bool:
+    # take_rows_cols_concat_rows over every row, in bad.shape[0] chunks; whether every entry written
+    # is finite
+    n, parts = index.shape[0], bad.shape[0]
+    if parts == 1:
+        take_rows_cols_concat_rows(x, cols, extra, index, out, 0, n, bad[0])
+    else:
+        for p in prange(parts):
+            lo, hi = chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1)
+            take_rows_cols_concat_rows(x, cols, extra, index, out, lo, hi, bad[p])
+    return all_zero_parts(bad)
+
+
+@jit
+def gather_sum_rows(
+    s: Any, from_s: Any, y: Any, from_y: Any, extra: Any, out: Any, lo: int, hi: int, bad: Any
+) -> None:
+    # row j: s[from_s[j]] + y[from_y[j]] when from_y[j] ≥ 0, else extra[from_s[j]] (bad as in
+    # take_rows_cols_concat_rows)
+    for f in range(bad.shape[0]):
+        bad[f] = 0.0
+    for j in range(lo, hi):
+        dst = out[j]
+        if from_y[j] >= 0:
+            a = s[from_s[j]]
+            b = y[from_y[j]]
+            for f in range(dst.shape[0]):
+                dst[f] = a[f] + b[f]
+        else:
+            a = extra[from_s[j]]
+            for f in range(dst.shape[0]):
+                dst[f] = a[f]
+        for f in range(dst.shape[0]):
+            bad[f] += dst[f] - dst[f]
+
+
+@pjit
+def gather_sum(s: Any, from_s: Any, y: Any, from_y: Any, extra: Any, out: Any, bad: Any) -> bool:
+    # gather_sum_rows over every row, in bad.shape[0] chunks; whether every entry written is finite
+    n, parts = from_s.shape[0], bad.shape[0]
+    if parts == 1:
+        gather_sum_rows(s, from_s, y, from_y, extra, out, 0, n, bad[0])
+    else:
+        for p in prange(parts):
+            lo, hi = chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1)
+            gather_sum_rows(s, from_s, y, from_y, extra, out, lo, hi, bad[p])
+    return all_zero_parts(bad)
+
+
+@jit
+def add_rows_part(a: Any, b: Any, out: Any, lo: int, hi: int, bad: Any) -> None:
+    # out = a + b for rows lo … hi − 1 (bad as in take_rows_cols_concat_rows)
+    for f in range(bad.shape[0]):
+        bad[f] = 0.0
+    for j in range(lo, hi):
+        x, y, dst = a[j], b[j], out[j]
+        for f in range(dst.shape[0]):
+            dst[f] = x[f] + y[f]
+            bad[f] += dst[f] - dst[f]
+
+
+@pjit
+def add_rows(a: Any, b: Any, out: Any, bad: Any) -> bool:
+    # out = a + b row by row (2-D, one shape), in bad.shape[0] chunks; whether every entry of out is
+    # finite
+    n, parts = a.shape[0], bad.shape[0]
+    if parts == 1:
+        add_rows_part(a, b, out, 0, n, bad[0])
+    else:
+        for p in prange(parts):
+            add_rows_part(a, b, out, chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1), bad[p])
+    return all_zero_parts(bad)
+
+
+@jit
+def is_permutation(index: Any, n: int) -> bool:
+    # whether index holds each of 0 … n − 1 exactly once
+    if index.shape[0] != n:
+        return False
+    seen = np.zeros(n, dtype=np.uint8)
+    for j in range(n):
+        k = index[j]
+        if k < 0 or k >= n or seen[k]:
+            return False
+        seen[k] = 1
+    return True
+
+
+@jit
+def permute_cols(x: Any, index: Any, c0: int, c1: int, bad: Any) -> None:
+    # columns c0 … c1 − 1 of x ← x[index] in x's own memory, cycle by cycle (one saved row slice per
+    # cycle), every entry read and written once; index is a permutation (is_permutation). bad: a row
+    # of x's width whose entries c0 … c1 − 1 sum v − v over the entries moved
+    n = x.shape[0]
+    done = np.zeros(n, dtype=np.uint8)
+    saved = np.empty(c1 - c0, dtype=x.dtype)
+    acc = bad[c0:c1]
+    for f in range(acc.shape[0]):
+        acc[f] = 0.0
+    for start in range(n):
+        if done[start]:
+            continue
+        done[start] = 1
+        src = x[start, c0:c1]
+        for f in range(acc.shape[0]):
+            saved[f] = src[f]
+            acc[f] += src[f] - src[f]
+        j = start
+        while True:
+            k = index[j]
+            dst = x[j, c0:c1]
+            if k == start:
+                for f in range(acc.shape[0]):
+                    dst[f] = saved[f]
+                break
+            src = x[k, c0:c1]
+            for f in range(acc.shape[0]):
+                dst[f] = src[f]
+                acc[f] += src[f] - src[f]
+            done[k] = 1
+            j = k
+
+
+@pjit
+def permute_rows(x: Any, index: Any, parts: int, bad: Any) -> int:
+    # x ← x[index] in x's own memory, its columns in ``parts`` chunks (each follows the same cycles over
+    # its columns; bad: a row of x's width, each chunk summing its own columns); returns 1 when every
+    # entry is finite, 0 when one is not, −1 (x untouched) when ``index`` is not a permutation of the
+    # rows
+    if not is_permutation(index, x.shape[0]):
+        return -1
+    w = x.shape[1]
+    if parts == 1:
+        permute_cols(x, index, 0, w, bad)
+    else:
+        for p in prange(parts):
+            permute_cols(x, index, chunk_start(w, p, parts, 1), chunk_start(w, p + 1, parts, 1), bad)
+    return 1 if all_zero(bad) else 0
+
+
+# The verifier's float64 sums: reassociated and contracted (see the module docstring), nothing else.
+fast = numba.njit(boundscheck=False, nogil=True, cache=True, fastmath={"reassoc", "contract"})
+pfast = numba.njit(boundscheck=False, nogil=True, cache=True, fastmath={"reassoc", "contract"}, parallel=True)
+
+
+@fast
+def widen_sums(vals: Any, rt: Any, buf: Any, out_row: Any) -> float:
+    # v = vals widened to float64: out_row[c] = Σ_t v_t·rt[c, t] for each check vector, and Σ_t v_t²
+    # returned; one loop with three sums for the usual k = 2 (a prompt's rows), else v kept in buf
+    k, w = rt.shape
+    if k == 2:
+        r0, r1 = rt[0], rt[1]
+        s, a0, a1 = 0.0, 0.0, 0.0
+        for t in range(w):
+            v = np.float64(vals[t])
+            s += v * v
+            a0 += v * r0[t]
+            a1 += v * r1[t]
+        out_row[0], out_row[1] = a0, a1
+        return s
+    s = 0.0
+    for t in range(w):
+        buf[t] = vals[t]
+        s += buf[t] * buf[t]
+    for c in range(k):
+        r = rt[c]
+        a = 0.0
+        for t in range(w):
+            a += buf[t] * r[t]
+        out_row[c] = a
+    return s
+
+
+@fast
+def widen_sums4(x: Any, i: int, rt: Any, gain: Any, out: Any, sq: Any, g2: Any) -> None:
+    # widen_sums of x's rows i … i + 3 for k = 2 in one loop: each check-vector entry is loaded once for
+    # the four rows (the products were bound by those loads, two float64 per float32 read); with
+    # ``gain`` (a row-length array, or an empty one) also g2[j] = Σ_t (x_jt·γ_t)², in float64
+    r0, r1 = rt[0], rt[1]
+    xa, xb, xc, xd = x[i], x[i + 1], x[i + 2], x[i + 3]
+    sa, sb, sc, sd = 0.0, 0.0, 0.0, 0.0
+    a0, a1, b0, b1, c0, c1, d0, d1 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    for t in range(rt.shape[1]):
+        p, q = r0[t], r1[t]
+        va, vb, vc, vd = np.float64(xa[t]), np.float64(xb[t]), np.float64(xc[t]), np.float64(xd[t])
+        sa += va * va
+        sb += vb * vb
+        sc += vc * vc
+        sd += vd * vd
+        a0 += va * p
+        a1 += va * q
+        b0 += vb * p
+        b1 += vb * q
+        c0 += vc * p
+        c1 += vc * q
+        d0 += vd * p
+        d1 += vd * q
+    out[i, 0], out[i, 1], out[i + 1, 0], out[i + 1, 1] = a0, a1, b0, b1
+    out[i + 2, 0], out[i + 2, 1], out[i + 3, 0], out[i + 3, 1] = c0, c1, d0, d1
+    sq[i], sq[i + 1], sq[i + 2], sq[i + 3] = sa, sb, sc, sd
+    if gain.shape[0] == 0:
+        return
+    ga, gb, gc, gd = 0.0, 0.0, 0.0, 0.0
+    for t in range(rt.shape[1]):
+        gt = np.float64(gain[t])
+        ua, ub = np.float64(xa[t]) * gt, np.float64(xb[t]) * gt
+        uc, ud = np.float64(xc[t]) * gt, np.float64(xd[t]) * gt
+        ga += ua * ua
+        gb += ub * ub
+        gc += uc * uc
+        gd += ud * ud
+    g2[i], g2[i + 1], g2[i + 2], g2[i + 3] = ga, gb, gc, gd
+
+
+@fast
+def project_rows(x: Any, rt: Any, gain: Any, out: Any, sq: Any, g2: Any) -> None:
+    # rows of x: out[i, c] = Σ_t x_it·rt[c, t] and sq[i] = Σ_t x_it², in float64; four rows a loop
+    # for k = 2 (widen_sums4), one row a loop otherwise; with ``gain`` also g2 as in widen_sums4
+    n, w = x.shape
+    blocked = n - n % 4 if rt.shape[0] == 2 else 0
+    for i in range(0, blocked, 4):
+        widen_sums4(x, i, rt, gain, out, sq, g2)
+    if blocked == n:  # no row left (no scratch to allocate: the gate/up check calls this per four rows)
+        return
+    buf = np.empty(w, dtype=np.float64)
+    for i in range(blocked, n):
+        row = x[i]
+        sq[i] = widen_sums(row, rt, buf, out[i])
+        if gain.shape[0] != 0:
+            g = 0.0
+            for t in range(w):
+                gv = np.float64(row[t]) * np.float64(gain[t])
+                g += gv * gv
+            g2[i] = g
+
+
+@pfast
+def project64(x: Any, rt: Any, out: Any, sq: Any, parts: int) -> None:
+    # row i: out[i, c] = Σ_t x[i, t]·rt[c, t] and sq[i] = Σ_t x[i, t]², in float64; rows in ``parts``
+    # chunks
+    none = np.empty(0, dtype=np.float64)
+    if parts == 1:
+        project_rows(x, rt, none, out, sq, none)
+        return
+    n = x.shape[0]
+    for p in prange(parts):
+        lo, hi = chunk_start(n, p, parts, 4), chunk_start(n, p + 1, parts, 4)
+        project_rows(x[lo:hi], rt, none, out[lo:hi], sq[lo:hi], none)
+
+
+@pfast
+def project64_rms(x: Any, gain: Any, eps: float, rt: Any, out: Any, sq: Any, parts: int) -> None:
+    # row i of x̂ = RMSNorm(x) = γ ⊙ x · s_i, s_i = (Σ_t x_t² / w + ε)^-½, without forming it:
+    # out[i, c] = s_i·Σ_t x_t·(γ_t rt[c, t]) and sq[i] = s_i²·Σ_t (γ_t x_t)², in float64; rows in
+    # ``parts`` chunks
+    k, w = rt.shape
+    rg = np.empty((k, w), dtype=np.float64)
+    for c in range(k):
+        for t in range(w):
+            rg[c, t] = rt[c, t] * np.float64(gain[t])
+    n = x.shape[0]
+    s = np.empty(n, dtype=np.float64)
+    # out[i] = Σ_t x_t·(γ_t rt[c, t]), s = Σ x², sq = Σ (γx)²
+    if parts == 1:
+        project_rows(x, rg, gain, out, s, sq)
+    else:
+        for p in prange(parts):
+            lo, hi = chunk_start(n, p, parts, 4), chunk_start(n, p + 1, parts, 4)
+            project_rows(x[lo:hi], rg, gain, out[lo:hi], s[lo:hi], sq[lo:hi])
+    for i in range(n):
+        scale = 1.0 / np.sqrt(s[i] / w + eps)
+        for c in range(k):
+            out[i, c] = scale * out[i, c]
+        sq[i] = scale * scale * sq[i]
+
+
+@fast
+def gate_up_rows(
+    gu: Any, act: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any, lo: int, hi: int
+) -> None:
+    # rows lo … hi − 1 (lo a multiple of four) of project64_gate_up
+    f = rd.shape[1]
+    none = np.empty(0, dtype=np.float64)
+    m = np.empty((4, f), dtype=act.dtype)
+    for i in range(lo, hi, 4):
+        j = min(i + 4, hi)
+        project_rows(gu[i:j], rg, none, out_g[i:j], sq_g[i:j], none)
+        for r in range(j - i):
+            ra, up, mr = act[i + r], gu[i + r, f : 2 * f], m[r]
+            for t in range(f):
+                mr[t] = ra[t] * up[t]
+        project_rows(m[: j - i], rd, none, out_d[i:j], sq_d[i:j], none)
+
+
+@pfast
+def project64_gate_up(
+    gu: Any, act: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any, parts: int
+) -> None:
+    # row i of gu = [gate up] (2f wide), act = silu(gate) (f wide): out_g[i] and sq_g[i] are project64
+    # of the row; m = act ⊙ up, each product rounded in act's dtype (the eager act * up, kept in m), and
+    # out_d[i], sq_d[i] are project64 of m — four rows at a time, each read from memory once; rows in
+    # ``parts`` chunks
+    n = gu.shape[0]
+    if parts == 1:
+        gate_up_rows(gu, act, rg, rd, out_g, sq_g, out_d, sq_d, 0, n)
+        return
+    for p in prange(parts):
+        lo, hi = chunk_start(n, p, parts, 4), chunk_start(n, p + 1, parts, 4)
+        gate_up_rows(gu, act, rg, rd, out_g, sq_g, out_d, sq_d, lo, hi)
+
+
+@jit
+def range_excess(v: Any, o: Any, first: int, group: int, d_h: int, acc: Any) -> tuple[float, float]:
+    # v: keys × (H_kv·d_h), o: queries × (H_kv·g·d_h), query i at position first + i (both C-contiguous).
+    # Returns the largest excess of any o[i, (h, e, t)] over the running max of v[:first + i + 1, (h, t)]
+    # or below its running min (differences rounded in the dtype), and max |v|; NaN when any input is
+    # not finite. Every update is elementwise on row-length arrays (LLVM vectorizes them); the only
+    # reductions are over those arrays at the end. acc: 5 × (H_kv·d_h) scratch in v's dtype.
+    n_k, width = v.shape
+    hi, lo, big, over, bad = acc[0], acc[1], acc[2], acc[3], acc[4]
+    for t in range(width):
+        hi[t] = -np.inf
+        lo[t] = np.inf
+        big[t] = 0.0
+        over[t] = -np.inf
+        bad[t] = 0.0
+    blocks = o.shape[1] // d_h
+    for j in range(n_k):
+        row = v[j]
+        for t in range(width):
+            x = row[t]
+            hi[t] = x if x > hi[t] else hi[t]
+            lo[t] = x if x < lo[t] else lo[t]
+            a = abs(x)
+            big[t] = a if a > big[t] else big[t]
+            bad[t] += x * 0.0  # 0, or NaN for ±inf and NaN
+        i = j - first
+        if 0 <= i < o.shape[0]:
+            orow = o[i]
+            for blk in range(blocks):
+                ob, vb = blk * d_h, (blk // group) * d_h
+                ys, hs, ls = orow[ob : ob + d_h], hi[vb : vb + d_h], lo[vb : vb + d_h]
+                ov, bd = over[vb : vb + d_h], bad[vb : vb + d_h]
+                for t in range(d_h):
+                    y = ys[t]
+                    d1 = y - hs[t]
+                    d2 = ls[t] - y
+                    e = d1 if d1 > d2 else d2
+                    ov[t] = e if e > ov[t] else ov[t]
+                    bd[t] += y * 0.0
+    worst, vmax, nan = -np.inf, 0.0, 0.0
+    for t in range(width):
+        worst = max(worst, np.float64(over[t]))
+        vmax = max(vmax, np.float64(big[t]))
+        nan += bad[t]
+    if nan != 0.0:
+        return np.nan, np.nan
+    return worst, vmax
+
+
+@jit
+def linear_excess(
+    yr: Any, xr: Any, bias_r: Any, xnorm: Any, ynorm: Any, a: Any, b: Any, tiny: float
+) -> float:
+    # a Freivalds check's verdict in one pass: residual e_ic = (yr_ic − xr_ic) − bias_r_c against
+    # τ_ic = xnorm_i·a_c + ynorm_i·b_c, each rounded as the eager numpy expressions (no contraction).
+    # Returns max |e_ic| / max(τ_ic, tiny) (0 with no rows), or NaN when a ratio or a τ is not finite
+    worst, bad = 0.0, False
+    for i in range(yr.shape[0]):
+        for c in range(yr.shape[1]):
+            e = (yr[i, c] - xr[i, c]) - bias_r[c]
+            tau = xnorm[i] * a[c] + ynorm[i] * b[c]
+            ratio = abs(e) / max(tau, tiny)
+            if not (np.isfinite(ratio) and np.isfinite(tau)):
+                bad = True
+            worst = ratio if ratio > worst else worst
+    return np.nan if bad else worst
+
+
+@fast
+def attention_pairs(
+    q: Any,
+    k: Any,
+    v: Any,
+    o: Any,
+    pos: Any,
+    group: int,
+    scale: float,
+    out: Any,
+    norms: Any,
+    part: int,
+    parts: int,
+) -> None:
+    # out[r, h] of attention_rows64 and norms[:, r, h] = (‖o_rh − out_rh‖, ‖o_rh‖, ‖q_rh‖) for the (row,
+    # head) pairs part, part + parts, … (interleaved: a later row attends to more keys, so every chunk
+    # gets early and late rows alike)
+    n_r, n_h, d_h = q.shape
+    seen = 0
+    for r in range(n_r):
+        seen = max(seen, pos[r] + 1)
+    qv = np.empty(d_h)
+    acc = np.empty(d_h)
+    sc = np.empty(seen)
+    for item in range(part, n_r * n_h, parts):
+        r, h = item // n_h, item % n_h
+        p = pos[r]
+        g = h // group
+        qq = 0.0
+        for t in range(d_h):
+            qv[t] = q[r, h, t]
+            qq += qv[t] * qv[t]
+        top = -np.inf
+        for j in range(p + 1):
+            kj = k[j, g]
+            a = 0.0
+            for t in range(d_h):
+                a += qv[t] * np.float64(kj[t])
+            a *= scale
+            sc[j] = a
+            top = max(top, a)
+        z = 0.0
+        for t in range(d_h):
+            acc[t] = 0.0
+        for j in range(p + 1):
+            e = np.exp(sc[j] - top)
+            z += e
+            vj = v[j, g]
+            for t in range(d_h):
+                acc[t] += e * np.float64(vj[t])
+        dd, oo = 0.0, 0.0
+        for t in range(d_h):
+            w = acc[t] / z
+            out[r, h, t] = w
+            y = np.float64(o[r, h, t])
+            dd += (y - w) * (y - w)
+            oo += y * y
+        norms[0, r, h] = np.sqrt(dd)
+        norms[1, r, h] = np.sqrt(oo)
+        norms[2, r, h] = np.sqrt(qq)
+
+
+@pfast
+def attention_rows64(
+    q: Any,
+    k: Any,
+    v: Any,
+    o: Any,
+    pos: Any,
+    group: int,
+    scale: float,
+    out: Any,
+    norms: Any,
+    kmax: Any,
+    vmax: Any,
+    parts: int,
+) -> None:
+    # causal attention of a few query rows in float64: q rows × H × d_h at positions pos, k and v
+    # keys × H_kv × d_h (head h reads KV head h // group). out[r, h] = Σ_{j ≤ pos_r} e_j v_j / Σ e_j,
+    # e_j = exp(s_j − max s), s_j = scale·(q_rh·k_j); norms[:, r, h] = (‖o_rh − out_rh‖, ‖o_rh‖,
+    # ‖q_rh‖) for the server's rows o (rows × H × d_h); kmax[r, g] = max_{j ≤ pos_r} ‖k_jg‖ (vmax: of
+    # v). The (row, head) pairs in ``parts`` chunks.
+    n_r, d_h = q.shape[0], q.shape[2]
+    h_kv = k.shape[1]
+    seen = 0
+    for r in range(n_r):
+        seen = max(seen, pos[r] + 1)
+    kc = np.empty((seen, h_kv))
+    vc = np.empty((seen, h_kv))
+    for j in range(seen):
+        for g in range(h_kv):
+            a, b = 0.0, 0.0
+            for t in range(d_h):
+                a += np.float64(k[j, g, t]) ** 2
+                b += np.float64(v[j, g, t]) ** 2
+            a, b = np.sqrt(a), np.sqrt(b)
+            kc[j, g] = a if j == 0 or a > kc[j - 1, g] else kc[j - 1, g]
+            vc[j, g] = b if j == 0 or b > vc[j - 1, g] else vc[j - 1, g]
+    for r in range(n_r):
+        for g in range(h_kv):
+            kmax[r, g] = kc[pos[r], g]
+            vmax[r, g] = vc[pos[r], g]
+    if parts == 1:
+        attention_pairs(q, k, v, o, pos, group, scale, out, norms, 0, 1)
+    else:
+        for part in prange(parts):
+            attention_pairs(q, k, v, o, pos, group, scale, out, norms, part, parts)
