@@ -30,7 +30,9 @@ products' chunks start at multiples of four rows — so the results are the same
 split, which ``properties/kernel_paths.py`` checks on every fused-kernel property. Measured on two threads
 (SmolLM2, a 512-token prefill, paired against the serial kernels): the client's time 230 → 175 ms
 verified, the value checks 139 → 107 ms. :func:`kernels` returns ``None`` when numba is missing or
-``SCX_NUMBA=0`` is set; callers then use the eager form.
+``SCX_NUMBA=0`` is set; callers then use the eager form. The kernels' code is :mod:`.numba_kernels`
+(module-level functions, so numba's disk cache serves them to every new process); this module holds what
+the callers use: :class:`Kernels`, :class:`Parts` and :func:`kernels`.
 """
 
 from __future__ import annotations
