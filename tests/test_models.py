@@ -75,7 +75,14 @@ def test_load_model_rejects_bad_input() -> None:
         load_model("gpt-5")
     with pytest.raises(ConfigError, match="dtype"):
         load_model("tiny-llama", "float16")
-    assert set(MODEL_NAMES) == {"smollm2", "tiny-llama", "mixtral-random", "qwen2-random", "llama1b-random"}
+    assert set(MODEL_NAMES) == {
+        "smollm2",
+        "tiny-llama",
+        "mixtral-random",
+        "qwen2-random",
+        "llama1b-random",
+        "smollm2-depth-random",
+    }
 
 
 def test_smollm2_download_failure_is_a_clear_scx_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

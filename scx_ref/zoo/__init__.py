@@ -8,7 +8,9 @@ Registered models (:data:`MODEL_NAMES`), each a Hugging Face causal LM with its 
 * ``tiny-llama``     — a small random LLaMA (no download);
 * ``mixtral-random`` — a random Mixtral (top-2 of 8 experts);
 * ``qwen2-random``   — a random Qwen2 (QKV bias);
-* ``llama1b-random`` — a random LLaMA at a 1B-class width (d = 2048) with 4 blocks, for benchmarks.
+* ``llama1b-random`` — a random LLaMA at a 1B-class width (d = 2048) with 4 blocks, for benchmarks;
+* ``smollm2-depth-random`` — SmolLM2's 30 blocks and heads at tiny widths (d = 72), for measuring SCX's
+  fixed per-request cost.
 
 The random ones are seeded, built in code (:mod:`scx_ref.zoo.random_models`).
 

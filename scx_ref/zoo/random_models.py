@@ -1,5 +1,5 @@
 """The registered random-weight models, built in code: ``tiny-llama``, ``mixtral-random``, ``qwen2-random``,
-``llama1b-random``.
+``llama1b-random``, ``smollm2-depth-random``.
 
 Each is a transformers config with realistic shape ratios (GQA, head_dim 64; Mixtral top-2 of 8 experts
 and Qwen2 QKV bias) and parameters drawn from a ``torch.Generator`` with a fixed seed — no global random
@@ -55,6 +55,11 @@ RANDOM_MODELS: dict[str, RandomModelSpec] = {
     # for measuring how SCX's O(n·d) client work compares with the O(n·d²) model at a production width
     # (`scx bench --model llama1b-random`); 1.2 GB of float32 parameters, built in a few seconds
     "llama1b-random": RandomModelSpec("llama", 32000, 2048, 4, 32, 4, 5632, seed=4),
+    # SmolLM2-135M's depth and heads (30 blocks, 9 query and 3 KV heads) at tiny widths (d = 72, head 8,
+    # f = 128, vocab 256): its arithmetic is negligible, so SCX's time less Hugging Face's on it is the fixed
+    # per-request cost — messages, their checks, Python — that a short prompt on SmolLM2 pays on top of the
+    # matmuls (`python -m models.split_time --model smollm2-depth-random --n 128`)
+    "smollm2-depth-random": RandomModelSpec("llama", 256, 72, 30, 9, 3, 128, seed=5, head_dim=8),
 }
 
 
