@@ -37,7 +37,6 @@ the callers use: :class:`Kernels`, :class:`Parts` and :func:`kernels`.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import threading
@@ -127,10 +126,12 @@ def kernels() -> Kernels | None:
 
 
 def _build() -> Kernels | None:
-    if importlib.util.find_spec("numba") is None:
+    """The kernels of :mod:`.numba_kernels` (compiled on first call, or loaded from numba's disk cache), or
+    ``None`` when numba cannot be imported (not installed, or not for this numpy)."""
+    try:
+        import numba
+    except ImportError:
         return None
-    import numba
-
     from . import numba_kernels as nk
 
     return Kernels(
