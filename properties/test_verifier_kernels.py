@@ -257,3 +257,56 @@ def test_linear_excess_kernel_is_the_numpy_verdict(case: tuple[Any, ...]) -> Non
         assert math.isnan(fused) and math.isnan(eager)
     if all(np.all(np.isfinite(x)) for x in case):
         assert math.isfinite(fused)
+
+
+@st.composite
+def _check_cases(draw: st.DrawFn) -> tuple[Any, ...]:
+    weights = draw(model_weights(model_configs(max_layers=1, moe=False)))
+    rng = np.random.default_rng(draw(seeds()))
+    d = weights.config.hidden_size
+    rows, out, k = draw(row_counts(1, 12)), draw(st.integers(1, 70)), draw(st.sampled_from([1, 2, 8]))
+    x = rng.standard_normal((rows, d)) * draw(st.sampled_from([1e-2, 1.0, 30.0]))
+    y = rng.standard_normal((rows, out))
+    r, wr = rng.standard_normal((out, k)), rng.standard_normal((d, k))
+    bias_r = rng.standard_normal(k) * draw(st.sampled_from([0.0, 1.0]))
+    a, b = np.abs(rng.standard_normal(k)) * 1e-3, np.abs(rng.standard_normal(k)) * 1e-3
+    bad = draw(st.sampled_from([None, np.nan, np.inf]))
+    if bad is not None:
+        target = draw(st.sampled_from([x, y]))
+        target.reshape(-1)[rng.integers(target.size)] = bad
+    norm = draw(st.sampled_from([None, "attn", "mlp", "final"]))
+    given_side = draw(st.sampled_from([None, "y", "x"]))
+    return weights, x, y, r, wr, (bias_r, a, b), norm, given_side
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=_check_cases())
+def test_freivalds_excess_is_the_three_calls(dtype: torch.dtype, case: tuple[Any, ...]) -> None:
+    """A whole linear check in one call (``TorchBackend.freivalds_excess``) returns exactly the verdict the
+    verifier composes from ``project64`` / ``project64_norm`` and ``linear_excess`` — the same value,
+    NaN when an entry is NaN or ±inf — on the rows or with either side given as its products; in one
+    chunk and split across threads; ``None`` with the kernels off (the verifier then composes it)."""
+    weights, x_np, y_np, r, wr, (bias_r, a, b), norm, given_side = case
+    be = TorchBackend(weights, dtype)
+    x, y = torch.from_numpy(x_np).to(dtype), torch.from_numpy(y_np).to(dtype)
+    terms = (bias_r, a, b, float(np.finfo(np.float64).tiny))
+
+    def both() -> tuple[Any, float]:
+        with np.errstate(invalid="ignore", over="ignore"):  # the eager products of a NaN or ±inf
+            yp = be.project64(y, r)
+            xp = be.project64(x, wr) if norm is None else be.project64_norm(x, norm, 0, wr)
+        composed = linear_excess(yp[0], xp[0], bias_r, xp[1], yp[1], a, b)
+        ys = yp if given_side == "y" else y
+        xs = xp if given_side == "x" else x
+        return be.freivalds_excess(ys, r, xs, wr, terms, norm, 0), composed
+
+    with pytest.MonkeyPatch.context() as mp:
+        (fused, composed), (off, _) = fused_and_eager(mp, both)
+    assert off is None
+    assert fused is not None
+    if math.isnan(composed):
+        assert math.isnan(fused)
+    else:
+        assert fused == composed
+    assert math.isfinite(fused) == bool(np.isfinite(x_np).all() and np.isfinite(y_np).all())

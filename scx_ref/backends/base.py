@@ -25,12 +25,24 @@ import numpy.typing as npt
 from ..arrays import A, ArrayOps, IndexArray
 from ..config import ModelConfig
 
-__all__ = ["A", "ArrayOps", "Backend", "IndexArray", "NormName", "WeightName", "out_width", "split_qkv"]
+__all__ = [
+    "A",
+    "ArrayOps",
+    "Backend",
+    "IndexArray",
+    "NormName",
+    "Products",
+    "WeightName",
+    "out_width",
+    "split_qkv",
+]
 
 #: The per-layer linear maps the protocol applies (and a client may blind with T5, so needs ηW for).
 WeightName = Literal["wqkv", "wo", "w_gate_up", "w_down", "router", "lm_head"]
 #: The RMSNorm gains of a model.
 NormName = Literal["attn", "mlp", "final"]
+#: One side of a Freivalds check already projected: (rows·right, an upper bound of each row's norm), float64.
+Products = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]
 
 
 class Backend(ArrayOps[A], Protocol[A]):
@@ -98,6 +110,23 @@ class Backend(ArrayOps[A], Protocol[A]):
         right_gate_up) + project64(swiglu_act(gate_up), right_down)`` — the gate/up reply against its
         check vectors, and m = silu(gate) ⊙ up (in the backend's dtype) against the down projection's W r.
         One pass over the rows where fused, without storing m."""
+        ...
+
+    def freivalds_excess(
+        self,
+        y: A | Products,
+        right_y: npt.NDArray[np.float64],
+        x: A | Products,
+        right_x: npt.NDArray[np.float64],
+        terms: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], float],
+        norm: NormName | None = None,
+        norm_layer: int = -1,
+    ) -> float | None:
+        """A whole Freivalds check in one fused call, or ``None`` where the backend does not fuse it: the
+        verdict ``linear_excess(y·right_y, x̂·right_x, bias_r, ‖x̂_i‖, ‖y_i‖, a, b, tiny)`` for ``terms`` =
+        (bias_r, a, b, tiny), each side by :meth:`project64` (x̂ = x) or :meth:`project64_norm` (x̂ =
+        ``norm(x)``) — or given as its :data:`Products`. Equal to that composition
+        (:mod:`scx_ref.protocol.verify` composes it where this returns ``None``)."""
         ...
 
     # -- position and attention ----------------------------------------------------------------

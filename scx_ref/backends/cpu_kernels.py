@@ -18,8 +18,11 @@ so each row is read once.
   propagates. Products that the eager form rounds in the dtype (SwiGLU's silu(gate)·up) are rounded the
   same way. The products read four rows per loop where there are two check vectors (a prompt's rows), so
   each check-vector entry is loaded once for four rows. ``linear_excess`` (a check's verdict) rounds the
-  same float64 operations as its numpy form, with no flag. ``properties/test_verifier_kernels.py`` checks
-  them against the eager forms: equal for max, min and the verdict, to float64 rounding for sums.
+  same float64 operations as its numpy form, with no flag; ``freivalds_excess`` is a whole linear check in
+  one call — the two products (``project64``, ``project64_rms``), their norm bounds and ``linear_excess``,
+  the same kernels in the same order as the backend's wrappers and the verifier call them one by one.
+  ``properties/test_verifier_kernels.py`` checks them against the eager forms: equal for max, min and the
+  verdict, to float64 rounding for sums; and the fused check against the three calls, equal.
 
 The kernels take numpy arrays (C-contiguous views of CPU tensors) and write into ``out`` arrays the caller
 allocates. The passes over a prompt's rows split them across threads (numba's ``prange``; the encoding
@@ -70,6 +73,7 @@ class Kernels:
     range_excess: Any
     attention_rows64: Any
     linear_excess: Any
+    freivalds_excess: Any
     set_num_threads: Any
     max_threads: int
 
@@ -146,6 +150,7 @@ def _build() -> Kernels | None:
         nk.range_excess,
         nk.attention_rows64,
         nk.linear_excess,
+        nk.freivalds_excess,
         numba.set_num_threads,
         _start_threads(numba),
     )

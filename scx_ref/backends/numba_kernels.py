@@ -525,6 +525,58 @@ def linear_excess(
     return np.nan if bad else worst
 
 
+@jit
+def norm_bound(sq: Any, roundings: float) -> Any:
+    # √sq rounded up by the relative error of a float64 sum of ``roundings`` roundings (an upper bound of
+    # the norm; +inf and NaN stay): the torch backend's _norm_bound, the same two roundings per entry
+    out = np.empty_like(sq)
+    up = 1.0 + roundings * 2.0**-52
+    for i in range(sq.shape[0]):
+        out[i] = np.sqrt(sq[i]) * up
+    return out
+
+
+@jit
+def freivalds_excess(
+    y: Any,
+    rt_y: Any,
+    yr: Any,
+    ynorm: Any,
+    x: Any,
+    gain: Any,
+    eps: float,
+    rt_x: Any,
+    xr: Any,
+    xnorm: Any,
+    bias_r: Any,
+    a: Any,
+    b: Any,
+    tiny: float,
+    parts: int,
+) -> float:
+    # a Freivalds check's verdict from the rows: linear_excess of (y·r, ‖y_i‖) and (x̂·W r, ‖x̂_i‖), each
+    # side by project64 (x̂ = x), or project64_rms (x̂ = RMSNorm(x): ``gain`` not empty), with the torch
+    # backend's norm bounds (width + 2 roundings; + 8 for a norm); a side whose rows are empty (0 × 0)
+    # is given as its products and norms (yr, ynorm / xr, xnorm) instead. The same kernels in the same
+    # order as the backend's project64, project64_norm and the verifier's linear_excess, so the same value
+    k = a.shape[0]
+    if y.shape[1] != 0:
+        yr = np.empty((y.shape[0], k))
+        ysq = np.empty(y.shape[0])
+        project64(y, rt_y, yr, ysq, parts)
+        ynorm = norm_bound(ysq, y.shape[1] + 2)
+    if x.shape[1] != 0:
+        xr = np.empty((x.shape[0], k))
+        xsq = np.empty(x.shape[0])
+        if gain.shape[0] == 0:
+            project64(x, rt_x, xr, xsq, parts)
+            xnorm = norm_bound(xsq, x.shape[1] + 2)
+        else:
+            project64_rms(x, gain, eps, rt_x, xr, xsq, parts)
+            xnorm = norm_bound(xsq, x.shape[1] + 8)
+    return linear_excess(yr, xr, bias_r, xnorm, ynorm, a, b, tiny)
+
+
 @fast
 def attention_pairs(
     q: Any,

@@ -15,7 +15,7 @@ from ..arrays import NumpyOps
 from ..errors import ConfigError
 from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights, MoEMLP
-from .base import IndexArray, NormName, WeightName
+from .base import IndexArray, NormName, Products, WeightName
 
 __all__ = ["NumpyBackend"]
 
@@ -147,6 +147,19 @@ class NumpyBackend(NumpyOps):
     ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         """``project64(norm(x, which, layer), right)``, as it reads."""
         return self.project64(self.norm(x, which, layer), right)
+
+    def freivalds_excess(
+        self,
+        y: FloatArray | Products,
+        right_y: npt.NDArray[np.float64],
+        x: FloatArray | Products,
+        right_x: npt.NDArray[np.float64],
+        terms: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], float],
+        norm: NormName | None = None,
+        norm_layer: int = -1,
+    ) -> float | None:
+        """``None``: the reference fuses nothing; the verifier composes the check as it reads."""
+        return None
 
     def project64_gate_up(
         self, gate_up: FloatArray, right_gate_up: npt.NDArray[np.float64], right_down: npt.NDArray[np.float64]

@@ -45,7 +45,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError, VocabularyError
 from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights
-from .base import IndexArray, NormName, WeightName
+from .base import IndexArray, NormName, Products, WeightName
 from .cpu_kernels import Kernels, column_index, kernels
 
 __all__ = [
@@ -228,6 +228,12 @@ def _norm_bound(sq: npt.NDArray[np.float64], roundings: int) -> npt.NDArray[np.f
     the norm, as the verifier's tolerance needs; +inf or NaN stay)."""
     out: npt.NDArray[np.float64] = np.sqrt(sq) * (1.0 + roundings * 2.0**-52)
     return out
+
+
+# a Freivalds side given as its products (TorchBackend.freivalds_excess): no rows, no gain, no products
+_NO_ROWS = np.empty((0, 0), dtype=np.float64)
+_NO_GAIN = np.empty(0, dtype=np.float64)
+_NO_PRODUCTS = (np.empty((0, 0), dtype=np.float64), np.empty(0, dtype=np.float64))
 
 
 def _np(t: torch.Tensor) -> npt.NDArray[Any]:
@@ -728,6 +734,40 @@ class TorchBackend(TorchOps):
             eps = float(self.config.rms_eps)
             k.project64_rms(_np(x), _np(gamma), eps, _transposed(right), out, sq, parts)
         return out, _norm_bound(sq, width + 8)
+
+    def freivalds_excess(
+        self,
+        y: torch.Tensor | Products,
+        right_y: npt.NDArray[np.float64],
+        x: torch.Tensor | Products,
+        right_x: npt.NDArray[np.float64],
+        terms: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], float],
+        norm: NormName | None = None,
+        norm_layer: int = -1,
+    ) -> float | None:
+        """A Freivalds check's verdict (Backend.freivalds_excess): on CPU in float32/float64 one compiled
+        call — :meth:`project64` / :meth:`project64_norm`'s kernels and norm bounds, then the verdict's
+        (:mod:`.cpu_kernels`), so the same value as the three calls — else ``None``."""
+        ys = y if isinstance(y, torch.Tensor) else None
+        xs = x if isinstance(x, torch.Tensor) else None
+        gamma = self._gain(norm, norm_layer) if norm is not None and xs is not None else None
+        given = [t for t in (ys, xs, gamma) if t is not None]
+        k = self._fused(*given)
+        if k is None or any(t.dim() != 2 for t in (ys, xs) if t is not None):
+            return None
+        bias_r, a, b, tiny = terms
+        yr, yn = _NO_PRODUCTS if ys is not None else y
+        xr, xn = _NO_PRODUCTS if xs is not None else x
+        ya = _NO_ROWS if ys is None else _np(ys)
+        xa = _NO_ROWS if xs is None else _np(xs)
+        ga = _NO_GAIN if gamma is None else _np(gamma)
+        rty = _NO_ROWS if ys is None else _transposed(right_y)
+        rtx = _NO_ROWS if xs is None else _transposed(right_x)
+        with k.parts(max(ya.size, xa.size), self.threads()) as parts:
+            ratio = k.freivalds_excess(
+                ya, rty, yr, yn, xa, ga, float(self.config.rms_eps), rtx, xr, xn, bias_r, a, b, tiny, parts
+            )
+        return float(ratio)
 
     def project64_gate_up(
         self,

@@ -81,7 +81,7 @@ from typing import Any, Generic, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ..backends.base import A, Backend, NormName, WeightName, out_width
+from ..backends.base import A, Backend, NormName, Products, WeightName, out_width
 from ..backends.cpu_kernels import kernels
 from ..errors import IntegrityError, SCXError
 from ..keys import KeySchedule
@@ -661,17 +661,21 @@ class SessionVerifier(Generic[A]):
             return x
         return np.asarray(self.b.to_numpy(x), dtype=np.float64)
 
+    def _count(self, x: A, right: F64) -> None:
+        """Meter the products of rows ``x`` with ``right`` and their norms."""
+        rows, width = self.b.shape(x)
+        self.flops += 2 * rows * width * (right.shape[1] + 1)
+
     def _project_rows(
         self, x: A, right: F64, norm: NormName | None = None, norm_layer: int = -1
     ) -> tuple[F64, F64]:
         """(x̂·right, ‖x̂_i‖) in float64 for x̂ = a backend array x (rows × width) or its RMSNorm ``norm``
         (the backend's project64, project64_norm)."""
-        rows, width = self.b.shape(x)
+        self._count(x, right)
         if norm is not None:
             prod, norms = self.b.project64_norm(x, norm, norm_layer, right)
         else:
             prod, norms = self.b.project64(x, right)
-        self.flops += 2 * rows * width * (right.shape[1] + 1)
         return np.asarray(prod, dtype=np.float64), np.asarray(norms, dtype=np.float64)
 
     def _judge(self, stage: Stage, layer: int, residual: F64, tau: F64, what: str) -> None:
@@ -709,11 +713,9 @@ class SessionVerifier(Generic[A]):
         ``input_slack``: how many roundings (relative u) the server's input may differ from x̂ by — 1 for
         what was sent (its cast), √in + 4 for a norm the server recomputes (the default then)."""
         ch = self._check(which, layer, expert).first(self.vectors_for(self.b.nrows(y)))
-        yr, ynorm = self._project_rows(y, ch.r)
-        xr, xnorm = self._project_rows(x, ch.wr, norm, norm_layer)
         n_in = ch.wr.shape[0]
         slack = input_slack if input_slack is not None else (1.0 if norm is None else math.sqrt(n_in) + 4.0)
-        self._linear_judge(stage, layer, which, u, ch, (yr, ynorm), (xr, xnorm), slack)
+        self._linear_judge(stage, layer, which, u, ch, y, x, slack, norm, norm_layer)
 
     def _linear_judge(
         self,
@@ -722,15 +724,28 @@ class SessionVerifier(Generic[A]):
         which: WeightName,
         u: float,
         ch: _Check,
-        y: tuple[F64, F64],
-        x: tuple[F64, F64],
+        y: A | Products,
+        x: A | Products,
         input_slack: float,
+        norm: NormName | None = None,
+        norm_layer: int = -1,
     ) -> None:
-        """Accept y = x̂·W (+ b) from the products (y·r, ‖y_i‖) and (x̂·W r, ‖x̂_i‖) of the check ``ch``."""
-        (yr, ynorm), (xr, xnorm) = y, x
+        """Accept y = x̂·W (+ b) for the check ``ch``: each side the backend's rows (x̂ = ``x``, or its
+        RMSNorm ``norm``) or their :data:`Products` (y·r, ‖y_i‖ / x̂·W r, ‖x̂_i‖). The verdict is
+        :func:`linear_excess` of the two sides' products — in one call where the backend fuses it
+        (``Backend.freivalds_excess``), composed here otherwise."""
         a, b = ch.tau_terms(u, 0.0, input_slack)
-        ratio = linear_excess(yr, xr, ch.bias_r, xnorm, ynorm, a, b)
-        self._accept(stage, layer, ratio, int(yr.size), f"the {which} product")
+        ratio = self.b.freivalds_excess(y, ch.r, x, ch.wr, (ch.bias_r, a, b, _TINY), norm, norm_layer)
+        if ratio is None:
+            yr, ynorm = y if isinstance(y, tuple) else self._project_rows(y, ch.r)
+            xr, xnorm = x if isinstance(x, tuple) else self._project_rows(x, ch.wr, norm, norm_layer)
+            ratio = linear_excess(yr, xr, ch.bias_r, xnorm, ynorm, a, b)
+        else:
+            for side, right in ((y, ch.r), (x, ch.wr)):
+                if not isinstance(side, tuple):
+                    self._count(side, right)
+        rows = x[0].shape[0] if isinstance(x, tuple) else self.b.nrows(x)
+        self._accept(stage, layer, ratio, rows * ch.r.shape[1], f"the {which} product")
 
     @staticmethod
     def _linear_tau(
@@ -777,12 +792,12 @@ class SessionVerifier(Generic[A]):
                 u,
                 up,
                 (gr, gnorm),
-                self._project_rows(x, up.wr, "mlp", layer),
+                x,
                 normed,
+                "mlp",
+                layer,
             )
-            self._linear_judge(
-                stage, layer, "w_down", u, down, self._project_rows(y, down.r), (mr, mnorm), _SWIGLU
-            )
+            self._linear_judge(stage, layer, "w_down", u, down, y, (mr, mnorm), _SWIGLU)
             return
         xh = b.norm(x, "mlp", layer)
         rows, k, f = b.nrows(xh), c.top_k, c.intermediate_size
@@ -897,9 +912,11 @@ class SessionVerifier(Generic[A]):
             "wqkv",
             u,
             ch,
-            self._project_rows(z, ch.r),
-            self._project_rows(h, ch.wr, "attn", layer),
+            z,
+            h,
             math.sqrt(c.hidden_size) + 4.0,  # the server normalized h itself
+            "attn",
+            layer,
         )
         # q's and k's heads RoPE'd in one call (the rotation is per head, at the row's position)
         qk = b.reshape(b.narrow(z, 1, 0, c.q_dim + c.kv_dim), (1, H + H_kv, dh))
