@@ -24,7 +24,14 @@ from hypothesis import strategies as st
 from properties.kernel_paths import fused_and_eager, needs_numba
 from properties.strategies import attention_shapes, model_configs, model_weights, row_counts, seeds
 from scx_ref.backends.torch_backend import TorchBackend, TorchOps
-from scx_ref.protocol.verify import attention_rows64, linear_excess, range_excess
+from scx_ref.protocol.verify import (
+    attention_excess,
+    attention_rows64,
+    attention_tau,
+    excess_ratio,
+    linear_excess,
+    range_excess,
+)
 
 DTYPES = [torch.float32, torch.float64]
 U64 = 2.0**-53
@@ -310,3 +317,81 @@ def test_freivalds_excess_is_the_three_calls(dtype: torch.dtype, case: tuple[Any
     else:
         assert fused == composed
     assert math.isfinite(fused) == bool(np.isfinite(x_np).all() and np.isfinite(y_np).all())
+
+
+@needs_numba
+@given(
+    case=_rows64_cases(), u=st.sampled_from([2.0**-24, 2.0**-53]), bad=st.sampled_from([None, np.nan, np.inf])
+)
+def test_attention_excess_kernel_is_the_numpy_verdict(
+    case: tuple[Any, ...], u: float, bad: float | None
+) -> None:
+    """The recomputed attention rows' verdict: the one-pass kernel returns exactly the numpy τ
+    (``attention_tau``) and verdict (``excess_ratio``), NaN on both paths when a distance or a norm is NaN
+    or ±inf (refused)."""
+    q, k, v, o, pos, g, scale = case
+    rec = attention_rows64(q, k, v, o, pos, g, scale)
+    if bad is not None:
+        target = [rec.dist, rec.onorm, rec.kmax][int(pos.sum()) % 3]
+        target.reshape(-1)[int(pos[0]) % target.size] = bad
+    with pytest.MonkeyPatch.context() as mp:
+        fused, eager = fused_and_eager(mp, lambda: attention_excess(rec, pos, g, scale, u))
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = excess_ratio(rec.dist, attention_tau(rec, pos, g, scale, u))
+    for got in (fused, eager):
+        assert got == want or (math.isnan(got) and math.isnan(want))
+    assert math.isnan(fused) == (bad is not None)
+
+
+@st.composite
+def _mlp_check_cases(draw: st.DrawFn) -> tuple[Any, ...]:
+    weights = draw(model_weights(model_configs(max_layers=1, moe=False)))
+    rng = np.random.default_rng(draw(seeds()))
+    d, f = weights.config.hidden_size, weights.config.intermediate_size
+    rows, k = draw(row_counts(1, 12)), draw(st.sampled_from([1, 2, 8]))
+    x = rng.standard_normal((rows, d)) * draw(st.sampled_from([1e-2, 1.0, 30.0]))
+    gu = rng.standard_normal((rows, 2 * f)) * draw(st.sampled_from([0.1, 1.0, 8.0]))
+    y = rng.standard_normal((rows, d))
+    bad = draw(st.sampled_from([None, np.nan, np.inf]))
+    if bad is not None:
+        target = draw(st.sampled_from([x, gu, y]))
+        target.reshape(-1)[rng.integers(target.size)] = bad
+
+    def check(n_out: int, n_in: int) -> tuple[Any, ...]:
+        a, b = np.abs(rng.standard_normal(k)) * 1e-3, np.abs(rng.standard_normal(k)) * 1e-3
+        bias_r = rng.standard_normal(k) * draw(st.sampled_from([0.0, 1.0]))
+        return rng.standard_normal((n_out, k)), rng.standard_normal((n_in, k)), (bias_r, a, b, 1e-300)
+
+    return weights, x, gu, y, check(2 * f, d), check(d, f)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=_mlp_check_cases())
+def test_gate_up_excess_is_the_three_calls(dtype: torch.dtype, case: tuple[Any, ...]) -> None:
+    """A dense MLP reply's two checks in one call (``TorchBackend.gate_up_excess``) return exactly the
+    verdicts of ``project64_gate_up`` and the two ``freivalds_excess`` calls the verifier otherwise makes
+    (the gate/up products against RMSNorm(x), the reply y against the SwiGLU's) — NaN where an entry is
+    NaN or ±inf; in one chunk and split across threads; ``None`` with the kernels off."""
+    weights, x_np, gu_np, y_np, up, down = case
+    be = TorchBackend(weights, dtype)
+    x, gu, y = (torch.from_numpy(a).to(dtype) for a in (x_np, gu_np, y_np))
+
+    def both() -> tuple[Any, Any]:
+        with np.errstate(invalid="ignore", over="ignore"):  # the eager products of a NaN or ±inf
+            gr, gn, mr, mn = be.project64_gate_up(gu, up[0], down[1])
+        composed = (
+            be.freivalds_excess((gr, gn), up[0], x, up[1], up[2], "mlp", 0),
+            be.freivalds_excess(y, down[0], (mr, mn), down[1], down[2]),
+        )
+        return be.gate_up_excess(gu, y, x, 0, up, down), composed
+
+    with pytest.MonkeyPatch.context() as mp:
+        (fused, composed), (off, _) = fused_and_eager(mp, both)
+    assert off is None
+    assert fused is not None and composed[0] is not None and composed[1] is not None
+    for got, want in zip(fused, composed, strict=True):
+        assert got == want or (math.isnan(got) and math.isnan(want))
+    finite = [bool(np.isfinite(a).all()) for a in (x_np, gu_np, y_np)]
+    assert math.isfinite(fused[0]) == (finite[0] and finite[1])
+    assert math.isfinite(fused[1]) == (finite[1] and finite[2])

@@ -29,6 +29,7 @@ __all__ = [
     "A",
     "ArrayOps",
     "Backend",
+    "Check",
     "IndexArray",
     "NormName",
     "Products",
@@ -41,6 +42,12 @@ __all__ = [
 WeightName = Literal["wqkv", "wo", "w_gate_up", "w_down", "router", "lm_head"]
 #: The RMSNorm gains of a model.
 NormName = Literal["attn", "mlp", "final"]
+#: A Freivalds check's vectors and verdict terms: (r, W r, (bias·r, a, b, tiny)) — see ``freivalds_excess``.
+Check = tuple[
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], float],
+]
 #: One side of a Freivalds check already projected: (rows·right, an upper bound of each row's norm), float64.
 Products = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]
 
@@ -127,6 +134,16 @@ class Backend(ArrayOps[A], Protocol[A]):
         (bias_r, a, b, tiny), each side by :meth:`project64` (x̂ = x) or :meth:`project64_norm` (x̂ =
         ``norm(x)``) — or given as its :data:`Products`. Equal to that composition
         (:mod:`scx_ref.protocol.verify` composes it where this returns ``None``)."""
+        ...
+
+    def gate_up_excess(
+        self, gate_up: A, y: A, x: A, layer: int, up: Check, down: Check
+    ) -> tuple[float, float] | None:
+        """A dense MLP reply's two Freivalds verdicts in one fused call, or ``None`` where the backend does
+        not fuse it: with ``(gr, gn, mr, mn) = project64_gate_up(gate_up, up r, down W r)``, the gate/up
+        check ``freivalds_excess((gr, gn), …, x, …, norm="mlp")`` and the down check
+        ``freivalds_excess(y, …, (mr, mn), …)``, in that order. Equal to those three calls
+        (:mod:`scx_ref.protocol.verify` makes them where this returns ``None``)."""
         ...
 
     # -- position and attention ----------------------------------------------------------------

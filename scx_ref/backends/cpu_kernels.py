@@ -20,7 +20,10 @@ so each row is read once.
   each check-vector entry is loaded once for four rows. ``linear_excess`` (a check's verdict) rounds the
   same float64 operations as its numpy form, with no flag; ``freivalds_excess`` is a whole linear check in
   one call — the two products (``project64``, ``project64_rms``), their norm bounds and ``linear_excess``,
-  the same kernels in the same order as the backend's wrappers and the verifier call them one by one.
+  the same kernels in the same order as the backend's wrappers and the verifier call them one by one
+  (``gate_up_excess``: a dense MLP reply's two checks, ``project64_gate_up`` then two of them);
+  ``attention_excess`` (the recomputed attention rows' verdict) rounds the same operations as the numpy
+  τ and verdict it replaces.
   ``properties/test_verifier_kernels.py`` checks them against the eager forms: equal for max, min and the
   verdict, to float64 rounding for sums; and the fused check against the three calls, equal.
 
@@ -74,6 +77,8 @@ class Kernels:
     attention_rows64: Any
     linear_excess: Any
     freivalds_excess: Any
+    gate_up_excess: Any
+    attention_excess: Any
     set_num_threads: Any
     max_threads: int
 
@@ -151,6 +156,8 @@ def _build() -> Kernels | None:
         nk.attention_rows64,
         nk.linear_excess,
         nk.freivalds_excess,
+        nk.gate_up_excess,
+        nk.attention_excess,
         numba.set_num_threads,
         _start_threads(numba),
     )

@@ -577,6 +577,110 @@ def freivalds_excess(
     return linear_excess(yr, xr, bias_r, xnorm, ynorm, a, b, tiny)
 
 
+@jit
+def gate_up_excess(
+    gu: Any,
+    act: Any,
+    rg: Any,
+    rd: Any,
+    x: Any,
+    gain: Any,
+    eps: float,
+    rt_x: Any,
+    y: Any,
+    rt_y: Any,
+    bias_up: Any,
+    a_up: Any,
+    b_up: Any,
+    bias_down: Any,
+    a_down: Any,
+    b_down: Any,
+    tiny: float,
+    parts: int,
+) -> tuple[float, float]:
+    # a dense MLP reply's two checks: project64_gate_up's products of [gate up] (gu; act = silu(gate))
+    # with their norm bounds (2f + 2, f + 2 roundings, as the torch backend's), then freivalds_excess of
+    # the gate/up products against x̂ = RMSNorm(x) (γ = gain) and of the reply y against m's products
+    n, f = gu.shape[0], rd.shape[1]
+    out_g, sq_g = np.empty((n, rg.shape[0])), np.empty(n)
+    out_d, sq_d = np.empty((n, rd.shape[0])), np.empty(n)
+    project64_gate_up(gu, act, rg, rd, out_g, sq_g, out_d, sq_d, parts)
+    none2, none1 = np.empty((0, 0)), np.empty(0)
+    up = freivalds_excess(
+        none2,
+        none2,
+        out_g,
+        norm_bound(sq_g, 2 * f + 2),
+        x,
+        gain,
+        eps,
+        rt_x,
+        none2,
+        none1,
+        bias_up,
+        a_up,
+        b_up,
+        tiny,
+        parts,
+    )
+    down = freivalds_excess(
+        y,
+        rt_y,
+        none2,
+        none1,
+        none2,
+        none1,
+        0.0,
+        none2,
+        out_d,
+        norm_bound(sq_d, f + 2),
+        bias_down,
+        a_down,
+        b_down,
+        tiny,
+        parts,
+    )
+    return up, down
+
+
+@jit
+def attention_excess(
+    dist: Any,
+    onorm: Any,
+    qnorm: Any,
+    kmax: Any,
+    vmax: Any,
+    pos: Any,
+    group: int,
+    scale: float,
+    d_h: int,
+    u: float,
+    lam: float,
+    u64: float,
+    tiny: float,
+) -> float:
+    # the recomputed attention rows' verdict in one pass: τ of row r, head h (the verifier's attention_tau,
+    # each operation rounded as its numpy expression, no contraction) and max dist/max(τ, tiny) over them,
+    # NaN when a ratio or a τ is not finite (as excess_ratio)
+    worst, bad = 0.0, False
+    root = np.sqrt(np.float64(d_h))
+    c_score = 2.1 * (root + 2.0)
+    for r in range(dist.shape[0]):
+        m = np.sqrt(pos[r] + 1.0)
+        for h in range(dist.shape[1]):
+            smax = qnorm[r, h] * (kmax[r, h // group] * scale)
+            vmx = vmax[r, h // group]
+            tau = lam * (
+                u * ((c_score * smax + 2.0 * (m + 4.0)) * vmx + onorm[r, h])
+                + u64 * (m + root) * (smax + 1.0) * vmx
+            )
+            ratio = abs(dist[r, h]) / max(tau, tiny)
+            if not (np.isfinite(ratio) and np.isfinite(tau)):
+                bad = True
+            worst = ratio if ratio > worst else worst
+    return np.nan if bad else worst
+
+
 @fast
 def attention_pairs(
     q: Any,

@@ -15,7 +15,7 @@ from ..arrays import NumpyOps
 from ..errors import ConfigError
 from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights, MoEMLP
-from .base import IndexArray, NormName, Products, WeightName
+from .base import Check, IndexArray, NormName, Products, WeightName
 
 __all__ = ["NumpyBackend"]
 
@@ -159,6 +159,12 @@ class NumpyBackend(NumpyOps):
         norm_layer: int = -1,
     ) -> float | None:
         """``None``: the reference fuses nothing; the verifier composes the check as it reads."""
+        return None
+
+    def gate_up_excess(
+        self, gate_up: FloatArray, y: FloatArray, x: FloatArray, layer: int, up: Check, down: Check
+    ) -> tuple[float, float] | None:
+        """``None``: the reference fuses nothing; the verifier composes the checks as they read."""
         return None
 
     def project64_gate_up(

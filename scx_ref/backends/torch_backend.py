@@ -45,7 +45,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError, VocabularyError
 from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights
-from .base import IndexArray, NormName, Products, WeightName
+from .base import Check, IndexArray, NormName, Products, WeightName
 from .cpu_kernels import Kernels, column_index, kernels
 
 __all__ = [
@@ -768,6 +768,46 @@ class TorchBackend(TorchOps):
                 ya, rty, yr, yn, xa, ga, float(self.config.rms_eps), rtx, xr, xn, bias_r, a, b, tiny, parts
             )
         return float(ratio)
+
+    def gate_up_excess(
+        self, gate_up: torch.Tensor, y: torch.Tensor, x: torch.Tensor, layer: int, up: Check, down: Check
+    ) -> tuple[float, float] | None:
+        """A dense MLP reply's two verdicts (Backend.gate_up_excess): on CPU in float32/float64 one
+        compiled call — :meth:`project64_gate_up`'s pass, then :meth:`freivalds_excess`'s twice
+        (:mod:`.cpu_kernels`), so the same values as those calls — else ``None``."""
+        gamma = self._gain("mlp", layer)
+        k = self._fused(gate_up, y, x, gamma)
+        if k is None or gate_up.dim() != 2 or y.dim() != 2 or x.dim() != 2:
+            return None
+        (r_up, wr_up, (bias_up, a_up, b_up, tiny)), (r_down, wr_down, (bias_down, a_down, b_down, _)) = (
+            up,
+            down,
+        )
+        f = gate_up.shape[1] // 2
+        gu = _np(gate_up)
+        act = F.silu(gate_up[:, :f])
+        with k.parts(gu.size, self.threads()) as parts:
+            got = k.gate_up_excess(
+                gu,
+                _np(act),
+                _transposed(r_up),
+                _transposed(wr_down),
+                _np(x),
+                _np(gamma),
+                float(self.config.rms_eps),
+                _transposed(wr_up),
+                _np(y),
+                _transposed(r_down),
+                bias_up,
+                a_up,
+                b_up,
+                bias_down,
+                a_down,
+                b_down,
+                tiny,
+                parts,
+            )
+        return float(got[0]), float(got[1])
 
     def project64_gate_up(
         self,

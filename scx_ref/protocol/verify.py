@@ -100,6 +100,7 @@ __all__ = [
     "RecomputedRows",
     "SessionVerifier",
     "SketchCache",
+    "attention_excess",
     "attention_rows64",
     "attention_tau",
     "check_reply",
@@ -321,6 +322,22 @@ def attention_tau(rec: RecomputedRows, pos: npt.NDArray[np.int64], group: int, s
         + _U64 * (m + math.sqrt(d_h)) * (smax + 1.0) * vmx
     )
     return tau
+
+
+def attention_excess(
+    rec: RecomputedRows, pos: npt.NDArray[np.int64], group: int, scale: float, u: float
+) -> float:
+    """The recomputed attention rows' verdict: :func:`excess_ratio` of their distances to the server's rows
+    against :func:`attention_tau`. One pass where the CPU kernels are installed
+    (:mod:`scx_ref.backends.cpu_kernels`: the same float64 operations in the same order, so the same
+    value), else the numpy expressions."""
+    k = kernels()
+    arrays = (rec.dist, rec.onorm, rec.qnorm, rec.kmax, rec.vmax)
+    if k is not None and rec.dist.size and all(x.dtype == np.float64 for x in arrays):
+        d_h = rec.want.shape[-1]
+        pos64 = np.ascontiguousarray(pos, dtype=np.int64)
+        return float(k.attention_excess(*arrays, pos64, group, scale, d_h, u, LAMBDA, _U64, _TINY))
+    return excess_ratio(rec.dist, attention_tau(rec, pos, group, scale, u))
 
 
 def excess_ratio(residual: F64 | float, tau: F64 | float) -> float:
@@ -781,10 +798,20 @@ class SessionVerifier(Generic[A]):
                 self._check("w_gate_up", layer, None).first(kv),
                 self._check("w_down", layer, None).first(kv),
             )
-            # the reply's gate/up read once: its own products, and its SwiGLU's against the down map's W r
-            gr, gnorm, mr, mnorm = (np.asarray(a, np.float64) for a in b.project64_gate_up(gu, up.r, down.wr))
             rows, f = b.nrows(gu), c.intermediate_size
             self.flops += 2 * rows * 2 * f * (kv + 1) + 2 * rows * f * (kv + 1)
+            # the reply's gate/up read once: its own products, and its SwiGLU's against the down map's W r;
+            # both verdicts in one call where the backend fuses it
+            terms_up = (up.bias_r, *up.tau_terms(u, 0.0, normed), _TINY)
+            terms_down = (down.bias_r, *down.tau_terms(u, 0.0, _SWIGLU), _TINY)
+            got = b.gate_up_excess(gu, y, x, layer, (up.r, up.wr, terms_up), (down.r, down.wr, terms_down))
+            if got is not None:
+                self._count(x, up.wr)
+                self._count(y, down.r)
+                self._accept(stage, layer, got[0], rows * kv, "the w_gate_up product")
+                self._accept(stage, layer, got[1], rows * kv, "the w_down product")
+                return
+            gr, gnorm, mr, mnorm = (np.asarray(a, np.float64) for a in b.project64_gate_up(gu, up.r, down.wr))
             self._linear_judge(
                 stage,
                 layer,
@@ -884,8 +911,8 @@ class SessionVerifier(Generic[A]):
             q_rows, k_w, v_w[:seen], o_rows, pos, g, scale, self.b.matmul64, self.b.threads()
         )
         self.flops += 4 * c.n_heads * dh * int((pos + 1).sum())
-        tau = attention_tau(rec, pos, g, scale, u)
-        self._judge(stage, layer, rec.dist, tau, "a recomputed attention row")
+        ratio = attention_excess(rec, pos, g, scale, u)
+        self._accept(stage, layer, ratio, int(rec.dist.size), "a recomputed attention row")
 
     # -- last guard blocks -------------------------------------------------------------------------------
     def lock(self, layer: int, locked: A) -> None:
