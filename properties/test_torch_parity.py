@@ -375,6 +375,26 @@ def _weight_ops_match_numpy(w: ModelWeights, seed: int, n: int) -> None:
     _close64(tb.to_numpy(tb.swiglu_act(tb.from_numpy(gu))), nb.swiglu_act(gu))
 
 
+@pytest.mark.parametrize("numba", ["1", "0"])
+@given(model_weights(), seeds(), row_counts(max_n=9), st.data())
+def test_rows_finite_is_the_scan_of_the_rows(
+    numba: str, w: ModelWeights, seed: int, n: int, data: st.DataObject
+) -> None:
+    """rows_finite(x, index) = all entries of x[index] finite, on torch (the in-place kernel and, with
+    SCX_NUMBA=0, the eager gather) and on numpy, for any rows (repeated, none) and a NaN or ±inf anywhere."""
+    nb, tb = _pair(w)
+    x = _gauss(seed, (n, w.config.hidden_size))
+    bad = data.draw(st.sampled_from([None, np.nan, np.inf, -np.inf]))
+    if bad is not None:
+        x[data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, x.shape[1] - 1))] = bad
+    index = np.random.default_rng(seed).integers(0, n, size=data.draw(st.integers(0, 2 * n)))
+    want = bool(np.isfinite(x[index]).all())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SCX_NUMBA", numba)
+        assert tb.rows_finite(tb.from_numpy(x), index) == want
+    assert nb.rows_finite(x, index) == want
+
+
 @given(model_weights(), seeds(), row_counts(max_n=9), st.data())
 def test_backend_array_ops_match_numpy(w: ModelWeights, seed: int, n: int, data: st.DataObject) -> None:
     nb, tb = _pair(w)

@@ -39,6 +39,11 @@ class ArrayOps(Protocol[A]):
         """A numpy copy of ``x[index]`` (rows), equal to ``to_numpy(take_rows(x, index))`` with one gather."""
         ...
 
+    def rows_finite(self, x: A, index: IndexArray) -> bool:
+        """Whether every entry of the rows ``x[index]`` is finite, equal to
+        ``bool(np.isfinite(rows_to_numpy(x, index)).all())`` (read in place where the implementation can)."""
+        ...
+
     def head_to_numpy(self, x: A, n: int) -> npt.NDArray[Any]:
         """``x[:n]`` (rows) as a numpy array in the wire dtype: a view of x's memory where the
         implementation shares memory with numpy, a copy otherwise."""
@@ -182,6 +187,9 @@ class NumpyOps:
 
     def to_numpy(self, x: FloatArray) -> npt.NDArray[Any]:
         return np.array(x)
+
+    def rows_finite(self, x: FloatArray, index: IndexArray) -> bool:
+        return bool(np.isfinite(x[np.asarray(index, dtype=np.int64)]).all())
 
     def rows_to_numpy(self, x: FloatArray, index: IndexArray) -> npt.NDArray[Any]:
         """``x[index]``: fancy indexing already copies."""

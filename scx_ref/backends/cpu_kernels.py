@@ -70,6 +70,7 @@ class Kernels:
     gather_sum: Any
     add_rows: Any
     permute_rows: Any
+    rows_finite: Any
     project64: Any
     project64_rms: Any
     project64_gate_up: Any
@@ -149,6 +150,7 @@ def _build() -> Kernels | None:
         nk.gather_sum,
         nk.add_rows,
         nk.permute_rows,
+        nk.rows_finite,
         nk.project64,
         nk.project64_rms,
         nk.project64_gate_up,

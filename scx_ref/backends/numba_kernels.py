@@ -221,6 +221,22 @@ def add_rows(a: Any, b: Any, out: Any, bad: Any) -> bool:
 
 
 @jit
+def rows_finite(x: Any, rows: Any) -> int:
+    # 1 when every entry of x's rows ``rows`` is finite, 0 when one is not (each entry's v − v summed per
+    # column, as the encoding passes test theirs), −1 when a row index is out of range; read in place
+    n, w = x.shape
+    bad = np.zeros(w, dtype=x.dtype)
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        if r < 0 or r >= n:
+            return -1
+        row = x[r]
+        for f in range(w):
+            bad[f] += row[f] - row[f]
+    return 1 if all_zero(bad) else 0
+
+
+@jit
 def is_permutation(index: Any, n: int) -> bool:
     # whether index holds each of 0 … n − 1 exactly once
     if index.shape[0] != n:

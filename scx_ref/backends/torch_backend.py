@@ -282,6 +282,18 @@ class TorchOps:
             x = x.to(self._wire)
         return np.array(x.detach().cpu().numpy())
 
+    def rows_finite(self, x: torch.Tensor, index: IndexArray) -> bool:
+        """Whether every entry of the rows ``x[index]`` is finite: on CPU in float32/float64 one pass over
+        those rows in place (:mod:`.cpu_kernels`), else a gather and a test on the device."""
+        idx = np.ascontiguousarray(index, dtype=np.int64)
+        k = self._fused(x) if x.dim() == 2 else None
+        if k is None:
+            return bool(torch.isfinite(x.detach().index_select(0, self._idx(idx))).all())
+        got = int(k.rows_finite(_np(x), idx))
+        if got < 0:
+            raise ShapeError(f"row index out of range for {x.shape[0]} rows")
+        return got == 1
+
     def rows_to_numpy(self, x: torch.Tensor, index: IndexArray) -> npt.NDArray[Any]:
         """A numpy copy of ``x[index]`` in the wire dtype, with one gather.
 

@@ -251,7 +251,7 @@ class Client(Generic[A]):
         which its consumer drops unread, tested finite: a reply is refused whole, whichever of its rows
         holds a NaN or ±inf (IntegrityError, the session failed)."""
         rows = perm.inverse[n:]
-        if rows.size and not np.isfinite(self.b.rows_to_numpy(y, rows)).all():
+        if rows.size and not self.b.rows_finite(y, rows):
             self._guard(self._raise(IntegrityError(f"{stage.value}: {name} holds NaN or Inf")))
 
     def _verify(self, stage: Stage, check: Callable[[SessionVerifier[A]], None]) -> None:
