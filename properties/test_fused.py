@@ -54,7 +54,10 @@ def _qkv_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     head = draw(head_permutations(c.n_kv_heads, c.head_dim))
     pi = draw(perms(n + r))
     start = draw(st.integers(0, 40))
-    return weights, n, r, head, pi, np.arange(start, start + n), draw(seeds()), draw(st.booleans())
+    pos = np.arange(start, start + n)
+    if draw(st.booleans()):  # any positions: repeated, out of order, past the first RoPE tables (256 rows)
+        pos = np.array(draw(st.lists(st.integers(0, 600), min_size=n, max_size=n)), dtype=np.int64)
+    return weights, n, r, head, pi, pos, draw(seeds()), draw(st.booleans())
 
 
 @needs_numba

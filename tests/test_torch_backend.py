@@ -259,3 +259,21 @@ def test_dense_splits_wide_cpu_products_and_keeps_autograd() -> None:
     assert dx is not None and dw is not None and want_dx is not None and want_dw is not None
     torch.testing.assert_close(dx, want_dx, rtol=0, atol=0)
     torch.testing.assert_close(dw, want_dw, rtol=0, atol=0)
+
+
+def test_rope_take_refuses_a_negative_position() -> None:
+    """The fused RoPE pass reads the tables by position: one below 0 is refused (ShapeError), as the
+    eager RoPE refuses it, and nothing is returned."""
+    from scx_ref.errors import ShapeError
+
+    b = TorchBackend(weights("dense", n_layers=1), "float32")
+    c = b.config
+    x = torch.randn(3, c.q_dim + 2 * c.kv_dim)
+    idx = np.arange(c.q_dim + c.kv_dim, dtype=np.int64)
+    rest = np.arange(c.kv_dim, dtype=np.int64)
+    b.rope_take(x, np.arange(3), np.array([0, 1, 2]), idx, rest)  # accepted
+    for numba in ("1", "0"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SCX_NUMBA", numba)
+            with pytest.raises(ShapeError):
+                b.rope_take(x, np.arange(3), np.array([0, -1, 2]), idx, rest)

@@ -53,6 +53,7 @@ def chunk_start(n: int, p: int, parts: int, unit: int) -> int:
 def rope_rows(
     x: Any,
     rows: Any,
+    pos: Any,
     cos: Any,
     sin: Any,
     rope_index: Any,
@@ -64,11 +65,11 @@ def rope_rows(
     hi: int,
     bad: Any,
 ) -> None:
-    # row j: RoPE the first len(rope_index) columns of x[rows[j]] head by head (HF rotate_half), then
-    # gather them by rope_index; gather the columns after them by plain_index. The rotation runs on
-    # slices indexed from 0 (no negative-index wraparound), so LLVM vectorizes it; the column indices
-    # are unsigned for the same reason. bad: a row of x's width, bad[f] += v − v over the rows read (0,
-    # or NaN for NaN and ±inf).
+    # row j: RoPE the first len(rope_index) columns of x[rows[j]] head by head (HF rotate_half) at
+    # position pos[j] (row pos[j] of the cos and sin tables), then gather them by rope_index; gather the
+    # columns after them by plain_index. The rotation runs on slices indexed from 0 (no negative-index
+    # wraparound), so LLVM vectorizes it; the column indices are unsigned for the same reason. bad: a
+    # row of x's width, bad[f] += v − v over the rows read (0, or NaN for NaN and ±inf).
     width = rope_index.shape[0]
     half = d_h // 2
     buf = np.empty(width, dtype=x.dtype)
@@ -78,8 +79,9 @@ def rope_rows(
         src = x[rows[j]]
         for f in range(bad.shape[0]):
             bad[f] += src[f] - src[f]
-        c1, c2 = cos[j, :half], cos[j, half:d_h]
-        s1, s2 = sin[j, :half], sin[j, half:d_h]
+        p = pos[j]
+        c1, c2 = cos[p, :half], cos[p, half:d_h]
+        s1, s2 = sin[p, :half], sin[p, half:d_h]
         for h in range(width // d_h):
             b = h * d_h
             x1, x2 = src[b : b + half], src[b + half : b + d_h]
@@ -101,6 +103,7 @@ def rope_rows(
 def rope_take(
     x: Any,
     rows: Any,
+    pos: Any,
     cos: Any,
     sin: Any,
     rope_index: Any,
@@ -109,16 +112,22 @@ def rope_take(
     out_rope: Any,
     out_plain: Any,
     bad: Any,
-) -> bool:
-    # rope_rows over every row, in bad.shape[0] chunks; whether every entry read is finite
+) -> int:
+    # rope_rows over every row, in bad.shape[0] chunks: 1 when every entry read is finite, 0 when one is
+    # not, −1 (nothing written) when a position is outside the tables
     n, parts = rows.shape[0], bad.shape[0]
+    for j in range(n):
+        if pos[j] < 0 or pos[j] >= cos.shape[0]:
+            return -1
     if parts == 1:
-        rope_rows(x, rows, cos, sin, rope_index, plain_index, d_h, out_rope, out_plain, 0, n, bad[0])
+        rope_rows(x, rows, pos, cos, sin, rope_index, plain_index, d_h, out_rope, out_plain, 0, n, bad[0])
     else:
         for p in prange(parts):
             lo, hi = chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1)
-            rope_rows(x, rows, cos, sin, rope_index, plain_index, d_h, out_rope, out_plain, lo, hi, bad[p])
-    return all_zero_parts(bad)
+            rope_rows(
+                x, rows, pos, cos, sin, rope_index, plain_index, d_h, out_rope, out_plain, lo, hi, bad[p]
+            )
+    return 1 if all_zero_parts(bad) else 0
 
 
 @jit

@@ -979,18 +979,14 @@ class TorchBackend(TorchOps):
             roped = self.rope(t.narrow(1, 0, w).reshape(n, w // dh, dh), positions).reshape(n, w)
             plain = self.take_last(t.narrow(1, w, t.shape[1] - w), plain_index)
             return self.take_last(roped, rope_index).reshape(n, -1, dh), plain.reshape(n, -1, dh)
-        cos, sin = self._cos_sin(positions)
-        if cos.shape[0] != n:
-            raise ShapeError(f"{cos.shape[0]} positions for {n} rows")
+        pos = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+        if pos.shape[0] != n:
+            raise ShapeError(f"{pos.shape[0]} positions for {n} rows")
         out_rope = torch.empty((n, w // dh, dh), dtype=self.dtype)
         out_plain = torch.empty((n, len(plain_index) // dh, dh), dtype=self.dtype)
         xa = _np(x)
         with k.parts(n * xa.shape[1], self.threads()) as parts:
-            finite = k.rope_take(
-                xa,
-                rows_a,
-                _np(cos),
-                _np(sin),
+            rest = (
                 column_index(rope_index),
                 column_index(plain_index),
                 dh,
@@ -998,6 +994,17 @@ class TorchBackend(TorchOps):
                 out_plain.numpy().reshape(n, -1),
                 np.empty((parts, xa.shape[1]), xa.dtype),
             )
+            # the cached tables, read by position in the kernel; a position past them grows them (one
+            # below 0 is refused there) and the pass runs again
+            cos, sin = self._rope
+            got = k.rope_take(xa, rows_a, pos, _np(cos), _np(sin), *rest)
+            if got < 0:
+                self._cos_sin(pos)
+                cos, sin = self._rope
+                got = k.rope_take(xa, rows_a, pos, _np(cos), _np(sin), *rest)
+        if got < 0:
+            raise ShapeError("RoPE positions outside the tables")
+        finite = got == 1
         self._finite_or_raise(out_rope, name, bool(finite))
         return out_rope, out_plain
 
