@@ -1,5 +1,6 @@
 """What the fused-kernel property suites share: run a computation with the CPU kernels — in one chunk
-and split across threads — and again with them switched off (``SCX_NUMBA=0``: the same code on eager
+and split across threads — and again with them switched off (``cpu_kernels.ENABLED`` false, as
+``SCX_NUMBA=0`` sets it: the same code on eager
 torch / numpy ops), and skip where numba is not installed (then only the eager path exists, and the
 other suites test it)."""
 
@@ -45,8 +46,8 @@ def same(a: Any, b: Any) -> bool:
 
 
 def fused_and_eager(mp: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:
-    """``fn()`` with the fused kernels, then with them switched off (SCX_NUMBA=0). The fused run is done
-    twice — each pass in one chunk, then every pass split across threads however small
+    """``fn()`` with the fused kernels, then with them switched off (``cpu_kernels.ENABLED`` false). The
+    fused run is done twice — each pass in one chunk, then every pass split across threads however small
     (``MIN_PARALLEL`` and the verifier's ``SPLIT_ROWS64`` 0, torch's threads :data:`SPLIT_THREADS`) —
     and the two must agree bit for bit; the split run's result is returned."""
     one = fn()
@@ -60,7 +61,7 @@ def fused_and_eager(mp: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:
         finally:
             torch.set_num_threads(threads)
     assert same(split, one), "the fused passes split across threads differ from one chunk"
-    mp.setenv("SCX_NUMBA", "0")
+    mp.setattr(cpu_kernels, "ENABLED", False)
     eager = fn()
-    mp.delenv("SCX_NUMBA")
+    mp.setattr(cpu_kernels, "ENABLED", True)
     return split, eager

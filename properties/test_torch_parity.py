@@ -45,7 +45,7 @@ from properties.strategies import (
     token_ids,
 )
 from scx_ref import transforms as T
-from scx_ref.backends import torch_backend
+from scx_ref.backends import cpu_kernels, torch_backend
 from scx_ref.backends.numpy_backend import NumpyBackend
 from scx_ref.backends.torch_backend import TorchBackend, TorchOps, dense
 from scx_ref.errors import SCXError
@@ -390,7 +390,7 @@ def test_rows_finite_is_the_scan_of_the_rows(
     index = np.random.default_rng(seed).integers(0, n, size=data.draw(st.integers(0, 2 * n)))
     want = bool(np.isfinite(x[index]).all())
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SCX_NUMBA", numba)
+        mp.setattr(cpu_kernels, "ENABLED", numba == "1")
         assert tb.rows_finite(tb.from_numpy(x), index) == want
     assert nb.rows_finite(x, index) == want
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from scx_ref.attacks.active import MarkerServer, TamperingTransport
-from scx_ref.backends import NumpyBackend
+from scx_ref.backends import NumpyBackend, cpu_kernels
 from scx_ref.backends.torch_backend import TorchBackend
 from scx_ref.errors import IntegrityError, ProtocolError
 from scx_ref.keys import KeySchedule
@@ -220,7 +220,7 @@ def test_one_non_finite_entry_of_a_value_checked_reply_is_refused(
 def _backend(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     w = weights()
     if name == "torch-eager":
-        monkeypatch.setenv("SCX_NUMBA", "0")
+        monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     return NumpyBackend(w) if name == "numpy" else TorchBackend(w, torch.float64)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from scx_ref.backends import cpu_kernels
 from scx_ref.backends.base import Backend
 from scx_ref.backends.numpy_backend import NumpyBackend
 from scx_ref.backends.torch_backend import (
@@ -274,6 +275,6 @@ def test_rope_take_refuses_a_negative_position() -> None:
     b.rope_take(x, np.arange(3), np.array([0, 1, 2]), idx, rest)  # accepted
     for numba in ("1", "0"):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("SCX_NUMBA", numba)
+            mp.setattr(cpu_kernels, "ENABLED", numba == "1")
             with pytest.raises(ShapeError):
                 b.rope_take(x, np.arange(3), np.array([0, -1, 2]), idx, rest)

@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("torch")
 
+from scx_ref.backends import cpu_kernels
 from scx_ref.cli import main
 from scx_ref.commands.bench import build_backend
 from scx_ref.errors import ConfigError
@@ -133,7 +134,9 @@ def test_client_ab_times_both_checkouts(
 
     from models.client_ab import OTHER, main
 
-    monkeypatch.setenv("SCX_NUMBA", "0")  # the copy's kernels would compile afresh: eager ops here
+    # the copy's kernels would compile afresh: eager ops here (the copy reads the variable as it is imported)
+    monkeypatch.setenv("SCX_NUMBA", "0")
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     root = Path(__file__).resolve().parents[1]
     assert main(["--other", str(root), "--model", "tiny-llama", "--n", "6", "--rounds", "4"]) == 0
     out = capsys.readouterr().out.splitlines()

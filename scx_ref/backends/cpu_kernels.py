@@ -36,7 +36,8 @@ products' chunks start at multiples of four rows — so the results are the same
 split, which ``properties/kernel_paths.py`` checks on every fused-kernel property. Measured on two threads
 (SmolLM2, a 512-token prefill, paired against the serial kernels): the client's time 230 → 175 ms
 verified, the value checks 139 → 107 ms. :func:`kernels` returns ``None`` when numba is missing or
-``SCX_NUMBA=0`` is set; callers then use the eager form. The kernels' code is :mod:`.numba_kernels`
+:data:`ENABLED` is false (``SCX_NUMBA=0`` in the environment when this module is imported); callers then
+use the eager form. The kernels' code is :mod:`.numba_kernels`
 (module-level functions, so numba's disk cache serves them to every new process); this module holds what
 the callers use: :class:`Kernels`, :class:`Parts` and :func:`kernels`.
 """
@@ -51,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MIN_PARALLEL", "Kernels", "Parts", "column_index", "kernels"]
+__all__ = ["ENABLED", "MIN_PARALLEL", "Kernels", "Parts", "column_index", "kernels"]
 
 
 def column_index(index: Any) -> np.ndarray[Any, np.dtype[np.uint64]]:
@@ -121,12 +122,16 @@ class Parts:
 
 _lock = threading.Lock()
 _loaded: list[Kernels | None] = []
+#: Whether :func:`kernels` offers the kernels: false when ``SCX_NUMBA=0`` is in the environment as this
+#: module is imported (read once: an environment lookup on every pass cost ~6 µs with the caches cold,
+#: and a request makes hundreds). Tests switch the eager path on by setting it false.
+ENABLED = os.environ.get("SCX_NUMBA", "1") != "0"
 
 
 def kernels() -> Kernels | None:
-    """The fused kernels, or ``None`` when numba is not installed or ``SCX_NUMBA=0`` (compiled once per
-    process, thread-safe)."""
-    if os.environ.get("SCX_NUMBA", "1") == "0":
+    """The fused kernels, or ``None`` when numba is not installed or :data:`ENABLED` is false (compiled
+    once per process, thread-safe)."""
+    if not ENABLED:
         return None
     if not _loaded:
         with _lock:
