@@ -81,6 +81,8 @@ class Kernels:
     freivalds_excess: Any
     gate_up_excess: Any
     attention_excess: Any
+    sum_norms: Any
+    rms_norms: Any
     set_num_threads: Any
     max_threads: int
 
@@ -165,6 +167,8 @@ def _build() -> Kernels | None:
         nk.freivalds_excess,
         nk.gate_up_excess,
         nk.attention_excess,
+        nk.sum_norms,
+        nk.rms_norms,
         numba.set_num_threads,
         _start_threads(numba),
     )

@@ -553,12 +553,24 @@ def linear_excess(
 @jit
 def norm_bound(sq: Any, roundings: float) -> Any:
     # √sq rounded up by the relative error of a float64 sum of ``roundings`` roundings (an upper bound of
-    # the norm; +inf and NaN stay): the torch backend's _norm_bound, the same two roundings per entry
+    # the norm; +inf and NaN stay)
     out = np.empty_like(sq)
     up = 1.0 + roundings * 2.0**-52
     for i in range(sq.shape[0]):
         out[i] = np.sqrt(sq[i]) * up
     return out
+
+
+@jit
+def sum_norms(sq: Any, width: int) -> Any:
+    # the row norms project64 returns: √ of its float64 sums of ``width`` squares, rounded up (width + 2)
+    return norm_bound(sq, width + 2)
+
+
+@jit
+def rms_norms(sq: Any, width: int) -> Any:
+    # the row norms project64_rms returns: its sums with the RMSNorm's scale folded in, rounded up (width + 8)
+    return norm_bound(sq, width + 8)
 
 
 @jit
@@ -580,8 +592,8 @@ def freivalds_excess(
     parts: int,
 ) -> float:
     # a Freivalds check's verdict from the rows: linear_excess of (y·r, ‖y_i‖) and (x̂·W r, ‖x̂_i‖), each
-    # side by project64 (x̂ = x), or project64_rms (x̂ = RMSNorm(x): ``gain`` not empty), with the torch
-    # backend's norm bounds (width + 2 roundings; + 8 for a norm); a side whose rows are empty (0 × 0)
+    # side by project64 (x̂ = x), or project64_rms (x̂ = RMSNorm(x): ``gain`` not empty), with their norm
+    # bounds (sum_norms, rms_norms); a side whose rows are empty (0 × 0)
     # is given as its products and norms (yr, ynorm / xr, xnorm) instead. The same kernels in the same
     # order as the backend's project64, project64_norm and the verifier's linear_excess, so the same value
     k = a.shape[0]
@@ -589,16 +601,16 @@ def freivalds_excess(
         yr = np.empty((y.shape[0], k))
         ysq = np.empty(y.shape[0])
         project64(y, rt_y, yr, ysq, parts)
-        ynorm = norm_bound(ysq, y.shape[1] + 2)
+        ynorm = sum_norms(ysq, y.shape[1])
     if x.shape[1] != 0:
         xr = np.empty((x.shape[0], k))
         xsq = np.empty(x.shape[0])
         if gain.shape[0] == 0:
             project64(x, rt_x, xr, xsq, parts)
-            xnorm = norm_bound(xsq, x.shape[1] + 2)
+            xnorm = sum_norms(xsq, x.shape[1])
         else:
             project64_rms(x, gain, eps, rt_x, xr, xsq, parts)
-            xnorm = norm_bound(xsq, x.shape[1] + 8)
+            xnorm = rms_norms(xsq, x.shape[1])
     return linear_excess(yr, xr, bias_r, xnorm, ynorm, a, b, tiny)
 
 
@@ -624,7 +636,7 @@ def gate_up_excess(
     parts: int,
 ) -> tuple[float, float]:
     # a dense MLP reply's two checks: project64_gate_up's products of [gate up] (gu; act = silu(gate))
-    # with their norm bounds (2f + 2, f + 2 roundings, as the torch backend's), then freivalds_excess of
+    # with their norm bounds (sum_norms of 2f and f squares), then freivalds_excess of
     # the gate/up products against x̂ = RMSNorm(x) (γ = gain) and of the reply y against m's products
     n, f = gu.shape[0], rd.shape[1]
     out_g, sq_g = np.empty((n, rg.shape[0])), np.empty(n)
@@ -635,7 +647,7 @@ def gate_up_excess(
         none2,
         none2,
         out_g,
-        norm_bound(sq_g, 2 * f + 2),
+        sum_norms(sq_g, 2 * f),
         x,
         gain,
         eps,
@@ -658,7 +670,7 @@ def gate_up_excess(
         0.0,
         none2,
         out_d,
-        norm_bound(sq_d, f + 2),
+        sum_norms(sq_d, f),
         bias_down,
         a_down,
         b_down,

@@ -223,13 +223,6 @@ def _transposed(right: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return np.ascontiguousarray(np.transpose(right), dtype=np.float64)
 
 
-def _norm_bound(sq: npt.NDArray[np.float64], roundings: int) -> npt.NDArray[np.float64]:
-    """√sq rounded *up* by the relative error of a float64 sum of that many roundings (an upper bound of
-    the norm, as the verifier's tolerance needs; +inf or NaN stay)."""
-    out: npt.NDArray[np.float64] = np.sqrt(sq) * (1.0 + roundings * 2.0**-52)
-    return out
-
-
 # a Freivalds side given as its products (TorchBackend.freivalds_excess): no rows, no gain, no products
 _NO_ROWS = np.empty((0, 0), dtype=np.float64)
 _NO_GAIN = np.empty(0, dtype=np.float64)
@@ -581,7 +574,7 @@ class TorchOps:
             out, sq = _outputs64(rows, right)
             with k.parts(rows * width, self.threads()) as parts:
                 k.project64(_np(x), _transposed(right), out, sq, parts)
-            return out, _norm_bound(sq, width + 2)
+            return out, k.sum_norms(sq, width)
         if rows * width <= _SMALL and x.device.type == "cpu":  # a generation step's row: on the host
             x64 = x.detach().to(torch.float64).numpy()
             norm = np.sqrt(np.einsum("ij,ij->i", x64, x64)) * (1.0 + (width + 2) * 2.0**-52)
@@ -745,7 +738,7 @@ class TorchBackend(TorchOps):
         with k.parts(rows * width, self.threads()) as parts:
             eps = float(self.config.rms_eps)
             k.project64_rms(_np(x), _np(gamma), eps, _transposed(right), out, sq, parts)
-        return out, _norm_bound(sq, width + 8)
+        return out, k.rms_norms(sq, width)
 
     def freivalds_excess(
         self,
@@ -844,7 +837,7 @@ class TorchBackend(TorchOps):
         rg, rd = _transposed(right_gate_up), _transposed(right_down)
         with k.parts(gu.size, self.threads()) as parts:
             k.project64_gate_up(gu, _np(act), rg, rd, out_g, sq_g, out_d, sq_d, parts)
-        return out_g, _norm_bound(sq_g, 2 * f + 2), out_d, _norm_bound(sq_d, f + 2)
+        return out_g, k.sum_norms(sq_g, 2 * f), out_d, k.sum_norms(sq_d, f)
 
     def correction(
         self, eta: torch.Tensor, which: WeightName, layer: int = -1, experts: IndexArray | None = None
