@@ -90,8 +90,10 @@ class ArrayOps(Protocol[A]):
         """``concat_rows([x[:, cols], extra])[index]`` in one pass: row j is x's row ``index[j]`` gathered
         along its columns by ``cols``, or row ``index[j] − rows(x)`` of ``extra`` as it is (x 2-D, ``cols``
         a permutation of its columns, ``extra`` of the same width). A new array; the caller checks the
-        indices (:func:`scx_ref.transforms.encode_head_rows`). With ``name``: NonFiniteError (naming it)
-        when an entry of the result is not finite, tested in the same pass where the implementation can."""
+        indices (:func:`scx_ref.transforms.encode_head_rows`; the torch backend's fused pass, which reads
+        without bounds checks, also refuses one outside the arrays and an ``extra`` of another width:
+        ShapeError). With ``name``: NonFiniteError (naming it) when an entry of the result is not finite,
+        tested in the same pass where the implementation can."""
         ...
 
     def gather_sum(
@@ -99,8 +101,9 @@ class ArrayOps(Protocol[A]):
     ) -> A:
         """Row j is ``s[from_s[j]] + y[from_y[j]]`` where ``from_y[j] ≥ 0``, else row ``from_s[j]`` of
         ``extra`` as it is: two row gathers and one add per element, in one pass into a new array. The
-        caller checks the indices (:func:`scx_ref.transforms.reencode_sum`). ``name``: as for
-        :meth:`take_rows_cols_concat` (a sum of finite entries may overflow)."""
+        caller checks the indices (:func:`scx_ref.transforms.reencode_sum`; the torch backend's fused pass
+        also refuses one outside the arrays, and arrays of different widths: ShapeError). ``name``: as
+        for :meth:`take_rows_cols_concat` (a sum of finite entries may overflow)."""
         ...
 
     def take_rows_in_place(self, x: A, index: IndexArray, *, name: str | None = None) -> A:

@@ -278,3 +278,111 @@ def test_rope_take_refuses_a_negative_position() -> None:
             mp.setattr(cpu_kernels, "ENABLED", numba == "1")
             with pytest.raises(ShapeError):
                 b.rope_take(x, np.arange(3), np.array([0, -1, 2]), idx, rest)
+
+
+def _out_of_bounds_calls(b: TorchBackend) -> dict[str, Any]:
+    """Calls of the fused CPU passes with an index or a shape outside their arrays: each read (or wrote)
+    outside the arrays before the kernels checked them."""
+    c = b.config
+    w = c.q_dim + c.kv_dim
+    x = torch.randn(3, w + c.kv_dim)
+    rope, plain = np.arange(w, dtype=np.int64), np.arange(c.kv_dim, dtype=np.int64)
+    rows, extra = torch.randn(4, 6), torch.randn(1, 6)
+    cols, idx = np.arange(6), np.arange(5)
+    s = torch.randn(4, 6)
+    fs, fy = np.array([0, 1, 2, 3, 0]), np.array([0, 1, 2, 3, -1])
+    h, r8 = torch.randn(5, c.hidden_size), np.random.default_rng(0).standard_normal((c.hidden_size, 2))
+    f = c.intermediate_size
+    gu = torch.randn(5, 2 * f)
+    up = (np.ones((2 * f, 2)), np.ones((c.hidden_size, 2)), (np.zeros(2), np.ones(2), np.ones(2), 1e-300))
+    down = (np.ones((c.hidden_size, 2)), np.ones((f + 1, 2)), (np.zeros(2), np.ones(2), np.ones(2), 1e-300))
+    terms = (np.zeros(2), np.ones(2), np.ones(2), 1e-300)
+    return {
+        "rope_take-a_row_past_x": lambda: b.rope_take(x, np.array([0, 1, 3]), np.arange(3), rope, plain),
+        "rope_take-a_roped_column_past_them": lambda: b.rope_take(
+            x, np.arange(3), np.arange(3), np.r_[rope[:-1], w], plain
+        ),
+        "rope_take-a_plain_column_past_the_row": lambda: b.rope_take(
+            x, np.arange(3), np.arange(3), rope, np.r_[plain[:-1], c.kv_dim]
+        ),
+        "rope_take-part_of_a_head": lambda: b.rope_take(x, np.arange(3), np.arange(3), rope, plain[:-1]),
+        "take_rows_cols_concat-a_row_past_x_and_extra": lambda: b.take_rows_cols_concat(
+            rows, cols, extra, np.array([0, 1, 2, 3, 5])
+        ),
+        "take_rows_cols_concat-a_column_past_x": lambda: b.take_rows_cols_concat(
+            rows, np.array([0, 1, 2, 3, 4, 6]), extra, idx
+        ),
+        "take_rows_cols_concat-a_negative_column": lambda: b.take_rows_cols_concat(
+            rows, np.array([0, 1, 2, 3, 4, -1]), extra, idx
+        ),
+        "take_rows_cols_concat-extra_of_another_width": lambda: b.take_rows_cols_concat(
+            rows, cols[:3], torch.randn(2, 3 + 3), idx
+        ),
+        "gather_sum-a_row_past_s": lambda: b.gather_sum(s, np.array([0, 1, 2, 4, 0]), s, fy, extra),
+        "gather_sum-a_row_past_y": lambda: b.gather_sum(s, fs, s, np.array([0, 1, 2, 4, -1]), extra),
+        "gather_sum-a_decoy_row_past_extra": lambda: b.gather_sum(s, np.array([0, 1, 2, 3, 1]), s, fy, extra),
+        "gather_sum-a_negative_row": lambda: b.gather_sum(s, np.array([0, 1, 2, -1, 0]), s, fy, extra),
+        "project64-check_vectors_of_another_width": lambda: b.project64(h, r8[1:]),
+        "project64_norm-check_vectors_of_another_width": lambda: b.project64_norm(h, "attn", 0, r8[1:]),
+        "project64_gate_up-down_vectors_of_another_width": lambda: b.project64_gate_up(
+            gu, np.ones((2 * f, 2)), np.ones((f + 1, 2))
+        ),
+        "freivalds_excess-check_vectors_of_another_width": lambda: b.freivalds_excess(
+            h, r8[1:], h, r8, terms
+        ),
+        "freivalds_excess-products_of_other_rows": lambda: b.freivalds_excess(
+            h, r8, (np.zeros((4, 2)), np.zeros(4)), r8, terms
+        ),
+        "gate_up_excess-down_vectors_of_another_width": lambda: b.gate_up_excess(gu, h, h, 0, up, down),
+    }
+
+
+@pytest.mark.skipif(cpu_kernels.kernels() is None, reason="numba is not installed (no fused passes)")
+@pytest.mark.parametrize("case", sorted(_out_of_bounds_calls(TorchBackend(weights("dense", n_layers=1)))))
+def test_the_fused_passes_refuse_what_lies_outside_their_arrays(case: str) -> None:
+    """The fused CPU kernels index without bounds checks: an index outside the arrays (a row, a column,
+    a decoy row) or a shape that does not match (a partial head, check vectors of another width) is
+    refused with ShapeError before the kernel reads anything — it read (or wrote) outside the arrays
+    before — in one chunk and split across threads."""
+    from scx_ref.errors import ShapeError
+
+    b = TorchBackend(weights("dense", n_layers=1), "float32")
+    for split in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            if split:
+                mp.setattr(cpu_kernels, "MIN_PARALLEL", 0)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(2 if split else 1)
+            try:
+                with pytest.raises(ShapeError):
+                    _out_of_bounds_calls(b)[case]()
+            finally:
+                torch.set_num_threads(threads)
+
+
+def test_rope_take_refuses_columns_that_are_not_whole_heads() -> None:
+    """``rope_take``'s column split must be whole heads with the RoPE'd columns inside the row: ShapeError
+    on the numpy reference, the eager torch ops and the fused pass alike (the fused pass wrote past its
+    output before)."""
+    from scx_ref.errors import ShapeError
+
+    w = weights("dense", n_layers=1)
+    c = w.config
+    x_np = np.random.default_rng(1).standard_normal((3, c.q_dim + 2 * c.kv_dim))
+    roped, plain = np.arange(c.q_dim + c.kv_dim), np.arange(c.kv_dim)
+    bad = {
+        "plain columns not whole heads": (roped, plain[:-1]),
+        "RoPE'd columns not whole heads": (roped[:-1], plain),
+        "RoPE'd columns wider than the row": (np.arange(x_np.shape[1] + c.head_dim) % 4, plain[:0]),
+    }
+    np_b, t_b = NumpyBackend(w), TorchBackend(w, "float32")
+    x_t = torch.from_numpy(x_np).float()
+    for r_idx, p_idx in bad.values():
+        with pytest.raises(ShapeError, match="whole heads"):
+            np_b.rope_take(x_np, np.arange(3), np.arange(3), r_idx, p_idx)
+        for fused in (True, False):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(cpu_kernels, "ENABLED", fused)
+                with pytest.raises(ShapeError, match="whole heads"):
+                    t_b.rope_take(x_t, np.arange(3), np.arange(3), r_idx, p_idx)
+    np_b.rope_take(x_np, np.arange(3), np.arange(3), roped, plain)  # the whole-head split is accepted

@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from ..arrays import A, ArrayOps, IndexArray
 from ..config import ModelConfig
+from ..errors import ShapeError
 
 __all__ = [
     "A",
@@ -34,6 +35,7 @@ __all__ = [
     "NormName",
     "Products",
     "WeightName",
+    "check_rope_split",
     "out_width",
     "split_qkv",
 ]
@@ -165,8 +167,10 @@ class Backend(ArrayOps[A], Protocol[A]):
         RoPE'd at ``positions`` (one per row) and gathered along their flat columns by ``rope_index``; the
         rest gathered by ``plain_index``. Both as rows × heads × d_h, in new arrays. The same values as
         ``rope(take_rows(x, rows)[:, :w] as heads, positions)[flat][:, rope_index]`` — one pass where the
-        backend can fuse it. The caller checks the indices (:func:`scx_ref.transforms.decode_qkv_heads`).
-        With ``name``: NonFiniteError (naming it) when an entry of the rows read is not finite."""
+        backend can fuse it. The caller checks the indices (:func:`scx_ref.transforms.decode_qkv_heads`);
+        ShapeError when w or the plain columns are not whole heads, or w is wider than the rows (the torch
+        backend's fused pass, which reads without bounds checks, also refuses an index outside x). With
+        ``name``: NonFiniteError (naming it) when an entry of the rows read is not finite."""
         ...
 
     def attention(self, q: A, k: A, v: A, q_positions: IndexArray, k_positions: IndexArray | None) -> A:
@@ -194,6 +198,17 @@ def out_width(c: ModelConfig, which: WeightName) -> int:
         "router": c.n_experts,
         "lm_head": c.vocab_size,
     }[which]
+
+
+def check_rope_split(shape: tuple[int, ...], roped: int, plain: int, d_h: int) -> None:
+    """The column split ``Backend.rope_take`` reads from rows of ``shape``: ShapeError unless the rows are
+    2-D, the ``roped`` and ``plain`` columns are whole heads of ``d_h`` and the RoPE'd ones lie within a
+    row (a fused pass reads them without bounds checks)."""
+    if len(shape) != 2 or roped % d_h or plain % d_h or roped > shape[1]:
+        raise ShapeError(
+            f"{roped} RoPE'd and {plain} plain columns of rows {shape}: whole heads of {d_h}, the RoPE'd "
+            "ones within the row"
+        )
 
 
 def split_qkv(b: Backend[A], z: A) -> tuple[A, A, A]:

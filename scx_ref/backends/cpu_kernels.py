@@ -28,8 +28,15 @@ so each row is read once.
   verdict, to float64 rounding for sums; and the fused check against the three calls, equal.
 
 The kernels take numpy arrays (C-contiguous views of CPU tensors) and write into ``out`` arrays the caller
-allocates. The passes over a prompt's rows split them across threads (numba's ``prange``; the encoding
-passes, the products and the recomputed attention rows): as many chunks as the backend's own threads
+allocates. They index without bounds checks (numba's ``boundscheck`` off), so nothing they are given is
+trusted: the encoding passes check every row and column index against the arrays before they read (an
+error code, which the torch wrappers raise as ShapeError), and the wrappers check every shape a kernel
+assumes (whole heads, one width, check vectors as wide as the rows) —
+``tests/test_torch_backend.py::test_the_fused_passes_refuse_what_lies_outside_their_arrays``, each case
+of which read or wrote outside the arrays before.
+
+The passes over a prompt's rows split them across threads (numba's ``prange``; the encoding passes, the
+products and the recomputed attention rows): as many chunks as the backend's own threads
 (:meth:`Kernels.parts`; torch's intra-op count, so a one-thread run stays on one), one chunk below
 :data:`MIN_PARALLEL` entries (a generation step's row). Each row is computed as in one chunk — the
 products' chunks start at multiples of four rows — so the results are the same bits however the rows are

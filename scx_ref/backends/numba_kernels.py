@@ -46,6 +46,18 @@ def chunk_start(n: int, p: int, parts: int, unit: int) -> int:
     return n if p == parts else ((n // unit) * p // parts) * unit
 
 
+@jit
+def all_in(index: Any, n: int) -> bool:
+    # whether every entry of an index array lies in 0 … n − 1 (the kernels index without bounds checks:
+    # an index from outside is refused before anything is read)
+    inside = True
+    for f in range(index.shape[0]):
+        if index[f] < 0 or index[f] >= n:
+            inside = False
+            break
+    return inside
+
+
 # The encoding passes split a pass's rows into ``bad.shape[0]`` contiguous chunks, one per thread
 # (prange; Kernels.parts picks how many); each chunk sums its own finiteness row of ``bad``. One chunk
 # runs inline, with no parallel region.
@@ -114,8 +126,12 @@ def rope_take(
     bad: Any,
 ) -> int:
     # rope_rows over every row, in bad.shape[0] chunks: 1 when every entry read is finite, 0 when one is
-    # not, −1 (nothing written) when a position is outside the tables
-    n, parts = rows.shape[0], bad.shape[0]
+    # not; nothing written and −1 when a position is outside the tables, −2 when a row or column index
+    # is outside x (the RoPE'd columns first, the plain ones after them)
+    n, parts, w = rows.shape[0], bad.shape[0], rope_index.shape[0]
+    inside = all_in(rows, x.shape[0]) and all_in(rope_index, w)
+    if not (inside and all_in(plain_index, x.shape[1] - w)):
+        return -2
     for j in range(n):
         if pos[j] < 0 or pos[j] >= cos.shape[0]:
             return -1
@@ -155,17 +171,19 @@ def take_rows_cols_concat_rows(
 
 
 @pjit
-def take_rows_cols_concat(x: Any, cols: Any, extra: Any, index: Any, out: Any, bad: Any) -> bool:
-    # take_rows_cols_concat_rows over every row, in bad.shape[0] chunks; whether every entry written
-    # is finite
+def take_rows_cols_concat(x: Any, cols: Any, extra: Any, index: Any, out: Any, bad: Any) -> int:
+    # take_rows_cols_concat_rows over every row, in bad.shape[0] chunks: 1 when every entry written is
+    # finite, 0 when one is not, −1 (nothing written) when a row or column index is outside x and extra
     n, parts = index.shape[0], bad.shape[0]
+    if not (all_in(cols, x.shape[1]) and all_in(index, x.shape[0] + extra.shape[0])):
+        return -1
     if parts == 1:
         take_rows_cols_concat_rows(x, cols, extra, index, out, 0, n, bad[0])
     else:
         for p in prange(parts):
             lo, hi = chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1)
             take_rows_cols_concat_rows(x, cols, extra, index, out, lo, hi, bad[p])
-    return all_zero_parts(bad)
+    return 1 if all_zero_parts(bad) else 0
 
 
 @jit
@@ -192,16 +210,21 @@ def gather_sum_rows(
 
 
 @pjit
-def gather_sum(s: Any, from_s: Any, y: Any, from_y: Any, extra: Any, out: Any, bad: Any) -> bool:
-    # gather_sum_rows over every row, in bad.shape[0] chunks; whether every entry written is finite
+def gather_sum(s: Any, from_s: Any, y: Any, from_y: Any, extra: Any, out: Any, bad: Any) -> int:
+    # gather_sum_rows over every row, in bad.shape[0] chunks: 1 when every entry written is finite, 0
+    # when one is not, −1 (nothing written) when a row index is outside s, y or extra
     n, parts = from_s.shape[0], bad.shape[0]
+    for j in range(n):
+        a, b = from_s[j], from_y[j]
+        if (a < 0 or b >= y.shape[0]) or (b >= 0 and a >= s.shape[0]) or (b < 0 and a >= extra.shape[0]):
+            return -1
     if parts == 1:
         gather_sum_rows(s, from_s, y, from_y, extra, out, 0, n, bad[0])
     else:
         for p in prange(parts):
             lo, hi = chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1)
             gather_sum_rows(s, from_s, y, from_y, extra, out, lo, hi, bad[p])
-    return all_zero_parts(bad)
+    return 1 if all_zero_parts(bad) else 0
 
 
 @jit

@@ -15,7 +15,7 @@ from ..arrays import NumpyOps
 from ..errors import ConfigError
 from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights, MoEMLP
-from .base import Check, IndexArray, NormName, Products, WeightName
+from .base import Check, IndexArray, NormName, Products, WeightName, check_rope_split
 
 __all__ = ["NumpyBackend"]
 
@@ -190,6 +190,7 @@ class NumpyBackend(NumpyOps):
         """The definition as written: gather the rows (scanned with ``name``), RoPE the first w columns,
         gather the columns."""
         dh, w = self.config.head_dim, len(rope_index)
+        check_rope_split(np.shape(x), w, len(plain_index), dh)
         t = self.take_rows(x, rows)
         if name is not None:
             t = self.floating(t, name)

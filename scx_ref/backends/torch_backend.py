@@ -45,7 +45,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError, VocabularyError
 from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights
-from .base import Check, IndexArray, NormName, Products, WeightName
+from .base import Check, IndexArray, NormName, Products, WeightName, check_rope_split
 from .cpu_kernels import Kernels, column_index, kernels
 
 __all__ = [
@@ -229,6 +229,18 @@ _NO_GAIN = np.empty(0, dtype=np.float64)
 _NO_PRODUCTS = (np.empty((0, 0), dtype=np.float64), np.empty(0, dtype=np.float64))
 
 
+def _fits(ok: bool, what: str) -> None:
+    """ShapeError unless ``ok``: the fused kernels index without bounds checks, so the shapes they are
+    given are checked before they run."""
+    if not ok:
+        raise ShapeError(what)
+
+
+def _right(width: int, right: npt.NDArray[Any], k: int | None = None) -> bool:
+    """Whether ``right`` is width × k (any k when None): a side's check vectors."""
+    return right.ndim == 2 and right.shape[0] == width and (k is None or right.shape[1] == k)
+
+
 def _np(t: torch.Tensor) -> npt.NDArray[Any]:
     """A C-contiguous numpy view of a CPU tensor (a copy only when the tensor is not contiguous)."""
     return t.detach().contiguous().numpy()
@@ -395,6 +407,10 @@ class TorchOps:
         """``cat([x[:, cols], extra])[index]``: one fused pass on CPU (:mod:`.cpu_kernels`; with ``name``
         it also tells whether every entry is finite), else a column gather of x and
         :meth:`take_rows_concat` (then a scan with ``name``)."""
+        if x.dim() != 2 or extra.dim() != 2 or extra.shape[1] != len(cols):
+            raise ShapeError(
+                f"rows {tuple(x.shape)} and extra rows {tuple(extra.shape)} for {len(cols)} columns"
+            )
         k = self._fused(x, extra)
         if k is None:
             out = self.take_rows_concat([self.take_last(x, cols), extra], index)
@@ -404,15 +420,12 @@ class TorchOps:
         cols_u = column_index(cols)
         o = out.numpy()
         with k.parts(o.size, self.threads()) as parts:
-            finite = k.take_rows_cols_concat(
-                _np(x),
-                cols_u,
-                _np(extra).reshape(-1, len(cols)),
-                idx,
-                o,
-                np.empty((parts, len(cols)), o.dtype),
+            got = k.take_rows_cols_concat(
+                _np(x), cols_u, _np(extra), idx, o, np.empty((parts, len(cols)), o.dtype)
             )
-        return self._finite_or_raise(out, name, bool(finite))
+        if got < 0:
+            raise ShapeError(f"a row or column index outside rows {tuple(x.shape)} + {extra.shape[0]} extra")
+        return self._finite_or_raise(out, name, got == 1)
 
     def gather_sum(
         self,
@@ -428,6 +441,12 @@ class TorchOps:
         fused pass on CPU (:mod:`.cpu_kernels`; with ``name`` it also tells whether every entry is
         finite), else two gathers and an add in the first one's memory (then a scan with ``name``)."""
         fs, fy = np.ascontiguousarray(from_s, dtype=np.int64), np.ascontiguousarray(from_y, dtype=np.int64)
+        if s.dim() != 2 or y.shape != (y.shape[0], s.shape[1]) or extra.shape != (extra.shape[0], s.shape[1]):
+            raise ShapeError(
+                f"s {tuple(s.shape)}, y {tuple(y.shape)} and extra {tuple(extra.shape)}: 2-D, one width"
+            )
+        if fy.shape != fs.shape:
+            raise ShapeError(f"{fs.shape[0]} rows from s but {fy.shape[0]} from y")
         k = self._fused(s, y, extra)
         if k is None:
             real = fy >= 0
@@ -439,16 +458,10 @@ class TorchOps:
         out = torch.empty((fs.shape[0], s.shape[1]), dtype=self.dtype)
         o = out.numpy()
         with k.parts(o.size, self.threads()) as parts:
-            finite = k.gather_sum(
-                _np(s),
-                fs,
-                _np(y),
-                fy,
-                _np(extra).reshape(-1, s.shape[1]),
-                o,
-                np.empty((parts, s.shape[1]), o.dtype),
-            )
-        return self._finite_or_raise(out, name, bool(finite))
+            got = k.gather_sum(_np(s), fs, _np(y), fy, _np(extra), o, np.empty((parts, s.shape[1]), o.dtype))
+        if got < 0:
+            raise ShapeError("a row index outside s, y or extra")
+        return self._finite_or_raise(out, name, got == 1)
 
     @staticmethod
     def _finite_or_raise(out: torch.Tensor, name: str | None, finite: bool) -> torch.Tensor:
@@ -571,6 +584,7 @@ class TorchOps:
         rows, width = x.shape
         k = self._fused(x)
         if k is not None:  # one pass per row (cpu_kernels.project64)
+            _fits(_right(width, right), f"rows {tuple(x.shape)} against check vectors {right.shape}")
             out, sq = _outputs64(rows, right)
             with k.parts(rows * width, self.threads()) as parts:
                 k.project64(_np(x), _transposed(right), out, sq, parts)
@@ -734,6 +748,10 @@ class TorchBackend(TorchOps):
         if k is None:
             return self.project64(self._rms(x, gamma), right)
         rows, width = x.shape
+        _fits(
+            _right(width, right) and gamma.shape == (width,),
+            f"rows {tuple(x.shape)} against check vectors {right.shape} and a gain of {tuple(gamma.shape)}",
+        )
         out, sq = _outputs64(rows, right)
         with k.parts(rows * width, self.threads()) as parts:
             eps = float(self.config.rms_eps)
@@ -763,6 +781,18 @@ class TorchBackend(TorchOps):
         bias_r, a, b, tiny = terms
         yr, yn = _NO_PRODUCTS if ys is not None else y
         xr, xn = _NO_PRODUCTS if xs is not None else x
+        kk = a.shape[0]
+        rows = {t.shape[0] for t in (ys, xs) if t is not None} | {p.shape[0] for p in (yr, xr) if p.size}
+        n = min(rows, default=0)
+        _fits(
+            bias_r.shape == b.shape == (kk,)
+            and len(rows) <= 1
+            and (ys is None or _right(ys.shape[1], right_y, kk))
+            and (xs is None or _right(xs.shape[1], right_x, kk))
+            and (gamma is None or xs is None or gamma.shape == (xs.shape[1],))
+            and all(p.shape == (n, kk) and q.shape == (n,) for p, q in ((yr, yn), (xr, xn)) if p.size),
+            "a Freivalds check's two sides, check vectors and terms do not match",
+        )
         ya = _NO_ROWS if ys is None else _np(ys)
         xa = _NO_ROWS if xs is None else _np(xs)
         ga = _NO_GAIN if gamma is None else _np(gamma)
@@ -788,7 +818,20 @@ class TorchBackend(TorchOps):
             up,
             down,
         )
-        f = gate_up.shape[1] // 2
+        rows, f, d = gate_up.shape[0], gate_up.shape[1] // 2, x.shape[1]
+        kk = a_up.shape[0]
+        _fits(
+            gate_up.shape[1] == 2 * f
+            and y.shape == x.shape == (rows, d)
+            and gamma.shape == (d,)
+            and _right(2 * f, r_up, kk)
+            and _right(d, wr_up, kk)
+            and _right(d, r_down, kk)
+            and _right(f, wr_down, kk)
+            and all(t.shape == (kk,) for t in (bias_up, b_up, bias_down, a_down, b_down)),
+            f"an MLP reply {tuple(gate_up.shape)}, {tuple(y.shape)} for rows {tuple(x.shape)} does not match "
+            "its check vectors",
+        )
         gu = _np(gate_up)
         act = F.silu(gate_up[:, :f])
         with k.parts(gu.size, self.threads()) as parts:
@@ -830,6 +873,11 @@ class TorchBackend(TorchOps):
                 self.swiglu_act(gate_up), right_down
             )
         rows, f = gate_up.shape[0], gate_up.shape[1] // 2
+        _fits(
+            gate_up.shape[1] == 2 * f and _right(2 * f, right_gate_up) and _right(f, right_down),
+            f"[gate up] rows {tuple(gate_up.shape)} against check vectors {right_gate_up.shape}, "
+            f"{right_down.shape}",
+        )
         gu = _np(gate_up)
         act = F.silu(gate_up[:, :f])
         out_g, sq_g = _outputs64(rows, right_gate_up)
@@ -964,6 +1012,7 @@ class TorchBackend(TorchOps):
         dh, w = self.config.head_dim, len(rope_index)
         rows_a = np.ascontiguousarray(rows, dtype=np.int64)
         n = rows_a.shape[0]
+        check_rope_split(tuple(x.shape), w, len(plain_index), dh)
         k = self._fused(x)
         if k is None:
             t = self.take_rows(x, rows_a)
@@ -991,10 +1040,12 @@ class TorchBackend(TorchOps):
             # below 0 is refused there) and the pass runs again
             cos, sin = self._rope
             got = k.rope_take(xa, rows_a, pos, _np(cos), _np(sin), *rest)
-            if got < 0:
+            if got == -1:
                 self._cos_sin(pos)
                 cos, sin = self._rope
                 got = k.rope_take(xa, rows_a, pos, _np(cos), _np(sin), *rest)
+        if got == -2:
+            raise ShapeError(f"a row or column index outside rows {tuple(x.shape)}")
         if got < 0:
             raise ShapeError("RoPE positions outside the tables")
         finite = got == 1
