@@ -395,3 +395,86 @@ def test_gate_up_excess_is_the_three_calls(dtype: torch.dtype, case: tuple[Any, 
     finite = [bool(np.isfinite(a).all()) for a in (x_np, gu_np, y_np)]
     assert math.isfinite(fused[0]) == (finite[0] and finite[1])
     assert math.isfinite(fused[1]) == (finite[1] and finite[2])
+
+
+@needs_numba
+def test_the_float64_sums_do_not_depend_on_where_the_arrays_lie() -> None:
+    """The reassociated float64 sums are the same bits on every call: split across threads or not, and
+    whatever the addresses of the arrays. A sum in a loop that also stored got a runtime overlap test
+    from LLVM's vectorizer and took the vector or the scalar order depending on where the arrays lay,
+    so the last bits of ‖q‖, ‖o‖ and ‖o − want‖ varied between runs (about one call in a hundred with
+    one row of two heads: each thread then computes one pair). Many calls, each on freshly allocated
+    arrays, the recomputed attention rows against one chunk and the products with eight check vectors (a
+    generation step's) against their first call."""
+    from scx_ref.backends import cpu_kernels
+    from scx_ref.protocol import verify
+
+    rng = np.random.default_rng(0)
+    k = cpu_kernels.kernels()
+    assert k is not None
+    threads = torch.get_num_threads()
+    shapes = [(1, 2, 6), (1, 2, 4), (2, 2, 8), (1, 4, 2)]
+    try:
+        for case in range(300):
+            h_kv, g, d_h = shapes[case % 4]
+            keys, rows = int(rng.integers(4, 30)), int(rng.integers(1, 4))
+            dt = (np.float32, np.float64)[case % 2]
+            spread = (0.1, 1.0, 6.0)[case % 3]
+            q = (rng.standard_normal((rows, h_kv * g, d_h)) * spread).astype(dt)
+            kk = (rng.standard_normal((keys, h_kv, d_h)) * spread).astype(dt)
+            v = rng.standard_normal((keys, h_kv, d_h)).astype(dt)
+            o = rng.standard_normal((rows, h_kv * g, d_h))
+            pos = rng.integers(0, keys, size=rows).astype(np.int64)
+            torch.set_num_threads(1)
+            one = attention_rows64(q, kk, v, o, pos, g, 1 / math.sqrt(d_h), threads=1)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(cpu_kernels, "MIN_PARALLEL", 0)
+                mp.setattr(verify, "SPLIT_ROWS64", 0)
+                torch.set_num_threads(2)
+                split = attention_rows64(q, kk, v, o, pos, g, 1 / math.sqrt(d_h), threads=2)
+            assert all(np.array_equal(a, b) for a, b in zip(one, split, strict=True)), case
+            x = rng.standard_normal((rows, 4 * d_h + 1)).astype(dt)
+            right = np.asfortranarray(rng.standard_normal((x.shape[1], 8)))
+            first = TorchOps(torch.float64 if dt == np.float64 else torch.float32).project64(
+                torch.from_numpy(x), right
+            )
+            for _ in range(3):
+                again = TorchOps(torch.float64 if dt == np.float64 else torch.float32).project64(
+                    torch.from_numpy(x.copy()), np.asfortranarray(right.copy())
+                )
+                assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)), case
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_recomputed_rows_and_the_range_check_refuse_shapes_that_do_not_match() -> None:
+    """``attention_rows64`` and ``range_excess`` index their arrays by the shapes they are given (the
+    kernels without bounds checks): outputs whose heads or head width do not match the keys and values,
+    or a group that does not tile the heads, are refused (SCXError) on every path."""
+    from scx_ref.backends import cpu_kernels
+    from scx_ref.errors import SCXError
+
+    rng = np.random.default_rng(0)
+    q, o = rng.standard_normal((2, 4, 8)), rng.standard_normal((2, 4, 8))
+    k, v = rng.standard_normal((5, 2, 8)), rng.standard_normal((5, 2, 8))
+    pos = np.array([1, 3])
+    bad_rows = {
+        "a group that does not tile the heads": (q, k, v, o, pos, 3),
+        "keys of another head width": (q, k[:, :, :4], v[:, :, :4], o, pos, 2),
+        "values of other heads than the keys": (q, k, v[:, :1], o, pos, 2),
+        "positions for other rows": (q, k, v, o, np.array([1, 2, 3]), 2),
+    }
+    bad_range = {
+        "outputs of other KV heads": (v, rng.standard_normal((2, 1, 2, 8))),
+        "outputs of another head width": (v, rng.standard_normal((2, 2, 2, 4))),
+    }
+    for fused in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_kernels, "ENABLED", fused)
+            attention_rows64(q, k, v, o, pos, 2, 0.3)  # the matching shapes are accepted
+            for qq, kk, vv, oo, pp, g in bad_rows.values():
+                with pytest.raises(SCXError):
+                    attention_rows64(qq, kk, vv, oo, pp, g, 0.3)
+            for vv, oo in bad_range.values():
+                with pytest.raises(SCXError):
+                    range_excess(vv, oo, 0)

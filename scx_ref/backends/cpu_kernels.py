@@ -15,7 +15,11 @@ so each row is read once.
   ``attention_rows64``; :mod:`scx_ref.protocol.verify`) sum in float64. The verifier's tolerance holds
   for a float64 sum in any order, with or without fused multiply-adds, so these may be reassociated and
   contracted (LLVM then vectorizes the reductions); no other fast-math flag, so a NaN or an infinity
-  propagates. Products that the eager form rounds in the dtype (SwiGLU's silu(gate)·up) are rounded the
+  propagates. Each such sum sits in a loop that stores nothing: a loop that also stores gets a runtime
+  overlap test from LLVM's vectorizer, and the sum then took the vector or the scalar order depending on
+  where the arrays happened to lie, so its last bits varied between runs
+  (``properties/test_verifier_kernels.py::test_the_float64_sums_do_not_depend_on_where_the_arrays_lie``).
+  Products that the eager form rounds in the dtype (SwiGLU's silu(gate)·up) are rounded the
   same way. The products read four rows per loop where there are two check vectors (a prompt's rows), so
   each check-vector entry is loaded once for four rows. ``linear_excess`` (a check's verdict) rounds the
   same float64 operations as its numpy form, with no flag; ``freivalds_excess`` is a whole linear check in

@@ -354,9 +354,10 @@ def widen_sums(vals: Any, rt: Any, buf: Any, out_row: Any) -> float:
             a1 += v * r1[t]
         out_row[0], out_row[1] = a0, a1
         return s
+    for t in range(w):  # the sums below store nothing (see attention_pairs)
+        buf[t] = vals[t]
     s = 0.0
     for t in range(w):
-        buf[t] = vals[t]
         s += buf[t] * buf[t]
     for c in range(k):
         r = rt[c]
@@ -769,9 +770,13 @@ def attention_pairs(
         r, h = item // n_h, item % n_h
         p = pos[r]
         g = h // group
-        qq = 0.0
+        # each sum in a loop that stores nothing: a loop that also stores gets a runtime overlap test
+        # from LLVM's vectorizer, and the reassociated sum then took the vector or the scalar order
+        # depending on where the arrays happened to lie (the last bits of a run varied)
         for t in range(d_h):
             qv[t] = q[r, h, t]
+        qq = 0.0
+        for t in range(d_h):
             qq += qv[t] * qv[t]
         top = -np.inf
         for j in range(p + 1):
@@ -791,12 +796,13 @@ def attention_pairs(
             vj = v[j, g]
             for t in range(d_h):
                 acc[t] += e * np.float64(vj[t])
+        for t in range(d_h):
+            acc[t] = acc[t] / z
+            out[r, h, t] = acc[t]
         dd, oo = 0.0, 0.0
         for t in range(d_h):
-            w = acc[t] / z
-            out[r, h, t] = w
             y = np.float64(o[r, h, t])
-            dd += (y - w) * (y - w)
+            dd += (y - acc[t]) * (y - acc[t])
             oo += y * y
         norms[0, r, h] = np.sqrt(dd)
         norms[1, r, h] = np.sqrt(oo)

@@ -188,6 +188,10 @@ def range_excess(v: npt.NDArray[Any], o: npt.NDArray[Any], first: int) -> tuple[
     input that is not finite makes one of the two not finite. One pass over the rows where the CPU
     kernels are installed (:mod:`scx_ref.backends.cpu_kernels`), else running extremes by
     :func:`prefix_extreme`; both give the same values (max and min round nothing)."""
+    if v.ndim != 3 or o.ndim != 4 or o.shape[1] != v.shape[1] or o.shape[3] != v.shape[2]:
+        raise SCXError(
+            f"outputs {o.shape} for values {v.shape}: (queries × H_kv × g × d_h, keys × H_kv × d_h)"
+        )
     n_q, n_k = o.shape[0], v.shape[0]
     if n_q > 0 and first + n_q > n_k:
         raise SCXError(f"{n_q} queries from position {first} attend past the {n_k} keys")
@@ -248,6 +252,16 @@ def attention_rows64(
     h_kv = k.shape[1]
     if o.shape != q.shape:
         raise SCXError(f"{o.shape} server rows for {q.shape} recomputed ones")
+    if (
+        k.ndim != 3
+        or k.shape[1:] != v.shape[1:]
+        or k.shape[2] != d_h
+        or n_h != h_kv * group
+        or pos.shape != (n_r,)
+    ):
+        raise SCXError(
+            f"rows {q.shape} at {pos.shape} positions with group {group} for keys {k.shape}, values {v.shape}"
+        )
     if n_r == 0:
         empty = np.zeros((0, n_h))
         return RecomputedRows(
