@@ -109,6 +109,9 @@ class Kernels:
 #: The fewest entries an encoding pass splits across threads (a parallel region costs microseconds).
 MIN_PARALLEL = 1 << 16
 _pool = threading.Lock()
+#: The thread count each thread last gave numba (its count is per thread): ``numba.set_num_threads``
+#: costs ~15 µs with the caches cold, and a prompt's request made two hundred calls of it
+_told = threading.local()
 
 
 class Parts:
@@ -122,7 +125,9 @@ class Parts:
         if threads > 1 and entries >= MIN_PARALLEL and _pool.acquire(blocking=False):
             self._held = True
             self.parts = min(threads, k.max_threads)
-            k.set_num_threads(self.parts)
+            if getattr(_told, "count", None) != self.parts:
+                k.set_num_threads(self.parts)
+                _told.count = self.parts
 
     def __enter__(self) -> int:
         return self.parts
