@@ -229,15 +229,10 @@ _NO_GAIN = np.empty(0, dtype=np.float64)
 _NO_PRODUCTS = (np.empty((0, 0), dtype=np.float64), np.empty(0, dtype=np.float64))
 
 
-def _fits(ok: bool, what: str) -> None:
-    """ShapeError unless ``ok``: the fused kernels index without bounds checks, so the shapes they are
-    given are checked before they run."""
-    if not ok:
-        raise ShapeError(what)
-
-
 def _right(width: int, right: npt.NDArray[Any], k: int | None = None) -> bool:
-    """Whether ``right`` is width × k (any k when None): a side's check vectors."""
+    """Whether ``right`` is width × k (any k when None): a side's check vectors. The fused kernels index
+    without bounds checks, so the shapes they are given are checked before they run (the message of the
+    ShapeError built only then: formatting it on every call cost more than the test)."""
     return right.ndim == 2 and right.shape[0] == width and (k is None or right.shape[1] == k)
 
 
@@ -584,7 +579,8 @@ class TorchOps:
         rows, width = x.shape
         k = self._fused(x)
         if k is not None:  # one pass per row (cpu_kernels.project64)
-            _fits(_right(width, right), f"rows {tuple(x.shape)} against check vectors {right.shape}")
+            if not _right(width, right):
+                raise ShapeError(f"rows {tuple(x.shape)} against check vectors {right.shape}")
             out, sq = _outputs64(rows, right)
             with k.parts(rows * width, self.threads()) as parts:
                 k.project64(_np(x), _transposed(right), out, sq, parts)
@@ -748,10 +744,11 @@ class TorchBackend(TorchOps):
         if k is None:
             return self.project64(self._rms(x, gamma), right)
         rows, width = x.shape
-        _fits(
-            _right(width, right) and gamma.shape == (width,),
-            f"rows {tuple(x.shape)} against check vectors {right.shape} and a gain of {tuple(gamma.shape)}",
-        )
+        if not (_right(width, right) and gamma.shape == (width,)):
+            raise ShapeError(
+                f"rows {tuple(x.shape)} against check vectors {right.shape} and a gain of "
+                f"{tuple(gamma.shape)}"
+            )
         out, sq = _outputs64(rows, right)
         with k.parts(rows * width, self.threads()) as parts:
             eps = float(self.config.rms_eps)
@@ -781,18 +778,21 @@ class TorchBackend(TorchOps):
         bias_r, a, b, tiny = terms
         yr, yn = _NO_PRODUCTS if ys is not None else y
         xr, xn = _NO_PRODUCTS if xs is not None else x
+        # each side: its rows (width = its check vectors' rows) or its products (rows × k, rows)
         kk = a.shape[0]
-        rows = {t.shape[0] for t in (ys, xs) if t is not None} | {p.shape[0] for p in (yr, xr) if p.size}
-        n = min(rows, default=0)
-        _fits(
-            bias_r.shape == b.shape == (kk,)
-            and len(rows) <= 1
-            and (ys is None or _right(ys.shape[1], right_y, kk))
-            and (xs is None or _right(xs.shape[1], right_x, kk))
-            and (gamma is None or xs is None or gamma.shape == (xs.shape[1],))
-            and all(p.shape == (n, kk) and q.shape == (n,) for p, q in ((yr, yn), (xr, xn)) if p.size),
-            "a Freivalds check's two sides, check vectors and terms do not match",
-        )
+        n = int(ys.shape[0]) if ys is not None else yr.shape[0]
+        ok = bias_r.shape == (kk,) and b.shape == (kk,)
+        if ys is not None:
+            ok = ok and right_y.shape == (ys.shape[1], kk)
+        else:
+            ok = ok and yr.shape == (n, kk) and yn.shape == (n,)
+        if xs is not None:
+            ok = ok and xs.shape[0] == n and right_x.shape == (xs.shape[1], kk)
+            ok = ok and (gamma is None or gamma.shape == (xs.shape[1],))
+        else:
+            ok = ok and xr.shape == (n, kk) and xn.shape == (n,)
+        if not ok:
+            raise ShapeError("a Freivalds check's two sides, check vectors and terms do not match")
         ya = _NO_ROWS if ys is None else _np(ys)
         xa = _NO_ROWS if xs is None else _np(xs)
         ga = _NO_GAIN if gamma is None else _np(gamma)
@@ -820,7 +820,7 @@ class TorchBackend(TorchOps):
         )
         rows, f, d = gate_up.shape[0], gate_up.shape[1] // 2, x.shape[1]
         kk = a_up.shape[0]
-        _fits(
+        if not (
             gate_up.shape[1] == 2 * f
             and y.shape == x.shape == (rows, d)
             and gamma.shape == (d,)
@@ -828,10 +828,12 @@ class TorchBackend(TorchOps):
             and _right(d, wr_up, kk)
             and _right(d, r_down, kk)
             and _right(f, wr_down, kk)
-            and all(t.shape == (kk,) for t in (bias_up, b_up, bias_down, a_down, b_down)),
-            f"an MLP reply {tuple(gate_up.shape)}, {tuple(y.shape)} for rows {tuple(x.shape)} does not match "
-            "its check vectors",
-        )
+            and all(t.shape == (kk,) for t in (bias_up, b_up, bias_down, a_down, b_down))
+        ):
+            raise ShapeError(
+                f"an MLP reply {tuple(gate_up.shape)}, {tuple(y.shape)} for rows {tuple(x.shape)} does not "
+                "match its check vectors"
+            )
         gu = _np(gate_up)
         act = F.silu(gate_up[:, :f])
         with k.parts(gu.size, self.threads()) as parts:
@@ -873,11 +875,11 @@ class TorchBackend(TorchOps):
                 self.swiglu_act(gate_up), right_down
             )
         rows, f = gate_up.shape[0], gate_up.shape[1] // 2
-        _fits(
-            gate_up.shape[1] == 2 * f and _right(2 * f, right_gate_up) and _right(f, right_down),
-            f"[gate up] rows {tuple(gate_up.shape)} against check vectors {right_gate_up.shape}, "
-            f"{right_down.shape}",
-        )
+        if not (gate_up.shape[1] == 2 * f and _right(2 * f, right_gate_up) and _right(f, right_down)):
+            raise ShapeError(
+                f"[gate up] rows {tuple(gate_up.shape)} against check vectors {right_gate_up.shape}, "
+                f"{right_down.shape}"
+            )
         gu = _np(gate_up)
         act = F.silu(gate_up[:, :f])
         out_g, sq_g = _outputs64(rows, right_gate_up)
