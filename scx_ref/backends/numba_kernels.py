@@ -598,6 +598,26 @@ def rms_norms(sq: Any, width: int) -> Any:
 
 
 @jit
+def freivalds_fits(
+    y: Any, rt_y: Any, yr: Any, ynorm: Any, x: Any, gain: Any, rt_x: Any, xr: Any, xnorm: Any, k: int
+) -> bool:
+    # whether freivalds_excess's arrays fit one another (its kernels index without bounds checks): each
+    # side its rows with k check vectors as wide, or its products (rows × k, rows); one row count; a gain
+    # as wide as x (or none)
+    n = y.shape[0] if y.shape[1] != 0 else yr.shape[0]
+    if y.shape[1] != 0:
+        if rt_y.shape[0] != k or rt_y.shape[1] != y.shape[1]:
+            return False
+    elif yr.shape[1] != k or ynorm.shape[0] != n:
+        return False
+    if x.shape[1] != 0:
+        bad_gain = gain.shape[0] != 0 and gain.shape[0] != x.shape[1]
+        return not (x.shape[0] != n or rt_x.shape[0] != k or rt_x.shape[1] != x.shape[1] or bad_gain)
+    fits: bool = xr.shape[0] == n and xr.shape[1] == k and xnorm.shape[0] == n
+    return fits
+
+
+@jit
 def freivalds_excess(
     y: Any,
     rt_y: Any,
@@ -619,8 +639,13 @@ def freivalds_excess(
     # side by project64 (x̂ = x), or project64_rms (x̂ = RMSNorm(x): ``gain`` not empty), with their norm
     # bounds (sum_norms, rms_norms); a side whose rows are empty (0 × 0)
     # is given as its products and norms (yr, ynorm / xr, xnorm) instead. The same kernels in the same
-    # order as the backend's project64, project64_norm and the verifier's linear_excess, so the same value
+    # order as the backend's project64, project64_norm and the verifier's linear_excess, so the same value.
+    # −1 (nothing read) when the arrays do not fit one another (freivalds_fits)
     k = a.shape[0]
+    if bias_r.shape[0] != k or b.shape[0] != k:
+        return -1.0
+    if not freivalds_fits(y, rt_y, yr, ynorm, x, gain, rt_x, xr, xnorm, k):
+        return -1.0
     if y.shape[1] != 0:
         yr = np.empty((y.shape[0], k))
         ysq = np.empty(y.shape[0])
@@ -661,8 +686,12 @@ def gate_up_excess(
 ) -> tuple[float, float]:
     # a dense MLP reply's two checks: project64_gate_up's products of [gate up] (gu; act = silu(gate))
     # with their norm bounds (sum_norms of 2f and f squares), then freivalds_excess of
-    # the gate/up products against x̂ = RMSNorm(x) (γ = gain) and of the reply y against m's products
+    # the gate/up products against x̂ = RMSNorm(x) (γ = gain) and of the reply y against m's products;
+    # (−1, −1) (nothing read) when [gate up], silu(gate) and their check vectors do not fit, a −1 verdict
+    # when a check's arrays do not (freivalds_fits)
     n, f = gu.shape[0], rd.shape[1]
+    if gu.shape[1] != 2 * f or act.shape[0] != n or act.shape[1] != f or rg.shape[1] != 2 * f:
+        return -1.0, -1.0
     out_g, sq_g = np.empty((n, rg.shape[0])), np.empty(n)
     out_d, sq_d = np.empty((n, rd.shape[0])), np.empty(n)
     project64_gate_up(gu, act, rg, rd, out_g, sq_g, out_d, sq_d, parts)
