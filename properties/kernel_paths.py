@@ -7,6 +7,8 @@ other suites test it)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,7 @@ from scx_ref.backends import cpu_kernels
 from scx_ref.backends.cpu_kernels import kernels
 from scx_ref.protocol import verify
 
-__all__ = ["fused_and_eager", "needs_numba", "same"]
+__all__ = ["fused_and_eager", "needs_numba", "one_chunk_or_split", "same"]
 
 needs_numba = pytest.mark.skipif(
     kernels() is None, reason="numba is not installed (the eager path is tested)"
@@ -65,3 +67,18 @@ def fused_and_eager(mp: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:
     eager = fn()
     mp.setattr(cpu_kernels, "ENABLED", True)
     return split, eager
+
+
+@contextmanager
+def one_chunk_or_split(split: bool) -> Iterator[None]:
+    """Run the block's fused passes in one chunk (torch on one thread) or split across two threads however
+    small (``MIN_PARALLEL`` 0); torch's thread count is put back after."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        if split:
+            mp.setattr(cpu_kernels, "MIN_PARALLEL", 0)
+        torch.set_num_threads(2 if split else 1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)

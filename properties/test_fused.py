@@ -20,7 +20,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from properties.kernel_paths import fused_and_eager, needs_numba
+from properties.kernel_paths import fused_and_eager, needs_numba, one_chunk_or_split
 from properties.strategies import (
     decoy_counts,
     head_permutations,
@@ -232,16 +232,8 @@ def test_a_row_permutation_that_is_not_one_is_refused_before_anything_moves(spli
     array moved, in one chunk and split across threads."""
     x = torch.arange(40, dtype=torch.float32).reshape(8, 5)
     before = x.clone()
-    with pytest.MonkeyPatch.context() as mp:
-        if split:
-            mp.setattr(cpu_kernels, "MIN_PARALLEL", 0)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(2 if split else 1)
-        try:
-            with pytest.raises(ShapeError, match="not a permutation"):
-                TorchOps(torch.float32).take_rows_in_place(x, np.array([1, 0, 3, 2, 5, 4, 7, 1]), name="rows")
-        finally:
-            torch.set_num_threads(threads)
+    with one_chunk_or_split(split), pytest.raises(ShapeError, match="not a permutation"):
+        TorchOps(torch.float32).take_rows_in_place(x, np.array([1, 0, 3, 2, 5, 4, 7, 1]), name="rows")
     assert torch.equal(x, before)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from properties.kernel_paths import one_chunk_or_split
 from scx_ref.backends import cpu_kernels
 from scx_ref.backends.base import Backend
 from scx_ref.backends.numpy_backend import NumpyBackend
@@ -348,16 +349,8 @@ def test_the_fused_passes_refuse_what_lies_outside_their_arrays(case: str) -> No
 
     b = TorchBackend(weights("dense", n_layers=1), "float32")
     for split in (False, True):
-        with pytest.MonkeyPatch.context() as mp:
-            if split:
-                mp.setattr(cpu_kernels, "MIN_PARALLEL", 0)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(2 if split else 1)
-            try:
-                with pytest.raises(ShapeError):
-                    _out_of_bounds_calls(b)[case]()
-            finally:
-                torch.set_num_threads(threads)
+        with one_chunk_or_split(split), pytest.raises(ShapeError):
+            _out_of_bounds_calls(b)[case]()
 
 
 def test_rope_take_refuses_columns_that_are_not_whole_heads() -> None:
