@@ -20,6 +20,7 @@ from scx_ref.backends.base import Backend
 from scx_ref.backends.numpy_backend import NumpyBackend
 from scx_ref.backends.torch_backend import (
     GEMM_BLOCK,
+    GEMM_BLOCK_MAX_ROWS,
     GEMM_BLOCK_ROWS,
     TorchBackend,
     TorchOps,
@@ -261,6 +262,35 @@ def test_dense_splits_wide_cpu_products_and_keeps_autograd() -> None:
     assert dx is not None and dw is not None and want_dx is not None and want_dw is not None
     torch.testing.assert_close(dx, want_dx, rtol=0, atol=0)
     torch.testing.assert_close(dw, want_dw, rtol=0, atol=0)
+
+
+def test_dense_splits_only_between_its_row_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wide product is one F.linear below :data:`GEMM_BLOCK_ROWS` rows and from
+    :data:`GEMM_BLOCK_MAX_ROWS` rows on (where one GEMM is the faster), column blocks in between; every
+    form within float32 rounding of one F.linear."""
+    from scx_ref.backends import torch_backend
+
+    calls: list[int] = []
+    linear = torch.nn.functional.linear
+
+    def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return linear(x, w, b)
+
+    monkeypatch.setattr(torch_backend.F, "linear", counted)
+    rng = np.random.default_rng(1)
+    w = torch.from_numpy(rng.standard_normal((2 * GEMM_BLOCK, 8)).astype(np.float32))
+    for rows, one_gemm in (
+        (GEMM_BLOCK_ROWS - 1, True),
+        (GEMM_BLOCK_ROWS, False),
+        (GEMM_BLOCK_MAX_ROWS - 1, False),
+        (GEMM_BLOCK_MAX_ROWS, True),
+    ):
+        calls.clear()
+        x = torch.from_numpy(rng.standard_normal((rows, 8)).astype(np.float32))
+        got = dense(x, w)
+        assert calls == ([rows] if one_gemm else []), rows
+        torch.testing.assert_close(got, linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_rope_take_refuses_a_negative_position() -> None:

@@ -50,6 +50,7 @@ from .cpu_kernels import Kernels, column_index, kernels
 
 __all__ = [
     "GEMM_BLOCK",
+    "GEMM_BLOCK_MAX_ROWS",
     "GEMM_BLOCK_ROWS",
     "TorchBackend",
     "TorchLayer",
@@ -71,23 +72,29 @@ _LOW = (torch.bfloat16, torch.float16)
 GEMM_BLOCK = 1024
 #: The fewest rows for which :func:`dense` splits a wide product into column blocks.
 GEMM_BLOCK_ROWS = 16
+#: The first row count for which :func:`dense` is one GEMM again: from about this many rows one F.linear
+#: is as fast or faster (``models/results/dense_blocks.txt``: SmolLM2's LM head on 2 050 rows 762 ms as
+#: one F.linear against 792 ms in blocks on 2 threads, 1 475 against 1 612 ms on one; a 2048-wide model's
+#: gate/up 1 032 against 1 129 ms on one thread, within the runs' spread on two).
+GEMM_BLOCK_MAX_ROWS = 768
 
 
 def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x·Wᵀ + b`` for ``w`` stored out × in (``F.linear``'s semantics and layout): every projection of
-    the torch backend. On the CPU, a 2-D ``x`` of at least :data:`GEMM_BLOCK_ROWS` rows times a ``w`` of at
-    least 2·:data:`GEMM_BLOCK` outputs is one GEMM per block of :data:`GEMM_BLOCK` output columns, written
-    into one result: each entry is the same length-``in`` dot product, while a block's weights and outputs
-    stay in the cache across the rows. Measured (``models/results/dense_blocks.txt``) 5–20 % faster than
-    one ``F.linear`` for the LM heads and fused gate/up maps of SmolLM2 and a 1B-wide LLaMA on this project's
-    CPUs; narrower products, fewer rows (a generation step), other devices and products that need
-    gradients are one ``F.linear``."""
+    the torch backend. On the CPU, a 2-D ``x`` of :data:`GEMM_BLOCK_ROWS` to :data:`GEMM_BLOCK_MAX_ROWS` − 1
+    rows times a ``w`` of at least 2·:data:`GEMM_BLOCK` outputs is one GEMM per block of :data:`GEMM_BLOCK`
+    output columns, written into one result: each entry is the same length-``in`` dot product, while a
+    block's weights and outputs stay in the cache across the rows. Measured
+    (``models/results/dense_blocks.txt``) 5–20 % faster than one ``F.linear`` for the LM heads and fused
+    gate/up maps of SmolLM2 and a 1B-wide LLaMA at 130–514 rows on this project's CPUs, and slower from
+    about 768 rows; narrower products, fewer or more rows (a generation step, a long prompt), other devices
+    and products that need gradients are one ``F.linear``."""
     out_dim = w.shape[0]
     if (
         x.ndim != 2
         or w.ndim != 2
         or out_dim < 2 * GEMM_BLOCK
-        or x.shape[0] < GEMM_BLOCK_ROWS
+        or not GEMM_BLOCK_ROWS <= x.shape[0] < GEMM_BLOCK_MAX_ROWS
         or x.device.type != "cpu"
         or x.shape[1] != w.shape[1]
         or x.dtype != w.dtype
