@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,6 +54,10 @@ def test_bench_quick_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         assert r["state_ratio"] >= 1
         assert len(r["round_ratios"]) == r["repeats"] and all(x > 0 for x in r["round_ratios"])
         assert min(r["round_ratios"]) <= r["round_ratio_q1"] <= r["round_ratio_q3"] <= max(r["round_ratios"])
+        assert r["round_ratio_q1"] <= r["round_ratio_median"] <= r["round_ratio_q3"]
+        assert len(r["scx_round_s"]) == len(r["baseline_round_s"]) == r["repeats"] and r["warmup"] == 1
+        for got, scx, base in zip(r["round_ratios"], r["scx_round_s"], r["baseline_round_s"], strict=True):
+            assert got == pytest.approx(scx / base, rel=1e-12)
     blind = [r for r in rows if r["level"] == "blind"]
     permute = [r for r in rows if r["level"] == "permute" and r["phase"] == "prefill"]
     # the corrections η·W are derived ahead of each request: offline work, not the request's
@@ -90,6 +95,29 @@ def test_bench_named_configurations_with_a_mask_pool(tmp_path: Path) -> None:
     dec = next(r for r in hard if r["phase"] == "decode")
     assert dec["pool"]["bytes_per_step"] > 0
     assert main(["bench", "--configs", "nope", "--no-progress"]) == 2
+
+
+def test_bench_warmup_rounds_are_run_and_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every side runs ``warmup`` untimed rounds before the timed ones: a slow first call (a kernel
+    compiled on first use) is in none of the reported times."""
+    from scx_ref.commands import bench
+
+    calls: dict[str, int] = {}
+
+    def side(sides: Any, name: str, phase: str, *rest: object) -> tuple[float, float, float, float]:
+        calls[name] = calls.get(name, 0) + 1
+        sides.state[name], sides.share[name], sides.offline[name] = 1, 0.0, 0.0  # what a run leaves
+        first = calls[name] == 1
+        wall = 100.0 if first else (2.0 if name.startswith("permute") else 1.0)
+        return wall, wall, 0.0, 0.0
+
+    monkeypatch.setattr(bench, "_run_side", side)
+    backend, _ = build_backend("random:tiny-dense", "float32", "cpu")
+    rows = bench.run_bench(backend, ["permute"], [8], 8, 0, repeats=3, progress=False, warmup=2)
+    assert calls == {"baseline": 5, "permute": 5}  # no HF model: the baseline is PlainRunner, no 2nd column
+    (row,) = rows
+    assert row.scx_round_s == [2.0, 2.0, 2.0] and row.baseline_round_s == [1.0, 1.0, 1.0]
+    assert row.ratio_median == row.round_ratio_median == 2.0 and row.warmup == 2
 
 
 def test_bench_rejects_unknown_model_and_lengths() -> None:

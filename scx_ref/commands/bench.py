@@ -2,9 +2,13 @@
 
 For each phase — prefill at n ∈ {128, 512, 2048}, and per-token generation (64 tokens after a
 512-token prompt) — the runs are **interleaved**: baseline, the project's plaintext runner, SCX at each
-level, then the next round in the reverse order, for ``--repeats`` rounds (default 9); the reported ratio
-is median(SCX) / median(baseline) of wall-clock time (process CPU time ratios beside it: on a loaded
-machine they are the steadier reading).
+level, then the next round in the reverse order, for ``--repeats`` rounds (default 9), after ``--warmup``
+untimed rounds (default 1: one-time costs — compiling the kernels on a fresh install, the first
+allocations — stay out of the rounds); the reported ratio is median(SCX) / median(baseline) of wall-clock
+time (process CPU time ratios beside it: on a loaded machine they are the steadier reading). Each round's
+SCX / baseline (the two timed back to back) is reported too — their median and quartiles — and the JSON
+keeps every round's seconds: when the machine's speed drifts during a run the two medians can come from
+different rounds, and the paired median is then the steadier reading of the two.
 
 Baseline: the model's own Hugging Face ``transformers`` forward (prefill: ``model(ids)``, all n rows of
 logits, KV cache built) and ``generate`` (greedy, KV cache; the time from the first generated token to
@@ -83,6 +87,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--repeats", type=int_at_least(1), default=9, help="interleaved rounds per measurement (default 9)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int_at_least(0),
+        default=1,
+        help="untimed rounds before the timed ones, per measurement (default 1)",
     )
     p.add_argument("--quick", action="store_true", help="short prompts and few tokens (smoke test)")
     p.add_argument(
@@ -185,6 +195,11 @@ class BenchResult:
     round_ratios: list[float] = field(default_factory=list)
     round_ratio_q1: float = 0.0
     round_ratio_q3: float = 0.0
+    round_ratio_median: float = 0.0
+    #: each timed round's seconds (decode: per token), in round order
+    scx_round_s: list[float] = field(default_factory=list)
+    baseline_round_s: list[float] = field(default_factory=list)
+    warmup: int = 0  # untimed rounds before them
     pool: dict[str, float] | None = None  # --pool: the entry's memory per token / step, fill throughput
 
     def to_dict(self) -> dict[str, Any]:
@@ -497,14 +512,16 @@ def run_bench(
     verify_cost: bool = False,
     configs: dict[str, Any] | None = None,
     pool: bool = False,
+    warmup: int = 1,
 ) -> list[BenchResult]:
     """Interleaved baseline / PlainRunner / SCX timings on ``backend``; one row per (phase, n, level).
 
     The baseline is ``hf_model`` (Hugging Face forward and generate on the backend's tensors) when given,
-    else PlainRunner. Rounds alternate the order (baseline first, then SCX first), so a drift of the
-    machine's speed within a round does not favour either side. SCX keys are derived before each request
-    (timed separately: ``keys``); see the module doc. ``verify_cost``: each level also runs with reply
-    verification off (rows ``<level>:noverify``), and the verified rows carry the ratio.
+    else PlainRunner. Each measurement first runs ``warmup`` untimed rounds, then ``repeats`` timed ones.
+    Rounds alternate the order (baseline first, then SCX first), so a drift of the machine's speed within
+    a round does not favour either side. SCX keys are derived before each request (timed separately:
+    ``keys``); see the module doc. ``verify_cost``: each level also runs with reply verification off (rows
+    ``<level>:noverify``), and the verified rows carry the ratio.
     """
     import torch
 
@@ -530,18 +547,20 @@ def run_bench(
     plain_col = plain_runner and has_hf  # without HF, PlainRunner *is* the baseline
     jobs = [("prefill", n) for n in lengths] + ([("decode", gen_prompt)] if gen_tokens > 0 else [])
     base_sides = ["baseline", *(["plain"] if plain_col else [])]
-    total = len(jobs) * repeats * (len(base_sides) + len(levels))
+    total = len(jobs) * (warmup + repeats) * (len(base_sides) + len(levels))
     bar = _progress(total, progress)
     rows: list[BenchResult] = []
     for phase, n in jobs:
         ids = rng.integers(0, c.vocab_size, size=n, dtype=np.int64)
         timings = {side: _Timing() for side in (*base_sides, *levels)}
         order = [*base_sides, *levels]
-        for rnd in range(repeats):
+        for rnd in range(-warmup, repeats):  # rounds below 0: untimed
             for side in order if rnd % 2 == 0 else order[::-1]:
                 with torch.inference_mode():
-                    timings[side].add(*_run_side(sides_obj, side, phase, ids, gen_tokens, has_hf))
-                bar(f"{phase} n={n} {side}")
+                    got = _run_side(sides_obj, side, phase, ids, gen_tokens, has_hf)
+                if rnd >= 0:
+                    timings[side].add(*got)
+                bar(f"{phase} n={n} {side}" + (" (warm-up)" if rnd < 0 else ""))
         div = gen_tokens if phase == "decode" else 1
         base = timings["baseline"]
         plain_t = timings.get("plain")
@@ -578,6 +597,10 @@ def run_bench(
                     round_ratios=paired,
                     round_ratio_q1=q1,
                     round_ratio_q3=q3,
+                    round_ratio_median=statistics.median(paired),
+                    scx_round_s=[w / div for w in t.wall],
+                    baseline_round_s=[w / div for w in base.wall],
+                    warmup=warmup,
                 )
             )
     bar(None)
@@ -635,7 +658,7 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
         "offline) = with that derivation",
         f"{'phase':8} {'n':>5} {'level':14} {'ratio':>7} {'total':>7} {'cpu':>7} {'vsPR':>6} {'base':>9} "
         f"{'plainR':>9} {'scx':>9} {'keys':>8} {'mem':>6} {'state':>6} {'client':>7} {'verify':>7} "
-        f"{'rounds q1-q3':>13}",
+        f"{'rounds q1 / median / q3':>23}",
     ]
     for r in rows:
         unit = "s/tok" if r.phase == "decode" else "s"
@@ -648,7 +671,7 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
             f"{r.scx_median_s:7.4f}{unit[0]:>2} {r.keys_median_s:6.4f}{unit[0]:>2} {mem} "
             f"{r.state_ratio:6.2f} {100 * r.client_flop_share:6.2f}% "
             + (f"{r.verify_ratio:7.3f}" if r.verify_ratio is not None else "      -")
-            + f" {r.round_ratio_q1:6.3f}-{r.round_ratio_q3:6.3f}"
+            + f" {r.round_ratio_q1:6.3f} / {r.round_ratio_median:5.3f} / {r.round_ratio_q3:5.3f}"
         )
     for r in rows:
         if r.pool:
@@ -663,8 +686,9 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
         "base/plainR/scx/keys: median seconds (decode: per token); vsPR: SCX / PlainRunner; cpu: process CPU "
         "time ratio; mem: peak-memory ratio (- when the run's growth is below 1 MiB); state: KV-state bytes "
         "held after the run (server + client) / baseline KV cache; client: flop share; verify: median(SCX) / "
-        "median(SCX without reply verification) (--verify-cost); rounds q1-q3: quartiles of SCX / baseline "
-        "per round (each pair timed back to back): the spread is this run's noise"
+        "median(SCX without reply verification) (--verify-cost); rounds: quartiles and median of SCX / "
+        "baseline per round (each pair timed back to back): the spread is this run's noise, and where the "
+        "median differs from ratio the machine's speed drifted during the run"
     )
     return "\n".join(lines)
 
@@ -737,6 +761,7 @@ def main(args: argparse.Namespace) -> int:
         verify_cost=args.verify_cost,
         configs=configs,
         pool=bool(args.pool),
+        warmup=args.warmup,
     )
     print(format_table(rows, used, args.device, args.dtype, "Hugging Face" if hf_model else "PlainRunner"))
     if args.json:
@@ -753,6 +778,7 @@ def main(args: argparse.Namespace) -> int:
             "baseline": baseline,
             "second_column": None if hf_model is None or args.no_plain_runner else PLAIN_BASELINE,
             "ratio": "median SCX critical path (keys derived before the request) / median baseline",
+            "warmup_rounds": args.warmup,
             "keys": "offline mask pool (one entry per request)" if args.pool else "Client.precompute",
             "configs": {name: cfg.to_dict() for name, cfg in configs.items()},
             "total_ratio": "median SCX request + its key derivation (the client's whole work) / baseline",
