@@ -45,9 +45,10 @@ from properties.strategies import (
     token_ids,
 )
 from scx_ref import transforms as T
+from scx_ref.arrays import NumpyOps
 from scx_ref.backends import cpu_kernels, torch_backend
 from scx_ref.backends.numpy_backend import NumpyBackend
-from scx_ref.backends.torch_backend import TorchBackend, TorchOps, dense
+from scx_ref.backends.torch_backend import TorchBackend, TorchOps, dense, spare_rows
 from scx_ref.errors import SCXError
 from scx_ref.forward import PlainRunner
 from scx_ref.keys import KeySchedule
@@ -446,6 +447,35 @@ def test_backend_array_ops_match_numpy(w: ModelWeights, seed: int, n: int, data:
     assert tb.argmax_last(tb.from_numpy(ties)) == nb.argmax_last(ties) == 0
     wm = _gauss(seed + 4, (c.hidden_size, 3))
     _close64(tb.to_numpy(tb.linear(xt, tb.from_numpy(wm.T.copy()))), nb.linear(x, wm))
+
+
+@given(
+    seeds(),
+    row_counts(min_n=0, max_n=6),
+    st.lists(st.tuples(st.integers(0, 70), st.integers(-1, 8)), min_size=1, max_size=10),
+)
+def test_append_rows_is_concat_and_leaves_every_earlier_cache_as_it_was(
+    seed: int, n0: int, steps: list[tuple[int, int]]
+) -> None:
+    """``append_rows`` = numpy's concatenation, whichever cache a step extends (``which`` ≥ 0: an earlier
+    one, as a refused step's retry does; −1: the latest), with appends of 0 rows and of more rows than the
+    spare ones (64); no cache made before changes; a buffer holds at most :func:`spare_rows` spare rows."""
+    tb, nb = TorchOps(torch.float32), NumpyOps(np.float32)
+    first = _gauss(seed, (n0, 2, 3)).astype(np.float32)
+    made = [(tb.from_numpy(first), first)]
+    for i, (m, which) in enumerate(steps):
+        base_t, base_n = made[-1] if which < 0 else made[which % len(made)]
+        rows = _gauss(seed + 1 + i, (m, 2, 3)).astype(np.float32)
+        got_t, got_n = tb.append_rows(base_t, tb.from_numpy(rows)), nb.append_rows(base_n, rows)
+        assert np.array_equal(got_n, np.concatenate([base_n, rows]))
+        assert np.array_equal(tb.to_numpy(got_t), got_n)
+        held = got_t.shape[0]
+        assert got_t.untyped_storage().nbytes() <= (held + spare_rows(held)) * 6 * 4
+        made.append((got_t, got_n))
+    for t, a in made:
+        assert np.array_equal(tb.to_numpy(t), a)
+    with pytest.raises(SCXError):
+        tb.append_rows(made[-1][0], tb.from_numpy(np.zeros((1, 3, 2), np.float32)))
 
 
 @given(model_weights(), seeds(), row_counts(max_n=9), st.data())

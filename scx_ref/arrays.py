@@ -78,6 +78,12 @@ class ArrayOps(Protocol[A]):
         """The arrays stacked along the row axis."""
         ...
 
+    def append_rows(self, x: A, new: A) -> A:
+        """``concat_rows([x, new])``: a KV cache extended by a generation step's rows. The result may
+        share memory with ``x``, never writing ``x``'s own rows, so ``x`` and every array made from it
+        before keep their values (a step refused after this leaves its cache as it was)."""
+        ...
+
     def take_rows_concat(self, xs: list[A], index: IndexArray) -> A:
         """``concat_rows(xs)[index]`` (rows; ``xs`` of one width and dtype, the first non-empty) without
         the concatenation: every output row is written once, into a new array that shares memory with
@@ -226,6 +232,10 @@ class NumpyOps:
 
     def concat_rows(self, xs: list[FloatArray]) -> FloatArray:
         return np.concatenate(xs, axis=0, dtype=self.dtype if self.dtype is not None else xs[0].dtype)
+
+    def append_rows(self, x: FloatArray, new: FloatArray) -> FloatArray:
+        """``concatenate([x, new])``: a new array (the reference copies the cache every step)."""
+        return self.concat_rows([x, new])
 
     def take_rows_concat(self, xs: list[FloatArray], index: IndexArray) -> FloatArray:
         """``concatenate(xs)[index]`` (dtype: this ops' or the first array's)."""

@@ -44,7 +44,7 @@ def block(
     if trace:
         trace(Stage.LOCK, layer, b.reshape(k, (n, c.kv_dim)))
     if cache is not None:
-        k, v = b.concat_rows([cache[0], k]), b.concat_rows([cache[1], v])
+        k, v = b.append_rows(cache[0], k), b.append_rows(cache[1], v)
     else:  # the cache keeps K and V alone, not the Q heads and projections they are views of
         k, v = b.compact(k), b.compact(v)
     start = b.nrows(k) - n
@@ -114,8 +114,8 @@ def block_rows(
         q, k, v = _qkv(b, xt, layer, pt)
         rows_o = []
         for j in range(m):
-            kc = b.concat_rows([caches[start + j][0], b.narrow(k, 0, j, j + 1)])
-            vc = b.concat_rows([caches[start + j][1], b.narrow(v, 0, j, j + 1)])
+            kc = b.append_rows(caches[start + j][0], b.narrow(k, 0, j, j + 1))
+            vc = b.append_rows(caches[start + j][1], b.narrow(v, 0, j, j + 1))
             new.append((kc, vc))
             o = b.attention(b.narrow(q, 0, j, j + 1), kc, vc, pt[j : j + 1], None)
             rows_o.append(b.reshape(o, (1, c.q_dim)))

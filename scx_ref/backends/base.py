@@ -200,6 +200,16 @@ def out_width(c: ModelConfig, which: WeightName) -> int:
     }[which]
 
 
+def sum_norm_slack(width: int, eps: float) -> float:
+    """The factor that makes √(Σ_t x_t²), summed in a dtype of machine epsilon ``eps`` (2⁻⁵² float64, 2⁻²³
+    float32) over ``width`` squares, an upper bound of the row norm: 1 + (width + 2)·eps. With u = eps/2,
+    the sum of ``width`` non-negative rounded squares is within width·u of the true sum (relative, first
+    order), its square root halves that and adds one rounding: (width/2 + 1)·u; the factor is four times
+    that. Every ``project64`` path rounds its norms up by it (numba's ``sum_norms``, the torch fallbacks);
+    a float32 overflow stays +inf."""
+    return 1.0 + (width + 2) * eps
+
+
 def check_rope_split(shape: tuple[int, ...], roped: int, plain: int, d_h: int) -> None:
     """The column split ``Backend.rope_take`` reads from rows of ``shape``: ShapeError unless the rows are
     2-D, the ``roped`` and ``plain`` columns are whole heads of ``d_h`` and the RoPE'd ones lie within a

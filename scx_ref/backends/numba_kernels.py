@@ -14,6 +14,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from .base import sum_norm_slack
+
 jit = numba.njit(boundscheck=False, nogil=True, cache=True)
 pjit = numba.njit(boundscheck=False, nogil=True, cache=True, parallel=True)
 prange = numba.prange
@@ -574,12 +576,13 @@ def linear_excess(
     return np.nan if bad else worst
 
 
+norm_slack = jit(sum_norm_slack)
+
+
 @jit
-def norm_bound(sq: Any, roundings: float) -> Any:
-    # √sq rounded up by the relative error of a float64 sum of ``roundings`` roundings (an upper bound of
-    # the norm; +inf and NaN stay)
+def norm_bound(sq: Any, up: float) -> Any:
+    # √sq times ``up`` (a factor that makes it an upper bound of the norm; +inf and NaN stay)
     out = np.empty_like(sq)
-    up = 1.0 + roundings * 2.0**-52
     for i in range(sq.shape[0]):
         out[i] = np.sqrt(sq[i]) * up
     return out
@@ -587,23 +590,39 @@ def norm_bound(sq: Any, roundings: float) -> Any:
 
 @jit
 def sum_norms(sq: Any, width: int) -> Any:
-    # the row norms project64 returns: √ of its float64 sums of ``width`` squares, rounded up (width + 2)
-    return norm_bound(sq, width + 2)
+    # the row norms project64 returns: √ of its float64 sums of ``width`` squares, rounded up by
+    # base.sum_norm_slack
+    return norm_bound(sq, norm_slack(width, 2.0**-52))
 
 
 @jit
 def rms_norms(sq: Any, width: int) -> Any:
-    # the row norms project64_rms returns: its sums with the RMSNorm's scale folded in, rounded up (width + 8)
-    return norm_bound(sq, width + 8)
+    # the row norms project64_rms returns: its sums with the RMSNorm's scale folded in (six roundings more
+    # than a plain sum of squares: the scale and its square), rounded up by base.sum_norm_slack(width + 6)
+    return norm_bound(sq, norm_slack(width + 6, 2.0**-52))
 
 
 @jit
 def freivalds_fits(
-    y: Any, rt_y: Any, yr: Any, ynorm: Any, x: Any, gain: Any, rt_x: Any, xr: Any, xnorm: Any, k: int
+    y: Any,
+    rt_y: Any,
+    yr: Any,
+    ynorm: Any,
+    x: Any,
+    gain: Any,
+    rt_x: Any,
+    xr: Any,
+    xnorm: Any,
+    bias_r: Any,
+    a: Any,
+    b: Any,
 ) -> bool:
-    # whether freivalds_excess's arrays fit one another (its kernels index without bounds checks): each
-    # side its rows with k check vectors as wide, or its products (rows × k, rows); one row count; a gain
-    # as wide as x (or none)
+    # whether freivalds_excess's arrays fit one another (its kernels index without bounds checks): k = the
+    # τ terms' vectors, as many as bias·r's and b's; each side its rows with k check vectors as wide, or its
+    # products (rows × k, rows); one row count; a gain as wide as x (or none)
+    k = a.shape[0]
+    if bias_r.shape[0] != k or b.shape[0] != k:
+        return False
     n = y.shape[0] if y.shape[1] != 0 else yr.shape[0]
     if y.shape[1] != 0:
         if rt_y.shape[0] != k or rt_y.shape[1] != y.shape[1]:
@@ -641,11 +660,9 @@ def freivalds_excess(
     # is given as its products and norms (yr, ynorm / xr, xnorm) instead. The same kernels in the same
     # order as the backend's project64, project64_norm and the verifier's linear_excess, so the same value.
     # −1 (nothing read) when the arrays do not fit one another (freivalds_fits)
+    if not freivalds_fits(y, rt_y, yr, ynorm, x, gain, rt_x, xr, xnorm, bias_r, a, b):
+        return -1.0
     k = a.shape[0]
-    if bias_r.shape[0] != k or b.shape[0] != k:
-        return -1.0
-    if not freivalds_fits(y, rt_y, yr, ynorm, x, gain, rt_x, xr, xnorm, k):
-        return -1.0
     if y.shape[1] != 0:
         yr = np.empty((y.shape[0], k))
         ysq = np.empty(y.shape[0])

@@ -741,8 +741,8 @@ class Client(Generic[A]):
         q, k, v = split_qkv(b, z)
         pos = np.array([p])
         q, k = b.rope(q, pos), b.rope(k, pos)
-        keys = b.concat_rows([st.guard_k[i], k])
-        values = b.concat_rows([st.guard_v[i], v])
+        keys = b.append_rows(st.guard_k[i], k)
+        values = b.append_rows(st.guard_v[i], v)
         if i in self.client_attention:
             o = b.reshape(b.attention(q, keys, values, pos, None), (1, c.q_dim))
             self.meter.attention(Stage.GEN_ATTN, c.n_heads, 1, b.nrows(keys), c.head_dim, "client")
@@ -793,7 +793,7 @@ class Client(Generic[A]):
         self._verify(Stage.GEN_LAST, lambda ver: ver.gen_last(i, t, h, st.n + t, scores, z, u))
         v_new = split_qkv(b, z)[2]
         rho = st.keys.lock_perm(i, st.n + cfg.lock_decoys)
-        values = b.concat_rows([st.guard_v[i], v_new])
+        values = b.append_rows(st.guard_v[i], v_new)
         o = b.reshape(b.softmax_values(unlock_scores(scores, rho, st.n, b), values), (1, c.q_dim))
         self.meter.attention(Stage.GEN_LAST, c.n_heads, 1, st.n + t + 1, c.head_dim // 2, "client")
         h = b.add(h, self._gen_wo(link, i, t, o, Stage.GEN_LAST))

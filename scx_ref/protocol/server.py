@@ -891,7 +891,7 @@ class Server(Generic[A]):
         z = b.project(b.norm(x, "attn", layer), "wqkv", layer)
         q, k, _v = split_qkv(b, z)
         q, k = b.rope(q, pos), b.rope(k, pos)
-        locked = b.concat_rows([s.locked[layer], b.reshape(k, (1, c.kv_dim))])
+        locked = b.append_rows(s.locked[layer], b.reshape(k, (1, c.kv_dim)))
         m = b.nrows(locked)
         scores = b.scores(q, b.reshape(locked, (m, c.n_kv_heads, c.head_dim)))
         s.meter.matmul(Stage.GEN_LAST, 1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
