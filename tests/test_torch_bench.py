@@ -189,3 +189,26 @@ def test_client_ab_times_both_checkouts(
     )
     with pytest.raises(SystemExit, match="no scx_ref package"):
         main(["--other", str(root / "tests"), "--model", "tiny-llama", "--n", "6", "--rounds", "4"])
+
+
+def test_peak_memory_counts_a_freed_allocation_and_runs_no_thread() -> None:
+    """The CPU peak is the kernel's high-water mark where Linux offers it: a 64 MiB array touched and freed
+    inside the block counts (a sampler could miss it), and no sampling thread runs beside the block."""
+    import threading
+
+    import numpy as np
+    import torch
+
+    from scx_ref.commands.bench import _PeakMemory
+
+    if _PeakMemory._reset_peak() is None:
+        pytest.skip("no resettable peak resident set here (not Linux, or /proc/self/clear_refs refused)")
+    before = threading.active_count()
+    with _PeakMemory(torch.device("cpu")) as mem:
+        assert threading.active_count() == before
+        a = np.ones(8 << 20)  # 64 MiB, every page written
+        del a
+    assert mem.peak >= 60 * (1 << 20)
+    with _PeakMemory(torch.device("cpu")) as idle:
+        pass
+    assert idle.peak < 8 * (1 << 20)
