@@ -194,6 +194,7 @@ def test_client_ab_times_both_checkouts(
 def test_peak_memory_counts_a_freed_allocation_and_runs_no_thread() -> None:
     """The CPU peak is the kernel's high-water mark where Linux offers it: a 64 MiB array touched and freed
     inside the block counts (a sampler could miss it), and no sampling thread runs beside the block."""
+    import gc
     import threading
 
     import numpy as np
@@ -204,10 +205,17 @@ def test_peak_memory_counts_a_freed_allocation_and_runs_no_thread() -> None:
     if _PeakMemory._reset_peak() is None:
         pytest.skip("no resettable peak resident set here (not Linux, or /proc/self/clear_refs refused)")
     before = threading.active_count()
-    with _PeakMemory(torch.device("cpu")) as mem:
-        assert threading.active_count() == before
-        a = np.ones(8 << 20)  # 64 MiB, every page written
-        del a
+    # no garbage collection inside the block: freeing an earlier test's tensors there (in a long-lived
+    # xdist worker) lowers the resident set below the reset mark, and the array's growth starts below it
+    gc.collect()
+    gc.disable()
+    try:
+        with _PeakMemory(torch.device("cpu")) as mem:
+            assert threading.active_count() == before
+            a = np.ones(8 << 20)  # 64 MiB, every page written
+            del a
+    finally:
+        gc.enable()
     assert mem.peak >= 60 * (1 << 20)
     with _PeakMemory(torch.device("cpu")) as idle:
         pass
