@@ -409,3 +409,17 @@ def test_rope_take_refuses_columns_that_are_not_whole_heads() -> None:
                 with pytest.raises(ShapeError, match="whole heads"):
                     t_b.rope_take(x_t, np.arange(3), np.arange(3), r_idx, p_idx)
     np_b.rope_take(x_np, np.arange(3), np.arange(3), roped, plain)  # the whole-head split is accepted
+
+
+def test_compiled_norm_bounds_follow_the_one_slack_rule() -> None:
+    """numba's sum_norms / rms_norms are √sq times base.sum_norm_slack (width, and width + 6 for a folded
+    RMSNorm scale), bit for bit, as the torch fallbacks compute it."""
+    from scx_ref.backends.base import sum_norm_slack
+
+    k = cpu_kernels.kernels()
+    if k is None:
+        pytest.skip("numba is not installed")
+    sq = np.array([0.0, 1.0, 2.5e3, 7.0e-20])
+    for width in (1, 64, 576):
+        assert np.array_equal(k.sum_norms(sq, width), np.sqrt(sq) * sum_norm_slack(width, 2.0**-52))
+        assert np.array_equal(k.rms_norms(sq, width), np.sqrt(sq) * sum_norm_slack(width + 6, 2.0**-52))

@@ -192,12 +192,12 @@ def test_client_ab_times_both_checkouts(
 
 
 def test_peak_memory_counts_a_freed_allocation_and_runs_no_thread() -> None:
-    """The CPU peak is the kernel's high-water mark where Linux offers it: a 64 MiB array touched and freed
-    inside the block counts (a sampler could miss it), and no sampling thread runs beside the block."""
+    """The CPU peak is the kernel's high-water mark where Linux offers it: 64 MiB of fresh pages written and
+    unmapped inside the block count (a sampler could miss them), and no sampling thread runs beside it."""
     import gc
+    import mmap
     import threading
 
-    import numpy as np
     import torch
 
     from scx_ref.commands.bench import _PeakMemory
@@ -205,15 +205,19 @@ def test_peak_memory_counts_a_freed_allocation_and_runs_no_thread() -> None:
     if _PeakMemory._reset_peak() is None:
         pytest.skip("no resettable peak resident set here (not Linux, or /proc/self/clear_refs refused)")
     before = threading.active_count()
-    # no garbage collection inside the block: freeing an earlier test's tensors there (in a long-lived
-    # xdist worker) lowers the resident set below the reset mark, and the array's growth starts below it
+    size = 64 << 20
+    # pages mapped for this test alone (an array from malloc may reuse memory a long-lived xdist worker
+    # already holds, which the resident set does not see), and no garbage collection inside the block
+    # (freeing an earlier test's memory there would lower the resident set under the reset mark)
     gc.collect()
     gc.disable()
     try:
         with _PeakMemory(torch.device("cpu")) as mem:
             assert threading.active_count() == before
-            a = np.ones(8 << 20)  # 64 MiB, every page written
-            del a
+            region = mmap.mmap(-1, size)
+            for at in range(0, size, mmap.PAGESIZE):
+                region[at] = 1
+            region.close()
     finally:
         gc.enable()
     assert mem.peak >= 60 * (1 << 20)

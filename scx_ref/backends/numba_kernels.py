@@ -576,6 +576,8 @@ def linear_excess(
     return np.nan if bad else worst
 
 
+# base.sum_norm_slack compiled; numba's on-disk cache keys on this file, so after editing that function
+# touch this file (or clear the cache) for the kernels that inline it to compile it again
 norm_slack = jit(sum_norm_slack)
 
 
