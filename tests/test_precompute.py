@@ -158,3 +158,42 @@ def test_reply_checks_derived_ahead_are_the_sessions_own_and_dropped_after_a_rot
     assert client.state is not None and client.state.verifier is not None
     assert client.state.verifier is not stale and client.state.verifier.epoch == client.sketches.epoch
     assert stale is not None and not stale.current(client.sketches)
+
+
+def test_tau_terms_an_earlier_session_used_are_derived_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The τ terms of a check depend on its vectors and a few constants only: the sketch cache notes the
+    arguments a session computed them with, and the next precompute derives them, so the next prefill
+    computes none of them (the first, with nothing noted yet, computes every one) — with the same
+    verdicts (the verified logits equal the unverified ones)."""
+    from scx_ref.protocol import verify
+
+    weights = _weights(False)
+    backend = NumpyBackend(weights)
+    pool = CalibrationPool.from_tokens(backend, default_public_tokens(weights.config.vocab_size))
+    client: Client[Any] = Client(backend, KeySchedule.generate(), SCXConfig(level="permute"), decoys=pool)
+    plain: Client[Any] = Client(
+        backend, KeySchedule(MASTER, NONCE), SCXConfig(level="permute", verify=False), decoys=pool
+    )
+    assert client.sketches is not None and client.sketches.noted_terms() == []
+    computed: list[tuple[Any, ...]] = []
+    tau_terms = verify._Check.tau_terms
+
+    def counted(self: Any, u: float, extra_out: float, input_slack: float) -> Any:
+        if ("tau", u, extra_out, input_slack) not in self.memo:
+            computed.append((self.origin, u, extra_out, input_slack))
+        return tau_terms(self, u, extra_out, input_slack)
+
+    monkeypatch.setattr(verify._Check, "tau_terms", counted)
+    ids = np.random.default_rng(3).integers(0, weights.config.vocab_size, size=N)
+    want = plain.prefill(ids, LocalTransport(Server(backend)))
+    per_request = []
+    for _ in range(2):
+        client.precompute(N)
+        computed.clear()
+        got = client.prefill(ids, LocalTransport(Server(backend)))
+        per_request.append(len(computed))
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    noted = client.sketches.noted_terms()
+    assert per_request[0] == len(noted) > 0  # every check's terms computed in the request, each noted
+    assert per_request[1] == 0  # all derived by the precompute
+    assert {use[0] for use in noted} <= set(client.sketches.matrices())

@@ -110,6 +110,9 @@ __all__ = [
 ]
 
 F64 = npt.NDArray[np.float64]
+#: τ's arguments for one check (SketchCache.note_terms): (weight, layer, expert), vectors, u, extra_out,
+#: input_slack
+_TermsUse = tuple[tuple[WeightName, int, int | None], int, float, float, float]
 
 #: Safety factor of every tolerance (a Gaussian tail of λ = 8 is ~1e-15).
 LAMBDA = 8.0
@@ -449,6 +452,7 @@ class SketchCache:
         self.m = basis
         self.epoch = 0
         self._sketches: dict[tuple[str, int, int | None], _Sketch] = {}
+        self._terms: set[_TermsUse] = set()
         self._lock = threading.Lock()
         self.index = {key: i for i, key in enumerate(self.matrices())}  # a matrix's row of a session's mix
 
@@ -470,6 +474,18 @@ class SketchCache:
         """Precompute every matrix's sketch now (offline, before any request)."""
         for which, layer, expert in self.matrices():
             self.get(which, layer, expert)
+
+    def note_terms(self, use: _TermsUse) -> None:
+        """Note that a session's check computed τ's terms with these arguments (:meth:`_Check.tau_terms`):
+        the next sessions' :meth:`SessionVerifier.prepare` derives them ahead. Arguments only — the
+        matrix, the vector count, the unit roundoff and the slacks — never a value."""
+        with self._lock:
+            self._terms.add(use)
+
+    def noted_terms(self) -> list[_TermsUse]:
+        """Every argument set :meth:`note_terms` was given (a snapshot)."""
+        with self._lock:
+            return sorted(self._terms, key=repr)
 
     def rotate(self) -> None:
         """Discard every sketch; the next ones come from a fresh basis (after a detected tampering)."""
@@ -514,6 +530,9 @@ class _Check:
     bias_r: F64
 
     memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, compare=False, repr=False)
+    # the (weight, layer, expert) it checks and the cache that notes its τ arguments (SketchCache.note_terms)
+    origin: tuple[WeightName, int, int | None] | None = field(default=None, compare=False, repr=False)
+    notes: SketchCache | None = field(default=None, compare=False, repr=False)
 
     def first(self, k: int) -> _Check:
         """The same check with its first ``k`` vectors only (made once per k)."""
@@ -530,6 +549,8 @@ class _Check:
                 self.r_norm[:k],
                 self.w_fro,
                 self.bias_r[:k],
+                origin=self.origin,
+                notes=self.notes,
             )
             self.memo[("first", k)] = got
         return got
@@ -538,7 +559,8 @@ class _Check:
         """τ's terms per vector, grouped by the row norm they scale: τ_i = ‖x̂_i‖·a + ‖y_i‖·b (the module
         docstring's derivation; in = rows of W r, out = rows of r); ``extra_out``: more output roundings
         per entry (an MoE's weighted sum over slots); ``input_slack``: see :meth:`SessionVerifier.linear`.
-        Computed once per check and arguments."""
+        Computed once per check and arguments; the arguments are noted in the sketch cache, so that the
+        next sessions derive the terms ahead (:meth:`SessionVerifier.prepare`)."""
         key = ("tau", u, extra_out, input_slack)
         got: tuple[F64, F64] | None = self.memo.get(key)
         if got is None:
@@ -556,6 +578,8 @@ class _Check:
             a, b = np.array(a_c), np.array(b_c)
             got = (a, b)
             self.memo[key] = got
+            if self.notes is not None and self.origin is not None:
+                self.notes.note_terms((self.origin, int(self.r.shape[1]), u, extra_out, input_slack))
         return got
 
 
@@ -622,9 +646,14 @@ class SessionVerifier(Generic[A]):
         """Derive this session's check vectors (r, W r and the norms τ needs) for every matrix now — and,
         for a prompt of ``n`` tokens, the attention rows each block recomputes — so that verifying a reply
         costs only its own products: all of it depends on the session's keys, the client's sketches and
-        the length only, never on the prompt. Returns self."""
+        the length only, never on the prompt. τ's terms are derived too, for every argument set an earlier
+        session of the cache computed them with (:meth:`SketchCache.noted_terms`: the same stages recur
+        from request to request; at n = 128 on SmolLM2 they were 121 of a verified prefill's computations,
+        ~2–3 ms on its critical path). Returns self."""
         for which, layer, expert in self.cache.matrices():
             self._check(which, layer, expert)
+        for (which, layer, expert), k, u, extra_out, input_slack in self.cache.noted_terms():
+            self._check(which, layer, expert).first(k).tau_terms(u, extra_out, input_slack)
         if n is not None:
             for block in range(self.b.config.n_layers):
                 self.attention_rows(block, n)
@@ -682,6 +711,8 @@ class SessionVerifier(Generic[A]):
                 r_norm=np.linalg.norm(r, axis=0),
                 w_fro=float(np.sqrt(sk.col_sq.sum())),
                 bias_r=np.zeros(self.vectors) if sk.bias is None else mm(sk.bias[None, :], r)[0],
+                origin=key,
+                notes=self.cache,
             )
             self._checks[key] = ch
         return ch
