@@ -226,6 +226,51 @@ def test_the_checked_add_and_row_permutation_are_the_plain_ones(
 
 
 @needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(
+    weights=model_weights(model_configs(max_layers=1)),
+    rows=row_counts(0, 12),
+    seed=seeds(),
+    strided=st.booleans(),
+    which=st.sampled_from(["attn", "mlp", "final"]),
+    poison=st.sampled_from([None, np.nan, np.inf, -np.inf]),
+)
+def test_the_fused_rms_norm_is_within_rounding_of_the_exact_one(
+    dtype: torch.dtype,
+    weights: Any,
+    rows: int,
+    seed: int,
+    strided: bool,
+    which: str,
+    poison: float | None,
+) -> None:
+    """RMSNorm in one pass (the mean of squares summed in float64, the scale rounded to the dtype, then
+    γ·(x·s) rounded as the eager form rounds it) is within 4u of the exact norm per entry (γ, s and the
+    two products each rounded once), the eager torch ops within (w + 8)u (their mean summed in the
+    dtype); split across threads the fused norm is the same bits as in one chunk. A row holding NaN or
+    ±inf comes out with the eager form's NaN and infinities."""
+    rng = np.random.default_rng(seed)
+    w, layer = weights.config.hidden_size, 0
+    x = _rows(rng, (rows, w), strided) * rng.choice([1e-3, 1.0, 1e3], size=(rows, 1))
+    if poison is not None and rows:
+        x[rng.integers(rows), rng.integers(w)] = poison
+    tb = TorchBackend(weights, dtype)
+    xt = torch.from_numpy(x).to(dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        fused, eager = fused_and_eager(mp, lambda: tb.norm(xt, which, layer))  # type: ignore[arg-type]
+    assert fused.shape == eager.shape == (rows, w) and fused.dtype == eager.dtype == dtype
+    f64, e64 = fused.double().numpy(), eager.double().numpy()
+    assert np.array_equal(np.isnan(f64), np.isnan(e64)) and np.array_equal(np.isinf(f64), np.isinf(e64))
+    finite = np.isfinite(x).all(axis=1)
+    exact = NumpyBackend(weights).norm(xt.double().numpy()[finite], which, layer)  # type: ignore[arg-type]
+    u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    tiny = 8 * float(np.finfo(np.float64 if dtype == torch.float64 else np.float32).smallest_subnormal)
+    err_f, err_e = np.abs(f64[finite] - exact), np.abs(e64[finite] - exact)
+    assert np.all(err_f <= (4 * u + (w + 8) * 2.0**-53) * np.abs(exact) + tiny)
+    assert np.all(err_e <= (w + 8) * u * np.abs(exact) + tiny)
+
+
+@needs_numba
 @pytest.mark.parametrize("split", [False, True])
 def test_a_row_permutation_that_is_not_one_is_refused_before_anything_moves(split: bool) -> None:
     """An index that is not a permutation of the rows (a repeated row) is refused with nothing of the

@@ -83,6 +83,7 @@ class Kernels:
     add_rows: Any
     permute_rows: Any
     rows_finite: Any
+    rms_norm: Any
     project64: Any
     project64_rms: Any
     project64_gate_up: Any
@@ -174,6 +175,7 @@ def _build() -> Kernels | None:
         nk.add_rows,
         nk.permute_rows,
         nk.rows_finite,
+        nk.rms_norm,
         nk.project64,
         nk.project64_rms,
         nk.project64_gate_up,

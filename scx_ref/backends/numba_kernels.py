@@ -491,6 +491,40 @@ def gate_up_rows(
         project_rows(m[: j - i], rd, none, out_d[i:j], sq_d[i:j], none)
 
 
+@fast
+def sum_squares64(row: Any) -> float:
+    # Σ_t row_t² in float64 (reassociated and contracted: a loop that stores nothing, see attention_pairs)
+    s = 0.0
+    for t in range(row.shape[0]):
+        v = np.float64(row[t])
+        s += v * v
+    return s
+
+
+@jit
+def rms_norm_rows(x: Any, gain: Any, eps: float, out: Any, scale: Any, lo: int, hi: int) -> None:
+    # rows lo … hi − 1: out_i = γ ⊙ (x_i·s_i), s_i = (Σ_t x_it² / w + ε)^−½ from a float64 sum, rounded to
+    # the dtype (stored in scale[i]), then each product rounded in the dtype in the eager order, γ·(x·s)
+    w = x.shape[1]
+    for i in range(lo, hi):
+        scale[i] = 1.0 / np.sqrt(sum_squares64(x[i]) / w + eps)
+        s, row, dst = scale[i], x[i], out[i]
+        for t in range(w):
+            dst[t] = gain[t] * (row[t] * s)
+
+
+@pjit
+def rms_norm(x: Any, gain: Any, eps: float, out: Any, scale: Any, parts: int) -> None:
+    # RMSNorm of x's rows (rows × w, C-contiguous) into out (rms_norm_rows), rows in ``parts`` chunks;
+    # scale: one entry per row in the dtype (written)
+    n = x.shape[0]
+    if parts == 1:
+        rms_norm_rows(x, gain, eps, out, scale, 0, n)
+        return
+    for p in prange(parts):
+        rms_norm_rows(x, gain, eps, out, scale, chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1))
+
+
 @pfast
 def project64_gate_up(
     gu: Any, act: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any, parts: int

@@ -777,6 +777,18 @@ class TorchBackend(TorchOps):
         return self._w.embed.index_select(0, self._idx(arr.astype(np.int64)))
 
     def _rms(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """RMSNorm_ε(x) with gain ``gamma``: on CPU in float32/float64 one fused pass per row
+        (:mod:`.cpu_kernels`: the mean of squares summed in float64, the scale rounded to the dtype, then
+        γ·(x·s) rounded as the eager form rounds it), else the eager ops."""
+        k = self._fused(x, gamma)
+        if k is not None and x.dim() >= 1 and x.shape[-1] == gamma.shape[0] == self.config.hidden_size:
+            rows = _np(x).reshape(-1, gamma.shape[0])
+            out = torch.empty(x.shape, dtype=self.dtype)
+            scale = np.empty(rows.shape[0], dtype=rows.dtype)
+            dst, eps = out.numpy().reshape(rows.shape), float(self.config.rms_eps)
+            with k.parts(rows.size, self.threads()) as parts:
+                k.rms_norm(rows, _np(gamma), eps, dst, scale, parts)
+            return out
         if self.dtype in _LOW:  # norms run in float32 for bf16/fp16, as Hugging Face does
             xc = x.to(self._compute)
             var = xc.square().mean(dim=-1, keepdim=True)
@@ -985,9 +997,10 @@ class TorchBackend(TorchOps):
         return out.reshape(shape)
 
     def swiglu_act(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """silu(gate) ⊙ up for rows [gate up]."""
+        """silu(gate) ⊙ up for rows [gate up] (the product written over silu's fresh output: the same
+        roundings as ``silu(gate) * up``, one allocation fewer)."""
         f = gate_up.shape[-1] // 2
-        return F.silu(gate_up[..., :f]) * gate_up[..., f:]
+        return F.silu(gate_up[..., :f]).mul_(gate_up[..., f:])
 
     # -- position and attention ----------------------------------------------------------------
     def _cos_sin(self, positions: IndexArray) -> tuple[torch.Tensor, torch.Tensor]:
