@@ -20,7 +20,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from properties.kernel_paths import fused_and_eager, needs_numba, one_chunk_or_split
+from properties.kernel_paths import fused_and_eager, needs_numba, one_chunk_or_split, same
 from properties.strategies import (
     decoy_counts,
     head_permutations,
@@ -248,7 +248,8 @@ def test_the_fused_rms_norm_is_within_rounding_of_the_exact_one(
     γ·(x·s) rounded as the eager form rounds it) is within 4u of the exact norm per entry (γ, s and the
     two products each rounded once), the eager torch ops within (w + 8)u (their mean summed in the
     dtype); split across threads the fused norm is the same bits as in one chunk. A row holding NaN or
-    ±inf comes out with the eager form's NaN and infinities."""
+    ±inf comes out with the eager form's NaN and infinities; with a name (the server's check of the rows
+    it was sent) such rows are refused, fused and eager, and finite ones give the same norm."""
     rng = np.random.default_rng(seed)
     w, layer = weights.config.hidden_size, 0
     x = _rows(rng, (rows, w), strided) * rng.choice([1e-3, 1.0, 1e3], size=(rows, 1))
@@ -258,6 +259,18 @@ def test_the_fused_rms_norm_is_within_rounding_of_the_exact_one(
     xt = torch.from_numpy(x).to(dtype)
     with pytest.MonkeyPatch.context() as mp:
         fused, eager = fused_and_eager(mp, lambda: tb.norm(xt, which, layer))  # type: ignore[arg-type]
+
+        def named() -> torch.Tensor | None:  # None: refused
+            try:
+                return tb.norm(xt, which, layer, name="x")  # type: ignore[arg-type]
+            except NonFiniteError:
+                return None
+
+        checked = fused_and_eager(mp, named)
+    if poison is not None and rows > 0:
+        assert checked == (None, None)
+    else:
+        assert same(checked[0], fused) and same(checked[1], eager)
     assert fused.shape == eager.shape == (rows, w) and fused.dtype == eager.dtype == dtype
     f64, e64 = fused.double().numpy(), eager.double().numpy()
     assert np.array_equal(np.isnan(f64), np.isnan(e64)) and np.array_equal(np.isinf(f64), np.isinf(e64))

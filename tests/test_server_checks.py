@@ -9,13 +9,15 @@ blocks, whose keys the client shared — the server's valid cache against the pl
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any
 
 import numpy as np
 import pytest
 
 from scx_ref.backends import NumpyBackend
-from scx_ref.errors import ProtocolError, SCXError, SessionError, ShapeError
+from scx_ref.errors import NonFiniteError, ProtocolError, SCXError, SessionError, ShapeError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, Request, SCXConfig, Server
 from scx_ref.reference import ReferenceModel
@@ -806,6 +808,73 @@ def test_shared_keys_decode_the_middle_caches_exactly(level: str, backend: str) 
     flops = server.cost(client.session).stages[Stage.SHARE].server_flops
     d, rows = CFG.hidden_size, N + R1
     assert flops == (2 * 2 * rows * d * (Q + 2 * KV) if level == "blind" else 0)  # α·W_qkv per middle block
+
+
+class _PoisonOnce:
+    """A transport that sends the first message of ``stage`` with one entry of its ``x`` made ``value``
+    first — the server must refuse it with nothing changed — and then as the client built it."""
+
+    def __init__(self, server: Server[Any], stage: Stage, value: float) -> None:
+        self.server, self.stage, self.value, self.done = server, stage, value, False
+
+    def send(self, req: Request) -> Any:
+        if req.stage is self.stage and not self.done:
+            self.done = True
+            bad = np.array(self.server.b.to_numpy(req.arrays["x"]), copy=True)
+            bad[1, 2] = self.value
+            sid = req.session
+            before = (
+                self.server.sessions_snapshot(sid),
+                self.server.cache_bytes,
+                copy.deepcopy(dict(self.server.cost(sid).stages)),
+            )
+            with pytest.raises(NonFiniteError, match=f"{self.stage.value}.x holds NaN or Inf"):
+                self.server.handle(dataclasses.replace(req, arrays={**req.arrays, "x": bad}))
+            after = (
+                self.server.sessions_snapshot(sid),
+                self.server.cache_bytes,
+                dict(self.server.cost(sid).stages),
+            )
+            assert _same(after, before), "a refused message changed the server"
+        return self.server.handle(req)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    return bool(a == b)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("stage", [Stage.QKV, Stage.FFN, Stage.HEAD])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_rows_the_server_normalizes_are_refused_when_not_finite(
+    backend: str, stage: Stage, value: float
+) -> None:
+    """The QKV, FFN and head messages (rows the server normalizes) are tested finite in the norm's own pass
+    on the torch backend's CPU kernels, by a scan otherwise: a NaN or ±inf is refused (NonFiniteError) with
+    the session's caches, the byte total and the flop meter as before, and the same prompt, its messages
+    then sent as built, gives the logits of a run that never met the poisoned one."""
+    w = random_weights(CFG, np.random.default_rng(5))
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        from scx_ref.backends.torch_backend import TorchBackend
+
+        b: Any = TorchBackend(w, torch.float32)
+    else:
+        b = NumpyBackend(w)
+    scx = SCXConfig(level="permute", r1=R1, r2=1, max_length=9)
+    keys = (bytes(range(1, 33)), bytes(range(16)))
+    clean = Client(b, KeySchedule(*keys), scx).prefill(IDS, LocalTransport(Server(b)))
+    server: Server[Any] = Server(b)
+    link = _PoisonOnce(server, stage, value)
+    got = Client(b, KeySchedule(*keys), scx).prefill(IDS, link)  # type: ignore[arg-type]
+    assert link.done
+    np.testing.assert_array_equal(got, clean)
 
 
 def test_an_mlp_reply_carries_its_intermediates_only_when_asked() -> None:

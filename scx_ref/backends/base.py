@@ -65,8 +65,10 @@ class Backend(ArrayOps[A], Protocol[A]):
         """Rows of the embedding table (validates ids against the vocabulary)."""
         ...
 
-    def norm(self, x: A, which: NormName, layer: int = -1) -> A:
-        """RMSNorm with the named gain (``layer`` ignored for ``final``)."""
+    def norm(self, x: A, which: NormName, layer: int = -1, *, name: str | None = None) -> A:
+        """RMSNorm with the named gain (``layer`` ignored for ``final``). With ``name``: NonFiniteError
+        (naming it) when an entry of ``x`` is not finite, tested in the norm's own pass where the
+        implementation can — the check of an incoming array that a norm reads first."""
         ...
 
     def correction(self, eta: A, which: WeightName, layer: int = -1, experts: IndexArray | None = None) -> A:

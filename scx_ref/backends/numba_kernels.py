@@ -502,27 +502,34 @@ def sum_squares64(row: Any) -> float:
 
 
 @jit
-def rms_norm_rows(x: Any, gain: Any, eps: float, out: Any, scale: Any, lo: int, hi: int) -> None:
+def rms_norm_rows(x: Any, gain: Any, eps: float, out: Any, scale: Any, lo: int, hi: int, bad: Any) -> None:
     # rows lo … hi − 1: out_i = γ ⊙ (x_i·s_i), s_i = (Σ_t x_it² / w + ε)^−½ from a float64 sum, rounded to
-    # the dtype (stored in scale[i]), then each product rounded in the dtype in the eager order, γ·(x·s)
+    # the dtype (stored in scale[i]), then each product rounded in the dtype in the eager order, γ·(x·s);
+    # bad as in take_rows_cols_concat_rows, over the rows of x read
     w = x.shape[1]
+    for f in range(bad.shape[0]):
+        bad[f] = 0.0
     for i in range(lo, hi):
         scale[i] = 1.0 / np.sqrt(sum_squares64(x[i]) / w + eps)
         s, row, dst = scale[i], x[i], out[i]
         for t in range(w):
             dst[t] = gain[t] * (row[t] * s)
+            bad[t] += row[t] - row[t]
 
 
 @pjit
-def rms_norm(x: Any, gain: Any, eps: float, out: Any, scale: Any, parts: int) -> None:
-    # RMSNorm of x's rows (rows × w, C-contiguous) into out (rms_norm_rows), rows in ``parts`` chunks;
-    # scale: one entry per row in the dtype (written)
-    n = x.shape[0]
+def rms_norm(x: Any, gain: Any, eps: float, out: Any, scale: Any, bad: Any) -> bool:
+    # RMSNorm of x's rows (rows × w, C-contiguous) into out (rms_norm_rows), rows in bad.shape[0] chunks
+    # (bad: chunks × w scratch in the dtype; scale: one entry per row in the dtype, written); whether every
+    # entry of x is finite
+    n, parts = x.shape[0], bad.shape[0]
     if parts == 1:
-        rms_norm_rows(x, gain, eps, out, scale, 0, n)
-        return
-    for p in prange(parts):
-        rms_norm_rows(x, gain, eps, out, scale, chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1))
+        rms_norm_rows(x, gain, eps, out, scale, 0, n, bad[0])
+    else:
+        for p in prange(parts):
+            lo, hi = chunk_start(n, p, parts, 1), chunk_start(n, p + 1, parts, 1)
+            rms_norm_rows(x, gain, eps, out, scale, lo, hi, bad[p])
+    return all_zero_parts(bad)
 
 
 @pfast

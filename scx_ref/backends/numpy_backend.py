@@ -101,7 +101,10 @@ class NumpyBackend(NumpyOps):
     def embed(self, ids: IndexArray) -> FloatArray:
         return ops.embed(ids, self.weights.embed)
 
-    def norm(self, x: FloatArray, which: NormName, layer: int = -1) -> FloatArray:
+    def norm(self, x: FloatArray, which: NormName, layer: int = -1, *, name: str | None = None) -> FloatArray:
+        """RMSNorm with the named gain (``name``: x scanned first, see Backend.norm)."""
+        if name is not None:
+            x = self.floating(x, name)
         if which == "final":
             gamma = self.weights.final_norm
         else:

@@ -776,10 +776,12 @@ class TorchBackend(TorchOps):
             raise VocabularyError(f"token ids must lie in [0, {vocab}), got range [{arr.min()}, {arr.max()}]")
         return self._w.embed.index_select(0, self._idx(arr.astype(np.int64)))
 
-    def _rms(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """RMSNorm_ε(x) with gain ``gamma``: on CPU in float32/float64 one fused pass per row
-        (:mod:`.cpu_kernels`: the mean of squares summed in float64, the scale rounded to the dtype, then
-        γ·(x·s) rounded as the eager form rounds it), else the eager ops."""
+    def _rms(self, x: torch.Tensor, gamma: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        """RMSNorm_ε(x) with gain ``gamma``; with ``name``, NonFiniteError (naming it) when an entry of
+        ``x`` is not finite. On CPU in float32/float64 one fused pass per row (:mod:`.cpu_kernels`: the
+        mean of squares summed in float64, the scale rounded to the dtype, then γ·(x·s) rounded as the
+        eager form rounds it; x's entries tested finite as they are read), else a scan, then the eager
+        ops."""
         k = self._fused(x, gamma)
         if k is not None and x.dim() >= 1 and x.shape[-1] == gamma.shape[0] == self.config.hidden_size:
             rows = _np(x).reshape(-1, gamma.shape[0])
@@ -787,8 +789,11 @@ class TorchBackend(TorchOps):
             scale = np.empty(rows.shape[0], dtype=rows.dtype)
             dst, eps = out.numpy().reshape(rows.shape), float(self.config.rms_eps)
             with k.parts(rows.size, self.threads()) as parts:
-                k.rms_norm(rows, _np(gamma), eps, dst, scale, parts)
-            return out
+                bad = np.empty((parts, rows.shape[1]), dtype=rows.dtype)
+                finite = k.rms_norm(rows, _np(gamma), eps, dst, scale, bad)
+            return self._finite_or_raise(out, name, bool(finite))
+        if name is not None:
+            x = self.floating(x, name)
         if self.dtype in _LOW:  # norms run in float32 for bf16/fp16, as Hugging Face does
             xc = x.to(self._compute)
             var = xc.square().mean(dim=-1, keepdim=True)
@@ -805,9 +810,12 @@ class TorchBackend(TorchOps):
             return lw.attn_norm if which == "attn" else lw.mlp_norm
         raise ConfigError(f"unknown norm {which!r}")
 
-    def norm(self, x: torch.Tensor, which: NormName, layer: int = -1) -> torch.Tensor:
-        """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε) with the named gain."""
-        return self._rms(x, self._gain(which, layer))
+    def norm(
+        self, x: torch.Tensor, which: NormName, layer: int = -1, *, name: str | None = None
+    ) -> torch.Tensor:
+        """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε) with the named gain; ``name``: see Backend.norm
+        (tested in the norm's own pass on CPU)."""
+        return self._rms(x, self._gain(which, layer), name)
 
     def project64_norm(
         self, x: torch.Tensor, which: NormName, layer: int, right: npt.NDArray[np.float64]

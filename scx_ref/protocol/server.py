@@ -33,7 +33,7 @@ from typing import Any, Generic
 import numpy as np
 
 from .._checks import check_permutation
-from ..backends.base import A, Backend, split_qkv
+from ..backends.base import A, Backend, NormName, split_qkv
 from ..errors import LimitError, ProtocolError, SCXError, SessionError
 from ..forward import block_rows
 from ..stages import PREFILL_BLOCK_STAGES, Phase, Stage
@@ -605,10 +605,18 @@ class Server(Generic[A]):
                     f"{stage.value} for block {layer} already ran at step {req.step} (a replay)"
                 )
 
-    def _arr(self, req: Request, name: str, shape: tuple[int, ...]) -> A:
+    def _arr(self, req: Request, name: str, shape: tuple[int, ...], *, finite: bool = True) -> A:
+        """The message's array ``name``, checked (present, floating, of ``shape``, finite). ``finite=False``
+        leaves the finiteness test to the caller's norm (:meth:`_normed`), which reads every entry first."""
         if name not in req.arrays:
             raise ProtocolError(f"{req.stage.value} message lacks array {name!r}")
-        return self._be(req).check(req.arrays[name], f"{req.stage.value}.{name}", shape)
+        return self._be(req).check(req.arrays[name], f"{req.stage.value}.{name}", shape, finite=finite)
+
+    def _normed(self, req: Request, name: str, shape: tuple[int, ...], which: NormName, layer: int) -> A:
+        """The RMSNorm ``which`` of the message's array ``name``, which is checked as :meth:`_arr` checks
+        it — its finiteness in the norm's own pass (Backend.norm with a name: one read of the rows)."""
+        x = self._arr(req, name, shape, finite=False)
+        return self.b.norm(x, which, layer, name=f"{req.stage.value}.{name}")
 
     def _be(self, req: Request) -> Backend[A]:
         """The backend a message is computed on: the float64 twin for a blinded message sent wide
@@ -631,10 +639,11 @@ class Server(Generic[A]):
     # -- prefill stages ------------------------------------------------------------------------
     def _qkv(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c, rows, layer = self.c, s.n + s.r1, req.layer
-        x = self._arr(req, "x", (rows, c.hidden_size))
         commit_hex = str(req.meta["commit"])  # checked by _check_fields
-        if not req.meta.get("normalized", False):
-            x = self.b.norm(x, "attn", layer)
+        if req.meta.get("normalized", False):
+            x = self._arr(req, "x", (rows, c.hidden_size))
+        else:
+            x = self._normed(req, "x", (rows, c.hidden_size), "attn", layer)
         z = self._be(req).project(x, "wqkv", layer)
         s.meter.matmul(Stage.QKV, rows, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
         kv = self.b.compact(self.b.narrow(z, 1, c.q_dim, c.q_dim + 2 * c.kv_dim))  # not Q's memory too
@@ -677,18 +686,19 @@ class Server(Generic[A]):
             width = 2 * c.intermediate_size * (1 if experts is None else len(experts))
             s.meter.matmul(Stage.FFN, rows, c.hidden_size, width, "server")
             return {"y": self._be(req).project(x, "w_gate_up", layer, experts)}, self._nothing
-        x = self._arr(req, "x", (rows, c.hidden_size))
+        xh = self._normed(req, "x", (rows, c.hidden_size), "mlp", layer)
         self._mlp_flops(s.meter, Stage.FFN, rows, c.top_k if c.is_moe else 1)
 
         def commit() -> None:
             s.ffn_done = layer
 
-        return self._mlp_reply(req, x), commit
+        return self._mlp_reply(req, xh), commit
 
-    def _mlp_reply(self, req: Request, x: A) -> dict[str, A]:
-        """The block's MLP on the server's own norm of ``x`` (:func:`~scx_ref.protocol.mlp.traced_mlp`):
-        ``{"y": …}``, plus its intermediates when the client asks for them (``trace``) to verify it."""
-        y, parts = traced_mlp(self.b, self.b.norm(x, "mlp", req.layer), req.layer)
+    def _mlp_reply(self, req: Request, xh: A) -> dict[str, A]:
+        """The block's MLP on the server's own norm ``xh`` of the rows sent
+        (:func:`~scx_ref.protocol.mlp.traced_mlp`): ``{"y": …}``, plus its intermediates when the client
+        asks for them (``trace``) to verify it."""
+        y, parts = traced_mlp(self.b, xh, req.layer)
         return {"y": y, **parts} if req.meta.get("trace", False) else {"y": y}
 
     def _ffn_down(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
@@ -713,9 +723,10 @@ class Server(Generic[A]):
 
     def _head(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c, rows = self.c, s.n + s.r1
-        x = self._arr(req, "x", (rows, c.hidden_size))
-        if not req.meta.get("normalized", False):
-            x = self.b.norm(x, "final")
+        if req.meta.get("normalized", False):
+            x = self._arr(req, "x", (rows, c.hidden_size))
+        else:
+            x = self._normed(req, "x", (rows, c.hidden_size), "final", -1)
         s.meter.matmul(Stage.HEAD, rows, c.hidden_size, c.vocab_size, "server")
 
         def commit() -> None:
@@ -821,9 +832,9 @@ class Server(Generic[A]):
 
     def _gen_ffn(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c = self.c
-        x = self._arr(req, "x", (1, c.hidden_size))
+        xh = self._normed(req, "x", (1, c.hidden_size), "mlp", req.layer)
         self._mlp_flops(s.meter, Stage.GEN_FFN, 1, c.top_k if c.is_moe else 1)
-        return self._mlp_reply(req, x), self._gen_commit(s, req.step)
+        return self._mlp_reply(req, xh), self._gen_commit(s, req.step)
 
     def _gen_ffn_up(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c = self.c
