@@ -24,7 +24,10 @@ from hypothesis import strategies as st
 from properties.kernel_paths import fused_and_eager, needs_numba
 from properties.strategies import attention_shapes, model_configs, model_weights, row_counts, seeds
 from scx_ref.backends.torch_backend import TorchBackend, TorchOps
+from scx_ref.keys import KeySchedule
 from scx_ref.protocol.verify import (
+    SessionVerifier,
+    SketchCache,
     attention_excess,
     attention_rows64,
     attention_tau,
@@ -32,6 +35,7 @@ from scx_ref.protocol.verify import (
     linear_excess,
     range_excess,
 )
+from scx_ref.stages import Stage
 
 DTYPES = [torch.float32, torch.float64]
 U64 = 2.0**-53
@@ -478,3 +482,57 @@ def test_the_recomputed_rows_and_the_range_check_refuse_shapes_that_do_not_match
             for vv, oo in bad_range.values():
                 with pytest.raises(SCXError):
                     range_excess(vv, oo, 0)
+
+
+@st.composite
+def _attention_check_cases(draw: st.DrawFn) -> tuple[Any, ...]:
+    weights = draw(model_weights(model_configs(max_layers=1, moe=False, max_kv_heads=3)))
+    c = weights.config
+    rng = np.random.default_rng(draw(seeds()))
+    first, n_q = draw(st.integers(0, 5)), draw(st.integers(1, 10))
+    n_k = first + n_q
+    k = rng.standard_normal((n_k, c.n_kv_heads, c.head_dim)) * draw(st.sampled_from([0.1, 1.0, 4.0]))
+    v = rng.standard_normal((n_k, c.n_kv_heads, c.head_dim))
+    q = rng.standard_normal((n_q, c.n_heads, c.head_dim))
+    o = np.empty((n_q, c.n_heads, c.head_dim))
+    for i in range(n_q):  # convex combinations of the visible values: inside their range
+        for h in range(c.n_heads):
+            o[i, h] = rng.dirichlet(np.ones(first + i + 1)) @ v[: first + i + 1, h // c.group_size]
+    change = draw(st.sampled_from([None, 1e-6, 1e-2, 3.0, np.nan, np.inf]))
+    if change is not None:
+        o[rng.integers(n_q), rng.integers(c.n_heads), rng.integers(c.head_dim)] += change
+    every = draw(st.booleans())
+    some = np.sort(rng.choice(n_q, size=draw(st.integers(0, n_q)), replace=False))
+    rows = np.arange(n_q) if every else some
+    return weights, q, k, v, o, rows.astype(np.int64), first
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=_attention_check_cases())
+def test_the_fused_attention_check_is_the_calls_one_by_one(dtype: torch.dtype, case: tuple[Any, ...]) -> None:
+    """``SessionVerifier.attention`` in one compiled call (``attention_check``) reaches exactly the verdicts,
+    check counts and flops of the same method making the range check and the recomputed rows one call
+    at a time (``range_excess``, ``attention_rows64``, ``attention_excess``) — outputs in range or pushed
+    out of it, NaN and ±inf among them, every row or some recomputed (the range check then run); in one
+    chunk and split across threads."""
+    weights, *arrays, rows, first = case
+    be = TorchBackend(weights, dtype)
+    q, k, v, o = (torch.from_numpy(a).to(dtype) for a in arrays)
+
+    def run(fused: bool) -> tuple[list[Any], int]:
+        seen: list[Any] = []
+        verifier = SessionVerifier(be, None, SketchCache(be, KeySchedule.generate()))  # type: ignore[arg-type]
+        with pytest.MonkeyPatch.context() as mp:
+            record = lambda stage, layer, ratio, checks, what: seen.append((ratio, checks, what))  # noqa: E731
+            mp.setattr(verifier, "_accept", record)
+            if not fused:
+                mp.setattr(verifier, "_attention_fused", lambda *a: False)
+            verifier.attention(Stage.ATTN, 0, q, k, v, o, 2.0**-24, rows, first)
+        return seen, verifier.flops
+
+    with pytest.MonkeyPatch.context() as mp:
+        (one_call, calls), _ = fused_and_eager(mp, lambda: (run(True), run(False)))
+    assert one_call[1] == calls[1] and len(one_call[0]) == len(calls[0]) > 0
+    for (r1, c1, w1), (r2, c2, w2) in zip(one_call[0], calls[0], strict=True):
+        assert (c1, w1) == (c2, w2) and (r1 == r2 or (math.isnan(r1) and math.isnan(r2)))

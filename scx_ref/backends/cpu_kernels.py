@@ -1,4 +1,5 @@
-"""Fused CPU kernels for the client's O(n·d) passes, compiled by numba when it is installed.
+"""Fused CPU kernels for the client's O(n·d) passes and the torch backend's RMSNorm, compiled by numba when
+it is installed.
 
 Each kernel does in one pass over the rows what the torch backend otherwise does in several eager ops,
 so each row is read once.
@@ -27,7 +28,14 @@ so each row is read once.
   the same kernels in the same order as the backend's wrappers and the verifier call them one by one
   (``gate_up_excess``: a dense MLP reply's two checks, ``project64_gate_up`` then two of them);
   ``attention_excess`` (the recomputed attention rows' verdict) rounds the same operations as the numpy
-  τ and verdict it replaces.
+  τ and verdict it replaces; ``attention_check`` is an attention reply's two checks in one call
+  (``range_excess`` and its verdict, then ``attention_rows64`` and ``attention_excess``, in the verifier's
+  order: the same verdicts).
+* ``rms_norm`` (the backend's RMSNorm: on the server, the first read of the rows it normalizes) sums each
+  row's squares in float64 (reassociated, in a loop that stores nothing), rounds the scale to the dtype
+  and then rounds γ·(x·s) as the eager form does; it also tests every entry of x for finiteness, the
+  server's check of those rows. ``properties/test_fused.py`` bounds it within 4u of the exact norm (the
+  eager form's bound is (w + 8)u).
   ``properties/test_verifier_kernels.py`` checks them against the eager forms: equal for max, min and the
   verdict, to float64 rounding for sums; and the fused check against the three calls, equal.
 
@@ -93,6 +101,7 @@ class Kernels:
     freivalds_excess: Any
     gate_up_excess: Any
     attention_excess: Any
+    attention_check: Any
     sum_norms: Any
     rms_norms: Any
     set_num_threads: Any
@@ -185,6 +194,7 @@ def _build() -> Kernels | None:
         nk.freivalds_excess,
         nk.gate_up_excess,
         nk.attention_excess,
+        nk.attention_check,
         nk.sum_norms,
         nk.rms_norms,
         numba.set_num_threads,

@@ -943,3 +943,72 @@ def attention_rows64(
     else:
         for part in prange(parts):
             attention_pairs(q, k, v, o, pos, group, scale, out, norms, part, parts)
+
+
+@jit
+def attention_check(
+    q: Any,
+    k: Any,
+    v: Any,
+    o: Any,
+    rows: Any,
+    first: int,
+    group: int,
+    scale: float,
+    u: float,
+    lam: float,
+    u64: float,
+    tiny: float,
+    ranged: bool,
+    parts: int,
+) -> tuple[float, float]:
+    # an attention reply's two verdicts: queries q and outputs o (queries × H × d_h, query i at position
+    # first + i), keys and values k, v (keys × H_kv × d_h), all C-contiguous in one dtype. The range check
+    # (when ``ranged``, else 0.0): range_excess, its slack λu(√keys + 4)·max|v| and the float verdict of
+    # excess_ratio on the excess above 0; then the recomputed rows (0.0 with none): attention_rows64 of
+    # q[rows], o[rows] at positions first + rows, and attention_excess — the same kernels and operations in
+    # the same order as the verifier's calls one by one, so the same values. (−1, −1), nothing read, when
+    # the arrays, the rows or the positions do not fit one another
+    n_q, n_h, d_h = q.shape
+    n_k, h_kv = k.shape[0], k.shape[1]
+    fits = (
+        o.shape[0] == n_q
+        and o.shape[1] == n_h
+        and o.shape[2] == d_h
+        and k.shape[2] == d_h
+        and v.shape[0] == n_k
+        and v.shape[1] == h_kv
+        and v.shape[2] == d_h
+        and n_h == h_kv * group
+        and first >= 0
+        and (n_q == 0 or first + n_q <= n_k)
+        and all_in(rows, n_q)
+    )
+    if not fits:
+        return -1.0, -1.0
+    by_range = 0.0
+    if ranged:
+        acc = np.empty((5, h_kv * d_h), dtype=v.dtype)
+        v2, o2 = v.reshape(n_k, h_kv * d_h), o.reshape(n_q, n_h * d_h)
+        over, vmax = range_excess(v2, o2, first, group, d_h, acc)
+        slack = lam * u * (np.sqrt(np.float64(n_k)) + 4.0) * vmax
+        residual = over if over > 0.0 or np.isnan(over) else 0.0
+        by_range = abs(residual) / max(slack, tiny) if np.isfinite(slack) else np.nan
+        if not np.isfinite(by_range):
+            by_range = np.nan
+    n_r = rows.shape[0]
+    if n_r == 0:
+        return by_range, 0.0
+    q_rows, o_rows = np.empty((n_r, n_h, d_h), dtype=q.dtype), np.empty((n_r, n_h, d_h), dtype=o.dtype)
+    pos = np.empty(n_r, dtype=np.int64)
+    for i in range(n_r):
+        q_rows[i] = q[rows[i]]
+        o_rows[i] = o[rows[i]]
+        pos[i] = first + rows[i]
+    out, norms = np.empty((n_r, n_h, d_h)), np.empty((3, n_r, n_h))
+    kmax, vmax_rows = np.empty((n_r, h_kv)), np.empty((n_r, h_kv))
+    attention_rows64(q_rows, k, v, o_rows, pos, group, scale, out, norms, kmax, vmax_rows, parts)
+    by_rows = attention_excess(
+        norms[0], norms[1], norms[2], kmax, vmax_rows, pos, group, scale, d_h, u, lam, u64, tiny
+    )
+    return by_range, by_rows

@@ -931,6 +931,8 @@ class SessionVerifier(Generic[A]):
         c = self.b.config
         n_q, g, dh = self.b.shape(q)[0], c.group_size, c.head_dim
         every = rows.size == n_q and bool(np.array_equal(np.sort(rows), np.arange(n_q)))  # each row once
+        if self._attention_fused(stage, layer, (q, k, v, o), u, rows, first, every):
+            return
         # the range check needs no float64: max and min are exact in any dtype; read-only here, so views of
         # the tensors where the backend can give them (no copies)
         v_w = np.asarray(self.b.head_to_numpy(v, self.b.nrows(v)))
@@ -958,6 +960,49 @@ class SessionVerifier(Generic[A]):
         self.flops += 4 * c.n_heads * dh * int((pos + 1).sum())
         ratio = attention_excess(rec, pos, g, scale, u)
         self._accept(stage, layer, ratio, int(rec.dist.size), "a recomputed attention row")
+
+    def _attention_fused(
+        self,
+        stage: Stage,
+        layer: int,
+        qkvo: tuple[A, A, A, A],
+        u: float,
+        rows: npt.NDArray[np.int64],
+        first: int,
+        every: bool,
+    ) -> bool:
+        """:meth:`attention`'s checks in one compiled call where the CPU kernels are installed and the four
+        arrays are float32 or float64 of one dtype (``attention_check`` of :mod:`.cpu_kernels`: the range
+        check and the recomputed rows by the same kernels in the same order as :meth:`attention` calls them
+        one by one, so the same verdicts); False (nothing checked) otherwise."""
+        kern = kernels()
+        if kern is None:
+            return False
+        b, c = self.b, self.b.config
+        arrays = [np.asarray(b.head_to_numpy(t, b.nrows(t))) for t in qkvo]
+        dtype = arrays[0].dtype
+        if dtype not in (np.float32, np.float64) or any(a.dtype != dtype or a.ndim != 3 for a in arrays):
+            return False
+        q, k, v, o = (np.ascontiguousarray(a) for a in arrays)
+        idx = np.ascontiguousarray(rows, dtype=np.int64)
+        work = c.n_heads * c.head_dim * (int(idx.sum()) + (first + 1) * idx.size)  # Σ (pos + 1) multiply-adds
+        scale = 1.0 / math.sqrt(c.head_dim)
+        with kern.parts(work if work >= SPLIT_ROWS64 else 0, b.threads()) as parts:
+            by_range, by_rows = kern.attention_check(
+                q, k, v, o, idx, first, c.group_size, scale, u, LAMBDA, _U64, _TINY, not every, parts
+            )
+        if by_range == -1.0 and by_rows == -1.0:
+            raise SCXError(
+                f"queries {q.shape}, outputs {o.shape} from position {first}, keys {k.shape}, values "
+                f"{v.shape} and recomputed rows {rows.tolist()!r:.80} do not fit one another"
+            )
+        if not every:
+            self._accept(stage, layer, by_range, 1, "an attention row outside its values' range")
+            self.flops += 4 * o.size
+        if idx.size:
+            self.flops += 4 * work
+            self._accept(stage, layer, by_rows, idx.size * c.n_heads, "a recomputed attention row")
+        return True
 
     # -- last guard blocks -------------------------------------------------------------------------------
     def lock(self, layer: int, locked: A) -> None:
