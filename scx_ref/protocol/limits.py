@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -105,13 +106,12 @@ def field_str(value: Any, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+_HEX = re.compile(r"[0-9a-f]*")
+
+
 def field_hex(value: Any, name: str, length: int) -> str:
     """``value``, a string of exactly ``length`` lowercase hex digits."""
-    if (
-        not isinstance(value, str)
-        or len(value) != length
-        or any(ch not in "0123456789abcdef" for ch in value)
-    ):
+    if not isinstance(value, str) or len(value) != length or _HEX.fullmatch(value) is None:
         raise ProtocolError(f"{name} must be {length} lowercase hex digits, got {value!r:.80}")
     return value
 

@@ -27,7 +27,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Generic
 
 import numpy as np
@@ -336,7 +336,7 @@ class Server(Generic[A]):
             raise LimitError(
                 f"message of {size} bytes exceeds the server's limit of {self.limits.max_message_bytes}"
             )
-        return replace(req, stage=stage, layer=layer, step=step, seq=seq)
+        return Request(req.session, stage, layer, step, seq, req.arrays, req.meta, req.token)
 
     def _session_for(self, req: Request) -> _Session[A]:
         """The session of ``req`` if its token is right; one SessionError for every other case."""
