@@ -851,20 +851,26 @@ def _same(a: Any, b: Any) -> bool:
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("stage", [Stage.QKV, Stage.FFN, Stage.HEAD])
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("backend", ["numpy", "torch", "torch-fused"])
 def test_rows_the_server_normalizes_are_refused_when_not_finite(
-    backend: str, stage: Stage, value: float
+    backend: str, stage: Stage, value: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The QKV, FFN and head messages (rows the server normalizes) are tested finite in the norm's own pass
-    on the torch backend's CPU kernels, by a scan otherwise: a NaN or ±inf is refused (NonFiniteError) with
+    where the torch backend fuses the norm (``torch-fused``: from FUSED_NORM_MIN entries, 0 here), by a
+    scan otherwise: a NaN or ±inf is refused (NonFiniteError) with
     the session's caches, the byte total and the flop meter as before, and the same prompt, its messages
     then sent as built, gives the logits of a run that never met the poisoned one."""
     w = random_weights(CFG, np.random.default_rng(5))
-    if backend == "torch":
+    if backend.startswith("torch"):
         torch = pytest.importorskip("torch")
-        from scx_ref.backends.torch_backend import TorchBackend
+        from scx_ref.backends import torch_backend
+        from scx_ref.backends.cpu_kernels import kernels
 
-        b: Any = TorchBackend(w, torch.float32)
+        if backend == "torch-fused":  # the fused norm's own test on these few rows (numba installed)
+            if kernels() is None:
+                pytest.skip("numba is not installed (the scan is tested)")
+            monkeypatch.setattr(torch_backend, "FUSED_NORM_MIN", 0)
+        b: Any = torch_backend.TorchBackend(w, torch.float32)
     else:
         b = NumpyBackend(w)
     scx = SCXConfig(level="permute", r1=R1, r2=1, max_length=9)

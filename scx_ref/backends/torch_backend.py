@@ -243,6 +243,13 @@ def _right(width: int, right: npt.NDArray[Any], k: int | None = None) -> bool:
     return right.ndim == 2 and right.shape[0] == width and (k is None or right.shape[1] == k)
 
 
+#: The fewest entries from which :meth:`TorchBackend.norm` runs as one fused pass (a prompt's rows): below
+#: it — a generation step's row — the eager ops. Fused on one row, `llama1b-random`'s generation step was
+#: 3.9 ms a token slower on two threads (q1 +1.6, q3 +4.8, paired in one process; the kernel alone is faster
+#: there, and the cause was not found).
+FUSED_NORM_MIN = 1 << 16
+
+
 def _np(t: torch.Tensor) -> npt.NDArray[Any]:
     """A C-contiguous numpy view of a CPU tensor (a copy only when the tensor is not contiguous)."""
     return t.detach().contiguous().numpy()
@@ -780,9 +787,9 @@ class TorchBackend(TorchOps):
         """RMSNorm_ε(x) with gain ``gamma``; with ``name``, NonFiniteError (naming it) when an entry of
         ``x`` is not finite. On CPU in float32/float64 one fused pass per row (:mod:`.cpu_kernels`: the
         mean of squares summed in float64, the scale rounded to the dtype, then γ·(x·s) rounded as the
-        eager form rounds it; x's entries tested finite as they are read), else a scan, then the eager
-        ops."""
-        k = self._fused(x, gamma)
+        eager form rounds it; x's entries tested finite as they are read) from :data:`FUSED_NORM_MIN`
+        entries on, else a scan, then the eager ops."""
+        k = self._fused(x, gamma) if x.numel() >= FUSED_NORM_MIN else None
         if k is not None and x.dim() >= 1 and x.shape[-1] == gamma.shape[0] == self.config.hidden_size:
             rows = _np(x).reshape(-1, gamma.shape[0])
             out = torch.empty(x.shape, dtype=self.dtype)
