@@ -821,7 +821,7 @@ class TorchBackend(TorchOps):
         self, x: torch.Tensor, which: NormName, layer: int = -1, *, name: str | None = None
     ) -> torch.Tensor:
         """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε) with the named gain; ``name``: see Backend.norm
-        (tested in the norm's own pass on CPU)."""
+        (tested in the norm's own pass where it is fused: :meth:`_rms`)."""
         return self._rms(x, self._gain(which, layer), name)
 
     def project64_norm(
