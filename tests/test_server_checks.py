@@ -23,6 +23,7 @@ from scx_ref.protocol import Client, LocalTransport, Request, SCXConfig, Server
 from scx_ref.reference import ReferenceModel
 from scx_ref.stages import Stage
 from scx_ref.weights import random_weights
+from tests.test_protocol_errors import same
 from tests.tiny import tiny_config
 
 IDS = np.array([3, 1, 4, 1, 5, 9], dtype=np.int64)
@@ -835,18 +836,8 @@ class _PoisonOnce:
                 self.server.cache_bytes,
                 dict(self.server.cost(sid).stages),
             )
-            assert _same(after, before), "a refused message changed the server"
+            assert same(after, before), "a refused message changed the server"
         return self.server.handle(req)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and np.array_equal(a, b)
-    return bool(a == b)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
