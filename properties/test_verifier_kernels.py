@@ -24,8 +24,10 @@ from hypothesis import strategies as st
 from properties.kernel_paths import fused_and_eager, needs_numba
 from properties.strategies import attention_shapes, model_configs, model_weights, row_counts, seeds
 from scx_ref.backends.torch_backend import TorchBackend, TorchOps
+from scx_ref.errors import SCXError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol.verify import (
+    LockSketch,
     SessionVerifier,
     SketchCache,
     attention_excess,
@@ -33,6 +35,7 @@ from scx_ref.protocol.verify import (
     attention_tau,
     excess_ratio,
     linear_excess,
+    lock_scores_excess,
     range_excess,
 )
 from scx_ref.stages import Stage
@@ -504,7 +507,7 @@ def _attention_check_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     every = draw(st.booleans())
     some = np.sort(rng.choice(n_q, size=draw(st.integers(0, n_q)), replace=False))
     rows = np.arange(n_q) if every else some
-    return weights, q, k, v, o, rows.astype(np.int64), first
+    return weights, q, k, v, o, rows.astype(np.int64), first, draw(st.booleans())
 
 
 @needs_numba
@@ -514,11 +517,13 @@ def test_the_fused_attention_check_is_the_calls_one_by_one(dtype: torch.dtype, c
     """``SessionVerifier.attention`` in one compiled call (``attention_check``) reaches exactly the verdicts,
     check counts and flops of the same method making the range check and the recomputed rows one call
     at a time (``range_excess``, ``attention_rows64``, ``attention_excess``) — outputs in range or pushed
-    out of it, NaN and ±inf among them, every row or some recomputed (the range check then run); in one
-    chunk and split across threads."""
-    weights, *arrays, rows, first = case
+    out of it, NaN and ±inf among them, every row or some recomputed (the range check then run), queries
+    contiguous or a strided view (read without a copy); in one chunk and split across threads."""
+    weights, *arrays, rows, first, strided = case
     be = TorchBackend(weights, dtype)
     q, k, v, o = (torch.from_numpy(a).to(dtype) for a in arrays)
+    if strided:  # the queries as the client sends them: the Q heads of decoded [Q K] rows, a strided view
+        q = torch.cat([q, k[first:]], dim=1).narrow(1, 0, q.shape[1])
 
     def run(fused: bool) -> tuple[list[Any], int]:
         seen: list[Any] = []
@@ -536,3 +541,75 @@ def test_the_fused_attention_check_is_the_calls_one_by_one(dtype: torch.dtype, c
     assert one_call[1] == calls[1] and len(one_call[0]) == len(calls[0]) > 0
     for (r1, c1, w1), (r2, c2, w2) in zip(one_call[0], calls[0], strict=True):
         assert (c1, w1) == (c2, w2) and (r1 == r2 or (math.isnan(r1) and math.isnan(r2)))
+
+
+@st.composite
+def _lock_cases(draw: st.DrawFn) -> tuple[Any, ...]:
+    h_kv, g, d_h = draw(attention_shapes())
+    rng = np.random.default_rng(draw(seeds()))
+    k, locked = draw(st.sampled_from([1, 2, 8])), draw(st.integers(0, 40))  # locked: m − 1 columns
+    spread = draw(st.sampled_from([1e-3, 1.0, 30.0]))
+    keys = rng.standard_normal((locked, h_kv, d_h)) * spread
+    coef = rng.standard_normal((locked, k))
+    qk = rng.standard_normal((h_kv * g + h_kv, d_h)) * spread
+    new = rng.standard_normal(k)
+    scale = 1.0 / math.sqrt(d_h)
+    # the honest scores q_h·k_j·scale over the locked keys and the new one, then pushed (or not) off them
+    every = np.concatenate([keys, qk[None, h_kv * g :]])
+    s = np.einsum("hd,jhd->hj", qk[: h_kv * g], np.repeat(every, g, axis=1)) * scale
+    push = draw(st.sampled_from([0.0, 1e-4, 1.0]))
+    s = s * (1.0 + push * rng.standard_normal(s.shape))
+    if draw(st.booleans()):  # a NaN or an infinity among the scores
+        s[rng.integers(0, s.shape[0]), rng.integers(0, s.shape[1])] = draw(st.sampled_from([np.nan, np.inf]))
+    return LockSketch.start(coef, keys), qk, new, s, g, scale, push
+
+
+@needs_numba
+@given(case=_lock_cases())
+def test_the_locked_score_check_kernel_is_the_numpy_expressions(case: tuple[Any, ...]) -> None:
+    """A generation step's check against a last guard block's locked cache (``lock_scores_excess``): the
+    compiled pass extends the sketch as the numpy expressions do, to float64 rounding, and reaches their
+    verdict — the same ratio to 10⁻⁸ of itself or 10⁻⁶ of the threshold, for honest scores (accepted by
+    both) and scores pushed off them by a relative 10⁻⁴ or 1; NaN and ±inf refused (NaN) by both — and
+    leaves the sketch it was given as it was."""
+    lk, qk, new, s, g, scale, push = case
+    u = 2.0**-24
+    given = [a.copy() for a in (lk.coef, lk.kappa, lk.sq, lk.slack, lk.cmax, lk.csq)]
+
+    def run() -> tuple[float, tuple[np.ndarray, ...]]:
+        ratio, ext = lock_scores_excess(lk, qk, new, s, g, scale, u)
+        return ratio, (ext.coef, ext.kappa, ext.sq, ext.slack, ext.cmax, ext.csq)
+
+    with pytest.MonkeyPatch.context() as mp:
+        (r1, l1), (r2, l2) = fused_and_eager(mp, run)
+    for a, b in zip(l1, l2, strict=True):
+        assert a.shape == b.shape and np.allclose(a, b, rtol=1e-13, atol=1e-300)
+    if not np.isfinite(s).all():
+        assert math.isnan(r1) and math.isnan(r2)
+        return
+    # the float64 sums' rounding is ~10⁻⁸ of τ: the same verdict but within 10⁻⁶ of the threshold
+    assert abs(r1 - r2) <= 1e-8 * max(r1, r2) + 1e-6
+    if push == 0.0:
+        assert r1 < 0.05 and r2 < 0.05  # rounding only: far inside τ on both paths
+    # one column more, and the sketch it was given not written (a refused step leaves the block's as it was)
+    assert l1[0].shape[0] == lk.coef.shape[0] + 1
+    now = (lk.coef, lk.kappa, lk.sq, lk.slack, lk.cmax, lk.csq)
+    assert all(np.array_equal(a, b) for a, b in zip(given, now, strict=True))
+
+
+@needs_numba
+def test_the_locked_score_kernel_refuses_shapes_that_do_not_fit() -> None:
+    """The compiled locked-score check indexes by the shapes it is given, so arrays that do not fit one
+    another are refused (SCXError) before anything is read."""
+    rng = np.random.default_rng(0)
+    lk = LockSketch.start(rng.standard_normal((5, 2)), rng.standard_normal((5, 2, 4)))
+    qk, new, s = rng.standard_normal((6, 4)), rng.standard_normal(2), rng.standard_normal((4, 6))
+    lock_scores_excess(lk, qk, new, s, 2, 0.5, 2.0**-24)  # the matching shapes are accepted
+    for args in (
+        (qk[:5], new, s, 2),  # a head missing from [q; k]
+        (qk, new[:1], s, 2),  # coefficients for fewer vectors
+        (qk, new, s[:, :5], 2),  # scores for fewer keys than the sketch has
+        (qk, new, s, 1),  # a group size that does not match the heads
+    ):
+        with pytest.raises(SCXError):
+            lock_scores_excess(lk, *args, 0.5, 2.0**-24)

@@ -30,14 +30,17 @@ so each row is read once.
   ``attention_excess`` (the recomputed attention rows' verdict) rounds the same operations as the numpy
   τ and verdict it replaces; ``attention_check`` is an attention reply's two checks in one call
   (``range_excess`` and its verdict, then ``attention_rows64`` and ``attention_excess``, in the verifier's
-  order: the same verdicts).
+  order: the same verdicts); ``lock_check`` is a generation step's check against a last guard block's
+  locked cache (``lock_scores_excess``: the sketch extended and the verdict, the numpy expressions in
+  loops, so within float64 rounding of them).
 * ``rms_norm`` (the backend's RMSNorm: on the server, the first read of the rows it normalizes) sums each
   row's squares in float64 (reassociated, in a loop that stores nothing), rounds the scale to the dtype
   and then rounds γ·(x·s) as the eager form does; it also tests every entry of x for finiteness, the
   server's check of those rows. ``properties/test_fused.py`` bounds it within 4u of the exact norm (the
   eager form's bound is (w + 8)u).
   ``properties/test_verifier_kernels.py`` checks them against the eager forms: equal for max, min and the
-  verdict, to float64 rounding for sums; and the fused check against the three calls, equal.
+  verdict, to float64 rounding for sums; the fused check against the three calls, equal; the locked-cache
+  check against its numpy expressions, to float64 rounding.
 
 The kernels take numpy arrays (C-contiguous views of CPU tensors) and write into ``out`` arrays the caller
 allocates. They index without bounds checks (numba's ``boundscheck`` off), so nothing they are given is
@@ -102,6 +105,7 @@ class Kernels:
     gate_up_excess: Any
     attention_excess: Any
     attention_check: Any
+    lock_check: Any
     sum_norms: Any
     rms_norms: Any
     set_num_threads: Any
@@ -195,6 +199,7 @@ def _build() -> Kernels | None:
         nk.gate_up_excess,
         nk.attention_excess,
         nk.attention_check,
+        nk.lock_check,
         nk.sum_norms,
         nk.rms_norms,
         numba.set_num_threads,

@@ -501,6 +501,15 @@ def sum_squares64(row: Any) -> float:
     return s
 
 
+@fast
+def dot64(a: Any, b: Any) -> float:
+    # Σ_t a_t·b_t in float64 over a's length (reassociated and contracted: a loop that stores nothing)
+    s = 0.0
+    for t in range(a.shape[0]):
+        s += np.float64(a[t]) * np.float64(b[t])
+    return s
+
+
 @jit
 def rms_norm_rows(x: Any, gain: Any, eps: float, out: Any, scale: Any, lo: int, hi: int, bad: Any) -> None:
     # rows lo … hi − 1: out_i = γ ⊙ (x_i·s_i), s_i = (Σ_t x_it² / w + ε)^−½ from a float64 sum, rounded to
@@ -963,7 +972,8 @@ def attention_check(
     parts: int,
 ) -> tuple[float, float]:
     # an attention reply's two verdicts: queries q and outputs o (queries × H × d_h, query i at position
-    # first + i), keys and values k, v (keys × H_kv × d_h), all C-contiguous in one dtype. The range check
+    # first + i), keys and values k, v (keys × H_kv × d_h), all in one dtype, k, v and o C-contiguous (q may
+    # be a strided view: only the recomputed rows' queries are read, into rows of their own). The range check
     # (when ``ranged``, else 0.0): range_excess, its slack λu(√keys + 4)·max|v| and the float verdict of
     # excess_ratio on the excess above 0; then the recomputed rows (0.0 with none): attention_rows64 of
     # q[rows], o[rows] at positions first + rows, and attention_excess — the same kernels and operations in
@@ -1012,3 +1022,93 @@ def attention_check(
         norms[0], norms[1], norms[2], kmax, vmax_rows, pos, group, scale, d_h, u, lam, u64, tiny
     )
     return by_range, by_rows
+
+
+@jit
+def lock_check(
+    qk: Any,
+    new: Any,
+    coef: Any,
+    kappa: Any,
+    sq: Any,
+    slack: Any,
+    cmax: Any,
+    csq: Any,
+    s: Any,
+    group: int,
+    scale: float,
+    u: float,
+    rope: float,
+    lam: float,
+    u64: float,
+    tiny: float,
+) -> tuple[float, Any, Any, Any, Any, Any, Any]:
+    # a generation step's scores s (H × m, float64) against a last guard block's locked-cache sketch
+    # (coef m−1 × k, κ k × H_kv × d_h, Σc²‖K‖² and slack k × H_kv, max|c| and Σc² k) extended by the step's
+    # key with coefficients ``new`` (k): the sketch extended (new arrays; the given ones are not written)
+    # and the verdict — the verifier's numpy expressions (SessionVerifier.gen_last) in loops: max over
+    # heads h and vectors v of |Σ_j s_hj c'_jv − scale·q_h·κ'_vg| / max(τ_hv, tiny), NaN when a ratio or
+    # a τ is not finite. qk: the client's RoPE'd [q; k] heads ((H + H_kv) × d_h, float64). −1.0 (and
+    # empty arrays) when the shapes do not fit one another.
+    n_h, m = s.shape
+    k, h_kv, d_h = kappa.shape
+    fits = (
+        n_h == h_kv * group
+        and qk.shape[0] == n_h + h_kv
+        and qk.shape[1] == d_h
+        and new.shape[0] == k
+        and coef.shape[0] == m - 1
+        and coef.shape[1] == k
+        and sq.shape[0] == k
+        and sq.shape[1] == h_kv
+        and slack.shape[0] == k
+        and slack.shape[1] == h_kv
+        and cmax.shape[0] == k
+        and csq.shape[0] == k
+    )
+    if not fits:
+        none1, none2 = np.empty(0), np.empty((0, 0))
+        return -1.0, none2, np.empty((0, 0, 0)), none2, none2, none1, none1
+    # the sketch extended by the appended key (the client's RoPE'd k) with coefficients new
+    coef2 = np.empty((m, k))
+    coef2[: m - 1] = coef
+    coef2[m - 1] = new
+    coef_t = coef2.T.copy()  # k × m: each vector's coefficients contiguous
+    kappa2, sq2, slack2 = np.empty((k, h_kv, d_h)), np.empty((k, h_kv)), np.empty((k, h_kv))
+    cmax2, csq2, kapn = np.empty(k), np.empty(k), np.empty((k, h_kv))
+    for g in range(h_kv):
+        key = qk[n_h + g]
+        kk = dot64(key, key)
+        for v in range(k):
+            c = new[v]
+            for t in range(d_h):
+                kappa2[v, g, t] = kappa[v, g, t] + c * key[t]
+            kapn[v, g] = np.sqrt(dot64(kappa2[v, g], kappa2[v, g]))
+            sq2[v, g] = sq[v, g] + (c * c) * kk
+            slack2[v, g] = slack[v, g] + abs(c) * (rope * np.sqrt(kk))
+    for v in range(k):
+        cmax2[v] = max(cmax[v], abs(new[v]))
+        csq2[v] = csq[v] + new[v] * new[v]
+    worst, bad = 0.0, False
+    root_m = np.sqrt(np.float64(m))
+    c_score = lam * u * (np.sqrt(np.float64(d_h)) + 3.0)
+    for h in range(n_h):
+        g = h // group
+        q, row = qk[h], s[h]
+        qs = np.sqrt(dot64(q, q)) * scale
+        snorm = np.sqrt(dot64(row, row))
+        for v in range(k):
+            got = dot64(row, coef_t[v])
+            want = dot64(q, kappa2[v, g]) * scale
+            tau = (
+                c_score * qs * np.sqrt(sq2[v, g])
+                + lam * u * snorm * cmax2[v]
+                + rope * qs * kapn[v, g]
+                + qs * slack2[v, g]
+                + lam * u64 * root_m * snorm * np.sqrt(csq2[v])
+            )
+            ratio = abs(got - want) / max(tau, tiny)
+            if not (np.isfinite(ratio) and np.isfinite(tau)):
+                bad = True
+            worst = ratio if ratio > worst else worst
+    return (np.nan if bad else worst), coef2, kappa2, sq2, slack2, cmax2, csq2

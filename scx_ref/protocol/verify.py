@@ -97,6 +97,7 @@ __all__ = [
     "LAMBDA",
     "VECTORS",
     "VECTORS_MANY",
+    "LockSketch",
     "RecomputedRows",
     "SessionVerifier",
     "SketchCache",
@@ -104,6 +105,7 @@ __all__ = [
     "attention_rows64",
     "attention_tau",
     "check_reply",
+    "lock_scores_excess",
     "prefix_extreme",
     "range_excess",
     "unit_roundoff",
@@ -584,7 +586,7 @@ class _Check:
 
 
 @dataclass
-class _LockSketch:
+class LockSketch:
     """A last guard block's locked cache as the client knows it: the coefficients c (columns × k), κ =
     Σ_j c_j K_j (k × H_kv × d_h) and Σ_j c_j²‖K_j‖² (k × H_kv), with max_j |c_j| and Σ_j c_j² (k each)."""
 
@@ -596,9 +598,9 @@ class _LockSketch:
     csq: F64
 
     @staticmethod
-    def start(coef: F64, keys: F64) -> _LockSketch:
+    def start(coef: F64, keys: F64) -> LockSketch:
         """The sketch of the locked keys ``keys`` (columns × H_kv × d_h) with coefficients ``coef``."""
-        return _LockSketch(
+        return LockSketch(
             coef=coef,
             kappa=np.einsum("jv,jhd->vhd", coef, keys),
             sq=np.einsum("jv,jh->vh", coef**2, np.einsum("jhd,jhd->jh", keys, keys)),
@@ -607,10 +609,10 @@ class _LockSketch:
             csq=np.einsum("jv,jv->v", coef, coef),
         )
 
-    def extend(self, new: F64, key: F64, key_slack: F64) -> _LockSketch:
+    def extend(self, new: F64, key: F64, key_slack: F64) -> LockSketch:
         """The sketch with one more column: the appended key ``key`` (H_kv × d_h) with coefficients ``new``
         (k), the server's copy of it within ``key_slack`` (H_kv) of the client's."""
-        return _LockSketch(
+        return LockSketch(
             coef=np.concatenate([self.coef, new[None, :]]),
             kappa=self.kappa + new[:, None, None] * key[None],
             sq=self.sq + (new**2)[:, None] * np.einsum("hd,hd->h", key, key)[None, :],
@@ -618,6 +620,63 @@ class _LockSketch:
             cmax=np.maximum(self.cmax, np.abs(new)),
             csq=self.csq + new * new,
         )
+
+
+def lock_scores_excess(
+    lk: LockSketch, qk: F64, new: F64, s: F64, group: int, scale: float, u: float
+) -> tuple[float, LockSketch]:
+    """A generation step's scores ``s`` (H × m) against a last guard block's locked-cache sketch ``lk``
+    extended by the step's key with coefficients ``new`` (k): the extended sketch and the verdict
+    (:func:`excess_ratio` of Σ_j s_hj c_j − q_h·κ_g·scale against τ). ``qk``: the client's RoPE'd
+    [q; k] heads ((H + H_kv) × d_h), from the checked projection. The server RoPE'd the same z: per head
+    each side's rotation (two products and an add per entry) is within 3√2·u‖row‖ of the exact one, so
+    the two differ by at most 2λ·5u‖row‖. One float64 pass where the CPU kernels are installed
+    (:mod:`scx_ref.backends.cpu_kernels`; the same expressions in loops, so within float64 rounding of
+    them), else the numpy expressions below."""
+    n_h, h_kv = s.shape[0], lk.kappa.shape[1]
+    rope = 2.0 * LAMBDA * u * 5.0
+    kern = kernels()
+    if kern is not None:
+        arrays = (qk, new, lk.coef, lk.kappa, lk.sq, lk.slack, lk.cmax, lk.csq, s)
+        ratio, *parts = kern.lock_check(
+            *(np.ascontiguousarray(a, dtype=np.float64) for a in arrays),
+            group,
+            scale,
+            u,
+            rope,
+            LAMBDA,
+            _U64,
+            _TINY,
+        )
+        if ratio == -1.0:
+            raise SCXError(f"scores {s.shape} and a step's [q; k] {qk.shape} do not fit the locked sketch")
+        return float(ratio), LockSketch(*parts)
+    # a NaN or an infinity among the scores is refused (NaN) by excess_ratio: no warnings on the way
+    with np.errstate(invalid="ignore", over="ignore"):
+        q_own, k_own = qk[:n_h], qk[n_h:]  # H × d_h, H_kv × d_h
+        qn = np.linalg.norm(q_own, axis=-1)  # H
+        # the scores: Σ_j c_j s_hj = q_h·κ_g/√d_h, κ extended by this step's key with a fresh c (the server
+        # keeps its own copy of the key: within rope·‖k‖ of the client's)
+        lk = lk.extend(new, k_own, rope * np.linalg.norm(k_own, axis=-1))
+        snorm = np.linalg.norm(s, axis=-1)[:, None]  # H × 1
+        got = s @ lk.coef  # H × k
+        # head h reads KV head h // g: q as H_kv × g × d_h against κ (k × H_kv × d_h)
+        d_h = qk.shape[1]
+        want = np.einsum("hed,vhd->hev", q_own.reshape(h_kv, group, d_h), lk.kappa).reshape(n_h, -1) * scale
+        # the per-KV-head terms (k × H_kv) as H × k: head h reads KV head h // g
+        sq, kap, slack = (
+            np.repeat(t.T, group, axis=0) for t in (lk.sq, np.linalg.norm(lk.kappa, axis=-1), lk.slack)
+        )
+        qs = qn[:, None] * scale
+        m = lk.coef.shape[0]
+        tau = (
+            LAMBDA * u * (math.sqrt(d_h) + 3.0) * qs * np.sqrt(sq)  # the server's scores
+            + LAMBDA * u * snorm * lk.cmax[None, :]  # their output rounding
+            + rope * qs * kap  # the server's q is not exactly the client's
+            + qs * slack  # nor its appended keys
+            + LAMBDA * _U64 * math.sqrt(m) * snorm * np.sqrt(lk.csq)[None, :]  # the client's float64 sums
+        )
+    return excess_ratio(got - want, tau), lk
 
 
 @dataclass
@@ -633,7 +692,7 @@ class SessionVerifier(Generic[A]):
     checks: int = 0
     flops: int = 0
     _checks: dict[tuple[str, int, int | None], _Check] = field(default_factory=dict)
-    _locks: dict[int, _LockSketch] = field(default_factory=dict)
+    _locks: dict[int, LockSketch] = field(default_factory=dict)
     _mix: F64 | None = None
     _rows: dict[tuple[int, int], npt.NDArray[np.int64]] = field(default_factory=dict)
     _lock_steps: dict[tuple[int, int], F64] = field(default_factory=dict)
@@ -983,7 +1042,10 @@ class SessionVerifier(Generic[A]):
         dtype = arrays[0].dtype
         if dtype not in (np.float32, np.float64) or any(a.dtype != dtype or a.ndim != 3 for a in arrays):
             return False
-        q, k, v, o = (np.ascontiguousarray(a) for a in arrays)
+        # q as it is (a strided view of the decoded [Q K] heads, of which the kernel reads the recomputed
+        # rows only: no copy of the rest); k, v and o C-contiguous (the float64 sums read them in order)
+        q = arrays[0]
+        k, v, o = (np.ascontiguousarray(a) for a in arrays[1:])
         idx = np.ascontiguousarray(rows, dtype=np.int64)
         work = c.n_heads * c.head_dim * (int(idx.sum()) + (first + 1) * idx.size)  # Σ (pos + 1) multiply-adds
         scale = 1.0 / math.sqrt(c.head_dim)
@@ -1009,7 +1071,7 @@ class SessionVerifier(Generic[A]):
         """Start the locked-score sketch of block ``layer`` from the locked cache the client stores."""
         c = self.b.config
         kc = self._host(locked).reshape(-1, c.n_kv_heads, c.head_dim)
-        self._locks[layer] = _LockSketch.start(self.keys.verify_lock(layer, kc.shape[0], self.vectors), kc)
+        self._locks[layer] = LockSketch.start(self.keys.verify_lock(layer, kc.shape[0], self.vectors), kc)
         self.flops += 4 * kc.size * self.vectors
 
     def gen_last(self, layer: int, step: int, h: A, pos: int, scores: A, z: A, u: float) -> None:
@@ -1037,40 +1099,16 @@ class SessionVerifier(Generic[A]):
         )
         # q's and k's heads RoPE'd in one call (the rotation is per head, at the row's position)
         qk = b.reshape(b.narrow(z, 1, 0, c.q_dim + c.kv_dim), (1, H + H_kv, dh))
-        qk_own = self._host(b.rope(qk, np.array([pos])))[0]
-        q_own, k_own = qk_own[:H], qk_own[H:]  # H × d_h, H_kv × d_h
-        # the server RoPE'd the same z: per head each side's rotation (two products and an add per entry)
-        # is within 3√2·u‖row‖ of the exact one, so the two differ by at most 2λ·5u‖row‖
-        rope = 2.0 * LAMBDA * u * 5.0
-        qn = np.linalg.norm(q_own, axis=-1)  # H
-        # the scores: Σ_j c_j s_hj = q_h·κ_g/√d_h, κ extended by this step's key with a fresh c (the server
-        # keeps its own copy of the key: within rope·‖k‖ of the client's)
+        qk_own = self._host(b.rope(qk, np.array([pos])))[0]  # [q; k]: (H + H_kv) × d_h
         new = self.lock_step(layer, step)[0]  # k, derived ahead or now
         del self._lock_steps[(layer, step)]  # used once
-        lk = lk.extend(new, k_own, rope * np.linalg.norm(k_own, axis=-1))
         s64 = self._host(scores).reshape(H, -1)  # H × m
-        if s64.shape[1] != lk.coef.shape[0]:
+        if s64.shape[1] != lk.coef.shape[0] + 1:
             raise IntegrityError(
-                f"gen_last of block {layer}: {s64.shape[1]} scores for {lk.coef.shape[0]} keys"
+                f"gen_last of block {layer}: {s64.shape[1]} scores for {lk.coef.shape[0] + 1} keys"
             )
-        scale = 1.0 / math.sqrt(dh)
-        snorm = np.linalg.norm(s64, axis=-1)[:, None]  # H × 1
-        got = s64 @ lk.coef  # H × k
-        # head h reads KV head h // g: q as H_kv × g × d_h against κ (k × H_kv × d_h)
-        want = np.einsum("hed,vhd->hev", q_own.reshape(H_kv, g, dh), lk.kappa).reshape(H, -1) * scale
-        # the per-KV-head terms (k × H_kv) as H × k: head h reads KV head h // g
-        sq, kap, slack = (
-            np.repeat(t.T, g, axis=0) for t in (lk.sq, np.linalg.norm(lk.kappa, axis=-1), lk.slack)
-        )
-        qs = qn[:, None] * scale
-        m = lk.coef.shape[0]
-        tau = (
-            LAMBDA * u * (math.sqrt(dh) + 3.0) * qs * np.sqrt(sq)  # the server's scores
-            + LAMBDA * u * snorm * lk.cmax[None, :]  # their output rounding
-            + rope * qs * kap  # the server's q is not exactly the client's
-            + qs * slack  # nor its appended keys
-            + LAMBDA * _U64 * math.sqrt(m) * snorm * np.sqrt(lk.csq)[None, :]  # the client's float64 sums
-        )
+        ratio, lk = lock_scores_excess(lk, qk_own, new, s64, g, 1.0 / math.sqrt(dh), u)
         self.flops += 2 * H * lk.coef.shape[0] * self.vectors
-        self._judge(Stage.GEN_LAST, layer, got - want, tau, "the scores against the locked cache")
+        checks = H * lk.coef.shape[1]
+        self._accept(Stage.GEN_LAST, layer, ratio, checks, "the scores against the locked cache")
         self._locks[layer] = lk
