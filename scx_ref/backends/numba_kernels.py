@@ -1046,7 +1046,7 @@ def lock_check(
     # a generation step's scores s (H × m, float64) against a last guard block's locked-cache sketch
     # (coef m−1 × k, κ k × H_kv × d_h, Σc²‖K‖² and slack k × H_kv, max|c| and Σc² k) extended by the step's
     # key with coefficients ``new`` (k): the sketch extended (new arrays; the given ones are not written)
-    # and the verdict — the verifier's numpy expressions (SessionVerifier.gen_last) in loops: max over
+    # and the verdict — lock_scores_excess's numpy expressions (scx_ref.protocol.verify) in loops: max over
     # heads h and vectors v of |Σ_j s_hj c'_jv − scale·q_h·κ'_vg| / max(τ_hv, tiny), NaN when a ratio or
     # a τ is not finite. qk: the client's RoPE'd [q; k] heads ((H + H_kv) × d_h, float64). −1.0 (and
     # empty arrays) when the shapes do not fit one another.
@@ -1054,17 +1054,13 @@ def lock_check(
     k, h_kv, d_h = kappa.shape
     fits = (
         n_h == h_kv * group
-        and qk.shape[0] == n_h + h_kv
-        and qk.shape[1] == d_h
-        and new.shape[0] == k
-        and coef.shape[0] == m - 1
-        and coef.shape[1] == k
-        and sq.shape[0] == k
-        and sq.shape[1] == h_kv
-        and slack.shape[0] == k
-        and slack.shape[1] == h_kv
-        and cmax.shape[0] == k
-        and csq.shape[0] == k
+        and qk.shape == (n_h + h_kv, d_h)
+        and new.shape == (k,)
+        and coef.shape == (m - 1, k)
+        and sq.shape == (k, h_kv)
+        and slack.shape == (k, h_kv)
+        and cmax.shape == (k,)
+        and csq.shape == (k,)
     )
     if not fits:
         none1, none2 = np.empty(0), np.empty((0, 0))
