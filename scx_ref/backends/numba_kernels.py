@@ -1074,12 +1074,12 @@ def lock_check(
     cmax2, csq2, kapn = np.empty(k), np.empty(k), np.empty((k, h_kv))
     for g in range(h_kv):
         key = qk[n_h + g]
-        kk = dot64(key, key)
+        kk = sum_squares64(key)
         for v in range(k):
             c = new[v]
             for t in range(d_h):
                 kappa2[v, g, t] = kappa[v, g, t] + c * key[t]
-            kapn[v, g] = np.sqrt(dot64(kappa2[v, g], kappa2[v, g]))
+            kapn[v, g] = np.sqrt(sum_squares64(kappa2[v, g]))
             sq2[v, g] = sq[v, g] + (c * c) * kk
             slack2[v, g] = slack[v, g] + abs(c) * (rope * np.sqrt(kk))
     for v in range(k):
@@ -1091,8 +1091,8 @@ def lock_check(
     for h in range(n_h):
         g = h // group
         q, row = qk[h], s[h]
-        qs = np.sqrt(dot64(q, q)) * scale
-        snorm = np.sqrt(dot64(row, row))
+        qs = np.sqrt(sum_squares64(q)) * scale
+        snorm = np.sqrt(sum_squares64(row))
         for v in range(k):
             got = dot64(row, coef_t[v])
             want = dot64(q, kappa2[v, g]) * scale
