@@ -488,6 +488,28 @@ class Client(Generic[A]):
         """Block i on ``s`` = π_i(H ⊕ R), the rows its QKV stage sends (H the residual stream, R the decoy
         rows carried from the previous FFN stage). Returns π_{i+1}(H′ ⊕ R′) — block i+1's QKV rows — and,
         for a guard block, its RoPE'd keys and values in true order (n × H_kv × d_h); None for the others."""
+        # the attention half in a call of its own: its replies and messages ([Q K V], the attention output,
+        # the O stage's) are freed when it returns instead of being held through the FFN stage, whose
+        # intermediates are a block's largest arrays where the MLP is wide (README: Performance, stop 36)
+        rows, k_rope, v = self._attention_half(link, i, s, pos)
+        # 4. FFN stage under π_{i+1} on H′ = H + O·W_o (``rows``; its decoys ride on into block i+1)
+        b, n = self.b, len(pos)
+        if self._blinded(Stage.FFN, i):
+            xn = b.norm(rows, "mlp", i)  # row-wise: commutes with π_{i+1}
+            y = self._blinded_mlp(link, i, -1, xn, Stage.FFN, Stage.FFN_DOWN, Stage.ROUTER)
+            nxt = b.add(rows, y)
+        else:
+            y = self._mlp_stage(link, Stage.FFN, i, -1, rows, consumed=True)
+            # the residual add tests every entry of the sum (so of y) as it writes it
+            nxt = self._consume(Stage.FFN, lambda: b.add(rows, y, name="reply ffn.y (in the residual sum)"))
+        self.meter.elementwise(Stage.FFN, 2 * (n + self.cfg.r1) * self.c.hidden_size)
+        # the residual add in encoded order: π(H ⊕ R) + π(MLP rows) = π(H′ ⊕ R′), block i+1's QKV rows (T1)
+        return nxt, k_rope, v
+
+    def _attention_half(self, link: Transport, i: int, s: A, pos: IndexArray) -> tuple[A, A | None, A | None]:
+        """Block i's QKV, attention and O stages on ``s`` = π_i(H ⊕ R): returns the FFN stage's rows
+        π_{i+1}(H′ ⊕ R′), H′ = H + O·W_o with fresh decoys R′, and (a guard block) its RoPE'd keys and
+        values in true order, as :meth:`_prefill_block`."""
         b, c, cfg = self.b, self.c, self.cfg
         assert self.state is not None
         prep, verifier = self.state.prep, self.state.verifier
@@ -569,8 +591,8 @@ class Client(Generic[A]):
             o_rows = self._consume(Stage.ATTN, lambda: encode_head_rows(o, keys.head, g, o_dec, keys.pi_o, b))
         self.meter.elementwise(Stage.QKV, 3 * n * (c.q_dim + c.kv_dim))
         y = self._linear(link, Stage.O, i, -1, o_rows, "wo", consumed=not needs_real)
-        # 4. FFN stage under π_{i+1} on H′ = H + O·W_o: the residual add carried from π_i (s) and π′_i
-        #    (y) straight to π_{i+1} with fresh decoys, which ride on into block i+1's QKV stage
+        # 4. the FFN stage's rows, π_{i+1}(H′ ⊕ R′) for H′ = H + O·W_o: the residual add carried from π_i (s)
+        #    and π′_i (y) straight to π_{i+1} with fresh decoys, which ride on into block i+1's QKV stage
         real = None
         if needs_real:  # a policy that looks at the real rows: H′ in true order
             real = b.add(decode_rows(s, keys.pi, n, b), decode_rows(y, keys.pi_o, n, b))
@@ -579,17 +601,7 @@ class Client(Generic[A]):
             self._dropped_finite(Stage.O, y, keys.pi_o, n, "reply o.y")
         perm = prep.token_perm(i + 1)
         rows = self._consume(Stage.O, lambda: reencode_sum(s, keys.pi, y, keys.pi_o, decoys, perm, b))
-        if self._blinded(Stage.FFN, i):
-            xn = b.norm(rows, "mlp", i)  # row-wise: commutes with π_{i+1}
-            y = self._blinded_mlp(link, i, -1, xn, Stage.FFN, Stage.FFN_DOWN, Stage.ROUTER)
-            nxt = b.add(rows, y)
-        else:
-            y = self._mlp_stage(link, Stage.FFN, i, -1, rows, consumed=True)
-            # the residual add tests every entry of the sum (so of y) as it writes it
-            nxt = self._consume(Stage.FFN, lambda: b.add(rows, y, name="reply ffn.y (in the residual sum)"))
-        self.meter.elementwise(Stage.FFN, 2 * (n + cfg.r1) * c.hidden_size)
-        # the residual add in encoded order: π(H ⊕ R) + π(MLP rows) = π(H′ ⊕ R′), block i+1's QKV rows (T1)
-        return nxt, k_rope, v
+        return rows, k_rope, v
 
     def _prefill_head(self, link: Transport, s: A) -> npt.NDArray[Any]:
         """The LM-head stage on ``s`` = π_L(H ⊕ R); returns the n real rows' logits in true order."""
