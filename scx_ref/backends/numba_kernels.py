@@ -5,6 +5,11 @@ They are module-level functions so that numba's on-disk cache finds them again i
 defined inside a function closes over the dispatchers it calls, and a parallel kernel keyed that way missed
 the cache in every process (about 6 s of compiling on a process's first request, and a new cache entry
 each time).
+
+Call them through :func:`.cpu_kernels.kernels`, which starts numba's threading layer before the first call:
+a kernel loaded from the disk cache that runs a parallel one (``attention_check`` → ``attention_rows64``),
+called from here in a fresh process before the layer had started, crashed it (a segmentation fault, numba
+0.68.1; with ``numba.get_num_threads()`` called first, none).
 """
 
 from __future__ import annotations
