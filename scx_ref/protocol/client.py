@@ -492,7 +492,7 @@ class Client(Generic[A]):
         # the O stage's) are freed when it returns instead of being held through the FFN stage, whose
         # intermediates are a block's largest arrays where the MLP is wide (README: Performance, stop 36)
         rows, k_rope, v = self._attention_half(link, i, s, pos)
-        # 4. FFN stage under π_{i+1} on H′ = H + O·W_o (``rows``; its decoys ride on into block i+1)
+        # the FFN stage under π_{i+1} on H′ = H + O·W_o (``rows``; its decoys ride on into block i+1)
         b, n = self.b, len(pos)
         if self._blinded(Stage.FFN, i):
             xn = b.norm(rows, "mlp", i)  # row-wise: commutes with π_{i+1}
