@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 
 from scx_models.runs import generate_run
 
+from scx_ref.zoo.engines import scx_config
 from scx_ref.zoo.perplexity import PPL_CRITERION, ppl_run
 
 pytestmark = pytest.mark.slow
@@ -55,7 +56,11 @@ def test_smollm2_blind_level_within_bound(dtype: str, beta: float) -> None:
 
 
 def test_smollm2_blind_large_beta_float32_exceeds_bound() -> None:
-    """Control: the measurement sees blinding's cancellation error — float32 at β = 1000 (measured 2e-3)
-    is far beyond the float32 bound, so a bound met at small β is not an artefact of a blind metric."""
-    rec = ppl_run("smollm2", "float32", "blind", 1000.0, tokens=256, window=256)
+    """Control: the measurement sees blinding's cancellation error — float32 blinding at β = 1000 (measured
+    2e-3) is far beyond the float32 bound, so a bound met at small β is not an artefact of a blind metric.
+    The blinded stages stay in float32 (``blind_dtype="backend"``): the default ``"auto"`` runs them in
+    float64 above β = 5, which removes that error (this control then read 1.7e-7 and failed)."""
+    cfg = scx_config("blind", 1000.0, blind_dtype="backend")
+    rec = ppl_run("smollm2", "float32", tokens=256, window=256, config=cfg)
+    assert rec["config"]["blind_dtype"] == "backend" and rec["beta"] == 1000.0
     assert rec["rel_delta_ppl"] > PPL_CRITERION["float32"], rec
