@@ -283,13 +283,13 @@ def _pair(w: ModelWeights) -> tuple[NumpyBackend, TorchBackend]:
 @contextlib.contextmanager
 def gemm_blocks(block: int, rows: int) -> Iterator[None]:
     """:func:`dense` splitting every product of ≥ ``rows`` rows and ≥ 2·``block`` outputs into column
-    blocks of ``block`` (the test models are far narrower than the default threshold)."""
-    saved = torch_backend.GEMM_BLOCK, torch_backend.GEMM_BLOCK_ROWS
-    torch_backend.GEMM_BLOCK, torch_backend.GEMM_BLOCK_ROWS = block, rows
+    blocks of ``block``, at any input width (the test models are far narrower than the default threshold)."""
+    saved = torch_backend.GEMM_BLOCK_MIN_IN, torch_backend.GEMM_BLOCK, torch_backend.GEMM_BLOCK_ROWS
+    torch_backend.GEMM_BLOCK_MIN_IN, torch_backend.GEMM_BLOCK, torch_backend.GEMM_BLOCK_ROWS = 0, block, rows
     try:
         yield
     finally:
-        torch_backend.GEMM_BLOCK, torch_backend.GEMM_BLOCK_ROWS = saved
+        torch_backend.GEMM_BLOCK_MIN_IN, torch_backend.GEMM_BLOCK, torch_backend.GEMM_BLOCK_ROWS = saved
 
 
 @given(

@@ -242,10 +242,13 @@ def test_verifier_products_over_many_slices_in_and_out_of_inference_mode() -> No
     np.testing.assert_allclose(small, x[:5, :40].double().numpy() @ right[:40], rtol=1e-12, atol=1e-12)
 
 
-def test_dense_splits_wide_cpu_products_and_keeps_autograd() -> None:
-    """At the real threshold (a wide output, enough rows) ``dense`` matches one F.linear to float32 rounding,
-    and a product that needs gradients runs as one F.linear (``out=`` writes take no autograd) with the
-    same gradients."""
+def test_dense_splits_wide_cpu_products_and_keeps_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the real threshold (a wide output, enough rows) ``dense`` in blocks matches one F.linear to float32
+    rounding, and a product that needs gradients runs as one F.linear (``out=`` writes take no autograd)
+    with the same gradients."""
+    from scx_ref.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "GEMM_BLOCK_MIN_IN", 0)  # blocks at any input width
     rng = np.random.default_rng(0)
     rows, width, out = GEMM_BLOCK_ROWS, 64, 2 * GEMM_BLOCK + 5  # a last block narrower than the others
     x = torch.from_numpy(rng.standard_normal((rows, width)).astype(np.float32))
@@ -265,9 +268,10 @@ def test_dense_splits_wide_cpu_products_and_keeps_autograd() -> None:
 
 
 def test_dense_splits_only_between_its_row_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A wide product is one F.linear below :data:`GEMM_BLOCK_ROWS` rows and from
-    :data:`GEMM_BLOCK_MAX_ROWS` rows on (where one GEMM is the faster), column blocks in between; every
-    form within float32 rounding of one F.linear."""
+    """A wide product of inputs at least :data:`GEMM_BLOCK_MIN_IN` wide is one F.linear below
+    :data:`GEMM_BLOCK_ROWS` rows and from :data:`GEMM_BLOCK_MAX_ROWS` rows on (where one GEMM is the
+    faster), column blocks in between; of narrower inputs, one F.linear at any row count; every form
+    within float32 rounding of one F.linear."""
     from scx_ref.backends import torch_backend
 
     calls: list[int] = []
@@ -280,12 +284,16 @@ def test_dense_splits_only_between_its_row_thresholds(monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch_backend.F, "linear", counted)
     rng = np.random.default_rng(1)
     w = torch.from_numpy(rng.standard_normal((2 * GEMM_BLOCK, 8)).astype(np.float32))
-    for rows, one_gemm in (
-        (GEMM_BLOCK_ROWS - 1, True),
-        (GEMM_BLOCK_ROWS, False),
-        (GEMM_BLOCK_MAX_ROWS - 1, False),
-        (GEMM_BLOCK_MAX_ROWS, True),
+    for min_in, rows, one_gemm in (
+        (0, GEMM_BLOCK_ROWS - 1, True),
+        (0, GEMM_BLOCK_ROWS, False),
+        (0, GEMM_BLOCK_MAX_ROWS - 1, False),
+        (0, GEMM_BLOCK_MAX_ROWS, True),
+        (9, GEMM_BLOCK_ROWS, True),  # inputs (8) narrower than GEMM_BLOCK_MIN_IN: one F.linear at any rows
+        (9, GEMM_BLOCK_MAX_ROWS - 1, True),
+        (8, GEMM_BLOCK_ROWS, False),
     ):
+        monkeypatch.setattr(torch_backend, "GEMM_BLOCK_MIN_IN", min_in)
         calls.clear()
         x = torch.from_numpy(rng.standard_normal((rows, 8)).astype(np.float32))
         got = dense(x, w)

@@ -51,6 +51,7 @@ from .cpu_kernels import Kernels, column_index, kernels
 __all__ = [
     "GEMM_BLOCK",
     "GEMM_BLOCK_MAX_ROWS",
+    "GEMM_BLOCK_MIN_IN",
     "GEMM_BLOCK_ROWS",
     "TorchBackend",
     "TorchLayer",
@@ -79,16 +80,43 @@ GEMM_BLOCK_ROWS = 16
 GEMM_BLOCK_MAX_ROWS = 768
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor as ``/proc/cpuinfo`` names it (``"GenuineIntel"``, ``"AuthenticAMD"``; ``""`` where
+    there is no such file or line)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+#: The narrowest input (``in``, ``w.shape[1]``) for which :func:`dense` splits a wide CPU product into
+#: column blocks: every width (0) on AMD CPUs with torch's MKL BLAS, 1024 elsewhere. MKL picks its kernels by
+#: CPU vendor, and the two kinds of machine measured disagree on narrow inputs
+#: (``models/results/dense_blocks.txt``): on an AMD EPYC the blocks were 5–20 % faster for SmolLM2's
+#: (in = 576) and a 1B-wide LLaMA's (in = 2048) LM heads and gate/up maps; on an Intel Xeon (AVX-512) they
+#: were 5–10 % slower for SmolLM2's (one F.linear: the server's prefill 9.8 ms less at n = 128 on two
+#: threads, 23.6 ms less at n = 512, paired), and within ±5 % of one F.linear from in = 1024 (1 024, 2 048
+#: and 4 096 measured; ``llama1b-random``'s prefill at n = 512 was 16 ms faster in blocks). Tests set it.
+GEMM_BLOCK_MIN_IN = (
+    0 if cpu_vendor() == "AuthenticAMD" and bool(torch.backends.mkl.is_available()) else 1024  # type: ignore[no-untyped-call]
+)
+
+
 def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x·Wᵀ + b`` for ``w`` stored out × in (``F.linear``'s semantics and layout): every projection of
     the torch backend. On the CPU, a 2-D ``x`` of :data:`GEMM_BLOCK_ROWS` to :data:`GEMM_BLOCK_MAX_ROWS` − 1
-    rows times a ``w`` of at least 2·:data:`GEMM_BLOCK` outputs is one GEMM per block of :data:`GEMM_BLOCK`
-    output columns, written into one result: each entry is the same length-``in`` dot product, while a
-    block's weights and outputs stay in the cache across the rows. Measured
-    (``models/results/dense_blocks.txt``) 5–20 % faster than one ``F.linear`` for the LM heads and fused
-    gate/up maps of SmolLM2 and a 1B-wide LLaMA at 130–514 rows on this project's CPUs, and slower from
-    about 768 rows; narrower products, fewer or more rows (a generation step, a long prompt), other devices
-    and products that need gradients are one ``F.linear``."""
+    rows times a ``w`` of at least 2·:data:`GEMM_BLOCK` outputs and :data:`GEMM_BLOCK_MIN_IN` inputs is one
+    GEMM per block of :data:`GEMM_BLOCK` output columns, written into one result: each entry is the same
+    length-``in`` dot product, while a block's weights and outputs stay in the cache across the rows.
+    Measured (``models/results/dense_blocks.txt``) 5–20 % faster than one ``F.linear`` for the LM heads and
+    fused gate/up maps of SmolLM2 and a 1B-wide LLaMA at 130–514 rows on an AMD EPYC, and slower from about
+    768 rows; on an Intel Xeon slower for SmolLM2's narrow inputs (hence :data:`GEMM_BLOCK_MIN_IN`). Narrower
+    products, fewer or more rows (a generation step, a long prompt), other devices and products that need
+    gradients are one ``F.linear``."""
     out_dim = w.shape[0]
     if (
         x.ndim != 2
@@ -97,6 +125,7 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) ->
         or not GEMM_BLOCK_ROWS <= x.shape[0] < GEMM_BLOCK_MAX_ROWS
         or x.device.type != "cpu"
         or x.shape[1] != w.shape[1]
+        or w.shape[1] < GEMM_BLOCK_MIN_IN
         or x.dtype != w.dtype
         or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)))
     ):  # (``out=`` writes take no autograd: a product that needs gradients is one F.linear)
