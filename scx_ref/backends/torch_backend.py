@@ -8,7 +8,7 @@ semantics as :class:`~scx_ref.backends.numpy_backend.NumpyBackend` (property-tes
   the ``out × in`` layout of ``torch.nn.functional.linear`` (no transpose at call time): the fused
   ``[W_q W_k W_v]`` (and Qwen2 bias), ``W_o``, the fused dense ``[W_gate W_up]``, ``W_down``; MoE experts
   as stacked ``E × 2f × d`` / ``E × d × f`` tensors. Every projection is :func:`dense`: one GEMM, or on
-  the CPU one per block of output columns when the output is wide;
+  the CPU one per block of output columns when the output is wide (and, but on AMD CPUs, the input too);
 * row permutations and the head-structured feature permutation are gathers (``index_select``);
 * attention is ``scaled_dot_product_attention`` with ``enable_gqa`` (no K/V head expansion), with
   ``is_causal`` when query and key positions coincide and an explicit boolean mask otherwise; rows
