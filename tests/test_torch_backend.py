@@ -8,6 +8,7 @@ to the logits' scale — bound 64·L·u·(1 + β)·(1 + max|logit|).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -431,3 +432,28 @@ def test_compiled_norm_bounds_follow_the_one_slack_rule() -> None:
     for width in (1, 64, 576):
         assert np.array_equal(k.sum_norms(sq, width), np.sqrt(sq) * sum_norm_slack(width, 2.0**-52))
         assert np.array_equal(k.rms_norms(sq, width), np.sqrt(sq) * sum_norm_slack(width + 6, 2.0**-52))
+
+
+def test_cpuinfo_reads_the_first_line_of_a_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cpuinfo`` returns the first value of a field, stripped, whatever the spacing before its colon; None
+    for a field the file lacks and where there is no such file (not Linux)."""
+    import builtins
+
+    from scx_ref import machine
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n"
+        "processor\t: 1\nvendor_id\t: GenuineIntel\n"
+    )
+    real_open = builtins.open
+
+    def fake_open(path: Any, *args: Any, **kw: Any) -> Any:
+        return real_open(fake if path == "/proc/cpuinfo" else path, *args, **kw)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert machine.cpuinfo("vendor_id") == "AuthenticAMD"
+    assert machine.cpuinfo("model name") == "AMD EPYC 7B13"
+    assert machine.cpuinfo("flags") is None
+    fake.unlink()
+    assert machine.cpuinfo("vendor_id") is None

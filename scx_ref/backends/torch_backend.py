@@ -43,6 +43,7 @@ from .. import ops
 from ..arrays import permute_rows_in_place
 from ..config import ModelConfig
 from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError, VocabularyError
+from ..machine import cpuinfo
 from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights
 from .base import Check, IndexArray, NormName, Products, WeightName, check_rope_split, sum_norm_slack
@@ -80,19 +81,6 @@ GEMM_BLOCK_ROWS = 16
 GEMM_BLOCK_MAX_ROWS = 768
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor as ``/proc/cpuinfo`` names it (``"GenuineIntel"``, ``"AuthenticAMD"``; ``""`` where
-    there is no such file or line)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 #: The narrowest input (``in``, ``w.shape[1]``) for which :func:`dense` splits a wide CPU product into
 #: column blocks: every width (0) on AMD CPUs with torch's MKL BLAS, 1024 elsewhere. MKL picks its kernels by
 #: CPU vendor, and the two kinds of machine measured disagree on narrow inputs
@@ -102,7 +90,7 @@ def cpu_vendor() -> str:
 #: threads, 23.6 ms less at n = 512, paired), and within ±5 % of one F.linear from in = 1024 (1 024, 2 048
 #: and 4 096 measured; ``llama1b-random``'s prefill at n = 512 was 16 ms faster in blocks). Tests set it.
 GEMM_BLOCK_MIN_IN = (
-    0 if cpu_vendor() == "AuthenticAMD" and bool(torch.backends.mkl.is_available()) else 1024  # type: ignore[no-untyped-call]
+    0 if cpuinfo("vendor_id") == "AuthenticAMD" and bool(torch.backends.mkl.is_available()) else 1024  # type: ignore[no-untyped-call]
 )
 
 

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, SCXError
+from ..machine import cpuinfo
 from ..protocol.config import LEVELS
 from ..protocol.presets import preset
 from ..zoo import MODEL_NAMES, load_hf, load_weights, parse_random, weights_names_help
@@ -734,15 +735,7 @@ def _machine() -> str:
     """The CPU model and logical CPU count (Linux /proc/cpuinfo when readable)."""
     import platform
 
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    name = cpuinfo("model name") or platform.processor() or platform.machine()
     return f"{name}, {os.cpu_count()} logical CPUs"
 
 
