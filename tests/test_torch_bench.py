@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from scx_ref.backends import cpu_kernels
+from scx_ref.backends import cpu_kernels, torch_backend
 from scx_ref.cli import main
 from scx_ref.commands.bench import build_backend
 from scx_ref.errors import ConfigError
@@ -65,6 +65,7 @@ def test_bench_quick_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert permute[0]["offline_flop_share"] == 0
     assert data["meta"]["model"] == "tiny-llama" and "Hugging Face" in data["meta"]["baseline"]
     assert "PlainRunner" in data["meta"]["second_column"]
+    assert data["meta"]["gemm_block_min_in"] == torch_backend.GEMM_BLOCK_MIN_IN
     assert "ratio" in capsys.readouterr().out
 
 

@@ -752,6 +752,8 @@ def main(args: argparse.Namespace) -> int:
         import torch
     except ImportError as exc:
         raise ConfigError(f"scx bench needs torch (pip install 'scx-ref[torch]'): {exc}") from exc
+    from ..backends.torch_backend import GEMM_BLOCK_MIN_IN
+
     require_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -813,6 +815,8 @@ def main(args: argparse.Namespace) -> int:
             "configs": {name: cfg.to_dict() for name, cfg in configs.items()},
             "total_ratio": "median SCX request + its key derivation (the client's whole work) / baseline",
             "torch": torch.__version__,
+            # which form the CPU products took on this machine (torch_backend.dense; by CPU vendor)
+            "gemm_block_min_in": GEMM_BLOCK_MIN_IN,
         }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": [r.to_dict() for r in rows]}, f, indent=2)
