@@ -84,9 +84,12 @@ def known_fields(meta: Mapping[str, Any], allowed: frozenset[str], what: str) ->
 def field_int(value: Any, name: str, lo: int, hi: int) -> int:
     """``value`` as an int in [lo, hi]: an integral number (numpy integers included), never a bool,
     float or string."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if type(value) is int:  # the usual case, without the ABC test (~1 µs; three a message)
+        out = value
+    elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ProtocolError(f"{name} must be an integer, got {type(value).__name__} {value!r:.40}")
-    out = int(value)
+    else:
+        out = int(value)
     if not lo <= out <= hi:
         raise ProtocolError(f"{name} must lie in [{lo}, {hi}], got {out}")
     return out

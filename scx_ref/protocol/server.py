@@ -111,6 +111,28 @@ _ARRAYS: dict[Stage, frozenset[str]] = {
     Stage.GEN_HEAD: frozenset({"x"}),
 }
 _SESSION_HEX = 32  # a session id is the 16-byte nonce in hex
+#: The method that computes each stage after OPEN (CLOSE and OPEN are answered in :meth:`Server.handle`).
+_HANDLERS: dict[Stage, str] = {
+    Stage.QKV: "_qkv",
+    Stage.ATTN: "_attn",
+    Stage.O: "_o",
+    Stage.FFN: "_ffn",
+    Stage.FFN_DOWN: "_ffn_down",
+    Stage.ROUTER: "_router",
+    Stage.HEAD: "_head",
+    Stage.LOCK: "_lock",
+    Stage.SHARE: "_share",
+    Stage.GEN_QKV: "_gen_qkv",
+    Stage.GEN_ATTN: "_gen_attn",
+    Stage.GEN_O: "_gen_o",
+    Stage.GEN_HEAD: "_gen_head",
+    Stage.GEN_FFN: "_gen_ffn",
+    Stage.GEN_FFN_UP: "_gen_ffn_up",
+    Stage.GEN_FFN_DOWN: "_gen_ffn_down",
+    Stage.GEN_ROUTER: "_gen_router",
+    Stage.GEN_MID: "_gen_mid",
+    Stage.GEN_LAST: "_gen_last",
+}
 
 
 @dataclass
@@ -198,7 +220,7 @@ class Server(Generic[A]):
             grow = self._growth(s, req)
             self._reserve(grow, req)
             try:
-                arrays, commit = self._handlers()[req.stage](s, req)
+                arrays, commit = self._handler(req.stage)(s, req)
                 return self._finish(s, req, arrays, commit, grow)
             except BaseException:
                 self._unreserve(grow, req)
@@ -323,7 +345,9 @@ class Server(Generic[A]):
         if not isinstance(req.token, str) or len(req.token) > 256:
             raise ProtocolError("token must be a string of at most 256 characters")
         for what, value in (("arrays", req.arrays), ("meta", req.meta)):
-            if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            if not (type(value) is dict or isinstance(value, Mapping)) or not all(
+                isinstance(k, str) for k in value
+            ):
                 raise ProtocolError(f"{what} must be a mapping with string keys")
         unknown = sorted(set(req.arrays) - _ARRAYS[stage])
         if unknown:
@@ -452,30 +476,15 @@ class Server(Generic[A]):
         with self._table_lock:
             self._evict(sid, s)
 
-    def _handlers(
-        self,
-    ) -> dict[Stage, Callable[[_Session[A], Request], tuple[dict[str, A], Callable[[], None]]]]:
-        return {
-            Stage.QKV: self._qkv,
-            Stage.ATTN: self._attn,
-            Stage.O: self._o,
-            Stage.FFN: self._ffn,
-            Stage.FFN_DOWN: self._ffn_down,
-            Stage.ROUTER: self._router,
-            Stage.HEAD: self._head,
-            Stage.LOCK: self._lock,
-            Stage.SHARE: self._share,
-            Stage.GEN_QKV: self._gen_qkv,
-            Stage.GEN_ATTN: self._gen_attn,
-            Stage.GEN_O: self._gen_o,
-            Stage.GEN_HEAD: self._gen_head,
-            Stage.GEN_FFN: self._gen_ffn,
-            Stage.GEN_FFN_UP: self._gen_ffn_up,
-            Stage.GEN_FFN_DOWN: self._gen_ffn_down,
-            Stage.GEN_ROUTER: self._gen_router,
-            Stage.GEN_MID: self._gen_mid,
-            Stage.GEN_LAST: self._gen_last,
-        }
+    def _handler(
+        self, stage: Stage
+    ) -> Callable[[_Session[A], Request], tuple[dict[str, A], Callable[[], None]]]:
+        """The method that computes ``stage`` (looked up on the instance by name, :data:`_HANDLERS`: one
+        attribute read a message, where building the table of bound methods cost ~2.6 µs)."""
+        handler: Callable[[_Session[A], Request], tuple[dict[str, A], Callable[[], None]]] = getattr(
+            self, _HANDLERS[stage]
+        )
+        return handler
 
     def _open(self, req: Request) -> Reply:
         """Open a session: every field checked, the limits applied, a fresh token in the reply's meta."""
