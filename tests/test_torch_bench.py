@@ -152,6 +152,37 @@ def test_split_time_parts_are_positive(capsys: pytest.CaptureFixture[str]) -> No
     assert f"scx_ref from {scx_ref.__file__}" in out  # names the checkout that ran (an A/B's provenance)
 
 
+def test_gemm_forms_compute_dense_products(capsys: pytest.CaptureFixture[str]) -> None:
+    """models.gemm_forms times forms of x·Wᵀ that compute ``dense``'s product (within float32 rounding) for
+    every projection shape of a model — a tiny registered one: fused QKV, O, gate/up, down, LM head — and
+    prints one line per shape and row count."""
+    import torch
+
+    from models.gemm_forms import FORMS, form, main, shapes
+    from scx_ref.backends.torch_backend import dense
+
+    got = shapes("tiny-llama")
+    assert list(got) == ["qkv", "o", "gate_up", "down", "head"]
+    gen = torch.Generator().manual_seed(0)
+    tried = 0
+    with torch.inference_mode():
+        for out, inp, _ in got.values():
+            weights = [torch.randn(out, inp, generator=gen) for _ in range(2)]
+            for rows in (1, 5):
+                x = torch.randn(rows, inp, generator=gen)
+                for name in FORMS:
+                    f = form(name, weights, rows)
+                    if f is None:
+                        continue
+                    tried += 1
+                    for y, w in zip(f(x), weights, strict=True):
+                        torch.testing.assert_close(y, dense(x, w), rtol=1e-5, atol=1e-5)
+    assert tried >= 2 * 5  # in_out at least, for every shape and row count
+    assert main(["--model", "tiny-llama", "--rows", "1,3", "--rounds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(" dense " in line and "in_out" in line for line in lines) == 5 * 2
+
+
 def test_client_ab_times_both_checkouts(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -815,7 +815,8 @@ def main(args: argparse.Namespace) -> int:
             "configs": {name: cfg.to_dict() for name, cfg in configs.items()},
             "total_ratio": "median SCX request + its key derivation (the client's whole work) / baseline",
             "torch": torch.__version__,
-            # which form the CPU products took on this machine (torch_backend.dense; by CPU vendor)
+            # the narrowest input from which wide CPU products ran in column blocks on this machine
+            # (torch_backend.dense: 0 on AMD CPUs with MKL, 1024 elsewhere)
             "gemm_block_min_in": GEMM_BLOCK_MIN_IN,
         }
         with open(args.json, "w") as f:
