@@ -1128,3 +1128,14 @@ def test_numpy_integer_header_fields_come_back_as_python_ints() -> None:
     assert json.dumps([reply.layer, reply.step, reply.seq]) == f"[0, 0, {seq}]"
     snap = lv.server.sessions_snapshot(sid)
     assert snap["seq"] == seq + 1 and snap["step"] == 0 and type(snap["step"]) is int
+
+
+def test_every_stage_after_open_has_a_handler_method() -> None:
+    """Each stage but OPEN and CLOSE (answered in ``handle`` itself) names a method of Server that computes
+    it (``_HANDLERS``, looked up by name per message), and no name is left over."""
+    from scx_ref.protocol.server import _HANDLERS
+    from scx_ref.stages import Stage
+
+    assert set(_HANDLERS) == set(Stage) - {Stage.OPEN, Stage.CLOSE}
+    assert all(callable(getattr(Server, name, None)) for name in _HANDLERS.values())
+    assert len(set(_HANDLERS.values())) == len(_HANDLERS)
