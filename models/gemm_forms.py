@@ -28,23 +28,26 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from scx_ref.backends.base import WeightName, out_width
+
 FORMS = ("in_out", "mkl_packed", "onednn")
 
 
-def shapes(model: str) -> dict[str, tuple[int, int, int]]:
-    """(out, in, count) of each projection of ``model``: its fused QKV, O, fused gate/up and down maps (one
-    matrix per layer) and its LM head (one)."""
+def shapes(model: str) -> dict[WeightName, tuple[int, int, int]]:
+    """(out, in, count) of each dense projection of ``model`` (``out_width``'s names and widths): its fused
+    QKV, O, fused gate/up and down maps (one matrix per block) and its LM head (one)."""
     from scx_ref.commands.bench import build_models
 
     backend, _, _ = build_models(model, "float32", "cpu")
     c = backend.config
-    return {
-        "qkv": (c.q_dim + 2 * c.kv_dim, c.hidden_size, c.n_layers),
-        "o": (c.hidden_size, c.q_dim, c.n_layers),
-        "gate_up": (2 * c.intermediate_size, c.hidden_size, c.n_layers),
-        "down": (c.hidden_size, c.intermediate_size, c.n_layers),
-        "head": (c.vocab_size, c.hidden_size, 1),
+    inputs: dict[WeightName, int] = {
+        "wqkv": c.hidden_size,
+        "wo": c.q_dim,
+        "w_gate_up": c.hidden_size,
+        "w_down": c.intermediate_size,
+        "lm_head": c.hidden_size,
     }
+    return {w: (out_width(c, w), width, 1 if w == "lm_head" else c.n_layers) for w, width in inputs.items()}
 
 
 def form(name: str, weights: list[Any], rows: int) -> Callable[[Any], list[Any]] | None:

@@ -162,7 +162,7 @@ def test_gemm_forms_compute_dense_products(capsys: pytest.CaptureFixture[str]) -
     from scx_ref.backends.torch_backend import dense
 
     got = shapes("tiny-llama")
-    assert list(got) == ["qkv", "o", "gate_up", "down", "head"]
+    assert list(got) == ["wqkv", "wo", "w_gate_up", "w_down", "lm_head"]
     gen = torch.Generator().manual_seed(0)
     tried = 0
     with torch.inference_mode():
