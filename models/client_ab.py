@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from models.split_time import timed, timed_server
+from scx_ref.timing import timed, timed_server
 
 OTHER = "scx_ref_other"
 

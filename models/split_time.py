@@ -20,30 +20,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any
 
 import numpy as np
 
-
-def timed(cls: Any, method: str) -> tuple[Any, list[float]]:
-    """A subclass of ``cls`` whose ``method`` adds the seconds each call takes to the returned one-element
-    list (the caller resets it per request)."""
-    spent = [0.0]
-
-    def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return getattr(super(sub, self), method)(*args, **kw)
-        finally:
-            spent[0] += time.perf_counter() - t0
-
-    sub = type(f"Timed{cls.__name__}", (cls,), {method: wrapper})
-    return sub, spent
-
-
-def timed_server(server_cls: Any) -> tuple[Any, list[float]]:
-    """:func:`timed` on the server's ``handle``."""
-    return timed(server_cls, "handle")
+from scx_ref.timing import timed_server
 
 
 def split_prefill(

@@ -58,6 +58,13 @@ def test_bench_quick_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         assert len(r["scx_round_s"]) == len(r["baseline_round_s"]) == r["repeats"] and r["warmup"] == 1
         for got, scx, base in zip(r["round_ratios"], r["scx_round_s"], r["baseline_round_s"], strict=True):
             assert got == pytest.approx(scx / base, rel=1e-12)
+        # the request split: the server's handle calls inside each round's SCX time, the rest the client's
+        assert len(r["server_round_s"]) == r["repeats"]
+        assert all(0 < srv < scx for srv, scx in zip(r["server_round_s"], r["scx_round_s"], strict=True))
+        assert r["server_median_s"] == pytest.approx(r["server_round_s"][0], rel=1e-12)  # one round
+        assert r["client_median_s"] == pytest.approx(r["scx_round_s"][0] - r["server_round_s"][0], rel=1e-9)
+        assert r["server_ratio_median"] == pytest.approx(r["server_median_s"] / r["baseline_median_s"])
+        assert r["client_ratio_median"] == pytest.approx(r["client_median_s"] / r["baseline_median_s"])
     blind = [r for r in rows if r["level"] == "blind"]
     permute = [r for r in rows if r["level"] == "permute" and r["phase"] == "prefill"]
     # the corrections η·W are derived ahead of each request: offline work, not the request's

@@ -8,7 +8,9 @@ allocations — stay out of the rounds); the reported ratio is median(SCX) / med
 time (process CPU time ratios beside it: on a loaded machine they are the steadier reading). Each round's
 SCX / baseline (the two timed back to back) is reported too — their median and quartiles — and the JSON
 keeps every round's seconds: when the machine's speed drifts during a run the two medians can come from
-different rounds, and the paired median is then the steadier reading of the two.
+different rounds, and the paired median is then the steadier reading of the two. Each SCX request is also
+split in two — the seconds inside the server's ``handle`` calls and the rest (in process: the client's own
+work) — each over the baseline's median (``srv``, ``own``), so that a run shows which side its overhead is on.
 
 Baseline: the model's own Hugging Face ``transformers`` forward (prefill: ``model(ids)``, all n rows of
 logits, KV cache built) and ``generate`` (greedy, KV cache; the time from the first generated token to
@@ -147,12 +149,14 @@ class _Timing:
     cpu: list[float] = field(default_factory=list)
     mem: list[float] = field(default_factory=list)
     keys: list[float] = field(default_factory=list)
+    server: list[float] = field(default_factory=list)  # SCX: the seconds inside the server's handle calls
 
-    def add(self, wall: float, cpu: float, mem: float, keys: float = 0.0) -> None:
+    def add(self, wall: float, cpu: float, mem: float, keys: float = 0.0, server: float = 0.0) -> None:
         self.wall.append(wall)
         self.cpu.append(cpu)
         self.mem.append(mem)
         self.keys.append(keys)
+        self.server.append(server)
 
     def median(self) -> float:
         return statistics.median(self.wall)
@@ -172,6 +176,9 @@ class BenchResult:
     none — see the JSON's meta), ``plain_runner`` (the project's own plaintext path, or None when
     skipped), ``scx`` (critical path), ``keys`` (key derivation). ``client_flop_share`` is the client's
     online share of the request's flops, ``offline_flop_share`` its corrections η·W derived ahead.
+    ``server_*`` / ``client_*``: the request's seconds inside the server's ``handle`` calls and the rest
+    of it (in process: the client's own work), so that ratio_median ≈ server_ratio_median +
+    client_ratio_median up to the medians being taken separately.
     """
 
     phase: str
@@ -203,6 +210,14 @@ class BenchResult:
     baseline_round_s: list[float] = field(default_factory=list)
     warmup: int = 0  # untimed rounds before them
     pool: dict[str, float] | None = None  # --pool: the entry's memory per token / step, fill throughput
+    #: the SCX request split in two (decode: per token): the seconds inside the server's ``handle`` calls
+    #: and the rest (the client's own work and the transport's), each round's and their medians, and those
+    #: medians over the baseline's
+    server_round_s: list[float] = field(default_factory=list)
+    server_median_s: float = 0.0
+    client_median_s: float = 0.0
+    server_ratio_median: float = 0.0
+    client_ratio_median: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -393,16 +408,25 @@ class _FirstToken:
         pass
 
 
+#: One timed run: (wall, cpu, mem, keys, server) — seconds, seconds, bytes, seconds deriving the keys ahead
+#: (SCX), seconds inside the server's ``handle`` calls (SCX; 0 for the baselines).
+_Run = tuple[float, float, float, float, float]
+
+
 class _Sides:
-    """The three kinds of runs of one measurement, each returning (wall, cpu, mem, keys) and leaving its
-    state for the state ratio."""
+    """The three kinds of runs of one measurement, each returning a :data:`_Run` and leaving its state for
+    the state ratio. Each SCX request is served by a fresh server whose ``handle`` calls are timed
+    (:func:`~scx_ref.timing.timed_server`)."""
 
     def __init__(
         self, backend: Any, hf_model: Any | None, clients: dict[str, Any], device: Any, pool: bool = False
     ) -> None:
         from ..forward import PlainRunner
+        from ..protocol import Server
+        from ..timing import timed_server
 
         self.b = backend
+        self.server_cls, self.in_server = timed_server(Server)
         self.hf = hf_model
         self.clients = clients
         self.pool = pool
@@ -414,13 +438,13 @@ class _Sides:
         self.offline: dict[str, float] = {}
 
     # -- Hugging Face ---------------------------------------------------------------------------------
-    def hf_prefill(self, ids: np.ndarray) -> tuple[float, float, float, float]:
+    def hf_prefill(self, ids: np.ndarray) -> _Run:
         import torch
 
         tid = torch.from_numpy(ids)[None].to(self.device)
         w, cpu, mem, out = _timed(lambda: self._hf_logits(tid), self.device)
         self.state["baseline"] = _state_bytes(_hf_cache_tensors(_hf_cache(out)))
-        return w, cpu, mem, 0.0
+        return w, cpu, mem, 0.0, 0.0
 
     def _hf_logits(self, tid: Any) -> Any:
         assert self.hf is not None
@@ -428,7 +452,7 @@ class _Sides:
         out.logits[0].float().cpu().numpy()  # the caller gets numpy logits, as from SCX
         return out
 
-    def hf_decode(self, ids: np.ndarray, n_new: int) -> tuple[float, float, float, float]:
+    def hf_decode(self, ids: np.ndarray, n_new: int) -> _Run:
         import torch
 
         assert self.hf is not None
@@ -449,15 +473,15 @@ class _Sides:
             _sync(self.device)
             wall, cpu = time.perf_counter() - streamer.t_first, time.process_time() - streamer.c_first
         self.state["baseline"] = _state_bytes(_hf_cache_tensors(_hf_cache(out)))
-        return wall, cpu, mem.peak, 0.0
+        return wall, cpu, mem.peak, 0.0, 0.0
 
     # -- PlainRunner ----------------------------------------------------------------------------------
-    def plain_prefill(self, ids: np.ndarray) -> tuple[float, float, float, float]:
+    def plain_prefill(self, ids: np.ndarray) -> _Run:
         w, cpu, mem, _ = _timed(lambda: self.b.to_numpy(self.plain.prefill(ids)), self.device)
         self.state["plain"] = _state_bytes([t for kv in self.plain.cache for t in kv])
-        return w, cpu, mem, 0.0
+        return w, cpu, mem, 0.0, 0.0
 
-    def plain_decode(self, ids: np.ndarray, n_new: int) -> tuple[float, float, float, float]:
+    def plain_decode(self, ids: np.ndarray, n_new: int) -> _Run:
         plain = self.plain
         tok = plain.b.argmax_last(plain.prefill(ids, last_only=True))
 
@@ -468,7 +492,7 @@ class _Sides:
 
         w, cpu, mem, _ = _timed(steps, self.device)
         self.state["plain"] = _state_bytes([t for kv in plain.cache for t in kv])
-        return w, cpu, mem, 0.0
+        return w, cpu, mem, 0.0, 0.0
 
     # -- SCX ------------------------------------------------------------------------------------------
     def _prepare(self, client: Any, n: int, steps: int, nonce: bytes | None) -> bytes | None:
@@ -491,37 +515,40 @@ class _Sides:
     def _label(self, client: Any) -> str:
         return next(name for name, c in self.clients.items() if c is client)
 
-    def scx_prefill(self, level: str, ids: np.ndarray) -> tuple[float, float, float, float]:
+    def scx_prefill(self, level: str, ids: np.ndarray) -> _Run:
         from ..keys import KeySchedule
-        from ..protocol import LocalTransport, Server
+        from ..protocol import LocalTransport
 
         client = self.clients[level]
-        server = Server(self.b)
+        server = self.server_cls(self.b)
         link = LocalTransport(server)
         nonce: bytes | None = KeySchedule.new_nonce()
         with _PeakMemory(self.device) as mem:  # memory: the keys and the request together
             k0 = time.perf_counter()
             nonce = self._prepare(client, len(ids), 0, nonce)
             keys = time.perf_counter() - k0
+            self.in_server[0] = 0.0
             w0, c0 = time.perf_counter(), time.process_time()
             client.prefill(ids, link, nonce=nonce)
             _sync(self.device)
             wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        in_server = self.in_server[0]
         report = client.cost_report(link, server.cost(client.session))
         self.share[level], self.offline[level] = report.client_flop_share, report.offline_flop_share
         self.state[level] = _scx_state(server, client)
-        return wall, cpu, mem.peak, keys
+        return wall, cpu, mem.peak, keys, in_server
 
-    def scx_decode(self, level: str, ids: np.ndarray, n_new: int) -> tuple[float, float, float, float]:
+    def scx_decode(self, level: str, ids: np.ndarray, n_new: int) -> _Run:
         from ..keys import KeySchedule
-        from ..protocol import LocalTransport, Server
+        from ..protocol import LocalTransport
 
         client = self.clients[level]
-        server = Server(self.b)
+        server = self.server_cls(self.b)
         link = LocalTransport(server)
         nonce: bytes | None = KeySchedule.new_nonce()
         nonce = self._prepare(client, len(ids), n_new, nonce)
         tok = int(np.argmax(client.prefill(ids, link, nonce=nonce)[-1]))
+        self.in_server[0] = 0.0  # the steps' server time only (key sharing included), not the prefill's
         prep = client.state.prep
 
         def steps() -> None:
@@ -531,10 +558,11 @@ class _Sides:
                 t = int(np.argmax(client.decode(t, link)))
 
         w, cpu, mem, _ = _timed(steps, self.device)
+        in_server = self.in_server[0]
         report = client.cost_report(link, server.cost(client.session))
         self.share[level], self.offline[level] = report.client_flop_share, report.offline_flop_share
         self.state[level] = _scx_state(server, client)
-        return w, cpu, mem, prep.seconds_generation
+        return w, cpu, mem, prep.seconds_generation, in_server
 
 
 def run_bench(
@@ -607,6 +635,8 @@ def run_bench(
             pmem, smem = statistics.median(base.mem), statistics.median(t.mem)
             paired = [x / y for x, y in zip(t.wall, base.wall, strict=True)]  # round by round
             q1, q3 = _quartiles(paired)
+            server_s = statistics.median(t.server) / div
+            client_s = statistics.median(w - s for w, s in zip(t.wall, t.server, strict=True)) / div
             rows.append(
                 BenchResult(
                     phase=phase,
@@ -639,6 +669,11 @@ def run_bench(
                     scx_round_s=[w / div for w in t.wall],
                     baseline_round_s=[w / div for w in base.wall],
                     warmup=warmup,
+                    server_round_s=[s / div for s in t.server],
+                    server_median_s=server_s,
+                    client_median_s=client_s,
+                    server_ratio_median=server_s / (base.median() / div),
+                    client_ratio_median=client_s / (base.median() / div),
                 )
             )
     bar(None)
@@ -653,9 +688,7 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def _run_side(
-    sides: _Sides, side: str, phase: str, ids: np.ndarray, n_new: int, has_hf: bool
-) -> tuple[float, float, float, float]:
+def _run_side(sides: _Sides, side: str, phase: str, ids: np.ndarray, n_new: int, has_hf: bool) -> _Run:
     if side == "baseline" and has_hf:
         return sides.hf_prefill(ids) if phase == "prefill" else sides.hf_decode(ids, n_new)
     if side in ("baseline", "plain"):
@@ -694,7 +727,8 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
         f"scx bench — model {model}, {device}, {dtype}; baseline: {baseline}",
         "ratio (online) = median(SCX, keys and masks derived ahead) / median(baseline); total (online + "
         "offline) = with that derivation",
-        f"{'phase':8} {'n':>5} {'level':14} {'ratio':>7} {'total':>7} {'cpu':>7} {'vsPR':>6} {'base':>9} "
+        f"{'phase':8} {'n':>5} {'level':14} {'ratio':>7} {'srv':>6} {'own':>6} {'total':>7} {'cpu':>7} "
+        f"{'vsPR':>6} {'base':>9} "
         f"{'plainR':>9} {'scx':>9} {'keys':>8} {'mem':>6} {'state':>6} {'client':>7} {'verify':>7} "
         f"{'rounds q1 / median / q3':>23}",
     ]
@@ -704,7 +738,8 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
         vs_pr = f"{r.plain_runner_ratio:6.3f}" if r.plain_runner_ratio is not None else "     -"
         pr = f"{r.plain_runner_median_s:7.4f}{unit[0]:>2}" if r.plain_runner_median_s is not None else " " * 9
         lines.append(
-            f"{r.phase:8} {r.n:5d} {r.level:14} {r.ratio_median:7.3f} {r.total_ratio_median:7.3f} "
+            f"{r.phase:8} {r.n:5d} {r.level:14} {r.ratio_median:7.3f} {r.server_ratio_median:6.3f} "
+            f"{r.client_ratio_median:6.3f} {r.total_ratio_median:7.3f} "
             f"{r.cpu_ratio_median:7.3f} {vs_pr} {r.baseline_median_s:7.4f}{unit[0]:>2} {pr} "
             f"{r.scx_median_s:7.4f}{unit[0]:>2} {r.keys_median_s:6.4f}{unit[0]:>2} {mem} "
             f"{r.state_ratio:6.2f} {100 * r.client_flop_share:6.2f}% "
@@ -721,6 +756,8 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
                 f"{100 * r.offline_flop_share:.1f}%"
             )
     lines.append(
+        "srv / own: the SCX request's seconds inside the server's handle calls / the rest of it (the "
+        "client's own work), medians over the baseline's median; "
         "base/plainR/scx/keys: median seconds (decode: per token); vsPR: SCX / PlainRunner; cpu: process CPU "
         "time ratio; mem: peak-memory ratio (- when the run's growth is below 1 MiB); state: KV-state bytes "
         "held after the run (server + client) / baseline KV cache; client: flop share; verify: median(SCX) / "
