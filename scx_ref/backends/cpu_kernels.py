@@ -111,13 +111,15 @@ class Kernels:
     set_num_threads: Any
     max_threads: int
 
-    def parts(self, entries: int, threads: int) -> Parts:
+    def parts(self, entries: int, threads: int) -> Parts | _OnePart:
         """How many chunks an encoding pass over ``entries`` entries runs in, as a context to run it in:
         ``threads`` (the caller's thread count: the torch backend's) for a pass of at least
         :data:`MIN_PARALLEL` entries, else 1. One pass at a time runs parallel: another thread's pass
         runs meanwhile in one chunk (numba's default threading layer does not take concurrent parallel
         regions)."""
-        return Parts(self, entries, threads)
+        if threads > 1 and entries >= MIN_PARALLEL:
+            return Parts(self, entries, threads)
+        return ONE_PART
 
 
 #: The fewest entries an encoding pass splits across threads (a parallel region costs microseconds).
@@ -126,6 +128,23 @@ _pool = threading.Lock()
 #: The thread count each thread last gave numba (its count is per thread): a 128-token verified request
 #: on two threads made 237 calls of ``numba.set_num_threads``, 11 µs each under cProfile
 _told = threading.local()
+
+
+class _OnePart:
+    """The context of a pass that runs in one chunk, on the calling thread: nothing to hold or release
+    (one shared instance, :data:`ONE_PART`)."""
+
+    __slots__ = ()
+    parts = 1
+
+    def __enter__(self) -> int:
+        return 1
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+ONE_PART = _OnePart()
 
 
 class Parts:

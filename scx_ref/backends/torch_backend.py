@@ -46,6 +46,7 @@ from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError, Vocabu
 from ..machine import cpuinfo
 from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights
+from . import host_memory
 from .base import Check, IndexArray, NormName, Products, WeightName, check_rope_split, sum_norm_slack
 from .cpu_kernels import Kernels, column_index, kernels
 
@@ -117,8 +118,13 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) ->
         or x.dtype != w.dtype
         or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)))
     ):  # (``out=`` writes take no autograd: a product that needs gradients is one F.linear)
+        if _large_product(x, w, bias):  # one product into pooled memory (host_memory)
+            out = host_memory.empty((x.shape[0], out_dim), x.dtype)
+            if bias is None:
+                return torch.matmul(x, w.t(), out=out)
+            return torch.addmm(bias, x, w.t(), out=out)
         return F.linear(x, w, bias)
-    out = torch.empty((x.shape[0], out_dim), dtype=x.dtype, device=x.device)
+    out = host_memory.empty((x.shape[0], out_dim), x.dtype)
     for lo in range(0, out_dim, GEMM_BLOCK):
         hi = min(lo + GEMM_BLOCK, out_dim)
         if bias is None:
@@ -126,6 +132,23 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) ->
         else:
             torch.addmm(bias[lo:hi], x, w[lo:hi].t(), out=out[:, lo:hi])
     return out
+
+
+def _large_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :func:`dense` writes ``x·Wᵀ (+ b)`` into :func:`.host_memory.empty`'s pooled memory: a 2-D
+    product on the CPU of at least :data:`.host_memory.LARGE_BYTES`, in one dtype, without autograd
+    (``out=`` writes take none) — on SmolLM2, the LM head's from about 171 rows."""
+    return (
+        x.ndim == 2
+        and w.ndim == 2
+        and x.shape[1] == w.shape[1]
+        and x.shape[0] * w.shape[0] * x.dtype.itemsize >= host_memory.LARGE_BYTES
+        and x.device.type == "cpu"
+        and w.device.type == "cpu"
+        and x.dtype == w.dtype
+        and (bias is None or (bias.dtype == x.dtype and bias.device.type == "cpu"))
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)))
+    )
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -260,6 +283,9 @@ def _right(width: int, right: npt.NDArray[Any], k: int | None = None) -> bool:
     return right.ndim == 2 and right.shape[0] == width and (k is None or right.shape[1] == k)
 
 
+#: The dtypes the fused CPU kernels (:mod:`.cpu_kernels`) are compiled for.
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
 #: The fewest entries from which :meth:`TorchBackend.norm` runs as one fused pass (a prompt's rows): below
 #: it — a generation step's row — the eager ops. Fused on one row, `llama1b-random`'s generation step was
 #: 3.9 ms a token slower on two threads (q1 +1.6, q3 +4.8, paired in one process; the kernel alone is faster
@@ -268,8 +294,14 @@ FUSED_NORM_MIN = 1 << 16
 
 
 def _np(t: torch.Tensor) -> npt.NDArray[Any]:
-    """A C-contiguous numpy view of a CPU tensor (a copy only when the tensor is not contiguous)."""
-    return t.detach().contiguous().numpy()
+    """A C-contiguous numpy view of a CPU tensor (a copy only when the tensor is not contiguous).
+
+    A contiguous tensor without autograd history (every tensor of a request) is viewed as it is: each of
+    a request's few hundred calls runs right after the server's products have left the caches cold, where
+    the detached alias it used to make first cost several microseconds."""
+    if t.requires_grad or not t.is_contiguous():
+        return t.detach().contiguous().numpy()
+    return t.numpy()
 
 
 def spare_rows(rows: int) -> int:
@@ -472,10 +504,12 @@ class TorchOps:
 
     def _fused(self, *xs: torch.Tensor) -> Kernels | None:
         """The fused CPU kernels when they apply to ``xs`` (CPU, float32/float64, numba installed)."""
-        if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.float64):
+        dtype = self.dtype
+        if dtype not in _FUSED_DTYPES or self.device.type != "cpu":
             return None
-        if any(x.dtype != self.dtype or x.device.type != "cpu" or x.requires_grad for x in xs):
-            return None
+        for x in xs:  # a plain loop: a request makes ~150 of these calls, each on cold caches
+            if x.dtype is not dtype or not x.is_cpu or x.requires_grad:
+                return None
         return kernels()
 
     def take_rows_cols_concat(

@@ -227,7 +227,9 @@ class _PeakMemory:
     """Peak memory growth during a block: CUDA allocator peak; on Linux the kernel's own peak resident set
     (``VmHWM``, reset at the start by writing 5 to ``/proc/self/clear_refs``: exact, and nothing runs beside
     the block); elsewhere resident-set growth sampled every 2 ms by a thread. The sampling thread took the
-    GIL and a core every 2 ms: on two threads it slowed a 128-token prefill by 4–7 % (both sides)."""
+    GIL and a core every 2 ms: on two threads it slowed a 128-token prefill by 4–7 % (both sides).
+    On the host, the torch backend's pooled buffers that the block used again (already resident when it
+    began, so not in the growth: :func:`~scx_ref.backends.host_memory.reused_bytes`) are added to it."""
 
     def __init__(self, device: Any) -> None:
         self.device = device
@@ -275,6 +277,9 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = float(torch.cuda.memory_allocated(self.device))
             return self
+        from ..backends import host_memory
+
+        host_memory.mark()
         base = self._reset_peak()
         if base is not None:
             self._base = float(base)
@@ -306,6 +311,10 @@ class _PeakMemory:
             self._thread.join()
             self._max = max(self._max, float(self._rss()))
             self.peak = self._max - self._base
+        if self.device.type != "cuda":
+            from ..backends import host_memory
+
+            self.peak += float(host_memory.reused_bytes())
 
 
 def _state_bytes(tensors: list[Any]) -> int:

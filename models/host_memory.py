@@ -1,0 +1,140 @@
+"""What the pool of large host buffers (``scx_ref.backends.host_memory``) saves, in one process.
+
+1. The LM-head product of a model (n + 2 rows; SmolLM2: 49 152 outputs) written three ways, alternating: into
+   a fresh ``torch.empty`` (what ``F.linear`` does: under glibc a fresh mapping, first touched page by page),
+   into pooled memory already touched (what the pool lends from the second request on), and into a fresh
+   mapping advised for transparent huge pages (the alternative not adopted); each with its page faults and
+   the time its release takes.
+2. Whole SCX prefills with the pool, without it (``host_memory.LARGE_BYTES`` raised past any buffer) and
+   with a fresh huge-page mapping for each large buffer instead, in turn: the median seconds inside the
+   server's ``handle`` calls and the rest (the client's).
+
+Run: ``python -m models.host_memory [--model smollm2] [--n 512] [--threads 1] [--rounds 7]``. A benchmark:
+it asserts nothing; ``models/results/host_memory.txt`` holds a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import mmap
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def huge_empty(shape: tuple[int, ...], dtype: Any) -> Any:
+    """A fresh private mapping advised for transparent huge pages, as a tensor (the alternative to the pool
+    measured here, not adopted)."""
+    import torch
+
+    m = mmap.mmap(-1, math.prod(shape) * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(m, dtype=dtype).view(shape)
+
+
+def product_forms(backend: Any, rows: int, rounds: int) -> dict[str, tuple[float, float, float]]:
+    """Median (product seconds, release seconds, page faults) of the LM-head product of ``rows`` random rows
+    into each form of output memory."""
+    import torch
+
+    w = backend._matrix("lm_head", -1, None)
+    x = torch.randn(rows, w.shape[1], dtype=w.dtype)
+    shape = (rows, int(w.shape[0]))
+    warm = torch.empty(shape, dtype=w.dtype)
+
+    forms: dict[str, Callable[[], torch.Tensor]] = {
+        "fresh torch.empty (F.linear)": lambda: torch.nn.functional.linear(x, w),
+        "memory already touched (the pool)": lambda: torch.matmul(x, w.t(), out=warm),
+        "fresh, transparent huge pages": lambda: torch.matmul(x, w.t(), out=huge_empty(shape, w.dtype)),
+    }
+    got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in forms}
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for name, f in forms.items() if r % 2 else reversed(forms.items()):
+                f0, t0 = _faults(), time.perf_counter()
+                y = f()
+                t1, f1 = time.perf_counter(), _faults()
+                del y
+                t2 = time.perf_counter()
+                if r:
+                    got[name].append((t1 - t0, t2 - t1, float(f1 - f0)))
+    med = statistics.median
+    return {
+        k: (med(a for a, _, _ in v), med(b for _, b, _ in v), med(c for _, _, c in v)) for k, v in got.items()
+    }
+
+
+def prefill_pool(backend: Any, n: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (server seconds, client seconds) of an SCX prefill (level ``permute``, verification off, keys
+    derived ahead) with the pool, without it, and with fresh huge-page mappings in its place, in turn."""
+    import torch
+
+    from scx_ref.backends import host_memory
+    from scx_ref.keys import KeySchedule
+    from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server
+    from scx_ref.timing import timed_server
+
+    limit, pooled = host_memory.LARGE_BYTES, host_memory.empty
+    cfg = SCXConfig(level="permute", max_length=min(backend.config.max_positions, 4096), verify=False)
+    client = Client(backend, KeySchedule.generate(), cfg)
+    ids = np.random.default_rng(0).integers(0, backend.config.vocab_size, size=n)
+    timed, in_server = timed_server(Server)
+    modes = ("pool", "no pool", "huge pages")
+    got: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    try:
+        with torch.inference_mode():
+            for r in range(rounds + 1):
+                for mode in modes if r % 2 else modes[::-1]:
+                    host_memory.LARGE_BYTES = 1 << 62 if mode == "no pool" else limit
+                    host_memory.empty = huge_empty if mode == "huge pages" else pooled
+                    nonce = KeySchedule.new_nonce()
+                    client.precompute(n, nonce=nonce)
+                    in_server[0] = 0.0
+                    t0 = time.perf_counter()
+                    client.prefill(ids, LocalTransport(timed(backend)), nonce=nonce)
+                    wall = time.perf_counter() - t0
+                    if r:
+                        got[mode].append((in_server[0], wall - in_server[0]))
+    finally:
+        host_memory.LARGE_BYTES, host_memory.empty = limit, pooled
+    med = statistics.median
+    return {k: (med(s for s, _ in v), med(c for _, c in v)) for k, v in got.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m models.host_memory", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    p.add_argument("--model", default="smollm2", help="a registered model (smollm2)")
+    p.add_argument("--n", type=int, default=512, help="prompt length (512)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
+    p.add_argument("--rounds", type=int, default=7, help="alternating rounds after one warm-up (7)")
+    a = p.parse_args(argv)
+    import torch
+
+    from scx_ref.commands.bench import build_models
+
+    torch.set_num_threads(a.threads)
+    backend, _hf, _used = build_models(a.model, "float32", "cpu")
+    rows = a.n + 2
+    print(f"{a.model}, threads {a.threads}: the LM-head product of {rows} rows, median of {a.rounds} rounds")
+    for name, (prod, rel, faults) in product_forms(backend, rows, a.rounds).items():
+        print(f"  {name:36s} product {prod * 1e3:8.2f} ms  release {rel * 1e3:6.2f} ms  faults {faults:8.0f}")
+    print(f"{a.model}, threads {a.threads}: SCX prefill of n = {a.n}, median of {a.rounds} rounds")
+    for mode, (srv, own) in prefill_pool(backend, a.n, a.rounds).items():
+        total = (srv + own) * 1e3
+        print(f"  {mode:10s} server {srv * 1e3:8.1f} ms  client {own * 1e3:7.1f} ms  total {total:8.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
