@@ -101,21 +101,25 @@ def test_the_pool_stays_within_its_bound(pool: None) -> None:
     del c, d, e, f
 
 
-def test_reused_bytes_counts_memory_lent_again_once(pool: None) -> None:
-    a = host_memory.empty((32, 1024), torch.float32)  # 128 KiB
-    del a
+def test_reused_bytes_is_the_most_pooled_memory_lent_at_once(pool: None) -> None:
+    """Of the mappings held at mark(): lent one after another, the larger counts; lent at the same time,
+    both; a mapping made after the mark is growth, not counted."""
+    a, b = host_memory.empty((32, 1024), torch.float32), host_memory.empty((48, 1024), torch.float32)
+    del a, b  # two idle mappings: 128 and 192 KiB
     host_memory.mark()
-    for _ in range(3):  # the same mapping lent three times: counted once
-        b = host_memory.empty((32, 1024), torch.float32)
-        del b
-    c = host_memory.empty((40, 1024), torch.float32)  # a new mapping: growth, not counted
-    d = host_memory.empty((40, 1024), torch.float32)
-    del c
-    e = host_memory.empty((40, 1024), torch.float32)  # lent again, but made after the mark
+    for _ in range(3):  # the same mapping lent three times
+        x = host_memory.empty((32, 1024), torch.float32)
+        del x
     assert host_memory.reused_bytes() == 128 * KIB
+    y = host_memory.empty((48, 1024), torch.float32)
+    del y  # the other one, after the first was released: the larger
+    assert host_memory.reused_bytes() == 192 * KIB
+    c = host_memory.empty((64, 1024), torch.float32)  # 256 KiB: larger than both, a new mapping
+    x, y = host_memory.empty((32, 1024), torch.float32), host_memory.empty((48, 1024), torch.float32)
+    assert host_memory.reused_bytes() == 320 * KIB  # both marked ones at once; the new one not
     host_memory.mark()
     assert host_memory.reused_bytes() == 0
-    del d, e
+    del c, x, y
 
 
 @pytest.mark.parametrize("bias", [False, True])

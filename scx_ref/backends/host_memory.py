@@ -41,7 +41,7 @@ POOL_BYTES = 2 << 30
 _lock = threading.Lock()
 _maps: list[mmap.mmap] = []
 _marked: set[int] = set()  # the ids of the mappings held at the last mark()
-_reused: dict[int, int] = {}  # of those, the ones lent since: id → bytes
+_reused = [0]  # the most bytes of those lent at one time since
 
 
 def _idle() -> list[int]:
@@ -64,8 +64,6 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         fits = [i for i in idle if nbytes <= len(_maps[i]) <= 2 * nbytes]
         if fits:
             m = _maps[min(fits, key=lambda i: len(_maps[i]))]
-            if id(m) in _marked:
-                _reused[id(m)] = len(m)
         else:
             held, dropped = sum(len(m) for m in _maps), set()
             for i in sorted(idle, key=lambda i: len(_maps[i]), reverse=True):  # the largest idle first
@@ -79,6 +77,13 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             _maps.append(m)
         out = torch.frombuffer(m, dtype=dtype, count=numel)  # lent: the storage holds the mapping
+        if _marked:  # lent at once only grows when a mapping is lent: its peak, exact
+            lent = sum(
+                len(_maps[i])
+                for i in range(len(_maps))
+                if sys.getrefcount(_maps[i]) > 2 and id(_maps[i]) in _marked
+            )
+            _reused[0] = max(_reused[0], lent)
     return out.view(shape)
 
 
@@ -93,13 +98,13 @@ def mark() -> None:
     with _lock:
         _marked.clear()
         _marked.update(id(m) for m in _maps)
-        _reused.clear()
+        _reused[0] = 0
 
 
 def reused_bytes() -> int:
-    """The bytes of the mappings held at the last :func:`mark` that were lent again since, each counted once:
-    memory a request used that was already resident when it began, so that its growth in resident memory
-    does not show it (``scx bench`` adds it to the growth it measures). An upper bound where a mapping
-    dropped since is replaced by one with the same id."""
+    """The most bytes of the mappings held at the last :func:`mark` that were lent at one time since: memory a
+    request used that was already resident when it began, so that its growth in resident memory does not
+    show it (``scx bench`` adds it to the growth it measures: an upper bound of the request's peak, the two
+    peaks taken as if they coincided). A mapping made since under an id a released one had counts too."""
     with _lock:
-        return sum(_reused.values())
+        return _reused[0]
