@@ -1,6 +1,6 @@
 """The pool of large host buffers (:mod:`scx_ref.backends.host_memory`): a buffer is lent again only once no
-array refers to its memory, the pool stays within its bound, what a block reused is counted, and the products
-written into it (the LM head's) equal one ``F.linear``; a prefill's logits survive the next prefill."""
+array refers to its memory, the pool stays within its bound, what a block reused is counted, and the product
+written into it (the LM head's) equals one ``F.linear``; a prefill's logits survive the next prefill."""
 
 from __future__ import annotations
 
@@ -124,25 +124,25 @@ def test_reused_bytes_is_the_most_pooled_memory_lent_at_once(pool: None) -> None
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_dense_writes_a_large_product_into_the_pool_as_f_linear(pool: None, bias: bool) -> None:
-    """A product of LARGE_BYTES or more is written into pooled memory and equals one F.linear bit for bit
-    (the same GEMM, given its output); one that needs gradients stays one F.linear."""
+    """A pooled product (the LM head's) of LARGE_BYTES or more is written into pooled memory and equals one
+    F.linear bit for bit (the same GEMM, given its output); the other products, and one that needs
+    gradients, are not pooled."""
     rng = np.random.default_rng(5)
     x = torch.from_numpy(rng.standard_normal((40, 24)).astype(np.float32))
     w = torch.from_numpy(rng.standard_normal((1000, 24)).astype(np.float32))  # 160 000 bytes out
     b = torch.from_numpy(rng.standard_normal(1000).astype(np.float32)) if bias else None
     with torch.inference_mode():
-        got = dense(x, w, b)
-    assert _pooled(got)
-    assert torch.equal(got, torch.nn.functional.linear(x, w, b))
+        got, other = dense(x, w, b, pooled=True), dense(x, w, b)
+    assert _pooled(got) and not _pooled(other)
+    assert torch.equal(got, torch.nn.functional.linear(x, w, b)) and torch.equal(other, got)
     xg = x.clone().requires_grad_(True)
-    out = dense(xg, w, b)
+    out = dense(xg, w, b, pooled=True)
     assert out.requires_grad and not _pooled(out)
 
 
 def test_logits_survive_the_next_prefill(pool: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With every product of 2 KiB or more pooled (the LM head's, the QKV and MLP stages'), a prefill's
-    logits, still held, are unchanged by the next prefill, and equal bit for bit those of a run on the same
-    keys without the pool."""
+    """With the LM head's product pooled from 2 KiB on, a prefill's logits, still held, are unchanged by the
+    next prefill, and equal bit for bit those of a run on the same keys without the pool."""
     monkeypatch.setattr(host_memory, "LARGE_BYTES", 2 * KIB)
     b = TorchBackend(tiny_weights(7, n_layers=2), "float32")
     ids = np.arange(20) % b.config.vocab_size

@@ -95,7 +95,9 @@ GEMM_BLOCK_MIN_IN = (
 )
 
 
-def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def dense(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, pooled: bool = False
+) -> torch.Tensor:
     """``x·Wᵀ + b`` for ``w`` stored out × in (``F.linear``'s semantics and layout): every projection of
     the torch backend. On the CPU, a 2-D ``x`` of :data:`GEMM_BLOCK_ROWS` to :data:`GEMM_BLOCK_MAX_ROWS` − 1
     rows times a ``w`` of at least 2·:data:`GEMM_BLOCK` outputs and :data:`GEMM_BLOCK_MIN_IN` inputs is one
@@ -105,7 +107,13 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) ->
     fused gate/up maps of SmolLM2 and a 1B-wide LLaMA at 130–514 rows on an AMD EPYC, and slower from about
     768 rows; on an Intel Xeon slower for SmolLM2's narrow inputs (hence :data:`GEMM_BLOCK_MIN_IN`). Narrower
     products, fewer or more rows (a generation step, a long prompt), other devices and products that need
-    gradients are one ``F.linear``."""
+    gradients are one ``F.linear``.
+
+    ``pooled`` (the LM head's product: the largest, made once a request, at its end): a product of
+    :data:`.host_memory.LARGE_BYTES` or more is written into the pool's memory (:mod:`.host_memory`), the
+    same GEMM given its output. Not the blocks' intermediates: a pooled buffer stays resident between its
+    uses, and one idle while a request peaks adds to that peak (`llama1b-random`'s 88 MB gate/up product
+    pooled too raised a 2048-token prefill's peak by 209 MB; :data:`.host_memory.POOL_BYTES`)."""
     out_dim = w.shape[0]
     if (
         x.ndim != 2
@@ -118,13 +126,14 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) ->
         or x.dtype != w.dtype
         or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)))
     ):  # (``out=`` writes take no autograd: a product that needs gradients is one F.linear)
-        if _large_product(x, w, bias):  # one product into pooled memory (host_memory)
+        if pooled and _large_product(x, w, bias):  # one product into pooled memory (host_memory)
             out = host_memory.empty((x.shape[0], out_dim), x.dtype)
             if bias is None:
                 return torch.matmul(x, w.t(), out=out)
             return torch.addmm(bias, x, w.t(), out=out)
         return F.linear(x, w, bias)
-    out = host_memory.empty((x.shape[0], out_dim), x.dtype)
+    shape = (x.shape[0], out_dim)
+    out = host_memory.empty(shape, x.dtype) if pooled else torch.empty(shape, dtype=x.dtype, device=x.device)
     for lo in range(0, out_dim, GEMM_BLOCK):
         hi = min(lo + GEMM_BLOCK, out_dim)
         if bias is None:
@@ -135,9 +144,9 @@ def dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) ->
 
 
 def _large_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether :func:`dense` writes ``x·Wᵀ (+ b)`` into :func:`.host_memory.empty`'s pooled memory: a 2-D
-    product on the CPU of at least :data:`.host_memory.LARGE_BYTES`, in one dtype, without autograd
-    (``out=`` writes take none) — on SmolLM2, the LM head's from about 171 rows."""
+    """Whether :func:`dense` writes a ``pooled`` product ``x·Wᵀ (+ b)`` into :func:`.host_memory.empty`'s
+    memory: a 2-D product on the CPU of at least :data:`.host_memory.LARGE_BYTES`, in one dtype, without
+    autograd (``out=`` writes take none) — SmolLM2's LM head from about 171 rows."""
     return (
         x.ndim == 2
         and w.ndim == 2
@@ -1036,7 +1045,7 @@ class TorchBackend(TorchOps):
     ) -> torch.Tensor:
         """xW + b (the bias only for ``wqkv`` of a Qwen2 model)."""
         bias = self._layer(layer).bqkv if which == "wqkv" else None
-        return dense(x, self._matrix(which, layer, experts), bias)
+        return dense(x, self._matrix(which, layer, experts), bias, pooled=which == "lm_head")
 
     def mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """The block's MLP on normalized rows: SwiGLU, or Mixtral MoE (softmax router, top-k with ties
