@@ -37,11 +37,11 @@ LARGE_BYTES = 32 << 20
 
 #: The most memory the pool keeps mapped (free or lent); a buffer beyond it is a plain ``torch.empty``. An
 #: idle buffer stays resident through the next request, adding to that request's peak where its blocks' own
-#: buffers peak before it uses the pooled one: `llama1b-random`'s 2048-token logits (262 MB) pooled raised
-#: the process's peak over a prefill by 195 MB (SmolLM2's 403 MB by 46 MB). 256 MiB holds a 512-token
-#: prompt's logits on SmolLM2 (101 MB) or `llama1b-random` (66 MB), where the faults cost 3–4 % of the
+#: buffers peak before it uses the pooled one: `llama1b-random`'s 2048-token logits (250 MiB) pooled raised
+#: the process's peak over a prefill by 195 MiB (SmolLM2's 384 MiB by 46 MiB). 128 MiB holds a 512-token
+#: prompt's logits on SmolLM2 (96 MiB) or `llama1b-random` (63 MiB), where the faults cost 3–4 % of the
 #: request, and not 2048 tokens', where they cost 2–3 % and the memory more.
-POOL_BYTES = 256 << 20
+POOL_BYTES = 128 << 20
 
 _lock = threading.Lock()
 _maps: list[mmap.mmap] = []
