@@ -9,8 +9,11 @@
    with a fresh huge-page mapping for each large buffer instead, in turn: the median seconds inside the
    server's ``handle`` calls and the rest (the client's).
 
-Run: ``python -m models.host_memory [--model smollm2] [--n 512] [--threads 1] [--rounds 7]``. A benchmark:
-it asserts nothing; ``models/results/host_memory.txt`` holds a run.
+3. With ``--peak``: the process's peak resident memory over four verified prefills, with the pool and without
+   it, each in a fresh process — what an idle pooled buffer adds to the peak of the request that follows.
+
+Run: ``python -m models.host_memory [--model smollm2] [--n 512] [--threads 1] [--rounds 7]``, or with
+``--peak [--pool-mib M]``. A benchmark: it asserts nothing; ``models/results/host_memory.txt`` holds the runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import math
 import mmap
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -110,6 +115,40 @@ def prefill_pool(backend: Any, n: int, rounds: int) -> dict[str, tuple[float, fl
     return {k: (med(s for s, _ in v), med(c for _, c in v)) for k, v in got.items()}
 
 
+def _status_mib() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        rows = (ln.split(":", 1) for ln in f if ln.startswith(("VmRSS:", "VmHWM:")))
+        return {k: int(v.split()[0]) >> 10 for k, v in rows}
+
+
+def process_peak(
+    model: str, n: int, threads: int, pool: bool, pool_mib: int | None = None, requests: int = 4
+) -> tuple[int, int]:
+    """(MiB resident once the model is loaded, the process's peak resident MiB after ``requests`` verified SCX
+    prefills of n tokens), with the pool or without it. Run in a process of its own (``--peak`` starts one
+    per case): the peak is the process's since it started."""
+    import torch
+
+    from scx_ref.backends import host_memory
+    from scx_ref.commands.bench import build_models
+    from scx_ref.keys import KeySchedule
+    from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server
+
+    torch.set_num_threads(threads)
+    if not pool:
+        host_memory.LARGE_BYTES = 1 << 62
+    if pool_mib is not None:
+        host_memory.POOL_BYTES = pool_mib << 20
+    backend, _hf, _used = build_models(model, "float32", "cpu")
+    client = Client(backend, KeySchedule.generate(), SCXConfig(level="permute", max_length=4096))
+    ids = np.random.default_rng(0).integers(0, backend.config.vocab_size, size=n)
+    loaded = _status_mib()["VmRSS"]
+    with torch.inference_mode():
+        for _ in range(requests):
+            client.prefill(ids, LocalTransport(Server(backend)))
+    return loaded, _status_mib()["VmHWM"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m models.host_memory", description=__doc__.split("\n\n")[0] if __doc__ else None
@@ -118,7 +157,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=512, help="prompt length (512)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     p.add_argument("--rounds", type=int, default=7, help="alternating rounds after one warm-up (7)")
+    p.add_argument(
+        "--peak",
+        action="store_true",
+        help="instead: the process's peak resident memory over 4 verified prefills, with the pool and "
+        "without (each in a fresh process)",
+    )
+    p.add_argument(
+        "--pool-mib", type=int, help="with --peak: the pool's bound in MiB (POOL_BYTES by default)"
+    )
+    p.add_argument("--peak-child", choices=["pool", "no-pool"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.peak_child:
+        loaded, peak = process_peak(a.model, a.n, a.threads, a.peak_child == "pool", a.pool_mib)
+        print(f"  {a.peak_child:8s} loaded {loaded} MiB, peak {peak} MiB: {peak - loaded} MiB over the model")
+        return 0
+    if a.peak:
+        bound = "" if a.pool_mib is None else f", the pool bounded at {a.pool_mib} MiB"
+        print(f"{a.model}, threads {a.threads}: the peak over 4 verified SCX prefills of n = {a.n}{bound}")
+        for case in ("pool", "no-pool"):
+            args = ["--model", a.model, "--n", str(a.n), "--threads", str(a.threads), "--peak-child", case]
+            args += [] if a.pool_mib is None else ["--pool-mib", str(a.pool_mib)]
+            subprocess.run([sys.executable, "-m", "models.host_memory", *args], check=True)
+        return 0
     import torch
 
     from scx_ref.commands.bench import build_models
