@@ -21,7 +21,6 @@ Run: ``python -m models.client_ab --other ../old-checkout [--n 512] [--tokens 0]
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import shutil
 import statistics
@@ -36,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from scx_ref.timing import timed, timed_server
+
+from .timing_args import timing_parser
 
 OTHER = "scx_ref_other"
 
@@ -133,20 +134,14 @@ def client_times(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m models.client_ab", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    p = timing_parser("models.client_ab", __doc__, rounds=9)
     p.add_argument("--other", type=Path, required=True, help="the other checkout's root (holds scx_ref/)")
-    p.add_argument("--model", default="smollm2", help="a registered model with Hugging Face weights")
-    p.add_argument("--n", type=int, default=512, help="prompt length (512)")
     p.add_argument(
         "--tokens",
         type=int,
         default=0,
         help="time this many generation steps per round, per token (0: the prefill)",
     )
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
-    p.add_argument("--rounds", type=int, default=9, help="alternating rounds after one warm-up (9)")
     p.add_argument(
         "--verify", choices=["both", "on", "off"], default="both", help="reply verification (both)"
     )

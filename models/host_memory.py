@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .timing_args import timing_parser
+
 
 def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -85,8 +87,8 @@ def prefill_pool(backend: Any, n: int, rounds: int) -> dict[str, tuple[float, fl
 
     from scx_ref.backends import host_memory
     from scx_ref.keys import KeySchedule
-    from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server
-    from scx_ref.timing import timed_server
+    from scx_ref.protocol import Client, SCXConfig, Server
+    from scx_ref.timing import timed_prefill, timed_server
 
     limit, pooled = host_memory.LARGE_BYTES, host_memory.empty
     cfg = SCXConfig(level="permute", max_length=min(backend.config.max_positions, 4096), verify=False)
@@ -101,14 +103,9 @@ def prefill_pool(backend: Any, n: int, rounds: int) -> dict[str, tuple[float, fl
                 for mode in modes if r % 2 else modes[::-1]:
                     host_memory.LARGE_BYTES = 1 << 62 if mode == "no pool" else limit
                     host_memory.empty = huge_empty if mode == "huge pages" else pooled
-                    nonce = KeySchedule.new_nonce()
-                    client.precompute(n, nonce=nonce)
-                    in_server[0] = 0.0
-                    t0 = time.perf_counter()
-                    client.prefill(ids, LocalTransport(timed(backend)), nonce=nonce)
-                    wall = time.perf_counter() - t0
+                    got_s = timed_prefill(client, timed, backend, ids, in_server)
                     if r:
-                        got[mode].append((in_server[0], wall - in_server[0]))
+                        got[mode].append(got_s)
     finally:
         host_memory.LARGE_BYTES, host_memory.empty = limit, pooled
     med = statistics.median
@@ -150,13 +147,7 @@ def process_peak(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m models.host_memory", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
-    p.add_argument("--model", default="smollm2", help="a registered model (smollm2)")
-    p.add_argument("--n", type=int, default=512, help="prompt length (512)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
-    p.add_argument("--rounds", type=int, default=7, help="alternating rounds after one warm-up (7)")
+    p = timing_parser("models.host_memory", __doc__, rounds=7, model_help="a registered model (smollm2)")
     p.add_argument(
         "--peak",
         action="store_true",

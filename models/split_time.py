@@ -17,13 +17,14 @@ difference is the fixed per-request cost.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import numpy as np
 
-from scx_ref.timing import timed_server
+from scx_ref.timing import timed_prefill, timed_server
+
+from .timing_args import timing_parser
 
 
 def split_prefill(
@@ -36,7 +37,7 @@ def split_prefill(
 
     from scx_ref.commands.bench import build_models
     from scx_ref.keys import KeySchedule
-    from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server
+    from scx_ref.protocol import Client, SCXConfig, Server
 
     torch.set_num_threads(threads)
     backend, hf_model, _used = build_models(model, "float32", "cpu")
@@ -49,13 +50,7 @@ def split_prefill(
     TimedServer, in_server = timed_server(Server)
 
     def scx() -> tuple[float, float]:
-        nonce = KeySchedule.new_nonce()
-        client.precompute(n, nonce=nonce)
-        in_server[0] = 0.0
-        t0 = time.perf_counter()
-        client.prefill(ids, LocalTransport(TimedServer(backend)), nonce=nonce)
-        wall = time.perf_counter() - t0
-        return in_server[0], wall - in_server[0]
+        return timed_prefill(client, TimedServer, backend, ids, in_server)
 
     def hf() -> float:
         t0 = time.perf_counter()
@@ -79,13 +74,7 @@ def split_prefill(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m models.split_time", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
-    p.add_argument("--model", default="smollm2", help="a registered model with Hugging Face weights")
-    p.add_argument("--n", type=int, default=512, help="prompt length (512)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
-    p.add_argument("--rounds", type=int, default=7, help="alternating rounds (7)")
+    p = timing_parser("models.split_time", __doc__, rounds=7)
     p.add_argument("--no-verify", action="store_true", help="reply verification off")
     a = p.parse_args(argv)
     import scx_ref
