@@ -4,8 +4,9 @@ Under glibc an allocation of :data:`LARGE_BYTES` or more is a fresh ``mmap`` eve
 reusing freed heap memory stops at 32 MiB), first touched 4 KiB page by page and unmapped again when freed.
 SmolLM2's LM-head product at n = 512 (514 × 49 152 float32, 101 MB) took 24 673 page faults and 188 ms on one
 thread into a fresh ``torch.empty`` (what ``F.linear`` gives), 151 ms into memory already touched, and its
-release 2.7 ms; a whole 512-token SCX prefill's server 38 ms less with the pool, 2048 tokens 127 ms less
-(``python -m models.host_memory``: ``models/results/host_memory.txt``). A fresh mapping advised for
+release 2.7 ms; a whole 512-token SCX prefill's server 38 ms less with the pool, a 2048-token one's 127 ms
+less while the pool's bound still admitted its logits (``python -m models.host_memory``:
+``models/results/host_memory.txt``). A fresh mapping advised for
 transparent huge pages instead (655 faults, 164 ms alone) made the 2048-token prefill's server 0.5 s *slower*
 than no pool on this project's machines (virtual machines: a fresh 2 MiB page is also the host's to back):
 measured, not adopted.

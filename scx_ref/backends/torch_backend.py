@@ -112,8 +112,9 @@ def dense(
     ``pooled`` (the LM head's product: the largest, made once a request, at its end): a product of
     :data:`.host_memory.LARGE_BYTES` or more is written into the pool's memory (:mod:`.host_memory`), the
     same GEMM given its output. Not the blocks' intermediates: a pooled buffer stays resident between its
-    uses, and one idle while a request peaks adds to that peak (`llama1b-random`'s 88 MB gate/up product
-    pooled too raised a 2048-token prefill's peak by 209 MB; :data:`.host_memory.POOL_BYTES`)."""
+    uses, and one idle while a request peaks adds to that peak (:data:`.host_memory.POOL_BYTES`; with every
+    product of 32 MiB or more pooled, `llama1b-random`'s gate/up product too, a 2048-token prefill's peak
+    rose by 209 MiB, by 195 MiB with the LM head's alone; the blocks' products were not timed pooled)."""
     out_dim = w.shape[0]
     if (
         x.ndim != 2
