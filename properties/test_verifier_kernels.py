@@ -374,12 +374,16 @@ def _mlp_check_cases(draw: st.DrawFn) -> tuple[Any, ...]:
 
 @needs_numba
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocks", [False, True], ids=["one-block", "blocks-of-4-rows"])
 @given(case=_mlp_check_cases())
-def test_gate_up_excess_is_the_three_calls(dtype: torch.dtype, case: tuple[Any, ...]) -> None:
-    """A dense MLP reply's two checks in one call (``TorchBackend.gate_up_excess``) return exactly the
-    verdicts of ``project64_gate_up`` and the two ``freivalds_excess`` calls the verifier otherwise makes
-    (the gate/up products against RMSNorm(x), the reply y against the SwiGLU's) — NaN where an entry is
-    NaN or ±inf; in one chunk and split across threads; ``None`` with the kernels off."""
+def test_gate_up_excess_is_the_three_calls(dtype: torch.dtype, blocks: bool, case: tuple[Any, ...]) -> None:
+    """A dense MLP reply's two checks in compiled calls (``TorchBackend.gate_up_excess``) return exactly
+    the verdicts of ``project64_gate_up`` and the two ``freivalds_excess`` calls the verifier otherwise
+    makes (the gate/up products against RMSNorm(x), the reply y against the SwiGLU's) — NaN where an
+    entry is NaN or ±inf, in whichever block of rows it lies; in one chunk and split across threads, the
+    rows in one call or in blocks of four; ``None`` with the kernels off."""
+    from scx_ref.backends import torch_backend
+
     weights, x_np, gu_np, y_np, up, down = case
     be = TorchBackend(weights, dtype)
     x, gu, y = (torch.from_numpy(a).to(dtype) for a in (x_np, gu_np, y_np))
@@ -394,6 +398,8 @@ def test_gate_up_excess_is_the_three_calls(dtype: torch.dtype, case: tuple[Any, 
         return be.gate_up_excess(gu, y, x, 0, up, down), composed
 
     with pytest.MonkeyPatch.context() as mp:
+        if blocks:  # the smallest block: four rows a call
+            mp.setattr(torch_backend, "GATE_UP_BLOCK_BYTES", 1)
         (fused, composed), (off, _) = fused_and_eager(mp, both)
     assert off is None
     assert fused is not None and composed[0] is not None and composed[1] is not None

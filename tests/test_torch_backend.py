@@ -374,6 +374,9 @@ def _out_of_bounds_calls(b: TorchBackend) -> dict[str, Any]:
             h, r8, (np.zeros((4, 2)), np.zeros(4)), r8, terms
         ),
         "gate_up_excess-down_vectors_of_another_width": lambda: b.gate_up_excess(gu, h, h, 0, up, down),
+        "gate_up_excess-a_reply_of_more_rows": lambda: b.gate_up_excess(
+            gu, torch.cat([h, h]), h, 0, up, (down[0], np.ones((f, 2)), down[2])
+        ),
     }
 
 
