@@ -959,8 +959,8 @@ class TorchBackend(TorchOps):
         block just before its call reads it. Each verdict is a maximum over rows (every row's τ reads that
         row's norms only), so the largest of the blocks' verdicts is the whole reply's, NaN if any is NaN.
         A whole reply's silu(gate) at once was a fresh mapping on `llama1b-random` at 2048 rows (2050 ×
-        5 632 float32, 46 MB), touched page by page, then read again from memory: the blocks took the
-        client's MLP checks from 91.5 to 57.8 ms a verified prefill (two threads)."""
+        5 632 float32, 46 MB), touched page by page, then read again from memory: in blocks the client took
+        32 ms less a verified prefill on two threads (``python -m models.client_ab``; README, stop 41)."""
         gamma = self._gain("mlp", layer)
         k = self._fused(gate_up, y, x, gamma)
         if k is None or gate_up.dim() != 2 or y.dim() != 2 or x.dim() != 2:
