@@ -19,6 +19,7 @@ from scx_ref.protocol import CalibrationPool, Client, LocalTransport, SCXConfig,
 from scx_ref.protocol.decoys import default_public_tokens
 from scx_ref.protocol.verify import SessionVerifier
 from scx_ref.weights import random_weights
+from tests.views import assert_same_view
 
 MASTER = bytes(range(50, 82))
 NONCE = bytes(range(16, 32))
@@ -52,15 +53,6 @@ def _session(
     return logits, link.view, client
 
 
-def _same_view(a: ServerView, b: ServerView) -> None:
-    assert len(a.messages) == len(b.messages)
-    for ma, mb in zip(a.messages, b.messages, strict=True):
-        assert (ma.stage, ma.layer, ma.step, ma.meta) == (mb.stage, mb.layer, mb.step, mb.meta)
-        assert ma.arrays.keys() == mb.arrays.keys()
-        for key in ma.arrays:
-            assert np.array_equal(ma.arrays[key], mb.arrays[key]), (ma.stage, ma.layer, key)
-
-
 @pytest.mark.parametrize("moe", [False, True])
 @pytest.mark.parametrize("level", ["permute", "paper", "blind"])
 def test_keys_derived_ahead_change_nothing_the_server_sees(level: str, moe: bool) -> None:
@@ -72,7 +64,7 @@ def test_keys_derived_ahead_change_nothing_the_server_sees(level: str, moe: bool
     want, view, _ = _session(weights, cfg, pool, None)
     for prepare in ("now", "thread"):
         got, got_view, client = _session(weights, cfg, pool, prepare)
-        _same_view(view, got_view)
+        assert_same_view(view, got_view)
         assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
         assert client.state is not None
         prep = client.state.prep
@@ -107,11 +99,11 @@ def test_a_precomputation_for_a_shorter_length_is_not_used_a_longer_one_is() -> 
     cfg = SCXConfig(level="blind", r1=2, r2=2)
     want, view, _ = _session(weights, cfg, pool, None)
     got, got_view, client = _session(weights, cfg, pool, "now", n=N - 1)  # keys for 8 tokens, prompt of 9
-    _same_view(view, got_view)
+    assert_same_view(view, got_view)
     assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
     assert client.state is not None and client.state.prep.seconds == 0  # derived on demand instead
     got, got_view, client = _session(weights, cfg, pool, "now", n=N + 3)  # keys for 12 tokens
-    _same_view(view, got_view)
+    assert_same_view(view, got_view)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)  # η·W of a longer η: rounding may differ
     assert client.state is not None and client.state.prep.seconds > 0 and client.state.prep.remaining == 0

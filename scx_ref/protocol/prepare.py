@@ -256,7 +256,9 @@ class PreparedKeys(Generic[A]):
                 return kept
             if w == width and have > rows:
                 # a mask pool's entry is derived for its longest prompt; the noise stream is read row by
-                # row, so the first rows are exactly this message's η (and η·W is row-wise)
+                # row, so the first rows are exactly this message's η. η·W is row-wise, but as a product of
+                # more rows BLAS may round it differently (OpenBLAS on an AMD EPYC: ~1e-15 relative in
+                # float64): what follows unblinding matches the on-demand route to rounding, not bit for bit
                 return bb.narrow(kept[0], 0, 0, rows), bb.narrow(kept[1], 0, 0, rows)
         eta = bb.from_numpy(self.keys.noise(release, step, rows, width))
         return eta, bb.correction(eta, which, layer, experts)
