@@ -273,6 +273,6 @@ def test_mask_pool_view_equals_the_view_without_it(n: int) -> None:
     other = _pool_client(cfg, weights, nonce)
     link2 = LocalTransport(Server(other.b), record_view=True)
     want = [other.prefill(IDS, link2)] + [other.decode(t, link2) for t in (3, 4, 5)]
-    assert_same_view(link.view, link2.view)
+    assert_same_view(link.view, link2.view, rounding=n > len(IDS))
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
