@@ -55,6 +55,9 @@ def test_bench_quick_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         assert len(r["round_ratios"]) == r["repeats"] and all(x > 0 for x in r["round_ratios"])
         assert min(r["round_ratios"]) <= r["round_ratio_q1"] <= r["round_ratio_q3"] <= max(r["round_ratios"])
         assert r["round_ratio_q1"] <= r["round_ratio_median"] <= r["round_ratio_q3"]
+        # one round: its bootstrap interval is the ratio itself; too few rounds for a median interval
+        assert r["ratio_interval"] == [r["ratio_median"]] * 2 and r["round_ratio_interval"] is None
+        assert r["round_ratio_coverage"] is None
         assert len(r["scx_round_s"]) == len(r["baseline_round_s"]) == r["repeats"] and r["warmup"] == 1
         for got, scx, base in zip(r["round_ratios"], r["scx_round_s"], r["baseline_round_s"], strict=True):
             assert got == pytest.approx(scx / base, rel=1e-12)
@@ -126,22 +129,13 @@ def test_bench_warmup_rounds_are_run_and_not_timed(monkeypatch: pytest.MonkeyPat
     (row,) = rows
     assert row.scx_round_s == [2.0, 2.0, 2.0] and row.baseline_round_s == [1.0, 1.0, 1.0]
     assert row.ratio_median == row.round_ratio_median == 2.0 and row.warmup == 2
+    assert row.ratio_interval == [2.0, 2.0] and row.round_ratio_interval is None  # 3 rounds: no interval
 
 
 def test_bench_rejects_unknown_model_and_lengths() -> None:
     with pytest.raises(ConfigError):
         build_backend("gpt-5", "float32", "cpu")
     assert main(["bench", "--model", "tiny-llama", "--n", "5000", "--gen-tokens", "0", "--no-progress"]) == 2
-
-
-def test_round_quartiles() -> None:
-    """The per-round spread: both quartiles of one round are its value; of 1..5 they are 2 and 4."""
-    from scx_ref.commands.bench import _quartiles
-
-    assert _quartiles([1.25]) == (1.25, 1.25)
-    assert _quartiles([5.0, 1.0, 3.0, 2.0, 4.0]) == (2.0, 4.0)
-    q1, q3 = _quartiles([1.0, 2.0])
-    assert 1.0 <= q1 <= q3 <= 2.0
 
 
 def test_split_time_parts_are_positive(capsys: pytest.CaptureFixture[str]) -> None:
@@ -271,3 +265,29 @@ def test_peak_memory_counts_a_freed_allocation_and_runs_no_thread() -> None:
     with _PeakMemory(torch.device("cpu")) as idle:
         pass
     assert idle.peak < 8 * (1 << 20)
+
+
+def test_bench_intervals_read_back_from_the_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Six rounds: the bench writes both intervals (the median's from the 1st and 6th of six, coverage
+    1 − 2/64); ``models.bench_intervals`` recomputes the same two from the rounds the JSON keeps and judges
+    them against a goal (met / missed / undecided)."""
+    from models import bench_intervals
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", "random:tiny-dense", "--repeats", "6", "--n", "8", "--gen-tokens", "0"]
+    assert main([*argv, "--json", str(out), "--no-progress"]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["round_ratio_interval"] == [min(row["round_ratios"]), max(row["round_ratios"])]
+    assert row["round_ratio_coverage"] == 1 - 2 / 64
+    lo, hi = row["ratio_interval"]
+    assert lo <= row["ratio_median"] <= hi
+    (again,) = bench_intervals.rows_of(out)
+    assert list(again["_ratio_interval"]) == row["ratio_interval"]
+    assert list(again["_paired_interval"]) == row["round_ratio_interval"]
+    assert bench_intervals.main([str(out)]) == 0
+    assert "verdicts:" in capsys.readouterr().out
+    assert bench_intervals.verdict([0.9, 1.0], 1.05) == "met"
+    assert bench_intervals.verdict([1.06, 1.2], 1.05) == "missed"
+    assert bench_intervals.verdict([1.0, 1.1], 1.05) == "undecided"
+    assert bench_intervals.verdict(None, 1.05) == bench_intervals.verdict([1.0, 1.1], None) == "-"
+    assert bench_intervals.goal_for("decode", 77) == 1.03 and bench_intervals.goal_for("prefill", 64) is None

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -61,10 +60,12 @@ from ..protocol.config import LEVELS
 from ..protocol.presets import preset
 from ..zoo import MODEL_NAMES, load_hf, load_weights, parse_random, weights_names_help
 from ._args import device, int_at_least, int_list, output_file, require_device
+from .bench_stats import median_interval, quartiles, ratio_interval
 
 __all__ = ["BenchResult", "build_backend", "build_models", "register", "run_bench"]
 
 SMOLLM2_FALLBACK = "random:smollm2-shape"
+_INTERVAL_SEED = 0  # each row's bootstrap draws (bench_stats.ratio_interval): same rounds, same interval
 _MIN_MEM = float(1 << 20)  # below 1 MiB of growth the RSS reading is allocator noise: no ratio
 HF_BASELINE = (
     "Hugging Face transformers: model(ids) for prefill (all rows of logits, KV cache built) and "
@@ -218,6 +219,12 @@ class BenchResult:
     client_median_s: float = 0.0
     server_ratio_median: float = 0.0
     client_ratio_median: float = 0.0
+    #: how precise the two readings are (:mod:`.bench_stats`): a paired-bootstrap 95 % interval of
+    #: ``ratio_median``, and the distribution-free ≥ 95 % interval of ``round_ratio_median`` with its exact
+    #: coverage (None below 6 rounds)
+    ratio_interval: list[float] = field(default_factory=list)
+    round_ratio_interval: list[float] | None = None
+    round_ratio_coverage: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -643,7 +650,9 @@ def run_bench(
             t = timings[lv]
             pmem, smem = statistics.median(base.mem), statistics.median(t.mem)
             paired = [x / y for x, y in zip(t.wall, base.wall, strict=True)]  # round by round
-            q1, q3 = _quartiles(paired)
+            q1, q3 = quartiles(paired)
+            around = median_interval(paired)
+            draws = np.random.default_rng(_INTERVAL_SEED)
             server_s = statistics.median(t.server) / div
             client_s = statistics.median(w - s for w, s in zip(t.wall, t.server, strict=True)) / div
             rows.append(
@@ -683,18 +692,13 @@ def run_bench(
                     client_median_s=client_s,
                     server_ratio_median=server_s / (base.median() / div),
                     client_ratio_median=client_s / (base.median() / div),
+                    ratio_interval=list(ratio_interval(t.wall, base.wall, draws)),
+                    round_ratio_interval=None if around is None else [around[0], around[1]],
+                    round_ratio_coverage=None if around is None else around[2],
                 )
             )
     bar(None)
     return rows
-
-
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    """The first and third quartiles (both the value itself for a single round)."""
-    if len(values) < 2:
-        return (values[0], values[0]) if values else (math.nan, math.nan)
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
 
 
 def _run_side(sides: _Sides, side: str, phase: str, ids: np.ndarray, n_new: int, has_hf: bool) -> _Run:
@@ -736,24 +740,28 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
         f"scx bench — model {model}, {device}, {dtype}; baseline: {baseline}",
         "ratio (online) = median(SCX, keys and masks derived ahead) / median(baseline); total (online + "
         "offline) = with that derivation",
-        f"{'phase':8} {'n':>5} {'level':14} {'ratio':>7} {'srv':>6} {'own':>6} {'total':>7} {'cpu':>7} "
+        f"{'phase':8} {'n':>5} {'level':14} {'ratio':>7} {'95% interval':>16} {'srv':>6} {'own':>6} "
+        f"{'total':>7} {'cpu':>7} "
         f"{'vsPR':>6} {'base':>9} "
         f"{'plainR':>9} {'scx':>9} {'keys':>8} {'mem':>6} {'state':>6} {'client':>7} {'verify':>7} "
-        f"{'rounds q1 / median / q3':>23}",
+        f"{'rounds q1 / median / q3':>23} {'median interval':>16}",
     ]
     for r in rows:
         unit = "s/tok" if r.phase == "decode" else "s"
         mem = f"{r.mem_ratio:6.2f}" if r.mem_ratio is not None else "     -"
         vs_pr = f"{r.plain_runner_ratio:6.3f}" if r.plain_runner_ratio is not None else "     -"
         pr = f"{r.plain_runner_median_s:7.4f}{unit[0]:>2}" if r.plain_runner_median_s is not None else " " * 9
+        ci = "[{:6.3f}, {:6.3f}]".format(*r.ratio_interval) if r.ratio_interval else f"{'-':>16}"
+        around = r.round_ratio_interval
+        rci = f"[{around[0]:6.3f}, {around[1]:6.3f}]" if around is not None else f"{'-':>16}"
         lines.append(
-            f"{r.phase:8} {r.n:5d} {r.level:14} {r.ratio_median:7.3f} {r.server_ratio_median:6.3f} "
+            f"{r.phase:8} {r.n:5d} {r.level:14} {r.ratio_median:7.3f} {ci} {r.server_ratio_median:6.3f} "
             f"{r.client_ratio_median:6.3f} {r.total_ratio_median:7.3f} "
             f"{r.cpu_ratio_median:7.3f} {vs_pr} {r.baseline_median_s:7.4f}{unit[0]:>2} {pr} "
             f"{r.scx_median_s:7.4f}{unit[0]:>2} {r.keys_median_s:6.4f}{unit[0]:>2} {mem} "
             f"{r.state_ratio:6.2f} {100 * r.client_flop_share:6.2f}% "
             + (f"{r.verify_ratio:7.3f}" if r.verify_ratio is not None else "      -")
-            + f" {r.round_ratio_q1:6.3f} / {r.round_ratio_median:5.3f} / {r.round_ratio_q3:5.3f}"
+            + f" {r.round_ratio_q1:6.3f} / {r.round_ratio_median:5.3f} / {r.round_ratio_q3:5.3f} {rci}"
         )
     for r in rows:
         if r.pool:
@@ -772,7 +780,10 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
         "held after the run (server + client) / baseline KV cache; client: flop share; verify: median(SCX) / "
         "median(SCX without reply verification) (--verify-cost); rounds: quartiles and median of SCX / "
         "baseline per round (each pair timed back to back): the spread is this run's noise, and where the "
-        "median differs from ratio the machine's speed drifted during the run"
+        "median differs from ratio the machine's speed drifted during the run; 95% interval: of ratio, a "
+        "paired bootstrap over the rounds (approximate); median interval: of the rounds' median, "
+        "distribution-free (two order statistics, coverage ≥ 95 %, the exact value in the JSON; - below 6 "
+        "rounds). A goal above an interval: shown met by this run; below it: shown missed; inside: undecided"
     )
     return "\n".join(lines)
 

@@ -1,0 +1,116 @@
+"""Which of the overhead goals a ``scx bench`` run *shows* met, shows missed, or leaves undecided.
+
+A bench ratio is a median of a few rounds on a noisy machine, so a reading of 1.04 against a goal of
+1.05 says little by itself. For every row of the given ``scx bench --json`` files this prints the ratio
+of medians with its paired-bootstrap 95 % interval, the median of the rounds' paired ratios with its
+distribution-free interval (:mod:`scx_ref.commands.bench_stats`; both recomputed here from the rounds the
+file keeps, so files written before the bench reported them are read the same way), the goal, and the
+verdict: **met** when the interval lies at or below the goal, **missed** when it lies above, **undecided**
+when it holds the goal.
+
+The goals are the open performance issue's (``GOALS``): prefill ≤ 1.10 at 128 tokens, ≤ 1.05 at 512 and
+2048; decode ≤ 1.03 a token. Other rows are listed without a verdict.
+
+Run: ``python -m models.bench_intervals models/results/bench_hf_s42_1t.json [more.json …] [--paired]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scx_ref.commands.bench_stats import median_interval, ratio_interval
+
+__all__ = ["GOALS", "main", "verdict"]
+
+#: (phase, n) → the largest SCX / Hugging Face ratio the goal allows (decode: any prompt length, n = None)
+GOALS: dict[tuple[str, int | None], float] = {
+    ("prefill", 128): 1.10,
+    ("prefill", 512): 1.05,
+    ("prefill", 2048): 1.05,
+    ("decode", None): 1.03,
+}
+_SEED = 0  # as the bench's own rows: the same rounds give the same interval
+
+
+def goal_for(phase: str, n: int) -> float | None:
+    """The goal for a row, or None for a shape the goals do not name."""
+    return GOALS.get((phase, None if phase == "decode" else n))
+
+
+def verdict(interval: Sequence[float] | None, goal: float | None) -> str:
+    """``met`` (the whole interval at or below the goal), ``missed`` (above it), ``undecided`` (it holds the
+    goal), ``-`` with no goal or no interval."""
+    if goal is None or interval is None:
+        return "-"
+    lo, hi = interval[0], interval[1]
+    return "met" if hi <= goal else "missed" if lo > goal else "undecided"
+
+
+def rows_of(path: Path) -> list[dict[str, Any]]:
+    """The file's rows, each with both intervals recomputed from its rounds (``scx_round_s``,
+    ``baseline_round_s``)."""
+    data = json.loads(path.read_text())
+    out = []
+    for r in data["rows"]:
+        scx, base = r["scx_round_s"], r["baseline_round_s"]
+        paired = [s / b for s, b in zip(scx, base, strict=True)]
+        around = median_interval(paired)
+        out.append(
+            {
+                **r,
+                "_file": path.name,
+                "_ratio_interval": ratio_interval(scx, base, np.random.default_rng(_SEED)),
+                "_paired": float(np.median(paired)),
+                "_paired_interval": None if around is None else around[:2],
+                "_coverage": None if around is None else around[2],
+            }
+        )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m models.bench_intervals", description=(__doc__ or "").split("\n\n")[0]
+    )
+    p.add_argument("files", nargs="+", type=Path, help="scx bench --json files")
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="judge the goals on the median of paired round ratios (default: the ratio of medians)",
+    )
+    args = p.parse_args(argv)
+    tally: dict[str, int] = {}
+    for path in args.files:
+        if not path.is_file():
+            p.error(f"{path}: no such file")
+        try:
+            rows = rows_of(path)
+        except (KeyError, ValueError, TypeError) as exc:
+            p.error(f"{path}: not a scx bench --json file with its rounds ({exc})")
+        print(f"{path.name}: {json.loads(path.read_text())['meta'].get('command', '')}")
+        for r in rows:
+            goal = goal_for(r["phase"], r["n"])
+            lo, hi = r["_ratio_interval"]
+            pi = r["_paired_interval"]
+            judged = pi if args.paired else (lo, hi)
+            v = verdict(judged, goal)
+            tally[v] = tally.get(v, 0) + 1
+            paired_ci = f"[{pi[0]:.3f}, {pi[1]:.3f}] ({100 * r['_coverage']:.1f} %)" if pi else "-"
+            print(
+                f"  {r['phase']:7} {r['n']:5d} {r['level']:18} ratio {r['ratio_median']:.3f} "
+                f"[{lo:.3f}, {hi:.3f}]  paired {r['_paired']:.3f} {paired_ci}  "
+                f"goal {'-' if goal is None else f'{goal:.2f}'}  {v}"
+            )
+    print("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
