@@ -284,8 +284,13 @@ def test_bench_intervals_read_back_from_the_json(tmp_path: Path, capsys: pytest.
     (again,) = bench_intervals.rows_of(out)
     assert list(again["_ratio_interval"]) == row["ratio_interval"]
     assert list(again["_paired_interval"]) == row["round_ratio_interval"]
-    assert bench_intervals.main([str(out)]) == 0
+    assert bench_intervals.main([str(out)]) == 0 and bench_intervals.main([str(out), "--paired"]) == 0
     assert "verdicts:" in capsys.readouterr().out
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"rows": [{"phase": "prefill"}]}))
+    for bad in (other, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit):
+            bench_intervals.main([str(bad)])
     assert bench_intervals.verdict([0.9, 1.0], 1.05) == "met"
     assert bench_intervals.verdict([1.06, 1.2], 1.05) == "missed"
     assert bench_intervals.verdict([1.0, 1.1], 1.05) == "undecided"

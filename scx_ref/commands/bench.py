@@ -11,6 +11,9 @@ keeps every round's seconds: when the machine's speed drifts during a run the tw
 different rounds, and the paired median is then the steadier reading of the two. Each SCX request is also
 split in two — the seconds inside the server's ``handle`` calls and the rest (in process: the client's own
 work) — each over the baseline's median (``srv``, ``own``), so that a run shows which side its overhead is on.
+Both readings carry a 95 % interval (:mod:`.bench_stats`: a paired bootstrap of the ratio of medians, the
+distribution-free interval of the paired median), so a run says which goals it shows met, shows missed or
+leaves undecided.
 
 Baseline: the model's own Hugging Face ``transformers`` forward (prefill: ``model(ids)``, all n rows of
 logits, KV cache built) and ``generate`` (greedy, KV cache; the time from the first generated token to
