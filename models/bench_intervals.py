@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from scx_ref.commands.bench_stats import median_interval, ratio_interval
+from scx_ref.commands.bench_stats import SEED, median_interval, ratio_interval
 
 __all__ = ["GOALS", "main", "verdict"]
 
@@ -36,7 +36,6 @@ GOALS: dict[tuple[str, int | None], float] = {
     ("prefill", 2048): 1.05,
     ("decode", None): 1.03,
 }
-_SEED = 0  # as the bench's own rows: the same rounds give the same interval
 
 
 def goal_for(phase: str, n: int) -> float | None:
@@ -56,7 +55,10 @@ def verdict(interval: Sequence[float] | None, goal: float | None) -> str:
 def rows_of(path: Path) -> list[dict[str, Any]]:
     """The file's rows, each with both intervals recomputed from its rounds (``scx_round_s``,
     ``baseline_round_s``)."""
-    data = json.loads(path.read_text())
+    return _rows(json.loads(path.read_text()), path.name)
+
+
+def _rows(data: dict[str, Any], name: str) -> list[dict[str, Any]]:
     out = []
     for r in data["rows"]:
         scx, base = r["scx_round_s"], r["baseline_round_s"]
@@ -65,8 +67,8 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
         out.append(
             {
                 **r,
-                "_file": path.name,
-                "_ratio_interval": ratio_interval(scx, base, np.random.default_rng(_SEED)),
+                "_file": name,
+                "_ratio_interval": ratio_interval(scx, base, np.random.default_rng(SEED)),
                 "_paired": float(np.median(paired)),
                 "_paired_interval": None if around is None else around[:2],
                 "_coverage": None if around is None else around[2],
@@ -91,10 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not path.is_file():
             p.error(f"{path}: no such file")
         try:
-            rows = rows_of(path)
-        except (KeyError, ValueError, TypeError) as exc:
+            data = json.loads(path.read_text())
+            rows = _rows(data, path.name)
+            command = data["meta"].get("command", "")
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
             p.error(f"{path}: not a scx bench --json file with its rounds ({exc})")
-        print(f"{path.name}: {json.loads(path.read_text())['meta'].get('command', '')}")
+        print(f"{path.name}: {command}")
         for r in rows:
             goal = goal_for(r["phase"], r["n"])
             lo, hi = r["_ratio_interval"]

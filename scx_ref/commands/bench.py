@@ -63,12 +63,11 @@ from ..protocol.config import LEVELS
 from ..protocol.presets import preset
 from ..zoo import MODEL_NAMES, load_hf, load_weights, parse_random, weights_names_help
 from ._args import device, int_at_least, int_list, output_file, require_device
-from .bench_stats import median_interval, quartiles, ratio_interval
+from .bench_stats import SEED, median_interval, quartiles, ratio_interval
 
 __all__ = ["BenchResult", "build_backend", "build_models", "register", "run_bench"]
 
 SMOLLM2_FALLBACK = "random:smollm2-shape"
-_INTERVAL_SEED = 0  # each row's bootstrap draws (bench_stats.ratio_interval): same rounds, same interval
 _MIN_MEM = float(1 << 20)  # below 1 MiB of growth the RSS reading is allocator noise: no ratio
 HF_BASELINE = (
     "Hugging Face transformers: model(ids) for prefill (all rows of logits, KV cache built) and "
@@ -655,7 +654,7 @@ def run_bench(
             paired = [x / y for x, y in zip(t.wall, base.wall, strict=True)]  # round by round
             q1, q3 = quartiles(paired)
             around = median_interval(paired)
-            draws = np.random.default_rng(_INTERVAL_SEED)
+            draws = np.random.default_rng(SEED)
             server_s = statistics.median(t.server) / div
             client_s = statistics.median(w - s for w, s in zip(t.wall, t.server, strict=True)) / div
             rows.append(
