@@ -18,6 +18,8 @@ from typing import Any
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
 
 from .base import sum_norm_slack
 
@@ -845,6 +847,83 @@ def attention_excess(
     return np.nan if bad else worst
 
 
+def _bit_cast(source: Any, target: Any) -> Any:
+    # a compiled function of one ``source`` value: the ``target`` value with the same 64 bits (LLVM's
+    # bitcast, which vectorizes)
+    def typer(typingctx: Any, x: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.bitcast(args[0], context.get_value_type(target))
+
+        return target(source), codegen
+
+    return intrinsic(typer)
+
+
+_float_bits: Any = _bit_cast(types.float64, types.int64)  # the bits of a float64, as an int64
+_bits_float: Any = _bit_cast(types.int64, types.float64)  # the float64 with the bits of an int64
+
+
+_LOG2E = 1.4426950408889634  # 1 / ln 2
+_ROUND = 6755399441055744.0  # 1.5·2⁵²: t + this − this rounds t to an integer (|t| < 2⁵¹), in its low bits
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 in 32 bits (k·this exact for |k| < 2²⁰) …
+_LN2_LO = 1.90821492927058770002e-10  # … and the rest
+#: Taylor coefficients 1/13!, …, 1/1!, 1 of exp(r) for |r| ≤ ln 2 / 2 (remainder < 5e-18 relative)
+_EXP_TAYLOR = (
+    1.6059043836821613e-10,
+    2.08767569878681e-09,
+    2.505210838544172e-08,
+    2.755731922398589e-07,
+    2.7557319223985893e-06,
+    2.48015873015873e-05,
+    0.0001984126984126984,
+    0.001388888888888889,
+    0.008333333333333333,
+    0.041666666666666664,
+    0.16666666666666666,
+    0.5,
+    1.0,
+    1.0,
+)
+
+
+@jit
+def exp64(x: float) -> float:
+    # e^x in float64 by arithmetic alone, so that a loop of it vectorizes (np.exp in a loop is a scalar
+    # call to libm's exp, ~40 cycles each): x = k·ln 2 + r, |r| ≤ ln 2 / 2, e^r by its Taylor polynomial
+    # (Horner), times 2^k built from its bits. Relative error within a few float64 roundings (r's
+    # reduction, 13 Horner steps of |r| < 0.35; properties/test_verifier_kernels.py bounds it) for
+    # −708 ≤ x ≤ 709.78; 0 below −708 (e^x < 3.4e-308 there: an absolute error under float64's smallest
+    # normal), inf above; NaN for NaN (every comparison below is false for it). Compiled without fast-math
+    # flags: reassociating t + 1.5·2⁵² − 1.5·2⁵² would undo the rounding to an integer
+    z = -708.0 if x < -708.0 else x
+    z = 709.782712893384 if z > 709.782712893384 else z
+    t = z * _LOG2E + _ROUND
+    kf = t - _ROUND
+    k = _float_bits(t) - _float_bits(_ROUND)
+    r = (z - kf * _LN2_HI) - kf * _LN2_LO
+    c = _EXP_TAYLOR
+    p = c[0]
+    p = p * r + c[1]
+    p = p * r + c[2]
+    p = p * r + c[3]
+    p = p * r + c[4]
+    p = p * r + c[5]
+    p = p * r + c[6]
+    p = p * r + c[7]
+    p = p * r + c[8]
+    p = p * r + c[9]
+    p = p * r + c[10]
+    p = p * r + c[11]
+    p = p * r + c[12]
+    p = p * r + c[13]
+    e: float = (p * _bits_float((k + 1022) << 52)) * 2.0  # 2^(k − 1)·2: k = 1024 at the top of the range
+    if x < -708.0:
+        return 0.0
+    if x > 709.782712893384:
+        return np.inf
+    return e
+
+
 @fast
 def attention_pairs(
     q: Any,
@@ -860,56 +939,85 @@ def attention_pairs(
     parts: int,
 ) -> None:
     # out[r, h] of attention_rows64 and norms[:, r, h] = (‖o_rh − out_rh‖, ‖o_rh‖, ‖q_rh‖) for the (row,
-    # head) pairs part, part + parts, … (interleaved: a later row attends to more keys, so every chunk
-    # gets early and late rows alike)
+    # KV head) pairs part, part + parts, … (interleaved: a later row attends to more keys, so every chunk
+    # gets early and late rows alike). A KV head's query heads go four at a time: each key and value row
+    # is read and widened once for the four, whose sums run side by side (a group of fewer heads, or the
+    # last chunk of one, fills the rest with zero queries, whose results are not used)
     n_r, n_h, d_h = q.shape
+    h_kv = n_h // group
     seen = 0
     for r in range(n_r):
         seen = max(seen, pos[r] + 1)
-    qv = np.empty(d_h)
-    acc = np.empty(d_h)
-    sc = np.empty(seen)
-    for item in range(part, n_r * n_h, parts):
-        r, h = item // n_h, item % n_h
+    qv = np.zeros((4, d_h))
+    acc = np.empty((4, d_h))
+    sc = np.empty((4, seen))
+    z = np.empty(4)
+    for item in range(part, n_r * h_kv, parts):
+        r, g = item // h_kv, item % h_kv
         p = pos[r]
-        g = h // group
-        # each sum in a loop that stores nothing: a loop that also stores gets a runtime overlap test
-        # from LLVM's vectorizer, and the reassociated sum then took the vector or the scalar order
-        # depending on where the arrays happened to lie (the last bits of a run varied)
-        for t in range(d_h):
-            qv[t] = q[r, h, t]
-        qq = 0.0
-        for t in range(d_h):
-            qq += qv[t] * qv[t]
-        top = -np.inf
-        for j in range(p + 1):
-            kj = k[j, g]
-            a = 0.0
-            for t in range(d_h):
-                a += qv[t] * np.float64(kj[t])
-            a *= scale
-            sc[j] = a
-            top = max(top, a)
-        z = 0.0
-        for t in range(d_h):
-            acc[t] = 0.0
-        for j in range(p + 1):
-            e = np.exp(sc[j] - top)
-            z += e
-            vj = v[j, g]
-            for t in range(d_h):
-                acc[t] += e * np.float64(vj[t])
-        for t in range(d_h):
-            acc[t] = acc[t] / z
-            out[r, h, t] = acc[t]
-        dd, oo = 0.0, 0.0
-        for t in range(d_h):
-            y = np.float64(o[r, h, t])
-            dd += (y - acc[t]) * (y - acc[t])
-            oo += y * y
-        norms[0, r, h] = np.sqrt(dd)
-        norms[1, r, h] = np.sqrt(oo)
-        norms[2, r, h] = np.sqrt(qq)
+        for h0 in range(g * group, (g + 1) * group, 4):
+            w = min(4, (g + 1) * group - h0)  # query heads h0 … h0 + w − 1 in this chunk
+            for e in range(4):
+                for t in range(d_h):
+                    qv[e, t] = q[r, h0 + e, t] if e < w else 0.0
+            q0, q1, q2, q3 = qv[0], qv[1], qv[2], qv[3]
+            # each sum in a loop that stores nothing: a loop that also stores gets a runtime overlap test
+            # from LLVM's vectorizer, and the reassociated sum then took the vector or the scalar order
+            # depending on where the arrays happened to lie (the last bits of a run varied)
+            for j in range(p + 1):
+                kj = k[j, g]
+                a0, a1, a2, a3 = 0.0, 0.0, 0.0, 0.0
+                for t in range(d_h):
+                    x = np.float64(kj[t])
+                    a0 += q0[t] * x
+                    a1 += q1[t] * x
+                    a2 += q2[t] * x
+                    a3 += q3[t] * x
+                sc[0, j], sc[1, j], sc[2, j], sc[3, j] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+            for e in range(4):
+                s = sc[e]
+                if e >= w:  # an unused lane: weights 0
+                    for j in range(p + 1):
+                        s[j] = 0.0
+                    continue
+                top = -np.inf
+                for j in range(p + 1):
+                    top = max(top, s[j])
+                for j in range(p + 1):  # the weights e_j = exp(s_j − max s), vectorized (exp64)
+                    s[j] = exp64(s[j] - top)
+                zz = 0.0
+                for j in range(p + 1):
+                    zz += s[j]
+                z[e] = zz
+            for e in range(4):
+                for t in range(d_h):
+                    acc[e, t] = 0.0
+            c0, c1, c2, c3 = acc[0], acc[1], acc[2], acc[3]
+            s0, s1, s2, s3 = sc[0], sc[1], sc[2], sc[3]
+            for j in range(p + 1):
+                vj = v[j, g]
+                e0, e1, e2, e3 = s0[j], s1[j], s2[j], s3[j]
+                for t in range(d_h):
+                    x = np.float64(vj[t])
+                    c0[t] += e0 * x
+                    c1[t] += e1 * x
+                    c2[t] += e2 * x
+                    c3[t] += e3 * x
+            for e in range(w):
+                h = h0 + e
+                ce, qe = acc[e], qv[e]
+                for t in range(d_h):
+                    ce[t] = ce[t] / z[e]
+                    out[r, h, t] = ce[t]
+                dd, oo, qq = 0.0, 0.0, 0.0
+                for t in range(d_h):
+                    y = np.float64(o[r, h, t])
+                    dd += (y - ce[t]) * (y - ce[t])
+                    oo += y * y
+                    qq += qe[t] * qe[t]
+                norms[0, r, h] = np.sqrt(dd)
+                norms[1, r, h] = np.sqrt(oo)
+                norms[2, r, h] = np.sqrt(qq)
 
 
 @pfast

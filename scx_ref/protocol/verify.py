@@ -250,9 +250,11 @@ def attention_rows64(
     (rows × H × d_h) at positions ``pos`` over keys/values ``k``, ``v`` (keys × H_kv × d_h; head h reads
     KV head h // ``group``): want = softmax(scale·q·k_jᵀ over j ≤ pos) · v, with the norms of
     :class:`RecomputedRows` for the server's rows ``o`` (rows × H × d_h). One float64 pass per row and
-    head where the CPU kernels are installed (:mod:`scx_ref.backends.cpu_kernels`; the pairs split across
-    ``threads`` when there are at least :data:`SPLIT_ROWS64` multiply-adds), else batched products by
-    ``matmul64``; the two agree to float64 rounding."""
+    KV head (its query heads four at a time) where the CPU kernels are installed
+    (:mod:`scx_ref.backends.cpu_kernels`; the pairs split across ``threads`` when there are at least
+    :data:`SPLIT_ROWS64` multiply-adds), else batched products by ``matmul64``; the two agree to float64
+    rounding (the kernel's exponential, ``exp64``, is within 2.5 u₆₄ of numpy's: inside the client's
+    float64 term of :func:`attention_tau`)."""
     n_r, n_h, d_h = q.shape
     h_kv = k.shape[1]
     if o.shape != q.shape:
