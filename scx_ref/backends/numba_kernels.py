@@ -888,8 +888,8 @@ _EXP_TAYLOR = (
 
 @jit
 def exp64(x: float) -> float:
-    # e^x in float64 by arithmetic alone, so that a loop of it vectorizes (np.exp in a loop is a scalar
-    # call to libm's exp, ~40 cycles each): x = k·ln 2 + r, |r| ≤ ln 2 / 2, e^r by its Taylor polynomial
+    # e^x in float64 by arithmetic alone, so that a loop of it vectorizes (np.exp in a loop is a call to
+    # libm's exp per value, which does not): x = k·ln 2 + r, |r| ≤ ln 2 / 2, e^r by its Taylor polynomial
     # (Horner), times 2^k built from its bits. Relative error within a few float64 roundings (r's
     # reduction, 13 Horner steps of |r| < 0.35; properties/test_verifier_kernels.py bounds it) for
     # −708 ≤ x ≤ 709.78; 0 below −708 (e^x < 3.4e-308 there: an absolute error under float64's smallest
