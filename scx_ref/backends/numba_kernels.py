@@ -903,19 +903,8 @@ def exp64(x: float) -> float:
     r = (z - kf * _LN2_HI) - kf * _LN2_LO
     c = _EXP_TAYLOR
     p = c[0]
-    p = p * r + c[1]
-    p = p * r + c[2]
-    p = p * r + c[3]
-    p = p * r + c[4]
-    p = p * r + c[5]
-    p = p * r + c[6]
-    p = p * r + c[7]
-    p = p * r + c[8]
-    p = p * r + c[9]
-    p = p * r + c[10]
-    p = p * r + c[11]
-    p = p * r + c[12]
-    p = p * r + c[13]
+    for i in range(1, len(c)):  # Horner (a constant trip count: LLVM unrolls it)
+        p = p * r + c[i]
     e: float = (p * _bits_float((k + 1022) << 52)) * 2.0  # 2^(k − 1)·2: k = 1024 at the top of the range
     if x < -708.0:
         return 0.0
