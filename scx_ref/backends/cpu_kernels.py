@@ -27,7 +27,7 @@ so each row is read once.
   e^x by arithmetic alone (x = k·ln 2 + r, a Taylor polynomial of r, 2^k built from its bits), which LLVM
   vectorizes where ``np.exp`` in a loop is a call to libm per weight. It is within 2.5 u₆₄ of numpy's exp
   (``test_exp64_is_exp_within_two_roundings``), inside the client's float64 term of the rows' τ. On one thread
-  with SmolLM2's heads and 16 rows (hot caches, AMD EPYC Zen 2) the rows took 1.03 → 0.87 ms at 514 keys and
+  with SmolLM2's heads and 16 rows (hot caches, Intel Xeon) the rows took 1.03 → 0.87 ms at 514 keys and
   8.2 → 4.1 ms at 2050. ``linear_excess`` (a check's verdict) rounds the same float64 operations as its numpy
   form, with no flag; ``freivalds_excess`` is a whole linear check in one call — the two products
   (``project64``, ``project64_rms``), their norm bounds and ``linear_excess``, the same kernels in the same
