@@ -119,8 +119,9 @@ class Backend(ArrayOps[A], Protocol[A]):
     ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
         """The two checks' products on an MLP's [gate up] rows (rows × 2f): ``project64(gate_up,
         right_gate_up) + project64(swiglu_act(gate_up), right_down)`` — the gate/up reply against its
-        check vectors, and m = silu(gate) ⊙ up (in the backend's dtype) against the down projection's W r.
-        One pass over the rows where fused, without storing m."""
+        check vectors, and m = silu(gate) ⊙ up (in the backend's dtype; a fused pass may compute silu its own
+        way, within a few roundings of the dtype) against the down projection's W r. One pass over the rows
+        where fused, without storing m."""
         ...
 
     def freivalds_excess(

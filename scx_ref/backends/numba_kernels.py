@@ -19,12 +19,15 @@ from typing import Any
 import numba
 import numpy as np
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .base import sum_norm_slack
 
 jit = numba.njit(boundscheck=False, nogil=True, cache=True)
 pjit = numba.njit(boundscheck=False, nogil=True, cache=True, parallel=True)
+#: jit with numpy's error model: a division is not tested for a zero divisor first (that test, a branch
+#: that raises, kept LLVM from vectorizing a loop that divides)
+numpy_errors = numba.njit(boundscheck=False, nogil=True, cache=True, error_model="numpy")
 prange = numba.prange
 
 
@@ -480,21 +483,30 @@ def project64_rms(x: Any, gain: Any, eps: float, rt: Any, out: Any, sq: Any, par
         sq[i] = scale * scale * sq[i]
 
 
+@numpy_errors
+def swiglu_rows(gu: Any, lo: int, hi: int, m: Any) -> None:
+    # m[r] = silu(gate) ⊙ up of row lo + r of gu = [gate up], each operation rounded in gu's dtype (m's):
+    # silu by silu_value, the product as ``*``. Compiled without fast-math flags and with numpy's error
+    # model (no zero-division test in the loop), so LLVM vectorizes it
+    f = m.shape[1]
+    for r in range(hi - lo):
+        gate, up, mr = gu[lo + r, :f], gu[lo + r, f : 2 * f], m[r]
+        for t in range(f):
+            mr[t] = silu_value(gate[t]) * up[t]
+
+
 @fast
 def gate_up_rows(
-    gu: Any, act: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any, lo: int, hi: int
+    gu: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any, lo: int, hi: int
 ) -> None:
     # rows lo … hi − 1 (lo a multiple of four) of project64_gate_up
     f = rd.shape[1]
     none = np.empty(0, dtype=np.float64)
-    m = np.empty((4, f), dtype=act.dtype)
+    m = np.empty((4, f), dtype=gu.dtype)
     for i in range(lo, hi, 4):
         j = min(i + 4, hi)
         project_rows(gu[i:j], rg, none, out_g[i:j], sq_g[i:j], none)
-        for r in range(j - i):
-            ra, up, mr = act[i + r], gu[i + r, f : 2 * f], m[r]
-            for t in range(f):
-                mr[t] = ra[t] * up[t]
+        swiglu_rows(gu, i, j, m)
         project_rows(m[: j - i], rd, none, out_d[i:j], sq_d[i:j], none)
 
 
@@ -550,19 +562,18 @@ def rms_norm(x: Any, gain: Any, eps: float, out: Any, scale: Any, bad: Any) -> b
 
 @pfast
 def project64_gate_up(
-    gu: Any, act: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any, parts: int
+    gu: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any, parts: int
 ) -> None:
-    # row i of gu = [gate up] (2f wide), act = silu(gate) (f wide): out_g[i] and sq_g[i] are project64
-    # of the row; m = act ⊙ up, each product rounded in act's dtype (the eager act * up, kept in m), and
-    # out_d[i], sq_d[i] are project64 of m — four rows at a time, each read from memory once; rows in
-    # ``parts`` chunks
+    # row i of gu = [gate up] (2f wide): out_g[i] and sq_g[i] are project64 of the row; m = silu(gate) ⊙ up
+    # in gu's dtype (swiglu_rows, kept in a 4 × f scratch), and out_d[i], sq_d[i] are project64 of m — four
+    # rows at a time, each read from memory once; rows in ``parts`` chunks
     n = gu.shape[0]
     if parts == 1:
-        gate_up_rows(gu, act, rg, rd, out_g, sq_g, out_d, sq_d, 0, n)
+        gate_up_rows(gu, rg, rd, out_g, sq_g, out_d, sq_d, 0, n)
         return
     for p in prange(parts):
         lo, hi = chunk_start(n, p, parts, 4), chunk_start(n, p + 1, parts, 4)
-        gate_up_rows(gu, act, rg, rd, out_g, sq_g, out_d, sq_d, lo, hi)
+        gate_up_rows(gu, rg, rd, out_g, sq_g, out_d, sq_d, lo, hi)
 
 
 @jit
@@ -742,7 +753,6 @@ def freivalds_excess(
 @jit
 def gate_up_excess(
     gu: Any,
-    act: Any,
     rg: Any,
     rd: Any,
     x: Any,
@@ -760,17 +770,17 @@ def gate_up_excess(
     tiny: float,
     parts: int,
 ) -> tuple[float, float]:
-    # a dense MLP reply's two checks: project64_gate_up's products of [gate up] (gu; act = silu(gate))
-    # with their norm bounds (sum_norms of 2f and f squares), then freivalds_excess of
-    # the gate/up products against x̂ = RMSNorm(x) (γ = gain) and of the reply y against m's products;
-    # (−1, −1) (nothing read) when [gate up], silu(gate) and their check vectors do not fit, a −1 verdict
-    # when a check's arrays do not (freivalds_fits)
+    # a dense MLP reply's two checks: project64_gate_up's products of [gate up] (gu) and of its SwiGLU m,
+    # with their norm bounds (sum_norms of 2f and f squares), then freivalds_excess of the
+    # gate/up products against x̂ = RMSNorm(x) (γ = gain) and of the reply y against m's products;
+    # (−1, −1) (nothing read) when [gate up] and its check vectors do not fit, a −1 verdict when a check's
+    # arrays do not (freivalds_fits)
     n, f = gu.shape[0], rd.shape[1]
-    if gu.shape[1] != 2 * f or act.shape[0] != n or act.shape[1] != f or rg.shape[1] != 2 * f:
+    if gu.shape[1] != 2 * f or rg.shape[1] != 2 * f:
         return -1.0, -1.0
     out_g, sq_g = np.empty((n, rg.shape[0])), np.empty(n)
     out_d, sq_d = np.empty((n, rd.shape[0])), np.empty(n)
-    project64_gate_up(gu, act, rg, rd, out_g, sq_g, out_d, sq_d, parts)
+    project64_gate_up(gu, rg, rd, out_g, sq_g, out_d, sq_d, parts)
     none2, none1 = np.empty((0, 0)), np.empty(0)
     up = freivalds_excess(
         none2,
@@ -848,8 +858,8 @@ def attention_excess(
 
 
 def _bit_cast(source: Any, target: Any) -> Any:
-    # a compiled function of one ``source`` value: the ``target`` value with the same 64 bits (LLVM's
-    # bitcast, which vectorizes)
+    # a compiled function of one ``source`` value: the ``target`` value with the same bits (LLVM's bitcast,
+    # which vectorizes)
     def typer(typingctx: Any, x: Any) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             return builder.bitcast(args[0], context.get_value_type(target))
@@ -911,6 +921,73 @@ def exp64(x: float) -> float:
     if x > 709.782712893384:
         return np.inf
     return e
+
+
+_float32_bits: Any = _bit_cast(types.float32, types.int32)  # the bits of a float32, as an int32
+_bits_float32: Any = _bit_cast(types.int32, types.float32)  # the float32 with the bits of an int32
+_ROUND32 = np.float32(12582912.0)  # 1.5·2²³: t + this − this rounds t to an integer (|t| < 2²²)
+#: e^r for |r| ≤ ln 2 / 2 in float32 as 1 + r + r²·p(r), p of degree 5 (Cephes' expf coefficients: within
+#: about one float32 ulp, with the reduction below)
+_EXPF_POLY = tuple(
+    np.float32(c)
+    for c in (
+        1.9875691500e-4,
+        1.3981999507e-3,
+        8.3334519073e-3,
+        4.1665795894e-2,
+        1.6666665459e-1,
+        5.0000001201e-1,
+    )
+)
+
+
+@numpy_errors
+def expf_neg(z: Any) -> Any:
+    # e^z for float32 z ≤ 0 in float32 arithmetic (a loop of it vectorizes, 8 lanes): z = k·ln 2 + r with
+    # ln 2 in two parts, e^r as _EXPF_POLY reads, times 2^k built from its bits; 0 below −87 (e^z < 1.7e-38
+    # there, below float32's smallest normal), NaN for NaN
+    one = np.float32(1.0)
+    c = _EXPF_POLY
+    lo = np.float32(-87.0)
+    x = lo if z < lo else z
+    t = x * np.float32(1.44269504) + _ROUND32
+    kf = t - _ROUND32
+    r = (x - kf * np.float32(0.693359375)) - kf * np.float32(-2.12194440e-4)
+    p = c[0]
+    for i in range(1, len(c)):
+        p = p * r + c[i]
+    p = p * r * r + r + one
+    k = _float32_bits(t) - _float32_bits(_ROUND32)  # k from t's low bits (no float-to-int conversion)
+    e = p * _bits_float32(np.int32((k + 127) << 23))
+    return np.float32(0.0) if z < lo else e
+
+
+def silu_value(x: Any) -> Any:
+    """SiLU of one float32 or float64 value in its own precision (compiled: the numba overload below)."""
+    raise NotImplementedError("silu_value runs compiled only")
+
+
+@overload(silu_value, jit_options={"error_model": "numpy"})
+def _silu_value(x: Any) -> Any:
+    # x·w / (1 + e), e = e^−|x|, w = 1 for x ≥ 0 and e below (ops.silu's form: no overflow for any x), each
+    # operation rounded in x's dtype: e by expf_neg in float32 (about one ulp), by exp64 in float64
+    if x == types.float32:
+
+        def silu32(x: Any) -> Any:
+            e = expf_neg(-abs(x))
+            w = np.float32(1.0) if x >= np.float32(0.0) else e
+            return x * w / (np.float32(1.0) + e)
+
+        return silu32
+    if x == types.float64:
+
+        def silu64(x: Any) -> Any:
+            e = exp64(-abs(x))
+            w = 1.0 if x >= 0.0 else e
+            return x * w / (1.0 + e)
+
+        return silu64
+    return None
 
 
 @fast

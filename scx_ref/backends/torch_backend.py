@@ -295,12 +295,6 @@ def _right(width: int, right: npt.NDArray[Any], k: int | None = None) -> bool:
 
 #: The dtypes the fused CPU kernels (:mod:`.cpu_kernels`) are compiled for.
 _FUSED_DTYPES = (torch.float32, torch.float64)
-#: The most bytes of [gate up] one compiled call of a dense MLP reply's check reads
-#: (TorchBackend.gate_up_excess). silu(gate) of those rows, half as many bytes, is then a heap buffer, reused:
-#: a whole 2048-token reply's at once was a fresh mapping on `llama1b-random` (46 MB). Blocks
-#: of 8 MiB were slower on SmolLM2 at 2048 rows (+10–20 ms a request), so a reply below this is one call.
-GATE_UP_BLOCK_BYTES = host_memory.LARGE_BYTES
-
 #: The fewest entries from which :meth:`TorchBackend.norm` runs as one fused pass (a prompt's rows): below
 #: it — a generation step's row — the eager ops. Fused on one row, `llama1b-random`'s generation step was
 #: 3.9 ms a token slower on two threads (q1 +1.6, q3 +4.8, paired in one process; the kernel alone is faster
@@ -951,16 +945,16 @@ class TorchBackend(TorchOps):
     def gate_up_excess(
         self, gate_up: torch.Tensor, y: torch.Tensor, x: torch.Tensor, layer: int, up: Check, down: Check
     ) -> tuple[float, float] | None:
-        """A dense MLP reply's two verdicts (Backend.gate_up_excess): on CPU in float32/float64 compiled
-        calls — :meth:`project64_gate_up`'s pass, then :meth:`freivalds_excess`'s twice
+        """A dense MLP reply's two verdicts (Backend.gate_up_excess): on CPU in float32/float64 one compiled
+        call — :meth:`project64_gate_up`'s pass, then :meth:`freivalds_excess`'s twice
         (:mod:`.cpu_kernels`), so the same values as those calls — else ``None``.
 
-        The rows go in blocks of about :data:`GATE_UP_BLOCK_BYTES` of [gate up], silu(gate) computed for a
-        block just before its call reads it. Each verdict is a maximum over rows (every row's τ reads that
-        row's norms only), so the largest of the blocks' verdicts is the whole reply's, NaN if any is NaN.
-        A whole reply's silu(gate) at once was a fresh mapping on `llama1b-random` at 2048 rows (2050 ×
-        5 632 float32, 46 MB), touched page by page, then read again from memory: in blocks the client took
-        32 ms less a verified prefill on two threads (``python -m models.client_ab``; README, stop 41)."""
+        The reply's [gate up] is read in place and its SwiGLU formed four rows at a time inside the pass, in
+        the dtype (the kernel's own silu: :func:`.numba_kernels.silu_value`): nothing of the reply's size is
+        allocated. silu(gate) by torch before the call was a pass of its own over the reply's gate half
+        into a fresh array: in a verified SmolLM2 request on this stop's two vCPUs it took 0.4–0.7 ms a
+        layer at 130 rows, where the same call on warm memory took 0.1–0.2 ms (README: Performance, stop
+        45)."""
         gamma = self._gain("mlp", layer)
         k = self._fused(gate_up, y, x, gamma)
         if k is None or gate_up.dim() != 2 or y.dim() != 2 or x.dim() != 2:
@@ -969,51 +963,39 @@ class TorchBackend(TorchOps):
             up,
             down,
         )
-        rows, f = gate_up.shape[0], gate_up.shape[1] // 2
+        rows = gate_up.shape[0]
         if y.shape[0] != rows or x.shape[0] != rows:
             raise ShapeError(
                 f"an MLP reply {tuple(gate_up.shape)}, {tuple(y.shape)} for rows {tuple(x.shape)}: its row "
                 "counts differ"
             )
-        gu, xs, ys = _np(gate_up), _np(x), _np(y)
         rt_up, rd, rt_x, rt_y = (_transposed(r) for r in (r_up, wr_down, wr_up, r_down))
-        gain = _np(gamma)
-        step = max(4, GATE_UP_BLOCK_BYTES // max(1, gate_up.shape[1] * gate_up.element_size()) // 4 * 4)
-        worst = [0.0, 0.0]
-        for lo in range(0, max(rows, 1), step):  # an empty reply: one call on its empty arrays
-            hi = min(rows, lo + step)
-            act = F.silu(gate_up[lo:hi, :f])
-            with k.parts((hi - lo) * gate_up.shape[1], self.threads()) as parts:
-                got = k.gate_up_excess(
-                    gu[lo:hi],
-                    _np(act),
-                    rt_up,
-                    rd,
-                    xs[lo:hi],
-                    gain,
-                    float(self.config.rms_eps),
-                    rt_x,
-                    ys[lo:hi],
-                    rt_y,
-                    bias_up,
-                    a_up,
-                    b_up,
-                    bias_down,
-                    a_down,
-                    b_down,
-                    tiny,
-                    parts,
-                )
-            if got[0] < 0 or got[1] < 0:  # the kernel checks that the arrays fit (no bounds checks in it)
-                raise ShapeError(
-                    f"an MLP reply {tuple(gate_up.shape)}, {tuple(y.shape)} for rows {tuple(x.shape)} does "
-                    "not match its check vectors"
-                )
-            for i in (0, 1):  # NaN (a reply not finite) stays NaN
-                v = float(got[i])
-                if not math.isnan(worst[i]):
-                    worst[i] = v if math.isnan(v) else max(worst[i], v)
-        return worst[0], worst[1]
+        with k.parts(gate_up.shape[0] * gate_up.shape[1], self.threads()) as parts:
+            got = k.gate_up_excess(
+                _np(gate_up),
+                rt_up,
+                rd,
+                _np(x),
+                _np(gamma),
+                float(self.config.rms_eps),
+                rt_x,
+                _np(y),
+                rt_y,
+                bias_up,
+                a_up,
+                b_up,
+                bias_down,
+                a_down,
+                b_down,
+                tiny,
+                parts,
+            )
+        if got[0] < 0 or got[1] < 0:  # the kernel checks that the arrays fit (no bounds checks in it)
+            raise ShapeError(
+                f"an MLP reply {tuple(gate_up.shape)}, {tuple(y.shape)} for rows {tuple(x.shape)} does "
+                "not match its check vectors"
+            )
+        return float(got[0]), float(got[1])
 
     def project64_gate_up(
         self,
@@ -1022,9 +1004,10 @@ class TorchBackend(TorchOps):
         right_down: npt.NDArray[np.float64],
     ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
         """``project64(gate_up, right_gate_up) + project64(swiglu_act(gate_up), right_down)``: on CPU in
-        float32/float64, silu(gate) by torch, then one fused pass per row that reads [gate up] once, sums
-        its products and norms in float64, and multiplies silu(gate) by up (rounded in the dtype, as ``*``)
-        into the second products without storing them (:mod:`.cpu_kernels`)."""
+        float32/float64 one fused pass per row that reads [gate up] once, sums its products and norms in
+        float64, and forms silu(gate) ⊙ up in the dtype (the kernel's silu, within a few roundings of
+        torch's: the verifier's tolerance allows the client's SwiGLU four roundings from the server's) into
+        the second products without storing it (:mod:`.cpu_kernels`); elsewhere as it reads."""
         k = self._fused(gate_up)
         if k is None or gate_up.dim() != 2:
             return self.project64(gate_up, right_gate_up) + self.project64(
@@ -1037,12 +1020,11 @@ class TorchBackend(TorchOps):
                 f"{right_down.shape}"
             )
         gu = _np(gate_up)
-        act = F.silu(gate_up[:, :f])
         out_g, sq_g = _outputs64(rows, right_gate_up)
         out_d, sq_d = _outputs64(rows, right_down)
         rg, rd = _transposed(right_gate_up), _transposed(right_down)
         with k.parts(gu.size, self.threads()) as parts:
-            k.project64_gate_up(gu, _np(act), rg, rd, out_g, sq_g, out_d, sq_d, parts)
+            k.project64_gate_up(gu, rg, rd, out_g, sq_g, out_d, sq_d, parts)
         return out_g, k.sum_norms(sq_g, 2 * f), out_d, k.sum_norms(sq_d, f)
 
     def correction(
