@@ -204,13 +204,13 @@ def _silu_loop() -> tuple[Any, Any]:
 def test_kernel_silu_is_silu_within_the_dtype(values: list[float], f32: bool) -> None:
     """The MLP check's SiLU (``numba_kernels.silu_value``, arithmetic that vectorizes) in the value's own
     dtype, where e^−|x| is a normal number: within 4.1 float32 roundings of the exact silu in float32 (4.06
-    u₃₂ the largest over every float32 in [−87, 87], checked exhaustively; torch's float32 silu, the
-    server's, 2.93) and 8 float64 roundings in float64 (4.3 u₆₄ the largest seen over 10⁶ draws). Beyond,
-    0 (signed as x) below a cut where e^−|x| nears the dtype's smallest normal (−87, −708), so off by
-    less than |x|·e^cut (torch's float32 silu is 0 from −88.7); x for +inf; NaN for NaN and −inf, as
-    torch's; and a vectorized loop of it gives the bits of one call at a time. The float32 polynomial's r³
-    coefficient cut to five digits fails it (checked; the r⁴ one's cut moves no float32 result past the
-    bound), and so does its range cut moved to −86 or −80."""
+    u₃₂ the largest over every float32 in [−87, 87], checked exhaustively by ``python -m models.silu_error``;
+    torch's float32 silu, the server's, 2.93) and 8 float64 roundings in float64 (4.3 u₆₄ the largest seen
+    over 10⁶ draws). Beyond, 0 (signed as x) below a cut where e^−|x| nears the dtype's smallest normal (−87,
+    −708), so off by less than |x|·e^cut (torch's float32 silu is 0 from −88.7); x for +inf; NaN for NaN and
+    −inf, as torch's; and a vectorized loop of it gives the bits of one call at a time. The float32
+    polynomial's r³ coefficient cut to five digits fails it (checked; the r⁴ one's cut moves no float32 result
+    past the bound), and so does its range cut moved to −86 or −80."""
     dtype = np.float32 if f32 else np.float64
     x = np.array(values * 3, dtype=dtype)  # long enough for the vector body as well as the scalar tail
     got = np.empty_like(x)

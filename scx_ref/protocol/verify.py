@@ -31,7 +31,8 @@ probability ≥ 1 − 2·exp(−λ²/2), and every partial sum satisfies |S_k| �
   server's cast), 4 for a SwiGLU the client redoes from the server's gate/up, √in + 4 when the server
   applies the RMSNorm itself (a common factor (1 + ε) of the row): |(X̃_i − X̂_i)·W r| ≤ λ·s·u‖X̂_i‖‖W r‖.
   The SwiGLU's holds without the probabilistic model too: on CPU the client's silu is its kernel's
-  (within 4.06u of the exact one over every float32 in [−87, 87]) and torch's, the server's, within 2.93u;
+  (within 4.06u of the exact one over every float32 in [−87, 87]) and torch's, the server's, within 2.93u
+  (``python -m models.silu_error``, which runs both on every such float32);
   with each side's product by up, |m_client − m_server| ≤ 9u|m| per entry (beyond |gate| = 87 both are
   the gate times up, or within |gate·up|·1.7e-38 of 0), so by Cauchy–Schwarz the
   distance's part of the residual is at most 9u‖m‖‖W r‖, under λ·s = 32 (float32; in float64 the kernel's
