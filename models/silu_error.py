@@ -6,7 +6,7 @@ e^−|x| is cut to 0, where it is below float32's smallest normal), in chunks of
 
 - the client's: ``numba_kernels.swiglu_rows`` — the very pass the MLP check runs, with every ``up`` = 1 so
   that its product is exact and m = silu(gate) as the kernel rounds it;
-- the server's: ``torch.nn.functional.silu`` in float32 on one thread.
+- the server's: ``torch.nn.functional.silu`` in float32.
 
 Each is compared with ``scx_ref.ops.silu`` of the same x in float64 (a few float64 roundings, each 2⁻²⁹ of a
 float32 one); the largest relative error is printed in float32 roundings (u₃₂ = 2⁻²⁴) with the x where it
@@ -55,10 +55,16 @@ class Worst:
                 self.ulps, self.at = float(rel[i] / U32), float(x64[keep][i])
 
 
+def top_bits(limit: float) -> int:
+    """The bit pattern of the float32 nearest ``limit`` (≥ 0), as an integer: the positive float32s up to it
+    are the patterns 0 … top_bits(limit)."""
+    return int(np.array([limit], dtype=np.float32).view(np.int32)[0])
+
+
 def chunks(limit: float, stride: int) -> Iterator[Any]:
     """Every ``stride``-th float32 in [0, limit] by bit pattern, and its negation, in chunks of at most
     ``CHUNK`` values (each padded to whole rows of ``ROW`` by repeating its last value)."""
-    top = int(np.array([limit], dtype=np.float32).view(np.int32)[0])
+    top = top_bits(limit)
     for sign in (1.0, -1.0):
         for lo in range(0, top + 1, CHUNK * stride):
             bits = np.arange(lo, min(lo + CHUNK * stride, top + 1), stride, dtype=np.int32)
@@ -82,10 +88,8 @@ def kernel_silu() -> Callable[[Any], Any]:
 
 
 def torch_silu() -> Callable[[Any], Any]:
-    """silu(x) as the server computes it: torch's float32 SiLU (one thread)."""
+    """silu(x) as the server computes it: torch's float32 SiLU."""
     import torch
-
-    torch.set_num_threads(1)
 
     def run(x: Any) -> Any:
         with torch.inference_mode():
@@ -98,8 +102,7 @@ def sweep(limit: float, stride: int, progress: bool = True) -> dict[str, Worst]:
     """The largest relative error of each SiLU over the values ``chunks`` yields."""
     forms = {"client (numba_kernels.swiglu_rows)": kernel_silu(), "server (torch F.silu)": torch_silu()}
     worst = {name: Worst() for name in forms}
-    top = int(np.array([limit], dtype=np.float32).view(np.int32)[0])
-    total = 2 * (-(-(top // stride + 1) // CHUNK))
+    total = 2 * (-(-(top_bits(limit) // stride + 1) // CHUNK))
     it: Any = chunks(limit, stride)
     if progress:
         from tqdm import tqdm

@@ -14,7 +14,7 @@ from scx_ref.ops import silu
 def test_chunks_visit_every_float32_once_each_sign(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(silu_error, "CHUNK", 1 << 12)
     limit = float(np.float32(1e-41))  # a subnormal: 7 137 bit patterns from 0 up
-    top = int(np.array([limit], dtype=np.float32).view(np.int32)[0])
+    top = silu_error.top_bits(limit)
     seen = np.concatenate(list(silu_error.chunks(limit, 1)))
     pos, neg = seen[~np.signbit(seen)], seen[np.signbit(seen)]
     assert np.array_equal(np.unique(pos.view(np.int32)), np.arange(top + 1, dtype=np.int32))
