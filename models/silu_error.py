@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from scx_ref.ops import silu
+from scx_ref.protocol.verify import unit_roundoff
 
-U32 = 2.0**-24
+U32 = unit_roundoff(np.float32)  # 2⁻²⁴, the verifier's own
 ROW = 4096  # the width of one row of the kernel's [gate up] input
 CHUNK = 1 << 22  # float32 values per chunk (a multiple of ROW)
 SMALLEST_NORMAL32 = float(np.finfo(np.float32).tiny)
