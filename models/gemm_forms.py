@@ -8,7 +8,9 @@ row counts, the forms a faster server could take instead:
 * ``in_out``: the weight stored in × out (contiguous) and ``torch.mm`` (MKL's other transposition);
 * ``mkl_packed``: MKL's packed weights (``torch.ops.mkl._mkl_linear``), packed for exactly that row count —
   torch uses the packed form only for the row count it was packed for, and the pack is ~3× the weight;
-* ``onednn``: oneDNN's reordered weights (``torch.ops.mkldnn._linear_pointwise``), any row count.
+* ``onednn``: oneDNN's reordered weights (``torch.ops.mkldnn._linear_pointwise``), any row count;
+* ``unpadded``: ``dense`` on the rows as given, where ``dense`` itself pads 8–15 rows to 16 for large
+  weights (``GEMM_PAD_MIN_ROWS``): the padding's gain is this form's ratio above 1.
 
 Each form runs on its own random weights of the model's shapes (as many distinct matrices as the model has
 layers, so the caches hold none of them from one product to the next, as in a request), alternating with
@@ -16,7 +18,8 @@ layers, so the caches hold none of them from one product to the next, as in a re
 form's median ratio to it over the rounds (with the smallest and largest), and whether its product equals
 ``dense``'s bit for bit. A benchmark: it asserts nothing.
 
-Run: ``python -m models.gemm_forms --model smollm2 --threads 2 --rows 1,130,514 [--rounds 7]``.
+Run: ``python -m models.gemm_forms --model smollm2 --threads 2 --rows 1,130,514 [--rounds 7]
+[--forms unpadded]``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 
 from scx_ref.backends.base import WeightName, out_width
 
-FORMS = ("in_out", "mkl_packed", "onednn")
+FORMS = ("in_out", "mkl_packed", "onednn", "unpadded")
 
 
 def shapes(model: str) -> dict[WeightName, tuple[int, int, int]]:
@@ -69,6 +72,10 @@ def form(name: str, weights: list[Any], rows: int) -> Callable[[Any], list[Any]]
             return None
         reordered = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
         return lambda x: [torch.ops.mkldnn._linear_pointwise(x, r, None, "none", [], "") for r in reordered]
+    if name == "unpadded":
+        from scx_ref.backends.torch_backend import _dense
+
+        return lambda x: [_dense(x, w, None, pooled=False) for w in weights]
     raise ValueError(f"unknown form {name!r}")
 
 
@@ -80,7 +87,7 @@ def _ms(run: Callable[[], Any], repeat: int) -> float:
 
 
 def time_forms(
-    weights: list[Any], x: Any, rounds: int
+    weights: list[Any], x: Any, rounds: int, forms: tuple[str, ...] = FORMS
 ) -> tuple[list[float], dict[str, tuple[list[float], bool]]]:
     """``dense``'s milliseconds per round over ``weights`` on rows ``x``, and per available form its ratios
     to ``dense`` round by round and whether its first product equals ``dense``'s bit for bit."""
@@ -91,15 +98,16 @@ def time_forms(
     rows = int(x.shape[0])
     runs: dict[str, Callable[[], Any]] = {"dense": lambda: [dense(x, w) for w in weights]}
     equal: dict[str, bool] = {}
-    for name in FORMS:
+    for name in forms:
         f = form(name, weights, rows)
         if f is not None:
             runs[name] = functools.partial(f, x)
             equal[name] = bool(torch.equal(f(x)[0], dense(x, weights[0])))
     times: dict[str, list[float]] = {k: [] for k in runs}
-    repeat = max(1, 400 // rows)
     for run in runs.values():
         run()  # warm-up
+    # each timing about 0.25 s of dense's products (at least one run)
+    repeat = max(1, round(0.25e3 / _ms(runs["dense"], 1)))
     for r in range(rounds):
         for k in list(runs) if r % 2 == 0 else list(runs)[::-1]:
             times[k].append(_ms(runs[k], repeat))
@@ -113,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     p.add_argument("--rows", default="1,130,514", help="comma-separated row counts (1,130,514)")
     p.add_argument("--rounds", type=int, default=7, help="alternating rounds (7)")
+    p.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated forms ({','.join(FORMS)})")
     a = p.parse_args(argv)
+    forms = tuple(f.strip() for f in a.forms.split(",") if f.strip())
+    if not forms or not set(forms) <= set(FORMS):
+        p.error(f"--forms: choose from {', '.join(FORMS)}")
     import torch
 
     torch.set_num_threads(a.threads)
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         for what, (out, inp, count) in shapes(a.model).items():
             weights = [torch.randn(out, inp, generator=gen) for _ in range(count)]
             for rows in (int(r) for r in a.rows.split(",")):
-                base, got = time_forms(weights, torch.randn(rows, inp, generator=gen), a.rounds)
+                base, got = time_forms(weights, torch.randn(rows, inp, generator=gen), a.rounds, forms)
                 cells = "  ".join(
                     f"{k} {statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]{'' if eq else ' ≠'}"
                     for k, (v, eq) in got.items()

@@ -281,15 +281,22 @@ def _pair(w: ModelWeights) -> tuple[NumpyBackend, TorchBackend]:
 
 
 @contextlib.contextmanager
-def gemm_blocks(block: int, rows: int) -> Iterator[None]:
+def gemm_blocks(block: int, rows: int, pad_from: int | None = None) -> Iterator[None]:
     """:func:`dense` splitting every product of ≥ ``rows`` rows and ≥ 2·``block`` outputs into column
-    blocks of ``block``, at any input width (the test models are far narrower than the default threshold)."""
-    saved = torch_backend.GEMM_BLOCK_MIN_IN, torch_backend.GEMM_BLOCK, torch_backend.GEMM_BLOCK_ROWS
-    torch_backend.GEMM_BLOCK_MIN_IN, torch_backend.GEMM_BLOCK, torch_backend.GEMM_BLOCK_ROWS = 0, block, rows
+    blocks of ``block``, at any input width (the test models are far narrower than the default threshold);
+    with ``pad_from``, padding every product of ``pad_from`` to ``rows`` − 1 rows with zero rows to ``rows``
+    rows, at any weight count."""
+    names = ("GEMM_BLOCK_MIN_IN", "GEMM_BLOCK", "GEMM_BLOCK_ROWS")
+    names += ("GEMM_PAD_MIN_ROWS", "GEMM_PAD_MIN_WEIGHTS")
+    saved = [getattr(torch_backend, k) for k in names]
+    pad = (pad_from, 0) if pad_from is not None else (rows, torch_backend.GEMM_PAD_MIN_WEIGHTS)
+    for k, v in zip(names, (0, block, rows, *pad), strict=True):
+        setattr(torch_backend, k, v)
     try:
         yield
     finally:
-        torch_backend.GEMM_BLOCK_MIN_IN, torch_backend.GEMM_BLOCK, torch_backend.GEMM_BLOCK_ROWS = saved
+        for k, v in zip(names, saved, strict=True):
+            setattr(torch_backend, k, v)
 
 
 @given(
@@ -297,22 +304,34 @@ def gemm_blocks(block: int, rows: int) -> Iterator[None]:
     st.integers(1, 40),
     st.integers(1, 70),
     st.integers(1, 9),
+    st.integers(1, 17),
+    st.booleans(),
     st.booleans(),
     seeds(),
     dtypes,
 )
 def test_dense_is_one_gemm_up_to_rounding(
-    n: int, d_in: int, d_out: int, block: int, with_bias: bool, seed: int, dtype: torch.dtype
+    n: int,
+    d_in: int,
+    d_out: int,
+    block: int,
+    from_rows: int,
+    pad: bool,
+    with_bias: bool,
+    seed: int,
+    dtype: torch.dtype,
 ) -> None:
-    """``dense`` in column blocks (forced small) and one ``F.linear`` are each the length-``in`` dot
+    """``dense`` in column blocks (forced small, from ``from_rows`` rows), on rows padded with zero rows to
+    ``from_rows`` (``pad``, forced at any size) and one ``F.linear`` are each the length-``in`` dot
     products of x·Wᵀ + b up to the dot-product bound γ·(|x|·|W|ᵀ + |b|), γ = (in + 1)·u/(1 − (in + 1)·u),
     of their (common) rounded inputs: so within twice it of each other, and of the float64 product of
-    those inputs within once it. Every output column is written (none left as ``empty``'s garbage)."""
+    those inputs within once it. Every output column is written (none left as ``empty``'s garbage), and
+    only ``x``'s rows are returned."""
     rng = np.random.default_rng(seed)
     x, x64 = _rounded(rng.standard_normal((n, d_in)), dtype)
     w, w64 = _rounded(rng.standard_normal((d_out, d_in)), dtype)
     b, b64 = _rounded(rng.standard_normal(d_out), dtype) if with_bias else (None, np.zeros(d_out))
-    with gemm_blocks(block, 1):
+    with gemm_blocks(block, from_rows, 1 if pad else None):
         got = _np(dense(x, w, b))
     one = _np(torch.nn.functional.linear(x, w, b))
     u = UNIT_ROUNDOFF[dtype]
@@ -326,12 +345,55 @@ def test_dense_is_one_gemm_up_to_rounding(
     assert np.all(np.abs(got - one) <= 2 * bound)
 
 
-@given(model_weights(), seeds(), row_counts(max_n=9), st.sampled_from([None, (1, 1), (3, 2)]))
+def test_dense_pads_short_inputs_of_large_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the default thresholds, ``dense`` multiplies 8–15 rows by a weight of ≥ 4 M entries as 16 rows
+    (the first rows returned, contiguous, each within the dot-product bound of the float64 product), and
+    leaves fewer rows, smaller weights and products that need gradients as given."""
+    seen: list[int] = []
+    inner = torch_backend._dense
+
+    def spy(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, *, pooled: bool) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return inner(x, w, bias, pooled=pooled)
+
+    monkeypatch.setattr(torch_backend, "_dense", spy)
+    gen = torch.Generator().manual_seed(0)
+    big = torch.randn(2048, 2048, generator=gen)  # 4.19 M weights: a 1B-wide model's W_o
+    small = big[:, :1024].contiguous()  # 2.1 M
+    bias = torch.randn(2048, generator=gen)
+    for rows, w, b, want in [
+        (10, big, None, 16),
+        (8, big, bias, 16),
+        (15, big, None, 16),
+        (7, big, None, 7),
+        (16, big, None, 16),
+        (10, small, None, 10),
+    ]:
+        x = torch.randn(rows, w.shape[1], generator=gen)
+        with torch.inference_mode():
+            got = dense(x, w, b)
+        assert seen.pop() == want and got.shape == (rows, 2048) and got.is_contiguous()
+        exact = x.double() @ w.double().T + (0 if b is None else b.double())
+        gamma = (w.shape[1] + 1) * 2.0**-24 / (1 - (w.shape[1] + 1) * 2.0**-24)
+        bound = gamma * (x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs()))
+        assert bool(((got.double() - exact).abs() <= bound).all())
+    x = torch.randn(10, 2048, generator=gen, requires_grad=True)
+    dense(x, big).sum().backward()  # autograd: F.linear on the rows as given
+    assert seen.pop() == 10 and x.grad is not None and x.grad.shape == x.shape
+
+
+@given(
+    model_weights(),
+    seeds(),
+    row_counts(max_n=9),
+    st.sampled_from([None, (1, 1, None), (3, 2, None), (3, 8, 1), (64, 8, 1)]),
+)
 def test_backend_weight_ops_match_numpy(
-    w: ModelWeights, seed: int, n: int, blocks: tuple[int, int] | None
+    w: ModelWeights, seed: int, n: int, blocks: tuple[int, int, int | None] | None
 ) -> None:
     """Every weight op of the torch backend agrees with numpy's in float64, with :func:`dense` as one
-    GEMM (``None``) or split into column blocks (forced on the small models: block, fewest rows)."""
+    GEMM (``None``), split into column blocks (forced on the small models: block, fewest rows) or on rows
+    padded to 8 (forced at any size: then in blocks of 3, or as one GEMM where the outputs are < 128)."""
     with gemm_blocks(*blocks) if blocks else contextlib.nullcontext():
         _weight_ops_match_numpy(w, seed, n)
 

@@ -76,6 +76,8 @@ def test_bench_quick_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert data["meta"]["model"] == "tiny-llama" and "Hugging Face" in data["meta"]["baseline"]
     assert "PlainRunner" in data["meta"]["second_column"]
     assert data["meta"]["gemm_block_min_in"] == torch_backend.GEMM_BLOCK_MIN_IN
+    pad_rows = [torch_backend.GEMM_PAD_MIN_ROWS, torch_backend.GEMM_BLOCK_ROWS - 1]
+    assert data["meta"]["gemm_pad_rows"] == pad_rows
     assert "ratio" in capsys.readouterr().out
 
 
@@ -190,6 +192,12 @@ def test_gemm_forms_compute_dense_products(capsys: pytest.CaptureFixture[str]) -
     assert main(["--model", "tiny-llama", "--rows", "1,3", "--rounds", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert sum(" dense " in line and "in_out" in line for line in lines) == 5 * 2
+    assert main(["--model", "tiny-llama", "--rows", "9", "--rounds", "1", "--forms", "unpadded"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(" dense " in line and "unpadded" in line and "in_out" not in line for line in lines) == 5
+    with pytest.raises(SystemExit):
+        main(["--model", "tiny-llama", "--forms", "padded"])
+    assert "--forms: choose from" in capsys.readouterr().err
 
 
 def test_client_ab_times_both_checkouts(

@@ -55,6 +55,8 @@ __all__ = [
     "GEMM_BLOCK_MAX_ROWS",
     "GEMM_BLOCK_MIN_IN",
     "GEMM_BLOCK_ROWS",
+    "GEMM_PAD_MIN_ROWS",
+    "GEMM_PAD_MIN_WEIGHTS",
     "TorchBackend",
     "TorchLayer",
     "TorchOps",
@@ -95,19 +97,39 @@ GEMM_BLOCK_MIN_IN = (
 )
 
 
+#: The fewest rows that :func:`dense` pads with zero rows to :data:`GEMM_BLOCK_ROWS` for a large weight
+#: (:data:`GEMM_PAD_MIN_WEIGHTS`) on the CPU. torch's CPU GEMM (MKL) picks its kernel by the row count, and
+#: from 8 to 15 rows it is slower than at 16 for large weights. On an Intel Xeon (AVX-512,
+#: ``models/results/dense_pad.txt``; unpadded over padded) llama1b-random's fused gate/up, down and LM
+#: head (11.5–65.5 M weights) took 1.15–2.30× as long unpadded at 8–15 rows (one and two threads), its
+#: W_qkv and W_o (5.2, 4.2 M) 1.09–1.91× on one thread and 0.88–1.48× on two (padding them loses at 8–9
+#: rows there), and SmolLM2's LM head (28 M) 1.16–2.26×; at 4–7 rows padding was slower (an ad hoc sweep
+#: of stop 48: 1.08–1.66× the time).
+#: A prompt of n tokens is n + r1 rows at the server, so this is a prompt of 6–13 tokens with the default
+#: r1 = 2. ``python -m models.gemm_forms --forms unpadded --rows 8,10,15`` re-measures it on another machine.
+GEMM_PAD_MIN_ROWS = 8
+#: The fewest weights (out × in) of a product that :func:`dense` pads to :data:`GEMM_BLOCK_ROWS` rows: a
+#: 2048 × 2048 W_o (4.19 M) is padded, SmolLM2's fused gate/up map (3072 × 576, 1.77 M) is not.
+GEMM_PAD_MIN_WEIGHTS = 4_000_000
+
+
 def dense(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, pooled: bool = False
 ) -> torch.Tensor:
-    """``x·Wᵀ + b`` for ``w`` stored out × in (``F.linear``'s semantics and layout): every projection of
-    the torch backend. On the CPU, a 2-D ``x`` of :data:`GEMM_BLOCK_ROWS` to :data:`GEMM_BLOCK_MAX_ROWS` − 1
-    rows times a ``w`` of at least 2·:data:`GEMM_BLOCK` outputs and :data:`GEMM_BLOCK_MIN_IN` inputs is one
-    GEMM per block of :data:`GEMM_BLOCK` output columns, written into one result: each entry is the same
-    length-``in`` dot product, while a block's weights and outputs stay in the cache across the rows.
-    Measured (``models/results/dense_blocks.txt``) 5–20 % faster than one ``F.linear`` for the LM heads and
-    fused gate/up maps of SmolLM2 and a 1B-wide LLaMA at 130–514 rows on an AMD EPYC, and slower from about
-    768 rows; on an Intel Xeon slower for SmolLM2's narrow inputs (hence :data:`GEMM_BLOCK_MIN_IN`). Narrower
-    products, fewer or more rows (a generation step, a long prompt), other devices and products that need
-    gradients are one ``F.linear``.
+    """``x·Wᵀ + b`` for ``w`` stored out × in (``F.linear``'s semantics and layout): every projection of the
+    torch backend. Each row of the result is that row of ``x`` times ``Wᵀ`` (plus ``b``), whatever the other
+    rows are; so on the CPU a 2-D ``x`` of :data:`GEMM_PAD_MIN_ROWS` to :data:`GEMM_BLOCK_ROWS` − 1 rows times
+    a ``w`` of at least :data:`GEMM_PAD_MIN_WEIGHTS` weights is computed as the product of ``x`` padded with
+    zero rows to :data:`GEMM_BLOCK_ROWS` rows, of which the first rows are returned (a faster GEMM kernel; the
+    padding rows' products are discarded). On the CPU, a 2-D ``x`` of :data:`GEMM_BLOCK_ROWS` to
+    :data:`GEMM_BLOCK_MAX_ROWS` − 1 rows (padded or not) times a ``w`` of at least 2·:data:`GEMM_BLOCK`
+    outputs and :data:`GEMM_BLOCK_MIN_IN` inputs is one GEMM per block of :data:`GEMM_BLOCK` output columns,
+    written into one result: each entry is the same length-``in`` dot product, while a block's weights and
+    outputs stay in the cache across the rows. Measured (``models/results/dense_blocks.txt``) 5–20 % faster
+    than one ``F.linear`` for the LM heads and fused gate/up maps of SmolLM2 and a 1B-wide LLaMA at 130–514
+    rows on an AMD EPYC, and slower from about 768 rows; on an Intel Xeon slower for SmolLM2's narrow inputs
+    (hence :data:`GEMM_BLOCK_MIN_IN`). Narrower products, fewer or more rows (a generation step, a long
+    prompt), other devices and products that need gradients are one ``F.linear``.
 
     ``pooled`` (the LM head's product: the largest, made once a request, at its end): a product of
     :data:`.host_memory.LARGE_BYTES` or more is written into the pool's memory (:mod:`.host_memory`), the
@@ -115,6 +137,32 @@ def dense(
     uses, and one idle while a request peaks adds to that peak (:data:`.host_memory.POOL_BYTES`; with every
     product of 32 MiB or more pooled, `llama1b-random`'s gate/up product too, a 2048-token prefill's peak
     rose by 209 MiB, by 195 MiB with the LM head's alone; the blocks' products were not timed pooled)."""
+    if _padded(x, w, bias):
+        rows = x.new_zeros((GEMM_BLOCK_ROWS, x.shape[1]))
+        rows[: x.shape[0]] = x
+        return _dense(rows, w, bias, pooled=pooled)[: x.shape[0]]
+    return _dense(x, w, bias, pooled=pooled)
+
+
+def _padded(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :func:`dense` computes ``x·Wᵀ (+ b)`` on ``x`` padded with zero rows to
+    :data:`GEMM_BLOCK_ROWS` rows: a 2-D ``x`` of :data:`GEMM_PAD_MIN_ROWS` to :data:`GEMM_BLOCK_ROWS` − 1
+    rows on the CPU, a ``w`` of at least :data:`GEMM_PAD_MIN_WEIGHTS` weights, one dtype, no autograd."""
+    return (
+        x.ndim == 2
+        and w.ndim == 2
+        and GEMM_PAD_MIN_ROWS <= x.shape[0] < GEMM_BLOCK_ROWS
+        and w.shape[0] * w.shape[1] >= GEMM_PAD_MIN_WEIGHTS
+        and x.shape[1] == w.shape[1]
+        and x.device.type == "cpu"
+        and w.device.type == "cpu"
+        and x.dtype == w.dtype
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)))
+    )
+
+
+def _dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, *, pooled: bool) -> torch.Tensor:
+    """:func:`dense` on ``x``'s rows as given: one ``F.linear``, or one GEMM per column block."""
     out_dim = w.shape[0]
     if (
         x.ndim != 2

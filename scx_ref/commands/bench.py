@@ -811,7 +811,7 @@ def main(args: argparse.Namespace) -> int:
         import torch
     except ImportError as exc:
         raise ConfigError(f"scx bench needs torch (pip install 'scx-ref[torch]'): {exc}") from exc
-    from ..backends.torch_backend import GEMM_BLOCK_MIN_IN
+    from ..backends import torch_backend
 
     require_device(args.device)
     if args.threads is not None:
@@ -876,7 +876,11 @@ def main(args: argparse.Namespace) -> int:
             "torch": torch.__version__,
             # the narrowest input from which wide CPU products ran in column blocks on this machine
             # (torch_backend.dense: 0 on AMD CPUs with MKL, 1024 elsewhere)
-            "gemm_block_min_in": GEMM_BLOCK_MIN_IN,
+            "gemm_block_min_in": torch_backend.GEMM_BLOCK_MIN_IN,
+            # the rows [first, last] that dense padded to GEMM_BLOCK_ROWS for weights of at least
+            # gemm_pad_min_weights entries (a faster CPU GEMM kernel)
+            "gemm_pad_rows": [torch_backend.GEMM_PAD_MIN_ROWS, torch_backend.GEMM_BLOCK_ROWS - 1],
+            "gemm_pad_min_weights": torch_backend.GEMM_PAD_MIN_WEIGHTS,
         }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": [r.to_dict() for r in rows]}, f, indent=2)
