@@ -146,13 +146,22 @@ def dense(
 
 def _padded(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`dense` computes ``x·Wᵀ (+ b)`` on ``x`` padded with zero rows to
-    :data:`GEMM_BLOCK_ROWS` rows: a 2-D ``x`` of :data:`GEMM_PAD_MIN_ROWS` to :data:`GEMM_BLOCK_ROWS` − 1
-    rows on the CPU, a ``w`` of at least :data:`GEMM_PAD_MIN_WEIGHTS` weights, one dtype, no autograd."""
+    :data:`GEMM_BLOCK_ROWS` rows: a :func:`_cpu_product` of :data:`GEMM_PAD_MIN_ROWS` to
+    :data:`GEMM_BLOCK_ROWS` − 1 rows and a ``w`` of at least :data:`GEMM_PAD_MIN_WEIGHTS` weights."""
+    return (
+        _cpu_product(x, w, bias)
+        and GEMM_PAD_MIN_ROWS <= x.shape[0] < GEMM_BLOCK_ROWS
+        and w.shape[0] * w.shape[1] >= GEMM_PAD_MIN_WEIGHTS
+    )
+
+
+def _cpu_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``x·Wᵀ (+ b)`` is a 2-D product on the CPU in one dtype without autograd: the products that
+    :func:`dense` may pad, split into column blocks or write into pooled memory (``out=`` writes take no
+    autograd: a product that needs gradients is one ``F.linear``)."""
     return (
         x.ndim == 2
         and w.ndim == 2
-        and GEMM_PAD_MIN_ROWS <= x.shape[0] < GEMM_BLOCK_ROWS
-        and w.shape[0] * w.shape[1] >= GEMM_PAD_MIN_WEIGHTS
         and x.shape[1] == w.shape[1]
         and x.device.type == "cpu"
         and w.device.type == "cpu"
@@ -165,16 +174,11 @@ def _dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, *, poole
     """:func:`dense` on ``x``'s rows as given: one ``F.linear``, or one GEMM per column block."""
     out_dim = w.shape[0]
     if (
-        x.ndim != 2
-        or w.ndim != 2
+        not _cpu_product(x, w, bias)
         or out_dim < 2 * GEMM_BLOCK
         or not GEMM_BLOCK_ROWS <= x.shape[0] < GEMM_BLOCK_MAX_ROWS
-        or x.device.type != "cpu"
-        or x.shape[1] != w.shape[1]
         or w.shape[1] < GEMM_BLOCK_MIN_IN
-        or x.dtype != w.dtype
-        or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)))
-    ):  # (``out=`` writes take no autograd: a product that needs gradients is one F.linear)
+    ):
         if pooled and _large_product(x, w, bias):  # one product into pooled memory (host_memory)
             out = host_memory.empty((x.shape[0], out_dim), x.dtype)
             if bias is None:
@@ -194,18 +198,12 @@ def _dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, *, poole
 
 def _large_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`dense` writes a ``pooled`` product ``x·Wᵀ (+ b)`` into :func:`.host_memory.empty`'s
-    memory: a 2-D product on the CPU of at least :data:`.host_memory.LARGE_BYTES`, in one dtype, without
-    autograd (``out=`` writes take none) — SmolLM2's LM head from about 171 rows."""
+    memory: a :func:`_cpu_product` of at least :data:`.host_memory.LARGE_BYTES`, its bias (if any) in the
+    same dtype on the CPU — SmolLM2's LM head from about 171 rows."""
     return (
-        x.ndim == 2
-        and w.ndim == 2
-        and x.shape[1] == w.shape[1]
+        _cpu_product(x, w, bias)
         and x.shape[0] * w.shape[0] * x.dtype.itemsize >= host_memory.LARGE_BYTES
-        and x.device.type == "cpu"
-        and w.device.type == "cpu"
-        and x.dtype == w.dtype
         and (bias is None or (bias.dtype == x.dtype and bias.device.type == "cpu"))
-        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)))
     )
 
 
