@@ -135,7 +135,8 @@ def security_run(model: str, dtype: str, n_prompts: int, prompt_len: int, n_new:
                 seen["n"] += 1
                 return replace(reply, arrays=change(dict(reply.arrays))) if seen["n"] == 1 else reply
 
-            cfg = SCXConfig(level="paper", r1=4, r2=4, guard_ffn=guard_ffn)  # type: ignore[arg-type]
+            # the paper's generation flow, so that gen_attn is sent (and its reply tampered with)
+            cfg = SCXConfig(level="paper", r1=4, r2=4, guard_ffn=guard_ffn, gen_attention="server")  # type: ignore[arg-type]
             client = Client(b, keys.for_nonce(KeySchedule.new_nonce()), cfg, sketches=sketches)
             try:
                 client.generate(items[0], 3, TamperingTransport(LocalTransport(Server(b)), tamper))

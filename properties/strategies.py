@@ -267,8 +267,10 @@ def scx_configs(draw: st.DrawFn, max_length: int = 128, max_r: int = 8) -> SCXCo
     """An :class:`~scx_ref.protocol.SCXConfig` over every level, r1/r2/r_lock in 0..max_r (r_lock may
     default to r1), guard sizes l_s ∈ {1, 2, 4} (4: every block of a ≤ 4-block model is a guard, no key
     sharing) and l_e ∈ {1, 2}, guard FFN clear or blinded, the guard blocks' attention on the server or the
-    client, a step's W_o and LM head on the client or (blinded) on the server, calibration or Gaussian
-    decoys, and a Laplace scale β ∈ {0.5, 5} (the paper's s = 5)."""
+    client (with server attention, a step's first-guard attention on either side), a step's W_o and LM
+    head on the client or (blinded) on the server, calibration or Gaussian decoys, and a Laplace scale
+    β ∈ {0.5, 5} (the paper's s = 5)."""
+    attention = draw(st.sampled_from(["server", "client"]))
     return SCXConfig(
         level=draw(st.sampled_from(["permute", "paper", "blind"])),
         r1=draw(decoy_counts(max_r)),
@@ -276,7 +278,8 @@ def scx_configs(draw: st.DrawFn, max_length: int = 128, max_r: int = 8) -> SCXCo
         r_lock=draw(st.none() | decoy_counts(max_r)),
         l_s=draw(st.sampled_from([1, 2, 4])),
         l_e=draw(st.integers(1, 2)),
-        attention=draw(st.sampled_from(["server", "client"])),
+        attention=attention,
+        gen_attention=draw(st.sampled_from(["client", "server"])) if attention == "server" else "client",
         gen_linear=draw(st.sampled_from(["client", "server"])),
         beta=draw(st.sampled_from([0.5, 5.0])),
         guard_ffn=draw(st.sampled_from(["clear", "blinded"])),

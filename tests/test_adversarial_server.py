@@ -211,7 +211,7 @@ def test_one_non_finite_entry_of_a_value_checked_reply_is_refused(
     ops — and the session ends there."""
     detected(
         weights(),
-        SCXConfig(level="permute", r1=2, r2=2),
+        SCXConfig(level="permute", r1=2, r2=2, gen_attention="server"),  # gen_attn sent, as in the paper
         on(stage, _one_entry(key, value)),
         _backend(backend, monkeypatch),
     )
@@ -234,7 +234,7 @@ def test_one_non_finite_entry_is_refused_without_verification(
     consumes each one (the QKV decode, the O and FFN stages' encodings, the residual add, the logits'
     decode) tests what it reads; one NaN or ±inf still ends the session with IntegrityError, nothing
     sent after it."""
-    cfg = SCXConfig(level="permute", r1=2, r2=2, verify=False)
+    cfg = SCXConfig(level="permute", r1=2, r2=2, verify=False, gen_attention="server")
     detected(weights(), cfg, on(stage, _one_entry(key, value)), _backend(backend, monkeypatch))
 
 
@@ -304,9 +304,10 @@ def test_reply_for_another_request_is_detected() -> None:
 
 def test_attention_tampering_is_detected() -> None:
     """Prefill attention: a row moved outside its values' range, or swapped with another, is caught by
-    the recomputed rows (every row of a prompt this short); generation: the single row is recomputed."""
+    the recomputed rows (every row of a prompt this short); generation (the paper's gen_attn): the single
+    row is recomputed."""
     w = weights()
-    cfg = SCXConfig(level="paper", r1=2, r2=2)
+    cfg = SCXConfig(level="paper", r1=2, r2=2, gen_attention="server")
 
     def outside(a: dict[str, Any]) -> dict[str, Any]:
         o = a["o"].copy()
@@ -381,7 +382,7 @@ def test_gen_mid_cannot_be_verified_full_guards_remove_it() -> None:
     w = weights()
     cfg = SCXConfig(level="paper", r1=2, r2=2)
     undetected_and_wrong(w, cfg, on(Stage.GEN_MID, lambda a: {"x": a["x"] + 0.5}), verify=True)
-    full = SCXConfig(level="paper", r1=2, r2=2, l_s=2, l_e=2)
+    full = SCXConfig(level="paper", r1=2, r2=2, l_s=2, l_e=2, gen_attention="server")
     out, _link, _ = run(w, full, lambda req, rep: rep)
     assert out == ReferenceModel(w).generate(IDS, N_NEW)
     for stage in (Stage.GEN_QKV, Stage.GEN_ATTN, Stage.GEN_FFN_UP, Stage.GEN_FFN_DOWN, Stage.GEN_LAST):

@@ -92,6 +92,8 @@ def expected_costs(c: ModelConfig, scx: SCXConfig, n: int, steps: int, itemsize:
     R1, R2 = n + r1, n + r2
     t.msg("open", 0, 0)
     client_attn = (first | last) if scx.attention == "client" else set()
+    # the first guard blocks whose step attention the server computes (the paper's gen_attn)
+    server_gen = first if scx.attention == "server" and scx.gen_attention == "server" else set()
     wo_server = scx.gen_linear == "server"
     for i in range(L):
         noised_qkv = blind or (scx.level == "paper" and i == 0)
@@ -125,7 +127,7 @@ def expected_costs(c: ModelConfig, scx: SCXConfig, n: int, steps: int, itemsize:
         m = n + step + 1  # cache rows after this step's token
         for i in sorted(first | client_attn):
             t.msg("gen_qkv", d * it, qkv_w * it, 2 * d * qkv_w, 2 * d * qkv_w if noised_gen else 0)
-            if i in client_attn:
+            if i not in server_gen:  # the client's own attention on the cache it holds
                 t.client("gen_attn", 4 * H * m * dh + wo("gen_attn"))
             else:
                 t.msg("gen_attn", (q + 2 * m * kv) * it, q * it, 4 * H * m * dh, wo("gen_attn"))

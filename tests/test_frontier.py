@@ -101,8 +101,14 @@ def test_exposures_of_the_paper_and_the_hardened_configuration() -> None:
     stages = {(e.phase, e.stage) for e in paper.exposures}
     for want in (Stage.ATTN, Stage.SHARE, Stage.O, Stage.FFN, Stage.HEAD, Stage.LOCK):
         assert (Phase.PREFILL, want) in stages
-    for want in (Stage.GEN_ATTN, Stage.GEN_MID, Stage.GEN_LAST):
+    for want in (Stage.GEN_MID, Stage.GEN_LAST):
         assert (Phase.GENERATE, want) in stages
+    # a step's first-guard attention is the client's by default; the paper's gen_attn exposes it
+    assert (Phase.GENERATE, Stage.GEN_ATTN) not in stages
+    paper_gen = ReleasePlan.of(SCXConfig(gen_attention="server"), CFG).exposures
+    assert {(e.stage, e.blocks) for e in paper_gen} - {(e.stage, e.blocks) for e in paper.exposures} == {
+        (Stage.GEN_ATTN, (0,))
+    }
     assert all(e.blocks for e in paper.exposures) and "blocks" in str(paper.exposures[0])
     hard = preset("hardened").config(CFG.n_layers)
     assert ReleasePlan.of(hard, CFG).exposures == ()

@@ -23,7 +23,7 @@ import pytest
 
 from scx_ref.backends import NumpyBackend
 from scx_ref.config import ModelConfig
-from scx_ref.errors import ProtocolError, SessionError
+from scx_ref.errors import ConfigError, ProtocolError, SessionError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server, Stage
 from scx_ref.protocol.messages import Request
@@ -106,6 +106,37 @@ def test_hardened_preset_is_exact_and_its_view_has_no_clear_stage(model: str) ->
     assert not stages & {Stage.ATTN, Stage.LOCK, Stage.SHARE, Stage.GEN_ATTN, Stage.GEN_MID, Stage.GEN_LAST}
     assert {Stage.GEN_O, Stage.GEN_HEAD, Stage.GEN_QKV} <= stages
     assert {m.layer for m in link.view.select(stage=Stage.GEN_QKV)} == set(range(weights.config.n_layers))
+
+
+@pytest.mark.parametrize("gen_attention", ["client", "server"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_step_attention_on_either_side_is_exact_and_only_the_papers_is_sent(
+    model: str, gen_attention: Any
+) -> None:
+    """``gen_attention``: a step's attention of the first guard blocks by the client on the cache it
+    holds (the default) or by the server under a one-time P (the paper's ``gen_attn``) — exact either
+    way; the view holds ``gen_attn`` messages (one per first guard block and step) only for the paper's,
+    and the rest of the view has the same stages."""
+    weights = _weights(model)
+    backend = NumpyBackend(weights)
+    cfg = SCXConfig(level="paper", l_s=2, l_e=1, r1=2, r2=3, max_length=64, gen_attention=gen_attention)
+    link = LocalTransport(Server(backend), record_view=True)
+    client = Client(backend, KeySchedule(MASTER, bytes(16)), cfg)
+    assert _run(client, weights, link) <= 1e-10
+    sent = [(m.layer, m.step) for m in link.view.select(stage=Stage.GEN_ATTN)]
+    if gen_attention == "server":
+        assert sorted(sent) == [(i, t) for i in (0, 1) for t in range(STEPS)]
+    else:
+        assert sent == []
+    stages = {m.stage for m in link.view.messages} - {Stage.GEN_ATTN}
+    assert {Stage.GEN_QKV, Stage.GEN_MID, Stage.GEN_LAST, Stage.GEN_FFN_UP} <= stages
+
+
+def test_gen_attention_server_contradicts_client_attention() -> None:
+    with pytest.raises(ConfigError, match="gen_attention='server' contradicts attention='client'"):
+        SCXConfig(attention="client", gen_attention="server")
+    with pytest.raises(ConfigError, match="gen_attention must be 'client' or 'server', got 'gpu'"):
+        SCXConfig(gen_attention="gpu")  # type: ignore[arg-type]
 
 
 torch = pytest.importorskip("torch")

@@ -110,7 +110,10 @@ def live() -> Live:
     backend = NumpyBackend(w)
     server: Server[Any] = Server(backend)
     link = LocalTransport(server)
-    cfg = SCXConfig(level="paper", r1=R1, r2=1, r_lock=R_LOCK, l_s=1, l_e=1, max_length=MAX_LEN)
+    # the paper's generation flow (gen_attn sent), so that its arrays' checks are reached
+    cfg = SCXConfig(
+        level="paper", r1=R1, r2=1, r_lock=R_LOCK, l_s=1, l_e=1, max_length=MAX_LEN, gen_attention="server"
+    )
     client: Client[Any] = Client(backend, KeySchedule(MASTER, NONCE), cfg)
     ref = ReferenceModel(w)
     logits, cache = ref.prefill(IDS)
@@ -476,6 +479,11 @@ BAD_OPEN_FIELDS: list[tuple[dict[str, Any], str]] = [
     (dict(level="secret"), "level must be one of ['permute', 'paper', 'blind'], got 'secret'"),
     (dict(attention="cloud"), "attention must be one of ['server', 'client'], got 'cloud'"),
     (dict(gen_linear="gpu"), "gen_linear must be one of ['client', 'server'], got 'gpu'"),
+    (dict(gen_attention="tpu"), "gen_attention must be one of ['client', 'server'], got 'tpu'"),
+    (
+        dict(attention="client", gen_attention="server"),
+        "open: gen_attention 'server' contradicts attention 'client'",
+    ),
     (dict(wide=1), "wide must be true or false, got int 1"),
 ]
 
@@ -490,7 +498,9 @@ def _limited_server(**limits: Any) -> Server[Any]:
 
 
 @pytest.mark.parametrize(
-    ("fields", "message"), BAD_OPEN_FIELDS, ids=[f"{k}={v}" for f, _ in BAD_OPEN_FIELDS for k, v in f.items()]
+    ("fields", "message"),
+    BAD_OPEN_FIELDS,
+    ids=[",".join(f"{k}={v}" for k, v in f.items()) for f, _ in BAD_OPEN_FIELDS],
 )
 def test_open_refusal_names_field_and_bounds(live: Live, fields: dict[str, Any], message: str) -> None:
     pattern = f"^{re.escape(message)}$"
@@ -502,12 +512,12 @@ def test_open_refusal_names_field_and_bounds(live: Live, fields: dict[str, Any],
 
 def test_open_accepts_every_field_at_its_bound(live: Live) -> None:
     sizes = dict(n=32, max_length=32, l_s=1 << 16, l_e=1 << 16)
-    sites = dict(attention="client", gen_linear="server", wide=True)
+    sites = dict(attention="client", gen_attention="client", gen_linear="server", wide=True)
     reply = live.server.handle(_open_request(**sizes, **sites))
     s = live.server.sessions[OTHER_SID]
     assert reply.stage is Stage.OPEN and reply.seq == 0 and reply.arrays == {}
     assert (s.n, s.max_length, s.first, s.middle, s.last) == (32, 32, range(4), range(4, 4), range(4, 4))
-    assert (s.attention, s.gen_linear, s.wide) == ("client", "server", True)
+    assert (s.attention, s.gen_attention, s.gen_linear, s.wide) == ("client", "client", "server", True)
 
 
 @pytest.mark.parametrize("decoys", ["r1", "r2", "r_lock"])

@@ -471,7 +471,15 @@ REFUSALS: list[tuple[str, Any, type[Exception], str]] = [
         "gen-attn-role",
         lambda lv: lv.req(Stage.GEN_ATTN, 3, 0),
         ProtocolError,
-        "gen_attn for block 3: not a first guard block, or client attention",
+        "gen_attn for block 3: not a first guard block, or the client's attention (attention 'client' or "
+        "gen_attention 'client')",
+    ),
+    (
+        "gen-attn-client",  # the session opened with SCXConfig's default gen_attention="client"
+        lambda lv: lv.req(Stage.GEN_ATTN, 0, 0),
+        ProtocolError,
+        "gen_attn for block 0: not a first guard block, or the client's attention (attention 'client' or "
+        "gen_attention 'client')",
     ),
     (
         "gen-last-role",

@@ -118,14 +118,14 @@ def plaintext_control() -> Setting:
     """The setting under which the server sees plaintext: level ``permute`` (no noise), no decoys
     (r1 = r2 = r_lock = 0) and every permutation role the identity. Every stage's rows then equal the
     plaintext forward's, so an attack that fails here is broken, not defeated by SCX."""
-    config = SCXConfig(level="permute", r1=0, r2=0, r_lock=0)
+    config = SCXConfig(level="permute", r1=0, r2=0, r_lock=0, gen_attention="server")
     return Setting("plaintext", "none (control)", config, KEY_ROLES, stateless=True, reorder=True)
 
 
 def default_settings(quick: bool = False) -> list[Setting]:
     """Plaintext control, then one mechanism added at a time, a β sweep, a decoy-count sweep, level
     ``blind`` and guard sizes (``quick``: the same mechanisms, fewer sweep points)."""
-    paper = SCXConfig(level="paper", r1=4, r2=4, beta=5.0)
+    paper = SCXConfig(level="paper", r1=4, r2=4, beta=5.0, gen_attention="server")
     control = plaintext_control()
     perm0 = control.config
     head = frozenset({"head"})

@@ -159,6 +159,8 @@ class Client(Generic[A]):
         self.first, self.middle, self.last = self.cfg.blocks(self.c.n_layers)
         # blocks whose attention the client computes itself (DESIGN §5.7: attention="client")
         self.client_attention = frozenset((*self.first, *self.last) if self.cfg.attention == "client" else ())
+        # first guard blocks whose generation attention the server computes (gen_attn; the paper's flow)
+        self.server_gen_attention = frozenset(self.cfg.server_gen_attention(self.c.n_layers))
         # blinded messages travel and are multiplied in float64 above the float32 β limit (DESIGN §6)
         self.wide = self.cfg.wide_blinding(backend.numpy_dtype().itemsize) and bool(
             self.plan.prefill or self.plan.generation
@@ -445,6 +447,7 @@ class Client(Generic[A]):
             max_length=self.max_length,
             level=cfg.level,
             attention=cfg.attention,
+            gen_attention=cfg.gen_attention,
             gen_linear=cfg.gen_linear,
             wide=self.wide,
         )
@@ -745,9 +748,10 @@ class Client(Generic[A]):
 
     def _gen_guard(self, link: Transport, i: int, t: int, p: int, h: A) -> tuple[A, A, A]:
         """Guard block ``i`` at step ``t`` (position ``p``) on the client's valid cache of the block: the
-        blinded QKV stage, attention (by the server under a one-time P, or with ``attention="client"`` by
-        the client), W_o and the FFN (a first guard block's as ``guard_ffn`` says; a last guard block's as
-        ``last_ffn`` says). Returns the new residual row and the block's extended keys and values."""
+        blinded QKV stage, attention (by the client on the cache it holds, or with ``attention="server"``
+        and ``gen_attention="server"`` by the server under a one-time P), W_o and the FFN (a first guard
+        block's as ``guard_ffn`` says; a last guard block's as ``last_ffn`` says). Returns the new
+        residual row and the block's extended keys and values."""
         b, c, st = self.b, self.c, self._require()
         z = self._linear(link, Stage.GEN_QKV, i, t, b.norm(h, "attn", i), "wqkv", reply_key="z")
         q, k, v = split_qkv(b, z)
@@ -755,7 +759,7 @@ class Client(Generic[A]):
         q, k = b.rope(q, pos), b.rope(k, pos)
         keys = b.append_rows(st.guard_k[i], k)
         values = b.append_rows(st.guard_v[i], v)
-        if i in self.client_attention:
+        if i not in self.server_gen_attention:
             o = b.reshape(b.attention(q, keys, values, pos, None), (1, c.q_dim))
             self.meter.attention(Stage.GEN_ATTN, c.n_heads, 1, b.nrows(keys), c.head_dim, "client")
         else:

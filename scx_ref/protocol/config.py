@@ -15,6 +15,7 @@ __all__ = [
     "BETA_KINDS",
     "BLIND_DTYPES",
     "F32_BETA_LIMIT",
+    "GEN_ATTENTION_SITES",
     "GEN_LINEAR_SITES",
     "LEVELS",
     "BlindDtype",
@@ -34,6 +35,8 @@ LEVELS: tuple[Level, ...] = ("permute", "paper", "blind")
 BETA_KINDS: tuple[str, ...] = ("qkv", "o", "gate_up", "down", "router", "lm_head")
 #: Where the guard blocks' attention runs (``SCXConfig.attention``).
 ATTENTION_SITES: tuple[str, ...] = ("server", "client")
+#: Where a generation step's attention of the first guard blocks runs (``SCXConfig.gen_attention``).
+GEN_ATTENTION_SITES: tuple[str, ...] = ("client", "server")
 #: Where a generation step's W_o of the guard blocks and its LM head run (``SCXConfig.gen_linear``).
 GEN_LINEAR_SITES: tuple[str, ...] = ("client", "server")
 #: The largest β at which float32 blinded stages were measured within |ΔPPL|/PPL ≤ 1e-5 on SmolLM2 with
@@ -77,6 +80,14 @@ class SCXConfig:
                or ``client`` (the client keeps every guard block's K and V and computes its attention;
                the server sees only the guard blocks' linear stages). Every block is a guard block when
                ``l_s + l_e`` ≥ the model's blocks: then nothing is key-shared.
+    gen_attention where a generation step's attention of the first guard blocks runs when
+               ``attention="server"``: ``client`` (default; the client holds q and the block's valid
+               cache already and computes the row itself — the paper's one-time head permutation of the
+               whole cache costs the client the same O(t·d) reads, and a verified reply is recomputed in
+               full anyway) or ``server`` (the paper, DESIGN §5.3: q and the whole cache under a one-time
+               P in a ``gen_attn`` message). ``attention="client"`` requires ``client``. Either way the
+               result is the exact attention row; ``client`` removes one message per first guard block
+               per step and the whole ``gen_attn`` exposure.
     gen_linear where a generation step's W_o of the guard blocks and its LM head run: ``client`` (the
                paper) or ``server`` (sent one-time-blinded as ``gen_o`` / ``gen_head`` messages at levels
                paper and blind — with the corrections from a mask pool the client's online work is an
@@ -104,6 +115,7 @@ class SCXConfig:
     guard_ffn: Literal["clear", "blinded"] = "blinded"
     last_ffn: Literal["exact", "paper"] = "exact"
     attention: Literal["server", "client"] = "server"
+    gen_attention: Literal["client", "server"] = "client"
     gen_linear: Literal["client", "server"] = "client"
     blind_dtype: BlindDtype = "auto"
     decoys: Literal["calibration", "gaussian"] = "calibration"
@@ -136,6 +148,13 @@ class SCXConfig:
             raise ConfigError(f"last_ffn must be 'exact' or 'paper', got {self.last_ffn!r}")
         if self.attention not in ("server", "client"):
             raise ConfigError(f"attention must be 'server' or 'client', got {self.attention!r}")
+        if self.gen_attention not in GEN_ATTENTION_SITES:
+            raise ConfigError(f"gen_attention must be 'client' or 'server', got {self.gen_attention!r}")
+        if self.attention == "client" and self.gen_attention == "server":
+            raise ConfigError(
+                "gen_attention='server' contradicts attention='client' (the client computes every guard "
+                "block's attention, in generation as well)"
+            )
         if self.gen_linear not in ("client", "server"):
             raise ConfigError(f"gen_linear must be 'client' or 'server', got {self.gen_linear!r}")
         if self.blind_dtype not in BLIND_DTYPES:
@@ -158,6 +177,13 @@ class SCXConfig:
     def blocks(self, n_layers: int) -> tuple[range, range, range]:
         """(first guard, middle, last guard) block ranges of an ``n_layers`` model (:func:`guard_blocks`)."""
         return guard_blocks(n_layers, self.l_s, self.l_e)
+
+    def server_gen_attention(self, n_layers: int) -> range:
+        """The first guard blocks whose attention the server computes in a generation step (their
+        ``gen_attn`` messages): every first guard block with ``attention="server"`` and
+        ``gen_attention="server"`` (the paper), none otherwise."""
+        first = self.blocks(n_layers)[0]
+        return first if self.attention == "server" and self.gen_attention == "server" else range(0)
 
     @property
     def max_beta(self) -> float:

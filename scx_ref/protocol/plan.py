@@ -234,8 +234,10 @@ class ReleasePlan:
             out.append(Exposure(p, Stage.SHARE, tuple(middle), "the prompt's valid caches (key sharing)"))
         client_attn = first if cfg.attention == "server" else guards
         clear(g, Stage.GEN_QKV, client_attn, "the normalized row of the token")
-        if cfg.attention == "server" and first:
-            out.append(Exposure(g, Stage.GEN_ATTN, tuple(first), "q and the whole cache under a one-time P"))
+        server_gen_attn = cfg.server_gen_attention(L)
+        if server_gen_attn:
+            what = "q and the whole cache under a one-time P"
+            out.append(Exposure(g, Stage.GEN_ATTN, tuple(server_gen_attn), what))
         if cfg.gen_linear == "server":
             clear(g, Stage.GEN_O, guards, "the attention output of the token")
             clear(g, Stage.GEN_HEAD, (L,), "the final normalized row of the token")

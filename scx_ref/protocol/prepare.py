@@ -270,7 +270,8 @@ class PreparedKeys(Generic[A]):
         Prefill: π_0..π_L, every block's π′_i, P_i and commitment, the last guard blocks' ρ_i, the decoy
         rows of every stage (unless the policy needs the real rows), (η, η·W) of every prefill
         release and, when replies are verified, the session's check vectors and attention rows.
-        Generation: the one-time P of each first guard block whose attention the server computes,
+        Generation: the one-time P of each first guard block whose attention the server computes
+        (:meth:`~scx_ref.protocol.config.SCXConfig.server_gen_attention`),
         (η, η·W) of every generation release and, when replies are verified, the locked-score check's
         coefficients of the new key, per step. ``perms=False`` skips what depends on the
         prompt's length n (the token permutations, commitments and reply checks): a mask pool's entry
@@ -278,7 +279,7 @@ class PreparedKeys(Generic[A]):
         """
         t0 = time.perf_counter()
         cfg, L = self.cfg, self.b.config.n_layers
-        first, _, last = cfg.blocks(L)
+        _, _, last = cfg.blocks(L)
         locked = last if cfg.attention == "server" else range(0)  # client attention: no locked cache
         if perms:
             for i in range(L):
@@ -304,7 +305,7 @@ class PreparedKeys(Generic[A]):
             # entry (perms=False) leaves them to its request: they hold ~0.6 MB per block
             self.verifier = SessionVerifier(self.b, self.keys, self.sketches).prepare(self.n)
         t1 = time.perf_counter()
-        server_attn = first if cfg.attention == "server" else range(0)  # the one-time P of gen_attn
+        server_attn = cfg.server_gen_attention(L)  # the one-time P of gen_attn
         for t in range(steps):
             for i in server_attn:
                 self._heads[(i, t)] = self.gen_head(i, t)

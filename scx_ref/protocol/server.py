@@ -38,7 +38,7 @@ from ..errors import LimitError, ProtocolError, SCXError, SessionError
 from ..forward import block_rows
 from ..stages import PREFILL_BLOCK_STAGES, Phase, Stage
 from ..transforms import decode_rows, unblind
-from .config import ATTENTION_SITES, GEN_LINEAR_SITES, LEVELS, guard_blocks
+from .config import ATTENTION_SITES, GEN_ATTENTION_SITES, GEN_LINEAR_SITES, LEVELS, guard_blocks
 from .cost import CostMeter
 from .keyring import commitment
 from .limits import (
@@ -61,7 +61,20 @@ _NO_SESSION = "unknown session or invalid session token"
 #: The ``meta`` fields each stage may carry (anything else is refused).
 _META: dict[Stage, frozenset[str]] = {
     Stage.OPEN: frozenset(
-        {"n", "r1", "r2", "r_lock", "l_s", "l_e", "max_length", "level", "attention", "gen_linear", "wide"}
+        {
+            "n",
+            "r1",
+            "r2",
+            "r_lock",
+            "l_s",
+            "l_e",
+            "max_length",
+            "level",
+            "attention",
+            "gen_attention",
+            "gen_linear",
+            "wide",
+        }
     ),
     Stage.CLOSE: frozenset(),
     Stage.QKV: frozenset({"commit", "normalized", "wide"}),
@@ -84,8 +97,9 @@ _META: dict[Stage, frozenset[str]] = {
     Stage.GEN_O: frozenset({"wide"}),
     Stage.GEN_HEAD: frozenset({"wide"}),
 }
-#: Open's fields that may be absent (their defaults: attention "server", gen_linear "client", wide false).
-_OPEN_OPTIONAL = frozenset({"attention", "gen_linear", "wide"})
+#: Open's fields that may be absent (their defaults, SCXConfig's: attention "server", gen_attention
+#: "client", gen_linear "client", wide false).
+_OPEN_OPTIONAL = frozenset({"attention", "gen_attention", "gen_linear", "wide"})
 #: The arrays each stage may carry (``share`` may add ``alpha``).
 _ARRAYS: dict[Stage, frozenset[str]] = {
     Stage.OPEN: frozenset(),
@@ -146,6 +160,7 @@ class _Session(Generic[A]):
     last: range
     max_length: int
     attention: str = "server"  # where the guard blocks' attention runs (SCXConfig.attention)
+    gen_attention: str = "client"  # where a step's attention of the first guard blocks runs
     gen_linear: str = "client"  # where a step's W_o of the guard blocks and LM head run
     wide: bool = False  # blinded messages may arrive in float64 (SCXConfig.blind_dtype)
     seq: int = 1
@@ -507,6 +522,9 @@ class Server(Generic[A]):
         max_length = field_int(m["max_length"], "max_length", n, c.max_positions)
         field_str(m["level"], "level", LEVELS)
         attention = field_str(m.get("attention", "server"), "attention", ATTENTION_SITES)
+        gen_attention = field_str(m.get("gen_attention", "client"), "gen_attention", GEN_ATTENTION_SITES)
+        if attention == "client" and gen_attention == "server":
+            raise ProtocolError("open: gen_attention 'server' contradicts attention 'client'")
         gen_linear = field_str(m.get("gen_linear", "client"), "gen_linear", GEN_LINEAR_SITES)
         wide = field_bool(m.get("wide", False), "wide")
         rows = max_length + max(r1, r2, r_lock)
@@ -528,6 +546,7 @@ class Server(Generic[A]):
                 *guard_blocks(c.n_layers, l_s, l_e),
                 max_length,
                 attention,
+                gen_attention,
                 gen_linear,
                 wide,
                 token=token,
@@ -587,9 +606,11 @@ class Server(Generic[A]):
                 raise ProtocolError(
                     f"gen_qkv for block {layer}: not a first guard block (nor a client-attention guard block)"
                 )
-            if stage is Stage.GEN_ATTN and (layer not in s.first or client_attn):
+            server_gen_attn = not client_attn and s.gen_attention == "server"
+            if stage is Stage.GEN_ATTN and (layer not in s.first or not server_gen_attn):
                 raise ProtocolError(
-                    f"gen_attn for block {layer}: not a first guard block, or client attention"
+                    f"gen_attn for block {layer}: not a first guard block, or the client's attention "
+                    "(attention 'client' or gen_attention 'client')"
                 )
             if stage is Stage.GEN_LAST and (layer not in s.last or client_attn):
                 raise ProtocolError(
