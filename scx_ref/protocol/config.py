@@ -22,6 +22,7 @@ __all__ = [
     "Level",
     "SCXConfig",
     "guard_blocks",
+    "server_gen_attention",
 ]
 
 Level = Literal["permute", "paper", "blind"]
@@ -52,6 +53,13 @@ def guard_blocks(n_layers: int, l_s: int, l_e: int) -> tuple[range, range, range
     first = range(0, min(l_s, n_layers))
     last_start = max(first.stop, n_layers - l_e)
     return first, range(first.stop, last_start), range(last_start, n_layers)
+
+
+def server_gen_attention(first: range, attention: str, gen_attention: str) -> range:
+    """The first guard blocks ``first`` whose attention the server computes in a generation step (their
+    ``gen_attn`` messages): all of them with ``attention="server"`` and ``gen_attention="server"`` (the
+    paper), none otherwise. The client's flow and the server's admission of ``gen_attn`` both read it."""
+    return first if attention == "server" and gen_attention == "server" else range(0)
 
 
 @dataclass(frozen=True)
@@ -179,11 +187,9 @@ class SCXConfig:
         return guard_blocks(n_layers, self.l_s, self.l_e)
 
     def server_gen_attention(self, n_layers: int) -> range:
-        """The first guard blocks whose attention the server computes in a generation step (their
-        ``gen_attn`` messages): every first guard block with ``attention="server"`` and
-        ``gen_attention="server"`` (the paper), none otherwise."""
-        first = self.blocks(n_layers)[0]
-        return first if self.attention == "server" and self.gen_attention == "server" else range(0)
+        """The first guard blocks whose attention the server computes in a generation step
+        (:func:`server_gen_attention` of this configuration on an ``n_layers`` model)."""
+        return server_gen_attention(self.blocks(n_layers)[0], self.attention, self.gen_attention)
 
     @property
     def max_beta(self) -> float:

@@ -38,7 +38,14 @@ from ..errors import LimitError, ProtocolError, SCXError, SessionError
 from ..forward import block_rows
 from ..stages import PREFILL_BLOCK_STAGES, Phase, Stage
 from ..transforms import decode_rows, unblind
-from .config import ATTENTION_SITES, GEN_ATTENTION_SITES, GEN_LINEAR_SITES, LEVELS, guard_blocks
+from .config import (
+    ATTENTION_SITES,
+    GEN_ATTENTION_SITES,
+    GEN_LINEAR_SITES,
+    LEVELS,
+    guard_blocks,
+    server_gen_attention,
+)
 from .cost import CostMeter
 from .keyring import commitment
 from .limits import (
@@ -606,8 +613,9 @@ class Server(Generic[A]):
                 raise ProtocolError(
                     f"gen_qkv for block {layer}: not a first guard block (nor a client-attention guard block)"
                 )
-            server_gen_attn = not client_attn and s.gen_attention == "server"
-            if stage is Stage.GEN_ATTN and (layer not in s.first or not server_gen_attn):
+            if stage is Stage.GEN_ATTN and layer not in server_gen_attention(
+                s.first, s.attention, s.gen_attention
+            ):
                 raise ProtocolError(
                     f"gen_attn for block {layer}: not a first guard block, or the client's attention "
                     "(attention 'client' or gen_attention 'client')"
