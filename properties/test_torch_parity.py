@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -53,6 +54,7 @@ from scx_ref.errors import SCXError
 from scx_ref.forward import PlainRunner
 from scx_ref.keys import KeySchedule
 from scx_ref.weights import ModelWeights
+from tests.tiny import tiny_weights
 
 RTOL = 1e-12
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -593,6 +595,79 @@ def test_backend_check_matches_numpy(w: ModelWeights, seed: int) -> None:
         with pytest.raises(SCXError) as e_t:
             tb.embed(ids)
         assert type(e_np.value) is type(e_t.value)
+
+
+def _attention64(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """softmax(q_h kᵀ/√d_h)·v per query head h (KV head h // g), every query seeing every key: the
+    definition, in float64 loops over heads."""
+    n_q, n_heads, d_h = q.shape
+    g = n_heads // k.shape[1]
+    out = np.empty((n_q, n_heads, v.shape[-1]))
+    for h in range(n_heads):
+        s = q[:, h] @ k[:, h // g].T / np.sqrt(d_h)
+        e = np.exp(s - s.max(axis=1, keepdims=True))
+        out[:, h] = (e / e.sum(axis=1, keepdims=True)) @ v[:, h // g]
+    return out
+
+
+@given(attention_shapes(), st.integers(1, 5), st.integers(1, 40), seeds(), st.sampled_from(DTYPES[:2]))
+def test_attention_without_a_mask_is_the_definition(
+    shape: tuple[int, int, int], n_q: int, m: int, seed: int, dtype: torch.dtype
+) -> None:
+    """Queries that see every key (a generation step's row: ``k_positions`` None) — with GQA the grouped
+    form (:meth:`TorchBackend._grouped_attention`) — on strided views as the protocol passes them (q
+    columns of a wider projection, K and V the first rows of a cache buffer): float64 within 1e-12 of the
+    definition, float32 within the attention bound of it and of torch's own grouped call."""
+    h_kv, g, d_h = shape
+    tb = TorchBackend(tiny_weights(0), dtype)
+    wide = torch.from_numpy(_gauss(seed, (n_q, h_kv * g * d_h + 3), 2.0)).to(dtype)
+    q = wide.narrow(1, 0, h_kv * g * d_h).reshape(n_q, h_kv * g, d_h)
+    k, v = (
+        torch.from_numpy(_gauss(seed + i, (m + 4, h_kv, d_h), 2.0 if i == 1 else 1.0))
+        .to(dtype)
+        .narrow(0, 0, m)
+        for i in (1, 2)
+    )
+    got = tb.attention(q, k, v, np.full(n_q, m - 1), None)
+    assert got.shape == (n_q, h_kv * g, d_h) and got.dtype == dtype and got.is_contiguous()
+    want = _attention64(_np(q), _np(k), _np(v))
+    if dtype == torch.float64:
+        _close64(_np(got), want, np.abs(_np(v)).max())
+        return
+    u = UNIT_ROUNDOFF[dtype]
+    tol = (d_h + m + 8) * u * np.abs(_np(v)).max() * (1 + np.abs(_np(q)).max() * np.abs(_np(k)).max() * d_h)
+    assert np.max(np.abs(_np(got) - want)) <= tol
+    grouped = F.scaled_dot_product_attention(
+        *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), enable_gqa=g > 1
+    )[0].transpose(0, 1)
+    assert np.max(np.abs(_np(got) - _np(grouped))) <= 2 * tol
+
+
+def test_attention_folds_query_groups_only_where_nothing_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grouped form runs for queries that see every key with several query heads per KV head, on
+    CPU; a causal prefill, a masked one and one query head per KV head keep the one batched call."""
+    tb = TorchBackend(tiny_weights(0), torch.float32)
+    calls: list[int] = []
+    inner = tb._grouped_attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        calls.append(q.shape[0])
+        return inner(q, k, v)
+
+    monkeypatch.setattr(tb, "_grouped_attention", spy)
+    gen = torch.Generator().manual_seed(0)
+
+    def run(n_q: int, h: int, h_kv: int, m: int, qp: np.ndarray, kp: np.ndarray | None) -> bool:
+        q, k, v = (torch.randn(r, heads, 4, generator=gen) for r, heads in ((n_q, h), (m, h_kv), (m, h_kv)))
+        before = len(calls)
+        tb.attention(q, k, v, qp, kp)
+        return len(calls) > before
+
+    assert run(1, 4, 2, 9, np.array([8]), None)  # a generation step
+    assert run(3, 4, 1, 5, np.array([7, 8, 9]), np.arange(5))  # every key at or before every query
+    assert not run(1, 2, 2, 9, np.array([8]), None)  # one query head per KV head
+    assert not run(5, 4, 2, 5, np.arange(5), np.arange(5))  # causal, true order
+    assert not run(3, 4, 2, 3, np.array([2, 0, 1]), np.arange(3))  # masked
 
 
 # --- backend methods in reduced precision ------------------------------------------------------------
