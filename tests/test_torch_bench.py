@@ -200,6 +200,26 @@ def test_gemm_forms_compute_dense_products(capsys: pytest.CaptureFixture[str]) -
     assert "--forms: choose from" in capsys.readouterr().err
 
 
+def test_attention_forms_time_the_same_attention(capsys: pytest.CaptureFixture[str]) -> None:
+    """models.attention_forms times one step's attention through ``TorchBackend.attention`` as it is and
+    with the earlier enable_gqa call patched in for its grouped form: both compute the same attention
+    (within float32 rounding), the patch is undone, and it prints one line per cache length."""
+    from models.attention_forms import main, time_forms
+    from scx_ref.commands.bench import build_models
+
+    backend, _, _ = build_models("tiny-llama", "float32", "cpu")
+    assert backend.config.n_heads > backend.config.n_kv_heads  # the grouped form runs
+    grouped = backend._grouped_attention
+    now, before, diff = time_forms(backend, 9, 3)
+    assert len(now) == len(before) == 3 and min(now + before) > 0
+    assert diff <= 1e-5 and backend._grouped_attention == grouped
+    assert main(["--model", "tiny-llama", "--keys", "5,17", "--calls", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("keys ") and "enable_gqa/now" in line for line in lines) == 2
+    with pytest.raises(SystemExit):
+        main(["--model", "tiny-llama", "--keys", "0"])
+
+
 def test_client_ab_times_both_checkouts(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1295,11 +1295,11 @@ class TorchBackend(TorchOps):
 
         Why: with ``enable_gqa`` torch's CPU flash kernel works per query head, reading its KV head's
         cache g times over; a generation step has one query row, so that is all it does. Timed through
-        :meth:`attention` against the ``enable_gqa`` call in its place (one row, strided K and V, 400 calls
-        alternating): ``llama1b-random`` (32 query heads on 4 KV heads) 394 → 176 µs at 513 keys and
-        3.5 → 0.91 ms at 2 049 on one thread, 289 → 125 µs and 1.65 → 0.41 ms on two; SmolLM2 (9 on 3)
-        153 → 110 µs and 105 → 64 µs at 513 keys; as fast at 16 keys (0.98–1.22× the other's speed), faster
-        at every longer cache (README: Performance, stop 50)."""
+        :meth:`attention`, the ``enable_gqa`` call patched in for this one (``python -m
+        models.attention_forms``: one row, strided K and V, 400 calls alternating): ``llama1b-random``
+        (32 query heads on 4 KV heads) 431 → 223 µs at 513 keys and 3.6 → 1.1 ms at 2 049 on one thread,
+        223 → 107 µs and 1.87 → 0.61 ms on two; SmolLM2 (9 on 3) 1.02–1.12× as fast at 513 keys and
+        1.19–1.26× at 2 049; as fast at 16 keys (0.98–1.19×) (README: Performance, stop 50)."""
         n_q, n_heads, d_h = q.shape
         n_kv = k.shape[1]
         g = n_heads // n_kv
