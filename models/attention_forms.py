@@ -30,13 +30,9 @@ import numpy as np
 
 
 def enable_gqa_form(self: Any, q: Any, k: Any, v: Any) -> Any:
-    """The call ``TorchBackend.attention`` made before stop 50 where every query sees every key: one
-    (1 × H × rows × d_h) ``scaled_dot_product_attention`` with ``enable_gqa``."""
-    import torch.nn.functional as F
-
-    qt, kt, vt = (t.to(self._compute).transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=q.shape[1] != k.shape[1])
-    return out[0].transpose(0, 1).to(self.dtype).contiguous()
+    """The call ``TorchBackend.attention`` made before stop 50 where every query sees every key: its one
+    batched ``scaled_dot_product_attention`` with ``enable_gqa`` (``_batched_attention``, no mask)."""
+    return self._batched_attention(q, k, v, None, False)
 
 
 def time_forms(backend: Any, keys: int, calls: int) -> tuple[list[float], list[float], float]:

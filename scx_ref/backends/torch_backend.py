@@ -1280,11 +1280,22 @@ class TorchBackend(TorchOps):
             return q.new_zeros(n_q, n_heads, v.shape[-1])
         if mask is None and not causal and n_heads > n_kv and q.device.type == "cpu":
             return self._grouped_attention(q, k, v)
-        qt, kt, vt = (t.to(self._compute).transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        return self._batched_attention(q, k, v, mask, causal)
+
+    def _batched_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        """:meth:`attention` as one (1 × H × rows × d_h) ``scaled_dot_product_attention`` call, with
+        ``enable_gqa`` where query heads share KV heads, the mask or the causal flag given."""
+        qt, kt, vt = (self._heads_first(t) for t in (q, k, v))
         out = F.scaled_dot_product_attention(
-            qt, kt, vt, attn_mask=mask, is_causal=causal, enable_gqa=n_heads != n_kv
+            qt, kt, vt, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
         )[0].transpose(0, 1)  # the CPU kernel writes rows × heads × d_h: this view is contiguous
         return out.to(self.dtype).contiguous()
+
+    def _heads_first(self, t: torch.Tensor) -> torch.Tensor:
+        """rows × heads × d_h as 1 × heads × rows × d_h in the compute dtype (a view where no cast is due)."""
+        return t.to(self._compute).transpose(0, 1).unsqueeze(0)
 
     def _grouped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(q_h kᵀ/√d_h)·v per query head h, every query seeing every key, with the g = H/H_kv query
@@ -1304,7 +1315,7 @@ class TorchBackend(TorchOps):
         n_kv = k.shape[1]
         g = n_heads // n_kv
         qt = q.to(self._compute).reshape(n_q, n_kv, g, d_h).transpose(0, 1).reshape(1, n_kv, g * n_q, d_h)
-        kt, vt = (t.to(self._compute).transpose(0, 1).unsqueeze(0) for t in (k, v))
+        kt, vt = self._heads_first(k), self._heads_first(v)
         out = F.scaled_dot_product_attention(qt, kt, vt)[0]  # H_kv × (rows · g) × d_v
         d_v = out.shape[-1]
         return (
