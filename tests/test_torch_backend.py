@@ -29,7 +29,7 @@ from scx_ref.backends.torch_backend import (
     parse_dtype,
 )
 from scx_ref.config import ModelConfig
-from scx_ref.errors import ConfigError, DTypeError
+from scx_ref.errors import ConfigError, DTypeError, NonFiniteError
 from scx_ref.forward import PlainRunner
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, Level, LocalTransport, SCXConfig, Server
@@ -114,6 +114,37 @@ def test_plain_torch_runner_matches_reference() -> None:
     plain = PlainRunner(TorchBackend(w, torch.float64))
     np.testing.assert_allclose(plain.prefill(IDS).numpy(), ref_logits, rtol=1e-10, atol=1e-12)
     assert plain.generate(IDS, 5) == ReferenceModel(w).generate(IDS, 5)
+
+
+def test_floating_takes_tensors_in_the_dtype_as_they_are_and_tests_everything_else() -> None:
+    """TorchOps.floating's short path (a strided CPU tensor in the dtype without history) returns the tensor
+    itself and still refuses NaN and ±inf; every other input takes the general path: cast, detached,
+    refused when it is not floating, not dense or has no data."""
+    ops = TorchOps(torch.float32)
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert ops.floating(x, "x") is x
+    view = x.t()  # a strided view (not contiguous) is taken as it is too
+    assert ops.floating(view, "v") is view
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 2] = bad
+        with pytest.raises(NonFiniteError, match="y holds NaN or Inf"):
+            ops.floating(y, "y")
+        assert ops.floating(y, "y", finite=False) is y  # a value check that follows reads it
+    wide = x.double()
+    got = ops.floating(wide, "w")
+    assert got.dtype is torch.float32 and torch.equal(got, x)
+    g = x.clone().requires_grad_(True)
+    got = ops.floating(g, "g")
+    assert not got.requires_grad and torch.equal(got, x)
+    with pytest.raises(DTypeError, match="floating-point"):
+        ops.floating(torch.arange(3), "i")
+    with pytest.raises(DTypeError, match="dense tensor"):
+        ops.floating(torch.empty(2, 3, device="meta"), "m")
+    with pytest.raises(DTypeError, match="dense tensor"):
+        ops.floating(x.to_sparse(), "s")
+    arr = np.array([[1.0, 2.0]], dtype=np.float32)
+    assert torch.equal(ops.floating(arr, "a"), torch.from_numpy(arr))
 
 
 def test_dtype_parsing_and_wire_format() -> None:
