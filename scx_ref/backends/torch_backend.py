@@ -489,18 +489,11 @@ class TorchOps:
         in-process request — is taken after four reads of it (dtype, device, layout, history), the tests
         the general path makes in more: each read of a tensor's attributes costs microseconds right after
         the server's products have left the caches cold (README: Performance, stop 51)."""
-        if (
-            self._on_cpu
-            and isinstance(x, torch.Tensor)
-            and x.dtype is self.dtype
-            and x.is_cpu
-            and x.layout is torch.strided
-            and not x.requires_grad
-        ):
-            if finite and not _all_finite(x):
-                raise NonFiniteError(f"{name} holds NaN or Inf")
-            return x
-        if isinstance(x, torch.Tensor):
+        t: torch.Tensor
+        as_it_is = isinstance(x, torch.Tensor) and self._as_it_is(x)
+        if as_it_is:
+            t = x
+        elif isinstance(x, torch.Tensor):
             if x.device.type == "meta" or x.layout != torch.strided:
                 raise DTypeError(f"{name} must be a dense tensor with data, got {x.layout} on {x.device}")
             t = x.detach() if x.requires_grad else x  # only a tensor that requires grad has history
@@ -509,13 +502,25 @@ class TorchOps:
             if not np.issubdtype(arr.dtype, np.floating):
                 raise DTypeError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
             t = torch.from_numpy(np.ascontiguousarray(arr))
-        if not t.is_floating_point():
-            raise DTypeError(f"{name} must be a floating-point array, got dtype {t.dtype}")
-        if t.dtype != self.dtype or t.device != self.device:
-            t = t.to(device=self.device, dtype=self.dtype)
+        if not as_it_is:
+            if not t.is_floating_point():
+                raise DTypeError(f"{name} must be a floating-point array, got dtype {t.dtype}")
+            if t.dtype != self.dtype or t.device != self.device:
+                t = t.to(device=self.device, dtype=self.dtype)
         if finite and not _all_finite(t):
             raise NonFiniteError(f"{name} holds NaN or Inf")
         return t
+
+    def _as_it_is(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is a strided CPU tensor in the dtype without autograd history on a CPU backend:
+        what :meth:`floating` takes as it is (a dtype of the backend is floating)."""
+        return (
+            self._on_cpu
+            and x.dtype is self.dtype
+            and x.is_cpu
+            and x.layout is torch.strided
+            and not x.requires_grad
+        )
 
     def check(self, x: Any, name: str, shape: tuple[int, ...], *, finite: bool = True) -> torch.Tensor:
         """Validate an incoming array — floating dtype (else DTypeError), exactly ``shape`` (else
