@@ -583,7 +583,13 @@ def range_excess(v: Any, o: Any, first: int, group: int, d_h: int, acc: Any) -> 
     # or below its running min (differences rounded in the dtype), and max |v|; NaN when any input is
     # not finite. Every update is elementwise on row-length arrays (LLVM vectorizes them); the only
     # reductions are over those arrays at the end. acc: 5 × (H_kv·d_h) scratch in v's dtype.
+    # A running extreme that keeps its value stores it as ``m + zero``: every update then stores a new
+    # value and LLVM vectorizes it as a compare and a blend. Storing the loaded value back let LLVM turn the
+    # update into a masked store, which AMD's Zen cores run microcoded (README: Performance, stop 52).
+    # + 0 changes no value but a −0.0 into +0.0, a zero's sign, which neither result reads (max and min of
+    # the same values; the excess is compared with 0). ``zero`` is in the dtype, so float32 stays float32.
     n_k, width = v.shape
+    zero = acc.dtype.type(0.0)
     hi, lo, big, over, bad = acc[0], acc[1], acc[2], acc[3], acc[4]
     for t in range(width):
         hi[t] = -np.inf
@@ -595,12 +601,12 @@ def range_excess(v: Any, o: Any, first: int, group: int, d_h: int, acc: Any) -> 
     for j in range(n_k):
         row = v[j]
         for t in range(width):
-            x = row[t]
-            hi[t] = x if x > hi[t] else hi[t]
-            lo[t] = x if x < lo[t] else lo[t]
+            x, h, m, b = row[t], hi[t], lo[t], big[t]
+            hi[t] = x if x > h else h + zero
+            lo[t] = x if x < m else m + zero
             a = abs(x)
-            big[t] = a if a > big[t] else big[t]
-            bad[t] += x * 0.0  # 0, or NaN for ±inf and NaN
+            big[t] = a if a > b else b + zero
+            bad[t] += x * zero  # 0, or NaN for ±inf and NaN
         i = j - first
         if 0 <= i < o.shape[0]:
             orow = o[i]
@@ -613,8 +619,9 @@ def range_excess(v: Any, o: Any, first: int, group: int, d_h: int, acc: Any) -> 
                     d1 = y - hs[t]
                     d2 = ls[t] - y
                     e = d1 if d1 > d2 else d2
-                    ov[t] = e if e > ov[t] else ov[t]
-                    bd[t] += y * 0.0
+                    w = ov[t]
+                    ov[t] = e if e > w else w + zero
+                    bd[t] += y * zero
     worst, vmax, nan = -np.inf, 0.0, 0.0
     for t in range(width):
         worst = max(worst, np.float64(over[t]))
