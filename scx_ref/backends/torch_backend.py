@@ -1332,7 +1332,7 @@ class TorchBackend(TorchOps):
         models.attention_forms``: one row, strided K and V, 400 calls alternating): ``llama1b-random``
         (32 query heads on 4 KV heads) 431 → 223 µs at 513 keys and 3.6 → 1.1 ms at 2 049 on one thread,
         223 → 107 µs and 1.87 → 0.61 ms on two; SmolLM2 (9 on 3) 1.02–1.12× as fast at 513 keys and
-        1.19–1.26× at 2 049; as fast at 16 keys (0.98–1.19×) (README: Performance, stop 50)."""
+        1.19–1.26× at 2 049; as fast at 16 keys (0.98–1.19×) (models/results/PERFORMANCE.md, stop 50)."""
         n_q, n_heads, d_h = q.shape
         n_kv = k.shape[1]
         g = n_heads // n_kv

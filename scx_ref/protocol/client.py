@@ -493,7 +493,8 @@ class Client(Generic[A]):
         for a guard block, its RoPE'd keys and values in true order (n × H_kv × d_h); None for the others."""
         # the attention half in a call of its own: its replies and messages ([Q K V], the attention output,
         # the O stage's) are freed when it returns instead of being held through the FFN stage, whose
-        # intermediates are a block's largest arrays where the MLP is wide (README: Performance, stop 36)
+        # intermediates are a block's largest arrays where the MLP is wide (models/results/PERFORMANCE.md,
+        # stop 36)
         rows, k_rope, v = self._attention_half(link, i, s, pos)
         # the FFN stage under π_{i+1} on H′ = H + O·W_o (``rows``; its decoys ride on into block i+1)
         b, n = self.b, len(pos)
