@@ -488,7 +488,7 @@ class TorchOps:
         A strided CPU tensor already in the dtype and without autograd history — every array of an
         in-process request — is taken after four reads of it (dtype, device, layout, history), the tests
         the general path makes in more: each read of a tensor's attributes costs microseconds right after
-        the server's products have left the caches cold (README: Performance, stop 51)."""
+        the server's products have left the caches cold (models/results/PERFORMANCE.md, stop 51)."""
         t: torch.Tensor
         as_it_is = isinstance(x, torch.Tensor) and self._as_it_is(x)
         if as_it_is:
