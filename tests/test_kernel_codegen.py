@@ -2,10 +2,10 @@
 
 While an update stored back the value it had just loaded (``hi[t] = x if x > hi[t] else hi[t]``), LLVM
 compiled the loop with AVX masked stores (``vmaskmovps`` / ``vmaskmovpd``), which AMD's Zen cores run as
-microcode: the range check of an attention reply ran several times slower there than it does now (README:
-Performance, stop 52). These tests compile the kernel's own source afresh — numba's disk cache keeps no
-assembly to read — and read the assembly LLVM made for this CPU. The instructions exist on x86 CPUs with
-AVX only; elsewhere the tests are skipped (a skip, not a pass).
+microcode: the range check of an attention reply ran several times slower there than it does now
+(models/results/PERFORMANCE.md, stop 52). These tests compile the kernel's own source afresh — numba's
+disk cache keeps no assembly to read — and read the assembly LLVM made for this CPU. The instructions
+exist on x86 CPUs with AVX only; elsewhere the tests are skipped (a skip, not a pass).
 """
 
 from __future__ import annotations

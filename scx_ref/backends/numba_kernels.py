@@ -585,7 +585,8 @@ def range_excess(v: Any, o: Any, first: int, group: int, d_h: int, acc: Any) -> 
     # reductions are over those arrays at the end. acc: 5 × (H_kv·d_h) scratch in v's dtype.
     # A running extreme that keeps its value stores it as ``m + zero``: every update then stores a new
     # value and LLVM vectorizes it as a compare and a blend. Storing the loaded value back let LLVM turn the
-    # update into a masked store, which AMD's Zen cores run microcoded (README: Performance, stop 52).
+    # update into a masked store, which AMD's Zen cores run microcoded (models/results/PERFORMANCE.md,
+    # stop 52).
     # + 0 changes no value but a −0.0 into +0.0, a zero's sign, which neither result reads (max and min of
     # the same values; the excess is compared with 0). ``zero`` is in the dtype, so float32 stays float32.
     n_k, width = v.shape
