@@ -1,6 +1,6 @@
-"""Wall time spent inside one method, for the benchmarks: ``scx bench``, :mod:`models.split_time` and
-:mod:`models.client_ab` split an SCX request into the server's part (the time inside its ``handle`` calls)
-and the client's (the rest of the request) with :func:`timed_server`."""
+"""Wall time spent inside one method, for the benchmarks: ``scx bench``, :mod:`models.split_time`,
+:mod:`models.client_ab` and :mod:`models.cold_caches` split an SCX request into the server's part (the time
+inside its ``handle`` calls) and the client's (the rest of the request) with :func:`timed_server`."""
 
 from __future__ import annotations
 

@@ -155,6 +155,34 @@ def test_split_time_parts_are_positive(capsys: pytest.CaptureFixture[str]) -> No
     assert f"scx_ref from {scx_ref.__file__}" in out  # names the checkout that ran (an A/B's provenance)
 
 
+def test_cold_caches_times_the_client_both_ways(capsys: pytest.CaptureFixture[str]) -> None:
+    """models.cold_caches times the client's own work on a plain server and on one that writes over memory
+    after each reply, in alternating rounds; the evicting server's replies are the plain one's."""
+    import secrets
+
+    import numpy as np
+
+    from models.cold_caches import client_times, evicting, main
+    from scx_ref.commands.bench import build_models
+    from scx_ref.keys import MASTER_SECRET_BYTES, KeySchedule
+    from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server
+
+    t = client_times("tiny-llama", 6, 1, True, 2, 1)
+    assert set(t) == {"plain", "evicted"} and all(len(v) == 2 and min(v) > 0 for v in t.values())
+    backend, _hf, _ = build_models("tiny-llama", "float32", "cpu")
+    master, nonce, ids = secrets.token_bytes(MASTER_SECRET_BYTES), KeySchedule.new_nonce(), np.arange(5)
+    logits = []
+    for cls in (Server, evicting(Server, 1)):  # one request each: the same master secret, nonce and prompt
+        client = Client(backend, KeySchedule(master, nonce), SCXConfig(level="permute", max_length=64))
+        logits.append(np.asarray(client.prefill(ids, LocalTransport(cls(backend)), nonce=nonce)))
+    assert np.array_equal(logits[0], logits[1])
+    assert main(["--model", "tiny-llama", "--n", "6", "--rounds", "1", "--evict-mb", "1", "--no-verify"]) == 0
+    out = capsys.readouterr().out
+    assert "cold caches cost the client" in out and "tiny-llama n=6" in out
+    with pytest.raises(SystemExit):
+        client_times("tiny-llama", 6, 1, True, 1, 0)
+
+
 def test_gemm_forms_compute_dense_products(capsys: pytest.CaptureFixture[str]) -> None:
     """models.gemm_forms times forms of x·Wᵀ that compute ``dense``'s product (within float32 rounding) for
     every projection shape of a model — a tiny registered one: fused QKV, O, gate/up, down, LM head — and
