@@ -1,13 +1,17 @@
 """Wall time spent inside one method, for the benchmarks: ``scx bench``, :mod:`models.split_time`,
 :mod:`models.client_ab` and :mod:`models.cold_caches` split an SCX request into the server's part (the time
-inside its ``handle`` calls) and the client's (the rest of the request) with :func:`timed_server`."""
+inside its ``handle`` calls) and the client's (the rest of the request) with :func:`timed_server`;
+:func:`timed_kernels` times the fused CPU kernels' calls (``models.split_time --kernels``)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["timed", "timed_prefill", "timed_server"]
+__all__ = ["timed", "timed_kernels", "timed_prefill", "timed_server"]
 
 T = TypeVar("T")
 
@@ -51,3 +55,39 @@ def timed_prefill(
     client.prefill(ids, LocalTransport(server_cls(backend)), nonce=nonce)
     wall = time.perf_counter() - t0
     return in_server[0], wall - in_server[0]
+
+
+@contextlib.contextmanager
+def timed_kernels(skip: Callable[[], bool] = lambda: False) -> Iterator[list[float]]:
+    """Within the block, each call of a fused CPU kernel (:func:`scx_ref.backends.cpu_kernels.kernels`)
+    adds its seconds (numba's dispatch included) to the yielded one-element list, except the calls made
+    while ``skip()`` is true (the server's, when the caller times only the client's); the caller resets the
+    list between measurements. The kernels' arguments, results and exceptions are the originals'; the
+    loaded kernels are back after the block (:func:`~scx_ref.backends.cpu_kernels.replaced`). The list stays
+    0 where the kernels are not in use (numba missing, or ``SCX_NUMBA=0``)."""
+    from .backends import cpu_kernels
+
+    spent = [0.0]
+    k = cpu_kernels.kernels()
+    if k is None:
+        yield spent
+        return
+
+    def timer(f: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            if skip():
+                return f(*args)
+            t0 = time.perf_counter()
+            try:
+                return f(*args)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        return call
+
+    untimed = ("set_num_threads", "max_threads")
+    wrapped: dict[str, Any] = {
+        f.name: timer(getattr(k, f.name)) for f in dataclasses.fields(k) if f.name not in untimed
+    }
+    with cpu_kernels.replaced(dataclasses.replace(k, **wrapped)):
+        yield spent

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
-from scx_ref.timing import timed, timed_server
+from scx_ref.backends import cpu_kernels
+from scx_ref.timing import timed, timed_kernels, timed_server
 
 
 class _Slow:
@@ -36,3 +38,32 @@ def test_timed_adds_each_calls_seconds_and_keeps_results_and_errors() -> None:
 def test_timed_server_times_handle() -> None:
     cls, spent = timed_server(_Slow)
     assert cls().handle("x") == "X" and spent[0] > 0.0
+
+
+def test_timed_kernels_times_the_calls_it_is_not_told_to_skip() -> None:
+    """Within the block each kernel call adds its seconds, one made while ``skip()`` holds does not, the
+    results are the kernels' own; after the block (however it ends) the loaded kernels are back."""
+    k = cpu_kernels.kernels()
+    if k is None:
+        pytest.skip("numba is not installed here: there are no kernels to time")
+    x = np.arange(12.0, dtype=np.float32).reshape(3, 4)
+    skipping = [False]
+    with timed_kernels(lambda: skipping[0]) as spent:
+        inside = cpu_kernels.kernels()
+        assert inside is not None and inside is not k
+        assert inside.rows_finite(x, np.array([0, 2])) == 1 and spent[0] > 0.0
+        before = spent[0]
+        skipping[0] = True
+        assert inside.rows_finite(x, np.array([1])) == 1 and spent[0] == before
+        assert inside.max_threads == k.max_threads
+    assert cpu_kernels.kernels() is k
+    with pytest.raises(RuntimeError), timed_kernels():
+        raise RuntimeError("the block failed")
+    assert cpu_kernels.kernels() is k
+
+
+def test_timed_kernels_yields_zero_where_the_kernels_are_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    with timed_kernels() as spent:
+        assert cpu_kernels.kernels() is None
+    assert spent == [0.0]

@@ -147,9 +147,12 @@ def test_split_time_parts_are_positive(capsys: pytest.CaptureFixture[str]) -> No
 
     t = split_prefill("tiny-llama", 8, 1, True, 2)
     assert set(t) == {"hf", "server", "client"} and all(v > 0 for v in t.values())
-    assert main(["--model", "tiny-llama", "--n", "6", "--rounds", "1", "--no-verify"]) == 0
+    t = split_prefill("tiny-llama", 8, 1, True, 2, kernels=True)  # the client's kernels and the rest
+    assert set(t) == {"hf", "server", "client", "kernels", "rest"} and t["rest"] > 0 <= t["kernels"]
+    assert t["kernels"] + t["rest"] == pytest.approx(t["client"])  # two rounds: medians are means
+    assert main(["--model", "tiny-llama", "--n", "6", "--rounds", "1", "--no-verify", "--kernels"]) == 0
     out = capsys.readouterr().out
-    assert "server/hf" in out and "tiny-llama n=6" in out
+    assert "server/hf" in out and "tiny-llama n=6" in out and "client: fused kernels" in out
     import scx_ref
 
     assert f"scx_ref from {scx_ref.__file__}" in out  # names the checkout that ran (an A/B's provenance)

@@ -72,20 +72,23 @@ verified, the value checks 139 → 107 ms. :func:`kernels` returns ``None`` when
 :data:`ENABLED` is false (``SCX_NUMBA=0`` in the environment when this module is imported); callers then
 use the eager form. The kernels' code is :mod:`.numba_kernels`
 (module-level functions, so numba's disk cache serves them to every new process); this module holds what
-the callers use: :class:`Kernels`, :class:`Parts` and :func:`kernels`.
+the callers use: :class:`Kernels`, :class:`Parts` and :func:`kernels` (and :func:`replaced`, through which a
+benchmark times them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ENABLED", "MIN_PARALLEL", "Kernels", "Parts", "column_index", "kernels"]
+__all__ = ["ENABLED", "MIN_PARALLEL", "Kernels", "Parts", "column_index", "kernels", "replaced"]
 
 
 def column_index(index: Any) -> np.ndarray[Any, np.dtype[np.uint64]]:
@@ -200,6 +203,21 @@ def kernels() -> Kernels | None:
             if not _loaded:
                 _loaded.append(_build())
     return _loaded[0]
+
+
+@contextlib.contextmanager
+def replaced(k: Kernels) -> Iterator[None]:
+    """Within the block, :func:`kernels` returns ``k`` — a benchmark's wrapped copy of the loaded kernels
+    (:func:`scx_ref.timing.timed_kernels`) — and the loaded ones again after it, however the block ends.
+    For one thread at a time: a request running meanwhile in another thread would see the copy too."""
+    loaded = kernels()  # loaded first, so that the block's calls find ``k``
+    with _lock:
+        _loaded[:] = [k]
+    try:
+        yield
+    finally:
+        with _lock:
+            _loaded[:] = [loaded]
 
 
 def _build() -> Kernels | None:
