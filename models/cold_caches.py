@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from scx_ref.timing import timed_prefill, timed_server
+from scx_ref.timing import around, timed_prefill, timed_server
 
 from .timing_args import timing_parser
 
@@ -34,14 +34,10 @@ def evicting(server_cls: type[Any], mib: int) -> type[Any]:
 
     buf = torch.ones(max(1, mib) * (1 << 18))  # 2¹⁸ float32 = 1 MiB
 
-    def handle(self: Any, req: Any) -> Any:
-        try:
-            return super(sub, self).handle(req)
-        finally:
-            buf.mul_(1.0)
+    def evict(_: object) -> None:
+        buf.mul_(1.0)
 
-    sub: type[Any] = type(f"Evicting{server_cls.__name__}", (server_cls,), {"handle": handle})
-    return sub
+    return around(server_cls, "handle", lambda: None, evict, f"Evicting{server_cls.__name__}")
 
 
 def client_times(

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from scx_ref.timing import timed_kernels, timed_prefill, timed_server
+from scx_ref.timing import around, timed_kernels, timed_prefill, timed_server
 
 from .timing_args import timing_parser
 
@@ -35,15 +35,13 @@ def flagged(server_cls: type[Any], busy: list[bool]) -> type[Any]:
     """A subclass of ``server_cls`` whose ``handle`` sets ``busy[0]`` while it runs (so that a kernel timer
     can leave the server's calls out); replies, errors and state changes are the original's."""
 
-    def handle(self: Any, req: Any) -> Any:
+    def raise_flag() -> None:
         busy[0] = True
-        try:
-            return super(sub, self).handle(req)
-        finally:
-            busy[0] = False
 
-    sub: type[Any] = type(f"Flagged{server_cls.__name__}", (server_cls,), {"handle": handle})
-    return sub
+    def lower_flag(_: object) -> None:
+        busy[0] = False
+
+    return around(server_cls, "handle", raise_flag, lower_flag, f"Flagged{server_cls.__name__}")
 
 
 def split_prefill(

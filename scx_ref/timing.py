@@ -11,9 +11,29 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["timed", "timed_kernels", "timed_prefill", "timed_server"]
+__all__ = ["around", "timed", "timed_kernels", "timed_prefill", "timed_server"]
 
 T = TypeVar("T")
+
+
+def around(
+    cls: type[T], method: str, enter: Callable[[], Any], leave: Callable[[Any], None], name: str
+) -> type[T]:
+    """A subclass of ``cls`` (named ``name``) whose ``method`` calls ``enter()`` before each call and
+    ``leave(what enter returned)`` after it, however it ends: what the benchmarks put around a server's
+    ``handle`` (a timer, a flag, a pass over memory). The method's arguments, results and exceptions are
+    the original's. Two plain calls rather than a context manager: a timed ``handle`` runs ~124 times a
+    request, and a generator-based context cost 1.5 µs a call more."""
+
+    def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
+        token = enter()
+        try:
+            return getattr(super(sub, self), method)(*args, **kw)
+        finally:
+            leave(token)
+
+    sub: type[T] = type(name, (cls,), {method: wrapper})
+    return sub
 
 
 def timed(cls: type[T], method: str) -> tuple[type[T], list[float]]:
@@ -22,15 +42,10 @@ def timed(cls: type[T], method: str) -> tuple[type[T], list[float]]:
     measurements. The method's behaviour, results and exceptions are the original's."""
     spent = [0.0]
 
-    def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return getattr(super(sub, self), method)(*args, **kw)
-        finally:
-            spent[0] += time.perf_counter() - t0
+    def stop(t0: float) -> None:
+        spent[0] += time.perf_counter() - t0
 
-    sub: type[T] = type(f"Timed{cls.__name__}", (cls,), {method: wrapper})
-    return sub, spent
+    return around(cls, method, time.perf_counter, stop, f"Timed{cls.__name__}"), spent
 
 
 def timed_server(server_cls: type[T]) -> tuple[type[T], list[float]]:

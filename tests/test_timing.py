@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scx_ref.backends import cpu_kernels
-from scx_ref.timing import timed, timed_kernels, timed_server
+from scx_ref.timing import around, timed, timed_kernels, timed_server
 
 
 class _Slow:
@@ -33,6 +33,19 @@ def test_timed_adds_each_calls_seconds_and_keeps_results_and_errors() -> None:
     assert spent[0] >= first + 0.01
     spent[0] = 0.0  # the caller resets it between measurements
     assert obj.handle("a") == "A" and spent[0] == 0.0  # other methods untouched
+
+
+def test_around_calls_enter_and_leave_on_every_call_however_it_ends() -> None:
+    events: list[str] = []
+    cls = around(
+        _Slow, "work", lambda: events.append("in") or 7, lambda t: events.append(f"out {t}"), "Around"
+    )
+    obj = cls()
+    assert cls.__name__ == "Around" and isinstance(obj, _Slow) and obj.work(2) == 4
+    with pytest.raises(ValueError, match="negative"):
+        obj.work(-1)
+    assert events == ["in", "out 7", "in", "out 7"]
+    assert obj.handle("b") == "B" and len(events) == 4  # other methods untouched
 
 
 def test_timed_server_times_handle() -> None:
