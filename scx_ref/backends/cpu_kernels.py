@@ -208,8 +208,9 @@ def kernels() -> Kernels | None:
 @contextlib.contextmanager
 def replaced(k: Kernels) -> Iterator[None]:
     """Within the block, :func:`kernels` returns ``k`` — a benchmark's wrapped copy of the loaded kernels
-    (:func:`scx_ref.timing.timed_kernels`) — and the loaded ones again after it, however the block ends.
-    For one thread at a time: a request running meanwhile in another thread would see the copy too."""
+    (:func:`scx_ref.timing.timed_kernels`) — and the loaded ones again after it, however the block ends
+    (while :data:`ENABLED` is false it returns ``None`` throughout, as it always does then). For one thread
+    at a time: a request running meanwhile in another thread would see the copy too."""
     loaded = kernels()  # loaded first, so that the block's calls find ``k``
     with _lock:
         _loaded[:] = [k]
