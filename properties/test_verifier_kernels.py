@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from properties.kernel_paths import fused_and_eager, needs_numba
 from properties.strategies import attention_shapes, model_configs, model_weights, row_counts, seeds
-from scx_ref.backends.torch_backend import TorchBackend, TorchOps
+from scx_ref.backends.torch_backend import TorchBackend, TorchOps, range_excess_where
 from scx_ref.errors import SCXError
 from scx_ref.keys import KeySchedule
 from scx_ref.ops import silu
@@ -329,6 +329,48 @@ def test_range_excess_refuses_what_is_not_finite(bad: float, where: str) -> None
     with pytest.MonkeyPatch.context() as mp:
         for over, vmax in fused_and_eager(mp, lambda: range_excess(v, o, 0)):
             assert not (math.isfinite(over) and math.isfinite(vmax))
+
+
+def _devices() -> list[str]:
+    return ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@given(case=_attention_cases())
+def test_range_excess_on_the_device_equals_the_host_passes(case: tuple[Any, ...]) -> None:
+    """The range check by torch operations where the tensors live (``range_excess_where``, what a GPU
+    backend's verifier runs: ``TorchOps.device_range_excess``) returns exactly the host form's excess and
+    max |v|, on the CPU and, where there is one, on a GPU (GQA 1/2/4, one head, no queries, keys past the
+    last query, float32 and float64)."""
+    v, o, first = case
+    want = range_excess(v, o, first)
+    for device in _devices():
+        got = range_excess_where(torch.from_numpy(v).to(device), torch.from_numpy(o).to(device), first)
+        assert got == want, device
+    if torch.cuda.is_available():
+        ops = TorchOps(torch.from_numpy(v).dtype, "cuda")
+        assert ops.device_range_excess(torch.from_numpy(v).cuda(), torch.from_numpy(o).cuda(), first) == want
+    assert (
+        TorchOps(torch.from_numpy(v).dtype).device_range_excess(
+            torch.from_numpy(v), torch.from_numpy(o), first
+        )
+        is None
+    )
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["v", "o"])
+def test_range_excess_on_the_device_refuses_what_is_not_finite(bad: float, where: str) -> None:
+    """A NaN or an infinity in the values or the outputs leaves the device form's result not finite too."""
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((6, 2, 4)).astype(np.float32)
+    o = np.zeros((6, 2, 2, 4), dtype=np.float32)
+    if where == "v":
+        v[3, 1, 2] = bad
+    else:
+        o[3, 1, 0, 0] = bad
+    for device in _devices():
+        over, vmax = range_excess_where(torch.from_numpy(v).to(device), torch.from_numpy(o).to(device), 0)
+        assert not (math.isfinite(over) and math.isfinite(vmax)), device
 
 
 @st.composite

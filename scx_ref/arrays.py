@@ -173,6 +173,19 @@ class ArrayOps(Protocol[A]):
         would compete with it): the reply verifier's recomputed attention rows."""
         ...
 
+    def on_host(self, x: A) -> bool:
+        """Whether ``x`` lives in host memory, where compiled CPU passes read it (False: on a device,
+        where a pass over all of it belongs on that device rather than after a copy to the host)."""
+        ...
+
+    def device_range_excess(self, v: A, o: A, first: int) -> tuple[float, float] | None:
+        """:func:`scx_ref.protocol.verify.range_excess` of values ``v`` (keys × H_kv × d_h) and outputs ``o``
+        (queries × H_kv × g × d_h; shapes checked by the caller) computed on the device they live on, in
+        the wire dtype: the same two values, from two numbers moved to the host instead of every entry.
+        None when they live in host memory (the caller runs that function on :meth:`head_to_numpy`
+        views, copying nothing)."""
+        ...
+
     def threads(self) -> int:
         """How many threads this backend's own operations run on (the torch backend's intra-op threads;
         1 for numpy): the client's fused CPU passes split their rows across as many."""
@@ -343,6 +356,14 @@ class NumpyOps:
         """``a @ b`` in float64."""
         out: npt.NDArray[np.float64] = np.matmul(a, b)
         return out
+
+    def on_host(self, x: FloatArray) -> bool:
+        """True: numpy arrays live in host memory."""
+        return True
+
+    def device_range_excess(self, v: FloatArray, o: FloatArray, first: int) -> tuple[float, float] | None:
+        """None: numpy arrays live in host memory."""
+        return None
 
     def threads(self) -> int:
         """1: the reference runs its passes on one thread."""

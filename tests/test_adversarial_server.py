@@ -19,7 +19,7 @@ import torch
 
 from scx_ref.attacks.active import MarkerServer, TamperingTransport
 from scx_ref.backends import NumpyBackend, cpu_kernels
-from scx_ref.backends.torch_backend import TorchBackend
+from scx_ref.backends.torch_backend import TorchBackend, range_excess_where
 from scx_ref.errors import IntegrityError, ProtocolError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, Reply, Request, SCXConfig, Server
@@ -302,44 +302,83 @@ def test_reply_for_another_request_is_detected() -> None:
     detected(w, cfg, lambda req, rep: "not a reply" if req.stage is Stage.O else rep)  # type: ignore[return-value]
 
 
-def test_attention_tampering_is_detected() -> None:
+def copied(x: Any) -> np.ndarray:
+    """A numpy copy of a reply array (numpy, or a CPU tensor from a torch server), as a remote reply
+    arrives."""
+    return np.array(x.numpy() if isinstance(x, torch.Tensor) else x)
+
+
+class DeviceLike(TorchBackend):
+    """A float64 torch backend whose verifier treats its CPU tensors as a GPU backend's device tensors:
+    the attention checks take the path a CUDA backend takes (no compiled host pass; the range check by
+    :func:`~scx_ref.backends.torch_backend.range_excess_where` where the tensors are)."""
+
+    device_checks = 0  # the range checks it ran
+
+    def on_host(self, x: torch.Tensor) -> bool:
+        return False
+
+    def device_range_excess(self, v: torch.Tensor, o: torch.Tensor, first: int) -> tuple[float, float]:
+        self.device_checks += 1
+        return range_excess_where(v, o, first)
+
+
+def attention_backend(name: str, w: ModelWeights) -> Any:
+    """The backend of an attention check: numpy, or torch float64 taking a device's path."""
+    if name == "numpy":
+        return NumpyBackend(w)
+    return DeviceLike(w, torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "device-path"])
+def test_attention_tampering_is_detected(backend: str) -> None:
     """Prefill attention: a row moved outside its values' range, or swapped with another, is caught by
     the recomputed rows (every row of a prompt this short); generation (the paper's gen_attn): the single
-    row is recomputed."""
+    row is recomputed. On the numpy backend and on the path a GPU backend's verifier takes."""
     w = weights()
     cfg = SCXConfig(level="paper", r1=2, r2=2, gen_attention="server")
 
     def outside(a: dict[str, Any]) -> dict[str, Any]:
-        o = a["o"].copy()
+        o = copied(a["o"])
         o[5, 1, :] += 10.0 * np.abs(o).max()
         return {"o": o}
 
     def swapped(a: dict[str, Any]) -> dict[str, Any]:
-        o = a["o"].copy()
+        o = copied(a["o"])
         o[[6, 7]] = o[[7, 6]]
         return {"o": o}
 
-    detected(w, cfg, on(Stage.ATTN, outside))
-    detected(w, cfg, on(Stage.ATTN, swapped, nth=2))
-    detected(w, cfg, on(Stage.GEN_ATTN, lambda a: {"o": a["o"] * 1.001}))
+    detected(w, cfg, on(Stage.ATTN, outside), attention_backend(backend, w))
+    detected(w, cfg, on(Stage.ATTN, swapped, nth=2), attention_backend(backend, w))
+    detected(w, cfg, on(Stage.GEN_ATTN, lambda a: {"o": a["o"] * 1.001}), attention_backend(backend, w))
     undetected_and_wrong(w, cfg, on(Stage.ATTN, swapped))
 
 
-def test_attention_range_check_covers_the_rows_not_recomputed() -> None:
+@pytest.mark.parametrize("backend", ["numpy", "device-path"])
+def test_attention_range_check_covers_the_rows_not_recomputed(backend: str) -> None:
     """A prompt longer than ATTENTION_ROWS: the client recomputes only some rows of each attention stage,
     and every row is held to its values' range — a reply moved outside it fails that check (before any
-    row is recomputed), and the same reply passes unnoticed without verification."""
+    row is recomputed), and the same reply passes unnoticed without verification. On the numpy backend
+    and on the path a GPU backend's verifier takes (where an honest reply passes the same checks)."""
     w = weights()
     cfg = SCXConfig(level="paper", r1=2, r2=2)
     ids = (np.arange(ATTENTION_ROWS + 9) * 7 + 3) % 40
 
     def outside(a: dict[str, Any]) -> dict[str, Any]:
-        o = a["o"].copy()
+        o = copied(a["o"])
         o[:, 1, :] += 10.0 * np.abs(o).max()
         return {"o": o}
 
+    if backend != "numpy":
+        b = attention_backend(backend, w)
+        honest: Client[Any] = Client(b, keys(), cfg)
+        want, _ = ReferenceModel(w).prefill(ids)
+        np.testing.assert_allclose(
+            honest.prefill(ids, LocalTransport(Server(b))), want, rtol=1e-10, atol=1e-10
+        )
+        assert b.device_checks == w.config.n_layers  # one range check per block's attention stage
     for verify in (True, False):
-        b = NumpyBackend(w)
+        b = attention_backend(backend, w)
         link = TamperingTransport(LocalTransport(Server(b)), on(Stage.ATTN, outside))
         client: Client[Any] = Client(b, keys(), replace(cfg, verify=verify))
         if verify:

@@ -191,3 +191,36 @@ def test_unsupported_models_raise_clear_errors() -> None:
     cfg2.attention_bias = True
     with pytest.raises(SCXError):
         config_from_hf(cfg2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", KINDS)
+def test_scx_on_cuda_equals_hf_on_cuda(kind: str) -> None:
+    """The model on a GPU: SCX (client and server on the GPU) gives the HF model's own float32 logits on
+    that GPU within the float32 bound above (TF32 off, as torch's default), its greedy tokens, and, in
+    float64, the numpy reference forward's logits (rtol 1e-10)."""
+    assert not torch.backends.cuda.matmul.allow_tf32
+    model = tiny_model(kind, "sdpa").to("cuda")
+    with torch.no_grad():
+        hf = model(torch.from_numpy(PROMPT).to("cuda")).logits.cpu().numpy()
+    for level in ("permute", "paper"):
+        scx = SCXModel.from_hf(model, level=level, keys=_keys())
+        assert scx.backend.device.type == "cuda"
+        got = scx.logits(PROMPT).numpy()
+        beta = scx.scx_config.beta if level != "permute" else 0.0
+        tol = 64 * N_LAYERS * U32 * (1 + beta) * (1 + np.abs(hf).max())
+        delta = np.abs(got - hf).max()
+        print(f"\n{kind}/cuda/{level}: float32 SCX vs HF max|Δlogit| = {delta:.3e} (tol {tol:.1e})")
+        assert delta <= tol and np.array_equal(got.argmax(-1), hf.argmax(-1))
+    prompt = torch.from_numpy(PROMPT).to("cuda")
+    with torch.no_grad():
+        want = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12
+        )
+    assert SCXModel.from_hf(model, level="paper", keys=_keys(1)).generate(
+        PROMPT, max_new_tokens=12
+    ).tolist() == (want.cpu().tolist())
+    model64 = tiny_model(kind, "sdpa", dtype=torch.float64)
+    ref, _ = ReferenceModel(weights_from_hf(model64)).prefill(PROMPT[0])
+    got64 = SCXModel.from_hf(model64.to("cuda"), level="paper", keys=_keys()).logits(PROMPT)[0].numpy()
+    np.testing.assert_allclose(got64, ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())

@@ -413,6 +413,23 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def range_excess_where(v: torch.Tensor, o: torch.Tensor, first: int) -> tuple[float, float]:
+    """:func:`scx_ref.protocol.verify.range_excess` by torch operations on the tensors' own device (shapes
+    checked by the caller): the running max and min of ``v`` over its rows by ``torch.cummax``/``cummin``
+    (NaN propagates, as in the host passes), the largest difference of ``o`` above or below them in the
+    tensors' dtype, and max |v|; two numbers then move to the host. The same values as the host passes:
+    max and min round nothing, and each difference rounds once in the same dtype."""
+    n_q = o.shape[0]
+    vmax = v.abs().amax() if v.numel() else v.new_zeros(())
+    if n_q == 0:
+        return -math.inf, float(vmax.item())
+    hi = torch.cummax(v, 0).values.narrow(0, first, n_q).unsqueeze(2)
+    lo = torch.cummin(v, 0).values.narrow(0, first, n_q).unsqueeze(2)
+    over = torch.maximum((o - hi).amax(), (lo - o).amax())
+    got = torch.stack([over, vmax]).tolist()
+    return float(got[0]), float(got[1])
+
+
 class TorchOps:
     """``ArrayOps[torch.Tensor]`` in ``dtype`` on ``device``: the weight-free operations the transforms run
     on. Arrays leave as numpy in the *wire* dtype (float64 for float64, float32 otherwise)."""
@@ -439,10 +456,15 @@ class TorchOps:
         return torch.from_numpy(np.ascontiguousarray(x)).to(device=self.device, dtype=self.dtype)
 
     def to_numpy(self, x: torch.Tensor) -> npt.NDArray[Any]:
-        """A numpy copy of ``x`` in the wire dtype."""
+        """A numpy copy of ``x`` in the wire dtype: from a device, the one copy to the host (numpy then
+        owns that fresh tensor's memory; a second copy of a prefill's logits took 81 ms of a 350 ms
+        request on an H200, models/results/PERFORMANCE.md, stop 57)."""
+        x = x.detach()
         if x.is_floating_point():
             x = x.to(self._wire)
-        return np.array(x.detach().cpu().numpy())
+        if x.device.type != "cpu":
+            return np.asarray(x.cpu().numpy())
+        return np.array(x.numpy())
 
     def rows_finite(self, x: torch.Tensor, index: IndexArray) -> bool:
         """Whether every entry of the rows ``x[index]`` is finite: on CPU in float32/float64 one pass over
@@ -752,6 +774,20 @@ class TorchOps:
     def argmax_last(self, logits: torch.Tensor) -> int:
         """Argmax of the last row (first index among ties, as numpy)."""
         return int(torch.argmax(logits[-1]).item())
+
+    def on_host(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is a CPU tensor."""
+        return x.device.type == "cpu"
+
+    def device_range_excess(self, v: torch.Tensor, o: torch.Tensor, first: int) -> tuple[float, float] | None:
+        """The attention range check's two values on the device (None for CPU tensors): the running max
+        and min of v over its rows (torch.cummax/cummin; NaN propagates, as in the host passes), o's
+        largest excess over them in the wire dtype, and max |v| — the values
+        :func:`scx_ref.protocol.verify.range_excess` gives (max and min round nothing; each difference
+        rounds once in the wire dtype, as there), then two numbers to the host."""
+        if v.device.type == "cpu" and o.device.type == "cpu":
+            return None
+        return range_excess_where(v.detach().to(self._wire), o.detach().to(self._wire), first)
 
     def threads(self) -> int:
         """torch's intra-op thread count (the fused CPU passes split their rows across as many)."""

@@ -115,6 +115,7 @@ __all__ = [
     "lock_scores_excess",
     "prefix_extreme",
     "range_excess",
+    "range_shapes",
     "unit_roundoff",
 ]
 
@@ -191,6 +192,16 @@ def prefix_extreme(x: npt.NDArray[Any], largest: bool) -> npt.NDArray[Any]:
     return y
 
 
+def range_shapes(v: tuple[int, ...], o: tuple[int, ...], first: int) -> None:
+    """SCXError unless outputs of shape ``o`` (queries × H_kv × g × d_h, query i at position first + i) and
+    values of shape ``v`` (keys × H_kv × d_h) fit the range check: the same heads and width, and no query
+    past the keys."""
+    if len(v) != 3 or len(o) != 4 or o[1] != v[1] or o[3] != v[2]:
+        raise SCXError(f"outputs {o} for values {v}: (queries × H_kv × g × d_h, keys × H_kv × d_h)")
+    if o[0] > 0 and first + o[0] > v[0]:
+        raise SCXError(f"{o[0]} queries from position {first} attend past the {v[0]} keys")
+
+
 def range_excess(v: npt.NDArray[Any], o: npt.NDArray[Any], first: int) -> tuple[float, float]:
     """How far attention outputs leave their values' range, and max |v|: ``o`` (queries × H_kv × g × d_h,
     query i at position first + i, causal) must be convex combinations of the rows of ``v`` (keys × H_kv
@@ -200,13 +211,8 @@ def range_excess(v: npt.NDArray[Any], o: npt.NDArray[Any], first: int) -> tuple[
     input that is not finite makes one of the two not finite. One pass over the rows where the CPU
     kernels are installed (:mod:`scx_ref.backends.cpu_kernels`), else running extremes by
     :func:`prefix_extreme`; both give the same values (max and min round nothing)."""
-    if v.ndim != 3 or o.ndim != 4 or o.shape[1] != v.shape[1] or o.shape[3] != v.shape[2]:
-        raise SCXError(
-            f"outputs {o.shape} for values {v.shape}: (queries × H_kv × g × d_h, keys × H_kv × d_h)"
-        )
+    range_shapes(v.shape, o.shape, first)
     n_q, n_k = o.shape[0], v.shape[0]
-    if n_q > 0 and first + n_q > n_k:
-        raise SCXError(f"{n_q} queries from position {first} attend past the {n_k} keys")
     k = kernels()
     if k is not None and v.dtype == o.dtype and v.dtype in (np.float32, np.float64) and v.ndim == 3:
         h_kv, d_h = v.shape[1], v.shape[2]
@@ -1001,30 +1007,33 @@ class SessionVerifier(Generic[A]):
         every = rows.size == n_q and bool(np.array_equal(np.sort(rows), np.arange(n_q)))  # each row once
         if self._attention_fused(stage, layer, (q, k, v, o), u, rows, first, every):
             return
-        # the range check needs no float64: max and min are exact in any dtype; read-only here, so views of
-        # the tensors where the backend can give them (no copies)
-        v_w = np.asarray(self.b.head_to_numpy(v, self.b.nrows(v)))
+        # the range check needs no float64: max and min are exact in any dtype; on the device the arrays
+        # live on (two numbers come back), else read-only views of them where the backend can give them
+        b, n_k = self.b, self.b.nrows(v)
         if not every:
-            og_w = np.asarray(self.b.head_to_numpy(o, n_q)).reshape(n_q, c.n_kv_heads, g, dh)
-            n_k = v_w.shape[0]
-            over, vmax = range_excess(v_w, og_w, first)
+            og = b.reshape(o, (n_q, c.n_kv_heads, g, dh))
+            range_shapes(b.shape(v), b.shape(og), first)
+            got = b.device_range_excess(v, og, first)
+            if got is None:
+                got = range_excess(
+                    np.asarray(b.head_to_numpy(v, n_k)), np.asarray(b.head_to_numpy(og, n_q)), first
+                )
+            over, vmax = got
             slack = LAMBDA * u * (math.sqrt(n_k) + 4.0) * vmax
             # over ≤ 0 when every entry is in range; NaN stays NaN (refused as not finite)
             residual = over if over > 0.0 or math.isnan(over) else 0.0
             ratio = excess_ratio(residual, slack)
             self._accept(stage, layer, ratio, 1, "an attention row outside its values' range")
-            self.flops += 4 * og_w.size
+            self.flops += 4 * n_q * c.n_heads * dh
         if rows.size == 0:
             return
         pos = first + rows  # the recomputed rows' positions
         seen = int(pos.max()) + 1  # keys 0 .. seen − 1 are all any recomputed row may attend to
         q_rows = np.asarray(self.b.rows_to_numpy(q, rows))
         o_rows = np.asarray(self.b.rows_to_numpy(o, rows)).reshape(q_rows.shape)
-        k_w = np.asarray(self.b.head_to_numpy(k, seen))
+        k_w, v_w = np.asarray(self.b.head_to_numpy(k, seen)), np.asarray(self.b.head_to_numpy(v, seen))
         scale = 1.0 / math.sqrt(dh)
-        rec = attention_rows64(
-            q_rows, k_w, v_w[:seen], o_rows, pos, g, scale, self.b.matmul64, self.b.threads()
-        )
+        rec = attention_rows64(q_rows, k_w, v_w, o_rows, pos, g, scale, self.b.matmul64, self.b.threads())
         self.flops += 4 * c.n_heads * dh * int((pos + 1).sum())
         ratio = attention_excess(rec, pos, g, scale, u)
         self._accept(stage, layer, ratio, int(rec.dist.size), "a recomputed attention row")
@@ -1040,13 +1049,14 @@ class SessionVerifier(Generic[A]):
         every: bool,
     ) -> bool:
         """:meth:`attention`'s checks in one compiled call where the CPU kernels are installed and the four
-        arrays are float32 or float64 of one dtype (``attention_check`` of :mod:`.cpu_kernels`: the range
-        check and the recomputed rows by the same kernels in the same order as :meth:`attention` calls them
-        one by one, so the same verdicts); False (nothing checked) otherwise."""
+        arrays are in host memory, float32 or float64 of one dtype (``attention_check`` of
+        :mod:`.cpu_kernels`: the range check and the recomputed rows by the same kernels in the same order
+        as :meth:`attention` calls them one by one, so the same verdicts); False (nothing checked)
+        otherwise."""
         kern = kernels()
-        if kern is None:
-            return False
         b, c = self.b, self.b.config
+        if kern is None or not all(b.on_host(t) for t in qkvo):  # device arrays: checked where they are
+            return False
         arrays = [np.asarray(b.head_to_numpy(t, b.nrows(t))) for t in qkvo]
         dtype = arrays[0].dtype
         if dtype not in (np.float32, np.float64) or any(a.dtype != dtype or a.ndim != 3 for a in arrays):
