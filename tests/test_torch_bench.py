@@ -186,6 +186,24 @@ def test_cold_caches_times_the_client_both_ways(capsys: pytest.CaptureFixture[st
         client_times("tiny-llama", 6, 1, True, 1, 0)
 
 
+def test_request_profile_reports_both_sides_and_the_profiles(capsys: pytest.CaptureFixture[str]) -> None:
+    """models.request_profile prints SCX's and Hugging Face's medians, torch's profiler table and
+    cProfile's for one prefill; a device torch cannot use here is refused before any model is built."""
+    import torch
+
+    from models.request_profile import main
+    from scx_ref.errors import ConfigError
+
+    assert main(["--model", "tiny-llama", "--n", "6", "--rounds", "1", "--top", "5", "--no-verify"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-llama n=6 cpu float32 verify=False: SCX" in out and "ratio" in out
+    assert "by self CPU time" in out and "aten::" in out and "cProfile, one SCX prefill" in out
+    assert ("by self device time" in out) is False  # no device table for a CPU run
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no such CUDA device"):
+            main(["--model", "tiny-llama", "--device", "cuda"])
+
+
 def test_gemm_forms_compute_dense_products(capsys: pytest.CaptureFixture[str]) -> None:
     """models.gemm_forms times forms of x·Wᵀ that compute ``dense``'s product (within float32 rounding) for
     every projection shape of a model — a tiny registered one: fused QKV, O, gate/up, down, LM head — and
