@@ -76,6 +76,7 @@ def test_bench_quick_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert data["meta"]["model"] == "tiny-llama" and "Hugging Face" in data["meta"]["baseline"]
     assert "PlainRunner" in data["meta"]["second_column"]
     assert data["meta"]["gemm_block_min_in"] == torch_backend.GEMM_BLOCK_MIN_IN
+    assert data["meta"]["accelerator"] is None  # a CPU run (a cuda run names its GPU)
     pad_rows = [torch_backend.GEMM_PAD_MIN_ROWS, torch_backend.GEMM_BLOCK_ROWS - 1]
     assert data["meta"]["gemm_pad_rows"] == pad_rows
     assert "ratio" in capsys.readouterr().out

@@ -798,6 +798,14 @@ def _machine() -> str:
     return f"{name}, {os.cpu_count()} logical CPUs"
 
 
+def _accelerator(device: str) -> str | None:
+    """The GPU a ``cuda`` device names (torch's name for it), None for the CPU."""
+    import torch
+
+    dev = torch.device(device)
+    return str(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
+
+
 def _load() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -859,6 +867,7 @@ def main(args: argparse.Namespace) -> int:
         meta = {
             "command": " ".join(["scx", *sys.argv[1:]]),
             "machine": _machine(),
+            "accelerator": _accelerator(args.device),  # the GPU of a cuda run
             "load_average_before": load_before,
             "load_average_after": _load(),
             "seconds": round(time.perf_counter() - t0, 1),
