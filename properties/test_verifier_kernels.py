@@ -313,12 +313,9 @@ def test_range_excess_kernel_equals_the_running_extremes(case: tuple[Any, ...]) 
     assert fused == eager
 
 
-@needs_numba
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("where", ["v", "o"])
-def test_range_excess_refuses_what_is_not_finite(bad: float, where: str) -> None:
-    """A NaN or an infinity in the values or the outputs leaves a result that is not finite on both
-    paths (the verifier then refuses the reply)."""
+def _with_one_entry(bad: float, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Values (6 × 2 × 4) and outputs (6 × 2 × 2 × 4, float32) for the range check, one entry of ``where``
+    ("v" or "o") set to ``bad``."""
     rng = np.random.default_rng(0)
     v = rng.standard_normal((6, 2, 4)).astype(np.float32)
     o = np.zeros((6, 2, 2, 4), dtype=np.float32)
@@ -326,6 +323,16 @@ def test_range_excess_refuses_what_is_not_finite(bad: float, where: str) -> None
         v[3, 1, 2] = bad
     else:
         o[3, 1, 0, 0] = bad
+    return v, o
+
+
+@needs_numba
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["v", "o"])
+def test_range_excess_refuses_what_is_not_finite(bad: float, where: str) -> None:
+    """A NaN or an infinity in the values or the outputs leaves a result that is not finite on both
+    paths (the verifier then refuses the reply)."""
+    v, o = _with_one_entry(bad, where)
     with pytest.MonkeyPatch.context() as mp:
         for over, vmax in fused_and_eager(mp, lambda: range_excess(v, o, 0)):
             assert not (math.isfinite(over) and math.isfinite(vmax))
@@ -361,13 +368,7 @@ def test_range_excess_on_the_device_equals_the_host_passes(case: tuple[Any, ...]
 @pytest.mark.parametrize("where", ["v", "o"])
 def test_range_excess_on_the_device_refuses_what_is_not_finite(bad: float, where: str) -> None:
     """A NaN or an infinity in the values or the outputs leaves the device form's result not finite too."""
-    rng = np.random.default_rng(0)
-    v = rng.standard_normal((6, 2, 4)).astype(np.float32)
-    o = np.zeros((6, 2, 2, 4), dtype=np.float32)
-    if where == "v":
-        v[3, 1, 2] = bad
-    else:
-        o[3, 1, 0, 0] = bad
+    v, o = _with_one_entry(bad, where)
     for device in _devices():
         over, vmax = range_excess_where(torch.from_numpy(v).to(device), torch.from_numpy(o).to(device), 0)
         assert not (math.isfinite(over) and math.isfinite(vmax)), device
