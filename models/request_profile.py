@@ -93,6 +93,8 @@ def profile_prefill(
     head = "torch profiler, one SCX prefill, by self"
     out.append(f"{head} CPU time:\n{_table(table, 'self_cpu_time_total', top)}")
     if device.startswith("cuda"):
+        counts = ", ".join(f"{v} {k}" for k, v in cuda_counts(table).items())
+        out[0] += f"\none SCX prefill's CUDA runtime calls: {counts}"
         out.append(f"{head} device time:\n{_table(table, 'self_device_time_total', top)}")
     pr = cProfile.Profile()
     pr.enable()
@@ -102,6 +104,21 @@ def profile_prefill(
     pstats.Stats(pr, stream=text).sort_stats("tottime").print_stats(top)
     out.append(f"cProfile, one SCX prefill, by own time:\n{text.getvalue().strip()}")
     return "\n\n".join(out)
+
+
+#: CUDA runtime calls counted per request: what a short prompt's latency is made of on a GPU
+CUDA_CALLS = {
+    "kernel launches": ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"),
+    "host-device copies": ("cudaMemcpyAsync", "cudaMemcpy"),
+    "synchronisations": ("cudaStreamSynchronize", "cudaDeviceSynchronize"),
+}
+
+
+def cuda_counts(averages: Any) -> dict[str, int]:
+    """How many of each kind in :data:`CUDA_CALLS` a profile's averages (``prof.key_averages()``: entries
+    with ``key`` and ``count``) hold."""
+    calls = {str(e.key): int(e.count) for e in averages}
+    return {kind: sum(calls.get(name, 0) for name in names) for kind, names in CUDA_CALLS.items()}
 
 
 def _table(averages: Any, key: str, top: int) -> str:

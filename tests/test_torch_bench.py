@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -192,7 +192,7 @@ def test_request_profile_reports_both_sides_and_the_profiles(capsys: pytest.Capt
     cProfile's for one prefill; a device torch cannot use here is refused before any model is built."""
     import torch
 
-    from models.request_profile import main
+    from models.request_profile import cuda_counts, main
     from scx_ref.errors import ConfigError
 
     assert main(["--model", "tiny-llama", "--n", "6", "--rounds", "1", "--top", "5", "--no-verify"]) == 0
@@ -203,6 +203,15 @@ def test_request_profile_reports_both_sides_and_the_profiles(capsys: pytest.Capt
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no such CUDA device"):
             main(["--model", "tiny-llama", "--device", "cuda"])
+
+    class Entry(NamedTuple):
+        key: str
+        count: int
+
+    averages = [Entry("cudaLaunchKernel", 520), Entry("cudaLaunchKernelExC", 72), Entry("aten::mm", 9)]
+    averages += [Entry("cudaMemcpyAsync", 288), Entry("cudaStreamSynchronize", 251)]
+    got = cuda_counts(averages)
+    assert got == {"kernel launches": 592, "host-device copies": 288, "synchronisations": 251}
 
 
 def test_gemm_forms_compute_dense_products(capsys: pytest.CaptureFixture[str]) -> None:
