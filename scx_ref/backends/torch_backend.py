@@ -458,7 +458,8 @@ class TorchOps:
     def to_numpy(self, x: torch.Tensor) -> npt.NDArray[Any]:
         """A numpy copy of ``x`` in the wire dtype: from a device, the one copy to the host (numpy then
         owns that fresh tensor's memory; a second copy of a prefill's logits took 81 ms of a 350 ms
-        request on an H200, models/results/PERFORMANCE.md, stop 57)."""
+        request on an H200: stop 57's GPU runs, in the README's Performance section until they move to
+        models/results/PERFORMANCE.md)."""
         x = x.detach()
         if x.is_floating_point():
             x = x.to(self._wire)
