@@ -786,7 +786,7 @@ class TorchOps:
         largest excess over them in the wire dtype, and max |v| — the values
         :func:`scx_ref.protocol.verify.range_excess` gives (max and min round nothing; each difference
         rounds once in the wire dtype, as there), then two numbers to the host."""
-        if v.device.type == "cpu" and o.device.type == "cpu":
+        if self.on_host(v) and self.on_host(o):
             return None
         return range_excess_where(v.detach().to(self._wire), o.detach().to(self._wire), first)
 
