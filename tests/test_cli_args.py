@@ -46,6 +46,10 @@ CASES: list[tuple[str, str]] = [
     ("verify --beta -1", "beta"),
     ("verify --tokens 0", "tokens"),
     ("verify --json /", "json"),
+    ("verify --device tpu", "device"),
+    ("verify --dtype float64 --device cuda", "device"),  # float64 runs on the CPU, on any machine
+    ("ppl --device cuda:x", "device"),
+    ("ppl --dtype float64 --device cuda:0", "device"),
     ("ppl --beta nan", "beta"),
     ("ppl --window 1", "window"),
     ("ppl --tokens abc", "tokens"),
@@ -71,6 +75,7 @@ CASES: list[tuple[str, str]] = [
     ("generate --model tiny-llama --prompt-ids 1,2 --temperature 0.5", "temperature"),
     ("generate --model tiny-llama --prompt-ids 1,2 --timeout 5", "timeout"),
     ("generate --model tiny-llama --prompt-ids 1,2 --dtype bogus", "dtype"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --device tpu", "device"),
     ("generate --model tiny-llama --prompt-ids 1,2 --server scx://127.0.0.1:1 --timeout -1", "timeout"),
     (
         "generate --model tiny-llama --prompt-ids 1,2 --server scxs://127.0.0.1:1 --tls-ca /nonexistent/ca",

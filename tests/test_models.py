@@ -25,7 +25,14 @@ from scx_ref.reference import ReferenceModel  # noqa: E402
 from scx_ref.zoo import MODEL_NAMES, load_hf, load_model  # noqa: E402
 from scx_ref.zoo import smollm2 as smollm2_mod  # noqa: E402
 from scx_ref.zoo.corpus import byte_tokenize, corpus_text, corpus_tokens, prompts  # noqa: E402
-from scx_ref.zoo.engines import plain_generate, plain_logits, scx_config, scx_generate, scx_logits  # noqa: E402
+from scx_ref.zoo.engines import (  # noqa: E402
+    plain_generate,
+    plain_logits,
+    plain_model,
+    scx_config,
+    scx_generate,
+    scx_logits,
+)
 from scx_ref.zoo.perplexity import PPL_CRITERION, compare_ppl, ppl_run, token_nll, windows  # noqa: E402
 from scx_ref.zoo.random_models import RANDOM_MODELS, build_random_model  # noqa: E402
 
@@ -236,6 +243,57 @@ def test_scx_verify_reports_failure(
     code = scx_main(["verify", "--model", "tiny-llama", "--tokens", "128", "--quiet"])
     text = capsys.readouterr().out
     assert code == 1 and "VERDICT: FAIL" in text and "FAIL" in text.split("prefill logits")[1].split("\n")[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["verify", "--model", "tiny-llama", "--tokens", "128"],
+        ["ppl", "--model", "tiny-llama", "--tokens", "128"],
+        ["generate", "--model", "tiny-llama", "--prompt-ids", "1,2"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_a_gpu_this_machine_lacks_is_refused_before_loading(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--device cuda`` where torch sees no GPU: exit 2 with a message, before any model is loaded (the
+    loaders are replaced by one that fails the test). Control: ``--device cpu`` reaches the loader."""
+    import scx_ref.zoo.perplexity as ppl_mod
+
+    def loader(*_: object) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ppl_mod, "load_model", loader)
+    monkeypatch.setattr("scx_ref.commands.verify.load_model", loader)
+    monkeypatch.setattr("scx_ref.zoo.load_hf", loader)  # scx generate imports it when it runs
+    assert scx_main([*argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no such CUDA device" in err and "Traceback" not in err, err
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        scx_main([*argv, "--device", "cpu"])
+
+
+def test_plain_model_moves_a_copy_and_leaves_the_cached_model() -> None:
+    """On the CPU the HF model is itself; on another device a moved copy, the cached CPU model untouched
+    (a CPU stand-in for a GPU: the copy's device is checked on the meta device, which has no data)."""
+    hf = load_hf("tiny-llama")[0]
+    assert plain_model(hf, "cpu") is hf
+    moved = plain_model(hf, "meta")
+    assert moved is not hf and next(moved.parameters()).device.type == "meta"
+    assert next(hf.parameters()).device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_scx_verify_on_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``scx verify --device cuda``: both float32 sides on the GPU, every check passes."""
+    out = tmp_path / "verify.json"
+    argv = ["verify", "--model", "tiny-llama", "--tokens", "128", "--quiet", "--device", "cuda"]
+    code = scx_main([*argv, "--json", str(out)])
+    assert code == 0, capsys.readouterr().out
+    rec = json.loads(out.read_text())
+    assert rec["device"] == "cuda" and rec["checks"][2]["ppl"]["device"] == "cuda"
 
 
 def test_report_renders_tables() -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ConfigError, SCXError
 from ..zoo import MODEL_NAMES
-from ._args import float_at_least, input_file, int_at_least, int_list
+from ._args import device, float_at_least, input_file, int_at_least, int_list, require_device
 
 __all__ = ["register", "run"]
 
@@ -62,6 +62,12 @@ def register(subparsers: Any) -> None:
         default="float32",
         choices=("float32", "float64"),
         help="float32 (default) or float64: the server's dtype",
+    )
+    p.add_argument(
+        "--device",
+        type=device,
+        default="cpu",
+        help="cpu (default), cuda or cuda:N: where the client's torch backend and an in-process server run",
     )
     p.add_argument(
         "--timeout",
@@ -124,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     remote = [f"--{n.replace('_', '-')}" for n in _REMOTE_ONLY if getattr(args, n) is not None]
     if remote and args.server is None:  # the in-process server would ignore them
         args.parser.error(f"{', '.join(remote)}: options of a remote server, given without --server")
+    require_device(args.device)  # before the model is loaded
     model, tokenizer = load_hf(args.model)
     if args.prompt is not None:
         if tokenizer is None:
@@ -139,7 +146,12 @@ def run(args: argparse.Namespace) -> int:
             "tls_ca": None if args.tls_ca is None else str(args.tls_ca),
         }
     scx = SCXModel.from_hf(
-        model, level=args.level, dtype=args.dtype, server=args.server, server_options=server_options
+        model,
+        level=args.level,
+        dtype=args.dtype,
+        device=args.device,
+        server=args.server,
+        server_options=server_options,
     )
     options: dict[str, Any] = {"do_sample": args.do_sample, "streamer": _Printer(tokenizer)}
     for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):

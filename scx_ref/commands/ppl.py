@@ -2,7 +2,8 @@
 
 A registered model (:mod:`scx_ref.zoo`) on the corpus (:func:`scx_ref.zoo.perplexity.ppl_run`).
 Plaintext: the HF forward (float32) or the numpy reference (float64); SCX: the protocol engine on the
-torch backend (float32) or the numpy backend (float64).
+torch backend (float32) or the numpy backend (float64). ``--device cuda`` runs float32's two sides on a
+GPU (the HF model and the torch backend); float64 runs on the CPU.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 from ..protocol.presets import preset_names
 from ..zoo import MODEL_NAMES
+from ..zoo.engines import check_device
 from ..zoo.perplexity import ppl_run
-from ._args import float_at_least, int_at_least, output_file
+from ._args import device, float_at_least, int_at_least, output_file, require_device
 
 __all__ = ["format_table", "register", "run"]
 
@@ -24,7 +26,11 @@ def format_table(rec: dict[str, Any]) -> str:
     """A plain-text table of one perplexity record (keys as written by
     :func:`~scx_ref.zoo.perplexity.ppl_run`)."""
     rows = [
-        ("model", f"{rec['model']} ({rec['dtype']}, level {rec['level']}, beta {rec['beta']:g})"),
+        (
+            "model",
+            f"{rec['model']} ({rec['dtype']} on {rec.get('device', 'cpu')}, level {rec['level']}, "
+            f"beta {rec['beta']:g})",
+        ),
         ("plaintext PPL", f"{rec['ppl_plain']:.10g}"),
         ("SCX PPL", f"{rec['ppl_scx']:.10g}"),
         ("ΔPPL", f"{rec['delta_ppl']:.3e}"),
@@ -38,6 +44,8 @@ def format_table(rec: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the comparison, print the table, write JSON when asked; exit 1 if the bound is exceeded."""
+    check_device(args.dtype, args.device)  # before any model is loaded
+    require_device(args.device)
     rec = ppl_run(
         args.model,
         args.dtype,
@@ -47,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         args.window,
         progress=True,
         config=args.config,
+        device=args.device,
     )
     print(format_table(rec))
     if args.json:
@@ -74,6 +83,13 @@ def register(subparsers: Any) -> None:
         "--beta", type=float_at_least(0.0), default=5.0, help="Laplace scale of the noised stages (default 5)"
     )
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument(
+        "--device",
+        type=device,
+        default="cpu",
+        help="cpu (default), cuda or cuda:N: where float32's Hugging Face forward and SCX run; float64 "
+        "runs on the CPU",
+    )
     p.add_argument(
         "--window", type=int_at_least(2), default=512, help="tokens per independent window (default 512)"
     )

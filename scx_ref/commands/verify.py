@@ -9,6 +9,9 @@ download) it runs the checks below and prints a verdict table. Exit code 1 when 
 2. greedy generation — the SCX greedy continuation equals plaintext greedy decoding, token for token;
 3. ΔPPL — a short corpus run: |ΔPPL|/PPL ≤ 1e-5 (float32) or 1e-9 (float64);
 4. DP — the per-token (ε, δ) of the configuration from ``scx_ref.dp.budget`` (information, not a check).
+
+``--device cuda`` (float32) runs the checks' two sides on a GPU: the HF model and SCX's client and
+in-process server; float64 (the numpy reference and backend) runs on the CPU.
 """
 
 from __future__ import annotations
@@ -27,9 +30,17 @@ from ..protocol import Level, SCXConfig
 from ..weights import ModelWeights
 from ..zoo import MODEL_NAMES, load_model
 from ..zoo.corpus import prompts
-from ..zoo.engines import plain_generate, plain_logits, scx_config, scx_generate, scx_logits
+from ..zoo.engines import (
+    check_device,
+    plain_generate,
+    plain_logits,
+    plain_model,
+    scx_config,
+    scx_generate,
+    scx_logits,
+)
 from ..zoo.perplexity import ppl_run
-from ._args import float_at_least, int_at_least, output_file
+from ._args import device, float_at_least, int_at_least, output_file, require_device
 
 __all__ = ["LOGIT_RTOL", "dp_summary", "format_verdict", "register", "run", "verify"]
 
@@ -76,17 +87,21 @@ def verify(
     window: int = 256,
     progress: bool = True,
     server: str | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run the checks on a registered model; ``checks`` is a list of {check, status (PASS/FAIL/INFO),
     value, criterion}, ``pass`` is no check FAILed. With ``server`` (an ``scx serve`` URL) every SCX
-    session runs on that server."""
+    session runs on that server. ``device``: the torch device float32's plaintext (the HF model) and SCX
+    (client and in-process server) run on; float64 runs on the CPU (ConfigError otherwise)."""
     t0 = time.perf_counter()
+    check_device(dtype, device)
     hf, tok, w = load_model(model, dtype)
+    hf = plain_model(hf, device)
     cfg = scx_config(level, beta, max_length=max(prompt_len + n_new, window))
     items = prompts(n_prompts, prompt_len, tok, w.config.vocab_size)
     checks: list[dict[str, Any]] = []
 
-    plain, scx = plain_logits(hf, w, dtype), scx_logits(w, dtype, cfg, server=server)
+    plain, scx = plain_logits(hf, w, dtype), scx_logits(w, dtype, cfg, device, server=server)
     dmax = lmax = 0.0
     for ids in items:
         lp, ls = np.asarray(plain(ids), np.float64), np.asarray(scx(ids), np.float64)
@@ -103,7 +118,7 @@ def verify(
         }
     )
 
-    gp, gs = plain_generate(hf, w, dtype), scx_generate(w, dtype, cfg, server=server)
+    gp, gs = plain_generate(hf, w, dtype), scx_generate(w, dtype, cfg, device, server=server)
     same = 0
     for ids in items:
         same += int(gp(ids, n_new) == gs(ids, n_new))
@@ -117,7 +132,9 @@ def verify(
         }
     )
 
-    rec = ppl_run(model, dtype, level, beta, ppl_tokens, window, progress=progress, server=server)
+    rec = ppl_run(
+        model, dtype, level, beta, ppl_tokens, window, progress=progress, server=server, device=device
+    )
     checks.append(
         {
             "check": "ΔPPL",
@@ -149,6 +166,7 @@ def verify(
     return {
         "model": model,
         "dtype": dtype,
+        "device": device,
         "level": level,
         "beta": beta,
         "config": cfg.to_dict(),
@@ -161,7 +179,8 @@ def verify(
 def format_verdict(rec: dict[str, Any]) -> str:
     """The verdict table: one line per check (PASS / FAIL / INFO, the measured value, the criterion)."""
     head = (
-        f"scx verify: {rec['model']} ({rec['dtype']}), level {rec['level']}, beta {rec['beta']:g}, "
+        f"scx verify: {rec['model']} ({rec['dtype']} on {rec.get('device', 'cpu')}), level {rec['level']}, "
+        f"beta {rec['beta']:g}, "
         f"{rec['seconds']:.0f} s"
     )
     rows = [("check", "result", "measured", "criterion")]
@@ -178,6 +197,8 @@ def format_verdict(rec: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the checks, print the verdict table, write JSON when asked; 1 on any FAIL."""
+    check_device(args.dtype, args.device)  # before any model is loaded
+    require_device(args.device)
     rec = verify(
         args.model,
         args.dtype,
@@ -186,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         ppl_tokens=args.tokens,
         progress=not args.quiet,
         server=args.server,
+        device=args.device,
     )
     print(format_verdict(rec))
     if args.json:
@@ -203,6 +225,13 @@ def register(subparsers: Any) -> None:
         "--model", choices=MODEL_NAMES, default="smollm2", help="default smollm2 (tiny-llama: no download)"
     )
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument(
+        "--device",
+        type=device,
+        default="cpu",
+        help="cpu (default), cuda or cuda:N: where float32's Hugging Face forward and SCX (client and "
+        "in-process server) run; float64 runs on the CPU",
+    )
     p.add_argument("--level", choices=("permute", "paper", "blind"), default="paper")
     p.add_argument(
         "--beta", type=float_at_least(0.0), default=5.0, help="Laplace scale of the noised stages (default 5)"

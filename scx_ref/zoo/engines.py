@@ -5,6 +5,10 @@ Plaintext: float32 → the HF model's own forward; float64 → the numpy referen
 ``.double()`` still computes RMSNorm and the eager softmax in float32.
 SCX: the protocol engine (Client/Server over a LocalTransport) on the numpy backend for float64 and the
 torch backend for float32. Every prefill/generation is one request with fresh keys.
+
+Device: float32's two sides run on one torch device (``cpu``, ``cuda`` or ``cuda:N``): the HF model on it
+(:func:`plain_model`) and the SCX client and server's torch backend on it; float64's numpy paths run on the
+CPU only (:func:`check_device`).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from ..weights import ModelWeights
 __all__ = [
     "GenerateFn",
     "LogitsFn",
+    "check_device",
     "plain_generate",
     "plain_logits",
+    "plain_model",
     "scx_config",
     "scx_generate",
     "scx_logits",
@@ -46,38 +52,71 @@ def _check_dtype(dtype: str) -> str:
     return dtype
 
 
+def check_device(dtype: str, device: str) -> None:
+    """ConfigError unless ``dtype``'s paths can run on ``device``: float32 on any torch device (whether
+    this machine has it is the caller's check: :func:`scx_ref.commands._args.require_device`), float64
+    (the numpy reference and the numpy backend) on the CPU only."""
+    if _check_dtype(dtype) == "float64" and device != "cpu":
+        raise ConfigError(
+            f"float64 runs the numpy reference and the numpy backend, on the CPU only: "
+            f"device {device!r} is for float32"
+        )
+
+
+def plain_model(hf_model: Any, device: str) -> Any:
+    """The HF model on ``device``: the model itself on the CPU, else a copy moved there (a registered
+    model is cached per process on the CPU, :func:`scx_ref.zoo.load_hf`, and stays there)."""
+    if device == "cpu":
+        return hf_model
+    import copy
+
+    return copy.deepcopy(hf_model).to(device)
+
+
+def _device_of(hf_model: Any) -> Any:
+    """The device the HF model's parameters are on (its inputs go there)."""
+    return next(hf_model.parameters()).device
+
+
 def plain_logits(hf_model: Any, weights: ModelWeights, dtype: str) -> LogitsFn:
-    """Plaintext logits (rows × V) of one sequence: HF forward (float32) or ReferenceModel (float64)."""
+    """Plaintext logits (rows × V, numpy) of one sequence: HF forward (float32, on the device the model is
+    on) or ReferenceModel (float64)."""
     if _check_dtype(dtype) == "float64":
         ref = ReferenceModel(weights if weights.dtype == np.float64 else weights.astype(np.float64))
         return lambda ids: ref.prefill(np.asarray(ids, dtype=np.int64))[0]
     import torch
 
+    dev = _device_of(hf_model)
+
     def run(ids: IdArray) -> npt.NDArray[Any]:
         with torch.no_grad():
-            out = hf_model(torch.as_tensor(np.asarray(ids, dtype=np.int64))[None], use_cache=False)
-        return np.asarray(out.logits[0].float().numpy())
+            tid = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=dev)[None]
+            out = hf_model(tid, use_cache=False)
+        return np.asarray(out.logits[0].float().cpu().numpy())
 
     return run
 
 
 def plain_generate(hf_model: Any, weights: ModelWeights, dtype: str) -> GenerateFn:
     """Plaintext greedy continuation (argmax at every step, no stop token): HF with its KV cache
-    (float32) or ReferenceModel.generate (float64)."""
+    (float32, on the device the model is on) or ReferenceModel.generate (float64)."""
     if _check_dtype(dtype) == "float64":
         ref = ReferenceModel(weights if weights.dtype == np.float64 else weights.astype(np.float64))
         return lambda ids, n: ref.generate(np.asarray(ids, dtype=np.int64), n)
     import torch
 
+    dev = _device_of(hf_model)
+
     def run(ids: IdArray, n_new: int) -> list[int]:
         out: list[int] = []
         with torch.no_grad():
-            res = hf_model(torch.as_tensor(np.asarray(ids, dtype=np.int64))[None], use_cache=True)
+            tid = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=dev)[None]
+            res = hf_model(tid, use_cache=True)
             for step in range(n_new):
                 nxt = int(torch.argmax(res.logits[0, -1]))
                 out.append(nxt)
                 if step + 1 < n_new:
-                    res = hf_model(torch.tensor([[nxt]]), cache=res.cache, use_cache=True)
+                    res = hf_model(torch.tensor([[nxt]], device=dev), cache=res.cache, use_cache=True)
         return out
 
     return run
@@ -89,7 +128,8 @@ def scx_config(level: Level, beta: float, max_length: int = 4096, **kw: Any) -> 
 
 
 def _backend(weights: ModelWeights, dtype: str, device: str) -> Backend[Any]:
-    if _check_dtype(dtype) == "float64":
+    check_device(dtype, device)
+    if dtype == "float64":
         return NumpyBackend(weights, np.float64)
     try:
         import torch

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..protocol import Level, SCXConfig
 from . import load_model
 from .corpus import corpus_tokens
-from .engines import LogitsFn, plain_logits, scx_config, scx_logits
+from .engines import LogitsFn, check_device, plain_logits, plain_model, scx_config, scx_logits
 
 __all__ = ["PPL_CRITERION", "PPLComparison", "compare_ppl", "ppl_run", "progress_bar", "token_nll", "windows"]
 
@@ -148,11 +148,14 @@ def ppl_run(
     progress: bool = False,
     server: str | None = None,
     config: SCXConfig | str | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Plaintext vs SCX perplexity record of a registered model on the first ``tokens`` corpus tokens;
     ``pass`` is |ΔPPL|/PPL ≤ PPL_CRITERION[dtype]. SCX runs on the ``scx serve`` at ``server`` if given.
     ``config``: a whole SCX configuration, or the name of a preset of :mod:`scx_ref.protocol.presets`,
-    instead of ``level`` and ``beta``."""
+    instead of ``level`` and ``beta``. ``device``: the torch device both float32 sides run on
+    (:mod:`scx_ref.zoo.engines`; ConfigError for float64 off the CPU)."""
+    check_device(dtype, device)
     hf, tok, w = load_model(model, dtype)
     config_name = config if isinstance(config, str) else None
     if isinstance(config, str):
@@ -169,11 +172,18 @@ def ppl_run(
     res = compare_ppl(
         ids,
         window,
-        plain_logits(hf, w, dtype),
-        scx_logits(w, dtype, cfg, server=server),
+        plain_logits(plain_model(hf, device), w, dtype),
+        scx_logits(w, dtype, cfg, device, server=server),
         progress_bar(f"{model} {dtype} {level}", progress),
     )
-    out: dict[str, Any] = {"kind": "ppl", "model": model, "dtype": dtype, "level": level, "beta": beta}
+    out: dict[str, Any] = {
+        "kind": "ppl",
+        "model": model,
+        "dtype": dtype,
+        "device": device,
+        "level": level,
+        "beta": beta,
+    }
     if config is not None:
         out["config"] = cfg.to_dict()
         out["preset"] = config_name
