@@ -132,6 +132,9 @@ def verify(
         }
     )
 
+    # the ΔPPL run builds its own model copy and backend: these two checks' are let go first (on a GPU,
+    # each holds the weights in device memory)
+    del plain, scx, gp, gs, hf
     rec = ppl_run(
         model, dtype, level, beta, ppl_tokens, window, progress=progress, server=server, device=device
     )
