@@ -49,6 +49,11 @@ CASES: list[tuple[str, str]] = [
     ("verify --device tpu", "device"),
     ("verify --dtype float64 --device cuda", "device"),  # float64 runs on the CPU, on any machine
     ("ppl --device cuda:x", "device"),
+    # device strings torch refuses, refused here before any model loads (torch raised after loading)
+    ("verify --device cuda:", "device"),
+    ("ppl --device cuda:01", "device"),
+    ("verify --device cpu:0", "device"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --device cuda:\u00b2", "device"),
     ("ppl --dtype float64 --device cuda:0", "device"),
     ("ppl --beta nan", "beta"),
     ("ppl --window 1", "window"),
@@ -133,3 +138,38 @@ def test_serve_options_refuse_what_the_cli_refuses() -> None:
     ):
         with pytest.raises(ConfigError):
             ServeOptions(**bad)
+
+
+@pytest.mark.parametrize(
+    "text", ["cpu", "cuda", "cuda:0", "cuda:1", "cuda:00", "cuda:01", "cuda:", "cpu:0", "cuda:\u00b2"]
+)
+def test_a_device_passes_only_as_torch_reads_it(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--device`` takes a string exactly when torch reads it as that device and writes it back the same
+    (``str(torch.device(text)) == text``) — the CPU without an index, which the commands compare with
+    ``"cpu"`` — and on a machine with two GPUs (torch.cuda mocked) the run-time
+    check agrees: what the parser refuses, it refuses too (ConfigError, not torch's RuntimeError after the
+    model loads). Control: ``cuda:1`` passes both, ``cuda:2`` only the parser."""
+    import argparse
+
+    import torch
+
+    from scx_ref.commands._args import device, require_device
+    from scx_ref.errors import ConfigError
+
+    try:
+        torch_reads = str(torch.device(text)) == text and text != "cpu:0"
+    except RuntimeError:
+        torch_reads = False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    if torch_reads:
+        assert device(text) == text
+        require_device(text)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match="unsupported device"):
+            device(text)
+        with pytest.raises(ConfigError, match="unsupported device"):
+            require_device(text)
+    assert device("cuda:2") == "cuda:2"
+    with pytest.raises(ConfigError, match="no such CUDA device"):
+        require_device("cuda:2")

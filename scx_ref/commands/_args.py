@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,10 +126,16 @@ def output_dir(text: str) -> Path:
     return path
 
 
+#: The device names the commands take: ``cpu``, ``cuda`` or ``cuda:N`` with N in ASCII digits and no leading
+#: zero — exactly the strings ``torch.device`` reads as that device and writes back unchanged.
+_DEVICE = re.compile(r"cpu|cuda(?::(?:0|[1-9][0-9]*))?", re.ASCII)
+
+
 def device(text: str) -> str:
-    """A torch device for the command: ``cpu``, ``cuda`` or ``cuda:N`` (checked available when run)."""
-    name, _, index = text.partition(":")
-    if name not in ("cpu", "cuda") or (index and not index.isdigit()) or (name == "cpu" and index):
+    """A torch device for the command: ``cpu``, ``cuda`` or ``cuda:N`` (checked available when run).
+    Anything else — ``cuda:``, ``cuda:01``, ``cpu:0``, a non-ASCII digit — is refused here, before any model
+    is loaded, rather than by torch after it."""
+    if _DEVICE.fullmatch(text) is None:
         raise argparse.ArgumentTypeError(f"unsupported device {text!r}: choose cpu, cuda or cuda:N")
     return text
 
@@ -137,6 +144,8 @@ def require_device(text: str) -> None:
     """ConfigError unless torch can use device ``text`` here (CUDA present, the index in range)."""
     from ..errors import ConfigError
 
+    if _DEVICE.fullmatch(text) is None:
+        raise ConfigError(f"unsupported device {text!r}: choose cpu, cuda or cuda:N")
     if text == "cpu":
         return
     try:

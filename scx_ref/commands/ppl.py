@@ -88,7 +88,7 @@ def register(subparsers: Any) -> None:
         type=device,
         default="cpu",
         help="cpu (default), cuda or cuda:N: where float32's Hugging Face forward and SCX run; float64 "
-        "runs on the CPU",
+        "(the numpy reference) runs on the CPU only and is refused with another device",
     )
     p.add_argument(
         "--window", type=int_at_least(2), default=512, help="tokens per independent window (default 512)"

@@ -233,7 +233,8 @@ def register(subparsers: Any) -> None:
         type=device,
         default="cpu",
         help="cpu (default), cuda or cuda:N: where float32's Hugging Face forward and SCX (client and "
-        "in-process server) run; float64 runs on the CPU",
+        "in-process server) run; float64 (the numpy reference) runs on the CPU only and is refused with "
+        "another device",
     )
     p.add_argument("--level", choices=("permute", "paper", "blind"), default="paper")
     p.add_argument(
