@@ -12,10 +12,14 @@ import numpy as np
 import numpy.typing as npt
 
 from ..commands._args import input_file, int_at_least, output_dir, output_file
+from ..errors import ConfigError
 from ..zoo import MODEL_NAMES, load_model
 from ..zoo.corpus import tokenize, topic_texts
 
-__all__ = ["public_and_victims", "register"]
+__all__ = ["max_victim_length", "public_and_victims", "register", "victim_topics"]
+
+#: Options only the frontier run reads (``--frontier``): given without it, refused (never ignored).
+_FRONTIER_ONLY = ("configs", "exactness", "bench")
 
 
 def register(subparsers: Any) -> None:
@@ -48,18 +52,27 @@ def register(subparsers: Any) -> None:
         help="a registered model (default smollm2; tiny-llama needs no download)",
     )
     p.add_argument(
-        "--json", type=output_file, default=None, help="write the results (and the command) as JSON here"
+        "--json",
+        type=output_file,
+        default=None,
+        help="write the results (and the command) as JSON here (default: not written)",
     )
     p.add_argument(
         "--plots",
         type=output_dir,
         default=None,
-        help="write PNG plots here: attacks by setting, recovery vs β, vs decoys r, per layer",
+        help=(
+            "write PNG plots here: attacks by setting, recovery vs β, vs decoys r, per layer (with "
+            "--frontier: frontier.png) (default: no plots)"
+        ),
     )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="fewer sweep points, public tokens (1024) and MLP epochs (100); per-layer curve on 5 blocks",
+        help=(
+            "fewer sweep points, public tokens (1024, else 4096) and MLP epochs (100, else 300); per-layer "
+            "curve on 5 blocks; with --frontier only the public tokens and epochs (default: off)"
+        ),
     )
     p.add_argument(
         "--frontier",
@@ -67,7 +80,8 @@ def register(subparsers: Any) -> None:
         help=(
             "run the named configurations (scx_ref.protocol.presets) instead of the mechanism ablation, "
             "each with its cost, float64 exactness and DP budget (and, with --exactness, float32 "
-            "exactness); default 5 prompts x 48 tokens, 8 generated"
+            "exactness), on 5 prompts x 48 tokens, 8 generated unless --prompts, --length, --new say "
+            "otherwise (default: off: the mechanism ablation)"
         ),
     )
     p.add_argument(
@@ -78,13 +92,19 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--exactness",
         action="store_true",
-        help="with --frontier: also measure float32 |ΔPPL|/PPL (256 tokens) and greedy agreement per preset",
+        help=(
+            "with --frontier: also measure float32 |ΔPPL|/PPL (256 tokens) and greedy agreement per preset "
+            "(default: off)"
+        ),
     )
     p.add_argument(
         "--bench",
         type=input_file,
         default=None,
-        help="with --frontier: an `scx bench --configs ... --json` result to merge into the frontier table",
+        help=(
+            "with --frontier: an `scx bench --configs ... --json` result to merge into the frontier table "
+            "(default: none; the table orders by flop share)"
+        ),
     )
     p.add_argument(
         "--prompts",
@@ -96,13 +116,16 @@ def register(subparsers: Any) -> None:
         "--length",
         type=int_at_least(1),
         default=None,
-        help="tokens per victim prompt (default 16, quick 8, frontier 48)",
+        help=(
+            "tokens per victim prompt (default 16, quick 8, frontier 48); a victim is the start of a pydoc "
+            "topic with at least 16 characters per token, so at most about 3000 (fewer for more --prompts)"
+        ),
     )
     p.add_argument(
         "--new",
         type=int_at_least(0),
         default=None,
-        help="generated tokens per prompt (default 4, frontier 8)",
+        help="generated tokens per prompt (default 4, frontier 8; the statelessness test needs >= 2)",
     )
     p.add_argument(
         "--threads",
@@ -110,7 +133,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help="torch CPU threads (default: torch's choice; 1 on a busy box)",
     )
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, parser=p)
 
 
 def public_and_victims(
@@ -118,21 +141,110 @@ def public_and_victims(
 ) -> tuple[npt.NDArray[np.int64], list[npt.NDArray[np.int64]]]:
     """Disjoint splits of CPython's ``pydoc_data.topics``: public text from the even-indexed topics
     (sorted keys), victim prompts (the start of the body — after the title and its underline — of
-    ``count`` odd-indexed topics, spread evenly)."""
+    ``count`` odd-indexed topics, spread evenly): ``count`` distinct prompts of exactly ``length`` tokens
+    each, or :class:`~scx_ref.errors.ConfigError` (too few topics of at least 16 characters per token:
+    :func:`victim_topics`, :func:`max_victim_length`)."""
+    if count < 1 or length < 1:
+        raise ConfigError(f"need at least one victim prompt of at least one token, got {count} x {length}")
+    odd = victim_topics(length)
+    if len(odd) < count:
+        raise ConfigError(_too_few_topics(count, length, len(odd)))
     texts = topic_texts()
     pub_text = "\n\n".join(texts[0::2])
     public = tokenize(pub_text[: 8 * n_public + 1024], tokenizer, vocab)[:n_public]
-
-    def body(text: str) -> str:
-        parts = text.split("\n\n", 1)
-        return (parts[1] if len(parts) == 2 else parts[0]).strip()
-
-    odd = [body(t) for t in texts[1::2] if len(body(t)) > 16 * length]
     victims = [
         tokenize(odd[(i * len(odd)) // count][: 16 * length + 64], tokenizer, vocab)[:length]
         for i in range(count)
     ]
+    short = min(len(v) for v in victims)
+    if short < length:
+        raise ConfigError(f"--length {length}: a victim topic tokenizes to only {short} tokens")
     return np.asarray(public, dtype=np.int64), [np.asarray(v, dtype=np.int64) for v in victims]
+
+
+def _body(text: str) -> str:
+    """A topic's body: the text after its title and underline (the whole text if it has none)."""
+    parts = text.split("\n\n", 1)
+    return (parts[1] if len(parts) == 2 else parts[0]).strip()
+
+
+def victim_topics(length: int) -> list[str]:
+    """The bodies of the odd-indexed ``pydoc_data.topics`` (sorted keys) longer than 16 characters per
+    token of a ``length``-token victim prompt, in order: the texts victim prompts are drawn from."""
+    return [b for b in map(_body, topic_texts()[1::2]) if len(b) > 16 * length]
+
+
+def max_victim_length() -> int:
+    """The longest ``--length`` for which :func:`victim_topics` is not empty (depends on the Python
+    installation's ``pydoc_data``)."""
+    longest = max(len(_body(t)) for t in topic_texts()[1::2])
+    return max((longest - 1) // 16, 0)
+
+
+def _too_few_topics(count: int, length: int, available: int) -> str:
+    if available == 0:
+        return (
+            f"--length {length}: no victim topic is that long; the longest --length is {max_victim_length()}"
+        )
+    return (
+        f"--prompts {count} with --length {length}: only {available} victim topic(s) are that long "
+        f"(use --prompts <= {available} or a shorter --length)"
+    )
+
+
+def _read_bench(path: Path) -> dict[str, Any]:
+    """The ``scx bench --json`` result at ``path``, checked to have the shape the frontier table reads (an
+    object whose ``rows`` are objects with a ``phase``; prefill rows with an integer ``n``; every row with a
+    numeric ``ratio_median``), or :class:`~scx_ref.errors.ConfigError` naming ``--bench``."""
+    try:
+        bench: Any = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--bench {str(path)!r}: not JSON ({exc})") from None
+    rows = bench.get("rows") if isinstance(bench, dict) else None
+    if not isinstance(rows, list):
+        raise ConfigError(f"--bench {str(path)!r}: not an `scx bench --json` result (no list of rows)")
+    for i, row in enumerate(rows):
+        ok = isinstance(row, dict) and isinstance(row.get("phase"), str)
+        ok = ok and isinstance(row.get("ratio_median"), (int, float))
+        ok = ok and (row.get("phase") != "prefill" or isinstance(row.get("n"), int))
+        if not ok:
+            raise ConfigError(
+                f"--bench {str(path)!r}: row {i} is not an `scx bench` row (phase, n, ratio_median)"
+            )
+    out: dict[str, Any] = bench
+    return out
+
+
+def _check_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Refuse, before any model loads, the options this run would ignore or could not honour (exit 2 via
+    the parser's error: the options the frontier alone reads without ``--frontier``; a ``--length`` no
+    victim topic is long enough for, or more ``--prompts`` than such topics; unknown or no ``--configs``;
+    a ``--bench`` file of the wrong shape). Returns the parsed ``--bench`` result (None without it)."""
+    parser: argparse.ArgumentParser = args.parser
+    if not args.frontier:
+        given = [f"--{name}" for name in _FRONTIER_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            parser.error(f"{', '.join(given)}: needs --frontier (without it, it would be ignored)")
+    count = args.prompts if args.prompts is not None else (5 if args.frontier else 2 if args.quick else 3)
+    length = args.length if args.length is not None else (48 if args.frontier else 8 if args.quick else 16)
+    available = len(victim_topics(length))
+    if available < count:
+        parser.error(_too_few_topics(count, length, available))
+    if args.frontier and args.configs is not None:
+        from ..protocol.presets import preset
+
+        wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
+        if not wanted:
+            parser.error(f"--configs {args.configs!r}: no configuration named")
+        for name in wanted:
+            try:
+                preset(name)
+            except ConfigError as exc:
+                parser.error(f"--configs: {exc}")
+    try:
+        return _read_bench(args.bench) if args.frontier and args.bench is not None else None
+    except ConfigError as exc:
+        parser.error(str(exc))
 
 
 def _per_layer(n_layers: int, quick: bool) -> list[int]:
@@ -159,6 +271,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from . import harness, llm_reorder, report
 
+    bench = _check_options(args)  # before any model loads
     if args.threads is not None:
         import torch
 
@@ -167,7 +280,7 @@ def _run(args: argparse.Namespace) -> int:
     model, tok, weights = load_model(args.model, np.float64)
     quick = bool(args.quick)
     if args.frontier:
-        return _run_frontier(args, model, tok, weights, t0)
+        return _run_frontier(args, model, tok, weights, t0, bench)
     count = args.prompts if args.prompts is not None else (2 if quick else 3)
     length = args.length if args.length is not None else (8 if quick else 16)
     public, victims = public_and_victims(
@@ -183,7 +296,9 @@ def _run(args: argparse.Namespace) -> int:
     ctx = harness.Context(weights, public, lm)
     bar = tqdm(total=len(settings) * count + 3, desc="scx attack")
     L = weights.config.n_layers
-    layers = sorted({s.config.blocks(L)[1].start for s in settings if len(s.config.blocks(L)[1])})
+    # the probe block of every setting (its first middle block, else block 2 when every block is a guard:
+    # a small model such as tiny-llama, 2 blocks): run_setting reads that block's stages
+    layers = sorted({harness.probe_block(s.config, L) for s in settings})
     per_layer = _per_layer(L, quick)
     harness.fit_tools(ctx, layers, epochs=100 if quick else 300, per_layer=per_layer)
     bar.update(1)
@@ -218,7 +333,9 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_frontier(args: argparse.Namespace, model: Any, tok: Any, weights: Any, t0: float) -> int:
+def _run_frontier(
+    args: argparse.Namespace, model: Any, tok: Any, weights: Any, t0: float, bench: dict[str, Any] | None
+) -> int:
     """``scx attack --frontier``: every preset (or ``--configs``) against the plaintext control, with
     cost, exactness and DP columns; prints the frontier table and the attack table."""
     import sys
@@ -230,7 +347,8 @@ def _run_frontier(args: argparse.Namespace, model: Any, tok: Any, weights: Any, 
     from ..protocol.presets import preset_names
     from . import frontier, harness, llm_reorder, report
 
-    count, length = args.prompts or 5, args.length or 48
+    count = 5 if args.prompts is None else args.prompts
+    length = 48 if args.length is None else args.length
     n_new = 8 if args.new is None else args.new
     public, victims = public_and_victims(
         tok, weights.config.vocab_size, 1024 if args.quick else 4096, count, length
@@ -238,11 +356,7 @@ def _run_frontier(args: argparse.Namespace, model: Any, tok: Any, weights: Any, 
     L = weights.config.n_layers
     settings = harness.frontier_settings(L)
     if args.configs:
-        wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
-        from ..protocol.presets import preset
-
-        for name in wanted:
-            preset(name)  # ConfigError for an unknown name
+        wanted = [c.strip() for c in args.configs.split(",") if c.strip()]  # checked: _check_options
         by_name = {s.preset: s for s in settings}
         # the control first, then the presets in the order asked (a long run does the ones wanted most
         # first; the JSON lists them in preset order)
@@ -295,7 +409,6 @@ def _run_frontier(args: argparse.Namespace, model: Any, tok: Any, weights: Any, 
             part.write_text(json.dumps(result, indent=1, default=float))
             part.replace(args.json)  # never a half-written file
     bar.close()
-    bench = json.loads(args.bench.read_text()) if args.bench else None
     rows = frontier.frontier_rows(result, bench)
     print(frontier.frontier_markdown(rows))
     print(report.markdown_table(result, intervals=True))

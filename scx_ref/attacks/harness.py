@@ -321,7 +321,8 @@ def fit_tools(
     """Fit the inverters on public text: per block in ``layers``, on [K|V] cache rows (after key
     sharing), on plain V rows, on sorted V rows (σ-invariant), on FFN-stage rows and on block inputs
     (the generated tokens' rows entering the middle blocks); keep public V columns for σ recovery.
-    ``per_layer``: blocks that get the two ridge inverters of the per-layer curve (cache, sorted V)."""
+    ``per_layer``: blocks that get the ridge inverters of the per-layer curve (cache, plain and sorted V)
+    and the public V columns for σ recovery: every block with a plain-V inverter has them."""
     traces = ctx.traces
     toks = ctx.public_tokens
     w = ctx.weights
@@ -350,6 +351,7 @@ def fit_tools(
             ctx.inverters[f"kv{layer}/ridge"] = fit(kv, lam=10.0)
         if f"vsorted{layer}/ridge" not in ctx.inverters:
             v = np.concatenate([t.v[layer].reshape(len(t.v[layer]), -1) for t in traces])
+            ctx.middle_ref[layer] = v  # the σ-recovery reference goes with every plain-V inverter
             ctx.inverters[f"vsorted{layer}/ridge"] = fit(inversion.sorted_rows(v), lam=10.0)
             ctx.inverters[f"v{layer}/ridge"] = fit(v, lam=10.0)
 
