@@ -13,23 +13,72 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+from ..protocol import Level, SCXConfig
 from ..protocol.presets import preset_names
-from ..zoo import MODEL_NAMES
+from ..zoo import MODEL_NAMES, RANDOM_PRESETS
 from ..zoo.engines import check_device
 from ..zoo.perplexity import ppl_run
+from ..zoo.random_models import RANDOM_MODELS
 from ._args import device, float_at_least, int_at_least, output_file, require_device
 
-__all__ = ["format_table", "register", "run"]
+__all__ = ["check_options", "format_table", "max_positions", "register", "run"]
+
+#: Defaults of the options that take one only when neither ``--config`` nor another option decides.
+DEFAULT_LEVEL: Level = SCXConfig().level
+DEFAULT_BETA: float = SCXConfig().beta
+DEFAULT_WINDOW = 512
+
+
+def max_positions(model: str) -> int:
+    """The most positions registered ``model`` takes, known without loading it (SmolLM2-135M's 8192 are
+    those of the ``smollm2-shape`` preset of its hyper-parameters)."""
+    if model in RANDOM_MODELS:
+        return RANDOM_MODELS[model].max_positions
+    if model == "smollm2":
+        return RANDOM_PRESETS["smollm2-shape"].max_positions
+    raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def check_options(args: argparse.Namespace) -> tuple[Level, float, int]:
+    """The level, β and window a run uses, from the parsed options; ConfigError (exit 2) for a combination
+    that would ignore or change a value: ``--level``/``--beta`` beside ``--config`` (the preset sets
+    both), ``--beta`` at level permute (no noise), a ``--window`` longer than the model's positions or than
+    ``--tokens``. Without ``--window`` the window is 512 tokens, or ``--tokens`` if fewer."""
+    if args.config is not None:
+        given = [f for f, v in (("--level", args.level), ("--beta", args.beta)) if v is not None]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: set by --config {args.config} (its level and beta); give --config "
+                "or --level/--beta, not both"
+            )
+    level: Level = DEFAULT_LEVEL if args.level is None else args.level
+    if level == "permute" and args.beta is not None:
+        raise ConfigError("--beta: level permute adds no noise, so beta would be ignored")
+    beta = DEFAULT_BETA if args.beta is None else float(args.beta)
+    limit = max_positions(args.model)
+    if args.window is None:
+        return level, beta, min(DEFAULT_WINDOW, args.tokens, limit)
+    if args.window > limit:
+        raise ConfigError(f"--window {args.window} exceeds the {limit} positions of model {args.model!r}")
+    if args.window > args.tokens:
+        raise ConfigError(
+            f"--window {args.window} is longer than --tokens {args.tokens}: a window holds at most the "
+            "tokens scored"
+        )
+    return level, beta, int(args.window)
 
 
 def format_table(rec: dict[str, Any]) -> str:
     """A plain-text table of one perplexity record (keys as written by
     :func:`~scx_ref.zoo.perplexity.ppl_run`)."""
+    preset = f"config {rec['preset']}, " if rec.get("preset") else ""
+    noise = "no noise" if rec["level"] == "permute" else f"beta {rec['beta']:g}"
     rows = [
         (
             "model",
-            f"{rec['model']} ({rec['dtype']} on {rec.get('device', 'cpu')}, level {rec['level']}, "
-            f"beta {rec['beta']:g})",
+            f"{rec['model']} ({rec['dtype']} on {rec.get('device', 'cpu')}, {preset}level {rec['level']}, "
+            f"{noise})",
         ),
         ("plaintext PPL", f"{rec['ppl_plain']:.10g}"),
         ("SCX PPL", f"{rec['ppl_scx']:.10g}"),
@@ -45,14 +94,15 @@ def format_table(rec: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run the comparison, print the table, write JSON when asked; exit 1 if the bound is exceeded."""
     check_device(args.dtype, args.device)  # before any model is loaded
+    level, beta, window = check_options(args)
     require_device(args.device)
     rec = ppl_run(
         args.model,
         args.dtype,
-        args.level,
-        args.beta,
+        level,
+        beta,
         args.tokens,
-        args.window,
+        window,
         progress=True,
         config=args.config,
         device=args.device,
@@ -68,21 +118,42 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "ppl", help="perplexity on the corpus: plaintext vs SCX (ΔPPL)", description=__doc__.splitlines()[0]
     )
-    p.add_argument("--model", choices=MODEL_NAMES, default="smollm2")
+    p.add_argument(
+        "--model",
+        choices=MODEL_NAMES,
+        default="smollm2",
+        help="registered model (default smollm2, downloaded once; tiny-llama: no download)",
+    )
     p.add_argument(
         "--tokens", type=int_at_least(2), default=1024, help="corpus tokens to score (default 1024)"
     )
-    p.add_argument("--level", choices=("permute", "paper", "blind"), default="paper")
+    p.add_argument(
+        "--level",
+        choices=("permute", "paper", "blind"),
+        default=None,
+        help=f"SCX privacy level (default {DEFAULT_LEVEL}); not with --config",
+    )
     p.add_argument(
         "--config",
         choices=preset_names(),
         default=None,
-        help="a named configuration (scx_ref.protocol.presets) instead of --level/--beta",
+        help="a named configuration (scx_ref.protocol.presets) instead of --level/--beta: it sets the level, "
+        "beta, guards and options, and is refused beside either",
     )
     p.add_argument(
-        "--beta", type=float_at_least(0.0), default=5.0, help="Laplace scale of the noised stages (default 5)"
+        "--beta",
+        type=float_at_least(0.0),
+        default=None,
+        help=f"Laplace scale of the noised stages (default {DEFAULT_BETA:g}); not with --config or --level "
+        "permute (no noise)",
     )
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="float32 (default: the HF forward vs SCX on torch) or float64 (the numpy reference vs SCX on "
+        "numpy)",
+    )
     p.add_argument(
         "--device",
         type=device,
@@ -91,7 +162,11 @@ def register(subparsers: Any) -> None:
         "(the numpy reference) runs on the CPU only and is refused with another device",
     )
     p.add_argument(
-        "--window", type=int_at_least(2), default=512, help="tokens per independent window (default 512)"
+        "--window",
+        type=int_at_least(2),
+        default=None,
+        help=f"tokens per independent window, at most --tokens and the model's positions (default "
+        f"{DEFAULT_WINDOW}, or --tokens if fewer)",
     )
     p.add_argument("--json", metavar="PATH", type=output_file, help="write the record as JSON")
     p.set_defaults(func=run)

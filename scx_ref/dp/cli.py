@@ -35,7 +35,83 @@ from .mechanisms import LaplaceMechanism, metric_dp_epsilon_per_unit, per_coordi
 from .permutation import bayes_guess_bound
 from .sensitivity import model_sensitivities
 
-__all__ = ["register", "run"]
+__all__ = ["check_options", "register", "run"]
+
+#: Raw mode's options (argparse dest) and the defaults of those that have one.
+RAW_OPTIONS = ("sensitivity", "per_coordinate", "dim", "scale", "compositions")
+RAW_DEFAULTS: dict[str, Any] = {"scale": 5.0, "compositions": 1}
+#: Model mode's options and the defaults of those that have one (``--device``: None, the CPU).
+MODEL_OPTIONS = (
+    "config",
+    "level",
+    "beta",
+    "guard",
+    "prompt_len",
+    "tokens",
+    "decoys",
+    "rows",
+    "guard_ffn",
+    "embedding",
+    "device",
+)
+MODEL_DEFAULTS: dict[str, Any] = {
+    "level": "paper",
+    "beta": "5",
+    "guard": 1,
+    "prompt_len": 1,
+    "tokens": 0,
+    "decoys": 0,
+    "rows": "own",
+    "guard_ffn": "blinded",
+    "embedding": "exact",
+}
+#: What a named configuration (``--config``) sets in place of these options.
+CONFIG_SETS = ("level", "beta", "guard", "decoys", "guard_ffn")
+
+
+def _given(args: argparse.Namespace, dests: tuple[str, ...]) -> list[str]:
+    """The options among ``dests`` given on the command line (each defaults to None), as flags."""
+    return ["--" + d.replace("_", "-") for d in dests if getattr(args, d, None) is not None]
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse (ConfigError, exit 2) an option the run would ignore, before any model loads: raw-mode
+    options with ``--model``, model-mode options without it, ``--config`` beside an option it sets,
+    ``--dim`` without ``--per-coordinate``, ``--pld-interval`` with ``--no-pld``. Then fill in the
+    defaults of the options not given."""
+    if args.model is not None:
+        raw = _given(args, RAW_OPTIONS)
+        if raw:
+            raise ConfigError(f"{', '.join(raw)}: raw-mode option(s), given with --model (model mode)")
+        if args.config is not None:
+            clash = _given(args, CONFIG_SETS)
+            if clash:
+                raise ConfigError(
+                    f"{', '.join(clash)}: set by --config {args.config}; give --config or "
+                    f"{'/'.join(clash)}, not both"
+                )
+        if args.device is not None and args.embedding == "bound":
+            raise ConfigError("--device: the device of the exact diameter, given with --embedding bound")
+    else:
+        model = _given(args, MODEL_OPTIONS)
+        if model:
+            raise ConfigError(f"{', '.join(model)}: model-mode option(s), given without --model (raw mode)")
+        if args.dim is not None and args.per_coordinate is None:
+            raise ConfigError("--dim: the row dimension of --per-coordinate, given without it")
+    if args.no_pld and args.pld_interval is not None:
+        raise ConfigError("--pld-interval: an option of the PLD accountant, given with --no-pld")
+    for dest, value in (RAW_DEFAULTS | MODEL_DEFAULTS).items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+
+
+def _pld_skipped(args: argparse.Namespace) -> str:
+    """Why the PLD accountant gave no ε."""
+    if args.no_pld:
+        return "skipped (--no-pld)"
+    if not pld_available():
+        return "not installed (pip install scx-ref[dp])"
+    return "not computed"
 
 
 def _parse_beta(text: str) -> float | dict[str, float]:
@@ -136,7 +212,7 @@ def _raw(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             ]
         )
     else:
-        rows.append(["PLD", "not installed (pip install scx-ref[dp])", "-"])
+        rows.append(["PLD", _pld_skipped(args), "-"])
     text.append(_table(["accountant", "epsilon", "delta"], rows))
     text.append(
         f"metric-DP reading: {_fmt(out['metric_dp_epsilon_per_unit_l1'])} eps per unit of L1 distance"
@@ -144,11 +220,12 @@ def _raw(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return out, "\n\n".join(text)
 
 
-def _budget_text(b: RequestBudget, sens_dict: dict[str, Any]) -> str:
+def _budget_text(b: RequestBudget, sens_dict: dict[str, Any], args: argparse.Namespace) -> str:
     beta = _fmt(b.beta["qkv"]) if len(set(b.beta.values())) == 1 else str(b.beta)
+    config = "" if args.config is None else f"config={args.config} "
     head = (
-        f"model {b.model}: level={b.level} guard={b.guard} prompt_len={b.prompt_len} tokens={b.tokens} "
-        f"decoys={b.decoys} rows={b.rows} beta={beta}"
+        f"model {b.model}: {config}level={b.level} guard={b.guard} prompt_len={b.prompt_len} "
+        f"tokens={b.tokens} decoys={b.decoys} rows={b.rows} beta={beta}"
     )
     parts = [head]
     diam = sens_dict.get("embed_normalized_diameter")
@@ -183,6 +260,8 @@ def _budget_text(b: RequestBudget, sens_dict: dict[str, Any]) -> str:
     ]
     if b.epsilon_pld is not None:
         rows.append(["PLD (dp_accounting)", b.epsilon_pld, _fmt(b.delta)])
+    else:
+        rows.append(["PLD", _pld_skipped(args), "-"])
     parts.append(_table(["per-request (one prompt token)", "epsilon", "delta"], rows))
     parts.append(
         f"permutation: {_fmt(b.permutation_bits_per_stage)} bits per permuted stage "
@@ -226,13 +305,15 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     )
     sd = sens.to_dict()
     out: dict[str, Any] = {"mode": "model", **budget.to_dict(), "sensitivities": sd}
+    if args.config is not None:
+        out["preset"] = args.config
     if sens.embed_normalized_diameter is not None:
         single = sens.embed_normalized_diameter / budget.beta["qkv"]
         out["block1_single_release"] = {
             "epsilon": single,
             "token_guess_bayes": bayes_guess_bound(single, sens.vocab_size),
         }
-    return out, _budget_text(budget, sd)
+    return out, _budget_text(budget, sd, args)
 
 
 def _json_ready(v: Any) -> Any:
@@ -248,6 +329,7 @@ def _json_ready(v: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``scx dp``: prints the table, writes ``--json`` if asked; returns the exit code."""
+    check_options(args)
     out, text = _model(args) if args.model is not None else _raw(args)
     out["pld_installed"] = pld_available()
     print(text)
@@ -285,7 +367,7 @@ def register(subparsers: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    raw = p.add_argument_group("raw mode")
+    raw = p.add_argument_group("raw mode", "without --model; refused beside a model-mode option")
     raw.add_argument("--sensitivity", type=_positive_float, help="L1 sensitivity Δ₁ of one release")
     raw.add_argument(
         "--per-coordinate",
@@ -295,61 +377,76 @@ def register(subparsers: Any) -> None:
     )
     raw.add_argument("--dim", type=int_at_least(1), help="row dimension d for --per-coordinate")
     raw.add_argument(
-        "--scale", type=_positive_float, default=5.0, help="Laplace scale β (the paper's s; default 5)"
+        "--scale", type=_positive_float, default=None, help="Laplace scale β (the paper's s; default 5)"
     )
     raw.add_argument(
         "--compositions",
         "-k",
         type=int_at_least(1, MAX_COMPOSITIONS),
-        default=1,
+        default=None,
         help=f"number of releases k, 1..{MAX_COMPOSITIONS} (default 1)",
     )
-    model = p.add_argument_group("model mode")
+    model = p.add_argument_group("model mode", "with --model; refused beside a raw-mode option")
     model.add_argument(
         "--model",
-        help=f"model name: {weights_names_help()}",
+        help=f"model name (selects model mode; no default): {weights_names_help()}",
     )
     model.add_argument(
         "--config",
         choices=preset_names(),
         default=None,
-        help="a named configuration (scx_ref.protocol.presets); replaces --level/--beta/--guard/--decoys",
+        help="a named configuration (scx_ref.protocol.presets): it sets the level, beta, guards, decoys and "
+        "guard FFN, and is refused beside --level/--beta/--guard/--decoys/--guard-ffn (default: none, "
+        "those options decide)",
     )
-    model.add_argument("--level", choices=LEVELS, default="paper", help="SCX privacy level (default paper)")
+    model.add_argument(
+        "--level", choices=LEVELS, default=None, help="SCX privacy level (default paper); not with --config"
+    )
     model.add_argument(
         "--beta",
-        default="5",
+        default=None,
         help=f"Laplace scale: one number, or stage=value pairs over "
-        f"{', '.join(BETA_KINDS)}, default (e.g. qkv=5,default=20). Default 5",
+        f"{', '.join(BETA_KINDS)}, default (e.g. qkv=5,default=20). Default 5; not with --config",
     )
     model.add_argument(
-        "--guard", type=int_at_least(1), default=1, help="guard blocks g = l_s = l_e (default 1)"
+        "--guard",
+        type=int_at_least(1),
+        default=None,
+        help="guard blocks g = l_s = l_e (default 1); not with --config",
     )
-    model.add_argument("--prompt-len", type=int_at_least(1), default=1, help="prompt length n (default 1)")
-    model.add_argument("--tokens", type=int_at_least(0), default=0, help="generated tokens T (default 0)")
+    model.add_argument("--prompt-len", type=int_at_least(1), default=None, help="prompt length n (default 1)")
+    model.add_argument("--tokens", type=int_at_least(0), default=None, help="generated tokens T (default 0)")
     model.add_argument(
-        "--decoys", type=int_at_least(0), default=0, help="decoy rows r per permuted stage (default 0)"
+        "--decoys",
+        type=int_at_least(0),
+        default=None,
+        help="decoy rows r per permuted stage (default 0); not with --config",
     )
     model.add_argument(
         "--rows",
         choices=("own", "all"),
-        default="own",
+        default=None,
         help="count a token's own rows only (default) or every prefill row downstream of attention",
     )
     model.add_argument(
         "--guard-ffn",
         choices=("blinded", "clear"),
-        default="blinded",
-        help="guard blocks' FFN during generation: blinded (the protocol default; counted) or clear",
+        default=None,
+        help="guard blocks' FFN during generation: blinded (default: the protocol's; counted) or clear; "
+        "not with --config",
     )
     model.add_argument(
         "--embedding",
         choices=("exact", "bound"),
-        default="exact",
+        default=None,
         help="block-1 Δ₁: exact normalized-vocabulary L1 diameter (default) or the 2√d‖γ‖₂ bound",
     )
     model.add_argument(
-        "--device", type=device, default=None, help="torch device for the exact diameter (cpu, cuda, cuda:N)"
+        "--device",
+        type=device,
+        default=None,
+        help="torch device for the exact diameter: cpu, cuda or cuda:N (default cpu); not with "
+        "--embedding bound",
     )
     acc = p.add_argument_group("accounting")
     acc.add_argument("--delta", type=_positive_float, default=1e-6, help="target δ for PLD (default 1e-6)")
@@ -359,12 +456,16 @@ def register(subparsers: Any) -> None:
         default=None,
         help="δ' of advanced composition (default: --delta)",
     )
-    acc.add_argument("--no-pld", action="store_true", help="skip the PLD accountant")
+    acc.add_argument(
+        "--no-pld", action="store_true", help="skip the PLD accountant (default: run it if installed)"
+    )
     acc.add_argument(
         "--pld-interval",
         type=_positive_float,
         default=None,
-        help="PLD value discretization interval (default: 1e-4, coarser for large eps)",
+        help="PLD value discretization interval (default: 1e-4, coarser for large eps); not with --no-pld",
     )
-    p.add_argument("--json", metavar="PATH", type=output_file, help="also write the result as JSON")
+    p.add_argument(
+        "--json", metavar="PATH", type=output_file, help="also write the result as JSON (default: none)"
+    )
     p.set_defaults(func=run)

@@ -57,7 +57,8 @@ def token_nll(logits: npt.NDArray[Any], ids: IdArray) -> npt.NDArray[np.float64]
 
 @dataclass
 class PPLComparison:
-    """Plaintext vs SCX perplexity over the same windows."""
+    """Plaintext vs SCX perplexity over the same windows (``window``: the longest one run, at most
+    ``tokens``)."""
 
     tokens: int
     window: int
@@ -115,7 +116,7 @@ def compare_ppl(
     ppl_p, ppl_s = math.exp(float(p.mean())), math.exp(float(s.mean()))
     return PPLComparison(
         tokens=len(ids),
-        window=window,
+        window=min(window, len(ids)),  # the longest window run: ``window`` or, fewer, every token
         predicted=len(p),
         ppl_plain=ppl_p,
         ppl_scx=ppl_s,
@@ -157,6 +158,10 @@ def ppl_run(
     (:mod:`scx_ref.zoo.engines`; ConfigError for float64 off the CPU)."""
     check_device(dtype, device)
     hf, tok, w = load_model(model, dtype)
+    if window > w.config.max_positions:
+        raise ConfigError(
+            f"window {window} exceeds the {w.config.max_positions} positions of model {model!r}"
+        )
     config_name = config if isinstance(config, str) else None
     if isinstance(config, str):
         from ..protocol.presets import preset
