@@ -18,7 +18,7 @@ import signal
 import sys
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ServiceError
 from ..zoo import MODEL_NAMES, parse_random, weights_names_help
 from ._args import device, float_at_least, input_file, int_at_least, require_device
 
@@ -41,6 +41,32 @@ def build_backend(model: str, dtype: str, device: str) -> Any:
         return backend_from_hf(load_hf(model)[0], dtype=dtype, device=device)
     np_dtype = np.float64 if parse_dtype(dtype).itemsize == 8 else np.float32
     return TorchBackend(load_weights(model, np_dtype), dtype=dtype, device=device)
+
+
+def check_listen(host: str, port: int, what: str) -> None:
+    """ServiceError (one line, naming ``host:port``) unless this process could listen on ``host:port`` now:
+    the host must resolve to an address of this machine and the port (unless 0) must be free on at least
+    one of its addresses — the rule gRPC binds by. Checked before the model loads; :meth:`SCXService.start`
+    still reports a port taken in between."""
+    import socket
+
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # gRPC's [v6]:port form
+    try:
+        infos = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ServiceError(f"cannot listen on {host}:{port} ({what}): {reason}") from None
+    reasons: list[str] = []
+    for family, kind, proto, _name, addr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and http.server do
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                reasons.append(exc.strerror or str(exc))
+            else:
+                return
+    raise ServiceError(f"cannot listen on {host}:{port} ({what}): {'; '.join(dict.fromkeys(reasons))}")
 
 
 class _JsonLines(logging.Formatter):
@@ -103,43 +129,63 @@ def register(subparsers: Any) -> None:
         help=f"tile of the middle blocks' cross-session batches (default {d.batch_rows}; 1: no batching)",
     )
     p.add_argument(
-        "--max-batch", type=int_at_least(1), default=d.max_batch, help="most gen_mid rows in one batch"
+        "--max-batch",
+        type=int_at_least(1),
+        default=d.max_batch,
+        help=f"most gen_mid rows in one batch (default {d.max_batch})",
     )
     p.add_argument(
-        "--max-sessions", type=int_at_least(1), default=d.max_sessions, help="most sessions at once"
+        "--max-sessions",
+        type=int_at_least(1),
+        default=d.max_sessions,
+        help=f"most sessions at once (default {d.max_sessions})",
     )
     p.add_argument(
-        "--max-message-mb", type=int_at_least(1), default=d.max_message_bytes >> 20, help="largest frame, MiB"
+        "--max-message-mb",
+        type=int_at_least(1),
+        default=d.max_message_bytes >> 20,
+        help=f"largest frame, MiB (default {d.max_message_bytes >> 20})",
     )
     p.add_argument(
-        "--max-rows", type=int_at_least(1), default=d.max_rows, help="most rows one session may reach"
+        "--max-rows",
+        type=int_at_least(1),
+        default=d.max_rows,
+        help=f"most rows one session may reach (default {d.max_rows})",
     )
     p.add_argument(
-        "--max-decoys", type=int_at_least(1), default=d.max_decoys, help="most decoy rows at one stage"
+        "--max-decoys",
+        type=int_at_least(1),
+        default=d.max_decoys,
+        help=f"most decoy rows at one stage (default {d.max_decoys})",
     )
     p.add_argument(
         "--max-cache-mb",
         type=int_at_least(1),
         default=d.max_cache_bytes >> 20,
-        help="all sessions' caches together, MiB",
+        help=f"all sessions' caches together, MiB (default {d.max_cache_bytes >> 20})",
     )
     p.add_argument(
         "--idle-timeout",
         type=float_at_least(0, strict=True),
         default=d.idle_timeout,
-        help="seconds before an idle session is evicted",
+        help=f"seconds before an idle session is evicted (default {d.idle_timeout:g})",
     )
     p.add_argument(
         "--grace",
         type=float_at_least(0, strict=True),
         default=d.grace,
-        help="seconds open sessions get at shutdown",
+        help=f"seconds open sessions get at shutdown (default {d.grace:g})",
     )
     p.add_argument(
         "--tls-cert", type=input_file, default=None, help="PEM certificate (with --tls-key: serve scxs://)"
     )
-    p.add_argument("--tls-key", type=input_file, default=None, help="PEM private key")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--tls-key", type=input_file, default=None, help="PEM private key (with --tls-cert)")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="least level of the JSON log lines on stderr: debug, info (default), warning, error",
+    )
     p.set_defaults(func=run)
 
 
@@ -150,6 +196,11 @@ def run(args: argparse.Namespace) -> int:
     from ..service.service import SCXService, ServeOptions
 
     require_device(args.device)  # before any model is loaded
+    if args.ops_port == args.port and args.port > 0:
+        raise ConfigError(f"--port and --ops-port are both {args.port}: give them different ports")
+    check_listen(args.host, args.port, "gRPC port")  # before any model is loaded
+    if args.ops_port >= 0:
+        check_listen(args.host, args.ops_port, "ops port")
     opts = ServeOptions(
         host=args.host,
         port=args.port,

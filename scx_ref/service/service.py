@@ -229,7 +229,10 @@ class SCXService:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Bind the gRPC (and ops) listeners and start serving; ``port``/``ops_port`` hold the ports."""
+        """Bind the gRPC (and ops) listeners and start serving; ``port``/``ops_port`` hold the ports.
+
+        ServiceError naming the address when a listener cannot bind (address in use, not an address of
+        this host); nothing is left listening or running then."""
         import grpc
 
         opts = self.opts
@@ -243,22 +246,47 @@ class SCXService:
         )
         self._grpc = grpc.aio.server(handlers=[handler], options=options)
         address = f"{opts.host}:{opts.port}"
-        if opts.tls_cert is not None and opts.tls_key is not None:
-            with open(opts.tls_key, "rb") as fk, open(opts.tls_cert, "rb") as fc:
-                creds = grpc.ssl_server_credentials([(fk.read(), fc.read())])
-            self.port = self._grpc.add_secure_port(address, creds)
-        else:
-            self.port = self._grpc.add_insecure_port(address)
-        if not self.port:
-            raise ServiceError(f"cannot listen on {address}")
+        try:
+            try:
+                if opts.tls_cert is not None and opts.tls_key is not None:
+                    with open(opts.tls_key, "rb") as fk, open(opts.tls_cert, "rb") as fc:
+                        creds = grpc.ssl_server_credentials([(fk.read(), fc.read())])
+                    self.port = self._grpc.add_secure_port(address, creds)
+                else:
+                    self.port = self._grpc.add_insecure_port(address)
+            except RuntimeError:  # grpc: "Failed to bind to address …"
+                self.port = 0
+            if not self.port:
+                raise ServiceError(
+                    f"cannot listen on {address}: address in use or not an address of this host"
+                )
+            if opts.ops_port is not None:  # bound before serving starts: a failure leaves nothing running
+                ops_address = f"{opts.host}:{opts.ops_port}"
+                try:
+                    self._start_http(opts.ops_port)
+                except OSError as exc:
+                    reason = exc.strerror or str(exc)
+                    raise ServiceError(f"cannot listen on {ops_address} (ops port): {reason}") from None
+            await self._grpc.start()
+        except BaseException:
+            await self._abort_start()
+            raise
         self._mid_wake = asyncio.Event()
         self._stopped = asyncio.Event()
         self._mid_task = asyncio.get_running_loop().create_task(self._mid_loop())
         self._idle_task = asyncio.get_running_loop().create_task(self._idle_loop())
-        await self._grpc.start()
-        if opts.ops_port is not None:
-            self._start_http(opts.ops_port)
         _event("listening", port=self.port, ops_port=self.ops_port, **self.info)
+
+    async def _abort_start(self) -> None:
+        """Undo a failed :meth:`start`: close whatever listener it opened and the compute pool."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        self.ops_port = None
+        if self._grpc is not None:
+            await self._grpc.stop(None)
+        self.pool.shutdown(wait=False)
 
     async def stop(self) -> None:
         """Graceful shutdown: refuse new sessions, give open ones ``grace`` seconds, let in-flight

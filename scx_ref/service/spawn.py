@@ -27,7 +27,8 @@ class ServerProcess:
 
     ``url`` is its ``scx://`` (or ``scxs://``) address, ``ops`` its ``http://`` ops address. The server's
     stderr (JSON log lines) is kept in ``log``. ``start_timeout`` bounds the wait for the ready line
-    (loading a model takes a while); a process that exits first raises ServiceError with its output.
+    (loading a model takes a while); a process that exits first raises ServiceError with its output. A
+    constructor that raises (KeyboardInterrupt included) has killed the process.
     """
 
     def __init__(
@@ -67,14 +68,18 @@ class ServerProcess:
 
         threading.Thread(target=read_stdout, daemon=True).start()
         end = time.monotonic() + start_timeout
-        while not ready.wait(0.05):
-            if self.proc.poll() is not None or time.monotonic() > end:
-                self.kill()
-                raise ServiceError(
-                    f"scx serve did not start (exit {self.proc.returncode}): "
-                    + "".join(self._out)[-2000:]
-                    + "\n".join(self.log)[-4000:]
-                )
+        try:
+            while not ready.wait(0.05):
+                if self.proc.poll() is not None or time.monotonic() > end:
+                    self.kill()
+                    raise ServiceError(
+                        f"scx serve did not start (exit {self.proc.returncode}): "
+                        + "".join(self._out)[-2000:]
+                        + "\n".join(self.log)[-4000:]
+                    )
+        except BaseException:  # Ctrl-C while it starts, too: no server is left behind
+            self.kill()
+            raise
 
     @staticmethod
     def _drain(stream: Any, sink: list[str]) -> None:
