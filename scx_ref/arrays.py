@@ -199,7 +199,10 @@ class NumpyOps:
     name = "numpy"
 
     def __init__(self, dtype: npt.DTypeLike | None = None) -> None:
-        self.dtype: np.dtype[Any] | None = None if dtype is None else np.dtype(dtype)
+        try:
+            self.dtype: np.dtype[Any] | None = None if dtype is None else np.dtype(dtype)
+        except TypeError as exc:
+            raise DTypeError(f"array dtype must be a floating numpy dtype, got {dtype!r}") from exc
         if self.dtype is not None and not np.issubdtype(self.dtype, np.floating):
             raise DTypeError(f"array dtype must be floating, got {self.dtype}")
 
@@ -230,7 +233,13 @@ class NumpyOps:
 
     def check(self, x: Any, name: str, shape: tuple[int, ...], *, finite: bool = True) -> FloatArray:
         if not isinstance(x, np.ndarray):
-            raise DTypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+            hint = (
+                " (a torch backend's array reached a numpy backend in-process: a LocalTransport joins a "
+                "client and a server of the same backend kind)"
+                if hasattr(x, "detach")
+                else ""
+            )
+            raise DTypeError(f"{name} must be a numpy array, got {type(x).__name__}{hint}")
         if tuple(x.shape) != tuple(shape):
             raise ShapeError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
         return self.floating(x, name, finite=finite)

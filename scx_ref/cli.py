@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``scx`` on ``argv`` (default ``sys.argv[1:]``); the exit code: 2 with ``scx: error: …`` on bad
-    input (SCXError) or a file it cannot read or write (OSError), never a traceback for either."""
+    """Run ``scx`` on ``argv`` (default ``sys.argv[1:]``); the exit code: 2 with ``scx <command>: error: …``
+    (argparse's own form for a bad option) on bad input (SCXError) or a file it cannot read or write
+    (OSError), never a traceback for either."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (SCXError, OSError) as exc:  # bad input, or a file the command could not read or write
-        print(f"scx: error: {exc}", file=sys.stderr)
+        print(f"scx {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

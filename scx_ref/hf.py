@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends.torch_backend import TorchBackend, TorchLayer, TorchWeights, parse_dtype
+from .backends.torch_backend import TorchBackend, TorchLayer, TorchWeights, parse_device, parse_dtype
 from .config import ModelConfig
 from .errors import ConfigError, SCXError, VocabularyError
 from .keys import KeySchedule
@@ -214,9 +214,14 @@ def backend_from_hf(
     ``MixtralForCausalLM`` or ``Qwen2ForCausalLM``: tensors are shared, not copied, wherever the layout,
     dtype and device already match (QKV and gate/up are fused once). Defaults: the model's own dtype
     and device."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise ConfigError(
+            f"expected a loaded transformers model (LlamaForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM), "
+            f"got {type(model).__name__}: load it first, e.g. AutoModelForCausalLM.from_pretrained(...)"
+        )
     param = next(model.parameters())
     dt = parse_dtype(dtype) if dtype is not None else parse_dtype(param.dtype)
-    dev = torch.device(device) if device is not None else param.device
+    dev = parse_device(device) if device is not None else param.device
     config = config_from_hf(model.config)
     t = hf_tensors(model)
     layers = []
@@ -411,6 +416,26 @@ class SCXModel:
             raise ConfigError("server_options given without a server URL")
         return cls(backend, cfg, keys, eos, pad, gen, link)
 
+    @property
+    def max_length(self) -> int:
+        """The longest sequence (prompt and new tokens but the last) a session of this model runs: the
+        configuration's ``max_length``, else the model's ``max_positions`` (as :class:`Client` takes it)."""
+        limit = self.scx_config.max_length
+        return self.backend.config.max_positions if limit is None else limit
+
+    def check_prompt(self, ids: Any, max_new_tokens: int) -> None:
+        """What :meth:`generate` checks of one row before its session sends anything: VocabularyError
+        unless ``ids`` is a 1-D array of ids of the vocabulary (the backend's embedding check, which the
+        prefill makes again), ConfigError unless the prompt and ``max_new_tokens`` new tokens fit
+        :attr:`max_length` (the last new token is never fed back: n + new − 1 ≤ max_length)."""
+        arr = np.asarray(ids)
+        self.backend.embed(arr)
+        if max_new_tokens and arr.shape[0] + max_new_tokens - 1 > self.max_length:
+            raise ConfigError(
+                f"{arr.shape[0]} prompt tokens + {max_new_tokens} new exceed the session's max_length "
+                f"{self.max_length}"
+            )
+
     def _session(self) -> tuple[Client[torch.Tensor], Transport]:
         keys = self.keys.for_nonce(KeySchedule.new_nonce())
         client = Client(self.backend, keys, self.scx_config, decoys=self._decoys, sketches=self._sketches)
@@ -493,12 +518,8 @@ class SCXModel:
         """One row's new tokens (one session, closed at the end); its SCXError carries the tokens made."""
         if not plan.max_new_tokens:
             return []
+        self.check_prompt(ids, plan.max_new_tokens)
         client, link = self._session()
-        if len(ids) + plan.max_new_tokens - 1 > client.max_length:
-            raise ConfigError(
-                f"{len(ids)} prompt tokens + {plan.max_new_tokens} new exceed the session's max_length "
-                f"{client.max_length}"
-            )
         new = generate_tokens(
             ids,
             plan,

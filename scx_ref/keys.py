@@ -73,6 +73,16 @@ def _hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
     return out[:length]
 
 
+def _check_label(label: object) -> None:
+    """KeyScheduleError unless ``label`` is a tuple of str/int parts (what :func:`encode_label` takes,
+    checked before a label is extended by parts, ``(*label, "perm", n)``, or used as a memo key): a string
+    would silently become its characters."""
+    if not isinstance(label, tuple) or not all(
+        isinstance(part, str | int) and not isinstance(part, bool) for part in label
+    ):
+        raise KeyScheduleError(f"a label must be a non-empty tuple of str/int, got {label!r}")
+
+
 def encode_label(label: Sequence[LabelPart]) -> bytes:
     """Canonical, injective byte encoding of a label: type tag + length prefix for every part."""
     if not isinstance(label, tuple) or not label:
@@ -279,16 +289,20 @@ class KeySchedule:
         Derived once per (label, n) and memoised for this request (a request asks for each block's
         next-stage permutation twice); the returned array is read-only.
         """
-        memo_key = (tuple(label), n)
+        _check_label(label)
+        if isinstance(n, bool) or not isinstance(n, int | np.integer):
+            raise KeyScheduleError(f"permutation size must be an integer, got {n!r}")
+        memo_key = (label, int(n))
         perm = self._perms.get(memo_key)
         if perm is None:
-            perm = fisher_yates(n, self.stream((*label, "perm", n)))
+            perm = fisher_yates(int(n), self.stream((*label, "perm", int(n))))
             perm.setflags(write=False)
             self._perms[memo_key] = perm
         return perm
 
     def generator(self, label: Label) -> KeyStream:
         """A noise source for ``label``: a stream with ``random(size)``, for ``laplace_noise``."""
+        _check_label(label)
         return self.stream((*label, "noise"))
 
     def __repr__(self) -> str:  # never print the master secret

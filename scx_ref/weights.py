@@ -189,8 +189,13 @@ def random_weights(
 ) -> ModelWeights:
     """Random weights for tests: N(0, scale²/fan_in) matrices, norm gains near 1, embeddings N(0, 1).
 
-    ``rng`` is the caller's generator: the library never touches global random state.
+    ``rng`` is the caller's generator: the library never touches global random state (ConfigError for
+    anything else, a seed included: ``np.random.default_rng(seed)`` makes one).
     """
+    if not isinstance(rng, np.random.Generator):
+        raise ConfigError(
+            f"rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}"
+        )
     d, f = config.hidden_size, config.intermediate_size
 
     def mat(n_in: int, n_out: int) -> Array:

@@ -47,6 +47,7 @@ CASES: list[tuple[str, str]] = [
     ("verify --tokens 0", "tokens"),
     ("verify --json /", "json"),
     ("verify --device tpu", "device"),
+    ("verify --model tiny-llama --level permute --beta 3", "beta"),  # nothing to noise: it would be ignored
     ("verify --dtype float64 --device cuda", "device"),  # float64 runs on the CPU, on any machine
     ("ppl --device cuda:x", "device"),
     # device strings torch refuses, refused here before any model loads (torch raised after loading)
@@ -81,6 +82,10 @@ CASES: list[tuple[str, str]] = [
     ("generate --model tiny-llama --prompt-ids 1,2 --timeout 5", "timeout"),
     ("generate --model tiny-llama --prompt-ids 1,2 --dtype bogus", "dtype"),
     ("generate --model tiny-llama --prompt-ids 1,2 --device tpu", "device"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --stop=", "stop"),
+    # what depends on the model: after it loads, before any request, naming the options
+    ("generate --model tiny-llama --prompt-ids 1,2,99999", "prompt-ids"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --max-new-tokens 100000", "max-new-tokens"),
     ("generate --model tiny-llama --prompt-ids 1,2 --server scx://127.0.0.1:1 --timeout -1", "timeout"),
     (
         "generate --model tiny-llama --prompt-ids 1,2 --server scxs://127.0.0.1:1 --tls-ca /nonexistent/ca",

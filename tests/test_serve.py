@@ -511,7 +511,9 @@ def test_scx_generate_command_against_scx_serve() -> None:
         text=True,
         timeout=300,
     )
-    assert out.returncode == 2 and "scx: error: " in out.stderr and "cannot reach the SCX" in out.stderr
+    assert (
+        out.returncode == 2 and "scx generate: error: " in out.stderr and "cannot reach the SCX" in out.stderr
+    )
     out = subprocess.run(
         [sys.executable, "-m", "scx_ref.cli", "serve", "--model", MODEL, "--tls-cert", __file__],
         capture_output=True,

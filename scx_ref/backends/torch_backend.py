@@ -207,6 +207,23 @@ def _large_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
     )
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """The torch device named by ``device`` (``"cpu"``, ``"cuda:1"``, a ``torch.device``), ConfigError when
+    torch does not read it as a device, or it is a CUDA device this machine lacks (torch would raise its own
+    RuntimeError or AssertionError at the first tensor moved there)."""
+    if not isinstance(device, str | torch.device) or isinstance(device, bool):
+        raise ConfigError(f"device must be a string or a torch.device, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unsupported device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and (
+        not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ConfigError(f"device {device!r} asked for, but torch sees no such CUDA device here")
+    return dev
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """The torch dtype named by ``dtype`` (``"float32"``, ``"bf16"``, ``torch.float16``, …)."""
     if isinstance(dtype, torch.dtype):
@@ -438,7 +455,7 @@ class TorchOps:
 
     def __init__(self, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
         self.dtype = parse_dtype(dtype)
-        self.device = torch.device(device)
+        self.device = parse_device(device)
         self._on_cpu = self.device.type == "cpu"  # floating's common case reads this, not a device object
         self._compute = torch.float32 if self.dtype in _LOW else self.dtype
 

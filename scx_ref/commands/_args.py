@@ -102,6 +102,13 @@ def output_file(text: str) -> Path:
     return path
 
 
+def nonempty(text: str) -> str:
+    """A string option that must not be empty (an empty stop string would stop at once)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def input_file(text: str) -> Path:
     """A file the command will read: it must exist, be a file and be readable."""
     path = Path(text)

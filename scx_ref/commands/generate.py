@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ConfigError, SCXError
 from ..zoo import MODEL_NAMES
-from ._args import device, float_at_least, input_file, int_at_least, int_list, require_device
+from ._args import device, float_at_least, input_file, int_at_least, int_list, nonempty, require_device
 
 __all__ = ["register", "run"]
 
@@ -47,16 +47,29 @@ def register(subparsers: Any) -> None:
     p.add_argument("--temperature", type=float_at_least(0, strict=True), default=None, help=_SAMPLING)
     p.add_argument("--top-k", type=int_at_least(0), default=None, help=_SAMPLING + "; 0 keeps every token")
     p.add_argument("--top-p", type=float_at_least(0, maximum=1), default=None, help=_SAMPLING)
-    p.add_argument("--repetition-penalty", type=float_at_least(0, strict=True), default=None)
+    p.add_argument(
+        "--repetition-penalty",
+        type=float_at_least(0, strict=True),
+        default=None,
+        help="Hugging Face's repetition penalty: a token already in the sequence has a positive score "
+        "divided by it, a negative one multiplied (> 0; default: the model's generation config, else 1)",
+    )
     p.add_argument(
         "--seed",
         type=int_at_least(0),
         default=None,
         help="sampling seed (default: fresh entropy); " + _SAMPLING,
     )
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument(
+        "--stop", action="append", type=nonempty, default=None, help="stop string, not empty (repeatable)"
+    )
     p.add_argument("--no-eos", action="store_true", help="do not stop at the model's EOS token")
-    p.add_argument("--level", choices=("permute", "paper", "blind"), default="paper")
+    p.add_argument(
+        "--level",
+        choices=("permute", "paper", "blind"),
+        default="paper",
+        help="SCX's protection level (default paper; README: Choosing a configuration)",
+    )
     p.add_argument(
         "--dtype",
         default="float32",
@@ -162,6 +175,11 @@ def run(args: argparse.Namespace) -> int:
         options["tokenizer"] = tokenizer
     if args.no_eos:
         options["eos_token_id"] = None
+    try:  # what depends on the model, checked once it is loaded and before any request
+        scx.check_prompt(ids, args.max_new_tokens)
+    except SCXError as exc:
+        option = "--prompt-ids" if args.prompt_ids is not None else "--prompt"
+        args.parser.error(f"{option} / --max-new-tokens: {exc}")
     try:
         scx.generate(ids, max_new_tokens=args.max_new_tokens, **options)
     except SCXError as exc:  # the tokens made so far are printed already; say how many

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..dp.budget import request_budget
 from ..dp.sensitivity import model_sensitivities
+from ..errors import ConfigError
 from ..protocol import Level, SCXConfig
 from ..weights import ModelWeights
 from ..zoo import MODEL_NAMES, load_model
@@ -45,6 +46,8 @@ from ._args import device, float_at_least, int_at_least, output_file, require_de
 __all__ = ["LOGIT_RTOL", "dp_summary", "format_verdict", "register", "run", "verify"]
 
 LOGIT_RTOL = {"float32": 1e-3, "float64": 1e-10}
+#: ``--beta``'s default: SCXConfig's own
+DEFAULT_BETA: float = SCXConfig().beta
 EXACT_DIAMETER_VOCAB = 8192
 
 
@@ -202,11 +205,13 @@ def run(args: argparse.Namespace) -> int:
     """Run the checks, print the verdict table, write JSON when asked; 1 on any FAIL."""
     check_device(args.dtype, args.device)  # before any model is loaded
     require_device(args.device)
+    if args.beta is not None and args.level == "permute":  # no stage is noised there: it would be ignored
+        raise ConfigError("--beta: level permute noises no stage; give --beta with level paper or blind")
     rec = verify(
         args.model,
         args.dtype,
         args.level,
-        args.beta,
+        DEFAULT_BETA if args.beta is None else args.beta,
         ppl_tokens=args.tokens,
         progress=not args.quiet,
         server=args.server,
@@ -227,7 +232,13 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--model", choices=MODEL_NAMES, default="smollm2", help="default smollm2 (tiny-llama: no download)"
     )
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="float32 (default): SCX's torch backend against Hugging Face's forward, within rounding; "
+        "float64: the numpy backend against the numpy reference",
+    )
     p.add_argument(
         "--device",
         type=device,
@@ -236,9 +247,17 @@ def register(subparsers: Any) -> None:
         "in-process server) run; float64 (the numpy reference) runs on the CPU only and is refused with "
         "another device",
     )
-    p.add_argument("--level", choices=("permute", "paper", "blind"), default="paper")
     p.add_argument(
-        "--beta", type=float_at_least(0.0), default=5.0, help="Laplace scale of the noised stages (default 5)"
+        "--level",
+        choices=("permute", "paper", "blind"),
+        default="paper",
+        help="SCX's protection level (default paper; README: Choosing a configuration)",
+    )
+    p.add_argument(
+        "--beta",
+        type=float_at_least(0.0),
+        default=None,
+        help=f"Laplace scale of the noised stages (default {DEFAULT_BETA:g}; levels paper and blind only)",
     )
     p.add_argument(
         "--tokens", type=int_at_least(2), default=512, help="corpus tokens of the ΔPPL check (default 512)"
