@@ -267,18 +267,23 @@ class SCXService:
                 except OSError as exc:
                     reason = exc.strerror or str(exc)
                     raise ServiceError(f"cannot listen on {ops_address} (ops port): {reason}") from None
+            # the batching loop's state exists before the first message can arrive
+            self._mid_wake = asyncio.Event()
+            self._stopped = asyncio.Event()
+            self._mid_task = asyncio.get_running_loop().create_task(self._mid_loop())
+            self._idle_task = asyncio.get_running_loop().create_task(self._idle_loop())
             await self._grpc.start()
         except BaseException:
             await self._abort_start()
             raise
-        self._mid_wake = asyncio.Event()
-        self._stopped = asyncio.Event()
-        self._mid_task = asyncio.get_running_loop().create_task(self._mid_loop())
-        self._idle_task = asyncio.get_running_loop().create_task(self._idle_loop())
         _event("listening", port=self.port, ops_port=self.ops_port, **self.info)
 
     async def _abort_start(self) -> None:
-        """Undo a failed :meth:`start`: close whatever listener it opened and the compute pool."""
+        """Undo a failed :meth:`start`: its loops, whatever listener it opened and the compute pool."""
+        for task in (self._mid_task, self._idle_task):
+            if task is not None:
+                task.cancel()
+        self._mid_task = self._idle_task = None
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
