@@ -36,12 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of subcommand ``command`` (``parser`` itself when there is none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``scx`` on ``argv`` (default ``sys.argv[1:]``); the exit code: 2 with ``scx <command>: error: …``
     (argparse's own form for a bad option) on bad input (SCXError) or a file it cannot read or write
     (OSError), never a traceback for either."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser: ``scx <command>: error:`` and its usage
+        _command_parser(parser, getattr(args, "command", None)).error(
+            f"unrecognized arguments: {' '.join(extra)}"
+        )
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0

@@ -86,6 +86,7 @@ CASES: list[tuple[str, str]] = [
     # what depends on the model: after it loads, before any request, naming the options
     ("generate --model tiny-llama --prompt-ids 1,2,99999", "prompt-ids"),
     ("generate --model tiny-llama --prompt-ids 1,2 --max-new-tokens 100000", "max-new-tokens"),
+    ("generate --model tiny-llama --prompt-ids 1,2 --stop x", "stop"),  # no tokenizer to match it with
     ("generate --model tiny-llama --prompt-ids 1,2 --server scx://127.0.0.1:1 --timeout -1", "timeout"),
     (
         "generate --model tiny-llama --prompt-ids 1,2 --server scxs://127.0.0.1:1 --tls-ca /nonexistent/ca",
@@ -178,3 +179,20 @@ def test_a_device_passes_only_as_torch_reads_it(text: str, monkeypatch: pytest.M
     assert device("cuda:2") == "cuda:2"
     with pytest.raises(ConfigError, match="no such CUDA device"):
         require_device("cuda:2")
+
+
+@pytest.mark.parametrize(
+    "command", ["verify", "ppl", "bench", "bench-serve", "serve", "generate", "dp", "attack"]
+)
+def test_an_unknown_option_is_reported_by_its_subcommand(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``scx <command> --bogus``: exit 2 with ``scx <command>: error: unrecognized arguments`` (the top-level
+    parser used to report it as ``scx: error:`` with the top-level usage)."""
+    required = {"serve": ["--model", "tiny-llama"], "generate": ["--prompt-ids", "1"]}.get(command, [])
+    with pytest.raises(SystemExit) as exc:
+        main([command, *required, "--bogus-option", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert f"scx {command}: error: unrecognized arguments: --bogus-option 1" in err, err
+    assert f"usage: scx {command}" in err, err

@@ -171,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.stop:
+        if tokenizer is None:
+            args.parser.error(f"--stop: model {args.model!r} has no tokenizer to match stop strings with")
         options["stop_strings"] = args.stop
         options["tokenizer"] = tokenizer
     if args.no_eos:
