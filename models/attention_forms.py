@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from scx_ref.commands._args import int_at_least
+
 
 def enable_gqa_form(self: Any, q: Any, k: Any, v: Any) -> Any:
     """The call ``TorchBackend.attention`` made before stop 50 where every query sees every key: its one
@@ -78,7 +80,7 @@ def time_forms(backend: Any, keys: int, calls: int) -> tuple[list[float], list[f
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.attention_forms", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="a registered model (its head counts and blocks)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
+    p.add_argument("--threads", type=int_at_least(1), default=1, help="torch CPU threads, >= 1 (1)")
     p.add_argument("--keys", default="16,128,513,2049,4097", help="comma-separated cache lengths")
     p.add_argument("--calls", type=int, default=400, help="timed calls of each form per length (400)")
     a = p.parse_args(argv)

@@ -21,6 +21,7 @@ Run: ``python -m models.client_ab --other ../old-checkout [--n 512] [--tokens 0]
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import shutil
 import statistics
@@ -34,11 +35,25 @@ from typing import Any
 
 import numpy as np
 
+from scx_ref.commands._args import int_at_least
 from scx_ref.timing import timed, timed_server
 
 from .timing_args import timing_parser
 
 OTHER = "scx_ref_other"
+#: the sessions' ``max_length`` (or the model's positions, if fewer): prompt and generated tokens together
+MAX_LENGTH = 4096
+
+
+def checkout(text: str) -> Path:
+    """A type for ``--other``: a directory holding an ``scx_ref`` package (checked before any model loads)."""
+    path = Path(text)
+    if not (path / "scx_ref" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a checkout: it has no scx_ref package")
+    return path
+
+
+checkout.__name__ = "checkout"
 
 
 def load_other(checkout: Path, into: Path) -> ModuleType:
@@ -95,7 +110,7 @@ def client_times(
     first, hf_model, _used = build_models(model, "float32", "cpu")
     if hf_model is None:
         raise SystemExit(f"{model}: no Hugging Face model to build both backends from")
-    max_length = min(first.config.max_positions, 4096)
+    max_length = min(first.config.max_positions, MAX_LENGTH)
     if n + tokens > max_length:
         raise SystemExit(f"{n} + {tokens} positions exceed the model's {max_length}")
     ids = np.random.default_rng(0).integers(0, first.config.vocab_size, size=n)
@@ -134,22 +149,21 @@ def client_times(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = timing_parser("models.client_ab", __doc__, rounds=9)
-    p.add_argument("--other", type=Path, required=True, help="the other checkout's root (holds scx_ref/)")
+    # at least 4 rounds: the quartiles of the paired differences
+    p = timing_parser("models.client_ab", __doc__, rounds=9, min_rounds=4, max_n=MAX_LENGTH)
+    p.add_argument("--other", type=checkout, required=True, help="the other checkout's root (holds scx_ref/)")
     p.add_argument(
         "--tokens",
-        type=int,
+        type=int_at_least(0),
         default=0,
-        help="time this many generation steps per round, per token (0: the prefill)",
+        help="time this many generation steps per round, per token, >= 0 (0: the prefill)",
     )
     p.add_argument(
         "--verify", choices=["both", "on", "off"], default="both", help="reply verification (both)"
     )
     a = p.parse_args(argv)
-    if a.tokens < 0:
-        p.error("--tokens must be at least 0")
-    if a.rounds < 4:
-        p.error("--rounds must be at least 4 (the quartiles of the paired differences)")
+    if a.n + a.tokens > MAX_LENGTH:
+        p.error(f"--n {a.n} + --tokens {a.tokens} positions exceed the sessions' max_length {MAX_LENGTH}")
     verify = {"both": [True, False], "on": [True], "off": [False]}[a.verify]
     times = client_times(a.other.resolve(), a.model, a.n, a.threads, a.rounds, verify, a.tokens)
     med = statistics.median

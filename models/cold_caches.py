@@ -21,9 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from scx_ref.commands._args import int_at_least
 from scx_ref.timing import around, timed_prefill, timed_server
 
 from .timing_args import timing_parser
+
+#: the session's ``max_length`` (or the model's positions, if fewer): the longest prompt timed
+MAX_LENGTH = 4096
 
 
 def evicting(server_cls: type[Any], mib: int) -> type[Any]:
@@ -57,7 +61,7 @@ def client_times(
         raise SystemExit("--evict-mb and --rounds must be at least 1")
     torch.set_num_threads(threads)
     backend, _hf, _used = build_models(model, "float32", "cpu")
-    cfg = SCXConfig(level="permute", max_length=min(backend.config.max_positions, 4096), verify=verify)
+    cfg = SCXConfig(level="permute", max_length=min(backend.config.max_positions, MAX_LENGTH), verify=verify)
     client = Client(backend, KeySchedule.generate(), cfg)
     ids = np.random.default_rng(0).integers(0, backend.config.vocab_size, size=n)
     plain, in_plain = timed_server(Server)
@@ -79,8 +83,12 @@ def _summary(xs: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = timing_parser("models.cold_caches", __doc__, rounds=15, model_help="a registered model")
-    p.add_argument("--evict-mb", type=int, default=64, help="MiB written after each server reply (64)")
+    p = timing_parser(
+        "models.cold_caches", __doc__, rounds=15, model_help="a registered model", max_n=MAX_LENGTH
+    )
+    p.add_argument(
+        "--evict-mb", type=int_at_least(1), default=64, help="MiB written after each server reply, >= 1 (64)"
+    )
     p.add_argument("--no-verify", action="store_true", help="reply verification off")
     a = p.parse_args(argv)
     import scx_ref

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from scx_ref.backends.base import WeightName, out_width
+from scx_ref.commands._args import int_at_least
 
 FORMS = ("in_out", "mkl_packed", "onednn", "unpadded")
 
@@ -118,9 +119,9 @@ def time_forms(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.gemm_forms", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="a registered model (its projection shapes)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
+    p.add_argument("--threads", type=int_at_least(1), default=1, help="torch CPU threads, >= 1 (1)")
     p.add_argument("--rows", default="1,130,514", help="comma-separated row counts (1,130,514)")
-    p.add_argument("--rounds", type=int, default=7, help="alternating rounds (7)")
+    p.add_argument("--rounds", type=int_at_least(1), default=7, help="alternating rounds, >= 1 (7)")
     p.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated forms ({','.join(FORMS)})")
     a = p.parse_args(argv)
     forms = tuple(f.strip() for f in a.forms.split(",") if f.strip())

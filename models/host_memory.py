@@ -31,7 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from scx_ref.commands._args import int_at_least
+
 from .timing_args import timing_parser
+
+#: the sessions' ``max_length`` (or the model's positions, if fewer): the longest prompt measured
+MAX_LENGTH = 4096
 
 
 def _faults() -> int:
@@ -91,7 +96,7 @@ def prefill_pool(backend: Any, n: int, rounds: int) -> dict[str, tuple[float, fl
     from scx_ref.timing import timed_prefill, timed_server
 
     limit, pooled = host_memory.LARGE_BYTES, host_memory.empty
-    cfg = SCXConfig(level="permute", max_length=min(backend.config.max_positions, 4096), verify=False)
+    cfg = SCXConfig(level="permute", max_length=min(backend.config.max_positions, MAX_LENGTH), verify=False)
     client = Client(backend, KeySchedule.generate(), cfg)
     ids = np.random.default_rng(0).integers(0, backend.config.vocab_size, size=n)
     timed, in_server = timed_server(Server)
@@ -137,7 +142,7 @@ def process_peak(
     if pool_mib is not None:
         host_memory.POOL_BYTES = pool_mib << 20
     backend, _hf, _used = build_models(model, "float32", "cpu")
-    client = Client(backend, KeySchedule.generate(), SCXConfig(level="permute", max_length=4096))
+    client = Client(backend, KeySchedule.generate(), SCXConfig(level="permute", max_length=MAX_LENGTH))
     ids = np.random.default_rng(0).integers(0, backend.config.vocab_size, size=n)
     loaded = _status_mib()["VmRSS"]
     with torch.inference_mode():
@@ -147,7 +152,9 @@ def process_peak(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = timing_parser("models.host_memory", __doc__, rounds=7, model_help="a registered model (smollm2)")
+    p = timing_parser(
+        "models.host_memory", __doc__, rounds=7, model_help="a registered model", max_n=MAX_LENGTH
+    )
     p.add_argument(
         "--peak",
         action="store_true",
@@ -155,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         "without (each in a fresh process)",
     )
     p.add_argument(
-        "--pool-mib", type=int, help="with --peak: the pool's bound in MiB (POOL_BYTES by default)"
+        "--pool-mib",
+        type=int_at_least(0),
+        help="with --peak: the pool's bound in MiB, >= 0 (POOL_BYTES by default)",
     )
     p.add_argument("--peak-child", choices=["pool", "no-pool"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from scx_ref.commands._args import input_file, output_file
 from scx_ref.zoo import MODEL_NAMES
 
 __all__ = ["README_BEGIN", "README_END", "load_results", "main", "render", "update_readme"]
@@ -137,25 +138,65 @@ def render(records: list[dict[str, Any]]) -> str:
 
 
 def update_readme(readme: str, tables: str) -> str:
-    """``readme`` with the text between the results markers replaced by ``tables``."""
+    """``readme`` with the text between the results markers replaced by ``tables`` (ValueError for blank
+    ``tables``: the section is never emptied)."""
     start, end = readme.find(README_BEGIN), readme.find(README_END)
     if start < 0 or end < start:
         raise ValueError(f"README lacks the markers {README_BEGIN!r} … {README_END!r}")
+    if not tables.strip():
+        raise ValueError("no tables to put between the README's results markers")
     return readme[: start + len(README_BEGIN)] + "\n\n" + tables.strip() + "\n\n" + readme[end:]
 
 
+def _results_dir(text: str) -> Path:
+    """A type for ``--results``: an existing directory."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return path
+
+
+_results_dir.__name__ = "results directory"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the tables (or write them to ``--out``, or into the README between its markers)."""
-    p = argparse.ArgumentParser(prog="python -m scx_models.report", description=__doc__.splitlines()[0])
-    p.add_argument("--results", type=Path, default=RESULTS_DIR)
-    p.add_argument("--out", type=Path)
-    p.add_argument("--readme", type=Path, help="rewrite the results section of this README in place")
+    """Print the tables (or write them to ``--out``, or into the README between its markers). A results
+    directory with no records, or a file there that is not JSON, is refused (exit status 2) before anything
+    is written: an empty table never replaces the README's."""
+    p = argparse.ArgumentParser(prog="python -m scx_models.report", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--results",
+        type=_results_dir,
+        default=RESULTS_DIR,
+        metavar="DIR",
+        help="the directory of results JSON files (kinds ppl, generate, sweep); default models/results",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out", type=output_file, metavar="PATH", help="write the tables to PATH (not stdout)"
+    )
+    where.add_argument(
+        "--readme",
+        type=input_file,
+        metavar="PATH",
+        help="rewrite the results section of this README (between its markers) in place",
+    )
     a = p.parse_args(argv)
-    text = render(load_results(a.results))
+    try:
+        records = load_results(a.results)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        p.error(f"cannot read the results in {str(a.results)!r}: {exc}")
+    if not records:
+        p.error(f"no results records (kinds {', '.join(KINDS)}) in {str(a.results)!r}: nothing to report")
+    text = render(records)
     if a.readme:
-        a.readme.write_text(update_readme(a.readme.read_text(encoding="utf-8"), text), encoding="utf-8")
+        try:
+            updated = update_readme(a.readme.read_text(encoding="utf-8"), text)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            p.error(f"cannot update {str(a.readme)!r}: {exc}")
+        a.readme.write_text(updated, encoding="utf-8")
     elif a.out:
-        a.out.write_text(text)
+        a.out.write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
     return 0

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from scx_ref.commands._args import device, int_at_least
+
 from .timing_args import timing_parser
 
 
@@ -127,9 +129,9 @@ def _table(averages: Any, key: str, top: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = timing_parser("models.request_profile", __doc__, rounds=5, model_help="a registered model")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (cpu)")
     p.add_argument("--no-verify", action="store_true", help="reply verification off")
-    p.add_argument("--top", type=int, default=25, help="entries of each table (25)")
+    p.add_argument("--top", type=int_at_least(1), default=25, help="entries of each table, >= 1 (25)")
     a = p.parse_args(argv)
     threads = a.threads if a.device == "cpu" else None  # on a GPU, torch's own CPU threads
     print(profile_prefill(a.model, a.n, a.device, not a.no_verify, a.rounds, a.top, threads))

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from scx_ref.commands._args import float_at_least, int_at_least, output_file
+from scx_ref.errors import SCXError
 from scx_ref.protocol import Level
 from scx_ref.protocol.config import BLIND_DTYPES, BlindDtype
 from scx_ref.zoo import MODEL_NAMES, load_model
@@ -142,19 +144,55 @@ def sweep_run(
     return {"kind": "sweep", "model": model, "level": level, "tokens": tokens, "window": window, "rows": rows}
 
 
+_KIND_HELP = {
+    "ppl": "plaintext vs SCX perplexity over the corpus",
+    "generate": "greedy continuations of corpus prompts, plaintext vs SCX",
+    "sweep": "ΔPPL against β at level blind",
+}
+
+
+def _dtypes(text: str) -> list[str]:
+    """``--dtypes``: a comma-separated list of float32/float64."""
+    got = text.split(",")
+    bad = [d for d in got if d not in ("float32", "float64")]
+    if bad or not text:
+        raise argparse.ArgumentTypeError(f"dtypes are float32 and float64, got {text!r}")
+    return got
+
+
+def _betas(text: str) -> list[float]:
+    """``--betas``: a comma-separated list of finite numbers > 0."""
+    scale = float_at_least(0.0, strict=True)
+    return [scale(b) for b in text.split(",")]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m scx_models.runs {ppl,generate,sweep} ...``: run one check and write its JSON."""
     p = argparse.ArgumentParser(prog="python -m scx_models.runs", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="kind", required=True)
     for kind in ("ppl", "generate", "sweep"):
-        s = sub.add_parser(kind)
-        s.add_argument("--model", choices=MODEL_NAMES, default="smollm2")
-        s.add_argument("--out", type=Path, help="results JSON (default models/results/<auto>.json)")
+        s = sub.add_parser(kind, help=_KIND_HELP[kind])
+        s.add_argument(
+            "--model", choices=MODEL_NAMES, default="smollm2", help="registered model (default smollm2)"
+        )
+        s.add_argument("--out", type=output_file, help="results JSON (default models/results/<auto>.json)")
         if kind == "sweep":
-            s.add_argument("--dtypes", default="float32,float64")
-            s.add_argument("--betas", default="0.01,0.1,1,10,100,1000,1e4,1e5,1e6,1e7,1e8")
-            s.add_argument("--tokens", type=int, default=1024)
-            s.add_argument("--window", type=int, default=512)
+            s.add_argument(
+                "--dtypes",
+                type=_dtypes,
+                default="float32,float64",
+                help="comma-separated dtypes (float32, float64; default both)",
+            )
+            s.add_argument(
+                "--betas",
+                type=_betas,
+                default="0.01,0.1,1,10,100,1000,1e4,1e5,1e6,1e7,1e8",
+                help="comma-separated Laplace scales, each > 0 (default 0.01 to 1e8 by decades)",
+            )
+            s.add_argument(
+                "--tokens", type=int_at_least(2), default=1024, help="corpus tokens (default 1024)"
+            )
+            s.add_argument("--window", type=int_at_least(2), default=512, help="window tokens (default 512)")
             s.add_argument(
                 "--blind-dtype",
                 choices=BLIND_DTYPES,
@@ -163,30 +201,52 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "above the float32 β limit (auto), or always float64",
             )
         else:
-            s.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-            s.add_argument("--level", choices=("permute", "paper", "blind"), default="permute")
-            s.add_argument("--beta", type=float, default=5.0)
+            s.add_argument(
+                "--dtype", choices=("float32", "float64"), default="float32", help="dtype (default float32)"
+            )
+            s.add_argument(
+                "--level",
+                choices=("permute", "paper", "blind"),
+                default="permute",
+                help="SCX level (default permute)",
+            )
+            s.add_argument(
+                "--beta",
+                type=float_at_least(0.0),
+                default=5.0,
+                help="Laplace scale of noised stages (default 5)",
+            )
         if kind == "ppl":
-            s.add_argument("--tokens", type=int, default=4096)
-            s.add_argument("--window", type=int, default=1024)
+            s.add_argument(
+                "--tokens", type=int_at_least(2), default=4096, help="corpus tokens (default 4096)"
+            )
+            s.add_argument(
+                "--window", type=int_at_least(2), default=1024, help="window tokens (default 1024)"
+            )
         if kind == "generate":
-            s.add_argument("--prompts", type=int, default=8)
-            s.add_argument("--prompt-len", type=int, default=32)
-            s.add_argument("--new", type=int, default=64)
+            s.add_argument("--prompts", type=int_at_least(1), default=8, help="prompts (default 8)")
+            s.add_argument(
+                "--prompt-len", type=int_at_least(1), default=32, help="tokens per prompt (default 32)"
+            )
+            s.add_argument("--new", type=int_at_least(1), default=64, help="greedy new tokens (default 64)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    if a.kind == "ppl":
-        rec = ppl_run(a.model, a.dtype, a.level, a.beta, a.tokens, a.window, progress=True)
-        name = f"ppl-{a.model}-{a.dtype}-{a.level}"
-    elif a.kind == "generate":
-        rec = generate_run(a.model, a.dtype, a.level, a.beta, a.prompts, a.prompt_len, a.new, progress=True)
-        name = f"generate-{a.model}-{a.dtype}-{a.level}"
-    else:
-        betas = [float(b) for b in a.betas.split(",")]
-        rec = sweep_run(
-            a.model, a.dtypes.split(","), betas, a.tokens, a.window, progress=True, blind_dtype=a.blind_dtype
-        )
-        name = f"sweep-{a.model}-blind"
+    try:  # a value the model refuses (a window past its positions, …): exit 2 with its message
+        if a.kind == "ppl":
+            rec = ppl_run(a.model, a.dtype, a.level, a.beta, a.tokens, a.window, progress=True)
+            name = f"ppl-{a.model}-{a.dtype}-{a.level}"
+        elif a.kind == "generate":
+            rec = generate_run(
+                a.model, a.dtype, a.level, a.beta, a.prompts, a.prompt_len, a.new, progress=True
+            )
+            name = f"generate-{a.model}-{a.dtype}-{a.level}"
+        else:
+            rec = sweep_run(
+                a.model, a.dtypes, a.betas, a.tokens, a.window, progress=True, blind_dtype=a.blind_dtype
+            )
+            name = f"sweep-{a.model}-blind"
+    except SCXError as exc:
+        sub.choices[a.kind].error(str(exc))
     rec["command"] = "python -m scx_models.runs " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     rec["wall_seconds"] = time.perf_counter() - t0
     rec["env"] = _env()

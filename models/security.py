@@ -19,14 +19,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from scx_ref.attacks.active import TamperingTransport
 from scx_ref.backends import NumpyBackend
-from scx_ref.errors import IntegrityError
+from scx_ref.commands._args import int_at_least, output_file
+from scx_ref.errors import IntegrityError, SCXError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, Reply, Request, SCXConfig, Server
 from scx_ref.protocol.verify import SketchCache
@@ -160,14 +160,21 @@ def security_run(model: str, dtype: str, n_prompts: int, prompt_len: int, n_new:
 def main(argv: list[str] | None = None) -> int:
     """Run and write the JSON."""
     p = argparse.ArgumentParser(prog="python -m scx_models.security", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=MODEL_NAMES, default="smollm2")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new", type=int, default=8)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--model", choices=MODEL_NAMES, default="smollm2", help="registered model (default smollm2)"
+    )
+    p.add_argument(
+        "--dtype", choices=("float32", "float64"), default="float32", help="dtype (default float32)"
+    )
+    p.add_argument("--prompts", type=int_at_least(1), default=4, help="honest sessions per level (default 4)")
+    p.add_argument("--prompt-len", type=int_at_least(1), default=64, help="tokens per prompt (default 64)")
+    p.add_argument("--new", type=int_at_least(1), default=8, help="generated tokens per session (default 8)")
+    p.add_argument("--out", type=output_file, required=True, help="results JSON to write")
     args = p.parse_args(argv)
-    rec = security_run(args.model, args.dtype, args.prompts, args.prompt_len, args.new)
+    try:  # a value the model refuses: exit 2 with its message
+        rec = security_run(args.model, args.dtype, args.prompts, args.prompt_len, args.new)
+    except SCXError as exc:
+        p.error(str(exc))
     rec["command"] = shlex.join(
         ["python", "-m", "scx_models.security", *(sys.argv[1:] if argv is None else argv)]
     )

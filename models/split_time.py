@@ -30,6 +30,9 @@ from scx_ref.timing import around, timed_kernels, timed_prefill, timed_server
 
 from .timing_args import timing_parser
 
+#: the session's ``max_length`` (or the model's positions, if fewer): the longest prompt timed
+MAX_LENGTH = 4096
+
 
 def flagged(server_cls: type[Any], busy: list[bool]) -> type[Any]:
     """A subclass of ``server_cls`` whose ``handle`` sets ``busy[0]`` while it runs (so that a kernel timer
@@ -69,7 +72,7 @@ def split_prefill(
     backend, hf_model, _used = build_models(model, "float32", "cpu")
     if hf_model is None:
         raise SystemExit(f"{model}: no Hugging Face model to compare with")
-    cfg = SCXConfig(level=level, max_length=min(backend.config.max_positions, 4096), verify=verify)  # type: ignore[arg-type]
+    cfg = SCXConfig(level=level, max_length=min(backend.config.max_positions, MAX_LENGTH), verify=verify)  # type: ignore[arg-type]
     client = Client(backend, KeySchedule.generate(), cfg)
     ids = np.random.default_rng(0).integers(0, backend.config.vocab_size, size=n)
     tid = torch.from_numpy(ids)[None]
@@ -109,7 +112,7 @@ def split_prefill(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = timing_parser("models.split_time", __doc__, rounds=7)
+    p = timing_parser("models.split_time", __doc__, rounds=7, max_n=MAX_LENGTH)
     p.add_argument("--no-verify", action="store_true", help="reply verification off")
     p.add_argument(
         "--kernels",

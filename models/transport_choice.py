@@ -21,8 +21,9 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
+
+from scx_ref.commands._args import int_at_least, output_file
 
 SIZES = (2304, 786_432, 2_000_000)
 
@@ -123,7 +124,9 @@ LIBRARIES: dict[str, tuple[Callable[[int], None], Callable[[int, bytes, int], li
 
 
 def measure(reps: int = 3) -> list[dict[str, Any]]:
-    """Median round trip (ms) per library and size, best of ``reps`` runs."""
+    """Median round trip (ms) per library and size, best of ``reps`` (>= 1) runs."""
+    if reps < 1:
+        raise ValueError(f"reps must be at least 1, got {reps}")
     rows = []
     for name, (serve, client) in LIBRARIES.items():
         port = _free_port()
@@ -147,20 +150,25 @@ def measure(reps: int = 3) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     """Measure and print (and write JSON with ``--json``)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    ap = argparse.ArgumentParser(
+        prog="python -m models.transport_choice", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    ap.add_argument(
+        "--reps", type=int_at_least(1), default=3, help="runs per library and size, the best kept; >= 1 (3)"
+    )
+    ap.add_argument(
+        "--json", type=output_file, default=None, metavar="PATH", help="also write the rows as JSON to PATH"
+    )
+    args = ap.parse_args(argv)
     load = os.getloadavg()[0]
     rows = measure(args.reps)
     print(f"load average {load:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"rows": rows, "loadavg": load, "cpus": os.cpu_count()}, indent=1)
-        )
+        args.json.write_text(json.dumps({"rows": rows, "loadavg": load, "cpus": os.cpu_count()}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

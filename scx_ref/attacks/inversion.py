@@ -113,9 +113,15 @@ def fit_inverter(
     import torch
 
     gen = torch.Generator().manual_seed(seed)
+    # The layers are built on the meta device (no memory, no numbers: torch's default initialisation would
+    # draw from, and advance, the global random state), moved to the CPU uninitialised and initialised from
+    # ``gen`` alone — the fit is a function of ``seed`` and leaves the caller's random state untouched.
+    meta = torch.device("meta")
     net = torch.nn.Sequential(
-        torch.nn.Linear(z.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, y.shape[1])
-    )
+        torch.nn.Linear(z.shape[1], hidden, device=meta),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, y.shape[1], device=meta),
+    ).to_empty(device="cpu")
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / np.sqrt(max(p.shape[-1], 1))))
