@@ -4,20 +4,42 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import ConfigError, NonFiniteError
 
-__all__ = ["check_count", "check_delta", "check_nonnegative", "check_positive"]
+__all__ = [
+    "check_count",
+    "check_delta",
+    "check_nonnegative",
+    "check_positive",
+    "count_as_float",
+    "sum_nonnegative",
+    "times",
+]
 
 
 def _as_real(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{name} must be a real number, got {value!r}")
-    out = float(value)
+    try:
+        out = float(value)
+    except OverflowError:  # an int or Fraction beyond the float64 range
+        raise NonFiniteError(
+            f"{name} is too large for a float64 (it must be finite), got {_short(value)}"
+        ) from None
     if not math.isfinite(out):
         raise NonFiniteError(f"{name} must be finite, got {value!r}")
     return out
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, shortened for huge integers (whose full decimal form may not even be printable)."""
+    if isinstance(value, numbers.Integral) and int(value).bit_length() > 64:
+        return f"an integer of {int(value).bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_positive(value: Any, name: str) -> float:
@@ -52,5 +74,28 @@ def check_count(value: Any, name: str, minimum: int = 1) -> int:
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     out = int(value)
     if out < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be >= {minimum}, got {_short(value)}")
     return out
+
+
+def count_as_float(count: int) -> float:
+    """``float(count)`` for a non-negative integer count; +inf when it exceeds the float64 range."""
+    try:
+        return float(count)
+    except OverflowError:
+        return math.inf
+
+
+def times(count: int, value: float) -> float:
+    """``count · value`` for a count ≥ 0 and a value ≥ 0, in float64: +inf on overflow, 0 when either is 0."""
+    if count == 0 or value == 0.0:
+        return 0.0
+    return count_as_float(count) * value
+
+
+def sum_nonnegative(values: Iterable[float]) -> float:
+    """``math.fsum`` of non-negative values (+inf allowed); +inf when the sum exceeds the float64 range."""
+    try:
+        return math.fsum(values)
+    except OverflowError:  # intermediate overflow: every term is >= 0, so the sum is beyond the range
+        return math.inf

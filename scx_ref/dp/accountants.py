@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from ._validate import check_count, check_delta, check_positive
+from ._validate import check_count, check_delta, check_positive, count_as_float, sum_nonnegative, times
 from .mechanisms import LaplaceMechanism
 
 __all__ = [
@@ -49,8 +49,9 @@ MAX_PLD_POINTS = 1 << 24
 
 
 def basic_composition(epsilon: float, k: int) -> float:
-    """Basic composition: k ε-DP releases are (k·ε)-DP with δ = 0."""
-    return check_count(k, "k (compositions)") * check_positive(epsilon, "epsilon")
+    """Basic composition: k ε-DP releases are (k·ε)-DP with δ = 0 (+inf when k·ε exceeds the float range)."""
+    eps = check_positive(epsilon, "epsilon")
+    return times(check_count(k, "k (compositions)"), eps)
 
 
 def _drv_term(eps: float) -> float:
@@ -64,10 +65,11 @@ def _drv_term(eps: float) -> float:
 def advanced_composition(epsilon: float, k: int, delta_prime: float) -> float:
     """Advanced composition (Dwork–Rothblum–Vadhan): ``ε' = √(2k ln(1/δ'))·ε + k·ε(e^ε − 1)``.
 
-    Guarantee: k adaptively chosen ε-DP releases are (ε', δ')-DP. Returns +inf when e^ε overflows.
+    Guarantee: k adaptively chosen ε-DP releases are (ε', δ')-DP. Returns +inf when the value exceeds the
+    float64 range (e^ε overflows, or k is too large), never a finite understatement.
     """
     eps = check_positive(epsilon, "epsilon")
-    kk = check_count(k, "k (compositions)")
+    kk = count_as_float(check_count(k, "k (compositions)"))
     dp = check_delta(delta_prime, "delta_prime")
     return math.sqrt(2.0 * kk * math.log(1.0 / dp)) * eps + kk * _drv_term(eps)
 
@@ -83,20 +85,24 @@ def _check_mechanisms(mechanisms: Sequence[LaplaceMechanism]) -> list[LaplaceMec
 
 
 def basic_composition_heterogeneous(mechanisms: Sequence[LaplaceMechanism]) -> float:
-    """Basic composition of releases with different ε: ``Σ_i count_i·ε_i`` (pure DP, δ = 0)."""
-    return math.fsum(m.count * m.epsilon for m in _check_mechanisms(mechanisms))
+    """Basic composition of releases with different ε: ``Σ_i count_i·ε_i`` (pure DP, δ = 0).
+
+    +inf when the sum exceeds the float64 range.
+    """
+    return sum_nonnegative(times(m.count, m.epsilon) for m in _check_mechanisms(mechanisms))
 
 
 def advanced_composition_heterogeneous(mechanisms: Sequence[LaplaceMechanism], delta_prime: float) -> float:
     """Heterogeneous advanced composition: ``ε' = √(2 ln(1/δ') Σ ε_i²) + Σ ε_i(e^{ε_i} − 1)``.
 
     Guarantee: the releases together are (ε', δ')-DP (sums run over every release, ``count`` times each).
-    With all ε_i = ε this is exactly :func:`advanced_composition`.
+    With all ε_i = ε this is exactly :func:`advanced_composition`. Like it, returns +inf when the value
+    exceeds the float64 range (never an exception, never a finite understatement).
     """
     mechs = _check_mechanisms(mechanisms)
     dp = check_delta(delta_prime, "delta_prime")
-    sq = math.fsum(m.count * m.epsilon**2 for m in mechs)
-    drift = math.fsum(m.count * _drv_term(m.epsilon) for m in mechs)
+    sq = sum_nonnegative(times(m.count, m.epsilon * m.epsilon) for m in mechs)  # float * overflows to inf
+    drift = sum_nonnegative(times(m.count, _drv_term(m.epsilon)) for m in mechs)
     return math.sqrt(2.0 * math.log(1.0 / dp) * sq) + drift
 
 
@@ -109,13 +115,14 @@ def pld_interval_for(mechanisms: Sequence[LaplaceMechanism]) -> float:
     """The discretization interval :func:`pld_epsilon` uses by default.
 
     1e-4, coarsened for large ε so the distributions stay small: at least ``max ε_i / 10⁴`` and
-    ``Σ ε_i / 10⁶``. A coarser interval is still a sound (pessimistic) upper bound, only looser.
+    ``Σ ε_i / 10⁶``. A coarser interval is still a sound (pessimistic) upper bound, only looser. It is
+    +inf when ``Σ ε_i`` exceeds the float64 range (the PLD ε is then +inf as well).
     """
     mechs = [m for m in _check_mechanisms(mechanisms) if m.epsilon > 0]
     if not mechs:
         return DEFAULT_PLD_INTERVAL
     largest = max(m.epsilon for m in mechs)
-    total = math.fsum(m.count * m.epsilon for m in mechs)
+    total = sum_nonnegative(times(m.count, m.epsilon) for m in mechs)
     return max(DEFAULT_PLD_INTERVAL, largest / 10000.0, total / 1000000.0)
 
 
@@ -125,10 +132,22 @@ def pld_discretization_slack(mechanisms: Sequence[LaplaceMechanism], interval: f
     Pessimistic rounding moves each release's privacy loss up to the next multiple of h, so the composed
     PLD may report up to this much more than the exact ε(δ) at very small δ; in particular the PLD number
     can exceed basic composition by up to this amount (e.g. ε = 0.34375, h = 1e-4, δ = 1e-12: PLD 0.3438).
-    It is 0 when every ε is a multiple of h.
+    It is 0 when every ε is a multiple of h. Each release contributes less than h, so the slack is finite
+    for every h > 0, however small (``ε mod h`` is computed exactly with ``math.fmod``); it is +inf only
+    when some ε is +inf or ``Σ count`` times h exceeds the float64 range. Raises ConfigError for a
+    non-mechanism, an empty list or h ≤ 0, NonFiniteError for a non-finite h.
     """
+    mechs = _check_mechanisms(mechanisms)
     h = check_positive(interval, "interval")
-    return math.fsum(m.count * (math.ceil(m.epsilon / h - 1e-9) * h - m.epsilon) for m in mechanisms)
+
+    def one(eps: float) -> float:
+        if math.isinf(eps):
+            return math.inf
+        rest = math.fmod(eps, h)  # exact: eps = q·h + rest with 0 <= rest < h
+        # an eps within 1e-9·h above a multiple of h (float noise) counts as that multiple: no slack
+        return 0.0 if rest <= 1e-9 * h else h - rest
+
+    return sum_nonnegative(times(m.count, one(m.epsilon)) for m in mechs)
 
 
 def pld_epsilon(
@@ -143,7 +162,8 @@ def pld_epsilon(
     self-composed ``count`` times; the groups are composed and read with ``get_epsilon_for_delta(delta)``.
     Guarantee: the releases are (ε, delta)-DP for the returned ε (pessimistic rounding makes it an upper
     bound on the optimal ε(δ), up to the ``tail_mass_truncation`` of 1e-15 the library adds to δ).
-    Returns ``None`` when ``dp_accounting`` is not installed. Releases with Δ₁ = 0 cost nothing.
+    Returns ``None`` when ``dp_accounting`` is not installed. Releases with Δ₁ = 0 cost nothing. Returns
+    +inf when ``Σ count·ε`` exceeds the float64 range or the accountant overflows.
     """
     mechs = _check_mechanisms(mechanisms)
     dl = check_delta(delta)
@@ -153,7 +173,10 @@ def pld_epsilon(
         else check_positive(value_discretization_interval, "value_discretization_interval")
     )
     largest = max((m.epsilon for m in mechs if m.sensitivity > 0), default=0.0)
-    if 2.0 * largest / interval > MAX_PLD_POINTS:
+    # Σ count·ε beyond the float64 range (an infinite ε, or counts too large to self-compose): the composed
+    # ε is beyond it as well; report +inf rather than hand the accountant numbers it cannot represent.
+    unbounded = math.isinf(basic_composition_heterogeneous(mechs))
+    if not unbounded and 2.0 * largest / interval > MAX_PLD_POINTS:
         raise ConfigError(
             f"a PLD interval of {interval:g} would discretize a release of ε = {largest:g} into "
             f"~{2.0 * largest / interval:.3g} values (limit {MAX_PLD_POINTS}); use an interval >= "
@@ -161,6 +184,8 @@ def pld_epsilon(
         )
     if not pld_available():
         return None
+    if unbounded:
+        return math.inf
     from dp_accounting.pld import privacy_loss_distribution as pld
 
     groups: dict[tuple[float, float], int] = {}
@@ -228,6 +253,7 @@ def compose(
     """Compose releases with every accountant: basic, advanced (at ``delta_prime``, default ``delta``), PLD.
 
     Guarantee: the releases are (epsilon_basic, 0)-, (epsilon_advanced, δ')- and (epsilon_pld, δ)-DP.
+    A value beyond the float64 range is +inf (never an exception, never a finite understatement).
     """
     mechs = _check_mechanisms(mechanisms)
     dl = check_delta(delta)
@@ -243,8 +269,11 @@ def compose(
             if value_discretization_interval is None
             else check_positive(value_discretization_interval, "value_discretization_interval")
         )
-        eps_pld = pld_epsilon(mechs, dl, value_discretization_interval=interval)
-    slack = None if interval is None or eps_pld is None else pld_discretization_slack(mechs, interval)
+        eps_pld = pld_epsilon(mechs, dl, value_discretization_interval=value_discretization_interval)
+    slack: float | None = None
+    if interval is not None and eps_pld is not None:
+        # an infinite default interval (Σ ε beyond the float64 range) leaves ε_pld = +inf, slack unbounded
+        slack = pld_discretization_slack(mechs, interval) if math.isfinite(interval) else math.inf
     best = best_cf if eps_pld is None else min(best_cf, eps_pld)
     return CompositionResult(
         k=sum(m.count for m in mechs),

@@ -189,10 +189,11 @@ def config_for_budget(
     g = check_count(guard, "guard")
     r = check_count(decoys, "decoys", minimum=0)
     if isinstance(beta, Mapping):
-        unknown = set(beta) - set(BETA_KINDS) - {"default"}
-        if unknown:
+        unknown = [k for k in beta if not isinstance(k, str) or (k not in BETA_KINDS and k != "default")]
+        if unknown:  # keys of any type (1, None, ...): list their reprs, never compare them
             raise ConfigError(
-                f"unknown stage(s) in beta: {sorted(unknown)}; kinds are {BETA_KINDS} (+ 'default')"
+                f"unknown stage(s) in beta: {', '.join(sorted(repr(k) for k in unknown))}; "
+                f"kinds are {BETA_KINDS} (+ 'default')"
             )
         stage_beta = {k: check_positive(v, f"beta[{k}]") for k, v in beta.items() if k != "default"}
         default = beta.get("default")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._validate import check_count, check_nonnegative, check_positive
+from ._validate import check_count, check_nonnegative, check_positive, times
 
 __all__ = [
     "LaplaceMechanism",
@@ -39,7 +39,8 @@ def laplace_epsilon(sensitivity: float, scale: float) -> float:
 
     Guarantee: releasing ``x + Laplace(0, β)^d`` is ε-DP (δ = 0) for inputs within L1 distance
     ``sensitivity`` = Δ₁ of each other. Δ₁ = 0 gives ε = 0 (the output does not depend on the input).
-    Raises ConfigError / NonFiniteError for Δ₁ < 0, β ≤ 0 or non-finite values.
+    Raises ConfigError / NonFiniteError for Δ₁ < 0, β ≤ 0 or non-finite values (an integer beyond the
+    float64 range counts as non-finite); a quotient beyond the float64 range is +inf.
     """
     d1 = check_nonnegative(sensitivity, "sensitivity")
     beta = check_positive(scale, "scale (beta)")
@@ -144,7 +145,7 @@ def per_coordinate_reading(delta_inf: float, scale: float, dim: int) -> PerCoord
     df = check_positive(delta_inf, "per-coordinate sensitivity (delta f)")
     s = check_positive(scale, "scale (s)")
     d = check_count(dim, "dim", minimum=1)
-    l1 = d * df
+    l1 = times(d, df)  # +inf when d·Δf exceeds the float64 range
     return PerCoordinateReading(
         delta_inf=df,
         scale=s,

@@ -1,6 +1,7 @@
 """Guessing bounds for permutations and for the paper's statelessness argument (DESIGN §7).
 
-All factorials go through ``math.lgamma`` so n in the thousands costs nothing and never overflows.
+All factorials go through ``math.lgamma`` so n in the thousands costs nothing and never overflows; counts
+beyond the float64 range give the limiting value (+inf bits, probability 0) rather than an exception.
 """
 
 from __future__ import annotations
@@ -22,9 +23,17 @@ __all__ = [
 _LN2 = math.log(2.0)
 
 
+def _lgamma_int(n: int) -> float:
+    """``ln Γ(n)`` for an integer n ≥ 1; +inf when n or the result exceeds the float64 range."""
+    try:
+        return math.lgamma(n)
+    except OverflowError:  # n too large for a float, or ln Γ(n) beyond the range
+        return math.inf
+
+
 def log2_factorial(m: int) -> float:
-    """``log₂(m!)`` via ``lgamma(m + 1) / ln 2`` (exact to float rounding)."""
-    return math.lgamma(check_count(m, "m", minimum=0) + 1) / _LN2
+    """``log₂(m!)`` via ``lgamma(m + 1) / ln 2`` (exact to float rounding); +inf past the float64 range."""
+    return _lgamma_int(check_count(m, "m", minimum=0) + 1) / _LN2
 
 
 def permutation_bits(n: int, r: int = 0) -> float:
@@ -73,7 +82,7 @@ def statelessness_bound_paper(epsilon: float, d: int, vocab_size: int) -> float:
     eps = check_nonnegative(epsilon, "epsilon")
     dd = check_count(d, "d", minimum=1)
     v = check_count(vocab_size, "vocab_size", minimum=1)
-    log_perm = -math.lgamma(dd + 1)
+    log_perm = -_lgamma_int(dd + 1)
     log_dp = eps - math.log(v)
     exponent = max(log_perm, log_dp)
     return 1.0 if exponent >= 0.0 else math.exp(exponent)
@@ -83,8 +92,12 @@ def bayes_guess_bound(epsilon: float, vocab_size: int) -> float:
     """Best success probability of guessing a uniformly drawn token from an ε-DP release of it.
 
     ``e^ε / (e^ε + V − 1)``: the posterior of any token is at most e^ε times that of each of the other
-    V − 1, so it is at most ``e^ε / (e^ε + V − 1)``; evaluated as ``1 / (1 + (V − 1) e^{−ε})``.
+    V − 1, so it is at most ``e^ε / (e^ε + V − 1)``; evaluated as ``1 / (1 + (V − 1) e^{−ε})`` (through
+    logarithms when V − 1 exceeds the float64 range, so any integer V is accepted).
     """
     eps = check_nonnegative(epsilon, "epsilon")
     v = check_count(vocab_size, "vocab_size", minimum=1)
-    return 1.0 / (1.0 + (v - 1) * math.exp(-eps))
+    if v - 1 < 2**1000:
+        return 1.0 / (1.0 + (v - 1) * math.exp(-eps))
+    t = math.log(v - 1) - eps  # ln((V − 1) e^{−ε}); math.log takes integers of any size
+    return math.exp(-t) if t > 700.0 else 1.0 / (1.0 + math.exp(t))

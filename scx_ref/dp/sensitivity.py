@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._checks import as_float_array
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, NonFiniteError, ShapeError
 from ..weights import DenseMLP, LayerWeights, ModelWeights
 from ._validate import check_count, check_nonnegative
 
@@ -53,16 +53,38 @@ def _gamma(gamma: Any) -> FloatArray:
 
 
 def normalize_rows(x: Any, gamma: Any, eps: float = 0.0) -> FloatArray:
-    """RMSNorm of each row, in float64: ``γ ⊙ x / √(mean(x²) + eps)`` (the model's row-wise norm)."""
+    """RMSNorm of each row, in float64: ``γ ⊙ x / √(mean(x²) + eps)`` (the model's row-wise norm).
+
+    ``x`` has at least one dimension, the last of size ``len(γ)``. The norm is computed without overflow
+    or underflow across the whole float64 range (each row is scaled by its largest |x_k| before squaring),
+    so rows of 1e200 or 1e-200 normalize like rows of 1. Raises ShapeError for a 0-d ``x`` or a wrong last
+    dimension, ConfigError for an all-zero row when eps = 0, NonFiniteError for non-finite inputs or an
+    output beyond the float64 range (a huge γ).
+    """
     g = _gamma(gamma)
     arr = as_float_array(x, "x").astype(np.float64)
+    if arr.ndim == 0:
+        raise ShapeError(f"x must have at least one dimension (rows of length {g.shape[0]}), got a scalar")
     if arr.shape[-1] != g.shape[0]:
         raise ShapeError(f"x must have last dimension {g.shape[0]}, got shape {arr.shape}")
     e = check_nonnegative(eps, "eps")
-    ms = np.mean(arr * arr, axis=-1, keepdims=True) + e
-    if np.any(ms <= 0):
+    scale = np.max(np.abs(arr), axis=-1, keepdims=True) if arr.size else np.zeros((*arr.shape[:-1], 1))
+    zero = scale == 0.0
+    if e == 0.0 and np.any(zero):
         raise ConfigError("RMSNorm of an all-zero row is undefined when eps = 0")
-    out: FloatArray = g * arr / np.sqrt(ms)
+    safe = np.where(zero, 1.0, scale)
+    with np.errstate(under="ignore"):
+        y = arr / safe  # |y| <= 1 with max |y_k| = 1: y² neither overflows nor loses the row
+        q = np.mean(y * y, axis=-1, keepdims=True)  # in [1/d, 1]
+    with np.errstate(over="ignore", under="ignore"):
+        if e == 0.0:  # x / rms(x) = y / √q exactly, whatever the row's scale
+            ratio = y / np.sqrt(q)
+        else:  # √(mean(x²) + eps) = hypot(s·√q, √eps), s = max|x_k|: no overflow; √eps ≥ 1e-162 dominates
+            denom = np.hypot(scale * np.sqrt(q), math.sqrt(e))  # any subnormal s·√q
+            ratio = np.where(zero, 0.0, arr / np.where(zero, 1.0, denom))
+        out: FloatArray = g * ratio
+    if not np.all(np.isfinite(out)):
+        raise NonFiniteError("RMSNorm output exceeds the float64 range (gamma too large)")
     return out
 
 
@@ -105,8 +127,9 @@ def _diameter_numpy(x: FloatArray, chunk: int) -> tuple[float, int, int]:
         a = x[start : start + chunk]
         b = x[start:]
         dist = np.zeros((a.shape[0], b.shape[0]))
-        for k in range(d):  # one coordinate at a time keeps memory at chunk × V
-            dist += np.abs(a[:, k, None] - b[None, :, k])
+        with np.errstate(over="ignore"):  # a distance beyond the float64 range is +inf (its correct rounding)
+            for k in range(d):  # one coordinate at a time keeps memory at chunk × V
+                dist += np.abs(a[:, k, None] - b[None, :, k])
         idx = int(np.argmax(dist))
         i, j = divmod(idx, dist.shape[1])
         if dist[i, j] > best:
@@ -114,26 +137,57 @@ def _diameter_numpy(x: FloatArray, chunk: int) -> tuple[float, int, int]:
     return best, bi, bj
 
 
+def _torch_device(device: str | None) -> Any:
+    import torch
+
+    if device is not None and not isinstance(device, str):
+        raise ConfigError(f"device must be a torch device name such as 'cpu' or 'cuda', got {device!r}")
+    try:
+        dev = torch.device(device or "cpu")
+        torch.zeros(1, device=dev)  # fails here, not mid-computation, for a device that is not available
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise ConfigError(f"device {device!r} is not a usable torch device: {exc}") from None
+    return dev
+
+
 def _diameter_torch(x: FloatArray, chunk: int, device: str | None) -> tuple[float, int, int]:
     import torch
 
-    dev = torch.device(device or "cpu")
+    dev = _torch_device(device)
     v, d = x.shape
-    x32 = torch.from_numpy(x.astype(np.float32)).to(dev)
-    # Pass 1 (float32 screen): the largest distance from row i to rows j ≥ i.
+    # The float32 screen runs on x·2^k, with k chosen so that max |x| lands in [2^40, 2^41): every scaled
+    # distance stays far below the float32 maximum (no inf, hence no NaN), whatever the magnitude of x.
+    # (Without the scaling, |x| > 3.4e38 cast to inf and the screen kept no candidate row at all.)
+    # Scaling by a power of two changes no relative rounding of normal numbers; what it pushes below the
+    # float32 normal range has absolute error < 2^-126 per coordinate, covered by the tolerance below.
+    top = float(np.max(np.abs(x)))
+    k = 0 if top == 0.0 else 41 - math.frexp(top)[1]
+    xs = np.empty((v, d), dtype=np.float32)
+    step = max(1, 2**22 // max(d, 1))
+    with np.errstate(under="ignore"):
+        for start in range(0, v, step):  # in slices: no float64 copy of the whole table
+            xs[start : start + step] = np.ldexp(x[start : start + step], k)
+    x32 = torch.from_numpy(xs).to(dev)
+    # Pass 1 (float32 screen): the largest distance from row i to rows j ≥ i, in units of 2^-k.
     rowmax = np.empty(v)
     for start in range(0, v, chunk):
         dist = torch.cdist(x32[start : start + chunk], x32[start:], p=1.0)
         rowmax[start : start + dist.shape[0]] = dist.max(dim=1).values.double().cpu().numpy()
-    # float32 error of one distance ≤ (d + 2)·2⁻²⁴·(‖a‖₁ + ‖b‖₁); keep every row that could hold the max.
-    l1max = float(np.max(np.sum(np.abs(x), axis=1)))
-    tol = (d + 2) * 2.0**-24 * 2.0 * l1max
-    candidates = np.flatnonzero(rowmax >= rowmax.max() - 2.0 * tol)
-    # Pass 2 (float64, exact): the candidate rows against every row after them.
+    # float32 error of one distance ≤ (d + 2)·2⁻²⁴·(‖a‖₁ + ‖b‖₁) + (2d)·2⁻¹²⁶ (underflow); keep every row that
+    # could hold the max.
+    l1max = float(np.max(np.sum(np.abs(xs), axis=1, dtype=np.float64)))
+    tol = (d + 2) * 2.0**-24 * 2.0 * l1max + 2.0 * d * 2.0**-126
+    if np.all(np.isfinite(rowmax)):
+        candidates = np.flatnonzero(rowmax >= rowmax.max() - 2.0 * tol)
+    else:  # cannot happen after the scaling; never let a NaN screen drop the maximising row
+        candidates = np.arange(v)
+    # Pass 2 (float64, exact, on the unscaled rows): the candidate rows against every row after them.
     x64 = torch.from_numpy(x).to(dev)
-    best, bi, bj = -1.0, 0, 0
+    best, bi, bj = 0.0, 0, 1
     for c in candidates:
-        dist = torch.sum(torch.abs(x64[c + 1 :] - x64[c]), dim=1) if c + 1 < v else torch.zeros(1, device=dev)
+        if c + 1 >= v:
+            continue
+        dist = torch.sum(torch.abs(x64[c + 1 :] - x64[c]), dim=1)  # overflows to +inf like numpy
         j = int(torch.argmax(dist))
         val = float(dist[j])
         if val > best:
@@ -174,10 +228,13 @@ def l1_diameter(
     """Exact L1 diameter ``max_{i<j} ‖rows_i − rows_j‖₁`` of a set of rows (0.0 for one row).
 
     Brute force over all V(V−1)/2 pairs, vectorised in chunks of rows. ``backend="torch"`` (the default
-    when torch is installed) screens in float32 with ``torch.cdist(p=1)`` and then recomputes, in float64,
-    every row whose float32 maximum lies within the float32 error bound of the best one, so the result is
-    the float64 value of the true maximising pair. ``device`` may name a torch device ("cuda").
-    ``return_pair=True`` also returns the maximising indices (i, j).
+    when torch is installed) screens in float32 with ``torch.cdist(p=1)`` — on the rows scaled by a power of
+    two so that no magnitude overflows or vanishes in float32 — and then recomputes, in float64, every row
+    whose float32 maximum lies within the float32 error bound of the best one, so the result is the float64
+    value of the true maximising pair; both backends agree for any finite rows. The result is never
+    negative; it is +inf when the diameter exceeds the float64 range. ``device`` may name a torch device
+    ("cuda"); an unknown or unavailable one raises ConfigError. ``return_pair=True`` also returns the
+    maximising indices (i, j).
     """
     x = as_float_array(rows, "rows", ndim=2).astype(np.float64)
     v, _ = x.shape
@@ -186,6 +243,8 @@ def l1_diameter(
     chunk = check_count(chunk_size, "chunk_size") if chunk_size is not None else max(1, 2**25 // max(v, 1))
     if backend not in ("auto", "numpy", "torch"):
         raise ConfigError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
+    if backend == "torch" and not _torch_available():
+        raise ConfigError("backend='torch' needs torch, which is not installed (use backend='numpy')")
     if v == 1:
         result: tuple[float, int, int] = (0.0, 0, 0)
     elif backend == "torch" or (backend == "auto" and _torch_available()):
@@ -230,16 +289,43 @@ def attention_output_l1_bound(layer: LayerWeights, n_heads: int, n_kv_heads: int
     value rows (softmax weights), so it stays in that L2 ball: ``‖o_h‖₂ ≤ B_g``, hence
     ``‖o_h‖₁ ≤ √d_h B_g``. Summing over the H query heads: ``‖o‖₁ ≤ Σ_h √d_h B_{g(h)}``, and
     ``Δ₁ ≤ 2 Σ_h √d_h B_{g(h)}``.
+
+    The head geometry must be the layer's: ``n_heads`` a multiple of ``n_kv_heads`` (≥ 1), ``W_q`` with
+    ``n_heads·head_dim`` columns, ``W_v`` (and ``b_v``) with ``n_kv_heads·head_dim``; otherwise ConfigError
+    / ShapeError (a bound for another geometry would not bound this layer's output).
     """
+    if not isinstance(layer, LayerWeights):
+        raise ConfigError(f"layer must be LayerWeights, got {type(layer).__name__}")
+    h = check_count(n_heads, "n_heads")
+    h_kv = check_count(n_kv_heads, "n_kv_heads")
+    d_h = check_count(head_dim, "head_dim")
+    if h % h_kv:
+        raise ConfigError(f"n_heads ({h}) must be a multiple of n_kv_heads ({h_kv})")
     x_l2 = rmsnorm_l2_bound(layer.attn_norm)
-    group = n_heads // n_kv_heads
+    d = np.asarray(layer.attn_norm).shape[0]
+    wv = as_float_array(layer.wv, "layer.wv", ndim=2)
+    wq = as_float_array(layer.wq, "layer.wq", ndim=2)
+    if wv.shape != (d, h_kv * d_h):
+        raise ShapeError(
+            f"layer.wv has shape {wv.shape}, expected ({d}, n_kv_heads·head_dim = {h_kv}·{d_h}); "
+            "n_kv_heads / head_dim do not match the layer"
+        )
+    if wq.shape != (d, h * d_h):
+        raise ShapeError(
+            f"layer.wq has shape {wq.shape}, expected ({d}, n_heads·head_dim = {h}·{d_h}); "
+            "n_heads / head_dim do not match the layer"
+        )
+    bv = None if layer.bv is None else as_float_array(layer.bv, "layer.bv", ndim=1).astype(np.float64)
+    if bv is not None and bv.shape[0] != h_kv * d_h:
+        raise ShapeError(f"layer.bv has length {bv.shape[0]}, expected n_kv_heads·head_dim = {h_kv * d_h}")
+    group = h // h_kv
     total = 0.0
-    for g in range(n_kv_heads):
-        cols = slice(g * head_dim, (g + 1) * head_dim)
-        b = _opnorm(layer.wv[:, cols]) * x_l2
-        if layer.bv is not None:
-            b += float(np.linalg.norm(np.asarray(layer.bv, dtype=np.float64)[cols]))
-        total += group * math.sqrt(head_dim) * b
+    for g in range(h_kv):
+        cols = slice(g * d_h, (g + 1) * d_h)
+        b = _opnorm(wv[:, cols]) * x_l2
+        if bv is not None:
+            b += _l2(bv[cols])
+        total += group * math.sqrt(d_h) * b
     return 2.0 * total
 
 
@@ -249,9 +335,21 @@ def swiglu_down_l1_bound(mlp: DenseMLP, mlp_norm: Any) -> float:
     Derivation: with a = x̂ W_gate, b = x̂ W_up: ``|silu(a_j)| = |a_j| σ(a_j) ≤ |a_j|``, so
     ``‖u‖₁ ≤ Σ_j |a_j||b_j| ≤ ‖a‖₂ ‖b‖₂`` (Cauchy–Schwarz) ``≤ ‖W_gate‖₂ ‖W_up‖₂ ‖x̂‖₂²
     ≤ ‖W_gate‖₂ ‖W_up‖₂ · d ‖γ_mlp‖∞²``, and ``Δ₁ ≤ 2 ‖W_gate‖₂ ‖W_up‖₂ d ‖γ_mlp‖∞²``.
+    ``mlp`` must be a :class:`~scx_ref.weights.DenseMLP` whose W_gate and W_up are d × f with d = len(γ_mlp)
+    (ConfigError / ShapeError otherwise).
     """
+    if not isinstance(mlp, DenseMLP):
+        raise ConfigError(f"mlp must be DenseMLP (one expert), got {type(mlp).__name__}")
     x_l2 = rmsnorm_l2_bound(mlp_norm)
-    return 2.0 * _opnorm(mlp.w_gate) * _opnorm(mlp.w_up) * x_l2 * x_l2
+    d = _gamma(mlp_norm).shape[0]
+    w_gate = as_float_array(mlp.w_gate, "mlp.w_gate", ndim=2)
+    w_up = as_float_array(mlp.w_up, "mlp.w_up", ndim=2)
+    if w_gate.shape[0] != d or w_up.shape != w_gate.shape:
+        raise ShapeError(
+            f"mlp.w_gate {w_gate.shape} and mlp.w_up {w_up.shape} must both be (d, f) with "
+            f"d = len(mlp_norm) = {d}"
+        )
+    return 2.0 * _opnorm(w_gate) * _opnorm(w_up) * x_l2 * x_l2
 
 
 # --------------------------------------------------------------------------- per-model summary
