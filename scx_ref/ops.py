@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._checks import FloatArray, IntArray
-from .errors import ShapeError, VocabularyError
+from .errors import ConfigError, ShapeError, VocabularyError
 from .weights import DenseMLP, LayerWeights, MoEMLP
 
 __all__ = [
@@ -71,7 +71,11 @@ def silu(x: FloatArray) -> FloatArray:
 
 
 def softmax(x: FloatArray, axis: int = -1) -> FloatArray:
-    """Numerically stable softmax; rows that are all −∞ give zeros instead of NaN."""
+    """Numerically stable softmax; rows that are all −∞ give zeros instead of NaN.
+
+    ShapeError when ``x`` has no such ``axis`` or is empty along it (a softmax over nothing)."""
+    if not -x.ndim <= axis < x.ndim or x.shape[axis] == 0:
+        raise ShapeError(f"softmax needs a non-empty axis {axis}, got shape {x.shape}")
     m = np.max(x, axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     e = np.exp(x - m)
@@ -107,7 +111,16 @@ def mlp(x: FloatArray, w: DenseMLP | MoEMLP, top_k: int) -> FloatArray:
 def qkv(
     x: FloatArray, lw: LayerWeights, n_heads: int, n_kv_heads: int, head_dim: int
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Q, K, V projections (with the Qwen2 bias when present), split into heads."""
+    """Q, K, V projections (with the Qwen2 bias when present), split into heads.
+
+    ShapeError when the projections' widths are not ``n_heads``/``n_kv_heads`` × ``head_dim``."""
+    if lw.wq.shape[-1] != n_heads * head_dim or lw.wk.shape[-1] != n_kv_heads * head_dim:
+        raise ShapeError(
+            f"Q/K projections of widths {lw.wq.shape[-1]}/{lw.wk.shape[-1]} do not split into "
+            f"{n_heads}/{n_kv_heads} heads of {head_dim}"
+        )
+    if lw.wv.shape[-1] != n_kv_heads * head_dim:
+        raise ShapeError(f"V projection of width {lw.wv.shape[-1]} does not split into {n_kv_heads} heads")
     n = x.shape[0]
     q = linear(x, lw.wq, lw.bq).reshape(n, n_heads, head_dim)
     k = linear(x, lw.wk, lw.bk).reshape(n, n_kv_heads, head_dim)
@@ -118,7 +131,16 @@ def qkv(
 def rope_cos_sin(
     positions: IntArray, head_dim: int, theta: float, dtype: npt.DTypeLike = np.float64
 ) -> tuple[FloatArray, FloatArray]:
-    """cos, sin tables (rows × d_h) of HF's default RoPE: inv_freq_i = θ^(−2i/d_h), duplicated halves."""
+    """cos, sin tables (rows × d_h) of HF's default RoPE: inv_freq_i = θ^(−2i/d_h), duplicated halves.
+
+    ``positions`` is 1-D and ``head_dim`` even (ShapeError otherwise); θ a finite number > 0 (ConfigError).
+    """
+    if not isinstance(head_dim, (int, np.integer)) or isinstance(head_dim, bool) or head_dim % 2:
+        raise ShapeError(f"RoPE needs an even integer head_dim, got {head_dim!r}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float, np.number)) or not 0 < theta < np.inf:
+        raise ConfigError(f"RoPE theta must be a finite number > 0, got {theta!r}")
+    if np.ndim(positions) != 1:
+        raise ShapeError(f"RoPE positions must be one-dimensional, got shape {np.shape(positions)}")
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     freqs = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
     angles = np.concatenate([freqs, freqs], axis=-1)
@@ -128,10 +150,15 @@ def rope_cos_sin(
 def apply_rope(x: FloatArray, positions: IntArray, theta: float) -> FloatArray:
     """RoPE with HF's ``rotate_half`` convention: x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁].
 
-    x is rows × heads × d_h; ``positions`` gives each row's absolute position.
+    x is rows × heads × d_h (d_h even); ``positions`` gives each row's absolute position, one per row
+    (ShapeError otherwise).
     """
     if x.ndim != 3:
         raise ShapeError(f"RoPE input must be rows × heads × head_dim, got {x.shape}")
+    if np.shape(positions) != x.shape[:1]:
+        raise ShapeError(
+            f"RoPE needs one position per row: {x.shape[0]} rows, positions {np.shape(positions)}"
+        )
     cos, sin = rope_cos_sin(positions, x.shape[-1], theta, x.dtype)
     half = x.shape[-1] // 2
     rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -156,11 +183,22 @@ def attention(
 
     ``mask`` is a boolean n_q × n_k array (True = may attend; None = attend to all). Returns
     n_q × H × d_h. Default scale s = 1/√d_h.
+
+    ShapeError unless q, k, v are 3-D with H a multiple of H_kv ≥ 1, k and v of the same rows (≥ 1) and
+    heads, q and k of the same d_h, and ``mask`` of shape n_q × n_k.
     """
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise ShapeError(
+            f"attention needs 3-D q, k, v (rows × heads × head_dim), got {q.shape}, {k.shape}, {v.shape}"
+        )
     n_q, n_heads, d_h = q.shape
     n_kv = k.shape[1]
-    if n_heads % n_kv or v.shape[:2] != k.shape[:2]:
+    if n_kv == 0 or n_heads % n_kv or v.shape[:2] != k.shape[:2] or k.shape[2] != d_h or k.shape[0] == 0:
         raise ShapeError(f"incompatible attention shapes q {q.shape}, k {k.shape}, v {v.shape}")
+    if mask is not None and np.shape(mask) != (n_q, k.shape[0]):
+        raise ShapeError(
+            f"attention mask must be {n_q} × {k.shape[0]} (queries × keys), got {np.shape(mask)}"
+        )
     g = n_heads // n_kv
     s = float(1.0 / np.sqrt(d_h)) if scale is None else float(scale)  # a Python float keeps float32
     qg = q.reshape(n_q, n_kv, g, d_h)

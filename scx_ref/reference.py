@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from . import ops
-from ._checks import FloatArray
-from .errors import ProtocolError
+from ._checks import FloatArray, IntArray
+from .errors import ConfigError, ProtocolError, SCXError, VocabularyError, note_tokens
 from .weights import LayerWeights, ModelWeights
 
 __all__ = ["KVCache", "ReferenceModel", "Trace"]
@@ -37,10 +38,40 @@ class KVCache:
         return KVCache([k.copy() for k in self.keys], [v.copy() for v in self.values])
 
 
+def _token_ids(ids: Any) -> IntArray:
+    """``ids`` as a non-empty 1-D integer array (VocabularyError; ProtocolError when empty). The range
+    is checked by :func:`ops.embed`."""
+    try:
+        arr = np.asarray(ids)
+    except (TypeError, ValueError) as exc:
+        raise VocabularyError(f"token ids must be a 1-D integer array: {exc}") from exc
+    if arr.ndim != 1:
+        raise VocabularyError(
+            f"token ids must be a 1-D integer array, got {type(ids).__name__} of shape {arr.shape}"
+        )
+    if arr.size == 0:
+        raise ProtocolError("no token ids: a forward needs at least one token")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise VocabularyError(f"token ids must be integers, got dtype {arr.dtype}")
+    return arr
+
+
+def _upto_of(stop: int, n_layers: int) -> str:
+    """How a forward through block ``stop`` is asked for (the ``upto`` argument)."""
+    return f"None or {stop}" if stop == n_layers - 1 else str(stop)
+
+
 class ReferenceModel:
-    """Plaintext inference on :class:`ModelWeights` (numpy, in the weights' dtype)."""
+    """Plaintext inference on :class:`ModelWeights` (numpy, in the weights' dtype).
+
+    ConfigError when ``weights`` is not a :class:`ModelWeights` or ``trace`` is neither None nor callable.
+    """
 
     def __init__(self, weights: ModelWeights, trace: Trace | None = None) -> None:
+        if not isinstance(weights, ModelWeights):
+            raise ConfigError(f"ReferenceModel needs ModelWeights, got {type(weights).__name__}")
+        if trace is not None and not callable(trace):
+            raise ConfigError(f"trace must be a callable or None, got {type(trace).__name__}")
         self.weights = weights
         self.config = weights.config
         self.trace = trace
@@ -82,46 +113,107 @@ class ReferenceModel:
         h = ops.rms_norm(x, lw.mlp_norm, c.rms_eps)
         return x + ops.mlp(h, lw.mlp, c.top_k)
 
+    def _check_cache(self, cache: Any, stop: int) -> KVCache:
+        """``cache`` (a new one when None) after checking it can be continued through block ``stop``:
+        a KVCache whose layers all hold the same rows, and either none or exactly blocks 0..stop."""
+        if cache is None:
+            return KVCache()
+        if not isinstance(cache, KVCache):
+            raise ProtocolError(f"cache must be a KVCache or None, got {type(cache).__name__}")
+        keys, values = cache.keys, cache.values
+        if not isinstance(keys, list) or not isinstance(values, list) or len(keys) != len(values):
+            raise ProtocolError("cache.keys and cache.values must be lists of one array per block")
+        if keys and len(keys) != stop + 1:
+            raise ProtocolError(
+                f"the cache holds blocks 0..{len(keys) - 1}, so only a forward with upto="
+                f"{_upto_of(len(keys) - 1, self.config.n_layers)} continues it, not one through block {stop}"
+            )
+        want = (self.config.n_kv_heads, self.config.head_dim)
+        rows = -1
+        for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            ok = isinstance(k, np.ndarray) and isinstance(v, np.ndarray) and k.ndim == 3
+            ok = ok and k.shape[1:] == want and v.shape == k.shape
+            rows = k.shape[0] if ok and rows < 0 else rows
+            if not ok or k.shape[0] != rows:
+                raise ProtocolError(
+                    f"cache block {i} must hold keys and values of shape (rows, {want[0]}, {want[1]}) with "
+                    f"the rows of block 0, got {getattr(k, 'shape', type(k).__name__)}, "
+                    f"{getattr(v, 'shape', type(v).__name__)}"
+                )
+        return cache
+
     def forward(
         self, ids: np.ndarray, cache: KVCache | None = None, upto: int | None = None
     ) -> tuple[FloatArray, KVCache]:
-        """Logits (rows × V) of ``ids`` continuing ``cache`` (a new cache when None).
+        """Logits (rows × V) of ``ids`` continuing ``cache`` (a new cache when None), which is extended
+        in place.
 
-        With ``upto``, stop after block ``upto`` and return that block's output rows instead of logits.
+        With ``upto``, stop after block ``upto`` (0 ≤ upto < n_layers) and return that block's output rows
+        instead of logits; the cache then holds blocks 0..upto only, and only a forward with the same
+        ``upto`` continues it. Everything is checked before the cache is touched (VocabularyError for
+        the ids, ProtocolError for an empty prompt, a bad ``upto`` or cache, or too long a sequence), and
+        a call that raises leaves ``cache`` as it was.
         """
-        cache = KVCache() if cache is None else cache
+        n_layers = self.config.n_layers
+        if upto is not None and (
+            isinstance(upto, bool) or not isinstance(upto, (int, np.integer)) or not 0 <= upto < n_layers
+        ):
+            raise ProtocolError(f"upto must be None or a block index in [0, {n_layers}), got {upto!r}")
+        stop = n_layers - 1 if upto is None else int(upto)
+        arr = _token_ids(ids)
+        cache = self._check_cache(cache, stop)
         start = cache.length
-        if start + len(ids) > self.config.max_positions:
+        if start + len(arr) > self.config.max_positions:
             raise ProtocolError(
-                f"sequence length {start + len(ids)} exceeds max_positions {self.config.max_positions}"
+                f"sequence length {start + len(arr)} exceeds max_positions {self.config.max_positions}"
             )
-        positions = np.arange(start, start + len(ids))
-        x = ops.embed(ids, self.weights.embed)
-        for i, lw in enumerate(self.weights.layers):
-            x = self.block(x, lw, positions, i, cache)
-            if i == upto:
+        positions = np.arange(start, start + len(arr))
+        x = ops.embed(arr, self.weights.embed)
+        old_keys, old_values = list(cache.keys), list(cache.values)  # block() replaces, never mutates
+        try:
+            for i, lw in enumerate(self.weights.layers[: stop + 1]):
+                x = self.block(x, lw, positions, i, cache)
+            if upto is not None:
                 return x, cache
-        self._record("final", self.config.n_layers, x)
-        x = ops.rms_norm(x, self.weights.final_norm, self.config.rms_eps)
+            self._record("final", n_layers, x)
+            x = ops.rms_norm(x, self.weights.final_norm, self.config.rms_eps)
+        except BaseException:
+            cache.keys[:], cache.values[:] = old_keys, old_values
+            raise
         return x @ self.weights.lm_head, cache
 
-    def prefill(self, ids: np.ndarray) -> tuple[FloatArray, KVCache]:
-        """Logits of every prompt row, and the prompt's KV cache."""
-        return self.forward(np.asarray(ids))
+    def prefill(self, ids: Any) -> tuple[FloatArray, KVCache]:
+        """Logits of every prompt row, and the prompt's KV cache (``ids``: a non-empty 1-D integer
+        array-like; VocabularyError/ProtocolError otherwise, as :meth:`forward`)."""
+        return self.forward(ids)
 
     def decode(self, token: int, cache: KVCache) -> FloatArray:
-        """Logits (V,) of one new token at position ``cache.length``; extends ``cache`` in place."""
+        """Logits (V,) of one new token at position ``cache.length``; extends ``cache`` in place (a
+        complete cache from :meth:`prefill`; ProtocolError otherwise, the cache then unchanged)."""
+        if not isinstance(cache, KVCache):
+            raise ProtocolError(f"decode needs the KVCache of a prefill, got {type(cache).__name__}")
         logits, _ = self.forward(np.asarray([token]), cache)
         row: FloatArray = logits[0]
         return row
 
-    def generate(self, ids: np.ndarray, n_new: int) -> list[int]:
-        """Greedy continuation: ``n_new`` argmax tokens after the prompt."""
-        logits, cache = self.prefill(ids)
+    def generate(self, ids: Any, n_new: int) -> list[int]:
+        """Greedy continuation: ``n_new`` (an integer >= 0, else ConfigError) argmax tokens after the
+        prompt. An SCXError raised after generation started carries the tokens made so far in
+        ``tokens`` (another exception gets them in a note)."""
+        if isinstance(n_new, bool) or not isinstance(n_new, (int, np.integer)) or n_new < 0:
+            raise ConfigError(f"n_new must be an integer >= 0, got {n_new!r}")
         out: list[int] = []
-        nxt = int(np.argmax(logits[-1]))
-        for step in range(n_new):
-            out.append(nxt)
-            if step + 1 < n_new:
-                nxt = int(np.argmax(self.decode(nxt, cache)))
+        try:
+            logits, cache = self.prefill(ids)
+            nxt = int(np.argmax(logits[-1]))
+            for step in range(n_new):
+                out.append(nxt)
+                if step + 1 < n_new:
+                    nxt = int(np.argmax(self.decode(nxt, cache)))
+        except SCXError as exc:
+            exc.tokens = list(out)
+            raise
+        except Exception as exc:
+            note_tokens(exc, out)
+            raise
         return out

@@ -39,7 +39,7 @@ GENERATE_OPTIONS: dict[str, str] = {
     "top_k": "an integer >= 0 (sampling; 0 keeps every token)",
     "top_p": "a number in [0, 1] (sampling)",
     "repetition_penalty": "a number > 0",
-    "seed": "an integer >= 0 seeding the sampler (default: fresh entropy)",
+    "seed": "an integer in [0, 2**64 - 1] seeding the sampler (default: fresh entropy)",
     "stop_strings": "a string or a list of strings (needs tokenizer)",
     "tokenizer": "the model's tokenizer (for stop_strings)",
     "streamer": "an object with put(ids) and end(), as HF's streamers",
@@ -103,18 +103,37 @@ class GenerationSettings:
         return g
 
 
+#: The largest seed a ``torch.Generator`` takes (``manual_seed`` reads an unsigned 64-bit integer).
+_MAX_SEED = 2**64 - 1
+
+
+def _show(v: Any) -> str:
+    """``repr(v)``, short for a huge integer (whose repr can be refused by Python's digit limit)."""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and int(v).bit_length() > 128:
+        return f"an integer of {int(v).bit_length()} bits"
+    return repr(v)
+
+
 def _number(v: Any, name: str, lo: float, hi: float | None = None, lo_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
-        raise ConfigError(f"{name} must be a finite number, got {v!r}")
-    if v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+    """``v`` as a float: a finite real (Python or numpy, not bool) in the given range, else ConfigError."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"{name} must be a finite number, got {_show(v)}")
+    try:
+        x = float(v)
+    except OverflowError:  # an int beyond the float range
+        raise ConfigError(f"{name} must be a finite number, got {_show(v)}") from None
+    if not np.isfinite(x):
+        raise ConfigError(f"{name} must be a finite number, got {_show(v)}")
+    if x < lo or (lo_open and x == lo) or (hi is not None and x > hi):
         rng = f"{'(' if lo_open else '['}{lo:g}, {'∞)' if hi is None else f'{hi:g}]'}"
-        raise ConfigError(f"{name} must lie in {rng}, got {v!r}")
-    return float(v)
+        raise ConfigError(f"{name} must lie in {rng}, got {_show(v)}")
+    return x
 
 
-def _int(v: Any, name: str, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
+def _int(v: Any, name: str, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{name} must be an integer {rng}, got {_show(v)}")
     return int(v)
 
 
@@ -124,9 +143,15 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
     transformers' defaults; ``width`` is the prompt width (for ``max_length``).
 
     ConfigError naming every option not in :data:`GENERATE_OPTIONS` (e.g. ``min_p``) with what is
-    supported, and for a value out of range: exactly one of ``max_new_tokens`` and ``max_length``,
-    ``num_beams`` 1 only. ``eos_token_id=None`` never stops at EOS; when absent, the model's EOS is used.
+    supported, and for a value out of range or of the wrong type: exactly one of ``max_new_tokens`` and
+    ``max_length``, ``num_beams`` 1 only, numbers (Python or numpy) finite, ``seed`` in [0, 2**64 - 1]
+    (what a ``torch.Generator`` takes), ``stop_strings`` a string or a list of strings.
+    ``eos_token_id=None`` never stops at EOS; when absent, the model's EOS is used.
     """
+    if not isinstance(options, Mapping):
+        raise ConfigError(
+            f"generation options must be a mapping of names to values, got {type(options).__name__}"
+        )
     unknown = sorted(set(options) - set(GENERATE_OPTIONS))
     if unknown:
         supported = "; ".join(f"{k}: {v}" for k, v in GENERATE_OPTIONS.items())
@@ -144,7 +169,7 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
     if not isinstance(do_sample, bool):
         raise ConfigError(f"do_sample must be True or False, got {do_sample!r}")
     beams = options.get("num_beams", 1)
-    if isinstance(beams, bool) or beams != 1:
+    if isinstance(beams, bool) or not isinstance(beams, (int, float, np.integer, np.floating)) or beams != 1:
         raise ConfigError(f"num_beams must be 1 (SCX has no beam search), got {beams!r}")
     has_new = options.get("max_new_tokens") is not None
     has_len = options.get("max_length") is not None
@@ -159,8 +184,15 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
     eos = [eos_raw] if isinstance(eos_raw, (int, np.integer)) and not isinstance(eos_raw, bool) else eos_raw
     if isinstance(eos, bool) or not isinstance(eos, (list, tuple, type(None))):
         raise ConfigError(f"eos_token_id must be an id, a list of ids or None, got {eos_raw!r}")
-    stops = options.get("stop_strings") or ()
-    stops = (stops,) if isinstance(stops, str) else tuple(stops)
+    stops_raw = options.get("stop_strings")
+    if stops_raw is None or (isinstance(stops_raw, (str, list, tuple)) and not stops_raw):
+        stops: tuple[Any, ...] = ()
+    elif isinstance(stops_raw, str):
+        stops = (stops_raw,)
+    elif isinstance(stops_raw, (list, tuple)):
+        stops = tuple(stops_raw)
+    else:
+        raise ConfigError(f"stop_strings must be a string or a list of strings, got {stops_raw!r}")
     if not all(isinstance(s, str) and s for s in stops):
         raise ConfigError("stop_strings must be a non-empty string or a list of them")
     pad = options["pad_token_id"] if "pad_token_id" in options else getattr(defaults, "pad_token_id", None)
@@ -173,7 +205,7 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
         top_k=0 if top_k is None else _int(top_k, "top_k", 0),
         top_p=_number(pick("top_p"), "top_p", 0.0, 1.0),
         repetition_penalty=_number(pick("repetition_penalty"), "repetition_penalty", 0.0, lo_open=True),
-        seed=None if seed is None else _int(seed, "seed", 0),
+        seed=None if seed is None else _int(seed, "seed", 0, _MAX_SEED),
         eos_token_ids=tuple(_int(e, "eos_token_id", 0) for e in (eos or [])),
         pad_token_id=None if pad is None else _int(pad, "pad_token_id", 0),
         stop_strings=stops,

@@ -410,9 +410,10 @@ class Client(Generic[A]):
         n = int(ids_arr.shape[0])
         if n > self.max_length:
             raise ProtocolError(f"prompt of {n} tokens is longer than max_length {self.max_length}")
-        if nonce is None and self._prepared is None and self.pool is not None and len(self.pool):
-            entry = self.pool.take(n)  # one-time masks derived offline: used by this request only
-            self._prepared, nonce = entry, entry.nonce
+        if nonce is None and self._prepared is None and self.pool is not None:
+            entry = self.pool.take_fitting(n)  # one-time masks derived offline: used by this request only
+            if entry is not None:  # None: no entry serves n tokens (empty, or n > capacity): derived below
+                self._prepared, nonce = entry, entry.nonce
         if nonce is None:
             nonce = self._next_nonce or KeySchedule.new_nonce()
         keys = self._master_keys.for_nonce(nonce)  # validates the nonce

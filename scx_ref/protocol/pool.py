@@ -27,7 +27,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Generic, Protocol
+from typing import Any, Generic, Protocol
+
+import numpy as np
 
 from ..backends.base import A
 from ..errors import ProtocolError
@@ -48,13 +50,29 @@ class PoolOwner(Protocol[A]):
 __all__ = ["MaskPool", "PoolOwner"]
 
 
+def _integer(v: Any, name: str) -> int:
+    """``v`` as an int: a Python or numpy integer, not a bool (ProtocolError otherwise)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ProtocolError(f"{name} must be an integer, got {v!r}")
+    return int(v)
+
+
 class MaskPool(Generic[A]):
     """One-time masks for ``client``'s next requests: each entry serves one prompt of at most
     ``capacity`` tokens and ``steps`` decode steps. Creating the pool attaches it to the client, whose
     :meth:`~scx_ref.protocol.client.Client.prefill` then takes an entry per request (while any is left;
-    afterwards it derives its masks itself, as without a pool)."""
+    afterwards, or for a prompt longer than ``capacity``, it derives its masks itself, as without a pool).
+
+    ``capacity`` and ``steps`` are integers (Python or numpy, not bool) with 1 <= capacity and
+    capacity + steps <= the client's ``max_length`` (ProtocolError otherwise; the client is then left
+    without this pool)."""
 
     def __init__(self, client: PoolOwner[A], capacity: int, steps: int = 0) -> None:
+        max_length = getattr(client, "max_length", None)
+        if not hasattr(client, "_new_prepared") or not isinstance(max_length, (int, np.integer)):
+            raise ProtocolError(f"a mask pool needs a Client, got {type(client).__name__}")
+        capacity = _integer(capacity, "capacity")
+        steps = _integer(steps, "steps")
         if not 1 <= capacity <= client.max_length:
             raise ProtocolError(
                 f"a pool entry serves 1 to max_length = {client.max_length} tokens, not {capacity}"
@@ -79,8 +97,9 @@ class MaskPool(Generic[A]):
             return len(self._entries)
 
     def fill(self, count: int = 1, background: bool = False) -> None:
-        """Derive ``count`` more entries, each under a fresh nonce (in a background thread when asked:
-        :meth:`wait` joins it)."""
+        """Derive ``count`` more entries (an integer >= 0; ProtocolError otherwise), each under a fresh
+        nonce (in a background thread when asked: :meth:`wait` joins it)."""
+        count = _integer(count, "count")
         if count < 0:
             raise ProtocolError(f"count must be >= 0, got {count}")
         if background:
@@ -111,13 +130,27 @@ class MaskPool(Generic[A]):
         self._job.wait()
 
     def take(self, n: int) -> PreparedKeys[A]:
-        """Remove and return the oldest entry, bound to a prompt of ``n`` tokens (ProtocolError when the
-        pool is empty or n exceeds its capacity). The entry is never handed out again."""
+        """Remove and return the oldest entry, bound to a prompt of ``n`` tokens (ProtocolError when n is
+        not an integer in [1, capacity] or the pool is empty; the pool is then unchanged). The entry is
+        never handed out again."""
+        entry = self._take(n)
+        if entry is None:
+            raise ProtocolError("the mask pool is empty: fill it first")
+        return entry
+
+    def take_fitting(self, n: int) -> PreparedKeys[A] | None:
+        """As :meth:`take`, but None (the pool unchanged) when no entry serves a prompt of ``n`` tokens:
+        the pool is empty or ``n`` exceeds its capacity (the caller then derives its own keys)."""
+        n = _integer(n, "n")
+        return self._take(n) if n <= self.capacity else None
+
+    def _take(self, n: int) -> PreparedKeys[A] | None:
+        n = _integer(n, "n")
         if not 1 <= n <= self.capacity:
             raise ProtocolError(f"this pool's entries serve prompts of 1 to {self.capacity} tokens, not {n}")
         with self._lock:
             if not self._entries:
-                raise ProtocolError("the mask pool is empty: fill it first")
+                return None
             entry = self._entries.popleft()
         entry.bind(n)
         return entry
