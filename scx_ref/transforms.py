@@ -15,14 +15,14 @@ returns new arrays (or views) and never modifies its inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from ._checks import check_permutation
 from .arrays import A, ArrayOps, NumpyOps
-from .errors import PermutationError, SCXError, ShapeError
+from .errors import DTypeError, NonFiniteError, PermutationError, SCXError, ShapeError
 
 if TYPE_CHECKING:  # the backends import this module; the type is all that is needed here
     from .backends.base import Backend
@@ -68,7 +68,7 @@ class Permutation:
     __slots__ = ("forward", "inverse")
 
     def __init__(self, perm: Any, name: str = "permutation") -> None:
-        forward = check_permutation(perm, None, name).astype(np.int64, copy=True)
+        forward = _index_array(perm, None, name).astype(np.int64, copy=True)
         inverse = _invert(forward)
         forward.setflags(write=False)
         inverse.setflags(write=False)
@@ -90,7 +90,65 @@ def _perm(perm: Any, n: int | None, name: str) -> IntArray:
         if n is not None and len(perm) != n:
             raise PermutationError(f"{name} must have length {n}, got {len(perm)}")
         return perm.forward
-    return check_permutation(perm, n, name).astype(np.int64, copy=False)
+    return _index_array(perm, n, name).astype(np.int64, copy=False)
+
+
+def _index_array(perm: Any, n: int | None, name: str) -> npt.NDArray[np.integer[Any]]:
+    """``check_permutation`` of ``perm``, nested sequences that are not rectangular refused by name too."""
+    if isinstance(perm, (list, tuple)):
+        perm = _nested(perm, name, PermutationError)
+    return check_permutation(perm, n, name)
+
+
+def _nested(x: Any, name: str, error: type[SCXError] = ShapeError) -> npt.NDArray[Any]:
+    """Nested sequences ``x`` as a numpy array; ``error`` (naming ``name``) when they are not rectangular,
+    where numpy raises a bare ValueError."""
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise error(f"{name} must be a rectangular array, got nested sequences of different lengths") from exc
+
+
+def _int(v: Any, name: str) -> int:
+    """``v`` as an int: a Python or numpy integer, not a bool (ShapeError naming ``name`` otherwise — a
+    float would be truncated or break a slice, a string repeat a shape)."""
+    if type(v) is int:
+        return v
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return int(v)
+    raise ShapeError(f"{name} must be an integer, got {type(v).__name__} {v!r:.40}")
+
+
+def _group(v: Any, name: str = "group_size") -> int:
+    """A group size (query heads per KV head): an int >= 1 (ShapeError naming ``name`` otherwise)."""
+    g = _int(v, name)
+    if g < 1:
+        raise ShapeError(f"{name} must be >= 1, got {g}")
+    return g
+
+
+_SCALAR = "the array must have at least one dimension (rows)"
+
+
+def _array(ops: ArrayOps[A], x: Any, name: str, *, finite: bool) -> A:
+    """``ops.floating(x, name, finite=finite)`` for an array of rows, refusing with ShapeError what no ops
+    may take as one: nested sequences that are not rectangular, and a scalar (0-d) input, which an ops that
+    converts it could otherwise make one row (a 0-d array already of the ops' kind comes back 0-d, for the
+    caller's shape check). One identity test on the hot path (an array already of the ops' kind)."""
+    if isinstance(x, (list, tuple)):
+        x = _nested(x, name)
+    t = ops.floating(x, name, finite=finite)
+    if t is not x and np.ndim(x) == 0:
+        raise ShapeError(_SCALAR)
+    return t
+
+
+def _refuse(ops: ArrayOps[A], what: str, parts: tuple[tuple[A, str], ...] = ()) -> NoReturn:
+    """The result ``what`` is not finite: NonFiniteError naming the first of ``parts`` (its inputs) that
+    holds NaN or ±inf, else its overflow. An error path: each part is scanned here, not before."""
+    for t, name in parts:
+        ops.floating(t, name)
+    raise NonFiniteError(f"{what} overflows: its inputs are finite, the result is not (NaN or Inf)")
 
 
 def _inverse(perm: Any, n: int | None, name: str) -> IntArray:
@@ -110,7 +168,7 @@ def _invert(p: IntArray) -> IntArray:
 
 def _rows(ops: ArrayOps[A], x: A) -> int:
     if len(ops.shape(x)) == 0:
-        raise ShapeError("the array must have at least one dimension (rows)")
+        raise ShapeError(_SCALAR)
     return ops.nrows(x)
 
 
@@ -128,13 +186,13 @@ def permute_rows(x: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
     Identity: f(X[π]) = f(X)[π] for every row-wise f (linear maps with bias, RMSNorm, SwiGLU,
     MoE routing and experts, LM head).
     """
-    t = ops.floating(x, "x")
+    t = _array(ops, x, "x", finite=True)
     return ops.take_rows(t, _perm(perm, _rows(ops, t), "perm"))
 
 
 def unpermute_rows(y: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
     """T1 decode: Y[π] ↦ Y as the gather Y[π⁻¹], so ``unpermute_rows(permute_rows(Y, π), π) == Y``."""
-    t = ops.floating(y, "y", finite=False)
+    t = _array(ops, y, "y", finite=False)
     return ops.take_rows(t, _inverse(perm, _rows(ops, t), "perm"))
 
 
@@ -143,8 +201,8 @@ def unpermute_rows(y: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
 
 def with_decoys(x: Any, decoys: Any, ops: ArrayOps[A] = NUMPY) -> A:
     """[X; R]: append r decoy rows (r may be 0) below the n real rows."""
-    t = ops.floating(x, "x")
-    d = ops.floating(decoys, "decoys")
+    t = _array(ops, x, "x", finite=True)
+    d = _array(ops, decoys, "decoys", finite=True)
     xs, ds = ops.shape(t), ops.shape(d)
     if len(xs) != 2 or len(ds) != 2 or ds[1] != xs[1]:
         raise ShapeError(f"x ({xs}) and decoys ({ds}) must be 2-D with the same width")
@@ -152,8 +210,9 @@ def with_decoys(x: Any, decoys: Any, ops: ArrayOps[A] = NUMPY) -> A:
 
 
 def strip_decoys(y: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
-    """Keep the first n (real) rows of [f(X); f(R)]."""
-    t = ops.floating(y, "y", finite=False)
+    """Keep the first n (real) rows of [f(X); f(R)] (n an int, 0 <= n <= rows)."""
+    n = _int(n, "n")
+    t = _array(ops, y, "y", finite=False)
     rows = _rows(ops, t)
     if not 0 <= n <= rows:
         raise ShapeError(f"cannot keep {n} rows of an array with {rows}")
@@ -168,8 +227,8 @@ def encode_rows(x: Any, decoys: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
     written once. The result holds every row of X and R, so one finiteness check of it checks both
     (NonFiniteError otherwise).
     """
-    t = ops.floating(x, "x", finite=False)
-    d = ops.floating(decoys, "decoys", finite=False)
+    t = _array(ops, x, "x", finite=False)
+    d = _array(ops, decoys, "decoys", finite=False)
     xs, ds = ops.shape(t), ops.shape(d)
     if len(xs) != 2 or len(ds) != 2 or ds[1] != xs[1]:
         raise ShapeError(f"x ({xs}) and decoys ({ds}) must be 2-D with the same width")
@@ -189,9 +248,9 @@ def reencode_sum(
     and one add per element) — the same additions, so the same bits, as the decode–add–encode it
     replaces. The decoy rows of S and Y are dropped. NonFiniteError if the result is not finite.
     """
-    ts = ops.floating(s, "s", finite=False)
-    ty = ops.floating(y, "y", finite=False)
-    d = ops.floating(decoys, "decoys", finite=False)
+    ts = _array(ops, s, "s", finite=False)
+    ty = _array(ops, y, "y", finite=False)
+    d = _array(ops, decoys, "decoys", finite=False)
     ss, ys, ds = ops.shape(ts), ops.shape(ty), ops.shape(d)
     if len(ss) != 2 or len(ys) != 2 or len(ds) != 2 or not ss[1] == ys[1] == ds[1]:
         raise ShapeError(f"s ({ss}), y ({ys}) and decoys ({ds}) must be 2-D with the same width")
@@ -222,8 +281,9 @@ def encode_head_rows(
     """
     if not isinstance(head, HeadPermutation):
         raise SCXError(f"head must be a HeadPermutation, got {type(head).__name__}")
-    t = ops.floating(o, "o", finite=False)
-    d = ops.floating(decoys, "decoys", finite=False)
+    group_size = _group(group_size)
+    t = _array(ops, o, "o", finite=False)
+    d = _array(ops, decoys, "decoys", finite=False)
     shape, ds = ops.shape(t), ops.shape(d)
     heads = head.n_kv_heads * group_size
     if len(shape) != 3 or shape[1] != heads or shape[2] != head.head_dim:
@@ -259,19 +319,45 @@ def decode_qkv_heads(
     """
     if not isinstance(head, HeadPermutation):
         raise SCXError(f"head must be a HeadPermutation, got {type(head).__name__}")
-    t = ops.floating(z, "z", finite=False)
-    shape = ops.shape(t)
+    group_size, n = _group(group_size), _int(n, "n")
     kv, dh = head.n_kv_heads, head.head_dim
+    c = ops.config
+    if kv != c.n_kv_heads or dh != c.head_dim:
+        raise ShapeError(
+            f"head permutes {kv} KV heads of {dh} features; the backend's model has {c.n_kv_heads} of "
+            f"{c.head_dim}"
+        )
+    t = _array(ops, z, "z", finite=False)
+    shape = ops.shape(t)
     width = (kv * group_size + 2 * kv) * dh
     if len(shape) != 2 or shape[1] != width:
         raise ShapeError(f"z must be 2-D with {width} columns ([Q K V] heads), got {shape}")
     inv = _inverse(perm, shape[0], "perm")
     if not 0 <= n <= shape[0]:
         raise ShapeError(f"cannot keep {n} rows of an array with {shape[0]}")
-    pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+    pos = _positions(positions, n)
+    if n == 0:  # nothing to read or RoPE: empty heads of the result's shapes
+        qk = kv * (group_size + 1)
+        none = ops.narrow(t, 0, 0, 0)
+        return (
+            ops.compact(ops.reshape(ops.narrow(none, 1, 0, qk * dh), (0, qk, dh))),
+            ops.compact(ops.reshape(ops.narrow(none, 1, qk * dh, width), (0, kv, dh))),
+        )
+    return ops.rope_take(t, inv[:n], pos, head.stacked_index((group_size, 1)), head.flat_index(1), name=name)
+
+
+def _positions(positions: Any, n: int) -> IntArray:
+    """RoPE positions of n rows: integers >= 0 (DTypeError for a float, which would be truncated; ShapeError
+    for another count or a negative one, refused on every backend alike), as int64."""
+    pos = _nested(positions, "positions") if isinstance(positions, (list, tuple)) else np.asarray(positions)
+    if pos.size and pos.dtype.kind not in "iu":
+        raise DTypeError(f"positions must be integers, got dtype {pos.dtype}")
+    pos = pos.astype(np.int64, copy=False).reshape(-1)
     if pos.shape[0] != n:
         raise ShapeError(f"{pos.shape[0]} positions for {n} rows")
-    return ops.rope_take(t, inv[:n], pos, head.stacked_index((group_size, 1)), head.flat_index(1), name=name)
+    if n and int(pos[0] if n == 1 else pos.min()) < 0:
+        raise ShapeError(f"positions must be >= 0, got {int(pos.min())}")
+    return pos
 
 
 def decode_rows(y: Any, perm: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
@@ -292,18 +378,20 @@ def decode_rows_numpy(
     With ``in_place`` the rows are put in true order inside ``y``'s own memory (y ↦ y[π⁻¹], cycle by
     cycle) and its first n rows are returned as a view where the implementation can share memory with
     numpy: the same values, without a second array of y's size. ``y`` is consumed (it must not be used
-    afterwards). With ``name``: NonFiniteError when an entry of ``y`` (decoy rows too) is not finite —
-    in place, tested as the rows move.
+    afterwards). A read-only numpy ``y`` is not written: it is decoded as without ``in_place`` (a new
+    array), on every ``ops`` alike. With ``name``: NonFiniteError when an entry of ``y`` (decoy rows too) is
+    not finite — in place, tested as the rows move.
     """
     t, inv = _decode_index(ops, y, perm, n)
-    if not in_place:
+    if not in_place or (isinstance(y, np.ndarray) and not y.flags.writeable):
         return ops.rows_to_numpy(t if name is None else ops.floating(t, name), inv)
     full = inverse_permutation(perm)
     return ops.head_to_numpy(ops.take_rows_in_place(t, full, name=name), n)
 
 
 def _decode_index(ops: ArrayOps[A], y: Any, perm: Any, n: int) -> tuple[A, IntArray]:
-    t = ops.floating(y, "y", finite=False)
+    n = _int(n, "n")
+    t = _array(ops, y, "y", finite=False)
     rows = _rows(ops, t)
     inv = _inverse(perm, rows, "perm")
     if not 0 <= n <= rows:
@@ -314,7 +402,7 @@ def _decode_index(ops: ArrayOps[A], y: Any, perm: Any, n: int) -> tuple[A, IntAr
 # --- T3: head-structured feature permutation -----------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class HeadPermutation:
     """A head-structured permutation P of attention features (T3).
 
@@ -322,6 +410,10 @@ class HeadPermutation:
     and ``sigmas[g]`` the coordinate permutation σ_g used inside every head of original group g.
     Identity: Attn(Q·P, K·P, V·P) = Attn(Q, K, V)·P for any mask, scale and GQA ratio, because
     each score q·k is a sum over one head's coordinates, which σ_g only reorders.
+
+    A value, checked once: both arrays are private read-only int64 copies (changing the arrays it was
+    built from changes nothing), two HeadPermutations with the same arrays are equal (``==``) and hash
+    alike, and a copy or pickle is checked again.
     """
 
     group_order: IntArray  # (H_kv,)
@@ -334,14 +426,34 @@ class HeadPermutation:
     )
 
     def __post_init__(self) -> None:
-        order = _perm(self.group_order, None, "group_order")
-        sig = np.asarray(self.sigmas)
+        order = np.array(_perm(self.group_order, None, "group_order"), dtype=np.int64, copy=True)
+        sig = _nested(self.sigmas, "sigmas") if isinstance(self.sigmas, (list, tuple)) else self.sigmas
+        sig = np.array(sig, copy=True)  # private: the caller's array may change after this check
         if sig.ndim != 2 or sig.shape[0] != order.shape[0]:
             raise ShapeError(f"sigmas must have shape (H_kv={order.shape[0]}, d_h), got {sig.shape}")
         for g in range(sig.shape[0]):
             check_permutation(sig[g], name=f"sigmas[{g}]")
+        sig = sig.astype(np.int64, copy=False)
+        order.setflags(write=False)
+        sig.setflags(write=False)
         object.__setattr__(self, "group_order", order)
-        object.__setattr__(self, "sigmas", sig.astype(np.int64))
+        object.__setattr__(self, "sigmas", sig)
+
+    def __eq__(self, other: object) -> bool:
+        """Value equality: the same group order and the same σ's."""
+        if not isinstance(other, HeadPermutation):
+            return NotImplemented
+        return self is other or (
+            np.array_equal(self.group_order, other.group_order) and np.array_equal(self.sigmas, other.sigmas)
+        )
+
+    def __hash__(self) -> int:
+        """A hash of the two arrays' values, consistent with ``==``."""
+        return hash((self.sigmas.shape, self.group_order.tobytes(), self.sigmas.tobytes()))
+
+    def __reduce__(self) -> tuple[type[HeadPermutation], tuple[IntArray, IntArray]]:
+        """Rebuilt through the constructor (checked, read-only again), without the memoised indices."""
+        return (HeadPermutation, (self.group_order, self.sigmas))
 
     @property
     def n_kv_heads(self) -> int:
@@ -353,18 +465,25 @@ class HeadPermutation:
 
     @classmethod
     def identity(cls, n_kv_heads: int, head_dim: int) -> HeadPermutation:
-        """P = I (no feature permutation)."""
-        return cls(np.arange(n_kv_heads), np.tile(np.arange(head_dim), (n_kv_heads, 1)))
+        """P = I (no feature permutation) of ``n_kv_heads`` heads of ``head_dim`` (ints >= 0)."""
+        kv, dh = _int(n_kv_heads, "n_kv_heads"), _int(head_dim, "head_dim")
+        if kv < 0 or dh < 0:
+            raise ShapeError(f"n_kv_heads and head_dim must be >= 0, got {kv} and {dh}")
+        return cls(np.arange(kv), np.tile(np.arange(dh), (kv, 1)))
 
     def flat_index(self, group_size: int, inverse: bool = False) -> IntArray:
         """The flat feature index f (length H·d_h, H = H_kv·G) with
         ``head_permute(x, P, G).reshape(rows, -1) == x.reshape(rows, -1)[:, f]``: slot j·G + t holds head
         ``order[j]·G + t`` with coordinates σ_order[j]. With ``inverse`` the inverse permutation of f
-        (the decode gather). Computed once per (group size, direction); the arrays are read-only."""
-        key = (group_size, inverse)
+        (the decode gather). Computed once per (group size, direction); the arrays are read-only.
+        ``group_size``: an int >= 0 (ShapeError otherwise)."""
+        g = _int(group_size, "group_size")
+        if g < 0:
+            raise ShapeError(f"group_size must be >= 0, got {g}")
+        key = (g, bool(inverse))
         if key not in self._flat:
-            heads = (self.group_order[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1)
-            coords = np.repeat(self.sigmas[self.group_order], group_size, axis=0)
+            heads = (self.group_order[:, None] * g + np.arange(g)[None, :]).reshape(-1)
+            coords = np.repeat(self.sigmas[self.group_order], g, axis=0)
             f = (heads[:, None] * self.head_dim + coords).reshape(-1).astype(np.int64)
             if inverse:
                 f = inverse_permutation(f)
@@ -376,8 +495,8 @@ class HeadPermutation:
         """The flat feature index of head blocks stacked along the head axis — block b holds
         H_kv·``group_sizes[b]`` heads (e.g. (G, 1, 1) for the fused [Q K V] heads) — each block gathered
         by its own :meth:`flat_index` at its offset. Computed once per (group sizes, direction);
-        read-only."""
-        key = (tuple(int(g) for g in group_sizes), inverse)
+        read-only. ``group_sizes``: a sequence of ints >= 0 (ShapeError otherwise)."""
+        key = (_sizes(group_sizes), bool(inverse))
         stacked = self._stacked.get(key)
         if stacked is None:
             parts, offset = [], 0
@@ -398,11 +517,23 @@ class HeadPermutation:
         return head_unpermute(y, self, group_size)
 
 
+def _sizes(group_sizes: Any) -> tuple[int, ...]:
+    """Group sizes of stacked head blocks as a tuple of ints (ShapeError for another kind or a negative
+    one; a size of 0 is left to the caller's shape check)."""
+    if not isinstance(group_sizes, (tuple, list, np.ndarray)):
+        raise ShapeError(f"group_sizes must be a tuple of integers, got {type(group_sizes).__name__}")
+    sizes = tuple(_int(g, "group_sizes") for g in group_sizes)
+    if min(sizes, default=0) < 0:
+        raise ShapeError(f"group_sizes must be >= 0, got {sizes}")
+    return sizes
+
+
 def _head_gather(ops: ArrayOps[A], x: Any, perm: HeadPermutation, group_size: int, inverse: bool) -> A:
     if not isinstance(perm, HeadPermutation):
         raise SCXError(f"perm must be a HeadPermutation, got {type(perm).__name__}")
+    group_size = _group(group_size)
     name = "y" if inverse else "x"
-    t = ops.floating(x, name, finite=False)
+    t = _array(ops, x, name, finite=False)
     shape = ops.shape(t)
     if len(shape) != 3 or shape[1] != perm.n_kv_heads * group_size or shape[2] != perm.head_dim:
         raise ShapeError(
@@ -439,17 +570,17 @@ def head_permute_stacked(
     """
     if not isinstance(perm, HeadPermutation):
         raise SCXError(f"perm must be a HeadPermutation, got {type(perm).__name__}")
-    t = ops.floating(x, "x", finite=False)
+    sizes = _sizes(group_sizes)
+    t = _array(ops, x, "x", finite=False)
     shape = ops.shape(t)
-    heads = perm.n_kv_heads * sum(int(g) for g in group_sizes)
-    if len(shape) != 3 or shape[1] != heads or shape[2] != perm.head_dim or min(group_sizes, default=1) < 1:
+    heads = perm.n_kv_heads * sum(sizes)
+    if len(shape) != 3 or shape[1] != heads or shape[2] != perm.head_dim or min(sizes, default=1) < 1:
         raise ShapeError(
-            f"x must have shape (rows, {heads}, {perm.head_dim}) for group sizes {tuple(group_sizes)}, "
-            f"got {shape}"
+            f"x must have shape (rows, {heads}, {perm.head_dim}) for group sizes {sizes}, got {shape}"
         )
     rows = shape[0]
     flat = ops.reshape(t, (rows, heads * perm.head_dim))
-    out = ops.take_last(flat, perm.stacked_index(tuple(group_sizes)))
+    out = ops.take_last(flat, perm.stacked_index(sizes))
     return ops.reshape(out, (rows, heads, perm.head_dim))
 
 
@@ -462,8 +593,8 @@ def reorder_cache(k: Any, v: Any, rho: Any, ops: ArrayOps[A] = NUMPY) -> tuple[A
     Identity: a query that attends to every cached row gets Attn(q, K[ρ], V[ρ]) = Attn(q, K, V),
     because softmax-weighted sums over the cache rows do not depend on their order.
     """
-    kt = ops.floating(k, "k")
-    vt = ops.floating(v, "v")
+    kt = _array(ops, k, "k", finite=True)
+    vt = _array(ops, v, "v", finite=True)
     if _rows(ops, kt) != _rows(ops, vt):
         raise ShapeError(
             f"k and v must have the same number of rows, got {ops.shape(kt)} and {ops.shape(vt)}"
@@ -480,8 +611,12 @@ def unlock_scores(scores: Any, rho: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
     true order followed by the appended ones, decoys dropped: column j of the locked part holds row ρ[j],
     so true row i sits at column ρ⁻¹[i].
     """
-    t = ops.floating(scores, "scores", finite=False)
-    m = ops.shape(t)[-1]
+    n = _int(n, "n")
+    t = _array(ops, scores, "scores", finite=False)
+    shape = ops.shape(t)
+    if not shape:
+        raise ShapeError(_SCALAR)
+    m = shape[-1]
     p = _perm(rho, None, "rho")
     if not 0 <= n <= p.shape[0] <= m:
         raise ShapeError(f"{m} score columns cannot hold a locked cache of {p.shape[0]} rows with {n} real")
@@ -493,28 +628,60 @@ def unlock_scores(scores: Any, rho: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
 
 
 def blind(x: Any, eta: Any, ops: ArrayOps[A] = NUMPY) -> A:
-    """T5 encode: x ↦ x + η."""
-    xt = ops.floating(x, "x")
-    et = ops.floating(eta, "eta")
-    if ops.shape(xt) != ops.shape(et):
-        raise ShapeError(f"x {ops.shape(xt)} and eta {ops.shape(et)} must have the same shape")
-    return ops.add(xt, et)
+    """T5 encode: x ↦ x + η, always finite: NonFiniteError naming ``x`` or ``eta`` when one holds NaN or
+    ±inf, or the sum when it overflows. One finiteness test, of the sum (``ops.add`` with a name: in the
+    add's own pass where the backend fuses it) — a sum is finite only if both terms are."""
+    xt = _array(ops, x, "x", finite=False)
+    et = _array(ops, eta, "eta", finite=False)
+    shape = ops.shape(xt)
+    if shape != ops.shape(et):
+        raise ShapeError(f"x {shape} and eta {ops.shape(et)} must have the same shape")
+    if not shape:
+        raise ShapeError(_SCALAR)
+    try:
+        if isinstance(xt, np.ndarray):
+            with np.errstate(over="ignore", invalid="ignore"):  # not finite: refused by name below
+                return ops.add(xt, et, name="x + eta")
+        return ops.add(xt, et, name="x + eta")
+    except NonFiniteError:
+        _refuse(ops, "x + eta", ((xt, "x"), (et, "eta")))
 
 
 def blinding_correction(eta: Any, w: Any, ops: ArrayOps[A] = NUMPY) -> A:
     """ηW, the client's correction term (precomputable before the request: η derives from the key
-    schedule). ``w`` is in the layout of ``ops`` (numpy: in × out)."""
-    et = ops.floating(eta, "eta")
-    return ops.linear(et, ops.floating(w, "w"))
+    schedule), always finite (NonFiniteError naming ``eta``, ``w`` or the product's overflow). ``w`` is in
+    the layout of ``ops`` (numpy: in × out)."""
+    et = _array(ops, eta, "eta", finite=True)
+    wt = ops.floating(w, "w")
+    if isinstance(et, np.ndarray):
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is inf: refused below
+            out = ops.linear(et, wt)
+    else:
+        out = ops.linear(et, wt)
+    try:
+        return ops.floating(out, "eta·w")
+    except NonFiniteError:
+        _refuse(ops, "the blinding correction eta·w")
 
 
 def unblind(y: Any, correction: Any, ops: ArrayOps[A] = NUMPY) -> A:
-    """T5 decode: y ↦ y − ηW. Identity: (x + η)W + b − ηW = xW + b."""
-    yt = ops.floating(y, "y")
-    ct = ops.floating(correction, "correction")
-    if ops.shape(yt) != ops.shape(ct):
-        raise ShapeError(f"y {ops.shape(yt)} and correction {ops.shape(ct)} must have the same shape")
-    return ops.sub(yt, ct)
+    """T5 decode: y ↦ y − ηW, always finite (NonFiniteError naming ``y`` or ``correction`` when one holds
+    NaN or ±inf, or the difference when it overflows: one finiteness test, of the difference).
+    Identity: (x + η)W + b − ηW = xW + b."""
+    yt = _array(ops, y, "y", finite=False)
+    ct = _array(ops, correction, "correction", finite=False)
+    shape = ops.shape(yt)
+    if shape != ops.shape(ct):
+        raise ShapeError(f"y {shape} and correction {ops.shape(ct)} must have the same shape")
+    if not shape:
+        raise ShapeError(_SCALAR)
+    try:
+        if isinstance(yt, np.ndarray):
+            with np.errstate(over="ignore", invalid="ignore"):  # not finite: refused by name below
+                return ops.floating(ops.sub(yt, ct), "y - correction")
+        return ops.floating(ops.sub(yt, ct), "y - correction")
+    except NonFiniteError:
+        _refuse(ops, "y - correction", ((yt, "y"), (ct, "correction")))
 
 
 # --- T6: Laplace noise -----------------------------------------------------------------------
