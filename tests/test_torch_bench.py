@@ -315,8 +315,9 @@ def test_client_ab_times_both_checkouts(
     assert (
         sys.modules[OTHER].__file__ is not None and "scx_ref" not in Path(sys.modules[OTHER].__file__).parts
     )
-    with pytest.raises(SystemExit, match="no scx_ref package"):
+    with pytest.raises(SystemExit) as refused:  # a usage error: exit 2, before any model loads
         main(["--other", str(root / "tests"), "--model", "tiny-llama", "--n", "6", "--rounds", "4"])
+    assert refused.value.code == 2 and "no scx_ref package" in capsys.readouterr().err
 
 
 def test_peak_memory_counts_a_freed_allocation_and_runs_no_thread() -> None:
