@@ -12,7 +12,7 @@ import pytest
 from scx_ref.cli import build_parser
 from scx_ref.errors import ConfigError
 from scx_ref.weights import random_weights
-from scx_ref.zoo import MODEL_NAMES, RANDOM_PRESETS, load_weights, parse_random
+from scx_ref.zoo import MODEL_NAMES, RANDOM_PRESETS, load_model, load_weights, max_positions, parse_random
 from scx_ref.zoo.random_models import RANDOM_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +93,11 @@ def test_library_does_not_import_the_models_package() -> None:
         if "scx_models" in line or "import_module" in line
     ]
     assert offenders == []
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "mixtral-random", "smollm2"])
+def test_max_positions_is_the_loaded_models(name: str) -> None:
+    """``max_positions`` (read before loading, for early refusals) is what the loaded model says."""
+    assert max_positions(name) == load_model(name, "float32")[2].config.max_positions
+    with pytest.raises(ConfigError, match="unknown model"):
+        max_positions("gpt2")

@@ -16,28 +16,17 @@ from typing import Any
 from ..errors import ConfigError
 from ..protocol import Level, SCXConfig
 from ..protocol.presets import preset_names
-from ..zoo import MODEL_NAMES, RANDOM_PRESETS
+from ..zoo import MODEL_NAMES, max_positions
 from ..zoo.engines import check_device
 from ..zoo.perplexity import ppl_run
-from ..zoo.random_models import RANDOM_MODELS
 from ._args import device, float_at_least, int_at_least, output_file, require_device
 
-__all__ = ["check_options", "format_table", "max_positions", "register", "run"]
+__all__ = ["check_options", "format_table", "register", "run"]
 
 #: Defaults of the options that take one only when neither ``--config`` nor another option decides.
 DEFAULT_LEVEL: Level = SCXConfig().level
 DEFAULT_BETA: float = SCXConfig().beta
 DEFAULT_WINDOW = 512
-
-
-def max_positions(model: str) -> int:
-    """The most positions registered ``model`` takes, known without loading it (SmolLM2-135M's 8192 are
-    those of the ``smollm2-shape`` preset of its hyper-parameters)."""
-    if model in RANDOM_MODELS:
-        return RANDOM_MODELS[model].max_positions
-    if model == "smollm2":
-        return RANDOM_PRESETS["smollm2-shape"].max_positions
-    raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
 def check_options(args: argparse.Namespace) -> tuple[Level, float, int]:

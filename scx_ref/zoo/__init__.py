@@ -39,6 +39,7 @@ __all__ = [
     "load_hf",
     "load_model",
     "load_weights",
+    "max_positions",
     "parse_random",
     "weights_names_help",
 ]
@@ -70,6 +71,16 @@ RANDOM_PRESETS: dict[str, ModelConfig] = {
 }  # fmt: skip
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def max_positions(name: str) -> int:
+    """The most positions registered model ``name`` takes, known without loading it: a random model's
+    spec, and SmolLM2-135M's 8192 from the ``smollm2-shape`` preset of its hyper-parameters (ConfigError
+    for a name that is not registered)."""
+    _check_name(name)
+    if name in RANDOM_MODELS:
+        return RANDOM_MODELS[name].max_positions
+    return RANDOM_PRESETS["smollm2-shape"].max_positions
 
 
 def _check_name(name: str) -> None:
