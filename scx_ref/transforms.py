@@ -14,6 +14,7 @@ returns new arrays (or views) and never modifies its inputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
@@ -627,24 +628,38 @@ def unlock_scores(scores: Any, rho: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
 # --- T5: additive blinding -------------------------------------------------------------------
 
 
+def _same_rows(ops: ArrayOps[A], a: Any, b: Any, names: tuple[str, str]) -> tuple[A, A]:
+    """``a`` and ``b`` as arrays of rows of one shape (ShapeError naming them otherwise); not yet tested
+    finite — the caller tests its result (:func:`_finite_result`)."""
+    at = _array(ops, a, names[0], finite=False)
+    bt = _array(ops, b, names[1], finite=False)
+    shape = ops.shape(at)
+    if shape != ops.shape(bt):
+        raise ShapeError(f"{names[0]} {shape} and {names[1]} {ops.shape(bt)} must have the same shape")
+    if not shape:
+        raise ShapeError(_SCALAR)
+    return at, bt
+
+
+def _finite_result(
+    ops: ArrayOps[A], compute: Callable[[], A], what: str, parts: tuple[tuple[A, str], ...] = ()
+) -> A:
+    """``compute()``, an operation that tests its own result finite by name (NonFiniteError), with numpy's
+    overflow warnings off (a result not finite is refused by name instead): on NonFiniteError, the first
+    of ``parts`` (its inputs) that is not finite is named, else the overflow (:func:`_refuse`)."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return compute()
+    except NonFiniteError:
+        _refuse(ops, what, parts)
+
+
 def blind(x: Any, eta: Any, ops: ArrayOps[A] = NUMPY) -> A:
     """T5 encode: x ↦ x + η, always finite: NonFiniteError naming ``x`` or ``eta`` when one holds NaN or
     ±inf, or the sum when it overflows. One finiteness test, of the sum (``ops.add`` with a name: in the
     add's own pass where the backend fuses it) — a sum is finite only if both terms are."""
-    xt = _array(ops, x, "x", finite=False)
-    et = _array(ops, eta, "eta", finite=False)
-    shape = ops.shape(xt)
-    if shape != ops.shape(et):
-        raise ShapeError(f"x {shape} and eta {ops.shape(et)} must have the same shape")
-    if not shape:
-        raise ShapeError(_SCALAR)
-    try:
-        if isinstance(xt, np.ndarray):
-            with np.errstate(over="ignore", invalid="ignore"):  # not finite: refused by name below
-                return ops.add(xt, et, name="x + eta")
-        return ops.add(xt, et, name="x + eta")
-    except NonFiniteError:
-        _refuse(ops, "x + eta", ((xt, "x"), (et, "eta")))
+    xt, et = _same_rows(ops, x, eta, ("x", "eta"))
+    return _finite_result(ops, lambda: ops.add(xt, et, name="x + eta"), "x + eta", ((xt, "x"), (et, "eta")))
 
 
 def blinding_correction(eta: Any, w: Any, ops: ArrayOps[A] = NUMPY) -> A:
@@ -653,35 +668,22 @@ def blinding_correction(eta: Any, w: Any, ops: ArrayOps[A] = NUMPY) -> A:
     the layout of ``ops`` (numpy: in × out)."""
     et = _array(ops, eta, "eta", finite=True)
     wt = ops.floating(w, "w")
-    if isinstance(et, np.ndarray):
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is inf: refused below
-            out = ops.linear(et, wt)
-    else:
-        out = ops.linear(et, wt)
-    try:
-        return ops.floating(out, "eta·w")
-    except NonFiniteError:
-        _refuse(ops, "the blinding correction eta·w")
+    return _finite_result(
+        ops, lambda: ops.floating(ops.linear(et, wt), "eta·w"), "the blinding correction eta·w"
+    )
 
 
 def unblind(y: Any, correction: Any, ops: ArrayOps[A] = NUMPY) -> A:
     """T5 decode: y ↦ y − ηW, always finite (NonFiniteError naming ``y`` or ``correction`` when one holds
     NaN or ±inf, or the difference when it overflows: one finiteness test, of the difference).
     Identity: (x + η)W + b − ηW = xW + b."""
-    yt = _array(ops, y, "y", finite=False)
-    ct = _array(ops, correction, "correction", finite=False)
-    shape = ops.shape(yt)
-    if shape != ops.shape(ct):
-        raise ShapeError(f"y {shape} and correction {ops.shape(ct)} must have the same shape")
-    if not shape:
-        raise ShapeError(_SCALAR)
-    try:
-        if isinstance(yt, np.ndarray):
-            with np.errstate(over="ignore", invalid="ignore"):  # not finite: refused by name below
-                return ops.floating(ops.sub(yt, ct), "y - correction")
-        return ops.floating(ops.sub(yt, ct), "y - correction")
-    except NonFiniteError:
-        _refuse(ops, "y - correction", ((yt, "y"), (ct, "correction")))
+    yt, ct = _same_rows(ops, y, correction, ("y", "correction"))
+    return _finite_result(
+        ops,
+        lambda: ops.floating(ops.sub(yt, ct), "y - correction"),
+        "y - correction",
+        ((yt, "y"), (ct, "correction")),
+    )
 
 
 # --- T6: Laplace noise -----------------------------------------------------------------------
