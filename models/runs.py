@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from scx_ref.commands._args import float_at_least, int_at_least, output_file
+from scx_ref.commands._args import add_level, float_at_least, int_at_least, output_file
 from scx_ref.errors import SCXError
 from scx_ref.protocol import Level
 from scx_ref.protocol.config import BLIND_DTYPES, BlindDtype
@@ -204,12 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             s.add_argument(
                 "--dtype", choices=("float32", "float64"), default="float32", help="dtype (default float32)"
             )
-            s.add_argument(
-                "--level",
-                choices=("permute", "paper", "blind"),
-                default="permute",
-                help="SCX level (default permute)",
-            )
+            add_level(s, default="permute", help="SCX level (default permute)")
             s.add_argument(
                 "--beta",
                 type=float_at_least(0.0),

@@ -10,6 +10,9 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from ..protocol.config import LEVELS
 
 __all__ = [
     "device",
@@ -162,3 +165,14 @@ def require_device(text: str) -> None:
     index = int(text.partition(":")[2] or 0)
     if not torch.cuda.is_available() or index >= torch.cuda.device_count():
         raise ConfigError(f"device {text!r} asked for, but torch sees no such CUDA device here")
+
+
+def add_level(
+    parser: Any,
+    *,
+    default: str | None = "paper",
+    help: str = "SCX's protection level (default paper; README: Choosing a configuration)",
+) -> None:
+    """Add ``--level`` to ``parser``: one of the protocol's levels (:data:`~scx_ref.protocol.config.LEVELS`,
+    the list's one home)."""
+    parser.add_argument("--level", choices=LEVELS, default=default, help=help)

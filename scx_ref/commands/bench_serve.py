@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..zoo import MODEL_NAMES
-from ._args import float_at_least, int_at_least, int_list, output_file
+from ._args import add_level, float_at_least, int_at_least, int_list, output_file
 
 __all__ = ["register", "run"]
 
@@ -71,12 +71,7 @@ def register(subparsers: Any) -> None:
         choices=("float32", "float64", "bfloat16", "float16"),
         help="float32 (default), float64, bfloat16, float16 — on both sides",
     )
-    p.add_argument(
-        "--level",
-        choices=("permute", "paper", "blind"),
-        default="paper",
-        help="SCX level of the clients: permute, paper (default), blind",
-    )
+    add_level(p, help="SCX level of the clients: permute, paper (default), blind")
     p.add_argument(
         "--server",
         default=None,

@@ -18,7 +18,16 @@ import numpy as np
 
 from ..errors import ConfigError, SCXError
 from ..zoo import MODEL_NAMES
-from ._args import device, float_at_least, input_file, int_at_least, int_list, nonempty, require_device
+from ._args import (
+    add_level,
+    device,
+    float_at_least,
+    input_file,
+    int_at_least,
+    int_list,
+    nonempty,
+    require_device,
+)
 
 __all__ = ["register", "run"]
 
@@ -64,12 +73,7 @@ def register(subparsers: Any) -> None:
         "--stop", action="append", type=nonempty, default=None, help="stop string, not empty (repeatable)"
     )
     p.add_argument("--no-eos", action="store_true", help="do not stop at the model's EOS token")
-    p.add_argument(
-        "--level",
-        choices=("permute", "paper", "blind"),
-        default="paper",
-        help="SCX's protection level (default paper; README: Choosing a configuration)",
-    )
+    add_level(p)
     p.add_argument(
         "--dtype",
         default="float32",

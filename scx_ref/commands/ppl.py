@@ -19,7 +19,7 @@ from ..protocol.presets import preset_names
 from ..zoo import MODEL_NAMES, max_positions
 from ..zoo.engines import check_device
 from ..zoo.perplexity import ppl_run
-from ._args import device, float_at_least, int_at_least, output_file, require_device
+from ._args import add_level, device, float_at_least, int_at_least, output_file, require_device
 
 __all__ = ["check_options", "format_table", "register", "run"]
 
@@ -116,12 +116,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--tokens", type=int_at_least(2), default=1024, help="corpus tokens to score (default 1024)"
     )
-    p.add_argument(
-        "--level",
-        choices=("permute", "paper", "blind"),
-        default=None,
-        help=f"SCX privacy level (default {DEFAULT_LEVEL}); not with --config",
-    )
+    add_level(p, default=None, help=f"SCX privacy level (default {DEFAULT_LEVEL}); not with --config")
     p.add_argument(
         "--config",
         choices=preset_names(),

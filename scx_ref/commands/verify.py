@@ -41,7 +41,7 @@ from ..zoo.engines import (
     scx_logits,
 )
 from ..zoo.perplexity import ppl_run
-from ._args import device, float_at_least, int_at_least, output_file, require_device
+from ._args import add_level, device, float_at_least, int_at_least, output_file, require_device
 
 __all__ = ["LOGIT_RTOL", "dp_summary", "format_verdict", "register", "run", "verify"]
 
@@ -247,12 +247,7 @@ def register(subparsers: Any) -> None:
         "in-process server) run; float64 (the numpy reference) runs on the CPU only and is refused with "
         "another device",
     )
-    p.add_argument(
-        "--level",
-        choices=("permute", "paper", "blind"),
-        default="paper",
-        help="SCX's protection level (default paper; README: Choosing a configuration)",
-    )
+    add_level(p)
     p.add_argument(
         "--beta",
         type=float_at_least(0.0),

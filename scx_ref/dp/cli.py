@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ..commands._args import device, float_at_least, int_at_least, output_file, require_device
+from ..commands._args import add_level, device, float_at_least, int_at_least, output_file, require_device
 from ..errors import ConfigError
-from ..protocol.config import BETA_KINDS, LEVELS
+from ..protocol.config import BETA_KINDS
 from ..protocol.presets import preset, preset_names
 from ..zoo import load_weights, weights_names_help
 from .accountants import compose, pld_available
@@ -399,9 +399,7 @@ def register(subparsers: Any) -> None:
         "guard FFN, and is refused beside --level/--beta/--guard/--decoys/--guard-ffn (default: none, "
         "those options decide)",
     )
-    model.add_argument(
-        "--level", choices=LEVELS, default=None, help="SCX privacy level (default paper); not with --config"
-    )
+    add_level(model, default=None, help="SCX privacy level (default paper); not with --config")
     model.add_argument(
         "--beta",
         default=None,
