@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import DTypeError, NonFiniteError, PermutationError, ShapeError
+from .errors import DTypeError, NonFiniteError, PermutationError, ProtocolError, ShapeError, VocabularyError
 
 FloatArray = npt.NDArray[np.floating[Any]]
 IntArray = npt.NDArray[np.integer[Any]]
@@ -40,3 +40,35 @@ def check_permutation(perm: Any, n: int | None = None, name: str = "permutation"
     if arr.size and not np.array_equal(np.sort(arr), np.arange(arr.shape[0])):
         raise PermutationError(f"{name} is not a permutation of 0..{arr.shape[0] - 1}")
     return arr
+
+
+def token_ids(ids: Any, vocab_size: int | None = None, *, allow_empty: bool = False) -> npt.NDArray[np.int64]:
+    """``ids`` (an array-like, or a tensor on any device) as a 1-D int64 numpy array: the one check of a
+    token-id argument (the reference's forward, the client's prompt, both backends' embeddings).
+
+    VocabularyError unless it is 1-D of an integer dtype and every id lies in [0, vocab_size) (without
+    ``vocab_size``, in int64's range); ProtocolError when it is empty, unless ``allow_empty`` (then any
+    dtype passes: no ids, an empty int64 array)."""
+    try:
+        arr = np.asarray(ids.detach().cpu().numpy() if hasattr(ids, "detach") else ids)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise VocabularyError(f"token ids must be a 1-D integer array: {exc}") from exc
+    if arr.ndim != 1:
+        raise VocabularyError(
+            f"token ids must be a 1-D integer array, got {type(ids).__name__} of shape {arr.shape}"
+        )
+    if arr.size == 0:
+        if allow_empty:
+            return arr.astype(np.int64) if arr.dtype != np.int64 else arr
+        raise ProtocolError("no token ids: at least one token is needed")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise VocabularyError(f"token ids must be integers, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    top = _INT64_TOP if vocab_size is None else vocab_size
+    if lo < 0 or hi >= top:
+        raise VocabularyError(f"token ids must lie in [0, {top}), got range [{lo}, {hi}]")
+    return arr.astype(np.int64, copy=False)
+
+
+#: the ids :func:`token_ids` takes without a vocabulary: int64's (every backend indexes in int64)
+_INT64_TOP = int(np.iinfo(np.int64).max)

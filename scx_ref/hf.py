@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import token_ids
 from .backends.torch_backend import TorchBackend, TorchLayer, TorchWeights, parse_device, parse_dtype
 from .config import ModelConfig
 from .errors import ConfigError, SCXError, VocabularyError
@@ -425,11 +426,11 @@ class SCXModel:
 
     def check_prompt(self, ids: Any, max_new_tokens: int) -> None:
         """What :meth:`generate` checks of one row before its session sends anything: VocabularyError
-        unless ``ids`` is a 1-D array of ids of the vocabulary (the backend's embedding check, which the
-        prefill makes again), ConfigError unless the prompt and ``max_new_tokens`` new tokens fit
-        :attr:`max_length` (the last new token is never fed back: n + new − 1 ≤ max_length)."""
-        arr = np.asarray(ids)
-        self.backend.embed(arr)
+        unless ``ids`` is a 1-D array of ids of the vocabulary and ProtocolError when it is empty
+        (:func:`~scx_ref._checks.token_ids`, the check the prefill makes again), ConfigError unless the
+        prompt and ``max_new_tokens`` new tokens fit :attr:`max_length` (the last new token is never fed
+        back: n + new − 1 ≤ max_length)."""
+        arr = token_ids(ids, self.backend.config.vocab_size)
         if max_new_tokens and arr.shape[0] + max_new_tokens - 1 > self.max_length:
             raise ConfigError(
                 f"{arr.shape[0]} prompt tokens + {max_new_tokens} new exceed the session's max_length "

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import FloatArray, IntArray
-from .errors import ConfigError, ShapeError, VocabularyError
+from ._checks import FloatArray, IntArray, token_ids
+from .errors import ConfigError, ShapeError
 from .weights import DenseMLP, LayerWeights, MoEMLP
 
 __all__ = [
@@ -33,16 +33,9 @@ __all__ = [
 
 
 def embed(ids: Any, table: FloatArray) -> FloatArray:
-    """Embedding lookup: row i is ``table[ids[i]]``; ids outside the vocabulary raise VocabularyError."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise VocabularyError(
-            f"token ids must be a 1-D integer array, got shape {arr.shape}, dtype {arr.dtype}"
-        )
-    if arr.size and (arr.min() < 0 or arr.max() >= table.shape[0]):
-        raise VocabularyError(
-            f"token ids must lie in [0, {table.shape[0]}), got range [{arr.min()}, {arr.max()}]"
-        )
+    """Embedding lookup: row i is ``table[ids[i]]``; ids that are not a 1-D integer array of the vocabulary
+    raise VocabularyError (:func:`~scx_ref._checks.token_ids`; no ids, no rows)."""
+    arr = token_ids(ids, table.shape[0], allow_empty=True)
     rows: FloatArray = table[arr]
     return rows
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from . import ops
-from ._checks import FloatArray, IntArray
-from .errors import ConfigError, ProtocolError, SCXError, VocabularyError, note_tokens
+from ._checks import FloatArray, token_ids
+from .errors import ConfigError, ProtocolError, SCXError, note_tokens
 from .weights import LayerWeights, ModelWeights
 
 __all__ = ["KVCache", "ReferenceModel", "Trace"]
@@ -36,24 +36,6 @@ class KVCache:
 
     def copy(self) -> KVCache:
         return KVCache([k.copy() for k in self.keys], [v.copy() for v in self.values])
-
-
-def _token_ids(ids: Any) -> IntArray:
-    """``ids`` as a non-empty 1-D integer array (VocabularyError; ProtocolError when empty). The range
-    is checked by :func:`ops.embed`."""
-    try:
-        arr = np.asarray(ids)
-    except (TypeError, ValueError) as exc:
-        raise VocabularyError(f"token ids must be a 1-D integer array: {exc}") from exc
-    if arr.ndim != 1:
-        raise VocabularyError(
-            f"token ids must be a 1-D integer array, got {type(ids).__name__} of shape {arr.shape}"
-        )
-    if arr.size == 0:
-        raise ProtocolError("no token ids: a forward needs at least one token")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise VocabularyError(f"token ids must be integers, got dtype {arr.dtype}")
-    return arr
 
 
 def _upto_of(stop: int, n_layers: int) -> str:
@@ -160,7 +142,7 @@ class ReferenceModel:
         ):
             raise ProtocolError(f"upto must be None or a block index in [0, {n_layers}), got {upto!r}")
         stop = n_layers - 1 if upto is None else int(upto)
-        arr = _token_ids(ids)
+        arr = token_ids(ids)
         cache = self._check_cache(cache, stop)
         start = cache.length
         if start + len(arr) > self.config.max_positions:

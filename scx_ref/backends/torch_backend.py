@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .._checks import token_ids
 from ..arrays import permute_rows_in_place
 from ..config import ModelConfig
-from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError, VocabularyError
+from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError
 from ..machine import cpuinfo
 from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights
@@ -955,14 +956,7 @@ class TorchBackend(TorchOps):
 
     def embed(self, ids: IndexArray) -> torch.Tensor:
         """Rows of the embedding table (ids validated against the vocabulary)."""
-        arr = np.asarray(ids)
-        vocab = self.config.vocab_size
-        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise VocabularyError(
-                f"token ids must be a 1-D integer array, got shape {arr.shape}, dtype {arr.dtype}"
-            )
-        if arr.size and (arr.min() < 0 or arr.max() >= vocab):
-            raise VocabularyError(f"token ids must lie in [0, {vocab}), got range [{arr.min()}, {arr.max()}]")
+        arr = token_ids(ids, self.config.vocab_size, allow_empty=True)
         return self._w.embed.index_select(0, self._idx(arr.astype(np.int64)))
 
     def _rms(self, x: torch.Tensor, gamma: torch.Tensor, name: str | None = None) -> torch.Tensor:

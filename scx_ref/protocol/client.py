@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from .._checks import token_ids
 from ..backends.base import A, Backend, IndexArray, NormName, WeightName, out_width, split_qkv
 from ..errors import IntegrityError, NonFiniteError, ProtocolError, SCXError, SessionError, note_tokens
 from ..keys import KeySchedule
@@ -74,17 +75,6 @@ if TYPE_CHECKING:
 __all__ = ["Client"]
 
 T = TypeVar("T")
-
-
-def _prompt(ids: Any) -> npt.NDArray[Any]:
-    """``ids`` as a non-empty 1-D array (its dtype and range are checked by the backend's embed)."""
-    try:
-        arr = np.asarray(ids.detach().cpu().numpy() if hasattr(ids, "detach") else ids)
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"the prompt must be a 1-D array of token ids: {exc}") from exc
-    if arr.ndim != 1 or arr.size == 0:
-        raise ProtocolError(f"the prompt must be a non-empty 1-D array of token ids, got shape {arr.shape}")
-    return arr
 
 
 @dataclass
@@ -405,7 +395,7 @@ class Client(Generic[A]):
         check; the session is then failed and nothing more is sent).
         """
         b, c, cfg = self.b, self.c, self.cfg
-        ids_arr = _prompt(ids)
+        ids_arr = token_ids(ids)
         x0 = b.embed(ids_arr)  # validates the ids against the vocabulary
         n = int(ids_arr.shape[0])
         if n > self.max_length:
@@ -843,7 +833,7 @@ class Client(Generic[A]):
         if isinstance(n_new, bool) or not isinstance(n_new, (int, np.integer)) or n_new < 0:
             raise ProtocolError(f"n_new must be an integer >= 0, got {n_new!r}")
         n_new = int(n_new)
-        ids_arr = _prompt(ids)
+        ids_arr = token_ids(ids)
         if n_new == 0:
             self.b.embed(ids_arr)  # a bad prompt is still an error
             return []
