@@ -61,7 +61,15 @@ from ..errors import ConfigError, SCXError
 from ..machine import cpuinfo
 from ..protocol.config import LEVELS
 from ..protocol.presets import preset
-from ..zoo import MODEL_NAMES, load_hf, load_weights, parse_random, weights_names_help
+from ..zoo import (
+    MODEL_NAMES,
+    RANDOM_PRESETS,
+    load_hf,
+    load_weights,
+    max_positions,
+    parse_random,
+    weights_names_help,
+)
 from ._args import device, int_at_least, int_list, output_file, require_device
 from .bench_stats import SEED, median_interval, quartiles, ratio_interval
 
@@ -583,6 +591,34 @@ class _Sides:
         return w, cpu, mem, prep.seconds_generation, in_server
 
 
+#: The longest session the bench's clients open (their ``SCXConfig.max_length``), below a model's own limit.
+MAX_LENGTH = 4096
+
+
+def check_lengths(lengths: list[int], gen_prompt: int, gen_tokens: int, max_positions: int) -> None:
+    """ConfigError, naming the option, unless every prefill length and the generation phase (a prompt of
+    ``gen_prompt`` tokens, then ``gen_tokens`` tokens each fed back) fit a session of the bench: at most
+    the model's ``max_positions`` and :data:`MAX_LENGTH` positions."""
+    limit = min(max_positions, MAX_LENGTH)
+    where = f"the bench's sessions of at most {limit} positions (the model's max_positions {max_positions})"
+    too_long = [n for n in lengths if n > limit]
+    if too_long:
+        raise ConfigError(f"--n {too_long[0]} exceeds {where}")
+    if gen_tokens and gen_prompt + gen_tokens > limit:
+        raise ConfigError(
+            f"--gen-prompt {gen_prompt} + --gen-tokens {gen_tokens} = {gen_prompt + gen_tokens} positions "
+            f"exceed {where}"
+        )
+
+
+def _positions(model: str) -> int | None:
+    """The most positions ``--model`` takes, known before it loads (None for a name the loader refuses)."""
+    random = parse_random(model)
+    if random is not None:
+        return RANDOM_PRESETS[random[0]].max_positions
+    return max_positions(model) if model in MODEL_NAMES else None
+
+
 def run_bench(
     backend: Any,
     levels: list[str],
@@ -613,12 +649,10 @@ def run_bench(
     from ..protocol import Client, SCXConfig
 
     c = backend.config
-    longest = max([*lengths, gen_prompt + gen_tokens + 1])
-    if longest > c.max_positions:
-        raise ConfigError(f"bench length {longest} exceeds the model's max_positions {c.max_positions}")
+    check_lengths(lengths, gen_prompt, gen_tokens, c.max_positions)
     rng = np.random.default_rng(1234)  # public benchmark prompts
     master = KeySchedule.generate()
-    max_length = min(c.max_positions, 4096)
+    max_length = min(c.max_positions, MAX_LENGTH)
     named = {lv: SCXConfig(level=lv, max_length=max_length) for lv in levels}  # type: ignore[arg-type]
     for name, cfg in (configs or {}).items():
         named[name] = replace(cfg, max_length=max_length)
@@ -826,8 +860,10 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     levels = [lv.strip() for lv in args.levels.split(",")]
     bad = [lv for lv in levels if lv not in LEVELS]
-    if bad or not levels:
+    if bad:
         raise ConfigError(f"--levels: unknown level(s) {bad}; choose from {list(LEVELS)}")
+    if len(set(levels)) < len(levels):
+        raise ConfigError(f"--levels: a level named twice in {args.levels!r}")
     names = [c.strip() for c in (args.configs or "").split(",") if c.strip()]
     for name in names:
         preset(name)  # ConfigError for an unknown name, before any work
@@ -837,8 +873,13 @@ def main(args: argparse.Namespace) -> int:
         lengths, gen_prompt, gen_tokens = [128, 512, 2048], 512, 64
     if args.n is not None:
         lengths = args.n
+    if args.gen_prompt is not None and args.gen_tokens == 0:
+        raise ConfigError("--gen-prompt: --gen-tokens 0 times no decode phase: the prompt would be ignored")
     gen_prompt = args.gen_prompt if args.gen_prompt is not None else gen_prompt
     gen_tokens = args.gen_tokens if args.gen_tokens is not None else gen_tokens
+    limit = _positions(args.model)
+    if limit is not None:  # before the model loads
+        check_lengths(lengths, gen_prompt, gen_tokens, limit)
     backend, hf_model, used = build_models(args.model, args.dtype, args.device)
     configs = {name: preset(name).config(backend.config.n_layers) for name in names}
     if hf_model is not None:
