@@ -67,6 +67,7 @@ def mutation(session: nox.Session) -> None:
 
 @nox.session
 def models(session: nox.Session) -> None:
-    """Full-model runs: SmolLM2, Mixtral and Qwen2 equivalence and the ΔPPL-vs-β table."""
+    """Full-model checks (tests/test_full_models.py): SmolLM2, Mixtral and Qwen2 equivalence (ΔPPL, greedy
+    tokens), SmolLM2 at levels paper and blind at β the committed ΔPPL-vs-β sweep covers (no new sweep)."""
     _install(session)
     session.run("pytest", "-n", "2", "-m", "slow", "tests/test_full_models.py", *session.posargs)

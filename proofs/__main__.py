@@ -1,12 +1,15 @@
 """Run the SCX proofs: ``python -m proofs [--list] [FILTER ...]``.
 
 Prints one line per identity (name, what it covers, result, seconds) and one per negative control, and
-exits 1 if any identity fails (or raises) or any negative control is wrongly accepted.
+exits 1 if any identity fails (or raises), any negative control is wrongly accepted (or raises), any check
+returns something other than ``True`` / ``False``, or an identity has no negative control; exits 2 (with
+the known names) when no identity matches the filters.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -16,13 +19,19 @@ from proofs._registry import Check, Identity, all_identities
 
 
 def _run(check: Check) -> tuple[bool | None, float, str]:
-    """Run one check; returns (result, seconds, error text). ``None`` means it raised."""
+    """Run one check; returns (result, seconds, error text). ``None`` means it raised or returned something
+    other than a bool: a check that forgot its ``return`` (``None``) must not count as a rejection."""
     start = time.perf_counter()
+    result: bool | None = None
     try:
-        result: bool | None = bool(check())
-        error = ""
+        value: object = check()
     except Exception as exc:  # a crashing proof is a failing proof; report it and go on
-        result, error = None, f"{type(exc).__name__}: {exc}"
+        error = f"{type(exc).__name__}: {exc}"
+    else:
+        if isinstance(value, bool):
+            result, error = value, ""
+        else:
+            error = f"returned {type(value).__name__} {str(value)[:60]!r}, not True or False"
     return result, time.perf_counter() - start, error
 
 
@@ -51,6 +60,9 @@ def run(filters: Sequence[str] = (), *, controls: bool = True, out: TextIO | Non
             print(f"    implements: {impl.function}", file=stream)
         if not controls:
             continue
+        if not entry.negative_controls:
+            failures += 1
+            print("    negative control: NONE (the checker is never shown to fail)", file=stream)
         for control_name, control in entry.negative_controls:
             result, seconds, error = _run(control)
             if result is False:
@@ -79,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=(
             "Machine-checked sympy identities for the SCX transforms (T1-T7, RoPE order, sensitivity, "
             "Laplace, head structure), each with negative controls that the same checker must reject. "
-            "Exits 1 if an identity fails or a negative control is accepted."
+            "Exits 1 if an identity fails or a negative control is accepted, 2 if no identity matches."
         ),
     )
     parser.add_argument(
@@ -90,20 +102,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-controls", action="store_true", help="skip the negative controls")
     args = parser.parse_args(argv)
+    selected = _selected(all_identities(), args.filters)
+    if not selected:
+        known = ", ".join(entry.name for entry in all_identities())
+        wanted = ", ".join(repr(f) for f in args.filters)
+        print(
+            f"{parser.prog}: error: no identity name contains {wanted}; known identities: {known}",
+            file=sys.stderr,
+        )
+        return 2
     if args.list:
-        for entry in _selected(all_identities(), args.filters):
+        for entry in selected:
             print(f"{entry.name}  [{entry.covers}]")
             for impl in entry.implements:
                 print(f"    - implements: {impl.function}")
             for control_name, _ in entry.negative_controls:
                 print(f"    - negative control: {control_name}")
         return 0
-    selected = _selected(all_identities(), args.filters)
-    if not selected:
-        print(f"no identity matches {args.filters}", file=sys.stderr)
-        return 2
     return 1 if run(args.filters, controls=not args.no_controls) else 0
 
 
+def _console() -> int:
+    """``main()`` for a real console: characters the terminal's encoding lacks (σ, π, ᵀ) are escaped
+    rather than crashing the run, and a closed pipe (``| head``) ends it quietly."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away: point stdout at devnull so the interpreter's final flush cannot fail too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_console())

@@ -31,19 +31,24 @@ SPLIT_THREADS = 3
 
 def same(a: Any, b: Any) -> bool:
     """Whether two results are the same values bit for bit (tensors, arrays, tuples of them, scalars);
-    NaN is the same as NaN."""
+    NaN is the same as NaN (any payload), and 0.0 is not the same as -0.0."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         if a.dtype != b.dtype or a.shape != b.shape:
             return False
         if not a.is_floating_point():
             return torch.equal(a, b)
-        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+        return bool((((a == b) & (a.signbit() == b.signbit())) | (a.isnan() & b.isnan())).all())
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        return a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        if a.dtype.kind == "f":
+            return bool((((a == b) & (np.signbit(a) == np.signbit(b))) | (np.isnan(a) & np.isnan(b))).all())
+        return np.array_equal(a, b, equal_nan=a.dtype.kind == "c")
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
+    if isinstance(a, float) and isinstance(b, float):
+        both_nan = math.isnan(a) and math.isnan(b)
+        return both_nan or (a == b and math.copysign(1.0, a) == math.copysign(1.0, b))
     return bool(type(a) is type(b) and a == b)
 
 

@@ -201,16 +201,20 @@ def _silu_loop() -> tuple[Any, Any]:
 # the float32 path's largest error (exhaustive search), next to its cut and past it; the float64 cut
 @example(values=[-5.879053592681885, -86.9, -87.1, 86.9, -0.3], f32=True)
 @example(values=[-707.9, -708.1, 708.1, -3.5], f32=False)
+# subnormal x: silu(x) ≈ x/2 underflows (the thorough profile found 2⁻¹⁴⁹ ↦ 0, correctly rounded)
+@example(values=[1.401298464324817e-45, -1.401298464324817e-45, 1e-40], f32=True)
+@example(values=[5e-324, -5e-324, 1e-310], f32=False)
 def test_kernel_silu_is_silu_within_the_dtype(values: list[float], f32: bool) -> None:
     """The MLP check's SiLU (``numba_kernels.silu_value``, arithmetic that vectorizes) in the value's own
     dtype, where e^−|x| is a normal number: within 4.1 float32 roundings of the exact silu in float32 (4.06
     u₃₂ the largest over every float32 in [−87, 87], checked exhaustively by ``python -m models.silu_error``;
     torch's float32 silu, the server's, 2.93) and 8 float64 roundings in float64 (4.3 u₆₄ the largest seen
-    over 10⁶ draws). Beyond, 0 (signed as x) below a cut where e^−|x| nears the dtype's smallest normal (−87,
-    −708), so off by less than |x|·e^cut (torch's float32 silu is 0 from −88.7); x for +inf; NaN for NaN and
-    −inf, as torch's; and a vectorized loop of it gives the bits of one call at a time. The float32
-    polynomial's r³ coefficient cut to five digits fails it (checked; the r⁴ one's cut moves no float32 result
-    past the bound), and so does its range cut moved to −86 or −80."""
+    over 10⁶ draws), each rounding with its absolute underflow term (a subnormal result). Beyond, 0 (signed
+    as x) below a cut where e^−|x| nears the dtype's smallest normal (−87, −708), so off by less than
+    |x|·e^cut (torch's float32 silu is 0 from −88.7); x for +inf; NaN for NaN and −inf, as torch's; and a
+    vectorized loop of it gives the bits of one call at a time. The float32 polynomial's r³ coefficient cut
+    to five digits fails it (checked; the r⁴ one's cut moves no float32 result past the bound), and so does
+    its range cut moved to −86 or −80."""
     dtype = np.float32 if f32 else np.float64
     x = np.array(values * 3, dtype=dtype)  # long enough for the vector body as well as the scalar tail
     got = np.empty_like(x)
@@ -222,7 +226,11 @@ def test_kernel_silu_is_silu_within_the_dtype(values: list[float], f32: bool) ->
     u, floor = (2.0**-24, 1.7e-38) if f32 else (U64, 3.4e-308)  # e^−87, e^−708: the cuts' e^−|x|
     cut = 87.0 if f32 else 708.0
     inner = np.isfinite(x64) & (np.abs(x64) <= cut)
-    assert np.all(np.abs(got[inner] - want[inner]) <= (4.1 if f32 else 8.0) * u * np.abs(want[inner]))
+    # each rounding in the standard model with gradual underflow: a relative u and an absolute half of the
+    # smallest subnormal (a subnormal silu, x/2 for a subnormal x, has no relative bound: 2⁻¹⁵⁰ rounds to 0)
+    eta = float(np.finfo(dtype).smallest_subnormal) / 2
+    bound = (4.1 if f32 else 8.0) * (u * np.abs(want[inner]) + eta)
+    assert np.all(np.abs(got[inner] - want[inner]) <= bound)
     outer = np.isfinite(x64) & (np.abs(x64) > cut)
     assert np.all(np.abs(got[outer] - want[outer]) <= np.abs(x64[outer]) * floor)
     assert np.all(got[x64 == np.inf] == np.inf)
