@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import DTypeError, NonFiniteError, PermutationError, ProtocolError, ShapeError, VocabularyError
+from .errors import (
+    ConfigError,
+    DTypeError,
+    NonFiniteError,
+    PermutationError,
+    ProtocolError,
+    SCXError,
+    ShapeError,
+    VocabularyError,
+)
 
 FloatArray = npt.NDArray[np.floating[Any]]
 IntArray = npt.NDArray[np.integer[Any]]
@@ -72,3 +83,45 @@ def token_ids(ids: Any, vocab_size: int | None = None, *, allow_empty: bool = Fa
 
 #: the ids :func:`token_ids` takes without a vocabulary: int64's (every backend indexes in int64)
 _INT64_TOP = int(np.iinfo(np.int64).max)
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` for an error message, shortened: a huge integer by its bit length (its decimal form
+    may not even be printable: Python refuses more than 4300 digits), anything else cut at 60 characters."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value).bit_length() > 64:
+        return f"an integer of {int(value).bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_int(
+    value: Any,
+    name: str,
+    lo: int | None = 0,
+    hi: int | None = None,
+    *,
+    error: type[SCXError] = ConfigError,
+) -> int:
+    """``value`` as an int: the one check of an integer argument (a count, a size, an index, a seed, a
+    message's field).
+
+    ``error`` (ConfigError by default; each caller passes its own class) unless ``value`` is an integer —
+    a Python or numpy one, or anything with ``__index__``; never a bool, a float or a string, which would
+    be truncated or repeated — in [lo, hi] (no bound where None). The messages: ``n must be an integer,
+    got float 2.5``; ``n must lie in [0, 5], got 6``; ``n must be >= 1, got 0``."""
+    if type(value) is int:  # the usual case, without the __index__ protocol (request paths call this)
+        out = value
+    else:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            out = operator.index(value)
+        except TypeError:
+            raise error(f"{name} must be an integer, got {type(value).__name__} {value!r:.40}") from None
+    if (lo is not None and out < lo) or (hi is not None and out > hi):
+        if lo is not None and hi is not None:
+            rule = f"lie in [{lo}, {hi}]"
+        else:
+            rule = f"be >= {lo}" if hi is None else f"be <= {hi}"
+        raise error(f"{name} must {rule}, got {short_repr(out)}")
+    return out

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ._checks import check_int
 from .errors import ConfigError
 
 __all__ = ["ModelConfig"]
@@ -35,6 +38,10 @@ class ModelConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        """ConfigError unless every field has its type and the fields agree: sizes are positive ints (not
+        bool), ``n_heads`` a multiple of ``n_kv_heads``, ``head_dim`` even, ``n_experts``/``top_k`` ints with
+        1 <= top_k <= n_experts for MoE and top_k == 0 for a dense model, ``rms_eps`` >= 0 and ``rope_theta``
+        > 0 finite reals, ``qkv_bias`` a bool, ``name`` a str."""
         for field in (
             "vocab_size",
             "hidden_size",
@@ -45,21 +52,31 @@ class ModelConfig:
             "intermediate_size",
             "max_positions",
         ):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+            check_int(getattr(self, field), field, 1)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.n_experts < 0 or (self.n_experts and not 1 <= self.top_k <= self.n_experts):
+        for field in ("n_experts", "top_k"):
+            check_int(getattr(self, field), field, 0)
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
             raise ConfigError(
                 f"need 1 <= top_k <= n_experts for MoE, got top_k={self.top_k}, n_experts={self.n_experts}"
             )
+        if not self.n_experts and self.top_k:
+            raise ConfigError(f"top_k={self.top_k} needs n_experts >= 1 (a dense model has top_k 0)")
+        for field in ("rms_eps", "rope_theta"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{field} must be a finite number, got {value!r}")
         if not self.rms_eps >= 0 or not self.rope_theta > 0:
             raise ConfigError("rms_eps must be >= 0 and rope_theta > 0")
+        if not isinstance(self.qkv_bias, bool):
+            raise ConfigError(f"qkv_bias must be True or False, got {self.qkv_bias!r}")
+        if not isinstance(self.name, str):
+            raise ConfigError(f"name must be a string, got {self.name!r}")
 
     @property
     def group_size(self) -> int:
@@ -83,4 +100,17 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return cls(**data)
+        """The config of :meth:`to_dict`'s mapping; ConfigError for a non-mapping, an unknown or a missing
+        field, or a bad value."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a model config must be a mapping of fields, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(map(str, set(data) - names))
+        if unknown:
+            raise ConfigError(
+                f"unknown model config field(s) {', '.join(unknown)}; fields: {', '.join(sorted(names))}"
+            )
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a required field missing
+            raise ConfigError(f"incomplete model config: {exc}") from exc

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from ._checks import check_int
 from .errors import KeyScheduleError, SessionError
 
 __all__ = [
@@ -52,7 +53,11 @@ KS = TypeVar("KS", bound="KeySchedule")
 
 
 def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
-    """HKDF-SHA256 (RFC 5869): ``Expand(Extract(salt, ikm), info, length)``; length ≤ 255·32."""
+    """HKDF-SHA256 (RFC 5869): ``Expand(Extract(salt, ikm), info, length)``; length ≤ 255·32.
+    KeyScheduleError for an input that is not bytes or a length that is not an integer in 1..8160."""
+    for name, value in (("ikm", ikm), ("salt", salt), ("info", info)):
+        if not isinstance(value, (bytes, bytearray)):
+            raise KeyScheduleError(f"HKDF {name} must be bytes, got {type(value).__name__}")
     return _hkdf_expand(_hkdf_extract(salt, ikm), info, length)
 
 
@@ -63,8 +68,7 @@ def _hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
 
 def _hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
     """HKDF-Expand: T(1) ‖ T(2) ‖ … with T(i) = HMAC-SHA256(PRK, T(i−1) ‖ info ‖ i), cut to ``length``."""
-    if not 0 < length <= 255 * 32:
-        raise KeyScheduleError(f"HKDF output length must be in 1..8160, got {length}")
+    length = check_int(length, "HKDF output length", 1, 255 * 32, error=KeyScheduleError)
     out, block, counter = b"", b"", 1
     while len(out) < length:
         block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
@@ -77,8 +81,10 @@ def _check_label(label: object) -> None:
     """KeyScheduleError unless ``label`` is a tuple of str/int parts (what :func:`encode_label` takes,
     checked before a label is extended by parts, ``(*label, "perm", n)``, or used as a memo key): a string
     would silently become its characters."""
-    if not isinstance(label, tuple) or not all(
-        isinstance(part, str | int) and not isinstance(part, bool) for part in label
+    if (
+        not isinstance(label, tuple)
+        or not label
+        or not all(isinstance(part, str | int) and not isinstance(part, bool) for part in label)
     ):
         raise KeyScheduleError(f"a label must be a non-empty tuple of str/int, got {label!r}")
 
@@ -113,9 +119,9 @@ class KeyStream:
     _FIRST = 1 << 6  # the first squeeze of a block: most labels read far less than a block
 
     def __init__(self, key: bytes) -> None:
-        if len(key) != 32:
+        if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
             raise KeyScheduleError("a stream key must be 32 bytes")
-        self._key = key
+        self._key = bytes(key)
         self._xof: Any = None  # the SHAKE-256 state of the current block
         self._squeezed = b""  # the current block's first bytes (a prefix of its _BLOCK bytes)
         self._pos = 0  # bytes of the current block already read
@@ -127,7 +133,9 @@ class KeyStream:
         Byte i of the stream is byte i mod 4096 of SHAKE-256(key ‖ ⌊i / 4096⌋) — fixed-size blocks, so it
         does not depend on how the reads were split. A block is squeezed only as far as the reads go
         (SHAKE's output of a shorter length is a prefix of the longer one), which makes short reads cheap.
+        KeyScheduleError unless ``n`` is an integer >= 0.
         """
+        _check_count(n, "byte count")
         parts: list[bytes] = []
         while n > 0:
             if self._xof is None or self._pos == self._BLOCK:
@@ -146,12 +154,22 @@ class KeyStream:
         return b"".join(parts)
 
     def uint64(self, count: int) -> npt.NDArray[np.uint64]:
-        """``count`` independent uniform 64-bit words."""
+        """``count`` independent uniform 64-bit words (KeyScheduleError unless ``count`` is an int >= 0)."""
+        _check_count(count, "word count")
         return np.frombuffer(self.read(8 * count), dtype="<u8").astype(np.uint64)
 
     def random(self, size: int | tuple[int, ...] | None = None) -> Any:
-        """Uniform floats in [0, 1): the top 53 bits of each word, divided by 2**53."""
-        shape: tuple[int, ...] = () if size is None else ((size,) if isinstance(size, int) else tuple(size))
+        """Uniform floats in [0, 1): the top 53 bits of each word, divided by 2**53 (a float for
+        ``size=None``, else an array of that shape; KeyScheduleError for a size that is not an integer >= 0
+        or a tuple of them)."""
+        if size is None:
+            shape: tuple[int, ...] = ()
+        elif isinstance(size, (tuple, list)):
+            shape = tuple(size)
+        else:
+            shape = (size,)
+        for n in shape:
+            _check_count(n, "random size")
         count = int(np.prod(shape)) if shape else 1
         words = self.uint64(count) >> np.uint64(11)
         out = words.astype(np.float64) * (1.0 / (1 << 53))
@@ -163,9 +181,12 @@ class KeyStream:
         A 64-bit word u is accepted when u < m·⌊2⁶⁴/m⌋ (so every residue is equally likely) and
         mapped to u mod m; rejected positions are redrawn from fresh stream bytes.
         """
-        m = np.asarray(bounds, dtype=np.uint64)
-        if m.size and int(m.min()) < 1:
+        raw = np.asarray(bounds)
+        if raw.size and not np.issubdtype(raw.dtype, np.integer):
+            raise KeyScheduleError(f"randbelow bounds must be integers, got dtype {raw.dtype}")
+        if raw.size and int(raw.min()) < 1:
             raise KeyScheduleError("randbelow bounds must be >= 1")
+        m = raw.astype(np.uint64)
         # reject u ≥ m·⌊2⁶⁴/m⌋, i.e. u > (2⁶⁴ − 1) − (2⁶⁴ mod m); computed in uint64 without overflow
         top = np.uint64(0xFFFFFFFFFFFFFFFF)
         rem = (top % m + np.uint64(1)) % m
@@ -187,14 +208,18 @@ def fisher_yates(n: int, stream: KeyStream) -> npt.NDArray[np.int64]:
     For i = n-1 … 1, swap position i with j ~ Uniform{0..i}; every one of the n! permutations has
     probability exactly 1/n! when the draws are uniform, which ``randbelow`` guarantees.
     """
-    if n < 0:
-        raise KeyScheduleError(f"permutation size must be >= 0, got {n}")
+    n = check_int(n, "permutation size", 0, error=KeyScheduleError)
     perm = list(range(n))
     if n > 1:
         draws = stream.randbelow(np.arange(n, 1, -1, dtype=np.int64)).tolist()
         for i, j in zip(range(n - 1, 0, -1), draws, strict=True):
             perm[i], perm[j] = perm[j], perm[i]
     return np.asarray(perm, dtype=np.int64)
+
+
+def _check_count(n: object, what: str) -> None:
+    """KeyScheduleError unless ``n`` is an integer >= 0 (:func:`~scx_ref._checks.check_int`)."""
+    check_int(n, what, 0, error=KeyScheduleError)
 
 
 class NonceClaims:
@@ -207,12 +232,16 @@ class NonceClaims:
     """
 
     def __init__(self, memory: int = CLAIM_MEMORY) -> None:
+        memory = check_int(memory, "the claim memory", 1, error=KeyScheduleError)
         self._lock = threading.Lock()
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._memory = memory
 
     def claim(self, nonce: bytes) -> None:
-        """Record that ``nonce`` drives a session; SessionError if it already did."""
+        """Record that ``nonce`` drives a session; SessionError if it already did (KeyScheduleError for a
+        nonce that is not bytes)."""
+        if not isinstance(nonce, bytes):
+            raise KeyScheduleError(f"a nonce must be bytes, got {type(nonce).__name__}")
         with self._lock:
             if nonce in self._seen:
                 raise SessionError(
@@ -290,9 +319,7 @@ class KeySchedule:
         next-stage permutation twice); the returned array is read-only.
         """
         _check_label(label)
-        if isinstance(n, bool) or not isinstance(n, int | np.integer):
-            raise KeyScheduleError(f"permutation size must be an integer, got {n!r}")
-        memo_key = (label, int(n))
+        memo_key = (label, check_int(n, "permutation size", None, error=KeyScheduleError))
         perm = self._perms.get(memo_key)
         if perm is None:
             perm = fisher_yates(int(n), self.stream((*label, "perm", int(n))))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import ops
-from ._checks import FloatArray, token_ids
+from ._checks import FloatArray, check_int, token_ids
 from .errors import ConfigError, ProtocolError, SCXError, note_tokens
 from .weights import LayerWeights, ModelWeights
 
@@ -182,8 +182,7 @@ class ReferenceModel:
         """Greedy continuation: ``n_new`` (an integer >= 0, else ConfigError) argmax tokens after the
         prompt. An SCXError raised after generation started carries the tokens made so far in
         ``tokens`` (another exception gets them in a note)."""
-        if isinstance(n_new, bool) or not isinstance(n_new, (int, np.integer)) or n_new < 0:
-            raise ConfigError(f"n_new must be an integer >= 0, got {n_new!r}")
+        n_new = check_int(n_new, "n_new", 0)
         out: list[int] = []
         try:
             logits, cache = self.prefill(ids)

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ConfigError, SCXError, note_tokens
+from ._checks import check_int, token_ids
+from .errors import ConfigError, NonFiniteError, SCXError, note_tokens
 
 __all__ = ["GENERATE_OPTIONS", "SUPPORTED", "GenerationSettings", "generate_tokens", "generation_settings"]
 
@@ -131,10 +132,7 @@ def _number(v: Any, name: str, lo: float, hi: float | None = None, lo_open: bool
 
 
 def _int(v: Any, name: str, lo: int, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ConfigError(f"{name} must be an integer {rng}, got {_show(v)}")
-    return int(v)
+    return check_int(v, name, lo, hi)
 
 
 def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 0) -> GenerationSettings:
@@ -152,7 +150,7 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
         raise ConfigError(
             f"generation options must be a mapping of names to values, got {type(options).__name__}"
         )
-    unknown = sorted(set(options) - set(GENERATE_OPTIONS))
+    unknown = sorted(set(options) - set(GENERATE_OPTIONS), key=repr)  # keys of any types
     if unknown:
         supported = "; ".join(f"{k}: {v}" for k, v in GENERATE_OPTIONS.items())
         raise ConfigError(
@@ -237,9 +235,15 @@ def generate_tokens(
     Stops after an EOS token (kept) or when the text ends a stop string (transformers'
     ``StopStringCriteria``; needs ``tokenizer``). ``streamer`` gets ``put(prompt)``, ``put`` of each new
     token and ``end()``, as HF's. An SCXError after k ≥ 0 tokens is raised again, its class kept, with
-    those k tokens in its ``tokens`` (the streamer has already shown them)."""
+    those k tokens in its ``tokens`` (the streamer has already shown them). Before anything runs:
+    ConfigError unless ``settings`` is a :class:`GenerationSettings`, the prompt's check
+    (:func:`~scx_ref._checks.token_ids`: VocabularyError, ProtocolError when empty); a logits row that is
+    not finite is a NonFiniteError (never a token)."""
     import torch
 
+    if not isinstance(settings, GenerationSettings):
+        raise ConfigError(f"settings must be GenerationSettings, got {type(settings).__name__}")
+    prompt = token_ids(prompt)
     processors = settings.processors()
     stopping = None
     if settings.stop_strings:
@@ -257,7 +261,10 @@ def generate_tokens(
         if settings.max_new_tokens:
             logits = prefill(np.asarray(prompt, dtype=np.int64))[-1]
             while True:
-                scores = processors(ids, torch.from_numpy(np.asarray(logits)).to(torch.float32)[None, :])
+                row = np.asarray(logits)
+                if not np.issubdtype(row.dtype, np.floating) or not np.isfinite(row).all():
+                    raise NonFiniteError(f"the logits after {len(new)} new token(s) are not all finite")
+                scores = processors(ids, torch.from_numpy(row).to(torch.float32)[None, :])
                 if settings.do_sample:
                     probs = torch.nn.functional.softmax(scores, dim=-1)
                     tok = int(torch.multinomial(probs, num_samples=1, generator=gen)[0, 0])

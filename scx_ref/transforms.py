@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import check_permutation
+from ._checks import check_int, check_permutation
 from .arrays import A, ArrayOps, NumpyOps
 from .errors import DTypeError, NonFiniteError, PermutationError, SCXError, ShapeError
 
@@ -113,11 +113,7 @@ def _nested(x: Any, name: str, error: type[SCXError] = ShapeError) -> npt.NDArra
 def _int(v: Any, name: str) -> int:
     """``v`` as an int: a Python or numpy integer, not a bool (ShapeError naming ``name`` otherwise — a
     float would be truncated or break a slice, a string repeat a shape)."""
-    if type(v) is int:
-        return v
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        return int(v)
-    raise ShapeError(f"{name} must be an integer, got {type(v).__name__} {v!r:.40}")
+    return check_int(v, name, None, error=ShapeError)
 
 
 def _group(v: Any, name: str = "group_size") -> int:

@@ -6,6 +6,7 @@ Hugging Face stores ``nn.Linear.weight`` as out × in; the HF adapter transposes
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,11 +14,19 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import ModelConfig
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, DTypeError, NonFiniteError, ShapeError
 
 __all__ = ["DenseMLP", "LayerWeights", "MoEMLP", "ModelWeights", "random_weights"]
 
 Array = npt.NDArray[np.floating[Any]]
+
+
+def _all_finite(arr: Array) -> bool:
+    """Whether every entry is finite, in one pass: a finite float64 sum proves it (NaN and ±Inf propagate);
+    a non-finite sum (or an overflow of finite terms) falls back to the elementwise test."""
+    if arr.size == 0 or np.isfinite(arr.sum(dtype=np.float64)):
+        return True
+    return bool(np.isfinite(arr).all())
 
 
 @dataclass
@@ -78,18 +87,33 @@ class ModelWeights:
         return self.embed.dtype
 
     def validate(self) -> None:
-        """Check every array's shape against ``config``; raise ShapeError/ConfigError on mismatch."""
+        """Check every array against ``config``: ShapeError for a missing or misshapen one, DTypeError for
+        one that is not a numpy floating array of the embedding's dtype, NonFiniteError (naming it) for one
+        holding NaN or Inf, ConfigError for a config, layer list or MLP of the wrong kind."""
         c = self.config
+        if not isinstance(c, ModelConfig):
+            raise ConfigError(f"config must be a ModelConfig, got {type(c).__name__}")
         d, f = c.hidden_size, c.intermediate_size
+        dtype = getattr(self.embed, "dtype", None)
 
         def need(arr: Array | None, shape: tuple[int, ...], name: str) -> None:
+            if arr is not None and not isinstance(arr, np.ndarray):
+                raise DTypeError(f"weight {name} must be a numpy array, got {type(arr).__name__}")
             if arr is None or tuple(arr.shape) != shape:
                 got = None if arr is None else tuple(arr.shape)
                 raise ShapeError(f"weight {name} must have shape {shape}, got {got}")
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise DTypeError(f"weight {name} must be a floating-point array, got dtype {arr.dtype}")
+            if arr.dtype != dtype:
+                raise DTypeError(f"weight {name} must have the embedding's dtype {dtype}, got {arr.dtype}")
+            if not _all_finite(arr):
+                raise NonFiniteError(f"weight {name} holds NaN or Inf")
 
         need(self.embed, (c.vocab_size, d), "embed")
         need(self.final_norm, (d,), "final_norm")
         need(self.lm_head, (d, c.vocab_size), "lm_head")
+        if not isinstance(self.layers, list) or not all(isinstance(lw, LayerWeights) for lw in self.layers):
+            raise ConfigError("layers must be a list of LayerWeights")
         if len(self.layers) != c.n_layers:
             raise ConfigError(f"config has {c.n_layers} layers, weights have {len(self.layers)}")
         for i, lw in enumerate(self.layers):
@@ -108,7 +132,12 @@ class ModelWeights:
                 raise ConfigError(f"{p}: QKV bias given but config.qkv_bias is False")
             experts: list[DenseMLP]
             if c.is_moe:
-                if not isinstance(lw.mlp, MoEMLP) or len(lw.mlp.experts) != c.n_experts:
+                if (
+                    not isinstance(lw.mlp, MoEMLP)
+                    or not isinstance(lw.mlp.experts, list)
+                    or len(lw.mlp.experts) != c.n_experts
+                    or not all(isinstance(ex, DenseMLP) for ex in lw.mlp.experts)
+                ):
                     raise ConfigError(f"{p}mlp must be a MoEMLP with {c.n_experts} experts")
                 need(lw.mlp.router, (d, c.n_experts), p + "mlp.router")
                 experts = lw.mlp.experts
@@ -146,8 +175,13 @@ class ModelWeights:
         return out
 
     @classmethod
-    def from_dict(cls, config: ModelConfig, d: dict[str, Array]) -> ModelWeights:
-        """Inverse of :meth:`to_dict`; raises ShapeError/ConfigError on a missing or misshapen array."""
+    def from_dict(cls, config: ModelConfig, d: Mapping[str, Array]) -> ModelWeights:
+        """Inverse of :meth:`to_dict`; raises ShapeError/ConfigError on a missing, misshapen or unknown array
+        (a name :meth:`to_dict` of this config does not give), and :meth:`validate`'s errors."""
+        if not isinstance(config, ModelConfig):
+            raise ConfigError(f"config must be a ModelConfig, got {type(config).__name__}")
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"weights must be a mapping of names to arrays, got {type(d).__name__}")
 
         def get(name: str) -> Array:
             if name not in d:
@@ -181,13 +215,20 @@ class ModelWeights:
                     *bias,
                 )
             )
-        return cls(config, get("embed"), layers, get("final_norm"), get("lm_head"))
+        out = cls(config, get("embed"), layers, get("final_norm"), get("lm_head"))
+        unknown = sorted(map(str, set(d) - set(out.to_dict())))
+        if unknown:  # another model's weights (more layers, experts) or a misspelt name: never dropped
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise ConfigError(f"weight(s) {shown} not in a model of this config ({config.name})")
+        return out
 
 
 def random_weights(
     config: ModelConfig, rng: np.random.Generator, dtype: Any = np.float64, scale: float = 1.0
 ) -> ModelWeights:
     """Random weights for tests: N(0, scale²/fan_in) matrices, norm gains near 1, embeddings N(0, 1).
+    ConfigError for a config that is not a ModelConfig or a scale that is not a finite number, DTypeError
+    for a dtype that is not floating.
 
     ``rng`` is the caller's generator: the library never touches global random state (ConfigError for
     anything else, a seed included: ``np.random.default_rng(seed)`` makes one).
@@ -196,6 +237,16 @@ def random_weights(
         raise ConfigError(
             f"rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}"
         )
+    if not isinstance(config, ModelConfig):
+        raise ConfigError(f"config must be a ModelConfig, got {type(config).__name__}")
+    try:
+        np_dtype = np.dtype(dtype)
+    except TypeError as exc:
+        raise DTypeError(f"dtype must be a floating numpy dtype, got {dtype!r}") from exc
+    if not np.issubdtype(np_dtype, np.floating):
+        raise DTypeError(f"dtype must be a floating numpy dtype, got {np_dtype}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+        raise ConfigError(f"scale must be a finite number, got {scale!r}")
     d, f = config.hidden_size, config.intermediate_size
 
     def mat(n_in: int, n_out: int) -> Array:

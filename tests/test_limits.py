@@ -391,9 +391,13 @@ class Edited(LocalTransport):
 @pytest.mark.parametrize("bad", [True, 0, -3, 2.5, "2", None], ids=repr)
 def test_server_arguments_are_checked(bad: Any) -> None:
     b = NumpyBackend(weights())
-    with pytest.raises(
-        ProtocolError, match=f"^batch_rows must be an integer >= 1, got {re.escape(repr(bad))}$"
-    ):
+    # the shared integer check's messages: the type, else the bound
+    want = (
+        f"be an integer, got {type(bad).__name__} "
+        if not isinstance(bad, int) or bad is True
+        else "be >= 1, got "
+    )
+    with pytest.raises(ProtocolError, match=f"^batch_rows must {re.escape(want + repr(bad))}$"):
         Server(b, batch_rows=bad)
     with pytest.raises(ProtocolError, match=r"^limits must be a ServerLimits, got str$"):
         Server(b, limits="none")  # type: ignore[arg-type]

@@ -264,13 +264,13 @@ REFUSALS: list[tuple[str, Any, type[Exception], str]] = [
         "long-token",
         lambda lv: lv.req(Stage.GEN_MID, 1, 0, token="t" * 257),
         ProtocolError,
-        "token must be a string of at most 256 characters",
+        "token must be an ASCII string of at most 256 characters",
     ),
     (
         "token-not-str",
         lambda lv: lv.req(Stage.GEN_MID, 1, 0, token=b"t"),
         ProtocolError,
-        "token must be a string of at most 256 characters",
+        "token must be an ASCII string of at most 256 characters",
     ),
     (
         "unknown-array",

@@ -7,6 +7,7 @@ cache — the inner loop of sequential vocabulary matching (Thomas et al., "Hidd
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,12 +15,51 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import ops
+from .._checks import check_int, token_ids
+from ..errors import ConfigError, DTypeError, NonFiniteError, ProtocolError, ShapeError
 from ..reference import KVCache, ReferenceModel
 from ..weights import ModelWeights
 
 __all__ = ["Trace", "candidate_states", "forward_trace"]
 
 Array = npt.NDArray[Any]
+
+
+def int_arg(value: Any, name: str, lo: int | None = 0, below: int | None = None) -> int:
+    """``value`` as an int in [lo, below) (no bound where None; ConfigError otherwise): the attack modules'
+    counts, sizes and indices (:func:`~scx_ref._checks.check_int`)."""
+    return check_int(value, name, lo, None if below is None else below - 1)
+
+
+def float_arg(value: Any, name: str, lo: float | None = None, allow_inf: bool = False) -> float:
+    """``value`` as a float after checking it is a real number, not NaN (nor ±Inf unless ``allow_inf``),
+    and, given ``lo``, at least ``lo`` (ConfigError otherwise)."""
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if math.isnan(out) or (math.isinf(out) and not allow_inf) or (lo is not None and out < lo):
+        bound = "" if lo is None else f" >= {lo}"
+        raise ConfigError(f"{name} must be a finite number{bound}, got {value!r}")
+    return out
+
+
+def rows_arg(x: Any, name: str, width: int | None = None, *, ndim: int = 2) -> Array:
+    """``x`` as a float64 array of ``ndim`` dimensions (rows × ``width`` when ``width`` is given): an
+    observed or public row block. DTypeError when it is not numeric, ShapeError for the wrong shape,
+    NonFiniteError when it holds NaN or ±Inf (a distance to NaN matches nothing, silently)."""
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DTypeError(f"{name} must be a numeric array: {exc}") from None
+    if arr.ndim != ndim or (width is not None and arr.shape[-1] != width):
+        want = f"{ndim}-D" + ("" if width is None else f" with {width} columns")
+        raise ShapeError(f"{name} must be {want}, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise NonFiniteError(f"{name} holds NaN or Inf")
+    return arr
 
 
 @dataclass
@@ -47,7 +87,8 @@ def forward_trace(
     logits: bool = True,
 ) -> Trace:
     """The reference forward (identical arithmetic to :class:`~scx_ref.reference.ReferenceModel`) with
-    every stage recorded; continues ``cache`` (extended in place) and stops after block ``upto`` if given."""
+    every stage recorded; continues ``cache`` (extended in place) and stops after block ``upto`` if given.
+    VocabularyError unless ``ids`` is a 1-D integer array of the vocabulary (as the reference's forward)."""
     tr = Trace()
 
     def record(stage: str, layer: int, rows: Array) -> None:
@@ -56,7 +97,9 @@ def forward_trace(
         else:
             getattr(tr, stage).append(rows)
 
-    out, _ = ReferenceModel(weights, trace=record).forward(np.asarray(ids, dtype=np.int64), cache, upto)
+    # checked, not cast: a float id would be truncated to another token
+    arr = np.asarray(token_ids(ids, weights.config.vocab_size), dtype=np.int64)
+    out, _ = ReferenceModel(weights, trace=record).forward(arr, cache, upto)
     if upto is None and logits:
         tr.logits = out
     return tr
@@ -70,9 +113,17 @@ def candidate_states(
 
     Identity: equals ``forward_trace(weights, prefix_ids + [c])`` at the last row, for every candidate c,
     computed in one batch (each candidate attends to the prefix and to itself only).
+
+    ConfigError unless 0 ≤ ``layer`` < n_layers; ProtocolError unless ``prefix`` is a KVCache that holds
+    blocks 0..layer−1 (when it has rows); VocabularyError for candidates outside the vocabulary.
     """
     c = weights.config
-    cand = np.asarray(candidates, dtype=np.int64)
+    layer = int_arg(layer, "layer", 0, c.n_layers)
+    if not isinstance(prefix, KVCache):
+        raise ProtocolError(f"prefix must be a KVCache, got {type(prefix).__name__}")
+    if prefix.length and len(prefix.keys) < layer:
+        raise ProtocolError(f"the prefix cache holds blocks 0..{len(prefix.keys) - 1}, not 0..{layer - 1}")
+    cand = np.asarray(token_ids(candidates, c.vocab_size, allow_empty=True), dtype=np.int64)
     b = len(cand)
     p = prefix.length
     pos = np.full(b, p)

@@ -9,19 +9,26 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import ops
-from ..errors import ProtocolError
+from ..errors import ProtocolError, ShapeError
 from ..protocol.transport import ServerView, ViewedMessage
 from ..stages import Stage
 from ..weights import ModelWeights
+from ._model import int_arg
 
 __all__ = ["message", "open_meta", "raw_qkv", "shared_caches", "stage_array"]
 
 Array = npt.NDArray[Any]
 
 
+def _check_view(view: Any) -> ServerView:
+    if not isinstance(view, ServerView):
+        raise ProtocolError(f"view must be a ServerView, got {type(view).__name__}")
+    return view
+
+
 def open_meta(view: ServerView) -> dict[str, Any]:
     """The ``open`` message's metadata (n, r1, r2, …): public to the server."""
-    msgs = view.select(stage=Stage.OPEN)
+    msgs = _check_view(view).select(stage=Stage.OPEN)
     if not msgs:
         raise ProtocolError("the view has no open message")
     return dict(msgs[0].meta)
@@ -30,8 +37,13 @@ def open_meta(view: ServerView) -> dict[str, Any]:
 def message(
     view: ServerView, stage: Stage, layer: int | None = None, step: int | None = None
 ) -> ViewedMessage:
-    """The first received message of ``stage`` (and layer / step when given); ProtocolError if none."""
-    msgs = view.select(stage=stage, layer=layer, step=step)
+    """The first received message of ``stage`` (and layer / step when given); ProtocolError if none (or
+    ``stage`` is no :class:`Stage`)."""
+    try:
+        stage = Stage(stage)
+    except ValueError:
+        raise ProtocolError(f"unknown stage {stage!r}") from None
+    msgs = _check_view(view).select(stage=stage, layer=layer, step=step)
     if not msgs:
         raise ProtocolError(f"the view has no {stage.value!r} message for layer {layer}, step {step}")
     return msgs[0]
@@ -40,16 +52,28 @@ def message(
 def stage_array(
     view: ServerView, stage: Stage, layer: int | None = None, name: str = "x", step: int | None = None
 ) -> Array:
-    """Array ``name`` of the first matching message, as float64."""
-    return np.asarray(message(view, stage, layer, step).arrays[name], dtype=np.float64)
+    """Array ``name`` of the first matching message, as float64 (ProtocolError when it has none)."""
+    msg = message(view, stage, layer, step)
+    if name not in msg.arrays:
+        raise ProtocolError(
+            f"the {msg.stage.value!r} message has no array {name!r} (it has {sorted(msg.arrays)})"
+        )
+    return np.asarray(msg.arrays[name], dtype=np.float64)
 
 
 def raw_qkv(view: ServerView, weights: ModelWeights, layer: int) -> tuple[Array, Array, Array]:
     """(Z_q, Z_k, Z_v) the server computed at block ``layer``'s QKV stage (encoded row order, decoys,
-    noise included): Z = norm(x)·W (+ b) unless the message says the rows were already normalized."""
-    c, lw = weights.config, weights.layers[layer]
+    noise included): Z = norm(x)·W (+ b) unless the message says the rows were already normalized.
+    ConfigError for a block the model lacks, ShapeError when the rows are not the model's width."""
+    c = weights.config
+    lw = weights.layers[int_arg(layer, "layer", 0, c.n_layers)]
+    x = stage_array(view, Stage.QKV, layer)
+    if x.ndim != 2 or x.shape[1] != c.hidden_size:
+        raise ShapeError(
+            f"block {layer}'s QKV rows have shape {x.shape}, not (rows, {c.hidden_size}): "
+            "another model's view"
+        )
     msg = message(view, Stage.QKV, layer)
-    x: Array = np.asarray(msg.arrays["x"], dtype=np.float64)
     if not msg.meta.get("normalized", False):
         x = ops.rms_norm(x, lw.attn_norm, c.rms_eps)
     z = x @ lw.wqkv

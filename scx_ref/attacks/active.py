@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..backends.base import A, Backend
-from ..errors import ProtocolError
+from ..errors import ConfigError, ProtocolError
 from ..protocol.cost import CostMeter
 from ..protocol.messages import Reply, Request
 from ..protocol.server import Server
@@ -38,9 +38,14 @@ Array = npt.NDArray[Any]
 
 class TamperingTransport:
     """A transport that hands every reply to ``tamper(request, reply)`` and returns what it returns
-    (the identity for replies it leaves alone); ``sent`` counts the messages the client sent."""
+    (the identity for replies it leaves alone); ``sent`` counts the messages the client sent. ConfigError
+    unless ``inner`` is a transport (``send`` and ``meter``) and ``tamper`` is callable."""
 
     def __init__(self, inner: Transport, tamper: Callable[[Request, Reply], Reply]) -> None:
+        if not callable(getattr(inner, "send", None)) or not hasattr(inner, "meter"):
+            raise ConfigError(f"inner must be a transport (send, meter), got {type(inner).__name__}")
+        if not callable(tamper):
+            raise ConfigError(f"tamper must be callable, got {type(tamper).__name__}")
         self.inner = inner
         self.tamper = tamper
         self.sent = 0

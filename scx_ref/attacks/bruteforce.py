@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._checks import token_ids
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..protocol.transport import ServerView
 from ..stages import Stage
+from ._model import int_arg
 from ._view import open_meta
 from .llm_reorder import LanguageModel
 
@@ -29,9 +31,8 @@ _ROW_PERMUTED = (Stage.QKV, Stage.O, Stage.FFN, Stage.HEAD, Stage.LOCK)
 
 
 def search_space_bits(rows: int) -> float:
-    """log₂(rows!) — the bits an order guess must get right."""
-    if rows < 0:
-        raise ConfigError(f"rows must be >= 0, got {rows}")
+    """log₂(rows!) — the bits an order guess must get right (ConfigError unless rows is an integer ≥ 0)."""
+    rows = int_arg(rows, "rows")
     return math.lgamma(rows + 1) / math.log(2)
 
 
@@ -75,8 +76,12 @@ def stage_search_spaces(view: ServerView, config: ModelConfig) -> list[dict[str,
 
 def enumerate_orders(bag: npt.ArrayLike, n: int, lm: LanguageModel, max_rows: int = 7) -> list[int]:
     """The maximum-likelihood sequence of n distinct bag elements, by enumerating all (n+r)!/r! choices
-    and orders (exact; refuses bags larger than ``max_rows``)."""
-    items = [int(t) for t in np.asarray(bag).ravel()]
+    and orders (exact; refuses bags larger than ``max_rows``). ConfigError unless 0 < n ≤ the bag's
+    size; VocabularyError unless the bag holds integer ids."""
+    items = [int(t) for t in token_ids(np.asarray(bag).ravel(), allow_empty=True)]
+    n = int_arg(n, "n")
+    if not 0 < n <= len(items):
+        raise ConfigError(f"need 0 < n <= bag size ({len(items)}), got n={n}")
     if len(items) > max_rows:
         raise ConfigError(f"enumeration over {len(items)} rows refused (max_rows={max_rows})")
     seqs = np.array(

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import ConfigError
 from ..weights import ModelWeights
+from ._model import float_arg, int_arg, rows_arg
 from .vocab_match import nearest_rows, normalized_table
 
 __all__ = ["norm_residual", "residual_links", "vocab_distance"]
@@ -26,8 +28,10 @@ Array = npt.NDArray[Any]
 
 
 def norm_residual(rows: Array, gamma: Array, eps: float = 0.0) -> Array:
-    """|rms(y/γ) − 1| per row: 0 (up to ε) for every RMSNorm output y = γ ⊙ x / rms_ε(x)."""
-    y = np.asarray(rows, dtype=np.float64) / np.asarray(gamma, dtype=np.float64)
+    """|rms(y/γ) − 1| per row: 0 (up to ε) for every RMSNorm output y = γ ⊙ x / rms_ε(x). ShapeError unless
+    ``rows`` is rows × len(γ) and γ 1-D; NonFiniteError for NaN or ±Inf."""
+    g = rows_arg(gamma, "gamma", ndim=1)
+    y = rows_arg(rows, "rows", len(g)) / g
     return np.asarray(np.abs(np.sqrt(np.mean(y**2, axis=1)) - 1.0))
 
 
@@ -55,15 +59,23 @@ def residual_links(
     when some pair (x, o·W_o) sums to it within relative ``tol``; the rows of such pairs are real.
     With ``qkv_normalized`` (noised block) the QKV rows are not the residual, and block 1 uses the
     vocabulary instead: FFN row − O output ∈ embedding table (see :func:`vocab_match.match_block1_residual`).
+
+    Checked first: ConfigError for a block the model lacks or a ``tol`` that is not a number > 0;
+    ShapeError unless the QKV and FFN rows are rows × hidden size and the O rows rows × q_dim;
+    NonFiniteError for NaN or ±Inf. A message with no rows links nothing (all-False masks).
     """
-    lw = weights.layers[layer]
-    xq = np.asarray(x_qkv, dtype=np.float64)
-    y = np.asarray(x_o, dtype=np.float64) @ lw.wo
-    f = np.asarray(x_ffn, dtype=np.float64)
+    c = weights.config
+    lw = weights.layers[int_arg(layer, "layer", 0, c.n_layers)]
+    tol = float_arg(tol, "tol", 0.0)
+    if tol <= 0:
+        raise ConfigError(f"tol must be > 0, got {tol}")
+    xq = rows_arg(x_qkv, "QKV-stage rows", c.hidden_size)
+    y = rows_arg(x_o, "O-stage rows", c.q_dim) @ lw.wo
+    f = rows_arg(x_ffn, "FFN-stage rows", c.hidden_size)
     q_real = np.zeros(len(xq), dtype=bool)
     o_real = np.zeros(len(y), dtype=bool)
     f_real = np.zeros(len(f), dtype=bool)
-    if qkv_normalized:
+    if qkv_normalized or not (len(xq) and len(y)):
         return q_real, o_real, f_real
     for j, row in enumerate(f):
         # f − y_b must equal some x_a: nearest x for each candidate difference

@@ -32,7 +32,7 @@ from ..dp.sensitivity import ModelSensitivities
 from ..protocol.config import SCXConfig
 from ..protocol.plan import ReleasePlan
 from . import catalog
-from .tables import markdown_table
+from .tables import check_result, markdown_table
 
 __all__ = [
     "cheapest_at_baseline",
@@ -95,12 +95,15 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One frontier result from several ``scx attack --frontier`` runs of the same model and sample (a
     long frontier run in parts): the control of the first, every configuration once (the first part that
     measured it), in preset order; the commands of every part; ``missing`` what no part measured.
-    ConfigError when the parts differ in model, prompts, prompt length or generated tokens."""
+    ConfigError when the parts differ in model, prompts, prompt length or generated tokens, or one is
+    not shaped as a harness result (:func:`~.tables.check_result`)."""
     from ..errors import ConfigError
     from ..protocol.presets import preset_names
 
     if not parts:
         raise ConfigError("nothing to merge")
+    for part in parts:
+        check_result(part)
     keys = ("model", "n_prompts", "prompt_len", "n_new", "public_tokens")
     first = parts[0]
     for other in parts[1:]:
@@ -112,7 +115,7 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     for part in parts:
         for setting in part["settings"]:
             seen.setdefault(setting["setting"], setting)
-    settings = sorted(seen.values(), key=lambda r: order.get(r["preset"], len(order)))
+    settings = sorted(seen.values(), key=lambda r: order.get(r.get("preset"), len(order)))
     missing = sorted({m for part in parts for m in part.get("missing", [])} - set(seen))
     return {
         **first,
@@ -392,8 +395,9 @@ def frontier_report(
     result: dict[str, Any], bench: dict[str, Any] | None = None, plots: str | None = None, findings: str = ""
 ) -> str:
     """FRONTIER.md: the command, the verdict, the frontier table, the attack table with 95 % intervals and
-    the statelessness table, links to the plot and the findings."""
-
+    the statelessness table, links to the plot and the findings (ConfigError when ``result`` is not shaped
+    as a harness result: :func:`~.tables.check_result`)."""
+    check_result(result)
     rows = frontier_rows(result, bench)
     lines = [
         f"# The privacy/cost frontier of SCX, measured ({result['model']})",

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import ops
+from .._checks import token_ids
 from ..backends.numpy_backend import NumpyBackend
 from ..errors import ConfigError
 from ..keys import KeySchedule, Label
@@ -44,7 +45,7 @@ from . import (
     statelessness,
     vocab_match,
 )
-from ._model import forward_trace
+from ._model import forward_trace, int_arg
 from ._view import message, open_meta, shared_caches, stage_array
 from .stats import FrequencyPrior, Rate, at_baseline, bag_hits
 
@@ -186,7 +187,10 @@ def run_request(
     :class:`~scx_ref.protocol.Client` and :class:`~scx_ref.protocol.Server` (numpy, float64) over a
     recording :class:`~scx_ref.protocol.LocalTransport`. Keys derive from ``seed`` only; the permutation
     roles in ``identity`` are the identity (:class:`AblatedKeys`). ``decoys``: a calibration pool built
-    once (else the client builds one from ``public``, a plaintext forward over it — the slow part)."""
+    once (else the client builds one from ``public``, a plaintext forward over it — the slow part).
+    ConfigError unless ``seed`` is an integer (a Generator's text would make unrepeatable keys) and
+    ``n_new`` ≥ 0."""
+    seed, n_new = int_arg(seed, "seed", None), int_arg(n_new, "n_new")
     backend = NumpyBackend(weights, np.float64)
     master = hashlib.sha256(f"scx-attack-{seed}".encode()).digest()
     nonce = hashlib.sha256(f"nonce-{seed}".encode()).digest()[:16]
@@ -270,9 +274,12 @@ class Context:
 
     @property
     def traces(self) -> list[Any]:
-        """Per-window plaintext traces of the public text (computed once)."""
+        """Per-window plaintext traces of the public text (computed once); ConfigError unless the window
+        is ≥ 1 and the public text holds at least one window."""
         if self._traces is None:
-            w = self.window
+            w = int_arg(self.window, "window", 1)
+            if len(self.public) < w:
+                raise ConfigError(f"{len(self.public)} public tokens hold no window of {w}")
             self._traces = [
                 forward_trace(self.weights, self.public[s : s + w], logits=False)
                 for s in range(0, len(self.public) - w + 1, w)
@@ -365,7 +372,9 @@ def _real_rows(rows: Array, truth: Array) -> Array:
 
 def probe_block(config: SCXConfig, n_layers: int) -> int:
     """The block whose stages the inversion and linking attacks read: the first middle block (the first
-    block the server holds a valid cache of), else block 2 (0-based 1) when every block is a guard."""
+    block the server holds a valid cache of), else block 2 (0-based 1) when every block is a guard.
+    ConfigError unless ``n_layers`` ≥ 1."""
+    n_layers = int_arg(n_layers, "n_layers", 1)
     _, middle, _ = config.blocks(n_layers)
     return middle.start if len(middle) else min(1, n_layers - 1)
 
@@ -443,8 +452,14 @@ def run_setting(
 
     An attack whose message the configuration never sends is not run (and scores nothing: the attacker
     then knows only the prior). ``per_layer``: blocks where the shared-cache and sorted-attention
-    inverters are also scored. Returns a JSON-ready dict; ``metrics`` holds the pooled rates."""
+    inverters are also scored. Returns a JSON-ready dict; ``metrics`` holds the pooled rates. ConfigError
+    for no prompts (nothing would be measured, yet the result would read as exact); VocabularyError
+    unless each prompt is a 1-D array of the model's ids."""
     w = ctx.weights
+    if not len(prompts):
+        raise ConfigError("no prompts: nothing to attack")
+    prompts = [np.asarray(token_ids(p, w.config.vocab_size), dtype=np.int64) for p in prompts]
+    n_new = int_arg(n_new, "n_new")
     L = w.config.n_layers
     tabs = ctx.block1()
     prior = ctx.prior
@@ -522,9 +537,10 @@ def run_setting(
         tally.bag("head_next_bag_recall", np.argmax(xh @ w.lm_head, axis=1), nxt_truth)
         # -- prompt: the probe block (shared cache, attention stage, FFN rows, residual links) --
         rec: Array | None = None
-        if len(middle):
+        shared_now = shared_caches(view, w) if len(middle) else {}
+        if len(middle) and middle.start in shared_now:  # no decode step (n_new <= 1): keys never shared
             ell = middle.start
-            kk, vv = shared_caches(view, w)[ell]
+            kk, vv = shared_now[ell]
             target = np.concatenate([kk.reshape(n, -1), vv.reshape(n, -1)], axis=1)
             for kind in ("ridge", "mlp"):
                 key = f"kv{ell}/{kind}"
@@ -824,9 +840,17 @@ def noise_fitting(
 ) -> dict[str, float]:
     """The paper's fixed- vs one-time-noise fitting attack on block-1 rows N(E[t]) + α: inverters fitted
     on public rows under the same noise process, and the Laplace maximum-likelihood vocabulary match.
-    ``fixed``: one noise row reused for every row (train and victim); ``one-time``: fresh noise per row."""
+    ``fixed``: one noise row reused for every row (train and victim); ``one-time``: fresh noise per row.
+    ConfigError unless both token sets are non-empty; VocabularyError for ids outside the vocabulary."""
     from .vocab_match import match_block1_qkv, normalized_table
 
+    V = weights.config.vocab_size
+    public = np.asarray(token_ids(public, V, allow_empty=True), dtype=np.int64)
+    victim = np.asarray(token_ids(victim, V, allow_empty=True), dtype=np.int64)
+    if not len(public) or not len(victim):
+        raise ConfigError(
+            f"noise fitting needs public and victim tokens, got {len(public)} and {len(victim)}"
+        )
     rng = np.random.default_rng(seed)
     tab = normalized_table(weights)
     d = tab.shape[1]
@@ -859,8 +883,10 @@ def run_all(
     fitting_betas: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0, 5.0),
 ) -> dict[str, Any]:
     """Every setting, the noise-fitting experiment (β sweep ``fitting_betas``), order enumeration for
-    tiny n, and the search-space table. Returns a JSON-ready dict."""
+    tiny n, and the search-space table. Returns a JSON-ready dict (ConfigError for no prompts)."""
     w = ctx.weights
+    if not len(prompts) or not len(settings):
+        raise ConfigError("run_all needs at least one prompt and one setting")
     results = [
         run_setting(ctx, s, prompts, n_new, sequential=sequential, progress=progress, per_layer=per_layer)
         for s in settings

@@ -20,8 +20,10 @@ import numpy as np
 import numpy.typing as npt
 from scipy.optimize import linear_sum_assignment
 
+from .._checks import token_ids
 from ..errors import ConfigError, ShapeError
 from ..weights import ModelWeights
+from ._model import float_arg, int_arg, rows_arg
 
 __all__ = [
     "Inverter",
@@ -51,8 +53,9 @@ class Inverter:
     mlp: Any = None
 
     def embed(self, feats: Array) -> Array:
-        """The predicted unit embedding of each row."""
-        z = (np.asarray(feats, dtype=np.float64) - self.mean) / self.std
+        """The predicted unit embedding of each row (ShapeError unless rows × the fitted feature count;
+        NonFiniteError for NaN or ±Inf)."""
+        z = (rows_arg(feats, "features", len(self.mean)) - self.mean) / self.std
         if self.kind == "ridge":
             assert self.w is not None
             return _unit(np.concatenate([z, np.ones((len(z), 1))], axis=1) @ self.w)
@@ -63,7 +66,9 @@ class Inverter:
         return _unit(out)
 
     def predict(self, feats: Array, top: int = 1) -> Array:
-        """Token ids (rows × top) ranked by cosine similarity of the predicted embedding."""
+        """Token ids (rows × top) ranked by cosine similarity of the predicted embedding (ConfigError
+        unless 1 ≤ top ≤ the vocabulary size)."""
+        top = int_arg(top, "top", 1, len(self.table) + 1)
         sims = self.embed(feats) @ self.table.T
         if top == 1:
             return np.asarray(np.argmax(sims, axis=1)[:, None])
@@ -90,15 +95,31 @@ def fit_inverter(
     features Z with an intercept column; MLP: Z → ReLU(hidden) → d, trained by Adam on the cosine loss.
 
     ``table``: :func:`unit_vocabulary` of ``weights``, when the caller fits many inverters and shares one
-    copy (V × d floats each otherwise; SmolLM2's is 226 MB)."""
-    x = np.asarray(feats, dtype=np.float64)
-    t = np.asarray(tokens, dtype=np.int64)
-    if x.ndim != 2 or len(x) != len(t):
-        raise ShapeError(f"features {x.shape} and tokens {t.shape} do not match")
+    copy (V × d floats each otherwise; SmolLM2's is 226 MB).
+
+    Checked first: ShapeError unless ``feats`` is rows × d (finite: NonFiniteError) with one token per
+    row and at least one row; VocabularyError for a token outside the vocabulary; ConfigError for an
+    unknown ``kind``, λ < 0 or NaN, an integer ``seed``, ``epochs`` ≥ 0 and ``hidden`` ≥ 1 that are not."""
+    x = rows_arg(feats, "features")
+    t = np.asarray(token_ids(tokens, weights.config.vocab_size, allow_empty=True), dtype=np.int64)
+    if len(x) != len(t) or not len(x):
+        raise ShapeError(
+            f"features {x.shape} and tokens {t.shape} do not match (one token per row, >= 1 row)"
+        )
+    if kind not in ("ridge", "mlp"):
+        raise ConfigError(f"inverter kind must be 'ridge' or 'mlp', got {kind!r}")
+    lam = float_arg(lam, "lam", 0.0)
+    seed, epochs, hidden = (
+        int_arg(seed, "seed", None),
+        int_arg(epochs, "epochs"),
+        int_arg(hidden, "hidden", 1),
+    )
     if table is None:
         table = unit_vocabulary(weights)
-    elif table.shape != weights.embed.shape:
-        raise ShapeError(f"table of shape {table.shape} is not the vocabulary's {weights.embed.shape}")
+    else:
+        table = np.asarray(table, dtype=np.float64)
+        if table.shape != weights.embed.shape:
+            raise ShapeError(f"table of shape {table.shape} is not the vocabulary's {weights.embed.shape}")
     y = table[t]
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-8
     z = (x - mean) / std
@@ -106,10 +127,11 @@ def fit_inverter(
         za = np.concatenate([z, np.ones((len(z), 1))], axis=1)
         reg = lam * np.eye(za.shape[1])
         reg[-1, -1] = 0.0
-        w = np.linalg.solve(za.T @ za + reg, za.T @ y)
+        try:
+            w = np.linalg.solve(za.T @ za + reg, za.T @ y)
+        except np.linalg.LinAlgError:
+            raise ConfigError(f"the ridge system is singular at lam={lam}: use lam > 0") from None
         return Inverter("ridge", mean, std, table, w=w)
-    if kind != "mlp":
-        raise ConfigError(f"inverter kind must be 'ridge' or 'mlp', got {kind!r}")
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -149,16 +171,22 @@ def sorted_rows(x: Array) -> Array:
 
 
 def column_stats(x: Array) -> Array:
-    """Per-column statistics (mean, std, mean |x|, 10/50/90 % quantiles): columns × 6."""
-    x = np.asarray(x, dtype=np.float64)
+    """Per-column statistics (mean, std, mean |x|, 10/50/90 % quantiles): columns × 6 (ShapeError unless
+    ``x`` is 2-D with at least one row; NonFiniteError for NaN or ±Inf)."""
+    x = rows_arg(x, "rows")
+    if not len(x):
+        raise ShapeError("column statistics of no rows")
     q = np.quantile(x, [0.1, 0.5, 0.9], axis=0)
     return np.stack([x.mean(0), x.std(0), np.abs(x).mean(0), q[0], q[1], q[2]], axis=1)
 
 
 def recover_column_permutation(observed: Array, public: Array) -> Array:
     """An index array ``idx`` with observed[:, idx] ≈ the unpermuted columns: the assignment of observed
-    columns to public columns minimizing the distance between their standardized statistics."""
+    columns to public columns minimizing the distance between their standardized statistics (ShapeError
+    unless both have the same number of columns)."""
     so, sp = column_stats(observed), column_stats(public)
+    if len(so) != len(sp):
+        raise ShapeError(f"observed rows have {len(so)} columns, public rows {len(sp)}")
     scale = sp.std(axis=0) + 1e-12
     cost = np.abs((sp[:, None, :] - so[None, :, :]) / scale).sum(-1)  # public col × observed col
     rows, cols = linear_sum_assignment(cost)

@@ -16,9 +16,10 @@ import numpy as np
 import numpy.typing as npt
 from scipy.stats import kendalltau
 
-from ..errors import ConfigError
+from .._checks import token_ids
+from ..errors import ConfigError, ShapeError, VocabularyError
 from ..weights import ModelWeights
-from ._model import forward_trace
+from ._model import forward_trace, int_arg
 
 __all__ = ["LanguageModel", "NumpyLM", "TorchLM", "beam_reorder", "order_scores"]
 
@@ -33,6 +34,15 @@ class LanguageModel(Protocol):
     def token_logprobs(self, seqs: Array) -> Array:
         """log p(seq[t] | seq[<t]) for every t (B × T); position 0 is conditioned on the BOS only."""
         ...
+
+
+def _batch(seqs: Array) -> Array:
+    """``seqs`` as a B × T int64 array (ShapeError unless 2-D; VocabularyError unless integer ids)."""
+    arr = np.asarray(seqs)
+    if arr.ndim != 2:
+        raise ShapeError(f"sequences must be a 2-D array (B × T), got shape {arr.shape}")
+    token_ids(arr.ravel(), allow_empty=True)
+    return np.asarray(arr, dtype=np.int64)
 
 
 def _log_softmax(z: Array) -> Array:
@@ -59,14 +69,20 @@ class NumpyLM:
         return np.asarray(tr.logits, dtype=np.float64)
 
     def next_logprobs(self, seqs: Array) -> Array:
-        """Log-probabilities of the token after each sequence."""
-        return np.stack([_log_softmax(self._logits(s)[-1]) for s in np.asarray(seqs).reshape(len(seqs), -1)])
+        """Log-probabilities of the token after each sequence (B × T ids → B × V)."""
+        batch = _batch(seqs)
+        if not len(batch):
+            return np.zeros((0, self.weights.config.vocab_size))
+        return np.stack([_log_softmax(self._logits(s)[-1]) for s in batch])
 
     def token_logprobs(self, seqs: Array) -> Array:
-        """Per-token log-likelihood of each sequence."""
+        """Per-token log-likelihood of each sequence (B × T ids → B × T)."""
+        batch = _batch(seqs)
         out = []
         V = self.weights.config.vocab_size
-        for s in np.asarray(seqs, dtype=np.int64):
+        if not batch.size:
+            return np.zeros(batch.shape)
+        for s in batch:
             lp = _log_softmax(self._logits(s))
             prev = lp[:-1] if self.bos is None else lp[: len(s)]
             first = np.array([-np.log(V)]) if self.bos is None else np.zeros(0)
@@ -85,7 +101,7 @@ class TorchLM:
     def _lp(self, seqs: Array) -> Array:
         import torch
 
-        ids = np.asarray(seqs, dtype=np.int64).reshape(len(seqs), -1)
+        ids = _batch(seqs)
         outs = []
         dev = next(self.model.parameters()).device
         for start in range(0, len(ids), self.batch):
@@ -102,7 +118,7 @@ class TorchLM:
 
     def token_logprobs(self, seqs: Array) -> Array:
         """Per-token log-likelihood of each sequence."""
-        ids = np.asarray(seqs, dtype=np.int64)
+        ids = _batch(seqs)
         lp = self._lp(ids)[:, :-1]
         return np.asarray(np.take_along_axis(lp, ids[:, :, None], axis=2)[..., 0])
 
@@ -111,14 +127,21 @@ def beam_reorder(bag: npt.ArrayLike, n: int, lm: LanguageModel, beam: int = 8) -
     """The most likely sequence of ``n`` tokens drawn without replacement from ``bag`` (beam search).
 
     Guarantee: returns a sub-multiset of ``bag`` of size n; with ``beam`` ≥ the number of partial
-    sequences it is the exact maximum-likelihood choice."""
-    items = [int(t) for t in np.asarray(bag).ravel()]
+    sequences it is the exact maximum-likelihood choice. ConfigError unless 0 < n ≤ the bag's size and
+    ``beam`` ≥ 1; VocabularyError unless the bag holds ids of the model's vocabulary."""
+    items = [int(t) for t in token_ids(np.asarray(bag).ravel(), allow_empty=True)]
+    n = int_arg(n, "n")
     if not 0 < n <= len(items):
         raise ConfigError(f"need 0 < n <= bag size ({len(items)}), got n={n}")
+    beam = int_arg(beam, "beam", 1)
     beams: list[tuple[float, list[int]]] = [(0.0, [])]
     for _ in range(n):
         seqs = np.array([b[1] for b in beams], dtype=np.int64).reshape(len(beams), -1)
         lp = lm.next_logprobs(seqs)
+        if min(items) < 0 or max(items) >= lp.shape[-1]:
+            raise VocabularyError(
+                f"bag ids must lie in [0, {lp.shape[-1]}), got range [{min(items)}, {max(items)}]"
+            )
         cand: list[tuple[float, list[int]]] = []
         for (score, seq), row in zip(beams, lp, strict=True):
             left = Counter(items) - Counter(seq)
@@ -130,10 +153,14 @@ def beam_reorder(bag: npt.ArrayLike, n: int, lm: LanguageModel, beam: int = 8) -
 
 def order_scores(recovered: npt.ArrayLike, truth: npt.ArrayLike) -> dict[str, float]:
     """exact (1.0 when the sequences are equal), token recall (multiset overlap / n) and Kendall τ
-    between the positions of the true tokens that were recovered (each occurrence matched once, in order)."""
-    rec = [int(t) for t in np.asarray(recovered).ravel()]
-    tru = [int(t) for t in np.asarray(truth).ravel()]
-    recall = sum((Counter(rec) & Counter(tru)).values()) / max(len(tru), 1)
+    between the positions of the true tokens that were recovered (each occurrence matched once, in order);
+    τ is 0.0 when fewer than two true tokens were recovered or it is undefined (no order to judge).
+    ConfigError for an empty ``truth``; VocabularyError unless both hold integer ids."""
+    rec = [int(t) for t in token_ids(np.asarray(recovered).ravel(), allow_empty=True)]
+    tru = [int(t) for t in token_ids(np.asarray(truth).ravel(), allow_empty=True)]
+    if not tru:
+        raise ConfigError("the true sequence is empty: nothing to score")
+    recall = sum((Counter(rec) & Counter(tru)).values()) / len(tru)
     used: set[int] = set()
     pairs = []
     for i, t in enumerate(rec):

@@ -27,8 +27,11 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import ops
+from .._checks import token_ids
+from ..errors import ConfigError, ShapeError
 from ..transforms import laplace_noise
 from ..weights import DenseMLP, ModelWeights
+from ._model import float_arg, int_arg, rows_arg
 from .inversion import Inverter, fit_inverter
 
 __all__ = ["Form", "JointInverter", "public_rows"]
@@ -38,12 +41,18 @@ Array = npt.NDArray[Any]
 #: ``xhat`` its attention RMSNorm, ``o`` the attention output, ``h`` the residual before the MLP, ``hn`` its
 #: MLP RMSNorm, ``m`` the SwiGLU product silu(hn W_gate) ⊙ hn W_up (a dense block's down-projection input).
 Form = Literal["x", "xhat", "o", "h", "hn", "m"]
+_FORMS: tuple[str, ...] = ("x", "xhat", "o", "h", "hn", "m")
 
 
 def public_rows(weights: ModelWeights, traces: Sequence[Any], form: Form, block: int) -> Array:
-    """The rows of ``form`` at ``block`` for every public token (the traces' windows, in order)."""
+    """The rows of ``form`` at ``block`` for every public token (the traces' windows, in order).
+    ConfigError for an unknown form, a block the model lacks, or no traces."""
     c = weights.config
-    lw = weights.layers[block]
+    if form not in _FORMS:
+        raise ConfigError(f"form must be one of {', '.join(_FORMS)}, got {form!r}")
+    lw = weights.layers[int_arg(block, "block", 0, c.n_layers)]
+    if not traces:
+        raise ConfigError("no public traces")
     if form == "x":
         return np.concatenate([t.x[block] for t in traces])
     if form == "xhat":
@@ -57,7 +66,7 @@ def public_rows(weights: ModelWeights, traces: Sequence[Any], form: Form, block:
     if form == "hn":
         return hn
     if not isinstance(lw.mlp, DenseMLP):
-        raise ValueError("the SwiGLU-product form is per expert in an MoE block")
+        raise ConfigError("the SwiGLU-product form is per expert in an MoE block")
     return np.asarray(ops.silu(hn @ lw.mlp.w_gate) * (hn @ lw.mlp.w_up))
 
 
@@ -80,9 +89,25 @@ class JointInverter:
     ) -> JointInverter:
         """Fit one ridge inverter per view on the public rows ``public[v]`` plus Laplace(``betas[v]``)
         noise (the attacker's own draw), on the first 1 − ``holdout`` of the tokens; weigh each by its mean
-        cosine to the true unit embedding on the rest (clipped at 0: a useless view gets no weight)."""
+        cosine to the true unit embedding on the rest (clipped at 0: a useless view gets no weight).
+
+        Checked first (ConfigError): at least one view, one β (finite, ≥ 0) per view, ``holdout`` in (0, 1)
+        leaving tokens on both sides; ShapeError unless every view has one row per token."""
+        if not len(public) or len(public) != len(betas):
+            raise ConfigError(
+                f"need one beta per view and at least one view, got {len(public)} and {len(betas)}"
+            )
+        betas = [float_arg(b, "beta", 0.0) for b in betas]
+        tok = np.asarray(token_ids(tokens, weights.config.vocab_size), dtype=np.int64)
+        public = [rows_arg(rows, "public rows") for rows in public]
+        if any(len(rows) != len(tok) for rows in public):
+            raise ShapeError(f"every view needs one row per token ({len(tok)}): {[len(r) for r in public]}")
+        holdout = float_arg(holdout, "holdout")
+        cut = int(len(tok) * (1 - holdout))
+        if not 0 < holdout < 1 or not 0 < cut < len(tok):
+            raise ConfigError(f"holdout {holdout} leaves no fitting or no held-out token of {len(tok)}")
+        tokens = tok
         rng = np.random.default_rng(seed)
-        cut = int(len(tokens) * (1 - holdout))
         views: list[tuple[Inverter, float]] = []
         for rows, beta in zip(public, betas, strict=True):
             noisy = rows + laplace_noise(rows.shape, beta, rng) if beta > 0 else rows
@@ -94,7 +119,9 @@ class JointInverter:
     def embed(self, observed: Sequence[Array]) -> Array:
         """The weighted sum of the views' predicted unit embeddings (rows × d) of aligned observed rows."""
         if len(observed) != len(self.views):
-            raise ValueError(f"{len(observed)} observed views for {len(self.views)} fitted ones")
+            raise ShapeError(f"{len(observed)} observed views for {len(self.views)} fitted ones")
+        if len({len(rows) for rows in observed}) > 1:
+            raise ShapeError(f"the observed views are not row-aligned: {[len(r) for r in observed]} rows")
         out: Array | None = None
         for (inv, weight), rows in zip(self.views, observed, strict=True):
             part = weight * inv.embed(rows)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .tables import METRICS, fmt, markdown_table
+from ..errors import ConfigError, SCXError
+from .tables import METRICS, check_result, fmt, markdown_table
 
 __all__ = ["METRICS", "main", "markdown_report", "markdown_table", "plot"]
 
@@ -130,7 +131,9 @@ def plot(result: dict[str, Any], outdir: str | Path) -> list[Path]:
 
 
 def markdown_report(result: dict[str, Any], plots: str | None = None, findings: str = "") -> str:
-    """ATTACKS.md: the command, the tables, the per-layer numbers, links to the plots and findings."""
+    """ATTACKS.md: the command, the tables, the per-layer numbers, links to the plots and findings
+    (ConfigError when ``result`` is not shaped as a harness result: :func:`~.tables.check_result`)."""
+    check_result(result)
     lines = [
         f"# Privacy attacks on SCX, measured ({result['model']})",
         "",
@@ -194,7 +197,9 @@ def markdown_report(result: dict[str, Any], plots: str | None = None, findings: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m scx_ref.attacks.report RESULT.json [--plots DIR] [--findings FILE] [--out FILE]``."""
+    """``python -m scx_ref.attacks.report RESULT.json [--plots DIR] [--findings FILE] [--out FILE]``.
+    A file that cannot be read, is not JSON or not shaped as the result it should be exits 2 with
+    ``error: ...`` (argparse's usage error), never a traceback."""
     import argparse
     import json
 
@@ -224,30 +229,51 @@ def main(argv: list[str] | None = None) -> int:
         "--merged", type=Path, default=None, help="with --with: write the merged frontier JSON here"
     )
     a = p.parse_args(argv)
-    result = json.loads(a.json.read_text())
-    if a.more:
-        from .frontier import merge_results
 
-        result = merge_results([result, *(json.loads(m.read_text()) for m in a.more)])
-        if a.merged:
-            a.merged.write_text(json.dumps(result, indent=1, default=float))
-    findings = a.findings.read_text() if a.findings else ""
-    if result.get("kind") == "frontier":
-        from . import frontier
+    def read(path: Path) -> str:
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            p.error(f"{str(path)!r}: cannot read it ({exc})")
 
-        bench = json.loads(a.bench.read_text()) if a.bench else None
-        if a.write_plots:
-            rows = frontier.frontier_rows(result, bench)
-            frontier.plot_frontier(rows, Path(a.write_plots) / "frontier.png", result["model"])
-        text = frontier.frontier_report(result, bench, a.plots, findings)
-    else:
-        if a.write_plots:
-            plot(result, a.write_plots)
-        text = markdown_report(result, a.plots, findings)
-    if a.out:
-        a.out.write_text(text)
-    else:
-        print(text)
+    def load(path: Path) -> Any:
+        try:
+            return check_result(json.loads(read(path)))
+        except json.JSONDecodeError as exc:
+            p.error(f"{str(path)!r}: not JSON ({exc})")
+        except ConfigError as exc:
+            p.error(f"{str(path)!r}: {exc}")
+
+    result = load(a.json)
+    try:
+        if a.more:
+            from .frontier import merge_results
+
+            result = merge_results([result, *(load(m) for m in a.more)])
+            if a.merged:
+                a.merged.write_text(json.dumps(result, indent=1, default=float))
+        findings = read(a.findings) if a.findings else ""
+        if result.get("kind") == "frontier":
+            from . import frontier
+            from .cli import _read_bench
+
+            bench = _read_bench(a.bench) if a.bench else None
+            if a.write_plots:
+                rows = frontier.frontier_rows(result, bench)
+                frontier.plot_frontier(rows, Path(a.write_plots) / "frontier.png", result["model"])
+            text = frontier.frontier_report(result, bench, a.plots, findings)
+        else:
+            if a.write_plots:
+                plot(result, a.write_plots)
+            text = markdown_report(result, a.plots, findings)
+        if a.out:
+            a.out.write_text(text)
+        else:
+            print(text)
+    except OSError as exc:
+        p.error(f"cannot write: {exc}")
+    except SCXError as exc:
+        p.error(str(exc))
     return 0
 
 

@@ -18,10 +18,12 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import ops
+from .._checks import token_ids
+from ..errors import ConfigError, ShapeError
 from ..protocol.transport import ServerView
 from ..stages import Stage
 from ..weights import ModelWeights
-from ._model import forward_trace
+from ._model import forward_trace, int_arg
 from ._view import open_meta, raw_qkv, shared_caches
 
 __all__ = ["SERVER_POLICIES", "decode_with_caches", "server_caches", "statelessness_table"]
@@ -37,9 +39,21 @@ def decode_with_caches(
     weights: ModelWeights, caches: Cache, tokens: npt.ArrayLike, start: int
 ) -> tuple[Array, Array]:
     """Logits (T × V) and final hidden rows after feeding ``tokens`` at positions start, start+1, …, each
-    attending to every row of its block's given cache (any length) and to the tokens before it."""
+    attending to every row of its block's given cache (any length) and to the tokens before it.
+    ConfigError unless ``start`` ≥ 0; ShapeError unless ``caches`` holds one (K, V) pair of rows × H_kv
+    × d_h arrays per block; VocabularyError for ids outside the vocabulary."""
     c = weights.config
-    ids = np.asarray(tokens, dtype=np.int64)
+    ids = np.asarray(token_ids(tokens, c.vocab_size, allow_empty=True), dtype=np.int64)
+    start = int_arg(start, "start")
+    want = (c.n_kv_heads, c.head_dim)
+    if len(caches) != c.n_layers or any(
+        len(pair) != 2
+        or np.ndim(pair[0]) != 3
+        or np.shape(pair[0])[1:] != want
+        or np.shape(pair[1]) != np.shape(pair[0])
+        for pair in caches
+    ):
+        raise ShapeError(f"caches must be {c.n_layers} (K, V) pairs of shape (rows, {want[0]}, {want[1]})")
     t = len(ids)
     pos = np.arange(start, start + t)
     x = ops.embed(ids, weights.embed).astype(np.float64)
@@ -60,7 +74,10 @@ def decode_with_caches(
 
 def server_caches(view: ServerView, weights: ModelWeights, policy: str) -> Cache:
     """Per-block caches the server can assemble from its view under ``policy``
-    (``zeros`` | ``encoded`` | ``neighbour``): middle blocks always get their shared valid caches."""
+    (``zeros`` | ``encoded`` | ``neighbour``; ConfigError for another): middle blocks always get their
+    shared valid caches."""
+    if policy not in ("zeros", "encoded", "neighbour"):
+        raise ConfigError(f"unknown policy {policy!r}: zeros, encoded or neighbour")
     c = weights.config
     n = int(open_meta(view)["n"])
     shared = shared_caches(view, weights)
@@ -75,7 +92,7 @@ def server_caches(view: ServerView, weights: ModelWeights, policy: str) -> Cache
         elif policy == "neighbour" and shared:
             near = min(shared, key=lambda j: (abs(j - i), j))
             out.append(shared[near])
-        elif policy in ("encoded", "neighbour"):
+        else:  # encoded, or neighbour with no shared block
             _, zk, zv = raw_qkv(view, weights, i)
             rows = len(zk)
             k = ops.apply_rope(zk.reshape(rows, c.n_kv_heads, c.head_dim), np.arange(rows), c.rope_theta)
@@ -84,8 +101,6 @@ def server_caches(view: ServerView, weights: ModelWeights, policy: str) -> Cache
                 k = np.asarray(locked[0].arrays["k"], dtype=np.float64).reshape(-1, c.n_kv_heads, c.head_dim)
             m = min(len(k), rows)
             out.append((k[:m], zv.reshape(rows, c.n_kv_heads, c.head_dim)[:m]))
-        else:
-            raise ValueError(f"unknown policy {policy!r}")
     return out
 
 
@@ -108,10 +123,19 @@ def statelessness_table(
     recovered: npt.ArrayLike | None = None,
 ) -> dict[str, dict[str, float]]:
     """Table 5 for one request: policy → {ppl, top1, emb_sim} of the true ``continuation`` (≥ 2 tokens,
-    the first of which the server is given). ``prompt`` builds only the ``normal`` reference row."""
+    the first of which the server is given). ``prompt`` builds only the ``normal`` reference row.
+
+    Checked first: ConfigError unless the continuation has ≥ 2 tokens (one token scores nothing: the
+    perplexity and agreement would be NaN) and ``prompt`` (and ``recovered``) have the view's n tokens;
+    VocabularyError for ids outside the vocabulary."""
     c = weights.config
-    cont = np.asarray(continuation, dtype=np.int64)
+    cont = np.asarray(token_ids(continuation, c.vocab_size, allow_empty=True), dtype=np.int64)
     n = int(open_meta(view)["n"])
+    if len(cont) < 2:
+        raise ConfigError(f"the continuation needs >= 2 tokens, got {len(cont)}")
+    for name, ids in (("prompt", prompt), ("recovered", recovered)):
+        if ids is not None and len(token_ids(ids, c.vocab_size)) != n:
+            raise ConfigError(f"{name} must have the view's {n} tokens, got {len(token_ids(ids))}")
 
     def plain(ids: npt.ArrayLike) -> Cache:
         tr = forward_trace(weights, ids, logits=False)

@@ -21,6 +21,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._checks import token_ids
+from ..errors import ConfigError
+from ._model import float_arg, int_arg
+
 __all__ = ["Z95", "FrequencyPrior", "Rate", "at_baseline", "bag_hits", "wilson"]
 
 Array = npt.NDArray[Any]
@@ -28,29 +32,46 @@ Array = npt.NDArray[Any]
 Z95 = 1.959963984540054
 
 
+def _counts(k: float, n: float) -> tuple[float, float]:
+    """(k, n) after checking both are finite numbers with 0 ≤ k ≤ n (ConfigError otherwise)."""
+    k, n = float_arg(k, "k"), float_arg(n, "n")
+    if not 0 <= k <= n:
+        raise ConfigError(f"need 0 <= k <= n, got k={k}, n={n}")
+    return k, n
+
+
 def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float]:
     """The Wilson score interval of k successes in n trials (95 % by default); (0, 1) when n = 0.
 
     Guarantee: lo ≤ k/n ≤ hi, both in [0, 1], and the interval covers the true rate with probability
-    ≈ 95 % for independent trials (it stays sensible at k = 0 and k = n, unlike the normal interval)."""
-    if n <= 0:
+    ≈ 95 % for independent trials (it stays sensible at k = 0 and k = n, unlike the normal interval).
+    ConfigError unless k and n are finite with 0 ≤ k ≤ n and z is finite and > 0 (z = 0 would claim
+    certainty: a zero-width interval)."""
+    k, n = _counts(k, n)
+    z = float_arg(z, "z")
+    if z <= 0:
+        raise ConfigError(f"z must be > 0, got {z}")
+    if n == 0:
         return 0.0, 1.0
-    if not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     p = k / n
-    den = 1.0 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    # the usual form, multiplied through by n (no 1/n², which overflows for a tiny n)
+    den = n + z * z
+    mid = (k + z * z / 2) / den
+    half = z * math.sqrt(k * (1 - p) + z * z / 4) / den
     return min(max(0.0, mid - half), p), max(min(1.0, mid + half), p)  # rounding must not exclude p
 
 
 @dataclass(frozen=True)
 class Rate:
-    """A recovery rate pooled over prompts: ``k`` tokens recovered of ``n`` scored, per-prompt rates."""
+    """A recovery rate pooled over prompts: ``k`` tokens recovered of ``n`` scored, per-prompt rates.
+    ConfigError unless k and n are finite with 0 ≤ k ≤ n."""
 
     k: float
     n: float
     per_prompt: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        _counts(self.k, self.n)
 
     @property
     def rate(self) -> float:
@@ -63,7 +84,11 @@ class Rate:
 
     @classmethod
     def pool(cls, parts: Sequence[tuple[float, float]]) -> Rate:
-        """Pool per-prompt (k, n) pairs."""
+        """Pool per-prompt (k, n) pairs (ConfigError unless each is a pair with 0 ≤ k ≤ n)."""
+        for p in parts:
+            if not isinstance(p, (tuple, list)) or len(p) != 2:
+                raise ConfigError(f"each part must be a (k, n) pair, got {p!r}")
+            _counts(*p)
         k = float(sum(p[0] for p in parts))
         n = float(sum(p[1] for p in parts))
         return cls(k, n, tuple(p[0] / p[1] if p[1] else 0.0 for p in parts))
@@ -80,19 +105,27 @@ class Rate:
         }
 
 
+def _ids(x: npt.ArrayLike, vocab: int | None = None) -> Array:
+    """Token ids, flattened (VocabularyError unless integers, of ``vocab`` when given): never a float
+    truncated to another token."""
+    return np.asarray(token_ids(np.asarray(x).ravel(), vocab, allow_empty=True), dtype=np.int64)
+
+
 def bag_hits(pred: npt.ArrayLike, truth: npt.ArrayLike) -> int:
     """How many tokens of ``truth`` (a multiset) ``pred`` contains: |pred ∩ truth| as multisets."""
-    a = Counter(int(t) for t in np.asarray(pred).ravel())
-    b = Counter(int(t) for t in np.asarray(truth).ravel())
+    a = Counter(int(t) for t in _ids(pred))
+    b = Counter(int(t) for t in _ids(truth))
     return sum((a & b).values())
 
 
 class FrequencyPrior:
     """The unigram distribution of public tokens (add-one smoothed over ``vocab``): the attacker's
-    knowledge before it sees any message."""
+    knowledge before it sees any message. ConfigError unless ``vocab`` ≥ 1; VocabularyError for a public
+    token outside [0, vocab)."""
 
     def __init__(self, public: npt.ArrayLike, vocab: int) -> None:
-        counts = np.bincount(np.asarray(public, dtype=np.int64).ravel(), minlength=vocab).astype(np.float64)
+        vocab = int_arg(vocab, "vocab", 1)
+        counts = np.bincount(_ids(public, vocab), minlength=vocab).astype(np.float64)
         self.probs: Array = (counts + 1.0) / (counts.sum() + vocab)
         self.mode = int(np.argmax(counts))
 
@@ -103,11 +136,11 @@ class FrequencyPrior:
 
     def positional_hits(self, truth: npt.ArrayLike) -> int:
         """Positions of ``truth`` the prior's best guess (the mode everywhere) gets right."""
-        return int(np.sum(np.asarray(truth) == self.mode))
+        return int(np.sum(_ids(truth) == self.mode))
 
     def bag_guess(self, n: int) -> Array:
         """The prior's best n-token bag: ⌊n·p_t⌋ copies of each token, then the largest remainders."""
-        want = n * self.probs
+        want = int_arg(n, "n") * self.probs
         base = np.floor(want).astype(np.int64)
         rest = n - int(base.sum())
         if rest > 0:
@@ -116,13 +149,16 @@ class FrequencyPrior:
 
     def bag_hits(self, truth: npt.ArrayLike) -> int:
         """Tokens of ``truth`` (as a bag) the prior's best bag of the same size contains."""
-        t = np.asarray(truth).ravel()
+        t = _ids(truth)
         return bag_hits(self.bag_guess(len(t)), t)
 
 
 def at_baseline(attack: Rate, baseline: Rate) -> bool:
     """Whether an attack recovered no more than the baseline's 95 % upper bound (nothing measurable
-    learned from the view). An attack with nothing scored (no such message) is at the baseline."""
+    learned from the view). An attack with nothing scored (no such message) is at the baseline; a baseline
+    with nothing scored judges nothing (ConfigError: its interval [0, 1] would pass every attack)."""
     if attack.n == 0:
         return True
+    if baseline.n == 0:
+        raise ConfigError("the baseline scored nothing: no verdict against it")
     return attack.rate <= baseline.interval[1]

@@ -3,18 +3,63 @@ privacy report (:mod:`.report`) and the frontier report (:mod:`.frontier`) both 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from ..errors import ConfigError
 from . import catalog
 
-__all__ = ["METRICS", "fmt", "markdown_table"]
+__all__ = ["METRICS", "check_result", "fmt", "markdown_table"]
 
 #: (metric key, title) of every measured quantity, in table order (from :mod:`.catalog`).
 METRICS: tuple[tuple[str, str], ...] = tuple((m.key, m.title) for m in catalog.METRICS)
 
 
 def fmt(x: Any) -> str:
-    return "–" if x is None else f"{x:.2f}"
+    """A table cell: – for None, else the number to two decimals (ConfigError for what is no number)."""
+    if x is None:
+        return "–"
+    if isinstance(x, bool) or not hasattr(x, "__float__"):
+        raise ConfigError(f"a table cell must be a number or None, got {x!r}")
+    return f"{float(x):.2f}"
+
+
+def _number(x: Any) -> bool:
+    """A finite int or float (not a bool): a measured value a table can show."""
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def check_result(result: Any, full: bool = True) -> dict[str, Any]:
+    """``result`` after checking it has the shape an ``scx attack --json`` result has, so that a hand-edited
+    or foreign file is refused with a ConfigError naming what is wrong, not a KeyError deep in a table:
+    an object whose ``settings`` are objects with a ``setting`` name and a ``metrics`` object of finite
+    numbers (or null: a NaN is a broken measurement, not a cell), whose ``rates`` and ``baselines`` (when
+    present) hold ``rate``, ``lo``, ``hi`` numbers in [0, 1]; with ``full`` also the run's ``model``,
+    ``n_prompts``, ``prompt_len``, ``n_new`` and each setting's ``mechanism`` and ``config`` object."""
+    if not isinstance(result, dict) or not isinstance(result.get("settings"), list):
+        raise ConfigError("not an `scx attack --json` result: no list of settings")
+    if full:
+        missing = [k for k in ("model", "n_prompts", "prompt_len", "n_new") if k not in result]
+        if missing:
+            raise ConfigError(f"not an `scx attack --json` result: no {', '.join(missing)}")
+    for i, s in enumerate(result["settings"]):
+        where = f"setting {i}"
+        if not isinstance(s, dict) or not isinstance(s.get("setting"), str):
+            raise ConfigError(f"{where} is not an object with a setting name")
+        where = f"setting {s['setting']!r}"
+        need = ("metrics", "mechanism", "config") if full else ("metrics",)
+        for key in need:
+            if key not in s or (key != "mechanism" and not isinstance(s[key], dict)):
+                raise ConfigError(f"{where} has no {key} object")
+        bad = [k for k, v in s["metrics"].items() if v is not None and not _number(v)]
+        if bad:
+            raise ConfigError(f"{where}: metrics {bad} are not finite numbers")
+        for part in ("rates", "baselines"):
+            for key, r in (s.get(part) or {}).items():
+                ok = isinstance(r, dict) and all(_number(r.get(f)) for f in ("rate", "lo", "hi"))
+                if not ok or not all(0.0 <= float(r[f]) <= 1.0 for f in ("rate", "lo", "hi")):
+                    raise ConfigError(f"{where}: {part}[{key!r}] is not a rate with lo, hi in [0, 1]")
+    return result
 
 
 def _cell(setting: dict[str, Any], key: str, intervals: bool) -> str:
@@ -34,8 +79,9 @@ def _cell(setting: dict[str, Any], key: str, intervals: bool) -> str:
 
 def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
     """Attack × setting table (✓: at the frequency-prior baseline; with ``intervals`` each cell's 95 %
-    Wilson interval), the baselines, the statelessness table, the noise-fitting table and search spaces."""
-    sets = result["settings"]
+    Wilson interval), the baselines, the statelessness table, the noise-fitting table and search spaces.
+    ConfigError when ``result`` is not shaped as a harness result (:func:`check_result`)."""
+    sets = check_result(result, full=False)["settings"]
     lines = ["| attack | " + " | ".join(s["setting"] for s in sets) + " |", "|---|" + "---|" * len(sets)]
     for key, title in METRICS:
         vals = [s["metrics"].get(key) for s in sets]

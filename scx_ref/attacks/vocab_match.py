@@ -25,10 +25,11 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import ops
-from ..errors import ShapeError
+from .._checks import token_ids
+from ..errors import ConfigError, NonFiniteError, ShapeError
 from ..reference import KVCache
 from ..weights import ModelWeights
-from ._model import candidate_states, forward_trace
+from ._model import candidate_states, float_arg, forward_trace, int_arg, rows_arg
 
 __all__ = [
     "Block1Tables",
@@ -55,12 +56,25 @@ def normalized_table(weights: ModelWeights) -> Array:
     )
 
 
+def _rows_and_table(rows: Array, table: Array, chunk: int) -> tuple[Array, Array, int]:
+    """(rows, table, chunk) checked: finite 2-D arrays of equal widths, a non-empty table, chunk ≥ 1."""
+    rows, table = rows_arg(rows, "rows"), rows_arg(table, "table")
+    if rows.shape[1] != table.shape[1] or not len(table):
+        raise ShapeError(
+            f"rows {rows.shape} and table {table.shape} must be 2-D with equal widths (table non-empty)"
+        )
+    return rows, table, int_arg(chunk, "chunk", 1)
+
+
 def nearest_rows(rows: Array, table: Array, metric: str = "l1", chunk: int = 4096) -> tuple[Array, Array]:
-    """For each row, the index of the nearest table row and the distance (``l1`` or ``l2``)."""
-    rows = np.asarray(rows, dtype=np.float64)
-    table = np.asarray(table, dtype=np.float64)
-    if rows.ndim != 2 or table.ndim != 2 or rows.shape[1] != table.shape[1]:
-        raise ShapeError(f"rows {rows.shape} and table {table.shape} must be 2-D with equal widths")
+    """For each row, the index of the nearest table row and the distance (``l1`` or ``l2``). ShapeError
+    unless rows and table are 2-D of one width (the table non-empty), NonFiniteError for NaN or ±Inf,
+    ConfigError for another metric or a chunk < 1."""
+    if metric not in ("l1", "l2"):
+        raise ConfigError(f"metric must be 'l1' or 'l2', got {metric!r}")
+    rows, table, chunk = _rows_and_table(rows, table, chunk)
+    if not len(rows):
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
     best = np.full(len(rows), np.inf)
     arg = np.zeros(len(rows), dtype=np.int64)
     t_sq = np.einsum("ij,ij->i", table, table)
@@ -108,11 +122,9 @@ def match_block1_qkv(
 
 
 def l1_distances(rows: Array, table: Array, chunk: int = 4096) -> Array:
-    """‖row − table[t]‖₁ for every row and every table row (rows × len(table), float64)."""
-    rows = np.asarray(rows, dtype=np.float64)
-    table = np.asarray(table, dtype=np.float64)
-    if rows.ndim != 2 or table.ndim != 2 or rows.shape[1] != table.shape[1]:
-        raise ShapeError(f"rows {rows.shape} and table {table.shape} must be 2-D with equal widths")
+    """‖row − table[t]‖₁ for every row and every table row (rows × len(table), float64); the checks of
+    :func:`nearest_rows`."""
+    rows, table, chunk = _rows_and_table(rows, table, chunk)
     out = np.empty((len(rows), len(table)))
     for start in range(0, len(table), chunk):
         t = table[start : start + chunk]
@@ -123,11 +135,18 @@ def l1_distances(rows: Array, table: Array, chunk: int = 4096) -> Array:
 
 def map_tokens(dist: Array, beta: float, log_prior: Array) -> Array:
     """The maximum a-posteriori token of each row from its L1 distances to every vocabulary row, under
-    Laplace(β) noise and the token prior: argmax_t log p(t) − d_t / β (β = 0: the nearest row)."""
+    Laplace(β) noise and the token prior: argmax_t log p(t) − d_t / β (β = 0: the nearest row; β = ∞: the
+    prior's mode). ConfigError for β < 0 or NaN; ShapeError unless ``dist`` is 2-D with one prior entry
+    per column; NonFiniteError for a NaN distance or prior entry (a −∞ prior, probability 0, is allowed)."""
     d = np.asarray(dist, dtype=np.float64)
     prior = np.asarray(log_prior, dtype=np.float64)
+    if d.ndim != 2:
+        raise ShapeError(f"distances must be rows × tokens, got shape {d.shape}")
     if prior.shape != (d.shape[1],):
         raise ShapeError(f"log_prior must have one entry per token ({d.shape[1]}), got {prior.shape}")
+    if np.isnan(d).any() or np.isnan(prior).any() or (prior == np.inf).any():
+        raise NonFiniteError("distances or log_prior hold NaN (or the prior +Inf)")
+    beta = float_arg(beta, "beta", 0.0, allow_inf=True)
     if beta <= 0:
         return np.asarray(np.argmin(d, axis=1))
     return np.asarray(np.argmax(prior[None, :] - d / beta, axis=1))
@@ -205,11 +224,22 @@ class Block1Tables:
     def sorted_k(self, tokens: Array, position: int) -> Array:
         """sort(RoPE_position(N(E[t])W_k)) for the given tokens (tokens × kv_dim)."""
         c = self.weights.config
-        z = self.keys[np.asarray(tokens, dtype=np.int64)]
+        z = self.keys[np.asarray(token_ids(tokens, c.vocab_size, allow_empty=True), dtype=np.int64)]
         z = ops.apply_rope(
             z.reshape(len(z), c.n_kv_heads, c.head_dim), np.full(len(z), position), c.rope_theta
         ).reshape(len(z), c.kv_dim)
         return np.sort(np.asarray(z), axis=1)
+
+
+def _flat_rows(x: Array, name: str, width: int) -> Array:
+    """Rows × ``width`` float64 from rows × heads × d_h (or rows × width), checked as :func:`rows_arg`."""
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = np.asarray(x, dtype=object)  # rows_arg names the dtype error
+    if arr.ndim > 2:
+        arr = arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:])))
+    return rows_arg(arr, name, width)
 
 
 def match_block1_attn(
@@ -227,16 +257,23 @@ def match_block1_attn(
 
     Identity used: sort(P(z)) = sort(z) for every coordinate permutation P, and block-1 v_p = N(E[t_p])W_v,
     k_p = RoPE_p(N(E[t_p])W_k) depend only on (t_p, p). The ``shortlist`` tokens with the closest V
-    fingerprints are re-ranked by V + K distance (``use_k``); ``tables`` reuses precomputed tables."""
+    fingerprints are re-ranked by V + K distance (``use_k``); ``tables`` reuses precomputed tables.
+    ShapeError unless K and V have the same rows of kv_dim values each; NonFiniteError for NaN or ±Inf;
+    ConfigError for a shortlist < 1."""
     tab = Block1Tables(weights) if tables is None else tables
-    k = np.asarray(k, dtype=np.float64).reshape(len(k), -1)
-    v = np.asarray(v, dtype=np.float64).reshape(len(v), -1)
+    kv_dim = weights.config.kv_dim
+    k, v = _flat_rows(k, "k", kv_dim), _flat_rows(v, "v", kv_dim)
+    if len(k) != len(v):
+        raise ShapeError(f"K has {len(k)} rows, V {len(v)}")
+    shortlist = int_arg(shortlist, "shortlist", 1)
     dv = tab.v_distances(np.sort(v, axis=1))
     ids = np.zeros(len(v), dtype=np.int64)
     dist = np.zeros(len(v))
-    pos = np.arange(len(v)) if positions is None else np.asarray(positions, dtype=np.int64)
+    pos = np.arange(len(v)) if positions is None else np.asarray(positions)
     if pos.shape != (len(v),):
         raise ShapeError(f"positions must have one entry per row ({len(v)}), got shape {pos.shape}")
+    if len(pos) and (not np.issubdtype(pos.dtype, np.integer) or pos.min() < 0):
+        raise ConfigError(f"positions must be integers >= 0, got {pos!r}")
     for p in range(len(v)):
         if use_k:
             m = min(shortlist, dv.shape[1])
@@ -270,11 +307,23 @@ def match_sequential(
     For each position the candidates are tried in the order given by ``ranker(target)`` (default: the
     vocabulary order), ``first`` of them, then chunk by chunk until one matches to relative distance
     ``tol`` (or ``max_candidates`` are spent; then the closest is kept). Returns (ids, relative distance).
+
+    Checked first: ConfigError for another ``kind``, a block the model lacks, ``first``, ``chunk`` or
+    ``max_candidates`` < 1 (no candidate tried would return token 0 at distance ∞), ``tol`` not a number
+    ≥ 0; ShapeError unless the targets are rows × (2·kv_dim for ``kv``, hidden size for ``x``), finite
+    (NonFiniteError); VocabularyError for a prefix or ranked candidate outside the vocabulary.
     """
     c = weights.config
-    targets = np.asarray(targets, dtype=np.float64)
+    if kind not in ("kv", "x"):
+        raise ConfigError(f"kind must be 'kv' or 'x', got {kind!r}")
+    layer = int_arg(layer, "layer", 0, c.n_layers)
+    targets = rows_arg(targets, "targets", 2 * c.kv_dim if kind == "kv" else c.hidden_size)
+    first, chunk = int_arg(first, "first", 1), int_arg(chunk, "chunk", 1)
+    if max_candidates is not None:
+        max_candidates = int_arg(max_candidates, "max_candidates", 1)
+    tol = float_arg(tol, "tol", 0.0)
     cache = KVCache()
-    pre = np.asarray(prefix, dtype=np.int64)
+    pre = np.asarray(token_ids(prefix, c.vocab_size, allow_empty=True), dtype=np.int64)
     if len(pre) and layer > 0:
         forward_trace(weights, pre, cache=cache, upto=layer - 1)
     limit = c.vocab_size if max_candidates is None else min(max_candidates, c.vocab_size)
@@ -314,9 +363,14 @@ def match_block1_residual(
 
     Identity: a real block-1 FFN-stage row is H = E[t] + O·W_o with O one of the O-stage rows, so for the
     right O row, H − O·W_o is exactly a vocabulary row. For each FFN row this tries every O row and keeps
-    the (token, distance) of the closest vocabulary row (relative L2); decoys find no exact match."""
-    y = np.asarray(x_o, dtype=np.float64) @ weights.layers[0].wo
-    f = np.asarray(x_ffn, dtype=np.float64)
+    the (token, distance) of the closest vocabulary row (relative L2); decoys find no exact match.
+    ShapeError unless the O rows are rows × q_dim (at least one) and the FFN rows rows × hidden size;
+    NonFiniteError for NaN or ±Inf."""
+    c = weights.config
+    y = rows_arg(x_o, "O-stage rows", c.q_dim) @ weights.layers[0].wo
+    f = rows_arg(x_ffn, "FFN-stage rows", c.hidden_size)
+    if not len(y):
+        raise ShapeError("no O-stage rows: no FFN row can be linked")
     diffs = (f[:, None, :] - y[None, :, :]).reshape(-1, f.shape[1])
     ids, d = nearest_rows(diffs, np.asarray(weights.embed, dtype=np.float64), "l2", chunk)
     rel = (d / (np.linalg.norm(diffs, axis=1) + 1e-12)).reshape(len(f), len(y))

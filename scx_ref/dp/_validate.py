@@ -7,6 +7,7 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
+from .._checks import check_int, short_repr
 from ..errors import ConfigError, NonFiniteError
 
 __all__ = [
@@ -27,19 +28,11 @@ def _as_real(value: Any, name: str) -> float:
         out = float(value)
     except OverflowError:  # an int or Fraction beyond the float64 range
         raise NonFiniteError(
-            f"{name} is too large for a float64 (it must be finite), got {_short(value)}"
+            f"{name} is too large for a float64 (it must be finite), got {short_repr(value)}"
         ) from None
     if not math.isfinite(out):
         raise NonFiniteError(f"{name} must be finite, got {value!r}")
     return out
-
-
-def _short(value: Any) -> str:
-    """``repr(value)``, shortened for huge integers (whose full decimal form may not even be printable)."""
-    if isinstance(value, numbers.Integral) and int(value).bit_length() > 64:
-        return f"an integer of {int(value).bit_length()} bits"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_positive(value: Any, name: str) -> float:
@@ -67,15 +60,11 @@ def check_delta(value: Any, name: str = "delta") -> float:
 
 
 def check_count(value: Any, name: str, minimum: int = 1) -> int:
-    """Return ``value`` as an int after checking it is an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise NonFiniteError(f"{name} must be a finite integer, got {value!r}")
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    out = int(value)
-    if out < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {_short(value)}")
-    return out
+    """Return ``value`` as an int after checking it is an integer >= ``minimum`` (NonFiniteError for a
+    non-finite float, else :func:`~scx_ref._checks.check_int`'s ConfigError)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise NonFiniteError(f"{name} must be a finite integer, got {value!r}")
+    return check_int(value, name, minimum)
 
 
 def count_as_float(count: int) -> float:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from .._checks import token_ids
+from .._checks import check_int, token_ids
 from ..backends.base import A, Backend, IndexArray, NormName, WeightName, out_width, split_qkv
 from ..errors import IntegrityError, NonFiniteError, ProtocolError, SCXError, SessionError, note_tokens
 from ..keys import KeySchedule
@@ -830,9 +830,7 @@ class Client(Generic[A]):
         ``max_length``; 0 sends nothing). An SCXError raised midway carries the tokens already made in
         its ``tokens`` attribute; any other exception (a custom transport's) lists them in a note.
         """
-        if isinstance(n_new, bool) or not isinstance(n_new, (int, np.integer)) or n_new < 0:
-            raise ProtocolError(f"n_new must be an integer >= 0, got {n_new!r}")
-        n_new = int(n_new)
+        n_new = check_int(n_new, "n_new", 0, error=ProtocolError)
         ids_arr = token_ids(ids)
         if n_new == 0:
             self.b.embed(ids_arr)  # a bad prompt is still an error

@@ -31,6 +31,7 @@ from typing import Any, Generic, Protocol
 
 import numpy as np
 
+from .._checks import check_int
 from ..backends.base import A
 from ..errors import ProtocolError
 from ..keys import KeySchedule
@@ -52,9 +53,7 @@ __all__ = ["MaskPool", "PoolOwner"]
 
 def _integer(v: Any, name: str) -> int:
     """``v`` as an int: a Python or numpy integer, not a bool (ProtocolError otherwise)."""
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise ProtocolError(f"{name} must be an integer, got {v!r}")
-    return int(v)
+    return check_int(v, name, None, error=ProtocolError)
 
 
 class MaskPool(Generic[A]):

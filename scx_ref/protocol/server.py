@@ -32,7 +32,7 @@ from typing import Any, Generic
 
 import numpy as np
 
-from .._checks import check_permutation
+from .._checks import check_int, check_permutation
 from ..backends.base import A, Backend, NormName, split_qkv
 from ..errors import LimitError, ProtocolError, SCXError, SessionError
 from ..forward import block_rows
@@ -206,8 +206,7 @@ class Server(Generic[A]):
         clock: Callable[[], float] = time.monotonic,
         batch_rows: int = 1,
     ) -> None:
-        if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
-            raise ProtocolError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
+        batch_rows = check_int(batch_rows, "batch_rows", 1, error=ProtocolError)
         self.b = backend
         self.c = backend.config
         self.batch_rows = batch_rows
@@ -364,8 +363,8 @@ class Server(Generic[A]):
         layer = field_int(req.layer, "layer", -1, self.c.n_layers)
         step = field_int(req.step, "step", -1, self.c.max_positions)
         seq = field_int(req.seq, "seq", 0, 1 << 62)
-        if not isinstance(req.token, str) or len(req.token) > 256:
-            raise ProtocolError("token must be a string of at most 256 characters")
+        if not isinstance(req.token, str) or len(req.token) > 256 or not req.token.isascii():
+            raise ProtocolError("token must be an ASCII string of at most 256 characters")
         for what, value in (("arrays", req.arrays), ("meta", req.meta)):
             if not (type(value) is dict or isinstance(value, Mapping)) or not all(
                 isinstance(k, str) for k in value

@@ -3,6 +3,7 @@ view (DESIGN §5.4) and meters bytes and round trips."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,6 +80,9 @@ class LocalTransport:
         self.meter = CostMeter()
 
     def send(self, request: Request) -> Reply:
+        """Hand ``request`` to the server and return what it answers, as it is: a malformed answer (not a
+        :class:`Reply`, or arrays that are not a mapping of arrays) is neither recorded nor metered, and
+        is left to the client's checks to refuse (IntegrityError)."""
         if self.record_view:
             self.view.messages.append(
                 ViewedMessage(
@@ -91,18 +95,17 @@ class LocalTransport:
                 )
             )
         reply = self.server.handle(request)
-        if self.record_view:
-            self.view.replies.append(
-                ViewedMessage(
-                    reply.session,
-                    reply.stage,
-                    reply.layer,
-                    reply.step,
-                    {k: _numpy(v) for k, v in reply.arrays.items()},
-                    {},
+        arrays = reply.arrays if isinstance(reply, Reply) and isinstance(reply.arrays, Mapping) else {}
+        if self.record_view and isinstance(reply, Reply) and arrays is reply.arrays:
+            try:
+                seen = {k: _numpy(v) for k, v in arrays.items()}
+            except (TypeError, ValueError):  # not arrays (e.g. ragged lists): the client refuses them
+                seen = None
+            if seen is not None:
+                self.view.replies.append(
+                    ViewedMessage(reply.session, reply.stage, reply.layer, reply.step, seen, {})
                 )
-            )
-        self.meter.message(request.stage, _nbytes(request.arrays), _nbytes(reply.arrays))
+        self.meter.message(request.stage, _nbytes(request.arrays), _nbytes(arrays))
         return reply
 
 

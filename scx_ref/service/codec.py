@@ -26,6 +26,7 @@ violation raises :class:`~scx_ref.errors.WireError` naming it.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Callable
@@ -64,6 +65,9 @@ DTYPES: dict[str, np.dtype[Any]] = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _HEX = re.compile(r"^[0-9a-f]{1,128}$")
 _INT_MAX = 2**31 - 1
+#: How deep a header's JSON may nest (the header object is level 0): a request's ``meta`` is level 1 and
+#: the encoder lets its values nest 4 deeper (``_plain``), so nothing it writes is deeper than 5.
+_MAX_DEPTH = 5
 
 
 class FrameKind(IntEnum):
@@ -219,13 +223,47 @@ def _int(h: dict[str, Any], key: str, lo: int) -> int:
     return v
 
 
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; WireError for a repeated key (readers could disagree on it)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise WireError("a header object repeats a key")
+    return out
+
+
+def _check_header(header: dict[str, Any]) -> None:
+    """WireError if ``header`` nests deeper than :data:`_MAX_DEPTH` or holds a string that is not valid
+    Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes can make)."""
+    todo: list[tuple[Any, int]] = [(header, 0)]
+    while todo:
+        value, level = todo.pop()
+        if level > _MAX_DEPTH:
+            raise WireError(f"frame header is nested more than {_MAX_DEPTH} levels deep")
+        if isinstance(value, dict):
+            todo.extend((k, level + 1) for k in value)
+            todo.extend((v, level + 1) for v in value.values())
+        elif isinstance(value, list):
+            todo.extend((v, level + 1) for v in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise WireError("a header string holds an unpaired surrogate escape") from None
+
+
 def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = None) -> Frame:
-    """Parse and validate one frame (see the module doc); WireError on anything malformed.
+    """Parse and validate one frame (see the module doc); WireError on anything malformed, including
+    ``data`` that is not a bytes-like object.
 
     Guarantee: nothing is allocated in proportion to a declared size until the declared sizes are shown
-    to add up to exactly ``len(data)``; the arrays returned are writable copies in their wire dtype."""
+    to add up to exactly ``len(data)``; the arrays returned are writable copies in their wire dtype. The
+    header has no repeated key, no string that is not valid Unicode, and nests at most 5 levels deep; every
+    array's shape, with each 0 counted as 1, spans at most ``max_frame`` bytes."""
     lim = limits or WireLimits()
-    view = memoryview(data).cast("B")
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError:
+        raise WireError(f"a frame must be bytes, not {type(data).__name__}") from None
     total = len(view)
     if total > lim.max_frame:
         raise WireError(f"frame of {total} bytes exceeds the limit of {lim.max_frame}")
@@ -249,6 +287,7 @@ def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = Non
             bytes(view[_PREFIX.size : _PREFIX.size + hlen]).decode("utf-8"),
             parse_float=_no_float,
             parse_constant=_no_float,
+            object_pairs_hook=_unique,
         )
     except WireError:
         raise
@@ -256,6 +295,7 @@ def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = Non
         raise WireError(f"frame header is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(header, dict):
         raise WireError("frame header must be a JSON object")
+    _check_header(header)
     specs = header.pop("arrays", [])
     if not isinstance(specs, list) or len(specs) > lim.max_arrays:
         raise WireError(f"'arrays' must be a list of at most {lim.max_arrays} entries")
@@ -281,6 +321,8 @@ def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = Non
         pos += nbytes
         if pos > total:
             raise WireError(f"truncated frame: array {name!r} declares bytes past the frame's {total}")
+        if DTYPES[dt].itemsize * math.prod(max(s, 1) for s in shape) > lim.max_frame:  # e.g. [0, 2**31-1]
+            raise WireError(f"array {name!r}: shape {shape!r} spans more than {lim.max_frame} bytes")
     if pos != total:
         raise WireError(f"frame has {total - pos} bytes after its last array")
     arrays = {}

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError, SCXError, ServiceError
+from ..errors import ConfigError, IntegrityError, SCXError, ServiceError, WireError
 from ..protocol.cost import CostMeter
 from ..protocol.messages import Reply, Request
 from .codec import FrameKind, WireLimits, decode, encode_hello, encode_request, grpc_options, reply_from
@@ -56,6 +56,15 @@ def _error_class(name: str) -> type[SCXError]:
             return cls
         todo.extend(cls.__subclasses__())
     return ServiceError
+
+
+def _server_error(name: str, message: str) -> SCXError:
+    """The error a server's error frame names, carrying its message (ServiceError for a class that is not
+    an SCXError or cannot be built from a message alone)."""
+    try:
+        return _error_class(name)(f"server: {message}")
+    except Exception:
+        return ServiceError(f"server ({name[:60]}): {message}")
 
 
 class _Watchdog:
@@ -167,7 +176,11 @@ class RemoteTransport:
         self._queue = q
         self._call = self._channel.stream_stream(METHOD)(iter(q.get, None))
         self._replies = iter(self._call)
-        frame = decode(self._roundtrip(encode_hello({"client": "scx_ref"})), self.limits)
+        try:  # an unreadable greeting drops the stream too: the next message greets (and checks) again
+            frame = decode(self._roundtrip(encode_hello({"client": "scx_ref"})), self.limits)
+        except WireError as exc:
+            self._drop()
+            raise ServiceError(f"{self.url} is not an SCX server: malformed greeting ({exc})") from None
         if frame.kind is not FrameKind.HELLO or frame.header.get("service") != "scx":
             self._drop()
             raise ServiceError(f"{self.url} is not an SCX server")
@@ -248,17 +261,35 @@ class RemoteTransport:
 
     def send(self, request: Request) -> Reply:
         """Send ``request``, return the server's reply (arrays as the backend's); the server's SCXError
-        re-raised as the same class; ServiceError on a timeout or a lost connection."""
+        re-raised as the same class; ServiceError on a timeout or a lost connection.
+
+        A reply that is malformed (WireError) or answers another message — its session, stage, layer,
+        step or seq not the request's; an error frame's seq neither the request's nor -1 — raises and
+        drops the stream, so no later message can receive a reply meant for an earlier one."""
         if self._call is None:
             self._connect()
         data = encode_request(request)
         back = self._roundtrip(data)
-        frame = decode(back, self.limits)
+        try:
+            frame = decode(back, self.limits)
+            if frame.kind is FrameKind.ERROR:
+                seq = frame.header.get("seq", -1)
+                if seq not in (-1, request.seq) or isinstance(seq, bool):
+                    raise IntegrityError(f"the server's error frame answers seq {seq!r}, not {request.seq}")
+                name = str(frame.header.get("error", "ServiceError"))
+                message = str(frame.header.get("message", ""))
+                server_error = _server_error(name, message)
+            else:
+                reply = reply_from(frame)
+                got = (reply.session, reply.stage, reply.layer, reply.step, reply.seq)
+                want = (request.session, request.stage, request.layer, request.step, request.seq)
+                if got != want:
+                    raise IntegrityError(f"the reply answers {got}, not the request {want}")
+        except (WireError, IntegrityError):
+            self._drop()
+            raise
         if frame.kind is FrameKind.ERROR:
-            name = str(frame.header.get("error", "ServiceError"))
-            message = str(frame.header.get("message", ""))
-            raise _error_class(name)(f"server: {message}")
-        reply = reply_from(frame)
+            raise server_error
         self.meter.message(request.stage, len(data), len(back))  # frame bytes, headers included
         if self.ops is not None:
             arrays = {k: self.ops.from_numpy(v) for k, v in reply.arrays.items()}

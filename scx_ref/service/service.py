@@ -32,7 +32,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -186,11 +186,16 @@ def _event(event: str, level: int = logging.INFO, **fields: Any) -> None:
 
 
 class _Stream:
-    """One client stream: the sessions it opened."""
+    """One client stream: the sessions it opened. ``lock`` guards ``sessions``, ``ended`` (the stream is
+    over) and ``busy`` (its messages queued or computing on a worker): the event loop and the compute
+    threads both change them."""
 
     def __init__(self, peer: str) -> None:
         self.peer = peer
         self.sessions: set[str] = set()
+        self.lock = threading.Lock()
+        self.ended = False
+        self.busy = 0
 
 
 class SCXService:
@@ -219,7 +224,7 @@ class SCXService:
         self.streams: set[_Stream] = set()
         self._grpc: Any = None
         self._http: ThreadingHTTPServer | None = None
-        self._mid: list[tuple[Request, asyncio.Future[bytes]]] = []
+        self._mid: list[tuple[Request, _Stream, asyncio.Future[bytes]]] = []
         self._mid_wake: asyncio.Event | None = None
         self._mid_task: asyncio.Task[None] | None = None
         self._idle_task: asyncio.Task[None] | None = None
@@ -357,17 +362,43 @@ class SCXService:
             if self.closing:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         finally:
-            self._evict(stream, "stream ended")
+            self._end_stream(stream)
             self.streams.discard(stream)
             self.metrics.streams.dec()
 
+    def _end_stream(self, stream: _Stream) -> None:
+        """The stream is over: drop its sessions now or, while one of its messages is still queued or
+        computing (the client went away mid-message), let that message's worker drop them when it is done
+        — so the event loop never waits for a session's lock, and a session that message opens is not
+        left behind."""
+        with stream.lock:
+            stream.ended = True
+            if stream.busy:
+                return
+        self._evict(stream, "stream ended")
+
     def _evict(self, stream: _Stream, why: str) -> None:
-        for sid in list(stream.sessions):
+        with stream.lock:
+            sids = list(stream.sessions)
+            stream.sessions.clear()
+        for sid in sids:
             if self.server.drop(sid):
                 self.metrics.evicted.inc()
                 _event("session_closed", session=sid[:12], why=why)
-            stream.sessions.discard(sid)
         self.metrics.sessions.set(len(self.server.sessions))
+
+    def _settle(self, stream: _Stream, req: Request, reply: Reply | SCXError | None) -> None:
+        """On the worker, once ``req`` of ``stream`` is computed (``reply``: None when it failed): record
+        the session it opened or closed; if the stream has ended meanwhile, drop its sessions."""
+        with stream.lock:
+            stream.busy -= 1
+            if isinstance(reply, Reply) and req.stage is Stage.OPEN:
+                stream.sessions.add(req.session)
+            elif isinstance(reply, Reply) and req.stage is Stage.CLOSE:
+                stream.sessions.discard(req.session)
+            orphaned = stream.ended and not stream.busy
+        if orphaned:
+            self._evict(stream, "stream ended")
 
     async def _message(self, stream: _Stream, data: bytes) -> bytes:
         t0 = time.perf_counter()
@@ -389,15 +420,21 @@ class SCXService:
                     self._evict(stream, "a new session opened on its stream")
                 elif req.session not in stream.sessions:
                     raise SessionError(f"session {req.session[:12]}… is not open on this connection")
-                if req.stage is Stage.GEN_MID and self.server.batch_rows > 1:
-                    out = await self._submit_mid(req)
-                else:
-                    out = await asyncio.get_running_loop().run_in_executor(self.pool, self._compute, req)
+                with stream.lock:  # the worker that computes it settles it (_settle), even if we go
+                    stream.busy += 1
+                try:
+                    if req.stage is Stage.GEN_MID and self.server.batch_rows > 1:
+                        pending: Awaitable[bytes] = self._submit_mid(req, stream)
+                    else:
+                        loop = asyncio.get_running_loop()
+                        pending = loop.run_in_executor(self.pool, self._compute, req, stream)
+                except BaseException:
+                    self._settle(stream, req, None)
+                    raise
+                out = await pending
                 if req.stage is Stage.OPEN and out[4] == FrameKind.REPLY:
-                    stream.sessions.add(req.session)
                     _event("session_open", session=req.session[:12], peer=stream.peer)
                 elif req.stage is Stage.CLOSE and out[4] == FrameKind.REPLY:
-                    stream.sessions.discard(req.session)
                     _event("session_closed", session=req.session[:12], why="closed by its client")
                 self.metrics.sessions.set(len(self.server.sessions))
         except SCXError as exc:
@@ -437,13 +474,17 @@ class SCXService:
             return self._error(too_big, req.stage.value, req.seq)
         return data
 
-    def _compute(self, req: Request) -> bytes:
-        """Runs on a worker thread: the stage, then its reply frame (or error frame)."""
+    def _compute(self, req: Request, stream: _Stream) -> bytes:
+        """Runs on a worker thread: the stage, then its reply frame (or error frame); settles ``req``."""
+        reply: Reply | SCXError | None = None
         try:
-            reply: Reply | SCXError = self.server.handle(req)
-        except SCXError as exc:
-            reply = exc
-        return self._encode(reply, req)
+            try:
+                reply = self.server.handle(req)
+            except SCXError as exc:
+                reply = exc
+            return self._encode(reply, req)
+        finally:
+            self._settle(stream, req, reply)
 
     async def _idle_loop(self) -> None:
         """Evicts the server's sessions idle past the TTL, a few times per TTL."""
@@ -457,9 +498,9 @@ class SCXService:
                 _event("idle_evicted", sessions=n)
 
     # -- cross-session batching of the middle blocks ---------------------------------------------
-    async def _submit_mid(self, req: Request) -> bytes:
+    async def _submit_mid(self, req: Request, stream: _Stream) -> bytes:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._mid.append((req, fut))
+        self._mid.append((req, stream, fut))
         assert self._mid_wake is not None
         self._mid_wake.set()
         return await fut
@@ -477,18 +518,26 @@ class SCXService:
                 del self._mid[: len(batch)]
                 self.metrics.batch.observe(len(batch))
                 try:
-                    results = await loop.run_in_executor(self.pool, self._compute_mid, [r for r, _ in batch])
+                    results = await loop.run_in_executor(
+                        self.pool, self._compute_mid, [(r, s) for r, s, _ in batch]
+                    )
                 except Exception as exc:  # a bug: every waiting message gets the error
                     log.exception("internal error in a gen_mid batch")
                     results = [encode_error("ServiceError", f"internal server error ({type(exc).__name__})")]
                     results *= len(batch)
-                for (_, fut), res in zip(batch, results, strict=True):
+                for (_, _, fut), res in zip(batch, results, strict=True):
                     if not fut.done():
                         fut.set_result(res)
 
-    def _compute_mid(self, reqs: list[Request]) -> list[bytes]:
-        replies = self.server.handle_batch(reqs)
-        return [self._encode(rep, req) for rep, req in zip(replies, reqs, strict=True)]
+    def _compute_mid(self, batch: list[tuple[Request, _Stream]]) -> list[bytes]:
+        """Runs on a worker thread: one batch of ``gen_mid`` messages, their frames; settles each."""
+        reqs = [req for req, _ in batch]
+        try:
+            replies = self.server.handle_batch(reqs)
+            return [self._encode(rep, req) for rep, req in zip(replies, reqs, strict=True)]
+        finally:
+            for req, stream in batch:
+                self._settle(stream, req, None)  # a gen_mid message opens or closes no session
 
     # -- ops endpoint -----------------------------------------------------------------------------
     def _start_http(self, port: int) -> None:

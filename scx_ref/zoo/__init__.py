@@ -84,25 +84,33 @@ def max_positions(name: str) -> int:
 
 
 def _check_name(name: str) -> None:
-    if name not in MODEL_NAMES:
+    if not isinstance(name, str) or name not in MODEL_NAMES:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
 def _check_dtype(dtype: Any) -> np.dtype[Any]:
-    np_dtype: np.dtype[Any] = np.dtype(dtype)
+    try:
+        np_dtype: np.dtype[Any] = np.dtype(dtype)
+    except TypeError as exc:
+        raise ConfigError(f"dtype must be float32 or float64, got {dtype!r}") from exc
     if np_dtype not in _DTYPES:
         raise ConfigError(f"dtype must be float32 or float64, got {np_dtype}")
     return np_dtype
 
 
-@functools.lru_cache(maxsize=4)
 def load_hf(name: str) -> tuple[Any, Any | None]:
     """(HF model in float32, eval mode; tokenizer or None) of a registered model; cached per process.
 
-    ConfigError for a name not in :data:`MODEL_NAMES`; SCXError when torch/transformers are missing or
-    SmolLM2's weights cannot be had.
+    ConfigError for a name not in :data:`MODEL_NAMES` (checked before the cache, so any value is refused
+    cleanly); SCXError when torch/transformers are missing or SmolLM2's weights cannot be had.
     """
     _check_name(name)
+    return _load_hf(name)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_hf(name: str) -> tuple[Any, Any | None]:
+    """:func:`load_hf` of a registered name, cached per process."""
     try:
         if name == "smollm2":
             from .smollm2 import load_smollm2
@@ -139,15 +147,19 @@ def load_model(name: str, dtype: Any = np.float32) -> tuple[Any, Any | None, Mod
 def parse_random(name: str) -> tuple[str, int] | None:
     """``(preset, seed)`` of a ``random:<preset>[:seed]`` name (seed default 0), None for any other name.
 
-    ConfigError for a ``random:`` name with an unknown preset, a seed that is not an integer >= 0, or
-    more than three parts.
+    ConfigError for a name that is not a string, or a ``random:`` name with an unknown preset, a seed that
+    is not an integer >= 0, or more than three parts.
     """
+    if not isinstance(name, str):
+        raise ConfigError(f"a model name must be a string, got {type(name).__name__}")
     if not name.startswith("random:"):
         return None
     parts = name.split(":")
     preset = parts[1]
-    if preset not in RANDOM_PRESETS or len(parts) > 3:
+    if preset not in RANDOM_PRESETS:
         raise ConfigError(f"unknown random preset {preset!r}; presets: {', '.join(RANDOM_PRESETS)}")
+    if len(parts) > 3:
+        raise ConfigError(f"a random model is named random:<preset>[:seed], got {name!r}")
     if len(parts) == 2:
         return preset, 0
     try:

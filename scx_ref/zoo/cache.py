@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import SCXError
+
 __all__ = ["cache_dir", "cache_lock", "private_name"]
 
 # Private test hook: False skips the lock (the unique names still apply), so a test can show that its
@@ -39,6 +41,13 @@ def private_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.part")
 
 
+def _unusable(root: Path, exc: OSError) -> SCXError:
+    return SCXError(
+        f"the model cache directory {root} cannot be used ({exc.strerror or exc}); "
+        "set SCX_CACHE to a writable directory"
+    )
+
+
 @contextlib.contextmanager
 def cache_lock(root: Path, name: str) -> Iterator[None]:
     """Hold the exclusive lock ``root/<name>.lock`` for the block (``root`` is created if missing).
@@ -46,15 +55,24 @@ def cache_lock(root: Path, name: str) -> Iterator[None]:
     Guarantee: while one process (or thread) is inside the block for ``(root, name)``, every other one
     waits at the entrance. Not reentrant: a holder that enters again for the same ``(root, name)``
     deadlocks. On a platform without ``fcntl`` (Windows) there is no lock; the unique names still keep
-    concurrent writers from corrupting each other, they only repeat the work.
+    concurrent writers from corrupting each other, they only repeat the work. SCXError, before the block
+    runs, when ``root`` cannot be created or the lock file cannot be opened (a file in the way, no
+    permission).
     """
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unusable(root, exc) from exc
     if not _LOCKING or sys.platform == "win32":
         yield
         return
     import fcntl
 
-    with open(root / f"{name}.lock", "ab") as fh:  # append: created if missing, never truncated
+    try:
+        lock = open(root / f"{name}.lock", "ab")  # noqa: SIM115 (entered below); append: never truncated
+    except OSError as exc:
+        raise _unusable(root, exc) from exc
+    with lock as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield

