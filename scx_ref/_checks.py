@@ -39,8 +39,12 @@ def as_float_array(
 
 
 def check_permutation(perm: Any, n: int | None = None, name: str = "permutation") -> IntArray:
-    """Return ``perm`` as an int64 array after checking it is a permutation of 0..len-1 (of length n)."""
-    arr = np.asarray(perm)
+    """Return ``perm`` as an int64 array after checking it is a permutation of 0..len-1 (of length n);
+    PermutationError otherwise, including for what numpy cannot read as an array."""
+    try:
+        arr = np.asarray(perm)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise PermutationError(f"{name} is not an array numpy can read: {exc}") from None
     if arr.ndim != 1:
         raise PermutationError(f"{name} must be one-dimensional, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):

@@ -17,7 +17,18 @@ import numpy.typing as npt
 from ._checks import FloatArray, as_float_array
 from .errors import DTypeError, ShapeError
 
-__all__ = ["A", "ArrayOps", "IndexArray", "NumpyOps", "permute_rows_in_place"]
+__all__ = [
+    "A",
+    "ArrayOps",
+    "IndexArray",
+    "NumpyOps",
+    "check_concat",
+    "check_narrow",
+    "gather_sum_index",
+    "permutation_of_rows",
+    "permute_rows_in_place",
+    "row_index",
+]
 
 A = TypeVar("A")
 IndexArray = npt.NDArray[np.int64]
@@ -214,11 +225,13 @@ class NumpyOps:
         return np.array(x)
 
     def rows_finite(self, x: FloatArray, index: IndexArray) -> bool:
-        return bool(np.isfinite(x[np.asarray(index, dtype=np.int64)]).all())
+        """Whether the rows ``x[index]`` are all finite; ShapeError for a row index outside x (a negative
+        one too, as the torch backend's pass refuses it, rather than a row read from the end)."""
+        return bool(np.isfinite(x[row_index(index, x.shape[0])]).all())
 
     def rows_to_numpy(self, x: FloatArray, index: IndexArray) -> npt.NDArray[Any]:
-        """``x[index]``: fancy indexing already copies."""
-        return np.asarray(x[np.asarray(index, dtype=np.int64)])
+        """``x[index]``: fancy indexing already copies (ShapeError for an index outside x's rows)."""
+        return np.asarray(x[row_index(index, np.shape(x)[0])])
 
     def head_to_numpy(self, x: FloatArray, n: int) -> npt.NDArray[Any]:
         """A view of ``x[:n]``."""
@@ -246,22 +259,31 @@ class NumpyOps:
 
     # -- gathers, slices, shapes ---------------------------------------------------------------
     def take_rows(self, x: FloatArray, index: IndexArray) -> FloatArray:
-        return x[index]
+        """``x[index]`` (ShapeError for an index that is not 1-D integers within x's rows: a negative
+        one is refused, as on torch, not read from the end)."""
+        return x[row_index(index, np.shape(x)[0])]
 
     def take_last(self, x: FloatArray, index: IndexArray) -> FloatArray:
-        out: FloatArray = x[..., index]
+        """``x[..., index]`` (ShapeError as :meth:`take_rows`, along the last axis)."""
+        out: FloatArray = x[..., row_index(index, np.shape(x)[-1], "column")]
         return out
 
     def concat_rows(self, xs: list[FloatArray]) -> FloatArray:
+        """The arrays stacked along the rows (ShapeError for none, or rows of different shapes)."""
+        check_concat([np.shape(x) for x in xs])
         return np.concatenate(xs, axis=0, dtype=self.dtype if self.dtype is not None else xs[0].dtype)
 
     def append_rows(self, x: FloatArray, new: FloatArray) -> FloatArray:
-        """``concatenate([x, new])``: a new array (the reference copies the cache every step)."""
+        """``concatenate([x, new])``: a new array (the reference copies the cache every step); ShapeError
+        when the rows are not of x's shape, as the torch backend's."""
+        if x.shape[1:] != new.shape[1:]:
+            raise ShapeError(f"cannot append rows {new.shape} ({new.dtype}) to {x.shape} ({x.dtype})")
         return self.concat_rows([x, new])
 
     def take_rows_concat(self, xs: list[FloatArray], index: IndexArray) -> FloatArray:
         """``concatenate(xs)[index]`` (dtype: this ops' or the first array's)."""
-        out: FloatArray = self.concat_rows(xs)[np.asarray(index, dtype=np.int64)]
+        stacked = self.concat_rows(xs)
+        out: FloatArray = stacked[row_index(index, stacked.shape[0])]
         return out
 
     def take_rows_cols_concat(
@@ -275,7 +297,9 @@ class NumpyOps:
     ) -> FloatArray:
         """``concatenate([x[:, cols], extra])[index]``, written as the definition reads (then scanned
         when ``name`` is given)."""
-        out = self.take_rows_concat([x[:, np.asarray(cols, dtype=np.int64)], extra], index)
+        if np.ndim(x) != 2 or np.ndim(extra) != 2 or np.shape(extra)[1] != len(cols):
+            raise ShapeError(f"rows {np.shape(x)} and extra rows {np.shape(extra)} for {len(cols)} columns")
+        out = self.take_rows_concat([x[:, row_index(cols, x.shape[1], "column")], extra], index)
         return out if name is None else self.floating(out, name)
 
     def gather_sum(
@@ -290,7 +314,9 @@ class NumpyOps:
     ) -> FloatArray:
         """Rows ``s[from_s] + y[from_y]``, decoy rows (``from_y < 0``) copied from ``extra[from_s]`` (then
         scanned when ``name`` is given)."""
-        fs, fy = np.asarray(from_s, dtype=np.int64), np.asarray(from_y, dtype=np.int64)
+        if np.ndim(s) != 2 or np.shape(y)[1:] != s.shape[1:] or np.shape(extra)[1:] != s.shape[1:]:
+            raise ShapeError(f"s {np.shape(s)}, y {np.shape(y)} and extra {np.shape(extra)}: 2-D, one width")
+        fs, fy = gather_sum_index(from_s, from_y, s.shape[0], y.shape[0], extra.shape[0])
         real = fy >= 0
         dtype = self.dtype if self.dtype is not None else np.result_type(s, y)
         out: FloatArray = np.empty((fs.shape[0], s.shape[1]), dtype=dtype)
@@ -309,6 +335,9 @@ class NumpyOps:
         return np.array(x, copy=True, order="C")
 
     def narrow(self, x: FloatArray, axis: int, start: int, stop: int) -> FloatArray:
+        """``x[start:stop]`` along ``axis`` (ShapeError unless 0 ≤ start ≤ stop ≤ its length: a slice
+        past the end is refused, as torch refuses it, not cut short)."""
+        check_narrow(np.shape(x), axis, start, stop)
         return x[start:stop] if axis == 0 else x[:, start:stop]
 
     def reshape(self, x: FloatArray, shape: tuple[int, ...]) -> FloatArray:
@@ -348,17 +377,27 @@ class NumpyOps:
         return y if bias is None else y + bias
 
     def scale_rows(self, x: FloatArray, weights: npt.NDArray[Any]) -> FloatArray:
+        """x ⊙ w[:, None] (ShapeError unless ``weights`` holds one weight per row)."""
+        if np.shape(weights) != np.shape(x)[:1]:
+            raise ShapeError(f"{np.shape(weights)} weights for rows {np.shape(x)}: one per row")
         out: FloatArray = x * np.asarray(weights, dtype=x.dtype)[:, None]
         return out
 
     def argmax_last(self, logits: FloatArray) -> int:
+        """Argmax of the last row (ShapeError for no rows, or an empty row)."""
+        if np.ndim(logits) == 0 or np.shape(logits)[0] == 0 or np.size(logits) == 0:
+            raise ShapeError(f"argmax of the last row of logits {np.shape(logits)}: no row, or an empty one")
         return int(np.argmax(logits[-1]))
 
     def project64(
         self, x: FloatArray, right: npt.NDArray[np.float64]
     ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-        """``(x·right, ‖x_i‖₂)`` in float64 (no copy of a float64 ``x``)."""
+        """``(x·right, ‖x_i‖₂)`` in float64 (no copy of a float64 ``x``); ShapeError unless x is 2-D and
+        ``right`` has one row per column of x."""
         x64 = np.asarray(x, dtype=np.float64)
+        right = np.asarray(right)
+        if x64.ndim != 2 or right.ndim != 2 or right.shape[0] != x64.shape[1]:
+            raise ShapeError(f"rows {x64.shape} against check vectors {right.shape}")
         return x64 @ right, np.sqrt(np.einsum("ij,ij->i", x64, x64))
 
     def matmul64(self, a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -384,11 +423,10 @@ def permute_rows_in_place(x: npt.NDArray[Any], index: IndexArray) -> npt.NDArray
 
     Follows each cycle of the permutation: row j takes row index[j] until the cycle closes, with one
     saved row per cycle, so the extra memory is one row rather than a copy of ``x``. Every row is read
-    and written once, as in a gather.
+    and written once, as in a gather. ShapeError, with ``x`` untouched, unless ``index`` is a permutation
+    of x's rows (:func:`permutation_of_rows`).
     """
-    idx = np.asarray(index, dtype=np.int64).tolist()
-    if len(idx) != x.shape[0]:
-        raise ShapeError(f"a permutation of {len(idx)} rows cannot reorder an array of {x.shape[0]}")
+    idx = permutation_of_rows(index, x.shape[0]).tolist()
     done = bytearray(len(idx))
     for start, src in enumerate(idx):
         if done[start]:
@@ -403,9 +441,79 @@ def permute_rows_in_place(x: npt.NDArray[Any], index: IndexArray) -> npt.NDArray
             if k == start:
                 x[j] = saved
                 break
-            if done[k]:
-                raise ShapeError("the index is not a permutation of the rows")
             x[j] = x[k]
             done[k] = 1
             j = k
     return x
+
+
+def check_concat(shapes: list[tuple[int, ...]]) -> None:
+    """ShapeError unless ``shapes`` (of arrays :meth:`ArrayOps.concat_rows` stacks) is not empty and all
+    agree past the row axis."""
+    if not shapes or any(len(s) == 0 or s[1:] != shapes[0][1:] for s in shapes):
+        raise ShapeError(f"cannot stack rows of shapes {shapes}: one shape past the rows, at least one array")
+
+
+def check_narrow(shape: tuple[int, ...], axis: int, start: int, stop: int) -> None:
+    """ShapeError unless ``axis`` (0 or 1) is an axis of ``shape`` and 0 ≤ start ≤ stop ≤ its length."""
+    if axis not in (0, 1) or axis >= len(shape) or not 0 <= start <= stop <= shape[axis]:
+        raise ShapeError(f"cannot take {start}:{stop} along axis {axis} of an array of shape {shape}")
+
+
+def gather_sum_index(
+    from_s: Any, from_y: Any, n_s: int, n_y: int, n_extra: int
+) -> tuple[IndexArray, IndexArray]:
+    """:meth:`ArrayOps.gather_sum`'s two row indices as int64, checked as its fused pass checks them:
+    ShapeError unless both are 1-D integer arrays of one length, every real row (``from_y ≥ 0``) names a
+    row of s (``from_s``) and of y, and every decoy row (``from_y < 0``) a row of extra. An index past s
+    read a row of extra (or past y a row of zeros) on the torch backend's eager path before."""
+    a, b = np.asarray(from_s), np.asarray(from_y)
+    for name, arr in (("from_s", a), ("from_y", b)):
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise ShapeError(f"{name} must be a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
+    if a.shape != b.shape:
+        raise ShapeError(f"{a.shape[0]} rows from s but {b.shape[0]} from y")
+    fs, fy = a.astype(np.int64, copy=False), b.astype(np.int64, copy=False)
+    real = fy >= 0
+    if fs.size and (
+        int(fs.min()) < 0
+        or (real.any() and (int(fs[real].max()) >= n_s or int(fy.max()) >= n_y))
+        or (not real.all() and int(fs[~real].max()) >= n_extra)
+    ):
+        raise ShapeError("a row index outside s, y or extra")
+    return fs, fy
+
+
+def row_index(index: Any, n: int, what: str = "row") -> IndexArray:
+    """``index`` as an int64 array of indices into n rows (or columns: ``what``): ShapeError unless it is a
+    1-D integer array (or empty) with every entry in 0 … n − 1 (a negative one is refused, not read from
+    the end)."""
+    arr = np.asarray(index)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise ShapeError(f"a {what} index must be a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
+    idx = arr.astype(np.int64, copy=False)
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ShapeError(f"{what} index out of range for {n} {what}s")
+    return idx
+
+
+def permutation_of_rows(index: Any, n: int) -> IndexArray:
+    """``index`` as int64 after checking that it is a permutation of 0 … n − 1: a 1-D integer array of n
+    entries, each row once (ShapeError otherwise: a negative entry is refused, not read from the end, and
+    a float array is refused, not truncated). What :func:`permute_rows_in_place` checks before it moves
+    any row."""
+    arr = np.asarray(index)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise ShapeError(
+            f"a row permutation must be a 1-D integer array, got {arr.dtype} of shape {arr.shape}"
+        )
+    if arr.shape[0] != n:
+        raise ShapeError(f"a permutation of {arr.shape[0]} rows cannot reorder an array of {n}")
+    idx = arr.astype(np.int64, copy=False)
+    seen = np.zeros(n, dtype=bool)
+    if n and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ShapeError("the index is not a permutation of the rows")
+    seen[idx] = True
+    if not seen.all():
+        raise ShapeError("the index is not a permutation of the rows")
+    return idx

@@ -14,6 +14,7 @@ from typing import Any, Generic
 
 import numpy as np
 
+from ._checks import token_ids
 from .backends.base import A, Backend, IndexArray
 from .errors import ProtocolError
 from .stages import Stage
@@ -148,9 +149,12 @@ class PlainRunner(Generic[A]):
         self.cache = []
 
     def forward(self, ids: Any, last_only: bool = False) -> A:
-        """Logits of ``ids`` continuing the cache (rows × V, or only the last row); extends the cache."""
+        """Logits of ``ids`` continuing the cache (rows × V, or only the last row); extends the cache.
+        ``ids`` are checked first (:func:`~scx_ref._checks.token_ids`: VocabularyError unless 1-D integers in
+        the vocabulary, ProtocolError when empty), the cache left as it was: a float id was truncated to an
+        integer token before."""
         b, c = self.b, self.b.config
-        ids_arr = np.asarray(ids, dtype=np.int64)
+        ids_arr = token_ids(ids, c.vocab_size)
         n, start = len(ids_arr), self.length
         if start + n > c.max_positions:
             raise ProtocolError(f"sequence length {start + n} exceeds max_positions {c.max_positions}")
@@ -174,8 +178,8 @@ class PlainRunner(Generic[A]):
         return self.forward(ids, last_only)
 
     def decode(self, token: int) -> A:
-        """Logits (1 × V) of one new token."""
-        return self.forward(np.asarray([token], dtype=np.int64))
+        """Logits (1 × V) of one new token (an integer id in the vocabulary: VocabularyError otherwise)."""
+        return self.forward([token])
 
     def generate(self, ids: Any, n_new: int) -> list[int]:
         """Greedy continuation (``n_new`` tokens), as plaintext greedy decoding."""

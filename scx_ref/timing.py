@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from .errors import ConfigError
+
 __all__ = ["around", "timed", "timed_kernels", "timed_prefill", "timed_server"]
 
 T = TypeVar("T")
@@ -23,7 +25,12 @@ def around(
     ``leave(what enter returned)`` after it, however it ends: what the benchmarks put around a server's
     ``handle`` (a timer, a flag, a pass over memory). The method's arguments, results and exceptions are
     the original's. Two plain calls rather than a context manager: a timed ``handle`` runs ~124 times a
-    request, and a generator-based context cost 1.5 µs a call more."""
+    request, and a generator-based context cost 1.5 µs a call more. ConfigError unless ``cls`` is a class
+    with a method named ``method`` (a name it lacks failed only at the first call)."""
+    if not isinstance(cls, type) or not isinstance(method, str) or not callable(getattr(cls, method, None)):
+        raise ConfigError(
+            f"around() needs a class and the name of one of its methods, got {cls!r}, {method!r}"
+        )
 
     def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
         token = enter()
@@ -45,7 +52,8 @@ def timed(cls: type[T], method: str) -> tuple[type[T], list[float]]:
     def stop(t0: float) -> None:
         spent[0] += time.perf_counter() - t0
 
-    return around(cls, method, time.perf_counter, stop, f"Timed{cls.__name__}"), spent
+    name = f"Timed{getattr(cls, '__name__', '')}"  # around() refuses what is not a class
+    return around(cls, method, time.perf_counter, stop, name), spent
 
 
 def timed_server(server_cls: type[T]) -> tuple[type[T], list[float]]:

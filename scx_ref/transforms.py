@@ -14,6 +14,7 @@ returns new arrays (or views) and never modifies its inputs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
@@ -21,9 +22,9 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import check_int, check_permutation
+from ._checks import check_int, check_permutation, short_repr
 from .arrays import A, ArrayOps, NumpyOps
-from .errors import DTypeError, NonFiniteError, PermutationError, SCXError, ShapeError
+from .errors import ConfigError, DTypeError, NonFiniteError, PermutationError, SCXError, ShapeError
 
 if TYPE_CHECKING:  # the backends import this module; the type is all that is needed here
     from .backends.base import Backend
@@ -700,13 +701,38 @@ def laplace_noise(
     With u uniform on [0, 1) and s = u − ½: η = −β·sign(s)·ln(1 − 2|s|), which has density
     exp(−|η|/β) / (2β). β = 0 gives zeros (no blinding). Released through the Laplace mechanism this is
     ε = Δ₁/β differentially private (T6, DESIGN §7).
+
+    Refused (nothing drawn): a β that is not a finite real number >= 0 (a bool is not one) or a ``gen``
+    without ``random`` (ConfigError); a ``shape`` that is not a sequence of integer sizes >= 0, or uniforms
+    from ``gen`` of another count (ShapeError); a ``dtype`` that is not floating (DTypeError).
     """
-    if not np.isfinite(beta) or beta < 0:
-        raise SCXError(f"Laplace scale beta must be finite and >= 0, got {beta}")
-    shape = tuple(int(s) for s in shape)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"Laplace scale beta must be a real number, got {type(beta).__name__} {beta!r:.40}")
+    try:
+        finite = math.isfinite(beta)
+    except OverflowError:  # an integer past float range
+        finite = False
+    if not finite or beta < 0:
+        raise ConfigError(f"Laplace scale beta must be finite and >= 0, got {short_repr(beta)}")
+    if not isinstance(shape, (tuple, list)):
+        raise ShapeError(f"shape must be a tuple of sizes, got {type(shape).__name__} {shape!r:.40}")
+    shape = tuple(check_int(s, "a size of shape", 0, error=ShapeError) for s in shape)
+    try:
+        out_dtype = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise DTypeError(f"dtype must be a floating dtype, got {dtype!r:.40}") from None
+    if not np.issubdtype(out_dtype, np.floating):
+        raise DTypeError(f"dtype must be a floating dtype, got {out_dtype}")
+    if not callable(getattr(gen, "random", None)):
+        raise ConfigError(
+            f"gen must have random(size) (a KeyStream or a Generator), got {type(gen).__name__}"
+        )
     if beta == 0:
-        return np.zeros(shape, dtype=dtype)
-    u = np.asarray(gen.random(shape), dtype=np.float64).reshape(shape)
+        return np.zeros(shape, dtype=out_dtype)
+    u = np.asarray(gen.random(shape), dtype=np.float64)
+    if u.size != math.prod(shape):
+        raise ShapeError(f"gen.random({shape}) gave {u.size} uniforms, not {math.prod(shape)}")
+    u = u.reshape(shape)
     s = u - 0.5
     eta = -beta * np.sign(s) * np.log1p(-np.minimum(2.0 * np.abs(s), 1.0 - 2.0**-53))  # u = 0 stays finite
-    return eta.astype(dtype)
+    return eta.astype(out_dtype)

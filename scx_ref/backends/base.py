@@ -35,7 +35,9 @@ __all__ = [
     "NormName",
     "Products",
     "WeightName",
+    "check_heads",
     "check_rope_split",
+    "check_scores",
     "out_width",
     "split_qkv",
 ]
@@ -221,6 +223,37 @@ def check_rope_split(shape: tuple[int, ...], roped: int, plain: int, d_h: int) -
         raise ShapeError(
             f"{roped} RoPE'd and {plain} plain columns of rows {shape}: whole heads of {d_h}, the RoPE'd "
             "ones within the row"
+        )
+
+
+def check_heads(
+    q: tuple[int, ...], k: tuple[int, ...], v: tuple[int, ...] | None = None, d_h: int | None = None
+) -> None:
+    """The shapes :meth:`Backend.attention` and :meth:`Backend.scores` read (``v`` and ``d_h``, the
+    model's head width, where given): ShapeError unless q, k (and v) are rows × heads × d_h with q's heads
+    a multiple of k's (≥ 1), q and k of one head width (``d_h`` when given), and v of k's rows and heads —
+    the same refusals on every backend (torch raised its own errors, or none, further in)."""
+    shapes = (q, k) if v is None else (q, k, v)
+    if any(len(s) != 3 for s in shapes):
+        raise ShapeError(
+            "attention needs 3-D q, k, v (rows × heads × head_dim), got " + ", ".join(str(s) for s in shapes)
+        )
+    if (
+        k[1] == 0
+        or q[1] % k[1]
+        or k[2] != q[2]
+        or (d_h is not None and q[2] != d_h)
+        or (v is not None and v[:2] != k[:2])
+    ):
+        raise ShapeError(f"incompatible attention shapes q {q}, k {k}" + ("" if v is None else f", v {v}"))
+
+
+def check_scores(scores: tuple[int, ...], v: tuple[int, ...]) -> None:
+    """The shapes :meth:`Backend.softmax_values` reads: ShapeError unless ``scores`` is heads × queries ×
+    keys and ``v`` keys × KV heads × d_h, with the heads a multiple of the KV heads (≥ 1)."""
+    if len(scores) != 3 or len(v) != 3 or v[1] == 0 or scores[0] % v[1] or scores[2] != v[0]:
+        raise ShapeError(
+            f"scores {scores} against values {v}: heads × queries × keys and keys × KV heads × d_h"
         )
 
 

@@ -11,24 +11,39 @@ import numpy.typing as npt
 
 from .. import ops
 from .._checks import FloatArray
-from ..arrays import NumpyOps
-from ..errors import ConfigError
+from ..arrays import NumpyOps, row_index
+from ..errors import ConfigError, DTypeError, ShapeError
 from ..transforms import blinding_correction
-from ..weights import DenseMLP, ModelWeights, MoEMLP
-from .base import Check, IndexArray, NormName, Products, WeightName, check_rope_split
+from ..weights import DenseMLP, LayerWeights, ModelWeights, MoEMLP
+from .base import (
+    Check,
+    IndexArray,
+    NormName,
+    Products,
+    WeightName,
+    check_heads,
+    check_rope_split,
+    check_scores,
+)
 
 __all__ = ["NumpyBackend"]
 
 
 class NumpyBackend(NumpyOps):
-    """Backend[numpy.ndarray] over :class:`ModelWeights` (cast to ``dtype`` once, at construction)."""
+    """Backend[numpy.ndarray] over :class:`ModelWeights` (cast to ``dtype`` once, at construction).
+
+    Refuses what the torch backend refuses, with the same error classes: weights that are not
+    :class:`ModelWeights` (ConfigError), a dtype that is not floating (DTypeError), a layer outside the
+    model or an unknown norm (ConfigError), rows of another width than the stage reads (ShapeError)."""
 
     name = "numpy"
 
     def __init__(self, weights: ModelWeights, dtype: npt.DTypeLike = np.float64) -> None:
+        if not isinstance(weights, ModelWeights):
+            raise ConfigError(f"NumpyBackend needs ModelWeights, got {type(weights).__name__}")
+        if dtype is None:
+            raise DTypeError("backend dtype must be floating, got None")
         super().__init__(dtype)
-        if self.dtype is None or not np.issubdtype(self.dtype, np.floating):
-            raise ConfigError(f"backend dtype must be floating, got {dtype}")
         self.weights = weights if weights.dtype == self.dtype else weights.astype(self.dtype)
         self.config = weights.config
         self._fused: dict[tuple[str, int], FloatArray] = {}
@@ -50,8 +65,18 @@ class NumpyBackend(NumpyOps):
         return self._fused[key]
 
     # -- weights -----------------------------------------------------------------------------
+    def _layer(self, layer: int) -> LayerWeights:
+        """The block ``layer`` (ConfigError outside 0 … n_layers − 1: −1 is not the last block)."""
+        if (
+            isinstance(layer, bool)
+            or not isinstance(layer, int | np.integer)
+            or not 0 <= layer < len(self.weights.layers)
+        ):
+            raise ConfigError(f"layer {layer} out of range for a {self.config.n_layers}-layer model")
+        return self.weights.layers[int(layer)]
+
     def _gate_up(self, layer: int, experts: IndexArray | None) -> FloatArray:
-        mlp = self.weights.layers[layer].mlp
+        mlp = self._layer(layer).mlp
         if isinstance(mlp, DenseMLP):
             dense = mlp
             return self._fuse("gate_up", layer, lambda: np.concatenate([dense.w_gate, dense.w_up], axis=1))
@@ -63,7 +88,7 @@ class NumpyBackend(NumpyOps):
         )
 
     def _down(self, layer: int, experts: IndexArray | None) -> FloatArray:
-        mlp = self.weights.layers[layer].mlp
+        mlp = self._layer(layer).mlp
         if isinstance(mlp, DenseMLP):
             return mlp.w_down
         if experts is None:
@@ -73,7 +98,7 @@ class NumpyBackend(NumpyOps):
     def _matrix(self, which: WeightName, layer: int, experts: IndexArray | None) -> FloatArray:
         if which == "lm_head":
             return self.weights.lm_head
-        lw = self.weights.layers[layer]
+        lw = self._layer(layer)
         if which == "wqkv":
             return self._fuse("wqkv", layer, lambda: lw.wqkv)
         if which == "wo":
@@ -92,7 +117,7 @@ class NumpyBackend(NumpyOps):
         """The fused [b_q b_k b_v] of a Qwen2 layer (built once), or None."""
         key = ("bqkv", layer)
         if key not in self._fused:
-            bias = self.weights.layers[layer].bqkv
+            bias = self._layer(layer).bqkv
             if bias is None:
                 return None
             self._fused[key] = bias
@@ -103,13 +128,17 @@ class NumpyBackend(NumpyOps):
 
     def norm(self, x: FloatArray, which: NormName, layer: int = -1, *, name: str | None = None) -> FloatArray:
         """RMSNorm with the named gain (``name``: x scanned first, see Backend.norm)."""
-        if name is not None:
-            x = self.floating(x, name)
         if which == "final":
             gamma = self.weights.final_norm
-        else:
-            lw = self.weights.layers[layer]
+        elif which in ("attn", "mlp"):
+            lw = self._layer(layer)
             gamma = lw.attn_norm if which == "attn" else lw.mlp_norm
+        else:
+            raise ConfigError(f"unknown norm {which!r}")
+        if np.ndim(x) == 0 or np.shape(x)[-1] != gamma.shape[0]:
+            raise ShapeError(f"rows {np.shape(x)} for a norm of width {gamma.shape[0]}")
+        if name is not None:
+            x = self.floating(x, name)
         return ops.rms_norm(x, gamma, self.config.rms_eps)
 
     def correction(
@@ -123,6 +152,9 @@ class NumpyBackend(NumpyOps):
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """``(W·basis, column sums of W²)`` in float64 (W in × out), read in slices of input rows."""
         w = self._matrix(which, layer, None if expert is None else np.array([expert], dtype=np.int64))
+        basis = np.asarray(basis)
+        if basis.ndim != 2 or basis.shape[0] != w.shape[1]:
+            raise ShapeError(f"a basis {basis.shape} for a matrix {w.shape} (in × out): out × m")
         wb = np.empty((w.shape[0], basis.shape[1]), dtype=np.float64)
         col_sq = np.zeros(w.shape[1], dtype=np.float64)
         step = max(1, (1 << 22) // max(1, w.shape[1]))
@@ -139,9 +171,16 @@ class NumpyBackend(NumpyOps):
         return self.linear(x, self._matrix(which, layer, experts), bias)
 
     def mlp(self, x: FloatArray, layer: int) -> FloatArray:
-        return ops.mlp(x, self.weights.layers[layer].mlp, self.config.top_k)
+        """The block's MLP (ShapeError for rows of another width than the model's)."""
+        mlp = self._layer(layer).mlp
+        if np.ndim(x) == 0 or np.shape(x)[-1] != self.config.hidden_size:
+            raise ShapeError(f"rows {np.shape(x)} for an MLP of width {self.config.hidden_size}")
+        return ops.mlp(x, mlp, self.config.top_k)
 
     def swiglu_act(self, gate_up: FloatArray) -> FloatArray:
+        """silu(gate) ⊙ up (ShapeError unless the rows split into two equal halves)."""
+        if np.ndim(gate_up) == 0 or np.shape(gate_up)[-1] % 2:
+            raise ShapeError(f"[gate up] rows {np.shape(gate_up)}: not two equal halves")
         f = gate_up.shape[-1] // 2
         return ops.silu(gate_up[..., :f]) * gate_up[..., f:]
 
@@ -178,6 +217,15 @@ class NumpyBackend(NumpyOps):
 
     # -- position and attention ----------------------------------------------------------------
     def rope(self, x: FloatArray, positions: IndexArray) -> FloatArray:
+        """:func:`~scx_ref.ops.apply_rope` at integer positions ≥ 0 on heads of the model's head_dim
+        (ShapeError otherwise, as the torch backend, whose tables are the model's and start at 0)."""
+        pos = np.asarray(positions)
+        if pos.size and (pos.dtype.kind not in "iu" or int(pos.min()) < 0):
+            raise ShapeError(f"RoPE positions must be integers >= 0, got {pos.dtype}")
+        if np.ndim(x) == 3 and np.shape(x)[-1] != self.config.head_dim:
+            raise ShapeError(
+                f"RoPE on heads of width {np.shape(x)[-1]}, the model's are {self.config.head_dim}"
+            )
         return ops.apply_rope(x, positions, self.config.rope_theta)
 
     def rope_take(
@@ -194,13 +242,15 @@ class NumpyBackend(NumpyOps):
         gather the columns."""
         dh, w = self.config.head_dim, len(rope_index)
         check_rope_split(np.shape(x), w, len(plain_index), dh)
-        t = self.take_rows(x, rows)
+        ri = row_index(rope_index, w, "column")
+        pi = row_index(plain_index, np.shape(x)[1] - w, "column")
+        t = self.take_rows(x, row_index(rows, np.shape(x)[0]))
         if name is not None:
             t = self.floating(t, name)
         n = t.shape[0]
         roped = self.rope(t[:, :w].reshape(n, w // dh, dh), np.asarray(positions)).reshape(n, w)
-        plain = t[:, w:][:, np.asarray(plain_index, dtype=np.int64)]
-        return roped[:, np.asarray(rope_index, dtype=np.int64)].reshape(n, -1, dh), plain.reshape(n, -1, dh)
+        plain = t[:, w:][:, pi]
+        return roped[:, ri].reshape(n, w // dh, dh), plain.reshape(n, len(pi) // dh, dh)
 
     def attention(
         self,
@@ -210,10 +260,24 @@ class NumpyBackend(NumpyOps):
         q_positions: IndexArray,
         k_positions: IndexArray | None,
     ) -> FloatArray:
-        mask = None if k_positions is None else k_positions[None, :] <= q_positions[:, None]
+        """:func:`~scx_ref.ops.attention` with the causal mask of the positions (one per row; ShapeError
+        otherwise, or for shapes :func:`~.base.check_heads` refuses); no keys give zeros, as on torch."""
+        check_heads(np.shape(q), np.shape(k), np.shape(v))
+        qp = np.asarray(q_positions)
+        kp = None if k_positions is None else np.asarray(k_positions)
+        if (kp is not None and qp.shape != q.shape[:1]) or (kp is not None and kp.shape != k.shape[:1]):
+            raise ShapeError(
+                f"positions {qp.shape}, {None if kp is None else kp.shape} for {q.shape[0]} queries and "
+                f"{k.shape[0]} keys"
+            )
+        if k.shape[0] == 0:
+            return np.zeros((q.shape[0], q.shape[1], v.shape[-1]), dtype=np.result_type(q, v))
+        mask = None if kp is None else kp[None, :] <= qp[:, None]
         return ops.attention(q, k, v, mask=mask)
 
     def scores(self, q: FloatArray, k: FloatArray) -> FloatArray:
+        """q kᵀ/√d_h per head (ShapeError for shapes :func:`~.base.check_heads` refuses)."""
+        check_heads(np.shape(q), np.shape(k))
         n_q, n_heads, d_h = q.shape
         n_kv = k.shape[1]
         g = n_heads // n_kv
@@ -222,6 +286,9 @@ class NumpyBackend(NumpyOps):
         return out
 
     def softmax_values(self, scores: FloatArray, v: FloatArray) -> FloatArray:
+        """softmax(scores)·v per head (ShapeError unless scores are heads × queries × v's rows, with the
+        heads a multiple of v's)."""
+        check_scores(np.shape(scores), np.shape(v))
         n_heads, n_q, n_k = scores.shape
         n_kv = v.shape[1]
         probs = ops.softmax(scores, axis=-1).reshape(n_kv, n_heads // n_kv, n_q, n_k)

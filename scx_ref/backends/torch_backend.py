@@ -41,14 +41,31 @@ import torch.nn.functional as F
 
 from .. import ops
 from .._checks import token_ids
-from ..arrays import permute_rows_in_place
+from ..arrays import (
+    check_concat,
+    check_narrow,
+    gather_sum_index,
+    permutation_of_rows,
+    permute_rows_in_place,
+    row_index,
+)
 from ..config import ModelConfig
 from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError
 from ..machine import cpuinfo
 from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights
 from . import host_memory
-from .base import Check, IndexArray, NormName, Products, WeightName, check_rope_split, sum_norm_slack
+from .base import (
+    Check,
+    IndexArray,
+    NormName,
+    Products,
+    WeightName,
+    check_heads,
+    check_rope_split,
+    check_scores,
+    sum_norm_slack,
+)
 from .cpu_kernels import Kernels, column_index, kernels
 
 __all__ = [
@@ -210,8 +227,9 @@ def _large_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
 
 def parse_device(device: str | torch.device) -> torch.device:
     """The torch device named by ``device`` (``"cpu"``, ``"cuda:1"``, a ``torch.device``), ConfigError when
-    torch does not read it as a device, or it is a CUDA device this machine lacks (torch would raise its own
-    RuntimeError or AssertionError at the first tensor moved there)."""
+    torch does not read it as a device, it is a CUDA device this machine lacks, a device type this torch
+    cannot allocate on (``mps``, ``xla`` where torch is not built for them) — torch would raise its own
+    RuntimeError or AssertionError at the first tensor moved there — or ``meta`` (no data to compute on)."""
     if not isinstance(device, str | torch.device) or isinstance(device, bool):
         raise ConfigError(f"device must be a string or a torch.device, got {type(device).__name__}")
     try:
@@ -222,6 +240,14 @@ def parse_device(device: str | torch.device) -> torch.device:
         not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
     ):
         raise ConfigError(f"device {device!r} asked for, but torch sees no such CUDA device here")
+    if dev.type == "meta":
+        raise ConfigError(f"device {device!r} holds no data: a backend computes on cpu or cuda")
+    if dev.type not in ("cpu", "cuda"):  # a type this torch may not be built for (mps, xla, …)
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError, NotImplementedError) as exc:
+            first = str(exc).split(". ")[0]  # then torch lists every dispatch key it has
+            raise ConfigError(f"unsupported device {device!r}: {first}") from exc
     return dev
 
 
@@ -281,10 +307,62 @@ def as_index(index: npt.NDArray[np.int64], device: torch.device) -> torch.Tensor
     return t if device.type == "cpu" else t.to(device)
 
 
+def _index(index: Any, what: str = "an index") -> npt.NDArray[np.int64]:
+    """``index`` as a C-contiguous int64 array for a fused kernel: ShapeError unless it is 1-D and of an
+    integer dtype (or empty). A float index was truncated and a 2-D one failed inside numba's compiler;
+    the kernels check the range themselves."""
+    arr = np.asarray(index)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise ShapeError(f"{what} must be a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
 def _t(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A contiguous tensor of ``x`` (numpy or torch) in dtype on device (no copy when already so)."""
     t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
     return t.detach().to(device=device, dtype=dtype).contiguous()
+
+
+def _check_tensors(c: ModelConfig, w: TorchWeights) -> None:
+    """That ``w`` holds the F.linear-layout tensors of a model of config ``c`` (see
+    :meth:`TorchBackend.from_tensors`)."""
+    if not isinstance(c, ModelConfig):
+        raise ConfigError(f"config must be a ModelConfig, got {type(c).__name__}")
+    if not isinstance(w, TorchWeights) or not isinstance(w.layers, list):
+        raise ConfigError(f"tensors must be TorchWeights, got {type(w).__name__}")
+    if len(w.layers) != c.n_layers or not all(isinstance(lw, TorchLayer) for lw in w.layers):
+        raise ConfigError(f"config has {c.n_layers} layers, the tensors {len(w.layers)} TorchLayer entries")
+    d, f, e = c.hidden_size, c.intermediate_size, c.n_experts
+
+    def need(t: Any, shape: tuple[int, ...] | None, name: str) -> None:
+        if shape is None:
+            if t is not None:
+                raise ConfigError(f"tensor {name} given, but a model of this config has none")
+            return
+        if not isinstance(t, torch.Tensor | np.ndarray):
+            raise ConfigError(f"tensor {name} must be a torch tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ShapeError(f"tensor {name} must have shape {shape}, got {tuple(t.shape)}")
+        floating = t.is_floating_point() if isinstance(t, torch.Tensor) else t.dtype.kind == "f"
+        if not floating:
+            raise DTypeError(f"tensor {name} must be floating-point, got {t.dtype}")
+
+    need(w.embed, (c.vocab_size, d), "embed")
+    need(w.final_norm, (d,), "final_norm")
+    need(w.lm_head, (c.vocab_size, d), "lm_head")
+    qkv = c.q_dim + 2 * c.kv_dim
+    for i, lw in enumerate(w.layers):
+        p = f"layers.{i}."
+        need(lw.attn_norm, (d,), p + "attn_norm")
+        need(lw.mlp_norm, (d,), p + "mlp_norm")
+        need(lw.wqkv, (qkv, d), p + "wqkv")
+        need(lw.bqkv, (qkv,) if c.qkv_bias else None, p + "bqkv")
+        need(lw.wo, (d, c.q_dim), p + "wo")
+        need(lw.gate_up, None if c.is_moe else (2 * f, d), p + "gate_up")
+        need(lw.down, None if c.is_moe else (d, f), p + "down")
+        need(lw.router, (e, d) if c.is_moe else None, p + "router")
+        need(lw.experts_gate_up, (e, 2 * f, d) if c.is_moe else None, p + "experts_gate_up")
+        need(lw.experts_down, (e, d, f) if c.is_moe else None, p + "experts_down")
 
 
 def _from_model_weights(w: ModelWeights, dtype: torch.dtype, device: torch.device) -> TorchWeights:
@@ -466,7 +544,12 @@ class TorchOps:
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     def _idx(self, index: IndexArray) -> torch.Tensor:
-        return as_index(np.asarray(index), self.device)
+        """``index`` as an int64 tensor on the device; ShapeError for an index array of another kind than
+        integers (a float one was truncated, a boolean one read as 0s and 1s)."""
+        arr = np.asarray(index)
+        if arr.dtype.kind not in "iu" and arr.size:
+            raise ShapeError(f"an index must be an integer array, got {arr.dtype}")
+        return as_index(arr, self.device)
 
     # -- conversion and validation -----------------------------------------------------------
     def from_numpy(self, x: npt.NDArray[Any]) -> torch.Tensor:
@@ -488,10 +571,13 @@ class TorchOps:
     def rows_finite(self, x: torch.Tensor, index: IndexArray) -> bool:
         """Whether every entry of the rows ``x[index]`` is finite: on CPU in float32/float64 one pass over
         those rows in place (:mod:`.cpu_kernels`), else a gather and a test on the device."""
-        idx = np.ascontiguousarray(index, dtype=np.int64)
+        if x.dim() == 0:
+            raise ShapeError("rows_finite reads rows of an array of at least one dimension")
         k = self._fused(x) if x.dim() == 2 else None
-        if k is None:
+        if k is None:  # the range checked as the fused pass checks it (index_select raised IndexError)
+            idx = row_index(index, int(x.shape[0]))
             return bool(torch.isfinite(x.detach().index_select(0, self._idx(idx))).all())
+        idx = _index(index, "a row index")
         got = int(k.rows_finite(_np(x), idx))
         if got < 0:
             raise ShapeError(f"row index out of range for {x.shape[0]} rows")
@@ -503,7 +589,7 @@ class TorchOps:
         On CPU in the wire dtype the gather is numpy's (it reads the tensor's memory once); otherwise
         the rows are gathered on the device and only they are transferred.
         """
-        idx = np.asarray(index, dtype=np.int64)
+        idx = row_index(index, int(x.shape[0]) if x.dim() else 0)  # as NumpyOps (a negative one wrapped)
         x = x.detach()
         if x.device.type == "cpu" and (x.dtype == self._wire or not x.is_floating_point()):
             return np.asarray(x.numpy()[idx])
@@ -578,14 +664,23 @@ class TorchOps:
 
     # -- gathers, slices, shapes ---------------------------------------------------------------
     def take_rows(self, x: torch.Tensor, index: IndexArray) -> torch.Tensor:
-        """x[index] as one gather."""
-        return x.index_select(0, self._idx(index))
+        """x[index] as one gather (ShapeError for an index that is not 1-D integers within x's rows, as
+        NumpyOps: torch's IndexError turned into it, so no pass of its own over the index)."""
+        try:
+            return x.index_select(0, self._idx(index))
+        except (IndexError, RuntimeError) as exc:
+            raise ShapeError(f"a row index outside rows {tuple(x.shape)}, or not 1-D: {exc}") from exc
 
     def take_last(self, x: torch.Tensor, index: IndexArray) -> torch.Tensor:
-        """x[..., index]: a gather along the last axis."""
-        return x.index_select(x.ndim - 1, self._idx(index))
+        """x[..., index]: a gather along the last axis (ShapeError as :meth:`take_rows`)."""
+        try:
+            return x.index_select(x.ndim - 1, self._idx(index))
+        except (IndexError, RuntimeError) as exc:
+            raise ShapeError(f"a column index outside rows {tuple(x.shape)}, or not 1-D: {exc}") from exc
 
     def concat_rows(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """The tensors stacked along the rows (ShapeError for none, or rows of different shapes)."""
+        check_concat([tuple(x.shape) for x in xs])
         return torch.cat(xs, dim=0)
 
     def append_rows(self, x: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -605,8 +700,10 @@ class TorchOps:
     def take_rows_concat(self, xs: list[torch.Tensor], index: IndexArray) -> torch.Tensor:
         """``cat(xs)[index]`` as one gather of the first array over every output row, the few rows that
         come from the others (decoys) then written over theirs: a gather is 1.5–3× faster than scattering
-        the rows with ``index_copy_`` on CPU, and nothing of the concatenation's size is allocated."""
-        idx = np.asarray(index, dtype=np.int64)
+        the rows with ``index_copy_`` on CPU, and nothing of the concatenation's size is allocated.
+        ShapeError for an index outside the rows (as NumpyOps)."""
+        check_concat([tuple(x.shape) for x in xs])
+        idx = row_index(index, sum(int(x.shape[0]) for x in xs))
         first = xs[0].to(self.dtype)
         n0 = int(first.shape[0])
         later = idx >= n0
@@ -647,12 +744,14 @@ class TorchOps:
                 f"rows {tuple(x.shape)} and extra rows {tuple(extra.shape)} for {len(cols)} columns"
             )
         k = self._fused(x, extra)
-        if k is None:
-            out = self.take_rows_concat([self.take_last(x, cols), extra], index)
+        if k is None:  # the column range checked as the fused pass checks it
+            out = self.take_rows_concat(
+                [self.take_last(x, row_index(cols, int(x.shape[1]), "column")), extra], index
+            )
             return out if name is None else self.floating(out, name)
-        idx = np.ascontiguousarray(index, dtype=np.int64)
+        idx = _index(index, "a row index")
         out = torch.empty((idx.shape[0], len(cols)), dtype=self.dtype)
-        cols_u = column_index(cols)
+        cols_u = column_index(_index(cols, "a column index"))
         o = out.numpy()
         with k.parts(o.size, self.threads()) as parts:
             got = k.take_rows_cols_concat(
@@ -675,15 +774,22 @@ class TorchOps:
         """Rows ``s[from_s] + y[from_y]``, decoy rows (``from_y < 0``) copied from ``extra[from_s]``: one
         fused pass on CPU (:mod:`.cpu_kernels`; with ``name`` it also tells whether every entry is
         finite), else two gathers and an add in the first one's memory (then a scan with ``name``)."""
-        fs, fy = np.ascontiguousarray(from_s, dtype=np.int64), np.ascontiguousarray(from_y, dtype=np.int64)
-        if s.dim() != 2 or y.shape != (y.shape[0], s.shape[1]) or extra.shape != (extra.shape[0], s.shape[1]):
+        fs, fy = _index(from_s, "from_s"), _index(from_y, "from_y")
+        if (
+            s.dim() != 2
+            or y.dim() != 2
+            or extra.dim() != 2
+            or y.shape[1] != s.shape[1]
+            or extra.shape[1] != s.shape[1]
+        ):
             raise ShapeError(
                 f"s {tuple(s.shape)}, y {tuple(y.shape)} and extra {tuple(extra.shape)}: 2-D, one width"
             )
         if fy.shape != fs.shape:
             raise ShapeError(f"{fs.shape[0]} rows from s but {fy.shape[0]} from y")
         k = self._fused(s, y, extra)
-        if k is None:
+        if k is None:  # the ranges checked as the fused pass checks them (an index past s read extra)
+            fs, fy = gather_sum_index(fs, fy, int(s.shape[0]), int(y.shape[0]), int(extra.shape[0]))
             real = fy >= 0
             first = self.take_rows_concat([s, extra], np.where(real, fs, fs + s.shape[0]))
             zero = torch.zeros((1, y.shape[1]), dtype=self.dtype, device=self.device)
@@ -717,7 +823,7 @@ class TorchOps:
                 permute_rows_in_place(x.detach().numpy(), index)
                 return x if name is None else self.floating(x, name)
             a = x.detach().numpy()
-            idx = np.ascontiguousarray(index, dtype=np.int64)
+            idx = _index(index, "a row permutation")
             if idx.shape != (a.shape[0],):
                 raise ShapeError(
                     f"a permutation of {idx.shape[0]} rows cannot reorder an array of {a.shape[0]}"
@@ -727,7 +833,8 @@ class TorchOps:
             if got < 0:
                 raise ShapeError("the index is not a permutation of the rows")
             return self._finite_or_raise(x, name, got == 1)
-        out = x.copy_(x.index_select(0, self._idx(index)))
+        perm = permutation_of_rows(index, int(x.shape[0]))  # as the host paths check it, nothing moved
+        out = x.copy_(x.index_select(0, self._idx(perm)))
         return out if name is None else self.floating(out, name)
 
     def compact(self, x: torch.Tensor) -> torch.Tensor:
@@ -735,7 +842,9 @@ class TorchOps:
         return x.clone(memory_format=torch.contiguous_format)
 
     def narrow(self, x: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
-        """x[start:stop] along ``axis`` (a view, no copy)."""
+        """x[start:stop] along ``axis`` (a view, no copy; ShapeError unless 0 ≤ start ≤ stop ≤ its
+        length)."""
+        check_narrow(tuple(x.shape), axis, start, stop)
         return x.narrow(axis, start, stop - start)
 
     def reshape(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -786,12 +895,19 @@ class TorchOps:
         return dense(x, w, bias)
 
     def scale_rows(self, x: torch.Tensor, weights: npt.NDArray[Any]) -> torch.Tensor:
-        """x ⊙ w[:, None] (w cast to the dtype, as NumpyBackend)."""
+        """x ⊙ w[:, None] (w cast to the dtype, as NumpyBackend; ShapeError unless one weight per row)."""
+        if np.shape(weights) != tuple(x.shape[:1]):
+            raise ShapeError(f"{np.shape(weights)} weights for rows {tuple(x.shape)}: one per row")
         w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device, self.dtype)
         return x * w[:, None]
 
     def argmax_last(self, logits: torch.Tensor) -> int:
-        """Argmax of the last row (first index among ties, as numpy)."""
+        """Argmax of the last row (first index among ties, as numpy; ShapeError for no rows, or an empty
+        row, as NumpyOps)."""
+        if logits.dim() == 0 or logits.shape[0] == 0 or logits.numel() == 0:
+            raise ShapeError(
+                f"argmax of the last row of logits {tuple(logits.shape)}: no row, or an empty one"
+            )
         return int(torch.argmax(logits[-1]).item())
 
     def on_host(self, x: torch.Tensor) -> bool:
@@ -830,11 +946,12 @@ class TorchOps:
         more than the product — 2–4× on the LM head and the MLP's gate/up on one thread); the norms
         summed in float32 or wider and rounded *up* by :func:`~.base.sum_norm_slack` of that dtype, so
         they are upper bounds (a float32 overflow gives +inf)."""
+        right = np.asarray(right)
+        if x.dim() != 2 or not _right(x.shape[1], right):
+            raise ShapeError(f"rows {tuple(x.shape)} against check vectors {right.shape}")
         rows, width = x.shape
         k = self._fused(x)
         if k is not None:  # one pass per row (cpu_kernels.project64)
-            if not _right(width, right):
-                raise ShapeError(f"rows {tuple(x.shape)} against check vectors {right.shape}")
             out, sq = _outputs64(rows, right)
             with k.parts(rows * width, self.threads()) as parts:
                 k.project64(_np(x), _transposed(right), out, sq, parts)
@@ -885,9 +1002,14 @@ class TorchBackend(TorchOps):
     def from_tensors(
         cls, config: ModelConfig, tensors: TorchWeights, dtype: str | torch.dtype, device: str | torch.device
     ) -> TorchBackend:
-        """A backend over ``tensors`` (converted to dtype/device only where they differ)."""
+        """A backend over ``tensors`` (converted to dtype/device only where they differ). ConfigError unless
+        ``config`` is a ModelConfig and ``tensors`` TorchWeights holding, for each of its blocks, the
+        tensors of its kind (dense or MoE, a QKV bias or not); ShapeError (DTypeError) when a tensor is not
+        of the shape the config gives it (not floating): torch raised its own errors at the first use, or
+        none (an integer tensor was cast)."""
         self = cls.__new__(cls)
         TorchOps.__init__(self, dtype, device)
+        _check_tensors(config, tensors)
 
         def c(x: torch.Tensor | None) -> Any:
             return None if x is None else _t(x, self.dtype, self.device)
@@ -964,7 +1086,9 @@ class TorchBackend(TorchOps):
         ``x`` is not finite. On CPU in float32/float64 one fused pass per row (:mod:`.cpu_kernels`: the
         mean of squares summed in float64, the scale rounded to the dtype, then γ·(x·s) rounded as the
         eager form rounds it; x's entries tested finite as they are read) from :data:`FUSED_NORM_MIN`
-        entries on, else a scan, then the eager ops."""
+        entries on, else a scan, then the eager ops. ShapeError for rows of another width than γ."""
+        if x.dim() == 0 or x.shape[-1] != gamma.shape[0]:
+            raise ShapeError(f"rows {tuple(x.shape)} for a norm of width {gamma.shape[0]}")
         k = self._fused(x, gamma) if x.numel() >= FUSED_NORM_MIN else None
         if k is not None and x.dim() >= 1 and x.shape[-1] == gamma.shape[0] == self.config.hidden_size:
             rows = _np(x).reshape(-1, gamma.shape[0])
@@ -1007,6 +1131,8 @@ class TorchBackend(TorchOps):
         never forms x̂ (x̂_i·r = s_i·Σ_t x_it γ_t r_t, all in float64; :mod:`.cpu_kernels`), otherwise
         ``project64(norm(x))``."""
         gamma = self._gain(which, layer)
+        if x.dim() != 2:
+            raise ShapeError(f"rows {tuple(x.shape)} against check vectors {np.shape(right)}")
         k = self._fused(x, gamma)
         if k is None:
             return self.project64(self._rms(x, gamma), right)
@@ -1156,6 +1282,10 @@ class TorchBackend(TorchOps):
         read in slices of output rows on the device."""
         sel = None if expert is None else np.array([expert], dtype=np.int64)
         w = self._matrix(which, layer, sel)  # out × in
+        if np.ndim(basis) != 2 or np.shape(basis)[0] != w.shape[0]:
+            raise ShapeError(
+                f"a basis {np.shape(basis)} for a matrix {(w.shape[1], w.shape[0])} (in × out): out × m"
+            )
         right = torch.from_numpy(np.ascontiguousarray(basis, dtype=np.float64)).to(self.device)
         wb = torch.zeros(w.shape[1], right.shape[1], dtype=torch.float64, device=self.device)
         col_sq = torch.empty(w.shape[0], dtype=torch.float64, device=self.device)
@@ -1169,14 +1299,24 @@ class TorchBackend(TorchOps):
     def project(
         self, x: torch.Tensor, which: WeightName, layer: int = -1, experts: IndexArray | None = None
     ) -> torch.Tensor:
-        """xW + b (the bias only for ``wqkv`` of a Qwen2 model)."""
+        """xW + b (the bias only for ``wqkv`` of a Qwen2 model); ShapeError when the rows are not as wide as
+        W's input, as NumpyBackend."""
         bias = self._layer(layer).bqkv if which == "wqkv" else None
-        return dense(x, self._matrix(which, layer, experts), bias, pooled=which == "lm_head")
+        w = self._matrix(which, layer, experts)
+        if x.dim() == 0 or x.shape[-1] != w.shape[1]:
+            raise ShapeError(
+                f"cannot multiply rows of shape {tuple(x.shape)} by a matrix of shape {tuple(w.shape)} "
+                "(out × in)"
+            )
+        return dense(x, w, bias, pooled=which == "lm_head")
 
     def mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """The block's MLP on normalized rows: SwiGLU, or Mixtral MoE (softmax router, top-k with ties
-        to the lower expert id as the reference's stable sort, renormalised weights)."""
+        to the lower expert id as the reference's stable sort, renormalised weights); ShapeError for rows of
+        another width than the model's."""
         lw = self._layer(layer)
+        if x.dim() == 0 or x.shape[-1] != self.config.hidden_size:
+            raise ShapeError(f"rows {tuple(x.shape)} for an MLP of width {self.config.hidden_size}")
         if lw.gate_up is not None and lw.down is not None:
             return dense(self.swiglu_act(dense(x, lw.gate_up)), lw.down)
         assert lw.router is not None and lw.experts_gate_up is not None and lw.experts_down is not None
@@ -1199,7 +1339,10 @@ class TorchBackend(TorchOps):
 
     def swiglu_act(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) ⊙ up for rows [gate up] (the product written over silu's fresh output: the same
-        roundings as ``silu(gate) * up``, one allocation fewer)."""
+        roundings as ``silu(gate) * up``, one allocation fewer); ShapeError unless the rows split into two
+        equal halves."""
+        if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+            raise ShapeError(f"[gate up] rows {tuple(gate_up.shape)}: not two equal halves")
         f = gate_up.shape[-1] // 2
         return F.silu(gate_up[..., :f]).mul_(gate_up[..., f:])
 
@@ -1207,7 +1350,10 @@ class TorchBackend(TorchOps):
     def _cos_sin(self, positions: IndexArray) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (rows × d_h) at ``positions``: a view of the cached tables for consecutive positions
         (a prompt, a decode step), one gather otherwise."""
-        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        raw = np.asarray(positions)
+        if raw.size and raw.dtype.kind not in "iu":  # a float position was truncated
+            raise ShapeError(f"RoPE positions must be integers >= 0, got {raw.dtype}")
+        pos = raw.astype(np.int64, copy=False).reshape(-1)
         if pos.size > 1:
             lo, hi = int(pos.min()), int(pos.max())
         else:  # a decode step (one position) or nothing: no numpy reductions
@@ -1240,6 +1386,12 @@ class TorchBackend(TorchOps):
         heads of a fused QKV row)."""
         if x.ndim != 3:
             raise ShapeError(f"RoPE input must be rows × heads × head_dim, got {tuple(x.shape)}")
+        if x.shape[-1] != self.config.head_dim:
+            raise ShapeError(f"RoPE on heads of width {x.shape[-1]}, the model's are {self.config.head_dim}")
+        if np.ndim(positions) != 1:
+            raise ShapeError(
+                f"RoPE needs one position per row: {x.shape[0]} rows, positions {np.shape(positions)}"
+            )
         cos, sin = self._cos_sin(positions)
         if cos.shape[0] != x.shape[0]:
             raise ShapeError(f"{cos.shape[0]} positions for {x.shape[0]} rows")
@@ -1267,18 +1419,20 @@ class TorchBackend(TorchOps):
         per-element operations as :meth:`rope`; with ``name`` each row read is tested for finiteness in
         it), else a row gather (then scanned with ``name``), :meth:`rope` and two column gathers."""
         dh, w = self.config.head_dim, len(rope_index)
-        rows_a = np.ascontiguousarray(rows, dtype=np.int64)
-        n = rows_a.shape[0]
         check_rope_split(tuple(x.shape), w, len(plain_index), dh)
         k = self._fused(x)
-        if k is None:
+        rows_a = _index(rows, "a row index") if k is not None else row_index(rows, int(x.shape[0]))
+        n = rows_a.shape[0]
+        if k is None:  # the column ranges checked as the fused pass checks them
+            ri = row_index(rope_index, w, "column")
+            pi = row_index(plain_index, int(x.shape[1]) - w, "column")
             t = self.take_rows(x, rows_a)
             if name is not None:
                 t = self.floating(t, name)
             roped = self.rope(t.narrow(1, 0, w).reshape(n, w // dh, dh), positions).reshape(n, w)
-            plain = self.take_last(t.narrow(1, w, t.shape[1] - w), plain_index)
-            return self.take_last(roped, rope_index).reshape(n, -1, dh), plain.reshape(n, -1, dh)
-        pos = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+            plain = self.take_last(t.narrow(1, w, t.shape[1] - w), pi)
+            return self.take_last(roped, ri).reshape(n, w // dh, dh), plain.reshape(n, len(pi) // dh, dh)
+        pos = _index(positions, "RoPE positions")
         if pos.shape[0] != n:
             raise ShapeError(f"{pos.shape[0]} positions for {n} rows")
         out_rope = torch.empty((n, w // dh, dh), dtype=self.dtype)
@@ -1286,11 +1440,11 @@ class TorchBackend(TorchOps):
         xa = _np(x)
         with k.parts(n * xa.shape[1], self.threads()) as parts:
             rest = (
-                column_index(rope_index),
-                column_index(plain_index),
+                column_index(_index(rope_index, "a column index")),
+                column_index(_index(plain_index, "a column index")),
                 dh,
                 out_rope.numpy().reshape(n, w),
-                out_plain.numpy().reshape(n, -1),
+                out_plain.numpy().reshape(n, len(plain_index)),
                 np.empty((parts, xa.shape[1]), xa.dtype),
             )
             # the cached tables, read by position in the kernel; a position past them grows them (one
@@ -1326,18 +1480,19 @@ class TorchBackend(TorchOps):
         sees every key, and a boolean mask otherwise. Where every query sees every key and several query
         heads share a KV head, on CPU, the call is :meth:`_grouped_attention`'s instead (the same
         softmax(q kᵀ/√d_h)·v per query head, each KV head's cache read once). Inputs may be strided
-        views (rows × heads × d_h of a wider array); the output is contiguous rows × H × d_h."""
+        views (rows × heads × d_h of a wider array); the output is contiguous rows × H × d_h. ShapeError for
+        shapes :func:`~.base.check_heads` refuses, or positions that are not one per row (as NumpyBackend)."""
+        check_heads(tuple(q.shape), tuple(k.shape), tuple(v.shape))
         n_q, n_heads, _ = q.shape
         n_k, n_kv, _ = k.shape
-        if n_heads % n_kv or v.shape[:2] != k.shape[:2]:
-            raise ShapeError(
-                f"incompatible attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-            )
         mask: torch.Tensor | None = None
         causal = False
+        if k_positions is not None:
+            qp, kp = np.asarray(q_positions), np.asarray(k_positions)
+            if qp.shape != (n_q,) or kp.shape != (n_k,):
+                raise ShapeError(f"positions {qp.shape}, {kp.shape} for {n_q} queries and {n_k} keys")
+            qp, kp = qp.astype(np.int64, copy=False), kp.astype(np.int64, copy=False)
         if k_positions is not None and n_k:
-            qp = np.asarray(q_positions, dtype=np.int64).reshape(-1)
-            kp = np.asarray(k_positions, dtype=np.int64).reshape(-1)
             if qp.size and qp.min() < kp.min():  # a query with no visible key: the reference gives 0
                 return self.softmax_values(self._masked_scores(q, k, qp, kp), v)
             if qp.size and kp.max() <= qp.min():
@@ -1404,11 +1559,11 @@ class TorchBackend(TorchOps):
         return s.masked_fill(~mask[None], -math.inf)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Scaled scores q kᵀ/√d_h per head with GQA: (H, rows_q, rows_k)."""
+        """Scaled scores q kᵀ/√d_h per head with GQA: (H, rows_q, rows_k); ShapeError for shapes
+        :func:`~.base.check_heads` refuses."""
+        check_heads(tuple(q.shape), tuple(k.shape))
         n_q, n_heads, d_h = q.shape
         n_k, n_kv, _ = k.shape
-        if n_heads % n_kv:
-            raise ShapeError(f"incompatible score shapes q {tuple(q.shape)}, k {tuple(k.shape)}")
         g = n_heads // n_kv
         # one (g·q × d)·(d × k) product per KV head, K read in place (a strided view): a 4-D matmul that
         # broadcasts K over the g query heads copies it g times first (12× slower for one decode row)
@@ -1418,7 +1573,9 @@ class TorchBackend(TorchOps):
         return s.reshape(n_heads, n_q, n_k).to(self.dtype)
 
     def softmax_values(self, scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """softmax(scores)·v per head (rows with no finite score give zeros, as the reference)."""
+        """softmax(scores)·v per head (rows with no finite score give zeros, as the reference); ShapeError
+        for shapes :func:`~.base.check_scores` refuses."""
+        check_scores(tuple(scores.shape), tuple(v.shape))
         n_heads, n_q, n_k = scores.shape
         n_kv = v.shape[1]
         s = scores.to(self._compute)

@@ -32,15 +32,19 @@ previous one; :meth:`Client.close` does it explicitly).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+import functools
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from .._checks import check_int, token_ids
 from ..backends.base import A, Backend, IndexArray, NormName, WeightName, out_width, split_qkv
+from ..config import ModelConfig
 from ..errors import IntegrityError, NonFiniteError, ProtocolError, SCXError, SessionError, note_tokens
 from ..keys import KeySchedule
 from ..stages import Stage
@@ -59,7 +63,7 @@ from ..transforms import (
     unlock_scores,
 )
 from .config import SCXConfig
-from .cost import CostMeter, CostReport
+from .cost import CostMeter, CostReport, StageCost
 from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys, default_public_tokens
 from .keyring import RequestKeys
 from .messages import Request
@@ -75,6 +79,25 @@ if TYPE_CHECKING:
 __all__ = ["Client"]
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_call_at_a_time(method: F) -> F:
+    """``method`` of a :class:`Client` run under the client's call guard (:meth:`Client._exclusive`)."""
+
+    @functools.wraps(method)
+    def run(self: Client[Any], *args: Any, **kwargs: Any) -> Any:
+        with self._exclusive():
+            return method(self, *args, **kwargs)
+
+    return cast(F, run)
+
+
+def _check_link(link: Any) -> None:
+    """ProtocolError unless ``link`` is a transport (it has a ``send`` method): checked before a call
+    changes anything, so a wrong argument neither claims a nonce nor fails the session."""
+    if not callable(getattr(link, "send", None)):
+        raise ProtocolError(f"link must be a Transport (with a send method), got {type(link).__name__}")
 
 
 @dataclass
@@ -94,6 +117,7 @@ class _State(Generic[A]):
     token: str = ""  # the session capability from open's reply
     link: Transport | None = None
     verifier: SessionVerifier[A] | None = None
+    link_base: dict[Stage, StageCost] | None = None  # the link's meter when the session opened
 
 
 class Client(Generic[A]):
@@ -102,7 +126,12 @@ class Client(Generic[A]):
     ``keys``: the master secret and the first session's nonce (refused when that pair already drove a
     session). ``sketches``: the reply verifier's precomputation (:class:`~scx_ref.protocol.verify.
     SketchCache`) to share among clients of one backend and master secret; built here when None and
-    ``config.verify`` is on.
+    ``config.verify`` is on. An argument of the wrong kind is refused (ProtocolError; a bad
+    ``public_tokens``: VocabularyError, or ProtocolError when empty).
+
+    A client runs one call at a time: a session is sequential. A call made while another thread's call
+    (``prefill``, ``decode``, ``share_keys``, ``close``, ``generate``, ``precompute``) is running on the
+    same client is refused (ProtocolError) and changes nothing; give each thread its own client.
     """
 
     def __init__(
@@ -114,10 +143,18 @@ class Client(Generic[A]):
         public_tokens: IndexArray | None = None,
         sketches: SketchCache | None = None,
     ) -> None:
+        if not isinstance(getattr(backend, "config", None), ModelConfig):
+            raise ProtocolError(f"backend must be a Backend, got {type(backend).__name__}")
         if not isinstance(keys, KeySchedule):
             raise ProtocolError(f"keys must be a KeySchedule, got {type(keys).__name__}")
         if config is not None and not isinstance(config, SCXConfig):
             raise ProtocolError(f"config must be an SCXConfig, got {type(config).__name__}")
+        if decoys is not None and not (
+            isinstance(getattr(decoys, "needs_real", None), bool) and callable(getattr(decoys, "draw", None))
+        ):
+            raise ProtocolError(f"decoys must be a DecoyPolicy, got {type(decoys).__name__}")
+        if sketches is not None and not isinstance(sketches, SketchCache):
+            raise ProtocolError(f"sketches must be a SketchCache, got {type(sketches).__name__}")
         if keys.claims.claimed(keys.nonce):
             raise SessionError(
                 "this KeySchedule's (master secret, nonce) pair already drove a session: a pair drives "
@@ -134,6 +171,8 @@ class Client(Generic[A]):
             )
         self._master_keys = keys
         self._next_nonce: bytes | None = keys.nonce
+        self._busy = threading.Lock()  # held by the thread whose call is running (_exclusive)
+        self._owner: int | None = None
         self.meter = CostMeter()
         self.sketches: SketchCache | None = None
         if self.cfg.verify:
@@ -162,10 +201,34 @@ class Client(Generic[A]):
         elif self.cfg.decoys == "gaussian":
             self.decoys = GaussianDecoys()
         else:
-            tokens = default_public_tokens(self.c.vocab_size) if public_tokens is None else public_tokens
+            tokens = (
+                default_public_tokens(self.c.vocab_size)
+                if public_tokens is None
+                else token_ids(public_tokens, self.c.vocab_size)
+            )
             self.decoys = CalibrationPool.from_tokens(backend, tokens)
 
     # -- helpers ---------------------------------------------------------------------------------
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the client for the calling thread (reentrant: ``generate`` calls ``prefill``); a call from
+        another thread meanwhile is refused (ProtocolError) before it reads or changes anything."""
+        me = threading.get_ident()
+        if self._owner == me:
+            yield
+            return
+        if not self._busy.acquire(blocking=False):
+            raise ProtocolError(
+                "this Client is in use by another thread: a client runs one call at a time (a session is "
+                "sequential); give each thread its own Client"
+            )
+        self._owner = me
+        try:
+            yield
+        finally:
+            self._owner = None
+            self._busy.release()
+
     @property
     def session(self) -> str:
         if self.state is None:
@@ -341,6 +404,7 @@ class Client(Generic[A]):
         return self.plan.find(stage, layer) is not None
 
     # -- key material ahead of the prompt (DESIGN §3) ------------------------------------------------
+    @_one_call_at_a_time
     def precompute(
         self, n: int, *, steps: int = 0, nonce: bytes | None = None, background: bool = False
     ) -> PreparedKeys[A]:
@@ -352,9 +416,16 @@ class Client(Generic[A]):
         length or nonce derives its own). ``background`` derives them in a thread; the prefill waits for
         it. The keys are exactly the ones the prefill would derive itself: what the server sees does not
         change, only when the client's work happens.
+
+        ``n`` and ``steps`` are integers (Python or numpy, not bool) with 1 <= n and n + steps <=
+        ``max_length`` (ProtocolError otherwise, before anything is reserved or derived).
         """
+        n = check_int(n, "n", None, error=ProtocolError)
+        steps = check_int(steps, "steps", 0, error=ProtocolError)
         if not 1 <= n <= self.max_length:
             raise ProtocolError(f"a prompt has 1 to max_length = {self.max_length} tokens, not {n}")
+        if n + steps > self.max_length:
+            raise ProtocolError(f"{steps} steps after {n} tokens exceed max_length {self.max_length}")
         if nonce is None:
             nonce = self._next_nonce or KeySchedule.new_nonce()
         if self._master_keys.claims.claimed(nonce):
@@ -385,6 +456,7 @@ class Client(Generic[A]):
         return self._new_prepared(nonce, n)
 
     # -- prefill (§5.1) --------------------------------------------------------------------------
+    @_one_call_at_a_time
     def prefill(self, ids: Any, link: Transport, nonce: bytes | None = None) -> npt.NDArray[Any]:
         """Encoded prefill of prompt ``ids``; returns its logits (n × V, numpy), equal to plaintext.
 
@@ -395,6 +467,7 @@ class Client(Generic[A]):
         check; the session is then failed and nothing more is sent).
         """
         b, c, cfg = self.b, self.c, self.cfg
+        _check_link(link)
         ids_arr = token_ids(ids)
         x0 = b.embed(ids_arr)  # validates the ids against the vocabulary
         n = int(ids_arr.shape[0])
@@ -415,6 +488,9 @@ class Client(Generic[A]):
         self.meter = CostMeter()
         prep = self._take_prepared(keys.nonce, n)
         st: _State[A] = _State(prep.keys, prep, n, seq=0, link=link)
+        link_meter = getattr(link, "meter", None)
+        if isinstance(link_meter, CostMeter):  # a link that carried earlier sessions: this one's costs only
+            st.link_base = link_meter.snapshot()
         if self.sketches is not None:  # the checks derived ahead, unless the basis rotated since
             ahead = prep.verifier
             if ahead is not None and ahead.current(self.sketches):
@@ -466,9 +542,13 @@ class Client(Generic[A]):
                 st.verifier.lock(i, locked)
         return logits
 
+    @_one_call_at_a_time
     def close(self, link: Transport | None = None) -> None:
         """End this client's session on the server (its caches are freed). Nothing is sent for a session
-        that failed or is already closed; ``link`` defaults to the session's own transport."""
+        that failed or is already closed; ``link`` defaults to the session's own transport (a ``link`` that
+        is not a transport: ProtocolError, the session unchanged)."""
+        if link is not None:
+            _check_link(link)
         st = self.state
         if st is None or st.failed or st.closed:
             return
@@ -658,9 +738,11 @@ class Client(Generic[A]):
         return out
 
     # -- key sharing (§5.2) ----------------------------------------------------------------------
+    @_one_call_at_a_time
     def share_keys(self, link: Transport) -> None:
         """Upload π_i (and the noise α_i of a noised QKV stage) of every middle block, so the server can
         decode those blocks' prompt caches. Guard blocks stay locked."""
+        _check_link(link)
         st = self._require()
         if st.shared:
             return
@@ -688,11 +770,14 @@ class Client(Generic[A]):
         return st
 
     # -- generation (§5.3) -------------------------------------------------------------------------
+    @_one_call_at_a_time
     def decode(self, token: int, link: Transport) -> npt.NDArray[Any]:
         """Feed ``token`` at the next position with one-time keys; return the next logits (V,).
 
-        Equal to plaintext decoding. Raises ProtocolError past ``max_length`` (nothing is sent then).
+        Equal to plaintext decoding. Raises ProtocolError past ``max_length`` or for a ``link`` that is not
+        a transport (nothing is sent then, and the session is unchanged).
         """
+        _check_link(link)
         st = self._require()
         b, c = self.b, self.c
         t, p = st.step, st.n + st.step
@@ -821,6 +906,7 @@ class Client(Generic[A]):
             return b.add(h, y)
         return b.add(h, self._gen_ffn(link, i, t, h, clear=False))
 
+    @_one_call_at_a_time
     def generate(self, ids: Any, n_new: int, link: Transport) -> list[int]:
         """Greedy SCX generation: prefill, then ``n_new`` argmax tokens (the same tokens as plaintext
         greedy decoding): ``n_new`` − 1 decode steps, the first of which shares the middle blocks' keys.
@@ -831,6 +917,7 @@ class Client(Generic[A]):
         its ``tokens`` attribute; any other exception (a custom transport's) lists them in a note.
         """
         n_new = check_int(n_new, "n_new", 0, error=ProtocolError)
+        _check_link(link)
         ids_arr = token_ids(ids)
         if n_new == 0:
             self.b.embed(ids_arr)  # a bad prompt is still an error
@@ -858,6 +945,20 @@ class Client(Generic[A]):
         return out
 
     def cost_report(self, link: Transport, server_meter: CostMeter | None = None) -> CostReport:
-        """Client flops, server flops (when its meter is given), bytes each way and round trips."""
-        meters = [self.meter, link.meter] + ([server_meter] if server_meter is not None else [])
+        """Client flops, server flops (when its meter is given), bytes each way and round trips of this
+        client's latest session: on that session's own ``link``, only the messages sent since the session
+        opened count, however many sessions the link carried before (another link's meter counts whole).
+        ProtocolError when ``link`` has no CostMeter ``meter`` or ``server_meter`` is neither None nor a
+        CostMeter."""
+        link_meter = getattr(link, "meter", None)
+        if not isinstance(link_meter, CostMeter):
+            raise ProtocolError(f"link must be a Transport with a CostMeter meter, got {type(link).__name__}")
+        if server_meter is not None and not isinstance(server_meter, CostMeter):
+            raise ProtocolError(
+                f"server_meter must be a CostMeter or None, not {type(server_meter).__name__}"
+            )
+        st = self.state
+        if st is not None and st.link is link and st.link_base is not None:
+            link_meter = link_meter.since(st.link_base)
+        meters = [self.meter, link_meter] + ([server_meter] if server_meter is not None else [])
         return CostReport.merge(*meters)

@@ -110,6 +110,11 @@ class SCXConfig:
     verify     whether the client verifies every reply before using it (DESIGN §5.5,
                :mod:`scx_ref.protocol.verify`; default on). Off only to measure its cost or, in tests,
                to show an attack it stops.
+
+    A bad value of any field is refused (ConfigError naming the field). Integer fields take Python or
+    numpy integers (not bools), β's any real number (not a bool); they are stored as ``int`` / ``float``,
+    and ``stage_beta`` (a mapping) as a dict of its own, so a later change to the caller's mapping does not
+    reach the checked configuration.
     """
 
     level: Level = "paper"
@@ -143,13 +148,20 @@ class SCXConfig:
         for name in ("l_s", "l_e"):
             if _not_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        _check_beta(self.beta, "beta")
+        for name in ("r1", "r2", "r_lock", "max_length", "l_s", "l_e"):  # numpy integers → int
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "beta", _check_beta(self.beta, "beta"))
         if self.stage_beta is not None:
-            unknown = sorted(set(self.stage_beta) - set(BETA_KINDS))
+            if not isinstance(self.stage_beta, Mapping):
+                raise ConfigError(
+                    f"stage_beta must be a mapping of kind to β or None, got {type(self.stage_beta).__name__}"
+                )
+            unknown = ", ".join(sorted(repr(k) for k in set(self.stage_beta) - set(BETA_KINDS)))
             if unknown:
-                raise ConfigError(f"unknown stage_beta kind(s) {unknown}; kinds are {BETA_KINDS}")
-            for kind, value in self.stage_beta.items():
-                _check_beta(value, f"stage_beta[{kind!r}]")
+                raise ConfigError(f"unknown stage_beta kind(s) [{unknown}]; kinds are {BETA_KINDS}")
+            checked = {kind: _check_beta(v, f"stage_beta[{kind!r}]") for kind, v in self.stage_beta.items()}
+            object.__setattr__(self, "stage_beta", checked)
         if self.guard_ffn not in ("clear", "blinded"):
             raise ConfigError(f"guard_ffn must be 'clear' or 'blinded', got {self.guard_ffn!r}")
         if self.last_ffn not in ("exact", "paper"):
@@ -211,14 +223,17 @@ class SCXConfig:
 
 
 def _not_int(value: Any) -> bool:
-    """Whether ``value`` is not a plain integer (a bool is not one)."""
-    return isinstance(value, bool) or not isinstance(value, int)
+    """Whether ``value`` is not an integer — a Python or numpy one; a bool (Python or numpy) is not one."""
+    return isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
 
 
-def _check_beta(value: Any, name: str) -> None:
+def _check_beta(value: Any, name: str) -> float:
+    """``value`` as a float: a finite real number >= 0 (Python or numpy, not a bool); ConfigError naming
+    ``name`` otherwise."""
     if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, float, np.integer, np.floating))
         or not (np.isfinite(value) and value >= 0)
     ):
         raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from ..stages import Phase, Stage
@@ -39,6 +39,9 @@ class StageCost:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(StageCost))
+
+
 class CostMeter:
     """Accumulates costs per :class:`~scx_ref.stages.Stage`."""
 
@@ -63,6 +66,21 @@ class CostMeter:
         s.bytes_up += up
         s.bytes_down += down
         s.round_trips += 1
+
+    def snapshot(self) -> dict[Stage, StageCost]:
+        """A copy of the per-stage costs so far (for :meth:`since`)."""
+        return {stage: replace(cost) for stage, cost in self.stages.items()}
+
+    def since(self, base: dict[Stage, StageCost]) -> CostMeter:
+        """A new meter holding what was added to this one after ``base`` (a :meth:`snapshot` of it): every
+        count is this meter's minus the snapshot's, so non-negative for a snapshot this meter grew from."""
+        out = CostMeter()
+        for stage, cost in self.stages.items():
+            before = base.get(stage, StageCost())
+            delta = StageCost(**{name: getattr(cost, name) - getattr(before, name) for name in _FIELDS})
+            if delta != StageCost():
+                out.stages[stage] = delta
+        return out
 
     def _flops(self, stage: Stage, flops: int, side: Side) -> None:
         if side == "client":

@@ -44,8 +44,10 @@ class ServerLimits:
     max_decoys         decoy rows at any one stage (``r1``, ``r2``, ``r_lock``)
     max_message_bytes  bytes of the arrays of one request
     max_cache_bytes    bytes of every session's caches together (raw, valid and locked caches), counted
-                       by the rows they hold; a cache extended by generation steps keeps up to
-                       max(64, rows/8) spare rows in its buffer (the torch backend's ``spare_rows``)
+                       by the rows they hold (a raw cache as the whole Z it came from, at the width Z was
+                       computed in: float64 for a wide message); a cache extended by generation steps
+                       keeps up to max(64, rows/8) spare rows in its buffer (the torch backend's
+                       ``spare_rows``)
     idle_ttl           seconds a session may stay idle before it is evicted
     nonce_memory       past session nonces remembered (a nonce seen before is refused)
     commit_memory      past key commitments remembered (a replayed QKV message is refused)

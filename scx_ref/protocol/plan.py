@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from .._checks import check_int
+from ..errors import ConfigError
 from ..keys import Label
 from ..stages import Phase, Stage
 from .config import SCXConfig
@@ -146,8 +148,14 @@ class ReleasePlan:
         (``last_ffn="exact"``); with ``gen_linear="server"`` every guard block's W_o (``gen_o``) and the
         LM head (``gen_head``). With ``last_ffn="paper"`` the last guard blocks send the paper's offset
         at every level. The middle blocks run on the server alone, un-noised, so they never appear.
+
+        ConfigError when ``config`` is not an SCXConfig or ``model`` has no integer ``n_layers`` >= 1.
         """
-        L = model.n_layers
+        if not isinstance(config, SCXConfig):
+            raise ConfigError(f"config must be an SCXConfig, got {type(config).__name__}")
+        if not hasattr(model, "n_layers"):
+            raise ConfigError(f"model must be a ModelConfig (with n_layers), got {type(model).__name__}")
+        L = check_int(model.n_layers, "model.n_layers", 1, error=ConfigError)
         first, _, last = config.blocks(L)
         p, g = Phase.PREFILL, Phase.GENERATE
         pre: list[Release] = []

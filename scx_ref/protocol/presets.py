@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from .._checks import check_int
 from ..errors import ConfigError
 from .config import SCXConfig
 
@@ -27,9 +28,11 @@ class Preset:
     build: Callable[[int], SCXConfig]
 
     def config(self, n_layers: int) -> SCXConfig:
-        """The configuration on a model of ``n_layers`` blocks."""
+        """The configuration on a model of ``n_layers`` blocks (an integer >= 1, Python or numpy, not a
+        bool; ConfigError naming ``n_layers`` otherwise)."""
+        n_layers = check_int(n_layers, "n_layers", error=ConfigError)
         if n_layers < 1:
-            raise ConfigError(f"a model has at least one block, got {n_layers}")
+            raise ConfigError(f"n_layers: a model has at least one block, got {n_layers}")
         return self.build(n_layers)
 
 

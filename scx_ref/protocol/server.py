@@ -132,6 +132,8 @@ _ARRAYS: dict[Stage, frozenset[str]] = {
     Stage.GEN_HEAD: frozenset({"x"}),
 }
 _SESSION_HEX = 32  # a session id is the 16-byte nonce in hex
+#: The stages whose rows the server normalizes itself unless ``meta["normalized"]`` is true.
+_NORMED = frozenset({Stage.QKV, Stage.FFN, Stage.HEAD})
 #: The method that computes each stage after OPEN (CLOSE and OPEN are answered in :meth:`Server.handle`).
 _HANDLERS: dict[Stage, str] = {
     Stage.QKV: "_qkv",
@@ -177,6 +179,7 @@ class _Session(Generic[A]):
     step: int = -1  # generation step in progress
     gen_done: set[tuple[Stage, int]] = field(default_factory=set)  # cache-extending stages run this step
     raw: dict[int, tuple[A, A]] = field(default_factory=dict)
+    raw_bytes: dict[int, int] = field(default_factory=dict)  # what each raw cache counts in cache_bytes
     commits: dict[int, str] = field(default_factory=dict)
     valid: dict[int, tuple[A, A]] = field(default_factory=dict)
     locked: dict[int, A] = field(default_factory=dict)
@@ -319,6 +322,17 @@ class Server(Generic[A]):
         self._check_fields(s, req)
         if req.meta.get("wide", False) is True and not s.wide:
             raise ProtocolError(f"{req.stage.value}: a float64 blinded message in a session not opened wide")
+        if (
+            req.meta.get("wide", False) is True
+            and req.stage in _NORMED
+            and req.meta.get("normalized") is not True
+        ):
+            # wide is for blinded rows, which the client normalizes (DESIGN §5.1: the client applies the
+            # norm whenever the rows are noised); the server's own norm runs in its own dtype
+            raise ProtocolError(
+                f"{req.stage.value}: a float64 (wide) message must carry rows the client normalized "
+                "(normalized true)"
+            )
 
     def _finish(
         self, s: _Session[A], req: Request, arrays: dict[str, A], commit: Callable[[], None], grow: int
@@ -425,17 +439,26 @@ class Server(Generic[A]):
         """Bytes the session's caches grow by if ``req`` is accepted (negative: they shrink)."""
         c, stage, item = self.c, req.stage, self._itemsize
         kv = 2 * c.kv_dim
-        if stage is Stage.QKV:  # Z (all of it: Z_k, Z_v are views of it)
-            return (s.n + s.r1) * (c.q_dim + kv) * item
+        if stage is Stage.QKV:
+            return self._raw_bytes(s, req)
         if stage is Stage.LOCK:
             return (s.n + s.r_lock) * c.kv_dim * item
-        if stage is Stage.SHARE:  # the valid cache replaces the raw one
-            return (s.n * kv - (s.n + s.r1) * (c.q_dim + kv)) * item
+        if stage is Stage.SHARE:  # the valid cache (in the server's dtype) replaces the raw one
+            raw = s.raw_bytes.get(req.layer, (s.n + s.r1) * (c.q_dim + kv) * item)
+            return s.n * kv * item - raw
         if stage is Stage.GEN_MID:
             return len(s.middle) * kv * item
         if stage is Stage.GEN_LAST:
             return c.kv_dim * item
         return 0
+
+    def _raw_bytes(self, s: _Session[A], req: Request) -> int:
+        """What the raw cache a QKV message leaves counts: Z's rows ((n + r1) × (q + 2·kv), a bound on
+        the Z_k, Z_v kept) at the width Z is computed in — float64 for a wide message (its raw cache stays
+        float64 until key sharing removes α W from it)."""
+        c = self.c
+        item = self._be(req).numpy_dtype().itemsize
+        return (s.n + s.r1) * (c.q_dim + 2 * c.kv_dim) * item
 
     def _reserve(self, grow: int, req: Request) -> None:
         """Reserve the cache bytes of ``req`` and, for a QKV message, claim its key commitment (refused
@@ -478,6 +501,7 @@ class Server(Generic[A]):
         self._cache_bytes -= s.cache_bytes
         s.cache_bytes = 0
         s.raw.clear()
+        s.raw_bytes.clear()
         s.valid.clear()
         s.locked.clear()
         self.sessions.pop(sid, None)
@@ -540,6 +564,8 @@ class Server(Generic[A]):
         with self._table_lock:
             if req.session in self.sessions or req.session in self._nonces:
                 raise SessionError("this nonce already opened a session: a nonce must never be reused")
+            if req.token:  # after the nonce: a second open of a session is refused as such
+                raise ProtocolError("open carries no session token (its reply gives the session one)")
             if len(self.sessions) >= lim.max_sessions:
                 self._evict_idle_locked()
             if len(self.sessions) >= lim.max_sessions:
@@ -641,6 +667,19 @@ class Server(Generic[A]):
                 raise ProtocolError(
                     f"{stage.value} for block {layer} already ran at step {req.step} (a replay)"
                 )
+            # the row of step t sits at position n + t: the cache it extends must hold every earlier
+            # position (a skipped step would leave the cache's rows and their RoPE positions apart)
+            if stage is Stage.GEN_MID:
+                have, want = self.b.nrows(s.valid[s.middle.start][0]), s.n + req.step
+            elif stage is Stage.GEN_LAST:
+                have, want = self.b.nrows(s.locked[layer]), s.n + s.r_lock + req.step
+            else:
+                return
+            if have != want:
+                raise ProtocolError(
+                    f"{stage.value} for block {layer} at step {req.step}: its cache holds {have} rows where "
+                    f"step {req.step} needs {want} (an earlier step's row is missing)"
+                )
 
     def _arr(self, req: Request, name: str, shape: tuple[int, ...], *, finite: bool = True) -> A:
         """The message's array ``name``, checked (present, floating, of ``shape``, finite). ``finite=False``
@@ -687,9 +726,12 @@ class Server(Generic[A]):
         zk = self.b.narrow(kv, 1, 0, c.kv_dim)
         zv = self.b.narrow(kv, 1, c.kv_dim, 2 * c.kv_dim)
 
+        raw_bytes = self._raw_bytes(s, req)
+
         def commit() -> None:
             s.layer = layer
             s.raw[layer] = (zk, zv)
+            s.raw_bytes[layer] = raw_bytes
             s.commits[layer] = commit_hex
 
         return {"z": z}, commit
@@ -790,7 +832,8 @@ class Server(Generic[A]):
                 req.arrays.get("perm"), n + s.r1, "shared permutation"
             ).astype(np.int64)
             salt = bytes.fromhex(field_hex(req.meta.get("salt"), "salt", 64))
-        except (KeyError, ValueError) as exc:  # every SCXError (PermutationError here) is a ValueError
+        except (KeyError, ValueError, TypeError) as exc:  # every SCXError (PermutationError) is a ValueError;
+            # TypeError: a ``perm`` numpy cannot read (a tensor of a dtype numpy lacks, in-process)
             raise ProtocolError(f"share message for block {layer} is malformed: {exc}") from exc
         if not hmac.compare_digest(commitment(salt, req.session, layer, perm), s.commits.get(layer, "")):
             raise SessionError(
@@ -822,6 +865,7 @@ class Server(Generic[A]):
         def commit() -> None:
             s.valid[layer] = (k, v)
             del s.raw[layer]  # the valid cache replaces the encoded one
+            s.raw_bytes.pop(layer, None)
 
         return {}, commit
 

@@ -88,9 +88,11 @@ from typing import Any, Generic, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from .._checks import check_int
 from ..backends.base import A, Backend, NormName, Products, WeightName, out_width
 from ..backends.cpu_kernels import kernels
-from ..errors import IntegrityError, SCXError
+from ..config import ModelConfig
+from ..errors import IntegrityError, ProtocolError, SCXError
 from ..keys import KeySchedule
 from ..stages import Stage
 from .keyring import RequestKeys, basis_label, gaussian
@@ -461,9 +463,18 @@ class _Sketch:
 
 class SketchCache:
     """A client's secret Freivalds bases and W·B for every weight matrix of a model (thread-safe; shareable
-    by every client of one backend and master secret). ``rotate`` switches to a fresh basis."""
+    by every client of one backend and master secret). ``rotate`` switches to a fresh basis.
+
+    ``basis``: the basis width, an integer >= 1 (Python or numpy, not a bool) — a check with no basis
+    vector would accept any reply. ProtocolError for it, for ``keys`` that are not a KeySchedule or a
+    ``backend`` without a model configuration."""
 
     def __init__(self, backend: Backend[Any], keys: KeySchedule, basis: int = BASIS) -> None:
+        if not isinstance(getattr(backend, "config", None), ModelConfig):
+            raise ProtocolError(f"backend must be a Backend, got {type(backend).__name__}")
+        if not isinstance(keys, KeySchedule):
+            raise ProtocolError(f"keys must be a KeySchedule, got {type(keys).__name__}")
+        basis = check_int(basis, "basis", 1, error=ProtocolError)
         self.b = backend
         self.keys = keys
         self.m = basis
