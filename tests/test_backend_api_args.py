@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from scx_ref import machine, timing
+from scx_ref import timing
 from scx_ref.arrays import permute_rows_in_place
 from scx_ref.backends import cpu_kernels
 from scx_ref.backends.numpy_backend import NumpyBackend
@@ -397,31 +396,6 @@ def test_the_plain_runner_refuses_ids_that_are_not_integers_and_keeps_its_cache(
         r.decode(2.7)  # type: ignore[arg-type]
     assert r.length == 3
     assert r.decode(4).shape == (1, C.vocab_size) and r.length == 4  # control
-
-
-def test_cpuinfo_survives_bytes_it_cannot_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A byte outside the codec raised UnicodeDecodeError out of ``cpuinfo`` — and so out of the torch
-    backend's import, which reads the vendor; now it is replaced and the other fields still read."""
-    import builtins
-
-    fake = tmp_path / "cpuinfo"
-    fake.write_bytes(b"model name\t: Some\xffCPU\nvendor_id\t: AuthenticAMD\n")
-    real_open = builtins.open
-
-    def fake_open(path: Any, *args: Any, **kw: Any) -> Any:
-        return real_open(fake if path == "/proc/cpuinfo" else path, *args, **kw)
-
-    monkeypatch.setattr(builtins, "open", fake_open)
-    assert machine.cpuinfo("vendor_id") == "AuthenticAMD"
-    assert machine.cpuinfo("model name") == "Some\ufffdCPU"
-
-    def denied(path: Any, *args: Any, **kw: Any) -> Any:
-        if path == "/proc/cpuinfo":
-            raise PermissionError(path)
-        return real_open(path, *args, **kw)
-
-    monkeypatch.setattr(builtins, "open", denied)
-    assert machine.cpuinfo("vendor_id") is None
 
 
 @pytest.mark.parametrize(

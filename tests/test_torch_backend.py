@@ -468,26 +468,56 @@ def test_compiled_norm_bounds_follow_the_one_slack_rule() -> None:
         assert np.array_equal(k.rms_norms(sq, width), np.sqrt(sq) * sum_norm_slack(width + 6, 2.0**-52))
 
 
-def test_cpuinfo_reads_the_first_line_of_a_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``cpuinfo`` returns the first value of a field, stripped, whatever the spacing before its colon; None
-    for a field the file lacks and where there is no such file (not Linux)."""
+def _fake_cpuinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes) -> Path:
+    """``/proc/cpuinfo`` read from a file of ``data`` (returned: delete it to have no such file)."""
     import builtins
 
-    from scx_ref import machine
-
     fake = tmp_path / "cpuinfo"
-    fake.write_text(
-        "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n"
-        "processor\t: 1\nvendor_id\t: GenuineIntel\n"
-    )
+    fake.write_bytes(data)
     real_open = builtins.open
 
     def fake_open(path: Any, *args: Any, **kw: Any) -> Any:
         return real_open(fake if path == "/proc/cpuinfo" else path, *args, **kw)
 
     monkeypatch.setattr(builtins, "open", fake_open)
+    return fake
+
+
+def test_cpuinfo_reads_the_first_line_of_a_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cpuinfo`` returns the first value of a field, stripped, whatever the spacing before its colon; None
+    for a field the file lacks and where there is no such file (not Linux)."""
+    from scx_ref import machine
+
+    fake = _fake_cpuinfo(
+        tmp_path,
+        monkeypatch,
+        b"processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n"
+        b"processor\t: 1\nvendor_id\t: GenuineIntel\n",
+    )
     assert machine.cpuinfo("vendor_id") == "AuthenticAMD"
     assert machine.cpuinfo("model name") == "AMD EPYC 7B13"
     assert machine.cpuinfo("flags") is None
     fake.unlink()
+    assert machine.cpuinfo("vendor_id") is None
+
+
+def test_cpuinfo_survives_bytes_it_cannot_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A byte outside the codec raised UnicodeDecodeError out of ``cpuinfo`` — and so out of the torch
+    backend's import, which reads the vendor; now it is replaced and the other fields still read. A file
+    that cannot be opened reads as none."""
+    import builtins
+
+    from scx_ref import machine
+
+    _fake_cpuinfo(tmp_path, monkeypatch, b"model name\t: Some\xffCPU\nvendor_id\t: AuthenticAMD\n")
+    assert machine.cpuinfo("vendor_id") == "AuthenticAMD"
+    assert machine.cpuinfo("model name") == "Some\ufffdCPU"
+    real_open = builtins.open
+
+    def denied(path: Any, *args: Any, **kw: Any) -> Any:
+        if path == "/proc/cpuinfo":
+            raise PermissionError(path)
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(builtins, "open", denied)
     assert machine.cpuinfo("vendor_id") is None
