@@ -331,7 +331,9 @@ def test_peak_memory_counts_a_freed_allocation_and_runs_no_thread() -> None:
 
     from scx_ref.commands.bench import _PeakMemory
 
-    if _PeakMemory._reset_peak() is None:
+    # None also when memory another thread frees lands between the reset and the read (the peak then sits
+    # above the resident set): a few tries tell that race from a kernel without the reset
+    if all(_PeakMemory._reset_peak() is None for _ in range(5)):
         pytest.skip("no resettable peak resident set here (not Linux, or /proc/self/clear_refs refused)")
     # threads another test left may end meanwhile (a server's pool winding down): count only new ones
     before = set(threading.enumerate())

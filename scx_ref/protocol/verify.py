@@ -18,8 +18,9 @@ VECTORS) from the session's keys, so its vectors are r = B·c and W·r = (W·B)�
 and session instead of another pass over the weights. A detected tampering rotates the basis (the next
 session uses a fresh one), so the server never learns more than one failed probe about a basis.
 
-*Tolerance τ (derivation).* Let u be the unit roundoff of the coarser of the client's compute dtype and
-the reply's dtype (2⁻⁵³ float64, 2⁻²⁴ float32, 2⁻¹¹ float16, 2⁻⁸ bfloat16), λ = :data:`LAMBDA`. Under the
+*Tolerance τ (derivation).* Let u be the unit roundoff of the client's compute dtype (2⁻⁵³ float64, 2⁻²⁴
+float32, 2⁻¹¹ float16, 2⁻⁸ bfloat16; a reply in a coarser dtype is refused, so the server cannot widen τ),
+λ = :data:`LAMBDA`. Under the
 standard probabilistic model of rounding (each rounding a relative error |δ| ≤ u, independent, mean zero;
 Higham & Mary 2019), a length-d dot product computed in any order has error ≤ λ·u·√d·max_k|S_k| with
 probability ≥ 1 − 2·exp(−λ²/2), and every partial sum satisfies |S_k| ≤ ‖x‖₂‖w‖₂ (Cauchy–Schwarz). So
@@ -197,9 +198,11 @@ def prefix_extreme(x: npt.NDArray[Any], largest: bool) -> npt.NDArray[Any]:
 def range_shapes(v: tuple[int, ...], o: tuple[int, ...], first: int) -> None:
     """SCXError unless outputs of shape ``o`` (queries × H_kv × g × d_h, query i at position first + i) and
     values of shape ``v`` (keys × H_kv × d_h) fit the range check: the same heads and width, and no query
-    past the keys."""
+    past the keys, none before position 0."""
     if len(v) != 3 or len(o) != 4 or o[1] != v[1] or o[3] != v[2]:
         raise SCXError(f"outputs {o} for values {v}: (queries × H_kv × g × d_h, keys × H_kv × d_h)")
+    if first < 0:  # the kernel would compare no query with any key: every output "in range"
+        raise SCXError(f"queries from position {first}: positions start at 0")
     if o[0] > 0 and first + o[0] > v[0]:
         raise SCXError(f"{o[0]} queries from position {first} attend past the {v[0]} keys")
 
@@ -269,7 +272,12 @@ def attention_rows64(
     (:mod:`scx_ref.backends.cpu_kernels`; the pairs split across ``threads`` when there are at least
     :data:`SPLIT_ROWS64` multiply-adds), else batched products by ``matmul64``; the two agree to float64
     rounding (the kernel's exponential, ``exp64``, is within 2.5 u₆₄ of numpy's: inside the client's
-    float64 term of :func:`attention_tau`)."""
+    float64 term of :func:`attention_tau`). SCXError for arrays that do not fit one another."""
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3 or pos.ndim != 1:
+        raise SCXError(
+            f"rows {q.shape} at {pos.shape} positions for keys {k.shape}, values {v.shape}: (rows × H × d_h, "
+            "rows, keys × H_kv × d_h)"
+        )
     n_r, n_h, d_h = q.shape
     h_kv = k.shape[1]
     if o.shape != q.shape:
@@ -366,7 +374,26 @@ def attention_excess(
     """The recomputed attention rows' verdict: :func:`excess_ratio` of their distances to the server's rows
     against :func:`attention_tau`. One pass where the CPU kernels are installed
     (:mod:`scx_ref.backends.cpu_kernels`: the same float64 operations in the same order, so the same
-    value), else the numpy expressions."""
+    value), else the numpy expressions. SCXError unless the rows' arrays fit one another and ``pos``
+    (the kernel indexes without bounds checks)."""
+    n_r = rec.dist.shape[0] if rec.dist.ndim == 2 else -1
+    n_h = rec.dist.shape[1] if rec.dist.ndim == 2 else -1
+    h_kv = n_h // group if group > 0 and n_h % group == 0 else -1
+    if (
+        n_r < 0
+        or h_kv < 0
+        or rec.onorm.shape != rec.dist.shape
+        or rec.qnorm.shape != rec.dist.shape
+        or rec.kmax.shape != (n_r, h_kv)
+        or rec.vmax.shape != (n_r, h_kv)
+        or np.shape(pos) != (n_r,)
+        or rec.want.ndim != 3
+    ):
+        raise SCXError(
+            f"recomputed rows {rec.dist.shape} (rows × H), norms {rec.onorm.shape}, {rec.qnorm.shape}, "
+            f"{rec.kmax.shape}, {rec.vmax.shape} (rows × H_kv, group {group}) at {np.shape(pos)} positions "
+            "do not fit one another"
+        )
     k = kernels()
     arrays = (rec.dist, rec.onorm, rec.qnorm, rec.kmax, rec.vmax)
     if k is not None and rec.dist.size and all(x.dtype == np.float64 for x in arrays):
@@ -397,7 +424,21 @@ def linear_excess(yr: F64, xr: F64, bias_r: F64, xnorm: F64, ynorm: F64, a: F64,
     """A Freivalds check's verdict (rows × k): :func:`excess_ratio` of the residual (yr − xr) − bias_r
     against τ = ‖x̂_i‖·a + ‖y_i‖·b. One pass where the CPU kernels are installed
     (:mod:`scx_ref.backends.cpu_kernels`), else numpy expressions; both round the same operations in the
-    same order (float64, no fused multiply-add), so they return the same value."""
+    same order (float64, no fused multiply-add), so they return the same value. SCXError unless the
+    shapes fit one another: rows × k products, k-wide terms, one norm per row (the kernel indexes without
+    bounds checks)."""
+    if yr.ndim != 2 or (
+        xr.shape != yr.shape
+        or bias_r.shape != yr.shape[1:]
+        or a.shape != yr.shape[1:]
+        or b.shape != yr.shape[1:]
+        or xnorm.shape != yr.shape[:1]
+        or ynorm.shape != yr.shape[:1]
+    ):
+        raise SCXError(
+            f"a Freivalds check's products {yr.shape}, {xr.shape}, norms {xnorm.shape}, {ynorm.shape} and "
+            f"terms {bias_r.shape}, {a.shape}, {b.shape} do not fit one another (rows × k, rows, k)"
+        )
     k = kernels()
     arrays = (yr, xr, bias_r, xnorm, ynorm, a, b)
     if k is not None and yr.size and all(x.dtype == np.float64 for x in arrays):
@@ -416,8 +457,8 @@ def check_reply(
 ) -> tuple[dict[str, A], float]:
     """The reply's arrays as the client's backend arrays, after checking that ``reply`` answers ``req``
     (session, stage, layer, step, seq) and carries exactly the arrays ``expect`` names, each floating,
-    of its shape and finite; and the unit roundoff the value checks must assume (the coarser of the
-    client's dtype and the replies'). IntegrityError otherwise.
+    of its shape and finite, in the client's dtype or a finer one; and the unit roundoff the value checks
+    must assume (the client's dtype's: the server cannot choose it). IntegrityError otherwise.
 
     Arrays named in ``value_checked`` are not scanned for finiteness here: the caller's value check of
     them follows before anything uses them and reads every entry — a Freivalds check
@@ -428,26 +469,48 @@ def check_reply(
     if not isinstance(reply, Reply):
         raise IntegrityError(f"{req.stage.value}: the reply is a {type(reply).__name__}, not a Reply")
     got = (reply.session, reply.stage, reply.layer, reply.step, reply.seq)
-    if got != (req.session, req.stage, req.layer, req.step, req.seq):
+    if not _answers(reply, req):
         raise IntegrityError(f"{req.stage.value}: the reply does not answer the request (got {got!r:.120})")
     if not isinstance(reply.arrays, Mapping) or set(reply.arrays) != set(expect):
         names = sorted(map(str, reply.arrays)) if isinstance(reply.arrays, Mapping) else reply.arrays
         raise IntegrityError(
             f"{req.stage.value}: the reply carries arrays {names!r:.120}, expected {sorted(expect)}"
         )
-    u = unit_roundoff(getattr(b, "dtype", None) or b.numpy_dtype())
+    mine = getattr(b, "dtype", None) or b.numpy_dtype()
+    u = unit_roundoff(mine)
     out: dict[str, A] = {}
     for name, shape in expect.items():
         raw = reply.arrays[name]
         try:
             dt = getattr(raw, "dtype", None)
-            u = max(u, unit_roundoff(dt if dt is not None else type(raw).__name__))
+            if unit_roundoff(dt if dt is not None else type(raw).__name__) > u:
+                # the tolerance is the client's: a coarser reply would let the server widen it (a float16
+                # reply to a float32 session: 2¹³ times; a 1 % change of every entry then passed)
+                raise IntegrityError(f"reply {name} is {dt}, coarser than the session's {mine}")
             out[name] = b.check(
                 raw, f"reply {req.stage.value}.{name}", shape, finite=name not in value_checked
             )
         except SCXError as exc:
             raise IntegrityError(f"{req.stage.value}: {exc}") from exc
     return out, u
+
+
+def _answers(reply: Reply, req: Request) -> bool:
+    """Whether the reply's header is the request's: the same session and stage (strs: a Stage is one) and
+    layer, step and sequence number (integers, not bools), each compared only once its type is known — a
+    field of another type (an array, whose ``==`` is elementwise) is a mismatch, not an exception."""
+    if not (isinstance(reply.session, str) and isinstance(reply.stage, str)):
+        return False
+    numbers = (reply.layer, reply.step, reply.seq)
+    if any(isinstance(n, bool) or not isinstance(n, int | np.integer) for n in numbers):
+        return False
+    return (reply.session, reply.stage, *map(int, numbers)) == (
+        req.session,
+        req.stage,
+        req.layer,
+        req.step,
+        req.seq,
+    )
 
 
 # -- the client's precomputation -----------------------------------------------------------------------
