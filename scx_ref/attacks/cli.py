@@ -15,6 +15,7 @@ from ..commands._args import input_file, int_at_least, output_dir, output_file
 from ..errors import ConfigError
 from ..zoo import MODEL_NAMES, load_model
 from ..zoo.corpus import tokenize, topic_texts
+from .frontier import read_bench
 
 __all__ = ["max_victim_length", "public_and_victims", "register", "victim_topics"]
 
@@ -192,29 +193,6 @@ def _too_few_topics(count: int, length: int, available: int) -> str:
     )
 
 
-def _read_bench(path: Path) -> dict[str, Any]:
-    """The ``scx bench --json`` result at ``path``, checked to have the shape the frontier table reads (an
-    object whose ``rows`` are objects with a ``phase``; prefill rows with an integer ``n``; every row with a
-    numeric ``ratio_median``), or :class:`~scx_ref.errors.ConfigError` naming ``--bench``."""
-    try:
-        bench: Any = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--bench {str(path)!r}: not JSON ({exc})") from None
-    rows = bench.get("rows") if isinstance(bench, dict) else None
-    if not isinstance(rows, list):
-        raise ConfigError(f"--bench {str(path)!r}: not an `scx bench --json` result (no list of rows)")
-    for i, row in enumerate(rows):
-        ok = isinstance(row, dict) and isinstance(row.get("phase"), str)
-        ok = ok and isinstance(row.get("ratio_median"), (int, float))
-        ok = ok and (row.get("phase") != "prefill" or isinstance(row.get("n"), int))
-        if not ok:
-            raise ConfigError(
-                f"--bench {str(path)!r}: row {i} is not an `scx bench` row (phase, n, ratio_median)"
-            )
-    out: dict[str, Any] = bench
-    return out
-
-
 def _check_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """Refuse, before any model loads, the options this run would ignore or could not honour (exit 2 via
     the parser's error: the options the frontier alone reads without ``--frontier``; a ``--length`` no
@@ -242,7 +220,7 @@ def _check_options(args: argparse.Namespace) -> dict[str, Any] | None:
             except ConfigError as exc:
                 parser.error(f"--configs: {exc}")
     try:
-        return _read_bench(args.bench) if args.frontier and args.bench is not None else None
+        return read_bench(args.bench) if args.frontier and args.bench is not None else None
     except ConfigError as exc:
         parser.error(str(exc))
 

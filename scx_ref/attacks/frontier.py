@@ -19,6 +19,7 @@ from the model's weights):
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -29,6 +30,7 @@ import numpy as np
 
 from ..dp.budget import request_budget
 from ..dp.sensitivity import ModelSensitivities
+from ..errors import ConfigError
 from ..protocol.config import SCXConfig
 from ..protocol.plan import ReleasePlan
 from . import catalog
@@ -97,7 +99,6 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     measured it), in preset order; the commands of every part; ``missing`` what no part measured.
     ConfigError when the parts differ in model, prompts, prompt length or generated tokens, or one is
     not shaped as a harness result (:func:`~.tables.check_result`)."""
-    from ..errors import ConfigError
     from ..protocol.presets import preset_names
 
     if not parts:
@@ -437,3 +438,26 @@ def frontier_report(
     if findings:
         lines += ["## Findings", "", findings.strip(), ""]
     return "\n".join(lines)
+
+
+def read_bench(path: Path) -> dict[str, Any]:
+    """The ``scx bench --json`` result at ``path``, checked to have the shape the frontier table reads (an
+    object whose ``rows`` are objects with a ``phase``; prefill rows with an integer ``n``; every row with a
+    numeric ``ratio_median``), or :class:`~scx_ref.errors.ConfigError` naming ``--bench``."""
+    try:
+        bench: Any = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--bench {str(path)!r}: not JSON ({exc})") from None
+    rows = bench.get("rows") if isinstance(bench, dict) else None
+    if not isinstance(rows, list):
+        raise ConfigError(f"--bench {str(path)!r}: not an `scx bench --json` result (no list of rows)")
+    for i, row in enumerate(rows):
+        ok = isinstance(row, dict) and isinstance(row.get("phase"), str)
+        ok = ok and isinstance(row.get("ratio_median"), (int, float))
+        ok = ok and (row.get("phase") != "prefill" or isinstance(row.get("n"), int))
+        if not ok:
+            raise ConfigError(
+                f"--bench {str(path)!r}: row {i} is not an `scx bench` row (phase, n, ratio_median)"
+            )
+    out: dict[str, Any] = bench
+    return out

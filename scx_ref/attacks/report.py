@@ -255,9 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         findings = read(a.findings) if a.findings else ""
         if result.get("kind") == "frontier":
             from . import frontier
-            from .cli import _read_bench
 
-            bench = _read_bench(a.bench) if a.bench else None
+            bench = frontier.read_bench(a.bench) if a.bench else None
             if a.write_plots:
                 rows = frontier.frontier_rows(result, bench)
                 frontier.plot_frontier(rows, Path(a.write_plots) / "frontier.png", result["model"])
