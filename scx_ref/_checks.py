@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from typing import Any
@@ -128,4 +129,81 @@ def check_int(
         else:
             rule = f"be >= {lo}" if hi is None else f"be <= {hi}"
         raise error(f"{name} must {rule}, got {short_repr(out)}")
+    return out
+
+
+def _bound_text(x: float) -> str:
+    """A bound for a message: ``0`` for 0.0, ``1e+100`` for 1e100, ``0.5`` for 0.5."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 2**53 else repr(float(x))
+
+
+def _range_phrase(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> tuple[str, str]:
+    """(verb phrase, adjective phrase) of the range [lo, hi] with the given open ends: ``("be >= 0",
+    ">= 0")``, ``("lie in (0, 1]", "in (0, 1]")``, ``("lie in the open interval (0, 1)", "in the open
+    interval (0, 1)")``; ``("", "")`` without bounds."""
+    if lo is not None and hi is not None:
+        if lo_open and hi_open:
+            span = f"the open interval ({_bound_text(lo)}, {_bound_text(hi)})"
+        else:
+            span = f"{'(' if lo_open else '['}{_bound_text(lo)}, {_bound_text(hi)}{')' if hi_open else ']'}"
+        return f"lie in {span}", f"in {span}"
+    if lo is not None:
+        rule = f"{'>' if lo_open else '>='} {_bound_text(lo)}"
+    elif hi is not None:
+        rule = f"{'<' if hi_open else '<='} {_bound_text(hi)}"
+    else:
+        return "", ""
+    return f"be {rule}", rule
+
+
+def check_real(
+    value: Any,
+    name: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    allow_inf: bool = False,
+    error: type[SCXError] = ConfigError,
+    nonfinite_error: type[SCXError] | None = None,
+) -> float:
+    """``value`` as a float: the one check of a real-number argument (a scale, a tolerance, a rate, a
+    timeout, a hyper-parameter), the twin of :func:`check_int`.
+
+    Accepted: a real number — a Python or numpy int or float, or any other ``numbers.Real`` such as a
+    Fraction — never a bool (Python or numpy), a string, bytes, a complex number, None or an array.
+    Refused then: NaN; ±Inf unless ``allow_inf``; an integer (or Fraction) past the float64 range, which
+    would become ±Inf; a value outside [lo, hi] (no bound where None; ``lo_open``/``hi_open`` exclude the
+    end). ``error`` (ConfigError by default; each caller passes its own class) for a wrong type or a value
+    out of range, ``nonfinite_error`` (default ``error``) for NaN, ±Inf and a number past float64. The
+    messages: ``x must be a real number, got str '1'``; ``x must be finite and >= 0, got nan``;
+    ``x must be >= 0, got -1.0``; ``x must lie in (0, 1], got 2``; ``x must lie in the open interval
+    (0, 1), got 0.0``."""
+    if type(value) is float:  # the usual case, without the numbers.Real check (request paths call this)
+        out = value
+    else:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise error(f"{name} must be a real number, got {type(value).__name__} {value!r:.40}")
+        try:
+            out = float(value)
+        except OverflowError:  # an int or Fraction beyond float64: refused as float() would make it ±Inf
+            big: Any = value  # numbers.Real declares no comparison with int
+            out = math.inf if big > 0 else -math.inf
+            if allow_inf:  # still refused: a finite value is not silently made infinite
+                raise (nonfinite_error or error)(
+                    f"{name} is beyond the float64 range (pass inf for an unbounded value), "
+                    f"got {short_repr(value)}"
+                ) from None
+    if math.isnan(out) or (math.isinf(out) and not allow_inf):
+        rule = _range_phrase(lo, hi, lo_open, hi_open)[1]
+        if math.isnan(out) and allow_inf:
+            need = f"a number{' ' + rule if rule else ''} (inf allowed)"
+        else:
+            need = f"finite{' and ' + rule if rule else ''}"
+        raise (nonfinite_error or error)(f"{name} must be {need}, got {short_repr(value)}")
+    if (lo is not None and (out < lo or (lo_open and out == lo))) or (
+        hi is not None and (out > hi or (hi_open and out == hi))
+    ):
+        raise error(f"{name} must {_range_phrase(lo, hi, lo_open, hi_open)[0]}, got {short_repr(value)}")
     return out

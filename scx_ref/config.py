@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ._checks import check_int
+from ._checks import check_int, check_real
 from .errors import ConfigError
 
 __all__ = ["ModelConfig"]
@@ -41,7 +40,8 @@ class ModelConfig:
         """ConfigError unless every field has its type and the fields agree: sizes are positive ints (not
         bool), ``n_heads`` a multiple of ``n_kv_heads``, ``head_dim`` even, ``n_experts``/``top_k`` ints with
         1 <= top_k <= n_experts for MoE and top_k == 0 for a dense model, ``rms_eps`` >= 0 and ``rope_theta``
-        > 0 finite reals, ``qkv_bias`` a bool, ``name`` a str."""
+        > 0 finite reals (one that is not a Python int or float, e.g. a numpy float32 or a Fraction, is stored
+        as a float), ``qkv_bias`` a bool, ``name`` a str."""
         for field in (
             "vocab_size",
             "hidden_size",
@@ -67,12 +67,11 @@ class ModelConfig:
             )
         if not self.n_experts and self.top_k:
             raise ConfigError(f"top_k={self.top_k} needs n_experts >= 1 (a dense model has top_k 0)")
-        for field in ("rms_eps", "rope_theta"):
+        for field, open_at_0 in (("rms_eps", False), ("rope_theta", True)):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"{field} must be a finite number, got {value!r}")
-        if not self.rms_eps >= 0 or not self.rope_theta > 0:
-            raise ConfigError("rms_eps must be >= 0 and rope_theta > 0")
+            checked = check_real(value, field, 0, lo_open=open_at_0)
+            if not isinstance(value, (int, float)):  # e.g. numpy float32: stored as a float, which JSON takes
+                object.__setattr__(self, field, checked)
         if not isinstance(self.qkv_bias, bool):
             raise ConfigError(f"qkv_bias must be True or False, got {self.qkv_bias!r}")
         if not isinstance(self.name, str):

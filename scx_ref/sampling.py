@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import check_int, token_ids
+from ._checks import check_int, check_real, token_ids
 from .errors import ConfigError, NonFiniteError, SCXError, note_tokens
 
 __all__ = ["GENERATE_OPTIONS", "SUPPORTED", "GenerationSettings", "generate_tokens", "generation_settings"]
@@ -108,29 +108,6 @@ class GenerationSettings:
 _MAX_SEED = 2**64 - 1
 
 
-def _show(v: Any) -> str:
-    """``repr(v)``, short for a huge integer (whose repr can be refused by Python's digit limit)."""
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and int(v).bit_length() > 128:
-        return f"an integer of {int(v).bit_length()} bits"
-    return repr(v)
-
-
-def _number(v: Any, name: str, lo: float, hi: float | None = None, lo_open: bool = False) -> float:
-    """``v`` as a float: a finite real (Python or numpy, not bool) in the given range, else ConfigError."""
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise ConfigError(f"{name} must be a finite number, got {_show(v)}")
-    try:
-        x = float(v)
-    except OverflowError:  # an int beyond the float range
-        raise ConfigError(f"{name} must be a finite number, got {_show(v)}") from None
-    if not np.isfinite(x):
-        raise ConfigError(f"{name} must be a finite number, got {_show(v)}")
-    if x < lo or (lo_open and x == lo) or (hi is not None and x > hi):
-        rng = f"{'(' if lo_open else '['}{lo:g}, {'∞)' if hi is None else f'{hi:g}]'}"
-        raise ConfigError(f"{name} must lie in {rng}, got {_show(v)}")
-    return x
-
-
 def _int(v: Any, name: str, lo: int, hi: int | None = None) -> int:
     return check_int(v, name, lo, hi)
 
@@ -199,10 +176,10 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
     settings = GenerationSettings(
         max_new_tokens=n_new,
         do_sample=do_sample,
-        temperature=_number(pick("temperature"), "temperature", 0.0, lo_open=True),
+        temperature=check_real(pick("temperature"), "temperature", 0, lo_open=True),
         top_k=0 if top_k is None else _int(top_k, "top_k", 0),
-        top_p=_number(pick("top_p"), "top_p", 0.0, 1.0),
-        repetition_penalty=_number(pick("repetition_penalty"), "repetition_penalty", 0.0, lo_open=True),
+        top_p=check_real(pick("top_p"), "top_p", 0, 1),
+        repetition_penalty=check_real(pick("repetition_penalty"), "repetition_penalty", 0, lo_open=True),
         seed=None if seed is None else _int(seed, "seed", 0, _MAX_SEED),
         eos_token_ids=tuple(_int(e, "eos_token_id", 0) for e in (eos or [])),
         pad_token_id=None if pad is None else _int(pad, "pad_token_id", 0),

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import check_int, check_permutation, short_repr
+from ._checks import check_int, check_permutation, check_real
 from .arrays import A, ArrayOps, NumpyOps
 from .errors import ConfigError, DTypeError, NonFiniteError, PermutationError, SCXError, ShapeError
 
@@ -706,14 +706,7 @@ def laplace_noise(
     without ``random`` (ConfigError); a ``shape`` that is not a sequence of integer sizes >= 0, or uniforms
     from ``gen`` of another count (ShapeError); a ``dtype`` that is not floating (DTypeError).
     """
-    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)):
-        raise ConfigError(f"Laplace scale beta must be a real number, got {type(beta).__name__} {beta!r:.40}")
-    try:
-        finite = math.isfinite(beta)
-    except OverflowError:  # an integer past float range
-        finite = False
-    if not finite or beta < 0:
-        raise ConfigError(f"Laplace scale beta must be finite and >= 0, got {short_repr(beta)}")
+    beta = check_real(beta, "Laplace scale beta", 0)
     if not isinstance(shape, (tuple, list)):
         raise ShapeError(f"shape must be a tuple of sizes, got {type(shape).__name__} {shape!r:.40}")
     shape = tuple(check_int(s, "a size of shape", 0, error=ShapeError) for s in shape)

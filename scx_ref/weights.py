@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ._checks import check_real
 from .config import ModelConfig
 from .errors import ConfigError, DTypeError, NonFiniteError, ShapeError
 
@@ -245,8 +246,7 @@ def random_weights(
         raise DTypeError(f"dtype must be a floating numpy dtype, got {dtype!r}") from exc
     if not np.issubdtype(np_dtype, np.floating):
         raise DTypeError(f"dtype must be a floating numpy dtype, got {np_dtype}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
-        raise ConfigError(f"scale must be a finite number, got {scale!r}")
+    scale = check_real(scale, "scale")
     d, f = config.hidden_size, config.intermediate_size
 
     def mat(n_in: int, n_out: int) -> Array:

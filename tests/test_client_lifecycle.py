@@ -230,8 +230,8 @@ def test_scx_config_takes_numpy_numbers_and_keeps_its_own_stage_beta() -> None:
         ({"stage_beta": [("qkv", 1.0)]}, "stage_beta must be a mapping"),
         ({"stage_beta": {1: 1.0, "foo": 2.0}}, r"unknown stage_beta kind\(s\) \['foo', 1\]"),
         ({"r1": np.True_}, "r1 must be an integer"),
-        ({"beta": np.bool_(False)}, "beta must be a finite number"),
-        ({"beta": np.float64("inf")}, "beta must be a finite number"),
+        ({"beta": np.bool_(False)}, "beta must be a real number, got bool"),
+        ({"beta": np.float64("inf")}, r"beta must be finite and in \[0, 1e\+100\], got np.float64\(inf\)"),
     ],
 )
 def test_scx_config_refuses_a_bad_value_naming_the_field(kw: dict[str, Any], match: str) -> None:

@@ -249,7 +249,11 @@ Call = Callable[[], object]
     [
         (lambda: laplace_epsilon(-1.0, 1.0), ConfigError, r"^sensitivity must be >= 0, got -1\.0$"),
         (lambda: laplace_epsilon(1.0, 0.0), ConfigError, r"^scale \(beta\) must be > 0, got 0\.0$"),
-        (lambda: laplace_epsilon(math.nan, 1.0), NonFiniteError, r"^sensitivity must be finite, got nan$"),
+        (
+            lambda: laplace_epsilon(math.nan, 1.0),
+            NonFiniteError,
+            r"^sensitivity must be finite and >= 0, got nan$",
+        ),
         (lambda: laplace_scale_for_epsilon(0.0, 1.0), ConfigError, r"^sensitivity must be > 0, got 0\.0$"),
         (lambda: laplace_scale_for_epsilon(1.0, -2.0), ConfigError, r"^epsilon must be > 0, got -2\.0$"),
         (lambda: metric_dp_epsilon_per_unit(0), ConfigError, r"^scale \(beta\) must be > 0, got 0$"),

@@ -138,7 +138,15 @@ def test_server_limits_defaults_and_checks() -> None:
     for name in ("nonce_memory", "commit_memory"):
         with pytest.raises(ConfigError, match=f"^{name} must be an integer >= 1, got 0$"):
             ServerLimits(**{name: 0})
-    for bad_ttl in (0, -1.0, math.inf, math.nan, True, "60", None):
+    for bad_ttl, rule in (
+        (0, "be > 0"),
+        (-1.0, "be > 0"),
+        (math.inf, "be finite and > 0"),
+        (math.nan, "be finite and > 0"),
+        (True, "be a real number, got bool"),
+        ("60", "be a real number, got str"),
+        (None, "be a real number, got NoneType"),
+    ):
         with pytest.raises(ConfigError) as info:
             ServerLimits(idle_ttl=bad_ttl)  # type: ignore[arg-type]
-        assert str(info.value) == f"idle_ttl must be a finite number of seconds > 0, got {bad_ttl!r}"
+        assert str(info.value) == f"idle_ttl must {rule}{'' if 'got' in rule else ', got'} {bad_ttl!r}"

@@ -380,7 +380,7 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "laplace-negative",
         lambda: laplace_noise((2,), -1.0, np.random.default_rng(0)),
         SCXError,
-        "Laplace scale beta must be finite and >= 0, got -1.0",
+        "Laplace scale beta must be >= 0, got -1.0",
     ),
     (
         "laplace-inf",

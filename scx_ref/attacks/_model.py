@@ -7,7 +7,6 @@ cache — the inner loop of sequential vocabulary matching (Thomas et al., "Hidd
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +14,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import ops
-from .._checks import check_int, token_ids
-from ..errors import ConfigError, DTypeError, NonFiniteError, ProtocolError, ShapeError
+from .._checks import check_int, check_real, token_ids
+from ..errors import DTypeError, NonFiniteError, ProtocolError, ShapeError
 from ..reference import KVCache, ReferenceModel
 from ..weights import ModelWeights
 
@@ -32,18 +31,10 @@ def int_arg(value: Any, name: str, lo: int | None = 0, below: int | None = None)
 
 
 def float_arg(value: Any, name: str, lo: float | None = None, allow_inf: bool = False) -> float:
-    """``value`` as a float after checking it is a real number, not NaN (nor ±Inf unless ``allow_inf``),
-    and, given ``lo``, at least ``lo`` (ConfigError otherwise)."""
-    try:
-        if isinstance(value, (str, bytes)):
-            raise TypeError
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if math.isnan(out) or (math.isinf(out) and not allow_inf) or (lo is not None and out < lo):
-        bound = "" if lo is None else f" >= {lo}"
-        raise ConfigError(f"{name} must be a finite number{bound}, got {value!r}")
-    return out
+    """``value`` as a float after checking it is a real number (not a bool), not NaN (nor ±Inf unless
+    ``allow_inf``), and, given ``lo``, at least ``lo`` (ConfigError otherwise): the attack modules'
+    scales and tolerances (:func:`~scx_ref._checks.check_real`)."""
+    return check_real(value, name, lo, allow_inf=allow_inf)
 
 
 def rows_arg(x: Any, name: str, width: int | None = None, *, ndim: int = 2) -> Array:

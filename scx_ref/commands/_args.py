@@ -5,13 +5,14 @@ never by truncating, wrapping or silently ignoring a value."""
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._checks import check_real
+from ..errors import ConfigError
 from ..protocol.config import LEVELS
 
 __all__ = [
@@ -68,20 +69,18 @@ def float_at_least(
     minimum: float, *, strict: bool = False, maximum: float | None = None
 ) -> Callable[[str], float]:
     """A type for a finite number >= ``minimum`` (> with ``strict``) and, given ``maximum``, <= it;
-    ``nan`` and ``inf`` are refused."""
+    ``nan`` and ``inf`` (and what float64 rounds to inf, such as ``1e400``) are refused
+    (:func:`~scx_ref._checks.check_real`; argparse names the option)."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-        if value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be <= {maximum:g}, got {value:g}")
-        return value
+        try:
+            return check_real(value, "", minimum, maximum, lo_open=strict)
+        except ConfigError as exc:  # " must be > 0, got 0.0": argparse puts the option's name before it
+            raise argparse.ArgumentTypeError(str(exc).strip()) from None
 
     parse.__name__ = "number"
     return parse

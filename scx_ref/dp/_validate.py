@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
 from typing import Any
 
-from .._checks import check_int, short_repr
-from ..errors import ConfigError, NonFiniteError
+from .._checks import check_int, check_real
+from ..errors import NonFiniteError
 
 __all__ = [
     "check_count",
@@ -21,42 +20,23 @@ __all__ = [
 ]
 
 
-def _as_real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{name} must be a real number, got {value!r}")
-    try:
-        out = float(value)
-    except OverflowError:  # an int or Fraction beyond the float64 range
-        raise NonFiniteError(
-            f"{name} is too large for a float64 (it must be finite), got {short_repr(value)}"
-        ) from None
-    if not math.isfinite(out):
-        raise NonFiniteError(f"{name} must be finite, got {value!r}")
-    return out
-
-
 def check_positive(value: Any, name: str) -> float:
-    """Return ``value`` as a float after checking it is finite and > 0."""
-    out = _as_real(value, name)
-    if out <= 0.0:
-        raise ConfigError(f"{name} must be > 0, got {value!r}")
-    return out
+    """Return ``value`` as a float after checking it is a real number (not a bool), finite and > 0:
+    NonFiniteError for NaN, ±Inf or a number past float64, else ConfigError
+    (:func:`~scx_ref._checks.check_real`)."""
+    return check_real(value, name, 0, lo_open=True, nonfinite_error=NonFiniteError)
 
 
 def check_nonnegative(value: Any, name: str) -> float:
-    """Return ``value`` as a float after checking it is finite and >= 0."""
-    out = _as_real(value, name)
-    if out < 0.0:
-        raise ConfigError(f"{name} must be >= 0, got {value!r}")
-    return out
+    """Return ``value`` as a float after checking it is a real number (not a bool), finite and >= 0
+    (errors as :func:`check_positive`)."""
+    return check_real(value, name, 0, nonfinite_error=NonFiniteError)
 
 
 def check_delta(value: Any, name: str = "delta") -> float:
-    """Return ``value`` as a float after checking 0 < value < 1."""
-    out = _as_real(value, name)
-    if not 0.0 < out < 1.0:
-        raise ConfigError(f"{name} must lie in the open interval (0, 1), got {value!r}")
-    return out
+    """Return ``value`` as a float after checking it is a real number with 0 < value < 1 (errors as
+    :func:`check_positive`)."""
+    return check_real(value, name, 0, 1, lo_open=True, hi_open=True, nonfinite_error=NonFiniteError)
 
 
 def check_count(value: Any, name: str, minimum: int = 1) -> int:

@@ -6,8 +6,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-import numpy as np
-
+from .._checks import check_int, check_real
 from ..errors import ConfigError
 
 __all__ = [
@@ -18,6 +17,7 @@ __all__ = [
     "GEN_ATTENTION_SITES",
     "GEN_LINEAR_SITES",
     "LEVELS",
+    "MAX_BETA",
     "BlindDtype",
     "Level",
     "SCXConfig",
@@ -44,6 +44,19 @@ GEN_LINEAR_SITES: tuple[str, ...] = ("client", "server")
 #: every linear stage blinded (DESIGN §6; 3.2e-5 at β = 10). ``blind_dtype="auto"`` runs the blinded
 #: stages in float64 above it.
 F32_BETA_LIMIT = 5.0
+#: The largest β a configuration takes: the largest at which the client's own float64 arithmetic on
+#: blinded rows stays finite for any model. A Laplace draw is |η| ≤ β·53·ln 2 < 37β (the uniforms are
+#: multiples of 2⁻⁵³ and :func:`~scx_ref.transforms.laplace_noise` clips 2|s| at 1 − 2⁻⁵³). The client
+#: forms float64 norms of blinded rows x + η and of the server's products on them (‖X̂_i‖, ‖Y_i‖ and the
+#: tolerances τ built from them, DESIGN §5.5) through sums of squares, which overflow once a norm passes
+#: √(1.8e308) ≈ 1.3e154: τ becomes inf and a correct reply fails its check (an IntegrityError that blames
+#: the server; on tests/tiny.py's model every check passes at β = 1e150 and block 0's QKV check fails at
+#: 1e154). At β ≤ 1e100 an entry of η is below 3.7e101, so a norm stays below 1.3e154 for any factor up to
+#: 3e52 from the row's width, the rows and the weight norms — far above any model. (Exactness is lost long
+#: before: x + η keeps x only to float64's spacing near |η|, so past β ≈ 2⁵³·|x|/37 — about 1e14 for
+#: activations of size 1 — the result carries nothing of x; that loss is the ΔPPL against β that DESIGN §6
+#: measures and reports, not refuses.) The largest β anything here uses is 1e8 (the README's float64 sweep).
+MAX_BETA = 1e100
 
 
 def guard_blocks(n_layers: int, l_s: int, l_e: int) -> tuple[range, range, range]:
@@ -112,7 +125,8 @@ class SCXConfig:
                to show an attack it stops.
 
     A bad value of any field is refused (ConfigError naming the field). Integer fields take Python or
-    numpy integers (not bools), β's any real number (not a bool); they are stored as ``int`` / ``float``,
+    numpy integers (not bools), β's any real number (not a bool) in [0, :data:`MAX_BETA`] (past it the
+    client's float64 checks would overflow); they are stored as ``int`` / ``float``,
     and ``stage_beta`` (a mapping) as a dict of its own, so a later change to the caller's mapping does not
     reach the checked configuration.
     """
@@ -138,19 +152,14 @@ class SCXConfig:
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ConfigError(f"level must be one of {LEVELS}, got {self.level!r}")
-        for name in ("r1", "r2"):
-            if _not_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if self.r_lock is not None and (_not_int(self.r_lock) or self.r_lock < 0):
-            raise ConfigError(f"r_lock must be an integer >= 0, got {self.r_lock!r}")
-        if self.max_length is not None and (_not_int(self.max_length) or self.max_length < 1):
-            raise ConfigError(f"max_length must be an integer >= 1 or None, got {self.max_length!r}")
+        for name in ("r1", "r2"):  # numpy integers are stored as int
+            object.__setattr__(self, name, check_int(getattr(self, name), name, 0))
+        if self.r_lock is not None:
+            object.__setattr__(self, "r_lock", check_int(self.r_lock, "r_lock", 0))
+        if self.max_length is not None:
+            object.__setattr__(self, "max_length", check_int(self.max_length, "max_length", 1))
         for name in ("l_s", "l_e"):
-            if _not_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("r1", "r2", "r_lock", "max_length", "l_s", "l_e"):  # numpy integers → int
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, int(getattr(self, name)))
+            object.__setattr__(self, name, check_int(getattr(self, name), name, 1))
         object.__setattr__(self, "beta", _check_beta(self.beta, "beta"))
         if self.stage_beta is not None:
             if not isinstance(self.stage_beta, Mapping):
@@ -222,18 +231,7 @@ class SCXConfig:
         return out
 
 
-def _not_int(value: Any) -> bool:
-    """Whether ``value`` is not an integer — a Python or numpy one; a bool (Python or numpy) is not one."""
-    return isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
-
-
 def _check_beta(value: Any, name: str) -> float:
-    """``value`` as a float: a finite real number >= 0 (Python or numpy, not a bool); ConfigError naming
-    ``name`` otherwise."""
-    if (
-        isinstance(value, (bool, np.bool_))
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not (np.isfinite(value) and value >= 0)
-    ):
-        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    """``value`` as a float: a real number (Python or numpy, not a bool) in [0, :data:`MAX_BETA`];
+    ConfigError naming ``name`` otherwise (:func:`~scx_ref._checks.check_real`)."""
+    return check_real(value, name, 0, MAX_BETA)

@@ -14,13 +14,12 @@ strings have their exact format, and an expert list is a sorted, duplicate-free 
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .._checks import check_int
+from .._checks import check_int, check_real
 from ..errors import ConfigError, ProtocolError
 
 __all__ = [
@@ -64,14 +63,8 @@ class ServerLimits:
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if name == "idle_ttl":
-                if (
-                    isinstance(value, bool)
-                    or not isinstance(value, (int, float))
-                    or not math.isfinite(value)
-                    or value <= 0
-                ):
-                    raise ConfigError(f"idle_ttl must be a finite number of seconds > 0, got {value!r}")
+            if name == "idle_ttl":  # seconds: stored as float (a numpy number included)
+                object.__setattr__(self, name, check_real(value, name, 0, lo_open=True))
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
 

@@ -29,7 +29,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .._checks import check_real
 from ..errors import ConfigError, SCXError, ServiceError, SessionError
 from ..protocol.limits import ServerLimits
 from ..protocol.messages import Reply, Request
@@ -102,10 +102,8 @@ class ServeOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("idle_timeout", "grace"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+        for name in ("idle_timeout", "grace"):  # seconds: stored as float (a numpy number included)
+            object.__setattr__(self, name, check_real(getattr(self, name), name, 0, lo_open=True))
         for name in ("port", "ops_port"):
             v = getattr(self, name)
             if v is None and name == "ops_port":
