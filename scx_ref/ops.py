@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import FloatArray, IntArray, token_ids
-from .errors import ConfigError, ShapeError
+from ._checks import FloatArray, IntArray, check_int, check_real, token_ids
+from .errors import ShapeError
 from .weights import DenseMLP, LayerWeights, MoEMLP
 
 __all__ = [
@@ -128,10 +128,9 @@ def rope_cos_sin(
 
     ``positions`` is 1-D and ``head_dim`` even (ShapeError otherwise); θ a finite number > 0 (ConfigError).
     """
-    if not isinstance(head_dim, (int, np.integer)) or isinstance(head_dim, bool) or head_dim % 2:
-        raise ShapeError(f"RoPE needs an even integer head_dim, got {head_dim!r}")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float, np.number)) or not 0 < theta < np.inf:
-        raise ConfigError(f"RoPE theta must be a finite number > 0, got {theta!r}")
+    if check_int(head_dim, "RoPE's head_dim", 0, error=ShapeError) % 2:
+        raise ShapeError(f"RoPE needs an even head_dim, got {head_dim!r}")
+    theta = check_real(theta, "RoPE theta", 0, lo_open=True)
     if np.ndim(positions) != 1:
         raise ShapeError(f"RoPE positions must be one-dimensional, got shape {np.shape(positions)}")
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
@@ -175,7 +174,8 @@ def attention(
     """softmax(q kᵀ·s + M) v per head, with GQA (query head h uses KV head h // (H / H_kv)).
 
     ``mask`` is a boolean n_q × n_k array (True = may attend; None = attend to all). Returns
-    n_q × H × d_h. Default scale s = 1/√d_h.
+    n_q × H × d_h. Default scale s = 1/√d_h. A query row's head with a NaN or ±inf entry gives NaN in that
+    row's head (its scores are NaN or ±∞: all −∞, they read as a row that sees no key and gave zeros).
 
     ShapeError unless q, k, v are 3-D with H a multiple of H_kv ≥ 1, k and v of the same rows (≥ 1) and
     heads, q and k of the same d_h, and ``mask`` of shape n_q × n_k.
@@ -201,4 +201,7 @@ def attention(
     probs = softmax(scores, axis=-1)
     out = np.einsum("hgqk,khd->qhgd", probs, v)
     result: FloatArray = out.reshape(n_q, n_heads, v.shape[-1])
+    finite = np.isfinite(q).all(axis=-1, keepdims=True)
+    if not finite.all():
+        result = np.where(finite, result, np.nan).astype(result.dtype, copy=False)
     return result

@@ -1480,8 +1480,26 @@ class TorchBackend(TorchOps):
         sees every key, and a boolean mask otherwise. Where every query sees every key and several query
         heads share a KV head, on CPU, the call is :meth:`_grouped_attention`'s instead (the same
         softmax(q kᵀ/√d_h)·v per query head, each KV head's cache read once). Inputs may be strided
-        views (rows × heads × d_h of a wider array); the output is contiguous rows × H × d_h. ShapeError for
+        views (rows × heads × d_h of a wider array); the output is contiguous rows × H × d_h. A query row's
+        head with a NaN or ±inf entry gives NaN in that row's head, as the reference does (the CPU flash
+        kernel gives zeros for a NaN one: a silent finite result); no keys give zeros. ShapeError for
         shapes :func:`~.base.check_heads` refuses, or positions that are not one per row (as NumpyBackend)."""
+        out = self._attention(q, k, v, q_positions, k_positions)
+        if out.numel() == 0 or k.shape[0] == 0 or (self._on_cpu and _all_finite(q)):
+            return out  # no keys give zeros, as on numpy
+        # not finite (or on a device, where a test on the host would wait for the kernels): NaN where a
+        # query head is not finite, whatever the kernel made of it (the CPU flash kernel: zeros)
+        return out.masked_fill(~torch.isfinite(q).all(dim=-1, keepdim=True), math.nan)
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_positions: IndexArray,
+        k_positions: IndexArray | None,
+    ) -> torch.Tensor:
+        """:meth:`attention` before the NaN of the non-finite query heads."""
         check_heads(tuple(q.shape), tuple(k.shape), tuple(v.shape))
         n_q, n_heads, _ = q.shape
         n_k, n_kv, _ = k.shape

@@ -462,7 +462,11 @@ class Client(Generic[A]):
 
         Opens a new session under a fresh nonce (or ``nonce``; or the one :meth:`precompute` reserved,
         whose keys are then already derived), after closing this client's previous session if it is still
-        open. A nonce that already drove a session under this master secret is refused (SessionError):
+        open. A close that fails (its link gone, or its reply refused) does not stop the new session: the
+        previous one is left failed (abandoned; the server frees it at its idle timeout), and the new one
+        opens on ``link`` — where a dead ``link`` fails it in turn, with the transport's error (a
+        ``RemoteTransport``: ServiceError). A nonce that already drove a session under this master secret is
+        refused (SessionError):
         the same keys would encode two prompts. Every reply is verified first (IntegrityError on a failed
         check; the session is then failed and nothing more is sent).
         """
@@ -484,7 +488,10 @@ class Client(Generic[A]):
         self._next_nonce = None
         old = self.state
         if old is not None and not (old.failed or old.closed) and old.link is not None:
-            self.close()
+            try:
+                self.close()
+            except (SCXError, OSError):  # its link gone (a transport's error) or its reply refused:
+                old.failed = True  # the old session is abandoned (_send marked it so); its idle TTL frees it
         self.meter = CostMeter()
         prep = self._take_prepared(keys.nonce, n)
         st: _State[A] = _State(prep.keys, prep, n, seq=0, link=link)

