@@ -14,7 +14,7 @@ from typing import Any, Generic
 
 import numpy as np
 
-from ._checks import token_ids
+from ._checks import check_int, token_ids
 from .backends.base import A, Backend, IndexArray
 from .errors import ProtocolError
 from .stages import Stage
@@ -152,7 +152,8 @@ class PlainRunner(Generic[A]):
         """Logits of ``ids`` continuing the cache (rows × V, or only the last row); extends the cache.
         ``ids`` are checked first (:func:`~scx_ref._checks.token_ids`: VocabularyError unless 1-D integers in
         the vocabulary, ProtocolError when empty), the cache left as it was: a float id was truncated to an
-        integer token before."""
+        integer token before. A call that raises later (in a ``trace``, in the backend) leaves the cache as
+        it was too."""
         b, c = self.b, self.b.config
         ids_arr = token_ids(ids, c.vocab_size)
         n, start = len(ids_arr), self.length
@@ -160,17 +161,20 @@ class PlainRunner(Generic[A]):
             raise ProtocolError(f"sequence length {start + n} exceeds max_positions {c.max_positions}")
         pos = np.arange(start, start + n)
         x = b.embed(ids_arr)
+        # the extended caches are kept aside and replace the old ones only once the whole forward ran: a
+        # call that raises midway (a trace, the backend) leaves the cache as it was, never some blocks
+        # extended and others not (append_rows never changes a view it extends)
+        cache: list[tuple[A, A]] = []
         for i in range(c.n_layers):
             x, kv = block(b, x, i, pos, self.cache[i] if i < len(self.cache) else None, self.trace)
-            if i < len(self.cache):
-                self.cache[i] = kv
-            else:
-                self.cache.append(kv)
+            cache.append(kv)
         if self.trace:
             self.trace(Stage.HEAD, c.n_layers, x)
         if last_only:
             x = b.narrow(x, 0, n - 1, n)
-        return b.project(b.norm(x, "final"), "lm_head")
+        logits = b.project(b.norm(x, "final"), "lm_head")
+        self.cache = cache
+        return logits
 
     def prefill(self, ids: Any, last_only: bool = False) -> A:
         """Logits of a prompt on a fresh cache."""
@@ -182,7 +186,9 @@ class PlainRunner(Generic[A]):
         return self.forward([token])
 
     def generate(self, ids: Any, n_new: int) -> list[int]:
-        """Greedy continuation (``n_new`` tokens), as plaintext greedy decoding."""
+        """Greedy continuation (``n_new`` tokens: an integer >= 0, else ConfigError before anything runs),
+        as plaintext greedy decoding."""
+        n_new = check_int(n_new, "n_new", 0)
         nxt = self.b.argmax_last(self.prefill(ids, last_only=True))
         out: list[int] = []
         for step in range(n_new):

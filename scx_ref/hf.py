@@ -36,6 +36,7 @@ Three entry points:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import fields
 from typing import Any
@@ -43,10 +44,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import token_ids
+from ._checks import check_int, token_ids
 from .backends.torch_backend import TorchBackend, TorchLayer, TorchWeights, parse_device, parse_dtype
 from .config import ModelConfig
-from .errors import ConfigError, SCXError, VocabularyError
+from .errors import ConfigError, DTypeError, SCXError, VocabularyError
 from .keys import KeySchedule
 from .protocol import Client, DecoyPolicy, Level, LocalTransport, SCXConfig, Server, ServerView, Transport
 from .protocol.verify import SketchCache
@@ -256,7 +257,17 @@ def weights_from_hf(model: Any, dtype: Any = None, name: str | None = None) -> M
     Default dtype: float64 for a float64 model, float32 otherwise; ``name`` overrides the config's
     name. Guarantee: the reference forward on
     these weights is the HF forward's mathematics (tested to rtol 1e-10 in float64 in ``tests/test_hf.py``).
+    ConfigError for anything but a supported model (checked before it is read), DTypeError unless
+    ``dtype`` is None or names a floating numpy dtype.
     """
+    _check_model(model)
+    if dtype is not None:
+        try:
+            np_dtype = np.dtype(dtype)
+        except TypeError as exc:
+            raise DTypeError(f"dtype must be a floating numpy dtype, got {dtype!r}") from exc
+        if not np.issubdtype(np_dtype, np.floating):
+            raise DTypeError(f"dtype must be a floating numpy dtype, got {np_dtype}")
     config = config_from_hf(model.config)
     if name is not None:
         config = ModelConfig(**{**config.to_dict(), "name": name})
@@ -429,7 +440,8 @@ class SCXModel:
         unless ``ids`` is a 1-D array of ids of the vocabulary and ProtocolError when it is empty
         (:func:`~scx_ref._checks.token_ids`, the check the prefill makes again), ConfigError unless the
         prompt and ``max_new_tokens`` new tokens fit :attr:`max_length` (the last new token is never fed
-        back: n + new − 1 ≤ max_length)."""
+        back: n + new − 1 ≤ max_length) or ``max_new_tokens`` is not an integer >= 0."""
+        max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 0)
         arr = token_ids(ids, self.backend.config.vocab_size)
         if max_new_tokens and arr.shape[0] + max_new_tokens - 1 > self.max_length:
             raise ConfigError(
@@ -459,7 +471,11 @@ class SCXModel:
         rows = []
         for ids in _as_batch(input_ids):
             client, link = self._session()
-            rows.append(torch.from_numpy(np.asarray(client.prefill(ids, link))))
+            try:
+                rows.append(torch.from_numpy(np.asarray(client.prefill(ids, link))))
+            except BaseException:
+                _close_quietly(client)
+                raise
             client.close()
         return torch.stack(rows)
 
@@ -521,14 +537,27 @@ class SCXModel:
             return []
         self.check_prompt(ids, plan.max_new_tokens)
         client, link = self._session()
-        new = generate_tokens(
-            ids,
-            plan,
-            functools.partial(client.prefill, link=link),
-            functools.partial(client.decode, link=link),
-            generator=gen,
-            tokenizer=tokenizer,
-            streamer=streamer,
-        )
+        try:
+            new = generate_tokens(
+                ids,
+                plan,
+                functools.partial(client.prefill, link=link),
+                functools.partial(client.decode, link=link),
+                generator=gen,
+                tokenizer=tokenizer,
+                streamer=streamer,
+            )
+        except BaseException:
+            _close_quietly(client)
+            raise
         client.close()
         return new
+
+
+def _close_quietly(client: Client[Any]) -> None:
+    """Close ``client``'s session after a failure that did not fail the session itself (a streamer, a
+    tokenizer, a logits row that is not finite): the server frees it instead of holding it until its idle
+    timeout. A failed or closed session sends nothing; an error closing it is dropped, so the caller's
+    error is the one raised."""
+    with contextlib.suppress(Exception):
+        client.close()

@@ -97,7 +97,8 @@ class ReferenceModel:
 
     def _check_cache(self, cache: Any, stop: int) -> KVCache:
         """``cache`` (a new one when None) after checking it can be continued through block ``stop``:
-        a KVCache whose layers all hold the same rows, and either none or exactly blocks 0..stop."""
+        a KVCache whose layers all hold the same rows of floating-point keys and values, and either none
+        or exactly blocks 0..stop."""
         if cache is None:
             return KVCache()
         if not isinstance(cache, KVCache):
@@ -121,6 +122,10 @@ class ReferenceModel:
                     f"cache block {i} must hold keys and values of shape (rows, {want[0]}, {want[1]}) with "
                     f"the rows of block 0, got {getattr(k, 'shape', type(k).__name__)}, "
                     f"{getattr(v, 'shape', type(v).__name__)}"
+                )
+            if not (np.issubdtype(k.dtype, np.floating) and np.issubdtype(v.dtype, np.floating)):
+                raise ProtocolError(
+                    f"cache block {i} must hold floating-point keys and values, got {k.dtype}, {v.dtype}"
                 )
         return cache
 
@@ -171,7 +176,8 @@ class ReferenceModel:
 
     def decode(self, token: int, cache: KVCache) -> FloatArray:
         """Logits (V,) of one new token at position ``cache.length``; extends ``cache`` in place (a
-        complete cache from :meth:`prefill`; ProtocolError otherwise, the cache then unchanged)."""
+        complete cache from :meth:`prefill`, or an empty KVCache: the token is then at position 0;
+        ProtocolError otherwise, the cache then unchanged)."""
         if not isinstance(cache, KVCache):
             raise ProtocolError(f"decode needs the KVCache of a prefill, got {type(cache).__name__}")
         logits, _ = self.forward(np.asarray([token]), cache)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from .._checks import check_int
-from ..errors import ConfigError
+from ..errors import ConfigError, ProtocolError
 from ..keys import Label
 from ..stages import Phase, Stage
 from .config import SCXConfig
@@ -71,12 +71,14 @@ class Release:
     expert: int | None = None
 
     def label(self, step: int | None = None) -> Label:
-        """The key label η is drawn from: ``("alpha", block, root[, "gen", step][, part][, expert])``."""
+        """The key label η is drawn from: ``("alpha", block, root[, "gen", step][, part][, expert])``.
+        ProtocolError for a generation release unless ``step`` is an integer >= 0 (a prefill release
+        ignores it)."""
         out: Label = ("alpha", self.block, _LABEL_ROOT[self.kind])
         if self.phase is Phase.GENERATE:
-            if step is None or step < 0:
-                raise ValueError("a generation release needs its step")
-            out = (*out, "gen", step)
+            if step is None:
+                raise ProtocolError("a generation release needs its step")
+            out = (*out, "gen", check_int(step, "step", 0, error=ProtocolError))
         if self.kind in _FFN_PART:
             out = (*out, _FFN_PART[self.kind])
         if self.expert is not None:
@@ -149,12 +151,15 @@ class ReleasePlan:
         LM head (``gen_head``). With ``last_ffn="paper"`` the last guard blocks send the paper's offset
         at every level. The middle blocks run on the server alone, un-noised, so they never appear.
 
-        ConfigError when ``config`` is not an SCXConfig or ``model`` has no integer ``n_layers`` >= 1.
+        ConfigError when ``config`` is not an SCXConfig or ``model`` is no :class:`PlanModel` (``n_layers``,
+        ``n_experts``, ``is_moe``) with an integer ``n_layers`` >= 1.
         """
         if not isinstance(config, SCXConfig):
             raise ConfigError(f"config must be an SCXConfig, got {type(config).__name__}")
-        if not hasattr(model, "n_layers"):
-            raise ConfigError(f"model must be a ModelConfig (with n_layers), got {type(model).__name__}")
+        if not all(hasattr(model, a) for a in ("n_layers", "n_experts", "is_moe")):
+            raise ConfigError(
+                f"model must be a ModelConfig (with n_layers, n_experts, is_moe), got {type(model).__name__}"
+            )
         L = check_int(model.n_layers, "model.n_layers", 1, error=ConfigError)
         first, _, last = config.blocks(L)
         p, g = Phase.PREFILL, Phase.GENERATE

@@ -27,7 +27,9 @@ from typing import Generic
 import numpy as np
 import numpy.typing as npt
 
+from .._checks import check_int
 from ..backends.base import A, Backend, WeightName
+from ..errors import ProtocolError
 from ..stages import Stage
 from ..transforms import HeadPermutation, Permutation
 from .config import SCXConfig
@@ -139,9 +141,9 @@ class PreparedKeys(Generic[A]):
     def bind(self, n: int) -> None:
         """Serve a prompt of ``n`` tokens, n at most the length the keys were derived for: its token
         permutations are derived for n (any derived for another length are dropped); the masks derived for
-        the longer length serve their first rows (:meth:`blinding`)."""
-        if not 1 <= n <= self.n:
-            raise ValueError(f"these keys serve prompts of 1 to {self.n} tokens, not {n}")
+        the longer length serve their first rows (:meth:`blinding`). ProtocolError, nothing changed, unless
+        ``n`` is an integer in that range."""
+        n = check_int(n, "n", 1, self.n, error=ProtocolError)
         if n != self.n:
             for i, bk in self._blocks.items():  # P_i does not depend on n: keep it
                 self._heads.setdefault((i, -1), bk.head)
