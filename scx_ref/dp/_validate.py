@@ -15,6 +15,7 @@ __all__ = [
     "check_nonnegative",
     "check_positive",
     "count_as_float",
+    "quotient_up",
     "sum_nonnegative",
     "times",
 ]
@@ -60,6 +61,16 @@ def times(count: int, value: float) -> float:
     if count == 0 or value == 0.0:
         return 0.0
     return count_as_float(count) * value
+
+
+def quotient_up(num: float, den: float) -> float:
+    """``num / den`` for num >= 0 and den > 0 (a privacy loss such as Δ₁/β): never 0 unless num is 0.
+
+    A positive quotient below the float64 range would round to 0.0, which reads as "the output does not
+    depend on the input"; it is reported as the smallest positive float instead (still an upper bound).
+    """
+    q = num / den
+    return math.ulp(0.0) if q == 0.0 and num > 0.0 else q
 
 
 def sum_nonnegative(values: Iterable[float]) -> float:

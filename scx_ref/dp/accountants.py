@@ -69,13 +69,24 @@ def advanced_composition(epsilon: float, k: int, delta_prime: float) -> float:
     float64 range (e^ε overflows, or k is too large), never a finite understatement.
     """
     eps = check_positive(epsilon, "epsilon")
-    kk = count_as_float(check_count(k, "k (compositions)"))
+    kk = check_count(k, "k (compositions)")
     dp = check_delta(delta_prime, "delta_prime")
-    return math.sqrt(2.0 * kk * math.log(1.0 / dp)) * eps + kk * _drv_term(eps)
+    # ln(1/δ') as −ln δ' (1/δ' overflows for a subnormal δ'); times(): k past float64 with a drift term that
+    # underflows to 0 gives 0, not inf·0 = NaN
+    return math.sqrt(2.0 * count_as_float(kk) * -math.log(dp)) * eps + times(kk, _drv_term(eps))
 
 
 def _check_mechanisms(mechanisms: Sequence[LaplaceMechanism]) -> list[LaplaceMechanism]:
-    mechs = list(mechanisms)
+    if isinstance(mechanisms, LaplaceMechanism):
+        raise ConfigError(
+            "expected a sequence of LaplaceMechanism, got one LaplaceMechanism (wrap it in a list)"
+        )
+    try:
+        mechs = list(mechanisms)
+    except TypeError:  # None, a number, ...: not a sequence at all
+        raise ConfigError(
+            f"expected a sequence of LaplaceMechanism, got {type(mechanisms).__name__}"
+        ) from None
     if not mechs:
         raise ConfigError("need at least one mechanism to compose")
     for m in mechs:
@@ -97,13 +108,18 @@ def advanced_composition_heterogeneous(mechanisms: Sequence[LaplaceMechanism], d
 
     Guarantee: the releases together are (ε', δ')-DP (sums run over every release, ``count`` times each).
     With all ε_i = ε this is exactly :func:`advanced_composition`. Like it, returns +inf when the value
-    exceeds the float64 range (never an exception, never a finite understatement).
+    exceeds the float64 range (never an exception, never a finite understatement: Σ ε_i² is summed relative
+    to the largest ε_i, so tiny ε_i do not underflow to an ε' of 0).
     """
     mechs = _check_mechanisms(mechanisms)
     dp = check_delta(delta_prime, "delta_prime")
-    sq = sum_nonnegative(times(m.count, m.epsilon * m.epsilon) for m in mechs)  # float * overflows to inf
+    top = max(m.epsilon for m in mechs)
+    if top == 0.0 or math.isinf(top):  # nothing released / a release beyond the float64 range
+        return top
+    # Σ count·ε_i² = top²·Σ count·(ε_i/top)²: the relative squares lie in [0, 1], neither overflow nor vanish
+    rel = sum_nonnegative(times(m.count, (m.epsilon / top) ** 2) for m in mechs)
     drift = sum_nonnegative(times(m.count, _drv_term(m.epsilon)) for m in mechs)
-    return math.sqrt(2.0 * math.log(1.0 / dp) * sq) + drift
+    return math.sqrt(2.0 * -math.log(dp) * rel) * top + drift
 
 
 def pld_available() -> bool:
@@ -217,7 +233,9 @@ class CompositionResult:
     - ``epsilon_pld`` at ``delta`` (None without dp_accounting), with ``pld_interval`` and
       ``pld_discretization_slack`` (how far discretization alone may push it up, see
       :func:`pld_discretization_slack`);
-    - ``epsilon_best``: the smallest of the sound numbers above (every one is an upper bound).
+    - ``epsilon_best``: the smallest of the sound numbers above that hold at ``delta`` (basic, PLD, and
+      advanced when ``delta_prime <= delta``): the releases are (epsilon_best, delta)-DP. An advanced ε at a
+      δ' larger than δ is not a guarantee at δ and is left out.
     """
 
     k: int
@@ -252,8 +270,9 @@ def compose(
 ) -> CompositionResult:
     """Compose releases with every accountant: basic, advanced (at ``delta_prime``, default ``delta``), PLD.
 
-    Guarantee: the releases are (epsilon_basic, 0)-, (epsilon_advanced, δ')- and (epsilon_pld, δ)-DP.
-    A value beyond the float64 range is +inf (never an exception, never a finite understatement).
+    Guarantee: the releases are (epsilon_basic, 0)-, (epsilon_advanced, δ')-, (epsilon_pld, δ)- and
+    (epsilon_best, δ)-DP. A value beyond the float64 range is +inf (never an exception, never a finite
+    understatement).
     """
     mechs = _check_mechanisms(mechanisms)
     dl = check_delta(delta)
@@ -274,7 +293,9 @@ def compose(
     if interval is not None and eps_pld is not None:
         # an infinite default interval (Σ ε beyond the float64 range) leaves ε_pld = +inf, slack unbounded
         slack = pld_discretization_slack(mechs, interval) if math.isfinite(interval) else math.inf
-    best = best_cf if eps_pld is None else min(best_cf, eps_pld)
+    # every candidate must hold at δ: basic (δ = 0) always, advanced only when δ' <= δ, PLD (read at δ)
+    at_delta = [basic] + ([adv] if dp <= dl else []) + ([] if eps_pld is None else [eps_pld])
+    best = min(at_delta)
     return CompositionResult(
         k=sum(m.count for m in mechs),
         delta=dl,

@@ -38,7 +38,7 @@ from ..protocol.config import BETA_KINDS, LEVELS, SCXConfig
 from ..protocol.plan import InputKind, Release, ReleasePlan
 from ..stages import Phase, Stage
 from ..weights import ModelWeights
-from ._validate import check_count, check_delta, check_positive
+from ._validate import check_count, check_delta, check_positive, quotient_up
 from .accountants import CompositionResult, compose
 from .mechanisms import LaplaceMechanism
 from .permutation import bayes_guess_bound, permutation_bits, statelessness_bound_paper
@@ -86,7 +86,8 @@ class RequestBudget:
     """The (ε, δ) one prompt token gets in one request, with its per-stage breakdown.
 
     ``epsilon_basic`` is pure (δ = 0); ``epsilon_advanced`` holds at ``delta_prime``; ``epsilon_pld`` at
-    ``delta`` (None without dp_accounting). All are +inf at level ``permute``.
+    ``delta`` (None without dp_accounting); ``epsilon_best`` at ``delta`` (the smallest of those that hold
+    there, see :class:`~scx_ref.dp.accountants.CompositionResult`). All are +inf at level ``permute``.
     """
 
     model: str
@@ -277,7 +278,7 @@ def request_budget(
     for (phase, stage, kind, block, b), count in grouped.items():
         d1 = _sensitivity(sens, Release(phase, stage, block, kind, b))
         shown = 0 if kind == "lm_head" else block + 1
-        releases.append(StageRelease(phase.value, stage.value, kind, shown, count, d1, b, d1 / b))
+        releases.append(StageRelease(phase.value, stage.value, kind, shown, count, d1, b, quotient_up(d1, b)))
 
     level_ = cfg.level
     # every un-noised message of the plan (DESIGN §5.4), then the releases key sharing reveals

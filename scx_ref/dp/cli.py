@@ -118,13 +118,15 @@ def _parse_beta(text: str) -> float | dict[str, float]:
     try:
         if "=" not in text:
             return float(text)
-        out: dict[str, float] = {}
-        for item in text.split(","):
-            key, _, value = item.partition("=")
-            out[key.strip()] = float(value)
-        return out
+        pairs = [(key.strip(), float(value)) for key, _, value in (i.partition("=") for i in text.split(","))]
     except ValueError as exc:
         raise ConfigError(f"--beta must be a number or stage=value pairs, got {text!r}") from exc
+    out: dict[str, float] = {}
+    for key, value in pairs:
+        if key in out:  # qkv=5,qkv=50: which one was meant?
+            raise ConfigError(f"--beta gives stage {key!r} twice, in {text!r}")
+        out[key] = value
+    return out
 
 
 def _fmt(x: Any) -> str:
@@ -155,6 +157,11 @@ def _raw(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         if args.dim is None:
             raise ConfigError("--per-coordinate needs --dim (the row's dimension d)")
         reading = per_coordinate_reading(args.per_coordinate, args.scale, args.dim)
+        if math.isinf(reading.l1_sensitivity):
+            raise ConfigError(
+                f"--per-coordinate {args.per_coordinate:g} × --dim {args.dim}: the L1 sensitivity d·Δf "
+                "exceeds the float64 range"
+            )
         out.update(reading.to_dict())
         sensitivity = reading.l1_sensitivity
         text.append(

@@ -13,10 +13,12 @@ coordinate are ``d·Δf`` apart in L1, and the ε the Laplace mechanism actually
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from ._validate import check_count, check_nonnegative, check_positive, times
+from ..errors import ConfigError
+from ._validate import check_count, check_nonnegative, check_positive, quotient_up, times
 
 __all__ = [
     "LaplaceMechanism",
@@ -38,24 +40,35 @@ def laplace_epsilon(sensitivity: float, scale: float) -> float:
     """ε of the Laplace mechanism: ``ε = Δ₁ / β``.
 
     Guarantee: releasing ``x + Laplace(0, β)^d`` is ε-DP (δ = 0) for inputs within L1 distance
-    ``sensitivity`` = Δ₁ of each other. Δ₁ = 0 gives ε = 0 (the output does not depend on the input).
+    ``sensitivity`` = Δ₁ of each other. Δ₁ = 0 gives ε = 0 (the output does not depend on the input);
+    Δ₁ > 0 never gives 0 (a quotient below the float64 range is the smallest positive float).
     Raises ConfigError / NonFiniteError for Δ₁ < 0, β ≤ 0 or non-finite values (an integer beyond the
     float64 range counts as non-finite); a quotient beyond the float64 range is +inf.
     """
     d1 = check_nonnegative(sensitivity, "sensitivity")
     beta = check_positive(scale, "scale (beta)")
-    return d1 / beta
+    return quotient_up(d1, beta)
 
 
 def laplace_scale_for_epsilon(sensitivity: float, epsilon: float) -> float:
     """The Laplace scale β that gives a target ε: ``β = Δ₁ / ε``.
 
     Guarantee: with this β, releasing ``x + Laplace(0, β)^d`` is ``epsilon``-DP for inputs within
-    L1 distance ``sensitivity``. Needs Δ₁ > 0 and ε > 0.
+    L1 distance ``sensitivity``. Needs Δ₁ > 0 and ε > 0. β is rounded up where ``Δ₁ / ε`` rounds down, so
+    ``laplace_epsilon(Δ₁, β) <= ε`` holds in float64 too; ConfigError when β would be 0 (below the float64
+    range: no noise, no ε); +inf when it exceeds the range.
     """
     d1 = check_positive(sensitivity, "sensitivity")
     eps = check_positive(epsilon, "epsilon")
-    return d1 / eps
+    beta = d1 / eps
+    if beta == 0.0:
+        raise ConfigError(
+            f"the Laplace scale for sensitivity {d1!r} and epsilon {eps!r} is below the float64 range "
+            "(it would round to 0: no noise)"
+        )
+    while d1 / beta > eps:  # Δ₁/ε rounded down: step up (once, in practice) to keep the promised ε
+        beta = math.nextafter(beta, math.inf)
+    return beta
 
 
 def metric_dp_epsilon_per_unit(scale: float) -> float:
@@ -87,8 +100,8 @@ class LaplaceMechanism:
 
     @property
     def epsilon(self) -> float:
-        """Pure ε of one release, Δ₁ / β."""
-        return self.sensitivity / self.scale
+        """Pure ε of one release, Δ₁ / β (never 0 when Δ₁ > 0: see :func:`laplace_epsilon`)."""
+        return quotient_up(self.sensitivity, self.scale)
 
     @property
     def delta(self) -> float:
@@ -150,7 +163,7 @@ def per_coordinate_reading(delta_inf: float, scale: float, dim: int) -> PerCoord
         delta_inf=df,
         scale=s,
         dim=d,
-        epsilon_per_coordinate=df / s,
+        epsilon_per_coordinate=quotient_up(df, s),
         l1_sensitivity=l1,
-        epsilon_l1=l1 / s,
+        epsilon_l1=quotient_up(l1, s),
     )

@@ -22,7 +22,7 @@ from typing import Any, Literal, overload
 import numpy as np
 import numpy.typing as npt
 
-from .._checks import as_float_array
+from .._checks import as_float_array, check_real
 from ..errors import ConfigError, NonFiniteError, ShapeError
 from ..weights import DenseMLP, LayerWeights, ModelWeights
 from ._validate import check_count, check_nonnegative
@@ -232,14 +232,16 @@ def l1_diameter(
     two so that no magnitude overflows or vanishes in float32 — and then recomputes, in float64, every row
     whose float32 maximum lies within the float32 error bound of the best one, so the result is the float64
     value of the true maximising pair; both backends agree for any finite rows. The result is never
-    negative; it is +inf when the diameter exceeds the float64 range. ``device`` may name a torch device
-    ("cuda"); an unknown or unavailable one raises ConfigError. ``return_pair=True`` also returns the
-    maximising indices (i, j).
+    negative; it is +inf when the diameter exceeds the float64 range; ShapeError for no rows or rows of
+    no columns. ``device`` may name a torch device ("cuda"); an unknown or unavailable one raises
+    ConfigError. ``return_pair=True`` also returns the maximising indices (i, j).
     """
     x = as_float_array(rows, "rows", ndim=2).astype(np.float64)
-    v, _ = x.shape
+    v, d = x.shape
     if v == 0:
         raise ShapeError("rows must hold at least one row")
+    if d == 0:
+        raise ShapeError(f"rows must have at least one column, got shape {x.shape}")
     chunk = check_count(chunk_size, "chunk_size") if chunk_size is not None else max(1, 2**25 // max(v, 1))
     if backend not in ("auto", "numpy", "torch"):
         raise ConfigError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
@@ -355,6 +357,11 @@ def swiglu_down_l1_bound(mlp: DenseMLP, mlp_norm: Any) -> float:
 # --------------------------------------------------------------------------- per-model summary
 
 
+def _check_sensitivity(value: Any, name: str) -> float:
+    """A Δ₁ field: a real number >= 0, +inf allowed (an overflowing bound); NaN refused (NonFiniteError)."""
+    return check_real(value, name, 0, allow_inf=True, nonfinite_error=NonFiniteError)
+
+
 @dataclass(frozen=True)
 class LayerSensitivities:
     """L1 sensitivities (Δ₁) of the four blinded inputs of one block (0-based ``layer``).
@@ -368,6 +375,13 @@ class LayerSensitivities:
     o: float
     gate_up: float
     down: float
+
+    def __post_init__(self) -> None:
+        """ConfigError unless ``layer`` is an integer >= 0 and each Δ₁ a real number >= 0 (+inf allowed:
+        an overflowing bound); NonFiniteError for NaN."""
+        check_count(self.layer, "layer", minimum=0)
+        for name in ("qkv", "o", "gate_up", "down"):
+            _check_sensitivity(getattr(self, name), name)
 
 
 @dataclass(frozen=True)
@@ -388,6 +402,32 @@ class ModelSensitivities:
     embed_raw_diameter: float | None = None
     notes: tuple[str, ...] = field(default=())
     n_experts: int = 0
+
+    def __post_init__(self) -> None:
+        """ConfigError unless the sizes are integers >= 1 (``n_experts`` >= 0), ``layers`` is a tuple or list
+        of ``n_layers`` :class:`LayerSensitivities`, ``notes`` strings and every Δ₁ a real number >= 0
+        (+inf allowed; None for the optional diameters); NonFiniteError for NaN. A budget indexes ``layers``
+        by block, so a short or mistyped one must not get that far."""
+        n = check_count(self.n_layers, "n_layers")
+        check_count(self.hidden_size, "hidden_size")
+        check_count(self.vocab_size, "vocab_size")
+        check_count(self.n_experts, "n_experts", minimum=0)
+        if not isinstance(self.layers, tuple | list) or len(self.layers) != n:
+            got = (
+                f"{len(self.layers)} entries"
+                if isinstance(self.layers, tuple | list)
+                else type(self.layers).__name__
+            )
+            raise ConfigError(f"layers must be a tuple of n_layers = {n} LayerSensitivities, got {got}")
+        for ls in self.layers:
+            if not isinstance(ls, LayerSensitivities):
+                raise ConfigError(f"layers must hold LayerSensitivities, got {type(ls).__name__}")
+        _check_sensitivity(self.lm_head, "lm_head")
+        for name in ("embed_normalized_diameter", "embed_raw_diameter"):
+            if getattr(self, name) is not None:
+                _check_sensitivity(getattr(self, name), name)
+        if not isinstance(self.notes, tuple | list) or not all(isinstance(x, str) for x in self.notes):
+            raise ConfigError(f"notes must be a tuple of strings, got {self.notes!r:.60}")
 
     @property
     def is_moe(self) -> bool:
