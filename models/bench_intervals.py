@@ -9,7 +9,9 @@ verdict: **met** when the interval lies at or below the goal, **missed** when it
 when it holds the goal.
 
 The goals are the open performance issue's (``GOALS``): prefill ≤ 1.10 at 128 tokens, ≤ 1.05 at 512 and
-2048; decode ≤ 1.03 a token. Other rows are listed without a verdict.
+2048; decode ≤ 1.03 a token. Other rows are listed without a verdict, and so are the rows of a file whose
+baseline is not Hugging Face (a ``random:`` model's bench runs against PlainRunner; the goals are SCX /
+Hugging Face).
 
 Run: ``python -m models.bench_intervals models/results/bench_hf_s42_1t.json [more.json …] [--paired]``.
 """
@@ -26,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from scx_ref.commands.bench_stats import SEED, median_interval, ratio_interval
+from scx_ref.errors import ConfigError
 
-__all__ = ["GOALS", "main", "verdict"]
+__all__ = ["GOALS", "hf_baseline", "main", "verdict"]
 
 #: (phase, n) → the largest SCX / Hugging Face ratio the goal allows (decode: any prompt length, n = None)
 GOALS: dict[tuple[str, int | None], float] = {
@@ -52,23 +55,40 @@ def verdict(interval: Sequence[float] | None, goal: float | None) -> str:
     return "met" if hi <= goal else "missed" if lo > goal else "undecided"
 
 
+def hf_baseline(meta: dict[str, Any]) -> bool:
+    """Whether a bench file's rows are judged against the goals: its baseline is Hugging Face (or, in a file
+    from before the bench named its baseline, unnamed)."""
+    baseline = meta.get("baseline")
+    return baseline is None or (isinstance(baseline, str) and baseline.startswith("Hugging Face"))
+
+
 def rows_of(path: Path) -> list[dict[str, Any]]:
-    """The file's rows, each with both intervals recomputed from its rounds (``scx_round_s``,
-    ``baseline_round_s``)."""
+    """The file's rows, each with both intervals and the ratio of medians (``_ratio``) recomputed from its
+    rounds (``scx_round_s``, ``baseline_round_s``); ConfigError (a ValueError) for no rows, or a row
+    without a phase, an integer length, a level, or two equal series of finite rounds, the baseline's
+    positive."""
     return _rows(json.loads(path.read_text()), path.name)
 
 
 def _rows(data: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    if not isinstance(data["rows"], list) or not data["rows"]:
+        raise ConfigError("no rows")
     out = []
     for r in data["rows"]:
+        if not isinstance(r.get("phase"), str) or not isinstance(r.get("level"), str):
+            raise ConfigError("a row without a phase or a level")
+        if not isinstance(r.get("n"), int) or isinstance(r["n"], bool):
+            raise ConfigError(f"a row whose length n is not an integer: {r.get('n')!r}")
         scx, base = r["scx_round_s"], r["baseline_round_s"]
+        interval = ratio_interval(scx, base, np.random.default_rng(SEED))  # checks the rounds first
         paired = [s / b for s, b in zip(scx, base, strict=True)]
         around = median_interval(paired)
         out.append(
             {
                 **r,
                 "_file": name,
-                "_ratio_interval": ratio_interval(scx, base, np.random.default_rng(SEED)),
+                "_ratio": float(np.median(scx) / np.median(base)),
+                "_ratio_interval": interval,
                 "_paired": float(np.median(paired)),
                 "_paired_interval": None if around is None else around[:2],
                 "_coverage": None if around is None else around[2],
@@ -78,6 +98,8 @@ def _rows(data: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Print each file's rows with their intervals and verdicts, then the tally; a file that is missing or
+    not a ``scx bench --json`` file with its rounds exits 2 (argparse's usage and one ``error:`` line)."""
     p = argparse.ArgumentParser(
         prog="python -m models.bench_intervals", description=(__doc__ or "").split("\n\n")[0]
     )
@@ -96,11 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             data = json.loads(path.read_text())
             rows = _rows(data, path.name)
             command = data["meta"].get("command", "")
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            goals = hf_baseline(data["meta"])
+        except (KeyError, ValueError, TypeError, AttributeError, OSError) as exc:
             p.error(f"{path}: not a scx bench --json file with its rounds ({exc})")
         print(f"{path.name}: {command}")
+        if not goals:
+            print(f"  no verdicts: the baseline is not Hugging Face ({data['meta']['baseline']})")
         for r in rows:
-            goal = goal_for(r["phase"], r["n"])
+            goal = goal_for(r["phase"], r["n"]) if goals else None
             lo, hi = r["_ratio_interval"]
             pi = r["_paired_interval"]
             judged = pi if args.paired else (lo, hi)
@@ -108,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tally[v] = tally.get(v, 0) + 1
             paired_ci = f"[{pi[0]:.3f}, {pi[1]:.3f}] ({100 * r['_coverage']:.1f} %)" if pi else "-"
             print(
-                f"  {r['phase']:7} {r['n']:5d} {r['level']:18} ratio {r['ratio_median']:.3f} "
+                f"  {r['phase']:7} {r['n']:5d} {r['level']:18} ratio {r['_ratio']:.3f} "
                 f"[{lo:.3f}, {hi:.3f}]  paired {r['_paired']:.3f} {paired_ci}  "
                 f"goal {'-' if goal is None else f'{goal:.2f}'}  {v}"
             )

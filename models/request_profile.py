@@ -128,7 +128,7 @@ def _table(averages: Any, key: str, top: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = timing_parser("models.request_profile", __doc__, rounds=5, model_help="a registered model")
+    p = timing_parser("models.request_profile", __doc__, rounds=5, model_help="a registered model", hf=True)
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (cpu)")
     p.add_argument("--no-verify", action="store_true", help="reply verification off")
     p.add_argument("--top", type=int_at_least(1), default=25, help="entries of each table, >= 1 (25)")

@@ -24,10 +24,10 @@ import numpy as np
 import numpy.typing as npt
 
 from scx_ref.commands._args import add_level, float_at_least, int_at_least, output_file
-from scx_ref.errors import SCXError
+from scx_ref.errors import ConfigError, SCXError
 from scx_ref.protocol import Level
 from scx_ref.protocol.config import BLIND_DTYPES, BlindDtype
-from scx_ref.zoo import MODEL_NAMES, load_model
+from scx_ref.zoo import MODEL_NAMES, load_model, max_positions
 from scx_ref.zoo.corpus import corpus_tokens, prompts
 from scx_ref.zoo.engines import LogitsFn, plain_generate, plain_logits, scx_config, scx_generate, scx_logits
 from scx_ref.zoo.perplexity import PPL_CRITERION, compare_ppl, ppl_run, progress_bar, windows
@@ -60,7 +60,14 @@ def generate_run(
     n_new: int = 64,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Greedy continuations, plaintext vs SCX; ``pass`` is every token identical."""
+    """Greedy continuations, plaintext vs SCX; ``pass`` is every token identical. ConfigError, before any
+    model is loaded, for a prompt and continuation longer than the model's positions (the SCX side would
+    refuse them only after every plaintext continuation had run)."""
+    if prompt_len + n_new > max_positions(model):
+        raise ConfigError(
+            f"{prompt_len} prompt + {n_new} new tokens exceed the {max_positions(model)} positions of "
+            f"model {model!r}"
+        )
     hf, tok, w = load_model(model, dtype)
     cfg = scx_config(level, beta, max_length=prompt_len + n_new)
     plain, scx = plain_generate(hf, w, dtype), scx_generate(w, dtype, cfg)
@@ -116,7 +123,12 @@ def sweep_run(
     ``blind_dtype`` (:class:`~scx_ref.protocol.SCXConfig`): ``backend`` blinds in the run's own dtype (the
     rounding this sweep measures); ``auto`` runs the blinded stages in float64 where β exceeds
     :data:`~scx_ref.protocol.config.F32_BETA_LIMIT` on a float32 run, ``float64`` always. Each row
-    records ``blind_dtype`` and ``wide`` (whether the blinded stages ran in float64)."""
+    records ``blind_dtype`` and ``wide`` (whether the blinded stages ran in float64). ConfigError, before
+    any model is loaded, for a window past the model's positions (the SCX side would refuse it only after
+    the plaintext logits were computed)."""
+    windows(tokens, window)  # both integers >= 2
+    if window > max_positions(model):
+        raise ConfigError(f"window {window} exceeds the {max_positions(model)} positions of model {model!r}")
     rows = []
     for dtype in dtypes:
         hf, tok, w = load_model(model, dtype)
@@ -157,13 +169,18 @@ def _dtypes(text: str) -> list[str]:
     bad = [d for d in got if d not in ("float32", "float64")]
     if bad or not text:
         raise argparse.ArgumentTypeError(f"dtypes are float32 and float64, got {text!r}")
+    if len(set(got)) < len(got):  # a repeat would run again and leave two rows for one table cell
+        raise argparse.ArgumentTypeError(f"a dtype is repeated in {text!r}")
     return got
 
 
 def _betas(text: str) -> list[float]:
-    """``--betas``: a comma-separated list of finite numbers > 0."""
+    """``--betas``: a comma-separated list of distinct finite numbers > 0."""
     scale = float_at_least(0.0, strict=True)
-    return [scale(b) for b in text.split(",")]
+    got = [scale(b) for b in text.split(",")]
+    if len(set(got)) < len(got):  # a repeat would run again and leave two rows for one table cell
+        raise argparse.ArgumentTypeError(f"a scale is repeated in {text!r}")
+    return got
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -181,13 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--dtypes",
                 type=_dtypes,
                 default="float32,float64",
-                help="comma-separated dtypes (float32, float64; default both)",
+                help="comma-separated distinct dtypes (float32, float64; default both)",
             )
             s.add_argument(
                 "--betas",
                 type=_betas,
                 default="0.01,0.1,1,10,100,1000,1e4,1e5,1e6,1e7,1e8",
-                help="comma-separated Laplace scales, each > 0 (default 0.01 to 1e8 by decades)",
+                help="comma-separated distinct Laplace scales, each > 0 (default 0.01 to 1e8 by decades)",
             )
             s.add_argument(
                 "--tokens", type=int_at_least(2), default=1024, help="corpus tokens (default 1024)"

@@ -7,7 +7,8 @@ tamperings of which replies are detected. Writes one results JSON with the comma
 * honest runs: corpus prompts × (level, β) — every check's |residual|/τ is recorded (``worst``: the largest;
   a false alarm would be an IntegrityError);
 * tamperings (level ``paper``, one session each): the issue's changes of one reply of each stage — × 1.001,
-  + 1e3, one NaN, an integer dtype, an extra row — detected (IntegrityError) or not.
+  + 1e3, one NaN, an integer dtype, an extra row — detected (IntegrityError) or not (``not sent``: the
+  model never sends that stage, so nothing was changed).
 """
 
 from __future__ import annotations
@@ -81,8 +82,12 @@ STAGES = [
 ]
 
 
-def security_run(model: str, dtype: str, n_prompts: int, prompt_len: int, n_new: int) -> dict[str, Any]:
-    """The honest-run margins and the tampering table of ``model`` in ``dtype``."""
+def security_run(
+    model: str, dtype: str, n_prompts: int, prompt_len: int, n_new: int, progress: bool = False
+) -> dict[str, Any]:
+    """The honest-run margins and the tampering table of ``model`` in ``dtype``. A tampering's outcome is
+    ``detected`` (IntegrityError), ``not detected``, or ``not sent`` where the stage's request never came
+    (nothing was tampered with). ``progress``: a bar over the sessions on stderr."""
     _, tok, w = load_model(model, dtype)
     if dtype == "float64":
         b: Any = NumpyBackend(w)
@@ -99,6 +104,17 @@ def security_run(model: str, dtype: str, n_prompts: int, prompt_len: int, n_new:
     settings = [("permute", 5.0), ("paper", 5.0), ("blind", 5.0), ("blind", 50.0)]
     if dtype == "float64":
         settings.append(("blind", 1e4))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = len(settings) * len(items) + len(STAGES) * len(_changes())
+        bar = tqdm(total=total, desc=f"{model} {dtype} security", unit="session", file=sys.stderr)
+
+    def tick() -> None:
+        if bar is not None:
+            bar.update()
+
     honest = []
     for level, beta in settings:
         worst, checks, alarms = 0.0, 0, 0
@@ -109,6 +125,7 @@ def security_run(model: str, dtype: str, n_prompts: int, prompt_len: int, n_new:
                 client.generate(ids, n_new, LocalTransport(Server(b)))
             except IntegrityError:
                 alarms += 1
+            tick()
             worst = max(worst, client.verify_worst)
             st = client.state
             checks += 0 if st is None or st.verifier is None else st.verifier.checks
@@ -140,11 +157,16 @@ def security_run(model: str, dtype: str, n_prompts: int, prompt_len: int, n_new:
             client = Client(b, keys.for_nonce(KeySchedule.new_nonce()), cfg, sketches=sketches)
             try:
                 client.generate(items[0], 3, TamperingTransport(LocalTransport(Server(b)), tamper))
-                outcome = "not detected"
+                # a stage this model and configuration never send (no middle blocks on a model of at most
+                # r1 + r2 blocks: gen_mid) was never tampered with: neither detected nor missed
+                outcome = "not detected" if seen["n"] else "not sent"
             except IntegrityError:
                 outcome = "detected"
+            tick()
             tampering.append({"stage": stage.value, "change": name, "outcome": outcome})
             sketches = SketchCache(b, keys) if outcome == "detected" else sketches  # a detection rotates
+    if bar is not None:
+        bar.close()
     return {
         "model": model,
         "dtype": dtype,
@@ -172,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=output_file, required=True, help="results JSON to write")
     args = p.parse_args(argv)
     try:  # a value the model refuses: exit 2 with its message
-        rec = security_run(args.model, args.dtype, args.prompts, args.prompt_len, args.new)
+        rec = security_run(args.model, args.dtype, args.prompts, args.prompt_len, args.new, progress=True)
     except SCXError as exc:
         p.error(str(exc))
     rec["command"] = shlex.join(

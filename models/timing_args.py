@@ -13,7 +13,7 @@ import sys
 from scx_ref.commands._args import int_at_least
 from scx_ref.errors import ConfigError
 
-__all__ = ["model_name", "timing_parser"]
+__all__ = ["hf_model_name", "model_name", "timing_parser"]
 
 
 def model_name(text: str) -> str:
@@ -32,6 +32,23 @@ def model_name(text: str) -> str:
 model_name.__name__ = "model"
 
 
+def hf_model_name(text: str) -> str:
+    """A type for ``--model`` of a script that compares with (or builds from) the Hugging Face model: a
+    registered model's name; a ``random:<preset>`` has none, and is refused while parsing too (it used to
+    be refused only once its weights were built, with exit status 1)."""
+    from scx_ref.zoo import MODEL_NAMES
+
+    name = model_name(text)
+    if name not in MODEL_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no Hugging Face model; choose a registered model: {', '.join(MODEL_NAMES)}"
+        )
+    return name
+
+
+hf_model_name.__name__ = "model"
+
+
 def timing_parser(
     prog: str,
     doc: str | None,
@@ -40,13 +57,17 @@ def timing_parser(
     model_help: str = "a registered model with Hugging Face weights",
     min_rounds: int = 1,
     max_n: int | None = None,
+    hf: bool = False,
 ) -> argparse.ArgumentParser:
     """A parser for ``python -m <prog>`` (its description: ``doc``'s first paragraph) with ``--model``
     (smollm2), ``--n`` (512), ``--threads`` (1) and ``--rounds`` (``rounds``, after one warm-up round; at
     least ``min_rounds``); the counts must be at least 1, and ``--n`` at most ``max_n`` where given (the
-    script's ``max_length``: a longer prompt would be refused only after the model is loaded)."""
+    script's ``max_length``: a longer prompt would be refused only after the model is loaded). ``hf``: the
+    script needs the model's Hugging Face model, so ``--model`` takes registered models only
+    (:func:`hf_model_name`)."""
     p = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.split("\n\n")[0] if doc else None)
-    p.add_argument("--model", type=model_name, default="smollm2", help=f"{model_help} (smollm2)")
+    kind = hf_model_name if hf else model_name
+    p.add_argument("--model", type=kind, default="smollm2", help=f"{model_help} (smollm2)")
     n_range = ">= 1" if max_n is None else f"1 to {max_n}"
     p.add_argument(
         "--n", type=int_at_least(1, max_n), default=512, help=f"prompt length in tokens, {n_range} (512)"
