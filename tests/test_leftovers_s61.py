@@ -5,6 +5,7 @@ prefill after the previous session's link died."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -271,3 +272,18 @@ def test_a_new_prefill_on_the_dead_link_fails_with_the_transport_error_and_the_c
         client.decode(1, flaky)
     logits = client.prefill(IDS[:4], LocalTransport(server))
     np.testing.assert_allclose(logits, ref.prefill(IDS[:4])[0], rtol=1e-10, atol=1e-10)
+
+
+def test_compare_ppl_past_the_float64_range_is_inf_not_an_overflow() -> None:
+    """Finite logits whose mean NLL passes ~709 (what a blind float32 sweep at a huge β reaches) give an
+    infinite PPL and |ΔPPL|/PPL, not an OverflowError that loses the sweep; equal sides still give 0."""
+    from scx_ref.zoo.perplexity import compare_ppl
+
+    ids = np.array([0, 1, 0, 1, 0], dtype=np.int64)
+    plain = np.zeros((5, 2), dtype=np.float64)
+    wild = np.tile(np.array([[0.0, -1e4], [-1e4, 0.0]]), (3, 1))[:5]  # the next token always at -1e4
+    r = compare_ppl(ids, 5, lambda w: plain[: len(w)], lambda w: wild[: len(w)])
+    assert r.ppl_plain == pytest.approx(2.0) and math.isinf(r.ppl_scx)
+    assert math.isinf(r.delta_ppl) and r.delta_ppl > 0 and math.isinf(r.rel_delta_ppl)
+    same = compare_ppl(ids, 5, lambda w: wild[: len(w)], lambda w: wild[: len(w)])
+    assert math.isinf(same.ppl_plain) and same.delta_ppl == 0.0 and same.rel_delta_ppl == 0.0

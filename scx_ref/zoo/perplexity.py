@@ -101,7 +101,9 @@ def compare_ppl(
     Reports ΔPPL = PPL_scx − PPL_plain, its relative size |ΔPPL|/PPL_plain, the largest |Δlogit| over every
     row and vocabulary entry, and the largest per-token |ΔNLL|. VocabularyError for ``ids`` that are not a
     1-D integer array; ConfigError for a side whose logits are not rows × V of the window (or differ in shape
-    from the other side's); NonFiniteError, naming the side and window, for non-finite logits.
+    from the other side's); NonFiniteError, naming the side and window, for non-finite logits. A PPL past
+    the float64 range (finite logits whose mean NLL exceeds ~709) is inf, and so are ΔPPL and |ΔPPL|/PPL
+    then (the relative change read as |e^(NLL_scx − NLL_plain) − 1|).
     """
     raw = np.asarray(ids)
     if raw.ndim != 1 or (raw.size and not np.issubdtype(raw.dtype, np.integer)):
@@ -136,21 +138,36 @@ def compare_ppl(
         nll_p.append(token_nll(lp, w))
         nll_s.append(token_nll(ls, w))
     p, s = np.concatenate(nll_p), np.concatenate(nll_s)
-    ppl_p, ppl_s = math.exp(float(p.mean())), math.exp(float(s.mean()))
+    mean_p, mean_s = float(p.mean()), float(s.mean())
+    ppl_p, ppl_s = _exp(mean_p), _exp(mean_s)
+    if math.isfinite(ppl_p) and math.isfinite(ppl_s):
+        delta, rel = ppl_s - ppl_p, abs(ppl_s - ppl_p) / ppl_p
+    else:  # a PPL past float64 (mean NLL > ~709: a sweep at a huge β): inf, never an OverflowError
+        rel = abs(_exp(mean_s - mean_p) - 1.0)
+        delta = ppl_s - ppl_p if math.isfinite(ppl_p) else math.copysign(math.inf, mean_s - mean_p)
+        delta = 0.0 if mean_s == mean_p else delta
     return PPLComparison(
         tokens=len(ids),
         window=min(window, len(ids)),  # the longest window run: ``window`` or, fewer, every token
         predicted=len(p),
         ppl_plain=ppl_p,
         ppl_scx=ppl_s,
-        delta_ppl=ppl_s - ppl_p,
-        rel_delta_ppl=abs(ppl_s - ppl_p) / ppl_p,
+        delta_ppl=delta,
+        rel_delta_ppl=rel,
         max_abs_dlogit=max_dlogit,
         max_abs_logit=max_logit,
         max_abs_dnll=float(np.max(np.abs(s - p))),
         seconds_plain=t_plain,
         seconds_scx=t_scx,
     )
+
+
+def _exp(x: float) -> float:
+    """e^x, inf where it passes the float64 range (math.exp raises OverflowError there)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def progress_bar(desc: str, enabled: bool) -> Callable[[Iterable[Any]], Iterable[Any]] | None:
