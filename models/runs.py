@@ -183,6 +183,15 @@ def _betas(text: str) -> list[float]:
     return got
 
 
+def _recorded_command(path: Path) -> str | None:
+    """The ``command`` a results JSON records, or None when it records none or cannot be read as one."""
+    try:
+        got = json.loads(path.read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return got if isinstance(got, str) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m scx_models.runs {ppl,generate,sweep} ...``: run one check and write its JSON."""
     p = argparse.ArgumentParser(prog="python -m scx_models.runs", description=__doc__.splitlines()[0])
@@ -192,7 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         s.add_argument(
             "--model", choices=MODEL_NAMES, default="smollm2", help="registered model (default smollm2)"
         )
-        s.add_argument("--out", type=output_file, help="results JSON (default models/results/<auto>.json)")
+        s.add_argument(
+            "--out",
+            type=output_file,
+            help="results JSON (default models/results/<auto>.json; refused there when that file holds "
+            "another command's results, which README tables are made from)",
+        )
         if kind == "sweep":
             s.add_argument(
                 "--dtypes",
@@ -242,27 +256,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             s.add_argument("--new", type=int_at_least(1), default=64, help="greedy new tokens (default 64)")
     a = p.parse_args(argv)
+    command = "python -m scx_models.runs " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    name = f"sweep-{a.model}-blind" if a.kind == "sweep" else f"{a.kind}-{a.model}-{a.dtype}-{a.level}"
+    out = a.out or RESULTS_DIR / f"{name}.json"
+    if a.out is None and out.exists():  # the default name holds a stored result (a README table's source)
+        held = _recorded_command(out)
+        if held != command:
+            sub.choices[a.kind].error(
+                f"{out} holds the results of another run ({held or 'no command recorded'}); pass --out FILE "
+                f"to write elsewhere, or --out {out} to replace them"
+            )
     t0 = time.perf_counter()
     try:  # a value the model refuses (a window past its positions, …): exit 2 with its message
         if a.kind == "ppl":
             rec = ppl_run(a.model, a.dtype, a.level, a.beta, a.tokens, a.window, progress=True)
-            name = f"ppl-{a.model}-{a.dtype}-{a.level}"
         elif a.kind == "generate":
             rec = generate_run(
                 a.model, a.dtype, a.level, a.beta, a.prompts, a.prompt_len, a.new, progress=True
             )
-            name = f"generate-{a.model}-{a.dtype}-{a.level}"
         else:
             rec = sweep_run(
                 a.model, a.dtypes, a.betas, a.tokens, a.window, progress=True, blind_dtype=a.blind_dtype
             )
-            name = f"sweep-{a.model}-blind"
     except SCXError as exc:
         sub.choices[a.kind].error(str(exc))
-    rec["command"] = "python -m scx_models.runs " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    rec["command"] = command
     rec["wall_seconds"] = time.perf_counter() - t0
     rec["env"] = _env()
-    out = a.out or RESULTS_DIR / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=1) + "\n")
     summary = {k: v for k, v in rec.items() if k not in ("continuations", "rows", "env")}

@@ -332,3 +332,33 @@ def test_report_shows_a_ppl_past_float_range_as_inf_beyond_its_bound(tmp_path: P
     sweep["rows"][0].update(rel_delta_ppl=float("inf"), within=False)
     (tmp_path / SWEEP).write_text(json.dumps(sweep))
     assert "| inf ✗ |" in render(load_results(tmp_path))
+
+
+def test_runs_default_out_keeps_another_commands_stored_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run without --out whose default file holds another command's results (a README table's source)
+    is refused before anything runs, the file untouched; the same command, or an explicit --out, writes."""
+    from models import runs
+
+    stored = tmp_path / "ppl-mixtral-random-float32-permute.json"
+    held = "python -m scx_models.runs ppl --model mixtral-random --dtype float32 --tokens 4096 --window 1024"
+    stored.write_text(json.dumps({"kind": "ppl", "command": held}))
+    before = stored.read_text()
+    monkeypatch.setattr(runs, "RESULTS_DIR", tmp_path)
+    calls: list[tuple[Any, ...]] = []
+
+    def fake_ppl(*args: Any, **kw: Any) -> dict[str, Any]:
+        calls.append(args)
+        return {"kind": "ppl", "pass": True}
+
+    monkeypatch.setattr(runs, "ppl_run", fake_ppl)
+    with pytest.raises(SystemExit) as info:
+        runs.main(["ppl", "--model", "mixtral-random", "--tokens", "64", "--window", "32"])
+    assert info.value.code == 2 and not calls and stored.read_text() == before
+    assert "holds the results of another run" in capsys.readouterr().err
+    assert runs.main(held.split()[3:]) == 0 and len(calls) == 1  # the stored command again: rewritten
+    assert json.loads(stored.read_text())["command"] == held
+    other = tmp_path / "mine.json"
+    assert runs.main(["ppl", "--model", "mixtral-random", "--tokens", "64", "--out", str(other)]) == 0
+    assert json.loads(other.read_text())["command"].endswith(str(other))
