@@ -16,6 +16,9 @@ from ..errors import ConfigError
 from ..protocol.config import LEVELS
 
 __all__ = [
+    "MAX_SEED",
+    "MAX_THREADS",
+    "MAX_TIMEOUT_S",
     "device",
     "float_at_least",
     "input_file",
@@ -25,6 +28,17 @@ __all__ = [
     "output_file",
     "require_device",
 ]
+
+
+#: The most torch threads a ``--threads`` option takes: torch refuses more than 2**31 - 1 with a raw
+#: ValueError, and a count in the millions would try to start as many threads.
+MAX_THREADS = 1024
+#: The longest client timeout, in seconds (about 11.6 days), a ``--timeout``/``--connect-timeout`` option
+#: takes: ``threading`` and gRPC refuse a wait past ``threading.TIMEOUT_MAX`` with an OverflowError in one
+#: of their threads (a traceback, and a generation that fails or never times out).
+MAX_TIMEOUT_S = 1e6
+#: The largest ``--seed``: a sampling seed is an unsigned 64-bit integer.
+MAX_SEED = 2**64 - 1
 
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:

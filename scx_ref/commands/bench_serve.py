@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..zoo import MODEL_NAMES
-from ._args import add_level, float_at_least, int_at_least, int_list, output_file
+from ._args import MAX_THREADS, MAX_TIMEOUT_S, add_level, float_at_least, int_at_least, int_list, output_file
 
 __all__ = ["register", "run"]
 
@@ -85,9 +85,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int_at_least(1),
+        type=int_at_least(1, MAX_THREADS),
         default=1,
-        help="torch threads of this (client) process (default 1)",
+        help=f"torch threads of this (client) process (default 1, at most {MAX_THREADS})",
     )
     p.add_argument(
         "--n",
@@ -136,9 +136,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--timeout",
-        type=float_at_least(0, strict=True),
+        type=float_at_least(0, strict=True, maximum=MAX_TIMEOUT_S),
         default=600.0,
-        help="seconds a client waits for a reply (default 600)",
+        help=f"seconds a client waits for a reply (default 600, at most {MAX_TIMEOUT_S:g})",
     )
     p.add_argument(
         "--tiles",
@@ -243,6 +243,9 @@ def _options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     if args.server is not None:
         if args.serve_args is not None:
             raise ConfigError("--serve-args sets up the scx serve this command starts: not with --server")
+        from ..service.remote import parse_url
+
+        parse_url(args.server)  # ConfigError for a malformed URL, before any model is loaded
         return opts, []
     text = _DEFAULT_SERVE_ARGS if args.serve_args is None else args.serve_args
     try:

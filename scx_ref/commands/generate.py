@@ -19,6 +19,8 @@ import numpy as np
 from ..errors import ConfigError, SCXError
 from ..zoo import MODEL_NAMES
 from ._args import (
+    MAX_SEED,
+    MAX_TIMEOUT_S,
     add_level,
     device,
     float_at_least,
@@ -65,7 +67,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--seed",
-        type=int_at_least(0),
+        type=int_at_least(0, MAX_SEED),
         default=None,
         help="sampling seed (default: fresh entropy); " + _SAMPLING,
     )
@@ -88,21 +90,21 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--timeout",
-        type=float_at_least(0, strict=True),
+        type=float_at_least(0, strict=True, maximum=MAX_TIMEOUT_S),
         default=None,
-        help="seconds to wait for each reply (default 120; with --server)",
+        help=f"seconds to wait for each reply (default 120, at most {MAX_TIMEOUT_S:g}; with --server)",
     )
     p.add_argument(
         "--connect-timeout",
-        type=float_at_least(0, strict=True),
+        type=float_at_least(0, strict=True, maximum=MAX_TIMEOUT_S),
         default=None,
-        help="seconds to reach the server (default 10; with --server)",
+        help=f"seconds to reach the server (default 10, at most {MAX_TIMEOUT_S:g}; with --server)",
     )
     p.add_argument(
         "--tls-ca",
         type=input_file,
         default=None,
-        help="PEM of the CA that signed the server's certificate (with --server)",
+        help="PEM of the CA that signed the server's certificate (with an scxs:// --server)",
     )
     p.set_defaults(func=run, parser=p)
 
@@ -139,6 +141,7 @@ class _Printer:
 def run(args: argparse.Namespace) -> int:
     """Load the client side of the model, generate, print as tokens come."""
     from ..hf import SCXModel
+    from ..service.remote import parse_url
     from ..zoo import load_hf
 
     sampling = [f"--{n.replace('_', '-')}" for n in _SAMPLING_ONLY if getattr(args, n) is not None]
@@ -147,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     remote = [f"--{n.replace('_', '-')}" for n in _REMOTE_ONLY if getattr(args, n) is not None]
     if remote and args.server is None:  # the in-process server would ignore them
         args.parser.error(f"{', '.join(remote)}: options of a remote server, given without --server")
+    if args.server is not None:  # before the model is loaded
+        tls = parse_url(args.server)[2]
+        if args.tls_ca is not None and not tls:  # a plaintext connection would ignore it
+            args.parser.error(f"--tls-ca: {args.server} is not a TLS server (scxs://HOST:PORT)")
     require_device(args.device)  # before the model is loaded
     model, tokenizer = load_hf(args.model)
     if args.prompt is not None:

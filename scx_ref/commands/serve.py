@@ -4,25 +4,37 @@ scx://HOST:PORT`` or :class:`scx_ref.service.RemoteTransport`.
 
 Prints one line when it listens (``scx serve: MODEL on scx://HOST:PORT …``), then one JSON log line per
 event on stderr. SIGTERM or Ctrl-C shuts it down gracefully: new sessions are refused, open ones get
-``--grace`` seconds, in-flight messages finish.
+``--grace`` seconds, in-flight messages finish (a second signal changes nothing). Started by
+:class:`scx_ref.service.spawn.ServerProcess` (the environment variable :data:`PARENT_ENV` holds its pid),
+it shuts down the same way once that process is gone, however it ended.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError, ServiceError
 from ..zoo import MODEL_NAMES, parse_random, weights_names_help
-from ._args import device, float_at_least, input_file, int_at_least, require_device
+from ._args import MAX_THREADS, device, float_at_least, input_file, int_at_least, require_device
 
-__all__ = ["build_backend", "register", "run"]
+__all__ = ["PARENT_ENV", "build_backend", "register", "run"]
+
+#: The environment variable :class:`~scx_ref.service.spawn.ServerProcess` sets to its own pid: the server
+#: stops (gracefully) once its parent is no longer that process — a killed ``scx bench-serve`` or test run
+#: leaves no server behind.
+PARENT_ENV = "SCX_SERVE_PARENT_PID"
+#: The largest ``--max-message-mb``: gRPC's message-size options are C ints, and a frame may carry 1 KiB
+#: of header beyond the limit (``2047 << 20`` + 1024 < 2**31).
+MAX_MESSAGE_MB = 2047
 
 
 def build_backend(model: str, dtype: str, device: str) -> Any:
@@ -41,6 +53,58 @@ def build_backend(model: str, dtype: str, device: str) -> Any:
         return backend_from_hf(load_hf(model)[0], dtype=dtype, device=device)
     np_dtype = np.float64 if parse_dtype(dtype).itemsize == 8 else np.float32
     return TorchBackend(load_weights(model, np_dtype), dtype=dtype, device=device)
+
+
+def _is_ipv6(host: str) -> bool:
+    """Whether ``host`` is an IPv6 address, bare (``::1``) or bracketed (``[::1]``)."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.IPv6Address(bare)
+    except ValueError:
+        return False
+    return True
+
+
+def _grpc_host(host: str) -> str:
+    """``host`` as gRPC's ``HOST:PORT`` address needs it: a bare IPv6 address (``::1``) in brackets (gRPC
+    reads ``::1:8470`` as another address); anything else unchanged."""
+    return f"[{host}]" if _is_ipv6(host) and not host.startswith("[") else host
+
+
+def _parent_pid() -> int | None:
+    """The pid in :data:`PARENT_ENV` (None when unset); ConfigError for anything but a positive integer."""
+    text = os.environ.get(PARENT_ENV)
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"environment variable {PARENT_ENV} must be a process id, got {text!r}")
+    return int(text)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists and has not ended (a zombie has, where ``/proc`` tells)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc here
+        return True
+
+
+async def _watch_parent(pid: int, stop: Callable[[], None], logger: logging.Logger) -> None:
+    """Call ``stop`` (a graceful shutdown) once process ``pid`` has ended: this process's parent is no
+    longer ``pid`` (it was handed to another), or — when ``pid`` was not the direct parent (a launcher
+    between them) — no process ``pid`` exists."""
+    direct = os.getppid() == pid
+    while os.getppid() == pid if direct else _alive(pid):
+        await asyncio.sleep(0.25)
+    logger.warning(json.dumps({"event": "parent_gone", "parent": pid}))
+    stop()
 
 
 def check_listen(host: str, port: int, what: str) -> None:
@@ -96,7 +160,11 @@ def register(subparsers: Any) -> None:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     p.add_argument("--model", required=True, help=f"model to serve: {weights_names_help()}")
-    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    p.add_argument(
+        "--host",
+        default=d.host,
+        help=f"address to listen on (default {d.host}); an IPv6 address (::1 or [::1]) needs --ops-port -1",
+    )
     p.add_argument(
         "--port",
         type=int_at_least(0, 65535),
@@ -117,7 +185,10 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument(
-        "--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)"
+        "--threads",
+        type=int_at_least(1, MAX_THREADS),
+        default=None,
+        help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's)",
     )
     p.add_argument(
         "--workers", type=int_at_least(1), default=d.workers, help=f"compute threads (default {d.workers})"
@@ -142,9 +213,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--max-message-mb",
-        type=int_at_least(1),
+        type=int_at_least(1, MAX_MESSAGE_MB),
         default=d.max_message_bytes >> 20,
-        help=f"largest frame, MiB (default {d.max_message_bytes >> 20})",
+        help=f"largest frame, MiB (default {d.max_message_bytes >> 20}; at most {MAX_MESSAGE_MB})",
     )
     p.add_argument(
         "--max-rows",
@@ -196,13 +267,20 @@ def run(args: argparse.Namespace) -> int:
     from ..service.service import SCXService, ServeOptions
 
     require_device(args.device)  # before any model is loaded
+    parent = _parent_pid()
+    host = _grpc_host(args.host)
     if args.ops_port == args.port and args.port > 0:
         raise ConfigError(f"--port and --ops-port are both {args.port}: give them different ports")
-    check_listen(args.host, args.port, "gRPC port")  # before any model is loaded
+    if args.ops_port >= 0 and _is_ipv6(host):  # the ops listener is an IPv4 http.server
+        raise ConfigError(
+            f"--host {args.host}: the ops listener (/health, /metrics) takes IPv4 addresses and host names "
+            "only; give --ops-port -1 to serve on an IPv6 address"
+        )
+    check_listen(host, args.port, "gRPC port")  # before any model is loaded
     if args.ops_port >= 0:
-        check_listen(args.host, args.ops_port, "ops port")
+        check_listen(host, args.ops_port, "ops port")
     opts = ServeOptions(
-        host=args.host,
+        host=host,
         port=args.port,
         ops_port=None if args.ops_port < 0 else args.ops_port,
         workers=args.workers,
@@ -243,9 +321,18 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         loop = asyncio.get_running_loop()
+        stopping: list[asyncio.Task[None]] = []
+
+        def stop() -> None:  # the first signal (or the parent's end) starts the one graceful shutdown
+            if not stopping:
+                stopping.append(loop.create_task(service.stop()))
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: loop.create_task(service.stop()))
+            loop.add_signal_handler(sig, stop)
+        watch = None if parent is None else loop.create_task(_watch_parent(parent, stop, logger))
         await service.wait_stopped()
+        if watch is not None:
+            watch.cancel()
 
     asyncio.run(main())
     print("scx serve: stopped", flush=True)

@@ -205,6 +205,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the checks, print the verdict table, write JSON when asked; 1 on any FAIL."""
     check_device(args.dtype, args.device)  # before any model is loaded
     require_device(args.device)
+    if args.server is not None:
+        from ..service.remote import parse_url
+
+        parse_url(args.server)  # ConfigError for a malformed URL, before any model is loaded
     if args.beta is not None and args.level == "permute":  # no stage is noised there: it would be ignored
         raise ConfigError("--beta: level permute noises no stage; give --beta with level paper or blind")
     rec = verify(

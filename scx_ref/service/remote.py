@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+from .._checks import check_real
 from ..errors import ConfigError, IntegrityError, SCXError, ServiceError, WireError
 from ..protocol.cost import CostMeter
 from ..protocol.messages import Reply, Request
@@ -115,7 +116,10 @@ class RemoteTransport:
     checked against the server's); None keeps numpy arrays and checks nothing. The meter counts frame
     bytes (headers included) each way.
     ``tls_ca``: a PEM file of the CA that signed the server's certificate (``scxs://``; None: the system's
-    roots). The transport is not thread-safe: one client thread at a time, as a session is sequential.
+    roots; ConfigError beside an ``scx://`` URL, where it would be ignored). ``timeout`` and
+    ``connect_timeout``: seconds, > 0 and at most ``threading.TIMEOUT_MAX`` (ConfigError otherwise). An IPv6
+    server is ``scx://[::1]:PORT``. The transport is not thread-safe: one client thread at a time, as a
+    session is sequential.
     """
 
     def __init__(
@@ -130,11 +134,14 @@ class RemoteTransport:
     ) -> None:
         self.url = url
         self.host, self.port, self.tls = parse_url(url)
-        if timeout <= 0 or connect_timeout <= 0:
-            raise ConfigError("timeouts must be > 0 seconds")
+        # a wait past threading.TIMEOUT_MAX raises OverflowError in the watchdog's (or gRPC's) thread
+        self.timeout = check_real(timeout, "timeout (seconds)", 0, threading.TIMEOUT_MAX, lo_open=True)
+        self.connect_timeout = check_real(
+            connect_timeout, "connect_timeout (seconds)", 0, threading.TIMEOUT_MAX, lo_open=True
+        )
+        if tls_ca is not None and not self.tls:
+            raise ConfigError(f"tls_ca is for a TLS server (scxs://HOST:PORT); {url!r} is not one")
         self.ops = ops
-        self.timeout = float(timeout)
-        self.connect_timeout = float(connect_timeout)
         self.tls_ca = tls_ca
         self.max_message_bytes = max_message_bytes
         self.limits = WireLimits(max_frame=max_message_bytes + 1024)
@@ -151,7 +158,8 @@ class RemoteTransport:
         import grpc
 
         options = [*grpc_options(self.max_message_bytes), ("grpc.enable_retries", 0)]
-        target = f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address (the URL's [::1])
+        target = f"{host}:{self.port}"
         if self.tls:
             root = None
             if self.tls_ca is not None:

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+from ..commands.serve import PARENT_ENV
 from ..errors import ServiceError
 
 __all__ = ["ServerProcess"]
@@ -28,7 +29,9 @@ class ServerProcess:
     ``url`` is its ``scx://`` (or ``scxs://``) address, ``ops`` its ``http://`` ops address. The server's
     stderr (JSON log lines) is kept in ``log``. ``start_timeout`` bounds the wait for the ready line
     (loading a model takes a while); a process that exits first raises ServiceError with its output. A
-    constructor that raises (KeyboardInterrupt included) has killed the process.
+    constructor that raises (KeyboardInterrupt included) has killed the process. The server stops by itself
+    (gracefully) once this process is gone, however it ends — a SIGTERM or SIGKILL included
+    (:data:`scx_ref.commands.serve.PARENT_ENV`).
     """
 
     def __init__(
@@ -49,7 +52,7 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())},
         )
         self.log: list[str] = []
         self._out: list[str] = []
