@@ -58,6 +58,19 @@ def check_permutation(perm: Any, n: int | None = None, name: str = "permutation"
     return arr
 
 
+def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype[Any]:
+    """``dtype`` as a numpy dtype: the one check of a dtype argument that must be floating (float16, float32,
+    float64, or a name or type numpy reads as one). DTypeError otherwise — for what numpy cannot read as a
+    dtype at all, too: ``dtype must be a floating numpy dtype, got 'bogus'``."""
+    try:
+        out: np.dtype[Any] = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise DTypeError(f"{name} must be a floating numpy dtype, got {dtype!r:.40}") from None
+    if not np.issubdtype(out, np.floating):
+        raise DTypeError(f"{name} must be a floating numpy dtype, got {out}")
+    return out
+
+
 def token_ids(ids: Any, vocab_size: int | None = None, *, allow_empty: bool = False) -> npt.NDArray[np.int64]:
     """``ids`` (an array-like, or a tensor on any device) as a 1-D int64 numpy array: the one check of a
     token-id argument (the reference's forward, the client's prompt, both backends' embeddings).

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import FloatArray, as_float_array
+from ._checks import FloatArray, as_float_array, float_dtype
 from .errors import DTypeError, ShapeError
 
 __all__ = [
@@ -210,12 +210,7 @@ class NumpyOps:
     name = "numpy"
 
     def __init__(self, dtype: npt.DTypeLike | None = None) -> None:
-        try:
-            self.dtype: np.dtype[Any] | None = None if dtype is None else np.dtype(dtype)
-        except TypeError as exc:
-            raise DTypeError(f"array dtype must be a floating numpy dtype, got {dtype!r}") from exc
-        if self.dtype is not None and not np.issubdtype(self.dtype, np.floating):
-            raise DTypeError(f"array dtype must be floating, got {self.dtype}")
+        self.dtype: np.dtype[Any] | None = None if dtype is None else float_dtype(dtype, "array dtype")
 
     # -- conversion and validation -----------------------------------------------------------
     def from_numpy(self, x: npt.NDArray[Any]) -> FloatArray:

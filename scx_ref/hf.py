@@ -44,10 +44,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import check_int, token_ids
+from ._checks import check_int, float_dtype, token_ids
 from .backends.torch_backend import TorchBackend, TorchLayer, TorchWeights, parse_device, parse_dtype
 from .config import ModelConfig
-from .errors import ConfigError, DTypeError, SCXError, VocabularyError
+from .errors import ConfigError, SCXError, VocabularyError
 from .keys import KeySchedule
 from .protocol import Client, DecoyPolicy, Level, LocalTransport, SCXConfig, Server, ServerView, Transport
 from .protocol.verify import SketchCache
@@ -262,12 +262,7 @@ def weights_from_hf(model: Any, dtype: Any = None, name: str | None = None) -> M
     """
     _check_model(model)
     if dtype is not None:
-        try:
-            np_dtype = np.dtype(dtype)
-        except TypeError as exc:
-            raise DTypeError(f"dtype must be a floating numpy dtype, got {dtype!r}") from exc
-        if not np.issubdtype(np_dtype, np.floating):
-            raise DTypeError(f"dtype must be a floating numpy dtype, got {np_dtype}")
+        float_dtype(dtype)
     config = config_from_hf(model.config)
     if name is not None:
         config = ModelConfig(**{**config.to_dict(), "name": name})

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import check_int, check_permutation, check_real
+from ._checks import check_int, check_permutation, check_real, float_dtype
 from .arrays import A, ArrayOps, NumpyOps
 from .errors import ConfigError, DTypeError, NonFiniteError, PermutationError, SCXError, ShapeError
 
@@ -710,12 +710,7 @@ def laplace_noise(
     if not isinstance(shape, (tuple, list)):
         raise ShapeError(f"shape must be a tuple of sizes, got {type(shape).__name__} {shape!r:.40}")
     shape = tuple(check_int(s, "a size of shape", 0, error=ShapeError) for s in shape)
-    try:
-        out_dtype = np.dtype(dtype)
-    except (TypeError, ValueError):
-        raise DTypeError(f"dtype must be a floating dtype, got {dtype!r:.40}") from None
-    if not np.issubdtype(out_dtype, np.floating):
-        raise DTypeError(f"dtype must be a floating dtype, got {out_dtype}")
+    out_dtype = float_dtype(dtype)
     if not callable(getattr(gen, "random", None)):
         raise ConfigError(
             f"gen must have random(size) (a KeyStream or a Generator), got {type(gen).__name__}"

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import check_real
+from ._checks import check_real, float_dtype
 from .config import ModelConfig
 from .errors import ConfigError, DTypeError, NonFiniteError, ShapeError
 
@@ -240,12 +240,7 @@ def random_weights(
         )
     if not isinstance(config, ModelConfig):
         raise ConfigError(f"config must be a ModelConfig, got {type(config).__name__}")
-    try:
-        np_dtype = np.dtype(dtype)
-    except TypeError as exc:
-        raise DTypeError(f"dtype must be a floating numpy dtype, got {dtype!r}") from exc
-    if not np.issubdtype(np_dtype, np.floating):
-        raise DTypeError(f"dtype must be a floating numpy dtype, got {np_dtype}")
+    float_dtype(dtype)
     scale = check_real(scale, "scale")
     d, f = config.hidden_size, config.intermediate_size
 

@@ -354,8 +354,8 @@ class _Short:
         (((-1,), 1.0, None), ShapeError, "a size of shape must be >= 0, got -1"),
         (((2,), 1.0, "no generator"), ConfigError, "gen must have random"),
         (((2, 2), 1.0, _Short()), ShapeError, r"gave 3 uniforms, not 4"),
-        (((2,), 1.0, None, np.int64), DTypeError, "dtype must be a floating dtype, got int64"),
-        (((2,), 1.0, None, "no dtype"), DTypeError, "dtype must be a floating dtype"),
+        (((2,), 1.0, None, np.int64), DTypeError, "dtype must be a floating numpy dtype, got int64"),
+        (((2,), 1.0, None, "no dtype"), DTypeError, "dtype must be a floating numpy dtype"),
     ],
     ids=[
         "beta-str",
