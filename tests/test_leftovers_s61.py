@@ -287,3 +287,58 @@ def test_compare_ppl_past_the_float64_range_is_inf_not_an_overflow() -> None:
     assert math.isinf(r.delta_ppl) and r.delta_ppl > 0 and math.isinf(r.rel_delta_ppl)
     same = compare_ppl(ids, 5, lambda w: wild[: len(w)], lambda w: wild[: len(w)])
     assert math.isinf(same.ppl_plain) and same.delta_ppl == 0.0 and same.rel_delta_ppl == 0.0
+
+
+def test_the_grpc_message_cap_has_one_home_and_both_ends_check_it() -> None:
+    """gRPC's size options are C ints: ServeOptions and RemoteTransport refuse a max_message_bytes past
+    codec.MAX_MESSAGE_BYTES (a server failed to start with OverflowError), and scx serve's MiB cap is it."""
+    pytest.importorskip("grpc")
+    from scx_ref.commands.serve import MAX_MESSAGE_MB
+    from scx_ref.errors import ConfigError
+    from scx_ref.service import RemoteTransport
+    from scx_ref.service.codec import MAX_MESSAGE_BYTES, grpc_options
+    from scx_ref.service.service import ServeOptions
+
+    assert max(v for _, v in grpc_options(MAX_MESSAGE_BYTES)) == 2**31 - 1
+    assert MAX_MESSAGE_MB == 2047
+    assert ServeOptions(max_message_bytes=MAX_MESSAGE_BYTES).max_message_bytes == MAX_MESSAGE_BYTES
+    for bad in (MAX_MESSAGE_BYTES + 1, 0, True, 2.0):
+        with pytest.raises(ConfigError, match="max_message_bytes"):
+            ServeOptions(max_message_bytes=bad)
+        with pytest.raises(ConfigError, match="max_message_bytes"):
+            RemoteTransport("scx://127.0.0.1:9", max_message_bytes=bad)
+
+
+def test_two_stops_of_a_service_run_one_shutdown(caplog: pytest.LogCaptureFixture) -> None:
+    """SCXService.stop called twice at once (a second signal, a second caller) drains and stops once."""
+    pytest.importorskip("grpc")
+    import asyncio
+    import logging
+
+    from scx_ref.commands.serve import build_backend
+    from scx_ref.protocol.server import Server
+    from scx_ref.service.service import SCXService, ServeOptions
+
+    service = SCXService(
+        Server(build_backend("random:tiny-dense", "float32", "cpu")), ServeOptions(port=0, ops_port=None)
+    )
+
+    async def main() -> None:
+        await service.start()
+        await asyncio.gather(service.stop(), service.stop())
+        await service.wait_stopped()
+
+    with caplog.at_level(logging.INFO, logger="scx.serve"):
+        asyncio.run(main())
+    events = [r.getMessage() for r in caplog.records]
+    assert sum('"event": "draining"' in e for e in events) == 1, events
+    assert sum('"event": "stopped"' in e for e in events) == 1, events
+
+
+def test_scx_bench_threads_past_the_cap_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """``scx bench --threads 100000000000`` gave torch's 'Overflow when unpacking long' traceback."""
+    from scx_ref.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--threads", "100000000000"])
+    assert info.value.code == 2 and "--threads: must be <= 1024" in capsys.readouterr().err

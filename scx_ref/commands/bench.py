@@ -70,7 +70,7 @@ from ..zoo import (
     parse_random,
     weights_names_help,
 )
-from ._args import device, int_at_least, int_list, output_file, require_device
+from ._args import MAX_THREADS, device, int_at_least, int_list, output_file, require_device
 from .bench_stats import SEED, median_interval, quartiles, ratio_interval
 
 __all__ = ["BenchResult", "build_backend", "build_models", "register", "run_bench"]
@@ -140,7 +140,10 @@ def register(subparsers: Any) -> None:
         help="generated tokens timed (64; 0: no decode phase)",
     )
     p.add_argument(
-        "--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)"
+        "--threads",
+        type=int_at_least(1, MAX_THREADS),
+        default=None,
+        help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's)",
     )
     p.add_argument(
         "--no-plain-runner", action="store_true", help="skip the PlainRunner column (a shorter run)"

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError, ServiceError
+from ..service.codec import MAX_MESSAGE_BYTES
 from ..zoo import MODEL_NAMES, parse_random, weights_names_help
 from ._args import MAX_THREADS, device, float_at_least, input_file, int_at_least, require_device
 
@@ -32,9 +33,9 @@ __all__ = ["PARENT_ENV", "build_backend", "register", "run"]
 #: stops (gracefully) once its parent is no longer that process — a killed ``scx bench-serve`` or test run
 #: leaves no server behind.
 PARENT_ENV = "SCX_SERVE_PARENT_PID"
-#: The largest ``--max-message-mb``: gRPC's message-size options are C ints, and a frame may carry 1 KiB
-#: of header beyond the limit (``2047 << 20`` + 1024 < 2**31).
-MAX_MESSAGE_MB = 2047
+#: The largest ``--max-message-mb``: whole MiB within :data:`~scx_ref.service.codec.MAX_MESSAGE_BYTES`
+#: (gRPC's message-size options are C ints; a frame may carry 1 KiB of header beyond the limit): 2047
+MAX_MESSAGE_MB = MAX_MESSAGE_BYTES >> 20
 
 
 def build_backend(model: str, dtype: str, device: str) -> Any:

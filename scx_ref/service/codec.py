@@ -366,6 +366,11 @@ def reply_from(frame: Frame) -> Reply:
     return Reply(session, stage, layer, step, seq, dict(frame.arrays), meta)
 
 
+#: the largest ``max_message_bytes`` either end takes: gRPC's message-size options are C ints, and a frame
+#: may carry 1 KiB of header beyond the limit (:func:`grpc_options`)
+MAX_MESSAGE_BYTES = (1 << 31) - 1 - 1024
+
+
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """The gRPC channel options both ends use: frames up to ``max_message_bytes`` (plus a header's
     slack) each way, HTTP/2 keepalive every 20 s (a vanished peer is noticed within 30 s), no retries."""

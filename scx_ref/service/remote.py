@@ -22,11 +22,20 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from .._checks import check_real
+from .._checks import check_int, check_real
 from ..errors import ConfigError, IntegrityError, SCXError, ServiceError, WireError
 from ..protocol.cost import CostMeter
 from ..protocol.messages import Reply, Request
-from .codec import FrameKind, WireLimits, decode, encode_hello, encode_request, grpc_options, reply_from
+from .codec import (
+    MAX_MESSAGE_BYTES,
+    FrameKind,
+    WireLimits,
+    decode,
+    encode_hello,
+    encode_request,
+    grpc_options,
+    reply_from,
+)
 from .service import METHOD, model_fingerprint
 
 __all__ = ["RemoteTransport", "parse_url"]
@@ -143,7 +152,7 @@ class RemoteTransport:
             raise ConfigError(f"tls_ca is for a TLS server (scxs://HOST:PORT); {url!r} is not one")
         self.ops = ops
         self.tls_ca = tls_ca
-        self.max_message_bytes = max_message_bytes
+        self.max_message_bytes = check_int(max_message_bytes, "max_message_bytes", 1, MAX_MESSAGE_BYTES)
         self.limits = WireLimits(max_frame=max_message_bytes + 1024)
         self.meter = CostMeter()
         self.info: dict[str, Any] | None = None

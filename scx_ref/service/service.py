@@ -37,13 +37,14 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .._checks import check_real
+from .._checks import check_int, check_real
 from ..errors import ConfigError, SCXError, ServiceError, SessionError
 from ..protocol.limits import ServerLimits
 from ..protocol.messages import Reply, Request
 from ..protocol.server import Server
 from ..stages import Stage
 from .codec import (
+    MAX_MESSAGE_BYTES,
     FrameKind,
     WireLimits,
     decode,
@@ -98,10 +99,11 @@ class ServeOptions:
     tls_key: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("workers", "batch_rows", "max_batch", "max_sessions", "max_message_bytes", "max_rows"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("workers", "batch_rows", "max_batch", "max_sessions", "max_rows"):
+            object.__setattr__(self, name, check_int(getattr(self, name), name, 1))
+        # gRPC's size options are C ints (codec.MAX_MESSAGE_BYTES): past it the server failed to start
+        mmb = check_int(self.max_message_bytes, "max_message_bytes", 1, MAX_MESSAGE_BYTES)
+        object.__setattr__(self, "max_message_bytes", mmb)
         for name in ("idle_timeout", "grace"):  # seconds: stored as float (a numpy number included)
             object.__setattr__(self, name, check_real(getattr(self, name), name, 0, lo_open=True))
         for name in ("port", "ops_port"):
@@ -298,8 +300,12 @@ class SCXService:
 
     async def stop(self) -> None:
         """Graceful shutdown: refuse new sessions, give open ones ``grace`` seconds, let in-flight
-        messages finish, then close the listeners."""
+        messages finish, then close the listeners. A second call while one runs waits for it: one
+        shutdown."""
         if self._stopped is None or self._stopped.is_set():
+            return
+        if self.draining:  # a shutdown is already running (a second signal, a second caller): wait for it
+            await self._stopped.wait()
             return
         self.draining = True
         self.metrics.draining.set(1)
