@@ -22,10 +22,10 @@ before each request (untimed). A benchmark: it asserts nothing; it needs the fus
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,19 +54,6 @@ def passing(verdict: Any) -> Callable[..., Any]:
     return kernel
 
 
-def timing(f: Callable[..., Any], spent: list[float]) -> Callable[..., Any]:
-    """``f`` adding the seconds of each call to ``spent[0]``; its arguments and results are ``f``'s."""
-
-    def kernel(*args: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return f(*args)
-        finally:
-            spent[0] += time.perf_counter() - t0
-
-    return kernel
-
-
 def quartiles(ms: list[float]) -> str:
     """``q1 / median / q3`` of ``ms`` (milliseconds), two decimals."""
     q1, q2, q3 = np.percentile(np.asarray(ms), [25, 50, 75])
@@ -83,7 +70,7 @@ def measure(model: str, n: int, threads: int, rounds: int) -> dict[str, list[flo
     from scx_ref.commands.bench import build_models
     from scx_ref.keys import KeySchedule
     from scx_ref.protocol import Client, SCXConfig, Server
-    from scx_ref.timing import timed_prefill, timed_server
+    from scx_ref.timing import timed_kernels, timed_prefill, timed_server
 
     loaded = cpu_kernels.kernels()
     if loaded is None:
@@ -94,22 +81,19 @@ def measure(model: str, n: int, threads: int, rounds: int) -> dict[str, list[flo
     client = Client(backend, KeySchedule.generate(), cfg)
     ids = np.random.default_rng(0).integers(0, backend.config.vocab_size, size=n)
     served, in_server = timed_server(Server)
-    spent = [0.0]
     passed: dict[str, Any] = {k: passing(v) for k, v in VERDICTS.items()}
-    timers: dict[str, Any] = {k: timing(getattr(loaded, k), spent) for k in VERDICTS}
-    arms = {
-        "checked": loaded,
-        "passed": dataclasses.replace(loaded, **passed),
-        "timed": dataclasses.replace(loaded, **timers),
+    arms: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
+        "checked": lambda: cpu_kernels.replaced(loaded),
+        "passed": lambda: cpu_kernels.replaced(dataclasses.replace(loaded, **passed)),
+        "timed": lambda: timed_kernels(names=VERDICTS),
     }
     out: dict[str, list[float]] = {k: [] for k in ("checked", "passed", "timed", "timers")}
     out.update({"server checked": [], "server passed": []})
     with torch.inference_mode():
         for r in range(rounds + 1):
             order = list(arms.items()) if r % 2 else list(reversed(arms.items()))
-            for name, kernels in order:
-                spent[0] = 0.0
-                with cpu_kernels.replaced(kernels):
+            for name, arm in order:
+                with arm() as spent:
                     server_s, own_s = timed_prefill(client, served, backend, ids, in_server)
                 if r == 0:
                     continue  # the warm-up round

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, TypeVar
 
 from .errors import ConfigError
@@ -81,13 +81,16 @@ def timed_prefill(
 
 
 @contextlib.contextmanager
-def timed_kernels(skip: Callable[[], bool] = lambda: False) -> Iterator[list[float]]:
-    """Within the block, each call of a fused CPU kernel (:func:`scx_ref.backends.cpu_kernels.kernels`)
-    adds its seconds (numba's dispatch included) to the yielded one-element list, except the calls made
-    while ``skip()`` is true (the server's, when the caller times only the client's); the caller resets the
-    list between measurements. The kernels' arguments, results and exceptions are the originals'; the
-    loaded kernels are back after the block (:func:`~scx_ref.backends.cpu_kernels.replaced`). The list stays
-    0 where the kernels are not in use (numba missing, or ``SCX_NUMBA=0``)."""
+def timed_kernels(
+    skip: Callable[[], bool] = lambda: False, names: Collection[str] | None = None
+) -> Iterator[list[float]]:
+    """Within the block, each call of a fused CPU kernel (:func:`scx_ref.backends.cpu_kernels.kernels`;
+    only those named in ``names``, where given) adds its seconds (numba's dispatch included) to the yielded
+    one-element list, except the calls made while ``skip()`` is true (the server's, when the caller times
+    only the client's); the caller resets the list between measurements. The kernels' arguments, results
+    and exceptions are the originals'; the loaded kernels are back after the block
+    (:func:`~scx_ref.backends.cpu_kernels.replaced`). The list stays 0 where the kernels are not in use
+    (numba missing, or ``SCX_NUMBA=0``). ConfigError for a name no kernel has."""
     from .backends import cpu_kernels
 
     spent = [0.0]
@@ -109,8 +112,9 @@ def timed_kernels(skip: Callable[[], bool] = lambda: False) -> Iterator[list[flo
         return call
 
     untimed = ("set_num_threads", "max_threads")
-    wrapped: dict[str, Any] = {
-        f.name: timer(getattr(k, f.name)) for f in dataclasses.fields(k) if f.name not in untimed
-    }
+    timed = [f.name for f in dataclasses.fields(k) if f.name not in untimed]
+    if names is not None and set(names) - set(timed):
+        raise ConfigError(f"no fused kernel named {sorted(set(names) - set(timed))}; kernels: {timed}")
+    wrapped: dict[str, Any] = {n: timer(getattr(k, n)) for n in timed if names is None or n in names}
     with cpu_kernels.replaced(dataclasses.replace(k, **wrapped)):
         yield spent
