@@ -64,8 +64,9 @@ NUMPY: ArrayOps[Any] = NumpyOps(None)
 class Permutation:
     """A row permutation π of 0..n−1, checked once, with its inverse π⁻¹ (π⁻¹[π[i]] = i): what the row
     transforms take in place of a raw index array when one π serves many calls (the client's keys of a
-    request). Both arrays are read-only int64; every transform that accepts an index array accepts this,
-    with the same result, and skips re-checking and re-inverting it."""
+    request). Both arrays are read-only int64, in a copy or pickle too (rebuilt and checked again); every
+    transform that accepts an index array accepts this, with the same result, and skips re-checking and
+    re-inverting it."""
 
     __slots__ = ("forward", "inverse")
 
@@ -85,6 +86,10 @@ class Permutation:
 
     def __repr__(self) -> str:
         return f"Permutation({self.forward.tolist()!r:.60})"
+
+    def __reduce__(self) -> tuple[type[Permutation], tuple[IntArray]]:
+        """A copy or pickle is rebuilt through the constructor: checked, both arrays read-only again."""
+        return (Permutation, (self.forward,))
 
 
 def _perm(perm: Any, n: int | None, name: str) -> IntArray:
@@ -198,13 +203,16 @@ def unpermute_rows(y: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
 
 
 def with_decoys(x: Any, decoys: Any, ops: ArrayOps[A] = NUMPY) -> A:
-    """[X; R]: append r decoy rows (r may be 0) below the n real rows."""
+    """[X; R]: append r decoy rows (r may be 0) below the n real rows, always finite (NonFiniteError
+    naming ``x`` or ``decoys`` when one holds NaN or ±inf, or the result when a decoy overflows the
+    dtype it is stored in)."""
     t = _array(ops, x, "x", finite=True)
     d = _array(ops, decoys, "decoys", finite=True)
     xs, ds = ops.shape(t), ops.shape(d)
     if len(xs) != 2 or len(ds) != 2 or ds[1] != xs[1]:
         raise ShapeError(f"x ({xs}) and decoys ({ds}) must be 2-D with the same width")
-    return ops.concat_rows([t, d])
+    # decoys of a wider dtype than x's are cast to it: one beyond its range is refused, not made inf
+    return _finite_result(ops, lambda: ops.floating(ops.concat_rows([t, d]), "[x; decoys]"), "[x; decoys]")
 
 
 def strip_decoys(y: Any, n: int, ops: ArrayOps[A] = NUMPY) -> A:
@@ -231,7 +239,8 @@ def encode_rows(x: Any, decoys: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
     if len(xs) != 2 or len(ds) != 2 or ds[1] != xs[1]:
         raise ShapeError(f"x ({xs}) and decoys ({ds}) must be 2-D with the same width")
     p = _perm(perm, xs[0] + ds[0], "perm")
-    return ops.floating(ops.take_rows_concat([t, d], p), "x and decoys")
+    with np.errstate(over="ignore"):  # a decoy cast beyond x's dtype is inf: refused here by name
+        return ops.floating(ops.take_rows_concat([t, d], p), "x and decoys")
 
 
 def reencode_sum(
@@ -319,7 +328,9 @@ def decode_qkv_heads(
         raise SCXError(f"head must be a HeadPermutation, got {type(head).__name__}")
     group_size, n = _group(group_size), _int(n, "n")
     kv, dh = head.n_kv_heads, head.head_dim
-    c = ops.config
+    c = getattr(ops, "config", None)
+    if c is None:  # an ArrayOps alone (e.g. NUMPY) has no model: RoPE needs the backend's
+        raise ConfigError(f"ops must be a backend with a model config, got {type(ops).__name__}")
     if kv != c.n_kv_heads or dh != c.head_dim:
         raise ShapeError(
             f"head permutes {kv} KV heads of {dh} features; the backend's model has {c.n_kv_heads} of "
@@ -664,7 +675,7 @@ def blinding_correction(eta: Any, w: Any, ops: ArrayOps[A] = NUMPY) -> A:
     schedule), always finite (NonFiniteError naming ``eta``, ``w`` or the product's overflow). ``w`` is in
     the layout of ``ops`` (numpy: in × out)."""
     et = _array(ops, eta, "eta", finite=True)
-    wt = ops.floating(w, "w")
+    wt = ops.floating(_nested(w, "w") if isinstance(w, (list, tuple)) else w, "w")
     return _finite_result(
         ops, lambda: ops.floating(ops.linear(et, wt), "eta·w"), "the blinding correction eta·w"
     )
@@ -693,6 +704,10 @@ class NoiseSource(Protocol):
     def random(self, size: Any = ...) -> Any: ...
 
 
+#: The largest |η| / β a draw of :func:`laplace_noise` can give: −ln(1 − (1 − 2⁻⁵³)) = 53·ln 2, at u = 0.
+_LAPLACE_TAIL = float(-np.log1p(-(1.0 - 2.0**-53)))
+
+
 def laplace_noise(
     shape: tuple[int, ...], beta: float, gen: NoiseSource, dtype: npt.DTypeLike = np.float64
 ) -> npt.NDArray[Any]:
@@ -702,9 +717,11 @@ def laplace_noise(
     exp(−|η|/β) / (2β). β = 0 gives zeros (no blinding). Released through the Laplace mechanism this is
     ε = Δ₁/β differentially private (T6, DESIGN §7).
 
-    Refused (nothing drawn): a β that is not a finite real number >= 0 (a bool is not one) or a ``gen``
-    without ``random`` (ConfigError); a ``shape`` that is not a sequence of integer sizes >= 0, or uniforms
-    from ``gen`` of another count (ShapeError); a ``dtype`` that is not floating (DTypeError).
+    Always finite. Refused (nothing drawn): a β that is not a finite real number >= 0 (a bool is not one),
+    or so large that a draw (|η| ≤ 53·ln 2·β) could overflow ``dtype``, or a ``gen`` without ``random``
+    (ConfigError); a ``shape`` that is not a sequence of integer sizes >= 0 (ShapeError); a ``dtype`` that
+    is not floating (DTypeError). Refused after drawing: uniforms from ``gen`` of another count
+    (ShapeError), or that are not floats in [0, 1) (ConfigError).
     """
     beta = check_real(beta, "Laplace scale beta", 0)
     if not isinstance(shape, (tuple, list)):
@@ -717,9 +734,21 @@ def laplace_noise(
         )
     if beta == 0:
         return np.zeros(shape, dtype=out_dtype)
-    u = np.asarray(gen.random(shape), dtype=np.float64)
+    with np.errstate(over="ignore"):  # the largest |η| a draw can give (u = 0), as computed below
+        if not np.isfinite(np.float64(beta * _LAPLACE_TAIL).astype(out_dtype)):
+            raise ConfigError(
+                f"Laplace scale beta = {beta:g} is too large for {out_dtype}: its noise (up to "
+                f"{_LAPLACE_TAIL:.2f}·beta) would overflow to inf"
+            )
+    drawn = gen.random(shape)
+    try:
+        u = np.asarray(drawn, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"gen.random({shape}) gave {type(drawn).__name__}, not uniform floats") from None
     if u.size != math.prod(shape):
         raise ShapeError(f"gen.random({shape}) gave {u.size} uniforms, not {math.prod(shape)}")
+    if not ((u >= 0.0) & (u < 1.0)).all():  # NaN fails both: it would make NaN noise
+        raise ConfigError(f"gen.random({shape}) gave values outside [0, 1) (NaN, negative or >= 1)")
     u = u.reshape(shape)
     s = u - 0.5
     eta = -beta * np.sign(s) * np.log1p(-np.minimum(2.0 * np.abs(s), 1.0 - 2.0**-53))  # u = 0 stays finite

@@ -60,11 +60,13 @@ def _idle() -> list[int]:
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized C-contiguous CPU tensor of ``shape`` and ``dtype``, as ``torch.empty``; one of
     :data:`LARGE_BYTES` or more in a pooled mapping that no array refers to any more (the smallest that
-    holds it, at most twice its size), else a new one while the pool has room."""
+    holds it, at most twice its size), else a new one while the pool has room — made by releasing idle
+    mappings, the largest first, only when that makes enough room (a buffer the pool cannot hold leaves
+    it as it was)."""
     numel = math.prod(shape)
     nbytes = numel * dtype.itemsize
-    if nbytes < LARGE_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
-        return torch.empty(shape, dtype=dtype)
+    if nbytes < LARGE_BYTES or min(shape, default=0) < 0 or not hasattr(mmap, "MAP_PRIVATE"):
+        return torch.empty(shape, dtype=dtype)  # a negative size is torch.empty's error, nothing mapped
     with _lock:
         idle = _idle()
         fits = [i for i in idle if nbytes <= len(_maps[i]) <= 2 * nbytes]
@@ -72,6 +74,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             m = _maps[min(fits, key=lambda i: len(_maps[i]))]
         else:
             held, dropped = sum(len(m) for m in _maps), set()
+            if held - sum(len(_maps[i]) for i in idle) + nbytes > POOL_BYTES:  # no room even if all idle
+                return torch.empty(shape, dtype=dtype)  # and the idle mappings stay for what fits
             for i in sorted(idle, key=lambda i: len(_maps[i]), reverse=True):  # the largest idle first
                 if held + nbytes <= POOL_BYTES:
                     break
