@@ -222,11 +222,11 @@ class NumpyOps:
     def rows_finite(self, x: FloatArray, index: IndexArray) -> bool:
         """Whether the rows ``x[index]`` are all finite; ShapeError for a row index outside x (a negative
         one too, as the torch backend's pass refuses it, rather than a row read from the end)."""
-        return bool(np.isfinite(x[row_index(index, x.shape[0])]).all())
+        return bool(np.isfinite(x[row_index(index, _length(x, 0))]).all())
 
     def rows_to_numpy(self, x: FloatArray, index: IndexArray) -> npt.NDArray[Any]:
         """``x[index]``: fancy indexing already copies (ShapeError for an index outside x's rows)."""
-        return np.asarray(x[row_index(index, np.shape(x)[0])])
+        return np.asarray(x[row_index(index, _length(x, 0))])
 
     def head_to_numpy(self, x: FloatArray, n: int) -> npt.NDArray[Any]:
         """A view of ``x[:n]``."""
@@ -256,11 +256,11 @@ class NumpyOps:
     def take_rows(self, x: FloatArray, index: IndexArray) -> FloatArray:
         """``x[index]`` (ShapeError for an index that is not 1-D integers within x's rows: a negative
         one is refused, as on torch, not read from the end)."""
-        return x[row_index(index, np.shape(x)[0])]
+        return x[row_index(index, _length(x, 0))]
 
     def take_last(self, x: FloatArray, index: IndexArray) -> FloatArray:
         """``x[..., index]`` (ShapeError as :meth:`take_rows`, along the last axis)."""
-        out: FloatArray = x[..., row_index(index, np.shape(x)[-1], "column")]
+        out: FloatArray = x[..., row_index(index, _length(x, -1), "column")]
         return out
 
     def concat_rows(self, xs: list[FloatArray]) -> FloatArray:
@@ -346,7 +346,8 @@ class NumpyOps:
 
     # -- arithmetic ------------------------------------------------------------------------------
     def add(self, x: FloatArray, y: FloatArray, *, name: str | None = None) -> FloatArray:
-        """x + y, then scanned when ``name`` is given."""
+        """x + y, then scanned when ``name`` is given (ShapeError when the shapes do not broadcast)."""
+        _broadcast(x, y)
         if name is None:
             return x + y
         with np.errstate(over="ignore"):  # an overflow is inf: refused by the scan
@@ -354,12 +355,14 @@ class NumpyOps:
 
     def add_into(self, x: FloatArray, y: FloatArray) -> FloatArray:
         """x + y in x's memory when numpy's result type of the two is x's dtype and y broadcasts to x."""
-        if np.result_type(x, y) != x.dtype or np.broadcast_shapes(x.shape, y.shape) != x.shape:
+        if np.result_type(x, y) != x.dtype or _broadcast(x, y) != x.shape:
             return x + y
         np.add(x, y, out=x)
         return x
 
     def sub(self, x: FloatArray, y: FloatArray) -> FloatArray:
+        """x − y (ShapeError when the shapes do not broadcast)."""
+        _broadcast(x, y)
         return x - y
 
     def linear(self, x: FloatArray, w: FloatArray, bias: FloatArray | None = None) -> FloatArray:
@@ -369,6 +372,8 @@ class NumpyOps:
                 f"cannot multiply rows of shape {x.shape} by a matrix of shape {w.shape} (in × out)"
             )
         y: FloatArray = x @ w
+        if bias is not None and np.shape(bias) not in ((), (w.shape[1],)):
+            raise ShapeError(f"a bias of shape {np.shape(bias)} for a matrix of shape {w.shape} (in × out)")
         return y if bias is None else y + bias
 
     def scale_rows(self, x: FloatArray, weights: npt.NDArray[Any]) -> FloatArray:
@@ -413,6 +418,25 @@ class NumpyOps:
         return 1
 
 
+def _length(x: Any, axis: int) -> int:
+    """The length of ``x`` along ``axis`` (ShapeError for an array without that axis, e.g. a scalar)."""
+    shape = np.shape(x)
+    if not -len(shape) <= axis < len(shape):
+        raise ShapeError(f"an array of shape {shape} has no axis {axis}")
+    return int(shape[axis])
+
+
+def _broadcast(x: Any, y: Any) -> tuple[int, ...]:
+    """The broadcast shape of ``x`` and ``y`` (ShapeError when they do not broadcast)."""
+    a, b = np.shape(x), np.shape(y)
+    if a == b:
+        return tuple(a)
+    try:
+        return tuple(np.broadcast_shapes(a, b))
+    except ValueError:
+        raise ShapeError(f"arrays of shapes {a} and {b} do not broadcast") from None
+
+
 def permute_rows_in_place(x: npt.NDArray[Any], index: IndexArray) -> npt.NDArray[Any]:
     """Overwrite ``x`` with ``x[index]`` (``index`` a permutation of x's rows) and return ``x``.
 
@@ -421,7 +445,7 @@ def permute_rows_in_place(x: npt.NDArray[Any], index: IndexArray) -> npt.NDArray
     and written once, as in a gather. ShapeError, with ``x`` untouched, unless ``index`` is a permutation
     of x's rows (:func:`permutation_of_rows`).
     """
-    idx = permutation_of_rows(index, x.shape[0]).tolist()
+    idx = permutation_of_rows(index, _length(x, 0)).tolist()
     done = bytearray(len(idx))
     for start, src in enumerate(idx):
         if done[start]:

@@ -14,6 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+from .._checks import check_int
+from ..errors import ConfigError
 from ..stages import Phase, Stage
 
 __all__ = ["CostMeter", "CostReport", "Side", "StageCost"]
@@ -62,6 +64,9 @@ class CostMeter:
         self.stages[stage].verify_flops += int(flops)
 
     def message(self, stage: Stage, up: int, down: int) -> None:
+        """One round trip of ``stage`` carrying ``up`` bytes to the server and ``down`` back (ConfigError,
+        counting nothing, unless both are integers ≥ 0)."""
+        up, down = check_int(up, "bytes up"), check_int(down, "bytes down")
         s = self.stages[stage]
         s.bytes_up += up
         s.bytes_down += down
@@ -90,7 +95,7 @@ class CostMeter:
         elif side == "server":
             self.stages[stage].server_flops += int(flops)
         else:  # a typo must not pass as server work
-            raise ValueError(f"side must be 'client', 'server' or 'offline', got {side!r}")
+            raise ConfigError(f"side must be 'client', 'server' or 'offline', got {side!r}")
 
 
 @dataclass

@@ -18,8 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from .._checks import check_int
 from ..backends.base import Backend
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
 from ..forward import PlainRunner
 from ..keys import KeyStream
 from ..stages import Stage
@@ -76,14 +77,27 @@ class CalibrationPool:
         return cls({key: np.concatenate(parts) for key, parts in rows.items()})
 
     def draw(self, stage: Stage, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
-        """``count`` rows of the pool at (stage, layer), chosen uniformly by ``stream``."""
+        """``count`` rows of the pool at (stage, layer), chosen uniformly by ``stream`` and distinct
+        (without replacement) while ``count`` ≤ the pool's rows: a row repeated in one message would mark
+        both copies as decoys, since two real rows past block 1 are never equal. A larger ``count`` takes
+        successive draws without replacement (each pool row once before any twice). ConfigError for a
+        ``count`` that is not an integer ≥ 0."""
+        count = check_int(count, "decoy count")
         pool = self.rows.get((stage, layer))
         if pool is None or pool.shape[0] == 0:
             raise ConfigError(f"calibration pool has no rows for stage {stage.value!r}, layer {layer}")
         if count == 0:
             return pool[:0]
-        idx = stream.randbelow(np.full(count, pool.shape[0], dtype=np.int64))
-        return pool[idx]
+        size = pool.shape[0]
+        picks: list[int] = []
+        while len(picks) < count:  # a partial Fisher–Yates shuffle of the pool's rows per round
+            take = min(count - len(picks), size)
+            moved: dict[int, int] = {}  # the shuffled positions that no longer hold their own row
+            draws = stream.randbelow(np.arange(size, size - take, -1, dtype=np.int64)).tolist()
+            for i, j in enumerate(draws):
+                moved[i], moved[i + j] = moved.get(i + j, i + j), moved.get(i, i)
+            picks.extend(moved[i] for i in range(take))
+        return pool[np.asarray(picks, dtype=np.int64)]
 
 
 class GaussianDecoys:
@@ -92,7 +106,11 @@ class GaussianDecoys:
     needs_real = True
 
     def draw(self, stage: Stage, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
-        """Moment-matched Gaussian rows (Box–Muller on the stream's uniforms)."""
+        """Moment-matched Gaussian rows (Box–Muller on the stream's uniforms). ConfigError for a ``count``
+        that is not an integer ≥ 0; ShapeError unless ``real`` is rows × width with at least one row."""
+        count = check_int(count, "decoy count")
+        if np.ndim(real) != 2 or (count and np.shape(real)[0] == 0):
+            raise ShapeError(f"Gaussian decoys need the real rows (rows × width), got shape {np.shape(real)}")
         width = real.shape[1]
         if count == 0:
             return np.zeros((0, width))

@@ -21,7 +21,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from .._checks import check_int
 from ..config import ModelConfig
+from ..errors import ProtocolError
 from ..keys import KeyStream, Label
 from ..stages import Stage
 from ..transforms import HeadPermutation, laplace_noise
@@ -53,13 +55,17 @@ def commitment(salt: bytes, session: str, layer: int, perm: npt.NDArray[Any]) ->
     """SHA-256(salt ‖ session ‖ layer ‖ π): binds a key-sharing message to its session and layer without
     revealing π (the 32-byte salt, revealed only with π, defeats enumeration of small permutations).
     Because the session id is inside, a transcript replayed under another session id fails at key
-    sharing."""
+    sharing. ProtocolError for a ``layer`` outside 0 … 2³² − 1 (its 4-byte field) or a session that is not
+    a string."""
+    if not isinstance(session, str):
+        raise ProtocolError(f"a commitment's session must be a string, got {type(session).__name__}")
+    layer = check_int(layer, "commitment layer", 0, 2**32 - 1, error=ProtocolError)
     sid = session.encode("utf-8")
     data = (
         salt
         + len(sid).to_bytes(4, "big")
         + sid
-        + int(layer).to_bytes(4, "big")
+        + layer.to_bytes(4, "big")
         + np.ascontiguousarray(perm, dtype="<i8").tobytes()
     )
     return hashlib.sha256(data).hexdigest()
@@ -132,7 +138,9 @@ class RequestKeys:
 
     def verify_rows(self, block: int, rows: int, count: int, step: int | None = None) -> IntArray:
         """``min(count, rows)`` distinct secret rows of ``rows`` (sorted): the attention rows of block
-        ``block`` (at generation ``step``) the client recomputes."""
+        ``block`` (at generation ``step``) the client recomputes (ConfigError for a ``count`` that is not an
+        integer ≥ 0: a negative one would slice from the end)."""
+        count = check_int(count, "verified row count")
         label: Label = ("verify", "rows", block) if step is None else ("verify", "rows", block, "gen", step)
         return np.sort(self.schedule.permutation(label, rows)[: min(count, rows)])
 

@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._checks import check_int
 from ..backends.base import A, Backend
+from ..errors import NonFiniteError, ShapeError
 
 __all__ = ["route", "traced_mlp"]
 
@@ -29,8 +31,15 @@ __all__ = ["route", "traced_mlp"]
 def route(logits: npt.NDArray[Any], top_k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """Mixtral routing of router ``logits`` (rows × E): (the top-k expert ids per row, in descending
     probability with ties to the lower id; their softmax probabilities renormalised to sum to 1), float64.
+    ShapeError unless ``logits`` is rows × E with E ≥ 1, ConfigError unless 1 ≤ ``top_k`` ≤ E (fewer or
+    more columns would not be k experts), NonFiniteError for a logit that is not finite (no routing).
     """
     z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] == 0:
+        raise ShapeError(f"router logits must be rows × experts (at least one), got shape {z.shape}")
+    top_k = check_int(top_k, "top_k", 1, z.shape[1])
+    if not np.isfinite(z).all():
+        raise NonFiniteError("router logits hold NaN or ±Inf")
     probs = np.exp(z - z.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     top = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k].astype(np.int64)

@@ -109,11 +109,17 @@ class LocalTransport:
         return reply
 
 
-def _nbytes(arrays: dict[str, Any]) -> int:
+def _nbytes(arrays: Mapping[str, Any]) -> int:
+    """The payload bytes ``arrays`` take on the wire (:func:`scx_ref.service.codec.to_wire_array`): a
+    float64 element 8 bytes, any narrower float (bf16/fp16 widen to float32) 4, an integer 8 (int64) — so
+    an in-process session meters what a network transport would carry. What is not an array counts 0."""
     total = 0
     for a in arrays.values():
-        if hasattr(a, "nbytes"):
-            total += int(a.nbytes)
-        elif hasattr(a, "element_size"):
-            total += int(a.element_size() * a.nelement())
+        if hasattr(a, "element_size") and hasattr(a, "nelement"):  # a torch tensor
+            count, size, floating = int(a.nelement()), int(a.element_size()), bool(a.is_floating_point())
+        elif isinstance(a, np.ndarray):
+            count, size, floating = int(a.size), int(a.itemsize), a.dtype.kind == "f"
+        else:
+            continue
+        total += count * (8 if not floating or size == 8 else 4)
     return total
