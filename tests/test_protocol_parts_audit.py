@@ -222,3 +222,42 @@ def test_array_ops_still_broadcast_what_broadcasts() -> None:
     np.testing.assert_array_equal(OPS.linear(A3, np.ones((4, 2)), np.ones(2)), np.full((3, 2), 5.0))
     x = A3.copy()
     assert OPS.add_into(x, np.ones(4)) is x and (x == 2.0).all()
+
+
+def _rows_in_pool(view_messages: Any, pool: CalibrationPool) -> tuple[int, int]:
+    """(rows found verbatim in ``pool``, rows) over the prefill's QKV/O/FFN/HEAD inputs past block 1's QKV
+    stage (block-1 rows are vocabulary rows: every text's are in every pool)."""
+    found = total = 0
+    for m in view_messages:
+        if m.stage not in (Stage.QKV, Stage.O, Stage.FFN, Stage.HEAD) or m.step != -1 or "x" not in m.arrays:
+            continue
+        p = pool.rows.get((m.stage, m.layer))
+        if p is None or (m.layer == 0 and m.stage is Stage.QKV):
+            continue
+        x = np.asarray(m.arrays["x"])
+        found += int((np.abs(x[:, None, :] - p[None, :, :]).max(-1).min(-1) < 1e-9).sum())
+        total += x.shape[0]
+    return found, total
+
+
+def test_the_default_decoys_are_not_in_a_pool_the_server_can_rebuild() -> None:
+    """The client's default calibration text is drawn by its key schedule: a server that rebuilds the pool
+    from the public seed-0 text (what the client used before, stop 61) finds none of the decoys in it —
+    while a client given that public text has every decoy found (the attack this closes)."""
+    from scx_ref.protocol.decoys import default_public_tokens
+
+    w = tiny_weights(0)
+    public = default_public_tokens(w.config.vocab_size)
+    rebuilt = CalibrationPool.from_tokens(NumpyBackend(w), public)  # the server's copy
+    prompt = np.random.default_rng(1).integers(0, w.config.vocab_size, 10)
+    cfg = SCXConfig(level="permute", r1=8, r2=8)
+    counts = {}
+    for name, tokens in (("default", None), ("public", public)):
+        link = LocalTransport(Server(NumpyBackend(w)), record_view=True)
+        Client(NumpyBackend(w), KeySchedule.generate(), cfg, public_tokens=tokens).generate(prompt, 1, link)
+        counts[name] = _rows_in_pool(link.view.messages, rebuilt)
+    found, total = counts["public"]
+    assert total and found >= total * 8 // 18  # every decoy (8 of each 18 rows)
+    found, total = counts["default"]
+    # none of its decoys, bar a chance match of a window's first row (a position-0 row is its token's)
+    assert total and found <= total // 18

@@ -64,7 +64,7 @@ from ..transforms import (
 )
 from .config import SCXConfig
 from .cost import CostMeter, CostReport, StageCost
-from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys, default_public_tokens
+from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys, secret_calibration_tokens
 from .keyring import RequestKeys
 from .messages import Request
 from .mlp import route
@@ -126,7 +126,10 @@ class Client(Generic[A]):
     ``keys``: the master secret and the first session's nonce (refused when that pair already drove a
     session). ``sketches``: the reply verifier's precomputation (:class:`~scx_ref.protocol.verify.
     SketchCache`) to share among clients of one backend and master secret; built here when None and
-    ``config.verify`` is on. An argument of the wrong kind is refused (ProtocolError; a bad
+    ``config.verify`` is on. ``decoys``: the decoy policy; by default a calibration pool built here from
+    ``public_tokens``, or — when None — from a pseudo-text the key schedule picks
+    (:func:`~scx_ref.protocol.decoys.secret_calibration_tokens`: a text the server knows lets it rebuild
+    the pool and find every decoy). An argument of the wrong kind is refused (ProtocolError; a bad
     ``public_tokens``: VocabularyError, or ProtocolError when empty).
 
     A client runs one call at a time: a session is sequential. A call made while another thread's call
@@ -201,8 +204,8 @@ class Client(Generic[A]):
         elif self.cfg.decoys == "gaussian":
             self.decoys = GaussianDecoys()
         else:
-            tokens = (
-                default_public_tokens(self.c.vocab_size)
+            tokens = (  # a text the server cannot rebuild the pool from (secret_calibration_tokens)
+                secret_calibration_tokens(keys, self.c.vocab_size)
                 if public_tokens is None
                 else token_ids(public_tokens, self.c.vocab_size)
             )

@@ -3,7 +3,9 @@ how many rows are real, or which.
 
 * :class:`CalibrationPool` (default) draws real-looking rows: hidden states of *public* text at the
   same block and stage (block 1: embeddings of public tokens). Such rows pass the structural checks an
-  attacker can run (rms(x̂/γ) = 1 after the norm; vocabulary-table membership in block 1).
+  attacker can run (rms(x̂/γ) = 1 after the norm; vocabulary-table membership in block 1). The client's
+  default text is a pseudo-text its key schedule picks (:func:`secret_calibration_tokens`): from a text
+  the server knows it would rebuild the pool and find the decoys in it.
 * :class:`GaussianDecoys` draws a Gaussian matched to the real rows' per-coordinate moments — for
   comparison: the invariant checks above flag its rows at once.
 
@@ -22,10 +24,16 @@ from .._checks import check_int
 from ..backends.base import Backend
 from ..errors import ConfigError, ShapeError
 from ..forward import PlainRunner
-from ..keys import KeyStream
+from ..keys import NONCE_BYTES, KeySchedule, KeyStream
 from ..stages import Stage
 
-__all__ = ["CalibrationPool", "DecoyPolicy", "GaussianDecoys", "default_public_tokens"]
+__all__ = [
+    "CalibrationPool",
+    "DecoyPolicy",
+    "GaussianDecoys",
+    "default_public_tokens",
+    "secret_calibration_tokens",
+]
 
 Array = npt.NDArray[Any]
 
@@ -40,9 +48,23 @@ class DecoyPolicy(Protocol):
 
 
 def default_public_tokens(vocab_size: int, length: int = 256) -> npt.NDArray[np.int64]:
-    """A fixed, public pseudo-text (seed 0) for models that come without public text. Not a secret:
-    calibration only needs rows that look like the model's own hidden states."""
+    """A fixed, public pseudo-text (seed 0): a shared calibration text for tests and tools. Not the client's
+    default (:func:`secret_calibration_tokens`): a server holding the weights rebuilds a pool made from it
+    and finds every decoy in it verbatim."""
     return np.random.default_rng(0).integers(0, vocab_size, size=length, dtype=np.int64)
+
+
+def secret_calibration_tokens(keys: KeySchedule, vocab_size: int, length: int = 256) -> npt.NDArray[np.int64]:
+    """The client's default calibration text: ``length`` tokens drawn uniformly from the vocabulary by the
+    master secret (label ``("decoy-pool",)`` under the all-zero nonce: the same text for every nonce of
+    one secret, so clients of one secret build one pool). Its hidden states look like any public
+    pseudo-text's
+    (DESIGN §5.1), but which text it is depends on the master secret: a pool made from a fixed public text
+    (:func:`default_public_tokens`) the server can rebuild from the weights, and it then found every decoy
+    verbatim (480 of 480 past block 1's QKV stage, tiny model, level permute: stop 61)."""
+    bound = check_int(vocab_size, "vocab_size", 1)
+    stream = keys.for_nonce(bytes(NONCE_BYTES)).stream(("decoy-pool",))
+    return stream.randbelow(np.full(check_int(length, "length", 1), bound, np.int64))
 
 
 class CalibrationPool:
