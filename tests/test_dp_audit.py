@@ -25,7 +25,6 @@ from scx_ref.cli import main
 from scx_ref.dp import (
     LaplaceMechanism,
     LayerSensitivities,
-    ModelSensitivities,
     advanced_composition,
     advanced_composition_heterogeneous,
     compose,
@@ -33,25 +32,10 @@ from scx_ref.dp import (
     laplace_epsilon,
     laplace_scale_for_epsilon,
     per_coordinate_reading,
-    pld_available,
     request_budget,
 )
 from scx_ref.errors import ConfigError, NonFiniteError, ShapeError
-
-needs_pld = pytest.mark.skipif(not pld_available(), reason="dp-accounting not installed")
-
-
-def _sens() -> ModelSensitivities:
-    return ModelSensitivities(
-        name="hand",
-        hidden_size=8,
-        vocab_size=100,
-        n_layers=3,
-        layers=tuple(LayerSensitivities(i, 3.0, 5.0, 4.0, 9.0) for i in range(3)),
-        lm_head=6.0,
-        embed_normalized_diameter=2.0,
-    )
-
+from tests.test_dp import _sens, needs_pld  # the hand-made sensitivities and the dp-accounting mark
 
 # --------------------------------------------------------------------------- advanced composition
 
