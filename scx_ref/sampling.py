@@ -105,7 +105,8 @@ class GenerationSettings:
 
 
 #: The largest seed a ``torch.Generator`` takes (``manual_seed`` reads an unsigned 64-bit integer).
-_MAX_SEED = 2**64 - 1
+#: The largest sampling seed: an unsigned 64-bit integer (``scx generate --seed`` takes the same).
+MAX_SEED = 2**64 - 1
 
 
 def _int(v: Any, name: str, lo: int, hi: int | None = None) -> int:
@@ -180,7 +181,7 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
         top_k=0 if top_k is None else _int(top_k, "top_k", 0),
         top_p=check_real(pick("top_p"), "top_p", 0, 1),
         repetition_penalty=check_real(pick("repetition_penalty"), "repetition_penalty", 0, lo_open=True),
-        seed=None if seed is None else _int(seed, "seed", 0, _MAX_SEED),
+        seed=None if seed is None else _int(seed, "seed", 0, MAX_SEED),
         eos_token_ids=tuple(_int(e, "eos_token_id", 0) for e in (eos or [])),
         pad_token_id=None if pad is None else _int(pad, "pad_token_id", 0),
         stop_strings=stops,

@@ -14,6 +14,7 @@ from typing import Any
 from .._checks import check_real
 from ..errors import ConfigError
 from ..protocol.config import LEVELS
+from ..sampling import MAX_SEED  # the largest --seed: the sampler's own bound
 
 __all__ = [
     "MAX_SEED",
@@ -37,8 +38,6 @@ MAX_THREADS = 1024
 #: takes: ``threading`` and gRPC refuse a wait past ``threading.TIMEOUT_MAX`` with an OverflowError in one
 #: of their threads (a traceback, and a generation that fails or never times out).
 MAX_TIMEOUT_S = 1e6
-#: The largest ``--seed``: a sampling seed is an unsigned 64-bit integer.
-MAX_SEED = 2**64 - 1
 
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:

@@ -106,12 +106,9 @@ class ServeOptions:
         object.__setattr__(self, "max_message_bytes", mmb)
         for name in ("idle_timeout", "grace"):  # seconds: stored as float (a numpy number included)
             object.__setattr__(self, name, check_real(getattr(self, name), name, 0, lo_open=True))
-        for name in ("port", "ops_port"):
-            v = getattr(self, name)
-            if v is None and name == "ops_port":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
-                raise ConfigError(f"{name} must be a port number in [0, 65535], got {v!r}")
+        for name in ("port", "ops_port"):  # a port number (ops_port may be None: no ops listener)
+            if getattr(self, name) is not None or name == "port":
+                object.__setattr__(self, name, check_int(getattr(self, name), name, 0, 65535))
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
         self.server_limits()  # the server's own checks of the limits it shares
