@@ -4,8 +4,8 @@ copies between host and device) and cProfile, each over one more request.
 
 Run: ``python -m models.request_profile --model llama1b-random --n 2048 --device cuda [--no-verify]
 [--rounds 5] [--top 25]`` (``--threads``: torch's CPU threads, for a CPU run; default 1). The keys of each
-request are derived ahead (``Client.precompute``) and not timed, as in ``scx bench``. It prints tables and
-asserts nothing.
+request are derived ahead (``Client.precompute``), neither timed nor profiled, as in ``scx bench``. It
+prints tables and asserts nothing.
 """
 
 from __future__ import annotations
@@ -58,18 +58,28 @@ def profile_prefill(
         SCXConfig(level="permute", max_length=b.config.max_positions, verify=verify),
     )
 
-    def scx() -> None:
+    def scx() -> Callable[[], None]:
+        """One SCX prefill, its keys derived now (outside what the caller times or profiles)."""
         nonce = KeySchedule.new_nonce()
         client.precompute(n, nonce=nonce)
-        client.prefill(ids, LocalTransport(Server(b)), nonce=nonce)
-        _sync(device)
+        link = LocalTransport(Server(b))
 
-    def plain() -> None:
-        with torch.no_grad():
-            hf(torch.from_numpy(ids)[None].to(device), use_cache=True).logits[0].float().cpu().numpy()
-        _sync(device)
+        def run() -> None:
+            client.prefill(ids, link, nonce=nonce)
+            _sync(device)
 
-    def seconds(fn: Callable[[], None]) -> float:
+        return run
+
+    def plain() -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                hf(torch.from_numpy(ids)[None].to(device), use_cache=True).logits[0].float().cpu().numpy()
+            _sync(device)
+
+        return run
+
+    def seconds(make: Callable[[], Callable[[], None]]) -> float:
+        fn = make()
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
@@ -89,8 +99,9 @@ def profile_prefill(
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    request = scx()
     with torch.profiler.profile(activities=activities) as prof:
-        scx()
+        request()
     table = prof.key_averages()
     head = "torch profiler, one SCX prefill, by self"
     out.append(f"{head} CPU time:\n{_table(table, 'self_cpu_time_total', top)}")
@@ -98,9 +109,10 @@ def profile_prefill(
         counts = ", ".join(f"{v} {k}" for k, v in cuda_counts(table).items())
         out[0] += f"\none SCX prefill's CUDA runtime calls: {counts}"
         out.append(f"{head} device time:\n{_table(table, 'self_device_time_total', top)}")
+    request = scx()
     pr = cProfile.Profile()
     pr.enable()
-    scx()
+    request()
     pr.disable()
     text = io.StringIO()
     pstats.Stats(pr, stream=text).sort_stats("tottime").print_stats(top)

@@ -214,6 +214,19 @@ def test_request_profile_reports_both_sides_and_the_profiles(capsys: pytest.Capt
     assert got == {"kernel launches": 592, "host-device copies": 288, "synchronisations": 251}
 
 
+def test_request_profile_neither_times_nor_profiles_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    """The keys of the profiled request are derived before cProfile starts, as they are before the timed
+    rounds: its table (all entries) names no key derivation (``Client.precompute``, ``fisher_yates``),
+    which a request that derives its own keys spends its first milliseconds in."""
+    from models.request_profile import main
+
+    assert main(["--model", "tiny-llama", "--n", "6", "--rounds", "1", "--top", "100000", "--no-verify"]) == 0
+    out = capsys.readouterr().out
+    profile = out.split("cProfile, one SCX prefill")[1]
+    assert "prefill" in profile and "handle" in profile  # the table lists the request's own calls
+    assert "precompute" not in profile and "fisher_yates" not in profile
+
+
 def test_gemm_forms_compute_dense_products(capsys: pytest.CaptureFixture[str]) -> None:
     """models.gemm_forms times forms of x·Wᵀ that compute ``dense``'s product (within float32 rounding) for
     every projection shape of a model — a tiny registered one: fused QKV, O, gate/up, down, LM head — and

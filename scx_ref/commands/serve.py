@@ -213,6 +213,14 @@ def register(subparsers: Any) -> None:
         help=f"most sessions at once (default {d.max_sessions})",
     )
     p.add_argument(
+        "--max-sessions-per-peer",
+        type=int_at_least(1),
+        default=None,
+        metavar="N",
+        help="most sessions at once from one client address, its port aside (default: no cap but "
+        "--max-sessions; clients behind one NAT or proxy share an address)",
+    )
+    p.add_argument(
         "--max-message-mb",
         type=int_at_least(1, MAX_MESSAGE_MB),
         default=d.max_message_bytes >> 20,
@@ -288,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
         batch_rows=args.batch_rows,
         max_batch=args.max_batch,
         max_sessions=args.max_sessions,
+        max_sessions_per_peer=args.max_sessions_per_peer,
         max_message_bytes=args.max_message_mb << 20,
         max_rows=args.max_rows,
         max_decoys=args.max_decoys,

@@ -55,7 +55,7 @@ from .codec import (
     request_from,
 )
 
-__all__ = ["METHOD", "SCXService", "ServeOptions", "model_fingerprint"]
+__all__ = ["METHOD", "SCXService", "ServeOptions", "model_fingerprint", "peer_host"]
 
 #: The gRPC method of a session stream (bytes in, bytes out).
 METHOD = "/scx.v1.SCX/Session"
@@ -72,6 +72,10 @@ class ServeOptions:
     batch_rows         tile height of the middle blocks' cross-session batches (1: no batching)
     max_batch          most ``gen_mid`` rows computed together
     max_sessions       most sessions (streams) at once; more are refused
+    max_sessions_per_peer
+                       most sessions (streams) at once from one peer address — its host, whatever its
+                       port (:func:`peer_host`); more from it are refused. None: no cap but
+                       ``max_sessions`` (clients behind one NAT or proxy share an address)
     max_message_bytes  largest frame accepted or sent (and the server's limit on a request's arrays)
     max_rows           rows one session may reach (its max_length plus its most decoys)
     max_decoys         decoy rows at any one stage
@@ -89,6 +93,7 @@ class ServeOptions:
     batch_rows: int = 2
     max_batch: int = 64
     max_sessions: int = 256
+    max_sessions_per_peer: int | None = None
     max_message_bytes: int = 512 << 20
     max_rows: int = 1 << 15
     max_decoys: int = 256
@@ -101,6 +106,9 @@ class ServeOptions:
     def __post_init__(self) -> None:
         for name in ("workers", "batch_rows", "max_batch", "max_sessions", "max_rows"):
             object.__setattr__(self, name, check_int(getattr(self, name), name, 1))
+        if self.max_sessions_per_peer is not None:
+            per_peer = check_int(self.max_sessions_per_peer, "max_sessions_per_peer", 1)
+            object.__setattr__(self, "max_sessions_per_peer", per_peer)
         # gRPC's size options are C ints (codec.MAX_MESSAGE_BYTES): past it the server failed to start
         mmb = check_int(self.max_message_bytes, "max_message_bytes", 1, MAX_MESSAGE_BYTES)
         object.__setattr__(self, "max_message_bytes", mmb)
@@ -182,6 +190,22 @@ def _event(event: str, level: int = logging.INFO, **fields: Any) -> None:
         log.log(level, json.dumps({"event": event, **fields}, default=str))
 
 
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer name, its port dropped: ``ipv4:10.0.0.7:51234`` → ``ipv4:10.0.0.7``,
+    ``ipv6:[::1]:51234`` → ``ipv6:[::1]``, ``ipv6:%5B::1%5D:51234`` → ``ipv6:[::1]`` (gRPC percent-encodes
+    the brackets in some versions); any other name (``unix:/run/scx.sock``, a name without a port) as it
+    is. Two connections from one host have the same address part, each its own port."""
+    kind, sep, rest = peer.partition(":")
+    if not sep or kind not in ("ipv4", "ipv6"):
+        return peer
+    rest = rest.replace("%5B", "[").replace("%5D", "]").replace("%5b", "[").replace("%5d", "]")
+    if kind == "ipv6" and rest.startswith("["):
+        end = rest.find("]")
+        return f"{kind}:{rest[: end + 1]}" if end > 0 else peer
+    host, colon, port = rest.rpartition(":")
+    return f"{kind}:{host}" if colon and host and port.isdigit() else peer
+
+
 class _Stream:
     """One client stream: the sessions it opened. ``lock`` guards ``sessions``, ``ended`` (the stream is
     over) and ``busy`` (its messages queued or computing on a worker): the event loop and the compute
@@ -189,6 +213,7 @@ class _Stream:
 
     def __init__(self, peer: str) -> None:
         self.peer = peer
+        self.host = peer_host(peer)
         self.sessions: set[str] = set()
         self.lock = threading.Lock()
         self.ended = False
@@ -344,6 +369,14 @@ class SCXService:
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"server full: {self.opts.max_sessions} sessions open"
             )
         stream = _Stream(str(context.peer()))
+        cap = self.opts.max_sessions_per_peer
+        if cap is not None and sum(1 for s in self.streams if s.host == stream.host) >= cap:
+            self.metrics.errors.labels("PeerFull").inc()
+            _event("peer_full", peer=stream.peer, limit=cap)
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server full for this address: {cap} sessions open from it (--max-sessions-per-peer)",
+            )
         self.streams.add(stream)
         self.metrics.streams.inc()
         it = requests.__aiter__()
