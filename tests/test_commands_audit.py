@@ -2,8 +2,8 @@
 :class:`~scx_ref.service.spawn.ServerProcess`: options that gave a traceback (a message size past gRPC's C
 int, a thread count past torch's, a timeout past ``threading.TIMEOUT_MAX``, a seed past 64 bits) are usage
 errors (exit 2, one ``scx <command>: error:`` line); ``--tls-ca`` beside a plaintext ``scx://`` server is
-refused, not ignored; a malformed ``--server`` URL and an IPv6 ``--host`` beside the (IPv4) ops listener are
-refused before any model loads; a bare IPv6 ``--host`` is bracketed for gRPC; a ``scx serve`` started by
+refused, not ignored; a malformed ``--server`` URL is refused before any model loads; an IPv6 ``--host`` is
+served, its ops listener too (stop 62; stop 61 refused it); a bare IPv6 ``--host`` is bracketed for gRPC; a ``scx serve`` started by
 ServerProcess stops once its parent is gone (even SIGKILLed); a second Ctrl-C does not run the shutdown
 twice.
 
@@ -182,13 +182,15 @@ needs_ipv6 = pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback h
 
 @needs_ipv6
 @pytest.mark.parametrize("host", ["::1", "[::1]"])
-def test_an_ipv6_host_beside_the_ops_listener_is_refused_before_the_model_loads(
-    capsys: pytest.CaptureFixture[str], no_model: list[str], host: str
-) -> None:
-    """The ops listener is an IPv4 http.server: ``--host [::1]`` loaded the model, bound gRPC, then failed
-    on the ops port ('Name or service not known'), and ``--host ::1`` failed in gRPC as 'address in use'."""
-    _usage_error(capsys, ["serve", "--model", "tiny-llama", "--host", host, "--port", "0"], "--ops-port -1")
-    assert no_model == []
+def test_an_ipv6_host_is_served_with_its_ops_listener(host: str) -> None:
+    """The ops listener was an IPv4 http.server: ``--host [::1]`` loaded the model, bound gRPC, then failed
+    on the ops port ('Name or service not known'), and ``--host ::1`` failed in gRPC as 'address in use'
+    (stop 61 refused both before the model loaded). Now /health and /metrics answer on ``[::1]`` too."""
+    with ServerProcess("random:tiny-dense", ["--host", host, "--dtype", "float64"]) as server:
+        assert re.fullmatch(r"http://\[::1\]:\d+", server.ops), server.ops
+        status, body = server.health()
+        assert status == 200 and body["status"] == "serving"
+        assert "scx_sessions_open" in server.metrics()
 
 
 @needs_ipv6

@@ -164,7 +164,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--host",
         default=d.host,
-        help=f"address to listen on (default {d.host}); an IPv6 address (::1 or [::1]) needs --ops-port -1",
+        help=f"address to listen on, for gRPC and the ops port (default {d.host}); IPv6 as ::1 or [::1]",
     )
     p.add_argument(
         "--port",
@@ -280,11 +280,6 @@ def run(args: argparse.Namespace) -> int:
     host = _grpc_host(args.host)
     if args.ops_port == args.port and args.port > 0:
         raise ConfigError(f"--port and --ops-port are both {args.port}: give them different ports")
-    if args.ops_port >= 0 and _is_ipv6(host):  # the ops listener is an IPv4 http.server
-        raise ConfigError(
-            f"--host {args.host}: the ops listener (/health, /metrics) takes IPv4 addresses and host names "
-            "only; give --ops-port -1 to serve on an IPv6 address"
-        )
     check_listen(host, args.port, "gRPC port")  # before any model is loaded
     if args.ops_port >= 0:
         check_listen(host, args.ops_port, "ops port")

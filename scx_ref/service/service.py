@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -204,6 +205,21 @@ def peer_host(peer: str) -> str:
         return f"{kind}:{rest[: end + 1]}" if end > 0 else peer
     host, colon, port = rest.rpartition(":")
     return f"{kind}:{host}" if colon and host and port.isdigit() else peer
+
+
+def _ops_server_class(host: str) -> type[ThreadingHTTPServer]:
+    """The HTTP server class of the ops listener on ``host`` (an address or a name, without brackets): of
+    the address family the host's first listening address has (``getaddrinfo``, as gRPC resolves it), so
+    an IPv6 address or a name that resolves to one is served too (``http.server`` alone is IPv4 only).
+    OSError (``socket.gaierror``) when the host does not resolve."""
+    family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    if family != socket.AF_INET6:
+        return ThreadingHTTPServer
+
+    class _V6(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    return _V6
 
 
 class _Stream:
@@ -604,7 +620,9 @@ class SCXService:
             def log_message(self, format: str, *args: Any) -> None:
                 return None
 
-        self._http = ThreadingHTTPServer((self.opts.host, port), Handler)
+        host = self.opts.host  # gRPC's form: an IPv6 address in brackets
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        self._http = _ops_server_class(bare)((bare, port), Handler)
         self._http.daemon_threads = True
         self.ops_port = int(self._http.server_address[1])
         threading.Thread(target=self._http.serve_forever, name="scx-ops", daemon=True).start()
