@@ -3,7 +3,7 @@
 Prints one line per identity (name, what it covers, result, seconds) and one per negative control, and
 exits 1 if any identity fails (or raises), any negative control is wrongly accepted (or raises), any check
 returns something other than ``True`` / ``False``, or an identity has no negative control; exits 2 (with
-the known names) when no identity matches the filters.
+the known names) when a filter matches no identity.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ def _selected(identities: list[Identity], filters: Sequence[str]) -> list[Identi
     if not filters:
         return identities
     return [entry for entry in identities if any(f.lower() in entry.name.lower() for f in filters)]
+
+
+_LINKS_NOTE = (
+    "(these are proofs about each identity's symbolic statement of the functions it implements; that each "
+    "function computes its statement is checked by pytest tests/test_proof_links.py)"
+)
 
 
 def run(filters: Sequence[str] = (), *, controls: bool = True, out: TextIO | None = None) -> int:
@@ -81,6 +87,9 @@ def run(filters: Sequence[str] = (), *, controls: bool = True, out: TextIO | Non
         f"{len(selected)} identities, {n_controls} negative controls: {summary} in {elapsed:.1f}s",
         file=stream,
     )
+    if any(entry.implements for entry in selected):
+        # the proofs never run scx_ref: say where the code itself is held to each statement
+        print(_LINKS_NOTE, file=stream)
     return failures
 
 
@@ -91,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=(
             "Machine-checked sympy identities for the SCX transforms (T1-T7, RoPE order, sensitivity, "
             "Laplace, head structure), each with negative controls that the same checker must reject. "
-            "Exits 1 if an identity fails or a negative control is accepted, 2 if no identity matches."
+            "Exits 1 if an identity fails or a negative control is accepted, 2 if a FILTER matches no "
+            "identity. The run checks each proof's symbolic statement of the code it 'implements'; that the "
+            "code equals the statement is tested by tests/test_proof_links.py."
         ),
     )
     parser.add_argument(
@@ -102,10 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-controls", action="store_true", help="skip the negative controls")
     args = parser.parse_args(argv)
-    selected = _selected(all_identities(), args.filters)
-    if not selected:
-        known = ", ".join(entry.name for entry in all_identities())
-        wanted = ", ".join(repr(f) for f in args.filters)
+    identities = all_identities()
+    selected = _selected(identities, args.filters)
+    # every filter must match something: a mistyped one beside a good one must not silently run less
+    unmatched = [f for f in args.filters if not _selected(identities, [f])]
+    if not selected or unmatched:
+        known = ", ".join(entry.name for entry in identities)
+        wanted = ", ".join(repr(f) for f in (unmatched or args.filters))
         print(
             f"{parser.prog}: error: no identity name contains {wanted}; known identities: {known}",
             file=sys.stderr,

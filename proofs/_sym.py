@@ -111,13 +111,16 @@ def matrices_equal(a: sp.Matrix, b: sp.Matrix, *, quick: bool = False) -> bool:
 
 def nonzero_at_random_point(expr: sp.Expr, seed: int = 0, digits: int = 30) -> bool:
     """A certificate that ``expr`` is *not* identically zero: its exact value at a random rational point,
-    evaluated to ``digits`` significant digits with sympy's error-controlled ``evalf``, is nonzero."""
+    evaluated to ``digits`` significant digits with sympy's error-controlled ``evalf``, is nonzero. A point
+    where ``expr`` is not finite (a pole, 0/0) certifies nothing: ``False``, never a crash or ``zoo ≠ 0``."""
     rng = random.Random(seed)
     point: dict[sp.Basic, sp.Rational] = {}
     for symbol in sorted(sp.sympify(expr).free_symbols, key=str):
         numerator = rng.randint(1, 9) if symbol.is_nonnegative else rng.randint(-9, 9)
         point[symbol] = sp.Rational(numerator, rng.randint(1, 5))
     value = sp.sympify(expr).subs(point)
+    if value.is_finite is not True:  # a pole or 0/0 at the point (zoo, nan): no certificate there
+        return False
     return bool(abs(sp.N(value, digits)) > sp.Float(10) ** (-digits // 2))
 
 

@@ -10,8 +10,9 @@ Proved: every *head-structured* p — a reordering τ of the KV groups composed 
 permutation σ_g (2!·2!·2! = 8 of them) — is exact; and every one of the other 16 permutations in S_4,
 which mix coordinates across heads, is *not* exact (an exact nonzero witness for each).
 
-Negative controls, through the same checker: a permutation swapping one coordinate of head 0 with one of
-head 1; and a group reordering whose query heads are *not* moved along.
+Negative controls, through the same checkers: a permutation swapping one coordinate of head 0 with one of
+head 1; a group reordering whose query heads are *not* moved along; and, for the characterization, every P
+claimed exact, and one head-structured P claimed inexact (the witness search must find nothing).
 """
 
 from __future__ import annotations
@@ -154,9 +155,10 @@ def check_head_perms(candidates: list[Perm], *, move_query_heads: bool = True) -
     return all(is_exact(p, move_query_heads=move_query_heads) for p in candidates)
 
 
-def check_characterization() -> bool:
-    """Exactly the head-structured permutations of S_4 are exact; each other one has a nonzero witness."""
-    structured = set(head_structured())
+def check_characterization(claimed_exact: frozenset[Perm] | None = None) -> bool:
+    """Exactly the permutations in ``claimed_exact`` (default: the head-structured ones) of S_4 are exact:
+    each is proved exact, each other one is refuted by a nonzero witness."""
+    structured = set(head_structured()) if claimed_exact is None else set(claimed_exact)
     for p in perms(_HKV * _DH):
         if p in structured:
             if not is_exact(p):
@@ -193,7 +195,11 @@ def head_structured_exact() -> bool:
     "head_structure.only_head_structured_exact",
     "all 24 P in S_4 of KV coordinates: 8 exact, 16 cross-head ones refuted by exact witnesses",
     negative_controls=[
-        ("every P in S_4 claimed exact", lambda: check_head_perms(list(perms(_HKV * _DH)))),
+        ("every P in S_4 claimed exact", lambda: check_characterization(frozenset(perms(_HKV * _DH)))),
+        (
+            "a head-structured P claimed inexact (no witness exists)",
+            lambda: check_characterization(frozenset(head_structured()) - {_GROUP_SWAP}),
+        ),
     ],
 )
 def only_head_structured_exact() -> bool:

@@ -87,6 +87,12 @@ def _dot(a: Sequence[sp.Expr], b: Sequence[sp.Expr]) -> sp.Expr:
     return sp.Add(*[u * v for u, v in zip(a, b, strict=True)])
 
 
+def _roped(x: Sequence[sp.Expr], position: sp.Expr, theta: sp.Expr = _THETA) -> list[sp.Expr]:
+    """One head vector through :func:`apply_rope` (one row, one head): the checkers evaluate the very
+    statement that ``tests/test_proof_links.py`` holds ``scx_ref.ops.apply_rope`` to."""
+    return apply_rope([[x]], [position], theta)[0][0]
+
+
 def check_rope_noncommuting(position: sp.Expr) -> bool:
     """True iff for every σ ≠ id in S_{d_h} some coordinate of rope(x[σ]) − rope(x)[σ] has an exact
     nonzero witness (at θ = 10000 and the given position)."""
@@ -95,8 +101,8 @@ def check_rope_noncommuting(position: sp.Expr) -> bool:
     for sigma in perms(_DH):
         if sigma == identity_perm:
             continue
-        lhs = rope(_apply(x, sigma), position, sp.Integer(10000))
-        rhs = _apply(rope(x, position, sp.Integer(10000)), sigma)
+        lhs = _roped(_apply(x, sigma), position, sp.Integer(10000))
+        rhs = _apply(_roped(x, position, sp.Integer(10000)), sigma)
         if not any(
             nonzero_at_random_point(a - b, seed=c) for c, (a, b) in enumerate(zip(lhs, rhs, strict=True))
         ):
@@ -112,15 +118,15 @@ def check_score_order(order: str) -> bool:
     """
     q = list(sp.symbols(f"q0:{_DH}", real=True))
     k = list(sp.symbols(f"k0:{_DH}", real=True))
-    plain = _dot(rope(q, _M), rope(k, _N))
+    plain = _dot(_roped(q, _M), _roped(k, _N))
     shift = tuple((i + 1) % _DH for i in range(_DH))
     for sigma in perms(_DH):
         if order == "rope-then-sigma":
-            score = _dot(_apply(rope(q, _M), sigma), _apply(rope(k, _N), sigma))
+            score = _dot(_apply(_roped(q, _M), sigma), _apply(_roped(k, _N), sigma))
         elif order == "sigma-then-rope":
-            score = _dot(rope(_apply(q, sigma), _M), rope(_apply(k, sigma), _N))
+            score = _dot(_roped(_apply(q, sigma), _M), _roped(_apply(k, sigma), _N))
         elif order == "different-sigma-on-k":
-            score = _dot(_apply(rope(q, _M), sigma), _apply(rope(k, _N), compose(sigma, shift)))
+            score = _dot(_apply(_roped(q, _M), sigma), _apply(_roped(k, _N), compose(sigma, shift)))
         else:
             raise ValueError(order)
         if not quick_is_zero(score - plain):

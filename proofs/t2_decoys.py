@@ -32,7 +32,7 @@ _W = sym_matrix("w", _D, _D)
 _B = sym_matrix("b", 1, _D)
 _GAMMA = list(sp.symbols(f"gamma0:{_D}", positive=True))
 _F = sp.Function("f")
-_SIZES = [(1, 1), (2, 1), (1, 2), (2, 2), (3, 1)]
+_SIZES = [(1, 0), (3, 0), (1, 1), (2, 1), (1, 2), (2, 2), (3, 1)]  # (n, r): r = 0 is no decoys
 
 
 def with_decoys(x: sp.Matrix, decoys: sp.Matrix) -> sp.Matrix:
@@ -113,7 +113,8 @@ def check_decoys(
 
 @identity(
     "t2.decoys",
-    "RMSNorm·W + b and f(row); d=2, (n, r) in {(1,1),(2,1),(1,2),(2,2),(3,1)}, every π in S_{n+r}",
+    "RMSNorm·W + b and f(row); d=2, (n, r) in {(1,0),(3,0),(1,1),(2,1),(1,2),(2,2),(3,1)}, "
+    "every π in S_{n+r}",
     implements=IMPLEMENTS,
     negative_controls=[
         ("strip without unpermuting", lambda: check_decoys(AFFINE_NORM, _SIZES, mode="strip-only")),

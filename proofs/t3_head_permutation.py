@@ -130,7 +130,10 @@ def check_attention(scheme: Scheme, *, gqa: bool, min_dh: int = 1) -> bool:
                 k_enc, v_enc = encode_group(k, ((0,), (ks,)), 1), encode_group(v, ((0,), (vs,)), 1)
                 for q, q_perm, expected in zip(heads, (q1, q2), plain, strict=False):
                     q_enc = encode_group(q, ((0,), (q_perm,)), 1)
-                    out = permute_cols(attention(q_enc, k_enc, v_enc, _SCALE, mask), dec)
+                    # decode_group applies the inverse of the σ it is given: dec⁻¹ makes it apply dec
+                    out = decode_group(
+                        attention(q_enc, k_enc, v_enc, _SCALE, mask), ((0,), (inverse(dec),)), 1
+                    )
                     if not matrices_equal(out, expected, quick=True):
                         return False
     return True

@@ -11,7 +11,7 @@ the query attends to *all* rows.
 Locked cache scores (DESIGN §5.3, last guard blocks): the server scores q against ρ(K ⊕ R) (n real rows,
 r decoys, stored in the order ρ) followed by a rows appended in true order; the client's decode — column
 ρ⁻¹[i] for true row i, then the appended columns, decoys dropped — gives exactly q·[K; A]ᵀ, for every ρ
-in S_{n+r} (n + r ≤ 4). Negative control: decode with ρ instead of ρ⁻¹.
+in S_{n+r} (n + r ≤ 4, r = 0 included). Negative control: decode with ρ instead of ρ⁻¹.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def check_cache_order(scheme: Scheme, *, windowed: bool = False) -> bool:
 @identity(
     "t4.cache_order",
     f"symbolic q, K, V, scale; d_h={_DH}; cache sizes t = 1..4; every ρ in S_t",
-    implements=IMPLEMENTS,
+    implements=IMPLEMENTS[:1],
     negative_controls=[
         ("K rows permuted, V rows not", lambda: check_cache_order(k_only)),
         ("different order ρ′ on V", lambda: check_cache_order(different_v_order)),
@@ -119,7 +119,7 @@ def cache_order() -> bool:
     return check_cache_order(same_order)
 
 
-_LOCK_SIZES = [(1, 1), (2, 1), (1, 2), (2, 2), (3, 1)]  # (n real, r decoy) rows; one appended row
+_LOCK_SIZES = [(1, 0), (3, 0), (1, 1), (2, 1), (1, 2), (2, 2), (3, 1)]  # (n real, r decoy); one appended
 
 
 def check_locked_scores(*, decode_with_inverse: bool = True) -> bool:
@@ -141,8 +141,9 @@ def check_locked_scores(*, decode_with_inverse: bool = True) -> bool:
 
 @identity(
     "t4.locked_scores",
-    "q·[ρ(K ⊕ R); A]ᵀ decoded = q·[K; A]ᵀ; d_h=2, (n, r) in {(1,1),(2,1),(1,2),(2,2),(3,1)}, every ρ",
-    implements=IMPLEMENTS,
+    "q·[ρ(K ⊕ R); A]ᵀ decoded = q·[K; A]ᵀ; d_h=2, (n, r) in {(1,0),(3,0),(1,1),(2,1),(1,2),(2,2),"
+    "(3,1)}, every ρ",
+    implements=IMPLEMENTS[1:],
     negative_controls=[
         ("decode with ρ instead of ρ⁻¹", lambda: check_locked_scores(decode_with_inverse=False))
     ],

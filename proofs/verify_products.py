@@ -71,16 +71,18 @@ def project64_norm(
 
 
 def check_fold(fold: Fold) -> bool:
-    """fold(x, γ, v, ε) == (x̂·v, ‖x̂‖²) for symbolic x, γ, v, ε ≥ 0 and every d in 1..4."""
+    """fold(x, γ, v, ε) == (x̂·v, ‖x̂‖²), both from :func:`project64_norm`, for symbolic x, γ, v, ε ≥ 0 and
+    every d in 1..4."""
     for d in _DIMS:
         x = list(sp.symbols(f"x0:{d}", real=True, nonzero=True))
         gamma = list(sp.symbols(f"g0:{d}", real=True))
         v = list(sp.symbols(f"v0:{d}", real=True))
-        xh = rmsnorm_row(x, gamma, _EPS)
+        # the right-hand sides are the statement tests/test_proof_links.py holds project64_norm to
+        product, norm = project64_norm(sp.Matrix([x]), gamma, _EPS, sp.Matrix(v))
         dot, sq = fold(x, gamma, v, _EPS)
-        if not is_zero(dot - sp.Add(*[a * b for a, b in zip(xh, v, strict=True)])):
+        if not is_zero(dot - product[0, 0]):
             return False
-        if not is_zero(sq - sp.Add(*[a**2 for a in xh])):
+        if not is_zero(sq - norm[0] ** 2):
             return False
     return True
 
