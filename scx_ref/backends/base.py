@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from ..arrays import A, ArrayOps, IndexArray
 from ..config import ModelConfig
-from ..errors import ShapeError
+from ..errors import ConfigError, ShapeError
 
 __all__ = [
     "A",
@@ -35,6 +35,7 @@ __all__ = [
     "NormName",
     "Products",
     "WeightName",
+    "check_experts",
     "check_heads",
     "check_rope_split",
     "check_scores",
@@ -213,6 +214,22 @@ def sum_norm_slack(width: int, eps: float) -> float:
     that. Every ``project64`` path rounds its norms up by it (numba's ``sum_norms``, the torch fallbacks);
     a float32 overflow stays +inf."""
     return 1.0 + (width + 2) * eps
+
+
+def check_experts(experts: Any, n_experts: int, which: str) -> npt.NDArray[np.int64]:
+    """The experts whose maps an MoE layer's ``which`` stacks, as int64 ids (flattened): ConfigError for
+    none given, ids that are not integers (a float one was truncated on torch), no id at all, or an id
+    outside 0 … n_experts − 1 — the same refusals on every backend (numpy raised IndexError or TypeError,
+    or read a negative id from the end)."""
+    if experts is None:
+        raise ConfigError(f"{which} of an MoE layer needs the selected experts")
+    e = np.asarray(experts)
+    if e.size == 0 or e.dtype.kind not in "iu":
+        raise ConfigError(f"{which} needs at least one integer expert id, got {e.dtype} of shape {e.shape}")
+    e = e.astype(np.int64, copy=False).reshape(-1)
+    if e.min() < 0 or e.max() >= n_experts:
+        raise ConfigError(f"expert ids must lie in [0, {n_experts}), got {e.tolist()}")
+    return e
 
 
 def check_rope_split(shape: tuple[int, ...], roped: int, plain: int, d_h: int) -> None:

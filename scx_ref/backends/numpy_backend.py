@@ -21,6 +21,7 @@ from .base import (
     NormName,
     Products,
     WeightName,
+    check_experts,
     check_heads,
     check_rope_split,
     check_scores,
@@ -80,20 +81,17 @@ class NumpyBackend(NumpyOps):
         if isinstance(mlp, DenseMLP):
             dense = mlp
             return self._fuse("gate_up", layer, lambda: np.concatenate([dense.w_gate, dense.w_up], axis=1))
-        if experts is None:
-            raise ConfigError("w_gate_up of an MoE layer needs the selected experts")
+        sel = check_experts(experts, len(mlp.experts), "w_gate_up").tolist()
         return np.concatenate(
-            [np.concatenate([mlp.experts[e].w_gate, mlp.experts[e].w_up], axis=1) for e in experts.tolist()],
-            axis=1,
+            [np.concatenate([mlp.experts[e].w_gate, mlp.experts[e].w_up], axis=1) for e in sel], axis=1
         )
 
     def _down(self, layer: int, experts: IndexArray | None) -> FloatArray:
         mlp = self._layer(layer).mlp
         if isinstance(mlp, DenseMLP):
             return mlp.w_down
-        if experts is None:
-            raise ConfigError("w_down of an MoE layer needs the selected experts")
-        return np.concatenate([mlp.experts[e].w_down for e in experts.tolist()], axis=0)
+        sel = check_experts(experts, len(mlp.experts), "w_down").tolist()
+        return np.concatenate([mlp.experts[e].w_down for e in sel], axis=0)
 
     def _matrix(self, which: WeightName, layer: int, experts: IndexArray | None) -> FloatArray:
         if which == "lm_head":
@@ -171,11 +169,15 @@ class NumpyBackend(NumpyOps):
         return self.linear(x, self._matrix(which, layer, experts), bias)
 
     def mlp(self, x: FloatArray, layer: int) -> FloatArray:
-        """The block's MLP (ShapeError for rows of another width than the model's)."""
+        """The block's MLP (ShapeError for rows of another width than the model's), row by row over any
+        leading dims, as the torch backend (the MoE routing read 2-D rows only: IndexError)."""
         mlp = self._layer(layer).mlp
         if np.ndim(x) == 0 or np.shape(x)[-1] != self.config.hidden_size:
             raise ShapeError(f"rows {np.shape(x)} for an MLP of width {self.config.hidden_size}")
-        return ops.mlp(x, mlp, self.config.top_k)
+        if isinstance(mlp, DenseMLP) or np.ndim(x) == 2:
+            return ops.mlp(x, mlp, self.config.top_k)
+        out: FloatArray = ops.mlp(x.reshape(-1, x.shape[-1]), mlp, self.config.top_k).reshape(x.shape)
+        return out
 
     def swiglu_act(self, gate_up: FloatArray) -> FloatArray:
         """silu(gate) ⊙ up (ShapeError unless the rows split into two equal halves)."""

@@ -61,6 +61,7 @@ from .base import (
     NormName,
     Products,
     WeightName,
+    check_experts,
     check_heads,
     check_rope_split,
     check_scores,
@@ -266,8 +267,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         "fp16": "float16",
         "half": "float16",
     }
-    name = alias.get(dtype, dtype)
-    if name not in _DTYPES:
+    name = alias.get(dtype, dtype) if isinstance(dtype, str) else dtype  # a list raised TypeError here
+    if not isinstance(name, str) or name not in _DTYPES:
         raise DTypeError(f"unsupported backend dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
     return _DTYPES[name]
 
@@ -321,6 +322,32 @@ def _t(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A contiguous tensor of ``x`` (numpy or torch) in dtype on device (no copy when already so)."""
     t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
     return t.detach().to(device=device, dtype=dtype).contiguous()
+
+
+#: The numpy dtypes torch.from_numpy takes for a floating array (in the machine's own byte order).
+_TORCH_FLOATS = (np.float16, np.float32, np.float64)
+
+
+def _torch_readable(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``arr`` C-contiguous in a form ``torch.from_numpy`` takes: a floating array of another byte order
+    than the machine's in its own (the same values), one wider than float64 (``np.longdouble``) in
+    float64, every other array as it is. torch raised ValueError for the first and TypeError for the
+    second, where the numpy backend takes both."""
+    dt = arr.dtype
+    if dt.kind == "f" and (not dt.isnative or dt.type not in _TORCH_FLOATS):
+        own = dt.newbyteorder("=") if dt.type in _TORCH_FLOATS else np.dtype(np.float64)
+        return np.ascontiguousarray(arr, dtype=own)
+    return np.ascontiguousarray(arr)
+
+
+def _broadcast_or_raise(x: torch.Tensor, y: torch.Tensor, exc: RuntimeError) -> ShapeError:
+    """The ShapeError of an elementwise op of ``x`` and ``y`` that raised ``exc`` when their shapes do not
+    broadcast (as the numpy backend's); ``exc`` itself otherwise (another cause: a device, a dtype)."""
+    try:
+        np.broadcast_shapes(tuple(x.shape), tuple(y.shape))
+    except ValueError:
+        return ShapeError(f"arrays of shapes {tuple(x.shape)} and {tuple(y.shape)} do not broadcast")
+    raise exc
 
 
 def _check_tensors(c: ModelConfig, w: TorchWeights) -> None:
@@ -554,7 +581,7 @@ class TorchOps:
     # -- conversion and validation -----------------------------------------------------------
     def from_numpy(self, x: npt.NDArray[Any]) -> torch.Tensor:
         """The tensor holding ``x`` cast to the dtype, on the device."""
-        return torch.from_numpy(np.ascontiguousarray(x)).to(device=self.device, dtype=self.dtype)
+        return torch.from_numpy(_torch_readable(np.asarray(x))).to(device=self.device, dtype=self.dtype)
 
     def to_numpy(self, x: torch.Tensor) -> npt.NDArray[Any]:
         """A numpy copy of ``x`` in the wire dtype: from a device, the one copy to the host (numpy then
@@ -628,7 +655,7 @@ class TorchOps:
             arr = np.asarray(x)
             if not np.issubdtype(arr.dtype, np.floating):
                 raise DTypeError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
-            t = torch.from_numpy(np.ascontiguousarray(arr))
+            t = torch.from_numpy(_torch_readable(arr))
         if not as_it_is:
             if not t.is_floating_point():
                 raise DTypeError(f"{name} must be a floating-point array, got dtype {t.dtype}")
@@ -816,7 +843,9 @@ class TorchOps:
     ) -> torch.Tensor:
         """``x[index]`` over x's memory: on CPU, cycle by cycle through numpy's view of the tensor (with
         ``name`` testing every entry for finiteness as it moves: :mod:`.cpu_kernels`); on another device
-        (or a dtype numpy lacks) one gather copied back (then a scan with ``name``)."""
+        (or a dtype numpy lacks) one gather copied back (then a scan with ``name``); for an x that is not
+        contiguous (an expanded or overlapping view, whose rows may share entries) that gather, a new
+        tensor, not copied back: writing it over x raised RuntimeError or mixed the rows."""
         if x.device.type == "cpu" and x.is_contiguous() and x.dtype not in _LOW:
             k = self._fused(x) if name is not None and x.dim() == 2 else None
             if k is None:
@@ -834,7 +863,9 @@ class TorchOps:
                 raise ShapeError("the index is not a permutation of the rows")
             return self._finite_or_raise(x, name, got == 1)
         perm = permutation_of_rows(index, int(x.shape[0]))  # as the host paths check it, nothing moved
-        out = x.copy_(x.index_select(0, self._idx(perm)))
+        out = x.index_select(0, self._idx(perm))
+        if x.is_contiguous():  # a strided x may hold an entry in several places: not written over
+            out = x.copy_(out)
         return out if name is None else self.floating(out, name)
 
     def compact(self, x: torch.Tensor) -> torch.Tensor:
@@ -859,12 +890,16 @@ class TorchOps:
     # -- arithmetic ------------------------------------------------------------------------------
     def add(self, x: torch.Tensor, y: torch.Tensor, *, name: str | None = None) -> torch.Tensor:
         """x + y; with ``name`` on CPU one fused pass that also tests every entry for finiteness
-        (:mod:`.cpu_kernels`, 2-D arrays of one shape), else the sum then a scan."""
-        if name is None:
-            return x + y
-        k = self._fused(x, y)
-        if k is None or x.dim() != 2 or x.shape != y.shape:
-            return self.floating(x + y, name)
+        (:mod:`.cpu_kernels`, 2-D arrays of one shape), else the sum then a scan. ShapeError when the
+        shapes do not broadcast (as the numpy backend; torch raised RuntimeError)."""
+        try:
+            if name is None:
+                return x + y
+            k = self._fused(x, y)
+            if k is None or x.dim() != 2 or x.shape != y.shape:
+                return self.floating(x + y, name)
+        except RuntimeError as exc:
+            raise _broadcast_or_raise(x, y, exc) from exc
         out = torch.empty(x.shape, dtype=self.dtype)
         o = out.numpy()
         with k.parts(o.size, self.threads()) as parts:
@@ -879,11 +914,15 @@ class TorchOps:
             or y.ndim > x.ndim
             or any(b not in (1, a) for a, b in zip(reversed(x.shape), reversed(y.shape), strict=False))
         ):  # y widens the result or does not broadcast to x's shape
-            return x + y
+            return self.add(x, y)
         return x.add_(y)
 
     def sub(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return x - y
+        """x − y (ShapeError when the shapes do not broadcast, as the numpy backend)."""
+        try:
+            return x - y
+        except RuntimeError as exc:
+            raise _broadcast_or_raise(x, y, exc) from exc
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x·W (+ b)`` with ``w`` stored out × in (``F.linear``); ShapeError when the widths differ."""
@@ -1037,17 +1076,19 @@ class TorchBackend(TorchOps):
 
     # -- weights -----------------------------------------------------------------------------
     def _layer(self, layer: int) -> TorchLayer:
-        if not 0 <= layer < self.config.n_layers:
+        """The block ``layer`` (ConfigError outside 0 … n_layers − 1, and for a layer that is not an
+        integer — a float or a bool — as the numpy backend: a float raised TypeError, True read block 1)."""
+        if (
+            isinstance(layer, bool)
+            or not isinstance(layer, int | np.integer)
+            or not 0 <= layer < self.config.n_layers
+        ):
             raise ConfigError(f"layer {layer} out of range for a {self.config.n_layers}-layer model")
         return self._w.layers[layer]
 
     def _experts(self, experts: IndexArray | None, which: str) -> torch.Tensor:
-        if experts is None:
-            raise ConfigError(f"{which} of an MoE layer needs the selected experts")
-        e = np.asarray(experts, dtype=np.int64).reshape(-1)
-        if e.size and (e.min() < 0 or e.max() >= self.config.n_experts):
-            raise ConfigError(f"expert ids must lie in [0, {self.config.n_experts}), got {e.tolist()}")
-        return self._idx(e)
+        """The selected experts as an index tensor (ConfigError as :func:`~.base.check_experts`)."""
+        return self._idx(check_experts(experts, self.config.n_experts, which))
 
     def _matrix(self, which: WeightName, layer: int, experts: IndexArray | None) -> torch.Tensor:
         """The named weight, out × in (experts' maps stacked in the order given, as NumpyBackend)."""
