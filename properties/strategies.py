@@ -8,6 +8,7 @@ one row (n = 1), no decoys (r = 0), a single head, GQA ratios 1/2/4.
 Main strategies
 ---------------
 * :func:`dtypes` – float32 / float64 (or a chosen subset).
+* :func:`torch_dtypes` – the torch backend's dtypes: float64, float32, bfloat16, float16 (or a subset).
 * :func:`perms` – a permutation of 0..n-1 as an int64 array (n an int or a strategy).
 * :func:`sized_perms` – ``(n, perm)`` with n drawn in a range.
 * :func:`float_matrices` – finite float arrays of a given shape with bounded entries.
@@ -56,6 +57,7 @@ __all__ = [
     "seeds",
     "sized_perms",
     "token_ids",
+    "torch_dtypes",
 ]
 
 IntOrStrategy = int | st.SearchStrategy[int]
@@ -73,6 +75,16 @@ def seeds() -> st.SearchStrategy[int]:
 def dtypes(choices: Sequence[Any] = (np.float32, np.float64)) -> st.SearchStrategy[np.dtype[Any]]:
     """A floating dtype among ``choices`` (default float32 and float64)."""
     return st.sampled_from([np.dtype(c) for c in choices])
+
+
+def torch_dtypes(
+    choices: Sequence[str] = ("float64", "float32", "bfloat16", "float16"),
+) -> st.SearchStrategy[Any]:
+    """A torch dtype among ``choices`` (names; default every dtype the torch backend runs in: float64,
+    float32, bfloat16 and float16). torch is imported only when this is called."""
+    import torch
+
+    return st.sampled_from([getattr(torch, c) for c in choices])
 
 
 def row_counts(min_n: int = 1, max_n: int = 12) -> st.SearchStrategy[int]:

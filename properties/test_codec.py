@@ -11,6 +11,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
+from properties.strategies import seeds
 from scx_ref.errors import WireError
 from scx_ref.protocol.messages import Reply, Request
 from scx_ref.service.codec import (
@@ -38,7 +39,7 @@ def _arrays(draw: Any) -> dict[str, np.ndarray]:
     for name in draw(st.lists(st.sampled_from(["x", "q", "k", "v", "perm", "m"]), unique=True, max_size=4)):
         shape = tuple(draw(st.lists(st.integers(0, 5), min_size=1, max_size=3)))
         dtype = draw(st.sampled_from([np.float32, np.float64, np.int64]))
-        seed = draw(st.integers(0, 2**32 - 1))
+        seed = draw(seeds())
         out[name] = (np.random.default_rng(seed).standard_normal(shape) * 100).astype(dtype)
     return out
 

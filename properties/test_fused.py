@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from properties.kernel_paths import fused_and_eager, needs_numba, one_chunk_or_split, same
 from properties.strategies import (
+    attention_shapes,
     decoy_counts,
     head_permutations,
     model_configs,
@@ -89,7 +90,7 @@ def test_decode_qkv_heads_is_decode_rope_then_head_permute(dtype: torch.dtype, c
 @needs_numba
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(
-    shape=st.tuples(st.integers(1, 3), st.sampled_from([1, 2, 4]), st.sampled_from([1, 2, 3, 8])),
+    shape=attention_shapes(head_dims=(1, 2, 3, 8)),
     n=row_counts(1, 10),
     r=decoy_counts(4),
     seed=seeds(),

@@ -86,12 +86,23 @@ def test_causal_mask_offsets(n_q: int, extra: int) -> None:
 def test_rope_is_a_relative_rotation(
     data: st.DataObject, n: int, h: int, d_h: int, theta: float, shift: int
 ) -> None:
-    """RoPE preserves each row's norm, is the identity at position 0, and q·k after RoPE depends only
-    on the position difference (shifting both positions by the same amount leaves scores unchanged)."""
+    """RoPE is the rotation of HF's rotate_half convention — coordinates i and i + d_h/2 turned by the
+    angle p·θ^(−2i/d_h) at position p — so it preserves each row's norm, is the identity at position 0,
+    and q·k after RoPE depends only on the position difference (shifting both positions by the same amount
+    leaves scores unchanged). The explicit rotation pins the frequencies and the direction, which the
+    three invariants alone do not (a wrong frequency or a reversed rotation keeps all three)."""
     x = data.draw(gaussian_arrays((n, h, d_h)))
     y = data.draw(gaussian_arrays((n, h, d_h)))
     pos = np.arange(n)
     rx = ops.apply_rope(x, pos, theta)
+    half = d_h // 2
+    for p in (pos, pos + shift):
+        angle = p[:, None, None] * theta ** (-2.0 * np.arange(half) / d_h)
+        lo, hi = x[..., :half], x[..., half:]
+        rotated = np.concatenate(
+            [lo * np.cos(angle) - hi * np.sin(angle), lo * np.sin(angle) + hi * np.cos(angle)], axis=-1
+        )
+        np.testing.assert_allclose(ops.apply_rope(x, p, theta), rotated, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.linalg.norm(rx, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-12)
     np.testing.assert_allclose(ops.apply_rope(x[:1], np.array([0]), theta), x[:1], rtol=0, atol=0)
     scores = np.einsum("ihd,jhd->hij", rx, ops.apply_rope(y, pos, theta))

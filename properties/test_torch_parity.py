@@ -44,6 +44,7 @@ from properties.strategies import (
     seeds,
     sized_perms,
     token_ids,
+    torch_dtypes,
 )
 from scx_ref import transforms as T
 from scx_ref.arrays import NumpyOps
@@ -67,7 +68,6 @@ UNIT_ROUNDOFF = {
 # spacing of the subnormals (= smallest normal · 2u): the absolute term of the standard error model
 # fl(a ∘ b) = (a ∘ b)(1 + δ) + ε, |δ| ≤ u, |ε| ≤ spacing/2, which matters once values underflow
 SUBNORMAL_SPACING = {dt: float(torch.finfo(dt).smallest_normal) * 2 * UNIT_ROUNDOFF[dt] for dt in DTYPES}
-dtypes = st.sampled_from(DTYPES)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -92,7 +92,7 @@ def _gauss(seed: int, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
 # --- transforms ---------------------------------------------------------------------------------
 
 
-@given(sized_perms(min_n=1), st.integers(1, 6), seeds(), dtypes)
+@given(sized_perms(min_n=1), st.integers(1, 6), seeds(), torch_dtypes())
 def test_permute_unpermute_match_numpy_exactly(
     np_perm: tuple[int, np.ndarray], d: int, seed: int, dtype: torch.dtype
 ) -> None:
@@ -106,7 +106,7 @@ def test_permute_unpermute_match_numpy_exactly(
     assert np.array_equal(_np(T.unpermute_rows(got, perm, ops)), x64)
 
 
-@given(row_counts(), decoy_counts(), st.integers(1, 6), seeds(), dtypes, st.data())
+@given(row_counts(), decoy_counts(), st.integers(1, 6), seeds(), torch_dtypes(), st.data())
 def test_decoy_encode_decode_match_numpy_exactly(
     n: int, r: int, d: int, seed: int, dtype: torch.dtype, data: st.DataObject
 ) -> None:
@@ -130,7 +130,7 @@ def test_decoy_encode_decode_match_numpy_exactly(
     assert np.array_equal(decoded, x64) and decoded.dtype == ops.numpy_dtype()
 
 
-@given(row_counts(), decoy_counts(), decoy_counts(), st.integers(1, 6), seeds(), dtypes, st.data())
+@given(row_counts(), decoy_counts(), decoy_counts(), st.integers(1, 6), seeds(), torch_dtypes(), st.data())
 def test_reencode_sum_matches_numpy_exactly(
     n: int, r: int, r_o: int, d: int, seed: int, dtype: torch.dtype, data: st.DataObject
 ) -> None:
@@ -153,7 +153,7 @@ def test_reencode_sum_matches_numpy_exactly(
     row_counts(),
     st.lists(st.integers(1, 4), min_size=1, max_size=3),
     seeds(),
-    dtypes,
+    torch_dtypes(),
     st.data(),
 )
 def test_stacked_head_permutation_matches_numpy_exactly(
@@ -166,7 +166,7 @@ def test_stacked_head_permutation_matches_numpy_exactly(
     assert np.array_equal(_np(got), T.head_permute_stacked(x64, hp, tuple(sizes)))
 
 
-@given(attention_shapes(), row_counts(), seeds(), dtypes, st.data())
+@given(attention_shapes(), row_counts(), seeds(), torch_dtypes(), st.data())
 def test_head_permutation_matches_numpy_exactly(
     shape: tuple[int, int, int], n: int, seed: int, dtype: torch.dtype, data: st.DataObject
 ) -> None:
@@ -181,7 +181,7 @@ def test_head_permutation_matches_numpy_exactly(
         assert np.array_equal(_np(T.head_unpermute(x, hp, group, ops)), T.head_unpermute(x64, hp, group))
 
 
-@given(sized_perms(min_n=1), st.integers(1, 3), st.integers(1, 4), seeds(), dtypes)
+@given(sized_perms(min_n=1), st.integers(1, 3), st.integers(1, 4), seeds(), torch_dtypes())
 def test_reorder_cache_matches_numpy_exactly(
     np_perm: tuple[int, np.ndarray], h: int, d_h: int, seed: int, dtype: torch.dtype
 ) -> None:
@@ -196,7 +196,7 @@ def test_reorder_cache_matches_numpy_exactly(
     assert np.array_equal(_np(got), T.unlock_scores(s64, rho, n - n // 2))
 
 
-@given(row_counts(), st.integers(1, 16), st.integers(1, 16), seeds(), dtypes, st.floats(0.0, 50.0))
+@given(row_counts(), st.integers(1, 16), st.integers(1, 16), seeds(), torch_dtypes(), st.floats(0.0, 50.0))
 def test_blinding_matches_numpy(n: int, d: int, m: int, seed: int, dtype: torch.dtype, beta: float) -> None:
     ops = TorchOps(dtype)
     x, x64 = _rounded(_gauss(seed, (n, d)), dtype)
@@ -225,7 +225,13 @@ def test_blinding_matches_numpy(n: int, d: int, m: int, seed: int, dtype: torch.
         assert np.all(np.abs(_np(un) - x64 @ w64) <= 4 * (d + 3) * (u * un_scale + lam))
 
 
-@given(st.tuples(st.integers(0, 5), st.integers(0, 5)), st.floats(0.0, 1e3), seeds(), dtypes, st.booleans())
+@given(
+    st.tuples(st.integers(0, 5), st.integers(0, 5)),
+    st.floats(0.0, 1e3),
+    seeds(),
+    torch_dtypes(),
+    st.booleans(),
+)
 def test_laplace_noise_bit_for_bit(
     shape: tuple[int, int], beta: float, seed: int, dtype: torch.dtype, keystream: bool
 ) -> None:
@@ -310,7 +316,7 @@ def gemm_blocks(block: int, rows: int, pad_from: int | None = None) -> Iterator[
     st.booleans(),
     st.booleans(),
     seeds(),
-    dtypes,
+    torch_dtypes(),
 )
 def test_dense_is_one_gemm_up_to_rounding(
     n: int,
@@ -610,7 +616,7 @@ def _attention64(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     return out
 
 
-@given(attention_shapes(), st.integers(1, 5), st.integers(1, 40), seeds(), dtypes)
+@given(attention_shapes(), st.integers(1, 5), st.integers(1, 40), seeds(), torch_dtypes())
 def test_attention_without_a_mask_is_the_definition(
     shape: tuple[int, int, int], n_q: int, m: int, seed: int, dtype: torch.dtype
 ) -> None:
@@ -676,7 +682,7 @@ def test_attention_folds_query_groups_only_where_nothing_is_masked(monkeypatch: 
 # --- backend methods in reduced precision ------------------------------------------------------------
 
 
-@given(model_weights(), seeds(), row_counts(max_n=9), st.sampled_from(DTYPES[1:]))
+@given(model_weights(), seeds(), row_counts(max_n=9), torch_dtypes(("float32", "bfloat16", "float16")))
 def test_low_precision_backend_within_rounding_bounds(
     w: ModelWeights, seed: int, n: int, dtype: torch.dtype
 ) -> None:

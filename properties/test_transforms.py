@@ -45,6 +45,7 @@ from scx_ref.transforms import (
     reencode_sum,
     reorder_cache,
     unblind,
+    unlock_scores,
     unpermute_rows,
     with_decoys,
 )
@@ -405,6 +406,40 @@ def test_t4_full_attention_is_invariant_to_cache_order(
     np.testing.assert_allclose(
         ops.attention(q, k2, v2, scale=scale), ops.attention(q, k, v, scale=scale), rtol=RTOL, atol=ATOL
     )
+
+
+@given(
+    data=st.data(),
+    n=row_counts(0, 8),
+    r=decoy_counts(),
+    appended=st.integers(0, 4),
+    heads=st.integers(1, 4),
+    n_q=row_counts(1, 3),
+)
+def test_t4_unlock_scores_returns_the_true_order_scores(
+    data: st.DataObject, n: int, r: int, appended: int, heads: int, n_q: int
+) -> None:
+    """T4 + T2 decode of scores: the server scores a query against the locked cache ``encode_rows(K, R, ρ)``
+    (row j is row ρ[j] of [K; R], what the client sends at LOCK) followed by rows appended in true order;
+    a score is a function of its key row alone, so column j of those scores is column ρ[j] of the scores
+    against [K; R; appended]. ``unlock_scores(·, ρ, n)`` gives back exactly the scores against [K;
+    appended] in true order: every real row back in place, every decoy dropped (n = 0, r = 0 and no
+    appended rows included)."""
+    assume(n + r > 0)
+    rho = data.draw(perms(n + r))
+    # true[h, i, c]: query i's score in head h against row c of [K; R; appended]
+    true = data.draw(gaussian_arrays((heads, n_q, n + r + appended)))
+
+    def columns_as_rows(cols: np.ndarray) -> np.ndarray:
+        rows: np.ndarray = cols.reshape(heads * n_q, -1).T
+        return rows
+
+    locked: np.ndarray = encode_rows(
+        columns_as_rows(true[..., :n]), columns_as_rows(true[..., n : n + r]), rho
+    )
+    sent = np.concatenate([locked.T.reshape(heads, n_q, n + r), true[..., n + r :]], axis=-1)
+    got: np.ndarray = unlock_scores(sent, rho, n)
+    assert np.array_equal(got, np.concatenate([true[..., :n], true[..., n + r :]], axis=-1))
 
 
 # --- T5 ----------------------------------------------------------------------------------------
