@@ -346,10 +346,18 @@ def test_dense_is_one_gemm_up_to_rounding(
     k = (d_in + 1) * u
     # low precision: the product may be accumulated in float32 and rounded once more at the end
     gamma = k / (1 - k) + (u if dtype in (torch.bfloat16, torch.float16) else 0.0)
-    bound = gamma * (np.abs(x64) @ np.abs(w64).T + np.abs(b64)) + SUBNORMAL_SPACING[dtype] * (d_in + 2)
-    exact = x64 @ w64.T + b64
+    magnitude = np.abs(x64) @ np.abs(w64).T + np.abs(b64)
+    bound = gamma * magnitude + SUBNORMAL_SPACING[dtype] * (d_in + 2)
+    # the reference product, itself rounded: in float64 its own error is of the order of a float64 run's
+    # bound, so a float64 run is compared with a wider product (long double, where it is wider), within
+    # that product's own dot-product bound; without one, within the two bounds together
+    wide = np.longdouble if np.finfo(np.longdouble).eps < np.finfo(np.float64).eps else np.float64
+    ref = np.float64 if dtype != torch.float64 else wide
+    k_ref = (d_in + 1) * float(np.finfo(ref).eps) / 2
+    exact = x64.astype(ref) @ w64.T.astype(ref) + b64.astype(ref)
+    ref_bound = k_ref / (1 - k_ref) * magnitude + float(np.finfo(ref).smallest_subnormal) * (d_in + 2)
     assert got.shape == (n, d_out) and np.all(np.isfinite(got))
-    assert np.all(np.abs(got - exact) <= bound)
+    assert np.all(np.abs(got.astype(ref) - exact) <= bound + ref_bound)
     assert np.all(np.abs(got - one) <= 2 * bound)
 
 
