@@ -3,9 +3,9 @@
 int, a thread count past torch's, a timeout past ``threading.TIMEOUT_MAX``, a seed past 64 bits) are usage
 errors (exit 2, one ``scx <command>: error:`` line); ``--tls-ca`` beside a plaintext ``scx://`` server is
 refused, not ignored; a malformed ``--server`` URL is refused before any model loads; an IPv6 ``--host`` is
-served, its ops listener too (stop 62; stop 61 refused it); a bare IPv6 ``--host`` is bracketed for gRPC; a ``scx serve`` started by
-ServerProcess stops once its parent is gone (even SIGKILLed); a second Ctrl-C does not run the shutdown
-twice.
+served, its ops listener too (stop 62; stop 61 refused it); a bare IPv6 ``--host`` is bracketed for gRPC; a
+``scx serve`` started by ServerProcess stops once its parent is gone (even SIGKILLed); a second Ctrl-C does
+not run the shutdown twice.
 
 Models: ``tiny-llama`` and ``random:tiny-dense`` (no download); nothing asserts about time beyond generous
 bounds on a process ending.
