@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from ._checks import FloatArray, as_float_array, float_dtype
 from .errors import DTypeError, ShapeError
+from .ops import linear as _linear
 
 __all__ = [
     "A",
@@ -322,8 +323,12 @@ class NumpyOps:
 
     def take_rows_in_place(self, x: FloatArray, index: IndexArray, *, name: str | None = None) -> FloatArray:
         """``x[index]`` by following the permutation's cycles row by row (one row of scratch memory), then
-        scanned when ``name`` is given."""
-        out = permute_rows_in_place(x, index)
+        scanned when ``name`` is given. A read-only ``x`` (a wire buffer) cannot be written: it is gathered
+        into a new array instead, after the same permutation check (ShapeError), and left as it was."""
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            out = x[permutation_of_rows(index, _length(x, 0))]
+        else:
+            out = permute_rows_in_place(x, index)
         return out if name is None else self.floating(out, name)
 
     def compact(self, x: FloatArray) -> FloatArray:
@@ -354,8 +359,9 @@ class NumpyOps:
             return self.floating(x + y, name)
 
     def add_into(self, x: FloatArray, y: FloatArray) -> FloatArray:
-        """x + y in x's memory when numpy's result type of the two is x's dtype and y broadcasts to x."""
-        if np.result_type(x, y) != x.dtype or _broadcast(x, y) != x.shape:
+        """x + y in x's memory when x is writeable, numpy's result type of the two is x's dtype and y
+        broadcasts to x (a new array otherwise)."""
+        if not x.flags.writeable or np.result_type(x, y) != x.dtype or _broadcast(x, y) != x.shape:
             return x + y
         np.add(x, y, out=x)
         return x
@@ -366,15 +372,9 @@ class NumpyOps:
         return x - y
 
     def linear(self, x: FloatArray, w: FloatArray, bias: FloatArray | None = None) -> FloatArray:
-        """``x @ w (+ b)`` (``w`` is in × out); ShapeError when the widths do not match."""
-        if w.ndim != 2 or x.ndim == 0 or x.shape[-1] != w.shape[0]:
-            raise ShapeError(
-                f"cannot multiply rows of shape {x.shape} by a matrix of shape {w.shape} (in × out)"
-            )
-        y: FloatArray = x @ w
-        if bias is not None and np.shape(bias) not in ((), (w.shape[1],)):
-            raise ShapeError(f"a bias of shape {np.shape(bias)} for a matrix of shape {w.shape} (in × out)")
-        return y if bias is None else y + bias
+        """``x @ w (+ b)`` (``w`` is in × out): :func:`scx_ref.ops.linear`, ShapeError when the widths do not
+        match."""
+        return _linear(x, w, bias)
 
     def scale_rows(self, x: FloatArray, weights: npt.NDArray[Any]) -> FloatArray:
         """x ⊙ w[:, None] (ShapeError unless ``weights`` holds one weight per row)."""
@@ -443,9 +443,11 @@ def permute_rows_in_place(x: npt.NDArray[Any], index: IndexArray) -> npt.NDArray
     Follows each cycle of the permutation: row j takes row index[j] until the cycle closes, with one
     saved row per cycle, so the extra memory is one row rather than a copy of ``x``. Every row is read
     and written once, as in a gather. ShapeError, with ``x`` untouched, unless ``index`` is a permutation
-    of x's rows (:func:`permutation_of_rows`).
+    of x's rows (:func:`permutation_of_rows`), DTypeError, with ``x`` untouched, when ``x`` is read-only.
     """
     idx = permutation_of_rows(index, _length(x, 0)).tolist()
+    if not x.flags.writeable:
+        raise DTypeError("a read-only array cannot be permuted in place (gather it into a new one)")
     done = bytearray(len(idx))
     for start, src in enumerate(idx):
         if done[start]:
@@ -474,7 +476,14 @@ def check_concat(shapes: list[tuple[int, ...]]) -> None:
 
 
 def check_narrow(shape: tuple[int, ...], axis: int, start: int, stop: int) -> None:
-    """ShapeError unless ``axis`` (0 or 1) is an axis of ``shape`` and 0 ≤ start ≤ stop ≤ its length."""
+    """ShapeError unless ``axis`` (0 or 1) is an axis of ``shape`` and ``start``, ``stop`` integers with
+    0 ≤ start ≤ stop ≤ its length (a float bound raised TypeError at the slice)."""
+    if not (type(axis) is int and type(start) is int and type(stop) is int) and not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (axis, start, stop)
+    ):
+        raise ShapeError(
+            f"narrow needs integer axis, start and stop, got {axis!r:.20}, {start!r:.20}, {stop!r:.20}"
+        )
     if axis not in (0, 1) or axis >= len(shape) or not 0 <= start <= stop <= shape[axis]:
         raise ShapeError(f"cannot take {start}:{stop} along axis {axis} of an array of shape {shape}")
 
@@ -486,7 +495,7 @@ def gather_sum_index(
     ShapeError unless both are 1-D integer arrays of one length, every real row (``from_y ≥ 0``) names a
     row of s (``from_s``) and of y, and every decoy row (``from_y < 0``) a row of extra. An index past s
     read a row of extra (or past y a row of zeros) on the torch backend's eager path before."""
-    a, b = np.asarray(from_s), np.asarray(from_y)
+    a, b = _index_array(from_s, "from_s"), _index_array(from_y, "from_y")
     for name, arr in (("from_s", a), ("from_y", b)):
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise ShapeError(f"{name} must be a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
@@ -507,7 +516,7 @@ def row_index(index: Any, n: int, what: str = "row") -> IndexArray:
     """``index`` as an int64 array of indices into n rows (or columns: ``what``): ShapeError unless it is a
     1-D integer array (or empty) with every entry in 0 … n − 1 (a negative one is refused, not read from
     the end)."""
-    arr = np.asarray(index)
+    arr = _index_array(index, f"a {what} index")
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise ShapeError(f"a {what} index must be a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
     idx = arr.astype(np.int64, copy=False)
@@ -521,7 +530,7 @@ def permutation_of_rows(index: Any, n: int) -> IndexArray:
     entries, each row once (ShapeError otherwise: a negative entry is refused, not read from the end, and
     a float array is refused, not truncated). What :func:`permute_rows_in_place` checks before it moves
     any row."""
-    arr = np.asarray(index)
+    arr = _index_array(index, "a row permutation")
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise ShapeError(
             f"a row permutation must be a 1-D integer array, got {arr.dtype} of shape {arr.shape}"
@@ -536,3 +545,12 @@ def permutation_of_rows(index: Any, n: int) -> IndexArray:
     if not seen.all():
         raise ShapeError("the index is not a permutation of the rows")
     return idx
+
+
+def _index_array(index: Any, what: str) -> npt.NDArray[Any]:
+    """``np.asarray(index)``, ShapeError for what numpy cannot read as an array (a ragged list, which raised
+    numpy's own ValueError)."""
+    try:
+        return np.asarray(index)
+    except (TypeError, ValueError) as exc:
+        raise ShapeError(f"{what} must be a 1-D integer array: {exc}") from None

@@ -16,7 +16,7 @@ import numpy as np
 
 from ._checks import check_int, token_ids
 from .backends.base import A, Backend, IndexArray
-from .errors import ProtocolError
+from .errors import ProtocolError, SCXError, note_tokens
 from .stages import Stage
 
 __all__ = ["PlainRunner", "Trace", "block", "block_rows"]
@@ -87,7 +87,8 @@ def block_rows(
     """One block on r *independent* rows: row j is the next token of its own sequence, at
     ``positions[j]``, attending to ``caches[j]`` (post-RoPE keys and values) and itself — the middle
     blocks of several sessions' generation steps at once (DESIGN §5.6). Returns the r output rows and
-    the r extended caches.
+    the r extended caches. ProtocolError unless there is at least one row, one integer position and one
+    cache per row, and ``tile`` is an integer >= 1.
 
     Batch invariance: every row-wise stage (norms, projections, RoPE, dense MLP) runs on tiles of
     exactly ``tile`` rows (zero rows pad the last tile) and attention runs per row on its own cache, so a
@@ -98,13 +99,16 @@ def block_rows(
     """
     c = b.config
     r = b.nrows(x)
-    if len(caches) != r or len(positions) != r:
-        raise ProtocolError(f"block_rows: {r} rows, {len(positions)} positions, {len(caches)} caches")
-    if tile < 1:
-        raise ProtocolError(f"tile must be >= 1, got {tile}")
+    pos = np.asarray(positions)
+    if r == 0 or len(caches) != r or pos.shape != (r,) or (pos.dtype.kind not in "iu"):
+        raise ProtocolError(
+            f"block_rows: {r} rows (at least one), positions {pos.dtype} of shape {pos.shape} (one integer "
+            f"per row), {len(caches)} caches"
+        )
+    tile = check_int(tile, "tile", 1, error=ProtocolError)
     outs: list[A] = []
     new: list[tuple[A, A]] = []
-    pos = np.asarray(positions, dtype=np.int64)
+    pos = pos.astype(np.int64, copy=False)
     for start in range(0, r, tile):
         m = min(tile, r - start)
         xt = b.narrow(x, 0, start, start + m)
@@ -177,9 +181,14 @@ class PlainRunner(Generic[A]):
         return logits
 
     def prefill(self, ids: Any, last_only: bool = False) -> A:
-        """Logits of a prompt on a fresh cache."""
-        self.reset()
-        return self.forward(ids, last_only)
+        """Logits of a prompt on a fresh cache. A call that raises (bad ``ids``, too long a prompt, a
+        ``trace``, the backend) leaves the cache as it was: the previous sequence's, not emptied."""
+        old, self.cache = self.cache, []
+        try:
+            return self.forward(ids, last_only)
+        except BaseException:
+            self.cache = old
+            raise
 
     def decode(self, token: int) -> A:
         """Logits (1 × V) of one new token (an integer id in the vocabulary: VocabularyError otherwise)."""
@@ -187,12 +196,21 @@ class PlainRunner(Generic[A]):
 
     def generate(self, ids: Any, n_new: int) -> list[int]:
         """Greedy continuation (``n_new`` tokens: an integer >= 0, else ConfigError before anything runs),
-        as plaintext greedy decoding."""
+        as plaintext greedy decoding. An SCXError raised after generation started (e.g. the sequence
+        passing max_positions) carries the tokens made so far in ``tokens``, as
+        :meth:`scx_ref.reference.ReferenceModel.generate`'s (another exception gets them in a note)."""
         n_new = check_int(n_new, "n_new", 0)
-        nxt = self.b.argmax_last(self.prefill(ids, last_only=True))
         out: list[int] = []
-        for step in range(n_new):
-            out.append(nxt)
-            if step + 1 < n_new:
-                nxt = self.b.argmax_last(self.decode(nxt))
+        try:
+            nxt = self.b.argmax_last(self.prefill(ids, last_only=True))
+            for step in range(n_new):
+                out.append(nxt)
+                if step + 1 < n_new:
+                    nxt = self.b.argmax_last(self.decode(nxt))
+        except SCXError as exc:
+            exc.tokens = list(out)
+            raise
+        except Exception as exc:
+            note_tokens(exc, out)
+            raise
         return out

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import FloatArray, IntArray, check_int, check_real, token_ids
-from .errors import ShapeError
+from ._checks import FloatArray, IntArray, check_int, check_real, float_dtype, token_ids
+from .errors import DTypeError, ShapeError
 from .weights import DenseMLP, LayerWeights, MoEMLP
 
 __all__ = [
@@ -41,15 +41,29 @@ def embed(ids: Any, table: FloatArray) -> FloatArray:
 
 
 def rms_norm(x: FloatArray, gamma: FloatArray, eps: float) -> FloatArray:
-    """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε), row-wise (LlamaRMSNorm)."""
+    """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε), row-wise (LlamaRMSNorm).
+
+    ShapeError unless ``gamma`` is one gain per entry of a row of ``x``; ConfigError unless ε is a finite
+    number >= 0 (a negative or NaN ε gave NaN rows)."""
+    eps = check_real(eps, "RMSNorm eps", 0)
+    if np.ndim(x) == 0 or np.shape(gamma) != np.shape(x)[-1:]:
+        raise ShapeError(f"RMSNorm of rows {np.shape(x)} with gains {np.shape(gamma)}: one gain per column")
     var = np.mean(np.square(x), axis=-1, keepdims=True)
     out: FloatArray = gamma * (x / np.sqrt(var + eps))
     return out
 
 
 def linear(x: FloatArray, w: FloatArray, b: FloatArray | None = None) -> FloatArray:
-    """xW + b (row-wise)."""
-    y = x @ w
+    """xW + b (row-wise): the one numpy product of rows by a weight matrix (in × out), the reference's and
+    :meth:`scx_ref.arrays.NumpyOps.linear`'s. ShapeError when the widths do not match or ``b`` is not one
+    entry per output column (or a scalar)."""
+    if np.ndim(w) != 2 or np.ndim(x) == 0 or np.shape(x)[-1] != np.shape(w)[0]:
+        raise ShapeError(
+            f"cannot multiply rows of shape {np.shape(x)} by a matrix of shape {np.shape(w)} (in × out)"
+        )
+    y: FloatArray = x @ w
+    if b is not None and np.shape(b) not in ((), (np.shape(w)[1],)):
+        raise ShapeError(f"a bias of shape {np.shape(b)} for a matrix of shape {np.shape(w)} (in × out)")
     return y if b is None else y + b
 
 
@@ -58,7 +72,11 @@ def silu(x: FloatArray) -> FloatArray:
 
     sigmoid is evaluated from e = exp(−|x|) ∈ (0, 1]: 1/(1+e) for x ≥ 0 and e/(1+e) for x < 0
     (the tanh form 0.5·(1 + tanh(x/2)) loses relative accuracy like eps·e^|x| for negative x).
+    DTypeError unless ``x`` holds real numbers (integers or floats).
     """
+    x = np.asarray(x)
+    if x.dtype.kind not in "iuf":
+        raise DTypeError(f"SiLU needs a real array, got dtype {x.dtype}")
     e = np.exp(-np.abs(x))
     return x * np.where(x >= 0, 1.0, e) / (1.0 + e)
 
@@ -66,7 +84,9 @@ def silu(x: FloatArray) -> FloatArray:
 def softmax(x: FloatArray, axis: int = -1) -> FloatArray:
     """Numerically stable softmax; rows that are all −∞ give zeros instead of NaN.
 
-    ShapeError when ``x`` has no such ``axis`` or is empty along it (a softmax over nothing)."""
+    ShapeError when ``x`` has no such ``axis`` (an integer) or is empty along it (a softmax over nothing)."""
+    x = np.asarray(x)
+    axis = check_int(axis, "softmax axis", None, error=ShapeError)
     if not -x.ndim <= axis < x.ndim or x.shape[axis] == 0:
         raise ShapeError(f"softmax needs a non-empty axis {axis}, got shape {x.shape}")
     m = np.max(x, axis=axis, keepdims=True)
@@ -77,14 +97,18 @@ def softmax(x: FloatArray, axis: int = -1) -> FloatArray:
 
 
 def swiglu(x: FloatArray, w: DenseMLP) -> FloatArray:
-    """SwiGLU MLP: (silu(x W_gate) ⊙ x W_up) W_down."""
-    return (silu(x @ w.w_gate) * (x @ w.w_up)) @ w.w_down
+    """SwiGLU MLP: (silu(x W_gate) ⊙ x W_up) W_down (ShapeError for rows of another width)."""
+    return linear(silu(linear(x, w.w_gate)) * linear(x, w.w_up), w.w_down)
 
 
 def moe(x: FloatArray, w: MoEMLP, top_k: int) -> FloatArray:
     """Mixtral sparse MoE, row-wise: p = softmax(x W_r); keep the top-k experts of each row,
-    renormalise their weights to sum to 1, and return Σ_e p_e·SwiGLU_e(x)."""
-    probs = softmax(x @ w.router)
+    renormalise their weights to sum to 1, and return Σ_e p_e·SwiGLU_e(x).
+
+    ConfigError unless ``top_k`` is an integer in [1, n_experts] (0 gave zero rows, −1 dropped the last
+    expert, more than n_experts used them all); ShapeError for rows of another width than the router's."""
+    top_k = check_int(top_k, "top_k", 1, len(w.experts))
+    probs = softmax(linear(x, w.router))
     top = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
     weights = np.take_along_axis(probs, top, axis=-1)
     weights = weights / np.sum(weights, axis=-1, keepdims=True)
@@ -106,7 +130,10 @@ def qkv(
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Q, K, V projections (with the Qwen2 bias when present), split into heads.
 
-    ShapeError when the projections' widths are not ``n_heads``/``n_kv_heads`` × ``head_dim``."""
+    ShapeError when ``x`` is not rows × d or the projections' widths are not ``n_heads``/``n_kv_heads`` ×
+    ``head_dim``."""
+    if np.ndim(x) != 2:
+        raise ShapeError(f"Q/K/V projections need rows × d, got shape {np.shape(x)}")
     if lw.wq.shape[-1] != n_heads * head_dim or lw.wk.shape[-1] != n_kv_heads * head_dim:
         raise ShapeError(
             f"Q/K projections of widths {lw.wq.shape[-1]}/{lw.wk.shape[-1]} do not split into "
@@ -126,13 +153,17 @@ def rope_cos_sin(
 ) -> tuple[FloatArray, FloatArray]:
     """cos, sin tables (rows × d_h) of HF's default RoPE: inv_freq_i = θ^(−2i/d_h), duplicated halves.
 
-    ``positions`` is 1-D and ``head_dim`` even (ShapeError otherwise); θ a finite number > 0 (ConfigError).
+    ``positions`` is 1-D and ``head_dim`` even (ShapeError otherwise); θ a finite number > 0 (ConfigError);
+    ``dtype`` floating and positions numbers (DTypeError: an integer dtype truncated the tables to 0 and 1).
     """
+    dtype = float_dtype(dtype, "RoPE dtype")
     if check_int(head_dim, "RoPE's head_dim", 0, error=ShapeError) % 2:
         raise ShapeError(f"RoPE needs an even head_dim, got {head_dim!r}")
     theta = check_real(theta, "RoPE theta", 0, lo_open=True)
     if np.ndim(positions) != 1:
         raise ShapeError(f"RoPE positions must be one-dimensional, got shape {np.shape(positions)}")
+    if np.asarray(positions).dtype.kind not in "iuf":
+        raise DTypeError(f"RoPE positions must be numbers, got dtype {np.asarray(positions).dtype}")
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     freqs = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
     angles = np.concatenate([freqs, freqs], axis=-1)
@@ -143,8 +174,11 @@ def apply_rope(x: FloatArray, positions: IntArray, theta: float) -> FloatArray:
     """RoPE with HF's ``rotate_half`` convention: x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁].
 
     x is rows × heads × d_h (d_h even); ``positions`` gives each row's absolute position, one per row
-    (ShapeError otherwise).
+    (ShapeError otherwise), x floating (DTypeError: an integer x got tables truncated to 0 and 1).
     """
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise DTypeError(f"RoPE input must be a floating-point array, got dtype {x.dtype}")
     if x.ndim != 3:
         raise ShapeError(f"RoPE input must be rows × heads × head_dim, got {x.shape}")
     if np.shape(positions) != x.shape[:1]:
@@ -158,8 +192,12 @@ def apply_rope(x: FloatArray, positions: IntArray, theta: float) -> FloatArray:
 
 
 def causal_mask(n_q: int, n_k: int, offset: int | None = None) -> npt.NDArray[np.bool_]:
-    """Boolean n_q × n_k mask: query i sees key j iff j ≤ i + offset (default offset n_k − n_q)."""
-    off = n_k - n_q if offset is None else offset
+    """Boolean n_q × n_k mask: query i sees key j iff j ≤ i + offset (default offset n_k − n_q).
+
+    ShapeError unless n_q and n_k are integers >= 0 and ``offset`` None or an integer."""
+    n_q = check_int(n_q, "causal_mask n_q", 0, error=ShapeError)
+    n_k = check_int(n_k, "causal_mask n_k", 0, error=ShapeError)
+    off = n_k - n_q if offset is None else check_int(offset, "causal_mask offset", None, error=ShapeError)
     return np.arange(n_k)[None, :] <= np.arange(n_q)[:, None] + off
 
 
@@ -178,8 +216,15 @@ def attention(
     row's head (its scores are NaN or ±∞: all −∞, they read as a row that sees no key and gave zeros).
 
     ShapeError unless q, k, v are 3-D with H a multiple of H_kv ≥ 1, k and v of the same rows (≥ 1) and
-    heads, q and k of the same d_h, and ``mask`` of shape n_q × n_k.
+    heads, q and k of the same d_h, and ``mask`` of shape n_q × n_k; DTypeError unless q, k, v are real
+    (integer or floating) arrays; ConfigError unless ``scale`` is None or a finite number.
     """
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    for what, arr in (("q", q), ("k", k), ("v", v)):
+        if arr.dtype.kind not in "iuf":
+            raise DTypeError(f"attention {what} must be a real array, got dtype {arr.dtype}")
+    if scale is not None:
+        scale = check_real(scale, "attention scale")
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
         raise ShapeError(
             f"attention needs 3-D q, k, v (rows × heads × head_dim), got {q.shape}, {k.shape}, {v.shape}"

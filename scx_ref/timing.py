@@ -90,9 +90,21 @@ def timed_kernels(
     only the client's); the caller resets the list between measurements. The kernels' arguments, results
     and exceptions are the originals'; the loaded kernels are back after the block
     (:func:`~scx_ref.backends.cpu_kernels.replaced`). The list stays 0 where the kernels are not in use
-    (numba missing, or ``SCX_NUMBA=0``). ConfigError for a name no kernel has."""
+    (numba missing, or ``SCX_NUMBA=0``). ConfigError for a name no kernel has (kernels in use or not), or
+    ``names`` not a collection of names (one string: its characters were read as names)."""
     from .backends import cpu_kernels
 
+    untimed = ("set_num_threads", "max_threads")
+    timed = [f.name for f in dataclasses.fields(cpu_kernels.Kernels) if f.name not in untimed]
+    if names is not None:
+        try:
+            if isinstance(names, (str, bytes)):
+                raise TypeError
+            unknown = [n for n in names if n not in timed]
+        except TypeError:
+            raise ConfigError(f"names must be a collection of kernel names, got {names!r:.40}") from None
+        if unknown:
+            raise ConfigError(f"no fused kernel named {unknown}; kernels: {timed}")
     spent = [0.0]
     k = cpu_kernels.kernels()
     if k is None:
@@ -111,10 +123,6 @@ def timed_kernels(
 
         return call
 
-    untimed = ("set_num_threads", "max_threads")
-    timed = [f.name for f in dataclasses.fields(k) if f.name not in untimed]
-    if names is not None and set(names) - set(timed):
-        raise ConfigError(f"no fused kernel named {sorted(set(names) - set(timed))}; kernels: {timed}")
     wrapped: dict[str, Any] = {n: timer(getattr(k, n)) for n in timed if names is None or n in names}
     with cpu_kernels.replaced(dataclasses.replace(k, **wrapped)):
         yield spent
