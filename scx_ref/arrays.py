@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._checks import FloatArray, as_float_array, float_dtype
-from .errors import DTypeError, ShapeError
+from .errors import DTypeError, NonFiniteError, ShapeError
 from .ops import linear as _linear
 
 __all__ = [
@@ -237,8 +237,18 @@ class NumpyOps:
         return self.dtype if self.dtype is not None else np.dtype(np.float64)
 
     def floating(self, x: Any, name: str, *, finite: bool = True) -> FloatArray:
-        arr = as_float_array(x, name, allow_nonfinite=not finite)
-        return arr if self.dtype is None else arr.astype(self.dtype, copy=False)
+        """``x`` cast to this implementation's dtype, then (``finite``) tested finite there: an entry past
+        the dtype's range (1e300 in a float32 backend) is refused, as on torch, not let through as ±inf
+        (the test ran before the cast)."""
+        if self.dtype is None:
+            return as_float_array(x, name, allow_nonfinite=not finite)
+        wide = as_float_array(x, name, allow_nonfinite=True)
+        with np.errstate(over="ignore"):  # an entry past the range: inf, refused below or by the caller
+            arr = wide.astype(self.dtype, copy=False)
+        if finite and not np.all(np.isfinite(arr)):
+            past = " (an entry past its range)" if np.all(np.isfinite(wide)) else ""
+            raise NonFiniteError(f"{name} holds NaN or Inf in {np.dtype(self.dtype).name}{past}")
+        return arr
 
     def check(self, x: Any, name: str, shape: tuple[int, ...], *, finite: bool = True) -> FloatArray:
         if not isinstance(x, np.ndarray):

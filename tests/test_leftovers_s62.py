@@ -97,3 +97,29 @@ def test_without_a_cap_one_address_may_fill_the_server() -> None:
             link.close()
     finally:
         srv.stop()
+
+
+# -- the numpy backend's input check: finiteness in its own dtype -------------------------------------------
+def test_an_entry_past_the_backends_range_is_refused_alike() -> None:
+    """A float64 array holding 1e300, checked by a float32 backend, became ±inf after the check (numpy
+    tested finiteness before its cast; torch after): now both refuse it. Controls: an in-range array is
+    accepted and cast; a NaN is refused as before; with ``finite=False`` the caller's own pass decides."""
+    import torch
+
+    from scx_ref.backends import NumpyBackend
+    from scx_ref.backends.torch_backend import TorchBackend
+    from scx_ref.errors import NonFiniteError
+
+    from .tiny import tiny_weights
+
+    w = tiny_weights(0)
+    big = np.array([[1.0, 1e300]])
+    for backend in (NumpyBackend(w, np.float32), TorchBackend(w, torch.float32)):
+        with pytest.raises(NonFiniteError, match="x holds NaN or Inf"):
+            backend.check(big, "x", (1, 2))
+        ok = backend.check(np.array([[1.0, 2.0]]), "x", (1, 2))
+        assert np.array_equal(backend.to_numpy(ok), np.array([[1.0, 2.0]], dtype=np.float32))
+        with pytest.raises(NonFiniteError):
+            backend.check(np.array([[1.0, np.nan]]), "x", (1, 2))
+    got = NumpyBackend(w, np.float32).check(big, "x", (1, 2), finite=False)
+    assert got.dtype == np.float32 and np.isinf(got[0, 1])
