@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="scx_ref: run, verify and measure SCX (stateless KV-cache encoding) on transformers.",
         epilog="Run `scx <command> --help` for a command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"scx_ref {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     version = sub.add_parser("version", help="print the scx_ref version")
     version.set_defaults(func=lambda _args: print(f"scx_ref {__version__}") or 0)
@@ -48,7 +49,8 @@ def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> arg
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``scx`` on ``argv`` (default ``sys.argv[1:]``); the exit code: 2 with ``scx <command>: error: …``
     (argparse's own form for a bad option) on bad input (SCXError) or a file it cannot read or write
-    (OSError), never a traceback for either."""
+    (OSError), never a traceback for either; 130 with ``scx <command>: interrupted`` on Ctrl-C (the command's
+    own clean-up — a spawned server stopped, a session closed — has run by then)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand's parser: ``scx <command>: error:`` and its usage
@@ -63,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SCXError, OSError) as exc:  # bad input, or a file the command could not read or write
         print(f"scx {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (128 + SIGINT, as shells report it)
+        print(f"scx {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
