@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, ShapeError
 
 __all__ = [
+    "TORCH_DTYPES",
     "A",
     "ArrayOps",
     "Backend",
@@ -214,6 +215,12 @@ def sum_norm_slack(width: int, eps: float) -> float:
     that. Every ``project64`` path rounds its norms up by it (numba's ``sum_norms``, the torch fallbacks);
     a float32 overflow stays +inf."""
     return 1.0 + (width + 2) * eps
+
+
+#: The dtypes the torch backend computes in, by name (``scx serve``, ``bench`` and ``bench-serve`` take
+#: them; :func:`~.torch_backend.parse_dtype` reads them and its aliases). Here, not in the torch backend, so
+#: that the commands list them without importing torch.
+TORCH_DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
 
 
 def check_experts(experts: Any, n_experts: int, which: str) -> npt.NDArray[np.int64]:

@@ -56,6 +56,7 @@ from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights
 from . import host_memory
 from .base import (
+    TORCH_DTYPES,
     Check,
     IndexArray,
     NormName,
@@ -85,12 +86,7 @@ __all__ = [
     "parse_dtype",
 ]
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in TORCH_DTYPES}
 _LOW = (torch.bfloat16, torch.float16)
 #: Output columns per GEMM of :func:`dense` on the CPU when an output is wide.
 GEMM_BLOCK = 1024

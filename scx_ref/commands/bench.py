@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends.base import TORCH_DTYPES
 from ..errors import ConfigError, SCXError
 from ..machine import cpuinfo
 from ..protocol.config import LEVELS
@@ -97,7 +98,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=("float32", "float64", "bfloat16", "float16"),
+        choices=TORCH_DTYPES,
         help="float32 (default), float64, bfloat16, float16",
     )
     p.add_argument(

@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from ..backends.base import TORCH_DTYPES
 from ..errors import ConfigError
 from ..zoo import MODEL_NAMES
 from ._args import MAX_THREADS, MAX_TIMEOUT_S, add_level, float_at_least, int_at_least, int_list, output_file
@@ -68,7 +69,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=("float32", "float64", "bfloat16", "float16"),
+        choices=TORCH_DTYPES,
         help="float32 (default), float64, bfloat16, float16 — on both sides",
     )
     add_level(p, help="SCX level of the clients: permute, paper (default), blind")

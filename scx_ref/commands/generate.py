@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import ConfigError, SCXError
 from ..zoo import MODEL_NAMES
+from ..zoo.engines import ENGINE_DTYPES
 from ._args import (
     MAX_SEED,
     MAX_TIMEOUT_S,
@@ -79,7 +80,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=("float32", "float64"),
+        choices=ENGINE_DTYPES,
         help="float32 (default) or float64: the server's dtype",
     )
     p.add_argument(

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..protocol import Level, SCXConfig
 from ..protocol.presets import preset_names
 from ..zoo import MODEL_NAMES, max_positions
-from ..zoo.engines import check_device
+from ..zoo.engines import ENGINE_DTYPES, check_device
 from ..zoo.perplexity import ppl_run
 from ._args import add_level, device, float_at_least, int_at_least, output_file, require_device
 
@@ -133,7 +133,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=("float32", "float64"),
+        choices=ENGINE_DTYPES,
         default="float32",
         help="float32 (default: the HF forward vs SCX on torch) or float64 (the numpy reference vs SCX on "
         "numpy)",

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..backends.base import TORCH_DTYPES
 from ..errors import ConfigError, ServiceError
 from ..service.codec import MAX_MESSAGE_BYTES
 from ..zoo import MODEL_NAMES, parse_random, weights_names_help
@@ -181,7 +182,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=("float32", "float64", "bfloat16", "float16"),
+        choices=TORCH_DTYPES,
         help="float32 (default), float64, bfloat16, float16",
     )
     p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")

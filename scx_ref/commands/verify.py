@@ -32,6 +32,7 @@ from ..weights import ModelWeights
 from ..zoo import MODEL_NAMES, load_model
 from ..zoo.corpus import prompts
 from ..zoo.engines import (
+    ENGINE_DTYPES,
     check_device,
     plain_generate,
     plain_logits,
@@ -238,7 +239,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=("float32", "float64"),
+        choices=ENGINE_DTYPES,
         default="float32",
         help="float32 (default): SCX's torch backend against Hugging Face's forward, within rounding; "
         "float64: the numpy backend against the numpy reference",

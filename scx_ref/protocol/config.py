@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .._checks import check_int, check_real
 from ..errors import ConfigError
@@ -18,6 +18,7 @@ __all__ = [
     "GEN_LINEAR_SITES",
     "LEVELS",
     "MAX_BETA",
+    "BetaKind",
     "BlindDtype",
     "Level",
     "SCXConfig",
@@ -32,8 +33,11 @@ BlindDtype = Literal["auto", "backend", "float64"]
 BLIND_DTYPES: tuple[BlindDtype, ...] = ("auto", "backend", "float64")
 #: The privacy levels, weakest first.
 LEVELS: tuple[Level, ...] = ("permute", "paper", "blind")
-#: The kinds of blinded input a per-kind β may be set for (see :mod:`scx_ref.protocol.plan`).
-BETA_KINDS: tuple[str, ...] = ("qkv", "o", "gate_up", "down", "router", "lm_head")
+#: The kinds of blinded input a per-kind β may be set for (see :mod:`scx_ref.protocol.plan`, whose
+#: ``InputKind`` is these and the paper's ``offset``).
+BetaKind = Literal["qkv", "o", "gate_up", "down", "router", "lm_head"]
+#: Its values.
+BETA_KINDS: tuple[BetaKind, ...] = get_args(BetaKind)
 #: Where the guard blocks' attention runs (``SCXConfig.attention``).
 ATTENTION_SITES: tuple[str, ...] = ("server", "client")
 #: Where a generation step's attention of the first guard blocks runs (``SCXConfig.gen_attention``).

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 from .._checks import check_int
 from ..errors import ConfigError, ProtocolError
 from ..keys import Label
 from ..stages import Phase, Stage
-from .config import SCXConfig
+from .config import BetaKind, SCXConfig
 
 __all__ = ["INPUT_KINDS", "Exposure", "InputKind", "PlanModel", "Release", "ReleasePlan"]
 
@@ -42,8 +42,8 @@ class PlanModel(Protocol):
 #: normalized MLP input, ``down`` the SwiGLU product, ``lm_head`` the normalized final row, ``offset`` the
 #: paper's constant last-block offset (``last_ffn="paper"``; a scalar added to every coordinate, not a
 #: Laplace mechanism on x).
-InputKind = Literal["qkv", "o", "gate_up", "down", "router", "lm_head", "offset"]
-INPUT_KINDS: tuple[InputKind, ...] = ("qkv", "o", "gate_up", "down", "router", "lm_head", "offset")
+InputKind = Literal[BetaKind, "offset"]
+INPUT_KINDS: tuple[InputKind, ...] = get_args(InputKind)  # the β kinds, then offset
 
 _LABEL_ROOT: dict[InputKind, str] = {
     "qkv": "qkv",

@@ -30,6 +30,7 @@ from ..reference import ReferenceModel
 from ..weights import ModelWeights
 
 __all__ = [
+    "ENGINE_DTYPES",
     "GenerateFn",
     "LogitsFn",
     "check_device",
@@ -46,9 +47,14 @@ LogitsFn = Callable[[IdArray], npt.NDArray[Any]]
 GenerateFn = Callable[[IdArray, int], list[int]]
 
 
+#: The dtypes SCX is checked against plaintext in (``scx verify``, ``ppl``, ``generate``): float32 on the
+#: torch backend against Hugging Face's forward, float64 on the numpy backend against the numpy reference.
+ENGINE_DTYPES: tuple[str, ...] = ("float32", "float64")
+
+
 def _check_dtype(dtype: str) -> str:
-    if dtype not in ("float32", "float64"):
-        raise ConfigError(f"dtype must be float32 or float64, got {dtype!r}")
+    if dtype not in ENGINE_DTYPES:
+        raise ConfigError(f"dtype must be {' or '.join(ENGINE_DTYPES)}, got {dtype!r}")
     return dtype
 
 
