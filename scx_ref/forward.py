@@ -16,7 +16,8 @@ import numpy as np
 
 from ._checks import check_int, token_ids
 from .backends.base import A, Backend, IndexArray
-from .errors import ProtocolError, SCXError, note_tokens
+from .errors import ProtocolError
+from .sampling import greedy_tokens
 from .stages import Stage
 
 __all__ = ["PlainRunner", "Trace", "block", "block_rows"]
@@ -200,17 +201,8 @@ class PlainRunner(Generic[A]):
         passing max_positions) carries the tokens made so far in ``tokens``, as
         :meth:`scx_ref.reference.ReferenceModel.generate`'s (another exception gets them in a note)."""
         n_new = check_int(n_new, "n_new", 0)
-        out: list[int] = []
-        try:
-            nxt = self.b.argmax_last(self.prefill(ids, last_only=True))
-            for step in range(n_new):
-                out.append(nxt)
-                if step + 1 < n_new:
-                    nxt = self.b.argmax_last(self.decode(nxt))
-        except SCXError as exc:
-            exc.tokens = list(out)
-            raise
-        except Exception as exc:
-            note_tokens(exc, out)
-            raise
-        return out
+        return greedy_tokens(
+            lambda: self.b.argmax_last(self.prefill(ids, last_only=True)),
+            lambda tok: self.b.argmax_last(self.decode(tok)),
+            n_new,
+        )

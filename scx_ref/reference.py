@@ -15,7 +15,8 @@ import numpy as np
 
 from . import ops
 from ._checks import FloatArray, check_int, token_ids
-from .errors import ConfigError, ProtocolError, SCXError, note_tokens
+from .errors import ConfigError, ProtocolError
+from .sampling import greedy_tokens
 from .weights import LayerWeights, ModelWeights
 
 __all__ = ["KVCache", "ReferenceModel", "Trace"]
@@ -189,18 +190,11 @@ class ReferenceModel:
         prompt. An SCXError raised after generation started carries the tokens made so far in
         ``tokens`` (another exception gets them in a note)."""
         n_new = check_int(n_new, "n_new", 0)
-        out: list[int] = []
-        try:
-            logits, cache = self.prefill(ids)
-            nxt = int(np.argmax(logits[-1]))
-            for step in range(n_new):
-                out.append(nxt)
-                if step + 1 < n_new:
-                    nxt = int(np.argmax(self.decode(nxt, cache)))
-        except SCXError as exc:
-            exc.tokens = list(out)
-            raise
-        except Exception as exc:
-            note_tokens(exc, out)
-            raise
-        return out
+        cache: list[KVCache] = []  # the prefill's, which the steps extend
+
+        def first() -> int:
+            logits, kv = self.prefill(ids)
+            cache.append(kv)
+            return int(np.argmax(logits[-1]))
+
+        return greedy_tokens(first, lambda tok: int(np.argmax(self.decode(tok, cache[0]))), n_new)

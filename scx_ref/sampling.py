@@ -25,7 +25,14 @@ import numpy.typing as npt
 from ._checks import check_int, check_real, token_ids
 from .errors import ConfigError, NonFiniteError, SCXError, note_tokens
 
-__all__ = ["GENERATE_OPTIONS", "SUPPORTED", "GenerationSettings", "generate_tokens", "generation_settings"]
+__all__ = [
+    "GENERATE_OPTIONS",
+    "SUPPORTED",
+    "GenerationSettings",
+    "generate_tokens",
+    "generation_settings",
+    "greedy_tokens",
+]
 
 #: What ``SCXModel.generate`` accepts besides ``input_ids`` (the one place generation options are named).
 GENERATE_OPTIONS: dict[str, str] = {
@@ -195,6 +202,37 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
             stacklevel=3,
         )
     return settings
+
+
+def greedy_tokens(
+    first: Callable[[], int],
+    following: Callable[[int], int],
+    n_new: int,
+    finish: Callable[[], object] | None = None,
+) -> list[int]:
+    """Greedy decoding's loop, the one every plain and SCX ``generate`` runs: ``first()`` is the argmax
+    token after the prompt, ``following(t)`` the argmax after token t; returns ``n_new`` (≥ 0, checked by
+    the caller) tokens, ``following`` called n_new − 1 times, then ``finish()`` (a session's close).
+    ``first`` runs even when n_new is 0 (a bad prompt is still an error). An SCXError raised after the
+    loop began (in ``first``, ``following`` or ``finish``) is raised again with the tokens made so far in
+    its ``tokens``; any other exception (a custom transport's) keeps its class and lists them in a note
+    (:func:`~scx_ref.errors.note_tokens`)."""
+    out: list[int] = []
+    try:
+        nxt = first()
+        for step in range(n_new):
+            out.append(nxt)
+            if step + 1 < n_new:
+                nxt = following(nxt)
+        if finish is not None:
+            finish()
+    except SCXError as exc:
+        exc.tokens = list(out)
+        raise
+    except Exception as exc:  # not ours (e.g. a custom transport's): its class kept, the tokens noted
+        note_tokens(exc, out)
+        raise
+    return out
 
 
 def generate_tokens(

@@ -45,8 +45,9 @@ import numpy.typing as npt
 from .._checks import check_int, token_ids
 from ..backends.base import A, Backend, IndexArray, NormName, WeightName, out_width, split_qkv
 from ..config import ModelConfig
-from ..errors import IntegrityError, NonFiniteError, ProtocolError, SCXError, SessionError, note_tokens
+from ..errors import IntegrityError, NonFiniteError, ProtocolError, SCXError, SessionError
 from ..keys import KeySchedule
+from ..sampling import greedy_tokens
 from ..stages import Stage
 from ..transforms import (
     Permutation,
@@ -937,22 +938,12 @@ class Client(Generic[A]):
                 f"{ids_arr.shape[0]} prompt tokens + {n_new} new need {ids_arr.shape[0] + n_new - 1} "
                 f"positions; max_length is {self.max_length}"
             )
-        out: list[int] = []
-        try:
-            logits = self.prefill(ids_arr, link)
-            nxt = int(np.argmax(logits[-1]))
-            for step in range(n_new):
-                out.append(nxt)
-                if step + 1 < n_new:
-                    nxt = int(np.argmax(self.decode(nxt, link)))
-            self.close()
-        except SCXError as exc:
-            exc.tokens = list(out)
-            raise
-        except Exception as exc:  # not ours (e.g. a custom transport's): its class kept, the tokens noted
-            note_tokens(exc, out)
-            raise
-        return out
+        return greedy_tokens(
+            lambda: int(np.argmax(self.prefill(ids_arr, link)[-1])),
+            lambda tok: int(np.argmax(self.decode(tok, link))),
+            n_new,
+            self.close,
+        )
 
     def cost_report(self, link: Transport, server_meter: CostMeter | None = None) -> CostReport:
         """Client flops, server flops (when its meter is given), bytes each way and round trips of this
