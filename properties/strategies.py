@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -282,7 +282,7 @@ def scx_configs(draw: st.DrawFn, max_length: int = 128, max_r: int = 8) -> SCXCo
     client (with server attention, a step's first-guard attention on either side), a step's W_o and LM
     head on the client or (blinded) on the server, calibration or Gaussian decoys, and a Laplace scale
     β ∈ {0.5, 5} (the paper's s = 5)."""
-    attention = draw(st.sampled_from(["server", "client"]))
+    attention: Literal["server", "client"] = draw(st.sampled_from(["server", "client"]))
     return SCXConfig(
         level=draw(st.sampled_from(["permute", "paper", "blind"])),
         r1=draw(decoy_counts(max_r)),
