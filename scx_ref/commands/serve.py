@@ -25,6 +25,7 @@ from typing import Any
 from ..backends.base import TORCH_DTYPES
 from ..errors import ConfigError, ServiceError
 from ..service.codec import MAX_MESSAGE_BYTES
+from ..service.service import unbracketed
 from ..zoo import MODEL_NAMES, parse_random, weights_names_help
 from ._args import MAX_THREADS, device, float_at_least, input_file, int_at_least, require_device
 
@@ -59,7 +60,7 @@ def build_backend(model: str, dtype: str, device: str) -> Any:
 
 def _is_ipv6(host: str) -> bool:
     """Whether ``host`` is an IPv6 address, bare (``::1``) or bracketed (``[::1]``)."""
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    bare = unbracketed(host)
     try:
         ipaddress.IPv6Address(bare)
     except ValueError:
@@ -116,7 +117,7 @@ def check_listen(host: str, port: int, what: str) -> None:
     still reports a port taken in between."""
     import socket
 
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # gRPC's [v6]:port form
+    bare = unbracketed(host)  # gRPC's [v6]:port form
     try:
         infos = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:

@@ -56,7 +56,7 @@ from .codec import (
     request_from,
 )
 
-__all__ = ["METHOD", "SCXService", "ServeOptions", "model_fingerprint", "peer_host"]
+__all__ = ["METHOD", "SCXService", "ServeOptions", "model_fingerprint", "peer_host", "unbracketed"]
 
 #: The gRPC method of a session stream (bytes in, bytes out).
 METHOD = "/scx.v1.SCX/Session"
@@ -205,6 +205,12 @@ def peer_host(peer: str) -> str:
         return f"{kind}:{rest[: end + 1]}" if end > 0 else peer
     host, colon, port = rest.rpartition(":")
     return f"{kind}:{host}" if colon and host and port.isdigit() else peer
+
+
+def unbracketed(host: str) -> str:
+    """``host`` without the brackets gRPC's ``[v6]:port`` form puts around an IPv6 address (``[::1]`` →
+    ``::1``), which socket calls take bare; any other host as it is."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def _ops_server_class(host: str) -> type[ThreadingHTTPServer]:
@@ -620,8 +626,7 @@ class SCXService:
             def log_message(self, format: str, *args: Any) -> None:
                 return None
 
-        host = self.opts.host  # gRPC's form: an IPv6 address in brackets
-        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        bare = unbracketed(self.opts.host)  # gRPC's form: an IPv6 address in brackets
         self._http = _ops_server_class(bare)((bare, port), Handler)
         self._http.daemon_threads = True
         self.ops_port = int(self._http.server_address[1])
