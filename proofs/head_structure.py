@@ -6,18 +6,27 @@ H·d_h query coordinates by moving query head (g, j) coordinate c wherever p mov
 (so a reordering of KV groups moves each group's query heads along). The output O is decoded with the
 inverse of the lifted permutation.
 
-Proved: every *head-structured* p — a reordering τ of the KV groups composed with a per-group coordinate
-permutation σ_g (2!·2!·2! = 8 of them) — is exact; and every one of the other 16 permutations in S_4,
-which mix coordinates across heads, is *not* exact (an exact nonzero witness for each).
+Proved: every *head-structured* P = (τ, σ) — a reordering τ of the KV groups composed with a per-group
+coordinate permutation σ_g (2!·2!·2! = 8 of them) — is exact as the client applies it: Q and K encoded
+together by :func:`head_permute_stacked` with group sizes (G, 1) (how ``decode_qkv_heads`` ends), V by
+:func:`head_permute` with group size 1, the attention output decoded by :func:`head_unpermute` (G) and
+re-encoded for the O stage by :func:`encode_head_rows` (with one symbolic decoy row and every π in S_3),
+all through :func:`flat_index` — the statements ``tests/test_proof_links.py`` holds the library functions
+to. And every one of the other 16 permutations of S_4 of the KV coordinates, which mix coordinates across
+heads, is *not* exact (an exact nonzero witness for each); that characterization ranges over flat index
+arrays (no head-structured statement can express a cross-head P) built from the same pieces as
+:func:`flat_index` (:func:`kv_permutation`, :func:`lift_to_queries`).
 
-Negative controls, through the same checkers: a permutation swapping one coordinate of head 0 with one of
-head 1; a group reordering whose query heads are *not* moved along; and, for the characterization, every P
-claimed exact, and one head-structured P claimed inexact (the witness search must find nothing).
+Negative controls, through the same checkers: a P swapping one coordinate of head 0 with one of head 1; a
+group reordering whose query heads are *not* moved along; decoding with P instead of P⁻¹; the O stage's rows
+re-encoded in P's feature order; and, for the characterization, every P claimed exact, and one
+head-structured P claimed inexact (the witness search must find nothing).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import sympy as sp
 
@@ -27,11 +36,13 @@ from proofs._sym import (
     attention,
     causal_mask,
     inverse,
+    matrices_equal,
     nonzero_at_random_point,
     perms,
     permute_cols,
     sym_matrix,
 )
+from proofs.t2_decoys import encode
 
 _HKV, _G, _DH, _N = 2, 2, 2, 2
 _SCALE = sp.Symbol("s", positive=True)
@@ -90,8 +101,6 @@ def head_permute_stacked(x: sp.Matrix, perm: HeadPerm, group_sizes: tuple[int, .
 def encode_head_rows(o: sp.Matrix, perm: HeadPerm, group_size: int, decoys: sp.Matrix, pi: Perm) -> sp.Matrix:
     """T3 decode then T1 + T2 encode as the proof writes them: ``encode(head_unpermute(O, P, G), R, π)``
     (``scx_ref.transforms.encode_head_rows``, which fuses the two gathers)."""
-    from proofs.t2_decoys import encode
-
     return encode(head_unpermute(o, perm, group_size), decoys, pi)
 
 
@@ -150,9 +159,78 @@ def is_exact(p: Perm, *, move_query_heads: bool = True) -> bool:
     return all(entry == 0 for entry in _difference(p, move_query_heads=move_query_heads))
 
 
-def check_head_perms(candidates: list[Perm], *, move_query_heads: bool = True) -> bool:
-    """True iff every candidate permutation is exact."""
-    return all(is_exact(p, move_query_heads=move_query_heads) for p in candidates)
+Encoded = tuple[sp.Matrix, sp.Matrix, sp.Matrix]
+Decoded = tuple[sp.Matrix, sp.Matrix]
+#: How the client encodes the attention stage's inputs under P: (Q, K, V, P) ↦ (Q̃, K̃, Ṽ).
+Encode = Callable[[sp.Matrix, sp.Matrix, sp.Matrix, HeadPerm], Encoded]
+#: How it decodes the attention output Õ: (Õ, P, R, π) ↦ (O, the O stage's rows [O; R][π]).
+Decode = Callable[[sp.Matrix, HeadPerm, sp.Matrix, Perm], Decoded]
+
+_QW = _HKV * _G * _DH  # query (and attention output) features
+
+
+def protocol_encode(q: sp.Matrix, k: sp.Matrix, v: sp.Matrix, perm: HeadPerm) -> Encoded:
+    """The protocol: [Q K] through :func:`head_permute_stacked` with group sizes (G, 1), V through
+    :func:`head_permute` with group size 1."""
+    qk = head_permute_stacked(q.row_join(k), perm, (_G, 1))
+    return qk[:, :_QW], qk[:, _QW:], head_permute(v, perm, 1)
+
+
+def protocol_decode(o: sp.Matrix, perm: HeadPerm, decoys: sp.Matrix, pi: Perm) -> Decoded:
+    """The protocol: O = :func:`head_unpermute` (G) and the O stage's rows :func:`encode_head_rows`."""
+    return head_unpermute(o, perm, _G), encode_head_rows(o, perm, _G, decoys, pi)
+
+
+def _flat_scheme(kv_index: Callable[[HeadPerm], Perm], *, move_query_heads: bool) -> tuple[Encode, Decode]:
+    """Encode K, V by ``kv_index(P)`` and Q by its lift, decode O by the lift's inverse (the rows by
+    ``encode``): the form of a wrong P or a wrong lift."""
+
+    def lift(perm: HeadPerm) -> Perm:
+        return lift_to_queries(kv_index(perm), move_query_heads=move_query_heads)
+
+    def enc(q: sp.Matrix, k: sp.Matrix, v: sp.Matrix, perm: HeadPerm) -> Encoded:
+        p = kv_index(perm)
+        return permute_cols(q, lift(perm)), permute_cols(k, p), permute_cols(v, p)
+
+    def dec(o: sp.Matrix, perm: HeadPerm, decoys: sp.Matrix, pi: Perm) -> Decoded:
+        out = permute_cols(o, inverse(lift(perm)))
+        return out, encode(out, decoys, pi)
+
+    return enc, dec
+
+
+def _decode_with_p(o: sp.Matrix, perm: HeadPerm, decoys: sp.Matrix, pi: Perm) -> Decoded:
+    """Wrong: the attention output decoded with P instead of P⁻¹."""
+    out = head_permute(o, perm, _G)
+    return out, encode(out, decoys, pi)
+
+
+def _rows_in_p_order(o: sp.Matrix, perm: HeadPerm, decoys: sp.Matrix, pi: Perm) -> Decoded:
+    """Wrong: O decoded, but the O stage's rows re-encoded from Õ without undoing P."""
+    return head_unpermute(o, perm, _G), encode(o, decoys, pi)
+
+
+def check_head_structured(encode_inputs: Encode, decode_output: Decode) -> bool:
+    """For every head-structured P = (τ, σ) (all 8) and every π in S_{n+1}: GQA attention on the encoded
+    Q, K, V, decoded, equals GQA attention on Q, K, V, and the O stage's rows equal [O; R][π] of it (R one
+    symbolic decoy row), entry by entry."""
+    q = sym_matrix("q", _N, _QW, real=True)
+    k = sym_matrix("k", _N, _HKV * _DH, real=True)
+    v = sym_matrix("v", _N, _HKV * _DH, real=True)
+    decoys = sym_matrix("r", 1, _QW, real=True)
+    plain = gqa_attention(q, k, v)
+    for tau in perms(_HKV):
+        for sigmas in itertools.product(list(perms(_DH)), repeat=_HKV):
+            perm = (tau, tuple(sigmas))
+            output = gqa_attention(*encode_inputs(q, k, v, perm))
+            for pi in perms(_N + 1):
+                decoded, rows = decode_output(output, perm, decoys, pi)
+                if not (
+                    matrices_equal(decoded, plain, quick=True)
+                    and matrices_equal(rows, encode(plain, decoys, pi), quick=True)
+                ):
+                    return False
+    return True
 
 
 def check_characterization(claimed_exact: frozenset[Perm] | None = None) -> bool:
@@ -176,19 +254,29 @@ _GROUP_SWAP: Perm = (2, 3, 0, 1)  # reorders the two KV groups
 
 @identity(
     "head_structure.head_structured_exact",
-    "GQA 4 query / 2 KV heads, d_h=2, n=2, causal; all 8 head-structured P",
+    "GQA 4 query / 2 KV heads, d_h=2, n=2, causal; all 8 head-structured P; O stage rows: 1 decoy, every π",
     implements=IMPLEMENTS,
     negative_controls=[
-        ("P mixing coordinates across heads", lambda: check_head_perms([_CROSS_HEAD])),
+        (
+            "P mixing coordinates across heads",
+            lambda: check_head_structured(*_flat_scheme(lambda _: _CROSS_HEAD, move_query_heads=True)),
+        ),
         (
             "KV groups reordered, query heads not moved",
-            lambda: check_head_perms([_GROUP_SWAP], move_query_heads=False),
+            lambda: check_head_structured(
+                *_flat_scheme(lambda perm: flat_index(perm, 1), move_query_heads=False)
+            ),
+        ),
+        ("O decoded with P instead of P⁻¹", lambda: check_head_structured(protocol_encode, _decode_with_p)),
+        (
+            "O stage rows re-encoded in P's feature order",
+            lambda: check_head_structured(protocol_encode, _rows_in_p_order),
         ),
     ],
 )
 def head_structured_exact() -> bool:
-    """Every head-structured P (group reorder + per-group σ) is exact."""
-    return check_head_perms(head_structured())
+    """Every head-structured P (group reorder + per-group σ) is exact, through the library's statements."""
+    return check_head_structured(protocol_encode, protocol_decode)
 
 
 @identity(

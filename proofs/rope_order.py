@@ -11,6 +11,10 @@ f = (θ^(−2i/d_h))_{i < d_h/2} duplicated over both halves.
 2. Protocol order is exact: with symbolic q, k and positions m, n, for every σ in S_4,
    rope(q, m)[σ] · rope(k, n)[σ] = rope(q, m) · rope(k, n) (the server's scores are the true RoPE'd
    scores). Negative controls: σ before RoPE (the server applying RoPE after σ), and σ on q with σ′ on k.
+
+Both checkers compute rope(x, m)[σ] — what the client sends — through :func:`decode_qkv_heads` (one KV
+head, G = 1, P = σ; x in the Q or K heads of a two-row reply), the statement ``tests/test_proof_links.py``
+holds ``scx_ref.transforms.decode_qkv_heads`` to, and the true RoPE'd vectors through :func:`apply_rope`.
 """
 
 from __future__ import annotations
@@ -93,16 +97,30 @@ def _roped(x: Sequence[sp.Expr], position: sp.Expr, theta: sp.Expr = _THETA) -> 
     return apply_rope([[x]], [position], theta)[0][0]
 
 
+def _sent(
+    q: Sequence[sp.Expr], k: Sequence[sp.Expr], m: sp.Expr, n: sp.Expr, theta: sp.Expr, sigma: Perm
+) -> tuple[list[sp.Expr], list[sp.Expr]]:
+    """(rope(q, m)[σ], rope(k, n)[σ]) as the client computes them: a two-row QKV reply (one KV head,
+    G = 1) holding q in row 0's Q head at position m and k in row 1's K head at position n (every other
+    entry 0) through :func:`decode_qkv_heads` with P = σ; row 0's Q head and row 1's K head of the result."""
+    zero = [sp.S.Zero] * _DH
+    z = sp.Matrix([[*q, *zero, *zero], [*zero, *k, *zero]])
+    qk, _ = decode_qkv_heads(z, (0, 1), 2, [m, n], theta, ((0,), (sigma,)), 1)
+    return list(qk[0, :_DH]), list(qk[1, _DH : 2 * _DH])
+
+
 def check_rope_noncommuting(position: sp.Expr) -> bool:
     """True iff for every σ ≠ id in S_{d_h} some coordinate of rope(x[σ]) − rope(x)[σ] has an exact
-    nonzero witness (at θ = 10000 and the given position)."""
+    nonzero witness (at θ = 10000 and the given position); rope(x)[σ] is what :func:`decode_qkv_heads`
+    sends for x."""
     x = list(sp.symbols(f"x0:{_DH}", real=True))
+    zero = [sp.S.Zero] * _DH
     identity_perm = tuple(range(_DH))
     for sigma in perms(_DH):
         if sigma == identity_perm:
             continue
         lhs = _roped(_apply(x, sigma), position, sp.Integer(10000))
-        rhs = _apply(_roped(x, position, sp.Integer(10000)), sigma)
+        rhs = _sent(x, zero, position, sp.S.Zero, sp.Integer(10000), sigma)[0]
         if not any(
             nonzero_at_random_point(a - b, seed=c) for c, (a, b) in enumerate(zip(lhs, rhs, strict=True))
         ):
@@ -113,8 +131,9 @@ def check_rope_noncommuting(position: sp.Expr) -> bool:
 def check_score_order(order: str) -> bool:
     """For every σ in S_{d_h}: the encoded score equals rope(q, m)·rope(k, n) symbolically.
 
-    ``order`` is ``"rope-then-sigma"`` (the protocol), ``"sigma-then-rope"`` (wrong: RoPE after σ) or
-    ``"different-sigma-on-k"`` (wrong: RoPE then σ on q, σ′ on k).
+    ``order`` is ``"rope-then-sigma"`` (the protocol: q and k as :func:`decode_qkv_heads` sends them),
+    ``"sigma-then-rope"`` (wrong: RoPE after σ) or ``"different-sigma-on-k"`` (wrong: q sent under σ,
+    k under σ′).
     """
     q = list(sp.symbols(f"q0:{_DH}", real=True))
     k = list(sp.symbols(f"k0:{_DH}", real=True))
@@ -122,11 +141,12 @@ def check_score_order(order: str) -> bool:
     shift = tuple((i + 1) % _DH for i in range(_DH))
     for sigma in perms(_DH):
         if order == "rope-then-sigma":
-            score = _dot(_apply(_roped(q, _M), sigma), _apply(_roped(k, _N), sigma))
+            score = _dot(*_sent(q, k, _M, _N, _THETA, sigma))
         elif order == "sigma-then-rope":
             score = _dot(_roped(_apply(q, sigma), _M), _roped(_apply(k, sigma), _N))
         elif order == "different-sigma-on-k":
-            score = _dot(_apply(_roped(q, _M), sigma), _apply(_roped(k, _N), compose(sigma, shift)))
+            q_sent = _sent(q, k, _M, _N, _THETA, sigma)[0]
+            score = _dot(q_sent, _sent(q, k, _M, _N, _THETA, compose(sigma, shift))[1])
         else:
             raise ValueError(order)
         if not quick_is_zero(score - plain):
