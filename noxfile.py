@@ -33,9 +33,10 @@ def thorough(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the library, the full-model runs (models/) and the proofs."""
+    """mypy --strict on the library, the full-model runs (models/), the proofs and the Hypothesis
+    properties (properties/)."""
     _install(session)
-    session.run("mypy", "--strict", "scx_ref", "models", "proofs")
+    session.run("mypy", "--strict", "scx_ref", "models", "proofs", "properties")
 
 
 @nox.session

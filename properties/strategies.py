@@ -11,6 +11,8 @@ Main strategies
 * :func:`torch_dtypes` – the torch backend's dtypes: float64, float32, bfloat16, float16 (or a subset).
 * :func:`perms` – a permutation of 0..n-1 as an int64 array (n an int or a strategy).
 * :func:`sized_perms` – ``(n, perm)`` with n drawn in a range.
+* :func:`row_indices` – a row index for a gather: distinct rows (injective) in two draws of three, the
+  others any rows, repeats allowed.
 * :func:`float_matrices` – finite float arrays of a given shape with bounded entries.
 * :func:`gaussian_arrays` – N(0, scale²) arrays from a drawn seed ("generic" data, no ties).
 * :func:`head_permutations` – a :class:`~scx_ref.transforms.HeadPermutation` for H_kv heads of d_h.
@@ -40,6 +42,7 @@ from scx_ref.transforms import HeadPermutation
 from scx_ref.weights import ModelWeights, random_weights
 
 __all__ = [
+    "FloatArray",
     "ProtocolCase",
     "attention_shapes",
     "decoy_counts",
@@ -53,6 +56,7 @@ __all__ = [
     "protocol_cases",
     "protocol_model_configs",
     "row_counts",
+    "row_indices",
     "scx_configs",
     "seeds",
     "sized_perms",
@@ -61,6 +65,9 @@ __all__ = [
 ]
 
 IntOrStrategy = int | st.SearchStrategy[int]
+#: What :func:`float_matrices` and :func:`gaussian_arrays` draw, and what the numpy transforms return for
+#: them (annotations of their results: the transforms' ``ops`` default leaves the array type open to mypy).
+FloatArray = npt.NDArray[np.floating[Any]]
 
 
 def _ints(value: IntOrStrategy) -> st.SearchStrategy[int]:
@@ -112,6 +119,27 @@ def sized_perms(draw: st.DrawFn, min_n: int = 0, max_n: int = 12) -> tuple[int, 
 
 
 @st.composite
+def row_indices(draw: st.DrawFn, n: IntOrStrategy, max_len: int | None = None) -> npt.NDArray[np.int64]:
+    """A 1-D int64 index into the rows of an n-row array (for gathers: ``take_rows``, ``rows_finite``, …) of
+    length 0..max_len (default 2n). Two draws in three are injective — distinct rows in any order: the first
+    k rows of a permutation of 0..n-1, k = min(n, max_len) (a full permutation where max_len allows) in
+    half of them, otherwise k = 0 (empty) to min(n, max_len) — and the others any rows, repeats allowed
+    (and, past one row, usually present), so that of the indices of two or more rows about half are
+    injective and half repeat a row. n = 0 gives the empty index."""
+    size = draw(_ints(n))
+    longest = 2 * size if max_len is None else max_len
+    if size == 0:
+        rows: list[int] = []
+    elif draw(st.sampled_from(["distinct", "distinct", "any"])) == "distinct":
+        most = min(size, longest)
+        k = draw(st.just(most) | st.integers(0, most))
+        rows = draw(st.permutations(list(range(size))))[:k]
+    else:
+        rows = draw(st.lists(st.integers(0, size - 1), max_size=longest))
+    return np.asarray(rows, dtype=np.int64).reshape(len(rows))
+
+
+@st.composite
 def float_matrices(
     draw: st.DrawFn,
     rows: IntOrStrategy,
@@ -120,7 +148,7 @@ def float_matrices(
     *,
     bound: float = 4.0,
     extra_dims: Sequence[int] = (),
-) -> npt.NDArray[np.floating[Any]]:
+) -> FloatArray:
     """A finite array of shape (rows, cols, *extra_dims) (or (rows,) when cols is None), entries in
     [−bound, bound] chosen by Hypothesis (so it can shrink and hit zeros, ties and extremes)."""
     shape: tuple[int, ...] = (draw(_ints(rows)),)
@@ -143,7 +171,7 @@ def float_matrices(
 @st.composite
 def gaussian_arrays(
     draw: st.DrawFn, shape: tuple[int, ...], dtype: Any = np.float64, scale: float = 1.0
-) -> npt.NDArray[np.floating[Any]]:
+) -> FloatArray:
     """N(0, scale²) array of ``shape`` from ``default_rng(drawn seed)``: generic data (no ties),
     for identities whose *failure* must be visible, e.g. negative controls."""
     rng = np.random.default_rng(draw(seeds()))

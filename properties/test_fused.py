@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 from properties.kernel_paths import fused_and_eager, needs_numba, one_chunk_or_split, same
 from properties.strategies import (
+    FloatArray,
     attention_shapes,
     decoy_counts,
     head_permutations,
@@ -33,6 +35,7 @@ from properties.strategies import (
 )
 from scx_ref import transforms as T
 from scx_ref.backends import cpu_kernels, torch_backend
+from scx_ref.backends.base import NormName
 from scx_ref.backends.numpy_backend import NumpyBackend
 from scx_ref.backends.torch_backend import TorchBackend, TorchOps
 from scx_ref.errors import NonFiniteError, ShapeError
@@ -112,7 +115,7 @@ def test_encode_head_rows_is_head_unpermute_then_encode(
         fused, eager = fused_and_eager(mp, lambda: T.encode_head_rows(o, head, g, dec, pi, T_ops))
     want = T.encode_rows(T.head_unpermute(o, head, g, T_ops).reshape(n, -1), dec, pi, T_ops)
     assert torch.equal(fused, want) and torch.equal(eager, want)
-    ref = T.encode_rows(T.head_unpermute(o_np, head, g).reshape(n, -1), dec_np, pi)
+    ref: FloatArray = T.encode_rows(T.head_unpermute(o_np, head, g).reshape(n, -1), dec_np, pi)
     np.testing.assert_array_equal(T.encode_head_rows(o_np, head, g, dec_np, pi), ref)
     np.testing.assert_array_equal(fused.numpy(), ref.astype(fused.numpy().dtype))
 
@@ -141,8 +144,8 @@ def test_reencode_sum_is_decode_add_encode(
         fused, eager = fused_and_eager(mp, lambda: T.reencode_sum(s, p_s, y, p_y, dec, p, ops))
     want = T.encode_rows(ops.add(T.decode_rows(s, p_s, n, ops), T.decode_rows(y, p_y, n, ops)), dec, p, ops)
     assert torch.equal(fused, want) and torch.equal(eager, want)
-    ref = T.reencode_sum(s_np, p_s, y_np, p_y, dec_np, p)
-    plain = T.decode_rows(s_np, p_s, n) + T.decode_rows(y_np, p_y, n)
+    ref: FloatArray = T.reencode_sum(s_np, p_s, y_np, p_y, dec_np, p)
+    plain: FloatArray = T.decode_rows(s_np, p_s, n) + T.decode_rows(y_np, p_y, n)
     np.testing.assert_array_equal(ref, T.encode_rows(plain, dec_np, p))
     if dtype == torch.float64:
         np.testing.assert_array_equal(fused.numpy(), ref)
@@ -190,7 +193,8 @@ def test_a_message_that_is_not_finite_is_refused_on_every_path(case: tuple[Any, 
     dropped = target == 0 and int(p_s[row]) == n  # s's decoy row
     nonfinite = bad in ("nan", "inf", "-inf")
     head = T.HeadPermutation(np.arange(1), np.arange(d)[None, :])
-    for fn, ref, refused in (
+    # (the fused or eager path, the numpy reference, whether the message must be refused)
+    cases: list[tuple[Callable[[], object], Callable[[], object], bool]] = [
         (
             lambda: T.reencode_sum(ts, p_s, ty, p_y, td, p, ops),
             lambda: T.reencode_sum(s, p_s, y, p_y, dec, p),
@@ -201,7 +205,8 @@ def test_a_message_that_is_not_finite_is_refused_on_every_path(case: tuple[Any, 
             lambda: T.encode_head_rows(y.reshape(n, 1, d), head, 1, dec, p),
             nonfinite and target in (1, 2),
         ),
-    ):
+    ]
+    for fn, ref, refused in cases:
         with pytest.MonkeyPatch.context() as mp:
             fused, eager = fused_and_eager(mp, lambda fn=fn: _refused(fn))
         assert (fused, eager, _refused(ref)) == (refused, refused, refused)
@@ -242,7 +247,7 @@ def test_the_fused_rms_norm_is_within_rounding_of_the_exact_one(
     rows: int,
     seed: int,
     strided: bool,
-    which: str,
+    which: NormName,
     poison: float | None,
 ) -> None:
     """RMSNorm in one pass (the mean of squares summed in float64, the scale rounded to the dtype, then
@@ -260,11 +265,11 @@ def test_the_fused_rms_norm_is_within_rounding_of_the_exact_one(
     xt = torch.from_numpy(x).to(dtype)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch_backend, "FUSED_NORM_MIN", 0)  # the kernel on these few rows too
-        fused, eager = fused_and_eager(mp, lambda: tb.norm(xt, which, layer))  # type: ignore[arg-type]
+        fused, eager = fused_and_eager(mp, lambda: tb.norm(xt, which, layer))
 
         def named() -> torch.Tensor | None:  # None: refused
             try:
-                return tb.norm(xt, which, layer, name="x")  # type: ignore[arg-type]
+                return tb.norm(xt, which, layer, name="x")
             except NonFiniteError:
                 return None
 
@@ -277,7 +282,7 @@ def test_the_fused_rms_norm_is_within_rounding_of_the_exact_one(
     f64, e64 = fused.double().numpy(), eager.double().numpy()
     assert np.array_equal(np.isnan(f64), np.isnan(e64)) and np.array_equal(np.isinf(f64), np.isinf(e64))
     finite = np.isfinite(x).all(axis=1)
-    exact = NumpyBackend(weights).norm(xt.double().numpy()[finite], which, layer)  # type: ignore[arg-type]
+    exact = NumpyBackend(weights).norm(xt.double().numpy()[finite], which, layer)
     u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
     tiny = 8 * float(np.finfo(np.float64 if dtype == torch.float64 else np.float32).smallest_subnormal)
     err_f, err_e = np.abs(f64[finite] - exact), np.abs(e64[finite] - exact)

@@ -24,7 +24,7 @@ Tolerances
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -35,20 +35,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from properties.strategies import (
+    FloatArray,
     attention_shapes,
     decoy_counts,
     head_permutations,
     model_weights,
     perms,
     row_counts,
+    row_indices,
     seeds,
     sized_perms,
     token_ids,
     torch_dtypes,
 )
 from scx_ref import transforms as T
-from scx_ref.arrays import NumpyOps
+from scx_ref.arrays import ArrayOps, NumpyOps
 from scx_ref.backends import cpu_kernels, torch_backend
+from scx_ref.backends.base import IndexArray, NormName, WeightName
 from scx_ref.backends.numpy_backend import NumpyBackend
 from scx_ref.backends.torch_backend import TorchBackend, TorchOps, dense, spare_rows
 from scx_ref.errors import SCXError
@@ -189,6 +192,8 @@ def test_reorder_cache_matches_numpy_exactly(
     k, k64 = _rounded(_gauss(seed, (n, h, d_h)), dtype)
     v, v64 = _rounded(_gauss(seed + 7, (n, h, d_h)), dtype)
     kt, vt = T.reorder_cache(k, v, rho, TorchOps(dtype))
+    kn: FloatArray
+    vn: FloatArray
     kn, vn = T.reorder_cache(k64, v64, rho)
     assert np.array_equal(_np(kt), kn) and np.array_equal(_np(vt), vn)
     scores, s64 = _rounded(_gauss(seed + 9, (h, 2, n + 3)), dtype)  # n locked rows, 3 appended
@@ -210,7 +215,7 @@ def test_blinding_matches_numpy(n: int, d: int, m: int, seed: int, dtype: torch.
     assert np.all(np.abs(_np(blinded) - T.blind(x64, eta64)) <= u * sum_scale)
     corr = T.blinding_correction(eta, wt, ops)
     corr_scale = np.abs(eta64) @ np.abs(w64)
-    want = T.blinding_correction(eta64, w64)
+    want: FloatArray = T.blinding_correction(eta64, w64)
     if dtype == torch.float64:
         _close64(_np(corr), want, corr_scale)
     else:  # length-d reduction in the dtype (see module doc)
@@ -258,7 +263,7 @@ def test_torch_transforms_reject_bad_input_like_numpy(np_perm: tuple[int, np.nda
     x = _gauss(seed, (n, 3))
     bad_perm = perm.copy()
     bad_perm[0] = bad_perm[1]
-    cases = [
+    cases: list[Callable[[ArrayOps[Any]], object]] = [
         (lambda o: T.permute_rows(x, bad_perm, o)),
         (lambda o: T.permute_rows(x, perm[:-1], o)),
         (lambda o: T.permute_rows(np.where(np.arange(n)[:, None] == 0, np.nan, x), perm, o)),
@@ -294,7 +299,7 @@ def gemm_blocks(block: int, rows: int, pad_from: int | None = None) -> Iterator[
     blocks of ``block``, at any input width (the test models are far narrower than the default threshold);
     with ``pad_from``, padding every product of ``pad_from`` to ``rows`` − 1 rows with zero rows to ``rows``
     rows, at any weight count."""
-    names = ("GEMM_BLOCK_MIN_IN", "GEMM_BLOCK", "GEMM_BLOCK_ROWS")
+    names: tuple[str, ...] = ("GEMM_BLOCK_MIN_IN", "GEMM_BLOCK", "GEMM_BLOCK_ROWS")
     names += ("GEMM_PAD_MIN_ROWS", "GEMM_PAD_MIN_WEIGHTS")
     saved = [getattr(torch_backend, k) for k in names]
     pad = (pad_from, 0) if pad_from is not None else (rows, torch_backend.GEMM_PAD_MIN_WEIGHTS)
@@ -394,7 +399,7 @@ def test_dense_pads_short_inputs_of_large_weights(monkeypatch: pytest.MonkeyPatc
         bound = gamma * (x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs()))
         assert bool(((got.double() - exact).abs() <= bound).all())
     x = torch.randn(10, 2048, generator=gen, requires_grad=True)
-    dense(x, big).sum().backward()  # autograd: F.linear on the rows as given
+    torch.autograd.backward(dense(x, big).sum())  # autograd: F.linear on the rows as given
     assert seen.pop() == 10 and x.grad is not None and x.grad.shape == x.shape
 
 
@@ -422,33 +427,34 @@ def _weight_ops_match_numpy(w: ModelWeights, seed: int, n: int) -> None:
     assert np.array_equal(tb.to_numpy(xt), x) and tb.numpy_dtype() == np.float64
     ids = np.random.default_rng(seed).integers(0, c.vocab_size, size=n)
     assert np.array_equal(tb.to_numpy(tb.embed(ids)), nb.embed(ids))
-    for which in ("attn", "mlp", "final"):
+    norms: tuple[NormName, ...] = ("attn", "mlp", "final")
+    for norm in norms:
         for layer in range(c.n_layers):
-            _close64(tb.to_numpy(tb.norm(xt, which, layer)), nb.norm(x, which, layer))  # type: ignore[arg-type]
+            _close64(tb.to_numpy(tb.norm(xt, norm, layer)), nb.norm(x, norm, layer))
     for layer in range(c.n_layers):
         _close64(tb.to_numpy(tb.mlp(xt, layer)), nb.mlp(x, layer))
-        names: list[tuple[str, np.ndarray | None, int]] = [
+        names: list[tuple[WeightName, IndexArray | None, int]] = [
             ("wqkv", None, c.hidden_size),
             ("wo", None, c.q_dim),
         ]
         if c.is_moe:
-            experts = np.random.default_rng(seed).permutation(c.n_experts)[: c.top_k]
+            chosen = np.random.default_rng(seed).permutation(c.n_experts)[: c.top_k]
             names += [
                 ("router", None, c.hidden_size),
-                ("w_gate_up", experts, c.hidden_size),
-                ("w_down", experts, c.intermediate_size * len(experts)),
+                ("w_gate_up", chosen, c.hidden_size),
+                ("w_down", chosen, c.intermediate_size * len(chosen)),
             ]
         else:
             names += [("w_gate_up", None, c.hidden_size), ("w_down", None, c.intermediate_size)]
         for which, experts, width in names:
             a = _gauss(seed + 3, (n, width))
             at = tb.from_numpy(a)
-            want = nb.project(a, which, layer, experts)  # type: ignore[arg-type]
-            _close64(tb.to_numpy(tb.project(at, which, layer, experts)), want)  # type: ignore[arg-type]
+            want = nb.project(a, which, layer, experts)
+            _close64(tb.to_numpy(tb.project(at, which, layer, experts)), want)
             _close64(
-                tb.to_numpy(tb.correction(at, which, layer, experts)),  # type: ignore[arg-type]
+                tb.to_numpy(tb.correction(at, which, layer, experts)),
                 nb.correction(a, which, layer, experts),
-            )  # type: ignore[arg-type]
+            )
     _close64(tb.to_numpy(tb.project(xt, "lm_head")), nb.project(x, "lm_head"))
     gu = _gauss(seed + 5, (n, 2 * c.intermediate_size), 3.0)
     _close64(tb.to_numpy(tb.swiglu_act(tb.from_numpy(gu))), nb.swiglu_act(gu))
@@ -460,13 +466,14 @@ def test_rows_finite_is_the_scan_of_the_rows(
     numba: str, w: ModelWeights, seed: int, n: int, data: st.DataObject
 ) -> None:
     """rows_finite(x, index) = all entries of x[index] finite, on torch (the in-place kernel and, with
-    SCX_NUMBA=0, the eager gather) and on numpy, for any rows (repeated, none) and a NaN or ±inf anywhere."""
+    SCX_NUMBA=0, the eager gather) and on numpy, for any rows (distinct, repeated, none) and a NaN or ±inf
+    anywhere."""
     nb, tb = _pair(w)
     x = _gauss(seed, (n, w.config.hidden_size))
     bad = data.draw(st.sampled_from([None, np.nan, np.inf, -np.inf]))
     if bad is not None:
         x[data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, x.shape[1] - 1))] = bad
-    index = np.random.default_rng(seed).integers(0, n, size=data.draw(st.integers(0, 2 * n)))
+    index = data.draw(row_indices(n))
     want = bool(np.isfinite(x[index]).all())
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cpu_kernels, "ENABLED", numba == "1")
@@ -481,7 +488,7 @@ def test_backend_array_ops_match_numpy(w: ModelWeights, seed: int, n: int, data:
     x = _gauss(seed, (n, c.hidden_size))
     xt = tb.from_numpy(x)
     perm = data.draw(perms(n))
-    index = np.random.default_rng(seed).integers(0, n, size=data.draw(st.integers(0, 2 * n)))
+    index = data.draw(row_indices(n))
     assert np.array_equal(tb.to_numpy(tb.take_rows(xt, perm)), nb.take_rows(x, perm))
     assert np.array_equal(tb.to_numpy(tb.take_rows(xt, index)), nb.take_rows(x, index))
     assert np.array_equal(tb.rows_to_numpy(xt, index), nb.rows_to_numpy(x, index))
@@ -490,7 +497,7 @@ def test_backend_array_ops_match_numpy(w: ModelWeights, seed: int, n: int, data:
     split = data.draw(st.integers(0, n))
     cut = data.draw(st.integers(split, n))
     parts_t, parts_n = [xt[:split], xt[split:cut], xt[cut:]], [x[:split], x[split:cut], x[cut:]]
-    for idx in (perm, index):  # a permutation, and any index with repeats
+    for idx in (perm, index):  # a permutation, and any index (distinct rows or repeats)
         got = tb.to_numpy(tb.take_rows_concat(parts_t, idx))
         assert np.array_equal(got, x[idx]) and np.array_equal(nb.take_rows_concat(parts_n, idx), x[idx])
         assert np.array_equal(tb.to_numpy(tb.take_rows_concat([xt[:split], xt[split:]], idx)), x[idx])
@@ -654,9 +661,8 @@ def test_attention_without_a_mask_is_the_definition(
     scores = np.abs(_np(q)).max() * np.abs(_np(k)).max() * d_h
     tol = (d_h + m + 8) * u32 * v_max * (1 + scores) + UNIT_ROUNDOFF[dtype] * v_max
     assert np.max(np.abs(_np(got) - want)) <= tol
-    other = F.scaled_dot_product_attention(
-        *(t.float().transpose(0, 1).unsqueeze(0) for t in (q, k, v)), enable_gqa=g > 1
-    )[0].transpose(0, 1)
+    q4, k4, v4 = (t.float().transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    other = F.scaled_dot_product_attention(q4, k4, v4, enable_gqa=g > 1)[0].transpose(0, 1)
     assert np.max(np.abs(_np(got) - _np(other.to(dtype)))) <= 2 * tol
 
 
@@ -716,7 +722,8 @@ def test_low_precision_backend_within_rounding_bounds(
         k = _gauss(seed + 1, (n, c.n_kv_heads, c.head_dim))
         v = _gauss(seed + 2, (n, c.n_kv_heads, c.head_dim))
         pos = np.arange(n)
-        got = tb.to_numpy(tb.attention(*(tb.from_numpy(t) for t in (q, k, v)), pos, pos))
+        qt, kt, vt = (tb.from_numpy(t) for t in (q, k, v))
+        got = tb.to_numpy(tb.attention(qt, kt, vt, pos, pos))
         tol = (
             (c.head_dim + n + 8) * u * np.abs(v).max() * (1 + np.abs(q).max() * np.abs(k).max() * c.head_dim)
         )

@@ -16,6 +16,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from properties.strategies import (
+    FloatArray,
     attention_shapes,
     decoy_counts,
     float_matrices,
@@ -125,7 +126,7 @@ def test_t2_decode_of_encoded_rowwise_map_is_plain_map(
     x = data.draw(float_matrices(n, d))
     decoys = data.draw(float_matrices(r, d, bound=50.0))
     pi = data.draw(perms(n + r))
-    enc = encode_rows(x, decoys, pi)
+    enc: FloatArray = encode_rows(x, decoys, pi)
     assert enc.shape == (n + r, d)
     np.testing.assert_allclose(decode_rows(fn(enc), pi, n), fn(x), rtol=RTOL, atol=ATOL)
 
@@ -148,7 +149,7 @@ def test_t2_fused_encode_is_the_composition_exactly(data: st.DataObject, n: int,
     for dtype in (np.float64, np.float32):
         x = data.draw(float_matrices(n, d)).astype(dtype)
         decoys = data.draw(float_matrices(r, d, bound=50.0)).astype(dtype)
-        fused = encode_rows(x, decoys, pi)
+        fused: FloatArray = encode_rows(x, decoys, pi)
         assert fused.dtype == dtype
         assert np.array_equal(fused, permute_rows(with_decoys(x, decoys), pi))
 
@@ -173,10 +174,10 @@ def test_t2_reencode_sum_is_decode_add_encode_exactly(
         s = data.draw(float_matrices(n + rs, d)).astype(dtype)
         y = data.draw(float_matrices(n + ry, d)).astype(dtype)
         decoys = data.draw(float_matrices(r, d, bound=50.0)).astype(dtype)
-        want = encode_rows(decode_rows(s, pi_s, n) + decode_rows(y, pi_y, n), decoys, pi)
-        got = reencode_sum(s, pi_s, y, pi_y, decoys, pi)
+        want: FloatArray = encode_rows(decode_rows(s, pi_s, n) + decode_rows(y, pi_y, n), decoys, pi)
+        got: FloatArray = reencode_sum(s, pi_s, y, pi_y, decoys, pi)
         assert got.dtype == dtype and np.array_equal(got, want)
-        keyed = reencode_sum(s, Permutation(pi_s), y, Permutation(pi_y), decoys, Permutation(pi))
+        keyed: FloatArray = reencode_sum(s, Permutation(pi_s), y, Permutation(pi_y), decoys, Permutation(pi))
         assert np.array_equal(keyed, want)
 
 
@@ -222,7 +223,7 @@ def test_t2_in_place_decode_equals_the_gather(data: st.DataObject, n: int, r: in
     """decode_rows_numpy(…, in_place=True) returns exactly decode_rows(Y, π, n), inside Y's memory."""
     y = data.draw(float_matrices(n + r, d))
     pi = data.draw(perms(n + r))
-    want = decode_rows(y, pi, n)
+    want: FloatArray = decode_rows(y, pi, n)
     buf = y.copy()
     got = decode_rows_numpy(buf, pi, n, in_place=True)
     assert np.array_equal(got, want)
@@ -305,8 +306,9 @@ def test_t3_stacked_head_permutation_is_blockwise(
     h_kv, _, d_h = shape
     p = data.draw(head_permutations(h_kv, d_h))
     x = data.draw(float_matrices(n, h_kv * sum(sizes), extra_dims=(d_h,)))
-    got = head_permute_stacked(x, p, tuple(sizes))
-    blocks, start = [], 0
+    got: FloatArray = head_permute_stacked(x, p, tuple(sizes))
+    blocks: list[FloatArray] = []
+    start = 0
     for g in sizes:
         blocks.append(head_permute(x[:, start : start + h_kv * g], p, g))
         start += h_kv * g
@@ -401,6 +403,8 @@ def test_t4_full_attention_is_invariant_to_cache_order(
     h_kv, g, d_h = shape
     q, k, v = _qkv(data, n_q, n_k, h_kv, g, d_h)
     rho = data.draw(perms(n_k))
+    k2: FloatArray
+    v2: FloatArray
     k2, v2 = reorder_cache(k, v, rho)
     assert np.array_equal(k2, k[rho]) and np.array_equal(v2, v[rho])
     np.testing.assert_allclose(
@@ -463,7 +467,7 @@ def test_t5_unblind_of_blinded_projection(
     w = data.draw(float_matrices(d, m))
     b = data.draw(float_matrices(m)) if with_bias else np.zeros(m)
     eta = laplace_noise((n, d), beta, np.random.default_rng(seed))
-    y = unblind(ops.linear(blind(x, eta), w, b), blinding_correction(eta, w))
+    y: FloatArray = unblind(ops.linear(blind(x, eta), w, b), blinding_correction(eta, w))
     eps = np.finfo(np.float64).eps
     tol = 2.0 * (d + 3) * eps * ((np.abs(x) + np.abs(eta)) @ np.abs(w) + np.abs(b))
     assert np.all(np.abs(y - ops.linear(x, w, b)) <= tol)

@@ -713,6 +713,7 @@ def test_the_fused_attention_check_is_the_calls_one_by_one(dtype: torch.dtype, c
 
     def run(fused: bool) -> tuple[list[Any], int]:
         seen: list[Any] = []
+        # no request keys: the rows to recompute are given, so the check never derives any from keys
         verifier = SessionVerifier(be, None, SketchCache(be, KeySchedule.generate()))  # type: ignore[arg-type]
         with pytest.MonkeyPatch.context() as mp:
             record = lambda stage, layer, ratio, checks, what: seen.append((ratio, checks, what))  # noqa: E731
