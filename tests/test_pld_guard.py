@@ -1,4 +1,5 @@
-"""The PLD accountant refuses, before composing, an explicit interval whose composed distribution is too big.
+"""The PLD accountant refuses, before composing, an interval whose composed distribution is too big (an
+explicit one, or the default one at a huge k).
 
 ``scx dp --sensitivity 1 --scale 1 -k 10000 --pld-interval 1e-4`` used to compose ~34 M values (~27 s,
 ~2.5 GB); it is now a ConfigError (``scx dp: error: ...``, exit 2) naming the size, the memory and the
@@ -91,10 +92,18 @@ def test_default_interval_never_refused(eps: float, k: int, scale: float, no_com
             pld_epsilon(mech, 1e-6, value_discretization_interval=interval)
 
 
-@pytest.mark.parametrize("eps,k", [(0.5, 10**9), (1.0, 10**8), (1e-4, 10**12)])
-def test_default_interval_not_refused_for_huge_k(eps: float, k: int, no_composition: None) -> None:
-    """Model mode has no cap on k: the default interval is still never refused (it is exempt)."""
+def test_default_interval_not_refused_for_large_k_that_fits(no_composition: None) -> None:
+    """Model mode has no cap on k: where the default interval's composition fits (ε = 1, k = 10⁸:
+    ~7.9·10⁶ values) it is not refused."""
     with pytest.raises((_Composing, OverflowError)):
+        pld_epsilon([LaplaceMechanism(1.0, 1.0, 10**8)], 1e-6)
+
+
+@pytest.mark.parametrize("eps,k", [(0.5, 10**9), (1e-4, 10**12)])
+def test_default_interval_refused_for_huge_k(eps: float, k: int, no_composition: None) -> None:
+    """Past the composed-size limit even the default interval is refused, before composing, with the way
+    out (tests/test_dp_model_k_guard.py covers the decision)."""
+    with pytest.raises(ConfigError, match=r"no interval fits.*--no-pld"):
         pld_epsilon([LaplaceMechanism(eps, 1.0, k)], 1e-6)
 
 

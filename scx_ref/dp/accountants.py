@@ -46,7 +46,8 @@ __all__ = [
 DEFAULT_PLD_INTERVAL = 1e-4
 #: The most values one release's privacy-loss distribution may be discretized into (~130 MB of float64).
 MAX_PLD_POINTS = 1 << 24
-#: The most values the *composed* distribution may have when the caller picks the interval. Measured with
+#: The most values the *composed* distribution may have, with the caller's interval or the default one (model
+#: mode counts releases without a cap: 10⁹ releases of ε = 0.5 would need ~5.7·10⁷ values). Measured with
 #: ``/usr/bin/time`` on ``scx dp --sensitivity 1 --scale 1 -k 10000``: peak memory ≈ 120 MB + ~70 bytes per
 #: composed value (``self_convolve``'s FFT holds several complex copies of the padded array): 3.4 M values
 #: 354 MB, 11 M values 909 MB, 34 M values 2.5 GB. 2²³ ≈ 8.4 M values keeps a run well under 1 GB.
@@ -190,8 +191,10 @@ def pld_epsilon(
     Returns ``None`` when ``dp_accounting`` is not installed. Releases with Δ₁ = 0 cost nothing. Returns
     +inf when ``Σ count·ε`` exceeds the float64 range or the accountant overflows.
     Raises ConfigError for an interval that discretizes one release into more than ``MAX_PLD_POINTS``
-    values, or (an interval given explicitly) whose composed distribution, predicted before composing the
-    way dp_accounting sizes it, would exceed ``MAX_PLD_COMPOSED_POINTS`` values.
+    values, or (explicit or default interval alike) whose composed distribution, predicted before composing
+    the way dp_accounting sizes it, would exceed ``MAX_PLD_COMPOSED_POINTS`` values; the message names an
+    interval that fits, or says that none does (the size then grows with the number of releases, e.g. the
+    default interval at ε = 0.5 and 10⁹ releases: ~5.7·10⁷ values at every interval) and to skip the PLD.
     """
     mechs = _check_mechanisms(mechanisms)
     dl = check_delta(delta)
@@ -224,10 +227,9 @@ def pld_epsilon(
     total: Any = None
     try:
         singles = _single_plds(groups, interval)
-        if value_discretization_interval is not None:  # the default interval is never refused
-            _check_composed_size(singles, groups, interval)
+        _check_composed_size(singles, groups, interval, explicit=value_discretization_interval is not None)
         for one, count in singles:
-            part = one.self_compose(count) if count > 1 else one
+            part = _dense_if_composed(one, count).self_compose(count) if count > 1 else one
             total = part if total is None else total.compose(part)
         return float(total.get_epsilon_for_delta(dl))
     except OverflowError:  # the accountant's interval overflows exp(): ε is astronomically large
@@ -290,20 +292,53 @@ def _composed_size(singles: list[tuple[Any, int]]) -> int | None:
     return total
 
 
-def _check_composed_size(
-    singles: list[tuple[Any, int]], groups: dict[tuple[float, float], int], interval: float
-) -> None:
-    """ConfigError when composing ``singles`` would exceed :data:`MAX_PLD_COMPOSED_POINTS` values.
+def _dense_if_composed(one: Any, count: int) -> Any:
+    """``one`` with its PMFs already dense when dp_accounting's ``self_compose(count)`` would make them so.
 
-    Runs before any composition. The message names the predicted size, its memory estimate and an interval
-    that fits: ``h·size/limit`` rounded up to 3 significant digits, coarsened until its predicted size fits
-    (the smallest such 3-digit interval whenever the size scales as 1/h, as it does for Laplace releases).
+    A sparse PMF's ``self_compose`` first computes ``size ** count`` (a Python integer of ~1.6·count bits:
+    2.3 s at count = 10⁷, ~2 min at 10⁸) only to compare it with ``_MAX_PMF_SPARSE_SIZE`` and convert the
+    PMF to dense. This does that conversion itself, with a bounded power, whenever dp_accounting would, so
+    the composed distribution is the same, bit for bit. Returns ``one`` unchanged otherwise, or when a
+    dp_accounting version lacks the internals read here.
     """
-    size = _composed_size(singles)
-    if size is None or size <= MAX_PLD_COMPOSED_POINTS:
-        return
-    # the support width in privacy-loss units hardly depends on h, so the size scales as 1/h: start there
-    # and coarsen until the prediction fits (a few coarser, cheaper discretizations at most)
+    try:
+        from dp_accounting.pld import pld_pmf
+        from dp_accounting.pld import privacy_loss_distribution as pld
+
+        limit = pld_pmf._MAX_PMF_SPARSE_SIZE
+        sparse = pld_pmf.SparsePLDPmf
+        remove, add, symmetric = one._pmf_remove, one._pmf_add, one._symmetric
+    except (ImportError, AttributeError):
+        return one
+
+    def dense(pmf: Any) -> Any | None:
+        if not isinstance(pmf, sparse):
+            return pmf
+        size = pmf.size
+        # size ** count > limit, decided with an exponent of at most 64 (size >= 2: size ** 64 >= 2 ** 64)
+        if size < 2 or size ** min(count, 64) <= limit:
+            return None  # dp_accounting composes this one sparse
+        return pmf.to_dense_pmf()
+
+    dense_remove = dense(remove)
+    if dense_remove is None:
+        return one
+    if symmetric:
+        return pld.PrivacyLossDistribution(dense_remove)
+    dense_add = dense(add)
+    return one if dense_add is None else pld.PrivacyLossDistribution(dense_remove, dense_add)
+
+
+def _fitting_interval(groups: dict[tuple[float, float], int], interval: float, size: int) -> float | None:
+    """A coarser interval whose composed size fits :data:`MAX_PLD_COMPOSED_POINTS`, or None if none is found.
+
+    Starts from ``h·size/limit`` (the support width in privacy-loss units hardly depends on h while h is
+    below the releases' ε, so the size scales as 1/h), rounded up to 3 significant digits, and coarsens by
+    5% until the prediction fits: the smallest such 3-digit interval whenever the size scales as 1/h. Once
+    h exceeds the releases' ε, each release is discretized into 2 or 3 values and the composed size grows
+    with the number of releases whatever h is (dp_accounting's Chernoff truncation bound): then no interval
+    fits, and after 20 tries (or an interval too coarse for dp_accounting) this returns None.
+    """
     fit = interval * size / MAX_PLD_COMPOSED_POINTS
     for _ in range(20):
         unit = 10.0 ** (math.floor(math.log10(fit)) - 2)
@@ -311,14 +346,44 @@ def _check_composed_size(
         try:
             got = _composed_size(_single_plds(groups, fit))
         except OverflowError:
-            break
+            return None
         if got is None or got <= MAX_PLD_COMPOSED_POINTS:
-            break
+            return fit
         fit *= 1.05
+    return None
+
+
+def _check_composed_size(
+    singles: list[tuple[Any, int]],
+    groups: dict[tuple[float, float], int],
+    interval: float,
+    *,
+    explicit: bool = True,
+) -> None:
+    """ConfigError when composing ``singles`` would exceed :data:`MAX_PLD_COMPOSED_POINTS` values.
+
+    Runs before any composition, for an explicit interval and the default one alike (``explicit`` only
+    words the message). The message names the predicted size, its memory estimate and the interval that
+    fits (:func:`_fitting_interval`), or, when none does, says so and to skip the PLD accountant (basic and
+    advanced composition still hold). Returns None when the size fits or cannot be predicted.
+    """
+    size = _composed_size(singles)
+    if size is None or size <= MAX_PLD_COMPOSED_POINTS:
+        return
+    fit = _fitting_interval(groups, interval, size)
     gb = (_PLD_BASE_BYTES + _PLD_BYTES_PER_COMPOSED_POINT * size) / 1e9
+    what = f"a PLD interval of {interval:g}" if explicit else f"the default PLD interval ({interval:.3g})"
+    head = (
+        f"{what} would compose the releases into ~{size} values "
+        f"(~{gb:.2g} GB of memory; limit {MAX_PLD_COMPOSED_POINTS} values)"
+    )
+    if fit is not None:
+        raise ConfigError(f"{head}; use an interval >= {fit:.3g}")
+    releases = sum(groups.values())
     raise ConfigError(
-        f"a PLD interval of {interval:g} would compose the releases into ~{size} values "
-        f"(~{gb:.2g} GB of memory; limit {MAX_PLD_COMPOSED_POINTS} values); use an interval >= {fit:.3g}"
+        f"{head}, and no interval fits: at {releases} releases the size grows with their number, not "
+        "with the interval; skip the PLD accountant (scx dp --no-pld, use_pld=False): the basic and "
+        "advanced composition bounds still hold"
     )
 
 
@@ -370,7 +435,9 @@ def compose(
 
     Guarantee: the releases are (epsilon_basic, 0)-, (epsilon_advanced, δ')-, (epsilon_pld, δ)- and
     (epsilon_best, δ)-DP. A value beyond the float64 range is +inf (never an exception, never a finite
-    understatement).
+    understatement). With ``use_pld``, raises ConfigError where :func:`pld_epsilon` does: a discretization
+    too fine for one release, or a composed distribution past :data:`MAX_PLD_COMPOSED_POINTS` values
+    (e.g. 10⁹ releases of ε = 0.5 at any interval: ``use_pld=False`` still gives the closed forms).
     """
     mechs = _check_mechanisms(mechanisms)
     dl = check_delta(delta)

@@ -240,7 +240,9 @@ def request_budget(
     Guarantee: under replace-one-token neighbours, the noised releases of the configuration's
     :class:`~scx_ref.protocol.plan.ReleasePlan` together are (epsilon_basic, 0)-, (epsilon_advanced,
     delta_prime)- and (epsilon_pld, delta)-DP for each prompt token, with the counting of the module
-    docstring; the ``uncovered`` releases are outside the guarantee.
+    docstring; the ``uncovered`` releases are outside the guarantee. With ``use_pld``, a request whose
+    releases the PLD accountant cannot compose within its size limit (e.g. ~10⁸ decode steps or more) is a
+    ConfigError before composing (:func:`~scx_ref.dp.accountants.compose`); ``use_pld=False`` is not limited.
     """
     sens = model_sensitivities(model) if isinstance(model, ModelWeights) else model
     if not isinstance(sens, ModelSensitivities):
