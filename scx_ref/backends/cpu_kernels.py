@@ -48,7 +48,10 @@ so each row is read once.
   row's squares in float64 (reassociated, in a loop that stores nothing), rounds the scale to the dtype
   and then rounds γ·(x·s) as the eager form does; it also tests every entry of x for finiteness, the
   server's check of those rows. ``properties/test_fused.py`` bounds it within 4u of the exact norm (the
-  eager form's bound is (w + 8)u).
+  eager form's bound is (w + 8)u). ``any_at_most`` then finds a scale small enough that the row's sum of
+  squares comes within a factor 2 of the dtype's range, where the eager sum in the dtype may overflow: the
+  torch backend normalizes such rows again by the eager ops, so that such a row's norm (zeros where the
+  eager sum overflows) does not depend on the number of rows in the call.
   ``properties/test_verifier_kernels.py`` checks them against the eager forms: equal for max, min and the
   verdict, to float64 rounding for sums; the fused check against the three calls, equal; the locked-cache
   check against its numpy expressions, to float64 rounding.
@@ -109,6 +112,7 @@ class Kernels:
     permute_rows: Any
     rows_finite: Any
     rms_norm: Any
+    any_at_most: Any
     project64: Any
     project64_rms: Any
     project64_gate_up: Any
@@ -238,6 +242,7 @@ def _build() -> Kernels | None:
         nk.permute_rows,
         nk.rows_finite,
         nk.rms_norm,
+        nk.any_at_most,
         nk.project64,
         nk.project64_rms,
         nk.project64_gate_up,

@@ -560,6 +560,18 @@ def rms_norm(x: Any, gain: Any, eps: float, out: Any, scale: Any, bad: Any) -> b
     return all_zero_parts(bad)
 
 
+@jit
+def any_at_most(a: Any, bound: float) -> bool:
+    # whether some entry of the 1-D a is ≤ bound (NaN is not): rms_norm's scales of rows whose sum of squares
+    # comes near the dtype's range, which the torch backend normalizes again by its eager ops
+    found = False
+    for i in range(a.shape[0]):
+        if a[i] <= bound:
+            found = True
+            break
+    return found
+
+
 @pfast
 def project64_gate_up(
     gu: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any, parts: int

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from .. import ops
 from .._checks import token_ids
 from ..arrays import (
+    broadcast_shape,
     check_concat,
     check_narrow,
     gather_sum_index,
@@ -336,16 +337,6 @@ def _torch_readable(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
     return np.ascontiguousarray(arr)
 
 
-def _broadcast_or_raise(x: torch.Tensor, y: torch.Tensor, exc: RuntimeError) -> ShapeError:
-    """The ShapeError of an elementwise op of ``x`` and ``y`` that raised ``exc`` when their shapes do not
-    broadcast (as the numpy backend's); ``exc`` itself otherwise (another cause: a device, a dtype)."""
-    try:
-        np.broadcast_shapes(tuple(x.shape), tuple(y.shape))
-    except ValueError:
-        return ShapeError(f"arrays of shapes {tuple(x.shape)} and {tuple(y.shape)} do not broadcast")
-    raise exc
-
-
 def _check_tensors(c: ModelConfig, w: TorchWeights) -> None:
     """That ``w`` holds the F.linear-layout tensors of a model of config ``c`` (see
     :meth:`TorchBackend.from_tensors`)."""
@@ -460,6 +451,9 @@ def _right(width: int, right: npt.NDArray[Any], k: int | None = None) -> bool:
 
 #: The dtypes the fused CPU kernels (:mod:`.cpu_kernels`) are compiled for.
 _FUSED_DTYPES = (torch.float32, torch.float64)
+#: Half the largest finite value of each fused dtype: from a float64 sum of squares this large on, the eager
+#: RMSNorm's sum in the dtype may overflow (:meth:`TorchBackend._rms`).
+_HALF_MAX = {t: float(torch.finfo(t).max) / 2 for t in _FUSED_DTYPES}
 #: The fewest entries from which :meth:`TorchBackend.norm` runs as one fused pass (a prompt's rows): below
 #: it — a generation step's row — the eager ops. Fused on one row, `llama1b-random`'s generation step was
 #: 3.9 ms a token slower on two threads (q1 +1.6, q3 +4.8, paired in one process; the kernel alone is faster
@@ -894,8 +888,9 @@ class TorchOps:
             k = self._fused(x, y)
             if k is None or x.dim() != 2 or x.shape != y.shape:
                 return self.floating(x + y, name)
-        except RuntimeError as exc:
-            raise _broadcast_or_raise(x, y, exc) from exc
+        except RuntimeError:
+            broadcast_shape(x, y)  # ShapeError when the shapes do not broadcast, else torch's own error
+            raise
         out = torch.empty(x.shape, dtype=self.dtype)
         o = out.numpy()
         with k.parts(o.size, self.threads()) as parts:
@@ -904,21 +899,19 @@ class TorchOps:
 
     def add_into(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x + y in x's memory when the result keeps x's dtype and shape (no fresh multi-MB tensor: on
-        CPU a third of a residual re-encode's time at n = 512 went to the sum's allocation)."""
-        if (
-            torch.result_type(x, y) != x.dtype
-            or y.ndim > x.ndim
-            or any(b not in (1, a) for a, b in zip(reversed(x.shape), reversed(y.shape), strict=False))
-        ):  # y widens the result or does not broadcast to x's shape
-            return self.add(x, y)
+        CPU a third of a residual re-encode's time at n = 512 went to the sum's allocation); ShapeError
+        when the shapes do not broadcast (:func:`~scx_ref.arrays.broadcast_shape`, as the numpy backend)."""
+        if torch.result_type(x, y) != x.dtype or broadcast_shape(x, y) != x.shape:
+            return self.add(x, y)  # y widens the result, or the sum is wider than x
         return x.add_(y)
 
     def sub(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x − y (ShapeError when the shapes do not broadcast, as the numpy backend)."""
         try:
             return x - y
-        except RuntimeError as exc:
-            raise _broadcast_or_raise(x, y, exc) from exc
+        except RuntimeError:
+            broadcast_shape(x, y)  # as in add
+            raise
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x·W (+ b)`` with ``w`` stored out × in (``F.linear``); ShapeError when the widths differ."""
@@ -1123,7 +1116,13 @@ class TorchBackend(TorchOps):
         ``x`` is not finite. On CPU in float32/float64 one fused pass per row (:mod:`.cpu_kernels`: the
         mean of squares summed in float64, the scale rounded to the dtype, then γ·(x·s) rounded as the
         eager form rounds it; x's entries tested finite as they are read) from :data:`FUSED_NORM_MIN`
-        entries on, else a scan, then the eager ops. ShapeError for rows of another width than γ."""
+        entries on, else a scan, then the eager ops. ShapeError for rows of another width than γ.
+
+        The two paths differ by rounding alone, whatever the call's size: a row whose float64 sum of squares
+        reaches half the dtype's range (where the eager mean, summed in the dtype, may overflow to inf and
+        give a row of zeros, as Hugging Face's LlamaRMSNorm does in float32) is normalized again by the
+        eager ops — their bits, not the fused pass's finite norm (which made a prompt's row and the same
+        row alone, a generation step's, differ wholly)."""
         if x.dim() == 0 or x.shape[-1] != gamma.shape[0]:
             raise ShapeError(f"rows {tuple(x.shape)} for a norm of width {gamma.shape[0]}")
         k = self._fused(x, gamma) if x.numel() >= FUSED_NORM_MIN else None
@@ -1135,9 +1134,21 @@ class TorchBackend(TorchOps):
             with k.parts(rows.size, self.threads()) as parts:
                 bad = np.empty((parts, rows.shape[1]), dtype=rows.dtype)
                 finite = k.rms_norm(rows, _np(gamma), eps, dst, scale, bad)
-            return self._finite_or_raise(out, name, bool(finite))
+            self._finite_or_raise(out, name, bool(finite))
+            # s_i ≤ √(w / (max / 2)) ⇔ Σ_t x_it² ≳ max / 2: the eager sum, in the dtype, may overflow there
+            floor = math.sqrt(rows.shape[1] / _HALF_MAX[self.dtype])
+            if k.any_at_most(scale, floor):  # a compiled loop: numpy's test cost 10 % of a prompt's norm
+                idx = torch.from_numpy(np.flatnonzero(scale <= floor))
+                out.view(rows.shape)[idx] = self._rms_eager(x.reshape(rows.shape)[idx], gamma)
+            return out
         if name is not None:
             x = self.floating(x, name)
+        return self._rms_eager(x, gamma)
+
+    def _rms_eager(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """RMSNorm_ε(x) by the eager torch ops (the mean of squares summed in the compute dtype: +inf, then a
+        row of zeros, where that sum overflows). torch reduces each row on its own, so a row's values do not
+        depend on the rows beside it (tests/test_backend_leftovers_s63.py)."""
         if self.dtype in _LOW:  # norms run in float32 for bf16/fp16, as Hugging Face does
             xc = x.to(self._compute)
             var = xc.square().mean(dim=-1, keepdim=True)
