@@ -1,7 +1,8 @@
-"""The single exception family of scx_ref.
+"""The single exception family of scx_ref, and its warnings.
 
 Every error the library raises on bad input is an :class:`SCXError`, so callers can catch one type.
-Subclasses say which kind of input was wrong.
+Subclasses say which kind of input was wrong. Every warning it issues about an accepted input is an
+:class:`SCXWarning` (a UserWarning), so callers can filter one category.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ __all__ = [
     "LimitError",
     "NonFiniteError",
     "PermutationError",
+    "PrecisionWarning",
     "ProtocolError",
     "SCXError",
+    "SCXWarning",
     "ServiceError",
     "SessionError",
     "ShapeError",
@@ -91,6 +94,18 @@ class WireError(ProtocolError):
 
 class ServiceError(SCXError):
     """The SCX server could not be reached, did not answer in time, went away, or failed internally."""
+
+
+class SCXWarning(UserWarning):
+    """Base class of every warning scx_ref issues: an input it accepts, whose result is not what the
+    caller may expect (shown once per place by Python's default warning filter)."""
+
+
+class PrecisionWarning(SCXWarning):
+    """A configuration the library runs, but whose blinded stages cannot keep the exactness the project
+    measured for the run's dtype (β past the limit of the dtype the blinded stages run in:
+    :meth:`scx_ref.protocol.SCXConfig.precision_warning`). Every reply check still passes — the checks
+    bound the server's arithmetic, not the client's choice of β."""
 
 
 def note_tokens(exc: BaseException, tokens: list[int]) -> None:

@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 
 from scx_models.runs import generate_run
 
+from scx_ref.errors import PrecisionWarning
 from scx_ref.zoo.engines import scx_config
 from scx_ref.zoo.perplexity import PPL_CRITERION, ppl_run
 
@@ -61,6 +62,7 @@ def test_smollm2_blind_large_beta_float32_exceeds_bound() -> None:
     The blinded stages stay in float32 (``blind_dtype="backend"``): the default ``"auto"`` runs them in
     float64 above β = 5, which removes that error (this control then read 1.7e-7 and failed)."""
     cfg = scx_config("blind", 1000.0, blind_dtype="backend")
-    rec = ppl_run("smollm2", "float32", tokens=256, window=256, config=cfg)
+    with pytest.warns(PrecisionWarning, match="float32 on a float32 backend"):  # said, and measured here
+        rec = ppl_run("smollm2", "float32", tokens=256, window=256, config=cfg)
     assert rec["config"]["blind_dtype"] == "backend" and rec["beta"] == 1000.0
     assert rec["rel_delta_ppl"] > PPL_CRITERION["float32"], rec

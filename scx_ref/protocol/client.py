@@ -199,6 +199,10 @@ class Client(Generic[A]):
             self.plan.prefill or self.plan.generation
         )
         self.bb: Backend[A] = backend.widened() if self.wide else backend
+        # a β past the limit of the dtype its blinded stages run in is taken, not refused: said, once per
+        # place (a PrecisionWarning; README, "How large β may be")
+        betas = [r.beta for r in (*self.plan.prefill, *self.plan.generation)]
+        self.cfg.warn_precision(getattr(backend, "dtype", backend.numpy_dtype()), betas)
         self.pool: MaskPool[A] | None = None  # offline masks for the next requests (protocol.pool)
         if decoys is not None:
             self.decoys: DecoyPolicy = decoys

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
+import numpy as np
+
 from .._checks import check_int, check_real
-from ..errors import ConfigError
+from ..errors import ConfigError, PrecisionWarning
 
 __all__ = [
     "ATTENTION_SITES",
     "BETA_KINDS",
     "BLIND_DTYPES",
     "F32_BETA_LIMIT",
+    "F64_BETA_LIMIT",
     "GEN_ATTENTION_SITES",
     "GEN_LINEAR_SITES",
     "LEVELS",
     "MAX_BETA",
+    "WIDE_BETA_LIMIT",
     "BetaKind",
     "BlindDtype",
     "Level",
     "SCXConfig",
+    "beta_limit",
     "guard_blocks",
     "server_gen_attention",
 ]
@@ -48,6 +55,17 @@ GEN_LINEAR_SITES: tuple[str, ...] = ("client", "server")
 #: every linear stage blinded (DESIGN §6; 3.2e-5 at β = 10). ``blind_dtype="auto"`` runs the blinded
 #: stages in float64 above it.
 F32_BETA_LIMIT = 5.0
+#: The largest β at which a float32 (or narrower) run whose blinded stages run in float64
+#: (``blind_dtype="float64"``, or ``"auto"`` above :data:`F32_BETA_LIMIT`) keeps float32's bound
+#: |ΔPPL|/PPL ≤ 1e-5. Blinding's rounding is that of x + η: x survives only to the spacing near |η|, so
+#: it grows as u·β, and float64's limit is float32's times u₃₂/u₆₄ = 2²⁹: 5·2²⁹ ≈ 2.7e9. Rounded down to
+#: stay below every measured float64 point extrapolated linearly in β: SmolLM2 6.8e-8 at β = 1e7 (1e-5 at
+#: 1.5e9) and 6.7e-9 at 1e8; tiny-llama 4.2e-6 at 1e10 (1e-5 near 2e10) and 2.0e-3 at 1e12 (README).
+WIDE_BETA_LIMIT = 1e9
+#: The largest β at which a float64 run keeps float64's bound |ΔPPL|/PPL ≤ 1e-9: measured on SmolLM2
+#: (DESIGN §6: 8.6e-10 at β = 3e5, 5.9e-9 at 1e6). The same scaling agrees: 5·2²⁹ for the bound 1e-5,
+#: times 1e-9/1e-5, is 2.7e5; tiny-llama's 1.0e-7 at 1e8 reaches 1e-9 near 1e6.
+F64_BETA_LIMIT = 3e5
 #: The largest β a configuration takes: the largest at which the client's own float64 arithmetic on
 #: blinded rows stays finite for any model. A Laplace draw is |η| ≤ β·53·ln 2 < 37β (the uniforms are
 #: multiples of 2⁻⁵³ and :func:`~scx_ref.transforms.laplace_noise` clips 2|s| at 1 − 2⁻⁵³). The client
@@ -59,8 +77,42 @@ F32_BETA_LIMIT = 5.0
 #: 3e52 from the row's width, the rows and the weight norms — far above any model. (Exactness is lost long
 #: before: x + η keeps x only to float64's spacing near |η|, so past β ≈ 2⁵³·|x|/37 — about 1e14 for
 #: activations of size 1 — the result carries nothing of x; that loss is the ΔPPL against β that DESIGN §6
-#: measures and reports, not refuses.) The largest β anything here uses is 1e8 (the README's float64 sweep).
+#: measures and reports, not refuses: :meth:`SCXConfig.precision_warning` says when a β is past the limit
+#: of its dtype.) The largest β anything here uses is 1e8 (the README's float64 sweep).
 MAX_BETA = 1e100
+
+
+#: Unit roundoff of the dtypes a backend computes in (:data:`~scx_ref.backends.base.TORCH_DTYPES`).
+_UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _dtype_name(dtype: Any) -> str:
+    """The name of a numpy or torch floating dtype a backend computes in (or of the name itself):
+    ``float64``, ``float32``, ``bfloat16`` or ``float16``; ConfigError for anything else."""
+    name = str(dtype)
+    name = name[len("torch.") :] if name.startswith("torch.") else name
+    if name not in _UNIT_ROUNDOFF and dtype is not None:  # np.dtype(None) is float64
+        with contextlib.suppress(TypeError, ValueError):  # not a numpy dtype either: refused below
+            name = np.dtype(dtype).name
+    if name not in _UNIT_ROUNDOFF:
+        raise ConfigError(f"backend dtype must be one of {tuple(_UNIT_ROUNDOFF)}, got {dtype!r}")
+    return name
+
+
+def beta_limit(backend_dtype: Any, blinded_dtype: Any) -> float:
+    """The largest β at which blinded stages computed in ``blinded_dtype`` keep the exactness measured for
+    a run in ``backend_dtype`` (numpy or torch dtypes, or their names; ConfigError for another):
+    :data:`F64_BETA_LIMIT` for a float64 run (its bound 1e-9), :data:`WIDE_BETA_LIMIT` for float64 blinded
+    stages of a narrower run (float32's bound 1e-5), and for stages blinded in the run's own narrower
+    dtype :data:`F32_BETA_LIMIT` scaled by the unit roundoffs u₃₂/u (5 in float32; 7.6e-5 in bfloat16 and
+    6.1e-4 in float16, whose blinding the project has not measured: float32's bound is the one held)."""
+    run, blinded = _dtype_name(backend_dtype), _dtype_name(blinded_dtype)
+    if blinded == "float64":
+        return F64_BETA_LIMIT if run == "float64" else WIDE_BETA_LIMIT
+    if blinded != run:
+        raise ConfigError(f"blinded stages run in the backend's dtype or float64, not {blinded} on {run}")
+    return F32_BETA_LIMIT * _UNIT_ROUNDOFF["float32"] / _UNIT_ROUNDOFF[run]
 
 
 def guard_blocks(n_layers: int, l_s: int, l_e: int) -> tuple[range, range, range]:
@@ -92,7 +144,8 @@ class SCXConfig:
     l_s, l_e   first and last guard blocks (≥ 1). Blocks between them are *middle* blocks whose
                prompt caches the server decodes after key sharing.
     beta       Laplace scale β of every noised stage (DESIGN §6: float32 stays within |ΔPPL|/PPL ≤ 1e-5
-               up to β ≈ 5; larger β wants float64).
+               up to β ≈ 5; larger β wants float64). A β past its dtype's limit is taken, not refused;
+               :meth:`precision_warning` says so (a :class:`~scx_ref.errors.PrecisionWarning`).
     stage_beta per-kind overrides of β (keys from :data:`BETA_KINDS`: ``qkv``, ``o``, ``gate_up``,
                ``down``, ``router``, ``lm_head``), e.g. ``{"qkv": 5.0, "o": 50.0}``.
     guard_ffn  first guard blocks' FFN during generation: ``clear`` (the paper: the server sees the
@@ -228,6 +281,73 @@ class SCXConfig:
         if backend_itemsize >= 8 or self.blind_dtype == "backend":
             return False
         return self.blind_dtype == "float64" or self.max_beta > F32_BETA_LIMIT
+
+    def precision_warning(self, backend_dtype: Any, betas: Iterable[float] | None = None) -> str | None:
+        """Why a session of this configuration on a backend computing in ``backend_dtype`` (a numpy or
+        torch floating dtype, or its name: float64, float32, bfloat16, float16) is not as exact as the
+        project measured — or None when it is. Nothing is refused: the message says the β, the dtypes,
+        the rounding to expect and the fix.
+
+        The blinded stages run in float64 on a float64 backend or where :meth:`wide_blinding` says so,
+        else in ``backend_dtype``; the message is returned when the largest β of ``betas`` exceeds
+        :func:`beta_limit` of the two (float32 blinded stages above :data:`F32_BETA_LIMIT`, float64 ones
+        above :data:`WIDE_BETA_LIMIT`, or above :data:`F64_BETA_LIMIT` on a float64 run; bfloat16 and
+        float16 blinded stages at nearly any β). ``betas``: the β of every blinded message — the client's
+        :class:`~scx_ref.protocol.plan.ReleasePlan` releases; None: this configuration's own, without the
+        model (none at level ``permute`` with ``last_ffn="exact"``; else :attr:`max_beta`, and β = 1 for
+        the paper's offset). No blinded message (β = 0, level ``permute``): None.
+
+        ConfigError for another dtype or a β outside [0, :data:`MAX_BETA`]."""
+        run = _dtype_name(backend_dtype)
+        if betas is None:
+            noised = self.level != "permute"
+            own = [self.max_beta] if noised else []
+            betas = own + ([max(self.beta if noised else 0.0, 1.0)] if self.last_ffn == "paper" else [])
+        beta = max([0.0, *(_check_beta(b, "betas") for b in betas)])
+        if beta == 0.0:
+            return None
+        blinded = "float64" if run == "float64" or self.wide_blinding(_ITEMSIZE[run]) else run
+        limit = beta_limit(run, blinded)
+        if beta <= limit:
+            return None
+        u = _UNIT_ROUNDOFF[blinded]
+        if run == "float64":
+            held = f"the project measured float64 runs within |ΔPPL|/PPL ≤ 1e-9 only up to β = {limit:.2g}"
+        elif blinded == "float64":
+            held = f"float64 blinding keeps float32's |ΔPPL|/PPL ≤ 1e-5 only up to β = {limit:.2g}"
+        elif run == "float32":
+            held = (
+                f"the project measured float32 blinding within |ΔPPL|/PPL ≤ 1e-5 only up to β = {limit:.2g}"
+            )
+        else:  # bfloat16 / float16: not measured; float32's limit scaled by the unit roundoffs
+            held = (
+                f"{run} blinding was not measured: its rounding is {u / _UNIT_ROUNDOFF['float32']:g} "
+                f"times float32's, measured within |ΔPPL|/PPL ≤ 1e-5 only up to β = {F32_BETA_LIMIT:g}, so "
+                f"the same bound needs β ≤ {limit:.2g}"
+            )
+        lost = " (entries of size 1 are lost entirely)" if u * beta >= 1 else ""
+        if blinded == "float64":
+            fix = f"a β ≤ {limit:.2g}"
+        elif beta <= WIDE_BETA_LIMIT:
+            fix = f"blind_dtype='float64' (or a β ≤ {limit:.2g})"
+        else:
+            fix = f"a β ≤ {limit:.2g}, or blind_dtype='float64' with a β ≤ {WIDE_BETA_LIMIT:.2g}"
+        return (
+            f"β = {beta:.3g} with the blinded stages in {blinded} on a {run} backend "
+            f"(blind_dtype={self.blind_dtype!r}) is not exact: x + η keeps x only to {blinded}'s spacing "
+            f"near |η| ~ β, about {u * beta:.1e} per entry{lost}; {held} (README, 'How large β may be'), and "
+            f"every reply check still passes. Use {fix}."
+        )
+
+    def warn_precision(
+        self, backend_dtype: Any, betas: Iterable[float] | None = None, *, stacklevel: int = 2
+    ) -> str | None:
+        """Issue :meth:`precision_warning` as a :class:`~scx_ref.errors.PrecisionWarning` (``stacklevel``
+        as :func:`warnings.warn`'s, counted from the caller), if there is one; return its message."""
+        message = self.precision_warning(backend_dtype, betas)
+        if message is not None:
+            warnings.warn(message, PrecisionWarning, stacklevel=stacklevel + 1)
+        return message
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
