@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..commands._args import input_file, int_at_least, output_dir, output_file
+from ..commands._args import MAX_THREADS, input_file, int_at_least, output_dir, output_file
 from ..errors import ConfigError
-from ..zoo import MODEL_NAMES, load_model
+from ..zoo import MODEL_NAMES, load_model, max_positions
 from ..zoo.corpus import tokenize, topic_texts
 from .frontier import read_bench
 
@@ -126,13 +126,16 @@ def register(subparsers: Any) -> None:
         "--new",
         type=int_at_least(0),
         default=None,
-        help="generated tokens per prompt (default 4, frontier 8; the statelessness test needs >= 2)",
+        help=(
+            "generated tokens per prompt (default 4, frontier 8; the statelessness test needs >= 2); "
+            "--length + --new - 1 must fit the model's positions"
+        ),
     )
     p.add_argument(
         "--threads",
-        type=int_at_least(1),
+        type=int_at_least(1, MAX_THREADS),
         default=None,
-        help="torch CPU threads (default: torch's choice; 1 on a busy box)",
+        help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's choice; 1 on a busy box)",
     )
     p.set_defaults(func=_run, parser=p)
 
@@ -196,8 +199,9 @@ def _too_few_topics(count: int, length: int, available: int) -> str:
 def _check_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """Refuse, before any model loads, the options this run would ignore or could not honour (exit 2 via
     the parser's error: the options the frontier alone reads without ``--frontier``; a ``--length`` no
-    victim topic is long enough for, or more ``--prompts`` than such topics; unknown or no ``--configs``;
-    a ``--bench`` file of the wrong shape). Returns the parsed ``--bench`` result (None without it)."""
+    victim topic is long enough for, or more ``--prompts`` than such topics; a prompt and its generated
+    tokens past the model's positions; ``--json`` where a plot goes; unknown or no ``--configs``; a
+    ``--bench`` file of the wrong shape). Returns the parsed ``--bench`` result (None without it)."""
     parser: argparse.ArgumentParser = args.parser
     if not args.frontier:
         given = [f"--{name}" for name in _FRONTIER_ONLY if getattr(args, name) not in (None, False)]
@@ -208,6 +212,17 @@ def _check_options(args: argparse.Namespace) -> dict[str, Any] | None:
     available = len(victim_topics(length))
     if available < count:
         parser.error(_too_few_topics(count, length, available))
+    n_new = args.new if args.new is not None else (8 if args.frontier else 4)
+    needed, positions = length + max(n_new - 1, 0), max_positions(args.model)
+    if needed > positions:  # the last generated token is never fed back
+        parser.error(
+            f"--length {length} with --new {n_new}: needs {needed} positions, model {args.model!r} has "
+            f"{positions}"
+        )
+    if args.json is not None and args.plots is not None:
+        taken = {args.plots.resolve(), *((args.plots / name).resolve() for name in _PLOT_FILES)}
+        if args.json.resolve() in taken:
+            parser.error(f"--json {str(args.json)!r}: --plots {str(args.plots)!r} writes there")
     if args.frontier and args.configs is not None:
         from ..protocol.presets import preset
 
@@ -223,6 +238,28 @@ def _check_options(args: argparse.Namespace) -> dict[str, Any] | None:
         return read_bench(args.bench) if args.frontier and args.bench is not None else None
     except ConfigError as exc:
         parser.error(str(exc))
+
+
+#: The files :func:`~.report.plot` and :func:`~.frontier.plot_frontier` write into ``--plots``.
+_PLOT_FILES = (
+    "attacks_by_setting.png",
+    "recovery_vs_beta.png",
+    "recovery_vs_decoys.png",
+    "recovery_per_layer.png",
+    "frontier.png",
+)
+
+
+def _write_json(path: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` as JSON to ``path`` through a sibling ``.part`` file and a rename: ``path`` holds
+    the whole new result or, after an error, what it held before — never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    try:
+        part.write_text(json.dumps(result, indent=1, default=float))
+        part.replace(path)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def _per_layer(n_layers: int, quick: bool) -> list[int]:
@@ -303,8 +340,7 @@ def _run(args: argparse.Namespace) -> int:
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(report.markdown_table(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=float))
+        _write_json(args.json, result)
     if args.plots:
         for path in report.plot(result, args.plots):
             print(f"wrote {path}")
@@ -382,10 +418,7 @@ def _run_frontier(
         result["complete"] = not result["missing"]
         result["seconds"] = round(time.perf_counter() - t0, 1)
         if args.json:  # after every configuration: a run cut short keeps what it measured
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            part = args.json.with_name(args.json.name + ".part")
-            part.write_text(json.dumps(result, indent=1, default=float))
-            part.replace(args.json)  # never a half-written file
+            _write_json(args.json, result)  # never a half-written file
     bar.close()
     rows = frontier.frontier_rows(result, bench)
     print(frontier.frontier_markdown(rows))

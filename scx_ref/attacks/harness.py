@@ -329,7 +329,10 @@ def fit_tools(
     sharing), on plain V rows, on sorted V rows (σ-invariant), on FFN-stage rows and on block inputs
     (the generated tokens' rows entering the middle blocks); keep public V columns for σ recovery.
     ``per_layer``: blocks that get the ridge inverters of the per-layer curve (cache, plain and sorted V)
-    and the public V columns for σ recovery: every block with a plain-V inverter has them."""
+    and the public V columns for σ recovery: every block with a plain-V inverter has them. ConfigError
+    for a block that is not an integer in [0, n_layers) (a negative one would fit another block under
+    its name)."""
+    layers, per_layer = _blocks(layers, ctx, "layers"), _blocks(per_layer, ctx, "per_layer")
     traces = ctx.traces
     toks = ctx.public_tokens
     w = ctx.weights
@@ -361,6 +364,12 @@ def fit_tools(
             ctx.middle_ref[layer] = v  # the σ-recovery reference goes with every plain-V inverter
             ctx.inverters[f"vsorted{layer}/ridge"] = fit(inversion.sorted_rows(v), lam=10.0)
             ctx.inverters[f"v{layer}/ridge"] = fit(v, lam=10.0)
+
+
+def _blocks(blocks: Sequence[int], ctx: Context, name: str) -> list[int]:
+    """``blocks`` as a list of block indices of the context's model (ConfigError for any other value)."""
+    n_layers = ctx.weights.config.n_layers
+    return [int_arg(b, f"{name} block", 0, n_layers) for b in blocks]
 
 
 def _real_rows(rows: Array, truth: Array) -> Array:
@@ -453,11 +462,15 @@ def run_setting(
     An attack whose message the configuration never sends is not run (and scores nothing: the attacker
     then knows only the prior). ``per_layer``: blocks where the shared-cache and sorted-attention
     inverters are also scored. Returns a JSON-ready dict; ``metrics`` holds the pooled rates. ConfigError
-    for no prompts (nothing would be measured, yet the result would read as exact); VocabularyError
-    unless each prompt is a 1-D array of the model's ids."""
+    for no prompts (nothing would be measured, yet the result would read as exact), a ``setting`` that
+    is not a :class:`Setting` or a ``per_layer`` block outside the model; VocabularyError unless each
+    prompt is a 1-D array of the model's ids."""
     w = ctx.weights
     if not len(prompts):
         raise ConfigError("no prompts: nothing to attack")
+    if not isinstance(setting, Setting):
+        raise ConfigError(f"a setting must be a harness Setting, got {type(setting).__name__}")
+    per_layer = _blocks(per_layer, ctx, "per_layer")
     prompts = [np.asarray(token_ids(p, w.config.vocab_size), dtype=np.int64) for p in prompts]
     n_new = int_arg(n_new, "n_new")
     L = w.config.n_layers
@@ -887,6 +900,9 @@ def run_all(
     w = ctx.weights
     if not len(prompts) or not len(settings):
         raise ConfigError("run_all needs at least one prompt and one setting")
+    bad = [type(s).__name__ for s in settings if not isinstance(s, Setting)]
+    if bad:  # before any setting runs (a long run would fail only at the bad one)
+        raise ConfigError(f"settings must be harness Settings, got {', '.join(bad)}")
     results = [
         run_setting(ctx, s, prompts, n_new, sequential=sequential, progress=progress, per_layer=per_layer)
         for s in settings

@@ -199,11 +199,16 @@ def markdown_report(result: dict[str, Any], plots: str | None = None, findings: 
 def main(argv: list[str] | None = None) -> int:
     """``python -m scx_ref.attacks.report RESULT.json [--plots DIR] [--findings FILE] [--out FILE]``.
     A file that cannot be read, is not JSON or not shaped as the result it should be exits 2 with
-    ``error: ...`` (argparse's usage error), never a traceback."""
+    ``error: ...`` (argparse's usage error), never a traceback; so do ``--merged`` without ``--with`` and
+    ``--bench`` with a result that is not a frontier's (each would be ignored). ``--out`` and ``--merged``
+    are written whole or not at all (a ``.part`` file renamed into place)."""
     import argparse
     import json
 
-    p = argparse.ArgumentParser(description="Render ATTACKS.md from an `scx attack --json` result.")
+    p = argparse.ArgumentParser(
+        prog="python -m scx_ref.attacks.report",
+        description="Render ATTACKS.md from an `scx attack --json` result.",
+    )
     p.add_argument("json", type=Path)
     p.add_argument("--plots", default=None, help="plot directory, relative to the output file")
     p.add_argument("--findings", type=Path, default=None, help="markdown file of findings to append")
@@ -244,6 +249,17 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             p.error(f"{str(path)!r}: {exc}")
 
+    if a.merged and not a.more:
+        p.error("--merged: needs --with (without it, nothing is merged)")
+
+    def write(path: Path, text: str) -> None:
+        part = path.with_name(path.name + ".part")
+        try:
+            part.write_text(text)
+            part.replace(path)  # never a half-written file
+        finally:
+            part.unlink(missing_ok=True)
+
     result = load(a.json)
     try:
         if a.more:
@@ -251,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
 
             result = merge_results([result, *(load(m) for m in a.more)])
             if a.merged:
-                a.merged.write_text(json.dumps(result, indent=1, default=float))
+                write(a.merged, json.dumps(result, indent=1, default=float))
+        if a.bench and result.get("kind") != "frontier":
+            p.error(f"--bench: {str(a.json)!r} is not a frontier result (the latency would be ignored)")
         findings = read(a.findings) if a.findings else ""
         if result.get("kind") == "frontier":
             from . import frontier
@@ -266,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 plot(result, a.write_plots)
             text = markdown_report(result, a.plots, findings)
         if a.out:
-            a.out.write_text(text)
+            write(a.out, text)
         else:
             print(text)
     except OSError as exc:

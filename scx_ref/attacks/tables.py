@@ -34,8 +34,17 @@ def check_result(result: Any, full: bool = True) -> dict[str, Any]:
     or foreign file is refused with a ConfigError naming what is wrong, not a KeyError deep in a table:
     an object whose ``settings`` are objects with a ``setting`` name and a ``metrics`` object of finite
     numbers (or null: a NaN is a broken measurement, not a cell), whose ``rates`` and ``baselines`` (when
-    present) hold ``rate``, ``lo``, ``hi`` numbers in [0, 1]; with ``full`` also the run's ``model``,
-    ``n_prompts``, ``prompt_len``, ``n_new`` and each setting's ``mechanism`` and ``config`` object."""
+    present) hold ``rate``, ``lo``, ``hi`` numbers in [0, 1], whose ``at_baseline`` (when present) is an
+    object, whose ``statelessness`` (when present) maps each policy to an object with ``ppl`` and ``top1``
+    numbers and whose ``per_layer`` (when present) maps each metric to an object of block numbers to
+    numbers; whose ``noise_fitting`` (when present) maps numeric β texts to objects of the same modes'
+    numbers (or null), ``enumeration`` (when present) maps names to numbers and ``search_space`` (when
+    present) is a list of objects with ``stage``, ``layer``, ``rows`` and a ``bits`` number; with ``full``
+    also the run's ``model``, ``n_prompts``, ``prompt_len``, ``n_new``, each setting's ``mechanism`` and
+    ``config`` object (with a ``level`` text and ``r1``, ``r2``, ``beta``, ``l_s``, ``l_e`` numbers) and
+    ``identity_roles`` (when present) a list of texts. A setting's ``cost`` and ``exactness`` (when
+    present) are objects of numbers, its ``dp`` and ``exactness32`` (when present) objects or null (what
+    the frontier table reads of them)."""
     if not isinstance(result, dict) or not isinstance(result.get("settings"), list):
         raise ConfigError("not an `scx attack --json` result: no list of settings")
     if full:
@@ -59,7 +68,90 @@ def check_result(result: Any, full: bool = True) -> dict[str, Any]:
                 ok = isinstance(r, dict) and all(_number(r.get(f)) for f in ("rate", "lo", "hi"))
                 if not ok or not all(0.0 <= float(r[f]) <= 1.0 for f in ("rate", "lo", "hi")):
                     raise ConfigError(f"{where}: {part}[{key!r}] is not a rate with lo, hi in [0, 1]")
+        _check_setting_parts(s, where, full)
+    _check_run_parts(result)
     return result
+
+
+def _real(x: Any) -> bool:
+    """An int or float, not a bool (inf allowed: a statelessness PPL may pass the float64 range)."""
+    return not isinstance(x, bool) and isinstance(x, (int, float))
+
+
+def _block(key: Any) -> bool:
+    """A JSON key naming a block: the decimal text of an integer >= 0."""
+    return isinstance(key, str) and key.isascii() and key.isdigit()
+
+
+def _beta(key: Any) -> bool:
+    """A JSON key naming a noise-fitting β: the text of a finite number."""
+    try:
+        return isinstance(key, str) and math.isfinite(float(key))
+    except ValueError:
+        return False
+
+
+def _check_setting_parts(s: dict[str, Any], where: str, full: bool) -> None:
+    """The optional parts of one setting the tables and the report read (:func:`check_result`)."""
+    for key in ("at_baseline", "dp", "exactness32"):
+        if key in s and not isinstance(s[key], (dict, type(None))):
+            raise ConfigError(f"{where}: {key} is not an object")
+    for key in ("cost", "exactness"):
+        if key in s and not (isinstance(s[key], dict) and all(_real(v) for v in s[key].values())):
+            raise ConfigError(f"{where}: {key} is not an object of numbers")
+    st = s.get("statelessness")
+    if st is not None and not (
+        isinstance(st, dict)
+        and all(isinstance(v, dict) and _real(v.get("ppl")) and _real(v.get("top1")) for v in st.values())
+    ):
+        raise ConfigError(f"{where}: statelessness is not an object of policies with ppl and top1 numbers")
+    pl = s.get("per_layer")
+    if pl is not None and not (
+        isinstance(pl, dict)
+        and all(
+            isinstance(d, dict) and all(_block(b) and _number(v) for b, v in d.items()) for d in pl.values()
+        )
+    ):
+        raise ConfigError(f"{where}: per_layer is not an object of metrics by block number")
+    if full:
+        c = s["config"]
+        if not isinstance(c.get("level"), str) or not all(
+            _real(c.get(k)) for k in ("r1", "r2", "beta", "l_s", "l_e")
+        ):
+            raise ConfigError(f"{where}: config has no level text and r1, r2, beta, l_s, l_e numbers")
+        roles = s.get("identity_roles", [])
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise ConfigError(f"{where}: identity_roles is not a list of texts")
+
+
+def _check_run_parts(result: dict[str, Any]) -> None:
+    """The optional run-wide parts the tables and the report read (:func:`check_result`)."""
+    nf = result.get("noise_fitting")
+    if nf:
+        modes = next(iter(nf.values()), None) if isinstance(nf, dict) else None
+        if not (
+            isinstance(modes, dict)
+            and all(
+                _beta(b)
+                and isinstance(v, dict)
+                and v.keys() == modes.keys()
+                and all(x is None or _number(x) for x in v.values())
+                for b, v in nf.items()
+            )
+        ):
+            raise ConfigError("noise_fitting is not an object of β → the same modes' numbers")
+    enum = result.get("enumeration")
+    if enum and not (isinstance(enum, dict) and all(_number(v) for v in enum.values())):
+        raise ConfigError("enumeration is not an object of numbers")
+    space = result.get("search_space")
+    if space and not (
+        isinstance(space, list)
+        and all(
+            isinstance(r, dict) and all(k in r for k in ("stage", "layer", "rows")) and _real(r.get("bits"))
+            for r in space
+        )
+    ):
+        raise ConfigError("search_space is not a list of objects with stage, layer, rows and bits")
 
 
 def _cell(setting: dict[str, Any], key: str, intervals: bool) -> str:
@@ -75,6 +167,11 @@ def _cell(setting: dict[str, Any], key: str, intervals: bool) -> str:
     if (setting.get("at_baseline") or {}).get(key):
         text += " ✓"
     return text
+
+
+def _stateless_cell(row: dict[str, Any] | None) -> str:
+    """A statelessness cell: PPL / top-1 of one policy, – where this setting did not run it."""
+    return "–" if row is None else f"{row['ppl']:.1f} / {row['top1']:.2f}"
 
 
 def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
@@ -99,7 +196,7 @@ def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
             ]
             lines.append(f"| *baseline: {title}* | " + " | ".join(shown) + " |")
     out = ["\n".join(lines)]
-    st = [s for s in sets if "statelessness" in s]
+    st = [s for s in sets if s.get("statelessness")]
     if st:
         pols = list(st[0]["statelessness"])
         rows = [
@@ -108,11 +205,7 @@ def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
         ]
         for p in pols:
             rows.append(
-                f"| {p} | "
-                + " | ".join(
-                    f"{s['statelessness'][p]['ppl']:.1f} / {s['statelessness'][p]['top1']:.2f}" for s in st
-                )
-                + " |"
+                f"| {p} | " + " | ".join(_stateless_cell(s["statelessness"].get(p)) for s in st) + " |"
             )
         out.append(
             "Statelessness (token PPL of the true continuation / greedy top-1 agreement):\n\n"

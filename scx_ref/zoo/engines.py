@@ -59,9 +59,18 @@ def _check_dtype(dtype: str) -> str:
 
 
 def check_device(dtype: str, device: str) -> None:
-    """ConfigError unless ``dtype``'s paths can run on ``device``: float32 on any torch device (whether
-    this machine has it is the caller's check: :func:`scx_ref.commands._args.require_device`), float64
-    (the numpy reference and the numpy backend) on the CPU only."""
+    """ConfigError unless ``dtype``'s paths can run on ``device``: float32 on a torch device named ``cpu``,
+    ``cuda`` or ``cuda:N`` (:func:`scx_ref.commands._args.device`; whether this machine has it is the
+    caller's check: :func:`scx_ref.commands._args.require_device`), float64 (the numpy reference and the
+    numpy backend) on the CPU only."""
+    import argparse
+
+    from ..commands._args import device as device_name
+
+    try:
+        device_name(device) if isinstance(device, str) else device_name("")
+    except argparse.ArgumentTypeError:
+        raise ConfigError(f"unsupported device {device!r}: choose cpu, cuda or cuda:N") from None
     if _check_dtype(dtype) == "float64" and device != "cpu":
         raise ConfigError(
             f"float64 runs the numpy reference and the numpy backend, on the CPU only: "

@@ -24,7 +24,7 @@ import numpy.typing as npt
 from .._checks import check_int
 from ..errors import ConfigError, NonFiniteError, ShapeError, VocabularyError
 from ..protocol import Level, SCXConfig
-from . import load_model
+from . import load_model, max_positions
 from .corpus import corpus_tokens
 from .engines import LogitsFn, check_device, plain_logits, plain_model, scx_config, scx_logits
 
@@ -195,14 +195,17 @@ def ppl_run(
     ``pass`` is |ΔPPL|/PPL ≤ PPL_CRITERION[dtype]. SCX runs on the ``scx serve`` at ``server`` if given.
     ``config``: a whole SCX configuration, or the name of a preset of :mod:`scx_ref.protocol.presets`,
     instead of ``level`` and ``beta``. ``device``: the torch device both float32 sides run on
-    (:mod:`scx_ref.zoo.engines`; ConfigError for float64 off the CPU)."""
+    (:mod:`scx_ref.zoo.engines`; ConfigError for float64 off the CPU). ConfigError, before the model is
+    loaded, for an unknown model, a ``tokens`` or ``window`` that is not an integer >= 2, a window past
+    the model's positions, or a ``config`` that is neither an SCXConfig, a preset name nor None."""
     check_device(dtype, device)
     windows(tokens, window)  # both integers >= 2, checked before the model is loaded
+    positions = max_positions(model)  # the name checked too: nothing is downloaded for a bad call
+    if window > positions:
+        raise ConfigError(f"window {window} exceeds the {positions} positions of model {model!r}")
+    if config is not None and not isinstance(config, (str, SCXConfig)):
+        raise ConfigError(f"config must be an SCXConfig or a preset name, got {type(config).__name__}")
     hf, tok, w = load_model(model, dtype)
-    if window > w.config.max_positions:
-        raise ConfigError(
-            f"window {window} exceeds the {w.config.max_positions} positions of model {model!r}"
-        )
     config_name = config if isinstance(config, str) else None
     if isinstance(config, str):
         from ..protocol.presets import preset
