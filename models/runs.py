@@ -29,7 +29,15 @@ from scx_ref.protocol import Level
 from scx_ref.protocol.config import BLIND_DTYPES, BlindDtype
 from scx_ref.zoo import MODEL_NAMES, load_model, max_positions
 from scx_ref.zoo.corpus import corpus_tokens, prompts
-from scx_ref.zoo.engines import LogitsFn, plain_generate, plain_logits, scx_config, scx_generate, scx_logits
+from scx_ref.zoo.engines import (
+    ENGINE_DTYPES,
+    LogitsFn,
+    plain_generate,
+    plain_logits,
+    scx_config,
+    scx_generate,
+    scx_logits,
+)
 from scx_ref.zoo.perplexity import PPL_CRITERION, compare_ppl, ppl_run, progress_bar, windows
 
 __all__ = ["generate_run", "main", "sweep_run"]
@@ -166,9 +174,9 @@ _KIND_HELP = {
 def _dtypes(text: str) -> list[str]:
     """``--dtypes``: a comma-separated list of float32/float64."""
     got = text.split(",")
-    bad = [d for d in got if d not in ("float32", "float64")]
+    bad = [d for d in got if d not in ENGINE_DTYPES]
     if bad or not text:
-        raise argparse.ArgumentTypeError(f"dtypes are float32 and float64, got {text!r}")
+        raise argparse.ArgumentTypeError(f"dtypes are {' and '.join(ENGINE_DTYPES)}, got {text!r}")
     if len(set(got)) < len(got):  # a repeat would run again and leave two rows for one table cell
         raise argparse.ArgumentTypeError(f"a dtype is repeated in {text!r}")
     return got
@@ -233,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             s.add_argument(
-                "--dtype", choices=("float32", "float64"), default="float32", help="dtype (default float32)"
+                "--dtype", choices=ENGINE_DTYPES, default="float32", help="dtype (default float32)"
             )
             add_level(s, default="permute", help="SCX level (default permute)")
             s.add_argument(

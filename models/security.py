@@ -34,6 +34,7 @@ from scx_ref.protocol.verify import SketchCache
 from scx_ref.stages import Stage
 from scx_ref.zoo import MODEL_NAMES, load_model
 from scx_ref.zoo.corpus import prompts
+from scx_ref.zoo.engines import ENGINE_DTYPES
 
 __all__ = ["main", "security_run"]
 
@@ -185,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model", choices=MODEL_NAMES, default="smollm2", help="registered model (default smollm2)"
     )
-    p.add_argument(
-        "--dtype", choices=("float32", "float64"), default="float32", help="dtype (default float32)"
-    )
+    p.add_argument("--dtype", choices=ENGINE_DTYPES, default="float32", help="dtype (default float32)")
     p.add_argument("--prompts", type=int_at_least(1), default=4, help="honest sessions per level (default 4)")
     p.add_argument("--prompt-len", type=int_at_least(1), default=64, help="tokens per prompt (default 64)")
     p.add_argument("--new", type=int_at_least(1), default=8, help="generated tokens per session (default 8)")
