@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from scx_ref._files import write_text_whole
 from scx_ref.commands._args import input_file, output_file
 from scx_ref.errors import ConfigError
 from scx_ref.zoo import MODEL_NAMES
@@ -308,9 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             updated = update_readme(a.readme.read_text(encoding="utf-8"), text)
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             p.error(f"cannot update {str(a.readme)!r}: {exc}")
-        a.readme.write_text(updated, encoding="utf-8")
+        write_text_whole(a.readme, updated)
     elif a.out:
-        a.out.write_text(text, encoding="utf-8")
+        write_text_whole(a.out, text)
     else:
         sys.stdout.write(text)
     return 0

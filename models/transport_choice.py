@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from scx_ref._files import write_text_whole
 from scx_ref.commands._args import int_at_least, output_file
 
 SIZES = (2304, 786_432, 2_000_000)
@@ -166,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(args.reps)
     print(f"load average {load:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "loadavg": load, "cpus": os.cpu_count()}, indent=1))
+        write_text_whole(
+            args.json, json.dumps({"rows": rows, "loadavg": load, "cpus": os.cpu_count()}, indent=1)
+        )
     return 0
 
 

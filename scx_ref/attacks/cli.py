@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._files import write_text_whole
 from ..commands._args import MAX_THREADS, input_file, int_at_least, output_dir, output_file
 from ..errors import ConfigError
 from ..zoo import MODEL_NAMES, load_model, max_positions
@@ -254,12 +255,7 @@ def _write_json(path: Path, result: dict[str, Any]) -> None:
     """Write ``result`` as JSON to ``path`` through a sibling ``.part`` file and a rename: ``path`` holds
     the whole new result or, after an error, what it held before — never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    try:
-        part.write_text(json.dumps(result, indent=1, default=float))
-        part.replace(path)
-    finally:
-        part.unlink(missing_ok=True)
+    write_text_whole(path, json.dumps(result, indent=1, default=float))
 
 
 def _per_layer(n_layers: int, quick: bool) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .._files import write_text_whole
 from ..errors import ConfigError, SCXError
 from .tables import METRICS, check_result, fmt, markdown_table
 
@@ -252,14 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.merged and not a.more:
         p.error("--merged: needs --with (without it, nothing is merged)")
 
-    def write(path: Path, text: str) -> None:
-        part = path.with_name(path.name + ".part")
-        try:
-            part.write_text(text)
-            part.replace(path)  # never a half-written file
-        finally:
-            part.unlink(missing_ok=True)
-
     result = load(a.json)
     try:
         if a.more:
@@ -267,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result = merge_results([result, *(load(m) for m in a.more)])
             if a.merged:
-                write(a.merged, json.dumps(result, indent=1, default=float))
+                write_text_whole(a.merged, json.dumps(result, indent=1, default=float))
         if a.bench and result.get("kind") != "frontier":
             p.error(f"--bench: {str(a.json)!r} is not a frontier result (the latency would be ignored)")
         findings = read(a.findings) if a.findings else ""
@@ -284,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                 plot(result, a.write_plots)
             text = markdown_report(result, a.plots, findings)
         if a.out:
-            write(a.out, text)
+            write_text_whole(a.out, text)  # never a half-written file
         else:
             print(text)
     except OSError as exc:

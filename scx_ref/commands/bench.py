@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from .._files import write_text_whole
 from ..backends.base import TORCH_DTYPES
 from ..errors import ConfigError, SCXError
 from ..machine import cpuinfo
@@ -936,6 +937,5 @@ def main(args: argparse.Namespace) -> int:
             "gemm_pad_rows": [torch_backend.GEMM_PAD_MIN_ROWS, torch_backend.GEMM_BLOCK_ROWS - 1],
             "gemm_pad_min_weights": torch_backend.GEMM_PAD_MIN_WEIGHTS,
         }
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": [r.to_dict() for r in rows]}, f, indent=2)
+        write_text_whole(args.json, json.dumps({"meta": meta, "rows": [r.to_dict() for r in rows]}, indent=2))
     return 0

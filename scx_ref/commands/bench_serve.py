@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from .._files import write_text_whole
 from ..backends.base import TORCH_DTYPES
 from ..errors import ConfigError
 from ..zoo import MODEL_NAMES
@@ -330,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
                 raise
     result["loadavg_end"] = os.getloadavg()[0]
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_text_whole(args.json, json.dumps(result, indent=1) + "\n")
     return 1 if bad else 0
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
+from .._files import write_text_whole
 from ..errors import ConfigError
 from ..protocol import Level, SCXConfig
 from ..protocol.presets import preset_names
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_table(rec))
     if args.json:
-        Path(args.json).write_text(json.dumps(rec, indent=1) + "\n")
+        write_text_whole(args.json, json.dumps(rec, indent=1) + "\n")
     return 0 if rec["pass"] else 1
 
 

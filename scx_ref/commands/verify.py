@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from .._files import write_text_whole
 from ..dp.budget import request_budget
 from ..dp.sensitivity import model_sensitivities
 from ..errors import ConfigError
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_verdict(rec))
     if args.json:
-        Path(args.json).write_text(json.dumps(rec, indent=1, default=str) + "\n")
+        write_text_whole(args.json, json.dumps(rec, indent=1, default=str) + "\n")
     return 0 if rec["pass"] else 1
 
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._files import write_text_whole
 from ..commands._args import add_level, device, float_at_least, int_at_least, output_file, require_device
 from ..errors import ConfigError
 from ..protocol.config import BETA_KINDS
@@ -341,8 +341,8 @@ def run(args: argparse.Namespace) -> int:
     out["pld_installed"] = pld_available()
     print(text)
     if args.json is not None:
-        Path(args.json).write_text(
-            json.dumps(_json_ready(out), indent=2, sort_keys=True, allow_nan=False) + "\n"
+        write_text_whole(
+            args.json, json.dumps(_json_ready(out), indent=2, sort_keys=True, allow_nan=False) + "\n"
         )
         print(f"\nwrote {args.json}")
     return 0

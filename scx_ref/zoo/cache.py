@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from .._files import private_name
 from ..errors import SCXError
 
 __all__ = ["cache_dir", "cache_lock", "private_name"]
@@ -33,12 +33,6 @@ def cache_dir() -> Path:
     """The user cache directory of downloaded and converted models ($SCX_CACHE or ~/.cache/scx_ref)."""
     root = os.environ.get("SCX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "scx_ref")
     return Path(root)
-
-
-def private_name(target: Path) -> Path:
-    """A sibling of ``target`` no other writer uses (hidden; pid and a random suffix; ends in ``.part``),
-    to write into before ``os.replace(private, target)``."""
-    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.part")
 
 
 def _unusable(root: Path, exc: OSError) -> SCXError:
