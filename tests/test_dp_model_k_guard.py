@@ -30,24 +30,9 @@ from scx_ref.dp.accountants import (
 )
 from scx_ref.dp.mechanisms import LaplaceMechanism
 from scx_ref.errors import ConfigError
+from tests.conftest import Composing
 
 pytestmark = pytest.mark.skipif(not pld_available(), reason="dp-accounting not installed")
-
-
-class _Composing(Exception):
-    """Raised by the patched composition: the guard let the run through."""
-
-
-@pytest.fixture
-def no_composition(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make any composition raise _Composing, so a test proves the guard decides before composing."""
-    from dp_accounting.pld import privacy_loss_distribution as pld
-
-    def boom(*_args: Any, **_kwargs: Any) -> Any:
-        raise _Composing
-
-    monkeypatch.setattr(pld.PrivacyLossDistribution, "self_compose", boom)
-    monkeypatch.setattr(pld.PrivacyLossDistribution, "compose", boom)
 
 
 def _groups(m: LaplaceMechanism) -> dict[tuple[float, float], int]:
@@ -92,7 +77,7 @@ def test_default_interval_that_fits_is_not_refused(eps: float, k: int, no_compos
     if k == 1:
         assert pld_epsilon([mech], 1e-6) is not None
     else:
-        with pytest.raises(_Composing):
+        with pytest.raises(Composing):
             pld_epsilon([mech], 1e-6)
 
 
@@ -109,7 +94,7 @@ def test_default_interval_suggests_one_that_fits(
     assert "limit 200000" in msg
     found = re.search(r"use an interval >= ([0-9.e+-]+)$", msg)
     assert found, msg
-    with pytest.raises(_Composing):
+    with pytest.raises(Composing):
         pld_epsilon(mech, 1e-6, value_discretization_interval=float(found.group(1)))
 
 

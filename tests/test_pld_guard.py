@@ -25,26 +25,11 @@ from scx_ref.dp.accountants import (
 )
 from scx_ref.dp.mechanisms import LaplaceMechanism
 from scx_ref.errors import ConfigError
+from tests.conftest import Composing
 
 pytestmark = pytest.mark.skipif(not pld_available(), reason="dp-accounting not installed")
 
 MAX_COMPOSITIONS = 10**7  # scx dp's limit on -k (scx_ref.dp.cli.MAX_COMPOSITIONS)
-
-
-class _Composing(Exception):
-    """Raised by the patched composition: the guard let the run through."""
-
-
-@pytest.fixture
-def no_composition(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make any composition raise _Composing, so a test proves the guard decides before composing."""
-    from dp_accounting.pld import privacy_loss_distribution as pld
-
-    def boom(*_args: Any, **_kwargs: Any) -> Any:
-        raise _Composing
-
-    monkeypatch.setattr(pld.PrivacyLossDistribution, "self_compose", boom)
-    monkeypatch.setattr(pld.PrivacyLossDistribution, "compose", boom)
 
 
 def _suggested(message: str) -> float:
@@ -61,7 +46,7 @@ def test_fine_interval_refused_before_composing(no_composition: None) -> None:
     assert "~33789152 values" in msg and "GB of memory" in msg and f"limit {MAX_PLD_COMPOSED_POINTS}" in msg
     fit = _suggested(msg)
     # the suggestion fits (the guard lets it through to the composition) ...
-    with pytest.raises(_Composing):
+    with pytest.raises(Composing):
         pld_epsilon(mech, 1e-6, value_discretization_interval=fit)
     # ... and is the smallest that does at 3 significant digits
     with pytest.raises(ConfigError):
@@ -75,7 +60,7 @@ def test_groups_add_up(no_composition: None) -> None:
     sizes = [_composed_size(_single_plds({(m.sensitivity, m.scale): m.count}, h)) for m in (a, b)]
     assert all(s is not None and s <= MAX_PLD_COMPOSED_POINTS for s in sizes)
     for m in (a, b):
-        with pytest.raises(_Composing):
+        with pytest.raises(Composing):
             pld_epsilon([m], 1e-6, value_discretization_interval=h)
     with pytest.raises(ConfigError, match="would compose the releases"):
         pld_epsilon([a, b], 1e-6, value_discretization_interval=h)
@@ -88,14 +73,14 @@ def test_default_interval_never_refused(eps: float, k: int, scale: float, no_com
     """Over every k scx dp accepts, even the default interval passed explicitly passes the guard."""
     mech = [LaplaceMechanism(eps * scale, scale, k)]
     for interval in (None, pld_interval_for(mech)):
-        with contextlib.suppress(_Composing):  # k = 1 composes nothing; a ConfigError fails the test
+        with contextlib.suppress(Composing):  # k = 1 composes nothing; a ConfigError fails the test
             pld_epsilon(mech, 1e-6, value_discretization_interval=interval)
 
 
 def test_default_interval_not_refused_for_large_k_that_fits(no_composition: None) -> None:
     """Model mode has no cap on k: where the default interval's composition fits (ε = 1, k = 10⁸:
     ~7.9·10⁶ values) it is not refused."""
-    with pytest.raises((_Composing, OverflowError)):
+    with pytest.raises((Composing, OverflowError)):
         pld_epsilon([LaplaceMechanism(1.0, 1.0, 10**8)], 1e-6)
 
 
@@ -141,5 +126,5 @@ def test_missing_internals_fall_back_to_composing(
     from dp_accounting.pld import common
 
     monkeypatch.delattr(common, "compute_self_convolve_bounds")
-    with pytest.raises(_Composing):
+    with pytest.raises(Composing):
         pld_epsilon([LaplaceMechanism(1.0, 1.0, 10000)], 1e-6, value_discretization_interval=1e-4)
