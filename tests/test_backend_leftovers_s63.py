@@ -231,3 +231,25 @@ def test_the_scale_test_kernel() -> None:
         assert k.any_at_most(np.array([3.0, 1.0, 2.0], dtype=dtype), 1.0)
         assert not k.any_at_most(np.array([3.0, np.nan, 2.0], dtype=dtype), 1.0)
         assert not k.any_at_most(np.empty(0, dtype=dtype), 1.0)
+
+
+def test_a_read_only_array_is_never_written_through_a_tensor() -> None:
+    """torch.from_numpy aliases a read-only array (with a UserWarning) and a tensor is always writable: the
+    backend's in-place ops wrote into memory its owner had marked read-only. Such an array is copied."""
+    import warnings
+
+    from scx_ref.backends.torch_backend import TorchBackend
+    from tests.tiny import tiny_weights
+
+    b = TorchBackend(tiny_weights(0).astype(np.float32), torch.float32)
+    for convert in (lambda a: b.floating(a, "x"), b.from_numpy):
+        arr = np.zeros((2, 3), np.float32)
+        arr.flags.writeable = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's non-writable-array warning would be an error here
+            t = convert(arr)
+        b.add_into(t, torch.ones(2, 3))
+        t.add_(1.0)
+        assert not arr.any()
+    writable = np.zeros((2, 3), np.float32)  # a writable array is still taken as it is (no copy)
+    assert b.floating(writable, "x").data_ptr() == writable.ctypes.data

@@ -329,11 +329,15 @@ def _torch_readable(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """``arr`` C-contiguous in a form ``torch.from_numpy`` takes: a floating array of another byte order
     than the machine's in its own (the same values), one wider than float64 (``np.longdouble``) in
     float64, every other array as it is. torch raised ValueError for the first and TypeError for the
-    second, where the numpy backend takes both."""
+    second, where the numpy backend takes both. A read-only array is copied: a tensor is always writable,
+    and the backend's in-place ops (``add_into``, a reply decoded in its own memory) wrote through the
+    alias into memory its owner had marked read-only (a transport's received buffer, a caller's array)."""
     dt = arr.dtype
     if dt.kind == "f" and (not dt.isnative or dt.type not in _TORCH_FLOATS):
         own = dt.newbyteorder("=") if dt.type in _TORCH_FLOATS else np.dtype(np.float64)
         return np.ascontiguousarray(arr, dtype=own)
+    if not arr.flags.writeable:
+        return np.array(arr, order="C")
     return np.ascontiguousarray(arr)
 
 
