@@ -28,6 +28,7 @@ from ..errors import ConfigError, ShapeError
 
 __all__ = [
     "TORCH_DTYPES",
+    "UNIT_ROUNDOFF",
     "A",
     "ArrayOps",
     "Backend",
@@ -40,6 +41,7 @@ __all__ = [
     "check_heads",
     "check_rope_split",
     "check_scores",
+    "float_dtype_name",
     "out_width",
     "split_qkv",
 ]
@@ -221,6 +223,32 @@ def sum_norm_slack(width: int, eps: float) -> float:
 #: them; :func:`~.torch_backend.parse_dtype` reads them and its aliases). Here, not in the torch backend, so
 #: that the commands list them without importing torch.
 TORCH_DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
+#: The unit roundoff u of each floating dtype a backend computes in, by name (the reply checks' tolerances,
+#: the precision limits of blinding).
+UNIT_ROUNDOFF: dict[str, float] = {
+    "float64": 2.0**-53,
+    "float32": 2.0**-24,
+    "float16": 2.0**-11,
+    "bfloat16": 2.0**-8,
+}
+
+
+def float_dtype_name(dtype: Any) -> str | None:
+    """The name in :data:`UNIT_ROUNDOFF` of a numpy or torch floating dtype (or of such a name itself),
+    None for anything else (None included: ``np.dtype(None)`` would read float64)."""
+    if dtype is None:
+        return None
+    name = str(dtype)
+    if name in UNIT_ROUNDOFF:  # a numpy dtype, or its name
+        return name
+    if name.startswith("torch."):
+        name = name[len("torch.") :]
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except (TypeError, ValueError):
+            return None
+    return name if name in UNIT_ROUNDOFF else None
 
 
 def check_experts(experts: Any, n_experts: int, which: str) -> npt.NDArray[np.int64]:

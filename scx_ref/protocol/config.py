@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-import numpy as np
-
 from .._checks import check_int, check_real
+from ..backends.base import UNIT_ROUNDOFF, float_dtype_name
 from ..errors import ConfigError, PrecisionWarning
 
 __all__ = [
@@ -82,21 +80,15 @@ F64_BETA_LIMIT = 3e5
 MAX_BETA = 1e100
 
 
-#: Unit roundoff of the dtypes a backend computes in (:data:`~scx_ref.backends.base.TORCH_DTYPES`).
-_UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _dtype_name(dtype: Any) -> str:
     """The name of a numpy or torch floating dtype a backend computes in (or of the name itself):
     ``float64``, ``float32``, ``bfloat16`` or ``float16``; ConfigError for anything else."""
-    name = str(dtype)
-    name = name[len("torch.") :] if name.startswith("torch.") else name
-    if name not in _UNIT_ROUNDOFF and dtype is not None:  # np.dtype(None) is float64
-        with contextlib.suppress(TypeError, ValueError):  # not a numpy dtype either: refused below
-            name = np.dtype(dtype).name
-    if name not in _UNIT_ROUNDOFF:
-        raise ConfigError(f"backend dtype must be one of {tuple(_UNIT_ROUNDOFF)}, got {dtype!r}")
+    name = float_dtype_name(dtype)
+    if name is None:
+        raise ConfigError(f"backend dtype must be one of {tuple(UNIT_ROUNDOFF)}, got {dtype!r}")
     return name
 
 
@@ -112,7 +104,7 @@ def beta_limit(backend_dtype: Any, blinded_dtype: Any) -> float:
         return F64_BETA_LIMIT if run == "float64" else WIDE_BETA_LIMIT
     if blinded != run:
         raise ConfigError(f"blinded stages run in the backend's dtype or float64, not {blinded} on {run}")
-    return F32_BETA_LIMIT * _UNIT_ROUNDOFF["float32"] / _UNIT_ROUNDOFF[run]
+    return F32_BETA_LIMIT * UNIT_ROUNDOFF["float32"] / UNIT_ROUNDOFF[run]
 
 
 def guard_blocks(n_layers: int, l_s: int, l_e: int) -> tuple[range, range, range]:
@@ -310,7 +302,7 @@ class SCXConfig:
         limit = beta_limit(run, blinded)
         if beta <= limit:
             return None
-        u = _UNIT_ROUNDOFF[blinded]
+        u = UNIT_ROUNDOFF[blinded]
         if run == "float64":
             held = f"the project measured float64 runs within |ΔPPL|/PPL ≤ 1e-9 only up to β = {limit:.2g}"
         elif blinded == "float64":
@@ -321,7 +313,7 @@ class SCXConfig:
             )
         else:  # bfloat16 / float16: not measured; float32's limit scaled by the unit roundoffs
             held = (
-                f"{run} blinding was not measured: its rounding is {u / _UNIT_ROUNDOFF['float32']:g} "
+                f"{run} blinding was not measured: its rounding is {u / UNIT_ROUNDOFF['float32']:g} "
                 f"times float32's, measured within |ΔPPL|/PPL ≤ 1e-5 only up to β = {F32_BETA_LIMIT:g}, so "
                 f"the same bound needs β ≤ {limit:.2g}"
             )

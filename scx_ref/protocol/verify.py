@@ -90,7 +90,16 @@ import numpy as np
 import numpy.typing as npt
 
 from .._checks import check_int
-from ..backends.base import A, Backend, NormName, Products, WeightName, out_width
+from ..backends.base import (
+    UNIT_ROUNDOFF,
+    A,
+    Backend,
+    NormName,
+    Products,
+    WeightName,
+    float_dtype_name,
+    out_width,
+)
 from ..backends.cpu_kernels import kernels
 from ..config import ModelConfig
 from ..errors import IntegrityError, ProtocolError, SCXError
@@ -144,7 +153,6 @@ SPLIT_ROWS64 = 1 << 19
 _U64 = 2.0**-53
 _TINY = float(np.finfo(np.float64).tiny)
 _SWIGLU = 4.0  # roundings by which the client's SwiGLU of the server's gate/up may differ from the server's
-_UNIT = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 _UNIT_OF: dict[Any, float] = {}  # dtype object → its unit roundoff, filled as dtypes are met
@@ -163,17 +171,10 @@ def unit_roundoff(dtype: Any) -> float:
 
 
 def _unit_roundoff(dtype: Any) -> float:
-    name = str(dtype)
-    if name in _UNIT:  # a numpy dtype, or its name
-        return _UNIT[name]
-    if name.startswith("torch."):
-        name = name[len("torch.") :]
-    else:
-        with contextlib.suppress(TypeError):  # not a numpy dtype either: refused below
-            name = np.dtype(dtype).name
-    if name not in _UNIT:
+    name = float_dtype_name(dtype)
+    if name is None:
         raise IntegrityError(f"unsupported floating dtype {dtype}")
-    return _UNIT[name]
+    return UNIT_ROUNDOFF[name]
 
 
 def prefix_extreme(x: npt.NDArray[Any], largest: bool) -> npt.NDArray[Any]:
