@@ -208,6 +208,8 @@ _MALFORMED = {
     "exactness of text": (["settings", 0, "exactness"], {"max_rel_logit_err": "x"}),
     "dp a list": (["settings", 0, "dp"], [1]),
     "exactness32 a number": (["settings", 0, "exactness32"], 3),
+    "rates a list": (["settings", 0, "rates"], [1]),  # was AttributeError from .items()
+    "baselines a text": (["settings", 0, "baselines"], "x"),
 }
 
 

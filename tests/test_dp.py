@@ -522,3 +522,16 @@ def test_cli_named_configuration(tmp_path: Path) -> None:
     assert paper["uncovered"] and paper["epsilon_basic"] < hard["epsilon_basic"]
     with pytest.raises(SystemExit):
         main([*args, "--config", "nope"])
+
+
+def test_permute_budget_without_the_accountant_has_no_pld_epsilon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Level permute noises nothing: ε is +inf, and ``epsilon_pld`` follows the documented rule of every
+    budget — None without dp_accounting (it was +inf, as if the accountant had run)."""
+    import scx_ref.dp.budget as budget_module
+
+    sens = _sens()
+    assert request_budget(sens, level="permute", use_pld=False).epsilon_pld is None
+    monkeypatch.setattr(budget_module, "pld_available", lambda: False)
+    b = request_budget(sens, level="permute")
+    assert b.epsilon_basic == math.inf and b.epsilon_pld is None
+    assert "epsilon_pld" not in b.to_dict()

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_int
 from ..dp.budget import request_budget
 from ..dp.sensitivity import ModelSensitivities
 from ..errors import ConfigError
@@ -46,6 +47,113 @@ __all__ = [
     "merge_results",
     "plot_frontier",
 ]
+
+
+def _amount(v: Any, *, allow_inf: bool = False, positive: bool = False) -> bool:
+    """A number the frontier can show: an int or float (not a bool), not NaN, >= 0 (> 0 with
+    ``positive``), finite unless ``allow_inf``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        return False
+    return (v > 0 if positive else v >= 0) and (allow_inf or math.isfinite(v))
+
+
+def _epsilon(v: Any) -> bool:
+    """A DP ε as a result file holds it: a number >= 0, +inf included (un-noised: level permute), written
+    as a JSON number or, as ``scx dp --json`` writes it, the text ``"inf"``; or null (not computed)."""
+    return v is None or v == "inf" or _amount(v, allow_inf=True)
+
+
+def _check_count(result: dict[str, Any], key: str, least: int) -> None:
+    """ConfigError unless ``result[key]`` is an integer (not a bool) >= ``least``."""
+    v = result.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        raise ConfigError(f"not an `scx attack --frontier` result: {key} {v!r} is not an integer >= {least}")
+
+
+def _check_missing(result: dict[str, Any]) -> None:
+    """ConfigError unless ``result``'s ``missing`` (when present) is a list of configuration names and its
+    ``seconds`` (when present) a number >= 0."""
+    missing = result.get("missing", [])
+    if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
+        raise ConfigError(
+            f"not an `scx attack --frontier` result: missing {missing!r} is not a list of names"
+        )
+    if "seconds" in result and not _amount(result["seconds"]):
+        raise ConfigError(
+            f"not an `scx attack --frontier` result: seconds {result['seconds']!r} is not a number >= 0"
+        )
+
+
+def _check_setting(s: dict[str, Any]) -> None:
+    """ConfigError unless the parts of one setting the frontier reads — beyond what
+    :func:`~.tables.check_result` checks — have the shape the frontier writes: ``preset`` a name or null;
+    ``at_baseline`` verdicts true/false; ``cost`` finite numbers >= 0; ``exactness`` numbers >= 0;
+    ``exactness32`` (unless empty) a ``rel_delta_ppl`` number >= 0, a ``greedy_identical`` text and a
+    true/false ``pass``; ``dp`` (unless empty) ε numbers >= 0 (or inf) and ``exposures`` a list of texts."""
+    where = f"setting {s['setting']!r}"
+    preset = s.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"{where}: preset {preset!r} is not a configuration name or null")
+    if not all(isinstance(v, (bool, np.bool_)) for v in (s.get("at_baseline") or {}).values()):
+        raise ConfigError(f"{where}: at_baseline is not an object of true/false verdicts")
+    bad = [k for k, v in (s.get("cost") or {}).items() if not _amount(v)]
+    if bad:
+        raise ConfigError(f"{where}: cost {bad} are not finite numbers >= 0")
+    bad = [k for k, v in (s.get("exactness") or {}).items() if not _amount(v, allow_inf=True)]
+    if bad:
+        raise ConfigError(f"{where}: exactness {bad} are not numbers >= 0")
+    e32 = s.get("exactness32")
+    if e32 and not (
+        _amount(e32.get("rel_delta_ppl"), allow_inf=True)
+        and isinstance(e32.get("greedy_identical"), str)
+        and isinstance(e32.get("pass", True), bool)
+    ):
+        raise ConfigError(
+            f"{where}: exactness32 has no rel_delta_ppl number >= 0, greedy_identical text and "
+            "true/false pass"
+        )
+    dp = s.get("dp")
+    if dp:
+        bad = [k for k in ("epsilon_request", "epsilon_prefill") if not _epsilon(dp.get(k))]
+        if bad:
+            raise ConfigError(f"{where}: dp {bad} are not numbers >= 0 (or inf)")
+        exposures = dp.get("exposures", [])
+        if not isinstance(exposures, list) or not all(isinstance(e, str) for e in exposures):
+            raise ConfigError(f"{where}: dp exposures is not a list of texts")
+
+
+def _check_bench(bench: Any, what: str = "bench") -> dict[str, Any]:
+    """``bench`` after checking it has the shape of an ``scx bench --json`` result as far as the frontier
+    table reads it, or ConfigError naming ``what``: an object whose ``meta`` (when present) is an object
+    whose ``configs`` (when present) is an object or a list of names, and whose ``rows`` are objects with a
+    ``phase`` text, a finite ``ratio_median`` > 0, a finite ``total_ratio_median`` > 0 (when present), and
+    for a prefill row an integer ``n`` >= 1."""
+    rows = bench.get("rows") if isinstance(bench, dict) else None
+    if not isinstance(rows, list):
+        raise ConfigError(f"{what}: not an `scx bench --json` result (no list of rows)")
+    meta = bench.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise ConfigError(f"{what}: meta is not an object")
+    configs = (meta or {}).get("configs")
+    if configs is not None and not (
+        isinstance(configs, dict) or (isinstance(configs, list) and all(isinstance(c, str) for c in configs))
+    ):
+        raise ConfigError(f"{what}: meta.configs is not an object or a list of configuration names")
+    for i, row in enumerate(rows):
+        ok = isinstance(row, dict) and isinstance(row.get("phase"), str)
+        ok = ok and _amount(row.get("ratio_median"), positive=True)
+        ok = ok and ("total_ratio_median" not in row or _amount(row["total_ratio_median"], positive=True))
+        n = row.get("n") if isinstance(row, dict) else None
+        ok = ok and (
+            row.get("phase") != "prefill" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)
+        )
+        if not ok:
+            raise ConfigError(
+                f"{what}: row {i} is not an `scx bench` row (a phase; for prefill an integer n >= 1; "
+                "ratio_median and total_ratio_median finite numbers > 0)"
+            )
+    out: dict[str, Any] = bench
+    return out
 
 
 def dp_summary(sens: ModelSensitivities, config: SCXConfig, prompt_len: int, tokens: int) -> dict[str, Any]:
@@ -68,7 +176,11 @@ def exactness32(
 ) -> dict[str, Any]:
     """float32 exactness of ``config`` on a registered model: |ΔPPL|/PPL over the first ``tokens`` corpus
     tokens (one window) against the plaintext forward, and greedy agreement of ``prompts`` corpus prompts
-    × ``new`` tokens (DESIGN §6: bound 1e-5, greedy identical)."""
+    × ``new`` tokens (DESIGN §6: bound 1e-5, greedy identical). ConfigError, before any model loads, unless
+    ``tokens`` >= 2, ``prompts`` >= 1 and ``new`` >= 1 are integers (no prompt, or no token generated,
+    would report a greedy agreement that compared nothing)."""
+    tokens, prompts = check_int(tokens, "tokens", 2), check_int(prompts, "prompts", 1)
+    new = check_int(new, "new", 1)
     from ..zoo import load_model
     from ..zoo.corpus import corpus_tokens
     from ..zoo.engines import plain_generate, scx_generate
@@ -105,6 +217,9 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         raise ConfigError("nothing to merge")
     for part in parts:
         check_result(part)
+        _check_missing(part)
+        for setting in part["settings"]:
+            _check_setting(setting)
     keys = ("model", "n_prompts", "prompt_len", "n_new", "public_tokens")
     first = parts[0]
     for other in parts[1:]:
@@ -160,7 +275,14 @@ def _bench_for(bench: dict[str, Any] | None, name: str) -> dict[str, Any]:
 
 def frontier_rows(result: dict[str, Any], bench: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per configuration of an ``scx attack --frontier`` result (the plaintext control first),
-    with the latency ratios of ``bench`` (an ``scx bench --json`` result) merged in by name."""
+    with the latency ratios of ``bench`` (an ``scx bench --json`` result) merged in by name. ConfigError
+    when ``result`` or ``bench`` is not shaped as the result it should be (:func:`~.tables.check_result`,
+    :func:`_check_bench`; a setting's ``preset``, ``cost``, ``exactness``, ``exactness32`` and ``dp``)."""
+    check_result(result, full=False)
+    for s in result["settings"]:
+        _check_setting(s)
+    if bench is not None:
+        _check_bench(bench)
     rows = []
     for s in result["settings"]:
         p_key, p_rate = _worst(s, "prompt")
@@ -169,7 +291,7 @@ def frontier_rows(result: dict[str, Any], bench: dict[str, Any] | None = None) -
         rows.append(
             {
                 "name": s["setting"],
-                "summary": s["mechanism"],
+                "summary": s.get("mechanism", "?"),
                 "control": s.get("preset") is None,
                 "prompt_attack": p_key,
                 "prompt": p_rate,
@@ -274,7 +396,16 @@ def _pct(v: Any) -> str:
 
 
 def _short(key: str | None) -> str:
-    return "" if key is None else f"({catalog.metric(key).title})"
+    return "" if key is None else f"({_title(key)})"
+
+
+def _title(key: str) -> str:
+    """The catalog's title of attack ``key``; the key itself for one the catalog does not know (a result
+    written by another version)."""
+    try:
+        return catalog.metric(key).title
+    except KeyError:
+        return key
 
 
 def _bytes(v: Any) -> str:
@@ -373,7 +504,7 @@ def _verdict_text(rows: list[dict[str, Any]]) -> str:
         lines = ["**No configuration reaches the baseline on every attack.** What stays above it:", ""]
         for r in rows:
             if not r["control"]:
-                above = ", ".join(catalog.metric(k).title for k in r["above_baseline"]) or "–"
+                above = ", ".join(_title(k) for k in r["above_baseline"]) or "–"
                 lines.append(f"- {r['name']}: {above}")
         return "\n".join(lines)
     c = best["cost"]
@@ -397,8 +528,12 @@ def frontier_report(
 ) -> str:
     """FRONTIER.md: the command, the verdict, the frontier table, the attack table with 95 % intervals and
     the statelessness table, links to the plot and the findings (ConfigError when ``result`` is not shaped
-    as a harness result: :func:`~.tables.check_result`)."""
+    as a harness result: :func:`~.tables.check_result`, or its counts are not integers: ``n_prompts`` and
+    ``prompt_len`` >= 1, ``n_new`` >= 0; or ``missing`` is not a list of names: :func:`frontier_rows`)."""
     check_result(result)
+    for key, least in (("n_prompts", 1), ("prompt_len", 1), ("n_new", 0)):
+        _check_count(result, key, least)
+    _check_missing(result)
     rows = frontier_rows(result, bench)
     lines = [
         f"# The privacy/cost frontier of SCX, measured ({result['model']})",
@@ -409,10 +544,15 @@ def frontier_report(
         "",
     ]
     if bench is not None:
-        lines += ["and the latency ratios of:", "", f"    {bench.get('meta', {}).get('command', '?')}", ""]
+        lines += [
+            "and the latency ratios of:",
+            "",
+            f"    {(bench.get('meta') or {}).get('command', '?')}",
+            "",
+        ]
     lines += [
         f"{result['n_prompts']} victim prompts × {result['prompt_len']} tokens, {result['n_new']} generated "
-        f"tokens each ({result['n_new'] - 1} decode steps); victims: {result.get('victims', '?')}; "
+        f"tokens each ({max(result['n_new'] - 1, 0)} decode steps); victims: {result.get('victims', '?')}; "
         f"{result.get('public_tokens', '?')} public tokens for the attacker; "
         f"run time {result.get('seconds', '?')} s. "
         "Recovery: the fraction of tokens recovered, pooled over prompts, with its 95 % Wilson interval; "
@@ -441,23 +581,13 @@ def frontier_report(
 
 
 def read_bench(path: Path) -> dict[str, Any]:
-    """The ``scx bench --json`` result at ``path``, checked to have the shape the frontier table reads (an
-    object whose ``rows`` are objects with a ``phase``; prefill rows with an integer ``n``; every row with a
-    numeric ``ratio_median``), or :class:`~scx_ref.errors.ConfigError` naming ``--bench``."""
+    """The ``scx bench --json`` result at ``path``, checked to have the shape the frontier table reads
+    (:func:`_check_bench`), or :class:`~scx_ref.errors.ConfigError` naming ``--bench`` (also for a file
+    that cannot be read or is not JSON)."""
     try:
         bench: Any = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"--bench {str(path)!r}: cannot read it ({exc})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"--bench {str(path)!r}: not JSON ({exc})") from None
-    rows = bench.get("rows") if isinstance(bench, dict) else None
-    if not isinstance(rows, list):
-        raise ConfigError(f"--bench {str(path)!r}: not an `scx bench --json` result (no list of rows)")
-    for i, row in enumerate(rows):
-        ok = isinstance(row, dict) and isinstance(row.get("phase"), str)
-        ok = ok and isinstance(row.get("ratio_median"), (int, float))
-        ok = ok and (row.get("phase") != "prefill" or isinstance(row.get("n"), int))
-        if not ok:
-            raise ConfigError(
-                f"--bench {str(path)!r}: row {i} is not an `scx bench` row (phase, n, ratio_median)"
-            )
-    out: dict[str, Any] = bench
-    return out
+    return _check_bench(bench, f"--bench {str(path)!r}")

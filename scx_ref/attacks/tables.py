@@ -64,6 +64,8 @@ def check_result(result: Any, full: bool = True) -> dict[str, Any]:
         if bad:
             raise ConfigError(f"{where}: metrics {bad} are not finite numbers")
         for part in ("rates", "baselines"):
+            if s.get(part) is not None and not isinstance(s[part], dict):
+                raise ConfigError(f"{where}: {part} is not an object")
             for key, r in (s.get(part) or {}).items():
                 ok = isinstance(r, dict) and all(_number(r.get(f)) for f in ("rate", "lo", "hi"))
                 if not ok or not all(0.0 <= float(r[f]) <= 1.0 for f in ("rate", "lo", "hi")):

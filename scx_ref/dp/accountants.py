@@ -31,6 +31,7 @@ from ._validate import check_count, check_delta, check_positive, count_as_float,
 from .mechanisms import LaplaceMechanism
 
 __all__ = [
+    "PLD_TAIL_MASS",
     "CompositionResult",
     "advanced_composition",
     "advanced_composition_heterogeneous",
@@ -55,7 +56,7 @@ MAX_PLD_COMPOSED_POINTS = 1 << 23
 _PLD_BYTES_PER_COMPOSED_POINT = 70
 _PLD_BASE_BYTES = 120e6
 #: dp_accounting's default ``tail_mass_truncation`` of ``self_compose``/``compose`` (not passed below).
-_PLD_TAIL_MASS = 1e-15
+PLD_TAIL_MASS = 1e-15
 
 
 def basic_composition(epsilon: float, k: int) -> float:
@@ -284,7 +285,7 @@ def _composed_size(singles: list[tuple[Any, int]]) -> int | None:
             if count == 1:
                 sizes.append(len(probs))
             else:
-                lower, upper = bounds(probs, count, _PLD_TAIL_MASS)
+                lower, upper = bounds(probs, count, PLD_TAIL_MASS)
                 sizes.append(max(upper - lower + 1, len(probs)))
         if not sizes:
             return None

@@ -39,7 +39,7 @@ from ..protocol.plan import InputKind, Release, ReleasePlan
 from ..stages import Phase, Stage
 from ..weights import ModelWeights
 from ._validate import check_count, check_delta, check_positive, quotient_up
-from .accountants import CompositionResult, compose
+from .accountants import CompositionResult, compose, pld_available
 from .mechanisms import LaplaceMechanism
 from .permutation import bayes_guess_bound, permutation_bits, statelessness_bound_paper
 from .sensitivity import ModelSensitivities, model_sensitivities
@@ -311,7 +311,7 @@ def request_budget(
         )
     else:
         eps_basic = eps_adv = eps_cf = eps_best = math.inf
-        eps_pld = math.inf if use_pld else None
+        eps_pld = math.inf if use_pld and pld_available() else None  # None: no accountant, as with releases
 
     token_eps = eps_basic  # pure ε about the token (δ = 0), what the guessing bounds need
     notes = [

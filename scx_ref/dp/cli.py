@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ from ..errors import ConfigError
 from ..protocol.config import BETA_KINDS
 from ..protocol.presets import preset, preset_names
 from ..zoo import load_weights, weights_names_help
-from .accountants import compose, pld_available
+from .accountants import PLD_TAIL_MASS, compose, pld_available
 from .budget import RequestBudget, request_budget
 from .mechanisms import LaplaceMechanism, metric_dp_epsilon_per_unit, per_coordinate_reading
 from .permutation import bayes_guess_bound
@@ -133,8 +134,104 @@ def _fmt(x: Any) -> str:
     if isinstance(x, float):
         if math.isinf(x):
             return "inf"
-        return f"{x:.6g}"
+        text = f"{x:.6g}"
+        # a δ of 0.9999999 is not δ = 1 (refused): show every digit where six would round to 1
+        return repr(x) if text == "1" and x != 1.0 else text
     return str(x)
+
+
+#: ln of the largest float64: exp() of a privacy loss past it overflows (dp_accounting then reports inf).
+EXP_LIMIT = math.log(sys.float_info.max)
+#: The PLD cell when dp_accounting gave inf where basic composition is finite (a note says why).
+PLD_INF_CELL = "inf (see note)"
+
+
+def _pld_inf_reason(
+    basic: float, pld: float | None, delta: float, interval: float | None, largest: float | None
+) -> str | None:
+    """Why the PLD ε is +inf although the basic ε is finite, or None when it is not (finite, not computed,
+    or every ε infinite): ``"overflow"`` — dp_accounting holds each release's privacy loss rounded up to a
+    multiple of ``interval``, and that loss is past :data:`EXP_LIMIT`; ``"delta_below_tail"`` — ``delta``
+    is within the probability mass dp_accounting truncates when composing (1e-15 per composition, counted
+    as an infinite loss); ``"unknown"`` — neither."""
+    if pld is None or not math.isinf(pld) or math.isinf(basic):
+        return None
+    if largest is not None and interval is not None and math.isfinite(interval):
+        steps = largest / interval
+        if not math.isfinite(steps) or math.ceil(steps) * interval > EXP_LIMIT:
+            return "overflow"
+    if delta <= 10 * PLD_TAIL_MASS:
+        return "delta_below_tail"
+    return "unknown"
+
+
+def _inf_notes(
+    *,
+    basic: float,
+    advanced: float,
+    delta: float,
+    delta_prime: float,
+    pld: float | None,
+    interval: float | None,
+    largest: float | None,
+    explicit_interval: bool,
+) -> list[str]:
+    """Why an ε printed as inf is inf, and which bounds still hold: every ε (no release is noised:
+    ``largest`` None; or the releases' ε leave the float64 range), the PLD's alone
+    (:func:`_pld_inf_reason`: the closed forms hold), the advanced one alone (its drift term overflows:
+    basic holds). Empty when every ε is finite."""
+    notes: list[str] = []
+    if math.isinf(basic):
+        if largest is None:
+            notes.append(
+                "every epsilon is inf: no message of this configuration is a Laplace release (level permute "
+                "adds no noise), so there is no DP guarantee to account"
+            )
+        else:
+            notes.append(
+                f"every epsilon is inf: the releases' epsilon (largest per release {_fmt(largest)}, summed "
+                "over the releases) exceeds the float64 range; no finite DP bound holds"
+            )
+        return notes
+    reason = _pld_inf_reason(basic, pld, delta, interval, largest)
+    if reason is not None:
+        if reason == "overflow" and largest is not None and interval is not None:
+            steps = largest / interval
+            rounded = math.ceil(steps) * interval if math.isfinite(steps) else math.inf
+            cause = (
+                "dp_accounting's privacy-loss distribution rounds each release's privacy loss "
+                f"(epsilon up to {_fmt(largest)}) up to a multiple of the interval {_fmt(interval)}, "
+                f"here {_fmt(float(rounded))}: past ln(float64 max) = {EXP_LIMIT:.1f}, where exp() overflows"
+            )
+            if largest < EXP_LIMIT:
+                given = "the --pld-interval given" if explicit_interval else "the default interval"
+                cause += (
+                    f" ({given} is that coarse: a finer --pld-interval may avoid it where the PLD size "
+                    "guard allows one)"
+                )
+        elif reason == "delta_below_tail":
+            cause = (
+                f"delta = {_fmt(delta)} is within the probability mass dp_accounting truncates when it "
+                f"composes ({PLD_TAIL_MASS:g} per composition, counted as an infinite privacy loss), so "
+                "it gives no finite epsilon at this delta (a --delta well above that does)"
+            )
+        else:
+            cause = "dp_accounting's accountant returned inf"
+        holds = f"basic epsilon = {_fmt(basic)} (delta = 0)"
+        if math.isfinite(advanced):
+            holds += f" and advanced DRV epsilon = {_fmt(advanced)} (delta' = {_fmt(delta_prime)})"
+        notes.append(
+            f"PLD epsilon = inf is no privacy measurement and the PLD row does not apply here: {cause}. "
+            f"The closed-form bounds still hold: {holds}"
+        )
+    if math.isinf(advanced):
+        notes.append(
+            "advanced DRV epsilon = inf: its drift term sum of eps*(e^eps - 1) exceeds the float64 range "
+            f"(largest epsilon per release {_fmt(largest)}; e^eps overflows past {EXP_LIMIT:.1f}); advanced "
+            f"composition only helps for small epsilon per release: basic epsilon = {_fmt(basic)} "
+            "(delta = 0) still holds"
+        )
+    return notes
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -210,24 +307,47 @@ def _raw(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         [f"advanced DRV (k={result.k})", result.epsilon_advanced, _fmt(result.delta_prime)],
         ["best closed form", result.epsilon_best_closed_form, _fmt(result.delta_prime)],
     ]
+    reason = _pld_inf_reason(
+        result.epsilon_basic, result.epsilon_pld, result.delta, result.pld_interval, mech.epsilon
+    )
     if result.epsilon_pld is not None:
         rows.append(
             [
                 f"PLD (dp_accounting, interval {result.pld_interval:.3g})",
-                result.epsilon_pld,
+                result.epsilon_pld if reason is None else PLD_INF_CELL,
                 _fmt(result.delta),
             ]
         )
+        out["pld_inf_reason"] = reason
     else:
         rows.append(["PLD", _pld_skipped(args), "-"])
     text.append(_table(["accountant", "epsilon", "delta"], rows))
     text.append(
         f"metric-DP reading: {_fmt(out['metric_dp_epsilon_per_unit_l1'])} eps per unit of L1 distance"
     )
+    notes = _inf_notes(
+        basic=result.epsilon_basic,
+        advanced=result.epsilon_advanced,
+        delta=result.delta,
+        delta_prime=result.delta_prime,
+        pld=result.epsilon_pld,
+        interval=result.pld_interval,
+        largest=mech.epsilon,
+        explicit_interval=args.pld_interval is not None,
+    )
+    out["notes"] = notes
+    if notes:
+        text.append("\n".join(f"note: {n}" for n in notes))
     return out, "\n\n".join(text)
 
 
-def _budget_text(b: RequestBudget, sens_dict: dict[str, Any], args: argparse.Namespace) -> str:
+def _budget_text(
+    b: RequestBudget,
+    sens_dict: dict[str, Any],
+    args: argparse.Namespace,
+    notes: list[str],
+    reason: str | None,
+) -> str:
     beta = _fmt(b.beta["qkv"]) if len(set(b.beta.values())) == 1 else str(b.beta)
     config = "" if args.config is None else f"config={args.config} "
     head = (
@@ -266,7 +386,7 @@ def _budget_text(b: RequestBudget, sens_dict: dict[str, Any], args: argparse.Nam
         ["best closed form", b.epsilon_best_closed_form, _fmt(b.delta_prime)],
     ]
     if b.epsilon_pld is not None:
-        rows.append(["PLD (dp_accounting)", b.epsilon_pld, _fmt(b.delta)])
+        rows.append(["PLD (dp_accounting)", b.epsilon_pld if reason is None else PLD_INF_CELL, _fmt(b.delta)])
     else:
         rows.append(["PLD", _pld_skipped(args), "-"])
     parts.append(_table(["per-request (one prompt token)", "epsilon", "delta"], rows))
@@ -282,7 +402,7 @@ def _budget_text(b: RequestBudget, sens_dict: dict[str, Any], args: argparse.Nam
         parts.append(
             "not covered by the DP guarantee: nothing (every message the server receives is a release)"
         )
-    parts.append("\n".join(f"note: {n}" for n in b.notes))
+    parts.append("\n".join(f"note: {n}" for n in (*b.notes, *notes)))
     return "\n\n".join(parts)
 
 
@@ -311,7 +431,24 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         pld_interval=args.pld_interval,
     )
     sd = sens.to_dict()
+    comp = budget.composition
+    interval = None if comp is None else comp.pld_interval
+    largest = None if comp is None else comp.epsilon_max_single
+    notes = _inf_notes(
+        basic=budget.epsilon_basic,
+        advanced=budget.epsilon_advanced,
+        delta=budget.delta,
+        delta_prime=budget.delta_prime,
+        pld=budget.epsilon_pld,
+        interval=interval,
+        largest=largest,
+        explicit_interval=args.pld_interval is not None,
+    )
+    reason = _pld_inf_reason(budget.epsilon_basic, budget.epsilon_pld, budget.delta, interval, largest)
     out: dict[str, Any] = {"mode": "model", **budget.to_dict(), "sensitivities": sd}
+    out["notes"] = [*out["notes"], *notes]
+    if budget.epsilon_pld is not None:
+        out["pld_inf_reason"] = reason
     if args.config is not None:
         out["preset"] = args.config
     if sens.embed_normalized_diameter is not None:
@@ -320,7 +457,7 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             "epsilon": single,
             "token_guess_bayes": bayes_guess_bound(single, sens.vocab_size),
         }
-    return out, _budget_text(budget, sd, args)
+    return out, _budget_text(budget, sd, args, notes, reason)
 
 
 def _json_ready(v: Any) -> Any:
@@ -455,12 +592,17 @@ def register(subparsers: Any) -> None:
         "--embedding bound",
     )
     acc = p.add_argument_group("accounting")
-    acc.add_argument("--delta", type=_positive_float, default=1e-6, help="target δ for PLD (default 1e-6)")
+    acc.add_argument(
+        "--delta",
+        type=_positive_float,
+        default=1e-6,
+        help="target δ, 0 < δ < 1, of PLD and of the best ε (default 1e-6)",
+    )
     acc.add_argument(
         "--delta-prime",
         type=_positive_float,
         default=None,
-        help="δ' of advanced composition (default: --delta)",
+        help="δ' of advanced composition, 0 < δ' < 1 (default: --delta)",
     )
     acc.add_argument(
         "--no-pld", action="store_true", help="skip the PLD accountant (default: run it if installed)"
