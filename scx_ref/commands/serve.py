@@ -250,7 +250,8 @@ def register(subparsers: Any) -> None:
         "--idle-timeout",
         type=float_at_least(0, strict=True),
         default=d.idle_timeout,
-        help=f"seconds before an idle session is evicted (default {d.idle_timeout:g})",
+        help=f"seconds before an idle session, or one whose client leaves a reply unread, is evicted "
+        f"(default {d.idle_timeout:g})",
     )
     p.add_argument(
         "--grace",

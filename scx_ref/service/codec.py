@@ -62,8 +62,9 @@ _PREFIX = struct.Struct("<4sB3xI")
 ALIGN = 64
 #: The dtypes arrays may travel in (float32, float64, int64 — the permutations of key sharing).
 DTYPES: dict[str, np.dtype[Any]] = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8"), "<i8": np.dtype("<i8")}
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_HEX = re.compile(r"^[0-9a-f]{1,128}$")
+#: matched with ``fullmatch`` (``$`` alone also matches before a final newline: "x\n" passed as a name)
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_HEX = re.compile(r"[0-9a-f]{1,128}")
 _INT_MAX = 2**31 - 1
 #: How deep a header's JSON may nest (the header object is level 0): a request's ``meta`` is level 1 and
 #: the encoder lets its values nest 4 deeper (``_plain``), so nothing it writes is deeper than 5.
@@ -168,7 +169,7 @@ def _frame(kind: FrameKind, header: dict[str, Any], arrays: dict[str, npt.NDArra
 def _arrays(arrays: dict[str, Any], convert: Callable[[Any], npt.NDArray[Any]]) -> dict[str, Any]:
     out = {}
     for name, a in arrays.items():
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise WireError(f"array name {name!r} is not a short lower-case identifier")
         out[name] = to_wire_array(convert(a))
     return out
@@ -305,7 +306,7 @@ def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = Non
         if not (isinstance(spec, list) and len(spec) == 3):
             raise WireError("each array must be declared as [name, dtype, shape]")
         name, dt, shape = spec
-        if not isinstance(name, str) or not _NAME.match(name) or any(name == n for n, *_ in layout):
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or any(name == n for n, *_ in layout):
             raise WireError(f"array name {name!r} is invalid or repeated")
         if not isinstance(dt, str) or dt not in DTYPES:
             raise WireError(f"array {name!r}: dtype {dt!r} is not one of {sorted(DTYPES)}")
@@ -334,7 +335,7 @@ def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = Non
 def _common(frame: Frame) -> tuple[str, Stage, int, int, int, dict[str, Any]]:
     h = frame.header
     session = h.get("session")
-    if not isinstance(session, str) or not _HEX.match(session):
+    if not isinstance(session, str) or not _HEX.fullmatch(session):
         raise WireError("header field 'session' must be a lower-case hex string of at most 128 digits")
     stage_raw = h.get("stage")
     try:

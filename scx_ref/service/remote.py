@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from .._checks import check_int, check_real
 from ..errors import ConfigError, IntegrityError, SCXError, ServiceError, WireError
 from ..protocol.cost import CostMeter
@@ -276,6 +278,23 @@ class RemoteTransport:
         finally:
             self._watchdog.disarm()
 
+    def _check_dtypes(self, reply: Reply) -> None:
+        """IntegrityError unless every array of ``reply`` travelled as a float at least as fine as the
+        client backend's: ``from_numpy`` casts to the client's dtype, so after it the client's own check
+        (:func:`~scx_ref.protocol.verify.check_reply`: a reply coarser than the session's is refused) could
+        no longer see that an int64 or a float32 array answered a float64 session — rounded values the
+        stages no check covers (the middle blocks') would pass as exact."""
+        dtype_of = getattr(self.ops, "numpy_dtype", None)
+        if dtype_of is None:  # arrays stay numpy: the client's check sees their wire dtype itself
+            return
+        mine = np.dtype(dtype_of())
+        for name, arr in reply.arrays.items():
+            if arr.dtype.kind != "f" or arr.dtype.itemsize < mine.itemsize:
+                raise IntegrityError(
+                    f"{reply.stage.value}: reply {name} travelled as {arr.dtype.str}, not a float at least "
+                    f"as fine as the session's {mine.str}"
+                )
+
     def send(self, request: Request) -> Reply:
         """Send ``request``, return the server's reply (arrays as the backend's); the server's SCXError
         re-raised as the same class; ServiceError on a timeout or a lost connection.
@@ -302,6 +321,7 @@ class RemoteTransport:
                 want = (request.session, request.stage, request.layer, request.step, request.seq)
                 if got != want:
                     raise IntegrityError(f"the reply answers {got}, not the request {want}")
+                self._check_dtypes(reply)
         except (WireError, IntegrityError):
             self._drop()
             raise

@@ -15,8 +15,8 @@ computing wait for the next batch, which runs them together (:meth:`Server.handl
 
 Sessions belong to the stream that opened them: a message for a session opened elsewhere is refused, a
 new ``open`` on a stream ends that stream's previous session, and a stream that ends — the client
-closed it, vanished (keepalive pings time out) or stayed idle past ``idle_timeout`` — takes its sessions
-with it, so their caches are freed.
+closed it, vanished (keepalive pings time out), stayed idle past ``idle_timeout`` or left a reply unread
+that long — takes its sessions with it, so their caches are freed.
 
 Operations: ``/health`` (200 serving, 503 draining) and ``/metrics`` (Prometheus text) on the ops port;
 one JSON log line per event, never an array's contents; graceful shutdown — new sessions refused at
@@ -81,8 +81,8 @@ class ServeOptions:
     max_rows           rows one session may reach (its max_length plus its most decoys)
     max_decoys         decoy rows at any one stage
     max_cache_bytes    bytes of every session's caches together
-    idle_timeout       seconds a stream may wait between messages, and a session may stay idle, before
-                       its session is evicted
+    idle_timeout       seconds a stream may wait between messages, a reply may wait for its client to
+                       read it, and a session may stay idle, before its session is evicted
     grace              seconds open sessions may go on after a shutdown signal
     tls_cert, tls_key  PEM files; both or neither (then plaintext: loopback or a trusted network only)
     """
@@ -226,6 +226,12 @@ def _ops_server_class(host: str) -> type[ThreadingHTTPServer]:
         address_family = socket.AF_INET6
 
     return _V6
+
+
+def _quiet(task: asyncio.Future[Any]) -> None:
+    """Retrieve a finished task's outcome, so asyncio does not report an exception no one waits for."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _Stream:
@@ -380,7 +386,12 @@ class SCXService:
         await self._stopped.wait()
 
     # -- the session stream ---------------------------------------------------------------------
-    async def _session(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+    async def _session(self, requests: AsyncIterator[bytes], context: Any) -> None:
+        """One client stream: each frame in, its answer out, one at a time. The stream ends (and takes
+        its sessions with it) when the client closes it, when no frame comes for ``idle_timeout``
+        seconds, or when an answer is not taken for ``idle_timeout`` seconds — a client that sends but
+        never reads would otherwise hold its stream, and its session's caches, for ever (the write waits
+        on HTTP/2 flow control, and keepalive pings keep answering)."""
         import grpc
 
         if self.draining:
@@ -414,13 +425,39 @@ class SCXService:
                         grpc.StatusCode.DEADLINE_EXCEEDED,
                         f"no message for {self.opts.idle_timeout:g} s: session closed",
                     )
-                yield await self._message(stream, data)
+                out = await self._message(stream, data)
+                # not wait_for: a write held by flow control does not end when cancelled, so wait_for's
+                # wait for the cancelled write would never end either. Left pending (below, or when this
+                # stream is cancelled) it fails once the client goes: _quiet takes that error.
+                write = asyncio.ensure_future(context.write(out))
+                write.add_done_callback(_quiet)
+                done, _ = await asyncio.wait({write}, timeout=self.opts.idle_timeout)
+                if not done:
+                    _event("reply_not_read", peer=stream.peer, seconds=self.opts.idle_timeout)
+                    self._release(stream)  # now: the status below waits behind the unread reply
+                    try:
+                        await context.abort(
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"reply not read for {self.opts.idle_timeout:g} s: session closed",
+                        )
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception:  # the client went away before the status could reach it
+                        return
+                write.result()  # the client gone meanwhile: gRPC's error, as a yield would have raised it
             if self.closing:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         finally:
-            self._end_stream(stream)
-            self.streams.discard(stream)
-            self.metrics.streams.dec()
+            self._release(stream)
+
+    def _release(self, stream: _Stream) -> None:
+        """The stream is over for the service: its sessions go (:meth:`_end_stream`) and its place under
+        ``max_sessions`` is free. Once per stream, however often it is called."""
+        if stream not in self.streams:
+            return
+        self._end_stream(stream)
+        self.streams.discard(stream)
+        self.metrics.streams.dec()
 
     def _end_stream(self, stream: _Stream) -> None:
         """The stream is over: drop its sessions now or, while one of its messages is still queued or
