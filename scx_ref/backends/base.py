@@ -117,7 +117,9 @@ class Backend(ArrayOps[A], Protocol[A]):
         """:meth:`project64` of ``norm(x, which, layer)``: ``(x̂·right, ‖x̂_i‖)``. Where the backend fuses
         it, x̂ is not formed: x̂_i·r = s_i·Σ_t x_it·(γ_t r_t), s_i = (mean_t x_it² + ε)^-½, all in float64 — a
         more exact x̂ than the backend's own norm (the verifier's tolerance allows the server's norm to
-        differ from the client's by its roundings)."""
+        differ from the client's by its roundings) — except when a row's sum of squares reaches half the
+        dtype's largest value, where the backend's own norm may overflow to a row of zeros (as Hugging
+        Face's does): then the products are those of the backend's own norm, what an honest server sends."""
         ...
 
     def project64_gate_up(

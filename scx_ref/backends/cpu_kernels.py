@@ -19,27 +19,30 @@ so each row is read once.
   such sum sits in a loop that stores nothing: a loop that also stores gets a runtime overlap test from LLVM's
   vectorizer, and the sum then took the vector or the scalar order depending on where the arrays happened to
   lie, so its last bits varied between runs
-  (``properties/test_verifier_kernels.py::test_the_float64_sums_do_not_depend_on_where_the_arrays_lie``).
-  The SwiGLU a dense MLP check redoes from the reply's gate/up, silu(gate)·up, is formed inside the pass in
-  the dtype by the kernels' own silu (``silu_value``: ``ops.silu``'s form, e^−|x| by a polynomial and 2^k
-  built from its bits in float32, by ``exp64`` in float64), which vectorizes: within 4.06 float32
-  roundings of the exact silu over every float32 in [−87, 87] (torch's: 2.93), so not torch's bits, and
-  the verifier's tolerance allows the client's SwiGLU four roundings from the server's
+  (``properties/test_verifier_kernels.py::test_the_float64_sums_do_not_depend_on_where_the_arrays_lie``). The
+  SwiGLU a dense MLP check redoes from the reply's gate/up, silu(gate)·up, is formed inside the pass in the
+  dtype by the kernels' own silu (``silu_value``: ``ops.silu``'s form, e^−|x| by a polynomial and 2^k built
+  from its bits in float32, by ``exp64`` in float64), which vectorizes: within 4.06 float32 roundings of the
+  exact silu over every float32 in [−87, 87] (torch's: 2.93), so not torch's bits, and the verifier's
+  tolerance allows the client's SwiGLU four roundings from the server's
   (``test_kernel_silu_is_silu_within_the_dtype``). torch's silu(gate) in a pass of its own before the call
-  cost more in a request (the reply's gate half read cold and written to a fresh array). The
-  products read four rows per loop where there are two check vectors (a prompt's rows), so each check-vector
-  entry is loaded once for four rows. The recomputed attention rows take a KV head's query heads four at a
-  time (each key and value row read and widened once for the four) and their softmax weights from ``exp64``:
-  e^x by arithmetic alone (x = k·ln 2 + r, a Taylor polynomial of r, 2^k built from its bits), which LLVM
-  vectorizes where ``np.exp`` in a loop is a call to libm per weight. It is within 2.5 u₆₄ of numpy's exp
+  cost more in a request (the reply's gate half read cold and written to a fresh array). The products read
+  four rows per loop where there are two check vectors (a prompt's rows), so each check-vector entry is loaded
+  once for four rows. The recomputed attention rows take a KV head's query heads four at a time (each key and
+  value row read and widened once for the four) and their softmax weights from ``exp64``: e^x by arithmetic
+  alone (x = k·ln 2 + r, a Taylor polynomial of r, 2^k built from its bits), which LLVM vectorizes where
+  ``np.exp`` in a loop is a call to libm per weight. It is within 2.5 u₆₄ of numpy's exp
   (``test_exp64_is_exp_within_two_roundings``), inside the client's float64 term of the rows' τ. On one thread
-  with SmolLM2's heads and 16 rows (hot caches, Intel Xeon) the rows took 1.03 → 0.87 ms at 514 keys and
-  8.2 → 4.1 ms at 2050. ``linear_excess`` (a check's verdict) rounds the same float64 operations as its numpy
-  form, with no flag; ``freivalds_excess`` is a whole linear check in one call — the two products
-  (``project64``, ``project64_rms``), their norm bounds and ``linear_excess``, the same kernels in the same
-  order as the backend's wrappers and the verifier call them one by one (``gate_up_excess``: a dense MLP
-  reply's two checks, ``project64_gate_up`` then two of them); ``attention_excess`` (the recomputed attention
-  rows' verdict) rounds the same operations as the numpy τ and verdict it replaces; ``attention_check`` is an
+  with SmolLM2's heads and 16 rows (hot caches, Intel Xeon) the rows took 1.03 → 0.87 ms at 514 keys and 8.2 →
+  4.1 ms at 2050. ``linear_excess`` (a check's verdict) rounds the same float64 operations as its numpy form,
+  with no flag; ``freivalds_excess`` is a whole linear check in one call — the two products (``project64``,
+  ``project64_rms``), their norm bounds and ``linear_excess``, the same kernels in the same order as the
+  backend's wrappers and the verifier call them one by one (``gate_up_excess``: a dense MLP reply's two
+  checks, ``project64_gate_up`` then two of them); ``project64_rms`` also tells whether a row's float64 sum of
+  squares reaches half the dtype's largest value, where the backend's own norm may overflow to a row of zeros,
+  and ``freivalds_excess`` then returns ``NEAR_RANGE`` so that the wrapper composes the check from the
+  backend's own norm, the x̂ an honest server used; ``attention_excess`` (the recomputed attention rows'
+  verdict) rounds the same operations as the numpy τ and verdict it replaces; ``attention_check`` is an
   attention reply's two checks in one call (``range_excess`` and its verdict, then ``attention_rows64`` and
   ``attention_excess``, in the verifier's order: the same verdicts); ``lock_check`` is a generation step's
   check against a last guard block's locked cache (``lock_scores_excess``: the sketch extended and the
@@ -142,6 +145,10 @@ class Kernels:
 
 #: The fewest entries an encoding pass splits across threads (a parallel region costs microseconds).
 MIN_PARALLEL = 1 << 16
+#: ``freivalds_excess``'s verdict (and ``gate_up_excess``'s first) where a normalized row comes near the
+#: dtype's range (``project64_rms``): the caller composes the check from the backend's own norm instead
+#: (a verdict is otherwise ≥ 0 or NaN, and −1 where the arrays do not fit)
+NEAR_RANGE = -2.0
 _pool = threading.Lock()
 #: The thread count each thread last gave numba (its count is per thread): a 128-token verified request
 #: on two threads made 237 calls of ``numba.set_num_threads``, 11 µs each under cProfile

@@ -22,6 +22,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from .base import sum_norm_slack
+from .cpu_kernels import NEAR_RANGE
 
 jit = numba.njit(boundscheck=False, nogil=True, cache=True)
 pjit = numba.njit(boundscheck=False, nogil=True, cache=True, parallel=True)
@@ -457,11 +458,20 @@ def project64(x: Any, rt: Any, out: Any, sq: Any, parts: int) -> None:
         project_rows(x[lo:hi], rt, none, out[lo:hi], sq[lo:hi], none)
 
 
+#: Half the largest finite float32 and float64: a row whose float64 sum of squares reaches it is one where
+#: the eager RMSNorm's sum, in the dtype, may overflow (then a row of zeros; see project64_rms)
+HALF_MAX32 = float(np.finfo(np.float32).max) / 2
+HALF_MAX64 = float(np.finfo(np.float64).max) / 2
+
+
 @pfast
-def project64_rms(x: Any, gain: Any, eps: float, rt: Any, out: Any, sq: Any, parts: int) -> None:
+def project64_rms(x: Any, gain: Any, eps: float, rt: Any, out: Any, sq: Any, parts: int) -> bool:
     # row i of x̂ = RMSNorm(x) = γ ⊙ x · s_i, s_i = (Σ_t x_t² / w + ε)^-½, without forming it:
     # out[i, c] = s_i·Σ_t x_t·(γ_t rt[c, t]) and sq[i] = s_i²·Σ_t (γ_t x_t)², in float64; rows in
-    # ``parts`` chunks
+    # ``parts`` chunks. Returns whether some row's float64 Σ_t x_t² reaches half the dtype's largest value
+    # (+inf included; NaN not): there the eager norm's sum in the dtype may overflow and give a row of
+    # zeros (Hugging Face's, the backend's own: TorchBackend._rms), which this float64 x̂ does not model,
+    # so the caller then takes the backend's norm of the rows instead
     k, w = rt.shape
     rg = np.empty((k, w), dtype=np.float64)
     for c in range(k):
@@ -476,11 +486,18 @@ def project64_rms(x: Any, gain: Any, eps: float, rt: Any, out: Any, sq: Any, par
         for p in prange(parts):
             lo, hi = chunk_start(n, p, parts, 4), chunk_start(n, p + 1, parts, 4)
             project_rows(x[lo:hi], rg, gain, out[lo:hi], s[lo:hi], sq[lo:hi])
+    big = HALF_MAX32 if x.itemsize == 4 else HALF_MAX64
+    near = False
     for i in range(n):
-        scale = 1.0 / np.sqrt(s[i] / w + eps)
+        near = near or s[i] >= big
+        # a zero root (an all-zero row at ε = 0): +inf, as torch's rsqrt — this compiled ``/`` raised
+        # ZeroDivisionError out of the verifier
+        root = np.sqrt(s[i] / w + eps)
+        scale = 1.0 / root if root != 0.0 else np.inf
         for c in range(k):
             out[i, c] = scale * out[i, c]
         sq[i] = scale * scale * sq[i]
+    return near
 
 
 @numpy_errors
@@ -538,7 +555,10 @@ def rms_norm_rows(x: Any, gain: Any, eps: float, out: Any, scale: Any, lo: int, 
     for f in range(bad.shape[0]):
         bad[f] = 0.0
     for i in range(lo, hi):
-        scale[i] = 1.0 / np.sqrt(sum_squares64(x[i]) / w + eps)
+        # a zero root (an all-zero row at ε = 0): +inf, as the eager rsqrt — this compiled ``/`` raised
+        # ZeroDivisionError inside the kernel (a SystemError out of the torch backend's norm)
+        root = np.sqrt(sum_squares64(x[i]) / w + eps)
+        scale[i] = 1.0 / root if root != 0.0 else np.inf
         s, row, dst = scale[i], x[i], out[i]
         for t in range(w):
             dst[t] = gain[t] * (row[t] * s)
@@ -749,7 +769,8 @@ def freivalds_excess(
     # bounds (sum_norms, rms_norms); a side whose rows are empty (0 × 0)
     # is given as its products and norms (yr, ynorm / xr, xnorm) instead. The same kernels in the same
     # order as the backend's project64, project64_norm and the verifier's linear_excess, so the same value.
-    # −1 (nothing read) when the arrays do not fit one another (freivalds_fits)
+    # −1 (nothing read) when the arrays do not fit one another (freivalds_fits); NEAR_RANGE when a
+    # normalized row comes near the dtype's range (project64_rms: the caller composes the check then)
     if not freivalds_fits(y, rt_y, yr, ynorm, x, gain, rt_x, xr, xnorm, bias_r, a, b):
         return -1.0
     k = a.shape[0]
@@ -765,7 +786,8 @@ def freivalds_excess(
             project64(x, rt_x, xr, xsq, parts)
             xnorm = sum_norms(xsq, x.shape[1])
         else:
-            project64_rms(x, gain, eps, rt_x, xr, xsq, parts)
+            if project64_rms(x, gain, eps, rt_x, xr, xsq, parts):
+                return NEAR_RANGE
             xnorm = rms_norms(xsq, x.shape[1])
     return linear_excess(yr, xr, bias_r, xnorm, ynorm, a, b, tiny)
 
@@ -794,7 +816,7 @@ def gate_up_excess(
     # with their norm bounds (sum_norms of 2f and f squares), then freivalds_excess of the
     # gate/up products against x̂ = RMSNorm(x) (γ = gain) and of the reply y against m's products;
     # (−1, −1) (nothing read) when [gate up] and its check vectors do not fit, a −1 verdict when a check's
-    # arrays do not (freivalds_fits)
+    # arrays do not (freivalds_fits); a NEAR_RANGE first verdict as freivalds_excess's
     n, f = gu.shape[0], rd.shape[1]
     if gu.shape[1] != 2 * f or rg.shape[1] != 2 * f:
         return -1.0, -1.0

@@ -69,7 +69,7 @@ from .base import (
     check_scores,
     sum_norm_slack,
 )
-from .cpu_kernels import Kernels, column_index, kernels
+from .cpu_kernels import NEAR_RANGE, Kernels, column_index, kernels
 
 __all__ = [
     "GEMM_BLOCK",
@@ -1181,7 +1181,10 @@ class TorchBackend(TorchOps):
     ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         """``(x̂·right, ‖x̂_i‖)`` for x̂ = RMSNorm(x): on CPU in float32/float64 one fused pass per row that
         never forms x̂ (x̂_i·r = s_i·Σ_t x_it γ_t r_t, all in float64; :mod:`.cpu_kernels`), otherwise
-        ``project64(norm(x))``."""
+        ``project64(norm(x))`` — also where the pass finds a row whose sum of squares comes within a factor
+        2 of the dtype's range: the backend's own norm (:meth:`_rms`) gives a row of zeros where its sum in
+        the dtype overflows, as an honest server's (and Hugging Face's) does, where the float64 x̂ is a
+        finite unit row, which judged that server's reply a forgery."""
         gamma = self._gain(which, layer)
         if x.dim() != 2:
             raise ShapeError(f"rows {tuple(x.shape)} against check vectors {np.shape(right)}")
@@ -1197,7 +1200,9 @@ class TorchBackend(TorchOps):
         out, sq = _outputs64(rows, right)
         with k.parts(rows * width, self.threads()) as parts:
             eps = float(self.config.rms_eps)
-            k.project64_rms(_np(x), _np(gamma), eps, _transposed(right), out, sq, parts)
+            near = k.project64_rms(_np(x), _np(gamma), eps, _transposed(right), out, sq, parts)
+        if near:  # a row near the dtype's range (rare): x̂ as the server's norm computes it
+            return self.project64(self._rms(x, gamma), right)
         return out, k.rms_norms(sq, width)
 
     def freivalds_excess(
@@ -1212,7 +1217,9 @@ class TorchBackend(TorchOps):
     ) -> float | None:
         """A Freivalds check's verdict (Backend.freivalds_excess): on CPU in float32/float64 one compiled
         call — :meth:`project64` / :meth:`project64_norm`'s kernels and norm bounds, then the verdict's
-        (:mod:`.cpu_kernels`), so the same value as the three calls — else ``None``."""
+        (:mod:`.cpu_kernels`), so the same value as the three calls — else ``None``. Where a normalized
+        row comes near the dtype's range the call reports it and the three calls are made (the verdict on
+        the backend's own norm of the rows, as :meth:`project64_norm` takes it there)."""
         ys = y if isinstance(y, torch.Tensor) else None
         xs = x if isinstance(x, torch.Tensor) else None
         gamma = self._gain(norm, norm_layer) if norm is not None and xs is not None else None
@@ -1232,6 +1239,11 @@ class TorchBackend(TorchOps):
             ratio = k.freivalds_excess(
                 ya, rty, yr, yn, xa, ga, float(self.config.rms_eps), rtx, xr, xn, bias_r, a, b, tiny, parts
             )
+        if ratio == NEAR_RANGE:
+            assert xs is not None and norm is not None
+            yp = (yr, yn) if ys is None else self.project64(ys, right_y)
+            xp = self.project64_norm(xs, norm, norm_layer, right_x)
+            return float(k.linear_excess(yp[0], xp[0], bias_r, xp[1], yp[1], a, b, tiny))
         if ratio < 0:  # the kernel checks that the arrays fit (it indexes without bounds checks)
             raise ShapeError("a Freivalds check's two sides, check vectors and terms do not match")
         return float(ratio)
@@ -1241,7 +1253,9 @@ class TorchBackend(TorchOps):
     ) -> tuple[float, float] | None:
         """A dense MLP reply's two verdicts (Backend.gate_up_excess): on CPU in float32/float64 one compiled
         call — :meth:`project64_gate_up`'s pass, then :meth:`freivalds_excess`'s twice
-        (:mod:`.cpu_kernels`), so the same values as those calls — else ``None``.
+        (:mod:`.cpu_kernels`), so the same values as those calls — else ``None``. Where a normalized row of
+        ``x`` comes near the dtype's range the call reports it and those calls are made
+        (:meth:`freivalds_excess`).
 
         The reply's [gate up] is read in place and its SwiGLU formed four rows at a time inside the pass, in
         the dtype (the kernel's own silu: :func:`.numba_kernels.silu_value`): nothing of the reply's size is
@@ -1284,6 +1298,12 @@ class TorchBackend(TorchOps):
                 tiny,
                 parts,
             )
+        if got[0] == NEAR_RANGE:
+            gr, gn, mr, mn = self.project64_gate_up(gate_up, r_up, wr_down)
+            got_up = self.freivalds_excess((gr, gn), r_up, x, wr_up, up[2], "mlp", layer)
+            got_down = self.freivalds_excess(y, r_down, (mr, mn), wr_down, down[2])
+            assert got_up is not None and got_down is not None
+            return got_up, got_down
         if got[0] < 0 or got[1] < 0:  # the kernel checks that the arrays fit (no bounds checks in it)
             raise ShapeError(
                 f"an MLP reply {tuple(gate_up.shape)}, {tuple(y.shape)} for rows {tuple(x.shape)} does "

@@ -39,7 +39,10 @@ probability ≥ 1 − 2·exp(−λ²/2), and every partial sum satisfies |S_k| �
   distance's part of the residual is at most 9u‖m‖‖W r‖, under λ·s = 32 (float32; in float64 the kernel's
   silu is within 8u of the exact one: properties/test_verifier_kernels.py). Where the backend fuses the
   norm into the check (``project64_norm``) the client's X̂ is the float64 one, nearer the exact norm than
-  either side's dtype: the distance is then the server's roundings alone;
+  either side's dtype: the distance is then the server's roundings alone — except where a row's sum of
+  squares comes within a factor 2 of the dtype's range: there X̂ is the backend's own norm (a row of zeros
+  where that sum overflows in the dtype, as the server's and Hugging Face's norm give; the float64 X̂, a
+  unit row, judged an honest reply a forgery: tests/test_verify_degenerate_rows.py);
 * rounding the output: λu‖Y_i ⊙ r‖ ≤ λu‖Y_i‖·max|r|;
 * the client's own float64 arithmetic (Y·r, X̂·(W r), W·B): λu₆₄(√out‖Y_i‖‖r‖ + (√in + 6)‖X̂_i‖‖W r‖ +
   √out‖X̂_i‖‖W‖_F‖r‖) (the 6: a fused norm's scale s_i and γ·r, a few roundings each).
