@@ -72,13 +72,16 @@ def silu(x: FloatArray) -> FloatArray:
 
     sigmoid is evaluated from e = exp(−|x|) ∈ (0, 1]: 1/(1+e) for x ≥ 0 and e/(1+e) for x < 0
     (the tanh form 0.5·(1 + tanh(x/2)) loses relative accuracy like eps·e^|x| for negative x).
-    DTypeError unless ``x`` holds real numbers (integers or floats).
+    −∞ gives NaN (−∞·0) and +∞ gives +∞, as torch's silu does, without a RuntimeWarning: a non-finite entry
+    (a hostile reply's) is the caller's to refuse. DTypeError unless ``x`` holds real numbers (integers or
+    floats).
     """
     x = np.asarray(x)
     if x.dtype.kind not in "iuf":
         raise DTypeError(f"SiLU needs a real array, got dtype {x.dtype}")
     e = np.exp(-np.abs(x))
-    return x * np.where(x >= 0, 1.0, e) / (1.0 + e)
+    with np.errstate(invalid="ignore"):
+        return x * np.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
 def softmax(x: FloatArray, axis: int = -1) -> FloatArray:

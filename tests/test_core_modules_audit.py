@@ -226,3 +226,19 @@ def test_timed_kernels_refuses_bad_names_whether_kernels_run_or_not(
     with timed_kernels(names=["rms_norm"]) as spent:  # a real kernel's name stays accepted
         pass
     assert spent == [0.0]
+
+
+def test_silu_of_infinities_is_torchs_without_a_warning() -> None:
+    """A hostile reply's −∞ reached the numpy SiLU (the verifier's SwiGLU) and printed numpy's 'invalid value'
+    RuntimeWarning before the reply was refused: the values are torch's (NaN, +∞, NaN), silently."""
+    import warnings
+
+    import torch
+
+    x = np.array([-np.inf, np.inf, np.nan, -2.0, 0.0, 3.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ops.silu(x)
+    want = torch.nn.functional.silu(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=1e-15)

@@ -1028,11 +1028,13 @@ def _remember(memory: OrderedDict[str, None], key: str, size: int) -> None:
 
 
 def _nbytes(arrays: Mapping[str, Any]) -> int:
-    """Bytes of the arrays of a message, from their metadata (no conversion)."""
+    """Bytes of the arrays of a message, from their metadata (no conversion). A torch tensor counts its
+    elements of any layout (read first: a sparse tensor's ``nbytes`` raises, where the array check refuses
+    the tensor with a project error)."""
     total = 0
     for a in arrays.values():
-        if hasattr(a, "nbytes") and isinstance(getattr(a, "nbytes", None), int):
-            total += int(a.nbytes)
-        elif hasattr(a, "element_size") and hasattr(a, "nelement"):
+        if hasattr(a, "element_size") and hasattr(a, "nelement"):
             total += int(a.element_size() * a.nelement())
+        elif isinstance(getattr(a, "nbytes", None), int):
+            total += int(a.nbytes)
     return total

@@ -99,7 +99,8 @@ class LocalTransport:
         if self.record_view and isinstance(reply, Reply) and arrays is reply.arrays:
             try:
                 seen = {k: _numpy(v) for k, v in arrays.items()}
-            except (TypeError, ValueError):  # not arrays (e.g. ragged lists): the client refuses them
+            except (TypeError, ValueError, RuntimeError):  # not arrays (ragged lists, a sparse or meta
+                # tensor: NotImplementedError is a RuntimeError): the client refuses them
                 seen = None
             if seen is not None:
                 self.view.replies.append(
