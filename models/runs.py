@@ -39,7 +39,14 @@ from scx_ref.zoo.engines import (
     scx_generate,
     scx_logits,
 )
-from scx_ref.zoo.perplexity import PPL_CRITERION, compare_ppl, ppl_run, progress_bar, windows
+from scx_ref.zoo.perplexity import (
+    PPL_CRITERION,
+    compare_ppl,
+    ppl_run,
+    precision_warned,
+    progress_bar,
+    windows,
+)
 
 __all__ = ["generate_run", "main", "sweep_run"]
 
@@ -149,15 +156,16 @@ def sweep_run(
             cfg = scx_config(
                 level, beta, max_length=min(w.config.max_positions, max(window, 16)), blind_dtype=blind_dtype
             )
-            wide = cfg.wide_blinding(np.dtype(dtype).itemsize)
+            wide = cfg.wide_blinding(dtype)
             scx = scx_logits(w, dtype, cfg)
-            res = compare_ppl(
-                ids,
-                window,
-                _replay(cached),
-                scx,
-                progress_bar(f"{model} {dtype} β={beta:g}", progress),
-            )
+            with precision_warned(cfg, dtype, w.config):  # once, on its own line: not inside the bar
+                res = compare_ppl(
+                    ids,
+                    window,
+                    _replay(cached),
+                    scx,
+                    progress_bar(f"{model} {dtype} β={beta:g}", progress),
+                )
             crit = PPL_CRITERION[dtype]
             row = {"dtype": dtype, "beta": beta, "blind_dtype": blind_dtype, "wide": wide}
             row.update({**res.to_dict(), "criterion_rel_delta_ppl": crit})

@@ -50,7 +50,7 @@ WARNS: list[tuple[dict[str, Any], Any, tuple[str, ...]]] = [
         ("bfloat16", "not measured", "blind_dtype='float64'"),
     ),
     ({"beta": 1.0, "blind_dtype": "backend"}, torch.float16, ("float16 backend",)),
-    ({"beta": 5.0}, torch.bfloat16, ("β = 5", "bfloat16")),  # "auto" keeps β ≤ 5 in the backend's dtype
+    ({"beta": 5.0, "blind_dtype": "backend"}, torch.bfloat16, ("β = 5", "bfloat16")),
     ({"beta": 1e12, "blind_dtype": "backend"}, "float16", ("blind_dtype='float64' with a β ≤ 1e+09",)),
 ]
 
@@ -76,6 +76,8 @@ QUIET: list[tuple[dict[str, Any], Any]] = [
     ({"beta": 1e4, "blind_dtype": "float64"}, "float32"),
     ({"beta": WIDE_BETA_LIMIT}, "float32"),
     ({"beta": WIDE_BETA_LIMIT}, torch.bfloat16),  # float64 blinding of a bfloat16 run
+    ({"beta": 5.0}, torch.bfloat16),  # "auto" blinds in float64 past bfloat16's own limit (7.6e-5)
+    ({"level": "blind", "beta": 1.0}, torch.float16),  # and past float16's (6.1e-4)
     ({"beta": 50.0, "blind_dtype": "backend"}, "float64"),
     ({"level": "blind", "beta": F64_BETA_LIMIT}, "float64"),
     ({"beta": 0.0}, "float32"),

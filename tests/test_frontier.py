@@ -137,12 +137,12 @@ def test_hardened_plan_blinds_every_generation_linear_stage() -> None:
 
 
 def test_wide_blinding_choice() -> None:
-    assert not SCXConfig(beta=5.0).wide_blinding(4)
-    assert SCXConfig(beta=5.5).wide_blinding(4)
-    assert SCXConfig(beta=1.0, stage_beta={"o": 50.0}).wide_blinding(4)
-    assert not SCXConfig(beta=50.0).wide_blinding(8)  # already float64
-    assert not SCXConfig(beta=50.0, blind_dtype="backend").wide_blinding(4)
-    assert SCXConfig(beta=1.0, blind_dtype="float64").wide_blinding(4)
+    assert not SCXConfig(beta=5.0).wide_blinding("float32")
+    assert SCXConfig(beta=5.5).wide_blinding("float32")
+    assert SCXConfig(beta=1.0, stage_beta={"o": 50.0}).wide_blinding("float32")
+    assert not SCXConfig(beta=50.0).wide_blinding("float64")  # already float64
+    assert not SCXConfig(beta=50.0, blind_dtype="backend").wide_blinding("float32")
+    assert SCXConfig(beta=1.0, blind_dtype="float64").wide_blinding("float32")
     for bad in ({"attention": "gpu"}, {"gen_linear": "x"}, {"blind_dtype": "float16"}):
         with pytest.raises(ConfigError):
             SCXConfig(**bad)  # type: ignore[arg-type]

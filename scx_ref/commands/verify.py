@@ -41,7 +41,7 @@ from ..zoo.engines import (
     scx_generate,
     scx_logits,
 )
-from ..zoo.perplexity import ppl_run
+from ..zoo.perplexity import ppl_run, precision_warned
 from ._args import add_level, device, float_at_least, int_at_least, output_file, require_device
 
 __all__ = ["LOGIT_RTOL", "dp_summary", "format_verdict", "register", "run", "verify"]
@@ -96,62 +96,66 @@ def verify(
     """Run the checks on a registered model; ``checks`` is a list of {check, status (PASS/FAIL/INFO),
     value, criterion}, ``pass`` is no check FAILed. With ``server`` (an ``scx serve`` URL) every SCX
     session runs on that server. ``device``: the torch device float32's plaintext (the HF model) and SCX
-    (client and in-process server) run on; float64 runs on the CPU (ConfigError otherwise)."""
+    (client and in-process server) run on; float64 runs on the CPU (ConfigError otherwise). The
+    configuration's PrecisionWarning, if any, is issued once, before any check or progress bar."""
     t0 = time.perf_counter()
     check_device(dtype, device)
     hf, tok, w = load_model(model, dtype)
     hf = plain_model(hf, device)
     cfg = scx_config(level, beta, max_length=max(prompt_len + n_new, window))
-    items = prompts(n_prompts, prompt_len, tok, w.config.vocab_size)
-    checks: list[dict[str, Any]] = []
+    # a β past its dtype's limit is said once, here, on its own line: each SCX client repeats it (inside
+    # the ΔPPL run's progress bar, where it was printed into the bar's line)
+    with precision_warned(cfg, dtype, w.config):
+        items = prompts(n_prompts, prompt_len, tok, w.config.vocab_size)
+        checks: list[dict[str, Any]] = []
 
-    plain, scx = plain_logits(hf, w, dtype), scx_logits(w, dtype, cfg, device, server=server)
-    dmax = lmax = 0.0
-    for ids in items:
-        lp, ls = np.asarray(plain(ids), np.float64), np.asarray(scx(ids), np.float64)
-        dmax, lmax = max(dmax, float(np.abs(ls - lp).max())), max(lmax, float(np.abs(lp).max()))
-    rel = dmax / lmax
-    checks.append(
-        {
-            "check": "prefill logits",
-            "status": "PASS" if rel <= LOGIT_RTOL[dtype] else "FAIL",
-            "value": f"max |Δlogit| = {dmax:.2e} (max |logit| {lmax:.1f}, relative {rel:.1e})",
-            "criterion": f"relative ≤ {LOGIT_RTOL[dtype]:.0e}",
-            "max_abs_dlogit": dmax,
-            "rel": rel,
-        }
-    )
+        plain, scx = plain_logits(hf, w, dtype), scx_logits(w, dtype, cfg, device, server=server)
+        dmax = lmax = 0.0
+        for ids in items:
+            lp, ls = np.asarray(plain(ids), np.float64), np.asarray(scx(ids), np.float64)
+            dmax, lmax = max(dmax, float(np.abs(ls - lp).max())), max(lmax, float(np.abs(lp).max()))
+        rel = dmax / lmax
+        checks.append(
+            {
+                "check": "prefill logits",
+                "status": "PASS" if rel <= LOGIT_RTOL[dtype] else "FAIL",
+                "value": f"max |Δlogit| = {dmax:.2e} (max |logit| {lmax:.1f}, relative {rel:.1e})",
+                "criterion": f"relative ≤ {LOGIT_RTOL[dtype]:.0e}",
+                "max_abs_dlogit": dmax,
+                "rel": rel,
+            }
+        )
 
-    gp, gs = plain_generate(hf, w, dtype), scx_generate(w, dtype, cfg, device, server=server)
-    same = 0
-    for ids in items:
-        same += int(gp(ids, n_new) == gs(ids, n_new))
-    checks.append(
-        {
-            "check": "greedy generation",
-            "status": "PASS" if same == len(items) else "FAIL",
-            "value": f"{same}/{len(items)} prompts identical ({n_new} new tokens each)",
-            "criterion": "every token identical",
-            "identical": same,
-        }
-    )
+        gp, gs = plain_generate(hf, w, dtype), scx_generate(w, dtype, cfg, device, server=server)
+        same = 0
+        for ids in items:
+            same += int(gp(ids, n_new) == gs(ids, n_new))
+        checks.append(
+            {
+                "check": "greedy generation",
+                "status": "PASS" if same == len(items) else "FAIL",
+                "value": f"{same}/{len(items)} prompts identical ({n_new} new tokens each)",
+                "criterion": "every token identical",
+                "identical": same,
+            }
+        )
 
-    # the ΔPPL run builds its own model copy and backend: these two checks' are let go first (on a GPU,
-    # each holds the weights in device memory)
-    del plain, scx, gp, gs, hf
-    rec = ppl_run(
-        model, dtype, level, beta, ppl_tokens, window, progress=progress, server=server, device=device
-    )
-    checks.append(
-        {
-            "check": "ΔPPL",
-            "status": "PASS" if rec["pass"] else "FAIL",
-            "value": f"PPL {rec['ppl_plain']:.6g} → {rec['ppl_scx']:.6g}, |ΔPPL|/PPL = "
-            f"{rec['rel_delta_ppl']:.1e} ({rec['tokens']} tokens)",
-            "criterion": f"≤ {rec['criterion_rel_delta_ppl']:.0e}",
-            "ppl": rec,
-        }
-    )
+        # the ΔPPL run builds its own model copy and backend: these two checks' are let go first (on a GPU,
+        # each holds the weights in device memory)
+        del plain, scx, gp, gs, hf
+        rec = ppl_run(
+            model, dtype, level, beta, ppl_tokens, window, progress=progress, server=server, device=device
+        )
+        checks.append(
+            {
+                "check": "ΔPPL",
+                "status": "PASS" if rec["pass"] else "FAIL",
+                "value": f"PPL {rec['ppl_plain']:.6g} → {rec['ppl_scx']:.6g}, |ΔPPL|/PPL = "
+                f"{rec['rel_delta_ppl']:.1e} ({rec['tokens']} tokens)",
+                "criterion": f"≤ {rec['criterion_rel_delta_ppl']:.0e}",
+                "ppl": rec,
+            }
+        )
 
     dp = dp_summary(w, level, beta, cfg, prompt_len, n_new)
     eps = dp["epsilon_best"]

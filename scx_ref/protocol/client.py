@@ -194,15 +194,15 @@ class Client(Generic[A]):
         self.client_attention = frozenset((*self.first, *self.last) if self.cfg.attention == "client" else ())
         # first guard blocks whose generation attention the server computes (gen_attn; the paper's flow)
         self.server_gen_attention = frozenset(self.cfg.server_gen_attention(self.c.n_layers))
-        # blinded messages travel and are multiplied in float64 above the float32 β limit (DESIGN §6)
-        self.wide = self.cfg.wide_blinding(backend.numpy_dtype().itemsize) and bool(
-            self.plan.prefill or self.plan.generation
-        )
+        # the dtype the backend computes in (a torch backend's bfloat16 too, which numpy lacks)
+        computes_in = getattr(backend, "dtype", backend.numpy_dtype())
+        # blinded messages travel and are multiplied in float64 above the β limit of the backend's dtype (§6)
+        self.wide = self.cfg.wide_blinding(computes_in) and bool(self.plan.prefill or self.plan.generation)
         self.bb: Backend[A] = backend.widened() if self.wide else backend
         # a β past the limit of the dtype its blinded stages run in is taken, not refused: said, once per
         # place (a PrecisionWarning; README, "How large β may be")
         betas = [r.beta for r in (*self.plan.prefill, *self.plan.generation)]
-        self.cfg.warn_precision(getattr(backend, "dtype", backend.numpy_dtype()), betas)
+        self.cfg.warn_precision(computes_in, betas)
         self.pool: MaskPool[A] | None = None  # offline masks for the next requests (protocol.pool)
         if decoys is not None:
             self.decoys: DecoyPolicy = decoys
@@ -382,7 +382,9 @@ class Client(Generic[A]):
         y = got[reply_key]
         self._verify(stage, lambda v: v.linear(stage, wl, sent, y, which, u, expert, norm, norm_layer))
         self.meter.matmul(stage, rows, width, bb.shape(y)[1], "offline" if ahead else "client")
-        out = unblind(bb.floating(y, "reply", finite=False), correction, bb)
+        # the unblinding tests every entry of the reply (``consumed``: not scanned on arrival): a NaN or ±inf
+        # there is the reply's fault — IntegrityError, the session failed (:meth:`_consume`)
+        out = self._consume(stage, lambda: unblind(bb.floating(y, "reply", finite=False), correction, bb))
         return b.floating(out, "unblinded", finite=False) if self.wide else out
 
     def _mlp_stage(

@@ -51,10 +51,11 @@ GEN_ATTENTION_SITES: tuple[str, ...] = ("client", "server")
 GEN_LINEAR_SITES: tuple[str, ...] = ("client", "server")
 #: The largest β at which float32 blinded stages were measured within |ΔPPL|/PPL ≤ 1e-5 on SmolLM2 with
 #: every linear stage blinded (DESIGN §6; 3.2e-5 at β = 10). ``blind_dtype="auto"`` runs the blinded
-#: stages in float64 above it.
+#: stages of a float32 run in float64 above it (of a bfloat16 or float16 run above :func:`beta_limit` of
+#: that dtype, this limit scaled by the unit roundoffs).
 F32_BETA_LIMIT = 5.0
 #: The largest β at which a float32 (or narrower) run whose blinded stages run in float64
-#: (``blind_dtype="float64"``, or ``"auto"`` above :data:`F32_BETA_LIMIT`) keeps float32's bound
+#: (``blind_dtype="float64"``, or ``"auto"`` above the run dtype's own limit) keeps float32's bound
 #: |ΔPPL|/PPL ≤ 1e-5. Blinding's rounding is that of x + η: x survives only to the spacing near |η|, so
 #: it grows as u·β, and float64's limit is float32's times u₃₂/u₆₄ = 2²⁹: 5·2²⁹ ≈ 2.7e9. Rounded down to
 #: stay below every measured float64 point extrapolated linearly in β: SmolLM2 6.8e-8 at β = 1e7 (1e-5 at
@@ -78,9 +79,6 @@ F64_BETA_LIMIT = 3e5
 #: measures and reports, not refuses: :meth:`SCXConfig.precision_warning` says when a β is past the limit
 #: of its dtype.) The largest β anything here uses is 1e8 (the README's float64 sweep).
 MAX_BETA = 1e100
-
-
-_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -164,7 +162,9 @@ class SCXConfig:
                add and a subtract).
     blind_dtype the dtype of blinded messages and of the server's products on them: ``backend`` (the
                backend's own), ``float64``, or ``auto`` (float64 when a β of the plan exceeds
-               :data:`F32_BETA_LIMIT` and the backend computes in a narrower dtype; else the backend's).
+               :func:`beta_limit` of the backend's own dtype — :data:`F32_BETA_LIMIT` on float32, 7.6e-5
+               on bfloat16, 6.1e-4 on float16 — and the backend computes in a narrower dtype than float64;
+               else the backend's: :meth:`wide_blinding`).
     decoys     decoy policy: ``calibration`` (real-looking rows from a public calibration pool) or
                ``gaussian`` (moment-matched Gaussian, for comparison).
     max_length the most positions (prompt + generated) a session may reach (None: the model's
@@ -266,13 +266,18 @@ class SCXConfig:
         """The largest β any blinded input kind may get (``beta`` and every ``stage_beta`` value)."""
         return max([float(self.beta), *(float(v) for v in (self.stage_beta or {}).values())])
 
-    def wide_blinding(self, backend_itemsize: int) -> bool:
-        """Whether blinded messages travel and are multiplied in float64 on a backend whose dtype has
-        ``backend_itemsize`` bytes: ``blind_dtype="float64"``, or ``auto`` with a β above
-        :data:`F32_BETA_LIMIT` on a backend narrower than float64 (DESIGN §5.7, §6)."""
-        if backend_itemsize >= 8 or self.blind_dtype == "backend":
+    def wide_blinding(self, backend_dtype: Any) -> bool:
+        """Whether blinded messages travel and are multiplied in float64 on a backend computing in
+        ``backend_dtype`` (a numpy or torch floating dtype or its name): ``blind_dtype="float64"``, or
+        ``auto`` with a β above :func:`beta_limit` of the backend's own dtype (:data:`F32_BETA_LIMIT` on
+        float32, 7.6e-5 on bfloat16, 6.1e-4 on float16) on a backend narrower than float64 — so that
+        ``auto`` blinds in the backend's dtype only where that dtype keeps the measured exactness (DESIGN
+        §5.7, §6).
+        ConfigError for another dtype."""
+        run = _dtype_name(backend_dtype)
+        if run == "float64" or self.blind_dtype == "backend":
             return False
-        return self.blind_dtype == "float64" or self.max_beta > F32_BETA_LIMIT
+        return self.blind_dtype == "float64" or self.max_beta > beta_limit(run, run)
 
     def precision_warning(self, backend_dtype: Any, betas: Iterable[float] | None = None) -> str | None:
         """Why a session of this configuration on a backend computing in ``backend_dtype`` (a numpy or
@@ -284,10 +289,11 @@ class SCXConfig:
         else in ``backend_dtype``; the message is returned when the largest β of ``betas`` exceeds
         :func:`beta_limit` of the two (float32 blinded stages above :data:`F32_BETA_LIMIT`, float64 ones
         above :data:`WIDE_BETA_LIMIT`, or above :data:`F64_BETA_LIMIT` on a float64 run; bfloat16 and
-        float16 blinded stages at nearly any β). ``betas``: the β of every blinded message — the client's
-        :class:`~scx_ref.protocol.plan.ReleasePlan` releases; None: this configuration's own, without the
-        model (none at level ``permute`` with ``last_ffn="exact"``; else :attr:`max_beta`, and β = 1 for
-        the paper's offset). No blinded message (β = 0, level ``permute``): None.
+        float16 blinded stages — ``blind_dtype="backend"`` — at nearly any β). ``betas``: the β of every
+        blinded message — the client's :class:`~scx_ref.protocol.plan.ReleasePlan` releases; None: this
+        configuration's own, without the model (none at level ``permute`` with ``last_ffn="exact"``; else
+        :attr:`max_beta`, and β = 1 for the paper's offset). No blinded message (β = 0, level ``permute``):
+        None.
 
         ConfigError for another dtype or a β outside [0, :data:`MAX_BETA`]."""
         run = _dtype_name(backend_dtype)
@@ -298,7 +304,7 @@ class SCXConfig:
         beta = max([0.0, *(_check_beta(b, "betas") for b in betas)])
         if beta == 0.0:
             return None
-        blinded = "float64" if run == "float64" or self.wide_blinding(_ITEMSIZE[run]) else run
+        blinded = "float64" if run == "float64" or self.wide_blinding(run) else run
         limit = beta_limit(run, blinded)
         if beta <= limit:
             return None

@@ -12,9 +12,12 @@ float64 from each side's logits (log-softmax in float64), so the two sides diffe
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -22,13 +25,24 @@ import numpy as np
 import numpy.typing as npt
 
 from .._checks import check_int
-from ..errors import ConfigError, NonFiniteError, ShapeError, VocabularyError
+from ..config import ModelConfig
+from ..errors import ConfigError, NonFiniteError, PrecisionWarning, ShapeError, VocabularyError
 from ..protocol import Level, SCXConfig
+from ..protocol.plan import ReleasePlan
 from . import load_model, max_positions
 from .corpus import corpus_tokens
 from .engines import LogitsFn, check_device, plain_logits, plain_model, scx_config, scx_logits
 
-__all__ = ["PPL_CRITERION", "PPLComparison", "compare_ppl", "ppl_run", "progress_bar", "token_nll", "windows"]
+__all__ = [
+    "PPL_CRITERION",
+    "PPLComparison",
+    "compare_ppl",
+    "ppl_run",
+    "precision_warned",
+    "progress_bar",
+    "token_nll",
+    "windows",
+]
 
 # |ΔPPL| / PPL bound per dtype (DESIGN §6)
 PPL_CRITERION = {"float32": 1e-5, "float64": 1e-9}
@@ -179,6 +193,25 @@ def progress_bar(desc: str, enabled: bool) -> Callable[[Iterable[Any]], Iterable
     return lambda it: tqdm(list(it), desc=desc, unit="window", file=sys.stderr)
 
 
+@contextmanager
+def precision_warned(cfg: SCXConfig, dtype: str, model: ModelConfig) -> Iterator[str | None]:
+    """Issue, on entry, the :class:`~scx_ref.errors.PrecisionWarning` every SCX client of a run of ``cfg``
+    on an engine of ``dtype`` (:data:`~scx_ref.zoo.engines.ENGINE_DTYPES`) and ``model`` would issue —
+    :meth:`SCXConfig.warn_precision` with the β of each message the client's
+    :class:`~scx_ref.protocol.plan.ReleasePlan` blinds — and keep that same warning quiet inside the block,
+    yielding its message (None: no warning). So it is printed once, on its own line, before any progress
+    bar starts: each client is built inside the bar's loop, where the warning was printed into the bar's
+    line. Other warnings are untouched. It changes the process's warning filters while the block runs
+    (:class:`warnings.catch_warnings`): a command's, not a library call's, tool."""
+    plan = ReleasePlan.of(cfg, model)
+    betas = [r.beta for r in (*plan.prefill, *plan.generation)]
+    with warnings.catch_warnings():
+        message = cfg.warn_precision(dtype, betas, stacklevel=3)  # the ``with`` line of the caller
+        if message is not None:
+            warnings.filterwarnings("ignore", message=re.escape(message), category=PrecisionWarning)
+        yield message
+
+
 def ppl_run(
     model: str,
     dtype: str = "float32",
@@ -197,7 +230,9 @@ def ppl_run(
     instead of ``level`` and ``beta``. ``device``: the torch device both float32 sides run on
     (:mod:`scx_ref.zoo.engines`; ConfigError for float64 off the CPU). ConfigError, before the model is
     loaded, for an unknown model, a ``tokens`` or ``window`` that is not an integer >= 2, a window past
-    the model's positions, or a ``config`` that is neither an SCXConfig, a preset name nor None."""
+    the model's positions, or a ``config`` that is neither an SCXConfig, a preset name nor None. The
+    configuration's PrecisionWarning, if any, is issued once, before the progress bar
+    (:func:`precision_warned`)."""
     check_device(dtype, device)
     windows(tokens, window)  # both integers >= 2, checked before the model is loaded
     positions = max_positions(model)  # the name checked too: nothing is downloaded for a bad call
@@ -218,13 +253,14 @@ def ppl_run(
     else:
         cfg = replace(config, max_length=max_length)
         level, beta = cfg.level, cfg.beta
-    res = compare_ppl(
-        ids,
-        window,
-        plain_logits(plain_model(hf, device), w, dtype),
-        scx_logits(w, dtype, cfg, device, server=server),
-        progress_bar(f"{model} {dtype} {level}", progress),
-    )
+    with precision_warned(cfg, dtype, w.config):  # said once, before the progress bar starts
+        res = compare_ppl(
+            ids,
+            window,
+            plain_logits(plain_model(hf, device), w, dtype),
+            scx_logits(w, dtype, cfg, device, server=server),
+            progress_bar(f"{model} {dtype} {level}", progress),
+        )
     out: dict[str, Any] = {
         "kind": "ppl",
         "model": model,
