@@ -131,6 +131,21 @@ def test_gaussian_decoys_need_real_rows(real: Any) -> None:
         GaussianDecoys().draw(Stage.FFN, 1, 2, real, _keys().stream(("d",)))
 
 
+@pytest.mark.parametrize("size", [1.0, 1e155, 1e-300])
+def test_gaussian_decoys_match_the_rows_moments_without_overflow(size: float) -> None:
+    """Rows of ~1e155 (finite in float64, their squares not) gave an infinite std, so the decoys were
+    refused as non-finite although the model's rows were finite, and rows of ~1e-300 a zero one; the
+    moments are numpy's where its squares stay in range."""
+    real = np.random.default_rng(0).standard_normal((64, 5)) * size
+    real[:, 4] = 0.0  # a column of zeros: std 0, the decoys equal to its mean
+    mean, std = real.mean(axis=0), (real / size).std(axis=0) * size  # numpy's, computed where it holds
+    draws = GaussianDecoys().draw(Stage.FFN, 1, 20000, real, _keys().stream(("d",)))
+    assert np.isfinite(draws).all() and (draws[:, 4] == 0.0).all()
+    unit = draws / size  # the draws' moments, measured in units that neither overflow nor underflow
+    np.testing.assert_allclose(unit.mean(axis=0)[:4], mean[:4] / size, atol=0.05 * (std[:4] / size).max())
+    np.testing.assert_allclose(unit.std(axis=0)[:4], std[:4] / size, rtol=0.05)
+
+
 # -- keyring --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layer", [-1, 2**32, 1.0])
 def test_commitment_refuses_a_layer_outside_its_field(layer: Any) -> None:

@@ -136,9 +136,22 @@ class GaussianDecoys:
         width = real.shape[1]
         if count == 0:
             return np.zeros((0, width))
-        mu = real.mean(axis=0)
-        sd = real.std(axis=0) if real.shape[0] > 1 else np.abs(real[0]) + 1e-3
+        mu, sd = _moments(real)
         u1 = 1.0 - np.asarray(stream.random((count, width)))
         u2 = np.asarray(stream.random((count, width)))
         z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2 * np.pi * u2)
         return np.asarray(mu + sd * z)
+
+
+def _moments(real: Array) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per-coordinate mean and std of the rows of ``real`` in float64 (one row: the row and |row| + 1e-3),
+    each column divided by its largest |entry| first, so that the squares neither overflow nor underflow
+    (rows of ~1e155 gave an infinite std, then decoys refused as non-finite although the model's own rows
+    were finite; rows of ~1e-300 a zero std, decoys all equal to the mean)."""
+    x = np.asarray(real, dtype=np.float64)
+    if x.shape[0] == 1:
+        return x[0].copy(), np.abs(x[0]) + 1e-3
+    scale = np.max(np.abs(x), axis=0)
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    unit = x / scale
+    return unit.mean(axis=0) * scale, unit.std(axis=0) * scale
