@@ -222,6 +222,13 @@ def _check_count(n: object, what: str) -> None:
     check_int(n, what, 0, error=KeyScheduleError)
 
 
+def _nonce_bytes(nonce: object) -> bytes:
+    """``nonce`` as bytes (a bytearray is copied); KeyScheduleError for anything else."""
+    if not isinstance(nonce, (bytes, bytearray)):
+        raise KeyScheduleError(f"a nonce must be bytes, got {type(nonce).__name__}")
+    return bytes(nonce)
+
+
 class NonceClaims:
     """The nonces that have driven a session under one master secret, shared by a schedule and every
     schedule :meth:`KeySchedule.for_nonce` derives from it (thread-safe).
@@ -237,25 +244,27 @@ class NonceClaims:
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._memory = memory
 
-    def claim(self, nonce: bytes) -> None:
+    def claim(self, nonce: bytes | bytearray) -> None:
         """Record that ``nonce`` drives a session; SessionError if it already did (KeyScheduleError for a
-        nonce that is not bytes)."""
-        if not isinstance(nonce, bytes):
-            raise KeyScheduleError(f"a nonce must be bytes, got {type(nonce).__name__}")
+        nonce that is not bytes or bytearray — a bytearray is the nonce its bytes hold)."""
+        key = _nonce_bytes(nonce)
         with self._lock:
-            if nonce in self._seen:
+            if key in self._seen:
                 raise SessionError(
                     "nonce reused: a (master secret, nonce) pair drives one session only; "
                     "every prompt needs a fresh nonce"
                 )
-            self._seen[nonce] = None
+            self._seen[key] = None
             while len(self._seen) > self._memory:
                 self._seen.popitem(last=False)
 
-    def claimed(self, nonce: bytes) -> bool:
-        """Whether ``nonce`` already drove a session (within the memory)."""
+    def claimed(self, nonce: bytes | bytearray) -> bool:
+        """Whether ``nonce`` already drove a session (within the memory); a bytearray is the nonce its bytes
+        hold (KeyScheduleError for anything else that is not bytes: it used to be a raw TypeError, or a
+        wrong False)."""
+        key = _nonce_bytes(nonce)
         with self._lock:
-            return nonce in self._seen
+            return key in self._seen
 
 
 class KeySchedule:
@@ -297,10 +306,12 @@ class KeySchedule:
 
     @staticmethod
     def new_nonce() -> bytes:
+        """A fresh random 16-byte nonce from the OS CSPRNG (never from a global RNG)."""
         return secrets.token_bytes(NONCE_BYTES)
 
     @property
     def session_id(self) -> str:
+        """The public nonce in hex (never anything derived from the master secret)."""
         return self.nonce.hex()
 
     def key(self, label: Label, length: int = 32) -> bytes:

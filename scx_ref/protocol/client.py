@@ -488,6 +488,11 @@ class Client(Generic[A]):
         if n > self.max_length:
             raise ProtocolError(f"prompt of {n} tokens is longer than max_length {self.max_length}")
         if nonce is None and self._prepared is None and self.pool is not None:
+            if self.pool.client is not self:  # its nonces are claimed by its own client's master alone
+                raise ProtocolError(
+                    "this client's pool was filled by another client: its masks come from that client's "
+                    "keys, whose nonce claims this client cannot record (build a MaskPool for this client)"
+                )
             entry = self.pool.take_fitting(n)  # one-time masks derived offline: used by this request only
             if entry is not None:  # None: no entry serves n tokens (empty, or n > capacity): derived below
                 self._prepared, nonce = entry, entry.nonce

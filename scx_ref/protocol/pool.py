@@ -34,7 +34,7 @@ import numpy as np
 from .._checks import check_int
 from ..backends.base import A
 from ..errors import ProtocolError
-from ..keys import KeySchedule
+from ..keys import KeySchedule, NonceClaims
 from .prepare import BackgroundJob, PreparedKeys
 
 
@@ -49,6 +49,13 @@ class PoolOwner(Protocol[A]):
 
 
 __all__ = ["MaskPool", "PoolOwner"]
+
+
+def _used(entry: PreparedKeys[Any]) -> bool:
+    """Whether ``entry``'s nonce already drove a session under its master secret (a request given that
+    nonce explicitly): its masks must never be sent (they would blind a second prompt with the same η)."""
+    claims = getattr(entry.keys.schedule, "claims", None)
+    return isinstance(claims, NonceClaims) and claims.claimed(entry.nonce)
 
 
 def _integer(v: Any, name: str) -> int:
@@ -118,7 +125,9 @@ class MaskPool(Generic[A]):
             self.bytes_per_prompt_token = prefill / self.capacity
             self.bytes_per_step = (entry.mask_bytes - prefill) / self.steps if self.steps else 0.0
             with self._lock:
-                if nonce in self._nonces:  # 128-bit nonces: never, but a repeat must not be served
+                # 128-bit nonces: never, but a repeat must not be served. Held entries are checked here,
+                # used ones by their master's claims; a taken entry's nonce is forgotten (bounded memory)
+                if nonce in self._nonces or _used(entry):
                     continue
                 self._nonces.add(nonce)
                 self._entries.append(entry)
@@ -131,15 +140,17 @@ class MaskPool(Generic[A]):
     def take(self, n: int) -> PreparedKeys[A]:
         """Remove and return the oldest entry, bound to a prompt of ``n`` tokens (ProtocolError when n is
         not an integer in [1, capacity] or the pool is empty; the pool is then unchanged). The entry is
-        never handed out again."""
+        never handed out again; an entry whose nonce already drove a session (given to a request
+        explicitly) is dropped, never served."""
         entry = self._take(n)
         if entry is None:
             raise ProtocolError("the mask pool is empty: fill it first")
         return entry
 
     def take_fitting(self, n: int) -> PreparedKeys[A] | None:
-        """As :meth:`take`, but None (the pool unchanged) when no entry serves a prompt of ``n`` tokens:
-        the pool is empty or ``n`` exceeds its capacity (the caller then derives its own keys)."""
+        """As :meth:`take`, but None (the pool unchanged, but for entries whose nonce already drove a session,
+        which are dropped) when no entry serves a prompt of ``n`` tokens: the pool is empty or ``n`` exceeds
+        its capacity (the caller then derives its own keys)."""
         n = _integer(n, "n")
         return self._take(n) if n <= self.capacity else None
 
@@ -148,9 +159,13 @@ class MaskPool(Generic[A]):
         if not 1 <= n <= self.capacity:
             raise ProtocolError(f"this pool's entries serve prompts of 1 to {self.capacity} tokens, not {n}")
         with self._lock:
-            if not self._entries:
-                return None
-            entry = self._entries.popleft()
+            while True:
+                if not self._entries:
+                    return None
+                entry = self._entries.popleft()
+                self._nonces.discard(entry.nonce)
+                if not _used(entry):
+                    break
         entry.bind(n)
         return entry
 

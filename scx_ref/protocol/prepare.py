@@ -217,7 +217,7 @@ class PreparedKeys(Generic[A]):
         """``count`` decoy rows of (stage, layer) in the backend, drawn by the decoy policy from the
         schedule's stream: the precomputed rows when there are any (dropped once read), else drawn now.
         ``real`` (the real rows) is needed only by a policy that looks at them; ``width`` comes from it or
-        from the stage."""
+        from the stage. ProtocolError when the policy needs the real rows and ``real`` is None."""
         kept = self._decoys.pop((stage, layer), None)
         if kept is not None and self.b.nrows(kept) == count:
             return kept
@@ -225,7 +225,7 @@ class PreparedKeys(Generic[A]):
         policy = self.decoy_policy
         if policy.needs_real and count:
             if real is None:
-                raise ValueError("this decoy policy needs the real rows")
+                raise ProtocolError("this decoy policy needs the real rows: pass them as ``real``")
             real_np = np.asarray(self.b.to_numpy(real), dtype=np.float64)
         else:
             real_np = np.zeros((0, width))
@@ -278,7 +278,9 @@ class PreparedKeys(Generic[A]):
         coefficients of the new key, per step. ``perms=False`` skips what depends on the
         prompt's length n (the token permutations, commitments and reply checks): a mask pool's entry
         (:mod:`~scx_ref.protocol.pool`), whose n is known only when its prompt arrives. Returns self.
+        ProtocolError, nothing derived, unless ``steps`` is an integer >= 0 (Python or numpy, not bool).
         """
+        steps = check_int(steps, "steps", 0, error=ProtocolError)
         t0 = time.perf_counter()
         cfg, L = self.cfg, self.b.config.n_layers
         _, _, last = cfg.blocks(L)
@@ -323,7 +325,9 @@ class PreparedKeys(Generic[A]):
 
     def start(self, steps: int = 0) -> None:
         """:meth:`fill` in a background thread (its work runs while the caller does other things; the
-        prefill waits for it in :meth:`wait`)."""
+        prefill waits for it in :meth:`wait`). ProtocolError at once, nothing started, unless ``steps`` is an
+        integer >= 0."""
+        steps = check_int(steps, "steps", 0, error=ProtocolError)
         self._job.start(lambda: self.fill(steps), "scx-precompute")
 
     def wait(self) -> None:
