@@ -6,7 +6,8 @@ of medians with its paired-bootstrap 95 % interval, the median of the rounds' pa
 distribution-free interval (:mod:`scx_ref.commands.bench_stats`; both recomputed here from the rounds the
 file keeps, so files written before the bench reported them are read the same way), the goal, and the
 verdict: **met** when the interval lies at or below the goal, **missed** when it lies above, **undecided**
-when it holds the goal.
+when it holds the goal; none (``-``) for a row of fewer than 6 rounds, whose median has no 95 % interval
+(the bootstrap's of 1 round is the ratio itself: it would say met or missed from one reading).
 
 The goals are the open performance issue's (``GOALS``): prefill ≤ 1.10 at 128 tokens, ≤ 1.05 at 512 and
 2048; decode ≤ 1.03 a token. Other rows are listed without a verdict, and so are the rows of a file whose
@@ -30,7 +31,7 @@ import numpy as np
 from scx_ref.commands.bench_stats import SEED, median_interval, ratio_interval
 from scx_ref.errors import ConfigError
 
-__all__ = ["GOALS", "hf_baseline", "main", "verdict"]
+__all__ = ["GOALS", "hf_baseline", "judged", "main", "verdict"]
 
 #: (phase, n) → the largest SCX / Hugging Face ratio the goal allows (decode: any prompt length, n = None)
 GOALS: dict[tuple[str, int | None], float] = {
@@ -53,6 +54,25 @@ def verdict(interval: Sequence[float] | None, goal: float | None) -> str:
         return "-"
     lo, hi = interval[0], interval[1]
     return "met" if hi <= goal else "missed" if lo > goal else "undecided"
+
+
+def judged(row: dict[str, Any], paired: bool = False) -> Sequence[float] | None:
+    """The interval a row of :func:`rows_of` is judged on: its paired median's (``paired``) or its ratio of
+    medians'; None below 6 rounds, where no pair of order statistics covers a median 95 % of the time and
+    the bootstrap's interval falls as short (of 1 round it is [ratio, ratio]: a verdict from one reading)."""
+    if paired or row["_paired_interval"] is None:
+        return row["_paired_interval"]  # type: ignore[no-any-return]
+    return row["_ratio_interval"]  # type: ignore[no-any-return]
+
+
+def _end(x: float, goal: float | None) -> str:
+    """An interval's end to 3 decimals, or to as many more as tell it from a goal it is not equal to (1.0504
+    against 1.05: ``1.0504``, not ``1.050``), so that the verdict printed beside it follows from the text."""
+    for digits in range(3, 18):
+        text = f"{x:.{digits}f}"
+        if goal is None or x == goal or text != f"{goal:.{digits}f}":
+            return text
+    return repr(x)
 
 
 def hf_baseline(meta: dict[str, Any]) -> bool:
@@ -128,13 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             goal = goal_for(r["phase"], r["n"]) if goals else None
             lo, hi = r["_ratio_interval"]
             pi = r["_paired_interval"]
-            judged = pi if args.paired else (lo, hi)
-            v = verdict(judged, goal)
+            v = verdict(judged(r, args.paired), goal)
             tally[v] = tally.get(v, 0) + 1
-            paired_ci = f"[{pi[0]:.3f}, {pi[1]:.3f}] ({100 * r['_coverage']:.1f} %)" if pi else "-"
+            paired_ci = (
+                f"[{_end(pi[0], goal)}, {_end(pi[1], goal)}] ({100 * r['_coverage']:.1f} %)" if pi else "-"
+            )
             print(
                 f"  {r['phase']:7} {r['n']:5d} {r['level']:18} ratio {r['_ratio']:.3f} "
-                f"[{lo:.3f}, {hi:.3f}]  paired {r['_paired']:.3f} {paired_ci}  "
+                f"[{_end(lo, goal)}, {_end(hi, goal)}]  paired {r['_paired']:.3f} {paired_ci}  "
                 f"goal {'-' if goal is None else f'{goal:.2f}'}  {v}"
             )
     print("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())))

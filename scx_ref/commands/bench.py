@@ -824,7 +824,8 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
         "median differs from ratio the machine's speed drifted during the run; 95% interval: of ratio, a "
         "paired bootstrap over the rounds (approximate); median interval: of the rounds' median, "
         "distribution-free (two order statistics, coverage ≥ 95 %, the exact value in the JSON; - below 6 "
-        "rounds). A goal above an interval: shown met by this run; below it: shown missed; inside: undecided"
+        "rounds). A goal above an interval: shown met by this run; below it: shown missed; inside: undecided "
+        "(with 6 rounds or more: the interval of fewer is too short to judge, of 1 it is the ratio itself)"
     )
     return "\n".join(lines)
 

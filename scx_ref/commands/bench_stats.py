@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from fractions import Fraction
 
 import numpy as np
 
@@ -60,15 +61,17 @@ def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float
     if any(math.isnan(v) for v in x):
         raise ConfigError("a median interval of values with a NaN among them")
     n = len(x)
-    tail, k = 0.0, 0  # tail = P(B ≤ k − 1) for the k found so far
+    # exact rationals: 2.0**n overflows a float from n = 1024 rounds on
+    alpha, total = (1 - Fraction(level)) / 2, 2**n
+    tail, k = 0, 0  # tail / 2ⁿ = P(B ≤ k − 1) for the k found so far
     while k < n // 2:
-        nxt = tail + math.comb(n, k) / 2.0**n  # P(B ≤ k)
-        if nxt > (1.0 - level) / 2.0:
+        nxt = tail + math.comb(n, k)  # 2ⁿ · P(B ≤ k)
+        if Fraction(nxt, total) > alpha:
             break
         tail, k = nxt, k + 1
     if k == 0:
         return None
-    return x[k - 1], x[n - k], 1.0 - 2.0 * tail
+    return x[k - 1], x[n - k], float(1 - Fraction(2 * tail, total))
 
 
 def ratio_interval(
