@@ -51,7 +51,7 @@ from .errors import ConfigError, SCXError, VocabularyError
 from .keys import KeySchedule
 from .protocol import Client, DecoyPolicy, Level, LocalTransport, SCXConfig, Server, ServerView, Transport
 from .protocol.verify import SketchCache
-from .sampling import GENERATE_OPTIONS, generate_tokens, generation_settings
+from .sampling import GENERATE_OPTIONS, check_streamer, generate_tokens, generation_settings
 from .weights import DenseMLP, LayerWeights, ModelWeights, MoEMLP
 
 __all__ = [
@@ -325,6 +325,8 @@ def _as_batch(input_ids: Any) -> np.ndarray:
         raise VocabularyError(f"input_ids must be a non-empty 1-D or 2-D id array, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.integer):
         raise VocabularyError(f"input_ids must hold integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and int(arr.max()) > np.iinfo(np.int64).max:  # would wrap to negative ids
+        raise VocabularyError(f"input_ids hold {int(arr.max())}, which is no token id")
     return arr.astype(np.int64)
 
 
@@ -474,13 +476,17 @@ class SCXModel:
             client.close()
         return torch.stack(rows)
 
-    def generate(self, input_ids: Any, max_new_tokens: int | None = None, **options: Any) -> torch.Tensor:
+    def generate(
+        self, input_ids: Any = None, max_new_tokens: int | None = None, **options: Any
+    ) -> torch.Tensor:
         """SCX generation, as ``model.generate``: prompt + up to ``max_new_tokens`` tokens per row, greedy
         by default or sampled (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``repetition_penalty``, ``seed``) with transformers' own logits processors on the client's logits;
         a row stops at an EOS token (the model's ``generation_config`` by default; ``eos_token_id=None``
-        never stops) or a stop string (``stop_strings`` with ``tokenizer``); finished rows padded;
-        ``streamer`` fed as HF's. Returns batch × length int64.
+        never stops) or a stop string (``stop_strings`` with ``tokenizer``); finished rows padded (with
+        ``pad_token_id``, else the first EOS id, as HF);
+        ``streamer`` fed as HF's. Returns batch × length int64. The prompt is ``input_ids`` or, as
+        ``model.generate`` names it, ``inputs`` (ConfigError for neither or both).
 
         ``attention_mask`` (left padding) runs each row on its unpadded ids; without one, a batch
         holding the pad id is masked as Hugging Face infers it (pad ≠ EOS), and a batch whose rows may
@@ -490,6 +496,12 @@ class SCXModel:
         float64. A row that fails midway raises its SCXError with the tokens that row already made in
         ``tokens``, and every row's new tokens so far (the rows before it complete) in ``rows``.
         """
+        if "inputs" in options:  # model.generate's name for its first argument
+            if input_ids is not None:
+                raise ConfigError("give the prompt once: input_ids or inputs, not both")
+            input_ids = options.pop("inputs")
+        if input_ids is None:
+            raise ConfigError("generate needs input_ids (the prompt's token ids)")
         ids = _as_batch(input_ids)
         plan = generation_settings(
             self.generation_config, {**options, "max_new_tokens": max_new_tokens}, ids.shape[1]
@@ -511,6 +523,7 @@ class SCXModel:
             else _left_padded(ids, mask, "attention_mask")
         )
         streamer = options.get("streamer")
+        check_streamer(streamer)
         if streamer is not None and len(rows) > 1:
             raise ConfigError("a streamer takes one row at a time (batch size 1)")
         gen = plan.generator()
@@ -522,15 +535,19 @@ class SCXModel:
                 exc.rows = [*news, list(exc.tokens or [])]
                 raise
         width = max(len(n) for n in news)
-        fill = plan.pad_token_id if plan.pad_token_id is not None else (min(eos) if eos else 0)
+        # no pad id: HF pads with the first EOS id
+        fill = plan.pad_token_id if plan.pad_token_id is not None else (plan.eos_token_ids or (0,))[0]
         out = [list(ids[i].tolist()) + n + [fill] * (width - len(n)) for i, n in enumerate(news)]
         return torch.tensor(out, dtype=torch.long)
 
     def _generate_row(self, ids: np.ndarray, plan: Any, gen: Any, tokenizer: Any, streamer: Any) -> list[int]:
         """One row's new tokens (one session, closed at the end); its SCXError carries the tokens made."""
-        if not plan.max_new_tokens:
+        self.check_prompt(ids, plan.max_new_tokens)  # a bad prompt is an error even for 0 new tokens
+        if not plan.max_new_tokens:  # no session; the streamer still sees the prompt and the end
+            if streamer is not None:
+                streamer.put(torch.as_tensor(ids)[None, :])
+                streamer.end()
             return []
-        self.check_prompt(ids, plan.max_new_tokens)
         client, link = self._session()
         try:
             new = generate_tokens(

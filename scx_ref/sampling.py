@@ -29,6 +29,7 @@ __all__ = [
     "GENERATE_OPTIONS",
     "SUPPORTED",
     "GenerationSettings",
+    "check_streamer",
     "generate_tokens",
     "generation_settings",
     "greedy_tokens",
@@ -235,6 +236,17 @@ def greedy_tokens(
     return out
 
 
+def check_streamer(streamer: Any) -> None:
+    """ConfigError unless ``streamer`` is None or has callable ``put`` and ``end`` (as HF's streamers)."""
+    if streamer is not None and not (
+        callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))
+    ):
+        raise ConfigError(
+            f"streamer must have put(ids) and end() methods (as transformers' TextStreamer), "
+            f"got {type(streamer).__name__}"
+        )
+
+
 def generate_tokens(
     prompt: npt.NDArray[np.int64],
     settings: GenerationSettings,
@@ -253,13 +265,16 @@ def generate_tokens(
     token and ``end()``, as HF's. An SCXError after k ≥ 0 tokens is raised again, its class kept, with
     those k tokens in its ``tokens`` (the streamer has already shown them). Before anything runs:
     ConfigError unless ``settings`` is a :class:`GenerationSettings`, the prompt's check
-    (:func:`~scx_ref._checks.token_ids`: VocabularyError, ProtocolError when empty); a logits row that is
-    not finite is a NonFiniteError (never a token)."""
+    (:func:`~scx_ref._checks.token_ids`: VocabularyError, ProtocolError when empty), ConfigError for a
+    streamer without ``put``/``end`` (:func:`check_streamer`) or a ``tokenizer`` StopStringCriteria cannot
+    use; a logits row that is not finite, or sampling probabilities that are not (scores overflowing
+    float32, e.g. under a temperature near 0), is a NonFiniteError (never a token)."""
     import torch
 
     if not isinstance(settings, GenerationSettings):
         raise ConfigError(f"settings must be GenerationSettings, got {type(settings).__name__}")
     prompt = token_ids(prompt)
+    check_streamer(streamer)
     processors = settings.processors()
     stopping = None
     if settings.stop_strings:
@@ -267,7 +282,13 @@ def generate_tokens(
             raise ConfigError("stop_strings needs the model's tokenizer (tokenizer=...)")
         from transformers import StopStringCriteria
 
-        stopping = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(settings.stop_strings))
+        try:
+            stopping = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(settings.stop_strings))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"tokenizer must be the model's transformers tokenizer (for stop_strings), got "
+                f"{type(tokenizer).__name__}: {exc}"
+            ) from exc
     gen = generator if generator is not None else settings.generator()
     ids = torch.as_tensor(np.asarray(prompt, dtype=np.int64))[None, :]
     if streamer is not None:
@@ -283,6 +304,11 @@ def generate_tokens(
                 scores = processors(ids, torch.from_numpy(row).to(torch.float32)[None, :])
                 if settings.do_sample:
                     probs = torch.nn.functional.softmax(scores, dim=-1)
+                    if not bool(torch.isfinite(probs).all()):  # e.g. logits / a tiny temperature overflow
+                        raise NonFiniteError(
+                            f"the sampling probabilities after {len(new)} new token(s) are not finite: the "
+                            "scores overflow float32 (temperature or repetition_penalty too close to 0?)"
+                        )
                     tok = int(torch.multinomial(probs, num_samples=1, generator=gen)[0, 0])
                 else:
                     tok = int(torch.argmax(scores, dim=-1)[0])

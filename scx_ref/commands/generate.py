@@ -47,18 +47,40 @@ def register(subparsers: Any) -> None:
         help="generate text with SCX (against `scx serve --model …` with --server, or in-process)",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    p.add_argument("--model", choices=MODEL_NAMES, default="smollm2", help="model (the server's)")
+    p.add_argument(
+        "--model", choices=MODEL_NAMES, default="smollm2", help="model (the server's; default smollm2)"
+    )
     p.add_argument("--server", default=None, help="scx://HOST:PORT or scxs://HOST:PORT (default: in-process)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text (needs the model's tokenizer)")
     src.add_argument(
         "--prompt-ids", type=int_list(0), help="comma-separated token ids (models without a tokenizer)"
     )
-    p.add_argument("--max-new-tokens", type=int_at_least(0), default=32, help="new tokens (default 32)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int_at_least(0),
+        default=32,
+        help="new tokens, >= 0 (default 32; fewer when EOS or a --stop string comes first)",
+    )
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float_at_least(0, strict=True), default=None, help=_SAMPLING)
-    p.add_argument("--top-k", type=int_at_least(0), default=None, help=_SAMPLING + "; 0 keeps every token")
-    p.add_argument("--top-p", type=float_at_least(0, maximum=1), default=None, help=_SAMPLING)
+    p.add_argument(
+        "--temperature",
+        type=float_at_least(0, strict=True),
+        default=None,
+        help="> 0 (default: the model's generation config, else 1); " + _SAMPLING,
+    )
+    p.add_argument(
+        "--top-k",
+        type=int_at_least(0),
+        default=None,
+        help=">= 0, 0 keeps every token (default: the model's generation config, else 50); " + _SAMPLING,
+    )
+    p.add_argument(
+        "--top-p",
+        type=float_at_least(0, maximum=1),
+        default=None,
+        help="in [0, 1] (default: the model's generation config, else 1); " + _SAMPLING,
+    )
     p.add_argument(
         "--repetition-penalty",
         type=float_at_least(0, strict=True),
