@@ -90,6 +90,11 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
     return _rows(json.loads(path.read_text()), path.name)
 
 
+def _seconds(v: Any) -> bool:
+    """Whether ``v`` is a request's seconds: a JSON number (not true/false) > 0 (finite: ratio_interval)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+
+
 def _rows(data: dict[str, Any], name: str) -> list[dict[str, Any]]:
     if not isinstance(data["rows"], list) or not data["rows"]:
         raise ConfigError("no rows")
@@ -100,6 +105,9 @@ def _rows(data: dict[str, Any], name: str) -> list[dict[str, Any]]:
         if not isinstance(r.get("n"), int) or isinstance(r["n"], bool):
             raise ConfigError(f"a row whose length n is not an integer: {r.get('n')!r}")
         scx, base = r["scx_round_s"], r["baseline_round_s"]
+        for what, series in (("SCX", scx), ("baseline", base)):  # a JSON true is no time, a 0 s request none
+            if not isinstance(series, list) or not all(_seconds(v) for v in series):
+                raise ConfigError(f"the {what} round seconds are not a list of numbers > 0")
         interval = ratio_interval(scx, base, np.random.default_rng(SEED))  # checks the rounds first
         paired = [s / b for s, b in zip(scx, base, strict=True)]
         around = median_interval(paired)

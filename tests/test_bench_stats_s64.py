@@ -125,3 +125,20 @@ def test_verdicts_are_rarely_wrong_on_synthetic_rounds() -> None:
     assert _wrong_verdicts(9, 1.10, 1.10, 200, seed=1) <= 0.05
     assert _wrong_verdicts(1, 1.10, 1.10, 200, seed=1) == 0.0
     assert _wrong_verdicts(9, 1.12, 1.10, 200, seed=2) <= 0.05
+
+
+@pytest.mark.parametrize("bad", [True, 0, 0.0, -1.0, "1.0"])
+def test_bench_intervals_refuses_round_seconds_that_are_no_time(
+    bad: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A JSON ``true`` or 0 among the SCX rounds was read as a time (a corrupted file could show 'met' at
+    ratio 0); the control: the same row with a real time is judged."""
+    rounds = [1.05] * 8
+    good = _row("prefill", 128, [*rounds, 1.05], [1.0] * 9)
+    assert bench_intervals.main([_file(tmp_path, [good])]) == 0
+    capsys.readouterr()
+    bad_row = _row("prefill", 128, [*rounds, bad], [1.0] * 9)
+    with pytest.raises(SystemExit) as exc:
+        bench_intervals.main([_file(tmp_path, [bad_row])])
+    assert exc.value.code == 2
+    assert "round seconds are not a list of numbers > 0" in capsys.readouterr().err
