@@ -266,7 +266,8 @@ def match_block1_attn(
     if len(k) != len(v):
         raise ShapeError(f"K has {len(k)} rows, V {len(v)}")
     shortlist = int_arg(shortlist, "shortlist", 1)
-    dv = tab.v_distances(np.sort(v, axis=1))
+    sv = np.sort(v, axis=1)
+    dv = tab.v_distances(sv)  # expanded form: fast, but rounding ~1e-16·|v|² (only to shortlist)
     ids = np.zeros(len(v), dtype=np.int64)
     dist = np.zeros(len(v))
     pos = np.arange(len(v)) if positions is None else np.asarray(positions)
@@ -278,12 +279,14 @@ def match_block1_attn(
         if use_k:
             m = min(shortlist, dv.shape[1])
             cand = np.argpartition(dv[p], m - 1)[:m]
-            dp = dv[p, cand] + ((tab.sorted_k(cand, int(pos[p])) - np.sort(k[p])) ** 2).sum(-1)
+            # the shortlist re-ranked by direct differences: an exact match is at distance ~0, whatever |v|
+            dp = ((tab.sorted_v[cand] - sv[p]) ** 2).sum(-1)
+            dp = dp + ((tab.sorted_k(cand, int(pos[p])) - np.sort(k[p])) ** 2).sum(-1)
             j = int(np.argmin(dp))
-            ids[p], dist[p] = int(cand[j]), float(np.sqrt(max(dp[j], 0.0)))
+            ids[p], dist[p] = int(cand[j]), float(np.sqrt(dp[j]))
         else:
             ids[p] = int(np.argmin(dv[p]))
-            dist[p] = float(np.sqrt(dv[p, ids[p]]))
+            dist[p] = float(np.sqrt(((tab.sorted_v[ids[p]] - sv[p]) ** 2).sum()))
     return ids, dist
 
 
@@ -324,8 +327,8 @@ def match_sequential(
     tol = float_arg(tol, "tol", 0.0)
     cache = KVCache()
     pre = np.asarray(token_ids(prefix, c.vocab_size, allow_empty=True), dtype=np.int64)
-    if len(pre) and layer > 0:
-        forward_trace(weights, pre, cache=cache, upto=layer - 1)
+    if len(pre):  # at block 1 too: the cache's length is the first target's position
+        forward_trace(weights, pre, cache=cache, upto=max(layer - 1, 0))
     limit = c.vocab_size if max_candidates is None else min(max_candidates, c.vocab_size)
     ids = np.zeros(len(targets), dtype=np.int64)
     dist = np.zeros(len(targets))
