@@ -535,3 +535,17 @@ def test_permute_budget_without_the_accountant_has_no_pld_epsilon(monkeypatch: p
     b = request_budget(sens, level="permute")
     assert b.epsilon_basic == math.inf and b.epsilon_pld is None
     assert "epsilon_pld" not in b.to_dict()
+
+
+@pytest.mark.parametrize(("n", "r"), [(1, 0), (1, 3), (2, 1), (3, 2), (2, 3), (4, 0)])
+def test_prompt_order_bits_count_the_distinct_orders_by_enumeration(n: int, r: int) -> None:
+    """The prompt's order behind one permuted stage is which rows are real and in what order: every
+    permutation of n + r rows enumerated, decoys interchangeable, gives (n + r)! / r! hypotheses — fewer
+    than the permutation's (n + r)! by r! (what permutation_bits counts, the key's entropy)."""
+    import itertools
+
+    from scx_ref.dp import prompt_order_bits
+
+    hypotheses = {p[:n] for p in itertools.permutations(range(n + r))}
+    assert 2 ** prompt_order_bits(n, r) == pytest.approx(len(hypotheses), rel=1e-12)
+    assert prompt_order_bits(n, r) == pytest.approx(permutation_bits(n, r) - math.log2(math.factorial(r)))

@@ -37,6 +37,7 @@ from .permutation import (
     log2_factorial,
     permutation_bits,
     permutation_guess_probability,
+    prompt_order_bits,
     statelessness_bound_paper,
 )
 from .sensitivity import (
@@ -88,6 +89,7 @@ __all__ = [
     "pld_discretization_slack",
     "pld_epsilon",
     "pld_interval_for",
+    "prompt_order_bits",
     "request_budget",
     "rmsnorm_l1_bound",
     "rmsnorm_l2_bound",

@@ -41,7 +41,7 @@ from ..weights import ModelWeights
 from ._validate import check_count, check_delta, check_positive, quotient_up
 from .accountants import CompositionResult, compose, pld_available
 from .mechanisms import LaplaceMechanism
-from .permutation import bayes_guess_bound, permutation_bits, statelessness_bound_paper
+from .permutation import bayes_guess_bound, permutation_bits, prompt_order_bits, statelessness_bound_paper
 from .sensitivity import ModelSensitivities, model_sensitivities
 
 __all__ = ["RequestBudget", "StageRelease", "config_for_budget", "request_budget"]
@@ -108,6 +108,7 @@ class RequestBudget:
     epsilon_pld: float | None
     epsilon_best: float
     permutation_bits_per_stage: float
+    prompt_order_bits_per_stage: float
     permuted_stages_prefill: int
     token_guess_bayes: float
     token_guess_paper_lemma2: float
@@ -145,6 +146,7 @@ class RequestBudget:
                 "epsilon_pld",
                 "epsilon_best",
                 "permutation_bits_per_stage",
+                "prompt_order_bits_per_stage",
                 "permuted_stages_prefill",
                 "token_guess_bayes",
                 "token_guess_paper_lemma2",
@@ -343,6 +345,7 @@ def request_budget(
         epsilon_pld=eps_pld,
         epsilon_best=eps_best,
         permutation_bits_per_stage=permutation_bits(n, cfg.r1),
+        prompt_order_bits_per_stage=prompt_order_bits(n, cfg.r1),
         permuted_stages_prefill=3 * n_layers + 1,
         token_guess_bayes=bayes_guess_bound(token_eps, sens.vocab_size) if math.isfinite(token_eps) else 1.0,
         token_guess_paper_lemma2=(

@@ -392,7 +392,8 @@ def _budget_text(
     parts.append(_table(["per-request (one prompt token)", "epsilon", "delta"], rows))
     parts.append(
         f"permutation: {_fmt(b.permutation_bits_per_stage)} bits per permuted stage "
-        f"({b.permuted_stages_prefill} permuted stages in the prefill)\n"
+        f"({b.permuted_stages_prefill} permuted stages in the prefill); of the prompt's order "
+        f"{_fmt(b.prompt_order_bits_per_stage)} bits (the decoys' own order is no part of it)\n"
         f"token guess bound (pure eps = {_fmt(b.epsilon_basic)}): Bayes {_fmt(b.token_guess_bayes)}, "
         f"paper Lemma 2 {_fmt(b.token_guess_paper_lemma2)}"
     )

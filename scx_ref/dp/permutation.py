@@ -17,6 +17,7 @@ __all__ = [
     "log2_factorial",
     "permutation_bits",
     "permutation_guess_probability",
+    "prompt_order_bits",
     "statelessness_bound_paper",
 ]
 
@@ -44,6 +45,18 @@ def permutation_bits(n: int, r: int = 0) -> float:
     """
     total = check_count(n, "n (rows)", minimum=1) + check_count(r, "r (decoys)", minimum=0)
     return log2_factorial(total)
+
+
+def prompt_order_bits(n: int, r: int = 0) -> float:
+    """What a permuted stage hides of the prompt's order: ``log₂((n + r)! / r!)`` bits for n real rows and r
+    decoys — :func:`permutation_bits` less ``log₂(r!)``, since the r decoys' order among themselves is no
+    part of the prompt; ``log₂(n!)`` once an attacker tells the decoys from the real rows.
+
+    Guarantee: a guess of the prompt's order from the permuted rows alone (which of them are real, and in
+    what order) is right with probability 2^(−bits) (it hides nothing about the rows' contents)."""
+    n = check_count(n, "n (rows)", minimum=1)
+    r = check_count(r, "r (decoys)", minimum=0)
+    return permutation_bits(n, r) - log2_factorial(r)
 
 
 def permutation_guess_probability(n: int, r: int = 0) -> float:
