@@ -60,3 +60,16 @@ def test_a_full_session_runs(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "--model", "tiny-llama", "--n", "8", "--gen-prompt", "4000", "--gen-tokens", "96"]
     assert main([*argv, "--repeats", "1", "--warmup", "0", "--no-plain-runner", "--no-progress"]) == 0
     assert "decode" in capsys.readouterr().out
+
+
+def test_repeats_past_the_cap_are_refused_before_anything_loads(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any count of rounds was taken: the bootstrap after the run (4000 draws of every round) needed
+    gigabytes past ~10⁴ rounds, after hours of timing; the cap is refused at once, naming it."""
+    monkeypatch.setattr(bench_cli, "build_models", _no_load)
+    with pytest.raises(SystemExit) as exc:  # argparse's refusal of the option's type
+        main(["bench", "--model", "tiny-llama", "--repeats", str(bench_cli.MAX_REPEATS + 1)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --repeats" in err and f"<= {bench_cli.MAX_REPEATS}" in err and "Traceback" not in err

@@ -86,6 +86,11 @@ HF_BASELINE = (
 PLAIN_BASELINE = "PlainRunner: the project's plain torch forward with a KV cache on the same TorchBackend"
 
 
+#: The most rounds a measurement takes: its bootstrap (bench_stats.ratio_interval: 4000 draws of every round,
+#: their int64 indices and both sides' float64 seconds) holds ~96 kB a round, ~190 MB at this many — and a
+#: 128-token run of so many rounds already takes an hour.
+MAX_REPEATS = 2000
+
 def register(subparsers: Any) -> None:
     """Add ``scx bench`` to the CLI."""
     p = subparsers.add_parser(
@@ -103,7 +108,10 @@ def register(subparsers: Any) -> None:
         help="float32 (default), float64, bfloat16, float16",
     )
     p.add_argument(
-        "--repeats", type=int_at_least(1), default=9, help="interleaved rounds per measurement (default 9)"
+        "--repeats",
+        type=int_at_least(1, MAX_REPEATS),
+        default=9,
+        help=f"interleaved rounds per measurement, 1 to {MAX_REPEATS} (default 9; verdicts need 6 or more)",
     )
     p.add_argument(
         "--warmup",
