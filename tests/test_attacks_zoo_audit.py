@@ -364,3 +364,27 @@ def test_run_setting_and_run_all_refuse_what_they_cannot_run(small_ctx: harness.
         harness.run_setting(small_ctx, "plaintext", victim, 0)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="Settings, got int"):
         harness.run_all(small_ctx, victim, [harness.plaintext_control(), 1])  # type: ignore[list-item]
+
+
+def test_generated_attacks_are_judged_against_a_baseline_of_the_tokens_they_score(
+    small_ctx: harness.Context,
+) -> None:
+    """The 'generated' baseline scored all n_new generated tokens, while the step attacks score the n_new − 1
+    the decode steps carried (or, the LM-head rows, the n_new − 1 they predict): each is now judged against
+    the prior on its own tokens (counts: prompts × (n_new − 1)), and the catalog says which."""
+    from scx_ref.attacks import catalog
+
+    prompts = [np.array([3, 1, 4, 1, 5]), np.array([2, 7, 1, 8])]
+    n_new = 4
+    res = harness.run_setting(small_ctx, harness.plaintext_control(), prompts, n_new, reorder=False)
+    base = res["baselines"]
+    assert base["generated"]["n"] == len(prompts) * n_new
+    assert base["generated_fed"]["n"] == base["generated_next"]["n"] == len(prompts) * (n_new - 1)
+    fed = {m.key for m in catalog.METRICS if m.target == "generated" and m.tokens == "fed"}
+    assert fed == {"vm_gen_seq_acc", "gen_qkv1_map_acc", "gen_attn1_fp_acc", "gen_joint_acc"}
+    assert catalog.metric("gen_head_acc").tokens == "next"
+    assert catalog.metric("gen_predict_acc").tokens == "all"
+    for key in ("gen_qkv1_map_acc", "gen_joint_acc"):  # what they score is what their baseline scores
+        assert res["rates"][key]["n"] == base[harness._baseline_of(key)]["n"] == len(prompts) * (n_new - 1)
+    assert res["rates"]["gen_predict_acc"]["n"] == base[harness._baseline_of("gen_predict_acc")]["n"]
+    assert harness._baseline_of("gen_head_acc") == "generated_next"  # scored where the server runs the head

@@ -2,6 +2,9 @@
 it recovers and against which baseline it is judged.
 
 ``target``: ``prompt`` (the victim's prompt tokens) or ``generated`` (the tokens SCX generated for it).
+``tokens`` (a generated target's): which generated tokens it scores, so that its baseline scores the same
+ones — ``all``, ``fed`` (those the decode steps carried: all but the last) or ``next`` (those a step's
+LM-head row predicts: all but the first).
 ``scoring``: ``pos`` (a token per position, right or wrong), ``bag`` (the multiset of tokens, order
 ignored) — or, for the statelessness row, ``stateless`` (greedy top-1 agreement of the server's own
 continuation, judged against a server that ignores the prompt). ``attack``: whether the metric is a
@@ -25,6 +28,7 @@ class Metric:
     target: Literal["prompt", "generated"]
     scoring: Literal["pos", "bag", "stateless", "other"]
     attack: bool = True
+    tokens: Literal["all", "fed", "next"] = "all"
 
 
 METRICS: tuple[Metric, ...] = (
@@ -49,11 +53,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("decoy_link_decoys_rejected", "resid. link: decoys rejected", "prompt", "other", attack=False),
     Metric("llm_reorder_exact", "LLM order exact", "prompt", "other", attack=False),
     Metric("llm_reorder_kendall_tau", "LLM Kendall τ", "prompt", "other", attack=False),
-    Metric("vm_gen_seq_acc", "gen: VM gen-mid seq.", "generated", "pos"),
-    Metric("gen_qkv1_map_acc", "gen: QKV-1 row, MAP", "generated", "pos"),
-    Metric("gen_attn1_fp_acc", "gen: attn-1 fingerprint", "generated", "pos"),
-    Metric("gen_head_acc", "gen: LM-head row argmax", "generated", "pos"),
-    Metric("gen_joint_acc", "gen: every row of the step, joint", "generated", "pos"),
+    Metric("vm_gen_seq_acc", "gen: VM gen-mid seq.", "generated", "pos", tokens="fed"),
+    Metric("gen_qkv1_map_acc", "gen: QKV-1 row, MAP", "generated", "pos", tokens="fed"),
+    Metric("gen_attn1_fp_acc", "gen: attn-1 fingerprint", "generated", "pos", tokens="fed"),
+    Metric("gen_head_acc", "gen: LM-head row argmax", "generated", "pos", tokens="next"),
+    Metric("gen_joint_acc", "gen: every row of the step, joint", "generated", "pos", tokens="fed"),
     Metric("gen_predict_acc", "gen: continue best prompt guess", "generated", "pos"),
     Metric("stateless_top1", "statelessness: server's best top-1", "generated", "stateless"),
 )

@@ -519,7 +519,10 @@ def run_setting(
         # -- baselines: the frequency prior, no view --
         base.hit("prompt_pos", prior.positional_hits(ids), n)
         base.hit("prompt_bag", prior.bag_hits(ids), n)
+        # each generated baseline scores the tokens its attacks score (catalog.Metric.tokens)
         base.hit("generated", prior.positional_hits(gen), len(gen))
+        base.hit("generated_fed", prior.positional_hits(fed), len(fed))
+        base.hit("generated_next", prior.positional_hits(gen[1 : steps + 1]), len(gen[1 : steps + 1]))
         # -- prompt: block 1 --
         m0 = message(view, Stage.QKV, 0)
         x0 = np.asarray(m0.arrays["x"], dtype=np.float64)
@@ -792,7 +795,7 @@ def _baseline_of(key: str) -> str:
     if m.scoring == "stateless":
         return "no_prompt_top1"
     if m.target == "generated":
-        return "generated"
+        return "generated" if m.tokens == "all" else f"generated_{m.tokens}"
     return "prompt_bag" if m.scoring == "bag" else "prompt_pos"
 
 

@@ -242,5 +242,7 @@ _BASELINES = (
     ("prompt_pos", "prior, per position"),
     ("prompt_bag", "prior, bag"),
     ("generated", "prior, generated"),
+    ("generated_fed", "prior, generated, carried by the steps"),
+    ("generated_next", "prior, generated, predicted by the steps"),
     ("no_prompt_top1", "server without the prompt, top-1"),
 )
