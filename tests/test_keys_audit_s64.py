@@ -249,3 +249,30 @@ def test_a_pool_filled_by_another_client_is_refused_before_any_key_is_used() -> 
     assert len(pool) == 1 and b.state is None and not server.sessions
     a.prefill(np.arange(4), LocalTransport(Server(a.b)))  # the owner takes its entry as before
     assert len(pool) == 0
+
+
+def test_a_background_job_waits_for_every_thread_it_started() -> None:
+    """Two fills of one pool started before a wait: the second start replaced the first one's handle, so
+    ``wait`` returned while the first still ran (and would have lost its error); now it joins both and
+    re-raises the first error."""
+    from scx_ref.protocol.prepare import BackgroundJob
+
+    job, release, done = BackgroundJob(), threading.Event(), []
+    job.start(lambda: (release.wait(10), done.append("first")), "slow")
+    job.start(lambda: done.append("second"), "quick")
+    waiter = threading.Thread(target=job.wait)
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive(), "wait returned while the first job still ran"
+    release.set()
+    waiter.join(10)
+    assert not waiter.is_alive() and sorted(done) == ["first", "second"]
+
+    def fail() -> None:
+        raise ProtocolError("the first job's error")
+
+    job.start(fail, "fails")
+    job.start(lambda: None, "fine")
+    with pytest.raises(ProtocolError, match="first job's error"):
+        job.wait()
+    job.wait()  # raised once: nothing left

@@ -71,12 +71,16 @@ class BlockKeys:
 
 
 class BackgroundJob:
-    """A function run in a daemon thread; :meth:`wait` joins it and re-raises what it raised (the
-    background derivation of :class:`PreparedKeys` and of a mask pool's entries)."""
+    """Functions run in daemon threads; :meth:`wait` joins every one started and re-raises the first error
+    they raised (the background derivation of :class:`PreparedKeys` and of a mask pool's entries).
+    Thread-safe: a second :meth:`start` before :meth:`wait` (two fills of one pool at once) adds a thread,
+    where it used to replace the first one's handle, so that ``wait`` returned while the first still ran
+    and lost its error."""
 
     def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
 
     def start(self, work: Callable[[], object], name: str) -> None:
         """Run ``work()`` in a new daemon thread named ``name``."""
@@ -85,19 +89,26 @@ class BackgroundJob:
             try:
                 work()
             except BaseException as exc:  # re-raised by wait()
-                self._error = exc
+                with self._lock:
+                    self._errors.append(exc)
 
-        self._thread = threading.Thread(target=run, name=name, daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
 
     def wait(self) -> None:
-        """Wait for the thread (if any) to finish, then re-raise its error (once)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+        """Wait for every thread started (also those started meanwhile) to finish, then re-raise the first
+        error one of them raised (once; the others are dropped with it)."""
+        while True:
+            with self._lock:
+                if not self._threads:
+                    errors, self._errors = self._errors, []
+                    break
+                thread = self._threads.pop(0)
+            thread.join()
+        if errors:
+            raise errors[0]
 
 
 class PreparedKeys(Generic[A]):
