@@ -211,6 +211,12 @@ def out_width(c: ModelConfig, which: WeightName) -> int:
     }[which]
 
 
+#: The fused ``freivalds_excess`` kernel's verdict (and ``gate_up_excess``'s first) where a normalized row
+#: comes near the dtype's range (``numba_kernels.project64_rms``): the backend then composes the check from
+#: its own norm (a verdict is otherwise ≥ 0 or NaN, and −1 where the arrays do not fit).
+NEAR_RANGE = -2.0
+
+
 def sum_norm_slack(width: int, eps: float) -> float:
     """The factor that makes √(Σ_t x_t²), summed in a dtype of machine epsilon ``eps`` (2⁻⁵² float64, 2⁻²³
     float32) over ``width`` squares, an upper bound of the row norm: 1 + (width + 2)·eps. With u = eps/2,

@@ -145,10 +145,6 @@ class Kernels:
 
 #: The fewest entries an encoding pass splits across threads (a parallel region costs microseconds).
 MIN_PARALLEL = 1 << 16
-#: ``freivalds_excess``'s verdict (and ``gate_up_excess``'s first) where a normalized row comes near the
-#: dtype's range (``project64_rms``): the caller composes the check from the backend's own norm instead
-#: (a verdict is otherwise ≥ 0 or NaN, and −1 where the arrays do not fit)
-NEAR_RANGE = -2.0
 _pool = threading.Lock()
 #: The thread count each thread last gave numba (its count is per thread): a 128-token verified request
 #: on two threads made 237 calls of ``numba.set_num_threads``, 11 µs each under cProfile

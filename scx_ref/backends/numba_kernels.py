@@ -21,8 +21,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic, overload
 
-from .base import sum_norm_slack
-from .cpu_kernels import NEAR_RANGE
+from .base import NEAR_RANGE, sum_norm_slack
 
 jit = numba.njit(boundscheck=False, nogil=True, cache=True)
 pjit = numba.njit(boundscheck=False, nogil=True, cache=True, parallel=True)

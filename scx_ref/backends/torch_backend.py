@@ -57,6 +57,7 @@ from ..transforms import blinding_correction
 from ..weights import DenseMLP, ModelWeights
 from . import host_memory
 from .base import (
+    NEAR_RANGE,
     TORCH_DTYPES,
     Check,
     IndexArray,
@@ -69,7 +70,7 @@ from .base import (
     check_scores,
     sum_norm_slack,
 )
-from .cpu_kernels import NEAR_RANGE, Kernels, column_index, kernels
+from .cpu_kernels import Kernels, column_index, kernels
 
 __all__ = [
     "GEMM_BLOCK",

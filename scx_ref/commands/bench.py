@@ -91,6 +91,7 @@ PLAIN_BASELINE = "PlainRunner: the project's plain torch forward with a KV cache
 #: 128-token run of so many rounds already takes an hour.
 MAX_REPEATS = 2000
 
+
 def register(subparsers: Any) -> None:
     """Add ``scx bench`` to the CLI."""
     p = subparsers.add_parser(
