@@ -176,7 +176,7 @@ def test_bench_intervals_judges_only_a_hugging_face_baseline(
 @pytest.mark.parametrize(
     ("change", "word"),
     [
-        (lambda d: d["rows"][0]["baseline_round_s"].__setitem__(0, 0.0), "baseline's positive"),
+        (lambda d: d["rows"][0]["baseline_round_s"].__setitem__(0, 0.0), "baseline round seconds"),
         (lambda d: d["rows"][0].__setitem__("n", None), "length n"),
         (lambda d: d["rows"][0].pop("phase"), "phase"),
         (lambda d: d.__setitem__("rows", []), "no rows"),
