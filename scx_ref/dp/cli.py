@@ -175,12 +175,13 @@ def _inf_notes(
     interval: float | None,
     largest: float | None,
     explicit_interval: bool,
-) -> list[str]:
-    """Why an ε printed as inf is inf, and which bounds still hold: every ε (no release is noised:
+) -> tuple[list[str], str | None]:
+    """Why an ε printed as inf is inf, and which bounds still hold — every ε (no release is noised:
     ``largest`` None; or the releases' ε leave the float64 range), the PLD's alone
     (:func:`_pld_inf_reason`: the closed forms hold), the advanced one alone (its drift term overflows:
-    basic holds). Empty when every ε is finite."""
+    basic holds); empty when every ε is finite — and the PLD's reason (:func:`_pld_inf_reason`)."""
     notes: list[str] = []
+    reason = _pld_inf_reason(basic, pld, delta, interval, largest)
     if math.isinf(basic):
         if largest is None:
             notes.append(
@@ -192,8 +193,7 @@ def _inf_notes(
                 f"every epsilon is inf: the releases' epsilon (largest per release {_fmt(largest)}, summed "
                 "over the releases) exceeds the float64 range; no finite DP bound holds"
             )
-        return notes
-    reason = _pld_inf_reason(basic, pld, delta, interval, largest)
+        return notes, reason
     if reason is not None:
         if reason == "overflow" and largest is not None and interval is not None:
             steps = largest / interval
@@ -231,7 +231,7 @@ def _inf_notes(
             f"composition only helps for small epsilon per release: basic epsilon = {_fmt(basic)} "
             "(delta = 0) still holds"
         )
-    return notes
+    return notes, reason
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -307,8 +307,15 @@ def _raw(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         [f"advanced DRV (k={result.k})", result.epsilon_advanced, _fmt(result.delta_prime)],
         ["best closed form", result.epsilon_best_closed_form, _fmt(result.delta_prime)],
     ]
-    reason = _pld_inf_reason(
-        result.epsilon_basic, result.epsilon_pld, result.delta, result.pld_interval, mech.epsilon
+    notes, reason = _inf_notes(
+        basic=result.epsilon_basic,
+        advanced=result.epsilon_advanced,
+        delta=result.delta,
+        delta_prime=result.delta_prime,
+        pld=result.epsilon_pld,
+        interval=result.pld_interval,
+        largest=mech.epsilon,
+        explicit_interval=args.pld_interval is not None,
     )
     if result.epsilon_pld is not None:
         rows.append(
@@ -324,16 +331,6 @@ def _raw(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     text.append(_table(["accountant", "epsilon", "delta"], rows))
     text.append(
         f"metric-DP reading: {_fmt(out['metric_dp_epsilon_per_unit_l1'])} eps per unit of L1 distance"
-    )
-    notes = _inf_notes(
-        basic=result.epsilon_basic,
-        advanced=result.epsilon_advanced,
-        delta=result.delta,
-        delta_prime=result.delta_prime,
-        pld=result.epsilon_pld,
-        interval=result.pld_interval,
-        largest=mech.epsilon,
-        explicit_interval=args.pld_interval is not None,
     )
     out["notes"] = notes
     if notes:
@@ -435,7 +432,7 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     comp = budget.composition
     interval = None if comp is None else comp.pld_interval
     largest = None if comp is None else comp.epsilon_max_single
-    notes = _inf_notes(
+    notes, reason = _inf_notes(
         basic=budget.epsilon_basic,
         advanced=budget.epsilon_advanced,
         delta=budget.delta,
@@ -445,7 +442,6 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         largest=largest,
         explicit_interval=args.pld_interval is not None,
     )
-    reason = _pld_inf_reason(budget.epsilon_basic, budget.epsilon_pld, budget.delta, interval, largest)
     out: dict[str, Any] = {"mode": "model", **budget.to_dict(), "sensitivities": sd}
     out["notes"] = [*out["notes"], *notes]
     if budget.epsilon_pld is not None:
