@@ -5,7 +5,6 @@ against a hand computation of exp(mean NLL) over the scored tokens."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -20,6 +19,7 @@ from scx_ref.errors import ConfigError
 from scx_ref.reference import ReferenceModel
 from scx_ref.zoo import perplexity
 from scx_ref.zoo.perplexity import compare_ppl, ppl_run, windows
+from tests.documents import edited
 from tests.tiny import tiny_weights
 
 
@@ -179,18 +179,6 @@ def test_report_renders_the_canned_result_and_a_missing_policy_as_a_dash(tmp_pat
     assert "| normal | 6.5 / 1.00 | 7.0 / 0.50 |" in (tmp_path / "A.md").read_text()
 
 
-def _break(path: list[Any], value: Any) -> dict[str, Any]:
-    res = copy.deepcopy(_canned_result())
-    obj: Any = res
-    for key in path[:-1]:
-        obj = obj[key]
-    if value is KeyError:
-        del obj[path[-1]]
-    else:
-        obj[path[-1]] = value
-    return res
-
-
 _MALFORMED = {
     "statelessness not an object": (["settings", 0, "statelessness"], 5),
     "statelessness without ppl": (["settings", 0, "statelessness"], {"x": {"top1": 1.0}}),
@@ -218,7 +206,7 @@ def test_report_refuses_a_malformed_result(
     case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each was a raw TypeError/KeyError/AttributeError/ValueError traceback from the table or the report."""
-    bad = _break(*_MALFORMED[case])
+    bad = edited(_canned_result(), *_MALFORMED[case])
     with pytest.raises(ConfigError):
         report.markdown_report(bad)
     src = tmp_path / "bad.json"

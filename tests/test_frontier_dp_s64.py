@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 from scx_ref.attacks import frontier, report
 from scx_ref.cli import main
 from scx_ref.errors import ConfigError
+from tests.documents import edited
 from tests.test_dp import needs_pld
 
 _RATE = {"rate": 0.5, "lo": 0.2, "hi": 0.8, "k": 5, "n": 10}
@@ -74,18 +74,6 @@ def _bench() -> dict[str, Any]:
     }
 
 
-def _break(doc: dict[str, Any], path: list[Any], value: Any) -> dict[str, Any]:
-    out = copy.deepcopy(doc)
-    obj: Any = out
-    for key in path[:-1]:
-        obj = obj[key]
-    if value is KeyError:
-        del obj[path[-1]]
-    else:
-        obj[path[-1]] = value
-    return out
-
-
 def _report_exit(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     """``python -m scx_ref.attacks.report ARGV`` must exit 2 with one error line; returns it."""
     with pytest.raises(SystemExit) as exc:
@@ -131,7 +119,7 @@ _BAD_RESULT: dict[str, tuple[list[Any], Any]] = {
 def test_frontier_report_refuses_a_malformed_result(
     case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    bad = _break(_result(), *_BAD_RESULT[case])
+    bad = edited(_result(), *_BAD_RESULT[case])
     with pytest.raises(ConfigError):
         frontier.frontier_report(bad)
     src = tmp_path / "f.json"
@@ -149,7 +137,7 @@ def test_frontier_merge_refuses_a_malformed_part(
     path: list[Any], value: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Was: TypeError (unhashable preset, a list in ``missing``) or ValueError (``float('fast')``)."""
-    bad = _break(_result(), path, value)
+    bad = edited(_result(), path, value)
     with pytest.raises(ConfigError):
         frontier.merge_results([_result(), bad])
     a, b = tmp_path / "a.json", tmp_path / "b.json"
@@ -177,7 +165,7 @@ def test_frontier_refuses_a_malformed_bench(
 ) -> None:
     """Through the function (an in-memory bench), the report and ``scx attack --frontier --bench``
     (refused before any model loads)."""
-    bad = _break(_bench(), *_BAD_BENCH[case])
+    bad = edited(_bench(), *_BAD_BENCH[case])
     with pytest.raises(ConfigError):
         frontier.frontier_rows(_result(), bad)
     res, src = tmp_path / "f.json", tmp_path / "b.json"
