@@ -14,11 +14,9 @@ No assertion is about time: waits are bounded loops on a condition, every client
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -44,21 +42,14 @@ from scx_ref.service.codec import (  # noqa: E402
     encode_request,
     request_from,
 )
-from scx_ref.service.service import METHOD, SCXService, ServeOptions, model_fingerprint  # noqa: E402
+from scx_ref.service.service import METHOD, model_fingerprint  # noqa: E402
 from scx_ref.stages import Stage  # noqa: E402
 
+from .services import InProcess, wait_for  # noqa: E402
 from .tiny import tiny_weights  # noqa: E402
 
 PROMPT = np.array([1, 2, 3, 4, 5])
 TIMEOUT = 20.0  # seconds a client waits for a reply: a bound against hangs, never an assertion
-
-
-def wait_for(cond: Callable[[], bool], what: str, bound: float = 30.0) -> None:
-    end = time.monotonic() + bound
-    while not cond():
-        if time.monotonic() > end:
-            pytest.fail(f"{what} did not happen within {bound:g} s")
-        time.sleep(0.02)
 
 
 # -- a client that never reads ---------------------------------------------------------------------
@@ -73,33 +64,12 @@ class _Counting(Server[Any]):
         return reply
 
 
-class InProcess:
-    """An SCXService on an event loop in a background thread, on a free port."""
-
-    def __init__(self, **options: Any) -> None:
-        self.backend = NumpyBackend(tiny_weights(3))
-        opts = ServeOptions(port=0, ops_port=None, **options)
-        self.server = _Counting(self.backend, limits=opts.server_limits(), batch_rows=opts.batch_rows)
-        self.service = SCXService(self.server, opts)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.service.start(), self.loop).result(60)
-        self.address = f"127.0.0.1:{self.service.port}"
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.service.stop(), self.loop).result(120)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
-        self.loop.close()
-
-
 OPEN_META = {"n": 4, "r1": 1, "r2": 1, "r_lock": 1, "l_s": 1, "l_e": 1, "max_length": 16, "level": "paper"}
 
 
 def test_a_client_that_never_reads_its_replies_loses_its_stream_and_session() -> None:
     _Counting.opened = 0
-    srv = InProcess(idle_timeout=1.0, grace=0.5, max_sessions=1)
+    srv = InProcess(_Counting, idle_timeout=1.0, grace=0.5, max_sessions=1)
     # no BDP probing: the client's receive window stays small, so the server's writes soon wait on it
     channel = grpc.insecure_channel(srv.address, options=[("grpc.http2.bdp_probe", 0)])
     stop = threading.Event()

@@ -13,12 +13,10 @@ No assertion is about time: waits are bounded loops on a condition, every client
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -45,9 +43,10 @@ from scx_ref.service.codec import (  # noqa: E402
     reply_from,
     request_from,
 )
-from scx_ref.service.service import SCXService, ServeOptions, model_fingerprint  # noqa: E402
+from scx_ref.service.service import model_fingerprint  # noqa: E402
 from scx_ref.stages import Stage  # noqa: E402
 
+from .services import InProcess, wait_for  # noqa: E402
 from .tiny import tiny_weights  # noqa: E402
 
 PROMPT = np.array([1, 2, 3, 4, 5, 6])
@@ -257,28 +256,6 @@ def gated_server(gate: Gate) -> type[Server[Any]]:
     return GatedServer
 
 
-class InProcess:
-    """An SCXService on an event loop in a background thread, on a free port."""
-
-    def __init__(self, gate: Gate | None = None, **options: Any) -> None:
-        self.backend = NumpyBackend(tiny_weights(3))
-        opts = ServeOptions(port=0, ops_port=None, **options)
-        cls = gated_server(gate) if gate is not None else Server
-        self.server = cls(self.backend, limits=opts.server_limits(), batch_rows=opts.batch_rows)
-        self.service = SCXService(self.server, opts)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.service.start(), self.loop).result(60)
-        self.url = f"scx://127.0.0.1:{self.service.port}"
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.service.stop(), self.loop).result(120)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
-        self.loop.close()
-
-
 @pytest.fixture
 def gate() -> Iterator[Gate]:
     g = Gate()
@@ -288,18 +265,10 @@ def gate() -> Iterator[Gate]:
 
 @pytest.fixture
 def served(gate: Gate) -> Iterator[InProcess]:
-    srv = InProcess(gate, workers=2, max_message_bytes=1 << 20)
+    srv = InProcess(gated_server(gate), workers=2, max_message_bytes=1 << 20)
     yield srv
     gate.release.set()
     srv.stop()
-
-
-def wait_for(cond: Callable[[], bool], what: str, bound: float = 30.0) -> None:
-    end = time.monotonic() + bound
-    while not cond():
-        if time.monotonic() > end:
-            pytest.fail(f"{what} did not happen")
-        time.sleep(0.02)
 
 
 def honest_session(backend: NumpyBackend, link: Any) -> list[int]:

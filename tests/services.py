@@ -1,0 +1,51 @@
+"""An ``scx serve`` service in the test's own process, and a bounded wait on a condition, for the tests of
+the service against hostile peers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from scx_ref.backends import NumpyBackend
+from scx_ref.protocol import Server
+from scx_ref.service.service import SCXService, ServeOptions
+
+from .tiny import tiny_weights
+
+
+class InProcess:
+    """An SCXService over a ``server_cls`` protocol server (tests/tiny.py's model, seed 3, numpy) on an
+    event loop in a background thread, on a free port: ``url`` for a RemoteTransport, ``address`` for a
+    raw gRPC channel."""
+
+    def __init__(self, server_cls: type[Server[Any]] = Server, **options: Any) -> None:
+        self.backend = NumpyBackend(tiny_weights(3))
+        opts = ServeOptions(port=0, ops_port=None, **options)
+        self.server = server_cls(self.backend, limits=opts.server_limits(), batch_rows=opts.batch_rows)
+        self.service = SCXService(self.server, opts)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.service.start(), self.loop).result(60)
+        self.address = f"127.0.0.1:{self.service.port}"
+        self.url = f"scx://{self.address}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.service.stop(), self.loop).result(120)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
+
+
+def wait_for(cond: Callable[[], bool], what: str, bound: float = 30.0) -> None:
+    """Poll ``cond`` until true; fail naming ``what`` when ``bound`` seconds pass (a bound, not a timing)."""
+    end = time.monotonic() + bound
+    while not cond():
+        if time.monotonic() > end:
+            pytest.fail(f"{what} did not happen within {bound:g} s")
+        time.sleep(0.02)
