@@ -357,7 +357,14 @@ class Server(Generic[A]):
         return self._cache_bytes
 
     def evict_idle(self) -> int:
-        """Evict every session idle for longer than the TTL (and not busy); returns how many."""
+        """Evict every session idle for longer than the TTL (and not busy); returns how many
+        (:meth:`evict_idle_sessions` names them)."""
+        return len(self.evict_idle_sessions())
+
+    def evict_idle_sessions(self) -> list[str]:
+        """Evict every session idle for longer than the TTL (and not busy, which is skipped); returns the
+        ids of the sessions evicted, each once, so whoever tracks sessions by id (the service's streams)
+        can forget them."""
         with self._table_lock:
             return self._evict_idle_locked()
 
@@ -506,16 +513,16 @@ class Server(Generic[A]):
         s.locked.clear()
         self.sessions.pop(sid, None)
 
-    def _evict_idle_locked(self) -> int:
-        count = 0
+    def _evict_idle_locked(self) -> list[str]:
+        evicted: list[str] = []
         for sid, s in list(self.sessions.items()):
             if self._expired(s) and s.lock.acquire(blocking=False):
                 try:
                     self._evict(sid, s)
-                    count += 1
+                    evicted.append(sid)
                 finally:
                     s.lock.release()
-        return count
+        return evicted
 
     def _close(self, sid: str, s: _Session[A]) -> None:
         with self._table_lock:

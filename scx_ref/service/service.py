@@ -32,7 +32,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -362,7 +362,10 @@ class SCXService:
         _event("draining", sessions=len(self.server.sessions), grace=self.opts.grace)
         loop = asyncio.get_running_loop()
         end = loop.time() + self.opts.grace
-        while self.streams and any(s.sessions for s in self.streams) and loop.time() < end:
+        while self.streams and loop.time() < end:
+            self._forget()  # a session the server evicted (idle, on access) is not waited for
+            if not any(s.sessions for s in self.streams):
+                break
             await asyncio.sleep(0.05)
         self.closing = True
         end = loop.time() + max(5.0, self.opts.grace)
@@ -584,11 +587,23 @@ class SCXService:
         period = min(30.0, max(0.5, self.opts.idle_timeout / 4))
         while True:
             await asyncio.sleep(period)
-            n = self.server.evict_idle()
-            if n:
-                self.metrics.evicted.inc(n)
+            gone = self.server.evict_idle_sessions()
+            if gone:
+                self._forget(gone)
+                self.metrics.evicted.inc(len(gone))
                 self.metrics.sessions.set(len(self.server.sessions))
-                _event("idle_evicted", sessions=n)
+                _event("idle_evicted", sessions=len(gone))
+
+    def _forget(self, gone: Collection[str] | None = None) -> None:
+        """Drop from every stream's sessions the ids of sessions the server no longer holds — of those in
+        ``gone`` (evicted by :meth:`Server.evict_idle_sessions`) or, when None, of all (a session evicted
+        on access or to make room) — so a shutdown does not wait for them; the streams stay open. An id the
+        server holds again (its nonce long forgotten, opened anew) is kept."""
+        held = self.server.sessions
+        for stream in list(self.streams):
+            with stream.lock:
+                ids = stream.sessions if gone is None else gone
+                stream.sessions.difference_update([sid for sid in ids if sid not in held])
 
     # -- cross-session batching of the middle blocks ---------------------------------------------
     async def _submit_mid(self, req: Request, stream: _Stream) -> bytes:

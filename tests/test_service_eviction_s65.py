@@ -1,0 +1,154 @@
+"""``scx serve``'s per-stream session bookkeeping after the protocol server evicts a session (DESIGN §5.6):
+
+a stream kept the ids of the sessions it opened until it ended, also those the server had evicted (idle past
+the TTL, by the idle sweep or on access), so a graceful shutdown waited its whole grace period for a
+session that was already gone while the client's stream stayed open (it sends hellos, or messages the
+server refuses).
+
+Waits are bounded loops on a condition; the one bound on time is that a shutdown ends well inside its grace.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+grpc = pytest.importorskip("grpc")
+pytest.importorskip("prometheus_client")
+
+from scx_ref.backends import NumpyBackend  # noqa: E402
+from scx_ref.protocol import Server  # noqa: E402
+from scx_ref.protocol.messages import Request  # noqa: E402
+from scx_ref.service.codec import (  # noqa: E402
+    FrameKind,
+    decode,
+    encode_hello,
+    encode_request,
+    reply_from,
+)
+from scx_ref.service.service import METHOD  # noqa: E402
+from scx_ref.stages import Stage  # noqa: E402
+
+from .services import InProcess, wait_for  # noqa: E402
+from .tiny import tiny_weights  # noqa: E402
+
+OPEN_META = {"n": 4, "r1": 1, "r2": 1, "r_lock": 1, "l_s": 1, "l_e": 1, "max_length": 16, "level": "paper"}
+SID = "ab" * 16
+GRACE = 30.0  # seconds a shutdown may wait for open sessions; one with none left must end well inside it
+
+
+class _RawStream:
+    """A raw gRPC session stream: frames put on ``send`` go out, replies are collected in ``replies``;
+    while nothing is queued it sends a hello every 0.2 s, so the stream is never idle (its session can be)."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.send: queue.Queue[bytes | None] = queue.Queue()
+        self.replies: list[bytes] = []
+        self.call = self.channel.stream_stream(METHOD)(self._frames())
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _frames(self) -> Iterator[bytes]:
+        while True:
+            try:
+                item = self.send.get(timeout=0.2)
+            except queue.Empty:
+                item = encode_hello({"client": "keepalive"})
+            if item is None:
+                return
+            yield item
+
+    def _read(self) -> None:
+        try:
+            for data in self.call:
+                self.replies.append(data)
+        except grpc.RpcError:  # the stream ended (the server shut down, or we cancelled it)
+            pass
+
+    def request(self, req: Request) -> Any:
+        """Send ``req`` and return its answer frame (the first non-hello frame after it)."""
+        before = len(self.replies)
+        self.send.put(encode_request(req))
+
+        def answered() -> bool:
+            return any(decode(r).kind is not FrameKind.HELLO for r in self.replies[before:])
+
+        wait_for(answered, f"the answer to {req.stage.value}")
+        return next(f for f in map(decode, self.replies[before:]) if f.kind is not FrameKind.HELLO)
+
+    def close(self) -> None:
+        self.send.put(None)
+        self.call.cancel()
+        self.channel.close()
+        self.reader.join(30)
+
+
+def _stop_seconds(srv: InProcess) -> float:
+    t0 = time.monotonic()
+    srv.stop()
+    return time.monotonic() - t0
+
+
+def _stream_ids(srv: InProcess) -> list[set[str]]:
+    return [set(s.sessions) for s in list(srv.service.streams)]
+
+
+def test_evict_idle_sessions_names_what_it_evicted() -> None:
+    """The protocol server reports the evicted ids (evict_idle still counts them)."""
+    now = [0.0]
+    server: Server[Any] = Server(NumpyBackend(tiny_weights(3)), clock=lambda: now[0])
+    ids = ["ab" * 16, "cd" * 16]
+    for sid in ids:
+        server.handle(Request(sid, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
+    assert server.evict_idle_sessions() == []
+    now[0] = server.limits.idle_ttl + 1
+    assert sorted(server.evict_idle_sessions()) == ids and server.sessions == {}
+    assert server.evict_idle_sessions() == [] and server.evict_idle() == 0
+
+
+def test_shutdown_does_not_wait_for_a_session_the_idle_sweep_evicted() -> None:
+    srv = InProcess(idle_timeout=1.0, grace=GRACE)
+    link = _RawStream(srv.address)
+    try:
+        assert reply_from(link.request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))).meta["token"]
+        assert _stream_ids(srv) == [{SID}]
+        wait_for(lambda: not srv.server.sessions, "the idle sweep's eviction")
+        # the stream is still open (it keeps sending hellos) but no longer counts the evicted session
+        wait_for(lambda: _stream_ids(srv) == [set()], "the stream forgetting the evicted session")
+        seconds = _stop_seconds(srv)
+        assert seconds < GRACE / 2, f"shutdown waited {seconds:.1f} s for an evicted session"
+    finally:
+        link.close()
+
+
+class _NoSweep(Server[Any]):
+    """A protocol server whose idle sweep finds nothing: an idle session is evicted only on access."""
+
+    def evict_idle(self) -> int:
+        return 0
+
+    def evict_idle_sessions(self) -> list[str]:
+        return []
+
+
+def test_shutdown_does_not_wait_for_a_session_evicted_on_access() -> None:
+    srv = InProcess(_NoSweep, idle_timeout=1.0, grace=GRACE)
+    link = _RawStream(srv.address)
+    try:
+        opened = reply_from(link.request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META)))
+        token = opened.meta["token"]
+        base = srv.server.clock()
+        srv.server.clock = lambda: time.monotonic() - base + 1e6  # the session is now long idle
+        answer = link.request(Request(SID, Stage.CLOSE, -1, -1, 1, {}, {}, token))
+        assert answer.kind is FrameKind.ERROR and "unknown session" in answer.header["message"]
+        assert srv.server.sessions == {} and len(srv.service.streams) == 1
+        seconds = _stop_seconds(srv)
+        assert seconds < GRACE / 2, f"shutdown waited {seconds:.1f} s for an evicted session"
+    finally:
+        link.close()
