@@ -16,7 +16,8 @@ import numpy as np
 
 from ._checks import check_int, token_ids
 from .backends.base import A, Backend, IndexArray
-from .errors import ProtocolError
+from .config import ModelConfig
+from .errors import ConfigError, ProtocolError
 from .sampling import greedy_tokens
 from .stages import Stage
 
@@ -37,9 +38,12 @@ def block(
 ) -> tuple[A, tuple[A, A]]:
     """One pre-norm block: ``x + Attn(norm(x))`` then ``+ MLP(norm(·))``, the rows at ``positions``
     attending causally to ``cache`` (post-RoPE keys and values of earlier positions, or None) and to
-    themselves. Returns the block output and the extended cache (keys after RoPE)."""
+    themselves. Returns the block output and the extended cache (keys after RoPE). ProtocolError when
+    ``cache`` is neither None nor a (keys, values) pair."""
     c = b.config
     n = b.nrows(x)
+    if cache is not None and not (isinstance(cache, (tuple, list)) and len(cache) == 2):
+        raise ProtocolError(f"block: cache must be None or a (keys, values) pair, got {type(cache).__name__}")
     if trace:
         trace(Stage.QKV, layer, x)
     q, k, v = _qkv(b, x, layer, positions)
@@ -89,7 +93,7 @@ def block_rows(
     ``positions[j]``, attending to ``caches[j]`` (post-RoPE keys and values) and itself — the middle
     blocks of several sessions' generation steps at once (DESIGN §5.6). Returns the r output rows and
     the r extended caches. ProtocolError unless there is at least one row, one integer position and one
-    cache per row, and ``tile`` is an integer >= 1.
+    cache (a (keys, values) pair, in a list) per row, and ``tile`` is an integer >= 1.
 
     Batch invariance: every row-wise stage (norms, projections, RoPE, dense MLP) runs on tiles of
     exactly ``tile`` rows (zero rows pad the last tile) and attention runs per row on its own cache, so a
@@ -101,6 +105,10 @@ def block_rows(
     c = b.config
     r = b.nrows(x)
     pos = np.asarray(positions)
+    if not isinstance(caches, (list, tuple)) or not all(
+        isinstance(kv, (tuple, list)) and len(kv) == 2 for kv in caches
+    ):
+        raise ProtocolError(f"block_rows: caches must be a list of (keys, values) pairs, got {caches!r:.60}")
     if r == 0 or len(caches) != r or pos.shape != (r,) or (pos.dtype.kind not in "iu"):
         raise ProtocolError(
             f"block_rows: {r} rows (at least one), positions {pos.dtype} of shape {pos.shape} (one integer "
@@ -137,9 +145,16 @@ def block_rows(
 
 
 class PlainRunner(Generic[A]):
-    """Plaintext prefill/decode over a backend, with a per-layer KV cache (post-RoPE keys)."""
+    """Plaintext prefill/decode over a backend, with a per-layer KV cache (post-RoPE keys).
+
+    ConfigError when ``backend`` has no :class:`~scx_ref.config.ModelConfig` ``config`` (it is not a
+    backend) or ``trace`` is neither None nor callable."""
 
     def __init__(self, backend: Backend[A], trace: Trace | None = None) -> None:
+        if not isinstance(getattr(backend, "config", None), ModelConfig):
+            raise ConfigError(f"PlainRunner needs a Backend, got {type(backend).__name__}")
+        if trace is not None and not callable(trace):
+            raise ConfigError(f"trace must be a callable or None, got {type(trace).__name__}")
         self.b = backend
         self.trace = trace
         self.cache: list[tuple[A, A]] = []
@@ -154,12 +169,17 @@ class PlainRunner(Generic[A]):
         self.cache = []
 
     def forward(self, ids: Any, last_only: bool = False) -> A:
-        """Logits of ``ids`` continuing the cache (rows × V, or only the last row); extends the cache.
+        """Logits of ``ids`` continuing the cache (rows × V, or only the last row when ``last_only``: a bool,
+        else ConfigError); extends the cache.
         ``ids`` are checked first (:func:`~scx_ref._checks.token_ids`: VocabularyError unless 1-D integers in
         the vocabulary, ProtocolError when empty), the cache left as it was: a float id was truncated to an
         integer token before. A call that raises later (in a ``trace``, in the backend) leaves the cache as
         it was too."""
         b, c = self.b, self.b.config
+        if not isinstance(last_only, (bool, np.bool_)):
+            raise ConfigError(
+                f"last_only must be True or False, got {type(last_only).__name__} {last_only!r:.40}"
+            )
         ids_arr = token_ids(ids, c.vocab_size)
         n, start = len(ids_arr), self.length
         if start + n > c.max_positions:

@@ -70,7 +70,13 @@ class ReferenceModel:
 
         With a ``trace``, it receives the block input ``x``, the normalized input ``xhat``, post-RoPE
         ``q``/``k`` and ``v``, the attention output ``o`` and the residual before the MLP ``h``.
+        ProtocolError (``cache`` unchanged) unless ``cache`` is a KVCache and ``layer`` an integer in
+        [0, len(cache.keys)]: the next block of a cache being built, or one it holds (never filed at
+        another index).
         """
+        if not isinstance(cache, KVCache) or not isinstance(cache.keys, list):
+            raise ProtocolError(f"block needs a KVCache, got {type(cache).__name__}")
+        layer = check_int(layer, "layer", 0, len(cache.keys), error=ProtocolError)
         c = self.config
         self._record("x", layer, x)
         h = ops.rms_norm(x, lw.attn_norm, c.rms_eps)

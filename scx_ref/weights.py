@@ -89,8 +89,9 @@ class ModelWeights:
 
     def validate(self) -> None:
         """Check every array against ``config``: ShapeError for a missing or misshapen one, DTypeError for
-        one that is not a numpy floating array of the embedding's dtype, NonFiniteError (naming it) for one
-        holding NaN or Inf, ConfigError for a config, layer list or MLP of the wrong kind."""
+        one that is not a numpy floating array of the embedding's dtype (a ``numpy.matrix`` included),
+        NonFiniteError (naming it) for one holding NaN or Inf, ConfigError for a config, layer list or MLP
+        of the wrong kind."""
         c = self.config
         if not isinstance(c, ModelConfig):
             raise ConfigError(f"config must be a ModelConfig, got {type(c).__name__}")
@@ -100,6 +101,8 @@ class ModelWeights:
         def need(arr: Array | None, shape: tuple[int, ...], name: str) -> None:
             if arr is not None and not isinstance(arr, np.ndarray):
                 raise DTypeError(f"weight {name} must be a numpy array, got {type(arr).__name__}")
+            if isinstance(arr, np.matrix):  # its * is a matrix product and it never reshapes to heads
+                raise DTypeError(f"weight {name} must be a numpy array, not a numpy matrix")
             if arr is None or tuple(arr.shape) != shape:
                 got = None if arr is None else tuple(arr.shape)
                 raise ShapeError(f"weight {name} must have shape {shape}, got {got}")
@@ -153,7 +156,12 @@ class ModelWeights:
                 need(ex.w_down, (f, d), q + "w_down")
 
     def astype(self, dtype: Any) -> ModelWeights:
-        """A copy with every array cast to ``dtype``."""
+        """A copy with every array cast to ``dtype`` (DTypeError unless it names a floating numpy dtype: one
+        numpy cannot read, or :meth:`validate`'s naming the first weight)."""
+        try:
+            dtype = np.dtype(dtype)
+        except (TypeError, ValueError):
+            raise DTypeError(f"dtype must be a floating numpy dtype, got {dtype!r:.40}") from None
         return ModelWeights.from_dict(self.config, {k: v.astype(dtype) for k, v in self.to_dict().items()})
 
     def to_dict(self) -> dict[str, Array]:
@@ -177,17 +185,27 @@ class ModelWeights:
 
     @classmethod
     def from_dict(cls, config: ModelConfig, d: Mapping[str, Array]) -> ModelWeights:
-        """Inverse of :meth:`to_dict`; raises ShapeError/ConfigError on a missing, misshapen or unknown array
-        (a name :meth:`to_dict` of this config does not give), and :meth:`validate`'s errors."""
+        """Inverse of :meth:`to_dict` (each value is read with ``numpy.asarray``, the Q/K/V biases too: an
+        array is not copied); raises ShapeError/ConfigError on a missing, misshapen or unknown array (a name
+        :meth:`to_dict` of this config does not give), ShapeError/DTypeError for a value numpy cannot read as
+        an array (a ragged list, a bfloat16 tensor), and :meth:`validate`'s errors."""
         if not isinstance(config, ModelConfig):
             raise ConfigError(f"config must be a ModelConfig, got {type(config).__name__}")
         if not isinstance(d, Mapping):
             raise ConfigError(f"weights must be a mapping of names to arrays, got {type(d).__name__}")
 
+        def read(name: str) -> Array:
+            try:
+                return np.asarray(d[name])
+            except ValueError as exc:  # a ragged nested list
+                raise ShapeError(f"weight {name} is not an array numpy can read: {exc}") from None
+            except (TypeError, RuntimeError) as exc:  # e.g. a bfloat16 tensor, an object refusing __array__
+                raise DTypeError(f"weight {name} is not an array numpy can read: {exc}") from None
+
         def get(name: str) -> Array:
             if name not in d:
                 raise ConfigError(f"weight {name!r} missing")
-            return np.asarray(d[name])
+            return read(name)
 
         layers = []
         for i in range(config.n_layers):
@@ -203,7 +221,7 @@ class ModelWeights:
                 )
             else:
                 mlp = DenseMLP(*(get(p + f"mlp.{n}") for n in ("w_gate", "w_up", "w_down")))
-            bias = [d.get(p + n) for n in ("bq", "bk", "bv")]
+            bias = [read(p + n) if d.get(p + n) is not None else None for n in ("bq", "bk", "bv")]
             layers.append(
                 LayerWeights(
                     get(p + "attn_norm"),
@@ -228,8 +246,9 @@ def random_weights(
     config: ModelConfig, rng: np.random.Generator, dtype: Any = np.float64, scale: float = 1.0
 ) -> ModelWeights:
     """Random weights for tests: N(0, scale²/fan_in) matrices, norm gains near 1, embeddings N(0, 1).
-    ConfigError for a config that is not a ModelConfig or a scale that is not a finite number, DTypeError
-    for a dtype that is not floating.
+    ConfigError for a config that is not a ModelConfig, one with a weight too large for numpy to allocate
+    (raised before ``rng`` draws anything), or a scale that is not a finite number, DTypeError for a dtype
+    that is not floating.
 
     ``rng`` is the caller's generator: the library never touches global random state (ConfigError for
     anything else, a seed included: ``np.random.default_rng(seed)`` makes one).
@@ -243,6 +262,10 @@ def random_weights(
     float_dtype(dtype)
     scale = check_real(scale, "scale")
     d, f = config.hidden_size, config.intermediate_size
+    shapes = [(config.vocab_size, d), (d, config.q_dim), (d, f), (d, max(config.n_experts, 1))]
+    biggest = max(shapes, key=lambda s: s[0] * s[1])
+    if biggest[0] * biggest[1] * 8 > np.iinfo(np.intp).max:  # checked before ``rng`` draws anything
+        raise ConfigError(f"{config.name}: a weight of shape {biggest} is beyond what numpy can allocate")
 
     def mat(n_in: int, n_out: int) -> Array:
         out: Array = (rng.standard_normal((n_in, n_out)) * (scale / np.sqrt(n_in))).astype(dtype)
