@@ -136,7 +136,9 @@ def load_model(name: str, dtype: Any = np.float32) -> tuple[Any, Any | None, Mod
 
     Guarantee: the ModelWeights hold the HF model's float32 parameters exactly (cast to ``dtype``;
     float64 is an exact widening), transposed to scx_ref's in × out convention, and are named ``name``.
-    ConfigError for an unknown name or a dtype other than float32/float64.
+    All three are cached per process: every call returns the same objects, so an edit in place (a test
+    that zeroes a row) shows in every later call — copy them first (``copy.deepcopy``). ConfigError for
+    an unknown name or a dtype other than float32/float64.
     """
     np_dtype = _check_dtype(dtype)
     _check_name(name)
@@ -175,8 +177,9 @@ def load_weights(name: str, dtype: Any = np.float64) -> ModelWeights:
     """ModelWeights of a registered model (as :func:`load_model`) or of ``random:<preset>[:seed]``.
 
     Guarantee: a random preset gives ``random_weights(RANDOM_PRESETS[preset], default_rng(seed), dtype)``
-    — the same weights on every call — named ``random:<preset>:<seed>``; no global random state is used.
-    ConfigError for a name that is neither.
+    — the same weights on every call, a new object each time — named ``random:<preset>:<seed>``; no global
+    random state is used. A registered model's weights are :func:`load_model`'s, the one object cached per
+    process (copy before editing in place). ConfigError for a name that is neither.
     """
     np_dtype = _check_dtype(dtype)
     parsed = parse_random(name)

@@ -30,9 +30,10 @@ _LOCKING = True
 
 
 def cache_dir() -> Path:
-    """The user cache directory of downloaded and converted models ($SCX_CACHE or ~/.cache/scx_ref)."""
-    root = os.environ.get("SCX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "scx_ref")
-    return Path(root)
+    """The user cache directory of downloaded and converted models ($SCX_CACHE or ~/.cache/scx_ref; a
+    leading ``~`` in $SCX_CACHE is the home directory, as in a shell, not a directory named ``~``)."""
+    root = os.environ.get("SCX_CACHE") or os.path.join("~", ".cache", "scx_ref")
+    return Path(os.path.expanduser(root))
 
 
 def _unusable(root: Path, exc: OSError) -> SCXError:
@@ -50,8 +51,8 @@ def cache_lock(root: Path, name: str) -> Iterator[None]:
     waits at the entrance. Not reentrant: a holder that enters again for the same ``(root, name)``
     deadlocks. On a platform without ``fcntl`` (Windows) there is no lock; the unique names still keep
     concurrent writers from corrupting each other, they only repeat the work. SCXError, before the block
-    runs, when ``root`` cannot be created or the lock file cannot be opened (a file in the way, no
-    permission).
+    runs, when ``root`` cannot be created, the lock file cannot be opened (a file in the way, no
+    permission) or locked (a file system without locks).
     """
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -67,7 +68,10 @@ def cache_lock(root: Path, name: str) -> Iterator[None]:
     except OSError as exc:
         raise _unusable(root, exc) from exc
     with lock as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks (some NFS or FUSE mounts: ENOLCK, ENOTSUP)
+            raise _unusable(root, exc) from exc
         try:
             yield
         finally:

@@ -39,11 +39,16 @@ def corpus_text() -> str:
 
 def byte_tokenize(text: str, vocab_size: int) -> IdArray:
     """Token ids of ``text`` under the byte mapping b → b mod vocab_size (identity when V ≥ 256).
-    ConfigError for a text that is not a str or a vocab_size that is not an integer >= 2."""
+    ConfigError for a text that is not a str, a text UTF-8 cannot encode (a lone surrogate, as Python
+    makes of undecodable bytes in argv), or a vocab_size that is not an integer >= 2."""
     vocab_size = _count(vocab_size, "vocab_size", 2)
     if not isinstance(text, str):
         raise ConfigError(f"text must be a str, got {type(text).__name__}")
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) % vocab_size
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"text is not valid Unicode (cannot be encoded as UTF-8): {exc}") from exc
+    return np.frombuffer(data, dtype=np.uint8).astype(np.int64) % vocab_size
 
 
 def tokenize(text: str, tokenizer: Any | None, vocab_size: int) -> IdArray:

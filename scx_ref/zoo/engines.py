@@ -53,7 +53,8 @@ ENGINE_DTYPES: tuple[str, ...] = ("float32", "float64")
 
 
 def _check_dtype(dtype: str) -> str:
-    if dtype not in ENGINE_DTYPES:
+    # an array's ``in`` raised numpy's ambiguous-truth ValueError; a numpy dtype equals its name
+    if not isinstance(dtype, (str, np.dtype)) or dtype not in ENGINE_DTYPES:
         raise ConfigError(f"dtype must be {' or '.join(ENGINE_DTYPES)}, got {dtype!r}")
     return dtype
 

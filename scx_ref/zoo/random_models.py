@@ -104,15 +104,17 @@ def build_random_model(spec: RandomModelSpec) -> Any:
     """The HF causal-LM of ``spec`` in float32 with parameters drawn from ``torch.Generator(spec.seed)``.
 
     Guarantee: the same spec gives bit-identical parameters on every call and every platform's CPU
-    generator; global torch random state is neither read nor changed.
+    generator; global torch random state is neither read nor changed. ConfigError for a spec
+    :func:`hf_config` refuses (an unknown family).
     """
     import torch
     from transformers import LlamaForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM
     from transformers.initialization import no_init_weights
 
+    config = hf_config(spec)  # ConfigError for a family it does not know, before the lookup below
     cls = {"llama": LlamaForCausalLM, "mixtral": MixtralForCausalLM, "qwen2": Qwen2ForCausalLM}[spec.family]
     with no_init_weights():
-        model = cls(hf_config(spec))
+        model = cls(config)
     gen = torch.Generator().manual_seed(spec.seed)
     d = spec.hidden_size
     with torch.no_grad():

