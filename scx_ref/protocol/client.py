@@ -377,7 +377,10 @@ class Client(Generic[A]):
         if self.wide:
             meta["wide"] = True
             x = bb.floating(x, "blinded input", finite=False)
-        sent = blind(x, eta, bb)
+        try:
+            sent = blind(x, eta, bb)
+        except NonFiniteError as exc:  # the client's own rows (η is finite): the model's arithmetic
+            raise NonFiniteError(f"{stage.value} of block {layer}, before it was sent: {exc}") from exc
         got, u = self._send(link, stage, layer, step, {arr_key: sent}, expect, value_checked=checked, **meta)
         y = got[reply_key]
         self._verify(stage, lambda v: v.linear(stage, wl, sent, y, which, u, expert, norm, norm_layer))
@@ -480,7 +483,7 @@ class Client(Generic[A]):
         the same keys would encode two prompts. Every reply is verified first (IntegrityError on a failed
         check; the session is then failed and nothing more is sent).
         """
-        b, c, cfg = self.b, self.c, self.cfg
+        b = self.b
         _check_link(link)
         ids_arr = token_ids(ids)
         x0 = b.embed(ids_arr)  # validates the ids against the vocabulary
@@ -520,6 +523,15 @@ class Client(Generic[A]):
             else:
                 st.verifier = SessionVerifier(b, st.keys, self.sketches)
         self.state = st
+        try:
+            return self._prefill_session(link, st, x0)
+        except BaseException:
+            st.failed = True  # cut short (any error, ^C): the server's half-built session takes nothing more
+            raise
+
+    def _prefill_session(self, link: Transport, st: _State[A], x0: A) -> npt.NDArray[Any]:
+        """The messages of :meth:`prefill` on its new session ``st``, for the embedded prompt ``x0``."""
+        b, c, cfg, prep, n = self.b, self.c, self.cfg, st.prep, st.n
         self._send(
             link,
             Stage.OPEN,
@@ -801,11 +813,22 @@ class Client(Generic[A]):
         """
         _check_link(link)
         st = self._require()
-        b, c = self.b, self.c
+        b = self.b
         t, p = st.step, st.n + st.step
         if p >= self.max_length:
             raise ProtocolError(f"generation past the configured maximum length {self.max_length}")
         h = b.embed(np.asarray([token]))  # validate the token before anything is sent
+        sent = st.seq
+        try:
+            return self._decode_step(link, st, h, t, p)
+        except BaseException:
+            if st.seq != sent:  # cut short after a message went (any error, ^C): the server's step half-run
+                st.failed = True
+            raise
+
+    def _decode_step(self, link: Transport, st: _State[A], h: A, t: int, p: int) -> npt.NDArray[Any]:
+        """The messages of :meth:`decode`'s step ``t`` (position ``p``) for the embedded token ``h``."""
+        b, c = self.b, self.c
         if self.middle and not st.shared:
             self.share_keys(link)
         new_k: dict[int, A] = {}

@@ -84,7 +84,12 @@ class CalibrationPool:
         cls, backend: Backend[Any], token_ids: npt.NDArray[np.int64], window: int = 256
     ) -> CalibrationPool:
         """Run plaintext inference on public ``token_ids`` (in windows of at most ``window`` tokens and
-        the model's ``max_positions``) and keep every stage's input."""
+        the model's ``max_positions``) and keep every stage's input, for the tokens whose plaintext pass is
+        finite: a decoy the model's own arithmetic left NaN or ±inf would fail the request. A token whose
+        own block-0 RMSNorm is not finite (an embedding row of zeros at ``rms_eps`` = 0) is left out of
+        the text first — run, it turns its whole window NaN (softmax's zero weight times its NaN value
+        row); a token with any other row or logit that is not finite is dropped after. ConfigError when no
+        token is left."""
         window = min(window, backend.config.max_positions)
         rows: dict[tuple[Stage, int], list[Array]] = {}
 
@@ -93,10 +98,25 @@ class CalibrationPool:
 
         runner = PlainRunner(backend, trace)
         ids = np.asarray(token_ids, dtype=np.int64)
+        with np.errstate(all="ignore"):  # tokens whose own block-0 norm is not finite are left out first
+            first = backend.to_numpy(backend.norm(backend.embed(ids), "attn", 0))
+        ids = ids[np.isfinite(first).all(axis=1)]
+        finite: list[npt.NDArray[np.bool_]] = []  # per window: which tokens' logits are finite
         for start in range(0, len(ids), window):
             runner.reset()
-            runner.forward(ids[start : start + window])
-        return cls({key: np.concatenate(parts) for key, parts in rows.items()})
+            with np.errstate(all="ignore"):  # a token whose pass is not finite is dropped below
+                logits = runner.forward(ids[start : start + window])
+            finite.append(np.isfinite(np.asarray(backend.to_numpy(logits))).all(axis=1))
+        tables = {key: np.concatenate(parts) for key, parts in rows.items()}
+        keep = np.concatenate(finite) if finite else np.zeros(0, dtype=bool)
+        for table in tables.values():  # one row per token at every stage
+            keep &= np.isfinite(table).all(axis=1)
+        if not keep.any():
+            raise ConfigError(
+                "calibration pool: the model's own arithmetic is not finite (NaN or ±inf) for every "
+                "token of the calibration text; give other public_tokens"
+            )
+        return cls({key: table[keep] for key, table in tables.items()})
 
     def draw(self, stage: Stage, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
         """``count`` rows of the pool at (stage, layer), chosen uniformly by ``stream`` and distinct

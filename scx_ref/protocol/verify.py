@@ -105,7 +105,7 @@ from ..backends.base import (
 )
 from ..backends.cpu_kernels import kernels
 from ..config import ModelConfig
-from ..errors import IntegrityError, ProtocolError, SCXError
+from ..errors import IntegrityError, NonFiniteError, ProtocolError, SCXError
 from ..keys import KeySchedule
 from ..stages import Stage
 from .keyring import RequestKeys, basis_label, gaussian
@@ -896,11 +896,23 @@ class SessionVerifier(Generic[A]):
         """Accept iff every |residual| ≤ τ (both finite); record the worst ratio."""
         self._accept(stage, layer, excess_ratio(residual, tau), int(residual.size), what)
 
-    def _accept(self, stage: Stage, layer: int, ratio: float, checks: int, what: str) -> None:
+    def _accept(
+        self,
+        stage: Stage,
+        layer: int,
+        ratio: float,
+        checks: int,
+        what: str,
+        own: tuple[A, NormName, int] | None = None,
+    ) -> None:
         """Accept a check whose largest |residual|/τ is ``ratio`` (:func:`excess_ratio`; NaN when not finite)
-        over ``checks`` entries iff ratio ≤ 1; record it."""
+        over ``checks`` entries iff ratio ≤ 1; record it. ``own``: the rows x the client sent and the norm
+        (name, layer) the server applies to them — a verdict that is not finite is then first traced to
+        the client's own side (:meth:`_own_norm_finite`)."""
         self.checks += checks
         if not math.isfinite(ratio):
+            if own is not None:
+                self._own_norm_finite(stage, layer, *own)
             raise IntegrityError(f"{stage.value} of block {layer}: {what} is not finite")
         if ratio > 1.0:
             raise IntegrityError(
@@ -908,6 +920,19 @@ class SessionVerifier(Generic[A]):
                 f"(|residual| = {ratio:.3g} × the rounding bound): the server did not compute this stage"
             )
         self.worst = max(self.worst, ratio)
+
+    def _own_norm_finite(self, stage: Stage, layer: int, x: A, norm: NormName, norm_layer: int) -> None:
+        """NonFiniteError when the model's own RMSNorm ``norm`` of the rows ``x`` the client sent is not
+        finite (a zero row at ``rms_eps`` = 0, a row past the dtype's range): an honest server's reply is
+        then not finite either, so the model's arithmetic fails here, not the server. Run only after a
+        verdict that is not finite; it depends on the client's own rows alone, so a server cannot steer it."""
+        with np.errstate(all="ignore"):
+            xh = self.b.norm(x, norm, norm_layer)
+        if not self.b.rows_finite(xh, np.arange(self.b.nrows(xh), dtype=np.int64)):
+            raise NonFiniteError(
+                f"{stage.value} of block {layer}: the model's own {norm} RMSNorm of a row sent is not finite "
+                f"(a zero row at rms_eps = {self.b.config.rms_eps:g}, or one past the dtype's range)"
+            )
 
     # -- linear stages --------------------------------------------------------------------------------
     def linear(
@@ -959,7 +984,8 @@ class SessionVerifier(Generic[A]):
                 if not isinstance(side, tuple):
                     self._count(side, right)
         rows = x[0].shape[0] if isinstance(x, tuple) else self.b.nrows(x)
-        self._accept(stage, layer, ratio, rows * ch.r.shape[1], f"the {which} product")
+        own = None if norm is None or isinstance(x, tuple) else (x, norm, norm_layer)
+        self._accept(stage, layer, ratio, rows * ch.r.shape[1], f"the {which} product", own)
 
     @staticmethod
     def _linear_tau(
@@ -1005,7 +1031,7 @@ class SessionVerifier(Generic[A]):
             if got is not None:
                 self._count(x, up.wr)
                 self._count(y, down.r)
-                self._accept(stage, layer, got[0], rows * kv, "the w_gate_up product")
+                self._accept(stage, layer, got[0], rows * kv, "the w_gate_up product", (x, "mlp", layer))
                 self._accept(stage, layer, got[1], rows * kv, "the w_down product")
                 return
             gr, gnorm, mr, mnorm = (np.asarray(a, np.float64) for a in b.project64_gate_up(gu, up.r, down.wr))
@@ -1023,7 +1049,10 @@ class SessionVerifier(Generic[A]):
             )
             self._linear_judge(stage, layer, "w_down", u, down, y, (mr, mnorm), _SWIGLU)
             return
-        xh = b.norm(x, "mlp", layer)
+        with np.errstate(all="ignore"):
+            xh = b.norm(x, "mlp", layer)
+        if not b.rows_finite(xh, np.arange(b.nrows(xh), dtype=np.int64)):
+            self._own_norm_finite(stage, layer, x, "mlp", layer)
         rows, k, f = b.nrows(xh), c.top_k, c.intermediate_size
         self.linear(stage, layer, xh, reply["router"], "router", u, input_slack=normed)
         top, weights = route(b.to_numpy(reply["router"]), k)
