@@ -145,9 +145,11 @@ def public_and_victims(
     tokenizer: Any, vocab: int, n_public: int, count: int, length: int
 ) -> tuple[npt.NDArray[np.int64], list[npt.NDArray[np.int64]]]:
     """Disjoint splits of CPython's ``pydoc_data.topics``: public text from the even-indexed topics
-    (sorted keys), victim prompts (the start of the body — after the title and its underline — of
-    ``count`` odd-indexed topics, spread evenly): ``count`` distinct prompts of exactly ``length`` tokens
-    each, or :class:`~scx_ref.errors.ConfigError` (too few topics of at least 16 characters per token:
+    (sorted keys) that share no passage of :data:`_SHARED` characters with the victims' texts (pydoc
+    repeats itself: "else" and "if" are one text, "specialnames" holds others whole), victim prompts
+    (the start of the body — after the title and its underline — of ``count`` odd-indexed topics, spread
+    evenly): ``count`` distinct prompts of exactly ``length`` tokens each, or
+    :class:`~scx_ref.errors.ConfigError` (too few topics of at least 16 characters per token:
     :func:`victim_topics`, :func:`max_victim_length`)."""
     if count < 1 or length < 1:
         raise ConfigError(f"need at least one victim prompt of at least one token, got {count} x {length}")
@@ -155,12 +157,11 @@ def public_and_victims(
     if len(odd) < count:
         raise ConfigError(_too_few_topics(count, length, len(odd)))
     texts = topic_texts()
-    pub_text = "\n\n".join(texts[0::2])
+    bodies = [odd[(i * len(odd)) // count][: 16 * length + 64] for i in range(count)]  # what victims read
+    shared = {b[k : k + _SHARED] for b in bodies for k in range(max(len(b) - _SHARED, 0) + 1)}
+    pub_text = "\n\n".join(t for t in texts[0::2] if not _shares(t, shared))
     public = tokenize(pub_text[: 8 * n_public + 1024], tokenizer, vocab)[:n_public]
-    victims = [
-        tokenize(odd[(i * len(odd)) // count][: 16 * length + 64], tokenizer, vocab)[:length]
-        for i in range(count)
-    ]
+    victims = [tokenize(b, tokenizer, vocab)[:length] for b in bodies]
     short = min(len(v) for v in victims)
     if short < length:
         raise ConfigError(f"--length {length}: a victim topic tokenizes to only {short} tokens")
@@ -171,6 +172,16 @@ def _body(text: str) -> str:
     """A topic's body: the text after its title and underline (the whole text if it has none)."""
     parts = text.split("\n\n", 1)
     return (parts[1] if len(parts) == 2 else parts[0]).strip()
+
+
+#: The length of a passage that, shared by an even-indexed topic and a victim's text, keeps that topic out
+#: of the public text.
+_SHARED = 60
+
+
+def _shares(text: str, passages: set[str]) -> bool:
+    """Whether ``text`` holds one of ``passages`` (all :data:`_SHARED` characters long)."""
+    return any(text[k : k + _SHARED] in passages for k in range(len(text) - _SHARED + 1))
 
 
 def victim_topics(length: int) -> list[str]:

@@ -27,9 +27,10 @@ __all__ = ["norm_residual", "residual_links", "vocab_distance"]
 Array = npt.NDArray[Any]
 
 
-def norm_residual(rows: Array, gamma: Array, eps: float = 0.0) -> Array:
-    """|rms(y/γ) − 1| per row: 0 (up to ε) for every RMSNorm output y = γ ⊙ x / rms_ε(x). ShapeError unless
-    ``rows`` is rows × len(γ) and γ 1-D; NonFiniteError for NaN or ±Inf."""
+def norm_residual(rows: Array, gamma: Array) -> Array:
+    """|rms(y/γ) − 1| per row: 0 for an RMSNorm output y = γ ⊙ x / rms(x) (ε = 0; an ε > 0 makes rms(y/γ) =
+    √(mean x² / (mean x² + ε)) < 1, a residual of about ε / (2·mean x²)). ShapeError unless ``rows`` is
+    rows × len(γ) and γ 1-D; NonFiniteError for NaN or ±Inf."""
     g = rows_arg(gamma, "gamma", ndim=1)
     y = rows_arg(rows, "rows", len(g)) / g
     return np.asarray(np.abs(np.sqrt(np.mean(y**2, axis=1)) - 1.0))
