@@ -61,6 +61,11 @@ def _field(
     if v is None or not isinstance(v, kind) or (number and isinstance(v, bool)):
         raise ConfigError(f"field {key!r} is missing or not of the right type ({v!r})")
     x: Any = v  # a number here (its type checked above)
+    if number:
+        try:
+            float(x)  # an integer past float range cannot be compared or shown as one
+        except OverflowError:
+            raise ConfigError(f"field {key!r} is an integer past float range") from None
     if number and (math.isnan(x) or (finite and math.isinf(x)) or (low is not None and x < low)):
         what = "a finite number" if finite else "a number"
         raise ConfigError(f"field {key!r} must be {what} >= {low}, got {v!r}")
@@ -87,6 +92,8 @@ def check_record(rec: dict[str, Any]) -> None:
     ``within`` exactly its |ΔPPL|/PPL ≤ bound."""
     kind = rec.get("kind")
     _field(rec, "model", str)
+    if "command" in rec:  # listed under the tables, one line of the code block
+        _field(rec, "command", str)
     if kind == "sweep":
         _field(rec, "level", str)
         _field(rec, "tokens", int, 2)
@@ -99,6 +106,8 @@ def check_record(rec: dict[str, Any]) -> None:
             _field(row, "beta", (int, float), 0.0)
             rel = _field(row, "rel_delta_ppl", (int, float), 0.0, finite=False)
             _field(row, "max_abs_dlogit", (int, float), 0.0, finite=False)
+            if "wide" in row:  # it picks the row's column
+                _field(row, "wide", bool)
             if _field(row, "within", bool) != (rel <= crit):
                 raise ConfigError(f"a row's within={row['within']} does not follow from |ΔPPL|/PPL {rel!r}")
         return
@@ -187,7 +196,7 @@ def _sweep(rec: dict[str, Any]) -> list[str]:
     head = "| β | " + " | ".join(f"{d}: \\|ΔPPL\\|/PPL | {d}: max \\|Δlogit\\|" for d in dtypes) + " |"
     wide = any(r.get("wide", False) for r in rec["rows"])
     lines = [
-        f"Level `blind` on {rec['model']} ({rec['tokens']} tokens, windows of {rec['window']}); "
+        f"Level `{rec['level']}` on {rec['model']} ({rec['tokens']} tokens, windows of {rec['window']}); "
         "✗ marks a run beyond the dtype's bound (float32 1e-5, float64 1e-9)."
         + (
             " *blinded f64*: a float32 run whose blinded stages (the messages, the server's products on "

@@ -29,7 +29,7 @@ from scx_ref.errors import ConfigError, SCXError
 from scx_ref.protocol import Level
 from scx_ref.protocol.config import BLIND_DTYPES, BlindDtype
 from scx_ref.zoo import MODEL_NAMES, load_model, max_positions
-from scx_ref.zoo.corpus import corpus_tokens, prompts
+from scx_ref.zoo.corpus import corpus_text, corpus_tokens, prompts
 from scx_ref.zoo.engines import (
     ENGINE_DTYPES,
     LogitsFn,
@@ -273,6 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             s.add_argument("--new", type=int_at_least(1), default=64, help="greedy new tokens (default 64)")
     a = p.parse_args(argv)
+    if a.kind in ("ppl", "sweep"):  # a count past the corpus: refused before its windows are listed
+        most = len(corpus_text().encode("utf-8"))  # a tokenizer makes at most one token per byte
+        if a.tokens > most:
+            sub.choices[a.kind].error(
+                f"argument --tokens: {a.tokens} is more than the corpus holds (it has {most} bytes)"
+            )
     command = "python -m scx_models.runs " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     name = f"sweep-{a.model}-blind" if a.kind == "sweep" else f"{a.kind}-{a.model}-{a.dtype}-{a.level}"
     out = a.out or RESULTS_DIR / f"{name}.json"

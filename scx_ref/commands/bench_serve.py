@@ -118,11 +118,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--clients",
-        type=int_list(1),
+        type=int_list(1, MAX_THREADS),
         default=None,
-        help="comma-separated concurrent clients of the load runs (default "
+        help="comma-separated concurrent clients of the load runs, each a thread (default "
         + ",".join(map(str, _DEFAULTS["clients"]))
-        + ")",
+        + f"; at most {MAX_THREADS} each)",
     )
     p.add_argument(
         "--prompt-len",
@@ -163,13 +163,28 @@ def _pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, int(np.ceil(q * len(s))) - 1))]
 
 
+class _Stopped(Exception):
+    """A load session ended early: the run it belongs to is being abandoned (an error or Ctrl-C)."""
+
+
 def _session(
-    make: Callable[[], Any], link: Any, ids: np.ndarray, n_new: int, token_times: list[float] | None = None
+    make: Callable[[], Any],
+    link: Any,
+    ids: np.ndarray,
+    n_new: int,
+    token_times: list[float] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[int]:
+    """Greedy tokens of one session: ``n_new`` after the prompt ``ids``; _Stopped before the prefill or any
+    step once ``stop`` is set."""
     client = make()
+    if stop is not None and stop.is_set():
+        raise _Stopped
     logits = client.prefill(ids, link)
     out = [int(np.argmax(logits[-1]))]
     for _ in range(n_new - 1):
+        if stop is not None and stop.is_set():
+            raise _Stopped
         t = time.perf_counter()
         out.append(int(np.argmax(client.decode(out[-1], link))))
         if token_times is not None:
@@ -357,7 +372,7 @@ def _measure(
     try:
         probe._connect()
         assert probe.info is not None
-        batch_rows = int(probe.info["batch_rows"])
+        batch_rows = _batch_rows(probe.info, url)
     finally:
         probe.close()
     cfg = SCXConfig(level=args.level)
@@ -372,7 +387,9 @@ def _measure(
         "level": args.level,
         "batch_rows": batch_rows,
         "client_threads": args.threads,
-        "serve_args": None if spawned is None else args.serve_args or _DEFAULT_SERVE_ARGS,
+        "serve_args": None
+        if spawned is None
+        else (_DEFAULT_SERVE_ARGS if args.serve_args is None else args.serve_args),
         "warmup_rounds": args.warmup,
         "cpus": os.cpu_count(),
         "loadavg_start": os.getloadavg()[0],
@@ -467,12 +484,28 @@ def _measure(
     return result, bad
 
 
+def _batch_rows(info: dict[str, Any], url: str) -> int:
+    """The server's ``batch_rows`` from its greeting: ServiceError unless an integer >= 1 (a server's word
+    is checked before the in-process side is built on it)."""
+    from ..errors import ServiceError
+
+    v = info.get("batch_rows")
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ServiceError(f"the server at {url} gives no valid batch_rows in its greeting ({v!r})")
+    return v
+
+
 def _row_line(c: int, side: str, row: dict[str, Any]) -> str:
-    """One row of the load table."""
+    """One row of the load table; a latency with no sample (every session failed; ``--tokens 1``: no
+    decode step) is shown as ``—``, never as 0."""
+
+    def num(x: float | None, width: int, digits: int) -> str:
+        return f"{'—':>{width}}" if x is None else f"{x:{width}.{digits}f}"
+
     return (
         f"  C={c:<3} {side:<10} errors {row['errors']} wrong {row['wrong_outputs']}  request p50 "
-        f"{row['request_p50_s'] or 0:7.2f} s p99 {row['request_p99_s'] or 0:7.2f} s  token p50 "
-        f"{row['token_p50_ms'] or 0:8.1f} ms p99 {row['token_p99_ms'] or 0:8.1f} ms  "
+        f"{num(row['request_p50_s'], 7, 2)} s p99 {num(row['request_p99_s'], 7, 2)} s  token p50 "
+        f"{num(row['token_p50_ms'], 8, 1)} ms p99 {num(row['token_p99_ms'], 8, 1)} ms  "
         f"{row['tokens_per_s']:7.2f} tok/s  (load {row['loadavg']:.1f})"
     )
 
@@ -509,7 +542,7 @@ def _latency_rounds(
                 tok = int(np.argmax(client.decode(tok, link)))
             token_s = (time.perf_counter() - t) / gen_tokens
             after = sum(s.round_trips for s in link.meter.stages.values())
-            local_server.sessions.clear()
+            client.close(link)  # the server frees its caches (after the count: not a message timed)
             if r >= 0:
                 times[side]["prefill"].append(prefill_s)
                 times[side]["token"].append(token_s)
@@ -573,19 +606,23 @@ def _load_run(
     want: list[list[int]],
     tokens: int,
 ) -> dict[str, Any]:
-    """C concurrent sessions (threads), each on its own link: latencies, tokens/s, errors, wrong outputs."""
+    """C concurrent sessions (threads), each on its own link: latencies, tokens/s, errors, wrong outputs.
+    On any way out of the wait (a thread that cannot start, Ctrl-C) the sessions are told to stop and
+    have ended before it raises: none is left running on."""
     req_t: list[float] = []
     tok_t: list[float] = []
     errors: list[str] = []
     wrong = [0]
     lock = threading.Lock()
+    stop = threading.Event()
 
     def one(i: int) -> None:
-        link = new_link()
+        link: Any = None
         mine: list[float] = []
         try:
+            link = new_link()
             t = time.perf_counter()
-            got = _session(make, link, texts[i % len(texts)], tokens, mine)
+            got = _session(make, link, texts[i % len(texts)], tokens, mine, stop)
             dt = time.perf_counter() - t
             with lock:
                 req_t.append(dt)
@@ -598,12 +635,20 @@ def _load_run(
             if hasattr(link, "close"):
                 link.close()
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(c)]
+    threads: list[threading.Thread] = []
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for i in range(c):
+            th = threading.Thread(target=one, args=(i,), daemon=True)
+            th.start()
+            threads.append(th)
+        for th in threads:
+            th.join()
+    except BaseException:
+        stop.set()
+        for th in threads:  # each ends at its next step
+            th.join()
+        raise
     wall = time.perf_counter() - t0
     return {
         "clients": c,
@@ -613,7 +658,7 @@ def _load_run(
         "request_p99_s": _pct(req_t, 0.99) if req_t else None,
         "token_p50_ms": 1e3 * _pct(tok_t, 0.5) if tok_t else None,
         "token_p99_ms": 1e3 * _pct(tok_t, 0.99) if tok_t else None,
-        "tokens_per_s": c * tokens / wall,
+        "tokens_per_s": len(req_t) * tokens / wall,  # sessions that completed: a failed one made none
         "wall_s": wall,
         "loadavg": os.getloadavg()[0],
         "first_error": errors[0] if errors else None,
