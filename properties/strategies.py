@@ -21,13 +21,16 @@ Main strategies
 * :func:`decoy_counts` – r in 0..8.
 * :func:`model_configs` / :func:`model_weights` – tiny :class:`~scx_ref.config.ModelConfig` (dense,
   MoE, QKV bias, GQA) and random weights for them.
+* :func:`protocol_cases` / :func:`protocol_edge_cases` – an end-to-end protocol run (model, SCX config,
+  prompt, steps, keys); the edge ones pin a one-token prompt, no decoys and one KV head, often with the
+  run filling the context to ``max_length``.
 * :func:`seeds` – a seed for ``numpy.random.default_rng``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -54,6 +57,7 @@ __all__ = [
     "model_weights",
     "perms",
     "protocol_cases",
+    "protocol_edge_cases",
     "protocol_model_configs",
     "row_counts",
     "row_indices",
@@ -190,9 +194,11 @@ def head_permutations(draw: st.DrawFn, n_kv_heads: IntOrStrategy, head_dim: IntO
 
 
 def attention_shapes(
-    max_kv_heads: int = 3, gqa_ratios: Sequence[int] = (1, 2, 4), head_dims: Sequence[int] = (2, 4, 6, 8)
+    max_kv_heads: int = 3, gqa_ratios: Sequence[int] = (1, 2, 4), head_dims: Sequence[int] = (1, 2, 4, 6, 8)
 ) -> st.SearchStrategy[tuple[int, int, int]]:
-    """``(n_kv_heads, group_size, head_dim)``: H = n_kv_heads·group_size query heads (one head included)."""
+    """``(n_kv_heads, group_size, head_dim)``: H = n_kv_heads·group_size query heads (one head included),
+    head_dim 1 included by default (attention and T3 need no even head_dim; only RoPE does, so a model's
+    head_dim comes from :func:`model_configs`)."""
     return st.tuples(
         st.integers(1, max_kv_heads), st.sampled_from(list(gqa_ratios)), st.sampled_from(list(head_dims))
     )
@@ -361,4 +367,23 @@ def protocol_cases(draw: st.DrawFn, max_prompt: int = 64, max_new: int = 8) -> P
     weight_seed = draw(seeds())
     ids = draw(token_ids(cfg.vocab_size, min_len=1, max_len=max_prompt))
     scx = draw(scx_configs(max_length=cfg.max_positions))
+    return ProtocolCase(cfg, weight_seed, scx, ids, n_new, draw(seeds()))
+
+
+@st.composite
+def protocol_edge_cases(draw: st.DrawFn, max_new: int = 4) -> ProtocolCase:
+    """A :class:`ProtocolCase` pinned at the edges that :func:`protocol_cases` reaches together only by
+    chance (about one case in fifty, so rarely in a run of the default profile): a one-token prompt
+    (n = 1), no decoys anywhere (r1 = r2 = 0, ``r_lock`` 0 or defaulting to r1) and a single KV head (GQA
+    ratio 1, 2 or 4: one head in all, or one KV head shared by 2 or 4 query heads); dense or MoE, with or
+    without the QKV bias, at every level, 1..max_new tokens to generate. In half of them the run fills the
+    context: ``max_length`` = ``max_positions`` = 1 + n_new, so the last generation step is the model's
+    last position (and one more is refused)."""
+    n_new = draw(st.integers(1, max_new))
+    room = 1 + n_new + (0 if draw(st.booleans()) else 8)
+    cfg = draw(protocol_model_configs(max_positions=room))
+    cfg = replace(cfg, n_heads=cfg.group_size, n_kv_heads=1)
+    weight_seed = draw(seeds())
+    ids = draw(token_ids(cfg.vocab_size, min_len=1, max_len=1))
+    scx = replace(draw(scx_configs(max_length=room)), r1=0, r2=0, r_lock=draw(st.sampled_from([None, 0])))
     return ProtocolCase(cfg, weight_seed, scx, ids, n_new, draw(seeds()))
