@@ -43,11 +43,18 @@ def embed(ids: Any, table: FloatArray) -> FloatArray:
 def rms_norm(x: FloatArray, gamma: FloatArray, eps: float) -> FloatArray:
     """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε), row-wise (LlamaRMSNorm).
 
+    In x's dtype, except float16 (whose x² overflows past |x| = 256, which made a row 0): there, as
+    LlamaRMSNorm, x / sqrt(mean(x²) + ε) in float32, cast back to float16, then times γ.
     ShapeError unless ``gamma`` is one gain per entry of a row of ``x``; ConfigError unless ε is a finite
     number >= 0 (a negative or NaN ε gave NaN rows)."""
     eps = check_real(eps, "RMSNorm eps", 0)
     if np.ndim(x) == 0 or np.shape(gamma) != np.shape(x)[-1:]:
         raise ShapeError(f"RMSNorm of rows {np.shape(x)} with gains {np.shape(gamma)}: one gain per column")
+    if getattr(x, "dtype", None) == np.float16:  # float32 and float64 keep their own (exact) arithmetic
+        x32 = np.asarray(x, dtype=np.float32)
+        mean32 = np.mean(np.square(x32), axis=-1, keepdims=True)
+        normed: FloatArray = gamma * (x32 / np.sqrt(mean32 + eps)).astype(np.float16)
+        return normed
     var = np.mean(np.square(x), axis=-1, keepdims=True)
     out: FloatArray = gamma * (x / np.sqrt(var + eps))
     return out
@@ -85,13 +92,19 @@ def silu(x: FloatArray) -> FloatArray:
 
 
 def softmax(x: FloatArray, axis: int = -1) -> FloatArray:
-    """Numerically stable softmax; rows that are all −∞ give zeros instead of NaN.
+    """softmax(x)_i = exp(x_i − m) / Σ_j exp(x_j − m) along ``axis``, m = max_j x_j (numerically stable);
+    rows that are all −∞ (fully masked) give zeros instead of NaN. In x's dtype, except float16, computed
+    in float32 and cast back (as Hugging Face's attention and routers: Σ_j overflowed float16 past 65504
+    entries, which gave a row of zeros).
 
     ShapeError when ``x`` has no such ``axis`` (an integer) or is empty along it (a softmax over nothing)."""
     x = np.asarray(x)
     axis = check_int(axis, "softmax axis", None, error=ShapeError)
     if not -x.ndim <= axis < x.ndim or x.shape[axis] == 0:
         raise ShapeError(f"softmax needs a non-empty axis {axis}, got shape {x.shape}")
+    if x.dtype == np.float16:
+        wide: FloatArray = softmax(x.astype(np.float32), axis).astype(np.float16)
+        return wide
     m = np.max(x, axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     e = np.exp(x - m)

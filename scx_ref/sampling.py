@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._checks import check_int, check_real, token_ids
-from .errors import ConfigError, NonFiniteError, SCXError, note_tokens
+from .errors import ConfigError, NonFiniteError, SCXError, ShapeError, note_tokens
 
 __all__ = [
     "GENERATE_OPTIONS",
@@ -65,7 +65,11 @@ _HF_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Validated generation options (see :func:`generation_settings`)."""
+    """Validated generation options (see :func:`generation_settings`). Built directly, each field is
+    checked too (ConfigError, as :func:`generation_settings`'s): ``max_new_tokens`` an int >= 0,
+    ``do_sample`` a bool, ``temperature`` and ``repetition_penalty`` finite and > 0, ``top_k`` an int >= 0,
+    ``top_p`` in [0, 1], ``seed`` None or in [0, 2**64 - 1], ids ints >= 0, ``stop_strings`` non-empty
+    strings — never a raw ValueError from transformers' processors or a TypeError mid-generation."""
 
     max_new_tokens: int = 20
     do_sample: bool = False
@@ -77,6 +81,30 @@ class GenerationSettings:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.do_sample, bool):
+            raise ConfigError(f"do_sample must be True or False, got {self.do_sample!r:.40}")
+        fields: dict[str, Any] = {
+            "max_new_tokens": check_int(self.max_new_tokens, "max_new_tokens", 0),
+            "temperature": check_real(self.temperature, "temperature", 0, lo_open=True),
+            "top_k": check_int(self.top_k, "top_k", 0),
+            "top_p": check_real(self.top_p, "top_p", 0, 1),
+            "repetition_penalty": check_real(self.repetition_penalty, "repetition_penalty", 0, lo_open=True),
+            "seed": None if self.seed is None else check_int(self.seed, "seed", 0, MAX_SEED),
+            "pad_token_id": None
+            if self.pad_token_id is None
+            else check_int(self.pad_token_id, "pad_token_id", 0),
+        }
+        for name in ("eos_token_ids", "stop_strings"):
+            if not isinstance(getattr(self, name), (tuple, list)):
+                raise ConfigError(f"{name} must be a tuple, got {type(getattr(self, name)).__name__}")
+        fields["eos_token_ids"] = tuple(check_int(e, "eos_token_id", 0) for e in self.eos_token_ids)
+        if not all(isinstance(t, str) and t for t in self.stop_strings):
+            raise ConfigError("stop_strings must be non-empty strings")
+        fields["stop_strings"] = tuple(self.stop_strings)
+        for name, value in fields.items():  # Python numbers (a numpy scalar or a list would pass through)
+            object.__setattr__(self, name, value)
 
     def processors(self) -> Any:
         """transformers' ``LogitsProcessorList`` for these settings, in ``generate``'s order."""
@@ -130,7 +158,9 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
     supported, and for a value out of range or of the wrong type: exactly one of ``max_new_tokens`` and
     ``max_length``, ``num_beams`` 1 only, numbers (Python or numpy) finite, ``seed`` in [0, 2**64 - 1]
     (what a ``torch.Generator`` takes), ``stop_strings`` a string or a list of strings.
-    ``eos_token_id=None`` never stops at EOS; when absent, the model's EOS is used.
+    ``eos_token_id=None`` never stops at EOS; when absent, the model's EOS is used. Decoding greedily, the
+    model's ``temperature``, ``top_k`` and ``top_p`` are not read (transformers ignores them too: a
+    ``generation_config`` with ``temperature=0.0`` still decodes greedily); the call's own are checked.
     """
     if not isinstance(options, Mapping):
         raise ConfigError(
@@ -143,15 +173,18 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
             f"unsupported generation option(s) {', '.join(map(repr, unknown))}. Supported: {supported}"
         )
 
+    do_sample = options.get("do_sample", getattr(defaults, "do_sample", False) or False)
+    if not isinstance(do_sample, bool):
+        raise ConfigError(f"do_sample must be True or False, got {do_sample!r}")
+
     def pick(name: str) -> Any:
         if name in options:
             return options[name]
         v = getattr(defaults, name, None) if defaults is not None else None
-        return _HF_DEFAULTS.get(name) if v is None else v
+        # greedy decoding never reads the model's sampling values (a config's temperature 0.0 is not refused)
+        unused = not do_sample and name in _SAMPLING_ONLY
+        return _HF_DEFAULTS.get(name) if v is None or unused else v
 
-    do_sample = options.get("do_sample", getattr(defaults, "do_sample", False) or False)
-    if not isinstance(do_sample, bool):
-        raise ConfigError(f"do_sample must be True or False, got {do_sample!r}")
     beams = options.get("num_beams", 1)
     if isinstance(beams, bool) or not isinstance(beams, (int, float, np.integer, np.floating)) or beams != 1:
         raise ConfigError(f"num_beams must be 1 (SCX has no beam search), got {beams!r}")
@@ -266,14 +299,24 @@ def generate_tokens(
     those k tokens in its ``tokens`` (the streamer has already shown them). Before anything runs:
     ConfigError unless ``settings`` is a :class:`GenerationSettings`, the prompt's check
     (:func:`~scx_ref._checks.token_ids`: VocabularyError, ProtocolError when empty), ConfigError for a
-    streamer without ``put``/``end`` (:func:`check_streamer`) or a ``tokenizer`` StopStringCriteria cannot
-    use; a logits row that is not finite, or sampling probabilities that are not (scores overflowing
+    ``generator`` that is not None or a CPU ``torch.Generator`` (sampling draws from it; None: a fresh one
+    from ``settings.generator()``), a streamer without ``put``/``end`` (:func:`check_streamer`) or a
+    ``tokenizer`` StopStringCriteria cannot use. A logits row that is not one-dimensional and non-empty is
+    a ShapeError; one that is not finite, or sampling probabilities that are not (scores overflowing
     float32, e.g. under a temperature near 0), is a NonFiniteError (never a token)."""
     import torch
 
     if not isinstance(settings, GenerationSettings):
         raise ConfigError(f"settings must be GenerationSettings, got {type(settings).__name__}")
     prompt = token_ids(prompt)
+    if generator is not None and not (
+        isinstance(generator, torch.Generator) and generator.device.type == "cpu"
+    ):  # torch.multinomial raised a TypeError (or a RuntimeError) mid-generation, after the prefill
+        where = f" on {generator.device}" if isinstance(generator, torch.Generator) else ""
+        raise ConfigError(
+            f"generator must be None or a CPU torch.Generator (the sampler's), got "
+            f"{type(generator).__name__}{where}"
+        )
     check_streamer(streamer)
     processors = settings.processors()
     stopping = None
@@ -299,6 +342,11 @@ def generate_tokens(
             logits = prefill(np.asarray(prompt, dtype=np.int64))[-1]
             while True:
                 row = np.asarray(logits)
+                if row.ndim != 1 or row.size == 0:  # torch raised an IndexError or a RuntimeError
+                    raise ShapeError(
+                        f"the logits after {len(new)} new token(s) must be one non-empty row (V,), got "
+                        f"shape {row.shape}"
+                    )
                 if not np.issubdtype(row.dtype, np.floating) or not np.isfinite(row).all():
                     raise NonFiniteError(f"the logits after {len(new)} new token(s) are not all finite")
                 scores = processors(ids, torch.from_numpy(row).to(torch.float32)[None, :])

@@ -15,6 +15,7 @@ returns new arrays (or views) and never modifies its inputs.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
@@ -718,19 +719,23 @@ def laplace_noise(
     ε = Δ₁/β differentially private (T6, DESIGN §7).
 
     Always finite. Refused (nothing drawn): a β that is not a finite real number >= 0 (a bool is not one),
-    or so large that a draw (|η| ≤ 53·ln 2·β) could overflow ``dtype``, or a ``gen`` without ``random``
-    (ConfigError); a ``shape`` that is not a sequence of integer sizes >= 0 (ShapeError); a ``dtype`` that
-    is not floating (DTypeError). Refused after drawing: uniforms from ``gen`` of another count
-    (ShapeError), or that are not floats in [0, 1) (ConfigError).
+    or so large that a draw (|η| ≤ 53·ln 2·β) could overflow ``dtype``, or a ``gen`` without ``random`` or
+    that is a module such as ``numpy.random`` (global random state) (ConfigError); a ``shape`` that is not
+    a sequence of integer sizes >= 0 (ShapeError); a ``dtype`` that is not floating (DTypeError). Refused
+    when drawing: a ``gen.random`` that takes no size, as ``random.Random``'s (ConfigError); after
+    drawing: uniforms from ``gen`` of another count (ShapeError), or that are not floats in [0, 1)
+    (ConfigError).
     """
     beta = check_real(beta, "Laplace scale beta", 0)
     if not isinstance(shape, (tuple, list)):
         raise ShapeError(f"shape must be a tuple of sizes, got {type(shape).__name__} {shape!r:.40}")
     shape = tuple(check_int(s, "a size of shape", 0, error=ShapeError) for s in shape)
     out_dtype = float_dtype(dtype)
-    if not callable(getattr(gen, "random", None)):
+    if not callable(getattr(gen, "random", None)) or isinstance(gen, types.ModuleType):
+        # a module (numpy.random, random) has random() too: global random state, never the library's
         raise ConfigError(
             f"gen must have random(size) (a KeyStream or a Generator), got {type(gen).__name__}"
+            + (f" {gen.__name__} (global random state)" if isinstance(gen, types.ModuleType) else "")
         )
     if beta == 0:
         return np.zeros(shape, dtype=out_dtype)
@@ -740,7 +745,10 @@ def laplace_noise(
                 f"Laplace scale beta = {beta:g} is too large for {out_dtype}: its noise (up to "
                 f"{_LAPLACE_TAIL:.2f}·beta) would overflow to inf"
             )
-    drawn = gen.random(shape)
+    try:
+        drawn = gen.random(shape)
+    except TypeError as exc:  # e.g. random.Random, whose random() takes no size
+        raise ConfigError(f"gen.random({shape}) failed: {exc} (gen must take a size)") from exc
     try:
         u = np.asarray(drawn, dtype=np.float64)
     except (TypeError, ValueError):
