@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._checks import FloatArray, IntArray, check_int, check_real, float_dtype, token_ids
-from .errors import DTypeError, ShapeError
+from .errors import DTypeError, NonFiniteError, ShapeError
 from .weights import DenseMLP, LayerWeights, MoEMLP
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "qkv",
     "rms_norm",
     "rope_cos_sin",
+    "route",
     "silu",
     "softmax",
     "swiglu",
@@ -119,21 +120,40 @@ def swiglu(x: FloatArray, w: DenseMLP) -> FloatArray:
 
 def moe(x: FloatArray, w: MoEMLP, top_k: int) -> FloatArray:
     """Mixtral sparse MoE, row-wise: p = softmax(x W_r); keep the top-k experts of each row,
-    renormalise their weights to sum to 1, and return Σ_e p_e·SwiGLU_e(x).
+    renormalise their weights to sum to 1, and return Σ_e p_e·SwiGLU_e(x) — the routing is :func:`route`'s
+    (float64; the protocol's), the sum in x's dtype.
 
     ConfigError unless ``top_k`` is an integer in [1, n_experts] (0 gave zero rows, −1 dropped the last
-    expert, more than n_experts used them all); ShapeError for rows of another width than the router's."""
+    expert, more than n_experts used them all); ShapeError for rows of another width than the router's;
+    NonFiniteError for router logits that are not finite (no routing)."""
     top_k = check_int(top_k, "top_k", 1, len(w.experts))
-    probs = softmax(linear(x, w.router))
-    top = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
-    weights = np.take_along_axis(probs, top, axis=-1)
-    weights = weights / np.sum(weights, axis=-1, keepdims=True)
+    top, weights = route(linear(x, w.router), top_k)
     out = np.zeros_like(x)
     for e, expert in enumerate(w.experts):
         rows, slot = np.nonzero(top == e)
         if rows.size:
-            out[rows] += weights[rows, slot][:, None] * swiglu(x[rows], expert)
+            out[rows] += (weights[rows, slot][:, None] * swiglu(x[rows], expert)).astype(out.dtype)
     return out
+
+
+def route(logits: Any, top_k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Mixtral routing of router ``logits`` (rows × E): (the top-k expert ids per row, in descending
+    probability with ties to the lower id; their softmax probabilities renormalised to sum to 1), float64.
+    ShapeError unless ``logits`` is rows × E with E ≥ 1, ConfigError unless 1 ≤ ``top_k`` ≤ E (fewer or
+    more columns would not be k experts), NonFiniteError for a logit that is not finite (no routing).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] == 0:
+        raise ShapeError(f"router logits must be rows × experts (at least one), got shape {z.shape}")
+    top_k = check_int(top_k, "top_k", 1, z.shape[1])
+    if not np.isfinite(z).all():
+        raise NonFiniteError("router logits hold NaN or ±Inf")
+    probs = np.exp(z - z.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    top = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k].astype(np.int64)
+    weights = np.take_along_axis(probs, top, axis=-1)
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return top, weights
 
 
 def mlp(x: FloatArray, w: DenseMLP | MoEMLP, top_k: int) -> FloatArray:

@@ -1,10 +1,11 @@
 """The MLP of one block as the server computes it for the client, with the intermediate values the client
 needs to verify it (DESIGN §5.5), and the Mixtral routing shared by everyone who routes on the host.
 
-:func:`route` is the routing of a Mixtral MoE layer — softmax of the router logits, the top-k experts with
-ties to the lower expert id (a stable sort), weights renormalised over the k — computed on the host in
-float64. The client's blinded MLP, the server's :func:`traced_mlp` and the client's check of its reply all
-call it, so client and server route identically on the same logits.
+:func:`route` (:func:`scx_ref.ops.route`, re-exported) is the routing of a Mixtral MoE layer — softmax of
+the router logits, the top-k experts with ties to the lower expert id (a stable sort), weights renormalised
+over the k — computed on the host in float64. The client's blinded MLP, the server's :func:`traced_mlp`, the
+client's check of its reply and the numpy reference's MoE (:func:`scx_ref.ops.moe`) all call it, so they
+route identically on the same logits.
 
 :func:`traced_mlp` is the block's MLP on normalized rows built from the backend's linear maps: dense
 SwiGLU ``W_down(silu(x W_gate) ⊙ x W_up)``, or the MoE (router, :func:`route`, each routed row through its
@@ -16,36 +17,12 @@ work the client redoes.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-import numpy.typing as npt
 
-from .._checks import check_int
 from ..backends.base import A, Backend
-from ..errors import NonFiniteError, ShapeError
+from ..ops import route
 
 __all__ = ["route", "traced_mlp"]
-
-
-def route(logits: npt.NDArray[Any], top_k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """Mixtral routing of router ``logits`` (rows × E): (the top-k expert ids per row, in descending
-    probability with ties to the lower id; their softmax probabilities renormalised to sum to 1), float64.
-    ShapeError unless ``logits`` is rows × E with E ≥ 1, ConfigError unless 1 ≤ ``top_k`` ≤ E (fewer or
-    more columns would not be k experts), NonFiniteError for a logit that is not finite (no routing).
-    """
-    z = np.asarray(logits, dtype=np.float64)
-    if z.ndim != 2 or z.shape[1] == 0:
-        raise ShapeError(f"router logits must be rows × experts (at least one), got shape {z.shape}")
-    top_k = check_int(top_k, "top_k", 1, z.shape[1])
-    if not np.isfinite(z).all():
-        raise NonFiniteError("router logits hold NaN or ±Inf")
-    probs = np.exp(z - z.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    top = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k].astype(np.int64)
-    weights = np.take_along_axis(probs, top, axis=-1)
-    weights /= weights.sum(axis=-1, keepdims=True)
-    return top, weights
 
 
 def traced_mlp(b: Backend[A], x: A, layer: int) -> tuple[A, dict[str, A]]:
