@@ -172,6 +172,7 @@ class _Session(Generic[A]):
     gen_attention: str = "client"  # where a step's attention of the first guard blocks runs
     gen_linear: str = "client"  # where a step's W_o of the guard blocks and LM head run
     wide: bool = False  # blinded messages may arrive in float64 (SCXConfig.blind_dtype)
+    level: str = "paper"  # the privacy level opened with: with ``noised_qkv``, what a share must carry
     seq: int = 1
     layer: int = -1  # prefill: the block whose stages are running
     ffn_done: int = -1  # prefill: last block whose FFN stage ran
@@ -180,6 +181,8 @@ class _Session(Generic[A]):
     gen_done: set[tuple[Stage, int]] = field(default_factory=set)  # cache-extending stages run this step
     raw: dict[int, tuple[A, A]] = field(default_factory=dict)
     raw_bytes: dict[int, int] = field(default_factory=dict)  # what each raw cache counts in cache_bytes
+    # prefill: the blocks whose QKV rows the client normalized (noised ones) -> whether they came wide
+    noised_qkv: dict[int, bool] = field(default_factory=dict)
     commits: dict[int, str] = field(default_factory=dict)
     valid: dict[int, tuple[A, A]] = field(default_factory=dict)
     locked: dict[int, A] = field(default_factory=dict)
@@ -189,6 +192,10 @@ class _Session(Generic[A]):
     last_used: float = 0.0
     cache_bytes: int = 0  # bytes of raw + valid + locked caches held
     closed: bool = False
+
+
+#: A ``gen_mid`` request admitted to a batch: its slot, session, request, row x and reserved cache bytes.
+_Mid = tuple[int, _Session[A], Request, A, int]
 
 
 class Server(Generic[A]):
@@ -257,7 +264,12 @@ class Server(Generic[A]):
         Returns, per request, its reply or the SCXError :meth:`handle` would have raised for it (a bad
         request never affects another). Guarantee: each reply equals, bit for bit, the reply
         :meth:`handle` gives the same request on the same session state. ProtocolError when two requests
-        name the same session (their order would matter)."""
+        name the same session (their order would matter).
+
+        The ``gen_mid`` requests are all-or-nothing: every group is computed before any session changes,
+        so an exception that is not an SCXError (an internal fault) while computing leaves every one of
+        them as it was, its reserved cache bytes released, and propagates. (Each other request is handled
+        by :meth:`handle`, one at a time, before them.)"""
         if len({getattr(r, "session", None) for r in reqs}) != len(reqs):
             raise ProtocolError("handle_batch takes at most one message per session")
         out: list[Reply | SCXError | None] = [None] * len(reqs)
@@ -272,31 +284,39 @@ class Server(Generic[A]):
             except SCXError as exc:
                 out[i] = exc
         mids.sort(key=lambda t: t[2].session)  # locks taken in one global order: no deadlock
-        admitted: list[tuple[int, _Session[A], Request, A, int]] = []
+        admitted: list[_Mid[A]] = []
+        computed: list[tuple[_Mid[A], tuple[dict[str, A], Callable[[], None]]]] = []
         with contextlib.ExitStack() as held:
-            for i, s, req in mids:
-                held.enter_context(s.lock)  # sessions are distinct: no lock is taken twice
-                try:
-                    self._admit(s, req)
-                    x = self._arr(req, "x", (1, self.c.hidden_size))
-                    grow = self._growth(s, req)
-                    self._reserve(grow, req)
-                except SCXError as exc:
-                    out[i] = exc
-                    continue
-                admitted.append((i, s, req, x, grow))
-            groups: dict[tuple[int, int], list[tuple[int, _Session[A], Request, A, int]]] = {}
-            for item in admitted:
-                groups.setdefault((item[1].middle.start, item[1].middle.stop), []).append(item)
-            for items in groups.values():
-                try:
+            try:  # admit and compute every request: no session changes yet (each reserved its bytes)
+                for i, s, req in mids:
+                    held.enter_context(s.lock)  # sessions are distinct: no lock is taken twice
+                    try:
+                        self._admit(s, req)
+                        x = self._arr(req, "x", (1, self.c.hidden_size))
+                        grow = self._growth(s, req)
+                        self._reserve(grow, req)
+                    except SCXError as exc:
+                        out[i] = exc
+                        continue
+                    admitted.append((i, s, req, x, grow))
+                groups: dict[tuple[int, int], list[_Mid[A]]] = {}
+                for item in admitted:
+                    groups.setdefault((item[1].middle.start, item[1].middle.stop), []).append(item)
+                for items in groups.values():
                     results = self._mid_compute([(s, req, x) for _, s, req, x, _ in items])
-                except BaseException:
-                    for _, _, req, _, grow in items:
-                        self._unreserve(grow, req)
+                    computed += zip(items, results, strict=True)
+                now = self.clock()  # read before the first commit: the commits below read nothing
+            except BaseException:
+                for _, _, req, _, grow in admitted:
+                    self._unreserve(grow, req)
+                raise
+            for k, ((i, s, req, _, grow), (arrays, commit)) in enumerate(computed):
+                try:
+                    out[i] = self._finish(s, req, arrays, commit, grow, now)
+                except BaseException:  # a commit that failed (a bug): release what the rest reserved
+                    for (_, _, rest, _, g), _ in computed[k:]:
+                        self._unreserve(g, rest)
                     raise
-                for (i, s, req, _, grow), (arrays, commit) in zip(items, results, strict=True):
-                    out[i] = self._finish(s, req, arrays, commit, grow)
         return [r for r in out if r is not None]
 
     def drop(self, session: str) -> bool:
@@ -335,13 +355,22 @@ class Server(Generic[A]):
             )
 
     def _finish(
-        self, s: _Session[A], req: Request, arrays: dict[str, A], commit: Callable[[], None], grow: int
+        self,
+        s: _Session[A],
+        req: Request,
+        arrays: dict[str, A],
+        commit: Callable[[], None],
+        grow: int,
+        now: float | None = None,
     ) -> Reply:
+        """Apply an accepted message's state changes (``commit``, its reserved ``grow`` bytes, its seq) and
+        reply. The clock is read first (``now``: already read), so a clock that raises changes nothing."""
+        last_used = self.clock() if now is None else now
         commit()
         self._settle(req)
         s.cache_bytes += grow
         s.seq += 1
-        s.last_used = self.clock()
+        s.last_used = last_used
         return Reply(req.session, req.stage, req.layer, req.step, req.seq, arrays)
 
     def cost(self, session: str) -> CostMeter:
@@ -557,7 +586,7 @@ class Server(Generic[A]):
         l_s = field_int(m["l_s"], "l_s", 1, 1 << 16)  # guards beyond the model are clamped to it
         l_e = field_int(m["l_e"], "l_e", 1, 1 << 16)
         max_length = field_int(m["max_length"], "max_length", n, c.max_positions)
-        field_str(m["level"], "level", LEVELS)
+        level = field_str(m["level"], "level", LEVELS)
         attention = field_str(m.get("attention", "server"), "attention", ATTENTION_SITES)
         gen_attention = field_str(m.get("gen_attention", "client"), "gen_attention", GEN_ATTENTION_SITES)
         if attention == "client" and gen_attention == "server":
@@ -588,6 +617,7 @@ class Server(Generic[A]):
                 gen_attention,
                 gen_linear,
                 wide,
+                level=level,
                 token=token,
             )
             s.last_used = self.clock()
@@ -723,7 +753,9 @@ class Server(Generic[A]):
     def _qkv(self, s: _Session[A], req: Request) -> tuple[dict[str, A], Callable[[], None]]:
         c, rows, layer = self.c, s.n + s.r1, req.layer
         commit_hex = str(req.meta["commit"])  # checked by _check_fields
-        if req.meta.get("normalized", False):
+        normalized = req.meta.get("normalized", False) is True  # the client normalizes noised rows
+        wide = req.meta.get("wide", False) is True
+        if normalized:
             x = self._arr(req, "x", (rows, c.hidden_size))
         else:
             x = self._normed(req, "x", (rows, c.hidden_size), "attn", layer)
@@ -740,6 +772,8 @@ class Server(Generic[A]):
             s.raw[layer] = (zk, zv)
             s.raw_bytes[layer] = raw_bytes
             s.commits[layer] = commit_hex
+            if normalized:
+                s.noised_qkv[layer] = wide
 
         return {"z": z}, commit
 
@@ -834,6 +868,7 @@ class Server(Generic[A]):
         c, n, layer = self.c, s.n, req.layer
         if layer in s.valid:
             raise ProtocolError(f"block {layer}'s key was already shared")
+        self._check_share_arrays(s, req)
         try:
             perm: np.ndarray[Any, np.dtype[np.int64]] = check_permutation(
                 req.arrays.get("perm"), n + s.r1, "shared permutation"
@@ -849,7 +884,7 @@ class Server(Generic[A]):
             )
         b, wb = self.b, self._be(req)
         zk, zv = s.raw[layer]
-        if "alpha" in req.arrays:  # a noised QKV stage: remove α W from the raw cache (T5 decode)
+        if "alpha" in req.arrays:  # a noised QKV stage (checked): remove α W from the raw cache (T5 decode)
             alpha = self._arr(req, "alpha", (n + s.r1, c.hidden_size))
             corr = wb.correction(alpha, "wqkv", layer)
             s.meter.matmul(Stage.SHARE, n + s.r1, c.hidden_size, c.q_dim + 2 * c.kv_dim, "server")
@@ -875,6 +910,36 @@ class Server(Generic[A]):
             s.raw_bytes.pop(layer, None)
 
         return {}, commit
+
+    @staticmethod
+    def _check_share_arrays(s: _Session[A], req: Request) -> None:
+        """What a ``share`` of block ``req.layer`` must carry, as the honest client sends it
+        (:meth:`~scx_ref.protocol.client.Client.share_keys`): ``perm`` always; ``alpha`` exactly when the
+        block's QKV stage was noised — at level ``blind``, the rows the client normalized itself (it does so
+        exactly when it noises them) — and then ``meta["wide"]`` exactly when that QKV message was wide.
+        ProtocolError otherwise (a share without the noise would leave α W in the valid cache; one with
+        noise never added would subtract it): nothing has changed yet."""
+        layer = req.layer
+        noised = s.level == "blind" and layer in s.noised_qkv
+        if "perm" not in req.arrays:
+            raise ProtocolError(f"share message for block {layer} lacks array 'perm'")
+        if noised and "alpha" not in req.arrays:
+            raise ProtocolError(
+                f"share message for block {layer} lacks array 'alpha': at level blind its QKV stage was "
+                "noised, so the key sharing must upload that noise"
+            )
+        if not noised and "alpha" in req.arrays:
+            raise ProtocolError(
+                f"share message for block {layer} carries array 'alpha', but its QKV stage was not noised "
+                f"(level {s.level})"
+            )
+        wide = noised and s.noised_qkv[layer]
+        if (req.meta.get("wide", False) is True) != wide:
+            raise ProtocolError(
+                f"share message for block {layer}: wide must be {str(wide).lower()}, as its QKV message was"
+                if noised
+                else f"share message for block {layer}: wide is for a share that carries 'alpha'"
+            )
 
     # -- generation stages -----------------------------------------------------------------------
     def _gen_commit(
