@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -43,6 +44,17 @@ from scx_ref.keys import MASTER_SECRET_BYTES, NONCE_BYTES, KeySchedule
 from scx_ref.protocol.config import SCXConfig
 from scx_ref.transforms import HeadPermutation
 from scx_ref.weights import ModelWeights, random_weights
+
+#: Settings for reachability checks (``hypothesis.find``: the first example of a strategy meeting a
+#: condition): a fixed seed, no database, no shrinking, 2000 tries — a strategy that cannot draw an edge
+#: case fails with NoSuchExample.
+REACH = settings(
+    database=None,
+    max_examples=2000,
+    derandomize=True,
+    phases=[Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
 
 __all__ = [
     "FloatArray",

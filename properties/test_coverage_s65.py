@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, find, given, settings
+from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 from properties.strategies import (
+    REACH,
     ProtocolCase,
     attention_shapes,
     model_configs,
@@ -161,15 +162,6 @@ def test_the_protocols_traced_moe_is_the_reference_moe(w: Any, n: int, seed: int
             np.testing.assert_allclose(parts["gu"][i, s], gu, rtol=1e-12, atol=1e-12)
 
 
-_FIND = settings(
-    database=None,
-    max_examples=2000,
-    derandomize=True,
-    phases=[Phase.generate],
-    suppress_health_check=list(HealthCheck),
-)
-
-
 @pytest.mark.parametrize(
     ("strategy", "edge"),
     [
@@ -197,4 +189,4 @@ _FIND = settings(
 def test_the_shared_strategies_reach_these_edges(strategy: Any, edge: Any) -> None:
     """Reachability (a fixed seed, no database): head_dim 1 in :func:`attention_shapes` (unreachable before
     this audit: its default head_dims started at 2), and both sides of :func:`protocol_edge_cases`."""
-    find(strategy, edge, settings=_FIND)  # NoSuchExample when the strategy cannot draw it
+    find(strategy, edge, settings=REACH)  # NoSuchExample when the strategy cannot draw it

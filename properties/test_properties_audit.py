@@ -18,20 +18,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from hypothesis import HealthCheck, Phase, find, settings
+from hypothesis import Phase, find, settings
 
 from properties import strategies as S
 from properties import test_ops, test_transforms
 from scx_ref import ops, transforms
-
-# reachability: the first example that meets a condition, on a fixed seed (no database, no shrinking)
-_FIND = settings(
-    database=None,
-    max_examples=2000,
-    derandomize=True,
-    phases=[Phase.generate],
-    suppress_health_check=list(HealthCheck),
-)
 
 
 @contextmanager
@@ -122,7 +113,7 @@ def test_rope_property_catches_a_wrong_rotation(
 
 
 def _reaches(strategy: Any, condition: Callable[[Any], bool]) -> bool:
-    find(strategy, condition, settings=_FIND)  # raises NoSuchExample when it cannot
+    find(strategy, condition, settings=S.REACH)  # raises NoSuchExample when it cannot
     return True
 
 

@@ -313,9 +313,9 @@ class _Clock:
         return 0.0
 
 
-def test_a_failing_clock_in_a_batch_commits_nothing() -> None:
-    """The clock raising when the batch stamps its sessions: it used to raise after the first session had
-    committed, leaving the other requests' bytes reserved; now it is read before any commit."""
+def _failing_clock(run: Any) -> tuple[Any, Any, Any]:
+    """The batch sessions, with ``run(server, reqs)`` called under a clock that raises while a session is
+    locked (the error checked); returns them and their state before the call."""
     server, reqs = _batch_sessions()
     clock = _Clock()
     clock.server = server
@@ -323,8 +323,15 @@ def test_a_failing_clock_in_a_batch_commits_nothing() -> None:
     before = _all(server, reqs)
     clock.armed = True
     with pytest.raises(RuntimeError, match="clock failed"):
-        server.handle_batch(reqs)
+        run(server, reqs)
     clock.armed = False
+    return server, reqs, before
+
+
+def test_a_failing_clock_in_a_batch_commits_nothing() -> None:
+    """The clock raising when the batch stamps its sessions: it used to raise after the first session had
+    committed, leaving the other requests' bytes reserved; now it is read before any commit."""
+    server, reqs, before = _failing_clock(lambda server, reqs: server.handle_batch(reqs))
     assert _all(server, reqs) == before
     _consistent(server)
     _honest_batch_runs(server, reqs)
@@ -333,15 +340,7 @@ def test_a_failing_clock_in_a_batch_commits_nothing() -> None:
 def test_a_failing_clock_in_handle_changes_nothing() -> None:
     """The same for one message through handle(): the session used to commit (seq, caches) and then have
     its grown bytes taken off the server's total, so the total fell below the sessions' counts."""
-    server, reqs = _batch_sessions()
-    clock = _Clock()
-    clock.server = server
-    server.clock = clock
-    before = _all(server, reqs)
-    clock.armed = True
-    with pytest.raises(RuntimeError, match="clock failed"):
-        server.handle(reqs[2])
-    clock.armed = False
+    server, reqs, before = _failing_clock(lambda server, reqs: server.handle(reqs[2]))
     assert _all(server, reqs) == before
     _consistent(server)
     reply = server.handle(reqs[2])
