@@ -8,6 +8,7 @@ Pure gathers (permute ∘ unpermute, decoy stripping of a gather) are checked fo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,10 @@ from properties.strategies import (
 )
 from scx_ref import ops
 from scx_ref.arrays import permute_rows_in_place
+from scx_ref.backends import NumpyBackend
+from scx_ref.config import ModelConfig
 from scx_ref.errors import PermutationError, ShapeError
+from scx_ref.protocol.mlp import traced_mlp
 from scx_ref.transforms import (
     HeadPermutation,
     Permutation,
@@ -50,7 +54,7 @@ from scx_ref.transforms import (
     unpermute_rows,
     with_decoys,
 )
-from scx_ref.weights import DenseMLP, MoEMLP
+from scx_ref.weights import random_weights
 
 RTOL = 1e-12
 ATOL = 1e-12
@@ -59,25 +63,29 @@ RowFn = Callable[[np.ndarray], np.ndarray]
 
 
 def _row_functions(d: int, seed: int) -> dict[str, RowFn]:
-    """The row-wise maps of T1 on width d, with weights from ``default_rng(seed)``."""
+    """The row-wise maps of T1 on width d, each the library function the protocol calls: a
+    :class:`NumpyBackend` on one-block random models of hidden size d (weights from ``default_rng(seed)``):
+    the fused QKV projection with the Qwen2 bias, the attention norm, the block's MLP as the server runs it
+    (:func:`traced_mlp`: ``project(·, "w_gate_up")`` → ``swiglu_act`` → ``project(·, "w_down")`` for a dense
+    block; the router, :func:`route` and the experts for an MoE one, top-1 and top-2) and the LM head
+    (``norm(·, "final")`` → ``project(·, "lm_head")``)."""
     rng = np.random.default_rng(seed)
-    f = 5
-    w, b = rng.standard_normal((d, 7)), rng.standard_normal(7)
-    gamma = 1.0 + 0.1 * rng.standard_normal(d)
-    dense = DenseMLP(rng.standard_normal((d, f)), rng.standard_normal((d, f)), rng.standard_normal((f, d)))
-    experts = [
-        DenseMLP(rng.standard_normal((d, f)), rng.standard_normal((d, f)), rng.standard_normal((f, d)))
-        for _ in range(4)
-    ]
-    router = rng.standard_normal((d, 4))
-    lm_head = rng.standard_normal((d, 11))
+
+    def model(**fields: Any) -> NumpyBackend:
+        shape = ModelConfig(
+            vocab_size=11, hidden_size=d, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=2, intermediate_size=5
+        )
+        return NumpyBackend(random_weights(replace(shape, **fields), rng))
+
+    dense = model(rms_eps=1e-5, qkv_bias=True)
+    moe = {k: model(rms_eps=1e-6, n_experts=4, top_k=k) for k in (1, 2)}
     return {
-        "linear_bias": lambda x: ops.linear(x, w, b),
-        "rms_norm": lambda x: ops.rms_norm(x, gamma, 1e-5),
-        "swiglu": lambda x: ops.swiglu(x, dense),
-        "moe_top1": lambda x: ops.moe(x, MoEMLP(router, experts), 1),
-        "moe_top2": lambda x: ops.moe(x, MoEMLP(router, experts), 2),
-        "lm_head": lambda x: ops.rms_norm(x, gamma, 1e-6) @ lm_head,
+        "linear_bias": lambda x: dense.project(x, "wqkv", 0),
+        "rms_norm": lambda x: dense.norm(x, "attn", 0),
+        "swiglu": lambda x: traced_mlp(dense, x, 0)[0],
+        "moe_top1": lambda x: traced_mlp(moe[1], x, 0)[0],
+        "moe_top2": lambda x: traced_mlp(moe[2], x, 0)[0],
+        "lm_head": lambda x: moe[1].project(moe[1].norm(x, "final"), "lm_head"),
     }
 
 

@@ -158,6 +158,8 @@ EDGE_CASES: dict[str, tuple[Callable[[], st.SearchStrategy[Any]], Callable[[Any]
     "attention_shapes one head": (S.attention_shapes, lambda s: s[0] * s[1] == 1),
     "attention_shapes GQA 2": (S.attention_shapes, lambda s: s[1] == 2),
     "attention_shapes GQA 4": (S.attention_shapes, lambda s: s[1] == 4),
+    "attention_shapes head_dim 1": (S.attention_shapes, lambda s: s[2] == 1),
+    "attention_shapes one head of head_dim 1": (S.attention_shapes, lambda s: s[0] * s[1] == 1 and s[2] == 1),
     "head_permutations one KV head": (
         lambda: S.head_permutations(S.row_counts(1, 3), 2),
         lambda p: p.sigmas.shape[0] == 1,
@@ -180,6 +182,35 @@ EDGE_CASES: dict[str, tuple[Callable[[], st.SearchStrategy[Any]], Callable[[Any]
     "protocol_cases n=1, r=0, one head at once": (
         S.protocol_cases,
         lambda c: len(c.ids) == 1 and c.scx.r1 == 0 and c.scx.r2 == 0 and c.model.n_heads == 1,
+    ),
+    "protocol_edge_cases n=1": (S.protocol_edge_cases, lambda c: len(c.ids) == 1),
+    "protocol_edge_cases r=0": (
+        S.protocol_edge_cases,
+        lambda c: c.scx.r1 == 0 and c.scx.r2 == 0 and c.scx.lock_decoys == 0,
+    ),
+    "protocol_edge_cases one KV head": (S.protocol_edge_cases, lambda c: c.model.n_kv_heads == 1),
+    "protocol_edge_cases context filled exactly": (
+        S.protocol_edge_cases,
+        lambda c: c.scx.max_length == c.model.max_positions == len(c.ids) + c.n_new,
+    ),
+    "protocol_edge_cases room left": (S.protocol_edge_cases, lambda c: c.scx.max_length > 1 + c.n_new),
+    "protocol_edge_cases one head": (S.protocol_edge_cases, lambda c: c.model.n_heads == 1),
+    "protocol_edge_cases GQA 4 + MoE + QKV bias": (
+        S.protocol_edge_cases,
+        lambda c: c.model.n_heads == 4 and c.model.n_experts > 0 and c.model.qkv_bias,
+    ),
+    "protocol_edge_cases r_lock 0 at level blind": (
+        S.protocol_edge_cases,
+        lambda c: c.scx.r_lock == 0 and c.scx.level == "blind",
+    ),
+    "protocol_edge_cases n=1, r=0, one KV head, context filled at once": (
+        S.protocol_edge_cases,
+        lambda c: (
+            len(c.ids) == 1
+            and c.scx.lock_decoys == c.scx.r1 == c.scx.r2 == 0
+            and c.model.n_kv_heads == 1
+            and c.scx.max_length == c.model.max_positions == len(c.ids) + c.n_new
+        ),
     ),
 }
 
