@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
 from .._checks import check_int, check_real
@@ -241,6 +241,13 @@ class SCXConfig:
             raise ConfigError(f"decoys must be 'calibration' or 'gaussian', got {self.decoys!r}")
         if not isinstance(self.verify, bool):
             raise ConfigError(f"verify must be True or False, got {self.verify!r}")
+
+    def __hash__(self) -> int:
+        """A hash agreeing with ``==`` (``stage_beta``, a dict, by its items), so every configuration can
+        key a dict or join a set."""
+        stage_beta = None if self.stage_beta is None else frozenset(self.stage_beta.items())
+        values = (stage_beta if f.name == "stage_beta" else getattr(self, f.name) for f in fields(self))
+        return hash(tuple(values))
 
     @property
     def lock_decoys(self) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from .._checks import check_int
@@ -51,17 +51,26 @@ class CostMeter:
         self.stages: dict[Stage, StageCost] = defaultdict(StageCost)
 
     def matmul(self, stage: Stage, m: int, k: int, n: int, side: Side) -> None:
+        """A product (m×k)(k×n) on ``side``: 2mkn flops (ConfigError, counting nothing, unless m, k, n are
+        integers ≥ 0)."""
+        m, k, n = check_int(m, "m"), check_int(k, "k"), check_int(n, "n")
         self._flops(stage, 2 * m * k * n, side)
 
     def attention(self, stage: Stage, heads: int, n_q: int, n_k: int, d_h: int, side: Side) -> None:
+        """Attention of ``n_q`` queries over ``n_k`` keys on ``side``: 4·heads·n_q·n_k·d_h flops (ConfigError,
+        counting nothing, unless every size is an integer ≥ 0)."""
+        heads, n_q = check_int(heads, "heads"), check_int(n_q, "n_q")
+        n_k, d_h = check_int(n_k, "n_k"), check_int(d_h, "d_h")
         self._flops(stage, 4 * heads * n_q * n_k * d_h, side)
 
     def elementwise(self, stage: Stage, count: int) -> None:
-        self.stages[stage].client_elementwise += int(count)
+        """``count`` elements the client produced (ConfigError, counting nothing, unless an integer ≥ 0)."""
+        self.stages[stage].client_elementwise += check_int(count, "count")
 
     def verification(self, stage: Stage, flops: int) -> None:
-        """The client's flops verifying a reply of ``stage``."""
-        self.stages[stage].verify_flops += int(flops)
+        """The client's flops verifying a reply of ``stage`` (ConfigError, counting nothing, unless an
+        integer ≥ 0)."""
+        self.stages[stage].verify_flops += check_int(flops, "flops")
 
     def message(self, stage: Stage, up: int, down: int) -> None:
         """One round trip of ``stage`` carrying ``up`` bytes to the server and ``down`` back (ConfigError,
@@ -89,11 +98,11 @@ class CostMeter:
 
     def _flops(self, stage: Stage, flops: int, side: Side) -> None:
         if side == "client":
-            self.stages[stage].client_flops += int(flops)
+            self.stages[stage].client_flops += flops
         elif side == "offline":
-            self.stages[stage].offline_flops += int(flops)
+            self.stages[stage].offline_flops += flops
         elif side == "server":
-            self.stages[stage].server_flops += int(flops)
+            self.stages[stage].server_flops += flops
         else:  # a typo must not pass as server work
             raise ConfigError(f"side must be 'client', 'server' or 'offline', got {side!r}")
 
@@ -150,9 +159,10 @@ class CostReport:
         return t.offline_flops / all_flops if all_flops else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as plain data (a copy: changing it leaves the report as it was)."""
         return {
-            "stages": {k.value: vars(v) for k, v in self.stages.items()},
-            "total": vars(self.total),
+            "stages": {k.value: asdict(v) for k, v in self.stages.items()},
+            "total": asdict(self.total),
             "client_flop_share": self.client_flop_share,
             "verify_flop_share": self.verify_flop_share,
             "offline_flop_share": self.offline_flop_share,

@@ -111,8 +111,16 @@ def _mlp_releases(
     phase: Phase, block: int, config: SCXConfig, model: PlanModel, up: Stage, down: Stage, router: Stage
 ) -> list[Release]:
     """The blinded MLP of one block (client norm, T5 on every linear map): dense gate/up then down; MoE
-    the router, then every expert's gate/up and down (the server does not learn the routing)."""
+    the router, then every expert's gate/up and down (the server does not learn the routing).
+
+    At prefill the client blinds the MLP only when its first message is noised (the gate/up map's β, an
+    MoE layer's router's, above 0); else it sends the block's rows in one clear ``ffn`` message and the
+    server runs the whole MLP, so none of the MLP's maps is a release. A generation step always sends the
+    maps one by one, each noised as its own β says."""
     b_up, b_down = config.beta_for("gate_up"), config.beta_for("down")
+    first = config.beta_for("router") if model.is_moe else b_up
+    if phase is Phase.PREFILL and first <= 0:
+        return []
     if not model.is_moe:
         return [Release(phase, up, block, "gate_up", b_up), Release(phase, down, block, "down", b_down)]
     out = [Release(phase, router, block, "router", config.beta_for("router"))]
@@ -143,9 +151,10 @@ class ReleasePlan:
         """The plan of ``config`` (DESIGN §5.1 levels, §5.3 generation, §5.7 hardened options) on ``model``.
 
         Prefill: level ``paper`` blinds block 1's QKV stage; level ``blind`` every linear stage of every
-        block (QKV, O, the MLP's maps) and the LM-head stage. Generation (levels ``paper`` and ``blind``,
-        one-time noise per step): the QKV stage of the guard blocks whose attention the client computes
-        (the first guard blocks; every guard block with ``attention="client"``) and — with
+        block (QKV, O, the MLP's maps — none where the MLP's first map has β = 0: the client then sends the
+        block's rows in one clear ``ffn`` message) and the LM-head stage. Generation (levels ``paper`` and
+        ``blind``, one-time noise per step): the QKV stage of the guard blocks whose attention the client
+        computes (the first guard blocks; every guard block with ``attention="client"``) and — with
         ``guard_ffn="blinded"`` — the first guard blocks' MLP maps; the last guard blocks' MLP maps
         (``last_ffn="exact"``); with ``gen_linear="server"`` every guard block's W_o (``gen_o``) and the
         LM head (``gen_head``). With ``last_ffn="paper"`` the last guard blocks send the paper's offset
@@ -231,6 +240,19 @@ class ReleasePlan:
             if left:
                 out.append(Exposure(phase, stage, left, what))
 
+        def inner(phase: Phase, up: Stage, down: Stage, blocks: Sequence[int]) -> None:
+            # a blinded MLP (its first message noised) whose later messages are not (a stage_beta of 0):
+            # an MoE layer's experts' gate/up rows, the SwiGLU product. Where the first message is clear
+            # the server derives these itself from it, so they add nothing to that exposure.
+            moe = self.model.is_moe
+            blinded = [b for b in blocks if self.find_any(up, b) is not None]
+            rows = tuple(b for b in blinded if moe and self.find(up, b, 0) is None)
+            if rows:
+                out.append(Exposure(phase, up, rows, "the normalized row before each expert's gate/up map"))
+            products = tuple(b for b in blinded if self.find(down, b, 0 if moe else None) is None)
+            if products:
+                out.append(Exposure(phase, down, products, "the MLP's SwiGLU product before the down map"))
+
         every = range(L)
         clear(p, Stage.QKV, every, "block input rows, permuted with decoys")
         attn_blocks = every if cfg.attention == "server" else middle
@@ -240,6 +262,7 @@ class ReleasePlan:
             )
         clear(p, Stage.O, every, "attention output rows, permuted with decoys")
         clear(p, Stage.FFN, every, "residual rows before the MLP, permuted with decoys")
+        inner(p, Stage.FFN, Stage.FFN_DOWN, every)
         clear(p, Stage.HEAD, (L,), "final rows, permuted with decoys")
         if cfg.attention == "server" and last:
             out.append(Exposure(p, Stage.LOCK, tuple(last), "locked key cache, row order ρ with decoys"))
@@ -258,10 +281,12 @@ class ReleasePlan:
             clear(g, Stage.GEN_FFN, first, "guard-block FFN input in the clear (the paper's form)")
         else:
             clear(g, Stage.GEN_FFN_UP, first, "the normalized row before the MLP")
+            inner(g, Stage.GEN_FFN_UP, Stage.GEN_FFN_DOWN, first)
         if cfg.last_ffn == "paper":
             out.append(Exposure(g, Stage.GEN_FFN, tuple(last), "the residual row plus one scalar offset"))
         else:
             clear(g, Stage.GEN_FFN_UP, last, "the normalized row before the MLP")
+            inner(g, Stage.GEN_FFN_UP, Stage.GEN_FFN_DOWN, last)
         if middle:
             out.append(
                 Exposure(g, Stage.GEN_MID, tuple(middle), "the token's row; the server runs them alone")

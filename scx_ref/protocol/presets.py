@@ -2,7 +2,8 @@
 the frontier read, from the paper's default to the hardened configurations.
 
 A preset is a function of the model's block count (``no sharing`` means every block is a guard block, so
-its l_s depends on the model). Each one says in ``protects`` what it is *designed* to hide; the frontier
+its l_s depends on the model; no guard is larger than the model, so every preset's configuration is one
+the DP budget takes on any model). Each one says in ``protects`` what it is *designed* to hide; the frontier
 (``scx attack``, :mod:`scx_ref.attacks.frontier`) measures whether it does.
 """
 
@@ -77,7 +78,8 @@ PRESETS: tuple[Preset, ...] = (
         "paper-g2",
         "level paper β = 5, guards 2/2",
         "as paper, two guard blocks at each end",
-        lambda L: replace(_BASE, l_s=2, l_e=2),
+        # at most the model's blocks (a guard larger than the model is refused by the DP budget)
+        lambda L: replace(_BASE, l_s=min(2, L), l_e=min(2, L)),
     ),
     Preset(
         "blind",
