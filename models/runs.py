@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from scx_ref._checks import check_int
 from scx_ref._files import write_text_whole
 from scx_ref.commands._args import add_level, float_at_least, int_at_least, output_file
 from scx_ref.errors import ConfigError, SCXError
 from scx_ref.protocol import Level
 from scx_ref.protocol.config import BLIND_DTYPES, BlindDtype
 from scx_ref.zoo import MODEL_NAMES, load_model, max_positions
-from scx_ref.zoo.corpus import corpus_text, corpus_tokens, prompts
+from scx_ref.zoo.corpus import corpus_tokens, prompts
 from scx_ref.zoo.engines import (
     ENGINE_DTYPES,
     LogitsFn,
@@ -41,6 +42,7 @@ from scx_ref.zoo.engines import (
 )
 from scx_ref.zoo.perplexity import (
     PPL_CRITERION,
+    check_corpus_tokens,
     compare_ppl,
     ppl_run,
     precision_warned,
@@ -141,8 +143,10 @@ def sweep_run(
     :data:`~scx_ref.protocol.config.F32_BETA_LIMIT` on a float32 run, ``float64`` always. Each row
     records ``blind_dtype`` and ``wide`` (whether the blinded stages ran in float64). ConfigError, before
     any model is loaded, for a window past the model's positions (the SCX side would refuse it only after
-    the plaintext logits were computed)."""
-    windows(tokens, window)  # both integers >= 2
+    the plaintext logits were computed) or ``tokens`` past the corpus
+    (:func:`~scx_ref.zoo.perplexity.check_corpus_tokens`)."""
+    check_int(window, "window", 2)
+    check_corpus_tokens(tokens)  # at most the corpus's bytes: refused before any window is listed
     if window > max_positions(model):
         raise ConfigError(f"window {window} exceeds the {max_positions(model)} positions of model {model!r}")
     rows = []
@@ -274,11 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             s.add_argument("--new", type=int_at_least(1), default=64, help="greedy new tokens (default 64)")
     a = p.parse_args(argv)
     if a.kind in ("ppl", "sweep"):  # a count past the corpus: refused before its windows are listed
-        most = len(corpus_text().encode("utf-8"))  # a tokenizer makes at most one token per byte
-        if a.tokens > most:
-            sub.choices[a.kind].error(
-                f"argument --tokens: {a.tokens} is more than the corpus holds (it has {most} bytes)"
-            )
+        try:
+            check_corpus_tokens(a.tokens)
+        except ConfigError as exc:
+            sub.choices[a.kind].error(f"argument --tokens: {exc}")
     command = "python -m scx_models.runs " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     name = f"sweep-{a.model}-blind" if a.kind == "sweep" else f"{a.kind}-{a.model}-{a.dtype}-{a.level}"
     out = a.out or RESULTS_DIR / f"{name}.json"

@@ -27,6 +27,7 @@ __all__ = [
     "int_list",
     "output_dir",
     "output_file",
+    "plain_description",
     "require_device",
 ]
 
@@ -38,6 +39,26 @@ MAX_THREADS = 1024
 #: takes: ``threading`` and gRPC refuse a wait past ``threading.TIMEOUT_MAX`` with an OverflowError in one
 #: of their threads (a traceback, and a generation that fails or never times out).
 MAX_TIMEOUT_S = 1e6
+
+
+#: The reST inline markup of a docstring: a Sphinx role with its target (a leading ~ keeps the target's
+#: last dotted part only), a literal in double backquotes, strong text in double asterisks
+_MARKUP = re.compile(r":[a-z]+:`(~?)([^`]+)`|``([^`]+)``|\*\*([^*]+)\*\*")
+
+
+def _unmarked(m: re.Match[str]) -> str:
+    if m.group(2) is not None:
+        return m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2)
+    return m.group(3) if m.group(3) is not None else m.group(4)
+
+
+def plain_description(doc: str | None) -> str | None:
+    """The first paragraph of a command module's docstring ``doc`` as plain text for ``--help`` (None for
+    None): its reST markup removed (:data:`_MARKUP`: a literal reads as its text, a role as its target),
+    nothing else changed — argparse prints a description as it is."""
+    if doc is None:
+        return None
+    return _MARKUP.sub(_unmarked, doc.split("\n\n")[0])
 
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:

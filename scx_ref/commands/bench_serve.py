@@ -42,7 +42,17 @@ from .._files import write_text_whole
 from ..backends.base import TORCH_DTYPES
 from ..errors import ConfigError
 from ..zoo import MODEL_NAMES
-from ._args import MAX_THREADS, MAX_TIMEOUT_S, add_level, float_at_least, int_at_least, int_list, output_file
+from ._args import (
+    MAX_THREADS,
+    MAX_TIMEOUT_S,
+    add_level,
+    float_at_least,
+    int_at_least,
+    int_list,
+    output_file,
+    plain_description,
+)
+from .serve import DEFAULT_MAX_BATCH_ROWS, check_batch_rows
 
 __all__ = ["register", "run"]
 
@@ -59,7 +69,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "bench-serve",
         help="SCX over scx serve (loopback) vs in-process: latency ratios and a concurrent-client load table",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=plain_description(__doc__),
     )
     p.add_argument(
         "--model",
@@ -144,11 +154,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--tiles",
-        type=int_list(1, allow_empty=True),
+        type=int_list(1, DEFAULT_MAX_BATCH_ROWS, allow_empty=True),
         default=None,
         help="comma-separated tile heights of the tile run (default "
         + ",".join(map(str, _DEFAULT_TILES))
-        + ", none on a model without middle blocks; '' skips it)",
+        + f", none on a model without middle blocks; '' skips it), each at most {DEFAULT_MAX_BATCH_ROWS}: "
+        "the tallest --batch-rows of an scx serve with its default --max-batch and --max-sessions",
     )
     p.add_argument("--skip-latency", action="store_true", help="skip the latency run")
     p.add_argument("--skip-load", action="store_true", help="skip the load runs")
@@ -273,6 +284,10 @@ def _options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         raise ConfigError("--serve-args: see `scx serve --help` for its options")
     serve_args = ["--dtype", args.dtype, *extra]
     ns = _serve_parser().parse_args(["serve", "--model", args.model, "--port", "0", *serve_args])
+    try:
+        check_batch_rows(ns)  # the server would refuse it: said here, before any model is loaded
+    except ConfigError as exc:
+        raise ConfigError(f"--serve-args: {exc}") from None
     if ns.model != args.model or ns.dtype != args.dtype:
         raise ConfigError(
             "--serve-args cannot set --model or --dtype: this command's own apply to both sides"

@@ -25,11 +25,27 @@ from typing import Any
 from ..backends.base import TORCH_DTYPES
 from ..errors import ConfigError, ServiceError
 from ..service.codec import MAX_MESSAGE_BYTES
-from ..service.service import unbracketed
+from ..service.service import ServeOptions, unbracketed
 from ..zoo import MODEL_NAMES, parse_random, weights_names_help
-from ._args import MAX_THREADS, device, float_at_least, input_file, int_at_least, require_device
+from ._args import (
+    MAX_THREADS,
+    device,
+    float_at_least,
+    input_file,
+    int_at_least,
+    plain_description,
+    require_device,
+)
 
-__all__ = ["PARENT_ENV", "build_backend", "register", "run"]
+__all__ = [
+    "DEFAULT_MAX_BATCH_ROWS",
+    "PARENT_ENV",
+    "batch_rows_bound",
+    "build_backend",
+    "check_batch_rows",
+    "register",
+    "run",
+]
 
 #: The environment variable :class:`~scx_ref.service.spawn.ServerProcess` sets to its own pid: the server
 #: stops (gracefully) once its parent is no longer that process — a killed ``scx bench-serve`` or test run
@@ -38,6 +54,19 @@ PARENT_ENV = "SCX_SERVE_PARENT_PID"
 #: The largest ``--max-message-mb``: whole MiB within :data:`~scx_ref.service.codec.MAX_MESSAGE_BYTES`
 #: (gRPC's message-size options are C ints; a frame may carry 1 KiB of header beyond the limit): 2047
 MAX_MESSAGE_MB = MAX_MESSAGE_BYTES >> 20
+
+
+def batch_rows_bound(max_batch: int, max_sessions: int) -> int:
+    """The tallest useful ``--batch-rows`` of a server with these limits: a batch of the middle blocks holds
+    one row per session (at most ``max_sessions``) and at most ``max_batch`` rows, so a taller tile adds
+    only zero rows of padding (:func:`scx_ref.forward.block_rows`) — as many as the tile is tall, whatever
+    the load: a tile of 10**9 rows runs out of memory at the first batch."""
+    return min(max_batch, max_sessions)
+
+
+#: The tallest ``--batch-rows`` of an ``scx serve`` with its default limits (64), and so the tallest tile
+#: ``scx bench-serve --tiles`` times.
+DEFAULT_MAX_BATCH_ROWS = batch_rows_bound(ServeOptions.max_batch, ServeOptions.max_sessions)
 
 
 def build_backend(model: str, dtype: str, device: str) -> Any:
@@ -154,13 +183,11 @@ class _JsonLines(logging.Formatter):
 
 def register(subparsers: Any) -> None:
     """Add ``scx serve`` to the CLI."""
-    from ..service.service import ServeOptions
-
     d = ServeOptions()
     p = subparsers.add_parser(
         "serve",
         help="serve the SCX server role over the network (gRPC, binary frames, optional TLS)",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=plain_description(__doc__),
     )
     p.add_argument("--model", required=True, help=f"model to serve: {weights_names_help()}")
     p.add_argument(
@@ -199,8 +226,10 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--batch-rows",
         type=int_at_least(1),
-        default=d.batch_rows,
-        help=f"tile of the middle blocks' cross-session batches (default {d.batch_rows}; 1: no batching)",
+        default=None,
+        help=f"tile of the middle blocks' cross-session batches (default {d.batch_rows}, or less where the "
+        f"bound is; 1: no batching); at most --max-batch and --max-sessions ({DEFAULT_MAX_BATCH_ROWS} with "
+        "their defaults): a batch holds one row per session, a taller tile only pads",
     )
     p.add_argument(
         "--max-batch",
@@ -272,12 +301,28 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def check_batch_rows(args: argparse.Namespace) -> int:
+    """The ``batch_rows`` of ``scx serve`` options ``args``: ``args.batch_rows`` — ConfigError unless it is
+    at most :func:`batch_rows_bound` of ``args.max_batch`` and ``args.max_sessions`` — or, where it is None
+    (not given), the default of :class:`~scx_ref.service.service.ServeOptions` lowered to that bound."""
+    bound = batch_rows_bound(args.max_batch, args.max_sessions)
+    if args.batch_rows is None:
+        return min(ServeOptions.batch_rows, bound)
+    if args.batch_rows > bound:
+        raise ConfigError(
+            f"argument --batch-rows: must be <= {bound} (--max-batch {args.max_batch}, --max-sessions "
+            f"{args.max_sessions}: a batch holds one row per session), got {args.batch_rows}"
+        )
+    return int(args.batch_rows)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, serve until SIGTERM/SIGINT, shut down gracefully."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's own info lines are not JSON; errors still show
     from ..protocol.server import Server
-    from ..service.service import SCXService, ServeOptions
+    from ..service.service import SCXService
 
+    batch_rows = check_batch_rows(args)
     require_device(args.device)  # before any model is loaded
     parent = _parent_pid()
     host = _grpc_host(args.host)
@@ -291,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         ops_port=None if args.ops_port < 0 else args.ops_port,
         workers=args.workers,
-        batch_rows=args.batch_rows,
+        batch_rows=batch_rows,
         max_batch=args.max_batch,
         max_sessions=args.max_sessions,
         max_sessions_per_peer=args.max_sessions_per_peer,

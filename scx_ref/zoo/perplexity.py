@@ -30,12 +30,13 @@ from ..errors import ConfigError, NonFiniteError, PrecisionWarning, ShapeError, 
 from ..protocol import Level, SCXConfig
 from ..protocol.plan import ReleasePlan
 from . import load_model, max_positions
-from .corpus import corpus_tokens
+from .corpus import corpus_text, corpus_tokens
 from .engines import LogitsFn, check_device, plain_logits, plain_model, scx_config, scx_logits
 
 __all__ = [
     "PPL_CRITERION",
     "PPLComparison",
+    "check_corpus_tokens",
     "compare_ppl",
     "ppl_run",
     "precision_warned",
@@ -56,6 +57,18 @@ def windows(n_tokens: int, window: int) -> list[slice]:
     window, n_tokens = check_int(window, "window", 2), check_int(n_tokens, "the number of tokens", 2)
     out = [slice(s, min(s + window, n_tokens)) for s in range(0, n_tokens, window)]
     return [s for s in out if s.stop - s.start >= 2]
+
+
+def check_corpus_tokens(tokens: int) -> int:
+    """``tokens`` as an int, a count of corpus tokens a run may ask for: ConfigError unless an integer >= 2
+    and at most the corpus's UTF-8 bytes (a tokenizer makes at most one token per byte) — checked before
+    any window is listed or model loaded, so a huge count is refused rather than exhausting memory. A count
+    within the bound may still exceed the tokens a given tokenizer makes (:func:`corpus_tokens` says so)."""
+    tokens = check_int(tokens, "the number of tokens", 2)
+    most = len(corpus_text().encode("utf-8"))
+    if tokens > most:
+        raise ConfigError(f"the number of tokens {tokens} is more than the corpus holds ({most} bytes)")
+    return tokens
 
 
 def token_nll(logits: npt.NDArray[Any], ids: IdArray) -> npt.NDArray[np.float64]:
@@ -229,12 +242,12 @@ def ppl_run(
     ``config``: a whole SCX configuration, or the name of a preset of :mod:`scx_ref.protocol.presets`,
     instead of ``level`` and ``beta``. ``device``: the torch device both float32 sides run on
     (:mod:`scx_ref.zoo.engines`; ConfigError for float64 off the CPU). ConfigError, before the model is
-    loaded, for an unknown model, a ``tokens`` or ``window`` that is not an integer >= 2, a window past
-    the model's positions, or a ``config`` that is neither an SCXConfig, a preset name nor None. The
-    configuration's PrecisionWarning, if any, is issued once, before the progress bar
-    (:func:`precision_warned`)."""
+    loaded, for an unknown model, a ``tokens`` or ``window`` that is not an integer >= 2, a ``tokens``
+    past the corpus's UTF-8 bytes (:func:`check_corpus_tokens`), a window past the model's positions, or
+    a ``config`` that is neither an SCXConfig, a preset name nor None. The configuration's
+    PrecisionWarning, if any, is issued once, before the progress bar (:func:`precision_warned`)."""
     check_device(dtype, device)
-    windows(tokens, window)  # both integers >= 2, checked before the model is loaded
+    window, tokens = check_int(window, "window", 2), check_corpus_tokens(tokens)
     positions = max_positions(model)  # the name checked too: nothing is downloaded for a bad call
     if window > positions:
         raise ConfigError(f"window {window} exceeds the {positions} positions of model {model!r}")
