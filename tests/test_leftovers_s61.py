@@ -143,6 +143,13 @@ def _fake_transformers(
             calls.append((name, {**kw, "offline_env": os.environ.get("HF_HUB_OFFLINE")}))
             if result is None:
                 raise _Stop(name)
+            if kw.get("output_loading_info"):  # as transformers: (model, what loaded and what did not)
+                return result, {
+                    "missing_keys": [],
+                    "unexpected_keys": [],
+                    "mismatched_keys": [],
+                    "error_msgs": [],
+                }
             return result
 
         return staticmethod(from_pretrained)

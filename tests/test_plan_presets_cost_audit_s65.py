@@ -256,6 +256,21 @@ def test_every_preset_has_a_dp_budget_on_a_one_block_model() -> None:
         assert budget.epsilon_basic >= 0
 
 
+def test_a_guard_past_the_model_is_budgeted_as_the_protocol_runs_it() -> None:
+    """SCXConfig, the client and the server clamp guards to the model (guard_blocks); the budget refused
+    them (ConfigError 'guard (2) exceeds the number of blocks (1)'). Now it counts what the protocol runs."""
+    sens = model_sensitivities(_weights(3, False), embedding="bound")
+    for big, fit in (((5, 5), (3, 3)), ((9, 1), (3, 1)), ((1, 7), (1, 3))):
+        got = request_budget(
+            sens, SCXConfig(level="paper", l_s=big[0], l_e=big[1]), prompt_len=4, tokens=3, use_pld=False
+        )
+        want = request_budget(
+            sens, SCXConfig(level="paper", l_s=fit[0], l_e=fit[1]), prompt_len=4, tokens=3, use_pld=False
+        )
+        assert got.epsilon_basic == want.epsilon_basic and got.epsilon_advanced == want.epsilon_advanced
+        assert [str(u) for u in got.uncovered] == [str(u) for u in want.uncovered]
+
+
 # -- cost -------------------------------------------------------------------------------------------
 
 

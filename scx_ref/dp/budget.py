@@ -237,7 +237,8 @@ def request_budget(
     :class:`ModelSensitivities`. ``config``: the protocol configuration; without it, one is built from
     ``level``, ``beta`` (one β, or a mapping kind → β with kinds qkv, o, gate_up, down, router, lm_head or
     'default'), ``guard`` = l_s = l_e, ``decoys`` = r and ``guard_ffn`` (:func:`config_for_budget`).
-    ``prompt_len`` = n, ``tokens`` = T generated tokens (T − 1 decode steps).
+    ``prompt_len`` = n, ``tokens`` = T generated tokens (T − 1 decode steps). Guards larger than the model
+    count as the protocol runs them (:func:`~scx_ref.protocol.config.guard_blocks`: clamped to its blocks).
 
     Guarantee: under replace-one-token neighbours, the noised releases of the configuration's
     :class:`~scx_ref.protocol.plan.ReleasePlan` together are (epsilon_basic, 0)-, (epsilon_advanced,
@@ -256,9 +257,7 @@ def request_budget(
     cfg = config if config is not None else config_for_budget(level, beta, guard, decoys, guard_ffn)
     if not isinstance(cfg, SCXConfig):
         raise ConfigError(f"config must be an SCXConfig, got {type(cfg).__name__}")
-    n_layers = sens.n_layers
-    if max(cfg.l_s, cfg.l_e) > n_layers:
-        raise ConfigError(f"guard ({max(cfg.l_s, cfg.l_e)}) exceeds the number of blocks ({n_layers})")
+    n_layers = sens.n_layers  # guards larger than the model are clamped, as the protocol clamps them
     n = check_count(prompt_len, "prompt_len")
     t = check_count(tokens, "tokens", minimum=0)
     dl = check_delta(delta)
