@@ -52,13 +52,13 @@ def _unmarked(m: re.Match[str]) -> str:
     return m.group(3) if m.group(3) is not None else m.group(4)
 
 
-def plain_description(doc: str | None) -> str | None:
-    """The first paragraph of a command module's docstring ``doc`` as plain text for ``--help`` (None for
-    None): its reST markup removed (:data:`_MARKUP`: a literal reads as its text, a role as its target),
-    nothing else changed — argparse prints a description as it is."""
+def plain_description(doc: str | None, *, whole: bool = False) -> str | None:
+    """The first paragraph of a command module's docstring ``doc`` (all of it with ``whole``) as plain text
+    for ``--help`` (None for None): its reST markup removed (:data:`_MARKUP`: a literal reads as its text, a
+    role as its target), nothing else changed — argparse prints a description as it is."""
     if doc is None:
         return None
-    return _MARKUP.sub(_unmarked, doc.split("\n\n")[0])
+    return _MARKUP.sub(_unmarked, doc if whole else doc.split("\n\n")[0])
 
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:

@@ -72,7 +72,7 @@ from ..zoo import (
     parse_random,
     weights_names_help,
 )
-from ._args import MAX_THREADS, device, int_at_least, int_list, output_file, require_device
+from ._args import MAX_THREADS, device, int_at_least, int_list, output_file, plain_description, require_device
 from .bench_stats import SEED, median_interval, quartiles, ratio_interval
 
 __all__ = ["BenchResult", "build_backend", "build_models", "register", "run_bench"]
@@ -97,7 +97,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "bench",
         help="SCX vs Hugging Face plaintext latency ratios (prefill and per-token generation), interleaved",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=plain_description(__doc__),
     )
     p.add_argument("--model", default="smollm2", help=f"model (default smollm2): {weights_names_help()}")
     p.add_argument("--json", metavar="PATH", type=output_file, help="write the result rows as JSON")

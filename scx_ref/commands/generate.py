@@ -29,6 +29,7 @@ from ._args import (
     int_at_least,
     int_list,
     nonempty,
+    plain_description,
     require_device,
 )
 
@@ -45,7 +46,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "generate",
         help="generate text with SCX (against `scx serve --model …` with --server, or in-process)",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=plain_description(__doc__),
     )
     p.add_argument(
         "--model", choices=MODEL_NAMES, default="smollm2", help="model (the server's; default smollm2)"

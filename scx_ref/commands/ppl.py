@@ -19,7 +19,15 @@ from ..protocol.presets import preset_names
 from ..zoo import MODEL_NAMES, max_positions
 from ..zoo.engines import ENGINE_DTYPES, check_device
 from ..zoo.perplexity import ppl_run
-from ._args import add_level, device, float_at_least, int_at_least, output_file, require_device
+from ._args import (
+    add_level,
+    device,
+    float_at_least,
+    int_at_least,
+    output_file,
+    plain_description,
+    require_device,
+)
 
 __all__ = ["check_options", "format_table", "register", "run"]
 
@@ -105,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``scx ppl`` to the CLI."""
     p = subparsers.add_parser(
-        "ppl", help="perplexity on the corpus: plaintext vs SCX (ΔPPL)", description=__doc__.splitlines()[0]
+        "ppl",
+        help="perplexity on the corpus: plaintext vs SCX (ΔPPL)",
+        description=plain_description(__doc__),
     )
     p.add_argument(
         "--model",

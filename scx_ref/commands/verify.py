@@ -42,7 +42,15 @@ from ..zoo.engines import (
     scx_logits,
 )
 from ..zoo.perplexity import ppl_run, precision_warned
-from ._args import add_level, device, float_at_least, int_at_least, output_file, require_device
+from ._args import (
+    add_level,
+    device,
+    float_at_least,
+    int_at_least,
+    output_file,
+    plain_description,
+    require_device,
+)
 
 __all__ = ["LOGIT_RTOL", "dp_summary", "format_verdict", "register", "run", "verify"]
 
@@ -235,7 +243,9 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``scx verify`` to the CLI."""
     p = subparsers.add_parser(
-        "verify", help="the main job: SCX vs plaintext on a real model (PASS/FAIL)", description=__doc__
+        "verify",
+        help="the main job: SCX vs plaintext on a real model (PASS/FAIL)",
+        description=plain_description(__doc__, whole=True),
     )
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument(
