@@ -33,6 +33,9 @@ __all__ = ["KeySource", "RequestKeys", "basis_label", "commitment", "gaussian"]
 
 IntArray = npt.NDArray[np.int64]
 
+#: The length of a key-sharing commitment's salt (:meth:`RequestKeys.commit_salt`).
+COMMIT_SALT_BYTES = 32
+
 
 class KeySource(Protocol):
     """What a request's keys come from: a :class:`~scx_ref.keys.KeySchedule` (or a wrapper of one)."""
@@ -55,18 +58,28 @@ def commitment(salt: bytes, session: str, layer: int, perm: npt.NDArray[Any]) ->
     """SHA-256(salt ‖ session ‖ layer ‖ π): binds a key-sharing message to its session and layer without
     revealing π (the 32-byte salt, revealed only with π, defeats enumeration of small permutations).
     Because the session id is inside, a transcript replayed under another session id fails at key
-    sharing. ProtocolError for a ``layer`` outside 0 … 2³² − 1 (its 4-byte field) or a session that is not
-    a string."""
+    sharing. ProtocolError for a ``layer`` outside 0 … 2³² − 1 (its 4-byte field), a session that is not
+    a string, a salt that is not 32 bytes (its length is not encoded: a shorter one would let the salt's
+    and the session's bytes trade places, and an empty one admits enumeration) or a ``perm`` that is not a
+    1-D array of integers (a float one would be truncated: two different arrays, one commitment)."""
+    if not isinstance(salt, (bytes, bytearray)) or len(salt) != COMMIT_SALT_BYTES:
+        got = f"{len(salt)} bytes" if isinstance(salt, (bytes, bytearray)) else type(salt).__name__
+        raise ProtocolError(f"a commitment's salt must be {COMMIT_SALT_BYTES} bytes, got {got}")
     if not isinstance(session, str):
         raise ProtocolError(f"a commitment's session must be a string, got {type(session).__name__}")
+    arr = np.asarray(perm)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ProtocolError(
+            f"a commitment's permutation must be a 1-D integer array, got {arr.dtype} {arr.shape}"
+        )
     layer = check_int(layer, "commitment layer", 0, 2**32 - 1, error=ProtocolError)
     sid = session.encode("utf-8")
     data = (
-        salt
+        bytes(salt)
         + len(sid).to_bytes(4, "big")
         + sid
         + layer.to_bytes(4, "big")
-        + np.ascontiguousarray(perm, dtype="<i8").tobytes()
+        + np.ascontiguousarray(arr, dtype="<i8").tobytes()
     )
     return hashlib.sha256(data).hexdigest()
 
@@ -128,7 +141,7 @@ class RequestKeys:
 
     def commit_salt(self, block: int) -> bytes:
         """The 32-byte salt of block ``block``'s key-sharing commitment."""
-        return self.schedule.key(("commit", block))
+        return self.schedule.key(("commit", block), COMMIT_SALT_BYTES)
 
     # -- reply verification (DESIGN §5.5) ------------------------------------------------------------
     def verify_mix(self, shape: tuple[int, ...]) -> npt.NDArray[np.float64]:

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from .._checks import check_int, check_real
 from ..errors import ConfigError, ProtocolError
 
@@ -50,6 +52,9 @@ class ServerLimits:
     idle_ttl           seconds a session may stay idle before it is evicted
     nonce_memory       past session nonces remembered (a nonce seen before is refused)
     commit_memory      past key commitments remembered (a replayed QKV message is refused)
+
+    Every limit but ``idle_ttl`` is an integer >= 1 (Python or numpy, stored as an int; never a bool or a
+    float), ``idle_ttl`` a finite real number > 0 (stored as a float); ConfigError otherwise.
     """
 
     max_sessions: int = 256
@@ -65,8 +70,12 @@ class ServerLimits:
         for name, value in asdict(self).items():
             if name == "idle_ttl":  # seconds: stored as float (a numpy number included)
                 object.__setattr__(self, name, check_real(value, name, 0, lo_open=True))
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+            else:  # a count or a size: a Python or numpy integer (never a bool or a float), stored as int
+                if isinstance(value, np.integer):
+                    value = int(value)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+                object.__setattr__(self, name, value)
 
 
 def known_fields(meta: Mapping[str, Any], allowed: frozenset[str], what: str) -> None:

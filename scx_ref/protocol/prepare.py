@@ -114,7 +114,9 @@ class BackgroundJob:
 class PreparedKeys(Generic[A]):
     """The key material of one request of ``n`` prompt tokens under ``keys``, derived on demand and kept
     until used (see the module doc). ``seconds`` is the wall time :meth:`fill` took (0 if never run):
-    ``seconds_prefill`` for the prefill's keys, ``seconds_generation`` for the generation steps'."""
+    ``seconds_prefill`` for the prefill's keys, ``seconds_generation`` for the generation steps'.
+    ProtocolError, nothing built, unless ``n`` is an integer >= 1 (Python or numpy, not bool). The counts
+    (:attr:`remaining`, :attr:`mask_bytes`) may be read while a background :meth:`start` is filling."""
 
     def __init__(
         self,
@@ -135,7 +137,7 @@ class PreparedKeys(Generic[A]):
         self.cfg = config
         self.plan = plan
         self.decoy_policy = decoys
-        self.n = n
+        self.n = check_int(n, "n", 1, error=ProtocolError)
         self.seconds = self.seconds_prefill = self.seconds_generation = 0.0
         self._blocks: dict[int, BlockKeys] = {}
         self._tok: dict[int, Permutation] = {}
@@ -177,9 +179,10 @@ class PreparedKeys(Generic[A]):
         """Bytes of the (η, η·W) pairs still held: the prefill's (``step=False``), the decode steps'
         (``step=True``) or all of them (None)."""
         size = self.bb.numpy_dtype().itemsize
+        held = self._blinding.copy()  # one step under the GIL: a background fill may be adding pairs
         return sum(
             size * (int(np.prod(self.bb.shape(e))) + int(np.prod(self.bb.shape(c))))
-            for key, (e, c) in self._blinding.items()
+            for key, (e, c) in held.items()
             if step is None or (key[3] is not None) == step
         )
 

@@ -82,32 +82,61 @@ class LocalTransport:
     def send(self, request: Request) -> Reply:
         """Hand ``request`` to the server and return what it answers, as it is: a malformed answer (not a
         :class:`Reply`, or arrays that are not a mapping of arrays) is neither recorded nor metered, and
-        is left to the client's checks to refuse (IntegrityError)."""
-        if self.record_view:
-            self.view.messages.append(
-                ViewedMessage(
-                    request.session,
-                    request.stage,
-                    request.layer,
-                    request.step,
-                    {k: _numpy(v) for k, v in request.arrays.items()},
-                    dict(request.meta),
-                )
-            )
+        is left to the client's checks to refuse (IntegrityError).
+
+        The view records copies taken before the server runs (the arrays, and ``meta`` with every nested
+        list and dict): neither side editing a message after it crossed changes the record. A request whose
+        fields cannot be copied (not a :class:`Request`, ``arrays`` or ``meta`` not a mapping, an array
+        numpy cannot read) is not recorded and goes to the server as it is, which refuses it with its own
+        error (ProtocolError), as it does when no view is kept. The meter counts a request's bytes as they
+        were when it was sent, once the server answered (a refused message counts nothing)."""
+        seen: ViewedMessage | None = None
+        up = 0
+        if isinstance(request, Request) and isinstance(request.arrays, Mapping):
+            up = _nbytes(request.arrays)
+            if self.record_view and isinstance(request.meta, Mapping):
+                try:
+                    seen = ViewedMessage(
+                        request.session,
+                        request.stage,
+                        request.layer,
+                        request.step,
+                        {k: _numpy(v) for k, v in request.arrays.items()},
+                        _copy_meta(request.meta),
+                    )
+                except (TypeError, ValueError, RuntimeError):  # not arrays (ragged lists, a sparse or meta
+                    # tensor): the server refuses them
+                    seen = None
+        if seen is not None:
+            self.view.messages.append(seen)
         reply = self.server.handle(request)
         arrays = reply.arrays if isinstance(reply, Reply) and isinstance(reply.arrays, Mapping) else {}
         if self.record_view and isinstance(reply, Reply) and arrays is reply.arrays:
             try:
-                seen = {k: _numpy(v) for k, v in arrays.items()}
+                got = {k: _numpy(v) for k, v in arrays.items()}
             except (TypeError, ValueError, RuntimeError):  # not arrays (ragged lists, a sparse or meta
                 # tensor: NotImplementedError is a RuntimeError): the client refuses them
-                seen = None
-            if seen is not None:
+                got = None
+            if got is not None:
                 self.view.replies.append(
-                    ViewedMessage(reply.session, reply.stage, reply.layer, reply.step, seen, {})
+                    ViewedMessage(reply.session, reply.stage, reply.layer, reply.step, got, {})
                 )
-        self.meter.message(request.stage, _nbytes(request.arrays), _nbytes(arrays))
+        self.meter.message(request.stage, up, _nbytes(arrays))
         return reply
+
+
+def _copy_meta(value: Any) -> Any:
+    """``value`` with every mapping, list, tuple and numpy array in it copied: a request's ``meta`` as the
+    view records it (a later edit of a nested list, such as ``experts``, must not change the record)."""
+    if isinstance(value, Mapping):
+        return {k: _copy_meta(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_meta(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_copy_meta(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    return value
 
 
 def _nbytes(arrays: Mapping[str, Any]) -> int:
