@@ -30,6 +30,7 @@ from scx_ref.protocol.presets import PRESETS, preset
 from scx_ref.stages import Phase
 from scx_ref.weights import ModelWeights
 from tests.tiny import tiny_config, tiny_weights
+from tests.views import assert_budget_counts
 
 MASTER, NONCE = bytes(range(1, 33)), bytes(range(16))
 IDS = np.array([5, 17, 3, 8, 2, 9])
@@ -132,16 +133,7 @@ def _check(weights: ModelWeights, cfg: SCXConfig, n_new: int = 3) -> ReleasePlan
     assert not uncovered, f"clear messages outside the plan's exposures: {sorted(map(str, uncovered))}"
     witnessed = clear | {(_EXPOSED_AS[s], b) for s, b in clear if s in _EXPOSED_AS}
     assert exposed <= witnessed, f"exposures with no clear message: {sorted(map(str, exposed - witnessed))}"
-    if max(cfg.l_s, cfg.l_e) <= L:
-        budget = request_budget(
-            model_sensitivities(weights, embedding="bound"),
-            cfg,
-            prompt_len=len(IDS),
-            tokens=n_new,
-            use_pld=False,
-        )
-        counted = [r for r in noised.values() if r.is_laplace_mechanism and r not in plan.shared]
-        assert sum(s.count for s in budget.stages) == len(counted)
+    assert_budget_counts(weights, cfg, plan, noised.values(), len(IDS), n_new)  # guards past L clamped
     return plan
 
 

@@ -27,6 +27,7 @@ from scx_ref.protocol.keyring import RequestKeys
 from scx_ref.protocol.plan import Release, ReleasePlan
 from scx_ref.stages import Phase
 from scx_ref.weights import ModelWeights, random_weights
+from tests.views import assert_budget_counts
 
 MASTER, NONCE = bytes(range(1, 33)), bytes(range(16))
 IDS = np.array([5, 17, 42, 8, 33, 2, 9])
@@ -185,17 +186,7 @@ def test_noised_messages_are_exactly_the_plan(level: Any, moe: bool, g: int, gua
     for r in plan.shared:
         alpha = shares[r.block].arrays["alpha"]
         np.testing.assert_array_equal(alpha, keys.noise(r, None, *alpha.shape))
-    # the DP budget composes the same releases (rows="own": one per prefill release and decode step),
-    # less those whose noise key sharing reveals
-    budget = request_budget(
-        model_sensitivities(weights, embedding="bound"),
-        cfg,
-        prompt_len=len(IDS),
-        tokens=N_NEW,
-        use_pld=False,
-    )
-    counted = [r for r in seen.values() if r.is_laplace_mechanism and r not in plan.shared]
-    assert sum(s.count for s in budget.stages) == len(counted)
+    assert_budget_counts(weights, cfg, plan, seen.values(), len(IDS), N_NEW)  # the same releases
 
 
 def test_paper_offset_form_is_in_the_plan() -> None:

@@ -1,11 +1,16 @@
 """Comparing two recorded server views of one request made under the same keys by two routes (keys derived
-ahead or on demand, a mask pool's entry or none)."""
+ahead or on demand, a mask pool's entry or none), and a view's noised releases with the DP budget."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
 
-from scx_ref.protocol import ServerView
+from scx_ref.dp import model_sensitivities, request_budget
+from scx_ref.protocol import SCXConfig, ServerView
+from scx_ref.protocol.plan import Release, ReleasePlan
 
 #: How far two arrays of the same message may differ, relative to the larger of 1 and their largest
 #: entry. The routes send the same η, but a mask pool's (or a longer precomputation's) η·W is a product
@@ -35,3 +40,20 @@ def assert_same_view(a: ServerView, b: ServerView, *, rounding: bool = False) ->
                 scale = max(1.0, float(np.max(np.abs(y))))
                 assert float(np.max(np.abs(x - y))) <= ROUNDING * scale, (ma.stage, ma.layer, key)
         first = first and not ma.arrays
+
+
+def assert_budget_counts(
+    weights: Any, cfg: SCXConfig, plan: ReleasePlan, noised: Iterable[Release], prompt_len: int, tokens: int
+) -> None:
+    """The DP budget of ``cfg`` (``rows="own"``: one release per prefill release and decode step) composes
+    exactly the Laplace releases a session sent (``noised``: those its recorded view shows), less those
+    whose noise key sharing reveals (``plan.shared``)."""
+    budget = request_budget(
+        model_sensitivities(weights, embedding="bound"),
+        cfg,
+        prompt_len=prompt_len,
+        tokens=tokens,
+        use_pld=False,
+    )
+    counted = [r for r in noised if r.is_laplace_mechanism and r not in plan.shared]
+    assert sum(s.count for s in budget.stages) == len(counted)
