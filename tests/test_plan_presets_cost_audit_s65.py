@@ -30,7 +30,7 @@ from scx_ref.protocol.presets import PRESETS, preset
 from scx_ref.stages import Phase
 from scx_ref.weights import ModelWeights
 from tests.tiny import tiny_config, tiny_weights
-from tests.views import assert_budget_counts
+from tests.views import assert_budget_counts, planned_noise
 
 MASTER, NONCE = bytes(range(1, 33)), bytes(range(16))
 IDS = np.array([5, 17, 3, 8, 2, 9])
@@ -96,14 +96,7 @@ def _observe(
                 else:
                     clear.add((a.stage, a.layer))
                 continue
-            experts = a.meta.get("experts")
-            expert = None if experts is None else int(experts[0])
-            ra, rb = plan_a.find(a.stage, a.layer, expert), plan_b.find(b.stage, b.layer, expert)
-            assert ra is not None and rb is not None, f"noised message not in the plan: {a.stage} {a.layer}"
-            step = None if a.step < 0 else a.step
-            rows, width = xa.shape
-            want = keys.noise(ra, step, rows, width) - keys.noise(rb, step, rows, width)
-            np.testing.assert_allclose(xa - xb, want, rtol=1e-9, atol=1e-9 * scale)
+            ra, expert = planned_noise(a, b, name, (plan_a, plan_b), keys)
             noised[(a.stage, a.layer, a.step, expert)] = ra
     return noised, clear
 

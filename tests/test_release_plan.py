@@ -27,7 +27,7 @@ from scx_ref.protocol.keyring import RequestKeys
 from scx_ref.protocol.plan import Release, ReleasePlan
 from scx_ref.stages import Phase
 from scx_ref.weights import ModelWeights, random_weights
-from tests.views import assert_budget_counts
+from tests.views import assert_budget_counts, planned_noise
 
 MASTER, NONCE = bytes(range(1, 33)), bytes(range(16))
 IDS = np.array([5, 17, 42, 8, 33, 2, 9])
@@ -59,11 +59,6 @@ def _view(weights: ModelWeights, cfg: SCXConfig) -> tuple[ServerView, list[int]]
     link = LocalTransport(Server(backend), record_view=True)
     tokens = Client(backend, KeySchedule(MASTER, NONCE), cfg).generate(IDS, N_NEW, link)
     return link.view, tokens
-
-
-def _expert(meta: dict[str, Any]) -> int | None:
-    experts = meta.get("experts")
-    return None if experts is None else int(experts[0])
 
 
 #: The exposure a clear message belongs to (a blinded MLP is several messages; the plan names its first).
@@ -103,13 +98,7 @@ def _observed(
                 elif clear is not None and a.stage not in (Stage.OPEN, Stage.CLOSE):
                     clear.add((_EXPOSED_AS.get(a.stage, a.stage), a.layer))
                 continue  # not noised: the runs agree to rounding
-            expert = _expert(a.meta)
-            ra, rb = plan_a.find(a.stage, a.layer, expert), plan_b.find(b.stage, b.layer, expert)
-            assert ra is not None and rb is not None, f"noised message not in the plan: {a.stage} {a.layer}"
-            step = None if a.step < 0 else a.step
-            rows, width = xa.shape
-            want = keys.noise(ra, step, rows, width) - keys.noise(rb, step, rows, width)
-            np.testing.assert_allclose(xa - xb, want, rtol=1e-9, atol=1e-9 * scale)
+            ra, expert = planned_noise(a, b, name, (plan_a, plan_b), keys)
             seen[(a.stage.phase, a.stage, a.layer, a.step, expert)] = ra
     return seen, view_a
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from scx_ref.dp import model_sensitivities, request_budget
 from scx_ref.protocol import SCXConfig, ServerView
+from scx_ref.protocol.keyring import RequestKeys
 from scx_ref.protocol.plan import Release, ReleasePlan
 
 #: How far two arrays of the same message may differ, relative to the larger of 1 and their largest
@@ -57,3 +58,22 @@ def assert_budget_counts(
     )
     counted = [r for r in noised if r.is_laplace_mechanism and r not in plan.shared]
     assert sum(s.count for s in budget.stages) == len(counted)
+
+
+def planned_noise(
+    a: Any, b: Any, name: str, plans: tuple[ReleasePlan, ReleasePlan], keys: RequestKeys
+) -> tuple[Release, int | None]:
+    """The release (and expert) of array ``name`` of two recordings ``a``, ``b`` of one noised message, sent
+    under the same keys at β and at β/2 (``plans``): the message is in both plans, and the arrays differ by
+    exactly their noises' difference (the rest of the message is the same in both runs)."""
+    experts = a.meta.get("experts")
+    expert = None if experts is None else int(experts[0])
+    ra, rb = plans[0].find(a.stage, a.layer, expert), plans[1].find(b.stage, b.layer, expert)
+    assert ra is not None and rb is not None, f"noised message not in the plan: {a.stage} {a.layer}"
+    xa, xb = a.arrays[name], b.arrays[name]
+    step = None if a.step < 0 else a.step
+    rows, width = xa.shape
+    want = keys.noise(ra, step, rows, width) - keys.noise(rb, step, rows, width)
+    scale = 1.0 + float(np.abs(xa).max(initial=0.0))
+    np.testing.assert_allclose(xa - xb, want, rtol=1e-9, atol=1e-9 * scale)
+    return ra, expert
