@@ -481,7 +481,9 @@ class Client(Generic[A]):
         ``RemoteTransport``: ServiceError). A nonce that already drove a session under this master secret is
         refused (SessionError):
         the same keys would encode two prompts. Every reply is verified first (IntegrityError on a failed
-        check; the session is then failed and nothing more is sent).
+        check; the session is then failed and nothing more is sent). Any other error once the session is
+        open (a NonFiniteError of the model's own arithmetic, ^C) fails it too: the server's half-built
+        session is sent nothing more.
         """
         b = self.b
         _check_link(link)
@@ -809,7 +811,8 @@ class Client(Generic[A]):
         """Feed ``token`` at the next position with one-time keys; return the next logits (V,).
 
         Equal to plaintext decoding. Raises ProtocolError past ``max_length`` or for a ``link`` that is not
-        a transport (nothing is sent then, and the session is unchanged).
+        a transport (nothing is sent then, and the session is unchanged). An error after a message of the
+        step went (any error, ^C) fails the session: the server's step is half-run.
         """
         _check_link(link)
         st = self._require()
