@@ -61,6 +61,9 @@ SUPPORTED: tuple[str, ...] = tuple(GENERATE_OPTIONS)
 #: transformers' defaults for the sampling options (``GenerationConfig``), used when neither the call
 #: nor the model's ``generation_config`` sets one.
 _HF_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+#: What a call's explicit None means for a sampling option, as in transformers 5.x: not applied (its
+#: neutral value), whatever the model's ``generation_config`` says (``top_k=None``: no top-k filter).
+_NOT_APPLIED: dict[str, Any] = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "repetition_penalty": 1.0}
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,9 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
     supported, and for a value out of range or of the wrong type: exactly one of ``max_new_tokens`` and
     ``max_length``, ``num_beams`` 1 only, numbers (Python or numpy) finite, ``seed`` in [0, 2**64 - 1]
     (what a ``torch.Generator`` takes), ``stop_strings`` a string or a list of strings.
-    ``eos_token_id=None`` never stops at EOS; when absent, the model's EOS is used. Decoding greedily, the
+    ``eos_token_id=None`` never stops at EOS; when absent, the model's EOS is used. An explicit None for
+    ``temperature``, ``top_k``, ``top_p`` or ``repetition_penalty`` means not applied, as in transformers
+    (:data:`_NOT_APPLIED`), not the model's value. Decoding greedily, the
     model's ``temperature``, ``top_k`` and ``top_p`` are not read (transformers ignores them too: a
     ``generation_config`` with ``temperature=0.0`` still decodes greedily); the call's own are checked.
     """
@@ -179,7 +184,8 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
 
     def pick(name: str) -> Any:
         if name in options:
-            return options[name]
+            given = options[name]
+            return _NOT_APPLIED[name] if given is None and name in _NOT_APPLIED else given
         v = getattr(defaults, name, None) if defaults is not None else None
         # greedy decoding never reads the model's sampling values (a config's temperature 0.0 is not refused)
         unused = not do_sample and name in _SAMPLING_ONLY

@@ -207,3 +207,20 @@ def test_sampling_options_without_do_sample_warn() -> None:
         warnings.simplefilter("error")
         generation_settings(None, {"max_new_tokens": 2, "temperature": 0.7, "do_sample": True})
         generation_settings(None, {"max_new_tokens": 2, "repetition_penalty": 1.2})
+
+
+def test_an_explicit_none_means_not_applied_as_in_hf() -> None:
+    """transformers 5.x reads ``temperature=None`` (``top_k``, ``top_p``, ``repetition_penalty``) as "not
+    applied": a neutral value, not the model's generation_config. Before, SCX refused the None
+    (ConfigError); here the model's own config sets every one of them, so "the model's value" differs."""
+    model = tiny("llama", seed=1)
+    gc = model.generation_config
+    gc.temperature, gc.top_k, gc.top_p, gc.repetition_penalty = 0.3, 5, 0.5, 1.4
+    nones: dict[str, Any] = dict(temperature=None, top_k=None, top_p=None, repetition_penalty=None)
+    s = generation_settings(gc, dict(do_sample=True, max_new_tokens=4, **nones))
+    assert (s.temperature, s.top_k, s.top_p, s.repetition_penalty) == (1.0, 0, 1.0, 1.0)
+    scx = SCXModel.from_hf(model, level="paper", keys=KeySchedule.generate(), decoys="gaussian")
+    kw: dict[str, Any] = dict(max_new_tokens=12, eos_token_id=None, do_sample=True, **nones)
+    want = hf_generate(model, PROMPT, 0, **kw)
+    assert scx.generate(PROMPT, seed=0, **kw)[0].tolist() == want
+    assert want != hf_generate(model, PROMPT, 0, max_new_tokens=12, eos_token_id=None, do_sample=True)
