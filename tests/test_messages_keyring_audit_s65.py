@@ -54,7 +54,9 @@ def test_the_view_records_meta_as_sent_not_as_edited_later() -> None:
     seen = link.view.messages[-1]
     assert seen.meta == {"experts": [0, 1], "w": {"a": [1]}}
     assert (seen.arrays["m"] == 1.0).all()
-    link.view.replies[-1].arrays["y"][0, 0] = 0.0  # the recorded reply is its own copy, too
+    with pytest.raises(ValueError, match="read-only"):  # a record: no analysis edits it for the next one
+        link.view.replies[-1].arrays["y"][0, 0] = 0.0
+    assert not seen.arrays["m"].flags.writeable
 
     editing = LocalTransport(_Editing(), record_view=True)
     editing.send(Request(SESSION, Stage.FFN_DOWN, 0, -1, 3, {"m": np.ones((2, 3))}, {"experts": [0, 1]}))

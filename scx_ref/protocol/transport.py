@@ -29,7 +29,8 @@ class Transport(Protocol):
 
 @dataclass(frozen=True)
 class ViewedMessage:
-    """One message as the server received it: arrays copied to numpy."""
+    """One message as the server received it: arrays copied to numpy, read-only (an analysis takes its own
+    copy to edit)."""
 
     session: str
     stage: Stage
@@ -66,6 +67,7 @@ def _numpy(x: Any) -> npt.NDArray[Any]:
             t = t.float()
         x = t.numpy()
     out: npt.NDArray[Any] = np.array(x, copy=True)
+    out.flags.writeable = False  # a record: an analysis that edits it in place changes no other's reading
     return out
 
 
