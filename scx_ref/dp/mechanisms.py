@@ -94,6 +94,10 @@ class LaplaceMechanism:
     name: str = "laplace"
 
     def __post_init__(self) -> None:
+        """ConfigError / NonFiniteError unless ``sensitivity`` is a finite real >= 0, ``scale`` a finite
+        real > 0, ``count`` an integer >= 1 and ``name`` a string (the label of the release)."""
+        if not isinstance(self.name, str):
+            raise ConfigError(f"name must be a string, got {type(self.name).__name__} {self.name!r:.40}")
         object.__setattr__(self, "sensitivity", check_nonnegative(self.sensitivity, "sensitivity"))
         object.__setattr__(self, "scale", check_positive(self.scale, "scale (beta)"))
         object.__setattr__(self, "count", check_count(self.count, "count", minimum=1))

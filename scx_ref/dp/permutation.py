@@ -56,13 +56,46 @@ def prompt_order_bits(n: int, r: int = 0) -> float:
     what order) is right with probability 2^(−bits) (it hides nothing about the rows' contents)."""
     n = check_count(n, "n (rows)", minimum=1)
     r = check_count(r, "r (decoys)", minimum=0)
-    return permutation_bits(n, r) - log2_factorial(r)
+    return _log_rising(r, n) / _LN2
+
+
+#: up to this many real rows, :func:`_log_rising` sums the n logarithms one by one
+_RISING_DIRECT = 4096
+#: from this many decoys on (with more than :data:`_RISING_DIRECT` rows), it uses Stirling's series
+_RISING_STIRLING = 1 << 20
+
+
+def _log_rising(r: int, n: int) -> float:
+    """``ln((r + n)! / r!) = Σ_{i=1..n} ln(r + i)`` for integers r ≥ 0, n ≥ 1, to float rounding; +inf past
+    the float64 range.
+
+    Not ``lgamma(r + n + 1) − lgamma(r + 1)`` alone: with r ≫ n that difference cancels (r = 10¹⁵, n = 1 gave
+    40 bits for log₂(10¹⁵ + 1) = 49.83), and past the float64 range it is inf − inf = NaN. Small n sums the
+    logarithms directly (``math.log`` takes integers of any size); large n with r < 2²⁰ takes the lgamma
+    difference (r ≤ 256·n there, so it keeps ~13 digits); large n with r ≥ 2²⁰ takes the difference of
+    Stirling's series for a = r + 1, x = n / a:
+    ``n(ln a − 1) + n·log1p(x)/x + (n − ½)·log1p(x) − x²/(12n(1 + x))`` (next term O(n/a³)).
+    """
+    if n <= _RISING_DIRECT:
+        return math.fsum(math.log(r + i) for i in range(1, n + 1))
+    if r < _RISING_STIRLING:
+        return _lgamma_int(r + n + 1) - _lgamma_int(r + 1)
+    a = r + 1
+    try:
+        nf = float(n)
+        x = n / a  # int / int, correctly rounded however large the integers (0.0 when a ≫ n)
+    except OverflowError:  # n or n / a beyond the float64 range: so is the result
+        return math.inf
+    lx = math.log1p(x)
+    ratio = lx / x if x > 0.0 else 1.0  # log1p(x)/x → 1 as x → 0
+    return nf * (math.log(a) - 1.0) + nf * ratio + (nf - 0.5) * lx - x * x / (12.0 * nf * (1.0 + x))
 
 
 def permutation_guess_probability(n: int, r: int = 0) -> float:
     """Probability that one guess of a uniform permutation of n + r rows is right: ``1 / (n + r)!``.
 
-    Underflows to 0.0 past (n + r) ≈ 170; use :func:`permutation_bits` for the exact exponent.
+    Subnormal (fewer significant digits) from n + r = 171 on and 0.0 from 178 on; use
+    :func:`permutation_bits` for the exact exponent.
     """
     return math.pow(2.0, -permutation_bits(n, r))
 

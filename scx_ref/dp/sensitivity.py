@@ -267,8 +267,14 @@ def embedding_l1_diameter(
 
     ``normalized=True``: ``max_{a≠b} ‖RMSNorm₁(E_a) − RMSNorm₁(E_b)‖₁`` with block 1's attn_norm γ and the
     model's rms_eps — the row the block-1 QKV stage blinds (the paper's block-1 input); it is ≤
-    ``2√d‖γ₁‖₂``. ``normalized=False``: the same over the raw embedding rows E_a.
+    ``2√d‖γ₁‖₂``. ``normalized=False``: the same over the raw embedding rows E_a. ConfigError unless
+    ``weights`` is :class:`~scx_ref.weights.ModelWeights` and ``normalized`` a bool.
     """
+    if not isinstance(weights, ModelWeights):
+        raise ConfigError(f"weights must be ModelWeights, got {type(weights).__name__}")
+    if not isinstance(normalized, bool | np.bool_):
+        got = f"{type(normalized).__name__} {normalized!r:.40}"
+        raise ConfigError(f"normalized must be True or False, got {got}")
     rows = weights.embed.astype(np.float64)
     if normalized:
         rows = normalize_rows(rows, weights.layers[0].attn_norm, weights.config.rms_eps)
@@ -280,6 +286,17 @@ def embedding_l1_diameter(
 
 def _opnorm(w: Any) -> float:
     return float(np.linalg.norm(np.asarray(w, dtype=np.float64), 2))
+
+
+def _product(*factors: float) -> float:
+    """The product of non-negative factors of a bound, 0.0 when one of them is 0.
+
+    A factor of +inf is a finite quantity beyond the float64 range (an overflowed ‖γ‖ or norm), so a zero
+    factor (an all-zero weight block) makes the true product 0, not the NaN of ``0 · inf``.
+    """
+    if any(f == 0.0 for f in factors):
+        return 0.0
+    return math.prod(factors)
 
 
 def attention_output_l1_bound(layer: LayerWeights, n_heads: int, n_kv_heads: int, head_dim: int) -> float:
@@ -324,7 +341,7 @@ def attention_output_l1_bound(layer: LayerWeights, n_heads: int, n_kv_heads: int
     total = 0.0
     for g in range(h_kv):
         cols = slice(g * d_h, (g + 1) * d_h)
-        b = _opnorm(wv[:, cols]) * x_l2
+        b = _product(_opnorm(wv[:, cols]), x_l2)
         if bv is not None:
             b += _l2(bv[cols])
         total += group * math.sqrt(d_h) * b
@@ -351,7 +368,7 @@ def swiglu_down_l1_bound(mlp: DenseMLP, mlp_norm: Any) -> float:
             f"mlp.w_gate {w_gate.shape} and mlp.w_up {w_up.shape} must both be (d, f) with "
             f"d = len(mlp_norm) = {d}"
         )
-    return 2.0 * _opnorm(w_gate) * _opnorm(w_up) * x_l2 * x_l2
+    return _product(2.0, _opnorm(w_gate), _opnorm(w_up), x_l2, x_l2)
 
 
 # --------------------------------------------------------------------------- per-model summary
@@ -405,9 +422,12 @@ class ModelSensitivities:
 
     def __post_init__(self) -> None:
         """ConfigError unless the sizes are integers >= 1 (``n_experts`` >= 0), ``layers`` is a tuple or list
-        of ``n_layers`` :class:`LayerSensitivities`, ``notes`` strings and every Δ₁ a real number >= 0
-        (+inf allowed; None for the optional diameters); NonFiniteError for NaN. A budget indexes ``layers``
-        by block, so a short or mistyped one must not get that far."""
+        of ``n_layers`` :class:`LayerSensitivities` in block order (``layers[i].layer == i``), ``name`` and
+        ``notes`` strings and every Δ₁ a real number >= 0 (+inf allowed; None for the optional diameters);
+        NonFiniteError for NaN. A budget indexes ``layers`` by block, so a short, mistyped or reordered one
+        must not get that far."""
+        if not isinstance(self.name, str):
+            raise ConfigError(f"name must be a string, got {type(self.name).__name__} {self.name!r:.40}")
         n = check_count(self.n_layers, "n_layers")
         check_count(self.hidden_size, "hidden_size")
         check_count(self.vocab_size, "vocab_size")
@@ -419,9 +439,11 @@ class ModelSensitivities:
                 else type(self.layers).__name__
             )
             raise ConfigError(f"layers must be a tuple of n_layers = {n} LayerSensitivities, got {got}")
-        for ls in self.layers:
+        for i, ls in enumerate(self.layers):
             if not isinstance(ls, LayerSensitivities):
                 raise ConfigError(f"layers must hold LayerSensitivities, got {type(ls).__name__}")
+            if ls.layer != i:  # the budget would read block i's Δ₁ from another block's entry
+                raise ConfigError(f"layers must be in block order: layers[{i}] is for layer {ls.layer}")
         _check_sensitivity(self.lm_head, "lm_head")
         for name in ("embed_normalized_diameter", "embed_raw_diameter"):
             if getattr(self, name) is not None:
@@ -460,12 +482,15 @@ def model_sensitivities(
 
     ``embedding="exact"`` computes the normalized and raw embedding diameters (O(V²d) each; measured for
     V = 49152, d = 576 with torch on CPU: about 9.4 CPU-minutes per diameter, so pass ``device="cuda"`` or
-    cache the result), ``"bound"`` skips them and uses 2√d‖γ₁‖₂.
+    cache the result), ``"bound"`` skips them and uses 2√d‖γ₁‖₂. ``backend`` is checked either way
+    (ConfigError), so a misspelled one is not silently ignored by ``"bound"``.
     """
     if not isinstance(weights, ModelWeights):
         raise ConfigError(f"weights must be ModelWeights, got {type(weights).__name__}")
     if embedding not in ("exact", "bound"):
         raise ConfigError(f"embedding must be 'exact' or 'bound', got {embedding!r}")
+    if backend not in ("auto", "numpy", "torch"):
+        raise ConfigError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
     c = weights.config
     layers = []
     for i, lw in enumerate(weights.layers):
