@@ -28,8 +28,13 @@ IntArray = npt.NDArray[np.integer[Any]]
 def as_float_array(
     x: Any, name: str, *, ndim: int | None = None, allow_nonfinite: bool = False
 ) -> FloatArray:
-    """Return ``x`` as a floating numpy array, checking dtype, rank and finiteness."""
-    arr = np.asarray(x)
+    """Return ``x`` as a floating numpy array, checking dtype, rank and finiteness: DTypeError for a
+    dtype that is not floating and for what numpy cannot read as an array (a ragged list, a bfloat16 or
+    grad-tracking tensor), ShapeError for another rank, NonFiniteError for NaN or ±Inf."""
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DTypeError(f"{name} must be a floating-point array numpy can read: {exc}") from None
     if not np.issubdtype(arr.dtype, np.floating):
         raise DTypeError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
     if ndim is not None and arr.ndim != ndim:
@@ -124,14 +129,18 @@ def check_int(
     message's field).
 
     ``error`` (ConfigError by default; each caller passes its own class) unless ``value`` is an integer —
-    a Python or numpy one, or anything with ``__index__``; never a bool, a float or a string, which would
-    be truncated or repeated — in [lo, hi] (no bound where None). The messages: ``n must be an integer,
-    got float 2.5``; ``n must lie in [0, 5], got 6``; ``n must be >= 1, got 0``."""
+    a Python or numpy one, or anything else with ``__index__`` that is not an array of one or more
+    dimensions; never a bool (a bool tensor included), a float or a string, which would be truncated or
+    repeated — in [lo, hi] (no bound where None). The messages: ``n must be an integer, got float 2.5``;
+    ``n must lie in [0, 5], got 6``; ``n must be >= 1, got 0``."""
     if type(value) is int:  # the usual case, without the __index__ protocol (request paths call this)
         out = value
     else:
         try:
-            if isinstance(value, bool):
+            # a bool, or a tensor of bools or of one or more dimensions (torch's have __index__)
+            if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+                raise TypeError
+            if getattr(value, "ndim", 0) != 0:
                 raise TypeError
             out = operator.index(value)
         except TypeError:

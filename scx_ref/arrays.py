@@ -304,9 +304,12 @@ class NumpyOps:
     ) -> FloatArray:
         """``concatenate([x[:, cols], extra])[index]``, written as the definition reads (then scanned
         when ``name`` is given)."""
-        if np.ndim(x) != 2 or np.ndim(extra) != 2 or np.shape(extra)[1] != len(cols):
-            raise ShapeError(f"rows {np.shape(x)} and extra rows {np.shape(extra)} for {len(cols)} columns")
-        out = self.take_rows_concat([x[:, row_index(cols, x.shape[1], "column")], extra], index)
+        if np.ndim(x) != 2 or np.ndim(extra) != 2:
+            raise ShapeError(f"rows {np.shape(x)} and extra rows {np.shape(extra)}: both 2-D")
+        c = row_index(cols, x.shape[1], "column")  # ShapeError for cols that are not 1-D integers
+        if np.shape(extra)[1] != len(c):
+            raise ShapeError(f"rows {np.shape(x)} and extra rows {np.shape(extra)} for {len(c)} columns")
+        out = self.take_rows_concat([x[:, c], extra], index)
         return out if name is None else self.floating(out, name)
 
     def gather_sum(
@@ -514,12 +517,15 @@ def gather_sum_index(
 ) -> tuple[IndexArray, IndexArray]:
     """:meth:`ArrayOps.gather_sum`'s two row indices as int64, checked as its fused pass checks them:
     ShapeError unless both are 1-D integer arrays of one length, every real row (``from_y ≥ 0``) names a
-    row of s (``from_s``) and of y, and every decoy row (``from_y < 0``) a row of extra. An index past s
-    read a row of extra (or past y a row of zeros) on the torch backend's eager path before."""
+    row of s (``from_s``) and of y, and every decoy row (``from_y < 0``) a row of extra (an unsigned entry
+    past int64, which the cast wrapped to a negative one, is refused, not taken for a decoy). An index past
+    s read a row of extra (or past y a row of zeros) on the torch backend's eager path before."""
     a, b = _index_array(from_s, "from_s"), _index_array(from_y, "from_y")
     for name, arr in (("from_s", a), ("from_y", b)):
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise ShapeError(f"{name} must be a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
+        if arr.size and arr.dtype.kind == "u" and int(arr.max()) > _INT64_MAX:  # wrapped to negative: a decoy
+            raise ShapeError(f"{name} holds an index past int64")
     if a.shape != b.shape:
         raise ShapeError(f"{a.shape[0]} rows from s but {b.shape[0]} from y")
     fs, fy = a.astype(np.int64, copy=False), b.astype(np.int64, copy=False)
@@ -531,6 +537,9 @@ def gather_sum_index(
     ):
         raise ShapeError("a row index outside s, y or extra")
     return fs, fy
+
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 def row_index(index: Any, n: int, what: str = "row") -> IndexArray:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ._checks import check_int, check_real
+import numpy as np
+
+from ._checks import check_int, check_real, short_repr
 from .errors import ConfigError
 
 __all__ = ["ModelConfig"]
@@ -41,7 +45,10 @@ class ModelConfig:
         bool), ``n_heads`` a multiple of ``n_kv_heads``, ``head_dim`` even, ``n_experts``/``top_k`` ints with
         1 <= top_k <= n_experts for MoE and top_k == 0 for a dense model, ``rms_eps`` >= 0 and ``rope_theta``
         > 0 finite reals (one that is not a Python int or float, e.g. a numpy float32 or a Fraction, is stored
-        as a float), ``qkv_bias`` a bool, ``name`` a str."""
+        as a float; a ``rope_theta`` below 1 so small that RoPE's angle at position max_positions − 1 is not
+        finite — NaN tables — is refused), ``qkv_bias`` a bool (a numpy bool is stored as one), ``name`` a
+        str. An integer field given as another integer type (a numpy int64, a 0-d array or tensor) is stored
+        as a Python int, so the config hashes and its :meth:`to_dict` is JSON."""
         for field in (
             "vocab_size",
             "hidden_size",
@@ -52,7 +59,7 @@ class ModelConfig:
             "intermediate_size",
             "max_positions",
         ):
-            check_int(getattr(self, field), field, 1)
+            _store_int(self, field, 1)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -60,7 +67,7 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         for field in ("n_experts", "top_k"):
-            check_int(getattr(self, field), field, 0)
+            _store_int(self, field, 0)
         if self.n_experts and not 1 <= self.top_k <= self.n_experts:
             raise ConfigError(
                 f"need 1 <= top_k <= n_experts for MoE, got top_k={self.top_k}, n_experts={self.n_experts}"
@@ -72,6 +79,10 @@ class ModelConfig:
             checked = check_real(value, field, 0, lo_open=open_at_0)
             if not isinstance(value, (int, float)):  # e.g. numpy float32: stored as a float, which JSON takes
                 object.__setattr__(self, field, checked)
+        if float(self.rope_theta) < 1:  # frequencies above 1: the fastest may overflow (NaN RoPE tables)
+            _check_rope_angles(float(self.rope_theta), self.head_dim, self.max_positions)
+        if isinstance(self.qkv_bias, np.bool_):  # stored as a Python bool, as a numpy int is stored as an int
+            object.__setattr__(self, "qkv_bias", bool(self.qkv_bias))
         if not isinstance(self.qkv_bias, bool):
             raise ConfigError(f"qkv_bias must be True or False, got {self.qkv_bias!r}")
         if not isinstance(self.name, str):
@@ -113,3 +124,25 @@ class ModelConfig:
             return cls(**data)
         except TypeError as exc:  # a required field missing
             raise ConfigError(f"incomplete model config: {exc}") from exc
+
+
+def _store_int(config: ModelConfig, field: str, lo: int) -> None:
+    """Check ``config``'s integer ``field`` (>= ``lo``) and store it as a Python int where it is another
+    integer type: a numpy int64 made ``to_dict`` unserializable, a 0-d array the config unhashable."""
+    value = getattr(config, field)
+    checked = check_int(value, field, lo)
+    if type(value) is not int:
+        object.__setattr__(config, field, checked)
+
+
+def _check_rope_angles(theta: float, head_dim: int, max_positions: int) -> None:
+    """ConfigError unless RoPE's angles (:func:`scx_ref.ops.rope_cos_sin`: position × θ^(−2i/d_h)) are
+    finite at every position below ``max_positions``: θ = 1e-320 made the reference decode NaN logits."""
+    with np.errstate(all="ignore"):
+        inv_freq = 1.0 / (np.float64(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    top = float(inv_freq.max())
+    if not math.isfinite(top) or max_positions - 1 > sys.float_info.max / top:
+        raise ConfigError(
+            f"rope_theta {theta!r} is too small: RoPE's angles are not finite for head_dim {head_dim} "
+            f"up to position {short_repr(max_positions - 1)}"
+        )

@@ -61,12 +61,13 @@ class Stage(str, Enum):
         return Phase.GENERATE if self.value.startswith("gen_") else Phase.PREFILL
 
 
-#: The per-block prefill stages, in the order they run inside a block (blinded MoE adds ROUTER).
+#: The per-block prefill stages, in the order they run inside a block (blinded MoE adds ROUTER, which
+#: runs before its experts' FFN and FFN_DOWN messages).
 PREFILL_BLOCK_STAGES: tuple[Stage, ...] = (
     Stage.QKV,
     Stage.ATTN,
     Stage.O,
+    Stage.ROUTER,
     Stage.FFN,
     Stage.FFN_DOWN,
-    Stage.ROUTER,
 )

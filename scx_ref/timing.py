@@ -100,6 +100,7 @@ def timed_kernels(
         try:
             if isinstance(names, (str, bytes)):
                 raise TypeError
+            names = tuple(names)  # read once: a generator's names were used up by this check, timing none
             unknown = [n for n in names if n not in timed]
         except TypeError:
             raise ConfigError(f"names must be a collection of kernel names, got {names!r:.40}") from None
