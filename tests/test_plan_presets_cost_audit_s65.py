@@ -25,26 +25,15 @@ from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server, Stage
 from scx_ref.protocol.cost import CostMeter, CostReport
 from scx_ref.protocol.keyring import RequestKeys
-from scx_ref.protocol.plan import Release, ReleasePlan
+from scx_ref.protocol.plan import ReleasePlan
 from scx_ref.protocol.presets import PRESETS, preset
 from scx_ref.stages import Phase
 from scx_ref.weights import ModelWeights
 from tests.tiny import tiny_config, tiny_weights
-from tests.views import assert_budget_counts, planned_noise
+from tests.views import assert_budget_counts, assert_sent_as_planned, observed_releases
 
 MASTER, NONCE = bytes(range(1, 33)), bytes(range(16))
 IDS = np.array([5, 17, 3, 8, 2, 9])
-
-Key = tuple[Stage, int, int, int | None]  # stage, block, step, expert
-
-#: The exposure a clear message falls under when its own stage has none: a blinded MLP is several messages,
-#: and where its first one is clear the server derives the rest from it (the plan names the first).
-_EXPOSED_AS = {
-    Stage.FFN_DOWN: Stage.FFN,
-    Stage.ROUTER: Stage.FFN,
-    Stage.GEN_FFN_DOWN: Stage.GEN_FFN_UP,
-    Stage.GEN_ROUTER: Stage.GEN_FFN_UP,
-}
 
 
 def _weights(n_layers: int, moe: bool) -> ModelWeights:
@@ -64,68 +53,20 @@ def _half(cfg: SCXConfig) -> SCXConfig:
     return dataclasses.replace(cfg, beta=cfg.beta / 2, stage_beta=sb)
 
 
-def _observe(
-    weights: ModelWeights, cfg: SCXConfig, n_new: int
-) -> tuple[dict[Key, Release], set[tuple[Stage, int]]]:
-    """The noised messages of a session at ``cfg`` (each checked against the plan's noise), and the
-    (stage, block) of every clear message (control messages aside)."""
+def _check(weights: ModelWeights, cfg: SCXConfig, n_new: int = 3) -> ReleasePlan:
+    """Noised messages == the plan's releases; every clear message under an exposure and every exposure
+    witnessed by a clear message (:func:`tests.views.assert_sent_as_planned`); the DP budget counts exactly
+    the releases sent (guards within the model)."""
     half = _half(cfg)
     link_a, tokens_a = _session(weights, cfg, n_new)
     link_b, tokens_b = _session(weights, half, n_new)
     assert tokens_a == tokens_b
-    view_a, view_b = link_a.view, link_b.view
-    L = weights.config.n_layers
-    plan_a, plan_b = ReleasePlan.of(cfg, weights.config), ReleasePlan.of(half, weights.config)
-    keys = RequestKeys(KeySchedule(MASTER, NONCE), weights.config)
-    noised: dict[Key, Release] = {}
-    clear: set[tuple[Stage, int]] = set()
-    assert len(view_a.messages) == len(view_b.messages)
-    for a, b in zip(view_a.messages, view_b.messages, strict=True):
-        assert (a.stage, a.layer, a.step) == (b.stage, b.layer, b.step)
-        if a.stage in (Stage.OPEN, Stage.CLOSE):
-            continue
-        if a.stage is Stage.SHARE:  # the keys reveal the block's prompt cache: an exposure
-            clear.add((Stage.SHARE, a.layer))
-            continue
-        for name in sorted(a.arrays):
-            xa, xb = a.arrays[name], b.arrays[name]
-            scale = 1.0 + float(np.abs(xa).max(initial=0.0))
-            if np.abs(xa - xb).max(initial=0.0) <= 1e-9 * scale:
-                if a.stage is Stage.GEN_MID:  # one message runs every middle block
-                    clear |= {(Stage.GEN_MID, m) for m in cfg.blocks(L)[1]}
-                else:
-                    clear.add((a.stage, a.layer))
-                continue
-            ra, expert = planned_noise(a, b, name, (plan_a, plan_b), keys)
-            noised[(a.stage, a.layer, a.step, expert)] = ra
-    return noised, clear
-
-
-def _planned(plan: ReleasePlan, steps: int) -> set[Key]:
-    out: set[Key] = {(r.stage, r.block, -1, r.expert) for r in plan.prefill}
-    for t in range(steps):
-        out |= {(r.stage, r.block, t, r.expert) for r in plan.generation}
-    return out
-
-
-def _check(weights: ModelWeights, cfg: SCXConfig, n_new: int = 3) -> ReleasePlan:
-    """Noised messages == the plan's releases; every clear message under an exposure and every exposure
-    witnessed by a clear message; the DP budget counts exactly the releases sent (guards within the model)."""
     plan = ReleasePlan.of(cfg, weights.config)
-    noised, clear = _observe(weights, cfg, n_new)
-    planned = _planned(plan, n_new - 1)
-    assert set(noised) == planned, (
-        f"sent noised, not planned: {sorted(map(str, set(noised) - planned))}; "
-        f"planned, not sent noised: {sorted(map(str, planned - set(noised)))}"
-    )
-    exposed = {(e.stage, b) for e in plan.exposures for b in e.blocks}
+    plans = plan, ReleasePlan.of(half, weights.config)
+    keys = RequestKeys(KeySchedule(MASTER, NONCE), weights.config)
     L = weights.config.n_layers
-    if cfg.last_ffn == "paper":  # the offset row is noised (by a scalar) yet listed: not a Laplace mechanism
-        exposed -= {(Stage.GEN_FFN, b) for b in cfg.blocks(L)[2]}
-    uncovered = {(s, b) for s, b in clear if (s, b) not in exposed and (_EXPOSED_AS.get(s), b) not in exposed}
-    assert not uncovered, f"clear messages outside the plan's exposures: {sorted(map(str, uncovered))}"
-    witnessed = clear | {(_EXPOSED_AS[s], b) for s, b in clear if s in _EXPOSED_AS}
-    assert exposed <= witnessed, f"exposures with no clear message: {sorted(map(str, exposed - witnessed))}"
+    noised, clear = observed_releases(link_a.view, link_b.view, plans, keys, cfg, L)
+    assert_sent_as_planned(noised, clear, plan, cfg, L, n_new - 1)
     assert_budget_counts(weights, cfg, plan, noised.values(), len(IDS), n_new)  # guards past L clamped
     return plan
 

@@ -27,14 +27,12 @@ from scx_ref.protocol.keyring import RequestKeys
 from scx_ref.protocol.plan import Release, ReleasePlan
 from scx_ref.stages import Phase
 from scx_ref.weights import ModelWeights, random_weights
-from tests.views import assert_budget_counts, planned_noise
+from tests.views import Key, assert_budget_counts, assert_sent_as_planned, observed_releases
 
 MASTER, NONCE = bytes(range(1, 33)), bytes(range(16))
 IDS = np.array([5, 17, 42, 8, 33, 2, 9])
 N_NEW = 3  # 2 decode steps
 BETA = 4.0
-
-Key = tuple[Phase, Stage, int, int, int | None]  # phase, stage, block, step, expert
 
 
 def _model(moe: bool) -> ModelWeights:
@@ -61,53 +59,19 @@ def _view(weights: ModelWeights, cfg: SCXConfig) -> tuple[ServerView, list[int]]
     return link.view, tokens
 
 
-#: The exposure a clear message belongs to (a blinded MLP is several messages; the plan names its first).
-_EXPOSED_AS = {
-    Stage.FFN_DOWN: Stage.FFN,
-    Stage.ROUTER: Stage.FFN,
-    Stage.GEN_FFN_DOWN: Stage.GEN_FFN_UP,
-    Stage.GEN_ROUTER: Stage.GEN_FFN_UP,
-}
-
-
 def _observed(
-    weights: ModelWeights, cfg: SCXConfig, clear: set[tuple[Stage, int]] | None = None
-) -> tuple[dict[Key, Release], ServerView]:
-    """The noised messages of a run at ``cfg``, each checked against the plan's noise, by key; ``clear``
-    collects (stage, block) of every message that is not noised (control and key messages aside)."""
+    weights: ModelWeights, cfg: SCXConfig
+) -> tuple[dict[Key, Release], set[tuple[Stage, int]], ServerView]:
+    """The noised messages of a run at ``cfg`` (each checked against the plan's noise) by key, the clear
+    messages' (stage, block) and the run's view (:func:`tests.views.observed_releases`)."""
     half = dataclasses.replace(cfg, beta=cfg.beta / 2)
     view_a, tokens_a = _view(weights, cfg)
     view_b, tokens_b = _view(weights, half)
     assert tokens_a == tokens_b  # both runs are exact, so they generate the same tokens
-    plan_a, plan_b = ReleasePlan.of(cfg, weights.config), ReleasePlan.of(half, weights.config)
+    plans = ReleasePlan.of(cfg, weights.config), ReleasePlan.of(half, weights.config)
     keys = RequestKeys(KeySchedule(MASTER, NONCE), weights.config)
-    seen: dict[Key, Release] = {}
-    assert len(view_a.messages) == len(view_b.messages)
-    for a, b in zip(view_a.messages, view_b.messages, strict=True):
-        assert (a.stage, a.layer, a.step) == (b.stage, b.layer, b.step)
-        if a.stage is Stage.SHARE:
-            if clear is not None:  # the keys reveal the block's prompt cache: an exposure
-                clear.add((Stage.SHARE, a.layer))
-            continue  # its perm and alpha are keys, checked against the plan separately
-        for name in sorted(a.arrays):  # every array of every other message: q, k, v included
-            xa, xb = a.arrays[name], b.arrays[name]
-            scale = 1.0 + float(np.abs(xa).max(initial=0.0))
-            if np.abs(xa - xb).max(initial=0.0) <= 1e-9 * scale:
-                if clear is not None and a.stage is Stage.GEN_MID:  # one message runs every middle block
-                    clear |= {(Stage.GEN_MID, b) for b in cfg.blocks(weights.config.n_layers)[1]}
-                elif clear is not None and a.stage not in (Stage.OPEN, Stage.CLOSE):
-                    clear.add((_EXPOSED_AS.get(a.stage, a.stage), a.layer))
-                continue  # not noised: the runs agree to rounding
-            ra, expert = planned_noise(a, b, name, (plan_a, plan_b), keys)
-            seen[(a.stage.phase, a.stage, a.layer, a.step, expert)] = ra
-    return seen, view_a
-
-
-def _expected(plan: ReleasePlan, steps: int) -> set[Key]:
-    out: set[Key] = {(Phase.PREFILL, r.stage, r.block, -1, r.expert) for r in plan.prefill}
-    for t in range(steps):
-        out |= {(Phase.GENERATE, r.stage, r.block, t, r.expert) for r in plan.generation}
-    return out
+    seen, clear = observed_releases(view_a, view_b, plans, keys, cfg, weights.config.n_layers)
+    return seen, clear, view_a
 
 
 CASES = [
@@ -137,13 +101,8 @@ HARDENED = [
 def _check_plan(weights: ModelWeights, cfg: SCXConfig) -> tuple[ReleasePlan, dict[Key, Release], ServerView]:
     """The noised messages are exactly the plan's releases, and the clear ones exactly its exposures."""
     plan = ReleasePlan.of(cfg, weights.config)
-    clear: set[tuple[Stage, int]] = set()
-    seen, view = _observed(weights, cfg, clear)
-    assert set(seen) == _expected(plan, N_NEW - 1)
-    exposed = {(e.stage, b) for e in plan.exposures for b in e.blocks}
-    if cfg.last_ffn == "paper":  # the offset row is noised (by a scalar), yet not a Laplace mechanism
-        exposed -= {(Stage.GEN_FFN, b) for b in cfg.blocks(weights.config.n_layers)[2]}
-    assert clear == exposed
+    seen, clear, view = _observed(weights, cfg)
+    assert_sent_as_planned(seen, clear, plan, cfg, weights.config.n_layers, N_NEW - 1)
     return plan, seen, view
 
 
@@ -153,7 +112,7 @@ def test_hardened_options_send_exactly_the_plan(level: Any, moe: bool, options: 
     cfg = SCXConfig(level=level, beta=BETA, r1=2, r2=3, max_length=64, **options)
     plan, seen, _ = _check_plan(weights, cfg)
     if level != "permute" and options.get("gen_linear") == "server":
-        assert any(k[1] is Stage.GEN_HEAD for k in seen) and any(k[1] is Stage.GEN_O for k in seen)
+        assert any(k[0] is Stage.GEN_HEAD for k in seen) and any(k[0] is Stage.GEN_O for k in seen)
     if level == "blind" and len(options) == 3:  # the hardened configuration: nothing in the clear
         assert plan.exposures == ()
     budget = request_budget(
@@ -190,15 +149,23 @@ def test_paper_offset_form_is_in_the_plan() -> None:
 
 def test_detection_has_teeth() -> None:
     """Control: a plan that forgets a release the client still noises is caught, and so is a plan that
-    lists a release the client never sends."""
+    lists a release the client never sends; likewise for an exposure."""
     weights = _model(False)
     cfg = SCXConfig(level="blind", beta=BETA, max_length=64)
     plan = ReleasePlan.of(cfg, weights.config)
-    seen, _ = _observed(weights, cfg)
-    want = _expected(plan, N_NEW - 1)
-    assert set(seen) == want
+    seen, clear, _ = _observed(weights, cfg)
+    assert_sent_as_planned(seen, clear, plan, cfg, weights.config.n_layers, N_NEW - 1)
     dropped = dataclasses.replace(plan, generation=plan.generation[1:])
-    assert set(seen) != _expected(dropped, N_NEW - 1)
+    with pytest.raises(AssertionError, match="sent noised, not planned"):
+        assert_sent_as_planned(seen, clear, dropped, cfg, weights.config.n_layers, N_NEW - 1)
     ghost = Release(Phase.GENERATE, Stage.GEN_MID, 1, "qkv", BETA)  # the middle blocks are never noised
     extra = dataclasses.replace(plan, generation=(*plan.generation, ghost))
-    assert set(seen) != _expected(extra, N_NEW - 1)
+    with pytest.raises(AssertionError, match="planned, not sent noised"):
+        assert_sent_as_planned(seen, clear, extra, cfg, weights.config.n_layers, N_NEW - 1)
+    # and the exposures: a clear message no exposure covers, and an exposure no clear message witnesses
+    stray = clear | {(Stage.GEN_HEAD, weights.config.n_layers)}  # no exposure at blind is a step's LM head
+    with pytest.raises(AssertionError, match="clear messages outside the plan's exposures"):
+        assert_sent_as_planned(seen, stray, plan, cfg, weights.config.n_layers, N_NEW - 1)
+    unseen = clear - {(Stage.ATTN, 0)}  # the attention stage is clear at blind: its exposure loses a witness
+    with pytest.raises(AssertionError, match="exposures with no clear message"):
+        assert_sent_as_planned(seen, unseen, plan, cfg, weights.config.n_layers, N_NEW - 1)
