@@ -9,18 +9,21 @@ Frame layout (every integer little-endian)::
     8   4  H       header length in bytes
     12  H  header  UTF-8 JSON object (no floats, no NaN/Infinity: numbers in it are integers)
     ... arrays, each starting at the next multiple of 64 bytes from the frame start, in header order;
-        the frame ends exactly where the last array ends
+        the padding before each is zero bytes; the frame ends exactly where the last array ends
 
 The header of a request or reply holds ``session``, ``stage`` (the :class:`~scx_ref.stages.Stage` wire
 value), ``layer``, ``step``, ``seq``, ``meta`` (JSON values: strings, integers, booleans, null, lists and
-objects of them), ``arrays`` (a list of ``[name, dtype, shape]`` with dtype one of ``<f4``, ``<f8``,
-``<i8``) and, in a request, ``token``. An error frame's header is ``{"error": class name, "message": text,
-"seq": int}``; a hello frame's header is free-form metadata (no arrays).
+objects of them; every integer in a header fits int64), ``arrays`` (a list of ``[name, dtype, shape]``
+with dtype one of ``<f4``, ``<f8``, ``<i8``) and, in a request, ``token``. An error frame's header is
+``{"error": class name, "message": text, "seq": int}``; a hello frame's header is free-form metadata (no
+arrays).
 
 :func:`decode` validates everything before it allocates anything proportional to a declared size: the
 magic, the kind, the header length against :class:`WireLimits`, the JSON, every field's type and range,
 every array's dtype and shape, and that the declared sizes add up to exactly the bytes received. Any
-violation raises :class:`~scx_ref.errors.WireError` naming it.
+violation raises :class:`~scx_ref.errors.WireError` naming it. The encoders check a message's fields
+as the decoder does (its size limits aside, which are the receiver's): a bad field is a WireError on the
+sending side, never a frame the peer must refuse or a value changed on the way (a float layer truncated).
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ DTYPES: dict[str, np.dtype[Any]] = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _HEX = re.compile(r"[0-9a-f]{1,128}")
 _INT_MAX = 2**31 - 1
+#: every integer in a header is an int64 (what a peer in any language can read; Python's str() of an int
+#: also stops at 4300 digits)
+_I64 = (-(2**63), 2**63 - 1)
 #: How deep a header's JSON may nest (the header object is level 0): a request's ``meta`` is level 1 and
 #: the encoder lets its values nest 4 deeper (``_plain``), so nothing it writes is deeper than 5.
 _MAX_DEPTH = 5
@@ -105,15 +111,19 @@ def _pad(n: int) -> int:
 
 
 def to_wire_array(x: Any) -> npt.NDArray[Any]:
-    """``x`` (numpy array or torch tensor) as a C-contiguous little-endian numpy array in a wire dtype:
-    floating arrays as float32 or float64 (bf16/fp16 widen exactly to float32), integer ones as int64.
-    WireError for any other kind of array."""
-    if hasattr(x, "detach"):  # a torch tensor
-        t = x.detach().to("cpu")
-        if t.is_floating_point() and t.dtype.itemsize < 4:
-            t = t.float()
-        x = t.numpy()
-    arr = np.asarray(x)
+    """``x`` (numpy array or torch tensor) as a C-contiguous little-endian numpy array of the same shape
+    (0-d included) in a wire dtype: floating arrays as float32 or float64 (bf16/fp16 widen exactly to
+    float32), integer ones as int64.
+    WireError for any other kind of array, a ragged one, or unsigned integers past int64's range."""
+    try:
+        if hasattr(x, "detach"):  # a torch tensor
+            t = x.detach().to("cpu")
+            if t.is_floating_point() and t.dtype.itemsize < 4:
+                t = t.float()
+            x = t.numpy()
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as exc:  # ragged nested lists, a tensor dtype numpy lacks
+        raise WireError(f"not an array with a wire form: {str(exc)[:200]}") from None
     target: np.dtype[Any]
     if np.issubdtype(arr.dtype, np.floating):
         target = np.dtype("<f8") if arr.dtype.itemsize == 8 else np.dtype("<f4")
@@ -121,20 +131,26 @@ def to_wire_array(x: Any) -> npt.NDArray[Any]:
             raise WireError(f"array dtype {arr.dtype} has no wire form (float32 or float64)")
     elif np.issubdtype(arr.dtype, np.integer):
         target = np.dtype("<i8")
+        if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and int(arr.max()) > _I64[1]:
+            raise WireError(f"array of {arr.dtype} holds values past int64's range (its wire form)")
     else:
         raise WireError(f"array dtype {arr.dtype} has no wire form")
-    return np.ascontiguousarray(arr, dtype=target)
+    return np.asarray(arr, dtype=target, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
 
 
 def _plain(value: Any, where: str, depth: int = 0) -> Any:
     """``value`` as JSON data with no float anywhere (numpy integers and booleans become Python ones)."""
     if depth > 4:
         raise WireError(f"{where} is nested too deeply")
-    if value is None or isinstance(value, (bool, str)):
+    if isinstance(value, str):
+        return _utf8(value, where)
+    if value is None or isinstance(value, bool):
         return value
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, (int, np.integer)):
+        if not _I64[0] <= int(value) <= _I64[1]:
+            raise WireError(f"{where} holds an integer outside int64's range")
         return int(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v, where, depth + 1) for v in value]
@@ -143,12 +159,27 @@ def _plain(value: Any, where: str, depth: int = 0) -> Any:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise WireError(f"{where} has a non-string key {k!r}")
-            out[k] = _plain(v, where, depth + 1)
+            out[_utf8(k, where)] = _plain(v, where, depth + 1)
         return out
     raise WireError(
         f"{where} holds a {type(value).__name__}; only strings, integers, booleans, null, lists and "
         "objects travel in a header (numbers that are not integers travel as arrays)"
     )
+
+
+def _utf8(text: str, where: str) -> str:
+    """``text`` if it is valid Unicode; WireError for a lone surrogate (:func:`decode` refuses its escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WireError(f"{where} holds a string with an unpaired surrogate") from None
+    return text
+
+
+def _whole(value: Any) -> Any:
+    """A numpy integer as a Python int; anything else unchanged (for :func:`_int` to judge: no float is
+    truncated to an integer on the way out)."""
+    return int(value) if isinstance(value, np.integer) else value
 
 
 def _frame(kind: FrameKind, header: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]) -> bytes:
@@ -167,6 +198,8 @@ def _frame(kind: FrameKind, header: dict[str, Any], arrays: dict[str, npt.NDArra
 
 
 def _arrays(arrays: dict[str, Any], convert: Callable[[Any], npt.NDArray[Any]]) -> dict[str, Any]:
+    if not isinstance(arrays, dict):
+        raise WireError(f"a message's arrays must be a dict of name to array, not {type(arrays).__name__}")
     out = {}
     for name, a in arrays.items():
         if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -175,40 +208,59 @@ def _arrays(arrays: dict[str, Any], convert: Callable[[Any], npt.NDArray[Any]]) 
     return out
 
 
-def encode_request(req: Request, convert: Callable[[Any], Any] = lambda a: a) -> bytes:
-    """The frame of ``req``; ``convert`` maps each array to numpy first (e.g. a backend's ``to_numpy``)."""
+def _message_header(msg: Request | Reply, what: str) -> dict[str, Any]:
+    """The header fields of ``msg``, checked as :func:`request_from` / :func:`reply_from` check them."""
+    try:
+        stage = Stage(msg.stage).value
+    except (ValueError, TypeError):
+        raise WireError(f"{what} field 'stage' names no stage: {str(msg.stage)[:40]!r}") from None
+    if not isinstance(msg.meta, dict):
+        raise WireError(f"{what} meta must be a dict, not {type(msg.meta).__name__}")
     header = {
-        "session": req.session,
-        "stage": Stage(req.stage).value,
-        "layer": int(req.layer),
-        "step": int(req.step),
-        "seq": int(req.seq),
-        "token": req.token,
-        "meta": _plain(req.meta, "request meta"),
+        "session": msg.session,
+        "stage": stage,
+        "layer": _whole(msg.layer),
+        "step": _whole(msg.step),
+        "seq": _whole(msg.seq),
+        "meta": _plain(msg.meta, f"{what} meta"),
     }
+    _fields(header)
+    return header
+
+
+def encode_request(req: Request, convert: Callable[[Any], Any] = lambda a: a) -> bytes:
+    """The frame of ``req``; ``convert`` maps each array to numpy first (e.g. a backend's ``to_numpy``).
+    WireError for a field :func:`request_from` would refuse (a float layer is not truncated)."""
+    header = _message_header(req, "request")
+    header["token"] = _token(req.token)
     return _frame(FrameKind.REQUEST, header, _arrays(req.arrays, convert))
 
 
 def encode_reply(reply: Reply, convert: Callable[[Any], Any] = lambda a: a) -> bytes:
-    """The frame of ``reply``; ``convert`` maps each array to numpy first."""
-    header = {
-        "session": reply.session,
-        "stage": Stage(reply.stage).value,
-        "layer": int(reply.layer),
-        "step": int(reply.step),
-        "seq": int(reply.seq),
-        "meta": _plain(reply.meta, "reply meta"),
-    }
-    return _frame(FrameKind.REPLY, header, _arrays(reply.arrays, convert))
+    """The frame of ``reply``; ``convert`` maps each array to numpy first. WireError for a field
+    :func:`reply_from` would refuse."""
+    return _frame(FrameKind.REPLY, _message_header(reply, "reply"), _arrays(reply.arrays, convert))
+
+
+def _text(value: Any, limit: int) -> str:
+    """``str(value)`` cut to ``limit`` characters, a lone surrogate written as its ``\\udXXX`` escape."""
+    return str(value)[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def encode_error(error: str, message: str, seq: int = -1) -> bytes:
-    """An error frame: the exception's class name, its message (no array contents) and the request's seq."""
-    return _frame(FrameKind.ERROR, {"error": error, "message": message[:2000], "seq": int(seq)}, {})
+    """An error frame: the exception's class name, its message (no array contents; at most 2000
+    characters, a lone surrogate in it written as an escape so the frame always decodes) and the
+    request's seq."""
+    return _frame(
+        FrameKind.ERROR, {"error": _text(error, 200), "message": _text(message, 2000), "seq": int(seq)}, {}
+    )
 
 
 def encode_hello(info: dict[str, Any]) -> bytes:
-    """A hello frame carrying ``info`` (strings, integers, booleans, lists, objects)."""
+    """A hello frame carrying ``info`` (a dict of strings, integers, booleans, lists, objects; its key
+    ``arrays`` is the codec's own). WireError for anything else."""
+    if not isinstance(info, dict) or "arrays" in info:
+        raise WireError("a hello carries a dict without the key 'arrays'")
     return _frame(FrameKind.HELLO, _plain(info, "hello"), {})
 
 
@@ -234,7 +286,7 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _check_header(header: dict[str, Any]) -> None:
     """WireError if ``header`` nests deeper than :data:`_MAX_DEPTH` or holds a string that is not valid
-    Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes can make)."""
+    Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes can make) or an integer past int64."""
     todo: list[tuple[Any, int]] = [(header, 0)]
     while todo:
         value, level = todo.pop()
@@ -250,6 +302,8 @@ def _check_header(header: dict[str, Any]) -> None:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise WireError("a header string holds an unpaired surrogate escape") from None
+        elif isinstance(value, int) and not _I64[0] <= value <= _I64[1]:
+            raise WireError("a header holds an integer outside int64's range")
 
 
 def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = None) -> Frame:
@@ -258,8 +312,11 @@ def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = Non
 
     Guarantee: nothing is allocated in proportion to a declared size until the declared sizes are shown
     to add up to exactly ``len(data)``; the arrays returned are writable copies in their wire dtype. The
-    header has no repeated key, no string that is not valid Unicode, and nests at most 5 levels deep; every
-    array's shape, with each 0 counted as 1, spans at most ``max_frame`` bytes."""
+    header has no repeated key, no string that is not valid Unicode, no integer past int64, and nests at
+    most 5 levels deep; the padding before each array is zero bytes; every array's shape, with each 0
+    counted as 1, spans at most ``max_frame`` bytes."""
+    if limits is not None and not isinstance(limits, WireLimits):
+        raise WireError(f"limits must be a WireLimits, not {type(limits).__name__}")
     lim = limits or WireLimits()
     try:
         view = memoryview(data).cast("B")
@@ -301,6 +358,7 @@ def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = Non
     if not isinstance(specs, list) or len(specs) > lim.max_arrays:
         raise WireError(f"'arrays' must be a list of at most {lim.max_arrays} entries")
     layout: list[tuple[str, str, tuple[int, ...], int, int]] = []
+    pads: list[tuple[int, int]] = []
     pos = _PREFIX.size + hlen
     for spec in specs:
         if not (isinstance(spec, list) and len(spec) == 3):
@@ -317,6 +375,7 @@ def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = Non
         ):
             raise WireError(f"array {name!r}: shape {shape!r} is not a list of at most {lim.max_ndim} sizes")
         nbytes = DTYPES[dt].itemsize * int(np.prod(shape, dtype=object))  # exact: Python integers
+        pads.append((pos, pos + _pad(pos)))
         pos += _pad(pos)
         layout.append((name, dt, tuple(shape), pos, nbytes))
         pos += nbytes
@@ -326,14 +385,16 @@ def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = Non
             raise WireError(f"array {name!r}: shape {shape!r} spans more than {lim.max_frame} bytes")
     if pos != total:
         raise WireError(f"frame has {total - pos} bytes after its last array")
+    if any(any(view[a:b]) for a, b in pads):  # one encoding per message: nothing rides in the padding
+        raise WireError("the padding before an array is not zero bytes")
     arrays = {}
     for name, dt, shape, start, nbytes in layout:
         arrays[name] = np.frombuffer(bytearray(view[start : start + nbytes]), dtype=DTYPES[dt]).reshape(shape)
     return Frame(kind, header, arrays)
 
 
-def _common(frame: Frame) -> tuple[str, Stage, int, int, int, dict[str, Any]]:
-    h = frame.header
+def _fields(h: dict[str, Any]) -> tuple[str, Stage, int, int, int, dict[str, Any]]:
+    """The fields a request and a reply share, each checked (WireError naming the first bad one)."""
     session = h.get("session")
     if not isinstance(session, str) or not _HEX.fullmatch(session):
         raise WireError("header field 'session' must be a lower-case hex string of at most 128 digits")
@@ -348,14 +409,18 @@ def _common(frame: Frame) -> tuple[str, Stage, int, int, int, dict[str, Any]]:
     return session, stage, _int(h, "layer", -1), _int(h, "step", -1), _int(h, "seq", 0), meta
 
 
+def _token(token: Any) -> str:
+    if not isinstance(token, str) or len(token) > 512:
+        raise WireError("header field 'token' must be a string of at most 512 characters")
+    return _utf8(token, "header field 'token'")
+
+
 def request_from(frame: Frame) -> Request:
     """The :class:`Request` a request frame carries (WireError for another kind or a bad field)."""
     if frame.kind is not FrameKind.REQUEST:
         raise WireError(f"expected a request frame, got {frame.kind.name.lower()}")
-    session, stage, layer, step, seq, meta = _common(frame)
-    token = frame.header.get("token", "")
-    if not isinstance(token, str) or len(token) > 512:
-        raise WireError("header field 'token' must be a string of at most 512 characters")
+    session, stage, layer, step, seq, meta = _fields(frame.header)
+    token = _token(frame.header.get("token", ""))
     return Request(session, stage, layer, step, seq, dict(frame.arrays), meta, token)
 
 
@@ -363,7 +428,7 @@ def reply_from(frame: Frame) -> Reply:
     """The :class:`Reply` a reply frame carries (WireError for another kind or a bad field)."""
     if frame.kind is not FrameKind.REPLY:
         raise WireError(f"expected a reply frame, got {frame.kind.name.lower()}")
-    session, stage, layer, step, seq, meta = _common(frame)
+    session, stage, layer, step, seq, meta = _fields(frame.header)
     return Reply(session, stage, layer, step, seq, dict(frame.arrays), meta)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..commands.serve import PARENT_ENV
-from ..errors import ServiceError
+from ..errors import ConfigError, ServiceError
 
 __all__ = ["ServerProcess"]
 
@@ -28,8 +28,11 @@ class ServerProcess:
 
     ``url`` is its ``scx://`` (or ``scxs://``) address, ``ops`` its ``http://`` ops address. The server's
     stderr (JSON log lines) is kept in ``log``. ``start_timeout`` bounds the wait for the ready line
-    (loading a model takes a while); a process that exits first raises ServiceError with its output. A
-    constructor that raises (KeyboardInterrupt included) has killed the process. The server stops by itself
+    (loading a model takes a while); a process that exits first, or prints no address in time, raises
+    ServiceError with all it printed (its reason included) and which of the two happened. ``args`` is a
+    sequence of separate arguments (ConfigError for one string). A constructor that raises
+    (KeyboardInterrupt included) has killed the process. Once the process has ended (:meth:`stop`,
+    :meth:`kill`) its pipes are closed. The server stops by itself
     (gracefully) once this process is gone, however it ends — a SIGTERM or SIGKILL included
     (:data:`scx_ref.commands.serve.PARENT_ENV`).
     """
@@ -43,6 +46,8 @@ class ServerProcess:
         start_timeout: float = 180.0,
         env: dict[str, str] | None = None,
     ) -> None:
+        if isinstance(args, (str, bytes)):
+            raise ConfigError(f"ServerProcess args must be a list of arguments, not the string {args!r}")
         cmd = [sys.executable, "-m", "scx_ref.cli", "serve", "--model", model, "--port", str(port)]
         if "--ops-port" not in args:
             cmd += ["--ops-port", "0"]
@@ -56,7 +61,7 @@ class ServerProcess:
         )
         self.log: list[str] = []
         self._out: list[str] = []
-        threading.Thread(target=self._drain, args=(self.proc.stderr, self.log), daemon=True).start()
+        self._readers = [threading.Thread(target=self._drain, args=(self.proc.stderr, self.log), daemon=True)]
         ready = threading.Event()
         self.url = self.ops = ""
 
@@ -69,14 +74,22 @@ class ServerProcess:
                     self.url, self.ops = m.group(1), m.group(2) or ""
                     ready.set()
 
-        threading.Thread(target=read_stdout, daemon=True).start()
+        self._readers.append(threading.Thread(target=read_stdout, daemon=True))
+        for t in self._readers:
+            t.start()
         end = time.monotonic() + start_timeout
         try:
             while not ready.wait(0.05):
-                if self.proc.poll() is not None or time.monotonic() > end:
-                    self.kill()
+                exited = self.proc.poll() is not None
+                if exited or time.monotonic() > end:
+                    self.kill()  # reads what the process printed to the end: its reason is in the message
+                    why = (
+                        f"exited with status {self.proc.returncode}"
+                        if exited
+                        else f"printed no address within {start_timeout:g} s (killed)"
+                    )
                     raise ServiceError(
-                        f"scx serve did not start (exit {self.proc.returncode}): "
+                        f"scx serve did not start: it {why}\n"
                         + "".join(self._out)[-2000:]
                         + "\n".join(self.log)[-4000:]
                     )
@@ -94,35 +107,64 @@ class ServerProcess:
         """The gRPC port."""
         return int(self.url.rsplit(":", 1)[1])
 
+    def _ops_url(self, path: str) -> str:
+        if not self.ops:
+            raise ServiceError("this scx serve has no ops address (--ops-port -1): no /health or /metrics")
+        return self.ops + path
+
     def health(self, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, JSON body) of ``/health``."""
+        """(HTTP status, JSON body) of ``/health``; ServiceError when there is no ops address, it cannot be
+        reached (a stopped server) or the body is not a JSON object."""
+        url = self._ops_url("/health")
         try:
-            with urllib.request.urlopen(self.ops + "/health", timeout=timeout) as r:
-                return int(r.status), json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            return int(exc.code), json.loads(exc.read())
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as r:
+                    status, body = int(r.status), json.loads(r.read())
+            except urllib.error.HTTPError as exc:
+                status, body = int(exc.code), json.loads(exc.read())
+        except (OSError, ValueError) as exc:  # URLError, a timeout, a body that is not JSON
+            raise ServiceError(f"no health report from {url}: {exc}") from None
+        if not isinstance(body, dict):
+            raise ServiceError(f"{url} answered {str(body)[:100]!r}, not a JSON object")
+        return status, body
 
     def metrics(self, timeout: float = 5.0) -> str:
-        """The Prometheus text of ``/metrics``."""
-        with urllib.request.urlopen(self.ops + "/metrics", timeout=timeout) as r:
-            text: str = r.read().decode()
-            return text
+        """The Prometheus text of ``/metrics``; ServiceError when there is no ops address or it cannot be
+        reached (a stopped server)."""
+        url = self._ops_url("/metrics")
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                text: str = r.read().decode()
+                return text
+        except (OSError, ValueError) as exc:  # URLError, HTTPError, a timeout, a body that is not UTF-8
+            raise ServiceError(f"no metrics from {url}: {exc}") from None
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (graceful shutdown), wait, return the exit code (killed after ``timeout``)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             return -9
+        self._close()
+        return code
 
     def kill(self) -> None:
         """SIGKILL: the server dies at once, mid-message or not."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self._close()
+
+    def _close(self) -> None:
+        """After the process ended: let the readers take what it printed to the end, then close the pipes
+        (a reader still blocked — a grandchild holding the pipe — keeps its pipe open)."""
+        for t, stream in zip(self._readers, (self.proc.stderr, self.proc.stdout), strict=True):
+            t.join(5.0)
+            if not t.is_alive() and stream is not None:
+                stream.close()
 
     def stdout(self) -> str:
         """What the server printed on stdout so far."""
