@@ -45,7 +45,7 @@ from . import (
     statelessness,
     vocab_match,
 )
-from ._model import forward_trace, int_arg
+from ._model import float_arg, forward_trace, int_arg
 from ._view import message, open_meta, shared_caches, stage_array
 from .stats import FrequencyPrior, Rate, at_baseline, bag_hits
 
@@ -77,15 +77,24 @@ Progress = Callable[[str], None]
 KEY_ROLES: frozenset[str] = frozenset({"tok", "head", "lock"})
 
 
+def _roles(identity: Any) -> frozenset[str]:
+    """``identity`` as a frozenset of :data:`KEY_ROLES` (ConfigError for a string — ``"tok"`` would read as
+    the roles t, o, k — anything that is not a set of role names, or an unknown role)."""
+    if isinstance(identity, str) or not isinstance(identity, (set, frozenset)):
+        raise ConfigError(f"the identity roles must be a set of role names, got {type(identity).__name__}")
+    unknown = sorted(str(r) for r in identity - KEY_ROLES)
+    if unknown:
+        raise ConfigError(f"unknown permutation roles {unknown}; known: {sorted(KEY_ROLES)}")
+    return frozenset(identity)
+
+
 class AblatedKeys(KeySchedule):
     """A key schedule whose permutations of the roles in ``identity`` (a subset of :data:`KEY_ROLES`)
     are the identity — to switch one SCX mechanism off in the real engine. Every other key (noise,
     decoy choice, the other roles' permutations) is the plain :class:`KeySchedule`'s."""
 
     def __init__(self, master: bytes, nonce: bytes, identity: frozenset[str]) -> None:
-        unknown = identity - KEY_ROLES
-        if unknown:
-            raise ConfigError(f"unknown permutation roles {sorted(unknown)}; known: {sorted(KEY_ROLES)}")
+        identity = _roles(identity)
         super().__init__(master, nonce)
         self.identity = identity
         self._m = master
@@ -104,7 +113,9 @@ class AblatedKeys(KeySchedule):
 @dataclass(frozen=True)
 class Setting:
     """One configuration: the engine's SCXConfig and the permutation roles switched off. ``stateless``
-    and ``reorder``: also run the statelessness table and the LLM reordering (the slow attacks) here."""
+    and ``reorder``: also run the statelessness table and the LLM reordering (the slow attacks) here.
+    Checked when made (ConfigError): ``config`` is an SCXConfig and ``identity`` a set of
+    :data:`KEY_ROLES` (a run of many settings would otherwise fail only when the bad one's turn came)."""
 
     name: str
     mechanism: str
@@ -113,6 +124,11 @@ class Setting:
     stateless: bool = False
     reorder: bool = False
     preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, SCXConfig):
+            raise ConfigError(f"a setting's config must be an SCXConfig, got {type(self.config).__name__}")
+        object.__setattr__(self, "identity", _roles(self.identity))
 
 
 def plaintext_control() -> Setting:
@@ -189,17 +205,22 @@ def run_request(
     roles in ``identity`` are the identity (:class:`AblatedKeys`). ``decoys``: a calibration pool built
     once (else the client builds one from ``public``, a plaintext forward over it — the slow part).
     ConfigError unless ``seed`` is an integer (a Generator's text would make unrepeatable keys) and
-    ``n_new`` ≥ 0."""
+    ``n_new`` ≥ 0; VocabularyError unless ``ids`` (and ``public``) are 1-D integer ids of the model's
+    vocabulary (a float is refused, never truncated to another token)."""
     seed, n_new = int_arg(seed, "seed", None), int_arg(n_new, "n_new")
+    vocab = weights.config.vocab_size
+    # float ids would be truncated to other tokens (the view would be of another prompt than the caller's)
+    prompt = np.asarray(token_ids(ids, vocab, allow_empty=True), dtype=np.int64)
+    tokens = None
+    if public is not None:
+        tokens = np.asarray(token_ids(public, vocab, allow_empty=True), dtype=np.int64)
     backend = NumpyBackend(weights, np.float64)
     master = hashlib.sha256(f"scx-attack-{seed}".encode()).digest()
     nonce = hashlib.sha256(f"nonce-{seed}".encode()).digest()[:16]
     keys = AblatedKeys(master, nonce, identity)
     server = Server(backend)
     link = LocalTransport(server, record_view=True)
-    tokens = None if public is None else np.asarray(public, dtype=np.int64)
     client = Client(backend, keys, config, decoys=decoys, public_tokens=tokens)
-    prompt = np.asarray(ids, dtype=np.int64)
     # the one-time masks come from an offline pool entry (the view is the same as without one: its nonce
     # is the schedule's, and tests/test_hardened.py checks the messages are byte-identical); the cost
     # report then separates the client's online work from the corrections η·W derived ahead
@@ -331,8 +352,10 @@ def fit_tools(
     ``per_layer``: blocks that get the ridge inverters of the per-layer curve (cache, plain and sorted V)
     and the public V columns for σ recovery: every block with a plain-V inverter has them. ConfigError
     for a block that is not an integer in [0, n_layers) (a negative one would fit another block under
-    its name)."""
+    its name) or, with ``mlp``, ``epochs`` that is not an integer ≥ 0 — checked before anything is fitted."""
     layers, per_layer = _blocks(layers, ctx, "layers"), _blocks(per_layer, ctx, "per_layer")
+    if mlp:  # before any inverter is stored: a bad count would leave the context half-fitted
+        epochs = int_arg(epochs, "epochs")
     traces = ctx.traces
     toks = ctx.public_tokens
     w = ctx.weights
@@ -463,8 +486,8 @@ def run_setting(
     then knows only the prior). ``per_layer``: blocks where the shared-cache and sorted-attention
     inverters are also scored. Returns a JSON-ready dict; ``metrics`` holds the pooled rates. ConfigError
     for no prompts (nothing would be measured, yet the result would read as exact), a ``setting`` that
-    is not a :class:`Setting` or a ``per_layer`` block outside the model; VocabularyError unless each
-    prompt is a 1-D array of the model's ids."""
+    is not a :class:`Setting`, a ``per_layer`` block outside the model, or a ``seed`` or ``n_new`` that is
+    not an integer (≥ 0); VocabularyError unless each prompt is a 1-D array of the model's ids."""
     w = ctx.weights
     if not len(prompts):
         raise ConfigError("no prompts: nothing to attack")
@@ -472,7 +495,7 @@ def run_setting(
         raise ConfigError(f"a setting must be a harness Setting, got {type(setting).__name__}")
     per_layer = _blocks(per_layer, ctx, "per_layer")
     prompts = [np.asarray(token_ids(p, w.config.vocab_size), dtype=np.int64) for p in prompts]
-    n_new = int_arg(n_new, "n_new")
+    n_new, seed = int_arg(n_new, "n_new"), int_arg(seed, "seed", None)
     L = w.config.n_layers
     tabs = ctx.block1()
     prior = ctx.prior
@@ -857,10 +880,12 @@ def noise_fitting(
     """The paper's fixed- vs one-time-noise fitting attack on block-1 rows N(E[t]) + α: inverters fitted
     on public rows under the same noise process, and the Laplace maximum-likelihood vocabulary match.
     ``fixed``: one noise row reused for every row (train and victim); ``one-time``: fresh noise per row.
-    ConfigError unless both token sets are non-empty; VocabularyError for ids outside the vocabulary."""
+    ConfigError unless both token sets are non-empty and ``seed`` is an integer ≥ 0; VocabularyError for ids
+    outside the vocabulary."""
     from .vocab_match import match_block1_qkv, normalized_table
 
     V = weights.config.vocab_size
+    seed = int_arg(seed, "seed")
     public = np.asarray(token_ids(public, V, allow_empty=True), dtype=np.int64)
     victim = np.asarray(token_ids(victim, V, allow_empty=True), dtype=np.int64)
     if not len(public) or not len(victim):
@@ -886,6 +911,11 @@ def noise_fitting(
     return out
 
 
+#: The order-enumeration experiment of :func:`run_all`: decoy counts r, and the most bag rows it enumerates.
+_ENUM_DECOYS: tuple[int, ...] = (0, 2)
+_ENUM_MAX_ROWS = 7
+
+
 def run_all(
     ctx: Context,
     prompts: Sequence[Array],
@@ -899,13 +929,32 @@ def run_all(
     fitting_betas: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0, 5.0),
 ) -> dict[str, Any]:
     """Every setting, the noise-fitting experiment (β sweep ``fitting_betas``), order enumeration for
-    tiny n, and the search-space table. Returns a JSON-ready dict (ConfigError for no prompts)."""
+    tiny n, and the search-space table. Returns a JSON-ready dict.
+
+    Checked before any setting runs (a long run would otherwise fail only at its end): ConfigError for
+    no prompts or no settings, a setting that is not a :class:`Setting`, ``n_new`` or ``mlp_epochs`` that
+    is not an integer ≥ 0, a β that is not a finite number ≥ 0, or (with a language model) an enumeration
+    prompt whose bag — its tokens plus up to 2 decoys — exceeds the enumeration's limit of
+    :data:`_ENUM_MAX_ROWS` rows; VocabularyError unless every prompt and enumeration prompt is a
+    non-empty 1-D array of the model's ids."""
     w = ctx.weights
     if not len(prompts) or not len(settings):
         raise ConfigError("run_all needs at least one prompt and one setting")
     bad = [type(s).__name__ for s in settings if not isinstance(s, Setting)]
     if bad:  # before any setting runs (a long run would fail only at the bad one)
         raise ConfigError(f"settings must be harness Settings, got {', '.join(bad)}")
+    V = w.config.vocab_size
+    prompts = [np.asarray(token_ids(p, V), dtype=np.int64) for p in prompts]
+    n_new, mlp_epochs = int_arg(n_new, "n_new"), int_arg(mlp_epochs, "mlp_epochs")
+    fitting_betas = [float_arg(b, "fitting beta", 0.0) for b in fitting_betas]
+    enum_prompts = [np.asarray(token_ids(p, V), dtype=np.int64) for p in enum_prompts]
+    if ctx.lm is not None:
+        for p in enum_prompts:
+            if len(p) + max(_ENUM_DECOYS) > _ENUM_MAX_ROWS:
+                raise ConfigError(
+                    f"an enumeration prompt of {len(p)} tokens plus {max(_ENUM_DECOYS)} decoys exceeds the "
+                    f"enumeration's {_ENUM_MAX_ROWS} rows"
+                )
     results = [
         run_setting(ctx, s, prompts, n_new, sequential=sequential, progress=progress, per_layer=per_layer)
         for s in settings
@@ -917,11 +966,13 @@ def run_all(
     enum: dict[str, float] = {}
     if ctx.lm is not None and enum_prompts:
         rng = np.random.default_rng(1)
-        for r in (0, 2):
+        public = np.asarray(ctx.public)
+        for r in _ENUM_DECOYS:
             hits = []
             for p in enum_prompts:
-                bag = np.concatenate([p, ctx.public[rng.integers(0, len(ctx.public), size=r)]])
-                hits.append(bruteforce.enumerate_orders(bag, len(p), ctx.lm) == [int(t) for t in p])
+                bag = np.concatenate([p, public[rng.integers(0, len(public), size=r)]])
+                order = bruteforce.enumerate_orders(bag, len(p), ctx.lm, max_rows=_ENUM_MAX_ROWS)
+                hits.append(order == [int(t) for t in p])
             enum[f"r={r}"] = float(np.mean(hits))
         if progress:
             progress("enumeration")

@@ -21,7 +21,7 @@ import numpy.typing as npt
 from scipy.optimize import linear_sum_assignment
 
 from .._checks import token_ids
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, DTypeError, ShapeError
 from ..weights import ModelWeights
 from ._model import float_arg, int_arg, rows_arg
 
@@ -166,8 +166,17 @@ def fit_inverter(
 
 
 def sorted_rows(x: Array) -> Array:
-    """Each row's values sorted: invariant to every permutation of its coordinates."""
-    return np.sort(np.asarray(x, dtype=np.float64).reshape(len(x), -1), axis=1)
+    """Each row's values sorted (rows × everything else, flattened): invariant to every permutation of
+    its coordinates. ShapeError unless ``x`` has at least 2 dimensions (a 1-D array is one row's values,
+    not rows of one value each); DTypeError when it is not numeric; NonFiniteError for NaN or ±Inf."""
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DTypeError(f"rows must be a numeric array: {exc}") from None
+    if arr.ndim < 2:
+        raise ShapeError(f"rows must have at least 2 dimensions (rows × values), got shape {arr.shape}")
+    flat = rows_arg(arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:]))), "rows")
+    return np.sort(flat, axis=1)
 
 
 def column_stats(x: Array) -> Array:

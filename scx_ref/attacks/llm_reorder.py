@@ -127,13 +127,16 @@ def beam_reorder(bag: npt.ArrayLike, n: int, lm: LanguageModel, beam: int = 8) -
     """The most likely sequence of ``n`` tokens drawn without replacement from ``bag`` (beam search).
 
     Guarantee: returns a sub-multiset of ``bag`` of size n; with ``beam`` ≥ the number of partial
-    sequences it is the exact maximum-likelihood choice. ConfigError unless 0 < n ≤ the bag's size and
-    ``beam`` ≥ 1; VocabularyError unless the bag holds ids of the model's vocabulary."""
+    sequences it is the exact maximum-likelihood choice. ConfigError unless 0 < n ≤ the bag's size,
+    ``beam`` ≥ 1 and ``lm`` has ``next_logprobs``; VocabularyError unless the bag holds ids of the model's
+    vocabulary."""
     items = [int(t) for t in token_ids(np.asarray(bag).ravel(), allow_empty=True)]
     n = int_arg(n, "n")
     if not 0 < n <= len(items):
         raise ConfigError(f"need 0 < n <= bag size ({len(items)}), got n={n}")
     beam = int_arg(beam, "beam", 1)
+    if not callable(getattr(lm, "next_logprobs", None)):
+        raise ConfigError(f"lm must be a language model (with next_logprobs), got {type(lm).__name__}")
     beams: list[tuple[float, list[int]]] = [(0.0, [])]
     for _ in range(n):
         seqs = np.array([b[1] for b in beams], dtype=np.int64).reshape(len(beams), -1)

@@ -14,7 +14,9 @@ messages about the same token whose rows it can align:
 For every view the attacker fits a ridge inverter on public rows in the message's own form (normalized or
 raw, plus Laplace noise of the view's β, which the public configuration fixes), weighs it by its mean
 cosine on held-out public rows, and sums the views' predicted unit embeddings: independent noise averages
-out across views. A view with no noise (β = 0) is simply a very good view.
+out across views. A view with no noise (β = 0) is simply a very good view. The noisy views' predictions
+share a bias (towards frequent tokens) that does not average out, so that sum can recover fewer tokens
+than its best view alone: the attacker then uses that one view (chosen on the held-out public rows).
 """
 
 from __future__ import annotations
@@ -70,11 +72,20 @@ def public_rows(weights: ModelWeights, traces: Sequence[Any], form: Form, block:
     return np.asarray(ops.silu(hn @ lw.mlp.w_gate) * (hn @ lw.mlp.w_up))
 
 
+def _tokens(emb: Array, table: Array, chunk: int = 1024) -> Array:
+    """The vocabulary row of highest cosine to each predicted embedding (rows × V in chunks of rows)."""
+    out = [np.argmax(emb[s : s + chunk] @ table.T, axis=1) for s in range(0, len(emb), chunk)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
 @dataclass
 class JointInverter:
-    """Per-view ridge inverters and their held-out weights (see the module doc)."""
+    """Per-view ridge inverters and their held-out cosines (see the module doc). ``mix``: the weights the
+    predictions are summed with — the cosines, or one view alone where that recovered more held-out
+    tokens (None: the cosines)."""
 
     views: list[tuple[Inverter, float]]
+    mix: list[float] | None = None
 
     @classmethod
     def fit(
@@ -90,9 +101,20 @@ class JointInverter:
         """Fit one ridge inverter per view on the public rows ``public[v]`` plus Laplace(``betas[v]``)
         noise (the attacker's own draw), on the first 1 − ``holdout`` of the tokens; weigh each by its mean
         cosine to the true unit embedding on the rest (clipped at 0: a useless view gets no weight).
+        Guarantee: on those held-out rows the joint prediction recovers at least as many tokens as the best
+        single view (it is that view alone when the cosine-weighted sum recovers fewer; ties: the sum).
 
         Checked first (ConfigError): at least one view, one β (finite, ≥ 0) per view, ``holdout`` in (0, 1)
-        leaving tokens on both sides; ShapeError unless every view has one row per token."""
+        leaving tokens on both sides, an integer ``seed`` ≥ 0; ShapeError unless every view has one row per
+        token."""
+        try:
+            public, betas = list(public), list(betas)
+        except TypeError:
+            raise ConfigError(
+                f"public rows and betas must be sequences (one per view), got {type(public).__name__} "
+                f"and {type(betas).__name__}"
+            ) from None
+        seed = int_arg(seed, "seed")
         if not len(public) or len(public) != len(betas):
             raise ConfigError(
                 f"need one beta per view and at least one view, got {len(public)} and {len(betas)}"
@@ -109,21 +131,45 @@ class JointInverter:
         tokens = tok
         rng = np.random.default_rng(seed)
         views: list[tuple[Inverter, float]] = []
+        held: list[Array] = []  # each view's predicted embeddings of the held-out rows
         for rows, beta in zip(public, betas, strict=True):
             noisy = rows + laplace_noise(rows.shape, beta, rng) if beta > 0 else rows
             inv = fit_inverter(noisy[:cut], tokens[:cut], weights, "ridge", lam=10.0, table=table)
-            cos = float(np.mean(np.sum(inv.embed(noisy[cut:]) * table[tokens[cut:]], axis=1)))
+            held.append(inv.embed(noisy[cut:]))
+            cos = float(np.mean(np.sum(held[-1] * inv.table[tokens[cut:]], axis=1)))
             views.append((inv, max(cos, 0.0)))
-        return cls(views)
+        unit = views[0][0].table
+        truth = tokens[cut:]
+
+        def hits(mix: list[float]) -> int:
+            if not any(mix):  # no weight at all: every token ties, the prediction means nothing
+                return -1
+            emb = sum((m * e for m, e in zip(mix, held, strict=True)), np.zeros_like(held[0]))
+            return int(np.sum(_tokens(emb, unit) == truth))
+
+        cosines = [w for _, w in views]
+        single = [[float(i == j) for j in range(len(views))] for i in range(len(views))]
+        mix = max([cosines, *single], key=hits)  # the first best: the cosine mix unless a view beats it
+        return cls(views, mix)
 
     def embed(self, observed: Sequence[Array]) -> Array:
-        """The weighted sum of the views' predicted unit embeddings (rows × d) of aligned observed rows."""
+        """The ``mix``-weighted sum of the views' predicted unit embeddings (rows × d) of aligned observed
+        rows (ShapeError unless ``observed`` is a sequence of one 2-D row block per fitted view, row-aligned;
+        NonFiniteError for NaN or ±Inf)."""
+        try:
+            observed = list(observed)
+        except TypeError:
+            raise ShapeError(
+                f"observed rows must be a sequence of one row block per view, got {type(observed).__name__}"
+            ) from None
         if len(observed) != len(self.views):
             raise ShapeError(f"{len(observed)} observed views for {len(self.views)} fitted ones")
+        observed = [rows_arg(rows, "observed rows") for rows in observed]
         if len({len(rows) for rows in observed}) > 1:
             raise ShapeError(f"the observed views are not row-aligned: {[len(r) for r in observed]} rows")
+        mix = [w for _, w in self.views] if self.mix is None else self.mix
         out: Array | None = None
-        for (inv, weight), rows in zip(self.views, observed, strict=True):
+        for (inv, _), weight, rows in zip(self.views, mix, observed, strict=True):
             part = weight * inv.embed(rows)
             out = part if out is None else out + part
         assert out is not None
