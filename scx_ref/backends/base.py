@@ -291,8 +291,9 @@ def check_heads(
 ) -> None:
     """The shapes :meth:`Backend.attention` and :meth:`Backend.scores` read (``v`` and ``d_h``, the
     model's head width, where given): ShapeError unless q, k (and v) are rows × heads × d_h with q's heads
-    a multiple of k's (≥ 1), q and k of one head width (``d_h`` when given), and v of k's rows and heads —
-    the same refusals on every backend (torch raised its own errors, or none, further in)."""
+    a multiple of k's (≥ 1), q and k of one head width (≥ 1; ``d_h`` when given), and v of k's rows and
+    heads — the same refusals on every backend (torch raised its own errors, or none, further in; heads of
+    width 0 gave NaN scores, scaled by 1/√0)."""
     shapes = (q, k) if v is None else (q, k, v)
     if any(len(s) != 3 for s in shapes):
         raise ShapeError(
@@ -300,6 +301,7 @@ def check_heads(
         )
     if (
         k[1] == 0
+        or q[2] == 0
         or q[1] % k[1]
         or k[2] != q[2]
         or (d_h is not None and q[2] != d_h)

@@ -30,12 +30,34 @@ from .base import (
 __all__ = ["NumpyBackend"]
 
 
+def _floating_rows(x: Any, what: str) -> None:
+    """DTypeError unless ``x`` holds floating-point numbers, as the torch backend refuses other rows:
+    integer rows made a stage compute in float64 whatever the backend's dtype (an MoE layer's in int64,
+    which truncated every row to zeros)."""
+    try:
+        dtype = np.asarray(x).dtype
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DTypeError(f"{what} must be a floating-point array numpy can read: {exc}") from None
+    if not np.issubdtype(dtype, np.floating):
+        raise DTypeError(f"{what} must be a floating-point array, got dtype {dtype}")
+
+
+def _positions(p: Any, what: str) -> npt.NDArray[Any]:
+    """Positions as an array of integers (ShapeError otherwise, as :meth:`NumpyBackend.rope`): a float
+    position was compared as it is here and truncated on torch, a string one compared as text."""
+    arr = np.asarray(p)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ShapeError(f"{what} positions must be integers, got {arr.dtype}")
+    return arr
+
+
 class NumpyBackend(NumpyOps):
     """Backend[numpy.ndarray] over :class:`ModelWeights` (cast to ``dtype`` once, at construction).
 
     Refuses what the torch backend refuses, with the same error classes: weights that are not
     :class:`ModelWeights` (ConfigError), a dtype that is not floating (DTypeError), a layer outside the
-    model or an unknown norm (ConfigError), rows of another width than the stage reads (ShapeError)."""
+    model or an unknown norm (ConfigError), rows of another width than the stage reads (ShapeError), rows
+    that are not floating-point numbers (DTypeError; torch raised its own errors)."""
 
     name = "numpy"
 
@@ -125,7 +147,8 @@ class NumpyBackend(NumpyOps):
         return ops.embed(ids, self.weights.embed)
 
     def norm(self, x: FloatArray, which: NormName, layer: int = -1, *, name: str | None = None) -> FloatArray:
-        """RMSNorm with the named gain (``name``: x scanned first, see Backend.norm)."""
+        """RMSNorm with the named gain (``name``: x scanned first, see Backend.norm); DTypeError for rows
+        that are not floating."""
         if which == "final":
             gamma = self.weights.final_norm
         elif which in ("attn", "mlp"):
@@ -135,6 +158,7 @@ class NumpyBackend(NumpyOps):
             raise ConfigError(f"unknown norm {which!r}")
         if np.ndim(x) == 0 or np.shape(x)[-1] != gamma.shape[0]:
             raise ShapeError(f"rows {np.shape(x)} for a norm of width {gamma.shape[0]}")
+        _floating_rows(x, "RMSNorm rows" if name is None else name)
         if name is not None:
             x = self.floating(x, name)
         return ops.rms_norm(x, gamma, self.config.rms_eps)
@@ -166,23 +190,29 @@ class NumpyBackend(NumpyOps):
         self, x: FloatArray, which: WeightName, layer: int = -1, experts: IndexArray | None = None
     ) -> FloatArray:
         bias = self._qkv_bias(layer) if which == "wqkv" else None
-        return self.linear(x, self._matrix(which, layer, experts), bias)
+        w = self._matrix(which, layer, experts)
+        _floating_rows(x, f"rows of a {which} product")
+        return self.linear(x, w, bias)
 
     def mlp(self, x: FloatArray, layer: int) -> FloatArray:
-        """The block's MLP (ShapeError for rows of another width than the model's), row by row over any
-        leading dims, as the torch backend (the MoE routing read 2-D rows only: IndexError)."""
+        """The block's MLP (ShapeError for rows of another width than the model's, DTypeError for rows that
+        are not floating), row by row over any leading dims, as the torch backend (the MoE routing read 2-D
+        rows only: IndexError)."""
         mlp = self._layer(layer).mlp
         if np.ndim(x) == 0 or np.shape(x)[-1] != self.config.hidden_size:
             raise ShapeError(f"rows {np.shape(x)} for an MLP of width {self.config.hidden_size}")
+        _floating_rows(x, "MLP rows")
         if isinstance(mlp, DenseMLP) or np.ndim(x) == 2:
             return ops.mlp(x, mlp, self.config.top_k)
         out: FloatArray = ops.mlp(x.reshape(-1, x.shape[-1]), mlp, self.config.top_k).reshape(x.shape)
         return out
 
     def swiglu_act(self, gate_up: FloatArray) -> FloatArray:
-        """silu(gate) ⊙ up (ShapeError unless the rows split into two equal halves)."""
+        """silu(gate) ⊙ up (ShapeError unless the rows split into two equal halves, DTypeError unless they
+        are floating)."""
         if np.ndim(gate_up) == 0 or np.shape(gate_up)[-1] % 2:
             raise ShapeError(f"[gate up] rows {np.shape(gate_up)}: not two equal halves")
+        _floating_rows(gate_up, "[gate up] rows")
         f = gate_up.shape[-1] // 2
         return ops.silu(gate_up[..., :f]) * gate_up[..., f:]
 
@@ -262,11 +292,14 @@ class NumpyBackend(NumpyOps):
         q_positions: IndexArray,
         k_positions: IndexArray | None,
     ) -> FloatArray:
-        """:func:`~scx_ref.ops.attention` with the causal mask of the positions (one per row; ShapeError
-        otherwise, or for shapes :func:`~.base.check_heads` refuses); no keys give zeros, as on torch."""
+        """:func:`~scx_ref.ops.attention` with the causal mask of the positions (one integer per row;
+        ShapeError otherwise, or for shapes :func:`~.base.check_heads` refuses); no keys give zeros, as on
+        torch."""
         check_heads(np.shape(q), np.shape(k), np.shape(v))
         qp = np.asarray(q_positions)
-        kp = None if k_positions is None else np.asarray(k_positions)
+        kp = None if k_positions is None else _positions(k_positions, "key")
+        if kp is not None:
+            qp = _positions(qp, "query")
         if (kp is not None and qp.shape != q.shape[:1]) or (kp is not None and kp.shape != k.shape[:1]):
             raise ShapeError(
                 f"positions {qp.shape}, {None if kp is None else kp.shape} for {q.shape[0]} queries and "
@@ -289,10 +322,12 @@ class NumpyBackend(NumpyOps):
 
     def softmax_values(self, scores: FloatArray, v: FloatArray) -> FloatArray:
         """softmax(scores)·v per head (ShapeError unless scores are heads × queries × v's rows, with the
-        heads a multiple of v's)."""
+        heads a multiple of v's); no keys give zeros, as :meth:`attention` and the torch backend."""
         check_scores(np.shape(scores), np.shape(v))
         n_heads, n_q, n_k = scores.shape
         n_kv = v.shape[1]
+        if n_k == 0:  # no keys give zeros, as attention() and the torch backend (a softmax over nothing)
+            return np.zeros((n_q, n_heads, v.shape[-1]), dtype=np.result_type(scores, v))
         probs = ops.softmax(scores, axis=-1).reshape(n_kv, n_heads // n_kv, n_q, n_k)
         out: FloatArray = np.einsum("hgqk,khd->qhgd", probs, v).reshape(n_q, n_heads, v.shape[-1])
         return out
