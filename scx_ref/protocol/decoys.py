@@ -15,14 +15,16 @@ random state.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from .._checks import check_int
+from .._checks import token_ids as checked_ids
 from ..backends.base import Backend
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError
 from ..forward import PlainRunner
 from ..keys import NONCE_BYTES, KeySchedule, KeyStream
 from ..stages import Stage
@@ -50,8 +52,11 @@ class DecoyPolicy(Protocol):
 def default_public_tokens(vocab_size: int, length: int = 256) -> npt.NDArray[np.int64]:
     """A fixed, public pseudo-text (seed 0): a shared calibration text for tests and tools. Not the client's
     default (:func:`secret_calibration_tokens`): a server holding the weights rebuilds a pool made from it
-    and finds every decoy in it verbatim."""
-    return np.random.default_rng(0).integers(0, vocab_size, size=length, dtype=np.int64)
+    and finds every decoy in it verbatim. ConfigError unless ``vocab_size`` is an integer >= 1 and
+    ``length`` one >= 0 (Python or numpy, not bool)."""
+    bound = check_int(vocab_size, "vocab_size", 1)
+    size = check_int(length, "length", 0)
+    return np.random.default_rng(0).integers(0, bound, size=size, dtype=np.int64)
 
 
 def secret_calibration_tokens(keys: KeySchedule, vocab_size: int, length: int = 256) -> npt.NDArray[np.int64]:
@@ -72,12 +77,34 @@ class CalibrationPool:
 
     Stages (:data:`scx_ref.forward.Trace`): QKV (block input), O (attention output), FFN (residual
     before the MLP), LOCK (post-RoPE keys, flattened), HEAD (final residual).
+
+    ``rows`` is checked here, so that a bad pool is refused when built, not mid-request: a mapping
+    (ConfigError otherwise) from (Stage, integer layer) keys (ConfigError) to 2-D (ShapeError) real-number
+    arrays (floating or integer: DTypeError) whose entries are all finite (NonFiniteError: a NaN decoy row
+    made the client refuse the server's honest reply to it as an integrity failure). The mapping is copied;
+    its arrays are kept as given (no copy).
     """
 
     needs_real = False
 
-    def __init__(self, rows: dict[tuple[Stage, int], Array]) -> None:
-        self.rows = rows
+    def __init__(self, rows: Mapping[tuple[Stage, int], Array]) -> None:
+        if not isinstance(rows, Mapping):
+            raise ConfigError(f"calibration pool rows must be a mapping, got {type(rows).__name__}")
+        checked: dict[tuple[Stage, int], Array] = {}
+        for key, table in rows.items():
+            if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], Stage)):
+                raise ConfigError(f"calibration pool keys are (Stage, layer) pairs, got {key!r:.60}")
+            layer = check_int(key[1], "calibration pool layer")
+            arr = np.asarray(table)
+            name = f"calibration pool rows of ({key[0].value!r}, {layer})"
+            if arr.ndim != 2:
+                raise ShapeError(f"{name} must be rows × width (2-D), got shape {arr.shape}")
+            if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+                raise DTypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+            if not np.isfinite(arr).all():
+                raise NonFiniteError(f"{name} hold NaN or Inf")
+            checked[(key[0], layer)] = arr
+        self.rows = checked
 
     @classmethod
     def from_tokens(
@@ -89,15 +116,17 @@ class CalibrationPool:
         own block-0 RMSNorm is not finite (an embedding row of zeros at ``rms_eps`` = 0) is left out of
         the text first — run, it turns its whole window NaN (softmax's zero weight times its NaN value
         row); a token with any other row or logit that is not finite is dropped after. ConfigError when no
-        token is left."""
-        window = min(window, backend.config.max_positions)
+        token is left, or unless ``window`` is an integer >= 1; ``token_ids`` is checked as the client's
+        ``public_tokens`` are (:func:`~scx_ref._checks.token_ids`: VocabularyError unless a 1-D integer
+        array of ids in the vocabulary, ProtocolError when empty)."""
+        window = min(check_int(window, "window", 1), backend.config.max_positions)
+        ids = checked_ids(token_ids, backend.config.vocab_size)
         rows: dict[tuple[Stage, int], list[Array]] = {}
 
         def trace(stage: Stage, layer: int, x: Any) -> None:
             rows.setdefault((stage, layer), []).append(np.asarray(backend.to_numpy(x), dtype=np.float64))
 
         runner = PlainRunner(backend, trace)
-        ids = np.asarray(token_ids, dtype=np.int64)
         with np.errstate(all="ignore"):  # tokens whose own block-0 norm is not finite are left out first
             first = backend.to_numpy(backend.norm(backend.embed(ids), "attn", 0))
         ids = ids[np.isfinite(first).all(axis=1)]
@@ -123,13 +152,17 @@ class CalibrationPool:
         (without replacement) while ``count`` ≤ the pool's rows: a row repeated in one message would mark
         both copies as decoys, since two real rows past block 1 are never equal. A larger ``count`` takes
         successive draws without replacement (each pool row once before any twice). ConfigError for a
-        ``count`` that is not an integer ≥ 0."""
+        ``count`` that is not an integer ≥ 0, or > 0 where the pool has no rows for (stage, layer); a count
+        of 0 needs none (0 × the pool's width, else ``real``'s when it is 2-D, else 0)."""
         count = check_int(count, "decoy count")
         pool = self.rows.get((stage, layer))
-        if pool is None or pool.shape[0] == 0:
-            raise ConfigError(f"calibration pool has no rows for stage {stage.value!r}, layer {layer}")
         if count == 0:
-            return pool[:0]
+            if pool is not None:
+                return pool[:0]
+            return np.zeros((0, np.shape(real)[1] if np.ndim(real) == 2 else 0))
+        if pool is None or pool.shape[0] == 0:
+            name = getattr(stage, "value", stage)
+            raise ConfigError(f"calibration pool has no rows for stage {name!r}, layer {layer}")
         size = pool.shape[0]
         picks: list[int] = []
         while len(picks) < count:  # a partial Fisher–Yates shuffle of the pool's rows per round
@@ -149,8 +182,12 @@ class GaussianDecoys:
 
     def draw(self, stage: Stage, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
         """Moment-matched Gaussian rows (Box–Muller on the stream's uniforms). ConfigError for a ``count``
-        that is not an integer ≥ 0; ShapeError unless ``real`` is rows × width with at least one row."""
+        that is not an integer ≥ 0; ShapeError unless ``real`` (an array-like) is rows × width with at least
+        one row; DTypeError unless it holds real numbers."""
         count = check_int(count, "decoy count")
+        real = np.asarray(real)
+        if not (np.issubdtype(real.dtype, np.floating) or np.issubdtype(real.dtype, np.integer)):
+            raise DTypeError(f"Gaussian decoys need real-number rows, got dtype {real.dtype}")
         if np.ndim(real) != 2 or (count and np.shape(real)[0] == 0):
             raise ShapeError(f"Gaussian decoys need the real rows (rows × width), got shape {np.shape(real)}")
         width = real.shape[1]

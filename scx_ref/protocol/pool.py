@@ -104,7 +104,9 @@ class MaskPool(Generic[A]):
 
     def fill(self, count: int = 1, background: bool = False) -> None:
         """Derive ``count`` more entries (an integer >= 0; ProtocolError otherwise), each under a fresh
-        nonce (in a background thread when asked: :meth:`wait` joins it)."""
+        nonce (in a background thread when asked: :meth:`wait` joins it). A background fill first waits for
+        the one still running, if any — so the call may block — and re-raises its error (nothing is then
+        started)."""
         count = _integer(count, "count")
         if count < 0:
             raise ProtocolError(f"count must be >= 0, got {count}")

@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from .._checks import check_int
 from ..backends.base import A, Backend, WeightName
-from ..errors import ProtocolError
+from ..errors import DTypeError, NonFiniteError, ProtocolError, ShapeError
 from ..stages import Stage
 from ..transforms import HeadPermutation, Permutation
 from .config import SCXConfig
@@ -75,7 +75,8 @@ class BackgroundJob:
     they raised (the background derivation of :class:`PreparedKeys` and of a mask pool's entries).
     Thread-safe: a second :meth:`start` before :meth:`wait` (two fills of one pool at once) adds a thread,
     where it used to replace the first one's handle, so that ``wait`` returned while the first still ran
-    and lost its error."""
+    and lost its error; two threads may :meth:`wait` at once, each returning only when every thread has
+    finished (a second ``wait`` used to return at once while the first joined the last thread)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -93,19 +94,21 @@ class BackgroundJob:
                     self._errors.append(exc)
 
         thread = threading.Thread(target=run, name=name, daemon=True)
-        with self._lock:
+        with self._lock:  # started under the lock: wait() never sees it listed but not yet alive
+            self._threads = [t for t in self._threads if t.is_alive()]  # finished ones: no growth
             self._threads.append(thread)
-        thread.start()
+            thread.start()
 
     def wait(self) -> None:
         """Wait for every thread started (also those started meanwhile) to finish, then re-raise the first
-        error one of them raised (once; the others are dropped with it)."""
+        error one of them raised (once, to one waiter; the others are dropped with it)."""
         while True:
             with self._lock:
+                self._threads = [t for t in self._threads if t.is_alive()]
                 if not self._threads:
                     errors, self._errors = self._errors, []
                     break
-                thread = self._threads.pop(0)
+                thread = self._threads[0]  # listed until it has finished: a second waiter joins it too
             thread.join()
         if errors:
             raise errors[0]
@@ -231,7 +234,12 @@ class PreparedKeys(Generic[A]):
         """``count`` decoy rows of (stage, layer) in the backend, drawn by the decoy policy from the
         schedule's stream: the precomputed rows when there are any (dropped once read), else drawn now.
         ``real`` (the real rows) is needed only by a policy that looks at them; ``width`` comes from it or
-        from the stage. ProtocolError when the policy needs the real rows and ``real`` is None."""
+        from the stage. ProtocolError when the policy needs the real rows and ``real`` is None; ShapeError
+        when the policy's rows are not ``count`` × width (a calibration pool of another model's width),
+        DTypeError when they are not real numbers;
+        NonFiniteError when they hold NaN or ±inf while the real rows it was given (if any) are finite —
+        the client's own fault, refused before it is sent (the server's honest reply to such a row was
+        refused as an integrity failure)."""
         kept = self._decoys.pop((stage, layer), None)
         if kept is not None and self.b.nrows(kept) == count:
             return kept
@@ -243,8 +251,18 @@ class PreparedKeys(Generic[A]):
             real_np = np.asarray(self.b.to_numpy(real), dtype=np.float64)
         else:
             real_np = np.zeros((0, width))
-        rows = policy.draw(stage, layer, count, real_np, self.keys.decoy_stream(stage, layer))
-        return self.b.from_numpy(np.asarray(rows, dtype=np.float64).reshape(count, width))
+        rows = np.asarray(policy.draw(stage, layer, count, real_np, self.keys.decoy_stream(stage, layer)))
+        where = f"the decoy policy's rows for ({stage.value!r}, layer {layer})"
+        if not (np.issubdtype(rows.dtype, np.floating) or np.issubdtype(rows.dtype, np.integer)):
+            raise DTypeError(f"{where} must hold real numbers, got dtype {rows.dtype}")
+        if count == 0:  # nothing is sent: an empty draw of any width will do
+            rows = np.zeros((0, width))
+        elif rows.shape != (count, width):
+            raise ShapeError(f"{where} must be {count} × {width}, got shape {rows.shape}")
+        rows = rows.astype(np.float64, copy=False)
+        if not np.isfinite(rows).all() and np.isfinite(real_np).all():
+            raise NonFiniteError(f"{where} hold NaN or Inf")
+        return self.b.from_numpy(rows)
 
     def ahead(self, release: Release, step: int | None) -> bool:
         """Whether (η, η·W) of ``release`` (at generation ``step``) was derived ahead and is still held."""
