@@ -179,3 +179,50 @@ def test_two_threads_waiting_on_a_job_both_wait_for_it() -> None:
         first.join(5)
         waiter.join(5)
     assert second_done.is_set() and not first.is_alive()
+
+
+class _GatedDecoys(GaussianDecoys):
+    """Gaussian decoys whose first draw waits for ``gate``; counts its draws."""
+
+    needs_real = False
+
+    def __init__(self) -> None:
+        self.gate, self.entered, self.calls = threading.Event(), threading.Event(), 0
+
+    def draw(self, stage: Stage, layer: int, count: int, real: Any, stream: KeyStream) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            self.entered.set()
+            assert self.gate.wait(30.0)
+        return np.zeros((count, np.shape(real)[1]))
+
+
+@pytest.mark.parametrize("replaced", [True, False])
+def test_a_replaced_background_precompute_stops_instead_of_running_on(replaced: bool) -> None:
+    """A background precompute the client replaced (another precompute, or a prefill of another length)
+    ran to its end beside the request that replaced it, taking CPU; it now stops at its next step, and
+    the request is exact. Control (``replaced`` False): the same derivation left alone draws every row."""
+    w = tiny_weights(1)
+    backend = NumpyBackend(w)
+    policy = _GatedDecoys()
+    client = Client(backend, KeySchedule.generate(), SCXConfig(level="permute", max_length=32), decoys=policy)
+    old = client.precompute(5, background=True)
+    assert policy.entered.wait(30.0)  # the background thread is inside its first draw
+    if replaced:
+        client.precompute(6)  # replaces it (a foreground derivation: its own draws count too)
+    policy.gate.set()
+    old.wait()
+    counting = _GatedDecoys()
+    counting.gate.set()
+    Client(
+        backend, KeySchedule.generate(), SCXConfig(level="permute", max_length=32), decoys=counting
+    ).precompute(5)
+    full = counting.calls  # every stage's decoys, block by block
+    assert full > 2
+    if replaced:
+        assert policy.calls == 1 + full  # the old one's first draw, then the new one's every draw
+        ids = np.array([3, 1, 4, 1, 5, 9])
+        logits = client.prefill(ids, LocalTransport(Server(backend)))
+        np.testing.assert_allclose(logits, ReferenceModel(w).prefill(ids)[0], atol=1e-9)
+    else:
+        assert policy.calls == full

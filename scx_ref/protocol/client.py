@@ -449,6 +449,8 @@ class Client(Generic[A]):
             prep.start(steps)
         else:
             prep.fill(steps)
+        if self._prepared is not None:  # replaced: its background derivation, if any, stops
+            self._prepared.discard()
         self._prepared = prep
         return prep
 
@@ -466,6 +468,8 @@ class Client(Generic[A]):
             prep.wait()
             prep.bind(n)
             return prep
+        if prep is not None:  # another nonce or length: a background derivation of it stops
+            prep.discard()
         return self._new_prepared(nonce, n)
 
     # -- prefill (§5.1) --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ block's η again).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -114,6 +115,10 @@ class BackgroundJob:
             raise errors[0]
 
 
+class _Discarded(Exception):
+    """A discarded bundle's derivation stops (:meth:`PreparedKeys.discard`)."""
+
+
 class PreparedKeys(Generic[A]):
     """The key material of one request of ``n`` prompt tokens under ``keys``, derived on demand and kept
     until used (see the module doc). ``seconds`` is the wall time :meth:`fill` took (0 if never run):
@@ -149,6 +154,7 @@ class PreparedKeys(Generic[A]):
         self._decoys: dict[tuple[Stage, int], A] = {}
         self._blinding: dict[tuple[Stage, int, int | None, int | None], tuple[A, A]] = {}
         self._job = BackgroundJob()
+        self._discarded = threading.Event()
 
     @property
     def nonce(self) -> bytes:
@@ -319,6 +325,7 @@ class PreparedKeys(Generic[A]):
         locked = last if cfg.attention == "server" else range(0)  # client attention: no locked cache
         if perms:
             for i in range(L):
+                self._going()
                 self.block(i)
             self.token_perm(L)
             for i in locked:
@@ -332,9 +339,11 @@ class PreparedKeys(Generic[A]):
                 wanted += [(Stage.O, i, cfg.r2), (Stage.FFN, i, cfg.r1)]
             wanted += [(Stage.LOCK, i, cfg.lock_decoys) for i in locked]
             for stage, layer, count in wanted:
+                self._going()
                 if (stage, layer) not in self._decoys:
                     self._decoys[(stage, layer)] = self.decoys(stage, layer, count, None)
         for release in self.plan.prefill:
+            self._going()
             self._prepare_blinding(release, None)
         if perms and self.sketches is not None and self.verifier is None:
             # the session's reply checks (r, W r per matrix): keys and sketches only. A mask pool's
@@ -343,6 +352,7 @@ class PreparedKeys(Generic[A]):
         t1 = time.perf_counter()
         server_attn = cfg.server_gen_attention(L)  # the one-time P of gen_attn
         for t in range(steps):
+            self._going()
             for i in server_attn:
                 self._heads[(i, t)] = self.gen_head(i, t)
             if self.verifier is not None:  # the locked-score sketch's coefficient of the step's new key
@@ -360,11 +370,27 @@ class PreparedKeys(Generic[A]):
         prefill waits for it in :meth:`wait`). ProtocolError at once, nothing started, unless ``steps`` is an
         integer >= 0."""
         steps = check_int(steps, "steps", 0, error=ProtocolError)
-        self._job.start(lambda: self.fill(steps), "scx-precompute")
+
+        def work() -> None:
+            with contextlib.suppress(_Discarded):  # nobody will read these keys: stopped, not failed
+                self.fill(steps)
+
+        self._job.start(work, "scx-precompute")
 
     def wait(self) -> None:
         """Wait for a background :meth:`start` to finish (re-raising its error)."""
         self._job.wait()
+
+    def discard(self) -> None:
+        """These keys will not be used (the client's next prefill is of another nonce or length): a
+        background :meth:`start` still deriving them stops at its next block, release or step instead of
+        taking CPU from the request that replaced them; its error, if any, is dropped with them. Returns
+        at once; a discarded bundle serves no request."""
+        self._discarded.set()
+
+    def _going(self) -> None:
+        if self._discarded.is_set():
+            raise _Discarded
 
     # -- helpers -----------------------------------------------------------------------------------
     def _width(self, stage: Stage) -> int:
