@@ -159,22 +159,26 @@ def test_softmax_values_over_no_keys_gives_zeros_on_both_backends(dtype: str) ->
 @pytest.mark.parametrize(
     "k_positions", [np.array([0.5, 1.5, 2.5]), np.array(["0", "1", "2"]), np.array([0.0, 1.0, 2.0])]
 )
-def test_numpy_attention_refuses_positions_that_are_not_integers(k_positions: np.ndarray) -> None:
-    """Key positions 0.5, 1.5, 2.5 were compared as they are (no key ≤ query 0: a row of zeros) where torch
-    truncates them to 0, 1, 2 (the query sees key 0); string positions were compared as text. ShapeError,
-    as ``rope`` refuses them; integer positions still run, and a query's positions too."""
+def test_attention_refuses_positions_that_are_not_integers(k_positions: np.ndarray) -> None:
+    """Key positions 0.5, 1.5, 2.5 were compared as they are on numpy (no key ≤ query 0: a row of zeros)
+    and truncated to 0, 1, 2 on torch (the query sees key 0): two answers, neither refused; string positions
+    were compared as text (torch: a raw ValueError). ShapeError on both backends, as ``rope`` refuses them;
+    integer positions still run, and a query's positions too."""
     w = tiny_weights(1)
     c = w.config
-    nb = NumpyBackend(w)
     rng = np.random.default_rng(0)
     q = rng.standard_normal((3, c.n_heads, c.head_dim))
     k = rng.standard_normal((3, c.n_kv_heads, c.head_dim))
-    with pytest.raises(ShapeError, match="key positions must be integers"):
-        nb.attention(q, k, k, np.arange(3), k_positions)
-    with pytest.raises(ShapeError, match="query positions must be integers"):
-        nb.attention(q, k, k, k_positions, np.arange(3))
-    assert np.isfinite(nb.attention(q, k, k, np.arange(3), np.arange(3))).all()
-    assert np.isfinite(nb.attention(q, k, k, k_positions, None)).all()  # no mask: positions unused
+    for backend, arr in ((NumpyBackend(w), np.asarray), (TorchBackend(w, "float64"), torch.from_numpy)):
+        qb, kb = arr(q), arr(k)
+        with pytest.raises(ShapeError, match="key positions must be integers"):
+            backend.attention(qb, kb, kb, np.arange(3), k_positions)
+        with pytest.raises(ShapeError, match="query positions must be integers"):
+            backend.attention(qb, kb, kb, k_positions, np.arange(3))
+        assert np.isfinite(np.asarray(backend.attention(qb, kb, kb, np.arange(3), np.arange(3)))).all()
+    assert np.isfinite(
+        NumpyBackend(w).attention(q, k, k, k_positions, None)
+    ).all()  # no mask: positions unused
 
 
 def test_heads_of_width_zero_are_refused_on_both_backends() -> None:
@@ -211,3 +215,24 @@ def test_numpy_backend_refuses_integer_rows(moe: bool) -> None:
             call()
     out = nb.mlp(x.astype(np.float32), 0)  # the same rows as floats: the stage runs, in the dtype
     assert out.dtype == np.float32 and np.abs(out).max() > 0
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_torch_backend_refuses_integer_rows_as_numpy_does(moe: bool) -> None:
+    """Integer rows on the torch backend raised torch's own RuntimeError (norm, project, mlp) or
+    NotImplementedError (swiglu_act); DTypeError now, as on numpy."""
+    w = tiny_weights(1, moe=moe)
+    c = w.config
+    tb = TorchBackend(w, "float32")
+    x = torch.ones((2, c.hidden_size), dtype=torch.int64)
+    for call in (
+        lambda: tb.norm(x, "attn", 0),
+        lambda: tb.norm(x, "final", name="x"),
+        lambda: tb.project(x, "wqkv", 0),
+        lambda: tb.mlp(x, 0),
+        lambda: tb.swiglu_act(x),
+    ):
+        with pytest.raises(DTypeError, match="floating"):
+            call()
+    out = tb.mlp(x.float(), 0)  # the same rows as floats: the stage runs, in the dtype
+    assert out.dtype == torch.float32 and bool(out.abs().max() > 0)

@@ -187,6 +187,13 @@ def _cpu_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
     )
 
 
+def _floating_rows(x: torch.Tensor, what: str) -> None:
+    """DTypeError unless ``x`` holds floating-point numbers (integer rows raised torch's own RuntimeError
+    or NotImplementedError further in; NumpyBackend refuses them the same way)."""
+    if not x.is_floating_point():
+        raise DTypeError(f"{what} must be a floating-point array, got dtype {x.dtype}")
+
+
 def _dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, *, pooled: bool) -> torch.Tensor:
     """:func:`dense` on ``x``'s rows as given: one ``F.linear``, or one GEMM per column block."""
     out_dim = w.shape[0]
@@ -1175,6 +1182,7 @@ class TorchBackend(TorchOps):
     ) -> torch.Tensor:
         """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε) with the named gain; ``name``: see Backend.norm
         (tested in the norm's own pass where it is fused: :meth:`_rms`)."""
+        _floating_rows(x, "RMSNorm rows" if name is None else name)
         return self._rms(x, self._gain(which, layer), name)
 
     def project64_norm(
@@ -1381,6 +1389,7 @@ class TorchBackend(TorchOps):
                 f"cannot multiply rows of shape {tuple(x.shape)} by a matrix of shape {tuple(w.shape)} "
                 "(out × in)"
             )
+        _floating_rows(x, f"rows of a {which} product")
         return dense(x, w, bias, pooled=which == "lm_head")
 
     def mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
@@ -1390,6 +1399,7 @@ class TorchBackend(TorchOps):
         lw = self._layer(layer)
         if x.dim() == 0 or x.shape[-1] != self.config.hidden_size:
             raise ShapeError(f"rows {tuple(x.shape)} for an MLP of width {self.config.hidden_size}")
+        _floating_rows(x, "MLP rows")
         if lw.gate_up is not None and lw.down is not None:
             return dense(self.swiglu_act(dense(x, lw.gate_up)), lw.down)
         assert lw.router is not None and lw.experts_gate_up is not None and lw.experts_down is not None
@@ -1416,6 +1426,7 @@ class TorchBackend(TorchOps):
         equal halves."""
         if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
             raise ShapeError(f"[gate up] rows {tuple(gate_up.shape)}: not two equal halves")
+        _floating_rows(gate_up, "[gate up] rows")
         f = gate_up.shape[-1] // 2
         return F.silu(gate_up[..., :f]).mul_(gate_up[..., f:])
 
@@ -1556,7 +1567,8 @@ class TorchBackend(TorchOps):
         views (rows × heads × d_h of a wider array); the output is contiguous rows × H × d_h. A query row's
         head with a NaN or ±inf entry gives NaN in that row's head, as the reference does (the CPU flash
         kernel gives zeros for a NaN one: a silent finite result); no keys give zeros. ShapeError for
-        shapes :func:`~.base.check_heads` refuses, or positions that are not one per row (as NumpyBackend)."""
+        shapes :func:`~.base.check_heads` refuses, or positions that are not one integer per row (as
+        NumpyBackend)."""
         out = self._attention(q, k, v, q_positions, k_positions)
         if out.numel() == 0 or k.shape[0] == 0 or (self._on_cpu and _all_finite(q)):
             return out  # no keys give zeros, as on numpy
@@ -1582,6 +1594,9 @@ class TorchBackend(TorchOps):
             qp, kp = np.asarray(q_positions), np.asarray(k_positions)
             if qp.shape != (n_q,) or kp.shape != (n_k,):
                 raise ShapeError(f"positions {qp.shape}, {kp.shape} for {n_q} queries and {n_k} keys")
+            for what, p in (("key", kp), ("query", qp)):  # a float one was truncated to another mask
+                if p.size and p.dtype.kind not in "iu":
+                    raise ShapeError(f"{what} positions must be integers, got {p.dtype}")
             qp, kp = qp.astype(np.int64, copy=False), kp.astype(np.int64, copy=False)
         if k_positions is not None and n_k:
             if qp.size and qp.min() < kp.min():  # a query with no visible key: the reference gives 0
