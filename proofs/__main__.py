@@ -48,10 +48,17 @@ _LINKS_NOTE = (
 
 
 def run(filters: Sequence[str] = (), *, controls: bool = True, out: TextIO | None = None) -> int:
-    """Run the selected identities (and their negative controls); return the number of failures."""
+    """Run the selected identities (and their negative controls); return the number of failures. A filter
+    that matches no identity counts as a failure (a mistyped name must not report "all proved" for less)."""
     stream = out if out is not None else sys.stdout
-    selected = _selected(all_identities(), filters)
+    if isinstance(filters, str):  # one name, not a sequence of one-letter filters
+        filters = (filters,)
+    identities = all_identities()
+    selected = _selected(identities, filters)
     failures = 0
+    for unmatched in (f for f in filters if not _selected(identities, [f])):
+        failures += 1
+        print(f"no identity name contains {unmatched!r}: FAILED (nothing run for it)", file=stream)
     total_start = time.perf_counter()
     width = max((len(entry.name) for entry in selected), default=10)
     for entry in selected:

@@ -20,6 +20,13 @@ Checked certificate of each step:
 Negative controls, through the same checker: C = √d/2 (a wrong sensitivity constant), K = √d (the factor 2
 of the triangle inequality dropped), and a bound function √d‖γ‖₂ (the factor 2 dropped from the code's
 statement).
+
+A second identity (``sensitivity.rmsnorm_l2_and_eps``) proves the other bound of DESIGN §7 and the step from
+eps = 0 to the model's eps ≥ 0, both through the RMSNorm statement ``scx_ref.ops.rms_norm`` is held to:
+‖RMSNorm_ε(x)‖₂ ≤ √d‖γ‖∞ (``rmsnorm_l2_bound``, which the attention-output and SwiGLU bounds start from), and
+|RMSNorm_ε(x)_i| ≤ |RMSNorm_0(x)_i| for every ε ≥ 0, so the bounds above hold at every ε ≥ 0 (as
+``rmsnorm_l1_bound`` and ``rmsnorm_sensitivity`` promise). Negative controls: the constant d/2 for ‖y‖₂², and
+the comparison backwards (RMSNorm_0 bounded by RMSNorm_ε).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from collections.abc import Callable, Sequence
 
 import sympy as sp
 
+import proofs.t7_norm_scaling as t7
 from proofs._registry import Implementation, identity
 from proofs._sym import is_zero, nonnegative_on_every_ordering
 
@@ -161,3 +169,73 @@ IMPLEMENTS = (Implementation("scx_ref.dp.sensitivity.rmsnorm_sensitivity", rmsno
 def rmsnorm_l1() -> bool:
     """‖y‖₁ ≤ √d‖γ‖₂ and Δ₁ ≤ 2√d‖γ‖₂ = rmsnorm_sensitivity(γ)."""
     return check_sensitivity(sqrt_d, two_sqrt_d, rmsnorm_sensitivity)
+
+
+# --------------------------------------------------------------------------- ‖y‖₂ ≤ √d‖γ‖∞, and any ε ≥ 0
+
+_EPS = sp.Symbol("epsilon", nonnegative=True)
+
+
+def _normalized(x: Sequence[sp.Expr], gamma: Sequence[sp.Expr], eps: sp.Expr) -> list[sp.Expr]:
+    """RMSNorm_ε of one row through :func:`proofs.t7_norm_scaling.rms_norm`, the statement
+    ``tests/test_proof_links.py`` holds ``scx_ref.ops.rms_norm`` to."""
+    return list(t7.rms_norm(sp.Matrix([list(x)]), sp.Matrix(list(gamma)), eps))
+
+
+def _step_l2(c2: Constant, eps: sp.Expr) -> bool:
+    """c2(d)·‖γ‖∞² − ‖RMSNorm_eps(x)‖₂² ≥ 0 for symbolic real nonzero x and d = 1..6.
+
+    Any real γ is γ_i² = M − t_i with M = ‖γ‖∞² and t_i = M − γ_i² ≥ 0, so this is the certificate: with
+    r² = mean(x²) + eps > 0, r²·(c2(d)·M − ‖y‖₂²) expands to a polynomial sympy shows nonnegative (for
+    c2(d) = d: Σ t_i x_i² + d·M·eps).
+    """
+    m = sp.Symbol("M", nonnegative=True)
+    for d in _EXPLICIT_D:
+        x = sp.symbols(f"x0:{d}", real=True, nonzero=True)
+        t = sp.symbols(f"t0:{d}", nonnegative=True)
+        y = _normalized(x, [sp.sqrt(m - ti) for ti in t], eps)
+        r2 = sp.Add(*[v**2 for v in x]) / d + eps
+        scaled = sp.expand(sp.cancel(r2 * (c2(sp.Integer(d)) * m - sp.Add(*[v**2 for v in y]))))
+        if not (r2.is_positive and scaled.is_nonnegative is True):
+            return False
+    return True
+
+
+def _step_eps_shrinks(eps: sp.Expr, base: sp.Expr) -> bool:
+    """|RMSNorm_eps(x)_i| = f·|RMSNorm_base(x)_i| with 0 < f ≤ 1, for symbolic real x, γ and d = 1..6: f² =
+    (m + base) / (m + eps) with m = mean(x²) > 0, and 1 − f² = (eps − base) / (m + eps) ≥ 0. With base = 0
+    every bound on RMSNorm_0 (‖y‖₁ ≤ √d‖γ‖₂, Δ₁ ≤ 2√d‖γ‖₂) holds at every eps ≥ 0."""
+    for d in _EXPLICIT_D:
+        x = sp.symbols(f"x0:{d}", real=True, nonzero=True)
+        g = sp.symbols(f"g0:{d}", real=True, nonzero=True)
+        mean_sq = sp.Add(*[v**2 for v in x]) / d
+        for a, b in zip(_normalized(x, g, eps), _normalized(x, g, base), strict=True):
+            f = sp.cancel(a / b)
+            if not (f.is_positive and is_zero(f**2 - (mean_sq + base) / (mean_sq + eps))):
+                return False
+        if sp.simplify(1 - (mean_sq + base) / (mean_sq + eps)).is_nonnegative is not True:
+            return False
+    return True
+
+
+def check_l2_and_eps(c2: Constant, *, eps: sp.Expr = _EPS, base: sp.Expr = sp.S.Zero) -> bool:
+    """‖RMSNorm_eps(x)‖₂² ≤ c2(d)·‖γ‖∞², and |RMSNorm_eps(x)_i| ≤ |RMSNorm_base(x)_i| for every coordinate."""
+    return _step_l2(c2, eps) and _step_eps_shrinks(eps, base)
+
+
+@identity(
+    "sensitivity.rmsnorm_l2_and_eps",
+    "‖RMSNorm_ε(x)‖₂ ≤ √d‖γ‖∞ and |RMSNorm_ε(x)_i| ≤ |RMSNorm_0(x)_i|; symbolic x, γ, ε ≥ 0; d = 1..6",
+    implements=t7.IMPLEMENTS,
+    negative_controls=[
+        ("‖y‖₂² ≤ (d/2)‖γ‖∞² (constant too small)", lambda: check_l2_and_eps(lambda d: d / 2)),
+        (
+            "backwards: |RMSNorm_0(x)_i| ≤ |RMSNorm_ε(x)_i|",
+            lambda: check_l2_and_eps(lambda d: d, eps=sp.S.Zero, base=_EPS),
+        ),
+    ],
+)
+def rmsnorm_l2_and_eps() -> bool:
+    """‖RMSNorm_ε(x)‖₂ ≤ √d‖γ‖∞ (DESIGN §7; ``scx_ref.dp.sensitivity.rmsnorm_l2_bound``), and the ε = 0
+    bounds above hold at every ε ≥ 0 (``rmsnorm_l1_bound`` / ``rmsnorm_sensitivity`` promise any eps ≥ 0)."""
+    return check_l2_and_eps(lambda d: d)

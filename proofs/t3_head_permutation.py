@@ -1,6 +1,7 @@
 """T3, head-dim permutation (DESIGN.md §4): attention commutes with a permutation σ of head coordinates.
 
-With fully symbolic real Q, K, V (n×d_h), a symbolic scale s > 0 and every σ in S_{d_h}:
+With fully symbolic real Q, K, V (n×d_h), a symbolic real scale s (any scale: 0 and negative too, as
+DESIGN §4 states it) and every σ in S_{d_h}:
 
     softmax(Q_σ K_σᵀ·s + M) V_σ · σ⁻¹ − softmax(QKᵀ·s + M) V = 0
 
@@ -35,7 +36,7 @@ from proofs._sym import (
 #: σ ↦ (σ for query head 1, σ for query head 2, σ for K, σ for V, permutation applied to decode O).
 Scheme = Callable[[Perm], tuple[Perm, Perm, Perm, Perm, Perm]]
 
-_SCALE = sp.Symbol("s", positive=True)
+_SCALE = sp.Symbol("s", real=True)  # any real scale (DESIGN §4 T3: "any scale"), 0 and negative included
 _SIZES = [(n, dh) for n in (1, 2, 3) for dh in (1, 2, 3)]
 _MASKS = ("none", "causal", "symbolic")
 

@@ -11,7 +11,9 @@ the query attends to *all* rows.
 Locked cache scores (DESIGN §5.3, last guard blocks): the server scores q against ρ(K ⊕ R) (n real rows,
 r decoys, stored in the order ρ) followed by a rows appended in true order; the client's decode — column
 ρ⁻¹[i] for true row i, then the appended columns, decoys dropped — gives exactly q·[K; A]ᵀ, for every ρ
-in S_{n+r} (n + r ≤ 4, r = 0 included). Negative control: decode with ρ instead of ρ⁻¹.
+in S_{n+r} (n + r ≤ 4, r = 0 included). The locked cache ρ(K ⊕ R) is built by T2's :func:`encode` — the
+statement ``tests/test_proof_links.py`` holds ``scx_ref.transforms.encode_rows`` to, the function the client
+locks the cache with. Negative control: decode with ρ instead of ρ⁻¹.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from proofs._sym import (
     permute_rows,
     sym_matrix,
 )
+from proofs.t2_decoys import encode
 
 #: ρ ↦ (row order of K, row order of V).
 Scheme = Callable[[Perm], tuple[Perm, Perm]]
@@ -131,7 +134,7 @@ def check_locked_scores(*, decode_with_inverse: bool = True) -> bool:
         decoys = sym_matrix("r", r, _DH, real=True)
         plain = q * k.col_join(a).T
         for rho in perms(n + r):
-            stored = permute_rows(k.col_join(decoys), rho).col_join(a)
+            stored = encode(k, decoys, rho).col_join(a)  # the client's encode_rows, then the appended row
             scores = q * stored.T
             out = unlock_scores(scores, rho, n) if decode_with_inverse else _unlock(scores, rho, n, rho)
             if not matrices_equal(out, plain, quick=True):
@@ -143,7 +146,7 @@ def check_locked_scores(*, decode_with_inverse: bool = True) -> bool:
     "t4.locked_scores",
     "q·[ρ(K ⊕ R); A]ᵀ decoded = q·[K; A]ᵀ; d_h=2, (n, r) in {(1,0),(3,0),(1,1),(2,1),(1,2),(2,2),"
     "(3,1)}, every ρ",
-    implements=IMPLEMENTS[1:],
+    implements=(*IMPLEMENTS[1:], Implementation("scx_ref.transforms.encode_rows", encode)),
     negative_controls=[
         ("decode with ρ instead of ρ⁻¹", lambda: check_locked_scores(decode_with_inverse=False))
     ],
