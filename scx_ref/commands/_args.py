@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ __all__ = [
     "output_file",
     "plain_description",
     "require_device",
+    "stdout_closed_quietly",
 ]
 
 
@@ -127,8 +130,10 @@ def _writable_dir(path: Path) -> bool:
 def output_file(text: str) -> Path:
     """A file the command will write: its directory must exist and be writable, and it must not be a
     directory itself."""
+    if not text:  # Path("") is "." — a directory, which the text did not name
+        raise argparse.ArgumentTypeError("must not be empty: give a file to write")
     path = Path(text)
-    if not text or path.is_dir():
+    if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file to write")
     parent = path.parent if str(path.parent) else Path(".")
     if not _writable_dir(parent):
@@ -136,6 +141,32 @@ def output_file(text: str) -> Path:
             f"cannot write {text!r}: {str(parent)!r} is not a writable directory"
         )
     return path
+
+
+@contextmanager
+def stdout_closed_quietly() -> Iterator[None]:
+    """Run the block; if it raises BrokenPipeError (standard output is a pipe whose reader has gone, as in
+    ``scx … | head``), point file descriptor 1 at ``os.devnull`` and re-raise it, so the CLI reports it
+    once (``scx <command>: error: …``, exit 2) — never Python's flush of the unwritten output at exit
+    (``Exception ignored … BrokenPipeError``, exit status 120). A ``sys.stdout`` with no file descriptor
+    (a test's capture) is left as it is."""
+    try:
+        yield
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        raise
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def nonempty(text: str) -> str:

@@ -31,6 +31,7 @@ from ._args import (
     nonempty,
     plain_description,
     require_device,
+    stdout_closed_quietly,
 )
 
 __all__ = ["register", "run"]
@@ -39,6 +40,9 @@ __all__ = ["register", "run"]
 _SAMPLING = "sampling only (needs --do-sample)"
 _SAMPLING_ONLY = ("temperature", "top_k", "top_p", "seed")
 _REMOTE_ONLY = ("timeout", "connect_timeout", "tls_ca")
+#: The largest id ``--prompt-ids`` takes: the prompt is an int64 array (an id past the model's vocabulary is
+#: refused once the model is loaded; past int64 it was a raw OverflowError)
+_MAX_ID = int(np.iinfo(np.int64).max)
 
 
 def register(subparsers: Any) -> None:
@@ -55,7 +59,9 @@ def register(subparsers: Any) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text (needs the model's tokenizer)")
     src.add_argument(
-        "--prompt-ids", type=int_list(0), help="comma-separated token ids (models without a tokenizer)"
+        "--prompt-ids",
+        type=int_list(0, _MAX_ID),
+        help="comma-separated token ids (models without a tokenizer)",
     )
     p.add_argument(
         "--max-new-tokens",
@@ -134,13 +140,26 @@ def register(subparsers: Any) -> None:
 
 
 class _Printer:
-    """A streamer printing new tokens as they come: decoded text (with a tokenizer) or ids."""
+    """A streamer printing new tokens as they come: decoded text (with a tokenizer) or ids. A write to a
+    closed standard output raises BrokenPipeError (which stops the generation) once: nothing more is written
+    after it, not even :meth:`end`'s newline."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.shown = 0
         self.prompt = True
+        self.broken = False
+
+    def _write(self, text: str) -> None:
+        if self.broken:
+            return
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self.broken = True
+            raise
 
     def put(self, value: Any) -> None:
         if self.prompt:  # the first call carries the prompt
@@ -148,18 +167,16 @@ class _Printer:
             return
         self.ids.extend(int(v) for v in np.asarray(value).reshape(-1))
         if self.tokenizer is None:
-            sys.stdout.write(" ".join(str(t) for t in self.ids[self.shown :]) + " ")
-            self.shown = len(self.ids)
+            shown, self.shown = self.shown, len(self.ids)
+            self._write(" ".join(str(t) for t in self.ids[shown:]) + " ")
         else:
             text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # wait for a multi-byte character to complete
-                sys.stdout.write(text[self.shown :])
-                self.shown = len(text)
-        sys.stdout.flush()
+                shown, self.shown = self.shown, len(text)
+                self._write(text[shown:])
 
     def end(self) -> None:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        self._write("\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -218,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
         option = "--prompt-ids" if args.prompt_ids is not None else "--prompt"
         args.parser.error(f"{option} / --max-new-tokens: {exc}")
     try:
-        scx.generate(ids, max_new_tokens=args.max_new_tokens, **options)
+        with stdout_closed_quietly():  # ``scx generate … | head``: one error line, exit 2
+            scx.generate(ids, max_new_tokens=args.max_new_tokens, **options)
     except SCXError as exc:  # the tokens made so far are printed already; say how many
         made = len(exc.tokens or [])
         raise type(exc)(f"generation stopped after {made} new token(s): {exc}") from exc

@@ -15,6 +15,7 @@ from typing import Any
 from .._files import write_text_whole
 from ..errors import ConfigError
 from ..protocol import Level, SCXConfig
+from ..protocol.config import MAX_BETA
 from ..protocol.presets import preset_names
 from ..zoo import MODEL_NAMES, max_positions
 from ..zoo.engines import ENGINE_DTYPES, check_device
@@ -27,6 +28,7 @@ from ._args import (
     output_file,
     plain_description,
     require_device,
+    stdout_closed_quietly,
 )
 
 __all__ = ["check_options", "format_table", "register", "run"]
@@ -104,9 +106,12 @@ def run(args: argparse.Namespace) -> int:
         config=args.config,
         device=args.device,
     )
-    print(format_table(rec))
-    if args.json:
-        write_text_whole(args.json, json.dumps(rec, indent=1) + "\n")
+    try:  # the record is written even when the table cannot be (``scx ppl … | head``)
+        with stdout_closed_quietly():
+            print(format_table(rec), flush=True)  # a closed pipe raises here, not at exit
+    finally:
+        if args.json:
+            write_text_whole(args.json, json.dumps(rec, indent=1) + "\n")
     return 0 if rec["pass"] else 1
 
 
@@ -136,7 +141,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--beta",
-        type=float_at_least(0.0),
+        type=float_at_least(0.0, maximum=MAX_BETA),
         default=None,
         help=f"Laplace scale of the noised stages (default {DEFAULT_BETA:g}); not with --config or --level "
         "permute (no noise)",

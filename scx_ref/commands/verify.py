@@ -23,11 +23,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .._checks import check_real
 from .._files import write_text_whole
 from ..dp.budget import request_budget
 from ..dp.sensitivity import model_sensitivities
 from ..errors import ConfigError
 from ..protocol import Level, SCXConfig
+from ..protocol.config import MAX_BETA
 from ..weights import ModelWeights
 from ..zoo import MODEL_NAMES, load_model
 from ..zoo.corpus import prompts
@@ -41,7 +43,7 @@ from ..zoo.engines import (
     scx_generate,
     scx_logits,
 )
-from ..zoo.perplexity import ppl_run, precision_warned
+from ..zoo.perplexity import check_corpus_tokens, ppl_run, precision_warned
 from ._args import (
     add_level,
     device,
@@ -50,6 +52,7 @@ from ._args import (
     output_file,
     plain_description,
     require_device,
+    stdout_closed_quietly,
 )
 
 __all__ = ["LOGIT_RTOL", "dp_summary", "format_verdict", "register", "run", "verify"]
@@ -105,9 +108,14 @@ def verify(
     value, criterion}, ``pass`` is no check FAILed. With ``server`` (an ``scx serve`` URL) every SCX
     session runs on that server. ``device``: the torch device float32's plaintext (the HF model) and SCX
     (client and in-process server) run on; float64 runs on the CPU (ConfigError otherwise). The
-    configuration's PrecisionWarning, if any, is issued once, before any check or progress bar."""
+    configuration's PrecisionWarning, if any, is issued once, before any check or progress bar. ConfigError,
+    before any model is loaded, for a ``ppl_tokens`` :func:`~scx_ref.zoo.perplexity.check_corpus_tokens`
+    refuses, or a ``beta`` outside (0, MAX_BETA] at a noised level (the DP budget needs noise)."""
     t0 = time.perf_counter()
     check_device(dtype, device)
+    check_corpus_tokens(ppl_tokens)  # the ΔPPL check's count: refused before any model loads or check runs
+    if level != "permute":  # the DP budget's β (> 0), checked before the checks it would come after
+        beta = check_real(beta, "beta", 0, MAX_BETA, lo_open=True)
     hf, tok, w = load_model(model, dtype)
     hf = plain_model(hf, device)
     cfg = scx_config(level, beta, max_length=max(prompt_len + n_new, window))
@@ -234,9 +242,12 @@ def run(args: argparse.Namespace) -> int:
         server=args.server,
         device=args.device,
     )
-    print(format_verdict(rec))
-    if args.json:
-        write_text_whole(args.json, json.dumps(rec, indent=1, default=str) + "\n")
+    try:  # the record is written even when the table cannot be (``scx verify … | head``)
+        with stdout_closed_quietly():
+            print(format_verdict(rec), flush=True)  # a closed pipe raises here, not at exit
+    finally:
+        if args.json:
+            write_text_whole(args.json, json.dumps(rec, indent=1, default=str) + "\n")
     return 0 if rec["pass"] else 1
 
 
@@ -269,9 +280,10 @@ def register(subparsers: Any) -> None:
     add_level(p)
     p.add_argument(
         "--beta",
-        type=float_at_least(0.0),
+        type=float_at_least(0.0, strict=True, maximum=MAX_BETA),
         default=None,
-        help=f"Laplace scale of the noised stages (default {DEFAULT_BETA:g}; levels paper and blind only)",
+        help=f"Laplace scale of the noised stages, > 0: the DP budget's (default {DEFAULT_BETA:g}; levels "
+        "paper and blind only)",
     )
     p.add_argument(
         "--tokens", type=int_at_least(2), default=512, help="corpus tokens of the ΔPPL check (default 512)"
