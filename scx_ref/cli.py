@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from . import __version__
 from .attacks import cli as attack_cli
 from .commands import bench, bench_serve, generate, ppl, serve, verify
+from .commands._args import stdout_closed_quietly
 from .dp import cli as dp_cli
 from .errors import SCXError
 
@@ -49,7 +50,8 @@ def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> arg
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``scx`` on ``argv`` (default ``sys.argv[1:]``); the exit code: 2 with ``scx <command>: error: …``
     (argparse's own form for a bad option) on bad input (SCXError) or a file it cannot read or write
-    (OSError), never a traceback for either; 130 with ``scx <command>: interrupted`` on Ctrl-C (the command's
+    (OSError; a standard output whose reader has gone included, after which nothing more is written to it),
+    never a traceback for either; 130 with ``scx <command>: interrupted`` on Ctrl-C (the command's
     own clean-up — a spawned server stopped, a session closed — has run by then)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -61,7 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        with stdout_closed_quietly():  # ``scx … | head``: one error line, not Python's at exit (status 120)
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # what is still buffered: a reader that has gone is reported here
+        return code
     except (SCXError, OSError) as exc:  # bad input, or a file the command could not read or write
         print(f"scx {args.command}: error: {exc}", file=sys.stderr)
         return 2

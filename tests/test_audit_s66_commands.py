@@ -155,3 +155,13 @@ def test_verify_refuses_a_zero_beta_at_a_noised_level_before_any_check(
 
     with pytest.raises(ConfigError, match=r"beta must lie in \(0, 1e\+100\]"):
         verify.verify("tiny-llama", level="paper", beta=0.0, progress=False)
+
+
+def test_every_command_into_a_closed_pipe_exits_2_with_one_line(tmp_path: Path) -> None:
+    """A command without handling of its own (``scx dp``): its table into a pipe whose reader has gone was
+    exit status 120 with Python's ``Exception ignored … BrokenPipeError`` (buffered output flushed at exit);
+    cli.main now handles a closed standard output for every command."""
+    res = _run_into_closed_pipe(["dp", "--model", "tiny-llama"], tmp_path, unbuffered=False)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("scx dp: error:") and "Broken pipe" in res.stderr, res.stderr
+    assert "Exception ignored" not in res.stderr and "Traceback" not in res.stderr, res.stderr
