@@ -43,6 +43,7 @@ __all__ = [
     "batch_rows_bound",
     "build_backend",
     "check_batch_rows",
+    "check_tls",
     "register",
     "run",
 ]
@@ -99,18 +100,53 @@ def _is_ipv6(host: str) -> bool:
 
 def _grpc_host(host: str) -> str:
     """``host`` as gRPC's ``HOST:PORT`` address needs it: a bare IPv6 address (``::1``) in brackets (gRPC
-    reads ``::1:8470`` as another address); anything else unchanged."""
+    reads ``::1:8470`` as another address); anything else unchanged. ConfigError for brackets around
+    anything but an IPv6 address (``[127.0.0.1]`` passed the listen check, loaded the model, and then
+    gRPC could not parse it: reported as a port in use)."""
+    if ("[" in host or "]" in host) and not (
+        host.startswith("[") and host.endswith("]") and _is_ipv6(host) and "[" not in host[1:-1]
+    ):
+        raise ConfigError(f"argument --host: brackets are only for an IPv6 address ([::1]), got {host!r}")
     return f"[{host}]" if _is_ipv6(host) and not host.startswith("[") else host
 
 
+#: The largest process id: ``pid_t`` is a C int (a larger one made ``os.kill`` raise OverflowError in the
+#: parent watcher, which then never stopped the server)
+MAX_PID = 2**31 - 1
+
+
 def _parent_pid() -> int | None:
-    """The pid in :data:`PARENT_ENV` (None when unset); ConfigError for anything but a positive integer."""
+    """The pid in :data:`PARENT_ENV` (None when unset); ConfigError for anything but ASCII digits of an
+    integer in [1, :data:`MAX_PID`] (``"²"`` passes ``str.isdigit`` but not ``int``)."""
     text = os.environ.get(PARENT_ENV)
     if text is None:
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PID:
         raise ConfigError(f"environment variable {PARENT_ENV} must be a process id, got {text!r}")
     return int(text)
+
+
+def check_tls(cert: str, key: str) -> None:
+    """ConfigError (one line, naming both files) unless ``cert`` is a PEM certificate chain and ``key``
+    the unencrypted PEM private key of its first certificate — what gRPC needs to serve TLS. Checked
+    before the model loads: gRPC itself only logs its reason and fails to bind, which read as a port that
+    was in use. An encrypted key is refused (gRPC cannot use one), never prompted for."""
+    import ssl
+
+    def no_password() -> bytes:
+        raise ConfigError("encrypted")
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # the pair's form only: key sizes are gRPC's policy, not ours
+    try:
+        ctx.load_cert_chain(cert, key, password=no_password)
+    except ConfigError:
+        reason = "the private key is encrypted; give an unencrypted one"
+    except ssl.SSLError as exc:
+        reason = f"not a PEM certificate chain and the private key that matches it ({exc.reason or exc})"
+    else:
+        return
+    raise ConfigError(f"--tls-cert {cert} / --tls-key {key}: {reason}")
 
 
 def _alive(pid: int) -> bool:
@@ -331,6 +367,8 @@ def run(args: argparse.Namespace) -> int:
     check_listen(host, args.port, "gRPC port")  # before any model is loaded
     if args.ops_port >= 0:
         check_listen(host, args.ops_port, "ops port")
+    if args.tls_cert is not None and args.tls_key is not None:
+        check_tls(str(args.tls_cert), str(args.tls_key))
     opts = ServeOptions(
         host=host,
         port=args.port,
@@ -369,10 +407,6 @@ def run(args: argparse.Namespace) -> int:
         ops = (
             "" if service.ops_port is None else f"; ops http://{opts.host}:{service.ops_port}/health /metrics"
         )
-        print(
-            f"scx serve: {args.model} ({args.dtype}) on {scheme}://{opts.host}:{service.port}{ops}",
-            flush=True,
-        )
         loop = asyncio.get_running_loop()
         stopping: list[asyncio.Task[None]] = []
 
@@ -380,9 +414,21 @@ def run(args: argparse.Namespace) -> int:
             if not stopping:
                 stopping.append(loop.create_task(service.stop()))
 
+        # before the ready line: a SIGTERM sent as soon as it is read (ServerProcess.stop) found the default
+        # action still in place and killed the server without its graceful shutdown
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
         watch = None if parent is None else loop.create_task(_watch_parent(parent, stop, logger))
+        try:
+            print(
+                f"scx serve: {args.model} ({args.dtype}) on {scheme}://{opts.host}:{service.port}{ops}",
+                flush=True,
+            )
+        except BaseException:  # stdout gone (a closed pipe): shut down as on a signal, then report it
+            if watch is not None:
+                watch.cancel()
+            await service.stop()
+            raise
         await service.wait_stopped()
         if watch is not None:
             watch.cancel()

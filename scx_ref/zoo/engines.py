@@ -13,12 +13,14 @@ CPU only (:func:`check_device`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from .._checks import check_int, token_ids
 from ..backends.base import Backend
 from ..backends.numpy_backend import NumpyBackend
 from ..errors import ConfigError, SCXError
@@ -89,24 +91,46 @@ def plain_model(hf_model: Any, device: str) -> Any:
     return copy.deepcopy(hf_model).to(device)
 
 
+def _check_weights(weights: Any) -> ModelWeights:
+    """``weights`` if it is a ModelWeights (ConfigError otherwise: an AttributeError at first use)."""
+    if not isinstance(weights, ModelWeights):
+        raise ConfigError(f"weights must be ModelWeights, got {type(weights).__name__}")
+    return weights
+
+
+def _ids(ids: Any, weights: ModelWeights) -> IdArray:
+    """``ids`` checked as token ids of ``weights``' vocabulary (:func:`scx_ref._checks.token_ids`:
+    VocabularyError for floats, which were truncated, or an id out of range, which was a raw IndexError
+    on the HF side; ProtocolError when empty)."""
+    return token_ids(ids, weights.config.vocab_size)
+
+
 def _device_of(hf_model: Any) -> Any:
-    """The device the HF model's parameters are on (its inputs go there)."""
-    return next(hf_model.parameters()).device
+    """The device the HF model's parameters are on (its inputs go there); ConfigError for anything but a
+    torch model with parameters (None raised a raw AttributeError)."""
+    try:
+        return next(hf_model.parameters()).device
+    except (AttributeError, TypeError, StopIteration):
+        raise ConfigError(
+            f"hf_model must be a torch model with parameters, got {type(hf_model).__name__}"
+        ) from None
 
 
 def plain_logits(hf_model: Any, weights: ModelWeights, dtype: str) -> LogitsFn:
     """Plaintext logits (rows × V, numpy) of one sequence: HF forward (float32, on the device the model is
-    on) or ReferenceModel (float64)."""
+    on) or ReferenceModel (float64). ConfigError for weights that are not ModelWeights; the sequence must
+    be token ids of their vocabulary (VocabularyError, or ProtocolError when empty)."""
+    _check_weights(weights)
     if _check_dtype(dtype) == "float64":
         ref = ReferenceModel(weights if weights.dtype == np.float64 else weights.astype(np.float64))
-        return lambda ids: ref.prefill(np.asarray(ids, dtype=np.int64))[0]
+        return lambda ids: ref.prefill(_ids(ids, weights))[0]
     import torch
 
     dev = _device_of(hf_model)
 
     def run(ids: IdArray) -> npt.NDArray[Any]:
         with torch.no_grad():
-            tid = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=dev)[None]
+            tid = torch.as_tensor(_ids(ids, weights), device=dev)[None]
             out = hf_model(tid, use_cache=False)
         return np.asarray(out.logits[0].float().cpu().numpy())
 
@@ -115,18 +139,21 @@ def plain_logits(hf_model: Any, weights: ModelWeights, dtype: str) -> LogitsFn:
 
 def plain_generate(hf_model: Any, weights: ModelWeights, dtype: str) -> GenerateFn:
     """Plaintext greedy continuation (argmax at every step, no stop token): HF with its KV cache
-    (float32, on the device the model is on) or ReferenceModel.generate (float64)."""
+    (float32, on the device the model is on) or ReferenceModel.generate (float64). As
+    :func:`plain_logits` for the weights and the prompt; ``n_new`` must be an integer >= 0 (ConfigError)."""
+    _check_weights(weights)
     if _check_dtype(dtype) == "float64":
         ref = ReferenceModel(weights if weights.dtype == np.float64 else weights.astype(np.float64))
-        return lambda ids, n: ref.generate(np.asarray(ids, dtype=np.int64), n)
+        return lambda ids, n: ref.generate(_ids(ids, weights), check_int(n, "n_new", 0))
     import torch
 
     dev = _device_of(hf_model)
 
     def run(ids: IdArray, n_new: int) -> list[int]:
+        n_new = check_int(n_new, "n_new", 0)  # a negative count gave [], a float a raw TypeError
         out: list[int] = []
         with torch.no_grad():
-            tid = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=dev)[None]
+            tid = torch.as_tensor(_ids(ids, weights), device=dev)[None]
             res = hf_model(tid, use_cache=True)
             for step in range(n_new):
                 nxt = int(torch.argmax(res.logits[0, -1]))
@@ -139,7 +166,14 @@ def plain_generate(hf_model: Any, weights: ModelWeights, dtype: str) -> Generate
 
 
 def scx_config(level: Level, beta: float, max_length: int = 4096, **kw: Any) -> SCXConfig:
-    """The protocol's SCXConfig for a run (level, β; other fields at their defaults unless given)."""
+    """The protocol's SCXConfig for a run (level, β; other fields at their defaults unless given);
+    ConfigError for a value SCXConfig refuses or a keyword that is not one of its fields."""
+    fields = {f.name for f in dataclasses.fields(SCXConfig)}
+    unknown = sorted(set(kw) - fields)
+    if unknown:  # a raw TypeError from SCXConfig
+        raise ConfigError(
+            f"not an SCXConfig field: {', '.join(unknown)}; fields: {', '.join(sorted(fields))}"
+        )
     return SCXConfig(level=level, beta=beta, max_length=max_length, **kw)
 
 
@@ -163,6 +197,11 @@ class _SCX:
     def __init__(
         self, weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str, server: str | None = None
     ) -> None:
+        _check_weights(weights)
+        if not isinstance(cfg, SCXConfig):
+            raise ConfigError(f"cfg must be an SCXConfig (see scx_config), got {type(cfg).__name__}")
+        if server is not None and not isinstance(server, str):
+            raise ConfigError(f"server must be a URL string (scx://HOST:PORT), got {type(server).__name__}")
         self.backend = _backend(weights, dtype, device)
         self.server = Server(self.backend)
         self.remote: Transport | None = None
@@ -197,7 +236,7 @@ def scx_logits(
 
     def run(ids: IdArray) -> npt.NDArray[Any]:
         client, link = scx.session()
-        logits = np.asarray(client.prefill(np.asarray(ids, dtype=np.int64), link))
+        logits = np.asarray(client.prefill(_ids(ids, weights), link))
         client.close()
         return logits
 
@@ -213,6 +252,6 @@ def scx_generate(
 
     def run(ids: IdArray, n_new: int) -> list[int]:
         client, link = scx.session()
-        return [int(t) for t in client.generate(np.asarray(ids, dtype=np.int64), n_new, link)]
+        return [int(t) for t in client.generate(_ids(ids, weights), n_new, link)]
 
     return run

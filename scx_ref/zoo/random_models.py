@@ -1,9 +1,10 @@
 """The registered random-weight models, built in code: ``tiny-llama``, ``mixtral-random``, ``qwen2-random``,
 ``llama1b-random``, ``smollm2-depth-random``.
 
-Each is a transformers config with realistic shape ratios (GQA, head_dim 64; Mixtral top-2 of 8 experts
-and Qwen2 QKV bias) and parameters drawn from a ``torch.Generator`` with a fixed seed — no global random
-state is read or written (the HF init is skipped; every parameter is filled from the generator).
+Each is a transformers config with realistic shape ratios (GQA, head_dim 64 — 8 in ``smollm2-depth-random``;
+Mixtral top-2 of 8 experts and Qwen2 QKV bias) and parameters drawn from a ``torch.Generator`` with a fixed
+seed — no global random state is read or written (the HF init is skipped; every parameter is filled from
+the generator). A spec whose fields do not agree is refused (:func:`check_spec`) before anything is built.
 
 Initialisation: embeddings N(0, 1); norm gains 1 + 0.1·N(0, 1); projections N(0, 1/fan_in); Qwen2 biases
 0.1·N(0, 1); the LM head N(0, (4²)/d), so logits have a standard deviation near 4, like a trained model's,
@@ -15,9 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .._checks import check_int, check_real
+from ..config import ModelConfig
 from ..errors import ConfigError
 
-__all__ = ["RANDOM_MODELS", "RandomModelSpec", "build_random_model", "hf_config"]
+__all__ = ["RANDOM_MODELS", "RandomModelSpec", "build_random_model", "check_spec", "hf_config"]
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,69 @@ RANDOM_MODELS: dict[str, RandomModelSpec] = {
 }
 
 
+#: torch.Generator.manual_seed's seeds less the negative ones (it takes -1 as 2**64 - 1: one model, two seeds)
+_MAX_SEED = 2**64 - 1
+_FAMILIES = ("llama", "mixtral", "qwen2")
+
+
+def check_spec(spec: RandomModelSpec) -> ModelConfig:
+    """The :class:`~scx_ref.config.ModelConfig` ``spec`` describes (so its checks: positive integer sizes,
+    ``n_heads`` a multiple of ``n_kv_heads``, an even ``head_dim``, 1 <= top_k <= n_experts for MoE);
+    ConfigError unless, beyond those, the family is known and agrees with the experts (a ``mixtral`` spec
+    has n_experts >= 1, a ``llama`` or ``qwen2`` one none: they would be ignored), a ``qwen2`` spec has
+    hidden_size == n_heads * head_dim (Qwen2Config derives head_dim from them), the seed is an integer
+    in [0, 2**64 - 1] and ``logit_scale`` a finite number > 0."""
+    if not isinstance(spec, RandomModelSpec):
+        raise ConfigError(f"a random model spec must be a RandomModelSpec, got {type(spec).__name__}")
+    if not isinstance(spec.family, str) or spec.family not in _FAMILIES:
+        raise ConfigError(f"unknown family {spec.family!r}; families: {', '.join(_FAMILIES)}")
+    config = ModelConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        n_layers=spec.n_layers,
+        n_heads=spec.n_heads,
+        n_kv_heads=spec.n_kv_heads,
+        head_dim=spec.head_dim,
+        intermediate_size=spec.intermediate_size,
+        rms_eps=spec.rms_eps,
+        rope_theta=spec.rope_theta,
+        n_experts=spec.n_experts,
+        top_k=spec.top_k,
+        qkv_bias=spec.family == "qwen2",
+        max_positions=spec.max_positions,
+    )
+    if (spec.family == "mixtral") != config.is_moe:
+        raise ConfigError(
+            f"a {spec.family} spec needs "
+            + ("n_experts >= 1" if spec.family == "mixtral" else "n_experts 0 and top_k 0 (a dense MLP)")
+            + f", got n_experts={config.n_experts}, top_k={config.top_k}"
+        )
+    if spec.family == "qwen2" and config.hidden_size != config.q_dim:  # Qwen2 derives head_dim from these
+        raise ConfigError(f"a Qwen2 spec needs hidden_size == n_heads * head_dim, got {spec}")
+    check_int(spec.seed, "seed", 0, _MAX_SEED)
+    check_real(spec.logit_scale, "logit_scale", 0, lo_open=True)
+    return config
+
+
 def hf_config(spec: RandomModelSpec) -> Any:
     """The transformers config of ``spec`` (LlamaConfig, MixtralConfig or Qwen2Config); ConfigError for a
-    spec transformers cannot express."""
+    spec :func:`check_spec` refuses or transformers cannot express (a hidden size that is not a multiple
+    of the heads)."""
+    check_spec(spec)
+    try:
+        return _hf_config(spec)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"transformers cannot express {spec}: {exc}") from None
+    except Exception as exc:  # huggingface_hub's StrictDataclassError (not a ValueError) in recent versions
+        if type(exc).__module__.split(".")[0] != "huggingface_hub":
+            raise
+        raise ConfigError(f"transformers cannot express {spec}: {exc}") from None
+
+
+def _hf_config(spec: RandomModelSpec) -> Any:
+    """:func:`hf_config` of a checked spec."""
     from transformers import LlamaConfig, MixtralConfig, Qwen2Config
 
     common: dict[str, Any] = dict(
@@ -94,8 +157,6 @@ def hf_config(spec: RandomModelSpec) -> Any:
             **common,
         )
     if spec.family == "qwen2":
-        if spec.hidden_size != spec.n_heads * spec.head_dim:  # Qwen2 derives head_dim from these
-            raise ConfigError(f"a Qwen2 spec needs hidden_size == n_heads * head_dim, got {spec}")
         return Qwen2Config(use_sliding_window=False, **common)
     raise ConfigError(f"unknown family {spec.family!r}")
 
@@ -105,17 +166,18 @@ def build_random_model(spec: RandomModelSpec) -> Any:
 
     Guarantee: the same spec gives bit-identical parameters on every call and every platform's CPU
     generator; global torch random state is neither read nor changed. ConfigError for a spec
-    :func:`hf_config` refuses (an unknown family).
+    :func:`hf_config` refuses (:func:`check_spec`: an unknown family, sizes that do not agree, experts
+    that the family would ignore, a seed outside [0, 2**64 - 1]), before any parameter is made.
     """
     import torch
     from transformers import LlamaForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM
     from transformers.initialization import no_init_weights
 
-    config = hf_config(spec)  # ConfigError for a family it does not know, before the lookup below
+    config = hf_config(spec)  # ConfigError for a spec it refuses, before the lookup below
     cls = {"llama": LlamaForCausalLM, "mixtral": MixtralForCausalLM, "qwen2": Qwen2ForCausalLM}[spec.family]
     with no_init_weights():
         model = cls(config)
-    gen = torch.Generator().manual_seed(spec.seed)
+    gen = torch.Generator().manual_seed(int(spec.seed))
     d = spec.hidden_size
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
