@@ -312,8 +312,10 @@ class SCXService:
             except RuntimeError:  # grpc: "Failed to bind to address …"
                 self.port = 0
             if not self.port:
+                tls = opts.tls_cert is not None and opts.tls_key is not None
                 raise ServiceError(
                     f"cannot listen on {address}: address in use or not an address of this host"
+                    + (", or the TLS certificate and key are not a matching PEM pair" if tls else "")
                 )
             if opts.ops_port is not None:  # bound before serving starts: a failure leaves nothing running
                 ops_address = f"{opts.host}:{opts.ops_port}"
