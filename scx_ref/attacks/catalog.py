@@ -2,9 +2,10 @@
 it recovers and against which baseline it is judged.
 
 ``target``: ``prompt`` (the victim's prompt tokens) or ``generated`` (the tokens SCX generated for it).
-``tokens`` (a generated target's): which generated tokens it scores, so that its baseline scores the same
-ones — ``all``, ``fed`` (those the decode steps carried: all but the last) or ``next`` (those a step's
-LM-head row predicts: all but the first).
+``tokens``: which tokens it scores, so that its baseline scores the same ones — ``all``, ``fed`` (of a
+generated target: those the decode steps carried, all but the last) or ``next`` (those an LM-head row
+predicts: of a generated target all but the first; of the prompt, the prompt's tokens after the first and
+then the first generated token). :attr:`Metric.baseline` names that baseline.
 ``scoring``: ``pos`` (a token per position, right or wrong), ``bag`` (the multiset of tokens, order
 ignored) — or, for the statelessness row, ``stateless`` (greedy top-1 agreement of the server's own
 continuation, judged against a server that ignores the prompt). ``attack``: whether the metric is a
@@ -30,6 +31,21 @@ class Metric:
     attack: bool = True
     tokens: Literal["all", "fed", "next"] = "all"
 
+    @property
+    def baseline(self) -> str:
+        """The key of the frequency-prior baseline (in a result's ``baselines``) that scores the tokens
+        this metric scores: ``no_prompt_top1`` for the statelessness row; ``generated``,
+        ``generated_fed`` or ``generated_next`` for a generated target; ``prompt_next_bag`` (or
+        ``prompt_next_pos``) for a prompt metric of the next tokens; else ``prompt_bag`` or ``prompt_pos``
+        by scoring."""
+        if self.scoring == "stateless":
+            return "no_prompt_top1"
+        if self.target == "generated":
+            return "generated" if self.tokens == "all" else f"generated_{self.tokens}"
+        if self.tokens == "next":
+            return "prompt_next_bag" if self.scoring == "bag" else "prompt_next_pos"
+        return "prompt_bag" if self.scoring == "bag" else "prompt_pos"
+
 
 METRICS: tuple[Metric, ...] = (
     Metric("vm_qkv1_bag_recall", "VM QKV-1 bag", "prompt", "bag"),
@@ -38,7 +54,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("vm_resid1_bag_recall", "VM FFN−O-1 bag", "prompt", "bag"),
     Metric("vm_attn1_pos_acc", "VM attn-1 fingerprint", "prompt", "pos"),
     Metric("vm_cache_seq_pos_acc", "VM mid-cache seq.", "prompt", "pos"),
-    Metric("head_next_bag_recall", "LM-head rows → next tokens", "prompt", "bag"),
+    Metric("head_next_bag_recall", "LM-head rows → next tokens", "prompt", "bag", tokens="next"),
     Metric("inv_cache_ridge_pos_acc", "inv cache ridge", "prompt", "pos"),
     Metric("inv_cache_mlp_pos_acc", "inv cache MLP", "prompt", "pos"),
     Metric("inv_ffn_ridge_bag_recall", "inv FFN-probe ridge", "prompt", "bag"),

@@ -542,6 +542,9 @@ def run_setting(
         # -- baselines: the frequency prior, no view --
         base.hit("prompt_pos", prior.positional_hits(ids), n)
         base.hit("prompt_bag", prior.bag_hits(ids), n)
+        # the tokens the LM-head rows predict: the prompt's after the first, then the first generated one
+        nxt_truth = np.concatenate([ids[1:], np.asarray(gen[:1], dtype=np.int64)])
+        base.hit("prompt_next_bag", prior.bag_hits(nxt_truth), len(nxt_truth))
         # each generated baseline scores the tokens its attacks score (catalog.Metric.tokens)
         base.hit("generated", prior.positional_hits(gen), len(gen))
         base.hit("generated_fed", prior.positional_hits(fed), len(fed))
@@ -572,7 +575,6 @@ def run_setting(
         xh: Array = np.asarray(head.arrays["x"], dtype=np.float64)
         if not head.meta.get("normalized", False):
             xh = ops.rms_norm(xh, w.final_norm, w.config.rms_eps)
-        nxt_truth = np.concatenate([ids[1:], np.asarray(gen[:1], dtype=np.int64)])
         tally.bag("head_next_bag_recall", np.argmax(xh @ w.lm_head, axis=1), nxt_truth)
         # -- prompt: the probe block (shared cache, attention stage, FFN rows, residual links) --
         rec: Array | None = None
@@ -814,12 +816,7 @@ def _generation_joint(
 
 def _baseline_of(key: str) -> str:
     """Which baseline a count metric is judged against (catalog: its target and scoring)."""
-    m = catalog.metric(key)
-    if m.scoring == "stateless":
-        return "no_prompt_top1"
-    if m.target == "generated":
-        return "generated" if m.tokens == "all" else f"generated_{m.tokens}"
-    return "prompt_bag" if m.scoring == "bag" else "prompt_pos"
+    return catalog.metric(key).baseline
 
 
 def _verdicts(rates: dict[str, Rate], baselines: dict[str, Rate]) -> dict[str, bool]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from .._files import write_text_whole
 from ..errors import ConfigError, SCXError
-from .tables import METRICS, check_result, fmt, markdown_table
+from .tables import METRICS, check_result, fmt, markdown_table, text_cell
 
 __all__ = ["METRICS", "main", "markdown_report", "markdown_table", "plot"]
 
@@ -16,13 +16,13 @@ def _bar_plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sets = result["settings"]
-    keys = [(k, t) for k, t in METRICS if any(k in s["metrics"] for s in sets)]
+    keys = [(k, t) for k, t in METRICS if any(s["metrics"].get(k) is not None for s in sets)]
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(keys)), 4.5))
     width = 0.8 / max(len(sets), 1)
     for j, s in enumerate(sets):
         ax.bar(
             [i + j * width for i in range(len(keys))],
-            [s["metrics"].get(k, 0.0) for k, _ in keys],
+            [_height(s["metrics"].get(k)) for k, _ in keys],
             width,
             label=s["setting"],
         )
@@ -34,6 +34,11 @@ def _bar_plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _height(v: Any) -> float:
+    """A bar's height: the measured value, NaN (no bar) where the metric was not run (None)."""
+    return float("nan") if v is None else float(v)
 
 
 def _sweep(result: dict[str, Any], level: str, param: str, extra: dict[str, Any]) -> list[tuple[float, Any]]:
@@ -95,7 +100,7 @@ def plot(result: dict[str, Any], outdir: str | Path) -> list[Path]:
     series: dict[str, tuple[list[float], list[float]]] = {}
     beta_pts = _sweep(result, "paper", "beta", {"r1": 4, "l_s": 1})
     for k in _BETA_KEYS:
-        pts = [(b, s["metrics"][k]) for b, s in beta_pts if k in s["metrics"]]
+        pts = [(b, s["metrics"][k]) for b, s in beta_pts if s["metrics"].get(k) is not None]
         if pts:
             series[f"SCX paper: {titles[k]}"] = ([p[0] for p in pts], [p[1] for p in pts])
     nf = result.get("noise_fitting") or {}
@@ -114,7 +119,7 @@ def plot(result: dict[str, Any], outdir: str | Path) -> list[Path]:
     r_pts = [(r, s) for r, s in r_pts if s.get("identity_roles") == ["head"]]
     series = {}
     for k in _R_KEYS:
-        pts = [(r, s["metrics"][k]) for r, s in r_pts if k in s["metrics"]]
+        pts = [(r, s["metrics"][k]) for r, s in r_pts if s["metrics"].get(k) is not None]
         if len(pts) >= 2:
             series[titles[k]] = ([p[0] for p in pts], [p[1] for p in pts])
     if series:
@@ -154,10 +159,11 @@ def markdown_report(result: dict[str, Any], plots: str | None = None, findings: 
     for s in result["settings"]:
         c = s["config"]
         off = ",".join(s.get("identity_roles", [])) or "–"
-        lines.append(
-            f"| {s['setting']} | {s['mechanism']} | level={c['level']} r1={c['r1']} r2={c['r2']} "
-            f"β={c['beta']} l_s={c['l_s']} l_e={c['l_e']}; identity perms: {off} |"
+        config = (
+            f"level={c['level']} r1={c['r1']} r2={c['r2']} β={c['beta']} l_s={c['l_s']} l_e={c['l_e']}; "
+            f"identity perms: {off}"
         )
+        lines.append(f"| {text_cell(s['setting'])} | {text_cell(s['mechanism'])} | {text_cell(config)} |")
     lines += ["", markdown_table(result)]
     pl = [s for s in result["settings"] if s.get("per_layer")]
     if pl:
@@ -176,7 +182,7 @@ def markdown_report(result: dict[str, Any], plots: str | None = None, findings: 
             cells = [
                 f"{fmt(cache.get(str(b)))} / {fmt(nai.get(str(b)))} / {fmt(srt.get(str(b)))}" for b in blocks
             ]
-            lines.append(f"| {s['setting']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {text_cell(s['setting'])} | " + " | ".join(cells) + " |")
         lines.append("")
     if plots:
         lines += [
@@ -243,10 +249,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{str(path)!r}: cannot read it ({exc})")
 
     def load(path: Path) -> Any:
+        text = read(path)
         try:
-            return check_result(json.loads(read(path)))
-        except json.JSONDecodeError as exc:
-            p.error(f"{str(path)!r}: not JSON ({exc})")
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, an int past Python's digit limit
+            p.error(f"{str(path)!r}: not JSON ({exc})")  # or nesting past the recursion limit
+        try:
+            return check_result(data)
         except ConfigError as exc:
             p.error(f"{str(path)!r}: {exc}")
 

@@ -61,10 +61,18 @@ def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float]:
     return min(max(0.0, mid - half), p), max(min(1.0, mid + half), p)  # rounding must not exclude p
 
 
+def _rate(x: Any) -> bool:
+    """Whether ``x`` is a real number (not a bool) in [0, 1]."""
+    return (
+        not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating)) and bool(0 <= x <= 1)
+    )
+
+
 @dataclass(frozen=True)
 class Rate:
     """A recovery rate pooled over prompts: ``k`` tokens recovered of ``n`` scored, per-prompt rates.
-    ConfigError unless k and n are finite with 0 ≤ k ≤ n."""
+    ConfigError unless k and n are finite with 0 ≤ k ≤ n and ``per_prompt`` is a tuple or list of
+    rates in [0, 1]."""
 
     k: float
     n: float
@@ -72,6 +80,9 @@ class Rate:
 
     def __post_init__(self) -> None:
         _counts(self.k, self.n)
+        pp = self.per_prompt
+        if not isinstance(pp, (tuple, list)) or not all(_rate(r) for r in pp):
+            raise ConfigError(f"per_prompt must be a tuple of rates in [0, 1], got {pp!r}")
 
     @property
     def rate(self) -> float:
@@ -84,7 +95,14 @@ class Rate:
 
     @classmethod
     def pool(cls, parts: Sequence[tuple[float, float]]) -> Rate:
-        """Pool per-prompt (k, n) pairs (ConfigError unless each is a pair with 0 ≤ k ≤ n)."""
+        """Pool per-prompt (k, n) pairs (ConfigError unless ``parts`` is a collection of pairs with
+        0 ≤ k ≤ n; an iterator is read once, never pooled as empty)."""
+        try:
+            parts = list(parts)
+        except TypeError:
+            raise ConfigError(
+                f"parts must be a sequence of (k, n) pairs, not {type(parts).__name__}"
+            ) from None
         for p in parts:
             if not isinstance(p, (tuple, list)) or len(p) != 2:
                 raise ConfigError(f"each part must be a (k, n) pair, got {p!r}")
@@ -156,7 +174,11 @@ class FrequencyPrior:
 def at_baseline(attack: Rate, baseline: Rate) -> bool:
     """Whether an attack recovered no more than the baseline's 95 % upper bound (nothing measurable
     learned from the view). An attack with nothing scored (no such message) is at the baseline; a baseline
-    with nothing scored judges nothing (ConfigError: its interval [0, 1] would pass every attack)."""
+    with nothing scored judges nothing (ConfigError: its interval [0, 1] would pass every attack); so
+    does either argument that is not a :class:`Rate`."""
+    for name, r in (("attack", attack), ("baseline", baseline)):
+        if not isinstance(r, Rate):
+            raise ConfigError(f"{name} must be a Rate, got {type(r).__name__}")
     if attack.n == 0:
         return True
     if baseline.n == 0:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError
 from . import catalog
 
-__all__ = ["METRICS", "check_result", "fmt", "markdown_table"]
+__all__ = ["METRICS", "check_result", "fmt", "markdown_table", "text_cell"]
 
 #: (metric key, title) of every measured quantity, in table order (from :mod:`.catalog`).
 METRICS: tuple[tuple[str, str], ...] = tuple((m.key, m.title) for m in catalog.METRICS)
@@ -24,6 +26,12 @@ def fmt(x: Any) -> str:
     return f"{float(x):.2f}"
 
 
+def text_cell(x: Any) -> str:
+    """``x`` as the text of one markdown table cell: a ``|`` escaped and a line break made a space, so that
+    a name cannot split its cell and shift the columns after it."""
+    return " ".join(str(x).splitlines()).replace("|", "\\|")
+
+
 def _number(x: Any) -> bool:
     """A finite int or float (not a bool): a measured value a table can show."""
     return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
@@ -31,20 +39,20 @@ def _number(x: Any) -> bool:
 
 def check_result(result: Any, full: bool = True) -> dict[str, Any]:
     """``result`` after checking it has the shape an ``scx attack --json`` result has, so that a hand-edited
-    or foreign file is refused with a ConfigError naming what is wrong, not a KeyError deep in a table:
-    an object whose ``settings`` are objects with a ``setting`` name and a ``metrics`` object of finite
-    numbers (or null: a NaN is a broken measurement, not a cell), whose ``rates`` and ``baselines`` (when
-    present) hold ``rate``, ``lo``, ``hi`` numbers in [0, 1], whose ``at_baseline`` (when present) is an
-    object, whose ``statelessness`` (when present) maps each policy to an object with ``ppl`` and ``top1``
-    numbers and whose ``per_layer`` (when present) maps each metric to an object of block numbers to
-    numbers; whose ``noise_fitting`` (when present) maps numeric β texts to objects of the same modes'
-    numbers (or null), ``enumeration`` (when present) maps names to numbers and ``search_space`` (when
-    present) is a list of objects with ``stage``, ``layer``, ``rows`` and a ``bits`` number; with ``full``
-    also the run's ``model``, ``n_prompts``, ``prompt_len``, ``n_new``, each setting's ``mechanism`` and
-    ``config`` object (with a ``level`` text and ``r1``, ``r2``, ``beta``, ``l_s``, ``l_e`` numbers) and
-    ``identity_roles`` (when present) a list of texts. A setting's ``cost`` and ``exactness`` (when
-    present) are objects of numbers, its ``dp`` and ``exactness32`` (when present) objects or null (what
-    the frontier table reads of them)."""
+    or foreign file is refused with a ConfigError naming what is wrong, not a KeyError deep in a table: an
+    object whose ``settings`` are objects with a ``setting`` name and a ``metrics`` object of finite numbers
+    (or null: a NaN is a broken measurement, not a cell), whose ``rates`` and ``baselines`` (when present)
+    hold ``rate``, ``lo``, ``hi`` numbers in [0, 1], whose ``at_baseline`` (when present) is an object of
+    true/false verdicts, whose ``statelessness`` (when present) maps each policy to an object with ``ppl`` and
+    ``top1`` numbers and whose ``per_layer`` (when present) maps each metric to an object of block numbers to
+    numbers; whose ``noise_fitting`` (when present) maps numeric β texts to objects of the same modes' numbers
+    (or null), ``enumeration`` (when present) maps names to numbers and ``search_space`` (when present) is a
+    list of objects with ``stage``, ``layer``, ``rows`` and a ``bits`` number; with ``full`` also the run's
+    ``model``, ``n_prompts``, ``prompt_len``, ``n_new``, each setting's ``mechanism`` and ``config`` object
+    (with a ``level`` text and ``r1``, ``r2``, ``beta``, ``l_s``, ``l_e`` numbers) and ``identity_roles``
+    (when present) a list of texts. A setting's ``cost`` and ``exactness`` (when present) are objects of
+    numbers, its ``dp`` and ``exactness32`` (when present) objects or null (what the frontier table reads of
+    them)."""
     if not isinstance(result, dict) or not isinstance(result.get("settings"), list):
         raise ConfigError("not an `scx attack --json` result: no list of settings")
     if full:
@@ -98,6 +106,8 @@ def _check_setting_parts(s: dict[str, Any], where: str, full: bool) -> None:
     for key in ("at_baseline", "dp", "exactness32"):
         if key in s and not isinstance(s[key], (dict, type(None))):
             raise ConfigError(f"{where}: {key} is not an object")
+    if not all(isinstance(v, (bool, np.bool_)) for v in (s.get("at_baseline") or {}).values()):
+        raise ConfigError(f"{where}: at_baseline is not an object of true/false verdicts")
     for key in ("cost", "exactness"):
         if key in s and not (isinstance(s[key], dict) and all(_real(v) for v in s[key].values())):
             raise ConfigError(f"{where}: {key} is not an object of numbers")
@@ -181,7 +191,8 @@ def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
     Wilson interval), the baselines, the statelessness table, the noise-fitting table and search spaces.
     ConfigError when ``result`` is not shaped as a harness result (:func:`check_result`)."""
     sets = check_result(result, full=False)["settings"]
-    lines = ["| attack | " + " | ".join(s["setting"] for s in sets) + " |", "|---|" + "---|" * len(sets)]
+    names = [text_cell(s["setting"]) for s in sets]
+    lines = ["| attack | " + " | ".join(names) + " |", "|---|" + "---|" * len(sets)]
     for key, title in METRICS:
         vals = [s["metrics"].get(key) for s in sets]
         if all(v is None for v in vals):
@@ -202,12 +213,14 @@ def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
     if st:
         pols = list(st[0]["statelessness"])
         rows = [
-            "| server decodes with | " + " | ".join(s["setting"] for s in st) + " |",
+            "| server decodes with | " + " | ".join(text_cell(s["setting"]) for s in st) + " |",
             "|---|" + "---|" * len(st),
         ]
         for p in pols:
             rows.append(
-                f"| {p} | " + " | ".join(_stateless_cell(s["statelessness"].get(p)) for s in st) + " |"
+                f"| {text_cell(p)} | "
+                + " | ".join(_stateless_cell(s["statelessness"].get(p)) for s in st)
+                + " |"
             )
         out.append(
             "Statelessness (token PPL of the true continuation / greedy top-1 agreement):\n\n"
@@ -216,8 +229,8 @@ def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
     nf = result.get("noise_fitting") or {}
     if nf:
         modes = list(next(iter(nf.values())))
-        rows = ["| β | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
-        rows += [f"| {b} | " + " | ".join(fmt(v[m]) for m in modes) + " |" for b, v in nf.items()]
+        rows = ["| β | " + " | ".join(text_cell(m) for m in modes) + " |", "|---|" + "---|" * len(modes)]
+        rows += [f"| {text_cell(b)} | " + " | ".join(fmt(v[m]) for m in modes) + " |" for b, v in nf.items()]
         out.append(
             "Block-1 rows N(E[t]) + Laplace(β): top-1 token recovery (fixed vs one-time noise):\n\n"
             + "\n".join(rows)
@@ -241,6 +254,7 @@ def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
 _BASELINES = (
     ("prompt_pos", "prior, per position"),
     ("prompt_bag", "prior, bag"),
+    ("prompt_next_bag", "prior, bag of the next tokens"),
     ("generated", "prior, generated"),
     ("generated_fed", "prior, generated, carried by the steps"),
     ("generated_next", "prior, generated, predicted by the steps"),
