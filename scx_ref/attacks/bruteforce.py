@@ -27,7 +27,15 @@ from .llm_reorder import LanguageModel
 __all__ = ["enumerate_orders", "head_perm_bits", "search_space_bits", "stage_search_spaces"]
 
 #: Prefill stages whose rows arrive under a token permutation (with decoys).
-_ROW_PERMUTED = (Stage.QKV, Stage.O, Stage.FFN, Stage.HEAD, Stage.LOCK)
+_ROW_PERMUTED = (
+    Stage.QKV,
+    Stage.O,
+    Stage.ROUTER,
+    Stage.FFN,
+    Stage.FFN_DOWN,
+    Stage.HEAD,
+    Stage.LOCK,
+)
 
 
 def search_space_bits(rows: int) -> float:
@@ -77,9 +85,13 @@ def stage_search_spaces(view: ServerView, config: ModelConfig) -> list[dict[str,
 def enumerate_orders(bag: npt.ArrayLike, n: int, lm: LanguageModel, max_rows: int = 7) -> list[int]:
     """The maximum-likelihood sequence of n distinct bag elements, by enumerating all (n+r)!/r! choices
     and orders (exact; refuses bags larger than ``max_rows``). ConfigError unless 0 < n ≤ the bag's
-    size; VocabularyError unless the bag holds integer ids."""
+    size, ``max_rows`` is an integer ≥ 1 and ``lm`` has ``token_logprobs``; VocabularyError unless the
+    bag holds integer ids."""
     items = [int(t) for t in token_ids(np.asarray(bag).ravel(), allow_empty=True)]
     n = int_arg(n, "n")
+    max_rows = int_arg(max_rows, "max_rows", 1)
+    if not callable(getattr(lm, "token_logprobs", None)):
+        raise ConfigError(f"lm must be a language model (token_logprobs), got {type(lm).__name__}")
     if not 0 < n <= len(items):
         raise ConfigError(f"need 0 < n <= bag size ({len(items)}), got n={n}")
     if len(items) > max_rows:

@@ -38,9 +38,10 @@ def norm_residual(rows: Array, gamma: Array) -> Array:
 
 def vocab_distance(rows: Array, weights: ModelWeights, normalized: bool) -> Array:
     """Relative L2 distance of each row to the nearest (normalized) embedding row: 0 for a real
-    un-noised block-1 row."""
+    un-noised block-1 row. DTypeError, ShapeError, NonFiniteError unless ``rows`` are finite numeric
+    rows × hidden size."""
     table = normalized_table(weights) if normalized else np.asarray(weights.embed, dtype=np.float64)
-    rows = np.asarray(rows, dtype=np.float64)
+    rows = rows_arg(rows, "rows", table.shape[1])
     _, d = nearest_rows(rows, table, "l2")
     return np.asarray(d / (np.linalg.norm(rows, axis=1) + 1e-12))
 
@@ -57,7 +58,8 @@ def residual_links(
     """Which rows are real, by the identity FFN row = QKV row + O-stage output row (block ``layer``).
 
     Returns boolean masks (qkv_real, o_real, ffn_real) over each message's rows: a FFN row is real
-    when some pair (x, o·W_o) sums to it within relative ``tol``; the rows of such pairs are real.
+    when some pair (x, o·W_o) sums to it within relative ``tol``; the rows of such pairs are real, and so
+    is every QKV or O row that forms such a pair as well (a repeated token's equal block-1 rows: all real).
     With ``qkv_normalized`` (noised block) the QKV rows are not the residual, and block 1 uses the
     vocabulary instead: FFN row − O output ∈ embedding table (see :func:`vocab_match.match_block1_residual`).
 
@@ -82,7 +84,9 @@ def residual_links(
         # f − y_b must equal some x_a: nearest x for each candidate difference
         diff = row[None, :] - y  # (n_o, d)
         d = np.linalg.norm(diff[:, None, :] - xq[None, :, :], axis=2) / (np.linalg.norm(row) + 1e-12)
-        a, b = np.unravel_index(int(np.argmin(d.T)), (len(xq), len(y)))
-        if d[b, a] < tol:
-            f_real[j], q_real[a], o_real[b] = True, True, True
+        ok = d < tol  # (n_o, n_q): the pairs that sum to this row
+        if ok.any():
+            f_real[j] = True
+            q_real |= ok.any(axis=0)
+            o_real |= ok.any(axis=1)
     return q_real, o_real, f_real

@@ -23,7 +23,7 @@ from ..errors import ConfigError, ShapeError
 from ..protocol.transport import ServerView
 from ..stages import Stage
 from ..weights import ModelWeights
-from ._model import forward_trace, int_arg
+from ._model import forward_trace, int_arg, rows_arg
 from ._view import open_meta, raw_qkv, shared_caches
 
 __all__ = ["SERVER_POLICIES", "decode_with_caches", "server_caches", "statelessness_table"]
@@ -40,20 +40,30 @@ def decode_with_caches(
 ) -> tuple[Array, Array]:
     """Logits (T × V) and final hidden rows after feeding ``tokens`` at positions start, start+1, …, each
     attending to every row of its block's given cache (any length) and to the tokens before it.
-    ConfigError unless ``start`` ≥ 0; ShapeError unless ``caches`` holds one (K, V) pair of rows × H_kv
-    × d_h arrays per block; VocabularyError for ids outside the vocabulary."""
+    ConfigError unless ``start`` ≥ 0; ShapeError unless ``caches`` (a list) holds one (K, V) pair of
+    rows × H_kv × d_h arrays per block, DTypeError unless they are numeric, NonFiniteError for NaN or
+    ±Inf in them; VocabularyError for ids outside the vocabulary."""
     c = weights.config
     ids = np.asarray(token_ids(tokens, c.vocab_size, allow_empty=True), dtype=np.int64)
     start = int_arg(start, "start")
     want = (c.n_kv_heads, c.head_dim)
-    if len(caches) != c.n_layers or any(
-        len(pair) != 2
-        or np.ndim(pair[0]) != 3
-        or np.shape(pair[0])[1:] != want
-        or np.shape(pair[1]) != np.shape(pair[0])
-        for pair in caches
+    if (
+        not isinstance(caches, (list, tuple))
+        or len(caches) != c.n_layers
+        or any(
+            not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or np.ndim(pair[0]) != 3
+            or np.shape(pair[0])[1:] != want
+            or np.shape(pair[1]) != np.shape(pair[0])
+            for pair in caches
+        )
     ):
         raise ShapeError(f"caches must be {c.n_layers} (K, V) pairs of shape (rows, {want[0]}, {want[1]})")
+    caches = [
+        (rows_arg(ck, f"block {i}'s cached keys", ndim=3), rows_arg(cv, f"block {i}'s cached values", ndim=3))
+        for i, (ck, cv) in enumerate(caches)
+    ]
     t = len(ids)
     pos = np.arange(start, start + t)
     x = ops.embed(ids, weights.embed).astype(np.float64)

@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from .. import ops
 from .._checks import token_ids
-from ..errors import ConfigError, NonFiniteError, ShapeError
+from ..errors import ConfigError, DTypeError, NonFiniteError, ProtocolError, ShapeError
 from ..reference import KVCache
 from ..weights import ModelWeights
 from ._model import candidate_states, float_arg, forward_trace, int_arg, rows_arg
@@ -67,7 +67,8 @@ def _rows_and_table(rows: Array, table: Array, chunk: int) -> tuple[Array, Array
 
 
 def nearest_rows(rows: Array, table: Array, metric: str = "l1", chunk: int = 4096) -> tuple[Array, Array]:
-    """For each row, the index of the nearest table row and the distance (``l1`` or ``l2``). ShapeError
+    """For each row, the index of the nearest table row and the distance (``l1`` or ``l2``; the distance of
+    the chosen row computed directly, so an exact match is at distance 0). ShapeError
     unless rows and table are 2-D of one width (the table non-empty), NonFiniteError for NaN or ±Inf,
     ConfigError for another metric or a chunk < 1."""
     if metric not in ("l1", "l2"):
@@ -95,6 +96,8 @@ def nearest_rows(rows: Array, table: Array, metric: str = "l1", chunk: int = 409
         dj = d[np.arange(len(rows)), j]
         better = dj < best
         best[better], arg[better] = dj[better], j[better] + start
+    if metric == "l2":  # the expanded form's rounding (~1e-8·|row|) is no distance: an exact match is 0
+        best = np.sqrt(((rows - table[arg]) ** 2).sum(axis=1))
     return arg, best
 
 
@@ -108,8 +111,11 @@ def match_block1_qkv(
     """Token id and distance for each block-1 QKV-stage row (permuted bag, decoys included).
 
     ``normalized``: the message's flag (rows are RMSNorm(E[t]) + noise) — None tries raw and normalized
-    tables and keeps the closer match per row. With no noise a real row matches at distance 0."""
-    rows = np.asarray(rows, dtype=np.float64)
+    tables and keeps the closer match per row. With no noise a real row matches at distance 0.
+    DTypeError, ShapeError, NonFiniteError for rows that are not finite numeric rows × hidden size;
+    ConfigError for ``tables`` that are not a :class:`Block1Tables` of this model."""
+    rows = rows_arg(rows, "rows")
+    tables = _checked_tables(tables, weights)
     if normalized is None:
         a, da = match_block1_qkv(rows, weights, False, metric, tables)
         b, db = match_block1_qkv(rows, weights, True, metric, tables)
@@ -138,8 +144,11 @@ def map_tokens(dist: Array, beta: float, log_prior: Array) -> Array:
     Laplace(β) noise and the token prior: argmax_t log p(t) − d_t / β (β = 0: the nearest row; β = ∞: the
     prior's mode). ConfigError for β < 0 or NaN; ShapeError unless ``dist`` is 2-D with one prior entry
     per column; NonFiniteError for a NaN distance or prior entry (a −∞ prior, probability 0, is allowed)."""
-    d = np.asarray(dist, dtype=np.float64)
-    prior = np.asarray(log_prior, dtype=np.float64)
+    try:
+        d = np.asarray(dist, dtype=np.float64)
+        prior = np.asarray(log_prior, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DTypeError(f"distances and log_prior must be numeric arrays: {exc}") from None
     if d.ndim != 2:
         raise ShapeError(f"distances must be rows × tokens, got shape {d.shape}")
     if prior.shape != (d.shape[1],):
@@ -149,6 +158,8 @@ def map_tokens(dist: Array, beta: float, log_prior: Array) -> Array:
     beta = float_arg(beta, "beta", 0.0, allow_inf=True)
     if beta <= 0:
         return np.asarray(np.argmin(d, axis=1))
+    if np.isinf(beta):  # the prior alone (d / ∞ would be NaN for an infinite distance)
+        return np.full(len(d), int(np.argmax(prior)), dtype=np.int64)
     return np.asarray(np.argmax(prior[None, :] - d / beta, axis=1))
 
 
@@ -165,7 +176,9 @@ def match_block1_map(
 
     This is the Bayes-optimal single-row guess for an attacker who knows the noise scale and the prior:
     at small β it is the L1 nearest row, at large β it tends to the prior's mode. Returns (ids, L1
-    distance of the chosen row)."""
+    distance of the chosen row). ConfigError for ``tables`` that are not a :class:`Block1Tables` of this
+    model; the checks of :func:`l1_distances` and :func:`map_tokens` otherwise."""
+    tables = _checked_tables(tables, weights)
     if normalized:
         table = normalized_table(weights) if tables is None else tables.normalized
     else:
@@ -231,6 +244,17 @@ class Block1Tables:
         return np.sort(np.asarray(z), axis=1)
 
 
+def _checked_tables(tables: Any, weights: ModelWeights) -> Block1Tables | None:
+    """``tables`` (None, or precomputed :class:`Block1Tables` of a model with ``weights``' config)."""
+    if tables is None:
+        return None
+    if not isinstance(tables, Block1Tables):
+        raise ConfigError(f"tables must be Block1Tables or None, got {type(tables).__name__}")
+    if tables.weights is not weights and tables.weights.config != weights.config:
+        raise ConfigError("tables were built for another model (its config differs)")
+    return tables
+
+
 def _flat_rows(x: Array, name: str, width: int) -> Array:
     """Rows × ``width`` float64 from rows × heads × d_h (or rows × width), checked as :func:`rows_arg`."""
     try:
@@ -259,8 +283,9 @@ def match_block1_attn(
     k_p = RoPE_p(N(E[t_p])W_k) depend only on (t_p, p). The ``shortlist`` tokens with the closest V
     fingerprints are re-ranked by V + K distance (``use_k``); ``tables`` reuses precomputed tables.
     ShapeError unless K and V have the same rows of kv_dim values each; NonFiniteError for NaN or ±Inf;
-    ConfigError for a shortlist < 1."""
-    tab = Block1Tables(weights) if tables is None else tables
+    ConfigError for a shortlist < 1 or ``tables`` that are not a :class:`Block1Tables` of this model."""
+    checked = _checked_tables(tables, weights)
+    tab = Block1Tables(weights) if checked is None else checked
     kv_dim = weights.config.kv_dim
     k, v = _flat_rows(k, "k", kv_dim), _flat_rows(v, "v", kv_dim)
     if len(k) != len(v):
@@ -290,6 +315,16 @@ def match_block1_attn(
     return ids, dist
 
 
+def _ranked(order: Any, vocab_size: int) -> Array:
+    """A ranker's candidate order, checked: a non-empty 1-D integer array of vocabulary ids (a float id
+    would be truncated to another token; no candidate would leave token 0 at distance ∞)."""
+    try:
+        arr = np.asarray(token_ids(order, vocab_size), dtype=np.int64)
+    except ProtocolError:  # token_ids' empty-ids error
+        raise ConfigError("the ranker returned no candidate") from None
+    return arr
+
+
 def match_sequential(
     targets: Array,
     weights: ModelWeights,
@@ -313,8 +348,9 @@ def match_sequential(
 
     Checked first: ConfigError for another ``kind``, a block the model lacks, ``first``, ``chunk`` or
     ``max_candidates`` < 1 (no candidate tried would return token 0 at distance ∞), ``tol`` not a number
-    ≥ 0; ShapeError unless the targets are rows × (2·kv_dim for ``kv``, hidden size for ``x``), finite
-    (NonFiniteError); VocabularyError for a prefix or ranked candidate outside the vocabulary.
+    ≥ 0, a ``ranker`` that is not callable or returns no candidate; ShapeError unless the targets are
+    rows × (2·kv_dim for ``kv``, hidden size for ``x``), finite (NonFiniteError); VocabularyError for a
+    prefix or ranked candidate outside the vocabulary (or not a 1-D integer array).
     """
     c = weights.config
     if kind not in ("kv", "x"):
@@ -325,6 +361,8 @@ def match_sequential(
     if max_candidates is not None:
         max_candidates = int_arg(max_candidates, "max_candidates", 1)
     tol = float_arg(tol, "tol", 0.0)
+    if ranker is not None and not callable(ranker):
+        raise ConfigError(f"ranker must be callable or None, got {type(ranker).__name__}")
     cache = KVCache()
     pre = np.asarray(token_ids(prefix, c.vocab_size, allow_empty=True), dtype=np.int64)
     if len(pre):  # at block 1 too: the cache's length is the first target's position
@@ -333,7 +371,7 @@ def match_sequential(
     ids = np.zeros(len(targets), dtype=np.int64)
     dist = np.zeros(len(targets))
     for p, target in enumerate(targets):
-        order = np.arange(c.vocab_size) if ranker is None else np.asarray(ranker(target), dtype=np.int64)
+        order = np.arange(c.vocab_size) if ranker is None else _ranked(ranker(target), c.vocab_size)
         best_d, best_t, tried = np.inf, 0, 0
         scale = float(np.linalg.norm(target)) + 1e-12
         while tried < limit:
