@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from scx_ref.commands._args import int_at_least
+from scx_ref.commands._args import int_at_least, int_list
+
+from .timing_args import model_name
 
 
 def enable_gqa_form(self: Any, q: Any, k: Any, v: Any) -> Any:
@@ -79,14 +81,24 @@ def time_forms(backend: Any, keys: int, calls: int) -> tuple[list[float], list[f
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.attention_forms", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="a registered model (its head counts and blocks)")
+    p.add_argument(
+        "--model",
+        type=model_name,
+        default="smollm2",
+        help="a registered model or random:<preset>[:seed] (its head counts and blocks)",
+    )
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch CPU threads, >= 1 (1)")
-    p.add_argument("--keys", default="16,128,513,2049,4097", help="comma-separated cache lengths")
-    p.add_argument("--calls", type=int, default=400, help="timed calls of each form per length (400)")
+    p.add_argument(
+        "--keys",
+        type=int_list(1),
+        default="16,128,513,2049,4097",
+        help="comma-separated cache lengths, each >= 1",
+    )
+    p.add_argument(
+        "--calls", type=int_at_least(1), default=400, help="timed calls of each form per length, >= 1 (400)"
+    )
     a = p.parse_args(argv)
-    lengths = [int(k) for k in a.keys.split(",") if k.strip()]
-    if not lengths or min(lengths) < 1 or a.calls < 1:
-        p.error("--keys: positive lengths; --calls: at least 1")
+    lengths: list[int] = a.keys
     import torch
 
     from scx_ref.commands.bench import build_models

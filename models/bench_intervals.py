@@ -126,8 +126,9 @@ def _rows(data: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print each file's rows with their intervals and verdicts, then the tally; a file that is missing or
-    not a ``scx bench --json`` file with its rounds exits 2 (argparse's usage and one ``error:`` line)."""
+    """Print each file's rows with their intervals and verdicts, then the tally; a file that is missing,
+    named twice or not a ``scx bench --json`` file with its rounds exits 2 (argparse's usage and one
+    ``error:`` line)."""
     p = argparse.ArgumentParser(
         prog="python -m models.bench_intervals", description=(__doc__ or "").split("\n\n")[0]
     )
@@ -138,6 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="judge the goals on the median of paired round ratios (default: the ratio of medians)",
     )
     args = p.parse_args(argv)
+    named: set[Path] = set()
+    for path in args.files:  # one file twice (overlapping globs) would count its verdicts twice
+        if path.resolve() in named:
+            p.error(f"{path}: given twice (its rows would be counted twice in the verdicts)")
+        named.add(path.resolve())
     tally: dict[str, int] = {}
     for path in args.files:
         if not path.is_file():

@@ -106,7 +106,13 @@ def measure(model: str, n: int, threads: int, rounds: int) -> dict[str, list[flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = timing_parser("models.check_cost", __doc__, rounds=21, max_n=MAX_LENGTH)
+    p = timing_parser(
+        "models.check_cost",
+        __doc__,
+        rounds=21,
+        model_help="a registered model or random:<preset>[:seed]",
+        max_n=MAX_LENGTH,
+    )
     a = p.parse_args(argv)
     t = measure(a.model, a.n, a.threads, a.rounds)
     med = statistics.median

@@ -84,7 +84,11 @@ def _summary(xs: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = timing_parser(
-        "models.cold_caches", __doc__, rounds=15, model_help="a registered model", max_n=MAX_LENGTH
+        "models.cold_caches",
+        __doc__,
+        rounds=15,
+        model_help="a registered model or random:<preset>[:seed]",
+        max_n=MAX_LENGTH,
     )
     p.add_argument(
         "--evict-mb", type=int_at_least(1), default=64, help="MiB written after each server reply, >= 1 (64)"

@@ -32,7 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 from scx_ref.backends.base import WeightName, out_width
-from scx_ref.commands._args import int_at_least
+from scx_ref.commands._args import int_at_least, int_list
+
+from .timing_args import model_name
 
 FORMS = ("in_out", "mkl_packed", "onednn", "unpadded")
 
@@ -118,9 +120,19 @@ def time_forms(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.gemm_forms", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="a registered model (its projection shapes)")
+    p.add_argument(
+        "--model",
+        type=model_name,
+        default="smollm2",
+        help="a registered model or random:<preset>[:seed] (its projection shapes)",
+    )
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch CPU threads, >= 1 (1)")
-    p.add_argument("--rows", default="1,130,514", help="comma-separated row counts (1,130,514)")
+    p.add_argument(
+        "--rows",
+        type=int_list(1),
+        default="1,130,514",
+        help="comma-separated row counts, each >= 1 (1,130,514)",
+    )
     p.add_argument("--rounds", type=int_at_least(1), default=7, help="alternating rounds, >= 1 (7)")
     p.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated forms ({','.join(FORMS)})")
     a = p.parse_args(argv)
@@ -137,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for what, (out, inp, count) in shapes(a.model).items():
             weights = [torch.randn(out, inp, generator=gen) for _ in range(count)]
-            for rows in (int(r) for r in a.rows.split(",")):
+            for rows in a.rows:
                 base, got = time_forms(weights, torch.randn(rows, inp, generator=gen), a.rounds, forms)
                 cells = "  ".join(
                     f"{k} {statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]{'' if eq else ' ≠'}"

@@ -153,7 +153,11 @@ def process_peak(
 
 def main(argv: list[str] | None = None) -> int:
     p = timing_parser(
-        "models.host_memory", __doc__, rounds=7, model_help="a registered model", max_n=MAX_LENGTH
+        "models.host_memory",
+        __doc__,
+        rounds=7,
+        model_help="a registered model or random:<preset>[:seed]",
+        max_n=MAX_LENGTH,
     )
     p.add_argument(
         "--peak",
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--peak-child", choices=["pool", "no-pool"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.pool_mib is not None and not (a.peak or a.peak_child):  # it bounds only --peak's pool
+        p.error("argument --pool-mib: only with --peak (the other measurements use the default pool)")
     if a.peak_child:
         loaded, peak = process_peak(a.model, a.n, a.threads, a.peak_child == "pool", a.pool_mib)
         print(f"  {a.peak_child:8s} loaded {loaded} MiB, peak {peak} MiB: {peak - loaded} MiB over the model")
@@ -178,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         for case in ("pool", "no-pool"):
             args = ["--model", a.model, "--n", str(a.n), "--threads", str(a.threads), "--peak-child", case]
             args += [] if a.pool_mib is None else ["--pool-mib", str(a.pool_mib)]
-            subprocess.run([sys.executable, "-m", "models.host_memory", *args], check=True)
+            # this module under the name it was run by (models.host_memory or scx_models.host_memory): the
+            # installed package is importable from any directory, ``models`` only from the repository's
+            module = __spec__.name if __spec__ is not None else "models.host_memory"
+            subprocess.run([sys.executable, "-m", module, *args], check=True)
         return 0
     import torch
 

@@ -145,6 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-verify", action="store_true", help="reply verification off")
     p.add_argument("--top", type=int_at_least(1), default=25, help="entries of each table, >= 1 (25)")
     a = p.parse_args(argv)
+    from scx_ref.commands._args import require_device
+    from scx_ref.errors import ConfigError
+    from scx_ref.zoo import max_positions
+
+    if a.n > max_positions(a.model):  # the session's max_length: refused before the model is loaded
+        p.error(f"argument --n: must be <= {max_positions(a.model)} (the positions of {a.model}), got {a.n}")
+    try:  # a CUDA device this machine lacks: refused before the model is loaded, not by a traceback
+        require_device(a.device)
+    except ConfigError as exc:
+        p.error(f"argument --device: {exc}")
     threads = a.threads if a.device == "cpu" else None  # on a GPU, torch's own CPU threads
     print(profile_prefill(a.model, a.n, a.device, not a.no_verify, a.rounds, a.top, threads))
     return 0

@@ -20,6 +20,7 @@ Run: ``python -m models.silu_error [--limit 87] [--stride 1]``. It asserts nothi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -125,7 +126,15 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--limit must be in (0, 87]: below -87 the kernel's e^-|x| is cut to 0 by design")
     if a.stride < 1:
         p.error("--stride must be at least 1")
-    for name, w in sweep(a.limit, a.stride, not a.no_progress).items():
+    worst = sweep(a.limit, a.stride, not a.no_progress)
+    if any(
+        math.isnan(w.at) for w in worst.values()
+    ):  # NaN: no x compared, and "0.000 u32" would read as exact
+        p.error(
+            f"no x with |x| <= {a.limit:g} at stride {a.stride} has a normal float32 SiLU to compare: "
+            "raise --limit or lower --stride"
+        )
+    for name, w in worst.items():
         where = f"(|x| <= {a.limit:g}, stride {a.stride})"
         print(f"{name}: max relative error {w.ulps:.3f} u32 at x = {w.at!r} {where}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -25,6 +26,7 @@ from typing import Any
 
 from scx_ref._files import write_text_whole
 from scx_ref.commands._args import int_at_least, output_file
+from scx_ref.errors import ConfigError
 
 SIZES = (2304, 786_432, 2_000_000)
 
@@ -124,10 +126,24 @@ LIBRARIES: dict[str, tuple[Callable[[int], None], Callable[[int, bytes, int], li
 }
 
 
+#: the module each library's server or client imports, and the package ``pip`` installs it from
+MODULES = {"websockets": "websockets", "uvicorn": "uvicorn", "starlette": "starlette", "grpc": "grpcio"}
+
+
+def missing_packages() -> list[str]:
+    """The packages of :data:`MODULES` not installed (each library's server runs in a child process, so a
+    missing one would otherwise show only as a traceback once its server had been waited for)."""
+    return [pkg for module, pkg in MODULES.items() if importlib.util.find_spec(module) is None]
+
+
 def measure(reps: int = 3) -> list[dict[str, Any]]:
-    """Median round trip (ms) per library and size, best of ``reps`` (>= 1) runs."""
+    """Median round trip (ms) per library and size, best of ``reps`` (>= 1) runs; ConfigError, before any
+    server starts, when a library is not installed (:func:`missing_packages`)."""
     if reps < 1:
         raise ValueError(f"reps must be at least 1, got {reps}")
+    missing = missing_packages()
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not installed: pip install {' '.join(MODULES.values())}")
     rows = []
     for name, (serve, client) in LIBRARIES.items():
         port = _free_port()
@@ -164,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     load = os.getloadavg()[0]
-    rows = measure(args.reps)
+    try:
+        rows = measure(args.reps)
+    except ConfigError as exc:  # a library not installed
+        ap.error(str(exc))
     print(f"load average {load:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if args.json:
         write_text_whole(

@@ -193,16 +193,16 @@ def test_request_profile_reports_both_sides_and_the_profiles(capsys: pytest.Capt
     import torch
 
     from models.request_profile import cuda_counts, main
-    from scx_ref.errors import ConfigError
 
     assert main(["--model", "tiny-llama", "--n", "6", "--rounds", "1", "--top", "5", "--no-verify"]) == 0
     out = capsys.readouterr().out
     assert "tiny-llama n=6 cpu float32 verify=False: SCX" in out and "ratio" in out
     assert "by self CPU time" in out and "aten::" in out and "cProfile, one SCX prefill" in out
     assert ("by self device time" in out) is False  # no device table for a CPU run
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="no such CUDA device"):
+    if not torch.cuda.is_available():  # refused before the model loads: a usage error, exit 2
+        with pytest.raises(SystemExit) as exited:
             main(["--model", "tiny-llama", "--device", "cuda"])
+        assert exited.value.code == 2 and "no such CUDA device" in capsys.readouterr().err
 
     class Entry(NamedTuple):
         key: str
