@@ -6,7 +6,7 @@ level, then the next round in the reverse order, for ``--repeats`` rounds (defau
 untimed rounds (default 1: one-time costs — compiling the kernels on a fresh install, the first
 allocations — stay out of the rounds); the reported ratio is median(SCX) / median(baseline) of wall-clock
 time (process CPU time ratios beside it: on a loaded machine they are the steadier reading). Each round's
-SCX / baseline (the two timed back to back) is reported too — their median and quartiles — and the JSON
+SCX / baseline (the two timed in the same round) is reported too — their median and quartiles — and the JSON
 keeps every round's seconds: when the machine's speed drifts during a run the two medians can come from
 different rounds, and the paired median is then the steadier reading of the two. Each SCX request is also
 split in two — the seconds inside the server's ``handle`` calls and the rest (in process: the client's own
@@ -32,7 +32,8 @@ request. Generation time includes key sharing, amortised over the generated toke
 
 Also reported per level: the peak-memory ratio (CUDA: ``max_memory_allocated``; CPU: peak resident set
 growth during the run — SCX: its key derivation and the request — from the kernel's high-water mark on
-Linux, else sampled every 2 ms; none when below 1 MiB, where allocator reuse makes it noise), the
+Linux, else sampled every 2 ms; decode: the steps' on every side, the prompt's prefill left out; none
+when below 1 MiB, where allocator reuse makes it noise), the
 KV-state ratio (bytes of the distinct storages the server and client hold after the run, over the
 baseline's KV cache) and the client's share of the flops.
 
@@ -224,8 +225,8 @@ class BenchResult:
     repeats: int
     tokens: int = 0
     verify_ratio: float | None = None  # median(SCX) / median(SCX without reply verification)
-    #: SCX / baseline of each round (the two timed back to back): their median and quartiles show the run's
-    #: noise, which the ratio of medians hides
+    #: SCX / baseline of each round (the two timed in the same round): their median and quartiles show the
+    #: run's noise, which the ratio of medians hides
     round_ratios: list[float] = field(default_factory=list)
     round_ratio_q1: float = 0.0
     round_ratio_q3: float = 0.0
@@ -233,6 +234,9 @@ class BenchResult:
     #: each timed round's seconds (decode: per token), in round order
     scx_round_s: list[float] = field(default_factory=list)
     baseline_round_s: list[float] = field(default_factory=list)
+    #: each timed round's key derivation ahead (decode: per token), in round order: the offline part of
+    #: ``total_ratio_median``
+    keys_round_s: list[float] = field(default_factory=list)
     warmup: int = 0  # untimed rounds before them
     pool: dict[str, float] | None = None  # --pool: the entry's memory per token / step, fill throughput
     #: the SCX request split in two (decode: per token): the seconds inside the server's ``handle`` calls
@@ -319,14 +323,39 @@ class _PeakMemory:
         self._stop = threading.Event()
         self._max = self._base
 
+        self._lock = threading.Lock()
+
         def sample() -> None:
             while not self._stop.is_set():
-                self._max = max(self._max, float(self._rss()))
+                with self._lock:  # not across a restart(): its new base would be lost
+                    self._max = max(self._max, float(self._rss()))
                 time.sleep(0.002)
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
         return self
+
+    def restart(self) -> None:
+        """Measure from now on: the growth over the memory in use at this call (what a Hugging Face
+        ``generate`` reaches after its prompt's prefill, so that its decode's peak is the steps' alone, as
+        SCX's and PlainRunner's are)."""
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = float(torch.cuda.memory_allocated(self.device))
+            return
+        from ..backends import host_memory
+
+        host_memory.mark()
+        if self._thread is None:
+            base = self._reset_peak()
+            # a reset refused now (it was granted on entry): the entry's peak stays in, an upper bound
+            self._base = float(base if base is not None else self._rss())
+            return
+        with self._lock:
+            self._base = self._max = float(self._rss())
 
     def __exit__(self, *exc: object) -> None:
         import torch
@@ -432,16 +461,19 @@ def build_backend(model: str, dtype: str, device: str) -> tuple[Any, str]:
 
 
 class _FirstToken:
-    """A ``generate`` streamer that notes when the first generated token arrives (after the prefill)."""
+    """A ``generate`` streamer that notes when the first generated token arrives (after the prefill),
+    calling ``on_first()`` then, before it reads the clocks (its own time stays out of the steps')."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_first: Callable[[], None] = lambda: None) -> None:
         self.calls = 0
         self.t_first = 0.0
         self.c_first = 0.0
+        self.on_first = on_first
 
     def put(self, value: Any) -> None:
         self.calls += 1
         if self.calls == 2:  # call 1 is the prompt, call 2 the token the prefill produced
+            self.on_first()
             self.t_first, self.c_first = time.perf_counter(), time.process_time()
 
     def end(self) -> None:
@@ -497,8 +529,9 @@ class _Sides:
 
         assert self.hf is not None
         tid = torch.from_numpy(ids)[None].to(self.device)
-        streamer = _FirstToken()
         with _PeakMemory(self.device) as mem:
+            # the steps' peak, as SCX's and PlainRunner's are: not the prompt's prefill
+            streamer = _FirstToken(mem.restart)
             out = self.hf.generate(
                 tid,
                 attention_mask=torch.ones_like(tid),
@@ -566,6 +599,7 @@ class _Sides:
         with _PeakMemory(self.device) as mem:  # memory: the keys and the request together
             k0 = time.perf_counter()
             nonce = self._prepare(client, len(ids), 0, nonce)
+            _sync(self.device)  # the keys' device work stays out of the request's time
             keys = time.perf_counter() - k0
             self.in_server[0] = 0.0
             w0, c0 = time.perf_counter(), time.process_time()
@@ -576,7 +610,16 @@ class _Sides:
         report = client.cost_report(link, server.cost(client.session))
         self.share[level], self.offline[level] = report.client_flop_share, report.offline_flop_share
         self.state[level] = _scx_state(server, client)
+        self._close(client)
         return wall, cpu, mem.peak, keys, in_server
+
+    @staticmethod
+    def _close(client: Any) -> None:
+        """End the session after its measurement, as the baselines' caches are dropped after theirs: left
+        open, its server's caches (the client's link holds the server) stayed resident into the next
+        request, whose prefill closed it — its close then timed in that request, and the memory it freed
+        there reused by it, unseen in its peak."""
+        client.close()
 
     def scx_decode(self, level: str, ids: np.ndarray, n_new: int) -> _Run:
         from ..keys import KeySchedule
@@ -602,6 +645,7 @@ class _Sides:
         report = client.cost_report(link, server.cost(client.session))
         self.share[level], self.offline[level] = report.client_flop_share, report.offline_flop_share
         self.state[level] = _scx_state(server, client)
+        self._close(client)
         return w, cpu, mem, prep.seconds_generation, in_server
 
 
@@ -631,6 +675,20 @@ def _positions(model: str) -> int | None:
     if random is not None:
         return RANDOM_PRESETS[random[0]].max_positions
     return max_positions(model) if model in MODEL_NAMES else None
+
+
+def _check_row_names(levels: list[str], configs: list[str]) -> None:
+    """ConfigError unless every row name is given once: a configuration named like a level (the preset
+    ``permute`` is not the level's default configuration) replaced that level's row under its name."""
+    twice = sorted({c for c in configs if configs.count(c) > 1})
+    if twice:
+        raise ConfigError(f"--configs: {twice} named twice")
+    both = [c for c in configs if c in levels]
+    if both:
+        raise ConfigError(
+            f"--configs {both} also named in --levels: one row per name (the preset is not the level's "
+            "default configuration); drop it from one of them"
+        )
 
 
 def run_bench(
@@ -663,6 +721,9 @@ def run_bench(
     from ..protocol import Client, SCXConfig
 
     c = backend.config
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"run_bench needs repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    _check_row_names(levels, list(configs or {}))
     check_lengths(lengths, gen_prompt, gen_tokens, c.max_positions)
     rng = np.random.default_rng(1234)  # public benchmark prompts
     master = KeySchedule.generate()
@@ -736,6 +797,7 @@ def run_bench(
                     round_ratio_median=statistics.median(paired),
                     scx_round_s=[w / div for w in t.wall],
                     baseline_round_s=[w / div for w in base.wall],
+                    keys_round_s=[k / div for k in t.keys],
                     warmup=warmup,
                     server_round_s=[s / div for s in t.server],
                     server_median_s=server_s,
@@ -829,8 +891,8 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
         "time ratio; mem: peak-memory ratio (- when the run's growth is below 1 MiB); state: KV-state bytes "
         "held after the run (server + client) / baseline KV cache; client: flop share; verify: median(SCX) / "
         "median(SCX without reply verification) (--verify-cost); rounds: quartiles and median of SCX / "
-        "baseline per round (each pair timed back to back): the spread is this run's noise, and where the "
-        "median differs from ratio the machine's speed drifted during the run; 95% interval: of ratio, a "
+        "baseline per round (each pair timed in the same round): the spread is this run's noise, and where "
+        "the median differs from ratio the machine's speed drifted during the run; 95% interval: of ratio, a "
         "paired bootstrap over the rounds (approximate); median interval: of the rounds' median, "
         "distribution-free (two order statistics, coverage ≥ 95 %, the exact value in the JSON; - below 6 "
         "rounds). A goal above an interval: shown met by this run; below it: shown missed; inside: undecided "
@@ -882,6 +944,7 @@ def main(args: argparse.Namespace) -> int:
     names = [c.strip() for c in (args.configs or "").split(",") if c.strip()]
     for name in names:
         preset(name)  # ConfigError for an unknown name, before any work
+    _check_row_names(levels, names)
     if args.quick:
         lengths, gen_prompt, gen_tokens = [32, 128], 64, 8
     else:

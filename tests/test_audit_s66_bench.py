@@ -1,0 +1,158 @@
+"""Audit s66 (``scx bench``): the decode phase's peak memory is the generation steps' on the Hugging Face
+side too (not its prompt's prefill), a configuration named like a level (or twice) no longer replaces a
+row silently, and ``run_bench`` refuses rounds it could not time."""
+
+from __future__ import annotations
+
+import gc
+import mmap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from scx_ref.cli import main
+from scx_ref.commands import bench
+from scx_ref.errors import ConfigError
+
+MIB = 1 << 20
+
+
+def _resettable() -> bool:
+    return not all(bench._PeakMemory._reset_peak() is None for _ in range(5))
+
+
+def test_peak_memory_restart_leaves_out_what_came_before() -> None:
+    """``restart()`` measures from its call on: 48 MiB written and freed before it are not in the peak,
+    16 MiB written after it are."""
+    import torch
+
+    if not _resettable():
+        pytest.skip("no resettable peak resident set here (not Linux, or /proc/self/clear_refs refused)")
+
+    def touch(size: int) -> None:
+        region = mmap.mmap(-1, size)
+        for at in range(0, size, mmap.PAGESIZE):
+            region[at] = 1
+        region.close()
+
+    gc.collect()
+    gc.disable()
+    try:
+        with bench._PeakMemory(torch.device("cpu")) as mem:
+            touch(48 * MIB)
+            mem.restart()
+            touch(16 * MIB)
+    finally:
+        gc.enable()
+    assert 15 * MIB <= mem.peak < 40 * MIB
+
+
+def test_hf_decode_peak_is_the_steps_not_the_prompts_prefill() -> None:
+    """The baseline's decode peak is taken over its generation steps, as SCX's and PlainRunner's are: a
+    2048-token prompt's prefill (its 2048 × 2048 attention mask alone is 16 MiB) was in it, so a decode
+    ratio compared SCX's steps with Hugging Face's prefill and steps together."""
+    import torch
+
+    if not _resettable():
+        pytest.skip("no resettable peak resident set here (not Linux, or /proc/self/clear_refs refused)")
+    backend, hf, _used = bench.build_models("tiny-llama", "float32", "cpu")
+    sides = bench._Sides(backend, hf, {}, backend.device)
+    ids = np.random.default_rng(0).integers(0, backend.config.vocab_size, size=2048, dtype=np.int64)
+    with torch.inference_mode():
+        wall, _cpu, peak, keys, server = sides.hf_decode(ids, 2)
+    assert wall > 0 and keys == server == 0.0
+    assert peak < 4 * MIB, f"{peak / MIB:.1f} MiB: the prefill's memory is in the decode's peak"
+
+
+def _tiny(argv: list[str]) -> list[str]:
+    fixed = ["--model", "random:tiny-dense", "--n", "4", "--gen-tokens", "0", "--repeats", "1"]
+    return ["bench", *fixed, *argv, "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--configs", "permute"], "also named in --levels"),  # the default level permute's row replaced
+        (["--levels", "permute,blind", "--configs", "blind"], "also named in --levels"),
+        (["--configs", "blind,blind"], "named twice"),
+    ],
+)
+def test_a_configuration_never_replaces_a_row_silently(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The preset ``permute`` is not the level ``permute``'s default configuration: timed under the same
+    name, its row replaced the level's and the level's measurement was lost."""
+    assert main(_tiny(argv)) == 2
+    err = capsys.readouterr().err
+    assert "scx bench: error:" in err and says in err
+
+
+def test_run_bench_refuses_a_configuration_named_like_a_level() -> None:
+    from scx_ref.protocol.presets import preset
+
+    backend, _ = bench.build_backend("random:tiny-dense", "float32", "cpu")
+    cfg = preset("permute").config(backend.config.n_layers)
+    with pytest.raises(ConfigError, match="also named in --levels"):
+        bench.run_bench(backend, ["permute"], [4], 4, 0, repeats=1, progress=False, configs={"permute": cfg})
+
+
+@pytest.mark.parametrize(("repeats", "warmup"), [(0, 1), (1, -1), (3, -2)])
+def test_run_bench_refuses_rounds_it_cannot_time(repeats: int, warmup: int) -> None:
+    """A negative warm-up started the timed rounds at round |warmup| (fewer timed rounds than the rows'
+    ``repeats`` said, none at all for warmup = -repeats: a raw StatisticsError)."""
+    backend, _ = bench.build_backend("random:tiny-dense", "float32", "cpu")
+    with pytest.raises(ConfigError, match="repeats >= 1 and warmup >= 0"):
+        bench.run_bench(backend, ["permute"], [4], 4, 0, repeats=repeats, progress=False, warmup=warmup)
+
+
+def test_rounds_alternate_pair_and_keep_their_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timed rounds alternate the order (warm-up rounds untimed on every side), each row's round ratios
+    pair the same round's two times, and the JSON keeps each round's key derivation: ``total_ratio_median``
+    is recomputable from the rows' own rounds."""
+    order: list[str] = []
+    count: dict[str, int] = {}
+
+    def side(sides: object, name: str, phase: str, *rest: object) -> tuple[float, float, float, float, float]:
+        count[name] = count.get(name, 0) + 1
+        order.append(name)
+        sides.state[name], sides.share[name], sides.offline[name] = 1, 0.0, 0.0  # type: ignore[attr-defined]
+        k = count[name]  # round k - warmup; each side's k-th call is the same round's
+        wall = float(k) * (3.0 if name == "permute" else 1.0)
+        return wall, wall, 0.0, (0.5 * k if name == "permute" else 0.0), 0.0
+
+    monkeypatch.setattr(bench, "_run_side", side)
+    backend, _ = bench.build_backend("random:tiny-dense", "float32", "cpu")
+    (row,) = bench.run_bench(backend, ["permute"], [8], 8, 0, repeats=4, progress=False, warmup=1)
+    # warm-up (round -1) reversed, then forward, reversed, forward, reversed
+    assert order == ["permute", "baseline"] + ["baseline", "permute", "permute", "baseline"] * 2
+    assert row.baseline_round_s == [2.0, 3.0, 4.0, 5.0] and row.scx_round_s == [6.0, 9.0, 12.0, 15.0]
+    assert row.round_ratios == [3.0] * 4
+    assert row.keys_round_s == [1.0, 1.5, 2.0, 2.5]
+    total = [s + k for s, k in zip(row.scx_round_s, row.keys_round_s, strict=True)]
+    assert row.total_ratio_median == pytest.approx(np.median(total) / np.median(row.baseline_round_s))
+
+
+def test_an_scx_measurement_closes_its_session_before_the_next() -> None:
+    """Each SCX run ends its session once measured, as the baselines drop their caches: left open, the
+    client's link kept the server and its caches resident into the next SCX request, whose prefill closed
+    it — a close timed in that request, and memory freed there that its peak reading reused unseen."""
+    import torch
+
+    from scx_ref.keys import KeySchedule
+    from scx_ref.protocol import Client, SCXConfig
+
+    backend, _ = bench.build_backend("random:tiny-dense", "float32", "cpu")
+    client = Client(backend, KeySchedule.generate(), SCXConfig(level="permute", max_length=64))
+    sides = bench._Sides(backend, None, {"permute": client}, backend.device)
+    ids = np.arange(8, dtype=np.int64)
+    with torch.inference_mode():
+        for phase in ("prefill", "decode"):
+            if phase == "prefill":
+                sides.scx_prefill("permute", ids)
+            else:
+                sides.scx_decode("permute", ids, 2)
+            assert client.state is not None and client.state.closed
+            assert not getattr(client.state.link, "server").sessions  # noqa: B009 (Transport has no server)
+            assert sides.state["permute"] > 0  # the state ratio still read before the close
