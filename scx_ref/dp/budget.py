@@ -38,7 +38,7 @@ from ..protocol.config import BETA_KINDS, LEVELS, SCXConfig
 from ..protocol.plan import InputKind, Release, ReleasePlan
 from ..stages import Phase, Stage
 from ..weights import ModelWeights
-from ._validate import check_count, check_delta, check_positive, quotient_up
+from ._validate import check_count, check_delta, check_nonnegative, check_positive, quotient_up
 from .accountants import CompositionResult, compose, pld_available
 from .mechanisms import LaplaceMechanism
 from .permutation import bayes_guess_bound, permutation_bits, prompt_order_bits, statelessness_bound_paper
@@ -87,7 +87,9 @@ class RequestBudget:
 
     ``epsilon_basic`` is pure (δ = 0); ``epsilon_advanced`` holds at ``delta_prime``; ``epsilon_pld`` at
     ``delta`` (None without dp_accounting); ``epsilon_best`` at ``delta`` (the smallest of those that hold
-    there, see :class:`~scx_ref.dp.accountants.CompositionResult`). All are +inf at level ``permute``.
+    there, see :class:`~scx_ref.dp.accountants.CompositionResult`). All are +inf when no message is a
+    Laplace release (level ``permute``). ``guard`` is the configuration's l_s; ``config`` the whole
+    configuration (l_e, attention, gen_linear, ... — what a named preset sets beside the options).
     """
 
     model: str
@@ -114,6 +116,7 @@ class RequestBudget:
     token_guess_paper_lemma2: float
     uncovered: tuple[str, ...]
     notes: tuple[str, ...]
+    config: SCXConfig
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (infinities become the string "inf")."""
@@ -154,6 +157,7 @@ class RequestBudget:
         }
         if self.epsilon_pld is None:
             out.pop("epsilon_pld")
+        out["config"] = self.config.to_dict()
         out["releases"] = sum(s.count for s in self.stages)
         out["stages"] = [s.to_dict() for s in self.stages]
         out["composition"] = None if self.composition is None else self.composition.to_dict()
@@ -186,7 +190,9 @@ def config_for_budget(
     guard_ffn: Literal["blinded", "clear"] = "blinded",
 ) -> SCXConfig:
     """The :class:`SCXConfig` of the budget calculator's options: ``guard`` = l_s = l_e, ``decoys`` =
-    r₁ = r₂ = r_lock, ``beta`` one β or a mapping kind → β (kinds :data:`BETA_KINDS`, or ``default``)."""
+    r₁ = r₂ = r_lock, ``beta`` one β > 0 or a mapping kind → β (kinds :data:`BETA_KINDS`, or ``default``
+    > 0). A kind's β may be 0, as in :attr:`SCXConfig.stage_beta`: its messages are sent clear, so they
+    are no release and the budget lists them as uncovered."""
     if level not in LEVELS:
         raise ConfigError(f"level must be one of {LEVELS}, got {level!r}")
     g = check_count(guard, "guard")
@@ -198,7 +204,7 @@ def config_for_budget(
                 f"unknown stage(s) in beta: {', '.join(sorted(repr(k) for k in unknown))}; "
                 f"kinds are {BETA_KINDS} (+ 'default')"
             )
-        stage_beta = {k: check_positive(v, f"beta[{k}]") for k, v in beta.items() if k != "default"}
+        stage_beta = {k: check_nonnegative(v, f"beta[{k}]") for k, v in beta.items() if k != "default"}
         default = beta.get("default")
         base = check_positive(default, "beta[default]") if default is not None else None
         if base is None:
@@ -354,4 +360,5 @@ def request_budget(
         ),
         uncovered=tuple(uncovered),
         notes=tuple(notes),
+        config=cfg,
     )

@@ -30,8 +30,9 @@ from ..errors import ConfigError
 from ..protocol.config import BETA_KINDS
 from ..protocol.presets import preset, preset_names
 from ..zoo import load_weights, weights_names_help
+from ._validate import check_delta
 from .accountants import PLD_TAIL_MASS, compose, pld_available
-from .budget import RequestBudget, request_budget
+from .budget import RequestBudget, config_for_budget, request_budget
 from .mechanisms import LaplaceMechanism, metric_dp_epsilon_per_unit, per_coordinate_reading
 from .permutation import bayes_guess_bound
 from .sensitivity import model_sensitivities
@@ -79,7 +80,9 @@ def check_options(args: argparse.Namespace) -> None:
     """Refuse (ConfigError, exit 2) an option the run would ignore, before any model loads: raw-mode
     options with ``--model``, model-mode options without it, ``--config`` beside an option it sets,
     ``--dim`` without ``--per-coordinate``, ``--pld-interval`` with ``--no-pld``. Then fill in the
-    defaults of the options not given."""
+    defaults of the options not given, and check the values that need no model (``--delta``,
+    ``--delta-prime``, model mode's ``--beta`` with the level, guard, decoys and guard FFN: SCXError), so a
+    bad one is refused before a model loads and its sensitivities are computed."""
     if args.model is not None:
         raw = _given(args, RAW_OPTIONS)
         if raw:
@@ -104,6 +107,11 @@ def check_options(args: argparse.Namespace) -> None:
     for dest, value in (RAW_DEFAULTS | MODEL_DEFAULTS).items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
+    check_delta(args.delta)
+    if args.delta_prime is not None:
+        check_delta(args.delta_prime, "delta_prime")
+    if args.model is not None and args.config is None:
+        config_for_budget(args.level, _parse_beta(args.beta), args.guard, args.decoys, args.guard_ffn)
 
 
 def _pld_skipped(args: argparse.Namespace) -> str:
@@ -186,7 +194,8 @@ def _inf_notes(
         if largest is None:
             notes.append(
                 "every epsilon is inf: no message of this configuration is a Laplace release (level permute "
-                "adds no noise), so there is no DP guarantee to account"
+                "adds no noise; a stage with a beta of 0 is sent clear), so there is no DP guarantee to "
+                "account"
             )
         else:
             notes.append(
@@ -346,11 +355,19 @@ def _budget_text(
     reason: str | None,
 ) -> str:
     beta = _fmt(b.beta["qkv"]) if len(set(b.beta.values())) == 1 else str(b.beta)
+    cfg = b.config
     config = "" if args.config is None else f"config={args.config} "
+    # l_s/l_e where they differ (the presets with every block a guard); the preset's other options
+    guard = f"guard={cfg.l_s}" if cfg.l_s == cfg.l_e else f"guards={cfg.l_s}/{cfg.l_e}"
     head = (
-        f"model {b.model}: {config}level={b.level} guard={b.guard} prompt_len={b.prompt_len} "
-        f"tokens={b.tokens} decoys={b.decoys} rows={b.rows} beta={beta}"
+        f"model {b.model}: {config}level={b.level} {guard} prompt_len={b.prompt_len} "
+        f"tokens={b.tokens} decoys={b.decoys} rows={b.rows} beta={beta} guard_ffn={cfg.guard_ffn}"
     )
+    if args.config is not None:
+        head += (
+            f" attention={cfg.attention} gen_attention={cfg.gen_attention} gen_linear={cfg.gen_linear} "
+            f"last_ffn={cfg.last_ffn}"
+        )
     parts = [head]
     diam = sens_dict.get("embed_normalized_diameter")
     if diam is not None:
@@ -449,11 +466,19 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if args.config is not None:
         out["preset"] = args.config
     if sens.embed_normalized_diameter is not None:
-        single = sens.embed_normalized_diameter / budget.beta["qkv"]
-        out["block1_single_release"] = {
-            "epsilon": single,
-            "token_guess_bayes": bayes_guess_bound(single, sens.vocab_size),
-        }
+        # the plan's block-1 prefill QKV release (none at level permute or with a qkv β of 0: null)
+        block1 = [s for s in budget.stages if (s.phase, s.stage, s.block) == ("prefill", "qkv", 1)]
+        single = block1[0].epsilon_each if block1 else None
+        out["block1_single_release"] = (
+            None
+            if single is None
+            else {
+                "epsilon": single,  # +inf (a β below the float64 range) guesses with probability 1
+                "token_guess_bayes": (
+                    bayes_guess_bound(single, sens.vocab_size) if math.isfinite(single) else 1.0
+                ),
+            }
+        )
     return out, _budget_text(budget, sd, args, notes, reason)
 
 
@@ -537,16 +562,17 @@ def register(subparsers: Any) -> None:
         "--config",
         choices=preset_names(),
         default=None,
-        help="a named configuration (scx_ref.protocol.presets): it sets the level, beta, guards, decoys and "
-        "guard FFN, and is refused beside --level/--beta/--guard/--decoys/--guard-ffn (default: none, "
-        "those options decide)",
+        help="a named configuration (scx_ref.protocol.presets): it sets the level, beta, guards, decoys, "
+        "guard FFN and where attention and the generation's linear maps run, and is refused beside "
+        "--level/--beta/--guard/--decoys/--guard-ffn (default: none, those options decide)",
     )
     add_level(model, default=None, help="SCX privacy level (default paper); not with --config")
     model.add_argument(
         "--beta",
         default=None,
-        help=f"Laplace scale: one number, or stage=value pairs over "
-        f"{', '.join(BETA_KINDS)}, default (e.g. qkv=5,default=20). Default 5; not with --config",
+        help=f"Laplace scale: one number > 0, or stage=value pairs over "
+        f"{', '.join(BETA_KINDS)}, default (e.g. qkv=5,default=20; a stage's 0 sends it clear, "
+        "uncounted and listed as not covered). Default 5; not with --config",
     )
     model.add_argument(
         "--guard",
