@@ -33,6 +33,7 @@ previous one; :meth:`Client.close` does it explicitly).
 from __future__ import annotations
 
 import functools
+import hmac
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -45,7 +46,7 @@ import numpy.typing as npt
 from .._checks import check_int, token_ids
 from ..backends.base import A, Backend, IndexArray, NormName, WeightName, out_width, split_qkv
 from ..config import ModelConfig
-from ..errors import IntegrityError, NonFiniteError, ProtocolError, SCXError, SessionError
+from ..errors import IntegrityError, NonFiniteError, ProtocolError, SessionError, VocabularyError
 from ..keys import KeySchedule
 from ..sampling import greedy_tokens
 from ..stages import Stage
@@ -101,6 +102,13 @@ def _check_link(link: Any) -> None:
         raise ProtocolError(f"link must be a Transport (with a send method), got {type(link).__name__}")
 
 
+def _same_master(a: KeySchedule, b: KeySchedule) -> bool:
+    """Whether the schedules ``a`` and ``b`` share one master secret (compared through a key each derives
+    under ``b``'s nonce, in constant time: the secrets themselves are never read)."""
+    label = ("client", "sketch-owner")
+    return hmac.compare_digest(a.for_nonce(b.nonce).key(label), b.key(label))
+
+
 @dataclass
 class _State(Generic[A]):
     """What the client keeps between calls for one session."""
@@ -126,12 +134,13 @@ class Client(Generic[A]):
 
     ``keys``: the master secret and the first session's nonce (refused when that pair already drove a
     session). ``sketches``: the reply verifier's precomputation (:class:`~scx_ref.protocol.verify.
-    SketchCache`) to share among clients of one backend and master secret; built here when None and
-    ``config.verify`` is on. ``decoys``: the decoy policy; by default a calibration pool built here from
-    ``public_tokens``, or — when None — from a pseudo-text the key schedule picks
-    (:func:`~scx_ref.protocol.decoys.secret_calibration_tokens`: a text the server knows lets it rebuild
-    the pool and find every decoy). An argument of the wrong kind is refused (ProtocolError; a bad
-    ``public_tokens``: VocabularyError, or ProtocolError when empty).
+    SketchCache`) to share among clients of one backend and master secret (one of another backend or
+    master secret is refused: ProtocolError); built here when None and ``config.verify`` is on.
+    ``decoys``: the decoy policy; by default a calibration pool built here from ``public_tokens``, or —
+    when None — from a pseudo-text the key schedule picks (:func:`~scx_ref.protocol.decoys.
+    secret_calibration_tokens`: a text the server knows lets it rebuild the pool and find every decoy).
+    An argument of the wrong kind is refused (ProtocolError; a bad ``public_tokens``: VocabularyError,
+    or ProtocolError when empty).
 
     A client runs one call at a time: a session is sequential. A call made while another thread's call
     (``prefill``, ``decode``, ``share_keys``, ``close``, ``generate``, ``precompute``) is running on the
@@ -185,6 +194,11 @@ class Client(Generic[A]):
                 sketches.build()  # offline, before any request
             elif sketches.b is not backend:
                 raise ProtocolError("the sketch cache belongs to another backend")
+            elif not _same_master(sketches.keys, keys):
+                raise ProtocolError(
+                    "the sketch cache belongs to another master secret: its check vectors are known to "
+                    "whoever holds that secret (build a SketchCache from this client's KeySchedule)"
+                )
             self.sketches = sketches
         self.verify_worst = 0.0  # the largest |residual|/tolerance of any check (the honest margin)
         self.state: _State[A] | None = None
@@ -263,16 +277,16 @@ class Client(Generic[A]):
         req = Request(st.keys.session_id, stage, layer, step, st.seq, arrays, meta, st.token)
         try:
             reply = link.send(req)
-        except Exception:
-            st.failed = True
+            wire = self.bb if meta.get("wide", False) is True else self.b  # a wide reply stays float64
+            got, u = self._guard(lambda: check_reply(wire, req, reply, expect, value_checked))
+            if stage is Stage.OPEN:
+                token = reply.meta.get("token") if isinstance(reply.meta, dict) else None
+                if not isinstance(token, str) or not 16 <= len(token) <= 256:
+                    self._guard(self._raise(IntegrityError("open: the reply carries no valid session token")))
+                st.token = str(token)
+        except BaseException:  # any error, ^C included, once the message may have gone: the server's
+            st.failed = True  # view of the session is unknown, so nothing more is sent on it
             raise
-        wire = self.bb if meta.get("wide", False) is True else self.b  # a wide reply stays float64
-        got, u = self._guard(lambda: check_reply(wire, req, reply, expect, value_checked))
-        if stage is Stage.OPEN:
-            token = reply.meta.get("token") if isinstance(reply.meta, dict) else None
-            if not isinstance(token, str) or not 16 <= len(token) <= 256:
-                self._guard(self._raise(IntegrityError("open: the reply carries no valid session token")))
-            st.token = str(token)
         st.seq += 1
         return got, u
 
@@ -514,7 +528,7 @@ class Client(Generic[A]):
         if old is not None and not (old.failed or old.closed) and old.link is not None:
             try:
                 self.close()
-            except (SCXError, OSError):  # its link gone (a transport's error) or its reply refused:
+            except Exception:  # its link gone (any transport's error, a custom one's) or its reply refused:
                 old.failed = True  # the old session is abandoned (_send marked it so); its idle TTL frees it
         self.meter = CostMeter()
         prep = self._take_prepared(keys.nonce, n)
@@ -815,8 +829,9 @@ class Client(Generic[A]):
         """Feed ``token`` at the next position with one-time keys; return the next logits (V,).
 
         Equal to plaintext decoding. Raises ProtocolError past ``max_length`` or for a ``link`` that is not
-        a transport (nothing is sent then, and the session is unchanged). An error after a message of the
-        step went (any error, ^C) fails the session: the server's step is half-run.
+        a transport, VocabularyError unless ``token`` is one integer id of the vocabulary (a Python or
+        numpy integer, not a bool; nothing is sent then, and the session is unchanged). An error after a
+        message of the step went (any error, ^C) fails the session: the server's step is half-run.
         """
         _check_link(link)
         st = self._require()
@@ -824,7 +839,9 @@ class Client(Generic[A]):
         t, p = st.step, st.n + st.step
         if p >= self.max_length:
             raise ProtocolError(f"generation past the configured maximum length {self.max_length}")
-        h = b.embed(np.asarray([token]))  # validate the token before anything is sent
+        # validate the token before anything is sent: one integer id of the vocabulary
+        tok = check_int(token, "token", 0, self.c.vocab_size - 1, error=VocabularyError)
+        h = b.embed(np.asarray([tok], dtype=np.int64))
         sent = st.seq
         try:
             return self._decode_step(link, st, h, t, p)
@@ -965,12 +982,17 @@ class Client(Generic[A]):
         The session is closed at the end.
 
         ``n_new`` is checked before anything is sent (an integer ≥ 0 whose positions fit in
-        ``max_length``; 0 sends nothing). An SCXError raised midway carries the tokens already made in
-        its ``tokens`` attribute; any other exception (a custom transport's) lists them in a note.
+        ``max_length``; 0 sends nothing, but a prompt that prefill would refuse is still refused). An
+        SCXError raised midway carries the tokens already made in its ``tokens`` attribute; any other
+        exception (a custom transport's) lists them in a note.
         """
         n_new = check_int(n_new, "n_new", 0, error=ProtocolError)
         _check_link(link)
         ids_arr = token_ids(ids)
+        if ids_arr.shape[0] > self.max_length:  # a bad prompt is an error even when n_new is 0
+            raise ProtocolError(
+                f"prompt of {ids_arr.shape[0]} tokens is longer than max_length {self.max_length}"
+            )
         if n_new == 0:
             self.b.embed(ids_arr)  # a bad prompt is still an error
             return []
