@@ -21,13 +21,23 @@ Array = npt.NDArray[Any]
 
 
 def _check_view(view: Any) -> ServerView:
+    """``view`` after checking it is a :class:`ServerView` of one session (ProtocolError otherwise: a
+    transport that carried several sessions records them all, and a message picked by stage, layer and step
+    could then be another request's, its rows mixed with this one's)."""
     if not isinstance(view, ServerView):
         raise ProtocolError(f"view must be a ServerView, got {type(view).__name__}")
+    sessions = {m.session for m in view.messages}
+    if len(sessions) > 1:
+        raise ProtocolError(
+            f"the view holds {len(sessions)} sessions: read one at a time "
+            "(ServerView([m for m in view.messages if m.session == s]))"
+        )
     return view
 
 
 def open_meta(view: ServerView) -> dict[str, Any]:
-    """The ``open`` message's metadata (n, r1, r2, …): public to the server."""
+    """The ``open`` message's metadata (n, r1, r2, …): public to the server. ProtocolError for a view
+    without one or of several sessions."""
     msgs = _check_view(view).select(stage=Stage.OPEN)
     if not msgs:
         raise ProtocolError("the view has no open message")
@@ -38,11 +48,15 @@ def message(
     view: ServerView, stage: Stage, layer: int | None = None, step: int | None = None
 ) -> ViewedMessage:
     """The first received message of ``stage`` (and layer / step when given); ProtocolError if none (or
-    ``stage`` is no :class:`Stage`)."""
+    ``stage`` is no :class:`Stage`, or the view holds several sessions); ConfigError for a ``layer`` or
+    ``step`` that is not an integer (a bool is none)."""
     try:
         stage = Stage(stage)
     except ValueError:
         raise ProtocolError(f"unknown stage {stage!r}") from None
+    # checked, not compared as given: True == 1 would pick block 1's message, 1.0 a float's
+    layer = None if layer is None else int_arg(layer, "layer", None)
+    step = None if step is None else int_arg(step, "step", None)
     msgs = _check_view(view).select(stage=stage, layer=layer, step=step)
     if not msgs:
         raise ProtocolError(f"the view has no {stage.value!r} message for layer {layer}, step {step}")
@@ -84,18 +98,36 @@ def raw_qkv(view: ServerView, weights: ModelWeights, layer: int) -> tuple[Array,
 
 def shared_caches(view: ServerView, weights: ModelWeights) -> dict[int, tuple[Array, Array]]:
     """The valid caches the server decodes after key sharing (DESIGN §5.2): for each shared block,
-    K = RoPE(π_iᵀ Z_k[:n]) and V = π_iᵀ Z_v[:n] (rows × H_kv × d_h), with α_i W removed at level blind."""
+    K = RoPE(π_iᵀ Z_k[:n]) and V = π_iᵀ Z_v[:n] (rows × H_kv × d_h), with α_i W removed at level blind.
+    ProtocolError for a view of several sessions, an open message without a row count ``n``, a shared
+    ``perm`` that is not a permutation of that block's QKV rows (fewer than ``n``), or an ``alpha`` not of
+    their shape."""
     c = weights.config
-    n = int(open_meta(view)["n"])
+    n = open_meta(view).get("n")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ProtocolError(f"the open message's n {n!r} is not a row count")
+    n = int(n)
     out: dict[int, tuple[Array, Array]] = {}
     for msg in view.select(stage=Stage.SHARE):
         layer = msg.layer
         _, zk, zv = raw_qkv(view, weights, layer)
+        rows = len(zk)
         if "alpha" in msg.arrays:
-            corr = np.asarray(msg.arrays["alpha"], dtype=np.float64) @ weights.layers[layer].wqkv
+            alpha = np.asarray(msg.arrays["alpha"], dtype=np.float64)
+            if alpha.shape != (rows, c.hidden_size):
+                raise ProtocolError(
+                    f"block {layer}'s shared alpha has shape {alpha.shape}, not its QKV rows' "
+                    f"({rows}, {c.hidden_size})"
+                )
+            corr = alpha @ weights.layers[layer].wqkv
             zk = zk - corr[:, c.q_dim : c.q_dim + c.kv_dim]
             zv = zv - corr[:, c.q_dim + c.kv_dim :]
-        perm = np.asarray(msg.arrays["perm"], dtype=np.int64)
+        perm = np.asarray(msg.arrays.get("perm"))
+        if perm.shape != (rows,) or not np.array_equal(np.sort(perm), np.arange(rows)):
+            raise ProtocolError(f"block {layer}'s shared perm is not a permutation of its {rows} QKV rows")
+        perm = perm.astype(np.int64)
+        if n > rows:
+            raise ProtocolError(f"block {layer} has {rows} QKV rows, fewer than the prompt's {n}")
         k, v = np.empty_like(zk), np.empty_like(zv)
         k[perm], v[perm] = zk, zv
         kk = ops.apply_rope(k[:n].reshape(n, c.n_kv_heads, c.head_dim), np.arange(n), c.rope_theta)

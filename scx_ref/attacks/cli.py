@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -264,9 +265,27 @@ _PLOT_FILES = (
 
 def _write_json(path: Path, result: dict[str, Any]) -> None:
     """Write ``result`` as JSON to ``path`` through a sibling ``.part`` file and a rename: ``path`` holds
-    the whole new result or, after an error, what it held before — never a half-written file."""
+    the whole new result or, after an error, what it held before — never a half-written file. An infinite
+    DP ε (an un-noised configuration) is written as the text ``"inf"``, as ``scx dp --json`` writes it and
+    the frontier reads it: JSON has no number for it (``Infinity`` is refused by strict readers)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_whole(path, json.dumps(result, indent=1, default=float))
+    write_text_whole(path, json.dumps(_inf_as_text(result), indent=1, default=float))
+
+
+def _inf_as_text(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with each setting's infinite ``dp`` ε replaced by ``"inf"`` (a copy; ``result`` is not
+    changed)."""
+    settings = result.get("settings")
+    if not isinstance(settings, list):
+        return result
+    out = []
+    for s in settings:
+        dp = s.get("dp") if isinstance(s, dict) else None
+        if isinstance(dp, dict):
+            dp = {k: "inf" if isinstance(v, float) and math.isinf(v) and v > 0 else v for k, v in dp.items()}
+            s = {**s, "dp": dp}
+        out.append(s)
+    return {**result, "settings": out}
 
 
 def _per_layer(n_layers: int, quick: bool) -> list[int]:
@@ -382,22 +401,6 @@ def _run_frontier(
         # the control first, then the presets in the order asked (a long run does the ones wanted most
         # first; the JSON lists them in preset order)
         settings = [by_name[None], *(by_name[name] for name in dict.fromkeys(wanted))]
-    lm: llm_reorder.LanguageModel
-    if tok is not None:
-        bos = tok.bos_token_id if tok.bos_token_id is not None else 0
-        lm = llm_reorder.TorchLM(model, int(bos))
-    else:
-        lm = llm_reorder.NumpyLM(weights)
-    ctx = harness.Context(weights, public, lm)
-    probes = sorted({harness.probe_block(s.config, L) for s in settings})
-    bar = tqdm(total=len(settings) * count + 1, desc="scx attack --frontier")
-    harness.fit_tools(ctx, probes, epochs=100 if args.quick else 300)
-    bar.update(1)
-
-    def step(msg: str) -> None:
-        bar.set_postfix_str(msg)
-        bar.update(1)
-
     sens = model_sensitivities(weights, embedding="bound")
     order: dict[str | None, int] = {None: -1, **{name: i for i, name in enumerate(preset_names())}}
     results: list[dict[str, Any]] = []
@@ -414,6 +417,24 @@ def _run_frontier(
         "complete": False,
         "missing": [s.name for s in settings],
     }
+    if args.json:  # at once: a run cut short before its first configuration leaves a file that says so,
+        _write_json(args.json, result)  # not an earlier run's result under this run's name
+    lm: llm_reorder.LanguageModel
+    if tok is not None:
+        bos = tok.bos_token_id if tok.bos_token_id is not None else 0
+        lm = llm_reorder.TorchLM(model, int(bos))
+    else:
+        lm = llm_reorder.NumpyLM(weights)
+    ctx = harness.Context(weights, public, lm)
+    probes = sorted({harness.probe_block(s.config, L) for s in settings})
+    bar = tqdm(total=len(settings) * count + 1, desc="scx attack --frontier")
+    harness.fit_tools(ctx, probes, epochs=100 if args.quick else 300)
+    bar.update(1)
+
+    def step(msg: str) -> None:
+        bar.set_postfix_str(msg)
+        bar.update(1)
+
     for s in settings:
         res = harness.run_setting(ctx, s, victims, n_new, progress=step)
         res["dp"] = frontier.dp_summary(sens, s.config, length, n_new)

@@ -244,6 +244,11 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+#: The keys of the attack metrics (:func:`~.catalog.attack_metrics`): what "every attack at baseline"
+#: ranges over.
+_ATTACKS = frozenset(m.key for m in catalog.attack_metrics())
+
+
 def _worst(setting: dict[str, Any], target: str) -> tuple[str | None, dict[str, Any] | None]:
     """The attack of ``target`` with the highest pooled recovery (its key and rate record)."""
     best: tuple[str | None, dict[str, Any] | None] = (None, None)
@@ -277,7 +282,9 @@ def frontier_rows(result: dict[str, Any], bench: dict[str, Any] | None = None) -
     """One row per configuration of an ``scx attack --frontier`` result (the plaintext control first),
     with the latency ratios of ``bench`` (an ``scx bench --json`` result) merged in by name. ConfigError
     when ``result`` or ``bench`` is not shaped as the result it should be (:func:`~.tables.check_result`,
-    :func:`_check_bench`; a setting's ``preset``, ``cost``, ``exactness``, ``exactness32`` and ``dp``)."""
+    :func:`_check_bench`; a setting's ``preset``, ``cost``, ``exactness``, ``exactness32`` and ``dp``).
+    ``all_at_baseline``: the setting judged some attack and every attack it scored (``rates``) is at its
+    baseline (``at_baseline``): one scored but not judged counts as above it."""
     check_result(result, full=False)
     for s in result["settings"]:
         _check_setting(s)
@@ -287,7 +294,10 @@ def frontier_rows(result: dict[str, Any], bench: dict[str, Any] | None = None) -
     for s in result["settings"]:
         p_key, p_rate = _worst(s, "prompt")
         g_key, g_rate = _worst(s, "generated")
-        verdicts = s.get("at_baseline") or {}
+        # an attack the setting scored without a verdict (a hand-edited file, another version's) is not
+        # at its baseline: every attack that ran must be judged at it
+        verdicts = {k: False for k in s.get("rates") or {} if k in _ATTACKS}
+        verdicts.update(s.get("at_baseline") or {})
         rows.append(
             {
                 "name": s["setting"],
