@@ -1199,6 +1199,8 @@ def attention_check(
     # q[rows], o[rows] at positions first + rows, and attention_excess — the same kernels and operations in
     # the same order as the verifier's calls one by one, so the same values. (−1, −1), nothing read, when
     # the arrays, the rows or the positions do not fit one another
+    # the tests below form no sum or product that can wrap around in int64: ``first + n_q <= n_k`` let a
+    # ``first`` near 2⁶³ through, and the recomputed rows then read key norms far outside their array
     n_q, n_h, d_h = q.shape
     n_k, h_kv = k.shape[0], k.shape[1]
     fits = (
@@ -1209,9 +1211,11 @@ def attention_check(
         and v.shape[0] == n_k
         and v.shape[1] == h_kv
         and v.shape[2] == d_h
-        and n_h == h_kv * group
+        and group >= 1
+        and n_h % group == 0
+        and n_h // group == h_kv
         and first >= 0
-        and (n_q == 0 or first + n_q <= n_k)
+        and (n_q == 0 or first <= n_k - n_q)
         and all_in(rows, n_q)
     )
     if not fits:

@@ -454,6 +454,26 @@ _NO_GAIN = np.empty(0, dtype=np.float64)
 _NO_PRODUCTS = (np.empty((0, 0), dtype=np.float64), np.empty(0, dtype=np.float64))
 
 
+def _products(given: Any) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """A Freivalds side given as its products and norms, as the compiled check reads them: float64 (no copy
+    when they are), rows × k and rows — ShapeError otherwise. Another dtype or number of dimensions failed
+    inside numba's compiler (a TypingError)."""
+    try:
+        products, norms = given
+    except (TypeError, ValueError):
+        raise ShapeError("a Freivalds side must be rows or (products, norms)") from None
+    pr, nr = np.asarray(products, dtype=np.float64), np.asarray(norms, dtype=np.float64)
+    if pr.ndim != 2 or nr.ndim != 1:
+        raise ShapeError(f"a Freivalds side's products {pr.shape} and norms {nr.shape}: rows × k and rows")
+    return pr, nr
+
+
+def _terms(*terms: npt.NDArray[Any]) -> bool:
+    """Whether a check's terms (bias·r, a, b) are numpy vectors, as the compiled verdict reads them: a
+    matrix failed inside numba's compiler (a TypingError)."""
+    return all(isinstance(t, np.ndarray) and t.ndim == 1 for t in terms)
+
+
 def _right(width: int, right: npt.NDArray[Any], k: int | None = None) -> bool:
     """Whether ``right`` is width × k (any k when None): a side's check vectors. The fused kernels index
     without bounds checks, so the shapes they are given are checked before they run (the message of the
@@ -768,6 +788,7 @@ class TorchOps:
         """``cat([x[:, cols], extra])[index]``: one fused pass on CPU (:mod:`.cpu_kernels`; with ``name``
         it also tells whether every entry is finite), else a column gather of x and
         :meth:`take_rows_concat` (then a scan with ``name``)."""
+        cols = _index(cols, "a column index")  # 1-D integers (len() of a 0-d index raised TypeError)
         if x.dim() != 2 or extra.dim() != 2 or extra.shape[1] != len(cols):
             raise ShapeError(
                 f"rows {tuple(x.shape)} and extra rows {tuple(extra.shape)} for {len(cols)} columns"
@@ -780,7 +801,7 @@ class TorchOps:
             return out if name is None else self.floating(out, name)
         idx = _index(index, "a row index")
         out = torch.empty((idx.shape[0], len(cols)), dtype=self.dtype)
-        cols_u = column_index(_index(cols, "a column index"))
+        cols_u = column_index(cols)
         o = out.numpy()
         with k.parts(o.size, self.threads()) as parts:
             got = k.take_rows_cols_concat(
@@ -1237,13 +1258,18 @@ class TorchBackend(TorchOps):
         if k is None or any(t.dim() != 2 for t in (ys, xs) if t is not None):
             return None
         bias_r, a, b, tiny = terms
-        yr, yn = _NO_PRODUCTS if ys is not None else y
-        xr, xn = _NO_PRODUCTS if xs is not None else x
+        yr, yn = _NO_PRODUCTS if ys is not None else _products(y)
+        xr, xn = _NO_PRODUCTS if xs is not None else _products(x)
         ya = _NO_ROWS if ys is None else _np(ys)
         xa = _NO_ROWS if xs is None else _np(xs)
         ga = _NO_GAIN if gamma is None else _np(gamma)
         rty = _NO_ROWS if ys is None else _transposed(right_y)
         rtx = _NO_ROWS if xs is None else _transposed(right_x)
+        if rty.ndim != 2 or rtx.ndim != 2 or not _terms(bias_r, a, b):
+            raise ShapeError(
+                f"a Freivalds check's check vectors {np.shape(right_y)}, {np.shape(right_x)} and terms "
+                f"{np.shape(bias_r)}, {np.shape(a)}, {np.shape(b)}: width × k and k"
+            )
         with k.parts(max(ya.size, xa.size), self.threads()) as parts:
             ratio = k.freivalds_excess(
                 ya, rty, yr, yn, xa, ga, float(self.config.rms_eps), rtx, xr, xn, bias_r, a, b, tiny, parts
@@ -1287,6 +1313,10 @@ class TorchBackend(TorchOps):
                 "counts differ"
             )
         rt_up, rd, rt_x, rt_y = (_transposed(r) for r in (r_up, wr_down, wr_up, r_down))
+        if any(r.ndim != 2 for r in (rt_up, rd, rt_x, rt_y)) or not (
+            _terms(bias_up, a_up, b_up) and _terms(bias_down, a_down, b_down)
+        ):
+            raise ShapeError("an MLP reply's check vectors must be width × k and its terms k long")
         with k.parts(gate_up.shape[0] * gate_up.shape[1], self.threads()) as parts:
             got = k.gate_up_excess(
                 _np(gate_up),
@@ -1502,6 +1532,8 @@ class TorchBackend(TorchOps):
         fused pass (:mod:`.cpu_kernels`: each row read once, the rotation in a row-sized buffer, the same
         per-element operations as :meth:`rope`; with ``name`` each row read is tested for finiteness in
         it), else a row gather (then scanned with ``name``), :meth:`rope` and two column gathers."""
+        # 1-D integers (len() of a 0-d index raised TypeError)
+        rope_index, plain_index = _index(rope_index, "a column index"), _index(plain_index, "a column index")
         dh, w = self.config.head_dim, len(rope_index)
         check_rope_split(tuple(x.shape), w, len(plain_index), dh)
         k = self._fused(x)
@@ -1524,8 +1556,8 @@ class TorchBackend(TorchOps):
         xa = _np(x)
         with k.parts(n * xa.shape[1], self.threads()) as parts:
             rest = (
-                column_index(_index(rope_index, "a column index")),
-                column_index(_index(plain_index, "a column index")),
+                column_index(rope_index),
+                column_index(plain_index),
                 dh,
                 out_rope.numpy().reshape(n, w),
                 out_plain.numpy().reshape(n, len(plain_index)),
