@@ -137,3 +137,20 @@ def test_a_failed_split_pass_gives_the_parallel_pool_back(backend: TorchBackend)
         assert kern is not None
         with kern.parts(1 << 20, 2) as parts:
             assert parts == min(2, kern.max_threads)
+
+
+def test_numpy_rope_take_and_the_range_check_refuse_degenerate_shapes() -> None:
+    """NumpyBackend.rope_take with a 0-d column index raised a raw TypeError (len() of an unsized object);
+    the verifier's range check of heads of width 0 divided by zero (compiled) or raised numpy's ValueError."""
+    from scx_ref.backends.numpy_backend import NumpyBackend
+    from scx_ref.errors import SCXError
+    from scx_ref.protocol.verify import range_shapes
+
+    w = tiny_weights(1)
+    nb = NumpyBackend(w)
+    x = np.ones((2, w.config.q_dim + w.config.kv_dim))
+    with pytest.raises(ShapeError, match="1-D"):
+        nb.rope_take(x, np.arange(2), np.arange(2), np.int64(0), np.arange(3))
+    with pytest.raises(SCXError, match="keys × H_kv × d_h"):
+        range_shapes((4, 2, 0), (4, 2, 2, 0), 0)
+    range_shapes((4, 2, 8), (4, 2, 2, 8), 0)  # a head of width 8 fits

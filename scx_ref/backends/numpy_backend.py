@@ -272,6 +272,10 @@ class NumpyBackend(NumpyOps):
     ) -> tuple[FloatArray, FloatArray]:
         """The definition as written: gather the rows (scanned with ``name``), RoPE the first w columns,
         gather the columns."""
+        if np.ndim(rope_index) != 1 or np.ndim(plain_index) != 1:  # len() of a 0-d index: a raw TypeError
+            raise ShapeError(
+                f"column indices must be 1-D, got {np.shape(rope_index)} and {np.shape(plain_index)}"
+            )
         dh, w = self.config.head_dim, len(rope_index)
         check_rope_split(np.shape(x), w, len(plain_index), dh)
         ri = row_index(rope_index, w, "column")

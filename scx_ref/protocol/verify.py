@@ -201,9 +201,9 @@ def prefix_extreme(x: npt.NDArray[Any], largest: bool) -> npt.NDArray[Any]:
 
 def range_shapes(v: tuple[int, ...], o: tuple[int, ...], first: int) -> None:
     """SCXError unless outputs of shape ``o`` (queries × H_kv × g × d_h, query i at position first + i) and
-    values of shape ``v`` (keys × H_kv × d_h) fit the range check: the same heads and width, and no query
-    past the keys, none before position 0."""
-    if len(v) != 3 or len(o) != 4 or o[1] != v[1] or o[3] != v[2]:
+    values of shape ``v`` (keys × H_kv × d_h) fit the range check: the same heads and width (≥ 1), and no
+    query past the keys, none before position 0."""
+    if len(v) != 3 or len(o) != 4 or o[1] != v[1] or o[3] != v[2] or v[2] == 0:  # width 0: divides by 0
         raise SCXError(f"outputs {o} for values {v}: (queries × H_kv × g × d_h, keys × H_kv × d_h)")
     if first < 0:  # the kernel would compare no query with any key: every output "in range"
         raise SCXError(f"queries from position {first}: positions start at 0")
