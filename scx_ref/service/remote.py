@@ -15,7 +15,9 @@ on which only a new session (``open``) can start.
 
 from __future__ import annotations
 
+import contextlib
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -70,9 +72,20 @@ def _error_class(name: str) -> type[SCXError]:
     return ServiceError
 
 
+def _shown(value: object, limit: int) -> str:
+    """``value``, text from the untrusted server, as it may appear in an error message: at most ``limit``
+    characters (the bounds an honest server's frames keep), each character that is not printable — a
+    newline, a terminal escape sequence's ESC, a lone surrogate — written as its escape."""
+    text = str(value)
+    shown = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text[:limit])
+    return shown + ("…" if len(text) > limit else "")
+
+
 def _server_error(name: str, message: str) -> SCXError:
     """The error a server's error frame names, carrying its message (ServiceError for a class that is not
-    an SCXError or cannot be built from a message alone)."""
+    an SCXError or cannot be built from a message alone). Name and message are the server's text: cut to
+    200 and 2000 characters (as :func:`~scx_ref.service.codec.encode_error` writes them) and escaped."""
+    name, message = _shown(name, 200), _shown(message, 2000)
     try:
         return _error_class(name)(f"server: {message}")
     except Exception:
@@ -130,7 +143,9 @@ class RemoteTransport:
     roots; ConfigError beside an ``scx://`` URL, where it would be ignored). ``timeout`` and
     ``connect_timeout``: seconds, > 0 and at most ``threading.TIMEOUT_MAX`` (ConfigError otherwise). An IPv6
     server is ``scx://[::1]:PORT``. The transport is not thread-safe: one client thread at a time, as a
-    session is sequential.
+    session is sequential. ``info``: the server's greeting, once its model and dtype checks passed.
+    Threads (the reply watchdog, gRPC's) and the channel live while a stream is open: a stream dropped
+    (an error, :meth:`close`, the transport garbage-collected) releases them.
     """
 
     def __init__(
@@ -189,8 +204,7 @@ class RemoteTransport:
             raise ServiceError(
                 f"cannot reach the SCX server at {self.url} within {self.connect_timeout:g} s"
             ) from None
-        if self._watchdog is None:
-            self._watchdog = _Watchdog()
+        self._watchdog = _Watchdog()  # the stream's own: _drop stops it
         q: queue.Queue[bytes | None] = queue.Queue()
         self._queue = q
         self._call = self._channel.stream_stream(METHOD)(iter(q.get, None))
@@ -203,44 +217,53 @@ class RemoteTransport:
         if frame.kind is not FrameKind.HELLO or frame.header.get("service") != "scx":
             self._drop()
             raise ServiceError(f"{self.url} is not an SCX server")
-        self.info = frame.header
-        self._check_model()
+        self._check_model(frame.header)
+        self.info = frame.header  # only once checked: a refused server's greeting is not kept
 
-    def _check_model(self) -> None:
-        assert self.info is not None
+    def _check_model(self, info: dict[str, Any]) -> None:
         if self.ops is None or not hasattr(self.ops, "embed"):
             return
-        mine, theirs = model_fingerprint(self.ops), self.info.get("fingerprint")
+        mine, theirs = model_fingerprint(self.ops), info.get("fingerprint")
         if mine != theirs:
             self._drop()
             raise ConfigError(
-                f"the server at {self.url} serves model {self.info.get('model')!r} (fingerprint {theirs}); "
-                f"this client holds {self.ops.config.name!r} (fingerprint {mine}): not the same model"
+                f"the server at {self.url} serves model {_shown(repr(info.get('model')), 200)} (fingerprint "
+                f"{_shown(theirs, 64)}); this client holds {self.ops.config.name!r} (fingerprint {mine}): "
+                "not the same model"
             )
         dt = self.ops.numpy_dtype().str
-        if dt != self.info.get("wire_dtype"):
+        if dt != info.get("wire_dtype"):
             self._drop()
             raise ConfigError(
-                f"the server computes in {self.info.get('wire_dtype')} and this client in {dt}: SCX is exact "
-                "only when both use the same dtype (start the server with the client's --dtype)"
+                f"the server computes in {_shown(info.get('wire_dtype'), 64)} and this client in {dt}: SCX "
+                "is exact only when both use the same dtype (start the server with the client's --dtype)"
             )
 
     def _drop(self) -> None:
-        """Forget the stream (the server evicts its sessions) and the channel."""
+        """Forget the stream (the server evicts its sessions), its watchdog thread and the channel."""
         if self._queue is not None:
             self._queue.put(None)
         if self._call is not None:
             self._call.cancel()
         if self._channel is not None:
             self._channel.close()
-        self._channel = self._call = self._replies = self._queue = None
-
-    def close(self) -> None:
-        """Close the stream and channel (the server frees this stream's sessions)."""
-        self._drop()
         if self._watchdog is not None:
             self._watchdog.close()
-            self._watchdog = None
+        self._channel = self._call = self._replies = self._queue = self._watchdog = None
+
+    def close(self) -> None:
+        """Close the stream and channel (the server frees this stream's sessions); the transport's threads
+        end. A later :meth:`send` opens a new stream."""
+        self._drop()
+
+    def __del__(self) -> None:
+        # a transport dropped without close(): its stream (and the session the server holds for it),
+        # channel and threads go with it. Not at interpreter exit (gRPC's own shutdown ends the process's
+        # channels; closing one then can hang), and nothing is raised from a finalizer.
+        if sys.is_finalizing():
+            return
+        with contextlib.suppress(Exception):
+            self._drop()
 
     def __enter__(self) -> RemoteTransport:
         return self
@@ -252,23 +275,24 @@ class RemoteTransport:
     def _roundtrip(self, data: bytes) -> bytes:
         import grpc
 
-        assert self._queue is not None and self._replies is not None and self._watchdog is not None
+        watchdog = self._watchdog  # _drop (below) forgets it
+        assert self._queue is not None and self._replies is not None and watchdog is not None
         if len(data) > self.max_message_bytes:
             raise ServiceError(f"message of {len(data)} bytes exceeds max_message_bytes")
-        self._watchdog.arm(self._call, self.timeout)
+        watchdog.arm(self._call, self.timeout)
         try:
             self._queue.put(data)
             out: bytes = next(self._replies)
             return out
         except grpc.RpcError as exc:
-            fired = self._watchdog.fired
+            fired = watchdog.fired
             self._drop()
             if fired:
                 raise ServiceError(
                     f"no reply from the SCX server at {self.url} within {self.timeout:g} s"
                 ) from None
             code = exc.code() if hasattr(exc, "code") else None
-            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            detail = _shown(exc.details() if hasattr(exc, "details") else exc, 2000)  # the server's text
             raise ServiceError(
                 f"the SCX server at {self.url} ended the connection ({getattr(code, 'name', code)}: {detail})"
             ) from None
@@ -276,7 +300,7 @@ class RemoteTransport:
             self._drop()
             raise ServiceError(f"the SCX server at {self.url} closed the connection") from None
         finally:
-            self._watchdog.disarm()
+            watchdog.disarm()
 
     def _check_dtypes(self, reply: Reply) -> None:
         """IntegrityError unless every array of ``reply`` travelled as a float at least as fine as the
@@ -311,7 +335,9 @@ class RemoteTransport:
             if frame.kind is FrameKind.ERROR:
                 seq = frame.header.get("seq", -1)
                 if seq not in (-1, request.seq) or isinstance(seq, bool):
-                    raise IntegrityError(f"the server's error frame answers seq {seq!r}, not {request.seq}")
+                    raise IntegrityError(
+                        f"the server's error frame answers seq {_shown(repr(seq), 40)}, not {request.seq}"
+                    )
                 name = str(frame.header.get("error", "ServiceError"))
                 message = str(frame.header.get("message", ""))
                 server_error = _server_error(name, message)

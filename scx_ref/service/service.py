@@ -75,8 +75,9 @@ class ServeOptions:
     max_sessions       most sessions (streams) at once; more are refused
     max_sessions_per_peer
                        most sessions (streams) at once from one peer address — its host, whatever its
-                       port (:func:`peer_host`); more from it are refused. None: no cap but
-                       ``max_sessions`` (clients behind one NAT or proxy share an address)
+                       port (:func:`peer_host`); more from it are refused. A stream ended for a reply
+                       not read counts until its client goes (its reply is held until then). None: no
+                       cap but ``max_sessions`` (clients behind one NAT or proxy share an address)
     max_message_bytes  largest frame accepted or sent (and the server's limit on a request's arrays)
     max_rows           rows one session may reach (its max_length plus its most decoys)
     max_decoys         decoy rows at any one stage
@@ -272,6 +273,9 @@ class SCXService:
         self.closing = False
         self.inflight = 0
         self.streams: set[_Stream] = set()
+        # live stream handlers by peer host (peer_host): a stream released early (its reply not read) is
+        # still open, its unsent reply held, until its client goes — it counts under the per-peer cap
+        self._peer_handlers: dict[str, int] = {}
         self._grpc: Any = None
         self._http: ThreadingHTTPServer | None = None
         self._mid: list[tuple[Request, _Stream, asyncio.Future[bytes]]] = []
@@ -408,7 +412,7 @@ class SCXService:
             )
         stream = _Stream(str(context.peer()))
         cap = self.opts.max_sessions_per_peer
-        if cap is not None and sum(1 for s in self.streams if s.host == stream.host) >= cap:
+        if cap is not None and self._peer_handlers.get(stream.host, 0) >= cap:
             self.metrics.errors.labels("PeerFull").inc()
             _event("peer_full", peer=stream.peer, limit=cap)
             await context.abort(
@@ -417,6 +421,7 @@ class SCXService:
             )
         self.streams.add(stream)
         self.metrics.streams.inc()
+        self._peer_handlers[stream.host] = self._peer_handlers.get(stream.host, 0) + 1
         it = requests.__aiter__()
         try:
             while not self.closing:
@@ -453,6 +458,9 @@ class SCXService:
             if self.closing:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         finally:
+            left = self._peer_handlers.pop(stream.host) - 1
+            if left:
+                self._peer_handlers[stream.host] = left
             self._release(stream)
 
     def _release(self, stream: _Stream) -> None:
