@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import inspect
 import io
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,29 +39,10 @@ from scx_ref.backends.torch_backend import TorchBackend
 from scx_ref.dp.sensitivity import rmsnorm_l2_bound
 from scx_ref.weights import random_weights
 from tests import test_proof_links as links
+from tests.test_proofs_audit import replaced
 from tests.tiny import tiny_config
 
 IDENTITIES = {entry.name: entry for entry in all_identities()}
-
-
-@contextmanager
-def replaced(function: Callable[..., Any], by: Callable[..., Any]) -> Iterator[None]:
-    """Replace ``function`` by ``by`` in every proofs module that holds it."""
-    holders = [
-        (module, name)
-        for module_name, module in list(sys.modules.items())
-        if module_name == "proofs" or module_name.startswith("proofs.")
-        for name, value in list(vars(module).items())
-        if value is function
-    ]
-    assert holders
-    try:
-        for module, name in holders:
-            setattr(module, name, by)
-        yield
-    finally:
-        for module, name in holders:
-            setattr(module, name, function)
 
 
 # ----------------------------------------------------------------------------- t4.locked_scores

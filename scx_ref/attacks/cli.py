@@ -7,7 +7,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +18,9 @@ from ..errors import ConfigError
 from ..zoo import MODEL_NAMES, load_model, max_positions
 from ..zoo.corpus import tokenize, topic_texts
 from .frontier import read_bench
+
+if TYPE_CHECKING:
+    from .llm_reorder import LanguageModel
 
 __all__ = ["max_victim_length", "public_and_victims", "register", "victim_topics"]
 
@@ -288,6 +291,17 @@ def _inf_as_text(result: dict[str, Any]) -> dict[str, Any]:
     return {**result, "settings": out}
 
 
+def _language_model(tok: Any, model: Any, weights: Any) -> LanguageModel:
+    """The LLM-reordering attacker's language model: the loaded
+    model itself where it has a tokenizer (its BOS id, else 0), else a numpy forward of the weights."""
+    from . import llm_reorder
+
+    if tok is not None:
+        bos = tok.bos_token_id if tok.bos_token_id is not None else 0
+        return llm_reorder.TorchLM(model, int(bos))
+    return llm_reorder.NumpyLM(weights)
+
+
 def _per_layer(n_layers: int, quick: bool) -> list[int]:
     """Blocks of the per-layer curve: every block, or 5 spread blocks in quick mode."""
     if not quick or n_layers <= 5:
@@ -310,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from . import harness, llm_reorder, report
+    from . import harness, report
 
     bench = _check_options(args)  # before any model loads
     if args.threads is not None:
@@ -327,12 +341,7 @@ def _run(args: argparse.Namespace) -> int:
     public, victims = public_and_victims(
         tok, weights.config.vocab_size, 1024 if quick else 4096, count, length
     )
-    lm: llm_reorder.LanguageModel
-    if tok is not None:
-        bos = tok.bos_token_id if tok.bos_token_id is not None else 0
-        lm = llm_reorder.TorchLM(model, int(bos))
-    else:
-        lm = llm_reorder.NumpyLM(weights)
+    lm = _language_model(tok, model, weights)
     settings = harness.default_settings(quick)
     ctx = harness.Context(weights, public, lm)
     bar = tqdm(total=len(settings) * count + 3, desc="scx attack")
@@ -385,7 +394,7 @@ def _run_frontier(
 
     from ..dp.sensitivity import model_sensitivities
     from ..protocol.presets import preset_names
-    from . import frontier, harness, llm_reorder, report
+    from . import frontier, harness, report
 
     count = 5 if args.prompts is None else args.prompts
     length = 48 if args.length is None else args.length
@@ -419,12 +428,7 @@ def _run_frontier(
     }
     if args.json:  # at once: a run cut short before its first configuration leaves a file that says so,
         _write_json(args.json, result)  # not an earlier run's result under this run's name
-    lm: llm_reorder.LanguageModel
-    if tok is not None:
-        bos = tok.bos_token_id if tok.bos_token_id is not None else 0
-        lm = llm_reorder.TorchLM(model, int(bos))
-    else:
-        lm = llm_reorder.NumpyLM(weights)
+    lm = _language_model(tok, model, weights)
     ctx = harness.Context(weights, public, lm)
     probes = sorted({harness.probe_block(s.config, L) for s in settings})
     bar = tqdm(total=len(settings) * count + 1, desc="scx attack --frontier")
