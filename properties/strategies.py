@@ -25,6 +25,9 @@ Main strategies
   prompt, steps, keys); the edge ones pin a one-token prompt, no decoys and one KV head, often with the
   run filling the context to ``max_length``.
 * :func:`seeds` – a seed for ``numpy.random.default_rng``.
+* :func:`key_labels` / :func:`master_secrets` / :func:`nonces` – the key schedule's inputs: labels of 1–4
+  parts (text, empty included, and integers past 2⁶⁴), 32-byte master secrets (never the refused all-zero
+  one) and 16-byte nonces.
 """
 
 from __future__ import annotations
@@ -65,8 +68,11 @@ __all__ = [
     "float_matrices",
     "gaussian_arrays",
     "head_permutations",
+    "key_labels",
+    "master_secrets",
     "model_configs",
     "model_weights",
+    "nonces",
     "perms",
     "protocol_cases",
     "protocol_edge_cases",
@@ -93,6 +99,25 @@ def _ints(value: IntOrStrategy) -> st.SearchStrategy[int]:
 def seeds() -> st.SearchStrategy[int]:
     """A seed for ``np.random.default_rng`` (the only way tests make random data)."""
     return st.integers(min_value=0, max_value=2**32 - 1)
+
+
+def key_labels() -> st.SearchStrategy[tuple[str | int, ...]]:
+    """A key-schedule label: a tuple of 1–4 parts, each a short text (the empty one included) or an integer
+    in 0..2⁷⁰ (past 64 bits, for the label encoding's length prefix)."""
+    part = st.one_of(st.text(max_size=6), st.integers(min_value=0, max_value=2**70))
+    return st.lists(part, min_size=1, max_size=4).map(tuple)
+
+
+def master_secrets() -> st.SearchStrategy[bytes]:
+    """A 32-byte master secret; the all-zero secret (refused by :class:`KeySchedule`) is never drawn: it is
+    mapped to 01 00 … 00 (Hypothesis's favourite draw stays usable rather than being thrown away)."""
+    raw = st.binary(min_size=MASTER_SECRET_BYTES, max_size=MASTER_SECRET_BYTES)
+    return raw.map(lambda b: b if any(b) else b"\x01" + b[1:])
+
+
+def nonces() -> st.SearchStrategy[bytes]:
+    """A 16-byte request nonce (any bytes, all-zero included)."""
+    return st.binary(min_size=NONCE_BYTES, max_size=NONCE_BYTES)
 
 
 def dtypes(choices: Sequence[Any] = (np.float32, np.float64)) -> st.SearchStrategy[np.dtype[Any]]:

@@ -79,7 +79,9 @@ def test_requests_round_trip(req: Request) -> None:
 def test_replies_round_trip(req: Request) -> None:
     rep = Reply(req.session, req.stage, req.layer, req.step, req.seq, req.arrays, req.meta)
     back = reply_from(decode(encode_reply(rep)))
-    assert (back.session, back.stage, back.seq, back.meta) == (rep.session, rep.stage, rep.seq, rep.meta)
+    assert (back.session, back.stage, back.layer, back.step, back.seq, back.meta) == (
+        rep.session, rep.stage, rep.layer, rep.step, rep.seq, rep.meta
+    )  # fmt: skip
     _same_arrays(rep.arrays, back.arrays)
 
 

@@ -7,12 +7,12 @@ import numpy as np
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from scx_ref.keys import KeySchedule, encode_label
+from properties.strategies import key_labels, master_secrets, nonces
+from scx_ref.keys import KeySchedule, encode_label, fisher_yates
 
-label_parts = st.one_of(st.text(max_size=6), st.integers(min_value=0, max_value=2**70))
-labels = st.lists(label_parts, min_size=1, max_size=4).map(tuple)
-secrets_32 = st.binary(min_size=32, max_size=32).filter(any)  # the all-zero secret is refused
-nonces_16 = st.binary(min_size=16, max_size=16)
+labels = key_labels()
+secrets_32 = master_secrets()  # never the refused all-zero secret
+nonces_16 = nonces()
 
 
 @given(master=secrets_32, nonce=nonces_16, label=labels, n=st.integers(0, 40))
@@ -80,12 +80,16 @@ def test_every_output_is_a_valid_permutation(
     assert np.array_equal(np.sort(perm), np.arange(n))
 
 
-@given(master=secrets_32, nonce=nonces_16, label=labels)
+@given(master=secrets_32, nonce=nonces_16, label=labels, n=st.integers(0, 40))
 def test_permutations_of_different_sizes_are_separate_keys(
-    master: bytes, nonce: bytes, label: tuple[str | int, ...]
+    master: bytes, nonce: bytes, label: tuple[str | int, ...], n: int
 ) -> None:
-    """The size is part of the permutation's label, and a stream's floats lie in [0, 1)."""
+    """The size is part of the permutation's label: ``permutation(label, n)`` is Fisher–Yates on the stream
+    of ``(*label, "perm", n)`` (the label the test vectors pin), a stream separate from size n + 1's; and a
+    stream's floats lie in [0, 1)."""
     ks = KeySchedule(master, nonce)
-    assert ks.stream((*label, "perm", 8)).read(32) != ks.stream((*label, "perm", 9)).read(32)
+    perm = ks.permutation(label, n)
+    assert np.array_equal(perm, fisher_yates(n, ks.stream((*label, "perm", n))))
+    assert ks.stream((*label, "perm", n)).read(32) != ks.stream((*label, "perm", n + 1)).read(32)
     u = ks.generator(label).random((4, 5))
     assert u.shape == (4, 5) and np.all((u >= 0) & (u < 1))
