@@ -46,7 +46,7 @@ from .config import (
     guard_blocks,
     server_gen_attention,
 )
-from .cost import CostMeter
+from .cost import CostMeter, StageCost
 from .keyring import commitment
 from .limits import (
     ServerLimits,
@@ -237,7 +237,8 @@ class Server(Generic[A]):
         """Validate ``req``, compute the stage, commit the session's state changes, reply.
 
         Guarantee: a request refused with an SCXError changed nothing on the server (no session, cache,
-        counter or memory of it); a message is accepted only with its session's token, in order.
+        counter, flop-meter charge or memory of it), nor did one that failed with another exception (an
+        internal fault) after it was admitted; a message is accepted only with its session's token, in order.
         """
         req = self._parse(req)
         if req.stage is Stage.OPEN:
@@ -250,10 +251,12 @@ class Server(Generic[A]):
                 return Reply(req.session, Stage.CLOSE, req.layer, req.step, req.seq, {})
             grow = self._growth(s, req)
             self._reserve(grow, req)
+            undo_meter = _meter_undo(s.meter, req.stage)
             try:
                 arrays, commit = self._handler(req.stage)(s, req)
                 return self._finish(s, req, arrays, commit, grow)
-            except BaseException:
+            except BaseException:  # the handler charged the flop meter before it failed: take that back
+                undo_meter()
                 self._unreserve(grow, req)
                 raise
 
@@ -268,9 +271,13 @@ class Server(Generic[A]):
 
         The ``gen_mid`` requests are all-or-nothing: every group is computed before any session changes,
         so an exception that is not an SCXError (an internal fault) while computing leaves every one of
-        them as it was, its reserved cache bytes released, and propagates. (Each other request is handled
-        by :meth:`handle`, one at a time, before them.)"""
-        if len({getattr(r, "session", None) for r in reqs}) != len(reqs):
+        them as it was (caches, sequence number, flop meter), its reserved cache bytes released, and
+        propagates. (Each other request is handled by :meth:`handle`, one at a time, before them.)
+        ProtocolError, before any request is handled, when ``reqs`` is not a sequence."""
+        if isinstance(reqs, (str, bytes)) or not isinstance(reqs, Sequence):
+            raise ProtocolError(f"handle_batch takes a sequence of requests, got {type(reqs).__name__}")
+        named = [r.session for r in reqs if isinstance(r, Request) and isinstance(r.session, str)]
+        if len(set(named)) != len(named):  # an object that is not a request is refused on its own below
             raise ProtocolError("handle_batch takes at most one message per session")
         out: list[Reply | SCXError | None] = [None] * len(reqs)
         mids: list[tuple[int, _Session[A], Request]] = []
@@ -285,6 +292,7 @@ class Server(Generic[A]):
                 out[i] = exc
         mids.sort(key=lambda t: t[2].session)  # locks taken in one global order: no deadlock
         admitted: list[_Mid[A]] = []
+        undo_meters: list[Callable[[], None]] = []  # per admitted request, in order
         computed: list[tuple[_Mid[A], tuple[dict[str, A], Callable[[], None]]]] = []
         with contextlib.ExitStack() as held:
             try:  # admit and compute every request: no session changes yet (each reserved its bytes)
@@ -299,6 +307,7 @@ class Server(Generic[A]):
                         out[i] = exc
                         continue
                     admitted.append((i, s, req, x, grow))
+                    undo_meters.append(_meter_undo(s.meter, Stage.GEN_MID))
                 groups: dict[tuple[int, int], list[_Mid[A]]] = {}
                 for item in admitted:
                     groups.setdefault((item[1].middle.start, item[1].middle.stop), []).append(item)
@@ -307,21 +316,27 @@ class Server(Generic[A]):
                     computed += zip(items, results, strict=True)
                 now = self.clock()  # read before the first commit: the commits below read nothing
             except BaseException:
-                for _, _, req, _, grow in admitted:
+                for (_, _, req, _, grow), undo in zip(admitted, undo_meters, strict=True):
+                    undo()
                     self._unreserve(grow, req)
                 raise
+            undo_of = {id(item): undo for item, undo in zip(admitted, undo_meters, strict=True)}
             for k, ((i, s, req, _, grow), (arrays, commit)) in enumerate(computed):
                 try:
                     out[i] = self._finish(s, req, arrays, commit, grow, now)
                 except BaseException:  # a commit that failed (a bug): release what the rest reserved
-                    for (_, _, rest, _, g), _ in computed[k:]:
-                        self._unreserve(g, rest)
+                    for item, _ in computed[k:]:
+                        undo_of[id(item)]()
+                        self._unreserve(item[4], item[2])
                     raise
         return [r for r in out if r is not None]
 
     def drop(self, session: str) -> bool:
         """End ``session`` now, without its token (its connection ended: the service that holds the
-        connection calls this); frees its caches. False when there was no such session."""
+        connection calls this); frees its caches. False when there was no such session (``session`` not
+        a string included)."""
+        if not isinstance(session, str):
+            return False
         with self._table_lock:
             s = self.sessions.get(session)
         if s is None:
@@ -375,7 +390,7 @@ class Server(Generic[A]):
 
     def cost(self, session: str) -> CostMeter:
         """The server-side flop meter of ``session`` (an open session; SessionError otherwise)."""
-        s = self.sessions.get(session)
+        s = self.sessions.get(session) if isinstance(session, str) else None
         if s is None:
             raise SessionError(_NO_SESSION)
         return s.meter
@@ -859,6 +874,9 @@ class Server(Generic[A]):
         if req.layer in s.locked:
             raise ProtocolError(f"block {req.layer} already has a locked cache")
 
+        k = self.b.compact(k)  # the server's own copy: the checked array may be the sender's (in-process)
+        # or a view that keeps a larger base alive, which the cache-byte count would not see
+
         def commit() -> None:
             s.locked[req.layer] = k
 
@@ -1069,7 +1087,7 @@ class Server(Generic[A]):
 
     def sessions_snapshot(self, session: str) -> dict[str, Any]:
         """A deep numpy copy of a session's caches (for tests that check nothing changed)."""
-        s = self.sessions.get(session)
+        s = self.sessions.get(session) if isinstance(session, str) else None
         if s is None:
             raise SessionError(_NO_SESSION)
         to = self.b.to_numpy
@@ -1090,6 +1108,24 @@ class Server(Generic[A]):
 
 #: Compared against when a session is unknown, so both failures take the same time.
 _DUMMY_TOKEN = secrets.token_urlsafe(32)
+
+
+def _meter_undo(meter: CostMeter, stage: Stage) -> Callable[[], None]:
+    """What puts ``meter``'s costs of ``stage`` back as they are now. A handler charges only its own
+    message's stage, so undoing that stage takes back everything a message that then failed charged."""
+    stages = meter.stages
+    if stage not in stages:
+
+        def forget() -> None:
+            stages.pop(stage, None)
+
+        return forget
+    saved = tuple(stages[stage].__dict__.values())  # the fields in order (cheap: no copy on success)
+
+    def undo() -> None:
+        stages[stage] = StageCost(*saved)
+
+    return undo
 
 
 def _remember(memory: OrderedDict[str, None], key: str, size: int) -> None:
