@@ -31,7 +31,6 @@ from ._args import (
     nonempty,
     plain_description,
     require_device,
-    stdout_closed_quietly,
 )
 
 __all__ = ["register", "run"]
@@ -235,8 +234,7 @@ def run(args: argparse.Namespace) -> int:
         option = "--prompt-ids" if args.prompt_ids is not None else "--prompt"
         args.parser.error(f"{option} / --max-new-tokens: {exc}")
     try:
-        with stdout_closed_quietly():  # ``scx generate … | head``: one error line, exit 2
-            scx.generate(ids, max_new_tokens=args.max_new_tokens, **options)
+        scx.generate(ids, max_new_tokens=args.max_new_tokens, **options)  # a closed pipe: cli.main reports it
     except SCXError as exc:  # the tokens made so far are printed already; say how many
         made = len(exc.tokens or [])
         raise type(exc)(f"generation stopped after {made} new token(s): {exc}") from exc

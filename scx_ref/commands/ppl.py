@@ -28,7 +28,6 @@ from ._args import (
     output_file,
     plain_description,
     require_device,
-    stdout_closed_quietly,
 )
 
 __all__ = ["check_options", "format_table", "register", "run"]
@@ -106,9 +105,8 @@ def run(args: argparse.Namespace) -> int:
         config=args.config,
         device=args.device,
     )
-    try:  # the record is written even when the table cannot be (``scx ppl … | head``)
-        with stdout_closed_quietly():
-            print(format_table(rec), flush=True)  # a closed pipe raises here, not at exit
+    try:  # the record is written even when the table cannot be (``scx ppl … | head``: cli.main reports it)
+        print(format_table(rec), flush=True)  # a closed pipe raises here, not at exit
     finally:
         if args.json:
             write_text_whole(args.json, json.dumps(rec, indent=1) + "\n")

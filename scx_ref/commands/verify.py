@@ -52,7 +52,6 @@ from ._args import (
     output_file,
     plain_description,
     require_device,
-    stdout_closed_quietly,
 )
 
 __all__ = ["LOGIT_RTOL", "dp_summary", "format_verdict", "register", "run", "verify"]
@@ -242,9 +241,8 @@ def run(args: argparse.Namespace) -> int:
         server=args.server,
         device=args.device,
     )
-    try:  # the record is written even when the table cannot be (``scx verify … | head``)
-        with stdout_closed_quietly():
-            print(format_verdict(rec), flush=True)  # a closed pipe raises here, not at exit
+    try:  # the record is written even when the table cannot be (``scx verify … | head``: cli.main reports it)
+        print(format_verdict(rec), flush=True)  # a closed pipe raises here, not at exit
     finally:
         if args.json:
             write_text_whole(args.json, json.dumps(rec, indent=1, default=str) + "\n")
