@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
-import numpy as np
 import pytest
 
 grpc = pytest.importorskip("grpc")
@@ -32,8 +31,6 @@ pytest.importorskip("prometheus_client")
 
 from scx_ref.backends import NumpyBackend  # noqa: E402
 from scx_ref.errors import ConfigError, ProtocolError, ServiceError  # noqa: E402
-from scx_ref.keys import KeySchedule  # noqa: E402
-from scx_ref.protocol import Client, SCXConfig  # noqa: E402
 from scx_ref.protocol.messages import Request  # noqa: E402
 from scx_ref.service import RemoteTransport  # noqa: E402
 from scx_ref.service.codec import FrameKind, encode_hello, encode_request  # noqa: E402
@@ -113,7 +110,7 @@ def test_a_refused_connect_leaves_no_thread_and_no_greeting(backend: NumpyBacken
         for _ in range(3):  # each attempt greets, is refused, and leaves nothing running
             with pytest.raises(ConfigError, match="not the same model"):
                 link.send(OPEN)
-            wait_for(lambda: watchdogs() == before, "the refused stream's watchdog thread to end")
+            wait_for(lambda: watchdogs() <= before, "the refused stream's watchdog thread to end")
             assert link.info is None  # the refused server's greeting is not kept
     finally:
         link.close()
@@ -130,7 +127,7 @@ def test_a_transport_dropped_without_close_frees_its_stream_and_session() -> Non
         gc.collect()
         wait_for(lambda: not srv.service.streams, "the forgotten transport's stream to end", bound=15.0)
         wait_for(lambda: not srv.server.sessions, "its session to be dropped", bound=15.0)
-        wait_for(lambda: watchdogs() == before, "its watchdog thread to end", bound=15.0)
+        wait_for(lambda: watchdogs() <= before, "its watchdog thread to end", bound=15.0)
     finally:
         srv.stop()
 
@@ -207,10 +204,9 @@ def test_streams_left_unread_count_under_the_per_peer_cap_until_their_client_goe
         unread.cancel()  # the client goes: its address may open a stream again
         wait_for(lambda: not srv.service._peer_handlers, "the unread stream's end")
         with RemoteTransport(srv.url, srv.backend, timeout=TIMEOUT) as link:
-            client = Client(srv.backend, KeySchedule.generate(), SCXConfig(level="paper"))
-            logits = client.prefill(np.array([1, 2, 3, 4]), link)
-            client.close(link)
-            assert np.isfinite(logits).all()
+            # one message (a whole prefill could outlast the 1 s idle timeout on a loaded machine)
+            opened = link.send(Request("ef" * 16, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
+            assert opened.stage is Stage.OPEN and isinstance(opened.meta.get("token"), str)
     finally:
         stop.set()
         unread.cancel()
