@@ -8,22 +8,12 @@ option that would be silently ignored is refused (``host_memory --pool-mib`` wit
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-
-def refused(main: Callable[[list[str]], Any], argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """The ``error:`` line ``main(argv)`` exits with (status 2, no traceback)."""
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2, argv
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(lines) == 1 and err.startswith("usage:"), err
-    return lines[0]
+from tests.test_model_tools import refused
 
 
 class Reached(Exception):
