@@ -49,3 +49,21 @@ def wait_for(cond: Callable[[], bool], what: str, bound: float = 30.0) -> None:
         if time.monotonic() > end:
             pytest.fail(f"{what} did not happen within {bound:g} s")
         time.sleep(0.02)
+
+
+def grpc_stub(handler: Callable[[Any, Any], Any], workers: int = 2) -> tuple[Any, str]:
+    """A started gRPC server that speaks the SCX method with ``handler(frames, context)`` as its stream
+    handler (a generator of reply frames: a scripted or hostile peer), on a free port; and its ``scx://``
+    URL. The caller stops it (``server.stop(0)``)."""
+    from concurrent import futures
+
+    import grpc
+
+    method = grpc.stream_stream_rpc_method_handler(handler)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(workers),
+        handlers=[grpc.method_handlers_generic_handler("scx.v1.SCX", {"Session": method})],
+    )
+    url = f"scx://127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    return server, url

@@ -21,7 +21,6 @@ import json
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from typing import Any
 
 import pytest
@@ -37,7 +36,7 @@ from scx_ref.service.codec import FrameKind, encode_hello, encode_request  # noq
 from scx_ref.service.service import METHOD, model_fingerprint  # noqa: E402
 from scx_ref.stages import Stage  # noqa: E402
 
-from .services import InProcess, wait_for  # noqa: E402
+from .services import InProcess, grpc_stub, wait_for  # noqa: E402
 from .tiny import tiny_weights  # noqa: E402
 
 TIMEOUT = 20.0  # seconds a client waits for a reply: a bound against hangs, never an assertion
@@ -64,13 +63,7 @@ class Hostile:
             for data in frames:
                 yield answer(data, context)
 
-        method = grpc.stream_stream_rpc_method_handler(handler)
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(2),
-            handlers=[grpc.method_handlers_generic_handler("scx.v1.SCX", {"Session": method})],
-        )
-        self.url = f"scx://127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
+        self.server, self.url = grpc_stub(handler, 2)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import json
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from typing import Any
 
 import numpy as np
@@ -45,7 +44,7 @@ from scx_ref.service.codec import (  # noqa: E402
 from scx_ref.service.service import METHOD, model_fingerprint  # noqa: E402
 from scx_ref.stages import Stage  # noqa: E402
 
-from .services import InProcess, wait_for  # noqa: E402
+from .services import InProcess, grpc_stub, wait_for  # noqa: E402
 from .tiny import tiny_weights  # noqa: E402
 
 PROMPT = np.array([1, 2, 3, 4, 5])
@@ -139,13 +138,7 @@ class Proxy:
                     self.seen += 1
                 yield encode_reply(reply)
 
-        method = grpc.stream_stream_rpc_method_handler(handler)
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(2),
-            handlers=[grpc.method_handlers_generic_handler("scx.v1.SCX", {"Session": method})],
-        )
-        self.url = f"scx://127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
+        self.server, self.url = grpc_stub(handler, 2)
 
 
 def _as(dtype: Any) -> Callable[[Reply], Reply]:

@@ -18,7 +18,6 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from typing import Any
 
 import numpy as np
@@ -46,7 +45,7 @@ from scx_ref.service.codec import (  # noqa: E402
 from scx_ref.service.service import model_fingerprint  # noqa: E402
 from scx_ref.stages import Stage  # noqa: E402
 
-from .services import InProcess, wait_for  # noqa: E402
+from .services import InProcess, grpc_stub, wait_for  # noqa: E402
 from .tiny import tiny_weights  # noqa: E402
 
 PROMPT = np.array([1, 2, 3, 4, 5, 6])
@@ -369,13 +368,7 @@ class Hostile:
                 self.received.append(data[4])
                 yield from script(i, data)
 
-        method = grpc.stream_stream_rpc_method_handler(handler)
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(4),
-            handlers=[grpc.method_handlers_generic_handler("scx.v1.SCX", {"Session": method})],
-        )
-        self.url = f"scx://127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
+        self.server, self.url = grpc_stub(handler, 4)
 
 
 @pytest.fixture
