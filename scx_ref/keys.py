@@ -98,7 +98,10 @@ def encode_label(label: Sequence[LabelPart]) -> bytes:
         if isinstance(part, bool) or not isinstance(part, (str, int)):
             raise KeyScheduleError(f"label parts must be str or int, got {part!r} in {label!r}")
         if isinstance(part, str):
-            raw = part.encode("utf-8")
+            try:
+                raw = part.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800") has no UTF-8 encoding
+                raise KeyScheduleError(f"label parts must be valid Unicode text, got {part!r}") from None
             parts.append(b"s" + len(raw).to_bytes(4, "big") + raw)
         else:
             if part < 0:
@@ -175,18 +178,23 @@ class KeyStream:
         out = words.astype(np.float64) * (1.0 / (1 << 53))
         return out.reshape(shape) if shape else float(out[0])
 
-    def randbelow(self, bounds: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        """For each bound m ≥ 1 an unbiased uniform integer in [0, m), by rejection sampling.
+    def randbelow(self, bounds: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """For each bound m ≥ 1 an unbiased uniform integer in [0, m), by rejection sampling: int64, of the
+        bounds' shape (the draws in the bounds' row-major order).
 
         A 64-bit word u is accepted when u < m·⌊2⁶⁴/m⌋ (so every residue is equally likely) and
-        mapped to u mod m; rejected positions are redrawn from fresh stream bytes.
+        mapped to u mod m; rejected positions are redrawn from fresh stream bytes. KeyScheduleError, with
+        nothing read from the stream, unless every bound is an integer in [1, 2⁶³) (a larger one gave
+        draws that wrapped to negative int64).
         """
         raw = np.asarray(bounds)
         if raw.size and not np.issubdtype(raw.dtype, np.integer):
             raise KeyScheduleError(f"randbelow bounds must be integers, got dtype {raw.dtype}")
         if raw.size and int(raw.min()) < 1:
             raise KeyScheduleError("randbelow bounds must be >= 1")
-        m = raw.astype(np.uint64)
+        if raw.size and int(raw.max()) > np.iinfo(np.int64).max:
+            raise KeyScheduleError(f"randbelow bounds must be < 2**63 (int64 draws), got {int(raw.max())}")
+        m = raw.astype(np.uint64).reshape(-1)  # flat: the draws index positions 0..size-1
         # reject u ≥ m·⌊2⁶⁴/m⌋, i.e. u > (2⁶⁴ − 1) − (2⁶⁴ mod m); computed in uint64 without overflow
         top = np.uint64(0xFFFFFFFFFFFFFFFF)
         rem = (top % m + np.uint64(1)) % m
@@ -199,7 +207,7 @@ class KeyStream:
             idx = todo[ok]
             out[idx] = (words[ok] % m[idx]).astype(np.int64)
             todo = todo[~ok]
-        return out
+        return out.reshape(raw.shape)
 
 
 def fisher_yates(n: int, stream: KeyStream) -> npt.NDArray[np.int64]:
@@ -330,7 +338,7 @@ class KeySchedule:
         next-stage permutation twice); the returned array is read-only.
         """
         _check_label(label)
-        memo_key = (label, check_int(n, "permutation size", None, error=KeyScheduleError))
+        memo_key = (label, check_int(n, "permutation size", 0, error=KeyScheduleError))
         perm = self._perms.get(memo_key)
         if perm is None:
             perm = fisher_yates(int(n), self.stream((*label, "perm", int(n))))

@@ -33,11 +33,15 @@ __all__ = [
 ]
 
 
-def embed(ids: Any, table: FloatArray) -> FloatArray:
+def embed(ids: Any, table: npt.ArrayLike) -> FloatArray:
     """Embedding lookup: row i is ``table[ids[i]]``; ids that are not a 1-D integer array of the vocabulary
-    raise VocabularyError (:func:`~scx_ref._checks.token_ids`; no ids, no rows)."""
-    arr = token_ids(ids, table.shape[0], allow_empty=True)
-    rows: FloatArray = table[arr]
+    raise VocabularyError (:func:`~scx_ref._checks.token_ids`; no ids, no rows), a ``table`` that is not
+    vocabulary × d ShapeError."""
+    tab = np.asarray(table)
+    if tab.ndim != 2:
+        raise ShapeError(f"an embedding table must be vocabulary × d, got shape {tab.shape}")
+    arr = token_ids(ids, tab.shape[0], allow_empty=True)
+    rows: FloatArray = tab[arr]
     return rows
 
 
@@ -47,8 +51,10 @@ def rms_norm(x: FloatArray, gamma: FloatArray, eps: float) -> FloatArray:
     In x's dtype, except float16 (whose x² overflows past |x| = 256, which made a row 0): there, as
     LlamaRMSNorm, x / sqrt(mean(x²) + ε) in float32, cast back to float16, then times γ.
     ShapeError unless ``gamma`` is one gain per entry of a row of ``x``; ConfigError unless ε is a finite
-    number >= 0 (a negative or NaN ε gave NaN rows)."""
+    number >= 0 (a negative or NaN ε gave NaN rows); DTypeError unless ``x`` holds real numbers."""
     eps = check_real(eps, "RMSNorm eps", 0)
+    if np.asarray(x).dtype.kind not in "iuf":
+        raise DTypeError(f"RMSNorm needs a real array, got dtype {np.asarray(x).dtype}")
     if np.ndim(x) == 0 or np.shape(gamma) != np.shape(x)[-1:]:
         raise ShapeError(f"RMSNorm of rows {np.shape(x)} with gains {np.shape(gamma)}: one gain per column")
     if getattr(x, "dtype", None) == np.float16:  # float32 and float64 keep their own (exact) arithmetic
@@ -98,8 +104,11 @@ def softmax(x: FloatArray, axis: int = -1) -> FloatArray:
     in float32 and cast back (as Hugging Face's attention and routers: Σ_j overflowed float16 past 65504
     entries, which gave a row of zeros).
 
-    ShapeError when ``x`` has no such ``axis`` (an integer) or is empty along it (a softmax over nothing)."""
+    ShapeError when ``x`` has no such ``axis`` (an integer) or is empty along it (a softmax over nothing);
+    DTypeError unless ``x`` holds real numbers (integers or floats)."""
     x = np.asarray(x)
+    if x.dtype.kind not in "iuf":
+        raise DTypeError(f"softmax needs a real array, got dtype {x.dtype}")
     axis = check_int(axis, "softmax axis", None, error=ShapeError)
     if not -x.ndim <= axis < x.ndim or x.shape[axis] == 0:
         raise ShapeError(f"softmax needs a non-empty axis {axis}, got shape {x.shape}")
@@ -166,8 +175,11 @@ def qkv(
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Q, K, V projections (with the Qwen2 bias when present), split into heads.
 
-    ShapeError when ``x`` is not rows × d or the projections' widths are not ``n_heads``/``n_kv_heads`` ×
-    ``head_dim``."""
+    ShapeError when ``x`` is not rows × d, a head count or ``head_dim`` is not an integer >= 1, or the
+    projections' widths are not ``n_heads``/``n_kv_heads`` × ``head_dim``."""
+    n_heads = check_int(n_heads, "n_heads", 1, error=ShapeError)
+    n_kv_heads = check_int(n_kv_heads, "n_kv_heads", 1, error=ShapeError)
+    head_dim = check_int(head_dim, "head_dim", 1, error=ShapeError)
     if np.ndim(x) != 2:
         raise ShapeError(f"Q/K/V projections need rows × d, got shape {np.shape(x)}")
     if lw.wq.shape[-1] != n_heads * head_dim or lw.wk.shape[-1] != n_kv_heads * head_dim:
@@ -253,7 +265,8 @@ def attention(
 
     ShapeError unless q, k, v are 3-D with H a multiple of H_kv ≥ 1, k and v of the same rows (≥ 1) and
     heads, q and k of the same d_h, and ``mask`` of shape n_q × n_k; DTypeError unless q, k, v are real
-    (integer or floating) arrays; ConfigError unless ``scale`` is None or a finite number.
+    (integer or floating) arrays and ``mask`` boolean (an additive 0/−∞ float mask, read as truth values,
+    attended exactly where it bars); ConfigError unless ``scale`` is None or a finite number.
     """
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     for what, arr in (("q", q), ("k", k), ("v", v)):
@@ -269,10 +282,14 @@ def attention(
     n_kv = k.shape[1]
     if n_kv == 0 or n_heads % n_kv or v.shape[:2] != k.shape[:2] or k.shape[2] != d_h or k.shape[0] == 0:
         raise ShapeError(f"incompatible attention shapes q {q.shape}, k {k.shape}, v {v.shape}")
-    if mask is not None and np.shape(mask) != (n_q, k.shape[0]):
-        raise ShapeError(
-            f"attention mask must be {n_q} × {k.shape[0]} (queries × keys), got {np.shape(mask)}"
-        )
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_:  # an additive 0/−inf mask (HF's) read as booleans attended where barred
+            raise DTypeError(f"attention mask must be boolean (True = may attend), got dtype {mask.dtype}")
+        if mask.shape != (n_q, k.shape[0]):
+            raise ShapeError(
+                f"attention mask must be {n_q} × {k.shape[0]} (queries × keys), got {mask.shape}"
+            )
     g = n_heads // n_kv
     s = float(1.0 / np.sqrt(d_h)) if scale is None else float(scale)  # a Python float keeps float32
     qg = q.reshape(n_q, n_kv, g, d_h)
