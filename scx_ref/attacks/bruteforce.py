@@ -2,14 +2,16 @@
 order-recovery run for tiny n where enumerating every order is possible.
 
 Search space of a token-permuted stage with n real and r decoy rows: (n + r)! orders, log₂((n + r)!)
-bits; of a head-structured feature permutation: H_kv! · (d_h!)^{H_kv}. The size says nothing about what
-the rows' *content* reveals (see :mod:`.vocab_match`): these numbers bound only order guessing.
+bits of key — but a guess of the prompt's order need only say which rows are real and in what order, so it
+must get log₂((n + r)!/r!) bits right, log₂(r!) fewer (:func:`~scx_ref.dp.permutation.prompt_order_bits`,
+as ``scx dp`` reports it); of a head-structured feature permutation: H_kv! · (d_h!)^{H_kv}. The size says
+nothing about what the rows' *content* reveals (see :mod:`.vocab_match`): these numbers bound only order
+guessing.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ import numpy.typing as npt
 
 from .._checks import token_ids
 from ..config import ModelConfig
+from ..dp.permutation import log2_factorial, prompt_order_bits
 from ..errors import ConfigError
 from ..protocol.transport import ServerView
 from ..stages import Stage
@@ -39,9 +42,10 @@ _ROW_PERMUTED = (
 
 
 def search_space_bits(rows: int) -> float:
-    """log₂(rows!) — the bits an order guess must get right (ConfigError unless rows is an integer ≥ 0)."""
-    rows = int_arg(rows, "rows")
-    return math.lgamma(rows + 1) / math.log(2)
+    """log₂(rows!) — the bits a guess of the order of ``rows`` rows must get right, all of them real (with
+    decoys among them the prompt's order is log₂(r!) bits less: :func:`stage_search_spaces`' ``order_bits``);
+    +inf past the float64 range. ConfigError unless rows is an integer ≥ 0."""
+    return log2_factorial(int_arg(rows, "rows"))
 
 
 def head_perm_bits(config: ModelConfig) -> float:
@@ -50,7 +54,11 @@ def head_perm_bits(config: ModelConfig) -> float:
 
 
 def stage_search_spaces(view: ServerView, config: ModelConfig) -> list[dict[str, Any]]:
-    """One row per permuted message of the view: stage, layer, rows, log₂ search space."""
+    """One row per permuted message of the view: stage, layer, rows, the prompt's n, ``bits`` — log₂ of the
+    key's search space (a row-permuted stage: log₂(rows!); the attention stage: its head-structured feature
+    permutation) — and ``order_bits``: what the message hides of the prompt's order, log₂(rows!/(rows − n)!)
+    (the decoys' order among themselves is no part of the prompt; 0 for the attention stage, whose rows
+    arrive in true order)."""
     meta = open_meta(view)
     out: list[dict[str, Any]] = []
     seen: set[tuple[str, int]] = set()
@@ -67,6 +75,7 @@ def stage_search_spaces(view: ServerView, config: ModelConfig) -> list[dict[str,
                     "rows": rows,
                     "n": int(meta["n"]),
                     "bits": search_space_bits(rows),
+                    "order_bits": _order_bits(rows, int(meta["n"])),
                 }
             )
         elif m.stage == Stage.ATTN:
@@ -77,9 +86,16 @@ def stage_search_spaces(view: ServerView, config: ModelConfig) -> list[dict[str,
                     "rows": int(meta["n"]),
                     "n": int(meta["n"]),
                     "bits": head_perm_bits(config),
+                    "order_bits": 0.0,
                 }
             )
     return out
+
+
+def _order_bits(rows: int, n: int) -> float:
+    """log₂(rows!/(rows − n)!): the bits a guess of the n real rows' order among ``rows`` must get right."""
+    real = min(n, rows)
+    return prompt_order_bits(real, rows - real) if real else 0.0
 
 
 def enumerate_orders(bag: npt.ArrayLike, n: int, lm: LanguageModel, max_rows: int = 7) -> list[int]:

@@ -10,14 +10,19 @@ then the first generated token). :attr:`Metric.baseline` names that baseline.
 ignored) — or, for the statelessness row, ``stateless`` (greedy top-1 agreement of the server's own
 continuation, judged against a server that ignores the prompt). ``attack``: whether the metric is a
 recovery rate an attacker achieves (False: a diagnostic such as bag precision, decoys rejected, Kendall τ).
+
+:data:`UNTABLED` lists the keys the harness records in a setting's ``metrics`` that have no row here (so no
+table or plot shows them), each with what it is — the omission stated, not silent.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
-__all__ = ["METRICS", "Metric", "attack_metrics", "metric"]
+__all__ = ["METRICS", "UNTABLED", "Metric", "attack_metrics", "metric"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,18 @@ METRICS: tuple[Metric, ...] = (
     Metric("gen_joint_acc", "gen: every row of the step, joint", "generated", "pos", tokens="fed"),
     Metric("gen_predict_acc", "gen: continue best prompt guess", "generated", "pos"),
     Metric("stateless_top1", "statelessness: server's best top-1", "generated", "stateless"),
+)
+
+
+#: Metric keys the harness records that :data:`METRICS` leaves out (no table row, no plot), with what each is.
+UNTABLED: Mapping[str, str] = MappingProxyType(
+    {
+        "llm_reorder_recall": (
+            "LLM reordering: the fraction of the prompt's tokens (as a multiset) among the n tokens the beam "
+            "search keeps of the block-1 bag (decoys included) — a per-prompt mean, no interval or baseline, "
+            "recorded since the attack was added but never given a row"
+        ),
+    }
 )
 
 

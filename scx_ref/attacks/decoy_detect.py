@@ -30,8 +30,12 @@ Array = npt.NDArray[Any]
 def norm_residual(rows: Array, gamma: Array) -> Array:
     """|rms(y/γ) − 1| per row: 0 for an RMSNorm output y = γ ⊙ x / rms(x) (ε = 0; an ε > 0 makes rms(y/γ) =
     √(mean x² / (mean x² + ε)) < 1, a residual of about ε / (2·mean x²)). ShapeError unless ``rows`` is
-    rows × len(γ) and γ 1-D; NonFiniteError for NaN or ±Inf."""
+    rows × len(γ) and γ 1-D; NonFiniteError for NaN or ±Inf; ConfigError for a γ with a zero entry (y/γ
+    is then 0/0 there: the identity cannot be checked, and a NaN residual would pass no threshold, so a
+    real row would read as a decoy)."""
     g = rows_arg(gamma, "gamma", ndim=1)
+    if not np.all(g != 0):
+        raise ConfigError("gamma has a zero entry: rms(y/γ) is undefined, the identity cannot be checked")
     y = rows_arg(rows, "rows", len(g)) / g
     return np.asarray(np.abs(np.sqrt(np.mean(y**2, axis=1)) - 1.0))
 
@@ -60,8 +64,10 @@ def residual_links(
     Returns boolean masks (qkv_real, o_real, ffn_real) over each message's rows: a FFN row is real
     when some pair (x, o·W_o) sums to it within relative ``tol``; the rows of such pairs are real, and so
     is every QKV or O row that forms such a pair as well (a repeated token's equal block-1 rows: all real).
-    With ``qkv_normalized`` (noised block) the QKV rows are not the residual, and block 1 uses the
-    vocabulary instead: FFN row − O output ∈ embedding table (see :func:`vocab_match.match_block1_residual`).
+    With ``qkv_normalized`` (a noised QKV stage: the client sent normalized rows plus noise) the QKV rows are
+    not the residual, so no sum can be checked and all three masks are all-False — at block 1 too. There the
+    FFN rows link through the vocabulary instead (FFN row − O output ∈ embedding table): that is
+    :func:`vocab_match.match_block1_residual`, which the harness scores apart (``vm_resid1_bag_recall``).
 
     Checked first: ConfigError for a block the model lacks or a ``tol`` that is not a number > 0;
     ShapeError unless the QKV and FFN rows are rows × hidden size and the O rows rows × q_dim;

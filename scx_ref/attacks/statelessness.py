@@ -115,6 +115,8 @@ def server_caches(view: ServerView, weights: ModelWeights, policy: str) -> Cache
 
 
 def _metrics(logits: Array, hidden: Array, tokens: Array, ref_hidden: Array) -> dict[str, float]:
+    """ppl = exp(mean NLL of tokens[1:]) — +inf, not an error, when the mean NLL passes float64's exp range
+    (~709 nats) — top-1 agreement with tokens[1:], and mean cosine of the hidden rows to ``ref_hidden``."""
     lp = logits - logits.max(axis=1, keepdims=True)
     lp = lp - np.log(np.exp(lp).sum(axis=1, keepdims=True))
     nll = -lp[np.arange(len(tokens) - 1), tokens[1:]]
@@ -122,7 +124,9 @@ def _metrics(logits: Array, hidden: Array, tokens: Array, ref_hidden: Array) -> 
     cos = np.sum(hidden * ref_hidden, axis=1) / (
         np.linalg.norm(hidden, axis=1) * np.linalg.norm(ref_hidden, axis=1)
     )
-    return {"ppl": float(np.exp(nll.mean())), "top1": agree, "emb_sim": float(cos.mean())}
+    with np.errstate(over="ignore"):  # an overflow is the honest value: the server is that far off
+        ppl = float(np.exp(nll.mean()))
+    return {"ppl": ppl, "top1": agree, "emb_sim": float(cos.mean())}
 
 
 def statelessness_table(
@@ -133,7 +137,9 @@ def statelessness_table(
     recovered: npt.ArrayLike | None = None,
 ) -> dict[str, dict[str, float]]:
     """Table 5 for one request: policy → {ppl, top1, emb_sim} of the true ``continuation`` (≥ 2 tokens,
-    the first of which the server is given). ``prompt`` builds only the ``normal`` reference row.
+    the first of which the server is given). ``prompt`` builds only the ``normal`` reference row. A ppl
+    may be +inf (a mean NLL past float64's exp range): JSON writers must carry it as ``"inf"``, which the
+    tables read (:func:`~.tables.check_result`).
 
     Checked first: ConfigError unless the continuation has ≥ 2 tokens (one token scores nothing: the
     perplexity and agreement would be NaN) and ``prompt`` (and ``recovered``) have the view's n tokens;

@@ -43,16 +43,17 @@ def check_result(result: Any, full: bool = True) -> dict[str, Any]:
     object whose ``settings`` are objects with a ``setting`` name and a ``metrics`` object of finite numbers
     (or null: a NaN is a broken measurement, not a cell), whose ``rates`` and ``baselines`` (when present)
     hold ``rate``, ``lo``, ``hi`` numbers in [0, 1], whose ``at_baseline`` (when present) is an object of
-    true/false verdicts, whose ``statelessness`` (when present) maps each policy to an object with ``ppl`` and
-    ``top1`` numbers and whose ``per_layer`` (when present) maps each metric to an object of block numbers to
-    numbers; whose ``noise_fitting`` (when present) maps numeric β texts to objects of the same modes' numbers
-    (or null), ``enumeration`` (when present) maps names to numbers and ``search_space`` (when present) is a
-    list of objects with ``stage``, ``layer``, ``rows`` and a ``bits`` number; with ``full`` also the run's
-    ``model``, ``n_prompts``, ``prompt_len``, ``n_new``, each setting's ``mechanism`` and ``config`` object
-    (with a ``level`` text and ``r1``, ``r2``, ``beta``, ``l_s``, ``l_e`` numbers) and ``identity_roles``
-    (when present) a list of texts. A setting's ``cost`` and ``exactness`` (when present) are objects of
-    numbers, its ``dp`` and ``exactness32`` (when present) objects or null (what the frontier table reads of
-    them)."""
+    true/false verdicts, whose ``statelessness`` (when present) maps each policy to an object with a ``ppl``
+    (a number ≥ 0, +inf included, or the text ``"inf"``: strict JSON has no number for an infinite
+    perplexity) and a ``top1`` rate in [0, 1] and whose ``per_layer`` (when present) maps each metric to an
+    object of block numbers to numbers; whose ``noise_fitting`` (when present) maps numeric β texts to
+    objects of the same modes' numbers (or null), ``enumeration`` (when present) maps names to numbers and
+    ``search_space`` (when present) is a list of objects with ``stage``, ``layer``, ``rows``, a ``bits``
+    number and (when present) an ``order_bits`` number; with ``full`` also the run's ``model``,
+    ``n_prompts``, ``prompt_len``, ``n_new``, each setting's ``mechanism`` and ``config`` object (with a
+    ``level`` text and ``r1``, ``r2``, ``beta``, ``l_s``, ``l_e`` numbers) and ``identity_roles`` (when
+    present) a list of texts. A setting's ``cost`` and ``exactness`` (when present) are objects of numbers,
+    its ``dp`` and ``exactness32`` (when present) objects or null (what the frontier table reads of them)."""
     if not isinstance(result, dict) or not isinstance(result.get("settings"), list):
         raise ConfigError("not an `scx attack --json` result: no list of settings")
     if full:
@@ -88,6 +89,12 @@ def _real(x: Any) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float))
 
 
+def _ppl(x: Any) -> bool:
+    """A statelessness perplexity: a number ≥ 0 (+inf included: exp of a mean NLL past ~709 nats), or the
+    text ``"inf"`` (how strict JSON carries +inf, as ``scx dp --json`` writes an infinite ε); not NaN."""
+    return x == "inf" or (_real(x) and not math.isnan(x) and x >= 0)
+
+
 def _block(key: Any) -> bool:
     """A JSON key naming a block: the decimal text of an integer >= 0."""
     return isinstance(key, str) and key.isascii() and key.isdigit()
@@ -114,9 +121,14 @@ def _check_setting_parts(s: dict[str, Any], where: str, full: bool) -> None:
     st = s.get("statelessness")
     if st is not None and not (
         isinstance(st, dict)
-        and all(isinstance(v, dict) and _real(v.get("ppl")) and _real(v.get("top1")) for v in st.values())
+        and all(
+            isinstance(v, dict) and _ppl(v.get("ppl")) and _number(v.get("top1")) and 0 <= v["top1"] <= 1
+            for v in st.values()
+        )
     ):
-        raise ConfigError(f"{where}: statelessness is not an object of policies with ppl and top1 numbers")
+        raise ConfigError(
+            f"{where}: statelessness is not an object of policies with a ppl (>= 0 or inf) and a top1 rate"
+        )
     pl = s.get("per_layer")
     if pl is not None and not (
         isinstance(pl, dict)
@@ -159,11 +171,14 @@ def _check_run_parts(result: dict[str, Any]) -> None:
     if space and not (
         isinstance(space, list)
         and all(
-            isinstance(r, dict) and all(k in r for k in ("stage", "layer", "rows")) and _real(r.get("bits"))
+            isinstance(r, dict)
+            and all(k in r for k in ("stage", "layer", "rows"))
+            and _real(r.get("bits"))
+            and _real(r.get("order_bits", 0.0))
             for r in space
         )
     ):
-        raise ConfigError("search_space is not a list of objects with stage, layer, rows and bits")
+        raise ConfigError("search_space is not a list of objects with stage, layer, rows and bits numbers")
 
 
 def _cell(setting: dict[str, Any], key: str, intervals: bool) -> str:
@@ -182,8 +197,12 @@ def _cell(setting: dict[str, Any], key: str, intervals: bool) -> str:
 
 
 def _stateless_cell(row: dict[str, Any] | None) -> str:
-    """A statelessness cell: PPL / top-1 of one policy, – where this setting did not run it."""
-    return "–" if row is None else f"{row['ppl']:.1f} / {row['top1']:.2f}"
+    """A statelessness cell: PPL / top-1 of one policy (an infinite PPL, a number or the text ``"inf"``,
+    as ∞), – where this setting did not run it."""
+    if row is None:
+        return "–"
+    ppl = float(row["ppl"])
+    return ("∞" if math.isinf(ppl) else f"{ppl:.1f}") + f" / {row['top1']:.2f}"
 
 
 def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
@@ -211,7 +230,8 @@ def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
     out = ["\n".join(lines)]
     st = [s for s in sets if s.get("statelessness")]
     if st:
-        pols = list(st[0]["statelessness"])
+        # every policy any setting ran, in order of first appearance (a later setting's extra one is a row)
+        pols = list(dict.fromkeys(p for s in st for p in s["statelessness"]))
         rows = [
             "| server decodes with | " + " | ".join(text_cell(s["setting"]) for s in st) + " |",
             "|---|" + "---|" * len(st),
@@ -245,6 +265,7 @@ def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
             "Search spaces: "
             + "; ".join(
                 f"{r['stage']}[{r['layer']}] {r['rows']} rows → {r['bits']:.0f} bits"
+                + (f" (prompt order {r['order_bits']:.0f})" if "order_bits" in r else "")
                 for r in result["search_space"]
             )
         )
