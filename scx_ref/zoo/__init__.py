@@ -136,9 +136,11 @@ def load_model(name: str, dtype: Any = np.float32) -> tuple[Any, Any | None, Mod
 
     Guarantee: the ModelWeights hold the HF model's float32 parameters exactly (cast to ``dtype``;
     float64 is an exact widening), transposed to scx_ref's in × out convention, and are named ``name``.
-    All three are cached per process: every call returns the same objects, so an edit in place (a test
-    that zeroes a row) shows in every later call — copy them first (``copy.deepcopy``). ConfigError for
-    an unknown name or a dtype other than float32/float64.
+    All three are cached per process: the HF model and tokenizer of the 4 registered models used last,
+    the ModelWeights of the 8 (model, dtype) pairs used last. While cached, every call returns the same
+    objects, so an edit in place (a test that zeroes a row) shows in later calls — copy them first
+    (``copy.deepcopy``); one evicted by newer loads is rebuilt: equal values, new objects, the edit gone.
+    ConfigError for an unknown name or a dtype other than float32/float64.
     """
     np_dtype = _check_dtype(dtype)
     _check_name(name)

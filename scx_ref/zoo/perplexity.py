@@ -127,10 +127,10 @@ def compare_ppl(
 
     Reports ΔPPL = PPL_scx − PPL_plain, its relative size |ΔPPL|/PPL_plain, the largest |Δlogit| over every
     row and vocabulary entry, and the largest per-token |ΔNLL|. VocabularyError for ``ids`` that are not a
-    1-D integer array; ConfigError for a side whose logits are not rows × V of the window (or differ in shape
-    from the other side's); NonFiniteError, naming the side and window, for non-finite logits. A PPL past
-    the float64 range (finite logits whose mean NLL exceeds ~709) is inf, and so are ΔPPL and |ΔPPL|/PPL
-    then (the relative change read as |e^(NLL_scx − NLL_plain) − 1|).
+    1-D integer array; ConfigError for a side whose logits are not rows × V (V >= 1) of the window (or differ
+    in shape from the other side's); NonFiniteError, naming the side and window, for non-finite logits. A
+    PPL past the float64 range (finite logits whose mean NLL exceeds ~709) is inf, and so are ΔPPL and
+    |ΔPPL|/PPL then (the relative change read as |e^(NLL_scx − NLL_plain) − 1|).
     """
     raw = np.asarray(ids)
     if raw.ndim != 1 or (raw.size and not np.issubdtype(raw.dtype, np.integer)):
@@ -152,7 +152,7 @@ def compare_ppl(
         t_scx += t2 - t1
         if lp.shape != ls.shape:
             raise ConfigError(f"logit shapes differ: plaintext {lp.shape}, SCX {ls.shape}")
-        if lp.ndim != 2 or lp.shape[0] != len(w):
+        if lp.ndim != 2 or lp.shape[0] != len(w) or lp.shape[1] == 0:  # V = 0: numpy's raw ValueError below
             raise ConfigError(f"logits must be {len(w)} rows × V for a window of {len(w)}, got {lp.shape}")
         for side, arr in (("plaintext", lp), ("SCX", ls)):
             if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
