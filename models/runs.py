@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from scx_ref._checks import check_int
-from scx_ref._files import write_text_whole
+from scx_ref._files import result_json, write_text_whole
 from scx_ref.commands._args import add_level, float_at_least, int_at_least, output_file
 from scx_ref.errors import ConfigError, SCXError
 from scx_ref.protocol import Level
@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rec["wall_seconds"] = time.perf_counter() - t0
     rec["env"] = _env()
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_whole(out, json.dumps(rec, indent=1) + "\n")
+    write_text_whole(out, result_json(rec, indent=1) + "\n")
     summary = {k: v for k, v in rec.items() if k not in ("continuations", "rows", "env")}
     print(json.dumps(summary, indent=1))
     if rec["kind"] == "sweep":

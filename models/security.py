@@ -14,7 +14,6 @@ tamperings of which replies are detected. Writes one results JSON with the comma
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from scx_ref._files import write_text_whole
+from scx_ref._files import result_json, write_text_whole
 from scx_ref.attacks.active import TamperingTransport
 from scx_ref.backends import NumpyBackend
 from scx_ref.commands._args import int_at_least, output_file
@@ -200,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     rec["command"] = shlex.join(
         ["python", "-m", "scx_models.security", *(sys.argv[1:] if argv is None else argv)]
     )
-    write_text_whole(args.out, json.dumps(rec, indent=1) + "\n")
+    write_text_whole(args.out, result_json(rec, indent=1) + "\n")
     for h in rec["honest"]:
         print(
             f"{h['level']:8} β={h['beta']:<8g} sessions {h['sessions']}  checks {h['row_checks']:7d}  "

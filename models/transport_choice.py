@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import multiprocessing as mp
 import os
 import queue
@@ -24,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from scx_ref._files import write_text_whole
+from scx_ref._files import result_json, write_text_whole
 from scx_ref.commands._args import int_at_least, output_file
 from scx_ref.errors import ConfigError
 
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {load:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if args.json:
         write_text_whole(
-            args.json, json.dumps({"rows": rows, "loadavg": load, "cpus": os.cpu_count()}, indent=1)
+            args.json, result_json({"rows": rows, "loadavg": load, "cpus": os.cpu_count()}, indent=1)
         )
     return 0
 

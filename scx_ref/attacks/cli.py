@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .._files import write_text_whole
+from .._files import result_json, write_text_whole
 from ..commands._args import MAX_THREADS, input_file, int_at_least, output_dir, output_file
 from ..errors import ConfigError
 from ..zoo import MODEL_NAMES, load_model, max_positions
@@ -268,27 +266,11 @@ _PLOT_FILES = (
 
 def _write_json(path: Path, result: dict[str, Any]) -> None:
     """Write ``result`` as JSON to ``path`` through a sibling ``.part`` file and a rename: ``path`` holds
-    the whole new result or, after an error, what it held before — never a half-written file. An infinite
-    DP ε (an un-noised configuration) is written as the text ``"inf"``, as ``scx dp --json`` writes it and
-    the frontier reads it: JSON has no number for it (``Infinity`` is refused by strict readers)."""
+    the whole new result or, after an error, what it held before — never a half-written file. Strict JSON
+    (:func:`~scx_ref._files.result_json`): an infinite DP ε (an un-noised configuration) or statelessness
+    perplexity is written as the text ``"inf"``, as ``scx dp --json`` writes it and the tables read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_whole(path, json.dumps(_inf_as_text(result), indent=1, default=float))
-
-
-def _inf_as_text(result: dict[str, Any]) -> dict[str, Any]:
-    """``result`` with each setting's infinite ``dp`` ε replaced by ``"inf"`` (a copy; ``result`` is not
-    changed)."""
-    settings = result.get("settings")
-    if not isinstance(settings, list):
-        return result
-    out = []
-    for s in settings:
-        dp = s.get("dp") if isinstance(s, dict) else None
-        if isinstance(dp, dict):
-            dp = {k: "inf" if isinstance(v, float) and math.isinf(v) and v > 0 else v for k, v in dp.items()}
-            s = {**s, "dp": dp}
-        out.append(s)
-    return {**result, "settings": out}
+    write_text_whole(path, result_json(result, indent=1, default=float))
 
 
 def _language_model(tok: Any, model: Any, weights: Any) -> LanguageModel:

@@ -51,7 +51,10 @@ __all__ = [
 
 def _amount(v: Any, *, allow_inf: bool = False, positive: bool = False) -> bool:
     """A number the frontier can show: an int or float (not a bool), not NaN, >= 0 (> 0 with
-    ``positive``), finite unless ``allow_inf``."""
+    ``positive``), finite unless ``allow_inf`` — with it +inf also as the text ``"inf"``, as result files
+    carry it (:func:`~scx_ref._files.result_json`)."""
+    if allow_inf and v == "inf":
+        return True
     if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
         return False
     return (v > 0 if positive else v >= 0) and (allow_inf or math.isfinite(v))
@@ -60,7 +63,7 @@ def _amount(v: Any, *, allow_inf: bool = False, positive: bool = False) -> bool:
 def _epsilon(v: Any) -> bool:
     """A DP ε as a result file holds it: a number >= 0, +inf included (un-noised: level permute), written
     as a JSON number or, as ``scx dp --json`` writes it, the text ``"inf"``; or null (not computed)."""
-    return v is None or v == "inf" or _amount(v, allow_inf=True)
+    return v is None or _amount(v, allow_inf=True)
 
 
 def _check_count(result: dict[str, Any], key: str, least: int) -> None:
@@ -383,10 +386,10 @@ def frontier_markdown(rows: list[dict[str, Any]]) -> str:
         )
         lat = _latency(b)
         e32 = r["exactness32"]
-        ex = f"{e.get('max_rel_logit_err', float('nan')):.0e}"
+        ex = f"{float(e.get('max_rel_logit_err', 'nan')):.0e}"  # float(): +inf may be the text "inf"
         if e32:
             fail = "" if e32.get("pass", True) else " ✗"
-            ex += f" · {e32['rel_delta_ppl']:.1e}{fail} ({e32['greedy_identical']})"
+            ex += f" · {float(e32['rel_delta_ppl']):.1e}{fail} ({e32['greedy_identical']})"
         lines.append(
             f"| {r['name']} | {_rate(r['prompt'])} {_short(r['prompt_attack'])} | "
             f"{_rate(r['generated'])} {_short(r['generated_attack'])} | {state} | {verdict} | "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .._files import write_text_whole
+from .._files import result_json, write_text_whole
 from ..errors import ConfigError, SCXError
 from .tables import METRICS, check_result, fmt, markdown_table, text_cell
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result = merge_results([result, *(load(m) for m in a.more)])
             if a.merged:
-                write_text_whole(a.merged, json.dumps(result, indent=1, default=float))
+                write_text_whole(a.merged, result_json(result, indent=1, default=float))
         if a.bench and result.get("kind") != "frontier":
             p.error(f"--bench: {str(a.json)!r} is not a frontier result (the latency would be ignored)")
         findings = read(a.findings) if a.findings else ""

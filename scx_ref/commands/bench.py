@@ -46,7 +46,6 @@ weights of a preset shape, e.g. ``random:smollm2-shape``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -58,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from .._files import write_text_whole
+from .._files import result_json, write_text_whole
 from ..backends.base import TORCH_DTYPES
 from ..errors import ConfigError, SCXError
 from ..machine import cpuinfo
@@ -1010,5 +1009,7 @@ def main(args: argparse.Namespace) -> int:
             "gemm_pad_rows": [torch_backend.GEMM_PAD_MIN_ROWS, torch_backend.GEMM_BLOCK_ROWS - 1],
             "gemm_pad_min_weights": torch_backend.GEMM_PAD_MIN_WEIGHTS,
         }
-        write_text_whole(args.json, json.dumps({"meta": meta, "rows": [r.to_dict() for r in rows]}, indent=2))
+        write_text_whole(
+            args.json, result_json({"meta": meta, "rows": [r.to_dict() for r in rows]}, indent=2)
+        )
     return 0

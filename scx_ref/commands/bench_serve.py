@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import shlex
 import statistics
@@ -38,7 +37,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .._files import write_text_whole
+from .._files import result_json, write_text_whole
 from ..backends.base import TORCH_DTYPES
 from ..errors import ConfigError
 from ..zoo import MODEL_NAMES
@@ -361,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
                 raise
     result["loadavg_end"] = os.getloadavg()[0]
     if args.json:
-        write_text_whole(args.json, json.dumps(result, indent=1) + "\n")
+        write_text_whole(args.json, result_json(result, indent=1) + "\n")
     return 1 if bad else 0
 
 

@@ -9,10 +9,9 @@ GPU (the HF model and the torch backend); float64 runs on the CPU.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from .._files import write_text_whole
+from .._files import result_json, write_text_whole
 from ..errors import ConfigError
 from ..protocol import Level, SCXConfig
 from ..protocol.config import MAX_BETA
@@ -109,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(rec), flush=True)  # a closed pipe raises here, not at exit
     finally:
         if args.json:
-            write_text_whole(args.json, json.dumps(rec, indent=1) + "\n")
+            write_text_whole(args.json, result_json(rec, indent=1) + "\n")
     return 0 if rec["pass"] else 1
 
 

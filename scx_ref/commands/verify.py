@@ -17,14 +17,13 @@ in-process server; float64 (the numpy reference and backend) runs on the CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any, Literal
 
 import numpy as np
 
 from .._checks import check_real
-from .._files import write_text_whole
+from .._files import result_json, write_text_whole
 from ..dp.budget import request_budget
 from ..dp.sensitivity import model_sensitivities
 from ..errors import ConfigError
@@ -245,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_verdict(rec), flush=True)  # a closed pipe raises here, not at exit
     finally:
         if args.json:
-            write_text_whole(args.json, json.dumps(rec, indent=1, default=str) + "\n")
+            write_text_whole(args.json, result_json(rec, indent=1, default=str) + "\n")
     return 0 if rec["pass"] else 1
 
 

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from .._files import json_ready
 from ..errors import ConfigError
 from ..protocol.config import BETA_KINDS, LEVELS, SCXConfig
 from ..protocol.plan import InputKind, Release, ReleasePlan
@@ -119,17 +120,7 @@ class RequestBudget:
     config: SCXConfig
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (infinities become the string "inf")."""
-
-        def fix(v: Any) -> Any:
-            if isinstance(v, float) and math.isinf(v):
-                return "inf"
-            if isinstance(v, dict):
-                return {k: fix(x) for k, x in v.items()}
-            if isinstance(v, list | tuple):
-                return [fix(x) for x in v]
-            return v
-
+        """JSON-ready dict (:func:`~scx_ref._files.json_ready`: ±inf become the texts "inf" and "-inf")."""
         out: dict[str, Any] = {
             k: getattr(self, k)
             for k in (
@@ -163,7 +154,7 @@ class RequestBudget:
         out["composition"] = None if self.composition is None else self.composition.to_dict()
         out["uncovered"] = list(self.uncovered)
         out["notes"] = list(self.notes)
-        return fix(out)  # type: ignore[no-any-return]
+        return json_ready(out)  # type: ignore[no-any-return]
 
 
 def _sensitivity(sens: ModelSensitivities, r: Release) -> float:

@@ -17,14 +17,13 @@ for seeded random weights of a preset shape.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from typing import Any
 
 import numpy as np
 
-from .._files import write_text_whole
+from .._files import result_json, write_text_whole
 from ..commands._args import add_level, device, float_at_least, int_at_least, output_file, require_device
 from ..errors import ConfigError
 from ..protocol.config import BETA_KINDS
@@ -482,17 +481,6 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return out, _budget_text(budget, sd, args, notes, reason)
 
 
-def _json_ready(v: Any) -> Any:
-    """Infinities (e.g. an overflowing advanced composition) become the string "inf" for strict JSON."""
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if isinstance(v, dict):
-        return {k: _json_ready(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_json_ready(x) for x in v]
-    return v
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``scx dp``: prints the table, writes ``--json`` if asked; returns the exit code."""
     check_options(args)
@@ -500,9 +488,7 @@ def run(args: argparse.Namespace) -> int:
     out["pld_installed"] = pld_available()
     print(text)
     if args.json is not None:
-        write_text_whole(
-            args.json, json.dumps(_json_ready(out), indent=2, sort_keys=True, allow_nan=False) + "\n"
-        )
+        write_text_whole(args.json, result_json(out, indent=2, sort_keys=True) + "\n")
         print(f"\nwrote {args.json}")
     return 0
 

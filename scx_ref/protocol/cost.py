@@ -9,12 +9,12 @@ counted apart, as ``verify_flops``, so the protocol's own costs read the same wi
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from .._checks import check_int
+from .._files import result_json
 from ..errors import ConfigError
 from ..stages import Phase, Stage
 
@@ -169,4 +169,5 @@ class CostReport:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        """The report as strict JSON (:func:`~scx_ref._files.result_json`)."""
+        return result_json(self.to_dict(), indent=2)
