@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import check_int, float_dtype, token_ids
+from ._checks import check_int, check_real, float_dtype, token_ids
 from .backends.torch_backend import TorchBackend, TorchLayer, TorchWeights, parse_device, parse_dtype
 from .config import ModelConfig
 from .errors import ConfigError, SCXError, VocabularyError
@@ -85,20 +85,22 @@ def _rope_theta(cfg: Any) -> float:
             )
         if "rope_theta" not in params:
             raise ConfigError("config.rope_parameters has no rope_theta")
-        return float(params["rope_theta"])
+        return check_real(params["rope_theta"], "rope_parameters['rope_theta']", 0, lo_open=True)
     theta = _get(cfg, "rope_theta")
     if theta is None:
         raise ConfigError("the HF config names no RoPE base (rope_parameters['rope_theta'] or rope_theta)")
     if _get(cfg, "rope_scaling"):
         raise ConfigError("scaled RoPE (config.rope_scaling) is not supported")
-    return float(theta)
+    return check_real(theta, "rope_theta", 0, lo_open=True)
 
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
     """The :class:`ModelConfig` of a LLaMA / Mixtral / Qwen2 HF config.
 
     Guarantee: a config is returned only when the SCX forward on it is the HF forward (same shapes,
-    RMSNorm ε, default RoPE base, SiLU, biases only on Qwen2's Q/K/V); otherwise ConfigError.
+    RMSNorm ε, default RoPE base, SiLU, biases only on Qwen2's Q/K/V); otherwise ConfigError — also for a
+    config object missing a field the model needs or holding one of the wrong type (a size that is not an
+    integer is refused, never truncated).
     """
     model_type = _get(hf_config, "model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -113,31 +115,41 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
         raise ConfigError("LLaMA with attention_bias/mlp_bias is not supported (O-projection/MLP bias)")
     if (_get(hf_config, "pretraining_tp") or 1) != 1:
         raise ConfigError("pretraining_tp != 1 is not supported")
-    n_heads = int(hf_config.num_attention_heads)
-    head_dim = _get(hf_config, "head_dim") or hf_config.hidden_size // n_heads
-    max_pos = int(_get(hf_config, "max_position_embeddings", 4096) or 4096)
-    window = _get(hf_config, "sliding_window")
-    layer_types = _get(hf_config, "layer_types") or []
-    sliding = window is not None and (model_type == "mixtral" or "sliding_attention" in layer_types)
-    if sliding:
-        max_pos = min(max_pos, int(window))
-    n_experts = int(_get(hf_config, "num_local_experts", 0) or 0) if model_type == "mixtral" else 0
-    return ModelConfig(
-        vocab_size=int(hf_config.vocab_size),
-        hidden_size=int(hf_config.hidden_size),
-        n_layers=int(hf_config.num_hidden_layers),
-        n_heads=n_heads,
-        n_kv_heads=int(_get(hf_config, "num_key_value_heads") or n_heads),
-        head_dim=int(head_dim),
-        intermediate_size=int(hf_config.intermediate_size),
-        rms_eps=float(hf_config.rms_norm_eps),
-        rope_theta=_rope_theta(hf_config),
-        n_experts=n_experts,
-        top_k=int(hf_config.num_experts_per_tok) if n_experts else 0,
-        qkv_bias=model_type == "qwen2",
-        max_positions=max_pos,
-        name=str(_get(hf_config, "_name_or_path", "") or model_type),
-    )
+    try:  # integers are checked as they are (ModelConfig checks the rest): int() truncated 24.5 to 24
+        n_heads = check_int(hf_config.num_attention_heads, "num_attention_heads", 1)
+        hidden = check_int(hf_config.hidden_size, "hidden_size", 1)
+        head_dim = _get(hf_config, "head_dim") or hidden // n_heads
+        max_pos = check_int(
+            _get(hf_config, "max_position_embeddings", 4096) or 4096, "max_position_embeddings", 1
+        )
+        window = _get(hf_config, "sliding_window")
+        layer_types = _get(hf_config, "layer_types") or []
+        sliding = window is not None and (model_type == "mixtral" or "sliding_attention" in layer_types)
+        if sliding:
+            max_pos = min(max_pos, check_int(window, "sliding_window", 1))
+        n_experts = (
+            check_int(_get(hf_config, "num_local_experts", 0) or 0, "num_local_experts")
+            if model_type == "mixtral"
+            else 0
+        )
+        return ModelConfig(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hidden,
+            n_layers=hf_config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=_get(hf_config, "num_key_value_heads") or n_heads,
+            head_dim=head_dim,
+            intermediate_size=hf_config.intermediate_size,
+            rms_eps=check_real(hf_config.rms_norm_eps, "rms_norm_eps", 0),
+            rope_theta=_rope_theta(hf_config),
+            n_experts=n_experts,
+            top_k=hf_config.num_experts_per_tok if n_experts else 0,
+            qkv_bias=model_type == "qwen2",
+            max_positions=max_pos,
+            name=str(_get(hf_config, "_name_or_path", "") or model_type),
+        )
+    except AttributeError as exc:  # a config object without a field every supported model has
+        raise ConfigError(f"the {model_type} config has no {exc.name or 'required field'}: {exc}") from None
 
 
 def _check_model(model: Any) -> None:
@@ -221,6 +233,7 @@ def backend_from_hf(
             f"expected a loaded transformers model (LlamaForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM), "
             f"got {type(model).__name__}: load it first, e.g. AutoModelForCausalLM.from_pretrained(...)"
         )
+    _check_model(model)  # before its parameters are read: a module without any raised StopIteration
     param = next(model.parameters())
     dt = parse_dtype(dtype) if dtype is not None else parse_dtype(param.dtype)
     dev = parse_device(device) if device is not None else param.device
@@ -255,8 +268,9 @@ def weights_from_hf(model: Any, dtype: Any = None, name: str | None = None) -> M
     """The HF model's weights as numpy :class:`ModelWeights` (``y = x @ W``: Linear weights transposed).
 
     Default dtype: float64 for a float64 model, float32 otherwise; ``name`` overrides the config's
-    name. Guarantee: the reference forward on
-    these weights is the HF forward's mathematics (tested to rtol 1e-10 in float64 in ``tests/test_hf.py``).
+    name. Guarantee: the reference forward on these weights is the HF forward's mathematics (tested to
+    rtol 1e-10 in float64, against HF with its float32 steps done in float64, in
+    ``tests/test_forward_hf_edges.py``).
     ConfigError for anything but a supported model (checked before it is read), DTypeError unless
     ``dtype`` is None or names a floating numpy dtype.
     """

@@ -33,9 +33,11 @@ class KVCache:
 
     @property
     def length(self) -> int:
+        """Positions held: the rows of block 0 (0 for an empty cache)."""
         return 0 if not self.keys else int(self.keys[0].shape[0])
 
     def copy(self) -> KVCache:
+        """An independent copy (every array copied): extending either leaves the other as it was."""
         return KVCache([k.copy() for k in self.keys], [v.copy() for v in self.values])
 
 
@@ -66,41 +68,71 @@ class ReferenceModel:
     def block(
         self, x: FloatArray, lw: LayerWeights, positions: np.ndarray, layer: int, cache: KVCache
     ) -> FloatArray:
-        """One pre-norm block; appends this call's keys/values to ``cache`` at ``layer``.
+        """One pre-norm block, h = x + Attn(RMSNorm(x)), then h + MLP(RMSNorm(h)); the rows at
+        ``positions`` attend causally to the cached keys/values of block ``layer`` and to themselves, and
+        this call's keys (after RoPE) and values are appended to ``cache`` at ``layer`` once the block ran.
 
         With a ``trace``, it receives the block input ``x``, the normalized input ``xhat``, post-RoPE
         ``q``/``k`` and ``v``, the attention output ``o`` and the residual before the MLP ``h``.
-        ProtocolError (``cache`` unchanged) unless ``cache`` is a KVCache and ``layer`` an integer in
-        [0, len(cache.keys)]: the next block of a cache being built, or one it holds (never filed at
-        another index).
+        ProtocolError (``cache`` unchanged) unless ``cache`` is a KVCache (lists of as many keys as
+        values) and ``layer`` an integer in [0, len(cache.keys)]: the next block of a cache being built,
+        or one it holds (never filed at another index), whose keys and values are then arrays of the same
+        shape rows × H_kv × d_h. A call that raises (a bad ``x`` or ``positions``, a ``trace``) leaves
+        ``cache`` as it was.
         """
-        if not isinstance(cache, KVCache) or not isinstance(cache.keys, list):
-            raise ProtocolError(f"block needs a KVCache, got {type(cache).__name__}")
+        if (
+            not isinstance(cache, KVCache)
+            or not isinstance(cache.keys, list)
+            or not isinstance(cache.values, list)
+            or len(cache.keys) != len(cache.values)
+        ):
+            got = type(cache).__name__
+            if isinstance(cache, KVCache):
+                got = " and ".join(
+                    f"{len(a) if isinstance(a, list) else type(a).__name__} {what}"
+                    for what, a in (("keys", cache.keys), ("values", cache.values))
+                )
+            raise ProtocolError(f"block needs a KVCache holding lists of as many keys as values, got {got}")
         layer = check_int(layer, "layer", 0, len(cache.keys), error=ProtocolError)
         c = self.config
+        n_kv, d_h = c.n_kv_heads, c.head_dim
+        old_k, old_v = (cache.keys[layer], cache.values[layer]) if layer < len(cache.keys) else (None, None)
+        # checked before anything runs: a block of the wrong shape raised with the keys extended alone
+        ok = old_k is None or (
+            isinstance(old_k, np.ndarray)
+            and isinstance(old_v, np.ndarray)
+            and old_k.ndim == 3
+            and old_k.shape[1:] == (n_kv, d_h)
+            and old_v.shape == old_k.shape
+        )
+        if not ok:
+            got = ", ".join(str(getattr(a, "shape", type(a).__name__)) for a in (old_k, old_v))
+            raise ProtocolError(
+                f"cache block {layer} must hold keys and values of shape (rows, {n_kv}, {d_h}), got {got}"
+            )
         self._record("x", layer, x)
         h = ops.rms_norm(x, lw.attn_norm, c.rms_eps)
         self._record("xhat", layer, h)
-        q, k, v = ops.qkv(h, lw, c.n_heads, c.n_kv_heads, c.head_dim)
+        q, k, v = ops.qkv(h, lw, c.n_heads, n_kv, d_h)
         q = ops.apply_rope(q, positions, c.rope_theta)
         k = ops.apply_rope(k, positions, c.rope_theta)
         self._record("q", layer, q)
         self._record("k", layer, k)
         self._record("v", layer, v)
-        if layer < len(cache.keys):
-            cache.keys[layer] = np.concatenate([cache.keys[layer], k])
-            cache.values[layer] = np.concatenate([cache.values[layer], v])
-        else:
-            cache.keys.append(k)
-            cache.values.append(v)
-        keys, values = cache.keys[layer], cache.values[layer]
-        mask = ops.causal_mask(x.shape[0], keys.shape[0])
+        keys = k if old_k is None else np.concatenate([old_k, k])
+        values = v if old_v is None else np.concatenate([old_v, v])
+        mask = ops.causal_mask(x.shape[0], keys.shape[0])  # the new rows are the last ones
         att = ops.attention(q, keys, values, mask=mask).reshape(x.shape[0], c.q_dim)
         self._record("o", layer, att)
         x = x + att @ lw.wo
         self._record("h", layer, x)
-        h = ops.rms_norm(x, lw.mlp_norm, c.rms_eps)
-        return x + ops.mlp(h, lw.mlp, c.top_k)
+        out = x + ops.mlp(ops.rms_norm(x, lw.mlp_norm, c.rms_eps), lw.mlp, c.top_k)
+        if old_k is None:  # the cache is extended (new arrays, never the old ones changed) only now
+            cache.keys.append(keys)
+            cache.values.append(values)
+        else:
+            cache.keys[layer], cache.values[layer] = keys, values
+        return out
 
     def _check_cache(self, cache: Any, stop: int) -> KVCache:
         """``cache`` (a new one when None) after checking it can be continued through block ``stop``:
