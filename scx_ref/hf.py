@@ -119,9 +119,8 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
         n_heads = check_int(hf_config.num_attention_heads, "num_attention_heads", 1)
         hidden = check_int(hf_config.hidden_size, "hidden_size", 1)
         head_dim = _get(hf_config, "head_dim") or hidden // n_heads
-        max_pos = check_int(
-            _get(hf_config, "max_position_embeddings", 4096) or 4096, "max_position_embeddings", 1
-        )
+        max_pos = _get(hf_config, "max_position_embeddings")  # absent: 4096; 0 is refused, not replaced
+        max_pos = 4096 if max_pos is None else check_int(max_pos, "max_position_embeddings", 1)
         window = _get(hf_config, "sliding_window")
         layer_types = _get(hf_config, "layer_types") or []
         sliding = window is not None and (model_type == "mixtral" or "sliding_attention" in layer_types)

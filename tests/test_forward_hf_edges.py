@@ -252,6 +252,7 @@ def test_config_from_hf_reads_a_plain_config_object() -> None:
         dict(hidden_size=24.5),  # truncated to 24 before: another model, silently
         dict(intermediate_size=20.7),  # truncated to 20 before
         dict(max_position_embeddings=16.5),  # truncated to 16 before
+        dict(max_position_embeddings=0),  # silently replaced by 4096 before
     ],
 )
 def test_config_from_hf_refuses_a_missing_or_mistyped_field(changes: dict[str, Any]) -> None:
