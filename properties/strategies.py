@@ -3,7 +3,8 @@
 Import from here; do not redefine these in test modules. Every strategy is deterministic given
 Hypothesis's draws (random data comes from ``numpy.random.default_rng(seed)`` with a drawn seed,
 never from global random state) and covers the edge cases the identities must survive:
-one row (n = 1), no decoys (r = 0), a single head, GQA ratios 1/2/4.
+one row (n = 1), no decoys (r = 0), a single head, GQA ratios 1/2/3/4 (3: SmolLM2's 9 query heads on 3
+KV heads, the one ratio of a model the project serves that is not a power of two).
 
 Main strategies
 ---------------
@@ -231,7 +232,9 @@ def head_permutations(draw: st.DrawFn, n_kv_heads: IntOrStrategy, head_dim: IntO
 
 
 def attention_shapes(
-    max_kv_heads: int = 3, gqa_ratios: Sequence[int] = (1, 2, 4), head_dims: Sequence[int] = (1, 2, 4, 6, 8)
+    max_kv_heads: int = 3,
+    gqa_ratios: Sequence[int] = (1, 2, 3, 4),
+    head_dims: Sequence[int] = (1, 2, 4, 6, 8),
 ) -> st.SearchStrategy[tuple[int, int, int]]:
     """``(n_kv_heads, group_size, head_dim)``: H = n_kv_heads·group_size query heads (one head included),
     head_dim 1 included by default (attention and T3 need no even head_dim; only RoPE does, so a model's
@@ -257,7 +260,7 @@ def model_configs(
     max_layers: int = 2,
     moe: bool | None = None,
     qkv_bias: bool | None = None,
-    gqa_ratios: Sequence[int] = (1, 2, 4),
+    gqa_ratios: Sequence[int] = (1, 2, 3, 4),
     max_kv_heads: int = 2,
     head_dims: Sequence[int] = (2, 4, 6, 8),
 ) -> ModelConfig:
@@ -318,13 +321,13 @@ def protocol_model_configs(
     qkv_bias: bool | None = None,
     max_positions: int = 128,
 ) -> ModelConfig:
-    """A tiny model for end-to-end protocol runs: 1–4 layers, hidden 16–32, vocab ≤ 64, GQA ratio 1/2/4
+    """A tiny model for end-to-end protocol runs: 1–4 layers, hidden 16–32, vocab ≤ 64, GQA ratio 1/2/3/4
     (one or two KV heads), dense or MoE (2–4 experts, top-k ≥ 1), with or without the Qwen2 QKV bias.
     ``max_positions`` (default 128) leaves room for a 64-token prompt plus 8 generated tokens."""
     is_moe = draw(st.booleans()) if moe is None else moe
     bias = draw(st.booleans()) if qkv_bias is None else qkv_bias
     n_kv = draw(st.integers(1, 2))
-    ratio = draw(st.sampled_from([1, 2, 4]))
+    ratio = draw(st.sampled_from([1, 2, 3, 4]))
     n_experts = draw(st.integers(2, 4)) if is_moe else 0
     top_k = draw(st.integers(1, n_experts)) if is_moe else 0
     return ModelConfig(
@@ -412,7 +415,7 @@ def protocol_edge_cases(draw: st.DrawFn, max_new: int = 4) -> ProtocolCase:
     """A :class:`ProtocolCase` pinned at the edges that :func:`protocol_cases` reaches together only by
     chance (about one case in fifty, so rarely in a run of the default profile): a one-token prompt
     (n = 1), no decoys anywhere (r1 = r2 = 0, ``r_lock`` 0 or defaulting to r1) and a single KV head (GQA
-    ratio 1, 2 or 4: one head in all, or one KV head shared by 2 or 4 query heads); dense or MoE, with or
+    ratio 1 to 4: one head in all, or one KV head shared by 2, 3 or 4 query heads); dense or MoE, with or
     without the QKV bias, at every level, 1..max_new tokens to generate. In half of them the run fills the
     context: ``max_length`` = ``max_positions`` = 1 + n_new, so the last generation step is the model's
     last position (and one more is refused)."""

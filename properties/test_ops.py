@@ -3,12 +3,15 @@ per-head loops for GQA attention, per-row loops for MoE, RoPE's rotation structu
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
 from properties.strategies import (
     attention_shapes,
+    dtypes,
     float_matrices,
     gaussian_arrays,
     row_counts,
@@ -47,24 +50,39 @@ def _naive_attention(
     extra=st.integers(0, 4),
     causal=st.booleans(),
     scale=st.one_of(st.none(), st.floats(0.05, 4.0)),
+    dtype=dtypes(),
 )
 def test_attention_matches_naive_loops(
-    data: st.DataObject, shape: tuple[int, int, int], n_q: int, extra: int, causal: bool, scale: float | None
+    data: st.DataObject,
+    shape: tuple[int, int, int],
+    n_q: int,
+    extra: int,
+    causal: bool,
+    scale: float | None,
+    dtype: np.dtype[Any],
 ) -> None:
-    """ops.attention (GQA, causal with cache offset, any scale) equals the per-head per-query loop."""
+    """ops.attention (GQA, causal with cache offset, any scale) equals the per-head per-query loop, in the
+    inputs' dtype. float64: rtol 1e-10. float32 (against the float64 loop on the same values, u = 2⁻²⁴):
+    a score s·q·k of d_h products is off by at most δ = (d_h + 2)·u·s·|q|·|k|, which moves a softmax weight
+    by a relative 2δ, plus (2·n_k + d_h + 8)·u for the softmax's and the weighted sum's own roundings, so
+    |Δo| ≤ max|v|·(2·max δ + (2·n_k + d_h + 8)·u)."""
     h_kv, g, d_h = shape
     n_k = n_q + extra
-    q = data.draw(gaussian_arrays((n_q, h_kv * g, d_h)))
-    k = data.draw(gaussian_arrays((n_k, h_kv, d_h)))
-    v = data.draw(gaussian_arrays((n_k, h_kv, d_h)))
+    q = data.draw(gaussian_arrays((n_q, h_kv * g, d_h), dtype))
+    k = data.draw(gaussian_arrays((n_k, h_kv, d_h), dtype))
+    v = data.draw(gaussian_arrays((n_k, h_kv, d_h), dtype))
     mask = ops.causal_mask(n_q, n_k) if causal else None
     s = 1.0 / np.sqrt(d_h) if scale is None else scale
-    np.testing.assert_allclose(
-        ops.attention(q, k, v, mask=mask, scale=scale),
-        _naive_attention(q, k, v, mask, s),
-        rtol=1e-10,
-        atol=1e-12,
-    )
+    got = ops.attention(q, k, v, mask=mask, scale=scale)
+    assert got.dtype == dtype
+    want = _naive_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), mask, s)
+    if dtype == np.float64:
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        return
+    u = 2.0**-24
+    delta = (d_h + 2) * u * s * float(np.max(np.abs(q)) * np.max(np.abs(k)) * d_h)
+    tol = float(np.max(np.abs(v))) * (2 * delta + (2 * n_k + d_h + 8) * u)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
 
 
 @given(n_q=row_counts(1, 6), extra=st.integers(0, 5))

@@ -5,8 +5,8 @@ test below breaks one library function subtly (in memory, with ``monkeypatch``; 
 the property that claims to check it on exactly the ci profile's examples (derandomized, 40 by default),
 and requires it to fail — and to pass on the library as it is. The coverage tests show the shared
 strategies reach the edges tests/test_proofs_cli_strategies.py does not name: identity and non-identity
-permutations, two or more decoys, every torch dtype (bfloat16 and float16 included), and a protocol case
-with grouped queries, MoE and decoys everywhere.
+permutations, two or more decoys, every torch dtype (bfloat16 and float16 included), GQA ratio 3 (SmolLM2's)
+and a protocol case with grouped queries, MoE and decoys everywhere.
 """
 
 from __future__ import annotations
@@ -129,6 +129,17 @@ def test_permutation_strategies_reach_identity_and_non_identity() -> None:
     assert _reaches(S.head_permutations(2, 4), _equal_to(transforms.HeadPermutation.identity(2, 4)))
     assert _reaches(S.head_permutations(2, 4), lambda p: not np.array_equal(p.group_order, np.arange(2)))
     assert _reaches(S.decoy_counts(), lambda r: r >= 2)
+
+
+def test_shape_strategies_reach_smollm2s_gqa_ratio_3() -> None:
+    """GQA ratio 3 (SmolLM2: 9 query heads on 3 KV heads), the one ratio of a served model that is not a
+    power of two, in every strategy that draws attention shapes or models; with 3 KV heads where the
+    strategy allows them (SmolLM2's own pair)."""
+    assert _reaches(S.attention_shapes(), lambda s: s[0] == 3 and s[1] == 3)
+    assert _reaches(S.model_configs(), lambda c: c.n_heads == 3 * c.n_kv_heads)
+    assert _reaches(S.protocol_model_configs(), lambda c: c.n_heads == 3 * c.n_kv_heads)
+    assert _reaches(S.protocol_cases(), lambda c: c.model.n_heads == 3 * c.model.n_kv_heads)
+    assert _reaches(S.protocol_edge_cases(), lambda c: c.model.n_heads == 3)
 
 
 def test_torch_dtypes_reach_every_dtype_of_the_torch_backend() -> None:

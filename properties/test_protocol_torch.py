@@ -37,7 +37,7 @@ from hypothesis import Phase, find, given, settings, target
 from hypothesis import strategies as st
 
 from properties import test_protocol
-from properties.strategies import ProtocolCase, protocol_cases, torch_dtypes
+from properties.strategies import ProtocolCase, protocol_cases, protocol_edge_cases, torch_dtypes
 from scx_ref.backends.torch_backend import TorchBackend, TorchOps
 from scx_ref.errors import SCXError
 from scx_ref.protocol import Client, LocalTransport, Server
@@ -131,6 +131,17 @@ def test_torch_prefill_and_every_decode_step_equal_plaintext(
 ) -> None:
     case, dtype = case_dtype
     target(check_case(case, dtype), label=f"max relative logit error ({dtype})")
+
+
+@settings(max_examples=EXAMPLES)
+@given(protocol_edge_cases(max_new=MAX_NEW), torch_dtypes(("float64", "float32")))
+def test_torch_one_token_no_decoys_one_kv_head_equals_plaintext(
+    case: ProtocolCase, dtype: torch.dtype
+) -> None:
+    """The torch property at the edges :func:`protocol_cases` reaches together about once in fifty: a
+    one-token prompt, no decoys anywhere and a single KV head (GQA 1 to 4), in half the cases filling the
+    context to ``max_length``."""
+    target(check_case(case, dtype), label=f"max relative logit error at the edges ({dtype})")
 
 
 @settings(max_examples=EXAMPLES)

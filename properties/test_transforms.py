@@ -276,7 +276,7 @@ def _qkv(data: st.DataObject, n_q: int, n_k: int, h_kv: int, g: int, d_h: int) -
 def test_t3_attention_commutes_with_head_permutation(
     data: st.DataObject, shape: tuple[int, int, int], n: int, causal: bool, scale: float | None
 ) -> None:
-    """T3: Attn(Q·P, K·P, V·P) = Attn(Q, K, V)·P for head-structured P, GQA ratios 1/2/4, with and
+    """T3: Attn(Q·P, K·P, V·P) = Attn(Q, K, V)·P for head-structured P, GQA ratios 1 to 4, with and
     without the causal mask, any scale."""
     h_kv, g, d_h = shape
     p = data.draw(head_permutations(h_kv, d_h))

@@ -23,7 +23,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from properties.kernel_paths import fused_and_eager, needs_numba
-from properties.strategies import attention_shapes, model_configs, model_weights, row_counts, seeds
+from properties.strategies import attention_shapes, dtypes, model_configs, model_weights, row_counts, seeds
 from scx_ref.backends.torch_backend import TorchBackend, TorchOps, range_excess_where
 from scx_ref.errors import SCXError
 from scx_ref.keys import KeySchedule
@@ -248,7 +248,7 @@ def _attention_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     rng = np.random.default_rng(draw(seeds()))
     first, n_q = draw(st.integers(0, 6)), draw(st.integers(0, 12))
     extra = draw(st.integers(0, 3))  # keys after the last query (only max |v| reads them)
-    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    dtype = draw(dtypes())
     v = (rng.standard_normal((first + n_q + extra, h_kv, d_h)) * 2).astype(dtype)
     o = np.empty((n_q, h_kv, g, d_h), dtype=dtype)
     for i in range(n_q):  # convex combinations of the visible values, then some pushed out of range
@@ -314,7 +314,7 @@ def test_exp64_is_exp_within_two_roundings(xs: list[float]) -> None:
 @given(case=_attention_cases())
 def test_range_excess_kernel_equals_the_running_extremes(case: tuple[Any, ...]) -> None:
     """The range check's one-pass kernel returns exactly the numpy running max/min form's excess and
-    max |v| (GQA 1/2/4, one head, no queries, keys past the last query, float32 and float64)."""
+    max |v| (GQA 1 to 4, one head, no queries, keys past the last query, float32 and float64)."""
     v, o, first = case
     with pytest.MonkeyPatch.context() as mp:
         fused, eager = fused_and_eager(mp, lambda: range_excess(v, o, first))
@@ -354,7 +354,7 @@ def _devices() -> list[str]:
 def test_range_excess_on_the_device_equals_the_host_passes(case: tuple[Any, ...]) -> None:
     """The range check by torch operations where the tensors live (``range_excess_where``, what a GPU
     backend's verifier runs: ``TorchOps.device_range_excess``) returns exactly the host form's excess and
-    max |v|, on the CPU and, where there is one, on a GPU (GQA 1/2/4, one head, no queries, keys past the
+    max |v|, on the CPU and, where there is one, on a GPU (GQA 1 to 4, one head, no queries, keys past the
     last query, float32 and float64)."""
     v, o, first = case
     want = range_excess(v, o, first)
@@ -388,13 +388,13 @@ def _rows64_cases(draw: st.DrawFn) -> tuple[Any, ...]:
     h_kv, g, d_h = draw(attention_shapes(gqa_ratios=(1, 2, 3, 4, 5, 8)))
     rng = np.random.default_rng(draw(seeds()))
     keys, rows = draw(st.integers(1, 30)), draw(st.integers(1, 6))
-    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    dtype = draw(dtypes())
     # 6: peaked softmax rows; 40: weights below e^-708, which the kernel's exp64 flushes to 0
     spread = draw(st.sampled_from([0.1, 1.0, 6.0, 40.0]))
     q = (rng.standard_normal((rows, h_kv * g, d_h)) * spread).astype(dtype)
     k = (rng.standard_normal((keys, h_kv, d_h)) * spread).astype(dtype)
     v = rng.standard_normal((keys, h_kv, d_h)).astype(dtype)
-    o = rng.standard_normal((rows, h_kv * g, d_h)).astype(draw(st.sampled_from([np.float32, np.float64])))
+    o = rng.standard_normal((rows, h_kv * g, d_h)).astype(draw(dtypes()))
     pos = rng.integers(0, keys, size=rows).astype(np.int64)
     return q, k, v, o, pos, g, 1.0 / math.sqrt(d_h)
 

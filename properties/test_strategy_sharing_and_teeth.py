@@ -1,4 +1,4 @@
-"""Audit s66: the property suites use the shared strategies and check the functions the protocol calls.
+"""The property suites use the shared strategies and check the functions the protocol calls.
 
 * The key-schedule properties drew their labels, master secrets and nonces from strategies of their own;
   those now live in :mod:`properties.strategies` (:func:`~properties.strategies.key_labels`,
@@ -88,10 +88,34 @@ def _module_strategies(tree: ast.Module) -> list[str]:
     return names
 
 
+_FLOAT_DTYPES = {f"{m}.{t}" for m in ("np", "torch") for t in ("float16", "bfloat16", "float32", "float64")}
+
+
+def _inline_duplicates(tree: ast.Module) -> list[str]:
+    """Strategy calls anywhere in a parsed module (inside composites too) that redo a shared one: a choice
+    among floating dtypes only (:func:`~properties.strategies.dtypes` / ``torch_dtypes``) or a permutation
+    (:func:`~properties.strategies.perms`)."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        call, args = ast.unparse(node.func), node.args
+        choices = args[0] if args and isinstance(args[0], (ast.List, ast.Tuple)) else None
+        if call == "st.permutations" or (
+            call == "st.sampled_from"
+            and choices is not None
+            and choices.elts
+            and all(ast.unparse(e) in _FLOAT_DTYPES for e in choices.elts)
+        ):
+            found.append(ast.unparse(node))
+    return found
+
+
 def test_every_property_module_draws_from_the_shared_strategies() -> None:
     """Every module with a Hypothesis property imports properties.strategies, and none binds a module-level
     strategy that the shared module already offers (one for labels, secrets, nonces, seeds, dtypes, decoy
-    or row counts, permutations)."""
+    or row counts, permutations), nor draws a floating dtype or a permutation from a strategy of its own
+    inside a function (``st.sampled_from([np.float32, np.float64])`` is ``strategies.dtypes()``)."""
     shared = ("label", "secret", "nonce", "seed", "dtype", "decoy", "row", "perm", "token")
     for path in sorted(PROPERTIES.glob("test_*.py")):
         text = path.read_text(encoding="utf-8")
@@ -106,3 +130,5 @@ def test_every_property_module_draws_from_the_shared_strategies() -> None:
             if any(word in name.lower() for word in shared)
         ]
         assert not duplicates, f"{path.name} defines its own {duplicates}"
+        inline = _inline_duplicates(ast.parse(text))
+        assert not inline, f"{path.name} draws from its own {inline}"

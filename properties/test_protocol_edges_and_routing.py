@@ -1,4 +1,4 @@
-"""Properties at edges no other property file pins down (s65 coverage audit of properties/strategies.py).
+"""Properties at edges no other property file pins down (a coverage audit of properties/strategies.py).
 
 * The protocol end to end (numpy backend, float64) at a one-token prompt, no decoys and a single KV head
   (:func:`~properties.strategies.protocol_edge_cases`; :func:`~properties.strategies.protocol_cases` draws
@@ -66,7 +66,7 @@ def _session(case: ProtocolCase) -> tuple[Client[Any], _Counting]:
 @FEW
 @given(protocol_edge_cases())
 def test_one_token_no_decoys_one_kv_head_equals_plaintext_to_the_last_position(case: ProtocolCase) -> None:
-    """n = 1, r1 = r2 = r_lock = 0, H_kv = 1 (GQA 1/2/4): the prefill logits and every decode step's equal
+    """n = 1, r1 = r2 = r_lock = 0, H_kv = 1 (GQA 1 to 4): the prefill logits and every decode step's equal
     plaintext; where the run fills ``max_length``, one more step is refused by the client's own gate
     (ProtocolError) before any message is sent, and again on a retry (the session is unchanged)."""
     assert len(case.ids) == 1 and case.scx.r1 == case.scx.r2 == case.scx.lock_decoys == 0
