@@ -234,9 +234,16 @@ def test_scx_verify_reports_failure(
 
     real = verify_mod.scx_logits
 
+    from scx_ref.zoo.engines import SCXLogits
+
+    class Broken(SCXLogits):
+        def __call__(self, ids):  # type: ignore[no-untyped-def]
+            return super().__call__(ids) + 0.5 * (np.arange(512) == 7)
+
     def broken(*a: object, **k: object):  # type: ignore[no-untyped-def]
-        fn = real(*a, **k)  # type: ignore[arg-type]
-        return lambda ids: fn(ids) + 0.5 * (np.arange(512) == 7)
+        engine = real(*a, **k)  # type: ignore[arg-type]
+        engine.__class__ = Broken  # the same engine (its close() too), its logits off on one entry
+        return engine
 
     monkeypatch.setattr(verify_mod, "scx_logits", broken)
     monkeypatch.setattr("scx_ref.zoo.perplexity.scx_logits", broken)

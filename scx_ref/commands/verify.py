@@ -123,11 +123,12 @@ def verify(
         items = prompts(n_prompts, prompt_len, tok, w.config.vocab_size)
         checks: list[dict[str, Any]] = []
 
-        plain, scx = plain_logits(hf, w, dtype), scx_logits(w, dtype, cfg, device, server=server)
+        plain = plain_logits(hf, w, dtype)
         dmax = lmax = 0.0
-        for ids in items:
-            lp, ls = np.asarray(plain(ids), np.float64), np.asarray(scx(ids), np.float64)
-            dmax, lmax = max(dmax, float(np.abs(ls - lp).max())), max(lmax, float(np.abs(lp).max()))
+        with scx_logits(w, dtype, cfg, device, server=server) as scx:  # its stream to --server ends here
+            for ids in items:
+                lp, ls = np.asarray(plain(ids), np.float64), np.asarray(scx(ids), np.float64)
+                dmax, lmax = max(dmax, float(np.abs(ls - lp).max())), max(lmax, float(np.abs(lp).max()))
         rel = dmax / lmax
         checks.append(
             {
@@ -140,10 +141,11 @@ def verify(
             }
         )
 
-        gp, gs = plain_generate(hf, w, dtype), scx_generate(w, dtype, cfg, device, server=server)
+        gp = plain_generate(hf, w, dtype)
         same = 0
-        for ids in items:
-            same += int(gp(ids, n_new) == gs(ids, n_new))
+        with scx_generate(w, dtype, cfg, device, server=server) as gs:
+            for ids in items:
+                same += int(gp(ids, n_new) == gs(ids, n_new))
         checks.append(
             {
                 "check": "greedy generation",

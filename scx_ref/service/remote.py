@@ -16,6 +16,7 @@ on which only a new session (``open``) can start.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import sys
 import threading
@@ -27,7 +28,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from .._checks import check_int, check_real
-from ..errors import ConfigError, IntegrityError, SCXError, ServiceError, WireError
+from ..errors import ConfigError, IntegrityError, ProtocolError, SCXError, ServiceError, WireError
 from ..protocol.cost import CostMeter
 from ..protocol.messages import Reply, Request
 from .codec import (
@@ -49,6 +50,8 @@ _SCHEMES = {"scx": False, "scxs": True}
 
 def parse_url(url: str) -> tuple[str, int, bool]:
     """(host, port, tls) of ``scx://host:port`` or ``scxs://host:port`` (ConfigError otherwise)."""
+    if not isinstance(url, str):  # urlsplit raised a raw AttributeError for a number
+        raise ConfigError(f"server URL must be a string scx://HOST:PORT, got {type(url).__name__}")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -93,7 +96,12 @@ def _server_error(name: str, message: str) -> SCXError:
 
 
 class _Watchdog:
-    """Cancels the current gRPC call when a reply is overdue (one thread per transport)."""
+    """Cancels the current gRPC call when a reply is overdue (one thread per stream).
+
+    Whether a reply came in time is decided once, under the watchdog's lock: the watchdog fires (cancels
+    the call) only if the round trip is still armed at its deadline; :meth:`disarm`, which the round trip
+    calls once it holds the reply, says whether it fired first. So a reply taken before the deadline is
+    never a timeout, and a round trip the watchdog cancelled is one (its stream is dropped)."""
 
     def __init__(self) -> None:
         self._cv = threading.Condition()
@@ -109,9 +117,11 @@ class _Watchdog:
             self._call, self._deadline, self.fired = call, time.monotonic() + seconds, False
             self._cv.notify()
 
-    def disarm(self) -> None:
+    def disarm(self) -> bool:
+        """Stop the round trip's deadline; whether the watchdog had fired (cancelled the call) first."""
         with self._cv:
             self._deadline = None
+            return self.fired
 
     def close(self) -> None:
         with self._cv:
@@ -155,7 +165,7 @@ class RemoteTransport:
         *,
         timeout: float = 120.0,
         connect_timeout: float = 10.0,
-        tls_ca: str | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
         max_message_bytes: int = 512 << 20,
     ) -> None:
         self.url = url
@@ -165,6 +175,9 @@ class RemoteTransport:
         self.connect_timeout = check_real(
             connect_timeout, "connect_timeout (seconds)", 0, threading.TIMEOUT_MAX, lo_open=True
         )
+        # an int passed as a path: open(3) read (and then closed) the process's file descriptor 3
+        if tls_ca is not None and not isinstance(tls_ca, (str, os.PathLike)):
+            raise ConfigError(f"tls_ca must be the path of a PEM file, got {type(tls_ca).__name__}")
         if tls_ca is not None and not self.tls:
             raise ConfigError(f"tls_ca is for a TLS server (scxs://HOST:PORT); {url!r} is not one")
         self.ops = ops
@@ -181,43 +194,49 @@ class RemoteTransport:
 
     # -- connection -------------------------------------------------------------------------------
     def _connect(self) -> None:
+        """Open a stream and greet the server: ServiceError when it cannot be reached in time or is not an
+        SCX server, ConfigError for an unreadable CA file or a server of another model or dtype. However
+        this fails (^C included), nothing is left open: the next message connects and greets again."""
         import grpc
 
         options = [*grpc_options(self.max_message_bytes), ("grpc.enable_retries", 0)]
         host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address (the URL's [::1])
         target = f"{host}:{self.port}"
-        if self.tls:
-            root = None
-            if self.tls_ca is not None:
-                try:
-                    with open(self.tls_ca, "rb") as f:
-                        root = f.read()
-                except OSError as exc:
-                    raise ConfigError(f"cannot read the TLS CA file {self.tls_ca}: {exc}") from None
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), options)
-        else:
-            self._channel = grpc.insecure_channel(target, options)
+        root = None
+        if self.tls and self.tls_ca is not None:
+            try:
+                with open(self.tls_ca, "rb") as f:
+                    root = f.read()
+            except OSError as exc:
+                raise ConfigError(f"cannot read the TLS CA file {self.tls_ca}: {exc}") from None
+            if b"-----BEGIN CERTIFICATE-----" not in root:  # else: "cannot reach" once connect_timeout passed
+                raise ConfigError(f"the TLS CA file {self.tls_ca} holds no PEM certificate")
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
-        except grpc.FutureTimeoutError:
+            if self.tls:
+                self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), options)
+            else:
+                self._channel = grpc.insecure_channel(target, options)
+            try:
+                grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
+            except grpc.FutureTimeoutError:
+                raise ServiceError(
+                    f"cannot reach the SCX server at {self.url} within {self.connect_timeout:g} s"
+                ) from None
+            self._watchdog = _Watchdog()  # the stream's own: _drop stops it
+            q: queue.Queue[bytes | None] = queue.Queue()
+            self._queue = q
+            self._call = self._channel.stream_stream(METHOD)(iter(q.get, None))
+            self._replies = iter(self._call)
+            try:  # an unreadable greeting drops the stream too: the next message greets (and checks) again
+                frame = decode(self._roundtrip(encode_hello({"client": "scx_ref"})), self.limits)
+            except WireError as exc:
+                raise ServiceError(f"{self.url} is not an SCX server: malformed greeting ({exc})") from None
+            if frame.kind is not FrameKind.HELLO or frame.header.get("service") != "scx":
+                raise ServiceError(f"{self.url} is not an SCX server")
+            self._check_model(frame.header)
+        except BaseException:
             self._drop()
-            raise ServiceError(
-                f"cannot reach the SCX server at {self.url} within {self.connect_timeout:g} s"
-            ) from None
-        self._watchdog = _Watchdog()  # the stream's own: _drop stops it
-        q: queue.Queue[bytes | None] = queue.Queue()
-        self._queue = q
-        self._call = self._channel.stream_stream(METHOD)(iter(q.get, None))
-        self._replies = iter(self._call)
-        try:  # an unreadable greeting drops the stream too: the next message greets (and checks) again
-            frame = decode(self._roundtrip(encode_hello({"client": "scx_ref"})), self.limits)
-        except WireError as exc:
-            self._drop()
-            raise ServiceError(f"{self.url} is not an SCX server: malformed greeting ({exc})") from None
-        if frame.kind is not FrameKind.HELLO or frame.header.get("service") != "scx":
-            self._drop()
-            raise ServiceError(f"{self.url} is not an SCX server")
-        self._check_model(frame.header)
+            raise
         self.info = frame.header  # only once checked: a refused server's greeting is not kept
 
     def _check_model(self, info: dict[str, Any]) -> None:
@@ -225,7 +244,6 @@ class RemoteTransport:
             return
         mine, theirs = model_fingerprint(self.ops), info.get("fingerprint")
         if mine != theirs:
-            self._drop()
             raise ConfigError(
                 f"the server at {self.url} serves model {_shown(repr(info.get('model')), 200)} (fingerprint "
                 f"{_shown(theirs, 64)}); this client holds {self.ops.config.name!r} (fingerprint {mine}): "
@@ -233,7 +251,6 @@ class RemoteTransport:
             )
         dt = self.ops.numpy_dtype().str
         if dt != info.get("wire_dtype"):
-            self._drop()
             raise ConfigError(
                 f"the server computes in {_shown(info.get('wire_dtype'), 64)} and this client in {dt}: SCX "
                 "is exact only when both use the same dtype (start the server with the client's --dtype)"
@@ -273,6 +290,15 @@ class RemoteTransport:
 
     # -- messages ---------------------------------------------------------------------------------
     def _roundtrip(self, data: bytes) -> bytes:
+        """Send one frame on the stream and return the frame that answers it; ServiceError when the server
+        does not answer within ``timeout``, ends the stream or closes it.
+
+        Every way out but a returned frame drops the stream — a timeout, a lost connection, an exception
+        raised while the reply is awaited (^C) — so no later call can take this one's reply. A timeout is
+        what the watchdog decides (:class:`_Watchdog`): a reply taken before it fired is returned, with the
+        stream intact; once it has fired the call is cancelled (the server drops its sessions) and the
+        round trip raises the timeout, even if gRPC hands over the reply after the cancel. A status the
+        server sent before the watchdog's cancel is reported as the server's, not as a timeout."""
         import grpc
 
         watchdog = self._watchdog  # _drop (below) forgets it
@@ -283,24 +309,31 @@ class RemoteTransport:
         try:
             self._queue.put(data)
             out: bytes = next(self._replies)
-            return out
         except grpc.RpcError as exc:
-            fired = watchdog.fired
+            fired = watchdog.disarm()
             self._drop()
-            if fired:
-                raise ServiceError(
-                    f"no reply from the SCX server at {self.url} within {self.timeout:g} s"
-                ) from None
             code = exc.code() if hasattr(exc, "code") else None
+            if fired and code in (grpc.StatusCode.CANCELLED, None):  # the watchdog's cancel ended it
+                raise self._timed_out() from None
             detail = _shown(exc.details() if hasattr(exc, "details") else exc, 2000)  # the server's text
             raise ServiceError(
                 f"the SCX server at {self.url} ended the connection ({getattr(code, 'name', code)}: {detail})"
             ) from None
         except StopIteration:
+            watchdog.disarm()
             self._drop()
             raise ServiceError(f"the SCX server at {self.url} closed the connection") from None
-        finally:
+        except BaseException:  # ^C while the reply is awaited: that reply is still to come on this stream
             watchdog.disarm()
+            self._drop()
+            raise
+        if watchdog.disarm():  # it fired as the reply came: the call is cancelled, its sessions are gone
+            self._drop()
+            raise self._timed_out()
+        return out
+
+    def _timed_out(self) -> ServiceError:
+        return ServiceError(f"no reply from the SCX server at {self.url} within {self.timeout:g} s")
 
     def _check_dtypes(self, reply: Reply) -> None:
         """IntegrityError unless every array of ``reply`` travelled as a float at least as fine as the
@@ -325,7 +358,11 @@ class RemoteTransport:
 
         A reply that is malformed (WireError) or answers another message — its session, stage, layer,
         step or seq not the request's; an error frame's seq neither the request's nor -1 — raises and
-        drops the stream, so no later message can receive a reply meant for an earlier one."""
+        drops the stream, so no later message can receive a reply meant for an earlier one. A ``request``
+        that is not a Request is refused (ProtocolError, as the in-process server refuses it) before any
+        connection is made."""
+        if not isinstance(request, Request):  # encode_request raised a raw AttributeError, once connected
+            raise ProtocolError(f"a message must be a Request, got {type(request).__name__}")
         if self._call is None:
             self._connect()
         data = encode_request(request)

@@ -12,9 +12,10 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .._checks import check_int, check_real
 from ..commands.serve import PARENT_ENV
 from ..errors import ConfigError, ServiceError
 
@@ -30,10 +31,12 @@ class ServerProcess:
     stderr (JSON log lines) is kept in ``log``. ``start_timeout`` bounds the wait for the ready line
     (loading a model takes a while); a process that exits first, or prints no address in time, raises
     ServiceError with all it printed (its reason included) and which of the two happened. ``args`` is a
-    sequence of separate arguments (ConfigError for one string). A constructor that raises
-    (KeyboardInterrupt included) has killed the process. Once the process has ended (:meth:`stop`,
-    :meth:`kill`) its pipes are closed. The server stops by itself
-    (gracefully) once this process is gone, however it ends — a SIGTERM or SIGKILL included
+    sequence of separate arguments (ConfigError for one string); ``model``, each argument and each key and
+    value of ``env`` must be strings, ``port`` in [0, 65535] and ``start_timeout`` positive and finite
+    (ConfigError otherwise, before any process starts). A constructor that raises (KeyboardInterrupt
+    included) has killed the process. Once the process has ended (:meth:`stop`, :meth:`kill`) its pipes
+    are closed. The server stops by itself (gracefully) once this process is gone, however it ends — a
+    SIGTERM or SIGKILL included
     (:data:`scx_ref.commands.serve.PARENT_ENV`).
     """
 
@@ -48,10 +51,21 @@ class ServerProcess:
     ) -> None:
         if isinstance(args, (str, bytes)):
             raise ConfigError(f"ServerProcess args must be a list of arguments, not the string {args!r}")
+        # checked before the process starts: a start_timeout of "x" raised (and NaN waited for ever) once
+        # it ran, leaving it running; an iterator's "--ops-port" was consumed by the test below
+        if not isinstance(args, Iterable) or (env is not None and not isinstance(env, dict)):
+            raise ConfigError("ServerProcess args must be a list of strings and env a dict of strings")
+        args = list(args)
+        texts: list[Any] = [model, *args, *(x for kv in (env or {}).items() for x in kv)]
+        bad = [x for x in texts if not isinstance(x, str)]
+        if bad:
+            raise ConfigError(f"ServerProcess model, args and env must be strings, got {bad[0]!r:.60}")
+        port = check_int(port, "port", 0, 65535)
+        start_timeout = check_real(start_timeout, "start_timeout", 0, threading.TIMEOUT_MAX, lo_open=True)
         cmd = [sys.executable, "-m", "scx_ref.cli", "serve", "--model", model, "--port", str(port)]
         if "--ops-port" not in args:
             cmd += ["--ops-port", "0"]
-        cmd += list(args)
+        cmd += args
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -31,10 +31,16 @@ from ..protocol.verify import SketchCache
 from ..reference import ReferenceModel
 from ..weights import ModelWeights
 
+if TYPE_CHECKING:
+    from ..service.remote import RemoteTransport
+
 __all__ = [
     "ENGINE_DTYPES",
     "GenerateFn",
     "LogitsFn",
+    "SCXEngine",
+    "SCXGenerate",
+    "SCXLogits",
     "check_device",
     "plain_generate",
     "plain_logits",
@@ -204,7 +210,7 @@ class _SCX:
             raise ConfigError(f"server must be a URL string (scx://HOST:PORT), got {type(server).__name__}")
         self.backend = _backend(weights, dtype, device)
         self.server = Server(self.backend)
-        self.remote: Transport | None = None
+        self.remote: RemoteTransport | None = None
         if server is not None:
             from ..service.remote import RemoteTransport
 
@@ -227,31 +233,65 @@ class _SCX:
         return Client(self.backend, keys, self.cfg, decoys=self.pool, sketches=self.sketches), link
 
 
-def scx_logits(
-    weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str = "cpu", server: str | None = None
-) -> LogitsFn:
-    """SCX prefill logits (rows × V, numpy) of one sequence, one request with fresh keys per call (on the
-    ``scx serve`` at ``server`` when given)."""
-    scx = _SCX(weights, dtype, cfg, device, server)
+_E = TypeVar("_E", bound="SCXEngine")
 
-    def run(ids: IdArray) -> npt.NDArray[Any]:
-        client, link = scx.session()
-        logits = np.asarray(client.prefill(_ids(ids, weights), link))
+
+class SCXEngine:
+    """An SCX side (:func:`scx_logits`, :func:`scx_generate`): called once per sequence, each call one
+    session with fresh keys. Its stream to ``scx serve`` (when given a server) stays open between calls;
+    :meth:`close` — or the end of a ``with`` block — closes it, so the server frees it and every session
+    on it at once, not when the engine is garbage-collected."""
+
+    def __init__(self, scx: _SCX, weights: ModelWeights) -> None:
+        self._scx = scx
+        self._weights = weights
+
+    def close(self) -> None:
+        """Close the stream to the server, if any (the server ends its sessions); idempotent. A later call
+        opens a new stream."""
+        if self._scx.remote is not None:
+            self._scx.remote.close()
+
+    def __enter__(self: _E) -> _E:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SCXLogits(SCXEngine):
+    """SCX prefill logits of one sequence (:func:`scx_logits`)."""
+
+    def __call__(self, ids: IdArray) -> npt.NDArray[Any]:
+        """The prefill logits (rows × V, numpy) of ``ids``, equal to plaintext; the session is closed."""
+        client, link = self._scx.session()
+        logits = np.asarray(client.prefill(_ids(ids, self._weights), link))
         client.close()
         return logits
 
-    return run
+
+class SCXGenerate(SCXEngine):
+    """SCX greedy continuation of one prompt (:func:`scx_generate`)."""
+
+    def __call__(self, ids: IdArray, n_new: int) -> list[int]:
+        """The ``n_new`` greedy tokens after ``ids``, the same as plaintext; the session is closed."""
+        client, link = self._scx.session()
+        return [int(t) for t in client.generate(_ids(ids, self._weights), n_new, link)]
+
+
+def scx_logits(
+    weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str = "cpu", server: str | None = None
+) -> SCXLogits:
+    """SCX prefill logits (rows × V, numpy) of one sequence, one request with fresh keys per call (on the
+    ``scx serve`` at ``server`` when given: close the engine, or use it in a ``with`` block, to end its
+    stream)."""
+    return SCXLogits(_SCX(weights, dtype, cfg, device, server), weights)
 
 
 def scx_generate(
     weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str = "cpu", server: str | None = None
-) -> GenerateFn:
+) -> SCXGenerate:
     """SCX greedy continuation (prefill, key sharing, one-time-key decode steps) of one prompt (on the
-    ``scx serve`` at ``server`` when given)."""
-    scx = _SCX(weights, dtype, cfg, device, server)
-
-    def run(ids: IdArray, n_new: int) -> list[int]:
-        client, link = scx.session()
-        return [int(t) for t in client.generate(_ids(ids, weights), n_new, link)]
-
-    return run
+    ``scx serve`` at ``server`` when given: close the engine, or use it in a ``with`` block, to end its
+    stream)."""
+    return SCXGenerate(_SCX(weights, dtype, cfg, device, server), weights)

@@ -266,12 +266,15 @@ def ppl_run(
     else:
         cfg = replace(config, max_length=max_length)
         level, beta = cfg.level, cfg.beta
-    with precision_warned(cfg, dtype, w.config):  # said once, before the progress bar starts
+    with (
+        precision_warned(cfg, dtype, w.config),  # said once, before the progress bar starts
+        scx_logits(w, dtype, cfg, device, server=server) as scx,  # its stream to --server ends with the run
+    ):
         res = compare_ppl(
             ids,
             window,
             plain_logits(plain_model(hf, device), w, dtype),
-            scx_logits(w, dtype, cfg, device, server=server),
+            scx,
             progress_bar(f"{model} {dtype} {level}", progress),
         )
     out: dict[str, Any] = {
