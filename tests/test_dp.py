@@ -242,7 +242,7 @@ def test_budget_bad_input() -> None:
         {"beta": {"bogus": 1.0, "default": 1.0}},
         {
             "guard": 0
-        },  # a guard past the model is clamped, as the protocol does (test_plan_presets_cost_audit_s65)
+        },  # a guard past the model is clamped, as the protocol does (test_plan_presets_cost_config)
         {"prompt_len": 0},
         {"tokens": -1},
         {"delta": 1.0},

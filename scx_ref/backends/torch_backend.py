@@ -1181,7 +1181,7 @@ class TorchBackend(TorchOps):
     def _rms_eager(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """RMSNorm_ε(x) by the eager torch ops (the mean of squares summed in the compute dtype: +inf, then a
         row of zeros, where that sum overflows). torch reduces each row on its own, so a row's values do not
-        depend on the rows beside it (tests/test_backend_leftovers_s63.py)."""
+        depend on the rows beside it (tests/test_backends_broadcast_and_rmsnorm_range.py)."""
         if self.dtype in _LOW:  # norms run in float32 for bf16/fp16, as Hugging Face does
             xc = x.to(self._compute)
             var = xc.square().mean(dim=-1, keepdim=True)

@@ -1,6 +1,7 @@
-"""Regression tests of the backends' audit (s62, kernels-audit): the torch and numpy backends refuse the same
-bad inputs with the same project errors, and the compiled kernels' verdicts and chunking hold on the edge
-cases an untrusted peer controls (NaN and ±inf in a reply; fewer rows than chunks)."""
+"""The torch and numpy backends refuse the same bad inputs with the same project errors (an entry past the
+backend's dtype range included: finiteness is checked in the backend's own dtype), and the compiled kernels'
+verdicts and chunking hold on the edge cases an untrusted peer controls (NaN and ±inf in a reply; fewer rows
+than chunks)."""
 
 from __future__ import annotations
 
@@ -255,3 +256,29 @@ def test_a_non_finite_reply_entry_fails_every_fused_verdict(bad: float) -> None:
                     o2[2, 3, 1] = bad  # a row the range check reads, not recomputed
                 by_range, _ = k.attention_check(q, kk, v2, o2, *args, True, parts)
                 assert math.isnan(by_range), (name, by_range)
+
+
+# -- the numpy backend's input check: finiteness in its own dtype -------------------------------------------
+def test_an_entry_past_the_backends_range_is_refused_alike() -> None:
+    """A float64 array holding 1e300, checked by a float32 backend, became ±inf after the check (numpy
+    tested finiteness before its cast; torch after): now both refuse it. Controls: an in-range array is
+    accepted and cast; a NaN is refused as before; with ``finite=False`` the caller's own pass decides."""
+    import torch
+
+    from scx_ref.backends import NumpyBackend
+    from scx_ref.backends.torch_backend import TorchBackend
+    from scx_ref.errors import NonFiniteError
+
+    from .tiny import tiny_weights
+
+    w = tiny_weights(0)
+    big = np.array([[1.0, 1e300]])
+    for backend in (NumpyBackend(w, np.float32), TorchBackend(w, torch.float32)):
+        with pytest.raises(NonFiniteError, match="x holds NaN or Inf"):
+            backend.check(big, "x", (1, 2))
+        ok = backend.check(np.array([[1.0, 2.0]]), "x", (1, 2))
+        assert np.array_equal(backend.to_numpy(ok), np.array([[1.0, 2.0]], dtype=np.float32))
+        with pytest.raises(NonFiniteError):
+            backend.check(np.array([[1.0, np.nan]]), "x", (1, 2))
+    got = NumpyBackend(w, np.float32).check(big, "x", (1, 2), finite=False)
+    assert got.dtype == np.float32 and np.isinf(got[0, 1])

@@ -1,7 +1,8 @@
 """Audit of ``scx attack``, the attack report (``python -m scx_ref.attacks.report``) and the zoo's
 perplexity: options refused before any work (exit 2, one ``error:`` line), results written whole or not
 at all, hand-edited results refused with a ConfigError instead of a KeyError, and perplexity checked
-against a hand computation of exp(mean NLL) over the scored tokens."""
+against a hand computation of exp(mean NLL) over the scored tokens (a mean NLL past the float64 range an
+infinite PPL, not an OverflowError)."""
 
 from __future__ import annotations
 
@@ -323,9 +324,22 @@ def test_ppl_run_refuses_bad_calls_before_loading(monkeypatch: pytest.MonkeyPatc
         ppl_run("gpt-5", tokens=64, window=32)
 
 
+def test_compare_ppl_past_the_float64_range_is_inf_not_an_overflow() -> None:
+    """Finite logits whose mean NLL passes ~709 (what a blind float32 sweep at a huge β reaches) give an
+    infinite PPL and |ΔPPL|/PPL, not an OverflowError that loses the sweep; equal sides still give 0."""
+    from scx_ref.zoo.perplexity import compare_ppl
+
+    ids = np.array([0, 1, 0, 1, 0], dtype=np.int64)
+    plain = np.zeros((5, 2), dtype=np.float64)
+    wild = np.tile(np.array([[0.0, -1e4], [-1e4, 0.0]]), (3, 1))[:5]  # the next token always at -1e4
+    r = compare_ppl(ids, 5, lambda w: plain[: len(w)], lambda w: wild[: len(w)])
+    assert r.ppl_plain == pytest.approx(2.0) and math.isinf(r.ppl_scx)
+    assert math.isinf(r.delta_ppl) and r.delta_ppl > 0 and math.isinf(r.rel_delta_ppl)
+    same = compare_ppl(ids, 5, lambda w: wild[: len(w)], lambda w: wild[: len(w)])
+    assert math.isinf(same.ppl_plain) and same.delta_ppl == 0.0 and same.rel_delta_ppl == 0.0
+
+
 # -- the harness's block and setting arguments -----------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def small_ctx() -> harness.Context:
     w = tiny_weights(0)  # 4 blocks

@@ -5,6 +5,8 @@ the TTL, by the idle sweep or on access), so a graceful shutdown waited its whol
 session that was already gone while the client's stream stayed open (it sends hellos, or messages the
 server refuses).
 
+Two stops of a service at once (a second signal, a second caller) drain and stop it once.
+
 Waits are bounded loops on a condition; the one bound on time is that a shutdown ends well inside its grace.
 """
 
@@ -152,3 +154,29 @@ def test_shutdown_does_not_wait_for_a_session_evicted_on_access() -> None:
         assert seconds < GRACE / 2, f"shutdown waited {seconds:.1f} s for an evicted session"
     finally:
         link.close()
+
+
+def test_two_stops_of_a_service_run_one_shutdown(caplog: pytest.LogCaptureFixture) -> None:
+    """SCXService.stop called twice at once (a second signal, a second caller) drains and stops once."""
+    pytest.importorskip("grpc")
+    import asyncio
+    import logging
+
+    from scx_ref.commands.serve import build_backend
+    from scx_ref.protocol.server import Server
+    from scx_ref.service.service import SCXService, ServeOptions
+
+    service = SCXService(
+        Server(build_backend("random:tiny-dense", "float32", "cpu")), ServeOptions(port=0, ops_port=None)
+    )
+
+    async def main() -> None:
+        await service.start()
+        await asyncio.gather(service.stop(), service.stop())
+        await service.wait_stopped()
+
+    with caplog.at_level(logging.INFO, logger="scx.serve"):
+        asyncio.run(main())
+    events = [r.getMessage() for r in caplog.records]
+    assert sum('"event": "draining"' in e for e in events) == 1, events
+    assert sum('"event": "stopped"' in e for e in events) == 1, events

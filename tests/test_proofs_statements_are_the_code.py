@@ -39,7 +39,7 @@ from scx_ref.backends.torch_backend import TorchBackend
 from scx_ref.dp.sensitivity import rmsnorm_l2_bound
 from scx_ref.weights import random_weights
 from tests import test_proof_links as links
-from tests.test_proofs_audit import replaced
+from tests.test_proofs_catch_mutants import replaced
 from tests.tiny import tiny_config
 
 IDENTITIES = {entry.name: entry for entry in all_identities()}

@@ -7,6 +7,8 @@
 * ``zoo.perplexity.ppl_run``: a huge ``tokens`` listed its windows (memory) before any size check; now
   refused past the corpus's bytes (a tokenizer makes at most one token per byte) before any window.
 * ``scx serve`` / ``scx bench-serve`` ``--help``: the description read as plain text, not reST markup.
+* gRPC's message-size cap (a C int) has one home that ``ServeOptions``, ``RemoteTransport`` and
+  ``scx serve`` check; ``scx bench --threads`` past torch's bound is a usage error.
 """
 
 from __future__ import annotations
@@ -155,3 +157,32 @@ def test_ppl_run_refuses_tokens_past_the_corpus_before_listing_windows(
         perplexity.ppl_run("tiny-llama", tokens=2.5, window=2)  # type: ignore[arg-type]
     with pytest.raises(_Loaded):  # the corpus's byte count itself: past the checks, to the model
         perplexity.ppl_run("tiny-llama", tokens=most, window=2)
+
+
+def test_the_grpc_message_cap_has_one_home_and_both_ends_check_it() -> None:
+    """gRPC's size options are C ints: ServeOptions and RemoteTransport refuse a max_message_bytes past
+    codec.MAX_MESSAGE_BYTES (a server failed to start with OverflowError), and scx serve's MiB cap is it."""
+    pytest.importorskip("grpc")
+    from scx_ref.commands.serve import MAX_MESSAGE_MB
+    from scx_ref.errors import ConfigError
+    from scx_ref.service import RemoteTransport
+    from scx_ref.service.codec import MAX_MESSAGE_BYTES, grpc_options
+    from scx_ref.service.service import ServeOptions
+
+    assert max(v for _, v in grpc_options(MAX_MESSAGE_BYTES)) == 2**31 - 1
+    assert MAX_MESSAGE_MB == 2047
+    assert ServeOptions(max_message_bytes=MAX_MESSAGE_BYTES).max_message_bytes == MAX_MESSAGE_BYTES
+    for bad in (MAX_MESSAGE_BYTES + 1, 0, True, 2.0):
+        with pytest.raises(ConfigError, match="max_message_bytes"):
+            ServeOptions(max_message_bytes=bad)
+        with pytest.raises(ConfigError, match="max_message_bytes"):
+            RemoteTransport("scx://127.0.0.1:9", max_message_bytes=bad)
+
+
+def test_scx_bench_threads_past_the_cap_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """``scx bench --threads 100000000000`` gave torch's 'Overflow when unpacking long' traceback."""
+    from scx_ref.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--threads", "100000000000"])
+    assert info.value.code == 2 and "--threads: must be <= 1024" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Regression tests of stop 62's fixes outside the audited modules: ``scx serve``'s cap on one client
-address's sessions (``--max-sessions-per-peer``)."""
+"""``scx serve``'s cap on one client address's sessions (``--max-sessions-per-peer``): ``peer_host`` keeps
+the address without its port, ``ServeOptions`` and the command line check the cap, and a server refuses
+one address past its cap (and serves it again below it) while it has room for others."""
 
 from __future__ import annotations
 
@@ -97,61 +98,3 @@ def test_without_a_cap_one_address_may_fill_the_server() -> None:
             link.close()
     finally:
         srv.stop()
-
-
-# -- the numpy backend's input check: finiteness in its own dtype -------------------------------------------
-def test_an_entry_past_the_backends_range_is_refused_alike() -> None:
-    """A float64 array holding 1e300, checked by a float32 backend, became ±inf after the check (numpy
-    tested finiteness before its cast; torch after): now both refuse it. Controls: an in-range array is
-    accepted and cast; a NaN is refused as before; with ``finite=False`` the caller's own pass decides."""
-    import torch
-
-    from scx_ref.backends import NumpyBackend
-    from scx_ref.backends.torch_backend import TorchBackend
-    from scx_ref.errors import NonFiniteError
-
-    from .tiny import tiny_weights
-
-    w = tiny_weights(0)
-    big = np.array([[1.0, 1e300]])
-    for backend in (NumpyBackend(w, np.float32), TorchBackend(w, torch.float32)):
-        with pytest.raises(NonFiniteError, match="x holds NaN or Inf"):
-            backend.check(big, "x", (1, 2))
-        ok = backend.check(np.array([[1.0, 2.0]]), "x", (1, 2))
-        assert np.array_equal(backend.to_numpy(ok), np.array([[1.0, 2.0]], dtype=np.float32))
-        with pytest.raises(NonFiniteError):
-            backend.check(np.array([[1.0, np.nan]]), "x", (1, 2))
-    got = NumpyBackend(w, np.float32).check(big, "x", (1, 2), finite=False)
-    assert got.dtype == np.float32 and np.isinf(got[0, 1])
-
-
-# -- the scx entry point: --version, and Ctrl-C as one line -------------------------------------------------
-def test_scx_version_flag_prints_what_scx_version_prints(capsys: pytest.CaptureFixture[str]) -> None:
-    from scx_ref import __version__
-
-    with pytest.raises(SystemExit) as exc:
-        main(["--version"])
-    assert exc.value.code == 0
-    assert capsys.readouterr().out.strip() == f"scx_ref {__version__}"
-    assert main(["version"]) == 0
-    assert capsys.readouterr().out.strip() == f"scx_ref {__version__}"
-
-
-def test_ctrl_c_in_a_command_is_one_line_and_exit_130(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A KeyboardInterrupt raised inside a command's run (here `scx dp`'s) gave a traceback; now one line
-    on stderr and exit code 130. Control: the same command without the interrupt exits 0."""
-    from scx_ref.dp import cli as dp_cli
-
-    argv = ["dp", "--sensitivity", "1", "--scale", "2", "--compositions", "3", "--no-pld"]
-    assert main(argv) == 0
-    capsys.readouterr()
-
-    def interrupted(*_a: object, **_k: object) -> int:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(dp_cli, "run", interrupted)
-    parser_run = main(argv)
-    err = capsys.readouterr().err
-    assert parser_run == 130 and err.strip() == "scx dp: interrupted", err
