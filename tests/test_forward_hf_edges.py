@@ -218,17 +218,9 @@ def test_llama_configs_that_change_the_math_are_refused(fields: dict[str, Any]) 
 
 def _namespace(**changes: Any) -> Any:
     """A config object that is not a transformers config (a user's own, or one read by hand)."""
-    fields = dict(
-        model_type="llama",
-        vocab_size=53,
-        hidden_size=24,
-        intermediate_size=20,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+    fields = {k: v for k, v in COMMON.items() if k != "attn_implementation"}  # the sizes of COMMON
+    fields.update(
+        model_type="llama", rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4}
     )
     fields.update(changes)
     return types.SimpleNamespace(**{k: v for k, v in fields.items() if v is not None})
