@@ -230,6 +230,10 @@ class Server(Generic[A]):
         self._commits: OrderedDict[str, None] = OrderedDict()
         self._pending: set[str] = set()  # commitments of QKV messages being handled
         self._cache_bytes = 0
+        #: Sessions the server ended other than by their own ``close``: dropped (:meth:`drop`), or evicted
+        #: idle past the TTL (by :meth:`evict_idle_sessions`, on access, or to make room for an ``open``).
+        #: Each counted once, under the server-wide lock (the service's metrics read it).
+        self.evictions = 0
         self._itemsize = int(backend.numpy_dtype().itemsize)
 
     # -- dispatch ------------------------------------------------------------------------------
@@ -265,71 +269,115 @@ class Server(Generic[A]):
         middle blocks) run their middle blocks together, on tiles of ``batch_rows`` rows.
 
         Returns, per request, its reply or the SCXError :meth:`handle` would have raised for it (a bad
-        request never affects another). Guarantee: each reply equals, bit for bit, the reply
-        :meth:`handle` gives the same request on the same session state. ProtocolError when two requests
-        name the same session (their order would matter).
+        request never affects another, and a refused one changed nothing). Guarantee: each reply equals,
+        bit for bit, the reply :meth:`handle` gives the same request on the same session state.
+        ProtocolError, before any request is handled, when ``reqs`` is not a sequence or two of its
+        requests name the same session (their order would matter).
 
-        The ``gen_mid`` requests are all-or-nothing: every group is computed before any session changes,
-        so an exception that is not an SCXError (an internal fault) while computing leaves every one of
-        them as it was (caches, sequence number, flop meter), its reserved cache bytes released, and
-        propagates. (Each other request is handled by :meth:`handle`, one at a time, before them.)
-        ProtocolError, before any request is handled, when ``reqs`` is not a sequence."""
+        All-or-nothing: every request is checked and computed first — its session's lock held (taken in
+        session order), its cache bytes reserved — and the clock read, before any request changes anything
+        (a stage's commit, a ``close`` ending its session, an ``open`` adding one). So an exception that is
+        not an SCXError (an internal fault) while any request is checked or computed, and any exception
+        while a ``gen_mid`` group computes (it cannot be told apart per request), propagates with no request
+        of the batch having taken effect: every session as it was (caches, sequence number, flop meter, key
+        commitments; none opened or closed), every reserved cache byte released. The changes themselves are
+        assignments; should one fail (a bug), the requests changed before it stay changed, the rest's bytes
+        are released, and it propagates. (A lookup evicts a session idle past the TTL, as :meth:`handle`'s
+        does, whatever becomes of the batch.)"""
         if isinstance(reqs, (str, bytes)) or not isinstance(reqs, Sequence):
             raise ProtocolError(f"handle_batch takes a sequence of requests, got {type(reqs).__name__}")
-        named = [r.session for r in reqs if isinstance(r, Request) and isinstance(r.session, str)]
-        if len(set(named)) != len(named):  # an object that is not a request is refused on its own below
-            raise ProtocolError("handle_batch takes at most one message per session")
-        out: list[Reply | SCXError | None] = [None] * len(reqs)
-        mids: list[tuple[int, _Session[A], Request]] = []
-        for i, raw in enumerate(reqs):
+        given = list(reqs)  # one read of the sequence: its length and its items agree
+        out: list[Reply | SCXError | None] = [None] * len(given)
+        parsed: list[tuple[int, Request]] = []
+        for i, raw in enumerate(given):
             try:
-                req = self._parse(raw)
-                if req.stage is not Stage.GEN_MID:
-                    out[i] = self.handle(req)
-                    continue
-                mids.append((i, self._session_for(req), req))
+                parsed.append((i, self._parse(raw)))  # no state: an object that is not a request included
             except SCXError as exc:
                 out[i] = exc
-        mids.sort(key=lambda t: t[2].session)  # locks taken in one global order: no deadlock
-        admitted: list[_Mid[A]] = []
-        undo_meters: list[Callable[[], None]] = []  # per admitted request, in order
-        computed: list[tuple[_Mid[A], tuple[dict[str, A], Callable[[], None]]]] = []
+        if len({req.session for _, req in parsed}) != len(parsed):  # the parsed (plain string) ids
+            raise ProtocolError("handle_batch takes at most one message per session")
+        opens: list[tuple[int, Request, _Session[A]]] = []
+        located: list[tuple[int, _Session[A], Request]] = []
+        for i, req in parsed:
+            try:
+                if req.stage is Stage.OPEN:
+                    opens.append((i, req, self._new_session(req)))
+                else:
+                    located.append((i, self._session_for(req), req))
+            except SCXError as exc:
+                out[i] = exc
+        located.sort(key=lambda t: t[2].session)  # locks taken in one global order: no deadlock
+        closes: list[tuple[int, _Session[A], Request]] = []
+        mids: list[_Mid[A]] = []
+        computed: list[tuple[int, _Session[A], Request, int, tuple[dict[str, A], Callable[[], None]]]] = []
+        release: dict[int, Callable[[], None]] = {}  # per slot that reserved: what takes it back
         with contextlib.ExitStack() as held:
-            try:  # admit and compute every request: no session changes yet (each reserved its bytes)
-                for i, s, req in mids:
+            try:  # check and compute every request: no session changes yet
+                for i, s, req in located:
                     held.enter_context(s.lock)  # sessions are distinct: no lock is taken twice
                     try:
                         self._admit(s, req)
-                        x = self._arr(req, "x", (1, self.c.hidden_size))
+                        if req.stage is Stage.CLOSE:
+                            closes.append((i, s, req))
+                            continue
+                        mid = req.stage is Stage.GEN_MID
+                        x = self._arr(req, "x", (1, self.c.hidden_size)) if mid else None
                         grow = self._growth(s, req)
                         self._reserve(grow, req)
                     except SCXError as exc:
                         out[i] = exc
                         continue
-                    admitted.append((i, s, req, x, grow))
-                    undo_meters.append(_meter_undo(s.meter, Stage.GEN_MID))
+                    release[i] = self._release(s, req, grow)
+                    if x is not None:
+                        mids.append((i, s, req, x, grow))
+                        continue
+                    try:
+                        computed.append((i, s, req, grow, self._handler(req.stage)(s, req)))
+                    except SCXError as exc:  # refused by its stage: its charge and bytes taken back
+                        release.pop(i)()
+                        out[i] = exc
                 groups: dict[tuple[int, int], list[_Mid[A]]] = {}
-                for item in admitted:
+                for item in mids:
                     groups.setdefault((item[1].middle.start, item[1].middle.stop), []).append(item)
                 for items in groups.values():
                     results = self._mid_compute([(s, req, x) for _, s, req, x, _ in items])
-                    computed += zip(items, results, strict=True)
-                now = self.clock()  # read before the first commit: the commits below read nothing
+                    computed += [
+                        (i, s, req, grow, result)
+                        for (i, s, req, _, grow), result in zip(items, results, strict=True)
+                    ]
+                now = self.clock()  # read before the first change: the changes below read nothing
             except BaseException:
-                for (_, _, req, _, grow), undo in zip(admitted, undo_meters, strict=True):
+                for undo in release.values():
                     undo()
-                    self._unreserve(grow, req)
                 raise
-            undo_of = {id(item): undo for item, undo in zip(admitted, undo_meters, strict=True)}
-            for k, ((i, s, req, _, grow), (arrays, commit)) in enumerate(computed):
-                try:
+            try:  # every change: the closes first (room for the opens), then the stages, then the opens
+                for i, s, req in closes:
+                    self._close(req.session, s)
+                    out[i] = Reply(req.session, Stage.CLOSE, req.layer, req.step, req.seq, {})
+                for i, s, req, grow, (arrays, commit) in computed:
                     out[i] = self._finish(s, req, arrays, commit, grow, now)
-                except BaseException:  # a commit that failed (a bug): release what the rest reserved
-                    for item, _ in computed[k:]:
-                        undo_of[id(item)]()
-                        self._unreserve(item[4], item[2])
-                    raise
+                    del release[i]
+            except BaseException:  # a change that failed (a bug): release what the rest reserved
+                for undo in release.values():
+                    undo()
+                raise
+            for i, req, fresh in opens:
+                try:
+                    out[i] = self._register(req, fresh, now)
+                except SCXError as exc:  # its nonce seen, a token, or the server full: nothing changed
+                    out[i] = exc
         return [r for r in out if r is not None]
+
+    def _release(self, s: _Session[A], req: Request, grow: int) -> Callable[[], None]:
+        """What takes back the cache bytes ``req`` reserved (``grow``, its key commitment) and the flop
+        meter charges its stage makes from now on (:func:`_meter_undo`)."""
+        undo_meter = _meter_undo(s.meter, req.stage)
+
+        def undo() -> None:
+            undo_meter()
+            self._unreserve(grow, req)
+
+        return undo
 
     def drop(self, session: str) -> bool:
         """End ``session`` now, without its token (its connection ended: the service that holds the
@@ -415,38 +463,49 @@ class Server(Generic[A]):
     # -- request checks (no state) ---------------------------------------------------------------
     def _parse(self, req: object) -> Request:
         """``req`` with every field type-checked and its stage parsed (ProtocolError otherwise). Says
-        nothing about any session."""
+        nothing about any session.
+
+        Guarantee: the result is a new Request built from one snapshot of ``req``, taken before anything
+        is checked — each field read once, the session id and token copied into plain strings, ``arrays``
+        and ``meta`` each read once into a plain dict with plain string keys (a ``meta`` string or list
+        copied too, :func:`_snapshot`) — and only that snapshot is checked and then used, so an in-process
+        object that answers differently on a second read (a Mapping, a str or Request subclass) cannot
+        pass the checks with one value and be computed with another."""
         if not isinstance(req, Request):
             raise ProtocolError(f"a request must be a Request, got {type(req).__name__}")
-        if not isinstance(req.session, str) or len(req.session) != _SESSION_HEX:
+        session, stage_in, layer_in, step_in = req.session, req.stage, req.layer, req.step
+        seq_in, arrays_in, meta_in, token = req.seq, req.arrays, req.meta, req.token
+        if not isinstance(session, str):
             raise ProtocolError(f"a session id is {_SESSION_HEX} lowercase hex digits (the nonce)")
-        field_hex(req.session, "session id", _SESSION_HEX)
+        session = str.__str__(session)  # a plain copy (a str subclass's own methods are never called)
+        if len(session) != _SESSION_HEX:
+            raise ProtocolError(f"a session id is {_SESSION_HEX} lowercase hex digits (the nonce)")
+        field_hex(session, "session id", _SESSION_HEX)
         try:
-            stage = Stage(req.stage)
+            stage = Stage(stage_in)
         except ValueError:
-            raise ProtocolError(f"unknown stage {req.stage!r:.40}") from None
-        layer = field_int(req.layer, "layer", -1, self.c.n_layers)
-        step = field_int(req.step, "step", -1, self.c.max_positions)
-        seq = field_int(req.seq, "seq", 0, 1 << 62)
-        if not isinstance(req.token, str) or len(req.token) > 256 or not req.token.isascii():
+            raise ProtocolError(f"unknown stage {stage_in!r:.40}") from None
+        layer = field_int(layer_in, "layer", -1, self.c.n_layers)
+        step = field_int(step_in, "step", -1, self.c.max_positions)
+        seq = field_int(seq_in, "seq", 0, 1 << 62)
+        if isinstance(token, str):
+            token = str.__str__(token)
+        if not isinstance(token, str) or len(token) > 256 or not token.isascii():
             raise ProtocolError("token must be an ASCII string of at most 256 characters")
-        for what, value in (("arrays", req.arrays), ("meta", req.meta)):
-            if not (type(value) is dict or isinstance(value, Mapping)) or not all(
-                isinstance(k, str) for k in value
-            ):
-                raise ProtocolError(f"{what} must be a mapping with string keys")
-        unknown = sorted(set(req.arrays) - _ARRAYS[stage])
+        arrays = _snapshot(arrays_in, "arrays", meta=False)
+        meta = _snapshot(meta_in, "meta", meta=True)
+        unknown = sorted(set(arrays) - _ARRAYS[stage])
         if unknown:
             raise ProtocolError(
                 f"{stage.value} message carries unknown array(s) {unknown}; allowed: {sorted(_ARRAYS[stage])}"
             )
-        known_fields(req.meta, _META[stage], f"{stage.value} message")
-        size = _nbytes(req.arrays)
+        known_fields(meta, _META[stage], f"{stage.value} message")
+        size = _nbytes(arrays)
         if size > self.limits.max_message_bytes:
             raise LimitError(
                 f"message of {size} bytes exceeds the server's limit of {self.limits.max_message_bytes}"
             )
-        return Request(req.session, stage, layer, step, seq, req.arrays, req.meta, req.token)
+        return Request(session, stage, layer, step, seq, arrays, meta, token)
 
     def _session_for(self, req: Request) -> _Session[A]:
         """The session of ``req`` if its token is right; one SessionError for every other case."""
@@ -543,11 +602,14 @@ class Server(Generic[A]):
                 _remember(self._commits, commit_hex, self.limits.commit_memory)
 
     # -- session table ------------------------------------------------------------------------------
-    def _expired(self, s: _Session[A]) -> bool:
-        return self.clock() - s.last_used > self.limits.idle_ttl
+    def _expired(self, s: _Session[A], now: float | None = None) -> bool:
+        return (self.clock() if now is None else now) - s.last_used > self.limits.idle_ttl
 
-    def _evict(self, sid: str, s: _Session[A]) -> None:
-        """Drop session ``sid`` and its caches (the server-wide lock is held)."""
+    def _evict(self, sid: str, s: _Session[A], *, closed: bool = False) -> None:
+        """Drop session ``sid`` and its caches (the server-wide lock is held); counted in :attr:`evictions`
+        unless its own ``close`` ended it (``closed``)."""
+        if not closed:
+            self.evictions += 1
         s.closed = True
         self._cache_bytes -= s.cache_bytes
         s.cache_bytes = 0
@@ -557,10 +619,10 @@ class Server(Generic[A]):
         s.locked.clear()
         self.sessions.pop(sid, None)
 
-    def _evict_idle_locked(self) -> list[str]:
+    def _evict_idle_locked(self, now: float | None = None) -> list[str]:
         evicted: list[str] = []
         for sid, s in list(self.sessions.items()):
-            if self._expired(s) and s.lock.acquire(blocking=False):
+            if self._expired(s, now) and s.lock.acquire(blocking=False):
                 try:
                     self._evict(sid, s)
                     evicted.append(sid)
@@ -570,7 +632,7 @@ class Server(Generic[A]):
 
     def _close(self, sid: str, s: _Session[A]) -> None:
         with self._table_lock:
-            self._evict(sid, s)
+            self._evict(sid, s, closed=True)
 
     def _handler(
         self, stage: Stage
@@ -584,6 +646,12 @@ class Server(Generic[A]):
 
     def _open(self, req: Request) -> Reply:
         """Open a session: every field checked, the limits applied, a fresh token in the reply's meta."""
+        s = self._new_session(req)
+        return self._register(req, s, self.clock())
+
+    def _new_session(self, req: Request) -> _Session[A]:
+        """The session an ``open`` asks for, every field checked against the limits, with a fresh token;
+        nothing changes (:meth:`_register` adds it to the table)."""
         if req.seq != 0 or req.layer != -1 or req.step != -1:
             raise ProtocolError("open must be message 0 with layer −1 and step −1")
         if req.arrays:
@@ -611,34 +679,39 @@ class Server(Generic[A]):
         rows = max_length + max(r1, r2, r_lock)
         if rows > lim.max_rows:
             raise LimitError(f"a session of {rows} rows exceeds the server's limit of {lim.max_rows} rows")
-        token = secrets.token_urlsafe(32)  # 256 bits from the OS CSPRNG
+        return _Session(
+            n,
+            r1,
+            r2,
+            r_lock,
+            *guard_blocks(c.n_layers, l_s, l_e),
+            max_length,
+            attention,
+            gen_attention,
+            gen_linear,
+            wide,
+            level=level,
+            token=secrets.token_urlsafe(32),  # 256 bits from the OS CSPRNG
+        )
+
+    def _register(self, req: Request, s: _Session[A], now: float) -> Reply:
+        """Add ``open`` message ``req``'s new session ``s`` (:meth:`_new_session`), stamped ``now``, to the
+        table — unless its nonce was seen, it carries a token, or the server is full once the idle
+        sessions are evicted (read at ``now``: no clock read here) — and reply with its token."""
+        lim = self.limits
         with self._table_lock:
             if req.session in self.sessions or req.session in self._nonces:
                 raise SessionError("this nonce already opened a session: a nonce must never be reused")
             if req.token:  # after the nonce: a second open of a session is refused as such
                 raise ProtocolError("open carries no session token (its reply gives the session one)")
             if len(self.sessions) >= lim.max_sessions:
-                self._evict_idle_locked()
+                self._evict_idle_locked(now)
             if len(self.sessions) >= lim.max_sessions:
                 raise LimitError(f"the server holds its limit of {lim.max_sessions} sessions; retry later")
-            s: _Session[A] = _Session(
-                n,
-                r1,
-                r2,
-                r_lock,
-                *guard_blocks(c.n_layers, l_s, l_e),
-                max_length,
-                attention,
-                gen_attention,
-                gen_linear,
-                wide,
-                level=level,
-                token=token,
-            )
-            s.last_used = self.clock()
+            s.last_used = now
             self.sessions[req.session] = s
             _remember(self._nonces, req.session, lim.nonce_memory)
-        return Reply(req.session, Stage.OPEN, -1, -1, 0, {}, {"token": token})
+        return Reply(req.session, Stage.OPEN, -1, -1, 0, {}, {"token": s.token})
 
     def _check_order(self, s: _Session[A], req: Request) -> None:
         L, stage, layer = self.c.n_layers, req.stage, req.layer
@@ -1133,6 +1206,42 @@ def _remember(memory: OrderedDict[str, None], key: str, size: int) -> None:
     memory[key] = None
     while len(memory) > size:
         memory.popitem(last=False)
+
+
+#: The types of a ``meta`` value a snapshot keeps as they are (immutable built-ins: nothing to copy).
+_PLAIN_META = frozenset({int, bool, float, str, type(None)})
+_STR = frozenset({str})
+
+
+def _snapshot(value: object, what: str, *, meta: bool) -> dict[str, Any]:
+    """A message's ``arrays`` or ``meta`` (``what``), read once into a plain dict with plain ``str`` keys
+    (a str subclass's key copied: its own ``__hash__``/``__eq__`` are never called); for ``meta`` also each
+    value a string (copied into a plain ``str``) or a list or tuple (copied into a plain list, read once).
+    ProtocolError when ``value`` is not a mapping with string keys, or reading it raises: nothing of
+    ``value`` is read again after this."""
+    if not (type(value) is dict or isinstance(value, Mapping)):
+        raise ProtocolError(f"{what} must be a mapping with string keys")
+    try:
+        # the one read (a Mapping: keys() once, then each value once); the usual case checked in C loops
+        snap = value.copy() if type(value) is dict else dict(value)
+        if _STR.issuperset(map(type, snap)) and (
+            not meta or _PLAIN_META.issuperset(map(type, snap.values()))
+        ):
+            return snap
+        if not all(isinstance(k, str) for k in snap):
+            raise ProtocolError(f"{what} must be a mapping with string keys")
+        out: dict[str, Any] = {}
+        for k, v in snap.items():
+            if meta and isinstance(v, str):
+                v = str.__str__(v)
+            elif meta and isinstance(v, (list, tuple)):
+                v = list(v)
+            out[str.__str__(k)] = v
+        return out
+    except SCXError:
+        raise
+    except Exception as exc:  # an in-process mapping (or a value) whose reading raised
+        raise ProtocolError(f"{what} could not be read as a mapping ({type(exc).__name__})") from None
 
 
 def _nbytes(arrays: Mapping[str, Any]) -> int:

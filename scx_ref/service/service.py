@@ -153,10 +153,15 @@ def model_fingerprint(backend: Any) -> str:
 
 
 class _Metrics:
-    """The service's Prometheus metrics, in their own registry."""
+    """The service's Prometheus metrics, in their own registry. ``scx_sessions_evicted_total`` is the
+    protocol server's own count (:attr:`Server.evictions`), read when scraped: every session ended other
+    than by its client's ``close`` — its stream ended, the idle sweep, an idle one found on access or
+    evicted to make room for an ``open`` — counted once, whichever side ended it."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: Server[Any]) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.registry import Collector
 
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
@@ -176,7 +181,13 @@ class _Metrics:
         self.batch = Histogram(
             "scx_batch_rows", "gen_mid rows per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
         )
-        self.evicted = Counter("scx_sessions_evicted", "sessions ended by a stream's end", registry=r)
+
+        class Evicted(Collector):
+            def collect(self) -> list[CounterMetricFamily]:
+                help_text = "sessions ended other than by their client's close (stream end, idle TTL)"
+                return [CounterMetricFamily("scx_sessions_evicted", help_text, value=server.evictions)]
+
+        r.register(Evicted())
         self.draining = Gauge("scx_draining", "1 while shutting down", registry=r)
 
     def text(self) -> bytes:
@@ -256,7 +267,7 @@ class SCXService:
         self.server = server
         self.opts = options
         self.limits = WireLimits(max_frame=options.max_message_bytes)
-        self.metrics = _Metrics()
+        self.metrics = _Metrics(server)
         b = server.b
         self.info = {
             "service": "scx",
@@ -488,8 +499,7 @@ class SCXService:
             sids = list(stream.sessions)
             stream.sessions.clear()
         for sid in sids:
-            if self.server.drop(sid):
-                self.metrics.evicted.inc()
+            if self.server.drop(sid):  # counted by the server (Server.evictions)
                 _event("session_closed", session=sid[:12], why=why)
         self.metrics.sessions.set(len(self.server.sessions))
 
@@ -572,11 +582,19 @@ class SCXService:
         return encode_error(name, str(exc), seq)
 
     def _encode(self, reply: Reply | SCXError, req: Request) -> bytes:
+        """The frame of ``req``'s answer. A reply larger than ``max_message_bytes`` is refused with a
+        ServiceError, and — the server having taken the message already (its session moved past it) — its
+        session is ended too, so the refusal leaves no session its client can no longer follow."""
         if isinstance(reply, SCXError):
             return self._error(reply, req.stage.value, req.seq)
         data = encode_reply(reply)
         if len(data) > self.opts.max_message_bytes:
-            too_big = ServiceError(f"reply of {len(data)} bytes exceeds max_message_bytes")
+            self.server.drop(req.session)
+            _event("session_closed", session=req.session[:12], why="reply too large to send")
+            too_big = ServiceError(
+                f"reply of {len(data)} bytes exceeds max_message_bytes ({self.opts.max_message_bytes}): "
+                "session closed"
+            )
             return self._error(too_big, req.stage.value, req.seq)
         return data
 
@@ -600,7 +618,6 @@ class SCXService:
             gone = self.server.evict_idle_sessions()
             if gone:
                 self._forget(gone)
-                self.metrics.evicted.inc(len(gone))
                 self.metrics.sessions.set(len(self.server.sessions))
                 _event("idle_evicted", sessions=len(gone))
 
