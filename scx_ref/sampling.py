@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._checks import check_int, check_real, token_ids
-from .errors import ConfigError, NonFiniteError, SCXError, ShapeError, note_tokens
+from .errors import ConfigError, DTypeError, NonFiniteError, SCXError, ShapeError, note_tokens
 
 __all__ = [
     "GENERATE_OPTIONS",
@@ -307,9 +307,12 @@ def generate_tokens(
     (:func:`~scx_ref._checks.token_ids`: VocabularyError, ProtocolError when empty), ConfigError for a
     ``generator`` that is not None or a CPU ``torch.Generator`` (sampling draws from it; None: a fresh one
     from ``settings.generator()``), a streamer without ``put``/``end`` (:func:`check_streamer`) or a
-    ``tokenizer`` StopStringCriteria cannot use. A logits row that is not one-dimensional and non-empty is
-    a ShapeError; one that is not finite, or sampling probabilities that are not (scores overflowing
-    float32, e.g. under a temperature near 0), is a NonFiniteError (never a token)."""
+    ``tokenizer`` StopStringCriteria cannot use. A logits row that is not one-dimensional and non-empty (or
+    prefill's logits that have no last row) is a ShapeError, one that is not floating-point a DTypeError
+    (any layout, byte order or float width is taken: it is copied to float32 as HF does); one that is not
+    finite, greedy scores whose maximum is not (finite logits past float32's range), or sampling
+    probabilities that are not (scores overflowing float32, e.g. under a temperature near 0), is a
+    NonFiniteError (never a token)."""
     import torch
 
     if not isinstance(settings, GenerationSettings):
@@ -345,17 +348,45 @@ def generate_tokens(
     new: list[int] = []
     try:
         if settings.max_new_tokens:
-            logits = prefill(np.asarray(prompt, dtype=np.int64))[-1]
+            first = prefill(np.asarray(prompt, dtype=np.int64))
+            try:
+                logits = first[-1]  # the last prompt row's
+            except (IndexError, TypeError, KeyError) as exc:  # a 0-d array, a number, None: not n × V
+                raise ShapeError(
+                    f"the prompt's logits must be n × V, got {type(first).__name__} of shape "
+                    f"{getattr(first, 'shape', None)}"
+                ) from exc
             while True:
-                row = np.asarray(logits)
+                try:
+                    row = np.asarray(logits)
+                except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a ragged list, a bfloat16 tensor
+                    raise DTypeError(
+                        f"the logits after {len(new)} new token(s) are not an array of real numbers: {exc}"
+                    ) from exc
                 if row.ndim != 1 or row.size == 0:  # torch raised an IndexError or a RuntimeError
                     raise ShapeError(
                         f"the logits after {len(new)} new token(s) must be one non-empty row (V,), got "
                         f"shape {row.shape}"
                     )
-                if not np.issubdtype(row.dtype, np.floating) or not np.isfinite(row).all():
+                if not np.issubdtype(row.dtype, np.floating):  # integers are no logits ("not finite" misled)
+                    raise DTypeError(
+                        f"the logits after {len(new)} new token(s) must be floating-point, got dtype "
+                        f"{row.dtype}"
+                    )
+                if not np.isfinite(row).all():
                     raise NonFiniteError(f"the logits after {len(new)} new token(s) are not all finite")
-                scores = processors(ids, torch.from_numpy(row).to(torch.float32)[None, :])
+                # HF's float32 copy, made by numpy (the same rounding): torch.from_numpy refused a row with a
+                # negative stride, in another byte order or of long doubles (a raw ValueError or TypeError)
+                with np.errstate(over="ignore"):  # past float32's range: ±inf, refused below
+                    row32 = np.ascontiguousarray(row, dtype=np.float32)
+                scores = processors(ids, torch.from_numpy(row32)[None, :])
+                if not settings.do_sample and not bool(torch.isfinite(scores.max())):
+                    # finite logits whose largest is past float32's range (or a repetition penalty overflowing
+                    # it): argmax of several +inf is the first of them, not the largest logit — never a token
+                    raise NonFiniteError(
+                        f"the logits after {len(new)} new token(s) overflow float32 (the scores greedy "
+                        "decoding compares; repetition_penalty too close to 0?)"
+                    )
                 if settings.do_sample:
                     probs = torch.nn.functional.softmax(scores, dim=-1)
                     if not bool(torch.isfinite(probs).all()):  # e.g. logits / a tiny temperature overflow

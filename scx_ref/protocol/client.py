@@ -445,7 +445,9 @@ class Client(Generic[A]):
         change, only when the client's work happens.
 
         ``n`` and ``steps`` are integers (Python or numpy, not bool) with 1 <= n and n + steps <=
-        ``max_length`` (ProtocolError otherwise, before anything is reserved or derived).
+        ``max_length`` (ProtocolError otherwise, before anything is reserved or derived). A nonce that
+        already drove a session is a SessionError, the client unchanged — except that a reserved one (not
+        given here) is dropped, as :meth:`prefill` drops it, so the next call draws a fresh nonce.
         """
         n = check_int(n, "n", None, error=ProtocolError)
         steps = check_int(steps, "steps", 0, error=ProtocolError)
@@ -453,9 +455,12 @@ class Client(Generic[A]):
             raise ProtocolError(f"a prompt has 1 to max_length = {self.max_length} tokens, not {n}")
         if n + steps > self.max_length:
             raise ProtocolError(f"{steps} steps after {n} tokens exceed max_length {self.max_length}")
+        reserved = nonce is None and self._next_nonce is not None
         if nonce is None:
             nonce = self._next_nonce or KeySchedule.new_nonce()
         if self._master_keys.claims.claimed(nonce):
+            if reserved:  # claimed elsewhere (another client of this schedule): the next call draws afresh
+                self._drop_reservation(nonce)
             raise SessionError("this nonce already drove a session under this master secret")
         prep = self._new_prepared(nonce, n)  # validates the nonce
         self._next_nonce = nonce
@@ -467,6 +472,15 @@ class Client(Generic[A]):
             self._prepared.discard()
         self._prepared = prep
         return prep
+
+    def _drop_reservation(self, nonce: bytes) -> None:
+        """Forget the reserved next nonce ``nonce`` (and keys precomputed under it), found claimed by another
+        client of this master secret: it can never drive this client's session, and kept, it would refuse
+        every later call that names no nonce (``generate`` names none)."""
+        self._next_nonce = None
+        if self._prepared is not None and self._prepared.nonce == nonce:
+            self._prepared.discard()
+            self._prepared = None
 
     def _new_prepared(self, nonce: bytes, n: int) -> PreparedKeys[A]:
         keys = RequestKeys(self._master_keys.for_nonce(nonce), self.c)
@@ -497,11 +511,12 @@ class Client(Generic[A]):
         previous one is left failed (abandoned; the server frees it at its idle timeout), and the new one
         opens on ``link`` — where a dead ``link`` fails it in turn, with the transport's error (a
         ``RemoteTransport``: ServiceError). A nonce that already drove a session under this master secret is
-        refused (SessionError):
-        the same keys would encode two prompts. Every reply is verified first (IntegrityError on a failed
-        check; the session is then failed and nothing more is sent). Any other error once the session is
-        open (a NonFiniteError of the model's own arithmetic, ^C) fails it too: the server's half-built
-        session is sent nothing more.
+        refused (SessionError): the same keys would encode two prompts; when it was the reserved one (the
+        constructor's, or :meth:`precompute`'s) — claimed by another client of the same schedule — the
+        reservation is dropped with it, so the next call that names no nonce draws a fresh one. Every reply
+        is verified first (IntegrityError on a failed check; the session is then failed and nothing more is
+        sent). Any other error once the session is open (a NonFiniteError of the model's own arithmetic,
+        ^C) fails it too: the server's half-built session is sent nothing more.
         """
         b = self.b
         _check_link(link)
@@ -519,10 +534,16 @@ class Client(Generic[A]):
             entry = self.pool.take_fitting(n)  # one-time masks derived offline: used by this request only
             if entry is not None:  # None: no entry serves n tokens (empty, or n > capacity): derived below
                 self._prepared, nonce = entry, entry.nonce
+        reserved = nonce is None and self._next_nonce is not None
         if nonce is None:
             nonce = self._next_nonce or KeySchedule.new_nonce()
         keys = self._master_keys.for_nonce(nonce)  # validates the nonce
-        self._master_keys.claims.claim(keys.nonce)  # SessionError when this pair drove a session
+        try:
+            self._master_keys.claims.claim(keys.nonce)  # SessionError when this pair drove a session
+        except SessionError:
+            if reserved:  # claimed by another client of this schedule: the next call draws a fresh nonce
+                self._drop_reservation(keys.nonce)
+            raise
         self._next_nonce = None
         old = self.state
         if old is not None and not (old.failed or old.closed) and old.link is not None:
