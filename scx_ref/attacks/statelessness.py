@@ -26,7 +26,7 @@ from ..weights import ModelWeights
 from ._model import forward_trace, int_arg, rows_arg
 from ._view import open_meta, raw_qkv, shared_caches
 
-__all__ = ["SERVER_POLICIES", "decode_with_caches", "server_caches", "statelessness_table"]
+__all__ = ["SERVER_POLICIES", "decode_with_caches", "server_caches", "statelessness_table", "unlock_locked"]
 
 Array = npt.NDArray[Any]
 Cache = list[tuple[Array, Array]]
@@ -80,6 +80,79 @@ def decode_with_caches(
         x = x + ops.mlp(ops.rms_norm(x, lw.mlp_norm, c.rms_eps), lw.mlp, c.top_k)
     h = ops.rms_norm(x, weights.final_norm, c.rms_eps)
     return np.asarray(h @ weights.lm_head), np.asarray(h)
+
+
+def _nearest(a: Array, b: Array, rtol: float) -> Array:
+    """For each row of ``a`` the index of the row of ``b`` equal to it entry by entry within ``rtol``
+    (|a − b| ≤ rtol·(1 + |a|)), the nearest by the largest such ratio; −1 where none is."""
+    out = np.full(len(a), -1, dtype=np.int64)
+    if len(a) == 0 or len(b) == 0:
+        return out
+    for t, row in enumerate(a):
+        ratio = np.max(np.abs(b - row) / (1.0 + np.abs(row)), axis=1)
+        j = int(np.argmin(ratio))
+        if ratio[j] <= rtol:
+            out[t] = j
+    return out
+
+
+def unlock_locked(view: ServerView, weights: ModelWeights, rtol: float = 1e-4) -> dict[int, dict[str, Any]]:
+    """The server's own unlocking of each locked key cache it holds (the last guard blocks: DESIGN §5.1
+    step 6 sends K^c = ρ(K_rope ⊕ R), a row permutation of the block's RoPE'd keys and decoy rows), with no
+    key, by two routes:
+
+    * ``raw`` — the block's keys and values the server itself computed at its QKV stage (Z_k, Z_v: the
+      same rows under π, before RoPE): a locked row equals RoPE(Z_k row, p) for its true position p, so
+      each real locked row is placed, its position read, and K and V rebuilt in true order. Works where
+      that stage's rows are not noised (levels ``permute`` and ``paper`` past block 1).
+    * ``attention`` — the block's attention stage, where the server computes on K·P in true row order
+      (P a head-structured coordinate permutation): a row and its locked copy hold the same multiset of
+      values, so sorted rows match, giving K in true order; P (read off K and K·P column by column) then
+      gives V from the stage's V·P. Works wherever the server runs that block's attention.
+
+    Returns, per locked block, ``raw`` and ``attention``: the prompt rows each route placed (of ``n``);
+    ``k``, ``v``: the cache (n × H_kv × d_h, true order) of a route that placed every row (the raw route
+    first), else None. Rows match within ``rtol`` entry by entry (float32 runs round apart by ~1e-7)."""
+    c = weights.config
+    n = int(open_meta(view)["n"])
+    kv = (c.n_kv_heads, c.head_dim)
+    out: dict[int, dict[str, Any]] = {}
+    for m in view.select(stage=Stage.LOCK):
+        i = int(m.layer)
+        locked = np.asarray(m.arrays["k"], dtype=np.float64).reshape(-1, c.kv_dim)
+        res: dict[str, Any] = {"raw": 0, "attention": 0, "k": None, "v": None}
+        # raw route: RoPE each of the server's own key rows at every prompt position and look it up
+        _, zk, zv = raw_qkv(view, weights, i)
+        rows = len(zk)
+        zk3 = zk.reshape(rows, *kv)
+        pos_of = np.full(rows, -1, dtype=np.int64)
+        for p in range(n):
+            rot = ops.apply_rope(zk3, np.full(rows, p), c.rope_theta).reshape(rows, c.kv_dim)
+            hit = _nearest(rot, locked, rtol) >= 0
+            pos_of[hit & (pos_of < 0)] = p
+        placed = np.full(n, -1, dtype=np.int64)
+        for j in np.flatnonzero(pos_of >= 0):
+            placed[pos_of[j]] = j
+        res["raw"] = int(np.sum(placed >= 0))
+        if res["raw"] == n:
+            res["k"] = ops.apply_rope(zk3[placed], np.arange(n), c.rope_theta)
+            res["v"] = zv[placed].reshape(n, *kv)
+        # attention route: match sorted rows of the stage's K·P to sorted locked rows
+        attn = view.select(stage=Stage.ATTN, layer=i)
+        if attn:
+            kp = np.asarray(attn[0].arrays["k"], dtype=np.float64).reshape(n, c.kv_dim)
+            match = _nearest(np.sort(kp, axis=1), np.sort(locked, axis=1), rtol)
+            res["attention"] = int(np.sum(match >= 0))
+            if res["attention"] == n and res["k"] is None:
+                k = locked[match]
+                col = _nearest(kp.T, k.T, rtol)  # P: column a of K·P is column col[a] of K
+                if np.all(col >= 0) and len(set(col.tolist())) == c.kv_dim:
+                    vp = np.asarray(attn[0].arrays["v"], dtype=np.float64)
+                    v = np.empty((n, c.kv_dim))
+                    v[:, col] = vp.reshape(n, c.kv_dim)
+                    res["k"], res["v"] = k.reshape(n, *kv), v.reshape(n, *kv)
+        out[i] = res
+    return out
 
 
 def server_caches(view: ServerView, weights: ModelWeights, policy: str) -> Cache:
