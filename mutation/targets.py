@@ -98,4 +98,24 @@ TARGETS: tuple[Target, ...] = (
         "scx_ref/protocol/limits.py",
         ("tests/test_limit_fields.py", "tests/test_limits.py", "tests/test_protocol_errors.py"),
     ),
+    Target(
+        "bench_stats",
+        "scx_ref/commands/bench_stats.py",
+        (
+            "tests/test_bench_stats.py",
+            "tests/test_bench_median_intervals.py",
+            "tests/test_bench_stats_mutants.py",
+        ),
+    ),
+    Target(
+        "attack_stats",
+        "scx_ref/attacks/stats.py",
+        (
+            "tests/test_attack_stats_and_report.py",
+            "tests/test_attack_measures.py",
+            "tests/test_attack_api_args.py",
+            "tests/test_frontier.py",
+            "tests/test_attack_stats_mutants.py",
+        ),
+    ),
 )
