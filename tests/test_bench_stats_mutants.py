@@ -83,3 +83,24 @@ def test_ratio_interval_does_not_depend_on_the_dtype_of_the_times() -> None:
     assert got == ratio_interval(t64, ones, np.random.default_rng(0), level=0.35) == (mid, mid)
     got = ratio_interval(ones, t32, np.random.default_rng(0), level=0.35)
     assert got == ratio_interval(ones, t64, np.random.default_rng(0), level=0.35) == (1.0 / mid, 1.0 / mid)
+
+
+@pytest.mark.parametrize(
+    ("scx", "base"),
+    [(["2.0"], ["1.0"]), ([True, 2.0], [1.0, 1.0]), ([2.0, 1.0], [1.0, np.bool_(True)])],
+    ids=["text", "bool", "numpy-bool"],
+)
+def test_ratio_interval_refuses_times_that_are_not_real_numbers(
+    scx: list[object], base: list[object]
+) -> None:
+    """A text was read as a time and a bool as 1.0 s: an interval of measurements that never were."""
+    with pytest.raises(ConfigError, match="must be real numbers"):
+        ratio_interval(scx, base, np.random.default_rng(0))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "values", [["1"] * 3 + [2.0] * 3, [1.0, 2.0, 3.0, True, 4.0, 5.0]], ids=["text", "bool"]
+)
+def test_median_interval_refuses_values_that_are_not_real_numbers(values: list[object]) -> None:
+    with pytest.raises(ConfigError, match="must be real numbers"):
+        median_interval(values)  # type: ignore[arg-type]

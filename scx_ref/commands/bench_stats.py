@@ -40,6 +40,14 @@ RESAMPLES = 4000
 SEED = 0
 
 
+def _check_times(values: object, what: str) -> None:
+    """ConfigError unless every entry of ``values`` is a real number: not a bool (numpy read True as 1.0)
+    nor text (``float("2.0")`` read it as a time)."""
+    for v in np.ravel(np.asarray(values, dtype=object)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ConfigError(f"{what} must be real numbers, got {v!r:.40}")
+
+
 def quartiles(values: Sequence[float]) -> tuple[float, float]:
     """The first and third quartiles (inclusive method; both the value itself for a single round; NaN
     for none)."""
@@ -54,9 +62,11 @@ def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float
     independent draws of: (x₍ₖ₎, x₍ₙ₋ₖ₊₁₎, coverage) for the largest k with P(B ≤ k − 1) ≤ (1 − level)/2,
     B ~ Binomial(n, ½) — the interval misses the median only if at most k − 1 draws fall on one side of it,
     so it covers with probability 1 − 2·P(B ≤ k − 1) ≥ ``level`` for any continuous distribution. None
-    when no k ≥ 1 qualifies (too few values: n ≤ 5 at level 0.95)."""
+    when no k ≥ 1 qualifies (too few values: n ≤ 5 at level 0.95). ConfigError for a value that is not a
+    real number (a bool, a text) or is NaN."""
     if not 0.0 < level < 1.0:
         raise ConfigError(f"a confidence level must lie in (0, 1), got {level!r}")
+    _check_times(values, "a median interval's values")
     x = sorted(float(v) for v in values)
     if any(math.isnan(v) for v in x):
         raise ConfigError("a median interval of values with a NaN among them")
@@ -84,7 +94,10 @@ def ratio_interval(
     """A paired percentile-bootstrap interval for median(``scx``) / median(``base``): ``resamples`` draws
     of n rounds with replacement (a round's two times stay together), the ratio of each draw's two
     medians, and that ratio's (1 ∓ level)/2 quantiles. Approximate (see the module docstring); the same
-    ``rng`` state gives the same interval, and scaling ``scx`` by c > 0 scales it by c."""
+    ``rng`` state gives the same interval, and scaling ``scx`` by c > 0 scales it by c. ConfigError for
+    times that are not real numbers (a bool, a text), not finite, or a baseline time ≤ 0."""
+    _check_times(scx, "a ratio interval's SCX times")
+    _check_times(base, "a ratio interval's baseline times")
     s, b = np.asarray(scx, dtype=np.float64), np.asarray(base, dtype=np.float64)
     if s.ndim != 1 or s.shape != b.shape or s.size == 0:
         raise ConfigError(f"a ratio interval needs two equal non-empty series of rounds: {s.shape} {b.shape}")
