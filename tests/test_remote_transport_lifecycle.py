@@ -379,3 +379,26 @@ def test_an_scx_engine_releases_its_stream_when_closed(kind: str) -> None:
             gc.enable()
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("timeout", ["x", float("nan"), 0, -1.0])
+def test_server_process_stop_and_health_refuse_a_bad_timeout_before_acting(timeout: Any) -> None:
+    """``stop(timeout="x")`` sent SIGTERM, then failed in ``wait`` with a raw TypeError (the process left
+    half-stopped, its files open); ``health`` passed it to urllib."""
+
+    signals: list[int] = []
+
+    class Proc:
+        def poll(self) -> None:
+            return None
+
+        def send_signal(self, sig: int) -> None:
+            signals.append(sig)
+
+    sp = object.__new__(ServerProcess)
+    sp.proc = Proc()  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match="timeout"):
+        sp.stop(timeout)
+    with pytest.raises(ConfigError, match="timeout"):
+        sp.health(timeout)
+    assert signals == []

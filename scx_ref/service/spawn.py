@@ -128,7 +128,9 @@ class ServerProcess:
 
     def health(self, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON body) of ``/health``; ServiceError when there is no ops address, it cannot be
-        reached (a stopped server) or the body is not a JSON object."""
+        reached (a stopped server) or the body is not a JSON object; ConfigError unless ``timeout`` is a
+        number of seconds > 0."""
+        timeout = check_real(timeout, "timeout", 0, threading.TIMEOUT_MAX, lo_open=True)
         url = self._ops_url("/health")
         try:
             try:
@@ -154,7 +156,9 @@ class ServerProcess:
             raise ServiceError(f"no metrics from {url}: {exc}") from None
 
     def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM (graceful shutdown), wait, return the exit code (killed after ``timeout``)."""
+        """SIGTERM (graceful shutdown), wait, return the exit code (killed after ``timeout``). ConfigError,
+        before any signal, unless ``timeout`` is a number of seconds > 0."""
+        timeout = check_real(timeout, "timeout", 0, threading.TIMEOUT_MAX, lo_open=True)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
