@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from dataclasses import fields
 from typing import Any
 
@@ -417,8 +418,8 @@ class SCXModel:
 
         ``server``: the URL of an ``scx serve`` of the same model (``scx://HOST:PORT``, ``scxs://`` for
         TLS) to run the server role on; ``server_options`` go to
-        :class:`~scx_ref.service.RemoteTransport` (``timeout``, ``connect_timeout``, ``tls_ca``). Default:
-        an in-process server."""
+        :class:`~scx_ref.service.RemoteTransport` (``timeout``, ``connect_timeout``, ``tls_ca``,
+        ``max_message_bytes``; another key is a ConfigError). Default: an in-process server."""
         backend = backend_from_hf(model, dtype=dtype, device=device)
         known = {f.name for f in fields(SCXConfig)} - {"level"}
         unknown = sorted(set(scx_options) - known)
@@ -430,9 +431,18 @@ class SCXModel:
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         pad = getattr(gen, "pad_token_id", None) if gen is not None else None
         link: Transport | None = None
+        if server_options is not None and not isinstance(server_options, dict):
+            raise ConfigError(f"server_options must be a dict, got {type(server_options).__name__}")
         if server is not None:
             from .service.remote import RemoteTransport
 
+            params = inspect.signature(RemoteTransport).parameters.values()
+            allowed = {q.name for q in params if q.kind is inspect.Parameter.KEYWORD_ONLY}
+            unknown = sorted(set(server_options or {}) - allowed, key=str)
+            if unknown:  # RemoteTransport raised a raw TypeError for them
+                raise ConfigError(
+                    f"unknown server option(s) {unknown}; RemoteTransport takes {sorted(allowed)}"
+                )
             link = RemoteTransport(server, backend, **(server_options or {}))
         elif server_options:
             raise ConfigError("server_options given without a server URL")

@@ -325,3 +325,13 @@ def test_block_whose_trace_raises_leaves_the_cache(stage: str) -> None:
         ref.block(np.ones((1, ref.config.hidden_size)), ref.weights.layers[0], np.array([3]), 0, cache)
     assert _snapshot(cache) == [k.shape for k in before] * 2
     assert all(np.array_equal(a, b) for a, b in zip(cache.keys, before, strict=True))
+
+
+@pytest.mark.parametrize("opts", [{"tls": "x"}, {"timeout": 5.0, "retries": 3}, ["timeout"]], ids=str)
+def test_scx_model_refuses_unknown_server_options_before_connecting(opts: Any) -> None:
+    """An unknown key reached RemoteTransport as a raw TypeError (a list: a raw TypeError from ``**``)."""
+    from scx_ref.hf import SCXModel
+
+    model = transformers.LlamaForCausalLM(_hf_config("llama"))
+    with pytest.raises(ConfigError, match=r"server_options|server option"):
+        SCXModel.from_hf(model, server="scx://127.0.0.1:1", server_options=opts)
