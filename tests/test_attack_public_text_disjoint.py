@@ -41,3 +41,15 @@ def test_the_published_runs_public_text_is_unchanged(n_public: int, length: int,
     every_even = "\n\n".join(topic_texts()[0::2])
     want = tokenize(every_even[: 8 * n_public + 1024], None, VOCAB)[:n_public]
     np.testing.assert_array_equal(public, np.asarray(want))
+
+
+def test_a_tokenizer_of_long_tokens_still_gets_the_public_tokens_asked_for() -> None:
+    """The public text was cut at 8 characters a token before tokenizing: a tokenizer of 16 characters a
+    token got half the tokens asked for, though the text held many more."""
+
+    def sixteen(text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [ord(text[k]) % 200 for k in range(0, len(text), 16)]}
+
+    public, victims = public_and_victims(sixteen, 256, 2000, 2, 8)
+    assert len(public) == 2000
+    assert all(len(v) == 8 for v in victims)

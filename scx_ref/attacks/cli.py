@@ -163,6 +163,8 @@ def public_and_victims(
     shared = {b[k : k + _SHARED] for b in bodies for k in range(max(len(b) - _SHARED, 0) + 1)}
     pub_text = "\n\n".join(t for t in texts[0::2] if not _shares(t, shared))
     public = tokenize(pub_text[: 8 * n_public + 1024], tokenizer, vocab)[:n_public]
+    if len(public) < n_public:  # a tokenizer of more than ~8 characters a token: the whole text, then
+        public = tokenize(pub_text, tokenizer, vocab)[:n_public]  # (the run records how many it got)
     victims = [tokenize(b, tokenizer, vocab)[:length] for b in bodies]
     short = min(len(v) for v in victims)
     if short < length:
