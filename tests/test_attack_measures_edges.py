@@ -208,3 +208,18 @@ def test_the_metrics_no_table_shows_are_listed_and_the_harness_records_no_other(
     for path in sorted(RESULTS.glob("attacks_*.json")):
         for s in json.loads(path.read_text())["settings"]:
             assert set(s["metrics"]) <= known, (path.name, set(s["metrics"]) - known)
+
+
+def test_torch_lm_of_an_empty_batch_gives_empty_results_as_numpy_lm() -> None:
+    """TorchLM raised a raw ValueError (np.concatenate of no chunks) where NumpyLM gives empty arrays."""
+    transformers = pytest.importorskip("transformers")
+    from scx_ref.attacks.llm_reorder import TorchLM
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=11, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2
+    )
+    lm = TorchLM(transformers.LlamaForCausalLM(cfg), bos=0)
+    empty = np.zeros((0, 3), dtype=np.int64)
+    assert lm.next_logprobs(empty).shape == (0, 11)
+    assert lm.token_logprobs(empty).shape == (0, 3)
+    assert lm.next_logprobs(np.array([[1, 2, 3]])).shape == (1, 11)  # and a batch of one still works

@@ -92,7 +92,8 @@ class NumpyLM:
 
 @dataclass
 class TorchLM:
-    """A Hugging Face causal LM (torch, CPU or GPU) as a language model, batched."""
+    """A Hugging Face causal LM (torch, CPU or GPU) as a language model, batched (an empty batch gives
+    empty results, as :class:`NumpyLM`'s)."""
 
     model: Any
     bos: int
@@ -102,6 +103,8 @@ class TorchLM:
         import torch
 
         ids = _batch(seqs)
+        if not len(ids):  # no sequences: no rows (np.concatenate of none raised), as NumpyLM gives
+            return np.zeros((0, ids.shape[1] + 1, int(self.model.config.vocab_size)))
         outs = []
         dev = next(self.model.parameters()).device
         for start in range(0, len(ids), self.batch):
