@@ -6,6 +6,7 @@ dtype-independence and the edges of what it accepts and refuses (exact messages)
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -104,3 +105,24 @@ def test_ratio_interval_refuses_times_that_are_not_real_numbers(
 def test_median_interval_refuses_values_that_are_not_real_numbers(values: list[object]) -> None:
     with pytest.raises(ConfigError, match="must be real numbers"):
         median_interval(values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("scx", "base", "message"),
+    [
+        (["1"] * 3 + [2.0] * 3, None, "a median interval's values must be real numbers, got '1'"),
+        ([True, 2.0], [1.0, 1.0], "a ratio interval's SCX times must be real numbers, got True"),
+        ([2.0], ["1.0"], "a ratio interval's baseline times must be real numbers, got '1.0'"),
+    ],
+    ids=["median", "ratio-scx", "ratio-baseline"],
+)
+def test_refusals_of_values_that_are_not_real_numbers_name_the_argument(
+    scx: list[object], base: list[object] | None, message: str
+) -> None:
+    """The whole message at each of the three call sites (``median_interval``'s values, then
+    ``ratio_interval``'s SCX and baseline times): which argument holds the bad entry, and that entry."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        if base is None:
+            median_interval(scx)  # type: ignore[arg-type]
+        else:
+            ratio_interval(scx, base, np.random.default_rng(0))  # type: ignore[arg-type]
