@@ -116,7 +116,9 @@ def _check_setting_parts(s: dict[str, Any], where: str, full: bool) -> None:
     if not all(isinstance(v, (bool, np.bool_)) for v in (s.get("at_baseline") or {}).values()):
         raise ConfigError(f"{where}: at_baseline is not an object of true/false verdicts")
     for key in ("cost", "exactness"):  # an infinite exactness error is written as the text "inf"
-        if key in s and not (isinstance(s[key], dict) and all(_real(v) or v == "inf" for v in s[key].values())):
+        if key in s and not (
+            isinstance(s[key], dict) and all(_real(v) or v == "inf" for v in s[key].values())
+        ):
             raise ConfigError(f"{where}: {key} is not an object of numbers")
     st = s.get("statelessness")
     if st is not None and not (

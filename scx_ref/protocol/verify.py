@@ -47,6 +47,18 @@ probability ≥ 1 − 2·exp(−λ²/2), and every partial sum satisfies |S_k| �
 * the client's own float64 arithmetic (Y·r, X̂·(W r), W·B): λu₆₄(√out‖Y_i‖‖r‖ + (√in + 6)‖X̂_i‖‖W r‖ +
   √out‖X̂_i‖‖W‖_F‖r‖) (the 6: a fused norm's scale s_i and γ·r, a few roundings each).
 
+*The rows' norms.* τ is evaluated with ‖X̂_i‖ and ‖Y_i‖ from float64 sums of squares, which underflow
+for a row whose entries are all below ~1e-154 (‖·‖ = 0, so τ = 0: an honest row of size 1e-217 — an MoE
+expert's m scaled by a routing weight e⁻⁵⁰⁰ at level permute, an O-stage row of tiny values — leaves a
+residual of u times its size, ~1e-233, and was refused 1e76 times over) and overflow above ~1.3e154
+(τ = ∞: a verdict that is not finite, refused). A linear check whose verdict fails is therefore judged
+again with the norms taken at a power-of-two scale (:func:`row_norms`: ‖x‖ = 2ᵉ‖2⁻ᵉx‖, both scalings
+exact): the same τ, evaluated without the underflow or overflow. A sum that underflows is smaller than
+the exact one (τ smaller: the first verdict only stricter) and one that overflows is infinite (a verdict
+that is not finite), so neither makes the first verdict accept a reply; rows of ordinary size get the same
+norms, a row holding NaN or ±inf a norm that is not finite (still refused), and only a failing verdict
+pays for the second pass.
+
 τ_i is their sum: λ·u·[(√in + 2)·‖X̂_i‖·ρ + s·‖X̂_i‖·‖W r‖ + ‖Y_i‖·max|r|] + the float64 terms. With λ = 8
 the model's failure probability is ~1e-15 per entry, and the √in and Cauchy–Schwarz factors over-estimate
 typical errors many times over: honest runs use a small fraction of τ (:attr:`SessionVerifier.worst`
@@ -85,7 +97,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple
 
@@ -102,6 +114,7 @@ from ..backends.base import (
     WeightName,
     float_dtype_name,
     out_width,
+    sum_norm_slack,
 )
 from ..backends.cpu_kernels import kernels
 from ..config import ModelConfig
@@ -131,6 +144,7 @@ __all__ = [
     "prefix_extreme",
     "range_excess",
     "range_shapes",
+    "row_norms",
     "unit_roundoff",
 ]
 
@@ -422,6 +436,24 @@ def excess_ratio(residual: F64 | float, tau: F64 | float) -> float:
     if not (math.isfinite(ratio) and math.isfinite(float(tau.max())) and math.isfinite(float(tau.min()))):
         return math.nan
     return ratio
+
+
+def row_norms(x: npt.NDArray[Any]) -> F64:
+    """An upper bound of ‖x_i‖₂ for every row of ``x`` (rows × width), as ``project64`` gives its norms (the
+    float64 sum of squares' root times :func:`~scx_ref.backends.base.sum_norm_slack`) but without that
+    sum's underflow or overflow: ‖x_i‖ = 2ᵉ·‖2⁻ᵉ·x_i‖ with 2ᵉ the power of two just above the row's
+    largest |entry| (``np.frexp``; both scalings exact — an entry below 2⁻¹⁰²² of the largest may round,
+    by at most 2⁻¹⁰⁷⁴ of the largest, far inside the slack). A zero row's norm is 0; a row holding NaN or
+    ±inf has a norm that is not finite."""
+    x64 = np.asarray(x, dtype=np.float64)
+    if x64.ndim != 2:
+        raise SCXError(f"row norms of an array of shape {x64.shape}: rows × width")
+    with np.errstate(invalid="ignore", over="ignore"):
+        big = np.abs(x64).max(axis=1, initial=0.0)  # NaN stays NaN: frexp gives it exponent 0
+        _, e = np.frexp(big)
+        norms = np.linalg.norm(np.ldexp(x64, -e[:, None]), axis=1) * sum_norm_slack(x64.shape[1], 2.0**-52)
+        out: F64 = np.ldexp(norms, e)
+    return out
 
 
 def linear_excess(yr: F64, xr: F64, bias_r: F64, xnorm: F64, ynorm: F64, a: F64, b: F64) -> float:
@@ -892,10 +924,6 @@ class SessionVerifier(Generic[A]):
             prod, norms = self.b.project64(x, right)
         return np.asarray(prod, dtype=np.float64), np.asarray(norms, dtype=np.float64)
 
-    def _judge(self, stage: Stage, layer: int, residual: F64, tau: F64, what: str) -> None:
-        """Accept iff every |residual| ≤ τ (both finite); record the worst ratio."""
-        self._accept(stage, layer, excess_ratio(residual, tau), int(residual.size), what)
-
     def _accept(
         self,
         stage: Stage,
@@ -968,11 +996,14 @@ class SessionVerifier(Generic[A]):
         input_slack: float,
         norm: NormName | None = None,
         norm_layer: int = -1,
+        x_rows: Callable[[], A] | None = None,
     ) -> None:
         """Accept y = x̂·W (+ b) for the check ``ch``: each side the backend's rows (x̂ = ``x``, or its
         RMSNorm ``norm``) or their :data:`Products` (y·r, ‖y_i‖ / x̂·W r, ‖x̂_i‖). The verdict is
         :func:`linear_excess` of the two sides' products — in one call where the backend fuses it
-        (``Backend.freivalds_excess``), composed here otherwise."""
+        (``Backend.freivalds_excess``), composed here otherwise. A failing verdict on rows the client
+        holds (``x`` itself, or ``x_rows()`` behind its Products; not a norm the server applies) is judged
+        again with norms that neither underflow nor overflow (:meth:`_renormed`)."""
         a, b = ch.tau_terms(u, 0.0, input_slack)
         ratio = self.b.freivalds_excess(y, ch.r, x, ch.wr, (ch.bias_r, a, b, _TINY), norm, norm_layer)
         if ratio is None:
@@ -983,9 +1014,22 @@ class SessionVerifier(Generic[A]):
             for side, right in ((y, ch.r), (x, ch.wr)):
                 if not isinstance(side, tuple):
                     self._count(side, right)
+        if not ratio <= 1.0 and norm is None and not isinstance(y, tuple):
+            rows_x = x if not isinstance(x, tuple) else None if x_rows is None else x_rows()
+            if rows_x is not None:
+                ratio = self._renormed(ch, a, b, y, rows_x)
         rows = x[0].shape[0] if isinstance(x, tuple) else self.b.nrows(x)
         own = None if norm is None or isinstance(x, tuple) else (x, norm, norm_layer)
         self._accept(stage, layer, ratio, rows * ch.r.shape[1], f"the {which} product", own)
+
+    def _renormed(self, ch: _Check, a: F64, b: F64, y: A, x: A) -> float:
+        """:func:`linear_excess` of y = x·W (+ b) for rows ``y``, ``x`` the client holds, with τ's terms
+        (``a``, ``b``) scaled by the rows' norms from :func:`row_norms` — the same τ as the fused or
+        composed verdict, evaluated without the underflow or overflow of a plain float64 sum of squares
+        (module docstring, *the rows' norms*). Run only after that verdict failed: it reads the rows again."""
+        yr, _ = self._project_rows(y, ch.r)
+        xr, _ = self._project_rows(x, ch.wr)
+        return linear_excess(yr, xr, ch.bias_r, row_norms(self._host(x)), row_norms(self._host(y)), a, b)
 
     @staticmethod
     def _linear_tau(
@@ -1032,7 +1076,10 @@ class SessionVerifier(Generic[A]):
                 self._count(x, up.wr)
                 self._count(y, down.r)
                 self._accept(stage, layer, got[0], rows * kv, "the w_gate_up product", (x, "mlp", layer))
-                self._accept(stage, layer, got[1], rows * kv, "the w_down product")
+                ratio = got[1]
+                if not ratio <= 1.0:  # judged again with norms that neither underflow nor overflow
+                    ratio = self._renormed(down, terms_down[1], terms_down[2], y, b.swiglu_act(gu))
+                self._accept(stage, layer, ratio, rows * kv, "the w_down product")
                 return
             gr, gnorm, mr, mnorm = (np.asarray(a, np.float64) for a in b.project64_gate_up(gu, up.r, down.wr))
             self._linear_judge(
@@ -1047,7 +1094,9 @@ class SessionVerifier(Generic[A]):
                 "mlp",
                 layer,
             )
-            self._linear_judge(stage, layer, "w_down", u, down, y, (mr, mnorm), _SWIGLU)
+            self._linear_judge(
+                stage, layer, "w_down", u, down, y, (mr, mnorm), _SWIGLU, x_rows=lambda: b.swiglu_act(gu)
+            )
             return
         with np.errstate(all="ignore"):
             xh = b.norm(x, "mlp", layer)
@@ -1063,8 +1112,7 @@ class SessionVerifier(Generic[A]):
         kv = self.vectors_for(rows)
         down = self._check("w_down", layer, 0).first(kv)  # r of W_down is shared by the layer's experts
         pred = np.zeros((rows, kv))
-        mnorm_w = np.zeros(rows)
-        rho_w = np.zeros((rows, kv))
+        slots_of: list[tuple[npt.NDArray[np.intp], F64, F64, F64, A]] = []  # per expert: τ's inputs, its m
         for e in np.unique(top).tolist():
             hit_rows, slots = np.nonzero(top == e)
             flat = (hit_rows * k + slots).astype(np.int64)
@@ -1079,18 +1127,31 @@ class SessionVerifier(Generic[A]):
                 input_slack=normed,
             )
             ch = self._check("w_down", layer, e).first(kv)
-            mr, mnorm = self._project_rows(b.take_rows(m_flat, flat), ch.wr)
+            m_e = b.take_rows(m_flat, flat)
+            mr, mnorm = self._project_rows(m_e, ch.wr)
             w = weights[hit_rows, slots]
             np.add.at(pred, hit_rows, w[:, None] * mr)
-            np.add.at(mnorm_w, hit_rows, np.abs(w) * mnorm)
             term = (math.sqrt(f) + 2.0) * ch.rho + (_SWIGLU + 1.0) * ch.wr_norm  # + the weight's rounding
-            np.add.at(rho_w, hit_rows, np.abs(w)[:, None] * mnorm[:, None] * term[None, :])
+            slots_of.append((hit_rows, np.abs(w), term, mnorm, m_e))
         yr, ynorm = self._project_rows(y, down.r)
         residual = yr - pred
-        tau = self._linear_tau(np.zeros(rows), ynorm, down, u, float(k), 0.0)
-        tau = tau + LAMBDA * u * rho_w  # Σ_slots |w|·‖m‖·((√f + 2)ρ_e + 5‖W_e r‖)
-        tau = tau + LAMBDA * _U64 * math.sqrt(f) * mnorm_w[:, None] * down.wr_norm[None, :]
-        self._judge(stage, layer, residual, tau, "the experts' down products")
+
+        def tau_of(mnorms: list[F64], ynorm: F64) -> F64:
+            mnorm_w = np.zeros(rows)
+            rho_w = np.zeros((rows, kv))
+            for (hit_rows, w_abs, term, _, _), mnorm in zip(slots_of, mnorms, strict=True):
+                np.add.at(mnorm_w, hit_rows, w_abs * mnorm)
+                np.add.at(rho_w, hit_rows, w_abs[:, None] * mnorm[:, None] * term[None, :])
+            tau = self._linear_tau(np.zeros(rows), ynorm, down, u, float(k), 0.0)
+            tau = tau + LAMBDA * u * rho_w  # Σ_slots |w|·‖m‖·((√f + 2)ρ_e + 5‖W_e r‖)
+            out: F64 = tau + LAMBDA * _U64 * math.sqrt(f) * mnorm_w[:, None] * down.wr_norm[None, :]
+            return out
+
+        ratio = excess_ratio(residual, tau_of([sl[3] for sl in slots_of], ynorm))
+        if not ratio <= 1.0:  # judged again with norms that neither underflow nor overflow (the same τ)
+            mnorms = [row_norms(self._host(sl[4])) for sl in slots_of]
+            ratio = excess_ratio(residual, tau_of(mnorms, row_norms(self._host(y))))
+        self._accept(stage, layer, ratio, int(residual.size), "the experts' down products")
 
     # -- attention ------------------------------------------------------------------------------------
     def attention(
