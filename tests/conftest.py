@@ -22,3 +22,16 @@ def no_composition(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(pld.PrivacyLossDistribution, "self_compose", boom)
     monkeypatch.setattr(pld.PrivacyLossDistribution, "compose", boom)
+
+
+@pytest.fixture(params=[True, False], ids=["fused", "eager"])
+def kernels_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run the test with the compiled CPU kernels (``fused``; skipped without numba) and without them
+    (``eager``): the value is whether they are on."""
+    from scx_ref.backends import cpu_kernels
+
+    on = bool(request.param)
+    if on and cpu_kernels.kernels() is None:
+        pytest.skip("numba not installed")
+    monkeypatch.setattr(cpu_kernels, "ENABLED", on)
+    return on

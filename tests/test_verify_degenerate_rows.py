@@ -62,15 +62,6 @@ def degenerate(case: str, **fields: Any) -> tuple[ModelWeights, str]:
     return w, dtype
 
 
-@pytest.fixture(params=[True, False], ids=["fused", "eager"])
-def kernels_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    on = bool(request.param)
-    if on and cpu_kernels.kernels() is None:
-        pytest.skip("numba not installed")
-    monkeypatch.setattr(cpu_kernels, "ENABLED", on)
-    return on
-
-
 # -- the backend's products of normalized rows ---------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from scx_ref.backends import NumpyBackend, cpu_kernels
+from scx_ref.backends import NumpyBackend
 from scx_ref.errors import IntegrityError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server
@@ -39,15 +39,6 @@ PAPER_GEN: dict[str, Any] = {
     "guard_ffn": "clear",
     "last_ffn": "paper",
 }
-
-
-@pytest.fixture(params=[True, False], ids=["fused", "eager"])
-def kernels_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    on = bool(request.param)
-    if on and cpu_kernels.kernels() is None:
-        pytest.skip("numba not installed")
-    monkeypatch.setattr(cpu_kernels, "ENABLED", on)
-    return on
 
 
 def _experts(w: ModelWeights, layer: int) -> list[DenseMLP]:
