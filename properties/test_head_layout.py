@@ -40,7 +40,7 @@ from properties.strategies import (
     row_counts,
     torch_dtypes,
 )
-from properties.test_properties_audit import _fails
+from properties.test_properties_have_teeth import _fails
 from scx_ref import ops
 from scx_ref.backends.torch_backend import TorchOps
 from scx_ref.transforms import (

@@ -1,4 +1,4 @@
-"""Properties at edges no other property file pins down (a coverage audit of properties/strategies.py).
+"""Properties at edges of properties/strategies.py's draws that no other property file pins down.
 
 * The protocol end to end (numpy backend, float64) at a one-token prompt, no decoys and a single KV head
   (:func:`~properties.strategies.protocol_edge_cases`; :func:`~properties.strategies.protocol_cases` draws

@@ -1,4 +1,4 @@
-"""Regressions of an audit of the property suites: the RMSNorm L2 bound property's own norm (it
+"""Regressions of the property suites: the RMSNorm L2 bound property's own norm (it
 underflowed for gains ~1e-160 and failed a true bound), and :func:`~properties.strategies.row_indices`, the
 gather properties' index (distinct rows in most draws, repeats in the rest, edge cases kept)."""
 

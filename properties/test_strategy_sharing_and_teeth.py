@@ -27,7 +27,7 @@ from hypothesis.errors import NoSuchExample
 
 from properties import strategies as S
 from properties import test_codec, test_keys
-from properties.test_properties_audit import _fails
+from properties.test_properties_have_teeth import _fails
 from scx_ref.keys import MASTER_SECRET_BYTES, NONCE_BYTES, KeySchedule, fisher_yates
 from scx_ref.protocol.messages import Reply
 from scx_ref.service.codec import Frame, reply_from

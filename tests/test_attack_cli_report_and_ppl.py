@@ -1,4 +1,4 @@
-"""Audit of ``scx attack``, the attack report (``python -m scx_ref.attacks.report``) and the zoo's
+"""``scx attack``, the attack report (``python -m scx_ref.attacks.report``) and the zoo's
 perplexity: options refused before any work (exit 2, one ``error:`` line), results written whole or not
 at all, hand-edited results refused with a ConfigError instead of a KeyError, and perplexity checked
 against a hand computation of exp(mean NLL) over the scored tokens (a mean NLL past the float64 range an

@@ -1,4 +1,4 @@
-"""Audit s66 (h3): the attack harness, joint inversion, inverters and LLM reordering on bad input.
+"""The attack harness, joint inversion, inverters and LLM reordering on bad input.
 
 Each test names what used to happen. Tiny random models only (tests/tiny.py)."""
 

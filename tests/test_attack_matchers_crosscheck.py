@@ -1,4 +1,4 @@
-"""Audit s66 (h10) of the vocabulary-matching, decoy-detection, statelessness, active and brute-force
+"""The vocabulary-matching, decoy-detection, statelessness, active and brute-force
 attacks: each attack cross-checked against a small independent re-implementation on crafted cases whose
 answer is known (zero noise recovers every token), defects that made an attacker look weaker than it is
 (a repeated token's rows counted as decoys, permuted stages left out of the search-space table, the

@@ -1,4 +1,4 @@
-"""Audit s66 (h11): the statistics and reports that turn attack counts into published verdicts."""
+"""The statistics and reports that turn attack counts into published verdicts."""
 
 from __future__ import annotations
 

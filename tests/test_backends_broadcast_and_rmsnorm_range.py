@@ -1,4 +1,4 @@
-"""Regression tests of the backends' leftovers (s63, h4-backend): one broadcasting check and message for the
+"""Regression tests of the backends: one broadcasting check and message for the
 numpy and torch backends' add and sub (:func:`scx_ref.arrays.broadcast_shape`), and one RMSNorm for a row
 whose sum of squares comes near the dtype's range, whether the torch backend runs it fused or eagerly."""
 

@@ -1,4 +1,4 @@
-"""Audit s66 (backends): the numpy reference and the torch backend called with the same edge inputs — no
+"""The numpy reference and the torch backend called with the same edge inputs — no
 rows, one row, one head, GQA ratios 1/2/4, NaN/inf and extreme rows, non-contiguous inputs — agree in
 values, dtypes, shapes and error classes; and the numpy backend's refusals found missing (no keys in
 ``softmax_values``, non-integer attention positions, heads of width 0, integer rows)."""

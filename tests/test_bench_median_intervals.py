@@ -1,4 +1,4 @@
-"""Audit of the bench's statistics (stop 64): the median interval's order statistics against exact
+"""The bench's statistics: the median interval's order statistics against exact
 rationals, and at 1024 rounds or more (where 2.0**n overflows a float); ``models.bench_intervals`` giving
 no verdict from fewer than 6 rounds (the bootstrap interval of one round is the ratio itself), printing an
 interval's end so that the verdict beside it follows from the text, and its verdicts' error rate on

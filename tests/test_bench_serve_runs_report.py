@@ -1,4 +1,4 @@
-"""Audit (s65) of ``scx bench-serve``, ``models/runs.py`` and ``models/report.py``:
+"""``scx bench-serve``, ``models/runs.py`` and ``models/report.py``:
 
 * bench-serve's latency rounds end each round's session on its server (the in-process server's cache
   bytes were left counted after its table was cleared, and every remote session stayed open on the

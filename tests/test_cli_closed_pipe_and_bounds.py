@@ -1,4 +1,4 @@
-"""Audit (s66) of ``scx generate``, ``scx ppl`` and ``scx verify`` as a new user meets them: values past what
+"""``scx generate``, ``scx ppl`` and ``scx verify`` as a new user meets them: values past what
 the program can hold, an empty ``--json``, a standard output that is a closed pipe (``scx … | head``), and
 checks that must run before any model loads. Tiny random models only."""
 

@@ -1,4 +1,4 @@
-"""The client's public calls after an error (audit s66): a refused call changes nothing and names what was
+"""The client's public calls after an error: a refused call changes nothing and names what was
 wrong; a call cut short once a message may have gone leaves the session failed, never half-usable; and a
 client cannot be driven by another master secret's verifier material."""
 

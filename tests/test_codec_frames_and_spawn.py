@@ -1,4 +1,4 @@
-"""Audit s66 of the wire codec and the ``scx serve`` launcher (DESIGN §5.5–5.6).
+"""The wire codec and the ``scx serve`` launcher (DESIGN §5.5–5.6).
 
 The codec: every dtype and shape the protocol sends survives encode → decode exactly (0-size, 0-d,
 non-contiguous and big-endian inputs included); the decoder refuses what the encoder never writes (a

@@ -1,4 +1,4 @@
-"""Audit of the ``scx`` commands a new user meets (generate, serve, bench-serve, verify) and of
+"""The ``scx`` commands a new user meets (generate, serve, bench-serve, verify) and
 :class:`~scx_ref.service.spawn.ServerProcess`: options that gave a traceback (a message size past gRPC's C
 int, a thread count past torch's, a timeout past ``threading.TIMEOUT_MAX``, a seed past 64 bits) are usage
 errors (exit 2, one ``scx <command>: error:`` line); ``--tls-ca`` beside a plaintext ``scx://`` server is

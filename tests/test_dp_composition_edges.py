@@ -1,4 +1,4 @@
-"""Audit of :mod:`scx_ref.dp`: numbers that claimed more privacy than holds, and inputs that escaped as raw
+"""scx_ref.dp: numbers that claimed more privacy than holds, and inputs that escaped as raw
 Python exceptions.
 
 - heterogeneous advanced composition squared each ε: below ~1e-154 the squares vanished and ε' became 0

@@ -1,4 +1,4 @@
-"""Audit s66 of :mod:`scx_ref.dp` (mechanisms, accountants, sensitivity, permutation).
+"""scx_ref.dp (mechanisms, accountants, sensitivity, permutation).
 
 - ``prompt_order_bits(n, r)`` was ``lgamma(n + r + 1) − lgamma(r + 1)``: it cancelled for r ≫ n (40 bits for
   log₂(10¹⁵ + 1) = 49.83) and was inf − inf = NaN once r passed the float64 range;

@@ -1,4 +1,4 @@
-"""Audit s66 (h12): the per-request DP budget and ``scx dp``'s command line.
+"""The per-request DP budget and ``scx dp``'s command line.
 
 - The budget composes exactly the plan's Laplace releases (independent enumeration and an independent
   dp_accounting composition), for every preset, dense and MoE, guards past the model, per-kind β of 0.

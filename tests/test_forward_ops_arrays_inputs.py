@@ -1,4 +1,4 @@
-"""Regression tests of the s62 audit of the shared core modules (forward, ops, arrays): bad input gives a
+"""Regression tests of the shared core modules (forward, ops, arrays): bad input gives a
 project error and changes nothing; the plaintext block loop matches Hugging Face where head_dim is not
 hidden/heads and across decode offsets."""
 

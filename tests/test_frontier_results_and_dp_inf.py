@@ -1,4 +1,4 @@
-"""Stop 64 audit of the frontier report's result files and of ``scx dp``'s infinite ε.
+"""The frontier report's result files and ``scx dp``'s infinite ε.
 
 - the frontier read a result's ``dp``, ``exactness32``, ``cost``, ``preset``, counts and ``missing`` and an
   ``scx bench --json`` file's ``meta`` and rows without checking their types: a text or a list where a

@@ -1,4 +1,4 @@
-"""Audit s66 (frontier and ``scx attack``): the verdict "every attack at baseline" counts only judged
+"""The frontier and ``scx attack``: the verdict "every attack at baseline" counts only judged
 attacks, the ``--json`` file is strict JSON and describes the run from its start, and the view readers
 refuse a view of several sessions (or a malformed key-sharing message) instead of mixing requests."""
 

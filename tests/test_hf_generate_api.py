@@ -1,4 +1,4 @@
-"""Audit of SCXModel.generate, scx_ref.sampling and ``scx generate`` as a new user meets them (s64): a
+"""SCXModel.generate, scx_ref.sampling and ``scx generate`` as a new user meets them: a
 batch's finished rows are padded as HF pads them, a bad prompt is an error even for 0 new tokens, a
 temperature that overflows float32 is a project error, a streamer or tokenizer that is not one is a
 ConfigError, and greedy/sampled decoding keeps its guarantees (HF's greedy tokens at several prompt

@@ -1,4 +1,4 @@
-"""The fused CPU kernels' guards (audit s66): the kernels index without bounds checks, so every shape,
+"""The fused CPU kernels' guards: the kernels index without bounds checks, so every shape,
 index and count they are given is checked before they read — by the kernel where it tests the fit
 itself, by the torch backend's wrapper otherwise — and a misshapen argument is a ShapeError, not an
 error from numba's compiler."""

@@ -1,4 +1,4 @@
-"""Audit of the key schedule and the keys-ahead machinery (DESIGN §3, §5.7): ``NonceClaims``,
+"""The key schedule and the keys-ahead machinery (DESIGN §3, §5.7): ``NonceClaims``,
 ``Client.precompute`` / ``PreparedKeys`` and the mask pool. A nonce of the wrong type is a project error
 (never a raw TypeError), one (master, nonce) pair's keys never serve two requests, a refused call leaves
 the client and the pool usable, the pool's memory is bounded by the entries it holds, the keys are a pure

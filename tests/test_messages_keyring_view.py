@@ -1,4 +1,4 @@
-"""Audit s65 (messages, transport, limits, keyring, prepare): the recorded server view is a copy that a later
+"""Messages, transport, limits, keyring, prepare: the recorded server view is a copy that a later
 edit of a sent message cannot change, and recording never turns a malformed message into a raw error; the
 meter counts the bytes that were sent; the limits take numpy integers; a key-sharing commitment refuses a
 salt or permutation that would make two inputs commit alike; prepared keys refuse a bad prompt length and

@@ -1,4 +1,4 @@
-"""Audit of ``models/`` (``scx_models``): a results table is made only from well-formed records whose verdicts
+"""``models/`` (``scx_models``): a results table is made only from well-formed records whose verdicts
 follow from their numbers, one file per table cell; ``models.bench_intervals`` judges the goals (SCX /
 Hugging Face) only against a Hugging Face baseline and refuses malformed rows with exit status 2; the sweep
 refuses repeated scales and dtypes and a window past the model's positions before any model loads;

@@ -1,4 +1,4 @@
-"""Audit s66 (h13) of the measurement scripts of ``models/``: bad options exit 2 with argparse's usage and one
+"""The measurement scripts of ``models/``: bad options exit 2 with argparse's usage and one
 ``error:`` line before any model is loaded (they ran into tracebacks: ``gemm_forms --rows abc``,
 ``attention_forms --keys abc``, an unknown ``--model`` in either, ``request_profile --n`` past the model's
 positions or ``--device cuda`` on a machine without one, ``transport_choice`` without its libraries); an

@@ -1,4 +1,4 @@
-"""Audit of the release plan, the presets, the cost meters and SCXConfig (session 65).
+"""The release plan, the presets, the cost meters and SCXConfig.
 
 The plan is checked against real sessions on tiny models (``tests/tiny.py``) where tests/test_release_plan.py
 does not reach: 1- and 2-block models, guards covering (or larger than) the whole model, generation attention

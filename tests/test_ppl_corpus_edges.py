@@ -1,4 +1,4 @@
-"""Perplexity, corpus and timing edges (audit s67, h7).
+"""Perplexity, corpus and timing edges.
 
 * ``timing.timed_prefill`` built the server and its transport after the clock started, so their
   construction was counted as the client's part of the request; they are now built before it.

@@ -1,4 +1,4 @@
-"""Audit s66 (prepare, decoys, pool): key material derived ahead and the decoy policies it draws from.
+"""Prepare, decoys and pool: key material derived ahead and the decoy policies it draws from.
 
 A calibration pool is checked when built (a NaN row made the client blame the server's honest reply; a
 pool of another width raised numpy's reshape error mid-request); a decoy policy's rows are checked before

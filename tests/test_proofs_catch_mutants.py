@@ -1,4 +1,4 @@
-"""Audit of the proof evidence (``python -m proofs``): what the proofs check, whether they can fail.
+"""The proof evidence (``python -m proofs``): what the proofs check, whether they can fail.
 
 * Each identity's checker evaluates the very symbolic statement that ``implements`` names — the statement
   ``tests/test_proof_links.py`` holds the library function to — so proof ∧ link is about the code. There

@@ -1,4 +1,4 @@
-"""Audit s66 of ``proofs/``: what the proofs check must be the function the protocol calls.
+"""``proofs/``: what the proofs check must be the function the protocol calls.
 
 * ``t4.locked_scores`` built the locked cache ρ(K ⊕ R) with its own gather instead of the statement of
   ``encode_rows`` — the transform the client locks the cache with (``Client._prefill``): it now goes through

@@ -1,4 +1,4 @@
-"""Audit of the protocol's parts (messages, keyring, decoys, mlp, cost, transport) and the ArrayOps layer:
+"""The protocol's parts (messages, keyring, decoys, mlp, cost, transport) and the ArrayOps layer:
 bad input gives a project error (SCXError) before anything changes, calibration decoys do not repeat a
 row within one message, and the in-process transport meters the bytes the wire would carry."""
 

@@ -1,4 +1,4 @@
-"""Audit of the numpy reference forward, the plaintext runner, the Hugging Face conversion and the request
+"""The numpy reference forward, the plaintext runner, the Hugging Face conversion and the request
 planning (reference.py, forward.py, hf.py, protocol/plan.py, protocol/prepare.py): bad input gives a
 project error and leaves state as it was, a failed generation frees its server session, and the reference
 agrees with Hugging Face's own KV-cached decode on configurations ``tests/test_reference.py`` does not

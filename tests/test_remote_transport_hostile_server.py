@@ -1,4 +1,4 @@
-"""``RemoteTransport`` and ``SCXService`` against hostile peers, s66 pass (DESIGN §5.5–5.6):
+"""``RemoteTransport`` and ``SCXService`` against hostile peers (DESIGN §5.5–5.6):
 
 - a transport whose connect is refused (wrong model, a server full for this address) kept its reply
   watchdog thread for ever unless the caller remembered ``close()``, and kept the refused server's

@@ -1,4 +1,4 @@
-"""Audit s65 (sampling, ops, transforms): each test is a defect found there, now refused by name or fixed.
+"""Sampling, ops and transforms: each test is a defect found there, now refused by name or fixed.
 
 * ``generate_tokens`` took any ``generator``: a numpy Generator (or a string) raised torch's raw TypeError
   mid-generation, after the prompt's prefill and the streamer's first ``put``.

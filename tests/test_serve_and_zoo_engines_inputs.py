@@ -1,4 +1,4 @@
-"""Audit s66 of ``scx serve`` and the model zoo's engines and random-model builders: bad input is a project
+"""``scx serve`` and the model zoo's engines and random-model builders: bad input is a project
 error (``scx serve`` exits 2 with one ``scx serve: error:`` line, before any model loads), never a raw
 exception or a misleading message, and never a model built from a spec whose fields do not agree.
 

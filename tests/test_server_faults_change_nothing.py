@@ -1,4 +1,4 @@
-"""Audit s66 of the server (DESIGN §5.5: every client is untrusted; a refused or failed message leaves
+"""The server (DESIGN §5.5: every client is untrusted; a refused or failed message leaves
 nothing changed): the flop meter after a fault inside a stage, the locked cache's own memory, and
 ``handle_batch``/``cost``/``drop``/``sessions_snapshot`` given objects that are not what they expect."""
 

@@ -1,4 +1,4 @@
-"""Server audit s65 (DESIGN §5.5–5.7): a ``share`` must carry exactly what the session's level and the
+"""The server (DESIGN §5.5–5.7): a ``share`` must carry exactly what the session's level and the
 block's QKV stage require, and ``handle_batch`` keeps its cache accounting when a batch fails internally.
 
 Key sharing: at level ``blind`` a middle block's raw cache is (x̂ + α)·W; a ``share`` that left ``alpha`` out

@@ -1,4 +1,4 @@
-"""Audit s66 (shared input checks): inputs the shared helpers of ``_checks``, ``arrays``, ``config``,
+"""Shared input checks: inputs the shared helpers of ``_checks``, ``arrays``, ``config``,
 ``stages`` and ``timing`` wrongly took or refused with a raw error."""
 
 from __future__ import annotations

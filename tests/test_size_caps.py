@@ -1,4 +1,4 @@
-"""Audit s65 (h9): sizes a command or library call takes are bounded before anything is allocated.
+"""Sizes a command or library call takes are bounded before anything is allocated.
 
 * ``scx bench-serve --tiles`` and ``scx serve --batch-rows``: a tile pads to its height with zero rows
   (``forward.block_rows``), so ``--tiles 1000000000`` ran out of memory. A server's batch holds one row per

@@ -1,4 +1,4 @@
-"""Audit of the transforms' reference (:mod:`scx_ref.transforms`) and the pooled host memory
+"""The transforms' reference (:mod:`scx_ref.transforms`) and the pooled host memory
 (:mod:`scx_ref.backends.host_memory`): bad input gives a project error, never a raw exception or a silently
 non-finite result; a copied :class:`Permutation` stays checked and read-only; a buffer the pool cannot
 hold leaves the pool's idle memory in place."""

@@ -1,4 +1,4 @@
-"""Edges of the key schedule's samplers, the label encoding and the numpy reference ops (audit s67, h6).
+"""Edges of the key schedule's samplers, the label encoding and the numpy reference ops.
 
 Each test names the defect it guards: a 2-D or 0-d ``randbelow`` raised IndexError after reading the
 stream, a bound >= 2**63 gave negative draws, a lone surrogate in a label raised UnicodeEncodeError, a

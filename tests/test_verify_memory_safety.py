@@ -1,4 +1,4 @@
-"""Audit of the reply verifier's memory safety (scx_ref/protocol/verify.py): its compiled kernels index
+"""The reply verifier's memory safety (scx_ref/protocol/verify.py): its compiled kernels index
 without bounds checks, so every public entry point checks the shapes it hands them (SCXError otherwise,
 never a read past an array), and a hostile server's malformed replies end in IntegrityError on every
 backend, whatever their row count, dtype or memory layout."""

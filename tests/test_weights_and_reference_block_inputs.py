@@ -1,4 +1,4 @@
-"""Audit s65 (h2): the numpy reference forward, the plaintext forward, the weight containers and the model
+"""The numpy reference forward, the plaintext forward, the weight containers and the model
 config refuse bad input with project errors, and never misfile a cache block."""
 
 from __future__ import annotations

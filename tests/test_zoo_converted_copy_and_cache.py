@@ -1,4 +1,4 @@
-"""Audit of the model zoo (s65): a damaged converted SmolLM2 copy, unknown random-model families, text
+"""The model zoo: a damaged converted SmolLM2 copy, unknown random-model families, text
 UTF-8 cannot encode, a cache on a file system without locks, ``~`` in $SCX_CACHE, and what a missing
 GGUF loader says. No SmolLM2 weights are loaded: the converted copy is a tiny LLaMA saved in tmp_path."""
 
