@@ -23,6 +23,7 @@ from scx_ref.backends import NumpyBackend
 from scx_ref.commands._args import int_at_least, output_file
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server
+from scx_ref.protocol.config import LEVELS
 from scx_ref.protocol.presets import preset, preset_names
 from scx_ref.reference import ReferenceModel
 from scx_ref.zoo import MODEL_NAMES, load_model
@@ -33,9 +34,7 @@ __all__ = ["main", "unlock_run"]
 
 def _configs(n_layers: int, max_length: int) -> list[tuple[str, SCXConfig]]:
     """The three levels at their defaults, then every named configuration."""
-    out = [
-        (f"level {lv}", SCXConfig(level=lv, max_length=max_length)) for lv in ("permute", "paper", "blind")
-    ]
+    out = [(f"level {lv}", SCXConfig(level=lv, max_length=max_length)) for lv in LEVELS]
     out += [(name, replace(preset(name).build(n_layers), max_length=max_length)) for name in preset_names()]
     return out
 

@@ -25,6 +25,7 @@ from ..stages import Stage
 from ..weights import ModelWeights
 from ._model import forward_trace, int_arg, rows_arg
 from ._view import open_meta, raw_qkv, shared_caches
+from .vocab_match import nearest_rows
 
 __all__ = ["SERVER_POLICIES", "decode_with_caches", "server_caches", "statelessness_table", "unlock_locked"]
 
@@ -82,18 +83,14 @@ def decode_with_caches(
     return np.asarray(h @ weights.lm_head), np.asarray(h)
 
 
-def _nearest(a: Array, b: Array, rtol: float) -> Array:
-    """For each row of ``a`` the index of the row of ``b`` equal to it entry by entry within ``rtol``
-    (|a − b| ≤ rtol·(1 + |a|)), the nearest by the largest such ratio; −1 where none is."""
-    out = np.full(len(a), -1, dtype=np.int64)
-    if len(a) == 0 or len(b) == 0:
-        return out
-    for t, row in enumerate(a):
-        ratio = np.max(np.abs(b - row) / (1.0 + np.abs(row)), axis=1)
-        j = int(np.argmin(ratio))
-        if ratio[j] <= rtol:
-            out[t] = j
-    return out
+def _matches(a: Array, b: Array, rtol: float) -> Array:
+    """For each row of ``a`` the index of its nearest row of ``b`` (:func:`~.vocab_match.nearest_rows`, L2)
+    when that row equals it entry by entry within ``rtol`` (|a − b| ≤ rtol·(1 + |a|)); else −1."""
+    if not len(a):
+        return np.full(0, -1, dtype=np.int64)
+    j, _ = nearest_rows(a, b, "l2")
+    ok = np.max(np.abs(b[j] - a) / (1.0 + np.abs(a)), axis=1) <= rtol
+    return np.where(ok, j, -1)
 
 
 def unlock_locked(view: ServerView, weights: ModelWeights, rtol: float = 1e-4) -> dict[int, dict[str, Any]]:
@@ -128,7 +125,7 @@ def unlock_locked(view: ServerView, weights: ModelWeights, rtol: float = 1e-4) -
         pos_of = np.full(rows, -1, dtype=np.int64)
         for p in range(n):
             rot = ops.apply_rope(zk3, np.full(rows, p), c.rope_theta).reshape(rows, c.kv_dim)
-            hit = _nearest(rot, locked, rtol) >= 0
+            hit = _matches(rot, locked, rtol) >= 0
             pos_of[hit & (pos_of < 0)] = p
         placed = np.full(n, -1, dtype=np.int64)
         for j in np.flatnonzero(pos_of >= 0):
@@ -141,11 +138,11 @@ def unlock_locked(view: ServerView, weights: ModelWeights, rtol: float = 1e-4) -
         attn = view.select(stage=Stage.ATTN, layer=i)
         if attn:
             kp = np.asarray(attn[0].arrays["k"], dtype=np.float64).reshape(n, c.kv_dim)
-            match = _nearest(np.sort(kp, axis=1), np.sort(locked, axis=1), rtol)
+            match = _matches(np.sort(kp, axis=1), np.sort(locked, axis=1), rtol)
             res["attention"] = int(np.sum(match >= 0))
             if res["attention"] == n and res["k"] is None:
                 k = locked[match]
-                col = _nearest(kp.T, k.T, rtol)  # P: column a of K·P is column col[a] of K
+                col = _matches(kp.T, k.T, rtol)  # P: column a of K·P is column col[a] of K
                 if np.all(col >= 0) and len(set(col.tolist())) == c.kv_dim:
                     vp = np.asarray(attn[0].arrays["v"], dtype=np.float64)
                     v = np.empty((n, c.kv_dim))
