@@ -399,7 +399,7 @@ class SCXModel:
         self.link = link
         self.last_view: ServerView | None = None
         self._sketches = SketchCache(backend, self.keys) if scx_config.verify else None
-        self._decoys: DecoyPolicy | None = None  # the public calibration pool, built by the first session
+        self._decoys: DecoyPolicy | None = None  # the calibration pool, built by the first session
 
     @classmethod
     def from_hf(
@@ -472,7 +472,7 @@ class SCXModel:
     def _session(self) -> tuple[Client[torch.Tensor], Transport]:
         keys = self.keys.for_nonce(KeySchedule.new_nonce())
         client = Client(self.backend, keys, self.scx_config, decoys=self._decoys, sketches=self._sketches)
-        self._decoys = client.decoys  # public data: every later session draws from the same pool
+        self._decoys = client.decoys  # from the master secret's text: every later session draws from it
         if self.link is not None:
             return client, self.link
         link = LocalTransport(Server(self.backend), record_view=True)

@@ -390,7 +390,7 @@ def _measure(
     finally:
         probe.close()
     cfg = SCXConfig(level=args.level)
-    pool = Client(backend, KeySchedule.generate(), cfg).decoys  # public calibration pool, built once
+    pool = Client(backend, KeySchedule.generate(), cfg).decoys  # one secret-text calibration pool, built once
 
     def make() -> Any:
         return Client(backend, KeySchedule.generate(), cfg, decoys=pool)

@@ -26,7 +26,7 @@ from ..backends.numpy_backend import NumpyBackend
 from ..errors import ConfigError, SCXError
 from ..keys import KeySchedule
 from ..protocol import CalibrationPool, Client, Level, LocalTransport, SCXConfig, Server, Transport
-from ..protocol.decoys import default_public_tokens
+from ..protocol.decoys import secret_calibration_tokens
 from ..protocol.verify import SketchCache
 from ..reference import ReferenceModel
 from ..weights import ModelWeights
@@ -216,12 +216,13 @@ class _SCX:
 
             self.remote = RemoteTransport(server, self.backend)
         self.cfg = cfg
-        self.pool: CalibrationPool | None = None
-        if cfg.decoys == "calibration":  # built once per run, not once per request
-            self.pool = CalibrationPool.from_tokens(
-                self.backend, default_public_tokens(weights.config.vocab_size)
-            )
         self.keys = KeySchedule.generate()
+        self.pool: CalibrationPool | None = None
+        if cfg.decoys == "calibration":  # built once per run, not once per request, from the run's secret
+            # text (a public text let a server holding the weights rebuild the pool and find every decoy)
+            self.pool = CalibrationPool.from_tokens(
+                self.backend, secret_calibration_tokens(self.keys, weights.config.vocab_size)
+            )
         self.sketches: SketchCache | None = None
         if cfg.verify:  # the reply verifier's precomputation, once per run
             self.sketches = SketchCache(self.backend, self.keys)
