@@ -28,10 +28,10 @@ def check_positive(value: Any, name: str) -> float:
     return check_real(value, name, 0, lo_open=True, nonfinite_error=NonFiniteError)
 
 
-def check_nonnegative(value: Any, name: str) -> float:
-    """Return ``value`` as a float after checking it is a real number (not a bool), finite and >= 0
-    (errors as :func:`check_positive`)."""
-    return check_real(value, name, 0, nonfinite_error=NonFiniteError)
+def check_nonnegative(value: Any, name: str, *, allow_inf: bool = False) -> float:
+    """Return ``value`` as a float after checking it is a real number (not a bool), finite (or +inf with
+    ``allow_inf``) and >= 0 (errors as :func:`check_positive`); -0.0 is returned as 0.0."""
+    return check_real(value, name, 0, allow_inf=allow_inf, nonfinite_error=NonFiniteError) + 0.0
 
 
 def check_delta(value: Any, name: str = "delta") -> float:

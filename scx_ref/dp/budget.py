@@ -39,7 +39,7 @@ from ..protocol.config import BETA_KINDS, LEVELS, SCXConfig
 from ..protocol.plan import InputKind, Release, ReleasePlan
 from ..stages import Phase, Stage
 from ..weights import ModelWeights
-from ._validate import check_count, check_delta, check_nonnegative, check_positive, quotient_up
+from ._validate import check_count, check_delta, check_nonnegative, check_positive, quotient_up, times
 from .accountants import CompositionResult, compose, pld_available
 from .mechanisms import LaplaceMechanism
 from .permutation import bayes_guess_bound, permutation_bits, prompt_order_bits, statelessness_bound_paper
@@ -67,8 +67,9 @@ class StageRelease:
 
     @property
     def epsilon_total(self) -> float:
-        """Basic composition of this group: count·ε."""
-        return self.count * self.epsilon_each
+        """Basic composition of this group: count·ε (+inf when it exceeds the float64 range, as
+        :func:`~scx_ref.dp.accountants.basic_composition`)."""
+        return times(self.count, self.epsilon_each)
 
     def mechanism(self) -> LaplaceMechanism:
         """The group as a :class:`LaplaceMechanism` with ``count`` releases."""

@@ -85,7 +85,9 @@ class LaplaceMechanism:
     """One release of ``x + Laplace(0, scale)^d`` about inputs within L1 distance ``sensitivity``.
 
     ``epsilon`` is the pure-DP ε (δ = 0) of one release; ``count`` independent releases with the same
-    (Δ₁, β) are composed by :mod:`.accountants`.
+    (Δ₁, β) are composed by :mod:`.accountants`. ``sensitivity`` may be +inf, a bound beyond the float64
+    range (as :class:`~scx_ref.dp.sensitivity.LayerSensitivities` allows): ε is then +inf, which every
+    accountant reports as +inf.
     """
 
     sensitivity: float
@@ -94,11 +96,14 @@ class LaplaceMechanism:
     name: str = "laplace"
 
     def __post_init__(self) -> None:
-        """ConfigError / NonFiniteError unless ``sensitivity`` is a finite real >= 0, ``scale`` a finite
-        real > 0, ``count`` an integer >= 1 and ``name`` a string (the label of the release)."""
+        """ConfigError / NonFiniteError unless ``sensitivity`` is a real >= 0 (+inf allowed; NaN and an
+        integer beyond the float64 range refused), ``scale`` a finite real > 0, ``count`` an integer >= 1
+        and ``name`` a string (the label of the release)."""
         if not isinstance(self.name, str):
             raise ConfigError(f"name must be a string, got {type(self.name).__name__} {self.name!r:.40}")
-        object.__setattr__(self, "sensitivity", check_nonnegative(self.sensitivity, "sensitivity"))
+        object.__setattr__(
+            self, "sensitivity", check_nonnegative(self.sensitivity, "sensitivity", allow_inf=True)
+        )
         object.__setattr__(self, "scale", check_positive(self.scale, "scale (beta)"))
         object.__setattr__(self, "count", check_count(self.count, "count", minimum=1))
 
