@@ -8,6 +8,9 @@
   (the client keeps the residual stream in true order, so every real row obeys this identity). A row
   that is no such sum is a decoy; a QKV/O row used by no sum is a decoy. Calibration decoys pass the first
   two checks by construction; this one does not care how decoys look.
+* :func:`frequency_prior` — where block 1 is not noised every QKV row is a known token; decoys whose
+  tokens are drawn unlike real text (uniformly over a vocabulary: mostly rare tokens) are the rows a public
+  unigram finds least probable.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import ConfigError
+from .._checks import token_ids
+from ..errors import ConfigError, DTypeError, ShapeError
 from ..weights import ModelWeights
 from ._model import float_arg, int_arg, rows_arg
 from .vocab_match import nearest_rows, normalized_table
 
-__all__ = ["norm_residual", "residual_links", "vocab_distance"]
+__all__ = ["frequency_prior", "norm_residual", "residual_links", "vocab_distance"]
 
 Array = npt.NDArray[Any]
 
@@ -96,3 +100,40 @@ def residual_links(
             q_real |= ok.any(axis=0)
             o_real |= ok.any(axis=1)
     return q_real, o_real, f_real
+
+
+def frequency_prior(tokens: npt.ArrayLike, decoy: npt.ArrayLike, log_prior: npt.ArrayLike) -> float:
+    """The fraction of decoys found by a frequency prior: the attacker reads each row's token (block 1
+    un-noised: an exact vocabulary-row match, :func:`vocab_distance` 0), ranks the n + r rows by the public
+    unigram log-probability of their tokens, and calls the r least probable rows decoys (it is told r).
+    Returned: the expected number of true decoys among the called rows, divided by r — recall at r, equal to
+    precision at r. Rows tied at the cut (equal log-probability: a repeated token, tokens of equal count)
+    are called in proportion, as a uniformly random tie-break would in expectation, so neither the rows'
+    order nor the tie decides the score. Chance (a ranking blind to the decoys) scores r / (n + r); 1 means
+    every decoy was found.
+
+    ``tokens``: the rows' token ids; ``decoy``: which rows are decoys (the truth the score is taken
+    against; r = its count); ``log_prior``: the attacker's log p(t) for every t of the vocabulary (e.g.
+    :attr:`~scx_ref.attacks.stats.FrequencyPrior.log_probs`; only its order matters). VocabularyError
+    unless ``tokens`` is a 1-D integer array of ids in [0, len(log_prior)) (ProtocolError when empty);
+    DTypeError unless ``decoy`` is boolean, ShapeError unless it is 1-D as long as ``tokens``; ConfigError
+    when it marks no row (nothing to find); ``log_prior``: DTypeError, ShapeError (not 1-D), NonFiniteError
+    (:func:`~scx_ref.attacks._model.rows_arg`)."""
+    prior = rows_arg(log_prior, "log_prior", ndim=1)
+    ids = token_ids(tokens, len(prior))
+    try:
+        truth = np.asarray(decoy)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DTypeError(f"decoy must be a boolean mask numpy can read: {exc}") from None
+    if truth.dtype != np.bool_:
+        raise DTypeError(f"decoy must be a boolean mask, got dtype {truth.dtype}")
+    if truth.shape != ids.shape:
+        raise ShapeError(f"decoy must be 1-D of the tokens' length {len(ids)}, got shape {truth.shape}")
+    r = int(truth.sum())
+    if r == 0:
+        raise ConfigError("no row is a decoy: there is nothing to find")
+    score = prior[ids]
+    cut = np.sort(score)[r - 1]  # the r-th least probable row's log-probability
+    below, tied = score < cut, score == cut
+    share = (r - int(below.sum())) / int(tied.sum())  # the tied rows' chance of being called
+    return (int((below & truth).sum()) + share * int((tied & truth).sum())) / r

@@ -138,9 +138,13 @@ class Client(Generic[A]):
     master secret is refused: ProtocolError); built here when None and ``config.verify`` is on.
     ``decoys``: the decoy policy; by default a calibration pool built here from ``public_tokens``, or —
     when None — from a pseudo-text the key schedule picks (:func:`~scx_ref.protocol.decoys.
-    secret_calibration_tokens`: a text the server knows lets it rebuild the pool and find every decoy).
+    secret_calibration_tokens`: a text the server knows lets it rebuild the pool and find every decoy),
+    drawn from the public unigram distribution ``unigram`` when given (DESIGN §5.1; e.g.
+    :func:`~scx_ref.protocol.decoys.unigram_counts` of a public text), else uniformly from the vocabulary.
     An argument of the wrong kind is refused (ProtocolError; a bad ``public_tokens``: VocabularyError,
-    or ProtocolError when empty).
+    or ProtocolError when empty; a bad ``unigram``: the errors of ``secret_calibration_tokens``), and so is
+    ``unigram`` with ``decoys``, ``public_tokens`` or ``config.decoys == "gaussian"`` (ProtocolError: no
+    pool is then drawn from the secret text).
 
     A client runs one call at a time: a session is sequential. A call made while another thread's call
     (``prefill``, ``decode``, ``share_keys``, ``close``, ``generate``, ``precompute``) is running on the
@@ -155,6 +159,7 @@ class Client(Generic[A]):
         decoys: DecoyPolicy | None = None,
         public_tokens: IndexArray | None = None,
         sketches: SketchCache | None = None,
+        unigram: npt.ArrayLike | None = None,
     ) -> None:
         if not isinstance(getattr(backend, "config", None), ModelConfig):
             raise ProtocolError(f"backend must be a Backend, got {type(backend).__name__}")
@@ -168,6 +173,15 @@ class Client(Generic[A]):
             raise ProtocolError(f"decoys must be a DecoyPolicy, got {type(decoys).__name__}")
         if sketches is not None and not isinstance(sketches, SketchCache):
             raise ProtocolError(f"sketches must be a SketchCache, got {type(sketches).__name__}")
+        if unigram is not None and (
+            decoys is not None
+            or public_tokens is not None
+            or (config is not None and config.decoys == "gaussian")
+        ):
+            raise ProtocolError(
+                "unigram weighs the secret calibration text's draw: it means nothing with decoys, "
+                "public_tokens or Gaussian decoys"
+            )
         if keys.claims.claimed(keys.nonce):
             raise SessionError(
                 "this KeySchedule's (master secret, nonce) pair already drove a session: a pair drives "
@@ -224,7 +238,7 @@ class Client(Generic[A]):
             self.decoys = GaussianDecoys()
         else:
             tokens = (  # a text the server cannot rebuild the pool from (secret_calibration_tokens)
-                secret_calibration_tokens(keys, self.c.vocab_size)
+                secret_calibration_tokens(keys, self.c.vocab_size, unigram=unigram)
                 if public_tokens is None
                 else token_ids(public_tokens, self.c.vocab_size)
             )

@@ -4,8 +4,9 @@ how many rows are real, or which.
 * :class:`CalibrationPool` (default) draws real-looking rows: hidden states of *public* text at the
   same block and stage (block 1: embeddings of public tokens). Such rows pass the structural checks an
   attacker can run (rms(x̂/γ) = 1 after the norm; vocabulary-table membership in block 1). The client's
-  default text is a pseudo-text its key schedule picks (:func:`secret_calibration_tokens`): from a text
-  the server knows it would rebuild the pool and find the decoys in it.
+  default text is a pseudo-text its key schedule picks (:func:`secret_calibration_tokens`; uniform over the
+  vocabulary, or drawn from a public unigram such as :func:`unigram_counts`): from a text the server
+  knows it would rebuild the pool and find the decoys in it.
 * :class:`GaussianDecoys` draws a Gaussian matched to the real rows' per-coordinate moments — for
   comparison: the invariant checks above flag its rows at once.
 
@@ -15,6 +16,7 @@ random state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -35,6 +37,7 @@ __all__ = [
     "GaussianDecoys",
     "default_public_tokens",
     "secret_calibration_tokens",
+    "unigram_counts",
 ]
 
 Array = npt.NDArray[Any]
@@ -59,17 +62,92 @@ def default_public_tokens(vocab_size: int, length: int = 256) -> npt.NDArray[np.
     return np.random.default_rng(0).integers(0, bound, size=size, dtype=np.int64)
 
 
-def secret_calibration_tokens(keys: KeySchedule, vocab_size: int, length: int = 256) -> npt.NDArray[np.int64]:
-    """The client's default calibration text: ``length`` tokens drawn uniformly from the vocabulary by the
-    master secret (label ``("decoy-pool",)`` under the all-zero nonce: the same text for every nonce of
-    one secret, so clients of one secret build one pool). Its hidden states look like any public
-    pseudo-text's
-    (DESIGN §5.1), but which text it is depends on the master secret: a pool made from a fixed public text
-    (:func:`default_public_tokens`) the server can rebuild from the weights, and it then found every decoy
-    verbatim (480 of 480 past block 1's QKV stage, tiny model, level permute: stop 61)."""
+def secret_calibration_tokens(
+    keys: KeySchedule, vocab_size: int, length: int = 256, unigram: npt.ArrayLike | None = None
+) -> npt.NDArray[np.int64]:
+    """The client's default calibration text: ``length`` tokens drawn by the master secret (label
+    ``("decoy-pool",)`` under the all-zero nonce: the same text for every nonce of one secret, so clients
+    of one secret build one pool) — uniformly from the vocabulary, or, given ``unigram``, from that public
+    unigram distribution (DESIGN §5.1: "block 1: embeddings of tokens drawn from a public unigram
+    distribution"). Its hidden states look like any public pseudo-text's, but which text it is depends on
+    the master secret: a pool made from a fixed public text (:func:`default_public_tokens`) the server can
+    rebuild from the weights, and it then found every decoy verbatim (480 of 480 past block 1's QKV stage,
+    tiny model, level permute: stop 61). A public unigram keeps that property (the distribution is public,
+    the draws are not); the uniform draw is mostly rare tokens on a real vocabulary, which a frequency
+    prior tells from real prompt tokens where block 1 is not noised
+    (:func:`~scx_ref.attacks.decoy_detect.frequency_prior`).
+
+    ``unigram``: a 1-D array of ``vocab_size`` non-negative weights with a positive sum (e.g.
+    :func:`unigram_counts` of a public text); token t is drawn with probability w_t / Σw, exactly: each
+    draw is a uniform integer u in [0, Σw) from the key stream (unbiased rejection sampling,
+    :meth:`~scx_ref.keys.KeyStream.randbelow`), mapped to the token whose cumulative-count interval holds
+    it. Integer weights are used as given (Σw < 2⁶³ needed); floating weights are first made integer
+    counts by IEEE-754 operations only (w / max w, a correctly rounded ``math.fsum`` total, × 2⁵³ / total,
+    rounded up), so the same weights give the same text on every platform, every positive weight stays
+    drawable, and each probability is w_t / Σw to within about (V + 1)·2⁻⁵³. ``unigram=None`` is the
+    uniform draw (the same text as before the argument existed).
+
+    ConfigError unless ``vocab_size`` is an integer >= 1 and ``length`` one >= 1 (Python or numpy, not
+    bool). For ``unigram``: DTypeError unless it holds real numbers (integer or floating, not bool),
+    ShapeError unless it is 1-D of length ``vocab_size``, NonFiniteError for NaN or ±Inf, ConfigError for
+    a negative weight, a zero sum, or integer weights whose sum could reach 2⁶³."""
     bound = check_int(vocab_size, "vocab_size", 1)
+    size = check_int(length, "length", 1)
+    cumulative = None if unigram is None else np.cumsum(_unigram_weights(unigram, bound))
     stream = keys.for_nonce(bytes(NONCE_BYTES)).stream(("decoy-pool",))
-    return stream.randbelow(np.full(check_int(length, "length", 1), bound, np.int64))
+    if cumulative is None:
+        return stream.randbelow(np.full(size, bound, np.int64))
+    draws = stream.randbelow(np.full(size, cumulative[-1], np.int64))
+    # token t holds [cumulative[t] − w_t, cumulative[t]): the number of cumulative counts ≤ u
+    return np.searchsorted(cumulative, draws, side="right").astype(np.int64)
+
+
+def unigram_counts(token_ids: npt.ArrayLike, vocab_size: int) -> npt.NDArray[np.int64]:
+    """Add-one smoothed counts of a public text's ids: c_t = #{i : ids_i = t} + 1 for every t in the
+    vocabulary (int64, length ``vocab_size``): a ``unigram`` for :func:`secret_calibration_tokens`, whose
+    probabilities c_t / Σc are the attacker's own prior of the same text
+    (:class:`~scx_ref.attacks.stats.FrequencyPrior`).
+
+    Every token keeps a positive weight on purpose: the unigram is public, so a token of weight 0 could
+    never be a decoy, and a row holding one would be known to be real — its token learned with certainty,
+    and with it a lower bound on how many rows are real — which the uniform draw never allowed. The cost
+    is the smoothing mass V / (N + V) of an N-token text spread over the vocabulary; a caller who wants
+    less can pass k·bincount(ids) + 1 (any integer k ≥ 1) instead. An empty text gives all ones (the
+    uniform draw's distribution). ConfigError unless ``vocab_size`` is an integer >= 1; VocabularyError
+    unless ``token_ids`` is a 1-D integer array of ids in [0, vocab_size)."""
+    bound = check_int(vocab_size, "vocab_size", 1)
+    ids = checked_ids(token_ids, bound, allow_empty=True)
+    return np.bincount(ids, minlength=bound).astype(np.int64) + 1
+
+
+def _unigram_weights(unigram: npt.ArrayLike, vocab_size: int) -> npt.NDArray[np.int64]:
+    """``unigram`` checked (as :func:`secret_calibration_tokens` says) and made integer counts (int64)."""
+    try:
+        arr = np.asarray(unigram)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DTypeError(f"unigram must be an array of real numbers numpy can read: {exc}") from None
+    if arr.dtype == np.bool_ or not (
+        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    ):
+        raise DTypeError(f"unigram must hold real numbers (integer or floating), got dtype {arr.dtype}")
+    if arr.shape != (vocab_size,):
+        raise ShapeError(f"unigram must be 1-D of length vocab_size = {vocab_size}, got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise NonFiniteError("unigram holds NaN or Inf")
+    if (arr < 0).any():
+        raise ConfigError("unigram weights must be >= 0")
+    if not (arr > 0).any():
+        raise ConfigError("unigram weights sum to 0: no token can be drawn")
+    if np.issubdtype(arr.dtype, np.integer):
+        if int(arr.max()) > _INT64_MAX // vocab_size:  # then Σw < 2⁶³: the cumulative counts fit int64
+            raise ConfigError(f"unigram counts too large: each must be <= (2**63 - 1) // {vocab_size}")
+        return arr.astype(np.int64)
+    unit = arr.astype(np.float64) / float(np.max(arr))  # ≤ 1: the sum below cannot overflow
+    scaled = np.ceil(unit / math.fsum(unit.tolist()) * 2.0**53)  # ≤ 2⁵³ each, Σ ≤ 2⁵³ + V
+    return np.where(arr > 0, np.maximum(scaled, 1.0), 0.0).astype(np.int64)  # what underflowed stays drawable
+
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 class CalibrationPool:
