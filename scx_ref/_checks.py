@@ -66,7 +66,10 @@ def check_permutation(perm: Any, n: int | None = None, name: str = "permutation"
 def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype[Any]:
     """``dtype`` as a numpy dtype: the one check of a dtype argument that must be floating (float16, float32,
     float64, or a name or type numpy reads as one). DTypeError otherwise — for what numpy cannot read as a
-    dtype at all, too: ``dtype must be a floating numpy dtype, got 'bogus'``."""
+    dtype at all, too: ``dtype must be a floating numpy dtype, got 'bogus'``, and for None, which numpy
+    reads as float64 (a caller's missing dtype is not silently float64)."""
+    if dtype is None:
+        raise DTypeError(f"{name} must be a floating numpy dtype, got None")
     try:
         out: np.dtype[Any] = np.dtype(dtype)
     except (TypeError, ValueError):
@@ -195,28 +198,30 @@ def check_real(
 
     Accepted: a real number — a Python or numpy int or float, or any other ``numbers.Real`` such as a
     Fraction — never a bool (Python or numpy), a string, bytes, a complex number, None or an array.
-    Refused then: NaN; ±Inf unless ``allow_inf``; an integer (or Fraction) past the float64 range, which
-    would become ±Inf; a value outside [lo, hi] (no bound where None; ``lo_open``/``hi_open`` exclude the
-    end). ``error`` (ConfigError by default; each caller passes its own class) for a wrong type or a value
-    out of range, ``nonfinite_error`` (default ``error``) for NaN, ±Inf and a number past float64. The
-    messages: ``x must be a real number, got str '1'``; ``x must be finite and >= 0, got nan``;
-    ``x must be >= 0, got -1.0``; ``x must lie in (0, 1], got 2``; ``x must lie in the open interval
-    (0, 1), got 0.0``."""
+    Refused then: NaN; ±Inf unless ``allow_inf``; a finite number past the float64 range (an integer, a
+    Fraction, a numpy longdouble), which would become ±Inf; a value outside [lo, hi] (no bound where None;
+    ``lo_open``/``hi_open`` exclude the end). ``error`` (ConfigError by default; each caller passes its own
+    class) for a wrong type or a value out of range, ``nonfinite_error`` (default ``error``) for NaN, ±Inf
+    and a number past float64. The messages: ``x must be a real number, got str '1'``; ``x must be finite
+    and >= 0, got nan``; ``x must be >= 0, got -1.0``; ``x must lie in (0, 1], got 2``; ``x must lie in the
+    open interval (0, 1), got 0.0``."""
     if type(value) is float:  # the usual case, without the numbers.Real check (request paths call this)
         out = value
     else:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise error(f"{name} must be a real number, got {type(value).__name__} {value!r:.40}")
+        big: Any = value  # numbers.Real declares no comparison with int
         try:
             out = float(value)
         except OverflowError:  # an int or Fraction beyond float64: refused as float() would make it ±Inf
-            big: Any = value  # numbers.Real declares no comparison with int
             out = math.inf if big > 0 else -math.inf
-            if allow_inf:  # still refused: a finite value is not silently made infinite
-                raise (nonfinite_error or error)(
-                    f"{name} is beyond the float64 range (pass inf for an unbounded value), "
-                    f"got {short_repr(value)}"
-                ) from None
+        # still refused where ±Inf is allowed: a finite value (an int, a Fraction, a numpy longdouble past
+        # float64, which float() makes ±Inf without an error) is not silently made infinite
+        if allow_inf and math.isinf(out) and big != out:
+            raise (nonfinite_error or error)(
+                f"{name} is beyond the float64 range (pass inf for an unbounded value), "
+                f"got {short_repr(value)}"
+            )
     if math.isnan(out) or (math.isinf(out) and not allow_inf):
         rule = _range_phrase(lo, hi, lo_open, hi_open)[1]
         if math.isnan(out) and allow_inf:

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from ._checks import FloatArray, as_float_array, float_dtype
+from ._checks import FloatArray, as_float_array, check_int, float_dtype
 from .errors import DTypeError, NonFiniteError, ShapeError
 from .ops import linear as _linear
 
@@ -467,9 +467,12 @@ def permute_rows_in_place(x: npt.NDArray[Any], index: IndexArray) -> npt.NDArray
     Follows each cycle of the permutation: row j takes row index[j] until the cycle closes, with one
     saved row per cycle, so the extra memory is one row rather than a copy of ``x``. Every row is read
     and written once, as in a gather. ShapeError, with ``x`` untouched, unless ``index`` is a permutation
-    of x's rows (:func:`permutation_of_rows`), DTypeError, with ``x`` untouched, when ``x`` is read-only.
+    of x's rows (:func:`permutation_of_rows`), DTypeError, with ``x`` untouched, when ``x`` is read-only
+    or not a numpy array.
     """
     idx = permutation_of_rows(index, _length(x, 0)).tolist()
+    if not isinstance(x, np.ndarray):  # a list or a tensor has no flags: a raw AttributeError before
+        raise DTypeError(f"only a numpy array is permuted in place, got {type(x).__name__}")
     if not x.flags.writeable:
         raise DTypeError("a read-only array cannot be permuted in place (gather it into a new one)")
     done = bytearray(len(idx))
@@ -500,13 +503,13 @@ def check_concat(shapes: list[tuple[int, ...]]) -> None:
 
 
 def check_narrow(shape: tuple[int, ...], axis: int, start: int, stop: int) -> None:
-    """ShapeError unless ``axis`` (0 or 1) is an axis of ``shape`` and ``start``, ``stop`` integers with
-    0 ≤ start ≤ stop ≤ its length (a float bound raised TypeError at the slice)."""
-    if not (type(axis) is int and type(start) is int and type(stop) is int) and not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (axis, start, stop)
-    ):
-        raise ShapeError(
-            f"narrow needs integer axis, start and stop, got {axis!r:.20}, {start!r:.20}, {stop!r:.20}"
+    """ShapeError unless ``axis`` (0 or 1) is an axis of ``shape`` and ``start``, ``stop`` integers
+    (:func:`scx_ref._checks.check_int`: never a bool or a float, which raised TypeError at the slice) with
+    0 ≤ start ≤ stop ≤ its length."""
+    if not (type(axis) is int and type(start) is int and type(stop) is int):
+        axis, start, stop = (
+            check_int(v, f"narrow's {what}", None, error=ShapeError)
+            for v, what in ((axis, "axis"), (start, "start"), (stop, "stop"))
         )
     if axis not in (0, 1) or axis >= len(shape) or not 0 <= start <= stop <= shape[axis]:
         raise ShapeError(f"cannot take {start}:{stop} along axis {axis} of an array of shape {shape}")
@@ -579,8 +582,8 @@ def permutation_of_rows(index: Any, n: int) -> IndexArray:
 
 def _index_array(index: Any, what: str) -> npt.NDArray[Any]:
     """``np.asarray(index)``, ShapeError for what numpy cannot read as an array (a ragged list, which raised
-    numpy's own ValueError)."""
+    numpy's own ValueError; a grad-tracking tensor, which raised torch's RuntimeError)."""
     try:
         return np.asarray(index)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise ShapeError(f"{what} must be a 1-D integer array: {exc}") from None

@@ -44,11 +44,11 @@ class ModelConfig:
         """ConfigError unless every field has its type and the fields agree: sizes are positive ints (not
         bool), ``n_heads`` a multiple of ``n_kv_heads``, ``head_dim`` even, ``n_experts``/``top_k`` ints with
         1 <= top_k <= n_experts for MoE and top_k == 0 for a dense model, ``rms_eps`` >= 0 and ``rope_theta``
-        > 0 finite reals (one that is not a Python int or float, e.g. a numpy float32 or a Fraction, is stored
-        as a float; a ``rope_theta`` below 1 so small that RoPE's angle at position max_positions − 1 is not
-        finite — NaN tables — is refused), ``qkv_bias`` a bool (a numpy bool is stored as one), ``name`` a
-        str. An integer field given as another integer type (a numpy int64, a 0-d array or tensor) is stored
-        as a Python int, so the config hashes and its :meth:`to_dict` is JSON."""
+        > 0 finite reals (one that is not a Python int or float, e.g. a numpy float32 or float64 or a
+        Fraction, is stored as a float; a ``rope_theta`` below 1 so small that RoPE's angle at position
+        max_positions − 1 is not finite — NaN tables — is refused), ``qkv_bias`` a bool (a numpy bool is
+        stored as one), ``name`` a str. An integer field given as another integer type (a numpy int64, a 0-d
+        array or tensor) is stored as a Python int, so the config hashes and its :meth:`to_dict` is JSON."""
         for field in (
             "vocab_size",
             "hidden_size",
@@ -77,7 +77,7 @@ class ModelConfig:
         for field, open_at_0 in (("rms_eps", False), ("rope_theta", True)):
             value = getattr(self, field)
             checked = check_real(value, field, 0, lo_open=open_at_0)
-            if not isinstance(value, (int, float)):  # e.g. numpy float32: stored as a float, which JSON takes
+            if type(value) not in (int, float):  # e.g. a numpy float32 or float64 (a float subclass): a float
                 object.__setattr__(self, field, checked)
         if float(self.rope_theta) < 1:  # frequencies above 1: the fastest may overflow (NaN RoPE tables)
             _check_rope_angles(float(self.rope_theta), self.head_dim, self.max_positions)
@@ -95,17 +95,21 @@ class ModelConfig:
 
     @property
     def q_dim(self) -> int:
+        """Width of the query projection, H·d_h."""
         return self.n_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
+        """Width of the key (and of the value) projection, H_kv·d_h."""
         return self.n_kv_heads * self.head_dim
 
     @property
     def is_moe(self) -> bool:
+        """Whether the MLP is a mixture of experts (``n_experts`` > 0)."""
         return self.n_experts > 0
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name, as plain Python values (JSON takes it); :meth:`from_dict` inverts it."""
         return asdict(self)
 
     @classmethod

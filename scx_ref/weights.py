@@ -30,7 +30,9 @@ def _all_finite(arr: Array) -> bool:
     return bool(np.isfinite(arr).all())
 
 
-@dataclass
+# eq=False: the generated __eq__ compared arrays with ==, so ``a == b`` (and ``a in [b]``) raised numpy's
+# ambiguous-truth ValueError for two weight objects; they compare (and hash) by identity instead.
+@dataclass(eq=False)
 class DenseMLP:
     """SwiGLU MLP: down(silu(x @ w_gate) * (x @ w_up))."""
 
@@ -39,7 +41,7 @@ class DenseMLP:
     w_down: Array  # f × d
 
 
-@dataclass
+@dataclass(eq=False)
 class MoEMLP:
     """Mixtral sparse MoE: softmax router over experts, top-k, renormalised weights."""
 
@@ -47,8 +49,10 @@ class MoEMLP:
     experts: list[DenseMLP]
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerWeights:
+    """One block's weights: the norms' gains, the attention projections (Qwen2: their biases) and the MLP."""
+
     attn_norm: Array  # d
     wq: Array  # d × H·d_h
     wk: Array  # d × H_kv·d_h
@@ -67,13 +71,17 @@ class LayerWeights:
 
     @property
     def bqkv(self) -> Array | None:
+        """The fused bias [b_q b_k b_v] ((H + 2·H_kv)·d_h), None without QKV bias."""
         if self.bq is None or self.bk is None or self.bv is None:
             return None
         return np.concatenate([self.bq, self.bk, self.bv])
 
 
-@dataclass
+@dataclass(eq=False)
 class ModelWeights:
+    """Every weight of a model of ``config``, checked by :meth:`validate` when made. The arrays are the
+    caller's own (not copied): a weight changed afterwards is not checked again."""
+
     config: ModelConfig
     embed: Array  # V × d
     layers: list[LayerWeights]
@@ -85,13 +93,15 @@ class ModelWeights:
 
     @property
     def dtype(self) -> np.dtype[Any]:
+        """The dtype of every weight (the embedding's, which :meth:`validate` holds every other to)."""
         return self.embed.dtype
 
     def validate(self) -> None:
         """Check every array against ``config``: ShapeError for a missing or misshapen one, DTypeError for
-        one that is not a numpy floating array of the embedding's dtype (a ``numpy.matrix`` included),
-        NonFiniteError (naming it) for one holding NaN or Inf, ConfigError for a config, layer list or MLP
-        of the wrong kind."""
+        one that is not a numpy floating array of the embedding's dtype (a ``numpy.matrix`` or a masked array
+        included: the first multiplies as matrices, the second hides masked NaN from the test), NonFiniteError
+        (naming it) for one holding NaN or Inf, ConfigError for a config, layer list or MLP of the wrong
+        kind."""
         c = self.config
         if not isinstance(c, ModelConfig):
             raise ConfigError(f"config must be a ModelConfig, got {type(c).__name__}")
@@ -103,6 +113,8 @@ class ModelWeights:
                 raise DTypeError(f"weight {name} must be a numpy array, got {type(arr).__name__}")
             if isinstance(arr, np.matrix):  # its * is a matrix product and it never reshapes to heads
                 raise DTypeError(f"weight {name} must be a numpy array, not a numpy matrix")
+            if isinstance(arr, np.ma.MaskedArray):  # its sum skips masked entries: a masked NaN passed
+                raise DTypeError(f"weight {name} must be a numpy array, not a masked array")
             if arr is None or tuple(arr.shape) != shape:
                 got = None if arr is None else tuple(arr.shape)
                 raise ShapeError(f"weight {name} must have shape {shape}, got {got}")
