@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._checks import check_int, check_real, token_ids
-from .errors import ConfigError, DTypeError, NonFiniteError, SCXError, ShapeError, note_tokens
+from .errors import ConfigError, DTypeError, NonFiniteError, SCXError, SCXWarning, ShapeError, note_tokens
 
 __all__ = [
     "GENERATE_OPTIONS",
@@ -238,7 +238,7 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
         warnings.warn(
             f"{', '.join(unused)} given with do_sample=False: greedy decoding does not use them "
             "(pass do_sample=True to sample)",
-            UserWarning,
+            SCXWarning,
             stacklevel=3,
         )
     return settings

@@ -197,11 +197,15 @@ def test_an_error_mid_generation_reports_the_tokens_made() -> None:
 
 
 def test_sampling_options_without_do_sample_warn() -> None:
-    """Greedy decoding ignores temperature/top_k/top_p/seed: said with a UserWarning (as transformers
-    does), never silently. Control: with do_sample=True, or without them, nothing is said."""
+    """Greedy decoding ignores temperature/top_k/top_p/seed: said with a warning (as transformers does),
+    never silently — an SCXWarning, as errors.py promises of every warning the library gives (a
+    UserWarning subclass; it was a plain UserWarning). Control: with do_sample=True, or without them,
+    nothing is said."""
     import warnings
 
-    with pytest.warns(UserWarning, match="temperature, top_p given with do_sample=False"):
+    from scx_ref.errors import SCXWarning
+
+    with pytest.warns(SCXWarning, match="temperature, top_p given with do_sample=False"):
         generation_settings(None, {"max_new_tokens": 2, "temperature": 0.7, "top_p": 0.9})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
