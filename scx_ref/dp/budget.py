@@ -228,6 +228,7 @@ def request_budget(
     use_pld: bool = True,
     pld_interval: float | None = None,
     guard_ffn: Literal["blinded", "clear"] = "blinded",
+    key_sharing: bool | None = None,
 ) -> RequestBudget:
     """Per-request (ε, δ) for one prompt token under an SCX configuration (see the module docstring).
 
@@ -235,7 +236,11 @@ def request_budget(
     :class:`ModelSensitivities`. ``config``: the protocol configuration; without it, one is built from
     ``level``, ``beta`` (one β, or a mapping kind → β with kinds qkv, o, gate_up, down, router, lm_head or
     'default'), ``guard`` = l_s = l_e, ``decoys`` = r and ``guard_ffn`` (:func:`config_for_budget`).
-    ``prompt_len`` = n, ``tokens`` = T generated tokens (T − 1 decode steps). Guards larger than the model
+    ``prompt_len`` = n, ``tokens`` = T generated tokens (T − 1 decode steps). ``key_sharing``: whether the
+    client uploads the middle blocks' keys (DESIGN §5.2, :meth:`~scx_ref.protocol.Client.share_keys`), which
+    reveals their noised prefill QKV rows; None: when it decodes (T ≥ 2, as ``generate`` does) — pass True
+    for a client that calls ``share_keys`` without decoding (ConfigError for False with T ≥ 2: decoding
+    needs the shared caches). Guards larger than the model
     count as the protocol runs them (:func:`~scx_ref.protocol.config.guard_blocks`: clamped to its blocks).
 
     Guarantee: under replace-one-token neighbours, the noised releases of the configuration's
@@ -262,7 +267,13 @@ def request_budget(
     dp = dl if delta_prime is None else check_delta(delta_prime, "delta_prime")
     plan = ReleasePlan.of(cfg, sens)
     steps = max(t - 1, 0)
-    revealed = plan.shared if steps else ()  # their noise is uploaded at key sharing: x is revealed
+    if key_sharing is None:
+        key_sharing = steps > 0
+    elif not isinstance(key_sharing, bool):
+        raise ConfigError(f"key_sharing must be True, False or None, got {key_sharing!r:.40}")
+    elif steps and not key_sharing:
+        raise ConfigError(f"{t} tokens decode {steps} step(s), which needs key sharing (DESIGN §5.2)")
+    revealed = plan.shared if key_sharing else ()  # their noise is uploaded at key sharing: x is revealed
 
     grouped: dict[tuple[Phase, Stage, InputKind, int, float], int] = {}
     for r in plan.prefill:
