@@ -53,6 +53,20 @@ TARGETS: tuple[Target, ...] = (
         ),
     ),
     Target(
+        "dp_permutation",
+        "scx_ref/dp/permutation.py",
+        (
+            "tests/test_dp.py",
+            "tests/test_dp_args.py",
+            "tests/test_dp_order_bits_and_sensitivities.py",
+            "tests/test_dp_permutation_mutants.py",
+        ),
+        deselect=(
+            "tests/test_dp.py::test_cli_model_mode_json",
+            "tests/test_dp.py::test_l1_diameter_exact[torch]",
+        ),
+    ),
+    Target(
         "transforms",
         "scx_ref/transforms.py",
         (
