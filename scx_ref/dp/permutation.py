@@ -139,7 +139,7 @@ def bayes_guess_bound(epsilon: float, vocab_size: int) -> float:
 
     ``e^ε / (e^ε + V − 1)``: the posterior of any token is at most e^ε times that of each of the other
     V − 1, so it is at most ``e^ε / (e^ε + V − 1)``; evaluated as ``1 / (1 + (V − 1) e^{−ε})`` (through
-    logarithms when V − 1 exceeds the float64 range, so any integer V is accepted).
+    logarithms from V − 1 = 2¹⁰⁰⁰ on, below the float64 range's end, so any integer V is accepted).
     """
     eps = check_nonnegative(epsilon, "epsilon")
     v = check_count(vocab_size, "vocab_size", minimum=1)
