@@ -8,7 +8,7 @@ so each row is read once.
   gather, RoPE, an add) compute *the same operations per element* as the eager form — gathers copy, RoPE
   is x₁c − x₂s and x₂c + x₁s with each product rounded before the add (numba contracts no multiply-add
   unless asked), a sum is one add — so the results are the same bits, which ``properties/test_fused.py``
-  checks against the eager form and the numpy reference. The two that build an encoded message
+  checks against the eager form and the numpy reference. The three that build an encoded message
   (``take_rows_cols_concat``, ``gather_sum``, ``add_rows``) and the two that read a reply the protocol
   consumes (``rope_take``, ``permute_rows``) also tell whether every entry they wrote or read is finite,
   so the caller need not scan the array in a pass of its own.
@@ -217,15 +217,20 @@ def replaced(k: Kernels) -> Iterator[None]:
     """Within the block, :func:`kernels` returns ``k`` — a benchmark's wrapped copy of the loaded kernels
     (:func:`scx_ref.timing.timed_kernels`) — and the loaded ones again after it, however the block ends
     (while :data:`ENABLED` is false it returns ``None`` throughout, as it always does then). For one thread
-    at a time: a request running meanwhile in another thread would see the copy too."""
-    loaded = kernels()  # loaded first, so that the block's calls find ``k``
+    at a time: a request running meanwhile in another thread would see the copy too.
+
+    After the block :func:`kernels` holds what it held before it (the loaded kernels, or none loaded yet):
+    putting back what it returned — ``None`` while ENABLED was false — kept the kernels off for the rest of
+    the process."""
+    kernels()  # loaded first (while enabled), so that the block's calls find ``k``
     with _lock:
+        before = _loaded[:]
         _loaded[:] = [k]
     try:
         yield
     finally:
         with _lock:
-            _loaded[:] = [loaded]
+            _loaded[:] = before
 
 
 def _build() -> Kernels | None:

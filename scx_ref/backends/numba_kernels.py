@@ -684,7 +684,8 @@ def linear_excess(
 
 
 # base.sum_norm_slack compiled; numba's on-disk cache keys on this file, so after editing that function
-# touch this file (or clear the cache) for the kernels that inline it to compile it again
+# touch this file (or clear the cache) for the kernels that inline it to compile it again (base.NEAR_RANGE
+# likewise: freivalds_excess holds its value as a constant, which the torch backend compares with its own)
 norm_slack = jit(sum_norm_slack)
 
 
@@ -1200,7 +1201,9 @@ def attention_check(
     # the same order as the verifier's calls one by one, so the same values. (−1, −1), nothing read, when
     # the arrays, the rows or the positions do not fit one another
     # the tests below form no sum or product that can wrap around in int64: ``first + n_q <= n_k`` let a
-    # ``first`` near 2⁶³ through, and the recomputed rows then read key norms far outside their array
+    # ``first`` near 2⁶³ through, and the recomputed rows then read key norms far outside their array.
+    # Heads of width 0 are refused too (as verify.range_shapes does): range_excess divides by d_h, and
+    # such a call raised ZeroDivisionError out of the kernel
     n_q, n_h, d_h = q.shape
     n_k, h_kv = k.shape[0], k.shape[1]
     fits = (
@@ -1211,6 +1214,7 @@ def attention_check(
         and v.shape[0] == n_k
         and v.shape[1] == h_kv
         and v.shape[2] == d_h
+        and d_h >= 1
         and group >= 1
         and n_h % group == 0
         and n_h // group == h_kv
