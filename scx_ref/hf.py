@@ -43,6 +43,7 @@ from dataclasses import fields
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from ._checks import check_int, check_real, float_dtype, token_ids
@@ -51,6 +52,7 @@ from .config import ModelConfig
 from .errors import ConfigError, SCXError, VocabularyError
 from .keys import KeySchedule
 from .protocol import Client, DecoyPolicy, Level, LocalTransport, SCXConfig, Server, ServerView, Transport
+from .protocol.decoys import unigram_weights
 from .protocol.verify import SketchCache
 from .sampling import GENERATE_OPTIONS, check_streamer, generate_tokens, generation_settings
 from .weights import DenseMLP, LayerWeights, ModelWeights, MoEMLP
@@ -378,6 +380,9 @@ class SCXModel:
     this model's master secret (``keys``; a random one by default). ``last_view`` is the server's
     recorded view of the last session (for audits; in-process server only). With ``link`` (e.g. a
     :class:`~scx_ref.service.RemoteTransport` to an ``scx serve``) every session goes through it instead.
+    ``unigram``: a public unigram distribution over the vocabulary (e.g.
+    :func:`~scx_ref.zoo.corpus.public_unigram`) the secret calibration text's tokens are drawn from
+    (DESIGN §5.1; :class:`~scx_ref.protocol.Client`'s ``unigram``); None draws them uniformly.
     """
 
     def __init__(
@@ -389,6 +394,7 @@ class SCXModel:
         pad_token_id: int | None = None,
         generation_config: Any = None,
         link: Transport | None = None,
+        unigram: npt.ArrayLike | None = None,
     ) -> None:
         self.backend = backend
         self.scx_config = scx_config
@@ -397,6 +403,10 @@ class SCXModel:
         self.pad_token_id = pad_token_id
         self.generation_config = generation_config
         self.link = link
+        # checked here, not by the first session's client
+        self.unigram = None if unigram is None else unigram_weights(unigram, backend.config.vocab_size)
+        if unigram is not None and scx_config.decoys == "gaussian":
+            raise ConfigError("unigram weighs the calibration text's draw: Gaussian decoys draw none")
         self.last_view: ServerView | None = None
         self._sketches = SketchCache(backend, self.keys) if scx_config.verify else None
         self._decoys: DecoyPolicy | None = None  # the calibration pool, built by the first session
@@ -411,6 +421,7 @@ class SCXModel:
         device: str | torch.device | None = None,
         server: str | None = None,
         server_options: dict[str, Any] | None = None,
+        unigram: npt.ArrayLike | None = None,
         **scx_options: Any,
     ) -> SCXModel:
         """Wrap a loaded LLaMA/Mixtral/Qwen2 model; ``scx_options`` go to :class:`SCXConfig`
@@ -446,7 +457,7 @@ class SCXModel:
             link = RemoteTransport(server, backend, **(server_options or {}))
         elif server_options:
             raise ConfigError("server_options given without a server URL")
-        return cls(backend, cfg, keys, eos, pad, gen, link)
+        return cls(backend, cfg, keys, eos, pad, gen, link, unigram)
 
     @property
     def max_length(self) -> int:
@@ -471,7 +482,15 @@ class SCXModel:
 
     def _session(self) -> tuple[Client[torch.Tensor], Transport]:
         keys = self.keys.for_nonce(KeySchedule.new_nonce())
-        client = Client(self.backend, keys, self.scx_config, decoys=self._decoys, sketches=self._sketches)
+        first = self._decoys is None  # the first session draws the pool's text (from ``unigram`` if given)
+        client = Client(
+            self.backend,
+            keys,
+            self.scx_config,
+            decoys=self._decoys,
+            sketches=self._sketches,
+            unigram=self.unigram if first else None,
+        )
         self._decoys = client.decoys  # from the master secret's text: every later session draws from it
         if self.link is not None:
             return client, self.link

@@ -66,7 +66,7 @@ from ..transforms import (
 )
 from .config import SCXConfig
 from .cost import CostMeter, CostReport, StageCost
-from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys, secret_calibration_tokens
+from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys, secret_calibration_tokens, unigram_weights
 from .keyring import RequestKeys
 from .messages import Request
 from .mlp import route
@@ -182,6 +182,8 @@ class Client(Generic[A]):
                 "unigram weighs the secret calibration text's draw: it means nothing with decoys, "
                 "public_tokens or Gaussian decoys"
             )
+        if unigram is not None:  # checked before the sketches are built, not when the pool is
+            unigram = unigram_weights(unigram, backend.config.vocab_size)
         if keys.claims.claimed(keys.nonce):
             raise SessionError(
                 "this KeySchedule's (master secret, nonce) pair already drove a session: a pair drives "

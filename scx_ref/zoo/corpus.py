@@ -14,8 +14,17 @@ import numpy.typing as npt
 
 from .._checks import check_int
 from ..errors import ConfigError
+from ..protocol.decoys import unigram_counts
 
-__all__ = ["byte_tokenize", "corpus_text", "corpus_tokens", "prompts", "tokenize", "topic_texts"]
+__all__ = [
+    "byte_tokenize",
+    "corpus_text",
+    "corpus_tokens",
+    "prompts",
+    "public_unigram",
+    "tokenize",
+    "topic_texts",
+]
 
 IdArray = npt.NDArray[np.int64]
 
@@ -102,3 +111,18 @@ def prompts(count: int, length: int, tokenizer: Any | None, vocab_size: int) -> 
             raise ConfigError(f"topic {index} (sorted keys) is shorter than {length} tokens")
         out.append(ids[:length])
     return out
+
+
+#: The share of probability :func:`public_unigram` leaves to tokens the corpus lacks.
+UNIGRAM_SMOOTHING = 0.01
+
+
+def public_unigram(tokenizer: Any | None, vocab_size: int) -> IdArray:
+    """The public unigram distribution the client's secret calibration text is drawn from (DESIGN §5.1:
+    "block 1: embeddings of tokens drawn from a public unigram distribution"): the counts of the whole
+    corpus's tokens (:func:`tokenize`), scaled so that the +1 every token keeps holds at most
+    :data:`UNIGRAM_SMOOTHING` of the probability (:func:`~scx_ref.protocol.decoys.unigram_counts`).
+    Pass it as ``unigram=`` to :class:`~scx_ref.protocol.Client` or :class:`~scx_ref.hf.SCXModel`: drawn
+    uniformly instead, SmolLM2's block-1 decoys are mostly rare tokens a frequency prior finds (README,
+    "Privacy, measured"). ConfigError as :func:`tokenize`."""
+    return unigram_counts(tokenize(corpus_text(), tokenizer, vocab_size), vocab_size, UNIGRAM_SMOOTHING)

@@ -26,7 +26,7 @@ from ..backends.numpy_backend import NumpyBackend
 from ..errors import ConfigError, SCXError
 from ..keys import KeySchedule
 from ..protocol import CalibrationPool, Client, Level, LocalTransport, SCXConfig, Server, Transport
-from ..protocol.decoys import secret_calibration_tokens
+from ..protocol.decoys import secret_calibration_tokens, unigram_weights
 from ..protocol.verify import SketchCache
 from ..reference import ReferenceModel
 from ..weights import ModelWeights
@@ -198,16 +198,28 @@ def _backend(weights: ModelWeights, dtype: str, device: str) -> Backend[Any]:
 
 class _SCX:
     """One server (backend over the model's weights) that serves a fresh client per request: in-process,
-    or the ``scx serve`` at ``server`` (a URL) through one :class:`~scx_ref.service.RemoteTransport`."""
+    or the ``scx serve`` at ``server`` (a URL) through one :class:`~scx_ref.service.RemoteTransport`.
+    Its calibration pool's secret text is drawn from ``unigram`` when given (:func:`~scx_ref.zoo.corpus.
+    public_unigram`), else uniformly."""
 
     def __init__(
-        self, weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str, server: str | None = None
+        self,
+        weights: ModelWeights,
+        dtype: str,
+        cfg: SCXConfig,
+        device: str,
+        server: str | None = None,
+        unigram: npt.ArrayLike | None = None,
     ) -> None:
         _check_weights(weights)
         if not isinstance(cfg, SCXConfig):
             raise ConfigError(f"cfg must be an SCXConfig (see scx_config), got {type(cfg).__name__}")
         if server is not None and not isinstance(server, str):
             raise ConfigError(f"server must be a URL string (scx://HOST:PORT), got {type(server).__name__}")
+        if unigram is not None:  # checked before a backend is built or a server reached
+            if cfg.decoys != "calibration":
+                raise ConfigError("unigram weighs the calibration text's draw: Gaussian decoys draw none")
+            unigram = unigram_weights(unigram, weights.config.vocab_size)
         self.backend = _backend(weights, dtype, device)
         self.server = Server(self.backend)
         self.remote: RemoteTransport | None = None
@@ -221,7 +233,7 @@ class _SCX:
         if cfg.decoys == "calibration":  # built once per run, not once per request, from the run's secret
             # text (a public text let a server holding the weights rebuild the pool and find every decoy)
             self.pool = CalibrationPool.from_tokens(
-                self.backend, secret_calibration_tokens(self.keys, weights.config.vocab_size)
+                self.backend, secret_calibration_tokens(self.keys, weights.config.vocab_size, unigram=unigram)
             )
         self.sketches: SketchCache | None = None
         if cfg.verify:  # the reply verifier's precomputation, once per run
@@ -281,18 +293,28 @@ class SCXGenerate(SCXEngine):
 
 
 def scx_logits(
-    weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str = "cpu", server: str | None = None
+    weights: ModelWeights,
+    dtype: str,
+    cfg: SCXConfig,
+    device: str = "cpu",
+    server: str | None = None,
+    unigram: npt.ArrayLike | None = None,
 ) -> SCXLogits:
     """SCX prefill logits (rows × V, numpy) of one sequence, one request with fresh keys per call (on the
     ``scx serve`` at ``server`` when given: close the engine, or use it in a ``with`` block, to end its
-    stream)."""
-    return SCXLogits(_SCX(weights, dtype, cfg, device, server), weights)
+    stream); decoys from a calibration text drawn from ``unigram`` when given."""
+    return SCXLogits(_SCX(weights, dtype, cfg, device, server, unigram), weights)
 
 
 def scx_generate(
-    weights: ModelWeights, dtype: str, cfg: SCXConfig, device: str = "cpu", server: str | None = None
+    weights: ModelWeights,
+    dtype: str,
+    cfg: SCXConfig,
+    device: str = "cpu",
+    server: str | None = None,
+    unigram: npt.ArrayLike | None = None,
 ) -> SCXGenerate:
     """SCX greedy continuation (prefill, key sharing, one-time-key decode steps) of one prompt (on the
     ``scx serve`` at ``server`` when given: close the engine, or use it in a ``with`` block, to end its
-    stream)."""
-    return SCXGenerate(_SCX(weights, dtype, cfg, device, server), weights)
+    stream); decoys from a calibration text drawn from ``unigram`` when given."""
+    return SCXGenerate(_SCX(weights, dtype, cfg, device, server, unigram), weights)
