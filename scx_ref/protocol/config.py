@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
@@ -37,7 +37,7 @@ BlindDtype = Literal["auto", "backend", "float64"]
 #: Its values.
 BLIND_DTYPES: tuple[BlindDtype, ...] = ("auto", "backend", "float64")
 #: The privacy levels, weakest first.
-LEVELS: tuple[Level, ...] = ("permute", "paper", "blind")
+LEVELS: tuple[Level, ...] = get_args(Level)
 #: The kinds of blinded input a per-kind β may be set for (see :mod:`scx_ref.protocol.plan`, whose
 #: ``InputKind`` is these and the paper's ``offset``).
 BetaKind = Literal["qkv", "o", "gate_up", "down", "router", "lm_head"]
@@ -108,7 +108,10 @@ def beta_limit(backend_dtype: Any, blinded_dtype: Any) -> float:
 def guard_blocks(n_layers: int, l_s: int, l_e: int) -> tuple[range, range, range]:
     """(first guard, middle, last guard) block ranges, 0-based, for guard sizes l_s, l_e ≥ 1 (DESIGN §5):
     the first ``l_s`` blocks, the last ``l_e`` blocks, and the blocks between. First guards take
-    precedence when they overlap."""
+    precedence when they overlap; guards larger than the model are clamped to its blocks. ConfigError
+    unless ``n_layers``, ``l_s`` and ``l_e`` are integers >= 1 (Python or numpy, not bools)."""
+    n_layers = check_int(n_layers, "n_layers", 1)
+    l_s, l_e = check_int(l_s, "l_s", 1), check_int(l_e, "l_e", 1)
     first = range(0, min(l_s, n_layers))
     last_start = max(first.stop, n_layers - l_e)
     return first, range(first.stop, last_start), range(last_start, n_layers)
@@ -161,10 +164,10 @@ class SCXConfig:
                paper and blind — with the corrections from a mask pool the client's online work is an
                add and a subtract).
     blind_dtype the dtype of blinded messages and of the server's products on them: ``backend`` (the
-               backend's own), ``float64``, or ``auto`` (float64 when a β of the plan exceeds
-               :func:`beta_limit` of the backend's own dtype — :data:`F32_BETA_LIMIT` on float32, 7.6e-5
-               on bfloat16, 6.1e-4 on float16 — and the backend computes in a narrower dtype than float64;
-               else the backend's: :meth:`wide_blinding`).
+               backend's own), ``float64``, or ``auto`` (float64 when :attr:`max_beta` — every β of the
+               configuration, used by the plan or not — exceeds :func:`beta_limit` of the backend's own
+               dtype (:data:`F32_BETA_LIMIT` on float32, 7.6e-5 on bfloat16, 6.1e-4 on float16) and the
+               backend computes in a narrower dtype than float64; else the backend's: :meth:`wide_blinding`).
     decoys     decoy policy: ``calibration`` (real-looking rows from a public calibration pool) or
                ``gaussian`` (moment-matched Gaussian, for comparison).
     max_length the most positions (prompt + generated) a session may reach (None: the model's
@@ -175,9 +178,10 @@ class SCXConfig:
 
     A bad value of any field is refused (ConfigError naming the field). Integer fields take Python or
     numpy integers (not bools), β's any real number (not a bool) in [0, :data:`MAX_BETA`] (past it the
-    client's float64 checks would overflow); they are stored as ``int`` / ``float``,
-    and ``stage_beta`` (a mapping) as a dict of its own, so a later change to the caller's mapping does not
-    reach the checked configuration.
+    client's float64 checks would overflow); they are stored as ``int`` / ``float``; the named choices
+    (``level``, ``attention``, ...) take only strings, stored as ``str``; and ``stage_beta`` (a mapping) as a
+    read-only mapping of its own, so neither a later change to the caller's mapping nor one through the
+    configuration reaches the checked configuration (or its hash).
     """
 
     level: Level = "paper"
@@ -199,8 +203,7 @@ class SCXConfig:
     verify: bool = True
 
     def __post_init__(self) -> None:
-        if self.level not in LEVELS:
-            raise ConfigError(f"level must be one of {LEVELS}, got {self.level!r}")
+        _choice(self, "level", LEVELS, f"one of {LEVELS}")
         for name in ("r1", "r2"):  # numpy integers are stored as int
             object.__setattr__(self, name, check_int(getattr(self, name), name, 0))
         if self.r_lock is not None:
@@ -218,32 +221,25 @@ class SCXConfig:
             unknown = ", ".join(sorted(repr(k) for k in set(self.stage_beta) - set(BETA_KINDS)))
             if unknown:
                 raise ConfigError(f"unknown stage_beta kind(s) [{unknown}]; kinds are {BETA_KINDS}")
-            checked = {kind: _check_beta(v, f"stage_beta[{kind!r}]") for kind, v in self.stage_beta.items()}
-            object.__setattr__(self, "stage_beta", checked)
-        if self.guard_ffn not in ("clear", "blinded"):
-            raise ConfigError(f"guard_ffn must be 'clear' or 'blinded', got {self.guard_ffn!r}")
-        if self.last_ffn not in ("exact", "paper"):
-            raise ConfigError(f"last_ffn must be 'exact' or 'paper', got {self.last_ffn!r}")
-        if self.attention not in ("server", "client"):
-            raise ConfigError(f"attention must be 'server' or 'client', got {self.attention!r}")
-        if self.gen_attention not in GEN_ATTENTION_SITES:
-            raise ConfigError(f"gen_attention must be 'client' or 'server', got {self.gen_attention!r}")
+            checked = {str(k): _check_beta(v, f"stage_beta[{k!r}]") for k, v in self.stage_beta.items()}
+            object.__setattr__(self, "stage_beta", _Betas(checked))
+        _choice(self, "guard_ffn", ("clear", "blinded"), "'clear' or 'blinded'")
+        _choice(self, "last_ffn", ("exact", "paper"), "'exact' or 'paper'")
+        _choice(self, "attention", ATTENTION_SITES, "'server' or 'client'")
+        _choice(self, "gen_attention", GEN_ATTENTION_SITES, "'client' or 'server'")
         if self.attention == "client" and self.gen_attention == "server":
             raise ConfigError(
                 "gen_attention='server' contradicts attention='client' (the client computes every guard "
                 "block's attention, in generation as well)"
             )
-        if self.gen_linear not in ("client", "server"):
-            raise ConfigError(f"gen_linear must be 'client' or 'server', got {self.gen_linear!r}")
-        if self.blind_dtype not in BLIND_DTYPES:
-            raise ConfigError(f"blind_dtype must be 'auto', 'backend' or 'float64', got {self.blind_dtype!r}")
-        if self.decoys not in ("calibration", "gaussian"):
-            raise ConfigError(f"decoys must be 'calibration' or 'gaussian', got {self.decoys!r}")
+        _choice(self, "gen_linear", GEN_LINEAR_SITES, "'client' or 'server'")
+        _choice(self, "blind_dtype", BLIND_DTYPES, "'auto', 'backend' or 'float64'")
+        _choice(self, "decoys", ("calibration", "gaussian"), "'calibration' or 'gaussian'")
         if not isinstance(self.verify, bool):
             raise ConfigError(f"verify must be True or False, got {self.verify!r}")
 
     def __hash__(self) -> int:
-        """A hash agreeing with ``==`` (``stage_beta``, a dict, by its items), so every configuration can
+        """A hash agreeing with ``==`` (``stage_beta``, a mapping, by its items), so every configuration can
         key a dict or join a set."""
         stage_beta = None if self.stage_beta is None else frozenset(self.stage_beta.items())
         values = (stage_beta if f.name == "stage_beta" else getattr(self, f.name) for f in fields(self))
@@ -251,10 +247,14 @@ class SCXConfig:
 
     @property
     def lock_decoys(self) -> int:
+        """Decoy key rows in each locked cache: ``r_lock``, or ``r1`` where it is None."""
         return self.r1 if self.r_lock is None else self.r_lock
 
     def beta_for(self, kind: str) -> float:
-        """β of a blinded input of ``kind`` (its ``stage_beta`` override, else ``beta``)."""
+        """β of a blinded input of ``kind`` (its ``stage_beta`` override, else ``beta``); ConfigError for a
+        kind outside :data:`BETA_KINDS` (a misspelt kind must not silently get ``beta``)."""
+        if not isinstance(kind, str) or kind not in BETA_KINDS:
+            raise ConfigError(f"unknown β kind {kind!r:.40}; kinds are {BETA_KINDS}")
         if self.stage_beta is not None and kind in self.stage_beta:
             return float(self.stage_beta[kind])
         return float(self.beta)
@@ -267,6 +267,12 @@ class SCXConfig:
         """The first guard blocks whose attention the server computes in a generation step
         (:func:`server_gen_attention` of this configuration on an ``n_layers`` model)."""
         return server_gen_attention(self.blocks(n_layers)[0], self.attention, self.gen_attention)
+
+    @property
+    def offset_beta(self) -> float:
+        """The scale of the paper's last-block offset (``last_ffn="paper"``): ``beta`` at levels paper and
+        blind, at least 1 (also at level permute, where nothing else is noised)."""
+        return max(float(self.beta) if self.level != "permute" else 0.0, 1.0)
 
     @property
     def max_beta(self) -> float:
@@ -299,15 +305,15 @@ class SCXConfig:
         float16 blinded stages — ``blind_dtype="backend"`` — at nearly any β). ``betas``: the β of every
         blinded message — the client's :class:`~scx_ref.protocol.plan.ReleasePlan` releases; None: this
         configuration's own, without the model (none at level ``permute`` with ``last_ffn="exact"``; else
-        :attr:`max_beta`, and β = 1 for the paper's offset). No blinded message (β = 0, level ``permute``):
-        None.
+        :attr:`max_beta`, and :attr:`offset_beta` for the paper's offset). No blinded message (β = 0, level
+        ``permute``): None.
 
         ConfigError for another dtype or a β outside [0, :data:`MAX_BETA`]."""
         run = _dtype_name(backend_dtype)
         if betas is None:
             noised = self.level != "permute"
             own = [self.max_beta] if noised else []
-            betas = own + ([max(self.beta if noised else 0.0, 1.0)] if self.last_ffn == "paper" else [])
+            betas = own + ([self.offset_beta] if self.last_ffn == "paper" else [])
         beta = max([0.0, *(_check_beta(b, "betas") for b in betas)])
         if beta == 0.0:
             return None
@@ -355,9 +361,39 @@ class SCXConfig:
         return message
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as plain data (``stage_beta`` a dict of its own); ``SCXConfig(**to_dict())`` == self"""
         out = asdict(self)
         out["stage_beta"] = None if self.stage_beta is None else dict(self.stage_beta)
         return out
+
+
+class _Betas(Mapping[str, float]):
+    """``SCXConfig.stage_beta`` once checked: a read-only mapping kind → β (equal to a dict of the same
+    items, shown as one), so a configuration cannot be changed after its validation."""
+
+    def __init__(self, items: dict[str, float]) -> None:
+        self._items = items
+
+    def __getitem__(self, kind: str) -> float:
+        return self._items[kind]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
+def _choice(config: SCXConfig, name: str, choices: tuple[str, ...], shown: str) -> None:
+    """Check the named choice ``name`` of ``config``: a string among ``choices`` (stored as ``str``: a
+    numpy string too; never an array, whose ``==`` would pass a one-element one); ConfigError otherwise."""
+    value = getattr(config, name)
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name} must be {shown}, got {value!r}")
+    object.__setattr__(config, name, str(value))
 
 
 def _check_beta(value: Any, name: str) -> float:

@@ -27,6 +27,9 @@ Side = Literal["client", "server", "offline"]
 
 @dataclass
 class StageCost:
+    """The costs of one stage: flops on each side (``offline``: derived ahead of the request), the
+    client's elementwise work, bytes each way, round trips, and the client's verification flops."""
+
     client_flops: int = 0
     server_flops: int = 0
     offline_flops: int = 0
@@ -37,6 +40,7 @@ class StageCost:
     verify_flops: int = 0
 
     def add(self, other: StageCost) -> None:
+        """Add every count of ``other`` to this one's."""
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
@@ -44,39 +48,51 @@ class StageCost:
 _FIELDS: tuple[str, ...] = tuple(f.name for f in fields(StageCost))
 
 
+def _stage(stage: Stage) -> Stage:
+    """``stage``, a :class:`Stage` (its wire name, a str equal to it, would key the meter and break the
+    report's ``to_dict`` and ``phase_total`` later); ConfigError otherwise."""
+    if not isinstance(stage, Stage):
+        raise ConfigError(f"stage must be a Stage, got {type(stage).__name__} {stage!r:.40}")
+    return stage
+
+
 class CostMeter:
-    """Accumulates costs per :class:`~scx_ref.stages.Stage`."""
+    """Accumulates costs per :class:`~scx_ref.stages.Stage`. Every count is checked before anything is
+    counted: a refused call (ConfigError) leaves the meter as it was — no stage entry added either."""
 
     def __init__(self) -> None:
         self.stages: dict[Stage, StageCost] = defaultdict(StageCost)
 
     def matmul(self, stage: Stage, m: int, k: int, n: int, side: Side) -> None:
-        """A product (m×k)(k×n) on ``side``: 2mkn flops (ConfigError, counting nothing, unless m, k, n are
-        integers ≥ 0)."""
+        """A product (m×k)(k×n) on ``side``: 2mkn flops (ConfigError, counting nothing, unless ``stage`` is a
+        Stage and m, k, n are integers ≥ 0)."""
         m, k, n = check_int(m, "m"), check_int(k, "k"), check_int(n, "n")
         self._flops(stage, 2 * m * k * n, side)
 
     def attention(self, stage: Stage, heads: int, n_q: int, n_k: int, d_h: int, side: Side) -> None:
         """Attention of ``n_q`` queries over ``n_k`` keys on ``side``: 4·heads·n_q·n_k·d_h flops (ConfigError,
-        counting nothing, unless every size is an integer ≥ 0)."""
+        counting nothing, unless ``stage`` is a Stage and every size is an integer ≥ 0)."""
         heads, n_q = check_int(heads, "heads"), check_int(n_q, "n_q")
         n_k, d_h = check_int(n_k, "n_k"), check_int(d_h, "d_h")
         self._flops(stage, 4 * heads * n_q * n_k * d_h, side)
 
     def elementwise(self, stage: Stage, count: int) -> None:
-        """``count`` elements the client produced (ConfigError, counting nothing, unless an integer ≥ 0)."""
-        self.stages[stage].client_elementwise += check_int(count, "count")
+        """``count`` elements the client produced (ConfigError, counting nothing, unless ``stage`` is a Stage
+        and ``count`` an integer ≥ 0)."""
+        count = check_int(count, "count")  # before the entry: a refused count adds no stage
+        self.stages[_stage(stage)].client_elementwise += count
 
     def verification(self, stage: Stage, flops: int) -> None:
-        """The client's flops verifying a reply of ``stage`` (ConfigError, counting nothing, unless an
-        integer ≥ 0)."""
-        self.stages[stage].verify_flops += check_int(flops, "flops")
+        """The client's flops verifying a reply of ``stage`` (ConfigError, counting nothing, unless ``stage``
+        is a Stage and ``flops`` an integer ≥ 0)."""
+        flops = check_int(flops, "flops")  # before the entry: a refused count adds no stage
+        self.stages[_stage(stage)].verify_flops += flops
 
     def message(self, stage: Stage, up: int, down: int) -> None:
         """One round trip of ``stage`` carrying ``up`` bytes to the server and ``down`` back (ConfigError,
-        counting nothing, unless both are integers ≥ 0)."""
+        counting nothing, unless ``stage`` is a Stage and both are integers ≥ 0)."""
         up, down = check_int(up, "bytes up"), check_int(down, "bytes down")
-        s = self.stages[stage]
+        s = self.stages[_stage(stage)]
         s.bytes_up += up
         s.bytes_down += down
         s.round_trips += 1
@@ -97,6 +113,7 @@ class CostMeter:
         return out
 
     def _flops(self, stage: Stage, flops: int, side: Side) -> None:
+        stage = _stage(stage)
         if side == "client":
             self.stages[stage].client_flops += flops
         elif side == "offline":
@@ -115,6 +132,7 @@ class CostReport:
 
     @classmethod
     def merge(cls, *meters: CostMeter) -> CostReport:
+        """The per-stage sums of ``meters`` (client, server, transport), stages in wire-name order."""
         out: dict[Stage, StageCost] = {}
         for meter in meters:
             for name, cost in meter.stages.items():
@@ -123,6 +141,7 @@ class CostReport:
 
     @property
     def total(self) -> StageCost:
+        """The summed costs of every stage."""
         t = StageCost()
         for cost in self.stages.values():
             t.add(cost)
@@ -153,7 +172,8 @@ class CostReport:
 
     @property
     def offline_flop_share(self) -> float:
-        """The client's flops derived ahead of the request (η·W of a mask pool) over all its flops."""
+        """The client's flops derived ahead of the request (η·W of a mask pool) over all of the request's
+        flops (client, offline, server)."""
         t = self.total
         all_flops = t.client_flops + t.server_flops + t.offline_flops
         return t.offline_flops / all_flops if all_flops else 0.0

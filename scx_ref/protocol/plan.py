@@ -153,15 +153,16 @@ class ReleasePlan:
         Prefill: level ``paper`` blinds block 1's QKV stage; level ``blind`` every linear stage of every
         block (QKV, O, the MLP's maps — none where the MLP's first map has β = 0: the client then sends the
         block's rows in one clear ``ffn`` message) and the LM-head stage. Generation (levels ``paper`` and
-        ``blind``, one-time noise per step): the QKV stage of the guard blocks whose attention the client
-        computes (the first guard blocks; every guard block with ``attention="client"``) and — with
-        ``guard_ffn="blinded"`` — the first guard blocks' MLP maps; the last guard blocks' MLP maps
+        ``blind``, one-time noise per step): the QKV stage of the first guard blocks (whoever computes their
+        attention) and, with ``attention="client"``, of the last guard blocks too; with
+        ``guard_ffn="blinded"``, the first guard blocks' MLP maps; the last guard blocks' MLP maps
         (``last_ffn="exact"``); with ``gen_linear="server"`` every guard block's W_o (``gen_o``) and the
         LM head (``gen_head``). With ``last_ffn="paper"`` the last guard blocks send the paper's offset
         at every level. The middle blocks run on the server alone, un-noised, so they never appear.
 
         ConfigError when ``config`` is not an SCXConfig or ``model`` is no :class:`PlanModel` (``n_layers``,
-        ``n_experts``, ``is_moe``) with an integer ``n_layers`` >= 1.
+        ``n_experts``, ``is_moe``) with an integer ``n_layers`` >= 1, an integer ``n_experts`` >= 0 and
+        ``is_moe`` equal to ``n_experts > 0``.
         """
         if not isinstance(config, SCXConfig):
             raise ConfigError(f"config must be an SCXConfig, got {type(config).__name__}")
@@ -170,6 +171,11 @@ class ReleasePlan:
                 f"model must be a ModelConfig (with n_layers, n_experts, is_moe), got {type(model).__name__}"
             )
         L = check_int(model.n_layers, "model.n_layers", 1, error=ConfigError)
+        n_experts = check_int(model.n_experts, "model.n_experts", 0, error=ConfigError)
+        if model.is_moe != (n_experts > 0):  # an MoE's blinded MLP is one release per expert
+            raise ConfigError(
+                f"model.is_moe must be n_experts > 0, got {model.is_moe!r:.40} with {n_experts} experts"
+            )
         first, _, last = config.blocks(L)
         p, g = Phase.PREFILL, Phase.GENERATE
         pre: list[Release] = []
@@ -199,7 +205,7 @@ class ReleasePlan:
             if offload:
                 gen.append(Release(g, Stage.GEN_O, i, "o", config.beta_for("o")))
             if config.last_ffn == "paper":  # the paper's offset (β ≥ 1 even at level permute)
-                gen.append(Release(g, Stage.GEN_FFN, i, "offset", max(config.beta if noised else 0.0, 1.0)))
+                gen.append(Release(g, Stage.GEN_FFN, i, "offset", config.offset_beta))
             elif noised:
                 gen += _mlp_releases(g, i, config, model, up, down, router)
         if offload:
@@ -208,12 +214,16 @@ class ReleasePlan:
         return cls(config, model, tuple(r for r in pre if r.beta > 0), tuple(r for r in gen if r.beta > 0))
 
     def releases(self, phase: Phase) -> tuple[Release, ...]:
-        """The releases of ``phase`` (PREFILL: once per request; GENERATE: once per decode step)."""
+        """The releases of ``phase`` (PREFILL: once per request; GENERATE: once per decode step; CONTROL:
+        none); ConfigError for anything that is not a :class:`~scx_ref.stages.Phase` (an empty answer would
+        read as "nothing is noised")."""
         if phase is Phase.PREFILL:
             return self.prefill
         if phase is Phase.GENERATE:
             return self.generation
-        return ()
+        if phase is Phase.CONTROL:
+            return ()
+        raise ConfigError(f"phase must be a Phase, got {type(phase).__name__} {phase!r:.40}")
 
     @property
     def shared(self) -> tuple[Release, ...]:
@@ -266,8 +276,10 @@ class ReleasePlan:
         clear(p, Stage.HEAD, (L,), "final rows, permuted with decoys")
         if cfg.attention == "server" and last:
             out.append(Exposure(p, Stage.LOCK, tuple(last), "locked key cache, row order ρ with decoys"))
-        if middle:
-            out.append(Exposure(p, Stage.SHARE, tuple(middle), "the prompt's valid caches (key sharing)"))
+        if middle:  # π_i also permutes block i−1's FFN rows (DESIGN §5.1): sharing it orders those too
+            ffn = ", ".join(str(i) for i in middle)  # block i−1's FFN, 1-based: i
+            what = f"the prompt's valid caches; the shared π orders their QKV rows and blocks {ffn}' FFN rows"
+            out.append(Exposure(p, Stage.SHARE, tuple(middle), what))
         client_attn = first if cfg.attention == "server" else guards
         clear(g, Stage.GEN_QKV, client_attn, "the normalized row of the token")
         server_gen_attn = cfg.server_gen_attention(L)

@@ -2,9 +2,10 @@
 the frontier read, from the paper's default to the hardened configurations.
 
 A preset is a function of the model's block count (``no sharing`` means every block is a guard block, so
-its l_s depends on the model; no guard is larger than the model, so every preset's configuration is one
-the DP budget takes on any model). Each one says in ``protects`` what it is *designed* to hide; the frontier
-(``scx attack``, :mod:`scx_ref.attacks.frontier`) measures whether it does.
+its l_s depends on the model; no guard is larger than the model, so a preset's l_s and l_e are the guard
+sizes the protocol and the DP budget run — :func:`~scx_ref.protocol.config.guard_blocks` clamps larger
+ones). Each one says in ``protects`` what it is *designed* to hide; the frontier (``scx attack``,
+:mod:`scx_ref.attacks.frontier`) measures whether it does.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ PRESETS: tuple[Preset, ...] = (
         "paper-g2",
         "level paper β = 5, guards 2/2",
         "as paper, two guard blocks at each end",
-        # at most the model's blocks (a guard larger than the model is refused by the DP budget)
+        # at most the model's blocks (the sizes run: a larger guard would be clamped to the model)
         lambda L: replace(_BASE, l_s=min(2, L), l_e=min(2, L)),
     ),
     Preset(
