@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from .._files import json_ready
 from ..errors import ConfigError
-from ..protocol.config import BETA_KINDS, LEVELS, SCXConfig
+from ..protocol.config import BETA_KINDS, GUARD_FFN, LEVELS, GuardFFN, Level, SCXConfig
 from ..protocol.plan import InputKind, Release, ReleasePlan
 from ..stages import Phase, Stage
 from ..weights import ModelWeights
@@ -47,7 +47,6 @@ from .sensitivity import ModelSensitivities, model_sensitivities
 
 __all__ = ["RequestBudget", "StageRelease", "config_for_budget", "request_budget"]
 
-Level = Literal["permute", "paper", "blind"]
 DEFAULT_BETA = 5.0  # the paper's s
 
 
@@ -179,7 +178,7 @@ def config_for_budget(
     beta: float | Mapping[str, float] = DEFAULT_BETA,
     guard: int = 1,
     decoys: int = 0,
-    guard_ffn: Literal["blinded", "clear"] = "blinded",
+    guard_ffn: GuardFFN = "blinded",
 ) -> SCXConfig:
     """The :class:`SCXConfig` of the budget calculator's options: ``guard`` = l_s = l_e, ``decoys`` =
     r₁ = r₂ = r_lock, ``beta`` one β > 0 or a mapping kind → β (kinds :data:`BETA_KINDS`, or ``default``
@@ -227,7 +226,7 @@ def request_budget(
     rows: Literal["own", "all"] = "own",
     use_pld: bool = True,
     pld_interval: float | None = None,
-    guard_ffn: Literal["blinded", "clear"] = "blinded",
+    guard_ffn: GuardFFN = "blinded",
     key_sharing: bool | None = None,
 ) -> RequestBudget:
     """Per-request (ε, δ) for one prompt token under an SCX configuration (see the module docstring).
@@ -253,7 +252,7 @@ def request_budget(
     sens = model_sensitivities(model) if isinstance(model, ModelWeights) else model
     if not isinstance(sens, ModelSensitivities):
         raise ConfigError(f"model must be ModelWeights or ModelSensitivities, got {type(model).__name__}")
-    if guard_ffn not in ("blinded", "clear"):
+    if guard_ffn not in GUARD_FFN:
         raise ConfigError(f"guard_ffn must be 'blinded' or 'clear', got {guard_ffn!r}")
     if rows not in ("own", "all"):
         raise ConfigError(f"rows must be 'own' or 'all', got {rows!r}")

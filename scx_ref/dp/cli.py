@@ -26,7 +26,7 @@ import numpy as np
 from .._files import result_json, write_text_whole
 from ..commands._args import add_level, device, float_at_least, int_at_least, output_file, require_device
 from ..errors import ConfigError
-from ..protocol.config import BETA_KINDS
+from ..protocol.config import BETA_KINDS, GUARD_FFN
 from ..protocol.presets import preset, preset_names
 from ..zoo import load_weights, weights_names_help
 from ._validate import check_delta
@@ -582,7 +582,7 @@ def register(subparsers: Any) -> None:
     )
     model.add_argument(
         "--guard-ffn",
-        choices=("blinded", "clear"),
+        choices=GUARD_FFN,
         default=None,
         help="guard blocks' FFN during generation: blinded (default: the protocol's; counted) or clear; "
         "not with --config",

@@ -49,6 +49,10 @@ ATTENTION_SITES: tuple[str, ...] = ("server", "client")
 GEN_ATTENTION_SITES: tuple[str, ...] = ("client", "server")
 #: Where a generation step's W_o of the guard blocks and its LM head run (``SCXConfig.gen_linear``).
 GEN_LINEAR_SITES: tuple[str, ...] = ("client", "server")
+#: How the first guard blocks' MLP stages are sent (``SCXConfig.guard_ffn``).
+GuardFFN = Literal["clear", "blinded"]
+#: Its values.
+GUARD_FFN: tuple[GuardFFN, ...] = get_args(GuardFFN)
 #: The largest β at which float32 blinded stages were measured within |ΔPPL|/PPL ≤ 1e-5 on SmolLM2 with
 #: every linear stage blinded (DESIGN §6; 3.2e-5 at β = 10). ``blind_dtype="auto"`` runs the blinded
 #: stages of a float32 run in float64 above it (of a bfloat16 or float16 run above :func:`beta_limit` of
@@ -192,7 +196,7 @@ class SCXConfig:
     l_e: int = 1
     beta: float = 5.0
     stage_beta: Mapping[str, float] | None = None
-    guard_ffn: Literal["clear", "blinded"] = "blinded"
+    guard_ffn: GuardFFN = "blinded"
     last_ffn: Literal["exact", "paper"] = "exact"
     attention: Literal["server", "client"] = "server"
     gen_attention: Literal["client", "server"] = "client"
@@ -223,7 +227,7 @@ class SCXConfig:
                 raise ConfigError(f"unknown stage_beta kind(s) [{unknown}]; kinds are {BETA_KINDS}")
             checked = {str(k): _check_beta(v, f"stage_beta[{k!r}]") for k, v in self.stage_beta.items()}
             object.__setattr__(self, "stage_beta", _Betas(checked))
-        _choice(self, "guard_ffn", ("clear", "blinded"), "'clear' or 'blinded'")
+        _choice(self, "guard_ffn", GUARD_FFN, "'clear' or 'blinded'")
         _choice(self, "last_ffn", ("exact", "paper"), "'exact' or 'paper'")
         _choice(self, "attention", ATTENTION_SITES, "'server' or 'client'")
         _choice(self, "gen_attention", GEN_ATTENTION_SITES, "'client' or 'server'")
