@@ -15,7 +15,8 @@ semantics as :class:`~scx_ref.backends.numpy_backend.NumpyBackend` (property-tes
   with no visible key fall back to the reference's safe softmax (zeros, as the numpy reference);
 * RoPE cos/sin tables are computed once in float64 (the reference's formula) and cached per position
   (grown under a lock, so concurrent sessions may share a backend);
-* norms, softmaxes and MoE routing run in float32 for bfloat16/float16 (as Hugging Face does).
+* norms, softmaxes and MoE routing run in float32 for bfloat16/float16 (as Hugging Face does; a norm's
+  gain multiplies the normalized row rounded to the dtype, as LlamaRMSNorm's).
 
 Batching is **by session**: a batch of requests is several SCX sessions, each with its own keys, so
 every op here works on one session's rows (dim 0 is the row/token axis the permutations act on).
@@ -324,8 +325,10 @@ def _index(index: Any, what: str = "an index") -> npt.NDArray[np.int64]:
 
 
 def _t(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A contiguous tensor of ``x`` (numpy or torch) in dtype on device (no copy when already so)."""
-    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    """A contiguous tensor of ``x`` (numpy or torch) in dtype on device (no copy when already so). A numpy
+    array is read as :func:`_torch_readable` gives it: weights of another byte order or wider than float64
+    (which NumpyBackend takes) raised torch's ValueError or TypeError here."""
+    t = torch.from_numpy(_torch_readable(x)) if isinstance(x, np.ndarray) else x
     return t.detach().to(device=device, dtype=dtype).contiguous()
 
 
@@ -947,12 +950,18 @@ class TorchOps:
             raise
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x·W (+ b)`` with ``w`` stored out × in (``F.linear``); ShapeError when the widths differ."""
+        """``x·W (+ b)`` with ``w`` stored out × in (``F.linear``); ShapeError when the widths differ.
+        Operands of different dtypes are computed in their promoted dtype, as numpy's product (torch raised
+        RuntimeError)."""
         if w.ndim != 2 or x.ndim == 0 or x.shape[-1] != w.shape[1]:
             raise ShapeError(
                 f"cannot multiply rows of shape {tuple(x.shape)} by a matrix of shape "
                 f"{tuple(w.shape)} (out × in)"
             )
+        if x.dtype is not w.dtype or (bias is not None and bias.dtype is not w.dtype):
+            dt = torch.promote_types(x.dtype, w.dtype)
+            dt = dt if bias is None else torch.promote_types(dt, bias.dtype)
+            x, w, bias = x.to(dt), w.to(dt), None if bias is None else bias.to(dt)
         return dense(x, w, bias)
 
     def scale_rows(self, x: torch.Tensor, weights: npt.NDArray[Any]) -> torch.Tensor:
@@ -1182,10 +1191,10 @@ class TorchBackend(TorchOps):
         """RMSNorm_ε(x) by the eager torch ops (the mean of squares summed in the compute dtype: +inf, then a
         row of zeros, where that sum overflows). torch reduces each row on its own, so a row's values do not
         depend on the rows beside it (tests/test_backends_broadcast_and_rmsnorm_range.py)."""
-        if self.dtype in _LOW:  # norms run in float32 for bf16/fp16, as Hugging Face does
+        if self.dtype in _LOW:  # x̂ in float32 for bf16/fp16, then γ·x̂ in the dtype, as Hugging Face does
             xc = x.to(self._compute)
             var = xc.square().mean(dim=-1, keepdim=True)
-            return (gamma.to(self._compute) * (xc * torch.rsqrt(var + self.config.rms_eps))).to(self.dtype)
+            return gamma * (xc * torch.rsqrt(var + self.config.rms_eps)).to(self.dtype)
         var = x.square().mean(dim=-1, keepdim=True)
         return gamma * (x * var.add_(self.config.rms_eps).rsqrt_())
 
@@ -1219,7 +1228,8 @@ class TorchBackend(TorchOps):
         if x.dim() != 2:
             raise ShapeError(f"rows {tuple(x.shape)} against check vectors {np.shape(right)}")
         k = self._fused(x, gamma)
-        if k is None:
+        if k is None:  # integer rows (never fused) refused as norm refuses them: torch's RuntimeError
+            _floating_rows(x, "RMSNorm rows")
             return self.project64(self._rms(x, gamma), right)
         rows, width = x.shape
         if not (_right(width, right) and gamma.shape == (width,)):
@@ -1411,7 +1421,8 @@ class TorchBackend(TorchOps):
         self, x: torch.Tensor, which: WeightName, layer: int = -1, experts: IndexArray | None = None
     ) -> torch.Tensor:
         """xW + b (the bias only for ``wqkv`` of a Qwen2 model); ShapeError when the rows are not as wide as
-        W's input, as NumpyBackend."""
+        W's input, as NumpyBackend. Rows of another floating dtype are computed in the backend's (torch
+        raised RuntimeError)."""
         bias = self._layer(layer).bqkv if which == "wqkv" else None
         w = self._matrix(which, layer, experts)
         if x.dim() == 0 or x.shape[-1] != w.shape[1]:
@@ -1420,22 +1431,31 @@ class TorchBackend(TorchOps):
                 "(out × in)"
             )
         _floating_rows(x, f"rows of a {which} product")
+        if x.dtype is not w.dtype:
+            x = x.to(w.dtype)
         return dense(x, w, bias, pooled=which == "lm_head")
 
     def mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """The block's MLP on normalized rows: SwiGLU, or Mixtral MoE (softmax router, top-k with ties
         to the lower expert id as the reference's stable sort, renormalised weights); ShapeError for rows of
-        another width than the model's."""
+        another width than the model's, NonFiniteError for router logits that are not finite (no routing,
+        as the reference: a NaN made the row's experts torch's sort order of NaN). Rows of another floating
+        dtype are computed in the backend's (torch raised RuntimeError)."""
         lw = self._layer(layer)
         if x.dim() == 0 or x.shape[-1] != self.config.hidden_size:
             raise ShapeError(f"rows {tuple(x.shape)} for an MLP of width {self.config.hidden_size}")
         _floating_rows(x, "MLP rows")
+        if x.dtype is not self.dtype:
+            x = x.to(self.dtype)
         if lw.gate_up is not None and lw.down is not None:
             return dense(self.swiglu_act(dense(x, lw.gate_up)), lw.down)
         assert lw.router is not None and lw.experts_gate_up is not None and lw.experts_down is not None
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        probs = torch.softmax(dense(x2, lw.router).to(self._compute), dim=-1)
+        logits = dense(x2, lw.router)
+        if not _all_finite(logits):  # rows × experts: small beside the experts' products
+            raise NonFiniteError("router logits hold NaN or ±Inf")
+        probs = torch.softmax(logits.to(self._compute), dim=-1)
         top_p, top = torch.sort(probs, dim=-1, descending=True, stable=True)
         k = self.config.top_k
         top, weights = top[:, :k], top_p[:, :k]
@@ -1500,6 +1520,7 @@ class TorchBackend(TorchOps):
         heads of a fused QKV row)."""
         if x.ndim != 3:
             raise ShapeError(f"RoPE input must be rows × heads × head_dim, got {tuple(x.shape)}")
+        _floating_rows(x, "RoPE input")  # as NumpyBackend (integer heads were cast)
         if x.shape[-1] != self.config.head_dim:
             raise ShapeError(f"RoPE on heads of width {x.shape[-1]}, the model's are {self.config.head_dim}")
         if np.ndim(positions) != 1:
@@ -1639,8 +1660,8 @@ class TorchBackend(TorchOps):
                 causal = True
             else:
                 mask = torch.from_numpy(kp[None, :] <= qp[:, None]).to(self.device)
-        if n_k == 0:
-            return q.new_zeros(n_q, n_heads, v.shape[-1])
+        if n_k == 0:  # in the backend's dtype, as every other path's output (q's dtype may differ)
+            return torch.zeros(n_q, n_heads, v.shape[-1], dtype=self.dtype, device=q.device)
         if mask is None and not causal and n_heads > n_kv and q.device.type == "cpu":
             return self._grouped_attention(q, k, v)
         return self._batched_attention(q, k, v, mask, causal)
@@ -1692,13 +1713,20 @@ class TorchBackend(TorchOps):
     def _masked_scores(
         self, q: torch.Tensor, k: torch.Tensor, qp: npt.NDArray[np.int64], kp: npt.NDArray[np.int64]
     ) -> torch.Tensor:
-        s = self.scores(q, k)
+        """:meth:`scores` with −inf where a key lies after the query, kept in the compute dtype (float32
+        for bfloat16/float16, as the fused call's): rounded to the dtype, one query that saw no key made
+        every other query's softmax read scores rounded to bfloat16."""
+        s = self._scores(q, k)
         mask = torch.from_numpy(kp[None, :] <= qp[:, None]).to(self.device)
         return s.masked_fill(~mask[None], -math.inf)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Scaled scores q kᵀ/√d_h per head with GQA: (H, rows_q, rows_k); ShapeError for shapes
         :func:`~.base.check_heads` refuses."""
+        return self._scores(q, k).to(self.dtype)
+
+    def _scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """:meth:`scores` in the compute dtype."""
         check_heads(tuple(q.shape), tuple(k.shape))
         n_q, n_heads, d_h = q.shape
         n_k, n_kv, _ = k.shape
@@ -1708,7 +1736,7 @@ class TorchBackend(TorchOps):
         qg = q.to(self._compute).reshape(n_q, n_kv, g, d_h).permute(1, 2, 0, 3).reshape(n_kv, g * n_q, d_h)
         kt = k.to(self._compute).permute(1, 2, 0)  # H_kv × d × k
         s = torch.bmm(qg, kt) / math.sqrt(d_h)
-        return s.reshape(n_heads, n_q, n_k).to(self.dtype)
+        return s.reshape(n_heads, n_q, n_k)
 
     def softmax_values(self, scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(scores)·v per head (rows with no finite score give zeros, as the reference); ShapeError
