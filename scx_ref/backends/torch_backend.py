@@ -316,11 +316,14 @@ def as_index(index: npt.NDArray[np.int64], device: torch.device) -> torch.Tensor
 
 def _index(index: Any, what: str = "an index") -> npt.NDArray[np.int64]:
     """``index`` as a C-contiguous int64 array for a fused kernel: ShapeError unless it is 1-D and of an
-    integer dtype (or empty). A float index was truncated and a 2-D one failed inside numba's compiler;
-    the kernels check the range themselves."""
+    integer dtype (or empty), and unless an unsigned one's entries fit int64 (the cast wrapped 2⁶³ to a
+    negative index, which ``gather_sum`` reads as a decoy row). A float index was truncated and a 2-D one
+    failed inside numba's compiler; the kernels check the range themselves."""
     arr = np.asarray(index)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise ShapeError(f"{what} must be a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
+    if arr.size and arr.dtype.kind == "u" and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ShapeError(f"{what} holds an index past int64")
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
