@@ -11,10 +11,16 @@
 * :func:`frequency_prior` — where block 1 is not noised every QKV row is a known token; decoys whose
   tokens are drawn unlike real text (uniformly over a vocabulary: mostly rare tokens) are the rows a public
   unigram finds least probable.
+* :func:`recurring_rows` — a client draws every request's decoys from one calibration pool per master
+  secret, so a server that records several sessions of one client sees the same pool rows again, verbatim,
+  wherever the stage is not noised; a real row past block 1 depends on its whole prefix and recurs only for
+  a shared prefix. Rows seen in two sessions are then decoys (block 1 excepted: its real rows are
+  vocabulary rows, which recur whenever two prompts share a token).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +32,7 @@ from ..weights import ModelWeights
 from ._model import float_arg, int_arg, rows_arg
 from .vocab_match import nearest_rows, normalized_table
 
-__all__ = ["frequency_prior", "norm_residual", "residual_links", "vocab_distance"]
+__all__ = ["frequency_prior", "norm_residual", "recurring_rows", "residual_links", "vocab_distance"]
 
 Array = npt.NDArray[Any]
 
@@ -137,3 +143,52 @@ def frequency_prior(tokens: npt.ArrayLike, decoy: npt.ArrayLike, log_prior: npt.
     below, tied = score < cut, score == cut
     share = (r - int(below.sum())) / int(tied.sum())  # the tied rows' chance of being called
     return (int((below & truth).sum()) + share * int((tied & truth).sum())) / r
+
+
+def recurring_rows(rows_per_session: Sequence[Array], tol: float = 0.0) -> list[Array]:
+    """Which rows of each session recur in another session: for the rows one (stage, layer) message of
+    each session carried (``rows_per_session[s]``: rows × width), a boolean mask over session s's rows,
+    true where some row of a session t ≠ s is equal to it — with ``tol`` = 0, every value equal (−0 and +0
+    alike); with ``tol`` > 0, ‖x − y‖₂ ≤ ``tol``·max(‖x‖₂, ‖y‖₂). A row repeated within its own session only
+    is not marked. What it measures: how many of the rows a server records it has seen before in another
+    session — for a client that draws the decoys of every request from one calibration pool, the decoys it
+    re-drew (past block 1's noised QKV stage; real rows there recur only for a shared prefix).
+
+    ConfigError unless ``rows_per_session`` is a sequence (list, tuple, …; not a string or a numpy array)
+    and ``tol`` a real number >= 0; each session's rows: DTypeError unless numeric, ShapeError unless 2-D
+    of the first session's width, NonFiniteError for NaN or ±Inf (:func:`~scx_ref.attacks._model.rows_arg`).
+    No session gives an empty list; a single session, all-False."""
+    if isinstance(rows_per_session, (str, bytes)) or not isinstance(rows_per_session, Sequence):
+        raise ConfigError(
+            "rows_per_session must be a sequence of per-session row arrays, "
+            f"got {type(rows_per_session).__name__}"
+        )
+    tol = float_arg(tol, "tol", 0.0)
+    sessions: list[Array] = []
+    for k, rows in enumerate(rows_per_session):
+        width = sessions[0].shape[1] if sessions else None
+        # + 0.0 turns −0 into +0: equal rows, equal bytes
+        sessions.append(rows_arg(rows, f"rows of session {k}", width) + 0.0)
+    masks = [np.zeros(len(a), dtype=bool) for a in sessions]
+    if tol == 0:  # exact: one pass over the rows' bytes
+        first: dict[bytes, int] = {}  # each distinct row → the first session holding it
+        recurs: set[bytes] = set()
+        for k, a in enumerate(sessions):
+            for row in a:
+                key = row.tobytes()
+                if first.setdefault(key, k) != k:
+                    recurs.add(key)
+        for a, mask in zip(sessions, masks, strict=True):
+            mask[:] = [row.tobytes() in recurs for row in a]
+        return masks
+    # within tol: every pair of sessions, on rows scaled by one power of two (exact) so no norm overflows
+    peak = max((float(np.max(np.abs(a))) for a in sessions if a.size), default=0.0)
+    unit = [np.ldexp(a, -int(np.frexp(peak)[1])) for a in sessions] if peak > 0 else sessions
+    norms = [np.linalg.norm(a, axis=1) for a in unit]
+    for s in range(len(unit)):
+        for t in range(s + 1, len(unit)):
+            dist = np.linalg.norm(unit[s][:, None, :] - unit[t][None, :, :], axis=2)
+            close = dist <= tol * np.maximum(norms[s][:, None], norms[t][None, :])
+            masks[s] |= close.any(axis=1)
+            masks[t] |= close.any(axis=0)
+    return masks
