@@ -110,15 +110,17 @@ def test_frequency_prior_checks_its_arguments() -> None:
 
 
 def test_no_unigram_is_the_uniform_draw_bit_for_bit() -> None:
-    """``unigram=None`` (and the default) is the draw the client always made: randbelow(vocab_size) on the
-    ("decoy-pool",) stream of the all-zero nonce, pinned by its digest (computed before the argument
-    existed), so a pool and the published results built on it do not move."""
+    """``unigram=None`` (and the default) is the uniform draw: randbelow(vocab_size) on the ("decoy-pool",
+    epoch) stream of the keys' own nonce (since the pool stopped handing out a row twice, every client its
+    own texts: before, the all-zero nonce's ("decoy-pool",) stream, one text per master secret)."""
     text = secret_calibration_tokens(_keys(), 32000)
-    assert np.array_equal(text, secret_calibration_tokens(_keys(), 32000, 256, unigram=None))
-    direct = _keys().for_nonce(bytes(NONCE_BYTES)).stream(("decoy-pool",)).randbelow(np.full(256, 32000))
+    assert np.array_equal(text, secret_calibration_tokens(_keys(), 32000, 256, unigram=None, epoch=0))
+    direct = _keys().stream(("decoy-pool", 0)).randbelow(np.full(256, 32000))
     assert text.dtype == np.int64 and np.array_equal(text, direct)
-    digest = hashlib.sha256(text.astype("<i8").tobytes()).hexdigest()
+    old = _keys().for_nonce(bytes(NONCE_BYTES)).stream(("decoy-pool",)).randbelow(np.full(256, 32000))
+    digest = hashlib.sha256(old.astype("<i8").tobytes()).hexdigest()  # the stream the draw used to read
     assert digest == "317e2df232511910bc7fa0b07897ce8caad0d333b4008b4c48f217f40a892f3d"
+    assert not np.array_equal(text, old)
 
 
 def _chi_square(text: Array, weights: Array) -> float:
@@ -169,15 +171,20 @@ def test_the_draw_is_an_exact_inverse_cdf() -> None:
     assert len(set(huge.tolist())) > vocab // 2
 
 
-def test_the_text_is_the_secrets_not_the_nonces() -> None:
-    """One master secret draws one text under every nonce (clients of one secret build one pool); another
-    secret draws another: which tokens the pool holds stays secret although the unigram is public."""
+def test_the_text_is_the_keys_and_the_epochs() -> None:
+    """The text is the key schedule's — master secret and the client's first nonce — and the epoch's: two
+    clients of one secret draw different texts (their pools share no row, so no decoy of one recurs in the
+    other's sessions), and so do a pool's epochs; the same keys and epoch draw the same text. Which tokens
+    the pool holds stays secret although the unigram is public."""
     weights = unigram_counts(np.arange(100) % 7, 64)
     a = secret_calibration_tokens(_keys(nonce=bytes(16 * [1])), 64, unigram=weights)
     b = secret_calibration_tokens(_keys(nonce=bytes(16 * [2])), 64, unigram=weights)
     c = secret_calibration_tokens(_keys(master=_master(0)), 64, unigram=weights)
-    assert np.array_equal(a, b)
-    assert np.mean(a != c) > 0.5
+    a1 = secret_calibration_tokens(_keys(nonce=bytes(16 * [1])), 64, unigram=weights, epoch=1)
+    again = secret_calibration_tokens(_keys(nonce=bytes(16 * [1])), 64, unigram=weights, epoch=0)
+    assert np.array_equal(a, again)
+    for other in (b, c, a1):
+        assert np.mean(a != other) > 0.5
 
 
 def test_unigram_counts_are_add_one_smoothed_counts() -> None:
@@ -230,13 +237,14 @@ def test_the_client_draws_its_pool_text_from_the_unigram() -> None:
     client: Client[Any] = Client(b, _keys(), cfg, unigram=weights)
     assert isinstance(client.decoys, CalibrationPool)
     pool = client.decoys.rows[(Stage.QKV, 0)]
-    text = secret_calibration_tokens(_keys(nonce=bytes(16 * [9])), w.config.vocab_size, unigram=weights)
+    text = secret_calibration_tokens(_keys(), w.config.vocab_size, unigram=weights)
     assert set(text.tolist()) == set(support)
     assert np.array_equal(pool, embed[text])
     plain: Client[Any] = Client(b, _keys(nonce=bytes(16 * [3])), cfg)
     assert isinstance(plain.decoys, CalibrationPool)
     assert np.array_equal(
-        plain.decoys.rows[(Stage.QKV, 0)], embed[secret_calibration_tokens(_keys(), w.config.vocab_size)]
+        plain.decoys.rows[(Stage.QKV, 0)],
+        embed[secret_calibration_tokens(_keys(nonce=bytes(16 * [3])), w.config.vocab_size)],
     )
     link = LocalTransport(Server(b), record_view=True)
     ids = np.array([0, 1, 2, 4, 5, 6, 8], dtype=np.int64)

@@ -66,7 +66,7 @@ from ..transforms import (
 )
 from .config import SCXConfig
 from .cost import CostMeter, CostReport, StageCost
-from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys, secret_calibration_tokens, unigram_weights
+from .decoys import CalibrationPool, DecoyPolicy, GaussianDecoys, unigram_weights
 from .keyring import RequestKeys
 from .messages import Request
 from .mlp import route
@@ -137,8 +137,9 @@ class Client(Generic[A]):
     SketchCache`) to share among clients of one backend and master secret (one of another backend or
     master secret is refused: ProtocolError); built here when None and ``config.verify`` is on.
     ``decoys``: the decoy policy; by default a calibration pool built here from ``public_tokens``, or —
-    when None — from a pseudo-text the key schedule picks (:func:`~scx_ref.protocol.decoys.
-    secret_calibration_tokens`: a text the server knows lets it rebuild the pool and find every decoy),
+    when None — from pseudo-texts the key schedule picks (:meth:`~scx_ref.protocol.decoys.CalibrationPool.
+    secret`: a text the server knows lets it rebuild the pool and find every decoy; no row is handed out
+    twice, so none recurs across this client's sessions),
     drawn from the public unigram distribution ``unigram`` when given (DESIGN §5.1; e.g.
     :func:`~scx_ref.protocol.decoys.unigram_counts` of a public text), else uniformly from the vocabulary.
     An argument of the wrong kind is refused (ProtocolError; a bad ``public_tokens``: VocabularyError,
@@ -238,13 +239,10 @@ class Client(Generic[A]):
             self.decoys: DecoyPolicy = decoys
         elif self.cfg.decoys == "gaussian":
             self.decoys = GaussianDecoys()
+        elif public_tokens is None:  # a secret text, no row handed out twice (CalibrationPool.secret)
+            self.decoys = CalibrationPool.secret(backend, keys, unigram)
         else:
-            tokens = (  # a text the server cannot rebuild the pool from (secret_calibration_tokens)
-                secret_calibration_tokens(keys, self.c.vocab_size, unigram=unigram)
-                if public_tokens is None
-                else token_ids(public_tokens, self.c.vocab_size)
-            )
-            self.decoys = CalibrationPool.from_tokens(backend, tokens)
+            self.decoys = CalibrationPool.from_tokens(backend, token_ids(public_tokens, self.c.vocab_size))
 
     # -- helpers ---------------------------------------------------------------------------------
     @contextmanager

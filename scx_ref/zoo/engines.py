@@ -26,7 +26,7 @@ from ..backends.numpy_backend import NumpyBackend
 from ..errors import ConfigError, SCXError
 from ..keys import KeySchedule
 from ..protocol import CalibrationPool, Client, Level, LocalTransport, SCXConfig, Server, Transport
-from ..protocol.decoys import secret_calibration_tokens, unigram_weights
+from ..protocol.decoys import unigram_weights
 from ..protocol.verify import SketchCache
 from ..reference import ReferenceModel
 from ..weights import ModelWeights
@@ -230,11 +230,9 @@ class _SCX:
         self.cfg = cfg
         self.keys = KeySchedule.generate()
         self.pool: CalibrationPool | None = None
-        if cfg.decoys == "calibration":  # built once per run, not once per request, from the run's secret
-            # text (a public text let a server holding the weights rebuild the pool and find every decoy)
-            self.pool = CalibrationPool.from_tokens(
-                self.backend, secret_calibration_tokens(self.keys, weights.config.vocab_size, unigram=unigram)
-            )
+        if cfg.decoys == "calibration":  # built once per run (then per epoch), from the run's secret texts
+            # (a public text let a server holding the weights rebuild the pool and find every decoy)
+            self.pool = CalibrationPool.secret(self.backend, self.keys, unigram)
         self.sketches: SketchCache | None = None
         if cfg.verify:  # the reply verifier's precomputation, once per run
             self.sketches = SketchCache(self.backend, self.keys)
