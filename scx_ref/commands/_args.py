@@ -129,12 +129,21 @@ def _writable_dir(path: Path) -> bool:
 
 def output_file(text: str) -> Path:
     """A file the command will write: its directory must exist and be writable, and it must not be a
-    directory itself."""
+    directory itself, nor anything else that is not a regular file (a device such as ``/dev/stdout``, a
+    FIFO, a socket) — the file is written whole, into a private sibling then renamed onto the path
+    (:func:`~scx_ref._files.write_text_whole`), which would put a regular file in that thing's place. A
+    symbolic link is written through: the path returned is its target's."""
     if not text:  # Path("") is "." — a directory, which the text did not name
         raise argparse.ArgumentTypeError("must not be empty: give a file to write")
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file to write")
+    if path.exists() and not path.is_file():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a regular file (a device, FIFO or socket): give a file to write"
+        )
+    if path.is_symlink():  # the rename would replace the link itself, not the file it names
+        path = Path(os.path.realpath(path))
     parent = path.parent if str(path.parent) else Path(".")
     if not _writable_dir(parent):
         raise argparse.ArgumentTypeError(

@@ -33,7 +33,7 @@ from ._args import (
     require_device,
 )
 
-__all__ = ["register", "run"]
+__all__ = ["check_tls_ca", "register", "run"]
 
 
 _SAMPLING = "sampling only (needs --do-sample)"
@@ -109,7 +109,8 @@ def register(subparsers: Any) -> None:
         "--dtype",
         default="float32",
         choices=ENGINE_DTYPES,
-        help="float32 (default) or float64: the server's dtype",
+        help="float32 (default) or float64: SCX's dtype here and in an in-process server; with --server, "
+        "the server's --dtype",
     )
     p.add_argument(
         "--device",
@@ -136,6 +137,20 @@ def register(subparsers: Any) -> None:
         help="PEM of the CA that signed the server's certificate (with an scxs:// --server)",
     )
     p.set_defaults(func=run, parser=p)
+
+
+def check_tls_ca(path: str) -> None:
+    """ConfigError (one line, naming ``--tls-ca``) unless ``path`` holds at least one PEM certificate that
+    parses — what the client's TLS channel needs as its root certificates. Checked before the model loads:
+    the connection reads the file only when the first session opens."""
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"--tls-ca {path}: not a PEM file of CA certificates ({exc.reason or exc})"
+        ) from None
 
 
 class _Printer:
@@ -194,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
         tls = parse_url(args.server)[2]
         if args.tls_ca is not None and not tls:  # a plaintext connection would ignore it
             args.parser.error(f"--tls-ca: {args.server} is not a TLS server (scxs://HOST:PORT)")
+        if args.tls_ca is not None:
+            check_tls_ca(str(args.tls_ca))
     require_device(args.device)  # before the model is loaded
     model, tokenizer = load_hf(args.model)
     if args.prompt is not None:

@@ -140,8 +140,8 @@ def register(subparsers: Any) -> None:
         "--beta",
         type=float_at_least(0.0, maximum=MAX_BETA),
         default=None,
-        help=f"Laplace scale of the noised stages (default {DEFAULT_BETA:g}); not with --config or --level "
-        "permute (no noise)",
+        help=f"Laplace scale of the noised stages, >= 0 (default {DEFAULT_BETA:g}); not with --config or "
+        "--level permute (no noise)",
     )
     p.add_argument(
         "--dtype",

@@ -39,6 +39,7 @@ from ._args import (
 
 __all__ = [
     "DEFAULT_MAX_BATCH_ROWS",
+    "MAX_SESSIONS",
     "PARENT_ENV",
     "batch_rows_bound",
     "build_backend",
@@ -55,6 +56,10 @@ PARENT_ENV = "SCX_SERVE_PARENT_PID"
 #: The largest ``--max-message-mb``: whole MiB within :data:`~scx_ref.service.codec.MAX_MESSAGE_BYTES`
 #: (gRPC's message-size options are C ints; a frame may carry 1 KiB of header beyond the limit): 2047
 MAX_MESSAGE_MB = MAX_MESSAGE_BYTES >> 20
+#: The largest ``--max-sessions``: the server's greeting carries it, and a greeting holds int64 integers
+#: only (:func:`~scx_ref.service.codec.encode_hello`) — past it the server started and then refused every
+#: client's hello, which each client reported as "not an SCX server"
+MAX_SESSIONS = 2**63 - 1
 
 
 def batch_rows_bound(max_batch: int, max_sessions: int) -> int:
@@ -275,9 +280,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--max-sessions",
-        type=int_at_least(1),
+        type=int_at_least(1, MAX_SESSIONS),
         default=d.max_sessions,
-        help=f"most sessions at once (default {d.max_sessions})",
+        help=f"most sessions at once (default {d.max_sessions}; at most 2**63 - 1)",
     )
     p.add_argument(
         "--max-sessions-per-peer",
