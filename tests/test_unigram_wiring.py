@@ -149,3 +149,55 @@ def test_a_client_refuses_a_bad_unigram_before_building_anything(monkeypatch: py
     assert not built
     Client(NumpyBackend(w), keys, SCXConfig(level="permute"), unigram=np.ones(w.config.vocab_size))
     assert built == [1]
+
+
+# -- the commands -----------------------------------------------------------------------------------------
+class _Stop(Exception):
+    """Raised by a spy once it has seen what a command hands its SCX side."""
+
+
+def test_verify_and_ppl_hand_their_engines_the_public_unigram(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``scx verify`` and ``scx ppl`` build their SCX engines with the corpus's public unigram (and none
+    with Gaussian decoys: ``pool_unigram``)."""
+    from scx_ref.cli import main
+    from scx_ref.zoo import engines, load_model
+
+    seen: list[Any] = []
+
+    def spy(
+        self: Any, weights: Any, dtype: Any, cfg: Any, device: Any, server: Any = None, unigram: Any = None
+    ) -> None:
+        seen.append(unigram)
+        raise _Stop
+
+    monkeypatch.setattr(engines._SCX, "__init__", spy)
+    vocab = load_model("tiny-llama")[2].config.vocab_size
+    want = public_unigram(None, vocab)
+    for argv in (
+        ["verify", "--model", "tiny-llama", "--quiet"],
+        ["ppl", "--model", "tiny-llama", "--tokens", "64"],
+    ):
+        with pytest.raises(_Stop):
+            main(argv)
+        np.testing.assert_array_equal(seen.pop(), want)
+    from scx_ref.zoo.engines import pool_unigram
+
+    assert pool_unigram(scx_config("paper", 1.0, decoys="gaussian"), None, vocab) is None
+
+
+def test_generate_hands_its_model_the_public_unigram(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scx_ref import hf
+    from scx_ref.cli import main
+    from scx_ref.zoo import load_model
+
+    seen: dict[str, Any] = {}
+
+    def spy(model: Any, **options: Any) -> None:
+        seen.update(options)
+        raise _Stop
+
+    monkeypatch.setattr(hf.SCXModel, "from_hf", staticmethod(spy))
+    with pytest.raises(_Stop):
+        main(["generate", "--model", "tiny-llama", "--prompt-ids", "1,2,3", "--max-new-tokens", "2"])
+    vocab = load_model("tiny-llama")[2].config.vocab_size
+    np.testing.assert_array_equal(seen["unigram"], public_unigram(None, vocab))

@@ -195,9 +195,10 @@ class _Printer:
 
 def run(args: argparse.Namespace) -> int:
     """Load the client side of the model, generate, print as tokens come."""
-    from ..hf import SCXModel
+    from ..hf import SCXModel, config_from_hf
     from ..service.remote import parse_url
     from ..zoo import load_hf
+    from ..zoo.corpus import public_unigram
 
     sampling = [f"--{n.replace('_', '-')}" for n in _SAMPLING_ONLY if getattr(args, n) is not None]
     if sampling and not args.do_sample:  # greedy decoding would ignore them: refused, never ignored
@@ -233,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         server=args.server,
         server_options=server_options,
+        unigram=public_unigram(tokenizer, config_from_hf(model.config).vocab_size),  # DESIGN §5.1
     )
     options: dict[str, Any] = {"do_sample": args.do_sample, "streamer": _Printer(tokenizer)}
     for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):

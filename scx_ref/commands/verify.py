@@ -38,6 +38,7 @@ from ..zoo.engines import (
     plain_generate,
     plain_logits,
     plain_model,
+    pool_unigram,
     scx_config,
     scx_generate,
     scx_logits,
@@ -125,7 +126,8 @@ def verify(
 
         plain = plain_logits(hf, w, dtype)
         dmax = lmax = 0.0
-        with scx_logits(w, dtype, cfg, device, server=server) as scx:  # its stream to --server ends here
+        unigram = pool_unigram(cfg, tok, w.config.vocab_size)
+        with scx_logits(w, dtype, cfg, device, server=server, unigram=unigram) as scx:  # stream ends here
             for ids in items:
                 lp, ls = np.asarray(plain(ids), np.float64), np.asarray(scx(ids), np.float64)
                 dmax, lmax = max(dmax, float(np.abs(ls - lp).max())), max(lmax, float(np.abs(lp).max()))
@@ -143,7 +145,7 @@ def verify(
 
         gp = plain_generate(hf, w, dtype)
         same = 0
-        with scx_generate(w, dtype, cfg, device, server=server) as gs:
+        with scx_generate(w, dtype, cfg, device, server=server, unigram=unigram) as gs:
             for ids in items:
                 same += int(gp(ids, n_new) == gs(ids, n_new))
         checks.append(

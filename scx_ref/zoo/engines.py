@@ -30,6 +30,7 @@ from ..protocol.decoys import unigram_weights
 from ..protocol.verify import SketchCache
 from ..reference import ReferenceModel
 from ..weights import ModelWeights
+from .corpus import public_unigram
 
 if TYPE_CHECKING:
     from ..service.remote import RemoteTransport
@@ -45,6 +46,7 @@ __all__ = [
     "plain_generate",
     "plain_logits",
     "plain_model",
+    "pool_unigram",
     "scx_config",
     "scx_generate",
     "scx_logits",
@@ -194,6 +196,13 @@ def _backend(weights: ModelWeights, dtype: str, device: str) -> Backend[Any]:
     except ImportError as exc:
         raise SCXError(f"the float32 SCX path needs the torch backend: {exc}") from exc
     return TorchBackend(weights, torch.float32, device)
+
+
+def pool_unigram(cfg: SCXConfig, tokenizer: Any | None, vocab_size: int) -> npt.NDArray[np.int64] | None:
+    """The ``unigram`` the commands give their clients: the corpus's public unigram
+    (:func:`~scx_ref.zoo.corpus.public_unigram`, DESIGN §5.1) where ``cfg`` draws calibration decoys, else
+    None (Gaussian decoys draw no text)."""
+    return public_unigram(tokenizer, vocab_size) if cfg.decoys == "calibration" else None
 
 
 class _SCX:

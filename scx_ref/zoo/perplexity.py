@@ -31,7 +31,7 @@ from ..protocol import Level, SCXConfig
 from ..protocol.plan import ReleasePlan
 from . import load_model, max_positions
 from .corpus import corpus_text, corpus_tokens
-from .engines import LogitsFn, check_device, plain_logits, plain_model, scx_config, scx_logits
+from .engines import LogitsFn, check_device, plain_logits, plain_model, pool_unigram, scx_config, scx_logits
 
 __all__ = [
     "PPL_CRITERION",
@@ -268,7 +268,9 @@ def ppl_run(
         level, beta = cfg.level, cfg.beta
     with (
         precision_warned(cfg, dtype, w.config),  # said once, before the progress bar starts
-        scx_logits(w, dtype, cfg, device, server=server) as scx,  # its stream to --server ends with the run
+        scx_logits(
+            w, dtype, cfg, device, server=server, unigram=pool_unigram(cfg, tok, w.config.vocab_size)
+        ) as scx,
     ):
         res = compare_ppl(
             ids,
