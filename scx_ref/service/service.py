@@ -62,6 +62,9 @@ __all__ = ["METHOD", "SCXService", "ServeOptions", "model_fingerprint", "peer_ho
 METHOD = "/scx.v1.SCX/Session"
 log = logging.getLogger("scx.serve")
 
+#: The largest integer the service's greeting (``codec.encode_hello``) carries.
+_INT64_MAX = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -70,7 +73,8 @@ class ServeOptions:
     host, port         the gRPC listener (port 0: any free port)
     ops_port           HTTP ``/health`` and ``/metrics`` (0: any free port; None: no ops listener)
     workers            compute threads (each stage runs on one)
-    batch_rows         tile height of the middle blocks' cross-session batches (1: no batching)
+    batch_rows         tile height of the middle blocks' cross-session batches (1: no batching; at most
+                       2⁶³ − 1, as max_sessions: the greeting carries both as int64)
     max_batch          most ``gen_mid`` rows computed together
     max_sessions       most sessions (streams) at once; more are refused
     max_sessions_per_peer
@@ -106,8 +110,11 @@ class ServeOptions:
     tls_key: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("workers", "batch_rows", "max_batch", "max_sessions", "max_rows"):
+        for name in ("workers", "max_batch", "max_rows"):
             object.__setattr__(self, name, check_int(getattr(self, name), name, 1))
+        for name in ("batch_rows", "max_sessions"):  # in the greeting, which holds int64 integers only:
+            # past 2⁶³ − 1 the service started and then refused every client's hello
+            object.__setattr__(self, name, check_int(getattr(self, name), name, 1, _INT64_MAX))
         if self.max_sessions_per_peer is not None:
             per_peer = check_int(self.max_sessions_per_peer, "max_sessions_per_peer", 1)
             object.__setattr__(self, "max_sessions_per_peer", per_peer)
