@@ -25,7 +25,7 @@ from scx_ref.backends import NumpyBackend
 from scx_ref.config import ModelConfig
 from scx_ref.errors import ConfigError, PrecisionWarning, ProtocolError, SessionError
 from scx_ref.keys import KeySchedule
-from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server, Stage
+from scx_ref.protocol import CalibrationPool, Client, LocalTransport, SCXConfig, Server, Stage
 from scx_ref.protocol.messages import Request
 from scx_ref.protocol.pool import MaskPool
 from scx_ref.protocol.presets import preset
@@ -258,8 +258,15 @@ def _prefill_with_open(client: Client[Any], server: Server[Any], extra: dict[str
     client.prefill(IDS, Link(server))
 
 
-def _pool_client(cfg: SCXConfig, weights: ModelWeights, nonce: bytes = bytes(16)) -> Client[Any]:
-    return Client(NumpyBackend(weights), KeySchedule(MASTER, nonce), cfg)
+def _pool_client(
+    cfg: SCXConfig, weights: ModelWeights, nonce: bytes = bytes(16), pool_nonce: bytes | None = None
+) -> Client[Any]:
+    """A client of MASTER under ``nonce``; its calibration pool that of a client created under
+    ``pool_nonce`` when given (a fresh pool of the same text: the same decoys for the same draws — a
+    client's own pool is keyed by its first nonce and hands out no row twice)."""
+    b = NumpyBackend(weights)
+    decoys = None if pool_nonce is None else CalibrationPool.secret(b, KeySchedule(MASTER, pool_nonce))
+    return Client(b, KeySchedule(MASTER, nonce), cfg, decoys=decoys)
 
 
 def test_mask_pool_entries_are_used_exactly_once() -> None:
@@ -305,7 +312,7 @@ def test_mask_pool_view_equals_the_view_without_it(n: int) -> None:
     nonce = pool._entries[0].nonce
     link = LocalTransport(Server(client.b), record_view=True)
     got = [client.prefill(IDS, link)] + [client.decode(t, link) for t in (3, 4, 5)]
-    other = _pool_client(cfg, weights, nonce)
+    other = _pool_client(cfg, weights, nonce, pool_nonce=bytes(16))
     link2 = LocalTransport(Server(other.b), record_view=True)
     want = [other.prefill(IDS, link2)] + [other.decode(t, link2) for t in (3, 4, 5)]
     assert_same_view(link.view, link2.view, rounding=n > len(IDS))
