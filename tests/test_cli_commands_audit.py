@@ -19,56 +19,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import stat
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-import scx_ref.commands.ppl as ppl_mod
-import scx_ref.commands.serve as serve_mod
-import scx_ref.commands.verify as verify_mod
-import scx_ref.zoo as zoo
 from scx_ref.cli import main
 from scx_ref.commands._args import output_file
-
-NOISE = ("Traceback", "Exception ignored", "Error in")
-
-
-def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str], *words: str) -> str:
-    """Run ``scx ARGV``: exit status 2 and exactly one ``scx <command>: error:`` line holding ``words``."""
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code  # type: ignore[assignment]
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    errors = [ln for ln in err.splitlines() if re.match(r"scx [a-z-]+: error: ", ln)]
-    assert len(errors) == 1, err
-    assert not any(w in err for w in NOISE), err
-    assert all(w in errors[0] for w in words), errors[0]
-    return errors[0]
+from tests.cli_checks import refuse_work, usage_error
 
 
 @pytest.fixture
 def no_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every way these commands load a model or start their run, recorded (and failing the test)."""
-    calls: list[str] = []
-
-    def refuse(name: str) -> Any:
-        def load(*_a: Any, **_k: Any) -> Any:
-            calls.append(name)
-            raise AssertionError(f"{name} called: the work began before the options were checked")
-
-        return load
-
-    monkeypatch.setattr(zoo, "load_hf", refuse("load_hf"))
-    monkeypatch.setattr(verify_mod, "load_model", refuse("load_model"))
-    monkeypatch.setattr(ppl_mod, "ppl_run", refuse("ppl_run"))
-    monkeypatch.setattr(serve_mod, "build_backend", refuse("build_backend"))
-    return calls
+    """Every way the commands load a model or start their run, recorded (and failing the test)."""
+    return refuse_work(monkeypatch)
 
 
 # -- --json onto something that is not a regular file -------------------------------------------------------
@@ -97,7 +62,7 @@ def test_json_onto_a_device_fifo_or_socket_is_refused_before_any_work(
     """Was: accepted, the whole run made, then the FIFO / socket / device link replaced by a regular file."""
     path = not_files[kind]
     before = os.lstat(path)
-    _usage_error(
+    usage_error(
         capsys, [command, "--model", "tiny-llama", "--json", str(path)], "--json", "not a regular file"
     )
     assert no_work == []
@@ -143,7 +108,7 @@ def test_max_sessions_stops_where_the_greeting_s_int64_does(
         encode_hello({"service": "scx", "max_sessions": MAX_SESSIONS + 1})
     for text in (str(MAX_SESSIONS + 1), "100000000000000000000000"):
         argv = ["serve", "--model", "tiny-llama", "--port", "0", "--ops-port", "-1", "--max-sessions", text]
-        _usage_error(capsys, argv, "argument --max-sessions")
+        usage_error(capsys, argv, "argument --max-sessions")
     assert no_work == []
 
 
@@ -163,7 +128,7 @@ def test_a_tls_ca_without_a_certificate_is_refused_before_the_model_loads(
     ca = tmp_path / "ca.pem"
     ca.write_bytes(content)
     argv = ["generate", "--model", "tiny-llama", "--prompt-ids", "1", "--server", "scxs://127.0.0.1:1"]
-    _usage_error(capsys, [*argv, "--tls-ca", str(ca)], "--tls-ca", str(ca))
+    usage_error(capsys, [*argv, "--tls-ca", str(ca)], "--tls-ca", str(ca))
     assert no_work == []
 
 

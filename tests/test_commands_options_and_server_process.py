@@ -31,50 +31,17 @@ import pytest
 pytest.importorskip("grpc")
 pytest.importorskip("torch")
 
-import scx_ref.commands.serve as serve_mod
-import scx_ref.commands.verify as verify_mod
-import scx_ref.zoo as zoo
-from scx_ref.cli import main
 from scx_ref.commands._args import MAX_SEED, MAX_THREADS, MAX_TIMEOUT_S
 from scx_ref.commands.serve import MAX_MESSAGE_MB, PARENT_ENV
 from scx_ref.service.codec import grpc_options
 from scx_ref.service.spawn import ServerProcess
-
-NOISE = ("Traceback", "Exception ignored", "Error in", "OverflowError", "ValueError")
-
-
-def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str], *words: str) -> str:
-    """Run ``scx ARGV``: exit status 2 (argparse's SystemExit or main's return) and exactly one
-    ``scx <command>: error:`` line holding ``words``, no traceback."""
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code  # type: ignore[assignment]
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    errors = [ln for ln in err.splitlines() if re.match(r"scx [a-z-]+: error: ", ln)]
-    assert len(errors) == 1, err
-    assert not any(w in err for w in NOISE), err
-    assert all(w in errors[0] for w in words), errors[0]
-    return errors[0]
+from tests.cli_checks import refuse_work, usage_error
 
 
 @pytest.fixture
 def no_model(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every way the commands load a model, recorded (and failing): a test asserts none was reached."""
-    calls: list[str] = []
-
-    def refuse(name: str) -> Any:
-        def load(*_a: Any, **_k: Any) -> Any:
-            calls.append(name)
-            raise AssertionError(f"{name} called: the model was loaded before the options were checked")
-
-        return load
-
-    monkeypatch.setattr(zoo, "load_hf", refuse("load_hf"))
-    monkeypatch.setattr(verify_mod, "load_model", refuse("load_model"))
-    monkeypatch.setattr(serve_mod, "build_backend", refuse("build_backend"))
-    return calls
+    """Every way the commands load a model or start their run, recorded (and failing the test)."""
+    return refuse_work(monkeypatch)
 
 
 # -- numbers past what the libraries take: usage errors, not tracebacks ------------------------------------
@@ -89,7 +56,7 @@ def test_max_message_mb_stops_where_grpc_s_c_int_does(
     assert max(v for _k, v in grpc_options((MAX_MESSAGE_MB + 1) << 20)) > 2**31 - 1, "the bound is not tight"
     for text in (str(MAX_MESSAGE_MB + 1), "99999999"):
         argv = ["serve", "--model", "tiny-llama", "--port", "0", "--ops-port", "-1", "--max-message-mb", text]
-        _usage_error(capsys, argv, "--max-message-mb")
+        usage_error(capsys, argv, "--max-message-mb")
     assert no_model == []
 
 
@@ -100,7 +67,7 @@ def test_threads_past_the_cap_are_usage_errors(
     """``--threads 100000000000`` gave torch's ValueError traceback (serve: after the listen checks)."""
     ports = ["--port", "0", "--ops-port", "-1"] if command == "serve" else ["--skip-load", "--tiles", ""]
     for text in (str(MAX_THREADS + 1), str(2**31), "100000000000"):
-        _usage_error(capsys, [command, "--model", "tiny-llama", *ports, "--threads", text], "--threads")
+        usage_error(capsys, [command, "--model", "tiny-llama", *ports, "--threads", text], "--threads")
     assert no_model == []
 
 
@@ -121,7 +88,7 @@ def test_client_timeouts_past_the_cap_are_usage_errors(
     connectivity thread: a traceback, and (connect) exit status 1."""
     assert MAX_TIMEOUT_S <= threading.TIMEOUT_MAX
     option = next(a for a in argv if a.endswith("timeout"))
-    _usage_error(capsys, [*argv, "--model", "tiny-llama"], option)
+    usage_error(capsys, [*argv, "--model", "tiny-llama"], option)
     assert no_model == []
 
 
@@ -131,7 +98,7 @@ def test_a_seed_past_64_bits_is_refused_before_the_model_loads(
     """``--seed 2**64`` was refused only after the model loaded and the server was reached, as
     'generation stopped after 0 new token(s)'."""
     argv = ["generate", "--model", "tiny-llama", "--prompt-ids", "1", "--do-sample", "--seed"]
-    _usage_error(capsys, [*argv, str(MAX_SEED + 1)], "--seed")
+    usage_error(capsys, [*argv, str(MAX_SEED + 1)], "--seed")
     assert no_model == []
 
 
@@ -145,7 +112,7 @@ def test_tls_ca_beside_a_plaintext_server_is_refused_not_ignored(
     ca = tmp_path / "ca.pem"
     ca.write_text("not checked before the URL\n")
     argv = ["generate", "--model", "tiny-llama", "--prompt-ids", "1", "--tls-ca", str(ca)]
-    _usage_error(capsys, [*argv, "--server", "scx://127.0.0.1:1"], "--tls-ca", "scxs://")
+    usage_error(capsys, [*argv, "--server", "scx://127.0.0.1:1"], "--tls-ca", "scxs://")
     assert no_model == []
 
 
@@ -164,7 +131,7 @@ def test_a_malformed_server_url_is_refused_before_the_model_loads(
 ) -> None:
     """The URL was parsed only when the first session opened, after loading the model (seconds on
     SmolLM2, and after part of ``scx verify``'s checks)."""
-    _usage_error(capsys, [*argv, "--model", "tiny-llama", "--server", url], "scx://HOST:PORT")
+    usage_error(capsys, [*argv, "--model", "tiny-llama", "--server", url], "scx://HOST:PORT")
     assert no_model == []
 
 
