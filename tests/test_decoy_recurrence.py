@@ -371,3 +371,22 @@ def test_a_secret_pool_moves_to_its_next_epoch_when_its_rows_run_out() -> None:
     np.testing.assert_array_equal(plain.rows[(Stage.FFN, 1)], first[(Stage.FFN, 1)])
     again = np.concatenate([plain.draw(Stage.FFN, 1, R, np.zeros((0, 1)), stream) for _ in range(size // R)])
     assert len({r.tobytes() for r in again}) < len(again)  # independent draws repeat rows
+
+
+def test_precompute_builds_the_next_epoch_ahead_of_the_request() -> None:
+    """A client that derives its next request ahead (``Client.precompute``, which draws the request's
+    decoys) builds the pool's next epoch there, off the critical path: after 256 / 8 = 32 prefills every
+    row is spent, and the precompute of the 33rd request moves the pool to epoch 1 before its prefill."""
+    b, server = _world()
+    cfg = SCXConfig(level="permute", r1=R, r2=R, l_s=2, l_e=2)
+    client: Client[Any] = Client(b, _client_keys(9), cfg)
+    pool = client.decoys
+    assert isinstance(pool, CalibrationPool) and all(t.shape[0] == POOL for t in pool.rows.values())
+    prompts = _prompts(POOL // R + 1, seed=11)
+    for ids in prompts[:-1]:
+        client.prefill(np.asarray(ids, dtype=np.int64), LocalTransport(server))
+    assert pool.epoch == 0
+    client.precompute(N)
+    assert pool.epoch == 1
+    client.prefill(np.asarray(prompts[-1], dtype=np.int64), LocalTransport(server))
+    assert pool.epoch == 1
