@@ -14,8 +14,9 @@ the client refuses a second request under a nonce it already used (SessionError)
 sent twice, and the server never sees two messages blinded by the same η.
 
 **Any length up to capacity.** The noise stream is read row by row, so the η of a prompt of n ≤ capacity
-tokens is exactly the first n + r rows of the capacity's η (η·W likewise, row by row); the token
-permutations, which do depend on n, are derived when the prompt arrives (O(n) per block).
+tokens is exactly the first n + r rows of the capacity's η; η·W is row-wise too, its first rows equal to the
+shorter product to rounding, not bit for bit (:meth:`~scx_ref.protocol.prepare.PreparedKeys.blinding`);
+the token permutations, which do depend on n, are derived when the prompt arrives (O(n) per block).
 
 **Cost.** :attr:`MaskPool.bytes_per_prompt_token` and :attr:`MaskPool.bytes_per_step` are the memory an
 entry takes per prompt token and per decode step (η and η·W of every release, in the blinded stages'

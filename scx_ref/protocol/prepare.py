@@ -8,7 +8,12 @@ and keeps each one until it is used, so the client may derive them *before* the 
 :meth:`PreparedKeys.fill`, called by :meth:`~scx_ref.protocol.client.Client.precompute` (at once or in a
 background thread) — and the prefill then only reads them. Derived ahead or on demand, the keys are the
 same bytes (the same :class:`~scx_ref.protocol.keyring.RequestKeys` calls): precomputation changes when
-the work happens, never what the server sees.
+the work happens, never what the server sees. The exceptions, both stated where they arise: a decoy policy
+that hands each row out once (:meth:`~scx_ref.protocol.decoys.CalibrationPool.secret`, the client's
+default) gives a request drawn ahead other rows than it would have drawn on demand — rows no other message
+took, as on demand; rows drawn ahead for a request that never runs are spent — and a mask pool's entry
+serving a shorter prompt than its capacity narrows η·W, which matches the on-demand product to rounding
+(:meth:`PreparedKeys.blinding`), so what the client sends after unblinding may differ in its last bits.
 
 Decoys of a policy that looks at the real rows (``needs_real``: the Gaussian comparison policy) cannot be
 drawn ahead; they are drawn when the rows exist, as before. One-time material (noise, corrections) is
@@ -115,8 +120,9 @@ class BackgroundJob:
             raise errors[0]
 
 
-class _Discarded(Exception):
-    """A discarded bundle's derivation stops (:meth:`PreparedKeys.discard`)."""
+class _Discarded(ProtocolError):
+    """A discarded bundle's derivation stops (:meth:`PreparedKeys.discard`): a background one silently, a
+    :meth:`PreparedKeys.fill` called on it with this ProtocolError (it serves no request)."""
 
 
 class PreparedKeys(Generic[A]):
@@ -216,7 +222,10 @@ class PreparedKeys(Generic[A]):
         return bk
 
     def gen_head(self, block: int, step: int) -> HeadPermutation:
-        """The one-time P of generation ``step`` in first guard block ``block`` (dropped once read)."""
+        """The one-time P of generation ``step`` in first guard block ``block`` (dropped once read).
+        ProtocolError unless ``step`` is an integer >= 0: step −1 names the prefill's P_block where it is
+        held, and must not hand it out as a generation step's (on demand it is refused too)."""
+        step = check_int(step, "step", 0, error=ProtocolError)
         hp = self._heads.pop((block, step), None)
         return hp if hp is not None else _warm(self.keys.head_perm(block, step), self.b.config.group_size)
 
@@ -245,7 +254,9 @@ class PreparedKeys(Generic[A]):
         DTypeError when they are not real numbers;
         NonFiniteError when they hold NaN or ±inf while the real rows it was given (if any) are finite —
         the client's own fault, refused before it is sent (the server's honest reply to such a row was
-        refused as an integrity failure)."""
+        refused as an integrity failure); ConfigError, the precomputed rows kept, unless ``count`` is an
+        integer >= 0."""
+        count = check_int(count, "decoy count")
         kept = self._decoys.pop((stage, layer), None)
         if kept is not None and self.b.nrows(kept) == count:
             return kept
@@ -316,9 +327,11 @@ class PreparedKeys(Generic[A]):
         coefficients of the new key, per step. ``perms=False`` skips what depends on the
         prompt's length n (the token permutations, commitments and reply checks): a mask pool's entry
         (:mod:`~scx_ref.protocol.pool`), whose n is known only when its prompt arrives. Returns self.
-        ProtocolError, nothing derived, unless ``steps`` is an integer >= 0 (Python or numpy, not bool).
+        ProtocolError, nothing derived, unless ``steps`` is an integer >= 0 (Python or numpy, not bool), or
+        when the bundle was discarded (:meth:`discard`).
         """
         steps = check_int(steps, "steps", 0, error=ProtocolError)
+        self._going()
         t0 = time.perf_counter()
         cfg, L = self.cfg, self.b.config.n_layers
         _, _, last = cfg.blocks(L)
@@ -390,7 +403,7 @@ class PreparedKeys(Generic[A]):
 
     def _going(self) -> None:
         if self._discarded.is_set():
-            raise _Discarded
+            raise _Discarded("these keys were discarded: they serve no request")
 
     # -- helpers -----------------------------------------------------------------------------------
     def _width(self, stage: Stage) -> int:
