@@ -477,11 +477,11 @@ class Client(Generic[A]):
                 self._drop_reservation(nonce)
             raise SessionError("this nonce already drove a session under this master secret")
         prep = self._new_prepared(nonce, n)  # validates the nonce
-        self._next_nonce = nonce
         if background:
             prep.start(steps)
         else:
             prep.fill(steps)
+        self._next_nonce = nonce  # reserved once its keys are derived: a failed fill moves nothing
         if self._prepared is not None:  # replaced: its background derivation, if any, stops
             self._prepared.discard()
         self._prepared = prep
