@@ -208,11 +208,18 @@ def exactness32(
     }
 
 
+#: The baselines of a result that only the victim prompts and the public text decide (the prior's guesses
+#: of the prompt): equal in every setting of one sample.
+_PROMPT_PRIORS: tuple[str, ...] = ("prompt_pos", "prompt_bag")
+
+
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One frontier result from several ``scx attack --frontier`` runs of the same model and sample (a
     long frontier run in parts): the control of the first, every configuration once (the first part that
     measured it), in preset order; the commands of every part; ``missing`` what no part measured.
-    ConfigError when the parts differ in model, prompts, prompt length or generated tokens, or one is
+    ConfigError when the parts differ in model, prompts, prompt length, generated tokens, public tokens or
+    victims — or in the prior's baselines of the prompt (:data:`_PROMPT_PRIORS`, which only the victims
+    and the public text decide: parts of two samples of one size would merge into one table) — or one is
     not shaped as a harness result (:func:`~.tables.check_result`)."""
     from ..protocol.presets import preset_names
 
@@ -223,12 +230,24 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         _check_missing(part)
         for setting in part["settings"]:
             _check_setting(setting)
-    keys = ("model", "n_prompts", "prompt_len", "n_new", "public_tokens")
+    keys = ("model", "n_prompts", "prompt_len", "n_new", "public_tokens", "victims")
     first = parts[0]
     for other in parts[1:]:
         diff = [k for k in keys if other.get(k) != first.get(k)]
         if diff:
             raise ConfigError(f"frontier parts differ in {', '.join(diff)}: not one sample")
+    # the prompt's prior baselines depend only on the victims and the public text: one sample has one
+    prior: dict[str, tuple[float, float]] = {}
+    for part in parts:
+        for setting in part["settings"]:
+            for key in _PROMPT_PRIORS:
+                b = (setting.get("baselines") or {}).get(key)
+                got = None if b is None else (b.get("k"), b.get("n"))
+                if got is not None and prior.setdefault(key, got) != got:
+                    raise ConfigError(
+                        f"frontier parts differ in the {key} baseline ({prior[key]} and {got} in "
+                        f"{setting['setting']!r}): not one sample"
+                    )
     order: dict[str | None, int] = {None: -1, **{n: i for i, n in enumerate(preset_names())}}
     seen: dict[str, dict[str, Any]] = {}
     for part in parts:
@@ -281,13 +300,35 @@ def _bench_for(bench: dict[str, Any] | None, name: str) -> dict[str, Any]:
     return out
 
 
+def _judged(s: dict[str, Any]) -> dict[str, bool]:
+    """The verdicts of one setting that "every attack at baseline" ranges over, each at baseline only where
+    the setting's own numbers allow it: an attack scored (``rates``) without a verdict, or with a ``true``
+    one that its rate contradicts (above the upper bound of its catalog baseline, when the setting holds
+    that baseline), is above its baseline; a ``true`` verdict on an attack that scored nothing (no rate,
+    or a rate over n = 0 tokens) is no measurement and is left out; a ``false`` verdict always counts (a
+    hand-edited file, another version's: the verdict must follow from the numbers, and never reads "at
+    baseline" without them)."""
+    rates, baselines = s.get("rates") or {}, s.get("baselines") or {}
+    verdicts = {k: False for k in rates if k in _ATTACKS}
+    for key, ok in (s.get("at_baseline") or {}).items():
+        if not ok:
+            verdicts[key] = False
+        elif key in rates and rates[key].get("n", 1) == 0:
+            verdicts.pop(key, None)
+        elif key in rates:
+            base = baselines.get(catalog.metric(key).baseline) if key in _ATTACKS else None
+            verdicts[key] = base is None or float(rates[key]["rate"]) <= float(base["hi"])
+    return verdicts
+
+
 def frontier_rows(result: dict[str, Any], bench: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per configuration of an ``scx attack --frontier`` result (the plaintext control first),
     with the latency ratios of ``bench`` (an ``scx bench --json`` result) merged in by name. ConfigError
     when ``result`` or ``bench`` is not shaped as the result it should be (:func:`~.tables.check_result`,
     :func:`_check_bench`; a setting's ``preset``, ``cost``, ``exactness``, ``exactness32`` and ``dp``).
     ``all_at_baseline``: the setting judged some attack and every attack it scored (``rates``) is at its
-    baseline (``at_baseline``): one scored but not judged counts as above it."""
+    baseline (``at_baseline``) by its own numbers too: one scored but not judged, or judged at it against
+    its rate, counts as above it (:func:`_judged`)."""
     check_result(result, full=False)
     for s in result["settings"]:
         _check_setting(s)
@@ -297,10 +338,7 @@ def frontier_rows(result: dict[str, Any], bench: dict[str, Any] | None = None) -
     for s in result["settings"]:
         p_key, p_rate = _worst(s, "prompt")
         g_key, g_rate = _worst(s, "generated")
-        # an attack the setting scored without a verdict (a hand-edited file, another version's) is not
-        # at its baseline: every attack that ran must be judged at it
-        verdicts = {k: False for k in s.get("rates") or {} if k in _ATTACKS}
-        verdicts.update(s.get("at_baseline") or {})
+        verdicts = _judged(s)
         rows.append(
             {
                 "name": s["setting"],
@@ -542,7 +580,13 @@ def frontier_report(
     """FRONTIER.md: the command, the verdict, the frontier table, the attack table with 95 % intervals and
     the statelessness table, links to the plot and the findings (ConfigError when ``result`` is not shaped
     as a harness result: :func:`~.tables.check_result`, or its counts are not integers: ``n_prompts`` and
-    ``prompt_len`` >= 1, ``n_new`` >= 0; or ``missing`` is not a list of names: :func:`frontier_rows`)."""
+    ``prompt_len`` >= 1, ``n_new`` >= 0; or ``missing`` is not a list of names: :func:`frontier_rows`; or
+    ``plots`` is not a text or None, or ``findings`` not a text)."""
+    if (plots is not None and not isinstance(plots, str)) or not isinstance(findings, str):
+        raise ConfigError(
+            f"plots must be a text or None and findings a text, got {type(plots).__name__} and "
+            f"{type(findings).__name__}"
+        )
     check_result(result)
     for key, least in (("n_prompts", 1), ("prompt_len", 1), ("n_new", 0)):
         _check_count(result, key, least)
@@ -593,10 +637,13 @@ def frontier_report(
     return "\n".join(lines)
 
 
-def read_bench(path: Path) -> dict[str, Any]:
-    """The ``scx bench --json`` result at ``path``, checked to have the shape the frontier table reads
-    (:func:`_check_bench`), or :class:`~scx_ref.errors.ConfigError` naming ``--bench`` (also for a file
-    that cannot be read or is not JSON)."""
+def read_bench(path: str | Path) -> dict[str, Any]:
+    """The ``scx bench --json`` result at ``path`` (a path or its text), checked to have the shape the
+    frontier table reads (:func:`_check_bench`), or :class:`~scx_ref.errors.ConfigError` naming ``--bench``
+    (also for a file that cannot be read or is not JSON, and for a ``path`` that is neither)."""
+    if not isinstance(path, (str, Path)):
+        raise ConfigError(f"--bench: a path must be a text or a Path, got {type(path).__name__}")
+    path = Path(path)
     try:
         bench: Any = json.loads(path.read_text())
     except OSError as exc:

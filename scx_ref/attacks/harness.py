@@ -114,8 +114,10 @@ class AblatedKeys(KeySchedule):
 class Setting:
     """One configuration: the engine's SCXConfig and the permutation roles switched off. ``stateless``
     and ``reorder``: also run the statelessness table and the LLM reordering (the slow attacks) here.
-    Checked when made (ConfigError): ``config`` is an SCXConfig and ``identity`` a set of
-    :data:`KEY_ROLES` (a run of many settings would otherwise fail only when the bad one's turn came)."""
+    Checked when made (ConfigError): ``name`` and ``mechanism`` are texts, ``config`` an SCXConfig,
+    ``identity`` a set of :data:`KEY_ROLES`, ``stateless`` and ``reorder`` true/false (the text "False" would
+    run the slow attacks) and ``preset`` a name or None (a run of many settings would otherwise fail only
+    when the bad one's turn came)."""
 
     name: str
     mechanism: str
@@ -128,6 +130,18 @@ class Setting:
     def __post_init__(self) -> None:
         if not isinstance(self.config, SCXConfig):
             raise ConfigError(f"a setting's config must be an SCXConfig, got {type(self.config).__name__}")
+        if not isinstance(self.name, str) or not isinstance(self.mechanism, str):
+            raise ConfigError(
+                f"a setting's name and mechanism must be texts, got {type(self.name).__name__} and "
+                f"{type(self.mechanism).__name__}"
+            )
+        if not isinstance(self.stateless, bool) or not isinstance(self.reorder, bool):
+            raise ConfigError(
+                f"a setting's stateless and reorder must be true/false, got {self.stateless!r:.20} and "
+                f"{self.reorder!r:.20}"
+            )
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise ConfigError(f"a setting's preset must be a name or None, got {self.preset!r:.40}")
         object.__setattr__(self, "identity", _roles(self.identity))
 
 
@@ -405,7 +419,9 @@ def _real_rows(rows: Array, truth: Array) -> Array:
 def probe_block(config: SCXConfig, n_layers: int) -> int:
     """The block whose stages the inversion and linking attacks read: the first middle block (the first
     block the server holds a valid cache of), else block 2 (0-based 1) when every block is a guard.
-    ConfigError unless ``n_layers`` ≥ 1."""
+    ConfigError unless ``config`` is an SCXConfig and ``n_layers`` ≥ 1."""
+    if not isinstance(config, SCXConfig):
+        raise ConfigError(f"config must be an SCXConfig, got {type(config).__name__}")
     n_layers = int_arg(n_layers, "n_layers", 1)
     _, middle, _ = config.blocks(n_layers)
     return middle.start if len(middle) else min(1, n_layers - 1)
