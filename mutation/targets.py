@@ -122,6 +122,28 @@ TARGETS: tuple[Target, ...] = (
         ),
     ),
     Target(
+        "decoys",
+        "scx_ref/protocol/decoys.py",
+        (
+            "tests/test_prepare_decoys_pool.py",
+            "tests/test_unigram_decoys.py",
+            "tests/test_unigram_wiring.py",
+            "tests/test_decoy_recurrence.py",
+            "tests/test_protocol_parts_inputs.py",
+            "tests/test_zoo_engine_decoys.py",
+            "tests/test_decoys_mutants.py",
+        ),
+        deselect=(
+            # 5 s (an SCXModel on a tiny model): tests/test_unigram_decoys.py's
+            # test_the_client_draws_its_pool_text_from_the_unigram checks the same unigram draw of the pool
+            "tests/test_unigram_wiring.py::test_scx_model_draws_its_pool_text_from_the_unigram_given",
+            # not re-entrant: its prefills open sessions of a fixed nonce on the module's cached Server, so
+            # mutmut's second in-process run (stats, then the clean run) is refused "nonce already opened";
+            # test_a_secret_pool_moves_to_its_next_epoch_when_its_rows_run_out checks the same epoch move
+            "tests/test_decoy_recurrence.py::test_precompute_builds_the_next_epoch_ahead_of_the_request",
+        ),
+    ),
+    Target(
         "attack_stats",
         "scx_ref/attacks/stats.py",
         (
