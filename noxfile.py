@@ -57,8 +57,8 @@ def proofs(session: nox.Session) -> None:
 @nox.session
 def mutation(session: nox.Session) -> None:
     """Mutation testing (mutmut) of the key schedule, DP mechanisms, accountants and permutation bounds,
-    transforms, server validation and the bench's and attacks' interval statistics; writes
-    mutation/REPORT.md (per-target reports: REPORT_stats.md, REPORT_perm.md). Not a default
+    transforms, decoy policies, server validation and the bench's and attacks' interval statistics; writes
+    mutation/REPORT.md (per-target reports: REPORT_stats.md, REPORT_perm.md, REPORT_decoys.md). Not a default
     session (timings in the report).
     ``nox -s mutation -- keys dp_accountants`` runs only those targets (names in mutation/targets.py)."""
     _install(session)
