@@ -52,7 +52,7 @@ from .config import ModelConfig
 from .errors import ConfigError, SCXError, VocabularyError
 from .keys import KeySchedule
 from .protocol import Client, DecoyPolicy, Level, LocalTransport, SCXConfig, Server, ServerView, Transport
-from .protocol.decoys import unigram_weights
+from .protocol.decoys import configured_unigram
 from .protocol.verify import SketchCache
 from .sampling import GENERATE_OPTIONS, check_streamer, generate_tokens, generation_settings
 from .weights import DenseMLP, LayerWeights, ModelWeights, MoEMLP
@@ -404,9 +404,7 @@ class SCXModel:
         self.generation_config = generation_config
         self.link = link
         # checked here, not by the first session's client
-        self.unigram = None if unigram is None else unigram_weights(unigram, backend.config.vocab_size)
-        if unigram is not None and scx_config.decoys == "gaussian":
-            raise ConfigError("unigram weighs the calibration text's draw: Gaussian decoys draw none")
+        self.unigram = configured_unigram(unigram, backend.config.vocab_size, scx_config.decoys)
         self.last_view: ServerView | None = None
         self._sketches = SketchCache(backend, self.keys) if scx_config.verify else None
         self._decoys: DecoyPolicy | None = None  # the calibration pool, built by the first session

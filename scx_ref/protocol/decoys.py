@@ -37,6 +37,7 @@ __all__ = [
     "CalibrationPool",
     "DecoyPolicy",
     "GaussianDecoys",
+    "configured_unigram",
     "default_public_tokens",
     "secret_calibration_tokens",
     "unigram_counts",
@@ -144,6 +145,19 @@ def unigram_counts(
     if k * int(counts.max()) + 1 > _INT64_MAX // bound:  # the draw needs Σc < 2⁶³ (unigram_weights)
         raise ConfigError(f"smoothing {mass} scales the counts by a {len(str(k))}-digit factor: too large")
     return k * counts + 1
+
+
+def configured_unigram(
+    unigram: npt.ArrayLike | None, vocab_size: int, decoys: str
+) -> npt.NDArray[np.int64] | None:
+    """``unigram`` checked where a configuration's decoy policy is ``decoys`` (``SCXConfig.decoys``), before
+    anything is built: None stays None; ConfigError unless the policy draws a calibration text (Gaussian
+    decoys draw none, so a unigram would mean nothing); else :func:`unigram_weights`."""
+    if unigram is None:
+        return None
+    if decoys != "calibration":
+        raise ConfigError("unigram weighs the calibration text's draw: Gaussian decoys draw none")
+    return unigram_weights(unigram, vocab_size)
 
 
 def unigram_weights(unigram: npt.ArrayLike, vocab_size: int) -> npt.NDArray[np.int64]:

@@ -26,7 +26,7 @@ from ..backends.numpy_backend import NumpyBackend
 from ..errors import ConfigError, SCXError
 from ..keys import KeySchedule
 from ..protocol import CalibrationPool, Client, Level, LocalTransport, SCXConfig, Server, Transport
-from ..protocol.decoys import unigram_weights
+from ..protocol.decoys import configured_unigram
 from ..protocol.verify import SketchCache
 from ..reference import ReferenceModel
 from ..weights import ModelWeights
@@ -225,10 +225,8 @@ class _SCX:
             raise ConfigError(f"cfg must be an SCXConfig (see scx_config), got {type(cfg).__name__}")
         if server is not None and not isinstance(server, str):
             raise ConfigError(f"server must be a URL string (scx://HOST:PORT), got {type(server).__name__}")
-        if unigram is not None:  # checked before a backend is built or a server reached
-            if cfg.decoys != "calibration":
-                raise ConfigError("unigram weighs the calibration text's draw: Gaussian decoys draw none")
-            unigram = unigram_weights(unigram, weights.config.vocab_size)
+        # checked before a backend is built or a server reached
+        unigram = configured_unigram(unigram, weights.config.vocab_size, cfg.decoys)
         self.backend = _backend(weights, dtype, device)
         self.server = Server(self.backend)
         self.remote: RemoteTransport | None = None
