@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..protocol.config import SCXConfig
 from ..protocol.plan import ReleasePlan
 from . import catalog
-from .tables import check_result, markdown_table
+from .tables import check_result, markdown_table, verdict
 
 __all__ = [
     "cheapest_at_baseline",
@@ -266,11 +266,6 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-#: The keys of the attack metrics (:func:`~.catalog.attack_metrics`): what "every attack at baseline"
-#: ranges over.
-_ATTACKS = frozenset(m.key for m in catalog.attack_metrics())
-
-
 def _worst(setting: dict[str, Any], target: str) -> tuple[str | None, dict[str, Any] | None]:
     """The attack of ``target`` with the highest pooled recovery (its key and rate record)."""
     best: tuple[str | None, dict[str, Any] | None] = (None, None)
@@ -301,24 +296,14 @@ def _bench_for(bench: dict[str, Any] | None, name: str) -> dict[str, Any]:
 
 
 def _judged(s: dict[str, Any]) -> dict[str, bool]:
-    """The verdicts of one setting that "every attack at baseline" ranges over, each at baseline only where
-    the setting's own numbers allow it: an attack scored (``rates``) without a verdict, or with a ``true``
-    one that its rate contradicts (above the upper bound of its catalog baseline, when the setting holds
-    that baseline), is above its baseline; a ``true`` verdict on an attack that scored nothing (no rate,
-    or a rate over n = 0 tokens) is no measurement and is left out; a ``false`` verdict always counts (a
-    hand-edited file, another version's: the verdict must follow from the numbers, and never reads "at
-    baseline" without them)."""
-    rates, baselines = s.get("rates") or {}, s.get("baselines") or {}
-    verdicts = {k: False for k in rates if k in _ATTACKS}
-    for key, ok in (s.get("at_baseline") or {}).items():
-        if not ok:
-            verdicts[key] = False
-        elif key in rates and rates[key].get("n", 1) == 0:
-            verdicts.pop(key, None)
-        elif key in rates:
-            base = baselines.get(catalog.metric(key).baseline) if key in _ATTACKS else None
-            verdicts[key] = base is None or float(rates[key]["rate"]) <= float(base["hi"])
-    return verdicts
+    """The verdicts of one setting that "every attack at baseline" ranges over: every attack it scored or
+    judged whose :func:`~.tables.verdict` (the rule the table's ✓ reads) is not None — an attack scored
+    without a verdict, or with a ``true`` one that its rate contradicts, is above its baseline; a ``true``
+    verdict on an attack that scored nothing is no measurement and is left out; a ``false`` one always
+    counts."""
+    keys = [*(s.get("rates") or {}), *(s.get("at_baseline") or {})]
+    out = {k: verdict(s, k) for k in dict.fromkeys(keys)}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def frontier_rows(result: dict[str, Any], bench: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -613,7 +598,9 @@ def frontier_report(
         f"{result.get('public_tokens', '?')} public tokens for the attacker; "
         f"run time {result.get('seconds', '?')} s. "
         "Recovery: the fraction of tokens recovered, pooled over prompts, with its 95 % Wilson interval; "
-        "✓ = at the frequency-prior baseline (no higher than the baseline's upper bound).",
+        "✓ = at the frequency-prior baseline (no higher than the baseline's upper bound; a bag attack's "
+        "baseline, where the run recorded it, is the prior's bag of as many tokens as the attack guessed, "
+        'decoy rows included: "(prior x)" in its cell).',
         "",
     ]
     if result.get("missing"):

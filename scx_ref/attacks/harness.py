@@ -463,11 +463,16 @@ class _PlanShape:
 
 
 class _Tally:
-    """Per-prompt (hits, scored) of count metrics and plain values of diagnostics."""
+    """Per-prompt (hits, scored) of count metrics and plain values of diagnostics. With ``prior`` and
+    ``base`` (the run's baseline tally), scoring a bag attack also records its own baseline in ``base``
+    under the attack's key: the prior's best bag of as many tokens as the attack guessed, against the same
+    truth (:func:`~scx_ref.attacks.catalog.judged_against`) — an attack guessing on each of n + r rows,
+    decoys included, is judged against a prior that makes n + r guesses too, not n."""
 
-    def __init__(self) -> None:
+    def __init__(self, prior: FrequencyPrior | None = None, base: _Tally | None = None) -> None:
         self.counts: dict[str, list[tuple[float, float]]] = {}
         self.values: dict[str, list[float]] = {}
+        self.prior, self.base = prior, base
 
     def hit(self, key: str, hits: float, total: float) -> None:
         if total > 0:
@@ -477,8 +482,14 @@ class _Tally:
         t = np.asarray(truth)
         self.hit(key, float(np.sum(np.asarray(pred)[: len(t)] == t)), len(t))
 
-    def bag(self, key: str, pred: npt.ArrayLike, truth: npt.ArrayLike) -> None:
-        self.hit(key, bag_hits(pred, truth), np.asarray(truth).size)
+    def bag(self, key: str, pred: npt.ArrayLike, truth: npt.ArrayLike) -> int:
+        """Score a bag guess (|pred ∩ truth| of |truth|) and its equal-budget baseline; the hits."""
+        p, t = np.asarray(pred), np.asarray(truth)
+        hits = bag_hits(p, t)
+        self.hit(key, hits, t.size)
+        if self.prior is not None and self.base is not None:
+            self.base.hit(key, self.prior.bag_hits(t, p.size), t.size)
+        return hits
 
     def value(self, key: str, v: float) -> None:
         self.values.setdefault(key, []).append(float(v))
@@ -500,10 +511,12 @@ def run_setting(
 
     An attack whose message the configuration never sends is not run (and scores nothing: the attacker
     then knows only the prior). ``per_layer``: blocks where the shared-cache and sorted-attention
-    inverters are also scored. Returns a JSON-ready dict; ``metrics`` holds the pooled rates. ConfigError
-    for no prompts (nothing would be measured, yet the result would read as exact), a ``setting`` that
-    is not a :class:`Setting`, a ``per_layer`` block outside the model, or a ``seed`` or ``n_new`` that is
-    not an integer (≥ 0); VocabularyError unless each prompt is a 1-D array of the model's ids."""
+    inverters are also scored. Returns a JSON-ready dict; ``metrics`` holds the pooled rates, ``baselines``
+    the prior's (by baseline name, and under a bag attack's key its own, of the attack's guess budget).
+    ConfigError for no prompts (nothing would be measured, yet the result would read as exact), a
+    ``setting`` that is not a :class:`Setting`, a ``per_layer`` block outside the model, or a ``seed`` or
+    ``n_new`` that is not an integer (≥ 0); VocabularyError unless each prompt is a 1-D array of the model's
+    ids."""
     w = ctx.weights
     if not len(prompts):
         raise ConfigError("no prompts: nothing to attack")
@@ -515,8 +528,8 @@ def run_setting(
     L = w.config.n_layers
     tabs = ctx.block1()
     prior = ctx.prior
-    tally = _Tally()
     base = _Tally()
+    tally = _Tally(prior, base)
     layer_acc: dict[str, dict[int, list[float]]] = {}
     tables: list[dict[str, dict[str, float]]] = []
     costs: list[dict[str, float]] = []
@@ -572,8 +585,8 @@ def run_setting(
         table0 = tabs.normalized if norm0 else np.asarray(w.embed, dtype=np.float64)
         d0 = vocab_match.l1_distances(x0, table0)  # one pass serves the ML and the MAP match
         t_qkv = np.argmin(d0, axis=1)  # Laplace maximum likelihood = L1 nearest (match_block1_qkv)
-        tally.bag("vm_qkv1_bag_recall", t_qkv, ids)
-        tally.value("vm_qkv1_bag_precision", bag_hits(t_qkv, ids) / max(len(t_qkv), 1))
+        hits = tally.bag("vm_qkv1_bag_recall", t_qkv, ids)
+        tally.value("vm_qkv1_bag_precision", hits / max(len(t_qkv), 1))
         t_map = vocab_match.map_tokens(d0, beta_qkv0, prior.log_probs)
         tally.bag("vm_qkv1_map_bag_recall", t_map, ids)
         t_res, d_res = vocab_match.match_block1_residual(
@@ -831,16 +844,18 @@ def _generation_joint(
 
 
 def _baseline_of(key: str) -> str:
-    """Which baseline a count metric is judged against (catalog: its target and scoring)."""
+    """The shared baseline of the tokens a count metric scores (catalog: its target and scoring); a bag
+    metric is judged against its own, of its guess budget (:func:`.catalog.judged_against`)."""
     return catalog.metric(key).baseline
 
 
 def _verdicts(rates: dict[str, Rate], baselines: dict[str, Rate]) -> dict[str, bool]:
-    """For every attack metric scored: is it at its baseline (:func:`~scx_ref.attacks.stats.at_baseline`)?"""
+    """For every attack metric scored: is it at the baseline it is judged against
+    (:func:`~scx_ref.attacks.catalog.judged_against`, :func:`~scx_ref.attacks.stats.at_baseline`)?"""
     out: dict[str, bool] = {}
     for key, r in rates.items():
         m = catalog.metric(key)
-        b = baselines.get(_baseline_of(key))
+        b = catalog.judged_against(key, baselines)
         if m.attack and b is not None:
             out[key] = at_baseline(r, b)
     return out

@@ -6,8 +6,10 @@
 * :class:`FrequencyPrior` — what an attacker recovers **without looking at the view**: the unigram
   distribution of public text. Its best positional guess is the most frequent public token at every
   position; its best bag guess (of n tokens) takes each token ⌊n·p⌋ times and the largest remainders for
-  the rest. An attack is *at the baseline* (:func:`at_baseline`) when its recovery is no higher than the
-  upper end of the baseline's interval: it has learned nothing measurable from the view.
+  the rest. A bag attack is judged against the prior's bag of as many tokens as the attack guessed (its
+  guesses on decoy rows included): the same guess budget. An attack is *at the baseline*
+  (:func:`at_baseline`) when its recovery is no higher than the upper end of the baseline's interval: it
+  has learned nothing measurable from the view.
 """
 
 from __future__ import annotations
@@ -157,18 +159,23 @@ class FrequencyPrior:
         return int(np.sum(_ids(truth) == self.mode))
 
     def bag_guess(self, n: int) -> Array:
-        """The prior's best n-token bag: ⌊n·p_t⌋ copies of each token, then the largest remainders."""
-        want = int_arg(n, "n") * self.probs
+        """The prior's best n-token bag: ⌊n·p_t⌋ copies of each token, then the largest remainders
+        (ConfigError unless ``n`` is an integer ≥ 0)."""
+        n = int_arg(n, "n")
+        want = n * self.probs
         base = np.floor(want).astype(np.int64)
         rest = n - int(base.sum())
         if rest > 0:
             base[np.argsort(-(want - base), kind="stable")[:rest]] += 1
         return np.repeat(np.arange(len(base)), base)
 
-    def bag_hits(self, truth: npt.ArrayLike) -> int:
-        """Tokens of ``truth`` (as a bag) the prior's best bag of the same size contains."""
+    def bag_hits(self, truth: npt.ArrayLike, guesses: int | None = None) -> int:
+        """Tokens of ``truth`` (as a bag) the prior's best bag of ``guesses`` tokens contains (default: as
+        many as ``truth`` has): the baseline of a bag attack that made ``guesses`` guesses — the same guess
+        budget, no view (an attack guessing a token on each of n + r rows, decoys included, is judged
+        against a prior that also guesses n + r tokens). ConfigError unless ``guesses`` is an integer ≥ 0."""
         t = _ids(truth)
-        return bag_hits(self.bag_guess(len(t)), t)
+        return bag_hits(self.bag_guess(len(t) if guesses is None else guesses), t)
 
 
 def at_baseline(attack: Rate, baseline: Rate) -> bool:

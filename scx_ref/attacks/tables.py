@@ -11,10 +11,35 @@ import numpy as np
 from ..errors import ConfigError
 from . import catalog
 
-__all__ = ["METRICS", "check_result", "fmt", "markdown_table", "text_cell"]
+__all__ = ["METRICS", "check_result", "fmt", "markdown_table", "text_cell", "verdict"]
 
 #: (metric key, title) of every measured quantity, in table order (from :mod:`.catalog`).
 METRICS: tuple[tuple[str, str], ...] = tuple((m.key, m.title) for m in catalog.METRICS)
+#: The keys of the attack metrics (:func:`~.catalog.attack_metrics`): those judged against a baseline.
+_ATTACKS = frozenset(m.key for m in catalog.attack_metrics())
+
+
+def verdict(setting: dict[str, Any], key: str) -> bool | None:
+    """Whether attack ``key`` of one stored setting is at its baseline — True only where the setting's own
+    numbers allow it; the one rule the table's ✓ and the frontier's "every attack at baseline" read. A
+    ``false`` verdict stands (a hand-edited file, another version's: it never reads "at baseline"); an
+    attack scored (``rates``) without a verdict is above it (False); a ``true`` verdict is None — no
+    measurement — when the attack scored nothing (no rate, or a rate over n = 0 tokens), else it holds
+    only if the rate is no higher than the upper bound of the baseline the attack is judged against
+    (:func:`~.catalog.judged_against`; kept when the setting holds none). None also when there is neither
+    a verdict nor a rate of an attack."""
+    stored = (setting.get("at_baseline") or {}).get(key)
+    r = (setting.get("rates") or {}).get(key)
+    if stored is not None and not stored:
+        return False
+    if r is None:
+        return None
+    if stored is None:
+        return False if key in _ATTACKS else None
+    if r.get("n", 1) == 0:
+        return None
+    base = catalog.judged_against(key, setting.get("baselines") or {}) if key in _ATTACKS else None
+    return base is None or float(r["rate"]) <= float(base["hi"])
 
 
 def fmt(x: Any) -> str:
@@ -184,8 +209,9 @@ def _check_run_parts(result: dict[str, Any]) -> None:
 
 
 def _cell(setting: dict[str, Any], key: str, intervals: bool) -> str:
-    """A metric's cell: the pooled rate, its 95 % interval when asked (and known), and a ✓ when the
-    attack is at its baseline; – when not run."""
+    """A metric's cell: the pooled rate, its 95 % interval when asked (and known), a bag attack's own
+    baseline (the prior with the attack's guess budget, where recorded: no baseline row shows it), and a ✓
+    when the attack is at its baseline (:func:`verdict`); – when not run."""
     v = setting["metrics"].get(key)
     if v is None:
         return "–"
@@ -193,7 +219,11 @@ def _cell(setting: dict[str, Any], key: str, intervals: bool) -> str:
     text = fmt(v)
     if intervals and r is not None:
         text += f" [{r['lo']:.2f}, {r['hi']:.2f}]"
-    if (setting.get("at_baseline") or {}).get(key):
+    baselines = setting.get("baselines") or {}
+    own = catalog.judged_against(key, baselines) if key in baselines else None
+    if own is not None and own is baselines[key]:
+        text += f" (prior {own['rate']:.2f})"
+    if verdict(setting, key):
         text += " ✓"
     return text
 
@@ -208,9 +238,10 @@ def _stateless_cell(row: dict[str, Any] | None) -> str:
 
 
 def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
-    """Attack × setting table (✓: at the frequency-prior baseline; with ``intervals`` each cell's 95 %
-    Wilson interval), the baselines, the statelessness table, the noise-fitting table and search spaces.
-    ConfigError when ``result`` is not shaped as a harness result (:func:`check_result`)."""
+    """Attack × setting table (✓: at the frequency-prior baseline, :func:`verdict`; with ``intervals`` each
+    cell's 95 % Wilson interval; "(prior x)": a bag attack's own baseline, of its guess budget), the
+    baselines, the statelessness table, the noise-fitting table and search spaces. ConfigError when
+    ``result`` is not shaped as a harness result (:func:`check_result`)."""
     sets = check_result(result, full=False)["settings"]
     names = [text_cell(s["setting"]) for s in sets]
     lines = ["| attack | " + " | ".join(names) + " |", "|---|" + "---|" * len(sets)]
