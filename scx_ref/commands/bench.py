@@ -33,8 +33,8 @@ request. Generation time includes key sharing, amortised over the generated toke
 Also reported per level: the peak-memory ratio (CUDA: ``max_memory_allocated``; CPU: peak resident set
 growth during the run — SCX: its key derivation and the request — from the kernel's high-water mark on
 Linux, else sampled every 2 ms; decode: the steps' on every side, the prompt's prefill left out; none
-when below 1 MiB, where allocator reuse makes it noise), the
-KV-state ratio (bytes of the distinct storages the server and client hold after the run, over the
+when below 1 MiB, where allocator reuse makes it noise; the JSON keeps both sides' reading of every
+round), the KV-state ratio (bytes of the distinct storages the server and client hold after the run, over the
 baseline's KV cache) and the client's share of the flops.
 
 Models: any name of the registry :mod:`scx_ref.zoo` — a registered model (``smollm2``, real
@@ -236,6 +236,10 @@ class BenchResult:
     #: each timed round's key derivation ahead (decode: per token), in round order: the offline part of
     #: ``total_ratio_median``
     keys_round_s: list[float] = field(default_factory=list)
+    #: each timed round's peak-memory growth in bytes (decode: the steps'), SCX's and the baseline's, in round
+    #: order: ``mem_ratio`` is the ratio of their medians (None when either median is below 1 MiB)
+    scx_mem_round_bytes: list[float] = field(default_factory=list)
+    baseline_mem_round_bytes: list[float] = field(default_factory=list)
     warmup: int = 0  # untimed rounds before them
     pool: dict[str, float] | None = None  # --pool: the entry's memory per token / step, fill throughput
     #: the SCX request split in two (decode: per token): the seconds inside the server's ``handle`` calls
@@ -797,6 +801,8 @@ def run_bench(
                     scx_round_s=[w / div for w in t.wall],
                     baseline_round_s=[w / div for w in base.wall],
                     keys_round_s=[k / div for k in t.keys],
+                    scx_mem_round_bytes=list(t.mem),
+                    baseline_mem_round_bytes=list(base.mem),
                     warmup=warmup,
                     server_round_s=[s / div for s in t.server],
                     server_median_s=server_s,
@@ -940,7 +946,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--levels: unknown level(s) {bad}; choose from {list(LEVELS)}")
     if len(set(levels)) < len(levels):
         raise ConfigError(f"--levels: a level named twice in {args.levels!r}")
-    names = [c.strip() for c in (args.configs or "").split(",") if c.strip()]
+    names = [] if args.configs is None else [c.strip() for c in args.configs.split(",")]
+    if "" in names:  # an empty item was dropped: `--configs ""` timed no configuration, silently
+        raise ConfigError(f"--configs: an empty name in {args.configs!r}")
     for name in names:
         preset(name)  # ConfigError for an unknown name, before any work
     _check_row_names(levels, names)

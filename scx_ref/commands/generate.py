@@ -5,7 +5,8 @@ The client (this command) holds the keys and the model's client-side weights and
 comes with its GGUF); the server sees only encoded rows. Greedy by default; ``--do-sample`` with
 ``--temperature``, ``--top-k``, ``--top-p``, ``--repetition-penalty`` and ``--seed`` samples with
 transformers' logits processors on the client's logits. If the server fails mid-generation the tokens
-made so far stay printed and the error says how many there were (exit 2).
+made so far stay printed and the error says how many there were (exit 2); a failure before the first new
+token (the server unreachable, the session or the prompt's prefill refused) says it came before any.
 """
 
 from __future__ import annotations
@@ -256,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
         scx.generate(ids, max_new_tokens=args.max_new_tokens, **options)  # a closed pipe: cli.main reports it
     except SCXError as exc:  # the tokens made so far are printed already; say how many
         made = len(exc.tokens or [])
+        if not made:  # a setup failure (options, the session, the server, the prompt's prefill): none ran
+            raise type(exc)(f"generation failed before its first new token: {exc}") from exc
         raise type(exc)(f"generation stopped after {made} new token(s): {exc}") from exc
     finally:
         if scx.link is not None and hasattr(scx.link, "close"):
