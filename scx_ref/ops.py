@@ -51,12 +51,18 @@ def rms_norm(x: FloatArray, gamma: FloatArray, eps: float) -> FloatArray:
     In x's dtype, except float16 (whose x² overflows past |x| = 256, which made a row 0): there, as
     LlamaRMSNorm, x / sqrt(mean(x²) + ε) in float32, cast back to float16, then times γ.
     ShapeError unless ``gamma`` is one gain per entry of a row of ``x``; ConfigError unless ε is a finite
-    number >= 0 (a negative or NaN ε gave NaN rows); DTypeError unless ``x`` holds real numbers."""
+    number >= 0 (a negative or NaN ε gave NaN rows); DTypeError unless ``x`` and ``gamma`` hold real numbers.
+    Integer rows are normalised in float64 (x² in their own dtype wrapped: an int32 entry of 50000 gave NaN).
+    """
     eps = check_real(eps, "RMSNorm eps", 0)
-    if np.asarray(x).dtype.kind not in "iuf":
-        raise DTypeError(f"RMSNorm needs a real array, got dtype {np.asarray(x).dtype}")
+    x = np.asarray(x)
+    for what, arr in (("RMSNorm", x), ("RMSNorm gains", np.asarray(gamma))):
+        if arr.dtype.kind not in "iuf":
+            raise DTypeError(f"{what} needs a real array, got dtype {arr.dtype}")
     if np.ndim(x) == 0 or np.shape(gamma) != np.shape(x)[-1:]:
         raise ShapeError(f"RMSNorm of rows {np.shape(x)} with gains {np.shape(gamma)}: one gain per column")
+    if x.dtype.kind in "iu":
+        x = x.astype(np.float64)
     if getattr(x, "dtype", None) == np.float16:  # float32 and float64 keep their own (exact) arithmetic
         x32 = np.asarray(x, dtype=np.float32)
         mean32 = np.mean(np.square(x32), axis=-1, keepdims=True)
@@ -70,7 +76,13 @@ def rms_norm(x: FloatArray, gamma: FloatArray, eps: float) -> FloatArray:
 def linear(x: FloatArray, w: FloatArray, b: FloatArray | None = None) -> FloatArray:
     """xW + b (row-wise): the one numpy product of rows by a weight matrix (in × out), the reference's and
     :meth:`scx_ref.arrays.NumpyOps.linear`'s. ShapeError when the widths do not match or ``b`` is not one
-    entry per output column (or a scalar)."""
+    entry per output column (or a scalar); DTypeError unless ``x``, ``w`` and ``b`` hold real numbers
+    (integers or floats: a string array raised numpy's raw TypeError, a complex or boolean one was
+    multiplied).
+    """
+    for what, arr in (("rows", x), ("weight matrix", w), ("bias", b)):
+        if arr is not None and np.asarray(arr).dtype.kind not in "iuf":
+            raise DTypeError(f"linear: the {what} must be a real array, got dtype {np.asarray(arr).dtype}")
     if np.ndim(w) != 2 or np.ndim(x) == 0 or np.shape(x)[-1] != np.shape(w)[0]:
         raise ShapeError(
             f"cannot multiply rows of shape {np.shape(x)} by a matrix of shape {np.shape(w)} (in × out)"
@@ -88,11 +100,14 @@ def silu(x: FloatArray) -> FloatArray:
     (the tanh form 0.5·(1 + tanh(x/2)) loses relative accuracy like eps·e^|x| for negative x).
     −∞ gives NaN (−∞·0) and +∞ gives +∞, as torch's silu does, without a RuntimeWarning: a non-finite entry
     (a hostile reply's) is the caller's to refuse. DTypeError unless ``x`` holds real numbers (integers or
-    floats).
+    floats); integers are computed in float64 (−|x| of an unsigned integer wrapped, which made SiLU(5) 0, and
+    int8 was computed in float16).
     """
     x = np.asarray(x)
     if x.dtype.kind not in "iuf":
         raise DTypeError(f"SiLU needs a real array, got dtype {x.dtype}")
+    if x.dtype.kind in "iu":
+        x = x.astype(np.float64)
     e = np.exp(-np.abs(x))
     with np.errstate(invalid="ignore"):
         return x * np.where(x >= 0, 1.0, e) / (1.0 + e)
@@ -134,8 +149,13 @@ def moe(x: FloatArray, w: MoEMLP, top_k: int) -> FloatArray:
 
     ConfigError unless ``top_k`` is an integer in [1, n_experts] (0 gave zero rows, −1 dropped the last
     expert, more than n_experts used them all); ShapeError for rows of another width than the router's;
-    NonFiniteError for router logits that are not finite (no routing)."""
+    NonFiniteError for router logits that are not finite (no routing). Integer rows are summed in float64
+    (in their own dtype each expert's output was truncated to an integer; the dense MLP gave float64).
+    """
     top_k = check_int(top_k, "top_k", 1, len(w.experts))
+    x = np.asarray(x)
+    if x.dtype.kind in "iu":
+        x = x.astype(np.float64)
     top, weights = route(linear(x, w.router), top_k)
     out = np.zeros_like(x)
     for e, expert in enumerate(w.experts):
@@ -149,9 +169,14 @@ def route(logits: Any, top_k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[n
     """Mixtral routing of router ``logits`` (rows × E): (the top-k expert ids per row, in descending
     probability with ties to the lower id; their softmax probabilities renormalised to sum to 1), float64.
     ShapeError unless ``logits`` is rows × E with E ≥ 1, ConfigError unless 1 ≤ ``top_k`` ≤ E (fewer or
-    more columns would not be k experts), NonFiniteError for a logit that is not finite (no routing).
+    more columns would not be k experts), NonFiniteError for a logit that is not finite (no routing),
+    DTypeError unless ``logits`` holds real numbers (strings were parsed as numbers, complex ones cut to
+    their real part).
     """
-    z = np.asarray(logits, dtype=np.float64)
+    raw = np.asarray(logits)
+    if raw.dtype.kind not in "iuf":
+        raise DTypeError(f"router logits must be a real array, got dtype {raw.dtype}")
+    z = raw.astype(np.float64, copy=False)
     if z.ndim != 2 or z.shape[1] == 0:
         raise ShapeError(f"router logits must be rows × experts (at least one), got shape {z.shape}")
     top_k = check_int(top_k, "top_k", 1, z.shape[1])
@@ -266,12 +291,14 @@ def attention(
     ShapeError unless q, k, v are 3-D with H a multiple of H_kv ≥ 1, k and v of the same rows (≥ 1) and
     heads, q and k of the same d_h, and ``mask`` of shape n_q × n_k; DTypeError unless q, k, v are real
     (integer or floating) arrays and ``mask`` boolean (an additive 0/−∞ float mask, read as truth values,
-    attended exactly where it bars); ConfigError unless ``scale`` is None or a finite number.
+    attended exactly where it bars); ConfigError unless ``scale`` is None or a finite number. Integer q, k, v
+    are computed in float64 (q·kᵀ in int8 wrapped, which moved the attention to other keys).
     """
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     for what, arr in (("q", q), ("k", k), ("v", v)):
         if arr.dtype.kind not in "iuf":
             raise DTypeError(f"attention {what} must be a real array, got dtype {arr.dtype}")
+    q, k, v = (a.astype(np.float64) if a.dtype.kind in "iu" else a for a in (q, k, v))
     if scale is not None:
         scale = check_real(scale, "attention scale")
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:

@@ -299,6 +299,12 @@ def generate_tokens(
     """Up to ``settings.max_new_tokens`` new tokens after ``prompt``: ``prefill(ids)`` gives the prompt's
     logits (n × V), ``decode(token)`` the next logits (V,) — an SCX client's, for instance.
 
+    Greedy ties go to the lowest id (``torch.argmax``'s first maximum, as HF's): scores are compared after
+    the float32 copy, so a float64 row picks what its float32 rounding picks. Sampling draws from
+    softmax(processed scores): softmax(logits / T) restricted to the top-k and then the top-p tokens (HF's
+    warpers: a top-k tie at the k-th score keeps every tied token), renormalised. The caller's logits are
+    never written to.
+
     Stops after an EOS token (kept) or when the text ends a stop string (transformers'
     ``StopStringCriteria``; needs ``tokenizer``). ``streamer`` gets ``put(prompt)``, ``put`` of each new
     token and ``end()``, as HF's. An SCXError after k ≥ 0 tokens is raised again, its class kept, with
@@ -376,9 +382,11 @@ def generate_tokens(
                 if not np.isfinite(row).all():
                     raise NonFiniteError(f"the logits after {len(new)} new token(s) are not all finite")
                 # HF's float32 copy, made by numpy (the same rounding): torch.from_numpy refused a row with a
-                # negative stride, in another byte order or of long doubles (a raw ValueError or TypeError)
+                # negative stride, in another byte order or of long doubles (a raw ValueError or TypeError).
+                # Always a copy (as HF's ``.to(copy=True)``): a float32 row was shared with the caller (a
+                # read-only one made torch warn of undefined behaviour)
                 with np.errstate(over="ignore"):  # past float32's range: ±inf, refused below
-                    row32 = np.ascontiguousarray(row, dtype=np.float32)
+                    row32 = np.array(row, dtype=np.float32, order="C", copy=True)
                 scores = processors(ids, torch.from_numpy(row32)[None, :])
                 if not settings.do_sample and not bool(torch.isfinite(scores.max())):
                     # finite logits whose largest is past float32's range (or a repetition penalty overflowing
