@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._checks import token_ids
+from .._checks import check_int, token_ids
 from ..config import ModelConfig
 from ..dp.permutation import log2_factorial, prompt_order_bits
-from ..errors import ConfigError
+from ..errors import ConfigError, ProtocolError
 from ..protocol.transport import ServerView
 from ..stages import Stage
 from ._model import int_arg
 from ._view import open_meta
-from .llm_reorder import LanguageModel
+from .llm_reorder import LanguageModel, _scores
 
 __all__ = ["enumerate_orders", "head_perm_bits", "search_space_bits", "stage_search_spaces"]
 
@@ -58,8 +58,9 @@ def stage_search_spaces(view: ServerView, config: ModelConfig) -> list[dict[str,
     key's search space (a row-permuted stage: log₂(rows!); the attention stage: its head-structured feature
     permutation) — and ``order_bits``: what the message hides of the prompt's order, log₂(rows!/(rows − n)!)
     (the decoys' order among themselves is no part of the prompt; 0 for the attention stage, whose rows
-    arrive in true order)."""
-    meta = open_meta(view)
+    arrive in true order). ProtocolError for a view without the prompt's n (an integer >= 0) or a
+    row-permuted message with no rows (no array of one or more dimensions)."""
+    n = check_int(open_meta(view).get("n"), "the open message's n", 0, error=ProtocolError)
     out: list[dict[str, Any]] = []
     seen: set[tuple[str, int]] = set()
     for m in view.messages:
@@ -67,15 +68,18 @@ def stage_search_spaces(view: ServerView, config: ModelConfig) -> list[dict[str,
             continue
         seen.add((m.stage, m.layer))
         if m.stage in _ROW_PERMUTED:
-            rows = int(next(iter(m.arrays.values())).shape[0])
+            shapes = [np.shape(a) for a in m.arrays.values()]
+            if not shapes or not shapes[0]:
+                raise ProtocolError(f"the {m.stage.value!r} message of block {m.layer} carries no rows")
+            rows = int(shapes[0][0])
             out.append(
                 {
                     "stage": m.stage,
                     "layer": m.layer,
                     "rows": rows,
-                    "n": int(meta["n"]),
+                    "n": n,
                     "bits": search_space_bits(rows),
-                    "order_bits": _order_bits(rows, int(meta["n"])),
+                    "order_bits": _order_bits(rows, n),
                 }
             )
         elif m.stage == Stage.ATTN:
@@ -83,8 +87,8 @@ def stage_search_spaces(view: ServerView, config: ModelConfig) -> list[dict[str,
                 {
                     "stage": m.stage,
                     "layer": m.layer,
-                    "rows": int(meta["n"]),
-                    "n": int(meta["n"]),
+                    "rows": n,
+                    "n": n,
                     "bits": head_perm_bits(config),
                     "order_bits": 0.0,
                 }
@@ -102,7 +106,8 @@ def enumerate_orders(bag: npt.ArrayLike, n: int, lm: LanguageModel, max_rows: in
     """The maximum-likelihood sequence of n distinct bag elements, by enumerating all (n+r)!/r! choices
     and orders (exact; refuses bags larger than ``max_rows``). ConfigError unless 0 < n ≤ the bag's
     size, ``max_rows`` is an integer ≥ 1 and ``lm`` has ``token_logprobs``; VocabularyError unless the
-    bag holds integer ids."""
+    bag holds integer ids; ShapeError or NonFiniteError when ``lm`` answers with other than one NaN-free
+    score per token of each sequence (a NaN would win the argmax)."""
     items = [int(t) for t in token_ids(np.asarray(bag).ravel(), allow_empty=True)]
     n = int_arg(n, "n")
     max_rows = int_arg(max_rows, "max_rows", 1)
@@ -116,5 +121,5 @@ def enumerate_orders(bag: npt.ArrayLike, n: int, lm: LanguageModel, max_rows: in
         sorted({tuple(items[i] for i in p) for p in itertools.permutations(range(len(items)), n)}),
         dtype=np.int64,
     )
-    scores = lm.token_logprobs(seqs).sum(axis=1)
+    scores = _scores(lm.token_logprobs(seqs), seqs.shape, "token log-probabilities").sum(axis=1)
     return [int(t) for t in seqs[int(np.argmax(scores))]]

@@ -99,7 +99,9 @@ def fit_inverter(
 
     Checked first: ShapeError unless ``feats`` is rows × d (finite: NonFiniteError) with one token per
     row and at least one row; VocabularyError for a token outside the vocabulary; ConfigError for an
-    unknown ``kind``, λ < 0 or NaN, an integer ``seed``, ``epochs`` ≥ 0 and ``hidden`` ≥ 1 that are not."""
+    unknown ``kind``, λ < 0 or NaN, an integer ``seed``, ``epochs`` ≥ 0 and ``hidden`` ≥ 1 that are not;
+    a ``table`` not of the vocabulary's shape (ShapeError), not numeric (DTypeError) or not finite
+    (NonFiniteError)."""
     x = rows_arg(feats, "features")
     t = np.asarray(token_ids(tokens, weights.config.vocab_size, allow_empty=True), dtype=np.int64)
     if len(x) != len(t) or not len(x):
@@ -117,7 +119,7 @@ def fit_inverter(
     if table is None:
         table = unit_vocabulary(weights)
     else:
-        table = np.asarray(table, dtype=np.float64)
+        table = rows_arg(table, "table")  # numeric and finite: a NaN row would decode every row to token 0
         if table.shape != weights.embed.shape:
             raise ShapeError(f"table of shape {table.shape} is not the vocabulary's {weights.embed.shape}")
     y = table[t]

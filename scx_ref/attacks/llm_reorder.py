@@ -17,7 +17,7 @@ import numpy.typing as npt
 from scipy.stats import kendalltau
 
 from .._checks import token_ids
-from ..errors import ConfigError, ShapeError, VocabularyError
+from ..errors import ConfigError, DTypeError, NonFiniteError, ShapeError, VocabularyError
 from ..weights import ModelWeights
 from ._model import forward_trace, int_arg
 
@@ -126,13 +126,31 @@ class TorchLM:
         return np.asarray(np.take_along_axis(lp, ids[:, :, None], axis=2)[..., 0])
 
 
+def _scores(lp: Any, shape: tuple[int, ...], what: str) -> Array:
+    """A language model's ``what`` as float64 of ``shape`` (-1: any size on that axis): DTypeError when
+    not numeric, ShapeError for another shape, NonFiniteError for a NaN (which would sort, or win an
+    argmax, at random; −∞, probability 0, is a score)."""
+    try:
+        arr = np.asarray(lp, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DTypeError(f"the language model's {what} are no numeric array: {exc}") from None
+    if arr.ndim != len(shape) or any(
+        want not in (-1, got) for want, got in zip(shape, arr.shape, strict=True)
+    ):
+        raise ShapeError(f"the language model's {what} have shape {arr.shape}, not {shape}")
+    if np.isnan(arr).any():
+        raise NonFiniteError(f"the language model's {what} hold NaN")
+    return arr
+
+
 def beam_reorder(bag: npt.ArrayLike, n: int, lm: LanguageModel, beam: int = 8) -> list[int]:
     """The most likely sequence of ``n`` tokens drawn without replacement from ``bag`` (beam search).
 
     Guarantee: returns a sub-multiset of ``bag`` of size n; with ``beam`` ≥ the number of partial
     sequences it is the exact maximum-likelihood choice. ConfigError unless 0 < n ≤ the bag's size,
     ``beam`` ≥ 1 and ``lm`` has ``next_logprobs``; VocabularyError unless the bag holds ids of the model's
-    vocabulary."""
+    vocabulary; ShapeError or NonFiniteError when ``lm`` answers with other than one NaN-free row of
+    log-probabilities per sequence."""
     items = [int(t) for t in token_ids(np.asarray(bag).ravel(), allow_empty=True)]
     n = int_arg(n, "n")
     if not 0 < n <= len(items):
@@ -143,7 +161,7 @@ def beam_reorder(bag: npt.ArrayLike, n: int, lm: LanguageModel, beam: int = 8) -
     beams: list[tuple[float, list[int]]] = [(0.0, [])]
     for _ in range(n):
         seqs = np.array([b[1] for b in beams], dtype=np.int64).reshape(len(beams), -1)
-        lp = lm.next_logprobs(seqs)
+        lp = _scores(lm.next_logprobs(seqs), (len(beams), -1), "next-token log-probabilities")
         if min(items) < 0 or max(items) >= lp.shape[-1]:
             raise VocabularyError(
                 f"bag ids must lie in [0, {lp.shape[-1]}), got range [{min(items)}, {max(items)}]"

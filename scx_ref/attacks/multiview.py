@@ -33,7 +33,7 @@ from .._checks import token_ids
 from ..errors import ConfigError, ShapeError
 from ..transforms import laplace_noise
 from ..weights import DenseMLP, ModelWeights
-from ._model import float_arg, int_arg, rows_arg
+from ._model import Trace, float_arg, int_arg, rows_arg
 from .inversion import Inverter, fit_inverter
 
 __all__ = ["Form", "JointInverter", "public_rows"]
@@ -48,13 +48,16 @@ _FORMS: tuple[str, ...] = ("x", "xhat", "o", "h", "hn", "m")
 
 def public_rows(weights: ModelWeights, traces: Sequence[Any], form: Form, block: int) -> Array:
     """The rows of ``form`` at ``block`` for every public token (the traces' windows, in order).
-    ConfigError for an unknown form, a block the model lacks, or no traces."""
+    ConfigError for an unknown form, a block the model lacks, no traces, or a trace that is no
+    :class:`~._model.Trace` or stops before ``block``."""
     c = weights.config
     if form not in _FORMS:
         raise ConfigError(f"form must be one of {', '.join(_FORMS)}, got {form!r}")
     lw = weights.layers[int_arg(block, "block", 0, c.n_layers)]
     if not traces:
         raise ConfigError("no public traces")
+    if any(not isinstance(t, Trace) or len(t.h) <= block for t in traces):
+        raise ConfigError(f"every public trace must be a Trace that reaches block {block}")
     if form == "x":
         return np.concatenate([t.x[block] for t in traces])
     if form == "xhat":

@@ -18,13 +18,13 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import ops
-from .._checks import token_ids
-from ..errors import ConfigError, ShapeError
+from .._checks import check_int, token_ids
+from ..errors import ConfigError, ProtocolError, ShapeError
 from ..protocol.transport import ServerView
 from ..stages import Stage
 from ..weights import ModelWeights
-from ._model import forward_trace, int_arg, rows_arg
-from ._view import open_meta, raw_qkv, shared_caches
+from ._model import float_arg, forward_trace, int_arg, rows_arg
+from ._view import open_meta, raw_qkv, shared_caches, stage_array
 from .vocab_match import nearest_rows
 
 __all__ = ["SERVER_POLICIES", "decode_with_caches", "server_caches", "statelessness_table", "unlock_locked"]
@@ -83,6 +83,20 @@ def decode_with_caches(
     return np.asarray(h @ weights.lm_head), np.asarray(h)
 
 
+def _prompt_length(view: ServerView) -> int:
+    """The prompt's n from the view's ``open`` message (ProtocolError for a view without one, or whose n
+    is not an integer >= 0)."""
+    return check_int(open_meta(view).get("n"), "the open message's n", 0, error=ProtocolError)
+
+
+def _rows(x: Array, rows: int | None, width: int, what: str) -> Array:
+    """``x`` as float64 rows × ``width`` (``rows`` of them when given); ShapeError when its values are not
+    that shape (a message of another model or prompt length)."""
+    if x.size % width or (rows is not None and x.size != rows * width):
+        raise ShapeError(f"{what} has shape {x.shape}, not {rows or 'rows'} × {width} values")
+    return x.reshape(-1 if rows is None else rows, width)
+
+
 def _matches(a: Array, b: Array, rtol: float) -> Array:
     """For each row of ``a`` the index of its nearest row of ``b`` (:func:`~.vocab_match.nearest_rows`, L2)
     when that row equals it entry by entry within ``rtol`` (|a − b| ≤ rtol·(1 + |a|)); else −1."""
@@ -109,14 +123,19 @@ def unlock_locked(view: ServerView, weights: ModelWeights, rtol: float = 1e-4) -
 
     Returns, per locked block, ``raw`` and ``attention``: the prompt rows each route placed (of ``n``);
     ``k``, ``v``: the cache (n × H_kv × d_h, true order) of a route that placed every row (the raw route
-    first), else None. Rows match within ``rtol`` entry by entry (float32 runs round apart by ~1e-7)."""
+    first), else None. Rows match within ``rtol`` entry by entry (float32 runs round apart by ~1e-7).
+
+    Checked first: ConfigError for an ``rtol`` that is not a finite number >= 0 (a NaN would place no row,
+    reading as "locked"); ProtocolError for a view without the prompt's n or a message without the arrays
+    read; ShapeError for locked rows or attention-stage K, V that are not n rows of the block's kv width."""
     c = weights.config
-    n = int(open_meta(view)["n"])
+    rtol = float_arg(rtol, "rtol", 0.0)
+    n = _prompt_length(view)
     kv = (c.n_kv_heads, c.head_dim)
     out: dict[int, dict[str, Any]] = {}
     for m in view.select(stage=Stage.LOCK):
         i = int(m.layer)
-        locked = np.asarray(m.arrays["k"], dtype=np.float64).reshape(-1, c.kv_dim)
+        locked = _rows(stage_array(view, Stage.LOCK, i, "k"), None, c.kv_dim, f"block {i}'s locked keys")
         res: dict[str, Any] = {"raw": 0, "attention": 0, "k": None, "v": None}
         # raw route: RoPE each of the server's own key rows at every prompt position and look it up
         _, zk, zv = raw_qkv(view, weights, i)
@@ -137,16 +156,16 @@ def unlock_locked(view: ServerView, weights: ModelWeights, rtol: float = 1e-4) -
         # attention route: match sorted rows of the stage's K·P to sorted locked rows
         attn = view.select(stage=Stage.ATTN, layer=i)
         if attn:
-            kp = np.asarray(attn[0].arrays["k"], dtype=np.float64).reshape(n, c.kv_dim)
+            kp = _rows(stage_array(view, Stage.ATTN, i, "k"), n, c.kv_dim, f"block {i}'s attention K")
             match = _matches(np.sort(kp, axis=1), np.sort(locked, axis=1), rtol)
             res["attention"] = int(np.sum(match >= 0))
             if res["attention"] == n and res["k"] is None:
                 k = locked[match]
                 col = _matches(kp.T, k.T, rtol)  # P: column a of K·P is column col[a] of K
                 if np.all(col >= 0) and len(set(col.tolist())) == c.kv_dim:
-                    vp = np.asarray(attn[0].arrays["v"], dtype=np.float64)
+                    vp = _rows(stage_array(view, Stage.ATTN, i, "v"), n, c.kv_dim, f"block {i}'s attention V")
                     v = np.empty((n, c.kv_dim))
-                    v[:, col] = vp.reshape(n, c.kv_dim)
+                    v[:, col] = vp
                     res["k"], res["v"] = k.reshape(n, *kv), v.reshape(n, *kv)
         out[i] = res
     return out
@@ -159,7 +178,7 @@ def server_caches(view: ServerView, weights: ModelWeights, policy: str) -> Cache
     if policy not in ("zeros", "encoded", "neighbour"):
         raise ConfigError(f"unknown policy {policy!r}: zeros, encoded or neighbour")
     c = weights.config
-    n = int(open_meta(view)["n"])
+    n = _prompt_length(view)
     shared = shared_caches(view, weights)
     shape = (n, c.n_kv_heads, c.head_dim)
     out: Cache = []
@@ -178,7 +197,8 @@ def server_caches(view: ServerView, weights: ModelWeights, policy: str) -> Cache
             k = ops.apply_rope(zk.reshape(rows, c.n_kv_heads, c.head_dim), np.arange(rows), c.rope_theta)
             locked = view.select(stage=Stage.LOCK, layer=i)
             if locked:
-                k = np.asarray(locked[0].arrays["k"], dtype=np.float64).reshape(-1, c.n_kv_heads, c.head_dim)
+                k = _rows(stage_array(view, Stage.LOCK, i, "k"), None, c.kv_dim, f"block {i}'s locked keys")
+                k = k.reshape(-1, c.n_kv_heads, c.head_dim)
             m = min(len(k), rows)
             out.append((k[:m], zv.reshape(rows, c.n_kv_heads, c.head_dim)[:m]))
     return out
@@ -216,7 +236,7 @@ def statelessness_table(
     VocabularyError for ids outside the vocabulary."""
     c = weights.config
     cont = np.asarray(token_ids(continuation, c.vocab_size, allow_empty=True), dtype=np.int64)
-    n = int(open_meta(view)["n"])
+    n = _prompt_length(view)
     if len(cont) < 2:
         raise ConfigError(f"the continuation needs >= 2 tokens, got {len(cont)}")
     for name, ids in (("prompt", prompt), ("recovered", recovered)):

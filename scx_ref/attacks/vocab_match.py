@@ -244,14 +244,27 @@ class Block1Tables:
         return np.sort(np.asarray(z), axis=1)
 
 
+def _same_block1(a: ModelWeights, b: ModelWeights) -> bool:
+    """Whether ``a`` and ``b`` have one config and equal weights wherever :class:`Block1Tables` reads them
+    (the embedding, block 1's attention norm, W_k, W_v and their biases)."""
+    la, lb = a.layers[0], b.layers[0]
+    pairs: list[tuple[Array | None, Array | None]] = [(a.embed, b.embed), (la.attn_norm, lb.attn_norm)]
+    pairs += [(la.wk, lb.wk), (la.wv, lb.wv), (la.bk, lb.bk), (la.bv, lb.bv)]
+    return a.config == b.config and all(
+        x is y or (x is not None and y is not None and np.array_equal(x, y)) for x, y in pairs
+    )
+
+
 def _checked_tables(tables: Any, weights: ModelWeights) -> Block1Tables | None:
-    """``tables`` (None, or precomputed :class:`Block1Tables` of a model with ``weights``' config)."""
+    """``tables`` (None, or precomputed :class:`Block1Tables` of ``weights``: built from them, or from
+    weights equal wherever the tables read them — a model of the same config with other weights would
+    match every row against the wrong tables and recover nothing)."""
     if tables is None:
         return None
     if not isinstance(tables, Block1Tables):
         raise ConfigError(f"tables must be Block1Tables or None, got {type(tables).__name__}")
-    if tables.weights is not weights and tables.weights.config != weights.config:
-        raise ConfigError("tables were built for another model (its config differs)")
+    if tables.weights is not weights and not _same_block1(tables.weights, weights):
+        raise ConfigError("tables were built for another model (its config or block-1 weights differ)")
     return tables
 
 
