@@ -169,7 +169,12 @@ class ModelWeights:
 
     def astype(self, dtype: Any) -> ModelWeights:
         """A copy with every array cast to ``dtype`` (DTypeError unless it names a floating numpy dtype: one
-        numpy cannot read, or :meth:`validate`'s naming the first weight)."""
+        numpy cannot read, or :meth:`validate`'s naming the first weight). None is refused too (DTypeError,
+        nothing copied), as :func:`~scx_ref._checks.float_dtype` and the backends refuse it: numpy reads it
+        as float64, so a missing dtype made a float64 copy — neither "unchanged" (the weights themselves are
+        that) nor asked for."""
+        if dtype is None:
+            raise DTypeError("dtype must be a floating numpy dtype, got None (numpy would read float64)")
         try:
             dtype = np.dtype(dtype)
         except (TypeError, ValueError):

@@ -40,6 +40,7 @@ __all__ = [
     "check_experts",
     "check_heads",
     "check_rope_split",
+    "check_rows",
     "check_scores",
     "float_dtype_name",
     "out_width",
@@ -161,7 +162,9 @@ class Backend(ArrayOps[A], Protocol[A]):
 
     # -- position and attention ----------------------------------------------------------------
     def rope(self, x: A, positions: IndexArray) -> A:
-        """RoPE (HF rotate_half convention) on rows × heads × d_h at the given absolute positions."""
+        """RoPE (HF rotate_half convention) on rows × heads × d_h at the given absolute positions: integers
+        in [0, ``config.max_positions``) (ShapeError otherwise, on every backend: the model's positions, where
+        its config holds the angles finite and the torch backend's cached tables end)."""
         ...
 
     def rope_take(
@@ -308,6 +311,15 @@ def check_heads(
         or (v is not None and v[:2] != k[:2])
     ):
         raise ShapeError(f"incompatible attention shapes q {q}, k {k}" + ("" if v is None else f", v {v}"))
+
+
+def check_rows(shape: tuple[int, ...], what: str) -> None:
+    """The rows ``ArrayOps.scale_rows`` scales and ``ArrayOps.argmax_last`` reads, on every backend:
+    ShapeError unless ``shape`` is 2-D (rows × width). A 1-D array is refused, not read as rows of one
+    entry: its "rows" were scalars, so ``scale_rows`` broadcast to the n × n outer product and
+    ``argmax_last`` answered index 0 of a scalar, on numpy and torch alike."""
+    if len(shape) != 2:
+        raise ShapeError(f"{what} must be 2-D (rows × width), got shape {shape}")
 
 
 def check_scores(scores: tuple[int, ...], v: tuple[int, ...]) -> None:

@@ -24,6 +24,7 @@ from .base import (
     check_experts,
     check_heads,
     check_rope_split,
+    check_rows,
     check_scores,
 )
 
@@ -148,7 +149,9 @@ class NumpyBackend(NumpyOps):
 
     def norm(self, x: FloatArray, which: NormName, layer: int = -1, *, name: str | None = None) -> FloatArray:
         """RMSNorm with the named gain (``name``: x scanned first, see Backend.norm); DTypeError for rows
-        that are not floating."""
+        that are not floating. Rows of another floating dtype are computed in the backend's (cast first, as
+        :meth:`project`, :meth:`mlp` and the torch backend: float64 rows on a float32 backend were
+        normalized in float64 without ``name``, in float32 with it)."""
         if which == "final":
             gamma = self.weights.final_norm
         elif which in ("attn", "mlp"):
@@ -158,9 +161,7 @@ class NumpyBackend(NumpyOps):
             raise ConfigError(f"unknown norm {which!r}")
         if np.ndim(x) == 0 or np.shape(x)[-1] != gamma.shape[0]:
             raise ShapeError(f"rows {np.shape(x)} for a norm of width {gamma.shape[0]}")
-        _floating_rows(x, "RMSNorm rows" if name is None else name)
-        if name is not None:
-            x = self.floating(x, name)
+        x = self.floating(x, "RMSNorm rows" if name is None else name, finite=name is not None)
         return ops.rms_norm(x, gamma, self.config.rms_eps)
 
     def correction(
@@ -189,19 +190,22 @@ class NumpyBackend(NumpyOps):
     def project(
         self, x: FloatArray, which: WeightName, layer: int = -1, experts: IndexArray | None = None
     ) -> FloatArray:
+        """xW + b (the bias only for ``wqkv`` of a Qwen2 model): DTypeError for rows that are not floating;
+        rows of another floating dtype computed in the backend's, as the torch backend (numpy promoted
+        float64 rows on a float32 backend to a float64 product)."""
         bias = self._qkv_bias(layer) if which == "wqkv" else None
         w = self._matrix(which, layer, experts)
-        _floating_rows(x, f"rows of a {which} product")
+        x = self.floating(x, f"rows of a {which} product", finite=False)
         return self.linear(x, w, bias)
 
     def mlp(self, x: FloatArray, layer: int) -> FloatArray:
         """The block's MLP (ShapeError for rows of another width than the model's, DTypeError for rows that
         are not floating), row by row over any leading dims, as the torch backend (the MoE routing read 2-D
-        rows only: IndexError)."""
+        rows only: IndexError); rows of another floating dtype computed in the backend's, as there."""
         mlp = self._layer(layer).mlp
         if np.ndim(x) == 0 or np.shape(x)[-1] != self.config.hidden_size:
             raise ShapeError(f"rows {np.shape(x)} for an MLP of width {self.config.hidden_size}")
-        _floating_rows(x, "MLP rows")
+        x = self.floating(x, "MLP rows", finite=False)
         if isinstance(mlp, DenseMLP) or np.ndim(x) == 2:
             return ops.mlp(x, mlp, self.config.top_k)
         out: FloatArray = ops.mlp(x.reshape(-1, x.shape[-1]), mlp, self.config.top_k).reshape(x.shape)
@@ -247,13 +251,30 @@ class NumpyBackend(NumpyOps):
         """``project64(gate_up, right_gate_up) + project64(swiglu_act(gate_up), right_down)``, as it reads."""
         return self.project64(gate_up, right_gate_up) + self.project64(self.swiglu_act(gate_up), right_down)
 
+    def scale_rows(self, x: FloatArray, weights: npt.NDArray[Any]) -> FloatArray:
+        """:meth:`NumpyOps.scale_rows <scx_ref.arrays.NumpyOps.scale_rows>` of 2-D rows (ShapeError
+        otherwise, as the torch backend: :func:`~.base.check_rows`)."""
+        check_rows(np.shape(x), "rows to scale")
+        return super().scale_rows(x, weights)
+
+    def argmax_last(self, logits: FloatArray) -> int:
+        """:meth:`NumpyOps.argmax_last <scx_ref.arrays.NumpyOps.argmax_last>` of 2-D logits (ShapeError
+        otherwise, as the torch backend: :func:`~.base.check_rows`)."""
+        check_rows(np.shape(logits), "logits")
+        return super().argmax_last(logits)
+
     # -- position and attention ----------------------------------------------------------------
     def rope(self, x: FloatArray, positions: IndexArray) -> FloatArray:
-        """:func:`~scx_ref.ops.apply_rope` at integer positions ≥ 0 on heads of the model's head_dim
-        (ShapeError otherwise, as the torch backend, whose tables are the model's and start at 0)."""
+        """:func:`~scx_ref.ops.apply_rope` at integer positions in [0, max_positions) on heads of the model's
+        head_dim (ShapeError otherwise, as the torch backend, whose tables are the model's: they start at 0
+        and end at max_positions, where the config holds the angles finite)."""
         pos = np.asarray(positions)
         if pos.size and (pos.dtype.kind not in "iu" or int(pos.min()) < 0):
             raise ShapeError(f"RoPE positions must be integers >= 0, got {pos.dtype}")
+        if pos.size and int(pos.max()) >= self.config.max_positions:
+            raise ShapeError(
+                f"RoPE position {int(pos.max())} past the model's max_positions = {self.config.max_positions}"
+            )
         if np.ndim(x) == 3 and np.shape(x)[-1] != self.config.head_dim:
             raise ShapeError(
                 f"RoPE on heads of width {np.shape(x)[-1]}, the model's are {self.config.head_dim}"

@@ -68,6 +68,7 @@ from .base import (
     check_experts,
     check_heads,
     check_rope_split,
+    check_rows,
     check_scores,
     sum_norm_slack,
 )
@@ -968,16 +969,19 @@ class TorchOps:
         return dense(x, w, bias)
 
     def scale_rows(self, x: torch.Tensor, weights: npt.NDArray[Any]) -> torch.Tensor:
-        """x ⊙ w[:, None] (w cast to the dtype, as NumpyBackend; ShapeError unless one weight per row)."""
+        """x ⊙ w[:, None] (w cast to the dtype, as NumpyBackend; ShapeError unless x is 2-D rows,
+        :func:`~.base.check_rows`, with one weight per row)."""
+        check_rows(tuple(x.shape), "rows to scale")
         if np.shape(weights) != tuple(x.shape[:1]):
             raise ShapeError(f"{np.shape(weights)} weights for rows {tuple(x.shape)}: one per row")
         w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(self.device, self.dtype)
         return x * w[:, None]
 
     def argmax_last(self, logits: torch.Tensor) -> int:
-        """Argmax of the last row (first index among ties, as numpy; ShapeError for no rows, or an empty
-        row, as NumpyOps)."""
-        if logits.dim() == 0 or logits.shape[0] == 0 or logits.numel() == 0:
+        """Argmax of the last row (first index among ties, as numpy; ShapeError unless ``logits`` are 2-D
+        rows, :func:`~.base.check_rows`, and for no rows, or an empty row, as NumpyBackend)."""
+        check_rows(tuple(logits.shape), "logits")
+        if logits.shape[0] == 0 or logits.numel() == 0:
             raise ShapeError(
                 f"argmax of the last row of logits {tuple(logits.shape)}: no row, or an empty one"
             )
@@ -1214,8 +1218,12 @@ class TorchBackend(TorchOps):
         self, x: torch.Tensor, which: NormName, layer: int = -1, *, name: str | None = None
     ) -> torch.Tensor:
         """RMSNorm_ε(x) = γ ⊙ x / sqrt(mean(x²) + ε) with the named gain; ``name``: see Backend.norm
-        (tested in the norm's own pass where it is fused: :meth:`_rms`)."""
+        (tested in the norm's own pass where it is fused: :meth:`_rms`). Rows of another floating dtype are
+        computed in the backend's, as :meth:`project` and :meth:`mlp` (and NumpyBackend) compute them: the
+        norm of the rows rounded to the dtype (float64 rows on a float32 backend gave float64)."""
         _floating_rows(x, "RMSNorm rows" if name is None else name)
+        if x.dtype is not self.dtype:
+            x = x.to(self.dtype)
         return self._rms(x, self._gain(which, layer), name)
 
     def project64_norm(
@@ -1231,9 +1239,8 @@ class TorchBackend(TorchOps):
         if x.dim() != 2:
             raise ShapeError(f"rows {tuple(x.shape)} against check vectors {np.shape(right)}")
         k = self._fused(x, gamma)
-        if k is None:  # integer rows (never fused) refused as norm refuses them: torch's RuntimeError
-            _floating_rows(x, "RMSNorm rows")
-            return self.project64(self._rms(x, gamma), right)
+        if k is None:  # integer rows (never fused) refused by norm (torch's RuntimeError), others cast there
+            return self.project64(self.norm(x, which, layer), right)
         rows, width = x.shape
         if not (_right(width, right) and gamma.shape == (width,)):
             raise ShapeError(
@@ -1486,7 +1493,9 @@ class TorchBackend(TorchOps):
     # -- position and attention ----------------------------------------------------------------
     def _cos_sin(self, positions: IndexArray) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (rows × d_h) at ``positions``: a view of the cached tables for consecutive positions
-        (a prompt, a decode step), one gather otherwise."""
+        (a prompt, a decode step), one gather otherwise. ShapeError unless the positions are integers in
+        [0, max_positions), as NumpyBackend.rope: the tables grow on demand up to the model's max_positions
+        rows, never past them (a position of 10⁹ asked for a billion rows)."""
         raw = np.asarray(positions)
         if raw.size and raw.dtype.kind not in "iu":  # a float position was truncated
             raise ShapeError(f"RoPE positions must be integers >= 0, got {raw.dtype}")
@@ -1497,13 +1506,16 @@ class TorchBackend(TorchOps):
             lo = hi = int(pos[0]) if pos.size else 0
         if lo < 0:
             raise ShapeError("RoPE positions must be >= 0")
+        limit = self.config.max_positions
+        if hi >= limit:
+            raise ShapeError(f"RoPE position {hi} past the model's max_positions = {limit}")
         need = hi + 1 if pos.size else 0
         cos, sin = self._rope  # one read of the pair: a concurrent grow replaces it whole
         if need > cos.shape[0]:
             with self._rope_lock:
                 cos, sin = self._rope
                 if need > cos.shape[0]:
-                    size = max(need, 2 * cos.shape[0], 256)
+                    size = min(max(need, 2 * cos.shape[0], 256), limit)
                     c, s = ops.rope_cos_sin(np.arange(size), self.config.head_dim, self.config.rope_theta)
                     cos, sin = _t(c, self._compute, self.device), _t(s, self._compute, self.device)
                     self._rope = (cos, sin)
@@ -1520,7 +1532,7 @@ class TorchBackend(TorchOps):
         term added in place. Every product is rounded before its add, exactly as HF's and the numpy
         reference's form (no fused multiply-add: torch's ``addcmul`` contracts to one on FMA CPUs, which
         changes about a quarter of the results by an ulp). ``x`` may be a strided view (e.g. the Q and K
-        heads of a fused QKV row)."""
+        heads of a fused QKV row). ShapeError for positions that are not integers in [0, max_positions)."""
         if x.ndim != 3:
             raise ShapeError(f"RoPE input must be rows × heads × head_dim, got {tuple(x.shape)}")
         _floating_rows(x, "RoPE input")  # as NumpyBackend (integer heads were cast)
@@ -1588,7 +1600,7 @@ class TorchBackend(TorchOps):
                 np.empty((parts, xa.shape[1]), xa.dtype),
             )
             # the cached tables, read by position in the kernel; a position past them grows them (one
-            # below 0 is refused there) and the pass runs again
+            # below 0 is refused there, one at max_positions or past it by _cos_sin) and the pass runs again
             cos, sin = self._rope
             got = k.rope_take(xa, rows_a, pos, _np(cos), _np(sin), *rest)
             if got == -1:

@@ -133,9 +133,10 @@ def unigram_counts(
     1-D integer array of ids in [0, vocab_size)."""
     bound = check_int(vocab_size, "vocab_size", 1)
     ids = checked_ids(token_ids, bound, allow_empty=True)
-    k = 1
+    k, scaling = 1, "add-one counting"  # ``scaling`` names k's origin in the overflow message below
     if smoothing is not None:
         mass = check_real(smoothing, "smoothing", 0.0, 1.0, lo_open=True)
+        scaling = f"smoothing {mass}"
         if len(ids) == 0 and mass < 1.0:
             raise ConfigError(f"an empty text leaves all its mass to smoothing, more than {mass}")
         # the least k with V ≤ mass·(k·N + V), in exact rational arithmetic
@@ -143,7 +144,10 @@ def unigram_counts(
         k = max(1, math.ceil(need))
     counts = np.bincount(ids, minlength=bound).astype(np.int64)
     if k * int(counts.max()) + 1 > _INT64_MAX // bound:  # the draw needs Σc < 2⁶³ (unigram_weights)
-        raise ConfigError(f"smoothing {mass} scales the counts by a {len(str(k))}-digit factor: too large")
+        raise ConfigError(
+            f"{scaling} scales the counts by a {len(str(k))}-digit factor: too large for a text of "
+            f"{len(ids)} ids over {bound} tokens (the draw needs the counts' sum below 2**63)"
+        )
     return k * counts + 1
 
 

@@ -123,11 +123,13 @@ class MaskPool(Generic[A]):
             t0 = time.perf_counter()
             entry = self.client._new_prepared(nonce, self.capacity)
             entry.fill(self.steps, perms=False)
-            self.seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
             prefill = entry.mask_bytes_of(step=False)
-            self.bytes_per_prompt_token = prefill / self.capacity
-            self.bytes_per_step = (entry.mask_bytes - prefill) / self.steps if self.steps else 0.0
-            with self._lock:
+            per_step = (entry.mask_bytes - prefill) / self.steps if self.steps else 0.0
+            with self._lock:  # the metrics move together with the entries (a fill beside another, a reader)
+                self.seconds += seconds
+                self.bytes_per_prompt_token = prefill / self.capacity
+                self.bytes_per_step = per_step
                 # 128-bit nonces: never, but a repeat must not be served. Held entries are checked here,
                 # used ones by their master's claims; a taken entry's nonce is forgotten (bounded memory)
                 if nonce in self._nonces or _used(entry):
@@ -174,5 +176,7 @@ class MaskPool(Generic[A]):
 
     @property
     def tokens_per_second(self) -> float:
-        """Fill throughput: prompt tokens of masks derived per second of filling."""
-        return self.filled * self.capacity / self.seconds if self.seconds else 0.0
+        """Fill throughput: prompt tokens of masks derived per second of filling — the entries counted and
+        the seconds spent on them read together, under the lock a fill updates them under."""
+        with self._lock:
+            return self.filled * self.capacity / self.seconds if self.seconds else 0.0

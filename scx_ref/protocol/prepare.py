@@ -297,22 +297,30 @@ class PreparedKeys(Generic[A]):
     ) -> tuple[A, A]:
         """(η, η·W) of ``release`` (at generation ``step``) for a ``rows`` × ``width`` message: the
         precomputed pair when there is one of that shape (dropped once read: one-time keys), else derived
-        now. η·W is the exact T5 correction (:meth:`~scx_ref.backends.base.Backend.correction`)."""
+        now. η·W is the exact T5 correction (:meth:`~scx_ref.backends.base.Backend.correction`). A refused
+        call (rows or width not integers >= 0: ShapeError; the backend's or the noise's refusals) drops
+        nothing: the held pair is dropped only once the pair returned exists."""
         key = (release.stage, release.block, release.expert, step)
-        kept = self._blinding.pop(key, None)
+        rows = check_int(rows, "rows", 0, error=ShapeError)
+        width = check_int(width, "width", 0, error=ShapeError)
+        kept = self._blinding.get(key)
         bb = self.bb
+        out: tuple[A, A] | None = None
         if kept is not None:
             have, w = bb.shape(kept[0])
             if w == width and have == rows:
-                return kept
-            if w == width and have > rows:
+                out = kept
+            elif w == width and have > rows:
                 # a mask pool's entry is derived for its longest prompt; the noise stream is read row by
                 # row, so the first rows are exactly this message's η. η·W is row-wise, but as a product of
                 # more rows BLAS may round it differently (OpenBLAS on an AMD EPYC: ~1e-15 relative in
                 # float64): what follows unblinding matches the on-demand route to rounding, not bit for bit
-                return bb.narrow(kept[0], 0, 0, rows), bb.narrow(kept[1], 0, 0, rows)
-        eta = bb.from_numpy(self.keys.noise(release, step, rows, width))
-        return eta, bb.correction(eta, which, layer, experts)
+                out = bb.narrow(kept[0], 0, 0, rows), bb.narrow(kept[1], 0, 0, rows)
+        if out is None:  # none held, or one of another shape (dropped below, once this one is derived)
+            eta = bb.from_numpy(self.keys.noise(release, step, rows, width))
+            out = eta, bb.correction(eta, which, layer, experts)
+        self._blinding.pop(key, None)
+        return out
 
     # -- derive ahead ------------------------------------------------------------------------------
     def fill(self, steps: int = 0, perms: bool = True) -> PreparedKeys[A]:
