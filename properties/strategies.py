@@ -263,8 +263,10 @@ def model_configs(
     gqa_ratios: Sequence[int] = (1, 2, 3, 4),
     max_kv_heads: int = 2,
     head_dims: Sequence[int] = (2, 4, 6, 8),
+    max_positions: int = 64,
 ) -> ModelConfig:
-    """A tiny, valid ModelConfig: LLaMA-like (dense), Mixtral-like (``moe``) or Qwen2-like (``qkv_bias``).
+    """A tiny, valid ModelConfig: LLaMA-like (dense), Mixtral-like (``moe``) or Qwen2-like (``qkv_bias``),
+    of ``max_positions`` positions (RoPE refuses a position past them).
 
     ``moe`` / ``qkv_bias`` = None lets Hypothesis choose. GQA ratio H / H_kv is drawn from
     ``gqa_ratios``; a single KV head (and, with ratio 1, a single head) is included.
@@ -288,7 +290,7 @@ def model_configs(
         n_experts=n_experts,
         top_k=top_k,
         qkv_bias=bias,
-        max_positions=64,
+        max_positions=max_positions,
         name="hypothesis",
     )
 
