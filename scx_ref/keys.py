@@ -32,6 +32,7 @@ __all__ = [
     "CLAIM_MEMORY",
     "MASTER_SECRET_BYTES",
     "NONCE_BYTES",
+    "PERM_MEMORY",
     "KeySchedule",
     "KeyStream",
     "Label",
@@ -45,6 +46,13 @@ MASTER_SECRET_BYTES = 32
 NONCE_BYTES = 16
 #: How many claimed nonces a master secret's schedules remember (the most recent ones; 16 bytes each).
 CLAIM_MEMORY = 1 << 16
+#: How many permutations a schedule memoises (the most recently used). A request re-reads few of them
+#: (π_i of the middle blocks when their keys are shared, ρ_i of the last guard blocks at every generation
+#: step), while each generation step derives a one-time head permutation P per first guard block, read
+#: once (1 + n_kv_heads arrays): without a bound a long generation grew the memo by those every step.
+#: 4096 entries hold every permutation of one request's prefill (~12 per block with 8 KV heads) for models of
+#: up to ~300 blocks; a permutation evicted and asked again is re-derived, bit for bit the same.
+PERM_MEMORY = 1 << 12
 _DOMAIN = b"scx_ref/v1"
 
 LabelPart = str | int
@@ -295,7 +303,8 @@ class KeySchedule:
         self._master = bytes(master)
         self.nonce = bytes(nonce)
         self._prk = _hkdf_extract(self.nonce, self._master)  # HKDF-Extract is the same for every label
-        self._perms: dict[tuple[Label, int], npt.NDArray[np.int64]] = {}
+        self._perms: OrderedDict[tuple[Label, int], npt.NDArray[np.int64]] = OrderedDict()
+        self._perms_lock = threading.Lock()  # callers in several threads (a background precompute, …)
         self.claims = NonceClaims()
 
     @classmethod
@@ -334,16 +343,27 @@ class KeySchedule:
     def permutation(self, label: Label, n: int) -> npt.NDArray[np.int64]:
         """The permutation of 0..n-1 named by ``label`` (uniform over S_n).
 
-        Derived once per (label, n) and memoised for this request (a request asks for each block's
-        next-stage permutation twice); the returned array is read-only.
+        Derived once per (label, n) and memoised for this request (a request asks for some permutations
+        again: a middle block's π when its keys are shared, a last guard block's ρ at every generation step);
+        the memo keeps the :data:`PERM_MEMORY` most recently used (one-time permutations, such as a
+        generation step's head permutation, no longer accumulate). The value never depends on the memo: an
+        evicted permutation is re-derived identically. Thread-safe. The returned array is read-only.
         """
         _check_label(label)
-        memo_key = (label, check_int(n, "permutation size", 0, error=KeyScheduleError))
-        perm = self._perms.get(memo_key)
-        if perm is None:
-            perm = fisher_yates(int(n), self.stream((*label, "perm", int(n))))
-            perm.setflags(write=False)
-            self._perms[memo_key] = perm
+        n = check_int(n, "permutation size", 0, error=KeyScheduleError)
+        memo_key = (label, n)
+        with self._perms_lock:
+            perm = self._perms.get(memo_key)
+            if perm is not None:
+                self._perms.move_to_end(memo_key)
+                return perm
+        perm = fisher_yates(n, self.stream((*label, "perm", n)))  # outside the lock: the costly part
+        perm.setflags(write=False)
+        with self._perms_lock:
+            perm = self._perms.setdefault(memo_key, perm)  # derived meanwhile by another thread: same values
+            self._perms.move_to_end(memo_key)
+            while len(self._perms) > PERM_MEMORY:
+                self._perms.popitem(last=False)
         return perm
 
     def generator(self, label: Label) -> KeyStream:
