@@ -104,7 +104,10 @@ def block_rows(
     """
     c = b.config
     r = b.nrows(x)
-    pos = np.asarray(positions)
+    try:
+        pos = np.asarray(positions)
+    except (TypeError, ValueError) as exc:  # ragged nested sequences: numpy's bare ValueError
+        raise ProtocolError(f"block_rows: positions must be one integer per row: {exc}") from None
     if not isinstance(caches, (list, tuple)) or not all(
         isinstance(kv, (tuple, list)) and len(kv) == 2 for kv in caches
     ):

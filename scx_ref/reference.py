@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from . import ops
-from ._checks import FloatArray, check_int, token_ids
-from .errors import ConfigError, ProtocolError
+from ._checks import FloatArray, as_float_array, check_int, token_ids
+from .errors import ConfigError, ProtocolError, ShapeError
 from .sampling import greedy_tokens
+from .transforms import _positions
 from .weights import LayerWeights, ModelWeights
 
 __all__ = ["KVCache", "ReferenceModel", "Trace"]
@@ -77,8 +78,10 @@ class ReferenceModel:
         ProtocolError (``cache`` unchanged) unless ``cache`` is a KVCache (lists of as many keys as
         values) and ``layer`` an integer in [0, len(cache.keys)]: the next block of a cache being built,
         or one it holds (never filed at another index), whose keys and values are then arrays of the same
-        shape rows × H_kv × d_h. A call that raises (a bad ``x`` or ``positions``, a ``trace``) leaves
-        ``cache`` as it was.
+        shape rows × H_kv × d_h. ConfigError unless ``lw`` is a LayerWeights; DTypeError or ShapeError unless
+        ``x`` is a floating-point array of rows × d (NaN and ±inf pass through, as in :meth:`forward`) and
+        ``positions`` one integer >= 0 per row. A call that raises (a bad ``x`` or ``positions``, a
+        ``trace``) leaves ``cache`` as it was.
         """
         if (
             not isinstance(cache, KVCache)
@@ -95,6 +98,12 @@ class ReferenceModel:
             raise ProtocolError(f"block needs a KVCache holding lists of as many keys as values, got {got}")
         layer = check_int(layer, "layer", 0, len(cache.keys), error=ProtocolError)
         c = self.config
+        if not isinstance(lw, LayerWeights):
+            raise ConfigError(f"block needs a block's LayerWeights, got {type(lw).__name__}")
+        x = as_float_array(x, "x", ndim=2, allow_nonfinite=True)
+        if x.shape[1] != c.hidden_size:
+            raise ShapeError(f"x must be rows × {c.hidden_size}, got shape {x.shape}")
+        positions = _positions(positions, x.shape[0])
         n_kv, d_h = c.n_kv_heads, c.head_dim
         old_k, old_v = (cache.keys[layer], cache.values[layer]) if layer < len(cache.keys) else (None, None)
         # checked before anything runs: a block of the wrong shape raised with the keys extended alone

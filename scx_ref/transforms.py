@@ -9,7 +9,8 @@ server call these same functions with their backend (numpy or torch) as ``ops``:
 
 Keys (permutations) live on the host as numpy int64 arrays and are validated there; arrays are validated
 by ``ops.floating`` (floating dtype, finite where the input must be). Every function is pure: it
-returns new arrays (or views) and never modifies its inputs.
+returns new arrays (or views) and never modifies its inputs — except :func:`decode_rows_numpy` with
+``in_place``, which reorders the rows inside ``y``'s own memory (``y`` is consumed).
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ def permute_rows(x: Any, perm: Any, ops: ArrayOps[A] = NUMPY) -> A:
     """T1 encode: X ↦ X[π] (row i of the result is row π[i] of X), one gather.
 
     Identity: f(X[π]) = f(X)[π] for every row-wise f (linear maps with bias, RMSNorm, SwiGLU,
-    MoE routing and experts, LM head).
+    MoE routing and experts, LM head). NonFiniteError when X holds NaN or ±inf (an encode sends only
+    finite rows; the decode :func:`unpermute_rows` passes them through).
     """
     t = _array(ops, x, "x", finite=True)
     return ops.take_rows(t, _perm(perm, _rows(ops, t), "perm"))
@@ -264,7 +266,9 @@ def reencode_sum(
         raise ShapeError(f"s ({ss}), y ({ys}) and decoys ({ds}) must be 2-D with the same width")
     p = _perm(perm, None, "perm")
     n = p.shape[0] - ds[0]
-    if n < 0 or n > min(ss[0], ys[0]):
+    if n < 0:
+        raise ShapeError(f"perm of {p.shape[0]} rows cannot hold {ds[0]} decoys")
+    if n > min(ss[0], ys[0]):
         raise ShapeError(f"{p.shape[0]} rows with {ds[0]} decoys: s and y need at least {n} rows")
     inv_s = _inverse(perm_s, ss[0], "perm_s")
     inv_y = _inverse(perm_y, ys[0], "perm_y")
@@ -274,7 +278,8 @@ def reencode_sum(
     from_s[real] = inv_s[p[real]]
     from_y = np.full(p.shape[0], -1, dtype=np.int64)
     from_y[real] = inv_y[p[real]]
-    return ops.gather_sum(ts, from_s, ty, from_y, d, name="reencoded sum")
+    with np.errstate(over="ignore"):  # a decoy cast beyond the rows' dtype is inf: refused here by name
+        return ops.gather_sum(ts, from_s, ty, from_y, d, name="reencoded sum")
 
 
 def encode_head_rows(
@@ -301,9 +306,10 @@ def encode_head_rows(
         raise ShapeError(f"decoys ({ds}) must be 2-D with {width} columns")
     p = _perm(perm, shape[0] + ds[0], "perm")
     flat = ops.reshape(t, (shape[0], width))
-    return ops.take_rows_cols_concat(
-        flat, head.flat_index(group_size, inverse=True), d, p, name="o and decoys"
-    )
+    with np.errstate(over="ignore"):  # a decoy cast beyond o's dtype is inf: refused here by name
+        return ops.take_rows_cols_concat(
+            flat, head.flat_index(group_size, inverse=True), d, p, name="o and decoys"
+        )
 
 
 def decode_qkv_heads(
@@ -601,7 +607,8 @@ def reorder_cache(k: Any, v: Any, rho: Any, ops: ArrayOps[A] = NUMPY) -> tuple[A
     """T4: (K, V) ↦ (K[ρ], V[ρ]) with one ρ for both.
 
     Identity: a query that attends to every cached row gets Attn(q, K[ρ], V[ρ]) = Attn(q, K, V),
-    because softmax-weighted sums over the cache rows do not depend on their order.
+    because softmax-weighted sums over the cache rows do not depend on their order. NonFiniteError when
+    K or V holds NaN or ±inf.
     """
     kt = _array(ops, k, "k", finite=True)
     vt = _array(ops, v, "v", finite=True)
@@ -760,4 +767,4 @@ def laplace_noise(
     u = u.reshape(shape)
     s = u - 0.5
     eta = -beta * np.sign(s) * np.log1p(-np.minimum(2.0 * np.abs(s), 1.0 - 2.0**-53))  # u = 0 stays finite
-    return eta.astype(out_dtype)
+    return np.asarray(eta).astype(out_dtype)  # shape (): a 0-d array, as for β = 0, not a numpy scalar
