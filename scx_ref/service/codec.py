@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._checks import check_int
 from ..errors import WireError
 from ..protocol.messages import Reply, Request
 from ..stages import Stage
@@ -89,12 +90,17 @@ class FrameKind(IntEnum):
 @dataclass(frozen=True)
 class WireLimits:
     """Bounds :func:`decode` enforces before allocating: header bytes, frame bytes, arrays per frame,
-    dimensions per array."""
+    dimensions per array. Each a non-negative integer (ConfigError otherwise, when the limits are made:
+    a string compared in :func:`decode` raised a raw TypeError there)."""
 
     max_header: int = 64 * 1024
     max_frame: int = 1 << 30
     max_arrays: int = 8
     max_ndim: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("max_header", "max_frame", "max_arrays", "max_ndim"):
+            object.__setattr__(self, name, check_int(getattr(self, name), f"WireLimits.{name}", 0))
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,8 @@ def to_wire_array(x: Any) -> npt.NDArray[Any]:
     """``x`` (numpy array or torch tensor) as a C-contiguous little-endian numpy array of the same shape
     (0-d included) in a wire dtype: floating arrays as float32 or float64 (bf16/fp16 widen exactly to
     float32), integer ones as int64.
-    WireError for any other kind of array, a ragged one, or unsigned integers past int64's range."""
+    WireError for any other kind of array (timedelta64 included), a ragged one, a tensor numpy cannot read
+    (a meta or conjugated one), or unsigned integers past int64's range."""
     try:
         if hasattr(x, "detach"):  # a torch tensor
             t = x.detach().to("cpu")
@@ -122,14 +129,15 @@ def to_wire_array(x: Any) -> npt.NDArray[Any]:
                 t = t.float()
             x = t.numpy()
         arr = np.asarray(x)
-    except (TypeError, ValueError) as exc:  # ragged nested lists, a tensor dtype numpy lacks
+    except (TypeError, ValueError, RuntimeError) as exc:  # ragged nested lists, a tensor dtype numpy lacks,
+        # a tensor with no data (meta: NotImplementedError is a RuntimeError) or a conjugate bit
         raise WireError(f"not an array with a wire form: {str(exc)[:200]}") from None
     target: np.dtype[Any]
     if np.issubdtype(arr.dtype, np.floating):
         target = np.dtype("<f8") if arr.dtype.itemsize == 8 else np.dtype("<f4")
         if arr.dtype.itemsize > 8:
             raise WireError(f"array dtype {arr.dtype} has no wire form (float32 or float64)")
-    elif np.issubdtype(arr.dtype, np.integer):
+    elif arr.dtype.kind in "iu":  # not issubdtype(np.integer): numpy counts timedelta64 an integer
         target = np.dtype("<i8")
         if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and int(arr.max()) > _I64[1]:
             raise WireError(f"array of {arr.dtype} holds values past int64's range (its wire form)")
@@ -250,9 +258,13 @@ def _text(value: Any, limit: int) -> str:
 def encode_error(error: str, message: str, seq: int = -1) -> bytes:
     """An error frame: the exception's class name, its message (no array contents; at most 2000
     characters, a lone surrogate in it written as an escape so the frame always decodes) and the
-    request's seq."""
+    request's seq: an integer in [-1, 2**31 - 1] (-1: no request's), WireError otherwise (a float seq is
+    not truncated to another request's, nor a seq past int64 written into a frame no peer decodes)."""
+    seq = _whole(seq)
+    if not isinstance(seq, int) or isinstance(seq, bool) or not -1 <= seq <= _INT_MAX:
+        raise WireError(f"an error frame's seq must be an integer in [-1, {_INT_MAX}], got {_text(seq, 40)}")
     return _frame(
-        FrameKind.ERROR, {"error": _text(error, 200), "message": _text(message, 2000), "seq": int(seq)}, {}
+        FrameKind.ERROR, {"error": _text(error, 200), "message": _text(message, 2000), "seq": seq}, {}
     )
 
 
@@ -313,8 +325,8 @@ def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = Non
     Guarantee: nothing is allocated in proportion to a declared size until the declared sizes are shown
     to add up to exactly ``len(data)``; the arrays returned are writable copies in their wire dtype. The
     header has no repeated key, no string that is not valid Unicode, no integer past int64, and nests at
-    most 5 levels deep; the padding before each array is zero bytes; every array's shape, with each 0
-    counted as 1, spans at most ``max_frame`` bytes."""
+    most 5 levels deep; the padding before each array is zero bytes; only a request or reply frame
+    carries arrays; every array's shape, with each 0 counted as 1, spans at most ``max_frame`` bytes."""
     if limits is not None and not isinstance(limits, WireLimits):
         raise WireError(f"limits must be a WireLimits, not {type(limits).__name__}")
     lim = limits or WireLimits()
@@ -357,6 +369,8 @@ def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = Non
     specs = header.pop("arrays", [])
     if not isinstance(specs, list) or len(specs) > lim.max_arrays:
         raise WireError(f"'arrays' must be a list of at most {lim.max_arrays} entries")
+    if specs and kind not in (FrameKind.REQUEST, FrameKind.REPLY):  # nothing rides beside an error or hello
+        raise WireError(f"a {kind.name.lower()} frame carries no arrays")
     layout: list[tuple[str, str, tuple[int, ...], int, int]] = []
     pads: list[tuple[int, int]] = []
     pos = _PREFIX.size + hlen

@@ -49,7 +49,9 @@ _SCHEMES = {"scx": False, "scxs": True}
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
-    """(host, port, tls) of ``scx://host:port`` or ``scxs://host:port`` (ConfigError otherwise)."""
+    """(host, port, tls) of ``scx://host:port`` or ``scxs://host:port``, the port in [1, 65535]: a client
+    cannot connect to port 0. ConfigError otherwise, and for a user name or password, which no server
+    receives, a path, a query or a fragment."""
     if not isinstance(url, str):  # urlsplit raised a raw AttributeError for a number
         raise ConfigError(f"server URL must be a string scx://HOST:PORT, got {type(url).__name__}")
     try:
@@ -59,8 +61,10 @@ def parse_url(url: str) -> tuple[str, int, bool]:
         raise ConfigError(f"invalid server URL {url!r}: {exc}") from None
     if parts.scheme not in _SCHEMES or not parts.hostname or port is None:
         raise ConfigError(f"server URL must be scx://HOST:PORT or scxs://HOST:PORT (TLS), got {url!r}")
-    if parts.path not in ("", "/") or parts.query:
-        raise ConfigError(f"server URL takes no path or query: {url!r}")
+    if port == 0:  # "any free port" is a listener's choice, no address to connect to
+        raise ConfigError(f"server URL names port 0, which no server listens on: {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(f"server URL takes no user, path, query or fragment: {url!r}")
     return parts.hostname, port, _SCHEMES[parts.scheme]
 
 
@@ -183,7 +187,7 @@ class RemoteTransport:
         self.ops = ops
         self.tls_ca = tls_ca
         self.max_message_bytes = check_int(max_message_bytes, "max_message_bytes", 1, MAX_MESSAGE_BYTES)
-        self.limits = WireLimits(max_frame=max_message_bytes + 1024)
+        self.limits = WireLimits(max_frame=self.max_message_bytes + 1024)
         self.meter = CostMeter()
         self.info: dict[str, Any] | None = None
         self._channel: Any = None

@@ -32,11 +32,13 @@ class ServerProcess:
     (loading a model takes a while); a process that exits first, or prints no address in time, raises
     ServiceError with all it printed (its reason included) and which of the two happened. ``args`` is a
     sequence of separate arguments (ConfigError for one string); ``model``, each argument and each key and
-    value of ``env`` must be strings, ``port`` in [0, 65535] and ``start_timeout`` positive and finite
-    (ConfigError otherwise, before any process starts). A constructor that raises (KeyboardInterrupt
-    included) has killed the process. Once the process has ended (:meth:`stop`, :meth:`kill`) its pipes
-    are closed. The server stops by itself (gracefully) once this process is gone, however it ends — a
-    SIGTERM or SIGKILL included
+    value of ``env`` must be strings (none holding a NUL, no ``=`` in a variable's name), ``port`` in
+    [0, 65535] and ``start_timeout`` positive and finite (ConfigError otherwise, before any process starts;
+    ServiceError when the interpreter cannot be run). A constructor that raises (KeyboardInterrupt
+    included) has killed the process. What the process prints is read in the locale's encoding, a byte
+    that is not in it written as its escape (such a byte once ended the reader, leaving the pipe unread).
+    Once the process has ended (:meth:`stop`, :meth:`kill`) its pipes are closed. The server stops by
+    itself (gracefully) once this process is gone, however it ends — a SIGTERM or SIGKILL included
     (:data:`scx_ref.commands.serve.PARENT_ENV`).
     """
 
@@ -66,16 +68,9 @@ class ServerProcess:
         if "--ops-port" not in args:
             cmd += ["--ops-port", "0"]
         cmd += args
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())},
-        )
         self.log: list[str] = []
         self._out: list[str] = []
-        self._readers = [threading.Thread(target=self._drain, args=(self.proc.stderr, self.log), daemon=True)]
+        self._readers: list[threading.Thread] = []
         ready = threading.Event()
         self.url = self.ops = ""
 
@@ -88,11 +83,27 @@ class ServerProcess:
                     self.url, self.ops = m.group(1), m.group(2) or ""
                     ready.set()
 
-        self._readers.append(threading.Thread(target=read_stdout, daemon=True))
-        for t in self._readers:
-            t.start()
-        end = time.monotonic() + start_timeout
         try:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="backslashreplace",
+                env={**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())},
+            )
+        except ValueError as exc:  # a NUL in an argument or a value, "=" in a variable's name
+            raise ConfigError(f"cannot start scx serve: {exc}") from None
+        except OSError as exc:
+            raise ServiceError(f"cannot start scx serve: {exc}") from None
+        try:  # from here on, however this fails (a reader thread that cannot start, too), the process dies
+            self._readers.append(
+                threading.Thread(target=self._drain, args=(self.proc.stderr, self.log), daemon=True)
+            )
+            self._readers.append(threading.Thread(target=read_stdout, daemon=True))
+            for t in self._readers:
+                t.start()
+            end = time.monotonic() + start_timeout
             while not ready.wait(0.05):
                 exited = self.proc.poll() is not None
                 if exited or time.monotonic() > end:
@@ -146,7 +157,8 @@ class ServerProcess:
 
     def metrics(self, timeout: float = 5.0) -> str:
         """The Prometheus text of ``/metrics``; ServiceError when there is no ops address or it cannot be
-        reached (a stopped server)."""
+        reached (a stopped server); ConfigError unless ``timeout`` is a number of seconds > 0."""
+        timeout = check_real(timeout, "timeout", 0, threading.TIMEOUT_MAX, lo_open=True)
         url = self._ops_url("/metrics")
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -179,9 +191,11 @@ class ServerProcess:
     def _close(self) -> None:
         """After the process ended: let the readers take what it printed to the end, then close the pipes
         (a reader still blocked — a grandchild holding the pipe — keeps its pipe open)."""
-        for t, stream in zip(self._readers, (self.proc.stderr, self.proc.stdout), strict=True):
-            t.join(5.0)
-            if not t.is_alive() and stream is not None:
+        readers: list[threading.Thread | None] = [*self._readers, None, None]  # one not made: no reader
+        for t, stream in zip(readers, (self.proc.stderr, self.proc.stdout), strict=False):
+            if t is not None and t.ident is not None:  # a thread never started cannot be joined
+                t.join(5.0)
+            if (t is None or not t.is_alive()) and stream is not None:
                 stream.close()
 
     def stdout(self) -> str:
