@@ -63,9 +63,15 @@ pays for the second pass.
 the model's failure probability is ~1e-15 per entry, and the √in and Cauchy–Schwarz factors over-estimate
 typical errors many times over: honest runs use a small fraction of τ (:attr:`SessionVerifier.worst`
 records the largest |residual|/τ seen; < 0.01 on SmolLM2). τ is ~3e-4 of a row's size in float32 on
-SmolLM2 (d = 576), so a relative change of 1e-3 of one row passes one vector with probability ≈ 0.25 and
-all :data:`VECTORS` with ≈ 1e-5; in float64 τ is ~1e-12 relative. Blinded stages are checked on what was
-sent (x + η) before unblinding, so τ grows with β exactly as the honest rounding error does (DESIGN §6).
+SmolLM2 (d = 576), so a relative change of 1e-3 of one row passes one vector with probability ≈ 0.25,
+all :data:`VECTORS` of a generation step's reply with ≈ 1e-5, and the :data:`VECTORS_MANY` = 2 of a
+prompt's reply (more than :data:`FEW_ROWS` rows) with ≈ 0.06 per row; in float64 τ is ~1e-12 relative.
+What passes is bounded in ‖δ‖ against the row's ℓ2 size, not per entry: a change held in one entry may be
+that large, for the LM head's V-wide rows ~√V times one logit's relative size (the tiny model, V = 40: one
+logit raised by 1e-4 of the largest passed in float32, 40× the honest error, and 1e-12 in float64;
+tests/test_verify_forgery_audit.py) — a forgery of that size is within the rounding bound by design.
+Blinded stages are checked on what was sent (x + η) before unblinding, so τ grows with β exactly as the
+honest rounding error does (DESIGN §6).
 
 **MLP stages** (the server's norm + MLP in one message) come with the intermediates the client asks for
 (:func:`scx_ref.protocol.mlp.traced_mlp`): gate/up products and the router logits are Freivalds-checked,
@@ -74,11 +80,15 @@ them (for an MoE, Σ_slots w·(m·W_down,e r)).
 
 **Attention** (where the client holds Q, K, V: the prefill attention stages and the first guard blocks
 during generation). Every output row must lie in the per-coordinate range of the values it may attend to
-(a convex combination, O(n·d)), and :data:`ATTENTION_ROWS` secret random rows are recomputed in float64
-(a generation step has one row: it is recomputed; where every row is recomputed, the range check, a far
-weaker test of the same entries, is not run). τ for a recomputed row: the score errors
-(λu(√d_h + 2)‖q‖‖k_j‖/√d_h) move the softmax by at most 2.1× their maximum in total variation, softmax and
-P·V rounding add λu(√m + 4)·max‖v_j‖, the output rounding λu‖o‖.
+(a convex combination, O(n·d)), and :data:`ATTENTION_ROWS` secret random rows and the last row (the
+last token's, which the server can tell: the stage is in true row order) are recomputed in float64 (a
+generation step has one row: it is recomputed; where every row is recomputed, the range check, a far
+weaker test of the same entries, is not run). The range check bounds a row only to its values' range:
+a forgery confined to one row other than the last, inside that range, passes with probability
+1 − :data:`ATTENTION_ROWS`/n (a spot check; recomputing every row would cost the server's O(n²·d)).
+τ for a recomputed row: the score errors (λu(√d_h + 2)‖q‖‖k_j‖/√d_h) move the softmax by at most 2.1×
+their maximum in total variation, softmax and P·V rounding add λu(√m + 4)·max‖v_j‖, the output rounding
+λu‖o‖.
 
 **Last guard blocks during generation.** The server returns the row's projection z = [q k v] (before
 RoPE) with the scores. z is Freivalds-checked against the row the client sent, as every linear stage
@@ -162,7 +172,8 @@ BASIS = 16
 VECTORS = 8
 FEW_ROWS = 4
 VECTORS_MANY = 2
-#: Attention rows the client recomputes per prefill attention stage (all of a shorter prompt).
+#: Secret attention rows the client recomputes per prefill attention stage, besides the last (all of a
+#: shorter prompt).
 ATTENTION_ROWS = 16
 #: Multiply-adds from which the recomputed attention rows split across threads (a generation step's row
 #: on SmolLM2, 9 heads × 64 × 512 keys, stays on one: splitting it cost ~0.1 ms a token, two threads).
@@ -844,11 +855,18 @@ class SessionVerifier(Generic[A]):
         return self
 
     def attention_rows(self, block: int, n: int) -> npt.NDArray[np.int64]:
-        """The :data:`ATTENTION_ROWS` secret rows (of ``n``) block ``block``'s prefill attention check
-        recomputes (:meth:`~scx_ref.protocol.keyring.RequestKeys.verify_rows`)."""
+        """The rows (of ``n``, sorted) block ``block``'s prefill attention check recomputes: the
+        :data:`ATTENTION_ROWS` secret rows (:meth:`~scx_ref.protocol.keyring.RequestKeys.verify_rows`) and
+        the last row, n − 1, always. The attention stage is sent in true row order, so the server knows
+        which row is the last token's — the one row whose output alone decides the next token's logits;
+        left to the draw, a forged last row inside its values' range (the range check's blind spot)
+        passed with probability 1 − 16/n and changed the greedy token (tests/test_verify_forgery_audit.py)."""
         rows = self._rows.get((block, n))
         if rows is None:
-            rows = self._rows[(block, n)] = self.keys.verify_rows(block, n, ATTENTION_ROWS)
+            rows = self.keys.verify_rows(block, n, ATTENTION_ROWS)
+            if n > 0 and (rows.size == 0 or int(rows[-1]) != n - 1):  # sorted: the last is the largest
+                rows = np.append(rows, np.int64(n - 1))
+            self._rows[(block, n)] = rows
         return rows
 
     def lock_step(self, block: int, step: int) -> F64:
