@@ -80,24 +80,35 @@ def tokenize(text: str, tokenizer: Any | None, vocab_size: int) -> IdArray:
     return ids
 
 
-def corpus_tokens(n_tokens: int, tokenizer: Any | None, vocab_size: int) -> IdArray:
-    """The first ``n_tokens`` tokens of the corpus (ConfigError if the corpus is shorter, or for an
-    ``n_tokens`` that is not an integer >= 2)."""
-    n_tokens = _count(n_tokens, "the number of tokens", 2)
-    text = corpus_text()
-    # tokenize only a prefix long enough (≥ 1 byte per token; a generous factor for safety)
-    chars = min(len(text), 8 * n_tokens + 1024)
-    ids = tokenize(text[:chars], tokenizer, vocab_size)
-    if len(ids) < n_tokens and chars < len(text):
+def _head(text: str, n_tokens: int, chars: int, tokenizer: Any | None, vocab_size: int) -> IdArray:
+    """The first ``n_tokens`` tokens of ``text`` (all of them if it has fewer), tokenizing only a prefix
+    where one is enough: its first ``chars`` characters and on to the next blank line, less the whitespace
+    before it — a prefix cut inside a word or a run of newlines (or whatever else a tokenizer makes one
+    token of) tokenizes its end differently from the whole text — and all of ``text`` when that prefix
+    gives fewer than ``n_tokens``."""
+    cut = text.find("\n\n", min(chars, len(text)))
+    ids = tokenize(text if cut < 0 else text[:cut].rstrip(), tokenizer, vocab_size)
+    if len(ids) < n_tokens and cut >= 0:
         ids = tokenize(text, tokenizer, vocab_size)
-    if len(ids) < n_tokens:
-        raise ConfigError(f"the corpus has only {len(ids)} tokens, {n_tokens} asked")
     return ids[:n_tokens]
 
 
+def corpus_tokens(n_tokens: int, tokenizer: Any | None, vocab_size: int) -> IdArray:
+    """The first ``n_tokens`` tokens of the corpus — those of :func:`tokenize` on the whole text, for a
+    tokenizer whose tokens do not span a blank line (ConfigError if the corpus is shorter, or for an
+    ``n_tokens`` that is not an integer >= 2)."""
+    n_tokens = _count(n_tokens, "the number of tokens", 2)
+    # tokenize only a prefix long enough (≥ 1 byte per token; a generous factor for safety)
+    ids = _head(corpus_text(), n_tokens, 8 * n_tokens + 1024, tokenizer, vocab_size)
+    if len(ids) < n_tokens:
+        raise ConfigError(f"the corpus has only {len(ids)} tokens, {n_tokens} asked")
+    return ids
+
+
 def prompts(count: int, length: int, tokenizer: Any | None, vocab_size: int) -> list[IdArray]:
-    """``count`` prompts of ``length`` tokens: the start of topics spread evenly over the sorted keys
-    (ConfigError for a count outside 1..#topics or a length that is not an integer >= 1)."""
+    """``count`` prompts of ``length`` tokens: the first tokens of topics spread evenly over the sorted keys
+    (ConfigError for a count outside 1..#topics, a length that is not an integer >= 1 or a topic of fewer
+    tokens)."""
     length = _count(length, "length", 1)
     texts = topic_texts()
     count = _count(count, "count", 1)
@@ -106,10 +117,10 @@ def prompts(count: int, length: int, tokenizer: Any | None, vocab_size: int) -> 
     out = []
     for i in range(count):
         index = (i * len(texts)) // count
-        ids = tokenize(texts[index][: 16 * length + 64], tokenizer, vocab_size)
+        ids = _head(texts[index], length, 16 * length + 64, tokenizer, vocab_size)
         if len(ids) < length:
             raise ConfigError(f"topic {index} (sorted keys) is shorter than {length} tokens")
-        out.append(ids[:length])
+        out.append(ids)
     return out
 
 

@@ -225,6 +225,10 @@ class _SCX:
             raise ConfigError(f"cfg must be an SCXConfig (see scx_config), got {type(cfg).__name__}")
         if server is not None and not isinstance(server, str):
             raise ConfigError(f"server must be a URL string (scx://HOST:PORT), got {type(server).__name__}")
+        if server is not None:
+            from ..service.remote import parse_url
+
+            parse_url(server)  # a malformed URL refused before the backend copies the weights
         # checked before a backend is built or a server reached
         unigram = configured_unigram(unigram, weights.config.vocab_size, cfg.decoys)
         self.backend = _backend(weights, dtype, device)
@@ -282,8 +286,9 @@ class SCXLogits(SCXEngine):
 
     def __call__(self, ids: IdArray) -> npt.NDArray[Any]:
         """The prefill logits (rows × V, numpy) of ``ids``, equal to plaintext; the session is closed."""
+        ids = _ids(ids, self._weights)  # before a client is built (keys derived, a nonce drawn)
         client, link = self._scx.session()
-        logits = np.asarray(client.prefill(_ids(ids, self._weights), link))
+        logits = np.asarray(client.prefill(ids, link))
         client.close()
         return logits
 
@@ -293,8 +298,9 @@ class SCXGenerate(SCXEngine):
 
     def __call__(self, ids: IdArray, n_new: int) -> list[int]:
         """The ``n_new`` greedy tokens after ``ids``, the same as plaintext; the session is closed."""
+        ids = _ids(ids, self._weights)  # before a client is built (keys derived, a nonce drawn)
         client, link = self._scx.session()
-        return [int(t) for t in client.generate(_ids(ids, self._weights), n_new, link)]
+        return [int(t) for t in client.generate(ids, n_new, link)]
 
 
 def scx_logits(

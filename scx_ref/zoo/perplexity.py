@@ -243,8 +243,9 @@ def ppl_run(
     instead of ``level`` and ``beta``. ``device``: the torch device both float32 sides run on
     (:mod:`scx_ref.zoo.engines`; ConfigError for float64 off the CPU). ConfigError, before the model is
     loaded, for an unknown model, a ``tokens`` or ``window`` that is not an integer >= 2, a ``tokens``
-    past the corpus's UTF-8 bytes (:func:`check_corpus_tokens`), a window past the model's positions, or
-    a ``config`` that is neither an SCXConfig, a preset name nor None. The configuration's
+    past the corpus's UTF-8 bytes (:func:`check_corpus_tokens`), a window past the model's positions, a
+    ``config`` that is neither an SCXConfig, a preset name nor None, or (without ``config``) a ``level``
+    or ``beta`` SCXConfig refuses. The configuration's
     PrecisionWarning, if any, is issued once, before the progress bar (:func:`precision_warned`)."""
     check_device(dtype, device)
     window, tokens = check_int(window, "window", 2), check_corpus_tokens(tokens)
@@ -253,19 +254,23 @@ def ppl_run(
         raise ConfigError(f"window {window} exceeds the {positions} positions of model {model!r}")
     if config is not None and not isinstance(config, (str, SCXConfig)):
         raise ConfigError(f"config must be an SCXConfig or a preset name, got {type(config).__name__}")
-    hf, tok, w = load_model(model, dtype)
+    max_length = min(positions, max(window, 16))  # the model's max_positions, known before it loads
     config_name = config if isinstance(config, str) else None
     if isinstance(config, str):
         from ..protocol.presets import preset
 
-        config = preset(config).config(w.config.n_layers)
-    ids = corpus_tokens(tokens, tok, w.config.vocab_size)
-    max_length = min(w.config.max_positions, max(window, 16))
-    if config is None:
-        cfg = scx_config(level, beta, max_length=max_length)
+        named = preset(config)  # an unknown name refused before the model loads (its blocks need it)
+    elif config is None:
+        cfg = scx_config(level, beta, max_length=max_length)  # a bad level or β refused before it too
     else:
         cfg = replace(config, max_length=max_length)
+    hf, tok, w = load_model(model, dtype)
+    if isinstance(config, str):
+        config = named.config(w.config.n_layers)
+        cfg = replace(config, max_length=max_length)
+    if config is not None:
         level, beta = cfg.level, cfg.beta
+    ids = corpus_tokens(tokens, tok, w.config.vocab_size)
     with (
         precision_warned(cfg, dtype, w.config),  # said once, before the progress bar starts
         scx_logits(
