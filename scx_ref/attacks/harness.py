@@ -46,7 +46,7 @@ from . import (
     vocab_match,
 )
 from ._model import float_arg, forward_trace, int_arg
-from ._view import message, open_meta, shared_caches, stage_array
+from ._view import message, open_meta, raw_qkv, shared_caches, stage_array
 from .stats import FrequencyPrior, Rate, at_baseline, bag_hits
 
 __all__ = [
@@ -427,6 +427,37 @@ def probe_block(config: SCXConfig, n_layers: int) -> int:
     return middle.start if len(middle) else min(1, n_layers - 1)
 
 
+def _recover_sigma(
+    ctx: Context, view: ServerView, layer: int, v_obs: Array, shared: dict[int, tuple[Array, Array]]
+) -> Array:
+    """The server's best column order ``idx`` for block ``layer``'s attention-stage V·P (n rows, true
+    order), from what it holds alone: exact where it holds the same rows unpermuted — its own QKV-stage
+    rows Z_v (un-noised: levels ``permute`` and ``paper`` past block 1), or the block's shared cache —
+    (:func:`~.inversion.match_permuted_rows`); else the identity or the statistical guess
+    (:func:`~.inversion.recover_column_permutation`), whichever leaves the smaller reconstruction residual
+    ‖V·P[:, idx] − V(t̂)‖₁, V(t̂) the block's V rows of the plaintext forward of the tokens it inverts to
+    (ties: the identity) — so the route never does worse than no σ recovery by what the server can check."""
+    w = ctx.weights
+    n = len(v_obs)
+    refs = [raw_qkv(view, w, layer)[2]]
+    if layer in shared:
+        refs.append(shared[layer][1].reshape(n, -1))
+    for ref in refs:
+        _, idx = inversion.match_permuted_rows(v_obs, ref)
+        if idx is not None:
+            return idx
+    v_inv = ctx.inverters[f"v{layer}/ridge"]
+
+    def residual(idx: Array) -> float:
+        guess = v_inv.predict(v_obs[:, idx])[:, 0]
+        v_hat = forward_trace(w, guess, upto=layer, logits=False).v[layer].reshape(n, -1)
+        return float(np.abs(v_obs[:, idx] - v_hat).sum())
+
+    ident = np.arange(v_obs.shape[1])
+    stat = inversion.recover_column_permutation(v_obs, ctx.middle_ref[layer])
+    return stat if residual(stat) < residual(ident) else ident
+
+
 def _noisy_inverter(ctx: Context, layer: int, beta: float, normalized: bool) -> inversion.Inverter:
     """A ridge inverter of FFN-stage rows fitted on public rows processed exactly as the message is —
     normalized by the block's MLP norm when the message says so, plus Laplace(β) noise drawn by the
@@ -625,7 +656,7 @@ def run_setting(
             v_obs = stage_array(view, Stage.ATTN, probe, "v").reshape(n, -1)
             v_inv = ctx.inverters[f"v{probe}/ridge"]
             tally.pos("inv_attn_naive_pos_acc", v_inv.predict(v_obs)[:, 0], ids)
-            idx = inversion.recover_column_permutation(v_obs, ctx.middle_ref[probe])
+            idx = _recover_sigma(ctx, view, probe, v_obs, shared_now)
             tally.pos("inv_attn_sigma_rec_pos_acc", v_inv.predict(v_obs[:, idx])[:, 0], ids)
             srt = ctx.inverters[f"vsorted{probe}/ridge"].predict(inversion.sorted_rows(v_obs))[:, 0]
             tally.pos("inv_attn_sorted_pos_acc", srt, ids)
@@ -779,13 +810,25 @@ _FORMS: dict[Stage, tuple[multiview.Form, multiview.Form]] = {
 
 
 def _joint(ctx: Context, views: list[tuple[multiview.Form, int, float]]) -> multiview.JointInverter:
-    """The joint inverter of ``views`` (form, block, β), fitted once per context."""
+    """The joint inverter of ``views`` (form, block, β), fitted once per context: the ridge mix or the
+    template likelihood, whichever recovers more held-out public tokens (:class:`.multiview.JointInverter`;
+    each token's exact row where a view depends on the token alone, :func:`.multiview.token_rows`)."""
     key = "joint/" + ";".join(f"{f},{b},{beta}" for f, b, beta in views)
     if key not in ctx.inverters:
         w = ctx.weights
         public = [multiview.public_rows(w, ctx.traces, f, b) for f, b, _ in views]
+        exact = []
+        for f, b, _ in views:  # one copy of each V × width table, shared by every joint inverter
+            if f"rows/{f},{b}" not in ctx.inverters:
+                ctx.inverters[f"rows/{f},{b}"] = multiview.token_rows(w, f, b)
+            exact.append(ctx.inverters[f"rows/{f},{b}"])
         ctx.inverters[key] = multiview.JointInverter.fit(
-            public, [beta for _, _, beta in views], ctx.public_tokens, w, inversion.unit_vocabulary(w)
+            public,
+            [beta for _, _, beta in views],
+            ctx.public_tokens,
+            w,
+            inversion.unit_vocabulary(w),
+            exact=exact,
         )
     inv: multiview.JointInverter = ctx.inverters[key]
     return inv

@@ -6,9 +6,11 @@ the token's unit-norm embedding; the prediction is the vocabulary row of highest
 Two inverters: ridge regression (closed form) and a small MLP (torch, one hidden layer).
 
 At attention stages the features sit under a secret head-structured permutation σ; before inverting,
-:func:`recover_column_permutation` tries to undo it by matching per-coordinate statistics of the observed
-rows to those of public rows (Hungarian assignment), and :func:`sorted_rows` gives σ-invariant features
-(each row's values sorted), the inversion-side twin of the vocabulary fingerprints.
+:func:`match_permuted_rows` undoes it exactly where the server holds the same rows unpermuted (its own
+un-noised QKV-stage rows: sorted rows match, then the columns of matched rows), and
+:func:`recover_column_permutation` guesses it elsewhere by matching per-coordinate statistics of the
+observed rows to those of public rows (Hungarian assignment); :func:`sorted_rows` gives σ-invariant
+features (each row's values sorted), the inversion-side twin of the vocabulary fingerprints.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from .._checks import token_ids
 from ..errors import ConfigError, DTypeError, ShapeError
 from ..weights import ModelWeights
 from ._model import float_arg, int_arg, rows_arg
+from .vocab_match import nearest_rows
 
 __all__ = [
     "Inverter",
     "column_stats",
+    "exact_matches",
     "fit_inverter",
+    "match_permuted_rows",
     "recover_column_permutation",
     "sorted_rows",
     "unit_vocabulary",
@@ -204,3 +209,38 @@ def recover_column_permutation(observed: Array, public: Array) -> Array:
     idx = np.empty(len(rows), dtype=np.int64)
     idx[rows] = cols
     return idx
+
+
+def exact_matches(a: Array, b: Array, rtol: float) -> Array:
+    """For each row of ``a`` the index of its nearest row of ``b`` (:func:`~.vocab_match.nearest_rows`, L2)
+    when that row equals it entry by entry within ``rtol`` (|a − b| ≤ rtol·(1 + |a|)); else −1. The checks of
+    :func:`~.vocab_match.nearest_rows` (2-D rows of one width, finite, ``b`` non-empty)."""
+    if not len(a):
+        return np.full(0, -1, dtype=np.int64)
+    j, _ = nearest_rows(a, b, "l2")
+    ok = np.max(np.abs(b[j] - a) / (1.0 + np.abs(a)), axis=1) <= rtol
+    return np.asarray(np.where(ok, j, -1))
+
+
+def match_permuted_rows(observed: Array, reference: Array, rtol: float = 1e-4) -> tuple[Array, Array | None]:
+    """Exact σ recovery from rows the server holds unpermuted. ``rows[j]``: the ``reference`` row holding
+    observed row j's values in some order (sorted rows equal within ``rtol``; −1 where none does). ``idx``:
+    when every observed row matched and the columns of ``observed`` and of the matched rows pair one to one,
+    the column order with ``observed[:, idx] == reference[rows]`` (within ``rtol``) — σ undone, read off the
+    rows alone; else None (no σ is fabricated: noised reference rows match nothing).
+
+    Checked first: ShapeError unless both are 2-D of one width with at least one reference row,
+    NonFiniteError for NaN or ±Inf, ConfigError for an ``rtol`` that is not a finite number ≥ 0."""
+    rtol = float_arg(rtol, "rtol", 0.0)
+    obs, ref = rows_arg(observed, "observed rows"), rows_arg(reference, "reference rows")
+    if obs.shape[1] != ref.shape[1] or not len(ref):
+        raise ShapeError(f"observed rows {obs.shape} and reference rows {ref.shape}: not one width, or none")
+    rows = exact_matches(np.sort(obs, axis=1), np.sort(ref, axis=1), rtol)
+    if not len(obs) or np.any(rows < 0):
+        return rows, None
+    col = exact_matches(obs.T, ref[rows].T, rtol)  # column a of observed is column col[a] of the reference
+    if np.any(col < 0) or len(set(col.tolist())) != obs.shape[1]:
+        return rows, None
+    idx = np.empty(obs.shape[1], dtype=np.int64)
+    idx[col] = np.arange(obs.shape[1])
+    return rows, idx

@@ -25,7 +25,7 @@ from ..stages import Stage
 from ..weights import ModelWeights
 from ._model import float_arg, forward_trace, int_arg, rows_arg
 from ._view import open_meta, raw_qkv, shared_caches, stage_array
-from .vocab_match import nearest_rows
+from .inversion import exact_matches, match_permuted_rows
 
 __all__ = ["SERVER_POLICIES", "decode_with_caches", "server_caches", "statelessness_table", "unlock_locked"]
 
@@ -97,16 +97,6 @@ def _rows(x: Array, rows: int | None, width: int, what: str) -> Array:
     return x.reshape(-1 if rows is None else rows, width)
 
 
-def _matches(a: Array, b: Array, rtol: float) -> Array:
-    """For each row of ``a`` the index of its nearest row of ``b`` (:func:`~.vocab_match.nearest_rows`, L2)
-    when that row equals it entry by entry within ``rtol`` (|a − b| ≤ rtol·(1 + |a|)); else −1."""
-    if not len(a):
-        return np.full(0, -1, dtype=np.int64)
-    j, _ = nearest_rows(a, b, "l2")
-    ok = np.max(np.abs(b[j] - a) / (1.0 + np.abs(a)), axis=1) <= rtol
-    return np.where(ok, j, -1)
-
-
 def unlock_locked(view: ServerView, weights: ModelWeights, rtol: float = 1e-4) -> dict[int, dict[str, Any]]:
     """The server's own unlocking of each locked key cache it holds (the last guard blocks: DESIGN §5.1
     step 6 sends K^c = ρ(K_rope ⊕ R), a row permutation of the block's RoPE'd keys and decoy rows), with no
@@ -144,7 +134,7 @@ def unlock_locked(view: ServerView, weights: ModelWeights, rtol: float = 1e-4) -
         pos_of = np.full(rows, -1, dtype=np.int64)
         for p in range(n):
             rot = ops.apply_rope(zk3, np.full(rows, p), c.rope_theta).reshape(rows, c.kv_dim)
-            hit = _matches(rot, locked, rtol) >= 0
+            hit = exact_matches(rot, locked, rtol) >= 0
             pos_of[hit & (pos_of < 0)] = p
         placed = np.full(n, -1, dtype=np.int64)
         for j in np.flatnonzero(pos_of >= 0):
@@ -157,16 +147,11 @@ def unlock_locked(view: ServerView, weights: ModelWeights, rtol: float = 1e-4) -
         attn = view.select(stage=Stage.ATTN, layer=i)
         if attn:
             kp = _rows(stage_array(view, Stage.ATTN, i, "k"), n, c.kv_dim, f"block {i}'s attention K")
-            match = _matches(np.sort(kp, axis=1), np.sort(locked, axis=1), rtol)
+            match, idx = match_permuted_rows(kp, locked, rtol)  # K·P[:, idx] = K (P read off the rows)
             res["attention"] = int(np.sum(match >= 0))
-            if res["attention"] == n and res["k"] is None:
-                k = locked[match]
-                col = _matches(kp.T, k.T, rtol)  # P: column a of K·P is column col[a] of K
-                if np.all(col >= 0) and len(set(col.tolist())) == c.kv_dim:
-                    vp = _rows(stage_array(view, Stage.ATTN, i, "v"), n, c.kv_dim, f"block {i}'s attention V")
-                    v = np.empty((n, c.kv_dim))
-                    v[:, col] = vp
-                    res["k"], res["v"] = k.reshape(n, *kv), v.reshape(n, *kv)
+            if res["attention"] == n and res["k"] is None and idx is not None:
+                vp = _rows(stage_array(view, Stage.ATTN, i, "v"), n, c.kv_dim, f"block {i}'s attention V")
+                res["k"], res["v"] = locked[match].reshape(n, *kv), vp[:, idx].reshape(n, *kv)
         out[i] = res
     return out
 
