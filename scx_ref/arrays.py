@@ -26,6 +26,7 @@ __all__ = [
     "broadcast_shape",
     "check_concat",
     "check_narrow",
+    "check_rows",
     "gather_sum_index",
     "permutation_of_rows",
     "permute_rows_in_place",
@@ -391,15 +392,19 @@ class NumpyOps:
         return _linear(x, w, bias)
 
     def scale_rows(self, x: FloatArray, weights: npt.NDArray[Any]) -> FloatArray:
-        """x ⊙ w[:, None] (ShapeError unless ``weights`` holds one weight per row)."""
+        """x ⊙ w[:, None] (ShapeError unless x is 2-D rows, :func:`check_rows`, and ``weights`` holds one
+        weight per row)."""
+        check_rows(np.shape(x), "rows to scale")
         if np.shape(weights) != np.shape(x)[:1]:
             raise ShapeError(f"{np.shape(weights)} weights for rows {np.shape(x)}: one per row")
         out: FloatArray = x * np.asarray(weights, dtype=x.dtype)[:, None]
         return out
 
     def argmax_last(self, logits: FloatArray) -> int:
-        """Argmax of the last row (ShapeError for no rows, or an empty row)."""
-        if np.ndim(logits) == 0 or np.shape(logits)[0] == 0 or np.size(logits) == 0:
+        """Argmax of the last row (ShapeError unless logits are 2-D rows, :func:`check_rows`, or for no rows,
+        or an empty row)."""
+        check_rows(np.shape(logits), "logits")
+        if np.shape(logits)[0] == 0 or np.size(logits) == 0:
             raise ShapeError(f"argmax of the last row of logits {np.shape(logits)}: no row, or an empty one")
         return int(np.argmax(logits[-1]))
 
@@ -500,6 +505,15 @@ def check_concat(shapes: list[tuple[int, ...]]) -> None:
     agree past the row axis."""
     if not shapes or any(len(s) == 0 or s[1:] != shapes[0][1:] for s in shapes):
         raise ShapeError(f"cannot stack rows of shapes {shapes}: one shape past the rows, at least one array")
+
+
+def check_rows(shape: tuple[int, ...], what: str) -> None:
+    """The rows ``ArrayOps.scale_rows`` scales and ``ArrayOps.argmax_last`` reads, on every backend:
+    ShapeError unless ``shape`` is 2-D (rows × width). A 1-D array is refused, not read as rows of one
+    entry: its "rows" were scalars, so ``scale_rows`` broadcast to the n × n outer product and
+    ``argmax_last`` answered index 0 of a scalar, on numpy and torch alike."""
+    if len(shape) != 2:
+        raise ShapeError(f"{what} must be 2-D (rows × width), got shape {shape}")
 
 
 def check_narrow(shape: tuple[int, ...], axis: int, start: int, stop: int) -> None:

@@ -51,9 +51,13 @@ def test_max_message_mb_stops_where_grpc_s_c_int_does(
     capsys: pytest.CaptureFixture[str], no_model: list[str]
 ) -> None:
     """``--max-message-mb 99999999`` gave an OverflowError traceback from gRPC after the model loaded."""
+    from scx_ref.errors import ConfigError
+
     sizes = [v for _k, v in grpc_options(MAX_MESSAGE_MB << 20)]
     assert max(sizes) <= 2**31 - 1, "the largest accepted limit overflows gRPC's int options"
-    assert max(v for _k, v in grpc_options((MAX_MESSAGE_MB + 1) << 20)) > 2**31 - 1, "the bound is not tight"
+    assert ((MAX_MESSAGE_MB + 1) << 20) + 1024 > 2**31 - 1, "the bound is not tight"
+    with pytest.raises(ConfigError, match="max_message_bytes"):
+        grpc_options((MAX_MESSAGE_MB + 1) << 20)
     for text in (str(MAX_MESSAGE_MB + 1), "99999999"):
         argv = ["serve", "--model", "tiny-llama", "--port", "0", "--ops-port", "-1", "--max-message-mb", text]
         usage_error(capsys, argv, "--max-message-mb")

@@ -9,13 +9,14 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import ops
+from .._checks import check_int
 from ..errors import ProtocolError, ShapeError
 from ..protocol.transport import ServerView, ViewedMessage
 from ..stages import Stage
 from ..weights import ModelWeights
 from ._model import int_arg
 
-__all__ = ["message", "open_meta", "raw_qkv", "shared_caches", "stage_array"]
+__all__ = ["message", "open_meta", "prompt_length", "raw_qkv", "shared_caches", "stage_array"]
 
 Array = npt.NDArray[Any]
 
@@ -42,6 +43,12 @@ def open_meta(view: ServerView) -> dict[str, Any]:
     if not msgs:
         raise ProtocolError("the view has no open message")
     return dict(msgs[0].meta)
+
+
+def prompt_length(view: ServerView) -> int:
+    """The prompt's n from the view's ``open`` message (:func:`open_meta`): ProtocolError for a view
+    without one, or whose n is not an integer >= 1 (the server refuses an open of no rows)."""
+    return check_int(open_meta(view).get("n"), "the open message's n", 1, error=ProtocolError)
 
 
 def message(
@@ -99,14 +106,11 @@ def raw_qkv(view: ServerView, weights: ModelWeights, layer: int) -> tuple[Array,
 def shared_caches(view: ServerView, weights: ModelWeights) -> dict[int, tuple[Array, Array]]:
     """The valid caches the server decodes after key sharing (DESIGN §5.2): for each shared block,
     K = RoPE(π_iᵀ Z_k[:n]) and V = π_iᵀ Z_v[:n] (rows × H_kv × d_h), with α_i W removed at level blind.
-    ProtocolError for a view of several sessions, an open message without a row count ``n``, a shared
-    ``perm`` that is not a permutation of that block's QKV rows (fewer than ``n``), or an ``alpha`` not of
-    their shape."""
+    ProtocolError for a view of several sessions, an open message without a row count ``n``
+    (:func:`prompt_length`), a shared ``perm`` that is not a permutation of that block's QKV rows (fewer
+    than ``n``), or an ``alpha`` not of their shape."""
     c = weights.config
-    n = open_meta(view).get("n")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ProtocolError(f"the open message's n {n!r} is not a row count")
-    n = int(n)
+    n = prompt_length(view)
     out: dict[int, tuple[Array, Array]] = {}
     for msg in view.select(stage=Stage.SHARE):
         layer = msg.layer

@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._checks import check_int, token_ids
+from .._checks import token_ids
 from ..config import ModelConfig
 from ..dp.permutation import log2_factorial, prompt_order_bits
 from ..errors import ConfigError, ProtocolError
 from ..protocol.transport import ServerView
 from ..stages import Stage
 from ._model import int_arg
-from ._view import open_meta
+from ._view import prompt_length
 from .llm_reorder import LanguageModel, _scores
 
 __all__ = ["enumerate_orders", "head_perm_bits", "search_space_bits", "stage_search_spaces"]
@@ -58,9 +58,10 @@ def stage_search_spaces(view: ServerView, config: ModelConfig) -> list[dict[str,
     key's search space (a row-permuted stage: log₂(rows!); the attention stage: its head-structured feature
     permutation) — and ``order_bits``: what the message hides of the prompt's order, log₂(rows!/(rows − n)!)
     (the decoys' order among themselves is no part of the prompt; 0 for the attention stage, whose rows
-    arrive in true order). ProtocolError for a view without the prompt's n (an integer >= 0) or a
-    row-permuted message with no rows (no array of one or more dimensions)."""
-    n = check_int(open_meta(view).get("n"), "the open message's n", 0, error=ProtocolError)
+    arrive in true order). ProtocolError for a view without the prompt's n (an integer >= 1:
+    :func:`~._view.prompt_length`) or a row-permuted message with no rows (no array of one or more
+    dimensions)."""
+    n = prompt_length(view)
     out: list[dict[str, Any]] = []
     seen: set[tuple[str, int]] = set()
     for m in view.messages:

@@ -14,7 +14,7 @@ from .._files import result_json, write_text_whole
 from ..commands._args import MAX_THREADS, input_file, int_at_least, output_dir, output_file
 from ..errors import ConfigError
 from ..zoo import MODEL_NAMES, load_model, max_positions
-from ..zoo.corpus import tokenize, topic_texts
+from ..zoo.corpus import _head, tokenize, topic_texts
 from .frontier import read_bench
 
 if TYPE_CHECKING:
@@ -159,13 +159,16 @@ def public_and_victims(
     if len(odd) < count:
         raise ConfigError(_too_few_topics(count, length, len(odd)))
     texts = topic_texts()
-    bodies = [odd[(i * len(odd)) // count][: 16 * length + 64] for i in range(count)]  # what victims read
+    picked = [odd[(i * len(odd)) // count] for i in range(count)]
+    bodies = [b[: 16 * length + 64] for b in picked]  # what victims read (at most 16 characters a token)
     shared = {b[k : k + _SHARED] for b in bodies for k in range(max(len(b) - _SHARED, 0) + 1)}
     pub_text = "\n\n".join(t for t in texts[0::2] if not _shares(t, shared))
     public = tokenize(pub_text[: 8 * n_public + 1024], tokenizer, vocab)[:n_public]
     if len(public) < n_public:  # a tokenizer of more than ~8 characters a token: the whole text, then
         public = tokenize(pub_text, tokenizer, vocab)[:n_public]  # (the run records how many it got)
-    victims = [tokenize(b, tokenizer, vocab)[:length] for b in bodies]
+    # tokenized to the blank line past that cut (corpus.prompts' rule): a cut inside a word changed the last
+    # token a tokenizer of long tokens gave
+    victims = [_head(b, length, 16 * length + 64, tokenizer, vocab) for b in picked]
     short = min(len(v) for v in victims)
     if short < length:
         raise ConfigError(f"--length {length}: a victim topic tokenizes to only {short} tokens")

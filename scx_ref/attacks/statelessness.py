@@ -18,13 +18,13 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import ops
-from .._checks import check_int, token_ids
-from ..errors import ConfigError, ProtocolError, ShapeError
+from .._checks import token_ids
+from ..errors import ConfigError, ShapeError
 from ..protocol.transport import ServerView
 from ..stages import Stage
 from ..weights import ModelWeights
 from ._model import float_arg, forward_trace, int_arg, rows_arg
-from ._view import open_meta, raw_qkv, shared_caches, stage_array
+from ._view import prompt_length, raw_qkv, shared_caches, stage_array
 from .inversion import exact_matches, match_permuted_rows
 
 __all__ = ["SERVER_POLICIES", "decode_with_caches", "server_caches", "statelessness_table", "unlock_locked"]
@@ -83,12 +83,6 @@ def decode_with_caches(
     return np.asarray(h @ weights.lm_head), np.asarray(h)
 
 
-def _prompt_length(view: ServerView) -> int:
-    """The prompt's n from the view's ``open`` message (ProtocolError for a view without one, or whose n
-    is not an integer >= 0)."""
-    return check_int(open_meta(view).get("n"), "the open message's n", 0, error=ProtocolError)
-
-
 def _rows(x: Array, rows: int | None, width: int, what: str) -> Array:
     """``x`` as float64 rows × ``width`` (``rows`` of them when given); ShapeError when its values are not
     that shape (a message of another model or prompt length)."""
@@ -120,7 +114,7 @@ def unlock_locked(view: ServerView, weights: ModelWeights, rtol: float = 1e-4) -
     read; ShapeError for locked rows or attention-stage K, V that are not n rows of the block's kv width."""
     c = weights.config
     rtol = float_arg(rtol, "rtol", 0.0)
-    n = _prompt_length(view)
+    n = prompt_length(view)
     kv = (c.n_kv_heads, c.head_dim)
     out: dict[int, dict[str, Any]] = {}
     for m in view.select(stage=Stage.LOCK):
@@ -163,7 +157,7 @@ def server_caches(view: ServerView, weights: ModelWeights, policy: str) -> Cache
     if policy not in ("zeros", "encoded", "neighbour"):
         raise ConfigError(f"unknown policy {policy!r}: zeros, encoded or neighbour")
     c = weights.config
-    n = _prompt_length(view)
+    n = prompt_length(view)
     shared = shared_caches(view, weights)
     shape = (n, c.n_kv_heads, c.head_dim)
     out: Cache = []
@@ -221,7 +215,7 @@ def statelessness_table(
     VocabularyError for ids outside the vocabulary."""
     c = weights.config
     cont = np.asarray(token_ids(continuation, c.vocab_size, allow_empty=True), dtype=np.int64)
-    n = _prompt_length(view)
+    n = prompt_length(view)
     if len(cont) < 2:
         raise ConfigError(f"the continuation needs >= 2 tokens, got {len(cont)}")
     for name, ids in (("prompt", prompt), ("recovered", recovered)):

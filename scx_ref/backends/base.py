@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ..arrays import A, ArrayOps, IndexArray
+from ..arrays import A, ArrayOps, IndexArray, check_rows
 from ..config import ModelConfig
 from ..errors import ConfigError, ShapeError
 
@@ -311,15 +311,6 @@ def check_heads(
         or (v is not None and v[:2] != k[:2])
     ):
         raise ShapeError(f"incompatible attention shapes q {q}, k {k}" + ("" if v is None else f", v {v}"))
-
-
-def check_rows(shape: tuple[int, ...], what: str) -> None:
-    """The rows ``ArrayOps.scale_rows`` scales and ``ArrayOps.argmax_last`` reads, on every backend:
-    ShapeError unless ``shape`` is 2-D (rows × width). A 1-D array is refused, not read as rows of one
-    entry: its "rows" were scalars, so ``scale_rows`` broadcast to the n × n outer product and
-    ``argmax_last`` answered index 0 of a scalar, on numpy and torch alike."""
-    if len(shape) != 2:
-        raise ShapeError(f"{what} must be 2-D (rows × width), got shape {shape}")
 
 
 def check_scores(scores: tuple[int, ...], v: tuple[int, ...]) -> None:

@@ -24,7 +24,6 @@ from .base import (
     check_experts,
     check_heads,
     check_rope_split,
-    check_rows,
     check_scores,
 )
 
@@ -250,18 +249,6 @@ class NumpyBackend(NumpyOps):
     ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
         """``project64(gate_up, right_gate_up) + project64(swiglu_act(gate_up), right_down)``, as it reads."""
         return self.project64(gate_up, right_gate_up) + self.project64(self.swiglu_act(gate_up), right_down)
-
-    def scale_rows(self, x: FloatArray, weights: npt.NDArray[Any]) -> FloatArray:
-        """:meth:`NumpyOps.scale_rows <scx_ref.arrays.NumpyOps.scale_rows>` of 2-D rows (ShapeError
-        otherwise, as the torch backend: :func:`~.base.check_rows`)."""
-        check_rows(np.shape(x), "rows to scale")
-        return super().scale_rows(x, weights)
-
-    def argmax_last(self, logits: FloatArray) -> int:
-        """:meth:`NumpyOps.argmax_last <scx_ref.arrays.NumpyOps.argmax_last>` of 2-D logits (ShapeError
-        otherwise, as the torch backend: :func:`~.base.check_rows`)."""
-        check_rows(np.shape(logits), "logits")
-        return super().argmax_last(logits)
 
     # -- position and attention ----------------------------------------------------------------
     def rope(self, x: FloatArray, positions: IndexArray) -> FloatArray:

@@ -453,8 +453,10 @@ MAX_MESSAGE_BYTES = (1 << 31) - 1 - 1024
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """The gRPC channel options both ends use: frames up to ``max_message_bytes`` (plus a header's
-    slack) each way, HTTP/2 keepalive every 20 s (a vanished peer is noticed within 30 s), no retries."""
-    size = max_message_bytes + 1024
+    slack) each way, HTTP/2 keepalive every 20 s (a vanished peer is noticed within 30 s), no retries.
+    ConfigError unless ``max_message_bytes`` is an integer in [1, :data:`MAX_MESSAGE_BYTES`] (past it the
+    sizes overflow gRPC's C int, and the options failed only when a channel or server started)."""
+    size = check_int(max_message_bytes, "max_message_bytes", 1, MAX_MESSAGE_BYTES) + 1024
     return [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
