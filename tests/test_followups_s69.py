@@ -1,5 +1,5 @@
 """Follow-ups of the s69 audits: NumpyOps refuses 1-D rows itself (one ``check_rows``); ``grpc_options``
-checks its size; the attack's victim prompts are tokenized past a cut inside a word (``corpus._head``);
+checks its size; the attack's victim prompts are tokenized past a cut inside a word (``corpus.first_tokens``);
 the attacks read the prompt's n through one checked ``_view.prompt_length``."""
 
 from __future__ import annotations

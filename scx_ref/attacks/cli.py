@@ -14,7 +14,7 @@ from .._files import result_json, write_text_whole
 from ..commands._args import MAX_THREADS, input_file, int_at_least, output_dir, output_file
 from ..errors import ConfigError
 from ..zoo import MODEL_NAMES, load_model, max_positions
-from ..zoo.corpus import _head, tokenize, topic_texts
+from ..zoo.corpus import first_tokens, tokenize, topic_texts
 from .frontier import read_bench
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ def public_and_victims(
         public = tokenize(pub_text, tokenizer, vocab)[:n_public]  # (the run records how many it got)
     # tokenized to the blank line past that cut (corpus.prompts' rule): a cut inside a word changed the last
     # token a tokenizer of long tokens gave
-    victims = [_head(b, length, 16 * length + 64, tokenizer, vocab) for b in picked]
+    victims = [first_tokens(b, length, 16 * length + 64, tokenizer, vocab) for b in picked]
     short = min(len(v) for v in victims)
     if short < length:
         raise ConfigError(f"--length {length}: a victim topic tokenizes to only {short} tokens")

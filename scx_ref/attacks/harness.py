@@ -46,7 +46,7 @@ from . import (
     vocab_match,
 )
 from ._model import float_arg, forward_trace, int_arg
-from ._view import message, open_meta, raw_qkv, shared_caches, stage_array
+from ._view import message, prompt_length, raw_qkv, shared_caches, stage_array
 from .stats import FrequencyPrior, Rate, at_baseline, bag_hits
 
 __all__ = [
@@ -586,7 +586,7 @@ def run_setting(
             decoys=ctx.decoys(),
         )
         view, gen = run.view, run.generated
-        n = int(open_meta(view)["n"])
+        n = prompt_length(view)
         steps = max(n_new - 1, 0)
         fed = np.asarray(gen[:steps], dtype=np.int64)  # the generated tokens the decode steps carried
         # -- exactness and cost of this request --

@@ -20,6 +20,7 @@ __all__ = [
     "byte_tokenize",
     "corpus_text",
     "corpus_tokens",
+    "first_tokens",
     "prompts",
     "public_unigram",
     "tokenize",
@@ -80,7 +81,7 @@ def tokenize(text: str, tokenizer: Any | None, vocab_size: int) -> IdArray:
     return ids
 
 
-def _head(text: str, n_tokens: int, chars: int, tokenizer: Any | None, vocab_size: int) -> IdArray:
+def first_tokens(text: str, n_tokens: int, chars: int, tokenizer: Any | None, vocab_size: int) -> IdArray:
     """The first ``n_tokens`` tokens of ``text`` (all of them if it has fewer), tokenizing only a prefix
     where one is enough: its first ``chars`` characters and on to the next blank line, less the whitespace
     before it — a prefix cut inside a word or a run of newlines (or whatever else a tokenizer makes one
@@ -99,7 +100,7 @@ def corpus_tokens(n_tokens: int, tokenizer: Any | None, vocab_size: int) -> IdAr
     ``n_tokens`` that is not an integer >= 2)."""
     n_tokens = _count(n_tokens, "the number of tokens", 2)
     # tokenize only a prefix long enough (≥ 1 byte per token; a generous factor for safety)
-    ids = _head(corpus_text(), n_tokens, 8 * n_tokens + 1024, tokenizer, vocab_size)
+    ids = first_tokens(corpus_text(), n_tokens, 8 * n_tokens + 1024, tokenizer, vocab_size)
     if len(ids) < n_tokens:
         raise ConfigError(f"the corpus has only {len(ids)} tokens, {n_tokens} asked")
     return ids
@@ -117,7 +118,7 @@ def prompts(count: int, length: int, tokenizer: Any | None, vocab_size: int) -> 
     out = []
     for i in range(count):
         index = (i * len(texts)) // count
-        ids = _head(texts[index], length, 16 * length + 64, tokenizer, vocab_size)
+        ids = first_tokens(texts[index], length, 16 * length + 64, tokenizer, vocab_size)
         if len(ids) < length:
             raise ConfigError(f"topic {index} (sorted keys) is shorter than {length} tokens")
         out.append(ids)
