@@ -7,7 +7,8 @@
   H = X + O·W_o, a *sum* of one QKV-stage row and one O-stage output row the server itself computed
   (the client keeps the residual stream in true order, so every real row obeys this identity). A row
   that is no such sum is a decoy; a QKV/O row used by no sum is a decoy. Calibration decoys pass the first
-  two checks by construction; this one does not care how decoys look.
+  two checks by construction; this one does not care how decoys look. Where the QKV stage is noised
+  (level paper, block 1: E = norm(X) + Lap(β)) it links by maximum likelihood under the public β instead.
 * :func:`frequency_prior` — where block 1 is not noised every QKV row is a known token; decoys whose
   tokens are drawn unlike real text (uniformly over a vocabulary: mostly rare tokens) are the rows a public
   unigram finds least probable.
@@ -25,7 +26,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from scipy.optimize import linear_sum_assignment
+from scipy.special import gammaincinv
 
+from .. import ops
 from .._checks import token_ids
 from ..errors import ConfigError, DTypeError, ShapeError
 from ..weights import ModelWeights
@@ -68,19 +72,35 @@ def residual_links(
     layer: int,
     qkv_normalized: bool = False,
     tol: float = 1e-4,
+    beta: float | None = None,
+    n_real: int | None = None,
 ) -> tuple[Array, Array, Array]:
     """Which rows are real, by the identity FFN row = QKV row + O-stage output row (block ``layer``).
 
     Returns boolean masks (qkv_real, o_real, ffn_real) over each message's rows: a FFN row is real
     when some pair (x, o·W_o) sums to it within relative ``tol``; the rows of such pairs are real, and so
     is every QKV or O row that forms such a pair as well (a repeated token's equal block-1 rows: all real).
-    With ``qkv_normalized`` (a noised QKV stage: the client sent normalized rows plus noise) the QKV rows are
-    not the residual, so no sum can be checked and all three masks are all-False — at block 1 too. There the
-    FFN rows link through the vocabulary instead (FFN row − O output ∈ embedding table): that is
-    :func:`vocab_match.match_block1_residual`, which the harness scores apart (``vm_resid1_bag_recall``).
 
-    Checked first: ConfigError for a block the model lacks or a ``tol`` that is not a number > 0;
-    ShapeError unless the QKV and FFN rows are rows × hidden size and the O rows rows × q_dim;
+    With ``qkv_normalized`` (a noised QKV stage: the client sent E = norm(X) + Lap(β) rows, DESIGN §5.1) the
+    QKV rows are not the residual; the O and FFN rows still are raw (level paper), so a real FFN row f and
+    its O row o give norm(f − o·W_o) (the block's attention RMSNorm), which is its QKV row up to the noise.
+    ``beta`` is that noise's public Laplace scale β (the release plan's): None (not given) checks nothing
+    and returns all-False masks, as before; β = 0 compares norm(f − o·W_o) to the rows within relative
+    ``tol``; β > 0 is the maximum-likelihood link: the L1 distance D(f, o, e) = ‖e − norm(f − o·W_o)‖₁ of a
+    real triple is a sum of d |Lap(β)|, Gamma(d, β), so a triple links when D is at most that law's
+    1 − ``tol`` quantile (a real row fails to link with probability ``tol``); the FFN rows are assigned to
+    QKV rows one-to-one by least total min(D, threshold) (a repeated token's two noised copies then each keep
+    their own row), and the linked pairs' rows are real. With ``n_real`` (the prompt's row count, public in
+    the open message) the ``n_real`` assigned pairs of least D less their QKV row's median D link instead,
+    whatever the threshold. A decoy links only by chance, more often the larger β: the threshold grows as
+    dβ, the distance of a wrong triple less. Where the relation cannot hold (another request's rows; O or
+    FFN rows noised too, level blind) only such chance links occur. At block 1 the FFN rows also link
+    through the vocabulary (FFN row − O output ∈ embedding table): :func:`vocab_match.match_block1_residual`,
+    which the harness scores apart (``vm_resid1_bag_recall``).
+
+    Checked first: ConfigError for a block the model lacks, a ``tol`` that is not a number > 0 (< 1 with
+    β > 0), a ``beta`` that is neither None nor a finite number >= 0, an ``n_real`` neither None nor an
+    integer >= 0; ShapeError unless the QKV and FFN rows are rows × hidden size and the O rows rows × q_dim;
     NonFiniteError for NaN or ±Inf. A message with no rows links nothing (all-False masks).
     """
     c = weights.config
@@ -88,23 +108,64 @@ def residual_links(
     tol = float_arg(tol, "tol", 0.0)
     if tol <= 0:
         raise ConfigError(f"tol must be > 0, got {tol}")
+    b = None if beta is None else float_arg(beta, "beta", 0.0)
+    if b is not None and b > 0 and tol >= 1:
+        raise ConfigError(f"with beta > 0, tol is a probability and must be < 1, got {tol}")
+    count = None if n_real is None else int_arg(n_real, "n_real", 0)
     xq = rows_arg(x_qkv, "QKV-stage rows", c.hidden_size)
     y = rows_arg(x_o, "O-stage rows", c.q_dim) @ lw.wo
     f = rows_arg(x_ffn, "FFN-stage rows", c.hidden_size)
     q_real = np.zeros(len(xq), dtype=bool)
     o_real = np.zeros(len(y), dtype=bool)
     f_real = np.zeros(len(f), dtype=bool)
-    if qkv_normalized or not (len(xq) and len(y)):
+    if (qkv_normalized and b is None) or not (len(xq) and len(y) and len(f)):
         return q_real, o_real, f_real
+    if qkv_normalized and b is not None and b > 0:
+        return _noised_links(xq, y, f, lw.attn_norm, c.rms_eps, b, tol, count)
     for j, row in enumerate(f):
-        # f − y_b must equal some x_a: nearest x for each candidate difference
+        # f − y_b must equal some x_a (normalized: norm(f − y_b)): nearest x for each candidate difference
         diff = row[None, :] - y  # (n_o, d)
-        d = np.linalg.norm(diff[:, None, :] - xq[None, :, :], axis=2) / (np.linalg.norm(row) + 1e-12)
+        if qkv_normalized:
+            diff = ops.rms_norm(diff, lw.attn_norm, c.rms_eps)
+        scale = np.linalg.norm(diff, axis=1)[:, None] if qkv_normalized else np.linalg.norm(row)
+        d = np.linalg.norm(diff[:, None, :] - xq[None, :, :], axis=2) / (scale + 1e-12)
         ok = d < tol  # (n_o, n_q): the pairs that sum to this row
         if ok.any():
             f_real[j] = True
             q_real |= ok.any(axis=0)
             o_real |= ok.any(axis=1)
+    return q_real, o_real, f_real
+
+
+def _noised_links(
+    e: Array, y: Array, f: Array, gamma: Array, eps: float, beta: float, miss: float, count: int | None
+) -> tuple[Array, Array, Array]:
+    """:func:`residual_links`' β > 0 route: the masks of the FFN/QKV rows assigned one-to-one by least
+    total min(‖e − norm(f − y)‖₁, t), t the Gamma(d, β) quantile 1 − ``miss``; the pairs within t link, or
+    (``count`` given) the ``count`` pairs of least distance less the median distance of their QKV row to
+    every FFN row (which removes that row's own noise magnitude, common to all its candidates)."""
+    thr = float(gammaincinv(e.shape[1], 1.0 - miss)) * beta
+    cost = np.empty((len(f), len(e)))
+    best_o = np.empty((len(f), len(e)), dtype=np.int64)
+    for j, row in enumerate(f):
+        cand = ops.rms_norm(row[None, :] - y, gamma, eps)  # (n_o, d): each O row's candidate QKV row
+        # a zero difference normalizes to 0/0 at ε = 0: no candidate there
+        d = np.nan_to_num(np.abs(cand[:, None, :] - e[None, :, :]).sum(axis=2), nan=np.inf)  # (n_o, n_q)
+        best_o[j] = np.argmin(d, axis=0)
+        cost[j] = d[best_o[j], np.arange(len(e))]
+    rows, cols = linear_sum_assignment(np.minimum(cost, thr))
+    dist = cost[rows, cols]
+    if count is None:
+        ok = dist <= thr
+    else:  # ties broken by row order, as the stable sort keeps it
+        ok = np.zeros(len(dist), dtype=bool)
+        ok[np.argsort(dist - np.median(cost, axis=0)[cols], kind="stable")[:count]] = True
+    q_real = np.zeros(len(e), dtype=bool)
+    o_real = np.zeros(len(y), dtype=bool)
+    f_real = np.zeros(len(f), dtype=bool)
+    f_real[rows[ok]] = True
+    q_real[cols[ok]] = True
+    o_real[best_o[rows[ok], cols[ok]]] = True
     return q_real, o_real, f_real
 
 

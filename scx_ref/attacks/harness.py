@@ -687,6 +687,34 @@ def run_setting(
                 tally.value("decoy_link_decoys_rejected", float((~fr[~real]).mean()))
         else:  # the rows are noised: no row links, the attack finds nothing
             tally.value("decoy_link_real_found", 0.0)
+        # block 1's link where only its QKV stage is noised (level paper): maximum likelihood under the
+        # public β, the n best links kept (n is public)
+        block1 = [view.select(stage=st, layer=0) for st in (Stage.QKV, Stage.O, Stage.FFN)]
+        raw_o_ffn = (
+            _release_beta(setting, Stage.O, 0, L) == 0 and _release_beta(setting, Stage.FFN, 0, L) == 0
+        )
+        if (
+            probe != 0
+            and all(block1)
+            and block1[0][0].meta.get("normalized")
+            and raw_o_ffn
+            and not block1[2][0].meta.get("normalized")
+        ):
+            f1 = stage_array(view, Stage.FFN, 0)
+            _, _, fr1 = decoy_detect.residual_links(
+                stage_array(view, Stage.QKV, 0),
+                stage_array(view, Stage.O, 0),
+                f1,
+                w,
+                0,
+                True,
+                beta=beta_qkv0,
+                n_real=n,
+            )
+            real1 = _real_rows(f1, forward_trace(w, ids, upto=0, logits=False).h[0])
+            if real1.any() and (~real1).any():
+                tally.value("decoy_link1_noised_real_found", float(fr1[real1].mean()))
+                tally.value("decoy_link1_noised_decoys_rejected", float((~fr1[~real1]).mean()))
         # -- the attacker's best prompt: exact matches where it has them, else the prior's mode --
         recovered = np.full(n, prior.mode, dtype=np.int64)
         settled = np.zeros(n, dtype=bool)
