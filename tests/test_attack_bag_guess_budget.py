@@ -1,9 +1,12 @@
-"""A bag attack is judged against a prior with its own guess budget, and a table and the frontier read one
-verdict rule.
+"""A bag attack's equal-budget prior is recorded beside it (its verdict stays against the n-guess prior),
+and a table and the frontier read one verdict rule.
 
-Was: a bag attack guesses a token on each of the n + r rows it sees (decoys included: the server cannot tell
-them apart) and scores |guess ∩ truth| / n, while the frequency prior it was judged against got n guesses —
-so decoys could only raise an attack over its baseline (README "Bag attacks count guesses on decoy rows").
+A bag attack guesses a token on each of the n + r rows it sees (decoys included) and scores
+|guess ∩ truth| / n, while the frequency prior it is judged against gets n guesses — so guesses on decoy
+rows can only add to an attack's score (README "Bag attacks count guesses on decoy rows"). Judging it
+against a prior of n + r guesses instead would understate an attacker that finds the decoys (the residual
+link does, in un-noised blocks) and needs only n guesses: the verdict stays conservative, and the prior of
+the attack's own guess budget is recorded and shown so a reader sees how much decoy guesses could explain.
 And the table's ✓ showed the stored ``at_baseline`` verdict while the frontier re-judged it against the
 stored rates: one result could read "at baseline" in one and "above" in the other. Tiny random models only."""
 
@@ -44,16 +47,21 @@ def test_the_priors_bag_of_a_guess_budget_hand_computed() -> None:
             prior.bag_hits(truth, bad)  # type: ignore[arg-type]
 
 
-def test_a_bag_metric_is_judged_against_its_own_baseline_where_the_result_holds_one() -> None:
-    """``catalog.judged_against``: a bag metric's own equal-budget record; a result written before those
-    were recorded (or a positional metric, whose key names no baseline) falls back to the catalog's."""
+def test_a_bag_metric_is_judged_against_n_guesses_and_shows_its_equal_budget_prior() -> None:
+    """``catalog.judged_against``: the catalog's baseline of the tokens a metric scores (n guesses for a
+    bag attack), whether or not the result holds the attack's equal-budget prior; ``catalog.equal_budget``:
+    that record, for bag metrics only."""
     own, shared, nxt, pos = (Rate(k, 4).to_dict() for k in (3, 1, 2, 0))
     new = {"prompt_bag": shared, "prompt_next_bag": nxt, "prompt_pos": pos, "vm_qkv1_bag_recall": own}
-    assert catalog.judged_against("vm_qkv1_bag_recall", new) is own
-    assert catalog.judged_against("head_next_bag_recall", new) is nxt  # none of its own: the old one
+    assert catalog.judged_against("vm_qkv1_bag_recall", new) is shared
+    assert catalog.equal_budget("vm_qkv1_bag_recall", new) is own
+    assert catalog.judged_against("head_next_bag_recall", new) is nxt
+    assert catalog.equal_budget("head_next_bag_recall", new) is None  # none recorded
     old = {"prompt_bag": shared, "prompt_pos": pos}
     assert catalog.judged_against("vm_qkv1_bag_recall", old) is shared
+    assert catalog.equal_budget("vm_qkv1_bag_recall", old) is None
     assert catalog.judged_against("vm_attn1_pos_acc", {**old, "vm_attn1_pos_acc": own}) is pos
+    assert catalog.equal_budget("vm_attn1_pos_acc", {**old, "vm_attn1_pos_acc": own}) is None  # positional
     assert catalog.judged_against("gen_head_acc", old) is None
 
 
@@ -78,12 +86,12 @@ def _decoy_sweep() -> dict[int, tuple[dict[str, Any], list[int], list[int]]]:
     return out
 
 
-def test_decoys_no_longer_raise_a_bag_attack_over_its_baseline() -> None:
+def test_a_bag_attacks_equal_budget_prior_is_recorded_and_the_verdict_stays_against_n_guesses() -> None:
     """The LM-head rows' next-token bag over the same real rows: with r decoys it guesses n + r tokens.
-    Old rule (against ``prompt_next_bag``, n guesses, the same at every r): its margin grows with r
-    (tiny model: 5, 6, 10 of 30 against 9 of 30). New rule: its baseline is the prior's best bag of n + r
-    tokens against the same next tokens (9, 15, 22 of 30), recorded under the attack's key, and the
-    verdict is judged against it — the margin no longer grows."""
+    Against ``prompt_next_bag`` (n guesses, the same at every r) its margin grows with r (tiny model: 5, 6,
+    10 of 30 against 9 of 30): decoy guesses add hits. The prior's best bag of n + r tokens against the
+    same next tokens (9, 15, 22 of 30) is recorded under the attack's key, and against it the margin does
+    not grow; the verdicts are judged against the n-guess prior (conservative)."""
     sweep = _decoy_sweep()
     key = "head_next_bag_recall"
     prior = FrequencyPrior(PUBLIC, W.config.vocab_size)
@@ -103,7 +111,8 @@ def test_decoys_no_longer_raise_a_bag_attack_over_its_baseline() -> None:
         assert base["vm_qkv1_bag_recall"]["k"] == qkv_want
         for k, verdict in res["at_baseline"].items():
             judge = catalog.judged_against(k, base)
-            assert judge is not None and verdict == (res["rates"][k]["rate"] <= judge["hi"]), k
+            assert judge is not None and judge is base[catalog.metric(k).baseline], k
+            assert verdict == (res["rates"][k]["rate"] <= judge["hi"]), k
             assert tables.verdict(res, k) == verdict, k
         # the precision the harness records: the same hits over the guesses made (n + r per prompt)
         per_prompt = res["rates"]["vm_qkv1_bag_recall"]["per_prompt"]
@@ -144,14 +153,15 @@ def _cell(result: dict[str, Any], name: str) -> str:
 
 def test_a_table_and_the_frontier_read_one_verdict() -> None:
     """A stored verdict its rate contradicts (45 of 48 recovered, "at baseline" against a prior bounded
-    by 0.34) was ✓ in the table and "above" on the frontier; a new result's bag attack at its own
-    equal-budget baseline (30 of 48 against a prior of 30 of 48) read "above" on the frontier (judged
-    against the n-guess prior) and ✓ in the table. Now each cell's ✓ is the frontier's verdict."""
+    by 0.34) was ✓ in the table and "above" on the frontier. Now each cell's ✓ is the frontier's verdict,
+    and a bag attack at its equal-budget prior (30 of 48 against 30 of 48) but above the n-guess prior is
+    above in both, its equal-budget prior shown in the cell."""
     cases = {
         "contradicted": (_setting("contradicted", Rate(45, 48), True), False),
         "consistent": (_setting("consistent", Rate(9, 48), True), True),
         "stored-false": (_setting("stored-false", Rate(9, 48), False), False),
-        "own-budget": (_setting("own-budget", Rate(30, 48), True, own=Rate(30, 48)), True),
+        "own-budget": (_setting("own-budget", Rate(30, 48), True, own=Rate(30, 48)), False),
+        "own-budget-low": (_setting("own-budget-low", Rate(9, 48), True, own=Rate(30, 48)), True),
         "own-budget-above": (_setting("own-budget-above", Rate(47, 48), True, own=Rate(30, 48)), False),
         "no-rate": (_setting("no-rate", None, True), False),
         "no-verdict": (_setting("no-verdict", Rate(9, 48), None), False),
@@ -165,7 +175,8 @@ def test_a_table_and_the_frontier_read_one_verdict() -> None:
             None if name == "no-rate" else at
         ), name
     # the baseline a bag attack is judged against is in its cell when it is its own (no row shows it)
-    assert _cell(result, "own-budget") == "0.62 (prior 0.62) ✓"
+    assert _cell(result, "own-budget") == "0.62 (prior 0.62)"
+    assert _cell(result, "own-budget-low") == "0.19 (prior 0.62) ✓"
     assert _cell(result, "contradicted") == "0.94"
     best = frontier.cheapest_at_baseline(list(rows.values()))
     assert best is not None and best["name"] == "consistent"

@@ -5,8 +5,8 @@ it recovers and against which baseline it is judged.
 ``tokens``: which tokens it scores, so that its baseline scores the same ones — ``all``, ``fed`` (of a
 generated target: those the decode steps carried, all but the last) or ``next`` (those an LM-head row
 predicts: of a generated target all but the first; of the prompt, the prompt's tokens after the first and
-then the first generated token). :attr:`Metric.baseline` names that baseline; a bag metric is judged against
-its own, with the attack's guess budget (:func:`judged_against`).
+then the first generated token). :attr:`Metric.baseline` names that baseline (:func:`judged_against`); a bag
+attack's equal-budget prior is recorded beside it (:func:`equal_budget`).
 ``scoring``: ``pos`` (a token per position, right or wrong), ``bag`` (the multiset of tokens, order
 ignored) — or, for the statelessness row, ``stateless`` (greedy top-1 agreement of the server's own
 continuation, judged against a server that ignores the prompt). ``attack``: whether the metric is a
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal, TypeVar
 
-__all__ = ["METRICS", "UNTABLED", "Metric", "attack_metrics", "judged_against", "metric"]
+__all__ = ["METRICS", "UNTABLED", "Metric", "attack_metrics", "equal_budget", "judged_against", "metric"]
 
 _R = TypeVar("_R")
 
@@ -45,8 +45,7 @@ class Metric:
         this metric scores: ``no_prompt_top1`` for the statelessness row; ``generated``,
         ``generated_fed`` or ``generated_next`` for a generated target; ``prompt_next_bag`` (or
         ``prompt_next_pos``) for a prompt metric of the next tokens; else ``prompt_bag`` or ``prompt_pos``
-        by scoring. Each guesses as many tokens as it scores; a bag metric is judged against its own baseline
-        of the attack's guess budget where the result holds one (:func:`judged_against`)."""
+        by scoring. Each guesses as many tokens as it scores (:func:`judged_against`)."""
         if self.scoring == "stateless":
             return "no_prompt_top1"
         if self.target == "generated":
@@ -123,16 +122,23 @@ def metric(key: str) -> Metric:
 
 
 def judged_against(key: str, baselines: Mapping[str, _R]) -> _R | None:
-    """The record of a result's ``baselines`` that metric ``key`` is judged against (None if it holds none).
-    A bag metric: its own baseline, ``baselines[key]`` — the prior's best bag of as many tokens as the
-    attack guessed (on decoy rows too), scored against the same tokens; the harness records it when it
-    scores the attack. Else, and for a result written before those were recorded, :attr:`Metric.baseline`
-    (for a bag metric the prior's bag of as many tokens as it scores: fewer guesses than an attack on decoy
-    rows made, so such a result errs toward "above baseline"). KeyError for an unknown ``key``."""
-    m = metric(key)
-    if m.scoring == "bag" and key in baselines:
-        return baselines[key]
-    return baselines.get(m.baseline)
+    """The record of a result's ``baselines`` that metric ``key`` is judged against (None if it holds none):
+    :attr:`Metric.baseline`, the prior's guess of as many tokens as the metric scores — for a bag attack,
+    n guesses, even where the attack guessed on n + r rows, decoys included. Conservative: an attacker that
+    tells the real rows from the decoys (the residual link finds every decoy in un-noised blocks) needs
+    only n guesses for the same hits, so an attack is "at baseline" only against the n-guess prior; the
+    prior with the attack's own guess budget (:func:`equal_budget`) is shown beside it, not judged by.
+    KeyError for an unknown ``key``."""
+    return baselines.get(metric(key).baseline)
+
+
+def equal_budget(key: str, baselines: Mapping[str, _R]) -> _R | None:
+    """A bag attack's equal-budget baseline where the result holds one (the harness records it, under the
+    attack's key, when it scores the attack): the prior's best bag of as many tokens as the attack guessed
+    (on decoy rows too), scored against the same tokens — how much of a bag score guesses on decoy rows
+    could explain. None for another metric or a result written before these were recorded. KeyError for an
+    unknown ``key``."""
+    return baselines.get(key) if metric(key).scoring == "bag" else None
 
 
 def attack_metrics() -> tuple[Metric, ...]:

@@ -598,9 +598,9 @@ def frontier_report(
         f"{result.get('public_tokens', '?')} public tokens for the attacker; "
         f"run time {result.get('seconds', '?')} s. "
         "Recovery: the fraction of tokens recovered, pooled over prompts, with its 95 % Wilson interval; "
-        "✓ = at the frequency-prior baseline (no higher than the baseline's upper bound; a bag attack's "
-        "baseline, where the run recorded it, is the prior's bag of as many tokens as the attack guessed, "
-        'decoy rows included: "(prior x)" in its cell).',
+        "✓ = at the frequency-prior baseline (no higher than the baseline's upper bound; for a bag attack "
+        'the prior of n guesses; "(prior x)" in its cell, where the run recorded it: the prior with as many '
+        "guesses as the attack made, decoy rows included, shown, not judged by).",
         "",
     ]
     if result.get("missing"):

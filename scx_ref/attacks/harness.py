@@ -495,10 +495,10 @@ class _PlanShape:
 
 class _Tally:
     """Per-prompt (hits, scored) of count metrics and plain values of diagnostics. With ``prior`` and
-    ``base`` (the run's baseline tally), scoring a bag attack also records its own baseline in ``base``
-    under the attack's key: the prior's best bag of as many tokens as the attack guessed, against the same
-    truth (:func:`~scx_ref.attacks.catalog.judged_against`) — an attack guessing on each of n + r rows,
-    decoys included, is judged against a prior that makes n + r guesses too, not n."""
+    ``base`` (the run's baseline tally), scoring a bag attack also records its equal-budget prior in
+    ``base`` under the attack's key: the prior's best bag of as many tokens as the attack guessed, against
+    the same truth (:func:`~scx_ref.attacks.catalog.equal_budget`) — shown beside the attack; its verdict
+    stays against the n-guess prior (:func:`~scx_ref.attacks.catalog.judged_against`)."""
 
     def __init__(self, prior: FrequencyPrior | None = None, base: _Tally | None = None) -> None:
         self.counts: dict[str, list[tuple[float, float]]] = {}
@@ -543,7 +543,7 @@ def run_setting(
     An attack whose message the configuration never sends is not run (and scores nothing: the attacker
     then knows only the prior). ``per_layer``: blocks where the shared-cache and sorted-attention
     inverters are also scored. Returns a JSON-ready dict; ``metrics`` holds the pooled rates, ``baselines``
-    the prior's (by baseline name, and under a bag attack's key its own, of the attack's guess budget).
+    the prior's (by baseline name, and under a bag attack's key its equal-budget prior, shown, not judged by).
     ConfigError for no prompts (nothing would be measured, yet the result would read as exact), a
     ``setting`` that is not a :class:`Setting`, a ``per_layer`` block outside the model, or a ``seed`` or
     ``n_new`` that is not an integer (≥ 0); VocabularyError unless each prompt is a 1-D array of the model's
@@ -915,8 +915,8 @@ def _generation_joint(
 
 
 def _baseline_of(key: str) -> str:
-    """The shared baseline of the tokens a count metric scores (catalog: its target and scoring); a bag
-    metric is judged against its own, of its guess budget (:func:`.catalog.judged_against`)."""
+    """The baseline of the tokens a count metric scores (catalog: its target and scoring), the one it is
+    judged against (:func:`.catalog.judged_against`)."""
     return catalog.metric(key).baseline
 
 

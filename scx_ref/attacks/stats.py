@@ -6,8 +6,9 @@
 * :class:`FrequencyPrior` — what an attacker recovers **without looking at the view**: the unigram
   distribution of public text. Its best positional guess is the most frequent public token at every
   position; its best bag guess (of n tokens) takes each token ⌊n·p⌋ times and the largest remainders for
-  the rest. A bag attack is judged against the prior's bag of as many tokens as the attack guessed (its
-  guesses on decoy rows included): the same guess budget. An attack is *at the baseline*
+  the rest. A bag attack is judged against the prior's bag of n tokens, however many rows it guessed on
+  (conservative: an attacker that finds the decoys needs only n guesses); the prior's bag of as many
+  tokens as it guessed is recorded beside it. An attack is *at the baseline*
   (:func:`at_baseline`) when its recovery is no higher than the upper end of the baseline's interval: it
   has learned nothing measurable from the view.
 """

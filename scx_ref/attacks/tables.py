@@ -209,9 +209,10 @@ def _check_run_parts(result: dict[str, Any]) -> None:
 
 
 def _cell(setting: dict[str, Any], key: str, intervals: bool) -> str:
-    """A metric's cell: the pooled rate, its 95 % interval when asked (and known), a bag attack's own
-    baseline (the prior with the attack's guess budget, where recorded: no baseline row shows it), and a ✓
-    when the attack is at its baseline (:func:`verdict`); – when not run."""
+    """A metric's cell: the pooled rate, its 95 % interval when asked (and known), a bag attack's
+    equal-budget prior (the prior with the attack's guess budget, where recorded: no baseline row shows it;
+    :func:`~.catalog.equal_budget`), and a ✓ when the attack is at its baseline (:func:`verdict`); – when
+    not run."""
     v = setting["metrics"].get(key)
     if v is None:
         return "–"
@@ -219,9 +220,8 @@ def _cell(setting: dict[str, Any], key: str, intervals: bool) -> str:
     text = fmt(v)
     if intervals and r is not None:
         text += f" [{r['lo']:.2f}, {r['hi']:.2f}]"
-    baselines = setting.get("baselines") or {}
-    own = catalog.judged_against(key, baselines) if key in baselines else None
-    if own is not None and own is baselines[key]:
+    own = catalog.equal_budget(key, setting.get("baselines") or {}) if key in _ATTACKS else None
+    if own is not None:
         text += f" (prior {own['rate']:.2f})"
     if verdict(setting, key):
         text += " ✓"
@@ -239,7 +239,7 @@ def _stateless_cell(row: dict[str, Any] | None) -> str:
 
 def markdown_table(result: dict[str, Any], intervals: bool = False) -> str:
     """Attack × setting table (✓: at the frequency-prior baseline, :func:`verdict`; with ``intervals`` each
-    cell's 95 % Wilson interval; "(prior x)": a bag attack's own baseline, of its guess budget), the
+    cell's 95 % Wilson interval; "(prior x)": a bag attack's equal-budget prior, shown, not judged by), the
     baselines, the statelessness table, the noise-fitting table and search spaces. ConfigError when
     ``result`` is not shaped as a harness result (:func:`check_result`)."""
     sets = check_result(result, full=False)["settings"]
