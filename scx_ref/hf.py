@@ -31,7 +31,8 @@ Three entry points:
   :class:`~scx_ref.backends.torch_backend.TorchBackend`. ``generate`` takes ``attention_mask`` with left
   padding (each row runs on its unpadded ids, as ``model.generate`` does), samples as HF does
   (:mod:`scx_ref.sampling`) and refuses every option it cannot honour with a ConfigError naming what is
-  supported (:data:`GENERATE_OPTIONS`).
+  supported (:data:`GENERATE_OPTIONS`) — and every ``generation_config`` setting ``model.generate`` would
+  apply that it cannot (beam search, n-gram blocking, suppressed or forced tokens, …).
 """
 
 from __future__ import annotations
@@ -358,7 +359,9 @@ def _left_padded(ids: np.ndarray, mask: Any, what: str) -> list[np.ndarray]:
         raise ConfigError(f"{what} has shape {m.shape}; input_ids has {ids.shape}")
     if m.dtype == np.bool_:
         m = m.astype(np.int64)
-    if not np.issubdtype(m.dtype, np.integer) or not np.isin(m, (0, 1)).all():
+    if not np.issubdtype(m.dtype, np.integer):  # "must hold only 0 and 1" misled for a float 0./1. mask
+        raise ConfigError(f"{what} must be an integer or bool array of 0 and 1, got dtype {m.dtype}")
+    if not np.isin(m, (0, 1)).all():
         raise ConfigError(f"{what} must hold only 0 and 1")
     rows = []
     for i, row in enumerate(m):
@@ -372,6 +375,67 @@ def _left_padded(ids: np.ndarray, mask: Any, what: str) -> list[np.ndarray]:
     return rows
 
 
+#: ``GenerationConfig`` fields ``model.generate`` applies (or refuses) that :func:`generation_settings`
+#: does not read, with the value that leaves the tokens alone (None, or an empty list, always does).
+_UNAPPLIED: dict[str, Any] = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "num_return_sequences": 1,
+    "penalty_alpha": None,
+    "dola_layers": None,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": 1.0,
+    "renormalize_logits": False,
+    "watermarking_config": None,
+    "token_healing": False,
+    "max_time": None,
+    "stop_strings": None,
+    "return_dict_in_generate": False,
+}
+#: The same, for the warpers ``model.generate`` applies only when sampling.
+_UNAPPLIED_SAMPLING: dict[str, Any] = {
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "top_h": None,
+}
+
+
+def _check_generation_config(gen: Any, do_sample: bool) -> None:
+    """ConfigError naming every field of the model's ``generation_config`` that ``model.generate`` would
+    apply and :class:`SCXModel` cannot (beam search, n-gram blocking, suppressed or forced tokens, …): the
+    tokens would silently differ from ``model.generate``'s."""
+    if gen is None:
+        return
+    fields_ = {**_UNAPPLIED, **(_UNAPPLIED_SAMPLING if do_sample else {})}
+    set_: list[str] = []
+    for name, neutral in fields_.items():
+        value = getattr(gen, name, None)
+        if value is None or (isinstance(value, (list, tuple, dict, str)) and not value):
+            continue
+        if isinstance(value, (bool, int, float, np.integer, np.floating)) and value == neutral:
+            continue
+        set_.append(f"{name}={value!r:.60}")
+    if set_:
+        raise ConfigError(
+            f"the model's generation_config sets {', '.join(set_)}, which model.generate applies and "
+            "SCXModel.generate cannot (its output would differ): unset them on model.generation_config "
+            f"(e.g. model.generation_config.{set_[0].split('=')[0]} = None)"
+        )
+
+
 class SCXModel:
     """SCX inference on a Hugging Face causal LM: same logits, same greedy tokens, with the heavy work
     on an SCX :class:`~scx_ref.protocol.Server` that sees only encoded data.
@@ -383,6 +447,11 @@ class SCXModel:
     ``unigram``: a public unigram distribution over the vocabulary (e.g.
     :func:`~scx_ref.zoo.corpus.public_unigram`) the secret calibration text's tokens are drawn from
     (DESIGN §5.1; :class:`~scx_ref.protocol.Client`'s ``unigram``); None draws them uniformly.
+    ``eos_token_id`` / ``pad_token_id``: what :meth:`generate` uses when a call names none, over the
+    ``generation_config``'s (None: the ``generation_config``'s, read at each call — :meth:`from_hf` leaves
+    them None, so a change to ``model.generation_config`` applies, as with ``model.generate``).
+    ConfigError for a ``backend`` that is not a TorchBackend, a ``scx_config`` that is not an SCXConfig or
+    an ``eos_token_id``/``pad_token_id`` that is no id.
     """
 
     def __init__(
@@ -396,6 +465,16 @@ class SCXModel:
         link: Transport | None = None,
         unigram: npt.ArrayLike | None = None,
     ) -> None:
+        if not isinstance(backend, TorchBackend):  # an AttributeError further down
+            raise ConfigError(
+                f"backend must be a TorchBackend (backend_from_hf), got {type(backend).__name__}"
+            )
+        if not isinstance(scx_config, SCXConfig):
+            raise ConfigError(f"scx_config must be an SCXConfig, got {type(scx_config).__name__}")
+        # checked here (generation_settings' checks), not at the first generate: they were never read
+        generation_settings(
+            None, {"max_new_tokens": 0, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+        )
         self.backend = backend
         self.scx_config = scx_config
         self.keys = keys if keys is not None else KeySchedule.generate()
@@ -436,9 +515,7 @@ class SCXModel:
             raise ConfigError(f"unknown SCX option(s) {unknown}; SCXConfig takes {sorted(known)}")
         scx_options.setdefault("max_length", backend.config.max_positions)
         cfg = SCXConfig(level=level, **scx_options)
-        gen = getattr(model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-        pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+        gen = getattr(model, "generation_config", None)  # its EOS and pad ids are read at each call
         link: Transport | None = None
         if server_options is not None and not isinstance(server_options, dict):
             raise ConfigError(f"server_options must be a dict, got {type(server_options).__name__}")
@@ -455,7 +532,7 @@ class SCXModel:
             link = RemoteTransport(server, backend, **(server_options or {}))
         elif server_options:
             raise ConfigError("server_options given without a server URL")
-        return cls(backend, cfg, keys, eos, pad, gen, link, unigram)
+        return cls(backend, cfg, keys, None, None, gen, link, unigram)
 
     @property
     def max_length(self) -> int:
@@ -465,17 +542,22 @@ class SCXModel:
         return self.backend.config.max_positions if limit is None else limit
 
     def check_prompt(self, ids: Any, max_new_tokens: int) -> None:
-        """What :meth:`generate` checks of one row before its session sends anything: VocabularyError
-        unless ``ids`` is a 1-D array of ids of the vocabulary and ProtocolError when it is empty
-        (:func:`~scx_ref._checks.token_ids`, the check the prefill makes again), ConfigError unless the
-        prompt and ``max_new_tokens`` new tokens fit :attr:`max_length` (the last new token is never fed
-        back: n + new − 1 ≤ max_length) or ``max_new_tokens`` is not an integer >= 0."""
+        """What :meth:`generate` (and, with 0 new tokens, :meth:`logits`) checks of every row before any
+        session sends anything: VocabularyError unless ``ids`` is a 1-D array of ids of the vocabulary and
+        ProtocolError when it is empty (:func:`~scx_ref._checks.token_ids`, the check the prefill makes
+        again); ConfigError unless ``max_new_tokens`` is an integer >= 0 and the prompt and its new tokens
+        fit :attr:`max_length` (the last new token is never fed back: n + new − 1 ≤ max_length; the prompt
+        itself, n ≤ max_length, even for 0 new tokens, as :meth:`Client.generate` has it)."""
         max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 0)
         arr = token_ids(ids, self.backend.config.vocab_size)
-        if max_new_tokens and arr.shape[0] + max_new_tokens - 1 > self.max_length:
+        n = arr.shape[0]
+        if n > self.max_length:  # a prompt the prefill refuses is refused for 0 new tokens too
             raise ConfigError(
-                f"{arr.shape[0]} prompt tokens + {max_new_tokens} new exceed the session's max_length "
-                f"{self.max_length}"
+                f"a prompt of {n} tokens is longer than the session's max_length {self.max_length}"
+            )
+        if max_new_tokens and n + max_new_tokens - 1 > self.max_length:
+            raise ConfigError(
+                f"{n} prompt tokens + {max_new_tokens} new exceed the session's max_length {self.max_length}"
             )
 
     def _session(self) -> tuple[Client[torch.Tensor], Transport]:
@@ -499,14 +581,18 @@ class SCXModel:
     def logits(self, input_ids: Any, **options: Any) -> torch.Tensor:
         """SCX prefill logits, batch × n × V (float32, or float64 for a float64 backend): equal to
         ``model(input_ids).logits`` up to the dtype's rounding. Takes no options (ConfigError): every row
-        is scored as given."""
+        is scored as given. Every row is checked (:meth:`check_prompt` with 0 new tokens) before any
+        session opens: a bad row leaves ``last_view`` and the server untouched."""
         if options:
             raise ConfigError(
                 f"SCXModel.logits takes input_ids only, got {sorted(options)}; for left-padded batches "
                 "use generate(attention_mask=…)"
             )
+        batch = _as_batch(input_ids)
+        for ids in batch:
+            self.check_prompt(ids, 0)
         rows = []
-        for ids in _as_batch(input_ids):
+        for ids in batch:
             client, link = self._session()
             try:
                 rows.append(torch.from_numpy(np.asarray(client.prefill(ids, link))))
@@ -522,19 +608,22 @@ class SCXModel:
         """SCX generation, as ``model.generate``: prompt + up to ``max_new_tokens`` tokens per row, greedy
         by default or sampled (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``repetition_penalty``, ``seed``) with transformers' own logits processors on the client's logits;
-        a row stops at an EOS token (the model's ``generation_config`` by default; ``eos_token_id=None``
-        never stops) or a stop string (``stop_strings`` with ``tokenizer``); finished rows padded (with
-        ``pad_token_id``, else the first EOS id, as HF);
-        ``streamer`` fed as HF's. Returns batch × length int64. The prompt is ``input_ids`` or, as
-        ``model.generate`` names it, ``inputs`` (ConfigError for neither or both).
+        a row stops at an EOS token (the constructor's ``eos_token_id``, else the model's
+        ``generation_config``'s, by default; ``eos_token_id=None`` never stops) or a stop string
+        (``stop_strings`` with ``tokenizer``); finished rows padded (with ``pad_token_id``, else the first
+        EOS id, as HF); ``streamer`` fed as HF's. Returns batch × length int64. The prompt is
+        ``input_ids`` or, as ``model.generate`` names it, ``inputs`` (ConfigError for neither or both).
 
         ``attention_mask`` (left padding) runs each row on its unpadded ids; without one, a batch
         holding the pad id is masked as Hugging Face infers it (pad ≠ EOS), and a batch whose rows may
         be padded with a pad id that is also EOS is refused (ConfigError: pass the mask). Options beyond
-        :data:`GENERATE_OPTIONS` raise ConfigError naming them. Guarantee: for one row, the tokens of
-        ``model.generate`` with the same options (sampling: after ``torch.manual_seed(seed)``) — tested in
-        float64. A row that fails midway raises its SCXError with the tokens that row already made in
-        ``tokens``, and every row's new tokens so far (the rows before it complete) in ``rows``.
+        :data:`GENERATE_OPTIONS` raise ConfigError naming them, and so does a ``generation_config``
+        setting one that ``model.generate`` would apply (``num_beams``, ``no_repeat_ngram_size``,
+        ``suppress_tokens``, …). Every row is checked (:meth:`check_prompt`) before any session opens.
+        Guarantee: for one row, the tokens of ``model.generate`` with the same options (sampling: after
+        ``torch.manual_seed(seed)``) — tested in float64. A row that fails midway raises its SCXError
+        with the tokens that row already made in ``tokens``, and every row's new tokens so far (the rows
+        before it complete) in ``rows``.
         """
         if "inputs" in options:  # model.generate's name for its first argument
             if input_ids is not None:
@@ -543,9 +632,12 @@ class SCXModel:
         if input_ids is None:
             raise ConfigError("generate needs input_ids (the prompt's token ids)")
         ids = _as_batch(input_ids)
+        own = {"eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}  # the constructor's
+        defaults = {k: v for k, v in own.items() if v is not None}
         plan = generation_settings(
-            self.generation_config, {**options, "max_new_tokens": max_new_tokens}, ids.shape[1]
+            self.generation_config, {**defaults, **options, "max_new_tokens": max_new_tokens}, ids.shape[1]
         )
+        _check_generation_config(self.generation_config, plan.do_sample)
         mask = options.get("attention_mask")
         eos = set(plan.eos_token_ids)
         pad = plan.pad_token_id
@@ -566,6 +658,8 @@ class SCXModel:
         check_streamer(streamer)
         if streamer is not None and len(rows) > 1:
             raise ConfigError("a streamer takes one row at a time (batch size 1)")
+        for row in rows:  # every row before any session: a bad row k ran the k rows before it
+            self.check_prompt(row, plan.max_new_tokens)  # a bad prompt is an error even for 0 new tokens
         gen = plan.generator()
         news: list[list[int]] = []
         for row in rows:
@@ -581,8 +675,8 @@ class SCXModel:
         return torch.tensor(out, dtype=torch.long)
 
     def _generate_row(self, ids: np.ndarray, plan: Any, gen: Any, tokenizer: Any, streamer: Any) -> list[int]:
-        """One row's new tokens (one session, closed at the end); its SCXError carries the tokens made."""
-        self.check_prompt(ids, plan.max_new_tokens)  # a bad prompt is an error even for 0 new tokens
+        """One row's new tokens (one session, closed at the end; the row checked by :meth:`check_prompt`
+        first); its SCXError carries the tokens made."""
         if not plan.max_new_tokens:  # no session; the streamer still sees the prompt and the end
             if streamer is not None:
                 streamer.put(torch.as_tensor(ids)[None, :])
