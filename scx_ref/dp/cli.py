@@ -78,10 +78,10 @@ def _given(args: argparse.Namespace, dests: tuple[str, ...]) -> list[str]:
 def check_options(args: argparse.Namespace) -> None:
     """Refuse (ConfigError, exit 2) an option the run would ignore, before any model loads: raw-mode
     options with ``--model``, model-mode options without it, ``--config`` beside an option it sets,
-    ``--dim`` without ``--per-coordinate``, ``--pld-interval`` with ``--no-pld``. Then fill in the
-    defaults of the options not given, and check the values that need no model (``--delta``,
-    ``--delta-prime``, model mode's ``--beta`` with the level, guard, decoys and guard FFN: SCXError), so a
-    bad one is refused before a model loads and its sensitivities are computed."""
+    ``--beta`` at ``--level permute`` (no noise), ``--dim`` without ``--per-coordinate``, ``--pld-interval``
+    with ``--no-pld``. Then fill in the defaults of the options not given, and check the values that need
+    no model (``--delta``, ``--delta-prime``, model mode's ``--beta`` with the level, guard, decoys and guard
+    FFN: SCXError), so a bad one is refused before a model loads and its sensitivities are computed."""
     if args.model is not None:
         raw = _given(args, RAW_OPTIONS)
         if raw:
@@ -93,6 +93,8 @@ def check_options(args: argparse.Namespace) -> None:
                     f"{', '.join(clash)}: set by --config {args.config}; give --config or "
                     f"{'/'.join(clash)}, not both"
                 )
+        if args.level == "permute" and args.beta is not None:
+            raise ConfigError("--beta: level permute adds no noise, so beta would be ignored")
         if args.device is not None and args.embedding == "bound":
             raise ConfigError("--device: the device of the exact diameter, given with --embedding bound")
     else:
@@ -242,6 +244,37 @@ def _inf_notes(
     return notes, reason
 
 
+def _pld_loose_note(
+    *,
+    basic: float,
+    advanced: float,
+    delta: float,
+    delta_prime: float,
+    pld: float | None,
+    interval: float | None,
+    slack: float | None,
+) -> str | None:
+    """Why a finite PLD ε above a closed form that holds at the same δ (basic, or advanced DRV where
+    δ' ≤ δ) is no tighter than it, or None where it is not above one: the exact ε(δ) is at most every
+    bound that holds at δ, so the excess is dp_accounting's pessimism (each release's privacy loss
+    rounded up to a multiple of ``interval``; ``slack`` bounds how much that adds), not a tighter count."""
+    if pld is None or not math.isfinite(pld):
+        return None
+    closed = basic if delta_prime > delta else min(basic, advanced)
+    if not pld > closed:
+        return None
+    name = "basic" if closed == basic else "advanced DRV"
+    rounding = "" if interval is None else f" to a multiple of the interval {_fmt(interval)}"
+    if slack is not None:
+        rounding += f" (up to {_fmt(slack)} in all here)"
+    return (
+        f"PLD epsilon = {_fmt(pld)} is above the {name} epsilon = {_fmt(closed)}, which holds at the same "
+        f"delta = {_fmt(delta)}: the PLD row is no tighter bound here, only a looser one, because "
+        f"dp_accounting rounds each release's privacy loss up{rounding}; the best epsilon at this delta is "
+        f"{_fmt(closed)} (a finer --pld-interval tightens the PLD where its size guard allows one)"
+    )
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     cells = [header] + [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -325,6 +358,17 @@ def _raw(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         largest=mech.epsilon,
         explicit_interval=args.pld_interval is not None,
     )
+    loose = _pld_loose_note(
+        basic=result.epsilon_basic,
+        advanced=result.epsilon_advanced,
+        delta=result.delta,
+        delta_prime=result.delta_prime,
+        pld=result.epsilon_pld,
+        interval=result.pld_interval,
+        slack=result.pld_discretization_slack,
+    )
+    if loose is not None:
+        notes.append(loose)
     if result.epsilon_pld is not None:
         rows.append(
             [
@@ -353,7 +397,10 @@ def _budget_text(
     notes: list[str],
     reason: str | None,
 ) -> str:
-    beta = _fmt(b.beta["qkv"]) if len(set(b.beta.values())) == 1 else str(b.beta)
+    if b.level == "permute":  # no stage is noised: a β would read as noise that is not there
+        beta = "none (level permute adds no noise)"
+    else:
+        beta = _fmt(b.beta["qkv"]) if len(set(b.beta.values())) == 1 else str(b.beta)
     cfg = b.config
     config = "" if args.config is None else f"config={args.config} "
     # l_s/l_e where they differ (the presets with every block a guard); the preset's other options
@@ -458,6 +505,17 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         largest=largest,
         explicit_interval=args.pld_interval is not None,
     )
+    loose = _pld_loose_note(
+        basic=budget.epsilon_basic,
+        advanced=budget.epsilon_advanced,
+        delta=budget.delta,
+        delta_prime=budget.delta_prime,
+        pld=budget.epsilon_pld,
+        interval=interval,
+        slack=None if comp is None else comp.pld_discretization_slack,
+    )
+    if loose is not None:
+        notes.append(loose)
     out: dict[str, Any] = {"mode": "model", **budget.to_dict(), "sensitivities": sd}
     out["notes"] = [*out["notes"], *notes]
     if budget.epsilon_pld is not None:
@@ -558,7 +616,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help=f"Laplace scale: one number > 0, or stage=value pairs over "
         f"{', '.join(BETA_KINDS)}, default (e.g. qkv=5,default=20; a stage's 0 sends it clear, "
-        "uncounted and listed as not covered). Default 5; not with --config",
+        "uncounted and listed as not covered). Default 5; not with --config, nor at level permute (no noise)",
     )
     model.add_argument(
         "--guard",

@@ -74,7 +74,9 @@ def _log_rising(r: int, n: int) -> float:
     logarithms directly (``math.log`` takes integers of any size); large n with r < 2²⁰ takes the lgamma
     difference (r ≤ 256·n there, so it keeps ~13 digits); large n with r ≥ 2²⁰ takes the difference of
     Stirling's series for a = r + 1, x = n / a:
-    ``n(ln a − 1) + n·log1p(x)/x + (n − ½)·log1p(x) − x²/(12n(1 + x))`` (next term O(n/a³)).
+    ``n(ln a − 1) + n·log1p(x)/x + (n − ½)·log1p(x) − x²/(12n(1 + x))`` (next term O(n/a³)); the last term
+    is evaluated as ``x/(12(1 + x)) · (x/n)`` (both factors at most 1), since ``x²`` and ``12n(1 + x)`` each
+    overflow for n past ~10¹⁶⁰ (inf / inf = NaN).
     """
     if n <= _RISING_DIRECT:
         return math.fsum(math.log(r + i) for i in range(1, n + 1))
@@ -88,7 +90,7 @@ def _log_rising(r: int, n: int) -> float:
         return math.inf
     lx = math.log1p(x)
     ratio = lx / x if x > 0.0 else 1.0  # log1p(x)/x → 1 as x → 0
-    return nf * (math.log(a) - 1.0) + nf * ratio + (nf - 0.5) * lx - x * x / (12.0 * nf * (1.0 + x))
+    return nf * (math.log(a) - 1.0) + nf * ratio + (nf - 0.5) * lx - x / (12.0 * (1.0 + x)) * (x / nf)
 
 
 def permutation_guess_probability(n: int, r: int = 0) -> float:
