@@ -9,6 +9,7 @@ still registers, and reports them as an error when run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -47,12 +48,23 @@ def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> arg
     return parser
 
 
+def _escape_unencodable() -> None:
+    """Standard output and error write a character their encoding lacks (β, ε, ≤ on an ASCII terminal or
+    ``PYTHONIOENCODING=ascii``) as a backslash escape instead of raising UnicodeEncodeError mid-output."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure):
+            with contextlib.suppress(ValueError, OSError, TypeError):  # a stream that cannot change
+                reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``scx`` on ``argv`` (default ``sys.argv[1:]``); the exit code: 2 with ``scx <command>: error: …``
     (argparse's own form for a bad option) on bad input (SCXError) or a file it cannot read or write
     (OSError; a standard output whose reader has gone included, after which nothing more is written to it),
     never a traceback for either; 130 with ``scx <command>: interrupted`` on Ctrl-C (the command's
     own clean-up — a spawned server stopped, a session closed — has run by then)."""
+    _escape_unencodable()  # before --help, whose text holds β and ε
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand's parser: ``scx <command>: error:`` and its usage
