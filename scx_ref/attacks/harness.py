@@ -30,7 +30,7 @@ from ..protocol import Client, LocalTransport, SCXConfig, Server, ServerView, St
 from ..protocol.cost import CostReport, StageCost
 from ..protocol.decoys import CalibrationPool, DecoyPolicy
 from ..protocol.plan import ReleasePlan
-from ..protocol.presets import PRESETS
+from ..protocol.presets import PAPER_CONFIG, PRESETS
 from ..reference import ReferenceModel
 from ..stages import Phase
 from ..transforms import laplace_noise
@@ -156,7 +156,7 @@ def plaintext_control() -> Setting:
 def default_settings(quick: bool = False) -> list[Setting]:
     """Plaintext control, then one mechanism added at a time, a β sweep, a decoy-count sweep, level
     ``blind`` and guard sizes (``quick``: the same mechanisms, fewer sweep points)."""
-    paper = SCXConfig(level="paper", r1=4, r2=4, beta=5.0, gen_attention="server")
+    paper = PAPER_CONFIG
     control = plaintext_control()
     perm0 = control.config
     head = frozenset({"head"})

@@ -44,7 +44,7 @@ from ..transforms import laplace_noise
 from ..weights import DenseMLP, ModelWeights
 from ._model import Trace, float_arg, int_arg, rows_arg
 from .inversion import Inverter, fit_inverter
-from .vocab_match import l1_distances
+from .vocab_match import l1_distances, normalized_table
 
 __all__ = ["Form", "JointInverter", "TemplateLikelihood", "public_rows", "token_rows"]
 
@@ -97,11 +97,9 @@ def token_rows(weights: ModelWeights, form: Form, block: int) -> Array | None:
     c = weights.config
     if form not in _FORMS:
         raise ConfigError(f"form must be one of {', '.join(_FORMS)}, got {form!r}")
-    lw = weights.layers[int_arg(block, "block", 0, c.n_layers)]
-    if block != 0 or form not in ("x", "xhat"):
+    if int_arg(block, "block", 0, c.n_layers) != 0 or form not in ("x", "xhat"):
         return None
-    emb = np.asarray(weights.embed, dtype=np.float64)
-    return emb if form == "x" else np.asarray(ops.rms_norm(emb, lw.attn_norm, c.rms_eps))
+    return np.asarray(weights.embed, dtype=np.float64) if form == "x" else normalized_table(weights)
 
 
 @dataclass

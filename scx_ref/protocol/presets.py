@@ -17,7 +17,7 @@ from .._checks import check_int
 from ..errors import ConfigError
 from .config import SCXConfig
 
-__all__ = ["PRESETS", "Preset", "preset", "preset_names"]
+__all__ = ["PAPER_CONFIG", "PRESETS", "Preset", "preset", "preset_names"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,9 @@ class Preset:
 #: The paper's configuration, its generation flow included: the first guard blocks' attention of each
 #: step on the server under a one-time P (``gen_attention="server"``; SCXConfig's default computes it on
 #: the client). The presets were measured so (README, models/results/FRONTIER.md).
-_BASE = SCXConfig(level="paper", r1=4, r2=4, beta=5.0, gen_attention="server")
+#: The attack harness's mechanism ablation starts from it too (one home for "the paper's configuration").
+PAPER_CONFIG = SCXConfig(level="paper", r1=4, r2=4, beta=5.0, gen_attention="server")
+_BASE = PAPER_CONFIG
 
 
 def _client_attention(cfg: SCXConfig) -> SCXConfig:
