@@ -17,6 +17,7 @@ from typing import Any
 from scx_ref._files import write_text_whole
 from scx_ref.commands._args import input_file, output_file
 from scx_ref.errors import ConfigError
+from scx_ref.protocol.config import F32_BETA_LIMIT
 from scx_ref.zoo import MODEL_NAMES
 from scx_ref.zoo.perplexity import PPL_CRITERION
 
@@ -201,7 +202,7 @@ def _sweep(rec: dict[str, Any]) -> list[str]:
         + (
             " *blinded f64*: a float32 run whose blinded stages (the messages, the server's products on "
             "them and the corrections) run in float64 (`blind_dtype`, chosen automatically above "
-            "β = 5); the bound is float32's."
+            f"β = {F32_BETA_LIMIT:g}); the bound is float32's."
             if wide
             else ""
         ),

@@ -60,7 +60,8 @@ def test_smollm2_blind_large_beta_float32_exceeds_bound() -> None:
     """Control: the measurement sees blinding's cancellation error — float32 blinding at β = 1000 (measured
     2e-3) is far beyond the float32 bound, so a bound met at small β is not an artefact of a blind metric.
     The blinded stages stay in float32 (``blind_dtype="backend"``): the default ``"auto"`` runs them in
-    float64 above β = 5, which removes that error (this control then read 1.7e-7 and failed)."""
+    float64 above float32's limit (β = 1 since stop 70, 5 before), which removes that error (this control
+    then read 1.7e-7 and failed)."""
     cfg = scx_config("blind", 1000.0, blind_dtype="backend")
     with pytest.warns(PrecisionWarning, match="float32 on a float32 backend"):  # said, and measured here
         rec = ppl_run("smollm2", "float32", tokens=256, window=256, config=cfg)

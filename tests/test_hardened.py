@@ -26,6 +26,7 @@ from scx_ref.config import ModelConfig
 from scx_ref.errors import ConfigError, PrecisionWarning, ProtocolError, SessionError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import CalibrationPool, Client, LocalTransport, SCXConfig, Server, Stage
+from scx_ref.protocol.config import F32_BETA_LIMIT
 from scx_ref.protocol.messages import Request
 from scx_ref.protocol.pool import MaskPool
 from scx_ref.protocol.presets import preset
@@ -144,26 +145,27 @@ torch = pytest.importorskip("torch")
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_float32_and_wide_blinding(model: str) -> None:
-    """float32: within the bound at β = 5; at β = 1000 float32 blinding is far off (its rounding grows
-    with β), and ``blind_dtype="auto"`` runs the blinded stages in float64 and is back within float32's
-    own rounding; greedy identical throughout."""
+    """float32: within the bound at float32's blinding limit (β = 1) and at β = 5 (``auto``: blinded in
+    float64 since stop 70); at β = 1000 float32 blinding is far off (its rounding grows with β), and
+    ``blind_dtype="auto"`` runs the blinded stages in float64 and is back within float32's own rounding;
+    greedy identical throughout."""
     from scx_ref.backends.torch_backend import TorchBackend
 
     weights = _weights(model)
     w32 = weights.astype(np.float32)
     errors = {}
-    for beta, blind_dtype in ((5.0, "auto"), (1000.0, "backend"), (1000.0, "auto")):
+    for beta, blind_dtype in ((F32_BETA_LIMIT, "auto"), (5.0, "auto"), (1000.0, "backend"), (1000.0, "auto")):
         backend = TorchBackend(w32, torch.float32)
         cfg = preset("hardened").config(4)
         cfg = SCXConfig(**{**cfg.to_dict(), "beta": beta, "blind_dtype": blind_dtype, "max_length": 64})
-        if blind_dtype == "backend" and beta > 5:  # float32 blinding past its limit: said, not refused
+        if blind_dtype == "backend" and beta > F32_BETA_LIMIT:  # float32 blinding past its limit: said
             with pytest.warns(PrecisionWarning, match="float32 on a float32 backend"):
                 client = Client(backend, KeySchedule(MASTER, bytes(16)), cfg)
         else:
             client = Client(backend, KeySchedule(MASTER, bytes(16)), cfg)
-        assert client.wide == (blind_dtype == "auto" and beta > 5)
+        assert client.wide == (blind_dtype == "auto" and beta > F32_BETA_LIMIT)
         errors[(beta, blind_dtype)] = _run(client, weights, LocalTransport(Server(backend)))
-    assert errors[(5.0, "auto")] < 1e-4
+    assert errors[(F32_BETA_LIMIT, "auto")] < 1e-4 and errors[(5.0, "auto")] < 1e-4
     assert errors[(1000.0, "backend")] > 10 * errors[(1000.0, "auto")]
     assert errors[(1000.0, "auto")] < 1e-5
 

@@ -53,22 +53,26 @@ GEN_LINEAR_SITES: tuple[str, ...] = ("client", "server")
 GuardFFN = Literal["clear", "blinded"]
 #: Its values.
 GUARD_FFN: tuple[GuardFFN, ...] = get_args(GuardFFN)
-#: The largest β at which float32 blinded stages were measured within |ΔPPL|/PPL ≤ 1e-5 on SmolLM2 with
-#: every linear stage blinded (DESIGN §6; 3.2e-5 at β = 10). ``blind_dtype="auto"`` runs the blinded
-#: stages of a float32 run in float64 above it (of a bfloat16 or float16 run above :func:`beta_limit` of
-#: that dtype, this limit scaled by the unit roundoffs).
-F32_BETA_LIMIT = 5.0
+#: The largest β at which float32 blinded stages keep |ΔPPL|/PPL ≤ 1e-5 on SmolLM2 with every linear stage
+#: blinded, read off the largest of many key draws, with room to spare (``python -m models.blind_draws``,
+#: README "How large β may be"; one draw is one sample of blinding's rounding, whose spread grows with β):
+#: at β = 1 the largest of 18 draws is 3.2e-6; β = 2 stays within in every draw but reaches 9.3e-6; β = 3
+#: and β = 5 leave the bound in 5 and 3 of 14 draws (up to 1.6e-5). DESIGN §6's "up to β ≈ 5" was one
+#: 256-token draw of level ``blind``, and this limit was 5 until stop 70. ``blind_dtype="auto"`` runs the
+#: blinded stages of a float32 run in float64 above it (of a bfloat16 or float16 run above
+#: :func:`beta_limit` of that dtype, this limit scaled by the unit roundoffs).
+F32_BETA_LIMIT = 1.0
 #: The largest β at which a float32 (or narrower) run whose blinded stages run in float64
 #: (``blind_dtype="float64"``, or ``"auto"`` above the run dtype's own limit) keeps float32's bound
 #: |ΔPPL|/PPL ≤ 1e-5. Blinding's rounding is that of x + η: x survives only to the spacing near |η|, so
-#: it grows as u·β, and float64's limit is float32's times u₃₂/u₆₄ = 2²⁹: 5·2²⁹ ≈ 2.7e9. Rounded down to
-#: stay below every measured float64 point extrapolated linearly in β: SmolLM2 6.8e-8 at β = 1e7 (1e-5 at
-#: 1.5e9) and 6.7e-9 at 1e8; tiny-llama 4.2e-6 at 1e10 (1e-5 near 2e10) and 2.0e-3 at 1e12 (README).
-WIDE_BETA_LIMIT = 1e9
-#: The largest β at which a float64 run keeps float64's bound |ΔPPL|/PPL ≤ 1e-9: measured on SmolLM2
-#: (DESIGN §6: 8.6e-10 at β = 3e5, 5.9e-9 at 1e6). The same scaling agrees: 5·2²⁹ for the bound 1e-5,
-#: times 1e-9/1e-5, is 2.7e5; tiny-llama's 1.0e-7 at 1e8 reaches 1e-9 near 1e6.
-F64_BETA_LIMIT = 3e5
+#: it grows as u·β, and float64's limit is float32's times u₃₂/u₆₄ = 2²⁹: 1·2²⁹ ≈ 5.4e8, rounded down;
+#: measured there, the largest of 6 draws is 3.1e-6 (7.9e-7 at 1e8), the same room as float32's at β = 1.
+WIDE_BETA_LIMIT = 5e8
+#: The largest β at which a float64 run keeps float64's bound |ΔPPL|/PPL ≤ 1e-9: the same scaling, 1·2²⁹
+#: for the bound 1e-5, times 1e-9/1e-5, is 5.4e4, rounded down. Measured on float64 runs: the largest of
+#: 6 draws is 6.1e-10 at 1e5, and 3e5 (this limit until stop 70, after one draw's 8.6e-10) leaves the
+#: bound in 4 of 6 draws (up to 2.3e-9).
+F64_BETA_LIMIT = 5e4
 #: The largest β a configuration takes: the largest at which the client's own float64 arithmetic on
 #: blinded rows stays finite for any model. A Laplace draw is |η| ≤ β·53·ln 2 < 37β (the uniforms are
 #: multiples of 2⁻⁵³ and :func:`~scx_ref.transforms.laplace_noise` clips 2|s| at 1 − 2⁻⁵³). The client
@@ -99,8 +103,8 @@ def beta_limit(backend_dtype: Any, blinded_dtype: Any) -> float:
     a run in ``backend_dtype`` (numpy or torch dtypes, or their names; ConfigError for another):
     :data:`F64_BETA_LIMIT` for a float64 run (its bound 1e-9), :data:`WIDE_BETA_LIMIT` for float64 blinded
     stages of a narrower run (float32's bound 1e-5), and for stages blinded in the run's own narrower
-    dtype :data:`F32_BETA_LIMIT` scaled by the unit roundoffs u₃₂/u (5 in float32; 7.6e-5 in bfloat16 and
-    6.1e-4 in float16, whose blinding the project has not measured: float32's bound is the one held)."""
+    dtype :data:`F32_BETA_LIMIT` scaled by the unit roundoffs u₃₂/u (1 in float32; 1.5e-5 in bfloat16 and
+    1.2e-4 in float16, whose blinding the project has not measured: float32's bound is the one held)."""
     run, blinded = _dtype_name(backend_dtype), _dtype_name(blinded_dtype)
     if blinded == "float64":
         return F64_BETA_LIMIT if run == "float64" else WIDE_BETA_LIMIT
@@ -170,7 +174,7 @@ class SCXConfig:
     blind_dtype the dtype of blinded messages and of the server's products on them: ``backend`` (the
                backend's own), ``float64``, or ``auto`` (float64 when :attr:`max_beta` — every β of the
                configuration, used by the plan or not — exceeds :func:`beta_limit` of the backend's own
-               dtype (:data:`F32_BETA_LIMIT` on float32, 7.6e-5 on bfloat16, 6.1e-4 on float16) and the
+               dtype (:data:`F32_BETA_LIMIT` on float32, 1.5e-5 on bfloat16, 1.2e-4 on float16) and the
                backend computes in a narrower dtype than float64; else the backend's: :meth:`wide_blinding`).
     decoys     decoy policy: ``calibration`` (real-looking rows from a public calibration pool) or
                ``gaussian`` (moment-matched Gaussian, for comparison).
@@ -287,7 +291,7 @@ class SCXConfig:
         """Whether blinded messages travel and are multiplied in float64 on a backend computing in
         ``backend_dtype`` (a numpy or torch floating dtype or its name): ``blind_dtype="float64"``, or
         ``auto`` with a β above :func:`beta_limit` of the backend's own dtype (:data:`F32_BETA_LIMIT` on
-        float32, 7.6e-5 on bfloat16, 6.1e-4 on float16) on a backend narrower than float64 — so that
+        float32, 1.5e-5 on bfloat16, 1.2e-4 on float16) on a backend narrower than float64 — so that
         ``auto`` blinds in the backend's dtype only where that dtype keeps the measured exactness (DESIGN
         §5.7, §6).
         ConfigError for another dtype."""
