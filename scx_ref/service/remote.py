@@ -339,13 +339,26 @@ class RemoteTransport:
     def _timed_out(self) -> ServiceError:
         return ServiceError(f"no reply from the SCX server at {self.url} within {self.timeout:g} s")
 
-    def _check_dtypes(self, reply: Reply) -> None:
+    def _reply_ops(self, request: Request) -> Any:
+        """The backend a reply's arrays are converted by: the client backend's float64 twin for a wide
+        request (``meta["wide"]``: a blinded message sent in float64, ``SCXConfig.blind_dtype``), whose
+        reply the server computes in float64 and the client checks and unblinds in float64 — converting it
+        to a float32 backend's dtype rounded it and the client refused it as coarser than the session's
+        (every float32 session at the presets' β = 5 since stop 70) — else the client backend."""
+        if self.ops is not None and request.meta.get("wide", False) is True:
+            widened = getattr(self.ops, "widened", None)
+            if callable(widened):
+                return widened()
+        return self.ops
+
+    def _check_dtypes(self, reply: Reply, ops: Any) -> None:
         """IntegrityError unless every array of ``reply`` travelled as a float at least as fine as the
-        client backend's: ``from_numpy`` casts to the client's dtype, so after it the client's own check
-        (:func:`~scx_ref.protocol.verify.check_reply`: a reply coarser than the session's is refused) could
-        no longer see that an int64 or a float32 array answered a float64 session — rounded values the
-        stages no check covers (the middle blocks') would pass as exact."""
-        dtype_of = getattr(self.ops, "numpy_dtype", None)
+        dtype ``ops`` converts it to (:meth:`_reply_ops`): ``from_numpy`` casts to that dtype, so after it
+        the client's own check (:func:`~scx_ref.protocol.verify.check_reply`: a reply coarser than the
+        session's is refused) could no longer see that an int64 or a float32 array answered a float64
+        session or a wide request — rounded values the stages no check covers (the middle blocks') would
+        pass as exact."""
+        dtype_of = getattr(ops, "numpy_dtype", None)
         if dtype_of is None:  # arrays stay numpy: the client's check sees their wire dtype itself
             return
         mine = np.dtype(dtype_of())
@@ -388,14 +401,15 @@ class RemoteTransport:
                 want = (request.session, request.stage, request.layer, request.step, request.seq)
                 if got != want:
                     raise IntegrityError(f"the reply answers {got}, not the request {want}")
-                self._check_dtypes(reply)
+                ops = self._reply_ops(request)
+                self._check_dtypes(reply, ops)
         except (WireError, IntegrityError):
             self._drop()
             raise
         if frame.kind is FrameKind.ERROR:
             raise server_error
         self.meter.message(request.stage, len(data), len(back))  # frame bytes, headers included
-        if self.ops is not None:
-            arrays = {k: self.ops.from_numpy(v) for k, v in reply.arrays.items()}
+        if ops is not None:
+            arrays = {k: ops.from_numpy(v) for k, v in reply.arrays.items()}
             reply = Reply(reply.session, reply.stage, reply.layer, reply.step, reply.seq, arrays, reply.meta)
         return reply
