@@ -89,9 +89,9 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def report_table(results: list[dict[str, Any]]) -> str:
-    """One markdown table of several ``--json`` results: per (run dtype, blinded dtype, β), in the order
-    first met, the draws within the bound over every result and configuration, the largest |ΔPPL|/PPL and
-    the largest max |Δlogit| (✗ where a draw left the bound)."""
+    """One markdown table of several ``--json`` results: per (run dtype, blinded dtype, β) — the run kinds
+    in the order first met, β rising within each — the draws within the bound over every result and
+    configuration, the largest |ΔPPL|/PPL and the largest max |Δlogit| (✗ where a draw left the bound)."""
     groups: dict[tuple[str, float, float], list[dict[str, Any]]] = {}
     for res in results:
         if res.get("kind") != "blind_draws":
@@ -104,7 +104,8 @@ def report_table(results: list[dict[str, Any]]) -> str:
         "| run | β | draws within the bound | largest \\|ΔPPL\\|/PPL | largest max \\|Δlogit\\| |",
         "|---|---:|---:|---:|---:|",
     ]
-    for (label, beta, bound), rs in groups.items():
+    labels = list(dict.fromkeys(key[0] for key in groups))  # each run kind in the order first met, β rising
+    for (label, beta, bound), rs in sorted(groups.items(), key=lambda kv: (labels.index(kv[0][0]), kv[0][1])):
         ok = sum(bool(r["pass"]) for r in rs)
         worst = max(r["rel_delta_ppl"] for r in rs)
         dlogit = max(r["max_abs_dlogit"] for r in rs)

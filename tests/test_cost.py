@@ -242,7 +242,9 @@ def test_cost_report_matches_closed_form(name: str, mkw: dict[str, Any], skw: di
 
 
 def test_float32_backend_halves_the_array_bytes() -> None:
-    w, scx = model(4, False, False), SCXConfig(level="paper", r1=2, r2=2)
+    """At a β within float32's blinding limit (1): above it (the presets' β = 5, since stop 70) the blinded
+    messages travel in float64 and keep 8 bytes an entry (tests/test_wide_default_s70.py)."""
+    w, scx = model(4, False, False), SCXConfig(level="paper", r1=2, r2=2, beta=1.0)
     ids = np.array([4, 8, 15, 16, 23], dtype=np.int64)
     report = run_costs(w, scx, ids, 2, dtype=np.float32)
     check_report(report, expected_costs(w.config, scx, len(ids), 2, 4))

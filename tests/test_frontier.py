@@ -137,7 +137,8 @@ def test_hardened_plan_blinds_every_generation_linear_stage() -> None:
 
 
 def test_wide_blinding_choice() -> None:
-    assert not SCXConfig(beta=5.0).wide_blinding("float32")
+    assert not SCXConfig(beta=1.0).wide_blinding("float32")  # float32's limit (5 until stop 70)
+    assert SCXConfig(beta=5.0).wide_blinding("float32")
     assert SCXConfig(beta=5.5).wide_blinding("float32")
     assert SCXConfig(beta=1.0, stage_beta={"o": 50.0}).wide_blinding("float32")
     assert not SCXConfig(beta=50.0).wide_blinding("float64")  # already float64

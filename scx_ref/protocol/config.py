@@ -56,10 +56,10 @@ GUARD_FFN: tuple[GuardFFN, ...] = get_args(GuardFFN)
 #: The largest β at which float32 blinded stages keep |ΔPPL|/PPL ≤ 1e-5 on SmolLM2 with every linear stage
 #: blinded, read off the largest of many key draws, with room to spare (``python -m models.blind_draws``,
 #: README "How large β may be"; one draw is one sample of blinding's rounding, whose spread grows with β):
-#: at β = 1 the largest of 18 draws is 3.2e-6; β = 2 stays within in every draw but reaches 9.3e-6; β = 3
-#: and β = 5 leave the bound in 5 and 3 of 14 draws (up to 1.6e-5). DESIGN §6's "up to β ≈ 5" was one
-#: 256-token draw of level ``blind``, and this limit was 5 until stop 70. ``blind_dtype="auto"`` runs the
-#: blinded stages of a float32 run in float64 above it (of a bfloat16 or float16 run above
+#: at β = 1 the largest of 26 draws is 3.9e-6; β = 2 stays within in every draw but reaches 9.5e-6; β = 3,
+#: 4 and 5 leave the bound in 5 of 26, 4 of 18 and 7 of 26 draws (up to 2.7e-5). DESIGN §6's "up to β ≈ 5"
+#: was one 256-token draw of level ``blind``, and this limit was 5 until stop 70. ``blind_dtype="auto"``
+#: runs the blinded stages of a float32 run in float64 above it (of a bfloat16 or float16 run above
 #: :func:`beta_limit` of that dtype, this limit scaled by the unit roundoffs).
 F32_BETA_LIMIT = 1.0
 #: The largest β at which a float32 (or narrower) run whose blinded stages run in float64
@@ -70,8 +70,8 @@ F32_BETA_LIMIT = 1.0
 WIDE_BETA_LIMIT = 5e8
 #: The largest β at which a float64 run keeps float64's bound |ΔPPL|/PPL ≤ 1e-9: the same scaling, 1·2²⁹
 #: for the bound 1e-5, times 1e-9/1e-5, is 5.4e4, rounded down. Measured on float64 runs: the largest of
-#: 6 draws is 6.1e-10 at 1e5, and 3e5 (this limit until stop 70, after one draw's 8.6e-10) leaves the
-#: bound in 4 of 6 draws (up to 2.3e-9).
+#: 8 draws is 2.0e-10 at 5e4 and of 6 is 6.1e-10 at 1e5, and 3e5 (this limit until stop 70, after one
+#: draw's 8.6e-10) leaves the bound in 4 of 6 draws (up to 2.3e-9).
 F64_BETA_LIMIT = 5e4
 #: The largest β a configuration takes: the largest at which the client's own float64 arithmetic on
 #: blinded rows stays finite for any model. A Laplace draw is |η| ≤ β·53·ln 2 < 37β (the uniforms are
