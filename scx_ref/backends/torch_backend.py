@@ -306,6 +306,79 @@ class TorchWeights:
     lm_head: torch.Tensor  # V × d
 
 
+class _WideLayers:
+    """The blocks of :class:`_WideWeights`: block i converted to float64 when first read, then kept."""
+
+    def __init__(self, owner: _WideWeights) -> None:
+        self._owner = owner
+
+    def __len__(self) -> int:
+        return len(self._owner.src.layers)
+
+    def __getitem__(self, i: int) -> TorchLayer:
+        return self._owner.layer(i)
+
+
+class _WideWeights:
+    """A float64 twin of a narrower backend's weights whose tensors are converted on first use and kept
+    (:meth:`TorchBackend.widened`). The blinded stages of a wide session (``SCXConfig.blind_dtype``) read
+    the weights of the blocks they blind only — level ``paper``'s guard blocks — so a float64 copy of the
+    whole model (twice a float32 model's memory, on the client and again on the server) is made only where
+    a configuration blinds every block. The values are those of an eager copy: each tensor is the same
+    ``_t`` conversion of the same source tensor."""
+
+    def __init__(self, src: TorchWeights, dtype: torch.dtype, device: torch.device) -> None:
+        self.src, self._dtype, self._device = src, dtype, device
+        self._layers: list[TorchLayer | None] = [None] * len(src.layers)
+        self._top: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()  # a server's sessions may read a block for the first time at once
+        self.layers = _WideLayers(self)
+
+    def _c(self, x: torch.Tensor | None) -> Any:
+        return None if x is None else _t(x, self._dtype, self._device)
+
+    def layer(self, i: int) -> TorchLayer:
+        """Block ``i`` in float64 (converted on its first read)."""
+        got = self._layers[i]
+        if got is None:
+            with self._lock:
+                got = self._layers[i]
+                if got is None:
+                    got = TorchLayer(**{k: self._c(v) for k, v in vars(self.src.layers[i]).items()})
+                    self._layers[i] = got
+        return got
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        got = self._top.get(name)
+        if got is None:
+            with self._lock:
+                got = self._top.get(name)
+                if got is None:
+                    got = self._c(getattr(self.src, name))
+                    self._top[name] = got
+        return got
+
+    @property
+    def embed(self) -> torch.Tensor:
+        """The embedding table in float64 (converted on its first read)."""
+        return self._tensor("embed")
+
+    @property
+    def final_norm(self) -> torch.Tensor:
+        """The final norm's gain in float64 (converted on its first read)."""
+        return self._tensor("final_norm")
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        """The LM head in float64 (converted on its first read)."""
+        return self._tensor("lm_head")
+
+    def converted(self) -> int:
+        """How many tensors are held in float64 so far (blocks count their tensors)."""
+        n = sum(sum(v is not None for v in vars(lw).values()) for lw in self._layers if lw is not None)
+        return n + len(self._top)
+
+
 def as_index(index: npt.NDArray[np.int64], device: torch.device) -> torch.Tensor:
     """An int64 index tensor on ``device`` (no copy on CPU unless ``index`` is read-only)."""
     arr = np.ascontiguousarray(index, dtype=np.int64)
@@ -1095,21 +1168,28 @@ class TorchBackend(TorchOps):
         self._setup(config, TorchWeights(c(tensors.embed), layers, c(tensors.final_norm), c(tensors.lm_head)))
         return self
 
-    def _setup(self, config: ModelConfig, tensors: TorchWeights) -> None:
+    def _setup(self, config: ModelConfig, tensors: TorchWeights | _WideWeights) -> None:
         self.config: ModelConfig = config
         self._w = tensors
         self._wide: TorchBackend | None = None
+        self._wide_lock = threading.Lock()  # the float64 twin is built once, whichever thread asks first
         self._rope_lock = threading.Lock()
         empty = torch.empty(0, config.head_dim, dtype=self._compute, device=self.device)
         self._rope: tuple[torch.Tensor, torch.Tensor] = (empty, empty)
 
     def widened(self) -> TorchBackend:
-        """This backend's tensors in float64 on the same device (itself when already float64), built once
-        (a float64 copy of every weight: twice a float32 model's memory)."""
+        """This backend's tensors in float64 on the same device (itself when already float64), built once.
+        Each weight is converted when the float64 twin first reads it (:class:`_WideWeights`): a float64
+        copy of a block's weights exists only once a blinded stage of that block has run in float64."""
         if self.dtype == torch.float64:
             return self
-        if self._wide is None:
-            self._wide = TorchBackend.from_tensors(self.config, self._w, torch.float64, self.device)
+        with self._wide_lock:
+            if self._wide is None:
+                wide = TorchBackend.__new__(TorchBackend)
+                TorchOps.__init__(wide, torch.float64, self.device)
+                src = self._w.src if isinstance(self._w, _WideWeights) else self._w
+                wide._setup(self.config, _WideWeights(src, torch.float64, wide.device))
+                self._wide = wide
         return self._wide
 
     # -- weights -----------------------------------------------------------------------------
