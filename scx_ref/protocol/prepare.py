@@ -192,14 +192,22 @@ class PreparedKeys(Generic[A]):
 
     def mask_bytes_of(self, step: bool | None = None) -> int:
         """Bytes of the (η, η·W) pairs still held: the prefill's (``step=False``), the decode steps'
-        (``step=True``) or all of them (None)."""
-        size = self.bb.numpy_dtype().itemsize
+        (``step=True``) or all of them (None) — each entry at the size of the dtype it is held in (a
+        bfloat16/float16 run blinding in its own dtype: 2, not the 4 of its wire dtype ``numpy_dtype``)."""
         held = self._blinding.copy()  # one step under the GIL: a background fill may be adding pairs
         return sum(
-            size * (int(np.prod(self.bb.shape(e))) + int(np.prod(self.bb.shape(c))))
+            self._bytes(e) + self._bytes(c)
             for key, (e, c) in held.items()
             if step is None or (key[3] is not None) == step
         )
+
+    def _bytes(self, x: A) -> int:
+        """Bytes of the array ``x`` of :attr:`bb`: its entries times their size (a numpy array's or torch
+        tensor's ``itemsize``; the backend's wire dtype's for an array that has none)."""
+        size = getattr(x, "itemsize", None)
+        if not isinstance(size, int):
+            size = self.bb.numpy_dtype().itemsize
+        return size * int(np.prod(self.bb.shape(x)))
 
     # -- keys by role --------------------------------------------------------------------------------
     def token_perm(self, block: int) -> Permutation:
