@@ -359,5 +359,6 @@ def test_scx_bench_pool_reports_float64_mask_bytes(tmp_path: Path) -> None:
     cfg = preset("paper").config(2)
     d, q, kv = 128, 128, 64  # tiny-llama: d = 128, 2 heads and 1 KV head of width 64
     assert rows["paper"]["pool"]["bytes_per_prompt_token"] == 8 * (16 + cfg.r1) * (d + q + 2 * kv) / 16
+    assert rows["paper"]["pool"]["mask_bytes_per_value"] == 8.0  # and says so (stop 70)
     assert rows["permute"]["pool"]["bytes_per_prompt_token"] == 0
     assert "an entry holds 3.8 KiB per prompt token" in r.stdout

@@ -585,6 +585,9 @@ class _Sides:
             "bytes_per_prompt_token": pool.bytes_per_prompt_token,
             "bytes_per_step": pool.bytes_per_step,
             "prompt_tokens_per_s": pool.tokens_per_second,
+            # bytes a mask value takes: 8 where the blinded stages run in float64 (a float32 run above
+            # float32's β limit, SCXConfig.blind_dtype "auto": twice the bytes above), else the run's
+            "mask_bytes_per_value": float(client.bb.numpy_dtype().itemsize),
         }
         return None
 
@@ -883,9 +886,10 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
     for r in rows:
         if r.pool:
             per_token, per_step = r.pool["bytes_per_prompt_token"] / 1024, r.pool["bytes_per_step"] / 1024
+            value = r.pool.get("mask_bytes_per_value", 0.0)
             lines.append(
                 f"pool {r.phase} {r.level}: an entry holds {per_token:.1f} KiB per prompt token and "
-                f"{per_step:.1f} KiB per decode step; filled at "
+                f"{per_step:.1f} KiB per decode step ({value:.0f} bytes a mask value); filled at "
                 f"{r.pool['prompt_tokens_per_s']:.0f} prompt tokens/s; offline flop share "
                 f"{100 * r.offline_flop_share:.1f}%"
             )
