@@ -28,8 +28,7 @@ PROMPT = np.array([3, 9, 1, 7, 4, 2])
 
 
 def _converted_blocks(b: TorchBackend) -> list[int]:
-    wide = b.widened()._w
-    return [i for i in range(len(wide.layers)) if wide._layers[i] is not None]  # type: ignore[union-attr]
+    return b.widened()._w.converted_blocks()  # type: ignore[union-attr]
 
 
 def test_the_twin_converts_nothing_until_read() -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -329,34 +330,32 @@ class _WideWeights:
 
     def __init__(self, src: TorchWeights, dtype: torch.dtype, device: torch.device) -> None:
         self.src, self._dtype, self._device = src, dtype, device
-        self._layers: list[TorchLayer | None] = [None] * len(src.layers)
-        self._top: dict[str, torch.Tensor] = {}
+        self._held: dict[int | str, Any] = {}  # block index or top-level name -> its float64 form
         self._lock = threading.Lock()  # a server's sessions may read a block for the first time at once
         self.layers = _WideLayers(self)
 
     def _c(self, x: torch.Tensor | None) -> Any:
         return None if x is None else _t(x, self._dtype, self._device)
 
-    def layer(self, i: int) -> TorchLayer:
-        """Block ``i`` in float64 (converted on its first read)."""
-        got = self._layers[i]
+    def _once(self, key: int | str, build: Callable[[], Any]) -> Any:
+        """``build()`` for ``key`` on its first read (under the lock, built once), then the kept value."""
+        got = self._held.get(key)
         if got is None:
             with self._lock:
-                got = self._layers[i]
+                got = self._held.get(key)
                 if got is None:
-                    got = TorchLayer(**{k: self._c(v) for k, v in vars(self.src.layers[i]).items()})
-                    self._layers[i] = got
+                    got = self._held[key] = build()
         return got
 
+    def layer(self, i: int) -> TorchLayer:
+        """Block ``i`` in float64 (converted on its first read)."""
+        src = vars(self.src.layers[i])
+        layer: TorchLayer = self._once(int(i), lambda: TorchLayer(**{k: self._c(v) for k, v in src.items()}))
+        return layer
+
     def _tensor(self, name: str) -> torch.Tensor:
-        got = self._top.get(name)
-        if got is None:
-            with self._lock:
-                got = self._top.get(name)
-                if got is None:
-                    got = self._c(getattr(self.src, name))
-                    self._top[name] = got
-        return got
+        tensor: torch.Tensor = self._once(name, lambda: self._c(getattr(self.src, name)))
+        return tensor
 
     @property
     def embed(self) -> torch.Tensor:
@@ -375,8 +374,14 @@ class _WideWeights:
 
     def converted(self) -> int:
         """How many tensors are held in float64 so far (blocks count their tensors)."""
-        n = sum(sum(v is not None for v in vars(lw).values()) for lw in self._layers if lw is not None)
-        return n + len(self._top)
+        return sum(
+            sum(v is not None for v in vars(x).values()) if isinstance(x, TorchLayer) else 1
+            for x in self._held.values()
+        )
+
+    def converted_blocks(self) -> list[int]:
+        """The blocks held in float64 so far, in order."""
+        return sorted(k for k in self._held if isinstance(k, int))
 
 
 def as_index(index: npt.NDArray[np.int64], device: torch.device) -> torch.Tensor:
@@ -1187,8 +1192,8 @@ class TorchBackend(TorchOps):
             if self._wide is None:
                 wide = TorchBackend.__new__(TorchBackend)
                 TorchOps.__init__(wide, torch.float64, self.device)
-                src = self._w.src if isinstance(self._w, _WideWeights) else self._w
-                wide._setup(self.config, _WideWeights(src, torch.float64, wide.device))
+                assert isinstance(self._w, TorchWeights)  # only a float64 backend holds a _WideWeights
+                wide._setup(self.config, _WideWeights(self._w, torch.float64, wide.device))
                 self._wide = wide
         return self._wide
 
