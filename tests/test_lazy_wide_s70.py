@@ -59,7 +59,7 @@ def test_the_twins_values_are_an_eager_copys() -> None:
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((5, b.config.hidden_size)))
     for layer in range(b.config.n_layers):
         for which in ("wqkv", "wo"):
-            assert torch.equal(wide.project(x, which, layer), eager.project(x, which, layer))  # type: ignore[arg-type]
+            assert torch.equal(wide.project(x, which, layer), eager.project(x, which, layer))
     assert torch.equal(wide.project(x, "lm_head"), eager.project(x, "lm_head"))
     ids = np.array([1, 2, 3])
     assert torch.equal(wide.embed(ids), eager.embed(ids))
@@ -72,7 +72,7 @@ def test_threads_reading_a_block_first_get_one_copy() -> None:
 
     def read() -> None:
         barrier.wait()
-        seen.append(b.widened()._w.layers[1])  # type: ignore[union-attr]
+        seen.append(b.widened()._w.layers[1])
 
     threads = [threading.Thread(target=read) for _ in range(8)]
     for t in threads:
