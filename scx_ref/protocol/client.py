@@ -128,6 +128,16 @@ class _State(Generic[A]):
     verifier: SessionVerifier[A] | None = None
     link_base: dict[Stage, StageCost] | None = None  # the link's meter when the session opened
 
+    def fail(self) -> None:
+        """Mark the session failed (nothing more is sent on it) and drop its unused one-time masks."""
+        self.failed = True
+        self.prep.forget_one_time()
+
+    def end(self) -> None:
+        """Mark the session closed (the server freed it) and drop its unused one-time masks."""
+        self.closed = True
+        self.prep.forget_one_time()
+
 
 class Client(Generic[A]):
     """The SCX client. One prefill opens a session (one nonce); decode/generate continue it.
@@ -299,7 +309,7 @@ class Client(Generic[A]):
                     self._guard(self._raise(IntegrityError("open: the reply carries no valid session token")))
                 st.token = str(token)
         except BaseException:  # any error, ^C included, once the message may have gone: the server's
-            st.failed = True  # view of the session is unknown, so nothing more is sent on it
+            st.fail()  # view of the session is unknown, so nothing more is sent on it
             raise
         st.seq += 1
         return got, u
@@ -318,7 +328,7 @@ class Client(Generic[A]):
             return check()
         except IntegrityError:
             if self.state is not None:
-                self.state.failed = True
+                self.state.fail()
             if self.sketches is not None:
                 self.sketches.rotate()
             raise
@@ -564,7 +574,7 @@ class Client(Generic[A]):
             try:
                 self.close()
             except Exception:  # its link gone (any transport's error, a custom one's) or its reply refused:
-                old.failed = True  # the old session is abandoned (_send marked it so); its idle TTL frees it
+                old.fail()  # the old session is abandoned (_send marked it so); its idle TTL frees it
         self.meter = CostMeter()
         prep = self._take_prepared(keys.nonce, n)
         st: _State[A] = _State(prep.keys, prep, n, seq=0, link=link)
@@ -581,7 +591,7 @@ class Client(Generic[A]):
         try:
             return self._prefill_session(link, st, x0)
         except BaseException:
-            st.failed = True  # cut short (any error, ^C): the server's half-built session takes nothing more
+            st.fail()  # cut short (any error, ^C): the server's half-built session takes nothing more
             raise
 
     def _prefill_session(self, link: Transport, st: _State[A], x0: A) -> npt.NDArray[Any]:
@@ -645,7 +655,7 @@ class Client(Generic[A]):
         if target is None:
             raise ProtocolError("no transport to close the session on")
         self._send(target, Stage.CLOSE, -1, -1, {}, {})
-        st.closed = True
+        st.end()
 
     def _prefill_block(self, link: Transport, i: int, s: A, pos: IndexArray) -> tuple[A, A | None, A | None]:
         """Block i on ``s`` = π_i(H ⊕ R), the rows its QKV stage sends (H the residual stream, R the decoy
@@ -882,7 +892,7 @@ class Client(Generic[A]):
             return self._decode_step(link, st, h, t, p)
         except BaseException:
             if st.seq != sent:  # cut short after a message went (any error, ^C): the server's step half-run
-                st.failed = True
+                st.fail()
             raise
 
     def _decode_step(self, link: Transport, st: _State[A], h: A, t: int, p: int) -> npt.NDArray[Any]:

@@ -417,6 +417,16 @@ class PreparedKeys(Generic[A]):
         at once; a discarded bundle serves no request."""
         self._discarded.set()
 
+    def forget_one_time(self) -> None:
+        """The session these keys served has ended (closed, or failed: nothing more is sent on it): the
+        one-time (η, η·W) pairs still held — a mask pool's entry or a precompute derives them for every
+        generation step ahead, and a request may stop early — are dropped now, instead of staying in memory
+        until the client's next prefill replaces the bundle. They could serve no later message: each pair
+        blinds one release of this session's nonce (:meth:`blinding` drops a pair once read). A background
+        :meth:`start` stops as in :meth:`discard`. Afterwards :attr:`remaining` is 0."""
+        self.discard()
+        self._blinding.clear()
+
     def _going(self) -> None:
         if self._discarded.is_set():
             raise _Discarded("these keys were discarded: they serve no request")
