@@ -33,7 +33,7 @@ prange = numba.prange
 
 @jit
 def all_zero(bad: Any) -> bool:
-    # whether a finiteness accumulator (entries v − v summed: 0, or NaN) is all zero
+    """Whether a finiteness accumulator (entries v − v summed: 0, or NaN) is all zero"""
     total = 0.0
     for f in range(bad.shape[0]):
         total += bad[f]
@@ -42,7 +42,7 @@ def all_zero(bad: Any) -> bool:
 
 @jit
 def all_zero_parts(bad: Any) -> bool:
-    # all_zero of every chunk's row of a parts × width accumulator
+    """``all_zero`` of every chunk's row of a parts × width accumulator"""
     total = 0.0
     for p in range(bad.shape[0]):
         row = bad[p]
@@ -53,15 +53,15 @@ def all_zero_parts(bad: Any) -> bool:
 
 @jit
 def chunk_start(n: int, p: int, parts: int, unit: int) -> int:
-    # where chunk p of ``parts`` starts over n rows (chunk ``parts`` starts at n): a multiple of ``unit``
-    # rows, the last chunk taking the rest
+    """Where chunk p of ``parts`` starts over n rows (chunk ``parts`` starts at n): a multiple of ``unit``
+    rows, the last chunk taking the rest"""
     return n if p == parts else ((n // unit) * p // parts) * unit
 
 
 @jit
 def all_in(index: Any, n: int) -> bool:
-    # whether every entry of an index array lies in 0 … n − 1 (the kernels index without bounds checks:
-    # an index from outside is refused before anything is read)
+    """Whether every entry of an index array lies in 0 … n − 1 (the kernels index without bounds checks:
+    an index from outside is refused before anything is read)"""
     inside = True
     for f in range(index.shape[0]):
         if index[f] < 0 or index[f] >= n:
@@ -89,11 +89,11 @@ def rope_rows(
     hi: int,
     bad: Any,
 ) -> None:
-    # row j: RoPE the first len(rope_index) columns of x[rows[j]] head by head (HF rotate_half) at
-    # position pos[j] (row pos[j] of the cos and sin tables), then gather them by rope_index; gather the
-    # columns after them by plain_index. The rotation runs on slices indexed from 0 (no negative-index
-    # wraparound), so LLVM vectorizes it; the column indices are unsigned for the same reason. bad: a
-    # row of x's width, bad[f] += v − v over the rows read (0, or NaN for NaN and ±inf).
+    """Row j: RoPE the first len(rope_index) columns of x[rows[j]] head by head (HF rotate_half) at
+    position pos[j] (row pos[j] of the cos and sin tables), then gather them by rope_index; gather the
+    columns after them by plain_index. The rotation runs on slices indexed from 0 (no negative-index
+    wraparound), so LLVM vectorizes it; the column indices are unsigned for the same reason. bad: a
+    row of x's width, bad[f] += v − v over the rows read (0, or NaN for NaN and ±inf)."""
     width = rope_index.shape[0]
     half = d_h // 2
     buf = np.empty(width, dtype=x.dtype)
@@ -137,9 +137,9 @@ def rope_take(
     out_plain: Any,
     bad: Any,
 ) -> int:
-    # rope_rows over every row, in bad.shape[0] chunks: 1 when every entry read is finite, 0 when one is
-    # not; nothing written and −1 when a position is outside the tables, −2 when a row or column index
-    # is outside x (the RoPE'd columns first, the plain ones after them)
+    """``rope_rows`` over every row, in bad.shape[0] chunks: 1 when every entry read is finite, 0 when one is
+    not; nothing written and −1 when a position is outside the tables, −2 when a row or column index
+    is outside x (the RoPE'd columns first, the plain ones after them)"""
     n, parts, w = rows.shape[0], bad.shape[0], rope_index.shape[0]
     inside = all_in(rows, x.shape[0]) and all_in(rope_index, w)
     if not (inside and all_in(plain_index, x.shape[1] - w)):
@@ -162,8 +162,8 @@ def rope_take(
 def take_rows_cols_concat_rows(
     x: Any, cols: Any, extra: Any, index: Any, out: Any, lo: int, hi: int, bad: Any
 ) -> None:
-    # row j: x[index[j], cols] when index[j] < rows(x), else extra[index[j] − rows(x)]; bad: a row of
-    # scratch, bad[f] += v − v over the entries written
+    """Row j: x[index[j], cols] when index[j] < rows(x), else extra[index[j] − rows(x)]; bad: a row of
+    scratch, bad[f] += v − v over the entries written"""
     n = x.shape[0]
     for f in range(bad.shape[0]):
         bad[f] = 0.0
@@ -184,8 +184,8 @@ def take_rows_cols_concat_rows(
 
 @pjit
 def take_rows_cols_concat(x: Any, cols: Any, extra: Any, index: Any, out: Any, bad: Any) -> int:
-    # take_rows_cols_concat_rows over every row, in bad.shape[0] chunks: 1 when every entry written is
-    # finite, 0 when one is not, −1 (nothing written) when a row or column index is outside x and extra
+    """``take_rows_cols_concat_rows`` over every row, in bad.shape[0] chunks: 1 when every entry written is
+    finite, 0 when one is not, −1 (nothing written) when a row or column index is outside x and extra"""
     n, parts = index.shape[0], bad.shape[0]
     if not (all_in(cols, x.shape[1]) and all_in(index, x.shape[0] + extra.shape[0])):
         return -1
@@ -202,8 +202,8 @@ def take_rows_cols_concat(x: Any, cols: Any, extra: Any, index: Any, out: Any, b
 def gather_sum_rows(
     s: Any, from_s: Any, y: Any, from_y: Any, extra: Any, out: Any, lo: int, hi: int, bad: Any
 ) -> None:
-    # row j: s[from_s[j]] + y[from_y[j]] when from_y[j] ≥ 0, else extra[from_s[j]] (bad as in
-    # take_rows_cols_concat_rows)
+    """Row j: s[from_s[j]] + y[from_y[j]] when from_y[j] ≥ 0, else extra[from_s[j]] (bad as in
+    take_rows_cols_concat_rows)"""
     for f in range(bad.shape[0]):
         bad[f] = 0.0
     for j in range(lo, hi):
@@ -223,8 +223,8 @@ def gather_sum_rows(
 
 @pjit
 def gather_sum(s: Any, from_s: Any, y: Any, from_y: Any, extra: Any, out: Any, bad: Any) -> int:
-    # gather_sum_rows over every row, in bad.shape[0] chunks: 1 when every entry written is finite, 0
-    # when one is not, −1 (nothing written) when a row index is outside s, y or extra
+    """``gather_sum_rows`` over every row, in bad.shape[0] chunks: 1 when every entry written is finite, 0
+    when one is not, −1 (nothing written) when a row index is outside s, y or extra"""
     n, parts = from_s.shape[0], bad.shape[0]
     for j in range(n):
         a, b = from_s[j], from_y[j]
@@ -241,7 +241,7 @@ def gather_sum(s: Any, from_s: Any, y: Any, from_y: Any, extra: Any, out: Any, b
 
 @jit
 def add_rows_part(a: Any, b: Any, out: Any, lo: int, hi: int, bad: Any) -> None:
-    # out = a + b for rows lo … hi − 1 (bad as in take_rows_cols_concat_rows)
+    """out ← a + b for rows lo … hi − 1 (bad as in take_rows_cols_concat_rows)"""
     for f in range(bad.shape[0]):
         bad[f] = 0.0
     for j in range(lo, hi):
@@ -253,8 +253,8 @@ def add_rows_part(a: Any, b: Any, out: Any, lo: int, hi: int, bad: Any) -> None:
 
 @pjit
 def add_rows(a: Any, b: Any, out: Any, bad: Any) -> bool:
-    # out = a + b row by row (2-D, one shape), in bad.shape[0] chunks; whether every entry of out is
-    # finite
+    """out ← a + b row by row (2-D, one shape), in bad.shape[0] chunks; whether every entry of out is
+    finite"""
     n, parts = a.shape[0], bad.shape[0]
     if parts == 1:
         add_rows_part(a, b, out, 0, n, bad[0])
@@ -266,8 +266,8 @@ def add_rows(a: Any, b: Any, out: Any, bad: Any) -> bool:
 
 @jit
 def rows_finite(x: Any, rows: Any) -> int:
-    # 1 when every entry of x's rows ``rows`` is finite, 0 when one is not (each entry's v − v summed per
-    # column, as the encoding passes test theirs), −1 when a row index is out of range; read in place
+    """1 when every entry of x's rows ``rows`` is finite, 0 when one is not (each entry's v − v summed per
+    column, as the encoding passes test theirs), −1 when a row index is out of range; read in place"""
     n, w = x.shape
     bad = np.zeros(w, dtype=x.dtype)
     for i in range(rows.shape[0]):
@@ -282,7 +282,7 @@ def rows_finite(x: Any, rows: Any) -> int:
 
 @jit
 def is_permutation(index: Any, n: int) -> bool:
-    # whether index holds each of 0 … n − 1 exactly once
+    """Whether index holds each of 0 … n − 1 exactly once"""
     if index.shape[0] != n:
         return False
     seen = np.zeros(n, dtype=np.uint8)
@@ -296,9 +296,9 @@ def is_permutation(index: Any, n: int) -> bool:
 
 @jit
 def permute_cols(x: Any, index: Any, c0: int, c1: int, bad: Any) -> None:
-    # columns c0 … c1 − 1 of x ← x[index] in x's own memory, cycle by cycle (one saved row slice per
-    # cycle), every entry read and written once; index is a permutation (is_permutation). bad: a row
-    # of x's width whose entries c0 … c1 − 1 sum v − v over the entries moved
+    """Columns c0 … c1 − 1 of x ← x[index] in x's own memory, cycle by cycle (one saved row slice per
+    cycle), every entry read and written once; index is a permutation (is_permutation). bad: a row
+    of x's width whose entries c0 … c1 − 1 sum v − v over the entries moved"""
     n = x.shape[0]
     done = np.zeros(n, dtype=np.uint8)
     saved = np.empty(c1 - c0, dtype=x.dtype)
@@ -331,10 +331,9 @@ def permute_cols(x: Any, index: Any, c0: int, c1: int, bad: Any) -> None:
 
 @pjit
 def permute_rows(x: Any, index: Any, parts: int, bad: Any) -> int:
-    # x ← x[index] in x's own memory, its columns in ``parts`` chunks (each follows the same cycles over
-    # its columns; bad: a row of x's width, each chunk summing its own columns); returns 1 when every
-    # entry is finite, 0 when one is not, −1 (x untouched) when ``index`` is not a permutation of the
-    # rows
+    """In place: x ← x[index] in x's own memory, its columns in ``parts`` chunks (each follows the same cycles
+    over its columns; bad: a row of x's width, each chunk summing its own columns); returns 1 when every entry
+    is finite, 0 when one is not, −1 (x untouched) when ``index`` is not a permutation of the rows"""
     if not is_permutation(index, x.shape[0]):
         return -1
     w = x.shape[1]
@@ -353,8 +352,8 @@ pfast = numba.njit(boundscheck=False, nogil=True, cache=True, fastmath={"reassoc
 
 @fast
 def widen_sums(vals: Any, rt: Any, buf: Any, out_row: Any) -> float:
-    # v = vals widened to float64: out_row[c] = Σ_t v_t·rt[c, t] for each check vector, and Σ_t v_t²
-    # returned; one loop with three sums for the usual k = 2 (a prompt's rows), else v kept in buf
+    """With v = vals widened to float64: out_row[c] = Σ_t v_t·rt[c, t] for each check vector, and Σ_t v_t²
+    returned; one loop with three sums for the usual k = 2 (a prompt's rows), else v kept in buf"""
     k, w = rt.shape
     if k == 2:
         r0, r1 = rt[0], rt[1]
@@ -382,9 +381,9 @@ def widen_sums(vals: Any, rt: Any, buf: Any, out_row: Any) -> float:
 
 @fast
 def widen_sums4(x: Any, i: int, rt: Any, gain: Any, out: Any, sq: Any, g2: Any) -> None:
-    # widen_sums of x's rows i … i + 3 for k = 2 in one loop: each check-vector entry is loaded once for
-    # the four rows (the products were bound by those loads, two float64 per float32 read); with
-    # ``gain`` (a row-length array, or an empty one) also g2[j] = Σ_t (x_jt·γ_t)², in float64
+    """``widen_sums`` of x's rows i … i + 3 for k = 2 in one loop: each check-vector entry is loaded once for
+    the four rows (the products were bound by those loads, two float64 per float32 read); with
+    ``gain`` (a row-length array, or an empty one) also g2[j] = Σ_t (x_jt·γ_t)², in float64"""
     r0, r1 = rt[0], rt[1]
     xa, xb, xc, xd = x[i], x[i + 1], x[i + 2], x[i + 3]
     sa, sb, sc, sd = 0.0, 0.0, 0.0, 0.0
@@ -423,8 +422,8 @@ def widen_sums4(x: Any, i: int, rt: Any, gain: Any, out: Any, sq: Any, g2: Any) 
 
 @fast
 def project_rows(x: Any, rt: Any, gain: Any, out: Any, sq: Any, g2: Any) -> None:
-    # rows of x: out[i, c] = Σ_t x_it·rt[c, t] and sq[i] = Σ_t x_it², in float64; four rows a loop
-    # for k = 2 (widen_sums4), one row a loop otherwise; with ``gain`` also g2 as in widen_sums4
+    """Rows of x: out[i, c] = Σ_t x_it·rt[c, t] and sq[i] = Σ_t x_it², in float64; four rows a loop
+    for k = 2 (widen_sums4), one row a loop otherwise; with ``gain`` also g2 as in widen_sums4"""
     n, w = x.shape
     blocked = n - n % 4 if rt.shape[0] == 2 else 0
     for i in range(0, blocked, 4):
@@ -445,8 +444,8 @@ def project_rows(x: Any, rt: Any, gain: Any, out: Any, sq: Any, g2: Any) -> None
 
 @pfast
 def project64(x: Any, rt: Any, out: Any, sq: Any, parts: int) -> None:
-    # row i: out[i, c] = Σ_t x[i, t]·rt[c, t] and sq[i] = Σ_t x[i, t]², in float64; rows in ``parts``
-    # chunks
+    """Row i: out[i, c] = Σ_t x[i, t]·rt[c, t] and sq[i] = Σ_t x[i, t]², in float64; rows in ``parts``
+    chunks"""
     none = np.empty(0, dtype=np.float64)
     if parts == 1:
         project_rows(x, rt, none, out, sq, none)
@@ -465,12 +464,12 @@ HALF_MAX64 = float(np.finfo(np.float64).max) / 2
 
 @pfast
 def project64_rms(x: Any, gain: Any, eps: float, rt: Any, out: Any, sq: Any, parts: int) -> bool:
-    # row i of x̂ = RMSNorm(x) = γ ⊙ x · s_i, s_i = (Σ_t x_t² / w + ε)^-½, without forming it:
-    # out[i, c] = s_i·Σ_t x_t·(γ_t rt[c, t]) and sq[i] = s_i²·Σ_t (γ_t x_t)², in float64; rows in
-    # ``parts`` chunks. Returns whether some row's float64 Σ_t x_t² reaches half the dtype's largest value
-    # (+inf included; NaN not): there the eager norm's sum in the dtype may overflow and give a row of
-    # zeros (Hugging Face's, the backend's own: TorchBackend._rms), which this float64 x̂ does not model,
-    # so the caller then takes the backend's norm of the rows instead
+    """Row i of x̂ = RMSNorm(x) = γ ⊙ x · s_i, s_i = (Σ_t x_t² / w + ε)^-½, without forming it:
+    out[i, c] = s_i·Σ_t x_t·(γ_t rt[c, t]) and sq[i] = s_i²·Σ_t (γ_t x_t)², in float64; rows in
+    ``parts`` chunks. Returns whether some row's float64 Σ_t x_t² reaches half the dtype's largest value
+    (+inf included; NaN not): there the eager norm's sum in the dtype may overflow and give a row of
+    zeros (Hugging Face's, the backend's own: TorchBackend._rms), which this float64 x̂ does not model,
+    so the caller then takes the backend's norm of the rows instead"""
     k, w = rt.shape
     rg = np.empty((k, w), dtype=np.float64)
     for c in range(k):
@@ -501,9 +500,9 @@ def project64_rms(x: Any, gain: Any, eps: float, rt: Any, out: Any, sq: Any, par
 
 @numpy_errors
 def swiglu_rows(gu: Any, lo: int, hi: int, m: Any) -> None:
-    # m[r] = silu(gate) ⊙ up of row lo + r of gu = [gate up], each operation rounded in gu's dtype (m's):
-    # silu by silu_value, the product as ``*``. Compiled without fast-math flags and with numpy's error
-    # model (no zero-division test in the loop), so LLVM vectorizes it
+    """m[r] ← silu(gate) ⊙ up of row lo + r of gu = [gate up], each operation rounded in gu's dtype
+    (m's): silu by silu_value, the product as ``*``. Compiled without fast-math flags and with numpy's error
+    model (no zero-division test in the loop), so LLVM vectorizes it"""
     f = m.shape[1]
     for r in range(hi - lo):
         gate, up, mr = gu[lo + r, :f], gu[lo + r, f : 2 * f], m[r]
@@ -515,7 +514,7 @@ def swiglu_rows(gu: Any, lo: int, hi: int, m: Any) -> None:
 def gate_up_rows(
     gu: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any, lo: int, hi: int
 ) -> None:
-    # rows lo … hi − 1 (lo a multiple of four) of project64_gate_up
+    """Rows lo … hi − 1 (lo a multiple of four) of project64_gate_up"""
     f = rd.shape[1]
     none = np.empty(0, dtype=np.float64)
     m = np.empty((4, f), dtype=gu.dtype)
@@ -528,7 +527,7 @@ def gate_up_rows(
 
 @fast
 def sum_squares64(row: Any) -> float:
-    # Σ_t row_t² in float64 (reassociated and contracted: a loop that stores nothing, see attention_pairs)
+    """Σ_t row_t² in float64 (reassociated and contracted: a loop that stores nothing, see attention_pairs)"""
     s = 0.0
     for t in range(row.shape[0]):
         v = np.float64(row[t])
@@ -538,7 +537,7 @@ def sum_squares64(row: Any) -> float:
 
 @fast
 def dot64(a: Any, b: Any) -> float:
-    # Σ_t a_t·b_t in float64 over a's length (reassociated and contracted: a loop that stores nothing)
+    """Σ_t a_t·b_t in float64 over a's length (reassociated and contracted: a loop that stores nothing)"""
     s = 0.0
     for t in range(a.shape[0]):
         s += np.float64(a[t]) * np.float64(b[t])
@@ -547,9 +546,9 @@ def dot64(a: Any, b: Any) -> float:
 
 @jit
 def rms_norm_rows(x: Any, gain: Any, eps: float, out: Any, scale: Any, lo: int, hi: int, bad: Any) -> None:
-    # rows lo … hi − 1: out_i = γ ⊙ (x_i·s_i), s_i = (Σ_t x_it² / w + ε)^−½ from a float64 sum, rounded to
-    # the dtype (stored in scale[i]), then each product rounded in the dtype in the eager order, γ·(x·s);
-    # bad as in take_rows_cols_concat_rows, over the rows of x read
+    """Rows lo … hi − 1: out_i = γ ⊙ (x_i·s_i), s_i = (Σ_t x_it² / w + ε)^−½ from a float64 sum, rounded to
+    the dtype (stored in scale[i]), then each product rounded in the dtype in the eager order, γ·(x·s);
+    bad as in take_rows_cols_concat_rows, over the rows of x read"""
     w = x.shape[1]
     for f in range(bad.shape[0]):
         bad[f] = 0.0
@@ -566,9 +565,9 @@ def rms_norm_rows(x: Any, gain: Any, eps: float, out: Any, scale: Any, lo: int, 
 
 @pjit
 def rms_norm(x: Any, gain: Any, eps: float, out: Any, scale: Any, bad: Any) -> bool:
-    # RMSNorm of x's rows (rows × w, C-contiguous) into out (rms_norm_rows), rows in bad.shape[0] chunks
-    # (bad: chunks × w scratch in the dtype; scale: one entry per row in the dtype, written); whether every
-    # entry of x is finite
+    """RMSNorm of x's rows (rows × w, C-contiguous) into out (rms_norm_rows), rows in bad.shape[0] chunks
+    (bad: chunks × w scratch in the dtype; scale: one entry per row in the dtype, written); whether every
+    entry of x is finite"""
     n, parts = x.shape[0], bad.shape[0]
     if parts == 1:
         rms_norm_rows(x, gain, eps, out, scale, 0, n, bad[0])
@@ -581,8 +580,8 @@ def rms_norm(x: Any, gain: Any, eps: float, out: Any, scale: Any, bad: Any) -> b
 
 @jit
 def any_at_most(a: Any, bound: float) -> bool:
-    # whether some entry of the 1-D a is ≤ bound (NaN is not): rms_norm's scales of rows whose sum of squares
-    # comes near the dtype's range, which the torch backend normalizes again by its eager ops
+    """Whether some entry of the 1-D a is ≤ bound (NaN is not): rms_norm's scales of rows whose sum of squares
+    comes near the dtype's range, which the torch backend normalizes again by its eager ops"""
     found = False
     for i in range(a.shape[0]):
         if a[i] <= bound:
@@ -595,9 +594,9 @@ def any_at_most(a: Any, bound: float) -> bool:
 def project64_gate_up(
     gu: Any, rg: Any, rd: Any, out_g: Any, sq_g: Any, out_d: Any, sq_d: Any, parts: int
 ) -> None:
-    # row i of gu = [gate up] (2f wide): out_g[i] and sq_g[i] are project64 of the row; m = silu(gate) ⊙ up
-    # in gu's dtype (swiglu_rows, kept in a 4 × f scratch), and out_d[i], sq_d[i] are project64 of m — four
-    # rows at a time, each read from memory once; rows in ``parts`` chunks
+    """Row i of gu = [gate up] (2f wide): out_g[i] and sq_g[i] are project64 of the row; m = silu(gate) ⊙ up
+    in gu's dtype (swiglu_rows, kept in a 4 × f scratch), and out_d[i], sq_d[i] are project64 of m — four
+    rows at a time, each read from memory once; rows in ``parts`` chunks"""
     n = gu.shape[0]
     if parts == 1:
         gate_up_rows(gu, rg, rd, out_g, sq_g, out_d, sq_d, 0, n)
@@ -609,17 +608,16 @@ def project64_gate_up(
 
 @jit
 def range_excess(v: Any, o: Any, first: int, group: int, d_h: int, acc: Any) -> tuple[float, float]:
-    # v: keys × (H_kv·d_h), o: queries × (H_kv·g·d_h), query i at position first + i (both C-contiguous).
-    # Returns the largest excess of any o[i, (h, e, t)] over the running max of v[:first + i + 1, (h, t)]
-    # or below its running min (differences rounded in the dtype), and max |v|; NaN when any input is
-    # not finite. Every update is elementwise on row-length arrays (LLVM vectorizes them); the only
-    # reductions are over those arrays at the end. acc: 5 × (H_kv·d_h) scratch in v's dtype.
-    # A running extreme that keeps its value stores it as ``m + zero``: every update then stores a new
-    # value and LLVM vectorizes it as a compare and a blend. Storing the loaded value back let LLVM turn the
-    # update into a masked store, which AMD's Zen cores run microcoded (models/results/PERFORMANCE.md,
-    # stop 52).
-    # + 0 changes no value but a −0.0 into +0.0, a zero's sign, which neither result reads (max and min of
-    # the same values; the excess is compared with 0). ``zero`` is in the dtype, so float32 stays float32.
+    """With v: keys × (H_kv·d_h), o: queries × (H_kv·g·d_h), query i at position first + i (both
+    C-contiguous). Returns the largest excess of any o[i, (h, e, t)] over the running max of v[:first + i + 1,
+    (h, t)] or below its running min (differences rounded in the dtype), and max |v|; NaN when any input is
+    not finite. Every update is elementwise on row-length arrays (LLVM vectorizes them); the only reductions
+    are over those arrays at the end. acc: 5 × (H_kv·d_h) scratch in v's dtype. A running extreme that keeps
+    its value stores it as ``m + zero``: every update then stores a new value and LLVM vectorizes it as a
+    compare and a blend. Storing the loaded value back let LLVM turn the update into a masked store, which
+    AMD's Zen cores run microcoded (models/results/PERFORMANCE.md, stop 52). + 0 changes no value but a −0.0
+    into +0.0, a zero's sign, which neither result reads (max and min of the same values; the excess is
+    compared with 0). ``zero`` is in the dtype, so float32 stays float32."""
     n_k, width = v.shape
     zero = acc.dtype.type(0.0)
     hi, lo, big, over, bad = acc[0], acc[1], acc[2], acc[3], acc[4]
@@ -668,9 +666,9 @@ def range_excess(v: Any, o: Any, first: int, group: int, d_h: int, acc: Any) -> 
 def linear_excess(
     yr: Any, xr: Any, bias_r: Any, xnorm: Any, ynorm: Any, a: Any, b: Any, tiny: float
 ) -> float:
-    # a Freivalds check's verdict in one pass: residual e_ic = (yr_ic − xr_ic) − bias_r_c against
-    # τ_ic = xnorm_i·a_c + ynorm_i·b_c, each rounded as the eager numpy expressions (no contraction).
-    # Returns max |e_ic| / max(τ_ic, tiny) (0 with no rows), or NaN when a ratio or a τ is not finite
+    """A Freivalds check's verdict in one pass: residual e_ic = (yr_ic − xr_ic) − bias_r_c against
+    τ_ic = xnorm_i·a_c + ynorm_i·b_c, each rounded as the eager numpy expressions (no contraction).
+    Returns max |e_ic| / max(τ_ic, tiny) (0 with no rows), or NaN when a ratio or a τ is not finite"""
     worst, bad = 0.0, False
     for i in range(yr.shape[0]):
         for c in range(yr.shape[1]):
@@ -691,7 +689,7 @@ norm_slack = jit(sum_norm_slack)
 
 @jit
 def norm_bound(sq: Any, up: float) -> Any:
-    # √sq times ``up`` (a factor that makes it an upper bound of the norm; +inf and NaN stay)
+    """√sq times ``up`` (a factor that makes it an upper bound of the norm; +inf and NaN stay)"""
     out = np.empty_like(sq)
     for i in range(sq.shape[0]):
         out[i] = np.sqrt(sq[i]) * up
@@ -700,15 +698,15 @@ def norm_bound(sq: Any, up: float) -> Any:
 
 @jit
 def sum_norms(sq: Any, width: int) -> Any:
-    # the row norms project64 returns: √ of its float64 sums of ``width`` squares, rounded up by
-    # base.sum_norm_slack
+    """The row norms project64 returns: √ of its float64 sums of ``width`` squares, rounded up by
+    base.sum_norm_slack"""
     return norm_bound(sq, norm_slack(width, 2.0**-52))
 
 
 @jit
 def rms_norms(sq: Any, width: int) -> Any:
-    # the row norms project64_rms returns: its sums with the RMSNorm's scale folded in (six roundings more
-    # than a plain sum of squares: the scale and its square), rounded up by base.sum_norm_slack(width + 6)
+    """The row norms project64_rms returns: its sums with the RMSNorm's scale folded in (six roundings more
+    than a plain sum of squares: the scale and its square), rounded up by base.sum_norm_slack(width + 6)"""
     return norm_bound(sq, norm_slack(width + 6, 2.0**-52))
 
 
@@ -727,9 +725,9 @@ def freivalds_fits(
     a: Any,
     b: Any,
 ) -> bool:
-    # whether freivalds_excess's arrays fit one another (its kernels index without bounds checks): k = the
-    # τ terms' vectors, as many as bias·r's and b's; each side its rows with k check vectors as wide, or its
-    # products (rows × k, rows); one row count; a gain as wide as x (or none)
+    """Whether freivalds_excess's arrays fit one another (its kernels index without bounds checks): k = the
+    τ terms' vectors, as many as bias·r's and b's; each side its rows with k check vectors as wide, or its
+    products (rows × k, rows); one row count; a gain as wide as x (or none)"""
     k = a.shape[0]
     if bias_r.shape[0] != k or b.shape[0] != k:
         return False
@@ -764,13 +762,13 @@ def freivalds_excess(
     tiny: float,
     parts: int,
 ) -> float:
-    # a Freivalds check's verdict from the rows: linear_excess of (y·r, ‖y_i‖) and (x̂·W r, ‖x̂_i‖), each
-    # side by project64 (x̂ = x), or project64_rms (x̂ = RMSNorm(x): ``gain`` not empty), with their norm
-    # bounds (sum_norms, rms_norms); a side whose rows are empty (0 × 0)
-    # is given as its products and norms (yr, ynorm / xr, xnorm) instead. The same kernels in the same
-    # order as the backend's project64, project64_norm and the verifier's linear_excess, so the same value.
-    # −1 (nothing read) when the arrays do not fit one another (freivalds_fits); NEAR_RANGE when a
-    # normalized row comes near the dtype's range (project64_rms: the caller composes the check then)
+    """A Freivalds check's verdict from the rows: linear_excess of (y·r, ‖y_i‖) and (x̂·W r, ‖x̂_i‖), each
+    side by project64 (x̂ = x), or project64_rms (x̂ = RMSNorm(x): ``gain`` not empty), with their norm
+    bounds (sum_norms, rms_norms); a side whose rows are empty (0 × 0)
+    is given as its products and norms (yr, ynorm / xr, xnorm) instead. The same kernels in the same
+    order as the backend's project64, project64_norm and the verifier's linear_excess, so the same value.
+    −1 (nothing read) when the arrays do not fit one another (freivalds_fits); NEAR_RANGE when a
+    normalized row comes near the dtype's range (project64_rms: the caller composes the check then)"""
     if not freivalds_fits(y, rt_y, yr, ynorm, x, gain, rt_x, xr, xnorm, bias_r, a, b):
         return -1.0
     k = a.shape[0]
@@ -812,11 +810,11 @@ def gate_up_excess(
     tiny: float,
     parts: int,
 ) -> tuple[float, float]:
-    # a dense MLP reply's two checks: project64_gate_up's products of [gate up] (gu) and of its SwiGLU m,
-    # with their norm bounds (sum_norms of 2f and f squares), then freivalds_excess of the
-    # gate/up products against x̂ = RMSNorm(x) (γ = gain) and of the reply y against m's products;
-    # (−1, −1) (nothing read) when [gate up] and its check vectors do not fit, a −1 verdict when a check's
-    # arrays do not (freivalds_fits); a NEAR_RANGE first verdict as freivalds_excess's
+    """A dense MLP reply's two checks: project64_gate_up's products of [gate up] (gu) and of its SwiGLU m,
+    with their norm bounds (sum_norms of 2f and f squares), then freivalds_excess of the
+    gate/up products against x̂ = RMSNorm(x) (γ = gain) and of the reply y against m's products;
+    (−1, −1) (nothing read) when [gate up] and its check vectors do not fit, a −1 verdict when a check's
+    arrays do not (freivalds_fits); a NEAR_RANGE first verdict as freivalds_excess's"""
     n, f = gu.shape[0], rd.shape[1]
     if gu.shape[1] != 2 * f or rg.shape[1] != 2 * f:
         return -1.0, -1.0
@@ -877,9 +875,9 @@ def attention_excess(
     u64: float,
     tiny: float,
 ) -> float:
-    # the recomputed attention rows' verdict in one pass: τ of row r, head h (the verifier's attention_tau,
-    # each operation rounded as its numpy expression, no contraction) and max dist/max(τ, tiny) over them,
-    # NaN when a ratio or a τ is not finite (as excess_ratio)
+    """The recomputed attention rows' verdict in one pass: τ of row r, head h (the verifier's attention_tau,
+    each operation rounded as its numpy expression, no contraction) and max dist/max(τ, tiny) over them,
+    NaN when a ratio or a τ is not finite (as excess_ratio)"""
     worst, bad = 0.0, False
     root = np.sqrt(np.float64(d_h))
     c_score = 2.1 * (root + 2.0)
@@ -900,8 +898,9 @@ def attention_excess(
 
 
 def _bit_cast(source: Any, target: Any) -> Any:
-    # a compiled function of one ``source`` value: the ``target`` value with the same bits (LLVM's bitcast,
-    # which vectorizes)
+    """A compiled function of one ``source`` value: the ``target`` value with the same bits (LLVM's bitcast,
+    which vectorizes)"""
+
     def typer(typingctx: Any, x: Any) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             return builder.bitcast(args[0], context.get_value_type(target))
@@ -940,13 +939,13 @@ _EXP_TAYLOR = (
 
 @jit
 def exp64(x: float) -> float:
-    # e^x in float64 by arithmetic alone, so that a loop of it vectorizes (np.exp in a loop is a call to
-    # libm's exp per value, which does not): x = k·ln 2 + r, |r| ≤ ln 2 / 2, e^r by its Taylor polynomial
-    # (Horner), times 2^k built from its bits. Relative error within a few float64 roundings (r's
-    # reduction, 13 Horner steps of |r| < 0.35; properties/test_verifier_kernels.py bounds it) for
-    # −708 ≤ x ≤ 709.78; 0 below −708 (e^x < 3.4e-308 there: an absolute error under float64's smallest
-    # normal), inf above; NaN for NaN (every comparison below is false for it). Compiled without fast-math
-    # flags: reassociating t + 1.5·2⁵² − 1.5·2⁵² would undo the rounding to an integer
+    """Computes e^x in float64 by arithmetic alone, so that a loop of it vectorizes (np.exp in a loop is a
+    call to libm's exp per value, which does not): x = k·ln 2 + r, |r| ≤ ln 2 / 2, e^r by its Taylor
+    polynomial (Horner), times 2^k built from its bits. Relative error within a few float64 roundings (r's
+    reduction, 13 Horner steps of |r| < 0.35; properties/test_verifier_kernels.py bounds it) for −708 ≤ x ≤
+    709.78; 0 below −708 (e^x < 3.4e-308 there: an absolute error under float64's smallest normal), inf above;
+    NaN for NaN (every comparison below is false for it). Compiled without fast-math flags: reassociating t +
+    1.5·2⁵² − 1.5·2⁵² would undo the rounding to an integer"""
     z = -708.0 if x < -708.0 else x
     z = 709.782712893384 if z > 709.782712893384 else z
     t = z * _LOG2E + _ROUND
@@ -985,9 +984,9 @@ _EXPF_POLY = tuple(
 
 @numpy_errors
 def expf_neg(z: Any) -> Any:
-    # e^z for float32 z ≤ 0 in float32 arithmetic (a loop of it vectorizes, 8 lanes): z = k·ln 2 + r with
-    # ln 2 in two parts, e^r as _EXPF_POLY reads, times 2^k built from its bits; 0 below −87 (e^z < 1.7e-38
-    # there, below float32's smallest normal), NaN for NaN
+    """Computes e^z for float32 z ≤ 0 in float32 arithmetic (a loop of it vectorizes, 8 lanes): z = k·ln 2 + r
+    with ln 2 in two parts, e^r as _EXPF_POLY reads, times 2^k built from its bits; 0 below −87 (e^z < 1.7e-38
+    there, below float32's smallest normal), NaN for NaN"""
     one = np.float32(1.0)
     c = _EXPF_POLY
     lo = np.float32(-87.0)
@@ -1011,8 +1010,8 @@ def silu_value(x: Any) -> Any:
 
 @overload(silu_value, jit_options={"error_model": "numpy"})
 def _silu_value(x: Any) -> Any:
-    # x·w / (1 + e), e = e^−|x|, w = 1 for x ≥ 0 and e below (ops.silu's form: no overflow for any x), each
-    # operation rounded in x's dtype: e by expf_neg in float32 (about one ulp), by exp64 in float64
+    """Computes x·w / (1 + e), e = e^−|x|, w = 1 for x ≥ 0 and e below (ops.silu's form: no overflow for any
+    x), each operation rounded in x's dtype: e by expf_neg in float32 (about one ulp), by exp64 in float64"""
     if x == types.float32:
 
         def silu32(x: Any) -> Any:
@@ -1046,11 +1045,11 @@ def attention_pairs(
     part: int,
     parts: int,
 ) -> None:
-    # out[r, h] of attention_rows64 and norms[:, r, h] = (‖o_rh − out_rh‖, ‖o_rh‖, ‖q_rh‖) for the (row,
-    # KV head) pairs part, part + parts, … (interleaved: a later row attends to more keys, so every chunk
-    # gets early and late rows alike). A KV head's query heads go four at a time: each key and value row
-    # is read and widened once for the four, whose sums run side by side (a group of fewer heads, or the
-    # last chunk of one, fills the rest with zero queries, whose results are not used)
+    """Fills out[r, h] of attention_rows64 and norms[:, r, h] = (‖o_rh − out_rh‖, ‖o_rh‖, ‖q_rh‖) for the
+    (row, KV head) pairs part, part + parts, … (interleaved: a later row attends to more keys, so every chunk
+    gets early and late rows alike). A KV head's query heads go four at a time: each key and value row is read
+    and widened once for the four, whose sums run side by side (a group of fewer heads, or the last chunk of
+    one, fills the rest with zero queries, whose results are not used)"""
     n_r, n_h, d_h = q.shape
     h_kv = n_h // group
     seen = 0
@@ -1143,11 +1142,11 @@ def attention_rows64(
     vmax: Any,
     parts: int,
 ) -> None:
-    # causal attention of a few query rows in float64: q rows × H × d_h at positions pos, k and v
-    # keys × H_kv × d_h (head h reads KV head h // group). out[r, h] = Σ_{j ≤ pos_r} e_j v_j / Σ e_j,
-    # e_j = exp(s_j − max s), s_j = scale·(q_rh·k_j); norms[:, r, h] = (‖o_rh − out_rh‖, ‖o_rh‖,
-    # ‖q_rh‖) for the server's rows o (rows × H × d_h); kmax[r, g] = max_{j ≤ pos_r} ‖k_jg‖ (vmax: of
-    # v). The (row, head) pairs in ``parts`` chunks.
+    """Causal attention of a few query rows in float64: q rows × H × d_h at positions pos, k and v
+    keys × H_kv × d_h (head h reads KV head h // group). out[r, h] = Σ_{j ≤ pos_r} e_j v_j / Σ e_j,
+    e_j = exp(s_j − max s), s_j = scale·(q_rh·k_j); norms[:, r, h] = (‖o_rh − out_rh‖, ‖o_rh‖,
+    ‖q_rh‖) for the server's rows o (rows × H × d_h); kmax[r, g] = max_{j ≤ pos_r} ‖k_jg‖ (vmax: of
+    v). The (row, head) pairs in ``parts`` chunks."""
     n_r, d_h = q.shape[0], q.shape[2]
     h_kv = k.shape[1]
     seen = 0
@@ -1192,18 +1191,18 @@ def attention_check(
     ranged: bool,
     parts: int,
 ) -> tuple[float, float]:
-    # an attention reply's two verdicts: queries q and outputs o (queries × H × d_h, query i at position
-    # first + i), keys and values k, v (keys × H_kv × d_h), all in one dtype, k, v and o C-contiguous (q may
-    # be a strided view: only the recomputed rows' queries are read, into rows of their own). The range check
-    # (when ``ranged``, else 0.0): range_excess, its slack λu(√keys + 4)·max|v| and the float verdict of
-    # excess_ratio on the excess above 0; then the recomputed rows (0.0 with none): attention_rows64 of
-    # q[rows], o[rows] at positions first + rows, and attention_excess — the same kernels and operations in
-    # the same order as the verifier's calls one by one, so the same values. (−1, −1), nothing read, when
-    # the arrays, the rows or the positions do not fit one another
-    # the tests below form no sum or product that can wrap around in int64: ``first + n_q <= n_k`` let a
-    # ``first`` near 2⁶³ through, and the recomputed rows then read key norms far outside their array.
-    # Heads of width 0 are refused too (as verify.range_shapes does): range_excess divides by d_h, and
-    # such a call raised ZeroDivisionError out of the kernel
+    """An attention reply's two verdicts: queries q and outputs o (queries × H × d_h, query i at position
+    first + i), keys and values k, v (keys × H_kv × d_h), all in one dtype, k, v and o C-contiguous (q may
+    be a strided view: only the recomputed rows' queries are read, into rows of their own). The range check
+    (when ``ranged``, else 0.0): range_excess, its slack λu(√keys + 4)·max|v| and the float verdict of
+    excess_ratio on the excess above 0; then the recomputed rows (0.0 with none): attention_rows64 of
+    q[rows], o[rows] at positions first + rows, and attention_excess — the same kernels and operations in
+    the same order as the verifier's calls one by one, so the same values. (−1, −1), nothing read, when
+    the arrays, the rows or the positions do not fit one another
+    the tests below form no sum or product that can wrap around in int64: ``first + n_q <= n_k`` let a
+    ``first`` near 2⁶³ through, and the recomputed rows then read key norms far outside their array.
+    Heads of width 0 are refused too (as verify.range_shapes does): range_excess divides by d_h, and
+    such a call raised ZeroDivisionError out of the kernel"""
     n_q, n_h, d_h = q.shape
     n_k, h_kv = k.shape[0], k.shape[1]
     fits = (
@@ -1271,13 +1270,13 @@ def lock_check(
     u64: float,
     tiny: float,
 ) -> tuple[float, Any, Any, Any, Any, Any, Any]:
-    # a generation step's scores s (H × m, float64) against a last guard block's locked-cache sketch
-    # (coef m−1 × k, κ k × H_kv × d_h, Σc²‖K‖² and slack k × H_kv, max|c| and Σc² k) extended by the step's
-    # key with coefficients ``new`` (k): the sketch extended (new arrays; the given ones are not written)
-    # and the verdict — lock_scores_excess's numpy expressions (scx_ref.protocol.verify) in loops: max over
-    # heads h and vectors v of |Σ_j s_hj c'_jv − scale·q_h·κ'_vg| / max(τ_hv, tiny), NaN when a ratio or
-    # a τ is not finite. qk: the client's RoPE'd [q; k] heads ((H + H_kv) × d_h, float64). −1.0 (and
-    # empty arrays) when the shapes do not fit one another.
+    """A generation step's scores s (H × m, float64) against a last guard block's locked-cache sketch
+    (coef m−1 × k, κ k × H_kv × d_h, Σc²‖K‖² and slack k × H_kv, max|c| and Σc² k) extended by the step's
+    key with coefficients ``new`` (k): the sketch extended (new arrays; the given ones are not written)
+    and the verdict — lock_scores_excess's numpy expressions (scx_ref.protocol.verify) in loops: max over
+    heads h and vectors v of |Σ_j s_hj c'_jv − scale·q_h·κ'_vg| / max(τ_hv, tiny), NaN when a ratio or
+    a τ is not finite. qk: the client's RoPE'd [q; k] heads ((H + H_kv) × d_h, float64). −1.0 (and
+    empty arrays) when the shapes do not fit one another."""
     n_h, m = s.shape
     k, h_kv, d_h = kappa.shape
     fits = (
