@@ -142,11 +142,17 @@ class ArrayOps(Protocol[A]):
         """``x[start:stop]`` along ``axis`` (0 = rows, 1 = columns)."""
         ...
 
-    def reshape(self, x: A, shape: tuple[int, ...]) -> A: ...
+    def reshape(self, x: A, shape: tuple[int, ...]) -> A:
+        """``x`` with ``shape`` (the same entries in row-major order; a view where the layout allows)."""
+        ...
 
-    def nrows(self, x: A) -> int: ...
+    def nrows(self, x: A) -> int:
+        """The length of ``x``'s first axis."""
+        ...
 
-    def shape(self, x: A) -> tuple[int, ...]: ...
+    def shape(self, x: A) -> tuple[int, ...]:
+        """``x``'s shape as a tuple of Python ints."""
+        ...
 
     # -- arithmetic ------------------------------------------------------------------------------
     def add(self, x: A, y: A, *, name: str | None = None) -> A:
@@ -160,7 +166,9 @@ class ArrayOps(Protocol[A]):
         else (e.g. fresh from a gather)."""
         ...
 
-    def sub(self, x: A, y: A) -> A: ...
+    def sub(self, x: A, y: A) -> A:
+        """x − y, elementwise (the shapes equal)."""
+        ...
 
     def linear(self, x: A, w: A, bias: A | None = None) -> A:
         """``x·W (+ b)`` for a matrix ``w`` stored in this implementation's layout (numpy: in × out;
@@ -217,9 +225,11 @@ class NumpyOps:
 
     # -- conversion and validation -----------------------------------------------------------
     def from_numpy(self, x: npt.NDArray[Any]) -> FloatArray:
+        """``x`` in this implementation's dtype (no copy when it already is)."""
         return np.asarray(x, dtype=self.dtype)
 
     def to_numpy(self, x: FloatArray) -> npt.NDArray[Any]:
+        """A copy of ``x`` the caller owns."""
         return np.array(x)
 
     def rows_finite(self, x: FloatArray, index: IndexArray) -> bool:
@@ -236,6 +246,7 @@ class NumpyOps:
         return np.asarray(x[:n])
 
     def numpy_dtype(self) -> np.dtype[Any]:
+        """The numpy dtype of this implementation's arrays (float64 when none was set)."""
         return self.dtype if self.dtype is not None else np.dtype(np.float64)
 
     def floating(self, x: Any, name: str, *, finite: bool = True) -> FloatArray:
@@ -253,6 +264,8 @@ class NumpyOps:
         return arr
 
     def check(self, x: Any, name: str, shape: tuple[int, ...], *, finite: bool = True) -> FloatArray:
+        """:meth:`ArrayOps.check` for numpy arrays: DTypeError for anything but a numpy array (a torch
+        tensor named as such), ShapeError for another shape, then :meth:`floating`."""
         if not isinstance(x, np.ndarray):
             hint = (
                 " (a torch backend's array reached a numpy backend in-process: a LocalTransport joins a "
@@ -347,6 +360,7 @@ class NumpyOps:
         return out if name is None else self.floating(out, name)
 
     def compact(self, x: FloatArray) -> FloatArray:
+        """A C-contiguous copy of ``x`` that holds no reference to a larger array."""
         return np.array(x, copy=True, order="C")
 
     def narrow(self, x: FloatArray, axis: int, start: int, stop: int) -> FloatArray:
@@ -356,12 +370,15 @@ class NumpyOps:
         return x[start:stop] if axis == 0 else x[:, start:stop]
 
     def reshape(self, x: FloatArray, shape: tuple[int, ...]) -> FloatArray:
+        """``x.reshape(shape)``."""
         return x.reshape(shape)
 
     def nrows(self, x: FloatArray) -> int:
+        """The length of ``x``'s first axis."""
         return int(x.shape[0])
 
     def shape(self, x: FloatArray) -> tuple[int, ...]:
+        """``x``'s shape as a tuple of Python ints."""
         return tuple(int(s) for s in x.shape)
 
     # -- arithmetic ------------------------------------------------------------------------------

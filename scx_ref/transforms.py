@@ -473,10 +473,12 @@ class HeadPermutation:
 
     @property
     def n_kv_heads(self) -> int:
+        """H_kv, the number of KV head groups P permutes."""
         return int(self.group_order.shape[0])
 
     @property
     def head_dim(self) -> int:
+        """d_h, the width each σ_h permutes within a head."""
         return int(self.sigmas.shape[1])
 
     @classmethod
@@ -709,7 +711,9 @@ class NoiseSource(Protocol):
     """Anything with ``random(size)`` giving uniform floats in [0, 1): a ``KeyStream`` or
     ``numpy.random.Generator``. The library never uses global random state."""
 
-    def random(self, size: Any = ...) -> Any: ...
+    def random(self, size: Any = ...) -> Any:
+        """Uniform floats in [0, 1) of shape ``size`` (a float when None)."""
+        ...
 
 
 #: The largest |η| / β a draw of :func:`laplace_noise` can give: −ln(1 − (1 − 2⁻⁵³)) = 53·ln 2, at u = 0.

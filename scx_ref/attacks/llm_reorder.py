@@ -29,7 +29,9 @@ Array = npt.NDArray[Any]
 class LanguageModel(Protocol):
     """Next-token log-probabilities after each of B equal-length sequences (B × T ids → B × V)."""
 
-    def next_logprobs(self, seqs: Array) -> Array: ...
+    def next_logprobs(self, seqs: Array) -> Array:
+        """log p(next token | seq) for each of the B sequences (B × V)."""
+        ...
 
     def token_logprobs(self, seqs: Array) -> Array:
         """log p(seq[t] | seq[<t]) for every t (B × T); position 0 is conditioned on the BOS only."""

@@ -89,6 +89,7 @@ class Rate:
 
     @property
     def rate(self) -> float:
+        """k / n, the fraction recovered (0 for n = 0)."""
         return self.k / self.n if self.n else 0.0
 
     @property
@@ -115,6 +116,7 @@ class Rate:
         return cls(k, n, tuple(p[0] / p[1] if p[1] else 0.0 for p in parts))
 
     def to_dict(self) -> dict[str, Any]:
+        """k, n, the rate, its 95 % Wilson interval and the per-prompt rates, JSON-ready."""
         lo, hi = self.interval
         return {
             "k": self.k,

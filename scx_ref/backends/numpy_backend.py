@@ -144,6 +144,7 @@ class NumpyBackend(NumpyOps):
         return self._fused[key]
 
     def embed(self, ids: IndexArray) -> FloatArray:
+        """The embedding rows of ``ids`` (:func:`~scx_ref.ops.embed`)."""
         return ops.embed(ids, self.weights.embed)
 
     def norm(self, x: FloatArray, which: NormName, layer: int = -1, *, name: str | None = None) -> FloatArray:

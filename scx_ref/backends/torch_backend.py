@@ -987,12 +987,15 @@ class TorchOps:
         return x.narrow(axis, start, stop - start)
 
     def reshape(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """``x.reshape(shape)``."""
         return x.reshape(shape)
 
     def nrows(self, x: torch.Tensor) -> int:
+        """The length of ``x``'s first axis."""
         return int(x.shape[0])
 
     def shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        """``x``'s shape as a tuple of Python ints."""
         return tuple(int(s) for s in x.shape)
 
     # -- arithmetic ------------------------------------------------------------------------------

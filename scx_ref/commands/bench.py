@@ -258,6 +258,7 @@ class BenchResult:
     round_ratio_coverage: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field of the result, as the bench's JSON writes it."""
         return dict(vars(self))
 
 

@@ -77,6 +77,7 @@ class StageRelease:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The release's fields as a dict, with its ``epsilon_total``."""
         out = asdict(self)
         out["epsilon_total"] = self.epsilon_total
         return out

@@ -277,6 +277,7 @@ class Client(Generic[A]):
 
     @property
     def session(self) -> str:
+        """The current session's public id (its nonce in hex); ProtocolError before the first prefill."""
         if self.state is None:
             raise ProtocolError("no session: call prefill first")
         return self.state.keys.session_id

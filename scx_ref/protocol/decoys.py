@@ -53,7 +53,10 @@ class DecoyPolicy(Protocol):
 
     needs_real: bool
 
-    def draw(self, stage: Stage, layer: int, count: int, real: Array, stream: KeyStream) -> Array: ...
+    def draw(self, stage: Stage, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
+        """``count`` decoy rows (count × width) for ``stage`` of ``layer``, their choice read from ``stream``
+        (the request's key stream for that stage) only."""
+        ...
 
 
 def default_public_tokens(vocab_size: int, length: int = 256) -> npt.NDArray[np.int64]:

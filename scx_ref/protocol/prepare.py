@@ -164,6 +164,7 @@ class PreparedKeys(Generic[A]):
 
     @property
     def nonce(self) -> bytes:
+        """The request's nonce, the one its keys were derived under."""
         return self.keys.schedule.nonce
 
     def bind(self, n: int) -> None:

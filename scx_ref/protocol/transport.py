@@ -22,9 +22,14 @@ class _Handler(Protocol):
 
 
 class Transport(Protocol):
+    """How a client reaches a server: in-process (:class:`LocalTransport`) or over the network
+    (:class:`~scx_ref.service.remote.RemoteTransport`). ``meter`` counts what crossed it."""
+
     meter: CostMeter
 
-    def send(self, request: Request) -> Reply: ...
+    def send(self, request: Request) -> Reply:
+        """Deliver ``request`` and return the server's reply (unchecked: the client verifies it)."""
+        ...
 
 
 @dataclass(frozen=True)
