@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -174,21 +175,39 @@ def _pld_inf_reason(
     return "unknown"
 
 
-def _inf_notes(
-    *,
-    basic: float,
-    advanced: float,
-    delta: float,
-    delta_prime: float,
-    pld: float | None,
-    interval: float | None,
-    largest: float | None,
-    explicit_interval: bool,
-) -> tuple[list[str], str | None]:
+@dataclass(frozen=True)
+class _Epsilons:
+    """What the notes on a result's ε read, from a raw composition or a model budget alike: the closed
+    forms (basic, advanced DRV at ``delta_prime``), the PLD's ε at ``delta`` (None: not computed) with its
+    discretization ``interval`` and ``slack``, and the largest ε of one release (None: nothing noised)."""
+
+    basic: float
+    advanced: float
+    delta: float
+    delta_prime: float
+    pld: float | None
+    interval: float | None
+    largest: float | None
+    slack: float | None
+
+
+def _epsilon_notes(e: _Epsilons, *, explicit_interval: bool) -> tuple[list[str], str | None]:
+    """The notes printed under an ε table — :func:`_inf_notes`, then :func:`_pld_loose_note` where it
+    applies — and the PLD's inf reason (:func:`_pld_inf_reason`)."""
+    notes, reason = _inf_notes(e, explicit_interval=explicit_interval)
+    loose = _pld_loose_note(e)
+    if loose is not None:
+        notes.append(loose)
+    return notes, reason
+
+
+def _inf_notes(e: _Epsilons, *, explicit_interval: bool) -> tuple[list[str], str | None]:
     """Why an ε printed as inf is inf, and which bounds still hold — every ε (no release is noised:
     ``largest`` None; or the releases' ε leave the float64 range), the PLD's alone
     (:func:`_pld_inf_reason`: the closed forms hold), the advanced one alone (its drift term overflows:
     basic holds); empty when every ε is finite — and the PLD's reason (:func:`_pld_inf_reason`)."""
+    basic, advanced, delta, delta_prime = e.basic, e.advanced, e.delta, e.delta_prime
+    pld, interval, largest = e.pld, e.interval, e.largest
     notes: list[str] = []
     reason = _pld_inf_reason(basic, pld, delta, interval, largest)
     if math.isinf(basic):
@@ -244,23 +263,15 @@ def _inf_notes(
     return notes, reason
 
 
-def _pld_loose_note(
-    *,
-    basic: float,
-    advanced: float,
-    delta: float,
-    delta_prime: float,
-    pld: float | None,
-    interval: float | None,
-    slack: float | None,
-) -> str | None:
+def _pld_loose_note(e: _Epsilons) -> str | None:
     """Why a finite PLD ε above a closed form that holds at the same δ (basic, or advanced DRV where
     δ' ≤ δ) is no tighter than it, or None where it is not above one: the exact ε(δ) is at most every
     bound that holds at δ, so the excess is dp_accounting's pessimism (each release's privacy loss
     rounded up to a multiple of ``interval``; ``slack`` bounds how much that adds), not a tighter count."""
+    basic, pld, delta, interval, slack = e.basic, e.pld, e.delta, e.interval, e.slack
     if pld is None or not math.isfinite(pld):
         return None
-    closed = basic if delta_prime > delta else min(basic, advanced)
+    closed = basic if e.delta_prime > delta else min(basic, e.advanced)
     if not pld > closed:
         return None
     name = "basic" if closed == basic else "advanced DRV"
@@ -348,7 +359,7 @@ def _raw(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         [f"advanced DRV (k={result.k})", result.epsilon_advanced, _fmt(result.delta_prime)],
         ["best closed form", result.epsilon_best_closed_form, _fmt(result.delta_prime)],
     ]
-    notes, reason = _inf_notes(
+    eps = _Epsilons(
         basic=result.epsilon_basic,
         advanced=result.epsilon_advanced,
         delta=result.delta,
@@ -356,19 +367,9 @@ def _raw(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         pld=result.epsilon_pld,
         interval=result.pld_interval,
         largest=mech.epsilon,
-        explicit_interval=args.pld_interval is not None,
-    )
-    loose = _pld_loose_note(
-        basic=result.epsilon_basic,
-        advanced=result.epsilon_advanced,
-        delta=result.delta,
-        delta_prime=result.delta_prime,
-        pld=result.epsilon_pld,
-        interval=result.pld_interval,
         slack=result.pld_discretization_slack,
     )
-    if loose is not None:
-        notes.append(loose)
+    notes, reason = _epsilon_notes(eps, explicit_interval=args.pld_interval is not None)
     if result.epsilon_pld is not None:
         rows.append(
             [
@@ -493,29 +494,17 @@ def _model(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     )
     sd = sens.to_dict()
     comp = budget.composition
-    interval = None if comp is None else comp.pld_interval
-    largest = None if comp is None else comp.epsilon_max_single
-    notes, reason = _inf_notes(
+    eps = _Epsilons(
         basic=budget.epsilon_basic,
         advanced=budget.epsilon_advanced,
         delta=budget.delta,
         delta_prime=budget.delta_prime,
         pld=budget.epsilon_pld,
-        interval=interval,
-        largest=largest,
-        explicit_interval=args.pld_interval is not None,
-    )
-    loose = _pld_loose_note(
-        basic=budget.epsilon_basic,
-        advanced=budget.epsilon_advanced,
-        delta=budget.delta,
-        delta_prime=budget.delta_prime,
-        pld=budget.epsilon_pld,
-        interval=interval,
+        interval=None if comp is None else comp.pld_interval,
+        largest=None if comp is None else comp.epsilon_max_single,
         slack=None if comp is None else comp.pld_discretization_slack,
     )
-    if loose is not None:
-        notes.append(loose)
+    notes, reason = _epsilon_notes(eps, explicit_interval=args.pld_interval is not None)
     out: dict[str, Any] = {"mode": "model", **budget.to_dict(), "sensitivities": sd}
     out["notes"] = [*out["notes"], *notes]
     if budget.epsilon_pld is not None:
