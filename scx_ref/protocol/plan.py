@@ -28,13 +28,19 @@ class PlanModel(Protocol):
     """What a plan needs of a model: its block count and experts (a ModelConfig or ModelSensitivities)."""
 
     @property
-    def n_layers(self) -> int: ...
+    def n_layers(self) -> int:
+        """L, the number of transformer blocks."""
+        ...
 
     @property
-    def n_experts(self) -> int: ...
+    def n_experts(self) -> int:
+        """E, the experts of each MoE layer (0 for a dense model)."""
+        ...
 
     @property
-    def is_moe(self) -> bool: ...
+    def is_moe(self) -> bool:
+        """Whether the MLP is a mixture of experts."""
+        ...
 
 
 #: What a release's x is, which fixes its sensitivity (dp.sensitivity) and its key label:
