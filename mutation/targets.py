@@ -154,4 +154,109 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_attack_stats_mutants.py",
         ),
     ),
+    Target(
+        "verify",
+        "scx_ref/protocol/verify.py",
+        # left out whole: tests/test_verify_soundness_sweep.py (74 s; its MoE cases 4–7 s each) — the
+        # adversarial, forgery-audit and memory-safety suites alter the same replies on the tiny models —
+        # and tests/test_protocol_hostile_peer.py (62 s: the client's recovery after refusals)
+        (
+            "tests/test_verify.py",
+            "tests/test_verify_forgery_audit.py",
+            "tests/test_verify_memory_safety.py",
+            "tests/test_verify_degenerate_rows.py",
+            "tests/test_verify_honest_edges.py",
+            "tests/test_adversarial_server.py",
+            "tests/test_real_checks.py",
+            "properties/test_verifier.py",
+            "properties/test_verifier_kernels.py",
+            "tests/test_verify_mutants.py",
+        ),
+    ),
+    Target(
+        "codec",
+        "scx_ref/service/codec.py",
+        (
+            "tests/test_wire_codec_audit.py",
+            "tests/test_codec_frames_and_spawn.py",
+            "tests/test_service_hostile.py",
+            "tests/test_service_slow_reader_and_dtypes.py",
+            "tests/test_serve_options_greeting_bounds.py",
+            "properties/test_codec.py",
+            "properties/test_strategy_sharing_and_teeth.py",
+            "tests/test_codec_mutants.py",
+        ),
+        # left out whole: the gRPC service and RemoteTransport suites (tests/test_serve.py,
+        # tests/test_remote_transport_*.py, tests/test_service_eviction_and_shutdown.py) run the codec over
+        # real streams, seconds per test; the files below decode and encode the same frames in-process (and
+        # tests/test_cli_commands_audit.py's greeting bound is test_serve_options_greeting_bounds.py's)
+        deselect=(
+            # spawn a server process (1 s and 7 s) and test the launcher, not the codec
+            "tests/test_codec_frames_and_spawn.py::test_a_server_that_cannot_start_says_why",
+            "tests/test_codec_frames_and_spawn.py::test_health_and_metrics_of_a_server_without_ops",
+            # an in-process gRPC SCXService or hostile gRPC server per test (0.2-4 s each, run for every
+            # mutant the stream's encode/decode reaches): the frames of
+            # test_crafted_frames_get_wire_errors_not_internal_errors are decoded directly by
+            # test_structural_mutations_of_valid_frames_decode_or_raise_wire_error and the codec tests above
+            # it; test_an_absurd_reply_shape_is_a_wire_error's by
+            # test_an_empty_array_with_absurd_dimensions_is_a_wire_error
+            "tests/test_service_hostile.py::test_a_client_gone_mid_open_leaves_no_session_behind",
+            "tests/test_service_hostile.py::test_a_client_gone_mid_stage_stalls_no_other_stream",
+            "tests/test_service_hostile.py::test_crafted_frames_get_wire_errors_not_internal_errors",
+            "tests/test_service_hostile.py::test_stalled_raw_connections_block_no_one",
+            "tests/test_service_hostile.py::test_a_malformed_greeting_drops_the_stream",
+            "tests/test_service_hostile.py::test_an_absurd_reply_shape_is_a_wire_error",
+            "tests/test_service_hostile.py::test_a_reply_for_another_message_is_refused",
+            "tests/test_service_hostile.py::test_an_oversize_reply_is_a_service_error",
+            "tests/test_service_hostile.py::test_an_error_frame_naming_a_class_it_cannot_build",
+            # gRPC streams through a proxy (0.3-1.6 s each): every wire dtype round-trips in
+            # test_every_wire_dtype_and_shape_round_trips_exactly; the names are checked by (kept)
+            # test_a_trailing_newline_in_a_name_or_session_is_a_wire_error
+            "tests/test_service_slow_reader_and_dtypes.py::test_a_client_that_never_reads_its_replies",
+            "tests/test_service_slow_reader_and_dtypes.py::test_the_proxy_passes_an_honest_session_through",
+            "tests/test_service_slow_reader_and_dtypes.py::test_a_reply_in_a_dtype_coarser_than_the_sessions",
+        ),
+    ),
+    Target(
+        "keyring",
+        "scx_ref/protocol/keyring.py",
+        (
+            "tests/test_messages_keyring_view.py",
+            "tests/test_protocol_parts_inputs.py",
+            "tests/test_release_plan.py",
+            "tests/test_design_statements.py",
+            "tests/test_precompute.py",
+            "tests/test_keyring_plan_mutants.py",
+        ),
+        # left out whole: the verifier's suites (tests/test_verify*.py) draw verify_mix / verify_rows /
+        # verify_lock inside full sessions, seconds per test; tests/test_keyring_plan_mutants.py checks
+        # those draws directly, test_every_key_of_a_request_has_a_label_of_its_own their labels
+        deselect=(
+            # 24 s and 2.5 s, decoys and the meter, not the keyring: the keyring tests of the file are kept
+            "tests/test_protocol_parts_inputs.py::test_no_message_past_block_one_repeats_a_row",
+            "tests/test_protocol_parts_inputs.py::test_local_transport_meters_the_wire_bytes",
+        ),
+    ),
+    Target(
+        "plan",
+        "scx_ref/protocol/plan.py",
+        (
+            "tests/test_release_plan.py",
+            "tests/test_plan_presets_cost_config.py",
+            "tests/test_protocol_plan_config_audit.py",
+            "tests/test_design_statements.py",
+            "tests/test_dp_request_budget.py",
+            "tests/test_frontier.py::test_exposures_of_the_paper_and_the_hardened_configuration",
+            "tests/test_frontier.py::test_hardened_plan_blinds_every_generation_linear_stage",
+            "tests/test_client_lifecycle.py::test_presets_and_plans_refuse_what_is_not_a_model_or_config",
+            "tests/test_keyring_plan_mutants.py",
+        ),
+        # the rest of tests/test_frontier.py runs attacks on real sessions (a 15 s fixture): the two exposure
+        # tests above are its plan checks; tests/test_dp_key_sharing.py (6 s, plan.shared) is covered by
+        # test_release_plan.py's shared-release checks
+        deselect=(
+            # 9 s: test_budget_composes_exactly_the_plan_releases_for_every_preset composes the same releases
+            "tests/test_dp_request_budget.py::test_budget_pld_agrees_with_dp_accounting_composition",
+        ),
+    ),
 )
