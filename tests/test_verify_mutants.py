@@ -177,11 +177,9 @@ def test_range_excess_off_the_kernels_dtypes_is_the_eager_value(dtypes: tuple[st
     assert got == want and got[0] > 0.0
 
 
-def test_attention_excess_refuses_rows_that_are_not_rows_by_heads() -> None:
-    """Distances that are not rows × heads (0-d, 1-d) and a group of 0 are SCXError, not an IndexError or
-    ZeroDivisionError; norms of one KV head for a group that does not tile the heads are refused before
-    the kernel reads them."""
-    ok = RecomputedRows(
+def _fitting_rows() -> RecomputedRows:
+    """Two recomputed rows of 4 query heads over 2 KV heads whose arrays fit one another."""
+    return RecomputedRows(
         np.zeros((2, 4, 2)),
         np.zeros((2, 4)),
         np.ones((2, 4)),
@@ -189,6 +187,13 @@ def test_attention_excess_refuses_rows_that_are_not_rows_by_heads() -> None:
         np.ones((2, 2)),
         np.ones((2, 2)),
     )
+
+
+def test_attention_excess_refuses_rows_that_are_not_rows_by_heads() -> None:
+    """Distances that are not rows × heads (0-d, 1-d) and a group of 0 are SCXError, not an IndexError or
+    ZeroDivisionError; norms of one KV head for a group that does not tile the heads are refused before
+    the kernel reads them."""
+    ok = _fitting_rows()
     pos = np.zeros(2, np.int64)
     for dist in (np.zeros(()), np.zeros(2)):
         with pytest.raises(SCXError, match="do not fit"):
@@ -206,14 +211,7 @@ def test_attention_excess_refuses_rows_that_are_not_rows_by_heads() -> None:
 def test_attention_excess_refuses_each_misfit_alone_and_takes_no_rows_or_no_heads() -> None:
     """Each norm array of the wrong shape on its own (the others fitting) is refused, with the message
     naming every shape; no rows, or no heads, give the verdict of no entries (0.0)."""
-    ok = RecomputedRows(
-        np.zeros((2, 4, 2)),
-        np.zeros((2, 4)),
-        np.ones((2, 4)),
-        np.ones((2, 4)),
-        np.ones((2, 2)),
-        np.ones((2, 2)),
-    )
+    ok = _fitting_rows()
     pos = np.zeros(2, np.int64)
     for field in ("onorm", "qnorm", "kmax", "vmax"):
         for fused in (True, False):
