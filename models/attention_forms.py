@@ -80,6 +80,7 @@ def time_forms(backend: Any, keys: int, calls: int) -> tuple[list[float], list[f
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the module's command line (its docstring) on ``argv`` and print the tables; the exit status."""
     p = argparse.ArgumentParser(prog="python -m models.attention_forms", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model",

@@ -106,6 +106,7 @@ def measure(model: str, n: int, threads: int, rounds: int) -> dict[str, list[flo
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the module's command line (its docstring) on ``argv`` and print the tables; the exit status."""
     p = timing_parser(
         "models.check_cost",
         __doc__,

@@ -149,6 +149,7 @@ def client_times(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the module's command line (its docstring) on ``argv`` and print the tables; the exit status."""
     # at least 4 rounds: the quartiles of the paired differences
     p = timing_parser("models.client_ab", __doc__, rounds=9, min_rounds=4, max_n=MAX_LENGTH, hf=True)
     p.add_argument("--other", type=checkout, required=True, help="the other checkout's root (holds scx_ref/)")

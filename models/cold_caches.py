@@ -83,6 +83,7 @@ def _summary(xs: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the module's command line (its docstring) on ``argv`` and print the tables; the exit status."""
     p = timing_parser(
         "models.cold_caches",
         __doc__,

@@ -119,6 +119,7 @@ def time_forms(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the module's command line (its docstring) on ``argv`` and print the tables; the exit status."""
     p = argparse.ArgumentParser(prog="python -m models.gemm_forms", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model",

@@ -152,6 +152,7 @@ def process_peak(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the module's command line (its docstring) on ``argv`` and print the tables; the exit status."""
     p = timing_parser(
         "models.host_memory",
         __doc__,

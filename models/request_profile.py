@@ -140,6 +140,7 @@ def _table(averages: Any, key: str, top: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the module's command line (its docstring) on ``argv`` and print the tables; the exit status."""
     p = timing_parser("models.request_profile", __doc__, rounds=5, model_help="a registered model", hf=True)
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (cpu)")
     p.add_argument("--no-verify", action="store_true", help="reply verification off")

@@ -117,6 +117,7 @@ def sweep(limit: float, stride: int, progress: bool = True) -> dict[str, Worst]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the module's command line (its docstring) on ``argv`` and print the table."""
     p = argparse.ArgumentParser(prog="python -m models.silu_error", description=__doc__.split("\n\n")[0])
     p.add_argument("--limit", type=float, default=87.0, help="sweep every float32 x with |x| <= LIMIT (87)")
     p.add_argument("--stride", type=int, default=1, help="take every STRIDE-th float32 only (1: all of them)")

@@ -112,6 +112,7 @@ def split_prefill(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the module's command line (its docstring) on ``argv`` and print the tables; the exit status."""
     p = timing_parser("models.split_time", __doc__, rounds=7, max_n=MAX_LENGTH, hf=True)
     p.add_argument("--no-verify", action="store_true", help="reply verification off")
     p.add_argument(

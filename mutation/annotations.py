@@ -23,12 +23,16 @@ ANNOTATIONS = Path(__file__).with_name("annotations.toml")
 
 @dataclass(frozen=True)
 class Equivalent:
+    """A mutant triaged as equivalent: its mutation and why no test can tell it from the original."""
+
     mutation: str
     reason: str
 
 
 @dataclass(frozen=True)
 class KilledBy:
+    """A mutant that survived an earlier run and the test added for it (re-checked on each run)."""
+
     mutation: str
     test: str
 

@@ -64,6 +64,8 @@ DETECTED = ("killed", "timeout")
 
 @dataclass
 class Mutant:
+    """One mutant: its mutmut name, its status and the lines its diff removes and adds."""
+
     name: str
     status: str
     removed: str = ""
@@ -72,6 +74,8 @@ class Mutant:
 
 @dataclass
 class Outcome:
+    """What one target's mutmut runs gave: every mutant, the report's problems and the runs' costs."""
+
     target: Target
     seconds: float
     mutants: list[Mutant]
@@ -82,15 +86,19 @@ class Outcome:
     runs: list[dict[str, Any]] = field(default_factory=list)  # the mutmut runs counted (a full one, resumes)
 
     def count(self, *statuses: str) -> int:
+        """How many mutants have one of ``statuses``."""
         return sum(m.status in statuses for m in self.mutants)
 
     def equivalent(self) -> list[Mutant]:
+        """The undetected mutants that the annotations list as equivalent."""
         return [m for m in self.mutants if m.status not in DETECTED and m.name in EQUIVALENT]
 
     def unexplained(self) -> list[Mutant]:
+        """The undetected mutants that the annotations do not explain (the run fails on them)."""
         return [m for m in self.mutants if m.status not in DETECTED and m.name not in EQUIVALENT]
 
     def killed_by_new_tests(self) -> list[Mutant]:
+        """The mutants the annotations name a test added for."""
         return [m for m in self.mutants if m.name in KILLED_BY]
 
 
@@ -267,6 +275,7 @@ def _diff_lines(scratch: Path, target: Target, name: str) -> tuple[str, str]:
 
 
 def collect(target: Target, seconds: float) -> Outcome:
+    """Read ``target``'s mutmut results from its scratch copy into an :class:`Outcome`."""
     from mutmut.stats import status_by_exit_code
 
     scratch = _scratch(target)
@@ -381,6 +390,7 @@ def _cell(text: str) -> str:
 def write_report(
     outcomes: Sequence[Outcome], path: Path, command: str, max_children: int, wall_s: float, commit: str
 ) -> None:
+    """Write the markdown report of ``outcomes`` to ``path``."""
     total_s = sum(o.seconds for o in outcomes)
     resumed = any(len(o.runs) > 1 for o in outcomes)
     lines = [
@@ -494,6 +504,7 @@ def write_report(
 
 
 def which_test(target: Target, mutants: Sequence[str], tests: Sequence[str]) -> None:
+    """Print, for each of ``mutants``, the first of ``tests`` (default: the target's) that fails on it."""
     mutants_dir = _scratch(target) / "mutants"
     if not mutants_dir.exists():
         raise SystemExit(f"run `python -m mutation.run {target.name}` first")
@@ -509,6 +520,7 @@ def which_test(target: Target, mutants: Sequence[str], tests: Sequence[str]) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line of the module docstring; the exit status (1 when a report lists a problem)."""
     names = [t.name for t in TARGETS]
     parser = argparse.ArgumentParser(prog="python -m mutation.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("targets", nargs="*", help=f"targets to run (default: all of {', '.join(names)})")

@@ -21,6 +21,8 @@ __all__ = ["TARGETS", "Target"]
 
 @dataclass(frozen=True)
 class Target:
+    """One mutmut run: the module at ``path`` and the tests that run against its mutants."""
+
     name: str
     path: str
     tests: tuple[str, ...]

@@ -30,6 +30,7 @@ def _run_child(mutant: str, test: str, pytest_args: Sequence[str], timeout: int)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The worker's command line (the module docstring); the exit status."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--timeout", type=int, default=120)
     parser.add_argument("pytest_args", nargs="*")
