@@ -106,8 +106,11 @@ def unlock_locked(view: ServerView, weights: ModelWeights, rtol: float = 1e-4) -
       gives V from the stage's V·P. Works wherever the server runs that block's attention.
 
     Returns, per locked block, ``raw`` and ``attention``: the prompt rows each route placed (of ``n``);
-    ``k``, ``v``: the cache (n × H_kv × d_h, true order) of a route that placed every row (the raw route
-    first), else None. Rows match within ``rtol`` entry by entry (float32 runs round apart by ~1e-7).
+    ``ambiguous``: the positions the raw route left unplaced because two of the server's rows match there
+    (a QKV-stage decoy and a locked decoy drawn from the same calibration token's rows; it places only a
+    position exactly one row claims); ``k``, ``v``: the cache (n × H_kv × d_h, true order) of a route that
+    placed every row (the raw route first), else None. Rows match within ``rtol`` entry by entry (float32
+    runs round apart by ~1e-7).
 
     Checked first: ConfigError for an ``rtol`` that is not a finite number >= 0 (a NaN would place no row,
     reading as "locked"); ProtocolError for a view without the prompt's n or a message without the arrays
@@ -120,7 +123,7 @@ def unlock_locked(view: ServerView, weights: ModelWeights, rtol: float = 1e-4) -
     for m in view.select(stage=Stage.LOCK):
         i = int(m.layer)
         locked = _rows(stage_array(view, Stage.LOCK, i, "k"), None, c.kv_dim, f"block {i}'s locked keys")
-        res: dict[str, Any] = {"raw": 0, "attention": 0, "k": None, "v": None}
+        res: dict[str, Any] = {"raw": 0, "ambiguous": 0, "attention": 0, "k": None, "v": None}
         # raw route: RoPE each of the server's own key rows at every prompt position and look it up
         _, zk, zv = raw_qkv(view, weights, i)
         rows = len(zk)
@@ -130,10 +133,16 @@ def unlock_locked(view: ServerView, weights: ModelWeights, rtol: float = 1e-4) -
             rot = ops.apply_rope(zk3, np.full(rows, p), c.rope_theta).reshape(rows, c.kv_dim)
             hit = exact_matches(rot, locked, rtol) >= 0
             pos_of[hit & (pos_of < 0)] = p
+        # a position two rows claim is ambiguous: a decoy row of the QKV stage and one of the locked cache
+        # can be the same calibration token's row (the pool's draws per stage are independent), so both
+        # the real row and that decoy match there; the raw route cannot tell which is real and places none
+        claims = np.bincount(pos_of[pos_of >= 0], minlength=n)
         placed = np.full(n, -1, dtype=np.int64)
         for j in np.flatnonzero(pos_of >= 0):
-            placed[pos_of[j]] = j
+            if claims[pos_of[j]] == 1:
+                placed[pos_of[j]] = j
         res["raw"] = int(np.sum(placed >= 0))
+        res["ambiguous"] = int(np.sum(claims > 1))
         if res["raw"] == n:
             res["k"] = ops.apply_rope(zk3[placed], np.arange(n), c.rope_theta)
             res["v"] = zv[placed].reshape(n, *kv)
