@@ -2,7 +2,8 @@
 
 Usage (``nox -s mutation`` runs the first form on every target)::
 
-    python -m mutation.run [TARGET ...] [--max-children N] [--report PATH] [--no-verify] [--resume]
+    python -m mutation.run [TARGET ...] [--max-children N] [--report PATH] [--no-verify]
+                           [--resume [--unreached]]
     python -m mutation.run --which-test TARGET MUTANT [MUTANT ...] [--tests TEST ...]
 
 For every target it copies the repository into ``build/mutation/<target>`` (mutmut's own ``mutants/``
@@ -26,7 +27,8 @@ results, copies the current tests into it and re-runs only the mutants the earli
 those annotated as equivalent — mutmut's own incremental mode: tests were only added, so a mutant killed
 before stays killed. New tests must go into files the target already selects (a changed selection makes
 mutmut discard every result). The report counts the earlier run and the resumed ones together (times
-added; each run is listed). Mutants a stopped run never reached are not run by ``--resume`` either.
+added; each run is listed). Mutants a stopped run never reached are not run by ``--resume`` alone;
+``--resume --unreached`` runs them too (on the current tests), finishing a stopped run.
 """
 
 from __future__ import annotations
@@ -199,12 +201,17 @@ def _sync_tests(target: Target) -> None:
 
 
 def run_mutmut(
-    target: Target, max_children: int, resume: bool = False, report_only: bool = False
+    target: Target,
+    max_children: int,
+    resume: bool = False,
+    report_only: bool = False,
+    unreached: bool = False,
 ) -> tuple[float, tuple[float, float], float]:
     """Run mutmut on one target: (wall seconds, load average at start and end, CPU seconds).
 
-    With ``resume`` only the mutants the previous run left undetected are run again (on the current tests);
-    the times returned are the previous run's plus this one's."""
+    With ``resume`` only the mutants the previous run left undetected are run again (on the current tests),
+    with ``unreached`` also those a stopped run never reached; the times returned are the previous run's
+    plus this one's."""
     before: dict[str, Any] = {}
     if report_only:  # no mutmut: the results and times the earlier runs left
         runs = json.loads(_timing_file(target).read_text(encoding="utf-8"))["runs"]
@@ -220,7 +227,9 @@ def run_mutmut(
         before = json.loads(_timing_file(target).read_text(encoding="utf-8"))
         _sync_tests(target)
         # equivalent ones stay as they were; so do the mutants a stopped run never reached (still "not run")
-        names = [n for n in _undetected(target) if n not in EQUIVALENT and n not in _not_run(target)]
+        # unless ``unreached`` asks for them
+        skip = set() if unreached else _not_run(target)
+        names = [n for n in _undetected(target) if n not in EQUIVALENT and n not in skip]
     else:
         scratch = prepare(target)
         names = []
@@ -533,6 +542,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="re-run only the mutants the last run left undetected (docstring)",
     )
     parser.add_argument(
+        "--unreached",
+        action="store_true",
+        help="with --resume: also run the mutants a stopped run never reached",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="run no mutmut: report what the last runs left (a stopped run's unreached mutants: 'not run')",
@@ -545,6 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         target_name, *mutants = args.which_test
         which_test(by_name[target_name], mutants, args.tests)
         return 0
+    if args.unreached and not args.resume:
+        parser.error("--unreached finishes a stopped run: it needs --resume")
     unknown = [n for n in args.targets if n not in by_name]
     if unknown:
         parser.error(f"unknown target(s) {unknown}; known: {names}")
@@ -558,7 +574,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for target in selected:
         print(f"mutation: {target.path} ...", flush=True)
         seconds, load, cpu = run_mutmut(
-            target, args.max_children, resume=args.resume, report_only=args.report_only
+            target,
+            args.max_children,
+            resume=args.resume,
+            report_only=args.report_only,
+            unreached=args.unreached,
         )
         outcome = collect(target, seconds)
         outcome.load, outcome.cpu_seconds = load, cpu
