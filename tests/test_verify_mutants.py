@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 
 from scx_ref.backends import NumpyBackend, cpu_kernels
-from scx_ref.backends.base import WeightName, sum_norm_slack
+from scx_ref.backends.base import WeightName, split_qkv, sum_norm_slack
 from scx_ref.errors import IntegrityError, NonFiniteError, SCXError
 from scx_ref.keys import KeySchedule
+from scx_ref.ops import route
 from scx_ref.protocol import Reply, Request, verify
 from scx_ref.protocol.keyring import RequestKeys
 from scx_ref.protocol.mlp import traced_mlp
 from scx_ref.protocol.verify import (
+    LAMBDA,
+    LockSketch,
     RecomputedRows,
     SessionVerifier,
     SketchCache,
@@ -27,6 +30,7 @@ from scx_ref.protocol.verify import (
     check_reply,
     excess_ratio,
     linear_excess,
+    lock_scores_excess,
     prefix_extreme,
     range_excess,
     range_shapes,
@@ -689,3 +693,441 @@ def test_the_fused_dense_mlp_check_names_what_failed_and_traces_the_clients_own_
 
 def _verifier_of(b: Any) -> SessionVerifier[Any]:
     return SessionVerifier(b, RequestKeys(_keys(10), b.config), SketchCache(b, _keys(0)))
+
+
+# ==== stop 72 (helper h2): SessionVerifier.lock_step, .gen_last and .mlp ====
+
+# -- SessionVerifier.lock_step ---------------------------------------------------------------------------
+
+
+def test_lock_step_is_the_steps_own_draw_kept_once_derived() -> None:
+    """lock_step(block, step) is the 1 × vectors draw of that generation step (RequestKeys.verify_lock with
+    the step: not the prefill's draw, not another step's), and once derived it is kept: a second call
+    returns the kept coefficients, not a fresh derivation."""
+    ver, _ = _verifier(NumpyBackend(W))
+    got = ver.lock_step(1, 3)
+    assert got.shape == (1, ver.vectors)
+    assert np.array_equal(got, ver.keys.verify_lock(1, 1, ver.vectors, 3))
+    assert not np.array_equal(got, ver.keys.verify_lock(1, 1, ver.vectors))
+    assert not np.array_equal(got, ver.keys.verify_lock(1, 1, ver.vectors, 4))
+    assert ver.lock_step(1, 3) is got and ver._lock_steps[(1, 3)] is got
+
+
+# -- SessionVerifier.gen_last ----------------------------------------------------------------------------
+
+
+def _gen_last_case(b: NumpyBackend, layer: int, step: int, m: int) -> tuple[np.ndarray, ...]:
+    """An honest gen_last reply as the server computes it: the locked cache (m keys), the row h sent, its
+    position, the scores (H × 1 × (m + 1)) and z."""
+    c = b.config
+    rng = np.random.default_rng(layer + 10 * step)
+    locked = rng.standard_normal((m, c.kv_dim))
+    h = rng.standard_normal((1, c.hidden_size))
+    pos = np.array([m + step])
+    z = b.project(b.norm(h, "attn", layer), "wqkv", layer)
+    q, k, _ = split_qkv(b, z)
+    q, k = b.rope(q, pos), b.rope(k, pos)
+    keys = b.append_rows(locked, b.reshape(k, (1, c.kv_dim)))
+    scores = b.scores(q, b.reshape(keys, (m + 1, c.n_kv_heads, c.head_dim)))
+    return locked, h, pos, np.asarray(scores), np.asarray(z)
+
+
+def test_gen_last_meters_and_counts_its_checks_and_uses_the_documented_slack(kernels_on: bool) -> None:
+    """An honest gen_last reply passes; its checks are metered as documented: z's Freivalds check (one
+    row against r and W r: 2·width·(k + 1) each side) plus the scores' 2·H·(m + 1)·k, and counted as
+    k + H·k entries; z's τ takes the server's own norm of h (√d + 4 roundings of input slack)."""
+    b = NumpyBackend(W)
+    c, layer, m, u = b.config, 1, 5, 2.0**-53
+    ver, cache = _verifier(b)
+    locked, h, pos, scores, z = _gen_last_case(b, layer, 0, m)
+    ver.lock(layer, locked)
+    flops, checks = ver.flops, ver.checks
+    ver.gen_last(layer, 0, h, int(pos[0]), scores, z, u)
+    k, H = ver.vectors, c.n_heads
+    assert ver.checks - checks == k + H * k
+    want = 2 * (k + 1) * (z.shape[1] + c.hidden_size) + 2 * H * (m + 1) * k
+    assert ver.flops - flops == want
+    assert 0.0 < ver.worst <= 1.0
+    normed = math.sqrt(c.hidden_size) + 4.0
+    assert cache.noted_terms() == [(("wqkv", layer, None), k, u, 0.0, normed)]
+    assert (layer, 0) not in ver._lock_steps  # the step's draw is used once
+
+
+def test_gen_last_refusals_name_the_block_and_what_failed(kernels_on: bool) -> None:
+    """gen_last is refused, naming the block: before the block's locked cache was stored; a changed z
+    (the wqkv product); a changed score (against the locked cache); scores for a wrong number of keys."""
+    b = NumpyBackend(W)
+    layer, m, u = 1, 5, 2.0**-53
+    locked, h, pos, scores, z = _gen_last_case(b, layer, 0, m)
+    with pytest.raises(IntegrityError) as err:
+        _verifier(b)[0].gen_last(layer, 0, h, int(pos[0]), scores, z, u)
+    assert str(err.value) == "gen_last of block 1 before its locked cache was stored"
+    bad_z = z.copy()
+    bad_z[0, 0] += 1.0
+    bad_s = scores.copy()
+    bad_s[0, 0, 0] += 1.0
+    for s, zz, what in (
+        (scores, bad_z, "the wqkv product"),
+        (bad_s, z, "the scores against the locked cache"),
+    ):
+        ver, _ = _verifier(b)
+        ver.lock(layer, locked)
+        with pytest.raises(IntegrityError) as err:
+            ver.gen_last(layer, 0, h, int(pos[0]), s, zz, u)
+        assert str(err.value).startswith(f"gen_last of block 1: {what} failed verification (|residual| = ")
+    ver, _ = _verifier(b)
+    ver.lock(layer, locked)
+    with pytest.raises(IntegrityError) as err:
+        ver.gen_last(layer, 0, h, int(pos[0]), scores[:, :, :m], z, u)
+    assert str(err.value) == f"gen_last of block 1: {m} scores for {m + 1} keys"
+
+
+# -- SessionVerifier.mlp -----------------------------------------------------------------------------------
+
+
+def test_moe_mlp_down_check_tau_is_the_documented_bound() -> None:
+    """The MoE down check's τ is the documented bound: ‖y_i‖·b (k output roundings) + λu Σ_slots |w|·‖m‖·
+    ((√f + 2)ρ_e + (4 + 1)‖W_e r‖) + λu₆₄√f Σ_slots |w|·‖m‖·‖W r‖ — computed here from the check vectors."""
+    b = NumpyBackend(W_MOE)
+    c, layer, u = b.config, 1, 2.0**-53
+    ver, _ = _verifier(b)
+    x = np.random.default_rng(4).standard_normal((3, c.hidden_size))
+    y, parts = traced_mlp(b, b.norm(x, "mlp", layer), layer)
+    seen: list[tuple[Any, Any]] = []
+    real = verify.excess_ratio
+
+    def spy(residual: Any, tau: Any) -> float:
+        seen.append((residual, tau))
+        return real(residual, tau)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(verify, "excess_ratio", spy)
+        ver.mlp(Stage.FFN, layer, x, {"y": y, **parts}, u)
+    got = seen[-1][1]
+    rows, k, f, kv = 3, c.top_k, c.intermediate_size, ver.vectors
+    top, weights = route(np.asarray(parts["router"]), k)
+    m_all = np.asarray(b.swiglu_act(np.asarray(parts["gu"]).reshape(rows * k, 2 * f))).reshape(rows, k, f)
+    down = ver._check("w_down", layer, 0).first(kv)
+    want = np.multiply.outer(np.linalg.norm(y, axis=1), down.tau_terms(u, float(k), 0.0)[1])
+    for i in range(rows):
+        for s in range(k):
+            ch = ver._check("w_down", layer, int(top[i, s])).first(kv)
+            wm = abs(weights[i, s]) * np.linalg.norm(m_all[i, s])
+            want[i] += 8.0 * u * wm * ((math.sqrt(f) + 2.0) * ch.rho + 5.0 * ch.wr_norm)
+            want[i] += 8.0 * 2.0**-53 * math.sqrt(f) * wm * down.wr_norm
+    assert got.shape == (rows, kv)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=0.0)
+
+
+def test_moe_mlp_traces_a_non_finite_router_verdict_to_the_clients_own_norm_without_warnings() -> None:
+    """MoE: a row the client sent whose own RMSNorm is not finite (a zero row at rms_eps = 0) makes the
+    router's verdict not finite; that is the model's NonFiniteError naming the stage and block, and the
+    client's norm of it raises no floating-point warning."""
+    zero = NumpyBackend(tiny_weights(6, moe=True, rms_eps=0.0))
+    c, layer = zero.config, 1
+    x = np.random.default_rng(2).standard_normal((3, c.hidden_size))
+    y, parts = traced_mlp(zero, zero.norm(x, "mlp", layer), layer)  # a reply for the rows before the zero
+    x[1] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(NonFiniteError) as err:
+            _verifier(zero)[0].mlp(Stage.FFN, layer, x, {"y": y, **parts}, 2.0**-53)
+    assert str(err.value).startswith(
+        "ffn of block 1: the model's own mlp RMSNorm of a row sent is not finite"
+    )
+
+
+def test_the_fused_dense_mlp_check_counts_meters_and_rejudges_tiny_rows() -> None:
+    """The torch backend's fused dense MLP verdicts: an honest reply counts rows·k entries for each of the
+    two products and meters only their products (no re-judgment of a passing verdict); an honest reply on
+    rows whose SwiGLU is ~1e-200 (norm gains ×1e-100: float64 sums of squares underflow) fails the fused
+    verdict and passes when judged again with norms that do not underflow (the same τ)."""
+    import torch
+
+    from scx_ref.backends.torch_backend import TorchBackend
+
+    w = tiny_weights(5)
+    b = TorchBackend(w, torch.float64)
+    c, layer, rows = b.config, 1, 3
+    x = b.from_numpy(np.random.default_rng(2).standard_normal((rows, c.hidden_size)))
+    y, parts = traced_mlp(b, b.norm(x, "mlp", layer), layer)
+    ver = _verifier_of(b)
+    ver.mlp(Stage.FFN, layer, x, {"y": y, **parts}, 2.0**-53)
+    kv, f, d = ver.vectors, c.intermediate_size, c.hidden_size
+    assert ver.checks == 2 * rows * kv
+    assert ver.flops == 2 * rows * (kv + 1) * (2 * f + f + d + d)
+    for lay in w.layers:
+        lay.mlp_norm = lay.mlp_norm * 1e-100
+    tiny = TorchBackend(w, torch.float64)
+    y, parts = traced_mlp(tiny, tiny.norm(x, "mlp", layer), layer)
+    ver = _verifier_of(tiny)
+    ver.mlp(Stage.FFN, layer, x, {"y": y, **parts}, 2.0**-53)
+    assert 0.0 < ver.worst <= 0.25
+
+
+def _torch_case(gains: float = 1.0) -> tuple[Any, Any, dict[str, Any]]:
+    """A float64 TorchBackend of tiny_weights(5) with its MLP norm gains × ``gains``, three rows x and the
+    honest traced MLP reply of block 1."""
+    import torch
+
+    from scx_ref.backends.torch_backend import TorchBackend
+
+    w = tiny_weights(5)
+    for lay in w.layers:
+        lay.mlp_norm = lay.mlp_norm * gains
+    b = TorchBackend(w, torch.float64)
+    x = b.from_numpy(np.random.default_rng(2).standard_normal((3, b.config.hidden_size)))
+    y, parts = traced_mlp(b, b.norm(x, "mlp", 1), 1)
+    return b, x, {"y": y, **parts}
+
+
+def test_the_fused_dense_mlp_rejudges_with_the_down_checks_own_tau_terms() -> None:
+    """Rows whose SwiGLU is ~1e-200 (fused verdict fails: its sums of squares underflow): the down product
+    is judged again once, with the very τ terms (a, b) of the down check (u, no extra output roundings,
+    the SwiGLU's 4 roundings of input slack) — the same τ, not a wider one."""
+    b, x, reply = _torch_case(1e-100)
+    ver = _verifier_of(b)
+    calls: list[tuple[Any, ...]] = []
+    real = verify.linear_excess
+
+    def spy(*args: Any) -> float:
+        calls.append(args)
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(verify, "linear_excess", spy)
+        ver.mlp(Stage.FFN, 1, x, reply, 2.0**-53)
+    assert len(calls) == 1
+    a, bb = ver._check("w_down", 1, None).first(ver.vectors).tau_terms(2.0**-53, 0.0, 4.0)
+    assert np.array_equal(calls[0][5], a) and np.array_equal(calls[0][6], bb)
+
+
+@pytest.mark.parametrize("verdict", [1.0, 1.5])
+def test_the_fused_dense_down_verdict_is_final_at_one_and_judged_again_above(
+    monkeypatch: pytest.MonkeyPatch, verdict: float
+) -> None:
+    """The fused down verdict (stubbed on an honest reply) is accepted as it is at exactly 1.0 (ratio ≤ 1:
+    no second judgment, the largest ratio recorded is 1.0) and judged again above 1 — at 1.5 too, not only
+    far above — where the honest reply's own re-judgment passes."""
+    b, x, reply = _torch_case()
+    real = b.gate_up_excess
+    monkeypatch.setattr(b, "gate_up_excess", lambda *args: (real(*args)[0], verdict))
+    ver = _verifier_of(b)
+    ver.mlp(Stage.FFN, 1, x, reply, 2.0**-53)
+    if verdict == 1.0:
+        assert ver.worst == 1.0
+    else:
+        assert ver.worst < 1.0
+
+
+@pytest.mark.parametrize("verdict", [1.0, 1.5])
+def test_the_moe_down_verdict_is_final_at_one_and_judged_again_above(verdict: float) -> None:
+    """The MoE experts' down verdict (the mlp check's last, stubbed on an honest reply) is accepted as it
+    is at exactly 1.0 (no second judgment: the largest ratio recorded is 1.0) and judged again, with norms
+    that neither underflow nor overflow, above 1 — at 1.5 too, not only far above."""
+    b = NumpyBackend(W_MOE)
+    x = np.random.default_rng(4).standard_normal((3, b.config.hidden_size))
+    y, parts = traced_mlp(b, b.norm(x, "mlp", 1), 1)
+    reply = {"y": y, **parts}
+    real = verify.excess_ratio
+    count = [0]
+
+    def counting(residual: Any, tau: Any) -> float:
+        count[0] += 1
+        return real(residual, tau)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(verify, "excess_ratio", counting)
+        _verifier(b)[0].mlp(Stage.FFN, 1, x, reply, 2.0**-53)
+    last, count[0] = count[0], 0
+
+    def stub(residual: Any, tau: Any) -> float:
+        count[0] += 1
+        return verdict if count[0] == last else real(residual, tau)
+
+    ver, _ = _verifier(b)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(verify, "excess_ratio", stub)
+        ver.mlp(Stage.FFN, 1, x, reply, 2.0**-53)
+    assert count[0] == (last if verdict == 1.0 else last + 1)
+    if verdict == 1.0:
+        assert ver.worst == 1.0
+    else:
+        assert ver.worst < 1.0
+
+
+# ==== stop 72 (helper h3): LockSketch.start, lock_scores_excess, SessionVerifier.attention_rows, _host, lock
+
+# -- LockSketch.start, lock_scores_excess ------------------------------------------------------------------
+
+
+def test_lock_sketch_start_is_the_sums_over_the_locked_keys() -> None:
+    """The sketch of locked keys K_j with coefficients c: κ_v = Σ_j c_jv K_j, Σ_j c_jv²‖K_jh‖², no slack,
+    max_j |c_jv| (what bounds the scores' output rounding in τ; 0 with no keys) and Σ_j c_jv²."""
+    rng = np.random.default_rng(11)
+    coef, keys = rng.standard_normal((5, 3)), rng.standard_normal((5, 2, 4))
+    lk = LockSketch.start(coef, keys)
+    for v in range(3):
+        assert np.allclose(lk.kappa[v], sum(coef[j, v] * keys[j] for j in range(5)), rtol=1e-13)
+        for h in range(2):
+            want = sum(coef[j, v] ** 2 * float(keys[j, h] @ keys[j, h]) for j in range(5))
+            assert math.isclose(lk.sq[v, h], want, rel_tol=1e-13)
+        assert lk.cmax[v] == max(abs(coef[j, v]) for j in range(5)) > 0.0
+        assert math.isclose(lk.csq[v], float(coef[:, v] @ coef[:, v]), rel_tol=1e-13)
+    assert np.array_equal(lk.slack, np.zeros((3, 2))) and lk.coef is coef
+    none = LockSketch.start(np.zeros((0, 3)), np.zeros((0, 2, 4)))
+    assert np.array_equal(none.cmax, np.zeros(3)) and np.array_equal(none.kappa, np.zeros((3, 2, 4)))
+
+
+def _lock_case(seed: int) -> tuple[np.ndarray, ...]:
+    """5 locked keys (H_kv 2, d_h 4) sketched with k = 3 vectors, a step's [q; k] (4 query heads, group
+    2), its coefficients and its 6 scores, the honest ones moved by a relative 10⁻³ (a residual far above
+    float64 rounding, so that every implementation of the check gets the same ratio)."""
+    rng = np.random.default_rng(seed)
+    keys, coef = rng.standard_normal((5, 2, 4)), rng.standard_normal((5, 3))
+    qk, new = rng.standard_normal((6, 4)), rng.standard_normal(3)
+    every = np.concatenate([keys, qk[None, 4:]])
+    s = np.einsum("hd,jhd->hj", qk[:4], np.repeat(every, 2, axis=1)) * 0.5
+    return keys, coef, qk, new, s * (1.0 + 1e-3 * rng.standard_normal(s.shape))
+
+
+def _lock_reference(
+    keys: np.ndarray, coef: np.ndarray, qk: np.ndarray, new: np.ndarray, s: np.ndarray, u: float
+) -> tuple[float, tuple[np.ndarray, ...]]:
+    """lock_scores_excess by its definition, one head and vector at a time (group 2, scale ½): the sketch
+    extended by the step's key k with coefficients c' (its slack |c'_v|·2λ·5u‖k‖: the two sides' RoPE),
+    and max |Σ_j s_hj c_jv − ½ q_h·κ_v| / τ_hv with τ = λu(√d_h + 3)·qs·√(Σ_j c_jv²‖K_j‖²) + λu‖s_h‖·max|c_v|
+    + 2λ·5u·qs·‖κ_v‖ + qs·slack_v + λu₆₄√m‖s_h‖‖c_v‖, qs = ½‖q_h‖, m the keys with the new one."""
+    n_h, d_h = 4, 4
+    rope = 2.0 * LAMBDA * 5.0 * u
+    c2, k2 = np.vstack([coef, new]), np.concatenate([keys, qk[None, n_h:]])
+    m, k = c2.shape
+    kappa = np.einsum("jv,jhd->vhd", c2, k2)
+    sq = np.array(
+        [
+            [sum(c2[j, v] ** 2 * float(k2[j, g] @ k2[j, g]) for j in range(m)) for g in (0, 1)]
+            for v in range(k)
+        ]
+    )
+    slack = np.abs(new)[:, None] * rope * np.linalg.norm(qk[n_h:], axis=1)[None, :]
+    cmax, csq = np.abs(c2).max(axis=0), (c2 * c2).sum(axis=0)
+    worst = 0.0
+    for h in range(n_h):
+        g, qs, snorm = h // 2, float(np.linalg.norm(qk[h])) * 0.5, float(np.linalg.norm(s[h]))
+        for v in range(k):
+            tau = (
+                LAMBDA * u * (math.sqrt(d_h) + 3.0) * qs * math.sqrt(sq[v, g])
+                + LAMBDA * u * snorm * cmax[v]
+                + rope * qs * float(np.linalg.norm(kappa[v, g]))
+                + qs * slack[v, g]
+                + LAMBDA * 2.0**-53 * math.sqrt(m) * snorm * math.sqrt(csq[v])
+            )
+            worst = max(worst, abs(float(s[h] @ c2[:, v]) - 0.5 * float(qk[h] @ kappa[v, g])) / tau)
+    return worst, (c2, kappa, sq, slack, cmax, csq)
+
+
+@pytest.mark.parametrize("u", [2.0**-53, 2.0**-24])
+@pytest.mark.parametrize("fused", [True, False], ids=["kernels", "eager"])
+def test_lock_scores_excess_is_the_documented_tau_and_extension(fused: bool, u: float) -> None:
+    """The locked-score verdict is |residual|/τ with each of τ's terms as documented — the RoPE slack 2λ·5u
+    (on q against κ and on the appended key), the output rounding λu‖s_h‖·max|c|, the client's float64
+    sums λu₆₄·√m (m the keys, not the vectors) ·‖s_h‖·‖c‖ added — and the sketch extended by the step's
+    key, on the kernels and the eager path (in float64, where the client's own term is of τ's size)."""
+    keys, coef, qk, new, s = _lock_case(4)
+    want, want_lk = _lock_reference(keys, coef, qk, new, s, u)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "ENABLED", fused)
+        got, lk = lock_scores_excess(LockSketch.start(coef, keys), qk, new, s, 2, 0.5, u)
+    assert math.isclose(got, want, rel_tol=1e-9) and got > 1.0
+    for field, ref in zip(("coef", "kappa", "sq", "slack", "cmax", "csq"), want_lk, strict=True):
+        assert np.allclose(getattr(lk, field), ref, rtol=1e-12, atol=0.0), field
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernels", "eager"])
+def test_lock_scores_excess_refuses_non_finite_scores_without_a_warning(fused: bool) -> None:
+    """A NaN, ±inf, or scores whose squares overflow float64 give a verdict that is not finite (refused)
+    with no floating-point warning on the way, whatever the caller's error state."""
+    keys, coef, qk, new, s = _lock_case(5)
+    for bad in ([math.inf, -math.inf], [math.nan], [1e200], [math.inf], [-1e300, 1e300]):
+        scores = s.copy()
+        scores[1, : len(bad)] = bad
+        with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(), np.errstate(all="warn"):
+            mp.setattr(cpu_kernels, "ENABLED", fused)
+            warnings.simplefilter("error")
+            got, _ = lock_scores_excess(LockSketch.start(coef, keys), qk, new, scores, 2, 0.5, 2.0**-24)
+        assert math.isnan(got), bad
+
+
+def test_lock_scores_excess_takes_any_float_dtype_as_its_float64_values() -> None:
+    """The compiled check reads float64: [q; k], coefficients and scores given in float16 (a dtype the
+    kernels do not take) or float32 give the verdict and sketch of their float64 values."""
+    keys, coef, qk, new, s = _lock_case(6)
+    lk = LockSketch.start(coef, keys)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "ENABLED", True)
+        if cpu_kernels.kernels() is None:
+            pytest.skip("numba not installed")
+        for dtype in (np.float16, np.float32):
+            narrow = [a.astype(dtype) for a in (qk, new, s)]
+            got, ext = lock_scores_excess(lk, narrow[0], narrow[1], narrow[2], 2, 0.5, 2.0**-24)
+            wide = [a.astype(np.float64) for a in narrow]
+            want, ext64 = lock_scores_excess(lk, wide[0], wide[1], wide[2], 2, 0.5, 2.0**-24)
+            assert got == want and np.array_equal(ext.kappa, ext64.kappa) and ext.kappa.dtype == np.float64
+
+
+def test_lock_scores_excess_names_the_shapes_that_do_not_fit() -> None:
+    """Scores for fewer keys than the sketch holds are refused by the compiled check with the message
+    naming the scores' and [q; k]'s shapes."""
+    keys, coef, qk, new, s = _lock_case(7)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "ENABLED", True)
+        if cpu_kernels.kernels() is None:
+            pytest.skip("numba not installed")
+        with pytest.raises(SCXError) as err:
+            lock_scores_excess(LockSketch.start(coef, keys), qk, new, s[:, :5], 2, 0.5, 2.0**-24)
+    assert str(err.value) == "scores (4, 5) and a step's [q; k] (6, 4) do not fit the locked sketch"
+
+
+# -- SessionVerifier.attention_rows, _host, lock --------------------------------------------------------
+
+
+def test_attention_rows_of_an_empty_prompt_are_none() -> None:
+    """No rows for n = 0 (no last row to add: row −1 is not a row); for n = 1 the one row."""
+    ver, _ = _verifier(NumpyBackend(W))
+    assert ver.attention_rows(0, 0).tolist() == [] and ver.attention_rows(1, 1).tolist() == [0]
+
+
+def test_host_is_a_float64_host_array_and_no_copy_of_one() -> None:
+    """_host gives float64 numpy arrays of the same values for numpy arrays of other dtypes and for
+    torch tensors, and a float64 numpy array itself (no copy)."""
+    import torch
+
+    from scx_ref.backends.torch_backend import TorchBackend
+
+    ver, _ = _verifier(NumpyBackend(W))
+    x64 = np.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    assert ver._host(x64) is x64
+    x32 = x64.astype(np.float32)
+    got = ver._host(x32)
+    assert got.dtype == np.float64 and np.array_equal(got, x32.astype(np.float64))
+    tb = TorchBackend(W, torch.float32)
+    tver = SessionVerifier(tb, RequestKeys(_keys(10), tb.config), SketchCache(tb, _keys(0)))
+    got = tver._host(torch.from_numpy(x32))
+    assert isinstance(got, np.ndarray) and got.dtype == np.float64
+    assert np.array_equal(got, x32.astype(np.float64))
+
+
+def test_lock_meters_its_products_and_sketches_the_locked_cache() -> None:
+    """lock adds 4·(cache entries)·vectors to the metered flops (to what was metered before) and keeps the
+    sketch of the locked cache, as columns × H_kv × d_h, with the block's secret coefficients."""
+    b = NumpyBackend(W)
+    c = b.config
+    ver, _ = _verifier(b)
+    ver.flops = 1000
+    locked = np.random.default_rng(3).standard_normal((7, c.n_kv_heads * c.head_dim))
+    ver.lock(1, locked)
+    assert ver.flops == 1000 + 4 * locked.size * ver.vectors
+    want = LockSketch.start(
+        ver.keys.verify_lock(1, 7, ver.vectors), locked.reshape(7, c.n_kv_heads, c.head_dim)
+    )
+    assert np.array_equal(ver._locks[1].kappa, want.kappa) and np.array_equal(ver._locks[1].coef, want.coef)

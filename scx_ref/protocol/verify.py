@@ -128,7 +128,7 @@ from ..backends.base import (
 )
 from ..backends.cpu_kernels import kernels
 from ..config import ModelConfig
-from ..errors import IntegrityError, NonFiniteError, ProtocolError, SCXError
+from ..errors import IntegrityError, NonFiniteError, ProtocolError, SCXError, ShapeError
 from ..keys import KeySchedule
 from ..stages import Stage
 from .keyring import RequestKeys, basis_label, gaussian
@@ -768,8 +768,20 @@ def lock_scores_excess(
     each side's rotation (two products and an add per entry) is within 3√2·u‖row‖ of the exact one, so
     the two differ by at most 2λ·5u‖row‖. One float64 pass where the CPU kernels are installed
     (:mod:`scx_ref.backends.cpu_kernels`; the same expressions in loops, so within float64 rounding of
-    them), else the numpy expressions below."""
-    n_h, h_kv = s.shape[0], lk.kappa.shape[1]
+    them), else the numpy expressions below. Both paths read float64 values of any float input; ShapeError
+    unless the shapes fit one another (s 2-D with H = H_kv·``group`` rows and one column per sketched key
+    plus this step's, qk (H + H_kv) × d_h, ``new`` of the sketch's k)."""
+    qk, new, s = (np.asarray(a, dtype=np.float64) for a in (qk, new, s))
+    k, h_kv, d_h = lk.kappa.shape
+    if not (
+        s.ndim == qk.ndim == 2
+        and s.shape[0] == h_kv * group
+        and qk.shape == (s.shape[0] + h_kv, d_h)
+        and new.shape == (k,)
+        and lk.coef.shape == (s.shape[1] - 1, k)
+    ):
+        raise ShapeError(f"scores {s.shape} and a step's [q; k] {qk.shape} do not fit the locked sketch")
+    n_h = s.shape[0]
     rope = 2.0 * LAMBDA * u * 5.0
     kern = kernels()
     if kern is not None:
@@ -797,7 +809,6 @@ def lock_scores_excess(
         snorm = np.linalg.norm(s, axis=-1)[:, None]  # H × 1
         got = s @ lk.coef  # H × k
         # head h reads KV head h // g: q as H_kv × g × d_h against κ (k × H_kv × d_h)
-        d_h = qk.shape[1]
         want = np.einsum("hed,vhd->hev", q_own.reshape(h_kv, group, d_h), lk.kappa).reshape(n_h, -1) * scale
         # the per-KV-head terms (k × H_kv) as H × k: head h reads KV head h // g
         sq, kap, slack = (
