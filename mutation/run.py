@@ -3,7 +3,7 @@
 Usage (``nox -s mutation`` runs the first form on every target)::
 
     python -m mutation.run [TARGET ...] [--max-children N] [--report PATH] [--no-verify]
-                           [--resume [--unreached]]
+                           [--resume [--unreached | --survivors]]
     python -m mutation.run --which-test TARGET MUTANT [MUTANT ...] [--tests TEST ...]
 
 For every target it copies the repository into ``build/mutation/<target>`` (mutmut's own ``mutants/``
@@ -28,7 +28,9 @@ those annotated as equivalent — mutmut's own incremental mode: tests were only
 before stays killed. New tests must go into files the target already selects (a changed selection makes
 mutmut discard every result). The report counts the earlier run and the resumed ones together (times
 added; each run is listed). Mutants a stopped run never reached are not run by ``--resume`` alone;
-``--resume --unreached`` runs them too (on the current tests), finishing a stopped run.
+``--resume --unreached`` runs them too (on the current tests), finishing a stopped run;
+``--resume --survivors`` re-runs only the mutants that survived (exit 0), not those mutmut stopped at its wall
+clock limit (*suspicious*: a slow mutant, or one run on a loaded machine), which can take minutes each.
 """
 
 from __future__ import annotations
@@ -186,6 +188,12 @@ def _undetected(target: Target) -> list[str]:
     ]
 
 
+def _survived(target: Target) -> set[str]:
+    """The mutants of the target's last run that survived (their tests passed: exit status 0)."""
+    meta = json.loads((_scratch(target) / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
+    return {name for name, code in meta["exit_code_by_key"].items() if code == 0}
+
+
 def _not_run(target: Target) -> set[str]:
     """The mutants the target's last run never reached (it was stopped)."""
     meta = json.loads((_scratch(target) / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
@@ -206,12 +214,13 @@ def run_mutmut(
     resume: bool = False,
     report_only: bool = False,
     unreached: bool = False,
+    survivors: bool = False,
 ) -> tuple[float, tuple[float, float], float]:
     """Run mutmut on one target: (wall seconds, load average at start and end, CPU seconds).
 
     With ``resume`` only the mutants the previous run left undetected are run again (on the current tests),
-    with ``unreached`` also those a stopped run never reached; the times returned are the previous run's
-    plus this one's."""
+    with ``unreached`` also those a stopped run never reached, with ``survivors`` only those that survived;
+    the times returned are the previous run's plus this one's."""
     before: dict[str, Any] = {}
     if report_only:  # no mutmut: the results and times the earlier runs left
         runs = json.loads(_timing_file(target).read_text(encoding="utf-8"))["runs"]
@@ -230,6 +239,8 @@ def run_mutmut(
         # unless ``unreached`` asks for them
         skip = set() if unreached else _not_run(target)
         names = [n for n in _undetected(target) if n not in EQUIVALENT and n not in skip]
+        if survivors:
+            names = [n for n in names if n in _survived(target)]
     else:
         scratch = prepare(target)
         names = []
@@ -429,13 +440,16 @@ def write_report(
         "",
         "killed % = (killed + timed out) / all mutants; score = the same over the mutants that are not",
         "equivalent. *survived* counts only survivors that are neither killed nor listed as equivalent;",
-        "*not run*: mutants a stopped run never reached (`--report-only` after stopping it).",
+        "*not run*: mutants a stopped run never reached (`--report-only` after stopping it); *other*:",
+        "neither killed nor survived nor listed as equivalent — mutmut's *no tests*, or *suspicious*",
+        "(stopped at its wall-clock limit, 15 × (the tests' expected time + 1 s): a slow mutant, or a",
+        "loaded machine).",
         "",
         "The machine may be shared: *load* is the 1-minute load average when the module's run started",
         "and ended (on 2 CPUs, a load of 4 means about half the CPU time went to mutmut); *CPU* is the CPU",
         "time of mutmut and its workers, so CPU / number of CPUs estimates the wall time on an idle machine.",
         "",
-        "| module | mutants | killed | timed out | equivalent | survived | no tests | not run | killed %"
+        "| module | mutants | killed | timed out | equivalent | survived | other | not run | killed %"
         " | score | wall | load | CPU |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -547,6 +561,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --resume: also run the mutants a stopped run never reached",
     )
     parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="with --resume: re-run only the mutants that survived (not the wall-clock-stopped ones)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="run no mutmut: report what the last runs left (a stopped run's unreached mutants: 'not run')",
@@ -559,8 +578,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         target_name, *mutants = args.which_test
         which_test(by_name[target_name], mutants, args.tests)
         return 0
-    if args.unreached and not args.resume:
-        parser.error("--unreached finishes a stopped run: it needs --resume")
+    if (args.unreached or args.survivors) and not args.resume:
+        parser.error("--unreached and --survivors choose what --resume re-runs: they need --resume")
+    if args.unreached and args.survivors:
+        parser.error("--unreached runs unreached mutants, --survivors only survivors: give one")
     unknown = [n for n in args.targets if n not in by_name]
     if unknown:
         parser.error(f"unknown target(s) {unknown}; known: {names}")
@@ -579,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             resume=args.resume,
             report_only=args.report_only,
             unreached=args.unreached,
+            survivors=args.survivors,
         )
         outcome = collect(target, seconds)
         outcome.load, outcome.cpu_seconds = load, cpu
