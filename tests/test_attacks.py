@@ -155,7 +155,9 @@ def test_residual_match_defeats_block1_noise(weights, pool) -> None:  # type: ig
         stage_array(view, Stage.O, 0), stage_array(view, Stage.FFN, 0), weights
     )
     assert sorted(ids[d < 1e-6].tolist()) == sorted(IDS.tolist())
-    assert np.sum(d < 1e-6) == len(IDS)  # the 3 decoys match nothing
+    # the 3 decoys match nothing at this seed; at 5 seeds of 800 an O-stage and an FFN-stage decoy are one
+    # calibration token's rows, a consistent pair that matches its token (match_block1_residual's docstring)
+    assert np.sum(d < 1e-6) == len(IDS)
 
 
 def test_sequential_matching_on_shared_cache_and_generation(weights, pool) -> None:  # type: ignore[no-untyped-def]
