@@ -24,6 +24,7 @@ from scx_ref.protocol.verify import (
     RecomputedRows,
     SessionVerifier,
     SketchCache,
+    _Check,
     attention_excess,
     attention_rows64,
     attention_tau,
@@ -1131,3 +1132,270 @@ def test_lock_meters_its_products_and_sketches_the_locked_cache() -> None:
         ver.keys.verify_lock(1, 7, ver.vectors), locked.reshape(7, c.n_kv_heads, c.head_dim)
     )
     assert np.array_equal(ver._locks[1].kappa, want.kappa) and np.array_equal(ver._locks[1].coef, want.coef)
+
+
+# ==== stop 72 (helper h4): linear, _linear_judge, _accept, _check, check_reply, SketchCache.get and more ====
+
+# -- SessionVerifier.linear, SessionVerifier._linear_judge ------------------------------------------------
+
+
+def _one_entry_check() -> _Check:
+    """A hand-made check of a 1 × 1 matrix W = 0 with r = 1 (so x·W r = 0 and y·r = y) and τ's terms
+    a = 1, b = 0 for (u, extra, slack) = (2⁻⁵³, 0, 1): τ = ‖x‖, the verdict |y| / ‖x‖ per row."""
+    one, zero = np.ones(1), np.zeros(1)
+    ch = _Check(np.ones((1, 1)), np.zeros((1, 1)), one, zero, one, one, 0.0, zero.copy())
+    ch.memo[("tau", 2.0**-53, 0.0, 1.0)] = (np.ones(1), np.zeros(1))
+    return ch
+
+
+def test_linear_uses_the_documented_input_slack() -> None:
+    """τ's input slack for y = x̂·W: 1 rounding for rows the client sent as they are (no norm), √in + 4
+    for a norm the server recomputes (in = W's input width, not the number of check vectors), and the
+    caller's ``input_slack`` when given — noted by the sketch cache and the one the verdict is judged by."""
+    b = NumpyBackend(W)
+    c, u, rows = b.config, 2.0**-53, 3
+    x = np.random.default_rng(4).standard_normal((rows, c.hidden_size))
+    cases = [
+        ("wo", None, None, 1.0),
+        ("wqkv", "attn", None, math.sqrt(c.hidden_size) + 4.0),
+        ("wqkv", "attn", 3.5, 3.5),
+        ("wo", None, 2.5, 2.5),
+    ]
+    for which, norm, given, slack in cases:
+        ver, cache = _verifier(b, SketchCache(b, _keys(0)))
+        xn = x if norm is None else b.norm(x, norm, 1)
+        y = np.asarray(b.project(xn, which, 1))
+        ver.linear(Stage.O, 1, x, y, which, u, norm=norm, norm_layer=1, input_slack=given)
+        k = ver.vectors_for(rows)
+        assert k not in (c.hidden_size, c.q_dim)  # √in + 4 is told apart from √k + 4
+        assert cache.noted_terms() == [((which, 1, None), k, u, 0.0, slack)]
+        ch = ver._check(which, 1, None).first(k)
+        yr, ynorm = b.project64(y, ch.r)
+        xr, xnorm = b.project64(xn, ch.wr)
+        want = linear_excess(yr, xr, ch.bias_r, xnorm, ynorm, *ch.tau_terms(u, 0.0, slack))
+        assert 0.0 < ver.worst == want <= 1.0
+
+
+@pytest.mark.skipif(cpu_kernels.kernels() is None, reason="numba not installed: no backend fuses the check")
+def test_linear_on_a_fusing_backend_is_one_call_and_meters_both_sides(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the backend fuses the check (the torch backend on CPU), linear's verdict is its one
+    ``freivalds_excess`` call — no separate project64 / project64_norm pass over the rows — and the products
+    of the rows y with r and x̂ with W r are still metered: 2·rows·width·(k + 1) flops each."""
+    torch = pytest.importorskip("torch")
+    from scx_ref.backends.torch_backend import TorchBackend
+
+    b = TorchBackend(W, torch.float32)
+    c, rows = b.config, 3
+
+    def no_pass(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a separate pass over the rows")
+
+    for name in ("project64", "project64_norm"):
+        monkeypatch.setattr(b, name, no_pass)
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((rows, c.q_dim)).astype(np.float32))
+    assert b._fused(x) is not None  # the fused path applies
+    assert c.q_dim == c.hidden_size  # the same rows serve as the O stage's and the QKV stage's input
+    for which, norm in (("wo", None), ("wqkv", "attn")):
+        y = b.project(x if norm is None else b.norm(x, "attn", 0), which, 0)
+        ver, _ = _verifier(b)  # type: ignore[arg-type]
+        ver.linear(Stage.O, 0, x, y, which, 2.0**-24, norm=norm, norm_layer=0)
+        k = ver.vectors_for(rows)
+        assert ver.flops == 2 * rows * (x.shape[1] + y.shape[1]) * (k + 1)
+        assert 0.0 < ver.worst <= 1.0
+
+
+def test_linear_judge_takes_a_verdict_of_exactly_one_as_it_is() -> None:
+    """A verdict of exactly 1 (|residual| = τ) passes: it is recorded as it is, and the rows are not read
+    a second time (the re-judgment is for a failing verdict only)."""
+    b = NumpyBackend(W, np.float64)
+    ver, _ = _verifier(b)
+    x, y = np.ones((1, 1)), np.ones((1, 1))
+    ver._linear_judge(Stage.O, 0, "wo", 2.0**-53, _one_entry_check(), y, x, 1.0)
+    assert ver.worst == 1.0  # 1 / ‖x‖ = 1 exactly; the re-judged norm (√ with slack) would give less
+    assert ver.flops == 2 * (2 * 1 * 1 * 2) and ver.checks == 1
+
+
+def test_linear_judge_rejudges_a_failing_verdict_on_rows_the_client_holds_only() -> None:
+    """A verdict that fails because the float64 sum of squares underflows (‖x‖ of a row s = 1.2·2⁻⁵³⁷:
+    s² rounds down to 2⁻¹⁰⁷⁴, ‖x‖ to s / 1.2, so the plain verdict is ≈ 1.2) is judged again with
+    row_norms — for x given as rows, or as Products with ``x_rows`` — and passes; with Products and no
+    rows to read it is refused as it stands (IntegrityError, nothing else)."""
+    b = NumpyBackend(W, np.float64)
+    s = 1.2 * 2.0**-537
+    x, y = np.full((1, 1), s), np.full((1, 1), s)
+    plain = b.project64(x, np.zeros((1, 1)))
+    assert 1.1 < s / float(plain[1][0]) < 2.0  # the plain verdict fails, by less than a factor 2
+    for given in ("rows", "products"):
+        ver, _ = _verifier(b)
+        xs = x if given == "rows" else plain
+        ver._linear_judge(Stage.O, 0, "wo", 2.0**-53, _one_entry_check(), y, xs, 1.0, x_rows=lambda: x)
+        assert 0.99 < ver.worst <= 1.0
+    ver, _ = _verifier(b)
+    with pytest.raises(IntegrityError, match="block 0: the wo product failed verification"):
+        ver._linear_judge(Stage.O, 0, "wo", 2.0**-53, _one_entry_check(), y, plain, 1.0)
+    assert ver.worst == 0.0
+
+
+def test_accept_refuses_a_verdict_over_one_and_one_not_finite_naming_the_stage_block_and_product() -> None:
+    """A verdict just over the bound (|residual| = 1.5 τ, re-judged and still over) and a NaN residual are
+    refused with IntegrityError naming the stage, the block and the product; neither is recorded as the
+    worst verdict passed."""
+    b = NumpyBackend(W, np.float64)
+    x = np.ones((1, 1))
+    for y, says in (
+        (np.full((1, 1), 1.5), r"o of block 2: the wo product failed verification \(\|residual\| = 1\.5 ×"),
+        (np.full((1, 1), np.nan), "o of block 2: the wo product is not finite"),
+    ):
+        ver, _ = _verifier(b)
+        with pytest.raises(IntegrityError, match=says):
+            ver._linear_judge(Stage.O, 2, "wo", 2.0**-53, _one_entry_check(), y, x, 1.0)
+        assert ver.worst == 0.0
+
+
+def test_linear_checks_count_rows_times_vectors_and_add_up() -> None:
+    """Each linear verdict counts rows × k checked entries — the rows of x (its rows, or its Products'
+    rows), not its width or k — and the counts of a session's verdicts add up."""
+    b = NumpyBackend(W)
+    c, u, rows = b.config, 2.0**-53, 3
+    ver, _ = _verifier(b)
+    k = ver.vectors_for(rows)
+    x = np.random.default_rng(6).standard_normal((rows, c.q_dim))
+    y = np.asarray(b.project(x, "wo", 0))
+    assert len({rows, k, c.q_dim}) == 3
+    ver.linear(Stage.O, 0, x, y, "wo", u)
+    assert ver.checks == rows * k
+    ch = ver._check("wo", 0, None).first(k)
+    ver._linear_judge(Stage.O, 0, "wo", u, ch, y, b.project64(x, ch.wr), 1.0)
+    assert ver.checks == 2 * rows * k
+
+
+def test_vectors_for_gives_every_vector_up_to_few_rows() -> None:
+    """A reply of at most FEW_ROWS rows (a generation step) is checked with all the session's vectors; one
+    more row, with VECTORS_MANY."""
+    ver, _ = _verifier(NumpyBackend(W))
+    assert [ver.vectors_for(n) for n in (1, verify.FEW_ROWS, verify.FEW_ROWS + 1)] == [
+        ver.vectors,
+        ver.vectors,
+        min(ver.vectors, verify.VECTORS_MANY),
+    ]
+    assert ver.vectors > verify.VECTORS_MANY
+
+
+def test_first_of_all_vectors_is_the_check_itself() -> None:
+    """``first(k)`` for k ≥ the check's vectors is the check itself, so τ's terms derived on it (ahead, by
+    ``prepare``) are the ones a reply of few rows reads, not derived again."""
+    ver, _ = _verifier(NumpyBackend(W))
+    ch = ver._check("wo", 0, None)
+    a, _b = ch.tau_terms(2.0**-53, 0.0, 1.0)
+    for k in (ver.vectors, ver.vectors + 1):
+        same = ch.first(k)
+        assert same is ch and same.tau_terms(2.0**-53, 0.0, 1.0)[0] is a
+    assert ch.first(ver.vectors - 1) is not ch
+
+
+def test_sketch_cache_computes_each_matrix_once_per_basis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A matrix's sketch is computed on first use only (one ``weight_sketch`` pass over W) and then served
+    as the same object — until a rotation moves the cache to a fresh basis; a sketch whose computation a
+    rotation overtook is not kept."""
+    b = NumpyBackend(W)
+    cache = SketchCache(b, _keys(2))
+    passes: list[tuple[object, ...]] = []
+    sketch = b.weight_sketch
+
+    def counted(*args: Any) -> Any:
+        passes.append(args[:3])
+        return sketch(*args)
+
+    monkeypatch.setattr(b, "weight_sketch", counted)
+    first = cache.get("wo", 1, None)
+    assert cache.get("wo", 1, None) is first and passes == [("wo", 1, None)]
+    cache.rotate()
+    second = cache.get("wo", 1, None)
+    assert second is not first and len(passes) == 2
+    assert not np.array_equal(second.basis, first.basis)
+    # a rotation while a sketch is being computed (another request detected tampering): that sketch, of the
+    # discarded basis, is not kept — the next use computes one from the fresh basis
+    rotate_during = [True]
+
+    def rotating(*args: Any) -> Any:
+        if rotate_during.pop() if rotate_during else False:
+            cache.rotate()
+        return counted(*args)
+
+    monkeypatch.setattr(b, "weight_sketch", rotating)
+    stale = cache.get("w_down", 0, None)
+    fresh = cache.get("w_down", 0, None)
+    assert fresh is not stale and not np.array_equal(fresh.basis, stale.basis) and len(passes) == 4
+    assert cache.get("w_down", 0, None) is fresh and len(passes) == 4
+
+
+def test_one_expert_moe_mlp_reply_is_checked() -> None:
+    """An MoE of one expert (top_k = 1, a valid config) is checked like any other: its down maps share the
+    r drawn for expert 0 — the only expert there is — and an honest traced reply passes."""
+    w = tiny_weights(8, moe=True, n_experts=1, top_k=1)
+    b = NumpyBackend(w)
+    ver, _ = _verifier(b)
+    x = np.random.default_rng(7).standard_normal((3, b.config.hidden_size))
+    y, parts = traced_mlp(b, b.norm(x, "mlp", 1), 1)
+    ver.mlp(Stage.FFN, 1, x, {"y": y, **parts}, 2.0**-53)
+    assert 0.0 < ver.worst <= 1.0
+    assert ("w_down", 1, 0) in ver._checks  # the down check ran
+
+
+class _NoDtype:
+    """A backend without a ``dtype`` attribute (the Backend protocol does not name one): ``b``'s methods."""
+
+    def __init__(self, b: NumpyBackend) -> None:
+        self._b = b
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dtype":
+            raise AttributeError(name)
+        return getattr(self._b, name)
+
+
+def test_check_reply_judges_at_the_clients_compute_dtype() -> None:
+    """check_reply's unit roundoff is the client's compute dtype: a bfloat16 torch backend's 2⁻⁸ (its arrays
+    leave in float32, whose 2⁻²⁴ would refuse its own bf16 rows as coarser), and for a backend without a
+    ``dtype`` attribute its ``numpy_dtype``'s."""
+    plain = _NoDtype(NumpyBackend(W, np.float32))
+    out, u = check_reply(plain, _req(), _reply(), {"y": (2, 3)})  # type: ignore[arg-type]
+    assert u == 2.0**-24 and out["y"].dtype == np.float32
+    torch = pytest.importorskip("torch")
+    from scx_ref.backends.torch_backend import TorchBackend
+
+    bf = TorchBackend(W, torch.bfloat16)
+    assert bf.numpy_dtype() == np.float32
+    out, u = check_reply(
+        bf, _req(), _reply(arrays={"y": torch.ones(2, 3, dtype=torch.bfloat16)}), {"y": (2, 3)}
+    )
+    assert u == 2.0**-8 and out["y"].dtype == torch.bfloat16
+
+
+def test_check_reply_refuses_a_reply_entry_without_a_dtype_by_what_it_is() -> None:
+    """An array entry without a dtype is judged by its type's name: a Python float (float64, finer) passes
+    the dtype gate and is refused as not an array; a list, as no floating dtype at all."""
+    b = NumpyBackend(W, np.float32)
+    for raw, says in (
+        (2.5, "o: reply o.y must be a numpy array, got float"),
+        ([[1.0] * 3] * 2, "o: unsupported floating dtype list"),
+    ):
+        with pytest.raises(IntegrityError) as err:
+            check_reply(b, _req(), _reply(arrays={"y": raw}), {"y": (2, 3)})
+        assert str(err.value) == says
+
+
+class _UnhashableName(list[Any]):
+    """An unhashable object whose str is a floating dtype's name (float_dtype_name reads names)."""
+
+    def __str__(self) -> str:
+        return "float32"
+
+
+def test_unit_roundoff_answers_an_unhashable_dtype_without_memoising_it() -> None:
+    """unit_roundoff memoises hashable dtypes only: an unhashable one naming float32 is still answered
+    (2⁻²⁴), not refused with the memo's TypeError."""
+    assert verify.unit_roundoff(_UnhashableName()) == 2.0**-24
+    assert verify.unit_roundoff(_UnhashableName()) == 2.0**-24
