@@ -178,26 +178,28 @@ def _timing_file(target: Target) -> Path:
     return _scratch(target) / "timing.json"
 
 
+def _exit_codes(target: Target) -> dict[str, int | None]:
+    """mutmut's exit status of each mutant of the target's last run (None: never run)."""
+    meta = json.loads((_scratch(target) / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
+    codes: dict[str, int | None] = meta["exit_code_by_key"]
+    return codes
+
+
 def _undetected(target: Target) -> list[str]:
     """The mutants of the target's last run that no test detected (survived, no tests, ...)."""
     from mutmut.stats import status_by_exit_code
 
-    meta = json.loads((_scratch(target) / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
-    return [
-        name for name, code in meta["exit_code_by_key"].items() if status_by_exit_code[code] not in DETECTED
-    ]
+    return [name for name, code in _exit_codes(target).items() if status_by_exit_code[code] not in DETECTED]
 
 
 def _survived(target: Target) -> set[str]:
     """The mutants of the target's last run that survived (their tests passed: exit status 0)."""
-    meta = json.loads((_scratch(target) / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
-    return {name for name, code in meta["exit_code_by_key"].items() if code == 0}
+    return {name for name, code in _exit_codes(target).items() if code == 0}
 
 
 def _not_run(target: Target) -> set[str]:
     """The mutants the target's last run never reached (it was stopped)."""
-    meta = json.loads((_scratch(target) / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
-    return {name for name, code in meta["exit_code_by_key"].items() if code is None}
+    return {name for name, code in _exit_codes(target).items() if code is None}
 
 
 def _sync_tests(target: Target) -> None:
@@ -299,9 +301,8 @@ def collect(target: Target, seconds: float) -> Outcome:
     from mutmut.stats import status_by_exit_code
 
     scratch = _scratch(target)
-    meta = json.loads((scratch / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
     module = target.path.removesuffix(".py").replace("/", ".")
-    mutants = [Mutant(name, status_by_exit_code[code]) for name, code in meta["exit_code_by_key"].items()]
+    mutants = [Mutant(name, status_by_exit_code[code]) for name, code in _exit_codes(target).items()]
     outcome = Outcome(target, seconds, mutants)
     for m in mutants:
         if m.status == "not checked" and m.name not in EQUIVALENT and m.name not in KILLED_BY:
