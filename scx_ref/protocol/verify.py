@@ -213,7 +213,7 @@ def prefix_extreme(x: npt.NDArray[Any], largest: bool) -> npt.NDArray[Any]:
     op = np.maximum if largest else np.minimum
     y = np.array(x, copy=True)
     if y.ndim == 0:
-        raise SCXError("prefix_extreme needs an array with a row axis")
+        raise ShapeError("prefix_extreme needs an array with a row axis")
     buf = np.empty_like(y)
     step, n = 1, y.shape[0]
     while step < n:
@@ -225,15 +225,15 @@ def prefix_extreme(x: npt.NDArray[Any], largest: bool) -> npt.NDArray[Any]:
 
 
 def range_shapes(v: tuple[int, ...], o: tuple[int, ...], first: int) -> None:
-    """SCXError unless outputs of shape ``o`` (queries × H_kv × g × d_h, query i at position first + i) and
+    """ShapeError unless outputs of shape ``o`` (queries × H_kv × g × d_h, query i at position first + i) and
     values of shape ``v`` (keys × H_kv × d_h) fit the range check: the same heads and width (≥ 1), and no
     query past the keys, none before position 0."""
     if len(v) != 3 or len(o) != 4 or o[1] != v[1] or o[3] != v[2] or v[2] == 0:  # width 0: divides by 0
-        raise SCXError(f"outputs {o} for values {v}: (queries × H_kv × g × d_h, keys × H_kv × d_h)")
+        raise ShapeError(f"outputs {o} for values {v}: (queries × H_kv × g × d_h, keys × H_kv × d_h)")
     if first < 0:  # the kernel would compare no query with any key: every output "in range"
-        raise SCXError(f"queries from position {first}: positions start at 0")
+        raise ShapeError(f"queries from position {first}: positions start at 0")
     if o[0] > 0 and first + o[0] > v[0]:
-        raise SCXError(f"{o[0]} queries from position {first} attend past the {v[0]} keys")
+        raise ShapeError(f"{o[0]} queries from position {first} attend past the {v[0]} keys")
 
 
 def range_excess(v: npt.NDArray[Any], o: npt.NDArray[Any], first: int) -> tuple[float, float]:
@@ -301,16 +301,16 @@ def attention_rows64(
     (:mod:`scx_ref.backends.cpu_kernels`; the pairs split across ``threads`` when there are at least
     :data:`SPLIT_ROWS64` multiply-adds), else batched products by ``matmul64``; the two agree to float64
     rounding (the kernel's exponential, ``exp64``, is within 2.5 u₆₄ of numpy's: inside the client's
-    float64 term of :func:`attention_tau`). SCXError for arrays that do not fit one another."""
+    float64 term of :func:`attention_tau`). ShapeError for arrays that do not fit one another."""
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3 or pos.ndim != 1:
-        raise SCXError(
+        raise ShapeError(
             f"rows {q.shape} at {pos.shape} positions for keys {k.shape}, values {v.shape}: (rows × H × d_h, "
             "rows, keys × H_kv × d_h)"
         )
     n_r, n_h, d_h = q.shape
     h_kv = k.shape[1]
     if o.shape != q.shape:
-        raise SCXError(f"{o.shape} server rows for {q.shape} recomputed ones")
+        raise ShapeError(f"{o.shape} server rows for {q.shape} recomputed ones")
     if (
         k.ndim != 3
         or k.shape[1:] != v.shape[1:]
@@ -318,7 +318,7 @@ def attention_rows64(
         or n_h != h_kv * group
         or pos.shape != (n_r,)
     ):
-        raise SCXError(
+        raise ShapeError(
             f"rows {q.shape} at {pos.shape} positions with group {group} for keys {k.shape}, values {v.shape}"
         )
     if n_r == 0:
@@ -328,7 +328,7 @@ def attention_rows64(
         )
     seen = int(pos.max()) + 1
     if int(pos.min()) < 0 or seen > min(k.shape[0], v.shape[0]):
-        raise SCXError(f"recomputed rows at positions up to {seen - 1} for {k.shape[0]} keys")
+        raise ShapeError(f"recomputed rows at positions up to {seen - 1} for {k.shape[0]} keys")
     kern = kernels()
     if kern is not None and {q.dtype, k.dtype, v.dtype, o.dtype} <= {
         np.dtype(np.float32),
@@ -403,7 +403,7 @@ def attention_excess(
     """The recomputed attention rows' verdict: :func:`excess_ratio` of their distances to the server's rows
     against :func:`attention_tau`. One pass where the CPU kernels are installed
     (:mod:`scx_ref.backends.cpu_kernels`: the same float64 operations in the same order, so the same
-    value), else the numpy expressions. SCXError unless the rows' arrays fit one another and ``pos``
+    value), else the numpy expressions. ShapeError unless the rows' arrays fit one another and ``pos``
     (the kernel indexes without bounds checks)."""
     n_r = rec.dist.shape[0] if rec.dist.ndim == 2 else -1
     n_h = rec.dist.shape[1] if rec.dist.ndim == 2 else -1
@@ -418,7 +418,7 @@ def attention_excess(
         or np.shape(pos) != (n_r,)
         or rec.want.ndim != 3
     ):
-        raise SCXError(
+        raise ShapeError(
             f"recomputed rows {rec.dist.shape} (rows × H), norms {rec.onorm.shape}, {rec.qnorm.shape}, "
             f"{rec.kmax.shape}, {rec.vmax.shape} (rows × H_kv, group {group}) at {np.shape(pos)} positions "
             "do not fit one another"
@@ -458,7 +458,7 @@ def row_norms(x: npt.NDArray[Any]) -> F64:
     ±inf has a norm that is not finite."""
     x64 = np.asarray(x, dtype=np.float64)
     if x64.ndim != 2:
-        raise SCXError(f"row norms of an array of shape {x64.shape}: rows × width")
+        raise ShapeError(f"row norms of an array of shape {x64.shape}: rows × width")
     with np.errstate(invalid="ignore", over="ignore"):
         big = np.abs(x64).max(axis=1, initial=0.0)  # NaN stays NaN: frexp gives it exponent 0
         _, e = np.frexp(big)
@@ -471,7 +471,7 @@ def linear_excess(yr: F64, xr: F64, bias_r: F64, xnorm: F64, ynorm: F64, a: F64,
     """A Freivalds check's verdict (rows × k): :func:`excess_ratio` of the residual (yr − xr) − bias_r
     against τ = ‖x̂_i‖·a + ‖y_i‖·b. One pass where the CPU kernels are installed
     (:mod:`scx_ref.backends.cpu_kernels`), else numpy expressions; both round the same operations in the
-    same order (float64, no fused multiply-add), so they return the same value. SCXError unless the
+    same order (float64, no fused multiply-add), so they return the same value. ShapeError unless the
     shapes fit one another: rows × k products, k-wide terms, one norm per row (the kernel indexes without
     bounds checks)."""
     if yr.ndim != 2 or (
@@ -482,7 +482,7 @@ def linear_excess(yr: F64, xr: F64, bias_r: F64, xnorm: F64, ynorm: F64, a: F64,
         or xnorm.shape != yr.shape[:1]
         or ynorm.shape != yr.shape[:1]
     ):
-        raise SCXError(
+        raise ShapeError(
             f"a Freivalds check's products {yr.shape}, {xr.shape}, norms {xnorm.shape}, {ynorm.shape} and "
             f"terms {bias_r.shape}, {a.shape}, {b.shape} do not fit one another (rows × k, rows, k)"
         )
@@ -797,7 +797,7 @@ def lock_scores_excess(
             _TINY,
         )
         if ratio == -1.0:
-            raise SCXError(f"scores {s.shape} and a step's [q; k] {qk.shape} do not fit the locked sketch")
+            raise ShapeError(f"scores {s.shape} and a step's [q; k] {qk.shape} do not fit the locked sketch")
         return float(ratio), LockSketch(*parts)
     # a NaN or an infinity among the scores is refused (NaN) by excess_ratio: no warnings on the way
     with np.errstate(invalid="ignore", over="ignore"):
@@ -1272,7 +1272,7 @@ class SessionVerifier(Generic[A]):
                 q, k, v, o, idx, first, c.group_size, scale, u, LAMBDA, _U64, _TINY, not every, parts
             )
         if by_range == -1.0 and by_rows == -1.0:
-            raise SCXError(
+            raise ShapeError(
                 f"queries {q.shape}, outputs {o.shape} from position {first}, keys {k.shape}, values "
                 f"{v.shape} and recomputed rows {rows.tolist()!r:.80} do not fit one another"
             )
