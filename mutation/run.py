@@ -3,7 +3,7 @@
 Usage (``nox -s mutation`` runs the first form on every target)::
 
     python -m mutation.run [TARGET ...] [--max-children N] [--report PATH] [--no-verify]
-                           [--resume [--unreached | --survivors]]
+                           [--resume [--unreached | --survivors | --unforked [--timeout S]]]
     python -m mutation.run --which-test TARGET MUTANT [MUTANT ...] [--tests TEST ...]
 
 For every target it copies the repository into ``build/mutation/<target>`` (mutmut's own ``mutants/``
@@ -31,6 +31,12 @@ added; each run is listed). Mutants a stopped run never reached are not run by `
 ``--resume --unreached`` runs them too (on the current tests), finishing a stopped run;
 ``--resume --survivors`` re-runs only the mutants that survived (exit 0), not those mutmut stopped at its wall
 clock limit (*suspicious*: a slow mutant, or one run on a loaded machine), which can take minutes each.
+``--resume --unforked`` runs exactly those *suspicious* mutants again, each in a pytest process of its own
+(the target's tests, ``-x``, up to ``--max-children`` at once, ``--timeout`` seconds each) instead of in
+mutmut's forked workers, and writes their exit statuses into mutmut's results (1 killed, 0 survived, a
+timeout as mutmut's *timeout*). A forked worker inherits the threads its parent started (numba's, the
+check kernels' pools), and some mutants of the verifier's attention check never finished there on an idle
+machine, while each takes under a minute in a fresh process (stop 73).
 """
 
 from __future__ import annotations
@@ -202,6 +208,60 @@ def _not_run(target: Target) -> set[str]:
     return {name for name, code in _exit_codes(target).items() if code is None}
 
 
+def _suspicious(target: Target) -> set[str]:
+    """The mutants mutmut stopped at its wall clock (status *suspicious*) in the target's last run."""
+    from mutmut.stats import status_by_exit_code
+
+    return {name for name, code in _exit_codes(target).items() if status_by_exit_code[code] == "suspicious"}
+
+
+#: mutmut's exit status for a mutant stopped at its time limit (SIGXCPU; "timeout" in its stats)
+TIMEOUT_CODE = -24
+
+
+def _run_unforked(target: Target, names: Sequence[str], max_children: int, timeout: float) -> None:
+    """Run each of ``names`` against the target's tests in a pytest process of its own (``-x``; at most
+    ``max_children`` at once; ``timeout`` seconds, then it counts as timed out) with the current tests
+    copied into the mutants' tree, and record each exit status and duration in mutmut's results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mutants_dir = _scratch(target) / "mutants"
+    for name in ("tests", "properties", "conftest.py"):  # the tests as they are now, the mutants as they were
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, mutants_dir / name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, mutants_dir / name)
+
+    def one(name: str) -> tuple[str, int, float]:
+        env = _env()
+        env["MUTANT_UNDER_TEST"] = name
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pytest", "-x", "-p", "no:randomly", *PYTEST_ARGS, *target.tests],
+                cwd=mutants_dir,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=timeout,
+            )
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = TIMEOUT_CODE
+        return name, code, time.monotonic() - start
+
+    with ThreadPoolExecutor(max(1, max_children)) as pool:
+        results = list(pool.map(one, names))
+    meta_path = mutants_dir / (target.path + ".meta")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    for name, code, seconds in results:
+        meta["exit_code_by_key"][name] = code
+        meta.setdefault("durations_by_key", {})[name] = seconds
+    meta_path.write_text(json.dumps(meta, indent=4), encoding="utf-8")
+
+
 def _sync_tests(target: Target) -> None:
     """Copy the current tests (and test helpers) over the scratch copy's, for a resumed run."""
     scratch = _scratch(target)
@@ -217,12 +277,15 @@ def run_mutmut(
     report_only: bool = False,
     unreached: bool = False,
     survivors: bool = False,
+    unforked: bool = False,
+    timeout: float = 600.0,
 ) -> tuple[float, tuple[float, float], float]:
     """Run mutmut on one target: (wall seconds, load average at start and end, CPU seconds).
 
     With ``resume`` only the mutants the previous run left undetected are run again (on the current tests),
-    with ``unreached`` also those a stopped run never reached, with ``survivors`` only those that survived;
-    the times returned are the previous run's plus this one's."""
+    with ``unreached`` also those a stopped run never reached, with ``survivors`` only those that survived,
+    with ``unforked`` only the *suspicious* ones, each in a pytest process of its own (:func:`_run_unforked`,
+    ``timeout`` seconds each); the times returned are the previous run's plus this one's."""
     before: dict[str, Any] = {}
     if report_only:  # no mutmut: the results and times the earlier runs left
         runs = json.loads(_timing_file(target).read_text(encoding="utf-8"))["runs"]
@@ -243,6 +306,8 @@ def run_mutmut(
         names = [n for n in _undetected(target) if n not in EQUIVALENT and n not in skip]
         if survivors:
             names = [n for n in names if n in _survived(target)]
+        if unforked:
+            names = [n for n in names if n in _suspicious(target)]
     else:
         scratch = prepare(target)
         names = []
@@ -250,7 +315,9 @@ def run_mutmut(
     cpu_start = _children_cpu()
     start = time.monotonic()
     proc = None
-    if not resume or names:
+    if unforked and names:
+        _run_unforked(target, names, max_children, timeout)
+    elif not resume or names:
         with (scratch / ("mutmut-resume.log" if resume else "mutmut.log")).open("w", encoding="utf-8") as log:
             proc = subprocess.run(
                 [_mutmut(), "run", "--max-children", str(max_children), *names],
@@ -273,8 +340,10 @@ def run_mutmut(
         "cpu": cpu,
         "rerun": len(names) if resume else None,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **({"unforked": True} if unforked else {}),
     }
-    runs = [*before.get("runs", []), *([this] if proc is not None else [])]  # a resume with nothing to re-run
+    ran = proc is not None or (unforked and bool(names))
+    runs = [*before.get("runs", []), *([this] if ran else [])]  # a resume with nothing to re-run
     _timing_file(target).write_text(json.dumps({"runs": runs}, indent=1), encoding="utf-8")
     total = sum(r["seconds"] for r in runs)
     total_cpu = sum(float("nan") if r["cpu"] is None else r["cpu"] for r in runs)  # None: not measured
@@ -395,6 +464,31 @@ def _commit() -> str:
     return head.stdout.strip() + (" + local changes" if dirty else "")
 
 
+def _source_of(target: Target) -> str:
+    """Which version of the target's module its mutants were made from: the current file when the scratch
+    copy's equals it, else the newest commit whose file does (a ``--resume`` keeps the mutants it has)."""
+    made_from = _scratch(target) / target.path
+    if not made_from.exists():
+        return "unknown (no scratch copy)"
+    if made_from.read_bytes() == (ROOT / target.path).read_bytes():
+        return "the current source"
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    blob = git("hash-object", str(made_from))
+    for commit in git("log", "--format=%h", "-n", "200", "--", target.path).split():
+        if git("rev-parse", f"{commit}:{target.path}") == blob:
+            return (
+                f"`{target.path}` as of commit {commit}, which has changed since (a `--resume` keeps the"
+                " mutants it has; a run without it mutates the current source)"
+            )
+    return (
+        f"a version of `{target.path}` that no recent commit holds (a run without `--resume` mutates the"
+        " current one)"
+    )
+
+
 def _minutes(seconds: float | None) -> str:
     """Seconds as minutes; "n/a" for a time that was not measured (a run stopped from outside)."""
     return "n/a" if seconds is None or seconds != seconds else f"{seconds / 60:.1f} min"
@@ -466,6 +560,7 @@ def write_report(
         )
     for o in outcomes:
         lines += ["", f"## `{o.target.path}`", ""]
+        lines += [f"mutants made from: {_source_of(o.target)}", ""]
         lines.append("tests: " + ", ".join(f"`{t}`" for t in o.target.tests))
         if o.target.deselect:
             lines.append("; deselected: " + ", ".join(f"`{t}`" for t in o.target.deselect))
@@ -477,6 +572,9 @@ def write_report(
             ]
             for r in o.runs:
                 what = "every mutant" if r.get("rerun") is None else f"the {r['rerun']} undetected mutants"
+                if r.get("unforked"):
+                    what = f"the {r['rerun']} suspicious mutants, each in a pytest process of its own"
+                    what += " (`--unforked`)"
                 if r.get("stopped"):
                     what += " (stopped before the end: the mutants it never reached are counted as *not run*)"
                 lines.append(
@@ -567,6 +665,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --resume: re-run only the mutants that survived (not the wall-clock-stopped ones)",
     )
     parser.add_argument(
+        "--unforked",
+        action="store_true",
+        help=(
+            "with --resume: re-run only the suspicious (wall-clock-stopped) mutants, each in its own pytest "
+            "process"
+        ),
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="with --unforked: seconds per mutant before it counts as timed out (default 600)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="run no mutmut: report what the last runs left (a stopped run's unreached mutants: 'not run')",
@@ -579,10 +691,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         target_name, *mutants = args.which_test
         which_test(by_name[target_name], mutants, args.tests)
         return 0
-    if (args.unreached or args.survivors) and not args.resume:
-        parser.error("--unreached and --survivors choose what --resume re-runs: they need --resume")
-    if args.unreached and args.survivors:
-        parser.error("--unreached runs unreached mutants, --survivors only survivors: give one")
+    if (args.unreached or args.survivors or args.unforked) and not args.resume:
+        parser.error(
+            "--unreached, --survivors and --unforked choose what --resume re-runs: they need --resume"
+        )
+    if sum((args.unreached, args.survivors, args.unforked)) > 1:
+        parser.error("--unreached, --survivors and --unforked each choose other mutants: give one")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be > 0 seconds, got {args.timeout}")
     unknown = [n for n in args.targets if n not in by_name]
     if unknown:
         parser.error(f"unknown target(s) {unknown}; known: {names}")
@@ -602,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report_only=args.report_only,
             unreached=args.unreached,
             survivors=args.survivors,
+            unforked=args.unforked,
+            timeout=args.timeout,
         )
         outcome = collect(target, seconds)
         outcome.load, outcome.cpu_seconds = load, cpu

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any
@@ -1399,3 +1400,243 @@ def test_unit_roundoff_answers_an_unhashable_dtype_without_memoising_it() -> Non
     (2⁻²⁴), not refused with the memo's TypeError."""
     assert verify.unit_roundoff(_UnhashableName()) == 2.0**-24
     assert verify.unit_roundoff(_UnhashableName()) == 2.0**-24
+
+
+# -- SketchCache.__init__, SessionVerifier.attention / _attention_fused (stop 73: the mutants mutmut had
+#    stopped at its wall clock, run to the end outside it) ------------------------------------------------
+
+
+def test_sketch_cache_refuses_what_it_cannot_use_with_its_message_and_takes_a_basis_of_one() -> None:
+    """A backend without a model configuration, keys that are no KeySchedule and a basis that is not an
+    integer >= 1 are ProtocolErrors (not ConfigErrors) naming what is wrong; a basis of 1 (Python or numpy
+    integer) is taken as it is."""
+    b = NumpyBackend(W)
+    cases: list[tuple[Any, Any, Any, str]] = [
+        (object(), _keys(0), 2, "backend must be a Backend, got object"),
+        (None, _keys(0), 2, "backend must be a Backend, got NoneType"),
+        (b, "keys", 2, "keys must be a KeySchedule, got str"),
+        (b, _keys(0), 0, "basis must be >= 1, got 0"),
+        (b, _keys(0), -1, "basis must be >= 1, got -1"),
+        (b, _keys(0), True, "basis must be an integer, got bool True"),
+        (b, _keys(0), 1.0, "basis must be an integer, got float 1.0"),
+    ]
+    for backend, keys, basis, message in cases:
+        with pytest.raises(SCXError) as err:
+            SketchCache(backend, keys, basis)
+        assert type(err.value).__name__ == "ProtocolError" and str(err.value) == message
+    assert SketchCache(b, _keys(0), 1).m == 1 and SketchCache(b, _keys(0), np.int64(2)).m == 2
+
+
+def _attention_case(dtype: Any, n_q: int, first: int, seed: int = 0) -> tuple[Any, ...]:
+    """Queries at positions first … first + n_q − 1 of W's shapes over first + n_q keys and values, and
+    their exact causal GQA attention outputs (computed in float64, rounded to ``dtype``)."""
+    c = W.config
+    rng = np.random.default_rng(seed)
+    n_k = first + n_q
+    q = rng.standard_normal((n_q, c.n_heads, c.head_dim))
+    k = rng.standard_normal((n_k, c.n_kv_heads, c.head_dim))
+    v = rng.standard_normal((n_k, c.n_kv_heads, c.head_dim))
+    o = np.empty_like(q)
+    for i in range(n_q):
+        for h in range(c.n_heads):
+            kh, vh = k[: first + i + 1, h // c.group_size], v[: first + i + 1, h // c.group_size]
+            s = kh @ q[i, h] / math.sqrt(c.head_dim)
+            p = np.exp(s - s.max())
+            o[i, h] = (p / p.sum()) @ vh
+    return tuple(a.astype(dtype) for a in (q, k, v, o))
+
+
+def _attention_run(
+    dtype: Any, rows: Any, n_q: int = 6, first: int = 3, forge: bool = False, fused: bool = True
+) -> tuple[list[tuple[Any, ...]], int, int, bool]:
+    """SessionVerifier.attention on one case: the (layer, ratio, checks, what) it accepted, its flops, the
+    compiled calls it made and whether the fused path answered."""
+    b = NumpyBackend(W, dtype)
+    ver, _ = _verifier(b)
+    q, k, v, o = _attention_case(dtype, n_q, first)
+    if forge:
+        o[rows[-1] if len(rows) else 0, 0, 0] += 4.0
+    seen: list[tuple[Any, ...]] = []
+    calls: list[int] = []
+    answered: list[bool] = []
+    kern = cpu_kernels.kernels()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "ENABLED", fused)
+        mp.setattr(ver, "_accept", lambda stage, layer, ratio, n, what: seen.append((layer, ratio, n, what)))
+        if kern is not None and fused:
+            real = kern.attention_check
+            counted = dataclasses.replace(kern, attention_check=lambda *a: (calls.append(1), real(*a))[1])
+            mp.setattr(verify, "kernels", lambda: counted)
+        inner = ver._attention_fused
+        mp.setattr(ver, "_attention_fused", lambda *a: (answered.append(inner(*a)), answered[-1])[1])
+        ver.attention(
+            Stage.ATTN, 1, q, k, v, o, float(np.finfo(dtype).eps) / 2, np.asarray(rows, np.int64), first
+        )
+    return seen, ver.flops, len(calls), answered[0]
+
+
+@pytest.mark.skipif(cpu_kernels.kernels() is None, reason="numba not installed: nothing is fused")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [[1, 4], [0, 1, 2, 3, 4, 5], []])
+def test_attention_is_one_compiled_call_with_the_eager_paths_counts_flops_and_block(
+    dtype: Any, rows: list[int]
+) -> None:
+    """With the kernels installed, float32 and float64 host arrays are checked in one compiled call (the
+    fused path answers): the same block, check counts, messages and flops as the eager path — the range
+    check (1 check, 4·n_q·H·d_h flops) unless every row is recomputed, then H checks per recomputed row and
+    4·H·d_h·Σ(pos + 1) flops — honest outputs accepted by both with rounding-level ratios, and a forged entry
+    refused."""
+    c = W.config
+    n_q, first = 6, 3
+    every = len(rows) == n_q
+    want_flops = (0 if every else 4 * n_q * c.n_heads * c.head_dim) + 4 * c.n_heads * c.head_dim * sum(
+        first + r + 1 for r in rows
+    )
+    want = ([] if every else [(1, 1, "an attention row outside its values' range")]) + (
+        [(1, len(rows) * c.n_heads, "a recomputed attention row")] if rows else []
+    )
+    fused, flops, calls, answered = _attention_run(dtype, rows)
+    eager, eager_flops, eager_calls, eager_answered = _attention_run(dtype, rows, fused=False)
+    assert answered and calls == 1 and not eager_answered and eager_calls == 0
+    assert flops == eager_flops == want_flops
+    assert [(layer, n, what) for layer, _, n, what in fused] == want
+    assert [(layer, n, what) for layer, _, n, what in eager] == want
+    for (_, r1, _, _), (_, r2, _, _) in zip(fused, eager, strict=True):
+        assert 0.0 <= r1 < 0.1 and 0.0 <= r2 < 0.1  # rounding-level residuals (in another order when eager)
+    if rows:
+        forged, _, _, _ = _attention_run(dtype, rows, forge=True)
+        assert forged[-1][1] > 1.0
+
+
+def test_attention_of_a_dtype_the_kernels_do_not_take_is_checked_eagerly() -> None:
+    """float16 arrays are not the compiled check's (float32/float64 only): the fused path declines
+    (nothing checked there) and the eager checks run, so a forged entry is still refused."""
+    rows = [1, 4]
+    seen, flops, calls, answered = _attention_run(np.float16, rows)
+    assert not answered and calls == 0 and flops > 0
+    assert [what for *_, what in seen] == [
+        "an attention row outside its values' range",
+        "a recomputed attention row",
+    ]
+    forged, _, _, _ = _attention_run(np.float16, rows, forge=True)
+    assert forged[-1][1] > 1.0
+
+
+def test_attention_recomputes_every_row_once_without_the_range_check_and_only_then() -> None:
+    """The range check is skipped only when the recomputed rows are each query once: not for as many rows
+    with one repeated, nor for all but one."""
+    n_q = 6
+    for rows, ranged in [
+        ([0, 1, 2, 3, 4, 5], False),
+        ([5, 3, 1, 0, 2, 4], False),
+        ([0, 0, 2, 3, 4, 5], True),
+        ([0, 1, 2, 3, 4], True),
+    ]:
+        for fused in [True, False] if cpu_kernels.kernels() is not None else [False]:
+            seen, _, _, _ = _attention_run(np.float64, rows, n_q=n_q, fused=fused)
+            got = [what for *_, what in seen]
+            assert ("an attention row outside its values' range" in got) == ranged, (rows, fused)
+            assert got[-1] == "a recomputed attention row"
+
+
+@pytest.mark.skipif(cpu_kernels.kernels() is None, reason="numba not installed: nothing is fused")
+def test_attention_fused_refuses_arrays_the_kernel_finds_misfit_naming_them() -> None:
+    """The compiled check reports arrays that do not fit one another (outputs of fewer heads than the
+    queries) as −1 twice; that is a ShapeError naming the shapes, never a verdict."""
+    b = NumpyBackend(W, np.float64)
+    ver, _ = _verifier(b)
+    q, k, v, o = _attention_case(np.float64, 4, 0)
+    with pytest.raises(SCXError) as err:
+        ver._attention_fused(Stage.ATTN, 0, (q, k, v, o[:, :1]), 2.0**-53, np.array([0, 3]), 0, False)
+    assert str(err.value) == (
+        f"queries {q.shape}, outputs {o[:, :1].shape} from position 0, keys {k.shape}, values {v.shape} and "
+        "recomputed rows [0, 3] do not fit one another"
+    )
+
+
+@pytest.mark.skipif(cpu_kernels.kernels() is None, reason="numba not installed: nothing is fused")
+def test_attention_of_mixed_dtypes_is_checked_eagerly() -> None:
+    """The compiled check takes four arrays of one dtype: queries in float32 with float64 keys, values and
+    outputs are declined by the fused path (it checks nothing) and checked eagerly, honest rows accepted."""
+    b = NumpyBackend(W, np.float64)
+    ver, _ = _verifier(b)
+    q, k, v, o = _attention_case(np.float64, 6, 3)
+    seen: list[tuple[Any, ...]] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ver, "_accept", lambda stage, layer, ratio, n, what: seen.append((layer, ratio, n, what)))
+        rows = np.array([1, 4], np.int64)
+        assert not ver._attention_fused(
+            Stage.ATTN, 1, (q.astype(np.float32), k, v, o), 2.0**-24, rows, 3, False
+        )
+        assert not seen and ver.flops == 0
+        ver.attention(Stage.ATTN, 1, q.astype(np.float32), k, v, o, 2.0**-24, rows, 3)
+    assert [(layer, n, what) for layer, _, n, what in seen] == [
+        (1, 1, "an attention row outside its values' range"),
+        (1, 2 * W.config.n_heads, "a recomputed attention row"),
+    ]
+    assert all(0.0 <= ratio < 1.0 for _, ratio, _, _ in seen)
+
+
+@pytest.mark.parametrize("push", [0.0, 0.5, 3.0])
+def test_attention_range_check_ratio_is_the_excess_over_the_documented_slack_on_both_paths(
+    push: float,
+) -> None:
+    """No row recomputed, so the range check alone judges: its ratio is the largest excess of an output
+    over its values' range divided by λ·u·(√n_k + 4)·max|v| — 0 exactly for outputs inside the range (no
+    negative excess counts), ``push`` for one entry pushed that many slacks past its values' maximum — on
+    the compiled path and the eager one."""
+    c = W.config
+    n_q, first, u = 6, 3, 2.0**-24
+    q, k, v, o = _attention_case(np.float32, n_q, first)
+    n_k = first + n_q
+    if push:
+        vmax = float(np.abs(v[:n_k]).max())
+        slack = LAMBDA * u * (math.sqrt(n_k) + 4.0) * vmax
+        top = float(v[: first + 3, 0, 2].max())  # query 2 sees keys 0 … first + 2; its head 0 reads KV head 0
+        o[2, 0, 2] = np.float32(top + push * slack)
+    og = o.reshape(n_q, c.n_kv_heads, c.group_size, c.head_dim)
+    over, vmax = range_excess(v.astype(np.float64), og.astype(np.float64), first)
+    want = max(over, 0.0) / (LAMBDA * u * (math.sqrt(n_k) + 4.0) * vmax)
+    for fused in [True, False] if cpu_kernels.kernels() is not None else [False]:
+        b = NumpyBackend(W, np.float32)
+        ver, _ = _verifier(b)
+        seen: list[tuple[Any, ...]] = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_kernels, "ENABLED", fused)
+            mp.setattr(
+                ver,
+                "_accept",
+                lambda stage, layer, ratio, n, what, out=seen: out.append((layer, ratio, n, what)),
+            )
+            ver.attention(Stage.ATTN, 1, q, k, v, o, u, np.zeros(0, np.int64), first)
+        [(layer, ratio, n, what)] = seen
+        assert (layer, n, what) == (1, 1, "an attention row outside its values' range")
+        if push:
+            assert math.isclose(ratio, want, rel_tol=1e-6) and math.isclose(ratio, push, rel_tol=0.05), fused
+        else:
+            assert ratio == 0.0 == want, fused
+
+
+def test_attention_outputs_as_rows_of_flat_heads_are_checked_by_their_rows() -> None:
+    """Outputs handed as rows × (H·d_h) — not the compiled check's 3-D form, so it declines — are read as
+    rows × H × d_h by the eager checks: the recomputed rows' outputs take the queries' shape, honest rows
+    are accepted and a forged one refused."""
+    c = W.config
+    b = NumpyBackend(W, np.float64)
+    rows = np.array([1, 4], np.int64)
+    for forge in (False, True):
+        ver, _ = _verifier(b)
+        q, k, v, o = _attention_case(np.float64, 6, 3)
+        if forge:
+            o[4, 0, 0] += 4.0
+        seen: list[tuple[Any, ...]] = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(
+                ver, "_accept", lambda stage, layer, ratio, n, what, out=seen: out.append((ratio, n, what))
+            )
+            ver.attention(Stage.ATTN, 1, q, k, v, o.reshape(6, c.n_heads * c.head_dim), 2.0**-53, rows, 3)
+        assert [(n, what) for _, n, what in seen] == [
+            (1, "an attention row outside its values' range"),
+            (2 * c.n_heads, "a recomputed attention row"),
+        ]
+        assert (seen[-1][0] > 1.0) == forge and seen[-1][0] >= 0.0
