@@ -9,6 +9,9 @@
   that is no such sum is a decoy; a QKV/O row used by no sum is a decoy. Calibration decoys pass the first
   two checks by construction; this one does not care how decoys look. Where the QKV stage is noised
   (level paper, block 1: E = norm(X) + Lap(β)) it links by maximum likelihood under the public β instead.
+* :func:`blinded_links` — where all three stages of a block are blinded (level ``blind``) the identity above
+  cannot be formed; a real FFN row still continues its own QKV row's residual stream, which a centred inner
+  product of the two noised rows can find when the noise is small.
 * :func:`frequency_prior` — where block 1 is not noised every QKV row is a known token; decoys whose
   tokens are drawn unlike real text (uniformly over a vocabulary: mostly rare tokens) are the rows a public
   unigram finds least probable.
@@ -36,7 +39,14 @@ from ..weights import ModelWeights
 from ._model import float_arg, int_arg, rows_arg
 from .vocab_match import nearest_rows, normalized_table
 
-__all__ = ["frequency_prior", "norm_residual", "recurring_rows", "residual_links", "vocab_distance"]
+__all__ = [
+    "blinded_links",
+    "frequency_prior",
+    "norm_residual",
+    "recurring_rows",
+    "residual_links",
+    "vocab_distance",
+]
 
 Array = npt.NDArray[Any]
 
@@ -167,6 +177,40 @@ def _noised_links(
     q_real[cols[ok]] = True
     o_real[best_o[rows[ok], cols[ok]]] = True
     return q_real, o_real, f_real
+
+
+def blinded_links(e_qkv: Array, e_ffn: Array, n_real: int) -> tuple[Array, Array]:
+    """Which rows are real where a block's QKV, O and FFN stages are all blinded (level ``blind``: the server
+    sees E = norm(x) + Lap(β) and F = norm(x + o·W_o) + Lap(β), and o only noised too, so the identity
+    "FFN row = QKV row + O·W_o" of :func:`residual_links` cannot be formed). A real FFN row's normalized
+    residual stream mostly continues its own QKV row's (one attention update against the whole residual),
+    so the attacker scores every (FFN, QKV) pair by the inner product of their rows, centred (each FFN row's
+    and each QKV row's mean score removed: its own noise energy and the direction every row shares cancel),
+    assigns FFN rows to QKV rows one to one by the largest total score (``linear_sum_assignment``), and calls
+    the ``n_real`` best-scoring pairs real (n is public in the open message). Decoys of the two stages are
+    drawn independently, so they pair with nothing but by chance.
+
+    Returns boolean masks (qkv_real, ffn_real) over each message's rows, ``n_real`` true in each. Chance —
+    a pairing blind to the rows — marks each decoy real with probability n / (n + r); see
+    ``models/blind_links.py`` for what it finds on SmolLM2. ShapeError unless both are rows × one width;
+    DTypeError, NonFiniteError as :func:`~scx_ref.attacks._model.rows_arg`; ConfigError unless ``n_real`` is
+    an integer from 0 to the fewer rows of the two messages."""
+    q = rows_arg(e_qkv, "QKV-stage rows")
+    f = rows_arg(e_ffn, "FFN-stage rows", q.shape[1])
+    n = int_arg(n_real, "n_real", 0)
+    if n > min(len(q), len(f)):
+        raise ConfigError(f"n_real {n} is more than the {min(len(q), len(f))} rows of the smaller message")
+    q_real = np.zeros(len(q), dtype=bool)
+    f_real = np.zeros(len(f), dtype=bool)
+    if n == 0:
+        return q_real, f_real
+    score = f @ q.T
+    score = score - score.mean(axis=1, keepdims=True) - score.mean(axis=0, keepdims=True) + score.mean()
+    rows, cols = linear_sum_assignment(-score)
+    best = np.argsort(-score[rows, cols], kind="stable")[:n]  # ties broken by row order
+    f_real[rows[best]] = True
+    q_real[cols[best]] = True
+    return q_real, f_real
 
 
 def frequency_prior(tokens: npt.ArrayLike, decoy: npt.ArrayLike, log_prior: npt.ArrayLike) -> float:

@@ -1,0 +1,95 @@
+"""Decoy links where a block's QKV, O and FFN stages are all blinded (level ``blind``):
+``decoy_detect.blinded_links`` pairs FFN rows with QKV rows by their centred inner products and calls the n
+best pairs real. On synthetic rows it finds every pair when the noise is small and falls to chance when the
+noise swamps the rows; on real SCX requests of the tiny model it tells decoys apart at β = 0.01 and no better
+than chance at β = 5 (SmolLM2: ``models/blind_links.py``, README "Privacy, measured")."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from scx_ref.attacks._view import stage_array
+from scx_ref.attacks.decoy_detect import blinded_links
+from scx_ref.attacks.harness import run_request
+from scx_ref.errors import ConfigError, NonFiniteError, ShapeError
+from scx_ref.protocol import Stage
+from scx_ref.protocol.presets import PAPER_CONFIG
+from scx_ref.zoo import load_weights
+
+
+def _synthetic(
+    noise: float, n: int = 12, r: int = 6, d: int = 64, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """n real rows X (QKV) and X + a small update (FFN), r independent decoys in each message, all plus
+    Gaussian noise of scale ``noise``; the real rows first."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    ffn = x + 0.2 * rng.standard_normal((n, d))
+    q = np.concatenate([x, rng.standard_normal((r, d))]) + noise * rng.standard_normal((n + r, d))
+    f = np.concatenate([ffn, rng.standard_normal((r, d))]) + noise * rng.standard_normal((n + r, d))
+    return q, f
+
+
+def test_small_noise_links_every_real_row_and_no_decoy_whatever_the_order() -> None:
+    """Every real row of both messages called real and every decoy a decoy, and the masks follow the rows
+    when each message is shuffled (the attack reads values, not positions)."""
+    n, r = 12, 6
+    q, f = _synthetic(0.05, n, r)
+    q_real, f_real = blinded_links(q, f, n)
+    assert q_real.tolist() == [True] * n + [False] * r and f_real.tolist() == q_real.tolist()
+    rng = np.random.default_rng(1)
+    pq, pf = rng.permutation(n + r), rng.permutation(n + r)
+    q2, f2 = blinded_links(q[pq], f[pf], n)
+    assert np.array_equal(q2, q_real[pq]) and np.array_equal(f2, f_real[pf])
+
+
+def test_swamping_noise_links_near_chance() -> None:
+    """Noise 30 times the rows' scale: over 40 draws the decoys called decoys average near chance r / (n + r)
+    = 1/3 (the small-noise case above: 1)."""
+    n, r = 12, 6
+    rejected = []
+    for seed in range(40):
+        q, f = _synthetic(30.0, n, r, seed=seed)
+        q_real, f_real = blinded_links(q, f, n)
+        rejected.append(((~q_real[n:]).mean() + (~f_real[n:]).mean()) / 2)
+    assert 0.2 < float(np.mean(rejected)) < 0.5
+
+
+def test_refusals_and_no_rows() -> None:
+    """Rows of two widths, an n larger than a message, a negative or a non-integer n, NaN rows; n = 0 calls
+    nothing real."""
+    q, f = _synthetic(0.05)
+    with pytest.raises(ShapeError):
+        blinded_links(q, f[:, :10], 4)
+    with pytest.raises(ConfigError, match="more than the 18 rows"):
+        blinded_links(q, f, 19)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ConfigError):
+            blinded_links(q, f, bad)  # type: ignore[arg-type]
+    nan = q.copy()
+    nan[0, 0] = np.nan
+    with pytest.raises(NonFiniteError):
+        blinded_links(nan, f, 4)
+    q0, f0 = blinded_links(q, f, 0)
+    assert not q0.any() and not f0.any() and q0.shape == (18,) and f0.shape == (18,)
+
+
+@pytest.mark.parametrize(("beta", "low", "high"), [(0.01, 0.5, 1.0), (5.0, 0.0, 0.45)])
+def test_real_blinded_requests_of_the_tiny_model(beta: float, low: float, high: float) -> None:
+    """Level blind, r₁ = r₂ = 4, the tiny model's second block (a guard: its three stages blinded), token
+    permutations the identity so the first n rows are the real ones: the decoys called decoys over three
+    16-token prompts, against chance 4 / 20 = 0.2 — well above it at β = 0.01, not at β = 5."""
+    w = load_weights("tiny-llama")
+    cfg = replace(PAPER_CONFIG, level="blind", beta=beta, r1=4, r2=4, l_s=2)
+    rng = np.random.default_rng(7)
+    public = rng.integers(0, w.config.vocab_size, 300)
+    rejected = []
+    for seed in range(3):
+        ids = rng.integers(0, w.config.vocab_size, 16)
+        view = run_request(w, ids, cfg, frozenset({"tok"}), seed=seed, public=public).view
+        q_real, f_real = blinded_links(stage_array(view, Stage.QKV, 1), stage_array(view, Stage.FFN, 1), 16)
+        rejected.append(((~q_real[16:]).mean() + (~f_real[16:]).mean()) / 2)
+    assert low <= float(np.mean(rejected)) <= high
