@@ -219,6 +219,35 @@ def _suspicious(target: Target) -> set[str]:
 TIMEOUT_CODE = -24
 
 
+def _copy_tests_into(mutants_dir: Path) -> None:
+    """Copy the current tests (and test helpers) into a mutants' tree: the tests as they are now, the
+    mutants as they were."""
+    for name in ("tests", "properties", "conftest.py"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, mutants_dir / name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, mutants_dir / name)
+
+
+def _pytest_on(
+    target: Target, mutant: str, tests: Sequence[str], timeout: float | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``tests`` run against one mutant in a pytest process of its own (``-x``: up to the first failure);
+    TimeoutExpired after ``timeout`` seconds."""
+    env = _env()
+    env["MUTANT_UNDER_TEST"] = mutant
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-rf", "-p", "no:randomly", *PYTEST_ARGS, *tests],
+        cwd=_scratch(target) / "mutants",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+
+
 def _run_unforked(target: Target, names: Sequence[str], max_children: int, timeout: float) -> None:
     """Run each of ``names`` against the target's tests in a pytest process of its own (``-x``; at most
     ``max_children`` at once; ``timeout`` seconds, then it counts as timed out) with the current tests
@@ -226,28 +255,12 @@ def _run_unforked(target: Target, names: Sequence[str], max_children: int, timeo
     from concurrent.futures import ThreadPoolExecutor
 
     mutants_dir = _scratch(target) / "mutants"
-    for name in ("tests", "properties", "conftest.py"):  # the tests as they are now, the mutants as they were
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, mutants_dir / name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(src, mutants_dir / name)
+    _copy_tests_into(mutants_dir)
 
     def one(name: str) -> tuple[str, int, float]:
-        env = _env()
-        env["MUTANT_UNDER_TEST"] = name
         start = time.monotonic()
         try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "pytest", "-x", "-p", "no:randomly", *PYTEST_ARGS, *target.tests],
-                cwd=mutants_dir,
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=timeout,
-            )
-            code = proc.returncode
+            code = _pytest_on(target, name, target.tests, timeout).returncode
         except subprocess.TimeoutExpired:
             code = TIMEOUT_CODE
         return name, code, time.monotonic() - start
@@ -408,16 +421,7 @@ def collect(target: Target, seconds: float) -> Outcome:
 
 def fails_on(target: Target, mutant: str, tests: Sequence[str]) -> tuple[bool, str]:
     """Run ``tests`` against one mutant; (whether a test failed, the first failing test id)."""
-    env = _env()
-    env["MUTANT_UNDER_TEST"] = mutant
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-x", "-rf", "-p", "no:randomly", *PYTEST_ARGS, *tests],
-        cwd=_scratch(target) / "mutants",
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = _pytest_on(target, mutant, tests)
     failed = re.findall(r"^FAILED (\S+)", proc.stdout, flags=re.MULTILINE)
     return proc.returncode == 1 and bool(failed), failed[0] if failed else ""
 
@@ -630,12 +634,7 @@ def which_test(target: Target, mutants: Sequence[str], tests: Sequence[str]) -> 
     mutants_dir = _scratch(target) / "mutants"
     if not mutants_dir.exists():
         raise SystemExit(f"run `python -m mutation.run {target.name}` first")
-    for name in ("tests", "properties", "conftest.py"):  # the tests as they are now, the mutants as they were
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, mutants_dir / name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(src, mutants_dir / name)
+    _copy_tests_into(mutants_dir)
     for name in mutants:
         failed, test = fails_on(target, name, tests or target.tests)
         print(f"{name}: {test if failed else 'no selected test fails'}")
