@@ -15,7 +15,6 @@ real and of decoys it calls decoys (QKV and FFN messages averaged), against chan
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from scx_ref._files import result_json, write_text_whole
 from scx_ref.attacks._view import stage_array
 from scx_ref.attacks.cli import public_and_victims
 from scx_ref.attacks.decoy_detect import blinded_links
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     if args.json is not None:
         command = "python -m models.blind_links " + " ".join(sys.argv[1:] if argv is None else argv)
-        args.json.write_text(json.dumps({"command": command, "rows": out}, indent=1) + "\n")
+        write_text_whole(args.json, result_json({"command": command, "rows": out}, indent=1) + "\n")
     return 0
 
 
