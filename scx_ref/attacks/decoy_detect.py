@@ -181,9 +181,9 @@ def _noised_links(
 
 def blinded_links(e_qkv: Array, e_ffn: Array, n_real: int) -> tuple[Array, Array]:
     """Which rows are real where a block's QKV, O and FFN stages are all blinded (level ``blind``: the server
-    sees E = norm(x) + Lap(β) and F = norm(x + o·W_o) + Lap(β), and o only noised too, so the identity
-    "FFN row = QKV row + O·W_o" of :func:`residual_links` cannot be formed). A real FFN row's normalized
-    residual stream mostly continues its own QKV row's (one attention update against the whole residual),
+    sees E = norm(x) + Lap(β), F = norm(x + o·W_o) + Lap(β) and the O-stage rows o noised as well, so the
+    identity "FFN row = QKV row + O·W_o" of :func:`residual_links` cannot be formed). A real FFN row's
+    normalized residual stream mostly continues its own QKV row's (one attention update against the whole),
     so the attacker scores every (FFN, QKV) pair by the inner product of their rows, centred (each FFN row's
     and each QKV row's mean score removed: its own noise energy and the direction every row shares cancel),
     assigns FFN rows to QKV rows one to one by the largest total score (``linear_sum_assignment``), and calls
