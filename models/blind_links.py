@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,36 +27,12 @@ from scx_ref.attacks._view import stage_array
 from scx_ref.attacks.cli import public_and_victims
 from scx_ref.attacks.decoy_detect import blinded_links
 from scx_ref.attacks.harness import run_request
+from scx_ref.commands._args import int_at_least, int_list, output_file
 from scx_ref.protocol import Stage
 from scx_ref.protocol.presets import PAPER_CONFIG
 from scx_ref.zoo import MODEL_NAMES, load_model
 
-
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if not values or any(not (v > 0 and np.isfinite(v)) for v in values):
-        raise argparse.ArgumentTypeError(f"need finite numbers > 0, got {text!r}")
-    return values
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"need integers >= 1, got {text!r}")
-    return values
-
-
-def _positive(text: str) -> int:
-    value = _ints(text)
-    if len(value) != 1:
-        raise argparse.ArgumentTypeError(f"one integer >= 1, got {text!r}")
-    return value[0]
+from .runs import beta_list
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.blind_links", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=MODEL_NAMES, default="smollm2")
     p.add_argument(
-        "--betas", type=_floats, default=[0.1, 1.0, 5.0], help="Laplace scales β (default 0.1,1,5)"
+        "--betas", type=beta_list, default=[0.1, 1.0, 5.0], help="Laplace scales β (default 0.1,1,5)"
     )
-    p.add_argument("--decoys", type=_ints, default=[4, 16], help="decoy counts r₁ = r₂ (default 4,16)")
-    p.add_argument("--prompts", type=_positive, default=3, help="victim prompts (default 3)")
-    p.add_argument("--length", type=_positive, default=16, help="tokens per victim prompt (default 16)")
-    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    p.add_argument("--decoys", type=int_list(1), default=[4, 16], help="decoy counts r₁ = r₂ (default 4,16)")
+    p.add_argument("--prompts", type=int_at_least(1), default=3, help="victim prompts (default 3)")
+    p.add_argument("--length", type=int_at_least(1), default=16, help="tokens per victim prompt (default 16)")
+    p.add_argument("--json", type=output_file, default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
     model, tok, w = load_model(args.model, np.float64)
     del model

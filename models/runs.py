@@ -195,8 +195,8 @@ def _dtypes(text: str) -> list[str]:
     return got
 
 
-def _betas(text: str) -> list[float]:
-    """``--betas``: a comma-separated list of distinct finite numbers > 0."""
+def beta_list(text: str) -> list[float]:
+    """``--betas``: a comma-separated list of distinct finite numbers > 0 (here and in ``blind_links.py``)."""
     scale = float_at_least(0.0, strict=True)
     got = [scale(b) for b in text.split(",")]
     if len(set(got)) < len(got):  # a repeat would run again and leave two rows for one table cell
@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             s.add_argument(
                 "--betas",
-                type=_betas,
+                type=beta_list,
                 default="0.01,0.1,1,10,100,1000,1e4,1e5,1e6,1e7,1e8",
                 help="comma-separated distinct Laplace scales, each > 0 (default 0.01 to 1e8 by decades)",
             )

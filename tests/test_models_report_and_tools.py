@@ -223,9 +223,9 @@ def test_sweep_refuses_repeats_and_long_windows_before_loading(
 
 def test_sweep_accepts_distinct_scales() -> None:
     """The control of the repeats: distinct scales and dtypes parse, in order."""
-    from models.runs import _betas, _dtypes
+    from models.runs import _dtypes, beta_list
 
-    assert _betas("1,10,0.5") == [1.0, 10.0, 0.5]
+    assert beta_list("1,10,0.5") == [1.0, 10.0, 0.5]
     assert _dtypes("float64,float32") == ["float64", "float32"]
 
 
