@@ -346,6 +346,10 @@ def test_harness_run_all_controls_and_report(weights, tmp_path) -> None:  # type
     assert m["blind b=5"]["vm_resid1_bag_recall"] < 0.5
     assert m["+decoys"]["decoy_link_decoys_rejected"] == 1.0 and m["+decoys"]["decoy_link_real_found"] == 1.0
     assert m["+decoys"]["vm_qkv1_bag_precision"] < 1.0 == m["tok-perm"]["vm_qkv1_bag_precision"]
+    # the blinded-rows link is scored where the last block's QKV and FFN stages are blinded, and only there
+    assert 0.0 <= m["blind b=5"]["decoy_blind_link_decoys_rejected"] <= 1.0
+    assert 0.0 <= m["blind b=5"]["decoy_blind_link_real_found"] <= 1.0
+    assert not any(k.startswith("decoy_blind_link") for k in m["paper b=5"])
     assert "statelessness" in res["settings"][0] and "per_layer" in res["settings"][0]
     paths = report.plot(res, tmp_path)
     assert {p.name for p in paths} == {

@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from scx_ref.attacks._model import forward_trace
 from scx_ref.attacks._view import stage_array
 from scx_ref.attacks.decoy_detect import blinded_links
 from scx_ref.attacks.harness import run_request
@@ -93,3 +94,52 @@ def test_real_blinded_requests_of_the_tiny_model(beta: float, low: float, high: 
         q_real, f_real = blinded_links(stage_array(view, Stage.QKV, 1), stage_array(view, Stage.FFN, 1), 16)
         rejected.append(((~q_real[16:]).mean() + (~f_real[16:]).mean()) / 2)
     assert low <= float(np.mean(rejected)) <= high
+
+
+def test_request_token_perms_are_the_truth_of_every_message() -> None:
+    """RequestRun.token_perms, the truth the harness scores decoy detection by: under level permute with
+    decoys (real permutations), row j of block i's QKV message is a real row iff π_i[j] < n, and of its FFN
+    message iff π_{i+1}[j] < n — checked against the plaintext rows themselves in every block."""
+    w = load_weights("tiny-llama")
+    cfg = replace(PAPER_CONFIG, level="permute", r1=4, r2=4, r_lock=None)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, w.config.vocab_size, 12)
+    run = run_request(w, ids, cfg, seed=5, public=rng.integers(0, w.config.vocab_size, 300))
+    trace = forward_trace(w, ids, logits=False)
+    n, L = len(ids), w.config.n_layers
+    assert len(run.token_perms) == L + 1
+    for i in range(L):
+        for stage, rows, perm in (
+            (Stage.QKV, trace.x[i], run.token_perms[i]),
+            (Stage.FFN, trace.h[i], run.token_perms[i + 1]),
+        ):
+            got = stage_array(run.view, stage, i)
+            assert not np.array_equal(perm, np.arange(n + 4)), "the permutation must not be the identity"
+            # each message row against the plaintext row of the token π puts there (decoys: none close)
+            for j, t in enumerate(perm):
+                close = bool(np.allclose(got[j], rows[t], rtol=1e-9, atol=1e-9)) if t < n else False
+                assert close == (t < n), (stage, i, j)
+
+
+def test_harness_scores_the_blinded_link_under_real_permutations() -> None:
+    """The harness's ``decoy_blind_link_*`` values (the last block, truth from the token permutations) on
+    real permuted requests of level blind: far above chance (r / (n + r) = 0.2 of decoys rejected) at
+        β = 0.01 — a wrong truth would read near chance — and a ShapeError for permutations that are not the
+    messages'."""
+    from scx_ref.attacks.harness import _score_blinded_link, _Tally
+
+    w = load_weights("tiny-llama")
+    rng = np.random.default_rng(11)
+    public = rng.integers(0, w.config.vocab_size, 300)
+    L = w.config.n_layers
+    tally = _Tally()
+    for seed in range(3):
+        ids = rng.integers(0, w.config.vocab_size, 16)
+        cfg = replace(PAPER_CONFIG, level="blind", beta=0.01, r1=4, r2=4, l_s=2)
+        run = run_request(w, ids, cfg, seed=seed, public=public)
+        _score_blinded_link(tally, run.view, run.token_perms, L - 1, 16)
+    # the messages' truth swapped (π_L for the QKV rows, π_{L-1} for the FFN rows) reads 0.33 and 0.83 here
+    assert float(np.mean(tally.values["decoy_blind_link_decoys_rejected"])) >= 0.9
+    assert float(np.mean(tally.values["decoy_blind_link_real_found"])) >= 0.95
+    with pytest.raises(ShapeError, match="permutations"):
+        _score_blinded_link(tally, run.view, (*run.token_perms[::-1][:L], np.arange(3)), L - 1, 16)

@@ -24,7 +24,7 @@ import numpy.typing as npt
 from .. import ops
 from .._checks import token_ids
 from ..backends.numpy_backend import NumpyBackend
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
 from ..keys import KeySchedule, Label
 from ..protocol import Client, LocalTransport, SCXConfig, Server, ServerView, Stage
 from ..protocol.cost import CostReport, StageCost
@@ -192,13 +192,17 @@ def default_settings(quick: bool = False) -> list[Setting]:
 class RequestRun:
     """One real SCX request as the harness records it: the server's ``view``, the ``generated`` tokens,
     the prefill ``logits`` the client decoded, the session's cost report (client and server meters and
-    the link's bytes) and the bytes of the client's own per-request state (its guard caches)."""
+    the link's bytes), the bytes of the client's own per-request state (its guard caches), and the prefill's
+    token permutations π_0 … π_L (``token_perms``) — the ground truth that scores decoy detection, never
+    shown to an attack: row j of block i's QKV-stage message holds a real token iff π_i[j] < n, of its
+    FFN-stage message iff π_{i+1}[j] < n (:func:`~scx_ref.transforms.encode_rows`)."""
 
     view: ServerView
     generated: list[int]
     logits: Array
     cost: CostReport
     client_state_bytes: int
+    token_perms: tuple[npt.NDArray[np.int64], ...]
 
 
 def run_request(
@@ -240,6 +244,7 @@ def run_request(
     # report then separates the client's online work from the corrections η·W derived ahead
     entry = client._new_prepared(keys.nonce, len(prompt))
     entry.fill(max(n_new - 1, 0))
+    perms = tuple(entry.token_perm(i).forward for i in range(weights.config.n_layers + 1))
     client._prepared = entry
     logits = np.asarray(client.prefill(prompt, link, nonce=keys.nonce))
     gen: list[int] = []
@@ -251,7 +256,7 @@ def run_request(
     st = client.state
     held = 0 if st is None else sum(int(a.nbytes) for a in (*st.guard_k.values(), *st.guard_v.values()))
     cost = client.cost_report(link, server.cost(client.session))
-    return RequestRun(link.view, gen, logits, cost, held)
+    return RequestRun(link.view, gen, logits, cost, held, perms)
 
 
 def frontier_settings(n_layers: int) -> list[Setting]:
@@ -414,6 +419,31 @@ def _real_rows(rows: Array, truth: Array) -> Array:
     scoring decoy detection (the attack never sees it)."""
     d = np.linalg.norm(rows[:, None, :] - truth[None, :, :], axis=2).min(axis=1)
     return np.asarray(d <= 1e-8 * (np.linalg.norm(rows, axis=1) + 1e-12))
+
+
+def _score_blinded_link(tally: _Tally, view: ServerView, perms: Sequence[Array], layer: int, n: int) -> None:
+    """Score :func:`~.decoy_detect.blinded_links` on block ``layer``'s QKV- and FFN-stage messages: the
+    fraction of real rows it calls real (``decoy_blind_link_real_found``) and of decoys it calls decoys
+    (``decoy_blind_link_decoys_rejected``), each the mean of the two messages' fractions; the truth is the
+    request's token permutations (:attr:`RequestRun.token_perms`: the QKV message under π_layer, the FFN
+    message under π_layer+1). Chance: n / (n + r) and r / (n + r). Nothing is scored where the messages
+    hold no decoys (every row is real); ShapeError where a message's rows are not one per permuted
+    position (the truth would not be the message's)."""
+    q = stage_array(view, Stage.QKV, layer)
+    f = stage_array(view, Stage.FFN, layer)
+    truth_q, truth_f = np.asarray(perms[layer]) < n, np.asarray(perms[layer + 1]) < n
+    if len(q) != len(truth_q) or len(f) != len(truth_f):
+        raise ShapeError(
+            f"block {layer}: {len(q)} QKV and {len(f)} FFN rows against permutations of {len(truth_q)} "
+            f"and {len(truth_f)}"
+        )
+    if truth_q.all() or truth_f.all():
+        return
+    q_real, f_real = decoy_detect.blinded_links(q, f, n)
+    found = (q_real[truth_q].mean() + f_real[truth_f].mean()) / 2
+    rejected = ((~q_real[~truth_q]).mean() + (~f_real[~truth_f]).mean()) / 2
+    tally.value("decoy_blind_link_real_found", float(found))
+    tally.value("decoy_blind_link_decoys_rejected", float(rejected))
 
 
 def probe_block(config: SCXConfig, n_layers: int) -> int:
@@ -715,6 +745,10 @@ def run_setting(
             if real1.any() and (~real1).any():
                 tally.value("decoy_link1_noised_real_found", float(fr1[real1].mean()))
                 tally.value("decoy_link1_noised_decoys_rejected", float((~fr1[~real1]).mean()))
+        # the last block's link where its QKV and FFN stages are both blinded (level blind's last guard
+        # block), so the residual link cannot be formed: the blinded-rows link, scored on both messages
+        if all(_release_beta(setting, st, L - 1, L) > 0 for st in (Stage.QKV, Stage.FFN)):
+            _score_blinded_link(tally, view, run.token_perms, L - 1, n)
         # -- the attacker's best prompt: exact matches where it has them, else the prior's mode --
         recovered = np.full(n, prior.mode, dtype=np.int64)
         settled = np.zeros(n, dtype=bool)
