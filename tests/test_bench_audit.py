@@ -141,6 +141,11 @@ def test_bench_json_keeps_its_baseline_and_rounds(tmp_path: Path) -> None:
         scx_mem, base_mem = np.median(r["scx_mem_round_bytes"]), np.median(r["baseline_mem_round_bytes"])
         expect = scx_mem / base_mem if min(scx_mem, base_mem) >= float(1 << 20) else None
         assert r["mem_ratio"] == (None if expect is None else pytest.approx(expect))
+        # the level's secret calibration pool: an epoch's requests, one build's seconds, the build per request
+        assert isinstance(r["refill_every"], int) and r["refill_every"] >= 1 and r["refill_s"] > 0
+        request_s = r["baseline_median_s"] * (r["tokens"] if r["phase"] == "decode" else 1)
+        assert r["refill_ratio"] == pytest.approx(r["refill_s"] / r["refill_every"] / request_s)
+    assert "refill_ratio" in data["meta"]["refill"]
 
 
 # -- scx bench: options -------------------------------------------------------------------------------------

@@ -391,3 +391,31 @@ def test_precompute_builds_the_next_epoch_ahead_of_the_request() -> None:
     assert pool.epoch == 1
     client.prefill(np.asarray(prompts[-1], dtype=np.int64), LocalTransport(server))
     assert pool.epoch == 1
+
+
+def test_a_secret_pool_says_how_many_requests_an_epoch_serves_and_what_the_next_costs() -> None:
+    """``refill_every``: None before the first draw and for a pool that is never built again; after one
+    request with r₁ = r₂ = R, POOL // R — exactly the prefills after which the next request builds epoch 1
+    (one more prefill each: epoch 0 until then). With r₂ = 2R the O stage's rows run out first: POOL // 2R.
+    ``time_refill`` builds the next epoch, returns its seconds and leaves the pool as it was."""
+    b, _ = _world()
+    for r2, every in ((R, POOL // R), (2 * R, POOL // (2 * R))):
+        client: Client[Any] = Client(
+            b, _client_keys(13), SCXConfig(level="permute", r1=R, r2=r2, l_s=2, l_e=2)
+        )
+        pool, server = client.decoys, Server(b)  # its own server: each client opens nonce 0 first
+        assert isinstance(pool, CalibrationPool) and pool.refill_every() is None
+        prompts = _prompts(every + 1, seed=17)
+        for i, ids in enumerate(prompts):
+            client.prefill(np.asarray(ids, dtype=np.int64), LocalTransport(server))
+            assert pool.refill_every() == every
+            assert pool.epoch == (1 if i == every else 0), (r2, i)
+        rows, used, epoch = dict(pool.rows), {k: v.copy() for k, v in pool._used.items()}, pool.epoch
+        seconds = pool.time_refill()
+        assert seconds is not None and seconds > 0
+        assert pool.epoch == epoch and all(pool.rows[k] is v for k, v in rows.items())
+        assert pool._used.keys() == used.keys() and all(
+            np.array_equal(pool._used[k], v) for k, v in used.items()
+        )
+    plain = CalibrationPool.from_tokens(b, secret_calibration_tokens(_client_keys(13), VOCAB))
+    assert plain.refill_every() is None and plain.time_refill() is None

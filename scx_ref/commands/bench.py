@@ -256,6 +256,13 @@ class BenchResult:
     ratio_interval: list[float] = field(default_factory=list)
     round_ratio_interval: list[float] | None = None
     round_ratio_coverage: float | None = None
+    #: the level's secret calibration pool (the client's default decoys; None for others): the requests one
+    #: of its epochs serves, one build of the next epoch in seconds (measured once after the rounds, in none
+    #: of them), and that build spread over the epoch's requests over the baseline's median request — the
+    #: client's work that ``total_ratio_median`` leaves out when no round builds an epoch
+    refill_every: int | None = None
+    refill_s: float | None = None
+    refill_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Every field of the result, as the bench's JSON writes it."""
@@ -819,7 +826,31 @@ def run_bench(
                 )
             )
     bar(None)
+    refills = {lv: _refill(client) for lv, client in clients.items()}
+    for row in rows:
+        refill = refills[row.level]
+        if refill is not None:
+            request_s = row.baseline_median_s * (row.tokens if row.phase == "decode" else 1)
+            row.refill_s, row.refill_every = refill
+            row.refill_ratio = refill[0] / refill[1] / request_s
     return rows
+
+
+def _refill(client: Any) -> tuple[float, int] | None:
+    """(one build of the next epoch in seconds, the requests an epoch serves) of the client's secret
+    calibration pool, or None for other decoys (:meth:`~scx_ref.protocol.decoys.CalibrationPool.
+    time_refill`, :meth:`~scx_ref.protocol.decoys.CalibrationPool.refill_every`)."""
+    import torch
+
+    from ..protocol.decoys import CalibrationPool
+
+    pool = client.decoys
+    every = pool.refill_every() if isinstance(pool, CalibrationPool) else None
+    if every is None:
+        return None
+    with torch.inference_mode():
+        seconds = pool.time_refill()
+    return None if seconds is None else (seconds, every)
 
 
 def _run_side(sides: _Sides, side: str, phase: str, ids: np.ndarray, n_new: int, has_hf: bool) -> _Run:
@@ -883,6 +914,19 @@ def format_table(rows: list[BenchResult], model: str, device: str, dtype: str, b
             f"{r.state_ratio:6.2f} {100 * r.client_flop_share:6.2f}% "
             + (f"{r.verify_ratio:7.3f}" if r.verify_ratio is not None else "      -")
             + f" {r.round_ratio_q1:6.3f} / {r.round_ratio_median:5.3f} / {r.round_ratio_q3:5.3f} {rci}"
+        )
+    refilled: dict[str, list[BenchResult]] = {}
+    for r in rows:
+        if r.refill_ratio is not None:
+            refilled.setdefault(r.level, []).append(r)
+    for level, rs in refilled.items():
+        share = " / ".join(f"{r.refill_ratio:.4f}" for r in rs)
+        where = " / ".join(f"{r.phase} n={r.n}" for r in rs)
+        lines.append(
+            f"calibration pool {level}: an epoch serves {rs[0].refill_every} requests; building the next "
+            f"took {rs[0].refill_s:.3f} s (once, after the rounds): spread over the epoch, "
+            f"{1000 * (rs[0].refill_s or 0.0) / (rs[0].refill_every or 1):.2f} ms a request = {share} of the "
+            f"baseline's median request at {where} (not in total unless a round built an epoch)"
         )
     for r in rows:
         if r.pool:
@@ -1013,6 +1057,8 @@ def main(args: argparse.Namespace) -> int:
             "keys": "offline mask pool (one entry per request)" if args.pool else "Client.precompute",
             "configs": {name: cfg.to_dict() for name, cfg in configs.items()},
             "total_ratio": "median SCX request + its key derivation (the client's whole work) / baseline",
+            "refill": "a secret calibration pool's next epoch: built once after the rounds and timed "
+            "(refill_s); refill_ratio = refill_s / refill_every / the baseline's median request",
             "torch": torch.__version__,
             # the narrowest input from which wide CPU products ran in column blocks on this machine
             # (torch_backend.dense: 0 on AMD CPUs with MKL, 1024 elsewhere)

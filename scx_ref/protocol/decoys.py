@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable, Mapping
 from fractions import Fraction
 from typing import Any, Protocol
@@ -240,6 +241,7 @@ class CalibrationPool:
         self.epoch = 0
         self._refill: Callable[[int], CalibrationPool] | None = None  # epoch → the pool of that epoch
         self._used: dict[tuple[Stage, int], npt.NDArray[np.bool_]] = {}  # rows handed out this epoch
+        self._largest: dict[tuple[Stage, int], int] = {}  # the most rows one draw took, per (stage, layer)
         self._lock = threading.Lock()
 
     @classmethod
@@ -330,6 +332,7 @@ class CalibrationPool:
         """``count`` rows of ``key`` no earlier draw of this epoch took (a new epoch when too few are left),
         chosen uniformly among them by ``stream``; marked taken before they are returned."""
         with self._lock:
+            self._largest[key] = max(self._largest.get(key, 0), count)
             used = self._used.setdefault(key, np.zeros(self.rows[key].shape[0], dtype=bool))
             free = np.flatnonzero(~used)
             if len(free) < count:  # this epoch's rows of key are spent: every stage from the next text
@@ -343,6 +346,27 @@ class CalibrationPool:
             picks = free[_shuffled(len(free), count, stream)]
             used[picks] = True
             return self.rows[key][picks]
+
+    def refill_every(self) -> int | None:
+        """How many requests one epoch of a :meth:`secret` pool serves at the draws seen so far: for each
+        (stage, layer) drawn, its rows ÷ the most rows one draw took there (rounded down; each request
+        draws each key once), the least of them — the draw after that many builds the next epoch. None for
+        a pool that is never built again (given rows or tokens), or before its first draw."""
+        if self._refill is None:
+            return None
+        with self._lock:
+            spans = [self.rows[key].shape[0] // c for key, c in self._largest.items() if key in self.rows]
+        return min(spans) if spans else None
+
+    def time_refill(self) -> float | None:
+        """Seconds that building the next epoch takes — what the draw that finds a stage's rows spent pays
+        (one plaintext pass over the next epoch's secret text on the pool's backend) — measured by building
+        it and dropping it: the pool is left as it was. None for a pool that is never built again."""
+        if self._refill is None:
+            return None
+        start = time.perf_counter()
+        self._refill(self.epoch + 1)
+        return time.perf_counter() - start
 
 
 def _shuffled(size: int, count: int, stream: KeyStream) -> npt.NDArray[np.int64]:
