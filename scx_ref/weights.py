@@ -76,6 +76,31 @@ class LayerWeights:
             return None
         return np.concatenate([self.bq, self.bk, self.bv])
 
+    def astype(self, dtype: npt.DTypeLike) -> LayerWeights:
+        """A copy of this block with every array cast to ``dtype`` (``numpy.ndarray.astype``: the gains, the
+        projections, their biases where there are any, and the MLP's — each expert's and the router of an
+        MoE MLP). Not checked here: :meth:`ModelWeights.astype` checks the dtype and the model it builds."""
+
+        def cast(a: Array) -> Array:
+            return a.astype(dtype)
+
+        def dense(m: DenseMLP) -> DenseMLP:
+            return DenseMLP(cast(m.w_gate), cast(m.w_up), cast(m.w_down))
+
+        mlp = self.mlp
+        return LayerWeights(
+            cast(self.attn_norm),
+            cast(self.wq),
+            cast(self.wk),
+            cast(self.wv),
+            cast(self.wo),
+            cast(self.mlp_norm),
+            MoEMLP(cast(mlp.router), [dense(e) for e in mlp.experts])
+            if isinstance(mlp, MoEMLP)
+            else dense(mlp),
+            *(None if b is None else cast(b) for b in (self.bq, self.bk, self.bv)),
+        )
+
 
 @dataclass(eq=False)
 class ModelWeights:
@@ -179,7 +204,13 @@ class ModelWeights:
             dtype = np.dtype(dtype)
         except (TypeError, ValueError):
             raise DTypeError(f"dtype must be a floating numpy dtype, got {dtype!r:.40}") from None
-        return ModelWeights.from_dict(self.config, {k: v.astype(dtype) for k, v in self.to_dict().items()})
+        return ModelWeights(
+            self.config,
+            self.embed.astype(dtype),
+            [lw.astype(dtype) for lw in self.layers],
+            self.final_norm.astype(dtype),
+            self.lm_head.astype(dtype),
+        )
 
     def to_dict(self) -> dict[str, Array]:
         """Flat name → array view (names: embed, final_norm, lm_head, layers.{i}.wq, …)."""

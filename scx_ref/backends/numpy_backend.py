@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -26,8 +27,9 @@ from .base import (
     check_rope_split,
     check_scores,
 )
+from .built_once import BuiltOnce
 
-__all__ = ["NumpyBackend"]
+__all__ = ["NumpyBackend", "WideWeights"]
 
 
 def _floating_rows(x: Any, what: str) -> None:
@@ -51,6 +53,60 @@ def _positions(p: Any, what: str) -> npt.NDArray[Any]:
     return arr
 
 
+class _WideLayers:
+    """The blocks of :class:`WideWeights`: block i cast to float64 when first read, then kept."""
+
+    def __init__(self, src: ModelWeights, held: BuiltOnce[int | str, Any]) -> None:
+        self._src, self._held = src, held
+
+    def __len__(self) -> int:
+        return len(self._src.layers)
+
+    def __getitem__(self, i: int) -> LayerWeights:
+        layer: LayerWeights = self._held.get(int(i), lambda: self._src.layers[i].astype(np.float64))
+        return layer
+
+
+class WideWeights:
+    """A float64 twin of :class:`ModelWeights` of a narrower dtype whose arrays are cast on first read and
+    kept (:meth:`NumpyBackend.widened`): what the backend reads of ModelWeights — ``config``, ``dtype``,
+    ``layers`` (indexed and counted), ``embed``, ``final_norm``, ``lm_head`` — each the same
+    ``numpy.ndarray.astype`` of the same source array as :meth:`ModelWeights.astype` makes."""
+
+    def __init__(self, src: ModelWeights) -> None:
+        self.src, self.config = src, src.config
+        self._held: BuiltOnce[int | str, Any] = BuiltOnce()  # block index or top-level name -> float64 form
+        self.layers = _WideLayers(src, self._held)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """float64."""
+        return np.dtype(np.float64)
+
+    def _array(self, name: str) -> FloatArray:
+        arr: FloatArray = self._held.get(name, lambda: getattr(self.src, name).astype(np.float64))
+        return arr
+
+    @property
+    def embed(self) -> FloatArray:
+        """The embedding table in float64 (cast on its first read)."""
+        return self._array("embed")
+
+    @property
+    def final_norm(self) -> FloatArray:
+        """The final norm's gain in float64 (cast on its first read)."""
+        return self._array("final_norm")
+
+    @property
+    def lm_head(self) -> FloatArray:
+        """The LM head in float64 (cast on its first read)."""
+        return self._array("lm_head")
+
+    def converted_blocks(self) -> list[int]:
+        """The blocks held in float64 so far, in order."""
+        return sorted(k for k, _ in self._held.items() if isinstance(k, int))
+
+
 class NumpyBackend(NumpyOps):
     """Backend[numpy.ndarray] over :class:`ModelWeights` (cast to ``dtype`` once, at construction).
 
@@ -67,17 +123,30 @@ class NumpyBackend(NumpyOps):
         if dtype is None:
             raise DTypeError("backend dtype must be floating, got None")
         super().__init__(dtype)
-        self.weights = weights if weights.dtype == self.dtype else weights.astype(self.dtype)
+        self._setup(weights if weights.dtype == self.dtype else weights.astype(self.dtype))
+
+    def _setup(self, weights: ModelWeights | WideWeights) -> None:
+        self.weights = weights
         self.config = weights.config
         self._fused: dict[tuple[str, int], FloatArray] = {}
         self._wide: NumpyBackend | None = None
+        self._wide_lock = threading.Lock()  # the float64 twin is built once, whichever thread asks first
 
     def widened(self) -> NumpyBackend:
-        """This backend's weights in float64 (itself when already float64), built once."""
+        """This backend's weights in float64 (itself when already float64), built once. Each block's weights,
+        and the embedding, final norm and LM head, are converted when the twin first reads them
+        (:class:`WideWeights`): a float64 copy of a block exists only once a blinded stage of that block has
+        run in float64 — level ``paper``'s guard blocks, not the whole model. The values are an eager
+        copy's (``ModelWeights.astype``), bit for bit."""
         if self.dtype == np.float64:
             return self
-        if self._wide is None:
-            self._wide = NumpyBackend(self.weights, np.float64)
+        with self._wide_lock:
+            if self._wide is None:
+                wide = NumpyBackend.__new__(NumpyBackend)
+                NumpyOps.__init__(wide, np.float64)
+                assert isinstance(self.weights, ModelWeights)  # only a float64 backend holds WideWeights
+                wide._setup(WideWeights(self.weights))
+                self._wide = wide
         return self._wide
 
     def _fuse(self, name: str, layer: int, build: Callable[[], FloatArray]) -> FloatArray:

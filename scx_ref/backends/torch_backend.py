@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +72,7 @@ from .base import (
     check_scores,
     sum_norm_slack,
 )
+from .built_once import BuiltOnce
 from .cpu_kernels import Kernels, column_index, kernels
 
 __all__ = [
@@ -330,31 +330,22 @@ class _WideWeights:
 
     def __init__(self, src: TorchWeights, dtype: torch.dtype, device: torch.device) -> None:
         self.src, self._dtype, self._device = src, dtype, device
-        self._held: dict[int | str, Any] = {}  # block index or top-level name -> its float64 form
-        self._lock = threading.Lock()  # a server's sessions may read a block for the first time at once
+        self._held: BuiltOnce[int | str, Any] = BuiltOnce()  # block index or top-level name -> float64 form
         self.layers = _WideLayers(self)
 
     def _c(self, x: torch.Tensor | None) -> Any:
         return None if x is None else _t(x, self._dtype, self._device)
 
-    def _once(self, key: int | str, build: Callable[[], Any]) -> Any:
-        """``build()`` for ``key`` on its first read (under the lock, built once), then the kept value."""
-        got = self._held.get(key)
-        if got is None:
-            with self._lock:
-                got = self._held.get(key)
-                if got is None:
-                    got = self._held[key] = build()
-        return got
-
     def layer(self, i: int) -> TorchLayer:
         """Block ``i`` in float64 (converted on its first read)."""
         src = vars(self.src.layers[i])
-        layer: TorchLayer = self._once(int(i), lambda: TorchLayer(**{k: self._c(v) for k, v in src.items()}))
+        layer: TorchLayer = self._held.get(
+            int(i), lambda: TorchLayer(**{k: self._c(v) for k, v in src.items()})
+        )
         return layer
 
     def _tensor(self, name: str) -> torch.Tensor:
-        tensor: torch.Tensor = self._once(name, lambda: self._c(getattr(self.src, name)))
+        tensor: torch.Tensor = self._held.get(name, lambda: self._c(getattr(self.src, name)))
         return tensor
 
     @property
@@ -376,12 +367,12 @@ class _WideWeights:
         """How many tensors are held in float64 so far (blocks count their tensors)."""
         return sum(
             sum(v is not None for v in vars(x).values()) if isinstance(x, TorchLayer) else 1
-            for x in self._held.values()
+            for _, x in self._held.items()
         )
 
     def converted_blocks(self) -> list[int]:
         """The blocks held in float64 so far, in order."""
-        return sorted(k for k in self._held if isinstance(k, int))
+        return sorted(k for k, _ in self._held.items() if isinstance(k, int))
 
 
 def as_index(index: npt.NDArray[np.int64], device: torch.device) -> torch.Tensor:
