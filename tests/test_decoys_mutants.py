@@ -601,12 +601,33 @@ def test_from_tokens_runs_an_overflowing_text_without_a_warning() -> None:
     np.testing.assert_array_equal(pool.rows[(Stage.QKV, 0)][[0, -1]], w.embed[[1, 2]])
 
 
-def test_a_pool_from_a_float32_backend_holds_float64_rows() -> None:
-    """The traced rows are kept in float64 (exactly the float32 values)."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_pool_holds_its_backends_dtype_in_rows_of_their_own(dtype: type) -> None:
+    """The traced rows are kept in the backend's dtype (exactly the values its pass computed; a float64 copy
+    of a float32 pass doubled the memory)."""
     w = tiny_weights(8)
-    pool = CalibrationPool.from_tokens(NumpyBackend(w, np.float32), np.array([1, 2, 3]))
-    assert all(t.dtype == np.float64 for t in pool.rows.values())
-    np.testing.assert_array_equal(pool.rows[(Stage.QKV, 0)], w.embed[[1, 2, 3]].astype(np.float32))
+    pool = CalibrationPool.from_tokens(NumpyBackend(w, dtype), np.array([1, 2, 3]))
+    assert all(t.dtype == dtype for t in pool.rows.values())
+    np.testing.assert_array_equal(pool.rows[(Stage.QKV, 0)], w.embed[[1, 2, 3]].astype(dtype))
+
+
+def test_a_torch_backends_pool_keeps_rows_of_its_own() -> None:
+    """A torch backend's pool holds copies of its tensors (``to_numpy``'s contract: the backend reuses its
+    buffers): more passes on the backend afterwards leave the pool as it was, every table float32 and equal
+    to the numpy backend's float32 pool to float32 rounding."""
+    torch = pytest.importorskip("torch")
+    from scx_ref.backends.torch_backend import TorchBackend
+
+    w = tiny_weights(8)
+    b = TorchBackend(w.astype(np.float32), torch.float32)
+    pool = CalibrationPool.from_tokens(b, np.arange(1, 20))
+    before = {k: v.copy() for k, v in pool.rows.items()}
+    for seed in range(3):
+        CalibrationPool.from_tokens(b, np.random.default_rng(seed).integers(0, w.config.vocab_size, 19))
+    assert all(v.dtype == np.float32 and np.array_equal(pool.rows[k], v) for k, v in before.items())
+    ref = CalibrationPool.from_tokens(NumpyBackend(w, np.float32), np.arange(1, 20))
+    for k, v in ref.rows.items():
+        np.testing.assert_allclose(pool.rows[k], v, rtol=1e-4, atol=1e-5)
 
 
 def test_a_stage_that_is_not_a_stage_is_named_as_given() -> None:

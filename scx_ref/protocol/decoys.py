@@ -277,13 +277,15 @@ class CalibrationPool:
         row); a token with any other row or logit that is not finite is dropped after. ConfigError when no
         token is left, or unless ``window`` is an integer >= 1; ``token_ids`` is checked as the client's
         ``public_tokens`` are (:func:`~scx_ref._checks.token_ids`: VocabularyError unless a 1-D integer
-        array of ids in the vocabulary, ProtocolError when empty)."""
+        array of ids in the vocabulary, ProtocolError when empty). The rows are kept in the backend's own
+        dtype — the values its pass computed; a float32 backend's pool held a float64 copy before, twice the
+        memory (114 MiB for SmolLM2's 256-token text) and a conversion at every draw."""
         window = min(check_int(window, "window", 1), backend.config.max_positions)
         ids = checked_ids(token_ids, backend.config.vocab_size)
         rows: dict[tuple[Stage, int], list[Array]] = {}
 
-        def trace(stage: Stage, layer: int, x: Any) -> None:
-            rows.setdefault((stage, layer), []).append(np.asarray(backend.to_numpy(x), dtype=np.float64))
+        def trace(stage: Stage, layer: int, x: Any) -> None:  # to_numpy: a copy, in the backend's own dtype
+            rows.setdefault((stage, layer), []).append(np.asarray(backend.to_numpy(x)))
 
         runner = PlainRunner(backend, trace)
         with np.errstate(all="ignore"):  # tokens whose own block-0 norm is not finite are left out first
@@ -295,7 +297,7 @@ class CalibrationPool:
             with np.errstate(all="ignore"):  # a token whose pass is not finite is dropped below
                 logits = runner.forward(ids[start : start + window])
             finite.append(np.isfinite(np.asarray(backend.to_numpy(logits))).all(axis=1))
-        tables = {key: np.concatenate(parts) for key, parts in rows.items()}
+        tables = {key: parts[0] if len(parts) == 1 else np.concatenate(parts) for key, parts in rows.items()}
         keep = np.concatenate(finite) if finite else np.zeros(0, dtype=bool)
         for table in tables.values():  # one row per token at every stage
             keep &= np.isfinite(table).all(axis=1)
@@ -304,7 +306,7 @@ class CalibrationPool:
                 "calibration pool: the model's own arithmetic is not finite (NaN or ±inf) for every "
                 "token of the calibration text; give other public_tokens"
             )
-        return cls({key: table[keep] for key, table in tables.items()})
+        return cls({key: table if keep.all() else table[keep] for key, table in tables.items()})
 
     def draw(self, stage: Stage, layer: int, count: int, real: Array, stream: KeyStream) -> Array:
         """``count`` rows of the pool at (stage, layer), chosen uniformly by ``stream`` and distinct
