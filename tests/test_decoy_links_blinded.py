@@ -6,7 +6,9 @@ than chance at β = 5 (SmolLM2: ``models/blind_links.py``, README "Privacy, meas
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +19,9 @@ from scx_ref.attacks.decoy_detect import blinded_links
 from scx_ref.attacks.harness import run_request
 from scx_ref.errors import ConfigError, NonFiniteError, ShapeError
 from scx_ref.protocol import Stage
-from scx_ref.protocol.presets import PAPER_CONFIG
+from scx_ref.protocol.presets import PAPER_CONFIG, preset
 from scx_ref.zoo import load_weights
+from tests.tiny import tiny_weights
 
 
 def _synthetic(
@@ -143,3 +146,37 @@ def test_harness_scores_the_blinded_link_under_real_permutations() -> None:
     assert float(np.mean(tally.values["decoy_blind_link_real_found"])) >= 0.95
     with pytest.raises(ShapeError, match="permutations"):
         _score_blinded_link(tally, run.view, (*run.token_perms[::-1][:L], np.arange(3)), L - 1, 16)
+
+
+def test_blind_links_presets_score_the_blinded_guard_blocks(tmp_path: Path) -> None:
+    """``models.blind_links --presets``: each preset at its own β and r, scored at the guard blocks among
+    {0, 1, L // 2, L − 1} whose QKV and FFN stages are both blinded — every one of them for ``hardened``
+    (every block a guard), the first and last for ``blind`` (its middle blocks' blinding is revealed at key
+    sharing), none for ``paper`` (its FFN stages are clear); the JSON rows name their preset."""
+    import argparse
+
+    from models import blind_links
+
+    four = tiny_weights(3).config  # four blocks: level blind's blocks 1 and 2 are middle blocks
+
+    def blocks(name: str) -> list[int]:
+        ((_, cfg, got),) = blind_links._jobs(argparse.Namespace(presets=[name]), four)
+        assert cfg.beta == preset(name).config(four.n_layers).beta
+        return got
+
+    assert four.n_layers == 4
+    assert blocks("hardened") == [0, 1, 2, 3]
+    assert blocks("blind") == [0, 3]
+    assert blocks("paper") == []
+    w = load_weights("tiny-llama")
+    L = w.config.n_layers
+    with pytest.raises(argparse.ArgumentTypeError, match="'nope'; choose from"):
+        blind_links.preset_list("hardened,nope")
+    out = tmp_path / "rows.json"
+    argv = ["--model", "tiny-llama", "--presets", "hardened-b100", "--prompts", "1", "--length", "6"]
+    assert blind_links.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["preset"], r["beta"], r["block"]) for r in rows] == [
+        ("hardened-b100", 100.0, b + 1) for b in sorted({0, 1, L // 2, L - 1})
+    ]
+    assert all(0.0 <= r["decoys_rejected"] <= 1.0 and r["chance_rejected"] == 4 / 10 for r in rows)
