@@ -6,6 +6,7 @@ inverse-CDF map of the unigram draw, the pool's checks and its zero-count and ep
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any
 
@@ -16,9 +17,11 @@ from scx_ref.backends import NumpyBackend
 from scx_ref.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
 from scx_ref.forward import PlainRunner
 from scx_ref.keys import KeySchedule, KeyStream
+from scx_ref.protocol import decoys as decoys_module
 from scx_ref.protocol.decoys import (
     CalibrationPool,
     GaussianDecoys,
+    configured_unigram,
     default_public_tokens,
     secret_calibration_tokens,
     unigram_counts,
@@ -645,3 +648,57 @@ def test_the_first_draw_of_a_new_epoch_counts_as_taken() -> None:
     assert sorted(taken) == [100, 101, 102, 103, 104, 105] and pool.epoch == 1 and built == [1]
     assert 200 <= pool.draw(Stage.FFN, 1, 1, np.zeros((0, 1)), _stream("s7"))[0, 0] < 206
     assert pool.epoch == 2 and built == [1, 2]
+
+
+# -- CalibrationPool.refill_every / time_refill (stop 74) ------------------------------------------------
+
+
+def test_refill_every_reads_the_most_rows_one_draw_took_at_each_key() -> None:
+    """A 12-row epoch drawn 3 rows then 2 at FFN-1: an epoch serves 12 // 3 = 4 requests (the larger
+    draw, not the last), an int; an O-stage key drawn 5 at a time (rows // 5 = 2) is the first to run out."""
+    pool, _ = _refilled_pool([12, 12])
+    pool.rows[(Stage.O, 1)] = np.arange(12, dtype=np.float64)[:, None]
+    pool.draw(Stage.FFN, 1, 3, np.zeros((0, 1)), _stream("a"))
+    pool.draw(Stage.FFN, 1, 2, np.zeros((0, 1)), _stream("b"))
+    got = pool.refill_every()
+    assert got == 4 and type(got) is int
+    pool.draw(Stage.O, 1, 5, np.zeros((0, 1)), _stream("c"))
+    assert pool.refill_every() == 2
+
+
+def test_time_refill_builds_the_next_epoch_once_and_times_only_that() -> None:
+    """``time_refill`` asks the pool's builder for epoch + 1 — once, leaving the pool at its epoch — and
+    returns seconds within the call's own wall time."""
+    pool, built = _refilled_pool([4, 4, 4])
+    pool.draw(Stage.FFN, 1, 3, np.zeros((0, 1)), _stream("a"))
+    pool.draw(Stage.FFN, 1, 3, np.zeros((0, 1)), _stream("b"))  # 1 left: epoch 1 built
+    assert pool.epoch == 1 and built == [1]
+    start = time.perf_counter()
+    seconds = pool.time_refill()
+    wall = time.perf_counter() - start
+    assert built == [1, 2] and pool.epoch == 1
+    assert seconds is not None and 0.0 < seconds <= wall
+
+
+def test_a_gaussian_configuration_refuses_a_unigram_by_name() -> None:
+    with pytest.raises(
+        ConfigError, match=r"^unigram weighs the calibration text's draw: Gaussian decoys draw none$"
+    ):
+        configured_unigram(np.ones(4), 4, "gaussian")
+
+
+def test_add_one_counts_past_the_draws_range_are_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``smoothing=None`` the overflow branch (Σc ≥ 2⁶³: N·V ≳ 2⁶³, out of reach of a test's memory)
+    raised UnboundLocalError from its message, which named the smoothing mass. The branch is reached here
+    by lowering the module's int64 bound to 100 (the check and the message are the code's own): 60
+    occurrences of one id over V = 2 exceed 100 // 2."""
+    ids = np.zeros(60, dtype=np.int64)
+    monkeypatch.setattr(decoys_module, "_INT64_MAX", 100)
+    with pytest.raises(
+        ConfigError, match=r"^add-one counting scales the counts by a 1-digit factor: too lar"
+    ):
+        unigram_counts(ids, 2)
+    with pytest.raises(ConfigError, match=r"^smoothing 0\.5 scales the counts"):  # k = 1 here too
+        unigram_counts(ids, 2, smoothing=0.5)
+    monkeypatch.undo()
+    assert unigram_counts(ids, 2).tolist() == [61, 1]

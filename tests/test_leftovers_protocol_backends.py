@@ -6,7 +6,8 @@ the code before its fix:
 * ``MaskPool`` added a fill's seconds before the entry was counted, outside its lock: a reader mid-fill saw
   seconds spent on an entry that ``filled`` did not count yet (and two fills could lose an update);
 * ``unigram_counts`` named ``mass`` in its overflow message, unbound with ``smoothing=None``: the refusal
-  was an UnboundLocalError, not a project error;
+  was an UnboundLocalError, not a project error (its test is now in ``tests/test_decoys_mutants.py``, the
+  decoys module's mutation target);
 * the torch backend's RoPE tables grew to any position asked for (a position of 10⁹ asked for a billion
   rows) where the config holds the angles finite only below ``max_positions``; numpy RoPE'd any position;
 * float64 rows on a float32 backend: the torch ``norm`` answered float64 while its ``project``/``mlp``
@@ -32,8 +33,6 @@ from scx_ref.backends.torch_backend import TorchBackend
 from scx_ref.errors import ConfigError, DTypeError, ShapeError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, SCXConfig
-from scx_ref.protocol import decoys as decoys_module
-from scx_ref.protocol.decoys import unigram_counts
 from scx_ref.protocol.pool import MaskPool
 from scx_ref.protocol.prepare import _WEIGHT
 from tests.tiny import tiny_weights
@@ -119,24 +118,6 @@ def test_pool_metrics_move_with_the_entries_they_count() -> None:
     assert pool.filled == 1 and pool.seconds > 0
     assert pool.tokens_per_second == 4 / pool.seconds
     assert (pool.bytes_per_prompt_token, pool.bytes_per_step) == (200 / 4, (300 - 200) / 2)
-
-
-# -- 3. unigram_counts' overflow message ------------------------------------------------------------------
-def test_add_one_counts_past_the_draws_range_are_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With ``smoothing=None`` the overflow branch (Σc ≥ 2⁶³: N·V ≳ 2⁶³, out of reach of a test's memory)
-    raised UnboundLocalError from its message, which named the smoothing mass. The branch is reached here
-    by lowering the module's int64 bound to 100 (the check and the message are the code's own): 60
-    occurrences of one id over V = 2 exceed 100 // 2."""
-    ids = np.zeros(60, dtype=np.int64)
-    monkeypatch.setattr(decoys_module, "_INT64_MAX", 100)
-    with pytest.raises(
-        ConfigError, match=r"^add-one counting scales the counts by a 1-digit factor: too lar"
-    ):
-        unigram_counts(ids, 2)
-    with pytest.raises(ConfigError, match=r"^smoothing 0\.5 scales the counts"):  # k = 1 here too
-        unigram_counts(ids, 2, smoothing=0.5)
-    monkeypatch.undo()
-    assert unigram_counts(ids, 2).tolist() == [61, 1]
 
 
 # -- 4. RoPE positions ------------------------------------------------------------------------------------
