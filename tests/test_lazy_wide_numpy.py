@@ -5,16 +5,11 @@ guard blocks' alone. The values are ``ModelWeights.astype``'s, bit for bit."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 from scx_ref.backends import NumpyBackend
 from scx_ref.backends.numpy_backend import WideWeights
-from scx_ref.keys import KeySchedule
-from scx_ref.protocol import Client, LocalTransport, SCXConfig, Server
-from scx_ref.reference import ReferenceModel
 from scx_ref.zoo import load_weights
 
 from .tiny import tiny_weights
@@ -38,18 +33,7 @@ def test_the_twin_casts_nothing_until_read() -> None:
     )  # float64: itself
 
 
-# level paper blinds the first guard block's rows and the last guard block's FFN (last_ffn="exact")
-@pytest.mark.parametrize(("level", "blocks"), [("paper", [0, 3]), ("blind", None)])
-def test_a_session_casts_the_blocks_it_blinds(level: str, blocks: list[int] | None) -> None:
-    w = tiny_weights(3)
-    b = NumpyBackend(w, np.float32)
-    cfg = SCXConfig(level=level, beta=5.0, max_length=16)  # type: ignore[arg-type]
-    client = Client(b, KeySchedule.generate(), cfg)
-    assert client.wide
-    tokens = client.generate(PROMPT, 3, LocalTransport(Server(b)))
-    assert tokens == ReferenceModel(w).generate(PROMPT, 3)
-    want = list(range(w.config.n_layers)) if blocks is None else blocks
-    assert _twin(b).converted_blocks() == want
+# a session converts the blocks it blinds, on both backends: tests/test_lazy_wide_s70.py
 
 
 @pytest.mark.parametrize("model", ["random:tiny-dense", "random:tiny-moe", "random:tiny-qwen"])
@@ -87,19 +71,4 @@ def test_the_twins_values_are_an_eager_copys(model: str) -> None:
     assert np.array_equal(wide.embed(ids), eager.embed(ids))
 
 
-def test_threads_reading_a_block_first_get_one_copy() -> None:
-    b = NumpyBackend(tiny_weights(3), np.float32)
-    seen: list[object] = []
-    barrier = threading.Barrier(8)
-
-    def read() -> None:
-        barrier.wait()
-        seen.append(_twin(b).layers[1])
-
-    threads = [threading.Thread(target=read) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(seen) == 8 and all(s is seen[0] for s in seen)
-    assert _twin(b).converted_blocks() == [1]
+# threads reading a block first get one copy, on both backends: tests/test_lazy_wide_s70.py
