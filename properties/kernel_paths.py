@@ -19,11 +19,15 @@ from scx_ref.backends import cpu_kernels
 from scx_ref.backends.cpu_kernels import kernels
 from scx_ref.protocol import verify
 
-__all__ = ["fused_and_eager", "needs_numba", "one_chunk_or_split", "same"]
+__all__ = ["FUSED_OR_EAGER", "fused_and_eager", "needs_numba", "one_chunk_or_split", "same"]
 
 needs_numba = pytest.mark.skipif(
     kernels() is None, reason="numba is not installed (the eager path is tested)"
 )
+
+#: ``pytest.mark.parametrize`` values of a test taking ``fused``: True (the compiled kernels; skipped without
+#: numba) and False (the eager ops) — for a test that switches ``cpu_kernels.ENABLED`` itself
+FUSED_OR_EAGER = [pytest.param(True, marks=needs_numba, id="kernels"), pytest.param(False, id="eager")]
 
 #: The thread count the split run asks for (the kernels use at most numba's, the machine's cores).
 SPLIT_THREADS = 3

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from properties.kernel_paths import FUSED_OR_EAGER
 from scx_ref.attacks.active import TamperingTransport
 from scx_ref.backends import NumpyBackend, cpu_kernels
 from scx_ref.backends.torch_backend import TorchBackend
@@ -29,9 +30,6 @@ from scx_ref.protocol.verify import (
 from scx_ref.stages import Stage
 from tests.tiny import tiny_weights
 
-needs_numba = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="numba not installed")
-PATHS = [pytest.param(True, marks=needs_numba, id="kernels"), pytest.param(False, id="eager")]
-
 
 def _linear_case(rows: int) -> tuple[Any, ...]:
     """A Freivalds verdict's arrays with ``rows`` rows of products on the reply's side and one elsewhere."""
@@ -39,7 +37,7 @@ def _linear_case(rows: int) -> tuple[Any, ...]:
     return np.ones((rows, 2)), np.ones((1, 2)), np.zeros(2), one, one, np.ones(2), np.ones(2)
 
 
-@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("fused", FUSED_OR_EAGER)
 @pytest.mark.parametrize("rows", [4, 100_000])
 def test_linear_excess_refuses_products_that_do_not_fit(fused: bool, rows: int) -> None:
     """More rows of products than of norms: the kernel read past the norms (a made-up verdict at 4 rows, a
@@ -62,7 +60,7 @@ def _recomputed(rows: int, small: int) -> RecomputedRows:
     )
 
 
-@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("fused", FUSED_OR_EAGER)
 @pytest.mark.parametrize("rows", [4, 100_000])
 def test_attention_excess_refuses_rows_that_do_not_fit(fused: bool, rows: int) -> None:
     """Recomputed rows with fewer norms and positions than distances: the kernel read past them (as above);
@@ -79,7 +77,7 @@ def test_attention_excess_refuses_rows_that_do_not_fit(fused: bool, rows: int) -
         assert attention_excess(fit, np.zeros(2, np.int64), 2, 0.5, 2.0**-24) == 0.0
 
 
-@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("fused", FUSED_OR_EAGER)
 def test_attention_rows64_refuses_arrays_of_another_rank(fused: bool) -> None:
     """Queries or keys of the wrong rank: numpy's ValueError / IndexError before; now SCXError."""
     q, kv, pos = np.zeros((2, 4, 2)), np.zeros((3, 2, 2)), np.zeros(2, np.int64)
@@ -95,7 +93,7 @@ def test_attention_rows64_refuses_arrays_of_another_rank(fused: bool) -> None:
         attention_rows64(q, kv, kv, q, pos, group=2, scale=0.5)
 
 
-@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("fused", FUSED_OR_EAGER)
 def test_range_excess_refuses_queries_before_position_0(fused: bool) -> None:
     """A negative first position: the kernel compared no output with any value and returned −inf ("every
     entry in range") for outputs far outside it; now SCXError."""

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from properties.kernel_paths import FUSED_OR_EAGER
 from scx_ref.backends import cpu_kernels
 from scx_ref.errors import ShapeError
 from scx_ref.protocol.verify import (
@@ -23,9 +24,6 @@ from scx_ref.protocol.verify import (
     range_shapes,
     row_norms,
 )
-
-needs_numba = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="numba not installed")
-PATHS = [pytest.param(True, marks=needs_numba, id="kernels"), pytest.param(False, id="eager")]
 
 
 def _rows(n: int, norms: int) -> RecomputedRows:
@@ -70,7 +68,7 @@ def _misfits() -> dict[str, Callable[[], Any]]:
     }
 
 
-@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("fused", FUSED_OR_EAGER)
 @pytest.mark.parametrize("case", sorted(_misfits()))
 def test_each_shape_refusal_is_a_shape_error_on_both_paths(fused: bool, case: str) -> None:
     """The misfit is refused with ShapeError itself (not only some SCXError), with the kernels installed
@@ -81,7 +79,7 @@ def test_each_shape_refusal_is_a_shape_error_on_both_paths(fused: bool, case: st
             _misfits()[case]()
 
 
-@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("fused", FUSED_OR_EAGER)
 def test_the_fitting_shapes_of_those_cases_are_accepted(fused: bool) -> None:
     """The same calls with shapes that fit return a verdict: the refusals above are the shapes' doing."""
     q, kv, pos = np.zeros((2, 4, 2)), np.zeros((3, 2, 2)), np.zeros(2, np.int64)
