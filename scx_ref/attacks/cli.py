@@ -431,6 +431,7 @@ def _run_frontier(
         res["dp"] = frontier.dp_summary(sens, s.config, length, n_new)
         if args.exactness and s.preset is not None:
             res["exactness32"] = frontier.exactness32(args.model, s.config)
+        ctx.forget_setting_fits()  # a configuration's own inverters: not held through the rest of the run
         results.append(res)
         results.sort(key=lambda r: order[r["preset"]])
         result["missing"] = [m for m in result["missing"] if m != s.name]

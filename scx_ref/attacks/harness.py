@@ -16,7 +16,7 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -304,6 +304,30 @@ class Context:
     _traces: list[Any] | None = None
     _pool: CalibrationPool | None = None
     _prior: FrequencyPrior | None = None
+    _vocabulary: Array | None = None
+
+    @property
+    def vocabulary(self) -> Array:
+        """:func:`~.inversion.unit_vocabulary` of the model, computed once: the targets and decoding table
+        of every inverter fitted in this context (one V × d copy, where each fit used to make its own)."""
+        if self._vocabulary is None:
+            self._vocabulary = inversion.unit_vocabulary(self.weights)
+        return self._vocabulary
+
+    #: The prefixes of the inverters fitted for one configuration's messages — the joint inverters of its
+    #: views and the noise-aware inverters of its β — as opposed to the plaintext tools of :func:`fit_tools`.
+    SETTING_FITS: ClassVar[tuple[str, ...]] = ("joint/", "ffn-noisy/")
+
+    def forget_setting_fits(self) -> int:
+        """Drop the inverters fitted for one configuration (:attr:`SETTING_FITS`) and return how many: a
+        run of many configurations holds one configuration's at a time (each joint inverter of a
+        configuration with every block a guard block holds ~1 GB). A later setting that asks for one
+        again refits it to the same values — its noise is drawn from a fixed seed (the view's block for
+        the noise-aware inverter, 0 for a joint one), never from the order the settings ran in."""
+        gone = [k for k in self.inverters if k.startswith(self.SETTING_FITS)]
+        for k in gone:
+            del self.inverters[k]
+        return len(gone)
 
     @property
     def prior(self) -> FrequencyPrior:
@@ -378,7 +402,7 @@ def fit_tools(
     traces = ctx.traces
     toks = ctx.public_tokens
     w = ctx.weights
-    table = inversion.unit_vocabulary(w)  # one copy shared by every inverter
+    table = ctx.vocabulary  # one copy shared by every inverter
 
     def fit(feats: Array, kind: str = "ridge", **kw: Any) -> inversion.Inverter:
         return inversion.fit_inverter(feats, toks, w, kind, table=table, **kw)
@@ -492,7 +516,7 @@ def _noisy_inverter(ctx: Context, layer: int, beta: float, normalized: bool) -> 
     """A ridge inverter of FFN-stage rows fitted on public rows processed exactly as the message is —
     normalized by the block's MLP norm when the message says so, plus Laplace(β) noise drawn by the
     attacker (β is part of the public configuration): the noise-aware fitting attack (paper §7.3)."""
-    key = f"ffn{layer}/noisy/{beta}/{int(normalized)}"
+    key = f"ffn-noisy/{layer}/{beta}/{int(normalized)}"
     if key not in ctx.inverters:
         w = ctx.weights
         h = np.concatenate([t.h[layer] for t in ctx.traces])
@@ -501,9 +525,7 @@ def _noisy_inverter(ctx: Context, layer: int, beta: float, normalized: bool) -> 
         rng = np.random.default_rng(20_000 + layer)
         feats = np.concatenate([h + laplace_noise(h.shape, beta, rng) for _ in range(2)])
         toks = np.concatenate([ctx.public_tokens] * 2)
-        ctx.inverters[key] = inversion.fit_inverter(
-            feats, toks, w, "ridge", lam=10.0, table=inversion.unit_vocabulary(w)
-        )
+        ctx.inverters[key] = inversion.fit_inverter(feats, toks, w, "ridge", lam=10.0, table=ctx.vocabulary)
     inv: inversion.Inverter = ctx.inverters[key]
     return inv
 
@@ -889,7 +911,7 @@ def _joint(ctx: Context, views: list[tuple[multiview.Form, int, float]]) -> mult
             [beta for _, _, beta in views],
             ctx.public_tokens,
             w,
-            inversion.unit_vocabulary(w),
+            ctx.vocabulary,
             exact=exact,
         )
     inv: multiview.JointInverter = ctx.inverters[key]
