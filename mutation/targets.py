@@ -261,4 +261,28 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_dp_request_budget.py::test_budget_pld_agrees_with_dp_accounting_composition",
         ),
     ),
+    Target(
+        "prepare",
+        "scx_ref/protocol/prepare.py",
+        (
+            "tests/test_precompute.py",
+            "tests/test_precompute_failure_state.py",
+            "tests/test_prepare_decoys_pool.py",
+            "tests/test_prepare_pool_keyring_audit.py",
+            "tests/test_keys_nonces_and_pool.py",
+            "tests/test_client_session_end_masks.py",
+            "tests/test_prepare_mutants.py",
+        ),
+    ),
+    Target(
+        "pool",
+        "scx_ref/protocol/pool.py",
+        (
+            "tests/test_keys_nonces_and_pool.py",
+            "tests/test_prepare_decoys_pool.py",
+            "tests/test_prepare_pool_keyring_audit.py",
+            "tests/test_precompute.py",
+            "tests/test_pool_mutants.py",
+        ),
+    ),
 )
