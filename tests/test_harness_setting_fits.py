@@ -10,30 +10,27 @@ import numpy as np
 
 from scx_ref.attacks import harness, llm_reorder
 from scx_ref.attacks.inversion import unit_vocabulary
-from scx_ref.config import ModelConfig
-from scx_ref.weights import random_weights
+from tests.tiny import tiny_weights
 
-CFG = ModelConfig(
-    vocab_size=128, hidden_size=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=48
-)
+#: tests/tiny.py's model, wide enough for the attacks and with the positions of 64-token public windows
+W = tiny_weights(0, vocab_size=128, hidden_size=32, head_dim=8, intermediate_size=48, max_positions=4096)
+L = W.config.n_layers
 PROMPTS = [np.array([5, 17, 3, 99, 42, 8, 77, 64, 1, 30])]
 
 
 def _ctx() -> harness.Context:
-    w = random_weights(CFG, np.random.default_rng(0))
-    ctx = harness.Context(w, np.random.default_rng(6).integers(0, 128, 512), llm_reorder.NumpyLM(w))
-    return ctx
+    return harness.Context(W, np.random.default_rng(6).integers(0, 128, 512), llm_reorder.NumpyLM(W))
 
 
 def _setting(name: str) -> harness.Setting:
-    return next(s for s in harness.frontier_settings(CFG.n_layers) if s.preset == name)
+    return next(s for s in harness.frontier_settings(L) if s.preset == name)
 
 
 def test_every_fit_of_a_context_decodes_with_its_one_vocabulary_table() -> None:
     """fit_tools, the noise-aware and the joint inverters all hold the context's one V × d table (each fit
     used to compute its own copy: 216 MiB apiece on SmolLM2), equal to unit_vocabulary's."""
     ctx = _ctx()
-    harness.fit_tools(ctx, [harness.probe_block(_setting("hardened").config, CFG.n_layers)], mlp=False)
+    harness.fit_tools(ctx, [harness.probe_block(_setting("hardened").config, L)], mlp=False)
     harness.run_setting(ctx, _setting("hardened"), PROMPTS, n_new=2)
     np.testing.assert_array_equal(ctx.vocabulary, unit_vocabulary(ctx.weights))
     tables = [inv.table for k, inv in ctx.inverters.items() if hasattr(inv, "table")]
@@ -49,7 +46,7 @@ def test_forgetting_a_configurations_fits_changes_no_later_result() -> None:
     and scores every attack as it did."""
     ctx = _ctx()
     hardened = _setting("hardened")
-    harness.fit_tools(ctx, [harness.probe_block(hardened.config, CFG.n_layers)], mlp=False)
+    harness.fit_tools(ctx, [harness.probe_block(hardened.config, L)], mlp=False)
     first = harness.run_setting(ctx, hardened, PROMPTS, n_new=2)
     held = set(ctx.inverters)
     per_setting = {k for k in held if k.startswith(harness.Context.SETTING_FITS)}

@@ -321,9 +321,9 @@ class Context:
     def forget_setting_fits(self) -> int:
         """Drop the inverters fitted for one configuration (:attr:`SETTING_FITS`) and return how many: a
         run of many configurations holds one configuration's at a time (on SmolLM2, `hardened`'s fits,
-        every block a guard block, held ~1.5 GB). A later setting that asks for one
-        again refits it to the same values — its noise is drawn from a fixed seed (the view's block for
-        the noise-aware inverter, 0 for a joint one), never from the order the settings ran in."""
+        every block a guard block, held ~1.5 GB). A later setting that asks for one again refits it to
+        the same values — its noise is drawn from a fixed seed (the view's block for the noise-aware
+        inverter, 0 for a joint one), never from the order the settings ran in."""
         gone = [k for k in self.inverters if k.startswith(self.SETTING_FITS)]
         for k in gone:
             del self.inverters[k]
