@@ -315,8 +315,11 @@ class Context:
         return self._vocabulary
 
     #: The prefixes of the inverters fitted for one configuration's messages — the joint inverters of its
-    #: views and the noise-aware inverters of its β — as opposed to the plaintext tools of :func:`fit_tools`.
-    SETTING_FITS: ClassVar[tuple[str, ...]] = ("joint/", "ffn-noisy/")
+    #: views (:func:`_joint`) and the noise-aware inverters of its β (:func:`_noisy_inverter`), whose keys
+    #: are built from them — as opposed to the plaintext tools of :func:`fit_tools`.
+    JOINT_FIT: ClassVar[str] = "joint/"
+    NOISY_FIT: ClassVar[str] = "ffn-noisy/"
+    SETTING_FITS: ClassVar[tuple[str, ...]] = (JOINT_FIT, NOISY_FIT)
 
     def forget_setting_fits(self) -> int:
         """Drop the inverters fitted for one configuration (:attr:`SETTING_FITS`) and return how many: a
@@ -516,7 +519,7 @@ def _noisy_inverter(ctx: Context, layer: int, beta: float, normalized: bool) -> 
     """A ridge inverter of FFN-stage rows fitted on public rows processed exactly as the message is —
     normalized by the block's MLP norm when the message says so, plus Laplace(β) noise drawn by the
     attacker (β is part of the public configuration): the noise-aware fitting attack (paper §7.3)."""
-    key = f"ffn-noisy/{layer}/{beta}/{int(normalized)}"
+    key = f"{Context.NOISY_FIT}{layer}/{beta}/{int(normalized)}"
     if key not in ctx.inverters:
         w = ctx.weights
         h = np.concatenate([t.h[layer] for t in ctx.traces])
@@ -897,7 +900,7 @@ def _joint(ctx: Context, views: list[tuple[multiview.Form, int, float]]) -> mult
     """The joint inverter of ``views`` (form, block, β), fitted once per context: the ridge mix or the
     template likelihood, whichever recovers more held-out public tokens (:class:`.multiview.JointInverter`;
     each token's exact row where a view depends on the token alone, :func:`.multiview.token_rows`)."""
-    key = "joint/" + ";".join(f"{f},{b},{beta}" for f, b, beta in views)
+    key = Context.JOINT_FIT + ";".join(f"{f},{b},{beta}" for f, b, beta in views)
     if key not in ctx.inverters:
         w = ctx.weights
         public = [multiview.public_rows(w, ctx.traces, f, b) for f, b, _ in views]
