@@ -285,4 +285,68 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_pool_mutants.py",
         ),
     ),
+    Target(
+        "config",
+        "scx_ref/protocol/config.py",
+        (
+            "tests/test_plan_presets_cost_config.py",
+            "tests/test_protocol_plan_config_audit.py",
+            "tests/test_beta_precision.py",
+            "tests/test_blind_dtype_auto.py",
+            "tests/test_api_errors.py",
+            "tests/test_wide_default_s70.py",
+            "tests/test_config_mutants.py",
+        ),
+        deselect=(
+            # 6-10 s each: a CLI subprocess prints the warning; the message itself is
+            # test_beta_precision.py's and test_config_mutants.py's, the printing is not config.py's
+            "tests/test_blind_dtype_auto.py::test_scx_verify_prints_the_warning_once_on_its_own_line",
+            "tests/test_blind_dtype_auto.py::test_scx_ppl_prints_the_warning_on_its_own_line",
+            "tests/test_blind_dtype_auto.py::test_the_sweep_prints_the_warning_on_its_own_line",
+            # 6 s: scx bench's pool report; test_wide_replies_are_checked runs the same wide sessions
+            "tests/test_wide_default_s70.py::test_scx_bench_pool_reports_float64_mask_bytes",
+            # mutmut's trampoline is one more frame between the caller and warn_precision, so the frame a
+            # stacklevel names is another under mutation (test_config_mutants.py checks the level passed on)
+            "tests/test_beta_precision.py::test_the_warning_points_at_the_caller_stacklevel_frames_up",
+        ),
+    ),
+    Target(
+        "transport",
+        "scx_ref/protocol/transport.py",
+        (
+            "tests/test_protocol_view.py",
+            "tests/test_messages_keyring_view.py",
+            "tests/test_cost.py",
+            "tests/test_frontier_verdicts_and_views.py",
+            "tests/test_server_request_snapshot.py",
+            "tests/test_protocol_parts_inputs.py::test_local_transport_meters_the_wire_bytes",
+            "tests/test_transport_mutants.py",
+        ),
+    ),
+    Target(
+        "cost",
+        "scx_ref/protocol/cost.py",
+        (
+            "tests/test_cost.py",
+            "tests/test_plan_presets_cost_config.py",
+            "tests/test_protocol_plan_config_audit.py",
+            "tests/test_client_lifecycle.py",
+            "tests/test_cost_presets_mutants.py",
+        ),
+    ),
+    Target(
+        "presets",
+        "scx_ref/protocol/presets.py",
+        (
+            "tests/test_plan_presets_cost_config.py",
+            "tests/test_protocol_plan_config_audit.py",
+            "tests/test_dp_request_budget.py",
+            "tests/test_frontier_results_and_dp_inf.py",
+            "tests/test_cost_presets_mutants.py",
+        ),
+        deselect=(
+            # 6 s: test_budget_composes_exactly_the_plan_releases_for_every_preset builds every preset too
+            "tests/test_dp_request_budget.py::test_budget_pld_agrees_with_dp_accounting_composition",
+        ),
+    ),
 )

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
@@ -64,10 +65,25 @@ def test_a_beta_past_its_dtypes_limit_warns(kw: dict[str, Any], dtype: Any, name
     with pytest.warns(PrecisionWarning) as record:
         message = cfg.warn_precision(dtype, stacklevel=1)
     assert len(record) == 1 and str(record[0].message) == message
-    assert record[0].filename == __file__  # stacklevel 1: this line (a client passes 2: its caller's)
     assert message is not None and "not exact" in message and "Use " in message
     for name in names:
         assert name in message, (name, message)
+
+
+def test_the_warning_points_at_the_caller_stacklevel_frames_up() -> None:
+    """``stacklevel`` counts from warn_precision's caller, as :func:`warnings.warn`'s does: 1 is the calling
+    line (a client passes 2: its own caller's)."""
+    with pytest.warns(PrecisionWarning) as record:
+        SCXConfig(beta=1e13).warn_precision("float64", stacklevel=1)
+    assert len(record) == 1 and record[0].filename == __file__
+
+    def caller() -> None:
+        SCXConfig(beta=1e13).warn_precision("float64", stacklevel=2)
+
+    with pytest.warns(PrecisionWarning) as record:
+        caller()
+    assert record[0].filename == __file__
+    assert record[0].lineno == sys._getframe().f_lineno - 2
 
 
 # (configuration, backend dtype) that keep the measured exactness, or blind nothing

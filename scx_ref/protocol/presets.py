@@ -56,12 +56,12 @@ def _no_share(cfg: SCXConfig, n_layers: int) -> SCXConfig:
     return replace(cfg, l_s=max(n_layers - cfg.l_e, 1))
 
 
-def _hardened(beta: float) -> Callable[[int], SCXConfig]:
-    def build(n_layers: int) -> SCXConfig:
-        cfg = _client_attention(replace(_BASE, level="blind", beta=beta, gen_linear="server"))
-        return _no_share(cfg, n_layers)
-
-    return build
+def _hardened(beta: float, n_layers: int) -> SCXConfig:
+    """The hardened configuration at ``beta`` on an ``n_layers`` model: level blind, the guard blocks'
+    attention the client's, W_o and the LM head blinded at each step, every block a guard block. (A
+    function the presets call, not a closure made at import: what runs is what ``mutation.run`` mutates.)"""
+    cfg = _client_attention(replace(_BASE, level="blind", beta=beta, gen_linear="server"))
+    return _no_share(cfg, n_layers)
 
 
 PRESETS: tuple[Preset, ...] = (
@@ -112,19 +112,19 @@ PRESETS: tuple[Preset, ...] = (
         "hardened",
         "level blind β = 5, every block a guard, client attention, W_o and LM head blinded each step",
         "every message the server receives is one-time blinded (DESIGN §5.7)",
-        _hardened(5.0),
+        lambda L: _hardened(5.0, L),
     ),
     Preset(
         "hardened-b20",
         "hardened with β = 20 (blinded stages in float64)",
         "as hardened, 4× the noise",
-        _hardened(20.0),
+        lambda L: _hardened(20.0, L),
     ),
     Preset(
         "hardened-b100",
         "hardened with β = 100 (blinded stages in float64)",
         "as hardened, 20× the noise",
-        _hardened(100.0),
+        lambda L: _hardened(100.0, L),
     ),
 )
 
