@@ -349,4 +349,13 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_dp_request_budget.py::test_budget_pld_agrees_with_dp_accounting_composition",
         ),
     ),
+    Target(
+        "mlp",
+        "scx_ref/protocol/mlp.py",
+        (
+            "properties/test_protocol_edges_and_routing.py",
+            "tests/test_verify_honest_edges.py",
+            "tests/test_server_checks.py",
+        ),
+    ),
 )
