@@ -358,4 +358,16 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_server_checks.py",
         ),
     ),
+    Target(
+        "checks",
+        "scx_ref/_checks.py",
+        (
+            "tests/test_shared_checks.py",
+            "tests/test_real_checks.py",
+            "tests/test_foundation_audit.py",
+            "tests/test_shared_helpers_inputs.py",
+            "tests/test_token_ids.py",
+            "tests/test_checks_mutants.py",
+        ),
+    ),
 )
