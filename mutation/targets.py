@@ -370,4 +370,9 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_checks_mutants.py",
         ),
     ),
+    Target(
+        "files",
+        "scx_ref/_files.py",
+        ("tests/test_files_whole.py", "tests/test_result_json.py", "tests/test_files_mutants.py"),
+    ),
 )
