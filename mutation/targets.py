@@ -6,7 +6,8 @@ CLI-model checks. mutmut then runs, for each mutant, only the selected tests tha
 
 ``explained``: every surviving mutant of this module must be killed by a test or listed in
 :mod:`mutation.annotations` as equivalent (the run fails otherwise). It can be turned off for a module that
-is being rewritten: its survivors are then reported but not triaged. Every target has it on.
+is being rewritten: its survivors are then reported but not triaged. Every target has it on but ``ops``,
+whose triage stop 76 began and did not finish (mutation/REPORT_ops.md lists its survivors).
 
 ``deselect``: selected tests left out for time (a module's mutants run its covering tests once each, so one
 slow test costs minutes); each is named with the faster test that exercises the same code.
@@ -374,5 +375,23 @@ TARGETS: tuple[Target, ...] = (
         "files",
         "scx_ref/_files.py",
         ("tests/test_files_whole.py", "tests/test_result_json.py", "tests/test_files_mutants.py"),
+    ),
+    Target(
+        "ops",
+        "scx_ref/ops.py",
+        (
+            "properties/test_ops.py",
+            "tests/test_reference_args.py",
+            "tests/test_reference_transforms_audit.py",
+            "tests/test_ops_sampling_keys_audit.py",
+            "tests/test_foundation_audit.py",
+            "tests/test_silu_error.py",
+            "tests/test_ops_mutants.py",
+        ),
+        # stop 76: a first run before tests/test_ops_mutants.py left 286 of 823 surviving, a run with it
+        # 126 of 821 (71 in attention and causal_mask, which no test there reads yet; many of the others look
+        # equivalent — axis +1 for -1 on 2-D arrays, a dtype kind tested against a longer string —, none yet
+        # annotated)
+        explained=False,
     ),
 )

@@ -56,9 +56,9 @@ def rms_norm(x: FloatArray, gamma: FloatArray, eps: float) -> FloatArray:
     """
     eps = check_real(eps, "RMSNorm eps", 0)
     x = np.asarray(x)
-    for what, arr in (("RMSNorm", x), ("RMSNorm gains", np.asarray(gamma))):
+    for what, arr in (("rows", x), ("gains", np.asarray(gamma))):
         if arr.dtype.kind not in "iuf":
-            raise DTypeError(f"{what} needs a real array, got dtype {arr.dtype}")
+            raise DTypeError(f"RMSNorm: the {what} must be a real array, got dtype {arr.dtype}")
     if np.ndim(x) == 0 or np.shape(gamma) != np.shape(x)[-1:]:
         raise ShapeError(f"RMSNorm of rows {np.shape(x)} with gains {np.shape(gamma)}: one gain per column")
     if x.dtype.kind in "iu":

@@ -1,0 +1,360 @@
+"""Tests that kill mutants of :mod:`scx_ref.ops` (the numpy reference's operations) that survived ``python -m
+mutation.run ops`` (mutation/REPORT_ops.md): each refusal's class and whole message, RMSNorm of rows of any
+rank, of float16 rows past 256 and of integer rows, softmax on either axis and in float16, the embedding's
+vocabulary, and the routing of rows of very different scales."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from scx_ref import ops
+from scx_ref.errors import ConfigError, DTypeError, NonFiniteError, ShapeError, VocabularyError
+from tests.tiny import tiny_weights
+
+
+def test_softmax_rows_sum_to_one_and_keep_order() -> None:
+    x = np.array([[0.0, 1.0, 2.0], [5.0, 5.0, 5.0]])
+    p = ops.softmax(x)
+    np.testing.assert_allclose(p.sum(axis=-1), 1.0, rtol=0, atol=1e-15)
+    assert np.all(np.diff(p[0]) > 0) and np.allclose(p[1], 1 / 3)
+
+
+REFUSALS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
+    (
+        "embed-1d",
+        lambda: ops.embed([0], np.zeros(3)),
+        ShapeError,
+        "an embedding table must be vocabulary × d, got shape (3,)",
+    ),
+    (
+        "rms-eps",
+        lambda: ops.rms_norm(np.ones((1, 2)), np.ones(2), -1.0),
+        ConfigError,
+        "RMSNorm eps must be >= 0, got -1.0",
+    ),
+    (
+        "rms-rows",
+        lambda: ops.rms_norm(np.array([["a", "b"]]), np.ones(2), 1e-6),
+        DTypeError,
+        "RMSNorm: the rows must be a real array, got dtype <U1",
+    ),
+    (
+        "rms-gains",
+        lambda: ops.rms_norm(np.ones((1, 2)), np.array(["a", "b"]), 1e-6),
+        DTypeError,
+        "RMSNorm: the gains must be a real array, got dtype <U1",
+    ),
+    (
+        "rms-shape",
+        lambda: ops.rms_norm(np.ones((1, 2)), np.ones(3), 1e-6),
+        ShapeError,
+        "RMSNorm of rows (1, 2) with gains (3,): one gain per column",
+    ),
+    (
+        "rms-0d",
+        lambda: ops.rms_norm(np.float64(1.0), np.ones(1), 1e-6),
+        ShapeError,
+        "RMSNorm of rows () with gains (1,): one gain per column",
+    ),
+    (
+        "linear-rows",
+        lambda: ops.linear(np.array([["a"]]), np.ones((1, 1))),
+        DTypeError,
+        "linear: the rows must be a real array, got dtype <U1",
+    ),
+    (
+        "linear-weights",
+        lambda: ops.linear(np.ones((1, 1)), np.array([[True]])),
+        DTypeError,
+        "linear: the weight matrix must be a real array, got dtype bool",
+    ),
+    (
+        "linear-bias-dtype",
+        lambda: ops.linear(np.ones((1, 1)), np.ones((1, 1)), np.array(["a"])),
+        DTypeError,
+        "linear: the bias must be a real array, got dtype <U1",
+    ),
+    (
+        "linear-widths",
+        lambda: ops.linear(np.ones((1, 2)), np.ones((3, 1))),
+        ShapeError,
+        "cannot multiply rows of shape (1, 2) by a matrix of shape (3, 1) (in × out)",
+    ),
+    (
+        "linear-1d-matrix",
+        lambda: ops.linear(np.ones((1, 2)), np.ones(2)),
+        ShapeError,
+        "cannot multiply rows of shape (1, 2) by a matrix of shape (2,) (in × out)",
+    ),
+    (
+        "linear-0d-rows",
+        lambda: ops.linear(np.float64(1), np.ones((1, 1))),
+        ShapeError,
+        "cannot multiply rows of shape () by a matrix of shape (1, 1) (in × out)",
+    ),
+    (
+        "linear-bias-shape",
+        lambda: ops.linear(np.ones((1, 2)), np.ones((2, 3)), np.ones(2)),
+        ShapeError,
+        "a bias of shape (2,) for a matrix of shape (2, 3) (in × out)",
+    ),
+    (
+        "route-dtype",
+        lambda: ops.route(np.array([["a"]]), 1),
+        DTypeError,
+        "router logits must be a real array, got dtype <U1",
+    ),
+    (
+        "route-1d",
+        lambda: ops.route(np.ones(3), 1),
+        ShapeError,
+        "router logits must be rows × experts (at least one), got shape (3,)",
+    ),
+    (
+        "route-no-expert",
+        lambda: ops.route(np.ones((2, 0)), 1),
+        ShapeError,
+        "router logits must be rows × experts (at least one), got shape (2, 0)",
+    ),
+    ("route-k-above", lambda: ops.route(np.ones((2, 3)), 4), ConfigError, "top_k must lie in [1, 3], got 4"),
+    ("route-k-zero", lambda: ops.route(np.ones((2, 3)), 0), ConfigError, "top_k must lie in [1, 3], got 0"),
+    (
+        "route-nan",
+        lambda: ops.route(np.array([[np.nan, 1.0]]), 1),
+        NonFiniteError,
+        "router logits hold NaN or ±Inf",
+    ),
+    (
+        "rope-dtype",
+        lambda: ops.rope_cos_sin(np.arange(2), 4, 1e4, np.int32),
+        DTypeError,
+        "RoPE dtype must be a floating numpy dtype, got int32",
+    ),
+    (
+        "rope-odd",
+        lambda: ops.rope_cos_sin(np.arange(2), 3, 1e4),
+        ShapeError,
+        "RoPE needs an even head_dim, got 3",
+    ),
+    (
+        "rope-negative",
+        lambda: ops.rope_cos_sin(np.arange(2), -2, 1e4),
+        ShapeError,
+        "RoPE's head_dim must be >= 0, got -2",
+    ),
+    (
+        "rope-theta",
+        lambda: ops.rope_cos_sin(np.arange(2), 4, 0.0),
+        ConfigError,
+        "RoPE theta must be > 0, got 0.0",
+    ),
+    (
+        "rope-positions-2d",
+        lambda: ops.rope_cos_sin(np.zeros((2, 2), dtype=np.int64), 4, 1e4),
+        ShapeError,
+        "RoPE positions must be one-dimensional, got shape (2, 2)",
+    ),
+    (
+        "rope-positions-str",
+        lambda: ops.rope_cos_sin(np.array(["a"]), 4, 1e4),
+        DTypeError,
+        "RoPE positions must be numbers, got dtype <U1",
+    ),
+    (
+        "apply-rope-int",
+        lambda: ops.apply_rope(np.ones((1, 1, 2), dtype=np.int64), np.arange(1), 1e4),
+        DTypeError,
+        "RoPE input must be a floating-point array, got dtype int64",
+    ),
+    (
+        "apply-rope-2d",
+        lambda: ops.apply_rope(np.ones((1, 2)), np.arange(1), 1e4),
+        ShapeError,
+        "RoPE input must be rows × heads × head_dim, got (1, 2)",
+    ),
+    (
+        "apply-rope-positions",
+        lambda: ops.apply_rope(np.ones((2, 1, 2)), np.arange(1), 1e4),
+        ShapeError,
+        "RoPE needs one position per row: 2 rows, positions (1,)",
+    ),
+]
+
+
+_W = tiny_weights(7)
+_MOE = tiny_weights(7, moe=True)
+_MOE_MLP: Any = _MOE.layers[0].mlp
+_X = np.ones((2, _W.config.hidden_size))
+_LW = _W.layers[0]
+
+REFUSALS += [
+    ("qkv-heads", lambda: ops.qkv(_X, _LW, 0, 2, 4), ShapeError, "n_heads must be >= 1, got 0"),
+    (
+        "qkv-heads-float",
+        lambda: ops.qkv(_X, _LW, 2.0, 2, 4),  # type: ignore[arg-type]
+        ShapeError,
+        "n_heads must be an integer, got float 2.0",
+    ),
+    ("qkv-kv-heads", lambda: ops.qkv(_X, _LW, 4, 0, 4), ShapeError, "n_kv_heads must be >= 1, got 0"),
+    (
+        "qkv-kv-heads-float",
+        lambda: ops.qkv(_X, _LW, 4, 2.0, 4),  # type: ignore[arg-type]
+        ShapeError,
+        "n_kv_heads must be an integer, got float 2.0",
+    ),
+    ("qkv-head-dim", lambda: ops.qkv(_X, _LW, 4, 2, 0), ShapeError, "head_dim must be >= 1, got 0"),
+    (
+        "qkv-1d",
+        lambda: ops.qkv(_X[0], _LW, 4, 2, 4),
+        ShapeError,
+        "Q/K/V projections need rows × d, got shape (16,)",
+    ),
+    (
+        "qkv-split",
+        lambda: ops.qkv(_X, _LW, 8, 2, 2),
+        ShapeError,
+        "Q/K projections of widths 16/8 do not split into 8/2 heads of 2",
+    ),
+    (
+        "softmax-axis",
+        lambda: ops.softmax(np.ones((2, 3)), 2),
+        ShapeError,
+        "softmax needs a non-empty axis 2, got shape (2, 3)",
+    ),
+    (
+        "softmax-axis-neg",
+        lambda: ops.softmax(np.ones((2, 3)), -3),
+        ShapeError,
+        "softmax needs a non-empty axis -3, got shape (2, 3)",
+    ),
+    (
+        "softmax-axis-float",
+        lambda: ops.softmax(np.ones((2, 3)), 1.0),  # type: ignore[arg-type]
+        ShapeError,
+        "softmax axis must be an integer, got float 1.0",
+    ),
+    (
+        "softmax-empty",
+        lambda: ops.softmax(np.ones((2, 0))),
+        ShapeError,
+        "softmax needs a non-empty axis -1, got shape (2, 0)",
+    ),
+    (
+        "softmax-dtype",
+        lambda: ops.softmax(np.array(["a"])),
+        DTypeError,
+        "softmax needs a real array, got dtype <U1",
+    ),
+    (
+        "moe-k-above",
+        lambda: ops.moe(_X, _MOE_MLP, 5),
+        ConfigError,
+        "top_k must lie in [1, 4], got 5",
+    ),
+    (
+        "moe-k-zero",
+        lambda: ops.moe(_X, _MOE_MLP, 0),
+        ConfigError,
+        "top_k must lie in [1, 4], got 0",
+    ),
+    (
+        "moe-k-float",
+        lambda: ops.moe(_X, _MOE_MLP, 1.0),  # type: ignore[arg-type]
+        ConfigError,
+        "top_k must be an integer, got float 1.0",
+    ),
+    (
+        "route-k-float",
+        lambda: ops.route(np.ones((2, 3)), 1.0),  # type: ignore[arg-type]
+        ConfigError,
+        "top_k must be an integer, got float 1.0",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS]
+)
+def test_each_refusal_has_its_class_and_whole_message(
+    call: Callable[[], object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        call()
+
+
+def test_softmax_takes_its_first_and_last_axes_and_float16_wide() -> None:
+    x = np.array([[0.0, 1.0], [2.0, 4.0]])
+    np.testing.assert_allclose(ops.softmax(x, -2).sum(axis=0), 1.0)
+    np.testing.assert_allclose(ops.softmax(x, 1).sum(axis=1), 1.0)
+    big = np.full((1, 70_000), 12.0, dtype=np.float16)  # Σ exp(0) = 70 000 overflows float16
+    p = ops.softmax(big)
+    assert p.dtype == np.float16 and np.all(p > 0)
+
+
+def _rms64(x: Any, gamma: Any, eps: float) -> Any:
+    x = np.asarray(x, dtype=np.float64)
+    return np.asarray(gamma, dtype=np.float64) * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("shape", [(4,), (3, 4), (2, 3, 4)], ids=["row", "rows", "rows-heads"])
+def test_rms_norm_normalises_each_row_of_any_rank(shape: tuple[int, ...]) -> None:
+    """Each row over its last axis (rows of different scales, so a mean over another axis shows)."""
+    rng = np.random.default_rng(0)
+    gamma = rng.normal(size=4)
+    x = rng.normal(size=shape)
+    if x.ndim > 1:
+        x = x * 10.0 ** np.arange(shape[-2])[:, None]
+    out = ops.rms_norm(x, gamma, 1e-6)
+    assert out.shape == shape
+    np.testing.assert_allclose(out, _rms64(x, gamma, 1e-6), rtol=1e-12)
+
+
+def test_rms_norm_of_float16_rows_past_256_is_computed_in_float32() -> None:
+    """x² overflows float16 past |x| = 256: the row is normalised in float32 and cast back (rows of
+    different scales, each normalised by its own mean)."""
+    x = np.array([[300.0, -400.0, 500.0], [0.5, 1.0, -0.25]], dtype=np.float16)
+    gamma = np.ones(3, dtype=np.float16)
+    out = ops.rms_norm(x, gamma, 1e-6)
+    assert out.dtype == np.float16
+    np.testing.assert_allclose(out.astype(np.float64), _rms64(x, gamma, 1e-6), rtol=2e-3)
+
+
+def test_rms_norm_of_integer_rows_is_float64() -> None:
+    x = np.array([[50_000, -3, 7]], dtype=np.int32)
+    out = ops.rms_norm(x, np.ones(3), 0.0)  # type: ignore[arg-type]
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out, _rms64(x, np.ones(3), 0.0), rtol=1e-15)
+
+
+def test_embed_refuses_ids_past_the_table_and_takes_none() -> None:
+    table = np.arange(6.0).reshape(3, 2)
+    np.testing.assert_array_equal(ops.embed([2, 0], table), [[4.0, 5.0], [0.0, 1.0]])
+    assert ops.embed([], table).shape == (0, 2)
+    with pytest.raises(VocabularyError, match=re.escape("token ids must lie in [0, 3), got range [3, 3]")):
+        ops.embed([3], table)
+
+
+def test_route_is_the_renormalised_top_k_of_each_row_without_overflow() -> None:
+    """Rows of very different scales (one near 0, one near 1000, logits that overflow exp) route alike:
+    the top-k of each row in descending probability, ties to the lower expert id, weights renormalised."""
+    logits = np.array([[0.0, 1.0, 1.0, -1.0], [1000.0, 999.0, 1001.0, 1001.0], [800.0, 0.0, 0.0, 0.0]])
+    top, weights = ops.route(logits, 2)
+    assert top.tolist() == [[1, 2], [2, 3], [0, 1]] and top.dtype == np.int64
+    np.testing.assert_allclose(weights[:2], 0.5, rtol=1e-15)
+    np.testing.assert_allclose(weights[2], [1.0, 0.0], atol=1e-300)
+    assert np.all(np.isfinite(weights))
+    top1, w1 = ops.route(logits.astype(np.int64), 1)
+    assert top1.tolist() == [[1], [2], [0]] and w1.tolist() == [[1.0], [1.0], [1.0]]
+
+
+def test_moe_of_integer_rows_is_float64() -> None:
+    mlp = _MOE_MLP
+    x = np.arange(2 * 16).reshape(2, 16) % 3
+    out = ops.moe(x, mlp, 2)  # type: ignore[arg-type]
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out, ops.moe(x.astype(np.float64), mlp, 2), rtol=1e-15)
