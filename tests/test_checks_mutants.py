@@ -29,6 +29,7 @@ from scx_ref.errors import (
     ShapeError,
     VocabularyError,
 )
+from tests.accelerator import OnAccelerator
 
 
 @pytest.mark.parametrize(
@@ -149,24 +150,8 @@ def test_float_dtype_takes_floating_dtypes_and_names_the_rest() -> None:
             float_dtype(bad)
 
 
-class _AcceleratorIds:
-    """An id tensor on an accelerator, as numpy sees it: unreadable until ``.cpu()`` (no GPU needed)."""
-
-    def __init__(self, ids: list[int]) -> None:
-        self._ids = torch.tensor(ids)
-
-    def detach(self) -> _AcceleratorIds:
-        return self
-
-    def cpu(self) -> torch.Tensor:
-        return self._ids
-
-    def __array__(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError("can't convert cuda:0 device type tensor to numpy")
-
-
 def test_token_ids_reads_a_tensor_on_any_device() -> None:
-    assert token_ids(_AcceleratorIds([4, 1])).tolist() == [4, 1]
+    assert token_ids(OnAccelerator(torch.tensor([4, 1]))).tolist() == [4, 1]
 
 
 def test_token_ids_refuses_with_the_documented_class_and_message() -> None:

@@ -14,6 +14,7 @@ import torch
 from scx_ref.protocol.messages import Reply, Request
 from scx_ref.protocol.transport import LocalTransport, ServerView, ViewedMessage
 from scx_ref.stages import Stage
+from tests.accelerator import OnAccelerator
 
 
 def _seen(stage: Stage, layer: int, step: int) -> ViewedMessage:
@@ -164,27 +165,10 @@ def test_a_torch_tensor_is_recorded_as_a_read_only_numpy_copy(dtype: torch.dtype
     assert transport.meter.stages[Stage.FFN].bytes_up == 3 * width
 
 
-class _OnAccelerator:
-    """A stand-in for a tensor on an accelerator: only ``.to("cpu")`` gives a tensor numpy can read, as
-    ``.numpy()`` of a CUDA tensor raises (no GPU needed to check the copy to the host)."""
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self._t, self.dtype = t, t.dtype
-
-    def detach(self) -> _OnAccelerator:
-        return self
-
-    def to(self, device: Any) -> Any:
-        return self._t if str(device) == "cpu" else self
-
-    def numpy(self) -> Any:
-        raise TypeError("can't convert cuda:0 device type tensor to numpy")
-
-
 def test_a_tensor_on_an_accelerator_is_copied_to_the_host_before_it_is_recorded() -> None:
     """The view holds numpy arrays, so a tensor on another device is first copied to the CPU."""
     transport = LocalTransport(_Echo(), record_view=True)
-    transport.send(_request({"x": _OnAccelerator(torch.tensor([1.0, 2.0]))}))
+    transport.send(_request({"x": OnAccelerator(torch.tensor([1.0, 2.0]))}))
     np.testing.assert_array_equal(transport.view.messages[0].arrays["x"], [1.0, 2.0])
 
 
