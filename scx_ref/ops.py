@@ -6,7 +6,7 @@ Shapes: x is rows × d; q is rows × H × d_h; k, v are rows × H_kv × d_h. Wei
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -115,9 +115,10 @@ def silu(x: FloatArray) -> FloatArray:
 
 def softmax(x: FloatArray, axis: int = -1) -> FloatArray:
     """softmax(x)_i = exp(x_i − m) / Σ_j exp(x_j − m) along ``axis``, m = max_j x_j (numerically stable);
-    rows that are all −∞ (fully masked) give zeros instead of NaN. In x's dtype, except float16, computed
-    in float32 and cast back (as Hugging Face's attention and routers: Σ_j overflowed float16 past 65504
-    entries, which gave a row of zeros).
+    rows that are all −∞ (fully masked) give zeros instead of NaN, and a row holding NaN or +∞ gives NaN
+    throughout, as torch's softmax (a +∞ entry gave NaN there and 0 elsewhere). In x's dtype, except
+    float16, computed in float32 and cast back (as Hugging Face's attention and routers: Σ_j overflowed
+    float16 past 65504 entries, which gave a row of zeros).
 
     ShapeError when ``x`` has no such ``axis`` (an integer) or is empty along it (a softmax over nothing);
     DTypeError unless ``x`` holds real numbers (integers or floats)."""
@@ -131,7 +132,7 @@ def softmax(x: FloatArray, axis: int = -1) -> FloatArray:
         wide: FloatArray = softmax(x.astype(np.float32), axis).astype(np.float16)
         return wide
     m = np.max(x, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
+    m = np.where(m == -np.inf, 0.0, m)  # a row all −∞ (fully masked): zeros; one holding NaN or +∞: NaN
     e = np.exp(x - m)
     s = np.sum(e, axis=axis, keepdims=True)
     return e / np.where(s == 0, 1.0, s)
@@ -167,7 +168,8 @@ def moe(x: FloatArray, w: MoEMLP, top_k: int) -> FloatArray:
 
 def route(logits: Any, top_k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """Mixtral routing of router ``logits`` (rows × E): (the top-k expert ids per row, in descending
-    probability with ties to the lower id; their softmax probabilities renormalised to sum to 1), float64.
+    probability with ties to the lower id; their :func:`softmax` probabilities renormalised to sum to 1),
+    float64.
     ShapeError unless ``logits`` is rows × E with E ≥ 1, ConfigError unless 1 ≤ ``top_k`` ≤ E (fewer or
     more columns would not be k experts), NonFiniteError for a logit that is not finite (no routing),
     DTypeError unless ``logits`` holds real numbers (strings were parsed as numbers, complex ones cut to
@@ -182,8 +184,7 @@ def route(logits: Any, top_k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[n
     top_k = check_int(top_k, "top_k", 1, z.shape[1])
     if not np.isfinite(z).all():
         raise NonFiniteError("router logits hold NaN or ±Inf")
-    probs = np.exp(z - z.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
+    probs = cast("npt.NDArray[np.float64]", softmax(z, axis=-1))  # float64, as z is
     top = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k].astype(np.int64)
     weights = np.take_along_axis(probs, top, axis=-1)
     weights /= weights.sum(axis=-1, keepdims=True)

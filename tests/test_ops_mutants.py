@@ -5,7 +5,9 @@ vocabulary, and the routing of rows of very different scales."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -358,3 +360,228 @@ def test_moe_of_integer_rows_is_float64() -> None:
     out = ops.moe(x, mlp, 2)  # type: ignore[arg-type]
     assert out.dtype == np.float64
     np.testing.assert_allclose(out, ops.moe(x.astype(np.float64), mlp, 2), rtol=1e-15)
+
+
+def test_route_weights_are_the_softmax_of_the_chosen_experts_renormalised() -> None:
+    """Bit for bit: the chosen entries of :func:`ops.softmax` over each row, divided by their row's sum."""
+    logits = np.random.default_rng(0).normal(size=(64, 8)) * 3
+    top, weights = ops.route(logits, 2)
+    chosen = np.take_along_axis(ops.softmax(logits), top, axis=-1)
+    np.testing.assert_array_equal(weights, chosen / chosen.sum(axis=-1, keepdims=True))
+
+
+def test_softmax_of_float16_is_computed_in_float32() -> None:
+    """A row whose float16 softmax differs by one ulp when computed in float64 instead of float32."""
+    x = np.array([[12675, 50663, 48337]], dtype=np.uint16).view(np.float16)
+    wide = ops.softmax(x.astype(np.float32)).astype(np.float16)
+    assert not np.array_equal(wide, ops.softmax(x.astype(np.float64)).astype(np.float16))
+    np.testing.assert_array_equal(ops.softmax(x), wide)
+    np.testing.assert_array_equal(ops.softmax(x.T, -2), wide.T)
+
+
+def test_moe_in_float32_adds_each_experts_rounded_output_in_float32() -> None:
+    """ "The sum in x's dtype": each chosen expert's weighted output is rounded to float32 and added to a
+    float32 sum, in expert order (one row, so each expert sees the same rows as here)."""
+    x = np.random.default_rng(0).normal(size=(1, 16)).astype(np.float32)
+    top, weights = ops.route(ops.linear(x, _MOE_MLP.router), 2)
+    parts = [
+        weights[0, slot] * ops.swiglu(x, _MOE_MLP.experts[e])
+        for e, slot in sorted((int(e), slot) for slot, e in enumerate(top[0]))
+    ]
+    expected = np.zeros_like(x) + parts[0].astype(np.float32) + parts[1].astype(np.float32)
+    assert not np.array_equal(
+        expected, (np.zeros_like(x) + parts[0].astype(np.float32) + parts[1]).astype(np.float32)
+    )
+    out = ops.moe(x, _MOE_MLP, 2)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_rms_norm_of_a_float16_row_with_a_large_eps() -> None:
+    """One float16 row past 256 (its own last axis), with an ε large enough that its sign shows."""
+    x = np.array([300.0, -400.0, 500.0], dtype=np.float16)
+    out = ops.rms_norm(x, np.ones(3, dtype=np.float16), 5e4)
+    np.testing.assert_allclose(out.astype(np.float64), _rms64(x, np.ones(3), 5e4), rtol=2e-3)
+
+
+def test_linear_takes_rows_of_any_rank() -> None:
+    x = np.arange(24.0).reshape(2, 3, 4)
+    w = np.arange(20.0).reshape(4, 5)
+    np.testing.assert_array_equal(ops.linear(x, w), np.einsum("abi,io->abo", x, w))
+
+
+def test_silu_of_infinities_warns_nothing() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ops.silu(np.array([-np.inf, np.inf, 0.0]))
+    assert np.isnan(out[0]) and out[1] == np.inf and out[2] == 0.0
+
+
+def test_qkv_takes_a_query_projection_narrower_than_the_model() -> None:
+    """W_q of d × H·d_h with H·d_h ≠ d (3 heads of 4 in a model of width 16)."""
+    lw = _layer(wq=np.ones((16, 12)))
+    q, k, v = ops.qkv(_X, lw, 3, 2, 4)
+    assert q.shape == (2, 3, 4) and k.shape == v.shape == (2, 2, 4)
+
+
+_Q = np.ones((1, 1, 2))
+
+
+def _layer(**projections: Any) -> Any:
+    """The tiny model's first block with the given projections in place of its own."""
+    return dataclasses.replace(_LW, **projections)
+
+
+REFUSALS_2 = [
+    (
+        "qkv-narrow-q",
+        lambda: ops.qkv(_X, _layer(wq=np.ones((16, 12))), 4, 2, 4),
+        ShapeError,
+        "Q/K projections of widths 12/8 do not split into 4/2 heads of 4",
+    ),
+    (
+        "qkv-v",
+        lambda: ops.qkv(_X, _layer(wv=np.ones((16, 6))), 4, 2, 4),
+        ShapeError,
+        "V projection of width 6 does not split into 2 heads",
+    ),
+    ("silu-dtype", lambda: ops.silu(np.array(["a"])), DTypeError, "SiLU needs a real array, got dtype <U1"),
+    # a projection of three axes whose last one fits: refused as a matrix by linear (its whole shape), and
+    # one whose last one does not: named by that width
+    *[
+        (
+            f"qkv-3d-{w}-fits",
+            lambda w=w, width=width: ops.qkv(_X, _layer(**{w: np.ones((16, 3, width))}), 4, 2, 4),
+            ShapeError,
+            f"cannot multiply rows of shape (2, 16) by a matrix of shape (16, 3, {width}) (in × out)",
+        )
+        for w, width in (("wq", 16), ("wk", 8), ("wv", 8))
+    ],
+    (
+        "qkv-3d-wq-narrow",
+        lambda: ops.qkv(_X, _layer(wq=np.ones((16, 3, 12))), 4, 2, 4),
+        ShapeError,
+        "Q/K projections of widths 12/8 do not split into 4/2 heads of 4",
+    ),
+    (
+        "qkv-3d-wk-narrow",
+        lambda: ops.qkv(_X, _layer(wk=np.ones((16, 3, 6))), 4, 2, 4),
+        ShapeError,
+        "Q/K projections of widths 16/6 do not split into 4/2 heads of 4",
+    ),
+    (
+        "qkv-3d-wv-narrow",
+        lambda: ops.qkv(_X, _layer(wv=np.ones((16, 3, 6))), 4, 2, 4),
+        ShapeError,
+        "V projection of width 6 does not split into 2 heads",
+    ),
+    ("mask-n-q", lambda: ops.causal_mask(-1, 2), ShapeError, "causal_mask n_q must be >= 0, got -1"),
+    ("mask-n-k", lambda: ops.causal_mask(2, -1), ShapeError, "causal_mask n_k must be >= 0, got -1"),
+    (
+        "mask-n-q-float",
+        lambda: ops.causal_mask(2.0, 2),  # type: ignore[arg-type]
+        ShapeError,
+        "causal_mask n_q must be an integer, got float 2.0",
+    ),
+    (
+        "mask-n-k-float",
+        lambda: ops.causal_mask(2, 2.0),  # type: ignore[arg-type]
+        ShapeError,
+        "causal_mask n_k must be an integer, got float 2.0",
+    ),
+    (
+        "mask-offset-float",
+        lambda: ops.causal_mask(2, 2, 1.5),  # type: ignore[arg-type]
+        ShapeError,
+        "causal_mask offset must be an integer, got float 1.5",
+    ),
+    *[
+        (
+            f"attention-{what}-dtype",
+            lambda what=what: ops.attention(
+                **{"q": _Q, "k": _Q, "v": _Q, what: np.array([[["a", "b"]]])}  # type: ignore[arg-type]
+            ),
+            DTypeError,
+            f"attention {what} must be a real array, got dtype <U1",
+        )
+        for what in ("q", "k", "v")
+    ],
+    (
+        "attention-scale",
+        lambda: ops.attention(_Q, _Q, _Q, scale=float("nan")),
+        ConfigError,
+        "attention scale must be finite, got nan",
+    ),
+    (
+        "attention-2d-k",
+        lambda: ops.attention(_Q, _Q[0], _Q),
+        ShapeError,
+        "attention needs 3-D q, k, v (rows × heads × head_dim), got (1, 1, 2), (1, 2), (1, 1, 2)",
+    ),
+    (
+        "attention-v-rows",
+        lambda: ops.attention(_Q, _Q, np.ones((2, 1, 2))),
+        ShapeError,
+        "incompatible attention shapes q (1, 1, 2), k (1, 1, 2), v (2, 1, 2)",
+    ),
+    (
+        "attention-no-key",
+        lambda: ops.attention(_Q, np.ones((0, 1, 2)), np.ones((0, 1, 2))),
+        ShapeError,
+        "incompatible attention shapes q (1, 1, 2), k (0, 1, 2), v (0, 1, 2)",
+    ),
+    (
+        "attention-mask-dtype",
+        lambda: ops.attention(_Q, _Q, _Q, mask=np.zeros((1, 1))),  # type: ignore[arg-type]
+        DTypeError,
+        "attention mask must be boolean (True = may attend), got dtype float64",
+    ),
+    (
+        "attention-mask-shape",
+        lambda: ops.attention(_Q, np.ones((2, 1, 2)), np.ones((2, 1, 2)), mask=np.ones((2, 2), dtype=bool)),
+        ShapeError,
+        "attention mask must be 1 × 2 (queries × keys), got (2, 2)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"), [r[1:] for r in REFUSALS_2], ids=[r[0] for r in REFUSALS_2]
+)
+def test_each_further_refusal_has_its_class_and_whole_message(
+    call: Callable[[], object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        call()
+
+
+def test_causal_mask_of_no_rows_and_of_a_given_offset() -> None:
+    assert ops.causal_mask(0, 3).shape == (0, 3) and ops.causal_mask(2, 0).shape == (2, 0)
+    assert ops.causal_mask(2, 3, 0).tolist() == [[True, False, False], [True, True, False]]
+    assert ops.causal_mask(2, 3).tolist() == [[True, True, False], [True, True, True]]
+    assert ops.causal_mask(2, 3, -1).tolist() == [[False, False, False], [True, False, False]]
+
+
+def test_attention_gives_nan_exactly_in_the_heads_of_rows_with_a_non_finite_query() -> None:
+    """Row 0's head 0 reads −∞ in one entry: its scores are all −∞ (keys positive), which softmax makes a
+    row of zeros; the head reads NaN instead, and every other row and head is what it is without it."""
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(3, 2, 2)).astype(np.float32)
+    k = rng.uniform(0.5, 1.5, size=(4, 1, 2)).astype(np.float32)
+    v = rng.normal(size=(4, 1, 2)).astype(np.float32)
+    clean = ops.attention(q, k, v)
+    q[0, 0, 0] = -np.inf
+    out = ops.attention(q, k, v)
+    assert out.dtype == np.float32 and out.shape == (3, 2, 2)
+    assert np.isnan(out[0, 0]).all()
+    np.testing.assert_array_equal(out[0, 1], clean[0, 1])
+    np.testing.assert_array_equal(out[1:], clean[1:])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_softmax_of_a_row_holding_nan_or_plus_infinity_is_nan_as_torchs() -> None:
+    rows = np.array(
+        [[np.inf, 1.0, -np.inf], [np.nan, 1.0, 2.0], [-np.inf, -np.inf, -np.inf], [1.0, 2.0, 3.0]]
+    )
+    out = ops.softmax(rows)
+    assert np.isnan(out[:2]).all() and out[2].tolist() == [0.0, 0.0, 0.0] and np.isfinite(out[3]).all()
