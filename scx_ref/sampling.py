@@ -143,13 +143,9 @@ class GenerationSettings:
         return g
 
 
-#: The largest seed a ``torch.Generator`` takes (``manual_seed`` reads an unsigned 64-bit integer).
-#: The largest sampling seed: an unsigned 64-bit integer (``scx generate --seed`` takes the same).
+#: The largest sampling seed: what a ``torch.Generator`` takes (``manual_seed`` reads an unsigned 64-bit
+#: integer), and what ``scx generate --seed`` takes.
 MAX_SEED = 2**64 - 1
-
-
-def _int(v: Any, name: str, lo: int, hi: int | None = None) -> int:
-    return check_int(v, name, lo, hi)
 
 
 def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 0) -> GenerationSettings:
@@ -199,9 +195,9 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
     if has_new == has_len:
         raise ConfigError("give exactly one of max_new_tokens and max_length")
     if has_new:
-        n_new = _int(options["max_new_tokens"], "max_new_tokens", 0)
+        n_new = options["max_new_tokens"]  # checked by GenerationSettings
     else:
-        n_new = _int(options["max_length"], "max_length", width) - width
+        n_new = check_int(options["max_length"], "max_length", width) - width
     has_eos = "eos_token_id" in options
     eos_raw = options["eos_token_id"] if has_eos else getattr(defaults, "eos_token_id", None)
     eos = [eos_raw] if isinstance(eos_raw, (int, np.integer)) and not isinstance(eos_raw, bool) else eos_raw
@@ -216,21 +212,19 @@ def generation_settings(defaults: Any, options: Mapping[str, Any], width: int = 
         stops = tuple(stops_raw)
     else:
         raise ConfigError(f"stop_strings must be a string or a list of strings, got {stops_raw!r}")
-    if not all(isinstance(s, str) and s for s in stops):
-        raise ConfigError("stop_strings must be a non-empty string or a list of them")
     pad = options["pad_token_id"] if "pad_token_id" in options else getattr(defaults, "pad_token_id", None)
     seed = options.get("seed")
     top_k = pick("top_k")
-    settings = GenerationSettings(
+    settings = GenerationSettings(  # which checks each value (one check per field, its own)
         max_new_tokens=n_new,
         do_sample=do_sample,
-        temperature=check_real(pick("temperature"), "temperature", 0, lo_open=True),
-        top_k=0 if top_k is None else _int(top_k, "top_k", 0),
-        top_p=check_real(pick("top_p"), "top_p", 0, 1),
-        repetition_penalty=check_real(pick("repetition_penalty"), "repetition_penalty", 0, lo_open=True),
-        seed=None if seed is None else _int(seed, "seed", 0, MAX_SEED),
-        eos_token_ids=tuple(_int(e, "eos_token_id", 0) for e in (eos or [])),
-        pad_token_id=None if pad is None else _int(pad, "pad_token_id", 0),
+        temperature=pick("temperature"),
+        top_k=0 if top_k is None else top_k,
+        top_p=pick("top_p"),
+        repetition_penalty=pick("repetition_penalty"),
+        seed=seed,
+        eos_token_ids=tuple(eos or ()),
+        pad_token_id=pad,
         stop_strings=stops,
     )
     unused = [k for k in _SAMPLING_ONLY if options.get(k) is not None]

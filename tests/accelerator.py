@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["OnAccelerator"]
+__all__ = ["GeneratorOnAccelerator", "OnAccelerator"]
 
 
 class OnAccelerator:
@@ -30,3 +30,11 @@ class OnAccelerator:
 
     def __array__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+
+class GeneratorOnAccelerator(torch.Generator):
+    """A ``torch.Generator`` that reports itself on ``cuda:0``, as one made there does (without a GPU)."""
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device("cuda", 0)

@@ -202,3 +202,15 @@ def test_zero_new_tokens_still_shows_the_prompt_and_the_end_to_the_streamer(
     argv = ["generate", "--model", "tiny-llama", "--prompt-ids", "1,2", "--max-new-tokens", "0"]
     assert main(argv) == 0
     assert capsys.readouterr().out == "\n"
+
+
+def test_sampling_options_with_greedy_decoding_warn_at_the_line_that_calls_generate(model: Any) -> None:
+    """The warning points at the user's call (stacklevel 3: past ``generation_settings`` and ``generate``).
+    Deselected for mutation (mutmut's trampoline adds a frame); the level passed on is checked in
+    tests/test_sampling_mutants.py."""
+    from scx_ref.errors import SCXWarning
+
+    scx = _scx(model)
+    with pytest.warns(SCXWarning, match="greedy decoding does not use them") as record:
+        scx.generate(PROMPT, max_new_tokens=1, temperature=0.5)
+    assert [w.filename for w in record] == [__file__]
