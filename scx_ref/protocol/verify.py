@@ -130,6 +130,7 @@ from ..backends.cpu_kernels import kernels
 from ..config import ModelConfig
 from ..errors import IntegrityError, NonFiniteError, ProtocolError, SCXError, ShapeError
 from ..keys import KeySchedule
+from ..ops import softmax
 from ..stages import Stage
 from .keyring import RequestKeys, basis_label, gaussian
 from .messages import Reply, Request
@@ -365,8 +366,7 @@ def attention_rows64(
     s = matmul64(qh, k64.transpose(1, 2, 0)).reshape(h_kv, n_r, group, seen) * scale
     visible = np.arange(seen)[None, :] <= pos[:, None]  # rows × keys (causal)
     s = np.where(visible[None, :, None, :], s, -np.inf)
-    p = np.exp(s - s.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
+    p = softmax(s, axis=-1)
     want = matmul64(p.reshape(h_kv, n_r * group, seen), v64.transpose(1, 0, 2))
     want = np.ascontiguousarray(
         want.reshape(h_kv, n_r, group, d_h).transpose(1, 0, 2, 3).reshape(n_r, n_h, d_h)
