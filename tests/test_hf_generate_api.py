@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from scx_ref.cli import main  # noqa: E402
-from scx_ref.errors import ConfigError, NonFiniteError, VocabularyError  # noqa: E402
+from scx_ref.errors import ConfigError, NonFiniteError, SCXWarning, VocabularyError  # noqa: E402
 from scx_ref.hf import SCXModel  # noqa: E402
 from tests.test_hf import _keys  # noqa: E402
 from tests.test_sampling import hf_generate, tiny  # noqa: E402
@@ -208,8 +208,6 @@ def test_sampling_options_with_greedy_decoding_warn_at_the_line_that_calls_gener
     """The warning points at the user's call (stacklevel 3: past ``generation_settings`` and ``generate``).
     Deselected for mutation (mutmut's trampoline adds a frame); the level passed on is checked in
     tests/test_sampling_mutants.py."""
-    from scx_ref.errors import SCXWarning
-
     scx = _scx(model)
     with pytest.warns(SCXWarning, match="greedy decoding does not use them") as record:
         scx.generate(PROMPT, max_new_tokens=1, temperature=0.5)
