@@ -6,7 +6,6 @@ dtype-independence and the edges of what it accepts and refuses (exact messages)
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 
 from scx_ref.commands.bench_stats import median_interval, quartiles, ratio_interval
 from scx_ref.errors import ConfigError
+from tests.refusals import refused
 
 
 def test_quartiles_of_two_rounds_and_of_none() -> None:
@@ -121,7 +121,7 @@ def test_refusals_of_values_that_are_not_real_numbers_name_the_argument(
 ) -> None:
     """The whole message at each of the three call sites (``median_interval``'s values, then
     ``ratio_interval``'s SCX and baseline times): which argument holds the bad entry, and that entry."""
-    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+    with refused(ConfigError, message):
         if base is None:
             median_interval(scx)  # type: ignore[arg-type]
         else:

@@ -5,7 +5,6 @@ configuration stores, and the precision warning's wording by case."""
 
 from __future__ import annotations
 
-import re
 import warnings
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 
 from scx_ref.errors import ConfigError, PrecisionWarning
 from scx_ref.protocol.config import SCXConfig, beta_limit, guard_blocks, server_gen_attention
+from tests.refusals import refused
 
 
 @pytest.mark.parametrize(
@@ -219,7 +219,7 @@ def test_a_beta_outside_the_range_is_refused_naming_betas() -> None:
     ids=["n_layers-0", "n_layers-float", "l_s-0", "l_s-str", "l_e-0", "l_e-bool"],
 )
 def test_guard_blocks_refuses_each_size_by_name(args: tuple[Any, Any, Any], message: str) -> None:
-    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+    with refused(ConfigError, message):
         guard_blocks(*args)
 
 
@@ -317,7 +317,7 @@ def test_only_the_papers_flow_sends_gen_attn(attention: str, gen_attention: str,
     ],
 )
 def test_each_field_is_refused_by_name_with_what_it_must_be(fields: dict[str, Any], message: str) -> None:
-    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+    with refused(ConfigError, message):
         SCXConfig(**fields)
 
 

@@ -7,7 +7,6 @@ model of each size, the refusals of a name or a block count)."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from scx_ref.protocol.config import SCXConfig
 from scx_ref.protocol.cost import CostMeter, CostReport, StageCost
 from scx_ref.protocol.presets import PAPER_CONFIG, preset, preset_names
 from scx_ref.stages import Stage
+from tests.refusals import refused
 
 
 def test_each_count_adds_its_closed_form_to_its_own_field() -> None:
@@ -77,7 +77,7 @@ def test_a_refused_count_names_what_it_refuses_and_counts_nothing(
     meter = CostMeter()
     meter.message(Stage.FFN, 1, 1)
     before = meter.snapshot()
-    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+    with refused(ConfigError, message):
         call(meter)
     assert meter.stages == before
 
@@ -165,7 +165,7 @@ def test_every_preset_is_the_configuration_its_summary_names(n_layers: int) -> N
     ids=["float", "zero"],
 )
 def test_a_preset_refuses_a_block_count_that_is_not_a_model_s(n_layers: Any, message: str) -> None:
-    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+    with refused(ConfigError, message):
         preset("hardened").config(n_layers)
 
 

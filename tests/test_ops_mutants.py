@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 
 from scx_ref import ops
 from scx_ref.errors import ConfigError, DTypeError, NonFiniteError, ShapeError, VocabularyError
+from tests.refusals import Refusal, refusal_test
 from tests.tiny import tiny_weights
 
 
@@ -26,7 +26,7 @@ def test_softmax_rows_sum_to_one_and_keep_order() -> None:
     assert np.all(np.diff(p[0]) > 0) and np.allclose(p[1], 1 / 3)
 
 
-REFUSALS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
+REFUSALS: list[Refusal] = [
     (
         "embed-1d",
         lambda: ops.embed([0], np.zeros(3)),
@@ -535,14 +535,7 @@ REFUSALS += [
 ]
 
 
-@pytest.mark.parametrize(
-    ("call", "error", "message"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS]
-)
-def test_each_refusal_has_its_class_and_whole_message(
-    call: Callable[[], object], error: type[Exception], message: str
-) -> None:
-    with pytest.raises(error, match=f"^{re.escape(message)}$"):
-        call()
+test_each_refusal_has_its_class_and_whole_message = refusal_test(REFUSALS)
 
 
 def test_causal_mask_of_no_rows_and_of_a_given_offset() -> None:

@@ -36,6 +36,7 @@ from scx_ref.protocol.server import commitment
 from scx_ref.reference import KVCache, ReferenceModel
 from scx_ref.stages import Stage
 from scx_ref.weights import ModelWeights
+from tests.refusals import refused
 from tests.tiny import tiny_weights
 
 Array = npt.NDArray[Any]
@@ -537,7 +538,7 @@ def test_open_row_limit_counts_the_most_decoys_of_any_stage(decoys: str) -> None
     server = _limited_server(max_rows=MAX_LEN + 5)
     small = dict(r1=1, r2=1, r_lock=1)
     message = f"a session of {MAX_LEN + 6} rows exceeds the server's limit of {MAX_LEN + 5} rows"
-    with pytest.raises(LimitError, match=f"^{re.escape(message)}$"):
+    with refused(LimitError, message):
         server.handle(_open_request(**{**small, decoys: 6}))
     assert server.sessions == {}
     server.handle(_open_request(**{**small, decoys: 5}))  # max_length + 5 rows: at the limit, accepted

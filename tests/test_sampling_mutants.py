@@ -5,9 +5,7 @@ and generation that warns of nothing it handles itself."""
 
 from __future__ import annotations
 
-import re
 import warnings
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,6 +16,7 @@ from scx_ref import sampling
 from scx_ref.errors import ConfigError, NonFiniteError, ProtocolError, SCXWarning, ShapeError
 from scx_ref.sampling import GenerationSettings, generate_tokens, generation_settings, greedy_tokens
 from tests.accelerator import GeneratorOnAccelerator
+from tests.refusals import Refusal, refusal_test
 
 V = 5
 
@@ -39,7 +38,7 @@ def test_the_option_names_are_generate_options_keys_and_the_sampling_ones_among_
 _S = generation_settings(None, {"max_new_tokens": 2})
 _STOPS = generation_settings(None, {"max_new_tokens": 2, "stop_strings": "x"})
 
-REFUSALS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
+REFUSALS: list[Refusal] = [
     (
         "options-list",
         lambda: generation_settings(None, [1]),  # type: ignore[arg-type]
@@ -214,16 +213,8 @@ REFUSALS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("call", "error", "message"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS]
-)
-def test_each_refusal_has_its_class_and_whole_message(
-    call: Callable[[], object], error: type[Exception], message: str
-) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # an overflow past float32 is refused, never warned of
-        with pytest.raises(error, match=f"^{re.escape(message)}$"):
-            call()
+# an overflow past float32 is refused, never warned of
+test_each_refusal_has_its_class_and_whole_message = refusal_test(REFUSALS, warnings_as_errors=True)
 
 
 def test_an_unknown_option_is_named_with_every_supported_one() -> None:
