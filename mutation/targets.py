@@ -413,4 +413,55 @@ TARGETS: tuple[Target, ...] = (
             "test_sampling_options_with_greedy_decoding_warn_at_the_line_that_calls_generate",
         ),
     ),
+    Target(
+        "dp_sensitivity",
+        "scx_ref/dp/sensitivity.py",
+        (
+            "tests/test_dp.py",
+            "tests/test_dp_args.py",
+            "tests/test_dp_order_bits_and_sensitivities.py",
+            "tests/test_dp_composition_edges.py",
+            "tests/test_dp_audit.py",
+            "tests/test_dp_request_budget.py",
+            "tests/test_proofs_statements_are_the_code.py",
+            "tests/test_proofs_catch_mutants.py",
+            "tests/test_plan_presets_cost_config.py",
+            "tests/test_release_plan.py",
+            "properties/test_dp_properties.py",
+            "properties/test_rmsnorm_bound_and_row_indices.py",
+            "tests/test_dp_sensitivity_mutants.py",
+        ),
+        # the model-mode CLI computes the same model_sensitivities as
+        # tests/test_dp.py::test_model_sensitivities_tiny
+        deselect=("tests/test_dp.py::test_cli_model_mode_json",),
+    ),
+    Target(
+        "reference",
+        "scx_ref/reference.py",
+        (
+            "tests/test_reference.py",
+            "tests/test_reference_args.py",
+            "tests/test_reference_runner_and_hf.py",
+            "tests/test_reference_transforms_audit.py",
+            "tests/test_weights_and_reference_block_inputs.py",
+            "tests/test_forward_hf_edges.py",
+            "tests/test_hf.py",
+            "tests/test_reference_mutants.py",
+        ),
+        # 7.5 s: the eager variant runs the same Mixtral reference against generate
+        deselect=("tests/test_hf.py::test_scx_greedy_generation_equals_hf_generate[mixtral-sdpa]",),
+    ),
+    Target(
+        "forward",
+        "scx_ref/forward.py",
+        (
+            "tests/test_forward_ops_arrays_inputs.py",
+            "tests/test_forward_hf_edges.py",
+            "tests/test_reference_runner_and_hf.py",
+            "tests/test_weights_and_reference_block_inputs.py",
+            "tests/test_nonfinite_model.py",
+            "properties/test_torch_parity.py",
+            "tests/test_forward_mutants.py",
+        ),
+    ),
 )
