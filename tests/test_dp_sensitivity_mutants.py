@@ -26,6 +26,17 @@ def test_rmsnorm_bounds_of_a_hand_computed_gamma() -> None:
     assert sens.rmsnorm_sensitivity(g) == 2.0 * math.sqrt(2) * 5.0
 
 
+@pytest.fixture(autouse=True)
+def _empty_is_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``np.empty`` gives zeros in these tests, so an entry the screen never writes reads 0 (a row screened
+    near nothing, dropped from the candidates) instead of whatever memory held: a test that catches such a
+    row catches it on every run."""
+    zeros = np.zeros
+    monkeypatch.setattr(
+        np, "empty", lambda shape, dtype=float, order="C", **kw: zeros(shape, dtype, order, **kw)
+    )
+
+
 _W = tiny_weights(0)  # d = 16, 4 heads of 4, 2 KV heads
 _LW = _W.layers[0]
 _Z2 = np.zeros((2, 2))
@@ -472,7 +483,7 @@ def test_the_screen_ranks_rows_by_l1_not_l2(backend: str) -> None:
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_a_row_far_from_all_others_but_one_is_kept(backend: str) -> None:
     """Row 0 (100) is farthest from row 3 (−50): 150. Rows 2 and 3 are 100 apart; row 0's distance to row 1 is
-    100 too, so every row but 0's largest distance is at most 100."""
+    100 too, so every row but 0's largest distance is at most 100 (a row 0 the screen never wrote reads 0)."""
     rows = np.array([[100.0], [0.0], [50.0], [-50.0]])
     assert sens.l1_diameter(rows, backend=backend, return_pair=True) == (150.0, 0, 3)  # type: ignore[call-overload]
 
