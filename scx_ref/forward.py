@@ -15,8 +15,7 @@ from typing import Any, Generic
 import numpy as np
 
 from ._checks import check_int, token_ids
-from .backends.base import A, Backend, IndexArray
-from .config import ModelConfig
+from .backends.base import A, Backend, IndexArray, is_backend
 from .errors import ConfigError, ProtocolError
 from .sampling import greedy_tokens
 from .stages import Stage
@@ -150,11 +149,12 @@ def block_rows(
 class PlainRunner(Generic[A]):
     """Plaintext prefill/decode over a backend, with a per-layer KV cache (post-RoPE keys).
 
-    ConfigError when ``backend`` has no :class:`~scx_ref.config.ModelConfig` ``config`` (it is not a
-    backend) or ``trace`` is neither None nor callable."""
+    ConfigError when ``backend`` is not a backend (:func:`~scx_ref.backends.base.is_backend`: a
+    :class:`~scx_ref.config.ModelConfig` ``config`` and every backend method; a model's weights are not one)
+    or ``trace`` is neither None nor callable."""
 
     def __init__(self, backend: Backend[A], trace: Trace | None = None) -> None:
-        if not isinstance(getattr(backend, "config", None), ModelConfig):
+        if not is_backend(backend):
             raise ConfigError(f"PlainRunner needs a Backend, got {type(backend).__name__}")
         if trace is not None and not callable(trace):
             raise ConfigError(f"trace must be a callable or None, got {type(trace).__name__}")

@@ -55,6 +55,40 @@ def _ran_apart(name: str) -> bool:
     return True
 
 
+def test_peak_memory_counts_a_freed_allocation_and_runs_no_thread() -> None:
+    """The CPU peak is the kernel's high-water mark where Linux offers it: 64 MiB of fresh pages written and
+    unmapped inside the block count (a sampler could miss them), and no sampling thread runs beside it. In a
+    fresh process (moved here from ``test_torch_bench.py``: in a test worker another test's pool winding down
+    made the reset read as refused, and the block then started its sampler)."""
+    import threading
+
+    import torch
+
+    if _ran_apart("test_peak_memory_counts_a_freed_allocation_and_runs_no_thread"):
+        return
+    if not _resettable():
+        pytest.skip("no resettable peak resident set here (not Linux, or /proc/self/clear_refs refused)")
+    before = set(threading.enumerate())
+    size = 64 << 20
+    # pages mapped for this test alone (an array from malloc may reuse memory the process already holds,
+    # which the resident set does not see), and no garbage collection inside the block
+    gc.collect()
+    gc.disable()
+    try:
+        with bench._PeakMemory(torch.device("cpu")) as mem:
+            assert not set(threading.enumerate()) - before
+            region = mmap.mmap(-1, size)
+            for at in range(0, size, mmap.PAGESIZE):
+                region[at] = 1
+            region.close()
+    finally:
+        gc.enable()
+    assert mem.peak >= 60 * MIB
+    with bench._PeakMemory(torch.device("cpu")) as idle:
+        pass
+    assert idle.peak < 8 * MIB
+
+
 def test_peak_memory_restart_leaves_out_what_came_before() -> None:
     """``restart()`` measures from its call on: 48 MiB written and freed before it are not in the peak,
     16 MiB written after it are."""

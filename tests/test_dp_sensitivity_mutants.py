@@ -467,8 +467,13 @@ def test_ties_give_the_first_pair_in_row_order(backend: str) -> None:
     assert sens.l1_diameter(rows, backend=backend, return_pair=True) == (1.0, 0, 1)  # type: ignore[call-overload]
 
 
-def test_identical_rows_have_diameter_zero_and_a_pair_of_two_rows() -> None:
-    assert sens.l1_diameter(np.ones((3, 2)), backend="torch", return_pair=True) == (0.0, 0, 1)
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_identical_rows_have_diameter_zero_and_a_pair_of_two_rows(backend: str, chunk: int | None) -> None:
+    """No two rows differ: the diameter is 0 and the pair two distinct rows i < j, on both backends (the
+    numpy path returned the diagonal pair (0, 0) before)."""
+    rows = np.ones((3, 2))
+    assert sens.l1_diameter(rows, backend=backend, chunk_size=chunk, return_pair=True) == (0.0, 0, 1)  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])

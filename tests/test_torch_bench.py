@@ -333,44 +333,6 @@ def test_client_ab_times_both_checkouts(
     assert refused.value.code == 2 and "no scx_ref package" in capsys.readouterr().err
 
 
-def test_peak_memory_counts_a_freed_allocation_and_runs_no_thread() -> None:
-    """The CPU peak is the kernel's high-water mark where Linux offers it: 64 MiB of fresh pages written and
-    unmapped inside the block count (a sampler could miss them), and no sampling thread runs beside it."""
-    import gc
-    import mmap
-    import threading
-
-    import torch
-
-    from scx_ref.commands.bench import _PeakMemory
-
-    # None also when memory another thread frees lands between the reset and the read (the peak then sits
-    # above the resident set): a few tries tell that race from a kernel without the reset
-    if all(_PeakMemory._reset_peak() is None for _ in range(5)):
-        pytest.skip("no resettable peak resident set here (not Linux, or /proc/self/clear_refs refused)")
-    # threads another test left may end meanwhile (a server's pool winding down): count only new ones
-    before = set(threading.enumerate())
-    size = 64 << 20
-    # pages mapped for this test alone (an array from malloc may reuse memory a long-lived xdist worker
-    # already holds, which the resident set does not see), and no garbage collection inside the block
-    # (freeing an earlier test's memory there would lower the resident set under the reset mark)
-    gc.collect()
-    gc.disable()
-    try:
-        with _PeakMemory(torch.device("cpu")) as mem:
-            assert not set(threading.enumerate()) - before
-            region = mmap.mmap(-1, size)
-            for at in range(0, size, mmap.PAGESIZE):
-                region[at] = 1
-            region.close()
-    finally:
-        gc.enable()
-    assert mem.peak >= 60 * (1 << 20)
-    with _PeakMemory(torch.device("cpu")) as idle:
-        pass
-    assert idle.peak < 8 * (1 << 20)
-
-
 def test_bench_intervals_read_back_from_the_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Six rounds: the bench writes both intervals (the median's from the 1st and 6th of six, coverage
     1 − 2/64); ``models.bench_intervals`` recomputes the same two from the rounds the JSON keeps and judges

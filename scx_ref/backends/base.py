@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, ShapeError
 
 __all__ = [
+    "BACKEND_METHODS",
     "TORCH_DTYPES",
     "UNIT_ROUNDOFF",
     "A",
@@ -43,6 +44,7 @@ __all__ = [
     "check_rows",
     "check_scores",
     "float_dtype_name",
+    "is_backend",
     "out_width",
     "split_qkv",
 ]
@@ -199,6 +201,25 @@ class Backend(ArrayOps[A], Protocol[A]):
     def softmax_values(self, scores: A, v: A) -> A:
         """softmax(scores)·v per head, scores (H, rows_q, rows_k) → rows_q × H × d_h."""
         ...
+
+
+#: Every method of a :class:`Backend` (its own and :class:`ArrayOps`'s), read from the two protocols.
+BACKEND_METHODS: frozenset[str] = frozenset(
+    name
+    for protocol in (Backend, ArrayOps)
+    for name, member in vars(protocol).items()
+    if callable(member) and not name.startswith("_")
+)
+
+
+def is_backend(obj: object) -> bool:
+    """True when ``obj`` has a :class:`~scx_ref.config.ModelConfig` ``config`` and every method in
+    :data:`BACKEND_METHODS`: what a component that keeps a backend (a runner, a client, a sketch cache)
+    checks at construction, so that a model's weights or another object with a ``config`` is refused there,
+    not with a TypeError at its first use."""
+    return isinstance(getattr(obj, "config", None), ModelConfig) and all(
+        callable(getattr(obj, name, None)) for name in BACKEND_METHODS
+    )
 
 
 def out_width(c: ModelConfig, which: WeightName) -> int:

@@ -305,15 +305,24 @@ class _PeakMemory:
         return got if len(got) == 2 else None
 
     @classmethod
-    def _reset_peak(cls) -> int | None:
-        """Reset the kernel's peak resident set to the current one; that size, or None where it cannot."""
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            return None
-        st = cls._status()
-        return None if st is None or st["VmHWM"] > st["VmRSS"] else st["VmRSS"]
+    def _reset_peak(cls, tries: int = 5) -> int | None:
+        """Reset the kernel's peak resident set to the current one; that size, or None where it cannot.
+
+        Memory another thread frees between the reset and the read (a pool winding down) leaves the peak
+        above the resident set: the reset is tried again, ``tries`` times in all, before it is judged
+        unavailable (and a sampling thread, which slows what it measures, is started instead)."""
+        for _ in range(tries):
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                return None
+            st = cls._status()
+            if st is None:
+                return None
+            if st["VmHWM"] <= st["VmRSS"]:
+                return st["VmRSS"]
+        return None
 
     def __enter__(self) -> _PeakMemory:
         import torch

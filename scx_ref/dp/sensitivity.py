@@ -122,7 +122,9 @@ def _torch_available() -> bool:
 
 def _diameter_numpy(x: FloatArray, chunk: int) -> tuple[float, int, int]:
     v, d = x.shape
-    best, bi, bj = -1.0, 0, 0
+    # v >= 2 (l1_diameter answers one row itself): the pair (0, 1) stands until a larger distance, so
+    # identical rows give two rows i < j, as on torch, never the diagonal pair (0, 0) a distance of 0 was
+    best, bi, bj = 0.0, 0, 1
     for start in range(0, v, chunk):
         a = x[start : start + chunk]
         b = x[start:]

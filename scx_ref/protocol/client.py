@@ -44,8 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._checks import check_int, token_ids
-from ..backends.base import A, Backend, IndexArray, NormName, WeightName, out_width, split_qkv
-from ..config import ModelConfig
+from ..backends.base import A, Backend, IndexArray, NormName, WeightName, is_backend, out_width, split_qkv
 from ..errors import IntegrityError, NonFiniteError, ProtocolError, SessionError, VocabularyError
 from ..keys import KeySchedule
 from ..sampling import greedy_tokens
@@ -172,7 +171,7 @@ class Client(Generic[A]):
         sketches: SketchCache | None = None,
         unigram: npt.ArrayLike | None = None,
     ) -> None:
-        if not isinstance(getattr(backend, "config", None), ModelConfig):
+        if not is_backend(backend):
             raise ProtocolError(f"backend must be a Backend, got {type(backend).__name__}")
         if not isinstance(keys, KeySchedule):
             raise ProtocolError(f"keys must be a KeySchedule, got {type(keys).__name__}")

@@ -123,11 +123,11 @@ from ..backends.base import (
     Products,
     WeightName,
     float_dtype_name,
+    is_backend,
     out_width,
     sum_norm_slack,
 )
 from ..backends.cpu_kernels import kernels
-from ..config import ModelConfig
 from ..errors import IntegrityError, NonFiniteError, ProtocolError, SCXError, ShapeError
 from ..keys import KeySchedule
 from ..ops import softmax
@@ -577,10 +577,10 @@ class SketchCache:
 
     ``basis``: the basis width, an integer >= 1 (Python or numpy, not a bool) — a check with no basis
     vector would accept any reply. ProtocolError for it, for ``keys`` that are not a KeySchedule or a
-    ``backend`` without a model configuration."""
+    ``backend`` that is not one (:func:`~scx_ref.backends.base.is_backend`)."""
 
     def __init__(self, backend: Backend[Any], keys: KeySchedule, basis: int = BASIS) -> None:
-        if not isinstance(getattr(backend, "config", None), ModelConfig):
+        if not is_backend(backend):
             raise ProtocolError(f"backend must be a Backend, got {type(backend).__name__}")
         if not isinstance(keys, KeySchedule):
             raise ProtocolError(f"keys must be a KeySchedule, got {type(keys).__name__}")
