@@ -462,6 +462,7 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_nonfinite_model.py",
             "properties/test_torch_parity.py",
             "tests/test_forward_mutants.py",
+            "tests/test_is_backend.py",
         ),
     ),
 )
