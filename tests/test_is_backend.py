@@ -1,6 +1,7 @@
 """``is_backend``: the one check a component that keeps a backend runs at construction. A model's weights have
 a ``config`` too; before, a ``PlainRunner``, ``Client`` or ``SketchCache`` built on them was accepted and
-failed later with a TypeError."""
+failed later with a TypeError, and a ``Server`` on them (or on None) raised an AttributeError, not a project
+error."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from scx_ref.errors import ConfigError, ProtocolError
 from scx_ref.forward import PlainRunner
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol.client import Client
+from scx_ref.protocol.server import Server
 from scx_ref.protocol.verify import SketchCache
 from tests.refusals import refused
 from tests.tiny import tiny_weights
@@ -67,9 +69,13 @@ def test_weights_and_other_objects_are_not_backends() -> None:
         assert not is_backend(obj)
 
 
-def test_runner_client_and_sketch_cache_refuse_weights_at_construction() -> None:
+def test_runner_server_client_and_sketch_cache_refuse_weights_at_construction() -> None:
     with refused(ConfigError, "PlainRunner needs a Backend, got ModelWeights"):
         PlainRunner(_W)  # type: ignore[arg-type]
+    with refused(ProtocolError, "backend must be a Backend, got ModelWeights"):
+        Server(_W)  # type: ignore[arg-type]
+    with refused(ProtocolError, "backend must be a Backend, got NoneType"):
+        Server(None)  # type: ignore[arg-type]
     with refused(ProtocolError, "backend must be a Backend, got ModelWeights"):
         Client(_W, KeySchedule.generate())  # type: ignore[arg-type]
     with refused(ProtocolError, "backend must be a Backend, got ModelWeights"):

@@ -33,7 +33,7 @@ from typing import Any, Generic
 import numpy as np
 
 from .._checks import check_int, check_permutation
-from ..backends.base import A, Backend, NormName, split_qkv
+from ..backends.base import A, Backend, NormName, is_backend, split_qkv
 from ..errors import LimitError, ProtocolError, SCXError, SessionError
 from ..forward import block_rows
 from ..stages import PREFILL_BLOCK_STAGES, Phase, Stage
@@ -207,6 +207,8 @@ class Server(Generic[A]):
     (:func:`~scx_ref.forward.block_rows`), so a session's results are bit-for-bit the same whether
     :meth:`handle_batch` runs its rows with other sessions' or :meth:`handle` runs them alone; 1 (the
     default) runs each row as :func:`~scx_ref.forward.block` does.
+    ProtocolError for a ``backend`` that is not one (:func:`~scx_ref.backends.base.is_backend`: a model's
+    weights are not), a ``batch_rows`` that is not an integer >= 1 or ``limits`` that are not ServerLimits.
     """
 
     def __init__(
@@ -216,6 +218,8 @@ class Server(Generic[A]):
         clock: Callable[[], float] = time.monotonic,
         batch_rows: int = 1,
     ) -> None:
+        if not is_backend(backend):
+            raise ProtocolError(f"backend must be a Backend, got {type(backend).__name__}")
         batch_rows = check_int(batch_rows, "batch_rows", 1, error=ProtocolError)
         self.b = backend
         self.c = backend.config
