@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -87,6 +88,47 @@ def test_peak_memory_counts_a_freed_allocation_and_runs_no_thread() -> None:
     with bench._PeakMemory(torch.device("cpu")) as idle:
         pass
     assert idle.peak < 8 * MIB
+
+
+def test_the_peak_reset_retries_a_race_and_gives_up_after_its_tries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peak left above the resident set (another thread freed memory between the reset and the read) is
+    tried again: the first read that agrees gives the base; ``tries`` reads that never agree give None (the
+    caller then samples); a refused write or an unreadable status gives None at once."""
+    import builtins
+    import io
+
+    writes: list[str] = []
+
+    class _Sink(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    real_open = builtins.open
+
+    def fake_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        return _Sink() if path == "/proc/self/clear_refs" else real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    reads = iter([{"VmRSS": 10, "VmHWM": 12}, {"VmRSS": 9, "VmHWM": 11}, {"VmRSS": 8, "VmHWM": 8}])
+    monkeypatch.setattr(bench._PeakMemory, "_status", staticmethod(lambda: next(reads)))
+    assert bench._PeakMemory._reset_peak() == 8 and writes == ["5"] * 3
+    writes.clear()
+    monkeypatch.setattr(bench._PeakMemory, "_status", staticmethod(lambda: {"VmRSS": 1, "VmHWM": 2}))
+    assert bench._PeakMemory._reset_peak(tries=4) is None and writes == ["5"] * 4
+    writes.clear()
+    monkeypatch.setattr(bench._PeakMemory, "_status", staticmethod(lambda: None))
+    assert bench._PeakMemory._reset_peak() is None and writes == ["5"]
+
+    def refused(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if path == "/proc/self/clear_refs":
+            raise PermissionError(path)
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refused)
+    unread = staticmethod(lambda: pytest.fail("status read after a refused reset"))
+    monkeypatch.setattr(bench._PeakMemory, "_status", unread)
+    assert bench._PeakMemory._reset_peak() is None
 
 
 def test_peak_memory_restart_leaves_out_what_came_before() -> None:
