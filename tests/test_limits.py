@@ -401,6 +401,8 @@ def test_server_arguments_are_checked(bad: Any) -> None:
         Server(b, batch_rows=bad)
     with pytest.raises(ProtocolError, match=r"^limits must be a ServerLimits, got str$"):
         Server(b, limits="none")  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match=r"^clock must be a callable giving seconds, got float$"):
+        Server(b, clock=12.5)  # type: ignore[arg-type]
     assert Server(b).batch_rows == 1  # the documented default: each row runs as forward.block runs it
     assert Server(b, batch_rows=3).batch_rows == 3
 

@@ -208,7 +208,8 @@ class Server(Generic[A]):
     :meth:`handle_batch` runs its rows with other sessions' or :meth:`handle` runs them alone; 1 (the
     default) runs each row as :func:`~scx_ref.forward.block` does.
     ProtocolError for a ``backend`` that is not one (:func:`~scx_ref.backends.base.is_backend`: a model's
-    weights are not), a ``batch_rows`` that is not an integer >= 1 or ``limits`` that are not ServerLimits.
+    weights are not), a ``batch_rows`` that is not an integer >= 1, ``limits`` that are not ServerLimits or a
+    ``clock`` that is not callable.
     """
 
     def __init__(
@@ -227,6 +228,8 @@ class Server(Generic[A]):
         self.limits = limits if limits is not None else ServerLimits()
         if not isinstance(self.limits, ServerLimits):
             raise ProtocolError(f"limits must be a ServerLimits, got {type(limits).__name__}")
+        if not callable(clock):  # before: accepted, and the first message's TTL check raised a TypeError
+            raise ProtocolError(f"clock must be a callable giving seconds, got {type(clock).__name__}")
         self.clock = clock
         self.sessions: dict[str, _Session[A]] = {}
         self._table_lock = threading.Lock()  # the session table, nonce/commitment memories, cache-byte total
