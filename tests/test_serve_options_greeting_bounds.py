@@ -25,3 +25,27 @@ def test_a_size_the_greeting_cannot_carry_is_refused(name: str) -> None:
     ok = ServeOptions(**{name: LIMIT})  # type: ignore[arg-type]
     assert getattr(ok, name) == LIMIT
     codec.encode_hello({name: LIMIT})
+
+
+def test_the_service_refuses_arguments_of_the_wrong_kind_before_starting_anything() -> None:
+    """Before: an AttributeError (a server or options of another type) or a non-string model name in the
+    greeting; now a ConfigError with the whole message, and no thread pool started."""
+    import threading
+
+    from scx_ref.backends import NumpyBackend
+    from scx_ref.protocol import Server
+    from scx_ref.service.service import SCXService
+    from tests.refusals import refused
+    from tests.tiny import tiny_weights
+
+    server = Server(NumpyBackend(tiny_weights(0)))
+    opts = ServeOptions(port=0, ops_port=None)
+    before = threading.active_count()
+    for args, message in [
+        ((server.b, opts), "server must be a Server, got NumpyBackend"),
+        ((server, {"port": 0}), "options must be ServeOptions, got dict"),
+        ((server, opts, 3), "model_name must be a str, got int"),
+    ]:
+        with refused(ConfigError, message):
+            SCXService(*args)  # type: ignore[arg-type]
+    assert threading.active_count() == before

@@ -268,9 +268,18 @@ class _Stream:
 
 
 class SCXService:
-    """Serves one :class:`~scx_ref.protocol.Server` over gRPC (see the module doc)."""
+    """Serves one :class:`~scx_ref.protocol.Server` over gRPC (see the module doc).
+
+    ConfigError, before anything starts, for a ``server`` that is not a Server, ``options`` that are not
+    ServeOptions or a ``model_name`` that is not a str (each raised an AttributeError or TypeError before)."""
 
     def __init__(self, server: Server[Any], options: ServeOptions, model_name: str = "") -> None:
+        if not isinstance(server, Server):
+            raise ConfigError(f"server must be a Server, got {type(server).__name__}")
+        if not isinstance(options, ServeOptions):
+            raise ConfigError(f"options must be ServeOptions, got {type(options).__name__}")
+        if not isinstance(model_name, str):
+            raise ConfigError(f"model_name must be a str, got {type(model_name).__name__}")
         self.server = server
         self.opts = options
         self.limits = WireLimits(max_frame=options.max_message_bytes)
