@@ -465,4 +465,16 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_is_backend.py",
         ),
     ),
+    Target(
+        "backend_base",
+        "scx_ref/backends/base.py",
+        (
+            "tests/test_is_backend.py",
+            "tests/test_backend_api_args.py",
+            "tests/test_backends_edge_inputs_agree.py",
+            "tests/test_backends_refusals_and_kernel_chunks.py",
+            "tests/test_foundation_audit.py",
+            "tests/test_backend_base_mutants.py",
+        ),
+    ),
 )
