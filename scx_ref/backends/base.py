@@ -241,7 +241,8 @@ def out_width(c: ModelConfig, which: WeightName) -> int:
 NEAR_RANGE = -2.0
 
 
-def sum_norm_slack(width: int, eps: float) -> float:
+# not mutated (pragma): numba_kernels compiles this function, and numba cannot compile mutmut's trampoline
+def sum_norm_slack(width: int, eps: float) -> float:  # pragma: no mutate block
     """The factor that makes √(Σ_t x_t²), summed in a dtype of machine epsilon ``eps`` (2⁻⁵² float64, 2⁻²³
     float32) over ``width`` squares, an upper bound of the row norm: 1 + (width + 2)·eps. With u = eps/2,
     the sum of ``width`` non-negative rounded squares is within width·u of the true sum (relative, first
