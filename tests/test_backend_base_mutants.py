@@ -42,31 +42,31 @@ def test_the_norm_slack_is_one_plus_width_plus_two_epsilons() -> None:
     assert base.sum_norm_slack(0, 2.0**-23) == 1.0 + 2 * 2.0**-23
 
 
-@pytest.mark.parametrize(
-    ("dtype", "name"),
-    [
-        (None, None),
-        (np.float64, "float64"),
-        (np.dtype(np.float32), "float32"),
-        ("float16", "float16"),
-        ("bfloat16", "bfloat16"),
-        (torch.float32, "float32"),
-        (torch.bfloat16, "bfloat16"),
-        (torch.float16, "float16"),
-        (torch.float64, "float64"),
-        ("torch.float64", "float64"),
-        (np.int32, None),
-        ("int8", None),
-        (torch.int64, None),
-        ("torch.int8", None),
-        (np.longdouble, None),
-        ("not a dtype", None),
-        (object(), None),
-        (3.5, None),
-    ],
-    ids=repr,
-)
-def test_the_float_dtype_name_of_each_kind(dtype: Any, name: str | None) -> None:
+_DTYPES: dict[str, tuple[Any, str | None]] = {
+    "none": (None, None),
+    "np-float64-type": (np.float64, "float64"),
+    "np-float32-dtype": (np.dtype(np.float32), "float32"),
+    "name-float16": ("float16", "float16"),
+    "name-bfloat16": ("bfloat16", "bfloat16"),
+    "torch-float32": (torch.float32, "float32"),
+    "torch-bfloat16": (torch.bfloat16, "bfloat16"),
+    "torch-float16": (torch.float16, "float16"),
+    "torch-float64": (torch.float64, "float64"),
+    "name-torch-float64": ("torch.float64", "float64"),
+    "np-int32-type": (np.int32, None),
+    "name-int8": ("int8", None),
+    "torch-int64": (torch.int64, None),
+    "name-torch-int8": ("torch.int8", None),
+    "np-longdouble-type": (np.longdouble, None),
+    "name-unknown": ("not a dtype", None),
+    "object": (object(), None),
+    "float": (3.5, None),
+}
+
+
+@pytest.mark.parametrize("case", list(_DTYPES))
+def test_the_float_dtype_name_of_each_kind(case: str) -> None:
+    dtype, name = _DTYPES[case]
     assert base.float_dtype_name(dtype) == name
 
 
