@@ -111,15 +111,14 @@ def test_the_rope_split_must_be_whole_heads_within_the_row() -> None:
 
 
 def test_attention_shapes_are_checked_bound_by_bound() -> None:
-    base.check_heads((3, 4, 5), (2, 2, 5))  # GQA 2, no v, no d_h
-    base.check_heads((3, 4, 5), (2, 4, 5), (2, 4, 7), 5)  # v of k's rows and heads, any width
-    base.check_heads((3, 2, 5), (2, 2, 5), None, 5)
+    base.check_heads((3, 4, 5), (2, 2, 5))  # GQA 2, no v
+    base.check_heads((3, 4, 5), (2, 4, 5), (2, 4, 7))  # v of k's rows and heads, any width
+    base.check_heads((3, 2, 5), (2, 2, 5), None)
     bad: list[tuple[Any, ...]] = [
         ((3, 4, 5), (2, 0, 5)),  # no KV head
         ((3, 4, 0), (2, 2, 0)),  # heads of width 0
         ((3, 3, 5), (2, 2, 5)),  # 3 query heads over 2 KV heads
         ((3, 4, 5), (2, 2, 6)),  # q and k of other widths
-        ((3, 4, 5), (2, 2, 5), None, 4),  # not the model's head width
         ((3, 4, 5), (2, 2, 5), (3, 2, 5)),  # v of other rows
         ((3, 4, 5), (2, 2, 5), (2, 1, 5)),  # v of other heads
     ]

@@ -311,27 +311,17 @@ def check_rope_split(shape: tuple[int, ...], roped: int, plain: int, d_h: int) -
         )
 
 
-def check_heads(
-    q: tuple[int, ...], k: tuple[int, ...], v: tuple[int, ...] | None = None, d_h: int | None = None
-) -> None:
-    """The shapes :meth:`Backend.attention` and :meth:`Backend.scores` read (``v`` and ``d_h``, the
-    model's head width, where given): ShapeError unless q, k (and v) are rows × heads × d_h with q's heads
-    a multiple of k's (≥ 1), q and k of one head width (≥ 1; ``d_h`` when given), and v of k's rows and
-    heads — the same refusals on every backend (torch raised its own errors, or none, further in; heads of
-    width 0 gave NaN scores, scaled by 1/√0)."""
+def check_heads(q: tuple[int, ...], k: tuple[int, ...], v: tuple[int, ...] | None = None) -> None:
+    """The shapes :meth:`Backend.attention` and :meth:`Backend.scores` read (``v`` where given): ShapeError
+    unless q, k (and v) are rows × heads × d_h with q's heads a multiple of k's (≥ 1), q and k of one head
+    width (≥ 1), and v of k's rows and heads — the same refusals on every backend (torch raised its own
+    errors, or none, further in; heads of width 0 gave NaN scores, scaled by 1/√0)."""
     shapes = (q, k) if v is None else (q, k, v)
     if any(len(s) != 3 for s in shapes):
         raise ShapeError(
             "attention needs 3-D q, k, v (rows × heads × head_dim), got " + ", ".join(str(s) for s in shapes)
         )
-    if (
-        k[1] == 0
-        or q[2] == 0
-        or q[1] % k[1]
-        or k[2] != q[2]
-        or (d_h is not None and q[2] != d_h)
-        or (v is not None and v[:2] != k[:2])
-    ):
+    if k[1] == 0 or q[2] == 0 or q[1] % k[1] or k[2] != q[2] or (v is not None and v[:2] != k[:2]):
         raise ShapeError(f"incompatible attention shapes q {q}, k {k}" + ("" if v is None else f", v {v}"))
 
 
