@@ -1,7 +1,9 @@
-"""``is_backend``: the one check a component that keeps a backend runs at construction. A model's weights have
-a ``config`` too; before, a ``PlainRunner``, ``Client`` or ``SketchCache`` built on them was accepted and
-failed later with a TypeError, and a ``Server`` on them (or on None) raised an AttributeError, not a project
-error."""
+"""``is_backend``: the one check a component that keeps a backend runs at construction.
+
+A model's weights have a ``config`` too. Before, a ``PlainRunner``, ``Client`` or ``SketchCache`` built on
+them was accepted and failed at its first use (a runner's prefill with a TypeError, a client's with an
+AttributeError from its sketch cache), and a ``Server`` on them (or on None) raised an AttributeError, not a
+project error."""
 
 from __future__ import annotations
 

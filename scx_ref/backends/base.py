@@ -214,9 +214,9 @@ BACKEND_METHODS: frozenset[str] = frozenset(
 
 def is_backend(obj: object) -> bool:
     """True when ``obj`` has a :class:`~scx_ref.config.ModelConfig` ``config`` and every method in
-    :data:`BACKEND_METHODS`: what a component that keeps a backend (a runner, a client, a sketch cache)
-    checks at construction, so that a model's weights or another object with a ``config`` is refused there,
-    not with a TypeError at its first use."""
+    :data:`BACKEND_METHODS`: what a component that keeps a backend (a runner, a server, a client, a sketch
+    cache) checks at construction, so that a model's weights or another object with a ``config`` is refused
+    there, not with a TypeError or AttributeError at its first use."""
     return isinstance(getattr(obj, "config", None), ModelConfig) and all(
         callable(getattr(obj, name, None)) for name in BACKEND_METHODS
     )
