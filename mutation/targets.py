@@ -477,4 +477,30 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_backend_base_mutants.py",
         ),
     ),
+    Target(
+        "client",
+        "scx_ref/protocol/client.py",
+        (
+            "tests/test_client_after_errors.py",
+            "tests/test_client_generate_edges.py",
+            "tests/test_client_lifecycle.py",
+            "tests/test_client_prefill_after_dead_link.py",
+            "tests/test_client_session_end_masks.py",
+            "tests/test_adversarial_server.py",
+            "tests/test_precompute.py",
+            "tests/test_precompute_failure_state.py",
+            "tests/test_protocol_errors.py",
+            "tests/test_hardened.py",
+            "properties/test_protocol.py",
+            "tests/test_client_mutants.py",
+        ),
+        deselect=(
+            # 2.5 s and 1.4 s: the dense variant runs the same wide (float64) client paths
+            "tests/test_hardened.py::test_float32_and_wide_blinding[moe]",
+            "tests/test_hardened.py::test_float32_and_wide_blinding[qwen]",
+            # 80 configurations: properties/test_protocol.py runs the levels' prefill and decode against
+            # plaintext, test_hardened_preset_is_exact_and_its_view_has_no_clear_stage client attention
+            "tests/test_hardened.py::test_every_option_is_exact_in_float64",
+        ),
+    ),
 )

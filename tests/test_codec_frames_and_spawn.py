@@ -23,6 +23,7 @@ import pytest
 from scx_ref.errors import ConfigError, ServiceError, WireError
 from scx_ref.protocol.messages import Reply, Request
 from scx_ref.service.codec import (
+    Frame,
     FrameKind,
     decode,
     encode_error,
@@ -34,6 +35,7 @@ from scx_ref.service.codec import (
     to_wire_array,
 )
 from scx_ref.stages import Stage
+from tests.refusals import Refusal, refusal_test
 
 SESSION = "ab" * 16
 PREFIX = struct.Struct("<4sB3xI")
@@ -167,6 +169,76 @@ def test_the_encoder_refuses_what_the_decoder_would(name: str) -> None:
     if "token" not in name:  # a reply has no token
         with pytest.raises(WireError):
             encode_reply(reply)
+
+
+_REQ = Request(SESSION, Stage.QKV, 0, -1, 1, {}, {}, "t")
+_REP = Reply(SESSION, Stage.QKV, 0, -1, 1, {}, {})
+_MESSAGE_REFUSALS: list[Refusal] = [
+    (
+        "encode_request-reply",
+        lambda: encode_request(_REP),  # type: ignore[arg-type]
+        WireError,
+        "encode_request takes a Request, not Reply",
+    ),
+    (
+        "encode_request-dict",
+        lambda: encode_request(BASE),  # type: ignore[arg-type]
+        WireError,
+        "encode_request takes a Request, not dict",
+    ),
+    (
+        "encode_reply-request",
+        lambda: encode_reply(_REQ),  # type: ignore[arg-type]
+        WireError,
+        "encode_reply takes a Reply, not Request",
+    ),
+    (
+        "encode_reply-none",
+        lambda: encode_reply(None),  # type: ignore[arg-type]
+        WireError,
+        "encode_reply takes a Reply, not NoneType",
+    ),
+    (
+        "request_from-bytes",
+        lambda: request_from(b"SCX"),  # type: ignore[arg-type]
+        WireError,
+        "expected a Frame, got bytes",
+    ),
+    (
+        "reply_from-dict",
+        lambda: reply_from({"kind": 2}),  # type: ignore[arg-type]
+        WireError,
+        "expected a Frame, got dict",
+    ),
+    (
+        "reply_from-int-kind",
+        lambda: reply_from(Frame(2, dict(BASE))),  # type: ignore[arg-type]
+        WireError,
+        "a frame's kind must be a FrameKind and its header a dict",
+    ),
+    (
+        "request_from-list-header",
+        lambda: request_from(Frame(FrameKind.REQUEST, [])),  # type: ignore[arg-type]
+        WireError,
+        "a frame's kind must be a FrameKind and its header a dict",
+    ),
+    (
+        "request_from-arrays-list",
+        lambda: request_from(Frame(FrameKind.REQUEST, dict(BASE), [])),  # type: ignore[arg-type]
+        WireError,
+        "a frame's arrays must be a dict, not list",
+    ),
+]
+#: what is not a message or a frame is a WireError before any field is read (was: AttributeError)
+test_a_message_or_frame_of_another_type_is_a_wire_error = refusal_test(_MESSAGE_REFUSALS)
+
+
+def test_a_hand_made_frame_of_the_right_types_reads_as_decode_reads_it() -> None:
+    wire = decode(encode_request(Request(SESSION, Stage.QKV, 0, -1, 1, {"x": np.ones(2)}, {}, "t")))
+    again = request_from(Frame(wire.kind, dict(wire.header), dict(wire.arrays)))
+    assert (again.session, again.stage, again.seq, again.token) == (SESSION, Stage.QKV, 1, "t")
+    np.testing.assert_array_equal(again.arrays["x"], np.ones(2))
+    assert reply_from(decode(encode_reply(_REP))).seq == 1
 
 
 def test_uint64_values_past_int64_have_no_wire_form() -> None:

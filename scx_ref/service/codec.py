@@ -238,7 +238,10 @@ def _message_header(msg: Request | Reply, what: str) -> dict[str, Any]:
 
 def encode_request(req: Request, convert: Callable[[Any], Any] = lambda a: a) -> bytes:
     """The frame of ``req``; ``convert`` maps each array to numpy first (e.g. a backend's ``to_numpy``).
-    WireError for a field :func:`request_from` would refuse (a float layer is not truncated)."""
+    WireError for a field :func:`request_from` would refuse (a float layer is not truncated), and for
+    ``req`` that is not a Request."""
+    if not isinstance(req, Request):
+        raise WireError(f"encode_request takes a Request, not {type(req).__name__}")
     header = _message_header(req, "request")
     header["token"] = _token(req.token)
     return _frame(FrameKind.REQUEST, header, _arrays(req.arrays, convert))
@@ -246,7 +249,9 @@ def encode_request(req: Request, convert: Callable[[Any], Any] = lambda a: a) ->
 
 def encode_reply(reply: Reply, convert: Callable[[Any], Any] = lambda a: a) -> bytes:
     """The frame of ``reply``; ``convert`` maps each array to numpy first. WireError for a field
-    :func:`reply_from` would refuse."""
+    :func:`reply_from` would refuse, and for ``reply`` that is not a Reply."""
+    if not isinstance(reply, Reply):
+        raise WireError(f"encode_reply takes a Reply, not {type(reply).__name__}")
     return _frame(FrameKind.REPLY, _message_header(reply, "reply"), _arrays(reply.arrays, convert))
 
 
@@ -429,8 +434,21 @@ def _token(token: Any) -> str:
     return _utf8(token, "header field 'token'")
 
 
+def _check_frame(frame: Any) -> None:
+    """WireError unless ``frame`` is a :class:`Frame` of a known kind with a dict header (what
+    :func:`decode` returns; a hand-made one is checked before its fields are read)."""
+    if not isinstance(frame, Frame):
+        raise WireError(f"expected a Frame, got {type(frame).__name__}")
+    if not isinstance(frame.kind, FrameKind) or not isinstance(frame.header, dict):
+        raise WireError("a frame's kind must be a FrameKind and its header a dict")
+    if not isinstance(frame.arrays, dict):
+        raise WireError(f"a frame's arrays must be a dict, not {type(frame.arrays).__name__}")
+
+
 def request_from(frame: Frame) -> Request:
-    """The :class:`Request` a request frame carries (WireError for another kind or a bad field)."""
+    """The :class:`Request` a request frame carries (WireError for another kind, a bad field or a
+    ``frame`` that is not a Frame)."""
+    _check_frame(frame)
     if frame.kind is not FrameKind.REQUEST:
         raise WireError(f"expected a request frame, got {frame.kind.name.lower()}")
     session, stage, layer, step, seq, meta = _fields(frame.header)
@@ -439,7 +457,9 @@ def request_from(frame: Frame) -> Request:
 
 
 def reply_from(frame: Frame) -> Reply:
-    """The :class:`Reply` a reply frame carries (WireError for another kind or a bad field)."""
+    """The :class:`Reply` a reply frame carries (WireError for another kind, a bad field or a ``frame``
+    that is not a Frame)."""
+    _check_frame(frame)
     if frame.kind is not FrameKind.REPLY:
         raise WireError(f"expected a reply frame, got {frame.kind.name.lower()}")
     session, stage, layer, step, seq, meta = _fields(frame.header)
