@@ -80,11 +80,17 @@ def run(
 
 
 def detected(
-    w: ModelWeights, cfg: SCXConfig, tamper: Callable[[Request, Reply], Reply], backend: Any = None
+    w: ModelWeights,
+    cfg: SCXConfig,
+    tamper: Callable[[Request, Reply], Reply],
+    backend: Any = None,
+    prefix: str = "",
 ) -> None:
-    """The tampering raises IntegrityError; the session is failed and no message follows it."""
+    """The tampering raises IntegrityError (its message starting with ``prefix``); the session is failed
+    and no message follows it."""
     out, link, client = run(w, cfg, tamper, backend)
     assert isinstance(out, IntegrityError), f"tampering not detected: {out!r}"
+    assert str(out).startswith(prefix), f"{out} does not start with {prefix!r}"
     assert client.state is not None and client.state.failed
     sent = link.sent
     with pytest.raises(ProtocolError, match="failed"):
@@ -235,7 +241,8 @@ def test_one_non_finite_entry_is_refused_without_verification(
     decode) tests what it reads; one NaN or ±inf still ends the session with IntegrityError, nothing
     sent after it."""
     cfg = SCXConfig(level="permute", r1=2, r2=2, verify=False, gen_attention="server")
-    detected(weights(), cfg, on(stage, _one_entry(key, value)), _backend(backend, monkeypatch))
+    prefix = f"{stage.value}: "  # the stage that sent it, whichever pass found it
+    detected(weights(), cfg, on(stage, _one_entry(key, value)), _backend(backend, monkeypatch), prefix)
 
 
 @pytest.mark.parametrize("verify", [True, False])
@@ -265,9 +272,11 @@ def test_a_non_finite_entry_in_a_dropped_decoy_row_is_refused(
     link = TamperingTransport(LocalTransport(Server(b)), tamper)
     client: Client[Any] = Client(b, keys(), SCXConfig(level="permute", r1=2, r2=2, verify=verify))
     holder["client"] = client
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError) as info:
         client.generate(IDS, N_NEW, link)
     assert "row" in holder and client.state is not None and client.state.failed
+    if not verify:  # the dropped rows' own test refused it (verified, the value check may come first)
+        assert str(info.value) == f"{stage.value}: reply {stage.value}.{key} holds NaN or Inf"
 
 
 SHAPES: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = [

@@ -25,6 +25,7 @@ from scx_ref.protocol.pool import MaskPool
 from scx_ref.protocol.presets import PRESETS, preset
 from scx_ref.protocol.verify import SketchCache
 from scx_ref.reference import ReferenceModel
+from tests.refusals import refused
 
 from .tiny import TINY, tiny_weights
 
@@ -92,9 +93,11 @@ def test_arguments_of_the_wrong_kind_to_the_client_are_project_errors() -> None:
     with pytest.raises(ProtocolError, match="no token ids"):  # before: accepted, every prefill failing later
         Client(b, keys(), public_tokens=np.array([], dtype=np.int64))
     _, link, client = _setup()
-    with pytest.raises(ProtocolError, match="link must be a Transport with a CostMeter"):
+    with refused(ProtocolError, "link must be a Transport with a CostMeter meter, got NoneType"):
         client.cost_report(None)  # type: ignore[arg-type]
-    with pytest.raises(ProtocolError, match="server_meter must be a CostMeter"):
+    with refused(ProtocolError, "link must be a Transport with a CostMeter meter, got object"):
+        client.cost_report(object())  # type: ignore[arg-type]
+    with refused(ProtocolError, "server_meter must be a CostMeter or None, not int"):
         client.cost_report(link, 5)  # type: ignore[arg-type]
 
 
@@ -178,6 +181,7 @@ def test_cost_report_of_a_session_on_a_reused_link_counts_that_session_only() ->
     assert all(v == 0 for v in vars(empty).values())
     client.prefill(PROMPT, fresh)
     alone = client.cost_report(fresh, server.cost(client.session)).total
+    assert alone.server_flops > 0 and client.cost_report(fresh).total.server_flops == 0  # the server's merged
     server2, reused, client2 = _setup()
     client2.generate(PROMPT, 3, reused)  # an earlier session on the same link
     client2.prefill(PROMPT, reused)

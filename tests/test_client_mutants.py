@@ -3,14 +3,29 @@ the client's argument checks and the bookkeeping around its sessions."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
 from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
 import pytest
 
-from scx_ref.errors import ProtocolError
+from scx_ref.attacks.active import TamperingTransport
+from scx_ref.backends.numpy_backend import NumpyBackend
+from scx_ref.errors import IntegrityError, NonFiniteError, ProtocolError, SCXError, SessionError
 from scx_ref.keys import KeySchedule
+from scx_ref.protocol import Client, SCXConfig, Server
 from scx_ref.protocol import client as client_module
+from scx_ref.protocol.messages import Reply, Request
+from scx_ref.protocol.transport import LocalTransport, ViewedMessage
+from scx_ref.reference import ReferenceModel
+from scx_ref.stages import Stage
 from tests.refusals import refused
+from tests.tiny import tiny_weights
+
+W = tiny_weights(3)
 
 
 @pytest.mark.parametrize(
@@ -29,3 +44,197 @@ def test_two_schedules_share_a_master_only_when_their_secrets_match() -> None:
     assert client_module._same_master(a, a.for_nonce(b"\x01" * 16))
     assert client_module._same_master(a.for_nonce(b"\x02" * 16), a)
     assert not client_module._same_master(a, KeySchedule.generate())
+
+
+def _tiny_client(keys: KeySchedule) -> Client[Any]:
+    return Client(NumpyBackend(W), keys, SCXConfig(level="paper", r1=2, r2=2))
+
+
+def test_a_reservation_claimed_elsewhere_is_dropped_with_the_keys_precomputed_under_it() -> None:
+    """A client that derived its first request's keys ahead under its schedule's nonce, which another
+    client of that schedule then claimed: the refusal drops the reservation and those keys (their nonce
+    can never drive this client's session), and the next request derives fresh ones."""
+    keys = KeySchedule.generate()
+    first, late = _tiny_client(keys), _tiny_client(keys)
+    link, prompt = LocalTransport(Server(NumpyBackend(W))), np.array([5, 1, 7])
+    ahead = late.precompute(3)
+    assert ahead.nonce == keys.nonce and late._prepared is ahead and late._next_nonce == keys.nonce
+    first.prefill(prompt, link)
+    with pytest.raises(SessionError):
+        late.prefill(prompt, link)
+    assert late._next_nonce is None and late._prepared is None
+    np.testing.assert_allclose(late.prefill(prompt, link), ReferenceModel(W).prefill(prompt)[0], rtol=1e-9)
+    assert late.session != keys.nonce.hex()
+
+
+def test_a_refused_nonce_named_by_the_caller_keeps_keys_precomputed_under_another() -> None:
+    keys = KeySchedule.generate()
+    first, late = _tiny_client(keys), _tiny_client(keys)
+    link, prompt = LocalTransport(Server(NumpyBackend(W))), np.array([2, 3])
+    first.prefill(prompt, link)
+    late._drop_reservation(b"\x07" * 16)  # another nonce than the precomputed one's: those keys stay
+    ahead = late.precompute(2, nonce=b"\x05" * 16)
+    late._drop_reservation(b"\x07" * 16)
+    assert late._prepared is ahead and late._next_nonce is None
+    late._drop_reservation(ahead.nonce)
+    assert late._prepared is None
+
+
+def _token_run(meta: Any) -> tuple[BaseException, int]:
+    """A prefill whose open reply carries ``meta`` instead of the server's: (its error, messages sent)."""
+
+    def tamper(req: Request, reply: Reply) -> Reply:
+        return replace(reply, meta=meta) if req.stage is Stage.OPEN else reply
+
+    link = TamperingTransport(LocalTransport(Server(NumpyBackend(W))), tamper)
+    client = _tiny_client(KeySchedule.generate())
+    with pytest.raises(SCXError) as info:
+        client.prefill(np.array([1, 2, 3]), link)
+    assert client.state is not None and client.state.failed
+    return info.value, link.sent
+
+
+NO_TOKEN = "open: the reply carries no valid session token"
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [{}, {"token": None}, {"token": 12345678901234567}, {"token": "a" * 15}, {"token": "a" * 257}, ["token"]],
+    ids=["none", "null", "int", "15-chars", "257-chars", "meta-a-list"],
+)
+def test_an_open_reply_without_a_valid_token_is_refused_before_anything_more_is_sent(meta: Any) -> None:
+    """The session token is the server's capability for the session: one that is missing, not a string,
+    shorter than 16 or longer than 256 characters (or a meta that is no dict) is refused — IntegrityError,
+    the session failed, nothing more sent."""
+    error, sent = _token_run(meta)
+    assert type(error) is IntegrityError and str(error) == NO_TOKEN
+    assert sent == 1
+
+
+@pytest.mark.parametrize("length", [16, 256])
+def test_a_token_of_16_or_256_characters_is_taken_and_sent_with_the_next_message(length: int) -> None:
+    """At the bounds the token is taken: the next message carries it, and the server (whose token it is
+    not) refuses that message — the client's own check passed."""
+    error, sent = _token_run({"token": "b" * length})
+    assert type(error) is SessionError and str(error) == "unknown session or invalid session token"
+    assert sent == 2
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_only_the_last_down_message_of_a_blinded_mlp_ends_the_block(moe: bool) -> None:
+    """A blinded MLP's down projection is one message (dense) or one per expert (MoE); the server takes the
+    block's FFN as done at the message marked ``last`` (its default: True), so the client marks every
+    expert's but the last's ``last=False`` — and the outputs are plaintext's."""
+    w = tiny_weights(5, moe=moe)
+    cfg = SCXConfig(level="paper", r1=2, r2=2, guard_ffn="blinded")
+    link = LocalTransport(Server(NumpyBackend(w)), record_view=True)
+    prompt = np.array([3, 1, 4])
+    got = Client(NumpyBackend(w), KeySchedule.generate(), cfg).generate(prompt, 3, link)
+    assert got == ReferenceModel(w).generate(prompt, 3)
+    downs = link.view.select(Stage.GEN_FFN_DOWN)
+    assert downs
+    by_call: dict[tuple[int, int], list[ViewedMessage]] = {}
+    for m in downs:
+        by_call.setdefault((m.layer, m.step), []).append(m)
+    experts = w.config.n_experts if moe else 1
+    for msgs in by_call.values():
+        assert len(msgs) == experts
+        if moe:
+            assert [m.meta["experts"] for m in msgs] == [[e] for e in range(experts)]
+            assert [m.meta["last"] for m in msgs] == [False] * (experts - 1) + [True]
+        else:
+            assert msgs[0].meta.get("last", True) is True
+
+
+def test_blinding_corrections_derived_ahead_are_metered_offline_and_the_rest_on_the_client() -> None:
+    """η·W of a blinded stage is the client's work: ``offline`` when ``precompute`` derived it ahead (the
+    prompt's stages and the steps it covered), ``client`` when the request derived it — the same flops."""
+    prompt = np.array([3, 1, 4, 1])
+    costs = []
+    for ahead in (True, False):
+        client, link = _tiny_client(KeySchedule.generate()), LocalTransport(Server(NumpyBackend(W)))
+        if ahead:
+            client.precompute(len(prompt), steps=2)
+        client.prefill(prompt, link)
+        client.decode(2, link)  # step 0: its masks derived ahead when ahead
+        costs.append(client.meter.snapshot())
+    before, during = costs
+    for stage in (Stage.QKV, Stage.GEN_QKV):  # blinded at level paper (block 0; every step's first block)
+        assert before[stage].offline_flops > 0 and during[stage].offline_flops == 0, stage
+        assert before[stage].client_flops + before[stage].offline_flops == during[stage].client_flops, stage
+
+
+def _nan_at(
+    stage: Stage, layer: int, step: int, key: str, row: int, at: list[int]
+) -> Callable[[Request, Reply], Reply]:
+    """A tampering that puts a NaN in ``row`` of reply ``key`` of (stage, layer, step); ``at`` records the
+    number of messages sent when it did."""
+
+    def tamper(req: Request, reply: Reply) -> Reply:
+        if (req.stage, req.layer, req.step) != (stage, layer, step) or key not in reply.arrays:
+            return reply
+        at.append(len(at))
+        x = np.array(reply.arrays[key], copy=True)
+        x[(row,) + (0,) * (x.ndim - 1)] = np.nan
+        return replace(reply, arrays={**reply.arrays, key: x})
+
+    return tamper
+
+
+#: the paper's server-side generation stages (gen_attn, gen_o, gen_head); Gaussian decoys, which read the real
+#: rows of the O stage's reply before the FFN stage's rows are built
+_NAN_CASES = {
+    "paper-server-gen": dict(level="paper", gen_attention="server", gen_linear="server"),
+    "permute-gaussian": dict(level="permute", decoys="gaussian"),
+}
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["unverified", "verified"])
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("case", list(_NAN_CASES))
+def test_a_nan_in_any_row_of_any_reply_is_refused(case: str, moe: bool, verify: bool) -> None:
+    """Whichever reply of a generation (prefill, key sharing, steps) and whichever of its rows — a real
+    token's or a decoy's — holds a NaN, the client refuses it (IntegrityError) with or without
+    verification, before any message derived from it is sent: a reply is never used unread, and a server
+    cannot tell decoy rows from real ones by which NaNs are refused."""
+    w = tiny_weights(3, moe=moe)
+    cfg = SCXConfig(r1=2, r2=2, verify=verify, **_NAN_CASES[case])  # type: ignore[arg-type]
+    prompt = np.array([3, 1, 4])
+    link = LocalTransport(Server(NumpyBackend(w)), record_view=True)
+    Client(NumpyBackend(w), KeySchedule.generate(), cfg).generate(prompt, 3, link)
+    first: dict[tuple[Stage, str], tuple[int, int, int]] = {}
+    for r in link.view.replies:
+        for key, a in r.arrays.items():
+            if a.ndim and a.size and np.issubdtype(a.dtype, np.floating):
+                first.setdefault((r.stage, key), (r.layer, r.step, a.shape[0]))
+    assert {Stage.QKV, Stage.ATTN, Stage.O, Stage.FFN, Stage.HEAD, Stage.GEN_QKV} <= {s for s, _ in first}
+    for (stage, key), (layer, step, rows) in first.items():
+        for row in range(rows):
+            at: list[int] = []
+            inner = LocalTransport(Server(NumpyBackend(w)), record_view=True)
+            tampered = TamperingTransport(inner, _nan_at(stage, layer, step, key, row, at))
+            with pytest.raises(IntegrityError):
+                Client(NumpyBackend(w), KeySchedule.generate(), cfg).generate(prompt, 3, tampered)
+            # refused on arrival or in the pass that reads it: no message derived from it was sent
+            last = inner.view.messages[-1]
+            assert at == [0] and (last.stage, last.layer, last.step) == (stage, layer, step), (
+                stage,
+                key,
+                row,
+            )
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32-wide"])
+def test_a_blinded_stage_of_rows_the_model_made_non_finite_is_the_models_error(dtype: Any) -> None:
+    """An embedding row of zeros at rms_eps = 0 makes RMSNorm's 0/0: the client's own rows are NaN before
+    the blinded block-0 QKV stage is sent — NonFiniteError naming the stage (the client's fault, not the
+    server's), in float64 and in a float32 session that blinds in float64 (β = 5 above float32's limit)."""
+    w = tiny_weights(0, rms_eps=0.0)
+    w.embed[3] = 0.0
+    client = Client(NumpyBackend(w, dtype), KeySchedule.generate(), SCXConfig(level="paper", r1=3, beta=5.0))
+    assert client.wide is (dtype is np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's 0/0
+        with refused(NonFiniteError, "qkv of block 0, before it was sent: x holds NaN or Inf in float64"):
+            client.prefill(np.array([5, 3, 7]), LocalTransport(Server(NumpyBackend(w, dtype))))
+    assert client.state is not None and client.state.failed

@@ -234,7 +234,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "mkw", "skw"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("name", "mkw", "skw"), CASES, ids=[c[0].replace(", ", "-").replace(" ", "-") for c in CASES]
+)
 def test_cost_report_matches_closed_form(name: str, mkw: dict[str, Any], skw: dict[str, Any]) -> None:
     w, scx = model(**mkw), SCXConfig(**skw)
     ids = np.array([1, 7, 3, 9, 2, 11, 5], dtype=np.int64)
