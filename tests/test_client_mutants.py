@@ -213,8 +213,12 @@ def test_a_nan_in_any_row_of_any_reply_is_refused(case: str, moe: bool, verify: 
             at: list[int] = []
             inner = LocalTransport(Server(NumpyBackend(w)), record_view=True)
             tampered = TamperingTransport(inner, _nan_at(stage, layer, step, key, row, at))
-            with pytest.raises(IntegrityError):
+            with pytest.raises(IntegrityError) as info:
                 Client(NumpyBackend(w), KeySchedule.generate(), cfg).generate(prompt, 3, tampered)
+            if verify and stage not in (Stage.GEN_LAST, Stage.GEN_MID):  # (scanned on arrival, then checked)
+                # found by the value check, which reads every entry: a checked reply is read once, not also
+                # scanned on arrival (check_reply's value_checked)
+                assert str(info.value).endswith(" is not finite"), (stage, key, row, str(info.value))
             # refused on arrival or in the pass that reads it: no message derived from it was sent
             last = inner.view.messages[-1]
             assert at == [0] and (last.stage, last.layer, last.step) == (stage, layer, step), (
@@ -238,3 +242,126 @@ def test_a_blinded_stage_of_rows_the_model_made_non_finite_is_the_models_error(d
         with refused(NonFiniteError, "qkv of block 0, before it was sent: x holds NaN or Inf in float64"):
             client.prefill(np.array([5, 3, 7]), LocalTransport(Server(NumpyBackend(w, dtype))))
     assert client.state is not None and client.state.failed
+
+
+def _scaled_at(stage: Stage, layer: int, step: int, key: str) -> Callable[[Request, Reply], Reply]:
+    """A tampering that scales reply ``key`` of (stage, layer, step) by 1.5 and shifts it by 0.25."""
+
+    def tamper(req: Request, reply: Reply) -> Reply:
+        if (req.stage, req.layer, req.step) != (stage, layer, step) or key not in reply.arrays:
+            return reply
+        return replace(reply, arrays={**reply.arrays, key: np.asarray(reply.arrays[key]) * 1.5 + 0.25})
+
+    return tamper
+
+
+def test_a_changed_reply_is_refused_by_the_check_of_its_stage_and_block() -> None:
+    """Every value-checked reply of a generation (the paper's server-side generation stages included),
+    changed by the server, is refused by its stage's check, whose IntegrityError names the stage and
+    the block it was for (the LM head's, after the last block, the stage alone: it said "block -1")."""
+    w = tiny_weights(3)
+    cfg = SCXConfig(level="paper", r1=2, r2=2, gen_attention="server", gen_linear="server")
+    prompt = np.array([3, 1, 4])
+    link = LocalTransport(Server(NumpyBackend(w)), record_view=True)
+    Client(NumpyBackend(w), KeySchedule.generate(), cfg).generate(prompt, 3, link)
+    first: dict[tuple[Stage, str], tuple[int, int]] = {}
+    for r in link.view.replies:
+        for key, a in r.arrays.items():
+            if r.stage is not Stage.GEN_MID and a.size and np.issubdtype(a.dtype, np.floating):
+                first.setdefault((r.stage, key), (r.layer, r.step))
+    assert {Stage.QKV, Stage.ATTN, Stage.GEN_ATTN, Stage.GEN_QKV, Stage.GEN_O} <= {s for s, _ in first}
+    for (stage, key), (layer, step) in first.items():
+        tampered = TamperingTransport(
+            LocalTransport(Server(NumpyBackend(w))), _scaled_at(stage, layer, step, key)
+        )
+        with pytest.raises(IntegrityError) as info:
+            Client(NumpyBackend(w), KeySchedule.generate(), cfg).generate(prompt, 3, tampered)
+        where = stage.value if stage in (Stage.HEAD, Stage.GEN_HEAD) else f"{stage.value} of block {layer}"
+        assert str(info.value).startswith(f"{where}: "), (stage, key, str(info.value))
+
+
+def test_the_papers_last_guard_ffn_adds_each_steps_own_offset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``last_ffn="paper"``: the last guard block's FFN row of step t is h + α_t, α_t the plan's offset
+    release for that block at that step (one row, the model's width) — a fresh offset per step, never the
+    prompt's (step None) or another block's."""
+    from scx_ref.protocol.keyring import RequestKeys
+
+    calls: list[tuple[int, int | None, int, int]] = []
+    original = RequestKeys.noise
+
+    def noise(self: RequestKeys, release: Any, step: int | None, rows: int, width: int) -> Any:
+        if release.stage is Stage.GEN_FFN:
+            calls.append((release.block, step, rows, width))
+        return original(self, release, step, rows, width)
+
+    monkeypatch.setattr(RequestKeys, "noise", noise)
+    client = Client(NumpyBackend(W), KeySchedule.generate(), SCXConfig(level="paper", last_ffn="paper"))
+    link = LocalTransport(Server(NumpyBackend(W)), record_view=True)
+    client.generate(np.array([2, 7, 1]), 4, link)
+    last = client.last
+    assert last and calls == [(i, t, 1, W.config.hidden_size) for t in range(3) for i in last]
+    sent = link.view.select(Stage.GEN_FFN, last[0], 0)
+    assert len(sent) == 1 and sent[0].arrays["x"].shape == (1, W.config.hidden_size)
+
+
+@pytest.mark.parametrize("row", [0, 2, 4], ids=["row0", "row2", "row4"])
+def test_a_nan_in_the_unverified_logits_is_refused_naming_the_reply(row: int) -> None:
+    """Unverified, the logits are tested as their decode moves them (a real row's or a decoy's): the
+    refusal names the stage and the reply array."""
+
+    def tamper(req: Request, reply: Reply) -> Reply:
+        if req.stage is not Stage.HEAD:
+            return reply
+        x = np.array(reply.arrays["logits"], copy=True)
+        x[row, 1] = np.nan
+        return replace(reply, arrays={"logits": x})
+
+    client = Client(
+        NumpyBackend(W), KeySchedule.generate(), SCXConfig(level="paper", r1=2, r2=2, verify=False)
+    )
+    link = TamperingTransport(LocalTransport(Server(NumpyBackend(W))), tamper)
+    with refused(IntegrityError, "head: reply head.logits holds NaN or Inf in float64"):
+        client.prefill(np.array([1, 2, 3]), link)
+
+
+@pytest.mark.parametrize("attention", ["server", "client"], ids=["locked-caches", "client-attention"])
+def test_the_verification_flops_metered_are_the_verifiers_own_count(attention: str) -> None:
+    """Each reply check adds what it cost (the verifier's count after it less before it): summed over the
+    stages, the meter's verification flops are the verifier's whole count for the session — the sketches
+    of the last guard blocks' locked key caches included (they were not metered), and with the client's
+    own attention in its guard blocks, which locks none."""
+    cfg = SCXConfig(level="paper", r1=2, r2=2, attention=attention)  # type: ignore[arg-type]
+    client = Client(NumpyBackend(W), KeySchedule.generate(), cfg)
+    link = LocalTransport(Server(NumpyBackend(W)))
+    client.generate(np.array([3, 1, 4]), 3, link)
+    verifier = client.state.verifier if client.state is not None else None
+    assert verifier is not None and verifier.flops > 0
+    assert sum(cost.verify_flops for cost in client.meter.snapshot().values()) == verifier.flops
+
+
+def test_the_prompts_logits_are_decoded_in_the_replys_own_memory() -> None:
+    """The logits (n × V, the largest array of a prefill) are put in true order inside the reply's own
+    array, not copied into a second one."""
+    replies: list[Any] = []
+
+    def keep(req: Request, reply: Reply) -> Reply:
+        if req.stage is Stage.HEAD:
+            replies.append(reply.arrays["logits"])
+        return reply
+
+    client = _tiny_client(KeySchedule.generate())
+    logits = client.prefill(
+        np.array([3, 1, 4]), TamperingTransport(LocalTransport(Server(NumpyBackend(W))), keep)
+    )
+    np.testing.assert_allclose(logits, ReferenceModel(W).prefill(np.array([3, 1, 4]))[0], rtol=1e-9)
+    assert len(replies) == 1 and np.shares_memory(logits, replies[0])
+
+
+def test_a_changed_step_attention_reply_is_refused_naming_its_block() -> None:
+    """The paper's server-side generation attention (gen_attention="server"): a changed output of a first
+    guard block's step is refused by the recompute of its one row, naming the stage and the block."""
+    cfg = SCXConfig(level="paper", r1=2, r2=2, gen_attention="server")
+    link = TamperingTransport(LocalTransport(Server(NumpyBackend(W))), _scaled_at(Stage.GEN_ATTN, 0, 1, "o"))
+    with pytest.raises(IntegrityError) as info:
+        Client(NumpyBackend(W), KeySchedule.generate(), cfg).generate(np.array([3, 1, 4]), 4, link)
+    assert str(info.value).startswith("gen_attn of block 0: a recomputed attention row failed verification")

@@ -101,6 +101,12 @@ def _check_link(link: Any) -> None:
         raise ProtocolError(f"link must be a Transport (with a send method), got {type(link).__name__}")
 
 
+def _lock_sketch(v: SessionVerifier[Any], *, layer: int, locked: Any) -> None:
+    """The verifier's sketch of block ``layer``'s locked key cache ``locked`` (:meth:`SessionVerifier.lock`),
+    as a check :meth:`Client._verify` runs and meters."""
+    v.lock(layer, locked)
+
+
 def _same_master(a: KeySchedule, b: KeySchedule) -> bool:
     """Whether the schedules ``a`` and ``b`` share one master secret (compared through a key each derives
     under ``b``'s nonce, in constant time: the secrets themselves are never read)."""
@@ -637,8 +643,8 @@ class Client(Generic[A]):
                 k_flat, self._decoys(Stage.LOCK, i, cfg.lock_decoys, k_flat), prep.lock_perm(i), b
             )
             self._send(link, Stage.LOCK, i, -1, {"k": locked}, {})
-            if st.verifier is not None:
-                st.verifier.lock(i, locked)
+            # the sketch of the locked keys that later checks the block's scores: verification work, metered
+            self._verify(Stage.LOCK, functools.partial(_lock_sketch, layer=i, locked=locked))
         return logits
 
     @_one_call_at_a_time

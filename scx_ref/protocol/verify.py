@@ -542,6 +542,12 @@ def check_reply(
     return out, u
 
 
+def _where(stage: Stage, layer: int) -> str:
+    """What a refusal names: the stage and its block, or the stage alone for the LM head (layer −1, after
+    the last block)."""
+    return stage.value if layer < 0 else f"{stage.value} of block {layer}"
+
+
 def _answers(reply: Reply, req: Request) -> bool:
     """Whether the reply's header is the request's: the same session and stage (strs: a Stage is one) and
     layer, step and sequence number (integers, not bools), each compared only once its type is known — a
@@ -970,10 +976,10 @@ class SessionVerifier(Generic[A]):
         if not math.isfinite(ratio):
             if own is not None:
                 self._own_norm_finite(stage, layer, *own)
-            raise IntegrityError(f"{stage.value} of block {layer}: {what} is not finite")
+            raise IntegrityError(f"{_where(stage, layer)}: {what} is not finite")
         if ratio > 1.0:
             raise IntegrityError(
-                f"{stage.value} of block {layer}: {what} failed verification "
+                f"{_where(stage, layer)}: {what} failed verification "
                 f"(|residual| = {ratio:.3g} × the rounding bound): the server did not compute this stage"
             )
         self.worst = max(self.worst, ratio)
@@ -987,7 +993,7 @@ class SessionVerifier(Generic[A]):
             xh = self.b.norm(x, norm, norm_layer)
         if not self.b.rows_finite(xh, np.arange(self.b.nrows(xh), dtype=np.int64)):
             raise NonFiniteError(
-                f"{stage.value} of block {layer}: the model's own {norm} RMSNorm of a row sent is not finite "
+                f"{_where(stage, layer)}: the model's own {norm} RMSNorm of a row sent is not finite "
                 f"(a zero row at rms_eps = {self.b.config.rms_eps:g}, or one past the dtype's range)"
             )
 
