@@ -182,10 +182,12 @@ def _nan_at(
 
 
 #: the paper's server-side generation stages (gen_attn, gen_o, gen_head); Gaussian decoys, which read the real
-#: rows of the O stage's reply before the FFN stage's rows are built
+#: rows of the O stage's reply before the FFN stage's rows are built; the clear generation FFN
 _NAN_CASES = {
     "paper-server-gen": dict(level="paper", gen_attention="server", gen_linear="server"),
     "permute-gaussian": dict(level="permute", decoys="gaussian"),
+    # the guard blocks' generation FFN in one clear message (the paper's), and its last-block offset form
+    "clear-guard-ffn": dict(level="paper", guard_ffn="clear", last_ffn="paper"),
 }
 
 
@@ -365,3 +367,16 @@ def test_a_changed_step_attention_reply_is_refused_naming_its_block() -> None:
     with pytest.raises(IntegrityError) as info:
         Client(NumpyBackend(W), KeySchedule.generate(), cfg).generate(np.array([3, 1, 4]), 4, link)
     assert str(info.value).startswith("gen_attn of block 0: a recomputed attention row failed verification")
+
+
+def test_the_papers_server_side_step_attention_runs_on_the_torch_backend() -> None:
+    """gen_attention="server" on the torch backend: the step's attention output comes back as a tensor,
+    is unpermuted in the backend and the tokens are plaintext greedy decoding's."""
+    torch = pytest.importorskip("torch")
+    from scx_ref.backends.torch_backend import TorchBackend
+
+    cfg = SCXConfig(level="paper", r1=2, r2=2, gen_attention="server")
+    link = LocalTransport(Server(TorchBackend(W, torch.float64)))
+    prompt = np.array([3, 1, 4])
+    got = Client(TorchBackend(W, torch.float64), KeySchedule.generate(), cfg).generate(prompt, 4, link)
+    assert got == ReferenceModel(W).generate(prompt, 4)
