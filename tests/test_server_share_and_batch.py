@@ -116,7 +116,14 @@ BLIND, PAPER, PERMUTE = (SCXConfig(level=lv, r1=2, r2=2) for lv in ("blind", "pa
 BLIND_WIDE = SCXConfig(level="blind", r1=2, r2=2, blind_dtype="float64")
 # (id, SCXConfig, backend dtype, tampering of the honest share, the refusal's message)
 SHARE_CASES: list[tuple[str, SCXConfig, Any, Callable[[Request], Request], str]] = [
-    ("blind-alpha-dropped", BLIND, F64, _drop("alpha"), "lacks array 'alpha'"),
+    (
+        "blind-alpha-dropped",
+        BLIND,
+        F64,
+        _drop("alpha"),
+        "^share message for block [12] lacks array 'alpha': at level blind its QKV stage was noised, so the "
+        "key sharing must upload that noise$",
+    ),
     ("blind-perm-dropped", BLIND, F64, _drop("perm"), "lacks array 'perm'"),
     ("blind-wide-alpha-without-wide", BLIND_WIDE, F32, _meta_without("wide"), "wide must be true"),
     (
