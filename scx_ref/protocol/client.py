@@ -455,10 +455,9 @@ class Client(Generic[A]):
 
     def _blinded(self, stage: Stage, layer: int) -> bool:
         """Whether the plan noises ``stage`` of ``layer`` (then the client applies the norm before it).
-        For the MLP's first stage of an MoE layer the router's release decides (experts are per message)."""
-        if self.c.is_moe and stage in (Stage.FFN, Stage.GEN_FFN_UP):
-            stage = Stage.ROUTER if stage is Stage.FFN else Stage.GEN_ROUTER
-        return self.plan.find(stage, layer) is not None
+        For the MLP's first stage of an MoE layer the router's release decides (experts are per message):
+        :meth:`~scx_ref.protocol.plan.ReleasePlan.find_any`, the plan's one answer to that question."""
+        return self.plan.find_any(stage, layer) is not None
 
     # -- key material ahead of the prompt (DESIGN §3) ------------------------------------------------
     @_one_call_at_a_time
