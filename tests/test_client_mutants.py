@@ -3,6 +3,7 @@ the client's argument checks and the bookkeeping around its sessions."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -380,3 +381,149 @@ def test_the_papers_server_side_step_attention_runs_on_the_torch_backend() -> No
     prompt = np.array([3, 1, 4])
     got = Client(TorchBackend(W, torch.float64), KeySchedule.generate(), cfg).generate(prompt, 4, link)
     assert got == ReferenceModel(W).generate(prompt, 4)
+
+
+@pytest.mark.parametrize(
+    ("level", "stage", "key", "message"),
+    [
+        ("permute", Stage.FFN, "y", "ffn: reply ffn.y (in the residual sum) holds NaN or Inf in float64"),
+        ("paper", Stage.QKV, "z", "qkv: y holds NaN or Inf in float64"),
+    ],
+    ids=["plain-ffn", "blinded-qkv"],
+)
+@pytest.mark.parametrize("row", [0, 4], ids=["real-row", "decoy-row"])
+def test_an_unverified_reply_holding_nan_is_refused_by_the_pass_that_uses_it(
+    level: str, stage: Stage, key: str, message: str, row: int
+) -> None:
+    """Unverified, a reply that the next pass reads whole — the residual add of a plain FFN reply, the
+    unblinding of a blinded QKV reply — is not also scanned on arrival: a NaN in any of its rows is refused by
+    that pass, under that pass's name for it (one read of the reply, not two)."""
+    cfg = SCXConfig(level=level, r1=2, r2=2, verify=False)  # type: ignore[arg-type]
+    at: list[int] = []
+    link = TamperingTransport(LocalTransport(Server(NumpyBackend(W))), _nan_at(stage, 0, -1, key, row, at))
+    with refused(IntegrityError, message):
+        Client(NumpyBackend(W), KeySchedule.generate(), cfg).prefill(np.array([3, 1, 4]), link)
+    assert at == [0]
+
+
+def _value_at(
+    stage: Stage, layer: int, key: str, row: int, value: float
+) -> Callable[[Request, Reply], Reply]:
+    """A tampering that sets the first entry of ``row`` of reply ``key`` of (stage, layer) to ``value``."""
+
+    def tamper(req: Request, reply: Reply) -> Reply:
+        if (req.stage, req.layer) != (stage, layer) or key not in reply.arrays:
+            return reply
+        x = np.array(reply.arrays[key], copy=True)
+        x[(row,) + (0,) * (x.ndim - 1)] = value
+        return replace(reply, arrays={**reply.arrays, key: x})
+
+    return tamper
+
+
+@pytest.mark.parametrize(
+    ("stage", "key", "names"),
+    [(Stage.QKV, "z", "reply qkv[.]z"), (Stage.O, "y", "reply o[.]y|reencoded sum")],
+    ids=["qkv", "o"],
+)
+def test_a_wide_reply_past_the_float32_range_is_the_servers_error(stage: Stage, key: str, names: str) -> None:
+    """A float32 session blinded in float64, unverified: a blinded reply holding 1e39 in any row — finite in
+    float64, past float32's range once unblinded — is refused as the server's (IntegrityError, naming the
+    stage) by the pass that reads it in float32, before any message derived from it is sent: the conversion
+    back to float32 does not refuse it first as a bare NonFiniteError."""
+    cfg = SCXConfig(level="blind", r1=2, r2=2, verify=False, blind_dtype="float64")
+    for row in range(3 + 2):  # n = 3 real rows and 2 decoys, in the reply's (permuted) order
+        inner = LocalTransport(Server(NumpyBackend(W, np.float32)), record_view=True)
+        link = TamperingTransport(inner, _value_at(stage, 0, key, row, 1e39))
+        client: Client[Any] = Client(NumpyBackend(W, np.float32), KeySchedule.generate(), cfg)
+        assert client.wide
+        with pytest.raises(SCXError) as info:
+            client.prefill(np.array([3, 1, 4]), link)
+        assert type(info.value) is IntegrityError, (row, info.value)
+        assert re.fullmatch(f"{stage.value}: ({names}) holds NaN or Inf( in float32)?", str(info.value)), row
+        last = inner.view.messages[-1]
+        assert (last.stage, last.layer) == (stage, 0)
+
+
+def test_an_unverified_qkv_reply_is_read_by_the_decoding_pass_and_its_decoys_by_the_scan() -> None:
+    """Unverified, level permute: a NaN in a real row of the QKV reply is refused by the pass that decodes
+    the real rows (in the dtype it reads them), one in a decoy row by the scan of the rows that pass drops —
+    so each row is read once: of the n + r₁ = 5 rows, 3 are refused the first way and 2 the second."""
+    cfg = SCXConfig(level="permute", r1=2, r2=2, verify=False)
+    seen: list[str] = []
+    for row in range(3 + 2):
+        at: list[int] = []
+        link = TamperingTransport(
+            LocalTransport(Server(NumpyBackend(W))), _nan_at(Stage.QKV, 0, -1, "z", row, at)
+        )
+        with pytest.raises(IntegrityError) as info:
+            keys = KeySchedule(bytes([7]) * 32, (99).to_bytes(16, "big"))  # one permutation for every row
+            Client(NumpyBackend(W), keys, cfg).prefill(np.array([3, 1, 4]), link)
+        seen.append(str(info.value))
+        assert at == [0]
+    assert (
+        sorted(seen)
+        == ["qkv: reply qkv.z holds NaN or Inf"] * 2 + ["qkv: reply qkv.z holds NaN or Inf in float64"] * 3
+    )
+
+
+def test_client_side_attention_on_torch_sends_what_numpy_sends() -> None:
+    """attention="client" on the torch backend: the client's own attention of the guard blocks and the O
+    stage's encoding run on torch tensors, and every message the server receives equals the numpy client's
+    under the same keys (float64, to 1e-12: the two backends round the blinding's sums apart in the last
+    bit), as do the logits."""
+    from scx_ref.backends.torch_backend import TorchBackend
+
+    cfg = SCXConfig(level="paper", attention="client", r1=2, r2=2)
+    views, logits = [], []
+    for backend in (NumpyBackend(W), TorchBackend(W, dtype="float64")):
+        link = LocalTransport(Server(backend), record_view=True)
+        keys = KeySchedule(bytes([9]) * 32, (77).to_bytes(16, "big"))
+        logits.append(np.asarray(Client(backend, keys, cfg).prefill(np.array([3, 1, 4]), link)))
+        views.append(link.view.messages)
+    stages = [m.stage for m in views[0]]
+    assert stages == [m.stage for m in views[1]] and Stage.O in stages
+    for a, b in zip(*views, strict=True):
+        assert sorted(a.arrays) == sorted(b.arrays), a.stage
+        for k in a.arrays:
+            want = np.asarray(a.arrays[k])
+            np.testing.assert_allclose(
+                np.asarray(b.arrays[k]), want, rtol=1e-12, atol=1e-12, err_msg=f"{a.stage} {k}"
+            )
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("decoys", "message"),
+    [
+        # the O stage's encoding reads every entry of o as it writes the message: o is not scanned on arrival
+        ("calibration", "attn: o and decoys holds NaN or Inf in float64"),
+        # Gaussian decoys read the real rows of o first (their statistics): o is scanned on arrival
+        ("gaussian", "attn: reply attn.o holds NaN or Inf in float64"),
+    ],
+    ids=["calibration", "gaussian"],
+)
+@pytest.mark.parametrize("row", [0, 1, 2])
+def test_an_unverified_attention_reply_is_read_once_by_the_first_pass_that_uses_it(
+    decoys: str, message: str, row: int
+) -> None:
+    """Unverified, level permute: a NaN in any row of the attention reply is refused by the first pass that
+    reads it — the O stage's encoding, or (for a decoy policy that reads the real rows) the scan on arrival
+    — and nothing derived from it is sent."""
+    cfg = SCXConfig(level="permute", r1=2, r2=2, verify=False, decoys=decoys)  # type: ignore[arg-type]
+    at: list[int] = []
+    inner = LocalTransport(Server(NumpyBackend(W)), record_view=True)
+    link = TamperingTransport(inner, _nan_at(Stage.ATTN, 0, -1, "o", row, at))
+    with refused(IntegrityError, message):
+        Client(NumpyBackend(W), KeySchedule.generate(), cfg).prefill(np.array([3, 1, 4]), link)
+    assert at == [0] and inner.view.messages[-1].stage is Stage.ATTN
+
+
+def test_a_prefill_meters_two_residual_adds_a_block_under_the_ffn_stage() -> None:
+    """The client's elementwise count of the FFN stage (level permute: the MLP is the server's, the client
+    only adds) is the block's two residual adds, (n + r₁)·d entries each, for every block."""
+    cfg = SCXConfig(level="permute", r1=2, r2=2)
+    client: Client[Any] = Client(NumpyBackend(W), KeySchedule.generate(), cfg)
+    client.prefill(np.array([3, 1, 4]), LocalTransport(Server(NumpyBackend(W))))
+    c = W.config
+    assert client.meter.stages[Stage.FFN].client_elementwise == c.n_layers * 2 * (3 + 2) * c.hidden_size

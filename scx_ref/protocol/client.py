@@ -681,6 +681,7 @@ class Client(Generic[A]):
             y = self._mlp_stage(link, Stage.FFN, i, -1, rows, consumed=True)
             # the residual add tests every entry of the sum (so of y) as it writes it
             nxt = self._consume(Stage.FFN, lambda: b.add(rows, y, name="reply ffn.y (in the residual sum)"))
+        # the block's two residual adds over its n + r₁ rows: the O stage's (in reencode_sum) and this one
         self.meter.elementwise(Stage.FFN, 2 * (n + self.cfg.r1) * self.c.hidden_size)
         # the residual add in encoded order: π(H ⊕ R) + π(MLP rows) = π(H′ ⊕ R′), block i+1's QKV rows (T1)
         return nxt, k_rope, v
