@@ -445,25 +445,40 @@ def test_a_wide_reply_past_the_float32_range_is_the_servers_error(stage: Stage, 
         assert (last.stage, last.layer) == (stage, 0)
 
 
-def test_an_unverified_qkv_reply_is_read_by_the_decoding_pass_and_its_decoys_by_the_scan() -> None:
-    """Unverified, level permute: a NaN in a real row of the QKV reply is refused by the pass that decodes
-    the real rows (in the dtype it reads them), one in a decoy row by the scan of the rows that pass drops —
-    so each row is read once: of the n + r₁ = 5 rows, 3 are refused the first way and 2 the second."""
+def _unverified_refusals(stage: Stage, key: str) -> list[str]:
+    """The refusal of an unverified level-permute prefill whose ``stage`` reply of block 0 holds a NaN in
+    row j, for each of its n + r = 5 rows (one set of keys, so one permutation, for every row)."""
     cfg = SCXConfig(level="permute", r1=2, r2=2, verify=False)
     seen: list[str] = []
     for row in range(3 + 2):
         at: list[int] = []
         link = TamperingTransport(
-            LocalTransport(Server(NumpyBackend(W))), _nan_at(Stage.QKV, 0, -1, "z", row, at)
+            LocalTransport(Server(NumpyBackend(W))), _nan_at(stage, 0, -1, key, row, at)
         )
         with pytest.raises(IntegrityError) as info:
-            keys = KeySchedule(bytes([7]) * 32, (99).to_bytes(16, "big"))  # one permutation for every row
+            keys = KeySchedule(bytes([7]) * 32, (99).to_bytes(16, "big"))
             Client(NumpyBackend(W), keys, cfg).prefill(np.array([3, 1, 4]), link)
         seen.append(str(info.value))
         assert at == [0]
+    return sorted(seen)
+
+
+def test_an_unverified_qkv_reply_is_read_by_the_decoding_pass_and_its_decoys_by_the_scan() -> None:
+    """Unverified, level permute: a NaN in a real row of the QKV reply is refused by the pass that decodes
+    the real rows (in the dtype it reads them), one in a decoy row by the scan of the rows that pass drops —
+    so each row is read once: of the n + r₁ = 5 rows, 3 are refused the first way and 2 the second."""
     assert (
-        sorted(seen)
+        _unverified_refusals(Stage.QKV, "z")
         == ["qkv: reply qkv.z holds NaN or Inf"] * 2 + ["qkv: reply qkv.z holds NaN or Inf in float64"] * 3
+    )
+
+
+def test_an_unverified_o_reply_is_read_by_the_residual_sum_and_its_decoys_by_the_scan() -> None:
+    """The same for the O stage's reply: its real rows are read by the residual sum that re-encodes them
+    for the FFN stage, its r₂ = 2 decoy rows by the scan of the rows that sum drops."""
+    assert (
+        _unverified_refusals(Stage.O, "y")
+        == ["o: reencoded sum holds NaN or Inf in float64"] * 3 + ["o: reply o.y holds NaN or Inf"] * 2
     )
 
 
@@ -519,11 +534,37 @@ def test_an_unverified_attention_reply_is_read_once_by_the_first_pass_that_uses_
     assert at == [0] and inner.view.messages[-1].stage is Stage.ATTN
 
 
-def test_a_prefill_meters_two_residual_adds_a_block_under_the_ffn_stage() -> None:
-    """The client's elementwise count of the FFN stage (level permute: the MLP is the server's, the client
-    only adds) is the block's two residual adds, (n + r₁)·d entries each, for every block."""
+def test_a_prefill_meters_rope_and_two_residual_adds_a_block() -> None:
+    """The client's elementwise counts at level permute (the linear maps and the MLP are the server's): under
+    the QKV stage, RoPE's three operations per entry of the n real rows' Q and K; under the FFN stage, the
+    block's two residual adds, (n + r₁)·d entries each — for every block."""
     cfg = SCXConfig(level="permute", r1=2, r2=2)
     client: Client[Any] = Client(NumpyBackend(W), KeySchedule.generate(), cfg)
     client.prefill(np.array([3, 1, 4]), LocalTransport(Server(NumpyBackend(W))))
-    c = W.config
-    assert client.meter.stages[Stage.FFN].client_elementwise == c.n_layers * 2 * (3 + 2) * c.hidden_size
+    c, stages = W.config, client.meter.stages
+    assert c.q_dim != c.kv_dim  # GQA: a sum and a difference of the widths differ from each other
+    assert stages[Stage.QKV].client_elementwise == c.n_layers * 3 * 3 * (c.q_dim + c.kv_dim)
+    assert stages[Stage.FFN].client_elementwise == c.n_layers * 2 * (3 + 2) * c.hidden_size
+
+
+def test_gaussian_decoys_on_torch_send_what_numpy_sends() -> None:
+    """Gaussian decoys read the real rows (the attention output in true order, the residual stream H′)
+    before the rows that carry them are built: on the torch backend every message the server receives
+    equals the numpy client's under the same keys (float64, to 1e-12), as do the logits."""
+    from scx_ref.backends.torch_backend import TorchBackend
+
+    cfg = SCXConfig(level="permute", decoys="gaussian", r1=2, r2=2)
+    views, logits = [], []
+    for backend in (NumpyBackend(W), TorchBackend(W, dtype="float64")):
+        link = LocalTransport(Server(backend), record_view=True)
+        keys = KeySchedule(bytes([9]) * 32, (78).to_bytes(16, "big"))
+        logits.append(np.asarray(Client(backend, keys, cfg).prefill(np.array([3, 1, 4]), link)))
+        views.append(link.view.messages)
+    assert [m.stage for m in views[0]] == [m.stage for m in views[1]]
+    for a, b in zip(*views, strict=True):
+        for k in a.arrays:
+            want = np.asarray(a.arrays[k])
+            np.testing.assert_allclose(
+                np.asarray(b.arrays[k]), want, rtol=1e-12, atol=1e-12, err_msg=f"{a.stage} {k}"
+            )
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-12, atol=1e-12)
