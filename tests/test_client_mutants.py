@@ -568,3 +568,46 @@ def test_gaussian_decoys_on_torch_send_what_numpy_sends() -> None:
                 np.asarray(b.arrays[k]), want, rtol=1e-12, atol=1e-12, err_msg=f"{a.stage} {k}"
             )
     np.testing.assert_allclose(logits[1], logits[0], rtol=1e-12, atol=1e-12)
+
+
+_BAD_ARGS = {
+    "backend": ({"backend": 5}, "backend must be a Backend, got int"),
+    "keys": ({"keys": "key"}, "keys must be a KeySchedule, got str"),
+    "config": ({"config": {}}, "config must be an SCXConfig, got dict"),
+    "sketches": ({"sketches": 1}, "sketches must be a SketchCache, got int"),
+    # a decoy policy has a bool needs_real and a callable draw
+    "decoys-without-draw": (
+        {"decoys": SimpleNamespace(needs_real=True)},
+        "decoys must be a DecoyPolicy, got SimpleNamespace",
+    ),
+    "decoys-needs-real-not-bool": (
+        {"decoys": SimpleNamespace(needs_real=1, draw=lambda *a: None)},
+        "decoys must be a DecoyPolicy, got SimpleNamespace",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_ARGS))
+def test_each_constructor_argument_of_the_wrong_kind_is_refused_by_name(case: str) -> None:
+    given, message = _BAD_ARGS[case]
+    args: dict[str, Any] = {"backend": NumpyBackend(W), "keys": KeySchedule.generate(), **given}
+    with refused(ProtocolError, message):
+        Client(**args)
+
+
+def test_a_message_without_a_usable_session_says_why() -> None:
+    """decode before any prefill, after the session failed, after it closed: three ProtocolErrors, each
+    saying what to do."""
+    client: Client[Any] = Client(NumpyBackend(W), KeySchedule.generate(), SCXConfig(r1=2, r2=2))
+    link = LocalTransport(Server(NumpyBackend(W)))
+    with refused(ProtocolError, "no session: call prefill first"):
+        client.decode(3, link)
+    logits = client.prefill(np.array([3, 1, 4]), link)
+    client.close()
+    with refused(ProtocolError, "this session is closed; start a new prefill"):
+        client.decode(int(np.argmax(logits[-1])), link)
+    client.prefill(np.array([3, 1, 4]), link)
+    assert client.state is not None
+    client.state.fail()
+    with refused(ProtocolError, "this session failed on an earlier error; start a new prefill"):
+        client.decode(3, link)
