@@ -15,7 +15,7 @@ import pytest
 
 from scx_ref.attacks.active import TamperingTransport
 from scx_ref.backends.numpy_backend import NumpyBackend
-from scx_ref.errors import IntegrityError, NonFiniteError, ProtocolError, SCXError, SessionError
+from scx_ref.errors import IntegrityError, NonFiniteError, ProtocolError, SCXError, SessionError, ShapeError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, SCXConfig, Server
 from scx_ref.protocol import client as client_module
@@ -611,3 +611,59 @@ def test_a_message_without_a_usable_session_says_why() -> None:
     client.state.fail()
     with refused(ProtocolError, "this session failed on an earlier error; start a new prefill"):
         client.decode(3, link)
+
+
+_UNIGRAM_REFUSED = (
+    "unigram weighs the secret calibration text's draw: it means nothing with decoys, public_tokens or "
+    "Gaussian decoys"
+)
+_UNIGRAM_CASES: dict[str, dict[str, Any]] = {
+    "with-decoys": {"decoys": SimpleNamespace(needs_real=False, draw=lambda *a: None)},
+    "with-public-tokens": {"public_tokens": np.arange(10)},
+    "with-gaussian-decoys": {"config": SCXConfig(r1=2, r2=2, decoys="gaussian")},
+}
+
+
+@pytest.mark.parametrize("case", list(_UNIGRAM_CASES))
+def test_a_unigram_with_another_decoy_source_is_refused(case: str) -> None:
+    args: dict[str, Any] = {"unigram": np.ones(W.config.vocab_size), **_UNIGRAM_CASES[case]}
+    with refused(ProtocolError, _UNIGRAM_REFUSED):
+        Client(NumpyBackend(W), KeySchedule.generate(), **args)
+
+
+@pytest.mark.parametrize("config", [None, SCXConfig(r1=2, r2=2)], ids=["no-config", "calibration"])
+def test_a_unigram_alone_is_taken_and_checked_against_the_vocabulary(config: SCXConfig | None) -> None:
+    """With the secret calibration text as the decoy source (no config, or its default), a unigram of
+    vocab_size weights is taken; one of another length is refused by its own check."""
+    V = W.config.vocab_size
+    Client(NumpyBackend(W), KeySchedule.generate(), config, unigram=np.ones(V))
+    with refused(ShapeError, f"unigram must be 1-D of length vocab_size = {V}, got shape ({V + 1},)"):
+        Client(NumpyBackend(W), KeySchedule.generate(), config, unigram=np.ones(V + 1))
+
+
+def test_the_constructors_other_refusals_say_what_to_do() -> None:
+    """A (master secret, nonce) pair that already drove a session, a max_length past the model's, and a sketch
+    cache of another backend or another master secret: each refused, with its whole message."""
+    from scx_ref.protocol.verify import SketchCache
+
+    b = NumpyBackend(W)
+    keys = KeySchedule.generate()
+    Client(b, keys, SCXConfig(r1=2, r2=2)).prefill(np.array([3, 1, 4]), LocalTransport(Server(b)))
+    with refused(
+        SessionError,
+        "this KeySchedule's (master secret, nonce) pair already drove a session: a pair drives one session "
+        "only (use KeySchedule.generate() or a fresh nonce)",
+    ):
+        Client(b, keys)
+    top = W.config.max_positions
+    with refused(ProtocolError, f"max_length {top + 1} exceeds the model's max_positions {top}"):
+        Client(b, KeySchedule.generate(), SCXConfig(max_length=top + 1))
+    mine = KeySchedule.generate()
+    with refused(ProtocolError, "the sketch cache belongs to another backend"):
+        Client(b, mine, sketches=SketchCache(NumpyBackend(W), mine))
+    with refused(
+        ProtocolError,
+        "the sketch cache belongs to another master secret: its check vectors are known to whoever holds "
+        "that secret (build a SketchCache from this client's KeySchedule)",
+    ):
+        Client(b, mine, sketches=SketchCache(b, KeySchedule.generate()))
