@@ -667,3 +667,58 @@ def test_the_constructors_other_refusals_say_what_to_do() -> None:
         "that secret (build a SketchCache from this client's KeySchedule)",
     ):
         Client(b, mine, sketches=SketchCache(b, KeySchedule.generate()))
+
+
+def test_the_worst_check_margin_starts_at_zero_and_stays_below_one_on_an_honest_server() -> None:
+    """``verify_worst`` is the largest |residual| / tolerance of any check the client made: 0.0 before any,
+    and in (0, 1) after an honest prefill (every check passed, none exactly)."""
+    client: Client[Any] = Client(NumpyBackend(W), KeySchedule.generate(), SCXConfig(r1=2, r2=2))
+    assert client.verify_worst == 0.0
+    client.prefill(np.array([3, 1, 4]), LocalTransport(Server(NumpyBackend(W))))
+    assert 0.0 < client.verify_worst < 1.0
+
+
+@pytest.mark.parametrize(
+    ("last_ffn", "wide"),
+    [("paper", True), ("exact", False)],
+    ids=["generation-offset-only", "nothing-noised"],
+)
+def test_a_session_is_wide_when_any_message_is_noised(last_ffn: str, wide: bool) -> None:
+    """blind_dtype float64 on a float32 backend at level permute: the prefill noises nothing, and generation
+    only the paper's last-guard offset (last_ffn="paper") — which is enough for the session to blind in
+    float64; with nothing noised at all it stays float32."""
+    cfg = SCXConfig(level="permute", r1=2, r2=2, last_ffn=last_ffn, blind_dtype="float64")  # type: ignore[arg-type]
+    client: Client[Any] = Client(NumpyBackend(W, np.float32), KeySchedule.generate(), cfg)
+    assert not client.plan.prefill and bool(client.plan.generation) is wide
+    assert client.wide is wide
+
+
+def test_gaussian_decoys_are_the_clients_policy_when_configured() -> None:
+    from scx_ref.protocol.decoys import CalibrationPool, GaussianDecoys
+
+    gaussian = Client(NumpyBackend(W), KeySchedule.generate(), SCXConfig(r1=2, r2=2, decoys="gaussian"))
+    assert isinstance(gaussian.decoys, GaussianDecoys) and gaussian.decoys.needs_real
+    default: Client[Any] = Client(NumpyBackend(W), KeySchedule.generate(), SCXConfig(r1=2, r2=2))
+    assert isinstance(default.decoys, CalibrationPool) and not default.decoys.needs_real
+
+
+@pytest.mark.parametrize(("gen_linear", "warns"), [("client", False), ("server", True)])
+def test_the_precision_warning_weighs_the_betas_the_plan_sends(gen_linear: str, warns: bool) -> None:
+    """A β of 1e4 for the O stage is past float32's limit, but level paper sends O blinded only where the
+    server runs the guard blocks' W_o in generation: the client warns (PrecisionWarning) for the β its
+    plan sends, not for every β its configuration names."""
+    from scx_ref.errors import PrecisionWarning
+
+    cfg = SCXConfig(
+        level="paper",
+        r1=2,
+        r2=2,
+        beta=1.0,
+        stage_beta={"o": 1e4},
+        gen_linear=gen_linear,  # type: ignore[arg-type]
+        blind_dtype="backend",
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Client(NumpyBackend(W, np.float32), KeySchedule.generate(), cfg)
+    assert any(issubclass(w.category, PrecisionWarning) for w in caught) is warns
