@@ -722,3 +722,19 @@ def test_the_precision_warning_weighs_the_betas_the_plan_sends(gen_linear: str, 
         warnings.simplefilter("always")
         Client(NumpyBackend(W, np.float32), KeySchedule.generate(), cfg)
     assert any(issubclass(w.category, PrecisionWarning) for w in caught) is warns
+
+
+def test_public_tokens_are_checked_against_the_vocabulary_and_serve_as_decoys() -> None:
+    """public_tokens: the decoy rows are drawn from these token ids (checked against the model's vocabulary:
+    VocabularyError for one outside it), and a prefill with them is exact."""
+    from scx_ref.errors import VocabularyError
+
+    V = W.config.vocab_size
+    with refused(VocabularyError, f"token ids must lie in [0, {V}), got range [1, {V}]"):
+        Client(NumpyBackend(W), KeySchedule.generate(), SCXConfig(r1=2, r2=2), public_tokens=np.array([1, V]))
+    client: Client[Any] = Client(
+        NumpyBackend(W), KeySchedule.generate(), SCXConfig(r1=2, r2=2), public_tokens=np.arange(10)
+    )
+    got = client.prefill(np.array([3, 1, 4]), LocalTransport(Server(NumpyBackend(W))))
+    want, _ = ReferenceModel(W).prefill(np.array([3, 1, 4]))
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
