@@ -482,22 +482,20 @@ def test_an_unverified_o_reply_is_read_by_the_residual_sum_and_its_decoys_by_the
     )
 
 
-def test_client_side_attention_on_torch_sends_what_numpy_sends() -> None:
-    """attention="client" on the torch backend: the client's own attention of the guard blocks and the O
-    stage's encoding run on torch tensors, and every message the server receives equals the numpy client's
-    under the same keys (float64, to 1e-12: the two backends round the blinding's sums apart in the last
-    bit), as do the logits."""
+def _torch_sends_what_numpy_sends(cfg: SCXConfig, nonce: int) -> list[Stage]:
+    """A prefill under ``cfg`` by a numpy and a torch client with the same keys: every message the server
+    receives is the same (float64, to 1e-12: the two backends round the blinding's sums apart in the last
+    bit), and so are the logits. Returns the stages sent."""
     from scx_ref.backends.torch_backend import TorchBackend
 
-    cfg = SCXConfig(level="paper", attention="client", r1=2, r2=2)
     views, logits = [], []
     for backend in (NumpyBackend(W), TorchBackend(W, dtype="float64")):
         link = LocalTransport(Server(backend), record_view=True)
-        keys = KeySchedule(bytes([9]) * 32, (77).to_bytes(16, "big"))
+        keys = KeySchedule(bytes([9]) * 32, nonce.to_bytes(16, "big"))
         logits.append(np.asarray(Client(backend, keys, cfg).prefill(np.array([3, 1, 4]), link)))
         views.append(link.view.messages)
     stages = [m.stage for m in views[0]]
-    assert stages == [m.stage for m in views[1]] and Stage.O in stages
+    assert stages == [m.stage for m in views[1]]
     for a, b in zip(*views, strict=True):
         assert sorted(a.arrays) == sorted(b.arrays), a.stage
         for k in a.arrays:
@@ -506,6 +504,14 @@ def test_client_side_attention_on_torch_sends_what_numpy_sends() -> None:
                 np.asarray(b.arrays[k]), want, rtol=1e-12, atol=1e-12, err_msg=f"{a.stage} {k}"
             )
     np.testing.assert_allclose(logits[1], logits[0], rtol=1e-12, atol=1e-12)
+    return stages
+
+
+def test_client_side_attention_on_torch_sends_what_numpy_sends() -> None:
+    """attention="client" on the torch backend: the client's own attention of the guard blocks and the O
+    stage's encoding run on torch tensors, and the server receives what the numpy client sends."""
+    stages = _torch_sends_what_numpy_sends(SCXConfig(level="paper", attention="client", r1=2, r2=2), 77)
+    assert Stage.O in stages
 
 
 @pytest.mark.parametrize(
@@ -549,25 +555,9 @@ def test_a_prefill_meters_rope_and_two_residual_adds_a_block() -> None:
 
 def test_gaussian_decoys_on_torch_send_what_numpy_sends() -> None:
     """Gaussian decoys read the real rows (the attention output in true order, the residual stream H′)
-    before the rows that carry them are built: on the torch backend every message the server receives
-    equals the numpy client's under the same keys (float64, to 1e-12), as do the logits."""
-    from scx_ref.backends.torch_backend import TorchBackend
-
-    cfg = SCXConfig(level="permute", decoys="gaussian", r1=2, r2=2)
-    views, logits = [], []
-    for backend in (NumpyBackend(W), TorchBackend(W, dtype="float64")):
-        link = LocalTransport(Server(backend), record_view=True)
-        keys = KeySchedule(bytes([9]) * 32, (78).to_bytes(16, "big"))
-        logits.append(np.asarray(Client(backend, keys, cfg).prefill(np.array([3, 1, 4]), link)))
-        views.append(link.view.messages)
-    assert [m.stage for m in views[0]] == [m.stage for m in views[1]]
-    for a, b in zip(*views, strict=True):
-        for k in a.arrays:
-            want = np.asarray(a.arrays[k])
-            np.testing.assert_allclose(
-                np.asarray(b.arrays[k]), want, rtol=1e-12, atol=1e-12, err_msg=f"{a.stage} {k}"
-            )
-    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-12, atol=1e-12)
+    before the rows that carry them are built: on the torch backend the server receives what the numpy
+    client sends."""
+    _torch_sends_what_numpy_sends(SCXConfig(level="permute", decoys="gaussian", r1=2, r2=2), 78)
 
 
 _BAD_ARGS = {
