@@ -165,21 +165,24 @@ def test_blinding_corrections_derived_ahead_are_metered_offline_and_the_rest_on_
         assert before[stage].client_flops + before[stage].offline_flops == during[stage].client_flops, stage
 
 
-def _nan_at(
-    stage: Stage, layer: int, step: int, key: str, row: int, at: list[int]
+def _value_at(
+    stage: Stage, layer: int, step: int, key: str, row: int, at: list[int], value: float = np.nan
 ) -> Callable[[Request, Reply], Reply]:
-    """A tampering that puts a NaN in ``row`` of reply ``key`` of (stage, layer, step); ``at`` records the
-    number of messages sent when it did."""
+    """A tampering that sets the first entry of ``row`` of reply ``key`` of (stage, layer, step) to
+    ``value`` (a NaN unless given); ``at`` records the number of messages sent when it did."""
 
     def tamper(req: Request, reply: Reply) -> Reply:
         if (req.stage, req.layer, req.step) != (stage, layer, step) or key not in reply.arrays:
             return reply
         at.append(len(at))
         x = np.array(reply.arrays[key], copy=True)
-        x[(row,) + (0,) * (x.ndim - 1)] = np.nan
+        x[(row,) + (0,) * (x.ndim - 1)] = value
         return replace(reply, arrays={**reply.arrays, key: x})
 
     return tamper
+
+
+_nan_at = _value_at
 
 
 #: the paper's server-side generation stages (gen_attn, gen_o, gen_head); Gaussian decoys, which read the real
@@ -406,21 +409,6 @@ def test_an_unverified_reply_holding_nan_is_refused_by_the_pass_that_uses_it(
     assert at == [0]
 
 
-def _value_at(
-    stage: Stage, layer: int, key: str, row: int, value: float
-) -> Callable[[Request, Reply], Reply]:
-    """A tampering that sets the first entry of ``row`` of reply ``key`` of (stage, layer) to ``value``."""
-
-    def tamper(req: Request, reply: Reply) -> Reply:
-        if (req.stage, req.layer) != (stage, layer) or key not in reply.arrays:
-            return reply
-        x = np.array(reply.arrays[key], copy=True)
-        x[(row,) + (0,) * (x.ndim - 1)] = value
-        return replace(reply, arrays={**reply.arrays, key: x})
-
-    return tamper
-
-
 @pytest.mark.parametrize(
     ("stage", "key", "names"),
     [(Stage.QKV, "z", "reply qkv[.]z"), (Stage.O, "y", "reply o[.]y|reencoded sum")],
@@ -434,7 +422,7 @@ def test_a_wide_reply_past_the_float32_range_is_the_servers_error(stage: Stage, 
     cfg = SCXConfig(level="blind", r1=2, r2=2, verify=False, blind_dtype="float64")
     for row in range(3 + 2):  # n = 3 real rows and 2 decoys, in the reply's (permuted) order
         inner = LocalTransport(Server(NumpyBackend(W, np.float32)), record_view=True)
-        link = TamperingTransport(inner, _value_at(stage, 0, key, row, 1e39))
+        link = TamperingTransport(inner, _value_at(stage, 0, -1, key, row, [], 1e39))
         client: Client[Any] = Client(NumpyBackend(W, np.float32), KeySchedule.generate(), cfg)
         assert client.wide
         with pytest.raises(SCXError) as info:
