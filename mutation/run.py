@@ -25,18 +25,19 @@ and prints the first test that fails on each: the test to name in ``mutation/ann
 ``--resume`` (after a run, with the module sources unchanged) keeps each target's scratch copy and mutmut's
 results, copies the current tests into it and re-runs only the mutants the earlier run did not detect, less
 those annotated as equivalent — mutmut's own incremental mode: tests were only added, so a mutant killed
-before stays killed. New tests must go into files the target already selects (a changed selection makes
-mutmut discard every result). The report counts the earlier run and the resumed ones together (times
-added; each run is listed). Mutants a stopped run never reached are not run by ``--resume`` alone;
-``--resume --unreached`` runs them too (on the current tests), finishing a stopped run;
+before stays killed. New tests must go into files the target already selects (a changed selection makes mutmut
+discard every result); a test outside the selection may be named too, and counts as killing its mutant when
+the re-check sees it fail there (*added* in the report). The report counts the earlier run and the resumed
+ones together (times added; each run is listed). Mutants a stopped run never reached are not run by
+``--resume`` alone; ``--resume --unreached`` runs them too (on the current tests), finishing a stopped run;
 ``--resume --survivors`` re-runs only the mutants that survived (exit 0), not those mutmut stopped at its wall
 clock limit (*suspicious*: a slow mutant, or one run on a loaded machine), which can take minutes each.
 ``--resume --unforked`` runs exactly those *suspicious* mutants again, each in a pytest process of its own
 (the target's tests, ``-x``, up to ``--max-children`` at once, ``--timeout`` seconds each) instead of in
-mutmut's forked workers, and writes their exit statuses into mutmut's results (1 killed, 0 survived, a
-timeout as mutmut's *timeout*). A forked worker inherits the threads its parent started (numba's, the
-check kernels' pools), and some mutants of the verifier's attention check never finished there on an idle
-machine, while each takes under a minute in a fresh process (stop 73).
+mutmut's forked workers, and writes their exit statuses into mutmut's results (1 killed, 0 survived, a timeout
+as mutmut's *timeout*). A forked worker inherits the threads its parent started (numba's, the check kernels'
+pools), and some mutants of the verifier's attention check never finished there on an idle machine, while each
+takes under a minute in a fresh process (stop 73).
 """
 
 from __future__ import annotations
@@ -105,11 +106,24 @@ class Outcome:
 
     def unexplained(self) -> list[Mutant]:
         """The undetected mutants that the annotations do not explain (the run fails on them)."""
-        return [m for m in self.mutants if m.status not in DETECTED and m.name not in EQUIVALENT]
+        return [
+            m
+            for m in self.mutants
+            if m.status not in DETECTED and m.name not in EQUIVALENT and m.name not in KILLED_BY
+        ]
 
     def killed_by_new_tests(self) -> list[Mutant]:
         """The mutants the annotations name a test added for."""
         return [m for m in self.mutants if m.name in KILLED_BY]
+
+    def killed_outside(self) -> list[Mutant]:
+        """The mutants the selection left undetected whose "killed by" test lies outside it: killed only if
+        :func:`verify` sees that test fail on them."""
+        return [m for m in self.killed_by_new_tests() if m.status not in DETECTED]
+
+    def outside_confirmed(self) -> int:
+        """How many of :meth:`killed_outside` :func:`verify` saw killed by their test."""
+        return sum(self.verified.get(m.name, False) for m in self.killed_outside())
 
 
 def _scratch(target: Target) -> Path:
@@ -405,8 +419,6 @@ def collect(target: Target, seconds: float) -> Outcome:
             outcome.problems.append(
                 f"{m.name} is annotated equivalent but was {m.status}: drop the annotation"
             )
-        if m.name in KILLED_BY and m.status not in DETECTED:
-            outcome.problems.append(f"{m.name} should be killed by {KILLED_BY[m.name].test} but {m.status}")
     unexplained = [m for m in outcome.unexplained() if m.status != "not checked"]
     not_run = len(outcome.unexplained()) - len(unexplained)
     if not_run:
@@ -427,10 +439,13 @@ def fails_on(target: Target, mutant: str, tests: Sequence[str]) -> tuple[bool, s
 
 
 def verify(outcome: Outcome) -> None:
-    """Each "killed by" test must fail when run against its mutant (all pairs in one warm worker)."""
+    """Each "killed by" test must fail when run against its mutant (all pairs in one warm worker), the tests
+    as they are now: they are copied into the mutants' tree first (``--report-only`` runs no mutmut, which
+    would copy them)."""
     pairs = [[m.name, KILLED_BY[m.name].test] for m in outcome.killed_by_new_tests()]
     if not pairs:
         return
+    _copy_tests_into(_scratch(outcome.target) / "mutants")
     proc = subprocess.run(
         [
             sys.executable,
@@ -537,8 +552,10 @@ def write_report(
             else ""
         ),
         "",
-        "killed % = (killed + timed out) / all mutants; score = the same over the mutants that are not",
-        "equivalent. *survived* counts only survivors that are neither killed nor listed as equivalent;",
+        "*added*: mutants the run's tests left undetected that the test named for them (one outside the",
+        "selection, or one added after the mutant was run) kills, re-checked in this run on the mutant.",
+        "killed % = (killed + timed out + added) / all mutants; score = the same over the mutants that are",
+        "not equivalent. *survived* counts only survivors that are neither killed nor listed as equivalent;",
         "*not run*: mutants a stopped run never reached (`--report-only` after stopping it); *other*:",
         "neither killed nor survived nor listed as equivalent — mutmut's *no tests*, or *suspicious*",
         "(stopped at its wall-clock limit, 15 × (the tests' expected time + 1 s): a slow mutant, or a",
@@ -548,18 +565,20 @@ def write_report(
         "and ended (on 2 CPUs, a load of 4 means about half the CPU time went to mutmut); *CPU* is the CPU",
         "time of mutmut and its workers, so CPU / number of CPUs estimates the wall time on an idle machine.",
         "",
-        "| module | mutants | killed | timed out | equivalent | survived | other | not run | killed %"
+        "| module | mutants | killed | timed out | added | equivalent | survived | other | not run | killed %"
         " | score | wall | load | CPU |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for o in outcomes:
-        n, det, eq = len(o.mutants), o.count(*DETECTED), len(o.equivalent())
+        n, eq, added = len(o.mutants), len(o.equivalent()), o.outside_confirmed()
+        det = o.count(*DETECTED) + added
         survived = sum(m.status == "survived" for m in o.unexplained())
         not_run = sum(m.status == "not checked" for m in o.unexplained())
         no_tests = sum(m.status not in ("survived", "not checked") for m in o.unexplained())
         lines.append(
-            f"| `{o.target.path}` | {n} | {o.count('killed')} | {o.count('timeout')} | {eq} | {survived} |"
-            f" {no_tests} | {not_run} | {_pct(det, n)} | {_pct(det, n - eq)} | {o.seconds / 60:.1f} min |"
+            f"| `{o.target.path}` | {n} | {o.count('killed')} | {o.count('timeout')} | {added} | {eq} |"
+            f" {survived} | {no_tests} | {not_run} | {_pct(det, n)} | {_pct(det, n - eq)} |"
+            f" {o.seconds / 60:.1f} min |"
             f" {o.load[0]:.1f} → {o.load[1]:.1f} | {_minutes(o.cpu_seconds)} |"
         )
     for o in outcomes:
@@ -587,7 +606,7 @@ def write_report(
                 )
             ran = [m for m in o.mutants if m.status != "not checked"]
             if len(ran) < len(o.mutants):
-                det_ran = sum(m.status in DETECTED for m in ran)
+                det_ran = sum(m.status in DETECTED or o.verified.get(m.name, False) for m in ran)
                 eq_ran = sum(m.name in EQUIVALENT and m.status not in DETECTED for m in ran)
                 lines.append(
                     f"- of the {len(ran)} mutants run: killed % {_pct(det_ran, len(ran))},"
@@ -602,16 +621,20 @@ def write_report(
                 "",
                 f"### Killed by tests added for them ({len(killed)})",
                 "",
-                "Each survived an earlier run. *checked*: this run ran the test on the mutant and it failed.",
+                "Each survived an earlier run. *checked*: this run ran the test on the mutant and it failed."
+                " *run's tests*: what the run's own tests gave it (*survived* where the test named lies"
+                " outside the selection or was added after the mutant was run: the check is what kills it).",
                 "",
-                "| mutant | mutation | killed by | checked |",
-                "| --- | --- | --- | --- |",
+                "| mutant | mutation | killed by | run's tests | checked |",
+                "| --- | --- | --- | --- | --- |",
             ]
             for m in killed:
-                check = {True: "yes", False: "**NO**"}.get(o.verified.get(m.name, False), "not run")
-                if m.name not in o.verified:
-                    check = "not run"
-                lines.append(f"| {m.name} | {_cell(m.added)} | `{KILLED_BY[m.name].test}` | {check} |")
+                check = "not run"
+                if m.name in o.verified:
+                    check = "yes" if o.verified[m.name] else "**NO**"
+                lines.append(
+                    f"| {m.name} | {_cell(m.added)} | `{KILLED_BY[m.name].test}` | {m.status} | {check} |"
+                )
         equivalent = o.equivalent()
         if equivalent:
             lines += ["", f"### Equivalent ({len(equivalent)})", "", "| mutant | mutation | why |"]
@@ -725,7 +748,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome.runs = json.loads(_timing_file(target).read_text(encoding="utf-8"))["runs"]
         if not args.no_verify:
             verify(outcome)
-        det, n = outcome.count(*DETECTED), len(outcome.mutants)
+        else:
+            for m in outcome.killed_outside():
+                outcome.problems.append(
+                    f"{m.name}: {m.status} by the run's tests, and its test {KILLED_BY[m.name].test} was not"
+                    " re-checked (--no-verify)"
+                )
+        det, n = outcome.count(*DETECTED) + outcome.outside_confirmed(), len(outcome.mutants)
         print(
             f"  {n} mutants, {det} killed ({_pct(det, n)}), {len(outcome.equivalent())} equivalent, "
             f"{len(outcome.unexplained())} unexplained, {seconds / 60:.1f} min",

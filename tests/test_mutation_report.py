@@ -1,0 +1,57 @@
+"""The mutation report's accounting (``mutation/run.py``): a mutant the run's tests left undetected whose
+"killed by" test lies outside the selection counts as killed only when the re-check saw that test fail on
+it, and is neither *survived* nor a problem then."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mutation import run
+from mutation.annotations import Equivalent, KilledBy
+from mutation.targets import Target
+
+TARGET = Target("demo", "scx_ref/demo.py", ("tests/test_demo.py",))
+M = "scx_ref.demo.x_f__mutmut_"
+
+
+@pytest.fixture
+def outcome(monkeypatch: pytest.MonkeyPatch) -> run.Outcome:
+    monkeypatch.setattr(
+        run, "KILLED_BY", {M + "2": KilledBy("", "tests/other.py::t"), M + "3": KilledBy("", "t2")}
+    )
+    monkeypatch.setattr(run, "EQUIVALENT", {M + "4": Equivalent("", "why")})
+    mutants = [
+        run.Mutant(M + "1", "killed"),
+        run.Mutant(M + "2", "survived"),  # killed by a test outside the selection: re-checked, fails there
+        run.Mutant(M + "3", "survived"),  # its test does not fail on it
+        run.Mutant(M + "4", "survived"),  # equivalent
+        run.Mutant(M + "5", "survived"),  # unexplained
+        run.Mutant(M + "6", "timeout"),
+    ]
+    o = run.Outcome(TARGET, 60.0, mutants)
+    o.verified = {M + "2": True, M + "3": False}
+    return o
+
+
+def test_outside_kills_count_only_when_confirmed(outcome: run.Outcome) -> None:
+    assert [m.name for m in outcome.unexplained()] == [M + "5"]
+    assert [m.name for m in outcome.killed_outside()] == [M + "2", M + "3"]
+    assert outcome.outside_confirmed() == 1
+    assert [m.name for m in outcome.equivalent()] == [M + "4"]
+
+
+def test_report_row_counts_confirmed_outside_kills(
+    outcome: run.Outcome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(run, "_source_of", lambda target: "the current source")
+    monkeypatch.setattr(run, "version", lambda package: "0")  # mutmut is not installed by the test sessions
+    path = tmp_path / "REPORT.md"
+    run.write_report([outcome], path, "python -m mutation.run demo", 2, 60.0, "abc1234")
+    text = path.read_text(encoding="utf-8")
+    # mutants | killed | timed out | added | equivalent | survived | other | not run | killed % | score
+    assert "| `scx_ref/demo.py` | 6 | 1 | 1 | 1 | 1 | 1 | 0 | 0 | 50.0 % | 60.0 % |" in text
+    assert f"| {M}2 |  | `tests/other.py::t` | survived | yes |" in text
+    assert f"| {M}3 |  | `t2` | survived | **NO** |" in text
+    assert "### Surviving, not explained (1)" in text
