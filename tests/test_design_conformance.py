@@ -26,6 +26,7 @@ from scx_ref.reference import ReferenceModel
 from scx_ref.stages import Phase, Stage
 from scx_ref.transforms import laplace_noise
 from scx_ref.weights import ModelWeights
+from tests.server_state import server_state
 from tests.tiny import tiny_weights
 
 IDS = np.array([3, 1, 4, 1, 5, 9], dtype=np.int64)
@@ -37,14 +38,6 @@ def _backend(kind: str, w: ModelWeights) -> Backend[Any]:
     if kind == "numpy32":
         return NumpyBackend(w, np.float32)
     return TorchBackend(w, dtype=torch.float32)
-
-
-def _state(server: Server[Any]) -> str:
-    """Everything a refused message must leave alone."""
-    snaps = {sid: server.sessions_snapshot(sid) for sid in server.sessions}
-    return repr(
-        (sorted(server.sessions), snaps, server.cache_bytes, list(server._nonces), list(server._commits))
-    )
 
 
 class _Raw:
@@ -66,10 +59,10 @@ class _Raw:
         return reply
 
     def refused(self, stage: Stage, layer: int, arrays: dict[str, Any], match: str, **meta: Any) -> None:
-        before = _state(self.server)
+        before = server_state(self.server)
         with pytest.raises(ProtocolError, match=match):
             self.server.handle(self.req(stage, layer, arrays, **meta))
-        assert _state(self.server) == before, "a refused message changed the server"
+        assert server_state(self.server) == before, "a refused message changed the server"
 
 
 # -- §5.7 / §6: "blinded stages in float64" — a wide message carries rows the client normalized -------
@@ -139,10 +132,10 @@ def test_a_generation_step_cannot_extend_a_cache_that_missed_a_step(stage: Stage
 
     server.handle(req(Stage.GEN_QKV, 0, 1, {"x": x}))  # step 1 starts; its middle/last rows never come
     layer = 1 if stage is Stage.GEN_MID else c.n_layers - 1
-    before = _state(server)
+    before = server_state(server)
     with pytest.raises(ProtocolError, match=r"at step 2: its cache holds \d+ rows where step 2 needs"):
         server.handle(req(stage, layer, 2, {"x": x}))
-    assert _state(server) == before
+    assert server_state(server) == before
     server.handle(req(stage, layer, 1, {"x": x}))  # control: step 1's own row is accepted
 
 
@@ -181,10 +174,10 @@ def test_a_shared_permutation_numpy_cannot_read_is_a_protocol_error() -> None:
     perm = torch.from_numpy(np.array(st.keys.token_perm(1, rows), dtype=np.int64)).to(torch.bfloat16)
     salt = st.keys.commit_salt(1).hex()
     req = Request(client.session, Stage.SHARE, 1, -1, st.seq, {"perm": perm}, {"salt": salt}, st.token)
-    before = _state(server)
+    before = server_state(server)
     with pytest.raises(ProtocolError, match="share message for block 1 is malformed"):
         server.handle(req)
-    assert _state(server) == before
+    assert server_state(server) == before
     client.share_keys(link)
     assert sorted(server.sessions[client.session].valid) == [1, 2]
 

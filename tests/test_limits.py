@@ -26,6 +26,7 @@ from scx_ref.protocol import Client, LocalTransport, Reply, Request, SCXConfig, 
 from scx_ref.protocol.limits import ServerLimits
 from scx_ref.stages import Stage
 from scx_ref.weights import ModelWeights
+from tests.server_state import server_state
 from tests.tiny import tiny_weights
 
 IDS = np.array([3, 1, 4, 1, 5, 9], dtype=np.int64)
@@ -45,25 +46,13 @@ class Clock:
         return self.now
 
 
-def state(server: Server[Any]) -> tuple[Any, ...]:
-    """Everything a refused request must leave alone."""
-    snaps = {sid: server.sessions_snapshot(sid) for sid in server.sessions}
-    return (
-        sorted(server.sessions),
-        repr(snaps),
-        server.cache_bytes,
-        list(server._nonces),
-        list(server._commits),
-    )
-
-
 def refused(
     server: Server[Any], req: Any, error: type[SCXError] = ProtocolError, match: str | None = None
 ) -> None:
-    before = state(server)
+    before = server_state(server)
     with pytest.raises(error, match=match):
         server.handle(req)
-    assert state(server) == before, "a refused request changed the server"
+    assert server_state(server) == before, "a refused request changed the server"
 
 
 def open_req(**meta: Any) -> Request:
@@ -233,10 +222,10 @@ def test_request_fields_are_typed(live: tuple[Server[Any], Client[Any], LocalTra
         "not a Request": {"session": client.session},
     }
     for what, req in bad.items():
-        before = state(server)
+        before = server_state(server)
         with pytest.raises(ProtocolError):
             server.handle(req)
-        assert state(server) == before, what
+        assert server_state(server) == before, what
 
 
 def test_layers_outside_their_role(live: tuple[Server[Any], Client[Any], LocalTransport]) -> None:
@@ -521,12 +510,12 @@ def test_a_replayed_key_commitment_is_refused_while_in_flight() -> None:
     outcome: list[object] = []
 
     def during() -> None:
-        before = state(server)
+        before = server_state(server)
         try:
             outcome.append(server.handle(replay))
         except SCXError as exc:
             outcome.append(exc)
-        outcome.append(state(server) == before)
+        outcome.append(server_state(server) == before)
 
     b.during = during
     server.handle(qkv(*first, commit_hex(1)))

@@ -37,6 +37,7 @@ from scx_ref.reference import KVCache, ReferenceModel
 from scx_ref.stages import Stage
 from scx_ref.weights import ModelWeights
 from tests.refusals import refused
+from tests.server_state import same
 from tests.tiny import tiny_weights
 
 Array = npt.NDArray[Any]
@@ -120,19 +121,6 @@ def live() -> Live:
     logits, cache = ref.prefill(IDS)
     np.testing.assert_allclose(client.prefill(IDS, link), logits, rtol=1e-10, atol=1e-12)
     return Live(w, server, link, client, ref, cache, int(np.argmax(logits[-1])))
-
-
-def same(a: Any, b: Any) -> bool:
-    """Exact deep equality of snapshots (arrays compared element for element, dtype and shape)."""
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (tuple, list)):
-        return (
-            isinstance(b, type(a)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-        )
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
-    return bool(a == b)
 
 
 def rejected(live: Live, send: Callable[[], Any], error: type[SCXError], match: str | None = None) -> None:

@@ -29,6 +29,7 @@ from scx_ref.protocol import Client, LocalTransport, Reply, Request, SCXConfig, 
 from scx_ref.reference import ReferenceModel
 from scx_ref.stages import Stage
 from scx_ref.weights import ModelWeights
+from tests.server_state import frozen, session_state
 from tests.tiny import tiny_weights
 
 IDS = np.array([7, 3, 21, 9, 14, 2, 30, 11], dtype=np.int64)
@@ -362,13 +363,7 @@ def test_a_recorded_view_does_not_crash_on_a_reply_without_host_data(layout: str
 
 # -- hostile client -> in-process server ------------------------------------------------------------
 def _snapshot(server: Server[Any], sid: str) -> Any:
-    s = server.sessions_snapshot(sid)
-    arrays = (
-        {k: (a.tobytes(), v.tobytes()) for k, (a, v) in s.pop("raw").items()},
-        {k: (a.tobytes(), v.tobytes()) for k, (a, v) in s.pop("valid").items()},
-        {k: a.tobytes() for k, a in s.pop("locked").items()},
-    )
-    return repr(s), arrays, server.cache_bytes, len(server.sessions)
+    return frozen((session_state(server, sid), server.cache_bytes, len(server.sessions)))
 
 
 REQUEST_TAMPERS: dict[str, Callable[[dict[str, Any]], Any]] = {

@@ -23,6 +23,7 @@ from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, Reply, Request, SCXConfig, Server
 from scx_ref.protocol.limits import ServerLimits
 from scx_ref.stages import Stage
+from tests.server_state import frozen, session_state
 from tests.tiny import tiny_weights
 
 W = tiny_weights(5)
@@ -87,16 +88,6 @@ def _open_request(nonce: int) -> Request:
     return link.sent[0]
 
 
-def _snapshot(server: Server[Any], sid: str) -> str:
-    snap = server.sessions_snapshot(sid)
-    arrays = {
-        k: [np.asarray(a).tobytes() for pair in snap[k].values() for a in pair] for k in ("raw", "valid")
-    }
-    locked = [np.asarray(a).tobytes() for a in snap["locked"].values()]
-    rest = {k: v for k, v in snap.items() if k not in ("raw", "valid", "locked")}
-    return repr((rest, arrays, locked))
-
-
 def _refusal(server: Server[Any], req: Any) -> tuple[type[SCXError], str]:
     """What :meth:`Server.handle` raises for ``req`` (it must refuse it)."""
     with pytest.raises(SCXError) as info:
@@ -136,7 +127,7 @@ def test_every_slot_of_a_batch_gets_its_own_answer() -> None:
     ]
     ids = {"close": batch[2].session, "late": wrong_seq.session, "unshared": bad_share.session}
     close_seq = batch[2].seq
-    before = {sid: _snapshot(server, sid) for sid in (ids["late"], ids["unshared"])}
+    before = {sid: frozen(session_state(server, sid)) for sid in (ids["late"], ids["unshared"])}
     charged = server.cost(ids["unshared"]).snapshot()
 
     out = server.handle_batch(batch)
@@ -167,7 +158,7 @@ def test_every_slot_of_a_batch_gets_its_own_answer() -> None:
         assert isinstance(got, kind), (j, got)
         assert (type(got), str(got)) == _refusal(server, batch[j]), j
     assert "commitment" in str(out[6]) and "out of order" in str(out[5]) and "nonce" in str(out[8])
-    assert {sid: _snapshot(server, sid) for sid in before} == before
+    assert {sid: frozen(session_state(server, sid)) for sid in before} == before
     assert server.cost(ids["unshared"]).snapshot() == charged  # the refused share's charge taken back
     assert server.cache_bytes == sum(s.cache_bytes for s in server.sessions.values())
     # one clock reading stamps every session the batch changed, the opened one included

@@ -23,7 +23,7 @@ from scx_ref.protocol import Client, LocalTransport, Request, SCXConfig, Server
 from scx_ref.reference import ReferenceModel
 from scx_ref.stages import Stage
 from scx_ref.weights import random_weights
-from tests.test_protocol_errors import same
+from tests.server_state import same
 from tests.tiny import tiny_config
 
 IDS = np.array([3, 1, 4, 1, 5, 9], dtype=np.int64)

@@ -4,7 +4,6 @@ nothing changed): the flop meter after a fault inside a stage, the locked cache'
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any
 
@@ -16,7 +15,7 @@ from scx_ref.errors import NonFiniteError, ProtocolError, SessionError
 from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, Reply, Request, SCXConfig, Server
 from scx_ref.stages import Stage
-from tests.test_protocol_errors import same
+from tests.server_state import same, session_state
 from tests.tiny import tiny_weights
 
 W = tiny_weights(7)
@@ -26,11 +25,7 @@ KV = W.config.n_kv_heads * W.config.head_dim
 
 def _state(server: Server[Any], sid: str) -> tuple[Any, ...]:
     """Everything a failed message must leave as it was: the session, the byte total, the flop meter."""
-    return (
-        server.sessions_snapshot(sid),
-        server.cache_bytes,
-        copy.deepcopy(dict(server.cost(sid).stages)),
-    )
+    return (*session_state(server, sid), server.cache_bytes)
 
 
 class _Clock:

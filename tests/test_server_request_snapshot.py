@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import copy
 import dataclasses
 import threading
 from collections.abc import Iterator, Mapping
@@ -35,7 +34,7 @@ from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, Reply, Request, SCXConfig, Server
 from scx_ref.protocol.limits import ServerLimits
 from scx_ref.stages import Stage
-from tests.test_protocol_errors import same
+from tests.server_state import same, session_state
 from tests.tiny import tiny_weights
 
 W = tiny_weights(5)
@@ -60,11 +59,6 @@ def _open(server: Server[Any], sid: str) -> str:
 
 def _x(rows: int = N + R1) -> np.ndarray:
     return np.random.default_rng(rows).normal(size=(rows, C.hidden_size))
-
-
-def _state(server: Server[Any], sid: str) -> tuple[Any, ...]:
-    """What a refused or failed message must leave as it was: the session, its flop meter."""
-    return server.sessions_snapshot(sid), copy.deepcopy(dict(server.cost(sid).stages))
 
 
 class _Flip(Mapping[str, Any]):
@@ -100,11 +94,11 @@ def test_a_commitment_seen_before_is_refused_whatever_the_meta_answers_later() -
     first = _open(server, _sid(1))
     server.handle(Request(_sid(1), Stage.QKV, 0, -1, 1, {"x": _x()}, {"commit": SEEN}, first))
     token = _open(server, _sid(2))
-    before = _state(server, _sid(2))
+    before = session_state(server, _sid(2))
     meta = _Flip({"commit": SEEN}, {"commit": FRESH})
     with pytest.raises(SessionError, match="key commitment seen before"):
         server.handle(Request(_sid(2), Stage.QKV, 0, -1, 1, {"x": _x()}, meta, token))  # type: ignore[arg-type]
-    assert same(_state(server, _sid(2)), before)
+    assert same(session_state(server, _sid(2)), before)
     assert server._pending == set()
     reply = server.handle(Request(_sid(2), Stage.QKV, 0, -1, 1, {"x": _x()}, {"commit": FRESH}, token))
     assert reply.seq == 1 and server.sessions_snapshot(_sid(2))["commits"] == {0: FRESH}
@@ -117,12 +111,12 @@ def test_the_array_the_size_limit_saw_is_the_array_computed() -> None:
     x = _x()
     server: Server[Any] = Server(NumpyBackend(W), ServerLimits(max_message_bytes=x.nbytes - 1))
     token = _open(server, _sid(1))
-    before = _state(server, _sid(1))
+    before = session_state(server, _sid(1))
     arrays = _Flip({"x": np.zeros((1, C.hidden_size))}, {"x": x})
     with pytest.raises(SCXError, match=r"qkv\.x"):
         server.handle(Request(_sid(1), Stage.QKV, 0, -1, 1, arrays, {"commit": FRESH}, token))  # type: ignore[arg-type]
     assert arrays.reads["x"] == 1
-    assert same(_state(server, _sid(1)), before) and server.cache_bytes == 0
+    assert same(session_state(server, _sid(1)), before) and server.cache_bytes == 0
     with pytest.raises(LimitError, match="exceeds the server's limit"):
         server.handle(Request(_sid(1), Stage.QKV, 0, -1, 1, {"x": x}, {"commit": FRESH}, token))
 
@@ -212,7 +206,7 @@ def test_two_ids_of_one_session_in_a_batch_are_refused_not_deadlocked() -> None:
     row = _x(1)
     one = _msg(client, Stage.GEN_MID, x=row)
     reqs = [dataclasses.replace(one, session=_Alias(one.session)) for _ in range(2)]
-    before = _state(server, one.session)
+    before = session_state(server, one.session)
     out: list[Any] = []
 
     def run() -> None:
@@ -227,7 +221,7 @@ def test_two_ids_of_one_session_in_a_batch_are_refused_not_deadlocked() -> None:
     assert not worker.is_alive(), "handle_batch deadlocked on a session lock it held"
     assert len(out) == 1 and isinstance(out[0], ProtocolError)
     assert str(out[0]) == "handle_batch takes at most one message per session"
-    assert same(_state(server, one.session), before)
+    assert same(session_state(server, one.session), before)
     assert isinstance(server.handle_batch([one])[0], Reply)
 
 
@@ -274,7 +268,7 @@ def test_an_internal_fault_in_a_batch_leaves_every_request_untaken(where: str) -
     server, clients = _shared(4)
     reqs = _batch(server, clients)
     victim = reqs[2].session
-    before = {r.session: _state(server, r.session) for r in reqs if r.stage is not Stage.OPEN}
+    before = {r.session: session_state(server, r.session) for r in reqs if r.stage is not Stage.OPEN}
     total = server.cache_bytes
     real_qkv, real_mid = server._gen_qkv, server._mid_compute
     faults = [0]
@@ -299,7 +293,7 @@ def test_an_internal_fault_in_a_batch_leaves_every_request_untaken(where: str) -
         server.handle_batch(reqs)
     assert faults[0] == 1
     for sid, b in before.items():
-        assert same(_state(server, sid), b), f"session {sid} changed"
+        assert same(session_state(server, sid), b), f"session {sid} changed"
     assert server.cache_bytes == total == sum(s.cache_bytes for s in server.sessions.values())
     assert _sid(99) not in server.sessions and server.evictions == 0
     server._gen_qkv, server._mid_compute = real_qkv, real_mid  # type: ignore[method-assign]
@@ -317,11 +311,11 @@ def test_refusals_in_a_batch_are_per_request() -> None:
     server, clients = _shared(4)
     reqs = _batch(server, clients)
     reqs[2] = dataclasses.replace(reqs[2], seq=reqs[2].seq + 3)
-    before = _state(server, reqs[2].session)
+    before = session_state(server, reqs[2].session)
     out = server.handle_batch(reqs)
     assert isinstance(out[2], ProtocolError) and "out of order" in str(out[2])
     assert all(isinstance(r, Reply) for i, r in enumerate(out) if i != 2)
-    assert same(_state(server, reqs[2].session), before)
+    assert same(session_state(server, reqs[2].session), before)
 
 
 # --- 3. every eviction is counted, once --------------------------------------------------------------------

@@ -28,6 +28,7 @@ from scx_ref.protocol import Client, LocalTransport, Reply, Request, SCXConfig, 
 from scx_ref.reference import ReferenceModel
 from scx_ref.stages import Stage
 from scx_ref.weights import ModelWeights
+from tests.server_state import frozen, session_state
 from tests.tiny import tiny_weights
 
 W: ModelWeights = tiny_weights(3)
@@ -78,18 +79,9 @@ def _check_exact(got: list[Any], cfg: SCXConfig, dtype: Any, keys: tuple[bytes, 
         _close(got[1], DECODE)
 
 
-def _state(server: Server[Any], sid: str) -> tuple[Any, ...]:
-    """Everything a refused message must leave as it was: the session's snapshot and the byte counts."""
-    snap = server.sessions_snapshot(sid)
-    arrays = {
-        f"{k}.{layer}.{j}": np.asarray(a).tobytes()
-        for k in ("raw", "valid")
-        for layer, pair in snap[k].items()
-        for j, a in enumerate(pair)
-    }
-    rest = {k: v for k, v in snap.items() if k not in ("raw", "valid", "locked")}
-    locked = {layer: np.asarray(a).tobytes() for layer, a in snap["locked"].items()}
-    return repr(rest), arrays, locked, server.cache_bytes
+def _state(server: Server[Any], sid: str) -> Any:
+    """Everything a refused message must leave as it was: the session (its meter too) and the byte count."""
+    return frozen((session_state(server, sid), server.cache_bytes))
 
 
 # --- 1. what a share must carry ------------------------------------------------------------------------
