@@ -436,6 +436,25 @@ TARGETS: tuple[Target, ...] = (
         deselect=("tests/test_dp.py::test_cli_model_mode_json",),
     ),
     Target(
+        "dp_budget",
+        "scx_ref/dp/budget.py",
+        (
+            "tests/test_dp.py",
+            "tests/test_dp_args.py",
+            "tests/test_dp_audit.py",
+            "tests/test_dp_composition_edges.py",
+            "tests/test_dp_key_sharing.py",
+            "tests/test_dp_request_budget.py",
+            "tests/test_dp_budget_mutants.py",
+        ),
+        # the model-mode CLI composes the same request_budget as tests/test_dp.py's budget tests; the torch
+        # diameter is the sensitivity module's
+        deselect=(
+            "tests/test_dp.py::test_cli_model_mode_json",
+            "tests/test_dp.py::test_l1_diameter_exact[torch]",
+        ),
+    ),
+    Target(
         "reference",
         "scx_ref/reference.py",
         (

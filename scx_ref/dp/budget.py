@@ -92,6 +92,10 @@ class RequestBudget:
     there, see :class:`~scx_ref.dp.accountants.CompositionResult`). All are +inf when no message is a
     Laplace release (level ``permute``). ``guard`` is the configuration's l_s; ``config`` the whole
     configuration (l_e, attention, gen_linear, ... — what a named preset sets beside the options).
+    ``permuted_stages_prefill`` counts the prefill's token-permuted stages, 3·L + 1: each block's QKV, O and
+    FFN and the LM head (a blinded MLP's later messages, an MoE layer's router and experts, travel under
+    their FFN stage's permutation); ``permutation_bits_per_stage`` and ``prompt_order_bits_per_stage`` are
+    each one's bits (:mod:`.permutation`).
     """
 
     model: str
