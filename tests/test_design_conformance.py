@@ -26,6 +26,7 @@ from scx_ref.reference import ReferenceModel
 from scx_ref.stages import Phase, Stage
 from scx_ref.transforms import laplace_noise
 from scx_ref.weights import ModelWeights
+from tests.refusals import refused
 from tests.server_state import server_state
 from tests.tiny import tiny_weights
 
@@ -66,6 +67,18 @@ class _Raw:
 
 
 # -- §5.7 / §6: "blinded stages in float64" — a wide message carries rows the client normalized -------
+
+
+def test_the_wide_refusal_has_its_whole_message() -> None:
+    """The refusal of a wide message without ``normalized`` true, word for word."""
+    server: Server[Any] = Server(_backend("numpy32", tiny_weights(2)))
+    raw = _Raw(server, wide=True)
+    x = np.zeros((N + OPEN_META["r1"], server.b.config.hidden_size))
+    with refused(
+        ProtocolError,
+        "qkv: a float64 (wide) message must carry rows the client normalized (normalized true)",
+    ):
+        server.handle(raw.req(Stage.QKV, 0, {"x": x}, commit="01" * 32, wide=True))
 
 
 @pytest.mark.parametrize("stage", [Stage.QKV, Stage.FFN, Stage.HEAD])

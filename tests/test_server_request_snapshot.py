@@ -258,7 +258,9 @@ def _batch(server: Server[Any], clients: list[Client[Any]]) -> list[Request]:
     ]
 
 
-@pytest.mark.parametrize("where", ["third request's stage", "gen_mid group"])
+@pytest.mark.parametrize(
+    "where", ["third request's stage", "gen_mid group"], ids=["third-stage", "gen-mid-group"]
+)
 def test_an_internal_fault_in_a_batch_leaves_every_request_untaken(where: str) -> None:
     """The third of five requests failing inside its stage (after it charged the flop meter), or the
     gen_mid group failing: the fault propagates and no request took effect — every session as it was (seq,
@@ -390,3 +392,27 @@ def test_a_reply_too_large_to_send_ends_its_session() -> None:
         assert "session closed" in frame.header["message"]
     finally:
         service.pool.shutdown()
+
+
+class _Sly(str):
+    """A str whose ``str()`` answers another commitment than its characters (and which counts its calls)."""
+
+    calls = 0
+
+    def __str__(self) -> str:
+        _Sly.calls += 1
+        return SEEN
+
+
+def test_a_meta_string_of_a_str_subclass_is_read_as_its_characters() -> None:
+    """A ``meta`` value of a str subclass is copied into a plain ``str`` of its characters when the message
+    is read: the session records the commitment the characters spell, and the subclass's own methods are
+    never called (a value left as it came would answer ``str()`` with another commitment later)."""
+    server: Server[Any] = Server(NumpyBackend(W))
+    token = _open(server, _sid(1))
+    _Sly.calls = 0
+    reply = server.handle(Request(_sid(1), Stage.QKV, 0, -1, 1, {"x": _x()}, {"commit": _Sly(FRESH)}, token))
+    assert reply.seq == 1
+    commits = server.sessions_snapshot(_sid(1))["commits"]
+    assert commits == {0: FRESH} and type(commits[0]) is str
+    assert _Sly.calls == 0
