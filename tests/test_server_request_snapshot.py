@@ -34,6 +34,7 @@ from scx_ref.keys import KeySchedule
 from scx_ref.protocol import Client, LocalTransport, Reply, Request, SCXConfig, Server
 from scx_ref.protocol.limits import ServerLimits
 from scx_ref.stages import Stage
+from tests.refusals import refused
 from tests.server_state import same, session_state
 from tests.tiny import tiny_weights
 
@@ -416,3 +417,32 @@ def test_a_meta_string_of_a_str_subclass_is_read_as_its_characters() -> None:
     commits = server.sessions_snapshot(_sid(1))["commits"]
     assert commits == {0: FRESH} and type(commits[0]) is str
     assert _Sly.calls == 0
+
+
+class _Unreadable(Mapping[str, Any]):
+    """A mapping whose every read raises."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise RuntimeError("no")
+
+    def __iter__(self) -> Iterator[str]:
+        raise RuntimeError("no")
+
+    def __len__(self) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("field", ["arrays", "meta"])
+def test_a_mapping_that_cannot_be_read_is_refused_by_name(field: str) -> None:
+    server: Server[Any] = Server(NumpyBackend(W))
+    token = _open(server, _sid(1))
+    arrays: Any = {"x": _x()}
+    meta: Any = {"commit": FRESH}
+    if field == "arrays":
+        arrays = _Unreadable()
+    else:
+        meta = _Unreadable()
+    before = session_state(server, _sid(1))
+    with refused(ProtocolError, f"{field} could not be read as a mapping (RuntimeError)"):
+        server.handle(Request(_sid(1), Stage.QKV, 0, -1, 1, arrays, meta, token))
+    assert same(session_state(server, _sid(1)), before)

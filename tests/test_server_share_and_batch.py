@@ -345,3 +345,54 @@ def test_a_failing_clock_in_handle_changes_nothing() -> None:
     reply = server.handle(reqs[2])
     assert reply.seq == reqs[2].seq and server.sessions[reqs[2].session].seq == reqs[2].seq + 1
     _consistent(server)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "dtype"),
+    [
+        (BLIND_WIDE, F32),
+        (BLIND, F64),
+        (SCXConfig(level="blind", r1=5, r2=2, blind_dtype="float64"), F32),  # more decoys than n / 3
+    ],
+    ids=["blind-wide", "blind", "blind-wide-r1-5"],
+)
+def test_a_share_gives_back_the_raw_cache_its_qkv_counted_and_a_second_one_is_refused(
+    cfg: SCXConfig, dtype: Any
+) -> None:
+    """A share replaces block ℓ's raw cache, counted when its QKV came — (n + r₁) · (q + 2·kv) entries
+    at the width Z was computed in, float64 for a wide message — by the valid one (n · 2·kv entries in the
+    server's dtype): the byte total moves by exactly that. The same share sent again, on a server whose
+    cache limit the session fills, is refused as a second share (its block's count is gone), not as a
+    cache that would grow past the limit."""
+    c = W.config
+    n, r1, item = len(IDS), cfg.r1, np.dtype(dtype).itemsize
+    width = 8 if cfg.blind_dtype == "float64" else item
+    moved: dict[int, int] = {}
+    sent: list[Request] = []
+
+    class Tap(LocalTransport):
+        def send(self, request: Request) -> Reply:
+            if request.stage is not Stage.SHARE:
+                return super().send(request)
+            server = self.server
+            assert isinstance(server, Server)
+            before = server.cache_bytes
+            reply = super().send(request)
+            moved[request.layer] = server.cache_bytes - before
+            sent.append(request)
+            return reply
+
+    b = NumpyBackend(W, dtype)
+    server: Server[Any] = Server(b)
+    client: Client[Any] = Client(b, KeySchedule(*_key_bytes()), cfg)
+    link = Tap(server)
+    client.prefill(IDS, link)
+    client.decode(TOKEN, link)
+    want = n * 2 * c.kv_dim * item - (n + r1) * (c.q_dim + 2 * c.kv_dim) * width
+    assert moved == {1: want, 2: want}
+    again = replace(sent[0], seq=server.sessions[sent[0].session].seq)
+    server.limits = replace(server.limits, max_cache_bytes=server.cache_bytes)
+    before = _state(server, again.session)
+    with pytest.raises(ProtocolError, match=r"^block 1's key was already shared$"):
+        server.handle(again)
+    assert _state(server, again.session) == before
