@@ -34,12 +34,22 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "keys",
         "scx_ref/keys.py",
-        ("tests/test_keys.py", "tests/test_keys_vectors.py", "properties/test_keys.py"),
+        (
+            "tests/test_keys.py",
+            "tests/test_keys_vectors.py",
+            "properties/test_keys.py",
+            "tests/test_keys_mutants.py",
+        ),
     ),
     Target(
         "dp_mechanisms",
         "scx_ref/dp/mechanisms.py",
-        ("tests/test_dp.py", "tests/test_dp_accounting.py", "properties/test_dp_properties.py"),
+        (
+            "tests/test_dp.py",
+            "tests/test_dp_accounting.py",
+            "properties/test_dp_properties.py",
+            "tests/test_dp_mechanisms_mutants.py",
+        ),
         deselect=(
             "tests/test_dp.py::test_cli_model_mode_json",
             "tests/test_dp.py::test_l1_diameter_exact[torch]",
@@ -48,7 +58,15 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "dp_accountants",
         "scx_ref/dp/accountants.py",
-        ("tests/test_dp.py", "tests/test_dp_accounting.py", "properties/test_dp_properties.py"),
+        (
+            "tests/test_dp.py",
+            "tests/test_dp_accounting.py",
+            "properties/test_dp_properties.py",
+            "tests/test_pld_guard.py",
+            "tests/test_dp_model_k_guard.py",
+            "tests/test_dp_composition_edges.py",
+            "tests/test_dp_accountants_mutants.py",
+        ),
         deselect=(
             "tests/test_dp.py::test_cli_model_mode_json",
             "tests/test_dp.py::test_l1_diameter_exact[torch]",
@@ -78,6 +96,17 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_errors.py",
             "tests/test_transform_checks.py",
             "tests/test_keys_vectors.py",
+            "tests/test_transforms_keys_edges.py",
+            "tests/test_transform_args.py",
+            "tests/test_transforms_and_host_pool_inputs.py",
+            "tests/test_reference_transforms_audit.py",
+            "tests/test_proofs_statements_are_the_code.py",
+            "tests/test_design_statements.py",
+            "tests/test_design_conformance.py",
+            "tests/test_sampling_generator_and_half_norms.py",
+            "properties/test_head_layout.py",
+            "properties/test_fused.py",
+            "tests/test_transforms_mutants.py",
         ),
     ),
     Target(

@@ -159,10 +159,12 @@ def pld_discretization_slack(mechanisms: Sequence[LaplaceMechanism], interval: f
     Pessimistic rounding moves each release's privacy loss up to the next multiple of h, so the composed
     PLD may report up to this much more than the exact ε(δ) at very small δ; in particular the PLD number
     can exceed basic composition by up to this amount (e.g. ε = 0.34375, h = 1e-4, δ = 1e-12: PLD 0.3438).
-    It is 0 when every ε is a multiple of h. Each release contributes less than h, so the slack is finite
-    for every h > 0, however small (``ε mod h`` is computed exactly with ``math.fmod``); it is +inf only
-    when some ε is +inf or ``Σ count`` times h exceeds the float64 range. Raises ConfigError for a
-    non-mechanism, an empty list or h ≤ 0, NonFiniteError for a non-finite h.
+    It is 0 when every ε is a multiple of h; an ε within 1e-9·h above a positive multiple counts as that
+    multiple (float noise), a positive ε below h never does (it is rounded up to h: ε = 2.5e-10 at h = 0.25
+    gives a PLD ε of 0.248 at δ = 1e-12, within its slack h − ε). Each release contributes less than h,
+    so the slack is finite for every h > 0, however small (``ε mod h`` is computed exactly with
+    ``math.fmod``); it is +inf only when some ε is +inf or ``Σ count`` times h exceeds the float64 range.
+    Raises ConfigError for a non-mechanism, an empty list or h ≤ 0, NonFiniteError for a non-finite h.
     """
     mechs = _check_mechanisms(mechanisms)
     h = check_positive(interval, "interval")
@@ -171,8 +173,9 @@ def pld_discretization_slack(mechanisms: Sequence[LaplaceMechanism], interval: f
         if math.isinf(eps):
             return math.inf
         rest = math.fmod(eps, h)  # exact: eps = q·h + rest with 0 <= rest < h
-        # an eps within 1e-9·h above a multiple of h (float noise) counts as that multiple: no slack
-        return 0.0 if rest <= 1e-9 * h else h - rest
+        # an eps within 1e-9·h above a positive multiple of h (float noise) counts as that multiple: no
+        # slack; below h it is no noise (q = 0): a tiny eps > 0 is rounded up to h, a slack of h − eps
+        return 0.0 if rest == 0.0 or (eps >= h and rest <= 1e-9 * h) else h - rest
 
     return sum_nonnegative(times(m.count, one(m.epsilon)) for m in mechs)
 
