@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from scx_ref import transforms
-from scx_ref.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
+from scx_ref.errors import ConfigError, DTypeError, NonFiniteError, PermutationError, SCXError, ShapeError
 from scx_ref.keys import KeySchedule
 from scx_ref.transforms import HeadPermutation, Permutation, blind, laplace_noise, unblind, unlock_scores
 
@@ -165,3 +165,268 @@ def test_the_float32_cast_itself_warns() -> None:
     with warnings.catch_warnings(), pytest.raises(RuntimeWarning):
         warnings.simplefilter("error")
         np.float64(1e38 * 36.74).astype(np.float32)
+
+
+# --- the fused row transforms: every input named in its refusals -------------------------------------------
+# (the mutants that *survived* these functions were stopped by mutmut's wall clock, its forked workers
+# hanging in threads the parent had started; each was then run in a pytest process of its own)
+
+_S, _Y, _D = np.ones((3, 2)), np.ones((3, 2)), np.ones((1, 2))
+_IDS, _PERM4 = [0, 1, 2], [3, 0, 1, 2]
+
+
+def _with(a: np.ndarray, value: float) -> np.ndarray:
+    out: np.ndarray = a.copy()
+    out[0, 0] = value
+    return out
+
+
+def _reencode(**changes: Any) -> Any:
+    args: dict[str, Any] = {"s": _S, "perm_s": _IDS, "y": _Y, "perm_y": _IDS, "decoys": _D, "perm": _PERM4}
+    args.update(changes)
+    return transforms.reencode_sum(**args)
+
+
+def _backend() -> Any:
+    from scx_ref.backends import NumpyBackend
+
+    from .tiny import tiny_weights
+
+    return NumpyBackend(tiny_weights(0))
+
+
+def _qkv(z: Any = None, perm: Any = _IDS, n: int = 2, positions: Any = (0, 1), **kw: Any) -> Any:
+    be = _backend()
+    c = be.config
+    head = kw.pop("head", HeadPermutation.identity(c.n_kv_heads, c.head_dim))
+    width = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    z = np.ones((3, width)) if z is None else z
+    if isinstance(positions, tuple):
+        positions = list(positions)
+    return transforms.decode_qkv_heads(z, perm, n, positions, head, c.n_heads // c.n_kv_heads, be, **kw)
+
+
+def _qkv_width() -> int:
+    c = _backend().config
+    return int((c.n_heads + 2 * c.n_kv_heads) * c.head_dim)
+
+
+def _head_rows(o: Any = None, decoys: Any = None, perm: Any = _IDS, head: Any = None) -> Any:
+    p = HeadPermutation.identity(2, 4) if head is None else head
+    o = np.ones((2, 4, 4)) if o is None else o
+    decoys = np.ones((1, 16)) if decoys is None else decoys
+    return transforms.encode_head_rows(o, p, 2, decoys, perm)
+
+
+FUSED_REFUSALS: list[Refusal] = [
+    # reencode_sum: each input by name, its shapes, its permutations
+    (
+        "reencode-int-s",
+        lambda: _reencode(s=_S.astype(np.int64)),
+        DTypeError,
+        "s must be a floating-point array, got dtype int64",
+    ),
+    (
+        "reencode-int-y",
+        lambda: _reencode(y=_Y.astype(np.int64)),
+        DTypeError,
+        "y must be a floating-point array, got dtype int64",
+    ),
+    (
+        "reencode-int-decoys",
+        lambda: _reencode(decoys=_D.astype(np.int64)),
+        DTypeError,
+        "decoys must be a floating-point array, got dtype int64",
+    ),
+    (
+        "reencode-inf-s",
+        lambda: _reencode(s=_with(_S, np.inf)),
+        NonFiniteError,
+        "reencoded sum holds NaN or Inf",
+    ),
+    (
+        "reencode-nan-y",
+        lambda: _reencode(y=_with(_Y, np.nan)),
+        NonFiniteError,
+        "reencoded sum holds NaN or Inf",
+    ),
+    (
+        "reencode-inf-decoys",
+        lambda: _reencode(decoys=_with(_D, np.inf)),
+        NonFiniteError,
+        "reencoded sum holds NaN or Inf",
+    ),
+    (
+        "reencode-3d-s",
+        lambda: _reencode(s=np.ones((3, 2, 1))),
+        ShapeError,
+        "s ((3, 2, 1)), y ((3, 2)) and decoys ((1, 2)) must be 2-D with the same width",
+    ),
+    (
+        "reencode-3d-y",
+        lambda: _reencode(y=np.ones((3, 2, 1))),
+        ShapeError,
+        "s ((3, 2)), y ((3, 2, 1)) and decoys ((1, 2)) must be 2-D with the same width",
+    ),
+    (
+        "reencode-3d-decoys",
+        lambda: _reencode(decoys=np.ones((1, 2, 1))),
+        ShapeError,
+        "s ((3, 2)), y ((3, 2)) and decoys ((1, 2, 1)) must be 2-D with the same width",
+    ),
+    (
+        "reencode-decoy-width",
+        lambda: _reencode(decoys=np.ones((1, 3))),
+        ShapeError,
+        "s ((3, 2)), y ((3, 2)) and decoys ((1, 3)) must be 2-D with the same width",
+    ),
+    (
+        "reencode-perm-not-a-permutation",
+        lambda: _reencode(perm=[0, 0, 1, 2]),
+        PermutationError,
+        "perm is not a permutation of 0..3",
+    ),
+    (
+        "reencode-too-few-rows",
+        lambda: _reencode(perm=[3, 0, 1, 2, 4]),
+        ShapeError,
+        "5 rows with 1 decoys: s and y need at least 4 rows",
+    ),
+    # s of 2 rows but 3 columns, y of 3: the rows of s are too few (not its width)
+    (
+        "reencode-s-rows-too-few",
+        lambda: _reencode(s=np.ones((2, 3)), perm_s=[0, 1], y=np.ones((3, 3)), decoys=np.ones((1, 3))),
+        ShapeError,
+        "4 rows with 1 decoys: s and y need at least 3 rows",
+    ),
+    (
+        "reencode-y-rows-too-few",
+        lambda: _reencode(s=np.ones((3, 3)), y=np.ones((2, 3)), perm_y=[0, 1], decoys=np.ones((1, 3))),
+        ShapeError,
+        "4 rows with 1 decoys: s and y need at least 3 rows",
+    ),
+    (
+        "reencode-perm-s-length",
+        lambda: _reencode(perm_s=[0, 1]),
+        PermutationError,
+        "perm_s must have length 3, got 2",
+    ),
+    (
+        "reencode-perm-y-length",
+        lambda: _reencode(perm_y=[0, 1]),
+        PermutationError,
+        "perm_y must have length 3, got 2",
+    ),
+    (
+        "reencode-perm-s-object-length",
+        lambda: _reencode(perm_s=Permutation([0, 1])),
+        PermutationError,
+        "perm_s must have length 3, got 2",
+    ),
+    # encode_head_rows
+    (
+        "head-rows-int-o",
+        lambda: _head_rows(o=np.ones((2, 4, 4), dtype=np.int64)),
+        DTypeError,
+        "o must be a floating-point array, got dtype int64",
+    ),
+    (
+        "head-rows-int-decoys",
+        lambda: _head_rows(decoys=np.ones((1, 16), dtype=np.int64)),
+        DTypeError,
+        "decoys must be a floating-point array, got dtype int64",
+    ),
+    (
+        "head-rows-nan-o",
+        lambda: _head_rows(o=np.full((2, 4, 4), np.nan)),
+        NonFiniteError,
+        "o and decoys holds NaN or Inf",
+    ),
+    (
+        "head-rows-perm-length",
+        lambda: _head_rows(perm=[0, 1]),
+        PermutationError,
+        "perm must have length 3, got 2",
+    ),
+    (
+        "head-rows-perm-object-length",
+        lambda: _head_rows(perm=Permutation([0, 1])),
+        PermutationError,
+        "perm must have length 3, got 2",
+    ),
+    (
+        "head-rows-not-a-head",
+        lambda: _head_rows(head="P"),
+        SCXError,
+        "head must be a HeadPermutation, got str",
+    ),
+    # decode_qkv_heads
+    (
+        "qkv-int-z",
+        lambda: _qkv(z=np.ones((3, _qkv_width()), dtype=np.int64)),
+        DTypeError,
+        "z must be a floating-point array, got dtype int64",
+    ),
+    ("qkv-perm-length", lambda: _qkv(perm=[0, 1]), PermutationError, "perm must have length 3, got 2"),
+    (
+        "qkv-inf-named",
+        lambda: _qkv(z=_with(np.ones((3, _qkv_width())), np.inf), name="qkv reply"),
+        NonFiniteError,
+        "qkv reply holds NaN or Inf in float64",
+    ),
+    ("qkv-not-a-head", lambda: _qkv(head=3), SCXError, "head must be a HeadPermutation, got int"),
+    (
+        "qkv-later-position-negative",
+        lambda: _qkv(positions=(0, -1)),
+        ShapeError,
+        "positions must be >= 0, got -1",
+    ),
+    (
+        "qkv-positions-ragged",
+        lambda: _qkv(positions=[[0], [1, 2]]),
+        ShapeError,
+        "positions must be a rectangular array, got nested sequences of different lengths",
+    ),
+    # the shared helpers, through their callers
+    (
+        "decode-0d-rows",
+        lambda: transforms.decode_rows(np.array(1.0), [0], 0),
+        ShapeError,
+        "the array must have at least one dimension (rows)",
+    ),
+    (
+        "decode-perm-object-length",
+        lambda: transforms.decode_rows(np.ones((3, 2)), Permutation([0, 1]), 1),
+        PermutationError,
+        "perm must have length 3, got 2",
+    ),
+    (
+        "stacked-sizes-int",
+        lambda: transforms.head_permute_stacked(
+            np.ones((1, 2, 2)),
+            HeadPermutation.identity(1, 2),
+            5,  # type: ignore[arg-type]
+        ),
+        ShapeError,
+        "group_sizes must be a tuple of integers, got int",
+    ),
+]
+
+test_fused_refusals_are_whole = refusal_test(FUSED_REFUSALS)
+
+
+def test_decode_qkv_heads_takes_positions_of_any_shape_and_no_name_tests_nothing() -> None:
+    """Positions are read flat (a (1, n) array is n positions), and without ``name`` a non-finite reply
+    is decoded, not refused (the caller tests it elsewhere; with a name it is refused, above)."""
+    flat = _qkv()
+    for got, want in zip(_qkv(positions=np.array([[0, 1]])), flat, strict=True):
+        assert np.array_equal(got, want)
+    with np.errstate(invalid="ignore"):  # RoPE of inf: inf·0 is NaN
+        q_k, v = _qkv(z=_with(np.ones((3, _qkv_width())), np.inf))
+    assert not np.isfinite(q_k).all() and np.isfinite(v).all()
+
+
+def test_a_head_permutation_of_group_size_zero_has_an_empty_index() -> None:
+    """``flat_index`` takes group sizes >= 0: size 0 is the empty index (no heads in that block)."""
+    p = HeadPermutation.identity(2, 3)
+    assert p.flat_index(0).shape == (0,) and p.flat_index(0, inverse=True).shape == (0,)
