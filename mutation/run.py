@@ -366,6 +366,7 @@ def run_mutmut(
         "load": list(load),
         "cpu": cpu,
         "rerun": len(names) if resume else None,
+        "max_children": max_children,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **({"unforked": True} if unforked else {}),
     }
@@ -521,6 +522,20 @@ def _cell(text: str) -> str:
     return "`" + text.replace("|", "\\|").replace("`", "'") + "`" if text else ""
 
 
+def _children(outcomes: Sequence[Outcome], max_children: int) -> str:
+    """The ``--max-children`` of the mutmut runs a report covers, as each run recorded it: a
+    ``--report-only`` invocation's own value is not theirs. ``max_children`` only where no run is listed."""
+    recorded = [r.get("max_children") for o in outcomes for r in o.runs]
+    if not recorded:
+        return f"`--max-children {max_children}`"
+    known = sorted({int(c) for c in recorded if c is not None})
+    parts = [f"`--max-children {c}`" for c in known]
+    missing = sum(c is None for c in recorded)
+    if missing:
+        parts.append(f"`--max-children` not recorded for {missing} run(s)")
+    return ", ".join(parts)
+
+
 def write_report(
     outcomes: Sequence[Outcome], path: Path, command: str, max_children: int, wall_s: float, commit: str
 ) -> None:
@@ -537,7 +552,7 @@ def write_report(
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- mutmut {version('mutmut')}, hypothesis {version('hypothesis')},"
         f" Python {platform.python_version()}, Hypothesis profile `{HYPOTHESIS_PROFILE}`",
-        f"- machine: {os.cpu_count()} CPUs, mutmut `--max-children {max_children}`",
+        f"- machine: {os.cpu_count()} CPUs, mutmut {_children(outcomes, max_children)}",
         (
             f"- wall time: {wall_s / 60:.1f} min; mutmut runs {total_s / 60:.1f} min (per module below),"
             " the rest re-checks the 'killed by' tests"

@@ -55,3 +55,24 @@ def test_report_row_counts_confirmed_outside_kills(
     assert f"| {M}2 |  | `tests/other.py::t` | survived | yes |" in text
     assert f"| {M}3 |  | `t2` | survived | **NO** |" in text
     assert "### Surviving, not explained (1)" in text
+
+
+def test_report_names_the_runs_own_max_children(
+    outcome: run.Outcome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``--report-only`` invocation's ``--max-children`` (its default, the CPU count) was printed as the
+    runs': the header now reads what each run recorded, and says where a run recorded none."""
+    monkeypatch.setattr(run, "_source_of", lambda target: "the current source")
+    monkeypatch.setattr(run, "version", lambda package: "0")
+    path = tmp_path / "REPORT.md"
+    outcome.runs = [{"seconds": 60.0, "load": [1.0, 1.0], "cpu": 1.0, "date": "d", "max_children": 1}]
+    run.write_report([outcome], path, "python -m mutation.run demo --report-only", 2, 60.0, "abc1234")
+    assert "mutmut `--max-children 1`\n" in path.read_text(encoding="utf-8")
+    outcome.runs.append({"seconds": 1.0, "load": [1.0, 1.0], "cpu": 1.0, "date": "d", "rerun": 1})
+    run.write_report([outcome], path, "python -m mutation.run demo --report-only", 2, 60.0, "abc1234")
+    assert "mutmut `--max-children 1`, `--max-children` not recorded for 1 run(s)\n" in path.read_text(
+        encoding="utf-8"
+    )
+    outcome.runs = []  # no runs read (as in the test above): this invocation's value
+    run.write_report([outcome], path, "python -m mutation.run demo", 2, 60.0, "abc1234")
+    assert "mutmut `--max-children 2`\n" in path.read_text(encoding="utf-8")
