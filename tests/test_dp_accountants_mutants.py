@@ -8,8 +8,10 @@ predicted composed size with the size dp_accounting composes (count 2, two group
 two *different* remove/add PMFs, never put a size exactly at a limit (the composed-size limit, dp_accounting's
 sparse limit, the suggestion search's own check), never followed the suggestion search past its first guess
 or to its last try, never fed the sparse → dense shortcut a 2-value or an asymmetric PLD, never read the
-discretization slack of an ε that is a multiple of h (or within the documented 1e-9·h of one), and never
-asked the PLD for releases whose Σ ε is past the float64 range with an explicit interval."""
+discretization slack of an ε that is a multiple of h (or within the documented 1e-9·h above one), and never
+asked the PLD for releases whose Σ ε is past the float64 range with an explicit interval. Writing the slack's
+tests found a bug: a positive ε up to 1e-9·h was read as float noise above the multiple 0 (slack 0), though
+the PLD rounds it up to h."""
 
 from __future__ import annotations
 
