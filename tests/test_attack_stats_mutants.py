@@ -91,3 +91,13 @@ def test_an_attack_exactly_at_the_baselines_upper_bound_is_at_the_baseline() -> 
     assert wilson(5, 5)[1] == 1.0
     assert at_baseline(Rate(1, 1), Rate(5, 5))
     assert not at_baseline(Rate(1, 1), Rate(4, 5))  # the control: below every-token the bound is < 1
+
+
+def test_the_prior_guesses_as_many_tokens_as_it_is_given() -> None:
+    """``bag_hits(truth, guesses)`` judges the prior's best bag of ``guesses`` tokens, not of len(truth): with
+    the public text 1 1 1 2 2 3, one guess is token 1 (one hit of 1 2 3), none hits nothing, and three (the
+    default, len(truth)) hit all three."""
+    prior = FrequencyPrior([1, 1, 1, 2, 2, 3], 5)
+    assert prior.bag_hits([1, 2, 3]) == 3
+    assert prior.bag_hits([1, 2, 3], guesses=1) == 1
+    assert prior.bag_hits([1, 2, 3], guesses=0) == 0
