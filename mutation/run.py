@@ -475,11 +475,11 @@ def verify(outcome: Outcome) -> None:
 
 
 def _commit() -> str:
-    """The checked-out commit, with "+ local changes" when tracked files (other than the report) differ."""
+    """The checked-out commit, with "+ local changes" when tracked files (other than the reports) differ."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if head.returncode != 0:
         return "unknown"
-    status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!mutation/REPORT.md"]
+    status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!mutation/REPORT*.md"]
     dirty = subprocess.run(status, cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return head.stdout.strip() + (" + local changes" if dirty else "")
 
