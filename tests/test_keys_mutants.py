@@ -23,6 +23,7 @@ from scx_ref.errors import KeyScheduleError, SessionError
 from scx_ref.keys import KeySchedule, KeyStream, NonceClaims, hkdf_sha256
 
 from .refusals import Refusal, refusal_test
+from .test_key_cache_bound import _Tracked  # counts the permutation streams a schedule opens
 
 MASTER, NONCE = bytes(range(1, 33)), bytes(range(16))
 KEY = bytes(range(32))
@@ -155,29 +156,17 @@ def test_the_permutation_memo_keeps_exactly_the_most_recently_used(monkeypatch: 
     assert again is not first[labels[0]] and np.array_equal(again, first[labels[0]])
 
 
-class _Counted(KeySchedule):
-    """A schedule that counts the permutation streams it opens (one per derivation of a permutation)."""
-
-    def __init__(self, master: bytes, nonce: bytes) -> None:
-        super().__init__(master, nonce)
-        self.derivations = 0
-
-    def stream(self, label: keys_module.Label) -> KeyStream:
-        self.derivations += len(label) >= 2 and label[-2] == "perm"
-        return super().stream(label)
-
-
 def test_a_memoised_permutation_is_derived_once() -> None:
     """Asking for the same (label, n) again returns the memoised array without deriving it again (a
     derivation is O(n) hashing: a generation re-reads the last guard blocks' ρ every step)."""
-    ks = _Counted(MASTER, NONCE)
+    ks = _Tracked(MASTER, NONCE)
     first = ks.permutation(("rho", 2), 64)
-    assert ks.derivations == 1
+    assert ks.derived[("rho", 2)] == 1
     for _ in range(3):
         assert ks.permutation(("rho", 2), 64) is first
-    assert ks.derivations == 1
+    assert ks.derived[("rho", 2)] == 1
     ks.permutation(("rho", 2), 65)  # another size is another permutation
-    assert ks.derivations == 2
+    assert ks.derived[("rho", 2)] == 2
 
 
 class _CountingShake:
