@@ -160,6 +160,7 @@ def prepare(target: Target) -> Path:
             f"pytest_add_cli_args = {_toml_list(pytest_args)}",
             f"pytest_add_cli_args_test_selection = {_toml_list(target.tests)}",
             "use_git_change_detection = false",
+            f"process_isolation = {json.dumps(target.isolation)}",
             "",
         ]
     )

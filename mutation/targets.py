@@ -10,6 +10,12 @@ is being rewritten: its survivors are then reported but not triaged. Every targe
 
 ``deselect``: selected tests left out for time (a module's mutants run its covering tests once each, so one
 slow test costs minutes); each is named with the faster test that exercises the same code.
+
+``isolation``: mutmut's ``process_isolation``, the process each mutant's worker is forked from. ``fork`` (the
+default): mutmut's own process, which has run the whole selection to learn which tests call which function.
+``forkserver``: a clean process that has only imported and collected the tests. A module whose tests start
+gRPC needs it: a process forked after gRPC has run aborts in gRPC's poller or hangs (stop 84, measured on an
+in-process ``scx serve``), while one forked from a process that has only imported gRPC serves and connects.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ class Target:
     tests: tuple[str, ...]
     deselect: tuple[str, ...] = ()
     explained: bool = True
+    isolation: str = "fork"
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ("fork", "forkserver"):
+            raise ValueError(f"{self.name}: isolation must be 'fork' or 'forkserver', got {self.isolation!r}")
 
 
 TARGETS: tuple[Target, ...] = (
@@ -550,5 +561,47 @@ TARGETS: tuple[Target, ...] = (
             # plaintext, test_hardened_preset_is_exact_and_its_view_has_no_clear_stage client attention
             "tests/test_hardened.py::test_every_option_is_exact_in_float64",
         ),
+    ),
+    Target(
+        "service",
+        "scx_ref/service/service.py",
+        (
+            "tests/test_service_hostile.py",
+            "tests/test_service_eviction_and_shutdown.py",
+            "tests/test_service_slow_reader_and_dtypes.py",
+            "tests/test_service_tls_pair_message.py",
+            "tests/test_serve_per_peer_cap.py",
+            "tests/test_serve_options_greeting_bounds.py",
+            "tests/test_server_request_snapshot.py",
+            "tests/test_remote_wide_s70.py",
+            "tests/test_remote_transport_hostile_server.py",
+            "tests/test_remote_transport_lifecycle.py",
+            "tests/test_size_caps.py",
+            "tests/test_real_checks.py",
+            "tests/test_cli_args.py",
+            "tests/test_cli_serve.py",
+        ),
+        deselect=(
+            # 6-7 s each: `scx bench --serve` runs its server in a subprocess, where no mutant is recorded as
+            # called; the in-process service's start, refusals and shutdown are the selected files' tests
+            "tests/test_cli_serve.py::test_bench_serve_warms_up_untimed_and_shows_progress",
+            "tests/test_cli_serve.py::test_bench_serve_stops_its_server_when_a_run_fails",
+        ),
+        isolation="forkserver",
+    ),
+    Target(
+        "remote",
+        "scx_ref/service/remote.py",
+        (
+            "tests/test_remote_transport_hostile_server.py",
+            "tests/test_remote_transport_lifecycle.py",
+            "tests/test_remote_wide_s70.py",
+            "tests/test_service_hostile.py",
+            "tests/test_service_slow_reader_and_dtypes.py",
+            "tests/test_serve_per_peer_cap.py",
+            "tests/test_size_caps.py",
+            "tests/test_client_prefill_after_dead_link.py",
+        ),
+        isolation="forkserver",
     ),
 )
