@@ -580,6 +580,7 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_real_checks.py",
             "tests/test_cli_args.py",
             "tests/test_cli_serve.py",
+            "tests/test_service_mutants.py",
         ),
         deselect=(
             # 6-7 s each: `scx bench --serve` runs its server in a subprocess, where no mutant is recorded as

@@ -1,19 +1,22 @@
-"""An ``scx serve`` service in the test's own process, and a bounded wait on a condition, for the tests of
-the service against hostile peers."""
+"""An ``scx serve`` service in the test's own process, a raw session stream to it, and a bounded wait on a
+condition, for the tests of the service against hostile peers."""
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from scx_ref.backends import NumpyBackend
 from scx_ref.protocol import Server
-from scx_ref.service.service import SCXService, ServeOptions
+from scx_ref.protocol.messages import Request
+from scx_ref.service.codec import FrameKind, decode, encode_hello, encode_request
+from scx_ref.service.service import METHOD, SCXService, ServeOptions
 
 from .tiny import tiny_weights
 
@@ -69,3 +72,54 @@ def grpc_stub(handler: Callable[[Any, Any], Any], workers: int = 2) -> tuple[Any
     url = f"scx://127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
     server.start()
     return server, url
+
+
+class RawStream:
+    """A raw gRPC session stream: frames put on ``send`` go out, replies are collected in ``replies``;
+    while nothing is queued it sends a hello every 0.2 s, so the stream is never idle (its session can be)."""
+
+    def __init__(self, address: str) -> None:
+        import grpc
+
+        self.channel = grpc.insecure_channel(address)
+        self.send: queue.Queue[bytes | None] = queue.Queue()
+        self.replies: list[bytes] = []
+        self.call = self.channel.stream_stream(METHOD)(self._frames())
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _frames(self) -> Iterator[bytes]:
+        while True:
+            try:
+                item = self.send.get(timeout=0.2)
+            except queue.Empty:
+                item = encode_hello({"client": "keepalive"})
+            if item is None:
+                return
+            yield item
+
+    def _read(self) -> None:
+        import grpc
+
+        try:
+            for data in self.call:
+                self.replies.append(data)
+        except grpc.RpcError:  # the stream ended (the server shut down, or we cancelled it)
+            pass
+
+    def request(self, req: Request) -> Any:
+        """Send ``req`` and return its answer frame (the first non-hello frame after it)."""
+        before = len(self.replies)
+        self.send.put(encode_request(req))
+
+        def answered() -> bool:
+            return any(decode(r).kind is not FrameKind.HELLO for r in self.replies[before:])
+
+        wait_for(answered, f"the answer to {req.stage.value}")
+        return next(f for f in map(decode, self.replies[before:]) if f.kind is not FrameKind.HELLO)
+
+    def close(self) -> None:
+        self.send.put(None)
+        self.call.cancel()
+        self.channel.close()
+        self.reader.join(30)

@@ -12,10 +12,7 @@ Waits are bounded loops on a condition; the one bound on time is that a shutdown
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,67 +25,16 @@ from scx_ref.protocol import Server  # noqa: E402
 from scx_ref.protocol.messages import Request  # noqa: E402
 from scx_ref.service.codec import (  # noqa: E402
     FrameKind,
-    decode,
-    encode_hello,
-    encode_request,
     reply_from,
 )
-from scx_ref.service.service import METHOD  # noqa: E402
 from scx_ref.stages import Stage  # noqa: E402
 
-from .services import InProcess, wait_for  # noqa: E402
+from .services import InProcess, RawStream, wait_for  # noqa: E402
 from .tiny import tiny_weights  # noqa: E402
 
 OPEN_META = {"n": 4, "r1": 1, "r2": 1, "r_lock": 1, "l_s": 1, "l_e": 1, "max_length": 16, "level": "paper"}
 SID = "ab" * 16
 GRACE = 30.0  # seconds a shutdown may wait for open sessions; one with none left must end well inside it
-
-
-class _RawStream:
-    """A raw gRPC session stream: frames put on ``send`` go out, replies are collected in ``replies``;
-    while nothing is queued it sends a hello every 0.2 s, so the stream is never idle (its session can be)."""
-
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
-        self.send: queue.Queue[bytes | None] = queue.Queue()
-        self.replies: list[bytes] = []
-        self.call = self.channel.stream_stream(METHOD)(self._frames())
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _frames(self) -> Iterator[bytes]:
-        while True:
-            try:
-                item = self.send.get(timeout=0.2)
-            except queue.Empty:
-                item = encode_hello({"client": "keepalive"})
-            if item is None:
-                return
-            yield item
-
-    def _read(self) -> None:
-        try:
-            for data in self.call:
-                self.replies.append(data)
-        except grpc.RpcError:  # the stream ended (the server shut down, or we cancelled it)
-            pass
-
-    def request(self, req: Request) -> Any:
-        """Send ``req`` and return its answer frame (the first non-hello frame after it)."""
-        before = len(self.replies)
-        self.send.put(encode_request(req))
-
-        def answered() -> bool:
-            return any(decode(r).kind is not FrameKind.HELLO for r in self.replies[before:])
-
-        wait_for(answered, f"the answer to {req.stage.value}")
-        return next(f for f in map(decode, self.replies[before:]) if f.kind is not FrameKind.HELLO)
-
-    def close(self) -> None:
-        self.send.put(None)
-        self.call.cancel()
-        self.channel.close()
-        self.reader.join(30)
 
 
 def _stop_seconds(srv: InProcess) -> float:
@@ -116,7 +62,7 @@ def test_evict_idle_sessions_names_what_it_evicted() -> None:
 
 def test_shutdown_does_not_wait_for_a_session_the_idle_sweep_evicted() -> None:
     srv = InProcess(idle_timeout=1.0, grace=GRACE)
-    link = _RawStream(srv.address)
+    link = RawStream(srv.address)
     try:
         assert reply_from(link.request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))).meta["token"]
         assert _stream_ids(srv) == [{SID}]
@@ -141,7 +87,7 @@ class _NoSweep(Server[Any]):
 
 def test_shutdown_does_not_wait_for_a_session_evicted_on_access() -> None:
     srv = InProcess(_NoSweep, idle_timeout=1.0, grace=GRACE)
-    link = _RawStream(srv.address)
+    link = RawStream(srv.address)
     try:
         opened = reply_from(link.request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META)))
         token = opened.meta["token"]

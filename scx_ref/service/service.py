@@ -333,6 +333,20 @@ class SCXService:
         self._grpc = grpc.aio.server(handlers=[handler], options=options)
         address = f"{opts.host}:{opts.port}"
         try:
+            if opts.ops_port is not None:  # bound before the gRPC port: a failure leaves nothing listening
+                ops_address = f"{opts.host}:{opts.ops_port}"
+                try:
+                    self._start_http(opts.ops_port)
+                except OSError as exc:
+                    reason = exc.strerror or str(exc)
+                    raise ServiceError(f"cannot listen on {ops_address} (ops port): {reason}") from None
+            # the batching loop's state exists before the first message can arrive
+            self._mid_wake = asyncio.Event()
+            self._stopped = asyncio.Event()
+            self._mid_task = asyncio.get_running_loop().create_task(self._mid_loop())
+            self._idle_task = asyncio.get_running_loop().create_task(self._idle_loop())
+            # the gRPC port is bound last, just before serving starts: gRPC closes a bound port only once
+            # its server has started (a server stopped before starting kept listening, stop 84)
             try:
                 if opts.tls_cert is not None and opts.tls_key is not None:
                     with open(opts.tls_key, "rb") as fk, open(opts.tls_cert, "rb") as fc:
@@ -348,18 +362,6 @@ class SCXService:
                     f"cannot listen on {address}: address in use or not an address of this host"
                     + (", or the TLS certificate and key are not a matching PEM pair" if tls else "")
                 )
-            if opts.ops_port is not None:  # bound before serving starts: a failure leaves nothing running
-                ops_address = f"{opts.host}:{opts.ops_port}"
-                try:
-                    self._start_http(opts.ops_port)
-                except OSError as exc:
-                    reason = exc.strerror or str(exc)
-                    raise ServiceError(f"cannot listen on {ops_address} (ops port): {reason}") from None
-            # the batching loop's state exists before the first message can arrive
-            self._mid_wake = asyncio.Event()
-            self._stopped = asyncio.Event()
-            self._mid_task = asyncio.get_running_loop().create_task(self._mid_loop())
-            self._idle_task = asyncio.get_running_loop().create_task(self._idle_loop())
             await self._grpc.start()
         except BaseException:
             await self._abort_start()

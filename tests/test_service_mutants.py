@@ -1,0 +1,194 @@
+"""``scx serve`` in the test's own process, for what the service's mutation target (``mutation/targets.py``,
+``service``) found no in-process test of: the graceful shutdown (before only a subprocess test ran it, which
+the target cannot see), a start that fails leaving nothing listening, a refusal's log line, metric and
+sequence number, and ``unbracketed``.
+
+Waits are bounded loops on a condition; the only bounds on time are that a shutdown with no session left ends
+well inside its grace, and that one with a session left open waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from typing import Any
+
+import pytest
+
+grpc = pytest.importorskip("grpc")
+pytest.importorskip("prometheus_client")
+
+from scx_ref.errors import ServiceError  # noqa: E402
+from scx_ref.protocol.messages import Request  # noqa: E402
+from scx_ref.service.codec import FrameKind, reply_from  # noqa: E402
+from scx_ref.service.service import METHOD, SCXService, ServeOptions, unbracketed  # noqa: E402
+from scx_ref.stages import Stage  # noqa: E402
+
+from .services import InProcess, RawStream, wait_for  # noqa: E402
+
+OPEN_META = {"n": 4, "r1": 1, "r2": 1, "r_lock": 1, "l_s": 1, "l_e": 1, "max_length": 16, "level": "paper"}
+SID = "ab" * 16
+GRACE = 30.0
+
+
+@pytest.mark.parametrize(
+    ("host", "bare"),
+    [
+        ("[::1]", "::1"),
+        ("[fe80::1]", "fe80::1"),
+        ("[]", ""),
+        ("[::1", "[::1"),  # one bracket: as it is
+        ("::1]", "::1]"),
+        ("::1", "::1"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_unbracketed_drops_only_a_pair_of_brackets(host: str, bare: str) -> None:
+    assert unbracketed(host) == bare
+
+
+def _refused(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "scx.serve"]
+    return [e for e in events if e["event"] == "refused"]
+
+
+def test_a_refusal_answers_its_seq_and_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    """A message for a session this stream did not open: an error frame naming the error class and the
+    message's seq; one ``refused`` log line with the stage, seq, class and message; one count of the class."""
+    srv = InProcess()
+    link = RawStream(srv.address)
+    try:
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            answer = link.request(Request(SID, Stage.CLOSE, -1, -1, 7, {}, {}, "t" * 20))
+            assert answer.kind is FrameKind.ERROR
+            assert answer.header["error"] == "SessionError" and answer.header["seq"] == 7
+            assert "is not open on this connection" in answer.header["message"]
+            wait_for(lambda: bool(_refused(caplog)), "the refusal's log line")
+        (event,) = _refused(caplog)
+        assert event == {
+            "event": "refused",
+            "stage": "close",
+            "seq": 7,
+            "error": "SessionError",
+            "message": answer.header["message"],
+        }
+        text = srv.service.metrics.text().decode()
+        assert 'scx_errors_total{cls="SessionError"} 1.0' in text
+        assert 'scx_messages_total{stage="close"} 1.0' in text
+    finally:
+        link.close()
+        srv.stop()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _open(link: RawStream) -> str:
+    token: str = reply_from(link.request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))).meta["token"]
+    return token
+
+
+def test_shutdown_lets_an_open_session_finish_refuses_new_streams_then_closes_the_port(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``stop`` with a session open: draining is logged with the sessions and grace; a new stream is refused
+    as the server shutting down; the open session's next message is still answered; once it closes, the
+    shutdown ends well inside its grace and nothing listens on the port any more."""
+    srv = InProcess(grace=GRACE)
+    link = RawStream(srv.address)
+    late: Any = None
+    try:
+        token = _open(link)
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            t0 = time.monotonic()
+            stopping = asyncio.run_coroutine_threadsafe(srv.service.stop(), srv.loop)
+            wait_for(lambda: srv.service.draining, "the service draining")
+            events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "scx.serve"]
+        (draining,) = [e for e in events if e["event"] == "draining"]
+        assert draining == {"event": "draining", "sessions": 1, "grace": GRACE}
+        late = grpc.insecure_channel(srv.address)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(late.stream_stream(METHOD)(iter([b"x"]), timeout=30))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in refused.value.details()
+        assert not stopping.done()  # waiting for the open session
+        answer = link.request(Request(SID, Stage.CLOSE, -1, -1, 1, {}, {}, token))
+        assert answer.kind is FrameKind.REPLY
+        stopping.result(GRACE)
+        assert time.monotonic() - t0 < GRACE / 2, "the shutdown waited for a session already closed"
+        assert srv.service.streams == set() or all(not s.sessions for s in srv.service.streams)
+        assert not _listening(srv.service.port), "the gRPC port still listens after the shutdown"
+    finally:
+        if late is not None:
+            late.close()
+        link.close()
+        srv.loop.call_soon_threadsafe(srv.loop.stop)
+        srv.thread.join(30)
+
+
+def test_a_session_left_open_is_waited_for_then_its_stream_is_ended() -> None:
+    """``stop`` with a session its client never closes: the session is still served a while into the
+    shutdown (its grace), then its stream ends and the shutdown finishes."""
+    grace = 3.0
+    srv = InProcess(grace=grace)
+    link = RawStream(srv.address)
+    try:
+        _open(link)
+        stopping = asyncio.run_coroutine_threadsafe(srv.service.stop(), srv.loop)
+        wait_for(lambda: srv.service.draining, "the service draining")
+        # a message inside the grace is answered: refused as a new session, on a stream still served
+        answer = link.request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
+        assert answer.kind is FrameKind.ERROR and "shutting down" in answer.header["message"]
+        assert not stopping.done()
+        stopping.result(60)
+        link.reader.join(30)
+        assert not link.reader.is_alive(), "the session's stream did not end with the shutdown"
+        wait_for(lambda: srv.server.sessions == {}, "the ended stream's session dropped")
+        assert not _listening(srv.service.port)
+    finally:
+        link.close()
+        srv.loop.call_soon_threadsafe(srv.loop.stop)
+        srv.thread.join(30)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("busy", ["grpc", "ops"])
+def test_a_start_that_fails_on_either_port_leaves_nothing_listening_or_running(busy: str) -> None:
+    """Start raises ServiceError naming the port it could not bind, and leaves neither port listening (before:
+    when the ops port was taken, the gRPC port bound before it kept listening: gRPC closes a bound port only
+    once its server has started), the ops port forgotten and the compute pool shut."""
+    from scx_ref.backends import NumpyBackend
+    from scx_ref.protocol import Server
+
+    from .tiny import tiny_weights
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy_port = int(taken.getsockname()[1])
+        other = _free_port()
+        grpc_port, ops_port = (busy_port, other) if busy == "grpc" else (other, busy_port)
+        opts = ServeOptions(port=grpc_port, ops_port=ops_port)
+        service = SCXService(Server(NumpyBackend(tiny_weights(3))), opts)
+
+        async def start() -> None:
+            await service.start()
+
+        with pytest.raises(ServiceError, match=f"cannot listen on 127.0.0.1:{busy_port}"):
+            asyncio.run(start())
+    assert not _listening(other), f"the {'ops' if busy == 'grpc' else 'gRPC'} port was left listening"
+    assert service.ops_port is None
+    with pytest.raises(RuntimeError, match="shutdown"):
+        service.pool.submit(int)
