@@ -22,8 +22,9 @@ grpc = pytest.importorskip("grpc")
 pytest.importorskip("prometheus_client")
 
 from scx_ref.errors import ServiceError  # noqa: E402
+from scx_ref.protocol import Server  # noqa: E402
 from scx_ref.protocol.messages import Request  # noqa: E402
-from scx_ref.service.codec import FrameKind, reply_from  # noqa: E402
+from scx_ref.service.codec import FrameKind, decode, encode_hello, encode_request, reply_from  # noqa: E402
 from scx_ref.service.service import METHOD, SCXService, ServeOptions, unbracketed  # noqa: E402
 from scx_ref.stages import Stage  # noqa: E402
 
@@ -170,7 +171,6 @@ def test_a_start_that_fails_on_either_port_leaves_nothing_listening_or_running(b
     when the ops port was taken, the gRPC port bound before it kept listening: gRPC closes a bound port only
     once its server has started), the ops port forgotten and the compute pool shut."""
     from scx_ref.backends import NumpyBackend
-    from scx_ref.protocol import Server
 
     from .tiny import tiny_weights
 
@@ -192,3 +192,113 @@ def test_a_start_that_fails_on_either_port_leaves_nothing_listening_or_running(b
     assert service.ops_port is None
     with pytest.raises(RuntimeError, match="shutdown"):
         service.pool.submit(int)
+
+
+class _BrokenBatch(Server[Any]):
+    """A protocol server whose cross-session batch of the middle blocks fails with a bug (not an SCXError)."""
+
+    def handle_batch(self, reqs: Any) -> Any:
+        raise RuntimeError("a bug in the batch")
+
+
+def test_a_batch_that_fails_with_a_bug_answers_each_message_with_an_internal_service_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A ``gen_mid`` batch raising something other than an SCXError: each waiting message is answered with
+    a ServiceError naming the exception's class (never its text), and the bug is logged with its traceback."""
+    from scx_ref.backends import NumpyBackend
+    from scx_ref.keys import KeySchedule
+    from scx_ref.protocol import Client, SCXConfig
+    from scx_ref.service.remote import RemoteTransport
+
+    from .tiny import tiny_weights
+
+    backend = NumpyBackend(tiny_weights(3))
+    srv = InProcess(_BrokenBatch, backend=backend, batch_rows=2)
+    link = RemoteTransport(srv.url, backend, timeout=20.0)
+    try:
+        client = Client(backend, KeySchedule.generate(), SCXConfig(level="paper"))
+        logits = client.prefill([3, 1, 4, 1, 5], link)
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            with pytest.raises(ServiceError) as failed:
+                client.decode(int(logits[-1].argmax()), link)
+            wait_for(lambda: any(r.exc_info for r in caplog.records), "the bug's log record")
+        assert str(failed.value) == "server: internal server error (RuntimeError)"
+        (record,) = [r for r in caplog.records if r.exc_info]
+        assert record.getMessage() == "internal error in a gen_mid batch" and record.levelno == logging.ERROR
+        assert record.exc_info is not None and record.exc_info[0] is RuntimeError
+        _, values = _samples(srv)  # the failed batch was one message's row
+        rows = {dict(k[1])["le"]: v for k, v in values.items() if k[0] == "scx_batch_rows_bucket"}
+        assert rows == {"1.0": 1.0, **{f"{b:.1f}": 1.0 for b in (2, 4, 8, 16, 32, 64, 128)}, "+Inf": 1.0}
+        assert values[("scx_batch_rows_count", ())] == 1.0 and values[("scx_batch_rows_sum", ())] == 1.0
+    finally:
+        link.close()
+        srv.stop()
+
+
+#: every metric family of the service (process_* aside): its type and help text, as /metrics shows them
+METRICS = {
+    "scx_sessions_open": ("gauge", "SCX sessions open"),
+    "scx_streams_open": ("gauge", "client streams open"),
+    "scx_messages": ("counter", "messages handled"),
+    "scx_bytes_received": ("counter", "frame bytes received"),
+    "scx_bytes_sent": ("counter", "frame bytes sent"),
+    "scx_errors": ("counter", "messages refused or failed, by error class"),
+    "scx_stage_seconds": ("histogram", "time from a message's arrival to its reply, by stage"),
+    "scx_batch_rows": ("histogram", "gen_mid rows per batch"),
+    "scx_sessions_evicted": (
+        "counter",
+        "sessions ended other than by their client's close (stream end, idle TTL)",
+    ),
+    "scx_draining": ("gauge", "1 while shutting down"),
+}
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def _samples(srv: InProcess) -> tuple[dict[str, Any], dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(srv.service.metrics.text().decode())}
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples
+    }
+    return families, values
+
+
+def test_metrics_count_each_stream_message_byte_refusal_and_eviction() -> None:
+    """``/metrics`` after one raw stream of a hello, an ``open`` and a message for a session the stream did
+    not open, which then ends: each family with its type and help; the frame bytes each way exactly; one
+    message per stage and its latency in the stage histogram's buckets; the refusal by class; the session
+    the stream's end took counted as evicted; nothing open and not draining."""
+    srv = InProcess()
+    channel = grpc.insecure_channel(srv.address)
+    try:
+        frames = [
+            encode_hello({"client": "metrics"}),
+            encode_request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META)),
+            encode_request(Request("cd" * 16, Stage.CLOSE, -1, -1, 1, {}, {}, "t" * 20)),
+        ]
+        replies = list(channel.stream_stream(METHOD)(iter(frames), timeout=30))
+        assert [decode(r).kind for r in replies] == [FrameKind.HELLO, FrameKind.REPLY, FrameKind.ERROR]
+        wait_for(lambda: not srv.service.streams and not srv.server.sessions, "the stream and session gone")
+        families, values = _samples(srv)
+        for name, (kind, doc) in METRICS.items():
+            assert (families[name].type, families[name].documentation) == (kind, doc), name
+        assert "process_resident_memory_bytes" in families
+        assert values[("scx_bytes_received_total", ())] == sum(map(len, frames))
+        assert values[("scx_bytes_sent_total", ())] == sum(map(len, replies))
+        for stage in ("hello", "open", "close"):
+            assert values[("scx_messages_total", (("stage", stage),))] == 1.0, stage
+            assert values[("scx_stage_seconds_count", (("stage", stage),))] == 1.0, stage
+        buckets = [k for k in values if k[0] == "scx_stage_seconds_bucket" and ("stage", "open") in k[1]]
+        les = [dict(labels)["le"] for _, labels in buckets]
+        assert les == [*(str(float(b)) for b in STAGE_BUCKETS), "+Inf"]
+        assert values[("scx_errors_total", (("cls", "SessionError"),))] == 1.0
+        errors = [k for k in values if k[0] == "scx_errors_total"]
+        assert errors == [("scx_errors_total", (("cls", "SessionError"),))]
+        assert values[("scx_sessions_evicted_total", ())] == 1.0
+        assert values[("scx_sessions_open", ())] == 0.0 and values[("scx_streams_open", ())] == 0.0
+        assert values[("scx_draining", ())] == 0.0
+    finally:
+        channel.close()
+        srv.stop()
