@@ -1,7 +1,7 @@
 """``scx serve`` in the test's own process, for what the service's mutation target (``mutation/targets.py``,
 ``service``) found no in-process test of: the graceful shutdown (before only a subprocess test ran it, which
 the target cannot see), a start that fails leaving nothing listening, a refusal's log line, metric and
-sequence number, and ``unbracketed``.
+sequence number, a failing batch, ``/metrics``, each ``ServeOptions`` refusal and bound, and ``unbracketed``.
 
 Waits are bounded loops on a condition; the only bounds on time are that a shutdown with no session left ends
 well inside its grace, and that one with a session left open waits for it.
@@ -14,25 +14,36 @@ import json
 import logging
 import socket
 import time
+from functools import partial
 from typing import Any
 
+import numpy as np
 import pytest
 
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("prometheus_client")
 
-from scx_ref.errors import ServiceError  # noqa: E402
+from scx_ref.errors import ConfigError, ServiceError  # noqa: E402
 from scx_ref.protocol import Server  # noqa: E402
 from scx_ref.protocol.messages import Request  # noqa: E402
-from scx_ref.service.codec import FrameKind, decode, encode_hello, encode_request, reply_from  # noqa: E402
+from scx_ref.service.codec import (  # noqa: E402
+    MAX_MESSAGE_BYTES,
+    FrameKind,
+    decode,
+    encode_hello,
+    encode_request,
+    reply_from,
+)
 from scx_ref.service.service import METHOD, SCXService, ServeOptions, unbracketed  # noqa: E402
 from scx_ref.stages import Stage  # noqa: E402
 
+from .refusals import Refusal, refusal_test  # noqa: E402
 from .services import InProcess, RawStream, wait_for  # noqa: E402
 
 OPEN_META = {"n": 4, "r1": 1, "r2": 1, "r_lock": 1, "l_s": 1, "l_e": 1, "max_length": 16, "level": "paper"}
 SID = "ab" * 16
 GRACE = 30.0
+TLS_PAIR = "TLS needs both a certificate (--tls-cert) and a key (--tls-key)"
 
 
 @pytest.mark.parametrize(
@@ -302,3 +313,133 @@ def test_metrics_count_each_stream_message_byte_refusal_and_eviction() -> None:
     finally:
         channel.close()
         srv.stop()
+
+
+_INT64 = 2**63 - 1
+SERVE_OPTION_REFUSALS: list[Refusal] = [
+    *(
+        (name, partial(ServeOptions, **{name: 0}), ConfigError, f"{name} must be >= 1, got 0")
+        for name in ("workers", "max_batch", "max_rows", "max_sessions_per_peer")
+    ),
+    *(
+        (name, partial(ServeOptions, **{name: 0}), ConfigError, f"{name} must lie in [1, {_INT64}], got 0")
+        for name in ("batch_rows", "max_sessions")
+    ),
+    (
+        "max_message_bytes-past-grpc",
+        partial(ServeOptions, max_message_bytes=MAX_MESSAGE_BYTES + 1),
+        ConfigError,
+        f"max_message_bytes must lie in [1, {MAX_MESSAGE_BYTES}], got {MAX_MESSAGE_BYTES + 1}",
+    ),
+    ("idle_timeout-0", partial(ServeOptions, idle_timeout=0), ConfigError, "idle_timeout must be > 0, got 0"),
+    ("grace-negative", partial(ServeOptions, grace=-1.5), ConfigError, "grace must be > 0, got -1.5"),
+    (
+        "grace-str",
+        partial(ServeOptions, grace="1"),
+        ConfigError,
+        "grace must be a real number, got str '1'",
+    ),
+    *(
+        (
+            f"{name}-65536",
+            partial(ServeOptions, **{name: 65536}),
+            ConfigError,
+            f"{name} must lie in [0, 65535], got 65536",
+        )
+        for name in ("port", "ops_port")
+    ),
+    (
+        "port-None",
+        partial(ServeOptions, port=None),
+        ConfigError,
+        "port must be an integer, got NoneType None",
+    ),
+    (
+        "per-peer-bool",
+        partial(ServeOptions, max_sessions_per_peer=True),
+        ConfigError,
+        "max_sessions_per_peer must be an integer, got bool True",
+    ),
+    *(
+        (f"only-{name}", partial(ServeOptions, **{name: "x.pem"}), ConfigError, TLS_PAIR)
+        for name in ("tls_cert", "tls_key")
+    ),
+    # the protocol server's own checks of the limits it shares
+    (
+        "max_decoys",
+        partial(ServeOptions, max_decoys=-1),
+        ConfigError,
+        "max_decoys must be an integer >= 1, got -1",
+    ),
+    (
+        "max_cache_bytes",
+        partial(ServeOptions, max_cache_bytes=0),
+        ConfigError,
+        "max_cache_bytes must be an integer >= 1, got 0",
+    ),
+]
+test_each_serve_option_refusal_names_its_option_and_bound = refusal_test(SERVE_OPTION_REFUSALS)
+
+
+def test_serve_options_take_their_bounds_store_python_numbers_and_share_their_limits() -> None:
+    """The lowest and highest values accepted; numpy numbers stored as Python int and float; ops_port None
+    kept; and the protocol server's limits are these options' values."""
+    low = ServeOptions(
+        workers=1,
+        max_batch=1,
+        max_rows=1,
+        batch_rows=1,
+        max_sessions=1,
+        max_sessions_per_peer=1,
+        max_message_bytes=1,
+        idle_timeout=1e-9,
+        grace=1e-9,
+        port=0,
+        ops_port=0,
+    )
+    assert (low.workers, low.max_batch, low.max_rows, low.batch_rows, low.max_sessions) == (1, 1, 1, 1, 1)
+    high = ServeOptions(
+        batch_rows=_INT64,
+        max_sessions=_INT64,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+        port=65535,
+        ops_port=None,
+        tls_cert="c.pem",
+        tls_key="k.pem",
+    )
+    assert (high.port, high.ops_port, high.max_message_bytes) == (65535, None, MAX_MESSAGE_BYTES)
+    o = ServeOptions(
+        workers=np.int64(3),
+        max_sessions_per_peer=np.int64(2),
+        port=np.int64(5),
+        ops_port=np.int64(6),
+        idle_timeout=np.float32(2),
+        grace=1,
+        max_rows=np.int32(7),
+        max_decoys=5,
+        max_cache_bytes=1 << 20,
+        max_message_bytes=1 << 16,
+        max_sessions=9,
+    )
+    stored = {
+        k: getattr(o, k)
+        for k in ("workers", "max_sessions_per_peer", "port", "ops_port", "idle_timeout", "grace", "max_rows")
+    }
+    assert stored == {
+        "workers": 3,
+        "max_sessions_per_peer": 2,
+        "port": 5,
+        "ops_port": 6,
+        "idle_timeout": 2.0,
+        "grace": 1.0,
+        "max_rows": 7,
+    }
+    assert [type(v) for v in stored.values()] == [int, int, int, int, float, float, int]
+    limits = o.server_limits()
+    assert (limits.max_sessions, limits.max_rows, limits.max_decoys, limits.max_message_bytes) == (
+        9,
+        7,
+        5,
+        1 << 16,
+    )
+    assert (limits.max_cache_bytes, limits.idle_ttl) == (1 << 20, 2.0) and type(limits.idle_ttl) is float
