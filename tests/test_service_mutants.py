@@ -13,7 +13,9 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -443,3 +445,94 @@ def test_serve_options_take_their_bounds_store_python_numbers_and_share_their_li
         1 << 16,
     )
     assert (limits.max_cache_bytes, limits.idle_ttl) == (1 << 20, 2.0) and type(limits.idle_ttl) is float
+
+
+def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "scx.serve"]
+    return [e for e in events if e["event"] == name]
+
+
+def _status(channel: Any, frames: list[bytes]) -> Any:
+    """The status a raw stream sending ``frames`` ends with (its replies read to the end)."""
+    with pytest.raises(grpc.RpcError) as ended:
+        list(channel.stream_stream(METHOD)(iter(frames), timeout=30))
+    return ended.value
+
+
+def test_a_stream_past_max_sessions_is_refused_counted_and_the_freed_place_is_taken_again() -> None:
+    """With ``max_sessions`` streams open, one more ends at once with RESOURCE_EXHAUSTED ("server full: N
+    sessions open") and one ServerFull count; once a stream ends, its place serves a new one."""
+    srv = InProcess(max_sessions=1)
+    first = RawStream(srv.address)
+    channel = grpc.insecure_channel(srv.address)
+    try:
+        wait_for(lambda: len(srv.service.streams) == 1, "the first stream")
+        status = _status(channel, [encode_hello({"client": "second"})])
+        assert status.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert status.details() == "server full: 1 sessions open"
+        _, values = _samples(srv)
+        assert values[("scx_errors_total", (("cls", "ServerFull"),))] == 1.0
+        assert values[("scx_streams_open", ())] == 1.0
+        first.close()
+        wait_for(lambda: not srv.service.streams, "the first stream's place freed")
+        replies = list(channel.stream_stream(METHOD)(iter([encode_hello({"client": "third"})]), timeout=30))
+        assert [decode(r).kind for r in replies] == [FrameKind.HELLO]
+    finally:
+        first.close()
+        channel.close()
+        srv.stop()
+
+
+def test_a_peer_over_its_cap_is_refused_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    srv = InProcess(max_sessions_per_peer=1)
+    first = RawStream(srv.address)
+    channel = grpc.insecure_channel(srv.address)
+    try:
+        wait_for(lambda: len(srv.service.streams) == 1, "the first stream")
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            status = _status(channel, [encode_hello({"client": "second"})])
+        assert status.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert status.details() == (
+            "server full for this address: 1 sessions open from it (--max-sessions-per-peer)"
+        )
+        (event,) = _events(caplog, "peer_full")
+        assert event["limit"] == 1 and event["peer"].startswith("ipv4:127.0.0.1:")
+        _, values = _samples(srv)
+        assert values[("scx_errors_total", (("cls", "PeerFull"),))] == 1.0
+        assert len(srv.service.streams) == 1 and srv.service._peer_handlers == {"ipv4:127.0.0.1": 1}
+    finally:
+        first.close()
+        channel.close()
+        wait_for(lambda: not srv.service._peer_handlers, "the peer's count gone with its streams")
+        srv.stop()
+
+
+def test_a_stream_idle_past_the_timeout_ends_with_deadline_exceeded(caplog: pytest.LogCaptureFixture) -> None:
+    """A stream whose client sends nothing for ``idle_timeout`` seconds ends with DEADLINE_EXCEEDED naming
+    the wait, an ``idle_timeout`` log line, and its session dropped."""
+    srv = InProcess(idle_timeout=0.5)
+    channel = grpc.insecure_channel(srv.address)
+    gate = threading.Event()
+
+    def frames() -> Iterator[bytes]:
+        yield encode_request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
+        gate.wait(60)  # then nothing: the stream stays open and idle
+
+    try:
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            call = channel.stream_stream(METHOD)(frames(), timeout=60)
+            assert decode(next(call)).kind is FrameKind.REPLY
+            with pytest.raises(grpc.RpcError) as ended:
+                next(call)
+            wait_for(lambda: bool(_events(caplog, "idle_timeout")), "the idle_timeout log line")
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert ended.value.details() == "no message for 0.5 s: session closed"
+        (event,) = _events(caplog, "idle_timeout")
+        assert event["seconds"] == 0.5 and event["peer"].startswith("ipv4:127.0.0.1:")
+        wait_for(
+            lambda: not srv.server.sessions and not srv.service.streams, "the idle stream's session dropped"
+        )
+    finally:
+        gate.set()
+        channel.close()
+        srv.stop()
