@@ -53,7 +53,7 @@ def test_a_wide_float32_session_over_the_wire_equals_the_local_one(
     nonce = bytes([i + 1]) * 16  # one per configuration: the server refuses a reused nonce
     remote = Client(b, KeySchedule(MASTER, nonce), cfg)
     assert remote.wide  # β = 5 > float32's limit: the blinded stages travel in float64
-    with RemoteTransport(served.url, b) as link:
+    with RemoteTransport(served.url, b, timeout=20.0) as link:
         got = remote.generate(PROMPT, 4, link)
     local_b = NumpyBackend(tiny_weights(3).astype(np.float32), np.float32)
     local = Client(local_b, KeySchedule(MASTER, nonce), cfg)
@@ -65,7 +65,7 @@ def test_a_wide_requests_reply_must_travel_as_float64(served: InProcess) -> None
     """A server answering a wide request in float32 is refused before the reply is widened (after it, the
     client's own check would see float64 and could not tell the rounding)."""
     b = NumpyBackend(tiny_weights(3).astype(np.float32), np.float32)
-    link = RemoteTransport(served.url, b)
+    link = RemoteTransport(served.url, b, timeout=20.0)
     try:
         wide = Request("ab" * 16, Stage.QKV, 0, -1, 1, {}, {"wide": True})
         narrow = Request("ab" * 16, Stage.QKV, 0, -1, 1, {}, {})
