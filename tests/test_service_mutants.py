@@ -65,9 +65,14 @@ def test_unbracketed_drops_only_a_pair_of_brackets(host: str, bare: str) -> None
     assert unbracketed(host) == bare
 
 
+def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
+    """The service's structured log lines (JSON) of event ``name``; other records (a bug's) are skipped."""
+    records = [r for r in caplog.records if r.name == "scx.serve" and r.exc_info is None]
+    return [e for e in map(json.loads, (r.getMessage() for r in records)) if e["event"] == name]
+
+
 def _refused(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "scx.serve"]
-    return [e for e in events if e["event"] == "refused"]
+    return _events(caplog, "refused")
 
 
 def test_a_refusal_answers_its_seq_and_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
@@ -124,8 +129,7 @@ def test_shutdown_lets_an_open_session_finish_refuses_new_streams_then_closes_th
             t0 = time.monotonic()
             stopping = asyncio.run_coroutine_threadsafe(srv.service.stop(), srv.loop)
             wait_for(lambda: srv.service.draining, "the service draining")
-            events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "scx.serve"]
-        (draining,) = [e for e in events if e["event"] == "draining"]
+        (draining,) = _events(caplog, "draining")
         assert draining == {"event": "draining", "sessions": 1, "grace": GRACE}
         late = grpc.insecure_channel(srv.address)
         with pytest.raises(grpc.RpcError) as refused:
@@ -159,7 +163,11 @@ def test_a_session_left_open_is_waited_for_then_its_stream_is_ended() -> None:
         wait_for(lambda: srv.service.draining, "the service draining")
         # a message inside the grace is answered: refused as a new session, on a stream still served
         answer = link.request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
-        assert answer.kind is FrameKind.ERROR and "shutting down" in answer.header["message"]
+        assert answer.kind is FrameKind.ERROR
+        assert (answer.header["error"], answer.header["message"]) == (
+            "ServiceError",
+            "server is shutting down: new sessions are refused",
+        )
         assert not stopping.done()
         stopping.result(60)
         link.reader.join(30)
@@ -447,11 +455,6 @@ def test_serve_options_take_their_bounds_store_python_numbers_and_share_their_li
     assert (limits.max_cache_bytes, limits.idle_ttl) == (1 << 20, 2.0) and type(limits.idle_ttl) is float
 
 
-def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
-    events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "scx.serve"]
-    return [e for e in events if e["event"] == name]
-
-
 def _status(channel: Any, frames: list[bytes]) -> Any:
     """The status a raw stream sending ``frames`` ends with (its replies read to the end)."""
     with pytest.raises(grpc.RpcError) as ended:
@@ -535,4 +538,43 @@ def test_a_stream_idle_past_the_timeout_ends_with_deadline_exceeded(caplog: pyte
     finally:
         gate.set()
         channel.close()
+        srv.stop()
+
+
+class _BrokenOpen(Server[Any]):
+    """A protocol server whose ``open`` fails with a bug (not an SCXError)."""
+
+    def _open(self, req: Request) -> Any:
+        raise KeyError("a bug in open")
+
+
+def test_a_stage_that_fails_with_a_bug_answers_an_internal_service_error_and_serves_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stage raising something other than an SCXError: the message is answered with a ServiceError naming
+    the exception's class only, with its seq; the bug is logged with its traceback and the stage; the stream
+    serves its next message and no session is left behind."""
+    srv = InProcess(_BrokenOpen)
+    link = RawStream(srv.address)
+    try:
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            answer = link.request(Request(SID, Stage.OPEN, -1, -1, 3, {}, OPEN_META))
+            wait_for(lambda: any(r.exc_info for r in caplog.records), "the bug's log record")
+        assert answer.kind is FrameKind.ERROR
+        assert (answer.header["error"], answer.header["message"], answer.header["seq"]) == (
+            "ServiceError",
+            "internal server error (KeyError)",
+            3,
+        )
+        (record,) = [r for r in caplog.records if r.exc_info]
+        assert record.getMessage() == "internal error in stage open" and record.levelno == logging.ERROR
+        assert record.exc_info is not None and record.exc_info[0] is KeyError
+        (event,) = _refused(caplog)
+        assert (event["stage"], event["seq"], event["error"]) == ("open", 3, "ServiceError")
+        assert srv.server.sessions == {}
+        assert all(not s.sessions and not s.busy for s in srv.service.streams)
+        again = link.request(Request(SID, Stage.CLOSE, -1, -1, 4, {}, {}, "t" * 20))
+        assert again.header["error"] == "SessionError"  # served; the failed open opened nothing
+    finally:
+        link.close()
         srv.stop()
