@@ -578,3 +578,24 @@ def test_a_stage_that_fails_with_a_bug_answers_an_internal_service_error_and_ser
     finally:
         link.close()
         srv.stop()
+
+
+def test_a_gen_mid_message_the_server_refuses_in_a_batch_is_answered_with_its_own_error() -> None:
+    """A ``gen_mid`` message with a wrong token, computed in a cross-session batch: its answer is the
+    server's own refusal (SessionError, its seq), and the session and stream go on."""
+    srv = InProcess(batch_rows=2)
+    link = RawStream(srv.address)
+    try:
+        _open(link)
+        x = np.zeros((1, srv.backend.config.hidden_size))
+        answer = link.request(Request(SID, Stage.GEN_MID, 1, 0, 5, {"x": x}, {}, "x" * 20))
+        assert answer.kind is FrameKind.ERROR
+        assert (answer.header["error"], answer.header["message"], answer.header["seq"]) == (
+            "SessionError",
+            "unknown session or invalid session token",
+            5,
+        )
+        assert list(srv.server.sessions) == [SID]
+    finally:
+        link.close()
+        srv.stop()
