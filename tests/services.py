@@ -23,14 +23,14 @@ from .tiny import tiny_weights
 
 class InProcess:
     """An SCXService over a ``server_cls`` protocol server (``backend``, by default tests/tiny.py's model,
-    seed 3, numpy float64) on an event loop in a background thread, on a free port: ``url`` for a
-    RemoteTransport, ``address`` for a raw gRPC channel."""
+    seed 3, numpy float64) on an event loop in a background thread, on a free port (no ops listener unless
+    ``ops_port`` is given): ``url`` for a RemoteTransport, ``address`` for a raw gRPC channel."""
 
     def __init__(
         self, server_cls: type[Server[Any]] = Server, backend: NumpyBackend | None = None, **options: Any
     ) -> None:
         self.backend = NumpyBackend(tiny_weights(3)) if backend is None else backend
-        opts = ServeOptions(port=0, ops_port=None, **options)
+        opts = ServeOptions(**{"port": 0, "ops_port": None, **options})
         self.server = server_cls(self.backend, limits=opts.server_limits(), batch_rows=opts.batch_rows)
         self.service = SCXService(self.server, opts)
         self.loop = asyncio.new_event_loop()

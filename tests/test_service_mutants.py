@@ -599,3 +599,88 @@ def test_a_gen_mid_message_the_server_refuses_in_a_batch_is_answered_with_its_ow
     finally:
         link.close()
         srv.stop()
+
+
+def _get(port: int, path: str) -> tuple[int, str, bytes]:
+    """(status, Content-Type, body) of an HTTP GET of ``path`` on the ops port."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.getheader("Content-Length") == str(len(body))
+        return resp.status, str(resp.getheader("Content-Type")), body
+    finally:
+        conn.close()
+
+
+def test_the_ops_port_serves_health_metrics_and_not_found_quietly(capfd: pytest.CaptureFixture[str]) -> None:
+    """``/health``: 200 and JSON with the status, the open sessions and streams and the greeting's fields,
+    503 and ``draining`` once a shutdown starts; ``/metrics``: the Prometheus text; anything else 404 naming
+    the two paths. No request is logged to stderr (``http.server`` logs each one by default)."""
+    srv = InProcess(ops_port=0, grace=GRACE)
+    ops = srv.service.ops_port
+    assert ops
+    link = RawStream(srv.address)
+    try:
+        status, ctype, body = _get(ops, "/health")
+        assert (status, ctype) == (200, "application/json")
+        assert json.loads(body) == {"status": "serving", "sessions": 0, "streams": 1, **srv.service.info}
+        token = _open(link)
+        assert json.loads(_get(ops, "/health")[2])["sessions"] == 1
+        status, ctype, body = _get(ops, "/metrics")
+        assert (status, ctype) == (200, "text/plain; version=0.0.4")
+        assert b"scx_sessions_open 1.0" in body and b"# TYPE scx_messages_total counter" in body
+        assert _get(ops, "/nothing") == (404, "text/plain", b"not found: /health, /metrics\n")
+        stopping = asyncio.run_coroutine_threadsafe(srv.service.stop(), srv.loop)
+        wait_for(lambda: srv.service.draining, "the service draining")
+        status, ctype, body = _get(ops, "/health")
+        assert (status, ctype, json.loads(body)["status"]) == (503, "application/json", "draining")
+        link.request(Request(SID, Stage.CLOSE, -1, -1, 1, {}, {}, token))
+        stopping.result(GRACE)
+        assert not _listening(ops), "the ops port still listens after the shutdown"
+    finally:
+        link.close()
+        srv.loop.call_soon_threadsafe(srv.loop.stop)
+        srv.thread.join(30)
+    assert capfd.readouterr().err == ""
+
+
+def test_the_ops_listener_takes_the_address_family_of_its_host() -> None:
+    """An IPv6 address gets an IPv6 HTTP server (``http.server``'s own is IPv4 only); an IPv4 one the
+    plain class."""
+    from http.server import ThreadingHTTPServer
+
+    from scx_ref.service.service import _ops_server_class
+
+    assert _ops_server_class("127.0.0.1") is ThreadingHTTPServer
+    v6 = _ops_server_class("::1")
+    assert issubclass(v6, ThreadingHTTPServer) and v6.address_family == socket.AF_INET6
+
+
+def test_stop_after_a_start_that_failed_on_its_grpc_port_stops_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A start refused on its gRPC port (the ops listener already up, then shut) leaves a service whose
+    stop finishes without error and marks it stopped."""
+    from scx_ref.backends import NumpyBackend
+
+    from .tiny import tiny_weights
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        opts = ServeOptions(port=int(taken.getsockname()[1]), ops_port=0)
+        service = SCXService(Server(NumpyBackend(tiny_weights(3))), opts)
+
+        async def start_then_stop() -> None:
+            with pytest.raises(ServiceError, match="cannot listen on"):
+                await service.start()
+            await service.stop()
+            await service.wait_stopped()
+
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            asyncio.run(start_then_stop())
+    assert len(_events(caplog, "stopped")) == 1 and service.ops_port is None
