@@ -147,8 +147,7 @@ def test_shutdown_lets_an_open_session_finish_refuses_new_streams_then_closes_th
         if late is not None:
             late.close()
         link.close()
-        srv.loop.call_soon_threadsafe(srv.loop.stop)
-        srv.thread.join(30)
+        srv.stop()  # nothing more if the test's own stop finished
 
 
 def test_a_session_left_open_is_waited_for_then_its_stream_is_ended() -> None:
@@ -176,8 +175,7 @@ def test_a_session_left_open_is_waited_for_then_its_stream_is_ended() -> None:
         assert not _listening(srv.service.port)
     finally:
         link.close()
-        srv.loop.call_soon_threadsafe(srv.loop.stop)
-        srv.thread.join(30)
+        srv.stop()  # nothing more if the test's own stop finished
 
 
 def _free_port() -> int:
@@ -616,7 +614,7 @@ def _get(port: int, path: str) -> tuple[int, str, bytes]:
         conn.close()
 
 
-def test_the_ops_port_serves_health_metrics_and_not_found_quietly(capfd: pytest.CaptureFixture[str]) -> None:
+def test_the_ops_port_serves_health_metrics_and_not_found_quietly(capsys: pytest.CaptureFixture[str]) -> None:
     """``/health``: 200 and JSON with the status, the open sessions and streams and the greeting's fields,
     503 and ``draining`` once a shutdown starts; ``/metrics``: the Prometheus text; anything else 404 naming
     the two paths. No request is logged to stderr (``http.server`` logs each one by default)."""
@@ -625,6 +623,7 @@ def test_the_ops_port_serves_health_metrics_and_not_found_quietly(capfd: pytest.
     assert ops
     link = RawStream(srv.address)
     try:
+        wait_for(lambda: len(srv.service.streams) == 1, "the stream registered")
         status, ctype, body = _get(ops, "/health")
         assert (status, ctype) == (200, "application/json")
         assert json.loads(body) == {"status": "serving", "sessions": 0, "streams": 1, **srv.service.info}
@@ -643,9 +642,8 @@ def test_the_ops_port_serves_health_metrics_and_not_found_quietly(capfd: pytest.
         assert not _listening(ops), "the ops port still listens after the shutdown"
     finally:
         link.close()
-        srv.loop.call_soon_threadsafe(srv.loop.stop)
-        srv.thread.join(30)
-    assert capfd.readouterr().err == ""
+        srv.stop()  # nothing more if the test's own stop finished
+    assert capsys.readouterr().err == ""
 
 
 def test_the_ops_listener_takes_the_address_family_of_its_host() -> None:
@@ -684,3 +682,35 @@ def test_stop_after_a_start_that_failed_on_its_grpc_port_stops_cleanly(
         with caplog.at_level(logging.INFO, logger="scx.serve"):
             asyncio.run(start_then_stop())
     assert len(_events(caplog, "stopped")) == 1 and service.ops_port is None
+
+
+def test_a_stalled_ops_client_does_not_hold_up_the_shutdown(capsys: pytest.CaptureFixture[str]) -> None:
+    """The ops listener runs in a daemon thread named ``scx-ops``, and its request threads are daemons too:
+    a client that opened a connection to the ops port and never finished its request does not keep the
+    shutdown waiting for it (``http.server`` joins non-daemon request threads when it closes). When that
+    client then goes, its request is answered into a closed connection: nothing is printed (before, the
+    BrokenPipeError's traceback on stderr)."""
+    srv = InProcess(ops_port=0, grace=0.5)
+    ops = srv.service.ops_port
+    assert ops
+    (thread,) = [t for t in threading.enumerate() if t.name == "scx-ops"]
+    assert thread.daemon
+    stalled = socket.create_connection(("127.0.0.1", ops), timeout=30)
+    try:
+        stalled.sendall(b"GET /health HTTP/1.1\r\n")  # and never the rest
+        assert _get(ops, "/health")[0] == 200  # served beside the stalled one
+        stopping = asyncio.run_coroutine_threadsafe(srv.service.stop(), srv.loop)
+        stopping.result(GRACE)  # before: the close waited for the stalled request's thread
+        thread.join(30)
+        assert not thread.is_alive()
+        assert not _listening(ops)
+        stalled.close()
+
+        def answered() -> bool:
+            return not any("process_request" in t.name for t in threading.enumerate())
+
+        wait_for(answered, "the stalled request answered")
+        assert capsys.readouterr().err == ""
+    finally:
+        stalled.close()
+        srv.stop()  # nothing more if the test's own stop finished

@@ -714,11 +714,15 @@ class SCXService:
                     self._send(404, "text/plain", b"not found: /health, /metrics\n")
 
             def _send(self, code: int, ctype: str, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # the client went away: nothing to answer
+                    # (http.server printed a traceback to stderr, beside the service's JSON log lines)
+                    _event("ops_client_gone", logging.DEBUG, path=self.path)
 
             def log_message(self, format: str, *args: Any) -> None:
                 return None
