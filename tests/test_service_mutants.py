@@ -25,7 +25,7 @@ import pytest
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("prometheus_client")
 
-from scx_ref.errors import ConfigError, ServiceError  # noqa: E402
+from scx_ref.errors import ConfigError, ProtocolError, ServiceError  # noqa: E402
 from scx_ref.protocol import Server  # noqa: E402
 from scx_ref.protocol.messages import Request  # noqa: E402
 from scx_ref.service.codec import (  # noqa: E402
@@ -714,3 +714,104 @@ def test_a_stalled_ops_client_does_not_hold_up_the_shutdown(capsys: pytest.Captu
     finally:
         stalled.close()
         srv.stop()  # nothing more if the test's own stop finished
+
+
+def test_stop_before_start_does_nothing() -> None:
+    from scx_ref.backends import NumpyBackend
+
+    from .tiny import tiny_weights
+
+    service = SCXService(Server(NumpyBackend(tiny_weights(3))), ServeOptions(port=0, ops_port=None))
+    asyncio.run(service.stop())
+    assert not service.draining and not service.closing
+
+
+def test_a_message_in_flight_when_the_grace_ends_is_answered_then_its_stream_closed() -> None:
+    """An ``open`` still computing when the shutdown's grace ends (no session open yet, so no wait): the
+    shutdown waits for it, its reply reaches the client, and the stream then ends with UNAVAILABLE "server is
+    shutting down"; the scx_draining gauge reads 1 meanwhile; once stopped no task of the service is left
+    on its event loop."""
+    from .test_service_hostile import Gate, gated_server
+
+    gate = Gate()
+    gate.stage = "open"
+    srv = InProcess(gated_server(gate), grace=0.2)
+    channel = grpc.insecure_channel(srv.address)
+    sent = threading.Event()
+
+    def frames() -> Iterator[bytes]:
+        yield encode_request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
+        sent.wait(60)  # then nothing more from this client
+
+    try:
+        call = channel.stream_stream(METHOD)(frames(), timeout=60)
+        assert gate.entered.wait(30)
+        stopping = asyncio.run_coroutine_threadsafe(srv.service.stop(), srv.loop)
+        wait_for(lambda: srv.service.closing, "the grace over")
+        assert _samples(srv)[1][("scx_draining", ())] == 1.0
+        assert not stopping.done()  # waiting for the message in flight
+        gate.release.set()
+        assert decode(next(call)).kind is FrameKind.REPLY
+        with pytest.raises(grpc.RpcError) as ended:
+            next(call)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ended.value.details() == "server is shutting down"
+        stopping.result(GRACE)
+
+        async def pending() -> list[str]:
+            me = asyncio.current_task()
+            return [repr(t) for t in asyncio.all_tasks() if t is not me and not t.done()]
+
+        assert asyncio.run_coroutine_threadsafe(pending(), srv.loop).result(30) == []
+    finally:
+        gate.release.set()
+        sent.set()
+        channel.close()
+        srv.stop()
+
+
+def test_a_silent_stream_does_not_hold_up_the_shutdown_after_its_grace() -> None:
+    """A client that opened a session and then sends nothing (its stream idle, far from ``idle_timeout``):
+    once the grace is over the shutdown ends the stream and finishes, long before the idle timeout."""
+    srv = InProcess(grace=0.5)  # idle_timeout 300 s
+    channel = grpc.insecure_channel(srv.address)
+    sent = threading.Event()
+
+    def frames() -> Iterator[bytes]:
+        yield encode_request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
+        sent.wait(120)
+
+    try:
+        call = channel.stream_stream(METHOD)(frames(), timeout=120)
+        assert decode(next(call)).kind is FrameKind.REPLY
+        asyncio.run_coroutine_threadsafe(srv.service.stop(), srv.loop).result(GRACE)
+        with pytest.raises(grpc.RpcError):
+            next(call)
+        wait_for(lambda: not srv.server.sessions, "the silent stream's session dropped")
+    finally:
+        sent.set()
+        channel.close()
+        srv.stop()
+
+
+class _LongRefusal(Server[Any]):
+    """A protocol server whose ``open`` is refused with a message of 400 characters."""
+
+    def _open(self, req: Request) -> Any:
+        raise ProtocolError("x" * 400)
+
+
+def test_a_refusals_log_line_holds_the_first_300_characters_of_its_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    srv = InProcess(_LongRefusal)
+    link = RawStream(srv.address)
+    try:
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            answer = link.request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
+            wait_for(lambda: bool(_refused(caplog)), "the refusal's log line")
+        assert (answer.header["error"], answer.header["message"]) == ("ProtocolError", "x" * 400)
+        assert _refused(caplog)[0]["message"] == "x" * 300
+    finally:
+        link.close()
+        srv.stop()
