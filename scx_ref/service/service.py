@@ -32,7 +32,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Collection
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -635,20 +635,19 @@ class SCXService:
             await asyncio.sleep(period)
             gone = self.server.evict_idle_sessions()
             if gone:
-                self._forget(gone)
+                self._forget()
                 self.metrics.sessions.set(len(self.server.sessions))
                 _event("idle_evicted", sessions=len(gone))
 
-    def _forget(self, gone: Collection[str] | None = None) -> None:
-        """Drop from every stream's sessions the ids of sessions the server no longer holds — of those in
-        ``gone`` (evicted by :meth:`Server.evict_idle_sessions`) or, when None, of all (a session evicted
-        on access or to make room) — so a shutdown does not wait for them; the streams stay open. An id the
-        server holds again (its nonce long forgotten, opened anew) is kept."""
+    def _forget(self) -> None:
+        """Drop from every stream's sessions the ids of sessions the server no longer holds — evicted by the
+        idle sweep, on access or to make room for an ``open`` — so a shutdown does not wait for them and a
+        message for one is refused as not open on its stream; the streams stay open. An id the server holds
+        again (its nonce long forgotten, opened anew) is kept."""
         held = self.server.sessions
         for stream in list(self.streams):
             with stream.lock:
-                ids = stream.sessions if gone is None else gone
-                stream.sessions.difference_update([sid for sid in ids if sid not in held])
+                stream.sessions.difference_update([sid for sid in stream.sessions if sid not in held])
 
     # -- cross-session batching of the middle blocks ---------------------------------------------
     async def _submit_mid(self, req: Request, stream: _Stream) -> bytes:
