@@ -643,7 +643,7 @@ def test_the_ops_port_serves_health_metrics_and_not_found_quietly(capsys: pytest
     finally:
         link.close()
         srv.stop()  # nothing more if the test's own stop finished
-    assert capsys.readouterr().err == ""
+    assert '"GET /' not in capsys.readouterr().err  # http.server's request log line
 
 
 def test_the_ops_listener_takes_the_address_family_of_its_host() -> None:
@@ -710,7 +710,8 @@ def test_a_stalled_ops_client_does_not_hold_up_the_shutdown(capsys: pytest.Captu
             return not any("process_request" in t.name for t in threading.enumerate())
 
         wait_for(answered, "the stalled request answered")
-        assert capsys.readouterr().err == ""
+        err = capsys.readouterr().err  # (another test's log handler may write there: not read whole)
+        assert "Exception occurred during processing of request" not in err and "BrokenPipeError" not in err
     finally:
         stalled.close()
         srv.stop()  # nothing more if the test's own stop finished

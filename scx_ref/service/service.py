@@ -310,6 +310,7 @@ class SCXService:
         self._mid_task: asyncio.Task[None] | None = None
         self._idle_task: asyncio.Task[None] | None = None
         self._stopped: asyncio.Event | None = None
+        self._closing: asyncio.Event | None = None  # set with ``closing``: wakes the streams awaiting frames
         self.port = 0
         self.ops_port: int | None = None
 
@@ -343,6 +344,7 @@ class SCXService:
             # the batching loop's state exists before the first message can arrive
             self._mid_wake = asyncio.Event()
             self._stopped = asyncio.Event()
+            self._closing = asyncio.Event()
             self._mid_task = asyncio.get_running_loop().create_task(self._mid_loop())
             self._idle_task = asyncio.get_running_loop().create_task(self._idle_loop())
             # the gRPC port is bound last, just before serving starts: gRPC closes a bound port only once
@@ -385,8 +387,9 @@ class SCXService:
 
     async def stop(self) -> None:
         """Graceful shutdown: refuse new sessions, give open ones ``grace`` seconds, let in-flight
-        messages finish, then close the listeners. A second call while one runs waits for it: one
-        shutdown."""
+        messages finish and their replies go out, end every stream with UNAVAILABLE ("server is shutting
+        down"), then close the listeners. A stream whose reply its client does not read is cancelled after
+        at most max(5, grace) more seconds. A second call while one runs waits for it: one shutdown."""
         if self._stopped is None or self._stopped.is_set():
             return
         if self.draining:  # a shutdown is already running (a second signal, a second caller): wait for it
@@ -403,10 +406,14 @@ class SCXService:
                 break
             await asyncio.sleep(0.05)
         self.closing = True
+        assert self._closing is not None
+        self._closing.set()  # each stream ends itself, after the reply of a message in flight
         end = loop.time() + max(5.0, self.opts.grace)
-        while self.inflight and loop.time() < end:
+        while (self.inflight or self.streams) and loop.time() < end:
             await asyncio.sleep(0.01)
-        await self._grpc.stop(0)
+        # every stream ended itself: a grace lets their statuses go out (it ends as soon as they have); one
+        # still open (its reply not read) is cancelled at once
+        await self._grpc.stop(1.0 if not self.streams else 0)
         if self._mid_task is not None:
             self._mid_task.cancel()
         if self._idle_task is not None:
@@ -453,37 +460,35 @@ class SCXService:
         self._peer_handlers[stream.host] = self._peer_handlers.get(stream.host, 0) + 1
         it = requests.__aiter__()
         try:
+            assert self._closing is not None
             while not self.closing:
-                try:
-                    data = await asyncio.wait_for(it.__anext__(), timeout=self.opts.idle_timeout)
-                except StopAsyncIteration:
-                    break
-                except asyncio.TimeoutError:
+                # the next frame, or the shutdown's end of the grace, whichever comes first
+                frame = asyncio.ensure_future(it.__anext__())
+                frame.add_done_callback(_quiet)  # its end is read below, or not at all (cancelled, closing)
+                closing = asyncio.ensure_future(self._closing.wait())
+                done, _ = await asyncio.wait(
+                    {frame, closing}, timeout=self.opts.idle_timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                closing.cancel()
+                if frame not in done or self.closing:
+                    frame.cancel()
+                    if self.closing:
+                        break
                     _event("idle_timeout", peer=stream.peer, seconds=self.opts.idle_timeout)
                     await context.abort(
                         grpc.StatusCode.DEADLINE_EXCEEDED,
                         f"no message for {self.opts.idle_timeout:g} s: session closed",
                     )
-                out = await self._message(stream, data)
-                # not wait_for: a write held by flow control does not end when cancelled, so wait_for's
-                # wait for the cancelled write would never end either. Left pending (below, or when this
-                # stream is cancelled) it fails once the client goes: _quiet takes that error.
-                write = asyncio.ensure_future(context.write(out))
-                write.add_done_callback(_quiet)
-                done, _ = await asyncio.wait({write}, timeout=self.opts.idle_timeout)
-                if not done:
-                    _event("reply_not_read", peer=stream.peer, seconds=self.opts.idle_timeout)
-                    self._release(stream)  # now: the status below waits behind the unread reply
-                    try:
-                        await context.abort(
-                            grpc.StatusCode.DEADLINE_EXCEEDED,
-                            f"reply not read for {self.opts.idle_timeout:g} s: session closed",
-                        )
-                    except grpc.aio.AbortError:
-                        raise
-                    except Exception:  # the client went away before the status could reach it
+                try:
+                    data = frame.result()
+                except StopAsyncIteration:
+                    break
+                self.inflight += 1  # until its reply is written: a shutdown waits for that too
+                try:
+                    if not await self._reply(context, stream, data):
                         return
-                write.result()  # the client gone meanwhile: gRPC's error, as a yield would have raised it
+                finally:
+                    self.inflight -= 1
             if self.closing:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         finally:
@@ -491,6 +496,34 @@ class SCXService:
             if left:
                 self._peer_handlers[stream.host] = left
             self._release(stream)
+
+    async def _reply(self, context: Any, stream: _Stream, data: bytes) -> bool:
+        """Answer one frame of ``stream``: compute its answer and write it. When the client does not take
+        the answer within ``idle_timeout`` seconds the stream ends (released now, its status sent if the
+        client is still there): False, nothing more is read from it."""
+        import grpc
+
+        out = await self._message(stream, data)
+        # not wait_for: a write held by flow control does not end when cancelled, so wait_for's wait for the
+        # cancelled write would never end either. Left pending (below, or when this stream is cancelled) it
+        # fails once the client goes: _quiet takes that error.
+        write = asyncio.ensure_future(context.write(out))
+        write.add_done_callback(_quiet)
+        done, _ = await asyncio.wait({write}, timeout=self.opts.idle_timeout)
+        if not done:
+            _event("reply_not_read", peer=stream.peer, seconds=self.opts.idle_timeout)
+            self._release(stream)  # now: the status below waits behind the unread reply
+            try:
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"reply not read for {self.opts.idle_timeout:g} s: session closed",
+                )
+            except grpc.aio.AbortError:
+                raise
+            except Exception:  # the client went away before the status could reach it
+                return False
+        write.result()  # the client gone meanwhile: gRPC's error, as a yield would have raised it
+        return True
 
     def _release(self, stream: _Stream) -> None:
         """The stream is over for the service: its sessions go (:meth:`_end_stream`) and its place under
@@ -539,7 +572,6 @@ class SCXService:
         self.metrics.bytes_in.inc(len(data))
         stage = "invalid"
         seq = -1
-        self.inflight += 1
         try:
             frame = decode(data, self.limits)
             if frame.kind is FrameKind.HELLO:
@@ -576,8 +608,6 @@ class SCXService:
         except Exception as exc:  # a bug: log it (no arrays), answer a generic error
             log.exception("internal error in stage %s", stage)
             out = self._error(ServiceError(f"internal server error ({type(exc).__name__})"), stage, seq)
-        finally:
-            self.inflight -= 1
         seconds = time.perf_counter() - t0
         self.metrics.messages.labels(stage).inc()
         self.metrics.latency.labels(stage).observe(seconds)
