@@ -684,7 +684,9 @@ def test_stop_after_a_start_that_failed_on_its_grpc_port_stops_cleanly(
     assert len(_events(caplog, "stopped")) == 1 and service.ops_port is None
 
 
-def test_a_stalled_ops_client_does_not_hold_up_the_shutdown(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_stalled_ops_client_does_not_hold_up_the_shutdown(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     """The ops listener runs in a daemon thread named ``scx-ops``, and its request threads are daemons too:
     a client that opened a connection to the ops port and never finished its request does not keep the
     shutdown waiting for it (``http.server`` joins non-daemon request threads when it closes). When that
@@ -696,6 +698,7 @@ def test_a_stalled_ops_client_does_not_hold_up_the_shutdown(capsys: pytest.Captu
     (thread,) = [t for t in threading.enumerate() if t.name == "scx-ops"]
     assert thread.daemon
     stalled = socket.create_connection(("127.0.0.1", ops), timeout=30)
+    caplog.set_level(logging.DEBUG, logger="scx.serve")
     try:
         stalled.sendall(b"GET /health HTTP/1.1\r\n")  # and never the rest
         assert _get(ops, "/health")[0] == 200  # served beside the stalled one
@@ -712,6 +715,7 @@ def test_a_stalled_ops_client_does_not_hold_up_the_shutdown(capsys: pytest.Captu
         wait_for(answered, "the stalled request answered")
         err = capsys.readouterr().err  # (another test's log handler may write there: not read whole)
         assert "Exception occurred during processing of request" not in err and "BrokenPipeError" not in err
+        assert _events(caplog, "ops_client_gone") == [{"event": "ops_client_gone", "path": "/health"}]
     finally:
         stalled.close()
         srv.stop()  # nothing more if the test's own stop finished
@@ -816,3 +820,23 @@ def test_a_refusals_log_line_holds_the_first_300_characters_of_its_message(
     finally:
         link.close()
         srv.stop()
+
+
+def test_the_ops_thread_is_a_daemon_whichever_thread_starts_the_service() -> None:
+    """Started from the main thread (as ``scx serve`` starts it), the ops listener's thread is still a
+    daemon: it cannot keep the process alive after the service is gone."""
+    from scx_ref.backends import NumpyBackend
+
+    from .tiny import tiny_weights
+
+    service = SCXService(Server(NumpyBackend(tiny_weights(3))), ServeOptions(port=0, ops_port=0))
+    seen: list[bool] = []
+
+    async def run() -> None:
+        await service.start()
+        seen.extend(t.daemon for t in threading.enumerate() if t.name == "scx-ops")
+        await service.stop()
+
+    assert threading.current_thread() is threading.main_thread()
+    asyncio.run(run())
+    assert seen == [True]
