@@ -40,8 +40,16 @@ class InProcess:
         self.address = f"127.0.0.1:{self.service.port}"
         self.url = f"scx://{self.address}"
 
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.service.stop(), self.loop).result(120)
+    def stop(self, bound: float = 120.0) -> None:
+        """Stop the service (nothing more if it has stopped already), waiting at most ``bound`` seconds
+        (TimeoutError then), then its loop. A short bound keeps a shutdown that hangs (a mutant's) from
+        holding the test run up."""
+        try:
+            asyncio.run_coroutine_threadsafe(self.service.stop(), self.loop).result(bound)
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
         self.loop.close()

@@ -100,7 +100,7 @@ def test_a_refusal_answers_its_seq_and_is_logged_and_counted(caplog: pytest.LogC
         assert 'scx_messages_total{stage="close"} 1.0' in text
     finally:
         link.close()
-        srv.stop()
+        srv.stop(bound=15)
 
 
 def _listening(port: int) -> bool:
@@ -147,7 +147,7 @@ def test_shutdown_lets_an_open_session_finish_refuses_new_streams_then_closes_th
         if late is not None:
             late.close()
         link.close()
-        srv.stop()  # nothing more if the test's own stop finished
+        srv.stop(bound=15)  # nothing more if the test's own stop finished
 
 
 def test_a_session_left_open_is_waited_for_then_its_stream_is_ended() -> None:
@@ -168,14 +168,14 @@ def test_a_session_left_open_is_waited_for_then_its_stream_is_ended() -> None:
             "server is shutting down: new sessions are refused",
         )
         assert not stopping.done()
-        stopping.result(60)
+        stopping.result(GRACE)
         link.reader.join(30)
         assert not link.reader.is_alive(), "the session's stream did not end with the shutdown"
         wait_for(lambda: srv.server.sessions == {}, "the ended stream's session dropped")
         assert not _listening(srv.service.port)
     finally:
         link.close()
-        srv.stop()  # nothing more if the test's own stop finished
+        srv.stop(bound=15)  # nothing more if the test's own stop finished
 
 
 def _free_port() -> int:
@@ -252,7 +252,7 @@ def test_a_batch_that_fails_with_a_bug_answers_each_message_with_an_internal_ser
         assert values[("scx_batch_rows_count", ())] == 1.0 and values[("scx_batch_rows_sum", ())] == 1.0
     finally:
         link.close()
-        srv.stop()
+        srv.stop(bound=15)
 
 
 #: every metric family of the service (process_* aside): its type and help text, as /metrics shows them
@@ -320,7 +320,7 @@ def test_metrics_count_each_stream_message_byte_refusal_and_eviction() -> None:
         assert values[("scx_draining", ())] == 0.0
     finally:
         channel.close()
-        srv.stop()
+        srv.stop(bound=15)
 
 
 _INT64 = 2**63 - 1
@@ -481,7 +481,7 @@ def test_a_stream_past_max_sessions_is_refused_counted_and_the_freed_place_is_ta
     finally:
         first.close()
         channel.close()
-        srv.stop()
+        srv.stop(bound=15)
 
 
 def test_a_peer_over_its_cap_is_refused_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
@@ -505,7 +505,7 @@ def test_a_peer_over_its_cap_is_refused_logged_and_counted(caplog: pytest.LogCap
         first.close()
         channel.close()
         wait_for(lambda: not srv.service._peer_handlers, "the peer's count gone with its streams")
-        srv.stop()
+        srv.stop(bound=15)
 
 
 def test_a_stream_idle_past_the_timeout_ends_with_deadline_exceeded(caplog: pytest.LogCaptureFixture) -> None:
@@ -536,7 +536,7 @@ def test_a_stream_idle_past_the_timeout_ends_with_deadline_exceeded(caplog: pyte
     finally:
         gate.set()
         channel.close()
-        srv.stop()
+        srv.stop(bound=15)
 
 
 class _BrokenOpen(Server[Any]):
@@ -575,7 +575,7 @@ def test_a_stage_that_fails_with_a_bug_answers_an_internal_service_error_and_ser
         assert again.header["error"] == "SessionError"  # served; the failed open opened nothing
     finally:
         link.close()
-        srv.stop()
+        srv.stop(bound=15)
 
 
 def test_a_gen_mid_message_the_server_refuses_in_a_batch_is_answered_with_its_own_error() -> None:
@@ -596,7 +596,7 @@ def test_a_gen_mid_message_the_server_refuses_in_a_batch_is_answered_with_its_ow
         assert list(srv.server.sessions) == [SID]
     finally:
         link.close()
-        srv.stop()
+        srv.stop(bound=15)
 
 
 def _get(port: int, path: str) -> tuple[int, str, bytes]:
@@ -642,7 +642,7 @@ def test_the_ops_port_serves_health_metrics_and_not_found_quietly(capsys: pytest
         assert not _listening(ops), "the ops port still listens after the shutdown"
     finally:
         link.close()
-        srv.stop()  # nothing more if the test's own stop finished
+        srv.stop(bound=15)  # nothing more if the test's own stop finished
     assert '"GET /' not in capsys.readouterr().err  # http.server's request log line
 
 
@@ -718,7 +718,7 @@ def test_a_stalled_ops_client_does_not_hold_up_the_shutdown(
         assert _events(caplog, "ops_client_gone") == [{"event": "ops_client_gone", "path": "/health"}]
     finally:
         stalled.close()
-        srv.stop()  # nothing more if the test's own stop finished
+        srv.stop(bound=15)  # nothing more if the test's own stop finished
 
 
 def test_stop_before_start_does_nothing() -> None:
@@ -772,7 +772,7 @@ def test_a_message_in_flight_when_the_grace_ends_is_answered_then_its_stream_clo
         gate.release.set()
         sent.set()
         channel.close()
-        srv.stop()
+        srv.stop(bound=15)
 
 
 def test_a_silent_stream_does_not_hold_up_the_shutdown_after_its_grace() -> None:
@@ -796,7 +796,7 @@ def test_a_silent_stream_does_not_hold_up_the_shutdown_after_its_grace() -> None
     finally:
         sent.set()
         channel.close()
-        srv.stop()
+        srv.stop(bound=15)
 
 
 class _LongRefusal(Server[Any]):
@@ -819,7 +819,7 @@ def test_a_refusals_log_line_holds_the_first_300_characters_of_its_message(
         assert _refused(caplog)[0]["message"] == "x" * 300
     finally:
         link.close()
-        srv.stop()
+        srv.stop(bound=15)
 
 
 def test_the_ops_thread_is_a_daemon_whichever_thread_starts_the_service() -> None:
