@@ -790,8 +790,11 @@ def test_a_silent_stream_does_not_hold_up_the_shutdown_after_its_grace() -> None
         call = channel.stream_stream(METHOD)(frames(), timeout=120)
         assert decode(next(call)).kind is FrameKind.REPLY
         asyncio.run_coroutine_threadsafe(srv.service.stop(), srv.loop).result(GRACE)
-        with pytest.raises(grpc.RpcError):
+        with pytest.raises(grpc.RpcError) as ended:
             next(call)
+        # the stream ended itself, with its status (not cancelled by gRPC's listener closing)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ended.value.details() == "server is shutting down"
         wait_for(lambda: not srv.server.sessions, "the silent stream's session dropped")
     finally:
         sent.set()
@@ -840,3 +843,40 @@ def test_the_ops_thread_is_a_daemon_whichever_thread_starts_the_service() -> Non
     assert threading.current_thread() is threading.main_thread()
     asyncio.run(run())
     assert seen == [True]
+
+
+def test_a_client_that_never_reads_does_not_hold_up_the_shutdown() -> None:
+    """A stream whose replies its client never reads (the server's writes wait on HTTP/2 flow control, far
+    from ``idle_timeout``): the shutdown does not wait for that client, it cancels the stream after at
+    most max(5, grace) seconds."""
+    srv = InProcess(grace=0.2)  # idle_timeout 300 s
+    channel = grpc.insecure_channel(srv.address, options=[("grpc.http2.bdp_probe", 0)])
+    quit_ = threading.Event()
+    hello = encode_hello({"client": "never reads", "pad": "x" * 30_000})
+
+    def frames() -> Iterator[bytes]:
+        for _ in range(2_000):  # far more reply bytes than the flow-control windows hold
+            if quit_.is_set():
+                return
+            yield hello
+        quit_.wait(120)
+
+    unread = channel.stream_stream(METHOD)(frames())  # its replies are never read
+    try:
+
+        def stuck() -> bool:  # a reply in flight, and no frame answered for half a second
+            before = _samples(srv)[1].get(("scx_messages_total", (("stage", "hello"),)))
+            time.sleep(0.5)
+            after = _samples(srv)[1].get(("scx_messages_total", (("stage", "hello"),)))
+            return before is not None and before == after and srv.service.inflight == 1
+
+        wait_for(stuck, "a reply waiting on the unread stream")
+        t0 = time.monotonic()
+        asyncio.run_coroutine_threadsafe(srv.service.stop(), srv.loop).result(GRACE)
+        assert time.monotonic() - t0 >= 4.0  # it gave the stream max(5, grace) seconds, then cancelled it
+        assert not _listening(srv.service.port)
+    finally:
+        quit_.set()
+        unread.cancel()
+        channel.close()
+        srv.stop(bound=15)
