@@ -716,6 +716,8 @@ def test_a_stalled_ops_client_does_not_hold_up_the_shutdown(
         err = capsys.readouterr().err  # (another test's log handler may write there: not read whole)
         assert "Exception occurred during processing of request" not in err and "BrokenPipeError" not in err
         assert _events(caplog, "ops_client_gone") == [{"event": "ops_client_gone", "path": "/health"}]
+        (gone,) = [r for r in caplog.records if "ops_client_gone" in r.getMessage()]
+        assert gone.levelno == logging.DEBUG
     finally:
         stalled.close()
         srv.stop(bound=15)  # nothing more if the test's own stop finished
