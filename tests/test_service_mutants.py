@@ -821,7 +821,8 @@ def test_a_refusals_log_line_holds_the_first_300_characters_of_its_message(
             answer = link.request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
             wait_for(lambda: bool(_refused(caplog)), "the refusal's log line")
         assert (answer.header["error"], answer.header["message"]) == ("ProtocolError", "x" * 400)
-        assert _refused(caplog)[0]["message"] == "x" * 300
+        (event,) = _refused(caplog)
+        assert (event["stage"], event["seq"], event["message"]) == ("open", 0, "x" * 300)
     finally:
         link.close()
         srv.stop(bound=15)
@@ -880,5 +881,76 @@ def test_a_client_that_never_reads_does_not_hold_up_the_shutdown() -> None:
     finally:
         quit_.set()
         unread.cancel()
+        channel.close()
+        srv.stop(bound=15)
+
+
+def _open_reply(max_message_bytes: int, caplog: pytest.LogCaptureFixture) -> Any:
+    """The frame ``scx serve`` answers an ``open`` with under ``max_message_bytes`` (computed on a worker as
+    the service computes it), and whether the server still holds the session."""
+    from scx_ref.backends import NumpyBackend
+    from scx_ref.service.service import _Stream
+
+    from .tiny import tiny_weights
+
+    server: Server[Any] = Server(NumpyBackend(tiny_weights(3)))
+    service = SCXService(server, ServeOptions(port=0, ops_port=None, max_message_bytes=max_message_bytes))
+    try:
+        stream = _Stream("ipv4:127.0.0.1:5000")
+        stream.busy = 1
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            frame = service._compute(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META), stream)
+        return frame, SID in server.sessions
+    finally:
+        service.pool.shutdown()
+
+
+def test_a_reply_of_exactly_max_message_bytes_is_sent_one_byte_more_ends_its_session(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    size = len(_open_reply(1 << 20, caplog)[0])
+    frame, held = _open_reply(size, caplog)
+    assert len(frame) == size and decode(frame).kind is FrameKind.REPLY and held
+    caplog.clear()
+    frame, held = _open_reply(size - 1, caplog)
+    answer = decode(frame)
+    assert answer.kind is FrameKind.ERROR and not held
+    assert answer.header["message"] == (
+        f"reply of {size} bytes exceeds max_message_bytes ({size - 1}): session closed"
+    )
+    assert _events(caplog, "session_closed") == [
+        {"event": "session_closed", "session": SID[:12], "why": "reply too large to send"}
+    ]
+
+
+def test_a_shutdown_waits_for_a_stage_still_computing_past_its_bound() -> None:
+    """A stage still computing when the shutdown's wait for messages in flight has run out (max(5, grace)
+    seconds): the shutdown closes the listener but does not finish — its compute pool waits for the stage."""
+    from .test_service_hostile import Gate, gated_server
+
+    gate = Gate()
+    gate.stage = "open"
+    srv = InProcess(gated_server(gate), grace=0.1)
+    channel = grpc.insecure_channel(srv.address)
+    sent = threading.Event()
+
+    def frames() -> Iterator[bytes]:
+        yield encode_request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
+        sent.wait(60)
+
+    try:
+        call = channel.stream_stream(METHOD)(frames(), timeout=60)
+        assert gate.entered.wait(30)
+        stopping = asyncio.run_coroutine_threadsafe(srv.service.stop(), srv.loop)
+        wait_for(lambda: not _listening(srv.service.port), "the listener closed after the wait")
+        time.sleep(0.5)
+        assert not stopping.done(), "the shutdown finished while a stage was still computing"
+        gate.release.set()
+        stopping.result(GRACE)
+        with pytest.raises(grpc.RpcError):
+            list(call)
+    finally:
+        gate.release.set()
+        sent.set()
         channel.close()
         srv.stop(bound=15)
