@@ -921,6 +921,8 @@ def test_a_reply_of_exactly_max_message_bytes_is_sent_one_byte_more_ends_its_ses
     assert _events(caplog, "session_closed") == [
         {"event": "session_closed", "session": SID[:12], "why": "reply too large to send"}
     ]
+    (refused,) = _refused(caplog)
+    assert (refused["stage"], refused["seq"], refused["error"]) == ("open", 0, "ServiceError")
 
 
 def test_a_shutdown_waits_for_a_stage_still_computing_past_its_bound() -> None:
