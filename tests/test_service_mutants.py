@@ -956,3 +956,22 @@ def test_a_shutdown_waits_for_a_stage_still_computing_past_its_bound() -> None:
         sent.set()
         channel.close()
         srv.stop(bound=15)
+
+
+def test_a_session_closed_by_its_client_is_no_longer_open_on_its_stream() -> None:
+    """After its ``close``, a message for the session is refused by the stream (not open on this
+    connection), before the protocol server is asked."""
+    srv = InProcess()
+    link = RawStream(srv.address)
+    try:
+        token = _open(link)
+        assert link.request(Request(SID, Stage.CLOSE, -1, -1, 1, {}, {}, token)).kind is FrameKind.REPLY
+        assert all(not s.sessions for s in srv.service.streams)
+        again = link.request(Request(SID, Stage.CLOSE, -1, -1, 2, {}, {}, token))
+        assert (again.header["error"], again.header["message"]) == (
+            "SessionError",
+            f"session {SID[:12]}… is not open on this connection",
+        )
+    finally:
+        link.close()
+        srv.stop(bound=15)
