@@ -975,3 +975,61 @@ def test_a_session_closed_by_its_client_is_no_longer_open_on_its_stream() -> Non
     finally:
         link.close()
         srv.stop(bound=15)
+
+
+def test_a_session_opened_after_its_client_went_is_dropped_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ``open`` still computing when its client goes: the session it opens is dropped once it is done,
+    logged as closed because its stream ended."""
+    from .test_service_hostile import Gate, gated_server
+
+    gate = Gate()
+    gate.stage = "open"
+    srv = InProcess(gated_server(gate))
+    channel = grpc.insecure_channel(srv.address)
+    try:
+        call = channel.stream_stream(METHOD)(
+            iter([encode_request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))])
+        )
+        assert gate.entered.wait(30)
+        call.cancel()  # the client goes while its open computes
+        wait_for(lambda: not srv.service.streams, "the stream's end")
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            gate.release.set()
+            wait_for(lambda: bool(_events(caplog, "session_closed")), "the orphaned session's log line")
+        assert _events(caplog, "session_closed") == [
+            {"event": "session_closed", "session": SID[:12], "why": "stream ended"}
+        ]
+        assert srv.server.sessions == {}
+    finally:
+        gate.release.set()
+        channel.close()
+        srv.stop(bound=15)
+
+
+def test_a_reply_left_unread_past_the_idle_timeout_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    srv = InProcess(idle_timeout=1.0)
+    channel = grpc.insecure_channel(srv.address, options=[("grpc.http2.bdp_probe", 0)])
+    quit_ = threading.Event()
+    hello = encode_hello({"client": "never reads", "pad": "x" * 30_000})
+
+    def frames() -> Iterator[bytes]:
+        for _ in range(2_000):
+            if quit_.is_set():
+                return
+            yield hello
+        quit_.wait(120)
+
+    try:
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            unread = channel.stream_stream(METHOD)(frames())  # its replies are never read
+            wait_for(lambda: bool(_events(caplog, "reply_not_read")), "the unread reply's log line")
+        (event,) = _events(caplog, "reply_not_read")
+        assert event["seconds"] == 1.0 and event["peer"].startswith("ipv4:127.0.0.1:")
+        assert set(event) == {"event", "peer", "seconds"}
+    finally:
+        quit_.set()
+        unread.cancel()
+        channel.close()
+        srv.stop(bound=15)
