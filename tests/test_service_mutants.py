@@ -1028,8 +1028,33 @@ def test_a_reply_left_unread_past_the_idle_timeout_is_logged(caplog: pytest.LogC
         (event,) = _events(caplog, "reply_not_read")
         assert event["seconds"] == 1.0 and event["peer"].startswith("ipv4:127.0.0.1:")
         assert set(event) == {"event", "peer", "seconds"}
+        quit_.set()
+        with pytest.raises(grpc.RpcError) as ended:  # the replies it held, then the stream's status
+            for _ in unread:
+                pass
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert ended.value.details() == "reply not read for 1 s: session closed"
     finally:
         quit_.set()
         unread.cancel()
+        channel.close()
+        srv.stop(bound=15)
+
+
+def test_a_frame_that_does_not_decode_is_refused_and_counted_as_invalid(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    srv = InProcess()
+    channel = grpc.insecure_channel(srv.address)
+    try:
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            (reply,) = list(channel.stream_stream(METHOD)(iter([b"not a frame"]), timeout=30))
+            wait_for(lambda: bool(_refused(caplog)), "the refusal's log line")
+        answer = decode(reply)
+        assert answer.kind is FrameKind.ERROR and answer.header["error"] == "WireError"
+        (event,) = _refused(caplog)
+        assert (event["stage"], event["seq"], event["error"]) == ("invalid", -1, "WireError")
+        assert _samples(srv)[1][("scx_messages_total", (("stage", "invalid"),))] == 1.0
+    finally:
         channel.close()
         srv.stop(bound=15)
