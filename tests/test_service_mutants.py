@@ -1058,3 +1058,39 @@ def test_a_frame_that_does_not_decode_is_refused_and_counted_as_invalid(
     finally:
         channel.close()
         srv.stop(bound=15)
+
+
+def test_a_new_open_on_a_stream_ends_its_previous_session_and_logs_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    srv = InProcess()
+    link = RawStream(srv.address)
+    other = "cd" * 16
+    try:
+        _open(link)
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            reply_from(link.request(Request(other, Stage.OPEN, -1, -1, 0, {}, OPEN_META)))
+        assert list(srv.server.sessions) == [other]
+        assert _events(caplog, "session_closed") == [
+            {"event": "session_closed", "session": SID[:12], "why": "a new session opened on its stream"}
+        ]
+    finally:
+        link.close()
+        srv.stop(bound=15)
+
+
+def test_a_frame_past_max_message_bytes_within_grpcs_slack_is_refused() -> None:
+    """gRPC takes frames up to max_message_bytes plus a header's slack (1 KiB); the service's own decode
+    refuses one past max_message_bytes itself."""
+    srv = InProcess(max_message_bytes=4096)
+    channel = grpc.insecure_channel(srv.address)
+    try:
+        hello = encode_hello({"client": "big", "pad": "x" * 4200})
+        assert 4096 < len(hello) <= 4096 + 1024
+        (reply,) = list(channel.stream_stream(METHOD)(iter([hello]), timeout=30))
+        answer = decode(reply)
+        assert answer.kind is FrameKind.ERROR and answer.header["error"] == "WireError"
+        assert "4096" in answer.header["message"]
+    finally:
+        channel.close()
+        srv.stop(bound=15)
