@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -1094,3 +1094,96 @@ def test_a_frame_past_max_message_bytes_within_grpcs_slack_is_refused() -> None:
     finally:
         channel.close()
         srv.stop(bound=15)
+
+
+def test_opening_and_closing_a_session_is_logged_and_refusals_are_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    srv = InProcess()
+    link, refused = RawStream(srv.address), RawStream(srv.address)
+    try:
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            token = _open(link)
+            bad = Request("cd" * 16, Stage.OPEN, -1, -1, 0, {}, {**OPEN_META, "n": -1})
+            assert refused.request(bad).kind is FrameKind.ERROR  # an open refused: nothing opened
+            link.request(Request(SID, Stage.CLOSE, -1, -1, 1, {}, {}, "t" * 20))  # a wrong token: refused
+            assert link.request(Request(SID, Stage.CLOSE, -1, -1, 1, {}, {}, token)).kind is FrameKind.REPLY
+        (opened,) = _events(caplog, "session_open")
+        assert set(opened) == {"event", "session", "peer"} and opened["session"] == SID[:12]
+        assert opened["peer"].startswith("ipv4:127.0.0.1:")
+        assert _events(caplog, "session_closed") == [
+            {"event": "session_closed", "session": SID[:12], "why": "closed by its client"}
+        ]
+    finally:
+        link.close()
+        refused.close()
+        srv.stop(bound=15)
+
+
+class _Threads(Server[Any]):
+    """A protocol server that records the thread each ``open`` runs on."""
+
+    names: ClassVar[list[str]] = []
+
+    def _open(self, req: Request) -> Any:
+        _Threads.names.append(threading.current_thread().name)
+        return super()._open(req)
+
+
+def test_stages_run_on_the_services_compute_pool() -> None:
+    _Threads.names = []
+    srv = InProcess(_Threads)
+    link = RawStream(srv.address)
+    try:
+        _open(link)
+        assert len(_Threads.names) == 1 and _Threads.names[0].startswith("scx-compute")
+    finally:
+        link.close()
+        srv.stop(bound=15)
+
+
+def test_gen_mid_messages_are_batched_only_when_batch_rows_exceeds_one() -> None:
+    """With ``batch_rows`` 1 a ``gen_mid`` message is computed on its own (``handle``), never in a
+    cross-session batch (here one that would fail)."""
+    from scx_ref.backends import NumpyBackend
+    from scx_ref.keys import KeySchedule
+    from scx_ref.protocol import Client, SCXConfig
+    from scx_ref.service.remote import RemoteTransport
+
+    from .tiny import tiny_weights
+
+    backend = NumpyBackend(tiny_weights(3))
+    srv = InProcess(_BrokenBatch, backend=backend, batch_rows=1)
+    link = RemoteTransport(srv.url, backend, timeout=20.0)
+    try:
+        client = Client(backend, KeySchedule.generate(), SCXConfig(level="paper"))
+        logits = client.prefill([3, 1, 4, 1, 5], link)
+        client.decode(int(logits[-1].argmax()), link)  # its gen_mid messages, each on its own
+        assert _samples(srv)[1][("scx_batch_rows_count", ())] == 0.0
+    finally:
+        link.close()
+        srv.stop(bound=15)
+
+
+def test_a_message_that_cannot_be_scheduled_is_an_internal_error_and_settles_its_stream() -> None:
+    """The compute pool refusing work (shut down): the message is answered with an internal ServiceError
+    naming the pool's RuntimeError, and its stream is not left counting it as busy."""
+    from scx_ref.backends import NumpyBackend
+    from scx_ref.service.service import _Stream
+
+    from .tiny import tiny_weights
+
+    service = SCXService(Server(NumpyBackend(tiny_weights(3))), ServeOptions(port=0, ops_port=None))
+    service.pool.shutdown()
+    stream = _Stream("ipv4:127.0.0.1:5000")
+    stream.sessions.add(SID)
+    frame = decode(
+        asyncio.run(
+            service._message(stream, encode_request(Request(SID, Stage.CLOSE, -1, -1, 1, {}, {}, "t" * 20)))
+        )
+    )
+    assert (frame.header["error"], frame.header["message"]) == (
+        "ServiceError",
+        "internal server error (RuntimeError)",
+    )
+    assert stream.busy == 0 and stream.sessions == {SID}
