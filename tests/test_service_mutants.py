@@ -1107,6 +1107,7 @@ def test_opening_and_closing_a_session_is_logged_and_refusals_are_not(
             bad = Request("cd" * 16, Stage.OPEN, -1, -1, 0, {}, {**OPEN_META, "n": -1})
             assert refused.request(bad).kind is FrameKind.ERROR  # an open refused: nothing opened
             link.request(Request(SID, Stage.CLOSE, -1, -1, 1, {}, {}, "t" * 20))  # a wrong token: refused
+            assert _events(caplog, "session_closed") == []  # a refused close closes nothing
             assert link.request(Request(SID, Stage.CLOSE, -1, -1, 1, {}, {}, token)).kind is FrameKind.REPLY
         (opened,) = _events(caplog, "session_open")
         assert set(opened) == {"event", "session", "peer"} and opened["session"] == SID[:12]
