@@ -1188,3 +1188,35 @@ def test_a_message_that_cannot_be_scheduled_is_an_internal_error_and_settles_its
         "internal server error (RuntimeError)",
     )
     assert stream.busy == 0 and stream.sessions == {SID}
+
+
+def test_each_message_is_logged_at_debug_with_its_stage_seq_time_and_sizes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    srv = InProcess()
+    channel = grpc.insecure_channel(srv.address)
+    try:
+        frames = [
+            encode_hello({"client": "debug"}),
+            encode_request(Request(SID, Stage.CLOSE, -1, -1, 4, {}, {}, "t" * 20)),
+        ]
+        with caplog.at_level(logging.DEBUG, logger="scx.serve"):
+            replies = list(channel.stream_stream(METHOD)(iter(frames), timeout=30))
+            wait_for(lambda: len(_events(caplog, "message")) == 2, "both messages' log lines")
+        events = _events(caplog, "message")
+        assert [(e["stage"], e["seq"], e["up"], e["down"]) for e in events] == [
+            ("hello", -1, len(frames[0]), len(replies[0])),
+            ("close", 4, len(frames[1]), len(replies[1])),
+        ]
+        assert all(
+            set(e) == {"event", "stage", "seq", "ms", "up", "down"} and 0 <= e["ms"] < 10_000 for e in events
+        )
+        (record, _) = [r for r in caplog.records if '"event": "message"' in r.getMessage()]
+        assert record.levelno == logging.DEBUG
+        _, values = _samples(srv)  # each message's time is in the stage histogram's 10 s bucket
+        for stage in ("hello", "close"):
+            assert values[("scx_stage_seconds_bucket", (("le", "10.0"), ("stage", stage)))] == 1.0
+            assert 0 <= values[("scx_stage_seconds_sum", (("stage", stage),))] < 10
+    finally:
+        channel.close()
+        srv.stop(bound=15)
