@@ -1143,6 +1143,38 @@ def test_stages_run_on_the_services_compute_pool() -> None:
         srv.stop(bound=15)
 
 
+class _BatchThreads(Server[Any]):
+    """A protocol server that records the thread each cross-session batch runs on."""
+
+    names: ClassVar[list[str]] = []
+
+    def handle_batch(self, reqs: Any) -> Any:
+        _BatchThreads.names.append(threading.current_thread().name)
+        return super().handle_batch(reqs)
+
+
+def test_gen_mid_batches_run_on_the_services_compute_pool() -> None:
+    from scx_ref.backends import NumpyBackend
+    from scx_ref.keys import KeySchedule
+    from scx_ref.protocol import Client, SCXConfig
+    from scx_ref.service.remote import RemoteTransport
+
+    from .tiny import tiny_weights
+
+    _BatchThreads.names = []
+    backend = NumpyBackend(tiny_weights(3))
+    srv = InProcess(_BatchThreads, backend=backend, batch_rows=2)
+    link = RemoteTransport(srv.url, backend, timeout=20.0)
+    try:
+        client = Client(backend, KeySchedule.generate(), SCXConfig(level="paper"))
+        logits = client.prefill([3, 1, 4, 1, 5], link)
+        client.decode(int(logits[-1].argmax()), link)
+        assert _BatchThreads.names and all(n.startswith("scx-compute") for n in _BatchThreads.names)
+    finally:
+        link.close()
+        srv.stop(bound=15)
+
+
 def test_gen_mid_messages_are_batched_only_when_batch_rows_exceeds_one() -> None:
     """With ``batch_rows`` 1 a ``gen_mid`` message is computed on its own (``handle``), never in a
     cross-session batch (here one that would fail)."""
@@ -1214,9 +1246,10 @@ def test_each_message_is_logged_at_debug_with_its_stage_seq_time_and_sizes(
         (record, _) = [r for r in caplog.records if '"event": "message"' in r.getMessage()]
         assert record.levelno == logging.DEBUG
         _, values = _samples(srv)  # each message's time is in the stage histogram's 10 s bucket
-        for stage in ("hello", "close"):
+        for stage, event in zip(("hello", "close"), events, strict=True):
             assert values[("scx_stage_seconds_bucket", (("le", "10.0"), ("stage", stage)))] == 1.0
-            assert 0 <= values[("scx_stage_seconds_sum", (("stage", stage),))] < 10
+            seconds = values[("scx_stage_seconds_sum", (("stage", stage),))]
+            assert 0 <= seconds < 10 and event["ms"] == round(1e3 * seconds, 3)  # ms to the microsecond
     finally:
         channel.close()
         srv.stop(bound=15)
