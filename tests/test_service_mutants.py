@@ -1253,3 +1253,21 @@ def test_each_message_is_logged_at_debug_with_its_stage_seq_time_and_sizes(
     finally:
         channel.close()
         srv.stop(bound=15)
+
+
+def test_a_failing_batchs_error_frame_names_service_error() -> None:
+    srv = InProcess(_BrokenBatch, batch_rows=2)
+    link = RawStream(srv.address)
+    try:
+        token = _open(link)
+        x = np.zeros((1, srv.backend.config.hidden_size))
+        answer = link.request(Request(SID, Stage.GEN_MID, 1, 0, 1, {"x": x}, {}, token))
+        assert (answer.kind, answer.header["error"], answer.header["message"], answer.header["seq"]) == (
+            FrameKind.ERROR,
+            "ServiceError",
+            "internal server error (RuntimeError)",
+            -1,  # a batch's failure answers each of its messages, whatever their seq
+        )
+    finally:
+        link.close()
+        srv.stop(bound=15)
