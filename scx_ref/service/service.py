@@ -434,9 +434,10 @@ class SCXService:
     async def _session(self, requests: AsyncIterator[bytes], context: Any) -> None:
         """One client stream: each frame in, its answer out, one at a time. The stream ends (and takes
         its sessions with it) when the client closes it, when no frame comes for ``idle_timeout``
-        seconds, or when an answer is not taken for ``idle_timeout`` seconds — a client that sends but
+        seconds, when an answer is not taken for ``idle_timeout`` seconds — a client that sends but
         never reads would otherwise hold its stream, and its session's caches, for ever (the write waits
-        on HTTP/2 flow control, and keepalive pings keep answering)."""
+        on HTTP/2 flow control, and keepalive pings keep answering) — or when a shutdown's grace ends
+        (UNAVAILABLE, after the answer to a message in flight)."""
         import grpc
 
         if self.draining:
