@@ -15,7 +15,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, ClassVar
 
@@ -213,6 +214,31 @@ def test_a_start_that_fails_on_either_port_leaves_nothing_listening_or_running(b
         service.pool.submit(int)
 
 
+@contextmanager
+def _prefilled(
+    server_cls: type[Server[Any]], batch_rows: int
+) -> Iterator[tuple[InProcess, Callable[[], object]]]:
+    """An in-process service over ``server_cls`` (tests/tiny.py's model) and a client that has prefilled a
+    short prompt over it; the callable decodes one token (its ``gen_mid`` messages included)."""
+    from scx_ref.backends import NumpyBackend
+    from scx_ref.keys import KeySchedule
+    from scx_ref.protocol import Client, SCXConfig
+    from scx_ref.service.remote import RemoteTransport
+
+    from .tiny import tiny_weights
+
+    backend = NumpyBackend(tiny_weights(3))
+    srv = InProcess(server_cls, backend=backend, batch_rows=batch_rows)
+    link = RemoteTransport(srv.url, backend, timeout=20.0)
+    try:
+        client = Client(backend, KeySchedule.generate(), SCXConfig(level="paper"))
+        logits = client.prefill([3, 1, 4, 1, 5], link)
+        yield srv, lambda: client.decode(int(logits[-1].argmax()), link)
+    finally:
+        link.close()
+        srv.stop(bound=15)
+
+
 class _BrokenBatch(Server[Any]):
     """A protocol server whose cross-session batch of the middle blocks fails with a bug (not an SCXError)."""
 
@@ -225,22 +251,10 @@ def test_a_batch_that_fails_with_a_bug_answers_each_message_with_an_internal_ser
 ) -> None:
     """A ``gen_mid`` batch raising something other than an SCXError: each waiting message is answered with
     a ServiceError naming the exception's class (never its text), and the bug is logged with its traceback."""
-    from scx_ref.backends import NumpyBackend
-    from scx_ref.keys import KeySchedule
-    from scx_ref.protocol import Client, SCXConfig
-    from scx_ref.service.remote import RemoteTransport
-
-    from .tiny import tiny_weights
-
-    backend = NumpyBackend(tiny_weights(3))
-    srv = InProcess(_BrokenBatch, backend=backend, batch_rows=2)
-    link = RemoteTransport(srv.url, backend, timeout=20.0)
-    try:
-        client = Client(backend, KeySchedule.generate(), SCXConfig(level="paper"))
-        logits = client.prefill([3, 1, 4, 1, 5], link)
+    with _prefilled(_BrokenBatch, batch_rows=2) as (srv, decode_one):
         with caplog.at_level(logging.INFO, logger="scx.serve"):
             with pytest.raises(ServiceError) as failed:
-                client.decode(int(logits[-1].argmax()), link)
+                decode_one()
             wait_for(lambda: any(r.exc_info for r in caplog.records), "the bug's log record")
         assert str(failed.value) == "server: internal server error (RuntimeError)"
         (record,) = [r for r in caplog.records if r.exc_info]
@@ -250,9 +264,6 @@ def test_a_batch_that_fails_with_a_bug_answers_each_message_with_an_internal_ser
         rows = {dict(k[1])["le"]: v for k, v in values.items() if k[0] == "scx_batch_rows_bucket"}
         assert rows == {"1.0": 1.0, **{f"{b:.1f}": 1.0 for b in (2, 4, 8, 16, 32, 64, 128)}, "+Inf": 1.0}
         assert values[("scx_batch_rows_count", ())] == 1.0 and values[("scx_batch_rows_sum", ())] == 1.0
-    finally:
-        link.close()
-        srv.stop(bound=15)
 
 
 #: every metric family of the service (process_* aside): its type and help text, as /metrics shows them
@@ -1122,80 +1133,33 @@ def test_opening_and_closing_a_session_is_logged_and_refusals_are_not(
 
 
 class _Threads(Server[Any]):
-    """A protocol server that records the thread each ``open`` runs on."""
+    """A protocol server that records the thread each ``open`` and each cross-session batch runs on."""
 
-    names: ClassVar[list[str]] = []
+    names: ClassVar[dict[str, list[str]]] = {}
 
     def _open(self, req: Request) -> Any:
-        _Threads.names.append(threading.current_thread().name)
+        _Threads.names.setdefault("open", []).append(threading.current_thread().name)
         return super()._open(req)
 
-
-def test_stages_run_on_the_services_compute_pool() -> None:
-    _Threads.names = []
-    srv = InProcess(_Threads)
-    link = RawStream(srv.address)
-    try:
-        _open(link)
-        assert len(_Threads.names) == 1 and _Threads.names[0].startswith("scx-compute")
-    finally:
-        link.close()
-        srv.stop(bound=15)
-
-
-class _BatchThreads(Server[Any]):
-    """A protocol server that records the thread each cross-session batch runs on."""
-
-    names: ClassVar[list[str]] = []
-
     def handle_batch(self, reqs: Any) -> Any:
-        _BatchThreads.names.append(threading.current_thread().name)
+        _Threads.names.setdefault("batch", []).append(threading.current_thread().name)
         return super().handle_batch(reqs)
 
 
-def test_gen_mid_batches_run_on_the_services_compute_pool() -> None:
-    from scx_ref.backends import NumpyBackend
-    from scx_ref.keys import KeySchedule
-    from scx_ref.protocol import Client, SCXConfig
-    from scx_ref.service.remote import RemoteTransport
-
-    from .tiny import tiny_weights
-
-    _BatchThreads.names = []
-    backend = NumpyBackend(tiny_weights(3))
-    srv = InProcess(_BatchThreads, backend=backend, batch_rows=2)
-    link = RemoteTransport(srv.url, backend, timeout=20.0)
-    try:
-        client = Client(backend, KeySchedule.generate(), SCXConfig(level="paper"))
-        logits = client.prefill([3, 1, 4, 1, 5], link)
-        client.decode(int(logits[-1].argmax()), link)
-        assert _BatchThreads.names and all(n.startswith("scx-compute") for n in _BatchThreads.names)
-    finally:
-        link.close()
-        srv.stop(bound=15)
+def test_stages_and_batches_run_on_the_services_compute_pool() -> None:
+    _Threads.names = {}
+    with _prefilled(_Threads, batch_rows=2) as (_, decode_one):
+        decode_one()
+    assert set(_Threads.names) == {"open", "batch"}
+    assert all(n.startswith("scx-compute") for names in _Threads.names.values() for n in names)
 
 
 def test_gen_mid_messages_are_batched_only_when_batch_rows_exceeds_one() -> None:
     """With ``batch_rows`` 1 a ``gen_mid`` message is computed on its own (``handle``), never in a
     cross-session batch (here one that would fail)."""
-    from scx_ref.backends import NumpyBackend
-    from scx_ref.keys import KeySchedule
-    from scx_ref.protocol import Client, SCXConfig
-    from scx_ref.service.remote import RemoteTransport
-
-    from .tiny import tiny_weights
-
-    backend = NumpyBackend(tiny_weights(3))
-    srv = InProcess(_BrokenBatch, backend=backend, batch_rows=1)
-    link = RemoteTransport(srv.url, backend, timeout=20.0)
-    try:
-        client = Client(backend, KeySchedule.generate(), SCXConfig(level="paper"))
-        logits = client.prefill([3, 1, 4, 1, 5], link)
-        client.decode(int(logits[-1].argmax()), link)  # its gen_mid messages, each on its own
+    with _prefilled(_BrokenBatch, batch_rows=1) as (srv, decode_one):
+        decode_one()  # its gen_mid messages, each on its own
         assert _samples(srv)[1][("scx_batch_rows_count", ())] == 0.0
-    finally:
-        link.close()
-        srv.stop(bound=15)
 
 
 def test_a_message_that_cannot_be_scheduled_is_an_internal_error_and_settles_its_stream() -> None:
