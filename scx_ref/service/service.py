@@ -297,7 +297,6 @@ class SCXService:
         }
         self.pool = ThreadPoolExecutor(options.workers, thread_name_prefix="scx-compute")
         self.draining = False
-        self.closing = False
         self.inflight = 0
         self.streams: set[_Stream] = set()
         # live stream handlers by peer host (peer_host): a stream released early (its reply not read) is
@@ -310,9 +309,15 @@ class SCXService:
         self._mid_task: asyncio.Task[None] | None = None
         self._idle_task: asyncio.Task[None] | None = None
         self._stopped: asyncio.Event | None = None
-        self._closing: asyncio.Event | None = None  # set with ``closing``: wakes the streams awaiting frames
+        self._closing: asyncio.Event | None = None  # set as the grace ends: wakes streams awaiting frames
         self.port = 0
         self.ops_port: int | None = None
+
+    @property
+    def closing(self) -> bool:
+        """Whether a shutdown's grace is over: each stream ends itself (UNAVAILABLE) after the reply of a
+        message in flight, and no frame is read any more."""
+        return self._closing is not None and self._closing.is_set()
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -405,7 +410,6 @@ class SCXService:
             if not any(s.sessions for s in self.streams):
                 break
             await asyncio.sleep(0.05)
-        self.closing = True
         assert self._closing is not None
         self._closing.set()  # each stream ends itself, after the reply of a message in flight
         end = loop.time() + max(5.0, self.opts.grace)
