@@ -1235,3 +1235,67 @@ def test_a_failing_batchs_error_frame_names_service_error() -> None:
     finally:
         link.close()
         srv.stop(bound=15)
+
+
+class _SlowOpen(Server[Any]):
+    """A protocol server whose ``open`` takes at least 20 ms (so its time has digits to compare)."""
+
+    def _open(self, req: Request) -> Any:
+        time.sleep(0.02)
+        return super()._open(req)
+
+
+def test_a_messages_debug_line_gives_the_time_the_latency_histogram_observed_in_ms(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The ``message`` line (DEBUG) of an ``open``: its ``ms`` is the one time ``scx_stage_seconds`` observed
+    for the stage, in milliseconds rounded to the microsecond, beside the frame's seq and sizes."""
+    srv = InProcess(_SlowOpen)
+    link = RawStream(srv.address)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="scx.serve"):
+            _open(link)
+            wait_for(lambda: bool(_events(caplog, "message")), "the open's message line")
+        (event,) = [e for e in _events(caplog, "message") if e["stage"] == "open"]
+        values = _samples(srv)[1]
+        seconds = values[("scx_stage_seconds_sum", (("stage", "open"),))]
+        assert values[("scx_stage_seconds_count", (("stage", "open"),))] == 1.0
+        assert seconds >= 0.02
+        assert event["ms"] == round(1e3 * seconds, 3)
+        assert event["seq"] == 0 and event["up"] > 0 and event["down"] > 0
+        assert event["up"] == values[("scx_bytes_received_total", ())]
+    finally:
+        link.close()
+        srv.stop(bound=15)
+
+
+def test_a_stream_ended_while_awaiting_a_frame_leaves_nothing_for_asyncio_to_report() -> None:
+    """An idle stream's pending read is cancelled when its timeout ends it: the service's event loop is
+    handed no error — neither from the read's done callback nor, later, an outcome no one retrieved."""
+    import gc
+
+    srv = InProcess(idle_timeout=0.3)
+    reported: list[dict[str, Any]] = []
+    srv.loop.call_soon_threadsafe(srv.loop.set_exception_handler, lambda _loop, ctx: reported.append(ctx))
+    channel = grpc.insecure_channel(srv.address)
+    gate = threading.Event()
+
+    def frames() -> Iterator[bytes]:
+        yield encode_request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
+        gate.wait(60)
+
+    try:
+        call = channel.stream_stream(METHOD)(frames(), timeout=60)
+        assert decode(next(call)).kind is FrameKind.REPLY
+        with pytest.raises(grpc.RpcError) as ended:
+            next(call)
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: not srv.service.streams, "the idle stream ended")
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.1), srv.loop).result(10)  # callbacks run
+        gc.collect()
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.1), srv.loop).result(10)
+        assert reported == []
+    finally:
+        gate.set()
+        channel.close()
+        srv.stop(bound=15)
