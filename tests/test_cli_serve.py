@@ -297,3 +297,52 @@ def test_every_option_has_help_and_shows_its_default(command: str) -> None:
         if action.default not in (None, False) and not action.required:
             assert "default" in action.help, f"{command} {flag} does not show its default {action.default!r}"
     assert "an running" not in parser.format_help()
+
+
+# -- an in-process run leaves the logger as it found it -------------------------------------------
+
+
+class _Loaded(Exception):
+    """Raised by a stand-in model loader: the command got past its checks."""
+
+
+def test_an_in_process_serve_leaves_the_scx_serve_logger_as_it_found_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``scx serve`` writes its JSON lines through a handler of its own on the ``scx.serve`` logger, at the
+    ``--log-level`` asked, not propagating to the root's handlers, while it runs. However the run ends — here
+    at the model's load — the logger's handlers, level and propagation are as before. Before, each
+    in-process run (a second ``main``, a test) left its handler writing to the stderr of its time: pytest's
+    capture, closed since, so every later line of the service printed "--- Logging error ---"."""
+    import logging
+
+    from scx_ref.commands import serve as serve_cmd
+
+    logger = logging.getLogger("scx.serve")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    during: list[tuple[list[logging.Handler], int, bool]] = []
+
+    def loader(*_a: Any, **_k: Any) -> Any:
+        during.append((list(logger.handlers), logger.level, logger.propagate))
+        raise _Loaded
+
+    monkeypatch.setattr(serve_cmd, "build_backend", loader)
+    argv = [
+        "serve",
+        "--model",
+        "random:tiny-dense",
+        "--port",
+        "0",
+        "--ops-port",
+        "-1",
+        "--log-level",
+        "debug",
+    ]
+    for _ in range(2):
+        with pytest.raises(_Loaded):
+            main(argv)
+        assert (list(logger.handlers), logger.level, logger.propagate) == before
+    assert len(during) == 2
+    for handlers, level, propagate in during:
+        (own,) = [h for h in handlers if h not in before[0]]
+        assert isinstance(own, logging.StreamHandler) and level == logging.DEBUG and propagate is False

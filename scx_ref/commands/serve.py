@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..backends.base import TORCH_DTYPES
@@ -357,12 +358,30 @@ def check_batch_rows(args: argparse.Namespace) -> int:
     return int(args.batch_rows)
 
 
+@contextlib.contextmanager
+def _json_log(level: str) -> Iterator[logging.Logger]:
+    """The ``scx.serve`` logger writing JSON lines to stderr at ``level`` and above (not to the root's
+    handlers) while the command runs. However the run ends, the logger's handlers, level and propagation
+    are as they were before: a second in-process run (a test, a caller of :func:`scx_ref.cli.main`) writes
+    each line once, and no handler is left writing to a stream that has since closed."""
+    logger = logging.getLogger("scx.serve")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLines())
+    level_before, propagate_before = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level_before)
+        logger.propagate = propagate_before
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, serve until SIGTERM/SIGINT, shut down gracefully."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's own info lines are not JSON; errors still show
-    from ..protocol.server import Server
-    from ..service.service import SCXService
-
     batch_rows = check_batch_rows(args)
     require_device(args.device)  # before any model is loaded
     parent = _parent_pid()
@@ -392,12 +411,15 @@ def run(args: argparse.Namespace) -> int:
         tls_cert=None if args.tls_cert is None else str(args.tls_cert),
         tls_key=None if args.tls_key is None else str(args.tls_key),
     )
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonLines())
-    logger = logging.getLogger("scx.serve")
-    logger.addHandler(handler)
-    logger.setLevel(args.log_level.upper())
-    logger.propagate = False
+    with _json_log(args.log_level.upper()) as logger:
+        return _serve(args, opts, parent, logger)
+
+
+def _serve(args: argparse.Namespace, opts: ServeOptions, parent: int | None, logger: logging.Logger) -> int:
+    """Load the model and serve with ``opts`` until a signal (or the parent's end), then shut down."""
+    from ..protocol.server import Server
+    from ..service.service import SCXService
+
     if args.threads is not None:
         import torch
 
