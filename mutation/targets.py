@@ -602,6 +602,7 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_serve_per_peer_cap.py",
             "tests/test_size_caps.py",
             "tests/test_client_prefill_after_dead_link.py",
+            "tests/test_remote_mutants.py",
         ),
         isolation="forkserver",
     ),
