@@ -206,8 +206,13 @@ def test_a_start_that_fails_on_either_port_leaves_nothing_listening_or_running(b
         async def start() -> None:
             await service.start()
 
-        with pytest.raises(ServiceError, match=f"cannot listen on 127.0.0.1:{busy_port}"):
+        with pytest.raises(ServiceError) as refused:
             asyncio.run(start())
+    assert str(refused.value) == (
+        f"cannot listen on 127.0.0.1:{busy_port} (ops port): Address already in use"  # the system's words
+        if busy == "ops"
+        else f"cannot listen on 127.0.0.1:{busy_port}: address in use or not an address of this host"
+    )
     assert not _listening(other), f"the {'ops' if busy == 'grpc' else 'gRPC'} port was left listening"
     assert service.ops_port is None
     with pytest.raises(RuntimeError, match="shutdown"):
@@ -1298,4 +1303,123 @@ def test_a_stream_ended_while_awaiting_a_frame_leaves_nothing_for_asyncio_to_rep
     finally:
         gate.set()
         channel.close()
+        srv.stop(bound=15)
+
+
+class _TwoAtOnce(Server[Any]):
+    """A protocol server whose ``open`` goes on only once two opens are computing at the same time."""
+
+    barrier: ClassVar[threading.Barrier]
+
+    def _open(self, req: Request) -> Any:
+        _TwoAtOnce.barrier.wait(30)
+        return super()._open(req)
+
+
+def test_messages_in_flight_on_two_streams_at_once_are_each_counted_and_uncounted() -> None:
+    """Two streams' ``open`` computing at the same time: the count of messages in flight — what a shutdown
+    waits for — is 2 while both are, and 0 once both are answered (not negative: a shutdown would then wait
+    its whole bound for a message that is not there)."""
+    _TwoAtOnce.barrier = threading.Barrier(2)
+    srv = InProcess(_TwoAtOnce, workers=2)
+    channels = [grpc.insecure_channel(srv.address) for _ in range(2)]
+    gate = threading.Event()
+    seen: list[int] = []
+
+    def frames(sid: str) -> Iterator[bytes]:
+        yield encode_request(Request(sid, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
+        gate.wait(60)  # then nothing: no other message is counted
+
+    try:
+        real_wait = _TwoAtOnce.barrier.wait
+
+        def wait(timeout: float | None = None) -> int:
+            seen.append(srv.service.inflight)
+            return real_wait(timeout)
+
+        _TwoAtOnce.barrier.wait = wait  # type: ignore[method-assign]
+        calls = [
+            ch.stream_stream(METHOD)(frames(sid), timeout=60)
+            for ch, sid in zip(channels, ("ab" * 16, "cd" * 16), strict=True)
+        ]
+        assert [decode(next(call)).kind for call in calls] == [FrameKind.REPLY, FrameKind.REPLY]
+        assert max(seen) == 2  # the second open to arrive saw both counted
+        wait_for(lambda: srv.service.inflight <= 0, "both replies uncounted")
+        assert srv.service.inflight == 0
+    finally:
+        gate.set()
+        for ch in channels:
+            ch.close()
+        srv.stop(bound=15)
+
+
+def test_a_session_whose_stream_ends_between_messages_is_dropped_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that goes with its session open and no message of it computing: the session is dropped at
+    once, logged as closed because its stream ended."""
+    srv = InProcess()
+    link = RawStream(srv.address)
+    try:
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            _open(link)
+            link.close()  # the stream ends between messages
+            wait_for(lambda: bool(_events(caplog, "session_closed")), "the session's log line")
+        assert _events(caplog, "session_closed") == [
+            {"event": "session_closed", "session": SID[:12], "why": "stream ended"}
+        ]
+        assert srv.server.sessions == {}
+    finally:
+        srv.stop(bound=15)
+
+
+def test_an_ops_port_error_without_the_systems_words_is_shown_as_raised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An OSError with no ``strerror`` (raised with a message alone): shown by its text."""
+    from scx_ref.backends import NumpyBackend
+
+    from .tiny import tiny_weights
+
+    def refuse(self: SCXService, port: int) -> None:
+        raise OSError("no interface of that name")
+
+    monkeypatch.setattr(SCXService, "_start_http", refuse)
+    port = _free_port()
+    service = SCXService(Server(NumpyBackend(tiny_weights(3))), ServeOptions(port=0, ops_port=port))
+
+    async def start() -> None:
+        await service.start()
+
+    with pytest.raises(ServiceError) as refused:
+        asyncio.run(start())
+    assert str(refused.value) == f"cannot listen on 127.0.0.1:{port} (ops port): no interface of that name"
+
+
+def test_the_grpc_server_allows_the_clients_keepalive_pings_and_shares_no_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gRPC server is built with the channel options both ends use (:func:`grpc_options`), pings
+    without data allowed every 5 s — clients ping every 20 s, even with no call in flight, and gRPC's
+    default (5 min) would count those pings as abuse and close the connection — and ``SO_REUSEPORT`` off,
+    so no other process can bind the port beside it."""
+    from scx_ref.service.codec import grpc_options
+
+    built: list[dict[str, Any]] = []
+    real = grpc.aio.server
+
+    def server(*args: Any, **kwargs: Any) -> Any:
+        built.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpc.aio, "server", server)
+    srv = InProcess(max_message_bytes=1 << 20)
+    try:
+        (kwargs,) = built
+        assert kwargs["options"] == [
+            *grpc_options(1 << 20),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.so_reuseport", 0),
+        ]
+    finally:
         srv.stop(bound=15)
