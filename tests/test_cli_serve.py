@@ -302,10 +302,6 @@ def test_every_option_has_help_and_shows_its_default(command: str) -> None:
 # -- an in-process run leaves the logger as it found it -------------------------------------------
 
 
-class _Loaded(Exception):
-    """Raised by a stand-in model loader: the command got past its checks."""
-
-
 def test_an_in_process_serve_leaves_the_scx_serve_logger_as_it_found_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -317,6 +313,8 @@ def test_an_in_process_serve_leaves_the_scx_serve_logger_as_it_found_it(
     import logging
 
     from scx_ref.commands import serve as serve_cmd
+
+    from .test_size_caps import _Loaded
 
     logger = logging.getLogger("scx.serve")
     before = (list(logger.handlers), logger.level, logger.propagate)

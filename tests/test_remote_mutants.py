@@ -15,8 +15,6 @@ No assertion is about time: every client has a reply timeout as a bound against 
 
 from __future__ import annotations
 
-import json
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,43 +28,27 @@ from scx_ref.backends import NumpyBackend  # noqa: E402
 from scx_ref.errors import ConfigError, IntegrityError, ProtocolError, SCXError, ServiceError  # noqa: E402
 from scx_ref.protocol.messages import Reply, Request  # noqa: E402
 from scx_ref.service import RemoteTransport  # noqa: E402
-from scx_ref.service.codec import FrameKind, decode, encode_hello, encode_reply, request_from  # noqa: E402
+from scx_ref.service.codec import FrameKind, encode_hello, encode_reply  # noqa: E402
 from scx_ref.service.remote import _server_error, _shown  # noqa: E402
 from scx_ref.service.service import model_fingerprint  # noqa: E402
 from scx_ref.stages import Stage  # noqa: E402
 
-from .services import grpc_stub, wait_for  # noqa: E402
+from .services import wait_for  # noqa: E402
+from .test_remote_transport_hostile_server import raw_frame  # noqa: E402
+from .test_remote_transport_lifecycle import Stub  # noqa: E402
 from .tiny import tiny_weights  # noqa: E402
 
 TIMEOUT = 20.0  # seconds a client waits for a reply: a bound against hangs, never an assertion
 SID = "ab" * 16
 
 
-def _raw_error(header: dict[str, Any]) -> bytes:
-    """An error frame with exactly ``header`` (what a hostile peer writes; the encoder always writes all
-    three fields)."""
-    head = json.dumps(header).encode()
-    return struct.pack("<4sB3xI", b"SCX\x01", int(FrameKind.ERROR), len(head)) + head
-
-
-class _Peer:
-    """A gRPC server speaking the SCX method: ``hello`` answers a hello, ``answer(request)`` a request."""
-
-    def __init__(self, hello: bytes, answer: Callable[[Request], bytes]) -> None:
-        def handler(frames: Iterator[bytes], context: Any) -> Iterator[bytes]:
-            for data in frames:
-                frame = decode(data)
-                yield hello if frame.kind is FrameKind.HELLO else answer(request_from(frame))
-
-        self.server, self.url = grpc_stub(handler, 2)
-
-
 @pytest.fixture
-def peer() -> Iterator[Callable[..., _Peer]]:
-    made: list[_Peer] = []
+def peer() -> Iterator[Callable[..., Stub]]:
+    """Scripted SCX servers (tests/test_remote_transport_lifecycle.py's ``Stub``), stopped after the test."""
+    made: list[Stub] = []
 
-    def make(answer: Callable[[Request], bytes], hello: bytes | None = None) -> _Peer:
-        made.append(_Peer(encode_hello({"service": "scx"}) if hello is None else hello, answer))
+    def make(answer: Callable[[Request, Any], bytes], hello: bytes | None = None) -> Stub:
+        made.append(Stub(hello, answer))
         return made[-1]
 
     yield make
@@ -119,7 +101,7 @@ def test_a_server_of_another_model_is_refused_with_the_whole_story(backend: Nump
     hello = encode_hello(
         {"service": "scx", "model": "m" * 300, "fingerprint": theirs, "wire_dtype": backend.numpy_dtype().str}
     )
-    p = peer(lambda req: b"", hello)
+    p = peer(lambda req, ctx: b"", hello)
     with RemoteTransport(p.url, backend, timeout=TIMEOUT) as link, pytest.raises(ConfigError) as refused:
         link.send(Request(SID, Stage.OPEN, -1, -1, 0))
     shown_model = repr("m" * 300)[:200] + "…"
@@ -133,7 +115,7 @@ def test_a_server_of_another_model_is_refused_with_the_whole_story(backend: Nump
 def test_a_server_of_another_dtype_is_refused_with_the_whole_story(backend: NumpyBackend, peer: Any) -> None:
     wire = "<f4" + "x" * 100
     hello = encode_hello({"service": "scx", "fingerprint": model_fingerprint(backend), "wire_dtype": wire})
-    p = peer(lambda req: b"", hello)
+    p = peer(lambda req, ctx: b"", hello)
     with RemoteTransport(p.url, backend, timeout=TIMEOUT) as link, pytest.raises(ConfigError) as refused:
         link.send(Request(SID, Stage.OPEN, -1, -1, 0))
     assert str(refused.value) == (
@@ -158,7 +140,7 @@ def test_a_backend_without_a_model_or_a_twin_takes_the_greeting_and_converts_the
     ``widened``: a wide request's reply is converted by the backend itself."""
     x = np.arange(6.0).reshape(2, 3)
 
-    def answer(req: Request) -> bytes:
+    def answer(req: Request, ctx: Any) -> bytes:
         return encode_reply(Reply(req.session, req.stage, req.layer, req.step, req.seq, {"x": x}, {}))
 
     p = peer(answer)
@@ -182,7 +164,7 @@ def test_a_backend_without_a_model_or_a_twin_takes_the_greeting_and_converts_the
 def test_an_error_frame_of_seq_minus_one_or_none_answers_the_request(
     peer: Any, header: dict[str, Any], seq: int
 ) -> None:
-    p = peer(lambda req: _raw_error(header))
+    p = peer(lambda req, ctx: raw_frame(FrameKind.ERROR, header))
     with RemoteTransport(p.url, None, timeout=TIMEOUT) as link:
         with pytest.raises(ProtocolError) as refused:
             link.send(Request(SID, Stage.OPEN, -1, -1, seq))
@@ -191,7 +173,11 @@ def test_an_error_frame_of_seq_minus_one_or_none_answers_the_request(
 
 
 def test_an_error_frame_of_another_seq_is_refused_naming_it_cut(peer: Any) -> None:
-    p = peer(lambda req: _raw_error({"error": "ProtocolError", "message": "no", "seq": "x" * 100}))
+    p = peer(
+        lambda req, ctx: raw_frame(
+            FrameKind.ERROR, {"error": "ProtocolError", "message": "no", "seq": "x" * 100}
+        )
+    )
     with RemoteTransport(p.url, None, timeout=TIMEOUT) as link:
         with pytest.raises(IntegrityError) as refused:
             link.send(Request(SID, Stage.OPEN, -1, -1, 3))
@@ -200,7 +186,7 @@ def test_an_error_frame_of_another_seq_is_refused_naming_it_cut(peer: Any) -> No
 
 
 def test_an_error_frame_without_a_class_or_a_message_is_a_service_error_with_no_text(peer: Any) -> None:
-    p = peer(lambda req: _raw_error({"seq": 0}))
+    p = peer(lambda req, ctx: raw_frame(FrameKind.ERROR, {"seq": 0}))
     with RemoteTransport(p.url, None, timeout=TIMEOUT) as link, pytest.raises(ServiceError) as refused:
         link.send(Request(SID, Stage.OPEN, -1, -1, 0))
     assert type(refused.value) is ServiceError and str(refused.value) == "server: "
@@ -212,7 +198,7 @@ def _watchdogs() -> list[threading.Thread]:
 
 
 def test_an_open_stream_has_one_daemon_watchdog_thread_and_a_closed_one_none(peer: Any) -> None:
-    def answer(req: Request) -> bytes:
+    def answer(req: Request, ctx: Any) -> bytes:
         return encode_reply(Reply(req.session, req.stage, req.layer, req.step, req.seq, {}, {}))
 
     p = peer(answer)
