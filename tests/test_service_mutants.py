@@ -72,6 +72,28 @@ def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]
     return [e for e in map(json.loads, (r.getMessage() for r in records)) if e["event"] == name]
 
 
+def _open_then_silent(channel: Any, until: threading.Event, sid: str = SID, timeout: float = 60.0) -> Any:
+    """A raw stream on ``channel`` that sends an ``open`` of session ``sid`` and then nothing until ``until``
+    is set (or ``timeout`` seconds pass): its call (the open's answer not read yet)."""
+
+    def frames() -> Iterator[bytes]:
+        yield encode_request(Request(sid, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
+        until.wait(timeout)
+
+    return channel.stream_stream(METHOD)(frames(), timeout=timeout)
+
+
+def _unread_hellos(quit_: threading.Event) -> Iterator[bytes]:
+    """The frames of a client that never reads its replies: 2 000 hellos of 30 kB each, far more reply bytes
+    than HTTP/2's flow-control windows hold, then nothing until ``quit_`` is set."""
+    hello = encode_hello({"client": "never reads", "pad": "x" * 30_000})
+    for _ in range(2_000):
+        if quit_.is_set():
+            return
+        yield hello
+    quit_.wait(120)
+
+
 def _refused(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     return _events(caplog, "refused")
 
@@ -531,13 +553,9 @@ def test_a_stream_idle_past_the_timeout_ends_with_deadline_exceeded(caplog: pyte
     channel = grpc.insecure_channel(srv.address)
     gate = threading.Event()
 
-    def frames() -> Iterator[bytes]:
-        yield encode_request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
-        gate.wait(60)  # then nothing: the stream stays open and idle
-
     try:
         with caplog.at_level(logging.INFO, logger="scx.serve"):
-            call = channel.stream_stream(METHOD)(frames(), timeout=60)
+            call = _open_then_silent(channel, gate)
             assert decode(next(call)).kind is FrameKind.REPLY
             with pytest.raises(grpc.RpcError) as ended:
                 next(call)
@@ -762,12 +780,8 @@ def test_a_message_in_flight_when_the_grace_ends_is_answered_then_its_stream_clo
     channel = grpc.insecure_channel(srv.address)
     sent = threading.Event()
 
-    def frames() -> Iterator[bytes]:
-        yield encode_request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
-        sent.wait(60)  # then nothing more from this client
-
     try:
-        call = channel.stream_stream(METHOD)(frames(), timeout=60)
+        call = _open_then_silent(channel, sent)
         assert gate.entered.wait(30)
         stopping = asyncio.run_coroutine_threadsafe(srv.service.stop(), srv.loop)
         wait_for(lambda: srv.service.closing, "the grace over")
@@ -800,12 +814,8 @@ def test_a_silent_stream_does_not_hold_up_the_shutdown_after_its_grace() -> None
     channel = grpc.insecure_channel(srv.address)
     sent = threading.Event()
 
-    def frames() -> Iterator[bytes]:
-        yield encode_request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
-        sent.wait(120)
-
     try:
-        call = channel.stream_stream(METHOD)(frames(), timeout=120)
+        call = _open_then_silent(channel, sent, timeout=120.0)
         assert decode(next(call)).kind is FrameKind.REPLY
         asyncio.run_coroutine_threadsafe(srv.service.stop(), srv.loop).result(GRACE)
         with pytest.raises(grpc.RpcError) as ended:
@@ -871,16 +881,7 @@ def test_a_client_that_never_reads_does_not_hold_up_the_shutdown() -> None:
     srv = InProcess(grace=0.2)  # idle_timeout 300 s
     channel = grpc.insecure_channel(srv.address, options=[("grpc.http2.bdp_probe", 0)])
     quit_ = threading.Event()
-    hello = encode_hello({"client": "never reads", "pad": "x" * 30_000})
-
-    def frames() -> Iterator[bytes]:
-        for _ in range(2_000):  # far more reply bytes than the flow-control windows hold
-            if quit_.is_set():
-                return
-            yield hello
-        quit_.wait(120)
-
-    unread = channel.stream_stream(METHOD)(frames())  # its replies are never read
+    unread = channel.stream_stream(METHOD)(_unread_hellos(quit_))  # its replies are never read
     try:
 
         def stuck() -> bool:  # a reply in flight, and no frame answered for half a second
@@ -952,12 +953,8 @@ def test_a_shutdown_waits_for_a_stage_still_computing_past_its_bound() -> None:
     channel = grpc.insecure_channel(srv.address)
     sent = threading.Event()
 
-    def frames() -> Iterator[bytes]:
-        yield encode_request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
-        sent.wait(60)
-
     try:
-        call = channel.stream_stream(METHOD)(frames(), timeout=60)
+        call = _open_then_silent(channel, sent)
         assert gate.entered.wait(30)
         stopping = asyncio.run_coroutine_threadsafe(srv.service.stop(), srv.loop)
         wait_for(lambda: not _listening(srv.service.port), "the listener closed after the wait")
@@ -1028,18 +1025,9 @@ def test_a_reply_left_unread_past_the_idle_timeout_is_logged(caplog: pytest.LogC
     srv = InProcess(idle_timeout=1.0)
     channel = grpc.insecure_channel(srv.address, options=[("grpc.http2.bdp_probe", 0)])
     quit_ = threading.Event()
-    hello = encode_hello({"client": "never reads", "pad": "x" * 30_000})
-
-    def frames() -> Iterator[bytes]:
-        for _ in range(2_000):
-            if quit_.is_set():
-                return
-            yield hello
-        quit_.wait(120)
-
     try:
         with caplog.at_level(logging.INFO, logger="scx.serve"):
-            unread = channel.stream_stream(METHOD)(frames())  # its replies are never read
+            unread = channel.stream_stream(METHOD)(_unread_hellos(quit_))  # its replies are never read
             wait_for(lambda: bool(_events(caplog, "reply_not_read")), "the unread reply's log line")
         (event,) = _events(caplog, "reply_not_read")
         assert event["seconds"] == 1.0 and event["peer"].startswith("ipv4:127.0.0.1:")
@@ -1285,12 +1273,8 @@ def test_a_stream_ended_while_awaiting_a_frame_leaves_nothing_for_asyncio_to_rep
     channel = grpc.insecure_channel(srv.address)
     gate = threading.Event()
 
-    def frames() -> Iterator[bytes]:
-        yield encode_request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
-        gate.wait(60)
-
     try:
-        call = channel.stream_stream(METHOD)(frames(), timeout=60)
+        call = _open_then_silent(channel, gate)
         assert decode(next(call)).kind is FrameKind.REPLY
         with pytest.raises(grpc.RpcError) as ended:
             next(call)
@@ -1326,10 +1310,6 @@ def test_messages_in_flight_on_two_streams_at_once_are_each_counted_and_uncounte
     gate = threading.Event()
     seen: list[int] = []
 
-    def frames(sid: str) -> Iterator[bytes]:
-        yield encode_request(Request(sid, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
-        gate.wait(60)  # then nothing: no other message is counted
-
     try:
         real_wait = _TwoAtOnce.barrier.wait
 
@@ -1338,9 +1318,8 @@ def test_messages_in_flight_on_two_streams_at_once_are_each_counted_and_uncounte
             return real_wait(timeout)
 
         _TwoAtOnce.barrier.wait = wait  # type: ignore[method-assign]
-        calls = [
-            ch.stream_stream(METHOD)(frames(sid), timeout=60)
-            for ch, sid in zip(channels, ("ab" * 16, "cd" * 16), strict=True)
+        calls = [  # each sends nothing after its open: no other message is counted
+            _open_then_silent(ch, gate, sid) for ch, sid in zip(channels, ("ab" * 16, "cd" * 16), strict=True)
         ]
         assert [decode(next(call)).kind for call in calls] == [FrameKind.REPLY, FrameKind.REPLY]
         assert max(seen) == 2  # the second open to arrive saw both counted
