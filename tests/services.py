@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -64,10 +65,17 @@ def wait_for(cond: Callable[[], bool], what: str, bound: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def grpc_stub(handler: Callable[[Any, Any], Any], workers: int = 2) -> tuple[Any, str]:
+def grpc_stub(
+    handler: Callable[[Any, Any], Any],
+    workers: int = 2,
+    *,
+    host: str = "127.0.0.1",
+    tls: tuple[bytes, bytes] | None = None,
+) -> tuple[Any, str]:
     """A started gRPC server that speaks the SCX method with ``handler(frames, context)`` as its stream
-    handler (a generator of reply frames: a scripted or hostile peer), on a free port; and its ``scx://``
-    URL. The caller stops it (``server.stop(0)``)."""
+    handler (a generator of reply frames: a scripted or hostile peer), on a free port of ``host`` (an IPv6
+    address is bracketed); and its URL: ``scx://``, or ``scxs://`` with ``tls`` (the PEM key and certificate
+    chain it serves). The caller stops it (``server.stop(0)``)."""
     from concurrent import futures
 
     import grpc
@@ -77,9 +85,26 @@ def grpc_stub(handler: Callable[[Any, Any], Any], workers: int = 2) -> tuple[Any
         futures.ThreadPoolExecutor(workers),
         handlers=[grpc.method_handlers_generic_handler("scx.v1.SCX", {"Session": method})],
     )
-    url = f"scx://127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    where = f"[{host}]" if ":" in host else host
+    if tls is None:
+        url = f"scx://{where}:{server.add_insecure_port(f'{where}:0')}"
+    else:
+        credentials = grpc.ssl_server_credentials([tls])
+        url = f"scxs://{where}:{server.add_secure_port(f'{where}:0', credentials)}"
     server.start()
     return server, url
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
 
 
 class RawStream:

@@ -36,6 +36,7 @@ from scx_ref.commands.serve import MAX_MESSAGE_MB, PARENT_ENV
 from scx_ref.service.codec import grpc_options
 from scx_ref.service.spawn import ServerProcess
 from tests.cli_checks import refuse_work, usage_error
+from tests.services import needs_ipv6
 
 
 @pytest.fixture
@@ -137,18 +138,6 @@ def test_a_malformed_server_url_is_refused_before_the_model_loads(
     SmolLM2, and after part of ``scx verify``'s checks)."""
     usage_error(capsys, [*argv, "--model", "tiny-llama", "--server", url], "scx://HOST:PORT")
     assert no_model == []
-
-
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
 
 
 @needs_ipv6

@@ -59,10 +59,14 @@ def request(seq: int) -> Request:
 
 class Stub:
     """A gRPC server speaking the SCX method: a greeting (``hello``) for a hello, and for a request what
-    ``answer(request, context)`` returns (default: a reply that answers it)."""
+    ``answer(request, context)`` returns (default: a reply that answers it); ``where``: where it listens
+    (tests/services.py's ``grpc_stub``: ``host``, ``tls``)."""
 
     def __init__(
-        self, hello: bytes | None = None, answer: Callable[[Request, Any], bytes] | None = None
+        self,
+        hello: bytes | None = None,
+        answer: Callable[[Request, Any], bytes] | None = None,
+        **where: Any,
     ) -> None:
         hello = hello if hello is not None else encode_hello({"service": "scx"})
 
@@ -76,7 +80,7 @@ class Stub:
                 frame = decode(data)
                 yield hello if frame.kind is FrameKind.HELLO else reply(request_from(frame), context)
 
-        self.server, self.url = grpc_stub(handler, 4)
+        self.server, self.url = grpc_stub(handler, 4, **where)  # where: grpc_stub's host and tls
 
 
 @pytest.fixture
