@@ -32,7 +32,8 @@ ones together (times added; each run is listed). Mutants a stopped run never rea
 ``--resume`` alone; ``--resume --unreached`` runs them too (on the current tests), finishing a stopped run;
 ``--resume --survivors`` re-runs only the mutants that survived (exit 0), not those mutmut stopped at its wall
 clock limit (*suspicious*: a slow mutant, or one run on a loaded machine), which can take minutes each.
-``--resume --unforked`` runs exactly those *suspicious* mutants again, each in a pytest process of its own
+``--resume --unforked`` runs exactly those *suspicious* mutants again (and those whose forked worker failed
+to run the tests at all, *error*), each in a pytest process of its own
 (the target's tests, ``-x``, up to ``--max-children`` at once, ``--timeout`` seconds each) instead of in
 mutmut's forked workers, and writes their exit statuses into mutmut's results (1 killed, 0 survived, a timeout
 as mutmut's *timeout*). A forked worker inherits the threads its parent started (numba's, the check kernels'
@@ -206,11 +207,23 @@ def _exit_codes(target: Target) -> dict[str, int | None]:
     return codes
 
 
-def _undetected(target: Target) -> list[str]:
-    """The mutants of the target's last run that no test detected (survived, no tests, ...)."""
+#: the exit status of a forked worker whose test run raised instead of returning pytest's status
+#: (``os._exit(-1)`` in mutmut's fork server): no verdict. mutmut files it as a *timeout*, which counted it
+#: as detected: 162 mutants of ``ServeOptions`` so in stop 86, each with a duration of 0 s
+WORKER_ERROR_CODE = 255
+
+
+def _status(code: int | None) -> str:
+    """mutmut's status for an exit status, except a worker's error (:data:`WORKER_ERROR_CODE`): *error*, no
+    verdict — neither detected nor survived, re-run by ``--resume`` and by ``--resume --unforked``."""
     from mutmut.stats import status_by_exit_code
 
-    return [name for name, code in _exit_codes(target).items() if status_by_exit_code[code] not in DETECTED]
+    return "error" if code == WORKER_ERROR_CODE else status_by_exit_code[code]
+
+
+def _undetected(target: Target) -> list[str]:
+    """The mutants of the target's last run that no test detected (survived, no tests, a worker's error)."""
+    return [name for name, code in _exit_codes(target).items() if _status(code) not in DETECTED]
 
 
 def _survived(target: Target) -> set[str]:
@@ -224,10 +237,9 @@ def _not_run(target: Target) -> set[str]:
 
 
 def _suspicious(target: Target) -> set[str]:
-    """The mutants mutmut stopped at its wall clock (status *suspicious*) in the target's last run."""
-    from mutmut.stats import status_by_exit_code
-
-    return {name for name, code in _exit_codes(target).items() if status_by_exit_code[code] == "suspicious"}
+    """The mutants mutmut stopped at its wall clock (status *suspicious*) in the target's last run, and those
+    whose forked worker failed to run the tests (*error*)."""
+    return {name for name, code in _exit_codes(target).items() if _status(code) in ("suspicious", "error")}
 
 
 #: mutmut's exit status for a mutant stopped at its time limit (SIGXCPU; "timeout" in its stats)
@@ -396,11 +408,9 @@ def _diff_lines(scratch: Path, target: Target, name: str) -> tuple[str, str]:
 
 def collect(target: Target, seconds: float) -> Outcome:
     """Read ``target``'s mutmut results from its scratch copy into an :class:`Outcome`."""
-    from mutmut.stats import status_by_exit_code
-
     scratch = _scratch(target)
     module = target.path.removesuffix(".py").replace("/", ".")
-    mutants = [Mutant(name, status_by_exit_code[code]) for name, code in _exit_codes(target).items()]
+    mutants = [Mutant(name, _status(code)) for name, code in _exit_codes(target).items()]
     outcome = Outcome(target, seconds, mutants)
     for m in mutants:
         if m.status == "not checked" and m.name not in EQUIVALENT and m.name not in KILLED_BY:
@@ -573,9 +583,10 @@ def write_report(
         "killed % = (killed + timed out + added) / all mutants; score = the same over the mutants that are",
         "not equivalent. *survived* counts only survivors that are neither killed nor listed as equivalent;",
         "*not run*: mutants a stopped run never reached (`--report-only` after stopping it); *other*:",
-        "neither killed nor survived nor listed as equivalent — mutmut's *no tests*, or *suspicious*",
+        "neither killed nor survived nor listed as equivalent — mutmut's *no tests*, *suspicious*",
         "(stopped at its wall-clock limit, 15 × (the tests' expected time + 1 s): a slow mutant, or a",
-        "loaded machine).",
+        "loaded machine), or *error* (the forked worker's test run raised: exit status 255, which mutmut",
+        "files as a timeout; no verdict).",
         "",
         "The machine may be shared: *load* is the 1-minute load average when the module's run started",
         "and ended (on 2 CPUs, a load of 4 means about half the CPU time went to mutmut); *CPU* is the CPU",
@@ -706,8 +717,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--unforked",
         action="store_true",
         help=(
-            "with --resume: re-run only the suspicious (wall-clock-stopped) mutants, each in its own pytest "
-            "process"
+            "with --resume: re-run only the suspicious (wall-clock-stopped) and error (worker failed) "
+            "mutants, each in its own pytest process"
         ),
     )
     parser.add_argument(

@@ -30,7 +30,7 @@ class InProcess:
     def __init__(
         self, server_cls: type[Server[Any]] = Server, backend: NumpyBackend | None = None, **options: Any
     ) -> None:
-        self.backend = NumpyBackend(tiny_weights(3)) if backend is None else backend
+        self.backend = self.default_backend() if backend is None else backend
         opts = ServeOptions(**{"port": 0, "ops_port": None, **options})
         self.server = server_cls(self.backend, limits=opts.server_limits(), batch_rows=opts.batch_rows)
         self.service = SCXService(self.server, opts)
@@ -40,6 +40,11 @@ class InProcess:
         asyncio.run_coroutine_threadsafe(self.service.start(), self.loop).result(60)
         self.address = f"127.0.0.1:{self.service.port}"
         self.url = f"scx://{self.address}"
+
+    @staticmethod
+    def default_backend() -> NumpyBackend:
+        """tests/tiny.py's model, seed 3, numpy float64."""
+        return NumpyBackend(tiny_weights(3))
 
     def stop(self, bound: float = 120.0) -> None:
         """Stop the service (nothing more if it has stopped already), waiting at most ``bound`` seconds

@@ -25,6 +25,10 @@ from .test_service_hostile import TIMEOUT, InProcess, honest_session, wait_for
         ("ipv4:10.0.0.7:1", "ipv4:10.0.0.7"),
         ("ipv6:[::1]:51234", "ipv6:[::1]"),
         ("ipv6:%5B::1%5D:51234", "ipv6:[::1]"),
+        ("ipv6:%5b::1%5d:51234", "ipv6:[::1]"),  # percent-encoding in lower case
+        ("ipv6:[::1]]:51234", "ipv6:[::1]"),  # the address ends at its first bracket
+        ("ipv6:[]:51234", "ipv6:[]"),  # an empty address: only the port dropped
+        ("other:10.0.0.7:1", "other:10.0.0.7:1"),  # another kind of name, with a port: as it is
         ("ipv6:[fe80::1%25eth0]:443", "ipv6:[fe80::1%25eth0]"),
         ("unix:/run/scx.sock", "unix:/run/scx.sock"),
         ("ipv4:10.0.0.7", "ipv4:10.0.0.7"),  # no port: as it is

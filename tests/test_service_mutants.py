@@ -237,6 +237,7 @@ def test_a_start_that_fails_on_either_port_leaves_nothing_listening_or_running(b
     )
     assert not _listening(other), f"the {'ops' if busy == 'grpc' else 'gRPC'} port was left listening"
     assert service.ops_port is None
+    assert service.port == 0  # no port, as before the start
     with pytest.raises(RuntimeError, match="shutdown"):
         service.pool.submit(int)
 
@@ -464,12 +465,21 @@ def test_serve_options_take_their_bounds_store_python_numbers_and_share_their_li
         max_rows=np.int32(7),
         max_decoys=5,
         max_cache_bytes=1 << 20,
-        max_message_bytes=1 << 16,
+        max_message_bytes=np.int64(1 << 16),
         max_sessions=9,
     )
     stored = {
         k: getattr(o, k)
-        for k in ("workers", "max_sessions_per_peer", "port", "ops_port", "idle_timeout", "grace", "max_rows")
+        for k in (
+            "workers",
+            "max_sessions_per_peer",
+            "port",
+            "ops_port",
+            "idle_timeout",
+            "grace",
+            "max_rows",
+            "max_message_bytes",
+        )
     }
     assert stored == {
         "workers": 3,
@@ -479,8 +489,9 @@ def test_serve_options_take_their_bounds_store_python_numbers_and_share_their_li
         "idle_timeout": 2.0,
         "grace": 1.0,
         "max_rows": 7,
+        "max_message_bytes": 1 << 16,
     }
-    assert [type(v) for v in stored.values()] == [int, int, int, int, float, float, int]
+    assert [type(v) for v in stored.values()] == [int, int, int, int, float, float, int, int]
     limits = o.server_limits()
     assert (limits.max_sessions, limits.max_rows, limits.max_decoys, limits.max_message_bytes) == (
         9,
@@ -1402,3 +1413,164 @@ def test_the_grpc_server_allows_the_clients_keepalive_pings_and_shares_no_port(
         ]
     finally:
         srv.stop(bound=15)
+
+
+# -- the start: its TLS listener and its log line ----------------------------------------------------------
+def _tls_files(tmp_path: Any, pairs: int = 1) -> list[Any]:
+    """For each of ``pairs`` private CAs: a certificate for 127.0.0.1, its key, and the CA's file."""
+    trustme = pytest.importorskip("trustme")
+    files = []
+    for i in range(pairs):
+        ca = trustme.CA()
+        issued = ca.issue_cert("127.0.0.1")
+        cert, key, ca_file = tmp_path / f"cert{i}.pem", tmp_path / f"key{i}.pem", tmp_path / f"ca{i}.pem"
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+        ca.cert_pem.write_to_path(str(ca_file))
+        files.append((cert, key, ca_file))
+    return files
+
+
+def test_a_tls_service_listens_on_its_port_and_a_client_with_the_ca_is_served(tmp_path: Any) -> None:
+    from scx_ref.service import RemoteTransport
+
+    ((cert, key, ca_file),) = _tls_files(tmp_path)
+    srv = InProcess(tls_cert=str(cert), tls_key=str(key))
+    try:
+        assert srv.service.port > 0 and srv.service.ops_port is None  # no ops listener asked for
+        url = f"scxs://127.0.0.1:{srv.service.port}"
+        with RemoteTransport(url, srv.backend, timeout=60.0, connect_timeout=60.0, tls_ca=ca_file) as link:
+            link.send(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
+            assert len(srv.server.sessions) == 1
+    finally:
+        srv.stop()
+
+
+def test_a_tls_pair_that_does_not_match_is_refused_whole(tmp_path: Any) -> None:
+    (cert, _, _), (_, other_key, _) = _tls_files(tmp_path, 2)
+    opts = ServeOptions(port=0, ops_port=None, tls_cert=str(cert), tls_key=str(other_key))
+    service = SCXService(Server(InProcess.default_backend(), limits=opts.server_limits()), opts)
+    with pytest.raises(ServiceError) as refused:
+        asyncio.run(service.start())
+    assert str(refused.value) == (
+        "cannot listen on 127.0.0.1:0: address in use or not an address of this host, or the TLS certificate "
+        "and key are not a matching PEM pair"
+    )
+
+
+def test_a_start_logs_one_listening_line_with_its_ports_and_greeting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="scx.serve"):
+        srv = InProcess(ops_port=0)
+    try:
+        (listening,) = _events(caplog, "listening")
+        info = json.loads(json.dumps(srv.service.info, default=str))
+        assert info["service"] == "scx" and "fingerprint" in info
+        assert listening == {
+            "event": "listening",
+            "port": srv.service.port,
+            "ops_port": srv.service.ops_port,
+            **info,
+        }
+        assert srv.service.port > 0 and srv.service.ops_port is not None and srv.service.ops_port > 0
+    finally:
+        srv.stop()
+
+
+def test_the_idle_sweep_logs_how_many_sessions_it_evicted(caplog: pytest.LogCaptureFixture) -> None:
+    """A session idle past ``idle_timeout`` on a stream that stays alive (hellos every 0.2 s) is evicted by
+    the sweep, which logs one ``idle_evicted`` line counting it."""
+    srv = InProcess(idle_timeout=0.5)
+    raw = RawStream(srv.address)
+    try:
+        with caplog.at_level(logging.INFO, logger="scx.serve"):
+            assert raw.request(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META)).kind is FrameKind.REPLY
+            wait_for(lambda: bool(_events(caplog, "idle_evicted")), "the idle sweep's log line")
+        assert _events(caplog, "idle_evicted") == [{"event": "idle_evicted", "sessions": 1}]
+        assert not srv.server.sessions
+    finally:
+        raw.close()
+        srv.stop()
+
+
+@pytest.mark.parametrize("model_name", ["", "served-as"], ids=["no-name-given", "given-name"])
+def test_the_greeting_names_the_service_its_model_and_its_bounds(model_name: str) -> None:
+    """The greeting (``info``, what a hello is answered with): the protocol's version 1, the model's name
+    (the one given, else the configuration's), its fingerprint and dtype, the batch and session bounds."""
+    from scx_ref.service.service import model_fingerprint
+
+    backend = InProcess.default_backend()
+    opts = ServeOptions(port=0, ops_port=None, max_sessions=7, max_message_bytes=12345, batch_rows=3)
+    server = Server(backend, limits=opts.server_limits(), batch_rows=opts.batch_rows)
+    service = SCXService(server, opts, model_name) if model_name else SCXService(server, opts)
+    try:
+        assert service.info == {
+            "service": "scx",
+            "version": 1,
+            "model": model_name or backend.config.name,
+            "fingerprint": model_fingerprint(backend),
+            "wire_dtype": "<f8",
+            "batch_rows": 3,
+            "max_sessions": 7,
+            "max_message_bytes": 12345,
+        }
+    finally:
+        service.pool.shutdown()
+
+
+def test_the_compute_pool_has_workers_threads() -> None:
+    opts = ServeOptions(port=0, ops_port=None, workers=3)
+    service = SCXService(Server(InProcess.default_backend()), opts)
+    try:
+        assert service.pool._max_workers == 3  # CPython's ThreadPoolExecutor: its bound on threads
+    finally:
+        service.pool.shutdown()
+
+
+def test_the_fingerprint_reads_the_hyper_parameters_but_not_the_name() -> None:
+    """Weights and shapes equal: a model renamed is the same model; one whose RMSNorm ε differs (no sampled
+    weight shows it) is not."""
+    from scx_ref.backends import NumpyBackend
+    from scx_ref.service.service import model_fingerprint
+
+    from .tiny import tiny_weights
+
+    base = model_fingerprint(NumpyBackend(tiny_weights(3)))
+    assert model_fingerprint(NumpyBackend(tiny_weights(3, name="renamed"))) == base
+    assert model_fingerprint(NumpyBackend(tiny_weights(3, rms_eps=1e-6))) != base
+
+
+def test_a_log_field_json_cannot_write_is_written_as_its_text(caplog: pytest.LogCaptureFixture) -> None:
+    from scx_ref.service.service import _event
+
+    with caplog.at_level(logging.INFO, logger="scx.serve"):
+        _event("probe", count=np.int64(5), ratio=np.float32(0.5))
+    assert _events(caplog, "probe") == [{"event": "probe", "count": "5", "ratio": "0.5"}]
+
+
+def test_the_fingerprint_is_the_documented_hash_and_agrees_across_dtypes() -> None:
+    """SHA-256 over the configuration's fields but the name (JSON, keys sorted), then 16 embedding rows and
+    block 1's QKV map of 4 unit vectors, each as little-endian float32; its first 16 hex digits. The same
+    weights in float32 and float64 give one fingerprint; another sampled weight gives another."""
+    import hashlib
+    import json as json_
+
+    from scx_ref.backends import NumpyBackend
+    from scx_ref.service.service import model_fingerprint
+
+    from .tiny import tiny_weights
+
+    w = tiny_weights(3)
+    b64 = NumpyBackend(w)
+    c = w.config
+    h = hashlib.sha256(
+        json_.dumps({k: v for k, v in c.to_dict().items() if k != "name"}, sort_keys=True).encode()
+    )
+    h.update(np.asarray(w.embed[:16], dtype="<f4").tobytes())
+    h.update(np.asarray(b64.project(np.eye(4, c.hidden_size), "wqkv", 0), dtype="<f4").tobytes())
+    assert model_fingerprint(b64) == h.hexdigest()[:16]
+    assert model_fingerprint(NumpyBackend(w, np.float32)) == model_fingerprint(b64)
+    changed = tiny_weights(3)
+    changed.embed[15, 0] += 1.0
+    assert model_fingerprint(NumpyBackend(changed)) != model_fingerprint(b64)
