@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -161,3 +162,19 @@ class RawStream:
         self.call.cancel()
         self.channel.close()
         self.reader.join(30)
+
+
+def tls_files(tmp_path: Path, pairs: int = 1) -> list[tuple[Path, Path, Path]]:
+    """For each of ``pairs`` private CAs (trustme; the test is skipped without it): the PEM files of a
+    certificate for 127.0.0.1, of its key and of the CA."""
+    trustme = pytest.importorskip("trustme")
+    files = []
+    for i in range(pairs):
+        ca = trustme.CA()
+        issued = ca.issue_cert("127.0.0.1")
+        cert, key, ca_file = tmp_path / f"cert{i}.pem", tmp_path / f"key{i}.pem", tmp_path / f"ca{i}.pem"
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+        ca.cert_pem.write_to_path(str(ca_file))
+        files.append((cert, key, ca_file))
+    return files

@@ -51,7 +51,7 @@ from scx_ref.service.remote import _server_error, _shown  # noqa: E402
 from scx_ref.service.service import model_fingerprint  # noqa: E402
 from scx_ref.stages import Stage  # noqa: E402
 
-from .services import grpc_stub, needs_ipv6, wait_for  # noqa: E402
+from .services import grpc_stub, needs_ipv6, tls_files, wait_for  # noqa: E402
 from .test_remote_transport_hostile_server import raw_frame  # noqa: E402
 from .test_remote_transport_lifecycle import Injected, Stub  # noqa: E402
 from .tiny import tiny_weights  # noqa: E402
@@ -317,13 +317,9 @@ def _within(bound: float, fn: Callable[[], object]) -> BaseException | None:
 
 @pytest.fixture
 def tls_pair(tmp_path: Path) -> tuple[tuple[bytes, bytes], Path]:
-    """A server's PEM key and certificate chain for 127.0.0.1, and a file holding its (private) CA."""
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    return (cert.private_key_pem.bytes(), cert.cert_chain_pems[0].bytes()), ca_file
+    """A server's PEM key and certificate chain for 127.0.0.1, and the file of its (private) CA."""
+    ((cert, key, ca_file),) = tls_files(tmp_path)
+    return (key.read_bytes(), cert.read_bytes()), ca_file
 
 
 def test_a_tls_link_with_its_ca_file_carries_a_reply_past_grpcs_default_bound(

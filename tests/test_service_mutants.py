@@ -41,7 +41,7 @@ from scx_ref.service.service import METHOD, SCXService, ServeOptions, unbrackete
 from scx_ref.stages import Stage  # noqa: E402
 
 from .refusals import Refusal, refusal_test  # noqa: E402
-from .services import InProcess, RawStream, wait_for  # noqa: E402
+from .services import InProcess, RawStream, tls_files, wait_for  # noqa: E402
 
 OPEN_META = {"n": 4, "r1": 1, "r2": 1, "r_lock": 1, "l_s": 1, "l_e": 1, "max_length": 16, "level": "paper"}
 SID = "ab" * 16
@@ -1416,25 +1416,10 @@ def test_the_grpc_server_allows_the_clients_keepalive_pings_and_shares_no_port(
 
 
 # -- the start: its TLS listener and its log line ----------------------------------------------------------
-def _tls_files(tmp_path: Any, pairs: int = 1) -> list[Any]:
-    """For each of ``pairs`` private CAs: a certificate for 127.0.0.1, its key, and the CA's file."""
-    trustme = pytest.importorskip("trustme")
-    files = []
-    for i in range(pairs):
-        ca = trustme.CA()
-        issued = ca.issue_cert("127.0.0.1")
-        cert, key, ca_file = tmp_path / f"cert{i}.pem", tmp_path / f"key{i}.pem", tmp_path / f"ca{i}.pem"
-        issued.cert_chain_pems[0].write_to_path(str(cert))
-        issued.private_key_pem.write_to_path(str(key))
-        ca.cert_pem.write_to_path(str(ca_file))
-        files.append((cert, key, ca_file))
-    return files
-
-
 def test_a_tls_service_listens_on_its_port_and_a_client_with_the_ca_is_served(tmp_path: Any) -> None:
     from scx_ref.service import RemoteTransport
 
-    ((cert, key, ca_file),) = _tls_files(tmp_path)
+    ((cert, key, ca_file),) = tls_files(tmp_path)
     srv = InProcess(tls_cert=str(cert), tls_key=str(key))
     try:
         assert srv.service.port > 0 and srv.service.ops_port is None  # no ops listener asked for
@@ -1447,7 +1432,7 @@ def test_a_tls_service_listens_on_its_port_and_a_client_with_the_ca_is_served(tm
 
 
 def test_a_tls_pair_that_does_not_match_is_refused_whole(tmp_path: Any) -> None:
-    (cert, _, _), (_, other_key, _) = _tls_files(tmp_path, 2)
+    (cert, _, _), (_, other_key, _) = tls_files(tmp_path, 2)
     opts = ServeOptions(port=0, ops_port=None, tls_cert=str(cert), tls_key=str(other_key))
     service = SCXService(Server(InProcess.default_backend(), limits=opts.server_limits()), opts)
     with pytest.raises(ServiceError) as refused:
