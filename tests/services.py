@@ -26,7 +26,8 @@ from .tiny import tiny_weights
 class InProcess:
     """An SCXService over a ``server_cls`` protocol server (``backend``, by default tests/tiny.py's model,
     seed 3, numpy float64) on an event loop in a background thread, on a free port (no ops listener unless
-    ``ops_port`` is given): ``url`` for a RemoteTransport, ``address`` for a raw gRPC channel."""
+    ``ops_port`` is given): ``url`` for a RemoteTransport (``scxs://`` with ``tls_cert``), ``address`` for a
+    raw gRPC channel."""
 
     def __init__(
         self, server_cls: type[Server[Any]] = Server, backend: NumpyBackend | None = None, **options: Any
@@ -40,7 +41,7 @@ class InProcess:
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.service.start(), self.loop).result(60)
         self.address = f"127.0.0.1:{self.service.port}"
-        self.url = f"scx://{self.address}"
+        self.url = f"{'scxs' if opts.tls_cert is not None else 'scx'}://{self.address}"
 
     @staticmethod
     def default_backend() -> NumpyBackend:

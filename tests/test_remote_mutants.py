@@ -65,7 +65,9 @@ def peer() -> Iterator[Callable[..., Stub]]:
     """Scripted SCX servers (tests/test_remote_transport_lifecycle.py's ``Stub``), stopped after the test."""
     made: list[Stub] = []
 
-    def make(answer: Callable[[Request, Any], bytes], hello: bytes | None = None, **where: Any) -> Stub:
+    def make(
+        answer: Callable[[Request, Any], bytes] | None = None, hello: bytes | None = None, **where: Any
+    ) -> Stub:
         made.append(Stub(hello, answer, **where))
         return made[-1]
 
@@ -216,10 +218,7 @@ def _watchdogs() -> list[threading.Thread]:
 
 
 def test_an_open_stream_has_one_daemon_watchdog_thread_and_a_closed_one_none(peer: Any) -> None:
-    def answer(req: Request, ctx: Any) -> bytes:
-        return encode_reply(Reply(req.session, req.stage, req.layer, req.step, req.seq, {}, {}))
-
-    p = peer(answer)
+    p = peer()  # each request answered by a reply to it
     before = set(_watchdogs())
     link = RemoteTransport(p.url, None, timeout=TIMEOUT)
     try:
@@ -290,10 +289,6 @@ def test_the_watchdog_fires_at_its_deadline_and_not_before(monkeypatch: pytest.M
 
 
 # -- reaching the server ------------------------------------------------------------------------------
-def _echo(req: Request, ctx: Any) -> bytes:
-    return encode_reply(Reply(req.session, req.stage, req.layer, req.step, req.seq, {}, {}))
-
-
 def _within(bound: float, fn: Callable[[], object]) -> BaseException | None:
     """Run ``fn`` in a daemon thread and return what it raised (None: nothing); fail if it still runs after
     ``bound`` seconds — a hang, not a timing."""
@@ -344,7 +339,7 @@ def test_a_tls_link_without_a_ca_file_trusts_only_the_systems_roots(peer: Any, t
     """No CA file: gRPC's own roots, which do not hold the private CA, so the server is never reached and
     the client says so once ``connect_timeout`` has passed."""
     key_chain, _ = tls_pair
-    p = peer(_echo, tls=key_chain)
+    p = peer(None, tls=key_chain)
     link = RemoteTransport(p.url, None, timeout=TIMEOUT, connect_timeout=0.5)
     try:
         refused = _within(TIMEOUT, lambda: link.send(Request(SID, Stage.OPEN, -1, -1, 0)))
@@ -367,7 +362,7 @@ def test_an_unreadable_ca_file_is_a_config_error_naming_it(tmp_path: Path) -> No
 
 @needs_ipv6
 def test_an_ipv6_server_is_reached_by_its_bracketed_url(peer: Any) -> None:
-    p = peer(_echo, host="::1")
+    p = peer(None, host="::1")
     assert p.url.startswith("scx://[::1]:")
     with RemoteTransport(p.url, None, timeout=TIMEOUT, connect_timeout=TIMEOUT) as link:
         assert link.host == "::1"
@@ -381,7 +376,7 @@ def test_an_ipv6_server_is_reached_by_its_bracketed_url(peer: Any) -> None:
     ids=["another-service", "not-a-greeting"],
 )
 def test_a_greeting_of_another_service_or_of_another_kind_is_refused(peer: Any, hello: bytes) -> None:
-    p = peer(_echo, hello=hello)
+    p = peer(None, hello=hello)
     link = RemoteTransport(p.url, None, timeout=TIMEOUT)
     try:
         with pytest.raises(ServiceError) as refused:
@@ -397,7 +392,7 @@ def test_a_message_of_exactly_max_message_bytes_goes_and_one_byte_more_is_refuse
     req = Request(SID, Stage.OPEN, -1, -1, 0)
     size = len(encode_request(req))
     assert size > len(encode_hello({"client": "scx_ref"}))  # the greeting goes either way
-    p = peer(_echo)
+    p = peer()
     with RemoteTransport(p.url, None, timeout=TIMEOUT, max_message_bytes=size) as link:
         assert link.send(req).seq == 0
     with (
@@ -440,7 +435,7 @@ class _CodeNotAStatus(grpc.RpcError):  # type: ignore[misc]
 def test_an_rpc_error_is_reported_with_what_it_has(peer: Any, error: Exception, shown: str) -> None:
     """An RpcError without ``code``/``details`` (gRPC's base class) is reported with its own text; a code
     that is no StatusCode, as it is: the client's error, not an AttributeError."""
-    p = peer(_echo)
+    p = peer()
     with RemoteTransport(p.url, None, timeout=TIMEOUT) as link:
         link._connect()
 

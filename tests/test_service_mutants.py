@@ -212,9 +212,6 @@ def test_a_start_that_fails_on_either_port_leaves_nothing_listening_or_running(b
     """Start raises ServiceError naming the port it could not bind, and leaves neither port listening (before:
     when the ops port was taken, the gRPC port bound before it kept listening: gRPC closes a bound port only
     once its server has started), the ops port forgotten and the compute pool shut."""
-    from scx_ref.backends import NumpyBackend
-
-    from .tiny import tiny_weights
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -223,7 +220,7 @@ def test_a_start_that_fails_on_either_port_leaves_nothing_listening_or_running(b
         other = _free_port()
         grpc_port, ops_port = (busy_port, other) if busy == "grpc" else (other, busy_port)
         opts = ServeOptions(port=grpc_port, ops_port=ops_port)
-        service = SCXService(Server(NumpyBackend(tiny_weights(3))), opts)
+        service = SCXService(Server(InProcess.default_backend()), opts)
 
         async def start() -> None:
             await service.start()
@@ -248,14 +245,11 @@ def _prefilled(
 ) -> Iterator[tuple[InProcess, Callable[[], object]]]:
     """An in-process service over ``server_cls`` (tests/tiny.py's model) and a client that has prefilled a
     short prompt over it; the callable decodes one token (its ``gen_mid`` messages included)."""
-    from scx_ref.backends import NumpyBackend
     from scx_ref.keys import KeySchedule
     from scx_ref.protocol import Client, SCXConfig
     from scx_ref.service.remote import RemoteTransport
 
-    from .tiny import tiny_weights
-
-    backend = NumpyBackend(tiny_weights(3))
+    backend = InProcess.default_backend()
     srv = InProcess(server_cls, backend=backend, batch_rows=batch_rows)
     link = RemoteTransport(srv.url, backend, timeout=20.0)
     try:
@@ -708,15 +702,12 @@ def test_stop_after_a_start_that_failed_on_its_grpc_port_stops_cleanly(
 ) -> None:
     """A start refused on its gRPC port (the ops listener already up, then shut) leaves a service whose
     stop finishes without error and marks it stopped."""
-    from scx_ref.backends import NumpyBackend
-
-    from .tiny import tiny_weights
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         opts = ServeOptions(port=int(taken.getsockname()[1]), ops_port=0)
-        service = SCXService(Server(NumpyBackend(tiny_weights(3))), opts)
+        service = SCXService(Server(InProcess.default_backend()), opts)
 
         async def start_then_stop() -> None:
             with pytest.raises(ServiceError, match="cannot listen on"):
@@ -769,11 +760,8 @@ def test_a_stalled_ops_client_does_not_hold_up_the_shutdown(
 
 
 def test_stop_before_start_does_nothing() -> None:
-    from scx_ref.backends import NumpyBackend
 
-    from .tiny import tiny_weights
-
-    service = SCXService(Server(NumpyBackend(tiny_weights(3))), ServeOptions(port=0, ops_port=None))
+    service = SCXService(Server(InProcess.default_backend()), ServeOptions(port=0, ops_port=None))
     asyncio.run(service.stop())
     assert not service.draining and not service.closing
 
@@ -868,11 +856,8 @@ def test_a_refusals_log_line_holds_the_first_300_characters_of_its_message(
 def test_the_ops_thread_is_a_daemon_whichever_thread_starts_the_service() -> None:
     """Started from the main thread (as ``scx serve`` starts it), the ops listener's thread is still a
     daemon: it cannot keep the process alive after the service is gone."""
-    from scx_ref.backends import NumpyBackend
 
-    from .tiny import tiny_weights
-
-    service = SCXService(Server(NumpyBackend(tiny_weights(3))), ServeOptions(port=0, ops_port=0))
+    service = SCXService(Server(InProcess.default_backend()), ServeOptions(port=0, ops_port=0))
     seen: list[bool] = []
 
     async def run() -> None:
@@ -916,12 +901,9 @@ def test_a_client_that_never_reads_does_not_hold_up_the_shutdown() -> None:
 def _open_reply(max_message_bytes: int, caplog: pytest.LogCaptureFixture) -> Any:
     """The frame ``scx serve`` answers an ``open`` with under ``max_message_bytes`` (computed on a worker as
     the service computes it), and whether the server still holds the session."""
-    from scx_ref.backends import NumpyBackend
     from scx_ref.service.service import _Stream
 
-    from .tiny import tiny_weights
-
-    server: Server[Any] = Server(NumpyBackend(tiny_weights(3)))
+    server: Server[Any] = Server(InProcess.default_backend())
     service = SCXService(server, ServeOptions(port=0, ops_port=None, max_message_bytes=max_message_bytes))
     try:
         stream = _Stream("ipv4:127.0.0.1:5000")
@@ -1169,12 +1151,9 @@ def test_gen_mid_messages_are_batched_only_when_batch_rows_exceeds_one() -> None
 def test_a_message_that_cannot_be_scheduled_is_an_internal_error_and_settles_its_stream() -> None:
     """The compute pool refusing work (shut down): the message is answered with an internal ServiceError
     naming the pool's RuntimeError, and its stream is not left counting it as busy."""
-    from scx_ref.backends import NumpyBackend
     from scx_ref.service.service import _Stream
 
-    from .tiny import tiny_weights
-
-    service = SCXService(Server(NumpyBackend(tiny_weights(3))), ServeOptions(port=0, ops_port=None))
+    service = SCXService(Server(InProcess.default_backend()), ServeOptions(port=0, ops_port=None))
     service.pool.shutdown()
     stream = _Stream("ipv4:127.0.0.1:5000")
     stream.sessions.add(SID)
@@ -1367,16 +1346,13 @@ def test_an_ops_port_error_without_the_systems_words_is_shown_as_raised(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An OSError with no ``strerror`` (raised with a message alone): shown by its text."""
-    from scx_ref.backends import NumpyBackend
-
-    from .tiny import tiny_weights
 
     def refuse(self: SCXService, port: int) -> None:
         raise OSError("no interface of that name")
 
     monkeypatch.setattr(SCXService, "_start_http", refuse)
     port = _free_port()
-    service = SCXService(Server(NumpyBackend(tiny_weights(3))), ServeOptions(port=0, ops_port=port))
+    service = SCXService(Server(InProcess.default_backend()), ServeOptions(port=0, ops_port=port))
 
     async def start() -> None:
         await service.start()
@@ -1423,8 +1399,10 @@ def test_a_tls_service_listens_on_its_port_and_a_client_with_the_ca_is_served(tm
     srv = InProcess(tls_cert=str(cert), tls_key=str(key))
     try:
         assert srv.service.port > 0 and srv.service.ops_port is None  # no ops listener asked for
-        url = f"scxs://127.0.0.1:{srv.service.port}"
-        with RemoteTransport(url, srv.backend, timeout=60.0, connect_timeout=60.0, tls_ca=ca_file) as link:
+        assert srv.url == f"scxs://127.0.0.1:{srv.service.port}"
+        with RemoteTransport(
+            srv.url, srv.backend, timeout=60.0, connect_timeout=60.0, tls_ca=ca_file
+        ) as link:
             link.send(Request(SID, Stage.OPEN, -1, -1, 0, {}, OPEN_META))
             assert len(srv.server.sessions) == 1
     finally:
