@@ -22,14 +22,17 @@ that had to be stopped, its unreached mutants are counted as *not run*).
 ``--which-test`` (after a run) runs the target's selected tests (or ``--tests``) against the given mutants
 and prints the first test that fails on each: the test to name in ``mutation/annotations.toml``.
 
-``--resume`` (after a run, with the module sources unchanged) keeps each target's scratch copy and mutmut's
-results, copies the current tests into it and re-runs only the mutants the earlier run did not detect, less
-those annotated as equivalent — mutmut's own incremental mode: tests were only added, so a mutant killed
-before stays killed. New tests must go into files the target already selects (a changed selection makes mutmut
-discard every result); a test outside the selection may be named too, and counts as killing its mutant when
-the re-check sees it fail there (*added* in the report). The report counts the earlier run and the resumed
-ones together (times added; each run is listed). Mutants a stopped run never reached are not run by
-``--resume`` alone; ``--resume --unreached`` runs them too (on the current tests), finishing a stopped run;
+``--resume`` (after a run) keeps each target's scratch copy and mutmut's results, copies the current tests
+into it and re-runs only the mutants the earlier run did not detect, less those annotated as equivalent —
+mutmut's own incremental mode: tests were only added, so a mutant killed before stays killed. It also copies
+the current library in: a function of the target whose source changed since (by mutmut's function hashes) has
+its mutants made again, its earlier results dropped, and every one of them run; the other functions' results
+are kept (the report lists the changed functions with the run). New tests must go into files the target
+already selects (a changed selection makes mutmut discard every result); a test outside the selection may be
+named too, and counts as killing its mutant when the re-check sees it fail there (*added* in the report). The
+report counts the earlier run and the resumed ones together (times added; each run is listed). Mutants a
+stopped run never reached are not run by ``--resume`` alone; ``--resume --unreached`` runs them too (on the
+current tests), finishing a stopped run;
 ``--resume --survivors`` re-runs only the mutants that survived (exit 0), not those mutmut stopped at its wall
 clock limit (*suspicious*: a slow mutant, or one run on a loaded machine), which can take minutes each.
 ``--resume --unforked`` runs exactly those *suspicious* mutants again (and those whose forked worker failed
@@ -310,6 +313,32 @@ def _sync_tests(target: Target) -> None:
         shutil.copytree(ROOT / name, scratch / name, ignore=ignore, dirs_exist_ok=True)
 
 
+def _sync_source(target: Target) -> list[str]:
+    """Bring the current library into a resumed scratch copy (each file whose content differs, with a new
+    modification time, so mutmut re-makes the target's mutants) and return the target's functions whose
+    source changed, by mutmut's own function hashes (its mangled names, ``x_peer_host``): mutmut drops their
+    earlier results when it re-makes them, and :func:`run_mutmut` runs their new mutants. The other
+    functions' results are kept — mutmut's incremental mode."""
+    from mutmut.mutation.file_mutation import mutate_file_contents
+
+    scratch = _scratch(target)
+    meta = json.loads((scratch / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
+    old_hashes: dict[str, str] = meta.get("hash_by_function_name", {})
+    source = (ROOT / target.path).read_text(encoding="utf-8")
+    cwd = Path.cwd()
+    os.chdir(scratch)  # mutmut reads its configuration from the working directory
+    try:
+        new_hashes = dict(mutate_file_contents(target.path, source).hash_by_function_name)
+    finally:
+        os.chdir(cwd)
+    for src in sorted((ROOT / "scx_ref").rglob("*.py")):
+        dst = scratch / src.relative_to(ROOT)
+        if not dst.exists() or dst.read_bytes() != src.read_bytes():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)  # a new modification time: mutmut sees the file changed
+    return sorted(f for f, h in new_hashes.items() if old_hashes.get(f) != h)
+
+
 def run_mutmut(
     target: Target,
     max_children: int,
@@ -340,17 +369,27 @@ def run_mutmut(
         scratch = _scratch(target)
         before = json.loads(_timing_file(target).read_text(encoding="utf-8"))
         _sync_tests(target)
+        changed = _sync_source(target)
+        if changed and unforked:
+            raise SystemExit(
+                f"--resume --unforked: {target.path} changed since the run ({', '.join(changed)}); run"
+                f" `python -m mutation.run {target.name} --resume` first, to make and run their new mutants"
+            )
         # equivalent ones stay as they were; so do the mutants a stopped run never reached (still "not run")
         # unless ``unreached`` asks for them
         skip = set() if unreached else _not_run(target)
+        prefix = target.path.removesuffix(".py").replace("/", ".") + "."
+        stale = tuple(f"{prefix}{f}__mutmut_" for f in changed)  # their old names name other mutants now
         names = [n for n in _undetected(target) if n not in EQUIVALENT and n not in skip]
+        names = [n for n in names if not n.startswith(stale)]
         if survivors:
             names = [n for n in names if n in _survived(target)]
         if unforked:
             names = [n for n in names if n in _suspicious(target)]
+        names += [f"{prefix}{f}__mutmut_*" for f in changed]  # every new mutant of a changed function
     else:
         scratch = prepare(target)
-        names = []
+        names, changed = [], []
     load_start = _load()
     cpu_start = _children_cpu()
     start = time.monotonic()
@@ -378,7 +417,8 @@ def run_mutmut(
         "seconds": seconds,
         "load": list(load),
         "cpu": cpu,
-        "rerun": len(names) if resume else None,
+        "rerun": len(names) - len(changed) if resume else None,
+        **({"changed": changed} if changed else {}),
         "max_children": max_children,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **({"unforked": True} if unforked else {}),
@@ -625,6 +665,12 @@ def write_report(
                 if r.get("unforked"):
                     what = f"the {r['rerun']} suspicious mutants, each in a pytest process of its own"
                     what += " (`--unforked`)"
+                if r.get("changed"):
+                    what += (
+                        ", and every mutant of the functions whose source had changed since ("
+                        + ", ".join(f"`{f}`" for f in r["changed"])
+                        + "; their earlier results dropped)"
+                    )
                 if r.get("stopped"):
                     what += " (stopped before the end: the mutants it never reached are counted as *not run*)"
                 lines.append(

@@ -34,6 +34,10 @@ from .test_service_hostile import TIMEOUT, InProcess, honest_session, wait_for
         ("ipv4:10.0.0.7", "ipv4:10.0.0.7"),  # no port: as it is
         ("ipv4:10.0.0.7:http", "ipv4:10.0.0.7:http"),  # not a port: as it is
         ("ipv6:[::1", "ipv6:[::1"),  # malformed: as it is
+        # an IPv6 address without brackets: its port cannot be told from its last group, so as it is
+        ("ipv6:fe80::1", "ipv6:fe80::1"),
+        ("ipv6:fe80::1]:443", "ipv6:fe80::1]:443"),  # a bracket that closes none: as it is
+        ("ipv6:%5B::1", "ipv6:%5B::1"),  # an encoded bracket that is never closed: as it is
         ("", ""),
     ],
 )
@@ -45,6 +49,8 @@ def test_two_ports_of_one_host_share_an_address_and_two_hosts_do_not() -> None:
     assert peer_host("ipv4:10.0.0.7:1000") == peer_host("ipv4:10.0.0.7:2000")
     assert peer_host("ipv4:10.0.0.7:1000") != peer_host("ipv4:10.0.0.8:1000")
     assert peer_host("ipv6:[::1]:1000") != peer_host("ipv4:127.0.0.1:1000")
+    # without brackets, two IPv6 hosts that differ only in their last group stay two hosts
+    assert peer_host("ipv6:fe80::1") != peer_host("ipv6:fe80::2")
 
 
 def test_serve_options_check_the_per_peer_cap() -> None:

@@ -213,15 +213,17 @@ def _event(event: str, level: int = logging.INFO, **fields: Any) -> None:
 def peer_host(peer: str) -> str:
     """The address part of a gRPC peer name, its port dropped: ``ipv4:10.0.0.7:51234`` → ``ipv4:10.0.0.7``,
     ``ipv6:[::1]:51234`` → ``ipv6:[::1]``, ``ipv6:%5B::1%5D:51234`` → ``ipv6:[::1]`` (gRPC percent-encodes
-    the brackets in some versions); any other name (``unix:/run/scx.sock``, a name without a port) as it
-    is. Two connections from one host have the same address part, each its own port."""
+    the brackets in some versions); any other name (``unix:/run/scx.sock``, a name without a port, an IPv6
+    address without brackets, whose port cannot be told from its last group) as it is. Two connections
+    from one host have the same address part, each its own port; two hosts never share one."""
     kind, sep, rest = peer.partition(":")
     if not sep or kind not in ("ipv4", "ipv6"):
         return peer
     rest = rest.replace("%5B", "[").replace("%5D", "]").replace("%5b", "[").replace("%5d", "]")
-    if kind == "ipv6" and rest.startswith("["):
+    if kind == "ipv6":
+        # ``ipv6:fe80::1`` is not ``ipv6:fe80:`` with port 1: without brackets there is no port to drop
         end = rest.find("]")
-        return f"{kind}:{rest[: end + 1]}" if end > 0 else peer
+        return f"{kind}:{rest[: end + 1]}" if rest.startswith("[") and end > 0 else peer
     host, colon, port = rest.rpartition(":")
     return f"{kind}:{host}" if colon and host and port.isdigit() else peer
 
