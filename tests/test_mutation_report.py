@@ -76,3 +76,25 @@ def test_report_names_the_runs_own_max_children(
     outcome.runs = []  # no runs read (as in the test above): this invocation's value
     run.write_report([outcome], path, "python -m mutation.run demo", 2, 60.0, "abc1234")
     assert "mutmut `--max-children 2`\n" in path.read_text(encoding="utf-8")
+
+
+def test_report_lists_a_resumes_changed_functions(
+    outcome: run.Outcome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``--resume`` after the target's source changed re-makes and runs every mutant of the changed
+    functions (their earlier results dropped): the report names them with that run; a run without changes
+    says nothing of the kind."""
+    monkeypatch.setattr(run, "_source_of", lambda target: "the current source")
+    monkeypatch.setattr(run, "version", lambda package: "0")
+    path = tmp_path / "REPORT.md"
+    first = {"seconds": 60.0, "load": [1.0, 1.0], "cpu": 1.0, "date": "d0", "max_children": 2}
+    resumed = {**first, "date": "d1", "rerun": 3, "changed": ["x_f", "xǁCǁg"]}
+    outcome.runs = [first, {**first, "date": "d2", "rerun": 2}]
+    run.write_report([outcome], path, "python -m mutation.run demo --report-only", 2, 60.0, "abc1234")
+    assert "whose source had changed" not in path.read_text(encoding="utf-8")
+    outcome.runs = [first, resumed]
+    run.write_report([outcome], path, "python -m mutation.run demo --report-only", 2, 60.0, "abc1234")
+    assert (
+        "- d1: the 3 undetected mutants, and every mutant of the functions whose source had changed since"
+        " (`x_f`, `xǁCǁg`; their earlier results dropped), 1.0 min wall"
+    ) in path.read_text(encoding="utf-8")

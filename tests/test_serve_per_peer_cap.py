@@ -33,6 +33,7 @@ from .test_service_hostile import TIMEOUT, InProcess, honest_session, wait_for
         ("unix:/run/scx.sock", "unix:/run/scx.sock"),
         ("ipv4:10.0.0.7", "ipv4:10.0.0.7"),  # no port: as it is
         ("ipv4:10.0.0.7:http", "ipv4:10.0.0.7:http"),  # not a port: as it is
+        ("ipv4:10.0.0.7:1:2", "ipv4:10.0.0.7:1:2"),  # an IPv4 address holds no colon: malformed, as it is
         ("ipv6:[::1", "ipv6:[::1"),  # malformed: as it is
         # an IPv6 address without brackets: its port cannot be told from its last group, so as it is
         ("ipv6:fe80::1", "ipv6:fe80::1"),

@@ -214,8 +214,9 @@ def peer_host(peer: str) -> str:
     """The address part of a gRPC peer name, its port dropped: ``ipv4:10.0.0.7:51234`` → ``ipv4:10.0.0.7``,
     ``ipv6:[::1]:51234`` → ``ipv6:[::1]``, ``ipv6:%5B::1%5D:51234`` → ``ipv6:[::1]`` (gRPC percent-encodes
     the brackets in some versions); any other name (``unix:/run/scx.sock``, a name without a port, an IPv6
-    address without brackets, whose port cannot be told from its last group) as it is. Two connections
-    from one host have the same address part, each its own port; two hosts never share one."""
+    address without brackets, whose port cannot be told from its last group, an IPv4 name with a second
+    colon) as it is. Two connections from one host have the same address part, each its own port; two
+    hosts never share one."""
     kind, sep, rest = peer.partition(":")
     if not sep or kind not in ("ipv4", "ipv6"):
         return peer
@@ -224,7 +225,7 @@ def peer_host(peer: str) -> str:
         # ``ipv6:fe80::1`` is not ``ipv6:fe80:`` with port 1: without brackets there is no port to drop
         end = rest.find("]")
         return f"{kind}:{rest[: end + 1]}" if rest.startswith("[") and end > 0 else peer
-    host, colon, port = rest.rpartition(":")
+    host, colon, port = rest.partition(":")  # an IPv4 address holds no colon: a second one is malformed
     return f"{kind}:{host}" if colon and host and port.isdigit() else peer
 
 
