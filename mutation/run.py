@@ -537,7 +537,8 @@ def _commit() -> str:
 
 def _source_of(target: Target) -> str:
     """Which version of the target's module its mutants were made from: the current file when the scratch
-    copy's equals it, else the newest commit whose file does (a ``--resume`` keeps the mutants it has)."""
+    copy's equals it, else the newest commit whose file does (``--report-only`` changes no mutant; a
+    ``--resume`` re-makes those of the functions that changed)."""
     made_from = _scratch(target) / target.path
     if not made_from.exists():
         return "unknown (no scratch copy)"
@@ -551,12 +552,12 @@ def _source_of(target: Target) -> str:
     for commit in git("log", "--format=%h", "-n", "200", "--", target.path).split():
         if git("rev-parse", f"{commit}:{target.path}") == blob:
             return (
-                f"`{target.path}` as of commit {commit}, which has changed since (a `--resume` keeps the"
-                " mutants it has; a run without it mutates the current source)"
+                f"`{target.path}` as of commit {commit}, which has changed since (a `--resume` re-makes"
+                " the mutants of the functions that changed; a run without it mutates the current source)"
             )
     return (
-        f"a version of `{target.path}` that no recent commit holds (a run without `--resume` mutates the"
-        " current one)"
+        f"a version of `{target.path}` that no recent commit holds (a `--resume` re-makes the mutants of"
+        " the functions that changed; a run without it mutates the current source)"
     )
 
 
@@ -608,8 +609,9 @@ def write_report(
             f"- wall time: {wall_s / 60:.1f} min; mutmut runs {total_s / 60:.1f} min (per module below),"
             " the rest re-checks the 'killed by' tests"
             if not resumed
-            else f"- wall time of this `--resume` invocation: {wall_s / 60:.1f} min; mutmut runs in all, the"
-            f" earlier full runs included: {total_s / 60:.1f} min (per module below, each run listed)"
+            else f"- wall time of this invocation (`--resume` or `--report-only`): {wall_s / 60:.1f} min;"
+            f" mutmut runs in all, the earlier full runs included: {total_s / 60:.1f} min (per module below,"
+            " each run listed)"
         ),
         f"- CPU time of the mutmut runs: {_minutes(sum(o.cpu_seconds for o in outcomes))}"
         + (
