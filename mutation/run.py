@@ -313,12 +313,11 @@ def _sync_tests(target: Target) -> None:
         shutil.copytree(ROOT / name, scratch / name, ignore=ignore, dirs_exist_ok=True)
 
 
-def _sync_source(target: Target) -> list[str]:
-    """Bring the current library into a resumed scratch copy (each file whose content differs, with a new
-    modification time, so mutmut re-makes the target's mutants) and return the target's functions whose
-    source changed, by mutmut's own function hashes (its mangled names, ``x_peer_host``): mutmut drops their
-    earlier results when it re-makes them, and :func:`run_mutmut` runs their new mutants. The other
-    functions' results are kept — mutmut's incremental mode."""
+def _changed_functions(target: Target) -> list[str]:
+    """The target's functions whose source changed since its scratch copy's mutants were made, by mutmut's
+    own function hashes (its mangled names, ``x_peer_host``): mutmut drops their earlier results when it
+    re-makes their mutants, and a ``--resume`` runs them all; the other functions' results are kept —
+    mutmut's incremental mode."""
     from mutmut.mutation.file_mutation import mutate_file_contents
 
     scratch = _scratch(target)
@@ -331,12 +330,18 @@ def _sync_source(target: Target) -> list[str]:
         new_hashes = dict(mutate_file_contents(target.path, source).hash_by_function_name)
     finally:
         os.chdir(cwd)
+    return sorted(f for f, h in new_hashes.items() if old_hashes.get(f) != h)
+
+
+def _sync_library(target: Target) -> None:
+    """Copy the current library over a resumed scratch copy's: each file whose content differs, with a new
+    modification time, so that mutmut re-makes the target's mutants when its source changed."""
+    scratch = _scratch(target)
     for src in sorted((ROOT / "scx_ref").rglob("*.py")):
         dst = scratch / src.relative_to(ROOT)
         if not dst.exists() or dst.read_bytes() != src.read_bytes():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)  # a new modification time: mutmut sees the file changed
-    return sorted(f for f, h in new_hashes.items() if old_hashes.get(f) != h)
+            shutil.copyfile(src, dst)
 
 
 def run_mutmut(
@@ -368,13 +373,14 @@ def run_mutmut(
             )
         scratch = _scratch(target)
         before = json.loads(_timing_file(target).read_text(encoding="utf-8"))
-        _sync_tests(target)
-        changed = _sync_source(target)
-        if changed and unforked:
+        changed = _changed_functions(target)
+        if changed and unforked:  # refused before anything in the scratch copy changes
             raise SystemExit(
                 f"--resume --unforked: {target.path} changed since the run ({', '.join(changed)}); run"
                 f" `python -m mutation.run {target.name} --resume` first, to make and run their new mutants"
             )
+        _sync_tests(target)
+        _sync_library(target)
         # equivalent ones stay as they were; so do the mutants a stopped run never reached (still "not run")
         # unless ``unreached`` asks for them
         skip = set() if unreached else _not_run(target)
@@ -386,10 +392,11 @@ def run_mutmut(
             names = [n for n in names if n in _survived(target)]
         if unforked:
             names = [n for n in names if n in _suspicious(target)]
+        rerun = len(names)
         names += [f"{prefix}{f}__mutmut_*" for f in changed]  # every new mutant of a changed function
     else:
         scratch = prepare(target)
-        names, changed = [], []
+        names, changed, rerun = [], [], 0
     load_start = _load()
     cpu_start = _children_cpu()
     start = time.monotonic()
@@ -417,7 +424,7 @@ def run_mutmut(
         "seconds": seconds,
         "load": list(load),
         "cpu": cpu,
-        "rerun": len(names) - len(changed) if resume else None,
+        "rerun": rerun if resume else None,
         **({"changed": changed} if changed else {}),
         "max_children": max_children,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
