@@ -56,7 +56,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -203,9 +204,31 @@ def _timing_file(target: Target) -> Path:
     return _scratch(target) / "timing.json"
 
 
+def _meta_file(target: Target) -> Path:
+    """mutmut's results for the target's module in its scratch copy (exit statuses, function hashes)."""
+    return _scratch(target) / "mutants" / (target.path + ".meta")
+
+
+def _module(target: Target) -> str:
+    """The target module's dotted name, which begins each of its mutants' names."""
+    return target.path.removesuffix(".py").replace("/", ".")
+
+
+@contextmanager
+def _in_scratch(target: Target) -> Iterator[None]:
+    """Work in the target's scratch copy (mutmut reads its configuration and mutants from the working
+    directory), then return to where we were."""
+    cwd = Path.cwd()
+    os.chdir(_scratch(target))
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
 def _exit_codes(target: Target) -> dict[str, int | None]:
     """mutmut's exit status of each mutant of the target's last run (None: never run)."""
-    meta = json.loads((_scratch(target) / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
+    meta = json.loads(_meta_file(target).read_text(encoding="utf-8"))
     codes: dict[str, int | None] = meta["exit_code_by_key"]
     return codes
 
@@ -297,7 +320,7 @@ def _run_unforked(target: Target, names: Sequence[str], max_children: int, timeo
 
     with ThreadPoolExecutor(max(1, max_children)) as pool:
         results = list(pool.map(one, names))
-    meta_path = mutants_dir / (target.path + ".meta")
+    meta_path = _meta_file(target)
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     for name, code, seconds in results:
         meta["exit_code_by_key"][name] = code
@@ -320,16 +343,11 @@ def _changed_functions(target: Target) -> list[str]:
     mutmut's incremental mode."""
     from mutmut.mutation.file_mutation import mutate_file_contents
 
-    scratch = _scratch(target)
-    meta = json.loads((scratch / "mutants" / (target.path + ".meta")).read_text(encoding="utf-8"))
+    meta = json.loads(_meta_file(target).read_text(encoding="utf-8"))
     old_hashes: dict[str, str] = meta.get("hash_by_function_name", {})
     source = (ROOT / target.path).read_text(encoding="utf-8")
-    cwd = Path.cwd()
-    os.chdir(scratch)  # mutmut reads its configuration from the working directory
-    try:
+    with _in_scratch(target):
         new_hashes = dict(mutate_file_contents(target.path, source).hash_by_function_name)
-    finally:
-        os.chdir(cwd)
     return sorted(f for f, h in new_hashes.items() if old_hashes.get(f) != h)
 
 
@@ -384,7 +402,7 @@ def run_mutmut(
         # equivalent ones stay as they were; so do the mutants a stopped run never reached (still "not run")
         # unless ``unreached`` asks for them
         skip = set() if unreached else _not_run(target)
-        prefix = target.path.removesuffix(".py").replace("/", ".") + "."
+        prefix = _module(target) + "."
         stale = tuple(f"{prefix}{f}__mutmut_" for f in changed)  # their old names name other mutants now
         names = [n for n in _undetected(target) if n not in EQUIVALENT and n not in skip]
         names = [n for n in names if not n.startswith(stale)]
@@ -438,16 +456,12 @@ def run_mutmut(
     return total, (runs[0]["load"][0], runs[-1]["load"][1]), total_cpu
 
 
-def _diff_lines(scratch: Path, target: Target, name: str) -> tuple[str, str]:
+def _diff_lines(target: Target, name: str) -> tuple[str, str]:
     """The original and mutated lines of one mutant (mutmut's diff, '-' and '+' lines joined)."""
     from mutmut.mutation.diff_apply import get_diff_for_mutant
 
-    cwd = Path.cwd()
-    os.chdir(scratch)
-    try:
+    with _in_scratch(target):
         diff = get_diff_for_mutant(name, path=Path(target.path))
-    finally:
-        os.chdir(cwd)
     removed = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
     added = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
     return " / ".join(removed), " / ".join(added)
@@ -455,15 +469,14 @@ def _diff_lines(scratch: Path, target: Target, name: str) -> tuple[str, str]:
 
 def collect(target: Target, seconds: float) -> Outcome:
     """Read ``target``'s mutmut results from its scratch copy into an :class:`Outcome`."""
-    scratch = _scratch(target)
-    module = target.path.removesuffix(".py").replace("/", ".")
+    module = _module(target)
     mutants = [Mutant(name, _status(code)) for name, code in _exit_codes(target).items()]
     outcome = Outcome(target, seconds, mutants)
     for m in mutants:
         if m.status == "not checked" and m.name not in EQUIVALENT and m.name not in KILLED_BY:
             continue  # never run (a stopped run): counted, not listed
         if m.status not in DETECTED or m.name in EQUIVALENT or m.name in KILLED_BY:
-            m.removed, m.added = _diff_lines(scratch, target, m.name)
+            m.removed, m.added = _diff_lines(target, m.name)
     known = {m.name for m in mutants}
     for name in [*EQUIVALENT, *KILLED_BY]:
         if name.startswith(module + ".") and name not in known:
