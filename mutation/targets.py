@@ -212,6 +212,10 @@ TARGETS: tuple[Target, ...] = (
             "tests/test_real_checks.py",
             "properties/test_verifier.py",
             "properties/test_verifier_kernels.py",
+            "tests/test_verify_lock_args.py",
+            "tests/test_verify_shape_errors.py",
+            # the refusal of a changed reply names its stage and block, the LM head's its stage alone
+            "tests/test_client_mutants.py::test_a_changed_reply_is_refused_by_the_check_of_its_stage_and_block",
             "tests/test_verify_mutants.py",
         ),
     ),
@@ -454,6 +458,28 @@ TARGETS: tuple[Target, ...] = (
         ),
     ),
     Target(
+        "dp_validate",
+        "scx_ref/dp/_validate.py",
+        (
+            "tests/test_dp.py",
+            "tests/test_dp_args.py",
+            "tests/test_dp_audit.py",
+            "tests/test_dp_composition_edges.py",
+            "tests/test_dp_request_budget.py",
+            "tests/test_pld_guard.py",
+            "tests/test_dp_model_k_guard.py",
+            "tests/test_real_checks.py",
+            "properties/test_dp_properties.py",
+            "tests/test_dp_validate_mutants.py",
+        ),
+        # the model-mode CLI runs the same checks as tests/test_dp.py's budget tests; the torch diameter
+        # is the sensitivity module's
+        deselect=(
+            "tests/test_dp.py::test_cli_model_mode_json",
+            "tests/test_dp.py::test_l1_diameter_exact[torch]",
+        ),
+    ),
+    Target(
         "dp_sensitivity",
         "scx_ref/dp/sensitivity.py",
         (
@@ -522,6 +548,36 @@ TARGETS: tuple[Target, ...] = (
             "properties/test_torch_parity.py",
             "tests/test_forward_mutants.py",
             "tests/test_is_backend.py",
+        ),
+    ),
+    Target(
+        "arrays",
+        "scx_ref/arrays.py",
+        (
+            "tests/test_backend_api_args.py",
+            "tests/test_backends_broadcast_and_rmsnorm_range.py",
+            "tests/test_backends_edge_inputs_agree.py",
+            "tests/test_backends_refusals_and_kernel_chunks.py",
+            "tests/test_forward_ops_arrays_inputs.py",
+            "tests/test_foundation_audit.py",
+            "tests/test_shared_helpers_inputs.py",
+            "tests/test_protocol_parts_inputs.py",
+            "tests/test_transform_args.py",
+            "tests/test_transforms_and_host_pool_inputs.py",
+            "tests/test_torch_unsigned_index.py",
+            "tests/test_followups_s69.py",
+            "tests/test_leftovers_protocol_backends.py",
+            "tests/test_torch_backend.py",
+            "properties/test_transforms.py",
+            "tests/test_arrays_mutants.py",
+        ),
+        deselect=(
+            # 8-70 s each: whole SCX prefills on both backends, which every gather's mutant would run; the
+            # gathers, sums and in-place permutations they call are the selected files' direct tests
+            "tests/test_torch_backend.py::test_numpy_and_torch_scx_agree_on_the_same_keys",
+            # 12 s: every torch dtype's stages, fused and eager, for the global state they leave; the same
+            # calls' results are checked by tests/test_backends_edge_inputs_agree.py
+            "tests/test_backend_api_args.py::test_backends_leave_global_state_alone",
         ),
     ),
     Target(

@@ -37,7 +37,9 @@ A = TypeVar("A")
 IndexArray = npt.NDArray[np.int64]
 
 
-class ArrayOps(Protocol[A]):
+# not mutated (pragma): a protocol of stubs; mutmut would mutate their defaults and add its mutants' names
+# to the protocol, which backends.base.BACKEND_METHODS reads as methods every backend must have
+class ArrayOps(Protocol[A]):  # pragma: no mutate block
     """Array operations in one dtype on one device (no model weights)."""
 
     # -- conversion and validation -----------------------------------------------------------
