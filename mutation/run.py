@@ -70,7 +70,8 @@ from mutation.targets import TARGETS, Target
 ROOT = Path(__file__).resolve().parent.parent
 WORKDIR = ROOT / "build" / "mutation"
 REPORT = ROOT / "mutation" / "REPORT.md"
-COPY = ("scx_ref", "tests", "properties", "models", "proofs", "conftest.py", "pyproject.toml", "README.md")
+# pyproject.toml is not copied: _write_config writes the scratch copy's
+COPY = ("scx_ref", "tests", "properties", "models", "proofs", "conftest.py", "README.md")
 ALSO_COPY = ("properties", "models", "proofs", "conftest.py", "README.md")
 PYTEST_ARGS = ("-p", "no:cacheprovider", "-q", "-m", "not slow")
 HYPOTHESIS_PROFILE = "mutation"

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,6 +12,7 @@ import torch
 
 from scx_ref.arrays import NumpyOps, broadcast_shape, gather_sum_index, permute_rows_in_place
 from scx_ref.errors import DTypeError, NonFiniteError, ShapeError
+from tests.test_transform_args import no_warnings
 
 TORCH_HINT = (
     " (a torch backend's array reached a numpy backend in-process: a LocalTransport joins a client and a "
@@ -28,14 +27,6 @@ def _numpy_error(value: Any) -> str:
     except ValueError as exc:
         return str(exc)
     raise AssertionError(f"numpy read {value!r}")
-
-
-@contextmanager
-def _no_warning() -> Iterator[None]:
-    """Any warning inside the block raised as an error (numpy's overflow RuntimeWarning included)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        yield
 
 
 RAGGED = [[0], [1, 2]]
@@ -381,7 +372,7 @@ def test_floating_names_the_array_its_dtype_and_an_entry_past_the_range(
     array and that dtype, adding "(an entry past its range)" only when the entry was finite before the
     cast — and without a numpy overflow warning on the way."""
     x = np.array([[1.0, value]])
-    with _no_warning(), pytest.raises(NonFiniteError) as info:
+    with no_warnings(), pytest.raises(NonFiniteError) as info:
         NumpyOps(dtype).floating(x, "q")
     assert str(info.value) == message
 
@@ -393,7 +384,7 @@ def test_floating_and_check_let_non_finite_entries_through_when_not_asked_to_tes
     x = np.array([[np.nan, np.inf], [-np.inf, 1e300]])
     want = np.array([[np.nan, np.inf], [-np.inf, 1e300 if dtype in (None, np.float64) else np.inf]])
     ops = NumpyOps(dtype)
-    with _no_warning():
+    with no_warnings():
         for out in (ops.floating(x, "q", finite=False), ops.check(x, "q", (2, 2), finite=False)):
             assert out.dtype == np.dtype(dtype or np.float64)
             np.testing.assert_array_equal(out, want)
@@ -567,7 +558,7 @@ def test_sums_that_overflow_are_inf_without_a_warning() -> None:
     unnamed, as it is; named, refused with NonFiniteError naming it."""
     big = np.array([[1e308, 1.0]])
     ops = NumpyOps()
-    with _no_warning():
+    with no_warnings():
         assert np.isinf(ops.gather_sum(big, np.array([0]), big, np.array([0]), big)[0, 0])
         with pytest.raises(NonFiniteError) as info:
             ops.gather_sum(big, np.array([0]), big, np.array([0]), big, name="summed rows")
